@@ -1,0 +1,106 @@
+# moelab build. `make` builds ./moelab (CPU); `make CUDA=1` adds the CUDA backend;
+# `make test` runs the suite; `make asan` runs it under ASan+UBSan; `make deps`
+# installs the Debian packages; `make quickstart` does everything for a new user.
+
+CUDA ?= 0
+SAN  ?= 0
+CC   ?= gcc
+NVCC ?= nvcc
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+
+ifeq ($(SAN),1)
+  BUILD := build/asan
+  OPT   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+  LDSAN := -fsanitize=address,undefined
+else ifeq ($(CUDA),1)
+  BUILD := build/cuda
+  OPT   := -O3 -g -march=x86-64-v3
+else
+  BUILD := build/cpu
+  OPT   := -O3 -g -march=x86-64-v3
+endif
+
+VERSION := 0.1.0
+LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $(OPT) -MMD -MP \
+           -DMOELAB_VERSION='"$(VERSION)"'
+LIBS    := -lopenblas -lm -lpthread
+
+CORE_SRC := $(wildcard src/core/*.c) $(wildcard src/ops/*.c) $(wildcard src/ops/cpu/*.c) $(wildcard src/nn/*.c)
+PROG_SRC := $(wildcard src/lua/*.c) src/main.c
+
+ifeq ($(CUDA),1)
+  CORE_SRC := $(filter-out src/ops/cuda_none.c,$(CORE_SRC))
+  CU_SRC   := $(wildcard src/ops/cuda/*.cu)
+  CFLAGS   += -DMOELAB_CUDA=1
+  NVFLAGS  := -O3 -std=c++17 -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 -MMD -MP
+  LIBS     += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -ldl -lrt \
+              -Wl,-rpath,'$$ORIGIN/build/cuda/lib' -Wl,-rpath,$(CUDA_HOME)/lib64
+  # The GPU machine has no LuaJIT: link it statically into the CUDA variant.
+  LUAJIT_LIB := -Wl,-Bstatic -lluajit-5.1 -Wl,-Bdynamic
+else
+  CU_SRC   :=
+  LUAJIT_LIB := -lluajit-5.1
+endif
+
+CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+PROG_OBJ := $(PROG_SRC:%.c=$(BUILD)/%.o)
+LIB      := $(BUILD)/libmoelab.a
+
+.PHONY: all deps test asan quickstart clean bench check-cuda
+all: moelab
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/src/lua/%.o: src/lua/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LUAJIT_CFLAGS) -c $< -o $@
+
+$(BUILD)/src/main.o: src/main.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LUAJIT_CFLAGS) -c $< -o $@
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(LIB): $(CORE_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+# -Wl,-E exports the Lua C API so C modules (lfs, busted's helpers) load into moelab.
+$(BUILD)/moelab: $(PROG_OBJ) $(LIB)
+	$(CC) $(OPT) $(LDSAN) -Wl,-E -o $@ $(PROG_OBJ) $(LIB) $(LUAJIT_LIB) -ledit $(LIBS) -ldl
+
+moelab: $(BUILD)/moelab
+	cp $< $@
+
+deps:
+	@sh tools/deps.sh
+
+TEST_C_SRC := $(wildcard tests/c/*.c)
+TEST_C_BIN := $(TEST_C_SRC:tests/c/%.c=$(BUILD)/tests/%)
+
+$(BUILD)/tests/%: tests/c/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDSAN) $(LIBS)
+
+test: moelab $(TEST_C_BIN)
+	@sh tests/run.sh $(BUILD)
+
+asan:
+	$(MAKE) SAN=1 moelab
+	@ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(MAKE) SAN=1 test
+
+quickstart: deps moelab
+	./moelab recipes/quickstart.lua
+
+bench: moelab
+	./moelab bench/cpu_ops.lua
+
+clean:
+	rm -rf build moelab
+
+-include $(CORE_OBJ:.o=.d) $(PROG_OBJ:.o=.d)

@@ -1,0 +1,91 @@
+/* Tensors: a refcounted header (shape, strides, dtype, offset) over refcounted
+ * storage. Views share storage; element offsets and strides count elements.
+ * Every constructor returns NULL with the error message set on failure. */
+#ifndef MOE_TENSOR_H
+#define MOE_TENSOR_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#include "device.h"
+#include "dtype.h"
+#include "status.h"
+
+#define MOE_MAX_DIMS 8
+
+typedef struct moe_ctx moe_ctx;
+
+typedef struct moe_storage {
+    int refcount;
+    void *data;
+    size_t nbytes;
+    moe_device device;
+    moe_allocator *alloc;   /* NULL: memory not owned (borrowed or mmapped) */
+} moe_storage;
+
+typedef struct moe_tensor {
+    int refcount;
+    moe_storage *storage;
+    int64_t offset;                   /* in elements */
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+    int64_t stride[MOE_MAX_DIMS];     /* in elements */
+    moe_dtype dtype;
+    moe_device device;
+} moe_tensor;
+
+moe_storage *moe_storage_new(moe_allocator *a, size_t nbytes);
+/* Wraps memory the caller keeps alive (no free on release). */
+moe_storage *moe_storage_wrap(void *data, size_t nbytes, moe_device dev);
+void moe_storage_retain(moe_storage *s);
+void moe_storage_release(moe_storage *s);
+
+/* New contiguous tensor, uninitialised. ctx picks the device allocator;
+ * ctx may be NULL for the CPU. */
+moe_tensor *moe_tensor_new(moe_ctx *ctx, moe_dtype dt, int ndim, const int64_t *shape, moe_device dev);
+moe_tensor *moe_tensor_new_cpu(moe_dtype dt, int ndim, const int64_t *shape);
+moe_tensor *moe_tensor_like(moe_ctx *ctx, const moe_tensor *t);
+/* A header over existing storage (takes a new reference to it). */
+moe_tensor *moe_tensor_from_storage(moe_storage *s, int64_t offset, moe_dtype dt, int ndim,
+                                    const int64_t *shape, const int64_t *stride);
+void moe_tensor_retain(moe_tensor *t);
+void moe_tensor_release(moe_tensor *t);
+
+int64_t moe_tensor_numel(const moe_tensor *t);
+size_t moe_tensor_nbytes(const moe_tensor *t);
+int moe_tensor_is_contiguous(const moe_tensor *t);
+int moe_tensor_same_shape(const moe_tensor *a, const moe_tensor *b);
+void *moe_tensor_data(const moe_tensor *t);       /* pointer to the first element */
+static inline float *moe_f32(const moe_tensor *t) { return (float *)moe_tensor_data(t); }
+
+/* "[2, 3, 4]" into buf; returns buf. */
+const char *moe_shape_str(const moe_tensor *t, char *buf, size_t n);
+const char *moe_shape_str_raw(int ndim, const int64_t *shape, char *buf, size_t n);
+int64_t moe_shape_numel(int ndim, const int64_t *shape);
+/* Validates a shape: 0..MOE_MAX_DIMS dims, each >= 0, product not overflowing. */
+moe_status moe_shape_check(int ndim, const int64_t *shape);
+
+/* Views (share storage). A negative dim counts from the end. */
+moe_tensor *moe_tensor_view(moe_tensor *t, int ndim, const int64_t *shape); /* one -1 allowed */
+moe_tensor *moe_tensor_transpose(moe_tensor *t, int d0, int d1);
+moe_tensor *moe_tensor_permute(moe_tensor *t, const int *perm);
+moe_tensor *moe_tensor_narrow(moe_tensor *t, int dim, int64_t start, int64_t len);
+moe_tensor *moe_tensor_select(moe_tensor *t, int dim, int64_t index);
+moe_tensor *moe_tensor_expand(moe_tensor *t, int ndim, const int64_t *shape);
+moe_tensor *moe_tensor_unsqueeze(moe_tensor *t, int dim);
+
+/* Normalises a possibly negative dim; sets an error and returns -1 if out of range. */
+int moe_tensor_dim(const moe_tensor *t, int dim);
+
+/* CPU-only helpers; CUDA tensors go through moe_op_copy / moe_op_fill. */
+moe_status moe_tensor_copy_cpu(moe_tensor *dst, const moe_tensor *src); /* any strides and dtypes */
+moe_tensor *moe_tensor_contiguous_cpu(moe_tensor *t);                   /* new ref, copy if needed */
+moe_status moe_tensor_fill_cpu(moe_tensor *t, double v);
+/* Element access by multi-index (bounds-checked). */
+moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out);
+moe_status moe_tensor_set(moe_tensor *t, const int64_t *idx, double v);
+
+/* Calls fn(element_pointer, linear_index, arg) over a CPU tensor in row-major order. */
+void moe_tensor_foreach(const moe_tensor *t, void (*fn)(void *elem, int64_t i, void *arg), void *arg);
+
+#endif

@@ -1,0 +1,91 @@
+/* The dispatch table a backend implements. Entries have the signatures of the
+ * moe_op_* functions in ops.h and are called only after ops.c validated the
+ * arguments, so a backend checks nothing that ops.c already checked.
+ *
+ * What a backend may assume:
+ * - every tensor is on this backend's device (copy: at least one of the two);
+ * - outputs are contiguous; inputs are contiguous except for copy, binary,
+ *   unary and unary_backward, which get strided views (broadcast inputs of
+ *   binary are expanded views with stride 0 and the output's shape);
+ * - float tensors of one call share one dtype, index tensors are i64.
+ * A backend that lacks an entry leaves it NULL; ops.c then reports
+ * "<op> is not supported on <backend>". */
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include "ops.h"
+
+typedef struct moe_backend {
+    const char *name;
+    moe_device_type device_type;
+    moe_status (*synchronize)(moe_ctx *ctx, moe_device dev);
+
+    moe_status (*copy)(moe_ctx *, moe_tensor *dst, const moe_tensor *src);
+    moe_status (*fill)(moe_ctx *, moe_tensor *t, double v);
+    moe_status (*fill_randn)(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float mean, float std);
+    moe_status (*fill_rand)(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float lo, float hi);
+
+    moe_status (*gemm)(moe_ctx *, int transa, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                       float beta, moe_tensor *c);
+    moe_status (*gemm_grouped)(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                               float beta, moe_tensor *c, const int64_t *offsets, int groups);
+    moe_status (*gemm_grouped_wgrad)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                     moe_tensor *c, const int64_t *offsets, int groups);
+
+    moe_status (*binary)(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
+    moe_status (*unary)(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
+    moe_status (*unary_backward)(moe_ctx *, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,
+                                 const moe_tensor *x, float alpha);
+    moe_status (*axpy)(moe_ctx *, moe_tensor *y, float alpha, const moe_tensor *x);
+    /* x viewed as [outer, n, inner], out as [outer, inner] */
+    moe_status (*reduce)(moe_ctx *, moe_reduce_op op, moe_tensor *out, const moe_tensor *x,
+                         int64_t outer, int64_t n, int64_t inner);
+
+    moe_status (*softmax)(moe_ctx *, moe_tensor *y, const moe_tensor *x);
+    moe_status (*softmax_backward)(moe_ctx *, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+    moe_status (*log_softmax)(moe_ctx *, moe_tensor *y, const moe_tensor *x);
+    moe_status (*log_softmax_backward)(moe_ctx *, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+    moe_status (*logsumexp)(moe_ctx *, moe_tensor *out, const moe_tensor *x);
+
+    moe_status (*topk)(moe_ctx *, moe_tensor *values, moe_tensor *indices, const moe_tensor *x, int k);
+    /* index range errors are the backend's to report (indices may live on the device) */
+    moe_status (*gather)(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+    moe_status (*scatter_add)(moe_ctx *, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+    moe_status (*index_select)(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+    moe_status (*index_add)(moe_ctx *, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+
+    moe_status (*rmsnorm)(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w, float eps);
+    moe_status (*rmsnorm_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+    moe_status (*layernorm)(moe_ctx *, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
+                            const moe_tensor *w, const moe_tensor *b, float eps);
+    moe_status (*layernorm_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, moe_tensor *db, const moe_tensor *dy,
+                                     const moe_tensor *x, const moe_tensor *w, const moe_tensor *mean,
+                                     const moe_tensor *rstd);
+    moe_status (*rope)(moe_ctx *, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse);
+    moe_status (*attention)(moe_ctx *, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
+                            const moe_tensor *v, float scale, int causal);
+    moe_status (*attention_backward)(moe_ctx *, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout,
+                                     const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,
+                                     const moe_tensor *out, const moe_tensor *lse, float scale, int causal);
+    moe_status (*swiglu)(moe_ctx *, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up);
+    moe_status (*swiglu_backward)(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
+                                  const moe_tensor *gate, const moe_tensor *up);
+    moe_status (*cross_entropy)(moe_ctx *, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
+                                const moe_tensor *targets, int64_t ignore_index);
+    moe_status (*cross_entropy_backward)(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,
+                                         const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
+                                         float scale);
+    moe_status (*adamw)(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
+                        const moe_adamw_cfg *cfg);
+} moe_backend;
+
+/* Installs the CPU backend into ctx (always available). */
+void moe_cpu_backend_install(moe_ctx *ctx);
+/* Installs the CUDA backend and an allocator per visible GPU. In a build
+ * without CUDA, returns MOE_ERR_DEVICE with a message saying so. */
+moe_status moe_cuda_backend_install(moe_ctx *ctx);
+/* Number of usable GPUs (0 without CUDA or without a driver). */
+int moe_cuda_device_count(void);
+
+#endif

@@ -1,0 +1,175 @@
+/* The math layer's public API. Every moe_op_* validates its arguments (shapes,
+ * dtypes, devices; errors say expected vs got) and then calls the backend of
+ * the tensors' device through its dispatch table (backend.h).
+ *
+ * Conventions
+ * - Outputs are preallocated by the caller and must be contiguous; inputs may
+ *   be any strided view unless a comment says "contiguous" (the op then makes a
+ *   contiguous copy itself when needed).
+ * - All float tensors of one call share a dtype; index tensors are i64.
+ *   The CPU backend computes in f32; the CUDA backend in bf16/f32 with f32
+ *   accumulation.
+ * - "rows" means all leading dims flattened: a [B, T, D] tensor is B*T rows of D.
+ * - Backward functions that produce parameter gradients ACCUMULATE into them
+ *   (dw += ...), because parameters are shared across uses; input gradients
+ *   are OVERWRITTEN.
+ */
+#ifndef MOE_OPS_H
+#define MOE_OPS_H
+
+#include "../core/context.h"
+#include "../core/tensor.h"
+
+typedef enum {
+    MOE_BIN_ADD, MOE_BIN_SUB, MOE_BIN_MUL, MOE_BIN_DIV, MOE_BIN_MAX, MOE_BIN_MIN,
+    MOE_NUM_BINARY
+} moe_binary_op;
+
+typedef enum {
+    MOE_UN_NEG, MOE_UN_EXP, MOE_UN_LOG, MOE_UN_SQRT, MOE_UN_RSQRT, MOE_UN_ABS,
+    MOE_UN_TANH, MOE_UN_SIGMOID, MOE_UN_RELU, MOE_UN_SILU, MOE_UN_GELU, /* GELU: tanh approximation */
+    MOE_UN_GELU_ERF, MOE_UN_SQUARE,
+    MOE_UN_SCALE,       /* x * alpha */
+    MOE_UN_ADD_SCALAR,  /* x + alpha */
+    MOE_UN_POW_SCALAR,  /* x ^ alpha */
+    MOE_NUM_UNARY
+} moe_unary_op;
+
+typedef enum { MOE_RED_SUM, MOE_RED_MEAN, MOE_RED_MAX, MOE_RED_MIN, MOE_NUM_REDUCE } moe_reduce_op;
+
+/* ---- memory ---- */
+/* dst = src: same number of elements; any dtypes (converted), any devices. */
+moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src);
+moe_status moe_op_fill(moe_ctx *ctx, moe_tensor *t, double v);
+/* Normal(mean, std) / Uniform(lo, hi) from the counter-based stream (key, offset):
+ * identical values on every device. t contiguous, float dtype. */
+moe_status moe_op_fill_randn(moe_ctx *ctx, moe_tensor *t, uint64_t key, uint64_t offset, float mean, float std);
+moe_status moe_op_fill_rand(moe_ctx *ctx, moe_tensor *t, uint64_t key, uint64_t offset, float lo, float hi);
+/* New contiguous tensor on `dev` (and dtype `dt`) holding t's values. */
+moe_tensor *moe_op_to(moe_ctx *ctx, moe_tensor *t, moe_device dev, moe_dtype dt);
+moe_tensor *moe_op_contiguous(moe_ctx *ctx, moe_tensor *t);
+
+/* ---- GEMM (all float tensors contiguous in memory after op()) ----
+ * c = alpha * op(a) @ op(b) + beta * c, op = transpose when trans* != 0.
+ * 2-D: a [M,K] (or [K,M] if transa), b [K,N] (or [N,K]), c [M,N].
+ * Batched: any of a, b with 3 dims [batch, ...]; a 2-D operand is shared by all
+ * batches; c is [batch, M, N]. */
+moe_status moe_op_gemm(moe_ctx *ctx, int transa, int transb, float alpha, const moe_tensor *a,
+                       const moe_tensor *b, float beta, moe_tensor *c);
+/* Expert GEMM, rows grouped by offsets (host array of G+1 nondecreasing values,
+ * offsets[0] = 0, offsets[G] = M):
+ *   c[o_g:o_{g+1}] = alpha * a[o_g:o_{g+1}] @ op(b[g]) + beta * c[o_g:o_{g+1}]
+ * a [M,K], b [G,K,N] (or [G,N,K] when transb), c [M,N]. */
+moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a,
+                               const moe_tensor *b, float beta, moe_tensor *c, const int64_t *offsets, int groups);
+/* Weight gradient of a grouped GEMM: c[g] = alpha * a_g^T @ b_g + beta * c[g],
+ * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
+moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                     float beta, moe_tensor *c, const int64_t *offsets, int groups);
+
+/* ---- elementwise ---- */
+/* out = a OP b with numpy broadcasting; out has the broadcast shape. out may alias a or b. */
+moe_status moe_op_binary(moe_ctx *ctx, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
+/* Writes the broadcast shape of a and b into shape/ndim; error if incompatible. */
+moe_status moe_broadcast_shape(const moe_tensor *a, const moe_tensor *b, int *ndim, int64_t *shape);
+/* out = f(x) (alpha used by SCALE, ADD_SCALAR, POW_SCALAR); out may alias x. */
+moe_status moe_op_unary(moe_ctx *ctx, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
+/* dx = dy * f'(x), for every unary op (alpha as in forward). */
+moe_status moe_op_unary_backward(moe_ctx *ctx, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,
+                                 const moe_tensor *x, float alpha);
+/* y += alpha * x (same shape). */
+moe_status moe_op_axpy(moe_ctx *ctx, moe_tensor *y, float alpha, const moe_tensor *x);
+/* Sum the broadcast gradient g back to `out`'s shape (the backward of broadcasting). */
+moe_status moe_op_sum_to(moe_ctx *ctx, moe_tensor *out, const moe_tensor *g);
+
+/* ---- reductions ---- */
+/* Reduce over one dim; out has that dim removed (keepdim shapes are accepted too). */
+moe_status moe_op_reduce(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const moe_tensor *x, int dim);
+/* Reduce over all elements into a 0-dim or 1-element out. */
+moe_status moe_op_reduce_all(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const moe_tensor *x);
+
+/* ---- softmax family (over the last dim) ---- */
+moe_status moe_op_softmax(moe_ctx *ctx, moe_tensor *y, const moe_tensor *x);
+moe_status moe_op_softmax_backward(moe_ctx *ctx, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+moe_status moe_op_log_softmax(moe_ctx *ctx, moe_tensor *y, const moe_tensor *x);
+moe_status moe_op_log_softmax_backward(moe_ctx *ctx, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+/* logsumexp over the last dim: out has the last dim removed. */
+moe_status moe_op_logsumexp(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x);
+
+/* ---- selection and indexing ---- */
+/* Top k over the last dim, sorted descending; ties broken by the lower index.
+ * values [..., k] float, indices [..., k] i64. */
+moe_status moe_op_topk(moe_ctx *ctx, moe_tensor *values, moe_tensor *indices, const moe_tensor *x, int k);
+/* out[r, j] = x[r, index[r, j]] over the last dim (rows as above). */
+moe_status moe_op_gather(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+/* dst[r, index[r, j]] += src[r, j] over the last dim (the backward of gather). */
+moe_status moe_op_scatter_add(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+/* out[i, :] = x[index[i], :]; x [N, D] (or any dims, row = dim 0), index [M] i64, out [M, D...]. */
+moe_status moe_op_index_select(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+/* dst[index[i], :] += src[i, :] (the backward of index_select); deterministic order. */
+moe_status moe_op_index_add(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+/* out[..., :] = table[ids[...], :]; ids any shape i64, table [V, D], out [ids..., D]. */
+moe_status moe_op_embedding(moe_ctx *ctx, moe_tensor *out, const moe_tensor *table, const moe_tensor *ids);
+/* dtable[ids[...], :] += dout[..., :] */
+moe_status moe_op_embedding_backward(moe_ctx *ctx, moe_tensor *dtable, const moe_tensor *dout, const moe_tensor *ids);
+
+/* ---- normalisation (over the last dim) ---- */
+/* y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps); rstd [rows] is saved for backward. */
+moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x,
+                          const moe_tensor *w, float eps);
+/* dx overwritten; dw accumulated (dw may be NULL). */
+moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+/* y = (x - mean) * rstd * w + b (b may be NULL); mean, rstd [rows] saved. */
+moe_status moe_op_layernorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd,
+                            const moe_tensor *x, const moe_tensor *w, const moe_tensor *b, float eps);
+moe_status moe_op_layernorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, moe_tensor *db,
+                                     const moe_tensor *dy, const moe_tensor *x, const moe_tensor *w,
+                                     const moe_tensor *mean, const moe_tensor *rstd);
+
+/* ---- rotary position embedding ----
+ * x [B, T, H, D] (D even), rotate-half convention (GPT-NeoX / Llama / HF):
+ *   out[..., i]       = x[i] cos(p f_i) - x[i + D/2] sin(p f_i)
+ *   out[..., i + D/2] = x[i + D/2] cos(p f_i) + x[i] sin(p f_i),   f_i = theta^(-2i/D)
+ * with p = pos_offset + t. inverse != 0 rotates by -angle (this is the backward). */
+moe_status moe_op_rope(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse);
+
+/* ---- attention ----
+ * q [B, T, Hq, D], k and v [B, S, Hkv, D] with Hq % Hkv == 0 (grouped-query),
+ * out [B, T, Hq, D], lse [B, Hq, T] (saved log-sum-exp of the scaled scores).
+ * causal: query t attends keys s <= t + (S - T). All contiguous. */
+moe_status moe_op_attention(moe_ctx *ctx, moe_tensor *out, moe_tensor *lse, const moe_tensor *q,
+                            const moe_tensor *k, const moe_tensor *v, float scale, int causal);
+/* dq, dk, dv overwritten. */
+moe_status moe_op_attention_backward(moe_ctx *ctx, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv,
+                                     const moe_tensor *dout, const moe_tensor *q, const moe_tensor *k,
+                                     const moe_tensor *v, const moe_tensor *out, const moe_tensor *lse,
+                                     float scale, int causal);
+
+/* ---- gated activations ---- */
+/* out = silu(gate) * up, all the same shape. */
+moe_status moe_op_swiglu(moe_ctx *ctx, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up);
+moe_status moe_op_swiglu_backward(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
+                                  const moe_tensor *gate, const moe_tensor *up);
+
+/* ---- loss ----
+ * logits [N, V] (rows), targets [N] i64; rows whose target == ignore_index do
+ * not count. loss [N] per row (0 for ignored rows), lse [N] saved. */
+moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
+                                const moe_tensor *targets, int64_t ignore_index);
+/* dlogits = scale * (softmax(logits) - onehot(target)) for counted rows, 0 for
+ * ignored ones; scale is typically dloss / number_of_counted_rows. */
+moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, const moe_tensor *logits,
+                                         const moe_tensor *lse, const moe_tensor *targets,
+                                         int64_t ignore_index, float scale);
+
+/* ---- optimiser ----
+ * Decoupled-weight-decay Adam over flat contiguous f32 buffers (same numel):
+ *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+ *   p -= lr * ( m / (1-b1^step) / (sqrt(v / (1-b2^step)) + eps) + wd * p )
+ * step counts from 1. */
+typedef struct { float lr, beta1, beta2, eps, weight_decay; int64_t step; } moe_adamw_cfg;
+moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
+                        const moe_adamw_cfg *cfg);
+
+#endif
