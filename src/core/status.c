@@ -26,7 +26,15 @@ moe_status moe_error_context(moe_status code, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, err_msg, sizeof old);
-    snprintf(err_msg, sizeof err_msg, "%s: %s", prefix, old);
+    /* truncation of very long chains is fine: the innermost message comes last */
+    size_t n = strlen(prefix);
+    if (n > sizeof err_msg - 3) n = sizeof err_msg - 3;
+    memcpy(err_msg, prefix, n);
+    memcpy(err_msg + n, ": ", 2);
+    size_t rest = sizeof err_msg - n - 3;
+    size_t m = strnlen(old, rest);
+    memcpy(err_msg + n + 2, old, m);
+    err_msg[n + 2 + m] = 0;
     err_code = code;
     return code;
 }

@@ -1,0 +1,487 @@
+/* Lua binding of layers and the tape: moelab.core.nn.* constructors, layer
+ * methods (forward, parameters, grads, zero_grad, to) and moelab.core.Tape. */
+#include "lmoe.h"
+#include "../nn/functional.h"
+#include "../nn/layer.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define LAYER_MT "moelab.Layer"
+#define TAPE_MT "moelab.Tape"
+
+typedef struct { moe_layer *l; } layer_box;
+typedef struct { moe_tape *t; } tape_box;
+
+static void push_layer(lua_State *L, moe_layer *l, const char *what) {
+    if (!l) moe_lua_fail(L, what);
+    layer_box *b = lua_newuserdata(L, sizeof *b);
+    b->l = l;
+    luaL_getmetatable(L, LAYER_MT);
+    lua_setmetatable(L, -2);
+}
+
+static moe_layer *check_layer(lua_State *L, int idx, const char *fname, const char *arg) {
+    layer_box *b = lua_touserdata(L, idx);
+    if (!b || !lua_getmetatable(L, idx)) goto bad;
+    luaL_getmetatable(L, LAYER_MT);
+    int ok = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+    if (ok && b->l) return b->l;
+bad:
+    luaL_error(L, "%s: %s must be a layer, got %s", fname, arg, luaL_typename(L, idx));
+    return NULL;
+}
+
+static moe_tape *check_tape(lua_State *L, int idx, const char *fname) {
+    tape_box *b = luaL_testudata(L, idx, TAPE_MT);
+    if (!b) luaL_error(L, "%s: expected a tape, got %s", fname, luaL_typename(L, idx));
+    if (!b->t) luaL_error(L, "%s: the tape was freed", fname);
+    return b->t;
+}
+
+/* Seeds for layers built without one: a counter in the registry of this Lua state. */
+static uint64_t next_seed(lua_State *L, int opts, const char *fname) {
+    lua_Integer s = moe_lua_opt_field_int(L, opts, "seed", -1, fname);
+    if (s >= 0) return (uint64_t)s;
+    lua_getfield(L, LUA_REGISTRYINDEX, "moelab.layer_seed");
+    lua_Integer n = lua_isnumber(L, -1) ? lua_tointeger(L, -1) : 0x5eed;
+    lua_pop(L, 1);
+    lua_pushinteger(L, n + 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "moelab.layer_seed");
+    return (uint64_t)n;
+}
+
+static int64_t check_pos(lua_State *L, int idx, const char *fname, const char *arg) {
+    lua_Integer v = moe_lua_check_int(L, idx, fname, arg);
+    if (v <= 0) luaL_error(L, "%s: %s must be positive, got %d", fname, arg, (int)v);
+    return v;
+}
+
+static int64_t field_pos(lua_State *L, int opts, const char *key, lua_Integer def, const char *fname) {
+    lua_Integer v = moe_lua_opt_field_int(L, opts, key, def, fname);
+    if (v <= 0) luaL_error(L, "%s: option '%s' must be a positive integer%s", fname, key, def <= 0 ? " (required)" : "");
+    return v;
+}
+
+static int l_linear(lua_State *L) {
+    const char *f = "nn.Linear";
+    int64_t in = check_pos(L, 1, f, "in_features"), out = check_pos(L, 2, f, "out_features");
+    int bias = moe_lua_opt_field_bool(L, 3, "bias", 1, f);
+    moe_init init = {next_seed(L, 3, f), 0};
+    push_layer(L, moe_linear_new(moe_lua_ctx(L), in, out, bias, &init), f);
+    return 1;
+}
+
+static int l_embedding(lua_State *L) {
+    const char *f = "nn.Embedding";
+    int64_t v = check_pos(L, 1, f, "num_embeddings"), d = check_pos(L, 2, f, "embedding_dim");
+    moe_init init = {next_seed(L, 3, f), 0};
+    push_layer(L, moe_embedding_new(moe_lua_ctx(L), v, d, &init), f);
+    return 1;
+}
+
+static int l_rmsnorm(lua_State *L) {
+    const char *f = "nn.RMSNorm";
+    int64_t d = check_pos(L, 1, f, "dim");
+    float eps = (float)moe_lua_opt_field_num(L, 2, "eps", 1e-6, f);
+    push_layer(L, moe_rmsnorm_new(moe_lua_ctx(L), d, eps), f);
+    return 1;
+}
+
+static int l_layernorm(lua_State *L) {
+    const char *f = "nn.LayerNorm";
+    int64_t d = check_pos(L, 1, f, "dim");
+    float eps = (float)moe_lua_opt_field_num(L, 2, "eps", 1e-5, f);
+    int bias = moe_lua_opt_field_bool(L, 2, "bias", 1, f);
+    push_layer(L, moe_layernorm_new(moe_lua_ctx(L), d, eps, bias), f);
+    return 1;
+}
+
+static int l_attention(lua_State *L) {
+    const char *f = "nn.Attention";
+    luaL_checktype(L, 1, LUA_TTABLE);
+    moe_attention_cfg c = {0};
+    c.hidden = field_pos(L, 1, "hidden_size", 0, f);
+    c.n_heads = field_pos(L, 1, "num_heads", 0, f);
+    c.n_kv_heads = field_pos(L, 1, "num_kv_heads", c.n_heads, f);
+    c.head_dim = field_pos(L, 1, "head_dim", c.hidden / c.n_heads > 0 ? c.hidden / c.n_heads : 1, f);
+    c.rope_theta = (float)moe_lua_opt_field_num(L, 1, "rope_theta", 10000.0, f);
+    c.causal = moe_lua_opt_field_bool(L, 1, "causal", 1, f);
+    c.bias = moe_lua_opt_field_bool(L, 1, "bias", 0, f);
+    c.qk_norm = moe_lua_opt_field_bool(L, 1, "qk_norm", 0, f);
+    c.norm_eps = (float)moe_lua_opt_field_num(L, 1, "norm_eps", 1e-5, f);
+    moe_init init = {next_seed(L, 1, f), 0};
+    push_layer(L, moe_attention_new(moe_lua_ctx(L), &c, &init), f);
+    return 1;
+}
+
+static int l_ffn(lua_State *L) {
+    const char *f = "nn.FeedForward";
+    luaL_checktype(L, 1, LUA_TTABLE);
+    int64_t h = field_pos(L, 1, "hidden_size", 0, f);
+    int64_t inner = field_pos(L, 1, "intermediate_size", 4 * h, f);
+    const char *act = moe_lua_opt_field_str(L, 1, "activation", "swiglu", f);
+    moe_ffn_kind kind;
+    if (!strcmp(act, "swiglu")) kind = MOE_FFN_SWIGLU;
+    else if (!strcmp(act, "gelu")) kind = MOE_FFN_GELU;
+    else return luaL_error(L, "%s: option 'activation' must be \"swiglu\" or \"gelu\", got \"%s\"", f, act);
+    int bias = moe_lua_opt_field_bool(L, 1, "bias", 0, f);
+    moe_init init = {next_seed(L, 1, f), 0};
+    push_layer(L, moe_ffn_new(moe_lua_ctx(L), h, inner, kind, bias, &init), f);
+    return 1;
+}
+
+static int l_activation(lua_State *L) {
+    moe_unary_op op = (moe_unary_op)lua_tointeger(L, lua_upvalueindex(1));
+    push_layer(L, moe_activation_new(op), "nn.Activation");
+    return 1;
+}
+
+static int l_sequential(lua_State *L) {
+    const char *f = "nn.Sequential";
+    moe_layer *kids[256];
+    int n = 0;
+    if (lua_gettop(L) == 1 && lua_istable(L, 1) && !lua_getmetatable(L, 1)) {
+        int len = (int)lua_objlen(L, 1);
+        if (len > 256) return luaL_error(L, "%s: at most 256 children", f);
+        for (int i = 1; i <= len; i++) {
+            lua_rawgeti(L, 1, i);
+            char arg[32];
+            snprintf(arg, sizeof arg, "child %d", i);
+            kids[n++] = check_layer(L, -1, f, arg);
+            lua_pop(L, 1);
+        }
+    } else {
+        int top = lua_gettop(L);
+        if (top > 256) return luaL_error(L, "%s: at most 256 children", f);
+        for (int i = 1; i <= top; i++) {
+            char arg[32];
+            snprintf(arg, sizeof arg, "child %d", i);
+            kids[n++] = check_layer(L, i, f, arg);
+        }
+    }
+    push_layer(L, moe_sequential_new(moe_lua_ctx(L), kids, n), f);
+    return 1;
+}
+
+/* ---- layer methods ---- */
+
+static int layer_forward(lua_State *L) {
+    const char *f = "layer:forward";
+    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_tensor *x = moe_lua_check_tensor(L, 2, "input");
+    moe_tape *tape = lua_isnoneornil(L, 3) ? NULL : check_tape(L, 3, f);
+    moe_tensor *y;
+    moe_status s = moe_layer_forward(l, moe_lua_ctx(L), tape, x, &y);
+    if (s != MOE_OK) return moe_lua_fail(L, f);
+    moe_lua_push_tensor(L, y, f);
+    return 1;
+}
+
+static int layer_tostring(lua_State *L) {
+    layer_box *b = luaL_checkudata(L, 1, LAYER_MT);
+    char buf[1024];
+    if (!b->l) { lua_pushstring(L, "Layer(freed)"); return 1; }
+    moe_layer_describe(b->l, buf, sizeof buf);
+    lua_pushstring(L, buf);
+    return 1;
+}
+
+static int layer_gc(lua_State *L) {
+    layer_box *b = luaL_checkudata(L, 1, LAYER_MT);
+    moe_layer_release(b->l);
+    b->l = NULL;
+    return 0;
+}
+
+static void push_tensor_ref(lua_State *L, moe_tensor *t) {
+    moe_tensor_retain(t);
+    moe_lua_push_tensor(L, t, "parameters");
+}
+
+/* parameters() -> array of {name=, value=, grad=} in a stable order */
+static int layer_parameters(lua_State *L) {
+    moe_layer *l = check_layer(L, 1, "layer:parameters", "self");
+    int n = moe_layer_num_param_tensors(l);
+    moe_param *ps = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
+    moe_layer_collect_params(l, ps, n);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, ps[i].name);
+        lua_setfield(L, -2, "name");
+        push_tensor_ref(L, ps[i].value);
+        lua_setfield(L, -2, "value");
+        push_tensor_ref(L, ps[i].grad);
+        lua_setfield(L, -2, "grad");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static moe_param *find_param(lua_State *L, const char *f) {
+    moe_layer *l = check_layer(L, 1, f, "self");
+    const char *name = luaL_checkstring(L, 2);
+    moe_param *p = moe_layer_find_param(l, name);
+    if (!p) luaL_error(L, "%s: no parameter named '%s' (see layer:parameters())", f, name);
+    return p;
+}
+
+static int layer_param(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:param")->value); return 1; }
+static int layer_grad(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:grad")->grad); return 1; }
+
+static int layer_num_params(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)moe_layer_num_params(check_layer(L, 1, "layer:num_params", "self")));
+    return 1;
+}
+
+static int layer_zero_grad(lua_State *L) {
+    moe_layer *l = check_layer(L, 1, "layer:zero_grad", "self");
+    moe_lua_check(L, moe_layer_zero_grad(moe_lua_ctx(L), l), "layer:zero_grad");
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int layer_to(lua_State *L) {
+    const char *f = "layer:to";
+    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_device d = moe_lua_check_device(L, luaL_checkstring(L, 2), f);
+    moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, d), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int layer_flat(lua_State *L) {
+    const char *f = "layer:flat_parameters";
+    moe_layer *l = check_layer(L, 1, f, "self");
+    if (!l->flat_values) moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, l->device), f);
+    push_tensor_ref(L, l->flat_values);
+    push_tensor_ref(L, l->flat_grads);
+    return 2;
+}
+
+static int layer_kind(lua_State *L) {
+    lua_pushstring(L, check_layer(L, 1, "layer:kind", "self")->vt->kind);
+    return 1;
+}
+
+static int layer_device(lua_State *L) {
+    char b[16];
+    lua_pushstring(L, moe_device_str(check_layer(L, 1, "layer:device", "self")->device, b, sizeof b));
+    return 1;
+}
+
+static int layer_children(lua_State *L) {
+    moe_layer *l = check_layer(L, 1, "layer:children", "self");
+    lua_createtable(L, l->n_children, 0);
+    for (int i = 0; i < l->n_children; i++) {
+        moe_layer_retain(l->children[i]);
+        push_layer(L, l->children[i], "layer:children");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+/* ---- tape ---- */
+
+static int l_tape_new(lua_State *L) {
+    tape_box *b = lua_newuserdata(L, sizeof *b);
+    b->t = NULL;
+    luaL_getmetatable(L, TAPE_MT);
+    lua_setmetatable(L, -2);
+    b->t = moe_tape_new();
+    if (!b->t) return moe_lua_fail(L, "Tape");
+    return 1;
+}
+
+static int tape_gc(lua_State *L) {
+    tape_box *b = luaL_checkudata(L, 1, TAPE_MT);
+    moe_tape_free(b->t);
+    b->t = NULL;
+    return 0;
+}
+
+static int tape_backward(lua_State *L) {
+    const char *f = "tape:backward";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *y = moe_lua_check_tensor(L, 2, "output");
+    moe_tensor *g = moe_lua_opt_tensor(L, 3, "grad_output");
+    moe_lua_check(L, moe_tape_backward(moe_lua_ctx(L), t, y, g), f);
+    return 0;
+}
+
+static int tape_grad(lua_State *L) {
+    moe_tape *t = check_tape(L, 1, "tape:grad");
+    moe_tensor *x = moe_lua_check_tensor(L, 2, "tensor");
+    moe_tensor *g = moe_tape_grad(t, x);
+    if (!g) { lua_pushnil(L); return 1; }
+    moe_tensor_retain(g);
+    moe_lua_push_tensor(L, g, "tape:grad");
+    return 1;
+}
+
+static int tape_reset(lua_State *L) { moe_tape_reset(check_tape(L, 1, "tape:reset")); return 0; }
+static int tape_size(lua_State *L) { lua_pushinteger(L, moe_tape_size(check_tape(L, 1, "tape:size"))); return 1; }
+static int tape_retain(lua_State *L) {
+    moe_tape_retain_grads(check_tape(L, 1, "tape:retain_grads"), lua_toboolean(L, 2));
+    return 0;
+}
+
+static int finish(lua_State *L, moe_status s, moe_tensor *y, const char *f) {
+    if (s != MOE_OK) return moe_lua_fail(L, f);
+    moe_lua_push_tensor(L, y, f);
+    return 1;
+}
+
+static int tape_binary(lua_State *L) {
+    moe_binary_op op = (moe_binary_op)lua_tointeger(L, lua_upvalueindex(1));
+    const char *f = lua_tostring(L, lua_upvalueindex(2));
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *a = moe_lua_check_tensor(L, 2, "a"), *b = moe_lua_check_tensor(L, 3, "b"), *y;
+    return finish(L, moe_f_binary(moe_lua_ctx(L), t, op, a, b, &y), y, f);
+}
+
+static int tape_unary(lua_State *L) {
+    moe_unary_op op = (moe_unary_op)lua_tointeger(L, lua_upvalueindex(1));
+    const char *f = lua_tostring(L, lua_upvalueindex(2));
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    float alpha = lua_isnoneornil(L, 3) ? 0.0f : (float)moe_lua_check_num(L, 3, f, "alpha");
+    return finish(L, moe_f_unary(moe_lua_ctx(L), t, op, x, alpha, &y), y, f);
+}
+
+static int tape_swiglu(lua_State *L) {
+    const char *f = "tape:swiglu";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *g = moe_lua_check_tensor(L, 2, "gate"), *u = moe_lua_check_tensor(L, 3, "up"), *y;
+    return finish(L, moe_f_swiglu(moe_lua_ctx(L), t, g, u, &y), y, f);
+}
+
+static int tape_view(lua_State *L) {
+    const char *f = "tape:view";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    int64_t shape[MOE_MAX_DIMS];
+    /* allow -1 in a table shape: read it by hand */
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int n = (int)lua_objlen(L, 3);
+    if (n > MOE_MAX_DIMS) return luaL_error(L, "%s: at most %d dims", f, MOE_MAX_DIMS);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, 3, i + 1);
+        char arg[32];
+        snprintf(arg, sizeof arg, "shape[%d]", i + 1);
+        shape[i] = moe_lua_check_int(L, -1, f, arg);
+        lua_pop(L, 1);
+    }
+    return finish(L, moe_f_view(moe_lua_ctx(L), t, x, n, shape, &y), y, f);
+}
+
+static int tape_cross_entropy(lua_State *L) {
+    const char *f = "tape:cross_entropy";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *logits = moe_lua_check_tensor(L, 2, "logits"), *targets = moe_lua_check_tensor(L, 3, "targets"), *y;
+    int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
+    return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), y, f);
+}
+
+static int tape_sum(lua_State *L) {
+    int mean = (int)lua_tointeger(L, lua_upvalueindex(1));
+    const char *f = mean ? "tape:mean" : "tape:sum";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    return finish(L, moe_f_sum(moe_lua_ctx(L), t, x, mean, &y), y, f);
+}
+
+static int tape_forward(lua_State *L) {
+    /* tape:forward(layer, x) == layer:forward(x, tape) */
+    check_tape(L, 1, "tape:forward");
+    lua_pushcfunction(L, layer_forward);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_pushvalue(L, 1);
+    lua_call(L, 3, 1);
+    return 1;
+}
+
+static const luaL_Reg layer_methods[] = {
+    {"forward", layer_forward}, {"parameters", layer_parameters}, {"param", layer_param}, {"grad", layer_grad},
+    {"num_params", layer_num_params}, {"zero_grad", layer_zero_grad}, {"to", layer_to},
+    {"flat_parameters", layer_flat}, {"kind", layer_kind}, {"device", layer_device}, {"children", layer_children},
+    {NULL, NULL}};
+
+static const luaL_Reg tape_methods[] = {
+    {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"size", tape_size},
+    {"retain_grads", tape_retain}, {"swiglu", tape_swiglu}, {"view", tape_view},
+    {"cross_entropy", tape_cross_entropy}, {"forward", tape_forward}, {NULL, NULL}};
+
+static void add_closure(lua_State *L, const char *name, lua_CFunction fn, int code, const char *fname) {
+    lua_pushinteger(L, code);
+    lua_pushstring(L, fname);
+    lua_pushcclosure(L, fn, 2);
+    lua_setfield(L, -2, name);
+}
+
+void moe_lua_open_nn(lua_State *L) {
+    /* layer metatable */
+    luaL_newmetatable(L, LAYER_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, layer_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, layer_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, layer_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushcfunction(L, layer_forward);
+    lua_setfield(L, -2, "__call");
+    lua_pop(L, 1);
+
+    /* tape metatable */
+    luaL_newmetatable(L, TAPE_MT);
+    lua_newtable(L);
+    luaL_register(L, NULL, tape_methods);
+    static const struct { const char *name; int op; } bins[] = {
+        {"add", MOE_BIN_ADD}, {"sub", MOE_BIN_SUB}, {"mul", MOE_BIN_MUL}, {"div", MOE_BIN_DIV}};
+    for (size_t i = 0; i < sizeof bins / sizeof *bins; i++) {
+        char fname[32];
+        snprintf(fname, sizeof fname, "tape:%s", bins[i].name);
+        add_closure(L, bins[i].name, tape_binary, bins[i].op, fname);
+    }
+    static const struct { const char *name; int op; } uns[] = {
+        {"silu", MOE_UN_SILU}, {"gelu", MOE_UN_GELU}, {"gelu_erf", MOE_UN_GELU_ERF}, {"relu", MOE_UN_RELU},
+        {"tanh", MOE_UN_TANH}, {"sigmoid", MOE_UN_SIGMOID}, {"exp", MOE_UN_EXP}, {"log", MOE_UN_LOG},
+        {"square", MOE_UN_SQUARE}, {"scale", MOE_UN_SCALE}, {"neg", MOE_UN_NEG}};
+    for (size_t i = 0; i < sizeof uns / sizeof *uns; i++) {
+        char fname[32];
+        snprintf(fname, sizeof fname, "tape:%s", uns[i].name);
+        add_closure(L, uns[i].name, tape_unary, uns[i].op, fname);
+    }
+    lua_pushinteger(L, 0);
+    lua_pushcclosure(L, tape_sum, 1);
+    lua_setfield(L, -2, "sum");
+    lua_pushinteger(L, 1);
+    lua_pushcclosure(L, tape_sum, 1);
+    lua_setfield(L, -2, "mean");
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, tape_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+
+    lua_pushcfunction(L, l_tape_new);
+    lua_setfield(L, -2, "Tape");
+
+    lua_newtable(L);
+    static const luaL_Reg ctors[] = {
+        {"Linear", l_linear}, {"Embedding", l_embedding}, {"RMSNorm", l_rmsnorm}, {"LayerNorm", l_layernorm},
+        {"Attention", l_attention}, {"FeedForward", l_ffn}, {"Sequential", l_sequential}, {NULL, NULL}};
+    luaL_register(L, NULL, ctors);
+    static const struct { const char *name; int op; } acts[] = {
+        {"SiLU", MOE_UN_SILU}, {"GELU", MOE_UN_GELU_ERF}, {"GELUTanh", MOE_UN_GELU}, {"ReLU", MOE_UN_RELU},
+        {"Tanh", MOE_UN_TANH}, {"Sigmoid", MOE_UN_SIGMOID}};
+    for (size_t i = 0; i < sizeof acts / sizeof *acts; i++) {
+        lua_pushinteger(L, acts[i].op);
+        lua_pushcclosure(L, l_activation, 1);
+        lua_setfield(L, -2, acts[i].name);
+    }
+    lua_setfield(L, -2, "nn");
+}

@@ -1,0 +1,290 @@
+#include "functional.h"
+
+#include <string.h>
+
+moe_tensor *moe_new_last_dim(moe_ctx *ctx, const moe_tensor *t, int64_t n) {
+    int64_t shape[MOE_MAX_DIMS];
+    memcpy(shape, t->shape, sizeof shape);
+    if (t->ndim == 0) { moe_error(MOE_ERR_SHAPE, "expected at least one dim, got a 0-dim tensor"); return NULL; }
+    shape[t->ndim - 1] = n;
+    return moe_tensor_new(ctx, t->dtype, t->ndim, shape, t->device);
+}
+
+moe_tensor *moe_rows_view(moe_tensor *t) {
+    int64_t d = t->ndim ? t->shape[t->ndim - 1] : 1;
+    int64_t shape[2] = {d ? moe_tensor_numel(t) / d : 0, d};
+    return moe_tensor_view(t, 2, shape);
+}
+
+/* ---- binary ---- */
+
+static moe_status binary_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_binary_op op = (moe_binary_op)e->i[0];
+    moe_tensor *a = e->in[0], *b = e->in[1], *g = gout[0];
+    moe_tensor *ga = moe_tensor_like(ctx, a), *gb = moe_tensor_like(ctx, b), *tmp = NULL;
+    moe_status s = ga && gb ? MOE_OK : moe_last_status();
+    if (s == MOE_OK && (op == MOE_BIN_ADD || op == MOE_BIN_SUB)) {
+        s = moe_op_sum_to(ctx, ga, g);
+        if (s == MOE_OK) s = moe_op_sum_to(ctx, gb, g);
+        if (s == MOE_OK && op == MOE_BIN_SUB) s = moe_op_unary(ctx, MOE_UN_NEG, gb, gb, 0);
+    } else if (s == MOE_OK && (op == MOE_BIN_MUL || op == MOE_BIN_DIV)) {
+        tmp = moe_tensor_like(ctx, g);
+        if (!tmp) s = moe_last_status();
+        if (op == MOE_BIN_MUL) {
+            /* da = g*b, db = g*a */
+            if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, tmp, g, b);
+            if (s == MOE_OK) s = moe_op_sum_to(ctx, ga, tmp);
+            if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, tmp, g, a);
+            if (s == MOE_OK) s = moe_op_sum_to(ctx, gb, tmp);
+        } else {
+            /* da = g/b, db = -g*y/b with y = a/b (saved) */
+            if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_DIV, tmp, g, b);
+            if (s == MOE_OK) s = moe_op_sum_to(ctx, ga, tmp);
+            if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, tmp, tmp, e->saved[0]);
+            if (s == MOE_OK) s = moe_op_sum_to(ctx, gb, tmp);
+            if (s == MOE_OK) s = moe_op_unary(ctx, MOE_UN_NEG, gb, gb, 0);
+        }
+    } else if (s == MOE_OK) {
+        s = moe_error(MOE_ERR_ARG, "binary op %d has no backward", (int)op);
+    }
+    moe_tensor_release(tmp);
+    if (s != MOE_OK) { moe_tensor_release(ga); moe_tensor_release(gb); return s; }
+    gin[0] = ga;
+    gin[1] = gb;
+    return MOE_OK;
+}
+
+static const char *binary_name(moe_binary_op op) {
+    switch (op) {
+    case MOE_BIN_ADD: return "add";
+    case MOE_BIN_SUB: return "sub";
+    case MOE_BIN_MUL: return "mul";
+    case MOE_BIN_DIV: return "div";
+    case MOE_BIN_MAX: return "max";
+    default: return "min";
+    }
+}
+
+moe_status moe_f_binary(moe_ctx *ctx, moe_tape *tape, moe_binary_op op, moe_tensor *a, moe_tensor *b, moe_tensor **y) {
+    *y = NULL;
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+    if (!a || !b) return moe_error(MOE_ERR_ARG, "%s: operand is nil", binary_name(op));
+    if (tape && op != MOE_BIN_ADD && op != MOE_BIN_SUB && op != MOE_BIN_MUL && op != MOE_BIN_DIV)
+        return moe_error(MOE_ERR_ARG, "%s: not differentiable on a tape", binary_name(op));
+    MOE_TRY(moe_broadcast_shape(a, b, &ndim, shape));
+    moe_tensor *out = moe_tensor_new(ctx, a->dtype, ndim, shape, a->device);
+    if (!out) return moe_last_status();
+    moe_status s = moe_op_binary(ctx, op, out, a, b);
+    if (s == MOE_OK && tape) {
+        moe_tensor *in[2] = {a, b};
+        moe_tape_entry *e = moe_tape_record(tape, binary_name(op), binary_backward, NULL, NULL, NULL, 2, in, 1, &out);
+        if (!e) s = moe_last_status();
+        else {
+            e->i[0] = op;
+            if (op == MOE_BIN_DIV) moe_tape_save(e, out);
+        }
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+/* ---- unary ---- */
+
+static moe_status unary_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *dx = moe_tensor_like(ctx, e->in[0]);
+    if (!dx) return moe_last_status();
+    moe_status s = moe_op_unary_backward(ctx, (moe_unary_op)e->i[0], dx, gout[0], e->in[0], (float)e->f[0]);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_unary(moe_ctx *ctx, moe_tape *tape, moe_unary_op op, moe_tensor *x, float alpha, moe_tensor **y) {
+    *y = NULL;
+    if (!x) return moe_error(MOE_ERR_ARG, "unary: input is nil");
+    moe_tensor *out = moe_tensor_new(ctx, x->dtype, x->ndim, x->shape, x->device);
+    if (!out) return moe_last_status();
+    moe_status s = moe_op_unary(ctx, op, out, x, alpha);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "unary", unary_backward, NULL, NULL, NULL, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else { e->i[0] = op; e->f[0] = alpha; }
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+/* ---- swiglu ---- */
+
+static moe_status swiglu_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *dg = moe_tensor_like(ctx, e->in[0]), *du = moe_tensor_like(ctx, e->in[1]);
+    moe_status s = dg && du ? moe_op_swiglu_backward(ctx, dg, du, gout[0], e->in[0], e->in[1]) : moe_last_status();
+    if (s != MOE_OK) { moe_tensor_release(dg); moe_tensor_release(du); return s; }
+    gin[0] = dg;
+    gin[1] = du;
+    return MOE_OK;
+}
+
+moe_status moe_f_swiglu(moe_ctx *ctx, moe_tape *tape, moe_tensor *gate, moe_tensor *up, moe_tensor **y) {
+    *y = NULL;
+    if (!gate || !up) return moe_error(MOE_ERR_ARG, "swiglu: input is nil");
+    moe_tensor *out = moe_tensor_like(ctx, gate);
+    if (!out) return moe_last_status();
+    moe_status s = moe_op_swiglu(ctx, out, gate, up);
+    if (s == MOE_OK && tape) {
+        moe_tensor *in[2] = {gate, up};
+        if (!moe_tape_record(tape, "swiglu", swiglu_backward, NULL, NULL, NULL, 2, in, 1, &out)) s = moe_last_status();
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+/* ---- view ---- */
+
+static moe_status view_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    if (!g) return moe_last_status();
+    moe_tensor *dx = moe_tensor_view(g, e->in[0]->ndim, e->in[0]->shape);
+    moe_tensor_release(g);
+    if (!dx) return moe_last_status();
+    /* the tape may accumulate into this gradient later, so it must not alias gout */
+    moe_tensor *copy = moe_tensor_like(ctx, dx);
+    moe_status s = copy ? moe_op_copy(ctx, copy, dx) : moe_last_status();
+    moe_tensor_release(dx);
+    if (s != MOE_OK) { moe_tensor_release(copy); return s; }
+    gin[0] = copy;
+    return MOE_OK;
+}
+
+moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, const int64_t *shape, moe_tensor **y) {
+    *y = NULL;
+    if (!x) return moe_error(MOE_ERR_ARG, "view: input is nil");
+    moe_tensor *out = moe_tensor_view(x, ndim, shape);
+    if (!out) return moe_last_status();
+    if (tape && !moe_tape_record(tape, "view", view_backward, NULL, NULL, NULL, 1, &x, 1, &out)) {
+        moe_tensor_release(out);
+        return moe_last_status();
+    }
+    *y = out;
+    return MOE_OK;
+}
+
+/* ---- cross-entropy ---- */
+
+static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
+    float dloss;
+    /* the upstream gradient of a scalar loss: one number, read once per backward */
+    moe_tensor *g = moe_op_to(ctx, gout[0], MOE_DEVICE_CPU, MOE_F32);
+    if (!g) return moe_last_status();
+    dloss = moe_f32(g)[0];
+    moe_tensor_release(g);
+    moe_tensor *rows = moe_rows_view(logits);
+    moe_tensor *dl = moe_tensor_like(ctx, logits);
+    moe_tensor *drows = dl ? moe_rows_view(dl) : NULL;
+    moe_tensor *t1 = NULL;
+    int64_t n1[1] = {rows ? rows->shape[0] : 0};
+    moe_status s = rows && drows ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) { t1 = moe_tensor_view(targets, 1, n1); if (!t1) s = moe_last_status(); }
+    float count = (float)e->f[0];
+    if (s == MOE_OK)
+        s = moe_op_cross_entropy_backward(ctx, drows, rows, lse, t1, e->i[0], count > 0 ? dloss / count : 0.0f);
+    moe_tensor_release(rows);
+    moe_tensor_release(drows);
+    moe_tensor_release(t1);
+    if (s != MOE_OK) { moe_tensor_release(dl); return s; }
+    gin[0] = dl;
+    return MOE_OK;
+}
+
+moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
+                               int64_t ignore_index, moe_tensor **loss) {
+    *loss = NULL;
+    if (!logits || !targets) return moe_error(MOE_ERR_ARG, "cross_entropy: logits or targets is nil");
+    if (targets->dtype != MOE_I64)
+        return moe_error(MOE_ERR_DTYPE, "cross_entropy: targets must be i64, got %s", moe_dtype_name(targets->dtype));
+    if (logits->ndim < 1 || moe_tensor_numel(targets) * (logits->ndim ? logits->shape[logits->ndim - 1] : 1)
+                                != moe_tensor_numel(logits) || targets->ndim != logits->ndim - 1) {
+        char a[96], b[96];
+        return moe_error(MOE_ERR_SHAPE, "cross_entropy: logits %s need targets of shape %s without the last dim, got %s",
+                         moe_shape_str(logits, a, sizeof a), a, moe_shape_str(targets, b, sizeof b));
+    }
+    moe_tensor *lc = moe_op_contiguous(ctx, logits);
+    if (!lc) return moe_last_status();
+    moe_tensor *rows = moe_rows_view(lc);
+    moe_tensor *tc = moe_op_contiguous(ctx, targets);
+    int64_t n = rows ? rows->shape[0] : 0;
+    int64_t n1[1] = {n};
+    moe_tensor *t1 = tc ? moe_tensor_view(tc, 1, n1) : NULL;
+    moe_tensor *per_row = moe_tensor_new(ctx, logits->dtype, 1, n1, logits->device);
+    moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
+    moe_tensor *out = moe_tensor_new(ctx, logits->dtype, 0, n1, logits->device);
+    moe_tensor *tcpu = NULL;
+    moe_status s = rows && t1 && per_row && lse && out ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_cross_entropy(ctx, per_row, lse, rows, t1, ignore_index);
+    /* The number of counted rows is needed for the mean. Targets are small
+     * (one id per token), so counting them on the host is cheap. */
+    double count = 0;
+    if (s == MOE_OK) {
+        tcpu = moe_op_to(ctx, t1, MOE_DEVICE_CPU, MOE_I64);
+        if (!tcpu) s = moe_last_status();
+        else {
+            const int64_t *tp = moe_tensor_data(tcpu);
+            for (int64_t i = 0; i < n; i++) count += tp[i] != ignore_index;
+        }
+    }
+    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, out, per_row);
+    if (s == MOE_OK) s = moe_op_unary(ctx, MOE_UN_SCALE, out, out, count > 0 ? (float)(1.0 / count) : 0.0f);
+    if (s == MOE_OK && tape) {
+        moe_tensor *in[2] = {logits, targets};
+        moe_tape_entry *e = moe_tape_record(tape, "cross_entropy", ce_backward, NULL, NULL, NULL, 2, in, 1, &out);
+        if (!e) s = moe_last_status();
+        else {
+            moe_tape_save(e, lse);
+            moe_tape_save(e, lc);   /* contiguous copies (or the inputs themselves) for backward */
+            moe_tape_save(e, tc);
+            e->i[0] = ignore_index;
+            e->f[0] = count;
+        }
+    }
+    moe_tensor_release(rows); moe_tensor_release(t1); moe_tensor_release(per_row);
+    moe_tensor_release(lse); moe_tensor_release(tcpu); moe_tensor_release(lc); moe_tensor_release(tc);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *loss = out;
+    return MOE_OK;
+}
+
+/* ---- sum / mean ---- */
+
+static moe_status sum_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *x = e->in[0];
+    moe_tensor *dx = moe_tensor_like(ctx, x);
+    if (!dx) return moe_last_status();
+    /* dx = broadcast(g) (/ n for the mean); g stays on its device, no host read */
+    moe_status s = moe_op_fill(ctx, dx, 0.0);
+    if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_ADD, dx, dx, gout[0]);
+    if (s == MOE_OK && e->i[0]) s = moe_op_unary(ctx, MOE_UN_SCALE, dx, dx, (float)(1.0 / (double)e->i[1]));
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_tensor **y) {
+    *y = NULL;
+    if (!x) return moe_error(MOE_ERR_ARG, "sum: input is nil");
+    moe_tensor *out = moe_tensor_new(ctx, x->dtype, 0, NULL, x->device);
+    if (!out) return moe_last_status();
+    moe_status s = moe_op_reduce_all(ctx, mean ? MOE_RED_MEAN : MOE_RED_SUM, out, x);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, mean ? "mean" : "sum", sum_backward, NULL, NULL, NULL, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else { e->i[0] = mean; e->i[1] = moe_tensor_numel(x) ? moe_tensor_numel(x) : 1; }
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}

@@ -1,0 +1,31 @@
+/* Functional operations that record themselves on a tape (when one is given),
+ * so layers and Lua code can combine tensors between layer calls (residual
+ * adds, gating, reshapes, the loss) and still get a backward. */
+#ifndef MOE_FUNCTIONAL_H
+#define MOE_FUNCTIONAL_H
+
+#include "tape.h"
+#include "../ops/ops.h"
+
+/* y = a op b with broadcasting (ADD, SUB, MUL, DIV). */
+moe_status moe_f_binary(moe_ctx *ctx, moe_tape *tape, moe_binary_op op, moe_tensor *a, moe_tensor *b, moe_tensor **y);
+moe_status moe_f_unary(moe_ctx *ctx, moe_tape *tape, moe_unary_op op, moe_tensor *x, float alpha, moe_tensor **y);
+moe_status moe_f_swiglu(moe_ctx *ctx, moe_tape *tape, moe_tensor *gate, moe_tensor *up, moe_tensor **y);
+/* A reshaped alias of x (x must be contiguous); its gradient is reshaped back. */
+moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, const int64_t *shape, moe_tensor **y);
+/* Mean cross-entropy over rows whose target != ignore_index: a 0-dim scalar.
+ * logits [..., V], targets [...] i64. All-ignored batches give loss 0. */
+moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
+                               int64_t ignore_index, moe_tensor **loss);
+/* Sum or mean of all elements into a 0-dim tensor. */
+moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_tensor **y);
+/* y = x @ w^T (+ b): x [..., in], w [out, in], b [out] or NULL. The layer Linear uses it. */
+moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
+                        moe_tensor *b, moe_tensor *bgrad, moe_tensor **y);
+
+/* Small helpers shared by layers: new tensor shaped like t but with its last dim = n. */
+moe_tensor *moe_new_last_dim(moe_ctx *ctx, const moe_tensor *t, int64_t n);
+/* Rows x D view of a contiguous tensor (all leading dims flattened). */
+moe_tensor *moe_rows_view(moe_tensor *t);
+
+#endif

@@ -1,0 +1,220 @@
+#include "layer.h"
+#include "../core/rng.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+moe_layer *moe_layer_alloc(const moe_layer_vtable *vt, int n_params, int n_children) {
+    moe_layer *l = calloc(1, sizeof *l);
+    if (!l) { moe_error(MOE_ERR_OOM, "out of host memory for a layer"); return NULL; }
+    l->vt = vt;
+    l->refcount = 1;
+    l->device = MOE_DEVICE_CPU;
+    if (n_params) l->params = calloc((size_t)n_params, sizeof *l->params);
+    if (n_children) {
+        l->children = calloc((size_t)n_children, sizeof *l->children);
+        l->child_names = calloc((size_t)n_children, sizeof *l->child_names);
+    }
+    if ((n_params && !l->params) || (n_children && (!l->children || !l->child_names))) {
+        free(l->params); free(l->children); free(l->child_names); free(l);
+        moe_error(MOE_ERR_OOM, "out of host memory for a layer");
+        return NULL;
+    }
+    l->n_params = n_params;
+    l->n_children = n_children;
+    return l;
+}
+
+void moe_layer_retain(moe_layer *l) { if (l) l->refcount++; }
+void moe_layer_retain_v(void *l) { moe_layer_retain(l); }
+void moe_layer_release_v(void *l) { moe_layer_release(l); }
+
+void moe_layer_release(moe_layer *l) {
+    if (!l || --l->refcount > 0) return;
+    if (l->vt->destroy) l->vt->destroy(l);
+    for (int i = 0; i < l->n_params; i++) {
+        moe_tensor_release(l->params[i].value);
+        moe_tensor_release(l->params[i].grad);
+    }
+    for (int i = 0; i < l->n_children; i++) moe_layer_release(l->children[i]);
+    moe_tensor_release(l->flat_values);
+    moe_tensor_release(l->flat_grads);
+    free(l->params);
+    free(l->children);
+    free(l->child_names);
+    free(l);
+}
+
+int moe_layer_is(const moe_layer *l, const char *kind) { return l && !strcmp(l->vt->kind, kind); }
+
+moe_status moe_layer_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    *y = NULL;
+    if (!x) return moe_error(MOE_ERR_ARG, "%s.forward: input is nil", l->vt->kind);
+    if (!moe_device_eq(x->device, l->device)) {
+        char a[16], b[16];
+        return moe_error(MOE_ERR_DEVICE, "%s.forward: input is on %s but the layer is on %s", l->vt->kind,
+                         moe_device_str(x->device, a, sizeof a), moe_device_str(l->device, b, sizeof b));
+    }
+    moe_status s = l->vt->forward(l, ctx, tape, x, y);
+    if (s != MOE_OK) {
+        moe_tensor_release(*y);
+        *y = NULL;
+        /* container layers already prefixed their children's names */
+        if (!l->n_children || !strstr(moe_last_error(), ".forward")) moe_error_context(s, "%s.forward", l->vt->kind);
+    }
+    return s;
+}
+
+void moe_layer_describe(const moe_layer *l, char *buf, size_t n) {
+    if (l->vt->describe) l->vt->describe(l, buf, n);
+    else snprintf(buf, n, "%s", l->vt->kind);
+}
+
+moe_status moe_layer_init_param(moe_layer *l, int idx, const char *name, int ndim, const int64_t *shape) {
+    moe_param *p = &l->params[idx];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->value = moe_tensor_new_cpu(MOE_F32, ndim, shape);
+    p->grad = moe_tensor_new_cpu(MOE_F32, ndim, shape);
+    if (!p->value || !p->grad) return moe_last_status();
+    moe_tensor_fill_cpu(p->grad, 0);
+    return MOE_OK;
+}
+
+moe_status moe_layer_set_child(moe_layer *l, int idx, const char *name, moe_layer *child) {
+    moe_layer_retain(child);
+    l->children[idx] = child;
+    snprintf(l->child_names[idx], sizeof l->child_names[idx], "%s", name);
+    return MOE_OK;
+}
+
+moe_status moe_param_init_normal(moe_ctx *ctx, moe_param *p, moe_init *init, float std) {
+    uint64_t key = moe_rng_key(init->seed, MOE_RNG_INIT);
+    moe_status s = moe_op_fill_randn(ctx, p->value, key, init->offset, 0.0f, std);
+    init->offset += (uint64_t)moe_tensor_numel(p->value);
+    return s;
+}
+
+moe_status moe_param_init_uniform(moe_ctx *ctx, moe_param *p, moe_init *init, float a) {
+    uint64_t key = moe_rng_key(init->seed, MOE_RNG_INIT);
+    moe_status s = moe_op_fill_rand(ctx, p->value, key, init->offset, -a, a);
+    init->offset += (uint64_t)moe_tensor_numel(p->value);
+    return s;
+}
+
+int moe_layer_num_param_tensors(const moe_layer *l) {
+    int n = l->n_params;
+    for (int i = 0; i < l->n_children; i++) n += moe_layer_num_param_tensors(l->children[i]);
+    return n;
+}
+
+static int collect(moe_layer *l, const char *prefix, moe_param *out, int pos, int max) {
+    for (int i = 0; i < l->n_params; i++, pos++) {
+        if (pos >= max) continue;
+        out[pos] = l->params[i];
+        snprintf(out[pos].name, sizeof out[pos].name, "%s%s", prefix, l->params[i].name);
+    }
+    for (int c = 0; c < l->n_children; c++) {
+        char p[64];
+        snprintf(p, sizeof p, "%s%s.", prefix, l->child_names[c]);
+        pos = collect(l->children[c], p, out, pos, max);
+    }
+    return pos;
+}
+
+int moe_layer_collect_params(moe_layer *l, moe_param *out, int max) { return collect(l, "", out, 0, max); }
+
+int64_t moe_layer_num_params(const moe_layer *l) {
+    int64_t n = 0;
+    for (int i = 0; i < l->n_params; i++) n += moe_tensor_numel(l->params[i].value);
+    for (int i = 0; i < l->n_children; i++) n += moe_layer_num_params(l->children[i]);
+    return n;
+}
+
+moe_param *moe_layer_find_param(moe_layer *l, const char *name) {
+    const char *dot = strchr(name, '.');
+    if (!dot) {
+        for (int i = 0; i < l->n_params; i++)
+            if (!strcmp(l->params[i].name, name)) return &l->params[i];
+        return NULL;
+    }
+    size_t len = (size_t)(dot - name);
+    for (int c = 0; c < l->n_children; c++)
+        if (strlen(l->child_names[c]) == len && !strncmp(l->child_names[c], name, len))
+            return moe_layer_find_param(l->children[c], dot + 1);
+    return NULL;
+}
+
+/* Points header t at storage s (offset in elements), dropping its old storage. */
+static void repoint(moe_tensor *t, moe_storage *s, int64_t offset) {
+    moe_storage_retain(s);
+    moe_storage_release(t->storage);
+    t->storage = s;
+    t->offset = offset;
+    t->device = s->device;
+    int64_t st = 1;
+    for (int i = t->ndim - 1; i >= 0; i--) { t->stride[i] = st; st *= t->shape[i]; }
+}
+
+static void set_device(moe_layer *l, moe_device dev) {
+    l->device = dev;
+    for (int i = 0; i < l->n_children; i++) set_device(l->children[i], dev);
+}
+
+static void drop_flat(moe_layer *l) {
+    moe_tensor_release(l->flat_values);
+    moe_tensor_release(l->flat_grads);
+    l->flat_values = l->flat_grads = NULL;
+    for (int i = 0; i < l->n_children; i++) drop_flat(l->children[i]);
+}
+
+moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
+    int n = moe_layer_num_param_tensors(l);
+    moe_param *ps = calloc((size_t)(n ? n : 1), sizeof *ps);
+    if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory flattening parameters");
+    moe_layer_collect_params(l, ps, n);
+    /* each parameter starts on a 16-element boundary so vector loads stay aligned */
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += (moe_tensor_numel(ps[i].value) + 15) & ~(int64_t)15;
+    int64_t shape[1] = {total};
+    moe_tensor *vals = moe_tensor_new(ctx, MOE_F32, 1, shape, dev);
+    moe_tensor *grads = vals ? moe_tensor_new(ctx, MOE_F32, 1, shape, dev) : NULL;
+    moe_status s = vals && grads ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_fill(ctx, vals, 0.0);
+    if (s == MOE_OK) s = moe_op_fill(ctx, grads, 0.0);
+    int64_t off = 0;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        int64_t numel = moe_tensor_numel(ps[i].value);
+        moe_tensor *dst = moe_tensor_from_storage(vals->storage, off, MOE_F32, ps[i].value->ndim,
+                                                  ps[i].value->shape, NULL);
+        if (!dst) { s = moe_last_status(); break; }
+        s = moe_op_copy(ctx, dst, ps[i].value);
+        moe_tensor_release(dst);
+        off += (numel + 15) & ~(int64_t)15;
+    }
+    if (s != MOE_OK) {
+        moe_tensor_release(vals);
+        moe_tensor_release(grads);
+        free(ps);
+        return moe_error_context(s, "flatten parameters");
+    }
+    off = 0;
+    for (int i = 0; i < n; i++) {
+        repoint(ps[i].value, vals->storage, off);
+        repoint(ps[i].grad, grads->storage, off);
+        off += (moe_tensor_numel(ps[i].value) + 15) & ~(int64_t)15;
+    }
+    free(ps);
+    drop_flat(l);
+    l->flat_values = vals;
+    l->flat_grads = grads;
+    set_device(l, dev);
+    return MOE_OK;
+}
+
+moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l) {
+    if (l->flat_grads) return moe_op_fill(ctx, l->flat_grads, 0.0);
+    for (int i = 0; i < l->n_params; i++) MOE_TRY(moe_op_fill(ctx, l->params[i].grad, 0.0));
+    for (int i = 0; i < l->n_children; i++) MOE_TRY(moe_layer_zero_grad(ctx, l->children[i]));
+    return MOE_OK;
+}

@@ -1,0 +1,105 @@
+/* Layers: explicit forward and backward in C, composed through the tape.
+ *
+ * A layer owns named parameters (value + gradient tensors) and child layers.
+ * Parameter tensors are views into flat buffers: every layer starts with its
+ * own, and moe_layer_flatten re-points a whole tree into one value buffer and
+ * one gradient buffer (containers do this on construction), so optimisers,
+ * all-reduce and checkpoints loop over a single buffer. Re-pointing mutates
+ * the shared tensor headers, so every holder of a parameter sees the move. */
+#ifndef MOE_LAYER_H
+#define MOE_LAYER_H
+
+#include "../core/context.h"
+#include "../core/tensor.h"
+#include "../ops/ops.h"
+#include "tape.h"
+
+typedef struct moe_layer moe_layer;
+
+typedef struct {
+    char name[64];
+    moe_tensor *value;
+    moe_tensor *grad;
+} moe_param;
+
+typedef struct moe_layer_vtable {
+    const char *kind;
+    /* y = f(x). With a tape, records what backward needs; without, saves nothing. */
+    moe_status (*forward)(moe_layer *self, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y);
+    /* One-line description for printing ("Linear(16 -> 32, bias)"). */
+    void (*describe)(const moe_layer *self, char *buf, size_t n);
+    void (*destroy)(moe_layer *self);   /* frees layer-specific state, may be NULL */
+} moe_layer_vtable;
+
+struct moe_layer {
+    const moe_layer_vtable *vt;
+    int refcount;
+    moe_device device;
+    moe_param *params;
+    int n_params;
+    moe_layer **children;
+    char (*child_names)[32];
+    int n_children;
+    moe_tensor *flat_values, *flat_grads;   /* set when this layer owns the flat buffers of its tree */
+    void *state;                            /* layer-specific */
+};
+
+/* Where initial values come from: (seed, running offset) into the init stream,
+ * so a model built twice from one seed is identical on any device. */
+typedef struct { uint64_t seed; uint64_t offset; } moe_init;
+
+void moe_layer_retain(moe_layer *l);
+void moe_layer_release(moe_layer *l);
+/* The tape keeps layers alive through these (void * signatures). */
+void moe_layer_retain_v(void *l);
+void moe_layer_release_v(void *l);
+
+moe_status moe_layer_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y);
+void moe_layer_describe(const moe_layer *l, char *buf, size_t n);
+
+/* Parameters of the whole tree in a stable order, with dotted names
+ * ("1.weight", "attn.wq.weight"). Returns the count; fills up to max. */
+int moe_layer_num_param_tensors(const moe_layer *l);
+int moe_layer_collect_params(moe_layer *l, moe_param *out, int max);
+int64_t moe_layer_num_params(const moe_layer *l);       /* scalar count */
+moe_param *moe_layer_find_param(moe_layer *l, const char *dotted_name);
+
+/* Moves every parameter of the tree into one fresh value buffer and one grad
+ * buffer on `dev` (values kept, grads zeroed). */
+moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev);
+moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l);
+
+/* ---- for layer implementations ---- */
+moe_layer *moe_layer_alloc(const moe_layer_vtable *vt, int n_params, int n_children);
+/* Allocates parameter `idx` with the given shape on the cpu (value uninitialised, grad zero). */
+moe_status moe_layer_init_param(moe_layer *l, int idx, const char *name, int ndim, const int64_t *shape);
+moe_status moe_layer_set_child(moe_layer *l, int idx, const char *name, moe_layer *child); /* retains */
+/* Fills a parameter from the init stream: normal(0, std) or uniform(-a, a). */
+moe_status moe_param_init_normal(moe_ctx *ctx, moe_param *p, moe_init *init, float std);
+moe_status moe_param_init_uniform(moe_ctx *ctx, moe_param *p, moe_init *init, float a);
+
+/* ---- built-in layers (NULL + error on bad configuration) ---- */
+moe_layer *moe_linear_new(moe_ctx *ctx, int64_t in, int64_t out, int bias, moe_init *init);
+moe_layer *moe_embedding_new(moe_ctx *ctx, int64_t vocab, int64_t dim, moe_init *init);
+moe_layer *moe_rmsnorm_new(moe_ctx *ctx, int64_t dim, float eps);
+moe_layer *moe_layernorm_new(moe_ctx *ctx, int64_t dim, float eps, int bias);
+/* An elementwise activation (MOE_UN_SILU, GELU, GELU_ERF, RELU, TANH, SIGMOID). */
+moe_layer *moe_activation_new(moe_unary_op op);
+
+typedef struct {
+    int64_t hidden, n_heads, n_kv_heads, head_dim;   /* head_dim 0: hidden / n_heads */
+    float rope_theta;                                /* 0: no rotary embedding */
+    int causal, bias, qk_norm;                       /* qk_norm: RMSNorm on q and k (OLMoE) */
+    float norm_eps;
+} moe_attention_cfg;
+moe_layer *moe_attention_new(moe_ctx *ctx, const moe_attention_cfg *cfg, moe_init *init);
+
+typedef enum { MOE_FFN_SWIGLU, MOE_FFN_GELU } moe_ffn_kind;
+moe_layer *moe_ffn_new(moe_ctx *ctx, int64_t hidden, int64_t inner, moe_ffn_kind kind, int bias, moe_init *init);
+
+/* Applies children in order; takes references to them and flattens the tree. */
+moe_layer *moe_sequential_new(moe_ctx *ctx, moe_layer **children, int n);
+
+int moe_layer_is(const moe_layer *l, const char *kind);
+
+#endif

@@ -1,0 +1,102 @@
+/* Linear: y = x W^T + b with W [out, in] (the PyTorch / Hugging Face layout,
+ * so checkpoints load without transposes). */
+#include "layer.h"
+#include "functional.h"
+
+#include <math.h>
+#include <stdio.h>
+
+enum { SAVED_X, SAVED_W, SAVED_WGRAD, SAVED_B, SAVED_BGRAD };
+
+static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *x = e->saved[SAVED_X], *w = e->saved[SAVED_W], *wgrad = e->saved[SAVED_WGRAD];
+    int has_bias = e->i[0];
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *grows = g ? moe_rows_view(g) : NULL;
+    moe_tensor *xrows = moe_rows_view(x);
+    moe_tensor *dx = moe_tensor_like(ctx, x);
+    moe_tensor *dxrows = dx ? moe_rows_view(dx) : NULL;
+    moe_tensor *db = NULL;
+    moe_status s = grows && xrows && dxrows ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 0, 1.0f, grows, w, 0.0f, dxrows);
+    if (s == MOE_OK && wgrad) s = moe_op_gemm(ctx, 1, 0, 1.0f, grows, xrows, 1.0f, wgrad);
+    if (s == MOE_OK && has_bias && e->saved[SAVED_BGRAD]) {
+        db = moe_tensor_like(ctx, e->saved[SAVED_BGRAD]);
+        s = db ? moe_op_reduce(ctx, MOE_RED_SUM, db, grows, 0) : moe_last_status();
+        if (s == MOE_OK) s = moe_op_axpy(ctx, e->saved[SAVED_BGRAD], 1.0f, db);
+    }
+    moe_tensor_release(g); moe_tensor_release(grows); moe_tensor_release(xrows);
+    moe_tensor_release(dxrows); moe_tensor_release(db);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
+                        moe_tensor *b, moe_tensor *bgrad, moe_tensor **y) {
+    *y = NULL;
+    if (!x) return moe_error(MOE_ERR_ARG, "linear: input is nil");
+    int64_t in = w->shape[1], out_f = w->shape[0];
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != in) {
+        char a[96];
+        return moe_error(MOE_ERR_SHAPE, "linear: input has shape %s, expected last dim %lld (in_features)",
+                         moe_shape_str(x, a, sizeof a), (long long)in);
+    }
+    if (x->dtype != w->dtype)
+        return moe_error(MOE_ERR_DTYPE, "linear: input is %s but the weight is %s", moe_dtype_name(x->dtype),
+                         moe_dtype_name(w->dtype));
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *xrows = xc ? moe_rows_view(xc) : NULL;
+    moe_tensor *yt = xc ? moe_new_last_dim(ctx, xc, out_f) : NULL;
+    moe_tensor *yrows = yt ? moe_rows_view(yt) : NULL;
+    moe_status s = xrows && yrows ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xrows, w, 0.0f, yrows);
+    if (s == MOE_OK && b) s = moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, b);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "linear", linear_backward, NULL, NULL, NULL, 1, &x, 1, &yt);
+        if (!e) s = moe_last_status();
+        else {
+            moe_tape_save(e, xc);
+            moe_tape_save(e, w);
+            moe_tape_save(e, wgrad);
+            if (b) { moe_tape_save(e, b); moe_tape_save(e, bgrad); }
+            e->i[0] = b != NULL;
+        }
+    }
+    moe_tensor_release(xc); moe_tensor_release(xrows); moe_tensor_release(yrows);
+    if (s != MOE_OK) { moe_tensor_release(yt); return s; }
+    *y = yt;
+    return MOE_OK;
+}
+
+static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    moe_param *w = &l->params[0], *b = l->n_params > 1 ? &l->params[1] : NULL;
+    return moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, y);
+}
+
+static void linear_describe(const moe_layer *l, char *buf, size_t n) {
+    snprintf(buf, n, "Linear(%lld -> %lld%s)", (long long)l->params[0].value->shape[1],
+             (long long)l->params[0].value->shape[0], l->n_params > 1 ? ", bias" : "");
+}
+
+static const moe_layer_vtable linear_vt = {"Linear", linear_forward, linear_describe, NULL};
+
+moe_layer *moe_linear_new(moe_ctx *ctx, int64_t in, int64_t out, int bias, moe_init *init) {
+    if (in <= 0 || out <= 0) {
+        moe_error(MOE_ERR_ARG, "Linear: in_features and out_features must be positive, got %lld and %lld",
+                  (long long)in, (long long)out);
+        return NULL;
+    }
+    moe_layer *l = moe_layer_alloc(&linear_vt, bias ? 2 : 1, 0);
+    if (!l) return NULL;
+    int64_t ws[2] = {out, in}, bs[1] = {out};
+    /* PyTorch's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias */
+    float a = 1.0f / sqrtf((float)in);
+    moe_status s = moe_layer_init_param(l, 0, "weight", 2, ws);
+    if (s == MOE_OK) s = moe_param_init_uniform(ctx, &l->params[0], init, a);
+    if (s == MOE_OK && bias) s = moe_layer_init_param(l, 1, "bias", 1, bs);
+    if (s == MOE_OK && bias) s = moe_param_init_uniform(ctx, &l->params[1], init, a);
+    if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
+    if (s != MOE_OK) { moe_layer_release(l); return NULL; }
+    return l;
+}

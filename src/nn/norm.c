@@ -1,0 +1,130 @@
+/* RMSNorm and LayerNorm over the last dim, with learned scale (and shift). */
+#include "layer.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+typedef struct { float eps; } norm_state;
+
+static moe_status check_dim(moe_layer *l, moe_tensor *x) {
+    int64_t d = l->params[0].value->shape[0];
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != d) {
+        char a[96];
+        return moe_error(MOE_ERR_SHAPE, "input has shape %s, expected last dim %lld", moe_shape_str(x, a, sizeof a),
+                         (long long)d);
+    }
+    return MOE_OK;
+}
+
+/* stats shaped like x without its last dim */
+static moe_tensor *new_stats(moe_ctx *ctx, moe_tensor *x) {
+    return moe_tensor_new(ctx, MOE_F32, x->ndim - 1, x->shape, x->device);
+}
+
+static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_layer *l = e->self;
+    moe_tensor *x = e->saved[0], *rstd = e->saved[1];
+    moe_tensor *dx = moe_tensor_like(ctx, x);
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_status s = dx && g ? moe_op_rmsnorm_backward(ctx, dx, l->params[0].grad, g, x, l->params[0].value, rstd)
+                           : moe_last_status();
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+static moe_status rmsnorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    norm_state *st = l->state;
+    MOE_TRY(check_dim(l, x));
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
+    moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
+    moe_status s = out && rstd ? moe_op_rmsnorm(ctx, out, rstd, xc, l->params[0].value, st->eps) : moe_last_status();
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "rmsnorm", rmsnorm_backward, l, moe_layer_retain_v,
+                                            moe_layer_release_v, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else { moe_tape_save(e, xc); moe_tape_save(e, rstd); }
+    }
+    moe_tensor_release(xc);
+    moe_tensor_release(rstd);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+static moe_status layernorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_layer *l = e->self;
+    moe_tensor *x = e->saved[0], *mean = e->saved[1], *rstd = e->saved[2];
+    moe_tensor *dx = moe_tensor_like(ctx, x);
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *db = l->n_params > 1 ? l->params[1].grad : NULL;
+    moe_status s = dx && g ? moe_op_layernorm_backward(ctx, dx, l->params[0].grad, db, g, x, l->params[0].value, mean, rstd)
+                           : moe_last_status();
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+static moe_status layernorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    norm_state *st = l->state;
+    MOE_TRY(check_dim(l, x));
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
+    moe_tensor *mean = xc ? new_stats(ctx, xc) : NULL, *rstd = xc ? new_stats(ctx, xc) : NULL;
+    moe_tensor *b = l->n_params > 1 ? l->params[1].value : NULL;
+    moe_status s = out && mean && rstd ? moe_op_layernorm(ctx, out, mean, rstd, xc, l->params[0].value, b, st->eps)
+                                       : moe_last_status();
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "layernorm", layernorm_backward, l, moe_layer_retain_v,
+                                            moe_layer_release_v, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else { moe_tape_save(e, xc); moe_tape_save(e, mean); moe_tape_save(e, rstd); }
+    }
+    moe_tensor_release(xc); moe_tensor_release(mean); moe_tensor_release(rstd);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+static void norm_destroy(moe_layer *l) { free(l->state); }
+
+static void rmsnorm_describe(const moe_layer *l, char *buf, size_t n) {
+    snprintf(buf, n, "RMSNorm(%lld, eps=%g)", (long long)l->params[0].value->shape[0], ((norm_state *)l->state)->eps);
+}
+
+static void layernorm_describe(const moe_layer *l, char *buf, size_t n) {
+    snprintf(buf, n, "LayerNorm(%lld, eps=%g%s)", (long long)l->params[0].value->shape[0],
+             ((norm_state *)l->state)->eps, l->n_params > 1 ? ", bias" : "");
+}
+
+static const moe_layer_vtable rmsnorm_vt = {"RMSNorm", rmsnorm_forward, rmsnorm_describe, norm_destroy};
+static const moe_layer_vtable layernorm_vt = {"LayerNorm", layernorm_forward, layernorm_describe, norm_destroy};
+
+static moe_layer *norm_new(moe_ctx *ctx, const moe_layer_vtable *vt, int64_t dim, float eps, int bias) {
+    if (dim <= 0 || !(eps > 0)) {
+        moe_error(MOE_ERR_ARG, "%s: dim must be positive and eps > 0, got %lld and %g", vt->kind, (long long)dim, eps);
+        return NULL;
+    }
+    moe_layer *l = moe_layer_alloc(vt, bias ? 2 : 1, 0);
+    if (!l) return NULL;
+    norm_state *st = malloc(sizeof *st);
+    if (!st) { moe_layer_release(l); moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
+    st->eps = eps;
+    l->state = st;
+    int64_t shape[1] = {dim};
+    moe_status s = moe_layer_init_param(l, 0, "weight", 1, shape);
+    if (s == MOE_OK) s = moe_op_fill(ctx, l->params[0].value, 1.0);
+    if (s == MOE_OK && bias) s = moe_layer_init_param(l, 1, "bias", 1, shape);
+    if (s == MOE_OK && bias) s = moe_op_fill(ctx, l->params[1].value, 0.0);
+    if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
+    if (s != MOE_OK) { moe_layer_release(l); return NULL; }
+    return l;
+}
+
+moe_layer *moe_rmsnorm_new(moe_ctx *ctx, int64_t dim, float eps) { return norm_new(ctx, &rmsnorm_vt, dim, eps, 0); }
+moe_layer *moe_layernorm_new(moe_ctx *ctx, int64_t dim, float eps, int bias) {
+    return norm_new(ctx, &layernorm_vt, dim, eps, bias);
+}

@@ -1,0 +1,215 @@
+#include "tape.h"
+#include "../ops/ops.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* gradients keyed by tensor identity (the header pointer) */
+typedef struct { const moe_tensor *key; moe_tensor *grad; } grad_slot;
+
+struct moe_tape {
+    moe_tape_entry *entries;
+    int n, cap;
+    grad_slot *slots;
+    int nslots, used;
+    int retain_grads;
+};
+
+moe_tape *moe_tape_new(void) {
+    moe_tape *t = calloc(1, sizeof *t);
+    if (!t) moe_error(MOE_ERR_OOM, "out of host memory for a tape");
+    return t;
+}
+
+static void clear_grads(moe_tape *t) {
+    for (int i = 0; i < t->nslots; i++) {
+        if (t->slots[i].grad) moe_tensor_release(t->slots[i].grad);
+        t->slots[i] = (grad_slot){0};
+    }
+    t->used = 0;
+}
+
+void moe_tape_reset(moe_tape *t) {
+    for (int k = 0; k < t->n; k++) {
+        moe_tape_entry *e = &t->entries[k];
+        for (int i = 0; i < e->n_in; i++) moe_tensor_release(e->in[i]);
+        for (int i = 0; i < e->n_out; i++) moe_tensor_release(e->out[i]);
+        for (int i = 0; i < e->n_saved; i++) moe_tensor_release(e->saved[i]);
+        if (e->release_self) e->release_self(e->self);
+    }
+    t->n = 0;
+    clear_grads(t);
+}
+
+void moe_tape_free(moe_tape *t) {
+    if (!t) return;
+    moe_tape_reset(t);
+    free(t->entries);
+    free(t->slots);
+    free(t);
+}
+
+int moe_tape_size(const moe_tape *t) { return t->n; }
+void moe_tape_retain_grads(moe_tape *t, int on) { t->retain_grads = on; }
+
+moe_tape_entry *moe_tape_record(moe_tape *t, const char *name, moe_backward_fn backward,
+                                void *self, void (*retain_self)(void *), void (*release_self)(void *),
+                                int n_in, moe_tensor *const *in, int n_out, moe_tensor *const *out) {
+    if (n_in > MOE_TAPE_MAX_IO || n_out > MOE_TAPE_MAX_IO) {
+        moe_error(MOE_ERR_INTERNAL, "%s: too many tape inputs/outputs", name);
+        return NULL;
+    }
+    if (t->n == t->cap) {
+        int cap = t->cap ? t->cap * 2 : 64;
+        moe_tape_entry *e = realloc(t->entries, (size_t)cap * sizeof *e);
+        if (!e) { moe_error(MOE_ERR_OOM, "out of host memory growing the tape"); return NULL; }
+        t->entries = e;
+        t->cap = cap;
+    }
+    moe_tape_entry *e = &t->entries[t->n++];
+    memset(e, 0, sizeof *e);
+    e->name = name;
+    e->backward = backward;
+    e->self = self;
+    e->release_self = release_self;
+    if (retain_self) retain_self(self);
+    e->n_in = n_in;
+    e->n_out = n_out;
+    for (int i = 0; i < n_in; i++) { e->in[i] = in[i]; moe_tensor_retain(in[i]); }
+    for (int i = 0; i < n_out; i++) { e->out[i] = out[i]; moe_tensor_retain(out[i]); }
+    return e;
+}
+
+void moe_tape_save(moe_tape_entry *e, moe_tensor *t) {
+    /* callers save at most MOE_TAPE_MAX_SAVED tensors: a layer bug, not user input */
+    if (e->n_saved >= MOE_TAPE_MAX_SAVED) return;
+    moe_tensor_retain(t);
+    e->saved[e->n_saved++] = t;
+}
+
+static size_t hash_ptr(const void *p) {
+    uintptr_t x = (uintptr_t)p;
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
+    return (size_t)x;
+}
+
+static grad_slot *find_slot(moe_tape *t, const moe_tensor *key, int insert) {
+    if (insert && (t->used + 1) * 2 > t->nslots) {
+        int n = t->nslots ? t->nslots * 2 : 256;
+        grad_slot *s = calloc((size_t)n, sizeof *s);
+        if (!s) return NULL;
+        grad_slot *old = t->slots;
+        int oldn = t->nslots;
+        t->slots = s;
+        t->nslots = n;
+        t->used = 0;
+        for (int i = 0; i < oldn; i++)
+            if (old[i].key) {
+                grad_slot *d = find_slot(t, old[i].key, 1);
+                *d = old[i];
+                t->used++;
+            }
+        free(old);
+    }
+    if (!t->nslots) return NULL;
+    size_t mask = (size_t)t->nslots - 1;
+    for (size_t i = hash_ptr(key) & mask;; i = (i + 1) & mask) {
+        if (t->slots[i].key == key) return &t->slots[i];
+        if (!t->slots[i].key) {
+            if (!insert) return NULL;
+            t->slots[i].key = key;
+            return &t->slots[i];
+        }
+    }
+}
+
+moe_tensor *moe_tape_grad(moe_tape *t, const moe_tensor *x) {
+    grad_slot *s = find_slot(t, x, 0);
+    return s ? s->grad : NULL;
+}
+
+/* Sums g into the gradient of x, taking over the reference to g. */
+static moe_status accumulate(moe_ctx *ctx, moe_tape *t, const moe_tensor *x, moe_tensor *g) {
+    if (!moe_tensor_same_shape(x, g)) {
+        char a[96], b[96];
+        moe_tensor_release(g);
+        return moe_error(MOE_ERR_INTERNAL, "gradient shape %s does not match its tensor %s",
+                         moe_shape_str(g, b, sizeof b), moe_shape_str(x, a, sizeof a));
+    }
+    grad_slot *s = find_slot(t, x, 1);
+    if (!s) { moe_tensor_release(g); return moe_error(MOE_ERR_OOM, "out of host memory for gradients"); }
+    if (!s->grad) { s->grad = g; t->used++; return MOE_OK; }
+    moe_status st = moe_op_axpy(ctx, s->grad, 1.0f, g);
+    moe_tensor_release(g);
+    return st;
+}
+
+/* A tensor is intermediate if an entry produced it; its gradient can go once
+ * that entry has run. Leaves keep theirs for moe_tape_grad. */
+static void drop_grad(moe_tape *t, const moe_tensor *x) {
+    grad_slot *s = find_slot(t, x, 0);
+    if (s && s->grad) { moe_tensor_release(s->grad); s->grad = NULL; }
+}
+
+moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_tensor *grad_root) {
+    if (!root) return moe_error(MOE_ERR_ARG, "backward: root tensor is nil");
+    int produced = 0;
+    for (int k = 0; k < t->n && !produced; k++)
+        for (int j = 0; j < t->entries[k].n_out; j++)
+            if (t->entries[k].out[j] == root) produced = 1;
+    if (!produced)
+        return moe_error(MOE_ERR_STATE, "backward: the tensor was not produced by a forward recorded on this tape");
+    moe_tensor *g;
+    if (grad_root) {
+        if (!moe_tensor_same_shape(root, grad_root)) {
+            char a[96], b[96];
+            return moe_error(MOE_ERR_SHAPE, "backward: gradient has shape %s, expected %s (the output's shape)",
+                             moe_shape_str(grad_root, b, sizeof b), moe_shape_str(root, a, sizeof a));
+        }
+        g = moe_op_contiguous(ctx, grad_root);
+        if (!g) return moe_last_status();
+        if (g == grad_root) {   /* never let later accumulation write into the caller's tensor */
+            moe_tensor_release(g);
+            g = moe_tensor_like(ctx, grad_root);
+            if (!g) return moe_last_status();
+            MOE_TRY(moe_op_copy(ctx, g, grad_root));
+        }
+    } else {
+        if (moe_tensor_numel(root) != 1)
+            return moe_error(MOE_ERR_SHAPE, "backward: a gradient is required for a non-scalar output (%lld elements)",
+                             (long long)moe_tensor_numel(root));
+        g = moe_tensor_like(ctx, root);
+        if (!g) return moe_last_status();
+        MOE_TRY(moe_op_fill(ctx, g, 1.0));
+    }
+    clear_grads(t);
+    MOE_TRY(accumulate(ctx, t, root, g));
+
+    for (int k = t->n - 1; k >= 0; k--) {
+        moe_tape_entry *e = &t->entries[k];
+        moe_tensor *gout[MOE_TAPE_MAX_IO] = {0};
+        int any = 0;
+        for (int j = 0; j < e->n_out; j++) {
+            gout[j] = moe_tape_grad(t, e->out[j]);
+            if (gout[j]) any = 1;
+        }
+        if (!any) continue;
+        moe_tensor *gin[MOE_TAPE_MAX_IO] = {0};
+        moe_status s = e->backward(ctx, e, gout, gin);
+        if (s != MOE_OK) {
+            for (int i = 0; i < e->n_in; i++) moe_tensor_release(gin[i]);
+            return moe_error_context(s, "%s.backward", e->name);
+        }
+        if (!t->retain_grads)
+            for (int j = 0; j < e->n_out; j++) drop_grad(t, e->out[j]);
+        for (int i = 0; i < e->n_in; i++) {
+            if (!gin[i]) continue;
+            s = accumulate(ctx, t, e->in[i], gin[i]);
+            if (s != MOE_OK) {
+                for (int r = i + 1; r < e->n_in; r++) moe_tensor_release(gin[r]);
+                return moe_error_context(s, "%s.backward", e->name);
+            }
+        }
+    }
+    return MOE_OK;
+}

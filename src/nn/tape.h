@@ -1,0 +1,60 @@
+/* The tape: autograd at layer granularity. A forward pass given a tape pushes
+ * one entry per layer call (or functional op) holding its inputs, outputs and
+ * what it saved; moe_tape_backward walks the entries in reverse, handing each
+ * the gradients of its outputs and summing the gradients it returns for its
+ * inputs. Parameter gradients never pass through the tape: a layer's backward
+ * accumulates them straight into its flat gradient buffer. */
+#ifndef MOE_TAPE_H
+#define MOE_TAPE_H
+
+#include "../core/context.h"
+#include "../core/tensor.h"
+
+#define MOE_TAPE_MAX_IO 4
+#define MOE_TAPE_MAX_SAVED 8
+
+typedef struct moe_tape moe_tape;
+typedef struct moe_tape_entry moe_tape_entry;
+
+/* grad_out[j] is the gradient of out[j] (NULL when nothing flowed into it;
+ * at least one is non-NULL). The function stores a NEW reference in grad_in[i]
+ * for each input that has a gradient and leaves the others NULL. */
+typedef moe_status (*moe_backward_fn)(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *grad_out,
+                                      moe_tensor **grad_in);
+
+struct moe_tape_entry {
+    const char *name;                        /* "linear", "rmsnorm", ... for error messages */
+    moe_backward_fn backward;
+    void *self;                              /* the layer, kept alive by `retain_self` */
+    void (*release_self)(void *self);
+    int n_in, n_out, n_saved;
+    moe_tensor *in[MOE_TAPE_MAX_IO];
+    moe_tensor *out[MOE_TAPE_MAX_IO];
+    moe_tensor *saved[MOE_TAPE_MAX_SAVED];
+    double f[4];                             /* scalar arguments (eps, scale, ...) */
+    int64_t i[4];                            /* integer arguments */
+};
+
+moe_tape *moe_tape_new(void);
+void moe_tape_free(moe_tape *tape);
+/* Drops every entry and gradient; the tape can record again. */
+void moe_tape_reset(moe_tape *tape);
+int moe_tape_size(const moe_tape *tape);
+
+/* Appends an entry; the tape takes new references to the tensors given. */
+moe_tape_entry *moe_tape_record(moe_tape *tape, const char *name, moe_backward_fn backward,
+                                void *self, void (*retain_self)(void *), void (*release_self)(void *),
+                                int n_in, moe_tensor *const *in, int n_out, moe_tensor *const *out);
+/* Adds a saved tensor to an entry (new reference). */
+void moe_tape_save(moe_tape_entry *e, moe_tensor *t);
+
+/* Backward from `root` with upstream gradient `grad_root` (NULL: ones, for a
+ * scalar loss). Gradients of leaves (tensors that no entry produced) stay
+ * readable through moe_tape_grad; intermediate ones are dropped once used
+ * unless retain_grads was set. */
+moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *tape, moe_tensor *root, moe_tensor *grad_root);
+void moe_tape_retain_grads(moe_tape *tape, int on);
+/* Borrowed reference to the gradient of t, or NULL. */
+moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);
+
+#endif
