@@ -47,7 +47,7 @@ CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 PROG_OBJ := $(PROG_SRC:%.c=$(BUILD)/%.o)
 LIB      := $(BUILD)/libmoelab.a
 
-.PHONY: all deps test asan quickstart clean bench check-cuda
+.PHONY: all deps test asan quickstart clean bench moelab
 all: moelab
 
 $(BUILD)/%.o: %.c
@@ -74,8 +74,9 @@ $(LIB): $(CORE_OBJ)
 $(BUILD)/moelab: $(PROG_OBJ) $(LIB)
 	$(CC) $(OPT) $(LDSAN) -Wl,-E -o $@ $(PROG_OBJ) $(LIB) $(LUAJIT_LIB) -ledit $(LIBS) -ldl
 
+# copy then rename, so a ./moelab that is running (a REPL, a long recipe) is not in the way
 moelab: $(BUILD)/moelab
-	cp $< $@
+	cp $< $@.tmp && mv -f $@.tmp $@
 
 deps:
 	@sh tools/deps.sh
@@ -104,3 +105,4 @@ clean:
 	rm -rf build moelab
 
 -include $(CORE_OBJ:.o=.d) $(PROG_OBJ:.o=.d)
+include mk/cuda_tests.mk

@@ -33,7 +33,7 @@ static void *worker_main(void *varg) {
     moe_threadpool *p = wa->pool;
     int id = wa->id;
     pthread_mutex_lock(&p->mu);
-    uint64_t seen = p->generation;
+    uint64_t seen = 0;   /* generation at creation: a job posted before this thread ran is still seen */
     in_parallel_region = 1;
     for (;;) {
         while (!p->stop && p->generation == seen) pthread_cond_wait(&p->work_cv, &p->mu);

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #define CTX_KEY "moelab.ctx"
 
@@ -14,6 +15,7 @@ typedef struct { moe_ctx *ctx; } ctx_box;
 
 static int ctx_gc(lua_State *L) {
     ctx_box *b = luaL_checkudata(L, 1, CTX_KEY);
+    if (b->ctx) moe_cuda_backend_uninstall(b->ctx);
     moe_ctx_free(b->ctx);
     b->ctx = NULL;
     return 0;
@@ -37,8 +39,26 @@ int moe_lua_fail(lua_State *L, const char *fname) {
     return luaL_error(L, "%s: %s", fname, moe_last_error());
 }
 
+/* luaL_error with printf formatting (lua_pushfstring knows no %lld, %zu, %x). */
+int moe_lua_errorf(lua_State *L, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    luaL_where(L, 1);
+    lua_pushstring(L, buf);
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
 void moe_lua_check(lua_State *L, moe_status s, const char *fname) {
     if (s != MOE_OK) moe_lua_fail(L, fname);
+}
+
+/* True for integral values that fit an int64 (the cast below is then defined). */
+static int is_int64(lua_Number n) {
+    return n >= -9.2e18 && n <= 9.2e18 && n == (lua_Number)(int64_t)n;
 }
 
 static const char *typename_at(lua_State *L, int idx) {
@@ -50,7 +70,7 @@ lua_Integer moe_lua_check_int(lua_State *L, int idx, const char *fname, const ch
     if (lua_type(L, idx) != LUA_TNUMBER)
         luaL_error(L, "%s: %s must be an integer, got %s", fname, argname, typename_at(L, idx));
     lua_Number n = lua_tonumber(L, idx);
-    if (n != (lua_Number)(lua_Integer)n)
+    if (!is_int64(n))
         luaL_error(L, "%s: %s must be an integer, got %g", fname, argname, (double)n);
     return (lua_Integer)n;
 }
@@ -72,7 +92,7 @@ int moe_lua_check_shape(lua_State *L, int idx, const char *fname, int64_t *shape
                 luaL_error(L, "%s: shape[%d] must be an integer, got %s", fname, i, luaL_typename(L, -1));
             lua_Number v = lua_tonumber(L, -1);
             lua_pop(L, 1);
-            if (v != (lua_Number)(int64_t)v || v < 0)
+            if (!is_int64(v) || v < 0)
                 luaL_error(L, "%s: shape[%d] must be a non-negative integer, got %g", fname, i, (double)v);
             shape[ndim++] = (int64_t)v;
         }
@@ -82,7 +102,7 @@ int moe_lua_check_shape(lua_State *L, int idx, const char *fname, int64_t *shape
     for (int i = idx; i <= top && lua_type(L, i) == LUA_TNUMBER; i++) {
         if (ndim >= MOE_MAX_DIMS) luaL_error(L, "%s: at most %d dims allowed", fname, MOE_MAX_DIMS);
         lua_Number v = lua_tonumber(L, i);
-        if (v != (lua_Number)(int64_t)v || v < 0)
+        if (!is_int64(v) || v < 0)
             luaL_error(L, "%s: size of dim %d must be a non-negative integer, got %g", fname, ndim + 1, (double)v);
         shape[ndim++] = (int64_t)v;
     }
@@ -161,6 +181,14 @@ static int l_cuda_device_count(lua_State *L) {
     return 1;
 }
 
+/* Wall-clock seconds from a monotonic clock, for progress lines and benchmarks. */
+static int l_clock(lua_State *L) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (lua_Number)ts.tv_sec + 1e-9 * (lua_Number)ts.tv_nsec);
+    return 1;
+}
+
 static int l_num_threads(lua_State *L) {
     lua_pushinteger(L, moe_ctx_num_threads(moe_lua_ctx(L)));
     return 1;
@@ -205,6 +233,8 @@ int luaopen_moelab_core(lua_State *L) {
     lua_setfield(L, -2, "cuda_available");
     lua_pushcfunction(L, l_cuda_device_count);
     lua_setfield(L, -2, "cuda_device_count");
+    lua_pushcfunction(L, l_clock);
+    lua_setfield(L, -2, "clock");
     lua_pushcfunction(L, l_num_threads);
     lua_setfield(L, -2, "num_threads");
     lua_pushcfunction(L, l_synchronize);

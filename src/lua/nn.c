@@ -165,6 +165,61 @@ static int l_sequential(lua_State *L) {
     return 1;
 }
 
+/* ModuleList(l1, l2, ...) or ModuleList{l1, l2, ...} or ModuleList{name = layer, ...} (names sorted) */
+static int l_module_list(lua_State *L) {
+    const char *f = "nn.ModuleList";
+    moe_layer *kids[256];
+    const char *names[256];
+    int n = 0, named = 0;
+    if (lua_gettop(L) == 1 && lua_istable(L, 1) && !lua_getmetatable(L, 1)) {
+        int len = (int)lua_objlen(L, 1);
+        if (len == 0) {
+            /* a map of names to layers, in sorted name order for a stable layout */
+            lua_getglobal(L, "table");
+            lua_newtable(L);
+            int keys = lua_gettop(L);
+            lua_pushnil(L);
+            while (lua_next(L, 1)) {
+                lua_pop(L, 1);
+                if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "%s: keys must be names", f);
+                if (n >= 256) return luaL_error(L, "%s: at most 256 children", f);
+                lua_pushvalue(L, -1);
+                lua_rawseti(L, keys, ++n);
+            }
+            lua_getfield(L, keys - 1, "sort");
+            lua_pushvalue(L, keys);
+            lua_call(L, 1, 0);
+            for (int i = 1; i <= n; i++) {
+                lua_rawgeti(L, keys, i);
+                names[i - 1] = lua_tostring(L, -1);  /* kept alive by the keys table */
+                lua_gettable(L, 1);
+                kids[i - 1] = check_layer(L, -1, f, names[i - 1]);
+                lua_pop(L, 1);
+            }
+            named = 1;
+        } else {
+            if (len > 256) return luaL_error(L, "%s: at most 256 children", f);
+            for (int i = 1; i <= len; i++) {
+                lua_rawgeti(L, 1, i);
+                char arg[32];
+                snprintf(arg, sizeof arg, "child %d", i);
+                kids[n++] = check_layer(L, -1, f, arg);
+                lua_pop(L, 1);
+            }
+        }
+    } else {
+        int top = lua_gettop(L);
+        if (top > 256) return luaL_error(L, "%s: at most 256 children", f);
+        for (int i = 1; i <= top; i++) {
+            char arg[32];
+            snprintf(arg, sizeof arg, "child %d", i);
+            kids[n++] = check_layer(L, i, f, arg);
+        }
+    }
+    push_layer(L, moe_module_list_new(moe_lua_ctx(L), kids, named ? names : NULL, n), f);
+    return 1;
+}
+
 /* ---- layer methods ---- */
 
 static int layer_forward(lua_State *L) {
@@ -328,9 +383,11 @@ static int tape_retain(lua_State *L) {
     return 0;
 }
 
-static int finish(lua_State *L, moe_status s, moe_tensor *y, const char *f) {
+/* y is passed by address: C leaves the order of argument evaluation open, so
+ * finish(L, op(..., &y), y, f) could read y before op wrote it. */
+static int finish(lua_State *L, moe_status s, moe_tensor **y, const char *f) {
     if (s != MOE_OK) return moe_lua_fail(L, f);
-    moe_lua_push_tensor(L, y, f);
+    moe_lua_push_tensor(L, *y, f);
     return 1;
 }
 
@@ -339,7 +396,7 @@ static int tape_binary(lua_State *L) {
     const char *f = lua_tostring(L, lua_upvalueindex(2));
     moe_tape *t = check_tape(L, 1, f);
     moe_tensor *a = moe_lua_check_tensor(L, 2, "a"), *b = moe_lua_check_tensor(L, 3, "b"), *y;
-    return finish(L, moe_f_binary(moe_lua_ctx(L), t, op, a, b, &y), y, f);
+    return finish(L, moe_f_binary(moe_lua_ctx(L), t, op, a, b, &y), &y, f);
 }
 
 static int tape_unary(lua_State *L) {
@@ -348,14 +405,14 @@ static int tape_unary(lua_State *L) {
     moe_tape *t = check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
     float alpha = lua_isnoneornil(L, 3) ? 0.0f : (float)moe_lua_check_num(L, 3, f, "alpha");
-    return finish(L, moe_f_unary(moe_lua_ctx(L), t, op, x, alpha, &y), y, f);
+    return finish(L, moe_f_unary(moe_lua_ctx(L), t, op, x, alpha, &y), &y, f);
 }
 
 static int tape_swiglu(lua_State *L) {
     const char *f = "tape:swiglu";
     moe_tape *t = check_tape(L, 1, f);
     moe_tensor *g = moe_lua_check_tensor(L, 2, "gate"), *u = moe_lua_check_tensor(L, 3, "up"), *y;
-    return finish(L, moe_f_swiglu(moe_lua_ctx(L), t, g, u, &y), y, f);
+    return finish(L, moe_f_swiglu(moe_lua_ctx(L), t, g, u, &y), &y, f);
 }
 
 static int tape_view(lua_State *L) {
@@ -374,7 +431,7 @@ static int tape_view(lua_State *L) {
         shape[i] = moe_lua_check_int(L, -1, f, arg);
         lua_pop(L, 1);
     }
-    return finish(L, moe_f_view(moe_lua_ctx(L), t, x, n, shape, &y), y, f);
+    return finish(L, moe_f_view(moe_lua_ctx(L), t, x, n, shape, &y), &y, f);
 }
 
 static int tape_cross_entropy(lua_State *L) {
@@ -382,7 +439,7 @@ static int tape_cross_entropy(lua_State *L) {
     moe_tape *t = check_tape(L, 1, f);
     moe_tensor *logits = moe_lua_check_tensor(L, 2, "logits"), *targets = moe_lua_check_tensor(L, 3, "targets"), *y;
     int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
-    return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), y, f);
+    return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), &y, f);
 }
 
 static int tape_sum(lua_State *L) {
@@ -390,7 +447,7 @@ static int tape_sum(lua_State *L) {
     const char *f = mean ? "tape:mean" : "tape:sum";
     moe_tape *t = check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
-    return finish(L, moe_f_sum(moe_lua_ctx(L), t, x, mean, &y), y, f);
+    return finish(L, moe_f_sum(moe_lua_ctx(L), t, x, mean, &y), &y, f);
 }
 
 static int tape_forward(lua_State *L) {
@@ -473,7 +530,8 @@ void moe_lua_open_nn(lua_State *L) {
     lua_newtable(L);
     static const luaL_Reg ctors[] = {
         {"Linear", l_linear}, {"Embedding", l_embedding}, {"RMSNorm", l_rmsnorm}, {"LayerNorm", l_layernorm},
-        {"Attention", l_attention}, {"FeedForward", l_ffn}, {"Sequential", l_sequential}, {NULL, NULL}};
+        {"Attention", l_attention}, {"FeedForward", l_ffn}, {"Sequential", l_sequential},
+        {"ModuleList", l_module_list}, {NULL, NULL}};
     luaL_register(L, NULL, ctors);
     static const struct { const char *name; int op; } acts[] = {
         {"SiLU", MOE_UN_SILU}, {"GELU", MOE_UN_GELU_ERF}, {"GELUTanh", MOE_UN_GELU}, {"ReLU", MOE_UN_RELU},

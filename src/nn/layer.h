@@ -99,6 +99,8 @@ moe_layer *moe_ffn_new(moe_ctx *ctx, int64_t hidden, int64_t inner, moe_ffn_kind
 
 /* Applies children in order; takes references to them and flattens the tree. */
 moe_layer *moe_sequential_new(moe_ctx *ctx, moe_layer **children, int n);
+/* Children grouped for their parameters only (names may be NULL: "0", "1", ...). */
+moe_layer *moe_module_list_new(moe_ctx *ctx, moe_layer **children, const char *const *names, int n);
 
 int moe_layer_is(const moe_layer *l, const char *kind);
 

@@ -85,6 +85,9 @@ void moe_cpu_backend_install(moe_ctx *ctx);
 /* Installs the CUDA backend and an allocator per visible GPU. In a build
  * without CUDA, returns MOE_ERR_DEVICE with a message saying so. */
 moe_status moe_cuda_backend_install(moe_ctx *ctx);
+/* Releases the CUDA state of ctx (streams, handles, cached memory); call
+ * before moe_ctx_free. A no-op without CUDA or when it was never installed. */
+void moe_cuda_backend_uninstall(moe_ctx *ctx);
 /* Number of usable GPUs (0 without CUDA or without a driver). */
 int moe_cuda_device_count(void);
 

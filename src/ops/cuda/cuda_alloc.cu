@@ -1,0 +1,168 @@
+// The caching, stream-aware device allocator (one per GPU).
+//
+// Sizes are rounded to a class: multiples of 512 B up to 1 MiB, then four
+// classes per power of two (2^k, 1.25*2^k, 1.5*2^k, 1.75*2^k), so a block freed
+// by one tensor fits the next tensor of the same class without wasting more
+// than a quarter of it. Freed blocks go to a per-class free list and are handed
+// out again without cudaMalloc.
+//
+// Stream awareness: every kernel, copy and cuBLAS call of a device is issued on
+// that device's one stream (cuda_dev.stream). A block freed on the host may
+// still be read by queued work, but whoever gets it next also queues its work
+// on the same stream, after that work, so reuse without events is safe. Work on
+// any other stream would need an event per block; nothing does that today.
+//
+// Out of memory: ctx->reclaim (a full Lua GC, which frees blocks back into this
+// cache), then every cached block is cudaFree'd, then one retry; after that
+// MOE_ERR_OOM with the requested size, bytes in use and bytes cached.
+#include "cuda_common.cuh"
+
+#include <new>
+
+static const size_t SMALL_LIMIT = (size_t)1 << 20;
+
+static size_t size_class(size_t n) {
+    if (n == 0) n = 1;
+    if (n <= SMALL_LIMIT) return (n + 511) & ~(size_t)511;
+    int k = 63 - __builtin_clzll((unsigned long long)n);   // 2^k <= n < 2^(k+1)
+    size_t step = (size_t)1 << (k - 2);
+    return (n + step - 1) & ~(step - 1);
+}
+
+static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes);
+static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
+
+// cudaFree every cached block. Caller holds d->mu.
+static void release_cache_locked(cuda_dev *d) {
+    if (d->cache.empty()) return;
+    cudaSetDevice(d->index);
+    cudaStreamSynchronize(d->stream);   // queued work may still use blocks freed to the cache
+    for (auto &kv : d->cache)
+        for (void *p : kv.second) cudaFree(p);
+    d->cache.clear();
+    d->bytes_cached = 0;
+    cudaGetLastError();
+}
+
+void cuda_alloc_release_cache(cuda_dev *d) {
+    std::lock_guard<std::mutex> g(d->mu);
+    release_cache_locked(d);
+}
+
+moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
+    cuda_dev *d = new (std::nothrow) cuda_dev();
+    if (!d) { moe_error(MOE_ERR_OOM, "out of host memory for the cuda:%d state", index); return NULL; }
+    d->alloc.name = "cuda";
+    d->alloc.device = moe_device{MOE_CUDA, index};
+    d->alloc.alloc = cuda_alloc_fn;
+    d->alloc.free = cuda_free_fn;
+    d->alloc.state = d;
+    d->index = index;
+    d->ctx = ctx;
+    d->bytes_in_use = d->bytes_cached = d->peak_in_use = 0;
+    d->n_malloc = d->n_hits = 0;
+    d->closing = false;
+    d->stream = NULL;
+    d->blas = NULL;
+    return &d->alloc;
+}
+
+void cuda_dev_destroy(cuda_dev *d) {
+    if (!d) return;
+    {
+        std::lock_guard<std::mutex> g(d->mu);
+        release_cache_locked(d);
+    }
+    cudaSetDevice(d->index);
+    if (d->blas) cublasDestroy(d->blas);
+    if (d->stream) cudaStreamDestroy(d->stream);
+    cudaGetLastError();
+    delete d;
+}
+
+static void *try_malloc(cuda_dev *d, size_t cls) {
+    void *p = NULL;
+    cudaSetDevice(d->index);
+    cudaError_t e = cudaMalloc(&p, cls);
+    if (e != cudaSuccess) {
+        cudaGetLastError();   // an allocation failure must not surface at the next launch check
+        return NULL;
+    }
+    return p;
+}
+
+static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
+    cuda_dev *d = (cuda_dev *)self->state;
+    size_t cls = size_class(nbytes);
+    void *p = NULL;
+    {
+        std::lock_guard<std::mutex> g(d->mu);
+        auto it = d->cache.find(cls);
+        if (it != d->cache.end() && !it->second.empty()) {
+            p = it->second.back();
+            it->second.pop_back();
+            d->bytes_cached -= cls;
+            d->n_hits++;
+        } else {
+            p = try_malloc(d, cls);
+            if (p) d->n_malloc++;
+        }
+        if (p) {
+            d->live[p] = cls;
+            d->bytes_in_use += cls;
+            if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
+            return p;
+        }
+    }
+    // Out of memory: let the embedder drop garbage (it frees into our cache, so
+    // the lock must not be held), then return the whole cache to the driver.
+    moe_ctx *ctx = d->ctx;
+    if (ctx && ctx->reclaim) ctx->reclaim(ctx->reclaim_arg);
+    std::lock_guard<std::mutex> g(d->mu);
+    auto it = d->cache.find(cls);
+    if (it != d->cache.end() && !it->second.empty()) {   // reclaim freed a block of this class
+        p = it->second.back();
+        it->second.pop_back();
+        d->bytes_cached -= cls;
+    } else {
+        release_cache_locked(d);
+        p = try_malloc(d, cls);
+        if (p) d->n_malloc++;
+    }
+    if (!p) {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        cudaGetLastError();
+        moe_error(MOE_ERR_OOM,
+                  "cuda:%d: out of memory allocating %zu bytes (%.1f MiB); %zu bytes in use by tensors, "
+                  "%zu bytes cached, device has %zu of %zu bytes free",
+                  d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, d->bytes_cached, free_b, total_b);
+        return NULL;
+    }
+    d->live[p] = cls;
+    d->bytes_in_use += cls;
+    if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
+    return p;
+}
+
+static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
+    (void)nbytes;
+    if (!ptr) return;
+    cuda_dev *d = (cuda_dev *)self->state;
+    bool destroy = false;
+    {
+        std::lock_guard<std::mutex> g(d->mu);
+        auto it = d->live.find(ptr);
+        if (it == d->live.end()) return;   // not ours or freed twice: ignore rather than corrupt the cache
+        size_t cls = it->second;
+        d->live.erase(it);
+        d->bytes_in_use -= cls;
+        d->cache[cls].push_back(ptr);
+        d->bytes_cached += cls;
+        destroy = d->closing && d->live.empty();
+    }
+    if (destroy) cuda_dev_destroy(d);
+}
+
+void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes) { return cuda_alloc_fn(&d->alloc, nbytes); }
+void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes) { cuda_free_fn(&d->alloc, p, nbytes); }

@@ -1,0 +1,160 @@
+// The CUDA backend: device discovery, per-device state, the dispatch table.
+#include "cuda_common.cuh"
+#include "moe_cuda.h"
+
+// Entries left NULL are reported by ops.c as "<op> is not supported on cuda".
+static const moe_backend cuda_backend = {
+    /* name */ "cuda",
+    /* device_type */ MOE_CUDA,
+    /* synchronize */ cuda_synchronize,
+    /* copy */ cuda_copy,
+    /* fill */ cuda_fill,
+    /* fill_randn */ cuda_fill_randn,
+    /* fill_rand */ cuda_fill_rand,
+    /* gemm */ cuda_gemm,
+    /* gemm_grouped */ cuda_gemm_grouped,
+    /* gemm_grouped_wgrad */ cuda_gemm_grouped_wgrad,
+    /* binary */ cuda_binary,
+    /* unary */ cuda_unary,
+    /* unary_backward */ cuda_unary_backward,
+    /* axpy */ cuda_axpy,
+    /* reduce */ NULL,
+    /* softmax */ cuda_softmax,
+    /* softmax_backward */ cuda_softmax_backward,
+    /* log_softmax */ cuda_log_softmax,
+    /* log_softmax_backward */ cuda_log_softmax_backward,
+    /* logsumexp */ cuda_logsumexp,
+    /* topk */ NULL,
+    /* gather */ NULL,
+    /* scatter_add */ NULL,
+    /* index_select */ NULL,
+    /* index_add */ NULL,
+    /* rmsnorm */ cuda_rmsnorm,
+    /* rmsnorm_backward */ cuda_rmsnorm_backward,
+    /* layernorm */ NULL,
+    /* layernorm_backward */ NULL,
+    /* rope */ NULL,
+    /* attention */ NULL,
+    /* attention_backward */ NULL,
+    /* swiglu */ cuda_swiglu,
+    /* swiglu_backward */ cuda_swiglu_backward,
+    /* cross_entropy */ cuda_cross_entropy,
+    /* cross_entropy_backward */ cuda_cross_entropy_backward,
+    /* adamw */ cuda_adamw,
+};
+
+extern "C" int moe_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (n < 0) n = 0;
+    if (n > MOE_MAX_DEVICES) n = MOE_MAX_DEVICES;
+    return n;
+}
+
+static cuda_dev *dev_of(moe_ctx *ctx, int i) {
+    moe_allocator *a = ctx->allocators[MOE_CUDA][i];
+    return a ? (cuda_dev *)a->state : NULL;
+}
+
+cuda_dev *cuda_dev_get(moe_ctx *ctx, moe_device dev) {
+    if (dev.type != MOE_CUDA || dev.index < 0 || dev.index >= MOE_MAX_DEVICES || !dev_of(ctx, dev.index)) {
+        moe_error(MOE_ERR_DEVICE, "cuda:%d is not available (backend not installed or no such GPU)", dev.index);
+        return NULL;
+    }
+    cuda_dev *d = dev_of(ctx, dev.index);
+    cudaError_t e = cudaSetDevice(d->index);
+    if (e != cudaSuccess) {
+        moe_error(MOE_ERR_DEVICE, "cuda:%d: cudaSetDevice: %s", d->index, cudaGetErrorString(e));
+        return NULL;
+    }
+    return d;
+}
+
+static moe_status init_dev(cuda_dev *d) {
+    CU_TRY(cudaSetDevice(d->index), "cudaSetDevice");
+    CU_TRY(cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, d->index), "device attributes");
+    CU_TRY(cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    cublasStatus_t s = cublasCreate(&d->blas);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        d->blas = NULL;
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d: cublasCreate: %s", d->index, cublasGetStatusString(s));
+    }
+    s = cublasSetStream(d->blas, d->stream);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d: cublasSetStream: %s", d->index, cublasGetStatusString(s));
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
+    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_backend_install: no context");
+    if (ctx->backends[MOE_CUDA]) return MOE_OK;   // already installed
+    int n = moe_cuda_device_count();
+    if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
+    for (int i = 0; i < n; i++) {
+        moe_allocator *a = cuda_alloc_create(i, ctx);
+        moe_status st = a ? init_dev((cuda_dev *)a->state) : MOE_ERR_OOM;
+        if (st != MOE_OK) {
+            if (a) cuda_dev_destroy((cuda_dev *)a->state);
+            for (int j = 0; j < i; j++) {
+                cuda_dev_destroy(dev_of(ctx, j));
+                ctx->allocators[MOE_CUDA][j] = NULL;
+            }
+            return st;
+        }
+        ctx->allocators[MOE_CUDA][i] = a;
+    }
+    ctx->backends[MOE_CUDA] = &cuda_backend;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_backend_uninstall(moe_ctx *ctx) {
+    if (!ctx) return;
+    for (int i = 0; i < MOE_MAX_DEVICES; i++) {
+        cuda_dev *d = dev_of(ctx, i);
+        if (!d) continue;
+        ctx->allocators[MOE_CUDA][i] = NULL;
+        bool now;
+        {
+            std::lock_guard<std::mutex> g(d->mu);
+            d->ctx = NULL;
+            d->closing = true;
+            now = d->live.empty();
+        }
+        if (now) cuda_dev_destroy(d);   // else the last cuda_free_fn destroys it
+    }
+    ctx->backends[MOE_CUDA] = NULL;
+}
+
+extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *out) {
+    if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
+    cuda_dev *d = dev_of(ctx, device);
+    size_t fr = 0, tot = 0;
+    CU_TRY(cudaSetDevice(d->index), "cudaSetDevice");
+    CU_TRY(cudaMemGetInfo(&fr, &tot), "cudaMemGetInfo");
+    std::lock_guard<std::mutex> g(d->mu);
+    out->device_free = fr;
+    out->device_total = tot;
+    out->bytes_in_use = d->bytes_in_use;
+    out->bytes_cached = d->bytes_cached;
+    out->peak_bytes_in_use = d->peak_in_use;
+    out->num_cuda_malloc = d->n_malloc;
+    out->num_cache_hits = d->n_hits;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device) {
+    if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
+    cuda_alloc_release_cache(dev_of(ctx, device));
+    return MOE_OK;
+}
+
+moe_status cuda_synchronize(moe_ctx *ctx, moe_device dev) {
+    CUDA_ENTER(d, ctx, dev);
+    CU_TRY(cudaStreamSynchronize(d->stream), "synchronize");
+    return MOE_OK;
+}

@@ -1,0 +1,238 @@
+// Internal header of the CUDA backend: per-device state, error macros, dtype
+// helpers and launch helpers shared by the src/ops/cuda/*.cu files.
+//
+// State layout (no globals): moe_cuda_backend_install creates one cuda_dev per
+// visible GPU. The cuda_dev embeds the moe_allocator that the context stores in
+// ctx->allocators[MOE_CUDA][i], with allocator.state pointing back at the
+// cuda_dev, so an op reaches its stream and cuBLAS handle from the context and
+// the tensor's device index, and a storage reaches it through storage->alloc.
+#ifndef MOE_CUDA_COMMON_CUH
+#define MOE_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cublas_v2.h>
+#include <stdint.h>
+
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+extern "C" {
+#include "../../core/context.h"
+#include "../../core/status.h"
+#include "../../core/tensor.h"
+#include "../backend.h"
+}
+
+struct cuda_dev {
+    moe_allocator alloc;          // handed to the context; alloc.state == this
+    int index;                    // CUDA ordinal
+    int sm_count;
+    cudaStream_t stream;          // every kernel, copy and cuBLAS call of this device runs here
+    cublasHandle_t blas;
+    moe_ctx *ctx;                 // for ctx->reclaim; NULL once uninstalled
+    // allocator (guarded by mu)
+    std::mutex mu;
+    std::unordered_map<size_t, std::vector<void *>> cache;   // size class -> free blocks
+    std::unordered_map<void *, size_t> live;                  // block -> size class
+    size_t bytes_in_use, bytes_cached, peak_in_use;
+    uint64_t n_malloc, n_hits;
+    bool closing;                 // uninstalled: destroy when the last live block is freed
+};
+
+// ---- entry points of the individual files (C++ linkage, internal) ----
+moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on failure
+void cuda_alloc_release_cache(cuda_dev *d);
+void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
+void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure
+void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes);
+
+moe_status cuda_synchronize(moe_ctx *, moe_device);
+moe_status cuda_copy(moe_ctx *, moe_tensor *dst, const moe_tensor *src);
+moe_status cuda_fill(moe_ctx *, moe_tensor *t, double v);
+moe_status cuda_fill_randn(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float mean, float std);
+moe_status cuda_fill_rand(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float lo, float hi);
+moe_status cuda_gemm(moe_ctx *, int transa, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                     float beta, moe_tensor *c);
+moe_status cuda_gemm_grouped(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                             float beta, moe_tensor *c, const int64_t *offsets, int groups);
+moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                   moe_tensor *c, const int64_t *offsets, int groups);
+moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
+moe_status cuda_unary(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
+moe_status cuda_unary_backward(moe_ctx *, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,
+                               const moe_tensor *x, float alpha);
+moe_status cuda_axpy(moe_ctx *, moe_tensor *y, float alpha, const moe_tensor *x);
+moe_status cuda_softmax(moe_ctx *, moe_tensor *y, const moe_tensor *x);
+moe_status cuda_softmax_backward(moe_ctx *, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+moe_status cuda_log_softmax(moe_ctx *, moe_tensor *y, const moe_tensor *x);
+moe_status cuda_log_softmax_backward(moe_ctx *, moe_tensor *dx, const moe_tensor *dy, const moe_tensor *y);
+moe_status cuda_logsumexp(moe_ctx *, moe_tensor *out, const moe_tensor *x);
+moe_status cuda_rmsnorm(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                        float eps);
+moe_status cuda_rmsnorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                 const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+moe_status cuda_swiglu(moe_ctx *, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up);
+moe_status cuda_swiglu_backward(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
+                                const moe_tensor *gate, const moe_tensor *up);
+moe_status cuda_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
+                              const moe_tensor *targets, int64_t ignore_index);
+moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,
+                                       const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
+                                       float scale);
+moe_status cuda_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
+                      const moe_adamw_cfg *cfg);
+
+// ---- errors ----
+#define CU_TRY(call, what)                                                                  \
+    do {                                                                                    \
+        cudaError_t e_ = (call);                                                            \
+        if (e_ != cudaSuccess)                                                              \
+            return moe_error(MOE_ERR_DEVICE, "cuda %s: %s", (what), cudaGetErrorString(e_)); \
+    } while (0)
+// After every kernel launch.
+#define CU_LAUNCHED(what) CU_TRY(cudaGetLastError(), (what))
+
+// The device state of `dev`, made current (cudaSetDevice). NULL + error if absent.
+cuda_dev *cuda_dev_get(moe_ctx *ctx, moe_device dev);
+#define CUDA_ENTER(d, ctx, device)                       \
+    cuda_dev *d = cuda_dev_get((ctx), (device));         \
+    if (!d) return moe_last_status() != MOE_OK ? moe_last_status() : MOE_ERR_DEVICE
+
+// Scratch device memory that returns to the cache when it goes out of scope.
+// Stream-ordered reuse is safe: every user of the block runs on d->stream.
+struct cuda_scratch {
+    cuda_dev *d; void *p; size_t n;
+    // n == 0 allocates nothing (p stays NULL).
+    cuda_scratch(cuda_dev *d_, size_t n_) : d(d_), p(nullptr), n(n_) { if (n_) p = cuda_scratch_alloc(d_, n_); }
+    ~cuda_scratch() { if (p) cuda_scratch_free(d, p, n); }
+    cuda_scratch(const cuda_scratch &) = delete;
+    cuda_scratch &operator=(const cuda_scratch &) = delete;
+};
+
+// ---- dtype helpers ----
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// Ops on float data support f32 and bf16; this reports anything else.
+static inline moe_status cuda_check_float(moe_dtype dt, const char *op) {
+    if (dt == MOE_F32 || dt == MOE_BF16) return MOE_OK;
+    return moe_error(MOE_ERR_DTYPE, "%s on cuda supports f32 and bf16, got %s", op, moe_dtype_name(dt));
+}
+
+// ---- strided index decomposition ----
+// A tensor's element layout with size-1 dims dropped and mergeable neighbours
+// merged (dim k folds into k+1 when stride[k] == stride[k+1] * shape[k+1]).
+// Merging never changes which offset the i-th element (row-major) has, so every
+// operand of a call can be simplified on its own.
+struct cuda_layout {
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+    int64_t stride[MOE_MAX_DIMS];
+};
+
+static inline cuda_layout cuda_layout_of(int ndim, const int64_t *shape, const int64_t *stride) {
+    cuda_layout l;
+    l.ndim = 0;
+    for (int k = 0; k < ndim; k++) {
+        if (shape[k] == 1) continue;
+        if (l.ndim > 0 && l.stride[l.ndim - 1] == stride[k] * shape[k]) {
+            l.shape[l.ndim - 1] *= shape[k];
+            l.stride[l.ndim - 1] = stride[k];
+        } else {
+            l.shape[l.ndim] = shape[k];
+            l.stride[l.ndim] = stride[k];
+            l.ndim++;
+        }
+    }
+    for (int k = l.ndim; k < MOE_MAX_DIMS; k++) { l.shape[k] = 1; l.stride[k] = 0; }
+    return l;
+}
+static inline cuda_layout cuda_layout_tensor(const moe_tensor *t) { return cuda_layout_of(t->ndim, t->shape, t->stride); }
+static inline cuda_layout cuda_layout_flat(int64_t n) {
+    int64_t one = 1;
+    return cuda_layout_of(1, &n, &one);
+}
+// A layout is the identity map when it has at most one dim of stride 1.
+static inline bool cuda_layout_is_flat(const cuda_layout &l) { return l.ndim == 0 || (l.ndim == 1 && l.stride[0] == 1); }
+
+// Element offset of the i-th element (row-major order) of layout l.
+__device__ __forceinline__ int64_t cuda_offset(const cuda_layout &l, int64_t i) {
+    int64_t off = 0;
+#pragma unroll
+    for (int k = MOE_MAX_DIMS - 1; k >= 0; k--) {
+        if (k < l.ndim) {
+            int64_t s = l.shape[k], q = i / s;
+            off += (i - q * s) * l.stride[k];
+            i = q;
+        }
+    }
+    return off;
+}
+
+// ---- launch helpers ----
+static inline unsigned cuda_grid_1d(const cuda_dev *d, int64_t n, int threads) {
+    int64_t blocks = (n + threads - 1) / threads;
+    int64_t cap = (int64_t)d->sm_count * 32;
+    if (blocks > cap) blocks = cap;
+    if (blocks < 1) blocks = 1;
+    return (unsigned)blocks;
+}
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+// Rows and the last dim of a contiguous tensor (rows = leading dims flattened).
+static inline int64_t cuda_last_dim(const moe_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
+static inline int64_t cuda_rows(const moe_tensor *t) {
+    int64_t d = cuda_last_dim(t);
+    return d ? moe_tensor_numel(t) / d : 0;
+}
+
+// Block-wide sum / max over blockDim.x threads (a multiple of 32, at most 1024).
+// `sh` holds 32 floats; every thread gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float block_sum(float v, float *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();                 // sh may still be read from a previous call
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float *sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// Blocks for the row-wise kernels (which loop over rows by gridDim.x).
+static inline unsigned cuda_row_grid(int64_t rows) { return (unsigned)(rows < 2147483647 ? rows : 2147483647); }
+
+// Threads per row for the row-wise kernels: enough to cover short rows, 256 for long.
+static inline int cuda_row_threads(int64_t n) {
+    if (n <= 32) return 32;
+    if (n <= 64) return 64;
+    if (n <= 128) return 128;
+    return 256;
+}
+
+#endif

@@ -1,0 +1,39 @@
+/* Extras of the CUDA backend beyond backend.h (C API; only in CUDA builds).
+ * moe_cuda_backend_install / moe_cuda_device_count are declared in backend.h. */
+#ifndef MOE_CUDA_H
+#define MOE_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../core/context.h"
+#include "../../core/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Detaches the CUDA backend from ctx (call before moe_ctx_free). Each device's
+ * state (stream, cuBLAS handle, cached blocks) is destroyed at once if no
+ * storage still holds one of its blocks, else when the last such block is freed. */
+void moe_cuda_backend_uninstall(moe_ctx *ctx);
+
+typedef struct {
+    size_t bytes_in_use;        /* held by live storages (size classes, not requested sizes) */
+    size_t bytes_cached;        /* freed blocks kept for reuse */
+    size_t peak_bytes_in_use;
+    uint64_t num_cuda_malloc;   /* cudaMalloc calls that succeeded */
+    uint64_t num_cache_hits;    /* allocations served from the cache */
+    size_t device_free;         /* cudaMemGetInfo: free and total bytes of the device */
+    size_t device_total;
+} moe_cuda_mem_stats;
+
+moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *out);
+/* Returns every cached block of the device to the driver. */
+moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

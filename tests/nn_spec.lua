@@ -1,0 +1,231 @@
+-- Layers and the tape: finite-difference gradient checks of every layer (its
+-- input and each of its parameters), tape functional ops, flat buffers, AdamW.
+local moe = require "moelab"
+local gc = require "helpers.gradcheck"
+
+-- Checks d(sum(layer(x) .* R))/dx and /dparam for every parameter.
+local function check_layer(what, layer, x, opts)
+  opts = opts or {}
+  local y = layer:forward(x)
+  local r = gc.upstream(y, 77)
+  local function loss() return gc.dot(layer:forward(x), r) end
+  layer:zero_grad()
+  local tape = moe.Tape()
+  local yt = layer:forward(x, tape)
+  assert.are.same(y:shape(), yt:shape())
+  tape:backward(yt, r)
+  if not opts.no_input_grad then
+    local dx = tape:grad(x)
+    assert.is_not_nil(dx, what .. ": no input gradient")
+    gc.check(what .. " d/dx", x, dx, loss, opts)
+  end
+  local params = layer:parameters()
+  assert.is_true(#params > 0 or opts.no_params, what .. ": has no parameters")
+  for _, p in ipairs(params) do
+    gc.check(what .. " d/d" .. p.name, p.value, p.grad, loss, opts)
+  end
+  return tape
+end
+
+describe("layer gradients (finite differences)", function()
+  it("Linear with bias, 3-d input", function()
+    check_layer("Linear", moe.nn.Linear(5, 4, {seed = 1}), moe.randn({2, 3, 5}, {seed = 2}))
+  end)
+
+  it("Linear without bias", function()
+    local l = moe.nn.Linear(6, 3, {bias = false, seed = 3})
+    assert.are.equal(1, #l:parameters())
+    check_layer("Linear(nobias)", l, moe.randn({4, 6}, {seed = 4}))
+  end)
+
+  it("Embedding (weights; ids have no gradient)", function()
+    local e = moe.nn.Embedding(7, 4, {seed = 5})
+    local ids = moe.tensor({{1, 3, 3}, {6, 0, 1}}, {dtype = "i64"})
+    check_layer("Embedding", e, ids, {no_input_grad = true})
+  end)
+
+  it("RMSNorm", function()
+    local n = moe.nn.RMSNorm(6, {eps = 1e-5})
+    -- non-trivial weights, so the weight gradient is not the identity case
+    local w = n:param("weight")
+    for i = 1, 6 do w:set_flat(i, 0.5 + 0.1 * i) end
+    check_layer("RMSNorm", n, moe.randn({3, 6}, {seed = 6}))
+  end)
+
+  it("LayerNorm with bias", function()
+    local n = moe.nn.LayerNorm(5)
+    local w = n:param("weight")
+    for i = 1, 5 do w:set_flat(i, 1 + 0.2 * i) end
+    check_layer("LayerNorm", n, moe.randn({4, 5}, {seed = 7}))
+  end)
+
+  it("Attention: grouped-query, causal, rotary", function()
+    local a = moe.nn.Attention{hidden_size = 8, num_heads = 4, num_kv_heads = 2, seed = 8}
+    check_layer("Attention", a, moe.randn({2, 5, 8}, {seed = 9}))
+  end)
+
+  it("Attention: QK-norm, bias, not causal", function()
+    local a = moe.nn.Attention{hidden_size = 8, num_heads = 2, qk_norm = true, bias = true,
+                               causal = false, seed = 10}
+    check_layer("Attention(qk_norm)", a, moe.randn({1, 4, 8}, {seed = 11}))
+  end)
+
+  it("FeedForward: SwiGLU and GELU", function()
+    check_layer("FFN(swiglu)", moe.nn.FeedForward{hidden_size = 6, intermediate_size = 10, seed = 12},
+      moe.randn({2, 3, 6}, {seed = 13}))
+    check_layer("FFN(gelu)", moe.nn.FeedForward{hidden_size = 6, intermediate_size = 8,
+                                                activation = "gelu", bias = true, seed = 14},
+      moe.randn({5, 6}, {seed = 15}))
+  end)
+
+  it("Sequential of Linear and every activation", function()
+    for _, act in ipairs{"SiLU", "GELU", "GELUTanh", "Tanh", "Sigmoid"} do
+      local s = moe.nn.Sequential(moe.nn.Linear(4, 6, {seed = 16}), moe.nn[act](), moe.nn.Linear(6, 3, {seed = 17}))
+      check_layer("Sequential/" .. act, s, moe.randn({3, 4}, {seed = 18}))
+    end
+  end)
+end)
+
+describe("tape functional ops", function()
+  it("residual add with broadcasting, mul, div, view, sum", function()
+    local a = moe.randn({3, 4}, {seed = 20})
+    local b = moe.randn({4}, {seed = 21})
+    local c = moe.rand({3, 4}, {seed = 22, low = 0.5, high = 1.5})
+    local function fwd(tape)
+      local t = tape or moe.Tape()
+      local s = t:add(a, b)
+      local m = t:mul(s, c)
+      local d = t:div(m, t:add(c, moe.ones({1})))   -- c reaches the loss along two taped paths
+      local v = t:view(d, {12})
+      return t:sum(t:silu(v)), t
+    end
+    local loss, tape = fwd()
+    tape:backward(loss)
+    local function lossf() return fwd():item() end
+    gc.check("add/mul/div a", a, tape:grad(a), lossf)
+    gc.check("add broadcast b", b, tape:grad(b), lossf)
+    gc.check("mul/div c", c, tape:grad(c), lossf)
+  end)
+
+  it("cross-entropy mean over counted rows, with an ignored row", function()
+    local logits = moe.randn({2, 3, 5}, {seed = 23})
+    local targets = moe.tensor({{1, 4, -100}, {0, 2, 3}}, {dtype = "i64"})
+    local tape = moe.Tape()
+    local loss = tape:cross_entropy(logits, targets)
+    assert.are.same({}, loss:shape())
+    -- the mean over the 5 counted rows, by hand
+    local total = 0
+    for b = 1, 2 do for t = 1, 3 do
+      local tgt = targets:get(b, t)
+      if tgt ~= -100 then
+        local mx, se = -math.huge, 0
+        for v = 1, 5 do mx = math.max(mx, logits:get(b, t, v)) end
+        for v = 1, 5 do se = se + math.exp(logits:get(b, t, v) - mx) end
+        total = total + (math.log(se) + mx - logits:get(b, t, tgt + 1))
+      end
+    end end
+    assert.is_true(math.abs(loss:item() - total / 5) < 1e-5)
+    tape:backward(loss)
+    gc.check("cross_entropy", logits, tape:grad(logits),
+      function() return moe.Tape():cross_entropy(logits, targets):item() end)
+  end)
+
+  it("a tiny transformer block trains: loss goes down with AdamW", function()
+    local emb = moe.nn.Embedding(16, 8, {seed = 30})
+    local block = moe.nn.Sequential(moe.nn.RMSNorm(8), moe.nn.FeedForward{hidden_size = 8, intermediate_size = 16, seed = 31})
+    local head = moe.nn.Linear(8, 16, {seed = 32})
+    local model = moe.nn.Sequential(emb, block, head)
+    local opt = moe.optim.AdamW{params = model, lr = 1e-2, weight_decay = 0}
+    local ids = moe.tensor({{1, 2, 3, 4, 5, 6}}, {dtype = "i64"})
+    local targets = moe.tensor({{2, 3, 4, 5, 6, 7}}, {dtype = "i64"})
+    local first, last
+    for step = 1, 30 do
+      local tape = moe.Tape()
+      local loss = tape:cross_entropy(model:forward(ids, tape), targets)
+      opt:zero_grad()
+      tape:backward(loss)
+      opt:step()
+      if step == 1 then first = loss:item() end
+      last = loss:item()
+    end
+    assert.is_true(last < first * 0.5, string.format("loss %g -> %g", first, last))
+  end)
+end)
+
+describe("parameters in flat buffers", function()
+  it("a Sequential puts every parameter in one buffer and views stay live", function()
+    local l1, l2 = moe.nn.Linear(3, 4, {seed = 40}), moe.nn.Linear(4, 2, {seed = 41})
+    local w_before = l1:param("weight"):clone()
+    local s = moe.nn.Sequential(l1, l2)
+    local values, grads = s:flat_parameters()
+    assert.is_true(values:numel() >= s:num_params())
+    assert.are.equal(3 * 4 + 4 + 4 * 2 + 2, s:num_params())
+    assert.is_true(l1:param("weight"):allclose(w_before, 0, 0))
+    -- writing through the flat buffer is visible through the parameter view
+    values:fill(0.25)
+    assert.are.equal(0.25, s:param("1.bias"):get(2))
+    assert.are.equal(0.25, l2:param("bias"):get(2))
+    assert.are.equal(grads:numel(), values:numel())
+    local names = {}
+    for _, p in ipairs(s:parameters()) do names[#names + 1] = p.name end
+    assert.are.same({"0.weight", "0.bias", "1.weight", "1.bias"}, names)
+  end)
+
+  it("zero_grad clears accumulated gradients; gradients accumulate across backwards", function()
+    local l = moe.nn.Linear(3, 2, {seed = 42})
+    local x = moe.randn({4, 3}, {seed = 43})
+    local function run()
+      local t = moe.Tape()
+      t:backward(t:sum(l:forward(x, t)))
+    end
+    run()
+    local g1 = l:grad("weight"):clone()
+    run()
+    assert.is_true(l:grad("weight"):allclose(g1 * 2, 1e-6, 1e-6))
+    l:zero_grad()
+    assert.are.equal(0, l:grad("weight"):abs():sum():item())
+  end)
+
+  it("AdamW matches the update written out by hand", function()
+    local l = moe.nn.Linear(2, 1, {bias = false, seed = 44})
+    local w0 = l:param("weight"):clone()
+    local opt = moe.optim.AdamW{params = l, lr = 0.1, betas = {0.9, 0.99}, eps = 1e-8, weight_decay = 0.1}
+    local g = l:grad("weight")
+    g:set(1, 1, 0.5); g:set(1, 2, -2.0)
+    opt:step()
+    for j, gj in ipairs{0.5, -2.0} do
+      local m = 0.1 * gj
+      local v = 0.01 * gj * gj
+      local mhat, vhat = m / (1 - 0.9), v / (1 - 0.99)
+      local p = w0:get(1, j)
+      local expect = p - 0.1 * (mhat / (math.sqrt(vhat) + 1e-8) + 0.1 * p)
+      assert.is_true(math.abs(l:param("weight"):get(1, j) - expect) < 1e-6)
+    end
+  end)
+end)
+
+describe("layer errors", function()
+  it("rejects bad configurations and inputs with messages naming the problem", function()
+    local function err(f, pat)
+      local ok, msg = pcall(f)
+      assert.is_false(ok)
+      assert.is_truthy(tostring(msg):find(pat, 1, true), "message was: " .. tostring(msg))
+    end
+    err(function() moe.nn.Linear(0, 3) end, "in_features")
+    err(function() moe.nn.Linear("a", 3) end, "in_features must be an integer")
+    err(function() moe.nn.Linear(3, 4):forward(moe.randn({2, 5})) end, "expected last dim 3")
+    err(function() moe.nn.Linear(3, 4):forward(nil) end, "input")
+    err(function() moe.nn.Attention{hidden_size = 8, num_heads = 3, num_kv_heads = 2} end, "multiple of num_kv_heads")
+    err(function() moe.nn.Attention{num_heads = 2} end, "hidden_size")
+    err(function() moe.nn.Attention{hidden_size = 8, num_heads = 2}:forward(moe.randn({2, 8})) end, "[batch, seq, 8]")
+    err(function() moe.nn.FeedForward{hidden_size = 4, activation = "tanh"} end, "activation")
+    err(function() moe.nn.Embedding(5, 2):forward(moe.tensor({1, 7}, {dtype = "i64"})) end, "7")
+    err(function() moe.nn.Embedding(5, 2):forward(moe.randn({3})) end, "i64")
+    err(function() moe.nn.Sequential(moe.nn.Linear(2, 2), 5) end, "child 2 must be a layer")
+    err(function() moe.nn.RMSNorm(4):param("nope") end, "no parameter named 'nope'")
+    err(function() moe.Tape():backward(moe.randn({2})) end, "not produced")
+    err(function() local t = moe.Tape(); t:backward(t:add(moe.randn({2}), moe.randn({2}))) end, "non-scalar")
+    err(function() moe.optim.AdamW{params = 3} end, "params must be a layer")
+    err(function() moe.nn.Linear(2, 2):to("tpu") end, "unknown device")
+  end)
+end)
