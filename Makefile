@@ -34,8 +34,13 @@ ifeq ($(CUDA),1)
   CU_SRC   := $(wildcard src/ops/cuda/*.cu)
   CFLAGS   += -DMOELAB_CUDA=1
   NVFLAGS  := -O3 -std=c++17 -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 -MMD -MP
-  LIBS     += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -ldl -lrt \
-              -Wl,-rpath,'$$ORIGIN/build/cuda/lib' -Wl,-rpath,$(CUDA_HOME)/lib64
+  # The GPU machine has the driver and cuBLAS but no OpenBLAS, LuaJIT or libedit:
+  # cudart is linked statically, and `make CUDA=1 bundle` copies the other
+  # shared libraries into build/cuda/lib (found via rpath), one OpenBLAS for
+  # the program and the test binaries alike.
+  LIBS     := -lopenblas -lm -lpthread \
+              -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static -lstdc++ -ldl -lrt \
+              -Wl,-rpath,'$$ORIGIN/build/cuda/lib:$$ORIGIN/../lib:$(CUDA_HOME)/lib64'
   # The GPU machine has no LuaJIT: link it statically into the CUDA variant.
   LUAJIT_LIB := -Wl,-Bstatic -lluajit-5.1 -Wl,-Bdynamic
 else
@@ -47,7 +52,7 @@ CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 PROG_OBJ := $(PROG_SRC:%.c=$(BUILD)/%.o)
 LIB      := $(BUILD)/libmoelab.a
 
-.PHONY: all deps test asan quickstart clean bench moelab
+.PHONY: all deps test asan quickstart clean bench moelab bundle
 all: moelab
 
 $(BUILD)/%.o: %.c
@@ -100,6 +105,14 @@ quickstart: deps moelab
 
 bench: moelab
 	./moelab bench/cpu_ops.lua
+
+# Shared libraries the CUDA variant needs on a machine that lacks them (not cuBLAS:
+# the GPU machine has it; tools/device_env.sh finds it there).
+BUNDLE_LIBS := libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 libedit.so.2 libbsd.so.0 libmd.so.0 libtinfo.so.6
+bundle: $(BUILD)/moelab
+	@mkdir -p $(BUILD)/lib
+	@for l in $(BUNDLE_LIBS); do p=$$(ldconfig -p | awk -v l=$$l '$$1 == l {print $$NF; exit}'); \
+	  [ -n "$$p" ] && cp -L "$$p" $(BUILD)/lib/; done; ls $(BUILD)/lib
 
 clean:
 	rm -rf build moelab

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run on the GPU machine after `make CUDA=1 build/cuda/moelab build/cuda/tests/check_cuda bundle`
+# here, with build/cuda carried: checks every CUDA kernel against the CPU path
+# and smoke-tests the CUDA program. Logs go to $OUT when set.
+set -u
+cd "$(dirname "$0")/.."
+. tools/device_env.sh
+out=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+echo "== check_cuda"
+build/cuda/tests/check_cuda 2>&1 | tee "$out/check_cuda.txt" | grep -v '^ok' 
+echo "check_cuda: $(grep -c '^ok' "$out/check_cuda.txt") ok, $(grep -c '^not ok' "$out/check_cuda.txt") not ok"
+cp build/cuda/moelab ./moelab-cuda
+echo "== moelab (CUDA build) smoke"
+./moelab-cuda --version
+./moelab-cuda -e '
+print("cuda available:", moe.cuda_available(), "devices:", moe.cuda_device_count())
+local a = moe.randn({64, 32}, {seed = 1})
+local b = moe.randn({32, 16}, {seed = 2})
+local ga, gb = a:to("cuda"), b:to("cuda")
+local c = a:matmul(b)
+local gc = ga:matmul(gb):to("cpu")
+print("matmul cpu vs cuda allclose:", c:allclose(gc, 1e-4, 1e-4))
+local r1 = moe.randn({1000}, {seed = 7})
+local r2 = moe.randn({1000}, {seed = 7, device = "cuda"}):to("cpu")
+print("randn same on both devices:", r1:allclose(r2, 1e-5, 1e-6))
+local x = moe.randn({8, 100}, {seed = 3})
+print("softmax cpu vs cuda:", x:softmax():allclose(x:to("cuda"):softmax():to("cpu"), 1e-5, 1e-6))
+local bf = ga:to("bf16")
+print("bf16 tensor:", bf:dtype(), bf:device())
+' 2>&1 | tee "$out/smoke.txt"
