@@ -103,8 +103,12 @@ asan:
 quickstart: deps moelab
 	./moelab recipes/quickstart.lua
 
-bench: moelab
-	./moelab bench/cpu_ops.lua
+$(BUILD)/bench/cpu_ops: bench/cpu_ops.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LIBS)
+
+bench: $(BUILD)/bench/cpu_ops
+	$(BUILD)/bench/cpu_ops
 
 # Shared libraries the CUDA variant needs on a machine that lacks them (not cuBLAS:
 # the GPU machine has it; tools/device_env.sh finds it there).

@@ -1,0 +1,355 @@
+/* ops_nn.c: layer-level ops (norms, rope, attention, gated activations, loss,
+ * optimiser): argument checks, contiguous copies, dispatch. */
+#include "ops_internal.h"
+
+/* A per-row statistic (rstd, mean, lse, loss): `rows` elements, any shape
+ * ([rows] or x's leading dims). */
+static moe_status check_rowstat(const char *op, const char *name, const moe_tensor *t, int64_t rows) {
+    if (moe_tensor_numel(t) != rows) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: %s has shape %s (%lld elements), expected %lld elements (one per row)",
+                         op, name, OPS_SHAPE(t, s1), (long long)moe_tensor_numel(t), (long long)rows);
+    }
+    return MOE_OK;
+}
+
+static moe_status check_norm_weight(const char *op, const char *name, const moe_tensor *w, const moe_tensor *x) {
+    int64_t d = ops_last(x);
+    return ops_shape_is(op, name, w, 1, &d, "the last dim of x");
+}
+
+static void release_all(moe_tensor **ts, int n) {
+    for (int i = 0; i < n; i++) moe_tensor_release(ts[i]);
+}
+
+/* contiguous copies of n inputs into c[]; on failure releases what it made */
+static moe_status contig_all(moe_ctx *ctx, const moe_tensor *const *in, moe_tensor **c, int n) {
+    for (int i = 0; i < n; i++) c[i] = NULL;
+    for (int i = 0; i < n; i++) {
+        moe_status s = ops_contig(ctx, in[i], &c[i]);
+        if (s != MOE_OK) { release_all(c, i); return s; }
+    }
+    return MOE_OK;
+}
+
+/* ---- normalisation ---- */
+
+moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                          float eps) {
+    static const char *op = "rmsnorm";
+    ops_arg f[] = {{"y", y}, {"rstd", rstd}, {"x", x}, {"w", w}};
+    MOE_TRY(ops_check(op, f, 4, NULL, 0));
+    MOE_TRY(ops_out(op, "y", y));
+    MOE_TRY(ops_out(op, "rstd", rstd));
+    if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "rmsnorm: x is 0-dim, expected at least 1 dim");
+    MOE_TRY(ops_same_shape(op, "y", y, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    if (!(eps >= 0)) return moe_error(MOE_ERR_ARG, "rmsnorm: eps is %g, expected >= 0", (double)eps);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, y->device, rmsnorm, be);
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {x, w};
+    moe_tensor *c[2];
+    MOE_TRY(contig_all(ctx, in, c, 2));
+    moe_status s = be->rmsnorm(ctx, y, rstd, c[0], c[1], eps);
+    release_all(c, 2);
+    return s;
+}
+
+moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd) {
+    static const char *op = "rmsnorm_backward";
+    ops_arg f[] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dw", dw}};
+    MOE_TRY(ops_check(op, f, dw ? 6 : 5, NULL, 0));
+    MOE_TRY(ops_out(op, "dx", dx));
+    if (dw) MOE_TRY(ops_out(op, "dw", dw));
+    if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "rmsnorm_backward: x is 0-dim, expected at least 1 dim");
+    MOE_TRY(ops_same_shape(op, "dx", dx, "x", x));
+    MOE_TRY(ops_same_shape(op, "dy", dy, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    if (dw) MOE_TRY(check_norm_weight(op, "dw", dw, x));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dx->device, rmsnorm_backward, be);
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {dy, x, w, rstd};
+    moe_tensor *c[4];
+    MOE_TRY(contig_all(ctx, in, c, 4));
+    moe_status s = be->rmsnorm_backward(ctx, dx, dw, c[0], c[1], c[2], c[3]);
+    release_all(c, 4);
+    return s;
+}
+
+moe_status moe_op_layernorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
+                            const moe_tensor *w, const moe_tensor *b, float eps) {
+    static const char *op = "layernorm";
+    ops_arg f[] = {{"y", y}, {"mean", mean}, {"rstd", rstd}, {"x", x}, {"w", w}, {"b", b}};
+    MOE_TRY(ops_check(op, f, b ? 6 : 5, NULL, 0));
+    MOE_TRY(ops_out(op, "y", y));
+    MOE_TRY(ops_out(op, "mean", mean));
+    MOE_TRY(ops_out(op, "rstd", rstd));
+    if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "layernorm: x is 0-dim, expected at least 1 dim");
+    MOE_TRY(ops_same_shape(op, "y", y, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    if (b) MOE_TRY(check_norm_weight(op, "bias", b, x));
+    MOE_TRY(check_rowstat(op, "mean", mean, ops_rows(x)));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    if (!(eps >= 0)) return moe_error(MOE_ERR_ARG, "layernorm: eps is %g, expected >= 0", (double)eps);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, y->device, layernorm, be);
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {x, w, b};
+    moe_tensor *c[3];
+    MOE_TRY(contig_all(ctx, in, c, 3));
+    moe_status s = be->layernorm(ctx, y, mean, rstd, c[0], c[1], c[2], eps);
+    release_all(c, 3);
+    return s;
+}
+
+moe_status moe_op_layernorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, moe_tensor *db,
+                                     const moe_tensor *dy, const moe_tensor *x, const moe_tensor *w,
+                                     const moe_tensor *mean, const moe_tensor *rstd) {
+    static const char *op = "layernorm_backward";
+    ops_arg f[7] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}};
+    int nf = 6;
+    if (dw) f[nf++] = (ops_arg){"dw", dw};
+    if (db) f[nf++] = (ops_arg){"db", db};
+    MOE_TRY(ops_check(op, f, nf, NULL, 0));
+    MOE_TRY(ops_out(op, "dx", dx));
+    if (dw) MOE_TRY(ops_out(op, "dw", dw));
+    if (db) MOE_TRY(ops_out(op, "db", db));
+    if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "layernorm_backward: x is 0-dim, expected at least 1 dim");
+    MOE_TRY(ops_same_shape(op, "dx", dx, "x", x));
+    MOE_TRY(ops_same_shape(op, "dy", dy, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    if (dw) MOE_TRY(check_norm_weight(op, "dw", dw, x));
+    if (db) MOE_TRY(check_norm_weight(op, "db", db, x));
+    MOE_TRY(check_rowstat(op, "mean", mean, ops_rows(x)));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dx->device, layernorm_backward, be);
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {dy, x, w, mean, rstd};
+    moe_tensor *c[5];
+    MOE_TRY(contig_all(ctx, in, c, 5));
+    moe_status s = be->layernorm_backward(ctx, dx, dw, db, c[0], c[1], c[2], c[3], c[4]);
+    release_all(c, 5);
+    return s;
+}
+
+/* ---- rope ---- */
+
+moe_status moe_op_rope(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse) {
+    static const char *op = "rope";
+    ops_arg f[] = {{"out", out}, {"x", x}};
+    MOE_TRY(ops_check(op, f, 2, NULL, 0));
+    MOE_TRY(ops_out(op, "out", out));
+    char s1[128];
+    if (x->ndim != 4 || x->shape[3] % 2)
+        return moe_error(MOE_ERR_SHAPE, "rope: x has shape %s, expected [B, T, H, D] with D even", OPS_SHAPE(x, s1));
+    MOE_TRY(ops_same_shape(op, "out", out, "x", x));
+    if (pos_offset < 0) return moe_error(MOE_ERR_ARG, "rope: pos_offset is %lld, expected >= 0", (long long)pos_offset);
+    if (!(theta > 0)) return moe_error(MOE_ERR_ARG, "rope: theta is %g, expected > 0", (double)theta);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, out->device, rope, be);
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    moe_tensor *xc;
+    MOE_TRY(ops_contig(ctx, x, &xc));
+    moe_status s = be->rope(ctx, out, xc, pos_offset, theta, inverse);
+    moe_tensor_release(xc);
+    return s;
+}
+
+/* ---- attention ---- */
+
+static moe_status check_attention(const char *op, const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,
+                                  const moe_tensor *out, const moe_tensor *lse) {
+    char s1[128];
+    if (q->ndim != 4) return moe_error(MOE_ERR_SHAPE, "%s: q has shape %s, expected [B, T, Hq, D]", op, OPS_SHAPE(q, s1));
+    if (k->ndim != 4) return moe_error(MOE_ERR_SHAPE, "%s: k has shape %s, expected [B, S, Hkv, D]", op, OPS_SHAPE(k, s1));
+    int64_t B = q->shape[0], T = q->shape[1], Hq = q->shape[2], D = q->shape[3];
+    int64_t ks[4] = {B, k->shape[1], k->shape[2], D};
+    MOE_TRY(ops_shape_is(op, "k", k, 4, ks, "[B, S, Hkv, D] with B and D from q"));
+    MOE_TRY(ops_shape_is(op, "v", v, 4, ks, "the shape of k"));
+    int64_t Hkv = k->shape[2];
+    if (Hkv == 0 || Hq % Hkv)
+        return moe_error(MOE_ERR_SHAPE, "%s: q has %lld heads and k %lld; expected a multiple (grouped-query)", op,
+                         (long long)Hq, (long long)Hkv);
+    MOE_TRY(ops_same_shape(op, "out", out, "q", q));
+    int64_t ls[3] = {B, Hq, T};
+    return ops_shape_is(op, "lse", lse, 3, ls, "[B, Hq, T]");
+}
+
+moe_status moe_op_attention(moe_ctx *ctx, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
+                            const moe_tensor *v, float scale, int causal) {
+    static const char *op = "attention";
+    ops_arg f[] = {{"out", out}, {"lse", lse}, {"q", q}, {"k", k}, {"v", v}};
+    MOE_TRY(ops_check(op, f, 5, NULL, 0));
+    MOE_TRY(ops_out(op, "out", out));
+    MOE_TRY(ops_out(op, "lse", lse));
+    MOE_TRY(check_attention(op, q, k, v, out, lse));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, out->device, attention, be);
+    if (moe_tensor_numel(q) == 0) return MOE_OK;
+    const moe_tensor *in[] = {q, k, v};
+    moe_tensor *c[3];
+    MOE_TRY(contig_all(ctx, in, c, 3));
+    moe_status s = be->attention(ctx, out, lse, c[0], c[1], c[2], scale, causal);
+    release_all(c, 3);
+    return s;
+}
+
+moe_status moe_op_attention_backward(moe_ctx *ctx, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv,
+                                     const moe_tensor *dout, const moe_tensor *q, const moe_tensor *k,
+                                     const moe_tensor *v, const moe_tensor *out, const moe_tensor *lse, float scale,
+                                     int causal) {
+    static const char *op = "attention_backward";
+    ops_arg f[] = {{"dq", dq}, {"dk", dk}, {"dv", dv}, {"dout", dout}, {"q", q},
+                   {"k", k},   {"v", v},   {"out", out}, {"lse", lse}};
+    MOE_TRY(ops_check(op, f, 9, NULL, 0));
+    MOE_TRY(ops_out(op, "dq", dq));
+    MOE_TRY(ops_out(op, "dk", dk));
+    MOE_TRY(ops_out(op, "dv", dv));
+    MOE_TRY(check_attention(op, q, k, v, out, lse));
+    MOE_TRY(ops_same_shape(op, "dout", dout, "q", q));
+    MOE_TRY(ops_same_shape(op, "dq", dq, "q", q));
+    MOE_TRY(ops_same_shape(op, "dk", dk, "k", k));
+    MOE_TRY(ops_same_shape(op, "dv", dv, "v", v));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dq->device, attention_backward, be);
+    if (moe_tensor_numel(q) == 0 && moe_tensor_numel(k) == 0) return MOE_OK;
+    const moe_tensor *in[] = {dout, q, k, v, out, lse};
+    moe_tensor *c[6];
+    MOE_TRY(contig_all(ctx, in, c, 6));
+    moe_status s = be->attention_backward(ctx, dq, dk, dv, c[0], c[1], c[2], c[3], c[4], c[5], scale, causal);
+    release_all(c, 6);
+    return s;
+}
+
+/* ---- gated activations ---- */
+
+moe_status moe_op_swiglu(moe_ctx *ctx, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up) {
+    static const char *op = "swiglu";
+    ops_arg f[] = {{"out", out}, {"gate", gate}, {"up", up}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    MOE_TRY(ops_out(op, "out", out));
+    MOE_TRY(ops_same_shape(op, "up", up, "gate", gate));
+    MOE_TRY(ops_same_shape(op, "out", out, "gate", gate));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, out->device, swiglu, be);
+    if (moe_tensor_numel(out) == 0) return MOE_OK;
+    const moe_tensor *in[] = {gate, up};
+    moe_tensor *c[2];
+    MOE_TRY(contig_all(ctx, in, c, 2));
+    moe_status s = be->swiglu(ctx, out, c[0], c[1]);
+    release_all(c, 2);
+    return s;
+}
+
+moe_status moe_op_swiglu_backward(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
+                                  const moe_tensor *gate, const moe_tensor *up) {
+    static const char *op = "swiglu_backward";
+    ops_arg f[] = {{"dgate", dgate}, {"dup", dup}, {"dout", dout}, {"gate", gate}, {"up", up}};
+    MOE_TRY(ops_check(op, f, 5, NULL, 0));
+    MOE_TRY(ops_out(op, "dgate", dgate));
+    MOE_TRY(ops_out(op, "dup", dup));
+    MOE_TRY(ops_same_shape(op, "up", up, "gate", gate));
+    MOE_TRY(ops_same_shape(op, "dout", dout, "gate", gate));
+    MOE_TRY(ops_same_shape(op, "dgate", dgate, "gate", gate));
+    MOE_TRY(ops_same_shape(op, "dup", dup, "gate", gate));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dgate->device, swiglu_backward, be);
+    if (moe_tensor_numel(gate) == 0) return MOE_OK;
+    const moe_tensor *in[] = {dout, gate, up};
+    moe_tensor *c[3];
+    MOE_TRY(contig_all(ctx, in, c, 3));
+    moe_status s = be->swiglu_backward(ctx, dgate, dup, c[0], c[1], c[2]);
+    release_all(c, 3);
+    return s;
+}
+
+/* ---- loss ---- */
+
+static moe_status check_ce(const char *op, const moe_tensor *logits, const moe_tensor *targets) {
+    char s1[128];
+    if (logits->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: logits has shape %s, expected [N, V]", op, OPS_SHAPE(logits, s1));
+    int64_t n = logits->shape[0];
+    return ops_shape_is(op, "targets", targets, 1, &n, "[N], one per row of logits");
+}
+
+moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
+                                const moe_tensor *targets, int64_t ignore_index) {
+    static const char *op = "cross_entropy";
+    ops_arg f[] = {{"loss", loss}, {"lse", lse}, {"logits", logits}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 3, ix, 1));
+    MOE_TRY(ops_out(op, "loss", loss));
+    MOE_TRY(ops_out(op, "lse", lse));
+    MOE_TRY(check_ce(op, logits, targets));
+    MOE_TRY(check_rowstat(op, "loss", loss, logits->shape[0]));
+    MOE_TRY(check_rowstat(op, "lse", lse, logits->shape[0]));
+    if (logits->shape[1] == 0 && logits->shape[0] > 0)
+        return moe_error(MOE_ERR_SHAPE, "cross_entropy: logits has 0 classes, expected at least 1");
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, loss->device, cross_entropy, be);
+    if (logits->shape[0] == 0) return MOE_OK;
+    const moe_tensor *in[] = {logits, targets};
+    moe_tensor *c[2];
+    MOE_TRY(contig_all(ctx, in, c, 2));
+    moe_status s = be->cross_entropy(ctx, loss, lse, c[0], c[1], ignore_index);
+    release_all(c, 2);
+    return s;
+}
+
+moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, const moe_tensor *logits,
+                                         const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
+                                         float scale) {
+    static const char *op = "cross_entropy_backward";
+    ops_arg f[] = {{"dlogits", dlogits}, {"logits", logits}, {"lse", lse}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 3, ix, 1));
+    MOE_TRY(ops_out(op, "dlogits", dlogits));
+    MOE_TRY(check_ce(op, logits, targets));
+    MOE_TRY(ops_same_shape(op, "dlogits", dlogits, "logits", logits));
+    MOE_TRY(check_rowstat(op, "lse", lse, logits->shape[0]));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dlogits->device, cross_entropy_backward, be);
+    if (moe_tensor_numel(logits) == 0) return MOE_OK;
+    const moe_tensor *in[] = {logits, lse, targets};
+    moe_tensor *c[3];
+    MOE_TRY(contig_all(ctx, in, c, 3));
+    moe_status s = be->cross_entropy_backward(ctx, dlogits, c[0], c[1], c[2], ignore_index, scale);
+    release_all(c, 3);
+    return s;
+}
+
+/* ---- optimiser ---- */
+
+moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
+                        const moe_adamw_cfg *cfg) {
+    static const char *op = "adamw";
+    ops_arg f[] = {{"params", params}, {"grads", grads}, {"m", m}, {"v", v}};
+    MOE_TRY(ops_check(op, f, 4, NULL, 0));
+    if (!cfg) return moe_error(MOE_ERR_ARG, "adamw: cfg is NULL, expected the hyperparameters");
+    for (int i = 0; i < 4; i++) {
+        if (f[i].t->dtype != MOE_F32)
+            return moe_error(MOE_ERR_DTYPE, "adamw: %s has dtype %s, expected f32", f[i].name,
+                             moe_dtype_name(f[i].t->dtype));
+        if (!moe_tensor_is_contiguous(f[i].t))
+            return moe_error(MOE_ERR_ARG, "adamw: %s must be contiguous, got a strided view", f[i].name);
+        if (moe_tensor_numel(f[i].t) != moe_tensor_numel(params)) {
+            char s1[128], s2[128];
+            return moe_error(MOE_ERR_SHAPE, "adamw: %s has shape %s (%lld elements), expected %lld elements "
+                             "(params %s)", f[i].name, OPS_SHAPE(f[i].t, s1), (long long)moe_tensor_numel(f[i].t),
+                             (long long)moe_tensor_numel(params), OPS_SHAPE(params, s2));
+        }
+    }
+    if (cfg->step < 1) return moe_error(MOE_ERR_ARG, "adamw: step is %lld, expected >= 1 (steps count from 1)",
+                                        (long long)cfg->step);
+    if (!(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1))
+        return moe_error(MOE_ERR_ARG, "adamw: betas are (%g, %g), expected each in [0, 1)", (double)cfg->beta1,
+                         (double)cfg->beta2);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, params->device, adamw, be);
+    if (moe_tensor_numel(params) == 0) return MOE_OK;
+    return be->adamw(ctx, params, grads, m, v, cfg);
+}
