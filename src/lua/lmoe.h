@@ -27,6 +27,9 @@ void moe_lua_push_tensor(lua_State *L, moe_tensor *t, const char *what);
 
 /* Raise a Lua error: "<fname>: <engine message>". Never returns. */
 int moe_lua_fail(lua_State *L, const char *fname);
+/* luaL_error with full printf formatting (%lld, %zu, %x...), which
+ * luaL_error/lua_pushfstring do not support. Never returns. */
+int moe_lua_errorf(lua_State *L, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* If s != MOE_OK raise like moe_lua_fail. */
 void moe_lua_check(lua_State *L, moe_status s, const char *fname);
 
@@ -43,6 +46,25 @@ int moe_lua_opt_field_bool(lua_State *L, int idx, const char *key, int def, cons
 /* Parse a dtype / device name; raises with the list of valid names. */
 moe_dtype moe_lua_check_dtype(lua_State *L, const char *name, const char *fname);
 moe_device moe_lua_check_device(lua_State *L, const char *name, const char *fname);
+
+/* Added with the tensor binding (src/lua/tensor.c). */
+/* Like moe_lua_check_tensor, but the error reads "<fname>: <argname> must be a
+ * tensor, got nil" / "<fname>: tensor was freed (argument <argname>)". */
+moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, const char *argname);
+moe_tensor *moe_lua_opt_tensor_f(lua_State *L, int idx, const char *fname, const char *argname);
+/* Pushes a new uninitialised (or zero-filled) tensor box and returns the tensor;
+ * the box is on the stack before the allocation, so nothing leaks on error. */
+moe_tensor *moe_lua_new_tensor(lua_State *L, moe_dtype dt, int ndim, const int64_t *shape, moe_device dev,
+                               const char *fname);
+moe_tensor *moe_lua_new_zeros(lua_State *L, moe_dtype dt, int ndim, const int64_t *shape, moe_device dev,
+                              const char *fname);
+/* A 1-based (or negative, -1 = last) dim argument, returned 0-based. */
+int moe_lua_dim_arg(lua_State *L, int idx, int ndim, const char *fname);
+/* The next seed of this Lua state's default sequence (moe.manual_seed resets it). */
+uint64_t moe_lua_next_seed(lua_State *L);
+/* tensor_math.c: adds math methods to the methods table, metamethods to the
+ * metatable and module functions (matmul) to the module table. */
+void moe_lua_tensor_math_register(lua_State *L, int methods, int mt, int mod);
 
 /* Registration of the parts of moelab.core; each adds functions to the table on top. */
 void moe_lua_open_tensor(lua_State *L);

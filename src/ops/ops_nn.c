@@ -111,7 +111,7 @@ moe_status moe_op_layernorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *d
                                      const moe_tensor *dy, const moe_tensor *x, const moe_tensor *w,
                                      const moe_tensor *mean, const moe_tensor *rstd) {
     static const char *op = "layernorm_backward";
-    ops_arg f[7] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}};
+    ops_arg f[8] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}};
     int nf = 6;
     if (dw) f[nf++] = (ops_arg){"dw", dw};
     if (db) f[nf++] = (ops_arg){"db", db};
