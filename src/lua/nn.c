@@ -98,9 +98,13 @@ static int l_layernorm(lua_State *L) {
     return 1;
 }
 
+static void check_opts(lua_State *L, const char *f) {
+    if (!lua_istable(L, 1)) luaL_error(L, "%s: expected a table of options, got %s", f, luaL_typename(L, 1));
+}
+
 static int l_attention(lua_State *L) {
     const char *f = "nn.Attention";
-    luaL_checktype(L, 1, LUA_TTABLE);
+    check_opts(L, f);
     moe_attention_cfg c = {0};
     c.hidden = field_pos(L, 1, "hidden_size", 0, f);
     c.n_heads = field_pos(L, 1, "num_heads", 0, f);
@@ -118,7 +122,7 @@ static int l_attention(lua_State *L) {
 
 static int l_ffn(lua_State *L) {
     const char *f = "nn.FeedForward";
-    luaL_checktype(L, 1, LUA_TTABLE);
+    check_opts(L, f);
     int64_t h = field_pos(L, 1, "hidden_size", 0, f);
     int64_t inner = field_pos(L, 1, "intermediate_size", 4 * h, f);
     const char *act = moe_lua_opt_field_str(L, 1, "activation", "swiglu", f);
@@ -225,7 +229,7 @@ static int l_module_list(lua_State *L) {
 static int layer_forward(lua_State *L) {
     const char *f = "layer:forward";
     moe_layer *l = check_layer(L, 1, f, "self");
-    moe_tensor *x = moe_lua_check_tensor(L, 2, "input");
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "input");
     moe_tape *tape = lua_isnoneornil(L, 3) ? NULL : check_tape(L, 3, f);
     moe_tensor *y;
     moe_status s = moe_layer_forward(l, moe_lua_ctx(L), tape, x, &y);
@@ -277,7 +281,8 @@ static int layer_parameters(lua_State *L) {
 
 static moe_param *find_param(lua_State *L, const char *f) {
     moe_layer *l = check_layer(L, 1, f, "self");
-    const char *name = luaL_checkstring(L, 2);
+    if (lua_type(L, 2) != LUA_TSTRING) luaL_error(L, "%s: name must be a string, got %s", f, luaL_typename(L, 2));
+    const char *name = lua_tostring(L, 2);
     moe_param *p = moe_layer_find_param(l, name);
     if (!p) luaL_error(L, "%s: no parameter named '%s' (see layer:parameters())", f, name);
     return p;
@@ -301,7 +306,8 @@ static int layer_zero_grad(lua_State *L) {
 static int layer_to(lua_State *L) {
     const char *f = "layer:to";
     moe_layer *l = check_layer(L, 1, f, "self");
-    moe_device d = moe_lua_check_device(L, luaL_checkstring(L, 2), f);
+    if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "%s: device must be a string, got %s", f, luaL_typename(L, 2));
+    moe_device d = moe_lua_check_device(L, lua_tostring(L, 2), f);
     moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, d), f);
     lua_settop(L, 1);
     return 1;
@@ -360,15 +366,16 @@ static int tape_gc(lua_State *L) {
 static int tape_backward(lua_State *L) {
     const char *f = "tape:backward";
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *y = moe_lua_check_tensor(L, 2, "output");
-    moe_tensor *g = moe_lua_opt_tensor(L, 3, "grad_output");
+    moe_tensor *y = moe_lua_check_tensor_f(L, 2, f, "output");
+    moe_tensor *g = moe_lua_opt_tensor_f(L, 3, f, "grad_output");
     moe_lua_check(L, moe_tape_backward(moe_lua_ctx(L), t, y, g), f);
     return 0;
 }
 
 static int tape_grad(lua_State *L) {
-    moe_tape *t = check_tape(L, 1, "tape:grad");
-    moe_tensor *x = moe_lua_check_tensor(L, 2, "tensor");
+    const char *f = "tape:grad";
+    moe_tape *t = check_tape(L, 1, f);
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "tensor");
     moe_tensor *g = moe_tape_grad(t, x);
     if (!g) { lua_pushnil(L); return 1; }
     moe_tensor_retain(g);
@@ -395,7 +402,7 @@ static int tape_binary(lua_State *L) {
     moe_binary_op op = (moe_binary_op)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = lua_tostring(L, lua_upvalueindex(2));
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *a = moe_lua_check_tensor(L, 2, "a"), *b = moe_lua_check_tensor(L, 3, "b"), *y;
+    moe_tensor *a = moe_lua_check_tensor_f(L, 2, f, "a"), *b = moe_lua_check_tensor_f(L, 3, f, "b"), *y;
     return finish(L, moe_f_binary(moe_lua_ctx(L), t, op, a, b, &y), &y, f);
 }
 
@@ -403,7 +410,7 @@ static int tape_unary(lua_State *L) {
     moe_unary_op op = (moe_unary_op)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = lua_tostring(L, lua_upvalueindex(2));
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     float alpha = lua_isnoneornil(L, 3) ? 0.0f : (float)moe_lua_check_num(L, 3, f, "alpha");
     return finish(L, moe_f_unary(moe_lua_ctx(L), t, op, x, alpha, &y), &y, f);
 }
@@ -411,17 +418,17 @@ static int tape_unary(lua_State *L) {
 static int tape_swiglu(lua_State *L) {
     const char *f = "tape:swiglu";
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *g = moe_lua_check_tensor(L, 2, "gate"), *u = moe_lua_check_tensor(L, 3, "up"), *y;
+    moe_tensor *g = moe_lua_check_tensor_f(L, 2, f, "gate"), *u = moe_lua_check_tensor_f(L, 3, f, "up"), *y;
     return finish(L, moe_f_swiglu(moe_lua_ctx(L), t, g, u, &y), &y, f);
 }
 
 static int tape_view(lua_State *L) {
     const char *f = "tape:view";
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     int64_t shape[MOE_MAX_DIMS];
     /* allow -1 in a table shape: read it by hand */
-    luaL_checktype(L, 3, LUA_TTABLE);
+    if (!lua_istable(L, 3)) return luaL_error(L, "%s: shape must be a table, got %s", f, luaL_typename(L, 3));
     int n = (int)lua_objlen(L, 3);
     if (n > MOE_MAX_DIMS) return luaL_error(L, "%s: at most %d dims", f, MOE_MAX_DIMS);
     for (int i = 0; i < n; i++) {
@@ -437,7 +444,7 @@ static int tape_view(lua_State *L) {
 static int tape_cross_entropy(lua_State *L) {
     const char *f = "tape:cross_entropy";
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *logits = moe_lua_check_tensor(L, 2, "logits"), *targets = moe_lua_check_tensor(L, 3, "targets"), *y;
+    moe_tensor *logits = moe_lua_check_tensor_f(L, 2, f, "logits"), *targets = moe_lua_check_tensor_f(L, 3, f, "targets"), *y;
     int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
     return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), &y, f);
 }
@@ -446,7 +453,7 @@ static int tape_sum(lua_State *L) {
     int mean = (int)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = mean ? "tape:mean" : "tape:sum";
     moe_tape *t = check_tape(L, 1, f);
-    moe_tensor *x = moe_lua_check_tensor(L, 2, "x"), *y;
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     return finish(L, moe_f_sum(moe_lua_ctx(L), t, x, mean, &y), &y, f);
 }
 
