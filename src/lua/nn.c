@@ -142,51 +142,26 @@ static int l_activation(lua_State *L) {
     return 1;
 }
 
-static int l_sequential(lua_State *L) {
-    const char *f = "nn.Sequential";
-    moe_layer *kids[256];
-    int n = 0;
-    if (lua_gettop(L) == 1 && lua_istable(L, 1) && !lua_getmetatable(L, 1)) {
-        int len = (int)lua_objlen(L, 1);
-        if (len > 256) return luaL_error(L, "%s: at most 256 children", f);
-        for (int i = 1; i <= len; i++) {
-            lua_rawgeti(L, 1, i);
-            char arg[32];
-            snprintf(arg, sizeof arg, "child %d", i);
-            kids[n++] = check_layer(L, -1, f, arg);
-            lua_pop(L, 1);
-        }
-    } else {
-        int top = lua_gettop(L);
-        if (top > 256) return luaL_error(L, "%s: at most 256 children", f);
-        for (int i = 1; i <= top; i++) {
-            char arg[32];
-            snprintf(arg, sizeof arg, "child %d", i);
-            kids[n++] = check_layer(L, i, f, arg);
-        }
-    }
-    push_layer(L, moe_sequential_new(moe_lua_ctx(L), kids, n), f);
-    return 1;
-}
+#define MAX_CHILDREN 256
 
-/* ModuleList(l1, l2, ...) or ModuleList{l1, l2, ...} or ModuleList{name = layer, ...} (names sorted) */
-static int l_module_list(lua_State *L) {
-    const char *f = "nn.ModuleList";
-    moe_layer *kids[256];
-    const char *names[256];
-    int n = 0, named = 0;
+/* Reads children given as arguments (l1, l2, ...), as a list {l1, l2, ...} or,
+ * when names != NULL, as a map {name = layer} taken in sorted name order for a
+ * stable layout. Returns the count; *named tells which form was used. */
+static int read_children(lua_State *L, const char *f, moe_layer **kids, const char **names, int *named) {
+    int n = 0;
+    *named = 0;
     if (lua_gettop(L) == 1 && lua_istable(L, 1) && !lua_getmetatable(L, 1)) {
         int len = (int)lua_objlen(L, 1);
-        if (len == 0) {
-            /* a map of names to layers, in sorted name order for a stable layout */
+        if (len > MAX_CHILDREN) luaL_error(L, "%s: at most %d children", f, MAX_CHILDREN);
+        if (len == 0 && names) {
             lua_getglobal(L, "table");
             lua_newtable(L);
             int keys = lua_gettop(L);
             lua_pushnil(L);
             while (lua_next(L, 1)) {
                 lua_pop(L, 1);
-                if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "%s: keys must be names", f);
-                if (n >= 256) return luaL_error(L, "%s: at most 256 children", f);
+                if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: keys must be names", f);
+                if (n >= MAX_CHILDREN) luaL_error(L, "%s: at most %d children", f, MAX_CHILDREN);
                 lua_pushvalue(L, -1);
                 lua_rawseti(L, keys, ++n);
             }
@@ -200,26 +175,44 @@ static int l_module_list(lua_State *L) {
                 kids[i - 1] = check_layer(L, -1, f, names[i - 1]);
                 lua_pop(L, 1);
             }
-            named = 1;
-        } else {
-            if (len > 256) return luaL_error(L, "%s: at most 256 children", f);
-            for (int i = 1; i <= len; i++) {
-                lua_rawgeti(L, 1, i);
-                char arg[32];
-                snprintf(arg, sizeof arg, "child %d", i);
-                kids[n++] = check_layer(L, -1, f, arg);
-                lua_pop(L, 1);
-            }
+            *named = 1;
+            return n;
         }
-    } else {
-        int top = lua_gettop(L);
-        if (top > 256) return luaL_error(L, "%s: at most 256 children", f);
-        for (int i = 1; i <= top; i++) {
+        for (int i = 1; i <= len; i++) {
+            lua_rawgeti(L, 1, i);
             char arg[32];
             snprintf(arg, sizeof arg, "child %d", i);
-            kids[n++] = check_layer(L, i, f, arg);
+            kids[n++] = check_layer(L, -1, f, arg);
+            lua_pop(L, 1);
         }
+        return n;
     }
+    int top = lua_gettop(L);
+    if (top > MAX_CHILDREN) luaL_error(L, "%s: at most %d children", f, MAX_CHILDREN);
+    for (int i = 1; i <= top; i++) {
+        char arg[32];
+        snprintf(arg, sizeof arg, "child %d", i);
+        kids[n++] = check_layer(L, i, f, arg);
+    }
+    return n;
+}
+
+static int l_sequential(lua_State *L) {
+    const char *f = "nn.Sequential";
+    moe_layer *kids[MAX_CHILDREN];
+    int named;
+    int n = read_children(L, f, kids, NULL, &named);
+    push_layer(L, moe_sequential_new(moe_lua_ctx(L), kids, n), f);
+    return 1;
+}
+
+/* ModuleList(l1, l2, ...), ModuleList{l1, l2, ...} or ModuleList{name = layer, ...} */
+static int l_module_list(lua_State *L) {
+    const char *f = "nn.ModuleList";
+    moe_layer *kids[MAX_CHILDREN];
+    const char *names[MAX_CHILDREN];
+    int named;
+    int n = read_children(L, f, kids, names, &named);
     push_layer(L, moe_module_list_new(moe_lua_ctx(L), kids, named ? names : NULL, n), f);
     return 1;
 }
