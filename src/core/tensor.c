@@ -27,12 +27,22 @@ moe_storage *moe_storage_wrap(void *data, size_t nbytes, moe_device dev) {
     return s;
 }
 
+moe_storage *moe_storage_wrap_owned(void *data, size_t nbytes, moe_device dev,
+                                    void (*release)(void *release_arg), void *release_arg) {
+    moe_storage *s = moe_storage_wrap(data, nbytes, dev);
+    if (!s) { if (release) release(release_arg); return NULL; }
+    s->release = release;
+    s->release_arg = release_arg;
+    return s;
+}
+
 void moe_storage_retain(moe_storage *s) { if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED); }
 
 void moe_storage_release(moe_storage *s) {
     if (!s) return;
     if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
         if (s->alloc) s->alloc->free(s->alloc, s->data, s->nbytes);
+        if (s->release) s->release(s->release_arg);
         free(s);
     }
 }
@@ -418,7 +428,7 @@ static moe_status elem_offset(const moe_tensor *t, const int64_t *idx, int64_t *
 
 moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out) {
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "element access needs a cpu tensor");
-    int64_t o;
+    int64_t o = 0;
     MOE_TRY(elem_offset(t, idx, &o));
     *out = moe_dtype_load(t->dtype, (char *)t->storage->data + o * (int64_t)moe_dtype_size(t->dtype));
     return MOE_OK;
@@ -426,7 +436,7 @@ moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out) 
 
 moe_status moe_tensor_set(moe_tensor *t, const int64_t *idx, double v) {
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "element access needs a cpu tensor");
-    int64_t o;
+    int64_t o = 0;
     MOE_TRY(elem_offset(t, idx, &o));
     moe_dtype_store(t->dtype, (char *)t->storage->data + o * (int64_t)moe_dtype_size(t->dtype), v);
     return MOE_OK;

@@ -242,5 +242,6 @@ int luaopen_moelab_core(lua_State *L) {
     moe_lua_open_tensor(L);
     moe_lua_open_ops(L);
     moe_lua_open_nn(L);
+    moe_lua_open_moe(L);
     return 1;
 }

@@ -66,6 +66,16 @@ uint64_t moe_lua_next_seed(lua_State *L);
  * metatable and module functions (matmul) to the module table. */
 void moe_lua_tensor_math_register(lua_State *L, int methods, int mt, int mod);
 
+/* Layers and tapes (src/lua/nn.c), shared with the MoE binding. */
+struct moe_layer;
+struct moe_tape;
+void moe_lua_push_layer(lua_State *L, struct moe_layer *l, const char *what);   /* takes the reference; NULL raises */
+struct moe_layer *moe_lua_check_layer(lua_State *L, int idx, const char *fname, const char *arg);
+struct moe_tape *moe_lua_check_tape(lua_State *L, int idx, const char *fname);
+/* opts.seed, or the next seed of this Lua state's layer-seed sequence */
+uint64_t moe_lua_layer_seed(lua_State *L, int opts, const char *fname);
+void moe_lua_open_moe(lua_State *L);
+
 /* Registration of the parts of moelab.core; each adds functions to the table on top. */
 void moe_lua_open_tensor(lua_State *L);
 void moe_lua_open_ops(lua_State *L);

@@ -13,7 +13,7 @@
 typedef struct { moe_layer *l; } layer_box;
 typedef struct { moe_tape *t; } tape_box;
 
-static void push_layer(lua_State *L, moe_layer *l, const char *what) {
+void moe_lua_push_layer(lua_State *L, moe_layer *l, const char *what) {
     if (!l) moe_lua_fail(L, what);
     layer_box *b = lua_newuserdata(L, sizeof *b);
     b->l = l;
@@ -21,7 +21,7 @@ static void push_layer(lua_State *L, moe_layer *l, const char *what) {
     lua_setmetatable(L, -2);
 }
 
-static moe_layer *check_layer(lua_State *L, int idx, const char *fname, const char *arg) {
+moe_layer *moe_lua_check_layer(lua_State *L, int idx, const char *fname, const char *arg) {
     layer_box *b = lua_touserdata(L, idx);
     if (!b || !lua_getmetatable(L, idx)) goto bad;
     luaL_getmetatable(L, LAYER_MT);
@@ -33,7 +33,7 @@ bad:
     return NULL;
 }
 
-static moe_tape *check_tape(lua_State *L, int idx, const char *fname) {
+moe_tape *moe_lua_check_tape(lua_State *L, int idx, const char *fname) {
     tape_box *b = luaL_testudata(L, idx, TAPE_MT);
     if (!b) luaL_error(L, "%s: expected a tape, got %s", fname, luaL_typename(L, idx));
     if (!b->t) luaL_error(L, "%s: the tape was freed", fname);
@@ -41,7 +41,7 @@ static moe_tape *check_tape(lua_State *L, int idx, const char *fname) {
 }
 
 /* Seeds for layers built without one: a counter in the registry of this Lua state. */
-static uint64_t next_seed(lua_State *L, int opts, const char *fname) {
+uint64_t moe_lua_layer_seed(lua_State *L, int opts, const char *fname) {
     lua_Integer s = moe_lua_opt_field_int(L, opts, "seed", -1, fname);
     if (s >= 0) return (uint64_t)s;
     lua_getfield(L, LUA_REGISTRYINDEX, "moelab.layer_seed");
@@ -68,16 +68,16 @@ static int l_linear(lua_State *L) {
     const char *f = "nn.Linear";
     int64_t in = check_pos(L, 1, f, "in_features"), out = check_pos(L, 2, f, "out_features");
     int bias = moe_lua_opt_field_bool(L, 3, "bias", 1, f);
-    moe_init init = {next_seed(L, 3, f), 0};
-    push_layer(L, moe_linear_new(moe_lua_ctx(L), in, out, bias, &init), f);
+    moe_init init = {moe_lua_layer_seed(L, 3, f), 0};
+    moe_lua_push_layer(L, moe_linear_new(moe_lua_ctx(L), in, out, bias, &init), f);
     return 1;
 }
 
 static int l_embedding(lua_State *L) {
     const char *f = "nn.Embedding";
     int64_t v = check_pos(L, 1, f, "num_embeddings"), d = check_pos(L, 2, f, "embedding_dim");
-    moe_init init = {next_seed(L, 3, f), 0};
-    push_layer(L, moe_embedding_new(moe_lua_ctx(L), v, d, &init), f);
+    moe_init init = {moe_lua_layer_seed(L, 3, f), 0};
+    moe_lua_push_layer(L, moe_embedding_new(moe_lua_ctx(L), v, d, &init), f);
     return 1;
 }
 
@@ -85,7 +85,7 @@ static int l_rmsnorm(lua_State *L) {
     const char *f = "nn.RMSNorm";
     int64_t d = check_pos(L, 1, f, "dim");
     float eps = (float)moe_lua_opt_field_num(L, 2, "eps", 1e-6, f);
-    push_layer(L, moe_rmsnorm_new(moe_lua_ctx(L), d, eps), f);
+    moe_lua_push_layer(L, moe_rmsnorm_new(moe_lua_ctx(L), d, eps), f);
     return 1;
 }
 
@@ -94,7 +94,7 @@ static int l_layernorm(lua_State *L) {
     int64_t d = check_pos(L, 1, f, "dim");
     float eps = (float)moe_lua_opt_field_num(L, 2, "eps", 1e-5, f);
     int bias = moe_lua_opt_field_bool(L, 2, "bias", 1, f);
-    push_layer(L, moe_layernorm_new(moe_lua_ctx(L), d, eps, bias), f);
+    moe_lua_push_layer(L, moe_layernorm_new(moe_lua_ctx(L), d, eps, bias), f);
     return 1;
 }
 
@@ -115,8 +115,8 @@ static int l_attention(lua_State *L) {
     c.bias = moe_lua_opt_field_bool(L, 1, "bias", 0, f);
     c.qk_norm = moe_lua_opt_field_bool(L, 1, "qk_norm", 0, f);
     c.norm_eps = (float)moe_lua_opt_field_num(L, 1, "norm_eps", 1e-5, f);
-    moe_init init = {next_seed(L, 1, f), 0};
-    push_layer(L, moe_attention_new(moe_lua_ctx(L), &c, &init), f);
+    moe_init init = {moe_lua_layer_seed(L, 1, f), 0};
+    moe_lua_push_layer(L, moe_attention_new(moe_lua_ctx(L), &c, &init), f);
     return 1;
 }
 
@@ -131,14 +131,14 @@ static int l_ffn(lua_State *L) {
     else if (!strcmp(act, "gelu")) kind = MOE_FFN_GELU;
     else return luaL_error(L, "%s: option 'activation' must be \"swiglu\" or \"gelu\", got \"%s\"", f, act);
     int bias = moe_lua_opt_field_bool(L, 1, "bias", 0, f);
-    moe_init init = {next_seed(L, 1, f), 0};
-    push_layer(L, moe_ffn_new(moe_lua_ctx(L), h, inner, kind, bias, &init), f);
+    moe_init init = {moe_lua_layer_seed(L, 1, f), 0};
+    moe_lua_push_layer(L, moe_ffn_new(moe_lua_ctx(L), h, inner, kind, bias, &init), f);
     return 1;
 }
 
 static int l_activation(lua_State *L) {
     moe_unary_op op = (moe_unary_op)lua_tointeger(L, lua_upvalueindex(1));
-    push_layer(L, moe_activation_new(op), "nn.Activation");
+    moe_lua_push_layer(L, moe_activation_new(op), "nn.Activation");
     return 1;
 }
 
@@ -172,7 +172,7 @@ static int read_children(lua_State *L, const char *f, moe_layer **kids, const ch
                 lua_rawgeti(L, keys, i);
                 names[i - 1] = lua_tostring(L, -1);  /* kept alive by the keys table */
                 lua_gettable(L, 1);
-                kids[i - 1] = check_layer(L, -1, f, names[i - 1]);
+                kids[i - 1] = moe_lua_check_layer(L, -1, f, names[i - 1]);
                 lua_pop(L, 1);
             }
             *named = 1;
@@ -182,7 +182,7 @@ static int read_children(lua_State *L, const char *f, moe_layer **kids, const ch
             lua_rawgeti(L, 1, i);
             char arg[32];
             snprintf(arg, sizeof arg, "child %d", i);
-            kids[n++] = check_layer(L, -1, f, arg);
+            kids[n++] = moe_lua_check_layer(L, -1, f, arg);
             lua_pop(L, 1);
         }
         return n;
@@ -192,7 +192,7 @@ static int read_children(lua_State *L, const char *f, moe_layer **kids, const ch
     for (int i = 1; i <= top; i++) {
         char arg[32];
         snprintf(arg, sizeof arg, "child %d", i);
-        kids[n++] = check_layer(L, i, f, arg);
+        kids[n++] = moe_lua_check_layer(L, i, f, arg);
     }
     return n;
 }
@@ -202,7 +202,7 @@ static int l_sequential(lua_State *L) {
     moe_layer *kids[MAX_CHILDREN];
     int named;
     int n = read_children(L, f, kids, NULL, &named);
-    push_layer(L, moe_sequential_new(moe_lua_ctx(L), kids, n), f);
+    moe_lua_push_layer(L, moe_sequential_new(moe_lua_ctx(L), kids, n), f);
     return 1;
 }
 
@@ -213,7 +213,7 @@ static int l_module_list(lua_State *L) {
     const char *names[MAX_CHILDREN];
     int named;
     int n = read_children(L, f, kids, names, &named);
-    push_layer(L, moe_module_list_new(moe_lua_ctx(L), kids, named ? names : NULL, n), f);
+    moe_lua_push_layer(L, moe_module_list_new(moe_lua_ctx(L), kids, named ? names : NULL, n), f);
     return 1;
 }
 
@@ -221,9 +221,9 @@ static int l_module_list(lua_State *L) {
 
 static int layer_forward(lua_State *L) {
     const char *f = "layer:forward";
-    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "input");
-    moe_tape *tape = lua_isnoneornil(L, 3) ? NULL : check_tape(L, 3, f);
+    moe_tape *tape = lua_isnoneornil(L, 3) ? NULL : moe_lua_check_tape(L, 3, f);
     moe_tensor *y;
     moe_status s = moe_layer_forward(l, moe_lua_ctx(L), tape, x, &y);
     if (s != MOE_OK) return moe_lua_fail(L, f);
@@ -254,7 +254,7 @@ static void push_tensor_ref(lua_State *L, moe_tensor *t) {
 
 /* parameters() -> array of {name=, value=, grad=} in a stable order */
 static int layer_parameters(lua_State *L) {
-    moe_layer *l = check_layer(L, 1, "layer:parameters", "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:parameters", "self");
     int n = moe_layer_num_param_tensors(l);
     moe_param *ps = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
     moe_layer_collect_params(l, ps, n);
@@ -273,7 +273,7 @@ static int layer_parameters(lua_State *L) {
 }
 
 static moe_param *find_param(lua_State *L, const char *f) {
-    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (lua_type(L, 2) != LUA_TSTRING) luaL_error(L, "%s: name must be a string, got %s", f, luaL_typename(L, 2));
     const char *name = lua_tostring(L, 2);
     moe_param *p = moe_layer_find_param(l, name);
@@ -285,12 +285,12 @@ static int layer_param(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:p
 static int layer_grad(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:grad")->grad); return 1; }
 
 static int layer_num_params(lua_State *L) {
-    lua_pushnumber(L, (lua_Number)moe_layer_num_params(check_layer(L, 1, "layer:num_params", "self")));
+    lua_pushnumber(L, (lua_Number)moe_layer_num_params(moe_lua_check_layer(L, 1, "layer:num_params", "self")));
     return 1;
 }
 
 static int layer_zero_grad(lua_State *L) {
-    moe_layer *l = check_layer(L, 1, "layer:zero_grad", "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:zero_grad", "self");
     moe_lua_check(L, moe_layer_zero_grad(moe_lua_ctx(L), l), "layer:zero_grad");
     lua_settop(L, 1);
     return 1;
@@ -298,7 +298,7 @@ static int layer_zero_grad(lua_State *L) {
 
 static int layer_to(lua_State *L) {
     const char *f = "layer:to";
-    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (lua_type(L, 2) != LUA_TSTRING) return luaL_error(L, "%s: device must be a string, got %s", f, luaL_typename(L, 2));
     moe_device d = moe_lua_check_device(L, lua_tostring(L, 2), f);
     moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, d), f);
@@ -308,7 +308,7 @@ static int layer_to(lua_State *L) {
 
 static int layer_flat(lua_State *L) {
     const char *f = "layer:flat_parameters";
-    moe_layer *l = check_layer(L, 1, f, "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (!l->flat_values) moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, l->device), f);
     push_tensor_ref(L, l->flat_values);
     push_tensor_ref(L, l->flat_grads);
@@ -316,22 +316,22 @@ static int layer_flat(lua_State *L) {
 }
 
 static int layer_kind(lua_State *L) {
-    lua_pushstring(L, check_layer(L, 1, "layer:kind", "self")->vt->kind);
+    lua_pushstring(L, moe_lua_check_layer(L, 1, "layer:kind", "self")->vt->kind);
     return 1;
 }
 
 static int layer_device(lua_State *L) {
     char b[16];
-    lua_pushstring(L, moe_device_str(check_layer(L, 1, "layer:device", "self")->device, b, sizeof b));
+    lua_pushstring(L, moe_device_str(moe_lua_check_layer(L, 1, "layer:device", "self")->device, b, sizeof b));
     return 1;
 }
 
 static int layer_children(lua_State *L) {
-    moe_layer *l = check_layer(L, 1, "layer:children", "self");
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:children", "self");
     lua_createtable(L, l->n_children, 0);
     for (int i = 0; i < l->n_children; i++) {
         moe_layer_retain(l->children[i]);
-        push_layer(L, l->children[i], "layer:children");
+        moe_lua_push_layer(L, l->children[i], "layer:children");
         lua_rawseti(L, -2, i + 1);
     }
     return 1;
@@ -358,7 +358,7 @@ static int tape_gc(lua_State *L) {
 
 static int tape_backward(lua_State *L) {
     const char *f = "tape:backward";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *y = moe_lua_check_tensor_f(L, 2, f, "output");
     moe_tensor *g = moe_lua_opt_tensor_f(L, 3, f, "grad_output");
     moe_lua_check(L, moe_tape_backward(moe_lua_ctx(L), t, y, g), f);
@@ -367,7 +367,7 @@ static int tape_backward(lua_State *L) {
 
 static int tape_grad(lua_State *L) {
     const char *f = "tape:grad";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "tensor");
     moe_tensor *g = moe_tape_grad(t, x);
     if (!g) { lua_pushnil(L); return 1; }
@@ -376,10 +376,10 @@ static int tape_grad(lua_State *L) {
     return 1;
 }
 
-static int tape_reset(lua_State *L) { moe_tape_reset(check_tape(L, 1, "tape:reset")); return 0; }
-static int tape_size(lua_State *L) { lua_pushinteger(L, moe_tape_size(check_tape(L, 1, "tape:size"))); return 1; }
+static int tape_reset(lua_State *L) { moe_tape_reset(moe_lua_check_tape(L, 1, "tape:reset")); return 0; }
+static int tape_size(lua_State *L) { lua_pushinteger(L, moe_tape_size(moe_lua_check_tape(L, 1, "tape:size"))); return 1; }
 static int tape_retain(lua_State *L) {
-    moe_tape_retain_grads(check_tape(L, 1, "tape:retain_grads"), lua_toboolean(L, 2));
+    moe_tape_retain_grads(moe_lua_check_tape(L, 1, "tape:retain_grads"), lua_toboolean(L, 2));
     return 0;
 }
 
@@ -394,7 +394,7 @@ static int finish(lua_State *L, moe_status s, moe_tensor **y, const char *f) {
 static int tape_binary(lua_State *L) {
     moe_binary_op op = (moe_binary_op)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = lua_tostring(L, lua_upvalueindex(2));
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *a = moe_lua_check_tensor_f(L, 2, f, "a"), *b = moe_lua_check_tensor_f(L, 3, f, "b"), *y;
     return finish(L, moe_f_binary(moe_lua_ctx(L), t, op, a, b, &y), &y, f);
 }
@@ -402,7 +402,7 @@ static int tape_binary(lua_State *L) {
 static int tape_unary(lua_State *L) {
     moe_unary_op op = (moe_unary_op)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = lua_tostring(L, lua_upvalueindex(2));
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     float alpha = lua_isnoneornil(L, 3) ? 0.0f : (float)moe_lua_check_num(L, 3, f, "alpha");
     return finish(L, moe_f_unary(moe_lua_ctx(L), t, op, x, alpha, &y), &y, f);
@@ -410,14 +410,14 @@ static int tape_unary(lua_State *L) {
 
 static int tape_swiglu(lua_State *L) {
     const char *f = "tape:swiglu";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *g = moe_lua_check_tensor_f(L, 2, f, "gate"), *u = moe_lua_check_tensor_f(L, 3, f, "up"), *y;
     return finish(L, moe_f_swiglu(moe_lua_ctx(L), t, g, u, &y), &y, f);
 }
 
 static int tape_view(lua_State *L) {
     const char *f = "tape:view";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     int64_t shape[MOE_MAX_DIMS];
     /* allow -1 in a table shape: read it by hand */
@@ -436,7 +436,7 @@ static int tape_view(lua_State *L) {
 
 static int tape_cross_entropy(lua_State *L) {
     const char *f = "tape:cross_entropy";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *logits = moe_lua_check_tensor_f(L, 2, f, "logits"), *targets = moe_lua_check_tensor_f(L, 3, f, "targets"), *y;
     int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
     return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), &y, f);
@@ -445,14 +445,14 @@ static int tape_cross_entropy(lua_State *L) {
 static int tape_sum(lua_State *L) {
     int mean = (int)lua_tointeger(L, lua_upvalueindex(1));
     const char *f = mean ? "tape:mean" : "tape:sum";
-    moe_tape *t = check_tape(L, 1, f);
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "x"), *y;
     return finish(L, moe_f_sum(moe_lua_ctx(L), t, x, mean, &y), &y, f);
 }
 
 static int tape_forward(lua_State *L) {
     /* tape:forward(layer, x) == layer:forward(x, tape) */
-    check_tape(L, 1, "tape:forward");
+    moe_lua_check_tape(L, 1, "tape:forward");
     lua_pushcfunction(L, layer_forward);
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 3);

@@ -40,6 +40,8 @@ void moe_layer_release(moe_layer *l) {
     for (int i = 0; i < l->n_children; i++) moe_layer_release(l->children[i]);
     moe_tensor_release(l->flat_values);
     moe_tensor_release(l->flat_grads);
+    for (int i = 0; i < l->n_buffers; i++) moe_tensor_release(l->buffers[i].value);
+    free(l->buffers);
     free(l->params);
     free(l->children);
     free(l->child_names);
@@ -123,6 +125,44 @@ static int collect(moe_layer *l, const char *prefix, moe_param *out, int pos, in
 }
 
 int moe_layer_collect_params(moe_layer *l, moe_param *out, int max) { return collect(l, "", out, 0, max); }
+
+int moe_layer_num_buffer_tensors(const moe_layer *l) {
+    int n = l->n_buffers;
+    for (int i = 0; i < l->n_children; i++) n += moe_layer_num_buffer_tensors(l->children[i]);
+    return n;
+}
+
+static int collect_buffers(moe_layer *l, const char *prefix, moe_param *out, int pos, int max) {
+    for (int i = 0; i < l->n_buffers; i++, pos++) {
+        if (pos >= max) continue;
+        out[pos] = l->buffers[i];
+        snprintf(out[pos].name, sizeof out[pos].name, "%s%s", prefix, l->buffers[i].name);
+    }
+    for (int c = 0; c < l->n_children; c++) {
+        char p[64];
+        snprintf(p, sizeof p, "%s%s.", prefix, l->child_names[c]);
+        pos = collect_buffers(l->children[c], p, out, pos, max);
+    }
+    return pos;
+}
+
+int moe_layer_collect_buffers(moe_layer *l, moe_param *out, int max) { return collect_buffers(l, "", out, 0, max); }
+
+moe_status moe_layer_add_buffer(moe_layer *l, const char *name, moe_tensor *t) {
+    moe_param *b = realloc(l->buffers, (size_t)(l->n_buffers + 1) * sizeof *b);
+    if (!b) return moe_error(MOE_ERR_OOM, "out of host memory");
+    l->buffers = b;
+    memset(&b[l->n_buffers], 0, sizeof *b);
+    snprintf(b[l->n_buffers].name, sizeof b[l->n_buffers].name, "%s", name);
+    moe_tensor_retain(t);
+    b[l->n_buffers++].value = t;
+    return MOE_OK;
+}
+
+void moe_layer_set_training(moe_layer *l, int on) {
+    l->training = on;
+    for (int i = 0; i < l->n_children; i++) moe_layer_set_training(l->children[i], on);
+}
 
 int64_t moe_layer_num_params(const moe_layer *l) {
     int64_t n = 0;

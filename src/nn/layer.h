@@ -41,6 +41,11 @@ struct moe_layer {
     char (*child_names)[32];
     int n_children;
     moe_tensor *flat_values, *flat_grads;   /* set when this layer owns the flat buffers of its tree */
+    /* State that is saved with the model but not trained (the router bias of
+     * auxiliary-loss-free balancing): names and tensors, owned. */
+    moe_param *buffers;                     /* .grad is NULL */
+    int n_buffers;
+    int training;                           /* training mode: noise, jitter and bias updates apply */
     void *state;                            /* layer-specific */
 };
 
@@ -63,6 +68,14 @@ int moe_layer_num_param_tensors(const moe_layer *l);
 int moe_layer_collect_params(moe_layer *l, moe_param *out, int max);
 int64_t moe_layer_num_params(const moe_layer *l);       /* scalar count */
 moe_param *moe_layer_find_param(moe_layer *l, const char *dotted_name);
+
+/* Buffers of the whole tree, as moe_layer_collect_params does for parameters. */
+int moe_layer_num_buffer_tensors(const moe_layer *l);
+int moe_layer_collect_buffers(moe_layer *l, moe_param *out, int max);
+/* Adds a buffer (takes a reference). */
+moe_status moe_layer_add_buffer(moe_layer *l, const char *name, moe_tensor *t);
+/* Training mode for the whole tree. */
+void moe_layer_set_training(moe_layer *l, int on);
 
 /* Moves every parameter of the tree into one fresh value buffer and one grad
  * buffer on `dev` (values kept, grads zeroed). */

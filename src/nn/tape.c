@@ -200,7 +200,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             for (int i = 0; i < e->n_in; i++) moe_tensor_release(gin[i]);
             return moe_error_context(s, "%s.backward", e->name);
         }
-        if (!t->retain_grads)
+        if (!t->retain_grads && !e->keep_out_grads)
             for (int j = 0; j < e->n_out; j++) drop_grad(t, e->out[j]);
         for (int i = 0; i < e->n_in; i++) {
             if (!gin[i]) continue;

@@ -31,6 +31,7 @@ struct moe_tape_entry {
     moe_tensor *in[MOE_TAPE_MAX_IO];
     moe_tensor *out[MOE_TAPE_MAX_IO];
     moe_tensor *saved[MOE_TAPE_MAX_SAVED];
+    int keep_out_grads;                      /* an earlier entry shares these outputs: their gradients stay */
     double f[4];                             /* scalar arguments (eps, scale, ...) */
     int64_t i[4];                            /* integer arguments */
 };

@@ -1,0 +1,285 @@
+/* Lua binding of the MoE block and the MoE transformer: nn.MoE{...},
+ * nn.Model{...}, and the MoE-specific layer methods (routing statistics,
+ * balancing losses, the aux-free bias, training mode). */
+#include "lmoe.h"
+#include "../nn/model.h"
+
+#include <string.h>
+
+static int opt_choice(lua_State *L, int idx, const char *key, const char *const *names, int def, const char *f) {
+    const char *v = moe_lua_opt_field_str(L, idx, key, NULL, f);
+    if (!v) return def;
+    for (int i = 0; names[i]; i++)
+        if (!strcmp(v, names[i])) return i;
+    char list[256] = "";
+    for (int i = 0; names[i]; i++) {
+        strncat(list, i ? ", " : "", sizeof list - strlen(list) - 1);
+        strncat(list, names[i], sizeof list - strlen(list) - 1);
+    }
+    return luaL_error(L, "%s: option '%s' must be one of %s, got \"%s\"", f, key, list, v);
+}
+
+static int64_t opt_pos(lua_State *L, int idx, const char *key, lua_Integer def, const char *f) {
+    lua_Integer v = moe_lua_opt_field_int(L, idx, key, def, f);
+    if (v <= 0) luaL_error(L, "%s: option '%s' must be a positive integer%s", f, key, def <= 0 ? " (required)" : "");
+    return v;
+}
+
+static const char *const selections[] = {"topk", "noisy_topk", "expert_choice", "sinkhorn", NULL};
+static const char *const scores[] = {"softmax", "sigmoid", NULL};
+static const char *const aux_kinds[] = {"none", "batch", "sequence", NULL};
+static const char *const acts[] = {"swiglu", "gelu", NULL};
+
+/* Reads the MoE options of the table at idx (flat keys, as in the original API). */
+static void read_block_cfg(lua_State *L, int idx, moe_block_cfg *c, int64_t hidden, const char *f) {
+    memset(c, 0, sizeof *c);
+    c->hidden = hidden;
+    c->router.num_experts = opt_pos(L, idx, "num_experts", 8, f);
+    c->router.top_k = opt_pos(L, idx, "experts_per_token", 2, f);
+    c->router.selection = (moe_selection)opt_choice(L, idx, "router", selections, 0, f);
+    c->router.score = (moe_score_fn)opt_choice(L, idx, "router_score", scores, 0, f);
+    c->router.renormalize = moe_lua_opt_field_bool(L, idx, "renormalize", 1, f);
+    c->router.capacity_factor = (float)moe_lua_opt_field_num(L, idx, "capacity_factor", 0, f);
+    if (c->router.capacity_factor < 0)
+        luaL_error(L, "%s: option 'capacity_factor' must be > 0 (or 0 for no limit), got %g", f, c->router.capacity_factor);
+    c->router.routed_scaling = (float)moe_lua_opt_field_num(L, idx, "routed_scaling_factor", 1.0, f);
+    c->router.sinkhorn_iters = (int)moe_lua_opt_field_int(L, idx, "sinkhorn_iterations", 8, f);
+    c->router.aux = (moe_aux_kind)opt_choice(L, idx, "aux_loss_type", aux_kinds, MOE_AUX_BATCH, f);
+    c->expert_inner = opt_pos(L, idx, "expert_intermediate_size", 4 * hidden, f);
+    c->activation = (moe_ffn_kind)opt_choice(L, idx, "activation", acts, 0, f);
+    c->jitter = (float)moe_lua_opt_field_num(L, idx, "jitter_noise", 0, f);
+    c->aux_free = moe_lua_opt_field_bool(L, idx, "aux_free", 0, f);
+    c->aux_free_rate = (float)moe_lua_opt_field_num(L, idx, "aux_free_rate", 1e-3, f);
+    c->shared_experts = moe_lua_opt_field_int(L, idx, "num_shared_experts", 0, f);
+    c->shared_inner = moe_lua_opt_field_int(L, idx, "shared_intermediate_size", 0, f);
+}
+
+/* Custom experts: opts.experts = {layer, layer, ...} (exactly num_experts). */
+static int read_experts(lua_State *L, int idx, moe_layer **out, int64_t n, const char *f) {
+    lua_getfield(L, idx, "experts");
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return 0; }
+    if (!lua_istable(L, -1)) luaL_error(L, "%s: option 'experts' must be a list of layers", f);
+    if ((int64_t)lua_objlen(L, -1) != n)
+        luaL_error(L, "%s: option 'experts' has %d layers, expected num_experts = %d", f, (int)lua_objlen(L, -1), (int)n);
+    for (int64_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        char arg[48];
+        snprintf(arg, sizeof arg, "experts[%d]", (int)i + 1);
+        out[i] = moe_lua_check_layer(L, -1, f, arg);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return 1;
+}
+
+#define MAX_EXPERTS 1024
+
+static int l_moe(lua_State *L) {
+    const char *f = "nn.MoE";
+    if (!lua_istable(L, 1)) return luaL_error(L, "%s: expected a table of options, got %s", f, luaL_typename(L, 1));
+    int64_t hidden = opt_pos(L, 1, "hidden_size", 0, f);
+    moe_block_cfg c;
+    read_block_cfg(L, 1, &c, hidden, f);
+    if (c.router.num_experts > MAX_EXPERTS) return luaL_error(L, "%s: at most %d experts", f, MAX_EXPERTS);
+    moe_layer *ex[MAX_EXPERTS];
+    int custom = read_experts(L, 1, ex, c.router.num_experts, f);
+    moe_init init = {moe_lua_layer_seed(L, 1, f), 0};
+    c.seed = init.seed;
+    moe_lua_push_layer(L, moe_block_new(moe_lua_ctx(L), &c, custom ? ex : NULL, &init), f);
+    return 1;
+}
+
+static int l_model(lua_State *L) {
+    const char *f = "nn.Model";
+    if (!lua_istable(L, 1)) return luaL_error(L, "%s: expected a table of options, got %s", f, luaL_typename(L, 1));
+    moe_model_cfg c;
+    memset(&c, 0, sizeof c);
+    c.vocab = opt_pos(L, 1, "vocab_size", 0, f);
+    c.hidden = opt_pos(L, 1, "hidden_size", 0, f);
+    c.layers = opt_pos(L, 1, "num_layers", 0, f);
+    c.heads = opt_pos(L, 1, "num_heads", 0, f);
+    c.kv_heads = opt_pos(L, 1, "num_kv_heads", c.heads, f);
+    c.head_dim = moe_lua_opt_field_int(L, 1, "head_dim", 0, f);
+    c.dense_inner = moe_lua_opt_field_int(L, 1, "intermediate_size", 4 * c.hidden, f);
+    c.rope_theta = (float)moe_lua_opt_field_num(L, 1, "rope_theta", 10000.0, f);
+    c.norm_eps = (float)moe_lua_opt_field_num(L, 1, "norm_eps", 1e-5, f);
+    c.qk_norm = moe_lua_opt_field_bool(L, 1, "qk_norm", 0, f);
+    c.tie_embeddings = moe_lua_opt_field_bool(L, 1, "tie_word_embeddings", 0, f);
+    c.attn_bias = moe_lua_opt_field_bool(L, 1, "attention_bias", 0, f);
+    c.activation = (moe_ffn_kind)opt_choice(L, 1, "activation", acts, 0, f);
+    c.moe_every = (int)moe_lua_opt_field_int(L, 1, "moe_layer_frequency", 1, f);
+    c.first_dense = (int)moe_lua_opt_field_int(L, 1, "first_dense_layers", 0, f);
+    if (c.heads > 0 && c.head_dim == 0 && c.hidden % c.heads)
+        return luaL_error(L, "%s: hidden_size (%d) must be divisible by num_heads (%d)", f, (int)c.hidden, (int)c.heads);
+    read_block_cfg(L, 1, &c.moe, c.hidden, f);
+    moe_init init = {moe_lua_layer_seed(L, 1, f), 0};
+    moe_lua_push_layer(L, moe_model_new(moe_lua_ctx(L), &c, NULL, &init), f);
+    return 1;
+}
+
+/* ---- methods added to every layer (they check the layer kind) ---- */
+
+static moe_layer *check_moe(lua_State *L, const char *f) {
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    if (!moe_layer_is_moe(l)) luaL_error(L, "%s: %s is not an MoE layer", f, l->vt->kind);
+    return l;
+}
+
+static void push_stats(lua_State *L, const moe_route_stats *s, int64_t e) {
+    lua_createtable(L, 0, 9);
+    lua_pushnumber(L, (lua_Number)s->tokens); lua_setfield(L, -2, "tokens");
+    lua_pushnumber(L, (lua_Number)s->assignments); lua_setfield(L, -2, "assignments");
+    lua_pushnumber(L, (lua_Number)s->dropped); lua_setfield(L, -2, "dropped");
+    lua_pushnumber(L, s->entropy); lua_setfield(L, -2, "entropy");
+    lua_pushnumber(L, s->z); lua_setfield(L, -2, "z");
+    lua_pushnumber(L, s->top1_prob); lua_setfield(L, -2, "top1_prob");
+    lua_pushnumber(L, s->aux); lua_setfield(L, -2, "aux");
+    lua_createtable(L, (int)e, 0);
+    for (int64_t j = 0; j < e; j++) { lua_pushnumber(L, (lua_Number)s->counts[j]); lua_rawseti(L, -2, (int)j + 1); }
+    lua_setfield(L, -2, "counts");
+}
+
+static int m_routing_stats(lua_State *L) {
+    moe_layer *l = check_moe(L, "layer:routing_stats");
+    const moe_route_stats *s = moe_block_last_stats(l);
+    if (!s) { lua_pushnil(L); return 1; }
+    push_stats(L, s, moe_block_config(l)->router.num_experts);
+    return 1;
+}
+
+static void push_borrowed(lua_State *L, moe_tensor *t, const char *f) {
+    if (!t) { lua_pushnil(L); return; }
+    moe_tensor_retain(t);
+    moe_lua_push_tensor(L, t, f);
+}
+
+static int m_aux(lua_State *L) { push_borrowed(L, moe_block_last_aux(check_moe(L, "layer:aux_loss")), "layer:aux_loss"); return 1; }
+static int m_z(lua_State *L) { push_borrowed(L, moe_block_last_z(check_moe(L, "layer:z_loss")), "layer:z_loss"); return 1; }
+static int m_bias(lua_State *L) { push_borrowed(L, moe_block_bias(check_moe(L, "layer:expert_bias")), "layer:expert_bias"); return 1; }
+
+static int m_assignments(lua_State *L) {
+    const char *f = "layer:assignments";
+    moe_tensor *t, *e, *w;
+    moe_block_last_assignments(check_moe(L, f), &t, &e, &w);
+    push_borrowed(L, t, f); push_borrowed(L, e, f); push_borrowed(L, w, f);
+    return 3;
+}
+
+static int m_update_bias(lua_State *L) {
+    moe_lua_check(L, moe_block_update_bias(check_moe(L, "layer:update_bias")), "layer:update_bias");
+    return 0;
+}
+
+static int m_train(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:train", "self");
+    int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
+    moe_layer_set_training(l, on);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int m_is_training(lua_State *L) {
+    lua_pushboolean(L, moe_lua_check_layer(L, 1, "layer:is_training", "self")->training);
+    return 1;
+}
+
+static int m_buffers(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:buffers", "self");
+    int n = moe_layer_num_buffer_tensors(l);
+    moe_param *bs = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
+    moe_layer_collect_buffers(l, bs, n);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 2);
+        lua_pushstring(L, bs[i].name);
+        lua_setfield(L, -2, "name");
+        push_borrowed(L, bs[i].value, "layer:buffers");
+        lua_setfield(L, -2, "value");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static moe_layer *check_model(lua_State *L, const char *f) {
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    if (!moe_model_config(l)) luaL_error(L, "%s: %s is not an MoE model", f, l->vt->kind);
+    return l;
+}
+
+static int m_balance_losses(lua_State *L) {
+    const char *f = "model:balance_losses";
+    moe_layer *m = check_model(L, f);
+    moe_tape *tape = lua_isnoneornil(L, 2) ? NULL : moe_lua_check_tape(L, 2, f);
+    moe_tensor *aux, *z;
+    moe_lua_check(L, moe_model_balance_losses(m, moe_lua_ctx(L), tape, &aux, &z), f);
+    moe_lua_push_tensor(L, aux, f);
+    moe_lua_push_tensor(L, z, f);
+    return 2;
+}
+
+static int m_moe_layers(lua_State *L) {
+    moe_layer *m = check_model(L, "model:moe_layers");
+    moe_layer *ls[1024];
+    int n = moe_model_moe_layers(m, ls, 1024);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n && i < 1024; i++) {
+        moe_layer_retain(ls[i]);
+        moe_lua_push_layer(L, ls[i], "model:moe_layers");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+static int m_active(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)moe_model_num_active_params(check_model(L, "model:num_active_params")));
+    return 1;
+}
+
+static int m_config(lua_State *L) {
+    const moe_model_cfg *c = moe_model_config(check_model(L, "model:config"));
+    lua_createtable(L, 0, 24);
+#define SETN(k, v) (lua_pushnumber(L, (lua_Number)(v)), lua_setfield(L, -2, k))
+#define SETB(k, v) (lua_pushboolean(L, (v)), lua_setfield(L, -2, k))
+#define SETS(k, v) (lua_pushstring(L, (v)), lua_setfield(L, -2, k))
+    SETN("vocab_size", c->vocab); SETN("hidden_size", c->hidden); SETN("num_layers", c->layers);
+    SETN("num_heads", c->heads); SETN("num_kv_heads", c->kv_heads ? c->kv_heads : c->heads);
+    SETN("head_dim", c->head_dim ? c->head_dim : c->hidden / c->heads); SETN("intermediate_size", c->dense_inner);
+    SETN("rope_theta", c->rope_theta); SETN("norm_eps", c->norm_eps); SETB("qk_norm", c->qk_norm);
+    SETB("tie_word_embeddings", c->tie_embeddings); SETB("attention_bias", c->attn_bias);
+    SETS("activation", acts[c->activation]); SETN("moe_layer_frequency", c->moe_every);
+    SETN("first_dense_layers", c->first_dense);
+    const moe_block_cfg *b = &c->moe;
+    SETN("num_experts", b->router.num_experts); SETN("experts_per_token", b->router.top_k);
+    SETS("router", selections[b->router.selection]); SETS("router_score", scores[b->router.score]);
+    SETB("renormalize", b->router.renormalize); SETN("capacity_factor", b->router.capacity_factor);
+    SETN("routed_scaling_factor", b->router.routed_scaling ? b->router.routed_scaling : 1);
+    SETN("sinkhorn_iterations", b->router.sinkhorn_iters); SETS("aux_loss_type", aux_kinds[b->router.aux]);
+    SETN("expert_intermediate_size", b->expert_inner); SETN("jitter_noise", b->jitter); SETB("aux_free", b->aux_free);
+    SETN("aux_free_rate", b->aux_free_rate); SETN("num_shared_experts", b->shared_experts);
+    SETN("shared_intermediate_size", b->shared_inner);
+#undef SETN
+#undef SETB
+#undef SETS
+    return 1;
+}
+
+static const luaL_Reg layer_extra[] = {
+    {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"train", m_train},
+    {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
+    {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
+
+void moe_lua_open_moe(lua_State *L) {
+    /* extend the layer methods table */
+    luaL_getmetatable(L, "moelab.Layer");
+    lua_getfield(L, -1, "__index");
+    luaL_register(L, NULL, layer_extra);
+    lua_pop(L, 2);
+    /* constructors into the nn table of the module on top of the stack */
+    lua_getfield(L, -1, "nn");
+    lua_pushcfunction(L, l_moe);
+    lua_setfield(L, -2, "MoE");
+    lua_pushcfunction(L, l_model);
+    lua_setfield(L, -2, "Model");
+    lua_pop(L, 1);
+}

@@ -1,0 +1,134 @@
+/* The routed experts of an MoE layer, all in one layer with stacked weights:
+ *   gate_proj [E, I, H], up_proj [E, I, H], down_proj [E, H, I]
+ * (each expert's matrices in the [out, in] layout of its dense twin). Rows of
+ * its input arrive in expert-contiguous order with offsets, so every
+ * projection is one grouped GEMM over all experts. */
+#include "moe_block.h"
+#include "functional.h"
+
+#include <stdio.h>
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct { moe_ffn_kind kind; } bank_state;
+
+enum { P_GATE, P_UP, P_DOWN };
+
+static int swiglu_bank(const moe_layer *l) { return ((bank_state *)l->state)->kind == MOE_FFN_SWIGLU; }
+static moe_param *bank_param(moe_layer *l, int which) {
+    /* GELU banks have no gate: up is params[0], down params[1] */
+    if (swiglu_bank(l)) return &l->params[which];
+    return &l->params[which == P_UP ? 0 : 1];
+}
+
+static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_layer *l = e->self;
+    int sw = swiglu_bank(l);
+    moe_tensor *xp = e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3], *h = e->saved[4];
+    const int64_t *off = moe_tensor_data(offs);
+    int groups = (int)(offs->shape[0] - 1);
+    moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
+    moe_tensor *dy = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *dh = moe_tensor_like(ctx, h), *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
+    moe_tensor *dx = moe_tensor_like(ctx, xp);
+    moe_status s = dy && dh && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
+    /* down: y = h @ down^T  ->  dh = dy @ down, ddown += dy^T h */
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, pd->value, 0.0f, dh, off, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dy, h, 1.0f, pd->grad, off, groups);
+    /* activation */
+    if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
+                            : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
+    /* up (and gate): a = x @ W^T -> dx += da @ W, dW += da^T x */
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, du, pu->value, 0.0f, dx, off, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, du, xp, 1.0f, pu->grad, off, groups);
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dg, pg->value, 1.0f, dx, off, groups);
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dg, xp, 1.0f, pg->grad, off, groups);
+    moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
+                                   const int64_t *offsets, int groups, moe_tensor **yp) {
+    *yp = NULL;
+    int sw = swiglu_bank(l);
+    moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
+    int64_t a = xp->shape[0], inner = pu->value->shape[1], hidden = pu->value->shape[2];
+    if (groups != pu->value->shape[0])
+        return moe_error(MOE_ERR_SHAPE, "experts: %d groups of rows for %lld experts", groups, (long long)pu->value->shape[0]);
+    int64_t ish[2] = {a, inner}, hsh[2] = {a, hidden}, osh[1] = {groups + 1};
+    moe_tensor *g = sw ? moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device) : NULL;
+    moe_tensor *u = moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device);
+    moe_tensor *h = moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device);
+    moe_tensor *y = moe_tensor_new(ctx, xp->dtype, 2, hsh, xp->device);
+    moe_tensor *offs = moe_tensor_new_cpu(MOE_I64, 1, osh);
+    moe_status s = u && h && y && offs && (!sw || g) ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) {
+        int64_t *o = moe_tensor_data(offs);
+        for (int i = 0; i <= groups; i++) o[i] = offsets[i];
+    }
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pg->value, 0.0f, g, offsets, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pu->value, 0.0f, u, offsets, groups);
+    if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, pd->value, 0.0f, y, offsets, groups);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "experts", bank_backward, l, moe_layer_retain_v, moe_layer_release_v,
+                                            1, &xp, 1, &y);
+        if (!e) s = moe_last_status();
+        else {
+            moe_tape_save(e, xp); moe_tape_save(e, offs);
+            moe_tape_save(e, g ? g : u);   /* a placeholder keeps saved[] positions fixed */
+            moe_tape_save(e, u); moe_tape_save(e, h);
+        }
+    }
+    moe_tensor_release(g); moe_tensor_release(u); moe_tensor_release(h); moe_tensor_release(offs);
+    if (s != MOE_OK) { moe_tensor_release(y); return moe_error_context(s, "experts"); }
+    *yp = y;
+    return MOE_OK;
+}
+
+static moe_status bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return moe_error(MOE_ERR_STATE, "an expert bank runs inside its MoE layer (it needs the routing offsets)");
+}
+
+static void bank_describe(const moe_layer *l, char *buf, size_t n) {
+    moe_tensor *up = l->params[swiglu_bank(l) ? 1 : 0].value;
+    snprintf(buf, n, "ExpertBank(%lld experts, %lld -> %lld, %s)", (long long)up->shape[0], (long long)up->shape[2],
+             (long long)up->shape[1], swiglu_bank(l) ? "swiglu" : "gelu");
+}
+
+static void bank_destroy(moe_layer *l) { free(l->state); }
+
+static const moe_layer_vtable bank_vt = {"ExpertBank", bank_forward, bank_describe, bank_destroy};
+
+moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, int64_t inner, moe_ffn_kind kind,
+                               moe_init *init) {
+    if (experts <= 0 || hidden <= 0 || inner <= 0) {
+        moe_error(MOE_ERR_ARG, "experts: num_experts, hidden_size and expert intermediate size must be positive");
+        return NULL;
+    }
+    int sw = kind == MOE_FFN_SWIGLU;
+    moe_layer *l = moe_layer_alloc(&bank_vt, sw ? 3 : 2, 0);
+    bank_state *st = l ? malloc(sizeof *st) : NULL;
+    if (!st) { moe_layer_release(l); if (l) moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
+    st->kind = kind;
+    l->state = st;
+    int64_t in_shape[3] = {experts, inner, hidden}, out_shape[3] = {experts, hidden, inner};
+    moe_status s = MOE_OK;
+    int i = 0;
+    /* as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) */
+    if (sw) {
+        s = moe_layer_init_param(l, i, "gate_proj", 3, in_shape);
+        if (s == MOE_OK) s = moe_param_init_uniform(ctx, &l->params[i], init, 1.0f / sqrtf((float)hidden));
+        i++;
+    }
+    if (s == MOE_OK) s = moe_layer_init_param(l, i, "up_proj", 3, in_shape);
+    if (s == MOE_OK) s = moe_param_init_uniform(ctx, &l->params[i], init, 1.0f / sqrtf((float)hidden));
+    i++;
+    if (s == MOE_OK) s = moe_layer_init_param(l, i, "down_proj", 3, out_shape);
+    if (s == MOE_OK) s = moe_param_init_uniform(ctx, &l->params[i], init, 1.0f / sqrtf((float)inner));
+    if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
+    if (s != MOE_OK) { moe_layer_release(l); return NULL; }
+    return l;
+}

@@ -1,0 +1,218 @@
+#include "model.h"
+#include "functional.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { C_EMBED, C_LAYERS, C_NORM, C_HEAD };
+enum { B_NORM1, B_ATTN, B_NORM2, B_MLP };
+
+typedef struct { moe_model_cfg cfg; } model_state;
+
+int moe_model_layer_is_moe(const moe_model_cfg *c, int64_t i) {
+    if (c->moe_every <= 0 || i < c->first_dense) return 0;
+    return c->moe_every == 1 || (i % c->moe_every) == c->moe_every - 1;
+}
+
+moe_status moe_model_cfg_check(const moe_model_cfg *c) {
+    if (c->vocab <= 0) return moe_error(MOE_ERR_ARG, "model: vocab_size must be positive, got %lld", (long long)c->vocab);
+    if (c->hidden <= 0) return moe_error(MOE_ERR_ARG, "model: hidden_size must be positive, got %lld", (long long)c->hidden);
+    if (c->layers <= 0) return moe_error(MOE_ERR_ARG, "model: num_layers must be positive, got %lld", (long long)c->layers);
+    if (c->heads <= 0) return moe_error(MOE_ERR_ARG, "model: num_heads must be positive, got %lld", (long long)c->heads);
+    if (c->head_dim == 0 && c->hidden % c->heads)
+        return moe_error(MOE_ERR_ARG, "model: hidden_size (%lld) must be divisible by num_heads (%lld)",
+                         (long long)c->hidden, (long long)c->heads);
+    if (c->kv_heads < 0 || (c->kv_heads && c->heads % c->kv_heads))
+        return moe_error(MOE_ERR_ARG, "model: num_heads (%lld) must be a multiple of num_kv_heads (%lld)",
+                         (long long)c->heads, (long long)c->kv_heads);
+    if (c->moe_every < 0) return moe_error(MOE_ERR_ARG, "model: moe_layer_frequency must be >= 0");
+    if (c->first_dense < 0) return moe_error(MOE_ERR_ARG, "model: first_dense_layers must be >= 0");
+    int any_dense = 0;
+    for (int64_t i = 0; i < c->layers; i++) any_dense |= !moe_model_layer_is_moe(c, i);
+    if (any_dense && c->dense_inner <= 0) return moe_error(MOE_ERR_ARG, "model: intermediate_size must be positive for dense layers");
+    if (c->moe_every > 0) MOE_TRY(moe_router_cfg_check(&c->moe.router));
+    return MOE_OK;
+}
+
+static moe_status model_forward_vt(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return moe_model_forward(l, ctx, tape, x, y);
+}
+
+static void model_describe(const moe_layer *l, char *buf, size_t n) {
+    const moe_model_cfg *c = &((model_state *)l->state)->cfg;
+    int64_t moe_layers = 0;
+    for (int64_t i = 0; i < c->layers; i++) moe_layers += moe_model_layer_is_moe(c, i);
+    snprintf(buf, n, "MoEModel(%lld layers (%lld MoE), hidden %lld, %lld heads, vocab %lld, %lld experts top-%lld, %lld params)",
+             (long long)c->layers, (long long)moe_layers, (long long)c->hidden, (long long)c->heads, (long long)c->vocab,
+             (long long)c->moe.router.num_experts, (long long)c->moe.router.top_k, (long long)moe_layer_num_params(l));
+}
+
+static void model_destroy(moe_layer *l) { free(l->state); }
+
+static const moe_layer_vtable model_vt = {"MoEModel", model_forward_vt, model_describe, model_destroy};
+
+const moe_model_cfg *moe_model_config(const moe_layer *l) {
+    return moe_layer_is(l, "MoEModel") ? &((model_state *)l->state)->cfg : NULL;
+}
+
+static moe_layer *make_block(moe_ctx *ctx, const moe_model_cfg *c, int64_t i, moe_layer **custom, moe_init *init) {
+    moe_attention_cfg ac = {c->hidden, c->heads, c->kv_heads ? c->kv_heads : c->heads, c->head_dim, c->rope_theta,
+                            1, c->attn_bias, c->qk_norm, c->norm_eps};
+    moe_layer *kids[4] = {moe_rmsnorm_new(ctx, c->hidden, c->norm_eps), moe_attention_new(ctx, &ac, init),
+                          moe_rmsnorm_new(ctx, c->hidden, c->norm_eps), NULL};
+    if (moe_model_layer_is_moe(c, i)) {
+        moe_block_cfg bc = c->moe;
+        bc.hidden = c->hidden;
+        if (bc.activation != MOE_FFN_GELU) bc.activation = c->activation;
+        bc.seed = init->seed * 1000003u + (uint64_t)i;
+        kids[3] = moe_block_new(ctx, &bc, custom, init);
+    } else {
+        kids[3] = moe_ffn_new(ctx, c->hidden, c->dense_inner, c->activation, 0, init);
+    }
+    static const char *names[4] = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"};
+    moe_layer *b = NULL;
+    if (kids[0] && kids[1] && kids[2] && kids[3]) b = moe_module_list_new(ctx, kids, names, 4);
+    for (int k = 0; k < 4; k++) moe_layer_release(kids[k]);
+    return b;
+}
+
+moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***custom, moe_init *init) {
+    if (moe_model_cfg_check(cfg) != MOE_OK) return NULL;
+    moe_model_cfg c = *cfg;
+    if (c.norm_eps <= 0) c.norm_eps = 1e-5f;
+    int n = (int)c.layers;
+    moe_layer **blocks = calloc((size_t)n, sizeof *blocks);
+    moe_layer *embed = moe_embedding_new(ctx, c.vocab, c.hidden, init);
+    moe_layer *head = c.tie_embeddings ? NULL : moe_linear_new(ctx, c.hidden, c.vocab, 0, init);
+    moe_layer *norm = moe_rmsnorm_new(ctx, c.hidden, c.norm_eps);
+    moe_layer *layers = NULL, *model = NULL;
+    moe_status s = blocks && embed && norm && (c.tie_embeddings || head) ? MOE_OK : moe_last_status();
+    /* embeddings as in GPT-style models: N(0, 0.02) rather than nn.Embedding's N(0, 1) */
+    if (s == MOE_OK) {
+        moe_init emb_init = {init->seed, init->offset + 0x7fffffff};
+        s = moe_param_init_normal(ctx, &embed->params[0], &emb_init, 0.02f);
+    }
+    int moe_i = 0;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        int is_moe = moe_model_layer_is_moe(&c, i);
+        blocks[i] = make_block(ctx, &c, i, is_moe && custom ? custom[moe_i] : NULL, init);
+        moe_i += is_moe;
+        if (!blocks[i]) s = moe_last_status();
+    }
+    if (s == MOE_OK) { layers = moe_module_list_new(ctx, blocks, NULL, n); if (!layers) s = moe_last_status(); }
+    if (s == MOE_OK) {
+        model = moe_layer_alloc(&model_vt, 0, c.tie_embeddings ? 3 : 4);
+        model_state *st = model ? malloc(sizeof *st) : NULL;
+        if (!st) { s = moe_last_status(); if (model) s = moe_error(MOE_ERR_OOM, "out of host memory"); }
+        else {
+            st->cfg = c;
+            model->state = st;
+            moe_layer_set_child(model, C_EMBED, "embed_tokens", embed);
+            moe_layer_set_child(model, C_LAYERS, "layers", layers);
+            moe_layer_set_child(model, C_NORM, "norm", norm);
+            if (head) moe_layer_set_child(model, C_HEAD, "lm_head", head);
+            s = moe_layer_flatten(ctx, model, MOE_DEVICE_CPU);
+        }
+    }
+    for (int i = 0; i < n && blocks; i++) moe_layer_release(blocks[i]);
+    free(blocks);
+    moe_layer_release(embed); moe_layer_release(head); moe_layer_release(norm); moe_layer_release(layers);
+    if (s != MOE_OK) { moe_layer_release(model); return NULL; }
+    return model;
+}
+
+moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits) {
+    *logits = NULL;
+    const moe_model_cfg *c = moe_model_config(m);
+    if (!c) return moe_error(MOE_ERR_ARG, "model forward: not an MoEModel");
+    if (!ids || ids->dtype != MOE_I64 || ids->ndim != 2) {
+        char b[96];
+        return moe_error(MOE_ERR_SHAPE, "model forward: ids must be an i64 tensor [batch, seq], got %s %s",
+                         ids ? moe_dtype_name(ids->dtype) : "nil", ids ? moe_shape_str(ids, b, sizeof b) : "");
+    }
+    moe_tensor *h = NULL;
+    moe_status s = moe_layer_forward(m->children[C_EMBED], ctx, tape, ids, &h);
+    moe_layer *layers = m->children[C_LAYERS];
+    for (int i = 0; i < layers->n_children && s == MOE_OK; i++) {
+        moe_layer *b = layers->children[i];
+        moe_tensor *a = NULL, *t = NULL, *h2 = NULL;
+        s = moe_layer_forward(b->children[B_NORM1], ctx, tape, h, &a);
+        if (s == MOE_OK) s = moe_layer_forward(b->children[B_ATTN], ctx, tape, a, &t);
+        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, h, t, &h2);
+        moe_tensor_release(a); moe_tensor_release(t);
+        a = t = NULL;
+        if (s == MOE_OK) { moe_tensor_release(h); h = h2; h2 = NULL; }
+        if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM2], ctx, tape, h, &a);
+        if (s == MOE_OK) s = moe_layer_forward(b->children[B_MLP], ctx, tape, a, &t);
+        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, h, t, &h2);
+        moe_tensor_release(a); moe_tensor_release(t);
+        if (s == MOE_OK) { moe_tensor_release(h); h = h2; }
+        if (s != MOE_OK) s = moe_error_context(s, "layer %d", i);
+    }
+    moe_tensor *hn = NULL;
+    if (s == MOE_OK) s = moe_layer_forward(m->children[C_NORM], ctx, tape, h, &hn);
+    if (s == MOE_OK) {
+        if (c->tie_embeddings) {
+            moe_param *w = &m->children[C_EMBED]->params[0];
+            s = moe_f_linear(ctx, tape, hn, w->value, w->grad, NULL, NULL, logits);
+        } else {
+            s = moe_layer_forward(m->children[C_HEAD], ctx, tape, hn, logits);
+        }
+    }
+    moe_tensor_release(h);
+    moe_tensor_release(hn);
+    return s;
+}
+
+int moe_model_moe_layers(moe_layer *m, moe_layer **out, int max) {
+    int k = 0;
+    if (!moe_model_config(m)) return 0;
+    moe_layer *layers = m->children[C_LAYERS];
+    for (int i = 0; i < layers->n_children; i++) {
+        moe_layer *mlp = layers->children[i]->children[B_MLP];
+        if (moe_layer_is_moe(mlp)) {
+            if (k < max) out[k] = mlp;
+            k++;
+        }
+    }
+    return k;
+}
+
+moe_status moe_model_balance_losses(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor **aux, moe_tensor **z) {
+    *aux = *z = NULL;
+    moe_layer *moes[1024];
+    int n = moe_model_moe_layers(m, moes, 1024);
+    moe_tensor *acc[2] = {moe_tensor_new(ctx, MOE_F32, 0, NULL, m->device), moe_tensor_new(ctx, MOE_F32, 0, NULL, m->device)};
+    moe_status s = acc[0] && acc[1] ? moe_op_fill(ctx, acc[0], 0.0) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_fill(ctx, acc[1], 0.0);
+    for (int i = 0; i < n && i < 1024 && s == MOE_OK; i++) {
+        moe_tensor *parts[2] = {moe_block_last_aux(moes[i]), moe_block_last_z(moes[i])};
+        for (int k = 0; k < 2 && s == MOE_OK; k++) {
+            if (!parts[k]) continue;
+            moe_tensor *next;
+            s = moe_f_binary(ctx, tape, MOE_BIN_ADD, acc[k], parts[k], &next);
+            if (s == MOE_OK) { moe_tensor_release(acc[k]); acc[k] = next; }
+        }
+    }
+    if (s != MOE_OK) { moe_tensor_release(acc[0]); moe_tensor_release(acc[1]); return s; }
+    *aux = acc[0];
+    *z = acc[1];
+    return MOE_OK;
+}
+
+int64_t moe_model_num_active_params(const moe_layer *m) {
+    int64_t total = moe_layer_num_params(m);
+    moe_layer *moes[1024];
+    int n = moe_model_moe_layers((moe_layer *)m, moes, 1024);
+    for (int i = 0; i < n && i < 1024; i++) {
+        const moe_block_cfg *c = moe_block_config(moes[i]);
+        /* the experts child holds every routed expert; a token uses top_k of them */
+        int64_t ex = 0;
+        for (int k = 0; k < moes[i]->n_children; k++)
+            if (!strcmp(moes[i]->child_names[k], "experts")) ex = moe_layer_num_params(moes[i]->children[k]);
+        int64_t e = c->router.num_experts, k = c->router.top_k;
+        total -= ex - ex / e * k;
+    }
+    return total;
+}

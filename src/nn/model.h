@@ -1,0 +1,38 @@
+/* A pre-norm decoder-only transformer whose feed-forward blocks are MoE
+ * layers (all, every other, or all but the first few) or dense FFNs:
+ *   h = embed(ids); per layer: h += attn(norm(h)); h += mlp(norm(h)); logits = head(norm(h))
+ * Children carry Hugging Face names (embed_tokens, layers.N.self_attn.q_proj,
+ * layers.N.mlp.gate, layers.N.mlp.experts.up_proj, norm, lm_head). */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include "moe_block.h"
+
+typedef struct {
+    int64_t vocab, hidden, layers, heads, kv_heads, head_dim;
+    int64_t dense_inner;        /* intermediate size of dense FFN layers */
+    float rope_theta, norm_eps;
+    int qk_norm, tie_embeddings, attn_bias;
+    moe_ffn_kind activation;
+    int moe_every;              /* 0: dense model; 1: every layer; 2: every other layer (odd layers, as GLaM) */
+    int first_dense;            /* this many leading layers stay dense (DeepSeek) */
+    moe_block_cfg moe;
+} moe_model_cfg;
+
+moe_status moe_model_cfg_check(const moe_model_cfg *cfg);
+int moe_model_layer_is_moe(const moe_model_cfg *cfg, int64_t layer);
+/* custom_experts: NULL, or for each MoE layer in order an array of
+ * moe.num_experts expert layers (the model takes references). */
+moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***custom_experts, moe_init *init);
+const moe_model_cfg *moe_model_config(const moe_layer *model);
+/* ids [B, T] i64 -> logits [B, T, vocab]. */
+moe_status moe_model_forward(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits);
+/* Sum over MoE layers of the last forward's auxiliary and z losses (taped;
+ * 0-dim zeros for a dense model). */
+moe_status moe_model_balance_losses(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor **aux, moe_tensor **z);
+/* The MoE layers in order (borrowed), and their count. */
+int moe_model_moe_layers(moe_layer *model, moe_layer **out, int max);
+/* Parameters touched per token: everything but the routed experts not chosen. */
+int64_t moe_model_num_active_params(const moe_layer *model);
+
+#endif

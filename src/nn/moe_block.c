@@ -1,0 +1,237 @@
+#include "moe_block.h"
+#include "functional.h"
+#include "moe_dispatch.h"
+#include "../core/rng.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    moe_block_cfg cfg;
+    int custom;                 /* experts are child layers */
+    int c_gate, c_noise, c_experts, c_shared;   /* child indices (-1: absent) */
+    moe_tensor *bias;           /* [E] f32 cpu, a buffer of the layer */
+    uint64_t calls;             /* forward count: advances the noise streams */
+    moe_routing last;
+} block_state;
+
+int moe_layer_is_moe(const moe_layer *l) { return moe_layer_is(l, "MoE"); }
+static block_state *st_of(const moe_layer *l) { return moe_layer_is_moe(l) ? l->state : NULL; }
+const moe_block_cfg *moe_block_config(const moe_layer *l) { block_state *s = st_of(l); return s ? &s->cfg : NULL; }
+const moe_route_stats *moe_block_last_stats(const moe_layer *l) {
+    block_state *s = st_of(l);
+    return s && s->last.stats.counts ? &s->last.stats : NULL;
+}
+moe_tensor *moe_block_last_aux(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.aux_loss : NULL; }
+moe_tensor *moe_block_last_z(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.z_loss : NULL; }
+moe_tensor *moe_block_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->bias : NULL; }
+void moe_block_last_assignments(const moe_layer *l, moe_tensor **t, moe_tensor **e, moe_tensor **w) {
+    block_state *s = st_of(l);
+    *t = s ? s->last.token_idx : NULL;
+    *e = s ? s->last.expert_idx : NULL;
+    *w = s ? s->last.weights : NULL;
+}
+
+moe_status moe_block_update_bias(moe_layer *l) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "update_bias: not an MoE layer");
+    if (!s->cfg.aux_free || !s->last.stats.counts) return MOE_OK;
+    int64_t e = s->cfg.router.num_experts;
+    double mean = 0;
+    for (int64_t j = 0; j < e; j++) mean += (double)s->last.stats.counts[j];
+    mean /= (double)e;
+    float *b = moe_f32(s->bias);
+    for (int64_t j = 0; j < e; j++) {
+        double d = mean - (double)s->last.stats.counts[j];
+        b[j] += s->cfg.aux_free_rate * (float)((d > 0) - (d < 0));
+    }
+    return MOE_OK;
+}
+
+/* Custom experts: each child layer runs on its slice of the dispatched rows. */
+static moe_status custom_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const int64_t *off,
+                                 moe_tensor **yp) {
+    block_state *st = l->state;
+    moe_layer *list = l->children[st->c_experts];
+    int n = list->n_children;
+    moe_tensor **parts = calloc((size_t)n, sizeof *parts);
+    moe_tensor **ins = calloc((size_t)n, sizeof *ins);
+    if (!parts || !ins) { free(parts); free(ins); return moe_error(MOE_ERR_OOM, "out of host memory"); }
+    moe_status s = MOE_OK;
+    int used = 0;
+    moe_tensor *kept[512];
+    for (int j = 0; j < n && s == MOE_OK; j++) {
+        int64_t len = off[j + 1] - off[j];
+        if (len == 0) continue;
+        s = moe_f_rows(ctx, tape, xp, off[j], len, &ins[j]);
+        if (s == MOE_OK) s = moe_layer_forward(list->children[j], ctx, tape, ins[j], &parts[j]);
+        if (s == MOE_OK && (parts[j]->ndim != 2 || parts[j]->shape[0] != len || parts[j]->shape[1] != st->cfg.hidden)) {
+            char b[96];
+            s = moe_error(MOE_ERR_SHAPE, "expert %d returned shape %s, expected [%lld, %lld]", j + 1,
+                          moe_shape_str(parts[j], b, sizeof b), (long long)len, (long long)st->cfg.hidden);
+        }
+        if (s == MOE_OK && used < 512) kept[used++] = parts[j];
+    }
+    if (s == MOE_OK && used > 0) s = moe_f_cat_rows(ctx, tape, kept, used, st->cfg.hidden, xp->dtype, xp->device, yp);
+    if (s == MOE_OK && used == 0) {
+        int64_t shape[2] = {0, st->cfg.hidden};
+        *yp = moe_tensor_new(ctx, xp->dtype, 2, shape, xp->device);
+        if (!*yp) s = moe_last_status();
+    }
+    for (int j = 0; j < n; j++) { moe_tensor_release(parts[j]); moe_tensor_release(ins[j]); }
+    free(parts); free(ins);
+    return s;
+}
+
+static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    block_state *st = l->state;
+    const moe_block_cfg *c = &st->cfg;
+    if (x->ndim < 1 || x->shape[x->ndim - 1] != c->hidden) {
+        char b[96];
+        return moe_error(MOE_ERR_SHAPE, "input has shape %s, expected last dim %lld", moe_shape_str(x, b, sizeof b),
+                         (long long)c->hidden);
+    }
+    int64_t seq_len = x->ndim >= 3 ? x->shape[x->ndim - 2] : 0;
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *xr = xc ? moe_rows_view(xc) : NULL;
+    if (!xr) { moe_tensor_release(xc); return moe_last_status(); }
+    int64_t n = xr->shape[0];
+    uint64_t call = st->calls++;
+    moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
+    moe_tensor *sh = NULL, *sum = NULL;
+    moe_status s = MOE_OK;
+
+    /* Switch jitter: a fresh multiplicative noise tensor per call, from (seed, call) */
+    if (l->training && c->jitter > 0) {
+        noise = moe_tensor_like(ctx, xr);
+        uint64_t key = moe_rng_key(c->seed, MOE_RNG_JITTER);
+        s = noise ? moe_op_fill_rand(ctx, noise, key, call * (uint64_t)moe_tensor_numel(xr), 1.0f - c->jitter, 1.0f + c->jitter)
+                  : moe_last_status();
+        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_MUL, xr, noise, &rin);
+    } else {
+        rin = xr;
+        moe_tensor_retain(rin);
+    }
+    if (s == MOE_OK) s = moe_layer_forward(l->children[st->c_gate], ctx, tape, rin, &logits);
+    if (s == MOE_OK && st->c_noise >= 0 && l->training)
+        s = moe_layer_forward(l->children[st->c_noise], ctx, tape, xr, &nlog);
+    moe_routing r;
+    memset(&r, 0, sizeof r);
+    if (s == MOE_OK)
+        s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
+                      moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
+                      call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
+    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, &xp);
+    if (s == MOE_OK) {
+        s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
+                       : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
+                                                 (int)c->router.num_experts, &yp);
+    }
+    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, n, &yr);
+    if (s == MOE_OK && st->c_shared >= 0) {
+        s = moe_layer_forward(l->children[st->c_shared], ctx, tape, xr, &sh);
+        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, yr, sh, &sum);
+        if (s == MOE_OK) { moe_tensor_release(yr); yr = sum; sum = NULL; }
+    }
+    if (s == MOE_OK) s = moe_f_view(ctx, tape, yr, x->ndim, x->shape, y);
+    if (s == MOE_OK) {
+        moe_routing_clear(&st->last);
+        st->last = r;
+    } else {
+        moe_routing_clear(&r);
+    }
+    moe_tensor_release(xc); moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
+    moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
+    moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
+    return s;
+}
+
+static const char *selection_name(moe_selection s) {
+    switch (s) {
+    case MOE_SELECT_TOPK: return "topk";
+    case MOE_SELECT_NOISY_TOPK: return "noisy_topk";
+    case MOE_SELECT_EXPERT_CHOICE: return "expert_choice";
+    default: return "sinkhorn";
+    }
+}
+
+static void block_describe(const moe_layer *l, char *buf, size_t n) {
+    const block_state *st = l->state;
+    const moe_block_cfg *c = &st->cfg;
+    snprintf(buf, n, "MoE(%lld experts, top-%lld, %s, %s%s%s, hidden %lld, expert %lld%s)",
+             (long long)c->router.num_experts, (long long)c->router.top_k, selection_name(c->router.selection),
+             c->router.score == MOE_SCORE_SIGMOID ? "sigmoid" : "softmax", c->router.renormalize ? ", renormalized" : "",
+             c->aux_free ? ", aux-free bias" : "", (long long)c->hidden, (long long)c->expert_inner,
+             st->custom ? ", custom experts" : "");
+}
+
+static void block_destroy(moe_layer *l) {
+    block_state *st = l->state;
+    if (!st) return;
+    moe_routing_clear(&st->last);
+    moe_tensor_release(st->bias);
+    free(st);
+}
+
+static const moe_layer_vtable block_vt = {"MoE", block_forward, block_describe, block_destroy};
+
+moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **experts, moe_init *init) {
+    moe_block_cfg c = *cfg;
+    if (moe_router_cfg_check(&c.router) != MOE_OK) return NULL;
+    if (c.hidden <= 0 || (!experts && c.expert_inner <= 0)) {
+        moe_error(MOE_ERR_ARG, "MoE: hidden_size and expert intermediate size must be positive, got %lld and %lld",
+                  (long long)c.hidden, (long long)c.expert_inner);
+        return NULL;
+    }
+    if (c.jitter < 0 || c.jitter >= 1) { moe_error(MOE_ERR_ARG, "MoE: jitter_noise must be in [0, 1), got %g", c.jitter); return NULL; }
+    if (c.shared_experts < 0) { moe_error(MOE_ERR_ARG, "MoE: num_shared_experts must be >= 0"); return NULL; }
+    if (c.aux_free && c.aux_free_rate <= 0) c.aux_free_rate = 1e-3f;
+    int64_t e = c.router.num_experts;
+    int noisy = c.router.selection == MOE_SELECT_NOISY_TOPK;
+    int nkids = 2 + noisy + (c.shared_experts > 0);
+    moe_layer *l = moe_layer_alloc(&block_vt, 0, nkids);
+    block_state *st = l ? calloc(1, sizeof *st) : NULL;
+    if (!st) { moe_layer_release(l); if (l) moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
+    l->state = st;
+    st->cfg = c;
+    st->custom = experts != NULL;
+    st->c_noise = st->c_shared = -1;
+    moe_status s = MOE_OK;
+    int idx = 0;
+    /* router: a bias-free linear map to one logit per expert (named as in HF checkpoints) */
+    moe_layer *gate = moe_linear_new(ctx, c.hidden, e, 0, init);
+    if (!gate) s = moe_last_status();
+    else { st->c_gate = idx; moe_layer_set_child(l, idx++, "gate", gate); moe_layer_release(gate); }
+    if (s == MOE_OK && noisy) {
+        moe_layer *nz = moe_linear_new(ctx, c.hidden, e, 0, init);
+        if (!nz) s = moe_last_status();
+        else { st->c_noise = idx; moe_layer_set_child(l, idx++, "noise", nz); moe_layer_release(nz); }
+    }
+    if (s == MOE_OK) {
+        moe_layer *ex;
+        if (experts) ex = moe_module_list_new(ctx, experts, NULL, (int)e);
+        else ex = moe_expert_bank_new(ctx, e, c.hidden, c.expert_inner, c.activation, init);
+        if (!ex) s = moe_last_status();
+        else { st->c_experts = idx; moe_layer_set_child(l, idx++, "experts", ex); moe_layer_release(ex); }
+    }
+    if (s == MOE_OK && c.shared_experts > 0) {
+        int64_t inner = c.shared_inner > 0 ? c.shared_inner : c.expert_inner * c.shared_experts;
+        moe_layer *sh = moe_ffn_new(ctx, c.hidden, inner, c.activation, 0, init);
+        if (!sh) s = moe_last_status();
+        else { st->c_shared = idx; moe_layer_set_child(l, idx++, "shared_expert", sh); moe_layer_release(sh); }
+    }
+    if (s == MOE_OK) {
+        int64_t bs[1] = {e};
+        st->bias = moe_tensor_new_cpu(MOE_F32, 1, bs);
+        if (!st->bias) s = moe_last_status();
+        else {
+            moe_tensor_fill_cpu(st->bias, 0.0);
+            if (c.aux_free) s = moe_layer_add_buffer(l, "expert_bias", st->bias);
+        }
+    }
+    if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
+    if (s != MOE_OK) { moe_layer_release(l); return NULL; }
+    return l;
+}

@@ -1,0 +1,45 @@
+/* The MoE block: router -> selection -> dispatch -> experts -> combine
+ * (+ shared experts). Its forward takes [..., H] and returns the same shape;
+ * the balancing losses of the last forward are taped tensors the model adds
+ * to the training loss. */
+#ifndef MOE_BLOCK_H
+#define MOE_BLOCK_H
+
+#include "layer.h"
+#include "router.h"
+
+typedef struct {
+    int64_t hidden, expert_inner;          /* expert_inner: each routed expert's intermediate size */
+    moe_ffn_kind activation;
+    moe_router_cfg router;
+    float jitter;                          /* Switch: multiply the router input by U(1-j, 1+j) in training */
+    int aux_free;                          /* DeepSeek-V3 bias balancing */
+    float aux_free_rate;                   /* u in b += u * sign(mean load - load) */
+    int64_t shared_experts;                /* 0: none */
+    int64_t shared_inner;                  /* intermediate size of the shared expert block */
+    uint64_t seed;                         /* noise and jitter streams */
+} moe_block_cfg;
+
+/* experts: NULL for the built-in grouped SwiGLU/GELU experts, else
+ * cfg->router.num_experts layers mapping [rows, H] -> [rows, H] (custom experts). */
+moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **experts, moe_init *init);
+int moe_layer_is_moe(const moe_layer *l);
+const moe_block_cfg *moe_block_config(const moe_layer *l);
+/* The last forward's routing (counts, drops, entropy...) and its taped losses (borrowed; NULL before any forward). */
+const moe_route_stats *moe_block_last_stats(const moe_layer *l);
+moe_tensor *moe_block_last_aux(const moe_layer *l);
+moe_tensor *moe_block_last_z(const moe_layer *l);
+/* Assignments of the last forward: token_idx, expert_idx, weights (borrowed). */
+void moe_block_last_assignments(const moe_layer *l, moe_tensor **token_idx, moe_tensor **expert_idx, moe_tensor **weights);
+/* Auxiliary-loss-free balancing: b_e += rate * sign(mean load - load_e) from the last forward's loads. */
+moe_status moe_block_update_bias(moe_layer *l);
+/* The per-expert selection bias (a buffer; host f32 [E]). */
+moe_tensor *moe_block_bias(const moe_layer *l);
+
+/* The grouped expert bank used by the block (exposed for tests and benches). */
+moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, int64_t inner, moe_ffn_kind kind,
+                               moe_init *init);
+moe_status moe_expert_bank_forward(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
+                                   const int64_t *offsets, int groups, moe_tensor **yp);
+
+#endif

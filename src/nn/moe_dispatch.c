@@ -1,0 +1,168 @@
+/* Moving tokens to experts and back, as taped operations:
+ *   dispatch: xp[a] = x[token[a]]                 (backward: index_add)
+ *   combine:  y[t]  = sum over a with token[a] = t of w[a] * yp[a]
+ * plus row slicing and concatenation, used when experts are arbitrary layers. */
+#include "moe_dispatch.h"
+
+#include <string.h>
+
+static moe_status dispatch_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *dx = moe_tensor_like(ctx, e->in[0]);
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_status s = dx && g ? moe_op_fill(ctx, dx, 0.0) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_index_add(ctx, dx, e->saved[0], g);
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor **xp) {
+    *xp = NULL;
+    int64_t shape[2] = {token_idx->shape[0], x->shape[1]};
+    moe_tensor *out = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
+    if (!out) return moe_last_status();
+    moe_status s = moe_op_index_select(ctx, out, x, token_idx);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "dispatch", dispatch_backward, NULL, NULL, NULL, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else moe_tape_save(e, token_idx);
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *xp = out;
+    return MOE_OK;
+}
+
+/* w [A] as a column [A, 1] view for broadcasting against [A, H] */
+static moe_tensor *column(moe_tensor *w) {
+    int64_t shape[2] = {w->shape[0], 1};
+    return moe_tensor_view(w, 2, shape);
+}
+
+static moe_status combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0];
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *gsel = moe_tensor_like(ctx, yp);       /* dy[token[a]] */
+    moe_tensor *dyp = moe_tensor_like(ctx, yp), *prod = moe_tensor_like(ctx, yp);
+    moe_tensor *dw = moe_tensor_like(ctx, w);
+    moe_tensor *wc = column(w);
+    moe_status s = g && gsel && dyp && prod && dw && wc ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_index_select(ctx, gsel, g, idx);
+    if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, dyp, gsel, wc);
+    if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, prod, gsel, yp);
+    if (s == MOE_OK) s = moe_op_reduce(ctx, MOE_RED_SUM, dw, prod, 1);
+    moe_tensor_release(g); moe_tensor_release(gsel); moe_tensor_release(prod); moe_tensor_release(wc);
+    if (s != MOE_OK) { moe_tensor_release(dyp); moe_tensor_release(dw); return s; }
+    gin[0] = dyp;
+    gin[1] = dw;
+    return MOE_OK;
+}
+
+moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
+                         int64_t n_tokens, moe_tensor **y) {
+    *y = NULL;
+    int64_t shape[2] = {n_tokens, yp->shape[1]};
+    moe_tensor *out = moe_tensor_new(ctx, yp->dtype, 2, shape, yp->device);
+    moe_tensor *scaled = moe_tensor_like(ctx, yp), *wc = column(w);
+    moe_status s = out && scaled && wc ? moe_op_fill(ctx, out, 0.0) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, scaled, yp, wc);
+    if (s == MOE_OK) s = moe_op_index_add(ctx, out, token_idx, scaled);
+    if (s == MOE_OK && tape) {
+        moe_tensor *in[2] = {yp, w};
+        moe_tape_entry *e = moe_tape_record(tape, "combine", combine_backward, NULL, NULL, NULL, 2, in, 1, &out);
+        if (!e) s = moe_last_status();
+        else moe_tape_save(e, token_idx);
+    }
+    moe_tensor_release(scaled); moe_tensor_release(wc);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+/* ---- rows of a 2-d tensor, for per-expert layers ---- */
+
+static moe_status rows_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *dx = moe_tensor_like(ctx, e->in[0]);
+    moe_status s = dx ? moe_op_fill(ctx, dx, 0.0) : moe_last_status();
+    moe_tensor *part = s == MOE_OK ? moe_tensor_narrow(dx, 0, e->i[0], e->i[1]) : NULL;
+    if (s == MOE_OK && !part) s = moe_last_status();
+    if (s == MOE_OK) s = moe_op_copy(ctx, part, gout[0]);
+    moe_tensor_release(part);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t start, int64_t len, moe_tensor **y) {
+    *y = NULL;
+    moe_tensor *v = moe_tensor_narrow(x, 0, start, len);
+    if (!v) return moe_last_status();
+    moe_tensor *out = moe_op_contiguous(ctx, v);
+    moe_tensor_release(v);
+    if (!out) return moe_last_status();
+    if (tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "rows", rows_backward, NULL, NULL, NULL, 1, &x, 1, &out);
+        if (!e) { moe_tensor_release(out); return moe_last_status(); }
+        e->i[0] = start;
+        e->i[1] = len;
+    }
+    *y = out;
+    return MOE_OK;
+}
+
+/* One tape entry per part (an entry has at most MOE_TAPE_MAX_IO inputs, fewer
+ * than the experts of a layer), all sharing the output: each part's gradient
+ * is a row slice of the output's gradient. Backward runs the entries last to
+ * first, so all but the first keep the output's gradient alive. */
+static moe_status slice_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    if (!g) return moe_last_status();
+    moe_tensor *v = moe_tensor_narrow(g, 0, e->i[0], e->i[1]);
+    moe_tensor *d = v ? moe_op_contiguous(ctx, v) : NULL;
+    moe_status s = d ? MOE_OK : moe_last_status();
+    /* contiguous() may hand back v itself when it is already contiguous: own a fresh copy */
+    if (s == MOE_OK && d == v) {
+        moe_tensor_release(d);
+        d = moe_tensor_like(ctx, v);
+        s = d ? moe_op_copy(ctx, d, v) : moe_last_status();
+    }
+    moe_tensor_release(v);
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(d); return s; }
+    gin[0] = d;
+    return MOE_OK;
+}
+
+moe_status moe_f_cat_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor **parts, int n, int64_t cols, moe_dtype dt,
+                          moe_device dev, moe_tensor **y) {
+    *y = NULL;
+    int64_t rows = 0;
+    for (int i = 0; i < n; i++) {
+        if (parts[i]->ndim != 2 || parts[i]->shape[1] != cols) {
+            char b[96];
+            return moe_error(MOE_ERR_SHAPE, "cat_rows: part %d has shape %s, expected [rows, %lld]", i + 1,
+                             moe_shape_str(parts[i], b, sizeof b), (long long)cols);
+        }
+        rows += parts[i]->shape[0];
+    }
+    int64_t shape[2] = {rows, cols};
+    moe_tensor *out = moe_tensor_new(ctx, dt, 2, shape, dev);
+    if (!out) return moe_last_status();
+    moe_status s = MOE_OK;
+    int64_t off = 0;
+    for (int i = 0; i < n && s == MOE_OK; i++) {
+        int64_t r = parts[i]->shape[0];
+        moe_tensor *dst = moe_tensor_narrow(out, 0, off, r);
+        s = dst ? moe_op_copy(ctx, dst, parts[i]) : moe_last_status();
+        moe_tensor_release(dst);
+        if (s == MOE_OK && tape) {
+            moe_tape_entry *e = moe_tape_record(tape, "cat_rows", slice_backward, NULL, NULL, NULL, 1, &parts[i], 1, &out);
+            if (!e) s = moe_last_status();
+            else { e->i[0] = off; e->i[1] = r; e->keep_out_grads = i > 0; }
+        }
+        off += r;
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}

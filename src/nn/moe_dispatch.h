@@ -1,0 +1,19 @@
+/* Taped token movement for the MoE block (see moe_dispatch.c). */
+#ifndef MOE_DISPATCH_H
+#define MOE_DISPATCH_H
+
+#include "tape.h"
+#include "../ops/ops.h"
+
+/* xp [A, H] = x [N, H] rows at token_idx [A] (i64). */
+moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor **xp);
+/* y [n_tokens, H] = sum of w[a] * yp[a] into row token_idx[a]; tokens with no assignment get 0. */
+moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
+                         int64_t n_tokens, moe_tensor **y);
+/* Rows [start, start+len) of a 2-d x as a new tensor. */
+moe_status moe_f_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t start, int64_t len, moe_tensor **y);
+/* Row-wise concatenation of 2-d parts with `cols` columns. */
+moe_status moe_f_cat_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor **parts, int n, int64_t cols, moe_dtype dt,
+                          moe_device dev, moe_tensor **y);
+
+#endif

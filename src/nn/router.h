@@ -1,0 +1,69 @@
+/* The MoE router: scores, selection and balancing losses.
+ *
+ * moe_route turns router logits [N, E] into assignments (token, expert,
+ * weight), sorted into expert-contiguous order, and records one tape entry
+ * whose outputs are the differentiable parts: the assignment weights [A], the
+ * auxiliary loss and the z-loss (0-dim). Selection itself is not
+ * differentiable; the weights are differentiable functions of the scores. The
+ * router's arithmetic is small (N x E), so it runs on the host in f32. */
+#ifndef MOE_ROUTER_H
+#define MOE_ROUTER_H
+
+#include "tape.h"
+#include "../ops/ops.h"
+
+typedef enum { MOE_SCORE_SOFTMAX, MOE_SCORE_SIGMOID } moe_score_fn;
+
+typedef enum {
+    MOE_SELECT_TOPK,           /* each token its top-k experts (capacity optional) */
+    MOE_SELECT_NOISY_TOPK,     /* top-k of logits + N(0,1) * softplus(noise logits); softmax over the kept k */
+    MOE_SELECT_EXPERT_CHOICE,  /* each expert its top-C tokens */
+    MOE_SELECT_SINKHORN,       /* balanced assignment (BASE layers) via Sinkhorn iterations */
+} moe_selection;
+
+typedef enum { MOE_AUX_NONE, MOE_AUX_BATCH, MOE_AUX_SEQUENCE } moe_aux_kind;
+
+typedef struct {
+    int64_t num_experts, top_k;
+    moe_score_fn score;
+    moe_selection selection;
+    int renormalize;          /* weights of a token's chosen experts sum to 1 (Mixtral) */
+    float capacity_factor;    /* > 0: capacity = ceil(cf * k * N / E) per expert, overflow dropped;
+                                 expert choice: C = ceil(cf * k * N / E) tokens per expert (cf 0 -> 1) */
+    float routed_scaling;     /* weights are multiplied by this (DeepSeek); 0 -> 1 */
+    int sinkhorn_iters;       /* 0 -> 8 */
+    moe_aux_kind aux;         /* which auxiliary loss to compute */
+} moe_router_cfg;
+
+/* Host-side statistics of one routing call, free of device syncs for callers. */
+typedef struct {
+    int64_t tokens, assignments, dropped;   /* dropped: chosen but over capacity */
+    int64_t *counts;                        /* [E] kept assignments per expert */
+    double entropy;                         /* mean per-token entropy of the (normalised) scores */
+    double z;                               /* mean logsumexp^2 of the logits */
+    double top1_prob;                       /* mean of each token's largest normalised score */
+    double aux;                             /* the auxiliary loss value */
+} moe_route_stats;
+
+typedef struct {
+    int64_t num_experts;
+    moe_tensor *token_idx;    /* i64 [A] rows of x, in expert-contiguous order */
+    moe_tensor *expert_idx;   /* i64 [A] */
+    moe_tensor *weights;      /* [A] combine weights (taped) */
+    moe_tensor *aux_loss;     /* 0-dim (taped) */
+    moe_tensor *z_loss;       /* 0-dim (taped) */
+    int64_t *offsets;         /* host [E + 1]: expert e owns assignments [offsets[e], offsets[e+1]) */
+    moe_route_stats stats;
+} moe_routing;
+
+/* logits [N, E]; noise_logits [N, E] for noisy top-k in training (else NULL);
+ * bias [E] (host, may be NULL): added to the scores for selection only
+ * (auxiliary-loss-free balancing); noise_key/noise_offset seed the noise;
+ * seq_len: tokens per sequence for the sequence-level auxiliary loss. */
+moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
+                     moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
+                     uint64_t noise_offset, int64_t seq_len, moe_routing *out);
+void moe_routing_clear(moe_routing *r);
+moe_status moe_router_cfg_check(const moe_router_cfg *cfg);
+
+#endif
