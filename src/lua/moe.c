@@ -170,6 +170,15 @@ static int m_update_bias(lua_State *L) {
     return 0;
 }
 
+static int m_noise_step(lua_State *L) {
+    const char *f = "layer:set_noise_step";
+    moe_layer *l = check_moe(L, f);
+    lua_Integer n = moe_lua_check_int(L, 2, f, "step");
+    if (n < 0) return luaL_error(L, "%s: step must be >= 0", f);
+    moe_lua_check(L, moe_block_set_noise_step(l, (uint64_t)n), f);
+    return 0;
+}
+
 static int m_train(lua_State *L) {
     moe_layer *l = moe_lua_check_layer(L, 1, "layer:train", "self");
     int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
@@ -265,7 +274,7 @@ static int m_config(lua_State *L) {
 
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias},
-    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"train", m_train},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
 

@@ -163,7 +163,11 @@ static moe_status view_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
 moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, const int64_t *shape, moe_tensor **y) {
     *y = NULL;
     if (!x) return moe_error(MOE_ERR_ARG, "view: input is nil");
-    moe_tensor *out = moe_tensor_view(x, ndim, shape);
+    /* a strided input is copied first; the tape still links the result to x */
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    if (!xc) return moe_last_status();
+    moe_tensor *out = moe_tensor_view(xc, ndim, shape);
+    moe_tensor_release(xc);
     if (!out) return moe_last_status();
     if (tape && !moe_tape_record(tape, "view", view_backward, NULL, NULL, NULL, 1, &x, 1, &out)) {
         moe_tensor_release(out);

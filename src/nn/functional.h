@@ -11,7 +11,7 @@
 moe_status moe_f_binary(moe_ctx *ctx, moe_tape *tape, moe_binary_op op, moe_tensor *a, moe_tensor *b, moe_tensor **y);
 moe_status moe_f_unary(moe_ctx *ctx, moe_tape *tape, moe_unary_op op, moe_tensor *x, float alpha, moe_tensor **y);
 moe_status moe_f_swiglu(moe_ctx *ctx, moe_tape *tape, moe_tensor *gate, moe_tensor *up, moe_tensor **y);
-/* A reshaped alias of x (x must be contiguous); its gradient is reshaped back. */
+/* x with a new shape (an alias when x is contiguous, else a copy); its gradient is reshaped back. */
 moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, const int64_t *shape, moe_tensor **y);
 /* Mean cross-entropy over rows whose target != ignore_index: a 0-dim scalar.
  * logits [..., V], targets [...] i64. All-ignored batches give loss 0. */

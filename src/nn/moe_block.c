@@ -50,6 +50,13 @@ moe_status moe_block_update_bias(moe_layer *l) {
     return MOE_OK;
 }
 
+moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_noise_step: not an MoE layer");
+    s->calls = step;
+    return MOE_OK;
+}
+
 /* Custom experts: each child layer runs on its slice of the dispatched rows. */
 static moe_status custom_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const int64_t *off,
                                  moe_tensor **yp) {
@@ -94,9 +101,10 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
                          (long long)c->hidden);
     }
     int64_t seq_len = x->ndim >= 3 ? x->shape[x->ndim - 2] : 0;
-    moe_tensor *xc = moe_op_contiguous(ctx, x);
-    moe_tensor *xr = xc ? moe_rows_view(xc) : NULL;
-    if (!xr) { moe_tensor_release(xc); return moe_last_status(); }
+    /* [tokens, H] rows, linked to x on the tape so its gradient reaches x */
+    int64_t rows_shape[2] = {moe_tensor_numel(x) / c->hidden, c->hidden};
+    moe_tensor *xr = NULL;
+    MOE_TRY(moe_f_view(ctx, tape, x, 2, rows_shape, &xr));
     int64_t n = xr->shape[0];
     uint64_t call = st->calls++;
     moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
@@ -142,7 +150,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     } else {
         moe_routing_clear(&r);
     }
-    moe_tensor_release(xc); moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
+    moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
     moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
     return s;

@@ -33,6 +33,9 @@ moe_tensor *moe_block_last_z(const moe_layer *l);
 void moe_block_last_assignments(const moe_layer *l, moe_tensor **token_idx, moe_tensor **expert_idx, moe_tensor **weights);
 /* Auxiliary-loss-free balancing: b_e += rate * sign(mean load - load_e) from the last forward's loads. */
 moe_status moe_block_update_bias(moe_layer *l);
+/* Sets the call counter that indexes the noise and jitter streams, so a
+ * forward can be repeated with the same noise (gradient checks, replays). */
+moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
 /* The per-expert selection bias (a buffer; host f32 [E]). */
 moe_tensor *moe_block_bias(const moe_layer *l);
 

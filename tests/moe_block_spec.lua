@@ -1,0 +1,181 @@
+-- The MoE block: gradient checks under every selection method and scoring,
+-- router semantics (capacity, expert choice, renormalisation, balancing).
+local moe = require "moelab"
+local gc = require "helpers.gradcheck"
+
+local function block(opts)
+  local o = {hidden_size = 6, num_experts = 4, experts_per_token = 2, expert_intermediate_size = 5, seed = 11}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return moe.nn.MoE(o)
+end
+
+-- loss = sum(y .* R) + a * aux + b * z, so the balancing losses' gradients are checked too
+local function check_block(what, m, x, opts)
+  opts = opts or {}
+  local a, b = opts.aux_coef or 0.3, opts.z_coef or 0.2
+  local y0 = m:forward(x)
+  local r = gc.upstream(y0, 5)
+  local function loss()
+    if opts.fixed_noise then m:set_noise_step(0) end
+    local y = m:forward(x)
+    return gc.dot(y, r) + a * m:aux_loss():item() + b * m:z_loss():item()
+  end
+  m:zero_grad()
+  if opts.fixed_noise then m:set_noise_step(0) end
+  local tape = moe.Tape()
+  local y = m:forward(x, tape)
+  local total = tape:add(tape:add(tape:sum(tape:mul(y, r)), tape:scale(m:aux_loss(), a)), tape:scale(m:z_loss(), b))
+  tape:backward(total)
+  -- finite differences must not flip a routing decision: use a small step
+  local go = {eps = opts.eps or 1e-3, atol = opts.atol or 3e-3, rtol = 3e-2}
+  gc.check(what .. " d/dx", x, tape:grad(x), loss, go)
+  for _, p in ipairs(m:parameters()) do gc.check(what .. " d/d" .. p.name, p.value, p.grad, loss, go) end
+end
+
+describe("MoE block gradients", function()
+  local x = moe.randn({2, 3, 6}, {seed = 3})
+  it("top-k softmax, renormalized (Mixtral)", function() check_block("topk/renorm", block{}, x) end)
+  it("top-k softmax, not renormalized (OLMoE)", function() check_block("topk", block{renormalize = false}, x) end)
+  it("top-k sigmoid scores, renormalized, scaled (DeepSeek-V3)", function()
+    check_block("sigmoid", block{router_score = "sigmoid", routed_scaling_factor = 2.5}, x)
+  end)
+  it("sequence-level auxiliary loss", function() check_block("seq-aux", block{aux_loss_type = "sequence"}, x) end)
+  it("Switch: top-1 with capacity and dropped tokens", function()
+    check_block("switch", block{experts_per_token = 1, capacity_factor = 0.6, renormalize = false}, x)
+  end)
+  it("noisy top-k in training (the same noise for every evaluation) and in eval", function()
+    local m = block{router = "noisy_topk"}
+    m:train(true)
+    check_block("noisy(train)", m, x, {fixed_noise = true})
+    m:train(false)
+    check_block("noisy(eval)", m, x)
+  end)
+  it("Switch jitter in training", function()
+    local m = block{experts_per_token = 1, jitter_noise = 0.1, renormalize = false}
+    m:train(true)
+    check_block("jitter", m, x, {fixed_noise = true})
+  end)
+  it("expert choice", function() check_block("expert_choice", block{router = "expert_choice"}, x) end)
+  it("Sinkhorn (BASE layers)", function() check_block("sinkhorn", block{router = "sinkhorn", experts_per_token = 1}, x) end)
+  it("shared experts and GELU experts", function()
+    check_block("shared+gelu", block{num_shared_experts = 1, activation = "gelu"}, x)
+  end)
+  it("custom experts built from layers", function()
+    local experts = {}
+    for i = 1, 4 do
+      experts[i] = moe.nn.Sequential(moe.nn.Linear(6, 4, {seed = 20 + i}), moe.nn.Tanh(), moe.nn.Linear(4, 6, {seed = 30 + i}))
+    end
+    check_block("custom", block{experts = experts}, x)
+  end)
+end)
+
+describe("router semantics", function()
+  local x = moe.randn({4, 16, 6}, {seed = 9})
+
+  it("expert choice gives every expert exactly C tokens", function()
+    local m = block{router = "expert_choice", capacity_factor = 1}
+    m:forward(x)
+    local s = m:routing_stats()
+    local c = math.ceil(1 * 2 * 64 / 4)
+    for e = 1, 4 do assert.are.equal(c, s.counts[e]) end
+  end)
+
+  it("drop rate is 0 at a large capacity factor and above 0 at 0.5", function()
+    local m = block{experts_per_token = 1, capacity_factor = 4}
+    m:forward(x)
+    assert.are.equal(0, m:routing_stats().dropped)
+    local m2 = block{experts_per_token = 1, capacity_factor = 0.5}
+    m2:forward(x)
+    local s = m2:routing_stats()
+    assert.is_true(s.dropped > 0)
+    for e = 1, 4 do assert.is_true(s.counts[e] <= math.ceil(0.5 * 64 / 4)) end
+    assert.are.equal(64, s.assignments + s.dropped)
+  end)
+
+  it("renormalized weights of each token sum to 1", function()
+    local m = block{}
+    m:forward(x)
+    local tok, _, w = m:assignments()
+    local sums = {}
+    for a = 1, tok:numel() do
+      local t = tok:get_flat(a)
+      sums[t] = (sums[t] or 0) + w:get_flat(a)
+    end
+    for _, v in pairs(sums) do assert.is_true(math.abs(v - 1) < 1e-5) end
+  end)
+
+  it("assignments are expert-contiguous", function()
+    local m = block{}
+    m:forward(x)
+    local _, ex = m:assignments()
+    for a = 2, ex:numel() do assert.is_true(ex:get_flat(a) >= ex:get_flat(a - 1)) end
+  end)
+
+  it("the auxiliary loss is near 1 under uniform routing", function()
+    -- a zero router gives uniform probabilities; ties pick the lowest experts,
+    -- so f is not uniform, but sum f_i P_i with P uniform is exactly 1/E
+    local m = block{}
+    m:param("gate.weight"):zero()
+    m:forward(x)
+    assert.is_true(math.abs(m:aux_loss():item() - 1) < 1e-5)
+  end)
+
+  it("aux-free bias balancing lowers MaxVio against no balancing", function()
+    -- a router skewed towards expert 1, the same data and seed for both runs
+    local function maxvio(m)
+      local s = m:routing_stats()
+      local mean, mx = 0, 0
+      for _, c in ipairs(s.counts) do mean = mean + c; mx = math.max(mx, c) end
+      mean = mean / #s.counts
+      return mx / mean - 1
+    end
+    local function run(aux_free)
+      local m = block{aux_free = aux_free, aux_free_rate = 0.01, router_score = "sigmoid", seed = 5}
+      local g = m:param("gate.weight")
+      for j = 1, 6 do g:set(1, j, g:get(1, j) + 3) end   -- expert 1 wins almost every token
+      local sum, n = 0, 0
+      for step = 1, 80 do
+        m:forward(moe.randn({4, 16, 6}, {seed = 100 + step}))
+        if aux_free then m:update_bias() end
+        if step > 60 then sum, n = sum + maxvio(m), n + 1 end
+      end
+      return sum / n
+    end
+    local plain, balanced = run(false), run(true)
+    assert.is_true(balanced < plain, string.format("aux-free %.3f vs none %.3f", balanced, plain))
+  end)
+
+  it("noisy top-k routes differently in training and identically in eval", function()
+    local m = block{router = "noisy_topk"}
+    m:forward(x)
+    local _, e1 = m:assignments()
+    e1 = e1:clone()
+    m:forward(x)
+    local _, e2 = m:assignments()
+    assert.is_true(e1:equal(e2))
+    m:train(true)
+    local differs = false
+    for _ = 1, 3 do
+      m:forward(x)
+      local _, e3 = m:assignments()
+      if e3:numel() ~= e1:numel() or not e3:equal(e1) then differs = true end
+    end
+    assert.is_true(differs)
+  end)
+
+  it("bad configurations raise clear errors", function()
+    local function err(opts, pat)
+      local ok, msg = pcall(block, opts)
+      assert.is_false(ok)
+      assert.is_truthy(tostring(msg):find(pat, 1, true), tostring(msg))
+    end
+    err({experts_per_token = 5}, "experts_per_token")
+    err({capacity_factor = -1}, "capacity_factor")
+    err({router = "magic"}, "router")
+    err({router_score = "tanh"}, "router_score")
+    err({experts = {moe.nn.SiLU()}}, "expected num_experts")
+    local ok, msg = pcall(moe.nn.Model, {vocab_size = 10, hidden_size = 10, num_layers = 1, num_heads = 3})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(msg):find("divisible", 1, true))
+  end)
+end)
