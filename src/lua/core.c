@@ -243,5 +243,8 @@ int luaopen_moelab_core(lua_State *L) {
     moe_lua_open_ops(L);
     moe_lua_open_nn(L);
     moe_lua_open_moe(L);
+    moe_lua_open_train(L);
+    moe_lua_open_data(L);
+    moe_lua_open_io(L);
     return 1;
 }

@@ -75,10 +75,13 @@ struct moe_tape *moe_lua_check_tape(lua_State *L, int idx, const char *fname);
 /* opts.seed, or the next seed of this Lua state's layer-seed sequence */
 uint64_t moe_lua_layer_seed(lua_State *L, int opts, const char *fname);
 void moe_lua_open_moe(lua_State *L);
+void moe_lua_open_train(lua_State *L);
 
 /* Registration of the parts of moelab.core; each adds functions to the table on top. */
 void moe_lua_open_tensor(lua_State *L);
 void moe_lua_open_ops(lua_State *L);
 void moe_lua_open_nn(lua_State *L);
+void moe_lua_open_data(lua_State *L);   /* data.c: datasets, the corpus, the byte tokenizer */
+void moe_lua_open_io(lua_State *L);     /* io.c: safetensors, atomic files, JSON (json.c) */
 
 #endif

@@ -112,8 +112,38 @@ static int l_model(lua_State *L) {
     if (c.heads > 0 && c.head_dim == 0 && c.hidden % c.heads)
         return luaL_error(L, "%s: hidden_size (%d) must be divisible by num_heads (%d)", f, (int)c.hidden, (int)c.heads);
     read_block_cfg(L, 1, &c.moe, c.hidden, f);
+    if (c.moe.router.num_experts > MAX_EXPERTS) return luaL_error(L, "%s: at most %d experts", f, MAX_EXPERTS);
+    /* custom_experts = { {layer x num_experts} per MoE layer } */
+    int n_moe = 0;
+    for (int64_t i = 0; i < c.layers; i++) n_moe += moe_model_layer_is_moe(&c, i);
+    moe_layer ***custom = NULL;
+    lua_getfield(L, 1, "custom_experts");
+    if (!lua_isnil(L, -1)) {
+        int list = lua_gettop(L);
+        if (!lua_istable(L, list) || (int)lua_objlen(L, list) != n_moe)
+            return luaL_error(L, "%s: option 'custom_experts' must list the experts of each of the %d MoE layers", f, n_moe);
+        custom = lua_newuserdata(L, sizeof(moe_layer **) * (size_t)(n_moe ? n_moe : 1));
+        lua_newtable(L);   /* keeps the per-layer scratch arrays alive */
+        int anchor = lua_gettop(L);
+        for (int i = 0; i < n_moe; i++) {
+            lua_rawgeti(L, list, i + 1);
+            if (!lua_istable(L, -1) || (int64_t)lua_objlen(L, -1) != c.moe.router.num_experts)
+                return luaL_error(L, "%s: custom_experts[%d] must be a list of %d layers", f, i + 1, (int)c.moe.router.num_experts);
+            custom[i] = lua_newuserdata(L, sizeof(moe_layer *) * (size_t)c.moe.router.num_experts);
+            lua_rawseti(L, anchor, i + 1);
+            for (int64_t j = 0; j < c.moe.router.num_experts; j++) {
+                lua_rawgeti(L, -1, (int)j + 1);
+                char arg[64];
+                snprintf(arg, sizeof arg, "custom_experts[%d][%d]", i + 1, (int)j + 1);
+                custom[i][j] = moe_lua_check_layer(L, -1, f, arg);
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+        }
+    }
     moe_init init = {moe_lua_layer_seed(L, 1, f), 0};
-    moe_lua_push_layer(L, moe_model_new(moe_lua_ctx(L), &c, NULL, &init), f);
+    moe_layer *m = moe_model_new(moe_lua_ctx(L), &c, custom, &init);
+    moe_lua_push_layer(L, m, f);
     return 1;
 }
 
@@ -168,6 +198,11 @@ static int m_assignments(lua_State *L) {
 static int m_update_bias(lua_State *L) {
     moe_lua_check(L, moe_block_update_bias(check_moe(L, "layer:update_bias")), "layer:update_bias");
     return 0;
+}
+
+static int m_get_noise_step(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)moe_block_noise_step(check_moe(L, "layer:noise_step")));
+    return 1;
 }
 
 static int m_noise_step(lua_State *L) {
@@ -274,7 +309,7 @@ static int m_config(lua_State *L) {
 
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias},
-    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"train", m_train},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
 

@@ -50,6 +50,8 @@ moe_status moe_block_update_bias(moe_layer *l) {
     return MOE_OK;
 }
 
+uint64_t moe_block_noise_step(const moe_layer *l) { block_state *s = st_of(l); return s ? s->calls : 0; }
+
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step) {
     block_state *s = st_of(l);
     if (!s) return moe_error(MOE_ERR_ARG, "set_noise_step: not an MoE layer");

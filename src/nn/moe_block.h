@@ -36,6 +36,7 @@ moe_status moe_block_update_bias(moe_layer *l);
 /* Sets the call counter that indexes the noise and jitter streams, so a
  * forward can be repeated with the same noise (gradient checks, replays). */
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
+uint64_t moe_block_noise_step(const moe_layer *l);
 /* The per-expert selection bias (a buffer; host f32 [E]). */
 moe_tensor *moe_block_bias(const moe_layer *l);
 

@@ -1,0 +1,133 @@
+--- moe.MoEModel: a decoder-only MoE transformer with a Lua face over the C
+-- model (nn.Model). forward returns logits, the language-modelling loss, the
+-- balancing losses and per-layer routing statistics in one table.
+local core = require "moelab.core"
+
+local M = {}
+local Model = {}
+Model.__index = Model
+
+local defaults = {
+  vocab_size = 256, hidden_size = 256, num_layers = 4, num_experts = 8, experts_per_token = 2,
+}
+
+-- Options this module understands on top of nn.Model's (consumed here).
+local lua_only = {router = true, load_balancer = true, device = true, expert = true, name = true}
+
+local function merge(into, from)
+  for k, v in pairs(from or {}) do into[k] = v end
+  return into
+end
+
+--- moe.MoEModel{hidden_size=, num_experts=, experts_per_token=, num_layers=, vocab_size=, ...}
+-- Routing and balancing may also come as objects: router = moe.routing.TopKRouter{...},
+-- load_balancer = moe.routing.LoadBalancer{...}; expert = function(i) return layer end
+-- builds custom experts from built-in layers.
+function M.MoEModel(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("MoEModel: expected a table of options, got " .. type(opts), 2)
+  end
+  local cfg = merge(merge({}, defaults), opts)
+  if type(cfg.router) == "table" then merge(cfg, cfg.router.options) end
+  if type(cfg.load_balancer) == "table" then merge(cfg, cfg.load_balancer.model_options) end
+  if type(cfg.router) == "string" then cfg.router_name = cfg.router end
+  if cfg.hidden_size and not cfg.num_heads then
+    cfg.num_heads = math.max(1, math.floor(cfg.hidden_size / 64))
+    while cfg.hidden_size % cfg.num_heads ~= 0 do cfg.num_heads = cfg.num_heads - 1 end
+  end
+  if cfg.experts_per_token and cfg.num_experts and cfg.experts_per_token > cfg.num_experts then
+    error(string.format("MoEModel: experts_per_token (%d) cannot exceed num_experts (%d)",
+      cfg.experts_per_token, cfg.num_experts), 2)
+  end
+  local native = {}
+  for k, v in pairs(cfg) do if not lua_only[k] then native[k] = v end end
+  if type(cfg.router) == "string" then native.router = cfg.router end
+  if cfg.expert ~= nil then
+    if type(cfg.expert) ~= "function" then error("MoEModel: expert must be a function(i) returning a layer", 2) end
+    -- count MoE layers the way the C model does
+    local freq, first = cfg.moe_layer_frequency or 1, cfg.first_dense_layers or 0
+    local lists = {}
+    for i = 0, cfg.num_layers - 1 do
+      if freq > 0 and i >= first and (freq == 1 or i % freq == freq - 1) then
+        local list = {}
+        for j = 1, cfg.num_experts do list[j] = cfg.expert(j, #lists + 1) end
+        lists[#lists + 1] = list
+      end
+    end
+    native.custom_experts = lists
+  end
+  local ok, net = pcall(core.nn.Model, native)
+  if not ok then error((tostring(net):gsub("^nn%.Model", "MoEModel")), 2) end
+  local self = setmetatable({net = net, options = cfg}, Model)
+  self.config = net:config()
+  self.config.name = cfg.name
+  if cfg.device and cfg.device ~= "cpu" then self:to(cfg.device) end
+  return self
+end
+
+--- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=}])
+-- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
+-- loss is the mean cross-entropy against targets (when given); total_loss
+-- adds the balancing losses with their coefficients (on the tape when given).
+function Model:forward(ids, opts)
+  if opts ~= nil and type(opts) ~= "table" then error("MoEModel:forward: options must be a table", 2) end
+  opts = opts or {}
+  if not core.is_tensor(ids) then
+    error("MoEModel:forward: ids must be an i64 tensor [batch, seq], got " .. type(ids), 2)
+  end
+  local tape = opts.tape or core.Tape()
+  local logits = self.net:forward(ids, tape)
+  local aux, z = self.net:balance_losses(tape)
+  local out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
+  if opts.targets then
+    out.loss = tape:cross_entropy(logits, opts.targets, {ignore_index = opts.ignore_index or -100})
+    local total = out.loss
+    local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
+    if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end
+    if zc ~= 0 then total = tape:add(total, tape:scale(z, zc)) end
+    out.total_loss = total
+  end
+  out.tape = tape
+  return out
+end
+
+--- Per MoE layer: {tokens, assignments, dropped, counts, entropy, z, top1_prob, aux,
+-- load (counts as fractions), max_vio, drop_rate}.
+function Model:routing_stats()
+  local per = {}
+  for i, l in ipairs(self.net:moe_layers()) do
+    local s = l:routing_stats()
+    if s then
+      local total, mx = 0, 0
+      for _, c in ipairs(s.counts) do total = total + c; mx = math.max(mx, c) end
+      local mean = total / #s.counts
+      s.load = {}
+      for j, c in ipairs(s.counts) do s.load[j] = total > 0 and c / total or 0 end
+      s.max_vio = mean > 0 and mx / mean - 1 or 0
+      s.drop_rate = (s.assignments + s.dropped) > 0 and s.dropped / (s.assignments + s.dropped) or 0
+      s.layer = i
+    end
+    per[i] = s
+  end
+  return per
+end
+
+function Model:num_params() return self.net:num_params() end
+function Model:num_active_params() return self.net:num_active_params() end
+function Model:parameters() return self.net:parameters() end
+function Model:buffers() return self.net:buffers() end
+function Model:moe_layers() return self.net:moe_layers() end
+function Model:zero_grad() self.net:zero_grad(); return self end
+function Model:train(on) self.net:train(on == nil or on); return self end
+function Model:eval() self.net:train(false); return self end
+function Model:device() return self.net:device() end
+function Model:to(device) self.net:to(device); return self end
+function Model:__tostring() return tostring(self.net) end
+
+--- Auxiliary-loss-free balancing: nudge each MoE layer's expert bias.
+function Model:update_router_bias()
+  for _, l in ipairs(self.net:moe_layers()) do l:update_bias() end
+end
+
+M.Model = Model
+return M

@@ -1,0 +1,371 @@
+--- moe.MoETrainer: the training loop. AdamW with decay/no-decay groups and
+-- per-group learning rates (router, experts, the rest), warmup then cosine or
+-- linear decay, gradient accumulation, global-norm clipping, a NaN/Inf guard,
+-- evaluation, live progress, metrics JSONL and atomic, resumable checkpoints.
+local core = require "moelab.core"
+local mio = require "moelab.io"
+local routing = require "moelab.routing"
+local checkpoint = require "moelab.checkpoint"
+
+local M = {}
+local Trainer = {}
+Trainer.__index = Trainer
+
+local function fail(fname, fmt, ...) error(fname .. ": " .. string.format(fmt, ...), 3) end
+
+local function opt_number(fname, opts, key, default, lo, hi)
+  local v = opts[key]
+  if v == nil then return default end
+  if type(v) ~= "number" or v ~= v then fail(fname, "%s must be a number, got %s", key, type(v)) end
+  if lo and v < lo then fail(fname, "%s must be >= %g, got %g", key, lo, v) end
+  if hi and v > hi then fail(fname, "%s must be <= %g, got %g", key, hi, v) end
+  return v
+end
+
+local function opt_int(fname, opts, key, default, lo)
+  local v = opt_number(fname, opts, key, default, lo)
+  if v ~= nil and v % 1 ~= 0 then fail(fname, "%s must be an integer, got %g", key, v) end
+  return v
+end
+
+local function check_keys(fname, opts, allowed)
+  for k in pairs(opts) do
+    if not allowed[k] then
+      local names = {}
+      for n in pairs(allowed) do names[#names + 1] = n end
+      table.sort(names)
+      fail(fname, "unknown option '%s' (known: %s)", tostring(k), table.concat(names, ", "))
+    end
+  end
+end
+
+local trainer_keys = {
+  model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
+  betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
+  freeze_router = true, freeze_experts = true, run_dir = true, log_every = true, progress = true,
+}
+
+--- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
+--  router_z_loss_coef=0.001, weight_decay=0.1, betas={0.9, 0.95}, eps=1e-8, grad_clip=1.0,
+--  router_learning_rate=, expert_learning_rate=, freeze_router=false, freeze_experts=false,
+--  run_dir=, log_every=10, progress=true}
+function M.MoETrainer(opts)
+  local f = "MoETrainer"
+  if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
+  check_keys(f, opts, trainer_keys)
+  local model = opts.model
+  if type(model) ~= "table" or not model.net then fail(f, "model must be a moe.MoEModel, got %s", type(model)) end
+  local lb = opts.load_balancing or "auxiliary_loss"
+  if type(lb) == "string" then
+    local ok, obj = pcall(routing.LoadBalancer, {method = lb})
+    if not ok then fail(f, "%s", (tostring(obj):gsub("^LoadBalancer: ", "load_balancing: "))) end
+    lb = obj
+  elseif type(lb) ~= "table" or lb.kind ~= "LoadBalancer" then
+    fail(f, "load_balancing must be a method name or moe.routing.LoadBalancer{...}")
+  end
+  local betas = opts.betas or {0.9, 0.95}
+  if type(betas) ~= "table" or type(betas[1]) ~= "number" or type(betas[2]) ~= "number" then
+    fail(f, "betas must be {beta1, beta2}")
+  end
+  local self = setmetatable({
+    model = model,
+    load_balancer = lb,
+    aux_loss_coef = opt_number(f, opts, "aux_loss_coef", lb.aux_loss_coef, 0),
+    router_z_loss_coef = opt_number(f, opts, "router_z_loss_coef", 0.001, 0),
+    weight_decay = opt_number(f, opts, "weight_decay", 0.1, 0),
+    beta1 = betas[1], beta2 = betas[2],
+    eps = opt_number(f, opts, "eps", 1e-8, 0),
+    grad_clip = opt_number(f, opts, "grad_clip", 1.0, 0),
+    router_lr = opt_number(f, opts, "router_learning_rate", nil, 0),
+    expert_lr = opt_number(f, opts, "expert_learning_rate", nil, 0),
+    freeze_router = opts.freeze_router == true,
+    freeze_experts = opts.freeze_experts == true,
+    run_dir = opts.run_dir,
+    log_every = opt_int(f, opts, "log_every", 10, 1),
+    progress = opts.progress ~= false,
+    history = {},
+    step = 0,
+  }, Trainer)
+  if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
+  if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
+  self.aux_free = false
+  for _, l in ipairs(model:moe_layers()) do
+    if #l:buffers() > 0 then self.aux_free = true end
+  end
+  return self
+end
+
+--- Which group a parameter belongs to, by its Hugging Face-style name.
+local function group_of(name)
+  if name:find("%.mlp%.gate%.") or name:find("%.mlp%.noise%.") then return "router" end
+  if name:find("%.mlp%.experts%.") or name:find("%.mlp%.shared_expert%.") then return "experts" end
+  return "rest"
+end
+M.group_of = group_of
+
+function Trainer:_make_optimizer(base_lr)
+  local scales, decay = {}, {}
+  for i, p in ipairs(self.model:parameters()) do
+    local g = group_of(p.name)
+    local s = 1
+    if g == "router" then
+      if self.freeze_router then s = 0 elseif self.router_lr then s = self.router_lr / base_lr end
+    elseif g == "experts" then
+      if self.freeze_experts then s = 0 elseif self.expert_lr then s = self.expert_lr / base_lr end
+    end
+    scales[i] = s
+    decay[i] = #p.value:shape() >= 2   -- matrices decay; norms and biases do not
+  end
+  self.optimizer = core.adamw(self.model.net, {beta1 = self.beta1, beta2 = self.beta2, eps = self.eps,
+                                               weight_decay = self.weight_decay, lr_scale = scales, decay = decay})
+  self.base_lr = base_lr
+end
+
+local function lr_at(step, o)
+  if o.warmup_steps > 0 and step <= o.warmup_steps then return o.learning_rate * step / o.warmup_steps end
+  if o.lr_schedule == "constant" then return o.learning_rate end
+  local span = math.max(1, o.max_steps - o.warmup_steps)
+  local t = math.min(1, math.max(0, (step - o.warmup_steps) / span))
+  local floor = o.learning_rate * o.min_lr_ratio
+  if o.lr_schedule == "linear" then return floor + (o.learning_rate - floor) * (1 - t) end
+  return floor + (o.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * t))
+end
+M.lr_at = lr_at
+
+local function is_dataset(x) return type(x) == "userdata" and pcall(function() return x:num_tokens() end) end
+
+local train_keys = {
+  train_data = true, eval_data = true, batch_size = true, seq_len = true, learning_rate = true, max_steps = true,
+  num_epochs = true, warmup_steps = true, lr_schedule = true, min_lr_ratio = true,
+  gradient_accumulation_steps = true, eval_every = true, eval_batches = true, save_every = true, seed = true,
+  resume = true, max_skipped_steps = true,
+}
+
+local function fmt_count(n)
+  if n >= 1e6 then return string.format("%.1fM", n / 1e6) end
+  if n >= 1e3 then return string.format("%.1fk", n / 1e3) end
+  return string.format("%.0f", n)
+end
+
+local function fmt_time(s)
+  if s ~= s or s == math.huge then return "?" end
+  if s >= 3600 then return string.format("%dh%02dm", math.floor(s / 3600), math.floor(s % 3600 / 60)) end
+  if s >= 60 then return string.format("%dm%02ds", math.floor(s / 60), math.floor(s % 60)) end
+  return string.format("%.0fs", s)
+end
+
+local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
+
+--- Summary of routing health over the MoE layers of the last forward.
+local function router_health(routing_stats)
+  local mv, dr, ent, n = 0, 0, 0, 0
+  for _, s in pairs(routing_stats) do
+    if s then mv = math.max(mv, s.max_vio); dr = dr + s.drop_rate; ent = ent + s.entropy; n = n + 1 end
+  end
+  if n == 0 then return nil end
+  return {max_vio = mv, drop_rate = dr / n, entropy = ent / n}
+end
+
+--- train{train_data=, eval_data=, batch_size=8, seq_len=64, learning_rate=3e-4, max_steps= | num_epochs=,
+--  warmup_steps=0, lr_schedule="cosine"|"linear"|"constant", min_lr_ratio=0.1,
+--  gradient_accumulation_steps=1, eval_every=0, eval_batches=8, save_every=0, seed=0,
+--  resume = <checkpoint dir> | true (the run_dir's latest)}
+function Trainer:train(opts)
+  local f = "MoETrainer:train"
+  if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
+  check_keys(f, opts, train_keys)
+  local ds = opts.train_data
+  if not is_dataset(ds) then fail(f, "train_data must be a dataset (moe.data.corpus{...}, moe.data.from_file(...)), got %s", type(ds)) end
+  if opts.eval_data ~= nil and not is_dataset(opts.eval_data) then fail(f, "eval_data must be a dataset") end
+  local o = {
+    batch_size = opt_int(f, opts, "batch_size", 8, 1),
+    seq_len = opt_int(f, opts, "seq_len", 64, 1),
+    learning_rate = opt_number(f, opts, "learning_rate", 3e-4, 0),
+    warmup_steps = opt_int(f, opts, "warmup_steps", 0, 0),
+    lr_schedule = opts.lr_schedule or "cosine",
+    min_lr_ratio = opt_number(f, opts, "min_lr_ratio", 0.1, 0, 1),
+    accum = opt_int(f, opts, "gradient_accumulation_steps", 1, 1),
+    eval_every = opt_int(f, opts, "eval_every", 0, 0),
+    eval_batches = opt_int(f, opts, "eval_batches", 8, 1),
+    save_every = opt_int(f, opts, "save_every", 0, 0),
+    seed = opt_int(f, opts, "seed", 0, 0),
+    max_skipped = opt_int(f, opts, "max_skipped_steps", 10, 0),
+  }
+  if o.lr_schedule ~= "cosine" and o.lr_schedule ~= "linear" and o.lr_schedule ~= "constant" then
+    fail(f, "lr_schedule must be \"cosine\", \"linear\" or \"constant\", got %s", tostring(o.lr_schedule))
+  end
+  if ds:vocab_size() > self.model.config.vocab_size then
+    fail(f, "train_data has vocabulary %d but the model's vocab_size is %d", ds:vocab_size(), self.model.config.vocab_size)
+  end
+  if ds:num_tokens() <= o.seq_len + 1 then fail(f, "train_data has %d tokens, fewer than seq_len + 1", ds:num_tokens()) end
+  local tokens_per_step = o.batch_size * o.seq_len * o.accum
+  if opts.max_steps ~= nil then
+    o.max_steps = opt_int(f, opts, "max_steps", nil, 1)
+  elseif opts.num_epochs ~= nil then
+    local epochs = opt_number(f, opts, "num_epochs", nil, 0)
+    o.max_steps = math.max(1, math.ceil(epochs * ds:num_tokens() / tokens_per_step))
+  else
+    fail(f, "give max_steps or num_epochs")
+  end
+  self.train_options = o
+
+  if not self.optimizer or self.base_lr ~= o.learning_rate then self:_make_optimizer(o.learning_rate) end
+  local start = self.step
+  if opts.resume then
+    local dir = opts.resume
+    if dir == true then
+      if not self.run_dir then fail(f, "resume = true needs the trainer's run_dir") end
+      dir = self.run_dir .. "/checkpoint"
+    end
+    if type(dir) ~= "string" then fail(f, "resume must be a checkpoint directory or true") end
+    checkpoint.load_training(self, dir)
+    start = self.step
+  end
+  if self.run_dir then mio.mkdir_p(self.run_dir) end
+  local metrics = self.run_dir and assert(io.open(self.run_dir .. "/metrics.jsonl", start > 0 and "a" or "w"))
+
+  local tty = self.progress and core.isatty(1)
+  local net = self.model.net
+  self.model:train(true)
+  local t_start = core.clock()
+  local tokens_done, skipped_in_row, skipped = 0, 0, 0
+  local last
+  local scale = core.full({}, 1 / o.accum)
+  for step = start + 1, o.max_steps do
+    local t0 = core.clock()
+    net:zero_grad()
+    local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
+    local stats
+    for micro = 1, o.accum do
+      local ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed,
+                                    step = (step - 1) * o.accum + micro - 1}
+      local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
+                                           router_z_loss_coef = self.router_z_loss_coef})
+      local l = out.loss:item()
+      if not finite(l) then bad = true end
+      loss_sum = loss_sum + l
+      aux_sum = aux_sum + out.aux_loss:item()
+      z_sum = z_sum + out.z_loss:item()
+      stats = out.routing
+      if not bad then out.tape:backward(out.total_loss, scale) end
+      -- release activations now rather than at the next garbage collection
+      out.tape:reset()
+      out.logits:free()
+    end
+    local gnorm = bad and 0 / 0 or core.clip_grad_norm(net, self.grad_clip > 0 and self.grad_clip or math.huge)
+    local lr = lr_at(step, o)
+    local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
+                 lr = lr, grad_norm = gnorm}
+    if bad or not finite(gnorm) then
+      -- NaN/Inf guard: skip the update, keep going, say so
+      skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+      rec.skipped = true
+      io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
+      net:zero_grad()
+      if skipped_in_row > o.max_skipped then
+        error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
+          f, skipped_in_row), 2)
+      end
+    else
+      skipped_in_row = 0
+      self.optimizer:step(lr)
+      if self.aux_free then self.model:update_router_bias() end
+    end
+    self.step = step
+    local dt = core.clock() - t0
+    tokens_done = tokens_done + tokens_per_step
+    rec.tokens_per_s = tokens_per_step / math.max(dt, 1e-9)
+    rec.routing = {}
+    for i, s in pairs(stats) do
+      rec.routing[i] = {load = s.load, drop_rate = s.drop_rate, entropy = s.entropy, max_vio = s.max_vio}
+    end
+    local health = router_health(stats)
+    if health then rec.max_vio, rec.drop_rate, rec.router_entropy = health.max_vio, health.drop_rate, health.entropy end
+    self.history[#self.history + 1] = rec
+    last = rec
+    if metrics then
+      local line = {}
+      for k, v in pairs(rec) do if k ~= "routing" then line[k] = v end end
+      if not finite(line.grad_norm) then line.grad_norm = nil end
+      if not finite(line.loss) then line.loss = nil end
+      line.load = {}
+      for i, r in pairs(rec.routing) do line.load[i] = r.load end
+      metrics:write(mio.json.encode(line), "\n")
+      metrics:flush()
+    end
+    if self.progress then
+      local elapsed = core.clock() - t_start
+      local eta = elapsed / (step - start) * (o.max_steps - step)
+      local line = string.format("step %d/%d | loss %.4f | aux %.3f | lr %.2e | %s tok/s%s | eta %s",
+        step, o.max_steps, rec.loss, rec.aux_loss, lr, fmt_count(tokens_done / math.max(elapsed, 1e-9)),
+        health and string.format(" | maxvio %.2f | drop %.3f", health.max_vio, health.drop_rate) or "", fmt_time(eta))
+      if tty then
+        io.write("\r\27[K", line)
+        io.flush()
+      elseif step % self.log_every == 0 or step == o.max_steps or step == start + 1 then
+        print(line)
+      end
+    end
+    if o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0 then
+      local ev = self:evaluate(opts.eval_data, {batches = o.eval_batches})
+      rec.eval_loss, rec.eval_perplexity = ev.loss, ev.perplexity
+      if self.progress then
+        if tty then io.write("\n") end
+        print(string.format("eval at step %d: loss %.4f, perplexity %.2f", step, ev.loss, ev.perplexity))
+      end
+    end
+    if o.save_every > 0 and self.run_dir and step % o.save_every == 0 then
+      checkpoint.save_training(self, self.run_dir .. "/checkpoint")
+    end
+  end
+  if tty then io.write("\n") end
+  if metrics then metrics:close() end
+  self.model:train(false)
+  local elapsed = core.clock() - t_start
+  local result = {
+    steps = self.step, final_loss = last and last.loss, tokens = tokens_done, seconds = elapsed,
+    tokens_per_s = tokens_done / math.max(elapsed, 1e-9), skipped_steps = skipped, history = self.history,
+    run_dir = self.run_dir,
+  }
+  if opts.eval_data then result.eval = self:evaluate(opts.eval_data, {batches = o.eval_batches}) end
+  if self.run_dir then checkpoint.save_training(self, self.run_dir .. "/checkpoint") end
+  return result
+end
+
+--- evaluate(dataset[, {batches=, batch_size=, seq_len=}]) -> {loss=, perplexity=, tokens=}
+-- Mean cross-entropy over consecutive windows of the dataset (all of it
+-- unless batches limits the count).
+function Trainer:evaluate(ds, opts)
+  local f = "MoETrainer:evaluate"
+  if not is_dataset(ds) then fail(f, "expected a dataset, got %s", type(ds)) end
+  opts = opts or {}
+  local t = self.train_options or {}
+  local bs = opt_int(f, opts, "batch_size", t.batch_size or 8, 1)
+  local seq = opt_int(f, opts, "seq_len", t.seq_len or 64, 1)
+  local windows = ds:num_windows(seq)
+  if windows < 1 then fail(f, "the dataset has fewer than seq_len + 1 tokens") end
+  local nb = math.ceil(windows / bs)
+  if opts.batches then nb = math.min(nb, opt_int(f, opts, "batches", nil, 1)) end
+  local was_training = self.model.net:is_training()
+  self.model:train(false)
+  local total, count = 0, 0
+  for b = 0, nb - 1 do
+    local first = b * bs
+    local n = math.min(bs, windows - first)
+    local ids, targets = ds:window_batch(seq, first, n)
+    local logits = self.model.net:forward(ids)
+    local loss = core.Tape():cross_entropy(logits, targets):item()
+    total = total + loss * n
+    count = count + n
+  end
+  self.model:train(was_training)
+  local mean = total / math.max(count, 1)
+  return {loss = mean, perplexity = math.exp(mean), tokens = count * seq}
+end
+
+--- save_model(dir): model.safetensors + config.json (loadable with moe.load).
+function Trainer:save_model(dir) return checkpoint.save_model(self.model, dir) end
+function Trainer:save_checkpoint(dir) return checkpoint.save_training(self, dir or (self.run_dir .. "/checkpoint")) end
+
+M.Trainer = Trainer
+return M

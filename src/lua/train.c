@@ -1,0 +1,138 @@
+/* Lua binding of the training helpers: the grouped AdamW optimiser, global
+ * gradient norms and clipping, and a terminal check for progress display. */
+#include "lmoe.h"
+#include "../train/optimizer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define ADAMW_MT "moelab.AdamW"
+
+typedef struct { moe_adamw *o; } adamw_box;
+
+static moe_adamw *check_opt(lua_State *L, const char *f) {
+    adamw_box *b = luaL_testudata(L, 1, ADAMW_MT);
+    if (!b || !b->o) luaL_error(L, "%s: expected an optimiser, got %s", f, luaL_typename(L, 1));
+    return b->o;
+}
+
+/* per-parameter list of numbers (or booleans) in parameter order */
+static void read_list(lua_State *L, int opts, const char *key, int n, float *outf, int *outi, const char *f) {
+    if (lua_isnoneornil(L, opts)) return;
+    lua_getfield(L, opts, key);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return; }
+    if (!lua_istable(L, -1) || (int)lua_objlen(L, -1) != n)
+        luaL_error(L, "%s: option '%s' must be a list with one entry per parameter tensor (%d)", f, key, n);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        if (outf) {
+            if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 0)
+                luaL_error(L, "%s: %s[%d] must be a number >= 0", f, key, i + 1);
+            outf[i] = (float)lua_tonumber(L, -1);
+        } else {
+            if (lua_type(L, -1) != LUA_TBOOLEAN) luaL_error(L, "%s: %s[%d] must be a boolean", f, key, i + 1);
+            outi[i] = lua_toboolean(L, -1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+static int l_adamw(lua_State *L) {
+    const char *f = "optim.adamw";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "params");
+    if (!lua_isnoneornil(L, 2) && !lua_istable(L, 2)) return luaL_error(L, "%s: options must be a table", f);
+    moe_adamw_hparams hp = {
+        (float)moe_lua_opt_field_num(L, 2, "beta1", 0.9, f), (float)moe_lua_opt_field_num(L, 2, "beta2", 0.999, f),
+        (float)moe_lua_opt_field_num(L, 2, "eps", 1e-8, f), (float)moe_lua_opt_field_num(L, 2, "weight_decay", 0.01, f)};
+    int n = moe_layer_num_param_tensors(l);
+    float *scale = lua_newuserdata(L, sizeof(float) * (size_t)(n ? n : 1));
+    int *decay = lua_newuserdata(L, sizeof(int) * (size_t)(n ? n : 1));
+    for (int i = 0; i < n; i++) { scale[i] = 1.0f; decay[i] = 1; }
+    read_list(L, 2, "lr_scale", n, scale, NULL, f);
+    read_list(L, 2, "decay", n, NULL, decay, f);
+    adamw_box *b = lua_newuserdata(L, sizeof *b);
+    b->o = NULL;
+    luaL_getmetatable(L, ADAMW_MT);
+    lua_setmetatable(L, -2);
+    b->o = moe_adamw_new(moe_lua_ctx(L), l, &hp, scale, decay);
+    if (!b->o) return moe_lua_fail(L, f);
+    return 1;
+}
+
+static int a_gc(lua_State *L) {
+    adamw_box *b = luaL_checkudata(L, 1, ADAMW_MT);
+    moe_adamw_free(b->o);
+    b->o = NULL;
+    return 0;
+}
+
+static int a_step(lua_State *L) {
+    const char *f = "optimizer:step";
+    moe_adamw *o = check_opt(L, f);
+    double lr = moe_lua_check_num(L, 2, f, "lr");
+    if (!(lr >= 0)) return luaL_error(L, "%s: lr must be >= 0, got %g", f, lr);
+    moe_lua_check(L, moe_adamw_step(moe_lua_ctx(L), o, (float)lr), f);
+    return 0;
+}
+
+static int a_count(lua_State *L) {
+    moe_adamw *o = check_opt(L, "optimizer:step_count");
+    if (!lua_isnoneornil(L, 2)) {
+        lua_Integer n = moe_lua_check_int(L, 2, "optimizer:step_count", "step");
+        if (n < 0) return luaL_error(L, "optimizer:step_count: step must be >= 0");
+        moe_adamw_set_step_count(o, n);
+    }
+    lua_pushnumber(L, (lua_Number)moe_adamw_step_count(o));
+    return 1;
+}
+
+static int a_state(lua_State *L) {
+    moe_adamw *o = check_opt(L, "optimizer:state");
+    moe_tensor *m = moe_adamw_m(o), *v = moe_adamw_v(o);
+    moe_tensor_retain(m);
+    moe_lua_push_tensor(L, m, "optimizer:state");
+    moe_tensor_retain(v);
+    moe_lua_push_tensor(L, v, "optimizer:state");
+    return 2;
+}
+
+static int l_grad_norm(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "grad_norm", "layer");
+    double n;
+    moe_lua_check(L, moe_grad_norm(moe_lua_ctx(L), l, &n), "grad_norm");
+    lua_pushnumber(L, n);
+    return 1;
+}
+
+static int l_clip(lua_State *L) {
+    const char *f = "clip_grad_norm";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "layer");
+    double max = moe_lua_check_num(L, 2, f, "max_norm"), n;
+    moe_lua_check(L, moe_clip_grad_norm(moe_lua_ctx(L), l, max, &n), f);
+    lua_pushnumber(L, n);
+    return 1;
+}
+
+static int l_isatty(lua_State *L) {
+    lua_Integer fd = lua_isnoneornil(L, 1) ? 1 : moe_lua_check_int(L, 1, "isatty", "fd");
+    lua_pushboolean(L, isatty((int)fd));
+    return 1;
+}
+
+void moe_lua_open_train(lua_State *L) {
+    luaL_newmetatable(L, ADAMW_MT);
+    lua_newtable(L);
+    lua_pushcfunction(L, a_step); lua_setfield(L, -2, "step");
+    lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
+    lua_pushcfunction(L, a_state); lua_setfield(L, -2, "state");
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, a_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_adamw); lua_setfield(L, -2, "adamw");
+    lua_pushcfunction(L, l_grad_norm); lua_setfield(L, -2, "grad_norm");
+    lua_pushcfunction(L, l_clip); lua_setfield(L, -2, "clip_grad_norm");
+    lua_pushcfunction(L, l_isatty); lua_setfield(L, -2, "isatty");
+}

@@ -1,0 +1,116 @@
+#include "optimizer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct moe_adamw {
+    moe_layer *layer;
+    moe_adamw_hparams hp;
+    moe_tensor *m, *v;
+    int n;
+    float *lr_scale;
+    int *decay;
+    int64_t step;
+};
+
+moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
+                         const int *decay) {
+    if (!layer->flat_values) {
+        moe_error(MOE_ERR_STATE, "AdamW: the layer has no flat parameter buffer");
+        return NULL;
+    }
+    if (!(hp->beta1 >= 0 && hp->beta1 < 1 && hp->beta2 >= 0 && hp->beta2 < 1 && hp->eps > 0 && hp->weight_decay >= 0)) {
+        moe_error(MOE_ERR_ARG, "AdamW: need 0 <= betas < 1, eps > 0, weight_decay >= 0");
+        return NULL;
+    }
+    moe_adamw *o = calloc(1, sizeof *o);
+    if (!o) { moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
+    o->layer = layer;
+    moe_layer_retain(layer);
+    o->hp = *hp;
+    o->n = moe_layer_num_param_tensors(layer);
+    o->lr_scale = malloc((size_t)(o->n ? o->n : 1) * sizeof *o->lr_scale);
+    o->decay = malloc((size_t)(o->n ? o->n : 1) * sizeof *o->decay);
+    o->m = moe_tensor_like(ctx, layer->flat_values);
+    o->v = moe_tensor_like(ctx, layer->flat_values);
+    moe_status s = o->lr_scale && o->decay && o->m && o->v ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_fill(ctx, o->m, 0.0);
+    if (s == MOE_OK) s = moe_op_fill(ctx, o->v, 0.0);
+    if (s != MOE_OK) { moe_adamw_free(o); return NULL; }
+    for (int i = 0; i < o->n; i++) {
+        o->lr_scale[i] = lr_scale ? lr_scale[i] : 1.0f;
+        o->decay[i] = decay ? decay[i] : 1;
+    }
+    return o;
+}
+
+void moe_adamw_free(moe_adamw *o) {
+    if (!o) return;
+    moe_layer_release(o->layer);
+    moe_tensor_release(o->m);
+    moe_tensor_release(o->v);
+    free(o->lr_scale);
+    free(o->decay);
+    free(o);
+}
+
+int64_t moe_adamw_step_count(const moe_adamw *o) { return o->step; }
+void moe_adamw_set_step_count(moe_adamw *o, int64_t step) { o->step = step; }
+moe_tensor *moe_adamw_m(moe_adamw *o) { return o->m; }
+moe_tensor *moe_adamw_v(moe_adamw *o) { return o->v; }
+
+/* a 1-d view of buffer `buf` at the elements parameter p occupies */
+static moe_tensor *slot(moe_tensor *buf, const moe_tensor *p) {
+    int64_t n[1] = {moe_tensor_numel(p)};
+    return moe_tensor_from_storage(buf->storage, p->offset, buf->dtype, 1, n, NULL);
+}
+
+moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
+    moe_tensor *fv = o->layer->flat_values;
+    if (!fv || moe_tensor_numel(fv) != moe_tensor_numel(o->m) || !moe_device_eq(fv->device, o->m->device)
+        || moe_layer_num_param_tensors(o->layer) != o->n)
+        return moe_error(MOE_ERR_STATE, "AdamW: the layer's parameters changed since the optimiser was made");
+    moe_param *ps = malloc((size_t)(o->n ? o->n : 1) * sizeof *ps);
+    if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory");
+    moe_layer_collect_params(o->layer, ps, o->n);
+    o->step++;
+    moe_status s = MOE_OK;
+    for (int i = 0; i < o->n && s == MOE_OK; i++) {
+        if (o->lr_scale[i] == 0) continue;   /* frozen */
+        if (ps[i].value->storage != o->layer->flat_values->storage) {
+            s = moe_error(MOE_ERR_STATE, "AdamW: parameter %s is not in the layer's flat buffer", ps[i].name);
+            break;
+        }
+        moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
+                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step};
+        int64_t n[1] = {moe_tensor_numel(ps[i].value)};
+        moe_tensor *pv = moe_tensor_from_storage(ps[i].value->storage, ps[i].value->offset, MOE_F32, 1, n, NULL);
+        moe_tensor *gv = moe_tensor_from_storage(ps[i].grad->storage, ps[i].grad->offset, MOE_F32, 1, n, NULL);
+        moe_tensor *mv = slot(o->m, ps[i].value), *vv = slot(o->v, ps[i].value);
+        s = pv && gv && mv && vv ? moe_op_adamw(ctx, pv, gv, mv, vv, &c) : moe_last_status();
+        moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
+    }
+    free(ps);
+    return s;
+}
+
+moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
+    moe_tensor *g = l->flat_grads;
+    if (!g) return moe_error(MOE_ERR_STATE, "grad_norm: the layer has no flat gradient buffer");
+    moe_tensor *sq = moe_tensor_like(ctx, g);
+    moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
+    moe_tensor *host = NULL;
+    moe_status s = sq && sum ? moe_op_unary(ctx, MOE_UN_SQUARE, sq, g, 0.0f) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, sum, sq);
+    if (s == MOE_OK) { host = moe_op_to(ctx, sum, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
+    if (s == MOE_OK) *norm = sqrt((double)moe_f32(host)[0]);
+    moe_tensor_release(sq); moe_tensor_release(sum); moe_tensor_release(host);
+    return s;
+}
+
+moe_status moe_clip_grad_norm(moe_ctx *ctx, moe_layer *l, double max_norm, double *norm) {
+    MOE_TRY(moe_grad_norm(ctx, l, norm));
+    if (!isfinite(*norm) || max_norm <= 0 || *norm <= max_norm) return MOE_OK;
+    return moe_op_unary(ctx, MOE_UN_SCALE, l->flat_grads, l->flat_grads, (float)(max_norm / (*norm + 1e-6)));
+}

@@ -1,0 +1,35 @@
+/* AdamW over a layer's flat buffers with per-parameter groups: each parameter
+ * has a learning-rate scale (0 freezes it) and a weight-decay switch (norms,
+ * biases and embeddings usually decay-free). State m and v are flat buffers
+ * shaped like the parameter buffer, so checkpoints save them as two tensors. */
+#ifndef MOE_OPTIMIZER_H
+#define MOE_OPTIMIZER_H
+
+#include "../nn/layer.h"
+
+typedef struct moe_adamw moe_adamw;
+
+typedef struct {
+    float beta1, beta2, eps, weight_decay;
+} moe_adamw_hparams;
+
+/* lr_scale and decay: one entry per parameter in moe_layer_collect_params
+ * order (NULL: all 1 / all decayed). The layer must own flat buffers. */
+moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
+                         const int *decay);
+void moe_adamw_free(moe_adamw *opt);
+/* One step at learning rate lr from the gradients in the layer. */
+moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);
+int64_t moe_adamw_step_count(const moe_adamw *opt);
+void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
+/* The state buffers (borrowed), for checkpoints. */
+moe_tensor *moe_adamw_m(moe_adamw *opt);
+moe_tensor *moe_adamw_v(moe_adamw *opt);
+
+/* Global L2 norm of the layer's gradients (one host read). */
+moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *layer, double *norm);
+/* Scales all gradients so their global norm is at most max_norm; returns the
+ * norm before clipping. Non-finite norms are reported, nothing is scaled. */
+moe_status moe_clip_grad_norm(moe_ctx *ctx, moe_layer *layer, double max_norm, double *norm);
+
+#endif
