@@ -262,10 +262,6 @@ function Trainer:train(opts)
       rec.skipped = true
       io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
       net:zero_grad()
-      if skipped_in_row > o.max_skipped then
-        error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
-          f, skipped_in_row), 2)
-      end
     else
       skipped_in_row = 0
       self.optimizer:step(lr)
@@ -283,6 +279,12 @@ function Trainer:train(opts)
     if health then rec.max_vio, rec.drop_rate, rec.router_entropy = health.max_vio, health.drop_rate, health.entropy end
     self.history[#self.history + 1] = rec
     last = rec
+    if skipped_in_row > o.max_skipped then
+      if metrics then metrics:close() end
+      self.model:train(false)
+      error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
+        f, skipped_in_row), 2)
+    end
     if metrics then
       local line = {}
       for k, v in pairs(rec) do if k ~= "routing" then line[k] = v end end

@@ -1,0 +1,200 @@
+-- MoEModel, the architecture presets and MoETrainer: training lowers the loss,
+-- resuming continues the same loss curve bit for bit, checkpoints round-trip,
+-- bad configurations are rejected.
+local moe = require "moelab"
+
+local function tmpdir()
+  local d = os.tmpname()
+  os.remove(d)
+  moe.io.mkdir_p(d)
+  return d
+end
+
+local corpus = moe.data.corpus{seed = 7, num_bytes = 60000}
+local train_ds, held_ds = corpus:split(0.9)
+
+local function small(arch, extra)
+  local o = {vocab_size = 256, hidden_size = 32, num_layers = 2, num_heads = 4, expert_intermediate_size = 32,
+             seed = 3}
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return moe.arch[arch](o)
+end
+
+describe("MoEModel", function()
+  it("counts total and active parameters", function()
+    local m = moe.MoEModel{vocab_size = 100, hidden_size = 32, num_layers = 2, num_experts = 4,
+                           experts_per_token = 1, expert_intermediate_size = 16, seed = 1}
+    -- per layer: attention 4*32*32, norms 2*32, router 4*32, experts 4 * 3*32*16; plus embed, head, final norm
+    local per_layer = 4 * 32 * 32 + 2 * 32 + 4 * 32 + 4 * 3 * 32 * 16
+    local total = 2 * per_layer + 2 * 100 * 32 + 32
+    assert.are.equal(total, m:num_params())
+    assert.are.equal(total - 2 * 3 * (3 * 32 * 16), m:num_active_params())
+  end)
+
+  it("forward returns logits, losses and routing statistics", function()
+    local m = small("Mixtral")
+    local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
+    local out = m:forward(ids, {targets = targets})
+    assert.are.same({2, 8, 256}, out.logits:shape())
+    assert.is_true(out.loss:item() > 0)
+    assert.is_true(out.aux_loss:item() > 0)
+    assert.are.equal(2, #out.routing)
+    assert.are.equal(16, out.routing[1].tokens)
+    assert.are.equal(32, out.routing[1].assignments)
+  end)
+
+  it("every preset builds and runs", function()
+    for _, name in ipairs{"SwitchTransformer", "Mixtral", "GLaM", "OLMoE", "DeepSeek"} do
+      local m = small(name, {num_experts = 8, experts_per_token = name == "SwitchTransformer" and 1 or 2})
+      local ids = train_ds:batch{batch_size = 1, seq_len = 8, seed = 1, step = 0}
+      local out = m:forward(ids)
+      assert.are.same({1, 8, 256}, out.logits:shape(), name)
+      assert.are.equal(name, m.config.name)
+    end
+    local glam = small("GLaM", {num_layers = 4})
+    assert.are.equal(2, #glam:moe_layers())
+    local ds = small("DeepSeek", {num_layers = 3})
+    assert.are.equal(2, #ds:moe_layers())
+    assert.is_true(#ds:buffers() == 2)   -- the aux-free expert bias of each MoE layer
+  end)
+
+  it("custom experts from an ExpertPool factory", function()
+    local m = moe.arch.Custom{vocab_size = 256, hidden_size = 16, num_layers = 1, num_heads = 2, num_experts = 3,
+      experts_per_token = 1, expert = function(i)
+        return moe.nn.Sequential(moe.nn.Linear(16, 8, {seed = i}), moe.nn.GELU(), moe.nn.Linear(8, 16, {seed = 10 + i}))
+      end}
+    local ids, targets = train_ds:batch{batch_size = 2, seq_len = 4, seed = 1, step = 0}
+    local out = m:forward(ids, {targets = targets})
+    out.tape:backward(out.loss)
+    assert.is_true(m.net:grad("layers.0.mlp.experts.0.0.weight"):abs():sum():item() >= 0)
+  end)
+end)
+
+describe("MoETrainer", function()
+  it("lowers the loss on the built-in corpus", function()
+    local m = small("Mixtral")
+    local tr = moe.MoETrainer{model = m, progress = false}
+    local before = tr:evaluate(held_ds, {batch_size = 4, seq_len = 32, batches = 4})
+    local res = tr:train{train_data = train_ds, batch_size = 4, seq_len = 32, learning_rate = 5e-3, max_steps = 40}
+    local after = tr:evaluate(held_ds, {batch_size = 4, seq_len = 32, batches = 4})
+    assert.is_true(after.loss < before.loss - 1.0, string.format("eval loss %.3f -> %.3f", before.loss, after.loss))
+    assert.are.equal(40, #res.history)
+    assert.is_true(res.history[40].loss < res.history[1].loss)
+    for _, k in ipairs{"loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "max_vio", "drop_rate"} do
+      assert.is_number(res.history[1][k], k)
+    end
+    assert.is_table(res.history[1].routing[1].load)
+  end)
+
+  it("resumes from a checkpoint on the same loss curve, bit for bit", function()
+    for _, name in ipairs{"SwitchTransformer", "DeepSeek"} do   -- jitter noise streams; aux-free bias buffers
+      -- a schedule that does not depend on max_steps, so the 6-step run matches the 12-step one
+      local opts = {batch_size = 2, seq_len = 16, learning_rate = 3e-3, warmup_steps = 2, seed = 5,
+                    lr_schedule = "constant"}
+      local function run(steps, resume_dir, run_dir)
+        local m = small(name, {num_experts = 4, experts_per_token = name == "DeepSeek" and 2 or 1})
+        local tr = moe.MoETrainer{model = m, progress = false, run_dir = run_dir}
+        local o = {train_data = train_ds}
+        for k, v in pairs(opts) do o[k] = v end
+        o.max_steps = steps
+        o.resume = resume_dir
+        tr:train(o)
+        return tr
+      end
+      local full = run(12)
+      local dir = tmpdir()
+      run(6, nil, dir)
+      local resumed = run(12, dir .. "/checkpoint")
+      for s = 7, 12 do
+        assert.are.equal(full.history[s].loss, resumed.history[s].loss, name .. " step " .. s)
+      end
+      local pa, pb = full.model:parameters(), resumed.model:parameters()
+      for i = 1, #pa do assert.is_true(pa[i].value:equal(pb[i].value), name .. " " .. pa[i].name) end
+    end
+  end)
+
+  it("saves and loads a model: same logits", function()
+    local m = small("OLMoE", {num_experts = 8, experts_per_token = 2})
+    local tr = moe.MoETrainer{model = m, progress = false}
+    tr:train{train_data = train_ds, batch_size = 2, seq_len = 16, max_steps = 3}
+    local dir = tmpdir()
+    tr:save_model(dir)
+    local m2 = moe.load(dir)
+    local ids = held_ds:batch{batch_size = 2, seq_len = 16, seed = 9, step = 0}
+    assert.is_true(m:forward(ids).logits:equal(m2:forward(ids).logits))
+    assert.are.equal("OLMoE", m2.config.name)
+  end)
+
+  it("writes metrics JSONL and a checkpoint into the run directory", function()
+    local dir = tmpdir()
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false, run_dir = dir}
+    tr:train{train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 5}
+    local lines = 0
+    for line in io.lines(dir .. "/metrics.jsonl") do
+      local rec = moe.io.json.decode(line)
+      assert.is_number(rec.loss)
+      lines = lines + 1
+    end
+    assert.are.equal(5, lines)
+    for _, f in ipairs{"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"} do
+      assert.is_truthy(io.open(dir .. "/checkpoint/" .. f), f)
+    end
+  end)
+
+  it("freezes the router and experts when asked; separate router learning rate", function()
+    local m = small("Mixtral")
+    local before = m.net:param("layers.0.mlp.gate.weight"):clone()
+    local before_e = m.net:param("layers.0.mlp.experts.up_proj"):clone()
+    local before_a = m.net:param("layers.0.self_attn.q_proj.weight"):clone()
+    local tr = moe.MoETrainer{model = m, progress = false, freeze_router = true, freeze_experts = true}
+    tr:train{train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 3, learning_rate = 1e-2}
+    assert.is_true(m.net:param("layers.0.mlp.gate.weight"):equal(before))
+    assert.is_true(m.net:param("layers.0.mlp.experts.up_proj"):equal(before_e))
+    assert.is_false(m.net:param("layers.0.self_attn.q_proj.weight"):equal(before_a))
+  end)
+
+  it("the learning-rate schedule warms up, then decays", function()
+    local o = {learning_rate = 1, warmup_steps = 10, max_steps = 110, min_lr_ratio = 0.1, lr_schedule = "cosine"}
+    local lr = require("moelab.trainer").lr_at
+    assert.are.equal(0.5, lr(5, o))
+    assert.are.equal(1, lr(10, o))
+    assert.is_true(math.abs(lr(60, o) - 0.55) < 1e-9)
+    assert.is_true(math.abs(lr(110, o) - 0.1) < 1e-9)
+    o.lr_schedule = "linear"
+    assert.is_true(math.abs(lr(60, o) - 0.55) < 1e-9)
+  end)
+
+  it("skips a step with a non-finite loss and goes on", function()
+    local m = small("Mixtral")
+    local tr = moe.MoETrainer{model = m, progress = false}
+    -- poison one parameter: every loss becomes NaN, so every step is skipped, then training stops
+    m.net:param("norm.weight"):fill(0 / 0)
+    local ok, msg = pcall(tr.train, tr, {train_data = train_ds, batch_size = 1, seq_len = 8, max_steps = 20,
+                                         max_skipped_steps = 3})
+    assert.is_false(ok)
+    assert.is_truthy(tostring(msg):find("non-finite", 1, true))
+    assert.are.equal(4, #tr.history)
+    assert.is_true(tr.history[1].skipped)
+  end)
+
+  it("rejects bad configurations with clear errors", function()
+    local function err(f, pat)
+      local ok, msg = pcall(f)
+      assert.is_false(ok)
+      assert.is_truthy(tostring(msg):find(pat, 1, true), tostring(msg))
+    end
+    err(function() moe.MoEModel{num_experts = 4, experts_per_token = 5} end, "experts_per_token")
+    err(function() moe.MoEModel{hidden_size = 30, num_heads = 4} end, "divisible")
+    err(function() moe.MoEModel{capacity_factor = 0 - 1} end, "capacity_factor")
+    err(function() moe.MoEModel{router = "psychic"} end, "router")
+    err(function() moe.MoETrainer{model = 3} end, "model must be")
+    err(function() moe.MoETrainer{model = small("Mixtral"), load_balancing = "vibes"} end, "unknown method")
+    err(function() moe.MoETrainer{model = small("Mixtral"), lr = 1} end, "unknown option 'lr'")
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false}
+    err(function() tr:train{train_data = "text", max_steps = 1} end, "train_data must be a dataset")
+    err(function() tr:train{train_data = train_ds} end, "max_steps or num_epochs")
+    err(function() tr:train{train_data = train_ds, max_steps = 1, lr_schedule = "zigzag"} end, "lr_schedule")
+    err(function() tr:train{train_data = train_ds, max_steps = 1, resume = "/nonexistent/ckpt"} end, "no complete checkpoint")
+    err(function() moe.load("/nonexistent/dir") end, "nonexistent")
+  end)
+end)
