@@ -1,8 +1,7 @@
 --- moelab: Mixture-of-Experts training and analysis lab.
 -- `local moe = require "moelab"` (preloaded as the global `moe` in the moelab
 -- program). This module is a thin Lua face over the C core (moelab.core):
--- tensors, layers, the tape, optimisers. Named arguments come in tables,
--- names are snake_case, and every bad argument raises an error naming it.
+-- tensors, layers, the tape, MoE models, the trainer and data.
 local core = require "moelab.core"
 
 local moe = {
@@ -15,7 +14,7 @@ require("moelab.tensor").install(core)
 
 -- tensors
 for _, name in ipairs{"tensor", "zeros", "ones", "full", "empty", "randn", "rand", "arange",
-                      "is_tensor", "matmul"} do
+                      "is_tensor", "matmul", "manual_seed"} do
   moe[name] = core[name]
 end
 moe.ops = core.ops
@@ -27,10 +26,10 @@ moe.Tape = core.Tape
 --- Devices.
 function moe.cuda_available() return core.cuda_available() end
 function moe.cuda_device_count() return core.cuda_device_count() end
---- Wall-clock seconds (monotonic), for timing.
-moe.clock = core.clock
 function moe.num_threads() return core.num_threads() end
 function moe.synchronize(device) return core.synchronize(device) end
+--- Wall-clock seconds (monotonic), for timing.
+moe.clock = core.clock
 --- The device recipes should use by default: $MOELAB_DEVICE (set by
 -- `moelab --device`), else "cuda" when a GPU is usable, else "cpu".
 function moe.default_device()
@@ -40,5 +39,15 @@ function moe.default_device()
 end
 
 moe.optim = require "moelab.optim"
+moe.io = require "moelab.io"
+moe.data = require "moelab.data"
+moe.routing = require "moelab.routing"
+moe.experts = require "moelab.experts"
+moe.arch = require "moelab.arch"
+local model = require "moelab.model"
+moe.MoEModel = model.MoEModel
+local trainer = require "moelab.trainer"
+moe.MoETrainer = trainer.MoETrainer
+moe.load = require("moelab.checkpoint").load
 
 return moe

@@ -21,6 +21,10 @@ typedef struct moe_storage {
     size_t nbytes;
     moe_device device;
     moe_allocator *alloc;   /* NULL: memory not owned (borrowed or mmapped) */
+    /* Memory with an owner of its own (an mmapped file): release(release_arg)
+     * runs once when the last reference goes. NULL for the other storages. */
+    void (*release)(void *release_arg);
+    void *release_arg;
 } moe_storage;
 
 typedef struct moe_tensor {
@@ -37,6 +41,11 @@ typedef struct moe_tensor {
 moe_storage *moe_storage_new(moe_allocator *a, size_t nbytes);
 /* Wraps memory the caller keeps alive (no free on release). */
 moe_storage *moe_storage_wrap(void *data, size_t nbytes, moe_device dev);
+/* Wraps memory kept alive by another owner, which the storage holds on to:
+ * release(release_arg) is called when the storage goes (also when this call
+ * fails, so the caller's reference is always consumed). */
+moe_storage *moe_storage_wrap_owned(void *data, size_t nbytes, moe_device dev,
+                                    void (*release)(void *release_arg), void *release_arg);
 void moe_storage_retain(moe_storage *s);
 void moe_storage_release(moe_storage *s);
 
