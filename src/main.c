@@ -38,6 +38,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -772,6 +773,12 @@ static int pmain(lua_State *L) {
 }
 
 int main(int argc, char **argv) {
+    /* Training allocates and frees the same large activation buffers every
+     * step. glibc would serve each from a fresh mmap (and zero its pages on
+     * first touch); keeping freed blocks in the heap avoids that. This is the
+     * program's policy; the library itself sets nothing process-wide here. */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
     options o;
     memset(&o, 0, sizeof o);
     o.argc = argc;

@@ -1,12 +1,14 @@
 /* Scaled dot-product attention with grouped-query heads and an optional
  * causal mask (query t sees keys s <= t + S - T). The forward saves the
- * log-sum-exp of each score row; the backward recomputes probabilities from it
- * (flash-style, no [T, S] matrix kept). Forward runs in parallel over (b, q
- * head); backward over (b, kv head), so each task owns its dK, dV and the dQ of
- * its query heads and nothing races. Per (t, s) loops run over s contiguously
- * on transposed K/V so they vectorise without reassociating sums. */
+ * log-sum-exp of each score row; the backward recomputes probabilities from it,
+ * so only a [chunk, S] block of scores exists at a time. Both directions are
+ * GEMMs on strided head views (single-threaded BLAS inside each task).
+ * Forward runs in parallel over (b, q head); backward over (b, kv head), so
+ * each task owns its dK, dV and the dQ of its query heads and nothing races. */
 #include "cpu.h"
 
+#include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -24,58 +26,65 @@ static inline int64_t visible(const att_job *J, int64_t t) {
     return n < 0 ? 0 : n > J->S ? J->S : n;
 }
 
-/* Kt[d][s] = k[b, s, hk, d] */
-static void transpose_kv(const float *src, float *dst, const att_job *J, int64_t b, int64_t hk) {
-    int64_t S = J->S, D = J->D, rs = J->Hkv * D;
-    const float *base = src + (b * S * J->Hkv + hk) * D;
-    for (int64_t s = 0; s < S; s++)
-        for (int64_t d = 0; d < D; d++) dst[d * S + s] = base[s * rs + d];
+/* Query rows are processed in chunks of this many, so the [chunk, S] score
+ * block stays small at long sequences. */
+#define ATT_CHUNK 256
+
+static void gemm_rm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *a, int64_t lda,
+                    const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K,
+                alpha, a, (int)lda, b, (int)ldb, beta, c, (int)ldc);
 }
 
-/* sc[s] = scale * q . k_s for s < n, from the transposed keys */
-static void scores(const float *restrict q, const float *restrict Kt, int64_t S, int64_t n, int64_t D, float scale,
-                   float *restrict sc) {
-    for (int64_t s = 0; s < n; s++) sc[s] = 0.0f;
-    for (int64_t d = 0; d < D; d++) {
-        float qd = q[d];
-        const float *restrict kr = Kt + d * S;
-        for (int64_t s = 0; s < n; s++) sc[s] += qd * kr[s];
+/* P[t, s] = exp(scale q_t . k_s - lse_t) for visible s, else 0; computes lse when lse_out is set. */
+static void probabilities(const att_job *J, int64_t t0, int64_t tc, float *P, const float *lse_in, float *lse_out) {
+    int64_t S = J->S;
+    for (int64_t i = 0; i < tc; i++) {
+        float *row = P + i * S;
+        int64_t n = visible(J, t0 + i);
+        if (n == 0) {
+            for (int64_t s = 0; s < S; s++) row[s] = 0.0f;
+            if (lse_out) lse_out[i] = -INFINITY;
+            continue;
+        }
+        float l;
+        if (lse_out) {
+            float m = cpu_row_max(row, n);
+            for (int64_t s = 0; s < n; s++) row[s] = cpu_expf(row[s] - m);
+            float sum = cpu_row_sum(row, n);
+            float inv = 1.0f / sum;
+            for (int64_t s = 0; s < n; s++) row[s] *= inv;
+            l = m + logf(sum);
+            lse_out[i] = l;
+        } else {
+            l = lse_in[i];
+            for (int64_t s = 0; s < n; s++) row[s] = cpu_expf(row[s] - l);
+        }
+        for (int64_t s = n; s < S; s++) row[s] = 0.0f;
     }
-    for (int64_t s = 0; s < n; s++) sc[s] *= scale;
 }
 
+/* Per (b, q head), in chunks of query rows: scores by GEMM, masked softmax,
+ * then O = P V by GEMM. */
 static void fwd_range(void *arg, int64_t i0, int64_t i1) {
     att_job *J = arg;
-    int64_t S = J->S, D = J->D, T = J->T, Hq = J->Hq, G = J->Hq / J->Hkv;
-    float *Kt = malloc((size_t)(S * D + S + 1) * sizeof(float));
-    if (!Kt) { __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED); return; }
-    float *sc = Kt + S * D;
+    int64_t S = J->S, D = J->D, T = J->T, Hq = J->Hq, G = J->Hq / J->Hkv, ldq = Hq * D, ldk = J->Hkv * D;
+    int64_t chunk = T < ATT_CHUNK ? T : ATT_CHUNK;
+    float *P = malloc((size_t)(chunk * S + 1) * sizeof(float));
+    if (!P) { __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED); return; }
     for (int64_t it = i0; it < i1; it++) {
         int64_t b = it / Hq, h = it % Hq, hk = h / G;
-        transpose_kv(J->k, Kt, J, b, hk);
-        const float *vb = J->v + (b * S * J->Hkv + hk) * D;
-        for (int64_t t = 0; t < T; t++) {
-            const float *q = J->q + ((b * T + t) * Hq + h) * D;
-            float *restrict o = J->o + ((b * T + t) * Hq + h) * D;
-            float *lse = J->l + (b * Hq + h) * T + t;
-            int64_t n = visible(J, t);
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            if (n == 0) { *lse = -INFINITY; continue; }
-            scores(q, Kt, S, n, D, J->scale, sc);
-            float m = cpu_row_max(sc, n);
-            for (int64_t s = 0; s < n; s++) sc[s] = cpu_expf(sc[s] - m);
-            float l = cpu_row_sum(sc, n);
-            for (int64_t s = 0; s < n; s++) {
-                const float *restrict vr = vb + s * J->Hkv * D;
-                float p = sc[s];
-                for (int64_t d = 0; d < D; d++) o[d] += p * vr[d];
-            }
-            float inv = 1.0f / l;
-            for (int64_t d = 0; d < D; d++) o[d] *= inv;
-            *lse = m + logf(l);
+        const float *kb = J->k + (b * S * J->Hkv + hk) * D, *vb = J->v + (b * S * J->Hkv + hk) * D;
+        for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+            int64_t tc = T - t0 < chunk ? T - t0 : chunk;
+            const float *q = J->q + ((b * T + t0) * Hq + h) * D;
+            float *o = J->o + ((b * T + t0) * Hq + h) * D;
+            gemm_rm(0, 1, tc, S, D, J->scale, q, ldq, kb, ldk, 0.0f, P, S);
+            probabilities(J, t0, tc, P, NULL, J->l + (b * Hq + h) * T + t0);
+            gemm_rm(0, 0, tc, D, S, 1.0f, P, S, vb, ldk, 0.0f, o, ldq);
         }
     }
-    free(Kt);
+    free(P);
 }
 
 moe_status moe_cpu_attention(moe_ctx *ctx, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
@@ -89,55 +98,48 @@ moe_status moe_cpu_attention(moe_ctx *ctx, moe_tensor *out, moe_tensor *lse, con
     return MOE_OK;
 }
 
+/* Per (b, kv head), over its query heads and chunks of query rows:
+ *   P = softmax rows from the saved lse, dP = dO V^T, dS = P (dP - rowdot(dO, O)),
+ *   dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO    (five GEMMs) */
 static void bwd_range(void *arg, int64_t i0, int64_t i1) {
     att_job *J = arg;
-    int64_t S = J->S, D = J->D, T = J->T, Hq = J->Hq, Hkv = J->Hkv, G = Hq / Hkv, rs = Hkv * D;
-    float *Kt = malloc((size_t)(2 * S * D + 3 * S + 1) * sizeof(float));
-    if (!Kt) { __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED); return; }
-    float *Vt = Kt + S * D, *p = Vt + S * D, *dp = p + S, *ds = dp + S;
+    int64_t S = J->S, D = J->D, T = J->T, Hq = J->Hq, Hkv = J->Hkv, G = Hq / Hkv, ldq = Hq * D, ldk = Hkv * D;
+    int64_t chunk = T < ATT_CHUNK ? T : ATT_CHUNK;
+    float *P = malloc((size_t)(2 * chunk * S + 1) * sizeof(float));
+    if (!P) { __atomic_store_n(&J->failed, 1, __ATOMIC_RELAXED); return; }
+    float *dS = P + chunk * S;
     for (int64_t it = i0; it < i1; it++) {
         int64_t b = it / Hkv, hk = it % Hkv;
-        transpose_kv(J->k, Kt, J, b, hk);
-        transpose_kv(J->v, Vt, J, b, hk);
-        const float *kb = J->k + (b * S * Hkv + hk) * D;
+        const float *kb = J->k + (b * S * Hkv + hk) * D, *vb = J->v + (b * S * Hkv + hk) * D;
         float *dkb = J->dk + (b * S * Hkv + hk) * D, *dvb = J->dv + (b * S * Hkv + hk) * D;
-        for (int64_t s = 0; s < S; s++)
-            for (int64_t d = 0; d < D; d++) dkb[s * rs + d] = dvb[s * rs + d] = 0.0f;
+        int first = 1;
         for (int64_t h = hk * G; h < (hk + 1) * G; h++) {
-            for (int64_t t = 0; t < T; t++) {
-                int64_t row = (b * T + t) * Hq + h;
-                const float *restrict q = J->q + row * D, *restrict go = J->dout + row * D;
-                const float *restrict o = J->out + row * D;
-                float *restrict dq = J->dq + row * D;
-                for (int64_t d = 0; d < D; d++) dq[d] = 0.0f;
-                int64_t n = visible(J, t);
-                if (n == 0) continue;
-                float lse = J->lse[(b * Hq + h) * T + t];
-                scores(q, Kt, S, n, D, J->scale, p);
-                for (int64_t s = 0; s < n; s++) p[s] = cpu_expf(p[s] - lse);
-                for (int64_t s = 0; s < n; s++) dp[s] = 0.0f;
-                for (int64_t d = 0; d < D; d++) {
-                    float g = go[d];
-                    const float *restrict vr = Vt + d * S;
-                    for (int64_t s = 0; s < n; s++) dp[s] += g * vr[s];
+            for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+                int64_t tc = T - t0 < chunk ? T - t0 : chunk;
+                int64_t row0 = (b * T + t0) * Hq + h;
+                const float *q = J->q + row0 * D, *go = J->dout + row0 * D, *o = J->out + row0 * D;
+                float *dq = J->dq + row0 * D;
+                gemm_rm(0, 1, tc, S, D, J->scale, q, ldq, kb, ldk, 0.0f, P, S);
+                probabilities(J, t0, tc, P, J->lse + (b * Hq + h) * T + t0, NULL);
+                gemm_rm(0, 1, tc, S, D, 1.0f, go, ldq, vb, ldk, 0.0f, dS, S);
+                for (int64_t i = 0; i < tc; i++) {
+                    float di = cpu_row_dot(go + i * ldq, o + i * ldq, D);
+                    float *restrict ds = dS + i * S;
+                    const float *restrict p = P + i * S;
+                    for (int64_t s = 0; s < S; s++) ds[s] = p[s] * (ds[s] - di);
                 }
-                float di = cpu_row_dot(go, o, D);
-                for (int64_t s = 0; s < n; s++) ds[s] = p[s] * (dp[s] - di);
-                for (int64_t s = 0; s < n; s++) {
-                    const float *restrict kr = kb + s * rs;
-                    float *restrict dkr = dkb + s * rs, *restrict dvr = dvb + s * rs;
-                    float w = ds[s], ws = ds[s] * J->scale, ps = p[s];
-                    for (int64_t d = 0; d < D; d++) {
-                        dq[d] += w * kr[d];
-                        dkr[d] += ws * q[d];
-                        dvr[d] += ps * go[d];
-                    }
-                }
-                for (int64_t d = 0; d < D; d++) dq[d] *= J->scale;
+                float beta = first ? 0.0f : 1.0f;
+                gemm_rm(0, 0, tc, D, S, J->scale, dS, S, kb, ldk, 0.0f, dq, ldq);
+                gemm_rm(1, 0, S, D, tc, J->scale, dS, S, q, ldq, beta, dkb, ldk);
+                gemm_rm(1, 0, S, D, tc, 1.0f, P, S, go, ldq, beta, dvb, ldk);
+                first = 0;
             }
         }
+        if (first)   /* T == 0: nothing wrote dK, dV */
+            for (int64_t s = 0; s < S; s++)
+                for (int64_t d = 0; d < D; d++) dkb[s * ldk + d] = dvb[s * ldk + d] = 0.0f;
     }
-    free(Kt);
+    free(P);
 }
 
 moe_status moe_cpu_attention_backward(moe_ctx *ctx, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv,

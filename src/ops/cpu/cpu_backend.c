@@ -1,6 +1,8 @@
 /* The CPU backend's dispatch table, its installer, and the memory kernels
  * (copy, fill, random fills). */
 #include "cpu.h"
+
+#include <cblas.h>
 #include "../../core/rng.h"
 
 static moe_status cpu_synchronize(moe_ctx *ctx, moe_device dev) {
@@ -148,4 +150,8 @@ static const moe_backend cpu_backend = {
 
 void moe_cpu_backend_install(moe_ctx *ctx) {
     if (ctx) ctx->backends[MOE_CPU] = &cpu_backend;
+    /* GEMMs are split over the context's pool (cpu_gemm.c), each part a
+     * single-threaded BLAS call: OpenBLAS's own workers would spin between
+     * calls and compete with the pool for the same cores. */
+    openblas_set_num_threads(1);
 }
