@@ -9,7 +9,7 @@ local run_dir = "runs/quickstart"
 
 -- data: the built-in synthetic corpus (arithmetic, code, records, prose), byte-level
 local corpus = moe.data.corpus{seed = 1, num_bytes = 2000000}
-local train_data, eval_data = corpus:split(0.95)
+local train_data, eval_data = corpus:split(0.05)
 print(string.format("data: %s (domains: %s)", tostring(corpus), table.concat(corpus:domains(), ", ")))
 
 local model = moe.arch.Mixtral{

@@ -11,7 +11,7 @@ local function tmpdir()
 end
 
 local corpus = moe.data.corpus{seed = 7, num_bytes = 60000}
-local train_ds, held_ds = corpus:split(0.9)
+local train_ds, held_ds = corpus:split(0.1)
 
 local function small(arch, extra)
   local o = {vocab_size = 256, hidden_size = 32, num_layers = 2, num_heads = 4, expert_intermediate_size = 32,
