@@ -113,3 +113,71 @@ describe("optimiser rejects bad arguments", function()
     assert.is_true((fails(moe.optim.AdamW, nil)))
   end)
 end)
+
+describe("MoE constructors and methods reject bad arguments", function()
+  it("nn.MoE, nn.Model, MoEModel, presets, MoETrainer with garbage", function()
+    local ctors = {moe.nn.MoE, moe.nn.Model, moe.MoEModel, moe.arch.Mixtral, moe.arch.SwitchTransformer,
+                   moe.arch.GLaM, moe.arch.OLMoE, moe.arch.DeepSeek, moe.arch.Custom, moe.MoETrainer,
+                   moe.routing.TopKRouter, moe.routing.ExpertChoice, moe.routing.LoadBalancer, moe.experts.ExpertPool}
+    for i, c in ipairs(ctors) do
+      for _, g in ipairs{5, "x", true, function() end} do
+        assert.is_true((fails(c, g)), "constructor " .. i .. " accepted " .. tostring(g))
+      end
+    end
+    local bad_opts = {
+      {hidden_size = 8, num_experts = 0}, {hidden_size = 8, num_experts = 4, experts_per_token = 0},
+      {hidden_size = 8, num_experts = 4, router = 3}, {hidden_size = 8, capacity_factor = "big"},
+      {hidden_size = 8, activation = "tanh"}, {hidden_size = -8}, {hidden_size = 8, jitter_noise = 2},
+      {hidden_size = 8, num_shared_experts = -1}, {hidden_size = 8, renormalize = "yes"},
+      {hidden_size = 8, num_experts = 2, experts = {moe.nn.SiLU(), "x"}},
+    }
+    for _, o in ipairs(bad_opts) do
+      assert.is_true((fails(moe.nn.MoE, o)), "nn.MoE accepted a bad option set")
+    end
+    assert.is_true((fails(moe.nn.Model, {vocab_size = 0, hidden_size = 8, num_layers = 1, num_heads = 2})))
+    assert.is_true((fails(moe.nn.Model, {vocab_size = 8, hidden_size = 8, num_layers = 1, num_heads = 2,
+                                         custom_experts = {{}}})))
+  end)
+
+  it("MoE-only methods on other layers, and model methods on non-models", function()
+    local lin = moe.nn.Linear(2, 2, {seed = 1})
+    for _, m in ipairs{"routing_stats", "aux_loss", "z_loss", "expert_bias", "assignments", "update_bias",
+                       "set_noise_step", "noise_step"} do
+      local bad, msg = fails(lin[m], lin)
+      assert.is_true(bad, m)
+      assert.is_truthy(msg:find("not an MoE layer", 1, true), msg)
+    end
+    for _, m in ipairs{"balance_losses", "moe_layers", "num_active_params", "config"} do
+      assert.is_true((fails(lin[m], lin)), m)
+    end
+    local blk = moe.nn.MoE{hidden_size = 4, num_experts = 2, experts_per_token = 1, seed = 2}
+    assert.is_nil(blk:routing_stats())               -- before any forward
+    assert.is_true((fails(blk.set_noise_step, blk, -1)))
+    assert.is_true((fails(blk.set_noise_step, blk, "x")))
+    assert.is_true((fails(blk.forward, blk, moe.randn({3, 5}))))
+    local model = moe.MoEModel{vocab_size = 16, hidden_size = 8, num_layers = 1, num_heads = 2, num_experts = 2,
+                               experts_per_token = 1, seed = 3}
+    for _, g in ipairs{nil, 5, moe.randn({2, 3}), moe.tensor({1, 2}, {dtype = "i64"}),
+                       moe.tensor({{1, 99}}, {dtype = "i64"})} do
+      assert.is_true((fails(model.forward, model, g)))
+    end
+    assert.is_true((fails(model.forward, model, moe.tensor({{1, 2}}, {dtype = "i64"}), 5)))
+  end)
+
+  it("the optimiser binding and gradient helpers", function()
+    local l = moe.nn.Linear(2, 2, {seed = 4})
+    for _, g in ipairs{nil, 5, "x", moe.randn({2})} do
+      assert.is_true((fails(moe.core.adamw, g)))
+      assert.is_true((fails(moe.core.grad_norm, g)))
+      assert.is_true((fails(moe.core.clip_grad_norm, g, 1)))
+    end
+    assert.is_true((fails(moe.core.adamw, l, {lr_scale = {1}})))          -- wrong length
+    assert.is_true((fails(moe.core.adamw, l, {decay = {1, 2}})))          -- not booleans
+    assert.is_true((fails(moe.core.adamw, l, {beta1 = 1.5})))
+    local opt = moe.core.adamw(l, {})
+    assert.is_true((fails(opt.step, opt)))
+    assert.is_true((fails(opt.step, opt, -1)))
+    assert.is_true((fails(opt.step, 5, 0.1)))
+    assert.is_true((fails(moe.core.clip_grad_norm, l, "x")))
+  end)
+end)
