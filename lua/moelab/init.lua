@@ -49,5 +49,10 @@ moe.MoEModel = model.MoEModel
 local trainer = require "moelab.trainer"
 moe.MoETrainer = trainer.MoETrainer
 moe.load = require("moelab.checkpoint").load
+local analytics = require "moelab.analytics"
+moe.analytics = analytics
+moe.RouterMonitor = analytics.RouterMonitor
+moe.RouterAnalyzer = analytics.RouterAnalyzer
+moe.MoECostAnalyzer = require("moelab.cost").MoECostAnalyzer
 
 return moe

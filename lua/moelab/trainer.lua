@@ -42,13 +42,13 @@ end
 local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
-  freeze_router = true, freeze_experts = true, run_dir = true, log_every = true, progress = true,
+  freeze_router = true, freeze_experts = true, run_dir = true, log_every = true, progress = true, monitor = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
 --  router_z_loss_coef=0.001, weight_decay=0.1, betas={0.9, 0.95}, eps=1e-8, grad_clip=1.0,
 --  router_learning_rate=, expert_learning_rate=, freeze_router=false, freeze_experts=false,
---  run_dir=, log_every=10, progress=true}
+--  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -86,6 +86,10 @@ function M.MoETrainer(opts)
     history = {},
     step = 0,
   }, Trainer)
+  if opts.monitor ~= nil and not require("moelab.analytics.monitor").is_monitor(opts.monitor) then
+    fail(f, "monitor must be a moe.RouterMonitor")
+  end
+  self.monitor = opts.monitor
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
   self.aux_free = false
@@ -241,6 +245,7 @@ function Trainer:train(opts)
                                     step = (step - 1) * o.accum + micro - 1}
       local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
                                            router_z_loss_coef = self.router_z_loss_coef})
+      if self.monitor then self.monitor:record() end
       local l = out.loss:item()
       if not finite(l) then bad = true end
       loss_sum = loss_sum + l
