@@ -56,13 +56,22 @@ static inline float cpu_expf(float x) {
 
 /* Deterministic 8-lane sum / max of a contiguous row (vectorises at -O3
  * without reassociation flags; the lane order is fixed). */
-static inline float cpu_row_sum(const float *restrict x, int64_t n) {
+/* Sums in blocks of 256 with 8 float lanes (vectorises), blocks added in
+ * double: long reductions (a whole gradient buffer) keep their precision. */
+static inline float cpu_block_sum(const float *restrict x, int64_t n) {
     float acc[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int l = 0; l < 8; l++) acc[l] += x[i + l];
     for (int l = 0; i < n; i++, l++) acc[l] += x[i];
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+static inline float cpu_row_sum(const float *restrict x, int64_t n) {
+    if (n <= 256) return cpu_block_sum(x, n);
+    double total = 0;
+    for (int64_t i = 0; i < n; i += 256) total += cpu_block_sum(x + i, n - i < 256 ? n - i : 256);
+    return (float)total;
 }
 
 static inline float cpu_row_dot(const float *restrict x, const float *restrict y, int64_t n) {
