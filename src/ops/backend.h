@@ -7,7 +7,10 @@
  * - outputs are contiguous; inputs are contiguous except for copy, binary,
  *   unary and unary_backward, which get strided views (broadcast inputs of
  *   binary are expanded views with stride 0 and the output's shape);
- * - float tensors of one call share one dtype, index tensors are i64.
+ * - float tensors of one call share one dtype, except the per-row statistics
+ *   (rmsnorm/layernorm rstd and mean, attention lse, cross_entropy loss and
+ *   lse), which have that dtype or f32 (f32 statistics with bf16 data);
+ *   index tensors are i64.
  * A backend that lacks an entry leaves it NULL; ops.c then reports
  * "<op> is not supported on <backend>". */
 #ifndef MOE_BACKEND_H

@@ -6,7 +6,9 @@
  * - Outputs are preallocated by the caller and must be contiguous; inputs may
  *   be any strided view unless a comment says "contiguous" (the op then makes a
  *   contiguous copy itself when needed).
- * - All float tensors of one call share a dtype; index tensors are i64.
+ * - All float tensors of one call share a dtype, except per-row statistics
+ *   (rstd, mean, lse, per-row loss), which may also be f32 whatever the data
+ *   dtype (bf16 data with f32 statistics); index tensors are i64.
  *   The CPU backend computes in f32; the CUDA backend in bf16/f32 with f32
  *   accumulation.
  * - "rows" means all leading dims flattened: a [B, T, D] tensor is B*T rows of D.

@@ -13,6 +13,25 @@ static moe_status check_rowstat(const char *op, const char *name, const moe_tens
     return MOE_OK;
 }
 
+/* The dtype and device of a per-row statistic (rstd, mean, lse, per-row loss):
+ * the data's dtype, or f32 whatever the data's dtype (so bf16 data can keep
+ * f32 statistics). The statistic is left out of ops_check's shared-dtype rule;
+ * `data` (already checked by ops_check) names the data dtype and device. */
+static moe_status check_stat(const char *op, const char *name, const moe_tensor *t, const char *dname,
+                             const moe_tensor *data) {
+    MOE_TRY(ops_nonnull(op, name, t));
+    if (t->dtype != data->dtype && t->dtype != MOE_F32)
+        return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s, expected %s (the dtype of %s)%s", op, name,
+                         moe_dtype_name(t->dtype), moe_dtype_name(data->dtype), dname,
+                         data->dtype == MOE_F32 ? "" : " or f32");
+    if (!moe_device_eq(t->device, data->device)) {
+        char b1[16], b2[16];
+        return moe_error(MOE_ERR_DEVICE, "%s: %s is on %s, expected %s (the device of %s)", op, name,
+                         moe_device_str(t->device, b1, sizeof b1), moe_device_str(data->device, b2, sizeof b2), dname);
+    }
+    return MOE_OK;
+}
+
 static moe_status check_norm_weight(const char *op, const char *name, const moe_tensor *w, const moe_tensor *x) {
     int64_t d = ops_last(x);
     return ops_shape_is(op, name, w, 1, &d, "the last dim of x");
@@ -37,8 +56,9 @@ static moe_status contig_all(moe_ctx *ctx, const moe_tensor *const *in, moe_tens
 moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
                           float eps) {
     static const char *op = "rmsnorm";
-    ops_arg f[] = {{"y", y}, {"rstd", rstd}, {"x", x}, {"w", w}};
-    MOE_TRY(ops_check(op, f, 4, NULL, 0));
+    ops_arg f[] = {{"y", y}, {"x", x}, {"w", w}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    MOE_TRY(check_stat(op, "rstd", rstd, "y", y));
     MOE_TRY(ops_out(op, "y", y));
     MOE_TRY(ops_out(op, "rstd", rstd));
     if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "rmsnorm: x is 0-dim, expected at least 1 dim");
@@ -60,8 +80,9 @@ moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const m
 moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd) {
     static const char *op = "rmsnorm_backward";
-    ops_arg f[] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"rstd", rstd}, {"dw", dw}};
-    MOE_TRY(ops_check(op, f, dw ? 6 : 5, NULL, 0));
+    ops_arg f[] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"dw", dw}};
+    MOE_TRY(ops_check(op, f, dw ? 5 : 4, NULL, 0));
+    MOE_TRY(check_stat(op, "rstd", rstd, "dx", dx));
     MOE_TRY(ops_out(op, "dx", dx));
     if (dw) MOE_TRY(ops_out(op, "dw", dw));
     if (x->ndim < 1) return moe_error(MOE_ERR_SHAPE, "rmsnorm_backward: x is 0-dim, expected at least 1 dim");
@@ -84,8 +105,10 @@ moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw,
 moe_status moe_op_layernorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
                             const moe_tensor *w, const moe_tensor *b, float eps) {
     static const char *op = "layernorm";
-    ops_arg f[] = {{"y", y}, {"mean", mean}, {"rstd", rstd}, {"x", x}, {"w", w}, {"b", b}};
-    MOE_TRY(ops_check(op, f, b ? 6 : 5, NULL, 0));
+    ops_arg f[] = {{"y", y}, {"x", x}, {"w", w}, {"b", b}};
+    MOE_TRY(ops_check(op, f, b ? 4 : 3, NULL, 0));
+    MOE_TRY(check_stat(op, "mean", mean, "y", y));
+    MOE_TRY(check_stat(op, "rstd", rstd, "y", y));
     MOE_TRY(ops_out(op, "y", y));
     MOE_TRY(ops_out(op, "mean", mean));
     MOE_TRY(ops_out(op, "rstd", rstd));
@@ -111,11 +134,13 @@ moe_status moe_op_layernorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *d
                                      const moe_tensor *dy, const moe_tensor *x, const moe_tensor *w,
                                      const moe_tensor *mean, const moe_tensor *rstd) {
     static const char *op = "layernorm_backward";
-    ops_arg f[8] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"mean", mean}, {"rstd", rstd}};
-    int nf = 6;
+    ops_arg f[6] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}};
+    int nf = 4;
     if (dw) f[nf++] = (ops_arg){"dw", dw};
     if (db) f[nf++] = (ops_arg){"db", db};
     MOE_TRY(ops_check(op, f, nf, NULL, 0));
+    MOE_TRY(check_stat(op, "mean", mean, "dx", dx));
+    MOE_TRY(check_stat(op, "rstd", rstd, "dx", dx));
     MOE_TRY(ops_out(op, "dx", dx));
     if (dw) MOE_TRY(ops_out(op, "dw", dw));
     if (db) MOE_TRY(ops_out(op, "db", db));
@@ -184,8 +209,9 @@ static moe_status check_attention(const char *op, const moe_tensor *q, const moe
 moe_status moe_op_attention(moe_ctx *ctx, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
                             const moe_tensor *v, float scale, int causal) {
     static const char *op = "attention";
-    ops_arg f[] = {{"out", out}, {"lse", lse}, {"q", q}, {"k", k}, {"v", v}};
-    MOE_TRY(ops_check(op, f, 5, NULL, 0));
+    ops_arg f[] = {{"out", out}, {"q", q}, {"k", k}, {"v", v}};
+    MOE_TRY(ops_check(op, f, 4, NULL, 0));
+    MOE_TRY(check_stat(op, "lse", lse, "out", out));
     MOE_TRY(ops_out(op, "out", out));
     MOE_TRY(ops_out(op, "lse", lse));
     MOE_TRY(check_attention(op, q, k, v, out, lse));
@@ -206,8 +232,9 @@ moe_status moe_op_attention_backward(moe_ctx *ctx, moe_tensor *dq, moe_tensor *d
                                      int causal) {
     static const char *op = "attention_backward";
     ops_arg f[] = {{"dq", dq}, {"dk", dk}, {"dv", dv}, {"dout", dout}, {"q", q},
-                   {"k", k},   {"v", v},   {"out", out}, {"lse", lse}};
-    MOE_TRY(ops_check(op, f, 9, NULL, 0));
+                   {"k", k},   {"v", v},   {"out", out}};
+    MOE_TRY(ops_check(op, f, 8, NULL, 0));
+    MOE_TRY(check_stat(op, "lse", lse, "dq", dq));
     MOE_TRY(ops_out(op, "dq", dq));
     MOE_TRY(ops_out(op, "dk", dk));
     MOE_TRY(ops_out(op, "dv", dv));
@@ -281,8 +308,10 @@ static moe_status check_ce(const char *op, const moe_tensor *logits, const moe_t
 moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
                                 const moe_tensor *targets, int64_t ignore_index) {
     static const char *op = "cross_entropy";
-    ops_arg f[] = {{"loss", loss}, {"lse", lse}, {"logits", logits}}, ix[] = {{"targets", targets}};
-    MOE_TRY(ops_check(op, f, 3, ix, 1));
+    ops_arg f[] = {{"logits", logits}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 1, ix, 1));
+    MOE_TRY(check_stat(op, "loss", loss, "logits", logits));
+    MOE_TRY(check_stat(op, "lse", lse, "logits", logits));
     MOE_TRY(ops_out(op, "loss", loss));
     MOE_TRY(ops_out(op, "lse", lse));
     MOE_TRY(check_ce(op, logits, targets));
@@ -305,8 +334,9 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
                                          const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
                                          float scale) {
     static const char *op = "cross_entropy_backward";
-    ops_arg f[] = {{"dlogits", dlogits}, {"logits", logits}, {"lse", lse}}, ix[] = {{"targets", targets}};
-    MOE_TRY(ops_check(op, f, 3, ix, 1));
+    ops_arg f[] = {{"dlogits", dlogits}, {"logits", logits}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 2, ix, 1));
+    MOE_TRY(check_stat(op, "lse", lse, "logits", logits));
     MOE_TRY(ops_out(op, "dlogits", dlogits));
     MOE_TRY(check_ce(op, logits, targets));
     MOE_TRY(ops_same_shape(op, "dlogits", dlogits, "logits", logits));

@@ -3,8 +3,14 @@
  * with NaN before each run so unwritten elements fail. bf16 checks feed the
  * CPU the same bf16-rounded inputs (the CPU computes in f32) and compare the
  * GPU's bf16 result with tolerance 2e-2.
- * Error measure: max |gpu - cpu| / (1 + |cpu|). Prints TAP; exit 1 on failure;
- * "1..0 # SKIP no CUDA device" and exit 0 without a GPU. */
+ * Error measure: max |gpu - cpu| / (1 + |cpu|) (printed on every line as
+ * "max err"); attention also prints ||gpu - cpu|| / ||cpu|| ("rel l2").
+ * Accumulating index ops (scatter_add, index_add, embedding_backward) must
+ * match the CPU bit for bit (same order of f32 additions); determinism checks
+ * run a kernel twice on the same inputs and compare the bytes.
+ * Prints TAP; exit 1 on failure; "1..0 # SKIP no CUDA device" and exit 0
+ * without a GPU. Then, unless MOELAB_CHECK_NO_TIMING is set, a short timing
+ * section printed as TAP comments ("# attention fwd ...: X ms, Y TFLOP/s"). */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -119,7 +125,7 @@ static double max_err(const moe_tensor *gpu, const moe_tensor *ref) {
 
 static void check(const char *name, moe_dtype dt, const moe_tensor *gpu, const moe_tensor *ref, double tol) {
     double e = max_err(gpu, ref);
-    if (e <= tol) ok(1, "%s [%s]", name, dtn(dt));
+    if (e <= tol) ok(1, "%s [%s] (max err %.3g)", name, dtn(dt), e);
     else ok(0, "%s [%s]: max err %.3g > tol %.3g", name, dtn(dt), e, tol);
 }
 
@@ -493,15 +499,695 @@ static void test_allocator(void) {
     moe_tensor_release(d);
 }
 
-static void test_unsupported(void) {
-    moe_tensor *x = moe_tensor_new(ctx, MOE_F32, SH(4, 8), GPU);
-    moe_tensor *v = moe_tensor_new(ctx, MOE_F32, SH(4, 2), GPU);
-    moe_tensor *i = moe_tensor_new(ctx, MOE_I64, SH(4, 2), GPU);
-    moe_op_fill_randn(ctx, x, 1, 0, 0, 1);
-    moe_status st = moe_op_topk(ctx, v, i, x, 2);
-    ok(st == MOE_ERR_DEVICE && strstr(moe_last_error(), "not supported on cuda"),
-       "a NULL entry reports 'not supported on cuda' (%s)", moe_last_error());
-    moe_tensor_release(x); moe_tensor_release(v); moe_tensor_release(i);
+/* ---- helpers for the new checks ---- */
+
+/* ||g - r|| / ||r|| (NaN anywhere: INFINITY) */
+static double rel_l2(const moe_tensor *gpu, const moe_tensor *ref) {
+    moe_tensor *g = moe_op_to(ctx, (moe_tensor *)gpu, MOE_DEVICE_CPU, MOE_F32);
+    die_if(!g, "download");
+    moe_tensor *r = moe_tensor_contiguous_cpu((moe_tensor *)ref);
+    die_if(!r, "contiguous");
+    const float *a = moe_f32(g), *b = moe_f32(r);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < moe_tensor_numel(r); i++) {
+        double x = a[i], y = b[i];
+        if (isnan(x) || isnan(y)) { num = INFINITY; break; }
+        if (isinf(x) || isinf(y)) { if (x != y) { num = INFINITY; break; } continue; }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    moe_tensor_release(g);
+    moe_tensor_release(r);
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* max err and rel l2 both within their tolerances */
+static void check2(const char *name, moe_dtype dt, const moe_tensor *gpu, const moe_tensor *ref, double tol,
+                   double l2tol) {
+    double e = max_err(gpu, ref), l = rel_l2(gpu, ref);
+    if (e <= tol && l <= l2tol) ok(1, "%s [%s] (max err %.3g, rel l2 %.3g)", name, dtn(dt), e, l);
+    else ok(0, "%s [%s]: max err %.3g (tol %.3g), rel l2 %.3g (tol %.3g)", name, dtn(dt), e, tol, l, l2tol);
+}
+
+/* a host copy of the bytes of any tensor (caller frees) */
+static void *bytes_of(const moe_tensor *t, size_t *n) {
+    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)t, MOE_DEVICE_CPU, t->dtype);
+    die_if(!h, "download");
+    *n = (size_t)moe_tensor_numel(h) * moe_dtype_size(h->dtype);
+    void *p = malloc(*n ? *n : 1);
+    die_if(!p, "host memory");
+    memcpy(p, moe_tensor_data(h), *n);
+    moe_tensor_release(h);
+    return p;
+}
+
+static int same_bytes(const moe_tensor *a, const moe_tensor *b) {
+    size_t na, nb;
+    void *pa = bytes_of(a, &na), *pb = bytes_of(b, &nb);
+    int same = na == nb && !memcmp(pa, pb, na);
+    free(pa);
+    free(pb);
+    return same;
+}
+
+/* i64 index pair with values in [0, n) (host and device) */
+typedef struct { moe_tensor *h, *d; } ipair;
+static ipair idx_pair(int nd, const int64_t *shape, int64_t n) {
+    ipair p;
+    p.h = moe_tensor_new_cpu(MOE_I64, nd, shape);
+    die_if(!p.h, "index tensor");
+    int64_t *v = moe_tensor_data(p.h);
+    uint64_t st = seed++ * 0x9E3779B97F4A7C15ull + 1;
+    for (int64_t i = 0; i < moe_tensor_numel(p.h); i++) {
+        st ^= st << 13; st ^= st >> 7; st ^= st << 17;
+        v[i] = (int64_t)(st % (uint64_t)n);
+    }
+    p.d = moe_op_to(ctx, p.h, GPU, MOE_I64);
+    die_if(!p.d, "index upload");
+    return p;
+}
+static void ifree(ipair *p) {
+    moe_tensor_release(p->h);
+    moe_tensor_release(p->d);
+    p->h = p->d = NULL;
+}
+
+/* GPU result equals the CPU's rounded to dt, bit for bit */
+static void check_exact(const char *name, moe_dtype dt, const moe_tensor *gpu, moe_tensor *ref) {
+    moe_tensor *r = moe_tensor_contiguous_cpu(ref);
+    die_if(!r, "contiguous");
+    round_through(r, dt);
+    check(name, dt, gpu, r, 0.0);
+    moe_tensor_release(r);
+}
+
+/* ---- reductions ---- */
+
+/* float64 sum of x [R, C] over dim (0 or 1), as an f32 host tensor */
+static moe_tensor *sum64(const moe_tensor *x, int dim) {
+    int64_t R = x->shape[0], C = x->shape[1], n = dim ? R : C;
+    moe_tensor *r = moe_tensor_new_cpu(MOE_F32, 1, &n);
+    die_if(!r, "host tensor");
+    const float *p = moe_f32(x);
+    for (int64_t o = 0; o < n; o++) {
+        double acc = 0;
+        if (dim) for (int64_t j = 0; j < C; j++) acc += p[o * C + j];
+        else for (int64_t j = 0; j < R; j++) acc += p[j * C + o];
+        moe_f32(r)[o] = (float)acc;
+    }
+    return r;
+}
+
+static const char *red_names[] = {"sum", "mean", "max", "min"};
+
+static void test_reduce(moe_dtype dt) {
+    char name[128];
+    /* every op over every dim of a small 3-d tensor (rows, columns, keepdim) */
+    pair x = in_randn(dt, SH(5, 37, 11));
+    for (int op = 0; op < MOE_NUM_REDUCE; op++)
+        for (int dim = -1; dim < 3; dim++) {
+            int d = dim < 0 ? 2 : dim;
+            int64_t os[2], k = 0;
+            for (int i = 0; i < 3; i++) if (i != d) os[k++] = x.h->shape[i];
+            pair o = out_pair(dt, 2, os);
+            snprintf(name, sizeof name, "reduce %s dim=%d of [5,37,11]", red_names[op], dim);
+            if (RUN(name, dt, moe_op_reduce(ctx, op, o.h, x.h, dim), moe_op_reduce(ctx, op, o.d, x.d, dim)))
+                check(name, dt, o.d, o.h, tol_of(dt, 2e-6));
+            pfree(&o);
+        }
+    pfree(&x);
+    /* long rows, few of them (chunked row path); few columns, long n (chunked column path) */
+    const int64_t shapes[3][2] = {{3, 50001}, {20001, 3}, {4000, 300}};
+    for (int v = 0; v < 3; v++) {
+        pair y = in_randn(dt, 2, shapes[v]);
+        for (int op = 0; op < MOE_NUM_REDUCE; op++)
+            for (int dim = 0; dim < 2; dim++) {
+                int64_t os[1] = {shapes[v][1 - dim]};
+                pair o = out_pair(dt, 1, os);
+                snprintf(name, sizeof name, "reduce %s dim=%d of [%lld,%lld]", red_names[op], dim,
+                         (long long)shapes[v][0], (long long)shapes[v][1]);
+                /* the CPU sums a column sequentially in f32 (error growing with n), the GPU in chunks
+                 * whose partials are then summed in order: against the CPU allow 5e-4, against a
+                 * float64 reference 5e-5 */
+                int sum = op == MOE_RED_SUM || op == MOE_RED_MEAN;
+                if (RUN(name, dt, moe_op_reduce(ctx, op, o.h, y.h, dim), moe_op_reduce(ctx, op, o.d, y.d, dim)))
+                    check(name, dt, o.d, o.h, tol_of(dt, sum ? 5e-4 : 0.0));
+                if (op == MOE_RED_SUM) {
+                    moe_tensor *r64 = sum64(y.h, dim);
+                    snprintf(name, sizeof name, "reduce sum dim=%d of [%lld,%lld] vs float64", dim,
+                             (long long)shapes[v][0], (long long)shapes[v][1]);
+                    check(name, dt, o.d, r64, tol_of(dt, 5e-5));
+                    moe_tensor_release(r64);
+                }
+                pfree(&o);
+            }
+        pfree(&y);
+    }
+    /* reduce_all over 1e6 elements (two-pass), every op */
+    pair z = in_randn(dt, SH(1000, 1000));
+    for (int op = 0; op < MOE_NUM_REDUCE; op++) {
+        pair o = out_pair(dt, 0, NULL);
+        snprintf(name, sizeof name, "reduce_all %s of 1e6", red_names[op]);
+        if (RUN(name, dt, moe_op_reduce_all(ctx, op, o.h, z.h), moe_op_reduce_all(ctx, op, o.d, z.d)))
+            check(name, dt, o.d, o.h, tol_of(dt, 1e-5));
+        pfree(&o);
+    }
+    pfree(&z);
+    /* sum_to (the backward of broadcasting) goes through reduce */
+    pair g = in_randn(dt, SH(6, 5, 7)), st = out_pair(dt, SH(5, 1));
+    if (RUN("sum_to [6,5,7] -> [5,1]", dt, moe_op_sum_to(ctx, st.h, g.h), moe_op_sum_to(ctx, st.d, g.d)))
+        check("sum_to [6,5,7] -> [5,1]", dt, st.d, st.h, tol_of(dt, 1e-5));
+    pfree(&g); pfree(&st);
+}
+
+/* ---- topk ---- */
+
+static void test_topk(moe_dtype dt) {
+    const struct { int64_t rows, n; int k; int ties; } cs[] = {
+        {257, 8, 2, 0}, {100, 64, 8, 0}, {33, 64, 6, 1}, {5, 1000, 16, 1}, {3, 10000, 5, 1}, {4, 37, 37, 1}};
+    char name[128];
+    for (size_t c = 0; c < sizeof cs / sizeof cs[0]; c++) {
+        pair x = in_randn(dt, SH(cs[c].rows, cs[c].n));
+        if (cs[c].ties) {   /* few distinct values: ties must go to the lower index */
+            float *p = moe_f32(x.h);
+            for (int64_t i = 0; i < moe_tensor_numel(x.h); i++) p[i] = floorf(p[i] * 2.0f) * 0.5f;
+            moe_tensor_release(x.d);
+            x.d = to_gpu(x.h, dt);
+        }
+        pair v = out_pair(dt, SH(cs[c].rows, cs[c].k));
+        moe_tensor *ih = moe_tensor_new_cpu(MOE_I64, SH(cs[c].rows, cs[c].k));
+        moe_tensor *id = moe_tensor_new(ctx, MOE_I64, SH(cs[c].rows, cs[c].k), GPU);
+        die_if(!ih || !id, "topk indices");
+        snprintf(name, sizeof name, "topk rows=%lld n=%lld k=%d%s", (long long)cs[c].rows, (long long)cs[c].n, cs[c].k,
+                 cs[c].ties ? " (ties)" : "");
+        if (RUN(name, dt, moe_op_topk(ctx, v.h, ih, x.h, cs[c].k), moe_op_topk(ctx, v.d, id, x.d, cs[c].k))) {
+            check(name, dt, v.d, v.h, 0.0);
+            moe_tensor *ib = moe_op_to(ctx, id, MOE_DEVICE_CPU, MOE_I64);
+            die_if(!ib, "download");
+            int same = !memcmp(moe_tensor_data(ib), moe_tensor_data(ih), (size_t)moe_tensor_numel(ih) * 8);
+            ok(same, "%s indices identical to the cpu's [%s]", name, dtn(dt));
+            moe_tensor_release(ib);
+        }
+        moe_tensor_release(ih); moe_tensor_release(id);
+        pfree(&x); pfree(&v);
+    }
+}
+
+/* ---- gather / scatter_add ---- */
+
+static void test_gather_scatter(moe_dtype dt) {
+    const int64_t R = 6, N = 50;
+    const int64_t ms[] = {7, 100};   /* scan path (m <= 32) and sort path, both with duplicates */
+    char name[128];
+    for (int v = 0; v < 2; v++) {
+        int64_t M = ms[v];
+        pair x = in_randn(dt, SH(R, N)), o = out_pair(dt, SH(R, M));
+        ipair ix = idx_pair(SH(R, M), N);
+        snprintf(name, sizeof name, "gather m=%lld", (long long)M);
+        if (RUN(name, dt, moe_op_gather(ctx, o.h, x.h, ix.h), moe_op_gather(ctx, o.d, x.d, ix.d)))
+            check(name, dt, o.d, o.h, 0.0);
+        pair dst = in_randn(dt, SH(R, N)), src = in_randn(dt, SH(R, M));
+        snprintf(name, sizeof name, "scatter_add m=%lld (bit-exact: same order of f32 adds)", (long long)M);
+        if (RUN(name, dt, moe_op_scatter_add(ctx, dst.h, ix.h, src.h), moe_op_scatter_add(ctx, dst.d, ix.d, src.d)))
+            check_exact(name, dt, dst.d, dst.h);
+        pfree(&x); pfree(&o); pfree(&dst); pfree(&src); ifree(&ix);
+    }
+}
+
+/* ---- index_select / index_add ---- */
+
+static void test_index_select_add(moe_dtype dt) {
+    const int64_t widths[] = {33, 64, 1};   /* unaligned rows, 16-byte rows, scalars */
+    char name[128];
+    for (int v = 0; v < 3; v++) {
+        int64_t N = 40, M = 300, W = widths[v];
+        pair x = in_randn(dt, SH(N, W)), o = out_pair(dt, SH(M, W));
+        ipair ix = idx_pair(SH(M), N);
+        snprintf(name, sizeof name, "index_select [%lld,%lld] m=%lld", (long long)N, (long long)W, (long long)M);
+        if (RUN(name, dt, moe_op_index_select(ctx, o.h, x.h, ix.h), moe_op_index_select(ctx, o.d, x.d, ix.d)))
+            check(name, dt, o.d, o.h, 0.0);
+        pair dst = in_randn(dt, SH(N, W)), src = in_randn(dt, SH(M, W));
+        snprintf(name, sizeof name, "index_add [%lld,%lld] m=%lld (bit-exact)", (long long)N, (long long)W, (long long)M);
+        if (RUN(name, dt, moe_op_index_add(ctx, dst.h, ix.h, src.h), moe_op_index_add(ctx, dst.d, ix.d, src.d)))
+            check_exact(name, dt, dst.d, dst.h);
+        pfree(&x); pfree(&o); pfree(&dst); pfree(&src); ifree(&ix);
+    }
+    /* 3-d rows: x [N, 3, 5] */
+    pair x = in_randn(dt, SH(9, 3, 5)), o = out_pair(dt, SH(20, 3, 5));
+    pair dst = in_randn(dt, SH(9, 3, 5)), src = in_randn(dt, SH(20, 3, 5));
+    ipair ix = idx_pair(SH(20), 9);
+    if (RUN("index_select 3-d", dt, moe_op_index_select(ctx, o.h, x.h, ix.h), moe_op_index_select(ctx, o.d, x.d, ix.d)))
+        check("index_select 3-d", dt, o.d, o.h, 0.0);
+    if (RUN("index_add 3-d", dt, moe_op_index_add(ctx, dst.h, ix.h, src.h), moe_op_index_add(ctx, dst.d, ix.d, src.d)))
+        check_exact("index_add 3-d (bit-exact)", dt, dst.d, dst.h);
+    pfree(&x); pfree(&o); pfree(&dst); pfree(&src); ifree(&ix);
+}
+
+static void test_embedding(moe_dtype dt) {
+    const int64_t V = 97, D = 64;
+    pair tab = in_randn(dt, SH(V, D)), o = out_pair(dt, SH(4, 33, D));
+    ipair ids = idx_pair(SH(4, 33), V);
+    if (RUN("embedding", dt, moe_op_embedding(ctx, o.h, tab.h, ids.h), moe_op_embedding(ctx, o.d, tab.d, ids.d)))
+        check("embedding", dt, o.d, o.h, 0.0);
+    pair dtab = in_randn(dt, SH(V, D)), g = in_randn(dt, SH(4, 33, D));
+    if (RUN("embedding_backward", dt, moe_op_embedding_backward(ctx, dtab.h, g.h, ids.h),
+            moe_op_embedding_backward(ctx, dtab.d, g.d, ids.d)))
+        check_exact("embedding_backward (accumulated, bit-exact)", dt, dtab.d, dtab.h);
+    pfree(&tab); pfree(&o); pfree(&dtab); pfree(&g); ifree(&ids);
+}
+
+/* ---- layernorm ---- */
+
+static void test_layernorm(moe_dtype dt) {
+    const int64_t R = 3, T = 7, D = 301;
+    /* bf16 data with f32 statistics, and (bf16 only) with bf16 statistics */
+    for (int sv = 0; sv < (dt == MOE_F32 ? 1 : 2); sv++) {
+        moe_dtype sdt = sv ? dt : MOE_F32;
+        for (int bias = 0; bias < 2; bias++) {
+            char name[128], tag[64];
+            snprintf(tag, sizeof tag, "%s, stats %s", bias ? "bias" : "no bias", dtn(sdt));
+            pair x = in_pair(dt, SH(R, T, D), 1.5f, 0.7f, 0), w = in_pair(dt, SH(D), 0.2f, 1.0f, 0);
+            pair b = in_randn(dt, SH(D));
+            pair y = out_pair(dt, SH(R, T, D)), mean = out_pair(sdt, SH(R, T)), rstd = out_pair(sdt, SH(R * T));
+            snprintf(name, sizeof name, "layernorm (%s)", tag);
+            if (RUN(name, dt, moe_op_layernorm(ctx, y.h, mean.h, rstd.h, x.h, w.h, bias ? b.h : NULL, 1e-5f),
+                    moe_op_layernorm(ctx, y.d, mean.d, rstd.d, x.d, w.d, bias ? b.d : NULL, 1e-5f))) {
+                snprintf(name, sizeof name, "layernorm y (%s)", tag);
+                check(name, dt, y.d, y.h, tol_of(dt, 1e-5));
+                snprintf(name, sizeof name, "layernorm mean (%s)", tag);
+                check(name, sdt, mean.d, mean.h, tol_of(sdt, 1e-6));
+                snprintf(name, sizeof name, "layernorm rstd (%s)", tag);
+                check(name, sdt, rstd.d, rstd.h, tol_of(sdt, 1e-5));
+            }
+            round_through(mean.h, sdt);
+            round_through(rstd.h, sdt);
+            moe_tensor *md = to_gpu(mean.h, sdt), *rd = to_gpu(rstd.h, sdt);
+            pair dy = in_randn(dt, SH(R, T, D)), dx = out_pair(dt, SH(R, T, D));
+            pair dw = in_randn(dt, SH(D)), db = in_randn(dt, SH(D));
+            snprintf(name, sizeof name, "layernorm_backward (%s)", tag);
+            if (RUN(name, dt, moe_op_layernorm_backward(ctx, dx.h, dw.h, bias ? db.h : NULL, dy.h, x.h, w.h, mean.h, rstd.h),
+                    moe_op_layernorm_backward(ctx, dx.d, dw.d, bias ? db.d : NULL, dy.d, x.d, w.d, md, rd))) {
+                snprintf(name, sizeof name, "layernorm_backward dx (%s)", tag);
+                check(name, dt, dx.d, dx.h, tol_of(dt, 2e-5));
+                snprintf(name, sizeof name, "layernorm_backward dw accumulated (%s)", tag);
+                check(name, dt, dw.d, dw.h, tol_of(dt, 2e-5));
+                snprintf(name, sizeof name, "layernorm_backward db accumulated (%s)", tag);
+                check(name, dt, db.d, db.h, tol_of(dt, 2e-5));
+            }
+            moe_tensor_release(md); moe_tensor_release(rd);
+            pfree(&x); pfree(&w); pfree(&b); pfree(&y); pfree(&mean); pfree(&rstd);
+            pfree(&dy); pfree(&dx); pfree(&dw); pfree(&db);
+        }
+    }
+}
+
+/* ---- rope ---- */
+
+static void test_rope(moe_dtype dt) {
+    const int64_t pos[] = {0, 5, 100000};
+    char name[128];
+    for (int v = 0; v < 3; v++) {
+        pair x = in_randn(dt, SH(2, 9, 3, 64)), o = out_pair(dt, SH(2, 9, 3, 64)), back = out_pair(dt, SH(2, 9, 3, 64));
+        snprintf(name, sizeof name, "rope pos_offset=%lld", (long long)pos[v]);
+        if (RUN(name, dt, moe_op_rope(ctx, o.h, x.h, pos[v], 10000.0f, 0), moe_op_rope(ctx, o.d, x.d, pos[v], 10000.0f, 0)))
+            check(name, dt, o.d, o.h, tol_of(dt, 2e-6));
+        snprintf(name, sizeof name, "rope inverse pos_offset=%lld", (long long)pos[v]);
+        if (RUN(name, dt, moe_op_rope(ctx, back.h, o.h, pos[v], 10000.0f, 1),
+                moe_op_rope(ctx, back.d, o.d, pos[v], 10000.0f, 1))) {
+            check(name, dt, back.d, back.h, tol_of(dt, 2e-6));
+            snprintf(name, sizeof name, "rope then inverse gives x back, pos_offset=%lld", (long long)pos[v]);
+            check(name, dt, back.d, x.h, tol_of(dt, 1e-5) * (dt == MOE_F32 ? 1 : 1.5));
+        }
+        pfree(&x); pfree(&o); pfree(&back);
+    }
+    /* in place (out aliases x), odd head dim and theta */
+    pair x = in_randn(dt, SH(1, 5, 2, 30));
+    if (RUN("rope in place D=30 theta=500", dt, moe_op_rope(ctx, x.h, x.h, 3, 500.0f, 0), moe_op_rope(ctx, x.d, x.d, 3, 500.0f, 0)))
+        check("rope in place D=30 theta=500", dt, x.d, x.h, tol_of(dt, 2e-6));
+    pfree(&x);
+}
+
+/* ---- attention ---- */
+
+typedef struct { int64_t B, T, S, Hq, Hkv, D; int causal; } att_cfg;
+
+static void att_name(char *buf, size_t n, const char *what, const att_cfg *c) {
+    snprintf(buf, n, "%s B=%lld T=%lld S=%lld Hq=%lld Hkv=%lld D=%lld%s", what, (long long)c->B, (long long)c->T,
+             (long long)c->S, (long long)c->Hq, (long long)c->Hkv, (long long)c->D, c->causal ? " causal" : "");
+}
+
+static void test_attention_cfg(moe_dtype dt, const att_cfg *c, moe_dtype lse_dt) {
+    char name[192];
+    float scale = 1.0f / sqrtf((float)c->D);
+    pair q = in_randn(dt, SH(c->B, c->T, c->Hq, c->D));
+    pair k = in_randn(dt, SH(c->B, c->S, c->Hkv, c->D)), v = in_randn(dt, SH(c->B, c->S, c->Hkv, c->D));
+    pair o = out_pair(dt, SH(c->B, c->T, c->Hq, c->D)), lse = out_pair(lse_dt, SH(c->B, c->Hq, c->T));
+    double tol = dt == MOE_F32 ? 1e-4 : 3e-2, l2 = dt == MOE_F32 ? 2e-5 : 1e-2;
+    att_name(name, sizeof name, "attention", c);
+    if (RUN(name, dt, moe_op_attention(ctx, o.h, lse.h, q.h, k.h, v.h, scale, c->causal),
+            moe_op_attention(ctx, o.d, lse.d, q.d, k.d, v.d, scale, c->causal))) {
+        att_name(name, sizeof name, "attention out", c);
+        check2(name, dt, o.d, o.h, tol, l2);
+        att_name(name, sizeof name, "attention lse", c);
+        check2(name, lse_dt, lse.d, lse.h, lse_dt == MOE_F32 ? 1e-5 : 2e-2, lse_dt == MOE_F32 ? 1e-5 : 1e-2);
+    }
+    /* backward from the same out and lse on both sides (the CPU's, rounded to the device dtypes) */
+    round_through(o.h, dt);
+    round_through(lse.h, lse_dt);
+    moe_tensor *od = to_gpu(o.h, dt), *ld = to_gpu(lse.h, lse_dt);
+    pair go = in_randn(dt, SH(c->B, c->T, c->Hq, c->D));
+    pair dq = out_pair(dt, SH(c->B, c->T, c->Hq, c->D));
+    pair dk = out_pair(dt, SH(c->B, c->S, c->Hkv, c->D)), dv = out_pair(dt, SH(c->B, c->S, c->Hkv, c->D));
+    att_name(name, sizeof name, "attention_backward", c);
+    if (RUN(name, dt, moe_op_attention_backward(ctx, dq.h, dk.h, dv.h, go.h, q.h, k.h, v.h, o.h, lse.h, scale, c->causal),
+            moe_op_attention_backward(ctx, dq.d, dk.d, dv.d, go.d, q.d, k.d, v.d, od, ld, scale, c->causal))) {
+        att_name(name, sizeof name, "attention_backward dq", c);
+        check2(name, dt, dq.d, dq.h, tol, l2);
+        att_name(name, sizeof name, "attention_backward dk", c);
+        check2(name, dt, dk.d, dk.h, tol, l2);
+        att_name(name, sizeof name, "attention_backward dv", c);
+        check2(name, dt, dv.d, dv.h, tol, l2);
+    }
+    moe_tensor_release(od); moe_tensor_release(ld);
+    pfree(&q); pfree(&k); pfree(&v); pfree(&o); pfree(&lse); pfree(&go); pfree(&dq); pfree(&dk); pfree(&dv);
+}
+
+static void test_attention(moe_dtype dt) {
+    /* D 64 and 128 take the tensor-core kernels in bf16; the others (and f32) the SIMT ones */
+    const att_cfg cs[] = {
+        {2, 37, 37, 4, 2, 64, 1},      /* GQA, causal, one partial tile */
+        {1, 45, 77, 6, 2, 128, 1},     /* S > T: causal offset S - T (a KV cache) */
+        {2, 70, 50, 2, 1, 64, 1},      /* T > S: the first 20 queries see no key (out 0, lse -inf) */
+        {1, 33, 65, 4, 4, 128, 0},     /* not causal, S != T */
+        {1, 130, 130, 2, 2, 64, 1},    /* several tiles each way */
+        {1, 200, 200, 4, 1, 128, 1},   /* GQA 4:1, several tiles */
+        {1, 20, 29, 2, 1, 40, 1},      /* another head dim: SIMT path for bf16 too */
+        {1, 19, 19, 3, 3, 256, 0},     /* the largest head dim */
+    };
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) test_attention_cfg(dt, &cs[i], MOE_F32);
+    if (dt != MOE_F32) {   /* statistics in the data dtype too */
+        att_cfg c = {1, 40, 40, 2, 1, 64, 1};
+        test_attention_cfg(dt, &c, dt);
+    }
+}
+
+/* ---- statistics dtypes (ops validation) ---- */
+
+static void test_stat_dtypes(void) {
+    /* bf16 data with f32 statistics is accepted (checked by the runs above); f32 data with bf16 statistics is not */
+    moe_tensor *x = moe_tensor_new(ctx, MOE_F32, SH(4, 16), GPU), *y = moe_tensor_new(ctx, MOE_F32, SH(4, 16), GPU);
+    moe_tensor *w = moe_tensor_new(ctx, MOE_F32, SH(16), GPU), *r = moe_tensor_new(ctx, MOE_BF16, SH(4), GPU);
+    moe_tensor *r16 = moe_tensor_new(ctx, MOE_F16, SH(4), GPU), *xb = moe_tensor_new(ctx, MOE_BF16, SH(4, 16), GPU);
+    moe_tensor *yb = moe_tensor_new(ctx, MOE_BF16, SH(4, 16), GPU), *wb = moe_tensor_new(ctx, MOE_BF16, SH(16), GPU);
+    die_if(!x || !y || !w || !r || !r16 || !xb || !yb || !wb, "tensors");
+    moe_status st = moe_op_rmsnorm(ctx, y, r, x, w, 1e-5f);
+    ok(st == MOE_ERR_DTYPE && strstr(moe_last_error(), "expected f32"), "f32 data with bf16 rstd is a dtype error (%s)",
+       moe_last_error());
+    st = moe_op_rmsnorm(ctx, yb, r16, xb, wb, 1e-5f);
+    ok(st == MOE_ERR_DTYPE && strstr(moe_last_error(), "or f32"), "bf16 data with f16 rstd is a dtype error (%s)",
+       moe_last_error());
+    moe_tensor *all[] = {x, y, w, r, r16, xb, yb, wb};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+    /* bf16 rmsnorm and cross entropy with f32 statistics against the cpu */
+    const int64_t N = 9, D = 200;
+    pair xx = in_randn(MOE_BF16, SH(N, D)), ww = in_pair(MOE_BF16, SH(D), 0.2f, 1.0f, 0);
+    pair yy = out_pair(MOE_BF16, SH(N, D)), rs = out_pair(MOE_F32, SH(N));
+    if (RUN("rmsnorm bf16 data, f32 rstd", MOE_BF16, moe_op_rmsnorm(ctx, yy.h, rs.h, xx.h, ww.h, 1e-5f),
+            moe_op_rmsnorm(ctx, yy.d, rs.d, xx.d, ww.d, 1e-5f))) {
+        check("rmsnorm y (f32 rstd)", MOE_BF16, yy.d, yy.h, 2e-2);
+        check("rmsnorm rstd kept in f32", MOE_F32, rs.d, rs.h, 1e-5);
+    }
+    pair dy = in_randn(MOE_BF16, SH(N, D)), dx = out_pair(MOE_BF16, SH(N, D)), dw = in_randn(MOE_BF16, SH(D));
+    moe_tensor *rsd = to_gpu(rs.h, MOE_F32);
+    if (RUN("rmsnorm_backward bf16 data, f32 rstd", MOE_BF16,
+            moe_op_rmsnorm_backward(ctx, dx.h, dw.h, dy.h, xx.h, ww.h, rs.h),
+            moe_op_rmsnorm_backward(ctx, dx.d, dw.d, dy.d, xx.d, ww.d, rsd))) {
+        check("rmsnorm_backward dx (f32 rstd)", MOE_BF16, dx.d, dx.h, 2e-2);
+        check("rmsnorm_backward dw (f32 rstd)", MOE_BF16, dw.d, dw.h, 2e-2);
+    }
+    moe_tensor_release(rsd);
+    pfree(&xx); pfree(&ww); pfree(&yy); pfree(&rs); pfree(&dy); pfree(&dx); pfree(&dw);
+    const int64_t V = 517;
+    pair lg = in_pair(MOE_BF16, SH(N, V), 3.0f, 0.0f, 0), loss = out_pair(MOE_F32, SH(N)), lse = out_pair(MOE_F32, SH(N));
+    ipair tg = idx_pair(SH(N), V);
+    if (RUN("cross_entropy bf16 logits, f32 loss and lse", MOE_BF16,
+            moe_op_cross_entropy(ctx, loss.h, lse.h, lg.h, tg.h, -100),
+            moe_op_cross_entropy(ctx, loss.d, lse.d, lg.d, tg.d, -100))) {
+        check("cross_entropy loss kept in f32", MOE_F32, loss.d, loss.h, 1e-5);
+        check("cross_entropy lse kept in f32", MOE_F32, lse.d, lse.h, 1e-5);
+    }
+    moe_tensor *lsed = to_gpu(lse.h, MOE_F32);
+    pair dl = out_pair(MOE_BF16, SH(N, V));
+    if (RUN("cross_entropy_backward bf16 logits, f32 lse", MOE_BF16,
+            moe_op_cross_entropy_backward(ctx, dl.h, lg.h, lse.h, tg.h, -100, 0.1f),
+            moe_op_cross_entropy_backward(ctx, dl.d, lg.d, lsed, tg.d, -100, 0.1f)))
+        check("cross_entropy_backward (f32 lse)", MOE_BF16, dl.d, dl.h, 2e-3);
+    moe_tensor_release(lsed);
+    pfree(&lg); pfree(&loss); pfree(&lse); pfree(&dl); ifree(&tg);
+}
+
+/* ---- index errors: MOE_ERR_RANGE, nothing written ---- */
+
+static void test_index_errors(void) {
+    const int64_t N = 10, W = 8, M = 12;
+    pair x = in_randn(MOE_F32, SH(N, W)), dst = in_randn(MOE_F32, SH(N, W)), src = in_randn(MOE_F32, SH(M, W));
+    pair o = out_pair(MOE_F32, SH(M, W));
+    const int64_t bad_vals[] = {N, -1, 1000000};
+    for (int v = 0; v < 3; v++) {
+        ipair ix = idx_pair(SH(M), N);
+        int64_t *p = moe_tensor_data(ix.h);
+        p[7] = bad_vals[v];
+        p[9] = bad_vals[v];   /* the first bad position (7) is the one reported */
+        moe_tensor_release(ix.d);
+        ix.d = moe_op_to(ctx, ix.h, GPU, MOE_I64);
+        die_if(!ix.d, "upload");
+        char want[64];
+        snprintf(want, sizeof want, "index %lld at position 7", (long long)bad_vals[v]);
+        moe_status st = moe_op_index_select(ctx, o.d, x.d, ix.d);
+        ok(st == MOE_ERR_RANGE && strstr(moe_last_error(), want), "index_select index %lld -> MOE_ERR_RANGE (%s)",
+           (long long)bad_vals[v], moe_last_error());
+        moe_tensor *before = moe_op_to(ctx, dst.d, MOE_DEVICE_CPU, MOE_F32);
+        st = moe_op_index_add(ctx, dst.d, ix.d, src.d);
+        ok(st == MOE_ERR_RANGE && strstr(moe_last_error(), want), "index_add index %lld -> MOE_ERR_RANGE (%s)",
+           (long long)bad_vals[v], moe_last_error());
+        check("index_add with a bad index leaves dst unchanged", MOE_F32, dst.d, before, 0.0);
+        moe_tensor_release(before);
+        pair eo = out_pair(MOE_F32, SH(M, W));
+        st = moe_op_embedding(ctx, eo.d, x.d, ix.d);
+        ok(st == MOE_ERR_RANGE, "embedding id %lld -> MOE_ERR_RANGE (%s)", (long long)bad_vals[v], moe_last_error());
+        st = moe_op_embedding_backward(ctx, dst.d, src.d, ix.d);
+        ok(st == MOE_ERR_RANGE, "embedding_backward id %lld -> MOE_ERR_RANGE (%s)", (long long)bad_vals[v],
+           moe_last_error());
+        pfree(&eo);
+        ifree(&ix);
+    }
+    /* gather / scatter_add over the last dim; both scatter paths (m <= 32 and m > 32) */
+    const int64_t ms[] = {5, 40};
+    for (int v = 0; v < 2; v++) {
+        int64_t m = ms[v];
+        ipair ix = idx_pair(SH(3, m), W);
+        int64_t *p = moe_tensor_data(ix.h);
+        p[m + 2] = W;   /* row 1 */
+        moe_tensor_release(ix.d);
+        ix.d = moe_op_to(ctx, ix.h, GPU, MOE_I64);
+        die_if(!ix.d, "upload");
+        pair gx = in_randn(MOE_F32, SH(3, W)), go = out_pair(MOE_F32, SH(3, m)), gs = in_randn(MOE_F32, SH(3, m));
+        moe_status st = moe_op_gather(ctx, go.d, gx.d, ix.d);
+        ok(st == MOE_ERR_RANGE && strstr(moe_last_error(), "out of range"), "gather m=%lld bad index -> MOE_ERR_RANGE (%s)",
+           (long long)m, moe_last_error());
+        moe_tensor *before = moe_op_to(ctx, gx.d, MOE_DEVICE_CPU, MOE_F32);
+        st = moe_op_scatter_add(ctx, gx.d, ix.d, gs.d);
+        ok(st == MOE_ERR_RANGE, "scatter_add m=%lld bad index -> MOE_ERR_RANGE (%s)", (long long)m, moe_last_error());
+        check("scatter_add with a bad index leaves dst unchanged", MOE_F32, gx.d, before, 0.0);
+        moe_tensor_release(before);
+        pfree(&gx); pfree(&go); pfree(&gs); ifree(&ix);
+    }
+    /* and the device still works */
+    ipair ix = idx_pair(SH(M), N);
+    if (RUN("index_select after range errors", MOE_F32, moe_op_index_select(ctx, o.h, x.h, ix.h),
+            moe_op_index_select(ctx, o.d, x.d, ix.d)))
+        check("index_select after range errors", MOE_F32, o.d, o.h, 0.0);
+    ifree(&ix);
+    pfree(&x); pfree(&dst); pfree(&src); pfree(&o);
+}
+
+/* ---- determinism: the same inputs twice give the same bytes ---- */
+
+static void test_determinism(void) {
+    for (int k = 0; k < 2; k++) {
+        moe_dtype dt = k ? MOE_BF16 : MOE_F32;
+        /* index_add with many duplicates (an embedding gradient: 20000 tokens, 100 rows) */
+        pair src = in_randn(dt, SH(20000, 64)), d0 = in_randn(dt, SH(100, 64));
+        ipair ix = idx_pair(SH(20000), 100);
+        moe_tensor *a = moe_op_to(ctx, d0.d, GPU, dt), *b = moe_op_to(ctx, d0.d, GPU, dt);
+        die_if(!a || !b, "copies");
+        moe_status s1 = moe_op_index_add(ctx, a, ix.d, src.d), s2 = moe_op_index_add(ctx, b, ix.d, src.d);
+        ok(s1 == MOE_OK && s2 == MOE_OK && same_bytes(a, b), "index_add 20000 -> 100 rows twice: bit-identical [%s]",
+           dtn(dt));
+        if (RUN("index_add 20000 -> 100 rows", dt, moe_op_index_add(ctx, d0.h, ix.h, src.h), MOE_OK))
+            check_exact("index_add 20000 -> 100 rows vs cpu (bit-exact)", dt, a, d0.h);
+        moe_tensor_release(a); moe_tensor_release(b);
+        pfree(&src); pfree(&d0); ifree(&ix);
+        /* scatter_add, sort path */
+        pair ss = in_randn(dt, SH(50, 300)), sd = in_randn(dt, SH(50, 20));
+        ipair si = idx_pair(SH(50, 300), 20);
+        a = moe_op_to(ctx, sd.d, GPU, dt); b = moe_op_to(ctx, sd.d, GPU, dt);
+        die_if(!a || !b, "copies");
+        s1 = moe_op_scatter_add(ctx, a, si.d, ss.d); s2 = moe_op_scatter_add(ctx, b, si.d, ss.d);
+        ok(s1 == MOE_OK && s2 == MOE_OK && same_bytes(a, b), "scatter_add m=300 twice: bit-identical [%s]", dtn(dt));
+        moe_tensor_release(a); moe_tensor_release(b);
+        pfree(&ss); pfree(&sd); ifree(&si);
+        /* reductions */
+        pair x = in_randn(dt, SH(3000, 700));
+        pair r1 = out_pair(dt, SH(700)), r2 = out_pair(dt, SH(700)), t1 = out_pair(dt, 0, NULL), t2 = out_pair(dt, 0, NULL);
+        s1 = moe_op_reduce(ctx, MOE_RED_SUM, r1.d, x.d, 0); s2 = moe_op_reduce(ctx, MOE_RED_SUM, r2.d, x.d, 0);
+        ok(s1 == MOE_OK && s2 == MOE_OK && same_bytes(r1.d, r2.d), "reduce sum over dim 0 twice: bit-identical [%s]", dtn(dt));
+        s1 = moe_op_reduce_all(ctx, MOE_RED_SUM, t1.d, x.d); s2 = moe_op_reduce_all(ctx, MOE_RED_SUM, t2.d, x.d);
+        ok(s1 == MOE_OK && s2 == MOE_OK && same_bytes(t1.d, t2.d), "reduce_all sum twice: bit-identical [%s]", dtn(dt));
+        pfree(&x); pfree(&r1); pfree(&r2); pfree(&t1); pfree(&t2);
+        /* attention forward and backward (GQA, causal): tensor cores in bf16 */
+        const int64_t B = 2, T = 300, S = 300, Hq = 4, Hkv = 2, D = 128;
+        moe_tensor *q = moe_tensor_new(ctx, dt, SH(B, T, Hq, D), GPU), *kk = moe_tensor_new(ctx, dt, SH(B, S, Hkv, D), GPU);
+        moe_tensor *v = moe_tensor_new(ctx, dt, SH(B, S, Hkv, D), GPU), *go = moe_tensor_new(ctx, dt, SH(B, T, Hq, D), GPU);
+        moe_tensor *o[2], *l[2], *dq[2], *dk[2], *dv[2];
+        die_if(!q || !kk || !v || !go, "attention tensors");
+        moe_op_fill_randn(ctx, q, 11, 0, 0, 1); moe_op_fill_randn(ctx, kk, 12, 0, 0, 1);
+        moe_op_fill_randn(ctx, v, 13, 0, 0, 1); moe_op_fill_randn(ctx, go, 14, 0, 0, 1);
+        moe_status st = MOE_OK;
+        for (int r = 0; r < 2; r++) {
+            o[r] = moe_tensor_new(ctx, dt, SH(B, T, Hq, D), GPU);
+            l[r] = moe_tensor_new(ctx, MOE_F32, SH(B, Hq, T), GPU);
+            dq[r] = moe_tensor_new(ctx, dt, SH(B, T, Hq, D), GPU);
+            dk[r] = moe_tensor_new(ctx, dt, SH(B, S, Hkv, D), GPU);
+            dv[r] = moe_tensor_new(ctx, dt, SH(B, S, Hkv, D), GPU);
+            die_if(!o[r] || !l[r] || !dq[r] || !dk[r] || !dv[r], "attention outputs");
+            if (st == MOE_OK) st = moe_op_attention(ctx, o[r], l[r], q, kk, v, 0.088f, 1);
+            if (st == MOE_OK) st = moe_op_attention_backward(ctx, dq[r], dk[r], dv[r], go, q, kk, v, o[0], l[0], 0.088f, 1);
+        }
+        ok(st == MOE_OK && same_bytes(o[0], o[1]) && same_bytes(l[0], l[1]),
+           "attention forward twice: bit-identical out and lse [%s]%s", dtn(dt), st ? moe_last_error() : "");
+        ok(st == MOE_OK && same_bytes(dq[0], dq[1]) && same_bytes(dk[0], dk[1]) && same_bytes(dv[0], dv[1]),
+           "attention backward twice: bit-identical dq, dk, dv [%s]", dtn(dt));
+        moe_tensor_release(q); moe_tensor_release(kk); moe_tensor_release(v); moe_tensor_release(go);
+        for (int r = 0; r < 2; r++) {
+            moe_tensor_release(o[r]); moe_tensor_release(l[r]); moe_tensor_release(dq[r]);
+            moe_tensor_release(dk[r]); moe_tensor_release(dv[r]);
+        }
+    }
+}
+
+static void test_dtype_error(void) {
+    moe_tensor *x = moe_tensor_new(ctx, MOE_F16, SH(4, 8), GPU), *y = moe_tensor_new(ctx, MOE_F16, SH(4, 8), GPU);
+    die_if(!x || !y, "f16 tensors");
+    moe_status st = moe_op_softmax(ctx, y, x);
+    ok(st == MOE_ERR_DTYPE && strstr(moe_last_error(), "f32 and bf16"), "an f16 op on cuda reports a dtype error (%s)",
+       moe_last_error());
+    moe_tensor_release(x); moe_tensor_release(y);
+}
+
+/* ---- timing (TAP comments) ---- */
+
+typedef struct {
+    int what;   /* 0 attention fwd, 1 attention bwd, 2 grouped gemm, 3 grouped wgrad */
+    moe_tensor *q, *k, *v, *o, *l, *go, *dq, *dk, *dv;
+    moe_tensor *a, *b, *c;
+    const int64_t *off;
+    int groups, causal;
+    float scale;
+} tjob;
+
+static moe_status tjob_run(void *arg) {
+    tjob *j = arg;
+    switch (j->what) {
+    case 0: return moe_op_attention(ctx, j->o, j->l, j->q, j->k, j->v, j->scale, j->causal);
+    case 1:
+        return moe_op_attention_backward(ctx, j->dq, j->dk, j->dv, j->go, j->q, j->k, j->v, j->o, j->l, j->scale,
+                                         j->causal);
+    case 2: return moe_op_gemm_grouped(ctx, 0, 1.0f, j->a, j->b, 0.0f, j->c, j->off, j->groups);
+    default: return moe_op_gemm_grouped_wgrad(ctx, 1.0f, j->a, j->b, 0.0f, j->c, j->off, j->groups);
+    }
+}
+
+static moe_tensor *dev_randn(moe_dtype dt, int nd, const int64_t *shape) {
+    moe_tensor *t = moe_tensor_new(ctx, dt, nd, shape, GPU);
+    die_if(!t || moe_op_fill_randn(ctx, t, seed++, 0, 0.0f, 1.0f) != MOE_OK, "timing input");
+    return t;
+}
+
+static void time_attention(moe_dtype dt, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int causal) {
+    tjob j = {0};
+    j.q = dev_randn(dt, SH(B, T, H, D));
+    j.k = dev_randn(dt, SH(B, T, Hkv, D));
+    j.v = dev_randn(dt, SH(B, T, Hkv, D));
+    j.go = dev_randn(dt, SH(B, T, H, D));
+    j.o = moe_tensor_new(ctx, dt, SH(B, T, H, D), GPU);
+    j.l = moe_tensor_new(ctx, MOE_F32, SH(B, H, T), GPU);
+    j.dq = moe_tensor_new(ctx, dt, SH(B, T, H, D), GPU);
+    j.dk = moe_tensor_new(ctx, dt, SH(B, T, Hkv, D), GPU);
+    j.dv = moe_tensor_new(ctx, dt, SH(B, T, Hkv, D), GPU);
+    die_if(!j.o || !j.l || !j.dq || !j.dk || !j.dv, "timing outputs");
+    j.scale = 1.0f / sqrtf((float)D);
+    j.causal = causal;
+    /* matmul FLOPs: forward 4 B H T S D (halved when causal); backward counted as 2.5x forward
+     * (the usual convention; these kernels do 3.5x: scores and dP are recomputed for dQ) */
+    double f = 4.0 * B * H * T * T * D * (causal ? 0.5 : 1.0);
+    for (int w = 0; w < 2; w++) {
+        j.what = w;
+        double ms = 0;
+        moe_status st = moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms);
+        if (st != MOE_OK) { printf("# attention %s: failed: %s\n", w ? "bwd" : "fwd", moe_last_error()); continue; }
+        double fl = w ? 2.5 * f : f;
+        printf("# attention %s B=%lld T=S=%lld Hq=%lld Hkv=%lld D=%lld %s%s: %.3f ms, %.1f TFLOP/s\n",
+               w ? "bwd" : "fwd", (long long)B, (long long)T, (long long)H, (long long)Hkv, (long long)D, dtn(dt),
+               causal ? " causal" : "", ms, fl / (ms * 1e-3) / 1e12);
+        fflush(stdout);
+    }
+    moe_tensor *all[] = {j.q, j.k, j.v, j.go, j.o, j.l, j.dq, j.dk, j.dv};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+}
+
+static void time_grouped(moe_dtype dt, int64_t M, int64_t K, int64_t N, int G) {
+    int64_t off[257];
+    for (int g = 0; g <= G; g++) off[g] = M * g / G;   /* balanced experts */
+    tjob j = {0};
+    j.off = off;
+    j.groups = G;
+    j.a = dev_randn(dt, SH(M, K));
+    j.b = dev_randn(dt, SH(G, K, N));
+    j.c = moe_tensor_new(ctx, dt, SH(M, N), GPU);
+    die_if(!j.c, "timing output");
+    j.what = 2;
+    double ms = 0, fl = 2.0 * M * K * N;
+    if (moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms) == MOE_OK)
+        printf("# gemm_grouped M=%lld K=%lld N=%lld G=%d %s: %.3f ms, %.1f TFLOP/s\n", (long long)M, (long long)K,
+               (long long)N, G, dtn(dt), ms, fl / (ms * 1e-3) / 1e12);
+    else printf("# gemm_grouped: failed: %s\n", moe_last_error());
+    moe_tensor_release(j.b);
+    moe_tensor_release(j.c);
+    /* weight gradient: a [M, K], b = dY [M, N], c [G, K, N] */
+    j.b = dev_randn(dt, SH(M, N));
+    j.c = moe_tensor_new(ctx, dt, SH(G, K, N), GPU);
+    die_if(!j.c, "timing output");
+    j.what = 3;
+    if (moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms) == MOE_OK)
+        printf("# gemm_grouped_wgrad M=%lld P=%lld Q=%lld G=%d %s: %.3f ms, %.1f TFLOP/s\n", (long long)M, (long long)K,
+               (long long)N, G, dtn(dt), ms, fl / (ms * 1e-3) / 1e12);
+    else printf("# gemm_grouped_wgrad: failed: %s\n", moe_last_error());
+    moe_tensor_release(j.a); moe_tensor_release(j.b); moe_tensor_release(j.c);
+    fflush(stdout);
+}
+
+static void timings(void) {
+    printf("# timings (CUDA events, median of 20 after 3 warm-up runs; set MOELAB_CHECK_NO_TIMING=1 to skip)\n");
+    time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 1);
+    time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 0);
+    time_attention(MOE_BF16, 4, 2048, 16, 4, 128, 1);
+    time_attention(MOE_BF16, 2, 4096, 16, 16, 128, 1);
+    time_attention(MOE_BF16, 4, 2048, 16, 16, 64, 1);
+    time_attention(MOE_F32, 1, 2048, 16, 16, 128, 1);
+    time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
+    time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
+    time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
 }
 
 int main(void) {
@@ -529,11 +1215,23 @@ int main(void) {
         test_rmsnorm(dt);
         test_swiglu(dt);
         test_cross_entropy(dt);
+        test_reduce(dt);
+        test_topk(dt);
+        test_gather_scatter(dt);
+        test_index_select_add(dt);
+        test_embedding(dt);
+        test_layernorm(dt);
+        test_rope(dt);
+        test_attention(dt);
     }
     test_adamw();
-    test_unsupported();
+    test_stat_dtypes();
+    test_index_errors();
+    test_determinism();
+    test_dtype_error();
     test_allocator();
     printf("1..%d\n", ntest);
+    if (!getenv("MOELAB_CHECK_NO_TIMING")) timings();
     moe_cuda_backend_uninstall(ctx);
     moe_ctx_free(ctx);
     return nfail ? 1 : 0;

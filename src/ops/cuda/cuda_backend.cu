@@ -2,7 +2,10 @@
 #include "cuda_common.cuh"
 #include "moe_cuda.h"
 
-// Entries left NULL are reported by ops.c as "<op> is not supported on cuda".
+#include <algorithm>
+
+// Every entry is implemented; one left NULL would be reported by ops.c as
+// "<op> is not supported on cuda".
 static const moe_backend cuda_backend = {
     /* name */ "cuda",
     /* device_type */ MOE_CUDA,
@@ -18,24 +21,24 @@ static const moe_backend cuda_backend = {
     /* unary */ cuda_unary,
     /* unary_backward */ cuda_unary_backward,
     /* axpy */ cuda_axpy,
-    /* reduce */ NULL,
+    /* reduce */ cuda_reduce,
     /* softmax */ cuda_softmax,
     /* softmax_backward */ cuda_softmax_backward,
     /* log_softmax */ cuda_log_softmax,
     /* log_softmax_backward */ cuda_log_softmax_backward,
     /* logsumexp */ cuda_logsumexp,
-    /* topk */ NULL,
-    /* gather */ NULL,
-    /* scatter_add */ NULL,
-    /* index_select */ NULL,
-    /* index_add */ NULL,
+    /* topk */ cuda_topk,
+    /* gather */ cuda_gather,
+    /* scatter_add */ cuda_scatter_add,
+    /* index_select */ cuda_index_select,
+    /* index_add */ cuda_index_add,
     /* rmsnorm */ cuda_rmsnorm,
     /* rmsnorm_backward */ cuda_rmsnorm_backward,
-    /* layernorm */ NULL,
-    /* layernorm_backward */ NULL,
-    /* rope */ NULL,
-    /* attention */ NULL,
-    /* attention_backward */ NULL,
+    /* layernorm */ cuda_layernorm,
+    /* layernorm_backward */ cuda_layernorm_backward,
+    /* rope */ cuda_rope,
+    /* attention */ cuda_attention,
+    /* attention_backward */ cuda_attention_backward,
     /* swiglu */ cuda_swiglu,
     /* swiglu_backward */ cuda_swiglu_backward,
     /* cross_entropy */ cuda_cross_entropy,
@@ -150,6 +153,43 @@ extern "C" moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device) {
     if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
         return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
     cuda_alloc_release_cache(dev_of(ctx, device));
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn)(void *arg), void *arg, int warmup,
+                                       int iters, double *median_ms) {
+    if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
+    if (!fn || !median_ms || iters < 1 || warmup < 0)
+        return moe_error(MOE_ERR_ARG, "moe_cuda_time_ms: expected fn, median_ms, iters >= 1 and warmup >= 0");
+    cuda_dev *d = dev_of(ctx, device);
+    CU_TRY(cudaSetDevice(d->index), "cudaSetDevice");
+    for (int i = 0; i < warmup; i++) MOE_TRY(fn(arg));
+    std::vector<cudaEvent_t> ev(2 * (size_t)iters, nullptr);
+    moe_status st = MOE_OK;
+    for (auto &e : ev)
+        if (st == MOE_OK && cudaEventCreate(&e) != cudaSuccess)
+            st = moe_error(MOE_ERR_DEVICE, "cuda timing: cudaEventCreate failed");
+    for (int i = 0; i < iters && st == MOE_OK; i++) {
+        if (cudaEventRecord(ev[2 * i], d->stream) != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda timing: record");
+        if (st == MOE_OK) st = fn(arg);
+        if (st == MOE_OK && cudaEventRecord(ev[2 * i + 1], d->stream) != cudaSuccess)
+            st = moe_error(MOE_ERR_DEVICE, "cuda timing: record");
+    }
+    std::vector<double> ms;
+    if (st == MOE_OK && cudaStreamSynchronize(d->stream) != cudaSuccess)
+        st = moe_error(MOE_ERR_DEVICE, "cuda timing: synchronize: %s", cudaGetErrorString(cudaGetLastError()));
+    for (int i = 0; i < iters && st == MOE_OK; i++) {
+        float t = 0;
+        if (cudaEventElapsedTime(&t, ev[2 * i], ev[2 * i + 1]) != cudaSuccess)
+            st = moe_error(MOE_ERR_DEVICE, "cuda timing: cudaEventElapsedTime failed");
+        ms.push_back(t);
+    }
+    for (auto &e : ev)
+        if (e) cudaEventDestroy(e);
+    if (st != MOE_OK) return st;
+    std::sort(ms.begin(), ms.end());
+    *median_ms = ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
     return MOE_OK;
 }
 

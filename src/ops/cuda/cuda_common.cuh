@@ -84,6 +84,30 @@ moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe
                                        float scale);
 moe_status cuda_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                       const moe_adamw_cfg *cfg);
+// cuda_reduce.cu
+moe_status cuda_reduce(moe_ctx *, moe_reduce_op op, moe_tensor *out, const moe_tensor *x, int64_t outer, int64_t n,
+                       int64_t inner);
+// cuda_topk.cu
+moe_status cuda_topk(moe_ctx *, moe_tensor *values, moe_tensor *indices, const moe_tensor *x, int k);
+// cuda_index.cu
+moe_status cuda_gather(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+moe_status cuda_scatter_add(moe_ctx *, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+moe_status cuda_index_select(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *index);
+moe_status cuda_index_add(moe_ctx *, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
+// cuda_layernorm.cu
+moe_status cuda_layernorm(moe_ctx *, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
+                          const moe_tensor *w, const moe_tensor *b, float eps);
+moe_status cuda_layernorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, moe_tensor *db, const moe_tensor *dy,
+                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *mean,
+                                   const moe_tensor *rstd);
+// cuda_rope.cu
+moe_status cuda_rope(moe_ctx *, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse);
+// cuda_attention.cu
+moe_status cuda_attention(moe_ctx *, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
+                          const moe_tensor *v, float scale, int causal);
+moe_status cuda_attention_backward(moe_ctx *, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout,
+                                   const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,
+                                   const moe_tensor *out, const moe_tensor *lse, float scale, int causal);
 
 // ---- errors ----
 #define CU_TRY(call, what)                                                                  \

@@ -32,6 +32,14 @@ moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *o
 /* Returns every cached block of the device to the driver. */
 moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
 
+/* Times fn(arg) on the device's stream with CUDA events: `warmup` untimed
+ * calls, then `iters` timed ones (one event pair each); *median_ms gets the
+ * median. fn must queue its work through moe_op_* on that device (every op of
+ * a device runs on its one stream) and return MOE_OK; its first error stops
+ * the timing and is returned. */
+moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn)(void *arg), void *arg, int warmup, int iters,
+                            double *median_ms);
+
 #ifdef __cplusplus
 }
 #endif
