@@ -75,12 +75,17 @@ function Model:forward(ids, opts)
   if not core.is_tensor(ids) then
     error("MoEModel:forward: ids must be an i64 tensor [batch, seq], got " .. type(ids), 2)
   end
+  -- batches come from the data layer on the cpu: follow the model to its device
+  local dev = self.net:device()
+  if ids:device() ~= dev then ids = ids:to(dev) end
+  local targets = opts.targets
+  if targets and targets:device() ~= dev then targets = targets:to(dev) end
   local tape = opts.tape or core.Tape()
   local logits = self.net:forward(ids, tape)
   local aux, z = self.net:balance_losses(tape)
   local out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
-  if opts.targets then
-    out.loss = tape:cross_entropy(logits, opts.targets, {ignore_index = opts.ignore_index or -100})
+  if targets then
+    out.loss = tape:cross_entropy(logits, targets, {ignore_index = opts.ignore_index or -100})
     local total = out.loss
     local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
     if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end

@@ -360,6 +360,8 @@ function Trainer:evaluate(ds, opts)
     local first = b * bs
     local n = math.min(bs, windows - first)
     local ids, targets = ds:window_batch(seq, first, n)
+    local dev = self.model.net:device()
+    if dev ~= "cpu" then ids, targets = ids:to(dev), targets:to(dev) end
     local logits = self.model.net:forward(ids)
     local loss = core.Tape():cross_entropy(logits, targets):item()
     total = total + loss * n

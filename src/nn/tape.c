@@ -166,14 +166,11 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             return moe_error(MOE_ERR_SHAPE, "backward: gradient has shape %s, expected %s (the output's shape)",
                              moe_shape_str(grad_root, b, sizeof b), moe_shape_str(root, a, sizeof a));
         }
-        g = moe_op_contiguous(ctx, grad_root);
+        /* a fresh copy on the output's device and dtype: later accumulation
+         * never writes into the caller's tensor, and a cpu scalar works for a
+         * cuda loss */
+        g = moe_op_to(ctx, grad_root, root->device, root->dtype);
         if (!g) return moe_last_status();
-        if (g == grad_root) {   /* never let later accumulation write into the caller's tensor */
-            moe_tensor_release(g);
-            g = moe_tensor_like(ctx, grad_root);
-            if (!g) return moe_last_status();
-            MOE_TRY(moe_op_copy(ctx, g, grad_root));
-        }
     } else {
         if (moe_tensor_numel(root) != 1)
             return moe_error(MOE_ERR_SHAPE, "backward: a gradient is required for a non-scalar output (%lld elements)",
