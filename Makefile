@@ -52,7 +52,7 @@ CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 PROG_OBJ := $(PROG_SRC:%.c=$(BUILD)/%.o)
 LIB      := $(BUILD)/libmoelab.a
 
-.PHONY: all deps test asan quickstart clean bench moelab bundle
+.PHONY: all deps test asan quickstart clean bench moelab bundle viz viz-missing
 all: moelab
 
 $(BUILD)/%.o: %.c
@@ -79,9 +79,46 @@ $(LIB): $(CORE_OBJ)
 $(BUILD)/moelab: $(PROG_OBJ) $(LIB)
 	$(CC) $(OPT) $(LDSAN) -Wl,-E -o $@ $(PROG_OBJ) $(LIB) $(LUAJIT_LIB) -ledit $(LIBS) -ldl
 
+# moelab.viz (viz/*.c): the cairo + pango renderers as a Lua C module,
+# lib/moelab/viz.so, built when pkg-config finds cairo and pangocairo (a GPU
+# machine without them builds and runs the engine all the same). It links
+# against cairo and pango only: the Lua C API comes from ./moelab (-Wl,-E),
+# and the engine (libmoelab) is not in it. One build serves every variant,
+# without sanitizers (an uninstrumented module loads into the ASan program).
+VIZ_PKGS  := cairo pangocairo
+HAVE_VIZ  := $(shell pkg-config --exists $(VIZ_PKGS) 2>/dev/null && echo 1)
+VIZ_SRC   := $(wildcard viz/*.c)
+VIZ_OBJ   := $(VIZ_SRC:%.c=build/viz/%.o)
+VIZ_SO    := lib/moelab/viz.so
+ifeq ($(HAVE_VIZ),1)
+  VIZ_TARGET := $(VIZ_SO)
+  VIZ_CFLAGS := $(shell pkg-config --cflags $(VIZ_PKGS))
+  VIZ_LIBS   := $(shell pkg-config --libs $(VIZ_PKGS)) -lm
+else
+  VIZ_TARGET := viz-missing
+endif
+
 # copy then rename, so a ./moelab that is running (a REPL, a long recipe) is not in the way
-moelab: $(BUILD)/moelab
+moelab: $(BUILD)/moelab $(VIZ_TARGET)
 	cp $< $@.tmp && mv -f $@.tmp $@
+
+build/viz/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC -O2 -g -MMD -MP \
+	  $(VIZ_CFLAGS) $(LUAJIT_CFLAGS) -c $< -o $@
+
+# linked then renamed, so a running ./moelab that has the module mapped is not in the way;
+# -z nodelete: lua_close dlcloses C modules, and unloading pango under the font
+# thread glib started would crash the program at exit
+$(VIZ_SO): $(VIZ_OBJ) Makefile
+	@mkdir -p $(dir $@)
+	$(CC) -shared -Wl,-z,nodelete -o $@.tmp $(VIZ_OBJ) $(VIZ_LIBS) && mv -f $@.tmp $@
+
+viz: $(VIZ_TARGET)
+
+viz-missing:
+	@echo "viz: pkg-config finds no cairo/pangocairo; lib/moelab/viz.so (moelab.viz) not built" \
+	      "(install libcairo2-dev libpango1.0-dev to render reports)"
 
 deps:
 	@sh tools/deps.sh
@@ -119,7 +156,7 @@ bundle: $(BUILD)/moelab
 	  [ -n "$$p" ] && cp -L "$$p" $(BUILD)/lib/; done; ls $(BUILD)/lib
 
 clean:
-	rm -rf build moelab
+	rm -rf build moelab $(VIZ_SO)
 
--include $(CORE_OBJ:.o=.d) $(PROG_OBJ:.o=.d)
+-include $(CORE_OBJ:.o=.d) $(PROG_OBJ:.o=.d) $(VIZ_OBJ:.o=.d)
 include mk/cuda_tests.mk

@@ -1,11 +1,12 @@
 -- Quickstart: a small Mixtral-style MoE (8 experts, top-2, SwiGLU, GQA, RoPE)
 -- trained on the built-in multi-domain corpus, with live progress,
--- evaluation, routing health, a checkpoint and metrics in runs/quickstart/.
---   ./moelab recipes/quickstart.lua [max_steps]
+-- evaluation, routing health, a checkpoint and metrics in runs/quickstart/,
+-- and a routing report (report.pdf, report.html) of the run.
+--   ./moelab recipes/quickstart.lua [max_steps [run_dir]]
 local moe = require "moelab"
 
 local max_steps = tonumber(arg and arg[1]) or 400
-local run_dir = "runs/quickstart"
+local run_dir = arg and arg[2] or "runs/quickstart"
 
 -- data: the built-in synthetic corpus (arithmetic, code, records, prose), byte-level
 local corpus = moe.data.corpus{seed = 1, num_bytes = 2000000}
@@ -55,4 +56,12 @@ for _, prompt in ipairs{"12 + 35 = ", "function add(", "name="} do
 end
 
 trainer:save_model(run_dir .. "/model")
-print("outputs: " .. run_dir .. "/ (model/ for moe.load, checkpoint/ to resume, metrics.jsonl)")
+
+-- the routing report: training curves, expert load, top-1 routing flow, domain
+-- specialization, co-activation, affinity, locality, cost and the architecture
+-- (`moelab report runs/quickstart` writes the same from the run directory)
+local ok, err = pcall(require("moelab.report").build, {run_dir = run_dir, model = model,
+  save_to = {run_dir .. "/report.pdf", run_dir .. "/report.html"}})
+if not ok then print("report: not written (" .. tostring(err) .. ")") end
+print("outputs: " .. run_dir .. "/ (model/ for moe.load, checkpoint/ to resume, metrics.jsonl)" ..
+  (ok and ("; routing report: " .. run_dir .. "/report.pdf and report.html") or ""))

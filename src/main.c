@@ -75,8 +75,11 @@ static const char *progname(const options *o) {
 static void print_usage(FILE *f, const char *prog) {
     fprintf(f,
         "usage: %s [options] [script [args...]]\n"
+        "       %s report RUN_DIR [-o OUT.pdf|.html|.png] [--format pdf,html,png]\n"
         "\n"
         "Runs a moelab recipe (a Lua script), or opens the REPL when no script is given.\n"
+        "`moelab report` writes a routing report of a run directory (see 'moelab report --help';\n"
+        "a script named report runs as ./report).\n"
         "The moelab API is preloaded as the global `moe`.\n"
         "\n"
         "options:\n"
@@ -102,7 +105,7 @@ static void print_usage(FILE *f, const char *prog) {
         "environment:\n"
         "  MOELAB_LUA_PATH    extra Lua search path, searched before the bundled lua/ directory\n"
         "  MOELAB_NUM_THREADS, MOELAB_DEVICE   as set by --threads and --device\n",
-        prog);
+        prog, prog);
 }
 
 static int usage_error(const options *o, const char *fmt, const char *what) {
@@ -280,6 +283,15 @@ static void set_package_path(lua_State *L, const char *argv0) {
     n++;
     lua_concat(L, n);
     lua_setfield(L, -2, "path");
+
+    /* C modules shipped next to the program: lib/moelab/viz.so (moelab.viz,
+     * built only where cairo is) is found as require "moelab.viz". */
+    if (exe_dir(dir, sizeof dir, argv0) == 0) {
+        lua_pushfstring(L, "%s/lib/?.so;", dir);
+        lua_getfield(L, -2, "cpath");
+        lua_concat(L, 2);
+        lua_setfield(L, -2, "cpath");
+    }
 
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, luaopen_moelab_core);
@@ -753,6 +765,23 @@ static int pmain(lua_State *L) {
         const char *code = o->exec[i];
         int st = luaL_loadbuffer(L, code, strlen(code), "=(command line)");
         if (run_chunk(L, st, 0) != 0) { report(L, "moelab: "); return 0; }
+    }
+
+    /* `moelab report RUN_DIR ...`: the report subcommand. Only the bare word
+     * dispatches; a script of that name still runs as `moelab ./report`. */
+    if (o->script && !strcmp(o->argv[o->script], "report")) {
+        lua_getglobal(L, "require");
+        lua_pushliteral(L, "moelab.report");
+        if (run_protected(L, 1, 1, 0) != 0) { report(L, "moelab: "); return 0; }
+        lua_getfield(L, -1, "main");
+        lua_remove(L, -2);
+        lua_getglobal(L, "arg");
+        if (run_protected(L, 1, 1, 0) != 0) { report(L, "moelab: "); return 0; }
+        int code = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+        lua_pop(L, 1);
+        if (o->interactive) repl(L);
+        o->status = code;
+        return 0;
     }
 
     if (o->script) {

@@ -22,8 +22,15 @@ if [ $rc -ne 0 ] && ! grep -q '^not ok' "$log.b"; then
     echo "not ok - busted exited with status $rc" | tee -a "$log"
 fi
 rm -f "$log.b"
-passed=$(grep -c '^ok ' "$log")
+# a TAP "ok ... # SKIP" is a check that did not run: count it apart, never as passed
+skipped=$(grep -E '^ok ' "$log" | grep -c -i '# skip')
+passed=$(( $(grep -c '^ok ' "$log") - skipped ))
 failed=$(grep -c '^not ok' "$log")
 [ "$failed" -eq 0 ] || status=1
-echo "$passed passed, $failed failed"
+if [ "$skipped" -gt 0 ]; then
+    echo "skipped:"; grep -E '^ok ' "$log" | grep -i '# skip' | sed 's/^/  /'
+    echo "$passed passed, $failed failed, $skipped skipped"
+else
+    echo "$passed passed, $failed failed"
+fi
 exit $status

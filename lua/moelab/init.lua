@@ -54,5 +54,6 @@ moe.analytics = analytics
 moe.RouterMonitor = analytics.RouterMonitor
 moe.RouterAnalyzer = analytics.RouterAnalyzer
 moe.MoECostAnalyzer = require("moelab.cost").MoECostAnalyzer
+moe.report = require "moelab.report"
 
 return moe

@@ -376,5 +376,33 @@ end
 function Trainer:save_model(dir) return checkpoint.save_model(self.model, dir) end
 function Trainer:save_checkpoint(dir) return checkpoint.save_training(self, dir or (self.run_dir .. "/checkpoint")) end
 
+--- visualize_routing{save_to=, dataset=, num_samples=32, ...}: the routing report (moelab.report).
+-- With run_dir: from its metrics.jsonl, checkpoint/ (saved first unless it is of the current step)
+-- and the live model; save_to defaults to <run_dir>/report.pdf. Without: from the model in memory
+-- and trainer.history (save_to required). Returns the path(s) written and the report's data.
+function Trainer:visualize_routing(opts)
+  local f = "MoETrainer:visualize_routing"
+  if opts == nil then opts = {} end
+  if type(opts) ~= "table" then fail(f, "expected a table of options {save_to=, ...}, got %s", type(opts)) end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  for _, k in ipairs{"run_dir", "model", "history", "train_options"} do
+    if o[k] ~= nil then fail(f, "option '%s' is the trainer's own; do not pass it", k) end
+  end
+  o.model = self.model
+  if self.run_dir then
+    local dir = self.run_dir .. "/checkpoint"
+    local ok, state = pcall(function() return mio.json.decode(mio.read_file(dir .. "/trainer_state.json")) end)
+    local saved_step = ok and type(state) == "table" and state.step or nil
+    if self.optimizer and saved_step ~= self.step then checkpoint.save_training(self, dir) end
+    o.run_dir = self.run_dir
+  else
+    if o.save_to == nil then fail(f, "save_to is required when the trainer has no run_dir") end
+    o.history = self.history
+    o.train_options = self.train_options
+  end
+  return require("moelab.report").build(o)
+end
+
 M.Trainer = Trainer
 return M
