@@ -27,7 +27,7 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $(OP
 LIBS    := -lopenblas -lcjson -lm -lpthread
 
 CORE_SRC := $(wildcard src/core/*.c) $(wildcard src/ops/*.c) $(wildcard src/ops/cpu/*.c) $(wildcard src/nn/*.c) $(wildcard src/train/*.c) $(wildcard src/io/*.c)
-PROG_SRC := $(wildcard src/lua/*.c) src/main.c
+PROG_SRC := $(wildcard src/lua/*.c) src/main.c src/repl_complete.c
 
 ifeq ($(CUDA),1)
   CORE_SRC := $(filter-out src/ops/cuda_none.c,$(CORE_SRC))
@@ -63,7 +63,7 @@ $(BUILD)/src/lua/%.o: src/lua/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LUAJIT_CFLAGS) -c $< -o $@
 
-$(BUILD)/src/main.o: src/main.c
+$(BUILD)/src/main.o $(BUILD)/src/repl_complete.o: $(BUILD)/src/%.o: src/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LUAJIT_CFLAGS) -c $< -o $@
 
