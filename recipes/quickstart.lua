@@ -16,6 +16,7 @@ print(string.format("data: %s (domains: %s)", tostring(corpus), table.concat(cor
 local model = moe.arch.Mixtral{
   vocab_size = 256, hidden_size = 128, num_layers = 4, num_heads = 4, num_kv_heads = 2,
   num_experts = 8, experts_per_token = 2, expert_intermediate_size = 256, seed = 42,
+  device = moe.default_device(),   -- a GPU when this build has CUDA and one is present
 }
 print(string.format("model: %s\n       %.2fM parameters, %.2fM active per token",
   tostring(model), model:num_params() / 1e6, model:num_active_params() / 1e6))
