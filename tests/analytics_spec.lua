@@ -487,3 +487,20 @@ describe("RouterAnalyzer", function()
     assert.has_error(function() an:co_activation{ids = ids_tensor{{1}}, batches = 3} end)
   end)
 end)
+
+describe("plot_expert_token_affinity", function()
+  it("writes one heatmap panel per MoE layer, not blank", function()
+    local m = moe.arch.Mixtral{vocab_size = 256, hidden_size = 32, num_layers = 2, num_heads = 4, num_experts = 8,
+                               expert_intermediate_size = 32, seed = 1}
+    local an = moe.RouterAnalyzer(m)
+    local ok_viz, viz = pcall(require, "moelab.viz")
+    if not ok_viz or not pcall(function() return viz.canvas end) then pending("moelab.viz is not built"); return end
+    local path = os.tmpname() .. ".png"
+    assert.are.equal(path, an:plot_expert_token_affinity{tokens = {"def", "the", "+", "\n"}, save_to = path})
+    local st = viz.png_stats(path)
+    assert.is_true(st.width > 400 and st.distinct_colors > 10 and st.drawn_fraction > 0.02)
+    os.remove(path)
+    assert.has_error(function() an:plot_expert_token_affinity{tokens = {"a"}, save_to = 3} end)
+    assert.has_error(function() an:plot_expert_token_affinity{tokens = {"a"}, save_to = path, layers = {5}} end)
+  end)
+end)

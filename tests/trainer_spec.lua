@@ -151,6 +151,13 @@ describe("MoETrainer", function()
     assert.is_true(m.net:param("layers.0.mlp.gate.weight"):equal(before))
     assert.is_true(m.net:param("layers.0.mlp.experts.up_proj"):equal(before_e))
     assert.is_false(m.net:param("layers.0.self_attn.q_proj.weight"):equal(before_a))
+    -- and the other way round: only the MoE parts train
+    local m2 = small("Mixtral")
+    local a2, g2 = m2.net:param("layers.0.self_attn.q_proj.weight"):clone(), m2.net:param("layers.0.mlp.gate.weight"):clone()
+    local tr2 = moe.MoETrainer{model = m2, progress = false, freeze_rest = true, router_learning_rate = 1e-3}
+    tr2:train{train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 3, learning_rate = 1e-2}
+    assert.is_true(m2.net:param("layers.0.self_attn.q_proj.weight"):equal(a2))
+    assert.is_false(m2.net:param("layers.0.mlp.gate.weight"):equal(g2))
   end)
 
   it("the learning-rate schedule warms up, then decays", function()

@@ -42,12 +42,13 @@ end
 local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
-  freeze_router = true, freeze_experts = true, run_dir = true, log_every = true, progress = true, monitor = true,
+  freeze_router = true, freeze_experts = true, freeze_rest = true, run_dir = true, log_every = true, progress = true, monitor = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
 --  router_z_loss_coef=0.001, weight_decay=0.1, betas={0.9, 0.95}, eps=1e-8, grad_clip=1.0,
 --  router_learning_rate=, expert_learning_rate=, freeze_router=false, freeze_experts=false,
+--  freeze_rest=false (attention, norms, embeddings, head),
 --  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
@@ -80,6 +81,7 @@ function M.MoETrainer(opts)
     expert_lr = opt_number(f, opts, "expert_learning_rate", nil, 0),
     freeze_router = opts.freeze_router == true,
     freeze_experts = opts.freeze_experts == true,
+    freeze_rest = opts.freeze_rest == true,
     run_dir = opts.run_dir,
     log_every = opt_int(f, opts, "log_every", 10, 1),
     progress = opts.progress ~= false,
@@ -116,6 +118,8 @@ function Trainer:_make_optimizer(base_lr)
       if self.freeze_router then s = 0 elseif self.router_lr then s = self.router_lr / base_lr end
     elseif g == "experts" then
       if self.freeze_experts then s = 0 elseif self.expert_lr then s = self.expert_lr / base_lr end
+    elseif self.freeze_rest then
+      s = 0
     end
     scales[i] = s
     decay[i] = #p.value:shape() >= 2   -- matrices decay; norms and biases do not

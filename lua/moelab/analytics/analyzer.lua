@@ -492,6 +492,62 @@ function Analyzer:affinity(opts)
   return out, baselines.specialization(E, self.top_k)
 end
 
+local plot_keys = {tokens = true, save_to = true, context = true, tokenizer = true, layers = true, title = true}
+
+--- plot_expert_token_affinity{tokens = {...}, save_to = "x.png"|"x.pdf"|"x.svg"[, layers = {1, 2}]
+--   [, context =, tokenizer =, title =]} -> save_to
+-- One heatmap per MoE layer (all layers, at most 4 unless layers= picks
+-- them): rows are the strings, columns the experts, cells the share of the
+-- string's tokens routed to each expert (from affinity{}); the colour scale
+-- is centred on the uniform share k/E.
+function Analyzer:plot_expert_token_affinity(opts)
+  local f = "RouterAnalyzer:plot_expert_token_affinity"
+  check_self(f, self)
+  if type(opts) ~= "table" then U.fail(f, "expected a table of options, got %s", type(opts)) end
+  U.check_opts(f, opts, plot_keys)
+  if type(opts.save_to) ~= "string" or not opts.save_to:match("%.[%a]+$") then
+    U.fail(f, "option 'save_to' must be a .png, .pdf or .svg path, got %s", U.describe(opts.save_to))
+  end
+  local L = #self.layers
+  local layers = opts.layers
+  if layers == nil then
+    layers = {}
+    for l = 1, math.min(L, 4) do layers[l] = l end
+  elseif type(layers) ~= "table" or #layers == 0 then
+    U.fail(f, "option 'layers' must be a non-empty list of MoE layer numbers (1..%d)", L)
+  end
+  for i, l in ipairs(layers) do
+    if type(l) ~= "number" or l < 1 or l > L or l % 1 ~= 0 then
+      U.fail(f, "layers[%d] must be an MoE layer number in 1..%d, got %s", i, L, U.describe(l))
+    end
+  end
+  local aff, uniform = self:affinity{tokens = opts.tokens, context = opts.context, tokenizer = opts.tokenizer}
+  local charts = require("moelab.viz").charts
+  local cols = math.min(#layers, 2)
+  local rows = math.ceil(#layers / cols)
+  local col_labels = {}
+  for e = 1, self.num_experts do col_labels[e] = "E" .. (e - 1) end
+  local row_labels = {}
+  local escapes = {["\n"] = "\\n", ["\t"] = "\\t", ["\r"] = "\\r"}
+  for i, s in ipairs(opts.tokens) do row_labels[i] = '"' .. s:gsub("[\n\t\r]", escapes) .. '"' end
+  return charts.figure(opts.save_to, {
+    width = 420 * cols, height = 60 + rows * (80 + 18 * #opts.tokens),
+    title = opts.title or "Token-expert affinity",
+    subtitle = string.format("share of each string's tokens per expert; uniform routing gives %.3f", uniform),
+    draw = function(c, area)
+      for i, a in ipairs(charts.grid(area, rows, cols, 24)) do
+        local l = layers[i]
+        if not l then break end
+        local matrix = {}
+        for r, s in ipairs(opts.tokens) do matrix[r] = aff[s].layers[l].share end
+        charts.heatmap(c, {x = a.x, y = a.y, w = a.w, h = a.h, matrix = matrix, row_labels = row_labels,
+                           col_labels = col_labels, title = "MoE layer " .. l, xlabel = "expert",
+                           colormap = "diverging", center = uniform, range = {0, 1}, colorbar = i == #layers})
+      end
+    end,
+  })
+end
+
 local trace_keys = {num_sequences = true, seq_len = true, batch_size = true, first = true, format = true,
                     weights = true}
 
