@@ -7,6 +7,8 @@
 -- missing the spec is pending; where pdfinfo or chromium is missing those
 -- checks are pending (visibly, not passed).
 local moe = require "moelab"
+local files = require "helpers.files"
+local tmpdir, read, exists, sh = files.tmpdir, files.read, files.exists, files.sh
 
 local have_viz, viz = pcall(require, "moelab.viz")
 if not have_viz then
@@ -18,35 +20,9 @@ end
 
 local report = require "moelab.report"
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  moe.io.mkdir_p(d)
-  return d
-end
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
 
--- runs a shell command; LuaJIT's popen:close() gives no exit status, so the
--- command reports it on its last line
-local function sh(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1; echo \"__rc=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local code = tonumber(out:match("__rc=(%d+)%s*$"))
-  return (out:gsub("__rc=%d+%s*$", "")), code
-end
 
 local function which(name)
   local out = sh("command -v " .. name)

@@ -2,13 +2,9 @@
 -- resuming continues the same loss curve bit for bit, checkpoints round-trip,
 -- bad configurations are rejected.
 local moe = require "moelab"
+local files = require "helpers.files"
+local tmpdir = files.tmpdir
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  moe.io.mkdir_p(d)
-  return d
-end
 
 local corpus = moe.data.corpus{seed = 7, num_bytes = 60000}
 local train_ds, held_ds = corpus:split(0.1)

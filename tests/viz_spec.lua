@@ -4,6 +4,8 @@
 -- SVG markup), colour maps, and bad arguments everywhere. Where cairo is
 -- missing (lib/moelab/viz.so not built) the whole spec is pending.
 local moe = require "moelab"
+local files = require "helpers.files"
+local tmpdir, read, exists = files.tmpdir, files.read, files.exists
 
 local have_viz, viz = pcall(require, "moelab.viz")
 if not have_viz then
@@ -15,25 +17,8 @@ end
 
 local charts, colors = viz.charts, viz.colors
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  moe.io.mkdir_p(d)
-  return d
-end
 
-local function read(path)
-  local f = assert(io.open(path, "rb"))
-  local s = f:read("*a")
-  f:close()
-  return s
-end
 
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
-end
 
 local function fails(pattern, f, ...)
   local ok, msg = pcall(f, ...)
