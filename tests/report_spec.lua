@@ -20,10 +20,6 @@ end
 
 local report = require "moelab.report"
 
-
-
-
-
 local function which(name)
   local out = sh("command -v " .. name)
   out = out:gsub("%s+$", "")

@@ -17,9 +17,6 @@ end
 
 local charts, colors = viz.charts, viz.colors
 
-
-
-
 local function fails(pattern, f, ...)
   local ok, msg = pcall(f, ...)
   assert(not ok, "expected an error matching '" .. pattern .. "', the call succeeded")
