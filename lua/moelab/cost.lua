@@ -96,8 +96,8 @@ local function from_moelab(f, cfg)
   local hd = num(f, cfg, "head_dim", 0)
   c.head_dim = hd > 0 and hd or c.hidden / heads
   c.qk_norm = bool(cfg.qk_norm, false) and "full" or false
-  c.qkv_bias = bool(cfg.attention_bias, false)
-  c.o_bias = c.qkv_bias
+  c.o_bias = bool(cfg.attention_bias, false)
+  c.qkv_bias = c.o_bias or bool(cfg.qkv_bias, false)
   c.activation = cfg.activation or "swiglu"
   c.dense_inner = num(f, cfg, "intermediate_size", 4 * c.hidden)
   c.num_experts = num(f, cfg, "num_experts", 8)
@@ -105,14 +105,16 @@ local function from_moelab(f, cfg)
   c.expert_inner = num(f, cfg, "expert_intermediate_size", 4 * c.hidden)
   local rule = moe_layer_rule(num(f, cfg, "moe_layer_frequency", 1), num(f, cfg, "first_dense_layers", 0))
   c.is_moe = {}
-  for i = 0, c.layers - 1 do c.is_moe[i] = rule(i) end
+  local dense_only = {}
+  for _, i in ipairs(cfg.mlp_only_layers or {}) do dense_only[i] = true end
+  for i = 0, c.layers - 1 do c.is_moe[i] = rule(i) and not dense_only[i] end
   local router = cfg.router
   if type(router) == "table" then router = router.options and router.options.router end
   c.router_mult = router == "noisy_topk" and 2 or 1
   local ns = num(f, cfg, "num_shared_experts", 0)
   local si = num(f, cfg, "shared_intermediate_size", 0)
   c.shared_inner = ns > 0 and (si > 0 and si or c.expert_inner * ns) or 0
-  c.shared_gate = false
+  c.shared_gate = c.shared_inner > 0 and bool(cfg.shared_expert_gate, false)
   c.tie = bool(cfg.tie_word_embeddings, false)
   c.family = "moelab"
   return c

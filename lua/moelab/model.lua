@@ -46,9 +46,11 @@ function M.MoEModel(opts)
     if type(cfg.expert) ~= "function" then error("MoEModel: expert must be a function(i) returning a layer", 2) end
     -- count MoE layers the way the C model does
     local freq, first = cfg.moe_layer_frequency or 1, cfg.first_dense_layers or 0
+    local dense = {}
+    for _, i in ipairs(cfg.mlp_only_layers or {}) do dense[i] = true end
     local lists = {}
     for i = 0, cfg.num_layers - 1 do
-      if freq > 0 and i >= first and (freq == 1 or i % freq == freq - 1) then
+      if freq > 0 and i >= first and (freq == 1 or i % freq == freq - 1) and not dense[i] then
         local list = {}
         for j = 1, cfg.num_experts do list[j] = cfg.expert(j, #lists + 1) end
         lists[#lists + 1] = list

@@ -52,6 +52,26 @@ static void read_block_cfg(lua_State *L, int idx, moe_block_cfg *c, int64_t hidd
     c->aux_free_rate = (float)moe_lua_opt_field_num(L, idx, "aux_free_rate", 1e-3, f);
     c->shared_experts = moe_lua_opt_field_int(L, idx, "num_shared_experts", 0, f);
     c->shared_inner = moe_lua_opt_field_int(L, idx, "shared_intermediate_size", 0, f);
+    c->shared_gate = moe_lua_opt_field_bool(L, idx, "shared_expert_gate", 0, f);
+}
+
+/* mlp_only_layers = {i, ...}: 0-based ids of layers that stay dense. */
+static void read_mlp_only(lua_State *L, int idx, moe_model_cfg *c, const char *f) {
+    lua_getfield(L, idx, "mlp_only_layers");
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return; }
+    if (!lua_istable(L, -1)) luaL_error(L, "%s: option 'mlp_only_layers' must be a list of 0-based layer ids, got %s", f, luaL_typename(L, -1));
+    int n = (int)lua_objlen(L, -1);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, -1, i);
+        if (!lua_isnumber(L, -1)) luaL_error(L, "%s: mlp_only_layers[%d] must be a layer id, got %s", f, i, luaL_typename(L, -1));
+        lua_Number v = lua_tonumber(L, -1);
+        if (v != (lua_Number)(int64_t)v || v < 0 || v >= (lua_Number)c->layers)
+            luaL_error(L, "%s: mlp_only_layers[%d] must be a 0-based layer id below num_layers (%d), got %g", f, i, (int)c->layers, v);
+        int64_t k = (int64_t)v;
+        c->mlp_only[k / 64] |= (uint64_t)1 << (k % 64);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
 }
 
 /* Custom experts: opts.experts = {layer, layer, ...} (exactly num_experts). */
@@ -106,6 +126,9 @@ static int l_model(lua_State *L) {
     c.qk_norm = moe_lua_opt_field_bool(L, 1, "qk_norm", 0, f);
     c.tie_embeddings = moe_lua_opt_field_bool(L, 1, "tie_word_embeddings", 0, f);
     c.attn_bias = moe_lua_opt_field_bool(L, 1, "attention_bias", 0, f);
+    c.qkv_bias = moe_lua_opt_field_bool(L, 1, "qkv_bias", 0, f);
+    if (c.layers > MOE_MODEL_MAX_LAYERS) return luaL_error(L, "%s: at most %d layers", f, MOE_MODEL_MAX_LAYERS);
+    read_mlp_only(L, 1, &c, f);
     c.activation = (moe_ffn_kind)opt_choice(L, 1, "activation", acts, 0, f);
     c.moe_every = (int)moe_lua_opt_field_int(L, 1, "moe_layer_frequency", 1, f);
     c.first_dense = (int)moe_lua_opt_field_int(L, 1, "first_dense_layers", 0, f);
@@ -185,6 +208,10 @@ static void push_borrowed(lua_State *L, moe_tensor *t, const char *f) {
 
 static int m_aux(lua_State *L) { push_borrowed(L, moe_block_last_aux(check_moe(L, "layer:aux_loss")), "layer:aux_loss"); return 1; }
 static int m_z(lua_State *L) { push_borrowed(L, moe_block_last_z(check_moe(L, "layer:z_loss")), "layer:z_loss"); return 1; }
+static int m_router_logits(lua_State *L) {
+    push_borrowed(L, moe_block_last_logits(check_moe(L, "layer:router_logits")), "layer:router_logits");
+    return 1;
+}
 static int m_bias(lua_State *L) { push_borrowed(L, moe_block_bias(check_moe(L, "layer:expert_bias")), "layer:expert_bias"); return 1; }
 
 static int m_assignments(lua_State *L) {
@@ -289,7 +316,7 @@ static int m_config(lua_State *L) {
     SETN("num_heads", c->heads); SETN("num_kv_heads", c->kv_heads ? c->kv_heads : c->heads);
     SETN("head_dim", c->head_dim ? c->head_dim : c->hidden / c->heads); SETN("intermediate_size", c->dense_inner);
     SETN("rope_theta", c->rope_theta); SETN("norm_eps", c->norm_eps); SETB("qk_norm", c->qk_norm);
-    SETB("tie_word_embeddings", c->tie_embeddings); SETB("attention_bias", c->attn_bias);
+    SETB("tie_word_embeddings", c->tie_embeddings); SETB("attention_bias", c->attn_bias); SETB("qkv_bias", c->qkv_bias);
     SETS("activation", acts[c->activation]); SETN("moe_layer_frequency", c->moe_every);
     SETN("first_dense_layers", c->first_dense);
     const moe_block_cfg *b = &c->moe;
@@ -300,7 +327,11 @@ static int m_config(lua_State *L) {
     SETN("sinkhorn_iterations", b->router.sinkhorn_iters); SETS("aux_loss_type", aux_kinds[b->router.aux]);
     SETN("expert_intermediate_size", b->expert_inner); SETN("jitter_noise", b->jitter); SETB("aux_free", b->aux_free);
     SETN("aux_free_rate", b->aux_free_rate); SETN("num_shared_experts", b->shared_experts);
-    SETN("shared_intermediate_size", b->shared_inner);
+    SETN("shared_intermediate_size", b->shared_inner); SETB("shared_expert_gate", b->shared_gate);
+    lua_newtable(L);
+    for (int64_t i = 0, k = 0; i < c->layers && i < MOE_MODEL_MAX_LAYERS; i++)
+        if (c->mlp_only[i / 64] >> (i % 64) & 1) { lua_pushnumber(L, (lua_Number)i); lua_rawseti(L, -2, (int)++k); }
+    lua_setfield(L, -2, "mlp_only_layers");
 #undef SETN
 #undef SETB
 #undef SETS
@@ -308,7 +339,7 @@ static int m_config(lua_State *L) {
 }
 
 static const luaL_Reg layer_extra[] = {
-    {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias},
+    {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
     {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};

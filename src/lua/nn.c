@@ -113,6 +113,7 @@ static int l_attention(lua_State *L) {
     c.rope_theta = (float)moe_lua_opt_field_num(L, 1, "rope_theta", 10000.0, f);
     c.causal = moe_lua_opt_field_bool(L, 1, "causal", 1, f);
     c.bias = moe_lua_opt_field_bool(L, 1, "bias", 0, f);
+    c.qkv_bias = moe_lua_opt_field_bool(L, 1, "qkv_bias", 0, f);
     c.qk_norm = moe_lua_opt_field_bool(L, 1, "qk_norm", 0, f);
     c.norm_eps = (float)moe_lua_opt_field_num(L, 1, "norm_eps", 1e-5, f);
     moe_init init = {moe_lua_layer_seed(L, 1, f), 0};

@@ -135,8 +135,8 @@ moe_layer *moe_attention_new(moe_ctx *ctx, const moe_attention_cfg *cfg_in, moe_
     l->state = st;
     int64_t qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim;
     moe_layer *kids[6] = {
-        moe_linear_new(ctx, c.hidden, qd, c.bias, init), moe_linear_new(ctx, c.hidden, kvd, c.bias, init),
-        moe_linear_new(ctx, c.hidden, kvd, c.bias, init), moe_linear_new(ctx, qd, c.hidden, c.bias, init),
+        moe_linear_new(ctx, c.hidden, qd, c.bias || c.qkv_bias, init), moe_linear_new(ctx, c.hidden, kvd, c.bias || c.qkv_bias, init),
+        moe_linear_new(ctx, c.hidden, kvd, c.bias || c.qkv_bias, init), moe_linear_new(ctx, qd, c.hidden, c.bias, init),
         c.qk_norm ? moe_rmsnorm_new(ctx, qd, c.norm_eps) : NULL, c.qk_norm ? moe_rmsnorm_new(ctx, kvd, c.norm_eps) : NULL,
     };
     static const char *names[6] = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"};

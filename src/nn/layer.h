@@ -102,8 +102,9 @@ moe_layer *moe_activation_new(moe_unary_op op);
 typedef struct {
     int64_t hidden, n_heads, n_kv_heads, head_dim;   /* head_dim 0: hidden / n_heads */
     float rope_theta;                                /* 0: no rotary embedding */
-    int causal, bias, qk_norm;                       /* qk_norm: RMSNorm on q and k (OLMoE) */
+    int causal, bias, qk_norm;                       /* bias: on all four projections; qk_norm: RMSNorm on q and k (OLMoE) */
     float norm_eps;
+    int qkv_bias;                                    /* bias on q, k and v only, not o (Qwen2) */
 } moe_attention_cfg;
 moe_layer *moe_attention_new(moe_ctx *ctx, const moe_attention_cfg *cfg, moe_init *init);
 

@@ -12,6 +12,7 @@ typedef struct { moe_model_cfg cfg; } model_state;
 
 int moe_model_layer_is_moe(const moe_model_cfg *c, int64_t i) {
     if (c->moe_every <= 0 || i < c->first_dense) return 0;
+    if (i >= 0 && i < MOE_MODEL_MAX_LAYERS && (c->mlp_only[i / 64] >> (i % 64) & 1)) return 0;
     return c->moe_every == 1 || (i % c->moe_every) == c->moe_every - 1;
 }
 
@@ -19,6 +20,8 @@ moe_status moe_model_cfg_check(const moe_model_cfg *c) {
     if (c->vocab <= 0) return moe_error(MOE_ERR_ARG, "model: vocab_size must be positive, got %lld", (long long)c->vocab);
     if (c->hidden <= 0) return moe_error(MOE_ERR_ARG, "model: hidden_size must be positive, got %lld", (long long)c->hidden);
     if (c->layers <= 0) return moe_error(MOE_ERR_ARG, "model: num_layers must be positive, got %lld", (long long)c->layers);
+    if (c->layers > MOE_MODEL_MAX_LAYERS)
+        return moe_error(MOE_ERR_ARG, "model: at most %d layers, got %lld", MOE_MODEL_MAX_LAYERS, (long long)c->layers);
     if (c->heads <= 0) return moe_error(MOE_ERR_ARG, "model: num_heads must be positive, got %lld", (long long)c->heads);
     if (c->head_dim == 0 && c->hidden % c->heads)
         return moe_error(MOE_ERR_ARG, "model: hidden_size (%lld) must be divisible by num_heads (%lld)",
@@ -58,7 +61,7 @@ const moe_model_cfg *moe_model_config(const moe_layer *l) {
 
 static moe_layer *make_block(moe_ctx *ctx, const moe_model_cfg *c, int64_t i, moe_layer **custom, moe_init *init) {
     moe_attention_cfg ac = {c->hidden, c->heads, c->kv_heads ? c->kv_heads : c->heads, c->head_dim, c->rope_theta,
-                            1, c->attn_bias, c->qk_norm, c->norm_eps};
+                            1, c->attn_bias, c->qk_norm, c->norm_eps, c->qkv_bias};
     moe_layer *kids[4] = {moe_rmsnorm_new(ctx, c->hidden, c->norm_eps), moe_attention_new(ctx, &ac, init),
                           moe_rmsnorm_new(ctx, c->hidden, c->norm_eps), NULL};
     if (moe_model_layer_is_moe(c, i)) {

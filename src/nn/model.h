@@ -8,6 +8,8 @@
 
 #include "moe_block.h"
 
+#define MOE_MODEL_MAX_LAYERS 1024
+
 typedef struct {
     int64_t vocab, hidden, layers, heads, kv_heads, head_dim;
     int64_t dense_inner;        /* intermediate size of dense FFN layers */
@@ -16,6 +18,8 @@ typedef struct {
     moe_ffn_kind activation;
     int moe_every;              /* 0: dense model; 1: every layer; 2: every other layer (odd layers, as GLaM) */
     int first_dense;            /* this many leading layers stay dense (DeepSeek) */
+    int qkv_bias;               /* bias on q, k, v only (Qwen2); attn_bias puts one on all four projections */
+    uint64_t mlp_only[MOE_MODEL_MAX_LAYERS / 64];   /* bit i: layer i stays dense (Qwen2-MoE mlp_only_layers) */
     moe_block_cfg moe;
 } moe_model_cfg;
 

@@ -11,8 +11,9 @@
 typedef struct {
     moe_block_cfg cfg;
     int custom;                 /* experts are child layers */
-    int c_gate, c_noise, c_experts, c_shared;   /* child indices (-1: absent) */
+    int c_gate, c_noise, c_experts, c_shared, c_shared_gate;   /* child indices (-1: absent) */
     moe_tensor *bias;           /* [E] f32 cpu, a buffer of the layer */
+    moe_tensor *last_logits;    /* router logits [tokens, E] of the last forward */
     uint64_t calls;             /* forward count: advances the noise streams */
     moe_routing last;
 } block_state;
@@ -27,6 +28,7 @@ const moe_route_stats *moe_block_last_stats(const moe_layer *l) {
 moe_tensor *moe_block_last_aux(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.aux_loss : NULL; }
 moe_tensor *moe_block_last_z(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.z_loss : NULL; }
 moe_tensor *moe_block_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->bias : NULL; }
+moe_tensor *moe_block_last_logits(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last_logits : NULL; }
 void moe_block_last_assignments(const moe_layer *l, moe_tensor **t, moe_tensor **e, moe_tensor **w) {
     block_state *s = st_of(l);
     *t = s ? s->last.token_idx : NULL;
@@ -110,7 +112,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     int64_t n = xr->shape[0];
     uint64_t call = st->calls++;
     moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
-    moe_tensor *sh = NULL, *sum = NULL;
+    moe_tensor *sh = NULL, *sum = NULL, *sg = NULL, *sgs = NULL, *shg = NULL;
     moe_status s = MOE_OK;
 
     /* Switch jitter: a fresh multiplicative noise tensor per call, from (seed, call) */
@@ -142,6 +144,13 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, n, &yr);
     if (s == MOE_OK && st->c_shared >= 0) {
         s = moe_layer_forward(l->children[st->c_shared], ctx, tape, xr, &sh);
+        if (s == MOE_OK && st->c_shared_gate >= 0) {
+            /* Qwen2-MoE: the shared expert's output scaled per token by sigmoid(x . w_g) */
+            s = moe_layer_forward(l->children[st->c_shared_gate], ctx, tape, xr, &sg);
+            if (s == MOE_OK) s = moe_f_unary(ctx, tape, MOE_UN_SIGMOID, sg, 0.0f, &sgs);
+            if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_MUL, sh, sgs, &shg);
+            if (s == MOE_OK) { moe_tensor_release(sh); sh = shg; shg = NULL; }
+        }
         if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, yr, sh, &sum);
         if (s == MOE_OK) { moe_tensor_release(yr); yr = sum; sum = NULL; }
     }
@@ -149,12 +158,16 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     if (s == MOE_OK) {
         moe_routing_clear(&st->last);
         st->last = r;
+        moe_tensor_release(st->last_logits);
+        st->last_logits = logits;
+        logits = NULL;
     } else {
         moe_routing_clear(&r);
     }
     moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
     moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
+    moe_tensor_release(sg); moe_tensor_release(sgs); moe_tensor_release(shg);
     return s;
 }
 
@@ -182,6 +195,7 @@ static void block_destroy(moe_layer *l) {
     if (!st) return;
     moe_routing_clear(&st->last);
     moe_tensor_release(st->bias);
+    moe_tensor_release(st->last_logits);
     free(st);
 }
 
@@ -200,14 +214,18 @@ moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **exp
     if (c.aux_free && c.aux_free_rate <= 0) c.aux_free_rate = 1e-3f;
     int64_t e = c.router.num_experts;
     int noisy = c.router.selection == MOE_SELECT_NOISY_TOPK;
-    int nkids = 2 + noisy + (c.shared_experts > 0);
+    if (c.shared_gate && c.shared_experts <= 0) {
+        moe_error(MOE_ERR_ARG, "MoE: shared_expert_gate needs a shared expert (num_shared_experts > 0)");
+        return NULL;
+    }
+    int nkids = 2 + noisy + (c.shared_experts > 0) + (c.shared_experts > 0 && c.shared_gate);
     moe_layer *l = moe_layer_alloc(&block_vt, 0, nkids);
     block_state *st = l ? calloc(1, sizeof *st) : NULL;
     if (!st) { moe_layer_release(l); if (l) moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
     l->state = st;
     st->cfg = c;
     st->custom = experts != NULL;
-    st->c_noise = st->c_shared = -1;
+    st->c_noise = st->c_shared = st->c_shared_gate = -1;
     moe_status s = MOE_OK;
     int idx = 0;
     /* router: a bias-free linear map to one logit per expert (named as in HF checkpoints) */
@@ -231,6 +249,11 @@ moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **exp
         moe_layer *sh = moe_ffn_new(ctx, c.hidden, inner, c.activation, 0, init);
         if (!sh) s = moe_last_status();
         else { st->c_shared = idx; moe_layer_set_child(l, idx++, "shared_expert", sh); moe_layer_release(sh); }
+    }
+    if (s == MOE_OK && c.shared_experts > 0 && c.shared_gate) {
+        moe_layer *g = moe_linear_new(ctx, c.hidden, 1, 0, init);
+        if (!g) s = moe_last_status();
+        else { st->c_shared_gate = idx; moe_layer_set_child(l, idx++, "shared_expert_gate", g); moe_layer_release(g); }
     }
     if (s == MOE_OK) {
         int64_t bs[1] = {e};

@@ -17,6 +17,7 @@ typedef struct {
     float aux_free_rate;                   /* u in b += u * sign(mean load - load) */
     int64_t shared_experts;                /* 0: none */
     int64_t shared_inner;                  /* intermediate size of the shared expert block */
+    int shared_gate;                       /* Qwen2-MoE: shared output *= sigmoid(shared_expert_gate(x)), a Linear H -> 1 */
     uint64_t seed;                         /* noise and jitter streams */
 } moe_block_cfg;
 
@@ -29,6 +30,8 @@ const moe_block_cfg *moe_block_config(const moe_layer *l);
 const moe_route_stats *moe_block_last_stats(const moe_layer *l);
 moe_tensor *moe_block_last_aux(const moe_layer *l);
 moe_tensor *moe_block_last_z(const moe_layer *l);
+/* The router logits [tokens, E] of the last forward, before noise or bias (borrowed; NULL before any forward). */
+moe_tensor *moe_block_last_logits(const moe_layer *l);
 /* Assignments of the last forward: token_idx, expert_idx, weights (borrowed). */
 void moe_block_last_assignments(const moe_layer *l, moe_tensor **token_idx, moe_tensor **expert_idx, moe_tensor **weights);
 /* Auxiliary-loss-free balancing: b_e += rate * sign(mean load - load_e) from the last forward's loads. */

@@ -72,17 +72,39 @@ static moe_tensor *on_device(moe_ctx *ctx, moe_tensor *t, moe_device dev, moe_dt
 static inline float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float softplusf_(float x) { return x > 20 ? x : log1pf(expf(x)); }
 
-/* indices of the k largest of v[0..e), descending, ties to the lower index */
+/* indices of the k largest of v[0..e), descending, ties to the lower index:
+ * one pass with a sorted insertion list, O(e * k) */
 static void topk_row(const float *v, int64_t e, int64_t k, int64_t *out) {
-    for (int64_t r = 0; r < k; r++) {
-        int64_t best = -1;
-        for (int64_t j = 0; j < e; j++) {
-            int taken = 0;
-            for (int64_t q = 0; q < r; q++) if (out[q] == j) { taken = 1; break; }
-            if (!taken && (best < 0 || v[j] > v[best])) best = j;
+    float best[64];
+    float *val = k <= 64 ? best : malloc((size_t)k * sizeof *val);
+    int64_t n = 0;
+    if (!val) {   /* out of memory for huge k: fall back to repeated scans */
+        for (int64_t r = 0; r < k; r++) {
+            int64_t b = -1;
+            for (int64_t j = 0; j < e; j++) {
+                int taken = 0;
+                for (int64_t q = 0; q < r && !taken; q++) taken = out[q] == j;
+                if (!taken && (b < 0 || v[j] > v[b])) b = j;
+            }
+            out[r] = b;
         }
-        out[r] = best;
+        return;
     }
+    for (int64_t j = 0; j < e; j++) {
+        float x = v[j];
+        /* strictly greater than the current last: an equal later index never displaces an earlier one */
+        if (n == k && !(x > val[k - 1])) continue;
+        int64_t pos = n < k ? n : k - 1;
+        while (pos > 0 && x > val[pos - 1]) {
+            val[pos] = val[pos - 1];
+            out[pos] = out[pos - 1];
+            pos--;
+        }
+        val[pos] = x;
+        out[pos] = j;
+        if (n < k) n++;
+    }
+    if (val != best) free(val);
 }
 
 typedef struct { int64_t n, e, rank; float w; } assign;

@@ -39,8 +39,10 @@ function T.moe_layer_indices(cfg, n)
     return out
   end
   local freq, first = cfg.moe_layer_frequency or 1, cfg.first_dense_layers or 0
+  local dense = {}
+  for _, i in ipairs(cfg.mlp_only_layers or {}) do dense[i] = true end
   for i = 0, cfg.num_layers - 1 do
-    if freq > 0 and i >= first and (freq == 1 or i % freq == freq - 1) then out[#out + 1] = i end
+    if freq > 0 and i >= first and (freq == 1 or i % freq == freq - 1) and not dense[i] then out[#out + 1] = i end
   end
   return out
 end
