@@ -155,6 +155,20 @@ describe("MoETrainer", function()
     assert.is_false(m2.net:param("layers.0.mlp.gate.weight"):equal(g2))
   end)
 
+  it("takes batches from batch_fn and calls grad_hook once per step", function()
+    local calls, seen = 0, {}
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false,
+                              grad_hook = function(t) calls = calls + 1; assert.are.equal(calls - 1, t.step) end}
+    local res = tr:train{max_steps = 3, gradient_accumulation_steps = 2, batch_size = 2, seq_len = 8,
+                         batch_fn = function(i)
+                           seen[#seen + 1] = i
+                           return train_ds:batch{batch_size = 2, seq_len = 8, seed = 3, step = i}
+                         end}
+    assert.are.equal(3, calls)
+    assert.are.same({0, 1, 2, 3, 4, 5}, seen)
+    assert.are.equal(3, #res.history)
+  end)
+
   it("the learning-rate schedule warms up, then decays", function()
     local o = {learning_rate = 1, warmup_steps = 10, max_steps = 110, min_lr_ratio = 0.1, lr_schedule = "cosine"}
     local lr = require("moelab.trainer").lr_at

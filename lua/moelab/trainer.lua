@@ -42,13 +42,14 @@ end
 local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
-  freeze_router = true, freeze_experts = true, freeze_rest = true, run_dir = true, log_every = true, progress = true, monitor = true,
+  freeze_router = true, freeze_experts = true, freeze_rest = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
 --  router_z_loss_coef=0.001, weight_decay=0.1, betas={0.9, 0.95}, eps=1e-8, grad_clip=1.0,
 --  router_learning_rate=, expert_learning_rate=, freeze_router=false, freeze_experts=false,
 --  freeze_rest=false (attention, norms, embeddings, head),
+--  grad_hook = function(trainer) (after the step's backward, before clipping),
 --  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
@@ -92,6 +93,8 @@ function M.MoETrainer(opts)
     fail(f, "monitor must be a moe.RouterMonitor")
   end
   self.monitor = opts.monitor
+  if opts.grad_hook ~= nil and type(opts.grad_hook) ~= "function" then fail(f, "grad_hook must be a function(trainer)") end
+  self.grad_hook = opts.grad_hook
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
   self.aux_free = false
@@ -146,7 +149,7 @@ local train_keys = {
   train_data = true, eval_data = true, batch_size = true, seq_len = true, learning_rate = true, max_steps = true,
   num_epochs = true, warmup_steps = true, lr_schedule = true, min_lr_ratio = true,
   gradient_accumulation_steps = true, eval_every = true, eval_batches = true, save_every = true, seed = true,
-  resume = true, max_skipped_steps = true,
+  resume = true, max_skipped_steps = true, batch_fn = true,
 }
 
 local function fmt_count(n)
@@ -177,13 +180,18 @@ end
 --- train{train_data=, eval_data=, batch_size=8, seq_len=64, learning_rate=3e-4, max_steps= | num_epochs=,
 --  warmup_steps=0, lr_schedule="cosine"|"linear"|"constant", min_lr_ratio=0.1,
 --  gradient_accumulation_steps=1, eval_every=0, eval_batches=8, save_every=0, seed=0,
---  resume = <checkpoint dir> | true (the run_dir's latest)}
+--  resume = <checkpoint dir> | true (the run_dir's latest),
+--  batch_fn = function(index) return ids, targets end (instead of train_data's batches)}
 function Trainer:train(opts)
   local f = "MoETrainer:train"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
   check_keys(f, opts, train_keys)
   local ds = opts.train_data
-  if not is_dataset(ds) then fail(f, "train_data must be a dataset (moe.data.corpus{...}, moe.data.from_file(...)), got %s", type(ds)) end
+  local batch_fn = opts.batch_fn
+  if batch_fn ~= nil and type(batch_fn) ~= "function" then fail(f, "batch_fn must be a function(index) returning ids, targets") end
+  if not batch_fn and not is_dataset(ds) then
+    fail(f, "train_data must be a dataset (moe.data.corpus{...}, moe.data.from_file(...)), got %s", type(ds))
+  end
   if opts.eval_data ~= nil and not is_dataset(opts.eval_data) then fail(f, "eval_data must be a dataset") end
   local o = {
     batch_size = opt_int(f, opts, "batch_size", 8, 1),
@@ -202,14 +210,16 @@ function Trainer:train(opts)
   if o.lr_schedule ~= "cosine" and o.lr_schedule ~= "linear" and o.lr_schedule ~= "constant" then
     fail(f, "lr_schedule must be \"cosine\", \"linear\" or \"constant\", got %s", tostring(o.lr_schedule))
   end
-  if ds:vocab_size() > self.model.config.vocab_size then
-    fail(f, "train_data has vocabulary %d but the model's vocab_size is %d", ds:vocab_size(), self.model.config.vocab_size)
+  if ds then
+    if ds:vocab_size() > self.model.config.vocab_size then
+      fail(f, "train_data has vocabulary %d but the model's vocab_size is %d", ds:vocab_size(), self.model.config.vocab_size)
+    end
+    if ds:num_tokens() <= o.seq_len + 1 then fail(f, "train_data has %d tokens, fewer than seq_len + 1", ds:num_tokens()) end
   end
-  if ds:num_tokens() <= o.seq_len + 1 then fail(f, "train_data has %d tokens, fewer than seq_len + 1", ds:num_tokens()) end
   local tokens_per_step = o.batch_size * o.seq_len * o.accum
   if opts.max_steps ~= nil then
     o.max_steps = opt_int(f, opts, "max_steps", nil, 1)
-  elseif opts.num_epochs ~= nil then
+  elseif opts.num_epochs ~= nil and ds then
     local epochs = opt_number(f, opts, "num_epochs", nil, 0)
     o.max_steps = math.max(1, math.ceil(epochs * ds:num_tokens() / tokens_per_step))
   else
@@ -245,8 +255,11 @@ function Trainer:train(opts)
     local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
     local stats
     for micro = 1, o.accum do
-      local ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed,
-                                    step = (step - 1) * o.accum + micro - 1}
+      -- a batch is a pure function of its index, which is what makes resuming exact
+      local index = (step - 1) * o.accum + micro - 1
+      local ids, targets
+      if batch_fn then ids, targets = batch_fn(index)
+      else ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed, step = index} end
       local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
                                            router_z_loss_coef = self.router_z_loss_coef})
       if self.monitor then self.monitor:record() end
@@ -261,6 +274,8 @@ function Trainer:train(opts)
       out.tape:reset()
       out.logits:free()
     end
+    -- e.g. the data-parallel all-reduce of the flat gradient buffer
+    if self.grad_hook and not bad then self.grad_hook(self) end
     local gnorm = bad and 0 / 0 or core.clip_grad_norm(net, self.grad_clip > 0 and self.grad_clip or math.huge)
     local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
