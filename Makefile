@@ -24,7 +24,7 @@ VERSION := 0.1.0
 LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $(OPT) -MMD -MP \
            -DMOELAB_VERSION='"$(VERSION)"'
-LIBS    := -lopenblas -lcjson -lm -lpthread
+LIBS    := -lopenblas -lcjson -lpcre2-8 -lutf8proc -lm -lpthread
 
 CORE_SRC := $(wildcard src/core/*.c) $(wildcard src/ops/*.c) $(wildcard src/ops/cpu/*.c) $(wildcard src/nn/*.c) $(wildcard src/train/*.c) $(wildcard src/io/*.c)
 PROG_SRC := $(wildcard src/lua/*.c) src/main.c src/repl_complete.c
@@ -38,7 +38,7 @@ ifeq ($(CUDA),1)
   # cudart is linked statically, and `make CUDA=1 bundle` copies the other
   # shared libraries into build/cuda/lib (found via rpath), one OpenBLAS for
   # the program and the test binaries alike.
-  LIBS     := -lopenblas -lcjson -lm -lpthread \
+  LIBS     := -lopenblas -lcjson -lpcre2-8 -lutf8proc -lm -lpthread \
               -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart_static -lstdc++ -ldl -lrt \
               -Wl,-rpath,'$$ORIGIN/build/cuda/lib:$$ORIGIN/../lib:$(CUDA_HOME)/lib64'
   # The GPU machine has no LuaJIT: link it statically into the CUDA variant.
@@ -149,7 +149,7 @@ bench: $(BUILD)/bench/cpu_ops
 
 # Shared libraries the CUDA variant needs on a machine that lacks them (not cuBLAS:
 # the GPU machine has it; tools/device_env.sh finds it there).
-BUNDLE_LIBS := libopenblas.so.0 libcjson.so.1 libgfortran.so.5 libquadmath.so.0 libedit.so.2 libbsd.so.0 libmd.so.0 libtinfo.so.6
+BUNDLE_LIBS := libopenblas.so.0 libcjson.so.1 libpcre2-8.so.0 libutf8proc.so.2 libgfortran.so.5 libquadmath.so.0 libedit.so.2 libbsd.so.0 libmd.so.0 libtinfo.so.6
 bundle: $(BUILD)/moelab
 	@mkdir -p $(BUILD)/lib
 	@for l in $(BUNDLE_LIBS); do p=$$(ldconfig -p | awk -v l=$$l '$$1 == l {print $$NF; exit}'); \

@@ -49,6 +49,7 @@ moe.MoEModel = model.MoEModel
 local trainer = require "moelab.trainer"
 moe.MoETrainer = trainer.MoETrainer
 moe.load = require("moelab.checkpoint").load
+moe.tokenizer = require "moelab.tokenizer"
 local hf = require "moelab.hf"
 moe.hf = hf
 moe.from_pretrained = hf.from_pretrained

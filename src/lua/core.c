@@ -246,5 +246,6 @@ int luaopen_moelab_core(lua_State *L) {
     moe_lua_open_train(L);
     moe_lua_open_data(L);
     moe_lua_open_io(L);
+    moe_lua_open_tokenizer(L);
     return 1;
 }
