@@ -301,6 +301,10 @@ local function hf_name(mt, name, e)
   if mt == "mixtral" then name = name:gsub("^(layers%.%d+%.)mlp%.gate%.", "%1block_sparse_moe.gate.") end
   return "model." .. name
 end
+M.hf_name = hf_name
+
+-- LoRA adapter parameters (moelab.peft) are not part of a transformers checkpoint.
+local function is_adapter(name) return name:match("lora_[AB]$") ~= nil end
 
 ---------------------------------------------------------------------------
 -- Loading
@@ -326,7 +330,9 @@ function M.load_state(model, tensors, mt, f)
   f = f or "from_pretrained"
   local by_target, experts, fused, unexpected = {}, {}, {}, {}
   local params = {}
-  for _, p in ipairs(model:parameters()) do params[p.name] = p.value end
+  for _, p in ipairs(model:parameters()) do
+    if not is_adapter(p.name) then params[p.name] = p.value end
+  end
   local tied = model.config.tie_word_embeddings
   for name, t in pairs(tensors) do
     local c = classify(name)
@@ -354,6 +360,7 @@ function M.load_state(model, tensors, mt, f)
   local missing = {}
   for _, p in ipairs(model:parameters()) do
     local name, dst = p.name, p.value
+    if is_adapter(name) then goto continue end
     local direct = by_target[name]
     local bank = name:match("^layers%.%d+%.mlp%.experts%.([%w_]+)$")
     if direct and bank then
@@ -395,6 +402,7 @@ function M.load_state(model, tensors, mt, f)
     else
       missing[#missing + 1] = hf_name(mt, name, bank and 0 or nil)
     end
+    ::continue::
   end
   if #missing > 0 then
     local shown = {}
@@ -414,7 +422,7 @@ local function load_hf(f, dir, cfg, want)
   if not ok then fail(f, "%s", tostring(tensors)) end
   local model = require("moelab.model").MoEModel(opts)
   M.load_state(model, tensors, mt, f)
-  model.hf = {model_type = mt, config = cfg, router_aux_loss_coef = cfg.router_aux_loss_coef}
+  model.hf = {model_type = mt, config = cfg, router_aux_loss_coef = cfg.router_aux_loss_coef, name_or_path = dir}
   return model
 end
 
@@ -436,6 +444,7 @@ function M.state_dict(model, mt)
   local list = {}
   for _, p in ipairs(model:parameters()) do
     local name, t = p.name, p.value
+    if is_adapter(name) then goto continue end   -- adapters: merge them first, or save them with lora:save_pretrained
     if t:device() ~= "cpu" then t = t:to("cpu") end
     if name:match("^layers%.%d+%.mlp%.experts%.[%w_]+$") then
       for e = 0, t:shape()[1] - 1 do
@@ -444,6 +453,7 @@ function M.state_dict(model, mt)
     else
       list[#list + 1] = {hf_name(mt, name), t}
     end
+    ::continue::
   end
   table.sort(list, function(a, b) return a[1] < b[1] end)
   return list

@@ -65,5 +65,8 @@ moe.RouterMonitor = analytics.RouterMonitor
 moe.RouterAnalyzer = analytics.RouterAnalyzer
 moe.MoECostAnalyzer = require("moelab.cost").MoECostAnalyzer
 moe.report = require "moelab.report"
+moe.peft = require "moelab.peft"
+moe.finetuning = moe.finetuning or {}
+moe.finetuning.TaskAdaptiveMoE = require("moelab.task_adaptive").TaskAdaptiveMoE
 
 return moe

@@ -42,13 +42,14 @@ end
 local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
-  freeze_router = true, freeze_experts = true, freeze_rest = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
+  freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
 --  router_z_loss_coef=0.001, weight_decay=0.1, betas={0.9, 0.95}, eps=1e-8, grad_clip=1.0,
 --  router_learning_rate=, expert_learning_rate=, freeze_router=false, freeze_experts=false,
 --  freeze_rest=false (attention, norms, embeddings, head),
+--  trainable = function(name) -> boolean (parameters it rejects are frozen; e.g. moe.peft.is_lora_param),
 --  grad_hook = function(trainer) (after the step's backward, before clipping),
 --  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model)}
 function M.MoETrainer(opts)
@@ -95,6 +96,8 @@ function M.MoETrainer(opts)
   self.monitor = opts.monitor
   if opts.grad_hook ~= nil and type(opts.grad_hook) ~= "function" then fail(f, "grad_hook must be a function(trainer)") end
   self.grad_hook = opts.grad_hook
+  if opts.trainable ~= nil and type(opts.trainable) ~= "function" then fail(f, "trainable must be a function(name) -> boolean") end
+  self.trainable = opts.trainable
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
   self.aux_free = false
@@ -124,6 +127,7 @@ function Trainer:_make_optimizer(base_lr)
     elseif self.freeze_rest then
       s = 0
     end
+    if self.trainable and not self.trainable(p.name) then s = 0 end
     scales[i] = s
     decay[i] = #p.value:shape() >= 2   -- matrices decay; norms and biases do not
   end

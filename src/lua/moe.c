@@ -344,6 +344,8 @@ static const luaL_Reg layer_extra[] = {
     {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
 
+void moe_lua_open_peft(lua_State *L);   /* peft.c: LoRA adapters and the router-input bias */
+
 void moe_lua_open_moe(lua_State *L) {
     /* extend the layer methods table */
     luaL_getmetatable(L, "moelab.Layer");
@@ -357,4 +359,5 @@ void moe_lua_open_moe(lua_State *L) {
     lua_pushcfunction(L, l_model);
     lua_setfield(L, -2, "Model");
     lua_pop(L, 1);
+    moe_lua_open_peft(L);
 }

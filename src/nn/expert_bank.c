@@ -5,12 +5,16 @@
  * projection is one grouped GEMM over all experts. */
 #include "moe_block.h"
 #include "functional.h"
+#include "lora.h"
 
 #include <stdio.h>
 #include <math.h>
 #include <stdlib.h>
 
-typedef struct { moe_ffn_kind kind; } bank_state;
+typedef struct {
+    moe_ffn_kind kind;
+    moe_lora *lora;   /* optional LoRA adapters (lora.c), owned */
+} bank_state;
 
 enum { P_GATE, P_UP, P_DOWN };
 
@@ -19,6 +23,17 @@ static moe_param *bank_param(moe_layer *l, int which) {
     /* GELU banks have no gate: up is params[0], down params[1] */
     if (swiglu_bank(l)) return &l->params[which];
     return &l->params[which == P_UP ? 0 : 1];
+}
+
+moe_param *moe_expert_bank_param(moe_layer *l, int which) {
+    if (which == P_GATE && !swiglu_bank(l)) return NULL;
+    return bank_param(l, which);
+}
+moe_lora *moe_expert_bank_lora(const moe_layer *l) { return ((bank_state *)l->state)->lora; }
+void moe_expert_bank_set_lora(moe_layer *l, moe_lora *lora) {
+    bank_state *st = l->state;
+    free(st->lora);
+    st->lora = lora;
 }
 
 static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
@@ -32,9 +47,13 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_tensor *dh = moe_tensor_like(ctx, h), *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
     moe_tensor *dx = moe_tensor_like(ctx, xp);
     moe_status s = dy && dh && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
+    const moe_lora *lo = moe_expert_bank_lora(l);
+    if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
+        s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* down: y = h @ down^T  ->  dh = dy @ down, ddown += dy^T h */
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, pd->value, 0.0f, dh, off, groups);
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dy, h, 1.0f, pd->grad, off, groups);
+    if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
     /* activation */
     if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
                             : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
@@ -43,6 +62,8 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, du, xp, 1.0f, pu->grad, off, groups);
     if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dg, pg->value, 1.0f, dx, off, groups);
     if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dg, xp, 1.0f, pg->grad, off, groups);
+    if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);
+    if (s == MOE_OK && lo && sw) s = moe_lora_bank_backward(ctx, l, P_GATE, xp, dg, dx, off, groups);
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
@@ -68,10 +89,14 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
         int64_t *o = moe_tensor_data(offs);
         for (int i = 0; i <= groups; i++) o[i] = offsets[i];
     }
+    const moe_lora *lo = moe_expert_bank_lora(l);
     if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pg->value, 0.0f, g, offsets, groups);
+    if (s == MOE_OK && sw && lo) s = moe_lora_bank_forward(ctx, l, P_GATE, xp, g, offsets, groups);
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pu->value, 0.0f, u, offsets, groups);
+    if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_UP, xp, u, offsets, groups);
     if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, pd->value, 0.0f, y, offsets, groups);
+    if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "experts", bank_backward, l, moe_layer_retain_v, moe_layer_release_v,
                                             1, &xp, 1, &y);
@@ -80,6 +105,7 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
             moe_tape_save(e, xp); moe_tape_save(e, offs);
             moe_tape_save(e, g ? g : u);   /* a placeholder keeps saved[] positions fixed */
             moe_tape_save(e, u); moe_tape_save(e, h);
+            e->i[0] = lo ? lo->id : 0;   /* the adapters this forward used */
         }
     }
     moe_tensor_release(g); moe_tensor_release(u); moe_tensor_release(h); moe_tensor_release(offs);
@@ -94,11 +120,19 @@ static moe_status bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_t
 
 static void bank_describe(const moe_layer *l, char *buf, size_t n) {
     moe_tensor *up = l->params[swiglu_bank(l) ? 1 : 0].value;
-    snprintf(buf, n, "ExpertBank(%lld experts, %lld -> %lld, %s)", (long long)up->shape[0], (long long)up->shape[2],
-             (long long)up->shape[1], swiglu_bank(l) ? "swiglu" : "gelu");
+    const moe_lora *lo = moe_expert_bank_lora(l);
+    char extra[96] = "";
+    if (lo) snprintf(extra, sizeof extra, ", LoRA r=%lld alpha=%g%s", (long long)lo->cfg.r, lo->cfg.alpha,
+                     lo->cfg.expert_wise ? " per expert" : " shared");
+    snprintf(buf, n, "ExpertBank(%lld experts, %lld -> %lld, %s%s)", (long long)up->shape[0], (long long)up->shape[2],
+             (long long)up->shape[1], swiglu_bank(l) ? "swiglu" : "gelu", extra);
 }
 
-static void bank_destroy(moe_layer *l) { free(l->state); }
+static void bank_destroy(moe_layer *l) {
+    bank_state *st = l->state;
+    if (st) free(st->lora);
+    free(st);
+}
 
 static const moe_layer_vtable bank_vt = {"ExpertBank", bank_forward, bank_describe, bank_destroy};
 
@@ -110,7 +144,7 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
     }
     int sw = kind == MOE_FFN_SWIGLU;
     moe_layer *l = moe_layer_alloc(&bank_vt, sw ? 3 : 2, 0);
-    bank_state *st = l ? malloc(sizeof *st) : NULL;
+    bank_state *st = l ? calloc(1, sizeof *st) : NULL;
     if (!st) { moe_layer_release(l); if (l) moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
     st->kind = kind;
     l->state = st;

@@ -2,9 +2,12 @@
  * so checkpoints load without transposes). */
 #include "layer.h"
 #include "functional.h"
+#include "lora.h"
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 enum { SAVED_X, SAVED_W, SAVED_WGRAD, SAVED_B, SAVED_BGRAD };
 
@@ -69,17 +72,30 @@ moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor 
     return MOE_OK;
 }
 
+/* LoRA adapters (lora.c) append parameters after the weight and bias. */
+static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->params[1].name, "bias"); }
+
 static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
-    moe_param *w = &l->params[0], *b = l->n_params > 1 ? &l->params[1] : NULL;
-    return moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, y);
+    moe_param *w = &l->params[0], *b = has_bias(l) ? &l->params[1] : NULL;
+    if (!l->state) return moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, y);
+    moe_tensor *y0 = NULL;
+    MOE_TRY(moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, &y0));
+    moe_status s = moe_lora_linear_forward(ctx, tape, l, x, y0, y);
+    moe_tensor_release(y0);
+    return s;
 }
 
 static void linear_describe(const moe_layer *l, char *buf, size_t n) {
-    snprintf(buf, n, "Linear(%lld -> %lld%s)", (long long)l->params[0].value->shape[1],
-             (long long)l->params[0].value->shape[0], l->n_params > 1 ? ", bias" : "");
+    const moe_lora *lo = moe_lora_of(l);
+    char extra[64] = "";
+    if (lo) snprintf(extra, sizeof extra, ", LoRA r=%lld alpha=%g", (long long)lo->cfg.r, lo->cfg.alpha);
+    snprintf(buf, n, "Linear(%lld -> %lld%s%s)", (long long)l->params[0].value->shape[1],
+             (long long)l->params[0].value->shape[0], has_bias(l) ? ", bias" : "", extra);
 }
 
-static const moe_layer_vtable linear_vt = {"Linear", linear_forward, linear_describe, NULL};
+static void linear_destroy(moe_layer *l) { free(l->state); }   /* the LoRA adapters, if any */
+
+static const moe_layer_vtable linear_vt = {"Linear", linear_forward, linear_describe, linear_destroy};
 
 moe_layer *moe_linear_new(moe_ctx *ctx, int64_t in, int64_t out, int bias, moe_init *init) {
     if (in <= 0 || out <= 0) {

@@ -14,6 +14,7 @@ typedef struct {
     int c_gate, c_noise, c_experts, c_shared, c_shared_gate;   /* child indices (-1: absent) */
     moe_tensor *bias;           /* [E] f32 cpu, a buffer of the layer */
     moe_tensor *last_logits;    /* router logits [tokens, E] of the last forward */
+    moe_tensor *router_bias;    /* optional additive router-input bias (task conditioning), broadcast to the input */
     uint64_t calls;             /* forward count: advances the noise streams */
     moe_routing last;
 } block_state;
@@ -51,6 +52,21 @@ moe_status moe_block_update_bias(moe_layer *l) {
     }
     return MOE_OK;
 }
+
+moe_status moe_block_set_router_input_bias(moe_layer *l, moe_tensor *bias) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_router_input_bias: not an MoE layer");
+    if (bias && (bias->ndim < 1 || bias->shape[bias->ndim - 1] != s->cfg.hidden)) {
+        char b[96];
+        return moe_error(MOE_ERR_SHAPE, "set_router_input_bias: bias has shape %s, expected last dim %lld (hidden_size)",
+                         moe_shape_str(bias, b, sizeof b), (long long)s->cfg.hidden);
+    }
+    moe_tensor_retain(bias);
+    moe_tensor_release(s->router_bias);
+    s->router_bias = bias;
+    return MOE_OK;
+}
+moe_tensor *moe_block_router_input_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->router_bias : NULL; }
 
 uint64_t moe_block_noise_step(const moe_layer *l) { block_state *s = st_of(l); return s ? s->calls : 0; }
 
@@ -113,22 +129,38 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     uint64_t call = st->calls++;
     moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
     moe_tensor *sh = NULL, *sum = NULL, *sg = NULL, *sgs = NULL, *shg = NULL;
+    moe_tensor *xb = NULL, *rsrc = NULL;
     moe_status s = MOE_OK;
 
+    /* the router's input: the tokens, plus the router-input bias when one is set (taped: it gets gradients) */
+    if (st->router_bias) {
+        s = moe_f_binary(ctx, tape, MOE_BIN_ADD, x, st->router_bias, &xb);
+        if (s == MOE_OK && !moe_tensor_same_shape(xb, x)) {
+            char a[96], b[96];
+            s = moe_error(MOE_ERR_SHAPE, "router input bias of shape %s does not broadcast to the input %s",
+                          moe_shape_str(st->router_bias, a, sizeof a), moe_shape_str(x, b, sizeof b));
+        }
+        if (s == MOE_OK) s = moe_f_view(ctx, tape, xb, 2, rows_shape, &rsrc);
+    } else {
+        rsrc = xr;
+        moe_tensor_retain(rsrc);
+    }
     /* Switch jitter: a fresh multiplicative noise tensor per call, from (seed, call) */
-    if (l->training && c->jitter > 0) {
-        noise = moe_tensor_like(ctx, xr);
+    if (s != MOE_OK) {
+        /* nothing */
+    } else if (l->training && c->jitter > 0) {
+        noise = moe_tensor_like(ctx, rsrc);
         uint64_t key = moe_rng_key(c->seed, MOE_RNG_JITTER);
         s = noise ? moe_op_fill_rand(ctx, noise, key, call * (uint64_t)moe_tensor_numel(xr), 1.0f - c->jitter, 1.0f + c->jitter)
                   : moe_last_status();
-        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_MUL, xr, noise, &rin);
+        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_MUL, rsrc, noise, &rin);
     } else {
-        rin = xr;
+        rin = rsrc;
         moe_tensor_retain(rin);
     }
     if (s == MOE_OK) s = moe_layer_forward(l->children[st->c_gate], ctx, tape, rin, &logits);
     if (s == MOE_OK && st->c_noise >= 0 && l->training)
-        s = moe_layer_forward(l->children[st->c_noise], ctx, tape, xr, &nlog);
+        s = moe_layer_forward(l->children[st->c_noise], ctx, tape, rsrc, &nlog);
     moe_routing r;
     memset(&r, 0, sizeof r);
     if (s == MOE_OK)
@@ -165,6 +197,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         moe_routing_clear(&r);
     }
     moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
+    moe_tensor_release(xb); moe_tensor_release(rsrc);
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
     moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
     moe_tensor_release(sg); moe_tensor_release(sgs); moe_tensor_release(shg);
@@ -196,6 +229,7 @@ static void block_destroy(moe_layer *l) {
     moe_routing_clear(&st->last);
     moe_tensor_release(st->bias);
     moe_tensor_release(st->last_logits);
+    moe_tensor_release(st->router_bias);
     free(st);
 }
 

@@ -40,6 +40,12 @@ moe_status moe_block_update_bias(moe_layer *l);
  * forward can be repeated with the same noise (gradient checks, replays). */
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
 uint64_t moe_block_noise_step(const moe_layer *l);
+/* An additive bias on the router's input (task conditioning): each forward
+ * routes on x + bias (broadcast to x's shape; last dim hidden) while the
+ * experts still see x. Taped, so the bias gets its gradient. NULL clears it;
+ * the block keeps a reference until cleared or replaced. */
+moe_status moe_block_set_router_input_bias(moe_layer *l, moe_tensor *bias);
+moe_tensor *moe_block_router_input_bias(const moe_layer *l);   /* borrowed; NULL when none */
 /* The per-expert selection bias (a buffer; host f32 [E]). */
 moe_tensor *moe_block_bias(const moe_layer *l);
 
