@@ -26,7 +26,7 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -fPIC $(OP
            -DMOELAB_VERSION='"$(VERSION)"'
 LIBS    := -lopenblas -lcjson -lpcre2-8 -lutf8proc -lm -lpthread
 
-CORE_SRC := $(wildcard src/core/*.c) $(wildcard src/ops/*.c) $(wildcard src/ops/cpu/*.c) $(wildcard src/nn/*.c) $(wildcard src/train/*.c) $(wildcard src/io/*.c)
+CORE_SRC := $(wildcard src/core/*.c) $(wildcard src/ops/*.c) $(wildcard src/ops/cpu/*.c) $(wildcard src/nn/*.c) $(wildcard src/train/*.c) $(wildcard src/io/*.c) $(wildcard src/dist/*.c)
 PROG_SRC := $(wildcard src/lua/*.c) src/main.c src/repl_complete.c
 
 ifeq ($(CUDA),1)
@@ -47,6 +47,26 @@ else
   CU_SRC   :=
   LUAJIT_LIB := -lluajit-5.1
 endif
+
+# src/dist: the MPI communicator is compiled in when mpicc is found (MPI=0 turns
+# it off). Not by default in the CUDA variant, whose GPU machine has no
+# OpenMPI: `make CUDA=1 MPI=1` adds it there. NCCL (CUDA variant only) is
+# opened at run time (dlopen of libnccl.so.2), so only its header is needed.
+ifeq ($(CUDA),1)
+  MPI ?= 0
+else
+  MPI ?= $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
+endif
+ifeq ($(MPI),1)
+  MPI_CFLAGS := -DMOELAB_MPI=1 $(shell mpicc --showme:compile 2>/dev/null || pkg-config --cflags ompi-c)
+  MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null || pkg-config --libs ompi-c)
+  LIBS       += $(MPI_LIBS)
+endif
+DIST_CFLAGS := $(MPI_CFLAGS)
+ifeq ($(CUDA),1)
+  DIST_CFLAGS += -I$(CUDA_HOME)/include
+endif
+$(BUILD)/src/dist/%.o: CFLAGS += $(DIST_CFLAGS)
 
 CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 PROG_OBJ := $(PROG_SRC:%.c=$(BUILD)/%.o)

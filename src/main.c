@@ -36,6 +36,7 @@
 
 #include "repl_complete.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -66,6 +67,8 @@ typedef struct {
     int nexec;
     const char *threads; /* --threads N */
     const char *device;  /* --device D */
+    const char *nproc;   /* --nproc N: relaunch under mpirun with N local ranks */
+    int nproc_at, nproc_len;   /* where --nproc sits in argv (1 or 2 entries) */
     int status;          /* exit status decided inside the protected main */
 } options;
 
@@ -89,6 +92,8 @@ static void print_usage(FILE *f, const char *prog) {
         "  -              read the script from standard input\n"
         "  --threads N    use N CPU worker threads (sets MOELAB_NUM_THREADS)\n"
         "  --device D     default device hint, cpu or cuda[:N] (sets MOELAB_DEVICE)\n"
+        "  --nproc N      run N local ranks: execs `mpirun --oversubscribe -np N moelab ...`\n"
+        "                 (mpirun from PATH or $MOELAB_MPIRUN); see moe.distributed\n"
         "  -v, --version  print the version and exit\n"
         "  -h, --help     print this help and exit\n"
         "  --             stop handling options\n"
@@ -157,12 +162,80 @@ static int parse_options(options *o) {
             if (!v) return usage_error(o, "option '%s' needs an argument", "--device");
             if (!valid_device(v)) return usage_error(o, "--device wants cpu, cuda or cuda:N, got '%s'", v);
             o->device = v;
+        } else if (!strcmp(a, "--nproc") || !strncmp(a, "--nproc=", 8)) {
+            o->nproc_at = i;
+            const char *v = a[7] == '=' ? a + 8 : (i + 1 < o->argc ? o->argv[++i] : NULL);
+            if (!v) return usage_error(o, "option '%s' needs an argument", "--nproc");
+            if (!valid_threads(v)) return usage_error(o, "--nproc wants a positive integer, got '%s'", v);
+            o->nproc = v;
+            o->nproc_len = i - o->nproc_at + 1;
         } else {
             return usage_error(o, "unknown option '%s'", a);
         }
     }
     o->script = i < o->argc ? i : 0;
     return 0;
+}
+
+/* ----------------------------------------------------------- --nproc N */
+
+/* `moelab --nproc N ARGS` becomes `mpirun --oversubscribe -np N
+ * [--allow-run-as-root] /path/to/moelab ARGS` (ARGS without --nproc): mpirun
+ * starts the ranks, wires their stdio and ends the whole job when one rank
+ * dies, and moe.dist.init() then finds OMPI_COMM_WORLD_SIZE set. mpirun is
+ * $MOELAB_MPIRUN when set, else the first on PATH. Returns only on failure. */
+static int find_on_path(const char *name, char *out, size_t n) {
+    const char *path = getenv("PATH");
+    if (!path || !*path) path = "/usr/local/bin:/usr/bin:/bin";
+    while (*path) {
+        const char *end = strchr(path, ':');
+        size_t len = end ? (size_t)(end - path) : strlen(path);
+        if (len > 0 && len + strlen(name) + 2 <= n) {
+            memcpy(out, path, len);
+            out[len] = '/';
+            strcpy(out + len + 1, name);
+            if (access(out, X_OK) == 0) return 0;
+        }
+        if (!end) break;
+        path = end + 1;
+    }
+    return -1;
+}
+
+static int exec_nproc(options *o) {
+    const char *env_run = getenv("MOELAB_MPIRUN");
+    char mpirun[PATH_MAX], self[PATH_MAX];
+    if (env_run && *env_run) {
+        snprintf(mpirun, sizeof mpirun, "%s", env_run);
+    } else if (find_on_path("mpirun", mpirun, sizeof mpirun) != 0) {
+        fprintf(stderr, "%s: --nproc needs mpirun (OpenMPI) on PATH, and found none: install openmpi-bin "
+                        "(Debian: apt-get install openmpi-bin libopenmpi-dev), or set MOELAB_MPIRUN\n",
+                progname(o));
+        return 1;
+    }
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) {
+        if (!realpath(o->argv[0], self)) { fprintf(stderr, "%s: cannot find its own executable\n", progname(o)); return 1; }
+    } else {
+        self[n] = '\0';
+    }
+    char **av = calloc((size_t)o->argc + 8, sizeof *av);
+    if (!av) { fprintf(stderr, "%s: out of memory\n", progname(o)); return 1; }
+    int k = 0;
+    av[k++] = mpirun;
+    av[k++] = "--oversubscribe";
+    av[k++] = "-np";
+    av[k++] = (char *)o->nproc;
+    if (geteuid() == 0) av[k++] = "--allow-run-as-root";
+    av[k++] = self;
+    for (int i = 1; i < o->argc; i++)
+        if (i < o->nproc_at || i >= o->nproc_at + o->nproc_len) av[k++] = o->argv[i];
+    av[k] = NULL;
+    fflush(stdout);
+    execv(mpirun, av);
+    fprintf(stderr, "%s: cannot run %s: %s\n", progname(o), mpirun, strerror(errno));
+    free(av);
+    return 1;
 }
 
 /* ------------------------------------------------------- errors and signals */
@@ -658,6 +731,17 @@ int main(int argc, char **argv) {
         printf("moelab %s (LuaJIT %s, CUDA %s)\n", MOELAB_VERSION, jit, cuda);
         free(o.exec);
         return 0;
+    }
+    if (o.nproc) {
+        if (getenv("OMPI_COMM_WORLD_SIZE")) {
+            fprintf(stderr, "%s: --nproc inside an mpirun job (OMPI_COMM_WORLD_SIZE is set): "
+                            "use one or the other\n", progname(&o));
+            free(o.exec);
+            return 2;
+        }
+        int rc = exec_nproc(&o);
+        free(o.exec);
+        return rc;
     }
     /* Before the core loads: it reads these when it creates its context. */
     if (o.threads) setenv("MOELAB_NUM_THREADS", o.threads, 1);

@@ -247,5 +247,6 @@ int luaopen_moelab_core(lua_State *L) {
     moe_lua_open_data(L);
     moe_lua_open_io(L);
     moe_lua_open_tokenizer(L);
+    moe_lua_open_dist(L);
     return 1;
 }

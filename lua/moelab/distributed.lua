@@ -1,0 +1,423 @@
+--- moe.dist and moe.distributed: collectives and data-parallel training.
+--
+-- moe.dist (the C communicators of src/dist): init{backend = "auto"|"single"|"mpi"|"nccl",
+-- timeout = seconds, device =}, rank(), world_size(), local_rank(), local_world_size(),
+-- backend(), barrier(), all_reduce(t, "sum"|"avg"[, {bucket_mb=}]), broadcast(t, root),
+-- all_gather(t) -> {world, ...}, reduce_scatter(t, op) -> first dim / world,
+-- all_to_all_v(t, send_rows, recv_rows). "auto" picks MPI when the program was
+-- launched by mpirun (or `moelab --nproc N`), else the single-process communicator.
+--
+-- moe.distributed.DistributedMoETrainer{model, ...}: data parallel. Every rank
+-- holds the whole model; parameters (and aux-free router biases) are broadcast
+-- from rank 0 at the start; each step's gradients are averaged over the ranks
+-- (flat gradient buffer, in buckets) before clipping, so every rank takes the
+-- same optimizer step.
+--
+-- Which micro-batches a rank trains on, and the exact single-process equivalent:
+-- the trainer asks for micro-batch i (i = (step - 1) * A + micro - 1, with A =
+-- gradient_accumulation_steps); rank r of W trains on global micro-batch
+-- g = i * W + r. A step of W ranks therefore covers global micro-batches
+-- (step - 1) * A * W .. step * A * W - 1, exactly those of ONE process run with
+-- gradient_accumulation_steps = A * W and the same batch_size (and the same
+-- train_data/seed, or the same batch_fn over global indices): the gradient is
+-- the mean over the same micro-batches, the losses reported are the means over
+-- all ranks (averaged each micro-batch, so a non-finite loss on any rank skips
+-- the step on every rank), and the aux-free bias update uses the last global
+-- micro-batch (that of rank W - 1), as the single process does. The results
+-- agree to floating-point rounding (summation order differs), not bit for bit.
+-- Not covered: routers with noise (noisy_topk, jitter) draw from per-rank noise
+-- streams; router statistics and the monitor describe the local micro-batches.
+local core = require "moelab.core"
+local trainer_mod = require "moelab.trainer"
+local mio = require "moelab.io"
+
+local M = {}
+local dist = {}
+for k, v in pairs(core.dist) do dist[k] = v end
+M.dist = dist
+
+local function fail(fname, fmt, ...) error(fname .. ": " .. string.format(fmt, ...), 3) end
+
+local function sorted_keys(t)
+  local names = {}
+  for k in pairs(t) do names[#names + 1] = tostring(k) end
+  table.sort(names)
+  return table.concat(names, ", ")
+end
+
+local function check_keys(fname, where, t, allowed)
+  if type(t) ~= "table" then fail(fname, "%s must be a table, got %s", where, type(t)) end
+  for k in pairs(t) do
+    if not allowed[k] then
+      fail(fname, "%s: unknown or unsupported key '%s' (supported: %s)", where, tostring(k), sorted_keys(allowed))
+    end
+  end
+end
+
+local function is_int(v) return type(v) == "number" and v == v and v % 1 == 0 end
+
+-- Set dst[key] = v, failing when dst already holds a different value (two names for one option).
+local function put(fname, dst, key, v, from)
+  if v == nil then return end
+  local old = dst[key]
+  if old ~= nil then
+    local same = old == v
+    if type(old) == "table" and type(v) == "table" then
+      same = #old == #v
+      for i = 1, #old do same = same and old[i] == v[i] end
+    end
+    if not same then fail(fname, "%s conflicts with %s given elsewhere (%s vs %s)", from, key, tostring(v), tostring(old)) end
+  end
+  dst[key] = v
+end
+
+------------------------------------------------------------------ DeepSpeed config
+
+local ds_top = {train_batch_size = true, train_micro_batch_size_per_gpu = true, gradient_accumulation_steps = true,
+                zero_optimization = true, bf16 = true, fp16 = true, optimizer = true, scheduler = true,
+                gradient_clipping = true, steps_per_print = true}
+local ds_zero = {stage = true, reduce_bucket_size = true, contiguous_gradients = true}
+local ds_adamw = {lr = true, betas = true, eps = true, weight_decay = true}
+local ds_sched = {
+  WarmupLR = {warmup_min_lr = true, warmup_max_lr = true, warmup_num_steps = true, warmup_type = true},
+  WarmupDecayLR = {warmup_min_lr = true, warmup_max_lr = true, warmup_num_steps = true, warmup_type = true,
+                   total_num_steps = true},
+  WarmupCosineLR = {warmup_min_ratio = true, warmup_num_steps = true, warmup_type = true, total_num_steps = true,
+                    cos_min_ratio = true},
+}
+
+--- from_deepspeed(config (table or path to a JSON file), world_size) ->
+-- {trainer = {MoETrainer options}, train = {train{} options}, zero_stage =, bucket_mb =}.
+-- Every key must be understood: an unknown or unsupported key is an error.
+function M.from_deepspeed(cfg, world)
+  local f = "DeepSpeed config"
+  if type(cfg) == "string" then
+    local ok, obj = pcall(function() return mio.json.decode(mio.read_file(cfg)) end)
+    if not ok then fail(f, "cannot read %s: %s", cfg, tostring(obj)) end
+    cfg = obj
+  end
+  world = world or 1
+  check_keys(f, "top level", cfg, ds_top)
+  local tr, tn = {}, {}
+  local out = {trainer = tr, train = tn, zero_stage = 0}
+  -- batch sizes: train_batch_size = micro * accumulation * world (DeepSpeed's rule)
+  local tbs, micro, acc = cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+  for k, v in pairs{train_batch_size = tbs, train_micro_batch_size_per_gpu = micro, gradient_accumulation_steps = acc} do
+    if not is_int(v) or v < 1 then fail(f, "%s must be a positive integer, got %s", k, tostring(v)) end
+  end
+  if tbs and micro and acc then
+    if micro * acc * world ~= tbs then
+      fail(f, "train_batch_size %d != train_micro_batch_size_per_gpu %d x gradient_accumulation_steps %d x world size %d",
+        tbs, micro, acc, world)
+    end
+  elseif tbs and micro then
+    if tbs % (micro * world) ~= 0 then fail(f, "train_batch_size %d is not a multiple of micro batch %d x world size %d", tbs, micro, world) end
+    acc = tbs / (micro * world)
+  elseif tbs and acc then
+    if tbs % (acc * world) ~= 0 then fail(f, "train_batch_size %d is not a multiple of gradient_accumulation_steps %d x world size %d", tbs, acc, world) end
+    micro = tbs / (acc * world)
+  elseif tbs then
+    if tbs % world ~= 0 then fail(f, "train_batch_size %d is not a multiple of the world size %d", tbs, world) end
+    micro, acc = tbs / world, 1
+  elseif micro then
+    acc = acc or 1
+  elseif acc then
+    fail(f, "gradient_accumulation_steps needs train_batch_size or train_micro_batch_size_per_gpu")
+  end
+  tn.batch_size, tn.gradient_accumulation_steps = micro, acc
+  if cfg.zero_optimization ~= nil then
+    local z = cfg.zero_optimization
+    check_keys(f, "zero_optimization", z, ds_zero)
+    if z.stage ~= nil then
+      if not is_int(z.stage) or z.stage < 0 or z.stage > 3 then fail(f, "zero_optimization.stage must be 0, 1, 2 or 3, got %s", tostring(z.stage)) end
+      out.zero_stage = z.stage
+    end
+    if z.reduce_bucket_size ~= nil then   -- elements, as DeepSpeed counts it (f32 gradients here)
+      if type(z.reduce_bucket_size) ~= "number" or z.reduce_bucket_size <= 0 then fail(f, "zero_optimization.reduce_bucket_size must be a positive number") end
+      out.bucket_mb = z.reduce_bucket_size * 4 / 2 ^ 20
+    end
+    if z.contiguous_gradients == false then
+      fail(f, "zero_optimization.contiguous_gradients = false is not supported (gradients always live in one flat buffer)")
+    end
+  end
+  for _, k in ipairs{"bf16", "fp16"} do
+    local p = cfg[k]
+    if p ~= nil then
+      check_keys(f, k, p, {enabled = true})
+      if p.enabled == true then fail(f, "%s.enabled = true is not supported yet (training runs in f32 with f32 optimizer state)", k) end
+      if p.enabled ~= nil and p.enabled ~= false then fail(f, "%s.enabled must be true or false", k) end
+    end
+  end
+  local lr
+  if cfg.optimizer ~= nil then
+    local o = cfg.optimizer
+    check_keys(f, "optimizer", o, {type = true, params = true})
+    if type(o.type) ~= "string" or o.type:lower() ~= "adamw" then
+      fail(f, "optimizer.type %s is not supported (only AdamW)", tostring(o.type))
+    end
+    local p = o.params or {}
+    check_keys(f, "optimizer.params", p, ds_adamw)
+    lr = p.lr
+    if p.betas ~= nil then
+      if type(p.betas) ~= "table" or #p.betas ~= 2 then fail(f, "optimizer.params.betas must be [beta1, beta2]") end
+      tr.betas = {p.betas[1], p.betas[2]}
+    end
+    tr.eps, tr.weight_decay = p.eps, p.weight_decay
+  end
+  if cfg.scheduler ~= nil then
+    local s = cfg.scheduler
+    check_keys(f, "scheduler", s, {type = true, params = true})
+    local allowed = ds_sched[s.type]
+    if not allowed then fail(f, "scheduler.type %s is not supported (supported: %s)", tostring(s.type), sorted_keys(ds_sched)) end
+    local p = s.params or {}
+    check_keys(f, "scheduler.params (" .. s.type .. ")", p, allowed)
+    if p.warmup_type ~= "linear" then
+      fail(f, "scheduler.params.warmup_type must be \"linear\" (the only warmup moelab has; DeepSpeed's default is \"log\"), got %s",
+        tostring(p.warmup_type))
+    end
+    if (p.warmup_min_lr or 0) ~= 0 or (p.warmup_min_ratio or 0) ~= 0 then
+      fail(f, "scheduler warmup must start from 0 (warmup_min_lr / warmup_min_ratio = 0)")
+    end
+    tn.warmup_steps = p.warmup_num_steps
+    if p.warmup_max_lr ~= nil then
+      if lr ~= nil and lr ~= p.warmup_max_lr then
+        fail(f, "optimizer.params.lr %g and scheduler.params.warmup_max_lr %g disagree", lr, p.warmup_max_lr)
+      end
+      lr = p.warmup_max_lr
+    end
+    if s.type == "WarmupLR" then tn.lr_schedule = "constant"
+    elseif s.type == "WarmupDecayLR" then tn.lr_schedule, tn.min_lr_ratio = "linear", 0
+    else tn.lr_schedule, tn.min_lr_ratio = "cosine", p.cos_min_ratio or 0.0001 end
+    tn.max_steps = p.total_num_steps
+  end
+  tn.learning_rate = lr
+  tr.grad_clip = cfg.gradient_clipping
+  tr.log_every = cfg.steps_per_print
+  return out
+end
+
+------------------------------------------------------------------ the trainer
+
+-- Megatron-style names -> {where, canonical name[, convert]}
+local megatron = {
+  expert_model_parallel_size = {"ctor", "expert_parallel_size"},
+  clip_grad = {"trainer", "grad_clip"},
+  adam_eps = {"trainer", "eps"},
+  micro_batch_size = {"train", "batch_size"},
+  seq_length = {"train", "seq_len"},
+  train_iters = {"train", "max_steps"},
+  lr = {"train", "learning_rate"},
+  lr_warmup_iters = {"train", "warmup_steps"},
+  lr_decay_style = {"train", "lr_schedule"},
+}
+M.megatron_aliases = megatron
+
+local own_keys = {model = true, world_size = true, data_parallel_size = true, expert_parallel_size = true,
+                  zero_stage = true, bucket_mb = true, config = true, deepspeed_config = true, timeout = true,
+                  tensor_model_parallel_size = true, pipeline_model_parallel_size = true,
+                  adam_beta1 = true, adam_beta2 = true}
+
+local D = {}
+D.__index = D
+
+--- DistributedMoETrainer{model, world_size=, data_parallel_size=, expert_parallel_size = 1,
+--  zero_stage = 0, bucket_mb = 25, config = <DeepSpeed JSON path or table>, timeout = seconds,
+--  ...MoETrainer options (run_dir and progress apply to rank 0 only), Megatron-style aliases}
+function M.DistributedMoETrainer(opts)
+  local f = "DistributedMoETrainer"
+  if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
+  local own, topts, train_defaults = {}, {}, {}
+  for k, v in pairs(opts) do
+    local alias = megatron[k]
+    if own_keys[k] then own[k] = v
+    elseif alias and alias[1] == "ctor" then put(f, own, alias[2], v, k)
+    elseif alias and alias[1] == "trainer" then put(f, topts, alias[2], v, k)
+    elseif alias then put(f, train_defaults, alias[2], v, k)
+    else put(f, topts, k, v, k) end   -- MoETrainer checks these (and reports unknown ones)
+  end
+  if own.adam_beta1 or own.adam_beta2 then
+    put(f, topts, "betas", {own.adam_beta1 or 0.9, own.adam_beta2 or 0.95}, "adam_beta1/adam_beta2")
+  end
+  local model = own.model
+  if type(model) ~= "table" or not model.net then fail(f, "model must be a moe.MoEModel, got %s", type(model)) end
+  for _, k in ipairs{"tensor_model_parallel_size", "pipeline_model_parallel_size"} do
+    if own[k] ~= nil and own[k] ~= 1 then fail(f, "%s = %s: only data (and later expert) parallelism exist; it must be 1", k, tostring(own[k])) end
+  end
+  local cfg = own.config or own.deepspeed_config
+  if own.config and own.deepspeed_config then fail(f, "give config or deepspeed_config, not both") end
+  if own.timeout ~= nil and (type(own.timeout) ~= "number" or own.timeout <= 0) then fail(f, "timeout must be a positive number of seconds") end
+  if not dist.is_initialized() then dist.init(own.timeout and {timeout = own.timeout} or nil) end
+  local world, rank = dist.world_size(), dist.rank()
+
+  local ds = cfg and M.from_deepspeed(cfg, world)
+  if ds then
+    for k, v in pairs(ds.trainer) do put(f, topts, k, v, "the DeepSpeed config's " .. k) end
+    for k, v in pairs(ds.train) do put(f, train_defaults, k, v, "the DeepSpeed config's " .. k) end
+    if own.zero_stage ~= nil and own.zero_stage ~= ds.zero_stage then
+      fail(f, "zero_stage = %s conflicts with the DeepSpeed config's zero_optimization.stage = %d", tostring(own.zero_stage), ds.zero_stage)
+    end
+    own.zero_stage = ds.zero_stage
+    if own.bucket_mb == nil then own.bucket_mb = ds.bucket_mb end
+  end
+
+  local ep = own.expert_parallel_size or 1
+  if not is_int(ep) or ep < 1 then fail(f, "expert_parallel_size must be a positive integer, got %s", tostring(ep)) end
+  if ep > 1 then
+    fail(f, "expert_parallel_size = %d: expert parallelism is not implemented yet (use expert_parallel_size = 1: data parallel)", ep)
+  end
+  if own.world_size ~= nil and own.world_size ~= world then
+    fail(f, "world_size = %s but this job has %d rank(s) (launch with `mpirun -np %s moelab ...` or `moelab --nproc %s ...`)",
+      tostring(own.world_size), world, tostring(own.world_size), tostring(own.world_size))
+  end
+  local dp = own.data_parallel_size or world / ep
+  if dp * ep ~= world then
+    fail(f, "data_parallel_size %s x expert_parallel_size %d must equal the world size %d", tostring(dp), ep, world)
+  end
+  local zs = own.zero_stage or 0
+  if not is_int(zs) or zs < 0 or zs > 3 then fail(f, "zero_stage must be 0, 1 or 2, got %s", tostring(zs)) end
+  if zs > 0 then
+    fail(f, "zero_stage = %d: ZeRO sharding of optimizer state/gradients is not implemented yet; use zero_stage = 0 "
+      .. "(plain data parallel: every rank keeps the full optimizer state)", zs)
+  end
+  local bucket_mb = own.bucket_mb or 25
+  if type(bucket_mb) ~= "number" or bucket_mb <= 0 then fail(f, "bucket_mb must be a positive number") end
+
+  local self = setmetatable({model = model, rank = rank, world_size = world, data_parallel_size = dp,
+                             expert_parallel_size = ep, zero_stage = zs, bucket_mb = bucket_mb,
+                             run_dir = topts.run_dir, train_defaults = train_defaults, _micro = 0}, D)
+  local user_hook = topts.grad_hook
+  if user_hook ~= nil and type(user_hook) ~= "function" then fail(f, "grad_hook must be a function(trainer)") end
+  topts.grad_hook = function(tr)
+    if world > 1 then
+      local _, grads = model.net:flat_parameters()
+      dist.all_reduce(grads, "avg", {bucket_mb = bucket_mb})
+    end
+    if user_hook then user_hook(tr) end
+  end
+  if rank ~= 0 then topts.run_dir, topts.progress = nil, false end
+
+  -- the model the inner trainer sees: the same model, with forward averaging the
+  -- reported losses over the ranks (and syncing aux-free biases at each step's start)
+  local proxy = setmetatable({}, {__index = model})
+  proxy.forward = function(_, ids, o)
+    if self._accum and world > 1 then
+      if self.inner.aux_free and self._micro % self._accum == 0 then self:_sync_buffers(world - 1) end
+      self._micro = self._micro + 1
+    end
+    local out = model:forward(ids, o)
+    if self._accum and world > 1 and out.loss then
+      local v = core.tensor({out.loss:item(), out.aux_loss:item(), out.z_loss:item()}, {dtype = "f64"})
+      dist.all_reduce(v, "avg")
+      local t = v:to_table()
+      local function scalar(x) return {item = function() return x end} end
+      out.loss, out.aux_loss, out.z_loss = scalar(t[1]), scalar(t[2]), scalar(t[3])
+    end
+    return out
+  end
+  topts.model = proxy
+  local ok, inner = pcall(trainer_mod.MoETrainer, topts)
+  if not ok then
+    inner = tostring(inner):gsub("^.-MoETrainer: ", f .. ": ", 1)
+    error(inner .. (inner:find("unknown option", 1, true) and "; and DistributedMoETrainer's own: "
+      .. sorted_keys(own_keys) .. "; Megatron-style aliases: " .. sorted_keys(megatron) or ""), 2)
+  end
+  self.inner = inner
+
+  -- every rank starts from rank 0's parameters (and biases)
+  if world > 1 then
+    local values = model.net:flat_parameters()
+    dist.broadcast(values, 0)
+    self:_sync_buffers(0)
+  end
+  return self
+end
+
+function D:_sync_buffers(root)
+  for _, b in ipairs(self.model:buffers()) do
+    local t = b.value or b
+    if core.is_tensor(t) then dist.broadcast(t, root) end
+  end
+end
+
+local train_aliases = {global_batch_size = true, min_lr = true}
+
+--- train{...}: MoETrainer:train's options (batch_size is per rank), with the
+-- DeepSpeed config's values as defaults and Megatron-style aliases
+-- (micro_batch_size, global_batch_size, train_iters, lr, min_lr, lr_warmup_iters,
+-- lr_decay_style, seq_length). Returns MoETrainer:train's result plus world_size
+-- and global_batch_size.
+function D:train(opts)
+  local f = "DistributedMoETrainer:train"
+  if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
+  local o, extra = {}, {}
+  for k, v in pairs(opts) do
+    local alias = megatron[k]
+    if alias and alias[1] == "train" then put(f, o, alias[2], v, k)
+    elseif alias then fail(f, "%s is a trainer option: give it to DistributedMoETrainer{...}", k)
+    elseif train_aliases[k] then extra[k] = v
+    else put(f, o, k, v, k) end
+  end
+  for k, v in pairs(self.train_defaults) do
+    if o[k] == nil then o[k] = v
+    elseif o[k] ~= v then fail(f, "%s = %s conflicts with the DeepSpeed config (%s)", k, tostring(o[k]), tostring(v)) end
+  end
+  local W, r = self.world_size, self.rank
+  local bs, accum = o.batch_size or 8, o.gradient_accumulation_steps or 1
+  if extra.global_batch_size ~= nil then
+    local g = extra.global_batch_size
+    if not is_int(g) or g % (bs * W) ~= 0 then
+      fail(f, "global_batch_size %s is not a multiple of batch_size %d x world size %d", tostring(g), bs, W)
+    end
+    if o.gradient_accumulation_steps ~= nil and o.gradient_accumulation_steps ~= g / (bs * W) then
+      fail(f, "global_batch_size %d != batch_size %d x gradient_accumulation_steps %d x world size %d", g, bs, accum, W)
+    end
+    accum = g / (bs * W)
+    o.gradient_accumulation_steps = accum
+  end
+  if extra.min_lr ~= nil then
+    if type(o.learning_rate) ~= "number" or o.learning_rate <= 0 then fail(f, "min_lr needs lr / learning_rate") end
+    put(f, o, "min_lr_ratio", extra.min_lr / o.learning_rate, "min_lr")
+  end
+  if W > 1 then
+    local user_fn, data = o.batch_fn, o.train_data
+    if user_fn ~= nil and type(user_fn) ~= "function" then fail(f, "batch_fn must be a function(index) returning ids, targets") end
+    if user_fn then
+      o.batch_fn = function(i) return user_fn(i * W + r) end
+    elseif data ~= nil then
+      local seq, seed = o.seq_len or 64, o.seed or 0
+      local ok = pcall(function() return data:num_tokens() end)
+      if not ok then fail(f, "train_data must be a dataset") end
+      o.batch_fn = function(i) return data:batch{batch_size = bs, seq_len = seq, seed = seed, step = i * W + r} end
+    end
+    if o.max_steps == nil and o.num_epochs ~= nil and data ~= nil then
+      o.max_steps = math.max(1, math.ceil(o.num_epochs * data:num_tokens() / (bs * (o.seq_len or 64) * accum * W)))
+      o.num_epochs = nil
+    end
+    if o.resume == true then
+      if not self.run_dir then fail(f, "resume = true needs the trainer's run_dir") end
+      o.resume = self.run_dir .. "/checkpoint"   -- every rank reads rank 0's checkpoint (a shared filesystem)
+    end
+  end
+  self._accum, self._micro = accum, 0
+  local ok, res = pcall(self.inner.train, self.inner, o)
+  self._accum = nil
+  if not ok then error((tostring(res):gsub("MoETrainer:train:", f .. ":", 1)), 2) end
+  if W > 1 and self.inner.aux_free then self:_sync_buffers(W - 1) end
+  res.world_size = W
+  res.global_batch_size = bs * accum * W
+  return res
+end
+
+function D:evaluate(ds, opts) return self.inner:evaluate(ds, opts) end
+function D:save_model(dir) if self.rank == 0 then return self.inner:save_model(dir) end end
+function D:save_checkpoint(dir) if self.rank == 0 then return self.inner:save_checkpoint(dir) end end
+function D:visualize_routing(opts) if self.rank == 0 then return self.inner:visualize_routing(opts) end end
+function D:__index(k)
+  local m = rawget(D, k)
+  if m ~= nil then return m end
+  local inner = rawget(self, "inner")
+  return inner and inner[k]
+end
+
+M.DistributedTrainer = D
+return M

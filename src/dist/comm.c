@@ -1,0 +1,253 @@
+/* Communicators: argument checking shared by every implementation, and the
+ * single-process (identity) communicator. */
+#include "comm.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../ops/backend.h"
+#include "../ops/ops.h"
+
+double moe_dist_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int env_set(const char *name) {
+    const char *v = getenv(name);
+    return v && *v;
+}
+
+int moe_dist_launched_by_mpi(void) {
+    return env_set("OMPI_COMM_WORLD_SIZE") || env_set("PMI_SIZE") || env_set("PMIX_RANK");
+}
+
+int moe_dist_op_parse(const char *name) {
+    if (!name) return -1;
+    if (!strcmp(name, "sum")) return MOE_DIST_SUM;
+    if (!strcmp(name, "avg") || !strcmp(name, "mean")) return MOE_DIST_AVG;
+    return -1;
+}
+
+void moe_comm_free(moe_comm *c) {
+    if (!c) return;
+    if (c->ops && c->ops->destroy) c->ops->destroy(c);
+    free(c);
+}
+
+/* ------------------------------------------------------------ checks */
+
+static moe_status check_comm(moe_comm *c, const char *what) {
+    if (!c || !c->ops) return moe_error(MOE_ERR_ARG, "%s: no communicator", what);
+    return MOE_OK;
+}
+
+static moe_status check_tensor(moe_comm *c, const moe_tensor *t, const char *what, const char *arg, int reduce) {
+    char b[16];
+    if (!t) return moe_error(MOE_ERR_ARG, "%s: %s is missing", what, arg);
+    if (!moe_tensor_is_contiguous(t))
+        return moe_error(MOE_ERR_ARG, "%s: %s must be contiguous (use :contiguous())", what, arg);
+    if (reduce && t->dtype != MOE_F32 && t->dtype != MOE_F64)
+        return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s; reductions take f32 or f64", what, arg,
+                         moe_dtype_name(t->dtype));
+    if (!c->ops->supports(c, t->device))
+        return moe_error(MOE_ERR_DEVICE, "%s: the %s communicator cannot work on %s tensors (%s)%s", what,
+                         c->ops->name, moe_device_str(t->device, b, sizeof b), arg,
+                         t->device.type == MOE_CUDA ? "; use NCCL (a CUDA build) or copy to the cpu"
+                                                    : "; copy the tensor to the communicator's device");
+    return MOE_OK;
+}
+
+/* Device work queued on t's stream must be done before another library reads the memory. */
+static moe_status sync_device(moe_comm *c, moe_device d) {
+    if (d.type == MOE_CPU || !c->ctx) return MOE_OK;
+    const moe_backend *be = c->ctx->backends[d.type];
+    if (be && be->synchronize) return be->synchronize(c->ctx, d);
+    return MOE_OK;
+}
+
+moe_status moe_comm_barrier(moe_comm *c) {
+    MOE_TRY(check_comm(c, "barrier"));
+    c->seq++;
+    return moe_error_context(c->ops->barrier(c), "barrier");
+}
+
+moe_status moe_comm_all_reduce(moe_comm *c, moe_tensor *t, moe_dist_op op) {
+    return moe_comm_all_reduce_bucketed(c, t, op, 0);
+}
+
+moe_status moe_comm_all_reduce_bucketed(moe_comm *c, moe_tensor *t, moe_dist_op op, size_t bucket_bytes) {
+    const char *w = "all_reduce";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_tensor(c, t, w, "tensor", 1));
+    if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
+    MOE_TRY(sync_device(c, t->device));
+    size_t n = (size_t)moe_tensor_numel(t), es = moe_dtype_size(t->dtype);
+    size_t chunk = bucket_bytes ? bucket_bytes / es : n;
+    if (chunk == 0) chunk = 1;
+    char *p = moe_tensor_data(t);
+    for (size_t off = 0; off < n || (n == 0 && off == 0); off += chunk) {
+        size_t k = n - off < chunk ? n - off : chunk;
+        c->seq++;
+        MOE_TRY(moe_error_context(c->ops->all_reduce(c, p + off * es, k, t->dtype, op, t->device), "%s", w));
+        if (n == 0) break;
+    }
+    return MOE_OK;
+}
+
+moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root) {
+    const char *w = "broadcast";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_tensor(c, t, w, "tensor", 0));
+    if (root < 0 || root >= c->size)
+        return moe_error(MOE_ERR_RANGE, "%s: root %d is not a rank (0..%d)", w, root, c->size - 1);
+    MOE_TRY(sync_device(c, t->device));
+    c->seq++;
+    return moe_error_context(c->ops->broadcast(c, moe_tensor_data(t), (size_t)moe_tensor_numel(t), t->dtype, root,
+                                               t->device), "%s", w);
+}
+
+static moe_status check_pair(moe_comm *c, const moe_tensor *in, const moe_tensor *out, const char *w, int reduce) {
+    MOE_TRY(check_tensor(c, in, w, "input", reduce));
+    MOE_TRY(check_tensor(c, out, w, "output", reduce));
+    if (in->dtype != out->dtype)
+        return moe_error(MOE_ERR_DTYPE, "%s: input is %s but output is %s", w, moe_dtype_name(in->dtype),
+                         moe_dtype_name(out->dtype));
+    if (!moe_device_eq(in->device, out->device))
+        return moe_error(MOE_ERR_DEVICE, "%s: input and output are on different devices", w);
+    return MOE_OK;
+}
+
+moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out) {
+    const char *w = "all_gather";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_pair(c, in, out, w, 0));
+    int64_t n = moe_tensor_numel(in);
+    if (moe_tensor_numel(out) != n * c->size)
+        return moe_error(MOE_ERR_SHAPE, "%s: output has %lld elements, expected %d x %lld", w,
+                         (long long)moe_tensor_numel(out), c->size, (long long)n);
+    MOE_TRY(sync_device(c, in->device));
+    c->seq++;
+    return moe_error_context(c->ops->all_gather(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n, in->dtype,
+                                                in->device), "%s", w);
+}
+
+moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op) {
+    const char *w = "reduce_scatter";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_pair(c, in, out, w, 1));
+    if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
+    int64_t n = moe_tensor_numel(out);
+    if (moe_tensor_numel(in) != n * c->size)
+        return moe_error(MOE_ERR_SHAPE, "%s: input has %lld elements, expected %d x %lld", w,
+                         (long long)moe_tensor_numel(in), c->size, (long long)n);
+    MOE_TRY(sync_device(c, in->device));
+    c->seq++;
+    return moe_error_context(c->ops->reduce_scatter(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
+                                                    in->dtype, op, in->device), "%s", w);
+}
+
+moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                 const int64_t *recv_counts) {
+    const char *w = "all_to_all_v";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_pair(c, in, out, w, 0));
+    if (!send_counts || !recv_counts) return moe_error(MOE_ERR_ARG, "%s: counts are missing", w);
+    size_t *sc = calloc((size_t)c->size * 2, sizeof *sc);
+    if (!sc) return moe_error(MOE_ERR_OOM, "%s: out of memory", w);
+    size_t *rc = sc + c->size;
+    int64_t ts = 0, tr = 0;
+    for (int r = 0; r < c->size; r++) {
+        if (send_counts[r] < 0 || recv_counts[r] < 0) {
+            free(sc);
+            return moe_error(MOE_ERR_ARG, "%s: negative count for rank %d", w, r);
+        }
+        sc[r] = (size_t)send_counts[r];
+        rc[r] = (size_t)recv_counts[r];
+        ts += send_counts[r];
+        tr += recv_counts[r];
+    }
+    moe_status s = MOE_OK;
+    if (ts > moe_tensor_numel(in))
+        s = moe_error(MOE_ERR_SHAPE, "%s: send counts add up to %lld, the input has %lld elements", w, (long long)ts,
+                      (long long)moe_tensor_numel(in));
+    else if (tr > moe_tensor_numel(out))
+        s = moe_error(MOE_ERR_SHAPE, "%s: receive counts add up to %lld, the output has %lld elements", w,
+                      (long long)tr, (long long)moe_tensor_numel(out));
+    if (s == MOE_OK) s = sync_device(c, in->device);
+    if (s == MOE_OK) {
+        c->seq++;
+        s = moe_error_context(c->ops->all_to_all_v(c, moe_tensor_data(in), sc, moe_tensor_data(out), rc, in->dtype,
+                                                   in->device), "%s", w);
+    }
+    free(sc);
+    return s;
+}
+
+/* ------------------------------------------------------------ single process */
+
+static int single_supports(const moe_comm *c, moe_device d) { return 1; }
+static moe_status single_barrier(moe_comm *c) { return MOE_OK; }
+static moe_status single_all_reduce(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
+    return MOE_OK;   /* the sum (and the mean) over one rank is the value itself */
+}
+static moe_status single_broadcast(moe_comm *c, void *buf, size_t n, moe_dtype dt, int root, moe_device d) {
+    return MOE_OK;
+}
+
+/* A copy of n elements between two buffers of one device, through the device's copy op. */
+static moe_status device_copy(moe_comm *c, void *dst, const void *src, size_t n, moe_dtype dt, moe_device d) {
+    if (n == 0 || dst == src) return MOE_OK;
+    if (d.type == MOE_CPU) {
+        memmove(dst, src, n * moe_dtype_size(dt));
+        return MOE_OK;
+    }
+    int64_t shape[1] = {(int64_t)n};
+    size_t nb = n * moe_dtype_size(dt);
+    moe_storage *ss = moe_storage_wrap((void *)src, nb, d), *ds = moe_storage_wrap(dst, nb, d);
+    moe_tensor *ts = ss ? moe_tensor_from_storage(ss, 0, dt, 1, shape, NULL) : NULL;
+    moe_tensor *td = ds ? moe_tensor_from_storage(ds, 0, dt, 1, shape, NULL) : NULL;
+    moe_status s = ts && td ? moe_op_copy(c->ctx, td, ts) : moe_last_status();
+    if (ts) moe_tensor_release(ts);
+    if (td) moe_tensor_release(td);
+    if (ss) moe_storage_release(ss);
+    if (ds) moe_storage_release(ds);
+    if (s == MOE_OK) s = sync_device(c, d);
+    return s;
+}
+
+static moe_status single_all_gather(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d) {
+    return device_copy(c, out, in, n, dt, d);
+}
+static moe_status single_reduce_scatter(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt,
+                                        moe_dist_op op, moe_device d) {
+    return device_copy(c, out, in, n, dt, d);
+}
+static moe_status single_all_to_all_v(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+                                      moe_dtype dt, moe_device d) {
+    if (sc[0] != rc[0])
+        return moe_error(MOE_ERR_ARG, "one rank sends %zu elements to itself but expects %zu", sc[0], rc[0]);
+    return device_copy(c, out, in, sc[0], dt, d);
+}
+static void single_destroy(moe_comm *c) {}
+
+static const moe_comm_ops single_ops = {
+    .name = "single", .supports = single_supports, .barrier = single_barrier, .all_reduce = single_all_reduce,
+    .broadcast = single_broadcast, .all_gather = single_all_gather, .reduce_scatter = single_reduce_scatter,
+    .all_to_all_v = single_all_to_all_v, .destroy = single_destroy,
+};
+
+moe_comm *moe_comm_single_new(moe_ctx *ctx) {
+    moe_comm *c = calloc(1, sizeof *c);
+    if (!c) { moe_error(MOE_ERR_OOM, "dist: out of memory"); return NULL; }
+    c->ops = &single_ops;
+    c->ctx = ctx;
+    c->rank = 0;
+    c->size = 1;
+    c->local_rank = 0;
+    c->local_size = 1;
+    c->timeout_s = MOE_DIST_DEFAULT_TIMEOUT_S;
+    return c;
+}

@@ -1,0 +1,291 @@
+/* moelab.core.dist: communicators and collectives (src/dist) for Lua.
+ *
+ * One communicator per Lua state, kept in the registry: dist.init{backend=}
+ * makes it ("auto": MPI when this process was launched by mpirun, else the
+ * single-process communicator; "single", "mpi", "nccl"); every other
+ * function initialises with the defaults on first use. With "nccl" the MPI
+ * (or single) communicator that bootstrapped it stays, and collectives of
+ * CPU tensors go through it. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "../dist/comm.h"
+#include "../ops/backend.h"
+#include "lmoe.h"
+
+#define COMM_MT "moelab.Comm"
+#define KEY_MAIN "moelab.dist.comm"
+#define KEY_HOST "moelab.dist.host_comm"
+
+typedef struct { moe_comm *c; } comm_box;
+
+static int comm_gc(lua_State *L) {
+    comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    moe_comm_free(b->c);
+    b->c = NULL;
+    return 0;
+}
+
+static comm_box *new_box(lua_State *L) {
+    comm_box *b = lua_newuserdata(L, sizeof *b);
+    b->c = NULL;
+    if (luaL_newmetatable(L, COMM_MT)) {
+        lua_pushcfunction(L, comm_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    return b;
+}
+
+static moe_comm *registry_comm(lua_State *L, const char *key) {
+    lua_getfield(L, LUA_REGISTRYINDEX, key);
+    comm_box *b = lua_isuserdata(L, -1) ? lua_touserdata(L, -1) : NULL;
+    lua_pop(L, 1);
+    return b ? b->c : NULL;
+}
+
+static void push_info(lua_State *L, moe_comm *c) {
+    lua_createtable(L, 0, 6);
+    lua_pushstring(L, c->ops->name);
+    lua_setfield(L, -2, "backend");
+    lua_pushinteger(L, c->rank);
+    lua_setfield(L, -2, "rank");
+    lua_pushinteger(L, c->size);
+    lua_setfield(L, -2, "world_size");
+    lua_pushinteger(L, c->local_rank);
+    lua_setfield(L, -2, "local_rank");
+    lua_pushinteger(L, c->local_size);
+    lua_setfield(L, -2, "local_world_size");
+    lua_pushnumber(L, c->timeout_s);
+    lua_setfield(L, -2, "timeout");
+}
+
+/* Makes the communicator(s) of this state; opts at index `opts` (or 0). */
+static moe_comm *do_init(lua_State *L, int opts) {
+    const char *f = "dist.init";
+    const char *backend = "auto";
+    double timeout = 0;
+    int device = -1;
+    const char *rdv = getenv("MOELAB_DIST_RENDEZVOUS");
+    if (opts) {
+        lua_pushnil(L);
+        while (lua_next(L, opts)) {
+            const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+            if (!k || (strcmp(k, "backend") && strcmp(k, "timeout") && strcmp(k, "device") && strcmp(k, "rendezvous")))
+                moe_lua_errorf(L, "%s: unknown option '%s' (known: backend, device, rendezvous, timeout)", f,
+                               k ? k : luaL_typename(L, -2));
+            lua_pop(L, 1);
+        }
+        backend = moe_lua_opt_field_str(L, opts, "backend", "auto", f);
+        timeout = moe_lua_opt_field_num(L, opts, "timeout", 0, f);
+        device = (int)moe_lua_opt_field_int(L, opts, "device", -1, f);
+        rdv = moe_lua_opt_field_str(L, opts, "rendezvous", rdv, f);
+        if (timeout < 0) moe_lua_errorf(L, "%s: timeout must be >= 0 seconds, got %g", f, timeout);
+    }
+    if (timeout == 0) {
+        const char *e = getenv("MOELAB_DIST_TIMEOUT");
+        if (e && *e) timeout = atof(e);
+    }
+    moe_comm *existing = registry_comm(L, KEY_MAIN);
+    if (existing) {
+        if (strcmp(backend, "auto") && strcmp(backend, existing->ops->name))
+            moe_lua_errorf(L, "%s: already initialised with the %s backend (asked for %s)", f, existing->ops->name,
+                           backend);
+        if (timeout > 0) existing->timeout_s = timeout;
+        return existing;
+    }
+    moe_ctx *ctx = moe_lua_ctx(L);
+    int want_mpi = !strcmp(backend, "mpi") || (!strcmp(backend, "auto") && moe_dist_launched_by_mpi());
+    int want_nccl = !strcmp(backend, "nccl");
+    if (strcmp(backend, "auto") && strcmp(backend, "single") && !want_mpi && !want_nccl)
+        moe_lua_errorf(L, "%s: backend must be \"auto\", \"single\", \"mpi\" or \"nccl\", got \"%s\"", f, backend);
+    if (want_nccl && moe_dist_launched_by_mpi()) want_mpi = 1;
+
+    /* the host communicator: MPI or single */
+    comm_box *hb = new_box(L);
+    hb->c = want_mpi ? moe_comm_mpi_new(ctx, timeout) : (want_nccl && rdv ? NULL : moe_comm_single_new(ctx));
+    if (!hb->c && !(want_nccl && rdv && !want_mpi)) moe_lua_fail(L, f);
+    if (!want_nccl) {
+        lua_setfield(L, LUA_REGISTRYINDEX, KEY_MAIN);
+        return registry_comm(L, KEY_MAIN);
+    }
+    comm_box *nb = new_box(L);
+    if (device < 0) {
+        int n = moe_cuda_device_count();
+        if (n <= 0) moe_lua_errorf(L, "%s: the nccl backend needs a CUDA device, found none", f);
+        int lr = hb->c ? hb->c->local_rank : atoi(getenv("LOCAL_RANK") ? getenv("LOCAL_RANK") : "0");
+        device = lr % n;
+    }
+    nb->c = moe_comm_nccl_new(ctx, hb->c, hb->c ? NULL : rdv, device, timeout);
+    if (!nb->c) moe_lua_fail(L, f);
+    lua_setfield(L, LUA_REGISTRYINDEX, KEY_MAIN);
+    if (hb->c) lua_setfield(L, LUA_REGISTRYINDEX, KEY_HOST);
+    else lua_pop(L, 1);
+    return registry_comm(L, KEY_MAIN);
+}
+
+static moe_comm *get_comm(lua_State *L) {
+    moe_comm *c = registry_comm(L, KEY_MAIN);
+    return c ? c : do_init(L, 0);
+}
+
+/* The communicator for a tensor on device d: the main one, or the host one
+ * (the MPI communicator under NCCL) for CPU tensors. */
+static moe_comm *comm_for(lua_State *L, moe_tensor *t) {
+    moe_comm *c = get_comm(L);
+    if (!c->ops->supports(c, t->device)) {
+        moe_comm *h = registry_comm(L, KEY_HOST);
+        if (h && h->ops->supports(h, t->device)) return h;
+    }
+    return c;
+}
+
+static int l_init(lua_State *L) {
+    int opts = 0;
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        opts = 1;
+    }
+    push_info(L, do_init(L, opts));
+    return 1;
+}
+
+static int l_is_initialized(lua_State *L) {
+    lua_pushboolean(L, registry_comm(L, KEY_MAIN) != NULL);
+    return 1;
+}
+
+static int l_info(lua_State *L) { push_info(L, get_comm(L)); return 1; }
+static int l_rank(lua_State *L) { lua_pushinteger(L, get_comm(L)->rank); return 1; }
+static int l_world_size(lua_State *L) { lua_pushinteger(L, get_comm(L)->size); return 1; }
+static int l_local_rank(lua_State *L) { lua_pushinteger(L, get_comm(L)->local_rank); return 1; }
+static int l_local_world_size(lua_State *L) { lua_pushinteger(L, get_comm(L)->local_size); return 1; }
+static int l_backend(lua_State *L) { lua_pushstring(L, get_comm(L)->ops->name); return 1; }
+static int l_launched(lua_State *L) { lua_pushboolean(L, moe_dist_launched_by_mpi()); return 1; }
+static int l_have_mpi(lua_State *L) { lua_pushboolean(L, moe_dist_have_mpi()); return 1; }
+static int l_have_nccl(lua_State *L) { lua_pushboolean(L, moe_dist_have_nccl()); return 1; }
+
+static int l_barrier(lua_State *L) {
+    moe_lua_check(L, moe_comm_barrier(get_comm(L)), "dist.barrier");
+    return 0;
+}
+
+static moe_dist_op check_op(lua_State *L, int idx, const char *f) {
+    if (lua_isnoneornil(L, idx)) return MOE_DIST_SUM;
+    if (lua_type(L, idx) != LUA_TSTRING) moe_lua_errorf(L, "%s: op must be \"sum\" or \"avg\", got %s", f, luaL_typename(L, idx));
+    int op = moe_dist_op_parse(lua_tostring(L, idx));
+    if (op < 0) moe_lua_errorf(L, "%s: op must be \"sum\" or \"avg\", got \"%s\"", f, lua_tostring(L, idx));
+    return (moe_dist_op)op;
+}
+
+/* all_reduce(t[, op = "sum"|"avg"[, {bucket_mb=}]]) -> t (in place) */
+static int l_all_reduce(lua_State *L) {
+    const char *f = "dist.all_reduce";
+    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
+    moe_dist_op op = check_op(L, 2, f);
+    double mb = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        mb = moe_lua_opt_field_num(L, 3, "bucket_mb", 0, f);
+        if (mb < 0) moe_lua_errorf(L, "%s: bucket_mb must be >= 0, got %g", f, mb);
+    }
+    moe_lua_check(L, moe_comm_all_reduce_bucketed(comm_for(L, t), t, op, (size_t)(mb * 1024 * 1024)), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* broadcast(t[, root = 0]) -> t (in place) */
+static int l_broadcast(lua_State *L) {
+    const char *f = "dist.broadcast";
+    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
+    int root = lua_isnoneornil(L, 2) ? 0 : (int)moe_lua_check_int(L, 2, f, "root");
+    moe_lua_check(L, moe_comm_broadcast(comm_for(L, t), t, root), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* all_gather(t) -> a new tensor of shape {world_size, ...t's shape} */
+static int l_all_gather(lua_State *L) {
+    const char *f = "dist.all_gather";
+    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
+    moe_comm *c = comm_for(L, t);
+    if (t->ndim + 1 > MOE_MAX_DIMS) moe_lua_errorf(L, "%s: the tensor has too many dims", f);
+    int64_t shape[MOE_MAX_DIMS];
+    shape[0] = c->size;
+    for (int i = 0; i < t->ndim; i++) shape[i + 1] = t->shape[i];
+    moe_tensor *out = moe_lua_new_tensor(L, t->dtype, t->ndim + 1, shape, t->device, f);
+    moe_lua_check(L, moe_comm_all_gather(c, t, out), f);
+    return 1;
+}
+
+/* reduce_scatter(t[, op]) -> a new tensor: t's shape with the first dim divided by world_size */
+static int l_reduce_scatter(lua_State *L) {
+    const char *f = "dist.reduce_scatter";
+    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
+    moe_dist_op op = check_op(L, 2, f);
+    moe_comm *c = comm_for(L, t);
+    if (t->ndim < 1 || t->shape[0] % c->size != 0)
+        moe_lua_errorf(L, "%s: the first dim (%lld) must be divisible by the world size %d", f,
+                       t->ndim ? (long long)t->shape[0] : 0LL, c->size);
+    int64_t shape[MOE_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i];
+    shape[0] /= c->size;
+    moe_tensor *out = moe_lua_new_tensor(L, t->dtype, t->ndim, shape, t->device, f);
+    moe_lua_check(L, moe_comm_reduce_scatter(c, t, out, op), f);
+    return 1;
+}
+
+static void read_counts(lua_State *L, int idx, int n, int64_t *out, const char *f, const char *arg) {
+    if (!lua_istable(L, idx)) moe_lua_errorf(L, "%s: %s must be a table of %d row counts", f, arg, n);
+    if ((int)lua_objlen(L, idx) != n)
+        moe_lua_errorf(L, "%s: %s has %d entries, expected one per rank (%d)", f, arg, (int)lua_objlen(L, idx), n);
+    for (int r = 0; r < n; r++) {
+        lua_rawgeti(L, idx, r + 1);
+        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0 || lua_tonumber(L, -1) != (lua_Integer)lua_tonumber(L, -1))
+            moe_lua_errorf(L, "%s: %s[%d] must be a non-negative integer", f, arg, r + 1);
+        out[r] = (int64_t)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+    }
+}
+
+/* all_to_all_v(t, send_rows, recv_rows) -> a new tensor of sum(recv_rows) rows:
+ * rows of t (first dim) go to rank r in consecutive blocks of send_rows[r]. */
+static int l_all_to_all_v(lua_State *L) {
+    const char *f = "dist.all_to_all_v";
+    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
+    moe_comm *c = comm_for(L, t);
+    if (t->ndim < 1) moe_lua_errorf(L, "%s: the tensor needs at least one dim", f);
+    int64_t *counts = lua_newuserdata(L, sizeof(int64_t) * 2 * (size_t)c->size);
+    int64_t *sc = counts, *rc = counts + c->size;
+    read_counts(L, 2, c->size, sc, f, "send_rows");
+    read_counts(L, 3, c->size, rc, f, "recv_rows");
+    int64_t row = 1, rows = 0, sent = 0;
+    for (int i = 1; i < t->ndim; i++) row *= t->shape[i];
+    for (int r = 0; r < c->size; r++) { rows += rc[r]; sent += sc[r]; }
+    if (sent > t->shape[0]) moe_lua_errorf(L, "%s: send_rows add up to %lld, the tensor has %lld rows", f,
+                                           (long long)sent, (long long)t->shape[0]);
+    int64_t shape[MOE_MAX_DIMS];
+    for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i];
+    shape[0] = rows;
+    for (int r = 0; r < c->size; r++) { sc[r] *= row; rc[r] *= row; }
+    moe_tensor *out = moe_lua_new_tensor(L, t->dtype, t->ndim, shape, t->device, f);
+    moe_lua_check(L, moe_comm_all_to_all_v(c, t, sc, out, rc), f);
+    return 1;
+}
+
+static const luaL_Reg dist_fns[] = {
+    {"init", l_init}, {"is_initialized", l_is_initialized}, {"info", l_info}, {"rank", l_rank},
+    {"world_size", l_world_size}, {"local_rank", l_local_rank}, {"local_world_size", l_local_world_size},
+    {"backend", l_backend}, {"launched_by_mpi", l_launched}, {"have_mpi", l_have_mpi}, {"have_nccl", l_have_nccl},
+    {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
+    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {NULL, NULL},
+};
+
+void moe_lua_open_dist(lua_State *L) {
+    lua_newtable(L);
+    for (const luaL_Reg *r = dist_fns; r->name; r++) {
+        lua_pushcfunction(L, r->func);
+        lua_setfield(L, -2, r->name);
+    }
+    lua_setfield(L, -2, "dist");
+}

@@ -1,0 +1,96 @@
+-- Run by tests/dist_spec.lua under `mpirun -np 2 ./moelab tests/dist/dp_check.lua MODE`.
+-- MODE "check" (default): collectives on random tensors, then data-parallel
+-- training against the single-process equivalent; prints "DP_OK <rank>".
+-- MODE "exit_early": rank 1 leaves at once, rank 0 runs a collective, which
+-- must fail naming rank 1 (well within the timeout).
+local mode = arg and arg[1] or "check"
+local d = moe.dist
+d.init{timeout = 20}
+local rank, world = d.rank(), d.world_size()
+assert(world == 2, "run with 2 ranks")
+
+local function close(a, b, tol, what)
+  local err = math.abs(a - b) / math.max(math.abs(a), math.abs(b), 1e-30)
+  if err > tol and math.abs(a - b) > 1e-7 then
+    error(string.format("rank %d: %s: %.9g vs %.9g (relative %.3g)", rank, what, a, b, err), 2)
+  end
+end
+local function close_t(a, b, tol, what)
+  local x, y = a:view(-1):to_table(), b:view(-1):to_table()
+  assert(#x == #y, what .. ": sizes differ")
+  for i = 1, #x do close(x[i], y[i], tol, what .. "[" .. i .. "]") end
+end
+
+if mode == "exit_early" then
+  if rank == 1 then return end
+  local t0 = moe.clock()
+  local ok, err = pcall(d.all_reduce, moe.ones({8}), "sum")
+  assert(not ok, "the all_reduce should fail")
+  io.stderr:write(string.format("EXIT_EARLY_ERROR after %.1fs: %s\n", moe.clock() - t0, tostring(err)))
+  error(err, 0)
+end
+
+-- collectives: every rank can make every rank's input from its seed
+local function input(r, shape, dtype) return moe.randn(shape, {seed = 100 + r}):to(dtype or "f32") end
+for _, dt in ipairs{"f32", "f64"} do
+  local t = input(rank, {5, 3}, dt)
+  local want = input(0, {5, 3}) + input(1, {5, 3})   -- expected values in f32 (f64 has no arithmetic)
+  close_t(d.all_reduce(t, "sum"), want, 1e-6, "all_reduce sum " .. dt)
+  t = input(rank, {7}, dt)
+  close_t(d.all_reduce(t, "avg"), (input(0, {7}) + input(1, {7})) * 0.5, 1e-6, "all_reduce avg " .. dt)
+end
+-- bucketed: 1000 elements in buckets of 1 KB (256 f32s)
+local big = input(rank, {1000})
+close_t(d.all_reduce(big, "sum", {bucket_mb = 1 / 1024}), input(0, {1000}) + input(1, {1000}), 1e-6, "bucketed")
+local b = input(rank, {4, 2})
+close_t(d.broadcast(b, 1), input(1, {4, 2}), 0, "broadcast")
+local g = d.all_gather(input(rank, {3}))
+assert(g:shape()[1] == 2 and g:shape()[2] == 3)
+close_t(g:select(1, 1), input(0, {3}), 0, "all_gather 0")
+close_t(g:select(1, 2), input(1, {3}), 0, "all_gather 1")
+local rs = d.reduce_scatter(input(rank, {4, 2}), "sum")
+close_t(rs, (input(0, {4, 2}) + input(1, {4, 2})):narrow(1, 2 * rank + 1, 2), 1e-6, "reduce_scatter")
+-- all_to_all_v: rank r sends r + 1 rows to each rank
+local src = moe.full({2 * (rank + 1), 2}, rank)
+local got = d.all_to_all_v(src, {rank + 1, rank + 1}, {1, 2})
+assert(got:shape()[1] == 3, "all_to_all_v rows")
+assert(got:get(1, 1) == 0 and got:get(2, 1) == 1 and got:get(3, 2) == 1, "all_to_all_v values")
+
+-- data parallel against one process with twice the accumulation
+local corpus = moe.data.corpus{seed = 7, num_bytes = 40000}
+local function model(seed)
+  return moe.MoEModel{vocab_size = 256, hidden_size = 16, num_layers = 2, num_heads = 2, num_experts = 4,
+                      experts_per_token = 2, expert_intermediate_size = 16, seed = seed}
+end
+local function batch(g) return corpus:batch{batch_size = 2, seq_len = 8, seed = 3, step = g} end
+local train = {max_steps = 3, batch_size = 2, seq_len = 8, learning_rate = 1e-2, warmup_steps = 1}
+
+-- rank 1 starts from other weights: the broadcast from rank 0 must fix that
+local dt = moe.distributed.DistributedMoETrainer{model = model(rank == 0 and 11 or 99), progress = false,
+                                                 aux_loss_coef = 0.01}
+local o = {}
+for k, v in pairs(train) do o[k] = v end
+o.batch_fn = batch
+local res = dt:train(o)
+assert(res.world_size == 2 and res.global_batch_size == 4)
+
+if rank == 0 then
+  local ref_model = model(11)
+  local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
+  local ro = {}
+  for k, v in pairs(train) do ro[k] = v end
+  ro.batch_fn, ro.gradient_accumulation_steps = batch, 2
+  local rres = ref:train(ro)
+  for s = 1, train.max_steps do
+    close(res.history[s].loss, rres.history[s].loss, 1e-5, "loss at step " .. s)
+    close(res.history[s].aux_loss, rres.history[s].aux_loss, 1e-5, "aux loss at step " .. s)
+  end
+  local p = dt.model.net:flat_parameters()
+  close_t(p, ref_model.net:flat_parameters(), 1e-5, "final parameters")
+end
+-- both ranks end with the same parameters
+local mine = dt.model.net:flat_parameters()
+local other = d.broadcast(mine * 1, 0)
+close_t(mine, other, 0, "parameters equal across ranks")
+d.barrier()
+print("DP_OK " .. rank)

@@ -1,0 +1,189 @@
+-- moe.dist and moe.distributed: the single-process communicator, option
+-- checking, the DeepSpeed config mapping, and (when mpirun is there) a
+-- two-rank job: collectives, data parallel == one process, a rank leaving.
+local dist = moe.dist
+local distributed = moe.distributed
+
+local function err(fn, pat)
+  local ok, e = pcall(fn)
+  assert.is_false(ok, "expected an error matching " .. pat)
+  assert.is_truthy(tostring(e):find(pat, 1, true), "error '" .. tostring(e) .. "' lacks '" .. pat .. "'")
+end
+
+local function small_model()
+  return moe.MoEModel{vocab_size = 256, hidden_size = 16, num_layers = 1, num_heads = 2, num_experts = 4,
+                      experts_per_token = 2, expert_intermediate_size = 16, seed = 5}
+end
+
+describe("moe.dist (one process)", function()
+  it("initialises the single-process communicator", function()
+    local info = dist.init()
+    assert.are.equal("single", info.backend)
+    assert.are.equal(0, dist.rank())
+    assert.are.equal(1, dist.world_size())
+    assert.are.equal(0, dist.local_rank())
+    assert.is_true(dist.is_initialized())
+    err(function() dist.init{backend = "mpi"} end, "already initialised with the single backend")
+    err(function() dist.init{backnd = "x"} end, "unknown option 'backnd'")
+  end)
+
+  it("collectives are the identity on one rank", function()
+    local t = moe.randn({3, 4}, {seed = 2})
+    local before = t:to_table()
+    assert.are.same(before, dist.all_reduce(t, "sum"):to_table())
+    assert.are.same(before, dist.all_reduce(t, "avg", {bucket_mb = 1e-5}):to_table())
+    assert.are.same(before, dist.broadcast(t, 0):to_table())
+    local g = dist.all_gather(t)
+    assert.are.same({1, 3, 4}, g:shape())
+    assert.are.same(before, g:select(1, 1):to_table())
+    assert.are.same(before, dist.reduce_scatter(t, "sum"):to_table())
+    assert.are.same(before, dist.all_to_all_v(t, {3}, {3}):to_table())
+    dist.barrier()
+    local d = moe.randn({4}, {seed = 1}):to("f64")
+    assert.are.same(d:to_table(), dist.all_reduce(d, "avg"):to_table())
+  end)
+
+  it("rejects bad arguments with clear errors", function()
+    err(function() dist.all_reduce(moe.randn({2}), "max") end, "op must be \"sum\" or \"avg\"")
+    err(function() dist.all_reduce(moe.tensor({1, 2}, {dtype = "i64"})) end, "reductions take f32 or f64")
+    err(function() dist.all_reduce(moe.randn({2, 3}):transpose(1, 2)) end, "contiguous")
+    err(function() dist.broadcast(moe.randn({2}), 1) end, "root 1 is not a rank")
+    err(function() dist.all_reduce(nil) end, "tensor")
+    err(function() dist.all_to_all_v(moe.randn({2}), {1, 1}, {1}) end, "one per rank")
+  end)
+end)
+
+describe("moe.distributed.DistributedMoETrainer (one process)", function()
+  it("trains like MoETrainer on one rank", function()
+    local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
+    local tr = distributed.DistributedMoETrainer{model = small_model(), progress = false}
+    local res = tr:train{train_data = corpus, batch_size = 2, seq_len = 8, max_steps = 2, learning_rate = 1e-3}
+    assert.are.equal(2, res.steps)
+    assert.are.equal(1, res.world_size)
+    assert.are.equal(2, res.global_batch_size)
+  end)
+
+  it("validates parallel sizes and ZeRO", function()
+    local m = small_model()
+    err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_size = 2} end, "expert parallelism is not implemented yet")
+    err(function() distributed.DistributedMoETrainer{model = m, expert_model_parallel_size = 2} end, "not implemented yet")
+    err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 1} end, "ZeRO sharding")
+    err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 4} end, "zero_stage must be 0, 1 or 2")
+    err(function() distributed.DistributedMoETrainer{model = m, world_size = 2} end, "this job has 1 rank")
+    err(function() distributed.DistributedMoETrainer{model = m, data_parallel_size = 2} end, "must equal the world size 1")
+    err(function() distributed.DistributedMoETrainer{model = m, tensor_model_parallel_size = 2} end, "must be 1")
+    err(function() distributed.DistributedMoETrainer{model = m, colour = 1} end, "unknown option 'colour'")
+    err(function() distributed.DistributedMoETrainer{model = m, clip_grad = 0.5, grad_clip = 1} end, "conflicts")
+    err(function() distributed.DistributedMoETrainer{model = m, aux_loss_coef = -1} end, "DistributedMoETrainer")
+    local tr = distributed.DistributedMoETrainer{model = m, world_size = 1, data_parallel_size = 1,
+                                                 expert_model_parallel_size = 1, clip_grad = 0.5, progress = false}
+    assert.are.equal(0.5, tr.inner.grad_clip)
+    err(function() tr:train{max_steps = 1, lr = 1e-3, learning_rate = 2e-3, batch_fn = function() end} end, "conflicts")
+  end)
+end)
+
+describe("DeepSpeed configs", function()
+  local full = {
+    train_batch_size = 16, train_micro_batch_size_per_gpu = 4, gradient_accumulation_steps = 2,
+    zero_optimization = {stage = 0, reduce_bucket_size = 5e7}, bf16 = {enabled = false},
+    gradient_clipping = 0.5, steps_per_print = 5,
+    optimizer = {type = "AdamW", params = {lr = 3e-4, betas = {0.9, 0.99}, eps = 1e-6, weight_decay = 0.05}},
+    scheduler = {type = "WarmupCosineLR", params = {total_num_steps = 100, warmup_num_steps = 10,
+                                                    warmup_type = "linear", cos_min_ratio = 0.1}},
+  }
+  it("maps onto trainer and train options", function()
+    local c = distributed.from_deepspeed(full, 2)
+    assert.are.same({batch_size = 4, gradient_accumulation_steps = 2, learning_rate = 3e-4, warmup_steps = 10,
+                     lr_schedule = "cosine", min_lr_ratio = 0.1, max_steps = 100}, c.train)
+    assert.are.same({betas = {0.9, 0.99}, eps = 1e-6, weight_decay = 0.05, grad_clip = 0.5, log_every = 5}, c.trainer)
+    assert.are.equal(0, c.zero_stage)
+    assert.is_true(math.abs(c.bucket_mb - 5e7 * 4 / 2 ^ 20) < 1e-9)
+    local d = distributed.from_deepspeed({train_batch_size = 8}, 2)
+    assert.are.same({batch_size = 4, gradient_accumulation_steps = 1}, d.train)
+    local w = distributed.from_deepspeed({train_micro_batch_size_per_gpu = 2, scheduler = {type = "WarmupLR",
+      params = {warmup_min_lr = 0, warmup_max_lr = 1e-3, warmup_num_steps = 5, warmup_type = "linear"}}}, 1)
+    assert.are.equal("constant", w.train.lr_schedule)
+    assert.are.equal(1e-3, w.train.learning_rate)
+  end)
+
+  it("reports unknown and unsupported keys", function()
+    local f = distributed.from_deepspeed
+    err(function() f({wall_clock_breakdown = true}) end, "unknown or unsupported key 'wall_clock_breakdown'")
+    err(function() f({zero_optimization = {stage = 2, overlap_comm = true}}) end, "'overlap_comm'")
+    err(function() f({optimizer = {type = "Lamb"}}) end, "only AdamW")
+    err(function() f({optimizer = {type = "AdamW", params = {lr = 1, torch_adam = true}}}) end, "'torch_adam'")
+    err(function() f({bf16 = {enabled = true}}) end, "bf16.enabled = true is not supported")
+    err(function() f({scheduler = {type = "OneCycle"}}) end, "OneCycle is not supported")
+    err(function() f({scheduler = {type = "WarmupLR", params = {warmup_num_steps = 5}}}) end, "warmup_type must be \"linear\"")
+    err(function() f({train_batch_size = 10, train_micro_batch_size_per_gpu = 4, gradient_accumulation_steps = 1}, 2) end,
+      "train_batch_size 10 !=")
+    err(function() f({train_batch_size = 6, train_micro_batch_size_per_gpu = 4}, 1) end, "not a multiple")
+    err(function() distributed.DistributedMoETrainer{model = small_model(), config = {zero_optimization = {stage = 2}}} end,
+      "ZeRO sharding")
+    err(function() distributed.DistributedMoETrainer{model = small_model(), config = "/nonexistent/ds.json"} end, "cannot read")
+  end)
+
+  it("reads a JSON file and feeds train()", function()
+    local path = os.tmpname()
+    local fh = assert(io.open(path, "w"))
+    fh:write('{"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "optimizer": ',
+             '{"type": "AdamW", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 0}}')
+    fh:close()
+    local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
+    local tr = distributed.DistributedMoETrainer{model = small_model(), config = path, progress = false}
+    os.remove(path)
+    local res = tr:train{train_data = corpus, seq_len = 8, max_steps = 1}
+    assert.are.equal(2, res.global_batch_size)
+    assert.are.equal(1e-3, tr.inner.base_lr)
+  end)
+end)
+
+describe("two ranks under mpirun", function()
+  local function find_mpirun()
+    local p = io.popen("command -v mpirun 2>/dev/null")
+    local path = p:read("*l")
+    p:close()
+    return path ~= "" and path or nil
+  end
+  local mpirun = find_mpirun()
+  local bin = os.getenv("MOELAB_BIN") or "./moelab"
+  local function run(args)
+    local p = io.popen(string.format("timeout 60 %s --oversubscribe --allow-run-as-root -np 2 %s %s 2>&1; echo \"rc=$?\"",
+                                     mpirun, bin, args))
+    local out = p:read("*a")
+    p:close()
+    return out, tonumber(out:match("rc=(%d+)%s*$"))
+  end
+
+  it("collectives, and data parallel reproduces one process with twice the accumulation", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/dp_check.lua check")
+    assert.is_truthy(out:find("DP_OK 0", 1, true), out)
+    assert.is_truthy(out:find("DP_OK 1", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("a rank that leaves makes the other fail, naming it, instead of hanging", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local t0 = moe.clock()
+    local out, rc = run("tests/dist/dp_check.lua exit_early")
+    local secs = moe.clock() - t0
+    assert.is_truthy(out:find("EXIT_EARLY_ERROR", 1, true), out)
+    assert.is_truthy(out:find("rank 1 has left", 1, true), out)
+    assert.are_not.equal(0, rc)
+    assert.is_true(secs < 20, "took " .. secs .. " s")
+  end)
+
+  it("moelab --nproc runs the ranks through mpirun", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local p = io.popen(bin .. [[ --nproc 2 -e 'io.write("R", moe.dist.rank(), "/", moe.dist.world_size(), "\n")' 2>&1; echo "rc=$?"]])
+    local out = p:read("*a")
+    p:close()
+    assert.is_truthy(out:find("R0/2", 1, true), out)
+    assert.is_truthy(out:find("R1/2", 1, true), out)
+    assert.is_truthy(out:find("rc=0", 1, true), out)
+  end)
+end)
