@@ -405,13 +405,21 @@ static int load_moelab(lua_State *L) {
 static int print_values(lua_State *L) {
     int n = lua_gettop(L);
     if (n == 0) return 0;
-    lua_getglobal(L, "tostring");
+    /* moe.repr when moelab loaded (tables print as constructors), else tostring */
+    lua_getglobal(L, "moe");
+    if (lua_istable(L, -1)) lua_getfield(L, -1, "repr");
+    else lua_pushnil(L);
+    lua_remove(L, -2);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        lua_getglobal(L, "tostring");
+    }
     for (int i = 1; i <= n; i++) {
         lua_pushvalue(L, -1);
         lua_pushvalue(L, i);
         lua_call(L, 1, 1);
         if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
-            return luaL_error(L, "'tostring' must return a string to print a value");
+            return luaL_error(L, "printing a value must give a string");
         lua_replace(L, i);
     }
     lua_pop(L, 1);

@@ -30,6 +30,8 @@ function moe.num_threads() return core.num_threads() end
 function moe.synchronize(device) return core.synchronize(device) end
 --- Wall-clock seconds (monotonic), for timing.
 moe.clock = core.clock
+--- How the REPL prints a value (tables as constructors).
+moe.repr = require "moelab.repr"
 --- The device recipes should use by default: $MOELAB_DEVICE (set by
 -- `moelab --device`), else "cuda" when a GPU is usable, else "cpu".
 function moe.default_device()
