@@ -1,10 +1,11 @@
---- moe.dist and moe.distributed: collectives and data-parallel training.
+--- moe.dist and moe.distributed: collectives, data-parallel and expert-parallel training.
 --
 -- moe.dist (the C communicators of src/dist): init{backend = "auto"|"single"|"mpi"|"nccl",
 -- timeout = seconds, device =}, rank(), world_size(), local_rank(), local_world_size(),
 -- backend(), barrier(), all_reduce(t, "sum"|"avg"[, {bucket_mb=}]), broadcast(t, root),
 -- all_gather(t) -> {world, ...}, reduce_scatter(t, op) -> first dim / world,
--- all_to_all_v(t, send_rows, recv_rows). "auto" picks MPI when the program was
+-- all_to_all_v(t, send_rows, recv_rows), set_expert_parallel(layer[, on]) (every MoE
+-- layer of the tree computes its share of the experts; see below). "auto" picks MPI when the program was
 -- launched by mpirun (or `moelab --nproc N`), else the single-process communicator.
 --
 -- moe.distributed.DistributedMoETrainer{model, ...}: data parallel. Every rank
@@ -27,6 +28,24 @@
 -- agree to floating-point rounding (summation order differs), not bit for bit.
 -- Not covered: routers with noise (noisy_topk, jitter) draw from per-rank noise
 -- streams; router statistics and the monitor describe the local micro-batches.
+--
+-- Expert parallelism (expert_parallel_size = world size, data_parallel_size 1;
+-- first version): inside train() and evaluate(), every MoE layer runs rank r's
+-- experts [r*E/W, (r+1)*E/W) for the rows all ranks route to them
+-- (dist.set_expert_parallel; src/nn/moe_ep.c: an all_to_all of per-expert
+-- counts, all_to_all_v of the rows there and back, taped so backward does the
+-- opposite exchanges). Each rank still routes and trains on its own
+-- micro-batches as in data parallel, so the single-process equivalent is the
+-- same (accumulation A * W). The balancing losses and router statistics are
+-- computed on the local micro-batch, which is exactly what that
+-- single-process run does per micro-batch. The stacked expert weights stay
+-- full-size on every rank (only the owned slice is used; the others get zero
+-- gradient) and the whole flat gradient buffer is averaged: an owner's expert
+-- gradient (from every rank's tokens) averaged with the others' zeros is the
+-- exact mean gradient, every rank takes the same step, and rank 0 saves the
+-- usual single-process checkpoint layout. Next steps: shard the expert
+-- weights and optimizer state (and skip expert segments in the all-reduce),
+-- DP x EP. Between train/evaluate calls the model runs in one process.
 local core = require "moelab.core"
 local trainer_mod = require "moelab.trainer"
 local mio = require "moelab.io"
@@ -262,8 +281,9 @@ function M.DistributedMoETrainer(opts)
 
   local ep = own.expert_parallel_size or 1
   if not is_int(ep) or ep < 1 then fail(f, "expert_parallel_size must be a positive integer, got %s", tostring(ep)) end
-  if ep > 1 then
-    fail(f, "expert_parallel_size = %d: expert parallelism is not implemented yet (use expert_parallel_size = 1: data parallel)", ep)
+  if ep > 1 and ep ~= world then
+    fail(f, "expert_parallel_size = %d: expert parallelism needs expert_parallel_size = the world size (%d) for now "
+      .. "(data_parallel_size 1; DP x EP with both > 1 is not implemented yet)", ep, world)
   end
   if own.world_size ~= nil and own.world_size ~= world then
     fail(f, "world_size = %s but this job has %d rank(s) (launch with `mpirun -np %s moelab ...` or `moelab --nproc %s ...`)",
@@ -329,7 +349,23 @@ function M.DistributedMoETrainer(opts)
     dist.broadcast(values, 0)
     self:_sync_buffers(0)
   end
+  if ep > 1 then
+    -- check the model can be split now (custom experts, E % ep); switched on only inside train/evaluate
+    dist.set_expert_parallel(model.net, true)
+    dist.set_expert_parallel(model.net, false)
+  end
   return self
+end
+
+-- Runs fn with expert parallelism switched on (every rank must call it: the
+-- MoE layers' forwards and backwards are collectives), and off again after,
+-- so the model works in one process between calls.
+function D:_with_ep(fn, ...)
+  if self.expert_parallel_size <= 1 then return pcall(fn, ...) end
+  dist.set_expert_parallel(self.model.net, true)
+  local ok, res = pcall(fn, ...)
+  dist.set_expert_parallel(self.model.net, false)
+  return ok, res
 end
 
 function D:_sync_buffers(root)
@@ -399,7 +435,7 @@ function D:train(opts)
     end
   end
   self._accum, self._micro = accum, 0
-  local ok, res = pcall(self.inner.train, self.inner, o)
+  local ok, res = self:_with_ep(self.inner.train, self.inner, o)
   self._accum = nil
   if not ok then error((tostring(res):gsub("MoETrainer:train:", f .. ":", 1)), 2) end
   if W > 1 and self.inner.aux_free then self:_sync_buffers(W - 1) end
@@ -408,10 +444,14 @@ function D:train(opts)
   return res
 end
 
-function D:evaluate(ds, opts) return self.inner:evaluate(ds, opts) end
+function D:evaluate(ds, opts)
+  local ok, res = self:_with_ep(self.inner.evaluate, self.inner, ds, opts)
+  if not ok then error(res, 2) end
+  return res
+end
 function D:save_model(dir) if self.rank == 0 then return self.inner:save_model(dir) end end
 function D:save_checkpoint(dir) if self.rank == 0 then return self.inner:save_checkpoint(dir) end end
-function D:visualize_routing(opts) if self.rank == 0 then return self.inner:visualize_routing(opts) end end
+function D:visualize_routing(opts) if self.rank == 0 then return self.inner:visualize_routing(opts) end end   -- runs one process (expert parallelism off)
 function D:__index(k)
   local m = rawget(D, k)
   if m ~= nil then return m end

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "../dist/comm.h"
+#include "../nn/moe_block.h"
 #include "../ops/backend.h"
 #include "lmoe.h"
 
@@ -273,12 +274,40 @@ static int l_all_to_all_v(lua_State *L) {
     return 1;
 }
 
+static int set_ep_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
+    int n = 0;
+    if (moe_layer_is_moe(l)) {
+        moe_lua_check(L, moe_block_set_expert_parallel(l, c), f);
+        n++;
+    }
+    for (int i = 0; i < l->n_children; i++)
+        if (l->children[i]) n += set_ep_tree(L, l->children[i], c, f);
+    return n;
+}
+
+/* set_expert_parallel(layer, on) -> the number of MoE layers set: expert
+ * parallelism over all ranks of this state's communicator (the host one for
+ * CPU layers) for every MoE layer in the tree; on = false turns it off. */
+static int l_set_expert_parallel(lua_State *L) {
+    const char *f = "dist.set_expert_parallel";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "layer");
+    int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
+    moe_comm *c = get_comm(L);
+    if (on && !c->ops->supports(c, l->device)) {
+        moe_comm *h = registry_comm(L, KEY_HOST);
+        if (h && h->ops->supports(h, l->device)) c = h;
+    }
+    lua_pushinteger(L, set_ep_tree(L, l, on ? c : NULL, f));
+    return 1;
+}
+
 static const luaL_Reg dist_fns[] = {
     {"init", l_init}, {"is_initialized", l_is_initialized}, {"info", l_info}, {"rank", l_rank},
     {"world_size", l_world_size}, {"local_rank", l_local_rank}, {"local_world_size", l_local_world_size},
     {"backend", l_backend}, {"launched_by_mpi", l_launched}, {"have_mpi", l_have_mpi}, {"have_nccl", l_have_nccl},
     {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
-    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {NULL, NULL},
+    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v},
+    {"set_expert_parallel", l_set_expert_parallel}, {NULL, NULL},
 };
 
 void moe_lua_open_dist(lua_State *L) {

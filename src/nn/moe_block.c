@@ -1,6 +1,7 @@
 #include "moe_block.h"
 #include "functional.h"
 #include "moe_dispatch.h"
+#include "moe_ep.h"
 #include "../core/rng.h"
 
 #include <math.h>
@@ -16,6 +17,7 @@ typedef struct {
     moe_tensor *last_logits;    /* router logits [tokens, E] of the last forward */
     moe_tensor *router_bias;    /* optional additive router-input bias (task conditioning), broadcast to the input */
     uint64_t calls;             /* forward count: advances the noise streams */
+    moe_comm *ep_comm;          /* expert parallel over this communicator's ranks (NULL: off), borrowed */
     moe_routing last;
 } block_state;
 
@@ -75,6 +77,47 @@ moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step) {
     if (!s) return moe_error(MOE_ERR_ARG, "set_noise_step: not an MoE layer");
     s->calls = step;
     return MOE_OK;
+}
+
+moe_status moe_block_set_expert_parallel(moe_layer *l, moe_comm *comm) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_expert_parallel: not an MoE layer");
+    if (comm && comm->size > 1) {
+        if (s->custom) return moe_error(MOE_ERR_ARG, "expert parallel: custom (per-layer) experts are not supported, only the expert bank");
+        if (s->cfg.router.num_experts % comm->size != 0)
+            return moe_error(MOE_ERR_ARG, "expert parallel: %lld experts do not split evenly over %d ranks",
+                             (long long)s->cfg.router.num_experts, comm->size);
+        if (!comm->ops->supports(comm, l->device))
+            return moe_error(MOE_ERR_ARG, "expert parallel: the %s communicator cannot move this layer's tensors",
+                             comm->ops->name);
+    }
+    s->ep_comm = comm && comm->size > 1 ? comm : NULL;
+    return MOE_OK;
+}
+int moe_block_expert_parallel_size(const moe_layer *l) {
+    block_state *s = st_of(l);
+    return s && s->ep_comm ? s->ep_comm->size : 1;
+}
+
+/* Expert parallel: send the dispatched rows to the ranks owning their experts,
+ * run this rank's experts (the stacked weights stay full-size; only the owned
+ * slice is used), and bring the outputs back in xp's order. */
+static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const int64_t *off,
+                             moe_tensor **yp) {
+    block_state *st = l->state;
+    int64_t e = st->cfg.router.num_experts;
+    int64_t *loff = calloc((size_t)e + 1, sizeof *loff);
+    if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
+    moe_ep_plan *p = NULL;
+    moe_tensor *xl = NULL, *yl = NULL;
+    moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, e, loff, &p);
+    if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, xp, &xl);
+    if (s == MOE_OK) s = moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xl, loff, (int)e, &yl);
+    if (s == MOE_OK) s = moe_f_ep_combine(ctx, tape, p, yl, yp);
+    moe_tensor_release(xl); moe_tensor_release(yl);
+    moe_ep_plan_release(p);
+    free(loff);
+    return s;
 }
 
 /* Custom experts: each child layer runs on its slice of the dispatched rows. */
@@ -170,6 +213,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, &xp);
     if (s == MOE_OK) {
         s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
+          : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
                        : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
                                                  (int)c->router.num_experts, &yp);
     }

@@ -49,6 +49,19 @@ moe_tensor *moe_block_router_input_bias(const moe_layer *l);   /* borrowed; NULL
 /* The per-expert selection bias (a buffer; host f32 [E]). */
 moe_tensor *moe_block_bias(const moe_layer *l);
 
+/* Expert parallelism over comm's ranks (EP = world size; NULL or one rank: off).
+ * Rank r computes experts [r*E/size, (r+1)*E/size) for the rows every rank
+ * routes to them (moe_ep.h); the router and everything else run locally on
+ * each rank's own tokens, and the balancing losses describe the local tokens.
+ * The stacked expert weights stay full-size on every rank (only the owned
+ * slice is used and gets gradients): memory is not sharded yet. Every rank
+ * must run the same forwards and backwards (they are collectives). The
+ * communicator is borrowed and must outlive its use; the expert bank only
+ * (not custom experts), E divisible by the size. */
+struct moe_comm;
+moe_status moe_block_set_expert_parallel(moe_layer *l, struct moe_comm *comm);
+int moe_block_expert_parallel_size(const moe_layer *l);   /* 1 when off */
+
 /* The grouped expert bank used by the block (exposed for tests and benches). */
 moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, int64_t inner, moe_ffn_kind kind,
                                moe_init *init);
