@@ -132,7 +132,8 @@ function Trainer:_make_optimizer(base_lr)
     decay[i] = #p.value:shape() >= 2   -- matrices decay; norms and biases do not
   end
   self.optimizer = core.adamw(self.model.net, {beta1 = self.beta1, beta2 = self.beta2, eps = self.eps,
-                                               weight_decay = self.weight_decay, lr_scale = scales, decay = decay})
+                                               weight_decay = self.weight_decay, lr_scale = scales, decay = decay,
+                                               range = self.optimizer_range})   -- ZeRO shard (distributed.lua)
   self.base_lr = base_lr
 end
 
@@ -280,7 +281,8 @@ function Trainer:train(opts)
     end
     -- e.g. the data-parallel all-reduce of the flat gradient buffer
     if self.grad_hook and not bad then self.grad_hook(self) end
-    local gnorm = bad and 0 / 0 or core.clip_grad_norm(net, self.grad_clip > 0 and self.grad_clip or math.huge)
+    -- clip_fn: distributed.lua's global-norm clipping of ZeRO-2 gradient shards
+    local gnorm = bad and 0 / 0 or (self.clip_fn or core.clip_grad_norm)(net, self.grad_clip > 0 and self.grad_clip or math.huge)
     local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
                  lr = lr, grad_norm = gnorm}

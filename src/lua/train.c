@@ -56,7 +56,28 @@ static int l_adamw(lua_State *L) {
     b->o = NULL;
     luaL_getmetatable(L, ADAMW_MT);
     lua_setmetatable(L, -2);
-    b->o = moe_adamw_new(moe_lua_ctx(L), l, &hp, scale, decay);
+    /* range = {lo, hi}: own only the flat-buffer elements [lo, hi) (0-based; ZeRO shards) */
+    int64_t lo = 0, hi = -1;
+    if (!lua_isnoneornil(L, 2)) {
+        lua_getfield(L, 2, "range");
+        if (!lua_isnil(L, -1)) {
+            if (!lua_istable(L, -1) || lua_objlen(L, -1) != 2)
+                return luaL_error(L, "%s: option 'range' must be {lo, hi} (0-based elements, hi exclusive)", f);
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2);
+            if (lua_type(L, -2) != LUA_TNUMBER || lua_type(L, -1) != LUA_TNUMBER)
+                return luaL_error(L, "%s: option 'range' must be {lo, hi} (0-based elements, hi exclusive)", f);
+            double dlo = lua_tonumber(L, -2), dhi = lua_tonumber(L, -1);
+            if (dlo != floor(dlo) || dhi != floor(dhi) || dlo < 0 || dhi < dlo)
+                return luaL_error(L, "%s: range {%g, %g} must be integers with 0 <= lo <= hi", f, dlo, dhi);
+            lo = (int64_t)dlo;
+            hi = (int64_t)dhi;
+            lua_pop(L, 2);
+        }
+        lua_pop(L, 1);
+    }
+    b->o = hi < 0 ? moe_adamw_new(moe_lua_ctx(L), l, &hp, scale, decay)
+                  : moe_adamw_new_range(moe_lua_ctx(L), l, &hp, scale, decay, lo, hi);
     if (!b->o) return moe_lua_fail(L, f);
     return 1;
 }

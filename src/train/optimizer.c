@@ -12,6 +12,8 @@ struct moe_adamw {
     float *lr_scale;
     int *decay;
     int64_t step;
+    int64_t lo, hi;   /* owned element range of the flat buffer; full: 0, numel */
+    int64_t full_n;   /* the flat buffer's numel when made */
 };
 
 moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
@@ -20,8 +22,21 @@ moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams
         moe_error(MOE_ERR_STATE, "AdamW: the layer has no flat parameter buffer");
         return NULL;
     }
+    return moe_adamw_new_range(ctx, layer, hp, lr_scale, decay, 0, moe_tensor_numel(layer->flat_values));
+}
+
+moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
+                               const int *decay, int64_t lo, int64_t hi) {
+    if (!layer->flat_values) {
+        moe_error(MOE_ERR_STATE, "AdamW: the layer has no flat parameter buffer");
+        return NULL;
+    }
     if (!(hp->beta1 >= 0 && hp->beta1 < 1 && hp->beta2 >= 0 && hp->beta2 < 1 && hp->eps > 0 && hp->weight_decay >= 0)) {
         moe_error(MOE_ERR_ARG, "AdamW: need 0 <= betas < 1, eps > 0, weight_decay >= 0");
+        return NULL;
+    }
+    if (lo < 0 || hi < lo) {
+        moe_error(MOE_ERR_ARG, "AdamW: range [%lld, %lld) is not 0 <= lo <= hi", (long long)lo, (long long)hi);
         return NULL;
     }
     moe_adamw *o = calloc(1, sizeof *o);
@@ -32,8 +47,12 @@ moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams
     o->n = moe_layer_num_param_tensors(layer);
     o->lr_scale = malloc((size_t)(o->n ? o->n : 1) * sizeof *o->lr_scale);
     o->decay = malloc((size_t)(o->n ? o->n : 1) * sizeof *o->decay);
-    o->m = moe_tensor_like(ctx, layer->flat_values);
-    o->v = moe_tensor_like(ctx, layer->flat_values);
+    o->lo = lo;
+    o->full_n = moe_tensor_numel(layer->flat_values);
+    o->hi = hi;
+    int64_t sn[1] = {hi - lo};
+    o->m = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
+    o->v = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
     moe_status s = o->lr_scale && o->decay && o->m && o->v ? MOE_OK : moe_last_status();
     if (s == MOE_OK) s = moe_op_fill(ctx, o->m, 0.0);
     if (s == MOE_OK) s = moe_op_fill(ctx, o->v, 0.0);
@@ -60,15 +79,15 @@ void moe_adamw_set_step_count(moe_adamw *o, int64_t step) { o->step = step; }
 moe_tensor *moe_adamw_m(moe_adamw *o) { return o->m; }
 moe_tensor *moe_adamw_v(moe_adamw *o) { return o->v; }
 
-/* a 1-d view of buffer `buf` at the elements parameter p occupies */
-static moe_tensor *slot(moe_tensor *buf, const moe_tensor *p) {
-    int64_t n[1] = {moe_tensor_numel(p)};
-    return moe_tensor_from_storage(buf->storage, p->offset, buf->dtype, 1, n, NULL);
+/* a 1-d view of n elements of `buf`'s storage from element `off` */
+static moe_tensor *span(moe_tensor *buf, int64_t off, int64_t n) {
+    int64_t shape[1] = {n};
+    return moe_tensor_from_storage(buf->storage, off, MOE_F32, 1, shape, NULL);
 }
 
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     moe_tensor *fv = o->layer->flat_values;
-    if (!fv || moe_tensor_numel(fv) != moe_tensor_numel(o->m) || !moe_device_eq(fv->device, o->m->device)
+    if (!fv || moe_tensor_numel(fv) != o->full_n || !moe_device_eq(fv->device, o->m->device)
         || moe_layer_num_param_tensors(o->layer) != o->n)
         return moe_error(MOE_ERR_STATE, "AdamW: the layer's parameters changed since the optimiser was made");
     moe_param *ps = malloc((size_t)(o->n ? o->n : 1) * sizeof *ps);
@@ -84,10 +103,14 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
                            o->decay[i] ? o->hp.weight_decay : 0.0f, o->step};
-        int64_t n[1] = {moe_tensor_numel(ps[i].value)};
-        moe_tensor *pv = moe_tensor_from_storage(ps[i].value->storage, ps[i].value->offset, MOE_F32, 1, n, NULL);
-        moe_tensor *gv = moe_tensor_from_storage(ps[i].grad->storage, ps[i].grad->offset, MOE_F32, 1, n, NULL);
-        moe_tensor *mv = slot(o->m, ps[i].value), *vv = slot(o->v, ps[i].value);
+        /* the parameter's elements [off, off + n) of the flat buffer, cut to the owned range */
+        int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
+        int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
+        if (a >= b) continue;
+        moe_tensor *pv = span(ps[i].value, ps[i].value->offset + (a - off), b - a);
+        moe_tensor *gv = span(ps[i].grad, ps[i].grad->offset + (a - off), b - a);
+        moe_tensor *mv = span(o->m, o->m->offset + (a - o->lo), b - a);
+        moe_tensor *vv = span(o->v, o->v->offset + (a - o->lo), b - a);
         s = pv && gv && mv && vv ? moe_op_adamw(ctx, pv, gv, mv, vv, &c) : moe_last_status();
         moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
     }

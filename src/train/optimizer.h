@@ -17,12 +17,18 @@ typedef struct {
  * order (NULL: all 1 / all decayed). The layer must own flat buffers. */
 moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
                          const int *decay);
+/* Range mode (ZeRO): the optimiser owns only the elements [lo, hi) of the flat
+ * parameter buffer (hi may pass its end: padding, never touched); m and v hold
+ * hi - lo elements, and a step updates only the owned elements of each
+ * parameter, with that parameter's lr scale and decay flag. */
+moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
+                               const int *decay, int64_t lo, int64_t hi);
 void moe_adamw_free(moe_adamw *opt);
 /* One step at learning rate lr from the gradients in the layer. */
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);
 int64_t moe_adamw_step_count(const moe_adamw *opt);
 void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
-/* The state buffers (borrowed), for checkpoints. */
+/* The state buffers (borrowed), for checkpoints; in range mode hi - lo elements. */
 moe_tensor *moe_adamw_m(moe_adamw *opt);
 moe_tensor *moe_adamw_v(moe_adamw *opt);
 
