@@ -5,7 +5,7 @@
  * types come from nccl.h. The unique id is broadcast over a bootstrap
  * communicator (MPI) or read from a rendezvous file written by rank 0.
  * Collectives run on the communicator's own stream after the device's
- * stream is synchronised, and are polled (cudaStreamQuery) against the
+ * stream is synchronised (CPU tensors are staged through a device buffer), and are polled (cudaStreamQuery) against the
  * deadline; on timeout the communicator is aborted (ncclCommAbort) and
  * marked broken. NCCL_NVLS_ENABLE defaults to 0 here (NVLink multicast is
  * not available on every machine); a value the user sets is kept.
@@ -64,6 +64,8 @@ typedef struct {
     cudaStream_t stream;
     int device;
     int broken;
+    void *scratch;         /* device staging buffer for CPU tensors */
+    size_t scratch_bytes;
 } nccl_impl;
 
 static moe_status load_api(nccl_api *a) {
@@ -138,68 +140,132 @@ static moe_status begin(moe_comm *c, const char *what) {
     return MOE_OK;
 }
 
+/* CPU tensors are accepted too (the rendezvous launch has no host
+ * communicator, and the trainers all-reduce a few host scalars per step):
+ * they are staged through a device buffer of the communicator. */
 static int nc_supports(const moe_comm *c, moe_device d) {
     const nccl_impl *m = c->impl;
-    return d.type == MOE_CUDA && d.index == m->device;
+    return d.type == MOE_CPU || (d.type == MOE_CUDA && d.index == m->device);
+}
+
+static moe_status scratch(nccl_impl *m, size_t bytes, const char *what) {
+    if (bytes <= m->scratch_bytes) return MOE_OK;
+    if (m->scratch) cudaFree(m->scratch);
+    m->scratch = NULL;
+    m->scratch_bytes = 0;
+    if (cudaMalloc(&m->scratch, bytes ? bytes : 1) != cudaSuccess)
+        return moe_error(MOE_ERR_OOM, "%s: cannot allocate %zu bytes of device staging memory", what, bytes);
+    m->scratch_bytes = bytes;
+    return MOE_OK;
+}
+
+static moe_status copy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind k, const char *what) {
+    if (!bytes) return MOE_OK;
+    cudaError_t e = cudaMemcpy(dst, src, bytes, k);
+    return e == cudaSuccess ? MOE_OK : moe_error(MOE_ERR_DEVICE, "%s: staging copy: %s", what, cudaGetErrorString(e));
+}
+
+/* Device pointers for a collective reading in_bytes from `in` and writing
+ * out_bytes to `out`: the buffers themselves on CUDA, else the staging
+ * buffer (input at offset 0, output after it; in == out shares them). */
+static moe_status stage_in(moe_comm *c, moe_device d, const void *in, size_t in_bytes, void *out, size_t out_bytes,
+                           const void **din, void **dout, const char *what) {
+    nccl_impl *m = c->impl;
+    if (d.type != MOE_CPU) { *din = in; *dout = out; return MOE_OK; }
+    int same = in == out;
+    size_t off = same ? 0 : (in_bytes + 255) / 256 * 256;
+    MOE_TRY(scratch(m, same ? (in_bytes > out_bytes ? in_bytes : out_bytes) : off + out_bytes, what));
+    MOE_TRY(copy(m->scratch, in, in_bytes, cudaMemcpyHostToDevice, what));
+    *din = m->scratch;
+    *dout = (char *)m->scratch + off;
+    return MOE_OK;
+}
+
+static moe_status stage_out(moe_comm *c, moe_device d, void *out, const void *dout, size_t out_bytes, const char *what) {
+    if (d.type != MOE_CPU) return MOE_OK;
+    return copy(out, dout, out_bytes, cudaMemcpyDeviceToHost, what);
 }
 
 static moe_status nc_all_reduce(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
     nccl_impl *m = c->impl;
+    const void *din; void *dout;
+    size_t bytes = n * moe_dtype_size(dt);
     MOE_TRY(begin(c, "all_reduce"));
-    MOE_TRY(nccl_check(m, m->api.AllReduce(buf, buf, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+    MOE_TRY(stage_in(c, d, buf, bytes, buf, bytes, &din, &dout, "all_reduce"));
+    MOE_TRY(nccl_check(m, m->api.AllReduce(din, dout, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
                                            m->comm, m->stream), "ncclAllReduce"));
-    return nccl_wait(c, "all_reduce");
+    MOE_TRY(nccl_wait(c, "all_reduce"));
+    return stage_out(c, d, buf, dout, bytes, "all_reduce");
 }
 
 static moe_status nc_barrier(moe_comm *c) {
     nccl_impl *m = c->impl;
     MOE_TRY(begin(c, "barrier"));
-    void *one = NULL;
-    if (cudaMalloc(&one, sizeof(float)) != cudaSuccess) return moe_error(MOE_ERR_OOM, "barrier: cudaMalloc failed");
-    moe_status s = nccl_check(m, m->api.AllReduce(one, one, 1, ncclFloat32, ncclSum, m->comm, m->stream), "barrier");
-    if (s == MOE_OK) s = nccl_wait(c, "barrier");
-    cudaFree(one);
-    return s;
+    MOE_TRY(scratch(m, sizeof(float), "barrier"));
+    MOE_TRY(nccl_check(m, m->api.AllReduce(m->scratch, m->scratch, 1, ncclFloat32, ncclSum, m->comm, m->stream),
+                       "barrier"));
+    return nccl_wait(c, "barrier");
 }
 
 static moe_status nc_broadcast(moe_comm *c, void *buf, size_t n, moe_dtype dt, int root, moe_device d) {
     nccl_impl *m = c->impl;
+    const void *din; void *dout;
+    size_t bytes = n * moe_dtype_size(dt);
     MOE_TRY(begin(c, "broadcast"));
-    MOE_TRY(nccl_check(m, m->api.Broadcast(buf, buf, n, nccl_type(dt, &n), root, m->comm, m->stream), "ncclBroadcast"));
-    return nccl_wait(c, "broadcast");
+    MOE_TRY(stage_in(c, d, buf, bytes, buf, bytes, &din, &dout, "broadcast"));
+    MOE_TRY(nccl_check(m, m->api.Broadcast(din, dout, n, nccl_type(dt, &n), root, m->comm, m->stream), "ncclBroadcast"));
+    MOE_TRY(nccl_wait(c, "broadcast"));
+    return stage_out(c, d, buf, dout, bytes, "broadcast");
 }
 
 static moe_status nc_all_gather(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d) {
     nccl_impl *m = c->impl;
+    const void *din; void *dout;
+    size_t bytes = n * moe_dtype_size(dt);
     MOE_TRY(begin(c, "all_gather"));
-    MOE_TRY(nccl_check(m, m->api.AllGather(in, out, n, nccl_type(dt, &n), m->comm, m->stream), "ncclAllGather"));
-    return nccl_wait(c, "all_gather");
+    MOE_TRY(stage_in(c, d, in, bytes, out, bytes * (size_t)c->size, &din, &dout, "all_gather"));
+    MOE_TRY(nccl_check(m, m->api.AllGather(din, dout, n, nccl_type(dt, &n), m->comm, m->stream), "ncclAllGather"));
+    MOE_TRY(nccl_wait(c, "all_gather"));
+    return stage_out(c, d, out, dout, bytes * (size_t)c->size, "all_gather");
 }
 
 static moe_status nc_reduce_scatter(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_dist_op op,
                                     moe_device d) {
     nccl_impl *m = c->impl;
+    const void *din; void *dout;
+    size_t bytes = n * moe_dtype_size(dt);
     MOE_TRY(begin(c, "reduce_scatter"));
-    MOE_TRY(nccl_check(m, m->api.ReduceScatter(in, out, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+    MOE_TRY(stage_in(c, d, in, bytes * (size_t)c->size, out, bytes, &din, &dout, "reduce_scatter"));
+    MOE_TRY(nccl_check(m, m->api.ReduceScatter(din, dout, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
                                                m->comm, m->stream), "ncclReduceScatter"));
-    return nccl_wait(c, "reduce_scatter");
+    MOE_TRY(nccl_wait(c, "reduce_scatter"));
+    return stage_out(c, d, out, dout, bytes, "reduce_scatter");
 }
 
 static moe_status nc_all_to_all_v(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
                                   moe_dtype dt, moe_device d) {
     nccl_impl *m = c->impl;
     MOE_TRY(begin(c, "all_to_all_v"));
-    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1;
+    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1, ts = 0, tr = 0;
+    for (int r = 0; r < c->size; r++) { ts += sc[r]; tr += rc[r]; }
+    const void *din; void *dout;
+    MOE_TRY(stage_in(c, d, in, ts * es, out, tr * es, &din, &dout, "all_to_all_v"));
     ncclDataType_t t = nccl_type(dt, &one);
     MOE_TRY(nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
+    ncclResult_t err = ncclSuccess;
     for (int r = 0; r < c->size; r++) {
-        if (sc[r]) m->api.Send((const char *)in + so * es, sc[r], t, r, m->comm, m->stream);
-        if (rc[r]) m->api.Recv((char *)out + ro * es, rc[r], t, r, m->comm, m->stream);
+        ncclResult_t e1 = ncclSuccess, e2 = ncclSuccess;
+        if (sc[r]) e1 = m->api.Send((const char *)din + so * es, sc[r], t, r, m->comm, m->stream);
+        if (rc[r]) e2 = m->api.Recv((char *)dout + ro * es, rc[r], t, r, m->comm, m->stream);
+        if (err == ncclSuccess) err = e1 != ncclSuccess ? e1 : e2;
         so += sc[r];
         ro += rc[r];
     }
-    MOE_TRY(nccl_check(m, m->api.GroupEnd(), "ncclGroupEnd"));
-    return nccl_wait(c, "all_to_all_v");
+    ncclResult_t ge = m->api.GroupEnd();
+    MOE_TRY(nccl_check(m, err, "ncclSend/ncclRecv"));
+    MOE_TRY(nccl_check(m, ge, "ncclGroupEnd"));
+    MOE_TRY(nccl_wait(c, "all_to_all_v"));
+    return stage_out(c, d, out, dout, tr * es, "all_to_all_v");
 }
 
 static void nc_destroy(moe_comm *c) {
@@ -210,6 +276,7 @@ static void nc_destroy(moe_comm *c) {
         else m->api.CommDestroy(m->comm);
     }
     if (m->stream) cudaStreamDestroy(m->stream);
+    if (m->scratch) cudaFree(m->scratch);
     /* the library stays loaded: NCCL keeps threads of its own */
     free(m);
     c->impl = NULL;

@@ -97,6 +97,17 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
     return MOE_OK;
 }
 
+/* The permutation is built on the host; rows may live on a GPU. Move it to
+ * their device once (the plan is reused by the backward exchange). */
+static moe_status perm_on(moe_ctx *ctx, moe_ep_plan *p, moe_device dev) {
+    if (moe_device_eq(p->perm->device, dev)) return MOE_OK;
+    moe_tensor *moved = moe_op_to(ctx, p->perm, dev, MOE_I64);
+    if (!moved) return moe_last_status();
+    moe_tensor_release(p->perm);
+    p->perm = moved;
+    return MOE_OK;
+}
+
 static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_tensor **out) {
     int64_t shape[2] = {rows, like->shape[1]};
     *out = moe_tensor_new(ctx, like->dtype, 2, shape, like->device);
@@ -123,6 +134,7 @@ static moe_status forward_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, 
     moe_status s = xc ? new_rows(ctx, x, p->received, &recv) : moe_last_status();
     if (s == MOE_OK) s = moe_comm_all_to_all_v(p->comm, xc, sc, recv, rcv);
     if (s == MOE_OK) s = new_rows(ctx, x, p->received, &y);
+    if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, recv->device);
     if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, y, recv, p->perm);
     free(sc);
     moe_tensor_release(xc);
@@ -148,6 +160,7 @@ static moe_status reverse_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *y, 
     moe_status s = yc ? new_rows(ctx, y, p->received, &back) : moe_last_status();
     /* undo the regrouping: back[perm[k]] = y[k] (perm is a permutation) */
     if (s == MOE_OK) s = moe_op_fill(ctx, back, 0.0);
+    if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, yc->device);
     if (s == MOE_OK && p->received > 0) s = moe_op_index_add(ctx, back, p->perm, yc);
     if (s == MOE_OK) s = new_rows(ctx, y, p->sent, &x);
     if (s == MOE_OK) s = moe_comm_all_to_all_v(p->comm, back, sc, x, rcv);

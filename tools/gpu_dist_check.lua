@@ -1,0 +1,209 @@
+-- One rank of the 2-GPU NCCL check (launched by tools/gpu_dist_check.sh with
+-- RANK/WORLD_SIZE/LOCAL_RANK, one visible GPU per rank and
+-- MOELAB_DIST_RENDEZVOUS): (1) collectives on random CUDA tensors (and CPU
+-- scalars, staged) against host-computed values; (2) DP=2 training of a small
+-- Mixtral on CUDA vs one GPU with gradient_accumulation_steps = 2; (3) EP=2 the
+-- same way (an error is reported, not fatal); (4) throughput, DP=2 vs one GPU,
+-- quickstart-sized model. The single-GPU references run in rank 0 at the end.
+-- Prints "RESULT <name> <PASS|FAIL|SKIP|value> <detail>" lines.
+--   ./moelab-cuda tools/gpu_dist_check.lua [throughput_steps]
+local moe = require "moelab"
+local d = moe.dist
+local tp_steps = tonumber(arg and arg[1]) or 20
+assert(moe.cuda_available(), "no CUDA device")
+local info = d.init{backend = "nccl", timeout = tonumber(os.getenv("MOELAB_DIST_TIMEOUT")) or 60}
+local rank, world = d.rank(), d.world_size()
+assert(world == 2, "run with 2 ranks")
+assert(info.backend == "nccl", "backend " .. tostring(info.backend))
+local function result(name, status, detail)
+  if rank == 0 then print(string.format("RESULT %s %s %s", name, status, detail or "")) end
+  io.stdout:flush()
+end
+
+-- a tensor (any device) or a flat table of numbers -> a flat table
+local function flat(t)
+  if type(t) == "table" then return t end
+  return t:to("cpu"):to("f64"):contiguous():view(-1):to_table()
+end
+local function cat(...)
+  local out = {}
+  for _, t in ipairs{...} do for _, v in ipairs(flat(t)) do out[#out + 1] = v end end
+  return out
+end
+-- relative max difference of two tensors or flat tables
+local function maxrel(a, b)
+  local x, y = flat(a), flat(b)
+  assert(#x == #y, "sizes differ")
+  local worst, scale = 0, 1e-30
+  for i = 1, #x do scale = math.max(scale, math.abs(x[i]), math.abs(y[i])) end
+  for i = 1, #x do worst = math.max(worst, math.abs(x[i] - y[i])) end
+  return worst / scale
+end
+
+------------------------------------------------------------------ (1) collectives
+do
+  local fails, n = {}, 0
+  local function check(what, got, want, tol)
+    n = n + 1
+    local ok, e = pcall(maxrel, got, want)
+    if not ok or e > tol then fails[#fails + 1] = what .. (ok and string.format(" (%.2e)", e) or " (" .. e .. ")") end
+  end
+  local function host(r, shape, seed) return moe.randn(shape, {seed = (seed or 100) + r}) end
+  local function dev(r, shape, dt, seed) return host(r, shape, seed):to(dt or "f32"):to("cuda") end
+  local ok, err = pcall(function()
+    for _, dt in ipairs{"f32", "f64"} do
+      check("all_reduce sum " .. dt, d.all_reduce(dev(rank, {33, 7}, dt), "sum"), host(0, {33, 7}) + host(1, {33, 7}), 1e-6)
+      check("all_reduce avg " .. dt, d.all_reduce(dev(rank, {1000}, dt), "avg"), (host(0, {1000}) + host(1, {1000})) * 0.5, 1e-6)
+    end
+    -- large, bucketed (4 MB buckets over 3M floats)
+    local N = 3000000
+    check("all_reduce bucketed 12 MB", d.all_reduce(dev(rank, {N}, "f32", 7), "sum", {bucket_mb = 4}),
+      host(0, {N}, 7) + host(1, {N}, 7), 1e-6)
+    -- CPU tensors go through a device staging buffer
+    check("all_reduce avg cpu f64", d.all_reduce(host(rank, {3}):to("f64"), "avg"), (host(0, {3}) + host(1, {3})) * 0.5, 1e-6)
+    check("broadcast root 1", d.broadcast(dev(rank, {4, 9}), 1), host(1, {4, 9}), 0)
+    check("broadcast root 0 cpu", d.broadcast(host(rank, {5}), 0), host(0, {5}), 0)
+    local g = d.all_gather(dev(rank, {3, 5}))
+    assert(g:shape()[1] == 2 and g:shape()[2] == 3 and g:shape()[3] == 5, "all_gather shape")
+    check("all_gather", g, cat(host(0, {3, 5}), host(1, {3, 5})), 0)
+    local rs = d.reduce_scatter(dev(rank, {6, 4}), "sum")
+    check("reduce_scatter sum", rs, (host(0, {6, 4}) + host(1, {6, 4})):narrow(1, 3 * rank + 1, 3), 1e-6)
+    rs = d.reduce_scatter(dev(rank, {6, 4}), "avg")
+    check("reduce_scatter avg", rs, ((host(0, {6, 4}) + host(1, {6, 4})) * 0.5):narrow(1, 3 * rank + 1, 3), 1e-6)
+    -- all_to_all_v: rank r has 2 + 3r rows; sends (1 + r) rows to rank 0, the rest to rank 1
+    local function rows(r) return host(r, {2 + 3 * r, 5}, 200) end
+    local function send(r) return {1 + r, 1 + 2 * r} end
+    local mine = d.all_to_all_v(rows(rank):to("cuda"), send(rank), {send(0)[rank + 1], send(1)[rank + 1]})
+    local a = rows(0):narrow(1, rank == 0 and 1 or 2, send(0)[rank + 1])
+    local b = rows(1):narrow(1, rank == 0 and 1 or 3, send(1)[rank + 1])
+    check("all_to_all_v", mine, cat(a, b), 0)
+    -- the same with an empty block (rank 0 sends nothing to rank 1)
+    local e = d.all_to_all_v(rows(rank):to("cuda"), rank == 0 and {2, 0} or {1, 4}, rank == 0 and {2, 1} or {0, 4})
+    check("all_to_all_v empty block", e, rank == 0 and cat(rows(0):narrow(1, 1, 2), rows(1):narrow(1, 1, 1))
+      or rows(1):narrow(1, 2, 4), 0)
+    d.barrier()
+  end)
+  if not ok then fails[#fails + 1] = "error: " .. tostring(err) end
+  -- both ranks' verdicts
+  local nf = d.all_reduce(moe.tensor({#fails}, {dtype = "f64"}), "sum"):to_table()[1]
+  if #fails > 0 then io.stderr:write("rank " .. rank .. " collective failures: " .. table.concat(fails, "; ") .. "\n") end
+  result("collectives", nf == 0 and "PASS" or "FAIL", string.format("%d checks per rank, %d failures over both ranks%s",
+    n, nf, #fails > 0 and (": " .. table.concat(fails, "; ")) or ""))
+end
+
+------------------------------------------------------------------ (2)/(3) training vs one GPU
+local corpus = moe.data.corpus{seed = 7, num_bytes = 200000}
+local function small(seed)
+  local m = moe.arch.Mixtral{vocab_size = 256, hidden_size = 32, num_layers = 2, num_heads = 4, num_kv_heads = 2,
+                             num_experts = 4, experts_per_token = 2, expert_intermediate_size = 32, seed = seed}
+  m:to("cuda")
+  return m
+end
+local function batch(g) return corpus:batch{batch_size = 4, seq_len = 32, seed = 3, step = g} end
+local train = {max_steps = 3, batch_size = 4, seq_len = 32, learning_rate = 1e-2, warmup_steps = 1}
+local function opts(extra)
+  local o = {}
+  for k, v in pairs(train) do o[k] = v end
+  o.batch_fn = batch
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+local runs = {}
+local function dist_run(name, ep)
+  local ok, res = pcall(function()
+    local dt = moe.distributed.DistributedMoETrainer{model = small(rank == 0 and 11 or 99), progress = false,
+                                                     aux_loss_coef = 0.01, expert_parallel_size = ep}
+    local r = dt:train(opts())
+    assert(r.world_size == 2 and r.global_batch_size == 8, "world_size/global_batch_size")
+    local p = dt.model.net:flat_parameters()
+    local same = maxrel(p, d.broadcast(p * 1, 0))
+    return {history = r.history, params = p:to("cpu"), same = same}
+  end)
+  runs[name] = ok and res or {error = tostring(res)}
+  if not ok then io.stderr:write(string.format("rank %d: %s failed: %s\n", rank, name, tostring(res))) end
+end
+
+dist_run("dp", 1)
+
+------------------------------------------------------------------ (4) throughput, DP=2
+local big_corpus = moe.data.corpus{seed = 1, num_bytes = 2000000}
+local function quick()
+  local m = moe.arch.Mixtral{vocab_size = 256, hidden_size = 128, num_layers = 4, num_heads = 4, num_kv_heads = 2,
+                             num_experts = 8, experts_per_token = 2, expert_intermediate_size = 256, seed = 42}
+  m:to("cuda")
+  return m
+end
+local function median_rate(history, scale)
+  local rates = {}
+  for s = math.min(6, #history), #history do rates[#rates + 1] = history[s].tokens_per_s * scale end
+  table.sort(rates)
+  return rates[math.ceil(#rates / 2)]
+end
+local tp = {}
+do
+  local ok, err = pcall(function()
+    local dt = moe.distributed.DistributedMoETrainer{model = quick(), progress = false}
+    d.barrier()
+    local t0 = moe.clock()
+    local r = dt:train{train_data = big_corpus, batch_size = 16, seq_len = 128, learning_rate = 2e-3,
+                       max_steps = tp_steps, lr_schedule = "constant", seed = 1}
+    tp.dp_wall = moe.clock() - t0
+    -- every rank steps in lockstep: the global rate is world x the per-rank rate
+    tp.dp = median_rate(r.history, world)
+    tp.dp_loss = r.history[#r.history].loss
+  end)
+  if not ok then tp.dp_error = tostring(err); io.stderr:write("rank " .. rank .. " DP throughput: " .. tp.dp_error .. "\n") end
+end
+
+dist_run("ep", 2)
+
+------------------------------------------------------------------ references (rank 0, one GPU)
+if rank == 0 then
+  local ref_model = small(11)
+  local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
+  local rres = ref:train(opts{gradient_accumulation_steps = 2})
+  local rparams = ref_model.net:flat_parameters():to("cpu")
+  for _, name in ipairs{"dp", "ep"} do
+    local r = runs[name]
+    local label = name == "dp" and "dp2_vs_1gpu_accum2" or "ep2_vs_1gpu_accum2"
+    if r.error then
+      result(label, name == "ep" and "SKIP" or "FAIL", "error: " .. r.error:gsub("\n", " | "))
+    else
+      local worst, aux, rows = 0, 0, {}
+      for s = 1, train.max_steps do
+        local a, b = r.history[s].loss, rres.history[s].loss
+        local e = math.abs(a - b) / math.abs(b)
+        worst = math.max(worst, e)
+        aux = math.max(aux, math.abs(r.history[s].aux_loss - rres.history[s].aux_loss) / math.abs(rres.history[s].aux_loss))
+        rows[#rows + 1] = string.format("%.6f/%.6f", a, b)
+      end
+      local pe = maxrel(r.params, rparams)
+      result(label, (worst <= 1e-5 and aux <= 1e-5) and "PASS" or "FAIL",
+        string.format("losses (%s) max rel %.2e, aux max rel %.2e, final params max rel %.2e, ranks equal %.1e",
+          table.concat(rows, " "), worst, aux, pe, r.same))
+    end
+  end
+  -- single-GPU throughput, same model and batches per step per GPU
+  local ok, err = pcall(function()
+    local tr = moe.MoETrainer{model = quick(), progress = false}
+    local t0 = moe.clock()
+    local r = tr:train{train_data = big_corpus, batch_size = 16, seq_len = 128, learning_rate = 2e-3,
+                       max_steps = tp_steps, lr_schedule = "constant", seed = 1}
+    tp.one_wall = moe.clock() - t0
+    tp.one = median_rate(r.history, 1)
+  end)
+  if not ok then tp.one_error = tostring(err) end
+  if tp.dp_error or tp.one_error then
+    result("throughput", "FAIL", (tp.dp_error or "") .. " " .. (tp.one_error or ""))
+  else
+    result("throughput_1gpu", string.format("%.0f", tp.one),
+      string.format("tokens/s median steps 6-%d, batch 16x128 (%d steps in %.2f s)", tp_steps, tp_steps, tp.one_wall))
+    result("throughput_dp2", string.format("%.0f", tp.dp),
+      string.format("tokens/s global (2 x per-rank median), 2 x 16x128 per step (%d steps in %.2f s); speed-up %.2fx, scaling efficiency %.0f%%",
+        tp_steps, tp.dp_wall, tp.dp / tp.one, 100 * tp.dp / (2 * tp.one)))
+  end
+end
+-- rank 1 waits for rank 0's references (the communicator may be broken after an EP failure)
+pcall(d.barrier)
+print("DONE " .. rank)
