@@ -155,6 +155,14 @@ describe("MoETrainer", function()
     assert.is_false(m2.net:param("layers.0.mlp.gate.weight"):equal(g2))
   end)
 
+  it("save_final = false keeps the metrics but writes no closing checkpoint", function()
+    local dir = tmpdir()
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false, run_dir = dir}
+    tr:train{train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 2, save_final = false}
+    assert.is_truthy(io.open(dir .. "/metrics.jsonl"))
+    assert.is_nil(io.open(dir .. "/checkpoint/trainer_state.json"))
+  end)
+
   it("takes batches from batch_fn and calls grad_hook once per step", function()
     local calls, seen = 0, {}
     local tr = moe.MoETrainer{model = small("Mixtral"), progress = false,

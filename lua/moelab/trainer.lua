@@ -154,7 +154,7 @@ local train_keys = {
   train_data = true, eval_data = true, batch_size = true, seq_len = true, learning_rate = true, max_steps = true,
   num_epochs = true, warmup_steps = true, lr_schedule = true, min_lr_ratio = true,
   gradient_accumulation_steps = true, eval_every = true, eval_batches = true, save_every = true, seed = true,
-  resume = true, max_skipped_steps = true, batch_fn = true,
+  resume = true, max_skipped_steps = true, batch_fn = true, save_final = true,
 }
 
 local function fmt_count(n)
@@ -186,7 +186,8 @@ end
 --  warmup_steps=0, lr_schedule="cosine"|"linear"|"constant", min_lr_ratio=0.1,
 --  gradient_accumulation_steps=1, eval_every=0, eval_batches=8, save_every=0, seed=0,
 --  resume = <checkpoint dir> | true (the run_dir's latest),
---  batch_fn = function(index) return ids, targets end (instead of train_data's batches)}
+--  batch_fn = function(index) return ids, targets end (instead of train_data's batches),
+--  save_final = true (false: no closing checkpoint in run_dir)}
 function Trainer:train(opts)
   local f = "MoETrainer:train"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -360,7 +361,9 @@ function Trainer:train(opts)
     run_dir = self.run_dir,
   }
   if opts.eval_data then result.eval = self:evaluate(opts.eval_data, {batches = o.eval_batches}) end
-  if self.run_dir then checkpoint.save_training(self, self.run_dir .. "/checkpoint") end
+  -- save_final = false keeps metrics.jsonl but skips the closing checkpoint
+  -- (a large model's optimizer state can be tens of gigabytes)
+  if self.run_dir and opts.save_final ~= false then checkpoint.save_training(self, self.run_dir .. "/checkpoint") end
   return result
 end
 
