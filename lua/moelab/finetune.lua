@@ -466,7 +466,7 @@ local train_keys = {
   dataset = true, eval_dataset = true, task = true, tokenizer = true, eos_id = true, pad_id = true, packing = true,
   shuffle = true, num_epochs = true, max_steps = true, batch_size = true, seq_len = true, learning_rate = true,
   warmup_steps = true, lr_schedule = true, min_lr_ratio = true, gradient_accumulation_steps = true,
-  eval_every = true, eval_batches = true, save_every = true, seed = true, resume = true, max_skipped_steps = true,
+  eval_every = true, eval_batches = true, save_every = true, seed = true, resume = true, max_skipped_steps = true, save_final = true,
 }
 
 local TASKS = {text_generation = true, causal_lm = true}
@@ -536,7 +536,7 @@ function FineTuner:train(opts)
   end
   local topts = {}
   for _, k in ipairs{"learning_rate", "warmup_steps", "lr_schedule", "min_lr_ratio", "eval_every", "eval_batches",
-                     "save_every", "seed", "resume", "max_skipped_steps", "max_steps"} do
+                     "save_every", "seed", "resume", "max_skipped_steps", "max_steps", "save_final"} do
     topts[k] = opts[k]
   end
   if topts.learning_rate == nil then topts.learning_rate = 1e-4 end
