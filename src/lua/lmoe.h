@@ -24,6 +24,9 @@ int moe_lua_is_tensor(lua_State *L, int idx);
 /* Pushes t as userdata, taking over the caller's reference. t == NULL raises
  * the current engine error with `what` as context. */
 void moe_lua_push_tensor(lua_State *L, moe_tensor *t, const char *what);
+/* Pushes a tensor the engine keeps (a parameter, a saved loss) with a new
+ * reference; NULL pushes nil. */
+void moe_lua_push_borrowed(lua_State *L, moe_tensor *t, const char *what);
 
 /* Raise a Lua error: "<fname>: <engine message>". Never returns. */
 int moe_lua_fail(lua_State *L, const char *fname);

@@ -200,25 +200,20 @@ static int m_routing_stats(lua_State *L) {
     return 1;
 }
 
-static void push_borrowed(lua_State *L, moe_tensor *t, const char *f) {
-    if (!t) { lua_pushnil(L); return; }
-    moe_tensor_retain(t);
-    moe_lua_push_tensor(L, t, f);
-}
 
-static int m_aux(lua_State *L) { push_borrowed(L, moe_block_last_aux(check_moe(L, "layer:aux_loss")), "layer:aux_loss"); return 1; }
-static int m_z(lua_State *L) { push_borrowed(L, moe_block_last_z(check_moe(L, "layer:z_loss")), "layer:z_loss"); return 1; }
+static int m_aux(lua_State *L) { moe_lua_push_borrowed(L, moe_block_last_aux(check_moe(L, "layer:aux_loss")), "layer:aux_loss"); return 1; }
+static int m_z(lua_State *L) { moe_lua_push_borrowed(L, moe_block_last_z(check_moe(L, "layer:z_loss")), "layer:z_loss"); return 1; }
 static int m_router_logits(lua_State *L) {
-    push_borrowed(L, moe_block_last_logits(check_moe(L, "layer:router_logits")), "layer:router_logits");
+    moe_lua_push_borrowed(L, moe_block_last_logits(check_moe(L, "layer:router_logits")), "layer:router_logits");
     return 1;
 }
-static int m_bias(lua_State *L) { push_borrowed(L, moe_block_bias(check_moe(L, "layer:expert_bias")), "layer:expert_bias"); return 1; }
+static int m_bias(lua_State *L) { moe_lua_push_borrowed(L, moe_block_bias(check_moe(L, "layer:expert_bias")), "layer:expert_bias"); return 1; }
 
 static int m_assignments(lua_State *L) {
     const char *f = "layer:assignments";
     moe_tensor *t, *e, *w;
     moe_block_last_assignments(check_moe(L, f), &t, &e, &w);
-    push_borrowed(L, t, f); push_borrowed(L, e, f); push_borrowed(L, w, f);
+    moe_lua_push_borrowed(L, t, f); moe_lua_push_borrowed(L, e, f); moe_lua_push_borrowed(L, w, f);
     return 3;
 }
 
@@ -254,22 +249,6 @@ static int m_is_training(lua_State *L) {
     return 1;
 }
 
-static int m_buffers(lua_State *L) {
-    moe_layer *l = moe_lua_check_layer(L, 1, "layer:buffers", "self");
-    int n = moe_layer_num_buffer_tensors(l);
-    moe_param *bs = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
-    moe_layer_collect_buffers(l, bs, n);
-    lua_createtable(L, n, 0);
-    for (int i = 0; i < n; i++) {
-        lua_createtable(L, 0, 2);
-        lua_pushstring(L, bs[i].name);
-        lua_setfield(L, -2, "name");
-        push_borrowed(L, bs[i].value, "layer:buffers");
-        lua_setfield(L, -2, "value");
-        lua_rawseti(L, -2, i + 1);
-    }
-    return 1;
-}
 
 static moe_layer *check_model(lua_State *L, const char *f) {
     moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
@@ -341,7 +320,7 @@ static int m_config(lua_State *L) {
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
     {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"noise_step", m_get_noise_step}, {"train", m_train},
-    {"is_training", m_is_training}, {"buffers", m_buffers}, {"balance_losses", m_balance_losses},
+    {"is_training", m_is_training}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
 
 void moe_lua_open_peft(lua_State *L);   /* peft.c: LoRA adapters and the router-input bias */

@@ -248,9 +248,19 @@ static int layer_gc(lua_State *L) {
     return 0;
 }
 
-static void push_tensor_ref(lua_State *L, moe_tensor *t) {
-    moe_tensor_retain(t);
-    moe_lua_push_tensor(L, t, "parameters");
+/* [{name=, value=, grad=}] in the given order (grad is nil for buffers) */
+static void push_param_list(lua_State *L, const moe_param *ps, int n, const char *f) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, ps[i].name);
+        lua_setfield(L, -2, "name");
+        moe_lua_push_borrowed(L, ps[i].value, f);
+        lua_setfield(L, -2, "value");
+        moe_lua_push_borrowed(L, ps[i].grad, f);
+        lua_setfield(L, -2, "grad");
+        lua_rawseti(L, -2, i + 1);
+    }
 }
 
 /* parameters() -> array of {name=, value=, grad=} in a stable order */
@@ -259,17 +269,17 @@ static int layer_parameters(lua_State *L) {
     int n = moe_layer_num_param_tensors(l);
     moe_param *ps = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
     moe_layer_collect_params(l, ps, n);
-    lua_createtable(L, n, 0);
-    for (int i = 0; i < n; i++) {
-        lua_createtable(L, 0, 3);
-        lua_pushstring(L, ps[i].name);
-        lua_setfield(L, -2, "name");
-        push_tensor_ref(L, ps[i].value);
-        lua_setfield(L, -2, "value");
-        push_tensor_ref(L, ps[i].grad);
-        lua_setfield(L, -2, "grad");
-        lua_rawseti(L, -2, i + 1);
-    }
+    push_param_list(L, ps, n, "layer:parameters");
+    return 1;
+}
+
+/* buffers() -> array of {name=, value=}: saved with the model, not trained */
+static int layer_buffers(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:buffers", "self");
+    int n = moe_layer_num_buffer_tensors(l);
+    moe_param *bs = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
+    moe_layer_collect_buffers(l, bs, n);
+    push_param_list(L, bs, n, "layer:buffers");
     return 1;
 }
 
@@ -282,8 +292,8 @@ static moe_param *find_param(lua_State *L, const char *f) {
     return p;
 }
 
-static int layer_param(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:param")->value); return 1; }
-static int layer_grad(lua_State *L) { push_tensor_ref(L, find_param(L, "layer:grad")->grad); return 1; }
+static int layer_param(lua_State *L) { moe_lua_push_borrowed(L, find_param(L, "layer:param")->value, "layer:param"); return 1; }
+static int layer_grad(lua_State *L) { moe_lua_push_borrowed(L, find_param(L, "layer:grad")->grad, "layer:grad"); return 1; }
 
 static int layer_num_params(lua_State *L) {
     lua_pushnumber(L, (lua_Number)moe_layer_num_params(moe_lua_check_layer(L, 1, "layer:num_params", "self")));
@@ -311,8 +321,8 @@ static int layer_flat(lua_State *L) {
     const char *f = "layer:flat_parameters";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (!l->flat_values) moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, l->device), f);
-    push_tensor_ref(L, l->flat_values);
-    push_tensor_ref(L, l->flat_grads);
+    moe_lua_push_borrowed(L, l->flat_values, "layer:flat_parameters");
+    moe_lua_push_borrowed(L, l->flat_grads, "layer:flat_parameters");
     return 2;
 }
 
@@ -370,10 +380,7 @@ static int tape_grad(lua_State *L) {
     const char *f = "tape:grad";
     moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "tensor");
-    moe_tensor *g = moe_tape_grad(t, x);
-    if (!g) { lua_pushnil(L); return 1; }
-    moe_tensor_retain(g);
-    moe_lua_push_tensor(L, g, "tape:grad");
+    moe_lua_push_borrowed(L, moe_tape_grad(t, x), f);
     return 1;
 }
 
@@ -463,7 +470,7 @@ static int tape_forward(lua_State *L) {
 }
 
 static const luaL_Reg layer_methods[] = {
-    {"forward", layer_forward}, {"parameters", layer_parameters}, {"param", layer_param}, {"grad", layer_grad},
+    {"forward", layer_forward}, {"parameters", layer_parameters}, {"buffers", layer_buffers}, {"param", layer_param}, {"grad", layer_grad},
     {"num_params", layer_num_params}, {"zero_grad", layer_zero_grad}, {"to", layer_to},
     {"flat_parameters", layer_flat}, {"kind", layer_kind}, {"device", layer_device}, {"children", layer_children},
     {NULL, NULL}};

@@ -125,10 +125,8 @@ static int m_set_router_bias(lua_State *L) {
 }
 
 static int m_router_bias(lua_State *L) {
-    moe_tensor *b = moe_block_router_input_bias(check_moe_layer(L, "layer:router_input_bias"));
-    if (!b) { lua_pushnil(L); return 1; }
-    moe_tensor_retain(b);
-    moe_lua_push_tensor(L, b, "layer:router_input_bias");
+    moe_lua_push_borrowed(L, moe_block_router_input_bias(check_moe_layer(L, "layer:router_input_bias")),
+                          "layer:router_input_bias");
     return 1;
 }
 

@@ -73,6 +73,12 @@ void moe_lua_push_tensor(lua_State *L, moe_tensor *t, const char *what) {
     b->t = t;
 }
 
+void moe_lua_push_borrowed(lua_State *L, moe_tensor *t, const char *what) {
+    if (!t) { lua_pushnil(L); return; }
+    moe_tensor_retain(t);
+    moe_lua_push_tensor(L, t, what);
+}
+
 /* Leak-free: the box is on the stack before the tensor exists. */
 moe_tensor *moe_lua_new_tensor(lua_State *L, moe_dtype dt, int ndim, const int64_t *shape, moe_device dev,
                                const char *fname) {

@@ -112,10 +112,8 @@ static int a_count(lua_State *L) {
 static int a_state(lua_State *L) {
     moe_adamw *o = check_opt(L, "optimizer:state");
     moe_tensor *m = moe_adamw_m(o), *v = moe_adamw_v(o);
-    moe_tensor_retain(m);
-    moe_lua_push_tensor(L, m, "optimizer:state");
-    moe_tensor_retain(v);
-    moe_lua_push_tensor(L, v, "optimizer:state");
+    moe_lua_push_borrowed(L, m, "optimizer:state");
+    moe_lua_push_borrowed(L, v, "optimizer:state");
     return 2;
 }
 
