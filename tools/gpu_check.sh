@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run on the GPU machine after `make CUDA=1 build/cuda/moelab build/cuda/tests/check_cuda bundle`
+# Run on the GPU machine after `make CUDA=1 build/cuda/moelab build/cuda/tests/gpu/check_cuda bundle`
 # here, with build/cuda carried: checks every CUDA kernel against the CPU path
 # and smoke-tests the CUDA program. Logs go to $OUT when set.
 set -u
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 echo "== check_cuda"
-build/cuda/tests/check_cuda 2>&1 | tee "$out/check_cuda.txt" | grep -v '^ok' 
+build/cuda/tests/gpu/check_cuda 2>&1 | tee "$out/check_cuda.txt" | grep -v '^ok' 
 echo "check_cuda: $(grep -c '^ok' "$out/check_cuda.txt") ok, $(grep -c '^not ok' "$out/check_cuda.txt") not ok"
 cp build/cuda/moelab ./moelab-cuda
 echo "== moelab (CUDA build) smoke"

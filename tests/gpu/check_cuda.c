@@ -11,133 +11,7 @@
  * Prints TAP; exit 1 on failure; "1..0 # SKIP no CUDA device" and exit 0
  * without a GPU. Then, unless MOELAB_CHECK_NO_TIMING is set, a short timing
  * section printed as TAP comments ("# attention fwd ...: X ms, Y TFLOP/s"). */
-#include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "../../src/core/rng.h"
-#include "../../src/ops/backend.h"
-#include "../../src/ops/cuda/moe_cuda.h"
-
-static moe_ctx *ctx;
-static int ntest, nfail;
-static uint64_t seed = 20240611;
-static const moe_device GPU = {MOE_CUDA, 0};
-
-#define SH(...) (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)), (int64_t[]){__VA_ARGS__}
-
-static void ok(int pass, const char *fmt, ...) {
-    char name[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    ntest++;
-    if (!pass) nfail++;
-    printf("%s %d - %s\n", pass ? "ok" : "not ok", ntest, name);
-    fflush(stdout);
-}
-
-static const char *dtn(moe_dtype dt) { return moe_dtype_name(dt); }
-
-/* ---- host/device pairs: h is the CPU f32 reference side, d the GPU side ---- */
-typedef struct { moe_tensor *h, *d; } pair;
-
-static void die_if(int cond, const char *what) {
-    if (cond) {
-        printf("Bail out! %s: %s\n", what, moe_last_error());
-        exit(1);
-    }
-}
-
-/* bf16: round a host f32 tensor's values through bf16 */
-static void round_through(moe_tensor *h, moe_dtype dt) {
-    if (dt == MOE_F32) return;
-    float *p = moe_f32(h);
-    for (int64_t i = 0; i < moe_tensor_numel(h); i++) p[i] = moe_bf16_to_f32(moe_f32_to_bf16(p[i]));
-}
-
-static moe_tensor *host_randn(int nd, const int64_t *shape, float scale, float shift, int positive) {
-    moe_tensor *h = moe_tensor_new_cpu(MOE_F32, nd, shape);
-    die_if(!h, "host tensor");
-    float *p = moe_f32(h);
-    int64_t n = moe_tensor_numel(h);
-    moe_rng_normal(p, n, moe_rng_key(seed++, MOE_RNG_USER), 0);
-    for (int64_t i = 0; i < n; i++) {
-        float v = p[i] * scale;
-        p[i] = (positive ? fabsf(v) : v) + shift;
-    }
-    return h;
-}
-
-static moe_tensor *to_gpu(moe_tensor *h, moe_dtype dt) {
-    moe_tensor *d = moe_op_to(ctx, h, GPU, dt);
-    die_if(!d, "upload");
-    return d;
-}
-
-static pair in_pair(moe_dtype dt, int nd, const int64_t *shape, float scale, float shift, int positive) {
-    pair p;
-    p.h = host_randn(nd, shape, scale, shift, positive);
-    round_through(p.h, dt);
-    p.d = to_gpu(p.h, dt);
-    return p;
-}
-static pair in_randn(moe_dtype dt, int nd, const int64_t *shape) { return in_pair(dt, nd, shape, 1.0f, 0.0f, 0); }
-
-/* outputs: NaN on both sides */
-static pair out_pair(moe_dtype dt, int nd, const int64_t *shape) {
-    pair p;
-    p.h = moe_tensor_new_cpu(MOE_F32, nd, shape);
-    p.d = moe_tensor_new(ctx, dt, nd, shape, GPU);
-    die_if(!p.h || !p.d, "output tensor");
-    die_if(moe_op_fill(ctx, p.h, NAN) != MOE_OK || moe_op_fill(ctx, p.d, NAN) != MOE_OK, "poison");
-    return p;
-}
-
-static void pfree(pair *p) {
-    moe_tensor_release(p->h);
-    moe_tensor_release(p->d);
-    p->h = p->d = NULL;
-}
-
-/* max |g - r| / (1 + |r|); NaN anywhere gives INFINITY */
-static double max_err(const moe_tensor *gpu, const moe_tensor *ref) {
-    moe_tensor *g = moe_op_to(ctx, (moe_tensor *)gpu, MOE_DEVICE_CPU, MOE_F32);
-    die_if(!g, "download");
-    moe_tensor *r = moe_tensor_contiguous_cpu((moe_tensor *)ref);
-    die_if(!r, "contiguous");
-    const float *a = moe_f32(g), *b = moe_f32(r);
-    double m = 0;
-    for (int64_t i = 0; i < moe_tensor_numel(r); i++) {
-        double x = a[i], y = b[i], e;
-        if (isnan(x) || isnan(y)) e = INFINITY;
-        else if (isinf(x) || isinf(y)) e = x == y ? 0.0 : INFINITY;
-        else e = fabs(x - y) / (1.0 + fabs(y));
-        if (e > m) m = e;
-    }
-    moe_tensor_release(g);
-    moe_tensor_release(r);
-    return m;
-}
-
-static void check(const char *name, moe_dtype dt, const moe_tensor *gpu, const moe_tensor *ref, double tol) {
-    double e = max_err(gpu, ref);
-    if (e <= tol) ok(1, "%s [%s] (max err %.3g)", name, dtn(dt), e);
-    else ok(0, "%s [%s]: max err %.3g > tol %.3g", name, dtn(dt), e, tol);
-}
-
-/* both calls must succeed; otherwise a failed test with the message */
-static int ran(const char *name, moe_dtype dt, moe_status sc, moe_status sg) {
-    if (sc == MOE_OK && sg == MOE_OK) return 1;
-    ok(0, "%s [%s]: %s failed: %s", name, dtn(dt), sc != MOE_OK ? "cpu" : "cuda", moe_last_error());
-    return 0;
-}
-#define RUN(name, dt, CALL_CPU, CALL_GPU) ran((name), (dt), (CALL_CPU), (CALL_GPU))
-
-static double tol_of(moe_dtype dt, double f32tol) { return dt == MOE_F32 ? f32tol : 2e-2; }
+#include "gpucheck.h"
 
 /* ---- memory ---- */
 
@@ -1191,14 +1065,7 @@ static void timings(void) {
 }
 
 int main(void) {
-    if (moe_cuda_device_count() == 0) {
-        printf("1..0 # SKIP no CUDA device\n");
-        return 0;
-    }
-    ctx = moe_ctx_new(0);
-    die_if(!ctx, "context");
-    moe_cpu_backend_install(ctx);
-    die_if(moe_cuda_backend_install(ctx) != MOE_OK, "cuda backend install");
+    gpucheck_begin();
 
     test_copy();
     const moe_dtype dts[] = {MOE_F32, MOE_BF16};
@@ -1230,9 +1097,6 @@ int main(void) {
     test_determinism();
     test_dtype_error();
     test_allocator();
-    printf("1..%d\n", ntest);
     if (!getenv("MOELAB_CHECK_NO_TIMING")) timings();
-    moe_cuda_backend_uninstall(ctx);
-    moe_ctx_free(ctx);
-    return nfail ? 1 : 0;
+    return gpucheck_end();
 }
