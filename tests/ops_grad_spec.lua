@@ -322,4 +322,21 @@ describe("adamw", function()
       assert.is_true(math.abs(v:get(i) - vi) < 1e-6)
     end
   end)
+
+  it("mixed precision: bf16 gradients, f32 state, the bf16 compute copy written in the same pass", function()
+    local n = 1000
+    local p1 = moe.randn({n}, {seed = 5})
+    local g = moe.randn({n}, {seed = 6}):to("bf16")
+    local m1, v1 = moe.randn({n}, {seed = 7}) * 0.1, (moe.randn({n}, {seed = 8}) * 0.1):abs()
+    local p2, m2, v2 = p1:clone(), m1:clone(), v1:clone()
+    local cfg = {lr = 1e-2, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1, step = 4}
+    -- reference: the same bf16 gradient values given as f32
+    ops.adamw(p1, g:to("f32"), m1, v1, cfg)
+    local copy = moe.zeros(n, {dtype = "bf16"})
+    cfg.compute = copy
+    ops.adamw(p2, g, m2, v2, cfg)
+    assert.is_true(p2:equal(p1) and m2:equal(m1) and v2:equal(v1), "bf16 gradients read exactly as f32")
+    assert.is_true(copy:to("f32"):equal(p2:to("bf16"):to("f32")), "compute copy = updated params rounded to bf16")
+    assert.has_error(function() ops.adamw(p1:to("bf16"), g, m1, v1, {step = 1}) end)
+  end)
 end)

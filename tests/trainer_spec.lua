@@ -66,6 +66,18 @@ describe("MoEModel", function()
 end)
 
 describe("MoETrainer", function()
+  it("precision: f32 is the default; bf16 needs a CUDA model and says so", function()
+    local m = small("Mixtral")
+    assert.equal("f32", m:precision())
+    moe.MoETrainer{model = m, progress = false, precision = "f32"}
+    local ok, err = pcall(moe.MoETrainer, {model = m, progress = false, precision = "bf16"})
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("bf16 compute needs a CUDA device", 1, true), tostring(err))
+    ok, err = pcall(moe.MoETrainer, {model = m, progress = false, precision = "fp8"})
+    assert.truthy(tostring(err):find('precision must be "bf16" or "f32"', 1, true), tostring(err))
+    assert.equal("f32", m:precision())
+  end)
+
   it("lowers the loss on the built-in corpus", function()
     local m = small("Mixtral")
     local tr = moe.MoETrainer{model = m, progress = false}

@@ -50,6 +50,7 @@ function M.load_into(model, tensors, where)
   if #missing > 0 then
     error(string.format("%s: missing tensor%s %s", where, #missing > 1 and "s" or "", table.concat(missing, ", ")), 3)
   end
+  model.net:refresh_compute()   -- bf16 precision: the compute copy follows the loaded values
 end
 
 --- moe.load(dir): rebuild a model from config.json and model.safetensors.

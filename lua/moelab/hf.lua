@@ -410,6 +410,7 @@ function M.load_state(model, tensors, mt, f)
     fail(f, "missing tensor%s %s%s", #missing > 1 and "s" or "", table.concat(shown, ", "),
       #missing > 6 and string.format(" (and %d more)", #missing - 6) or "")
   end
+  model.net:refresh_compute()   -- bf16 precision: the compute copy follows the loaded values
 end
 
 local function load_hf(f, dir, cfg, want)

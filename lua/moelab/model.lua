@@ -12,7 +12,7 @@ local defaults = {
 }
 
 -- Options this module understands on top of nn.Model's (consumed here).
-local lua_only = {router = true, load_balancer = true, device = true, expert = true, name = true}
+local lua_only = {router = true, load_balancer = true, device = true, expert = true, name = true, precision = true}
 
 local function merge(into, from)
   for k, v in pairs(from or {}) do into[k] = v end
@@ -64,6 +64,7 @@ function M.MoEModel(opts)
   self.config = net:config()
   self.config.name = cfg.name
   if cfg.device and cfg.device ~= "cpu" then self:to(cfg.device) end
+  if cfg.precision and cfg.precision ~= "f32" then self:set_precision(cfg.precision) end
   return self
 end
 
@@ -129,6 +130,11 @@ function Model:train(on) self.net:train(on == nil or on); return self end
 function Model:eval() self.net:train(false); return self end
 function Model:device() return self.net:device() end
 function Model:to(device) self.net:to(device); return self end
+--- "bf16": mixed precision (bf16 compute and gradients, f32 master weights; CUDA only); "f32": off.
+function Model:set_precision(p) self.net:set_precision(p); return self end
+function Model:precision() return self.net:precision() end
+--- After writing parameters yourself under bf16 precision: copies them into the bf16 compute copy.
+function Model:refresh() self.net:refresh_compute(); return self end
 function Model:__tostring() return tostring(self.net) end
 
 --- Auxiliary-loss-free balancing: nudge each MoE layer's expert bias.

@@ -43,6 +43,7 @@ local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
   freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
+  precision = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
@@ -51,7 +52,9 @@ local trainer_keys = {
 --  freeze_rest=false (attention, norms, embeddings, head),
 --  trainable = function(name) -> boolean (parameters it rejects are frozen; e.g. moe.peft.is_lora_param),
 --  grad_hook = function(trainer) (after the step's backward, before clipping),
---  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model)}
+--  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model),
+--  precision = "f32" | "bf16" (bf16: mixed precision on a CUDA model: bf16 compute and
+--  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -100,6 +103,13 @@ function M.MoETrainer(opts)
   self.trainable = opts.trainable
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
+  if opts.precision ~= nil then
+    if opts.precision ~= "bf16" and opts.precision ~= "f32" then
+      fail(f, "precision must be \"bf16\" or \"f32\", got %s", tostring(opts.precision))
+    end
+    local ok, err = pcall(model.set_precision, model, opts.precision)
+    if not ok then fail(f, "%s", (tostring(err):gsub("^layer:set_precision: ", ""))) end
+  end
   self.aux_free = false
   for _, l in ipairs(model:moe_layers()) do
     if #l:buffers() > 0 then self.aux_free = true end
@@ -260,6 +270,9 @@ function Trainer:train(opts)
     net:zero_grad()
     local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
     local stats
+    -- the losses stay on the device until the step's backward is queued: reading
+    -- them earlier would make the host wait for the forward before launching backward
+    local pending = {}
     for micro = 1, o.accum do
       -- a batch is a pure function of its index, which is what makes resuming exact
       local index = (step - 1) * o.accum + micro - 1
@@ -269,16 +282,20 @@ function Trainer:train(opts)
       local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
                                            router_z_loss_coef = self.router_z_loss_coef})
       if self.monitor then self.monitor:record() end
-      local l = out.loss:item()
-      if not finite(l) then bad = true end
-      loss_sum = loss_sum + l
-      aux_sum = aux_sum + out.aux_loss:item()
-      z_sum = z_sum + out.z_loss:item()
       stats = out.routing
-      if not bad then out.tape:backward(out.total_loss, scale) end
+      -- a non-finite loss gives non-finite gradients; the step is skipped below
+      out.tape:backward(out.total_loss, scale)
+      pending[micro] = {out.loss, out.aux_loss, out.z_loss}
       -- release activations now rather than at the next garbage collection
       out.tape:reset()
       out.logits:free()
+    end
+    for _, p in ipairs(pending) do
+      local l = p[1]:item()
+      if not finite(l) then bad = true end
+      loss_sum = loss_sum + l
+      aux_sum = aux_sum + p[2]:item()
+      z_sum = z_sum + p[3]:item()
     end
     -- e.g. the data-parallel all-reduce of the flat gradient buffer
     if self.grad_hook and not bad then self.grad_hook(self) end

@@ -317,13 +317,43 @@ static int layer_to(lua_State *L) {
     return 1;
 }
 
+/* layer:set_precision("bf16" | "f32"): mixed precision on a root layer (layer.h) */
+static int layer_set_precision(lua_State *L) {
+    const char *f = "layer:set_precision";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    const char *name = luaL_optstring(L, 2, "f32");
+    moe_dtype dt;
+    if (!strcmp(name, "bf16") || !strcmp(name, "bfloat16")) dt = MOE_BF16;
+    else if (!strcmp(name, "f32") || !strcmp(name, "fp32") || !strcmp(name, "float32")) dt = MOE_F32;
+    else return luaL_error(L, "%s: precision must be \"bf16\" or \"f32\", got \"%s\"", f, name);
+    moe_lua_check(L, moe_layer_set_compute_dtype(moe_lua_ctx(L), l, dt), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int layer_precision(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:precision", "self");
+    lua_pushstring(L, l->flat_compute ? moe_dtype_name(l->compute_dtype) : "f32");
+    return 1;
+}
+
+static int layer_refresh_compute(lua_State *L) {
+    const char *f = "layer:refresh_compute";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    moe_lua_check(L, moe_layer_refresh_compute(moe_lua_ctx(L), l), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
 static int layer_flat(lua_State *L) {
     const char *f = "layer:flat_parameters";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (!l->flat_values) moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, l->device), f);
     moe_lua_push_borrowed(L, l->flat_values, "layer:flat_parameters");
     moe_lua_push_borrowed(L, l->flat_grads, "layer:flat_parameters");
-    return 2;
+    if (!l->flat_compute) return 2;
+    moe_lua_push_borrowed(L, l->flat_compute, "layer:flat_parameters");   /* bf16 precision: the compute copy */
+    return 3;
 }
 
 static int layer_kind(lua_State *L) {
@@ -472,6 +502,7 @@ static int tape_forward(lua_State *L) {
 static const luaL_Reg layer_methods[] = {
     {"forward", layer_forward}, {"parameters", layer_parameters}, {"buffers", layer_buffers}, {"param", layer_param}, {"grad", layer_grad},
     {"num_params", layer_num_params}, {"zero_grad", layer_zero_grad}, {"to", layer_to},
+    {"set_precision", layer_set_precision}, {"precision", layer_precision}, {"refresh_compute", layer_refresh_compute},
     {"flat_parameters", layer_flat}, {"kind", layer_kind}, {"device", layer_device}, {"children", layer_children},
     {NULL, NULL}};
 

@@ -531,7 +531,7 @@ static int o_adamw(lua_State *L) {
     const char *fn = "ops.adamw";
     moe_tensor *p = T(1, fn, "params"), *g = T(2, fn, "grads"), *m = T(3, fn, "m"), *v = T(4, fn, "v");
     check_opts(L, 5, fn);
-    moe_adamw_cfg cfg;
+    moe_adamw_cfg cfg = {0};
     cfg.lr = (float)moe_lua_opt_field_num(L, 5, "lr", 1e-3, fn);
     cfg.beta1 = (float)moe_lua_opt_field_num(L, 5, "beta1", 0.9, fn);
     cfg.beta2 = (float)moe_lua_opt_field_num(L, 5, "beta2", 0.999, fn);
@@ -539,6 +539,11 @@ static int o_adamw(lua_State *L) {
     cfg.weight_decay = (float)moe_lua_opt_field_num(L, 5, "weight_decay", 0.0, fn);
     cfg.step = moe_lua_opt_field_int(L, 5, "step", 1, fn);
     if (cfg.step < 1) return moe_lua_errorf(L, "%s: option 'step' counts from 1, got %lld", fn, (long long)cfg.step);
+    if (lua_istable(L, 5)) {   /* compute = tensor: the low-precision copy written in the same pass */
+        lua_getfield(L, 5, "compute");
+        if (!lua_isnil(L, -1)) cfg.compute = T(lua_gettop(L), fn, "option 'compute'");
+        lua_pop(L, 1);
+    }
     moe_lua_check(L, moe_op_adamw(moe_lua_ctx(L), p, g, m, v, &cfg), fn);
     lua_settop(L, 1);
     return 1;

@@ -14,7 +14,7 @@ static moe_status embedding_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor
 }
 
 static moe_status embedding_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **y) {
-    moe_tensor *table = l->params[0].value;
+    moe_tensor *table = moe_param_w(&l->params[0]);
     if (ids->dtype != MOE_I64)
         return moe_error(MOE_ERR_DTYPE, "ids must be i64, got %s", moe_dtype_name(ids->dtype));
     if (ids->ndim >= MOE_MAX_DIMS) return moe_error(MOE_ERR_SHAPE, "ids have too many dims (%d)", ids->ndim);

@@ -51,16 +51,16 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* down: y = h @ down^T  ->  dh = dy @ down, ddown += dy^T h */
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, pd->value, 0.0f, dh, off, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, moe_param_w(pd), 0.0f, dh, off, groups);
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dy, h, 1.0f, pd->grad, off, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
     /* activation */
     if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
                             : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
     /* up (and gate): a = x @ W^T -> dx += da @ W, dW += da^T x */
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, du, pu->value, 0.0f, dx, off, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, du, moe_param_w(pu), 0.0f, dx, off, groups);
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, du, xp, 1.0f, pu->grad, off, groups);
-    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dg, pg->value, 1.0f, dx, off, groups);
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dg, moe_param_w(pg), 1.0f, dx, off, groups);
     if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dg, xp, 1.0f, pg->grad, off, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);
     if (s == MOE_OK && lo && sw) s = moe_lora_bank_backward(ctx, l, P_GATE, xp, dg, dx, off, groups);
@@ -90,12 +90,12 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
         for (int i = 0; i <= groups; i++) o[i] = offsets[i];
     }
     const moe_lora *lo = moe_expert_bank_lora(l);
-    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pg->value, 0.0f, g, offsets, groups);
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pg), 0.0f, g, offsets, groups);
     if (s == MOE_OK && sw && lo) s = moe_lora_bank_forward(ctx, l, P_GATE, xp, g, offsets, groups);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, pu->value, 0.0f, u, offsets, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pu), 0.0f, u, offsets, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_UP, xp, u, offsets, groups);
     if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, pd->value, 0.0f, y, offsets, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, moe_param_w(pd), 0.0f, y, offsets, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "experts", bank_backward, l, moe_layer_retain_v, moe_layer_release_v,

@@ -224,9 +224,10 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
     int64_t n = rows ? rows->shape[0] : 0;
     int64_t n1[1] = {n};
     moe_tensor *t1 = tc ? moe_tensor_view(tc, 1, n1) : NULL;
-    moe_tensor *per_row = moe_tensor_new(ctx, logits->dtype, 1, n1, logits->device);
+    /* the loss and its per-row terms are f32 whatever the logits (bf16 under mixed precision) */
+    moe_tensor *per_row = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
     moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
-    moe_tensor *out = moe_tensor_new(ctx, logits->dtype, 0, n1, logits->device);
+    moe_tensor *out = moe_tensor_new(ctx, MOE_F32, 0, n1, logits->device);
     moe_tensor *tcpu = NULL;
     moe_status s = rows && t1 && per_row && lse && out ? MOE_OK : moe_last_status();
     if (s == MOE_OK) s = moe_op_cross_entropy(ctx, per_row, lse, rows, t1, ignore_index);

@@ -36,10 +36,12 @@ void moe_layer_release(moe_layer *l) {
     for (int i = 0; i < l->n_params; i++) {
         moe_tensor_release(l->params[i].value);
         moe_tensor_release(l->params[i].grad);
+        moe_tensor_release(l->params[i].compute);
     }
     for (int i = 0; i < l->n_children; i++) moe_layer_release(l->children[i]);
     moe_tensor_release(l->flat_values);
     moe_tensor_release(l->flat_grads);
+    moe_tensor_release(l->flat_compute);
     for (int i = 0; i < l->n_buffers; i++) moe_tensor_release(l->buffers[i].value);
     free(l->buffers);
     free(l->params);
@@ -185,12 +187,12 @@ moe_param *moe_layer_find_param(moe_layer *l, const char *name) {
     return NULL;
 }
 
-/* Points header t at storage s (offset in elements), dropping its old storage. */
-static void repoint(moe_tensor *t, moe_storage *s, int64_t offset) {
+void moe_layer_repoint(moe_tensor *t, moe_storage *s, int64_t offset, moe_dtype dt) {
     moe_storage_retain(s);
     moe_storage_release(t->storage);
     t->storage = s;
     t->offset = offset;
+    t->dtype = dt;
     t->device = s->device;
     int64_t st = 1;
     for (int i = t->ndim - 1; i >= 0; i--) { t->stride[i] = st; st *= t->shape[i]; }
@@ -209,6 +211,9 @@ static void drop_flat(moe_layer *l) {
 }
 
 moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
+    /* mixed precision is rebuilt on the new buffers */
+    moe_dtype mixed = l->flat_compute ? l->compute_dtype : MOE_F32;
+    if (mixed != MOE_F32) MOE_TRY(moe_layer_set_compute_dtype(ctx, l, MOE_F32));
     int n = moe_layer_num_param_tensors(l);
     moe_param *ps = calloc((size_t)(n ? n : 1), sizeof *ps);
     if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory flattening parameters");
@@ -240,8 +245,8 @@ moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
     }
     off = 0;
     for (int i = 0; i < n; i++) {
-        repoint(ps[i].value, vals->storage, off);
-        repoint(ps[i].grad, grads->storage, off);
+        moe_layer_repoint(ps[i].value, vals->storage, off, MOE_F32);
+        moe_layer_repoint(ps[i].grad, grads->storage, off, MOE_F32);
         off += (moe_tensor_numel(ps[i].value) + 15) & ~(int64_t)15;
     }
     free(ps);
@@ -249,6 +254,7 @@ moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
     l->flat_values = vals;
     l->flat_grads = grads;
     set_device(l, dev);
+    if (mixed != MOE_F32) return moe_layer_set_compute_dtype(ctx, l, mixed);
     return MOE_OK;
 }
 

@@ -18,9 +18,13 @@ typedef struct moe_layer moe_layer;
 
 typedef struct {
     char name[64];
-    moe_tensor *value;
-    moe_tensor *grad;
+    moe_tensor *value;     /* the parameter (f32): what optimisers, checkpoints and Lua see */
+    moe_tensor *grad;      /* in the compute dtype */
+    moe_tensor *compute;   /* mixed precision: the low-precision copy layers compute with, else NULL */
 } moe_param;
+
+/* What a layer computes with: the compute copy under mixed precision, else the value. */
+static inline moe_tensor *moe_param_w(const moe_param *p) { return p->compute ? p->compute : p->value; }
 
 typedef struct moe_layer_vtable {
     const char *kind;
@@ -41,6 +45,8 @@ struct moe_layer {
     char (*child_names)[32];
     int n_children;
     moe_tensor *flat_values, *flat_grads;   /* set when this layer owns the flat buffers of its tree */
+    moe_tensor *flat_compute;               /* mixed precision (root only): the compute copy of flat_values */
+    moe_dtype compute_dtype;                /* root only: MOE_F32, or MOE_BF16 under mixed precision */
     /* State that is saved with the model but not trained (the router bias of
      * auxiliary-loss-free balancing): names and tensors, owned. */
     moe_param *buffers;                     /* .grad is NULL */
@@ -82,7 +88,22 @@ void moe_layer_set_training(moe_layer *l, int on);
 moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev);
 moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l);
 
+/* Mixed precision (precision.c). MOE_BF16 on a root that owns flat buffers:
+ * the f32 values stay the parameters (master weights, optimiser input,
+ * checkpoints); a bf16 copy (flat_compute, one view per parameter in
+ * moe_param.compute) is what layers compute with, and gradients become bf16.
+ * MOE_F32 turns it off (gradients f32 again, zeroed). Needs a CUDA device:
+ * the CPU backend computes in f32 only. Survives moe_layer_flatten (to()). */
+moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *root, moe_dtype dt);
+/* Copies the f32 values into the compute copy: call after writing parameters
+ * other than through the optimiser (loading a checkpoint, editing weights).
+ * A no-op without mixed precision. */
+moe_status moe_layer_refresh_compute(moe_ctx *ctx, moe_layer *root);
+
 /* ---- for layer implementations ---- */
+/* Re-points tensor header t (contiguous) at storage s from element offset, as dtype dt;
+ * every holder of the header sees the move. */
+void moe_layer_repoint(moe_tensor *t, moe_storage *s, int64_t offset, moe_dtype dt);
 moe_layer *moe_layer_alloc(const moe_layer_vtable *vt, int n_params, int n_children);
 /* Allocates parameter `idx` with the given shape on the cpu (value uninitialised, grad zero). */
 moe_status moe_layer_init_param(moe_layer *l, int idx, const char *name, int ndim, const int64_t *shape);

@@ -77,9 +77,9 @@ static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->p
 
 static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
     moe_param *w = &l->params[0], *b = has_bias(l) ? &l->params[1] : NULL;
-    if (!l->state) return moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, y);
+    if (!l->state) return moe_f_linear(ctx, tape, x, moe_param_w(w), w->grad, b ? moe_param_w(b) : NULL, b ? b->grad : NULL, y);
     moe_tensor *y0 = NULL;
-    MOE_TRY(moe_f_linear(ctx, tape, x, w->value, w->grad, b ? b->value : NULL, b ? b->grad : NULL, &y0));
+    MOE_TRY(moe_f_linear(ctx, tape, x, moe_param_w(w), w->grad, b ? moe_param_w(b) : NULL, b ? b->grad : NULL, &y0));
     moe_status s = moe_lora_linear_forward(ctx, tape, l, x, y0, y);
     moe_tensor_release(y0);
     return s;

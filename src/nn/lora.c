@@ -177,8 +177,8 @@ moe_status moe_lora_bank_forward(moe_ctx *ctx, moe_layer *bank, int which, const
     moe_tensor *t = moe_tensor_new(ctx, x->dtype, 2, ts, x->device);
     moe_status s = t ? MOE_OK : moe_last_status();
     /* t = x A^T, y += scale * t B^T */
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, x, A->value, 0.0f, t, off, g);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, lo->scale, t, B->value, 1.0f, y, off, g);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, x, moe_param_w(A), 0.0f, t, off, g);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, lo->scale, t, moe_param_w(B), 1.0f, y, off, g);
     moe_tensor_release(t);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "lora %s", proj_names[which]);
 }
@@ -197,11 +197,11 @@ moe_status moe_lora_bank_backward(moe_ctx *ctx, moe_layer *bank, int which, cons
     moe_tensor *dt = moe_tensor_new(ctx, x->dtype, 2, ts, x->device);
     moe_status s = t && dt ? MOE_OK : moe_last_status();
     /* t = x A^T (recomputed: r columns are cheap); dt = scale * dy B; dB += scale * dy^T t; dA += dt^T x; dx += dt A */
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, x, A->value, 0.0f, t, off, g);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, lo->scale, dy, B->value, 0.0f, dt, off, g);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, x, moe_param_w(A), 0.0f, t, off, g);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, lo->scale, dy, moe_param_w(B), 0.0f, dt, off, g);
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, lo->scale, dy, t, 1.0f, B->grad, off, g);
     if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dt, x, 1.0f, A->grad, off, g);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dt, A->value, 1.0f, dx, off, g);
+    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dt, moe_param_w(A), 1.0f, dx, off, g);
     moe_tensor_release(t);
     moe_tensor_release(dt);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "lora %s backward", proj_names[which]);
@@ -216,8 +216,8 @@ moe_status moe_lora_linear_forward(moe_ctx *ctx, moe_tape *tape, moe_layer *lin,
     if (!lo) { moe_tensor_retain(y0); *y = y0; return MOE_OK; }
     moe_param *A = &lin->params[lo->a[0]], *B = &lin->params[lo->b[0]];
     moe_tensor *t = NULL, *u = NULL, *us = NULL;
-    moe_status s = moe_f_linear(ctx, tape, x, A->value, A->grad, NULL, NULL, &t);
-    if (s == MOE_OK) s = moe_f_linear(ctx, tape, t, B->value, B->grad, NULL, NULL, &u);
+    moe_status s = moe_f_linear(ctx, tape, x, moe_param_w(A), A->grad, NULL, NULL, &t);
+    if (s == MOE_OK) s = moe_f_linear(ctx, tape, t, moe_param_w(B), B->grad, NULL, NULL, &u);
     if (s == MOE_OK) s = moe_f_unary(ctx, tape, MOE_UN_SCALE, u, lo->scale, &us);
     if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, y0, us, y);
     moe_tensor_release(t); moe_tensor_release(u); moe_tensor_release(us);

@@ -158,7 +158,7 @@ moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_ten
     if (s == MOE_OK) {
         if (c->tie_embeddings) {
             moe_param *w = &m->children[C_EMBED]->params[0];
-            s = moe_f_linear(ctx, tape, hn, w->value, w->grad, NULL, NULL, logits);
+            s = moe_f_linear(ctx, tape, hn, moe_param_w(w), w->grad, NULL, NULL, logits);
         } else {
             s = moe_layer_forward(m->children[C_HEAD], ctx, tape, hn, logits);
         }

@@ -26,7 +26,7 @@ static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *
     moe_tensor *x = e->saved[0], *rstd = e->saved[1];
     moe_tensor *dx = moe_tensor_like(ctx, x);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
-    moe_status s = dx && g ? moe_op_rmsnorm_backward(ctx, dx, l->params[0].grad, g, x, l->params[0].value, rstd)
+    moe_status s = dx && g ? moe_op_rmsnorm_backward(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]), rstd)
                            : moe_last_status();
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
@@ -40,7 +40,7 @@ static moe_status rmsnorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, mo
     moe_tensor *xc = moe_op_contiguous(ctx, x);
     moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
     moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_status s = out && rstd ? moe_op_rmsnorm(ctx, out, rstd, xc, l->params[0].value, st->eps) : moe_last_status();
+    moe_status s = out && rstd ? moe_op_rmsnorm(ctx, out, rstd, xc, moe_param_w(&l->params[0]), st->eps) : moe_last_status();
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "rmsnorm", rmsnorm_backward, l, moe_layer_retain_v,
                                             moe_layer_release_v, 1, &x, 1, &out);
@@ -60,7 +60,7 @@ static moe_status layernorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor
     moe_tensor *dx = moe_tensor_like(ctx, x);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
     moe_tensor *db = l->n_params > 1 ? l->params[1].grad : NULL;
-    moe_status s = dx && g ? moe_op_layernorm_backward(ctx, dx, l->params[0].grad, db, g, x, l->params[0].value, mean, rstd)
+    moe_status s = dx && g ? moe_op_layernorm_backward(ctx, dx, l->params[0].grad, db, g, x, moe_param_w(&l->params[0]), mean, rstd)
                            : moe_last_status();
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
@@ -74,8 +74,8 @@ static moe_status layernorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     moe_tensor *xc = moe_op_contiguous(ctx, x);
     moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
     moe_tensor *mean = xc ? new_stats(ctx, xc) : NULL, *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_tensor *b = l->n_params > 1 ? l->params[1].value : NULL;
-    moe_status s = out && mean && rstd ? moe_op_layernorm(ctx, out, mean, rstd, xc, l->params[0].value, b, st->eps)
+    moe_tensor *b = l->n_params > 1 ? moe_param_w(&l->params[1]) : NULL;
+    moe_status s = out && mean && rstd ? moe_op_layernorm(ctx, out, mean, rstd, xc, moe_param_w(&l->params[0]), b, st->eps)
                                        : moe_last_status();
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "layernorm", layernorm_backward, l, moe_layer_retain_v,

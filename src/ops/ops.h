@@ -166,11 +166,18 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
                                          int64_t ignore_index, float scale);
 
 /* ---- optimiser ----
- * Decoupled-weight-decay Adam over flat contiguous f32 buffers (same numel):
+ * Decoupled-weight-decay Adam over flat contiguous buffers (same numel):
  *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
  *   p -= lr * ( m / (1-b1^step) / (sqrt(v / (1-b2^step)) + eps) + wd * p )
- * step counts from 1. */
-typedef struct { float lr, beta1, beta2, eps, weight_decay; int64_t step; } moe_adamw_cfg;
+ * step counts from 1. params, m and v are f32; grads f32 or bf16 (mixed
+ * precision, read as f32). cfg->compute, when set, is a contiguous bf16 (or
+ * f32) buffer of the same numel that gets the updated params rounded to its
+ * dtype in the same pass (the compute copy of mixed precision). */
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    int64_t step;
+    moe_tensor *compute;   /* optional, see above */
+} moe_adamw_cfg;
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
 

@@ -357,13 +357,19 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg) {
     static const char *op = "adamw";
-    ops_arg f[] = {{"params", params}, {"grads", grads}, {"m", m}, {"v", v}};
-    MOE_TRY(ops_check(op, f, 4, NULL, 0));
     if (!cfg) return moe_error(MOE_ERR_ARG, "adamw: cfg is NULL, expected the hyperparameters");
-    for (int i = 0; i < 4; i++) {
-        if (f[i].t->dtype != MOE_F32)
-            return moe_error(MOE_ERR_DTYPE, "adamw: %s has dtype %s, expected f32", f[i].name,
-                             moe_dtype_name(f[i].t->dtype));
+    ops_arg f[] = {{"params", params}, {"grads", grads}, {"m", m}, {"v", v}, {"compute", cfg->compute}};
+    int nf = cfg->compute ? 5 : 4;
+    for (int i = 0; i < nf; i++)
+        if (!f[i].t) return moe_error(MOE_ERR_ARG, "adamw: %s is NULL, expected a tensor", f[i].name);
+    for (int i = 0; i < nf; i++) {
+        int lowp_ok = i == 1 || i == 4;   /* grads and the compute copy may be bf16 */
+        moe_dtype dt = f[i].t->dtype;
+        if (dt != MOE_F32 && !(lowp_ok && dt == MOE_BF16))
+            return moe_error(MOE_ERR_DTYPE, "adamw: %s has dtype %s, expected f32%s", f[i].name, moe_dtype_name(dt),
+                             lowp_ok ? " or bf16" : "");
+        if (!moe_device_eq(f[i].t->device, params->device))
+            return moe_error(MOE_ERR_DEVICE, "adamw: %s is on another device than params", f[i].name);
         if (!moe_tensor_is_contiguous(f[i].t))
             return moe_error(MOE_ERR_ARG, "adamw: %s must be contiguous, got a strided view", f[i].name);
         if (moe_tensor_numel(f[i].t) != moe_tensor_numel(params)) {

@@ -79,10 +79,10 @@ void moe_adamw_set_step_count(moe_adamw *o, int64_t step) { o->step = step; }
 moe_tensor *moe_adamw_m(moe_adamw *o) { return o->m; }
 moe_tensor *moe_adamw_v(moe_adamw *o) { return o->v; }
 
-/* a 1-d view of n elements of `buf`'s storage from element `off` */
+/* a 1-d view of n elements of `buf`'s storage from element `off`, in buf's dtype */
 static moe_tensor *span(moe_tensor *buf, int64_t off, int64_t n) {
     int64_t shape[1] = {n};
-    return moe_tensor_from_storage(buf->storage, off, MOE_F32, 1, shape, NULL);
+    return moe_tensor_from_storage(buf->storage, off, buf->dtype, 1, shape, NULL);
 }
 
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
@@ -102,7 +102,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
             break;
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
-                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step};
+                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL};
         /* the parameter's elements [off, off + n) of the flat buffer, cut to the owned range */
         int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
         int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
@@ -111,24 +111,51 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
         moe_tensor *gv = span(ps[i].grad, ps[i].grad->offset + (a - off), b - a);
         moe_tensor *mv = span(o->m, o->m->offset + (a - o->lo), b - a);
         moe_tensor *vv = span(o->v, o->v->offset + (a - o->lo), b - a);
-        s = pv && gv && mv && vv ? moe_op_adamw(ctx, pv, gv, mv, vv, &c) : moe_last_status();
+        /* mixed precision: the compute copy is rewritten in the same pass */
+        moe_tensor *cv = ps[i].compute ? span(ps[i].compute, ps[i].compute->offset + (a - off), b - a) : NULL;
+        c.compute = cv;
+        s = pv && gv && mv && vv && (cv || !ps[i].compute) ? moe_op_adamw(ctx, pv, gv, mv, vv, &c) : moe_last_status();
         moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
+        moe_tensor_release(cv);
     }
     free(ps);
+    return s;
+}
+
+/* sum of squares of f32 x into the f32 scalar acc (acc += sum x^2) */
+static moe_status add_sumsq(moe_ctx *ctx, moe_tensor *x, moe_tensor *acc) {
+    moe_tensor *sq = moe_tensor_like(ctx, x);
+    moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, x->device);
+    moe_status s = sq && sum ? moe_op_unary(ctx, MOE_UN_SQUARE, sq, x, 0.0f) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, sum, sq);
+    if (s == MOE_OK) s = moe_op_axpy(ctx, acc, 1.0f, sum);
+    moe_tensor_release(sq); moe_tensor_release(sum);
     return s;
 }
 
 moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
     moe_tensor *g = l->flat_grads;
     if (!g) return moe_error(MOE_ERR_STATE, "grad_norm: the layer has no flat gradient buffer");
-    moe_tensor *sq = moe_tensor_like(ctx, g);
-    moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
+    moe_tensor *acc = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
     moe_tensor *host = NULL;
-    moe_status s = sq && sum ? moe_op_unary(ctx, MOE_UN_SQUARE, sq, g, 0.0f) : moe_last_status();
-    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, sum, sq);
-    if (s == MOE_OK) { host = moe_op_to(ctx, sum, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
+    moe_status s = acc ? moe_op_fill(ctx, acc, 0.0) : moe_last_status();
+    if (g->dtype == MOE_F32) {
+        if (s == MOE_OK) s = add_sumsq(ctx, g, acc);
+    } else {
+        /* bf16 gradients: squared and summed in f32, a chunk at a time, so the
+         * temporary stays small and no square is rounded to bf16 */
+        const int64_t chunk = (int64_t)1 << 24, n = moe_tensor_numel(g);
+        for (int64_t off = 0; off < n && s == MOE_OK; off += chunk) {
+            int64_t len = n - off < chunk ? n - off : chunk;
+            moe_tensor *part = span(g, g->offset + off, len);
+            moe_tensor *f = part ? moe_op_to(ctx, part, part->device, MOE_F32) : NULL;
+            s = f ? add_sumsq(ctx, f, acc) : moe_last_status();
+            moe_tensor_release(part); moe_tensor_release(f);
+        }
+    }
+    if (s == MOE_OK) { host = moe_op_to(ctx, acc, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
     if (s == MOE_OK) *norm = sqrt((double)moe_f32(host)[0]);
-    moe_tensor_release(sq); moe_tensor_release(sum); moe_tensor_release(host);
+    moe_tensor_release(acc); moe_tensor_release(host);
     return s;
 }
 

@@ -5,6 +5,9 @@
 #ifndef MOE_GPUCHECK_H
 #define MOE_GPUCHECK_H
 
+/* not every program uses every helper */
+#pragma GCC diagnostic ignored "-Wunused-function"
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>

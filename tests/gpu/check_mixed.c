@@ -1,0 +1,87 @@
+/* check_mixed: the mixed-precision pieces of the engine on CUDA against the
+ * CPU backend: AdamW with bf16 gradients writing a bf16 compute copy, and a
+ * model-level check that moe_layer_set_compute_dtype lays the compute copy
+ * and the bf16 gradients out like the f32 values. Fresh random data. TAP. */
+#include "gpucheck.h"
+#include "../../src/nn/layer.h"
+
+/* AdamW: f32 params/m/v, bf16 grads, bf16 (and f32) compute copy */
+static void test_adamw_mixed(moe_dtype cdt) {
+    const int64_t n = 10007;
+    pair p = in_randn(MOE_F32, SH(n)), m = in_pair(MOE_F32, SH(n), 0.1f, 0.0f, 0);
+    pair v = in_pair(MOE_F32, SH(n), 0.1f, 0.01f, 1);
+    moe_tensor *gh = host_randn(1, (int64_t[]){n}, 1.0f, 0.0f, 0);
+    moe_tensor *gh16 = moe_op_to(ctx, gh, MOE_DEVICE_CPU, MOE_BF16), *gd16 = to_gpu(gh, MOE_BF16);
+    moe_tensor *ch = moe_tensor_new_cpu(cdt, 1, (int64_t[]){n}), *cd = moe_tensor_new(ctx, cdt, 1, (int64_t[]){n}, GPU);
+    die_if(!gh16 || !gd16 || !ch || !cd, "adamw mixed tensors");
+    die_if(moe_op_fill(ctx, ch, NAN) != MOE_OK || moe_op_fill(ctx, cd, NAN) != MOE_OK, "poison");
+    moe_adamw_cfg ch_cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 5,
+                            .compute = ch};
+    moe_adamw_cfg cd_cfg = ch_cfg;
+    cd_cfg.compute = cd;
+    if (RUN("adamw bf16 grads", cdt, moe_op_adamw(ctx, p.h, gh16, m.h, v.h, &ch_cfg),
+            moe_op_adamw(ctx, p.d, gd16, m.d, v.d, &cd_cfg))) {
+        check("adamw bf16 grads: params", cdt, p.d, p.h, 1e-5);
+        check("adamw bf16 grads: m", cdt, m.d, m.h, 1e-5);
+        check("adamw bf16 grads: v", cdt, v.d, v.h, 1e-5);
+        moe_tensor *chf = moe_op_to(ctx, ch, MOE_DEVICE_CPU, MOE_F32);
+        check("adamw compute copy vs cpu", cdt, cd, chf, cdt == MOE_F32 ? 1e-5 : 1e-2);
+        /* the copy is exactly the updated params rounded to its dtype */
+        moe_tensor *pr = moe_op_to(ctx, p.d, GPU, cdt);
+        double e = max_err(cd, pr ? moe_op_to(ctx, pr, MOE_DEVICE_CPU, MOE_F32) : NULL);
+        ok(e == 0, "adamw compute copy [%s] equals the updated params rounded (max err %.3g)", dtn(cdt), e);
+        moe_tensor_release(chf); moe_tensor_release(pr);
+    }
+    moe_tensor_release(gh); moe_tensor_release(gh16); moe_tensor_release(gd16);
+    moe_tensor_release(ch); moe_tensor_release(cd);
+    pfree(&p); pfree(&m); pfree(&v);
+}
+
+/* dtype rules of adamw: params f32 only, grads f32 or bf16 */
+static void test_adamw_dtypes(void) {
+    moe_tensor *pb = moe_tensor_new(ctx, MOE_BF16, 1, (int64_t[]){8}, GPU), *f = moe_tensor_new(ctx, MOE_F32, 1, (int64_t[]){8}, GPU);
+    moe_adamw_cfg cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .step = 1};
+    moe_status s = moe_op_adamw(ctx, pb, f, f, f, &cfg);
+    ok(s == MOE_ERR_DTYPE && strstr(moe_last_error(), "params"), "adamw rejects bf16 params: %s", moe_last_error());
+    moe_tensor_release(pb); moe_tensor_release(f);
+}
+
+/* set_compute_dtype on a two-parameter tree: views, dtypes and values */
+static void test_layer_precision(void) {
+    moe_init init = {11, 0};
+    moe_layer *lin = moe_linear_new(ctx, 48, 40, 1, &init);
+    die_if(!lin, "linear");
+    die_if(moe_layer_flatten(ctx, lin, GPU) != MOE_OK, "flatten to gpu");
+    moe_status s = moe_layer_set_compute_dtype(ctx, lin, MOE_BF16);
+    ok(s == MOE_OK, "set_compute_dtype bf16 on a CUDA layer");
+    if (s != MOE_OK) { moe_layer_release(lin); return; }
+    moe_param *w = &lin->params[0], *b = &lin->params[1];
+    ok(w->value->dtype == MOE_F32 && w->grad->dtype == MOE_BF16 && w->compute && w->compute->dtype == MOE_BF16 &&
+           b->compute && w->compute->storage == lin->flat_compute->storage && w->grad->storage == lin->flat_grads->storage,
+       "values f32, grads and compute copy bf16 views of the flat buffers");
+    moe_tensor *wr = moe_op_to(ctx, w->value, GPU, MOE_BF16);
+    moe_tensor *wh = wr ? moe_op_to(ctx, wr, MOE_DEVICE_CPU, MOE_F32) : NULL;
+    check("compute copy of the weight = weight rounded to bf16", MOE_BF16, w->compute, wh, 0.0);
+    /* a forward on the compute copy: y = x W^T + b in bf16 */
+    moe_tensor *x = to_gpu(host_randn(2, (int64_t[]){5, 48}, 1.0f, 0.0f, 0), MOE_BF16), *y = NULL;
+    s = moe_layer_forward(lin, ctx, NULL, x, &y);
+    ok(s == MOE_OK && y && y->dtype == MOE_BF16, "bf16 forward of a linear layer (%s)", s == MOE_OK ? "bf16 out" : moe_last_error());
+    /* moving the layer keeps mixed precision */
+    s = moe_layer_flatten(ctx, lin, GPU);
+    ok(s == MOE_OK && lin->flat_compute && lin->params[0].compute && lin->params[0].grad->dtype == MOE_BF16,
+       "re-flattening keeps the compute copy");
+    s = moe_layer_set_compute_dtype(ctx, lin, MOE_F32);
+    ok(s == MOE_OK && !lin->flat_compute && !lin->params[0].compute && lin->params[0].grad->dtype == MOE_F32,
+       "set_compute_dtype f32 drops the compute copy");
+    moe_tensor_release(wr); moe_tensor_release(wh); moe_tensor_release(x); moe_tensor_release(y);
+    moe_layer_release(lin);
+}
+
+int main(void) {
+    gpucheck_begin();
+    test_adamw_mixed(MOE_BF16);
+    test_adamw_mixed(MOE_F32);
+    test_adamw_dtypes();
+    test_layer_precision();
+    return gpucheck_end();
+}

@@ -1,0 +1,110 @@
+-- GPU check (tests/gpu/run.sh): bf16 mixed precision against f32 on the same
+-- CUDA model. Prints TAP. Without a GPU: "1..0 # SKIP no CUDA device".
+--   build/cuda/moelab tests/gpu/mixed_precision_gpu.lua
+local moe = require "moelab"
+local core = require "moelab.core"
+if not moe.cuda_available() then
+  print("1..0 # SKIP no CUDA device")
+  return
+end
+
+local n = 0
+local failed = 0
+local function ok(cond, name, detail)
+  n = n + 1
+  if not cond then failed = failed + 1 end
+  print(string.format("%s %d - %s%s", cond and "ok" or "not ok", n, name, detail and (" (" .. detail .. ")") or ""))
+end
+
+local function rel_l2(a, b)   -- ||a - b|| / ||b||, both moved to f32 on the cpu
+  a, b = a:to("cpu"):to("f32"), b:to("cpu"):to("f32")
+  local d = (a - b)
+  return math.sqrt((d * d):sum():item()) / math.max(math.sqrt((b * b):sum():item()), 1e-30)
+end
+
+local corpus = moe.data.corpus{seed = 3, num_bytes = 400000}
+local function make()
+  return moe.arch.OLMoE{vocab_size = 256, hidden_size = 128, num_layers = 2, num_heads = 4, num_experts = 8,
+                        experts_per_token = 2, expert_intermediate_size = 128, seed = 7, device = "cuda"}
+end
+
+-- forward and gradients of one batch
+local ids, targets = corpus:batch{batch_size = 8, seq_len = 64, seed = 1, step = 0}
+local ref, mp = make(), make()
+mp:set_precision("bf16")
+ok(mp:precision() == "bf16" and ref:precision() == "f32", "precision() reports the compute dtype")
+local pv, pg, pc = mp.net:flat_parameters()
+ok(pv:dtype() == "f32" and pg:dtype() == "bf16" and pc ~= nil and pc:dtype() == "bf16",
+  "bf16 precision: f32 values, bf16 gradients and compute copy",
+  string.format("%s/%s/%s", pv:dtype(), pg:dtype(), pc and pc:dtype() or "nil"))
+local o1 = ref:forward(ids, {targets = targets, aux_loss_coef = 0.01})
+local o2 = mp:forward(ids, {targets = targets, aux_loss_coef = 0.01})
+ok(o2.loss:dtype() == "f32" and o2.logits:dtype() == "bf16", "loss is f32, logits bf16 under bf16 precision",
+  o2.loss:dtype() .. "/" .. o2.logits:dtype())
+local l1, l2 = o1.loss:item(), o2.loss:item()
+ok(math.abs(l1 - l2) / l1 < 2e-2, "bf16 loss matches f32", string.format("%.5f vs %.5f", l2, l1))
+o1.tape:backward(o1.total_loss)
+o2.tape:backward(o2.total_loss)
+local worst, worst_name = 0, ""
+local p1, p2 = ref:parameters(), mp:parameters()
+for i = 1, #p1 do
+  local e = rel_l2(p2[i].grad, p1[i].grad)
+  if e > worst then worst, worst_name = e, p1[i].name end
+end
+ok(worst < 0.1, "bf16 gradients match f32 per parameter (relative L2)", string.format("worst %.3g at %s", worst, worst_name))
+local _, g1 = ref.net:flat_parameters()
+local _, g2 = mp.net:flat_parameters()
+local e = rel_l2(g2, g1)
+ok(e < 3e-2, "bf16 flat gradient matches f32 (relative L2)", string.format("%.3g", e))
+local n1, n2 = core.grad_norm(ref.net), core.grad_norm(mp.net)
+ok(math.abs(n1 - n2) / n1 < 3e-2, "gradient norm of bf16 gradients (f32 sum of squares)", string.format("%.4f vs %.4f", n2, n1))
+
+-- training: loss curves of f32 and bf16 stay close; the compute copy tracks the master weights
+local function train(precision, steps)
+  local m = make()
+  local tr = moe.MoETrainer{model = m, progress = false, precision = precision}
+  local r = tr:train{train_data = corpus, batch_size = 16, seq_len = 64, learning_rate = 2e-3, max_steps = steps,
+                     lr_schedule = "constant", seed = 1}
+  return m, r
+end
+local steps = 40
+local mf, rf = train("f32", steps)
+local mb, rb = train("bf16", steps)
+local maxd = 0
+for s = 1, steps do maxd = math.max(maxd, math.abs(rf.history[s].loss - rb.history[s].loss)) end
+ok(maxd < 0.1, "bf16 and f32 loss curves agree over 40 steps",
+  string.format("max |diff| %.4f; final %.4f vs %.4f", maxd, rb.history[steps].loss, rf.history[steps].loss))
+ok(rb.history[steps].loss < rb.history[1].loss - 0.5, "bf16 training lowers the loss",
+  string.format("%.3f -> %.3f", rb.history[1].loss, rb.history[steps].loss))
+local v, _, c = mb.net:flat_parameters()
+local vc = v:to("bf16")
+ok(rel_l2(c, vc) == 0, "after AdamW steps the compute copy equals the master weights rounded to bf16")
+
+-- checkpoints hold the f32 master weights; a reload into an f32 model is exact
+local dir = os.tmpname()
+os.remove(dir)
+require("moelab.checkpoint").save_model(mb, dir)
+local back = moe.load(dir)
+local pa, pb = mb:parameters(), back:parameters()
+local exact = #pa == #pb
+for i = 1, #pa do
+  if exact and rel_l2(pb[i].value, pa[i].value) ~= 0 then exact = false end
+end
+ok(exact, "save under bf16 precision, load: f32 master weights round-trip exactly")
+os.execute("rm -rf '" .. dir .. "'")
+
+-- back to f32: gradients f32 again, training continues
+mb:set_precision("f32")
+local _, g3, c3 = mb.net:flat_parameters()
+ok(g3:dtype() == "f32" and c3 == nil and mb:precision() == "f32", "set_precision('f32') drops the compute copy")
+
+-- speed: tokens/s of both on a larger model (informational)
+local function rate(r)
+  local xs = {}
+  for s = 6, #r.history do xs[#xs + 1] = r.history[s].tokens_per_s end
+  table.sort(xs)
+  return xs[math.ceil(#xs / 2)]
+end
+print(string.format("# small model: f32 %.0f tokens/s, bf16 %.0f tokens/s", rate(rf), rate(rb)))
+print("1.." .. n)
+os.exit(failed == 0 and 0 or 1)
