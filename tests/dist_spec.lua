@@ -1,6 +1,7 @@
 -- moe.dist and moe.distributed: the single-process communicator, option
--- checking, the DeepSpeed config mapping, and (when mpirun is there) a
--- two-rank job: collectives, data parallel == one process, a rank leaving.
+-- checking, the DeepSpeed config mapping, and (when mpirun is there) two-rank
+-- jobs (collectives, data parallel == one process, ZeRO, expert parallel, a
+-- rank leaving) and a four-rank job (expert parallel x data parallel).
 local dist = moe.dist
 local distributed = moe.distributed
 
@@ -47,6 +48,40 @@ describe("moe.dist (one process)", function()
     assert.are.same(d:to_table(), dist.all_reduce(d, "avg"):to_table())
   end)
 
+  it("splits communicators; collectives are methods of communicator objects", function()
+    local w = dist.comm()
+    assert.are.equal("single", w:backend())
+    assert.are.equal(1, w:world_size())
+    assert.are.equal(w, dist.host_comm())
+    local c = dist.split(3)
+    assert.are.equal(0, c:rank())
+    assert.are.equal(1, c:size())
+    assert.are.equal(0, c:local_rank())
+    assert.are.equal(1, c:local_world_size())
+    assert.is_truthy(tostring(c):find("Comm(single, rank 0 of 1)", 1, true))
+    local cc = c:split(0, 5)
+    assert.are.equal(1, cc:info().world_size)
+    local t = moe.randn({3, 2}, {seed = 4})
+    local before = t:to_table()
+    assert.are.same(before, cc:all_reduce(t, "avg"):to_table())
+    assert.are.same(before, cc:broadcast(t, 0):to_table())
+    assert.are.same({1, 3, 2}, cc:all_gather(t):shape())
+    assert.are.same(before, cc:reduce_scatter(t):to_table())
+    assert.are.same(before, cc:all_to_all_v(t, {3}, {3}):to_table())
+    cc:barrier()
+    c = nil
+    collectgarbage()   -- cc keeps its parent alive
+    assert.are.same(before, cc:all_reduce(t):to_table())
+    err(function() dist.split(-1) end, "color must be >= 0")
+    err(function() w:split("x") end, "color")
+    err(function() cc:broadcast(t, 1) end, "root 1 is not a rank")
+    local m = small_model()
+    assert.are.equal(1, dist.set_expert_parallel(m.net, cc))
+    assert.are.equal(1, dist.expert_parallel_size(m.net))   -- one rank: nothing to split
+    assert.are.equal(1, dist.set_expert_parallel(m.net, false))
+    err(function() dist.set_expert_parallel(m.net, t) end, "true, false or a communicator")
+  end)
+
   it("rejects bad arguments with clear errors", function()
     err(function() dist.all_reduce(moe.randn({2}), "max") end, "op must be \"sum\" or \"avg\"")
     err(function() dist.all_reduce(moe.tensor({1, 2}, {dtype = "i64"})) end, "reductions take f32 or f64")
@@ -82,8 +117,10 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
 
   it("validates parallel sizes and ZeRO", function()
     local m = small_model()
-    err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_size = 2} end, "needs expert_parallel_size = the world size (1)")
-    err(function() distributed.DistributedMoETrainer{model = m, expert_model_parallel_size = 2} end, "not implemented yet")
+    err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_size = 2} end, "expert_parallel_size = 2 must divide the world size 1")
+    err(function() distributed.DistributedMoETrainer{model = m, expert_model_parallel_size = 2} end, "must divide the world size 1")
+    err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_size = 0} end, "positive integer")
+    err(function() distributed.DistributedMoETrainer{model = m, data_parallel_size = 0.5} end, "data_parallel_size must be a positive integer")
     err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 3} end, "ZeRO-3 (sharded parameters) is not implemented")
     err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 4} end, "zero_stage must be 0, 1 or 2")
     err(function() distributed.DistributedMoETrainer{model = m, world_size = 2} end, "this job has 1 rank")
@@ -155,7 +192,7 @@ describe("DeepSpeed configs", function()
   end)
 end)
 
-describe("two ranks under mpirun", function()
+describe("jobs under mpirun", function()
   local function find_mpirun()
     local p = io.popen("command -v mpirun 2>/dev/null")
     local path = p:read("*l")
@@ -164,9 +201,9 @@ describe("two ranks under mpirun", function()
   end
   local mpirun = find_mpirun()
   local bin = os.getenv("MOELAB_BIN") or "./moelab"
-  local function run(args)
-    local p = io.popen(string.format("timeout 60 %s --oversubscribe --allow-run-as-root -np 2 %s %s 2>&1; echo \"rc=$?\"",
-                                     mpirun, bin, args))
+  local function run(args, np)
+    local p = io.popen(string.format("timeout 60 %s --oversubscribe --allow-run-as-root -np %d %s %s 2>&1; echo \"rc=$?\"",
+                                     mpirun, np or 2, bin, args))
     local out = p:read("*a")
     p:close()
     return out, tonumber(out:match("rc=(%d+)%s*$"))
@@ -190,12 +227,20 @@ describe("two ranks under mpirun", function()
     assert.are.equal(0, rc, out)
   end)
 
-  it("expert parallelism over 2 ranks reproduces one process with twice the accumulation", function()
+  it("expert parallelism over 2 ranks (also with ZeRO-2) reproduces one process with twice the accumulation", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end
     local out, rc = run("tests/dist/ep_check.lua")
     assert.is_truthy(out:find("EP_OK 0", 1, true), out)
     assert.is_truthy(out:find("EP_OK 1", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("EP = 2 x DP = 2 on 4 ranks reproduces one process with 4x the accumulation; its checkpoint loads in one process", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/epdp_check.lua", 4)
+    for r = 0, 3 do assert.is_truthy(out:find("EPDP_OK " .. r, 1, true), out) end
     assert.are.equal(0, rc, out)
   end)
 

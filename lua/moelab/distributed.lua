@@ -4,9 +4,13 @@
 -- timeout = seconds, device =}, rank(), world_size(), local_rank(), local_world_size(),
 -- backend(), barrier(), all_reduce(t, "sum"|"avg"[, {bucket_mb=}]), broadcast(t, root),
 -- all_gather(t) -> {world, ...}, reduce_scatter(t, op) -> first dim / world,
--- all_to_all_v(t, send_rows, recv_rows), set_expert_parallel(layer[, on]) (every MoE
+-- all_to_all_v(t, send_rows, recv_rows), set_expert_parallel(layer[, on | comm]) (every MoE
 -- layer of the tree computes its share of the experts; see below). "auto" picks MPI when the program was
 -- launched by mpirun (or `moelab --nproc N`), else the single-process communicator.
+-- Communicator objects: dist.comm(), dist.host_comm() (for CPU tensors under NCCL),
+-- dist.split(color[, key]) / comm:split(color[, key]) -> the ranks with the same color,
+-- ranked by key (default: rank); collective. Objects have the collectives as methods
+-- (comm:all_reduce(t, op), comm:rank(), comm:world_size(), ...).
 --
 -- moe.distributed.DistributedMoETrainer{model, ...}: data parallel. Every rank
 -- holds the whole model; parameters (and aux-free router biases) are broadcast
@@ -29,23 +33,33 @@
 -- Not covered: routers with noise (noisy_topk, jitter) draw from per-rank noise
 -- streams; router statistics and the monitor describe the local micro-batches.
 --
--- Expert parallelism (expert_parallel_size = world size, data_parallel_size 1;
--- first version): inside train() and evaluate(), every MoE layer runs rank r's
--- experts [r*E/W, (r+1)*E/W) for the rows all ranks route to them
--- (dist.set_expert_parallel; src/nn/moe_ep.c: an all_to_all of per-expert
+-- Expert parallelism (expert_parallel_size = E_p, data_parallel_size = W / E_p):
+-- the W ranks form W / E_p expert-parallel groups of E_p consecutive ranks,
+-- group g = ranks [g*E_p, (g+1)*E_p) (the Megatron-LM / DeepSpeed convention:
+-- expert-parallel peers are neighbours, e.g. on one node, and the replicas of
+-- an expert are E_p ranks apart); with E_p = W there is one group, the world.
+-- Inside train() and evaluate(), every MoE layer of a rank with group rank q
+-- runs experts [q*E/E_p, (q+1)*E/E_p) for the rows its group's ranks route to
+-- them (dist.set_expert_parallel with the group's communicator, a
+-- dist.split of the world; src/nn/moe_ep.c: an all_to_all of per-expert
 -- counts, all_to_all_v of the rows there and back, taped so backward does the
 -- opposite exchanges). Each rank still routes and trains on its own
--- micro-batches as in data parallel, so the single-process equivalent is the
--- same (accumulation A * W). The balancing losses and router statistics are
--- computed on the local micro-batch, which is exactly what that
--- single-process run does per micro-batch. The stacked expert weights stay
--- full-size on every rank (only the owned slice is used; the others get zero
--- gradient) and the whole flat gradient buffer is averaged: an owner's expert
--- gradient (from every rank's tokens) averaged with the others' zeros is the
--- exact mean gradient, every rank takes the same step, and rank 0 saves the
--- usual single-process checkpoint layout. Next steps: shard the expert
--- weights and optimizer state (and skip expert segments in the all-reduce),
--- DP x EP. Between train/evaluate calls the model runs in one process.
+-- micro-batches (sharded by world rank, as in data parallel), so the
+-- single-process equivalent is the same (accumulation A * W). The balancing
+-- losses and router statistics are computed on the local micro-batch, which is
+-- exactly what that single-process run does per micro-batch. The stacked expert
+-- weights stay full-size on every rank (only the owned slice is used; the
+-- others get zero gradient) and the whole flat gradient buffer is averaged over
+-- the WORLD (not per group): an expert's gradient summed over the ranks is the
+-- sum of its owners' gradients, one owner per group, each from its group's
+-- tokens, i.e. from every rank's tokens, so the average is the exact mean
+-- gradient, every rank takes the same step, and rank 0 saves the usual
+-- single-process checkpoint layout. ZeRO-1/2 combine with it unchanged: they
+-- shard the optimizer state (and stage 2 the reduced gradients) over the
+-- world, not over the expert- or data-parallel groups. Next steps: shard the
+-- expert weights and optimizer state (and skip expert segments in the
+-- all-reduce), balancing statistics over the global batch. Between
+-- train/evaluate calls the model runs in one process.
 local core = require "moelab.core"
 local trainer_mod = require "moelab.trainer"
 local mio = require "moelab.io"
@@ -238,8 +252,10 @@ local own_keys = {model = true, world_size = true, data_parallel_size = true, ex
 
 local D = {}
 D.__index = D
+local ep_groups = {}   -- expert-parallel group communicators by "<parent>/<ep>"
 
---- DistributedMoETrainer{model, world_size=, data_parallel_size=, expert_parallel_size = 1,
+--- DistributedMoETrainer{model, world_size=, data_parallel_size=, expert_parallel_size = 1 (a divisor of
+--  the world size; data_parallel_size = world size / expert_parallel_size),
 --  zero_stage = 0, bucket_mb = 25, config = <DeepSpeed JSON path or table>, timeout = seconds,
 --  ...MoETrainer options (run_dir and progress apply to rank 0 only), Megatron-style aliases}
 function M.DistributedMoETrainer(opts)
@@ -260,7 +276,7 @@ function M.DistributedMoETrainer(opts)
   local model = own.model
   if type(model) ~= "table" or not model.net then fail(f, "model must be a moe.MoEModel, got %s", type(model)) end
   for _, k in ipairs{"tensor_model_parallel_size", "pipeline_model_parallel_size"} do
-    if own[k] ~= nil and own[k] ~= 1 then fail(f, "%s = %s: only data (and later expert) parallelism exist; it must be 1", k, tostring(own[k])) end
+    if own[k] ~= nil and own[k] ~= 1 then fail(f, "%s = %s: only data and expert parallelism exist; it must be 1", k, tostring(own[k])) end
   end
   local cfg = own.config or own.deepspeed_config
   if own.config and own.deepspeed_config then fail(f, "give config or deepspeed_config, not both") end
@@ -279,17 +295,18 @@ function M.DistributedMoETrainer(opts)
     if own.bucket_mb == nil then own.bucket_mb = ds.bucket_mb end
   end
 
-  local ep = own.expert_parallel_size or 1
-  if not is_int(ep) or ep < 1 then fail(f, "expert_parallel_size must be a positive integer, got %s", tostring(ep)) end
-  if ep > 1 and ep ~= world then
-    fail(f, "expert_parallel_size = %d: expert parallelism needs expert_parallel_size = the world size (%d) for now "
-      .. "(data_parallel_size 1; DP x EP with both > 1 is not implemented yet)", ep, world)
-  end
   if own.world_size ~= nil and own.world_size ~= world then
     fail(f, "world_size = %s but this job has %d rank(s) (launch with `mpirun -np %s moelab ...` or `moelab --nproc %s ...`)",
       tostring(own.world_size), world, tostring(own.world_size), tostring(own.world_size))
   end
+  local ep = own.expert_parallel_size or 1
+  if not is_int(ep) or ep < 1 then fail(f, "expert_parallel_size must be a positive integer, got %s", tostring(ep)) end
+  if world % ep ~= 0 then
+    fail(f, "expert_parallel_size = %d must divide the world size %d (data_parallel_size = world size / expert_parallel_size)",
+      ep, world)
+  end
   local dp = own.data_parallel_size or world / ep
+  if not is_int(dp) or dp < 1 then fail(f, "data_parallel_size must be a positive integer, got %s", tostring(dp)) end
   if dp * ep ~= world then
     fail(f, "data_parallel_size %s x expert_parallel_size %d must equal the world size %d", tostring(dp), ep, world)
   end
@@ -298,14 +315,14 @@ function M.DistributedMoETrainer(opts)
   if zs == 3 then
     fail(f, "zero_stage = 3: ZeRO-3 (sharded parameters) is not implemented; use zero_stage 0, 1 or 2")
   end
-  if zs > 0 and ep > 1 then
-    fail(f, "zero_stage = %d with expert_parallel_size = %d: ZeRO is implemented for data parallel only (EP = 1)", zs, ep)
-  end
+  -- ZeRO (1, 2) with expert parallelism: the gradient reduction and the state
+  -- shards stay over the world (see the header), which is exact with EP x DP too
   local bucket_mb = own.bucket_mb or 25
   if type(bucket_mb) ~= "number" or bucket_mb <= 0 then fail(f, "bucket_mb must be a positive number") end
 
   local self = setmetatable({model = model, rank = rank, world_size = world, data_parallel_size = dp,
-                             expert_parallel_size = ep, zero_stage = zs, bucket_mb = bucket_mb,
+                             expert_parallel_size = ep, expert_parallel_rank = rank % ep,
+                             data_parallel_rank = math.floor(rank / ep), zero_stage = zs, bucket_mb = bucket_mb,
                              run_dir = topts.run_dir, train_defaults = train_defaults, _micro = 0}, D)
   local user_hook = topts.grad_hook
   if user_hook ~= nil and type(user_hook) ~= "function" then fail(f, "grad_hook must be a function(trainer)") end
@@ -354,9 +371,21 @@ function M.DistributedMoETrainer(opts)
     dist.broadcast(values, 0)
     self:_sync_buffers(0)
   end
+  if ep > 1 and ep < world then
+    -- the expert-parallel group of this rank: consecutive ranks [g*ep, (g+1)*ep), g = floor(rank / ep)
+    -- (every rank takes part in the split); CPU models under NCCL use the host communicator.
+    -- Kept for the program's life and shared by later trainers: freeing a communicator
+    -- from the garbage collector would happen at different times on different ranks
+    -- (NCCL's destroy may wait for the peers).
+    local base = dist.comm()
+    if base:backend() == "nccl" and tostring(model:device()):match("^cpu") then base = dist.host_comm() end
+    local key = tostring(base) .. "/" .. ep
+    ep_groups[key] = ep_groups[key] or base:split(math.floor(rank / ep), rank)
+    self._ep_comm = ep_groups[key]
+  end
   if ep > 1 then
     -- check the model can be split now (custom experts, E % ep); switched on only inside train/evaluate
-    dist.set_expert_parallel(model.net, true)
+    dist.set_expert_parallel(model.net, self._ep_comm or true)
     dist.set_expert_parallel(model.net, false)
   end
   return self
@@ -367,7 +396,7 @@ end
 -- so the model works in one process between calls.
 function D:_with_ep(fn, ...)
   if self.expert_parallel_size <= 1 then return pcall(fn, ...) end
-  dist.set_expert_parallel(self.model.net, true)
+  dist.set_expert_parallel(self.model.net, self._ep_comm or true)
   local ok, res = pcall(fn, ...)
   dist.set_expert_parallel(self.model.net, false)
   return ok, res
@@ -560,6 +589,7 @@ function D:train(opts)
   if not ok then error((tostring(res):gsub("MoETrainer:train:", f .. ":", 1)), 2) end
   if W > 1 and self.inner.aux_free then self:_sync_buffers(W - 1) end
   res.world_size = W
+  res.data_parallel_size, res.expert_parallel_size = self.data_parallel_size, self.expert_parallel_size
   res.global_batch_size = bs * accum * W
   return res
 end

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../ops/backend.h"
 #include "../ops/ops.h"
@@ -33,8 +34,19 @@ int moe_dist_op_parse(const char *name) {
 
 void moe_comm_free(moe_comm *c) {
     if (!c) return;
+    if (c->refs > 0) {
+        c->refs--;
+        return;
+    }
+    moe_comm *parent = c->parent;
     if (c->ops && c->ops->destroy) c->ops->destroy(c);
     free(c);
+    moe_comm_free(parent);   /* after the child: a child never outlives its parent */
+}
+
+moe_comm *moe_comm_retain(moe_comm *c) {
+    if (c) c->refs++;
+    return c;
 }
 
 /* ------------------------------------------------------------ checks */
@@ -186,6 +198,88 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     return s;
 }
 
+/* ------------------------------------------------------------ split */
+
+static int64_t host_hash(void) {
+    char name[256] = {0};
+    if (gethostname(name, sizeof name - 1) != 0) return 0;
+    uint64_t h = 1469598103934665603ull;   /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) h = (h ^ *p) * 1099511628211ull;
+    return (int64_t)(h >> 1);
+}
+
+moe_status moe_comm_split(moe_comm *parent, int color, int key, moe_comm **child) {
+    const char *w = "split";
+    if (child) *child = NULL;
+    MOE_TRY(check_comm(parent, w));
+    if (!child) return moe_error(MOE_ERR_ARG, "%s: no place for the child communicator", w);
+    if (!parent->ops->split)
+        return moe_error(MOE_ERR_STATE, "%s: the %s communicator cannot be split", w, parent->ops->name);
+    /* everyone's (color, key, host) first: a deadline-guarded collective, and
+     * the child's rank, size and host-local numbers follow from it */
+    int n = parent->size;
+    int64_t shape1[1] = {3}, shape2[1] = {3 * (int64_t)n};
+    moe_tensor *mine = moe_tensor_new_cpu(MOE_I64, 1, shape1), *all = moe_tensor_new_cpu(MOE_I64, 1, shape2);
+    int *members = calloc((size_t)n, sizeof *members);
+    moe_comm *c = calloc(1, sizeof *c);
+    moe_status s = MOE_OK;
+    if (!mine || !all) s = moe_last_status();
+    else if (!members || !c) s = moe_error(MOE_ERR_OOM, "%s: out of memory", w);
+    if (s == MOE_OK) {
+        int64_t *m = moe_tensor_data(mine);
+        m[0] = color;
+        m[1] = key;
+        m[2] = host_hash();
+        s = moe_comm_all_gather(parent, mine, all);
+    }
+    if (s == MOE_OK) {
+        const int64_t *a = moe_tensor_data(all);
+        for (int r = 0; r < n && s == MOE_OK; r++)
+            if (a[3 * r] < 0 || a[3 * r] > 0x7fffffff)
+                s = moe_error(MOE_ERR_ARG, "%s: rank %d passed color %lld; colors must be >= 0", w, r,
+                              (long long)a[3 * r]);
+        int size = 0, rank = -1, local_size = 0, local_rank = 0;
+        /* members of this color in child-rank order: by key, then parent rank (insertion sort) */
+        for (int r = 0; r < n && s == MOE_OK; r++) {
+            if (a[3 * r] != color) continue;
+            int i = size++;
+            while (i > 0 && a[3 * members[i - 1] + 1] > a[3 * r + 1]) {
+                members[i] = members[i - 1];
+                i--;
+            }
+            members[i] = r;
+        }
+        for (int i = 0; i < size && s == MOE_OK; i++) {
+            if (members[i] == parent->rank) rank = i;
+        }
+        for (int i = 0; i < size && s == MOE_OK; i++) {
+            if (a[3 * members[i] + 2] != a[3 * parent->rank + 2]) continue;
+            if (i < rank) local_rank++;
+            local_size++;
+        }
+        if (s == MOE_OK) {
+            c->ctx = parent->ctx;
+            c->rank = rank;
+            c->size = size;
+            c->local_rank = local_rank;
+            c->local_size = local_size;
+            c->timeout_s = parent->timeout_s;
+            s = moe_error_context(parent->ops->split(parent, color, key, members, c), "%s", w);
+        }
+    }
+    moe_tensor_release(mine);
+    moe_tensor_release(all);
+    free(members);
+    if (s != MOE_OK) {
+        if (c && c->ops && c->ops->destroy) c->ops->destroy(c);
+        free(c);
+        return s;
+    }
+    c->parent = moe_comm_retain(parent);
+    *child = c;
+    return MOE_OK;
+}
+
 /* ------------------------------------------------------------ single process */
 
 static int single_supports(const moe_comm *c, moe_device d) { return 1; }
@@ -232,12 +326,18 @@ static moe_status single_all_to_all_v(moe_comm *c, const void *in, const size_t 
     return device_copy(c, out, in, sc[0], dt, d);
 }
 static void single_destroy(moe_comm *c) {}
+static moe_status single_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 
 static const moe_comm_ops single_ops = {
     .name = "single", .supports = single_supports, .barrier = single_barrier, .all_reduce = single_all_reduce,
     .broadcast = single_broadcast, .all_gather = single_all_gather, .reduce_scatter = single_reduce_scatter,
-    .all_to_all_v = single_all_to_all_v, .destroy = single_destroy,
+    .all_to_all_v = single_all_to_all_v, .split = single_split, .destroy = single_destroy,
 };
+
+static moe_status single_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
+    child->ops = &single_ops;
+    return MOE_OK;
+}
 
 moe_comm *moe_comm_single_new(moe_ctx *ctx) {
     moe_comm *c = calloc(1, sizeof *c);

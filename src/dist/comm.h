@@ -34,7 +34,15 @@
  * once, so the MPI runtime (initialised flag, the control channel, the ranks
  * known to have left, the exit hook that says goodbye and finalises) is
  * process-wide in comm_mpi.c, behind a mutex. Each moe_comm still has its
- * own MPI communicator (a duplicate of MPI_COMM_WORLD). */
+ * own MPI communicator (a duplicate of MPI_COMM_WORLD, or a split of one).
+ *
+ * Sub-communicators (moe_comm_split): the ranks of a communicator that pass
+ * the same color form a child communicator with its own rank (ordered by key,
+ * then the parent rank) and size, like MPI_Comm_split. The child holds a
+ * reference to its parent (moe_comm_free drops references; a communicator is
+ * destroyed when the last one goes, children before their parent), and is
+ * otherwise independent: it has its own MPI communicator / NCCL communicator
+ * and stream, and the same devices as the parent. */
 #ifndef MOE_DIST_COMM_H
 #define MOE_DIST_COMM_H
 
@@ -70,6 +78,10 @@ typedef struct {
      * from rank r (consecutive in `out`) */
     moe_status (*all_to_all_v)(moe_comm *c, const void *in, const size_t *send_counts, void *out,
                                const size_t *recv_counts, moe_dtype dt, moe_device dev);
+    /* the implementation's part of moe_comm_split: `child` arrives with ctx,
+     * rank, size, local_rank, local_size and timeout_s set; members[i] is the
+     * parent rank of child rank i. Sets child->ops and child->impl. */
+    moe_status (*split)(moe_comm *c, int color, int key, const int *members, moe_comm *child);
     void (*destroy)(moe_comm *c);                       /* frees impl; not c itself */
 } moe_comm_ops;
 
@@ -81,6 +93,8 @@ struct moe_comm {
     int local_rank, local_size;   /* on this host */
     double timeout_s;      /* a collective making no progress this long fails */
     uint64_t seq;          /* collectives issued, for error messages */
+    int refs;              /* references beyond the first (moe_comm_retain); 0: one owner */
+    moe_comm *parent;      /* the communicator this one was split from (a reference), or NULL */
 };
 
 #define MOE_DIST_DEFAULT_TIMEOUT_S 300.0
@@ -104,7 +118,25 @@ moe_comm *moe_comm_mpi_new(moe_ctx *ctx, double timeout_s);
  * it is set (without overriding a user value) before the first init. */
 moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rendezvous_dir, int device,
                             double timeout_s);
+/* Drops a reference: the communicator is destroyed when the last one goes
+ * (then its parent's reference is dropped too). */
 void moe_comm_free(moe_comm *c);
+moe_comm *moe_comm_retain(moe_comm *c);
+
+/* Splits `parent` (collective: every rank of the parent calls it): the ranks
+ * with the same color (>= 0) form *child, ranked by key, then by their parent
+ * rank. local_rank/local_size of the child count its members on this host
+ * (by host name). The colors and keys are first all-gathered over the parent
+ * (a deadline-guarded collective, so a missing rank fails instead of
+ * hanging), then the implementation splits:
+ *   single  a new single-process communicator;
+ *   mpi     MPI_Comm_split;
+ *   nccl    ncclCommSplit when the loaded libnccl has it (NCCL >= 2.18), else
+ *           (or with MOELAB_NCCL_SPLIT=new_id) a new communicator from a fresh
+ *           unique id that each group's rank 0 makes and the parent all-gathers.
+ * Expert parallel x data parallel uses it for the expert-parallel groups
+ * (consecutive ranks; see lua/moelab/distributed.lua). */
+moe_status moe_comm_split(moe_comm *parent, int color, int key, moe_comm **child);
 
 /* Tensor-level collectives: check dtype (f32/f64 for reductions), device
  * (supported by the communicator, the same for in and out), contiguity and

@@ -58,7 +58,24 @@ typedef struct {
     MPI_Comm comm;
     int broken;
     char why[256];
+    int *members;         /* world rank of each rank of a split communicator (NULL: the world itself) */
 } mpi_impl;
+
+/* World rank of this communicator's rank r. */
+static int world_rank(const moe_comm *c, int r) {
+    const mpi_impl *m = c->impl;
+    return m->members ? m->members[r] : r;
+}
+
+/* A member of this communicator (other than us) that has said goodbye, as a
+ * world rank; -1 if none. Ranks outside a split communicator do not matter to it. */
+static int member_gone(const moe_comm *c) {
+    for (int r = 0; r < c->size; r++) {
+        int w = world_rank(c, r);
+        if (w != rt.rank && rt.left[w]) return w;
+    }
+    return -1;
+}
 
 static moe_status mpi_fail(int rc, const char *what) {
     char msg[MPI_MAX_ERROR_STRING];
@@ -148,9 +165,7 @@ static moe_status wait_req(moe_comm *c, MPI_Request *req, const char *what) {
         }
         if (done) return MOE_OK;
         serve_ctrl(NULL);
-        int gone = -1;
-        for (int r = 0; r < rt.size && gone < 0; r++)
-            if (rt.left[r] && r != rt.rank) gone = r;
+        int gone = member_gone(c);
         double now = moe_dist_now();
         if (gone >= 0) {
             /* data the leaver sent before its goodbye may still be arriving */
@@ -183,13 +198,13 @@ static moe_status begin(moe_comm *c, const char *what) {
         return moe_error(MOE_ERR_STATE, "%s: the communicator is broken after an earlier failure (%s)", what, m->why);
     rt.seq = (long long)c->seq;
     serve_ctrl(NULL);
-    for (int r = 0; r < rt.size; r++)
-        if (rt.left[r] && r != rt.rank) {
-            m->broken = 1;
-            snprintf(m->why, sizeof m->why, "rank %d has left", r);
-            return moe_error(MOE_ERR_STATE, "rank %d has left (its program ended or failed); rank %d cannot run %s",
-                             r, rt.rank, what);
-        }
+    int r = member_gone(c);
+    if (r >= 0) {
+        m->broken = 1;
+        snprintf(m->why, sizeof m->why, "rank %d has left", r);
+        return moe_error(MOE_ERR_STATE, "rank %d has left (its program ended or failed); rank %d cannot run %s",
+                         r, rt.rank, what);
+    }
     return MOE_OK;
 }
 
@@ -306,8 +321,9 @@ static void mpi_destroy(moe_comm *c) {
     mpi_impl *m = c->impl;
     if (!m) return;
     pthread_mutex_lock(&rt.mu);
-    if (!m->broken && !rt.finalized) MPI_Comm_free(&m->comm);
+    if (!m->broken && !rt.finalized && m->comm != MPI_COMM_NULL) MPI_Comm_free(&m->comm);
     pthread_mutex_unlock(&rt.mu);
+    free(m->members);
     free(m);
     c->impl = NULL;
 }
@@ -370,11 +386,47 @@ static moe_status runtime_init(void) {
     return MOE_OK;
 }
 
+static moe_status mpi_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
+
 static const moe_comm_ops mpi_ops = {
     .name = "mpi", .supports = mpi_supports, .barrier = mpi_barrier, .all_reduce = mpi_all_reduce,
     .broadcast = mpi_broadcast, .all_gather = mpi_all_gather, .reduce_scatter = mpi_reduce_scatter,
-    .all_to_all_v = mpi_all_to_all_v, .destroy = mpi_destroy,
+    .all_to_all_v = mpi_all_to_all_v, .split = mpi_split, .destroy = mpi_destroy,
 };
+
+/* MPI_Comm_split is blocking, but moe_comm_split has just all-gathered over
+ * the parent, so every rank has arrived at it. */
+static moe_status mpi_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
+    mpi_impl *pm = c->impl;
+    MOE_TRY(begin(c, "split"));
+    mpi_impl *m = calloc(1, sizeof *m);
+    int *wm = calloc((size_t)child->size, sizeof *wm);
+    if (!m || !wm) {
+        free(m);
+        free(wm);
+        return moe_error(MOE_ERR_OOM, "split: out of memory");
+    }
+    for (int i = 0; i < child->size; i++) wm[i] = world_rank(c, members[i]);
+    m->members = wm;
+    m->comm = MPI_COMM_NULL;
+    child->ops = &mpi_ops;
+    child->impl = m;
+    pthread_mutex_lock(&rt.mu);
+    int rc = MPI_Comm_split(pm->comm, color, key, &m->comm);
+    pthread_mutex_unlock(&rt.mu);
+    if (rc != MPI_SUCCESS) {
+        m->comm = MPI_COMM_NULL;
+        return mpi_fail(rc, "MPI_Comm_split");
+    }
+    MPI_Comm_set_errhandler(m->comm, MPI_ERRORS_RETURN);
+    int r = -1, n = -1;
+    MPI_Comm_rank(m->comm, &r);
+    MPI_Comm_size(m->comm, &n);
+    if (r != child->rank || n != child->size)
+        return moe_error(MOE_ERR_STATE, "MPI_Comm_split gave rank %d of %d, expected %d of %d", r, n, child->rank,
+                         child->size);
+    return MOE_OK;
+}
 
 moe_comm *moe_comm_mpi_new(moe_ctx *ctx, double timeout_s) {
     pthread_mutex_lock(&rt.mu);

@@ -10,6 +10,10 @@
  * marked broken. NCCL_NVLS_ENABLE defaults to 0 here (NVLink multicast is
  * not available on every machine); a value the user sets is kept.
  *
+ * Splits (moe_comm_split) use ncclCommSplit when the library has it, else a
+ * new communicator from a fresh unique id per group (all-gathered over the
+ * parent); MOELAB_NCCL_SPLIT=new_id forces the latter.
+ *
  * Not run in the test suite (no GPU there): compiled and linked only. */
 #include "comm.h"
 
@@ -56,6 +60,9 @@ typedef struct {
     ncclResult_t (*Recv)(void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
     ncclResult_t (*GroupStart)(void);
     ncclResult_t (*GroupEnd)(void);
+    /* optional (NCCL >= 2.18): NULL when the loaded library lacks it; the
+     * config pointer is passed as NULL (the defaults) */
+    ncclResult_t (*CommSplit)(ncclComm_t, int, int, ncclComm_t *, void *);
 } nccl_api;
 
 typedef struct {
@@ -78,6 +85,7 @@ static moe_status load_api(nccl_api *a) {
     SYM(GetErrorString); SYM(AllReduce); SYM(Broadcast); SYM(AllGather); SYM(ReduceScatter); SYM(Send);
     SYM(Recv); SYM(GroupStart); SYM(GroupEnd);
 #undef SYM
+    *(void **)&a->CommSplit = dlsym(a->lib, "ncclCommSplit");
     return MOE_OK;
 }
 
@@ -282,11 +290,85 @@ static void nc_destroy(moe_comm *c) {
     c->impl = NULL;
 }
 
+static moe_status nc_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
+
 static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
-    .all_to_all_v = nc_all_to_all_v, .destroy = nc_destroy,
+    .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
 };
+
+/* The child runs on the parent's device with a stream of its own. Its NCCL
+ * communicator comes from ncclCommSplit, or from a unique id made by the
+ * group's rank 0 (members[0]) and all-gathered over the parent with a status
+ * byte, so a failure there reaches the whole group instead of a hang. */
+static moe_status nc_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
+    nccl_impl *pm = c->impl;
+    MOE_TRY(begin(c, "split"));
+    nccl_impl *m = calloc(1, sizeof *m);
+    if (!m) return moe_error(MOE_ERR_OOM, "split: out of memory");
+    m->api = pm->api;   /* the library stays loaded for the process */
+    m->device = pm->device;
+    child->ops = &nccl_ops;
+    child->impl = m;
+    if (cudaStreamCreateWithFlags(&m->stream, cudaStreamNonBlocking) != cudaSuccess) {
+        m->stream = NULL;
+        return moe_error(MOE_ERR_DEVICE, "split: cannot create a CUDA stream on cuda:%d", m->device);
+    }
+    const char *how = getenv("MOELAB_NCCL_SPLIT");
+    int new_id = (how && !strcmp(how, "new_id")) || !m->api.CommSplit;
+    if (!new_id) {
+        ncclResult_t r = m->api.CommSplit(pm->comm, color, key, &m->comm, NULL);
+        if (r != ncclSuccess) {
+            m->comm = NULL;
+            return moe_error(MOE_ERR_IO, "ncclCommSplit (rank %d of %d, color %d): %s", c->rank, c->size, color,
+                             m->api.GetErrorString(r));
+        }
+        return MOE_OK;
+    }
+    /* one slot per parent rank: a status byte, then the id (group leaders fill theirs) */
+    size_t slot = 1 + sizeof(ncclUniqueId);
+    int64_t s1[1] = {(int64_t)slot}, s2[1] = {(int64_t)slot * c->size};
+    moe_tensor *mine = moe_tensor_new_cpu(MOE_U8, 1, s1), *all = moe_tensor_new_cpu(MOE_U8, 1, s2);
+    moe_status s = mine && all ? MOE_OK : moe_last_status(), made = MOE_OK;
+    if (s == MOE_OK) {
+        unsigned char *p = moe_tensor_data(mine);
+        memset(p, 0, slot);
+        if (child->rank == 0) {
+            ncclUniqueId id;
+            ncclResult_t r = m->api.GetUniqueId(&id);
+            if (r == ncclSuccess) {
+                p[0] = 1;
+                memcpy(p + 1, &id, sizeof id);
+            } else {
+                made = moe_error(MOE_ERR_IO, "ncclGetUniqueId: %s", m->api.GetErrorString(r));
+            }
+        }
+        s = moe_comm_all_gather(c, mine, all);   /* every rank joins, whatever happened above */
+    }
+    if (s == MOE_OK && made != MOE_OK) s = made;
+    if (s == MOE_OK) {
+        const unsigned char *lead = (const unsigned char *)moe_tensor_data(all) + slot * (size_t)members[0];
+        ncclUniqueId id;
+        memcpy(&id, lead + 1, sizeof id);
+        if (!lead[0]) {
+            s = moe_error(MOE_ERR_IO, "rank %d (rank 0 of the group of color %d) could not make an NCCL id",
+                          members[0], color);
+        } else if (cudaSetDevice(m->device) != cudaSuccess) {
+            s = moe_error(MOE_ERR_DEVICE, "split: cannot use cuda:%d", m->device);
+        } else {
+            ncclResult_t r = m->api.CommInitRank(&m->comm, child->size, id, child->rank);
+            if (r != ncclSuccess) {
+                m->comm = NULL;
+                s = moe_error(MOE_ERR_IO, "ncclCommInitRank (rank %d of %d, color %d): %s", child->rank,
+                              child->size, color, m->api.GetErrorString(r));
+            }
+        }
+    }
+    moe_tensor_release(mine);
+    moe_tensor_release(all);
+    return s;
+}
 
 static int env_int(const char *name, int def) {
     const char *v = getenv(name);

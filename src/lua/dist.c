@@ -5,7 +5,16 @@
  * single-process communicator; "single", "mpi", "nccl"); every other
  * function initialises with the defaults on first use. With "nccl" the MPI
  * (or single) communicator that bootstrapped it stays, and collectives of
- * CPU tensors go through it. */
+ * CPU tensors go through it.
+ *
+ * Communicator objects: dist.comm() (the main one), dist.host_comm() (the one
+ * for CPU tensors: the bootstrap communicator under NCCL, else the main one)
+ * and comm:split(color[, key]) / dist.split(color[, key]) (sub-communicators,
+ * moe_comm_split; collective over the split communicator). The collectives
+ * are also methods (comm:all_reduce(t, op), comm:rank(), ...), working over
+ * that communicator. A split communicator keeps its parent alive; both are
+ * freed by the garbage collector. set_expert_parallel(layer, comm) keeps comm
+ * alive while the layer (its Lua object) has expert parallelism on. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,6 +26,7 @@
 #define COMM_MT "moelab.Comm"
 #define KEY_MAIN "moelab.dist.comm"
 #define KEY_HOST "moelab.dist.host_comm"
+#define KEY_EP_REFS "moelab.dist.ep_refs"
 
 typedef struct { moe_comm *c; } comm_box;
 
@@ -27,15 +37,31 @@ static int comm_gc(lua_State *L) {
     return 0;
 }
 
+static void push_comm_methods(lua_State *L);
+static int comm_tostring(lua_State *L);
+
 static comm_box *new_box(lua_State *L) {
     comm_box *b = lua_newuserdata(L, sizeof *b);
     b->c = NULL;
     if (luaL_newmetatable(L, COMM_MT)) {
         lua_pushcfunction(L, comm_gc);
         lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, comm_tostring);
+        lua_setfield(L, -2, "__tostring");
+        push_comm_methods(L);
+        lua_setfield(L, -2, "__index");
     }
     lua_setmetatable(L, -2);
     return b;
+}
+
+/* The communicator of a Comm object at index 1 (a method call): sets *base to
+ * the first argument after it. NULL (and *base = 1) when index 1 is not one. */
+static moe_comm *self_comm(lua_State *L, int *base, const char *f) {
+    comm_box *b = lua_type(L, 1) == LUA_TUSERDATA ? luaL_testudata(L, 1, COMM_MT) : NULL;
+    *base = b ? 2 : 1;
+    if (b && !b->c) moe_lua_errorf(L, "%s: the communicator was freed", f);
+    return b ? b->c : NULL;
 }
 
 static moe_comm *registry_comm(lua_State *L, const char *key) {
@@ -156,20 +182,33 @@ static int l_is_initialized(lua_State *L) {
     return 1;
 }
 
-static int l_info(lua_State *L) { push_info(L, get_comm(L)); return 1; }
-static int l_rank(lua_State *L) { lua_pushinteger(L, get_comm(L)->rank); return 1; }
-static int l_world_size(lua_State *L) { lua_pushinteger(L, get_comm(L)->size); return 1; }
-static int l_local_rank(lua_State *L) { lua_pushinteger(L, get_comm(L)->local_rank); return 1; }
-static int l_local_world_size(lua_State *L) { lua_pushinteger(L, get_comm(L)->local_size); return 1; }
-static int l_backend(lua_State *L) { lua_pushstring(L, get_comm(L)->ops->name); return 1; }
+/* the method's communicator, else the main one */
+static moe_comm *self_or_main(lua_State *L, int *base, const char *f) {
+    moe_comm *c = self_comm(L, base, f);
+    return c ? c : get_comm(L);
+}
+static int l_info(lua_State *L) { int b; push_info(L, self_or_main(L, &b, "dist.info")); return 1; }
+static int l_rank(lua_State *L) { int b; lua_pushinteger(L, self_or_main(L, &b, "dist.rank")->rank); return 1; }
+static int l_world_size(lua_State *L) { int b; lua_pushinteger(L, self_or_main(L, &b, "dist.world_size")->size); return 1; }
+static int l_local_rank(lua_State *L) { int b; lua_pushinteger(L, self_or_main(L, &b, "dist.local_rank")->local_rank); return 1; }
+static int l_local_world_size(lua_State *L) {
+    int b;
+    lua_pushinteger(L, self_or_main(L, &b, "dist.local_world_size")->local_size);
+    return 1;
+}
+static int l_backend(lua_State *L) { int b; lua_pushstring(L, self_or_main(L, &b, "dist.backend")->ops->name); return 1; }
 static int l_launched(lua_State *L) { lua_pushboolean(L, moe_dist_launched_by_mpi()); return 1; }
 static int l_have_mpi(lua_State *L) { lua_pushboolean(L, moe_dist_have_mpi()); return 1; }
 static int l_have_nccl(lua_State *L) { lua_pushboolean(L, moe_dist_have_nccl()); return 1; }
 
 static int l_barrier(lua_State *L) {
-    moe_lua_check(L, moe_comm_barrier(get_comm(L)), "dist.barrier");
+    int b;
+    moe_lua_check(L, moe_comm_barrier(self_or_main(L, &b, "dist.barrier")), "dist.barrier");
     return 0;
 }
+
+/* The communicator for tensor argument t: the method's, else comm_for. */
+static moe_comm *comm_arg(lua_State *L, moe_comm *self, moe_tensor *t) { return self ? self : comm_for(L, t); }
 
 static moe_dist_op check_op(lua_State *L, int idx, const char *f) {
     if (lua_isnoneornil(L, idx)) return MOE_DIST_SUM;
@@ -182,34 +221,40 @@ static moe_dist_op check_op(lua_State *L, int idx, const char *f) {
 /* all_reduce(t[, op = "sum"|"avg"[, {bucket_mb=}]]) -> t (in place) */
 static int l_all_reduce(lua_State *L) {
     const char *f = "dist.all_reduce";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
-    moe_dist_op op = check_op(L, 2, f);
+    int a;
+    moe_comm *self = self_comm(L, &a, f);
+    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
+    moe_dist_op op = check_op(L, a + 1, f);
     double mb = 0;
-    if (!lua_isnoneornil(L, 3)) {
-        luaL_checktype(L, 3, LUA_TTABLE);
-        mb = moe_lua_opt_field_num(L, 3, "bucket_mb", 0, f);
+    if (!lua_isnoneornil(L, a + 2)) {
+        luaL_checktype(L, a + 2, LUA_TTABLE);
+        mb = moe_lua_opt_field_num(L, a + 2, "bucket_mb", 0, f);
         if (mb < 0) moe_lua_errorf(L, "%s: bucket_mb must be >= 0, got %g", f, mb);
     }
-    moe_lua_check(L, moe_comm_all_reduce_bucketed(comm_for(L, t), t, op, (size_t)(mb * 1024 * 1024)), f);
-    lua_settop(L, 1);
+    moe_lua_check(L, moe_comm_all_reduce_bucketed(comm_arg(L, self, t), t, op, (size_t)(mb * 1024 * 1024)), f);
+    lua_settop(L, a);
     return 1;
 }
 
 /* broadcast(t[, root = 0]) -> t (in place) */
 static int l_broadcast(lua_State *L) {
     const char *f = "dist.broadcast";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
-    int root = lua_isnoneornil(L, 2) ? 0 : (int)moe_lua_check_int(L, 2, f, "root");
-    moe_lua_check(L, moe_comm_broadcast(comm_for(L, t), t, root), f);
-    lua_settop(L, 1);
+    int a;
+    moe_comm *self = self_comm(L, &a, f);
+    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
+    int root = lua_isnoneornil(L, a + 1) ? 0 : (int)moe_lua_check_int(L, a + 1, f, "root");
+    moe_lua_check(L, moe_comm_broadcast(comm_arg(L, self, t), t, root), f);
+    lua_settop(L, a);
     return 1;
 }
 
 /* all_gather(t) -> a new tensor of shape {world_size, ...t's shape} */
 static int l_all_gather(lua_State *L) {
     const char *f = "dist.all_gather";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
-    moe_comm *c = comm_for(L, t);
+    int a;
+    moe_comm *self = self_comm(L, &a, f);
+    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
+    moe_comm *c = comm_arg(L, self, t);
     if (t->ndim + 1 > MOE_MAX_DIMS) moe_lua_errorf(L, "%s: the tensor has too many dims", f);
     int64_t shape[MOE_MAX_DIMS];
     shape[0] = c->size;
@@ -222,9 +267,11 @@ static int l_all_gather(lua_State *L) {
 /* reduce_scatter(t[, op]) -> a new tensor: t's shape with the first dim divided by world_size */
 static int l_reduce_scatter(lua_State *L) {
     const char *f = "dist.reduce_scatter";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
-    moe_dist_op op = check_op(L, 2, f);
-    moe_comm *c = comm_for(L, t);
+    int a;
+    moe_comm *self = self_comm(L, &a, f);
+    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
+    moe_dist_op op = check_op(L, a + 1, f);
+    moe_comm *c = comm_arg(L, self, t);
     if (t->ndim < 1 || t->shape[0] % c->size != 0)
         moe_lua_errorf(L, "%s: the first dim (%lld) must be divisible by the world size %d", f,
                        t->ndim ? (long long)t->shape[0] : 0LL, c->size);
@@ -253,13 +300,15 @@ static void read_counts(lua_State *L, int idx, int n, int64_t *out, const char *
  * rows of t (first dim) go to rank r in consecutive blocks of send_rows[r]. */
 static int l_all_to_all_v(lua_State *L) {
     const char *f = "dist.all_to_all_v";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, f, "tensor");
-    moe_comm *c = comm_for(L, t);
+    int a;
+    moe_comm *self = self_comm(L, &a, f);
+    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
+    moe_comm *c = comm_arg(L, self, t);
     if (t->ndim < 1) moe_lua_errorf(L, "%s: the tensor needs at least one dim", f);
     int64_t *counts = lua_newuserdata(L, sizeof(int64_t) * 2 * (size_t)c->size);
     int64_t *sc = counts, *rc = counts + c->size;
-    read_counts(L, 2, c->size, sc, f, "send_rows");
-    read_counts(L, 3, c->size, rc, f, "recv_rows");
+    read_counts(L, a + 1, c->size, sc, f, "send_rows");
+    read_counts(L, a + 2, c->size, rc, f, "recv_rows");
     int64_t row = 1, rows = 0, sent = 0;
     for (int i = 1; i < t->ndim; i++) row *= t->shape[i];
     for (int r = 0; r < c->size; r++) { rows += rc[r]; sent += sc[r]; }
@@ -285,19 +334,102 @@ static int set_ep_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
     return n;
 }
 
-/* set_expert_parallel(layer, on) -> the number of MoE layers set: expert
- * parallelism over all ranks of this state's communicator (the host one for
- * CPU layers) for every MoE layer in the tree; on = false turns it off. */
+/* set_expert_parallel(layer, on | comm) -> the number of MoE layers set:
+ * expert parallelism over all ranks of this state's communicator (the host one
+ * for CPU layers), or over the ranks of `comm` (a Comm object, e.g. a split),
+ * for every MoE layer in the tree; on = false turns it off. The layers borrow
+ * the communicator: a Comm given here stays referenced (from a weak-keyed
+ * registry table, by the layer object) until expert parallelism is turned off. */
 static int l_set_expert_parallel(lua_State *L) {
     const char *f = "dist.set_expert_parallel";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "layer");
-    int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
-    moe_comm *c = get_comm(L);
-    if (on && !c->ops->supports(c, l->device)) {
+    comm_box *given = lua_type(L, 2) == LUA_TUSERDATA ? luaL_testudata(L, 2, COMM_MT) : NULL;
+    if (lua_type(L, 2) == LUA_TUSERDATA && !given)
+        moe_lua_errorf(L, "%s: the second argument must be true, false or a communicator (dist.split)", f);
+    if (given && !given->c) moe_lua_errorf(L, "%s: the communicator was freed", f);
+    int on = given || lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
+    moe_comm *c = given ? given->c : get_comm(L);
+    if (on && !given && !c->ops->supports(c, l->device)) {
         moe_comm *h = registry_comm(L, KEY_HOST);
         if (h && h->ops->supports(h, l->device)) c = h;
     }
-    lua_pushinteger(L, set_ep_tree(L, l, on ? c : NULL, f));
+    int n = set_ep_tree(L, l, on ? c : NULL, f);
+    /* registry[KEY_EP_REFS][layer object] = the Comm given (or nil) */
+    lua_getfield(L, LUA_REGISTRYINDEX, KEY_EP_REFS);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_createtable(L, 0, 1);
+        lua_pushstring(L, "k");
+        lua_setfield(L, -2, "__mode");
+        lua_setmetatable(L, -2);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, KEY_EP_REFS);
+    }
+    lua_pushvalue(L, 1);
+    if (given) lua_pushvalue(L, 2);
+    else lua_pushnil(L);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+    lua_pushinteger(L, n);
+    return 1;
+}
+
+static int ep_size_tree(const moe_layer *l) {
+    if (moe_layer_is_moe(l)) return moe_block_expert_parallel_size(l);
+    for (int i = 0; i < l->n_children; i++) {
+        int n = l->children[i] ? ep_size_tree(l->children[i]) : 0;
+        if (n) return n;
+    }
+    return 0;
+}
+
+/* expert_parallel_size(layer) -> the number of ranks the first MoE layer of
+ * the tree splits its experts over (1: off; 0: no MoE layer) */
+static int l_expert_parallel_size(lua_State *L) {
+    lua_pushinteger(L, ep_size_tree(moe_lua_check_layer(L, 1, "dist.expert_parallel_size", "layer")));
+    return 1;
+}
+
+/* dist.comm() -> the main communicator as an object (initialising it) */
+static int l_comm(lua_State *L) {
+    get_comm(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, KEY_MAIN);
+    return 1;
+}
+
+/* dist.host_comm() -> the communicator for CPU tensors: the one that
+ * bootstrapped NCCL, else the main one */
+static int l_host_comm(lua_State *L) {
+    get_comm(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, KEY_HOST);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_getfield(L, LUA_REGISTRYINDEX, KEY_MAIN);
+    }
+    return 1;
+}
+
+/* comm:split(color[, key = rank]) / dist.split(color[, key]) -> a new Comm of
+ * the ranks that pass the same color (>= 0), ranked by key then rank.
+ * Collective: every rank of the communicator must call it. */
+static int l_split(lua_State *L) {
+    const char *f = "dist.split";
+    int a;
+    moe_comm *c = self_or_main(L, &a, f);
+    lua_Integer color = moe_lua_check_int(L, a, f, "color");
+    lua_Integer key = lua_isnoneornil(L, a + 1) ? c->rank : moe_lua_check_int(L, a + 1, f, "key");
+    if (color < 0 || color > 0x7fffffff) moe_lua_errorf(L, "%s: color must be >= 0, got %lld", f, (long long)color);
+    if (key < -0x7fffffff || key > 0x7fffffff) moe_lua_errorf(L, "%s: key %lld is out of range", f, (long long)key);
+    comm_box *b = new_box(L);
+    moe_lua_check(L, moe_comm_split(c, (int)color, (int)key, &b->c), f);
+    return 1;
+}
+
+static int comm_tostring(lua_State *L) {
+    comm_box *b = luaL_checkudata(L, 1, COMM_MT);
+    if (!b->c) lua_pushstring(L, "Comm(freed)");
+    else lua_pushfstring(L, "Comm(%s, rank %d of %d)", b->c->ops->name, b->c->rank, b->c->size);
     return 1;
 }
 
@@ -307,8 +439,24 @@ static const luaL_Reg dist_fns[] = {
     {"backend", l_backend}, {"launched_by_mpi", l_launched}, {"have_mpi", l_have_mpi}, {"have_nccl", l_have_nccl},
     {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
     {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v},
-    {"set_expert_parallel", l_set_expert_parallel}, {NULL, NULL},
+    {"set_expert_parallel", l_set_expert_parallel}, {"comm", l_comm}, {"host_comm", l_host_comm},
+    {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size}, {NULL, NULL},
 };
+
+static const luaL_Reg comm_methods[] = {
+    {"info", l_info}, {"rank", l_rank}, {"world_size", l_world_size}, {"size", l_world_size},
+    {"local_rank", l_local_rank}, {"local_world_size", l_local_world_size}, {"backend", l_backend},
+    {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
+    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {"split", l_split}, {NULL, NULL},
+};
+
+static void push_comm_methods(lua_State *L) {
+    lua_newtable(L);
+    for (const luaL_Reg *r = comm_methods; r->name; r++) {
+        lua_pushcfunction(L, r->func);
+        lua_setfield(L, -2, r->name);
+    }
+}
 
 void moe_lua_open_dist(lua_State *L) {
     lua_newtable(L);

@@ -4,7 +4,8 @@
 -- (1) a forward with EP gives each rank the loss of the plain forward on its
 -- own batch, with tokens routed to both ranks' experts, and (2) EP training
 -- reproduces one process with twice the accumulation (losses, aux losses,
--- final parameters to 1e-5 relative). Prints "EP_OK <rank>".
+-- final parameters to 1e-5 relative), also with ZeRO-2 (sharded over the
+-- world). Prints "EP_OK <rank>".
 local d = moe.dist
 d.init{timeout = 20}
 local rank, world = d.rank(), d.world_size()
@@ -47,6 +48,9 @@ for k, v in pairs(train) do o[k] = v end
 o.batch_fn = batch
 local res = dt:train(o)
 assert(res.world_size == 2 and res.global_batch_size == 4)
+local z2 = moe.distributed.DistributedMoETrainer{model = model(rank == 0 and 11 or 99), progress = false,
+                                                 aux_loss_coef = 0.01, expert_parallel_size = 2, zero_stage = 2}
+local zres = z2:train(o)
 
 if rank == 0 then
   local ref_model = model(11)
@@ -58,8 +62,10 @@ if rank == 0 then
   for s = 1, train.max_steps do
     close(res.history[s].loss, rres.history[s].loss, 1e-5, "loss at step " .. s)
     close(res.history[s].aux_loss, rres.history[s].aux_loss, 1e-5, "aux loss at step " .. s)
+    close(zres.history[s].loss, rres.history[s].loss, 1e-5, "ZeRO-2 loss at step " .. s)
   end
   close_t(dt.model.net:flat_parameters(), ref_model.net:flat_parameters(), 1e-5, "final parameters")
+  close_t(z2.model.net:flat_parameters(), ref_model.net:flat_parameters(), 1e-5, "ZeRO-2 final parameters")
 end
 -- both ranks end with the same (full-size) parameters, so rank 0 saves the usual layout
 local mine = dt.model.net:flat_parameters()
