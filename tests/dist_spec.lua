@@ -166,7 +166,11 @@ describe("DeepSpeed configs", function()
     err(function() f({zero_optimization = {stage = 2, overlap_comm = true}}) end, "'overlap_comm'")
     err(function() f({optimizer = {type = "Lamb"}}) end, "only AdamW")
     err(function() f({optimizer = {type = "AdamW", params = {lr = 1, torch_adam = true}}}) end, "'torch_adam'")
-    err(function() f({bf16 = {enabled = true}}) end, "bf16.enabled = true is not supported")
+    err(function() f({fp16 = {enabled = true}}) end, "fp16.enabled = true is not supported")
+    assert.are.equal("bf16", f({bf16 = {enabled = true}}).trainer.precision)
+    assert.is_nil(f({bf16 = {enabled = false}}).trainer.precision)
+    err(function() distributed.DistributedMoETrainer{model = small_model(), zero_stage = 1, precision = "bf16"} end,
+      "precision = \"bf16\" is not supported yet")
     err(function() f({scheduler = {type = "OneCycle"}}) end, "OneCycle is not supported")
     err(function() f({scheduler = {type = "WarmupLR", params = {warmup_num_steps = 5}}}) end, "warmup_type must be \"linear\"")
     err(function() f({train_batch_size = 10, train_micro_batch_size_per_gpu = 4, gradient_accumulation_steps = 1}, 2) end,

@@ -177,8 +177,12 @@ function M.from_deepspeed(cfg, world)
     local p = cfg[k]
     if p ~= nil then
       check_keys(f, k, p, {enabled = true})
-      if p.enabled == true then fail(f, "%s.enabled = true is not supported yet (training runs in f32 with f32 optimizer state)", k) end
-      if p.enabled ~= nil and p.enabled ~= false then fail(f, "%s.enabled must be true or false", k) end
+      if p.enabled ~= nil and p.enabled ~= true and p.enabled ~= false then fail(f, "%s.enabled must be true or false", k) end
+      if p.enabled == true and k == "fp16" then
+        fail(f, "fp16.enabled = true is not supported (no loss scaling); use bf16.enabled = true")
+      end
+      -- bf16: mixed precision, bf16 compute and gradients with f32 master weights and state
+      if p.enabled == true then tr.precision = "bf16" end
     end
   end
   local lr
@@ -314,6 +318,9 @@ function M.DistributedMoETrainer(opts)
   if not is_int(zs) or zs < 0 or zs > 3 then fail(f, "zero_stage must be 0, 1 or 2, got %s", tostring(zs)) end
   if zs == 3 then
     fail(f, "zero_stage = 3: ZeRO-3 (sharded parameters) is not implemented; use zero_stage 0, 1 or 2")
+  end
+  if zs > 0 and topts.precision == "bf16" then
+    fail(f, "zero_stage = %d with precision = \"bf16\" is not supported yet (ZeRO shards f32 gradients); use zero_stage = 0", zs)
   end
   -- ZeRO (1, 2) with expert parallelism: the gradient reduction and the state
   -- shards stay over the world (see the header), which is exact with EP x DP too

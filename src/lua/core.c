@@ -176,6 +176,32 @@ static int l_cuda_available(lua_State *L) {
     return 1;
 }
 
+#ifdef MOELAB_CUDA
+#include "../ops/cuda/moe_cuda.h"
+/* core.cuda_memory_stats([device]) -> {in_use=, peak=, cached=, device_free=, device_total=, cuda_mallocs=, cache_hits=} (bytes) */
+static int l_cuda_memory_stats(lua_State *L) {
+    int dev = (int)luaL_optinteger(L, 1, 0);
+    moe_cuda_mem_stats st;
+    moe_lua_check(L, moe_cuda_memory_stats(moe_lua_ctx(L), dev, &st), "cuda_memory_stats");
+    lua_createtable(L, 0, 7);
+    lua_pushnumber(L, (double)st.bytes_in_use); lua_setfield(L, -2, "in_use");
+    lua_pushnumber(L, (double)st.peak_bytes_in_use); lua_setfield(L, -2, "peak");
+    lua_pushnumber(L, (double)st.bytes_cached); lua_setfield(L, -2, "cached");
+    lua_pushnumber(L, (double)st.device_free); lua_setfield(L, -2, "device_free");
+    lua_pushnumber(L, (double)st.device_total); lua_setfield(L, -2, "device_total");
+    lua_pushnumber(L, (double)st.num_cuda_malloc); lua_setfield(L, -2, "cuda_mallocs");
+    lua_pushnumber(L, (double)st.num_cache_hits); lua_setfield(L, -2, "cache_hits");
+    return 1;
+}
+static int l_cuda_reset_peak_memory(lua_State *L) {
+    moe_lua_check(L, moe_cuda_reset_peak_memory(moe_lua_ctx(L), (int)luaL_optinteger(L, 1, 0)), "cuda_reset_peak_memory");
+    return 0;
+}
+#else
+static int l_cuda_memory_stats(lua_State *L) { return luaL_error(L, "cuda_memory_stats: this moelab was built without CUDA"); }
+static int l_cuda_reset_peak_memory(lua_State *L) { return luaL_error(L, "cuda_reset_peak_memory: this moelab was built without CUDA"); }
+#endif
+
 static int l_cuda_device_count(lua_State *L) {
     lua_pushinteger(L, moe_cuda_device_count());
     return 1;
@@ -233,6 +259,10 @@ int luaopen_moelab_core(lua_State *L) {
     lua_setfield(L, -2, "cuda_available");
     lua_pushcfunction(L, l_cuda_device_count);
     lua_setfield(L, -2, "cuda_device_count");
+    lua_pushcfunction(L, l_cuda_memory_stats);
+    lua_setfield(L, -2, "cuda_memory_stats");
+    lua_pushcfunction(L, l_cuda_reset_peak_memory);
+    lua_setfield(L, -2, "cuda_reset_peak_memory");
     lua_pushcfunction(L, l_clock);
     lua_setfield(L, -2, "clock");
     lua_pushcfunction(L, l_num_threads);

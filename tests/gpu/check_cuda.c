@@ -123,32 +123,106 @@ static void test_gemm(moe_dtype dt) {
     }
 }
 
+/* An input pair whose GPU side is poisoned with NaN (for beta = 0 outputs:
+ * the GPU must not read them; the host side stays finite, so the reference
+ * holds whether or not the CPU reads it). */
+static pair poisoned_out(moe_dtype dt, int nd, const int64_t *shape) {
+    pair p = in_randn(dt, nd, shape);
+    die_if(moe_op_fill(ctx, p.d, NAN) != MOE_OK, "poison");
+    return p;
+}
+
+/* Row offsets of G groups with pseudo-random sizes in [0, maxrows] (fresh per call). */
+static int64_t random_offsets(int64_t *off, int G, int maxrows) {
+    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 1;
+    off[0] = 0;
+    for (int g = 0; g < G; g++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        off[g + 1] = off[g] + (int64_t)(x % (uint64_t)(maxrows + 1));
+    }
+    return off[G];
+}
+
+/* One forward grouped check: c = alpha a @ op(b[g]) + beta c on fresh data. */
+static void grouped_fwd_check(moe_dtype dt, const char *sn, const char *what, int tb, float beta,
+                              const int64_t *off, int G, int64_t K, int64_t N) {
+    int64_t M = off[G];
+    pair a = in_randn(dt, SH(M, K));
+    pair b = tb ? in_randn(dt, SH(G, N, K)) : in_randn(dt, SH(G, K, N));
+    pair c = beta == 0.0f ? poisoned_out(dt, SH(M, N)) : in_randn(dt, SH(M, N));
+    char name[160];
+    snprintf(name, sizeof name, "gemm_grouped %s: %s transb=%d beta=%g G=%d M=%lld K=%lld N=%lld", sn, what, tb, beta,
+             G, (long long)M, (long long)K, (long long)N);
+    if (RUN(name, dt, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G)))
+        check(name, dt, c.d, c.h, tol_of(dt, 1e-4));
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* One weight-gradient check: c[g] = alpha a_g^T b_g + beta c[g] (empty groups: beta c[g]). */
+static void grouped_wgrad_check(moe_dtype dt, const char *sn, const char *what, float beta, const int64_t *off, int G,
+                                int64_t P, int64_t Q) {
+    int64_t M = off[G];
+    pair a = in_randn(dt, SH(M, P)), b = in_randn(dt, SH(M, Q));
+    pair c = beta == 0.0f ? poisoned_out(dt, SH(G, P, Q)) : in_randn(dt, SH(G, P, Q));
+    char name[160];
+    snprintf(name, sizeof name, "gemm_grouped_wgrad %s: %s beta=%g G=%d M=%lld P=%lld Q=%lld", sn, what, beta, G,
+             (long long)M, (long long)P, (long long)Q);
+    if (RUN(name, dt, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c.d, off, G)))
+        check(name, dt, c.d, c.h, tol_of(dt, 1e-4));
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* The grouped checks under one strategy. Odd sizes (row pitches not 16-byte
+ * aligned) take the loop under either strategy; aligned ones take
+ * cublasGemmGroupedBatchedEx under the batched strategy; the device's
+ * counters must say so. Empty groups first, in the middle and last, repeated
+ * row counts (one cuBLAS group of several experts), and 3000 groups of 0 to 3
+ * rows (about 2250 non-empty: two pointer-fill launches of up to 2048; about
+ * 750 empty: two empty-group scale launches of up to 512). */
+static void grouped_checks(moe_dtype dt, moe_cuda_grouped_gemm mode) {
+    const char *sn = mode == MOE_CUDA_GROUPED_LOOP ? "loop" : "batched";
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode) != MOE_OK, "set the grouped-GEMM strategy");
+    uint64_t b0 = 0, l0 = 0, b1 = 0, l1 = 0;
+    die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b0, &l0) != MOE_OK, "grouped-GEMM counters");
+    int n_odd = 0, n_al = 0;
+    /* odd sizes, group 1 empty */
+    const int64_t off1[] = {0, 5, 5, 17, 24};
+    for (int tb = 0; tb < 2; tb++, n_odd++) grouped_fwd_check(dt, sn, "odd sizes", tb, 0.5f, off1, 4, 40, 33);
+    for (int v = 0; v < 2; v++, n_odd++) grouped_wgrad_check(dt, sn, "odd sizes", v ? 0.5f : 0.0f, off1, 4, 29, 31);
+    /* aligned sizes: groups 0, 2 and 7 empty, three groups of 9 rows */
+    const int64_t off2[] = {0, 0, 9, 9, 18, 31, 40, 71, 71};
+    for (int tb = 0; tb < 2; tb++, n_al++) grouped_fwd_check(dt, sn, "aligned", tb, 0.5f, off2, 8, 64, 48);
+    grouped_fwd_check(dt, sn, "aligned", 1, 0.0f, off2, 8, 64, 48); n_al++;
+    for (int v = 0; v < 2; v++, n_al++) grouped_wgrad_check(dt, sn, "aligned", v ? 0.5f : 0.0f, off2, 8, 48, 40);
+    /* many small groups, about a quarter of them empty */
+    enum { GM = 3000 };
+    static int64_t off3[GM + 1];
+    random_offsets(off3, GM, 3);
+    grouped_fwd_check(dt, sn, "3000 groups", 1, 0.0f, off3, GM, 16, 8); n_al++;
+    random_offsets(off3, GM, 3);
+    grouped_fwd_check(dt, sn, "3000 groups", 0, 0.5f, off3, GM, 16, 8); n_al++;
+    random_offsets(off3, GM, 3);
+    grouped_wgrad_check(dt, sn, "3000 groups", 0.5f, off3, GM, 8, 16); n_al++;
+    random_offsets(off3, GM, 3);
+    grouped_wgrad_check(dt, sn, "3000 groups", 0.0f, off3, GM, 8, 16); n_al++;
+    die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b1, &l1) != MOE_OK, "grouped-GEMM counters");
+    uint64_t want_b = mode == MOE_CUDA_GROUPED_BATCHED ? (uint64_t)n_al : 0;
+    uint64_t want_l = mode == MOE_CUDA_GROUPED_BATCHED ? (uint64_t)n_odd : (uint64_t)(n_odd + n_al);
+    ok(b1 - b0 == want_b && l1 - l0 == want_l,
+       "gemm_grouped %s [%s]: %llu calls through cublasGemmGroupedBatchedEx (want %llu), %llu through the loop "
+       "(want %llu)%s", sn, dtn(dt), (unsigned long long)(b1 - b0), (unsigned long long)want_b,
+       (unsigned long long)(l1 - l0), (unsigned long long)want_l,
+       b1 - b0 < want_b ? "; fewer batched: cuBLAS rejected the type combination?" : "");
+}
+
 static void test_gemm_grouped(moe_dtype dt) {
-    const int64_t off[] = {0, 5, 5, 17, 24};   /* group 1 is empty */
-    const int G = 4;
-    const int64_t M = 24, K = 40, N = 33;
-    for (int tb = 0; tb < 2; tb++) {
-        pair a = in_randn(dt, SH(M, K));
-        pair b = tb ? in_randn(dt, SH(G, N, K)) : in_randn(dt, SH(G, K, N));
-        pair c = in_randn(dt, SH(M, N));
-        char name[64];
-        snprintf(name, sizeof name, "gemm_grouped transb=%d", tb);
-        if (RUN(name, dt, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, 0.5f, c.h, off, G),
-                moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, 0.5f, c.d, off, G)))
-            check(name, dt, c.d, c.h, tol_of(dt, 1e-4));
-        pfree(&a); pfree(&b); pfree(&c);
-    }
-    const int64_t P = 29, Q = 31;
-    for (int v = 0; v < 2; v++) {
-        float beta = v ? 0.5f : 0.0f;
-        pair a = in_randn(dt, SH(M, P)), b = in_randn(dt, SH(M, Q)), c = in_randn(dt, SH(G, P, Q));
-        char name[64];
-        snprintf(name, sizeof name, "gemm_grouped_wgrad beta=%g (one empty group)", beta);
-        if (RUN(name, dt, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
-                moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c.d, off, G)))
-            check(name, dt, c.d, c.h, tol_of(dt, 1e-4));
-        pfree(&a); pfree(&b); pfree(&c);
-    }
+    moe_cuda_grouped_gemm mode0;
+    die_if(moe_cuda_grouped_gemm_info(ctx, 0, &mode0, NULL, NULL) != MOE_OK, "grouped-GEMM strategy");
+    grouped_checks(dt, MOE_CUDA_GROUPED_LOOP);
+    grouped_checks(dt, MOE_CUDA_GROUPED_BATCHED);
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode0) != MOE_OK, "restore the grouped-GEMM strategy");
 }
 
 /* ---- elementwise ---- */
@@ -1051,8 +1125,129 @@ static void time_grouped(moe_dtype dt, int64_t M, int64_t K, int64_t N, int G) {
     fflush(stdout);
 }
 
+/* ---- grouped-GEMM strategies at MoE-layer shapes ----
+ * loop (one cuBLAS GEMM per expert) against batched (one
+ * cublasGemmGroupedBatchedEx), both timed in one run through
+ * moe_cuda_set_grouped_gemm. */
+typedef struct {
+    int wgrad, transb;
+    moe_tensor *a, *b, *c;
+    const int64_t *off;
+    int groups;
+} gjob;
+
+static moe_status gjob_run(void *arg) {
+    gjob *j = arg;
+    /* as in training: the forward and dgrad overwrite, the weight gradient accumulates */
+    if (j->wgrad) return moe_op_gemm_grouped_wgrad(ctx, 1.0f, j->a, j->b, 1.0f, j->c, j->off, j->groups);
+    return moe_op_gemm_grouped(ctx, j->transb, 1.0f, j->a, j->b, 0.0f, j->c, j->off, j->groups);
+}
+
+/* Offsets of M rows over G experts, expert e getting a share proportional to
+ * 1 / (e + 1)^s (s = 0: balanced; s = 1: Zipf), remainders to the first
+ * experts. Returns the largest expert's rows over the mean. */
+static double expert_offsets(int64_t *off, int64_t M, int G, double s) {
+    double w[256], tot = 0;
+    int64_t cnt[256], sum = 0, mx = 0;
+    for (int e = 0; e < G; e++) tot += (w[e] = pow(e + 1.0, -s));
+    for (int e = 0; e < G; e++) sum += (cnt[e] = (int64_t)floor((double)M * w[e] / tot));
+    for (int e = 0; sum < M; e = (e + 1) % G, sum++) cnt[e]++;
+    off[0] = 0;
+    for (int e = 0; e < G; e++) {
+        off[e + 1] = off[e] + cnt[e];
+        if (cnt[e] > mx) mx = cnt[e];
+    }
+    return (double)mx * G / (double)M;
+}
+
+/* Times one grouped call under both strategies: ms[0] loop, ms[1] batched (< 0: failed). */
+static void time_gjob_both(gjob *j, const char *label, double flops, double ms[2]) {
+    static const moe_cuda_grouped_gemm modes[2] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED};
+    char txt[2][160];
+    int fell_back = 0;
+    for (int k = 0; k < 2; k++) {
+        uint64_t b0 = 0, b1 = 0;
+        ms[k] = -1;
+        if (moe_cuda_set_grouped_gemm(ctx, 0, modes[k]) != MOE_OK ||
+            moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b0, NULL) != MOE_OK ||
+            moe_cuda_time_ms(ctx, 0, gjob_run, j, 3, 20, &ms[k]) != MOE_OK ||
+            moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b1, NULL) != MOE_OK) {
+            ms[k] = -1;
+            snprintf(txt[k], sizeof txt[k], "failed: %s", moe_last_error());
+            continue;
+        }
+        if (modes[k] == MOE_CUDA_GROUPED_BATCHED && b1 - b0 != 23) fell_back = 1;
+        snprintf(txt[k], sizeof txt[k], "%.3f ms %.1f TFLOP/s", ms[k], flops / (ms[k] * 1e-3) / 1e12);
+    }
+    printf("# %s: loop %s | batched %s", label, txt[0], txt[1]);
+    if (ms[0] > 0 && ms[1] > 0) printf(" | batched/loop speed %.2fx", ms[0] / ms[1]);
+    if (fell_back) printf(" [the batched strategy fell back to the loop]");
+    printf("\n");
+    fflush(stdout);
+}
+
+/* The 9 grouped GEMMs of one SwiGLU MoE layer step, rows = tokens * top-k,
+ * hidden H, expert hidden I, G experts, balanced and Zipf-skewed experts:
+ * forward gate/up (x @ W^T, [M,H] -> [M,I], twice) and down ([M,I] -> [M,H]);
+ * backward dgrad down, dgrad up (twice), wgrad down, wgrad up (twice). */
+static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H, int64_t I, int G) {
+    moe_tensor *x = dev_randn(dt, SH(M, H)), *dy = dev_randn(dt, SH(M, H)), *h = dev_randn(dt, SH(M, I));
+    moe_tensor *wup = dev_randn(dt, SH(G, I, H)), *wdn = dev_randn(dt, SH(G, H, I));
+    moe_tensor *gup = dev_randn(dt, SH(G, I, H)), *gdn = dev_randn(dt, SH(G, H, I));
+    moe_tensor *oi = moe_tensor_new(ctx, dt, SH(M, I), GPU), *oh = moe_tensor_new(ctx, dt, SH(M, H), GPU);
+    die_if(!oi || !oh, "timing outputs");
+    struct {
+        const char *what;
+        int wgrad, transb, times;
+        moe_tensor *a, *b, *c;
+        int64_t k, n;
+    } ops[] = {
+        {"fwd gate/up x@W^T", 0, 1, 2, x, wup, oi, H, I},
+        {"fwd down h@W^T", 0, 1, 1, h, wdn, oh, I, H},
+        {"bwd dgrad down dy@W", 0, 0, 1, dy, wdn, oi, H, I},
+        {"bwd dgrad gate/up du@W", 0, 0, 2, h, wup, oh, I, H},
+        {"bwd wgrad down dy^T h", 1, 0, 1, dy, h, gdn, H, I},
+        {"bwd wgrad gate/up du^T x", 1, 0, 2, h, x, gup, I, H},
+    };
+    const double skew[2] = {0.0, 1.0};
+    int64_t off[257];
+    for (int v = 0; v < 2; v++) {
+        double ratio = expert_offsets(off, M, G, skew[v]);
+        char bal[64];
+        if (v) snprintf(bal, sizeof bal, "zipf s=1 (max/mean %.1f)", ratio);
+        else snprintf(bal, sizeof bal, "balanced");
+        double tot[2] = {0, 0};
+        int all = 1;
+        for (size_t o = 0; o < sizeof ops / sizeof ops[0]; o++) {
+            gjob j = {ops[o].wgrad, ops[o].transb, ops[o].a, ops[o].b, ops[o].c, off, G};
+            char label[256];
+            snprintf(label, sizeof label, "grouped %s %s %s, %s: M=%lld K=%lld N=%lld G=%d", model, dtn(dt),
+                     ops[o].what, bal, (long long)M, (long long)ops[o].k, (long long)ops[o].n, G);
+            double ms[2];
+            time_gjob_both(&j, label, 2.0 * (double)M * (double)H * (double)I, ms);
+            for (int k = 0; k < 2; k++) {
+                if (ms[k] < 0) all = 0;
+                tot[k] += ops[o].times * ms[k];
+            }
+        }
+        if (all) {
+            double fl = 9 * 2.0 * (double)M * (double)H * (double)I;
+            printf("# grouped %s %s layer step (9 grouped GEMMs), %s: loop %.3f ms %.1f TFLOP/s | batched %.3f ms "
+                   "%.1f TFLOP/s | batched/loop speed %.2fx\n", model, dtn(dt), bal, tot[0],
+                   fl / (tot[0] * 1e-3) / 1e12, tot[1], fl / (tot[1] * 1e-3) / 1e12, tot[0] / tot[1]);
+            fflush(stdout);
+        }
+    }
+    moe_tensor *all_t[] = {x, dy, h, wup, wdn, gup, gdn, oi, oh};
+    for (size_t i = 0; i < sizeof all_t / sizeof all_t[0]; i++) moe_tensor_release(all_t[i]);
+}
+
 static void timings(void) {
     printf("# timings (CUDA events, median of 20 after 3 warm-up runs; set MOELAB_CHECK_NO_TIMING=1 to skip)\n");
+    moe_cuda_grouped_gemm gm = MOE_CUDA_GROUPED_BATCHED;
+    moe_cuda_grouped_gemm_info(ctx, 0, &gm, NULL, NULL);
+    printf("# grouped-GEMM strategy by default (MOELAB_GROUPED_GEMM): %s\n",
+           gm == MOE_CUDA_GROUPED_LOOP ? "loop" : "batched");
     time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 1);
     time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 0);
     time_attention(MOE_BF16, 4, 2048, 16, 4, 128, 1);
@@ -1062,6 +1257,10 @@ static void timings(void) {
     time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
     time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
     time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
+    /* both grouped-GEMM strategies in one run; the default one is restored after */
+    time_moe_layer("OLMoE", MOE_BF16, 16384 * 8, 2048, 1024, 64);
+    time_moe_layer("Mixtral", MOE_BF16, 8192 * 2, 4096, 14336, 8);
+    moe_cuda_set_grouped_gemm(ctx, 0, gm);
 }
 
 int main(void) {

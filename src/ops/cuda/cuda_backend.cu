@@ -94,6 +94,8 @@ static moe_status init_dev(cuda_dev *d) {
 extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_backend_install: no context");
     if (ctx->backends[MOE_CUDA]) return MOE_OK;   // already installed
+    int grouped_gemm = 0;   // read once, copied into every device
+    MOE_TRY(cuda_grouped_gemm_from_env(&grouped_gemm));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -107,6 +109,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
             }
             return st;
         }
+        ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;
@@ -146,6 +149,15 @@ extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_m
     out->peak_bytes_in_use = d->peak_in_use;
     out->num_cuda_malloc = d->n_malloc;
     out->num_cache_hits = d->n_hits;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device) {
+    if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
+    cuda_dev *d = dev_of(ctx, device);
+    std::lock_guard<std::mutex> g(d->mu);
+    d->peak_in_use = d->bytes_in_use;
     return MOE_OK;
 }
 

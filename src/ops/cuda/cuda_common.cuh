@@ -40,6 +40,10 @@ struct cuda_dev {
     size_t bytes_in_use, bytes_cached, peak_in_use;
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
+    // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install
+    // from MOELAB_GROUPED_GEMM) and how many calls each path served
+    int grouped_gemm;
+    uint64_t n_grouped_batched, n_grouped_loop;
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----
@@ -60,6 +64,9 @@ moe_status cuda_gemm_grouped(moe_ctx *, int transb, float alpha, const moe_tenso
                              float beta, moe_tensor *c, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups);
+// The grouped-GEMM strategy named by MOELAB_GROUPED_GEMM (unset, "batched": batched; "loop": loop);
+// MOE_ERR_ARG for another value.
+moe_status cuda_grouped_gemm_from_env(int *mode);
 moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
 moe_status cuda_unary(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
 moe_status cuda_unary_backward(moe_ctx *, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,

@@ -29,6 +29,8 @@ typedef struct {
 } moe_cuda_mem_stats;
 
 moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *out);
+/* Starts peak_bytes_in_use afresh from the bytes in use now. */
+moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device);
 /* Returns every cached block of the device to the driver. */
 moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
 
@@ -39,6 +41,24 @@ moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
  * the timing and is returned. */
 moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn)(void *arg), void *arg, int warmup, int iters,
                             double *median_ms);
+
+/* How a device runs the grouped (expert) GEMMs, moe_op_gemm_grouped and
+ * moe_op_gemm_grouped_wgrad:
+ *   MOE_CUDA_GROUPED_BATCHED  one cublasGemmGroupedBatchedEx over all non-empty
+ *                             experts per call (the default);
+ *   MOE_CUDA_GROUPED_LOOP     one cuBLAS GEMM per non-empty expert.
+ * Install sets every device from the environment variable MOELAB_GROUPED_GEMM
+ * ("batched" or unset: batched; "loop": loop; another value fails the install).
+ * The batched strategy still loops for a call whose operands or row pitches are
+ * not 16-byte aligned, or whose type combination cuBLAS rejects. The setter is
+ * for tests and benchmarks that compare the two in one process. */
+typedef enum { MOE_CUDA_GROUPED_BATCHED = 0, MOE_CUDA_GROUPED_LOOP = 1 } moe_cuda_grouped_gemm;
+moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode);
+/* The device's strategy and how many grouped calls since install each path
+ * served (batched: one cublasGemmGroupedBatchedEx; loop: one GEMM per expert).
+ * NULL outputs are skipped. */
+moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped_gemm *mode, uint64_t *batched_calls,
+                                      uint64_t *loop_calls);
 
 #ifdef __cplusplus
 }

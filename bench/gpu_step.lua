@@ -1,0 +1,70 @@
+-- Whole training step of the OLMoE-style model of issue #6 on one GPU, through
+-- MoETrainer (forward, backward, gradient-norm clipping, AdamW), the way a
+-- recipe trains: vocab 50304, d 1024, 8 layers, 16 heads, 32 experts of
+-- hidden 512, top-4, sequence 1024, batch 8, aux loss 0.01, no z-loss.
+--   build/cuda/moelab bench/gpu_step.lua [precision=bf16|f32] [steps=30] [warmup=5]
+-- Prints one table row: tokens/s (median step), step ms, peak GPU memory held
+-- by the allocator (in use; "cached" adds what it keeps for reuse) and MFU.
+-- MFU counts 6 x (active parameters without the input embedding) + the
+-- attention term 12 x layers x seq x d per token, against 989 TFLOP/s bf16
+-- dense (H100 SXM and H200); the same formula as bench/gpu_step_torch.py.
+local moe = require "moelab"
+local core = require "moelab.core"
+local device = moe.cuda_available() and "cuda" or "cpu"   -- cpu: a smoke test of the script only
+local precision = arg[1] or "bf16"
+local steps = tonumber(arg[2]) or 30
+local warmup = tonumber(arg[3]) or 5
+local B, S, V, D, L = 8, 1024, 50304, 1024, 8
+if os.getenv("MOELAB_STEP_TINY") then B, S, V, D, L = 2, 64, 512, 64, 2 end   -- smoke test
+
+local model = moe.arch.OLMoE{
+  vocab_size = V, hidden_size = D, num_layers = L, num_heads = 16, num_experts = 32, experts_per_token = 4,
+  expert_intermediate_size = 512, seed = 1, device = device,
+}
+
+-- fixed random batches, made once on the host (the trainer uploads each)
+local batches = {}
+local rng = 12345
+local function rand_id()
+  rng = (rng * 1103515245 + 12345) % 2147483648
+  return rng % V
+end
+for i = 1, 4 do
+  local t = {}
+  for r = 1, B do
+    local row = {}
+    for c = 1, S + 1 do row[c] = rand_id() end
+    t[r] = row
+  end
+  local all = moe.tensor(t, {dtype = "i64"})
+  batches[i] = {all:narrow(2, 1, S):contiguous(), all:narrow(2, 2, S):contiguous()}
+end
+
+local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
+                               router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0}
+local function run(n)
+  return trainer:train{batch_fn = function(i) local b = batches[i % #batches + 1]; return b[1], b[2] end,
+                       batch_size = B, seq_len = S, learning_rate = 3e-4, lr_schedule = "constant", max_steps = n}
+end
+run(warmup)
+moe.synchronize(device)
+if device == "cuda" then core.cuda_reset_peak_memory(0) end
+local r = run(warmup + steps)
+moe.synchronize(device)
+local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0}
+
+local rates = {}
+for s = warmup + 1, #r.history do rates[#rates + 1] = r.history[s].tokens_per_s end
+table.sort(rates)
+local tps = rates[math.ceil(#rates / 2)]
+
+local embed = V * D
+local active = model:num_active_params() - embed
+local flops_per_token = 6 * active + 12 * L * S * D
+local mfu = flops_per_token * tps / 989e12
+print(string.format("# moelab %s, OLMoE-style step: %.1fM params, %.1fM active (%.1fM without the input embedding)",
+  precision, model:num_params() / 1e6, model:num_active_params() / 1e6, active / 1e6))
+print(string.format("# loss %.4f -> %.4f over %d steps", r.history[1].loss, r.history[#r.history].loss, #r.history))
+print("mode            tokens/s   step ms   peak GB (in use)   peak+cached GB   MFU")
+print(string.format("moelab-%-8s %9.0f %9.2f %18.2f %16.2f %6.1f%%", precision, tps, B * S / tps * 1e3,
+  mem.peak / 1e9, (mem.peak + mem.cached) / 1e9, 100 * mfu))
