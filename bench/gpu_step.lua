@@ -3,7 +3,7 @@
 -- recipe trains: vocab 50304, d 1024, 8 layers, 16 heads, 32 experts of
 -- hidden 512, top-4, sequence 1024, batch 8, aux loss 0.01, no z-loss.
 --   build/cuda/moelab bench/gpu_step.lua [precision=bf16|f32] [steps=30] [warmup=5]
--- Prints one table row: tokens/s (median step), step ms, peak GPU memory held
+-- Prints one table row: tokens/s (timed steps' tokens / their time), step ms, peak GPU memory held
 -- by the allocator (in use; "cached" adds what it keeps for reuse) and MFU.
 -- MFU counts 6 x (active parameters without the input embedding) + the
 -- attention term 12 x layers x seq x d per token, against 989 TFLOP/s bf16
@@ -53,10 +53,10 @@ local r = run(warmup + steps)
 moe.synchronize(device)
 local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0}
 
-local rates = {}
-for s = warmup + 1, #r.history do rates[#rates + 1] = r.history[s].tokens_per_s end
-table.sort(rates)
-local tps = rates[math.ceil(#rates / 2)]
+-- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures
+local total_s, nsteps = 0, 0
+for s = warmup + 1, #r.history do total_s, nsteps = total_s + B * S / r.history[s].tokens_per_s, nsteps + 1 end
+local tps = nsteps * B * S / total_s
 
 local embed = V * D
 local active = model:num_active_params() - embed

@@ -6,6 +6,8 @@
 cd "$(dirname "$0")/../.." || exit 1
 build=${1:-build/cuda}
 [ -f tools/device_env.sh ] && . tools/device_env.sh
+# the program looks for its Lua sources in lua/ next to itself: use the checkout's
+export MOELAB_LUA_PATH="${MOELAB_LUA_PATH:-$PWD/lua/?.lua;$PWD/lua/?/init.lua}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 st=0
