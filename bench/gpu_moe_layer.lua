@@ -5,6 +5,7 @@
 --   ./moelab-cuda bench/gpu_moe_layer.lua                 # both shapes on cuda
 --   ./moelab bench/gpu_moe_layer.lua cpu tiny             # a small smoke run on the CPU
 --   ./moelab-cuda bench/gpu_moe_layer.lua cuda full olmoe # one shape
+--   ./moelab-cuda bench/gpu_moe_layer.lua cuda full all bf16   # bf16 mixed precision (layer:set_precision)
 --
 -- Per shape, timed with moe.synchronize around each iteration, 3 warm-up and
 -- 10 timed iterations, median:
@@ -16,7 +17,7 @@
 --   gate GEMM      the router's linear map alone (forward)
 --   dense GEMM     one moe.ops.gemm of the same FLOPs as the layer's expert
 --                  GEMMs forward+backward (moelab's own cuBLAS ceiling)
--- The layer minus the experts is routing (on the host), dispatch, combine and
+-- The layer minus the experts is routing, dispatch, combine and
 -- the tape. Expert-GEMM FLOPs: 3 x 2*T*k*d*d_e forward, 3x that fwd+bwd.
 -- Machine-readable lines start with "ROW|" (see bench/gpu_moe_layer.sh);
 -- with OUT set, they are also written to $OUT/moelab_rows.txt.
@@ -24,7 +25,8 @@ local moe = require "moelab"
 
 local dev = arg[1] or "cuda"
 local size = arg[2] or "full"
-local only = arg[3]
+local only = arg[3] ~= "all" and arg[3] or nil
+local DT = arg[4] or "f32"   -- "bf16": the layer in bf16 precision, activations and GEMM operands bf16
 local WARMUP, ITERS = 3, 10
 if dev == "cuda" then assert(moe.cuda_available(), "no CUDA device: run the CUDA build on a GPU machine") end
 
@@ -86,15 +88,16 @@ for _, s in ipairs(SHAPES) do
     local T, d, de, E, k = s.T, s.d, s.de, s.E, s.k
     local fwd_flops = 3 * 2 * T * k * d * de
     local fb_flops = 3 * fwd_flops
-    log("== %s: T=%d d=%d d_e=%d E=%d top-%d renormalize=%s, %s f32; expert GEMM %.3f TFLOP fwd, %.3f fwd+bwd",
-        s.name, T, d, de, E, k, tostring(s.renorm), dev, fwd_flops / 1e12, fb_flops / 1e12)
+    log("== %s: T=%d d=%d d_e=%d E=%d top-%d renormalize=%s, %s %s; expert GEMM %.3f TFLOP fwd, %.3f fwd+bwd",
+        s.name, T, d, de, E, k, tostring(s.renorm), dev, DT, fwd_flops / 1e12, fb_flops / 1e12)
     local t0 = moe.clock()
     local layer = moe.nn.MoE{hidden_size = d, num_experts = E, experts_per_token = k, expert_intermediate_size = de,
                              renormalize = s.renorm, seed = 1}
     layer:train(true)
     if dev ~= "cpu" then layer:to(dev) end
-    local x = moe.randn({T, d}, {seed = 2, device = dev})
-    local dy = moe.randn({T, d}, {seed = 3, device = dev})
+    if DT ~= "f32" then layer:set_precision(DT) end
+    local x = moe.randn({T, d}, {seed = 2, device = dev}):to(DT)
+    local dy = moe.randn({T, d}, {seed = 3, device = dev}):to(DT)
     moe.synchronize(dev)
     log("   built %s, %.0fM parameters, in %.1f s", tostring(layer), layer:num_params() / 1e6, moe.clock() - t0)
 
@@ -113,7 +116,7 @@ for _, s in ipairs(SHAPES) do
     local fb_s, fb_lo, fb_hi = time(fwd_bwd)
     log("   layer fwd     %9.2f ms (min %.2f, max %.2f)", fwd_s * 1e3, fwd_lo * 1e3, fwd_hi * 1e3)
     log("   layer fwd+bwd %9.2f ms (min %.2f, max %.2f)", fb_s * 1e3, fb_lo * 1e3, fb_hi * 1e3)
-    row(s.name, "moelab nn.MoE", "f32", fwd_s, fb_s, fwd_flops, fb_flops)
+    row(s.name, "moelab nn.MoE", DT, fwd_s, fb_s, fwd_flops, fb_flops)
 
     -- the same per-expert row counts as the layer's last routing
     local counts = layer:routing_stats().counts
@@ -125,9 +128,10 @@ for _, s in ipairs(SHAPES) do
     end
     assert(total == T * k, "routing assigned " .. total .. " rows, expected " .. T * k)
     log("   rows per expert: min %d, max %d, mean %.0f", minc, maxc, total / E)
-    local wg, wu, wd = layer:param("experts.gate_proj"), layer:param("experts.up_proj"), layer:param("experts.down_proj")
-    local xp = moe.randn({T * k, d}, {seed = 4, device = dev})
-    local dyp = moe.randn({T * k, d}, {seed = 5, device = dev})
+    local wg, wu, wd = layer:param("experts.gate_proj"):to(DT), layer:param("experts.up_proj"):to(DT),
+                       layer:param("experts.down_proj"):to(DT)
+    local xp = moe.randn({T * k, d}, {seed = 4, device = dev}):to(DT)
+    local dyp = moe.randn({T * k, d}, {seed = 5, device = dev}):to(DT)
     local ex_fwd_s = time(function()
       local g = moe.ops.gemm_grouped(xp, wg, off, {transb = true})
       local u = moe.ops.gemm_grouped(xp, wu, off, {transb = true})
@@ -148,24 +152,24 @@ for _, s in ipairs(SHAPES) do
       local _dwg = moe.ops.gemm_grouped_wgrad(dg, xp, off)
     end)
     log("   experts only (moe.ops) fwd %9.2f ms, fwd+bwd %9.2f ms", ex_fwd_s * 1e3, ex_fb_s * 1e3)
-    row(s.name, "moelab experts only (moe.ops)", "f32", ex_fwd_s, ex_fb_s, fwd_flops, fb_flops,
+    row(s.name, "moelab experts only (moe.ops)", DT, ex_fwd_s, ex_fb_s, fwd_flops, fb_flops,
         "sub-phase")
     xp, dyp = nil, nil
     collectgarbage("collect")
 
     local gate = layer:children()[1]
     local gate_s = time(function() local _ = gate:forward(x) end)
-    log("   gate GEMM fwd %.2f ms; layer minus experts: fwd %.2f ms, fwd+bwd %.2f ms (routing on the host, dispatch, combine, tape)",
+    log("   gate GEMM fwd %.2f ms; layer minus experts: fwd %.2f ms, fwd+bwd %.2f ms (routing, dispatch, combine, tape)",
         gate_s * 1e3, (fwd_s - ex_fwd_s) * 1e3, (fb_s - ex_fb_s) * 1e3)
-    row(s.name, "moelab layer minus experts", "f32", fwd_s - ex_fwd_s, fb_s - ex_fb_s,
-        nil, nil, "sub-phase: routing (host), dispatch, combine, tape")
+    row(s.name, "moelab layer minus experts", DT, fwd_s - ex_fwd_s, fb_s - ex_fb_s,
+        nil, nil, "sub-phase: routing, dispatch, combine, tape")
 
     -- one dense GEMM of the expert FLOPs forward+backward: [T*k, d] @ [d, 9*d_e]
-    local a = moe.randn({T * k, d}, {seed = 6, device = dev})
-    local b = moe.randn({d, 9 * de}, {seed = 7, device = dev})
+    local a = moe.randn({T * k, d}, {seed = 6, device = dev}):to(DT)
+    local b = moe.randn({d, 9 * de}, {seed = 7, device = dev}):to(DT)
     local dense_s = time(function() local _ = moe.ops.gemm(a, b) end)
     log("   dense GEMM %dx%dx%d: %.2f ms, %.1f TFLOP/s", T * k, d, 9 * de, dense_s * 1e3, fb_flops / dense_s / 1e12)
-    row(s.name, "moelab dense GEMM (moe.ops.gemm)", "f32", nil, dense_s, nil, fb_flops, "ceiling: one GEMM of the fwd+bwd FLOPs")
+    row(s.name, "moelab dense GEMM (moe.ops.gemm)", DT, nil, dense_s, nil, fb_flops, "ceiling: one GEMM of the fwd+bwd FLOPs")
     a, b, layer, x, dy, tape, wg, wu, wd, gate = nil, nil, nil, nil, nil, nil, nil, nil, nil, nil
     collectgarbage("collect")
   end
