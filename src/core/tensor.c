@@ -36,7 +36,13 @@ moe_storage *moe_storage_wrap_owned(void *data, size_t nbytes, moe_device dev,
     return s;
 }
 
-void moe_storage_retain(moe_storage *s) { if (s) __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED); }
+/* A retain means a second header (a view, an alias) over this memory: from
+ * now on no header's index bound over it is trusted (tensor.h). */
+void moe_storage_retain(moe_storage *s) {
+    if (!s) return;
+    __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->aliased, 1, __ATOMIC_RELAXED);
+}
 
 void moe_storage_release(moe_storage *s) {
     if (!s) return;
@@ -194,8 +200,16 @@ static moe_tensor *view_of(moe_tensor *t) {
     if (!v) { moe_error(MOE_ERR_OOM, "out of host memory for a tensor header"); return NULL; }
     *v = *t;
     v->refcount = 1;
+    v->index_bound = 0;             /* not inherited; the retain below voids t's too */
     moe_storage_retain(t->storage);
     return v;
+}
+
+void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound) {
+    if (!t) return;
+    int sole = t->storage && __atomic_load_n(&t->storage->refcount, __ATOMIC_RELAXED) == 1 &&
+               !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
+    t->index_bound = bound > 0 && sole && t->dtype == MOE_I64 ? bound : 0;
 }
 
 moe_tensor *moe_tensor_view(moe_tensor *t, int ndim, const int64_t *shape_in) {
@@ -370,6 +384,7 @@ static void copy_one(void *elem, int64_t i, void *varg) {
 }
 
 moe_status moe_tensor_copy_cpu(moe_tensor *dst, const moe_tensor *src) {
+    dst->index_bound = 0;
     if (dst->device.type != MOE_CPU || src->device.type != MOE_CPU)
         return moe_error(MOE_ERR_DEVICE, "copy_cpu: both tensors must be on the cpu");
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
@@ -402,6 +417,7 @@ static void fill_one(void *elem, int64_t i, void *arg) {
 }
 
 moe_status moe_tensor_fill_cpu(moe_tensor *t, double v) {
+    t->index_bound = 0;
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "fill_cpu: tensor is not on the cpu");
     if (t->dtype == MOE_F32 && moe_tensor_is_contiguous(t)) {
         float *p = moe_f32(t), f = (float)v;
@@ -435,6 +451,7 @@ moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out) 
 }
 
 moe_status moe_tensor_set(moe_tensor *t, const int64_t *idx, double v) {
+    t->index_bound = 0;
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "element access needs a cpu tensor");
     int64_t o = 0;
     MOE_TRY(elem_offset(t, idx, &o));

@@ -25,6 +25,7 @@ typedef struct moe_storage {
      * runs once when the last reference goes. NULL for the other storages. */
     void (*release)(void *release_arg);
     void *release_arg;
+    int aliased;            /* a second header was ever made over this memory (see index_bound) */
 } moe_storage;
 
 typedef struct moe_tensor {
@@ -36,6 +37,21 @@ typedef struct moe_tensor {
     int64_t stride[MOE_MAX_DIMS];     /* in elements */
     moe_dtype dtype;
     moe_device device;
+    /* Index bound: every value of this (i64) tensor is known to lie in
+     * [0, index_bound); 0 = unknown. Set only by code that produced the values
+     * itself (the router on token_idx / expert_idx), through
+     * moe_tensor_set_index_bound. Index ops (CUDA index_select, index_add,
+     * gather, scatter_add) skip their range check, and its stream
+     * synchronisation, when moe_tensor_index_trusted(index, n) holds.
+     * The promise cannot outlive a write:
+     * - new tensors start at 0; views (view, narrow, transpose, ...) start at 0
+     *   and making one marks the storage aliased, which also voids the bound of
+     *   every header over it (an alias could write the values);
+     * - every write through the ops layer (an op's output, copy's dst, fill)
+     *   and moe_tensor_set / copy_cpu / fill_cpu reset it to 0.
+     * Code writing tensor memory by other means (raw pointers, communicators)
+     * must reset it itself. */
+    int64_t index_bound;
 } moe_tensor;
 
 moe_storage *moe_storage_new(moe_allocator *a, size_t nbytes);
@@ -82,6 +98,16 @@ moe_tensor *moe_tensor_narrow(moe_tensor *t, int dim, int64_t start, int64_t len
 moe_tensor *moe_tensor_select(moe_tensor *t, int dim, int64_t index);
 moe_tensor *moe_tensor_expand(moe_tensor *t, int ndim, const int64_t *shape);
 moe_tensor *moe_tensor_unsqueeze(moe_tensor *t, int dim);
+
+/* Index bounds (see moe_tensor.index_bound). set: records the bound when t
+ * is the only header over its storage (else leaves it 0: an alias could
+ * write); bound <= 0 clears it. trusted: every value is known to lie in
+ * [0, n). */
+void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound);
+static inline int moe_tensor_index_trusted(const moe_tensor *t, int64_t n) {
+    return t && t->index_bound > 0 && t->index_bound <= n && t->storage &&
+           !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
+}
 
 /* Normalises a possibly negative dim; sets an error and returns -1 if out of range. */
 int moe_tensor_dim(const moe_tensor *t, int dim);

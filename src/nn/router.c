@@ -167,6 +167,8 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
         return moe_error(MOE_ERR_SHAPE, "router: logits have shape %s, expected [tokens, %lld]",
                          logits ? moe_shape_str(logits, b, sizeof b) : "nil", (long long)cfg->num_experts);
     }
+    if (moe_route_device_supported(cfg, logits))
+        return moe_route_device(ctx, tape, cfg, logits, bias, seq_len, out);
     const int64_t n = logits->shape[0], e = cfg->num_experts;
     const int noisy = cfg->selection == MOE_SELECT_NOISY_TOPK && training && noise_logits;
     const int ec = cfg->selection == MOE_SELECT_EXPERT_CHOICE;
@@ -352,9 +354,9 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
     }
     double z = n ? zsum / (double)n : 0;
 
-    /* outputs on the logits' device */
-    moe_tensor *aux_t = moe_tensor_new(ctx, logits->dtype, 0, NULL, logits->device);
-    moe_tensor *z_t = moe_tensor_new(ctx, logits->dtype, 0, NULL, logits->device);
+    /* outputs on the logits' device; the loss scalars in f32 whatever the logits' dtype */
+    moe_tensor *aux_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, logits->device);
+    moe_tensor *z_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, logits->device);
     moe_tensor *w_dev = on_device(ctx, w_t, logits->device, logits->dtype);
     moe_tensor *tok_dev = on_device(ctx, tok_t, logits->device, MOE_I64);
     moe_tensor *exp_dev = on_device(ctx, exp_t, logits->device, MOE_I64);
@@ -362,6 +364,8 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
     if (st == MOE_OK && (!aux_t || !z_t || !w_dev || !tok_dev || !exp_dev)) st = moe_last_status();
     if (st == MOE_OK) st = moe_op_fill(ctx, aux_t, aux);
     if (st == MOE_OK) st = moe_op_fill(ctx, z_t, z);
+    /* the engine made these indices: index ops may skip their range check */
+    if (st == MOE_OK) { moe_tensor_set_index_bound(tok_dev, n); moe_tensor_set_index_bound(exp_dev, e); }
     out->num_experts = e;
     out->token_idx = tok_dev; out->expert_idx = exp_dev; out->weights = w_dev;
     out->aux_loss = aux_t; out->z_loss = z_t;

@@ -4,8 +4,25 @@
  * weight), sorted into expert-contiguous order, and records one tape entry
  * whose outputs are the differentiable parts: the assignment weights [A], the
  * auxiliary loss and the z-loss (0-dim). Selection itself is not
- * differentiable; the weights are differentiable functions of the scores. The
- * router's arithmetic is small (N x E), so it runs on the host in f32. */
+ * differentiable; the weights are differentiable functions of the scores.
+ *
+ * Where it runs. With logits on a CUDA device and selection MOE_SELECT_TOPK
+ * (any score function, renormalize, routed_scaling, capacity, bias, aux
+ * kind, z-loss; at most MOE_CUDA_ROUTE_MAX_E = 1024 experts; f32 or bf16
+ * logits) the whole router runs on the device (router_device.c,
+ * src/ops/cuda/cuda_route.cu): forward waits once, for one small copy of the
+ * offsets and statistics, and backward does not wait at all. Its results
+ * equal the host path's: the same assignments in the same order, ties to the
+ * lower expert index, the same capacity rule, offsets, counts and dropped;
+ * weights, losses and statistics to f32 rounding. Everything else - noisy
+ * top-k, expert choice, Sinkhorn, CPU logits - runs on the host in f32 (a
+ * copy of the logits to the host, results uploaded back).
+ *
+ * Dtypes: weights have the logits' dtype; aux_loss and z_loss are f32 0-dim
+ * tensors on the logits' device whatever the logits' dtype; backward accepts
+ * f32 (or bf16) upstream gradients for them. token_idx and expert_idx carry
+ * an index bound (tensor.h: n and num_experts), so CUDA index ops on them
+ * skip their range check. */
 #ifndef MOE_ROUTER_H
 #define MOE_ROUTER_H
 
@@ -64,6 +81,12 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
                      moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
                      uint64_t noise_offset, int64_t seq_len, moe_routing *out);
 void moe_routing_clear(moe_routing *r);
+
+/* Internal (router.c <-> router_device.c): whether moe_route takes the
+ * device path for these logits, and that path (arguments checked by moe_route). */
+int moe_route_device_supported(const moe_router_cfg *cfg, const moe_tensor *logits);
+moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
+                            const float *bias, int64_t seq_len, moe_routing *out);
 moe_status moe_router_cfg_check(const moe_router_cfg *cfg);
 
 #endif

@@ -9,3 +9,17 @@ moe_status moe_cuda_backend_install(moe_ctx *ctx) {
 int moe_cuda_device_count(void) { return 0; }
 
 void moe_cuda_backend_uninstall(moe_ctx *ctx) { (void)ctx; }
+
+/* The router kernels (src/ops/cuda/moe_cuda_route.h): no CUDA tensor exists
+ * in this build, so the router never takes its device path. */
+#include "cuda/moe_cuda_route.h"
+
+moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const moe_cuda_route_fwd *a) {
+    (void)ctx; (void)dev; (void)a;
+    return moe_error(MOE_ERR_DEVICE, "routing on a CUDA device needs a CUDA build");
+}
+
+moe_status moe_cuda_route_backward(moe_ctx *ctx, moe_device dev, const moe_cuda_route_bwd *a) {
+    (void)ctx; (void)dev; (void)a;
+    return moe_error(MOE_ERR_DEVICE, "routing on a CUDA device needs a CUDA build");
+}

@@ -6,6 +6,9 @@
 // every call first runs a check kernel (atomicMin of the first bad position
 // into an 8-byte flag) and copies the flag back: one small device->host copy,
 // which waits for the work queued before it (a stream synchronisation per call).
+// Indices the engine produced itself carry a trusted bound (tensor.h,
+// moe_tensor_index_trusted: e.g. the router's token_idx / expert_idx): for
+// those the check, and its synchronisation, is skipped.
 //
 // Determinism of the accumulating ops (no float atomics anywhere): every
 // destination element is written by exactly one thread, which adds its
@@ -38,9 +41,10 @@ __global__ void k_check_range(const int64_t *idx, int64_t cnt, int64_t n, unsign
     }
 }
 
-// MOE_ERR_RANGE (nothing written) when some idx[0:cnt] is outside [0, n).
-moe_status check_range(cuda_dev *d, const char *op, const int64_t *idx, int64_t cnt, int64_t n) {
-    if (cnt == 0) return MOE_OK;
+// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [0, n).
+moe_status check_range(cuda_dev *d, const char *op, const moe_tensor *index, int64_t cnt, int64_t n) {
+    if (cnt == 0 || moe_tensor_index_trusted(index, n)) return MOE_OK;
+    const int64_t *idx = PTR(const int64_t, index);
     cuda_scratch flag(d, sizeof(unsigned long long));
     if (!flag.p) return moe_last_status();
     unsigned long long *f = (unsigned long long *)flag.p;
@@ -166,7 +170,7 @@ moe_status cuda_gather(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, const
     if (total == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, x->device);
     const int64_t *ix = PTR(const int64_t, index);
-    MOE_TRY(check_range(d, "gather", ix, total, n));
+    MOE_TRY(check_range(d, "gather", index, total, n));
     unsigned g = cuda_grid_1d(d, total, 256);
     if (x->dtype == MOE_F32)
         k_gather<float><<<g, 256, 0, d->stream>>>(PTR(float, out), PTR(const float, x), ix, total, n, m);
@@ -183,7 +187,7 @@ moe_status cuda_scatter_add(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *ind
     if (total == 0 || m == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, dst->device);
     const int64_t *ix = PTR(const int64_t, index);
-    MOE_TRY(check_range(d, "scatter_add", ix, total, n));
+    MOE_TRY(check_range(d, "scatter_add", index, total, n));
     if (m <= 32) {
         unsigned g = cuda_grid_1d(d, rows * n, 256);
         if (dst->dtype == MOE_F32)
@@ -206,7 +210,7 @@ moe_status cuda_index_select(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x,
     if (m == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, x->device);
     const int64_t *ix = PTR(const int64_t, index);
-    MOE_TRY(check_range(d, "index_select", ix, m, n));
+    MOE_TRY(check_range(d, "index_select", index, m, n));
     if (w == 0) return MOE_OK;
     size_t es = moe_dtype_size(x->dtype), rb = (size_t)w * es;
     const void *xp = moe_tensor_data(x);
@@ -233,7 +237,7 @@ moe_status cuda_index_add(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *index
     if (m == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, dst->device);
     const int64_t *ix = PTR(const int64_t, index);
-    MOE_TRY(check_range(d, "index_add", ix, m, n));
+    MOE_TRY(check_range(d, "index_add", index, m, n));
     if (w == 0) return MOE_OK;
     if (dst->dtype == MOE_F32)
         return accumulate<float>(d, "index_add", PTR(float, dst), PTR(const float, src), ix, m, n, 1, 0, (uint64_t)n, w);
