@@ -299,10 +299,11 @@ __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
         aux = block_sum_d(v, shd) / (double)a.groups;
     }
     if (threadIdx.x == 0) {
-        double out[4] = {acc[0], acc[1], acc[2], aux};
+        // summary order = moe_route_stats: entropy, z (mean lse^2), top1, aux; acc holds entropy, top1, lse^2
+        double out[4] = {acc[0], acc[2], acc[1], aux};
         for (int s = 0; s < 4; s++) a.sum[2 * E + 2 + s] = __double_as_longlong(out[s]);
         *a.aux_loss = (float)aux;
-        *a.z_loss = (float)(acc[1] / (double)a.n);
+        *a.z_loss = (float)(acc[2] / (double)a.n);
     }
 }
 
