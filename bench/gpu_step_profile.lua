@@ -8,6 +8,7 @@ local core = require "moelab.core"
 local device = moe.cuda_available() and "cuda" or "cpu"
 local precision = arg[1] or "bf16"
 local steps = tonumber(arg[2]) or 8
+local warm = tonumber(arg[3]) or 2
 local B, S, V, D, L = 8, 1024, 50304, 1024, 8
 if os.getenv("MOELAB_STEP_TINY") then B, S, V, D, L = 2, 64, 512, 64, 2 end
 
@@ -44,8 +45,8 @@ local function phase(name, fn, count)
   return r
 end
 
-for step = 1, steps + 2 do
-  local count = step > 2
+for step = 1, steps + warm do
+  local count = step > warm
   net:zero_grad()
   local up = phase("upload", function() return {x:to(device), y:to(device)} end, count)
   local xd, yd = up[1], up[2]

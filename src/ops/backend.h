@@ -81,6 +81,8 @@ typedef struct moe_backend {
                                          float scale);
     moe_status (*adamw)(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
+    /* out (f32, one element) = sum of x^2 (x contiguous, f32 or bf16) */
+    moe_status (*sumsq)(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 } moe_backend;
 
 /* Installs the CPU backend into ctx (always available). */

@@ -89,6 +89,10 @@ moe_status moe_op_sum_to(moe_ctx *ctx, moe_tensor *out, const moe_tensor *g);
 moe_status moe_op_reduce(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const moe_tensor *x, int dim);
 /* Reduce over all elements into a 0-dim or 1-element out. */
 moe_status moe_op_reduce_all(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const moe_tensor *x);
+/* out (f32, 0-dim or one element) = sum of x^2 over every element of x (f32 or
+ * bf16), accumulated in f64 in a fixed order: gradient norms of bf16
+ * gradients without an f32 copy. */
+moe_status moe_op_sumsq(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x);
 
 /* ---- softmax family (over the last dim) ---- */
 moe_status moe_op_softmax(moe_ctx *ctx, moe_tensor *y, const moe_tensor *x);

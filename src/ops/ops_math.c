@@ -340,6 +340,27 @@ moe_status moe_op_reduce_all(moe_ctx *ctx, moe_reduce_op rop, moe_tensor *out, c
     return s;
 }
 
+moe_status moe_op_sumsq(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x) {
+    static const char *op = "sumsq";
+    if (!out || !x) return moe_error(MOE_ERR_ARG, "sumsq: %s is NULL, expected a tensor", out ? "x" : "out");
+    if (out->dtype != MOE_F32) return moe_error(MOE_ERR_DTYPE, "sumsq: out has dtype %s, expected f32", moe_dtype_name(out->dtype));
+    if (x->dtype != MOE_F32 && x->dtype != MOE_BF16)
+        return moe_error(MOE_ERR_DTYPE, "sumsq: x has dtype %s, expected f32 or bf16", moe_dtype_name(x->dtype));
+    if (!moe_device_eq(out->device, x->device)) return moe_error(MOE_ERR_DEVICE, "sumsq: out and x are on different devices");
+    MOE_TRY(ops_out(op, "out", out));
+    if (moe_tensor_numel(out) != 1) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "sumsq: out has shape %s, expected a 0-dim or 1-element tensor", OPS_SHAPE(out, s1));
+    }
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, out->device, sumsq, be);
+    moe_tensor *xc;
+    MOE_TRY(ops_contig(ctx, x, &xc));
+    moe_status s = be->sumsq(ctx, out, xc);
+    moe_tensor_release(xc);
+    return s;
+}
+
 /* ---- softmax family ---- */
 
 typedef moe_status (*rowop_fn)(moe_ctx *, moe_tensor *, const moe_tensor *);

@@ -122,40 +122,16 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     return s;
 }
 
-/* sum of squares of f32 x into the f32 scalar acc (acc += sum x^2) */
-static moe_status add_sumsq(moe_ctx *ctx, moe_tensor *x, moe_tensor *acc) {
-    moe_tensor *sq = moe_tensor_like(ctx, x);
-    moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, x->device);
-    moe_status s = sq && sum ? moe_op_unary(ctx, MOE_UN_SQUARE, sq, x, 0.0f) : moe_last_status();
-    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, sum, sq);
-    if (s == MOE_OK) s = moe_op_axpy(ctx, acc, 1.0f, sum);
-    moe_tensor_release(sq); moe_tensor_release(sum);
-    return s;
-}
-
 moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
     moe_tensor *g = l->flat_grads;
     if (!g) return moe_error(MOE_ERR_STATE, "grad_norm: the layer has no flat gradient buffer");
-    moe_tensor *acc = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
+    /* one pass over the gradients (f32 or bf16), summed in f64 */
+    moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
     moe_tensor *host = NULL;
-    moe_status s = acc ? moe_op_fill(ctx, acc, 0.0) : moe_last_status();
-    if (g->dtype == MOE_F32) {
-        if (s == MOE_OK) s = add_sumsq(ctx, g, acc);
-    } else {
-        /* bf16 gradients: squared and summed in f32, a chunk at a time, so the
-         * temporary stays small and no square is rounded to bf16 */
-        const int64_t chunk = (int64_t)1 << 24, n = moe_tensor_numel(g);
-        for (int64_t off = 0; off < n && s == MOE_OK; off += chunk) {
-            int64_t len = n - off < chunk ? n - off : chunk;
-            moe_tensor *part = span(g, g->offset + off, len);
-            moe_tensor *f = part ? moe_op_to(ctx, part, part->device, MOE_F32) : NULL;
-            s = f ? add_sumsq(ctx, f, acc) : moe_last_status();
-            moe_tensor_release(part); moe_tensor_release(f);
-        }
-    }
-    if (s == MOE_OK) { host = moe_op_to(ctx, acc, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
+    moe_status s = sum ? moe_op_sumsq(ctx, sum, g) : moe_last_status();
+    if (s == MOE_OK) { host = moe_op_to(ctx, sum, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
     if (s == MOE_OK) *norm = sqrt((double)moe_f32(host)[0]);
-    moe_tensor_release(acc); moe_tensor_release(host);
+    moe_tensor_release(sum); moe_tensor_release(host);
     return s;
 }
 

@@ -1247,7 +1247,7 @@ static void timings(void) {
     moe_cuda_grouped_gemm gm = MOE_CUDA_GROUPED_BATCHED;
     moe_cuda_grouped_gemm_info(ctx, 0, &gm, NULL, NULL);
     printf("# grouped-GEMM strategy by default (MOELAB_GROUPED_GEMM): %s\n",
-           gm == MOE_CUDA_GROUPED_LOOP ? "loop" : "batched");
+           gm == MOE_CUDA_GROUPED_LOOP ? "loop" : gm == MOE_CUDA_GROUPED_AUTO ? "auto" : "batched");
     time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 1);
     time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 0);
     time_attention(MOE_BF16, 4, 2048, 16, 4, 128, 1);

@@ -37,6 +37,31 @@ static void test_adamw_mixed(moe_dtype cdt) {
     pfree(&p); pfree(&m); pfree(&v);
 }
 
+/* sum of squares (gradient norms): f32 and bf16 inputs, CPU vs CUDA, f64 sums */
+static void test_sumsq(moe_dtype dt, int64_t n) {
+    moe_tensor *h = host_randn(1, (int64_t[]){n}, 1.0f, 0.0f, 0);
+    moe_tensor *hd = moe_op_to(ctx, h, MOE_DEVICE_CPU, dt), *dd = to_gpu(h, dt);
+    moe_tensor *oh = moe_tensor_new_cpu(MOE_F32, 0, NULL), *od = moe_tensor_new(ctx, MOE_F32, 0, NULL, GPU);
+    die_if(!hd || !oh || !od, "sumsq tensors");
+    if (RUN("sumsq", dt, moe_op_sumsq(ctx, oh, hd), moe_op_sumsq(ctx, od, dd))) {
+        char name[64];
+        snprintf(name, sizeof name, "sumsq n=%lld", (long long)n);
+        check(name, dt, od, oh, 1e-6);
+        /* and against a direct f64 sum */
+        const float *p = moe_f32(h);
+        double want = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double v = dt == MOE_BF16 ? moe_bf16_to_f32(moe_f32_to_bf16(p[i])) : p[i];
+            want += v * v;
+        }
+        moe_tensor *g = moe_op_to(ctx, od, MOE_DEVICE_CPU, MOE_F32);
+        double got = g ? moe_f32(g)[0] : NAN;
+        ok(fabs(got - want) <= 1e-6 * want, "sumsq n=%lld [%s] = f64 sum (%.9g vs %.9g)", (long long)n, dtn(dt), got, want);
+        moe_tensor_release(g);
+    }
+    moe_tensor_release(h); moe_tensor_release(hd); moe_tensor_release(dd); moe_tensor_release(oh); moe_tensor_release(od);
+}
+
 /* dtype rules of adamw: params f32 only, grads f32 or bf16 */
 static void test_adamw_dtypes(void) {
     moe_tensor *pb = moe_tensor_new(ctx, MOE_BF16, 1, (int64_t[]){8}, GPU), *f = moe_tensor_new(ctx, MOE_F32, 1, (int64_t[]){8}, GPU);
@@ -82,6 +107,9 @@ int main(void) {
     test_adamw_mixed(MOE_BF16);
     test_adamw_mixed(MOE_F32);
     test_adamw_dtypes();
+    test_sumsq(MOE_F32, 1);
+    test_sumsq(MOE_F32, 3000017);
+    test_sumsq(MOE_BF16, 3000017);
     test_layer_precision();
     return gpucheck_end();
 }

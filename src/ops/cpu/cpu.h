@@ -166,6 +166,8 @@ moe_status moe_cpu_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, c
 moe_status moe_cpu_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,
                                           const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
                                           float scale);
+/* cpu_reduce.c */
+moe_status moe_cpu_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 /* cpu_adamw.c */
 moe_status moe_cpu_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                          const moe_adamw_cfg *cfg);

@@ -146,6 +146,7 @@ static const moe_backend cpu_backend = {
     .cross_entropy = moe_cpu_cross_entropy,
     .cross_entropy_backward = moe_cpu_cross_entropy_backward,
     .adamw = moe_cpu_adamw,
+    .sumsq = moe_cpu_sumsq,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

@@ -3,6 +3,8 @@
  * depend on the thread count. */
 #include "cpu.h"
 
+#include <stdlib.h>
+
 typedef struct { moe_reduce_op op; float *out; const float *x; int64_t outer, n, inner, iblocks; } red_job;
 
 #define RED_BLOCK 512
@@ -70,5 +72,35 @@ moe_status moe_cpu_reduce(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const
         int64_t per = n * (inner < RED_BLOCK ? inner : RED_BLOCK);
         moe_parallel_for(ctx->pool, outer * J.iblocks, cpu_grain(per, CPU_PAR_WORK), red_cols, &J);
     }
+    return MOE_OK;
+}
+
+/* sum of squares in f64: fixed blocks of 4096 summed in block order, so the
+ * result does not depend on the thread count */
+typedef struct { const void *x; int bf16; int64_t n; double *part; } sumsq_job;
+
+static void sumsq_range(void *arg, int64_t b, int64_t e) {
+    sumsq_job *J = arg;
+    for (int64_t blk = b; blk < e; blk++) {
+        int64_t lo = blk * 4096, hi = lo + 4096 < J->n ? lo + 4096 : J->n;
+        double acc = 0;
+        if (J->bf16)
+            for (int64_t i = lo; i < hi; i++) { double v = moe_bf16_to_f32(((const uint16_t *)J->x)[i]); acc += v * v; }
+        else
+            for (int64_t i = lo; i < hi; i++) { double v = ((const float *)J->x)[i]; acc += v * v; }
+        J->part[blk] = acc;
+    }
+}
+
+moe_status moe_cpu_sumsq(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x) {
+    int64_t n = moe_tensor_numel(x), blocks = (n + 4095) / 4096;
+    double *part = malloc((size_t)(blocks ? blocks : 1) * sizeof *part);
+    if (!part) return moe_error(MOE_ERR_OOM, "sumsq: out of host memory");
+    sumsq_job J = {moe_tensor_data((moe_tensor *)x), x->dtype == MOE_BF16, n, part};
+    moe_parallel_for(ctx->pool, blocks, 16, sumsq_range, &J);
+    double tot = 0;
+    for (int64_t b = 0; b < blocks; b++) tot += part[b];
+    free(part);
+    moe_f32(out)[0] = (float)tot;
     return MOE_OK;
 }

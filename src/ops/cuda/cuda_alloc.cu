@@ -75,6 +75,7 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->blas) cublasDestroy(d->blas);
+    if (d->blas_ws) cudaFree(d->blas_ws);
     if (d->stream) cudaStreamDestroy(d->stream);
     cudaGetLastError();
     delete d;

@@ -32,6 +32,7 @@ struct cuda_dev {
     int sm_count;
     cudaStream_t stream;          // every kernel, copy and cuBLAS call of this device runs here
     cublasHandle_t blas;
+    void *blas_ws;                // cuBLAS workspace set on the handle (see init_dev)
     moe_ctx *ctx;                 // for ctx->reclaim; NULL once uninstalled
     // allocator (guarded by mu)
     std::mutex mu;
@@ -91,6 +92,7 @@ moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe
                                        float scale);
 moe_status cuda_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                       const moe_adamw_cfg *cfg);
+moe_status cuda_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 // cuda_reduce.cu
 moe_status cuda_reduce(moe_ctx *, moe_reduce_op op, moe_tensor *out, const moe_tensor *x, int64_t outer, int64_t n,
                        int64_t inner);

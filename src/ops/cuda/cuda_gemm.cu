@@ -258,6 +258,16 @@ static moe_status scale_groups(cuda_dev *d, moe_dtype dt, void *c, int64_t per, 
     return MOE_OK;
 }
 
+// Whether a grouped call of `flops` in total over `groups` experts takes the
+// batched path (moe_cuda.h: the strategies and the auto rule).
+static bool want_batched(const cuda_dev *d, double flops, const int64_t *offsets, int groups) {
+    if (d->grouped_gemm == MOE_CUDA_GROUPED_BATCHED) return true;
+    if (d->grouped_gemm == MOE_CUDA_GROUPED_LOOP) return false;
+    int busy = 0;
+    for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
+    return busy > 0 && flops / busy < 6e9;
+}
+
 // ---- entry points ----
 
 moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
@@ -268,7 +278,8 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     size_t es = moe_dtype_size(c->dtype);
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
-    if (d->grouped_gemm == MOE_CUDA_GROUPED_BATCHED && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
+    if (want_batched(d, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (K * (int64_t)es) % 16 == 0 && (N * (int64_t)es) % 16 == 0) {
         // row-major c_g = a_g op(b_g) is column-major c_g^T = op(b_g)^T a_g^T:
         // cuBLAS A = b[g] (expert stride K*N), B = a rows, C = c rows
@@ -305,7 +316,8 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     size_t es = moe_dtype_size(c->dtype);
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
-    if (d->grouped_gemm == MOE_CUDA_GROUPED_BATCHED && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
+    if (want_batched(d, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (P * (int64_t)es) % 16 == 0 && (Q * (int64_t)es) % 16 == 0) {
         // row-major c[g] = a_g^T b_g is column-major c[g]^T = b_g^T a_g:
         // cuBLAS A = b rows (N), B = a rows (T), C = c[g] (expert stride P*Q), k = the expert's rows
@@ -346,14 +358,15 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
 
 moe_status cuda_grouped_gemm_from_env(int *mode) {
     const char *v = getenv("MOELAB_GROUPED_GEMM");
-    if (!v || !*v || !strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
+    if (!v || !*v || !strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
+    else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
     else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_GEMM=%s: expected \"batched\" or \"loop\"", v);
+    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_GEMM=%s: expected \"auto\", \"batched\" or \"loop\"", v);
     return MOE_OK;
 }
 
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
-    if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP)
+    if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO)
         return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: unknown strategy %d", (int)mode);
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));

@@ -162,3 +162,56 @@ moe_status cuda_reduce(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const mo
     if (out->dtype == MOE_F32) return reduce_impl<float>(d, (int)op, PTR(float, out), PTR(const float, x), outer, n, inner);
     return reduce_impl<bf16>(d, (int)op, PTR(bf16, out), PTR(const bf16, x), outer, n, inner);
 }
+
+// ---- sum of squares (gradient norms) ----
+// A fixed grid: each block sums its grid-stride share in f64 and writes one
+// partial; one block then adds the partials in order. Deterministic, one
+// read of x, no f32 copy of bf16 data.
+namespace {
+constexpr int SUMSQ_BLOCKS = 1024, SUMSQ_THREADS = 256;
+
+__device__ double block_sum_f64(double v, double *sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+    if (l == 0) sh[w] = v;
+    __syncthreads();
+    v = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : 0.0;
+    if (w == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T>
+__global__ void k_sumsq_part(const T *x, int64_t n, double *part) {
+    __shared__ double sh[32];
+    double acc = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        double v = to_f32(x[i]);
+        acc += v * v;
+    }
+    acc = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+
+__global__ void k_sumsq_final(const double *part, int nparts, float *out) {
+    __shared__ double sh[32];
+    double acc = 0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) acc += part[i];
+    acc = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) *out = (float)acc;
+}
+}  // namespace
+
+moe_status cuda_sumsq(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x) {
+    CUDA_ENTER(d, ctx, out->device);
+    int64_t n = moe_tensor_numel(x);
+    cuda_scratch part(d, SUMSQ_BLOCKS * sizeof(double));
+    if (!part.p) return moe_last_status();
+    double *p = (double *)part.p;
+    if (x->dtype == MOE_BF16) k_sumsq_part<bf16><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>((const bf16 *)moe_tensor_data((moe_tensor *)x), n, p);
+    else k_sumsq_part<float><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>(moe_f32(x), n, p);
+    CU_LAUNCHED("sumsq");
+    k_sumsq_final<<<1, SUMSQ_THREADS, 0, d->stream>>>(p, SUMSQ_BLOCKS, moe_f32(out));
+    CU_LAUNCHED("sumsq");
+    return MOE_OK;
+}
