@@ -19,7 +19,10 @@
 -- MOELAB_EP_WARMUP (steps left out of the medians, 5), MOELAB_EP_CHUNK (5),
 -- MOELAB_EP_DEVICE (cuda), MOELAB_EP_BACKEND (nccl), MOELAB_EP_GROUPS (4),
 -- MOELAB_EP_TINY=1 (a tiny model, for a CPU check of the script),
--- MOELAB_EP_CONFIGS ("aux,auxfree").
+-- MOELAB_EP_CONFIGS ("aux,auxfree"), MOELAB_EP_EXPERTS (64), MOELAB_EP_TOPK (8),
+-- MOELAB_EP_PRECISION ("f32"; "bf16": mixed precision), MOELAB_EP_SIZE (expert
+-- parallel size in "ep" mode, default the world size; 1 = pure data parallel,
+-- ranks / MOELAB_EP_SIZE = data parallel size).
 local moe = require "moelab"
 local d = moe.dist
 local mode = arg and arg[1] or "one"
@@ -34,6 +37,9 @@ local chunk = tonumber(env("MOELAB_EP_CHUNK", 5))
 local device = env("MOELAB_EP_DEVICE", "cuda")
 local groups = tonumber(env("MOELAB_EP_GROUPS", 4))
 local tiny = env("MOELAB_EP_TINY", "0") == "1"
+local n_experts = tonumber(env("MOELAB_EP_EXPERTS", 64))
+local top_k = tonumber(env("MOELAB_EP_TOPK", 8))
+local precision = env("MOELAB_EP_PRECISION", "f32")
 local configs = {}
 for c in env("MOELAB_EP_CONFIGS", "aux,auxfree"):gmatch("[^,]+") do configs[#configs + 1] = c end
 
@@ -57,8 +63,8 @@ local function model_opts(aux_free)
     o = {vocab_size = 256, hidden_size = 32, num_layers = 2, num_heads = 4, num_experts = 16,
          expert_intermediate_size = 16, experts_per_token = 4, renormalize = false, seed = 1}
   else
-    o = {vocab_size = 50304, hidden_size = 1024, num_layers = 8, num_heads = 16, num_experts = 64,
-         expert_intermediate_size = 512, experts_per_token = 8, renormalize = false, seed = 1}
+    o = {vocab_size = 50304, hidden_size = 1024, num_layers = 8, num_heads = 16, num_experts = n_experts,
+         expert_intermediate_size = 512, experts_per_token = top_k, renormalize = false, seed = 1}
   end
   if aux_free then o.aux_free, o.aux_free_rate = true, 1e-3 end
   return o
@@ -94,10 +100,11 @@ local function run_config(name)
     end
     counts[#counts + 1] = row
   end
-  local topts = {model = model, progress = false, grad_hook = hook}
+  local topts = {model = model, progress = false, grad_hook = hook,
+                 precision = precision ~= "f32" and precision or nil}
   local tr
   if mode == "ep" then
-    topts.expert_parallel_size = world
+    topts.expert_parallel_size = tonumber(env("MOELAB_EP_SIZE", world))
     tr = moe.distributed.DistributedMoETrainer(topts)
   else
     tr = moe.MoETrainer(topts)
@@ -162,6 +169,8 @@ local function run_config(name)
   local imb_last = imb(math.max(1, n - math.floor(n / 4) + 1))
   local tokens_step_layer = 0
   for j = 1, E do tokens_step_layer = tokens_step_layer + flat[j] end
+  say("RESULT precision=%s ep=%s experts=%d top_k=%d", precision, env("MOELAB_EP_SIZE", tostring(world)), E,
+    model.config.experts_per_token)
   say("RESULT mode=%s config=%s world=%d steps=%d stop=%q step_s_median=%.4f tokens_per_s=%.1f wall_s=%.1f "
     .. "loss_first=%.4f loss_last=%.4f imbalance_mean=%.4f imbalance_last_quarter=%.4f imbalance_worst=%.4f "
     .. "assignments_per_layer_step=%d groups=%d",
@@ -187,7 +196,7 @@ local function run_config(name)
     -- (bs*seq*k rows of hidden f32 per rank, 1/world to each rank)
     local H, k = model.config.hidden_size, model.config.experts_per_token
     local rows = bs * seq * k
-    local x = moe.randn({rows, H}, {seed = 5 + rank}):to(device)
+    local x = moe.randn({rows, H}, {seed = 5 + rank}):to(device):to(precision)
     local split = {}
     for r = 1, world do split[r] = math.floor(rows / world) end
     split[world] = rows - (world - 1) * math.floor(rows / world)
@@ -196,8 +205,8 @@ local function run_config(name)
     local a2a = timed(function() local y = d.all_to_all_v(x, split, recv); y = nil end, 5)
     x = nil
     say("RESULT mode=comm config=%s grad_allreduce_s=%.4f grad_numel=%d a2a_one_exchange_s=%.4f a2a_rows=%d hidden=%d "
-      .. "a2a_per_step_est_s=%.4f (4 exchanges x %d layers, even split, synthetic)",
-      name, ar, grads:numel(), a2a, rows, H, 4 * L * a2a, L)
+      .. "a2a_per_step_est_s=%.4f (4 exchanges x %d layers, even split, synthetic; %s rows)",
+      name, ar, grads:numel(), a2a, rows, H, 4 * L * a2a, L, precision)
   end
   tr, model, res, counts, flat = nil, nil, nil, nil, nil
   collectgarbage(); collectgarbage()
