@@ -61,9 +61,12 @@ static moe_status check_tensor(moe_comm *c, const moe_tensor *t, const char *wha
     if (!t) return moe_error(MOE_ERR_ARG, "%s: %s is missing", what, arg);
     if (!moe_tensor_is_contiguous(t))
         return moe_error(MOE_ERR_ARG, "%s: %s must be contiguous (use :contiguous())", what, arg);
-    if (reduce && t->dtype != MOE_F32 && t->dtype != MOE_F64)
-        return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s; reductions take f32 or f64", what, arg,
-                         moe_dtype_name(t->dtype));
+    /* bf16 (mixed-precision gradients) reduces natively in NCCL on GPU tensors;
+     * MPI has no bf16 arithmetic */
+    int nccl_bf16 = t->dtype == MOE_BF16 && t->device.type == MOE_CUDA && !strcmp(c->ops->name, "nccl");
+    if (reduce && t->dtype != MOE_F32 && t->dtype != MOE_F64 && !nccl_bf16)
+        return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s; reductions take f32 or f64 (bf16 on GPUs over NCCL)", what,
+                         arg, moe_dtype_name(t->dtype));
     if (!c->ops->supports(c, t->device))
         return moe_error(MOE_ERR_DEVICE, "%s: the %s communicator cannot work on %s tensors (%s)%s", what,
                          c->ops->name, moe_device_str(t->device, b, sizeof b), arg,

@@ -11,6 +11,7 @@ struct moe_ep_plan {
     int64_t *send_rows, *recv_rows;   /* [ep] each */
     int64_t sent, received;           /* A and R */
     moe_tensor *perm;                 /* i64 [R]: regrouped row k = received row perm[k] */
+    moe_tensor *inv;                  /* i64 [R]: its inverse, received row i = regrouped row inv[i] */
 };
 
 static void plan_retain(void *v) { ((moe_ep_plan *)v)->refs++; }
@@ -18,6 +19,7 @@ static void plan_release(void *v) {
     moe_ep_plan *p = v;
     if (!p || --p->refs > 0) return;
     moe_tensor_release(p->perm);
+    moe_tensor_release(p->inv);
     free(p->send_rows);
     free(p);
 }
@@ -67,7 +69,8 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
         }
         int64_t pshape[1] = {p->received};
         p->perm = moe_tensor_new_cpu(MOE_I64, 1, pshape);
-        if (!p->perm) s = moe_last_status();
+        p->inv = moe_tensor_new_cpu(MOE_I64, 1, pshape);
+        if (!p->perm || !p->inv) s = moe_last_status();
     }
     if (s == MOE_OK) {
         /* received rows are source-major, expert within; regroup expert-major, source within */
@@ -81,6 +84,8 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
                 base += p->recv_rows[src];
             }
         }
+        int64_t *inv = moe_tensor_data(p->inv);
+        for (int64_t q = 0; q < p->received; q++) inv[perm[q]] = q;
         /* offsets over all E experts: only this rank's are non-empty */
         int64_t acc = 0;
         for (int64_t j = 0; j <= e; j++) {
@@ -97,15 +102,22 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
     return MOE_OK;
 }
 
-/* The permutation is built on the host; rows may live on a GPU. Move it to
- * their device once (the plan is reused by the backward exchange). */
-static moe_status perm_on(moe_ctx *ctx, moe_ep_plan *p, moe_device dev) {
-    if (moe_device_eq(p->perm->device, dev)) return MOE_OK;
-    moe_tensor *moved = moe_op_to(ctx, p->perm, dev, MOE_I64);
+/* The permutation and its inverse are built on the host; rows may live on a
+ * GPU. Move them to their device once (the plan is reused by the backward
+ * exchange), marked as checked indices (values < R by construction), so the
+ * gathers need no range-check sync. */
+static moe_status move_index(moe_ctx *ctx, moe_tensor **t, moe_device dev, int64_t bound) {
+    if (moe_device_eq((*t)->device, dev)) return MOE_OK;
+    moe_tensor *moved = moe_op_to(ctx, *t, dev, MOE_I64);
     if (!moved) return moe_last_status();
-    moe_tensor_release(p->perm);
-    p->perm = moved;
+    moe_tensor_set_index_bound(moved, bound);
+    moe_tensor_release(*t);
+    *t = moved;
     return MOE_OK;
+}
+static moe_status perm_on(moe_ctx *ctx, moe_ep_plan *p, moe_device dev) {
+    MOE_TRY(move_index(ctx, &p->perm, dev, p->received));
+    return move_index(ctx, &p->inv, dev, p->received);
 }
 
 static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_tensor **out) {
@@ -158,10 +170,9 @@ static moe_status reverse_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *y, 
     scale_counts(p->send_rows, p->ep, h, rcv);
     moe_tensor *yc = moe_op_contiguous(ctx, y), *back = NULL, *x = NULL;
     moe_status s = yc ? new_rows(ctx, y, p->received, &back) : moe_last_status();
-    /* undo the regrouping: back[perm[k]] = y[k] (perm is a permutation) */
-    if (s == MOE_OK) s = moe_op_fill(ctx, back, 0.0);
+    /* undo the regrouping: back[perm[k]] = y[k], i.e. back[i] = y[inv[i]] (a gather) */
     if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, yc->device);
-    if (s == MOE_OK && p->received > 0) s = moe_op_index_add(ctx, back, p->perm, yc);
+    if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, back, yc, p->inv);
     if (s == MOE_OK) s = new_rows(ctx, y, p->sent, &x);
     if (s == MOE_OK) s = moe_comm_all_to_all_v(p->comm, back, sc, x, rcv);
     free(sc);
