@@ -177,6 +177,35 @@ local function run_config(name)
     mode, name, world, #hist, stop_reason, step_s, tokens_per_s, wall, hist[1].loss, hist[#hist].loss,
     imb_all, imb_last, imb_worst, tokens_step_layer, groups)
 
+  if env("MOELAB_EP_PROFILE", "0") == "1" then
+    -- phase times of a few more steps, with a device sync (and a barrier) between phases
+    local ids, targets = corpus:batch{batch_size = bs, seq_len = seq, seed = 99, step = rank}
+    local ph = {forward = 0, backward = 0, allreduce = 0}
+    local reps = 5
+    local function sync() moe.synchronize(device); if mode == "ep" then d.barrier() end end
+    local _, grads = model.net:flat_parameters()
+    for i = 1, reps + 1 do
+      sync()
+      local t0 = moe.clock()
+      local out = model:forward(ids, {targets = targets, aux_loss_coef = 0.01})
+      sync()
+      local t1 = moe.clock()
+      out.tape:backward(out.total_loss)
+      sync()
+      local t2 = moe.clock()
+      if mode == "ep" and world > 1 then d.all_reduce(grads, "avg", {bucket_mb = 25}) end
+      sync()
+      local t3 = moe.clock()
+      out.tape:reset()
+      if i > 1 then
+        ph.forward, ph.backward, ph.allreduce = ph.forward + t1 - t0, ph.backward + t2 - t1, ph.allreduce + t3 - t2
+      end
+      model:zero_grad()
+    end
+    say("RESULT mode=profile config=%s forward_ms=%.2f backward_ms=%.2f grad_allreduce_ms=%.2f (synced phases, %d steps)",
+      name, ph.forward / reps * 1e3, ph.backward / reps * 1e3, ph.allreduce / reps * 1e3, reps)
+  end
+
   if mode == "ep" and world > 1 then
     -- (a) the whole-buffer gradient all-reduce the EP trainer does every step (same call, same buckets)
     local _, grads = model.net:flat_parameters()
