@@ -184,7 +184,13 @@ local function run_config(name)
     local reps = 5
     local function sync() moe.synchronize(device); if mode == "ep" then d.barrier() end end
     local _, grads = model.net:flat_parameters()
+    -- DistributedMoETrainer turns expert parallelism on only inside train()
+    local ep_on = mode == "ep" and tr.expert_parallel_size and tr.expert_parallel_size > 1
+    if ep_on then d.set_expert_parallel(model.net, tr._ep_comm or true) end
+    local ep_comm = mode == "ep" and (tr._ep_comm or d.comm()) or nil
+    local a0
     for i = 1, reps + 1 do
+      if i == 2 and ep_comm then a0 = ep_comm:info() end
       sync()
       local t0 = moe.clock()
       local out = model:forward(ids, {targets = targets, aux_loss_coef = 0.01})
@@ -202,8 +208,16 @@ local function run_config(name)
       end
       model:zero_grad()
     end
+    if ep_on then d.set_expert_parallel(model.net, false) end
     say("RESULT mode=profile config=%s forward_ms=%.2f backward_ms=%.2f grad_allreduce_ms=%.2f (synced phases, %d steps)",
       name, ph.forward / reps * 1e3, ph.backward / reps * 1e3, ph.allreduce / reps * 1e3, reps)
+    if ep_comm and a0 then
+      local a1 = ep_comm:info()
+      say("RESULT mode=a2a config=%s calls_per_step=%.1f wait_ms_per_step=%.2f exchange_ms_per_step=%.2f "
+        .. "(host clock: waiting for queued GPU work before each all_to_all_v, then the exchange itself)",
+        name, (a1.a2a_calls - a0.a2a_calls) / reps, (a1.a2a_wait_s - a0.a2a_wait_s) / reps * 1e3,
+        (a1.a2a_s - a0.a2a_s) / reps * 1e3)
+    end
   end
 
   if mode == "ep" and world > 1 then

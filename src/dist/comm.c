@@ -191,12 +191,17 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     else if (tr > moe_tensor_numel(out))
         s = moe_error(MOE_ERR_SHAPE, "%s: receive counts add up to %lld, the output has %lld elements", w,
                       (long long)tr, (long long)moe_tensor_numel(out));
+    double t0 = moe_dist_now();
     if (s == MOE_OK) s = sync_device(c, in->device);
+    double t1 = moe_dist_now();
     if (s == MOE_OK) {
         c->seq++;
         s = moe_error_context(c->ops->all_to_all_v(c, moe_tensor_data(in), sc, moe_tensor_data(out), rc, in->dtype,
                                                    in->device), "%s", w);
     }
+    c->a2a_calls++;
+    c->a2a_wait_s += t1 - t0;
+    c->a2a_s += moe_dist_now() - t1;
     free(sc);
     return s;
 }

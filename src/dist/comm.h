@@ -93,6 +93,10 @@ struct moe_comm {
     int local_rank, local_size;   /* on this host */
     double timeout_s;      /* a collective making no progress this long fails */
     uint64_t seq;          /* collectives issued, for error messages */
+    /* all_to_all_v accounting (host clock): calls, seconds waiting for the
+     * device's queued work before the exchange, seconds in the exchange itself */
+    uint64_t a2a_calls;
+    double a2a_wait_s, a2a_s;
     int refs;              /* references beyond the first (moe_comm_retain); 0: one owner */
     moe_comm *parent;      /* the communicator this one was split from (a reference), or NULL */
 };

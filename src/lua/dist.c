@@ -85,6 +85,12 @@ static void push_info(lua_State *L, moe_comm *c) {
     lua_setfield(L, -2, "local_world_size");
     lua_pushnumber(L, c->timeout_s);
     lua_setfield(L, -2, "timeout");
+    lua_pushnumber(L, (double)c->a2a_calls);
+    lua_setfield(L, -2, "a2a_calls");
+    lua_pushnumber(L, c->a2a_wait_s);
+    lua_setfield(L, -2, "a2a_wait_s");   /* waiting for the device before exchanges */
+    lua_pushnumber(L, c->a2a_s);
+    lua_setfield(L, -2, "a2a_s");        /* inside the exchanges */
 }
 
 /* Makes the communicator(s) of this state; opts at index `opts` (or 0). */
