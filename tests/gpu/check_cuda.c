@@ -241,6 +241,14 @@ static void test_binary(moe_dtype dt) {
         if (RUN(name, dt, moe_op_binary(ctx, op, o.h, a.h, b.h), moe_op_binary(ctx, op, o.d, a.d, b.d)))
             check(name, dt, o.d, o.h, tol_of(dt, 1e-5));
         pfree(&a); pfree(&b); pfree(&o);
+        /* contiguous, long enough for the vector loop (two vectors per thread), odd length for the tail */
+        a = in_randn(dt, SH(37, 1001));
+        b = in_pair(dt, SH(37, 1001), 0.5f, 0.3f, op == MOE_BIN_DIV);
+        o = out_pair(dt, SH(37, 1001));
+        snprintf(name, sizeof name, "binary %s n=37037", bin_names[op]);
+        if (RUN(name, dt, moe_op_binary(ctx, op, o.h, a.h, b.h), moe_op_binary(ctx, op, o.d, a.d, b.d)))
+            check(name, dt, o.d, o.h, tol_of(dt, 1e-5));
+        pfree(&a); pfree(&b); pfree(&o);
         /* broadcast [4,1,6] x [5,1] -> [4,5,6] */
         a = in_randn(dt, SH(4, 1, 6));
         b = in_pair(dt, SH(5, 1), 0.5f, 0.3f, op == MOE_BIN_DIV);
@@ -284,6 +292,19 @@ static void test_unary(moe_dtype dt) {
             check(name, dt, dx.d, dx.h, tol_of(dt, 2e-5));
         moe_tensor_release(xh); moe_tensor_release(xd);
         pfree(&x); pfree(&g); pfree(&o); pfree(&dx);
+        /* contiguous and long: the vector loop, its single-vector step and the scalar tail */
+        x = pos ? in_pair(dt, SH(37, 1001), 1.0f, 0.2f, 1) : in_randn(dt, SH(37, 1001));
+        g = in_randn(dt, SH(37, 1001));
+        o = out_pair(dt, SH(37, 1001));
+        dx = out_pair(dt, SH(37, 1001));
+        snprintf(name, sizeof name, "unary %s n=37037", un_names[op]);
+        if (RUN(name, dt, moe_op_unary(ctx, op, o.h, x.h, alpha), moe_op_unary(ctx, op, o.d, x.d, alpha)))
+            check(name, dt, o.d, o.h, tol_of(dt, 2e-5));
+        snprintf(name, sizeof name, "unary_backward %s n=37037", un_names[op]);
+        if (RUN(name, dt, moe_op_unary_backward(ctx, op, dx.h, g.h, x.h, alpha),
+                moe_op_unary_backward(ctx, op, dx.d, g.d, x.d, alpha)))
+            check(name, dt, dx.d, dx.h, tol_of(dt, 2e-5));
+        pfree(&x); pfree(&g); pfree(&o); pfree(&dx);
     }
 }
 
@@ -291,6 +312,21 @@ static void test_axpy(moe_dtype dt) {
     pair y = in_randn(dt, SH(5, 301)), x = in_randn(dt, SH(5, 301));
     if (RUN("axpy", dt, moe_op_axpy(ctx, y.h, -0.35f, x.h), moe_op_axpy(ctx, y.d, -0.35f, x.d)))
         check("axpy", dt, y.d, y.h, tol_of(dt, 1e-5));
+    pfree(&y); pfree(&x);
+    /* long (the vector loop with two vectors per thread, then the scalar tail) */
+    y = in_randn(dt, SH(70001));
+    x = in_randn(dt, SH(70001));
+    if (RUN("axpy n=70001", dt, moe_op_axpy(ctx, y.h, 0.7f, x.h), moe_op_axpy(ctx, y.d, 0.7f, x.d)))
+        check("axpy n=70001", dt, y.d, y.h, tol_of(dt, 1e-5));
+    pfree(&y); pfree(&x);
+    /* x one element into its storage: not 16-byte aligned, the scalar path */
+    y = in_randn(dt, SH(3001));
+    x = in_randn(dt, SH(3002));
+    moe_tensor *xh = moe_tensor_narrow(x.h, 0, 1, 3001), *xd = moe_tensor_narrow(x.d, 0, 1, 3001);
+    die_if(!xh || !xd, "narrow");
+    if (RUN("axpy unaligned x", dt, moe_op_axpy(ctx, y.h, -1.3f, xh), moe_op_axpy(ctx, y.d, -1.3f, xd)))
+        check("axpy unaligned x", dt, y.d, y.h, tol_of(dt, 1e-5));
+    moe_tensor_release(xh); moe_tensor_release(xd);
     pfree(&y); pfree(&x);
 }
 
@@ -329,25 +365,59 @@ static void test_softmax(moe_dtype dt) {
     }
 }
 
+/* Shapes for each path of cuda_norm.cu: D=333 scalar (one block per row); D=64
+ * a lane group of 8 (bf16) or 16 (f32) per row; D=1000 a warp per row with 4
+ * (bf16) or 8 (f32) vectors per lane; D=4104 the vectorised block-per-row
+ * path; [3, 700, 256] more rows than one pass of the dw blocks (each block
+ * takes several rows per warp, the last pass partial). */
+static int same_bytes(const moe_tensor *a, const moe_tensor *b);
+
 static void test_rmsnorm(moe_dtype dt) {
-    const int64_t R = 2, T = 9, D = 333;
-    pair x = in_randn(dt, SH(R, T, D)), w = in_pair(dt, SH(D), 0.2f, 1.0f, 0);
-    pair y = out_pair(dt, SH(R, T, D)), rstd = out_pair(dt, SH(R, T));
-    if (RUN("rmsnorm", dt, moe_op_rmsnorm(ctx, y.h, rstd.h, x.h, w.h, 1e-5f),
-            moe_op_rmsnorm(ctx, y.d, rstd.d, x.d, w.d, 1e-5f))) {
-        check("rmsnorm y", dt, y.d, y.h, tol_of(dt, 1e-5));
-        check("rmsnorm rstd", dt, rstd.d, rstd.h, tol_of(dt, 1e-5));
+    static const int64_t cfg[][3] = {{2, 9, 333}, {2, 37, 64}, {2, 37, 1000}, {2, 9, 4104}, {3, 700, 256}};
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        const int64_t R = cfg[c][0], T = cfg[c][1], D = cfg[c][2];
+        char name[128];
+        pair x = in_randn(dt, SH(R, T, D)), w = in_pair(dt, SH(D), 0.2f, 1.0f, 0);
+        pair y = out_pair(dt, SH(R, T, D)), rstd = out_pair(dt, SH(R, T));
+        if (RUN("rmsnorm", dt, moe_op_rmsnorm(ctx, y.h, rstd.h, x.h, w.h, 1e-5f),
+                moe_op_rmsnorm(ctx, y.d, rstd.d, x.d, w.d, 1e-5f))) {
+            snprintf(name, sizeof name, "rmsnorm y [%lld,%lld,%lld]", (long long)R, (long long)T, (long long)D);
+            check(name, dt, y.d, y.h, tol_of(dt, 1e-5));
+            snprintf(name, sizeof name, "rmsnorm rstd [%lld,%lld,%lld]", (long long)R, (long long)T, (long long)D);
+            check(name, dt, rstd.d, rstd.h, tol_of(dt, 1e-5));
+        }
+        round_through(rstd.h, dt);
+        moe_tensor *rd = to_gpu(rstd.h, dt);
+        pair dy = in_randn(dt, SH(R, T, D)), dx = out_pair(dt, SH(R, T, D)), dw = in_randn(dt, SH(D));
+        if (RUN("rmsnorm_backward", dt, moe_op_rmsnorm_backward(ctx, dx.h, dw.h, dy.h, x.h, w.h, rstd.h),
+                moe_op_rmsnorm_backward(ctx, dx.d, dw.d, dy.d, x.d, w.d, rd))) {
+            snprintf(name, sizeof name, "rmsnorm_backward dx [%lld,%lld,%lld]", (long long)R, (long long)T,
+                     (long long)D);
+            check(name, dt, dx.d, dx.h, tol_of(dt, 1e-5));
+            snprintf(name, sizeof name, "rmsnorm_backward dw (accumulated) [%lld,%lld,%lld]", (long long)R,
+                     (long long)T, (long long)D);
+            check(name, dt, dw.d, dw.h, tol_of(dt, 1e-5));
+        }
+        /* without dw (its own launch configuration) */
+        pair dx2 = out_pair(dt, SH(R, T, D));
+        if (RUN("rmsnorm_backward", dt, moe_op_rmsnorm_backward(ctx, dx2.h, NULL, dy.h, x.h, w.h, rstd.h),
+                moe_op_rmsnorm_backward(ctx, dx2.d, NULL, dy.d, x.d, w.d, rd))) {
+            snprintf(name, sizeof name, "rmsnorm_backward dx, no dw [%lld,%lld,%lld]", (long long)R, (long long)T,
+                     (long long)D);
+            check(name, dt, dx2.d, dx2.h, tol_of(dt, 1e-5));
+        }
+        /* dw from fixed-order partials: the same bytes twice */
+        moe_tensor *wa = moe_op_to(ctx, w.d, GPU, dt), *wb = moe_op_to(ctx, w.d, GPU, dt);
+        die_if(!wa || !wb, "copies");
+        moe_status s1 = moe_op_rmsnorm_backward(ctx, dx2.d, wa, dy.d, x.d, w.d, rd);
+        moe_status s2 = moe_op_rmsnorm_backward(ctx, dx2.d, wb, dy.d, x.d, w.d, rd);
+        ok(s1 == MOE_OK && s2 == MOE_OK && same_bytes(wa, wb),
+           "rmsnorm_backward dw twice: bit-identical [%lld,%lld,%lld] [%s]", (long long)R, (long long)T, (long long)D,
+           dtn(dt));
+        moe_tensor_release(wa); moe_tensor_release(wb);
+        moe_tensor_release(rd);
+        pfree(&x); pfree(&w); pfree(&y); pfree(&rstd); pfree(&dy); pfree(&dx); pfree(&dw); pfree(&dx2);
     }
-    round_through(rstd.h, dt);
-    moe_tensor *rd = to_gpu(rstd.h, dt);
-    pair dy = in_randn(dt, SH(R, T, D)), dx = out_pair(dt, SH(R, T, D)), dw = in_randn(dt, SH(D));
-    if (RUN("rmsnorm_backward", dt, moe_op_rmsnorm_backward(ctx, dx.h, dw.h, dy.h, x.h, w.h, rstd.h),
-            moe_op_rmsnorm_backward(ctx, dx.d, dw.d, dy.d, x.d, w.d, rd))) {
-        check("rmsnorm_backward dx", dt, dx.d, dx.h, tol_of(dt, 1e-5));
-        check("rmsnorm_backward dw (accumulated)", dt, dw.d, dw.h, tol_of(dt, 1e-5));
-    }
-    moe_tensor_release(rd);
-    pfree(&x); pfree(&w); pfree(&y); pfree(&rstd); pfree(&dy); pfree(&dx); pfree(&dw);
 }
 
 static void test_swiglu(moe_dtype dt) {
@@ -363,34 +433,57 @@ static void test_swiglu(moe_dtype dt) {
     pfree(&g); pfree(&u); pfree(&o); pfree(&go); pfree(&dg); pfree(&du);
 }
 
+/* V=1031 (not a multiple of 8: rows start unaligned, so heads and tails) and
+ * V=20011 (long rows: the four-vectors-per-thread loop as well); every fifth
+ * row ignored. Then logits one element into their storage (dlogits and logits
+ * aligned differently: the element-by-element backward). */
 static void test_cross_entropy(moe_dtype dt) {
-    const int64_t N = 13, V = 1031, IGN = -100;
-    pair x = in_pair(dt, SH(N, V), 3.0f, 0.0f, 0);
-    moe_tensor *th = moe_tensor_new_cpu(MOE_I64, SH(N));
-    int64_t *t = moe_tensor_data(th);
-    int counted = 0;
-    for (int64_t i = 0; i < N; i++) {
-        t[i] = i % 5 == 2 ? IGN : (int64_t)((i * 7919 + seed) % V);
-        counted += t[i] != IGN;
+    static const int64_t cfg[][2] = {{13, 1031}, {9, 20011}, {7, 1029}};
+    const int64_t IGN = -100;
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        const int64_t N = cfg[c][0], V = cfg[c][1];
+        const int shifted = c == 2;
+        char name[128];
+        pair x0 = in_pair(dt, SH(N * V + shifted), 3.0f, 0.0f, 0);
+        moe_tensor *nh = moe_tensor_narrow(x0.h, 0, shifted, N * V), *nd = moe_tensor_narrow(x0.d, 0, shifted, N * V);
+        die_if(!nh || !nd, "narrow");
+        moe_tensor *xh = moe_tensor_view(nh, SH(N, V)), *xd = moe_tensor_view(nd, SH(N, V));
+        die_if(!xh || !xd, "logits view");
+        moe_tensor_release(nh); moe_tensor_release(nd);
+        moe_tensor *th = moe_tensor_new_cpu(MOE_I64, SH(N));
+        int64_t *t = moe_tensor_data(th);
+        int counted = 0;
+        for (int64_t i = 0; i < N; i++) {
+            t[i] = i % 5 == 2 ? IGN : i == 0 ? V - 1 : i == 1 ? 0 : (int64_t)((i * 7919 + seed) % V);
+            counted += t[i] != IGN;
+        }
+        seed++;
+        moe_tensor *td = moe_op_to(ctx, th, GPU, MOE_I64);
+        die_if(!td, "targets upload");
+        pair loss = out_pair(dt, SH(N)), lse = out_pair(dt, SH(N));
+        if (RUN("cross_entropy", dt, moe_op_cross_entropy(ctx, loss.h, lse.h, xh, th, IGN),
+                moe_op_cross_entropy(ctx, loss.d, lse.d, xd, td, IGN))) {
+            snprintf(name, sizeof name, "cross_entropy loss [%lld, %lld]%s", (long long)N, (long long)V,
+                     shifted ? " unaligned logits" : "");
+            check(name, dt, loss.d, loss.h, tol_of(dt, 1e-5));
+            snprintf(name, sizeof name, "cross_entropy lse [%lld, %lld]%s", (long long)N, (long long)V,
+                     shifted ? " unaligned logits" : "");
+            check(name, dt, lse.d, lse.h, tol_of(dt, 1e-5));
+        }
+        round_through(lse.h, dt);
+        moe_tensor *lsed = to_gpu(lse.h, dt);
+        pair dx = out_pair(dt, SH(N, V));
+        float scale = 1.0f / (float)counted;
+        if (RUN("cross_entropy_backward", dt, moe_op_cross_entropy_backward(ctx, dx.h, xh, lse.h, th, IGN, scale),
+                moe_op_cross_entropy_backward(ctx, dx.d, xd, lsed, td, IGN, scale))) {
+            snprintf(name, sizeof name, "cross_entropy_backward [%lld, %lld]%s", (long long)N, (long long)V,
+                     shifted ? " unaligned logits" : "");
+            check(name, dt, dx.d, dx.h, dt == MOE_F32 ? 1e-6 : 2e-3);
+        }
+        moe_tensor_release(th); moe_tensor_release(td); moe_tensor_release(lsed);
+        moe_tensor_release(xh); moe_tensor_release(xd);
+        pfree(&x0); pfree(&loss); pfree(&lse); pfree(&dx);
     }
-    seed++;
-    moe_tensor *td = moe_op_to(ctx, th, GPU, MOE_I64);
-    die_if(!td, "targets upload");
-    pair loss = out_pair(dt, SH(N)), lse = out_pair(dt, SH(N));
-    if (RUN("cross_entropy", dt, moe_op_cross_entropy(ctx, loss.h, lse.h, x.h, th, IGN),
-            moe_op_cross_entropy(ctx, loss.d, lse.d, x.d, td, IGN))) {
-        check("cross_entropy loss", dt, loss.d, loss.h, tol_of(dt, 1e-5));
-        check("cross_entropy lse", dt, lse.d, lse.h, tol_of(dt, 1e-5));
-    }
-    round_through(lse.h, dt);
-    moe_tensor *lsed = to_gpu(lse.h, dt);
-    pair dx = out_pair(dt, SH(N, V));
-    float scale = 1.0f / (float)counted;
-    if (RUN("cross_entropy_backward", dt, moe_op_cross_entropy_backward(ctx, dx.h, x.h, lse.h, th, IGN, scale),
-            moe_op_cross_entropy_backward(ctx, dx.d, x.d, lsed, td, IGN, scale)))
-        check("cross_entropy_backward", dt, dx.d, dx.h, dt == MOE_F32 ? 1e-6 : 2e-3);
-    moe_tensor_release(th); moe_tensor_release(td); moe_tensor_release(lsed);
-    pfree(&x); pfree(&loss); pfree(&lse); pfree(&dx);
 }
 
 static void test_adamw(void) {
@@ -773,6 +866,21 @@ static void test_rope(moe_dtype dt) {
     if (RUN("rope in place D=30 theta=500", dt, moe_op_rope(ctx, x.h, x.h, 3, 500.0f, 0), moe_op_rope(ctx, x.d, x.d, 3, 500.0f, 0)))
         check("rope in place D=30 theta=500", dt, x.d, x.h, tol_of(dt, 2e-6));
     pfree(&x);
+    /* the vector path's shapes: D/2 = 16, 24 (vectors for both dtypes), 20 (f32 vectors, bf16 pairs);
+     * B=7, T=200: several batch rows per block, the last chunk partial; [8,300,16,64] in place:
+     * several vectors per thread (the next one loaded before this one is written) */
+    static const int64_t cfg[][5] = {{7, 200, 1, 32, 0}, {2, 9, 3, 48, 0}, {2, 9, 2, 40, 0}, {8, 300, 16, 64, 1}};
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        const int64_t B = cfg[c][0], T = cfg[c][1], H = cfg[c][2], D = cfg[c][3];
+        const int inplace = (int)cfg[c][4];
+        pair xx = in_randn(dt, SH(B, T, H, D)), o = out_pair(dt, SH(B, T, H, D));
+        moe_tensor *oh = inplace ? xx.h : o.h, *od = inplace ? xx.d : o.d;
+        snprintf(name, sizeof name, "rope [%lld,%lld,%lld,%lld]%s pos_offset=7", (long long)B, (long long)T,
+                 (long long)H, (long long)D, inplace ? " in place" : "");
+        if (RUN(name, dt, moe_op_rope(ctx, oh, xx.h, 7, 10000.0f, 0), moe_op_rope(ctx, od, xx.d, 7, 10000.0f, 0)))
+            check(name, dt, od, oh, tol_of(dt, 2e-6));
+        pfree(&xx); pfree(&o);
+    }
 }
 
 /* ---- attention ---- */
@@ -1242,6 +1350,143 @@ static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H
     for (size_t i = 0; i < sizeof all_t / sizeof all_t[0]; i++) moe_tensor_release(all_t[i]);
 }
 
+/* ---- memory-bound kernels: time per call and bandwidth (the fewest bytes the
+ * op must move: each input read once, each output written once) ----
+ * Inputs that fit in L2 (50 MB) rotate over MB_SETS sets, and such ops run
+ * reps times per timed call (the time is per op) so launch gaps do not count. */
+#define MB_SETS 4
+typedef struct {
+    int what;   /* 0 xent fwd, 1 xent bwd, 2 axpy, 3 rope, 4 rmsnorm fwd, 5 rmsnorm bwd */
+    int reps, sets, cur;
+    moe_tensor *x[MB_SETS], *y[MB_SETS], *z[MB_SETS];
+    moe_tensor *w, *s1, *s2, *tg, *dw;
+    float alpha;
+} mbjob;
+
+static moe_status mbjob_run(void *arg) {
+    mbjob *j = arg;
+    for (int r = 0; r < j->reps; r++) {
+        int k = j->cur;
+        j->cur = (j->cur + 1) % j->sets;
+        moe_status st;
+        switch (j->what) {
+        case 0: st = moe_op_cross_entropy(ctx, j->s1, j->s2, j->x[k], j->tg, -100); break;
+        case 1: st = moe_op_cross_entropy_backward(ctx, j->y[k], j->x[k], j->s2, j->tg, -100, j->alpha); break;
+        case 2: st = moe_op_axpy(ctx, j->y[k], j->alpha, j->x[k]); break;
+        case 3: st = moe_op_rope(ctx, j->y[k], j->x[k], 0, 10000.0f, 0); break;
+        case 4: st = moe_op_rmsnorm(ctx, j->y[k], j->s1, j->x[k], j->w, 1e-5f); break;
+        default: st = moe_op_rmsnorm_backward(ctx, j->z[k], j->dw, j->y[k], j->x[k], j->w, j->s1); break;
+        }
+        if (st != MOE_OK) return st;
+    }
+    return MOE_OK;
+}
+
+static void mbjob_time(mbjob *j, const char *label, double bytes) {
+    double ms = 0;
+    if (moe_cuda_time_ms(ctx, 0, mbjob_run, j, 3, 20, &ms) == MOE_OK) {
+        ms /= j->reps;
+        printf("# %s: %.1f us, %.0f GB/s\n", label, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
+    } else {
+        printf("# %s: failed: %s\n", label, moe_last_error());
+    }
+    fflush(stdout);
+}
+
+static void mbjob_free(mbjob *j) {
+    for (int k = 0; k < MB_SETS; k++) {
+        moe_tensor_release(j->x[k]); moe_tensor_release(j->y[k]); moe_tensor_release(j->z[k]);
+    }
+    moe_tensor_release(j->w); moe_tensor_release(j->s1); moe_tensor_release(j->s2);
+    moe_tensor_release(j->tg); moe_tensor_release(j->dw);
+}
+
+/* cross entropy over [N, V] bf16 logits with f32 loss and lse; every 16th row ignored */
+static void time_cross_entropy(int64_t N, int64_t V) {
+    mbjob j = {0};
+    j.reps = j.sets = 1;
+    j.x[0] = dev_randn(MOE_BF16, SH(N, V));
+    j.y[0] = moe_tensor_new(ctx, MOE_BF16, SH(N, V), GPU);
+    j.s1 = moe_tensor_new(ctx, MOE_F32, SH(N), GPU);
+    j.s2 = moe_tensor_new(ctx, MOE_F32, SH(N), GPU);
+    moe_tensor *th = moe_tensor_new_cpu(MOE_I64, SH(N));
+    die_if(!j.y[0] || !j.s1 || !j.s2 || !th, "timing tensors");
+    int64_t *t = moe_tensor_data(th);
+    for (int64_t i = 0; i < N; i++) t[i] = i % 16 == 5 ? -100 : (i * 7919 + 13) % V;
+    j.tg = moe_op_to(ctx, th, GPU, MOE_I64);
+    moe_tensor_release(th);
+    die_if(!j.tg, "targets upload");
+    j.alpha = 1.0f / (float)N;
+    char label[160];
+    double nv = (double)N * (double)V;
+    j.what = 0;
+    snprintf(label, sizeof label, "cross_entropy fwd [%lld, %lld] bf16 (f32 loss/lse)", (long long)N, (long long)V);
+    mbjob_time(&j, label, nv * 2 + N * 16.0);
+    j.what = 1;
+    snprintf(label, sizeof label, "cross_entropy bwd [%lld, %lld] bf16", (long long)N, (long long)V);
+    mbjob_time(&j, label, nv * 4 + N * 12.0);
+    mbjob_free(&j);
+}
+
+static void time_axpy(int64_t n) {
+    mbjob j = {0};
+    j.reps = j.sets = 1;
+    j.what = 2;
+    j.alpha = 1e-3f;
+    j.x[0] = dev_randn(MOE_BF16, SH(n));
+    j.y[0] = dev_randn(MOE_BF16, SH(n));
+    char label[160];
+    snprintf(label, sizeof label, "axpy n=%lld bf16", (long long)n);
+    mbjob_time(&j, label, 6.0 * (double)n);
+    mbjob_free(&j);
+}
+
+static void time_rope(int64_t B, int64_t T, int64_t H, int64_t D) {
+    mbjob j = {0};
+    j.reps = 8;
+    j.sets = MB_SETS;
+    j.what = 3;
+    for (int k = 0; k < MB_SETS; k++) {
+        j.x[k] = dev_randn(MOE_BF16, SH(B, T, H, D));
+        j.y[k] = moe_tensor_new(ctx, MOE_BF16, SH(B, T, H, D), GPU);
+        die_if(!j.y[k], "timing output");
+    }
+    char label[160];
+    snprintf(label, sizeof label, "rope [%lld,%lld,%lld,%lld] bf16", (long long)B, (long long)T, (long long)H,
+             (long long)D);
+    mbjob_time(&j, label, 4.0 * (double)(B * T * H * D));
+    mbjob_free(&j);
+}
+
+/* rmsnorm over [rows, n] bf16 with f32 rstd; the backward with dw */
+static void time_rmsnorm(int64_t rows, int64_t n) {
+    mbjob j = {0};
+    j.reps = 8;
+    j.sets = MB_SETS;
+    for (int k = 0; k < MB_SETS; k++) {
+        j.x[k] = dev_randn(MOE_BF16, SH(rows, n));
+        j.y[k] = dev_randn(MOE_BF16, SH(rows, n));   /* forward output, backward dy */
+        j.z[k] = moe_tensor_new(ctx, MOE_BF16, SH(rows, n), GPU);
+        die_if(!j.z[k], "timing output");
+    }
+    j.w = dev_randn(MOE_BF16, SH(n));
+    j.dw = dev_randn(MOE_BF16, SH(n));
+    j.s1 = moe_tensor_new(ctx, MOE_F32, SH(rows), GPU);
+    die_if(!j.s1, "timing rstd");
+    char label[160];
+    double e = (double)rows * (double)n;
+    j.what = 4;
+    snprintf(label, sizeof label, "rmsnorm fwd [%lld, %lld] bf16 (f32 rstd)", (long long)rows, (long long)n);
+    mbjob_time(&j, label, 4.0 * e + 2.0 * n + 4.0 * rows);
+    /* the backward reads rstd from the forward just timed (f32, realistic values) */
+    die_if(moe_op_rmsnorm(ctx, j.y[0], j.s1, j.x[0], j.w, 1e-5f) != MOE_OK, "rmsnorm");
+    for (int k = 0; k < MB_SETS; k++) die_if(moe_op_fill_randn(ctx, j.y[k], seed++, 0, 0.0f, 1.0f) != MOE_OK, "dy");
+    j.what = 5;
+    snprintf(label, sizeof label, "rmsnorm bwd [%lld, %lld] bf16 (dx and dw)", (long long)rows, (long long)n);
+    mbjob_time(&j, label, 6.0 * e + 6.0 * n + 4.0 * rows);
+    mbjob_free(&j);
+}
+
 static void timings(void) {
     printf("# timings (CUDA events, median of 20 after 3 warm-up runs; set MOELAB_CHECK_NO_TIMING=1 to skip)\n");
     moe_cuda_grouped_gemm gm = MOE_CUDA_GROUPED_BATCHED;
@@ -1257,6 +1502,11 @@ static void timings(void) {
     time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
     time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
     time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
+    /* memory-bound ops at the OLMoE-style step's shapes (8192 tokens, d 1024, vocab 50304, 16 heads of 64) */
+    time_cross_entropy(8192, 50304);
+    time_axpy((int64_t)64 << 20);
+    time_rope(8, 1024, 16, 64);
+    time_rmsnorm(8192, 1024);
     /* both grouped-GEMM strategies in one run; the default one is restored after */
     time_moe_layer("OLMoE", MOE_BF16, 16384 * 8, 2048, 1024, 64);
     time_moe_layer("Mixtral", MOE_BF16, 8192 * 2, 4096, 14336, 8);

@@ -2,6 +2,7 @@
 // unary, unary_backward, axpy. Outputs are contiguous; inputs may be strided
 // (up to 8 dims, index decomposition per element). Math in f32.
 #include "cuda_common.cuh"
+#include "cuda_vec.cuh"
 
 __device__ __forceinline__ float bin_apply(int op, float a, float b) {
     switch (op) {
@@ -67,10 +68,86 @@ __device__ __forceinline__ float un_deriv(int op, float x, float alpha) {
     }
 }
 
-template <typename T>
-__global__ void k_binary_flat(int op, T *out, const T *a, const T *b, int64_t n) {
-    GRID_STRIDE(i, n) out[i] = from_f32<T>(bin_apply(op, to_f32(a[i]), to_f32(b[i])));
+// ---- flat (contiguous) paths: out[i] = f(in0[i], in1[i]) ----
+// f is a functor; TWO says whether in1 is read. The vector kernel needs out,
+// in0 and in1 16-byte aligned (cuda_aligned16); the scalar one takes anything.
+struct f_binary {
+    int op;
+    __device__ __forceinline__ float operator()(float a, float b) const { return bin_apply(op, a, b); }
+};
+struct f_unary {
+    int op; float alpha;
+    __device__ __forceinline__ float operator()(float a, float) const { return un_apply(op, a, alpha); }
+};
+struct f_unary_bwd {   // in0 = dy, in1 = x
+    int op; float alpha;
+    __device__ __forceinline__ float operator()(float g, float v) const { return g * un_deriv(op, v, alpha); }
+};
+struct f_axpy {        // in0 = y, in1 = x
+    float alpha;
+    __device__ __forceinline__ float operator()(float y, float x) const { return y + alpha * x; }
+};
+
+template <typename T, bool TWO, typename F>
+__global__ void k_flat(T *out, const T *in0, const T *in1, int64_t n, F f) {
+    GRID_STRIDE(i, n) out[i] = from_f32<T>(f(to_f32(in0[i]), TWO ? to_f32(in1[i]) : 0.0f));
 }
+
+template <typename T, bool TWO, typename F>
+__device__ __forceinline__ void flat_vec_one(T *out, const T *in0, const T *in1, int64_t v, const F &f) {
+    constexpr int N = VEC<T>::N;
+    float a[N], b[N];
+    vload(in0 + v * N, a);
+    if (TWO) vload(in1 + v * N, b);
+#pragma unroll
+    for (int k = 0; k < N; k++) a[k] = f(a[k], TWO ? b[k] : 0.0f);
+    vstore(out + v * N, a);
+}
+
+// Vectors of N elements, two per thread per iteration (both loaded before
+// either is stored); the last n % N elements by the first threads of the grid.
+// Every element is read and written by one thread, so out may alias in0/in1.
+template <typename T, bool TWO, typename F>
+__global__ void k_flat_vec(T *out, const T *in0, const T *in1, int64_t n, F f) {
+    constexpr int N = VEC<T>::N;
+    const int64_t nv = n / N, stride = (int64_t)gridDim.x * blockDim.x;
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t v = tid;
+    for (; v + stride < nv; v += 2 * stride) {
+        float a0[N], a1[N], b0[N], b1[N];
+        vload(in0 + v * N, a0);
+        vload(in0 + (v + stride) * N, a1);
+        if (TWO) {
+            vload(in1 + v * N, b0);
+            vload(in1 + (v + stride) * N, b1);
+        }
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            a0[k] = f(a0[k], TWO ? b0[k] : 0.0f);
+            a1[k] = f(a1[k], TWO ? b1[k] : 0.0f);
+        }
+        vstore(out + v * N, a0);
+        vstore(out + (v + stride) * N, a1);
+    }
+    if (v < nv) flat_vec_one<T, TWO>(out, in0, in1, v, f);
+    int64_t e = nv * N + tid;
+    if (e < n) out[e] = from_f32<T>(f(to_f32(in0[e]), TWO ? to_f32(in1[e]) : 0.0f));
+}
+
+// Launches the flat path: vectorised when every pointer is 16-byte aligned.
+template <typename T, bool TWO, typename F>
+static void launch_flat(cuda_dev *d, T *out, const T *in0, const T *in1, int64_t n, F f) {
+    bool vec = cuda_aligned16(out) && cuda_aligned16(in0) && (!TWO || cuda_aligned16(in1));
+    if (vec) {
+        int64_t nv = n / VEC<T>::N;
+        int64_t work = nv > 0 ? (nv + 1) / 2 : 1;   // two vectors per thread per iteration
+        k_flat_vec<T, TWO, F><<<cuda_grid_1d(d, work, 256), 256, 0, d->stream>>>(out, in0, in1, n, f);
+    } else {
+        k_flat<T, TWO, F><<<cuda_grid_1d(d, n, 256), 256, 0, d->stream>>>(out, in0, in1, n, f);
+    }
+}
+
+// ---- strided paths (index decomposition per element) ----
 template <typename T>
 __global__ void k_binary(int op, T *out, const T *a, cuda_layout la, const T *b, cuda_layout lb, int64_t n) {
     GRID_STRIDE(i, n) {
@@ -83,10 +160,6 @@ template <typename T>
 __global__ void k_unary(int op, T *out, const T *x, cuda_layout lx, float alpha, int64_t n) {
     GRID_STRIDE(i, n) out[i] = from_f32<T>(un_apply(op, to_f32(x[cuda_offset(lx, i)]), alpha));
 }
-template <typename T>
-__global__ void k_unary_flat(int op, T *out, const T *x, float alpha, int64_t n) {
-    GRID_STRIDE(i, n) out[i] = from_f32<T>(un_apply(op, to_f32(x[i]), alpha));
-}
 
 template <typename T>
 __global__ void k_unary_bwd(int op, T *dx, const T *dy, cuda_layout ldy, const T *x, cuda_layout lx, float alpha,
@@ -97,11 +170,6 @@ __global__ void k_unary_bwd(int op, T *dx, const T *dy, cuda_layout ldy, const T
     }
 }
 
-template <typename T>
-__global__ void k_axpy(T *y, float alpha, const T *x, cuda_layout lx, int64_t n) {
-    GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(y[i]) + alpha * to_f32(x[cuda_offset(lx, i)]));
-}
-
 #define PTR(T, t) ((T *)moe_tensor_data(t))
 
 moe_status cuda_binary(moe_ctx *ctx, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b) {
@@ -110,13 +178,12 @@ moe_status cuda_binary(moe_ctx *ctx, moe_binary_op op, moe_tensor *out, const mo
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, out->device);
     cuda_layout la = cuda_layout_tensor(a), lb = cuda_layout_tensor(b);
-    unsigned grid = cuda_grid_1d(d, n, 256);
     if (cuda_layout_is_flat(la) && cuda_layout_is_flat(lb)) {
-        if (out->dtype == MOE_F32)
-            k_binary_flat<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, out), PTR(const float, a), PTR(const float, b), n);
-        else
-            k_binary_flat<bf16><<<grid, 256, 0, d->stream>>>(op, PTR(bf16, out), PTR(const bf16, a), PTR(const bf16, b), n);
+        f_binary f = {(int)op};
+        if (out->dtype == MOE_F32) launch_flat<float, true>(d, PTR(float, out), PTR(const float, a), PTR(const float, b), n, f);
+        else launch_flat<bf16, true>(d, PTR(bf16, out), PTR(const bf16, a), PTR(const bf16, b), n, f);
     } else {
+        unsigned grid = cuda_grid_1d(d, n, 256);
         if (out->dtype == MOE_F32)
             k_binary<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, out), PTR(const float, a), la, PTR(const float, b), lb, n);
         else
@@ -132,13 +199,12 @@ moe_status cuda_unary(moe_ctx *ctx, moe_unary_op op, moe_tensor *out, const moe_
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, out->device);
     cuda_layout lx = cuda_layout_tensor(x);
-    unsigned grid = cuda_grid_1d(d, n, 256);
     if (cuda_layout_is_flat(lx)) {
-        if (out->dtype == MOE_F32)
-            k_unary_flat<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, out), PTR(const float, x), alpha, n);
-        else
-            k_unary_flat<bf16><<<grid, 256, 0, d->stream>>>(op, PTR(bf16, out), PTR(const bf16, x), alpha, n);
+        f_unary f = {(int)op, alpha};
+        if (out->dtype == MOE_F32) launch_flat<float, false>(d, PTR(float, out), PTR(const float, x), (const float *)nullptr, n, f);
+        else launch_flat<bf16, false>(d, PTR(bf16, out), PTR(const bf16, x), (const bf16 *)nullptr, n, f);
     } else {
+        unsigned grid = cuda_grid_1d(d, n, 256);
         if (out->dtype == MOE_F32)
             k_unary<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, out), PTR(const float, x), lx, alpha, n);
         else
@@ -155,26 +221,30 @@ moe_status cuda_unary_backward(moe_ctx *ctx, moe_unary_op op, moe_tensor *dx, co
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, dx->device);
     cuda_layout ldy = cuda_layout_tensor(dy), lx = cuda_layout_tensor(x);
-    unsigned grid = cuda_grid_1d(d, n, 256);
-    if (dx->dtype == MOE_F32)
-        k_unary_bwd<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, dx), PTR(const float, dy), ldy, PTR(const float, x), lx, alpha, n);
-    else
-        k_unary_bwd<bf16><<<grid, 256, 0, d->stream>>>(op, PTR(bf16, dx), PTR(const bf16, dy), ldy, PTR(const bf16, x), lx, alpha, n);
+    if (cuda_layout_is_flat(ldy) && cuda_layout_is_flat(lx)) {
+        f_unary_bwd f = {(int)op, alpha};
+        if (dx->dtype == MOE_F32) launch_flat<float, true>(d, PTR(float, dx), PTR(const float, dy), PTR(const float, x), n, f);
+        else launch_flat<bf16, true>(d, PTR(bf16, dx), PTR(const bf16, dy), PTR(const bf16, x), n, f);
+    } else {
+        unsigned grid = cuda_grid_1d(d, n, 256);
+        if (dx->dtype == MOE_F32)
+            k_unary_bwd<float><<<grid, 256, 0, d->stream>>>(op, PTR(float, dx), PTR(const float, dy), ldy, PTR(const float, x), lx, alpha, n);
+        else
+            k_unary_bwd<bf16><<<grid, 256, 0, d->stream>>>(op, PTR(bf16, dx), PTR(const bf16, dy), ldy, PTR(const bf16, x), lx, alpha, n);
+    }
     CU_LAUNCHED("unary_backward");
     return MOE_OK;
 }
 
+// x arrives contiguous (ops.c makes it so) with y's shape: always the flat path.
 moe_status cuda_axpy(moe_ctx *ctx, moe_tensor *y, float alpha, const moe_tensor *x) {
     MOE_TRY(cuda_check_float(y->dtype, "axpy"));
     int64_t n = moe_tensor_numel(y);
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, y->device);
-    cuda_layout lx = cuda_layout_tensor(x);
-    unsigned grid = cuda_grid_1d(d, n, 256);
-    if (y->dtype == MOE_F32)
-        k_axpy<float><<<grid, 256, 0, d->stream>>>(PTR(float, y), alpha, PTR(const float, x), lx, n);
-    else
-        k_axpy<bf16><<<grid, 256, 0, d->stream>>>(PTR(bf16, y), alpha, PTR(const bf16, x), lx, n);
+    f_axpy f = {alpha};
+    if (y->dtype == MOE_F32) launch_flat<float, true>(d, PTR(float, y), PTR(const float, y), PTR(const float, x), n, f);
+    else launch_flat<bf16, true>(d, PTR(bf16, y), PTR(const bf16, y), PTR(const bf16, x), n, f);
     CU_LAUNCHED("axpy");
     return MOE_OK;
 }

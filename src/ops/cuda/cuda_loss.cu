@@ -3,51 +3,220 @@
 // loss and lse may be f32 or the logits' dtype (S below).
 // A target outside [0, V) that is not ignore_index gives a NaN loss for its row
 // (and NaN gradients): reporting it would need a host sync.
+//
+// Forward: one pass over each row. Every thread keeps an online (max, sum of
+// exp(x - max)) pair over its elements, read as 16-byte vectors four at a time
+// (the row's unaligned head and its tail element by element); the block then
+// merges the pairs (warp shuffles, then one warp over the warps) in a fixed
+// order, so the result is deterministic. exp is exp2 of x*log2(e) - max*log2(e).
+// Backward: one pass per row writing dlogits = scale * (exp(x - lse) - [j == t])
+// from the saved lse (rows with ignore_index are written as zeros without
+// reading their logits); vectorised when logits and dlogits have the same
+// 16-byte alignment, element by element otherwise.
 #include "cuda_common.cuh"
+#include "cuda_vec.cuh"
+
+namespace {
+
+#define PTR(T, t) ((T *)moe_tensor_data(t))
+#define L2E 1.4426950408889634f   /* log2(e) */
+#define XENT_THREADS 256
+#define XENT_UNROLL 4             /* vectors per thread in flight */
+
+// N elements of T at p as f32: one 16-byte load (N > 1, p aligned) or one element.
+template <typename T, int N>
+__device__ __forceinline__ void load_n(const T *p, float *f) {
+    if constexpr (N == 1) f[0] = to_f32(*p);
+    else unpack(ld16_cs(p), *reinterpret_cast<float (*)[N]>(f));
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_n(T *p, const float *f) {
+    if constexpr (N == 1) *p = from_f32<T>(f[0]);
+    else st16_cs(p, pack(*reinterpret_cast<const float (*)[N]>(f)));
+}
+
+// Online softmax statistics: m the running max (-inf while empty), s the sum
+// of exp(x - m) (with m taken as 0 while it is -inf, as the two-pass version
+// did for all -inf rows). NaN logits make s NaN; +inf ones give NaN as before.
+template <int K>
+__device__ __forceinline__ void os_absorb(float &m, float &s, const float *v) {
+    float cm = v[0];
+#pragma unroll
+    for (int k = 1; k < K; k++) cm = fmaxf(cm, v[k]);
+    if (cm > m) {
+        s *= exp2f((m - cm) * L2E);
+        m = cm;
+    }
+    float ml = (m == -INFINITY ? 0.0f : m) * L2E, acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc += exp2f(fmaf(v[k], L2E, -ml));
+    s += acc;
+}
+__device__ __forceinline__ void os_merge(float &m, float &s, float m2, float s2) {
+    float M = fmaxf(m, m2);
+    if (M == -INFINITY) {   // both empty (or only NaNs): nothing to rescale
+        s += s2;
+        return;
+    }
+    s = s * exp2f((m - M) * L2E) + s2 * exp2f((m2 - M) * L2E);
+    m = M;
+}
+
+// Elements of a row of n before its first 16-byte boundary (all of them if
+// fewer). The row pointer is aligned to its element size.
+template <typename T>
+__device__ __forceinline__ int64_t head_len(const T *p, int64_t n) {
+    int64_t h = (int64_t)(((16u - ((unsigned)(uintptr_t)p & 15u)) & 15u) / sizeof(T));
+    return h < n ? h : n;
+}
 
 template <typename T, typename S>
-__global__ void k_xent(S *loss, S *lse, const T *x, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore) {
-    __shared__ float sh[32];
+__global__ void __launch_bounds__(XENT_THREADS)
+k_xent(S *loss, S *lse, const T *x, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore) {
+    constexpr int N = VEC<T>::N, U = XENT_UNROLL;
+    __shared__ float shm[32], shs[32];
+    const int bs = blockDim.x;
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const T *xr = x + r * n;
-        float m = -INFINITY;
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, to_f32(xr[j]));
-        m = block_max(m, sh);
-        if (m == -INFINITY) m = 0.0f;
-        float s = 0.0f;
-        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += expf(to_f32(xr[j]) - m);
-        s = block_sum(s, sh);
-        if (threadIdx.x == 0) {
-            float l = m + logf(s);
-            int64_t t = tgt[r];
-            float v = t == ignore ? 0.0f : (t < 0 || t >= n) ? NAN : l - to_f32(xr[t]);
-            lse[r] = from_f32<S>(l);
-            loss[r] = from_f32<S>(v);
+        float m = -INFINITY, s = 0.0f;
+        const int64_t head = head_len(xr, n);
+        const T *xv = xr + head;
+        const int64_t nv = (n - head) / N;
+        if ((int64_t)threadIdx.x < head) {
+            float v = to_f32(xr[threadIdx.x]);
+            os_absorb<1>(m, s, &v);
+        }
+        int64_t i = threadIdx.x;
+        for (; i + (U - 1) * bs < nv; i += U * bs) {
+            float v[U * N];
+#pragma unroll
+            for (int u = 0; u < U; u++) load_n<T, N>(xv + (i + u * bs) * N, v + u * N);
+            os_absorb<U * N>(m, s, v);
+        }
+        for (; i < nv; i += bs) {
+            float v[N];
+            load_n<T, N>(xv + i * N, v);
+            os_absorb<N>(m, s, v);
+        }
+        const int64_t e = head + nv * N + threadIdx.x;   // the tail: fewer than N elements
+        if (e < n) {
+            float v = to_f32(xr[e]);
+            os_absorb<1>(m, s, &v);
+        }
+        // merge: within each warp, then warp 0 over the warps
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            os_merge(m, s, m2, s2);
+        }
+        const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = bs >> 5;
+        __syncthreads();   // the previous row's reads of shm/shs are done
+        if (lane == 0) { shm[w] = m; shs[w] = s; }
+        __syncthreads();
+        if (w == 0) {
+            m = lane < nw ? shm[lane] : -INFINITY;
+            s = lane < nw ? shs[lane] : 0.0f;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+                os_merge(m, s, m2, s2);
+            }
+            if (lane == 0) {
+                float l = (m == -INFINITY ? 0.0f : m) + logf(s);
+                int64_t t = tgt[r];
+                float v = t == ignore ? 0.0f : (t < 0 || t >= n) ? NAN : l - to_f32(xr[t]);
+                lse[r] = from_f32<S>(l);
+                loss[r] = from_f32<S>(v);
+            }
         }
     }
 }
 
-// dlogits[r, j] = scale * (exp(x - lse[r]) - [j == t_r]), 0 for ignored rows
-template <typename T, typename S>
-__global__ void k_xent_bwd(T *dx, const T *x, const S *lse, const int64_t *tgt, int64_t total, int64_t n,
-                           int64_t ignore, float scale) {
-    GRID_STRIDE(i, total) {
-        int64_t r = i / n, j = i - r * n, t = tgt[r];
-        float g;
-        if (t == ignore) g = 0.0f;
-        else if (t < 0 || t >= n) g = NAN;
-        else g = scale * (expf(to_f32(x[i]) - to_f32(lse[r])) - (j == t ? 1.0f : 0.0f));
-        dx[i] = from_f32<T>(g);
+// dlogits[r, j] = scale * exp(x - lse[r]) - (j == t_r ? scale : 0), 0 for ignored rows.
+// N > 1: x and dx rows share their alignment (the caller checks), so one head
+// length serves both; N == 1: element by element.
+template <typename T, typename S, int N>
+__global__ void __launch_bounds__(XENT_THREADS)
+k_xent_bwd(T *dx, const T *x, const S *lse, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore, float scale) {
+    constexpr int U = XENT_UNROLL;
+    const int bs = blockDim.x;
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T *xr = x + r * n;
+        T *dr = dx + r * n;
+        const int64_t t = tgt[r];
+        const int mode = t == ignore ? 1 : (t < 0 || t >= n) ? 2 : 0;   // 1: zeros, 2: NaN
+        const float ll = mode == 0 ? to_f32(lse[r]) * L2E : 0.0f, fill = mode == 1 ? 0.0f : NAN;
+        const int64_t head = N > 1 ? head_len(dr, n) : 0;
+        const int64_t nv = (n - head) / N;
+        const T *xv = xr + head;
+        T *dv = dr + head;
+        // element j of the row from its logit (scalar head and tail)
+        auto grad1 = [&](int64_t j) -> float {
+            return mode ? fill : scale * exp2f(fmaf(to_f32(xr[j]), L2E, -ll)) - (j == t ? scale : 0.0f);
+        };
+        // N elements from j0 on, in place
+        auto gradn = [&](float *v, int64_t j0) {
+            const int kt = (uint64_t)(t - j0) < (uint64_t)N ? (int)(t - j0) : -1;
+#pragma unroll
+            for (int k = 0; k < N; k++) v[k] = scale * exp2f(fmaf(v[k], L2E, -ll)) - (k == kt ? scale : 0.0f);
+        };
+        if ((int64_t)threadIdx.x < head) dr[threadIdx.x] = from_f32<T>(grad1(threadIdx.x));
+        int64_t i = threadIdx.x;
+        if (mode) {
+            float g[N];
+#pragma unroll
+            for (int k = 0; k < N; k++) g[k] = fill;
+            for (; i < nv; i += bs) store_n<T, N>(dv + i * N, g);
+        } else {
+            for (; i + (U - 1) * bs < nv; i += U * bs) {
+                float v[U * N];
+#pragma unroll
+                for (int u = 0; u < U; u++) load_n<T, N>(xv + (i + u * bs) * N, v + u * N);
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    gradn(v + u * N, head + (i + u * bs) * N);
+                    store_n<T, N>(dv + (i + u * bs) * N, v + u * N);
+                }
+            }
+            for (; i < nv; i += bs) {
+                float v[N];
+                load_n<T, N>(xv + i * N, v);
+                gradn(v, head + i * N);
+                store_n<T, N>(dv + i * N, v);
+            }
+        }
+        const int64_t e = head + nv * N + threadIdx.x;   // the tail
+        if (e < n) dr[e] = from_f32<T>(grad1(e));
     }
 }
-
-#define PTR(T, t) ((T *)moe_tensor_data(t))
 
 static moe_status check_stat(const moe_tensor *x, const moe_tensor *s, const char *what) {
     if (s->dtype == x->dtype || s->dtype == MOE_F32) return MOE_OK;
     return moe_error(MOE_ERR_DTYPE, "%s on cuda: loss and lse must be f32 or %s, got %s", what,
                      moe_dtype_name(x->dtype), moe_dtype_name(s->dtype));
 }
+
+// Threads per row: enough vectors for every thread on short rows, XENT_THREADS on long ones.
+static int xent_threads(int64_t n, int per) {
+    int th = cuda_row_threads((n + per - 1) / per);
+    return th < XENT_THREADS ? th : XENT_THREADS;
+}
+
+template <typename T, typename S>
+static void xent_bwd_launch(cuda_dev *d, moe_tensor *dlogits, const moe_tensor *logits, const moe_tensor *lse,
+                            const int64_t *t, int64_t rows, int64_t n, int64_t ignore, float scale) {
+    T *dx = PTR(T, dlogits);
+    const T *x = PTR(const T, logits);
+    unsigned g = cuda_row_grid(rows);
+    if ((((uintptr_t)dx ^ (uintptr_t)x) & 15u) == 0)
+        k_xent_bwd<T, S, VEC<T>::N><<<g, xent_threads(n, VEC<T>::N), 0, d->stream>>>(dx, x, PTR(const S, lse), t, rows,
+                                                                                   n, ignore, scale);
+    else
+        k_xent_bwd<T, S, 1><<<g, xent_threads(n, 1), 0, d->stream>>>(dx, x, PTR(const S, lse), t, rows, n, ignore,
+                                                                     scale);
+}
+
+}  // namespace
 
 moe_status cuda_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
                               const moe_tensor *targets, int64_t ignore_index) {
@@ -59,18 +228,17 @@ moe_status cuda_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, c
     int64_t n = cuda_last_dim(logits), rows = cuda_rows(logits);
     if (rows == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, logits->device);
-    int th = cuda_row_threads(n);
     unsigned g = cuda_row_grid(rows);
     const int64_t *t = PTR(const int64_t, targets);
     if (logits->dtype == MOE_F32)
-        k_xent<float, float><<<g, th, 0, d->stream>>>(PTR(float, loss), PTR(float, lse), PTR(const float, logits), t,
-                                                      rows, n, ignore_index);
+        k_xent<float, float><<<g, xent_threads(n, 4), 0, d->stream>>>(PTR(float, loss), PTR(float, lse),
+                                                                     PTR(const float, logits), t, rows, n, ignore_index);
     else if (loss->dtype == MOE_F32)
-        k_xent<bf16, float><<<g, th, 0, d->stream>>>(PTR(float, loss), PTR(float, lse), PTR(const bf16, logits), t,
-                                                     rows, n, ignore_index);
+        k_xent<bf16, float><<<g, xent_threads(n, 8), 0, d->stream>>>(PTR(float, loss), PTR(float, lse),
+                                                                    PTR(const bf16, logits), t, rows, n, ignore_index);
     else
-        k_xent<bf16, bf16><<<g, th, 0, d->stream>>>(PTR(bf16, loss), PTR(bf16, lse), PTR(const bf16, logits), t,
-                                                    rows, n, ignore_index);
+        k_xent<bf16, bf16><<<g, xent_threads(n, 8), 0, d->stream>>>(PTR(bf16, loss), PTR(bf16, lse),
+                                                                   PTR(const bf16, logits), t, rows, n, ignore_index);
     CU_LAUNCHED("cross_entropy");
     return MOE_OK;
 }
@@ -80,20 +248,16 @@ moe_status cuda_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, const 
                                        float scale) {
     MOE_TRY(cuda_check_float(logits->dtype, "cross_entropy_backward"));
     MOE_TRY(check_stat(logits, lse, "cross_entropy_backward"));
-    int64_t n = cuda_last_dim(logits), total = moe_tensor_numel(logits);
-    if (total == 0) return MOE_OK;
+    int64_t n = cuda_last_dim(logits), rows = cuda_rows(logits);
+    if (rows == 0 || n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, logits->device);
-    unsigned g = cuda_grid_1d(d, total, 256);
     const int64_t *t = PTR(const int64_t, targets);
     if (logits->dtype == MOE_F32)
-        k_xent_bwd<float, float><<<g, 256, 0, d->stream>>>(PTR(float, dlogits), PTR(const float, logits),
-                                                           PTR(const float, lse), t, total, n, ignore_index, scale);
+        xent_bwd_launch<float, float>(d, dlogits, logits, lse, t, rows, n, ignore_index, scale);
     else if (lse->dtype == MOE_F32)
-        k_xent_bwd<bf16, float><<<g, 256, 0, d->stream>>>(PTR(bf16, dlogits), PTR(const bf16, logits),
-                                                          PTR(const float, lse), t, total, n, ignore_index, scale);
+        xent_bwd_launch<bf16, float>(d, dlogits, logits, lse, t, rows, n, ignore_index, scale);
     else
-        k_xent_bwd<bf16, bf16><<<g, 256, 0, d->stream>>>(PTR(bf16, dlogits), PTR(const bf16, logits),
-                                                         PTR(const bf16, lse), t, total, n, ignore_index, scale);
+        xent_bwd_launch<bf16, bf16>(d, dlogits, logits, lse, t, rows, n, ignore_index, scale);
     CU_LAUNCHED("cross_entropy_backward");
     return MOE_OK;
 }

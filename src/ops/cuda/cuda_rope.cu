@@ -1,24 +1,29 @@
 // Rotary position embedding over x [B, T, H, D], rotate-half convention:
 //   out[i]        = x[i] cos(p f_i) - x[i + D/2] sin(p f_i)
 //   out[i + D/2]  = x[i + D/2] cos(p f_i) + x[i] sin(p f_i),  f_i = theta^(-2i/D), p = pos_offset + t
-// inverse rotates by -angle (the backward). One block per (t, b): the block
-// first computes cos/sin of its position for the D/2 frequencies in double
-// (as the CPU does, so long positions keep their precision) into shared
-// memory, then rotates the H heads. Each thread reads both halves of a pair
-// before writing them, so out may alias x.
+// inverse rotates by -angle (the backward).
+//
+// One block per (t, chunk of batch rows): the block computes cos/sin of its
+// position for the D/2 frequencies in double (as the CPU does, so long
+// positions keep their precision) into shared memory once, and rotates the
+// H heads of every batch row of its chunk, so the angles are shared by the
+// chunk. With D/2 a multiple of the vector width and 16-byte aligned x and
+// out, a thread rotates N pairs at a time (one 16-byte vector from each
+// half); its first vectors are loaded before the angles are computed, so the
+// loads overlap that work. Each thread reads both halves of its pairs before
+// writing them, so out may alias x. One pass: every element is read and
+// written once.
 #include "cuda_common.cuh"
+#include "cuda_vec.cuh"
 
 namespace {
 
 #define PTR(T, t) ((T *)moe_tensor_data(t))
 #define ROPE_MAX_HALF 4096
+#define ROPE_THREADS 256
 
-template <typename T>
-__global__ void k_rope(T *out, const T *x, int64_t T_, int64_t H, int64_t D, int64_t pos, double theta, int inverse) {
-    extern __shared__ float cs[];   // cos then sin, D/2 each
-    int64_t t = blockIdx.x, b = blockIdx.y, half = D / 2;
-    float *sn = cs + half;
-    double p = (double)(pos + t);
+__device__ __forceinline__ void rope_angles(float *cs, float *sn, int64_t half, int64_t D, double p, double theta,
+                                            int inverse) {
     for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
         double f = pow(theta, -2.0 * (double)i / (double)D);
         double s, c;
@@ -26,16 +31,104 @@ __global__ void k_rope(T *out, const T *x, int64_t T_, int64_t H, int64_t D, int
         cs[i] = (float)c;
         sn[i] = (float)(inverse ? -s : s);
     }
+}
+
+// Vector path: N = elements per 16 bytes, half % N == 0. Items are (b, h, v)
+// with v the vector index within the first half: the pairs v*N .. v*N+N-1.
+template <typename T>
+__global__ void __launch_bounds__(ROPE_THREADS)
+k_rope_vec(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t nb, int64_t pos, double theta,
+           int inverse) {
+    constexpr int N = VEC<T>::N;
+    extern __shared__ float cs[];   // cos then sin, D/2 each
+    const int64_t t = blockIdx.x, half = D / 2, hv = half / N;
+    const int64_t b0 = (int64_t)blockIdx.y * nb, b1 = b0 + nb < B ? b0 + nb : B;
+    const int64_t items = (b1 - b0) * H * hv;
+    float *sn = cs + half;
+    // element offset of item e's first-half vector and its first pair index
+    // (32-bit decomposition: the host keeps a block's items under 2^31)
+    const unsigned uhv = (unsigned)hv, uH = (unsigned)H;
+    auto off = [&](int64_t e, int64_t &i0) {
+        unsigned ue = (unsigned)e, bh = ue / uhv, v = ue - bh * uhv, bi = bh / uH, h = bh - bi * uH;
+        i0 = (int64_t)v * N;
+        return (((b0 + bi) * T_ + t) * H + h) * D + i0;
+    };
+    int64_t e = threadIdx.x, i0 = 0;
+    uint4 ra = make_uint4(0, 0, 0, 0), rb = ra;
+    if (e < items) {
+        int64_t o = off(e, i0);
+        ra = ld16(x + o);
+        rb = ld16(x + o + half);
+    }
+    rope_angles(cs, sn, half, D, (double)(pos + t), theta, inverse);
     __syncthreads();
-    int64_t base = (b * T_ + t) * H * D;
-    for (int64_t e = threadIdx.x; e < H * half; e += blockDim.x) {
-        int64_t h = e / half, i = e - h * half;
-        int64_t o = base + h * D + i;
+    for (; e < items; e += blockDim.x) {
+        const int64_t o = off(e, i0), en = e + blockDim.x;
+        uint4 na = ra, nbv = rb;
+        if (en < items) {   // the next item's vectors, loaded before this one is written
+            int64_t in;
+            int64_t on = off(en, in);
+            na = ld16(x + on);
+            nbv = ld16(x + on + half);
+        }
+        float a[N], bb[N], ya[N], yb[N];
+        unpack(ra, a);
+        unpack(rb, bb);
+#pragma unroll
+        for (int k = 0; k < N; k++) {
+            float c = cs[i0 + k], s = sn[i0 + k];
+            ya[k] = a[k] * c - bb[k] * s;
+            yb[k] = bb[k] * c + a[k] * s;
+        }
+        st16(out + o, pack(ya));
+        st16(out + o + half, pack(yb));
+        ra = na;
+        rb = nbv;
+    }
+}
+
+// Any even D and alignment: element pairs.
+template <typename T>
+__global__ void __launch_bounds__(ROPE_THREADS)
+k_rope(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t nb, int64_t pos, double theta,
+       int inverse) {
+    extern __shared__ float cs[];
+    const int64_t t = blockIdx.x, half = D / 2;
+    const int64_t b0 = (int64_t)blockIdx.y * nb, b1 = b0 + nb < B ? b0 + nb : B;
+    float *sn = cs + half;
+    rope_angles(cs, sn, half, D, (double)(pos + t), theta, inverse);
+    __syncthreads();
+    const int64_t per_b = H * half, items = (b1 - b0) * per_b;
+    for (int64_t e = threadIdx.x; e < items; e += blockDim.x) {
+        int64_t bi = e / per_b, r = e - bi * per_b, h = r / half, i = r - h * half;
+        int64_t o = (((b0 + bi) * T_ + t) * H + h) * D + i;
         float a = to_f32(x[o]), bb = to_f32(x[o + half]);
         float c = cs[i], s = sn[i];
         out[o] = from_f32<T>(a * c - bb * s);
         out[o + half] = from_f32<T>(bb * c + a * s);
     }
+}
+
+template <typename T>
+static void rope_launch(cuda_dev *d, T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t pos,
+                        double theta, int inverse) {
+    constexpr int N = VEC<T>::N;
+    const int64_t half = D / 2;
+    const bool vec = half % N == 0 && cuda_aligned16(out) && cuda_aligned16(x);
+    // batch rows per block: at least ~8K elements of work per block (the angles are
+    // computed once per block), but no fewer than 2 blocks per SM when there is room
+    const int64_t per_b = H * D;
+    int64_t nb = (8192 + per_b - 1) / per_b;
+    if (nb > B) nb = B;
+    while (nb > 1 && T_ * ((B + nb - 1) / nb) < 2 * (int64_t)d->sm_count) nb = (nb + 1) / 2;
+    while (nb > 1 && nb * H * half >= 2147483647) nb = (nb + 1) / 2;   // 32-bit item indices
+    const int64_t chunks = (B + nb - 1) / nb;
+    const int64_t work = nb * H * (vec ? half / N : half);
+    const int th = work >= ROPE_THREADS ? ROPE_THREADS : work > 64 ? 128 : 64;
+    dim3 grid((unsigned)T_, (unsigned)chunks);
+    size_t smem = (size_t)half * 2 * sizeof(float);
+    if (vec) k_rope_vec<T><<<grid, th, smem, d->stream>>>(out, x, B, T_, H, D, nb, pos, theta, inverse);
+    else k_rope<T><<<grid, th, smem, d->stream>>>(out, x, B, T_, H, D, nb, pos, theta, inverse);
 }
 
 }  // namespace
@@ -50,17 +143,13 @@ moe_status cuda_rope(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, int64_t
     if (T > 2147483647 || B > 65535)
         return moe_error(MOE_ERR_SHAPE, "rope on cuda: B %lld, T %lld too large (B <= 65535, T < 2^31)", (long long)B,
                          (long long)T);
+    if (H * (D / 2) >= 2147483647)
+        return moe_error(MOE_ERR_SHAPE, "rope on cuda: H %lld x D %lld too large", (long long)H, (long long)D);
     CUDA_ENTER(d, ctx, x->device);
-    int64_t work = H * (D / 2);
-    int th = work >= 256 ? 256 : work > 64 ? 128 : 64;
-    dim3 grid((unsigned)T, (unsigned)B);
-    size_t smem = (size_t)(D / 2) * 2 * sizeof(float);
     if (x->dtype == MOE_F32)
-        k_rope<float><<<grid, th, smem, d->stream>>>(PTR(float, out), PTR(const float, x), T, H, D, pos_offset,
-                                                  (double)theta, inverse);
+        rope_launch<float>(d, PTR(float, out), PTR(const float, x), B, T, H, D, pos_offset, (double)theta, inverse);
     else
-        k_rope<bf16><<<grid, th, smem, d->stream>>>(PTR(bf16, out), PTR(const bf16, x), T, H, D, pos_offset, (double)theta,
-                                                 inverse);
+        rope_launch<bf16>(d, PTR(bf16, out), PTR(const bf16, x), B, T, H, D, pos_offset, (double)theta, inverse);
     CU_LAUNCHED("rope");
     return MOE_OK;
 }
