@@ -37,8 +37,10 @@ typedef struct moe_tensor {
     int64_t stride[MOE_MAX_DIMS];     /* in elements */
     moe_dtype dtype;
     moe_device device;
-    /* Index bound: every value of this (i64) tensor is known to lie in
-     * [0, index_bound); 0 = unknown. Set only by code that produced the values
+    /* Index bound: every value of this (i64 or i32) tensor is known to lie in
+     * [0, index_bound); 0 = unknown. (The MoE slot maps, i32, also hold -1
+     * for a dropped choice: ops reading them treat -1 as "none", so for them
+     * the bound promises [-1, index_bound).) Set only by code that produced the values
      * itself (the router on token_idx / expert_idx), through
      * moe_tensor_set_index_bound. Index ops (CUDA index_select, index_add,
      * gather, scatter_add) skip their range check, and its stream

@@ -549,6 +549,31 @@ static int o_adamw(lua_State *L) {
     return 1;
 }
 
+/* ------------------------------------------------- MoE token movement -- */
+
+/* gather_sum(src [A, H], w [A] or nil, slots [N, k] i32) -> y [N, H] */
+static int o_gather_sum(lua_State *L) {
+    const char *fn = "ops.gather_sum";
+    moe_tensor *src = T(1, fn, "src"), *w = moe_lua_opt_tensor_f(L, 2, fn, "w"), *slots = T(3, fn, "slots");
+    need_dims(L, src, 2, 2, fn, "src");
+    need_dims(L, slots, 2, 2, fn, "slots");
+    int64_t shape[2] = {slots->shape[0], src->shape[1]};
+    moe_tensor *y = new_out(L, src, 2, shape, fn);
+    moe_lua_check(L, moe_op_gather_sum(moe_lua_ctx(L), y, src, w, slots), fn);
+    return 1;
+}
+
+/* combine_backward(dy [N, H], src [A, H], w [A], token_idx [A] i64) -> dsrc [A, H], dw [A] */
+static int o_combine_backward(lua_State *L) {
+    const char *fn = "ops.combine_backward";
+    moe_tensor *dy = T(1, fn, "dy"), *src = T(2, fn, "src"), *w = T(3, fn, "w"), *tok = T(4, fn, "token_idx");
+    need_dims(L, src, 2, 2, fn, "src");
+    moe_tensor *dsrc = new_out(L, src, 2, src->shape, fn);
+    moe_tensor *dw = new_out(L, src, 1, src->shape, fn);
+    moe_lua_check(L, moe_op_combine_backward(moe_lua_ctx(L), dsrc, dw, dy, src, w, tok), fn);
+    return 2;
+}
+
 static const luaL_Reg ops_funcs[] = {
     {"gemm", o_gemm}, {"gemm_grouped", o_gemm_grouped}, {"gemm_grouped_wgrad", o_gemm_grouped_wgrad},
     {"unary", o_unary}, {"unary_backward", o_unary_backward}, {"binary", o_binary}, {"sum_to", o_sum_to},
@@ -561,6 +586,7 @@ static const luaL_Reg ops_funcs[] = {
     {"layernorm_backward", o_layernorm_backward}, {"rope", o_rope}, {"attention", o_attention},
     {"attention_backward", o_attention_backward}, {"swiglu", o_swiglu}, {"swiglu_backward", o_swiglu_backward},
     {"cross_entropy", o_cross_entropy}, {"cross_entropy_backward", o_cross_entropy_backward}, {"adamw", o_adamw},
+    {"gather_sum", o_gather_sum}, {"combine_backward", o_combine_backward},
     {NULL, NULL}
 };
 

@@ -210,14 +210,14 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
-    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, &xp);
+    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
     if (s == MOE_OK) {
         s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
           : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
                        : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
                                                  (int)c->router.num_experts, &yp);
     }
-    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, n, &yr);
+    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, &yr);
     if (s == MOE_OK && st->c_shared >= 0) {
         s = moe_layer_forward(l->children[st->c_shared], ctx, tape, xr, &sh);
         if (s == MOE_OK && st->c_shared_gate >= 0) {

@@ -1,23 +1,49 @@
 /* Moving tokens to experts and back, as taped operations:
- *   dispatch: xp[a] = x[token[a]]                 (backward: index_add)
+ *   dispatch: xp[a] = x[token[a]]
  *   combine:  y[t]  = sum over a with token[a] = t of w[a] * yp[a]
- * plus row slicing and concatenation, used when experts are arbitrary layers. */
+ * plus row slicing and concatenation, used when experts are arbitrary layers.
+ *
+ * Two ways to move rows back to tokens:
+ * - with the router's slot map (slots [N, k], router.h): combine is
+ *   gather_sum(yp, w, slots), its backward one combine_backward op, and the
+ *   dispatch backward gather_sum(dxp, slots): one pass each, every output
+ *   row written once;
+ * - without one (expert choice; MOELAB_MOE_GATHER=0): combine scales yp by w
+ *   and index_adds it into y, its backward is index_select + two products +
+ *   a row sum, and the dispatch backward an index_add.
+ * Under expert parallelism yp comes back in xp's order (moe_ep.c), so the
+ * slot map holds there too. */
 #include "moe_dispatch.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+/* slots if the gather path may use them for n_tokens tokens, else NULL */
+static moe_tensor *usable_slots(moe_tensor *slots, int64_t n_tokens) {
+    if (!slots || slots->ndim != 2 || slots->shape[0] != n_tokens || slots->dtype != MOE_I32) return NULL;
+    const char *env = getenv("MOELAB_MOE_GATHER");
+    if (env && env[0] == '0' && env[1] == 0) return NULL;
+    return slots;
+}
 
 static moe_status dispatch_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *dx = moe_tensor_like(ctx, e->in[0]);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
-    moe_status s = dx && g ? moe_op_fill(ctx, dx, 0.0) : moe_last_status();
-    if (s == MOE_OK) s = moe_op_index_add(ctx, dx, e->saved[0], g);
+    moe_status s = dx && g ? MOE_OK : moe_last_status();
+    if (s == MOE_OK && e->n_saved > 1) {
+        s = moe_op_gather_sum(ctx, dx, g, NULL, e->saved[1]);   /* dx[t] = sum of its kept rows of g */
+    } else if (s == MOE_OK) {
+        s = moe_op_fill(ctx, dx, 0.0);
+        if (s == MOE_OK) s = moe_op_index_add(ctx, dx, e->saved[0], g);
+    }
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
 }
 
-moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor **xp) {
+moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor *slots,
+                          moe_tensor **xp) {
     *xp = NULL;
     int64_t shape[2] = {token_idx->shape[0], x->shape[1]};
     moe_tensor *out = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
@@ -26,7 +52,11 @@ moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tenso
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "dispatch", dispatch_backward, NULL, NULL, NULL, 1, &x, 1, &out);
         if (!e) s = moe_last_status();
-        else moe_tape_save(e, token_idx);
+        else {
+            moe_tape_save(e, token_idx);
+            moe_tensor *sl = usable_slots(slots, x->ndim == 2 ? x->shape[0] : -1);
+            if (sl) moe_tape_save(e, sl);
+        }
     }
     if (s != MOE_OK) { moe_tensor_release(out); return s; }
     *xp = out;
@@ -39,7 +69,21 @@ static moe_tensor *column(moe_tensor *w) {
     return moe_tensor_view(w, 2, shape);
 }
 
+/* the gather path's backward: dyp[a] = w[a] * dy[token[a]], dw[a] = dy[token[a]] . yp[a], one op */
+static moe_status combine_backward_fused(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0];
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *dyp = moe_tensor_like(ctx, yp), *dw = moe_tensor_like(ctx, w);
+    moe_status s = g && dyp && dw ? moe_op_combine_backward(ctx, dyp, dw, g, yp, w, idx) : moe_last_status();
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dyp); moe_tensor_release(dw); return s; }
+    gin[0] = dyp;
+    gin[1] = dw;
+    return MOE_OK;
+}
+
 static moe_status combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    if (e->i[0]) return combine_backward_fused(ctx, e, gout, gin);
     moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0];
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
     moe_tensor *gsel = moe_tensor_like(ctx, yp);       /* dy[token[a]] */
@@ -59,19 +103,27 @@ static moe_status combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *
 }
 
 moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
-                         int64_t n_tokens, moe_tensor **y) {
+                         moe_tensor *slots, int64_t n_tokens, moe_tensor **y) {
     *y = NULL;
     int64_t shape[2] = {n_tokens, yp->shape[1]};
+    moe_tensor *sl = usable_slots(slots, n_tokens);
     moe_tensor *out = moe_tensor_new(ctx, yp->dtype, 2, shape, yp->device);
-    moe_tensor *scaled = moe_tensor_like(ctx, yp), *wc = column(w);
-    moe_status s = out && scaled && wc ? moe_op_fill(ctx, out, 0.0) : moe_last_status();
-    if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, scaled, yp, wc);
-    if (s == MOE_OK) s = moe_op_index_add(ctx, out, token_idx, scaled);
+    moe_tensor *scaled = NULL, *wc = NULL;
+    moe_status s = out ? MOE_OK : moe_last_status();
+    if (s == MOE_OK && sl) {
+        s = moe_op_gather_sum(ctx, out, yp, w, sl);
+    } else if (s == MOE_OK) {
+        scaled = moe_tensor_like(ctx, yp);
+        wc = column(w);
+        s = scaled && wc ? moe_op_fill(ctx, out, 0.0) : moe_last_status();
+        if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, scaled, yp, wc);
+        if (s == MOE_OK) s = moe_op_index_add(ctx, out, token_idx, scaled);
+    }
     if (s == MOE_OK && tape) {
         moe_tensor *in[2] = {yp, w};
         moe_tape_entry *e = moe_tape_record(tape, "combine", combine_backward, NULL, NULL, NULL, 2, in, 1, &out);
         if (!e) s = moe_last_status();
-        else moe_tape_save(e, token_idx);
+        else { moe_tape_save(e, token_idx); e->i[0] = sl != NULL; }
     }
     moe_tensor_release(scaled); moe_tensor_release(wc);
     if (s != MOE_OK) { moe_tensor_release(out); return s; }

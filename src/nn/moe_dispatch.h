@@ -5,11 +5,19 @@
 #include "tape.h"
 #include "../ops/ops.h"
 
+/* slots: the router's slot map (router.h: i32 [N, k], the assignment of
+ * each token's q-th choice, -1 where dropped) or NULL. With it, combine and
+ * the dispatch backward are one-pass gathers (moe_op_gather_sum,
+ * moe_op_combine_backward); without it (expert choice, or the environment
+ * variable MOELAB_MOE_GATHER=0, read at each call, for A/B comparisons) they
+ * take the index_add path. Either way the same values up to f32 rounding
+ * order. */
 /* xp [A, H] = x [N, H] rows at token_idx [A] (i64). */
-moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor **xp);
+moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor *slots,
+                          moe_tensor **xp);
 /* y [n_tokens, H] = sum of w[a] * yp[a] into row token_idx[a]; tokens with no assignment get 0. */
 moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
-                         int64_t n_tokens, moe_tensor **y);
+                         moe_tensor *slots, int64_t n_tokens, moe_tensor **y);
 /* Rows [start, start+len) of a 2-d x as a new tensor. */
 moe_status moe_f_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t start, int64_t len, moe_tensor **y);
 /* Row-wise concatenation of 2-d parts with `cols` columns. */

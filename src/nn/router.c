@@ -48,6 +48,7 @@ moe_status moe_router_cfg_check(const moe_router_cfg *c) {
 void moe_routing_clear(moe_routing *r) {
     moe_tensor_release(r->token_idx); moe_tensor_release(r->expert_idx); moe_tensor_release(r->weights);
     moe_tensor_release(r->aux_loss); moe_tensor_release(r->z_loss);
+    moe_tensor_release(r->slots);
     free(r->offsets);
     free(r->stats.counts);
     memset(r, 0, sizeof *r);
@@ -313,9 +314,12 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
     int64_t sh[1] = {na};
     moe_tensor *tok_t = moe_tensor_new_cpu(MOE_I64, 1, sh), *exp_t = moe_tensor_new_cpu(MOE_I64, 1, sh);
     moe_tensor *w_t = moe_tensor_new_cpu(MOE_F32, 1, sh);
+    /* the slot map (router.h): top-k selections only, i32 */
+    int64_t s_nk[2] = {n, k};
+    moe_tensor *slots_t = !ec && k > 0 && n * k <= INT32_MAX && na <= INT32_MAX ? moe_tensor_new_cpu(MOE_I32, 2, s_nk) : NULL;
     if (!offsets || !r->tok || !r->exp_ || !r->rank || !tok_t || !exp_t || !w_t) {
         free(offsets); free(counts);
-        moe_tensor_release(tok_t); moe_tensor_release(exp_t); moe_tensor_release(w_t);
+        moe_tensor_release(tok_t); moe_tensor_release(exp_t); moe_tensor_release(w_t); moe_tensor_release(slots_t);
         st = moe_error(MOE_ERR_OOM, "router: out of host memory");
         goto fail;
     }
@@ -326,12 +330,15 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
         if (fill) memcpy(fill, offsets, (size_t)e * sizeof *fill);
         int64_t *tp = moe_tensor_data(tok_t), *ep = moe_tensor_data(exp_t);
         float *wp = moe_f32(w_t);
+        int32_t *sp = slots_t ? moe_tensor_data(slots_t) : NULL;
+        if (sp) for (int64_t i = 0; i < n * k; i++) sp[i] = -1;
         for (int64_t a = 0; a < na && fill; a++) {
             int64_t d = fill[as[a].e]++;
             tp[d] = r->tok[d] = as[a].n;
             ep[d] = r->exp_[d] = as[a].e;
             r->rank[d] = as[a].rank;
             wp[d] = as[a].w;
+            if (sp) sp[as[a].n * k + as[a].rank] = (int32_t)d;
         }
         if (!fill) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
         free(fill);
@@ -360,14 +367,17 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
     moe_tensor *w_dev = on_device(ctx, w_t, logits->device, logits->dtype);
     moe_tensor *tok_dev = on_device(ctx, tok_t, logits->device, MOE_I64);
     moe_tensor *exp_dev = on_device(ctx, exp_t, logits->device, MOE_I64);
-    moe_tensor_release(tok_t); moe_tensor_release(exp_t); moe_tensor_release(w_t);
-    if (st == MOE_OK && (!aux_t || !z_t || !w_dev || !tok_dev || !exp_dev)) st = moe_last_status();
+    moe_tensor *slots_dev = slots_t ? on_device(ctx, slots_t, logits->device, MOE_I32) : NULL;
+    moe_tensor_release(tok_t); moe_tensor_release(exp_t); moe_tensor_release(w_t); moe_tensor_release(slots_t);
+    if (st == MOE_OK && (!aux_t || !z_t || !w_dev || !tok_dev || !exp_dev || (slots_t && !slots_dev))) st = moe_last_status();
     if (st == MOE_OK) st = moe_op_fill(ctx, aux_t, aux);
     if (st == MOE_OK) st = moe_op_fill(ctx, z_t, z);
     /* the engine made these indices: index ops may skip their range check */
     if (st == MOE_OK) { moe_tensor_set_index_bound(tok_dev, n); moe_tensor_set_index_bound(exp_dev, e); }
+    if (st == MOE_OK && slots_dev) moe_tensor_set_index_bound(slots_dev, na);   /* values in [-1, na) */
     out->num_experts = e;
     out->token_idx = tok_dev; out->expert_idx = exp_dev; out->weights = w_dev;
+    out->slots = slots_dev;
     out->aux_loss = aux_t; out->z_loss = z_t;
     out->offsets = offsets;
     out->stats = (moe_route_stats){n, na, dropped, counts, n ? ent / (double)n : 0, z, n ? top1 / (double)n : 0, aux};

@@ -71,6 +71,13 @@ typedef struct {
     moe_tensor *z_loss;       /* 0-dim (taped) */
     int64_t *offsets;         /* host [E + 1]: expert e owns assignments [offsets[e], offsets[e+1]) */
     moe_route_stats stats;
+    /* i32 [N, k] on the logits' device, or NULL: slots[t*k + q] = the
+     * assignment (row of token_idx / weights) of token t's q-th choice, -1
+     * where capacity dropped it. Carries the index bound A (tensor.h; -1
+     * allowed), so CUDA ops skip their range check. NULL for expert choice
+     * (no fixed k) and when N*k or A does not fit i32: the MoE block then
+     * takes its index_add path (moe_dispatch.c). */
+    moe_tensor *slots;
 } moe_routing;
 
 /* logits [N, E]; noise_logits [N, E] for noisy top-k in training (else NULL);

@@ -186,6 +186,10 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         out->token_idx = tok; out->expert_idx = ex; out->weights = w;
         out->aux_loss = aux_t; out->z_loss = z_t;
         out->offsets = offsets;
+        /* the slot map is pos itself (shared with backward, which only reads it): values in [-1, na) */
+        moe_tensor_set_index_bound(r->pos, na);
+        moe_tensor_retain(r->pos);
+        out->slots = r->pos;
         out->stats = (moe_route_stats){n, na, summary[2 * e + 1], counts, slot_double(summary + 2 * e + 2) / (double)n,
                                        slot_double(summary + 2 * e + 3) / (double)n,
                                        slot_double(summary + 2 * e + 4) / (double)n, slot_double(summary + 2 * e + 5)};

@@ -83,6 +83,14 @@ typedef struct moe_backend {
                         const moe_adamw_cfg *cfg);
     /* out (f32, one element) = sum of x^2 (x contiguous, f32 or bf16) */
     moe_status (*sumsq)(moe_ctx *, moe_tensor *out, const moe_tensor *x);
+
+    /* ---- MoE token movement (ops.h, ops_moe.c); kept at the end: the CUDA
+     * table is positional. Index range errors are the backend's to report
+     * (slots are i32, token_idx i64). ---- */
+    moe_status (*gather_sum)(moe_ctx *, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
+                             const moe_tensor *slots);
+    moe_status (*combine_backward)(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
+                                   const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
 } moe_backend;
 
 /* Installs the CPU backend into ctx (always available). */

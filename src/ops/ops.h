@@ -185,4 +185,30 @@ typedef struct {
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
 
+/* ---- MoE token movement (ops_moe.c) ----
+ * One-pass gathers for the MoE block's combine and dispatch backward, given
+ * the router's slot map: slots [N, k] i32, slots[t, q] = the row (of the A
+ * expert-ordered assignment rows) of token t's q-th choice, -1 where that
+ * choice was dropped. All tensors contiguous (inputs are made contiguous when
+ * they are not); float data f32 or bf16, one dtype per call (w included).
+ * Index values are checked (slots in [-1, A), token_idx in [0, N)) with
+ * MOE_ERR_RANGE naming the first bad position, nothing written; on CUDA the
+ * check (one stream synchronisation) is skipped for tensors with a trusted
+ * index bound (tensor.h; for slots a bound of A promises [-1, A)).
+ * Deterministic: fixed summation orders, no atomics. */
+/* y[t, :] = sum over q (in q order) with slots[t, q] >= 0 of
+ * (w ? w[slots[t, q]] : 1) * src[slots[t, q], :], accumulated in f32 and
+ * rounded once; a token without kept choices gets 0. y [N, H] is
+ * overwritten; src [A, H]; w [A] or NULL. */
+moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
+                             const moe_tensor *slots);
+/* The backward of y = gather_sum(src, w, slots) written per assignment a
+ * (token t = token_idx[a]):
+ *   dsrc[a, :] = w[a] * dy[t, :]
+ *   dw[a]      = sum over h of dy[t, h] * src[a, h]   (f32, fixed order)
+ * dsrc [A, H] and dw [A] (may be NULL) are overwritten; dy [N, H], src [A, H],
+ * w [A], token_idx [A] i64. */
+moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
+                                   const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+
 #endif

@@ -147,6 +147,8 @@ static const moe_backend cpu_backend = {
     .cross_entropy_backward = moe_cpu_cross_entropy_backward,
     .adamw = moe_cpu_adamw,
     .sumsq = moe_cpu_sumsq,
+    .gather_sum = moe_cpu_gather_sum,
+    .combine_backward = moe_cpu_combine_backward,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

@@ -45,6 +45,8 @@ static const moe_backend cuda_backend = {
     /* cross_entropy_backward */ cuda_cross_entropy_backward,
     /* adamw */ cuda_adamw,
     /* sumsq */ cuda_sumsq,
+    /* gather_sum */ cuda_gather_sum,
+    /* combine_backward */ cuda_combine_backward,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -1,0 +1,240 @@
+// MoE token movement on the device (ops.h: gather_sum, combine_backward).
+//
+// Both are one pass over their rows, one block per output row, no atomics:
+//   gather_sum:       block t reads token t's k slots and sums the (weighted)
+//                     source rows in q order into registers, then writes row t
+//                     once. Four choices' loads are in flight at a time; the
+//                     adds stay in q order.
+//   combine_backward: block a reads row token_idx[a] of dy and row a of src,
+//                     writes dsrc[a] = w[a] * dy[t] and reduces dw[a] =
+//                     dy[t] . src[a] (per-thread f32 partial sums in column
+//                     order, then block_sum's fixed tree): deterministic.
+// Rows move in 16-byte vectors (8 bf16 / 4 f32 per thread) when H is a
+// multiple of the vector and the row pointers are 16-byte aligned, else one
+// element per thread. Any H (a block walks its row in steps of blockDim).
+//
+// Exactness: gather_sum computes acc = __fadd_rn(acc, __fmul_rn(w, x)) from
+// acc = 0 in q order (no fused multiply-add), the CPU backend's arithmetic
+// (cpu_moe.c), so f32 results are bit-identical to the CPU and bf16 ones are
+// the f32 sum rounded once. dsrc is one rounded product (bit-identical too);
+// dw is an f32 dot product whose order differs from the CPU's (to rounding).
+//
+// Index range: slots in [-1, A) (-1: a dropped choice, skipped), token_idx in
+// [0, N). Untrusted indices are checked first (one check kernel, one small
+// copy back and a stream synchronisation; MOE_ERR_RANGE naming the first bad
+// position, nothing written). Indices with a trusted bound
+// (moe_tensor_index_trusted(slots, A) / (token_idx, N): the router's) skip the
+// check and its synchronisation.
+#include "cuda_common.cuh"
+
+namespace {
+
+#define PTR(T, t) ((T *)moe_tensor_data(t))
+
+// ---- index checks ----
+
+template <typename I>
+__global__ void k_check_index(const I *idx, int64_t cnt, int64_t lo, int64_t hi, unsigned long long *first_bad) {
+    GRID_STRIDE(i, cnt) {
+        int64_t v = (int64_t)idx[i];
+        if (v < lo || v >= hi) atomicMin(first_bad, (unsigned long long)i);
+    }
+}
+
+// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [lo, hi).
+// row_len > 0 names the row and column of the bad position (slots [N, k]).
+template <typename I>
+moe_status check_index(cuda_dev *d, const char *op, const char *name, const moe_tensor *index, int64_t cnt,
+                       int64_t lo, int64_t hi, int64_t row_len) {
+    if (cnt == 0 || moe_tensor_index_trusted(index, hi)) return MOE_OK;
+    const I *idx = PTR(const I, index);
+    cuda_scratch flag(d, sizeof(unsigned long long));
+    if (!flag.p) return moe_last_status();
+    unsigned long long *f = (unsigned long long *)flag.p;
+    CU_TRY(cudaMemsetAsync(f, 0xff, sizeof *f, d->stream), op);
+    k_check_index<I><<<cuda_grid_1d(d, cnt, 256), 256, 0, d->stream>>>(idx, cnt, lo, hi, f);
+    CU_LAUNCHED(op);
+    unsigned long long bad = 0;
+    CU_TRY(cudaMemcpyAsync(&bad, f, sizeof bad, cudaMemcpyDeviceToHost, d->stream), op);
+    CU_TRY(cudaStreamSynchronize(d->stream), op);
+    if (bad == ~0ull) return MOE_OK;
+    I v = 0;
+    CU_TRY(cudaMemcpyAsync(&v, idx + bad, sizeof v, cudaMemcpyDeviceToHost, d->stream), op);
+    CU_TRY(cudaStreamSynchronize(d->stream), op);
+    if (row_len > 0)
+        return moe_error(MOE_ERR_RANGE,
+                         "%s: %s %lld at position %lld (token %lld, choice %lld) is out of range, expected [%lld, %lld)",
+                         op, name, (long long)v, (long long)bad, (long long)(bad / (unsigned long long)row_len),
+                         (long long)(bad % (unsigned long long)row_len), (long long)lo, (long long)hi);
+    return moe_error(MOE_ERR_RANGE, "%s: %s %lld at position %lld is out of range, expected [%lld, %lld)", op, name,
+                     (long long)v, (long long)bad, (long long)lo, (long long)hi);
+}
+
+// ---- vectors of V elements (16 bytes when V * sizeof(T) == 16) ----
+
+template <typename T, int V>
+__device__ __forceinline__ void load_f32(const T *p, float *f) {
+    if constexpr (V * sizeof(T) == 16) {
+        uint4 u = __ldg(reinterpret_cast<const uint4 *>(p));
+        const T *e = reinterpret_cast<const T *>(&u);
+#pragma unroll
+        for (int i = 0; i < V; i++) f[i] = to_f32(e[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; i++) f[i] = to_f32(p[i]);
+    }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_f32(T *p, const float *f) {
+    if constexpr (V * sizeof(T) == 16) {
+        uint4 u;
+        T *e = reinterpret_cast<T *>(&u);
+#pragma unroll
+        for (int i = 0; i < V; i++) e[i] = from_f32<T>(f[i]);
+        *reinterpret_cast<uint4 *>(p) = u;
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; i++) p[i] = from_f32<T>(f[i]);
+    }
+}
+
+// ---- gather_sum ----
+
+#define GS_BATCH 4   // choices whose loads are issued together
+
+template <typename T, int V>
+__global__ void k_gather_sum(T *__restrict__ y, const T *__restrict__ src, const T *__restrict__ w,
+                             const int32_t *__restrict__ slots, int64_t n, int64_t h, int k) {
+    const int64_t nv = h / V;
+    for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
+        const int32_t *sl = slots + t * k;
+        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+            float acc[V];
+#pragma unroll
+            for (int i = 0; i < V; i++) acc[i] = 0.0f;
+            for (int q = 0; q < k; q += GS_BATCH) {
+                int32_t s[GS_BATCH];
+                float ws[GS_BATCH], x[GS_BATCH][V];
+#pragma unroll
+                for (int j = 0; j < GS_BATCH; j++) {
+                    s[j] = q + j < k ? sl[q + j] : -1;
+                    ws[j] = s[j] >= 0 && w ? to_f32(w[s[j]]) : 1.0f;
+                    if (s[j] >= 0) load_f32<T, V>(src + (int64_t)s[j] * h + v * V, x[j]);
+                }
+#pragma unroll
+                for (int j = 0; j < GS_BATCH; j++)
+                    if (s[j] >= 0) {
+#pragma unroll
+                        for (int i = 0; i < V; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(ws[j], x[j][i]));
+                    }
+            }
+            store_f32<T, V>(y + t * h + v * V, acc);
+        }
+    }
+}
+
+// ---- combine_backward ----
+
+template <typename T, int V>
+__global__ void k_combine_backward(T *__restrict__ dsrc, T *__restrict__ dw, const T *__restrict__ dy,
+                                   const T *__restrict__ src, const T *__restrict__ w,
+                                   const int64_t *__restrict__ tok, int64_t a_n, int64_t h) {
+    __shared__ float sh[32];
+    const int64_t nv = h / V;
+    for (int64_t a = blockIdx.x; a < a_n; a += gridDim.x) {
+        const T *g = dy + tok[a] * h;
+        const T *x = src + a * h;
+        T *o = dsrc + a * h;
+        const float wa = to_f32(w[a]);
+        float dot = 0.0f;
+        for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+            float gf[V], xf[V], of[V];
+            load_f32<T, V>(g + v * V, gf);
+            if (dw) load_f32<T, V>(x + v * V, xf);
+#pragma unroll
+            for (int i = 0; i < V; i++) {
+                of[i] = __fmul_rn(wa, gf[i]);
+                if (dw) dot = fmaf(gf[i], xf[i], dot);
+            }
+            store_f32<T, V>(o + v * V, of);
+        }
+        if (dw) {
+            dot = block_sum(dot, sh);
+            if (threadIdx.x == 0) dw[a] = from_f32<T>(dot);
+        }
+    }
+}
+
+// threads per block for rows of nv vectors: at most 256, a multiple of 32,
+// and as even a split of the row as that allows
+int row_threads(int64_t nv) {
+    int64_t iters = (nv + 255) / 256;
+    if (iters < 1) iters = 1;
+    int64_t per = (nv + iters - 1) / iters;
+    int64_t th = (per + 31) / 32 * 32;
+    return th < 32 ? 32 : th > 256 ? 256 : (int)th;
+}
+
+bool al16(const void *p) { return (uintptr_t)p % 16 == 0; }
+
+template <typename T>
+void launch_gather_sum(cuda_dev *d, T *y, const T *src, const T *w, const int32_t *slots, int64_t n, int64_t h,
+                       int k) {
+    constexpr int V = 16 / sizeof(T);
+    unsigned grid = cuda_row_grid(n);
+    if (h % V == 0 && al16(y) && al16(src))
+        k_gather_sum<T, V><<<grid, row_threads(h / V), 0, d->stream>>>(y, src, w, slots, n, h, k);
+    else
+        k_gather_sum<T, 1><<<grid, row_threads(h), 0, d->stream>>>(y, src, w, slots, n, h, k);
+}
+
+template <typename T>
+void launch_combine_backward(cuda_dev *d, T *dsrc, T *dw, const T *dy, const T *src, const T *w, const int64_t *tok,
+                             int64_t a_n, int64_t h) {
+    constexpr int V = 16 / sizeof(T);
+    unsigned grid = cuda_row_grid(a_n);
+    if (h % V == 0 && al16(dsrc) && al16(dy) && al16(src))
+        k_combine_backward<T, V><<<grid, row_threads(h / V), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
+    else
+        k_combine_backward<T, 1><<<grid, row_threads(h), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
+}
+
+}  // namespace
+
+moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
+                           const moe_tensor *slots) {
+    MOE_TRY(cuda_check_float(y->dtype, "gather_sum"));
+    const int64_t n = y->shape[0], h = y->shape[1], a = src->shape[0], k = slots->shape[1];
+    if (n == 0 || h == 0) return MOE_OK;
+    if (k > INT32_MAX) return moe_error(MOE_ERR_ARG, "gather_sum on cuda: k = %lld choices per token, too many", (long long)k);
+    CUDA_ENTER(d, ctx, y->device);
+    MOE_TRY(check_index<int32_t>(d, "gather_sum", "slot", slots, n * k, -1, a, k));
+    const int32_t *sl = PTR(const int32_t, slots);
+    if (y->dtype == MOE_F32)
+        launch_gather_sum<float>(d, PTR(float, y), PTR(const float, src), w ? PTR(const float, w) : nullptr, sl, n, h,
+                                 (int)k);
+    else
+        launch_gather_sum<bf16>(d, PTR(bf16, y), PTR(const bf16, src), w ? PTR(const bf16, w) : nullptr, sl, n, h,
+                                (int)k);
+    CU_LAUNCHED("gather_sum");
+    return MOE_OK;
+}
+
+moe_status cuda_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
+                                 const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx) {
+    MOE_TRY(cuda_check_float(dsrc->dtype, "combine_backward"));
+    const int64_t a = src->shape[0], h = src->shape[1], n = dy->shape[0];
+    if (a == 0) return MOE_OK;
+    CUDA_ENTER(d, ctx, dsrc->device);
+    MOE_TRY(check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
+    const int64_t *tok = PTR(const int64_t, token_idx);
+    if (dsrc->dtype == MOE_F32)
+        launch_combine_backward<float>(d, PTR(float, dsrc), dw ? PTR(float, dw) : nullptr, PTR(const float, dy),
+                                       PTR(const float, src), PTR(const float, w), tok, a, h);
+    else
+        launch_combine_backward<bf16>(d, PTR(bf16, dsrc), dw ? PTR(bf16, dw) : nullptr, PTR(const bf16, dy),
+                                      PTR(const bf16, src), PTR(const bf16, w), tok, a, h);
+    CU_LAUNCHED("combine_backward");
+    return MOE_OK;
+}
