@@ -396,7 +396,9 @@ static void test_rmsnorm(moe_dtype dt) {
             check(name, dt, dx.d, dx.h, tol_of(dt, 1e-5));
             snprintf(name, sizeof name, "rmsnorm_backward dw (accumulated) [%lld,%lld,%lld]", (long long)R,
                      (long long)T, (long long)D);
-            check(name, dt, dw.d, dw.h, tol_of(dt, 1e-5));
+            /* dw sums R*T rows: the CPU adds them one by one in f32, the GPU in
+             * fixed-order partials; 2100 rows measured 2.2e-5 apart (H100) */
+            check(name, dt, dw.d, dw.h, tol_of(dt, R * T > 1000 ? 1e-4 : 1e-5));
         }
         /* without dw (its own launch configuration) */
         pair dx2 = out_pair(dt, SH(R, T, D));

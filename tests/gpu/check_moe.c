@@ -1,7 +1,7 @@
 /* check_moe: the MoE token-movement ops (ops.h: gather_sum, combine_backward)
  * on CUDA against the CPU backend, and their use by the router and the MoE
  * block:
- * - both ops, f32 (gather_sum and dsrc bit-identical to the CPU, dw to 1e-6)
+ * - both ops, f32 (gather_sum and dsrc bit-identical to the CPU, dw to 2e-4: f32 dots in another order)
  *   and bf16 (2e-2 against the f32 reference; gather_sum and dsrc also
  *   byte-identical to the CPU backend's own bf16), with dropped choices (-1),
  *   tokens keeping 0..k choices, N = 1, H not a multiple of 8, H = 2048 and
@@ -150,7 +150,10 @@ static void test_combine_backward(moe_dtype dt, int64_t n, int64_t k, int64_t e,
         check(nm, dt, dsrc.d, dsrc.h, dt == MOE_F32 ? 0.0 : 2e-2);
         if (with_dw) {
             snprintf(nm, sizeof nm, "%s: dw", name);
-            check(nm, dt, dw.d, dw.h, tol_of(dt, 1e-6));
+            /* f32 dot products of H terms in different orders (CPU: 8 lanes;
+             * GPU: per-thread fma chains, then a tree): measured up to 7.5e-5
+             * apart at H = 8192 on an H100 */
+            check(nm, dt, dw.d, dw.h, tol_of(dt, 2e-4));
         }
         if (dt == MOE_BF16) {
             moe_tensor *gb = host_in(dy.h, dt), *sb = host_in(src.h, dt), *wb = host_in(w.h, dt);
