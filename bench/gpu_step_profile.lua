@@ -69,3 +69,27 @@ for _, p in ipairs(phases) do
 end
 print(string.format("%-10s %9.2f %9.2f  (%.0f tokens/s with syncs between phases)", "total", th / steps * 1e3,
   tw / steps * 1e3, B * S * steps / tw))
+
+-- backward by tape entry: "host" = time to queue each entry's work, "sync" =
+-- with a device sync after each entry (its GPU time plus the queueing)
+for _, mode in ipairs{"host", "sync"} do
+  local tape = moe.Tape():set_profile(mode)
+  local n = 3
+  for _ = 1, n do
+    net:zero_grad()
+    local out = model:forward(x:to(device), {targets = y:to(device), aux_loss_coef = 0.01, router_z_loss_coef = 0,
+                                             tape = tape})
+    moe.synchronize(device)
+    out.tape:backward(out.total_loss)
+    moe.synchronize(device)
+    out.tape:reset()
+    out.logits:free()
+  end
+  print(string.format("# backward by tape entry, %s timing (per step)", mode))
+  local tot = 0
+  for _, r in ipairs(tape:profile()) do tot = tot + r.ms end
+  for i, r in ipairs(tape:profile()) do
+    if i <= 14 then print(string.format("  %-26s %6.1f calls %8.2f ms", r.name, r.calls / n, r.ms / n)) end
+  end
+  print(string.format("  %-26s %15.2f ms", "total", tot / n))
+end

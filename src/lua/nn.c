@@ -414,6 +414,40 @@ static int tape_grad(lua_State *L) {
     return 1;
 }
 
+/* tape:set_profile("host" | "sync" | false): per-entry backward timing (tape.h) */
+static int tape_set_profile(lua_State *L) {
+    moe_tape *t = moe_lua_check_tape(L, 1, "tape:set_profile");
+    int mode = MOE_TAPE_PROFILE_OFF;
+    if (lua_type(L, 2) == LUA_TSTRING) {
+        const char *m = lua_tostring(L, 2);
+        if (!strcmp(m, "host")) mode = MOE_TAPE_PROFILE_HOST;
+        else if (!strcmp(m, "sync")) mode = MOE_TAPE_PROFILE_SYNC;
+        else return luaL_error(L, "tape:set_profile: mode must be \"host\", \"sync\" or false, got \"%s\"", m);
+    } else if (lua_toboolean(L, 2)) {
+        return luaL_error(L, "tape:set_profile: mode must be \"host\", \"sync\" or false");
+    }
+    moe_tape_set_profile(t, mode);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* tape:profile() -> {{name=, calls=, ms=}, ...}, most time first */
+static int tape_profile(lua_State *L) {
+    moe_tape *t = moe_lua_check_tape(L, 1, "tape:profile");
+    moe_tape_profile_row rows[256];
+    int n = moe_tape_profile(t, rows, 256);
+    if (n > 256) n = 256;
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, rows[i].name); lua_setfield(L, -2, "name");
+        lua_pushnumber(L, (double)rows[i].calls); lua_setfield(L, -2, "calls");
+        lua_pushnumber(L, rows[i].seconds * 1e3); lua_setfield(L, -2, "ms");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
 static int tape_reset(lua_State *L) { moe_tape_reset(moe_lua_check_tape(L, 1, "tape:reset")); return 0; }
 static int tape_size(lua_State *L) { lua_pushinteger(L, moe_tape_size(moe_lua_check_tape(L, 1, "tape:size"))); return 1; }
 static int tape_retain(lua_State *L) {
@@ -507,7 +541,7 @@ static const luaL_Reg layer_methods[] = {
     {NULL, NULL}};
 
 static const luaL_Reg tape_methods[] = {
-    {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"size", tape_size},
+    {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"set_profile", tape_set_profile}, {"profile", tape_profile}, {"size", tape_size},
     {"retain_grads", tape_retain}, {"swiglu", tape_swiglu}, {"view", tape_view},
     {"cross_entropy", tape_cross_entropy}, {"forward", tape_forward}, {NULL, NULL}};
 

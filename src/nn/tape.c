@@ -1,8 +1,10 @@
 #include "tape.h"
+#include "../ops/backend.h"
 #include "../ops/ops.h"
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* gradients keyed by tensor identity (the header pointer) */
 typedef struct { const moe_tensor *key; moe_tensor *grad; } grad_slot;
@@ -13,6 +15,9 @@ struct moe_tape {
     grad_slot *slots;
     int nslots, used;
     int retain_grads;
+    int profile;                     /* MOE_TAPE_PROFILE_* */
+    moe_tape_profile_row *prof;      /* by entry name (names are static strings) */
+    int nprof;
 };
 
 moe_tape *moe_tape_new(void) {
@@ -46,11 +51,49 @@ void moe_tape_free(moe_tape *t) {
     moe_tape_reset(t);
     free(t->entries);
     free(t->slots);
+    free(t->prof);
     free(t);
 }
 
 int moe_tape_size(const moe_tape *t) { return t->n; }
 void moe_tape_retain_grads(moe_tape *t, int on) { t->retain_grads = on; }
+
+void moe_tape_set_profile(moe_tape *t, int mode) {
+    t->profile = mode;
+    if (mode == MOE_TAPE_PROFILE_OFF) { free(t->prof); t->prof = NULL; t->nprof = 0; }
+}
+
+static void prof_add(moe_tape *t, const char *name, double sec) {
+    for (int i = 0; i < t->nprof; i++)
+        if (!strcmp(t->prof[i].name, name)) { t->prof[i].calls++; t->prof[i].seconds += sec; return; }
+    moe_tape_profile_row *r = realloc(t->prof, (size_t)(t->nprof + 1) * sizeof *r);
+    if (!r) return;   /* profiling is best effort */
+    t->prof = r;
+    t->prof[t->nprof++] = (moe_tape_profile_row){name, 1, sec};
+}
+
+static int prof_cmp(const void *a, const void *b) {
+    double x = ((const moe_tape_profile_row *)a)->seconds, y = ((const moe_tape_profile_row *)b)->seconds;
+    return (x < y) - (x > y);
+}
+
+int moe_tape_profile(const moe_tape *t, moe_tape_profile_row *rows, int max) {
+    int n = t->nprof < max ? t->nprof : max;
+    for (int i = 0; i < n; i++) rows[i] = t->prof[i];
+    qsort(rows, (size_t)n, sizeof *rows, prof_cmp);
+    return t->nprof;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void device_sync(moe_ctx *ctx, moe_device dev) {
+    const moe_backend *be = ctx->backends[dev.type];
+    if (be && be->synchronize) be->synchronize(ctx, dev);
+}
 
 moe_tape_entry *moe_tape_record(moe_tape *t, const char *name, moe_backward_fn backward,
                                 void *self, void (*retain_self)(void *), void (*release_self)(void *),
@@ -192,13 +235,19 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
         }
         if (!any) continue;
         moe_tensor *gin[MOE_TAPE_MAX_IO] = {0};
+        double t0 = t->profile ? now_s() : 0;
         moe_status s = e->backward(ctx, e, gout, gin);
+        if (t->profile) {
+            if (t->profile == MOE_TAPE_PROFILE_SYNC) device_sync(ctx, root->device);
+            prof_add(t, e->name, now_s() - t0);
+        }
         if (s != MOE_OK) {
             for (int i = 0; i < e->n_in; i++) moe_tensor_release(gin[i]);
             return moe_error_context(s, "%s.backward", e->name);
         }
         if (!t->retain_grads && !e->keep_out_grads)
             for (int j = 0; j < e->n_out; j++) drop_grad(t, e->out[j]);
+        double t1 = t->profile ? now_s() : 0;
         for (int i = 0; i < e->n_in; i++) {
             if (!gin[i]) continue;
             s = accumulate(ctx, t, e->in[i], gin[i]);
@@ -206,6 +255,10 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
                 for (int r = i + 1; r < e->n_in; r++) moe_tensor_release(gin[r]);
                 return moe_error_context(s, "%s.backward", e->name);
             }
+        }
+        if (t->profile) {
+            if (t->profile == MOE_TAPE_PROFILE_SYNC) device_sync(ctx, root->device);
+            prof_add(t, "(gradient accumulation)", now_s() - t1);
         }
     }
     return MOE_OK;

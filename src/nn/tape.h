@@ -55,6 +55,17 @@ void moe_tape_save(moe_tape_entry *e, moe_tensor *t);
  * unless retain_grads was set. */
 moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *tape, moe_tensor *root, moe_tensor *grad_root);
 void moe_tape_retain_grads(moe_tape *tape, int on);
+
+/* Backward profiling, by entry name ("linear", "experts", "attention", ...):
+ * MOE_TAPE_PROFILE_HOST times each entry's backward on the host clock (the
+ * time to queue its work on a GPU); MOE_TAPE_PROFILE_SYNC synchronises the
+ * root's device after each entry, so the time includes the entry's GPU work
+ * (and costs the overlap). Totals add up over backwards until reset to OFF. */
+enum { MOE_TAPE_PROFILE_OFF = 0, MOE_TAPE_PROFILE_HOST = 1, MOE_TAPE_PROFILE_SYNC = 2 };
+void moe_tape_set_profile(moe_tape *tape, int mode);
+typedef struct { const char *name; int64_t calls; double seconds; } moe_tape_profile_row;
+/* Rows sorted by seconds, most first; returns the count (fills up to max). */
+int moe_tape_profile(const moe_tape *tape, moe_tape_profile_row *rows, int max);
 /* Borrowed reference to the gradient of t, or NULL. */
 moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);
 
