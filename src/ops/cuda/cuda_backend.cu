@@ -106,8 +106,10 @@ static moe_status init_dev(cuda_dev *d) {
 extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_backend_install: no context");
     if (ctx->backends[MOE_CUDA]) return MOE_OK;   // already installed
-    int grouped_gemm = 0;   // read once, copied into every device
+    int grouped_gemm = 0, grouped_wgrad = 0;   // read once, copied into every device
     MOE_TRY(cuda_grouped_gemm_from_env(&grouped_gemm));
+    grouped_wgrad = grouped_gemm;
+    MOE_TRY(cuda_grouped_wgrad_from_env(&grouped_wgrad));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -122,6 +124,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
             return st;
         }
         ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
+        ((cuda_dev *)a->state)->grouped_wgrad = grouped_wgrad;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -44,6 +44,7 @@ struct cuda_dev {
     // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install
     // from MOELAB_GROUPED_GEMM) and how many calls each path served
     int grouped_gemm;
+    int grouped_wgrad;            // the same for gemm_grouped_wgrad (MOELAB_GROUPED_WGRAD, default: grouped_gemm)
     uint64_t n_grouped_batched, n_grouped_loop;
 };
 
@@ -68,6 +69,7 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, 
 // The grouped-GEMM strategy named by MOELAB_GROUPED_GEMM (unset, "batched": batched; "loop": loop);
 // MOE_ERR_ARG for another value.
 moe_status cuda_grouped_gemm_from_env(int *mode);
+moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
 moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
 moe_status cuda_unary(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
 moe_status cuda_unary_backward(moe_ctx *, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,

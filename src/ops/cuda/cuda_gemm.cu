@@ -260,9 +260,9 @@ static moe_status scale_groups(cuda_dev *d, moe_dtype dt, void *c, int64_t per, 
 
 // Whether a grouped call of `flops` in total over `groups` experts takes the
 // batched path (moe_cuda.h: the strategies and the auto rule).
-static bool want_batched(const cuda_dev *d, double flops, const int64_t *offsets, int groups) {
-    if (d->grouped_gemm == MOE_CUDA_GROUPED_BATCHED) return true;
-    if (d->grouped_gemm == MOE_CUDA_GROUPED_LOOP) return false;
+static bool want_batched(int mode, double flops, const int64_t *offsets, int groups) {
+    if (mode == MOE_CUDA_GROUPED_BATCHED) return true;
+    if (mode == MOE_CUDA_GROUPED_LOOP) return false;
     int busy = 0;
     for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
     return busy > 0 && flops / busy < 6e9;
@@ -279,7 +279,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
-    if (want_batched(d, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
+    if (want_batched(d->grouped_gemm, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (K * (int64_t)es) % 16 == 0 && (N * (int64_t)es) % 16 == 0) {
         // row-major c_g = a_g op(b_g) is column-major c_g^T = op(b_g)^T a_g^T:
         // cuBLAS A = b[g] (expert stride K*N), B = a rows, C = c rows
@@ -317,7 +317,7 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    if (want_batched(d, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
+    if (want_batched(d->grouped_wgrad, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (P * (int64_t)es) % 16 == 0 && (Q * (int64_t)es) % 16 == 0) {
         // row-major c[g] = a_g^T b_g is column-major c[g]^T = b_g^T a_g:
         // cuBLAS A = b rows (N), B = a rows (T), C = c[g] (expert stride P*Q), k = the expert's rows
@@ -356,6 +356,16 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
 
 // ---- strategy switch (moe_cuda.h) ----
 
+moe_status cuda_grouped_wgrad_from_env(int *mode) {
+    const char *v = getenv("MOELAB_GROUPED_WGRAD");
+    if (!v || !*v) return MOE_OK;
+    if (!strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
+    else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
+    else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
+    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_WGRAD=%s: expected \"auto\", \"batched\" or \"loop\"", v);
+    return MOE_OK;
+}
+
 moe_status cuda_grouped_gemm_from_env(int *mode) {
     const char *v = getenv("MOELAB_GROUPED_GEMM");
     if (!v || !*v || !strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
@@ -371,6 +381,7 @@ extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cu
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
     d->grouped_gemm = mode;
+    d->grouped_wgrad = mode;
     return MOE_OK;
 }
 
