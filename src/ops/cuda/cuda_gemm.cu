@@ -261,11 +261,120 @@ static moe_status scale_groups(cuda_dev *d, moe_dtype dt, void *c, int64_t per, 
 // Whether a grouped call of `flops` in total over `groups` experts takes the
 // batched path (moe_cuda.h: the strategies and the auto rule).
 static bool want_batched(int mode, double flops, const int64_t *offsets, int groups) {
-    if (mode == MOE_CUDA_GROUPED_BATCHED) return true;
+    if (mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED) return true;
     if (mode == MOE_CUDA_GROUPED_LOOP) return false;
     int busy = 0;
     for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
     return busy > 0 && flops / busy < 6e9;
+}
+
+// ---- padded strategy ----
+// Every expert's rows are copied into a zero-padded [E, m_max, cols] buffer,
+// so one strided-batched GEMM (a single cuBLAS launch of its Hopper kernels)
+// serves all experts; outputs come back to the compact rows by a second copy
+// that also applies beta. Costs m_max/mean - 1 extra FLOPs and two row copies;
+// saves the per-expert launches (cuBLAS's grouped call launches per distinct
+// row count). Offsets travel as kernel parameters (at most PAD_CAP experts).
+constexpr int PAD_CAP = 256;
+struct pad_offsets { int64_t off[PAD_CAP + 1]; };
+
+// dst[e, i, :] = src[off[e] + i, :] for i < count(e), else 0; rows of `cols` elements
+template <typename T>
+__global__ void k_pad_rows(T *dst, const T *src, pad_offsets o, int64_t m_max, int64_t cols) {
+    const int e = blockIdx.y;
+    const int64_t cnt = o.off[e + 1] - o.off[e];
+    for (int64_t i = blockIdx.x; i < m_max; i += gridDim.x) {
+        T *d = dst + ((int64_t)e * m_max + i) * cols;
+        if (i < cnt) {
+            const T *s = src + (o.off[e] + i) * cols;
+            for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+        } else {
+            for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) d[c] = from_f32<T>(0.0f);
+        }
+    }
+}
+
+// c[off[e] + i, :] = pad[e, i, :] (+ beta * c[off[e] + i, :]) for i < count(e)
+template <typename T>
+__global__ void k_unpad_rows(T *c, const T *pad, pad_offsets o, int64_t m_max, int64_t cols, float beta) {
+    const int e = blockIdx.y;
+    const int64_t cnt = o.off[e + 1] - o.off[e];
+    for (int64_t i = blockIdx.x; i < cnt; i += gridDim.x) {
+        const T *s = pad + ((int64_t)e * m_max + i) * cols;
+        T *d = c + (o.off[e] + i) * cols;
+        for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) {
+            float v = to_f32(s[col]);
+            if (beta != 0.0f) v += beta * to_f32(d[col]);
+            d[col] = from_f32<T>(v);
+        }
+    }
+}
+
+static int64_t max_rows(const int64_t *offsets, int groups) {
+    int64_t m = 0;
+    for (int g = 0; g < groups; g++) m = std::max(m, offsets[g + 1] - offsets[g]);
+    return m;
+}
+
+static unsigned pad_blocks(int64_t rows) { return (unsigned)std::min<int64_t>(std::max<int64_t>(rows, 1), 1024); }
+
+template <typename T>
+static void launch_pad(cuda_dev *d, T *dst, const T *src, const pad_offsets &o, int groups, int64_t m_max,
+                       int64_t cols) {
+    dim3 grid(pad_blocks(m_max), (unsigned)groups);
+    k_pad_rows<T><<<grid, 128, 0, d->stream>>>(dst, src, o, m_max, cols);
+}
+
+// Row-major c[rows of g] = alpha a[rows of g] op(b[g]) + beta c[rows of g].
+static moe_status padded_fwd(cuda_dev *d, moe_dtype dt, int transb, float alpha, const void *A, const void *B,
+                             float beta, void *C, const int64_t *offsets, int groups, int64_t K, int64_t N,
+                             bool *ran) {
+    *ran = false;
+    if (groups > PAD_CAP || offsets[0] != 0) return MOE_OK;
+    int64_t m_max = max_rows(offsets, groups);
+    if (m_max == 0) { *ran = true; return MOE_OK; }
+    size_t es = moe_dtype_size(dt);
+    pad_offsets o;
+    for (int g = 0; g <= groups; g++) o.off[g] = offsets[g];
+    cuda_scratch ap(d, (size_t)groups * m_max * K * es), cp(d, (size_t)groups * m_max * N * es);
+    if (!ap.p || !cp.p) return moe_last_status();
+    if (dt == MOE_F32) launch_pad<float>(d, (float *)ap.p, (const float *)A, o, groups, m_max, K);
+    else launch_pad<bf16>(d, (bf16 *)ap.p, (const bf16 *)A, o, groups, m_max, K);
+    CU_LAUNCHED("gemm_grouped (pad)");
+    MOE_TRY(gemm_rm(d, dt, 0, transb, m_max, N, K, alpha, ap.p, m_max * K, B, K * N, 0.0f, cp.p, m_max * N,
+                    groups, "gemm_grouped (padded)"));
+    dim3 grid(pad_blocks(m_max), (unsigned)groups);
+    if (dt == MOE_F32) k_unpad_rows<float><<<grid, 128, 0, d->stream>>>((float *)C, (const float *)cp.p, o, m_max, N, beta);
+    else k_unpad_rows<bf16><<<grid, 128, 0, d->stream>>>((bf16 *)C, (const bf16 *)cp.p, o, m_max, N, beta);
+    CU_LAUNCHED("gemm_grouped (unpad)");
+    *ran = true;
+    return MOE_OK;
+}
+
+// Row-major c[g] = alpha a[rows of g]^T b[rows of g] + beta c[g] (zero rows add nothing).
+static moe_status padded_wgrad(cuda_dev *d, moe_dtype dt, float alpha, const void *A, const void *B, float beta,
+                               void *C, const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran) {
+    *ran = false;
+    if (groups > PAD_CAP || offsets[0] != 0) return MOE_OK;
+    int64_t m_max = max_rows(offsets, groups);
+    if (m_max == 0) return MOE_OK;   // the loop handles all-empty (c = beta c)
+    size_t es = moe_dtype_size(dt);
+    pad_offsets o;
+    for (int g = 0; g <= groups; g++) o.off[g] = offsets[g];
+    cuda_scratch ap(d, (size_t)groups * m_max * P * es), bp(d, (size_t)groups * m_max * Q * es);
+    if (!ap.p || !bp.p) return moe_last_status();
+    if (dt == MOE_F32) {
+        launch_pad<float>(d, (float *)ap.p, (const float *)A, o, groups, m_max, P);
+        launch_pad<float>(d, (float *)bp.p, (const float *)B, o, groups, m_max, Q);
+    } else {
+        launch_pad<bf16>(d, (bf16 *)ap.p, (const bf16 *)A, o, groups, m_max, P);
+        launch_pad<bf16>(d, (bf16 *)bp.p, (const bf16 *)B, o, groups, m_max, Q);
+    }
+    CU_LAUNCHED("gemm_grouped_wgrad (pad)");
+    MOE_TRY(gemm_rm(d, dt, 1, 0, P, Q, m_max, alpha, ap.p, m_max * P, bp.p, m_max * Q, beta, C, P * Q, groups,
+                    "gemm_grouped_wgrad (padded)"));
+    *ran = true;
+    return MOE_OK;
 }
 
 // ---- entry points ----
@@ -281,6 +390,11 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
     if (want_batched(d->grouped_gemm, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (K * (int64_t)es) % 16 == 0 && (N * (int64_t)es) % 16 == 0) {
+        if (d->grouped_gemm == MOE_CUDA_GROUPED_PADDED) {
+            bool ran = false;
+            MOE_TRY(padded_fwd(d, c->dtype, transb, alpha, A, B, beta, C, offsets, groups, K, N, &ran));
+            if (ran) { count_call(d, true); return MOE_OK; }
+        }
         // row-major c_g = a_g op(b_g) is column-major c_g^T = op(b_g)^T a_g^T:
         // cuBLAS A = b[g] (expert stride K*N), B = a rows, C = c rows
         gg_desc g;
@@ -319,6 +433,11 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
     if (want_batched(d->grouped_wgrad, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (P * (int64_t)es) % 16 == 0 && (Q * (int64_t)es) % 16 == 0) {
+        if (d->grouped_wgrad == MOE_CUDA_GROUPED_PADDED) {
+            bool ran = false;
+            MOE_TRY(padded_wgrad(d, c->dtype, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
+            if (ran) { count_call(d, true); return MOE_OK; }
+        }
         // row-major c[g] = a_g^T b_g is column-major c[g]^T = b_g^T a_g:
         // cuBLAS A = b rows (N), B = a rows (T), C = c[g] (expert stride P*Q), k = the expert's rows
         gg_desc g;
@@ -362,7 +481,8 @@ moe_status cuda_grouped_wgrad_from_env(int *mode) {
     if (!strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
     else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
     else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_WGRAD=%s: expected \"auto\", \"batched\" or \"loop\"", v);
+    else if (!strcmp(v, "padded")) *mode = MOE_CUDA_GROUPED_PADDED;
+    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_WGRAD=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", v);
     return MOE_OK;
 }
 
@@ -371,12 +491,14 @@ moe_status cuda_grouped_gemm_from_env(int *mode) {
     if (!v || !*v || !strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
     else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
     else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_GEMM=%s: expected \"auto\", \"batched\" or \"loop\"", v);
+    else if (!strcmp(v, "padded")) *mode = MOE_CUDA_GROUPED_PADDED;
+    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_GEMM=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", v);
     return MOE_OK;
 }
 
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
-    if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO)
+    if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO &&
+        mode != MOE_CUDA_GROUPED_PADDED)
         return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: unknown strategy %d", (int)mode);
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));

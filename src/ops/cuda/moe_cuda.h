@@ -47,17 +47,23 @@ moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn)(void *arg
  *   MOE_CUDA_GROUPED_BATCHED  one cublasGemmGroupedBatchedEx over all non-empty
  *                             experts per call;
  *   MOE_CUDA_GROUPED_LOOP     one cuBLAS GEMM per non-empty expert;
+ *   MOE_CUDA_GROUPED_PADDED   rows copied into a zero-padded [E, max rows, cols]
+ *                             buffer, one strided-batched GEMM, rows copied
+ *                             back (at most 256 experts; else as batched);
  *   MOE_CUDA_GROUPED_AUTO     (the default) per call: the loop when the average
  *                             expert GEMM is large (>= 6 GFLOP, where cuBLAS's
  *                             single GEMMs ran at 510-770 TFLOP/s and the
  *                             grouped call at 250-330 on an H100), else batched
  *                             (small GEMMs, where the loop's launches dominate).
  * Install sets every device from the environment variable MOELAB_GROUPED_GEMM
- * ("auto" or unset: auto; "batched"; "loop"; another value fails the install).
+ * ("auto" or unset: auto; "batched"; "padded"; "loop"; another value fails
+ * the install); MOELAB_GROUPED_WGRAD sets the weight-gradient calls apart.
  * The batched strategy still loops for a call whose operands or row pitches are
  * not 16-byte aligned, or whose type combination cuBLAS rejects. The setter is
  * for tests and benchmarks that compare the two in one process. */
-typedef enum { MOE_CUDA_GROUPED_BATCHED = 0, MOE_CUDA_GROUPED_LOOP = 1, MOE_CUDA_GROUPED_AUTO = 2 } moe_cuda_grouped_gemm;
+typedef enum {
+    MOE_CUDA_GROUPED_BATCHED = 0, MOE_CUDA_GROUPED_LOOP = 1, MOE_CUDA_GROUPED_AUTO = 2, MOE_CUDA_GROUPED_PADDED = 3
+} moe_cuda_grouped_gemm;
 moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode);
 /* The device's strategy and how many grouped calls since install each path
  * served (batched: one cublasGemmGroupedBatchedEx; loop: one GEMM per expert).
