@@ -336,6 +336,9 @@ function M.DistributedMoETrainer(opts)
   topts.grad_hook = function(tr)
     if zs == 2 then
       self:_zero_reduce_scatter()
+    elseif world > 1 and self._overlap then
+      -- most blocks were queued during backward; the rest now, then wait
+      dist.finish_grad_allreduce(model.net)
     elseif world > 1 then
       local _, grads = model.net:flat_parameters()
       dist.all_reduce(grads, "avg", {bucket_mb = bucket_mb})
@@ -351,14 +354,27 @@ function M.DistributedMoETrainer(opts)
     if self._accum and world > 1 then
       if self.inner.aux_free and self._micro % self._accum == 0 then self:_sync_buffers(world - 1) end
       self._micro = self._micro + 1
+      -- the last micro-batch's backward queues the gradient all-reduce block by block
+      if self._overlap then dist.arm_grad_allreduce(model.net, self._micro % self._accum == 0) end
     end
     local out = model:forward(ids, o)
     if self._accum and world > 1 and out.loss then
-      local v = core.tensor({out.loss:item(), out.aux_loss:item(), out.z_loss:item()}, {dtype = "f64"})
-      dist.all_reduce(v, "avg")
-      local t = v:to_table()
-      local function scalar(x) return {item = function() return x end} end
-      out.loss, out.aux_loss, out.z_loss = scalar(t[1]), scalar(t[2]), scalar(t[3])
+      -- averaged over the ranks when first read (after backward has been queued:
+      -- reading them here would make the host wait for the forward); every rank
+      -- reads them in the same order, so the collectives pair up
+      local loss, aux, z = out.loss, out.aux_loss, out.z_loss
+      local t
+      local function avg()
+        if not t then
+          local v = core.tensor({loss:item(), aux:item(), z:item()}, {dtype = "f64"})
+          dist.all_reduce(v, "avg")
+          t = v:to_table()
+        end
+        return t
+      end
+      out.loss = {item = function() return avg()[1] end}
+      out.aux_loss = {item = function() return avg()[2] end}
+      out.z_loss = {item = function() return avg()[3] end}
     end
     return out
   end
@@ -371,6 +387,12 @@ function M.DistributedMoETrainer(opts)
   end
   self.inner = inner
   if zs > 0 then self:_zero_setup() end
+  -- data parallel without ZeRO or expert parallelism: the gradient all-reduce
+  -- overlaps backward (queued per block over NCCL; blocking per block elsewhere)
+  if world > 1 and zs == 0 and ep == 1 then
+    dist.set_grad_allreduce(model.net, true)
+    self._overlap = true
+  end
 
   -- every rank starts from rank 0's parameters (and biases)
   if world > 1 then

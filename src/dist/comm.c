@@ -112,6 +112,29 @@ moe_status moe_comm_all_reduce_bucketed(moe_comm *c, moe_tensor *t, moe_dist_op 
     return MOE_OK;
 }
 
+moe_status moe_comm_all_reduce_start(moe_comm *c, moe_tensor *t, int64_t offset, int64_t count, moe_dist_op op) {
+    const char *w = "all_reduce_start";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_tensor(c, t, w, "tensor", 1));
+    if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
+    if (offset < 0 || count < 0 || offset + count > moe_tensor_numel(t))
+        return moe_error(MOE_ERR_RANGE, "%s: range [%lld, %lld) is outside the tensor's %lld elements", w,
+                         (long long)offset, (long long)(offset + count), (long long)moe_tensor_numel(t));
+    if (count == 0) return MOE_OK;
+    char *p = (char *)moe_tensor_data(t) + (size_t)offset * moe_dtype_size(t->dtype);
+    c->seq++;
+    if (c->ops->all_reduce_start && t->device.type != MOE_CPU)
+        return moe_error_context(c->ops->all_reduce_start(c, p, (size_t)count, t->dtype, op, t->device), "%s", w);
+    MOE_TRY(sync_device(c, t->device));
+    return moe_error_context(c->ops->all_reduce(c, p, (size_t)count, t->dtype, op, t->device), "%s", w);
+}
+
+moe_status moe_comm_wait_pending(moe_comm *c) {
+    MOE_TRY(check_comm(c, "wait_pending"));
+    if (!c->ops->wait_pending) return MOE_OK;
+    return moe_error_context(c->ops->wait_pending(c), "all_reduce (queued)");
+}
+
 moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root) {
     const char *w = "broadcast";
     MOE_TRY(check_comm(c, w));

@@ -83,6 +83,12 @@ typedef struct {
      * parent rank of child rank i. Sets child->ops and child->impl. */
     moe_status (*split)(moe_comm *c, int color, int key, const int *members, moe_comm *child);
     void (*destroy)(moe_comm *c);                       /* frees impl; not c itself */
+    /* Optional (NULL: the wrappers below run the blocking all_reduce): queue an
+     * all-reduce of a device buffer behind the work already queued on the
+     * device's compute stream, without waiting; wait_pending waits (with the
+     * deadline) for every one queued so far. */
+    moe_status (*all_reduce_start)(moe_comm *c, void *buf, size_t count, moe_dtype dt, moe_dist_op op, moe_device dev);
+    moe_status (*wait_pending)(moe_comm *c);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -150,6 +156,13 @@ moe_status moe_comm_all_reduce(moe_comm *c, moe_tensor *t, moe_dist_op op);
 /* all_reduce in chunks of at most bucket_bytes (0: one call): the bucketed
  * gradient all-reduce of data parallelism over a flat buffer. */
 moe_status moe_comm_all_reduce_bucketed(moe_comm *c, moe_tensor *t, moe_dist_op op, size_t bucket_bytes);
+/* Elements [offset, offset + count) of contiguous t, all-reduced in place.
+ * On GPU tensors over NCCL the reduction is queued and the call returns
+ * (overlap with the compute that follows); moe_comm_wait_pending waits for
+ * all queued ones. Elsewhere it runs to completion here. Every rank must
+ * start the same ranges in the same order. */
+moe_status moe_comm_all_reduce_start(moe_comm *c, moe_tensor *t, int64_t offset, int64_t count, moe_dist_op op);
+moe_status moe_comm_wait_pending(moe_comm *c);
 moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root);
 /* out has size * numel(in) elements */
 moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out);

@@ -35,6 +35,8 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
 
 #else
 
+#include "../ops/cuda/moe_cuda.h"
+
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <nccl.h>
@@ -73,6 +75,8 @@ typedef struct {
     int broken;
     void *scratch;         /* device staging buffer for CPU tensors */
     size_t scratch_bytes;
+    cudaEvent_t ready;     /* queued all-reduces: recorded on the compute stream, waited by ours */
+    int pending;           /* all-reduces queued and not yet waited for */
 } nccl_impl;
 
 static moe_status load_api(nccl_api *a) {
@@ -206,6 +210,34 @@ static moe_status nc_all_reduce(moe_comm *c, void *buf, size_t n, moe_dtype dt, 
     return stage_out(c, d, buf, dout, bytes, "all_reduce");
 }
 
+/* Queued behind the compute stream's work (an event, no host wait); the
+ * buffer is final there, and nothing on the compute stream touches it until
+ * wait_pending has returned (the caller's contract). */
+static moe_status nc_all_reduce_start(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
+    nccl_impl *m = c->impl;
+    MOE_TRY(begin(c, "all_reduce_start"));
+    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
+    if (!compute) return moe_last_status();
+    if (!m->ready && cudaEventCreateWithFlags(&m->ready, cudaEventDisableTiming) != cudaSuccess) {
+        m->ready = NULL;
+        return moe_error(MOE_ERR_DEVICE, "all_reduce_start: cannot create a CUDA event");
+    }
+    if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
+        return moe_error(MOE_ERR_DEVICE, "all_reduce_start: %s", cudaGetErrorString(cudaGetLastError()));
+    MOE_TRY(nccl_check(m, m->api.AllReduce(buf, buf, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+                                           m->comm, m->stream), "ncclAllReduce"));
+    m->pending++;
+    return MOE_OK;
+}
+
+static moe_status nc_wait_pending(moe_comm *c) {
+    nccl_impl *m = c->impl;
+    if (!m->pending) return MOE_OK;
+    m->pending = 0;
+    MOE_TRY(begin(c, "all_reduce (queued)"));
+    return nccl_wait(c, "all_reduce (queued)");
+}
+
 static moe_status nc_barrier(moe_comm *c) {
     nccl_impl *m = c->impl;
     MOE_TRY(begin(c, "barrier"));
@@ -283,6 +315,7 @@ static void nc_destroy(moe_comm *c) {
         if (m->broken) m->api.CommAbort(m->comm);
         else m->api.CommDestroy(m->comm);
     }
+    if (m->ready) cudaEventDestroy(m->ready);
     if (m->stream) cudaStreamDestroy(m->stream);
     if (m->scratch) cudaFree(m->scratch);
     /* the library stays loaded: NCCL keeps threads of its own */
@@ -296,6 +329,7 @@ static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
+    .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 
 /* The child runs on the parent's device with a stream of its own. Its NCCL

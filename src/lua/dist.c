@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "../dist/comm.h"
+#include "../nn/model.h"
 #include "../nn/moe_block.h"
 #include "../ops/backend.h"
 #include "lmoe.h"
@@ -381,6 +382,31 @@ static int l_set_expert_parallel(lua_State *L) {
     return 1;
 }
 
+/* dist.set_grad_allreduce(model, on): data-parallel gradient averaging over
+ * the main communicator, overlapped with backward (src/nn/model.h) */
+static int l_set_grad_allreduce(lua_State *L) {
+    const char *f = "dist.set_grad_allreduce";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "model");
+    int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
+    moe_comm *c = on ? get_comm(L) : NULL;
+    if (c && !c->ops->supports(c, l->device))
+        moe_lua_errorf(L, "%s: the %s communicator cannot reduce this model's gradients", f, c->ops->name);
+    moe_lua_check(L, moe_model_set_grad_allreduce(l, c), f);
+    return 0;
+}
+static int l_arm_grad_allreduce(lua_State *L) {
+    const char *f = "dist.arm_grad_allreduce";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "model");
+    moe_lua_check(L, moe_model_arm_grad_allreduce(l, lua_toboolean(L, 2)), f);
+    return 0;
+}
+static int l_finish_grad_allreduce(lua_State *L) {
+    const char *f = "dist.finish_grad_allreduce";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "model");
+    moe_lua_check(L, moe_model_finish_grad_allreduce(l), f);
+    return 0;
+}
+
 static int ep_size_tree(const moe_layer *l) {
     if (moe_layer_is_moe(l)) return moe_block_expert_parallel_size(l);
     for (int i = 0; i < l->n_children; i++) {
@@ -446,7 +472,9 @@ static const luaL_Reg dist_fns[] = {
     {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
     {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v},
     {"set_expert_parallel", l_set_expert_parallel}, {"comm", l_comm}, {"host_comm", l_host_comm},
-    {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size}, {NULL, NULL},
+    {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size},
+    {"set_grad_allreduce", l_set_grad_allreduce}, {"arm_grad_allreduce", l_arm_grad_allreduce},
+    {"finish_grad_allreduce", l_finish_grad_allreduce}, {NULL, NULL},
 };
 
 static const luaL_Reg comm_methods[] = {

@@ -1,5 +1,6 @@
 #include "model.h"
 #include "functional.h"
+#include "../dist/comm.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,7 +9,12 @@
 enum { C_EMBED, C_LAYERS, C_NORM, C_HEAD };
 enum { B_NORM1, B_ATTN, B_NORM2, B_MLP };
 
-typedef struct { moe_model_cfg cfg; } model_state;
+typedef struct {
+    moe_model_cfg cfg;
+    moe_comm *ar_comm;     /* data parallel: gradients all-reduced during backward (borrowed), or NULL */
+    int armed;             /* the next forward records the markers that start those all-reduces */
+    int64_t watermark;     /* flat-gradient elements from here to the end are queued */
+} model_state;
 
 int moe_model_layer_is_moe(const moe_model_cfg *c, int64_t i) {
     if (c->moe_every <= 0 || i < c->first_dense) return 0;
@@ -106,7 +112,7 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
     if (s == MOE_OK) { layers = moe_module_list_new(ctx, blocks, NULL, n); if (!layers) s = moe_last_status(); }
     if (s == MOE_OK) {
         model = moe_layer_alloc(&model_vt, 0, c.tie_embeddings ? 3 : 4);
-        model_state *st = model ? malloc(sizeof *st) : NULL;
+        model_state *st = model ? calloc(1, sizeof *st) : NULL;
         if (!st) { s = moe_last_status(); if (model) s = moe_error(MOE_ERR_OOM, "out of host memory"); }
         else {
             st->cfg = c;
@@ -125,6 +131,68 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
     return model;
 }
 
+/* ---- gradient all-reduce overlapped with backward ----
+ * A marker (a taped identity) on the residual stream at the start of each
+ * block: backward reaches it after every entry of that block and of the
+ * blocks, norm and head after it, so the flat gradients from the block's first
+ * parameter to the end are final (the flat buffer holds embedding, blocks,
+ * norm, head in that order), and their average over the ranks is queued. */
+static moe_status marker_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_layer *m = e->self;
+    model_state *st = m->state;
+    if (st->armed && st->ar_comm && m->flat_grads && e->i[0] < st->watermark) {
+        MOE_TRY(moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, e->i[0], st->watermark - e->i[0], MOE_DIST_AVG));
+        st->watermark = e->i[0];
+    }
+    moe_tensor_retain(gout[0]);
+    gin[0] = gout[0];
+    return MOE_OK;
+}
+
+static moe_status grad_marker(moe_layer *m, moe_tape *tape, moe_layer *block, moe_tensor **h) {
+    moe_param first;
+    if (!m->flat_grads || moe_layer_collect_params(block, &first, 1) < 1) return MOE_OK;
+    moe_tensor *v = moe_tensor_view(*h, (*h)->ndim, (*h)->shape);
+    if (!v) return moe_last_status();
+    moe_tape_entry *e = moe_tape_record(tape, "grad_ready", marker_backward, m, moe_layer_retain_v, moe_layer_release_v,
+                                        1, h, 1, &v);
+    if (!e) { moe_tensor_release(v); return moe_last_status(); }
+    e->i[0] = first.grad->offset - m->flat_grads->offset;
+    moe_tensor_release(*h);
+    *h = v;
+    return MOE_OK;
+}
+
+moe_status moe_model_set_grad_allreduce(moe_layer *m, moe_comm *comm) {
+    if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "set_grad_allreduce: not an MoEModel");
+    model_state *st = m->state;
+    st->ar_comm = comm;
+    st->armed = 0;
+    return MOE_OK;
+}
+
+moe_status moe_model_arm_grad_allreduce(moe_layer *m, int on) {
+    if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "arm_grad_allreduce: not an MoEModel");
+    model_state *st = m->state;
+    if (on && !st->ar_comm) return moe_error(MOE_ERR_STATE, "arm_grad_allreduce: no communicator set");
+    if (on && !m->flat_grads) return moe_error(MOE_ERR_STATE, "arm_grad_allreduce: the model has no flat gradient buffer");
+    st->armed = on;
+    st->watermark = m->flat_grads ? moe_tensor_numel(m->flat_grads) : 0;
+    return MOE_OK;
+}
+
+moe_status moe_model_finish_grad_allreduce(moe_layer *m) {
+    if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "finish_grad_allreduce: not an MoEModel");
+    model_state *st = m->state;
+    if (!st->ar_comm || !m->flat_grads) return moe_error(MOE_ERR_STATE, "finish_grad_allreduce: no communicator set");
+    int64_t n = moe_tensor_numel(m->flat_grads), upto = st->armed ? st->watermark : n;
+    moe_status s = moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, 0, upto, MOE_DIST_AVG);
+    moe_status w = moe_comm_wait_pending(st->ar_comm);   /* also after a failed start: nothing stays queued */
+    st->armed = 0;
+    st->watermark = n;
+    return s != MOE_OK ? s : w;
+}
+
 moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits) {
     *logits = NULL;
     const moe_model_cfg *c = moe_model_config(m);
@@ -140,7 +208,9 @@ moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_ten
     for (int i = 0; i < layers->n_children && s == MOE_OK; i++) {
         moe_layer *b = layers->children[i];
         moe_tensor *a = NULL, *t = NULL, *h2 = NULL;
-        s = moe_layer_forward(b->children[B_NORM1], ctx, tape, h, &a);
+        model_state *st = m->state;
+        if (tape && st->armed && st->ar_comm) s = grad_marker(m, tape, b, &h);
+        if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM1], ctx, tape, h, &a);
         if (s == MOE_OK) s = moe_layer_forward(b->children[B_ATTN], ctx, tape, a, &t);
         if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, h, t, &h2);
         moe_tensor_release(a); moe_tensor_release(t);

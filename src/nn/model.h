@@ -39,4 +39,18 @@ int moe_model_moe_layers(moe_layer *model, moe_layer **out, int max);
 /* Parameters touched per token: everything but the routed experts not chosen. */
 int64_t moe_model_num_active_params(const moe_layer *model);
 
+/* Data parallel with the gradient all-reduce overlapped with backward:
+ * set_grad_allreduce(comm) (NULL: off; the communicator is borrowed);
+ * arm_grad_allreduce(1) before the forward whose backward completes the
+ * step's gradients (the last micro-batch): that backward queues the average
+ * over the ranks of each block's gradients (and everything after the block
+ * in the flat buffer) as soon as they are final (moe_comm_all_reduce_start:
+ * asynchronous over NCCL on GPUs, blocking elsewhere); finish_grad_allreduce
+ * then queues the rest (the embedding, or everything when nothing was armed)
+ * and waits for all of it. Every rank must follow the same sequence. */
+struct moe_comm;
+moe_status moe_model_set_grad_allreduce(moe_layer *model, struct moe_comm *comm);
+moe_status moe_model_arm_grad_allreduce(moe_layer *model, int on);
+moe_status moe_model_finish_grad_allreduce(moe_layer *model);
+
 #endif

@@ -63,6 +63,14 @@ for k, v in pairs(train) do o[k] = v end
 o.batch_fn = batch
 local res = dt:train(o)
 assert(res.world_size == 2 and res.global_batch_size == 4)
+assert(dt._overlap, "data parallel should all-reduce gradients during backward (block by block)")
+
+-- with gradient accumulation only the last micro-batch's backward queues the all-reduce
+local dt2 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
+local o2 = {}
+for k, v in pairs(train) do o2[k] = v end
+o2.batch_fn, o2.gradient_accumulation_steps = batch, 2
+local res2 = dt2:train(o2)
 
 if rank == 0 then
   local ref_model = model(11)
@@ -77,6 +85,15 @@ if rank == 0 then
   end
   local p = dt.model.net:flat_parameters()
   close_t(p, ref_model.net:flat_parameters(), 1e-5, "final parameters")
+  -- accumulation 2 on 2 ranks = accumulation 4 in one process
+  local ref2_model = model(11)
+  local ref2 = moe.MoETrainer{model = ref2_model, progress = false, aux_loss_coef = 0.01}
+  local ro2 = {}
+  for k, v in pairs(train) do ro2[k] = v end
+  ro2.batch_fn, ro2.gradient_accumulation_steps = batch, 4
+  local rres2 = ref2:train(ro2)
+  for s = 1, train.max_steps do close(res2.history[s].loss, rres2.history[s].loss, 1e-5, "accum 2: loss at step " .. s) end
+  close_t(dt2.model.net:flat_parameters(), ref2_model.net:flat_parameters(), 1e-5, "accum 2: final parameters")
 end
 -- both ranks end with the same parameters
 local mine = dt.model.net:flat_parameters()

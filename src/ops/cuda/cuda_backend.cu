@@ -167,6 +167,14 @@ extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_m
     return MOE_OK;
 }
 
+extern "C" void *moe_cuda_stream(moe_ctx *ctx, int device) {
+    if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device)) {
+        moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);
+        return NULL;
+    }
+    return (void *)dev_of(ctx, device)->stream;
+}
+
 extern "C" moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device) {
     if (!ctx || device < 0 || device >= MOE_MAX_DEVICES || !dev_of(ctx, device))
         return moe_error(MOE_ERR_DEVICE, "cuda:%d is not available", device);

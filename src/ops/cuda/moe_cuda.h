@@ -29,6 +29,10 @@ typedef struct {
 } moe_cuda_mem_stats;
 
 moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *out);
+/* The device's one stream (a cudaStream_t) on which every op of the device is
+ * queued, for libraries that must order their work after it (NCCL); NULL and
+ * an error when the device has no CUDA state. */
+void *moe_cuda_stream(moe_ctx *ctx, int device);
 /* Starts peak_bytes_in_use afresh from the bytes in use now. */
 moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device);
 /* Returns every cached block of the device to the driver. */
