@@ -24,6 +24,8 @@ print(string.format("model: %s\n       %.2fM parameters, %.2fM active per token"
 local trainer = moe.MoETrainer{
   model = model, load_balancing = "auxiliary_loss", aux_loss_coef = 0.01, router_z_loss_coef = 0.001,
   run_dir = run_dir,
+  -- on a GPU: bf16 compute with f32 master weights and optimizer state
+  precision = model:device() ~= "cpu" and "bf16" or "f32",
 }
 local result = trainer:train{
   train_data = train_data, eval_data = eval_data,
