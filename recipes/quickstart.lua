@@ -51,8 +51,8 @@ for _, prompt in ipairs{"12 + 35 = ", "function add(", "name="} do
   local ids = moe.data.encode(prompt):to_table()
   for _ = 1, 24 do
     local ctx = moe.tensor({ids}, {dtype = "i64"})
-    local logits = model.net:forward(ctx)
-    local _, idx = logits:select(2, #ids):topk(1)
+    local logits = model:forward(ctx).logits   -- moves ids to the model's device
+    local _, idx = logits:select(2, #ids):to("cpu"):to("f32"):topk(1)
     ids[#ids + 1] = idx:get_flat(1)
   end
   print(string.format("sample: %q", moe.data.decode(ids)))
