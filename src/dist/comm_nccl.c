@@ -10,6 +10,13 @@
  * marked broken. NCCL_NVLS_ENABLE defaults to 0 here (NVLink multicast is
  * not available on every machine); a value the user sets is kept.
  *
+ * A rank that dies: NCCL cannot say which rank is missing, so communicators
+ * made through the file rendezvous also keep heartbeats there: a thread of
+ * each rank rewrites <dir>/alive.<rank> every second, and a rank waiting on
+ * a collective checks the others' files once a second; a heartbeat older
+ * than MOELAB_DIST_HEARTBEAT_S (default 15 s) names that rank and fails the
+ * collective at once, without waiting for the full timeout.
+ *
  * Splits (moe_comm_split) use ncclCommSplit when the library has it, else a
  * new communicator from a fresh unique id per group (all-gathered over the
  * parent); MOELAB_NCCL_SPLIT=new_id forces the latter.
@@ -43,6 +50,7 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -77,7 +85,67 @@ typedef struct {
     size_t scratch_bytes;
     cudaEvent_t ready;     /* queued all-reduces: recorded on the compute stream, waited by ours */
     int pending;           /* all-reduces queued and not yet waited for */
+    /* heartbeats (file rendezvous only): see the header */
+    char *hb_dir;
+    int hb_rank, hb_size;
+    double hb_stale_s, hb_since, hb_checked;
+    pthread_t hb_thread;
+    int hb_running;
+    volatile int hb_stop;
 } nccl_impl;
+
+static double wall_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void hb_write(const char *dir, int rank) {
+    char path[4200], tmp[4300];
+    snprintf(path, sizeof path, "%s/alive.%d", dir, rank);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fprintf(f, "%.3f\n", wall_now());
+    if (fclose(f) == 0) rename(tmp, path);
+}
+
+static void *hb_main(void *arg) {
+    nccl_impl *m = arg;
+    while (!m->hb_stop) {
+        hb_write(m->hb_dir, m->hb_rank);
+        for (int i = 0; i < 10 && !m->hb_stop; i++) {
+            struct timespec ts = {0, 100000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    return NULL;
+}
+
+/* Ranks whose heartbeat is older than the limit (or missing once the grace
+ * period after the start is over), as "1, 3" in buf; returns their count. */
+static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
+    int count = 0;
+    double now = wall_now();
+    buf[0] = 0;
+    *worst_age = 0;
+    for (int r = 0; r < m->hb_size; r++) {
+        if (r == m->hb_rank) continue;
+        char path[4200];
+        snprintf(path, sizeof path, "%s/alive.%d", m->hb_dir, r);
+        double t = 0;
+        FILE *f = fopen(path, "r");
+        if (f) { if (fscanf(f, "%lf", &t) != 1) t = 0; fclose(f); }
+        double age = t > 0 ? now - t : now - m->hb_since;
+        if (age > m->hb_stale_s) {
+            size_t used = strlen(buf);
+            snprintf(buf + used, n - used, "%s%d", count ? ", " : "", r);
+            if (age > *worst_age) *worst_age = age;
+            count++;
+        }
+    }
+    return count;
+}
 
 static moe_status load_api(nccl_api *a) {
     a->lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
@@ -115,6 +183,7 @@ static moe_status nccl_check(nccl_impl *m, ncclResult_t r, const char *what) {
 static moe_status nccl_wait(moe_comm *c, const char *what) {
     nccl_impl *m = c->impl;
     double deadline = moe_dist_now() + c->timeout_s;
+    m->hb_checked = moe_dist_now();   /* heartbeats are read only once a wait passes a second */
     for (int spins = 0;; spins++) {
         cudaError_t e = cudaStreamQuery(m->stream);
         if (e == cudaSuccess) return MOE_OK;
@@ -129,13 +198,29 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             m->broken = 1;
             return moe_error(MOE_ERR_IO, "rank %d: %s: NCCL error: %s", c->rank, what, m->api.GetErrorString(ar));
         }
+        if (m->hb_dir && moe_dist_now() - m->hb_checked > 1.0) {
+            m->hb_checked = moe_dist_now();
+            char who[256];
+            double age = 0;
+            int n = hb_stale(m, who, sizeof who, &age);
+            if (n > 0) {
+                m->api.CommAbort(m->comm);
+                m->broken = 1;
+                return moe_error(MOE_ERR_STATE,
+                                 "rank %d: %s (collective #%llu) cannot finish: rank%s %s sent no heartbeat for %.0f s "
+                                 "(exited, killed or its host is gone); the communicator was aborted",
+                                 c->rank, what, (unsigned long long)c->seq, n > 1 ? "s" : "", who, age);
+            }
+        }
         if (moe_dist_now() > deadline) {
             m->api.CommAbort(m->comm);
             m->broken = 1;
             return moe_error(MOE_ERR_STATE,
-                             "rank %d: %s timed out after %.0f s (collective #%llu); NCCL cannot tell which rank is "
-                             "missing (a rank that died or is stuck); the communicator was aborted",
-                             c->rank, what, c->timeout_s, (unsigned long long)c->seq);
+                             "rank %d: %s timed out after %.0f s (collective #%llu); %s; the communicator was aborted",
+                             c->rank, what, c->timeout_s, (unsigned long long)c->seq,
+                             m->hb_dir ? "every rank still sends heartbeats, so one is alive but stuck (in other code "
+                                         "or another collective)"
+                                       : "NCCL cannot tell which rank is missing (a rank that died or is stuck)");
         }
         if (spins > 1000) {
             struct timespec ts = {0, 50000};
@@ -315,6 +400,11 @@ static void nc_destroy(moe_comm *c) {
         if (m->broken) m->api.CommAbort(m->comm);
         else m->api.CommDestroy(m->comm);
     }
+    if (m->hb_running) {
+        m->hb_stop = 1;
+        pthread_join(m->hb_thread, NULL);
+    }
+    free(m->hb_dir);
     if (m->ready) cudaEventDestroy(m->ready);
     if (m->stream) cudaStreamDestroy(m->stream);
     if (m->scratch) cudaFree(m->scratch);
@@ -492,6 +582,19 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
             m->comm = NULL;
             s = moe_error(MOE_ERR_IO, "dist: ncclCommInitRank (rank %d of %d): %s", c->rank, c->size,
                           m->api.GetErrorString(r));
+        }
+    }
+    if (s == MOE_OK && !bootstrap && rendezvous_dir) {
+        m->hb_dir = strdup(rendezvous_dir);
+        m->hb_rank = c->rank;
+        m->hb_size = c->size;
+        const char *hs = getenv("MOELAB_DIST_HEARTBEAT_S");
+        m->hb_stale_s = hs && atof(hs) > 0 ? atof(hs) : 15.0;
+        m->hb_since = wall_now();
+        if (m->hb_dir) {
+            hb_write(m->hb_dir, m->hb_rank);
+            m->hb_running = pthread_create(&m->hb_thread, NULL, hb_main, m) == 0;
+            if (!m->hb_running) { free(m->hb_dir); m->hb_dir = NULL; }
         }
     }
     if (s != MOE_OK) {
