@@ -62,6 +62,7 @@
 -- train/evaluate calls the model runs in one process.
 local core = require "moelab.core"
 local trainer_mod = require "moelab.trainer"
+local model_mod = require "moelab.model"
 local mio = require "moelab.io"
 
 local M = {}
@@ -358,6 +359,7 @@ function M.DistributedMoETrainer(opts)
       if self._overlap then dist.arm_grad_allreduce(model.net, self._micro % self._accum == 0) end
     end
     local out = model:forward(ids, o)
+    if self._accum and world > 1 and out.routing then out.routing = self:_global_routing(out.routing) end
     if self._accum and world > 1 and out.loss then
       -- averaged over the ranks when first read (after backward has been queued:
       -- reading them here would make the host wait for the forward); every rank
@@ -544,6 +546,41 @@ function D:_zero_optimizer(real)
     return o._real:step_count()
   end
   return zo
+end
+
+-- Routing statistics of the global micro-batch (every rank's tokens): counts,
+-- tokens, assignments and drops summed over the world, the per-token means
+-- (entropy, z, top-1 probability) weighted by tokens, the aux value averaged;
+-- then the derived fields (load, max_vio, drop_rate) recomputed. One f64
+-- all_reduce per micro-batch.
+function D:_global_routing(stats)
+  -- layers in index order (pairs() order may differ between ranks)
+  local layout = {}
+  for i, s in pairs(stats) do if s then layout[#layout + 1] = i end end
+  if #layout == 0 then return stats end
+  table.sort(layout)
+  local flat = {}
+  for _, i in ipairs(layout) do
+    local s = stats[i]
+    for _, c in ipairs(s.counts) do flat[#flat + 1] = c end
+    for _, v in ipairs{s.tokens, s.assignments, s.dropped, s.entropy * s.tokens, s.z * s.tokens,
+                       s.top1_prob * s.tokens, s.aux} do flat[#flat + 1] = v end
+  end
+  local g = dist.all_reduce(core.tensor(flat, {dtype = "f64"}), "sum"):to_table()
+  local out, k = {}, 0
+  for i, s in pairs(stats) do out[i] = s end
+  for _, i in ipairs(layout) do
+    local s = stats[i]
+    local t = {counts = {}}
+    for j = 1, #s.counts do k = k + 1; t.counts[j] = math.floor(g[k] + 0.5) end
+    t.tokens, t.assignments, t.dropped = g[k + 1], g[k + 2], g[k + 3]
+    local n = t.tokens > 0 and t.tokens or 1
+    t.entropy, t.z, t.top1_prob, t.aux = g[k + 4] / n, g[k + 5] / n, g[k + 6] / n, g[k + 7] / self.world_size
+    k = k + 7
+    t.global = true
+    out[i] = model_mod.derive_routing_stats(t, i)
+  end
+  return out
 end
 
 function D:_sync_buffers(root)

@@ -101,20 +101,25 @@ end
 
 --- Per MoE layer: {tokens, assignments, dropped, counts, entropy, z, top1_prob, aux,
 -- load (counts as fractions), max_vio, drop_rate}.
+--- Adds the derived fields (load, max_vio, drop_rate, layer) to one layer's
+-- statistics {tokens, assignments, dropped, counts, ...}; returns s.
+function M.derive_routing_stats(s, layer)
+  local total, mx = 0, 0
+  for _, c in ipairs(s.counts) do total = total + c; mx = math.max(mx, c) end
+  local mean = total / #s.counts
+  s.load = {}
+  for j, c in ipairs(s.counts) do s.load[j] = total > 0 and c / total or 0 end
+  s.max_vio = mean > 0 and mx / mean - 1 or 0
+  s.drop_rate = (s.assignments + s.dropped) > 0 and s.dropped / (s.assignments + s.dropped) or 0
+  s.layer = layer
+  return s
+end
+
 function Model:routing_stats()
   local per = {}
   for i, l in ipairs(self.net:moe_layers()) do
     local s = l:routing_stats()
-    if s then
-      local total, mx = 0, 0
-      for _, c in ipairs(s.counts) do total = total + c; mx = math.max(mx, c) end
-      local mean = total / #s.counts
-      s.load = {}
-      for j, c in ipairs(s.counts) do s.load[j] = total > 0 and c / total or 0 end
-      s.max_vio = mean > 0 and mx / mean - 1 or 0
-      s.drop_rate = (s.assignments + s.dropped) > 0 and s.dropped / (s.assignments + s.dropped) or 0
-      s.layer = i
-    end
+    if s then M.derive_routing_stats(s, i) end
     per[i] = s
   end
   return per

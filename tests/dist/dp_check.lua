@@ -72,6 +72,11 @@ for k, v in pairs(train) do o2[k] = v end
 o2.batch_fn, o2.gradient_accumulation_steps = batch, 2
 local res2 = dt2:train(o2)
 
+-- routing statistics describe the global batch: step 1 of DP=2 routes the two
+-- ranks' micro-batches, which one process sees as one batch of both
+local dt3 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
+local res3 = dt3:train{max_steps = 1, batch_size = 2, seq_len = 8, learning_rate = 1e-2, batch_fn = batch}
+
 if rank == 0 then
   local ref_model = model(11)
   local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
@@ -94,6 +99,24 @@ if rank == 0 then
   local rres2 = ref2:train(ro2)
   for s = 1, train.max_steps do close(res2.history[s].loss, rres2.history[s].loss, 1e-5, "accum 2: loss at step " .. s) end
   close_t(dt2.model.net:flat_parameters(), ref2_model.net:flat_parameters(), 1e-5, "accum 2: final parameters")
+  local function both(g)   -- batches 0 and 1 as one batch of 4 rows
+    local a1, t1 = batch(0)
+    local a2, t2 = batch(1)
+    local ids, tg = a1:to_table(), t1:to_table()
+    for _, r in ipairs(a2:to_table()) do ids[#ids + 1] = r end
+    for _, r in ipairs(t2:to_table()) do tg[#tg + 1] = r end
+    return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
+  end
+  local ref3 = moe.MoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
+  local rres3 = ref3:train{max_steps = 1, batch_size = 4, seq_len = 8, learning_rate = 1e-2, batch_fn = both}
+  local g, l = res3.history[1].routing, rres3.history[1].routing
+  local nl = 0
+  for i, r in pairs(l) do
+    nl = nl + 1
+    for j, v in ipairs(r.load) do close(g[i].load[j], v, 1e-6, "global routing load, layer " .. i .. " expert " .. j) end
+    close(g[i].entropy, r.entropy, 1e-5, "global routing entropy, layer " .. i)
+  end
+  assert(nl > 0, "no routing statistics recorded")
 end
 -- both ranks end with the same parameters
 local mine = dt.model.net:flat_parameters()
