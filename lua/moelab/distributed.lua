@@ -252,6 +252,7 @@ M.megatron_aliases = megatron
 
 local own_keys = {model = true, world_size = true, data_parallel_size = true, expert_parallel_size = true,
                   zero_stage = true, bucket_mb = true, config = true, deepspeed_config = true, timeout = true,
+                  global_aux_loss = true,
                   tensor_model_parallel_size = true, pipeline_model_parallel_size = true,
                   adam_beta1 = true, adam_beta2 = true}
 
@@ -262,6 +263,7 @@ local ep_groups = {}   -- expert-parallel group communicators by "<parent>/<ep>"
 --- DistributedMoETrainer{model, world_size=, data_parallel_size=, expert_parallel_size = 1 (a divisor of
 --  the world size; data_parallel_size = world size / expert_parallel_size),
 --  zero_stage = 0, bucket_mb = 25, config = <DeepSpeed JSON path or table>, timeout = seconds,
+--  global_aux_loss = false (true: the batch aux loss over every rank's tokens),
 --  ...MoETrainer options (run_dir and progress apply to rank 0 only), Megatron-style aliases}
 function M.DistributedMoETrainer(opts)
   local f = "DistributedMoETrainer"
@@ -389,6 +391,14 @@ function M.DistributedMoETrainer(opts)
   end
   self.inner = inner
   if zs > 0 then self:_zero_setup() end
+  -- global_aux_loss: the batch auxiliary loss over every rank's tokens (f and P
+  -- averaged over the world before aux = E sum f P), so the run equals one
+  -- process on the whole global batch; otherwise each rank's micro-batch
+  if own.global_aux_loss ~= nil and type(own.global_aux_loss) ~= "boolean" then
+    fail(f, "global_aux_loss must be true or false")
+  end
+  if own.global_aux_loss and world > 1 then dist.set_global_aux(model.net, true) end
+  self.global_aux_loss = own.global_aux_loss == true
   -- data parallel without ZeRO or expert parallelism: the gradient all-reduce
   -- overlaps backward (queued per block over NCCL; blocking per block elsewhere)
   if world > 1 and zs == 0 and ep == 1 then

@@ -341,6 +341,33 @@ static int set_ep_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
     return n;
 }
 
+static int set_aux_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
+    int n = 0;
+    if (moe_layer_is_moe(l)) {
+        moe_lua_check(L, moe_block_set_aux_comm(l, c), f);
+        n++;
+    }
+    for (int i = 0; i < l->n_children; i++)
+        if (l->children[i]) n += set_aux_tree(L, l->children[i], c, f);
+    return n;
+}
+
+/* dist.set_global_aux(layer, on) -> MoE layers set: their batch auxiliary
+ * loss over every rank's tokens (the main communicator; the host one for CPU
+ * layers), or (false) over this rank's */
+static int l_set_global_aux(lua_State *L) {
+    const char *f = "dist.set_global_aux";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "layer");
+    int on = lua_isnoneornil(L, 2) ? 1 : lua_toboolean(L, 2);
+    moe_comm *c = on ? get_comm(L) : NULL;
+    if (c && !c->ops->supports(c, MOE_DEVICE_CPU)) {
+        moe_comm *h = registry_comm(L, KEY_HOST);
+        if (h) c = h;
+    }
+    lua_pushinteger(L, set_aux_tree(L, l, c, f));
+    return 1;
+}
+
 /* set_expert_parallel(layer, on | comm) -> the number of MoE layers set:
  * expert parallelism over all ranks of this state's communicator (the host one
  * for CPU layers), or over the ranks of `comm` (a Comm object, e.g. a split),
@@ -474,7 +501,7 @@ static const luaL_Reg dist_fns[] = {
     {"set_expert_parallel", l_set_expert_parallel}, {"comm", l_comm}, {"host_comm", l_host_comm},
     {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size},
     {"set_grad_allreduce", l_set_grad_allreduce}, {"arm_grad_allreduce", l_arm_grad_allreduce},
-    {"finish_grad_allreduce", l_finish_grad_allreduce}, {NULL, NULL},
+    {"finish_grad_allreduce", l_finish_grad_allreduce}, {"set_global_aux", l_set_global_aux}, {NULL, NULL},
 };
 
 static const luaL_Reg comm_methods[] = {

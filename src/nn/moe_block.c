@@ -94,6 +94,13 @@ moe_status moe_block_set_expert_parallel(moe_layer *l, moe_comm *comm) {
     s->ep_comm = comm && comm->size > 1 ? comm : NULL;
     return MOE_OK;
 }
+moe_status moe_block_set_aux_comm(moe_layer *l, moe_comm *comm) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_aux_comm: not an MoE layer");
+    s->cfg.router.aux_comm = comm;
+    return MOE_OK;
+}
+
 int moe_block_expert_parallel_size(const moe_layer *l) {
     block_state *s = st_of(l);
     return s && s->ep_comm ? s->ep_comm->size : 1;

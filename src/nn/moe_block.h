@@ -60,6 +60,8 @@ moe_tensor *moe_block_bias(const moe_layer *l);
  * (not custom experts), E divisible by the size. */
 struct moe_comm;
 moe_status moe_block_set_expert_parallel(moe_layer *l, struct moe_comm *comm);
+/* The batch auxiliary loss over comm's ranks (router.h, aux_comm); NULL: this rank's tokens. Borrowed. */
+moe_status moe_block_set_aux_comm(moe_layer *l, struct moe_comm *comm);
 int moe_block_expert_parallel_size(const moe_layer *l);   /* 1 when off */
 
 /* The grouped expert bank used by the block (exposed for tests and benches). */

@@ -1,5 +1,6 @@
 #include "router.h"
 #include "../core/rng.h"
+#include "../dist/comm.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -156,6 +157,39 @@ static void compute_weights(route_saved *r, assign *as, int64_t na) {
         }
         as[a].w = w * scale;
     }
+}
+
+/* Batch aux over every rank of comm: f (in place) and P, both [e] this rank's
+ * values, averaged over the ranks; then aux = E sum f P. */
+moe_status moe_route_global_aux(struct moe_comm *comm, float *f, const double *pm, int64_t e, double *aux) {
+    int64_t shape[1] = {2 * e};
+    moe_tensor *v = moe_tensor_new_cpu(MOE_F64, 1, shape);
+    if (!v) return moe_last_status();
+    double *p = moe_tensor_data(v);
+    for (int64_t j = 0; j < e; j++) { p[j] = f[j]; p[e + j] = pm[j]; }
+    moe_status s = moe_comm_all_reduce(comm, v, MOE_DIST_AVG);
+    if (s == MOE_OK) {
+        double a = 0;
+        for (int64_t j = 0; j < e; j++) {
+            f[j] = (float)p[j];
+            a += (double)e * (double)f[j] * p[e + j];
+        }
+        *aux = a;
+    }
+    moe_tensor_release(v);
+    return s == MOE_OK ? s : moe_error_context(s, "router: global auxiliary loss");
+}
+
+/* the host path: P from the normalised scores pn [n, e] */
+static moe_status global_aux_host(struct moe_comm *comm, float *f, const float *pn, int64_t n, int64_t e, double *aux) {
+    double *pm = calloc((size_t)e + 1, sizeof *pm);
+    if (!pm) return moe_error(MOE_ERR_OOM, "router: out of host memory");
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < e; j++) pm[j] += pn[i * e + j];
+    for (int64_t j = 0; j < e; j++) pm[j] /= (double)(n ? n : 1);
+    moe_status s = moe_route_global_aux(comm, f, pm, e, aux);
+    free(pm);
+    return s;
 }
 
 moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
@@ -347,7 +381,9 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
 
     /* auxiliary loss: E * sum_e f_e P_e (averaged over groups) */
     double aux = 0;
-    if (cfg->aux != MOE_AUX_NONE) {
+    if (cfg->aux == MOE_AUX_BATCH && cfg->aux_comm && st == MOE_OK) {
+        st = global_aux_host(cfg->aux_comm, r->f, r->pn, n, e, &aux);
+    } else if (cfg->aux != MOE_AUX_NONE) {
         for (int64_t g = 0; g < groups; g++) {
             int64_t t0 = cfg->aux == MOE_AUX_SEQUENCE ? g * seq_len : 0, t1 = cfg->aux == MOE_AUX_SEQUENCE ? t0 + seq_len : n;
             for (int64_t j = 0; j < e; j++) {

@@ -29,6 +29,8 @@
 #include "tape.h"
 #include "../ops/ops.h"
 
+struct moe_comm;
+
 typedef enum { MOE_SCORE_SOFTMAX, MOE_SCORE_SIGMOID } moe_score_fn;
 
 typedef enum {
@@ -50,6 +52,12 @@ typedef struct {
     float routed_scaling;     /* weights are multiplied by this (DeepSeek); 0 -> 1 */
     int sinkhorn_iters;       /* 0 -> 8 */
     moe_aux_kind aux;         /* which auxiliary loss to compute */
+    /* batch aux over every rank's tokens: the dispatch fractions f and mean
+     * scores P are averaged over this communicator's ranks (equal token
+     * counts per rank) before aux = E sum f P; the gradient then uses the
+     * global f, which makes the ranks' averaged gradients those of one
+     * process on the whole batch. NULL: this rank's tokens only. */
+    struct moe_comm *aux_comm;
 } moe_router_cfg;
 
 /* Host-side statistics of one routing call, free of device syncs for callers. */
@@ -88,6 +96,9 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
                      moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
                      uint64_t noise_offset, int64_t seq_len, moe_routing *out);
 void moe_routing_clear(moe_routing *r);
+/* Both paths (router.c): the batch aux over comm's ranks (see aux_comm) from
+ * this rank's f (averaged in place) and mean scores pm, both [e]. */
+moe_status moe_route_global_aux(struct moe_comm *comm, float *f, const double *pm, int64_t e, double *aux);
 
 /* Internal (router.c <-> router_device.c): whether moe_route takes the
  * device path for these logits, and that path (arguments checked by moe_route). */

@@ -107,6 +107,31 @@ static double slot_double(const int64_t *p) {
     return v;
 }
 
+/* The batch aux over cfg->aux_comm's ranks: this rank's f (device) and mean
+ * scores come to the host, are averaged over the ranks, and the global f goes
+ * back (backward reads it) with aux written into its tensor. Optional mode:
+ * it adds a device sync and a collective per MoE layer. */
+static moe_status global_aux_device(moe_ctx *ctx, struct moe_comm *comm, dev_saved *r, moe_tensor *aux_t, double *aux) {
+    const int64_t e = r->e;
+    int64_t s_e[1] = {e};
+    moe_tensor *pm_d = moe_tensor_new(ctx, MOE_F32, 1, s_e, r->s->device);
+    moe_status st = pm_d ? moe_op_reduce(ctx, MOE_RED_MEAN, pm_d, r->pn ? r->pn : r->s, 0) : moe_last_status();
+    moe_tensor *pm_h = st == MOE_OK ? moe_op_to(ctx, pm_d, MOE_DEVICE_CPU, MOE_F32) : NULL;
+    moe_tensor *f_h = st == MOE_OK ? moe_op_to(ctx, r->f, MOE_DEVICE_CPU, MOE_F32) : NULL;
+    double *pm = calloc((size_t)e + 1, sizeof *pm);
+    if (st == MOE_OK && (!pm_h || !f_h)) st = moe_last_status();
+    if (st == MOE_OK && !pm) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
+    if (st == MOE_OK) {
+        for (int64_t j = 0; j < e; j++) pm[j] = moe_f32(pm_h)[j];
+        st = moe_route_global_aux(comm, moe_f32(f_h), pm, e, aux);
+    }
+    if (st == MOE_OK) st = moe_op_copy(ctx, r->f, f_h);
+    if (st == MOE_OK) st = moe_op_fill(ctx, aux_t, *aux);
+    free(pm);
+    moe_tensor_release(pm_d); moe_tensor_release(pm_h); moe_tensor_release(f_h);
+    return st;
+}
+
 moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
                             const float *bias, int64_t seq_len, moe_routing *out) {
     memset(out, 0, sizeof *out);
@@ -173,6 +198,9 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         st = moe_cuda_route_forward(ctx, dev, &a);
     }
     moe_tensor_release(lc);
+    double global_aux = 0;
+    if (st == MOE_OK && cfg->aux == MOE_AUX_BATCH && cfg->aux_comm)
+        st = global_aux_device(ctx, cfg->aux_comm, r, aux_t, &global_aux);
     if (st == MOE_OK) {
         const int64_t na = summary[e];
         /* the first na of the n*k slots hold the assignments: these headers
@@ -192,7 +220,9 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         out->slots = r->pos;
         out->stats = (moe_route_stats){n, na, summary[2 * e + 1], counts, slot_double(summary + 2 * e + 2) / (double)n,
                                        slot_double(summary + 2 * e + 3) / (double)n,
-                                       slot_double(summary + 2 * e + 4) / (double)n, slot_double(summary + 2 * e + 5)};
+                                       slot_double(summary + 2 * e + 4) / (double)n,
+                                       cfg->aux == MOE_AUX_BATCH && cfg->aux_comm ? global_aux
+                                                                                  : slot_double(summary + 2 * e + 5)};
         tok = ex = w = aux_t = z_t = NULL;
         offsets = counts = NULL;
         if (tape) {

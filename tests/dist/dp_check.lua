@@ -9,7 +9,7 @@ d.init{timeout = 20}
 local rank, world = d.rank(), d.world_size()
 assert(world == 2, "run with 2 ranks")
 
-local close, close_t = dofile("tests/dist/common.lua")(rank)
+local close, close_t, close_n = dofile("tests/dist/common.lua")(rank)
 
 if mode == "exit_early" then
   if rank == 1 then return end
@@ -77,6 +77,15 @@ local res2 = dt2:train(o2)
 local dt3 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
 local res3 = dt3:train{max_steps = 1, batch_size = 2, seq_len = 8, learning_rate = 1e-2, batch_fn = batch}
 
+-- global_aux_loss: the aux loss over both ranks' tokens, so DP=2 equals one
+-- process on the two micro-batches as one batch (not two accumulated ones)
+local dt4 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.5,
+                                                  global_aux_loss = true}
+local o4 = {}
+for k, v in pairs(train) do o4[k] = v end
+o4.batch_fn = batch
+local res4 = dt4:train(o4)
+
 if rank == 0 then
   local ref_model = model(11)
   local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
@@ -117,6 +126,29 @@ if rank == 0 then
     close(g[i].entropy, r.entropy, 1e-5, "global routing entropy, layer " .. i)
   end
   assert(nl > 0, "no routing statistics recorded")
+
+  -- global aux: one process, batch of both micro-batches (rows g*4 .. g*4+3 of the step)
+  local function both_at(g)
+    local a1, t1 = batch(2 * g)
+    local a2, t2 = batch(2 * g + 1)
+    local ids, tg = a1:to_table(), t1:to_table()
+    for _, r in ipairs(a2:to_table()) do ids[#ids + 1] = r end
+    for _, r in ipairs(t2:to_table()) do tg[#tg + 1] = r end
+    return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
+  end
+  local ref4_model = model(11)
+  local ref4 = moe.MoETrainer{model = ref4_model, progress = false, aux_loss_coef = 0.5}
+  local ro4 = {}
+  for k, v in pairs(train) do ro4[k] = v end
+  ro4.batch_fn, ro4.batch_size = both_at, 4
+  local rres4 = ref4:train(ro4)
+  for s = 1, train.max_steps do
+    close(res4.history[s].loss, rres4.history[s].loss, 1e-5, "global aux: loss at step " .. s)
+    close(res4.history[s].aux_loss, rres4.history[s].aux_loss, 1e-5, "global aux: aux loss at step " .. s)
+  end
+  -- as vectors: AdamW magnifies the rounding of near-zero gradients (the batch of 4
+  -- sums its rows in another order than two batches of 2)
+  close_n(dt4.model.net:flat_parameters(), ref4_model.net:flat_parameters(), 1e-5, "global aux: final parameters")
 end
 -- both ranks end with the same parameters
 local mine = dt.model.net:flat_parameters()
