@@ -15,6 +15,7 @@
 #include "gpucheck.h"
 #include "../../src/nn/functional.h"
 #include "../../src/nn/router.h"
+#include "../../src/dist/comm.h"
 
 static moe_device DEV;
 
@@ -322,6 +323,45 @@ static void check_index_bound(void) {
     moe_tensor_release(ld);
 }
 
+/* global batch aux (cfg.aux_comm) over a one-rank communicator: the same aux,
+ * statistics and logits gradient as the rank-local aux (the all-reduce is the
+ * identity there; this exercises the path's copies, reductions and refill) */
+static void check_global_aux(const rcase *c) {
+    moe_comm *one = moe_comm_single_new(ctx);
+    die_if(!one, "single communicator");
+    moe_router_cfg local = cfg_of(c), global = cfg_of(c);
+    global.aux_comm = one;
+    moe_tensor *lh = make_logits(c), *ld = moe_op_to(ctx, lh, DEV, c->dt);
+    die_if(!ld, "logits upload");
+    moe_tape *t1 = moe_tape_new(), *t2 = moe_tape_new();
+    moe_routing r1, r2;
+    moe_status s1 = moe_route(ctx, t1, &local, ld, NULL, NULL, 1, 0, 0, c->seq_len, &r1);
+    moe_status s2 = moe_route(ctx, t2, &global, ld, NULL, NULL, 1, 0, 0, c->seq_len, &r2);
+    if (RUN("global aux", c->dt, s1, s2)) {
+        moe_tensor *a1 = download(r1.aux_loss, MOE_F32), *a2 = download(r2.aux_loss, MOE_F32);
+        double x1 = a1 ? moe_f32(a1)[0] : NAN, x2 = a2 ? moe_f32(a2)[0] : NAN;
+        ok(close_rel(x2, x1, 1e-5) && close_rel(r2.stats.aux, r1.stats.aux, 1e-5),
+           "%s: aux over a one-rank communicator = local aux (%.8g vs %.8g; stats %.8g vs %.8g)", c->name, x2, x1,
+           r2.stats.aux, r1.stats.aux);
+        moe_tensor *gw = host_randn(SH(r1.stats.assignments), 1.0f, 0.0f, 0), *gwd = moe_op_to(ctx, gw, DEV, c->dt);
+        moe_tensor *ga = scalar(DEV, 0.9f), *gz = scalar(DEV, 0.3f);
+        die_if(!gwd, "upstream upload");
+        moe_tensor *L1 = combined_loss(t1, &r1, gwd, ga, gz), *L2 = combined_loss(t2, &r2, gwd, ga, gz);
+        moe_tensor *g1 = L1 ? logits_grad(t1, ld, L1, NULL) : NULL;
+        moe_tensor *g2 = L2 ? logits_grad(t2, ld, L2, NULL) : NULL;
+        check_grad("global aux over one rank vs local", c, g2, g1);
+        moe_tensor_release(a1); moe_tensor_release(a2); moe_tensor_release(L1); moe_tensor_release(L2);
+        moe_tensor_release(gw); moe_tensor_release(gwd); moe_tensor_release(ga); moe_tensor_release(gz);
+        moe_routing_clear(&r1);
+        moe_routing_clear(&r2);
+    }
+    moe_tape_free(t1);
+    moe_tape_free(t2);
+    moe_tensor_release(lh);
+    moe_tensor_release(ld);
+    moe_comm_free(one);
+}
+
 int main(void) {
 #ifdef ROUTE_SELFTEST
     ctx = moe_ctx_new(0);
@@ -359,5 +399,7 @@ int main(void) {
     check_determinism(&cases[10]);
     check_determinism(&cases[14]);
     check_index_bound();
+    check_global_aux(&cases[0]);    /* softmax */
+    check_global_aux(&cases[4]);    /* capacity drops */
     return gpucheck_end();
 }
