@@ -322,7 +322,7 @@ function M.DistributedMoETrainer(opts)
   if zs == 3 then
     fail(f, "zero_stage = 3: ZeRO-3 (sharded parameters) is not implemented; use zero_stage 0, 1 or 2")
   end
-  if zs > 0 and topts.precision == "bf16" then
+  if zs > 0 and (topts.precision == "bf16" or model:precision() ~= "f32") then
     fail(f, "zero_stage = %d with precision = \"bf16\" is not supported yet (ZeRO shards f32 gradients); use zero_stage = 0", zs)
   end
   -- ZeRO (1, 2) with expert parallelism: the gradient reduction and the state
@@ -397,8 +397,12 @@ function M.DistributedMoETrainer(opts)
   if own.global_aux_loss ~= nil and type(own.global_aux_loss) ~= "boolean" then
     fail(f, "global_aux_loss must be true or false")
   end
-  if own.global_aux_loss and world > 1 then dist.set_global_aux(model.net, true) end
-  self.global_aux_loss = own.global_aux_loss == true
+  if own.global_aux_loss and model.config.aux_loss_type ~= "batch" then
+    fail(f, "global_aux_loss needs the batch auxiliary loss (the model's aux_loss_type is %s)",
+      tostring(model.config.aux_loss_type))
+  end
+  -- switched on around training only (D:_with_ep): the routers' averaging is a collective
+  self.global_aux_loss = own.global_aux_loss == true and world > 1
   -- data parallel without ZeRO or expert parallelism: the gradient all-reduce
   -- overlaps backward (queued per block over NCCL; blocking per block elsewhere)
   if world > 1 and zs == 0 and ep == 1 then
@@ -410,6 +414,7 @@ function M.DistributedMoETrainer(opts)
   if world > 1 then
     local values = model.net:flat_parameters()
     dist.broadcast(values, 0)
+    model.net:refresh_compute()   -- bf16 precision: the compute copy follows rank 0's values
     self:_sync_buffers(0)
   end
   if ep > 1 and ep < world then
@@ -435,11 +440,18 @@ end
 -- Runs fn with expert parallelism switched on (every rank must call it: the
 -- MoE layers' forwards and backwards are collectives), and off again after,
 -- so the model works in one process between calls.
+-- Runs fn with the per-run distributed switches on: expert parallelism and
+-- the global aux loss (both make every MoE forward a collective), and leaves
+-- no gradient all-reduce armed or queued behind (a last step skipped for a
+-- non-finite loss never reached the finishing hook).
 function D:_with_ep(fn, ...)
-  if self.expert_parallel_size <= 1 then return pcall(fn, ...) end
-  dist.set_expert_parallel(self.model.net, self._ep_comm or true)
+  local net = self.model.net
+  if self.expert_parallel_size > 1 then dist.set_expert_parallel(net, self._ep_comm or true) end
+  if self.global_aux_loss then dist.set_global_aux(net, true) end
   local ok, res = pcall(fn, ...)
-  dist.set_expert_parallel(self.model.net, false)
+  if self.global_aux_loss then dist.set_global_aux(net, false) end
+  if self.expert_parallel_size > 1 then dist.set_expert_parallel(net, false) end
+  if self._overlap then pcall(dist.arm_grad_allreduce, net, false) end
   return ok, res
 end
 
@@ -527,6 +539,7 @@ function D:_zero_optimizer(real)
     local slice = core.zeros({z.S})
     if z.own > 0 then slice:narrow(1, 1, z.own):copy(values:narrow(1, z.lo + 1, z.own)) end
     values:copy(d:_zero_gather(slice))
+    d.model.net:refresh_compute()
     -- the trainer saves a checkpoint (rank 0 only) after this step: gather m, v now
     local t = d.inner.train_options or {}
     local s = d.inner.step + 1

@@ -89,6 +89,7 @@ typedef struct {
     char *hb_dir;
     int hb_rank, hb_size;
     double hb_stale_s, hb_since, hb_checked;
+    double *hb_seen, *hb_seen_at;   /* per rank: last heartbeat value read, and when it changed (our clock) */
     pthread_t hb_thread;
     int hb_running;
     volatile int hb_stop;
@@ -122,11 +123,12 @@ static void *hb_main(void *arg) {
     return NULL;
 }
 
-/* Ranks whose heartbeat is older than the limit (or missing once the grace
- * period after the start is over), as "1, 3" in buf; returns their count. */
+/* Ranks whose heartbeat file has not changed for longer than the limit (by
+ * this process's monotonic clock, so the hosts' clocks need not agree), as
+ * "1, 3" in buf; returns their count. */
 static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
     int count = 0;
-    double now = wall_now();
+    double now = moe_dist_now();
     buf[0] = 0;
     *worst_age = 0;
     for (int r = 0; r < m->hb_size; r++) {
@@ -136,7 +138,8 @@ static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
         double t = 0;
         FILE *f = fopen(path, "r");
         if (f) { if (fscanf(f, "%lf", &t) != 1) t = 0; fclose(f); }
-        double age = t > 0 ? now - t : now - m->hb_since;
+        if (t != m->hb_seen[r]) { m->hb_seen[r] = t; m->hb_seen_at[r] = now; }
+        double age = now - m->hb_seen_at[r];
         if (age > m->hb_stale_s) {
             size_t used = strlen(buf);
             snprintf(buf + used, n - used, "%s%d", count ? ", " : "", r);
@@ -405,6 +408,8 @@ static void nc_destroy(moe_comm *c) {
         pthread_join(m->hb_thread, NULL);
     }
     free(m->hb_dir);
+    free(m->hb_seen);
+    free(m->hb_seen_at);
     if (m->ready) cudaEventDestroy(m->ready);
     if (m->stream) cudaStreamDestroy(m->stream);
     if (m->scratch) cudaFree(m->scratch);
@@ -590,7 +595,11 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
         m->hb_size = c->size;
         const char *hs = getenv("MOELAB_DIST_HEARTBEAT_S");
         m->hb_stale_s = hs && atof(hs) > 0 ? atof(hs) : 15.0;
-        m->hb_since = wall_now();
+        m->hb_since = moe_dist_now();
+        m->hb_seen = calloc((size_t)c->size, sizeof *m->hb_seen);
+        m->hb_seen_at = calloc((size_t)c->size, sizeof *m->hb_seen_at);
+        for (int r = 0; m->hb_seen_at && r < c->size; r++) m->hb_seen_at[r] = m->hb_since;
+        if (!m->hb_seen || !m->hb_seen_at) { free(m->hb_dir); m->hb_dir = NULL; }
         if (m->hb_dir) {
             hb_write(m->hb_dir, m->hb_rank);
             m->hb_running = pthread_create(&m->hb_thread, NULL, hb_main, m) == 0;

