@@ -330,25 +330,16 @@ static int l_all_to_all_v(lua_State *L) {
     return 1;
 }
 
-static int set_ep_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
+/* Applies set(layer, c) to every MoE layer of the tree; returns how many. */
+static int set_moe_tree(lua_State *L, moe_layer *l, moe_status (*set)(moe_layer *, moe_comm *), moe_comm *c,
+                        const char *f) {
     int n = 0;
     if (moe_layer_is_moe(l)) {
-        moe_lua_check(L, moe_block_set_expert_parallel(l, c), f);
+        moe_lua_check(L, set(l, c), f);
         n++;
     }
     for (int i = 0; i < l->n_children; i++)
-        if (l->children[i]) n += set_ep_tree(L, l->children[i], c, f);
-    return n;
-}
-
-static int set_aux_tree(lua_State *L, moe_layer *l, moe_comm *c, const char *f) {
-    int n = 0;
-    if (moe_layer_is_moe(l)) {
-        moe_lua_check(L, moe_block_set_aux_comm(l, c), f);
-        n++;
-    }
-    for (int i = 0; i < l->n_children; i++)
-        if (l->children[i]) n += set_aux_tree(L, l->children[i], c, f);
+        if (l->children[i]) n += set_moe_tree(L, l->children[i], set, c, f);
     return n;
 }
 
@@ -364,7 +355,7 @@ static int l_set_global_aux(lua_State *L) {
         moe_comm *h = registry_comm(L, KEY_HOST);
         if (h) c = h;
     }
-    lua_pushinteger(L, set_aux_tree(L, l, c, f));
+    lua_pushinteger(L, set_moe_tree(L, l, moe_block_set_aux_comm, c, f));
     return 1;
 }
 
@@ -387,7 +378,7 @@ static int l_set_expert_parallel(lua_State *L) {
         moe_comm *h = registry_comm(L, KEY_HOST);
         if (h && h->ops->supports(h, l->device)) c = h;
     }
-    int n = set_ep_tree(L, l, on ? c : NULL, f);
+    int n = set_moe_tree(L, l, moe_block_set_expert_parallel, on ? c : NULL, f);
     /* registry[KEY_EP_REFS][layer object] = the Comm given (or nil) */
     lua_getfield(L, LUA_REGISTRYINDEX, KEY_EP_REFS);
     if (lua_isnil(L, -1)) {

@@ -58,18 +58,21 @@ local train = {max_steps = 3, batch_size = 2, seq_len = 8, learning_rate = 1e-2,
 -- rank 1 starts from other weights: the broadcast from rank 0 must fix that
 local dt = moe.distributed.DistributedMoETrainer{model = model(rank == 0 and 11 or 99), progress = false,
                                                  aux_loss_coef = 0.01}
-local o = {}
-for k, v in pairs(train) do o[k] = v end
-o.batch_fn = batch
+-- the train{} options: `train` plus extra
+local function opts(extra)
+  local o = {}
+  for k, v in pairs(train) do o[k] = v end
+  for k, v in pairs(extra) do o[k] = v end
+  return o
+end
+local o = opts{batch_fn = batch}
 local res = dt:train(o)
 assert(res.world_size == 2 and res.global_batch_size == 4)
 assert(dt._overlap, "data parallel should all-reduce gradients during backward (block by block)")
 
 -- with gradient accumulation only the last micro-batch's backward queues the all-reduce
 local dt2 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
-local o2 = {}
-for k, v in pairs(train) do o2[k] = v end
-o2.batch_fn, o2.gradient_accumulation_steps = batch, 2
+local o2 = opts{batch_fn = batch, gradient_accumulation_steps = 2}
 local res2 = dt2:train(o2)
 
 -- routing statistics describe the global batch: step 1 of DP=2 routes the two
@@ -81,17 +84,23 @@ local res3 = dt3:train{max_steps = 1, batch_size = 2, seq_len = 8, learning_rate
 -- process on the two micro-batches as one batch (not two accumulated ones)
 local dt4 = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.5,
                                                   global_aux_loss = true}
-local o4 = {}
-for k, v in pairs(train) do o4[k] = v end
-o4.batch_fn = batch
+local o4 = opts{batch_fn = batch}
 local res4 = dt4:train(o4)
+
+-- one process's view of DP=2 step g (0-based): both ranks' micro-batches as one batch of 4 rows
+local function both_at(g)
+  local a1, t1 = batch(2 * g)
+  local a2, t2 = batch(2 * g + 1)
+  local ids, tg = a1:to_table(), t1:to_table()
+  for _, r in ipairs(a2:to_table()) do ids[#ids + 1] = r end
+  for _, r in ipairs(t2:to_table()) do tg[#tg + 1] = r end
+  return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
+end
 
 if rank == 0 then
   local ref_model = model(11)
   local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
-  local ro = {}
-  for k, v in pairs(train) do ro[k] = v end
-  ro.batch_fn, ro.gradient_accumulation_steps = batch, 2
+  local ro = opts{batch_fn = batch, gradient_accumulation_steps = 2}
   local rres = ref:train(ro)
   for s = 1, train.max_steps do
     close(res.history[s].loss, rres.history[s].loss, 1e-5, "loss at step " .. s)
@@ -102,22 +111,12 @@ if rank == 0 then
   -- accumulation 2 on 2 ranks = accumulation 4 in one process
   local ref2_model = model(11)
   local ref2 = moe.MoETrainer{model = ref2_model, progress = false, aux_loss_coef = 0.01}
-  local ro2 = {}
-  for k, v in pairs(train) do ro2[k] = v end
-  ro2.batch_fn, ro2.gradient_accumulation_steps = batch, 4
+  local ro2 = opts{batch_fn = batch, gradient_accumulation_steps = 4}
   local rres2 = ref2:train(ro2)
   for s = 1, train.max_steps do close(res2.history[s].loss, rres2.history[s].loss, 1e-5, "accum 2: loss at step " .. s) end
   close_t(dt2.model.net:flat_parameters(), ref2_model.net:flat_parameters(), 1e-5, "accum 2: final parameters")
-  local function both(g)   -- batches 0 and 1 as one batch of 4 rows
-    local a1, t1 = batch(0)
-    local a2, t2 = batch(1)
-    local ids, tg = a1:to_table(), t1:to_table()
-    for _, r in ipairs(a2:to_table()) do ids[#ids + 1] = r end
-    for _, r in ipairs(t2:to_table()) do tg[#tg + 1] = r end
-    return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
-  end
   local ref3 = moe.MoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01}
-  local rres3 = ref3:train{max_steps = 1, batch_size = 4, seq_len = 8, learning_rate = 1e-2, batch_fn = both}
+  local rres3 = ref3:train{max_steps = 1, batch_size = 4, seq_len = 8, learning_rate = 1e-2, batch_fn = both_at}
   local g, l = res3.history[1].routing, rres3.history[1].routing
   local nl = 0
   for i, r in pairs(l) do
@@ -127,20 +126,10 @@ if rank == 0 then
   end
   assert(nl > 0, "no routing statistics recorded")
 
-  -- global aux: one process, batch of both micro-batches (rows g*4 .. g*4+3 of the step)
-  local function both_at(g)
-    local a1, t1 = batch(2 * g)
-    local a2, t2 = batch(2 * g + 1)
-    local ids, tg = a1:to_table(), t1:to_table()
-    for _, r in ipairs(a2:to_table()) do ids[#ids + 1] = r end
-    for _, r in ipairs(t2:to_table()) do tg[#tg + 1] = r end
-    return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
-  end
+  -- global aux: one process, both micro-batches of each step as one batch
   local ref4_model = model(11)
   local ref4 = moe.MoETrainer{model = ref4_model, progress = false, aux_loss_coef = 0.5}
-  local ro4 = {}
-  for k, v in pairs(train) do ro4[k] = v end
-  ro4.batch_fn, ro4.batch_size = both_at, 4
+  local ro4 = opts{batch_fn = both_at, batch_size = 4}
   local rres4 = ref4:train(ro4)
   for s = 1, train.max_steps do
     close(res4.history[s].loss, rres4.history[s].loss, 1e-5, "global aux: loss at step " .. s)

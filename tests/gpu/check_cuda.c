@@ -1274,7 +1274,7 @@ static double expert_offsets(int64_t *off, int64_t M, int G, double s) {
 }
 
 /* Times one grouped call under each strategy: ms[0] loop, ms[1] batched, ms[2] padded (< 0: failed). */
-static void time_gjob_both(gjob *j, const char *label, double flops, double ms[3]) {
+static void time_gjob_strategies(gjob *j, const char *label, double flops, double ms[3]) {
     static const moe_cuda_grouped_gemm modes[3] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED,
                                                    MOE_CUDA_GROUPED_PADDED};
     char txt[3][160];
@@ -1337,7 +1337,7 @@ static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H
             snprintf(label, sizeof label, "grouped %s %s %s, %s: M=%lld K=%lld N=%lld G=%d", model, dtn(dt),
                      ops[o].what, bal, (long long)M, (long long)ops[o].k, (long long)ops[o].n, G);
             double ms[3];
-            time_gjob_both(&j, label, 2.0 * (double)M * (double)H * (double)I, ms);
+            time_gjob_strategies(&j, label, 2.0 * (double)M * (double)H * (double)I, ms);
             for (int k = 0; k < 3; k++) {
                 if (ms[k] < 0) all = 0;
                 tot[k] += ops[o].times * ms[k];

@@ -475,25 +475,25 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
 
 // ---- strategy switch (moe_cuda.h) ----
 
-moe_status cuda_grouped_wgrad_from_env(int *mode) {
-    const char *v = getenv("MOELAB_GROUPED_WGRAD");
-    if (!v || !*v) return MOE_OK;
+// "auto" | "batched" | "padded" | "loop" -> a moe_cuda_grouped_gemm
+static moe_status parse_grouped(const char *var, const char *v, int *mode) {
     if (!strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
     else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
-    else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
     else if (!strcmp(v, "padded")) *mode = MOE_CUDA_GROUPED_PADDED;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_WGRAD=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", v);
+    else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
+    else return moe_error(MOE_ERR_ARG, "%s=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", var, v);
     return MOE_OK;
+}
+
+moe_status cuda_grouped_wgrad_from_env(int *mode) {
+    const char *v = getenv("MOELAB_GROUPED_WGRAD");
+    return v && *v ? parse_grouped("MOELAB_GROUPED_WGRAD", v, mode) : MOE_OK;
 }
 
 moe_status cuda_grouped_gemm_from_env(int *mode) {
     const char *v = getenv("MOELAB_GROUPED_GEMM");
-    if (!v || !*v || !strcmp(v, "auto")) *mode = MOE_CUDA_GROUPED_AUTO;
-    else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
-    else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
-    else if (!strcmp(v, "padded")) *mode = MOE_CUDA_GROUPED_PADDED;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_GEMM=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", v);
-    return MOE_OK;
+    if (!v || !*v) { *mode = MOE_CUDA_GROUPED_AUTO; return MOE_OK; }
+    return parse_grouped("MOELAB_GROUPED_GEMM", v, mode);
 }
 
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
