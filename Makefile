@@ -33,7 +33,8 @@ ifeq ($(CUDA),1)
   CORE_SRC := $(filter-out src/ops/cuda_none.c,$(CORE_SRC))
   CU_SRC   := $(wildcard src/ops/cuda/*.cu)
   CFLAGS   += -DMOELAB_CUDA=1
-  NVFLAGS  := -O3 -std=c++17 -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 -MMD -MP
+  NVARCH   := -gencode arch=compute_90,code=sm_90
+  NVFLAGS   = -O3 -std=c++17 -Xcompiler -fPIC $(NVARCH) -MMD -MP
   # The GPU machine has the driver and cuBLAS but no OpenBLAS, LuaJIT, libedit or cJSON:
   # cudart is linked statically, and `make CUDA=1 bundle` copies the other
   # shared libraries into build/cuda/lib (found via rpath), one OpenBLAS for
@@ -90,6 +91,9 @@ $(BUILD)/src/main.o $(BUILD)/src/repl_complete.o: $(BUILD)/src/%.o: src/%.c
 $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+# wgmma needs the architecture-specific Hopper target (runs on H100/H200 only)
+$(BUILD)/src/ops/cuda/cuda_grouped_mma.cu.o: NVARCH := -gencode arch=compute_90a,code=sm_90a
 
 $(LIB): $(CORE_OBJ)
 	@rm -f $@

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, with build/cuda carried (make CUDA=1 build/cuda/moelab gpu-tests bundle):
-# the GPU tests, then the bf16 whole-step benchmark under both grouped-GEMM
-# strategies, then the MoE layer benchmark in bf16. Each part has a time cap;
+# the GPU tests, then the bf16 whole-step benchmark under the grouped-GEMM
+# strategies of $STEP_STRATEGIES (auto and kernel), then the MoE layer benchmark in bf16. Each part has a time cap;
 # logs go to $OUT. Usage: bash tools/gpu_fastpath.sh [tests|step|layer ...]
 set -u
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ for p in $parts; do
         timeout "${TESTS_S:-240}" bash tests/gpu/run.sh build/cuda >"$out/tests.txt" 2>&1
         echo "rc=$?"; grep -E '^not ok|^# ' "$out/tests.txt" | head -80; tail -1 "$out/tests.txt" ;;
     step)
-        for g in batched loop; do
+        for g in ${STEP_STRATEGIES:-auto kernel}; do
             echo "== gpu_step bf16, grouped GEMM $g"
             MOELAB_GROUPED_GEMM=$g timeout "${STEP_S:-150}" build/cuda/moelab bench/gpu_step.lua bf16 "${STEP_N:-20}" 5 \
                 >"$out/step_bf16_$g.txt" 2>&1

@@ -182,7 +182,8 @@ static void grouped_wgrad_check(moe_dtype dt, const char *sn, const char *what, 
  * rows (about 2250 non-empty: two pointer-fill launches of up to 2048; about
  * 750 empty: two empty-group scale launches of up to 512). */
 static void grouped_checks(moe_dtype dt, moe_cuda_grouped_gemm mode) {
-    const char *sn = mode == MOE_CUDA_GROUPED_LOOP ? "loop" : mode == MOE_CUDA_GROUPED_PADDED ? "padded" : "batched";
+    const char *sn = mode == MOE_CUDA_GROUPED_LOOP ? "loop" : mode == MOE_CUDA_GROUPED_PADDED ? "padded"
+                   : mode == MOE_CUDA_GROUPED_KERNEL ? "kernel" : "batched";
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode) != MOE_OK, "set the grouped-GEMM strategy");
     uint64_t b0 = 0, l0 = 0, b1 = 0, l1 = 0;
     die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b0, &l0) != MOE_OK, "grouped-GEMM counters");
@@ -208,8 +209,8 @@ static void grouped_checks(moe_dtype dt, moe_cuda_grouped_gemm mode) {
     random_offsets(off3, GM, 3);
     grouped_wgrad_check(dt, sn, "3000 groups", 0.0f, off3, GM, 8, 16); n_al++;
     die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b1, &l1) != MOE_OK, "grouped-GEMM counters");
-    /* padded calls count as one-call ("batched") calls; over 256 experts they run as batched */
-    int one_call = mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED;
+    /* padded and kernel calls count as one-call ("batched") calls; over 256 experts they run as batched */
+    int one_call = mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED || mode == MOE_CUDA_GROUPED_KERNEL;
     uint64_t want_b = one_call ? (uint64_t)n_al : 0;
     uint64_t want_l = one_call ? (uint64_t)n_odd : (uint64_t)(n_odd + n_al);
     ok(b1 - b0 == want_b && l1 - l0 == want_l,
@@ -225,6 +226,7 @@ static void test_gemm_grouped(moe_dtype dt) {
     grouped_checks(dt, MOE_CUDA_GROUPED_LOOP);
     grouped_checks(dt, MOE_CUDA_GROUPED_BATCHED);
     grouped_checks(dt, MOE_CUDA_GROUPED_PADDED);
+    grouped_checks(dt, MOE_CUDA_GROUPED_KERNEL);
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode0) != MOE_OK, "restore the grouped-GEMM strategy");
 }
 
@@ -1273,16 +1275,19 @@ static double expert_offsets(int64_t *off, int64_t M, int G, double s) {
     return (double)mx * G / (double)M;
 }
 
-/* Times one grouped call under each strategy: ms[0] loop, ms[1] batched, ms[2] padded (< 0: failed). */
-static void time_gjob_strategies(gjob *j, const char *label, double flops, double ms[3]) {
-    static const moe_cuda_grouped_gemm modes[3] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED,
-                                                   MOE_CUDA_GROUPED_PADDED};
-    char txt[3][160];
+/* Times one grouped call under each strategy: ms[k] for NSTRAT strategies (< 0: failed). */
+enum { NSTRAT = 4 };
+static const moe_cuda_grouped_gemm strat_mode[NSTRAT] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED,
+                                                        MOE_CUDA_GROUPED_PADDED, MOE_CUDA_GROUPED_KERNEL};
+static const char *const strat_name[NSTRAT] = {"loop", "batched", "padded", "kernel"};
+
+static void time_gjob_strategies(gjob *j, const char *label, double flops, double ms[NSTRAT]) {
+    char txt[NSTRAT][160];
     int fell_back = 0;
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < NSTRAT; k++) {
         uint64_t b0 = 0, b1 = 0;
         ms[k] = -1;
-        if (moe_cuda_set_grouped_gemm(ctx, 0, modes[k]) != MOE_OK ||
+        if (moe_cuda_set_grouped_gemm(ctx, 0, strat_mode[k]) != MOE_OK ||
             moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b0, NULL) != MOE_OK ||
             moe_cuda_time_ms(ctx, 0, gjob_run, j, 3, 20, &ms[k]) != MOE_OK ||
             moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b1, NULL) != MOE_OK) {
@@ -1290,10 +1295,11 @@ static void time_gjob_strategies(gjob *j, const char *label, double flops, doubl
             snprintf(txt[k], sizeof txt[k], "failed: %s", moe_last_error());
             continue;
         }
-        if (modes[k] != MOE_CUDA_GROUPED_LOOP && b1 - b0 != 23) fell_back = 1;
+        if (strat_mode[k] != MOE_CUDA_GROUPED_LOOP && b1 - b0 != 23) fell_back = 1;
         snprintf(txt[k], sizeof txt[k], "%.3f ms %.1f TFLOP/s", ms[k], flops / (ms[k] * 1e-3) / 1e12);
     }
-    printf("# %s: loop %s | batched %s | padded %s", label, txt[0], txt[1], txt[2]);
+    printf("# %s:", label);
+    for (int k = 0; k < NSTRAT; k++) printf("%s %s %s", k ? " |" : "", strat_name[k], txt[k]);
     if (fell_back) printf(" [a one-call strategy fell back to the loop]");
     printf("\n");
     fflush(stdout);
@@ -1329,26 +1335,26 @@ static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H
         char bal[64];
         if (v) snprintf(bal, sizeof bal, "zipf s=1 (max/mean %.1f)", ratio);
         else snprintf(bal, sizeof bal, "balanced");
-        double tot[3] = {0, 0, 0};
+        double tot[NSTRAT] = {0};
         int all = 1;
         for (size_t o = 0; o < sizeof ops / sizeof ops[0]; o++) {
             gjob j = {ops[o].wgrad, ops[o].transb, ops[o].a, ops[o].b, ops[o].c, off, G};
             char label[256];
             snprintf(label, sizeof label, "grouped %s %s %s, %s: M=%lld K=%lld N=%lld G=%d", model, dtn(dt),
                      ops[o].what, bal, (long long)M, (long long)ops[o].k, (long long)ops[o].n, G);
-            double ms[3];
+            double ms[NSTRAT];
             time_gjob_strategies(&j, label, 2.0 * (double)M * (double)H * (double)I, ms);
-            for (int k = 0; k < 3; k++) {
+            for (int k = 0; k < NSTRAT; k++) {
                 if (ms[k] < 0) all = 0;
                 tot[k] += ops[o].times * ms[k];
             }
         }
         if (all) {
             double fl = 9 * 2.0 * (double)M * (double)H * (double)I;
-            printf("# grouped %s %s layer step (9 grouped GEMMs), %s: loop %.3f ms %.1f TFLOP/s | batched %.3f ms "
-                   "%.1f TFLOP/s | padded %.3f ms %.1f TFLOP/s\n", model, dtn(dt), bal, tot[0],
-                   fl / (tot[0] * 1e-3) / 1e12, tot[1], fl / (tot[1] * 1e-3) / 1e12, tot[2],
-                   fl / (tot[2] * 1e-3) / 1e12);
+            printf("# grouped %s %s layer step (9 grouped GEMMs), %s:", model, dtn(dt), bal);
+            for (int k = 0; k < NSTRAT; k++)
+                printf("%s %s %.3f ms %.1f TFLOP/s", k ? " |" : "", strat_name[k], tot[k], fl / (tot[k] * 1e-3) / 1e12);
+            printf("\n");
             fflush(stdout);
         }
     }

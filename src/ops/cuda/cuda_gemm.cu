@@ -12,6 +12,8 @@
 // Grouped (expert) GEMMs have two strategies, chosen per device
 // (cuda_dev::grouped_gemm, see moe_cuda.h):
 //  loop     one cuBLAS GEMM per non-empty expert;
+//  kernel   bf16 only: moelab's own grouped kernel (cuda_grouped_mma.cu),
+//           one launch for all experts;
 //  batched  one cublasGemmGroupedBatchedEx over all non-empty experts. Its
 //           per-group sizes, leading dims and scalars are host arrays; its
 //           A/B/C pointer arrays must be in device memory: a small kernel
@@ -23,6 +25,7 @@
 // device memory, so it assumes aligned ones for its fast kernels) and for a
 // type combination that cuBLAS reports as unsupported.
 #include "cuda_common.cuh"
+#include "cuda_grouped_mma.h"
 #include "moe_cuda.h"
 
 #include <algorithm>
@@ -95,6 +98,21 @@ static void count_call(cuda_dev *d, bool batched) {
 }
 
 static bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
+// The own kernel (cuda_grouped_mma.cu) serves bf16 calls under the kernel
+// strategy, and under auto those whose experts are small (where the loop's
+// launches dominate; moe_cuda.h); calls it cannot take go on as before.
+static bool want_batched(int mode, double flops, const int64_t *offsets, int groups);
+static bool use_kernel(int mode, double flops, const int64_t *offsets, int groups, moe_dtype c, moe_dtype a,
+                       moe_dtype b) {
+    if (c != MOE_BF16 || a != MOE_BF16 || b != MOE_BF16) return false;
+    if (mode == MOE_CUDA_GROUPED_KERNEL) return true;
+    return mode == MOE_CUDA_GROUPED_AUTO && want_batched(mode, flops, offsets, groups);
+}
+static void count_kernel(cuda_dev *d) {
+    d->n_grouped_batched++;   // one launch for all experts
+    d->n_grouped_kernel++;
+}
 
 // ---- batched strategy ----
 
@@ -261,7 +279,8 @@ static moe_status scale_groups(cuda_dev *d, moe_dtype dt, void *c, int64_t per, 
 // Whether a grouped call of `flops` in total over `groups` experts takes the
 // batched path (moe_cuda.h: the strategies and the auto rule).
 static bool want_batched(int mode, double flops, const int64_t *offsets, int groups) {
-    if (mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED) return true;
+    if (mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED || mode == MOE_CUDA_GROUPED_KERNEL)
+        return true;
     if (mode == MOE_CUDA_GROUPED_LOOP) return false;
     int busy = 0;
     for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
@@ -388,6 +407,11 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped(d, transb, alpha, A, B, beta, C, offsets, groups, K, N, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
     if (want_batched(d->grouped_gemm, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (K * (int64_t)es) % 16 == 0 && (N * (int64_t)es) % 16 == 0) {
         if (d->grouped_gemm == MOE_CUDA_GROUPED_PADDED) {
@@ -431,6 +455,11 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
+    if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
     if (want_batched(d->grouped_wgrad, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (P * (int64_t)es) % 16 == 0 && (Q * (int64_t)es) % 16 == 0) {
         if (d->grouped_wgrad == MOE_CUDA_GROUPED_PADDED) {
@@ -481,7 +510,9 @@ static moe_status parse_grouped(const char *var, const char *v, int *mode) {
     else if (!strcmp(v, "batched")) *mode = MOE_CUDA_GROUPED_BATCHED;
     else if (!strcmp(v, "padded")) *mode = MOE_CUDA_GROUPED_PADDED;
     else if (!strcmp(v, "loop")) *mode = MOE_CUDA_GROUPED_LOOP;
-    else return moe_error(MOE_ERR_ARG, "%s=%s: expected \"auto\", \"batched\", \"padded\" or \"loop\"", var, v);
+    else if (!strcmp(v, "kernel")) *mode = MOE_CUDA_GROUPED_KERNEL;
+    else return moe_error(MOE_ERR_ARG, "%s=%s: expected \"auto\", \"batched\", \"padded\", \"kernel\" or \"loop\"",
+                          var, v);
     return MOE_OK;
 }
 
@@ -498,7 +529,7 @@ moe_status cuda_grouped_gemm_from_env(int *mode) {
 
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
     if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO &&
-        mode != MOE_CUDA_GROUPED_PADDED)
+        mode != MOE_CUDA_GROUPED_PADDED && mode != MOE_CUDA_GROUPED_KERNEL)
         return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: unknown strategy %d", (int)mode);
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
@@ -514,5 +545,12 @@ extern "C" moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_c
     if (mode) *mode = (moe_cuda_grouped_gemm)d->grouped_gemm;
     if (batched_calls) *batched_calls = d->n_grouped_batched;
     if (loop_calls) *loop_calls = d->n_grouped_loop;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_kernel_calls: expected a context and an output");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *calls = d->n_grouped_kernel;
     return MOE_OK;
 }

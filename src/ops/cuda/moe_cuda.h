@@ -54,19 +54,27 @@ moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn)(void *arg
  *   MOE_CUDA_GROUPED_PADDED   rows copied into a zero-padded [E, max rows, cols]
  *                             buffer, one strided-batched GEMM, rows copied
  *                             back (at most 256 experts; else as batched);
+ *   MOE_CUDA_GROUPED_KERNEL   bf16 calls through moelab's own grouped kernel
+ *                             (src/ops/cuda/cuda_grouped_mma.cu: tensor cores,
+ *                             one launch, no per-expert host work); other
+ *                             calls, and those it cannot take, as batched;
  *   MOE_CUDA_GROUPED_AUTO     (the default) per call: the loop when the average
  *                             expert GEMM is large (>= 6 GFLOP, where cuBLAS's
- *                             single GEMMs ran at 510-770 TFLOP/s and the
- *                             grouped call at 250-330 on an H100), else batched
- *                             (small GEMMs, where the loop's launches dominate).
+ *                             single GEMMs ran at 510-770 TFLOP/s, the grouped
+ *                             call at 250-330 and the own kernel at 380-430 on
+ *                             an H100), else the own kernel for bf16 and
+ *                             batched for f32 (small GEMMs, where the loop's
+ *                             launches dominate; the kernel ran at 270-310
+ *                             TFLOP/s there, the grouped call at 180-260).
  * Install sets every device from the environment variable MOELAB_GROUPED_GEMM
- * ("auto" or unset: auto; "batched"; "padded"; "loop"; another value fails
+ * ("auto" or unset: auto; "batched"; "padded"; "kernel"; "loop"; another value fails
  * the install); MOELAB_GROUPED_WGRAD sets the weight-gradient calls apart.
  * The batched strategy still loops for a call whose operands or row pitches are
  * not 16-byte aligned, or whose type combination cuBLAS rejects. The setter is
  * for tests and benchmarks that compare the two in one process. */
 typedef enum {
-    MOE_CUDA_GROUPED_BATCHED = 0, MOE_CUDA_GROUPED_LOOP = 1, MOE_CUDA_GROUPED_AUTO = 2, MOE_CUDA_GROUPED_PADDED = 3
+    MOE_CUDA_GROUPED_BATCHED = 0, MOE_CUDA_GROUPED_LOOP = 1, MOE_CUDA_GROUPED_AUTO = 2, MOE_CUDA_GROUPED_PADDED = 3,
+    MOE_CUDA_GROUPED_KERNEL = 4
 } moe_cuda_grouped_gemm;
 moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode);
 /* The device's strategy and how many grouped calls since install each path
@@ -74,6 +82,8 @@ moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_
  * NULL outputs are skipped. */
 moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped_gemm *mode, uint64_t *batched_calls,
                                       uint64_t *loop_calls);
+/* How many of the batched calls the own grouped kernel served. */
+moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
 
 #ifdef __cplusplus
 }

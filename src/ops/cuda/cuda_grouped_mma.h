@@ -1,0 +1,19 @@
+// The own grouped-GEMM kernel (cuda_grouped_mma.cu): bf16 in and out, f32
+// accumulation, one launch for all experts. Each entry sets *ran = false and
+// returns MOE_OK, launching nothing, when the call does not fit the kernel:
+// more than MOE_MMA_GROUPED_MAX_GROUPS experts, a contiguous extent (K and N,
+// or P and Q) not a multiple of 8, an operand not 16-byte aligned, or over
+// 2^31 rows. Operands as in moe_op_gemm_grouped / moe_op_gemm_grouped_wgrad.
+#ifndef MOE_CUDA_GROUPED_MMA_H
+#define MOE_CUDA_GROUPED_MMA_H
+
+#include "cuda_common.cuh"
+
+#define MOE_MMA_GROUPED_MAX_GROUPS 256
+
+moe_status cuda_mma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran);
+moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
+
+#endif

@@ -1,0 +1,126 @@
+/* The own grouped-GEMM kernel (src/ops/cuda/cuda_grouped_mma.cu) against the
+ * CPU backend, on fresh random bf16 data: partial tiles in every direction
+ * (row counts, K and N not multiples of the 128 x 128 x 32 tile), empty
+ * experts first, in the middle and last, the largest expert count the kernel
+ * takes (256), the weight gradient with beta 0 (output poisoned with NaN: it
+ * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
+ * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
+ * experts), which still give the right result through cuBLAS. Each check also
+ * asserts, from the device's counter, whether the kernel served the call. */
+#include "gpucheck.h"
+
+static const moe_dtype BF = MOE_BF16;
+
+/* Row offsets of G experts with sizes in [0, maxrows], some forced empty. */
+static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
+    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 7;
+    off[0] = 0;
+    for (int g = 0; g < G; g++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
+        if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
+        off[g + 1] = off[g] + n;
+    }
+}
+
+static uint64_t kernel_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_kernel_calls(ctx, 0, &n) != MOE_OK, "kernel counter");
+    return n;
+}
+
+static void served(const char *name, uint64_t before, int want) {
+    uint64_t d = kernel_calls() - before;
+    ok(d == (uint64_t)want, "%s: %s the kernel (%llu calls)", name, want ? "served by" : "not taken by",
+       (unsigned long long)d);
+}
+
+static void fwd_check(const char *what, int tb, float beta, const int64_t *off, int G, int64_t K, int64_t N,
+                      int want_kernel) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, K));
+    pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
+    pair c = in_randn(BF, SH(M, N));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "grouped kernel fwd %s: transb=%d beta=%g G=%d M=%lld K=%lld N=%lld", what, tb, beta,
+             G, (long long)M, (long long)K, (long long)N);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G))) {
+        check(name, BF, c.d, c.h, tol_of(BF, 0));
+        served(name, k0, want_kernel);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+static void wgrad_check(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q,
+                        int want_kernel) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q));
+    pair c = in_randn(BF, SH(G, P, Q));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "grouped kernel wgrad %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G,
+             (long long)M, (long long)P, (long long)Q);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c.d, off, G))) {
+        check(name, BF, c.d, c.h, tol_of(BF, 0));
+        served(name, k0, want_kernel);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+int main(void) {
+    gpucheck_begin();
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
+    static int64_t off[1100];
+
+    /* partial tiles everywhere: rows up to 300 (0-3 tiles), K 72 (2.25 k-tiles), N 200 (1.6 n-tiles) */
+    for (int tb = 0; tb < 2; tb++) {
+        make_offsets(off, 8, 300, 3);
+        fwd_check("partial tiles", tb, 0.0f, off, 8, 72, 200, 1);
+        make_offsets(off, 8, 300, 3);
+        fwd_check("partial tiles", tb, 0.5f, off, 8, 72, 200, 1);
+    }
+    /* the step model's shapes: 32 experts, H 1024, I 512 */
+    make_offsets(off, 32, 700, 0);
+    fwd_check("step model gate/up", 1, 0.0f, off, 32, 1024, 512, 1);
+    make_offsets(off, 32, 700, 0);
+    fwd_check("step model dgrad", 0, 0.0f, off, 32, 1024, 512, 1);
+    /* one expert of many rows; the largest expert count the kernel takes */
+    off[0] = 0; off[1] = 1000;
+    fwd_check("one expert", 1, 0.5f, off, 1, 136, 264, 1);
+    make_offsets(off, 256, 40, 5);
+    fwd_check("256 experts", 1, 0.0f, off, 256, 64, 48, 1);
+    make_offsets(off, 256, 40, 5);
+    fwd_check("256 experts", 0, 0.5f, off, 256, 64, 48, 1);
+    /* every expert empty: nothing to compute, nothing written */
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    fwd_check("no rows", 1, 0.5f, off, 4, 64, 64, 1);
+
+    /* weight gradients: P 72, Q 200; empty experts get beta c[g] */
+    float betas[3] = {0.0f, 0.5f, 1.0f};
+    for (int v = 0; v < 3; v++) {
+        make_offsets(off, 8, 300, 3);
+        wgrad_check("partial tiles", betas[v], off, 8, 72, 200, 1);
+    }
+    make_offsets(off, 16, 900, 4);
+    wgrad_check("step model down", 1.0f, off, 16, 1024, 512, 1);
+    make_offsets(off, 16, 900, 4);
+    wgrad_check("step model up", 0.0f, off, 16, 512, 1024, 1);
+    make_offsets(off, 256, 40, 5);
+    wgrad_check("256 experts", 0.5f, off, 256, 16, 24, 1);
+
+    /* calls the kernel refuses go through cuBLAS, still right */
+    make_offsets(off, 8, 100, 3);
+    fwd_check("K not a multiple of 8", 1, 0.5f, off, 8, 36, 64, 0);
+    make_offsets(off, 8, 100, 3);
+    fwd_check("N not a multiple of 8", 0, 0.0f, off, 8, 64, 60, 0);
+    make_offsets(off, 8, 100, 3);
+    wgrad_check("P not a multiple of 8", 0.5f, off, 8, 20, 64, 0);
+    make_offsets(off, 1000, 4, 5);
+    fwd_check("1000 experts", 1, 0.5f, off, 1000, 16, 16, 0);
+    return gpucheck_end();
+}
