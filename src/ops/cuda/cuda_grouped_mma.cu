@@ -22,7 +22,13 @@
 // share an SM, and one's waits, prologue and epilogue overlap the other's
 // math. Measured on an H100 against deeper single-block pipelines (5 stages
 // of 128 x 128, 4 or 3 of 128 x 256, one batch of wgmmas kept in flight):
-// 4-8% faster per layer and 1-4% on the whole step.
+// 4-8% faster per layer and 1-4% on the whole step. A warp-specialized
+// persistent variant (one loading warpgroup signalling mbarriers with
+// cp.async.mbarrier.arrive, two multiplying 64 x 256 each, 4 stages) was
+// slower still (367-383 TFLOP/s against 375-427 at the OLMoE layer, 275
+// against 309 at the step model's experts): at 128 x 128 tiles the blocks
+// read about 6 TB/s from L2, near its limit; the next step is TMA with
+// multicast across a cluster, which halves that.
 //
 // K-major tile (R rows x 64 K, 128 bytes a row): 16-byte chunk j of row r
 // sits at chunk j ^ (r % 8) of its row; 8-row atoms of 1024 bytes one after
@@ -34,10 +40,8 @@
 #include "cuda_grouped_mma.h"
 
 #include <cuda_bf16.h>
+
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
 namespace {
 
@@ -76,12 +80,12 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // K. Element (r, k) is at g[r * ld + k] (K-major) or g[k * ld + r]; r < r_lim
 // and k < k_lim are loaded, the rest zero-filled (the contiguous extent is a
 // multiple of 8, checked on the host, so a 16-byte chunk is wholly in or out).
-template <bool KMAJ, int R>
+template <bool KMAJ, int R, int NT>
 __device__ __forceinline__ void load_tile(unsigned char *s, const __nv_bfloat16 *g, int64_t ld, int r0, int r_lim,
                                           int k0, int k_lim, int tid) {
 #pragma unroll
-    for (int i = 0; i < R * BK / 8 / THREADS; i++) {
-        int ch = tid + i * THREADS;
+    for (int i = 0; i < R * BK / 8 / NT; i++) {
+        int ch = tid + i * NT;
         if (KMAJ) {
             int r = ch >> 3, j = ch & 7;
             bool ok = r0 + r < r_lim && k0 + j * 8 < k_lim;
@@ -113,30 +117,27 @@ __device__ __forceinline__ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t
                  : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
-// WGRAD: the groups split the reduction (weight gradient); else they split M.
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD>
-__global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = A_BYTES + BN * BK * 2, PREF = STAGES - 1;
-    extern __shared__ unsigned char smem_raw[];
-    unsigned char *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // atoms on 1024 B
-
-    // ---- which group and tile this block computes
-    int t = blockIdx.x, g, m0, n0 = (t % p.n_tiles) * BN;
-    int M, N, K;
+// The block tile t of a call: its group, corner and operands. WGRAD: the
+// groups split the reduction (weight gradient); else they split M.
+struct tile_info {
+    int m0, n0, M, N, K;
     int64_t lda, ldb, ldc;
     const __nv_bfloat16 *A, *B;
     __nv_bfloat16 *C;
+    bool skip;   // an empty weight-gradient group with beta 1: nothing to do
+};
+
+template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(const mma_params &p, int t) {
+    tile_info ti;
+    ti.n0 = (t % p.n_tiles) * BN;
     if (WGRAD) {
-        int per = p.m_tiles * p.n_tiles;
-        g = t / per;
-        m0 = ((t % per) / p.n_tiles) * BM;
-        int r0 = p.off[g];
-        M = p.P; N = p.Q; K = p.off[g + 1] - r0;
-        if (K == 0 && p.beta == 1.0f) return;   // nothing to add
-        A = p.a + (int64_t)r0 * p.P; lda = p.P;
-        B = p.b + (int64_t)r0 * p.Q; ldb = p.Q;
-        C = p.c + (int64_t)g * p.P * p.Q; ldc = p.Q;
+        int per = p.m_tiles * p.n_tiles, g = t / per, r0 = p.off[g];
+        ti.m0 = ((t % per) / p.n_tiles) * BM;
+        ti.M = p.P; ti.N = p.Q; ti.K = p.off[g + 1] - r0;
+        ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
+        ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
+        ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
+        ti.skip = ti.K == 0 && p.beta == 1.0f;
     } else {
         int mt = t / p.n_tiles, lo = 0, hi = p.groups - 1;
         while (lo < hi) {   // the last group whose first tile is <= mt (empty groups share it with the next)
@@ -144,25 +145,75 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
             if (p.tile0[mid] <= mt) lo = mid;
             else hi = mid - 1;
         }
-        g = lo;
-        m0 = (mt - p.tile0[g]) * BM;
-        int r0 = p.off[g];
-        M = p.off[g + 1] - r0; N = p.N; K = p.K;
-        A = p.a + (int64_t)r0 * p.K; lda = p.K;
-        B = p.b + (int64_t)g * p.K * p.N; ldb = B_KMAJ ? p.K : p.N;
-        C = p.c + (int64_t)r0 * p.N; ldc = p.N;
+        int g = lo, r0 = p.off[g];
+        ti.m0 = (mt - p.tile0[g]) * BM;
+        ti.M = p.off[g + 1] - r0; ti.N = p.N; ti.K = p.K;
+        ti.A = p.a + (int64_t)r0 * p.K; ti.lda = p.K;
+        ti.B = p.b + (int64_t)g * p.K * p.N; ti.ldb = B_KMAJ ? p.K : p.N;
+        ti.C = p.c + (int64_t)r0 * p.N; ti.ldc = p.N;
+        ti.skip = false;
     }
+    return ti;
+}
 
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+// One warpgroup's 64 x 128 of c = alpha acc + beta c (c not read when beta == 0:
+// it may hold anything). Accumulator i of a thread: row 16 * (warp % 4) +
+// lane / 4 (+ 8 when i % 4 >= 2), column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
+__device__ __forceinline__ void store_acc(const float *d, const tile_info &ti, int row0, int wlane, float alpha,
+                                          float beta) {
+    int lane = wlane & 31, warp = wlane >> 5;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        int row = row0 + warp * 16 + (lane >> 2) + h * 8;
+        if (row >= ti.M) continue;
+        __nv_bfloat16 *crow = ti.C + (int64_t)row * ti.ldc;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            int col = ti.n0 + j * 8 + (lane & 3) * 2;
+            if (col >= ti.N) continue;
+            float v0 = alpha * d[j * 4 + h * 2], v1 = alpha * d[j * 4 + h * 2 + 1];
+            __nv_bfloat162 *dst = reinterpret_cast<__nv_bfloat162 *>(crow + col);
+            if (beta != 0.0f) {
+                float2 old = __bfloat1622float2(*dst);
+                v0 += beta * old.x;
+                v1 += beta * old.y;
+            }
+            *dst = __floats2bfloat162_rn(v0, v1);
+        }
+    }
+}
+
+// The four wgmmas of one 64-deep K tile for warpgroup wg's 64 rows.
+template <bool A_KMAJ, bool B_KMAJ>
+__device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int wg) {
+    const unsigned char *sb = sa + BM * BK * 2;
+#pragma unroll
+    for (int s = 0; s < BK / 16; s++) {
+        const unsigned char *pa = A_KMAJ ? sa + wg * 8192 + s * 32 : sa + wg * 1024 + s * 2 * (BM / 64 * 1024);
+        const unsigned char *pb = B_KMAJ ? sb + s * 32 : sb + s * 2 * (BN / 64 * 1024);
+        wgmma_m64n128k16<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(d, desc_of<A_KMAJ, BM>(pa), desc_of<B_KMAJ, BN>(pb));
+    }
+}
+
+// ---- plain kernel: one tile per block, every thread loads and computes ----
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD>
+__global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // atoms on 1024 B
+    tile_info ti = tile_at<B_KMAJ, WGRAD>(p, blockIdx.x);
+    if (ti.skip) return;
+    int tid = threadIdx.x, wg = tid >> 7;
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
 
-    int nk = (K + BK - 1) / BK;
+    int nk = (ti.K + BK - 1) / BK;
     auto load_stage = [&](int kt) {
         unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
-        load_tile<A_KMAJ, BM>(s, A, lda, m0, M, kt * BK, K, tid);
-        load_tile<B_KMAJ, BN>(s + A_BYTES, B, ldb, n0, N, kt * BK, K, tid);
+        load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, kt * BK, ti.K, tid);
+        load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, kt * BK, ti.K, tid);
     };
 #pragma unroll
     for (int st = 0; st < PREF; st++) {
@@ -175,43 +226,13 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
         __syncthreads();   // stage kt complete for all; every wgmma of kt-1 done, so its stage is free
         if (kt + PREF < nk) load_stage(kt + PREF);
         cp_async_commit();
-        const unsigned char *sa = smem + (kt % STAGES) * STAGE_BYTES, *sb = sa + A_BYTES;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int s = 0; s < BK / 16; s++) {
-            // A: this warpgroup's 64 rows; B: all BN columns; K slice s of 16
-            const unsigned char *pa = A_KMAJ ? sa + wg * 8192 + s * 32 : sa + wg * 1024 + s * 2 * (BM / 64 * 1024);
-            const unsigned char *pb = B_KMAJ ? sb + s * 32 : sb + s * 2 * (BN / 64 * 1024);
-            wgmma_m64n128k16<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(d, desc_of<A_KMAJ, BM>(pa), desc_of<B_KMAJ, BN>(pb));
-        }
+        mma_stage<A_KMAJ, B_KMAJ>(d, smem + (kt % STAGES) * STAGE_BYTES, wg);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
     cp_async_wait<0>();
-
-    // ---- epilogue: c = alpha acc + beta c (c not read when beta == 0: it may hold anything).
-    // Accumulator i of a thread: row 16 * (warp % 4) + lane / 4 (+ 8 when i % 4 >= 2),
-    // column 8 * (i / 4) + 2 * (lane % 4) + i % 2 of this warpgroup's 64 x BN.
-    float alpha = p.alpha, beta = p.beta;
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + h * 8;
-        if (row >= M) continue;
-        __nv_bfloat16 *crow = C + (int64_t)row * ldc;
-#pragma unroll
-        for (int j = 0; j < BN / 8; j++) {
-            int col = n0 + j * 8 + (lane & 3) * 2;
-            if (col >= N) continue;
-            float v0 = alpha * d[j * 4 + h * 2], v1 = alpha * d[j * 4 + h * 2 + 1];
-            __nv_bfloat162 *dst = reinterpret_cast<__nv_bfloat162 *>(crow + col);
-            if (beta != 0.0f) {
-                float2 old = __bfloat1622float2(*dst);
-                v0 += beta * old.x;
-                v1 += beta * old.y;
-            }
-            *dst = __floats2bfloat162_rn(v0, v1);
-        }
-    }
+    store_acc(d, ti, ti.m0 + wg * 64, tid & 127, p.alpha, p.beta);
 #endif
 }
 
