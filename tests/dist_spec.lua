@@ -191,6 +191,18 @@ describe("expert sharding (one process)", function()
     moe.peft.MoELoRA{base_model = m, r = 2}
     err(function() m.net:set_expert_shard(0, 2) end, "LoRA adapters on the experts are not supported")
   end)
+
+  it("DistributedMoETrainer: shard_experts is checked and needs expert parallelism", function()
+    err(function() distributed.DistributedMoETrainer{model = small_model(), shard_experts = 1} end,
+      "shard_experts must be true or false")
+    local tr = distributed.DistributedMoETrainer{model = small_model(), shard_experts = true, progress = false}
+    local c = tr:parameter_counts()
+    assert.is_false(c.sharded)   -- one rank, no expert parallelism: nothing to shard
+    assert.are.equal(c.total, c.per_rank)
+    assert.are.equal(tr.model.net:num_params(), c.total)
+    assert.are.equal(c.total, c.non_expert + c.experts_total)
+    assert.are.equal(tr, tr:gather_experts())   -- a no-op
+  end)
 end)
 
 describe("DeepSpeed configs", function()
@@ -302,6 +314,22 @@ describe("jobs under mpirun", function()
     if not dist.have_mpi() then pending("built without MPI"); return end
     local out, rc = run("tests/dist/epdp_check.lua", 4)
     for r = 0, 3 do assert.is_truthy(out:find("EPDP_OK " .. r, 1, true), out) end
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("sharded experts (EP = 2): one rank's experts per rank, one process's results and checkpoints", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/epshard_check.lua")
+    for r = 0, 1 do assert.is_truthy(out:find("EPSHARD_OK " .. r, 1, true), out) end
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("sharded experts under EP = 2 x DP = 2 on 4 ranks: one process's results and checkpoints", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/epshard_check.lua", 4)
+    for r = 0, 3 do assert.is_truthy(out:find("EPSHARD_OK " .. r, 1, true), out) end
     assert.are.equal(0, rc, out)
   end)
 
