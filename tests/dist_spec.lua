@@ -137,6 +137,74 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
   end)
 end)
 
+describe("expert sharding (one process)", function()
+  it("a model keeps a slice of its experts, refuses a one-process forward, and takes them back", function()
+    local m = small_model()
+    local ids = moe.tensor({{1, 2, 3, 4}}, {dtype = "i64"})
+    local want = m.net:forward(ids):to_table()
+    local before = m.net:flat_parameters():clone()
+    local experts, rest, n_experts = {}, {}, 0
+    for _, e in ipairs(m.net:param_layout()) do
+      if e.expert_total then
+        assert.are.same({0, 4, 4}, {e.expert_first, e.expert_count, e.expert_total})
+        experts[#experts + 1] = m.net:param(e.name):clone()
+        n_experts = n_experts + e.numel
+      else
+        rest[e.name] = m.net:param(e.name):clone()
+      end
+    end
+    assert.are.equal(3, #experts)   -- gate, up, down of the one MoE layer
+    assert.is_nil(m.net:expert_shard())
+    local total = m.net:num_params()
+    m.net:set_expert_shard(1, 2)
+    assert.are.same({first = 1, count = 2, total = 4}, m.net:expert_shard())
+    assert.are.equal(total - n_experts / 2, m.net:num_params())
+    assert.is_true(m.net:flat_parameters():numel() < before:numel())
+    local k = 0
+    for _, e in ipairs(m.net:param_layout()) do
+      if e.expert_total then
+        k = k + 1
+        assert.are.same({1, 2}, {e.expert_first, e.expert_count})
+        assert.is_true(m.net:param(e.name):equal(experts[k]:narrow(1, 2, 2)), e.name)
+      else
+        assert.is_true(m.net:param(e.name):equal(rest[e.name]), e.name)
+      end
+    end
+    err(function() m.net:forward(ids) end, "holds only experts [1, 3) of 4")
+    err(function() m:forward(ids) end, "trainer:gather_experts()")
+    err(function() moe.MoETrainer{model = m, progress = false}:save_model(os.tmpname() .. ".d") end,
+      "sharded under expert parallelism")
+    err(function() m.net:set_expert_shard(0, 2) end, "not all held here")
+    err(function() m.net:set_expert_shard(3, 2) end, "not within the 4 experts")
+    err(function() m.net:set_expert_shard(0, 4, {experts[1]}) end, "values given")
+    err(function() m.net:set_expert_shard(0, 4, {experts[1], experts[2], experts[1]:narrow(1, 1, 2)}) end,
+      "value 3 for down_proj must be f32 [4, 16, 16]")
+    assert.are.same({first = 1, count = 2, total = 4}, m.net:expert_shard())   -- refused requests change nothing
+    -- with expert parallelism over one rank the layer still refuses: the other experts are nowhere
+    err(function() dist.set_expert_parallel(m.net, true); m.net:forward(ids) end, "holds only experts")
+    dist.set_expert_parallel(m.net, false)
+    m.net:set_expert_shard(0, 4, experts)
+    assert.is_nil(m.net:expert_shard())
+    assert.is_true(m.net:flat_parameters():equal(before))
+    assert.are.same(want, m.net:forward(ids):to_table())
+    -- adapters on the experts do not shard
+    moe.peft.MoELoRA{base_model = m, r = 2}
+    err(function() m.net:set_expert_shard(0, 2) end, "LoRA adapters on the experts are not supported")
+  end)
+
+  it("DistributedMoETrainer: shard_experts is checked and needs expert parallelism", function()
+    err(function() distributed.DistributedMoETrainer{model = small_model(), shard_experts = 1} end,
+      "shard_experts must be true or false")
+    local tr = distributed.DistributedMoETrainer{model = small_model(), shard_experts = true, progress = false}
+    local c = tr:parameter_counts()
+    assert.is_false(c.sharded)   -- one rank, no expert parallelism: nothing to shard
+    assert.are.equal(c.total, c.per_rank)
+    assert.are.equal(tr.model.net:num_params(), c.total)
+    assert.are.equal(c.total, c.non_expert + c.experts_total)
+    assert.are.equal(tr, tr:gather_experts())   -- a no-op
+  end)
+end)
+
 describe("DeepSpeed configs", function()
   local full = {
     train_batch_size = 16, train_micro_batch_size_per_gpu = 4, gradient_accumulation_steps = 2,
@@ -246,6 +314,22 @@ describe("jobs under mpirun", function()
     if not dist.have_mpi() then pending("built without MPI"); return end
     local out, rc = run("tests/dist/epdp_check.lua", 4)
     for r = 0, 3 do assert.is_truthy(out:find("EPDP_OK " .. r, 1, true), out) end
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("sharded experts (EP = 2): one rank's experts per rank, one process's results and checkpoints", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/epshard_check.lua")
+    for r = 0, 1 do assert.is_truthy(out:find("EPSHARD_OK " .. r, 1, true), out) end
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("sharded experts under EP = 2 x DP = 2 on 4 ranks: one process's results and checkpoints", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/epshard_check.lua", 4)
+    for r = 0, 3 do assert.is_truthy(out:find("EPSHARD_OK " .. r, 1, true), out) end
     assert.are.equal(0, rc, out)
   end)
 

@@ -116,6 +116,7 @@ local function dist_run(name, ep)
                                                      aux_loss_coef = 0.01, expert_parallel_size = ep}
     local r = dt:train(opts())
     assert(r.world_size == 2 and r.global_batch_size == 8, "world_size/global_batch_size")
+    dt:gather_experts()   -- EP shards the experts by default: full-size on both ranks to compare
     local p = dt.model.net:flat_parameters()
     local same = maxrel(p, d.broadcast(p * 1, 0))
     return {history = r.history, params = p:to("cpu"), same = same}

@@ -22,7 +22,8 @@
 -- MOELAB_EP_CONFIGS ("aux,auxfree"), MOELAB_EP_EXPERTS (64), MOELAB_EP_TOPK (8),
 -- MOELAB_EP_PRECISION ("f32"; "bf16": mixed precision), MOELAB_EP_SIZE (expert
 -- parallel size in "ep" mode, default the world size; 1 = pure data parallel,
--- ranks / MOELAB_EP_SIZE = data parallel size).
+-- ranks / MOELAB_EP_SIZE = data parallel size), MOELAB_EP_SHARD (1: each rank keeps
+-- only its experts, the trainer's default; 0: full-size experts on every rank).
 local moe = require "moelab"
 local d = moe.dist
 local mode = arg and arg[1] or "one"
@@ -105,6 +106,7 @@ local function run_config(name)
   local tr
   if mode == "ep" then
     topts.expert_parallel_size = tonumber(env("MOELAB_EP_SIZE", world))
+    topts.shard_experts = env("MOELAB_EP_SHARD", "1") ~= "0"   -- 0: full-size experts on every rank
     tr = moe.distributed.DistributedMoETrainer(topts)
   else
     tr = moe.MoETrainer(topts)

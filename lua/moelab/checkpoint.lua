@@ -17,14 +17,31 @@ local function model_tensors(model)
   return list
 end
 
-function M.save_model(model, dir)
+-- A model whose experts are sharded over expert-parallel ranks holds only
+-- part of them: saving it as a model would write a file no model loads.
+local function check_whole(model, where)   -- error level 3: the caller of the function that calls it
+  local sh = model.net:expert_shard()
+  if sh then
+    error(string.format("%s: this model holds only experts [%d, %d) of %d (sharded under expert parallelism); "
+      .. "save through the DistributedMoETrainer (trainer:save_model / save_checkpoint on every rank) or call "
+      .. "trainer:gather_experts() first", where, sh.first, sh.first + sh.count, sh.total), 3)
+  end
+end
+
+M.check_whole = check_whole
+
+--- save_model(model, dir[, tensors]): tensors ({name, tensor} pairs, the
+-- single-process layout) replaces the model's own (distributed.lua gathers
+-- sharded experts into it).
+function M.save_model(model, dir, tensors)
   if type(dir) ~= "string" then error("save_model: dir must be a path string, got " .. type(dir), 2) end
+  if not tensors then check_whole(model, "save_model") end
   mio.mkdir_p(dir)
   local cfg = {}
   for k, v in pairs(model.config) do cfg[k] = v end
   cfg.model_type = "moelab"
   cfg.moelab_version = core.version
-  mio.safetensors.save(dir .. "/model.safetensors", model_tensors(model), {format = "pt", producer = "moelab"})
+  mio.safetensors.save(dir .. "/model.safetensors", tensors or model_tensors(model), {format = "pt", producer = "moelab"})
   mio.write_file_atomic(dir .. "/config.json", mio.json.encode(cfg, {indent = true}) .. "\n")
   return dir
 end
@@ -39,8 +56,11 @@ function M.load_into(model, tensors, where)
     if #a ~= #b then error(string.format("%s: tensor %s has %d dims, the model expects %d", where, name, #b, #a), 3) end
     for i = 1, #a do
       if a[i] ~= b[i] then
-        error(string.format("%s: tensor %s has shape [%s], the model expects [%s]", where, name,
-          table.concat(b, ", "), table.concat(a, ", ")), 3)
+        local sh = model.net:expert_shard()
+        error(string.format("%s: tensor %s has shape [%s], the model expects [%s]%s", where, name,
+          table.concat(b, ", "), table.concat(a, ", "), sh and string.format(
+            " (the model holds only experts [%d, %d) of %d, sharded under expert parallelism: resume through "
+            .. "the DistributedMoETrainer, which slices them)", sh.first, sh.first + sh.count, sh.total) or ""), 3)
       end
     end
     dst:copy(src)
@@ -70,9 +90,13 @@ function M.load(dir)
   return model
 end
 
-function M.save_training(trainer, dir)
-  M.save_model(trainer.model, dir)
-  local m, v = trainer.optimizer:state()
+--- save_training(trainer, dir[, full]): full = {tensors =, exp_avg =, exp_avg_sq =}
+-- in the single-process layout replaces the model's tensors and the optimizer
+-- state (distributed.lua gathers sharded experts into it).
+function M.save_training(trainer, dir, full)
+  M.save_model(trainer.model, dir, full and full.tensors)
+  local m, v
+  if full then m, v = full.exp_avg, full.exp_avg_sq else m, v = trainer.optimizer:state() end
   mio.safetensors.save(dir .. "/optimizer.safetensors", {{"exp_avg", m}, {"exp_avg_sq", v}}, {})
   local noise = {}
   for i, l in ipairs(trainer.model:moe_layers()) do noise[i] = l:noise_step() end
@@ -89,19 +113,29 @@ function M.save_training(trainer, dir)
   return dir
 end
 
-function M.load_training(trainer, dir)
+--- load_training(trainer, dir[, adapt]): adapt maps the single-process layout
+-- onto a trainer whose model holds another (distributed.lua, sharded experts):
+-- adapt.tensors(tensors, where) -> the tensors load_into takes, and
+-- adapt.state(exp_avg, exp_avg_sq, m, v, where) fills the optimizer state.
+function M.load_training(trainer, dir, adapt)
   local where = "resume from " .. dir
   local ok, text = pcall(mio.read_file, dir .. "/trainer_state.json")
   if not ok then error(where .. ": no complete checkpoint (trainer_state.json is missing)", 3) end
   local state = mio.json.decode(text)
-  M.load_into(trainer.model, mio.safetensors.load(dir .. "/model.safetensors"), where)
+  local tensors = mio.safetensors.load(dir .. "/model.safetensors")
+  if adapt then tensors = adapt.tensors(tensors, where) end
+  M.load_into(trainer.model, tensors, where)
   local opt = mio.safetensors.load(dir .. "/optimizer.safetensors")
   local m, v = trainer.optimizer:state()
-  if not opt.exp_avg or not opt.exp_avg_sq or opt.exp_avg:numel() ~= m:numel() then
+  if not opt.exp_avg or not opt.exp_avg_sq or (not adapt and opt.exp_avg:numel() ~= m:numel()) then
     error(where .. ": optimizer state does not match the model", 3)
   end
-  m:copy(opt.exp_avg)
-  v:copy(opt.exp_avg_sq)
+  if adapt then
+    adapt.state(opt.exp_avg, opt.exp_avg_sq, m, v, where)
+  else
+    m:copy(opt.exp_avg)
+    v:copy(opt.exp_avg_sq)
+  end
   trainer.optimizer:step_count(state.optimizer_step or state.step)
   for i, l in ipairs(trainer.model:moe_layers()) do
     if state.noise_steps and state.noise_steps[i] then l:set_noise_step(state.noise_steps[i]) end

@@ -13,7 +13,8 @@
 -- (comm:all_reduce(t, op), comm:rank(), comm:world_size(), ...).
 --
 -- moe.distributed.DistributedMoETrainer{model, ...}: data parallel. Every rank
--- holds the whole model; parameters (and aux-free router biases) are broadcast
+-- holds the whole model (under expert parallelism, see below, only its own
+-- experts by default); parameters (and aux-free router biases) are broadcast
 -- from rank 0 at the start; each step's gradients are averaged over the ranks
 -- (flat gradient buffer, in buckets) before clipping, so every rank takes the
 -- same optimizer step.
@@ -47,22 +48,46 @@
 -- micro-batches (sharded by world rank, as in data parallel), so the
 -- single-process equivalent is the same (accumulation A * W). The balancing
 -- losses and router statistics are computed on the local micro-batch, which is
--- exactly what that single-process run does per micro-batch. The stacked expert
--- weights stay full-size on every rank (only the owned slice is used; the
--- others get zero gradient) and the whole flat gradient buffer is averaged over
--- the WORLD (not per group): an expert's gradient summed over the ranks is the
--- sum of its owners' gradients, one owner per group, each from its group's
--- tokens, i.e. from every rank's tokens, so the average is the exact mean
--- gradient, every rank takes the same step, and rank 0 saves the usual
--- single-process checkpoint layout. ZeRO-1/2 combine with it unchanged: they
--- shard the optimizer state (and stage 2 the reduced gradients) over the
--- world, not over the expert- or data-parallel groups. Next steps: shard the
--- expert weights and optimizer state (and skip expert segments in the
--- all-reduce), balancing statistics over the global batch. Between
--- train/evaluate calls the model runs in one process.
+-- exactly what that single-process run does per micro-batch.
+--
+-- Sharded experts (shard_experts, the default with E_p > 1 and no ZeRO): at
+-- construction, after the broadcast from rank 0, each rank's expert banks keep
+-- only its E/E_p experts, so its flat parameter, gradient and AdamW buffers
+-- hold the non-expert parameters plus E/E_p experts per MoE layer
+-- (trainer:parameter_counts(); a line at the first train() with progress on).
+-- Gradients: the non-expert part is averaged over the world; the expert part
+-- is summed over the ranks that hold the same experts (same rank % E_p, a
+-- dist.split; none when E_p = W) and scaled by 1/W, the same mean the world
+-- average of full-size buffers gives; clipping uses the global norm (the
+-- non-expert part once plus the expert parts of every shard, summed over the
+-- expert-parallel group). Checkpoints keep the single-process layout: the
+-- trainer's saves (save_every, the end of train(), with run_dir), save_checkpoint
+-- and save_model gather the expert shards over the expert-parallel group
+-- (every rank must call the last two; rank 0 writes, to temporary files that are
+-- renamed); resume (train{resume=}) slices a single-process checkpoint's
+-- experts and AdamW m, v. Between train/evaluate calls the sharded model
+-- cannot run in one process: its forward fails with an error saying what to
+-- do, as do saving it directly, LoRA on its experts and visualize_routing;
+-- trainer:gather_experts() (every rank) restores full-size experts and
+-- optimizer state on every rank, and the next train()/evaluate() shards them
+-- again. Not supported with sharding: ZeRO (refused when shard_experts = true
+-- is given with zero_stage > 0), custom experts and E % E_p ~= 0 (refused for
+-- expert parallelism as a whole).
+--
+-- shard_experts = false keeps full-size expert weights on every rank (only the
+-- owned slice is used; the others get zero gradient) and averages the whole
+-- flat gradient buffer over the WORLD: an expert's gradient summed over the
+-- ranks is the sum of its owners' gradients, one owner per group, each from
+-- its group's tokens, i.e. from every rank's tokens, so the average is the
+-- exact mean gradient, every rank takes the same step, and rank 0 saves the
+-- usual layout alone. ZeRO-1/2 combine with that: they shard the optimizer
+-- state (and stage 2 the reduced gradients) over the world, not over the
+-- expert- or data-parallel groups. Between train/evaluate calls that model
+-- runs in one process.
 local core = require "moelab.core"
 local trainer_mod = require "moelab.trainer"
 local model_mod = require "moelab.model"
+local checkpoint = require "moelab.checkpoint"
 local mio = require "moelab.io"
 
 local M = {}
@@ -252,18 +277,39 @@ M.megatron_aliases = megatron
 
 local own_keys = {model = true, world_size = true, data_parallel_size = true, expert_parallel_size = true,
                   zero_stage = true, bucket_mb = true, config = true, deepspeed_config = true, timeout = true,
-                  global_aux_loss = true,
+                  global_aux_loss = true, shard_experts = true,
                   tensor_model_parallel_size = true, pipeline_model_parallel_size = true,
                   adam_beta1 = true, adam_beta2 = true}
 
 local D = {}
 D.__index = D
-local ep_groups = {}   -- expert-parallel group communicators by "<parent>/<ep>"
+-- Sub-communicators (expert-parallel groups, their replica groups) by
+-- "<parent>/<what>/<ep>". Kept for the program's life and shared by later
+-- trainers: freeing a communicator from the garbage collector would happen at
+-- different times on different ranks (NCCL's destroy may wait for the peers).
+local group_comms = {}
+
+-- The communicator the groups split: the world, or under NCCL the host one for CPU models.
+local function parent_comm(model)
+  local base = dist.comm()
+  if base:backend() == "nccl" and tostring(model:device()):match("^cpu") then base = dist.host_comm() end
+  return base
+end
+
+-- The ranks with the same color, ranked by world rank (collective: every rank calls it with the same what).
+local function group_comm(model, what, ep, color, rank)
+  local base = parent_comm(model)
+  local key = tostring(base) .. "/" .. what .. "/" .. ep
+  group_comms[key] = group_comms[key] or base:split(color, rank)
+  return group_comms[key]
+end
 
 --- DistributedMoETrainer{model, world_size=, data_parallel_size=, expert_parallel_size = 1 (a divisor of
 --  the world size; data_parallel_size = world size / expert_parallel_size),
 --  zero_stage = 0, bucket_mb = 25, config = <DeepSpeed JSON path or table>, timeout = seconds,
 --  global_aux_loss = false (true: the batch aux loss over every rank's tokens),
+--  shard_experts = (expert_parallel_size > 1 and zero_stage == 0) (each rank keeps only its own
+--  experts' weights and optimizer state; false: full-size experts on every rank; true with ZeRO: an error),
 --  ...MoETrainer options (run_dir and progress apply to rank 0 only), Megatron-style aliases}
 function M.DistributedMoETrainer(opts)
   local f = "DistributedMoETrainer"
@@ -325,8 +371,17 @@ function M.DistributedMoETrainer(opts)
   if zs > 0 and (topts.precision == "bf16" or model:precision() ~= "f32") then
     fail(f, "zero_stage = %d with precision = \"bf16\" is not supported yet (ZeRO shards f32 gradients); use zero_stage = 0", zs)
   end
-  -- ZeRO (1, 2) with expert parallelism: the gradient reduction and the state
-  -- shards stay over the world (see the header), which is exact with EP x DP too
+  -- ZeRO (1, 2) with expert parallelism (full-size experts): the gradient reduction
+  -- and the state shards stay over the world (see the header), exact with EP x DP too
+  if own.shard_experts ~= nil and type(own.shard_experts) ~= "boolean" then fail(f, "shard_experts must be true or false") end
+  -- nothing to shard without expert parallelism; by default not under ZeRO,
+  -- which does not combine with it (a ZeRO run keeps full-size experts)
+  local shard = ep > 1 and own.shard_experts ~= false and (zs == 0 or own.shard_experts == true)
+  if shard and zs > 0 then
+    fail(f, "zero_stage = %d with sharded experts is not supported (ZeRO shards the flat buffers over the world, "
+      .. "whose expert parts differ between the %d expert-parallel ranks); pass shard_experts = false to combine "
+      .. "ZeRO with expert parallelism (full-size experts on every rank)", zs, ep)
+  end
   local bucket_mb = own.bucket_mb or 25
   if type(bucket_mb) ~= "number" or bucket_mb <= 0 then fail(f, "bucket_mb must be a positive number") end
 
@@ -339,6 +394,8 @@ function M.DistributedMoETrainer(opts)
   topts.grad_hook = function(tr)
     if zs == 2 then
       self:_zero_reduce_scatter()
+    elseif self._sharded then
+      self:_reduce_sharded_grads()
     elseif world > 1 and self._overlap then
       -- most blocks were queued during backward; the rest now, then wait
       dist.finish_grad_allreduce(model.net)
@@ -419,21 +476,15 @@ function M.DistributedMoETrainer(opts)
   end
   if ep > 1 and ep < world then
     -- the expert-parallel group of this rank: consecutive ranks [g*ep, (g+1)*ep), g = floor(rank / ep)
-    -- (every rank takes part in the split); CPU models under NCCL use the host communicator.
-    -- Kept for the program's life and shared by later trainers: freeing a communicator
-    -- from the garbage collector would happen at different times on different ranks
-    -- (NCCL's destroy may wait for the peers).
-    local base = dist.comm()
-    if base:backend() == "nccl" and tostring(model:device()):match("^cpu") then base = dist.host_comm() end
-    local key = tostring(base) .. "/" .. ep
-    ep_groups[key] = ep_groups[key] or base:split(math.floor(rank / ep), rank)
-    self._ep_comm = ep_groups[key]
+    -- (every rank takes part in the split); CPU models under NCCL use the host communicator
+    self._ep_comm = group_comm(model, "ep", ep, math.floor(rank / ep), rank)
   end
   if ep > 1 then
     -- check the model can be split now (custom experts, E % ep); switched on only inside train/evaluate
     dist.set_expert_parallel(model.net, self._ep_comm or true)
     dist.set_expert_parallel(model.net, false)
   end
+  if shard then self:_setup_sharding() end
   return self
 end
 
@@ -453,6 +504,304 @@ function D:_with_ep(fn, ...)
   if self.expert_parallel_size > 1 then dist.set_expert_parallel(net, false) end
   if self._overlap then pcall(dist.arm_grad_allreduce, net, false) end
   return ok, res
+end
+
+------------------------------------------------------------------ sharded experts
+-- With expert parallelism (E_p > 1) and shard_experts (the default), rank r's
+-- expert banks keep only its group rank q's experts [q*E/E_p, (q+1)*E/E_p)
+-- (dist: layer:set_expert_shard, after the initial broadcast, so every rank
+-- slices the same weights), and the flat buffers, hence the AdamW state, hold
+-- the non-expert parameters plus those E/E_p experts. Two layouts are kept:
+-- the single-process one (_full_layout, recorded before slicing) and this
+-- rank's (_layout); both list the same parameters in the same order with
+-- their flat-buffer offsets, so moving between them is a loop of copies.
+--
+-- Gradients: the non-expert part is averaged over the world as in data
+-- parallel; the expert part is summed over the replicas of the same experts
+-- (the ranks with the same rank % E_p, _dp_comm; none when E_p = W) and
+-- scaled by 1/W: an expert's gradient is the sum of its owners' gradients,
+-- one owner per group, so this is the mean over every rank's tokens, the same
+-- value the world average of full-size buffers gives. Clipping takes the
+-- global norm: the non-expert part once plus every shard's expert part
+-- (summed over the expert-parallel group).
+--
+-- Checkpoints stay in the single-process layout: saves gather the shards over
+-- the expert-parallel group (every rank calls them; rank 0 writes) and resumes
+-- slice the owned experts out of a single-process checkpoint (parameters and
+-- AdamW m, v). gather_experts() restores full-size experts on every rank (and
+-- full-size optimizer state) so the model runs in one process; the next
+-- train() or evaluate() shards it again.
+
+local function is_expert(entry) return entry.expert_total ~= nil end
+
+-- [lo, hi) element ranges (0-based) of the flat buffer, expert and not,
+-- each parameter's padding included; adjacent ranges of one kind merged.
+local function segments(layout, numel)
+  local seg = {expert = {}, rest = {}, expert_n = 0, rest_n = 0}
+  for i, e in ipairs(layout) do
+    local hi = layout[i + 1] and layout[i + 1].offset or numel
+    local kind = is_expert(e) and "expert" or "rest"
+    local list = seg[kind]
+    local last = list[#list]
+    if last and last[2] == e.offset then last[2] = hi else list[#list + 1] = {e.offset, hi} end
+    seg[kind .. "_n"] = seg[kind .. "_n"] + (hi - e.offset)
+  end
+  return seg
+end
+
+local function like(buf, n) return core.zeros({n}, {dtype = buf:dtype(), device = buf:device()}) end
+
+-- the ranges of buf, one after another in a new buffer of n elements
+local function pack(buf, ranges, n)
+  local out, pos = like(buf, n), 0
+  for _, r in ipairs(ranges) do
+    local len = r[2] - r[1]
+    out:narrow(1, pos + 1, len):copy(buf:narrow(1, r[1] + 1, len))
+    pos = pos + len
+  end
+  return out
+end
+
+local function unpack(packed, ranges, buf)
+  local pos = 0
+  for _, r in ipairs(ranges) do
+    local len = r[2] - r[1]
+    buf:narrow(1, r[1] + 1, len):copy(packed:narrow(1, pos + 1, len))
+    pos = pos + len
+  end
+end
+
+local function sum_squares(buf, ranges)
+  local sq = 0
+  for _, r in ipairs(ranges) do
+    local v = buf:narrow(1, r[1] + 1, r[2] - r[1])
+    if v:dtype() ~= "f32" then v = v:to("f32") end   -- bf16 gradients: square and sum in f32
+    sq = sq + (v * v):sum():item()
+  end
+  return sq
+end
+
+-- a collective over the expert-parallel group (the world when E_p = W)
+function D:_ep(name, ...)
+  local c = self._ep_comm
+  if c then return c[name](c, ...) end
+  return dist[name](...)
+end
+
+function D:_setup_sharding()
+  local net = self.model.net
+  local layout = net:param_layout()
+  local values = net:flat_parameters()
+  for i, p in ipairs(net:parameters()) do layout[i].shape = p.value:shape() end
+  local total
+  for _, e in ipairs(layout) do if is_expert(e) then total = e.expert_total; break end end
+  if not total then fail("DistributedMoETrainer", "shard_experts: the model has no expert bank to shard") end
+  local ep, q = self.expert_parallel_size, self.expert_parallel_rank
+  self._full_layout, self._full_numel = layout, values:numel()
+  self._shard = {first = q * total / ep, count = total / ep, total = total}
+  -- the replicas of this rank's experts: the ranks with the same rank % ep (collective split)
+  if self.data_parallel_size > 1 then
+    self._dp_comm = group_comm(self.model, "dp", ep, q, self.rank)
+  end
+  local inner = self.inner
+  inner.clip_fn = function(n, max_norm) return self:_clip_sharded(n, max_norm) end
+  inner.load_fn = function(tr, dir) return self:_load_sharded(tr, dir) end
+  -- the trainer's own checkpoints (save_every, end of train) gather on every rank
+  if self.run_dir then inner.save_fn = function(_, dir) return self:_save_sharded(dir) end end
+  self:_shard_now()
+end
+
+-- Slices the full-size experts (and AdamW state, when there is one) down to this rank's.
+function D:_shard_now()
+  local net, sh, inner = self.model.net, self._shard, self.inner
+  local opt = inner.optimizer
+  local m_full, v_full, steps
+  if opt then
+    m_full, v_full = opt:state()
+    steps = opt:step_count()
+  end
+  net:set_expert_shard(sh.first, sh.count)
+  self._layout = net:param_layout()
+  self._segments = segments(self._layout, net:flat_parameters():numel())
+  self._sharded = true
+  if opt then
+    inner:_make_optimizer(inner.base_lr)
+    local m, v = inner.optimizer:state()
+    self:_slice_into(m_full, m)
+    self:_slice_into(v_full, v)
+    inner.optimizer:step_count(steps)
+  end
+end
+
+-- full: a flat buffer in the single-process layout -> dst, one in this rank's
+function D:_slice_into(full, dst)
+  for i, e in ipairs(self._layout) do
+    local fe = self._full_layout[i]
+    local skip = is_expert(e) and e.expert_first * (fe.numel / fe.expert_total) or 0
+    dst:narrow(1, e.offset + 1, e.numel):copy(full:narrow(1, fe.offset + skip + 1, e.numel))
+  end
+end
+
+-- buf: a flat buffer in this rank's layout -> a new one in the single-process
+-- layout, the expert parts gathered over the expert-parallel group (collective)
+function D:_to_full(buf)
+  local full = like(buf, self._full_numel)
+  local experts, n = {}, 0
+  for i, e in ipairs(self._layout) do
+    local fe = self._full_layout[i]
+    if is_expert(e) then
+      experts[#experts + 1] = {e, fe}
+      n = n + e.numel
+    else
+      full:narrow(1, fe.offset + 1, e.numel):copy(buf:narrow(1, e.offset + 1, e.numel))
+    end
+  end
+  local mine, pos = like(buf, n), 0
+  for _, x in ipairs(experts) do
+    mine:narrow(1, pos + 1, x[1].numel):copy(buf:narrow(1, x[1].offset + 1, x[1].numel))
+    pos = pos + x[1].numel
+  end
+  -- group rank q holds rows [q*count, (q+1)*count) of each expert weight: its q-th slice
+  local all = self:_ep("all_gather", mine)
+  for q = 0, self.expert_parallel_size - 1 do
+    local row = all:select(1, q + 1)
+    pos = 0
+    for _, x in ipairs(experts) do
+      local len = x[1].numel
+      full:narrow(1, x[2].offset + q * len + 1, len):copy(row:narrow(1, pos + 1, len))
+      pos = pos + len
+    end
+  end
+  return full
+end
+
+function D:_reduce_sharded_grads()
+  local _, grads = self.model.net:flat_parameters()
+  local seg = self._segments
+  local rest = pack(grads, seg.rest, seg.rest_n)
+  dist.all_reduce(rest, "avg", {bucket_mb = self.bucket_mb})
+  unpack(rest, seg.rest, grads)
+  if seg.expert_n > 0 then
+    local ex = pack(grads, seg.expert, seg.expert_n)
+    if self._dp_comm then self._dp_comm:all_reduce(ex, "sum", {bucket_mb = self.bucket_mb}) end
+    unpack(ex * (1 / self.world_size), seg.expert, grads)
+  end
+end
+
+-- global-norm clipping (core.clip_grad_norm's rule) over the sharded gradients
+function D:_clip_sharded(net, max_norm)
+  if not self._sharded then return core.clip_grad_norm(net, max_norm) end
+  local _, grads = net:flat_parameters()
+  local seg = self._segments
+  -- on the gradients' device, which the group's communicator moves (f64 where it is the host)
+  local dev = grads:device()
+  local ex = core.tensor({sum_squares(grads, seg.expert)}, {dtype = dev == "cpu" and "f64" or "f32", device = dev})
+  self:_ep("all_reduce", ex, "sum")
+  local norm = math.sqrt(sum_squares(grads, seg.rest) + ex:to("cpu"):to_table()[1])
+  if norm == norm and norm ~= math.huge and max_norm > 0 and norm > max_norm then
+    grads:copy(grads * (max_norm / (norm + 1e-6)))
+  end
+  return norm
+end
+
+-- the model's tensors in the single-process layout ({name, tensor} pairs, as checkpoints list them; collective)
+function D:_full_tensors()
+  local values = self:_to_full(self.model.net:flat_parameters())
+  local list = {}
+  for _, fe in ipairs(self._full_layout) do
+    list[#list + 1] = {fe.name, values:narrow(1, fe.offset + 1, fe.numel):view(fe.shape)}
+  end
+  for _, b in ipairs(self.model:buffers()) do list[#list + 1] = {b.name, b.value} end
+  return list, values
+end
+
+-- a training checkpoint in the single-process layout (every rank calls it; rank 0 writes to dir)
+function D:_save_sharded(dir)
+  local opt = self.inner.optimizer
+  if not opt then
+    error("DistributedMoETrainer:save_checkpoint: nothing trained yet (no optimizer state); use save_model", 3)
+  end
+  local tensors = self:_full_tensors()
+  local m, v = opt:state()
+  local full = {tensors = tensors, exp_avg = self:_to_full(m), exp_avg_sq = self:_to_full(v)}
+  if self.rank == 0 and dir then return checkpoint.save_training(self.inner, dir, full) end
+end
+
+-- resume: a single-process checkpoint's experts and AdamW state sliced to this rank's
+function D:_load_sharded(tr, dir)
+  if not self._sharded then return checkpoint.load_training(tr, dir) end
+  local sh = self._shard
+  local adapt = {}
+  function adapt.tensors(tensors, where)
+    for _, fe in ipairs(self._full_layout) do
+      local src = tensors[fe.name]
+      if src and is_expert(fe) then
+        local got = src:shape()
+        if #got ~= #fe.shape or got[1] ~= fe.shape[1] then
+          error(string.format("%s: tensor %s has shape [%s], the model expects [%s] (the single-process layout)",
+            where, fe.name, table.concat(got, ", "), table.concat(fe.shape, ", ")), 0)
+        end
+        tensors[fe.name] = src:narrow(1, sh.first + 1, sh.count)
+      end
+    end
+    return tensors
+  end
+  function adapt.state(exp_avg, exp_avg_sq, m, v, where)
+    if exp_avg:numel() ~= self._full_numel or exp_avg_sq:numel() ~= self._full_numel then
+      error(where .. ": optimizer state does not match the model", 0)
+    end
+    self:_slice_into(exp_avg, m)
+    self:_slice_into(exp_avg_sq, v)
+  end
+  return checkpoint.load_training(tr, dir, adapt)
+end
+
+--- gather_experts(): full-size experts (and AdamW state) on every rank again,
+-- so the model runs in one process (forward, generate, save it yourself).
+-- Collective: every rank calls it. The next train() or evaluate() shards
+-- them again. A no-op when the experts are not sharded.
+function D:gather_experts()
+  if not self._sharded then return self end
+  local net, inner = self.model.net, self.inner
+  local opt = inner.optimizer
+  local m_full, v_full, steps
+  if opt then
+    local m, v = opt:state()
+    m_full, v_full, steps = self:_to_full(m), self:_to_full(v), opt:step_count()
+  end
+  local _, values = self:_full_tensors()
+  local experts = {}
+  for _, fe in ipairs(self._full_layout) do
+    if is_expert(fe) then experts[#experts + 1] = values:narrow(1, fe.offset + 1, fe.numel):view(fe.shape) end
+  end
+  net:set_expert_shard(0, self._shard.total, experts)
+  self._sharded = false
+  self._layout, self._segments = nil, nil
+  if opt then
+    inner:_make_optimizer(inner.base_lr)
+    local m, v = inner.optimizer:state()
+    m:copy(m_full)
+    v:copy(v_full)
+    inner.optimizer:step_count(steps)
+  end
+  return self
+end
+
+--- parameter_counts() -> {per_rank =, total =, experts_per_rank =, experts_total =, non_expert =, sharded =}:
+-- the parameters this rank holds (flat buffer, so also AdamW state) and the whole model's.
+function D:parameter_counts()
+  local function count(layout)
+    local ex, rest = 0, 0
+    for _, e in ipairs(layout) do
+      if is_expert(e) then ex = ex + e.numel else rest = rest + e.numel end
+    end
+    return ex, rest
+  end
+  local here = self.model.net:param_layout()
+  local ex, rest = count(here)
+  local ex_all = self._full_layout and (count(self._full_layout)) or ex
+  return {per_rank = ex + rest, total = ex_all + rest, experts_per_rank = ex, experts_total = ex_all,
+          non_expert = rest, sharded = self._sharded == true}
 end
 
 ------------------------------------------------------------------ ZeRO 1 and 2
@@ -672,6 +1021,14 @@ function D:train(opts)
       o.resume = self.run_dir .. "/checkpoint"   -- every rank reads rank 0's checkpoint (a shared filesystem)
     end
   end
+  self:_reshard()
+  if r == 0 and self.inner.progress and self._sharded and not self._announced then
+    local c = self:parameter_counts()
+    print(string.format("experts sharded over %d expert-parallel ranks: %d of %d parameters on each rank "
+      .. "(%d of the %d experts of each MoE layer; AdamW state alike)", self.expert_parallel_size, c.per_rank, c.total,
+      self._shard.count, self._shard.total))
+    self._announced = true
+  end
   self._accum, self._micro = accum, 0
   local ok, res = self:_with_ep(self.inner.train, self.inner, o)
   self._accum = nil
@@ -683,17 +1040,45 @@ function D:train(opts)
   return res
 end
 
+-- shards the experts again after gather_experts() (every rank runs train/evaluate)
+function D:_reshard()
+  if self._shard and not self._sharded then self:_shard_now() end
+end
+
 function D:evaluate(ds, opts)
+  self:_reshard()
   local ok, res = self:_with_ep(self.inner.evaluate, self.inner, ds, opts)
   if not ok then error(res, 2) end
   return res
 end
-function D:save_model(dir) if self.rank == 0 then return self.inner:save_model(dir) end end
-function D:save_checkpoint(dir)   -- with ZeRO every rank must call it (m, v are gathered)
+-- with sharded experts every rank must call it (the experts are gathered; rank 0 writes)
+function D:save_model(dir)
+  if self._sharded then
+    if type(dir) ~= "string" then error("save_model: dir must be a path string, got " .. type(dir), 2) end
+    local tensors = self:_full_tensors()
+    if self.rank == 0 then return checkpoint.save_model(self.model, dir, tensors) end
+    return
+  end
+  if self.rank == 0 then return self.inner:save_model(dir) end
+end
+-- with ZeRO or sharded experts every rank must call it (m, v and the experts are gathered)
+function D:save_checkpoint(dir)
   if self._zero then self:_zero_gather_state() end
+  if self._sharded then
+    dir = dir or (self.run_dir and self.run_dir .. "/checkpoint")
+    if type(dir) ~= "string" then error("DistributedMoETrainer:save_checkpoint: give a directory (the trainer has no run_dir)", 2) end
+    return self:_save_sharded(dir)
+  end
   if self.rank == 0 then return self.inner:save_checkpoint(dir) end
 end
-function D:visualize_routing(opts) if self.rank == 0 then return self.inner:visualize_routing(opts) end end   -- runs one process (expert parallelism off)
+-- runs one process (expert parallelism off), so it needs the whole experts
+function D:visualize_routing(opts)
+  if self._sharded then
+    error("DistributedMoETrainer:visualize_routing: the experts are sharded over the expert-parallel ranks and the "
+      .. "report runs the model in one process; call trainer:gather_experts() on every rank first", 2)
+  end
+  if self.rank == 0 then return self.inner:visualize_routing(opts) end
+end
 function D:__index(k)
   local m = rawget(D, k)
   if m ~= nil then return m end

@@ -480,6 +480,7 @@ function M.save_pretrained(model, dir, opts)
   end
   if type(dir) ~= "string" then fail(f, "dir must be a path string, got %s", type(dir)) end
   if opts ~= nil and type(opts) ~= "table" then fail(f, "options must be a table, got %s", type(opts)) end
+  require("moelab.checkpoint").check_whole(model, f)
   opts = opts or {}
   local mt = opts.model_type or (model.hf and model.hf.model_type)
   if mt == nil then fail(f, "model_type is required (olmoe, mixtral or qwen2_moe)") end

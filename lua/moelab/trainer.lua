@@ -252,7 +252,9 @@ function Trainer:train(opts)
       dir = self.run_dir .. "/checkpoint"
     end
     if type(dir) ~= "string" then fail(f, "resume must be a checkpoint directory or true") end
-    checkpoint.load_training(self, dir)
+    -- load_fn: distributed.lua's loading into sharded experts (it slices the single-process layout)
+    local load = self.load_fn or checkpoint.load_training
+    load(self, dir)
     start = self.step
   end
   if self.run_dir then mio.mkdir_p(self.run_dir) end
@@ -364,9 +366,7 @@ function Trainer:train(opts)
         print(string.format("eval at step %d: loss %.4f, perplexity %.2f", step, ev.loss, ev.perplexity))
       end
     end
-    if o.save_every > 0 and self.run_dir and step % o.save_every == 0 then
-      checkpoint.save_training(self, self.run_dir .. "/checkpoint")
-    end
+    if o.save_every > 0 and step % o.save_every == 0 then self:_save_run_checkpoint() end
   end
   if tty then io.write("\n") end
   if metrics then metrics:close() end
@@ -380,8 +380,18 @@ function Trainer:train(opts)
   if opts.eval_data then result.eval = self:evaluate(opts.eval_data, {batches = o.eval_batches}) end
   -- save_final = false keeps metrics.jsonl but skips the closing checkpoint
   -- (a large model's optimizer state can be tens of gigabytes)
-  if self.run_dir and opts.save_final ~= false then checkpoint.save_training(self, self.run_dir .. "/checkpoint") end
+  if opts.save_final ~= false then self:_save_run_checkpoint() end
   return result
+end
+
+-- The run's checkpoint, <run_dir>/checkpoint (none without run_dir). save_fn,
+-- when set (distributed.lua, sharded experts), runs on every rank, with or
+-- without run_dir: gathering the expert shards is a collective, and only the
+-- rank that has the run_dir writes.
+function Trainer:_save_run_checkpoint()
+  local dir = self.run_dir and self.run_dir .. "/checkpoint"
+  if self.save_fn then return self.save_fn(self, dir) end
+  if dir then return checkpoint.save_training(self, dir) end
 end
 
 --- evaluate(dataset[, {batches=, batch_size=, seq_len=}]) -> {loss=, perplexity=, tokens=}

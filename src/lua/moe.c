@@ -317,11 +317,112 @@ static int m_config(lua_State *L) {
     return 1;
 }
 
+/* ---- expert sharding (expert parallelism; distributed.lua) ---- */
+
+/* The bank whose weights include param value v, or NULL. */
+static moe_layer *bank_of(moe_layer **banks, int nb, const moe_tensor *v) {
+    for (int b = 0; b < nb; b++)
+        for (int i = 0; i < banks[b]->n_params; i++)
+            if (banks[b]->params[i].value == v) return banks[b];
+    return NULL;
+}
+
+/* layer:param_layout() -> array in parameters() order of {name=, offset=, numel=}
+ * (offset: 0-based element of the root's flat buffer), with expert_first=,
+ * expert_count=, expert_total= for the weights of expert banks (their rows
+ * are experts [expert_first, expert_first + expert_count) of expert_total). */
+static int m_param_layout(lua_State *L) {
+    const char *f = "layer:param_layout";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    if (!l->flat_values) return luaL_error(L, "%s: the layer does not own flat parameter buffers (use the model's root)", f);
+    int n = moe_layer_num_param_tensors(l), nb = moe_expert_banks(l, NULL, 0);
+    moe_param *ps = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
+    moe_layer **banks = lua_newuserdata(L, sizeof(moe_layer *) * (size_t)(nb ? nb : 1));
+    moe_layer_collect_params(l, ps, n);
+    moe_expert_banks(l, banks, nb);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        if (ps[i].value->storage != l->flat_values->storage)
+            return luaL_error(L, "%s: parameter %s is not in the flat buffer (re-flatten the model)", f, ps[i].name);
+        lua_createtable(L, 0, 6);
+        lua_pushstring(L, ps[i].name);
+        lua_setfield(L, -2, "name");
+        lua_pushnumber(L, (lua_Number)(ps[i].value->offset - l->flat_values->offset));
+        lua_setfield(L, -2, "offset");
+        lua_pushnumber(L, (lua_Number)moe_tensor_numel(ps[i].value));
+        lua_setfield(L, -2, "numel");
+        moe_layer *bank = bank_of(banks, nb, ps[i].value);
+        if (bank) {
+            int64_t first, count, total;
+            moe_expert_bank_range(bank, &first, &count, &total);
+            lua_pushnumber(L, (lua_Number)first);
+            lua_setfield(L, -2, "expert_first");
+            lua_pushnumber(L, (lua_Number)count);
+            lua_setfield(L, -2, "expert_count");
+            lua_pushnumber(L, (lua_Number)total);
+            lua_setfield(L, -2, "expert_total");
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+/* layer:expert_shard() -> nil when every expert bank of the tree holds all of
+ * its experts, else {first=, count=, total=} of the first sharded bank */
+static int m_expert_shard(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:expert_shard", "self");
+    int nb = moe_expert_banks(l, NULL, 0);
+    moe_layer **banks = lua_newuserdata(L, sizeof(moe_layer *) * (size_t)(nb ? nb : 1));
+    moe_expert_banks(l, banks, nb);
+    for (int b = 0; b < nb; b++) {
+        int64_t first, count, total;
+        moe_expert_bank_range(banks[b], &first, &count, &total);
+        if (count == total) continue;
+        lua_createtable(L, 0, 3);
+        lua_pushnumber(L, (lua_Number)first);
+        lua_setfield(L, -2, "first");
+        lua_pushnumber(L, (lua_Number)count);
+        lua_setfield(L, -2, "count");
+        lua_pushnumber(L, (lua_Number)total);
+        lua_setfield(L, -2, "total");
+        return 1;
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+/* layer:set_expert_shard(first, count[, values]) -> self: every expert bank of
+ * the tree holds experts [first, first + count) (0-based), taken from the rows
+ * it holds now or from values (an array of f32 tensors [count, ...], one per
+ * expert weight in parameter order); the flat buffers are rebuilt (moe_block.h) */
+static int m_set_expert_shard(lua_State *L) {
+    const char *f = "layer:set_expert_shard";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    lua_Integer first = moe_lua_check_int(L, 2, f, "first"), count = moe_lua_check_int(L, 3, f, "count");
+    int nv = 0;
+    moe_tensor **vals = NULL;
+    if (!lua_isnoneornil(L, 4)) {
+        if (!lua_istable(L, 4)) return luaL_error(L, "%s: values must be an array of tensors, got %s", f, luaL_typename(L, 4));
+        nv = (int)lua_objlen(L, 4);
+        vals = lua_newuserdata(L, sizeof(moe_tensor *) * (size_t)(nv ? nv : 1));
+        for (int i = 0; i < nv; i++) {
+            lua_rawgeti(L, 4, i + 1);
+            vals[i] = moe_lua_check_tensor_f(L, -1, f, "values[i]");
+            lua_pop(L, 1);   /* the values table keeps the tensor alive */
+        }
+    }
+    moe_lua_check(L, moe_experts_set_shard(moe_lua_ctx(L), l, first, count, vals, nv), f);
+    lua_settop(L, 1);
+    return 1;
+}
+
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
     {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"balance_losses", m_balance_losses},
-    {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config}, {NULL, NULL}};
+    {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config},
+    {"param_layout", m_param_layout}, {"expert_shard", m_expert_shard}, {"set_expert_shard", m_set_expert_shard},
+    {NULL, NULL}};
 
 void moe_lua_open_peft(lua_State *L);   /* peft.c: LoRA adapters and the router-input bias */
 

@@ -14,6 +14,9 @@
 typedef struct {
     moe_ffn_kind kind;
     moe_lora *lora;   /* optional LoRA adapters (lora.c), owned */
+    /* Expert sharding: the params hold rows [first, first + shape[0]) of the
+     * model's `total` experts (expert parallelism keeps only a rank's own). */
+    int64_t first, total;
 } bank_state;
 
 enum { P_GATE, P_UP, P_DOWN };
@@ -119,13 +122,19 @@ static moe_status bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_t
 }
 
 static void bank_describe(const moe_layer *l, char *buf, size_t n) {
+    const bank_state *st = l->state;
     moe_tensor *up = l->params[swiglu_bank(l) ? 1 : 0].value;
     const moe_lora *lo = moe_expert_bank_lora(l);
-    char extra[96] = "";
+    char extra[96] = "", count[64];
     if (lo) snprintf(extra, sizeof extra, ", LoRA r=%lld alpha=%g%s", (long long)lo->cfg.r, lo->cfg.alpha,
                      lo->cfg.expert_wise ? " per expert" : " shared");
-    snprintf(buf, n, "ExpertBank(%lld experts, %lld -> %lld, %s%s)", (long long)up->shape[0], (long long)up->shape[2],
-             (long long)up->shape[1], swiglu_bank(l) ? "swiglu" : "gelu", extra);
+    if (up->shape[0] < st->total)
+        snprintf(count, sizeof count, "experts [%lld, %lld) of %lld", (long long)st->first,
+                 (long long)(st->first + up->shape[0]), (long long)st->total);
+    else
+        snprintf(count, sizeof count, "%lld experts", (long long)up->shape[0]);
+    snprintf(buf, n, "ExpertBank(%s, %lld -> %lld, %s%s)", count, (long long)up->shape[2], (long long)up->shape[1],
+             swiglu_bank(l) ? "swiglu" : "gelu", extra);
 }
 
 static void bank_destroy(moe_layer *l) {
@@ -147,6 +156,7 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
     bank_state *st = l ? calloc(1, sizeof *st) : NULL;
     if (!st) { moe_layer_release(l); if (l) moe_error(MOE_ERR_OOM, "out of host memory"); return NULL; }
     st->kind = kind;
+    st->total = experts;
     l->state = st;
     int64_t in_shape[3] = {experts, inner, hidden}, out_shape[3] = {experts, hidden, inner};
     moe_status s = MOE_OK;
@@ -165,4 +175,159 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
     if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
     if (s != MOE_OK) { moe_layer_release(l); return NULL; }
     return l;
+}
+
+/* ---- expert sharding ---- */
+
+void moe_expert_bank_range(const moe_layer *l, int64_t *first, int64_t *count, int64_t *total) {
+    const bank_state *st = l->state;
+    *first = st->first;
+    *count = bank_param((moe_layer *)l, P_UP)->value->shape[0];
+    *total = st->total;
+}
+
+int moe_expert_bank_is_sharded(const moe_layer *l) {
+    int64_t first, count, total;
+    moe_expert_bank_range(l, &first, &count, &total);
+    return count < total;
+}
+
+/* The expert banks of the tree in parameter order (pre-order, as
+ * moe_layer_collect_params walks it). Returns how many; fills up to max. */
+int moe_expert_banks(moe_layer *l, moe_layer **out, int max) {
+    int n = 0;
+    if (moe_layer_is(l, "ExpertBank")) {
+        if (max > 0) out[0] = l;
+        return 1;
+    }
+    for (int c = 0; c < l->n_children; c++)
+        if (l->children[c]) n += moe_expert_banks(l->children[c], out ? out + n : NULL, max - n);
+    return n;
+}
+
+/* The expert params of a bank: gate (SwiGLU only), up, down, in parameter order. */
+static int bank_weights(moe_layer *bank, moe_param **out) {
+    int n = 0;
+    for (int w = P_GATE; w <= P_DOWN; w++) {
+        moe_param *p = moe_expert_bank_param(bank, w);
+        if (p) out[n++] = p;
+    }
+    return n;
+}
+
+static moe_status check_shard_request(moe_layer *bank, int64_t first, int64_t count, moe_tensor *const *values,
+                                      int *next_value, int n_values) {
+    if (moe_expert_bank_lora(bank))
+        return moe_error(MOE_ERR_ARG, "expert sharding: LoRA adapters on the experts are not supported "
+                         "(merge or remove them first)");
+    int64_t held_first, held, total;
+    moe_expert_bank_range(bank, &held_first, &held, &total);
+    if (first < 0 || count < 1 || first + count > total)
+        return moe_error(MOE_ERR_ARG, "expert sharding: experts [%lld, %lld) are not within the %lld experts",
+                         (long long)first, (long long)(first + count), (long long)total);
+    moe_param *ws[3];
+    int nw = bank_weights(bank, ws);
+    if (!values) {
+        if (first < held_first || first + count > held_first + held)
+            return moe_error(MOE_ERR_ARG, "expert sharding: experts [%lld, %lld) are not all held here "
+                             "(this bank holds [%lld, %lld)); give their values",
+                             (long long)first, (long long)(first + count), (long long)held_first,
+                             (long long)(held_first + held));
+        return MOE_OK;
+    }
+    for (int k = 0; k < nw; k++, (*next_value)++) {
+        if (*next_value >= n_values)
+            return moe_error(MOE_ERR_ARG, "expert sharding: %d values given, the expert banks have more weights",
+                             n_values);
+        const moe_tensor *v = values[*next_value], *p = ws[k]->value;
+        int ok = v && v->dtype == MOE_F32 && v->ndim == p->ndim && v->shape[0] == count;
+        for (int d = 1; ok && d < p->ndim; d++) ok = v->shape[d] == p->shape[d];
+        if (!ok) {
+            char got[96];
+            return moe_error(MOE_ERR_SHAPE, "expert sharding: value %d for %s must be f32 [%lld, %lld, %lld], got %s %s",
+                             *next_value + 1, ws[k]->name, (long long)count, (long long)p->shape[1],
+                             (long long)p->shape[2], v ? moe_dtype_name(v->dtype) : "nil",
+                             v ? moe_shape_str(v, got, sizeof got) : "");
+        }
+    }
+    return MOE_OK;
+}
+
+/* New storage for one expert weight: rows [first, first + count), from `src`
+ * (already those rows) or from the rows the param holds now. */
+static moe_status new_rows_for(moe_ctx *ctx, moe_param *p, int64_t held_first, int64_t first, int64_t count,
+                               moe_tensor *src, moe_tensor **value, moe_tensor **grad) {
+    moe_tensor *v = p->value;
+    int64_t shape[MOE_MAX_DIMS], row = 1;
+    for (int d = 0; d < v->ndim; d++) shape[d] = v->shape[d];
+    for (int d = 1; d < v->ndim; d++) row *= v->shape[d];
+    shape[0] = count;
+    moe_tensor *from = src;
+    if (!from) from = moe_tensor_from_storage(v->storage, v->offset + (first - held_first) * row, MOE_F32, v->ndim,
+                                              shape, NULL);
+    *value = from ? moe_tensor_new(ctx, MOE_F32, v->ndim, shape, v->device) : NULL;
+    *grad = *value ? moe_tensor_new(ctx, MOE_F32, v->ndim, shape, v->device) : NULL;
+    moe_status s = *grad ? moe_op_copy(ctx, *value, from) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_fill(ctx, *grad, 0.0);
+    if (from != src) moe_tensor_release(from);
+    return s;
+}
+
+moe_status moe_experts_set_shard(moe_ctx *ctx, moe_layer *root, int64_t first, int64_t count,
+                                 moe_tensor *const *values, int n_values) {
+    if (!root->flat_values)
+        return moe_error(MOE_ERR_STATE, "expert sharding: the layer does not own flat parameter buffers (use the model's root)");
+    int nb = moe_expert_banks(root, NULL, 0);
+    if (nb == 0) return moe_error(MOE_ERR_ARG, "expert sharding: the model has no expert bank");
+    moe_layer **banks = calloc((size_t)nb, sizeof *banks);
+    /* at most 3 weights per bank: new values and grads, made before anything changes */
+    moe_tensor **fresh = calloc((size_t)nb * 6, sizeof *fresh);
+    if (!banks || !fresh) { free(banks); free(fresh); return moe_error(MOE_ERR_OOM, "out of host memory"); }
+    moe_expert_banks(root, banks, nb);
+    moe_status s = MOE_OK;
+    int next = 0;
+    for (int b = 0; b < nb && s == MOE_OK; b++) s = check_shard_request(banks[b], first, count, values, &next, n_values);
+    if (s == MOE_OK && values && next != n_values)
+        s = moe_error(MOE_ERR_ARG, "expert sharding: %d values given for %d expert weights", n_values, next);
+    /* mixed precision is rebuilt over the new flat buffers */
+    moe_dtype mixed = root->flat_compute ? root->compute_dtype : MOE_F32;
+    if (s == MOE_OK && mixed != MOE_F32) s = moe_layer_set_compute_dtype(ctx, root, MOE_F32);
+    next = 0;
+    for (int b = 0; b < nb && s == MOE_OK; b++) {
+        moe_param *ws[3];
+        int nw = bank_weights(banks[b], ws);
+        int64_t held_first = ((bank_state *)banks[b]->state)->first;
+        for (int k = 0; k < nw && s == MOE_OK; k++, next++)
+            s = new_rows_for(ctx, ws[k], held_first, first, count, values ? values[next] : NULL, &fresh[2 * next],
+                             &fresh[2 * next + 1]);
+    }
+    int repointed = 0;
+    if (s == MOE_OK) {
+        repointed = 1;
+        /* nothing can fail from here to the flatten: re-point every weight at its new rows */
+        next = 0;
+        for (int b = 0; b < nb; b++) {
+            moe_param *ws[3];
+            int nw = bank_weights(banks[b], ws);
+            for (int k = 0; k < nw; k++, next++) {
+                ws[k]->value->shape[0] = ws[k]->grad->shape[0] = count;
+                moe_layer_repoint(ws[k]->value, fresh[2 * next]->storage, fresh[2 * next]->offset, MOE_F32);
+                moe_layer_repoint(ws[k]->grad, fresh[2 * next + 1]->storage, fresh[2 * next + 1]->offset, MOE_F32);
+            }
+            ((bank_state *)banks[b]->state)->first = first;
+        }
+        s = moe_layer_flatten(ctx, root, root->device);
+        if (s != MOE_OK)
+            s = moe_error_context(s, "expert sharding: the experts changed but the flat buffers could not be rebuilt; "
+                                  "the model is unusable");
+    }
+    /* back to mixed precision, unless the flatten failed over re-pointed weights */
+    if (mixed != MOE_F32 && !root->flat_compute && (s == MOE_OK || !repointed)) {
+        moe_status m = moe_layer_set_compute_dtype(ctx, root, mixed);
+        if (s == MOE_OK) s = m;
+    }
+    for (int i = 0; i < nb * 6; i++) moe_tensor_release(fresh[i]);
+    free(banks);
+    free(fresh);
+    return s;
 }

@@ -1,6 +1,7 @@
 /* LoRA adapters on expert banks and Linear layers (see lora.h). */
 #include "lora.h"
 #include "functional.h"
+#include "moe_block.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -76,6 +77,10 @@ moe_status moe_lora_attach(moe_ctx *ctx, moe_layer *l, const moe_lora_cfg *cfg, 
     if (!(cfg->alpha > 0) || !isfinite(cfg->alpha))
         return moe_error(MOE_ERR_ARG, "lora: lora_alpha must be a positive number, got %g", cfg->alpha);
     if (moe_lora_of(l)) return moe_error(MOE_ERR_STATE, "lora: the %s layer already has adapters", l->vt->kind);
+    /* per-expert adapters of a shard would not map onto the single-process layout */
+    if (is_bank(l) && moe_expert_bank_is_sharded(l))
+        return moe_error(MOE_ERR_STATE, "lora: the expert bank is sharded over expert-parallel ranks; "
+                         "gather the experts first (trainer:gather_experts()) or use shard_experts = false");
     moe_lora *lo = calloc(1, sizeof *lo);
     if (!lo) return moe_error(MOE_ERR_OOM, "out of host memory");
     lo->cfg = *cfg;

@@ -79,6 +79,19 @@ moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step) {
     return MOE_OK;
 }
 
+/* A sharded bank must hold exactly the experts its rank owns over comm. */
+static moe_status check_shard_owner(const moe_layer *bank, const moe_comm *comm) {
+    int64_t first, count, total;
+    moe_expert_bank_range(bank, &first, &count, &total);
+    int64_t own = total / comm->size;
+    if (count < total && (count != own || first != comm->rank * own))
+        return moe_error(MOE_ERR_ARG, "expert parallel: this rank's experts are sharded as [%lld, %lld) of %lld, "
+                         "but rank %d of %d owns [%lld, %lld)", (long long)first, (long long)(first + count),
+                         (long long)total, comm->rank, comm->size, (long long)(comm->rank * own),
+                         (long long)((comm->rank + 1) * own));
+    return MOE_OK;
+}
+
 moe_status moe_block_set_expert_parallel(moe_layer *l, moe_comm *comm) {
     block_state *s = st_of(l);
     if (!s) return moe_error(MOE_ERR_ARG, "set_expert_parallel: not an MoE layer");
@@ -90,6 +103,7 @@ moe_status moe_block_set_expert_parallel(moe_layer *l, moe_comm *comm) {
         if (!comm->ops->supports(comm, l->device))
             return moe_error(MOE_ERR_ARG, "expert parallel: the %s communicator cannot move this layer's tensors",
                              comm->ops->name);
+        MOE_TRY(check_shard_owner(l->children[s->c_experts], comm));
     }
     s->ep_comm = comm && comm->size > 1 ? comm : NULL;
     return MOE_OK;
@@ -107,19 +121,25 @@ int moe_block_expert_parallel_size(const moe_layer *l) {
 }
 
 /* Expert parallel: send the dispatched rows to the ranks owning their experts,
- * run this rank's experts (the stacked weights stay full-size; only the owned
- * slice is used), and bring the outputs back in xp's order. */
+ * run this rank's experts, and bring the outputs back in xp's order. A full
+ * bank runs over all E experts' offsets (the non-owned ones are empty); a
+ * sharded bank holds only the owned experts and runs over their offsets. */
 static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const int64_t *off,
                              moe_tensor **yp) {
     block_state *st = l->state;
+    moe_layer *bank = l->children[st->c_experts];
     int64_t e = st->cfg.router.num_experts;
+    int64_t first, count, total;
+    moe_expert_bank_range(bank, &first, &count, &total);
+    MOE_TRY(check_shard_owner(bank, st->ep_comm));
     int64_t *loff = calloc((size_t)e + 1, sizeof *loff);
     if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_ep_plan *p = NULL;
     moe_tensor *xl = NULL, *yl = NULL;
     moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, e, loff, &p);
     if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, xp, &xl);
-    if (s == MOE_OK) s = moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xl, loff, (int)e, &yl);
+    /* loff[first] is 0: the experts before the owned ones received nothing here */
+    if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
     if (s == MOE_OK) s = moe_f_ep_combine(ctx, tape, p, yl, yp);
     moe_tensor_release(xl); moe_tensor_release(yl);
     moe_ep_plan_release(p);
@@ -169,6 +189,15 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         char b[96];
         return moe_error(MOE_ERR_SHAPE, "input has shape %s, expected last dim %lld", moe_shape_str(x, b, sizeof b),
                          (long long)c->hidden);
+    }
+    if (!st->custom && !st->ep_comm && moe_expert_bank_is_sharded(l->children[st->c_experts])) {
+        int64_t first, count, total;
+        moe_expert_bank_range(l->children[st->c_experts], &first, &count, &total);
+        return moe_error(MOE_ERR_STATE, "MoE: this rank holds only experts [%lld, %lld) of %lld (sharded under expert "
+                         "parallelism by DistributedMoETrainer), so the layer cannot run in one process; use "
+                         "trainer:train / trainer:evaluate (every rank), call trainer:gather_experts() on every rank "
+                         "to restore the full experts, or save_checkpoint and moe.load it in one process",
+                         (long long)first, (long long)(first + count), (long long)total);
     }
     int64_t seq_len = x->ndim >= 3 ? x->shape[x->ndim - 2] : 0;
     /* [tokens, H] rows, linked to x on the tape so its gradient reaches x */

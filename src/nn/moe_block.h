@@ -53,11 +53,13 @@ moe_tensor *moe_block_bias(const moe_layer *l);
  * Rank r computes experts [r*E/size, (r+1)*E/size) for the rows every rank
  * routes to them (moe_ep.h); the router and everything else run locally on
  * each rank's own tokens, and the balancing losses describe the local tokens.
- * The stacked expert weights stay full-size on every rank (only the owned
- * slice is used and gets gradients): memory is not sharded yet. Every rank
- * must run the same forwards and backwards (they are collectives). The
- * communicator is borrowed and must outlive its use; the expert bank only
- * (not custom experts), E divisible by the size. */
+ * The expert bank may hold all E experts (only the owned slice is used and
+ * gets gradients) or, sharded (moe_experts_set_shard), exactly rank r's
+ * slice; a sharded bank must match the communicator, and its layer refuses
+ * to run without expert parallelism. Every rank must run the same forwards
+ * and backwards (they are collectives). The communicator is borrowed and
+ * must outlive its use; the expert bank only (not custom experts), E
+ * divisible by the size. */
 struct moe_comm;
 moe_status moe_block_set_expert_parallel(moe_layer *l, struct moe_comm *comm);
 /* The batch auxiliary loss over comm's ranks (router.h, aux_comm); NULL: this rank's tokens. Borrowed. */
@@ -69,5 +71,24 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
                                moe_init *init);
 moe_status moe_expert_bank_forward(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                    const int64_t *offsets, int groups, moe_tensor **yp);
+
+/* Expert sharding (expert parallelism without full-size expert weights on
+ * every rank). A bank holds the rows [first, first + count) of its layer's
+ * total experts in each of its stacked weights; an unsharded bank holds
+ * [0, total). */
+void moe_expert_bank_range(const moe_layer *bank, int64_t *first, int64_t *count, int64_t *total);
+int moe_expert_bank_is_sharded(const moe_layer *bank);   /* count < total */
+/* The expert banks of a tree in parameter order; returns how many (fills up to max; out may be NULL). */
+int moe_expert_banks(moe_layer *root, moe_layer **out, int max);
+/* Makes every expert bank of the tree hold experts [first, first + count):
+ * from `values` (n_values f32 tensors [count, ...], one per bank weight in
+ * parameter order: gate (SwiGLU), up, down, bank after bank), or, with
+ * values NULL, from the rows the banks hold now (which must include them).
+ * Then rebuilds the root's flat buffers (gradients zeroed; an optimiser made
+ * before is stale and refuses to step). Checks everything before changing
+ * anything: a refused request leaves the model as it was. Banks with LoRA
+ * adapters are refused. */
+moe_status moe_experts_set_shard(moe_ctx *ctx, moe_layer *root, int64_t first, int64_t count,
+                                 moe_tensor *const *values, int n_values);
 
 #endif

@@ -23,7 +23,8 @@ typedef struct moe_ep_plan moe_ep_plan;
  * dispatched rows) and builds the plan. local_offsets (host [E+1], filled):
  * offsets into the received, regrouped rows, with the experts this rank does
  * not own left empty, so an expert bank over all E experts computes only the
- * owned ones. */
+ * owned ones, and local_offsets + rank * E/ep (E/ep + 1 entries, from 0) are
+ * the offsets for a bank that holds only the owned experts. */
 moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, int64_t num_experts,
                            int64_t *local_offsets, moe_ep_plan **plan);
 void moe_ep_plan_release(moe_ep_plan *p);

@@ -39,9 +39,10 @@ do
 end
 
 -- (2) training: EP over 2 ranks == one process with gradient_accumulation_steps 2
+-- (full-size experts on every rank; epshard_check covers the sharded default)
 local train = {max_steps = 3, batch_size = 2, seq_len = 8, learning_rate = 1e-2, warmup_steps = 1}
 local dt = moe.distributed.DistributedMoETrainer{model = model(rank == 0 and 11 or 99), progress = false,
-                                                 aux_loss_coef = 0.01, expert_parallel_size = 2}
+                                                 aux_loss_coef = 0.01, expert_parallel_size = 2, shard_experts = false}
 assert(dt.expert_parallel_size == 2 and dt.data_parallel_size == 1)
 local o = {}
 for k, v in pairs(train) do o[k] = v end

@@ -86,7 +86,9 @@ local function grab(key)
     if not grad1[key] then grad1[key] = select(2, tr.model.net:flat_parameters()):clone() end
   end
 end
-local dt = trainer{expert_parallel_size = 2, data_parallel_size = 2, run_dir = run_dir, grad_hook = grab("epdp")}
+-- full-size experts on every rank (epshard_check covers the sharded default)
+local dt = trainer{expert_parallel_size = 2, data_parallel_size = 2, run_dir = run_dir, grad_hook = grab("epdp"),
+                   shard_experts = false}
 assert(dt.expert_parallel_size == 2 and dt.data_parallel_size == 2)
 assert(dt.expert_parallel_rank == rank % 2 and dt.data_parallel_rank == group)
 local res = dt:train(train_opts())
