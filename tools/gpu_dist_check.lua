@@ -2,9 +2,11 @@
 -- RANK/WORLD_SIZE/LOCAL_RANK, one visible GPU per rank and
 -- MOELAB_DIST_RENDEZVOUS): (1) collectives on random CUDA tensors (and CPU
 -- scalars, staged) against host-computed values; (2) DP=2 training of a small
--- Mixtral on CUDA vs one GPU with gradient_accumulation_steps = 2; (3) EP=2 the
--- same way (an error is reported, not fatal); (4) throughput, DP=2 vs one GPU,
--- quickstart-sized model. The single-GPU references run in rank 0 at the end.
+-- Mixtral on CUDA vs one GPU with gradient_accumulation_steps = 2; (3) EP=2
+-- (experts sharded) the same way; DP=2 with global_aux_loss vs one GPU on both
+-- ranks' micro-batches as one batch; EP=2 in bf16 vs one GPU in bf16 (to 3e-2:
+-- rounding orders differ); (4) throughput, DP=2 vs one GPU, quickstart-sized
+-- model. The single-GPU references run in rank 0 at the end.
 -- Prints "RESULT <name> <PASS|FAIL|SKIP|value> <detail>" lines.
 --   ./moelab-cuda tools/gpu_dist_check.lua [throughput_steps]
 local moe = require "moelab"
@@ -110,11 +112,13 @@ local function opts(extra)
 end
 
 local runs = {}
-local function dist_run(name, ep)
+-- extra: more trainer options; train_extra: more train{} options
+local function dist_run(name, ep, extra, train_extra)
   local ok, res = pcall(function()
-    local dt = moe.distributed.DistributedMoETrainer{model = small(rank == 0 and 11 or 99), progress = false,
-                                                     aux_loss_coef = 0.01, expert_parallel_size = ep}
-    local r = dt:train(opts())
+    local o = {model = small(rank == 0 and 11 or 99), progress = false, aux_loss_coef = 0.01, expert_parallel_size = ep}
+    for k, v in pairs(extra or {}) do o[k] = v end
+    local dt = moe.distributed.DistributedMoETrainer(o)
+    local r = dt:train(opts(train_extra))
     assert(r.world_size == 2 and r.global_batch_size == 8, "world_size/global_batch_size")
     dt:gather_experts()   -- EP shards the experts by default: full-size on both ranks to compare
     local p = dt.model.net:flat_parameters()
@@ -158,6 +162,10 @@ do
 end
 
 dist_run("ep", 2)
+-- the global-batch aux loss (routers average f and P over both GPUs, device path)
+dist_run("dp_gaux", 1, {aux_loss_coef = 0.5, global_aux_loss = true})
+-- sharded experts in bf16 mixed precision (compute copy rebuilt at sharding)
+dist_run("ep_bf16", 2, {precision = "bf16"})
 
 ------------------------------------------------------------------ references (rank 0, one GPU)
 if rank == 0 then
@@ -165,11 +173,38 @@ if rank == 0 then
   local ref = moe.MoETrainer{model = ref_model, progress = false, aux_loss_coef = 0.01}
   local rres = ref:train(opts{gradient_accumulation_steps = 2})
   local rparams = ref_model.net:flat_parameters():to("cpu")
-  for _, name in ipairs{"dp", "ep"} do
+  -- one GPU's view of DP=2 step g (0-based): both ranks' micro-batches as one batch of 8 rows
+  local function both_at(g)
+    local a1, t1 = batch(2 * g)
+    local a2, t2 = batch(2 * g + 1)
+    local ids, tg = a1:to("cpu"):to_table(), t1:to("cpu"):to_table()
+    for _, r in ipairs(a2:to("cpu"):to_table()) do ids[#ids + 1] = r end
+    for _, r in ipairs(t2:to("cpu"):to_table()) do tg[#tg + 1] = r end
+    return moe.tensor(ids, {dtype = "i64"}), moe.tensor(tg, {dtype = "i64"})
+  end
+  local function reference(trainer_extra, train_extra)
+    local m = small(11)
+    local o = {model = m, progress = false, aux_loss_coef = 0.01}
+    for k, v in pairs(trainer_extra) do o[k] = v end
+    local res = moe.MoETrainer(o):train(opts(train_extra))
+    return res, m.net:flat_parameters():to("cpu")
+  end
+  local refs = {
+    dp = {rres, rparams, "dp2_vs_1gpu_accum2", 1e-5},
+    ep = {rres, rparams, "ep2_vs_1gpu_accum2", 1e-5},
+  }
+  do
+    local r, p = reference({aux_loss_coef = 0.5}, {batch_fn = both_at, batch_size = 8})
+    refs.dp_gaux = {r, p, "dp2_global_aux_vs_1gpu_batch8", 1e-5}
+    r, p = reference({precision = "bf16"}, {gradient_accumulation_steps = 2})
+    -- bf16: the two runs round in different orders, so only close
+    refs.ep_bf16 = {r, p, "ep2_bf16_vs_1gpu_bf16", 3e-2}
+  end
+  for _, name in ipairs{"dp", "ep", "dp_gaux", "ep_bf16"} do
     local r = runs[name]
-    local label = name == "dp" and "dp2_vs_1gpu_accum2" or "ep2_vs_1gpu_accum2"
+    local rres, rparams, label, tol = refs[name][1], refs[name][2], refs[name][3], refs[name][4]
     if r.error then
-      result(label, name == "ep" and "SKIP" or "FAIL", "error: " .. r.error:gsub("\n", " | "))
+      result(label, "FAIL", "error: " .. r.error:gsub("\n", " | "))
     else
       local worst, aux, rows = 0, 0, {}
       for s = 1, train.max_steps do
@@ -180,7 +215,7 @@ if rank == 0 then
         rows[#rows + 1] = string.format("%.6f/%.6f", a, b)
       end
       local pe = maxrel(r.params, rparams)
-      result(label, (worst <= 1e-5 and aux <= 1e-5) and "PASS" or "FAIL",
+      result(label, (worst <= tol and aux <= tol) and "PASS" or "FAIL",
         string.format("losses (%s) max rel %.2e, aux max rel %.2e, final params max rel %.2e, ranks equal %.1e",
           table.concat(rows, " "), worst, aux, pe, r.same))
     end
