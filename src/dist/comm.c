@@ -187,9 +187,10 @@ moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor
                                                     in->dtype, op, in->device), "%s", w);
 }
 
-moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
-                                 const int64_t *recv_counts) {
-    const char *w = "all_to_all_v";
+/* checks the counts against the tensors; sc/rc (2 * size, freed by the caller) in elements */
+static moe_status a2a_counts(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                             const int64_t *recv_counts, size_t **counts, const char *w) {
+    *counts = NULL;
     MOE_TRY(check_comm(c, w));
     MOE_TRY(check_pair(c, in, out, w, 0));
     if (!send_counts || !recv_counts) return moe_error(MOE_ERR_ARG, "%s: counts are missing", w);
@@ -214,8 +215,15 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     else if (tr > moe_tensor_numel(out))
         s = moe_error(MOE_ERR_SHAPE, "%s: receive counts add up to %lld, the output has %lld elements", w,
                       (long long)tr, (long long)moe_tensor_numel(out));
+    if (s != MOE_OK) { free(sc); return s; }
+    *counts = sc;
+    return MOE_OK;
+}
+
+static moe_status a2a_blocking(moe_comm *c, const moe_tensor *in, const size_t *sc, moe_tensor *out,
+                               const size_t *rc, const char *w) {
     double t0 = moe_dist_now();
-    if (s == MOE_OK) s = sync_device(c, in->device);
+    moe_status s = sync_device(c, in->device);
     double t1 = moe_dist_now();
     if (s == MOE_OK) {
         c->seq++;
@@ -225,6 +233,38 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     c->a2a_calls++;
     c->a2a_wait_s += t1 - t0;
     c->a2a_s += moe_dist_now() - t1;
+    return s;
+}
+
+moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                 const int64_t *recv_counts) {
+    size_t *sc;
+    MOE_TRY(a2a_counts(c, in, send_counts, out, recv_counts, &sc, "all_to_all_v"));
+    moe_status s = a2a_blocking(c, in, sc, out, sc + c->size, "all_to_all_v");
+    free(sc);
+    return s;
+}
+
+moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                        const int64_t *recv_counts) {
+    const char *w = "all_to_all_v";
+    size_t *sc;
+    MOE_TRY(a2a_counts(c, in, send_counts, out, recv_counts, &sc, w));
+    int queued = 0;
+    moe_status s = MOE_OK;
+    if (c->ops->all_to_all_v_queued && in->device.type != MOE_CPU) {
+        double t0 = moe_dist_now();
+        c->seq++;
+        s = moe_error_context(c->ops->all_to_all_v_queued(c, moe_tensor_data(in), sc, moe_tensor_data(out),
+                                                          sc + c->size, in->dtype, in->device, &queued), "%s", w);
+        if (queued) {
+            c->a2a_calls++;
+            c->a2a_s += moe_dist_now() - t0;
+        } else {
+            c->seq--;
+        }
+    }
+    if (s == MOE_OK && !queued) s = a2a_blocking(c, in, sc, out, sc + c->size, w);
     free(sc);
     return s;
 }

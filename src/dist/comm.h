@@ -89,6 +89,13 @@ typedef struct {
      * deadline) for every one queued so far. */
     moe_status (*all_reduce_start)(moe_comm *c, void *buf, size_t count, moe_dtype dt, moe_dist_op op, moe_device dev);
     moe_status (*wait_pending)(moe_comm *c);
+    /* Optional (NULL: the blocking all_to_all_v): the exchange ordered on the
+     * device's compute stream (it starts after the work queued there and the
+     * compute stream's later work starts after it), no host wait. Sets
+     * *queued = 0 and does nothing when it cannot watch a queued exchange
+     * (then the caller runs the blocking one). */
+    moe_status (*all_to_all_v_queued)(moe_comm *c, const void *in, const size_t *send_counts, void *out,
+                                      const size_t *recv_counts, moe_dtype dt, moe_device dev, int *queued);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -171,6 +178,15 @@ moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor
 /* counts in elements, one per rank; sum(send_counts) <= numel(in), sum(recv_counts) <= numel(out) */
 moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
                                  const int64_t *recv_counts);
+/* The same exchange, for GPU tensors over NCCL with heartbeats (the file
+ * rendezvous launch) queued on the compute stream without any host wait:
+ * expert parallelism's token exchanges, so the host keeps queueing work
+ * ahead of the GPU. A rank that dies or stops mid-exchange is caught by the
+ * communicator's watchdog thread (stale heartbeat, or no progress within the
+ * timeout), which aborts NCCL; the next collective then fails naming it.
+ * Elsewhere (MPI, CPU tensors, mpirun-launched NCCL) it is the blocking call. */
+moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                        const int64_t *recv_counts);
 
 /* "sum"/"avg" (also "mean") -> op; -1 for an unknown name */
 int moe_dist_op_parse(const char *name);

@@ -17,6 +17,17 @@
  * than MOELAB_DIST_HEARTBEAT_S (default 15 s) names that rank and fails the
  * collective at once, without waiting for the full timeout.
  *
+ * Queued exchanges (all_to_all_v_queued: expert parallelism's token
+ * exchanges) run on our stream between two events, the compute stream's work
+ * before them and its later work after them, and the host does not wait. The
+ * heartbeat thread watches them: every 100 ms, while one may be unfinished,
+ * it checks NCCL's asynchronous error, the others' heartbeats and the
+ * timeout (counted from the oldest exchange not yet seen finished), and on a
+ * verdict aborts the communicator, which frees the GPU work waiting on it;
+ * the next collective of this rank then fails with that verdict. Without
+ * heartbeats (mpirun's bootstrap, split communicators) there is no watcher
+ * and the exchanges stay blocking.
+ *
  * Splits (moe_comm_split) use ncclCommSplit when the library has it, else a
  * new communicator from a fresh unique id per group (all-gathered over the
  * parent); MOELAB_NCCL_SPLIT=new_id forces the latter.
@@ -93,7 +104,23 @@ typedef struct {
     pthread_t hb_thread;
     int hb_running;
     volatile int hb_stop;
+    /* queued exchanges, watched by the heartbeat thread (see the header) */
+    pthread_mutex_t q_mu;   /* guards q_pending, q_since, q_done's record, and hb_seen* */
+    cudaEvent_t q_done;     /* recorded on our stream after the latest queued exchange */
+    int q_pending;          /* q_done may be unfinished */
+    double q_since;         /* when the oldest exchange not yet seen finished was queued */
+    double timeout_s;
+    int q_aborted;          /* set (atomically) by the watcher once it aborted the communicator */
+    char q_error[512];      /* its verdict, written before q_aborted is set */
 } nccl_impl;
+
+static nccl_impl *impl_new(void) {
+    nccl_impl *m = calloc(1, sizeof *m);
+    if (m && pthread_mutex_init(&m->q_mu, NULL) != 0) { free(m); m = NULL; }
+    return m;
+}
+
+static int watcher_aborted(nccl_impl *m) { return __atomic_load_n(&m->q_aborted, __ATOMIC_ACQUIRE); }
 
 static double wall_now(void) {
     struct timespec ts;
@@ -111,13 +138,51 @@ static void hb_write(const char *dir, int rank) {
     if (fclose(f) == 0) rename(tmp, path);
 }
 
+static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age);
+
+/* One look at the queued exchanges (heartbeat thread): finished, or a verdict and an abort. */
+static void watch_queued(nccl_impl *m) {
+    pthread_mutex_lock(&m->q_mu);
+    if (m->q_pending && !watcher_aborted(m)) {
+        cudaError_t e = cudaEventQuery(m->q_done);
+        if (e == cudaSuccess) {
+            m->q_pending = 0;
+        } else {
+            char why[400] = "", who[256];
+            double age = 0;
+            ncclResult_t ar = ncclSuccess;
+            m->api.CommGetAsyncError(m->comm, &ar);
+            if (ar != ncclSuccess)
+                snprintf(why, sizeof why, "NCCL error: %s", m->api.GetErrorString(ar));
+            else if (e != cudaErrorNotReady)
+                snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
+            else if (hb_stale(m, who, sizeof who, &age) > 0)
+                snprintf(why, sizeof why, "rank %s sent no heartbeat for %.0f s (exited, killed or its host is gone)",
+                         who, age);
+            else if (moe_dist_now() - m->q_since > m->timeout_s)
+                snprintf(why, sizeof why, "no progress for %.0f s while every rank sends heartbeats (one is alive "
+                         "but stuck in other code or another collective)", m->timeout_s);
+            if (why[0]) {
+                snprintf(m->q_error, sizeof m->q_error,
+                         "rank %d: a queued all_to_all_v cannot finish: %s; the communicator was aborted", m->hb_rank,
+                         why);
+                __atomic_store_n(&m->q_aborted, 1, __ATOMIC_RELEASE);
+                m->api.CommAbort(m->comm);   /* ends the NCCL work, so the streams waiting on it go on */
+            }
+        }
+    }
+    pthread_mutex_unlock(&m->q_mu);
+}
+
 static void *hb_main(void *arg) {
     nccl_impl *m = arg;
+    cudaSetDevice(m->device);   /* for the event queries */
     while (!m->hb_stop) {
         hb_write(m->hb_dir, m->hb_rank);
         for (int i = 0; i < 10 && !m->hb_stop; i++) {
             struct timespec ts = {0, 100000000};
             nanosleep(&ts, NULL);
+            watch_queued(m);
         }
     }
     return NULL;
@@ -188,6 +253,10 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
     double deadline = moe_dist_now() + c->timeout_s;
     m->hb_checked = moe_dist_now();   /* heartbeats are read only once a wait passes a second */
     for (int spins = 0;; spins++) {
+        if (watcher_aborted(m)) {
+            m->broken = 1;
+            return moe_error(MOE_ERR_STATE, "%s", m->q_error);
+        }
         cudaError_t e = cudaStreamQuery(m->stream);
         if (e == cudaSuccess) return MOE_OK;
         if (e != cudaErrorNotReady) {
@@ -205,7 +274,9 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             m->hb_checked = moe_dist_now();
             char who[256];
             double age = 0;
+            pthread_mutex_lock(&m->q_mu);
             int n = hb_stale(m, who, sizeof who, &age);
+            pthread_mutex_unlock(&m->q_mu);
             if (n > 0) {
                 m->api.CommAbort(m->comm);
                 m->broken = 1;
@@ -234,6 +305,10 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
 
 static moe_status begin(moe_comm *c, const char *what) {
     nccl_impl *m = c->impl;
+    if (watcher_aborted(m) && !m->broken) {
+        m->broken = 1;
+        return moe_error(MOE_ERR_STATE, "%s: %s", what, m->q_error);
+    }
     if (m->broken) return moe_error(MOE_ERR_STATE, "%s: the NCCL communicator is broken after an earlier failure", what);
     cudaError_t e = cudaSetDevice(m->device);
     if (e != cudaSuccess) return moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(e));
@@ -370,14 +445,11 @@ static moe_status nc_reduce_scatter(moe_comm *c, const void *in, void *out, size
     return stage_out(c, d, out, dout, bytes, "reduce_scatter");
 }
 
-static moe_status nc_all_to_all_v(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
-                                  moe_dtype dt, moe_device d) {
+/* one grouped send/recv per peer on our stream (no wait) */
+static moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
+                              moe_dtype dt) {
     nccl_impl *m = c->impl;
-    MOE_TRY(begin(c, "all_to_all_v"));
-    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1, ts = 0, tr = 0;
-    for (int r = 0; r < c->size; r++) { ts += sc[r]; tr += rc[r]; }
-    const void *din; void *dout;
-    MOE_TRY(stage_in(c, d, in, ts * es, out, tr * es, &din, &dout, "all_to_all_v"));
+    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1;
     ncclDataType_t t = nccl_type(dt, &one);
     MOE_TRY(nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
     ncclResult_t err = ncclSuccess;
@@ -391,26 +463,71 @@ static moe_status nc_all_to_all_v(moe_comm *c, const void *in, const size_t *sc,
     }
     ncclResult_t ge = m->api.GroupEnd();
     MOE_TRY(nccl_check(m, err, "ncclSend/ncclRecv"));
-    MOE_TRY(nccl_check(m, ge, "ncclGroupEnd"));
+    return nccl_check(m, ge, "ncclGroupEnd");
+}
+
+static moe_status nc_all_to_all_v(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+                                  moe_dtype dt, moe_device d) {
+    MOE_TRY(begin(c, "all_to_all_v"));
+    size_t es = moe_dtype_size(dt), ts = 0, tr = 0;
+    for (int r = 0; r < c->size; r++) { ts += sc[r]; tr += rc[r]; }
+    const void *din; void *dout;
+    MOE_TRY(stage_in(c, d, in, ts * es, out, tr * es, &din, &dout, "all_to_all_v"));
+    MOE_TRY(enqueue_a2a(c, din, sc, dout, rc, dt));
     MOE_TRY(nccl_wait(c, "all_to_all_v"));
     return stage_out(c, d, out, dout, tr * es, "all_to_all_v");
+}
+
+static moe_status event(cudaEvent_t *e, const char *what) {
+    if (*e) return MOE_OK;
+    if (cudaEventCreateWithFlags(e, cudaEventDisableTiming) == cudaSuccess) return MOE_OK;
+    *e = NULL;
+    return moe_error(MOE_ERR_DEVICE, "%s: cannot create a CUDA event", what);
+}
+
+static moe_status nc_all_to_all_v_queued(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+                                         moe_dtype dt, moe_device d, int *queued) {
+    nccl_impl *m = c->impl;
+    *queued = 0;
+    if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
+    MOE_TRY(begin(c, "all_to_all_v"));
+    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
+    if (!compute) return moe_last_status();
+    MOE_TRY(event(&m->ready, "all_to_all_v"));
+    MOE_TRY(event(&m->q_done, "all_to_all_v"));
+    pthread_mutex_lock(&m->q_mu);
+    /* the timeout counts from the oldest exchange not yet seen finished */
+    if (!m->q_pending || cudaEventQuery(m->q_done) == cudaSuccess) m->q_since = moe_dist_now();
+    moe_status s = MOE_OK;
+    if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
+        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+    if (s == MOE_OK) s = enqueue_a2a(c, in, sc, out, rc, dt);
+    if (s == MOE_OK &&
+        (cudaEventRecord(m->q_done, m->stream) != cudaSuccess || cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))
+        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+    if (s == MOE_OK) m->q_pending = 1;
+    pthread_mutex_unlock(&m->q_mu);
+    if (s == MOE_OK) *queued = 1;
+    return s;
 }
 
 static void nc_destroy(moe_comm *c) {
     nccl_impl *m = c->impl;
     if (!m) return;
-    if (m->comm) {
-        if (m->broken) m->api.CommAbort(m->comm);
-        else m->api.CommDestroy(m->comm);
-    }
-    if (m->hb_running) {
+    if (m->hb_running) {   /* first: the watcher may abort the communicator */
         m->hb_stop = 1;
         pthread_join(m->hb_thread, NULL);
+    }
+    if (m->comm && !watcher_aborted(m)) {
+        if (m->broken) m->api.CommAbort(m->comm);
+        else m->api.CommDestroy(m->comm);
     }
     free(m->hb_dir);
     free(m->hb_seen);
     free(m->hb_seen_at);
     if (m->ready) cudaEventDestroy(m->ready);
+    if (m->q_done) cudaEventDestroy(m->q_done);
+    pthread_mutex_destroy(&m->q_mu);
     if (m->stream) cudaStreamDestroy(m->stream);
     if (m->scratch) cudaFree(m->scratch);
     /* the library stays loaded: NCCL keeps threads of its own */
@@ -424,6 +541,7 @@ static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
+    .all_to_all_v_queued = nc_all_to_all_v_queued,
     .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 
@@ -434,7 +552,7 @@ static const moe_comm_ops nccl_ops = {
 static moe_status nc_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
     nccl_impl *pm = c->impl;
     MOE_TRY(begin(c, "split"));
-    nccl_impl *m = calloc(1, sizeof *m);
+    nccl_impl *m = impl_new();
     if (!m) return moe_error(MOE_ERR_OOM, "split: out of memory");
     m->api = pm->api;   /* the library stays loaded for the process */
     m->device = pm->device;
@@ -538,12 +656,13 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
                             double timeout_s) {
     setenv("NCCL_NVLS_ENABLE", "0", 0);
     moe_comm *c = calloc(1, sizeof *c);
-    nccl_impl *m = calloc(1, sizeof *m);
+    nccl_impl *m = impl_new();
     if (!c || !m) { free(c); free(m); moe_error(MOE_ERR_OOM, "dist: out of memory"); return NULL; }
     c->ops = &nccl_ops;
     c->impl = m;
     c->ctx = ctx;
     c->timeout_s = timeout_s > 0 ? timeout_s : MOE_DIST_DEFAULT_TIMEOUT_S;
+    m->timeout_s = c->timeout_s;
     m->device = device;
     moe_status s = load_api(&m->api);
     if (bootstrap) {

@@ -144,7 +144,7 @@ static moe_status forward_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, 
     scale_counts(p->recv_rows, p->ep, h, rcv);
     moe_tensor *xc = moe_op_contiguous(ctx, x), *recv = NULL, *y = NULL;
     moe_status s = xc ? new_rows(ctx, x, p->received, &recv) : moe_last_status();
-    if (s == MOE_OK) s = moe_comm_all_to_all_v(p->comm, xc, sc, recv, rcv);
+    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, recv, rcv);
     if (s == MOE_OK) s = new_rows(ctx, x, p->received, &y);
     if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, recv->device);
     if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, y, recv, p->perm);
@@ -174,7 +174,7 @@ static moe_status reverse_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *y, 
     if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, yc->device);
     if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, back, yc, p->inv);
     if (s == MOE_OK) s = new_rows(ctx, y, p->sent, &x);
-    if (s == MOE_OK) s = moe_comm_all_to_all_v(p->comm, back, sc, x, rcv);
+    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, back, sc, x, rcv);
     free(sc);
     moe_tensor_release(yc);
     moe_tensor_release(back);
