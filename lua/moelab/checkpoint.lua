@@ -31,7 +31,7 @@ end
 M.check_whole = check_whole
 
 --- save_model(model, dir[, tensors]): tensors ({name, tensor} pairs, the
--- single-process layout) replaces the model's own (distributed.lua gathers
+-- single-process layout) replaces the model's own (dist_shard.lua gathers
 -- sharded experts into it).
 function M.save_model(model, dir, tensors)
   if type(dir) ~= "string" then error("save_model: dir must be a path string, got " .. type(dir), 2) end
@@ -92,7 +92,7 @@ end
 
 --- save_training(trainer, dir[, full]): full = {tensors =, exp_avg =, exp_avg_sq =}
 -- in the single-process layout replaces the model's tensors and the optimizer
--- state (distributed.lua gathers sharded experts into it).
+-- state (dist_shard.lua gathers sharded experts into it).
 function M.save_training(trainer, dir, full)
   M.save_model(trainer.model, dir, full and full.tensors)
   local m, v
@@ -114,7 +114,7 @@ function M.save_training(trainer, dir, full)
 end
 
 --- load_training(trainer, dir[, adapt]): adapt maps the single-process layout
--- onto a trainer whose model holds another (distributed.lua, sharded experts):
+-- onto a trainer whose model holds another (dist_shard.lua, sharded experts):
 -- adapt.tensors(tensors, where) -> the tensors load_into takes, and
 -- adapt.state(exp_avg, exp_avg_sq, m, v, where) fills the optimizer state.
 function M.load_training(trainer, dir, adapt)

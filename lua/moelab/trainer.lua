@@ -143,7 +143,7 @@ function Trainer:_make_optimizer(base_lr)
   end
   self.optimizer = core.adamw(self.model.net, {beta1 = self.beta1, beta2 = self.beta2, eps = self.eps,
                                                weight_decay = self.weight_decay, lr_scale = scales, decay = decay,
-                                               range = self.optimizer_range})   -- ZeRO shard (distributed.lua)
+                                               range = self.optimizer_range})   -- ZeRO shard (dist_zero.lua)
   self.base_lr = base_lr
 end
 
@@ -252,7 +252,7 @@ function Trainer:train(opts)
       dir = self.run_dir .. "/checkpoint"
     end
     if type(dir) ~= "string" then fail(f, "resume must be a checkpoint directory or true") end
-    -- load_fn: distributed.lua's loading into sharded experts (it slices the single-process layout)
+    -- load_fn: dist_shard.lua's loading into sharded experts (it slices the single-process layout)
     local load = self.load_fn or checkpoint.load_training
     load(self, dir)
     start = self.step
@@ -301,7 +301,7 @@ function Trainer:train(opts)
     end
     -- e.g. the data-parallel all-reduce of the flat gradient buffer
     if self.grad_hook and not bad then self.grad_hook(self) end
-    -- clip_fn: distributed.lua's global-norm clipping of ZeRO-2 gradient shards
+    -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
     local gnorm = bad and 0 / 0 or (self.clip_fn or core.clip_grad_norm)(net, self.grad_clip > 0 and self.grad_clip or math.huge)
     local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
@@ -385,7 +385,7 @@ function Trainer:train(opts)
 end
 
 -- The run's checkpoint, <run_dir>/checkpoint (none without run_dir). save_fn,
--- when set (distributed.lua, sharded experts), runs on every rank, with or
+-- when set (dist_shard.lua, sharded experts), runs on every rank, with or
 -- without run_dir: gathering the expert shards is a collective, and only the
 -- rank that has the run_dir writes.
 function Trainer:_save_run_checkpoint()

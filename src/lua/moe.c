@@ -317,7 +317,7 @@ static int m_config(lua_State *L) {
     return 1;
 }
 
-/* ---- expert sharding (expert parallelism; distributed.lua) ---- */
+/* ---- expert sharding (expert parallelism; lua/moelab/dist_shard.lua) ---- */
 
 /* The bank whose weights include param value v, or NULL. */
 static moe_layer *bank_of(moe_layer **banks, int nb, const moe_tensor *v) {
