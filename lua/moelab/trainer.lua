@@ -302,7 +302,17 @@ function Trainer:train(opts)
     -- e.g. the data-parallel all-reduce of the flat gradient buffer
     if self.grad_hook and not bad then self.grad_hook(self) end
     -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
-    local gnorm = bad and 0 / 0 or (self.clip_fn or core.clip_grad_norm)(net, self.grad_clip > 0 and self.grad_clip or math.huge)
+    local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
+    local gnorm
+    if bad then
+      gnorm = 0 / 0
+    elseif self.clip_fn or not self.optimizer.scale_next_step then
+      gnorm = (self.clip_fn or core.clip_grad_norm)(net, max_norm)
+    else
+      -- the clipping factor goes into the optimizer step (no pass of its own over the gradients)
+      gnorm = core.grad_norm(net)
+      if finite(gnorm) and gnorm > max_norm then self.optimizer:scale_next_step(max_norm / (gnorm + 1e-6)) end
+    end
     local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
                  lr = lr, grad_norm = gnorm}

@@ -117,6 +117,15 @@ static int a_state(lua_State *L) {
     return 2;
 }
 
+/* optimizer:scale_next_step(s): the next step reads the gradients times s (deferred clipping) */
+static int a_scale_next(lua_State *L) {
+    const char *f = "optimizer:scale_next_step";
+    moe_adamw *o = check_opt(L, f);
+    double sc = moe_lua_check_num(L, 2, f, "scale");
+    moe_lua_check(L, moe_adamw_scale_next_step(o, (float)sc), f);
+    return 0;
+}
+
 static int l_grad_norm(lua_State *L) {
     moe_layer *l = moe_lua_check_layer(L, 1, "grad_norm", "layer");
     double n;
@@ -146,6 +155,7 @@ void moe_lua_open_train(lua_State *L) {
     lua_pushcfunction(L, a_step); lua_setfield(L, -2, "step");
     lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
     lua_pushcfunction(L, a_state); lua_setfield(L, -2, "state");
+    lua_pushcfunction(L, a_scale_next); lua_setfield(L, -2, "scale_next_step");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, a_gc);
     lua_setfield(L, -2, "__gc");

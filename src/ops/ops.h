@@ -181,6 +181,10 @@ typedef struct {
     float lr, beta1, beta2, eps, weight_decay;
     int64_t step;
     moe_tensor *compute;   /* optional, see above */
+    /* the gradients are read as g * grad_scale (gradient clipping folded into
+     * the step, saving a pass over the gradients); 0 means 1, so a config
+     * that leaves it out keeps the plain update */
+    float grad_scale;
 } moe_adamw_cfg;
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);

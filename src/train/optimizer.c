@@ -14,6 +14,7 @@ struct moe_adamw {
     int64_t step;
     int64_t lo, hi;   /* owned element range of the flat buffer; full: 0, numel */
     int64_t full_n;   /* the flat buffer's numel when made */
+    float grad_scale; /* applied to the gradients by the next step only (deferred clipping); 1: none */
 };
 
 moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
@@ -50,6 +51,7 @@ moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_h
     o->lo = lo;
     o->full_n = moe_tensor_numel(layer->flat_values);
     o->hi = hi;
+    o->grad_scale = 1.0f;
     int64_t sn[1] = {hi - lo};
     o->m = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
     o->v = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
@@ -76,6 +78,13 @@ void moe_adamw_free(moe_adamw *o) {
 
 int64_t moe_adamw_step_count(const moe_adamw *o) { return o->step; }
 void moe_adamw_set_step_count(moe_adamw *o, int64_t step) { o->step = step; }
+moe_status moe_adamw_scale_next_step(moe_adamw *o, float s) {
+    if (!(s > 0.0f) || !isfinite(s))
+        return moe_error(MOE_ERR_ARG, "AdamW: gradient scale %g, expected a finite number > 0", (double)s);
+    o->grad_scale = s;
+    return MOE_OK;
+}
+
 moe_tensor *moe_adamw_m(moe_adamw *o) { return o->m; }
 moe_tensor *moe_adamw_v(moe_adamw *o) { return o->v; }
 
@@ -102,7 +111,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
             break;
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
-                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL};
+                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, o->grad_scale};
         /* the parameter's elements [off, off + n) of the flat buffer, cut to the owned range */
         int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
         int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
@@ -118,6 +127,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
         moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
         moe_tensor_release(cv);
     }
+    o->grad_scale = 1.0f;   /* one step only */
     free(ps);
     return s;
 }

@@ -29,6 +29,9 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);
 int64_t moe_adamw_step_count(const moe_adamw *opt);
 void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
 /* The state buffers (borrowed), for checkpoints; in range mode hi - lo elements. */
+/* The next step reads the gradients multiplied by s (> 0), then forgets it:
+ * gradient clipping without a pass of its own over the gradients. */
+moe_status moe_adamw_scale_next_step(moe_adamw *opt, float s);
 moe_tensor *moe_adamw_m(moe_adamw *opt);
 moe_tensor *moe_adamw_v(moe_adamw *opt);
 

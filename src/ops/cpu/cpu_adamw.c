@@ -8,7 +8,7 @@ typedef struct {
     const void *g;
     void *c;              /* compute copy or NULL */
     int g_bf16, c_bf16;
-    float b1, b2, lr, eps, wd, ibc1, ibc2;
+    float b1, b2, lr, eps, wd, ibc1, ibc2, gs;
 } adam_job;
 
 static void adam_range(void *arg, int64_t b, int64_t e) {
@@ -16,9 +16,9 @@ static void adam_range(void *arg, int64_t b, int64_t e) {
     float *restrict p = J->p, *restrict m = J->m, *restrict v = J->v;
     const float *gf = J->g_bf16 ? NULL : J->g;
     const uint16_t *gb = J->g_bf16 ? J->g : NULL;
-    float b1 = J->b1, b2 = J->b2, lr = J->lr, eps = J->eps, wd = J->wd, ibc1 = J->ibc1, ibc2 = J->ibc2;
+    float b1 = J->b1, b2 = J->b2, lr = J->lr, eps = J->eps, wd = J->wd, ibc1 = J->ibc1, ibc2 = J->ibc2, gs = J->gs;
     for (int64_t i = b; i < e; i++) {
-        float gi = gf ? gf[i] : moe_bf16_to_f32(gb[i]);
+        float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
         float mi = b1 * m[i] + (1.0f - b1) * gi;
         float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
         m[i] = mi;
@@ -38,7 +38,8 @@ moe_status moe_cpu_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *gra
     adam_job J = {moe_f32(params), moe_f32(m), moe_f32(v), moe_tensor_data((moe_tensor *)grads),
                   cfg->compute ? moe_tensor_data(cfg->compute) : NULL, grads->dtype == MOE_BF16,
                   cfg->compute && cfg->compute->dtype == MOE_BF16, cfg->beta1, cfg->beta2, cfg->lr, cfg->eps,
-                  cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2)};
+                  cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2),
+                  cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f};
     moe_parallel_for(ctx->pool, moe_tensor_numel(params), 1 << 15, adam_range, &J);
     return MOE_OK;
 }

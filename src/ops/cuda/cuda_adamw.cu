@@ -10,9 +10,9 @@
 
 template <typename G, typename C>
 __global__ void k_adamw(float *p, const G *g, float *m, float *v, C *c, int64_t n, float lr, float b1, float b2,
-                        float eps, float wd, float ibc1, float ibc2) {
+                        float eps, float wd, float ibc1, float ibc2, float gs) {
     GRID_STRIDE(i, n) {
-        float gi = to_f32(g[i]);
+        float gi = to_f32(g[i]) * gs;
         float mi = b1 * m[i] + (1.0f - b1) * gi;
         float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
         m[i] = mi;
@@ -52,7 +52,7 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
 // elements). Elements n8 * 8 .. n are left to k_adamw.
 template <typename G, typename C>
 __global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t n8, float lr, float b1, float b2,
-                         float eps, float wd, float ibc1, float ibc2) {
+                         float eps, float wd, float ibc1, float ibc2, float gs) {
     GRID_STRIDE(i, n8) {
         const int64_t o = i * 8;
         float pf[8], gf[8], mf[8], vf[8];
@@ -62,8 +62,9 @@ __global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t
         load8(v + o, vf);
 #pragma unroll
         for (int k = 0; k < 8; k++) {
-            float mi = b1 * mf[k] + (1.0f - b1) * gf[k];
-            float vi = b2 * vf[k] + (1.0f - b2) * gf[k] * gf[k];
+            float gk = gf[k] * gs;
+            float mi = b1 * mf[k] + (1.0f - b1) * gk;
+            float vi = b2 * vf[k] + (1.0f - b2) * gk * gk;
             mf[k] = mi;
             vf[k] = vi;
             pf[k] = pf[k] - lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * pf[k]);
@@ -78,6 +79,7 @@ __global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t
 template <typename G, typename C>
 static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
                    int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
+    float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
     float *pp = moe_f32(params), *mp = moe_f32(m), *vp = moe_f32(v);
     const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
     int64_t n8 = 0;
@@ -87,12 +89,12 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
     if (n8 > 0)
         k_adamw8<G, C><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1,
                                                                         cfg->beta2, cfg->eps, cfg->weight_decay,
-                                                                        ibc1, ibc2);
+                                                                        ibc1, ibc2, gs);
     int64_t done = n8 * 8;
     if (done < n)
         k_adamw<G, C><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
             pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
-            cfg->eps, cfg->weight_decay, ibc1, ibc2);
+            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs);
 }
 
 moe_status cuda_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
