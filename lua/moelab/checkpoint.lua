@@ -112,9 +112,11 @@ end
 -- in the single-process layout replaces the model's tensors and the optimizer
 -- state (dist_shard.lua gathers sharded experts into it).
 function M.save_training(trainer, dir, full)
-  M.save_model(trainer.model, dir, full and full.tensors)
+  -- the state first: an optimizer that cannot give it (ZeRO's shards, not
+  -- gathered) fails before the directory's model is overwritten
   local m, v
   if full then m, v = full.exp_avg, full.exp_avg_sq else m, v = trainer.optimizer:state() end
+  M.save_model(trainer.model, dir, full and full.tensors)
   mio.safetensors.save(dir .. "/optimizer.safetensors", {{"exp_avg", m}, {"exp_avg_sq", v}}, {})
   local noise = {}
   for i, l in ipairs(trainer.model:moe_layers()) do noise[i] = l:noise_step() end

@@ -484,15 +484,20 @@ function D:save_model(dir)
 end
 -- with ZeRO or sharded experts every rank must call it (m, v and the experts are gathered)
 function D:save_checkpoint(dir)
-  if self._zero then self:_zero_gather_state() end
   if self._sharded then
     dir = dir or (self.run_dir and self.run_dir .. "/checkpoint")
     if type(dir) ~= "string" then error("DistributedMoETrainer:save_checkpoint: give a directory (the trainer has no run_dir)", 2) end
     return self:_save_sharded(dir)
   end
+  if self._zero then
+    return self:_zero_with_state(function() if self.rank == 0 then return self.inner:save_checkpoint(dir) end end)
+  end
   if self.rank == 0 then return self.inner:save_checkpoint(dir) end
 end
--- runs one process (expert parallelism off), so it needs the whole experts
+-- runs one process (expert parallelism off), so it needs the whole experts;
+-- under ZeRO, a run_dir whose checkpoint is not of the current step makes it
+-- save one, which needs the sharded optimizer state: it fails (before writing)
+-- unless save_checkpoint() ran on every rank first
 function D:visualize_routing(opts)
   if self._sharded then
     error("DistributedMoETrainer:visualize_routing: the experts are sharded over the expert-parallel ranks and the "
