@@ -115,6 +115,33 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
     err(function() require("moelab.core").adamw(small_model().net, {range = {3, 1}}) end, "0 <= lo <= hi")
   end)
 
+  it("ZeRO makes its padding and slice buffers on the flat buffers' device and dtype", function()
+    -- on a CUDA model, buffers made on the host would send the gradients and
+    -- parameters through host memory and the host communicator
+    local core = require "moelab.core"
+    local zeros, made = core.zeros, {}
+    core.zeros = function(shape, o)
+      if debug.getinfo(2, "S").source:find("dist_zero.lua", 1, true) then made[#made + 1] = o or {} end
+      return zeros(shape, o)
+    end
+    local ok, e = pcall(function()
+      local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
+      for _, zs in ipairs{1, 2} do
+        local m = small_model()
+        local tr = distributed.DistributedMoETrainer{model = m, progress = false, zero_stage = zs}
+        tr:train{train_data = corpus, batch_size = 2, seq_len = 8, max_steps = 1, learning_rate = 1e-3}
+      end
+    end)
+    core.zeros = zeros
+    assert(ok, e)
+    local values = small_model().net:flat_parameters()
+    assert.is_true(#made >= 3)   -- ZeRO-1: a slice; ZeRO-2: a padded gradient buffer and a slice
+    for _, o in ipairs(made) do
+      assert.are.equal(values:device(), o.device)
+      assert.are.equal(values:dtype(), o.dtype)
+    end
+  end)
+
   it("ZeRO: a save that cannot gather the optimizer state fails before writing, never writes zeros", function()
     local dir = require("helpers.files").tmpdir()
     local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}

@@ -22,7 +22,9 @@ local dist     -- set on install
 -- Stage 2: the gradients are reduce-scattered (averaged), each rank keeps its
 -- slice (the rest of its gradient buffer is zeroed) and clipping uses the global
 -- norm (squared local norms summed over the ranks). After each step the updated
--- slices are all-gathered into every rank's full parameter buffer.
+-- slices are all-gathered into every rank's full parameter buffer. The padding
+-- and slice buffers live on the flat buffers' device, so a CUDA model's
+-- exchanges stay on the GPU (NCCL) rather than going through host memory.
 -- Checkpoints keep the single-process layout: m and v are gathered into full
 -- exp_avg / exp_avg_sq only while a checkpoint is written (the trainer's saves,
 -- every save_every steps and at the end of train() unless save_final = false,
@@ -33,6 +35,9 @@ local dist     -- set on install
 -- and communication, not gradient memory); a save that only rank 0 makes
 -- (visualize_routing's, when the run's checkpoint is not of the current step)
 -- cannot gather the state and fails before writing anything.
+
+-- a zeroed 1-d buffer of n elements with buf's dtype and device
+local function like(buf, n) return core.zeros({n}, {dtype = buf:dtype(), device = buf:device()}) end
 
 function D:_zero_setup()
   local W, r = self.world_size, self.rank
@@ -51,6 +56,7 @@ function D:_zero_setup()
   if self.zero_stage == 2 then
     inner.clip_fn = function(net, max_norm)
       local local_norm = core.grad_norm(net)
+      -- a host scalar: f64 on every backend (under NCCL it goes through the host communicator or staging)
       local sq = core.tensor({local_norm * local_norm}, {dtype = "f64"})
       dist.all_reduce(sq, "sum")
       local norm = math.sqrt(sq:to_table()[1])
@@ -77,7 +83,7 @@ end
 function D:_zero_reduce_scatter()
   local z = self._zero
   local _, grads = self.model.net:flat_parameters()
-  local padded = core.zeros({z.S * self.world_size})
+  local padded = like(grads, z.S * self.world_size)
   padded:narrow(1, 1, z.N):copy(grads)
   local shard = dist.reduce_scatter(padded, "avg")
   grads:zero()
@@ -133,7 +139,7 @@ function D:_zero_optimizer(real)
     o._real:step(lr)
     -- every rank's updated slice into every rank's full parameter buffer
     local values = d.model.net:flat_parameters()
-    local slice = core.zeros({z.S})
+    local slice = like(values, z.S)
     if z.own > 0 then slice:narrow(1, 1, z.own):copy(values:narrow(1, z.lo + 1, z.own)) end
     values:copy(d:_zero_gather(slice))
     d.model.net:refresh_compute()
