@@ -117,7 +117,6 @@ local own_keys = {model = true, world_size = true, data_parallel_size = true, ex
                   adam_beta1 = true, adam_beta2 = true}
 
 local D = {}
-D.__index = D
 -- Sub-communicators (expert-parallel groups, their replica groups) by
 -- "<parent>/<what>/<ep>". Kept for the program's life and shared by later
 -- trainers: freeing a communicator from the garbage collector would happen at
@@ -323,12 +322,11 @@ function M.DistributedMoETrainer(opts)
   return self
 end
 
--- Runs fn with expert parallelism switched on (every rank must call it: the
--- MoE layers' forwards and backwards are collectives), and off again after,
--- so the model works in one process between calls.
 -- Runs fn with the per-run distributed switches on: expert parallelism and
--- the global aux loss (both make every MoE forward a collective), and leaves
--- no gradient all-reduce armed or queued behind (a last step skipped for a
+-- the global aux loss, which make every MoE forward a collective (and under
+-- expert parallelism every backward), so every rank must call it. They are
+-- off again after, so the model works in one process between calls. Leaves no
+-- gradient all-reduce armed or queued behind (a last step skipped for a
 -- non-finite loss never reached the finishing hook).
 function D:_with_ep(fn, ...)
   local net = self.model.net
