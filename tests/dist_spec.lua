@@ -115,6 +115,47 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
     err(function() require("moelab.core").adamw(small_model().net, {range = {3, 1}}) end, "0 <= lo <= hi")
   end)
 
+  it("ZeRO makes its padding and slice buffers on the flat buffers' device and dtype", function()
+    -- on a CUDA model, buffers made on the host would send the gradients and
+    -- parameters through host memory and the host communicator
+    local core = require "moelab.core"
+    local zeros, made = core.zeros, {}
+    core.zeros = function(shape, o)
+      if debug.getinfo(2, "S").source:find("dist_zero.lua", 1, true) then made[#made + 1] = o or {} end
+      return zeros(shape, o)
+    end
+    local ok, e = pcall(function()
+      local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
+      for _, zs in ipairs{1, 2} do
+        local m = small_model()
+        local tr = distributed.DistributedMoETrainer{model = m, progress = false, zero_stage = zs}
+        tr:train{train_data = corpus, batch_size = 2, seq_len = 8, max_steps = 1, learning_rate = 1e-3}
+      end
+    end)
+    core.zeros = zeros
+    assert(ok, e)
+    local values = small_model().net:flat_parameters()
+    assert.is_true(#made >= 3)   -- ZeRO-1: a slice; ZeRO-2: a padded gradient buffer and a slice
+    for _, o in ipairs(made) do
+      assert.are.equal(values:device(), o.device)
+      assert.are.equal(values:dtype(), o.dtype)
+    end
+  end)
+
+  it("ZeRO: a save that cannot gather the optimizer state fails before writing, never writes zeros", function()
+    local dir = require("helpers.files").tmpdir()
+    local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
+    local tr = distributed.DistributedMoETrainer{model = small_model(), progress = false, zero_stage = 1, run_dir = dir}
+    tr:train{train_data = corpus, batch_size = 2, seq_len = 8, max_steps = 2, learning_rate = 1e-3, save_final = false}
+    -- visualize_routing saves the run's checkpoint first (rank 0 alone), which needs m and v
+    err(function() tr:visualize_routing() end, "call trainer:save_checkpoint() on every rank")
+    assert.is_nil(io.open(dir .. "/checkpoint/model.safetensors"))
+    tr:save_checkpoint()
+    local ck = moe.io.safetensors.load(dir .. "/checkpoint/optimizer.safetensors")
+    assert.is_true(ck.exp_avg_sq:sum():item() > 0)
+    assert.is_nil(tr.inner.optimizer._full)   -- the full-size copies last only while the checkpoint is written
+  end)
+
   it("validates parallel sizes and ZeRO", function()
     local m = small_model()
     err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_size = 2} end, "expert_parallel_size = 2 must divide the world size 1")
@@ -297,6 +338,15 @@ describe("jobs under mpirun", function()
     local out, rc = run("tests/dist/zero_check.lua")
     assert.is_truthy(out:find("ZERO_OK 0", 1, true), out)
     assert.is_truthy(out:find("ZERO_OK 1", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("ZeRO-1 and ZeRO-2 checkpoints hold the true optimizer state after a resume with nothing to train or a skipped last step; no gather with save_final = false", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/zero_resume_check.lua")
+    assert.is_truthy(out:find("ZERO_RESUME_OK 0", 1, true), out)
+    assert.is_truthy(out:find("ZERO_RESUME_OK 1", 1, true), out)
     assert.are.equal(0, rc, out)
   end)
 

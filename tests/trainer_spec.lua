@@ -213,6 +213,30 @@ describe("MoETrainer", function()
     assert.is_true(tr.history[1].skipped)
   end)
 
+  it("a step skipped for a non-finite gradient norm still lets the run save and resume", function()
+    local dir = tmpdir()
+    -- NaN gradients at step 2: the norm is NaN, the update is skipped
+    local function poison(t)
+      if t.step == 1 then
+        local _, g = t.model.net:flat_parameters()
+        g:fill(0 / 0)
+      end
+    end
+    local o = {train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 3}
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false, run_dir = dir, grad_hook = poison}
+    local res = tr:train(o)
+    assert.are.equal(1, res.skipped_steps)
+    local state = moe.io.json.decode(moe.io.read_file(dir .. "/checkpoint/trainer_state.json"))
+    assert.are.equal(3, state.step)
+    assert.is_true(state.history[2].skipped)
+    assert.is_nil(state.history[2].grad_norm)
+    assert.is_number(state.history[2].loss)
+    o.max_steps, o.resume = 4, true
+    local again = moe.MoETrainer{model = small("Mixtral"), progress = false, run_dir = dir}
+    assert.are.equal(4, again:train(o).steps)
+    assert.are.equal(4, #again.history)
+  end)
+
   it("rejects bad configurations with clear errors", function()
     local function err(f, pat)
       local ok, msg = pcall(f)

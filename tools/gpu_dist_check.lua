@@ -5,7 +5,9 @@
 -- Mixtral on CUDA vs one GPU with gradient_accumulation_steps = 2; (3) EP=2
 -- (experts sharded) the same way; DP=2 with global_aux_loss vs one GPU on both
 -- ranks' micro-batches as one batch; EP=2 in bf16 vs one GPU in bf16 (to 3e-2:
--- rounding orders differ); (4) throughput, DP=2 vs one GPU, quickstart-sized
+-- rounding orders differ); DP=2 with ZeRO-1 and with ZeRO-2 (f32: sharded
+-- AdamW state, stage 2 reduce-scattered gradients, all on the GPUs) vs the
+-- same one-GPU run as DP; (4) throughput, DP=2 vs one GPU, quickstart-sized
 -- model. The single-GPU references run in rank 0 at the end.
 -- Prints "RESULT <name> <PASS|FAIL|SKIP|value> <detail>" lines.
 --   ./moelab-cuda tools/gpu_dist_check.lua [throughput_steps]
@@ -130,6 +132,10 @@ local function dist_run(name, ep, extra, train_extra)
 end
 
 dist_run("dp", 1)
+-- ZeRO shards the f32 state only (it refuses bf16); before the EP runs, whose
+-- failure may leave the communicator broken
+dist_run("zero1", 1, {zero_stage = 1})
+dist_run("zero2", 1, {zero_stage = 2})
 
 ------------------------------------------------------------------ (4) throughput, DP=2
 local big_corpus = moe.data.corpus{seed = 1, num_bytes = 2000000}
@@ -192,6 +198,8 @@ if rank == 0 then
   local refs = {
     dp = {rres, rparams, "dp2_vs_1gpu_accum2", 1e-5},
     ep = {rres, rparams, "ep2_vs_1gpu_accum2", 1e-5},
+    zero1 = {rres, rparams, "zero1_dp2_vs_1gpu_accum2", 1e-5},
+    zero2 = {rres, rparams, "zero2_dp2_vs_1gpu_accum2", 1e-5},
   }
   do
     local r, p = reference({aux_loss_coef = 0.5}, {batch_fn = both_at, batch_size = 8})
@@ -200,7 +208,7 @@ if rank == 0 then
     -- bf16: the two runs round in different orders, so only close
     refs.ep_bf16 = {r, p, "ep2_bf16_vs_1gpu_bf16", 3e-2}
   end
-  for _, name in ipairs{"dp", "ep", "dp_gaux", "ep_bf16"} do
+  for _, name in ipairs{"dp", "zero1", "zero2", "ep", "dp_gaux", "ep_bf16"} do
     local r = runs[name]
     local rres, rparams, label, tol = refs[name][1], refs[name][2], refs[name][3], refs[name][4]
     if r.error then

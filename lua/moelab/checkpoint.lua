@@ -90,13 +90,33 @@ function M.load(dir)
   return model
 end
 
+-- A copy of v without NaN and infinities, which have no JSON form: a step
+-- skipped for a non-finite loss or gradient norm keeps its record, as in
+-- metrics.jsonl, without those numbers (null inside lists, so positions hold).
+local function finite_only(v)
+  if type(v) == "number" then
+    if v ~= v or v == math.huge or v == -math.huge then return nil end
+    return v
+  end
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do
+    local y = finite_only(x)
+    if y == nil and type(k) == "number" then y = mio.json.null end
+    out[k] = y
+  end
+  return out
+end
+
 --- save_training(trainer, dir[, full]): full = {tensors =, exp_avg =, exp_avg_sq =}
 -- in the single-process layout replaces the model's tensors and the optimizer
 -- state (dist_shard.lua gathers sharded experts into it).
 function M.save_training(trainer, dir, full)
-  M.save_model(trainer.model, dir, full and full.tensors)
+  -- the state first: an optimizer that cannot give it (ZeRO's shards, not
+  -- gathered) fails before the directory's model is overwritten
   local m, v
   if full then m, v = full.exp_avg, full.exp_avg_sq else m, v = trainer.optimizer:state() end
+  M.save_model(trainer.model, dir, full and full.tensors)
   mio.safetensors.save(dir .. "/optimizer.safetensors", {{"exp_avg", m}, {"exp_avg_sq", v}}, {})
   local noise = {}
   for i, l in ipairs(trainer.model:moe_layers()) do noise[i] = l:noise_step() end
@@ -106,7 +126,7 @@ function M.save_training(trainer, dir, full)
     base_lr = trainer.base_lr,
     noise_steps = noise,
     train_options = trainer.train_options,
-    history = trainer.history,
+    history = finite_only(trainer.history),
   }
   -- written last: its presence marks a complete checkpoint
   mio.write_file_atomic(dir .. "/trainer_state.json", mio.json.encode(state) .. "\n")

@@ -2,12 +2,14 @@
 -- stage 2 the reduced gradients) sharded over the world. Separate from
 -- distributed.lua because it is one self-contained mechanism: the trainer
 -- calls _zero_setup at construction (it wraps the inner trainer's optimizer
--- and, for stage 2, its clipping), _zero_reduce_scatter from the gradient
--- hook and _zero_gather_state before a checkpoint.
+-- and, for stage 2, its clipping, and installs its checkpoint load and save),
+-- _zero_reduce_scatter from the gradient hook and _zero_with_state around a
+-- checkpoint write.
 --   require("moelab.dist_zero")(D, dist)
 -- adds these methods to the trainer class D (dist: moe.dist).
 local core = require "moelab.core"
 local trainer_mod = require "moelab.trainer"
+local checkpoint = require "moelab.checkpoint"
 
 local D = {}   -- the methods, copied into the trainer class on install
 local dist     -- set on install
@@ -20,14 +22,22 @@ local dist     -- set on install
 -- Stage 2: the gradients are reduce-scattered (averaged), each rank keeps its
 -- slice (the rest of its gradient buffer is zeroed) and clipping uses the global
 -- norm (squared local norms summed over the ranks). After each step the updated
--- slices are all-gathered into every rank's full parameter buffer. Checkpoints
--- keep the single-process layout: m and v are gathered into full exp_avg /
--- exp_avg_sq (for the saves the trainer makes: every save_every steps and at the
--- end of train(), and in save_checkpoint, which every rank must call), and on
--- resume each rank takes its slice. Limits: the gradient buffer stays full-size
--- (stage 2 saves optimizer memory and communication, not gradient memory); a
--- trainer save after a skipped last step, or visualize_routing's save, sees
--- stale optimizer state.
+-- slices are all-gathered into every rank's full parameter buffer. The padding
+-- and slice buffers live on the flat buffers' device, so a CUDA model's
+-- exchanges stay on the GPU (NCCL) rather than going through host memory.
+-- Checkpoints keep the single-process layout: m and v are gathered into full
+-- exp_avg / exp_avg_sq only while a checkpoint is written (the trainer's saves,
+-- every save_every steps and at the end of train() unless save_final = false,
+-- run on every rank through save_fn; save_checkpoint, which every rank must
+-- call), then dropped, so the full-size copies never outlive the write; a
+-- resume slices each rank's part out of the checkpoint straight into its shard.
+-- Limits: the gradient buffer stays full-size (stage 2 saves optimizer memory
+-- and communication, not gradient memory); a save that only rank 0 makes
+-- (visualize_routing's, when the run's checkpoint is not of the current step)
+-- cannot gather the state and fails before writing anything.
+
+-- a zeroed 1-d buffer of n elements with buf's dtype and device
+local function like(buf, n) return core.zeros({n}, {dtype = buf:dtype(), device = buf:device()}) end
 
 function D:_zero_setup()
   local W, r = self.world_size, self.rank
@@ -46,6 +56,7 @@ function D:_zero_setup()
   if self.zero_stage == 2 then
     inner.clip_fn = function(net, max_norm)
       local local_norm = core.grad_norm(net)
+      -- a host scalar: f64 on every backend (under NCCL it goes through the host communicator or staging)
       local sq = core.tensor({local_norm * local_norm}, {dtype = "f64"})
       dist.all_reduce(sq, "sum")
       local norm = math.sqrt(sq:to_table()[1])
@@ -56,13 +67,23 @@ function D:_zero_setup()
       return norm
     end
   end
+  inner.load_fn = function(tr, dir) return self:_zero_load(tr, dir) end
+  -- The trainer's own saves gather m and v exactly when they happen (every rank
+  -- reaches them at the same steps with the same options), not when a step
+  -- guesses one will follow: a skipped last step, a resume with nothing left
+  -- to train or save_final = false would make that guess wrong.
+  if self.run_dir then
+    inner.save_fn = function(tr, dir)
+      return self:_zero_with_state(function() if dir then return checkpoint.save_training(tr, dir) end end)
+    end
+  end
 end
 
 -- stage 2: average the gradients into this rank's slice; zero the rest
 function D:_zero_reduce_scatter()
   local z = self._zero
   local _, grads = self.model.net:flat_parameters()
-  local padded = core.zeros({z.S * self.world_size})
+  local padded = like(grads, z.S * self.world_size)
   padded:narrow(1, 1, z.N):copy(grads)
   local shard = dist.reduce_scatter(padded, "avg")
   grads:zero()
@@ -75,13 +96,39 @@ function D:_zero_gather(slice)
   return dist.all_gather(slice):view(-1):narrow(1, 1, z.N):clone()
 end
 
--- gathers m and v into full buffers (collective: every rank calls it)
-function D:_zero_gather_state()
+-- Runs fn (a checkpoint write) with m and v gathered into full-size buffers,
+-- which the optimizer's state() hands out meanwhile; freed after, whatever
+-- fn did. Collective: every rank calls it, whether it writes or not.
+function D:_zero_with_state(fn)
   local zo = self.inner.optimizer
-  if not zo or not zo._real then return end
+  if not (zo and zo._real) then return fn() end
   local m, v = zo._real:state()
   zo._full = {self:_zero_gather(m), self:_zero_gather(v)}
-  zo._full_step = zo._real:step_count()
+  local ok, res = pcall(fn)
+  for _, t in ipairs(zo._full) do t:free() end
+  zo._full = nil
+  if not ok then error(res, 0) end
+  return res
+end
+
+-- resume: each rank copies its slice of the checkpoint's full-size m and v
+-- into its shard (the real optimizer stands in while the checkpoint loads)
+function D:_zero_load(tr, dir)
+  local z, zo = self._zero, tr.optimizer
+  local adapt = {tensors = function(tensors) return tensors end}
+  function adapt.state(exp_avg, exp_avg_sq, m, v, where)
+    if exp_avg:numel() ~= z.N or exp_avg_sq:numel() ~= z.N then
+      error(where .. ": optimizer state does not match the model", 0)
+    end
+    if z.own > 0 then
+      m:narrow(1, 1, z.own):copy(exp_avg:narrow(1, z.lo + 1, z.own))
+      v:narrow(1, 1, z.own):copy(exp_avg_sq:narrow(1, z.lo + 1, z.own))
+    end
+  end
+  tr.optimizer = zo._real
+  local ok, err = pcall(checkpoint.load_training, tr, dir, adapt)
+  tr.optimizer = zo
+  if not ok then error(err, 0) end
 end
 
 function D:_zero_optimizer(real)
@@ -92,35 +139,22 @@ function D:_zero_optimizer(real)
     o._real:step(lr)
     -- every rank's updated slice into every rank's full parameter buffer
     local values = d.model.net:flat_parameters()
-    local slice = core.zeros({z.S})
+    local slice = like(values, z.S)
     if z.own > 0 then slice:narrow(1, 1, z.own):copy(values:narrow(1, z.lo + 1, z.own)) end
     values:copy(d:_zero_gather(slice))
     d.model.net:refresh_compute()
-    -- the trainer saves a checkpoint (rank 0 only) after this step: gather m, v now
-    local t = d.inner.train_options or {}
-    local s = d.inner.step + 1
-    if d.run_dir and ((t.save_every or 0) > 0 and s % t.save_every == 0 or s == t.max_steps) then
-      d:_zero_gather_state()
-    end
   end
-  -- full-size m, v (checkpoint layout): the gathered ones when current, else new
-  -- zero buffers a resume fills (then step_count(n) hands each rank its slice)
+  -- full-size m, v (checkpoint layout): only inside _zero_with_state; anywhere
+  -- else the state exists only as shards, and zeros in their place would be
+  -- written to a checkpoint as if they were the state
   function zo.state(o)
-    if not (o._full and o._full_step == o._real:step_count()) then
-      o._full = {core.zeros({z.N}), core.zeros({z.N})}
-      o._full_step = nil
+    if not o._full then
+      error("DistributedMoETrainer (ZeRO): the optimizer state is sharded over the ranks and a checkpoint needs it "
+        .. "gathered, which every rank must take part in: call trainer:save_checkpoint() on every rank", 2)
     end
     return o._full[1], o._full[2]
   end
   function zo.step_count(o, n)
-    if n ~= nil and o._full then
-      local m, v = o._real:state()
-      if z.own > 0 then
-        m:narrow(1, 1, z.own):copy(o._full[1]:narrow(1, z.lo + 1, z.own))
-        v:narrow(1, 1, z.own):copy(o._full[2]:narrow(1, z.lo + 1, z.own))
-      end
-      o._full = nil
-    end
     if n ~= nil then return o._real:step_count(n) end
     return o._real:step_count()
   end

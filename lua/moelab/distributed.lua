@@ -117,7 +117,6 @@ local own_keys = {model = true, world_size = true, data_parallel_size = true, ex
                   adam_beta1 = true, adam_beta2 = true}
 
 local D = {}
-D.__index = D
 -- Sub-communicators (expert-parallel groups, their replica groups) by
 -- "<parent>/<what>/<ep>". Kept for the program's life and shared by later
 -- trainers: freeing a communicator from the garbage collector would happen at
@@ -323,12 +322,11 @@ function M.DistributedMoETrainer(opts)
   return self
 end
 
--- Runs fn with expert parallelism switched on (every rank must call it: the
--- MoE layers' forwards and backwards are collectives), and off again after,
--- so the model works in one process between calls.
 -- Runs fn with the per-run distributed switches on: expert parallelism and
--- the global aux loss (both make every MoE forward a collective), and leaves
--- no gradient all-reduce armed or queued behind (a last step skipped for a
+-- the global aux loss, which make every MoE forward a collective (and under
+-- expert parallelism every backward), so every rank must call it. They are
+-- off again after, so the model works in one process between calls. Leaves no
+-- gradient all-reduce armed or queued behind (a last step skipped for a
 -- non-finite loss never reached the finishing hook).
 function D:_with_ep(fn, ...)
   local net = self.model.net
@@ -484,15 +482,20 @@ function D:save_model(dir)
 end
 -- with ZeRO or sharded experts every rank must call it (m, v and the experts are gathered)
 function D:save_checkpoint(dir)
-  if self._zero then self:_zero_gather_state() end
   if self._sharded then
     dir = dir or (self.run_dir and self.run_dir .. "/checkpoint")
     if type(dir) ~= "string" then error("DistributedMoETrainer:save_checkpoint: give a directory (the trainer has no run_dir)", 2) end
     return self:_save_sharded(dir)
   end
+  if self._zero then
+    return self:_zero_with_state(function() if self.rank == 0 then return self.inner:save_checkpoint(dir) end end)
+  end
   if self.rank == 0 then return self.inner:save_checkpoint(dir) end
 end
--- runs one process (expert parallelism off), so it needs the whole experts
+-- runs one process (expert parallelism off), so it needs the whole experts;
+-- under ZeRO, a run_dir whose checkpoint is not of the current step makes it
+-- save one, which needs the sharded optimizer state: it fails (before writing)
+-- unless save_checkpoint() ran on every rank first
 function D:visualize_routing(opts)
   if self._sharded then
     error("DistributedMoETrainer:visualize_routing: the experts are sharded over the expert-parallel ranks and the "

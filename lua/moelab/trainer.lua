@@ -252,7 +252,8 @@ function Trainer:train(opts)
       dir = self.run_dir .. "/checkpoint"
     end
     if type(dir) ~= "string" then fail(f, "resume must be a checkpoint directory or true") end
-    -- load_fn: dist_shard.lua's loading into sharded experts (it slices the single-process layout)
+    -- load_fn: dist_shard.lua's loading into sharded experts, dist_zero.lua's into
+    -- ZeRO optimizer shards (both slice the single-process layout)
     local load = self.load_fn or checkpoint.load_training
     load(self, dir)
     start = self.step
@@ -395,9 +396,9 @@ function Trainer:train(opts)
 end
 
 -- The run's checkpoint, <run_dir>/checkpoint (none without run_dir). save_fn,
--- when set (dist_shard.lua, sharded experts), runs on every rank, with or
--- without run_dir: gathering the expert shards is a collective, and only the
--- rank that has the run_dir writes.
+-- when set (dist_shard.lua, sharded experts; dist_zero.lua, ZeRO), runs on
+-- every rank, with or without run_dir: gathering the expert or optimizer
+-- shards is a collective, and only the rank that has the run_dir writes.
 function Trainer:_save_run_checkpoint()
   local dir = self.run_dir and self.run_dir .. "/checkpoint"
   if self.save_fn then return self.save_fn(self, dir) end
