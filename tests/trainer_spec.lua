@@ -237,6 +237,55 @@ describe("MoETrainer", function()
     assert.are.equal(4, #again.history)
   end)
 
+  it("clipping goes into the optimizer step: the same parameters as scaling the gradients first", function()
+    local core = require "moelab.core"
+    local function run(old_path)
+      local m = small("Mixtral")
+      local tr = moe.MoETrainer{model = m, progress = false, grad_clip = 0.05}
+      -- the former path: a pass that scales the gradients, then the plain step
+      if old_path then tr.clip_fn = core.clip_grad_norm end
+      local res = tr:train{train_data = train_ds, batch_size = 2, seq_len = 16, max_steps = 3, learning_rate = 1e-2}
+      return res, m.net:flat_parameters()
+    end
+    local r1, p1 = run(false)
+    local r2, p2 = run(true)
+    for s = 1, 3 do
+      assert.is_true(r1.history[s].grad_norm > 0.05, "clipping must be active for this test")
+      assert.are.equal(r2.history[s].loss, r1.history[s].loss)
+    end
+    assert.are.equal(0, (p1 - p2):abs():max():item())
+  end)
+
+  it("optimizer:scale_next_step scales one step's gradients, then forgets", function()
+    local core = require "moelab.core"
+    local function model_and_grads()
+      local m = small("Mixtral")
+      local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
+      local out = m:forward(ids, {targets = targets})
+      out.tape:backward(out.total_loss)
+      return m
+    end
+    local a, b = model_and_grads(), model_and_grads()
+    local oa, ob = core.adamw(a.net, {}), core.adamw(b.net, {})
+    oa:scale_next_step(0.25)
+    oa:step(1e-2)
+    local _, gb = b.net:flat_parameters()
+    gb:copy(gb * 0.25)
+    ob:step(1e-2)
+    assert.are.equal(0, (a.net:flat_parameters() - b.net:flat_parameters()):abs():max():item())
+    -- the next step is unscaled: same gradients in, same parameters out
+    local _, ga = a.net:flat_parameters()
+    ga:copy(gb)
+    oa:step(1e-2)
+    ob:step(1e-2)
+    assert.are.equal(0, (a.net:flat_parameters() - b.net:flat_parameters()):abs():max():item())
+    for _, bad in ipairs{0, -1, 0 / 0, math.huge} do
+      local ok, e = pcall(oa.scale_next_step, oa, bad)
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find("optimizer:scale_next_step", 1, true))
+    end
+  end)
+
   it("rejects bad configurations with clear errors", function()
     local function err(f, pat)
       local ok, msg = pcall(f)

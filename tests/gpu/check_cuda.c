@@ -493,17 +493,24 @@ static void test_cross_entropy(moe_dtype dt) {
     }
 }
 
+/* grad_scale 0: the plain update; 0.37: gradients read scaled (clipping folded into the step) */
 static void test_adamw(void) {
     const int64_t n = 4099;
-    pair p = in_randn(MOE_F32, SH(n)), g = in_randn(MOE_F32, SH(n));
-    pair m = in_pair(MOE_F32, SH(n), 0.1f, 0.0f, 0), v = in_pair(MOE_F32, SH(n), 0.1f, 0.01f, 1);
-    moe_adamw_cfg cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 3};
-    if (RUN("adamw", MOE_F32, moe_op_adamw(ctx, p.h, g.h, m.h, v.h, &cfg), moe_op_adamw(ctx, p.d, g.d, m.d, v.d, &cfg))) {
-        check("adamw params", MOE_F32, p.d, p.h, 1e-5);
-        check("adamw m", MOE_F32, m.d, m.h, 1e-5);
-        check("adamw v", MOE_F32, v.d, v.h, 1e-5);
+    const float scales[2] = {0.0f, 0.37f};
+    for (int k = 0; k < 2; k++) {
+        pair p = in_randn(MOE_F32, SH(n)), g = in_randn(MOE_F32, SH(n));
+        pair m = in_pair(MOE_F32, SH(n), 0.1f, 0.0f, 0), v = in_pair(MOE_F32, SH(n), 0.1f, 0.01f, 1);
+        moe_adamw_cfg cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 3,
+                             .grad_scale = scales[k]};
+        char name[64];
+        snprintf(name, sizeof name, "adamw grad_scale=%g", scales[k]);
+        if (RUN(name, MOE_F32, moe_op_adamw(ctx, p.h, g.h, m.h, v.h, &cfg), moe_op_adamw(ctx, p.d, g.d, m.d, v.d, &cfg))) {
+            check("adamw params", MOE_F32, p.d, p.h, 1e-5);
+            check("adamw m", MOE_F32, m.d, m.h, 1e-5);
+            check("adamw v", MOE_F32, v.d, v.h, 1e-5);
+        }
+        pfree(&p); pfree(&g); pfree(&m); pfree(&v);
     }
-    pfree(&p); pfree(&g); pfree(&m); pfree(&v);
 }
 
 /* ---- allocator ---- */
