@@ -110,6 +110,8 @@ int main(void) {
     test_sumsq(MOE_F32, 1);
     test_sumsq(MOE_F32, 3000017);
     test_sumsq(MOE_BF16, 3000017);
+    test_sumsq(MOE_BF16, 8000);   /* whole 16-byte vectors, no tail */
+    test_sumsq(MOE_BF16, 7);      /* only a tail */
     test_layer_precision();
     return gpucheck_end();
 }

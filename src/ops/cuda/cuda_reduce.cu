@@ -14,6 +14,7 @@
 //     whose f32 partials a second kernel sums in chunk order.
 // NaN: max/min ignore NaN as the CPU's row path does (v > acc ? v : acc).
 #include "cuda_common.cuh"
+#include "cuda_vec.cuh"
 
 namespace {
 
@@ -164,9 +165,12 @@ moe_status cuda_reduce(moe_ctx *ctx, moe_reduce_op op, moe_tensor *out, const mo
 }
 
 // ---- sum of squares (gradient norms) ----
-// A fixed grid: each block sums its grid-stride share in f64 and writes one
+// A fixed grid: each block sums its grid-stride share and writes one f64
 // partial; one block then adds the partials in order. Deterministic, one
-// read of x, no f32 copy of bf16 data.
+// read of x, no f32 copy of bf16 data. Aligned data is read 16 bytes at a
+// time, the squares of one vector summed in f32 (at most 8 terms) before the
+// f64 accumulator: scalar 2-byte loads made the gradient norm of the step
+// benchmark take 1.6 ms for 1.08 GB, about a fifth of the bandwidth.
 namespace {
 constexpr int SUMSQ_BLOCKS = 1024, SUMSQ_THREADS = 256;
 
@@ -193,6 +197,23 @@ __global__ void k_sumsq_part(const T *x, int64_t n, double *part) {
     if (threadIdx.x == 0) part[blockIdx.x] = acc;
 }
 
+template <typename T>
+__global__ void k_sumsq_part_vec(const T *x, int64_t nv, double *part) {
+    constexpr int N = VEC<T>::N;
+    __shared__ double sh[32];
+    double acc = 0;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < nv; i += (int64_t)gridDim.x * blockDim.x) {
+        float f[N];
+        vload(x + i * N, f);
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < N; k++) s += f[k] * f[k];
+        acc += s;
+    }
+    acc = block_sum_f64(acc, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+}
+
 __global__ void k_sumsq_final(const double *part, int nparts, float *out) {
     __shared__ double sh[32];
     double acc = 0;
@@ -205,13 +226,20 @@ __global__ void k_sumsq_final(const double *part, int nparts, float *out) {
 moe_status cuda_sumsq(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x) {
     CUDA_ENTER(d, ctx, out->device);
     int64_t n = moe_tensor_numel(x);
-    cuda_scratch part(d, SUMSQ_BLOCKS * sizeof(double));
+    cuda_scratch part(d, (SUMSQ_BLOCKS + 1) * sizeof(double));
     if (!part.p) return moe_last_status();
     double *p = (double *)part.p;
-    if (x->dtype == MOE_BF16) k_sumsq_part<bf16><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>((const bf16 *)moe_tensor_data((moe_tensor *)x), n, p);
-    else k_sumsq_part<float><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>(moe_f32(x), n, p);
+    const void *xp = moe_tensor_data((moe_tensor *)x);
+    bool b16 = x->dtype == MOE_BF16;
+    // vectors where aligned, the scalar kernel for the tail (one more partial, maybe 0)
+    int64_t per = b16 ? VEC<bf16>::N : VEC<float>::N, nv = cuda_aligned16(xp) ? n / per : 0, done = nv * per;
+    if (b16) k_sumsq_part_vec<bf16><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>((const bf16 *)xp, nv, p);
+    else k_sumsq_part_vec<float><<<SUMSQ_BLOCKS, SUMSQ_THREADS, 0, d->stream>>>((const float *)xp, nv, p);
     CU_LAUNCHED("sumsq");
-    k_sumsq_final<<<1, SUMSQ_THREADS, 0, d->stream>>>(p, SUMSQ_BLOCKS, moe_f32(out));
+    if (b16) k_sumsq_part<bf16><<<1, SUMSQ_THREADS, 0, d->stream>>>((const bf16 *)xp + done, n - done, p + SUMSQ_BLOCKS);
+    else k_sumsq_part<float><<<1, SUMSQ_THREADS, 0, d->stream>>>((const float *)xp + done, n - done, p + SUMSQ_BLOCKS);
+    CU_LAUNCHED("sumsq");
+    k_sumsq_final<<<1, SUMSQ_THREADS, 0, d->stream>>>(p, SUMSQ_BLOCKS + 1, moe_f32(out));
     CU_LAUNCHED("sumsq");
     return MOE_OK;
 }
