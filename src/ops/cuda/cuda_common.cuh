@@ -114,9 +114,10 @@ moe_status cuda_layernorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, mo
                                    const moe_tensor *rstd);
 // cuda_rope.cu
 moe_status cuda_rope(moe_ctx *, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse);
-// cuda_attention.cu
+// cuda_attention_fwd.cu
 moe_status cuda_attention(moe_ctx *, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
                           const moe_tensor *v, float scale, int causal);
+// cuda_attention_bwd.cu
 moe_status cuda_attention_backward(moe_ctx *, moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout,
                                    const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,
                                    const moe_tensor *out, const moe_tensor *lse, float scale, int causal);
