@@ -305,6 +305,23 @@ describe("cross entropy", function()
   end)
 end)
 
+describe("sumsq", function()
+  it("is the sum of squares, on the tensor's device, as a 0-dim f32 tensor", function()
+    local x = moe.randn({1001}, {seed = 11})
+    local s = ops.sumsq(x)
+    assert.are.same({}, s:shape())
+    assert.are.equal("f32", s:dtype())
+    local want = 0
+    for _, v in ipairs(x:to_table()) do want = want + v * v end
+    assert.is_true(math.abs(s:item() - want) <= 1e-6 * want)
+    -- bf16 input: its values squared as f32
+    local xb = x:to("bf16")
+    local wb = ops.sumsq(xb:to("f32")):item()
+    assert.is_true(math.abs(ops.sumsq(xb):item() - wb) <= 1e-6 * wb)
+    assert.has_error(function() ops.sumsq(nil) end, "ops.sumsq: x must be a tensor, got nil")
+  end)
+end)
+
 describe("adamw", function()
   it("matches the formula for one step", function()
     local p, g = moe.tensor({1, -2, 3}), moe.tensor({0.5, 0.1, -1})

@@ -9,6 +9,7 @@
 -- adds these methods to the trainer class D (dist: moe.dist; group_comm:
 -- distributed.lua's (model, what, ep, color, rank) -> sub-communicator).
 local core = require "moelab.core"
+local ops = core.ops
 local checkpoint = require "moelab.checkpoint"
 local fail = require("moelab.dist_config").fail
 
@@ -79,13 +80,11 @@ local function unpack(packed, ranges, buf)
   end
 end
 
+-- the sum of squares over the ranges, as a 0-dim f32 tensor on buf's device
+-- (one pass per range, summed in f64 inside each, nothing read back here)
 local function sum_squares(buf, ranges)
-  local sq = 0
-  for _, r in ipairs(ranges) do
-    local v = buf:narrow(1, r[1] + 1, r[2] - r[1])
-    if v:dtype() ~= "f32" then v = v:to("f32") end   -- bf16 gradients: square and sum in f32
-    sq = sq + (v * v):sum():item()
-  end
+  local sq = core.zeros({}, {dtype = "f32", device = buf:device()})
+  for _, r in ipairs(ranges) do sq = sq + ops.sumsq(buf:narrow(1, r[1] + 1, r[2] - r[1])) end
   return sq
 end
 
@@ -201,13 +200,19 @@ function D:_clip_sharded(net, max_norm)
   if not self._sharded then return core.clip_grad_norm(net, max_norm) end
   local _, grads = net:flat_parameters()
   local seg = self._segments
-  -- on the gradients' device, which the group's communicator moves (f64 where it is the host)
+  -- the expert part summed over the expert-parallel group on the gradients'
+  -- device (f64 on the host, where the communicator reduces in f64)
   local dev = grads:device()
-  local ex = core.tensor({sum_squares(grads, seg.expert)}, {dtype = dev == "cpu" and "f64" or "f32", device = dev})
+  local ex = sum_squares(grads, seg.expert)
+  if dev == "cpu" then ex = ex:to("f64") end
   self:_ep("all_reduce", ex, "sum")
-  local norm = math.sqrt(sum_squares(grads, seg.rest) + ex:to("cpu"):to_table()[1])
+  local total = ex:to("f32") + sum_squares(grads, seg.rest)
+  local norm = math.sqrt(total:to("cpu"):item())
   if norm == norm and norm ~= math.huge and max_norm > 0 and norm > max_norm then
-    grads:copy(grads * (max_norm / (norm + 1e-6)))
+    local coef = max_norm / (norm + 1e-6)
+    -- the factor goes into the next optimizer step when it can take one (no pass over the gradients)
+    local opt = self.inner.optimizer
+    if opt and opt.scale_next_step then opt:scale_next_step(coef) else grads:copy(grads * coef) end
   end
   return norm
 end

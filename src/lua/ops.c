@@ -236,6 +236,16 @@ static int o_reduce(lua_State *L) {
     return 1;
 }
 
+/* ops.sumsq(x) -> a 0-dim f32 tensor on x's device: the sum of x's squares
+ * (accumulated in f64), without reading it back to the host */
+static int o_sumsq(lua_State *L) {
+    const char *fn = "ops.sumsq";
+    moe_tensor *x = T(1, fn, "x");
+    moe_tensor *out = moe_lua_new_tensor(L, MOE_F32, 0, NULL, x->device, fn);
+    moe_lua_check(L, moe_op_sumsq(moe_lua_ctx(L), out, x), fn);
+    return 1;
+}
+
 /* ------------------------------------------------------------- softmax -- */
 
 static int o_softmax(lua_State *L) {
@@ -577,7 +587,7 @@ static int o_combine_backward(lua_State *L) {
 static const luaL_Reg ops_funcs[] = {
     {"gemm", o_gemm}, {"gemm_grouped", o_gemm_grouped}, {"gemm_grouped_wgrad", o_gemm_grouped_wgrad},
     {"unary", o_unary}, {"unary_backward", o_unary_backward}, {"binary", o_binary}, {"sum_to", o_sum_to},
-    {"axpy", o_axpy}, {"reduce", o_reduce},
+    {"axpy", o_axpy}, {"reduce", o_reduce}, {"sumsq", o_sumsq},
     {"softmax", o_softmax}, {"softmax_backward", o_softmax_backward}, {"log_softmax", o_log_softmax},
     {"log_softmax_backward", o_log_softmax_backward}, {"logsumexp", o_logsumexp},
     {"topk", o_topk}, {"gather", o_gather}, {"scatter_add", o_scatter_add}, {"index_select", o_index_select},
