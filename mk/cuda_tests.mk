@@ -11,7 +11,7 @@
 .PHONY: test-gpu gpu-tests check-cuda
 test-gpu:
 	$(MAKE) CUDA=1 build/cuda/moelab gpu-tests
-	babash tests/gpu/run.sh build/cuda
+	bash tests/gpu/run.sh build/cuda
 
 ifeq ($(CUDA),1)
 GPU_TEST_SRC := $(wildcard tests/gpu/check_*.c)

@@ -617,7 +617,7 @@ static void test_misc(void) {
     /* adamw, two steps by hand (step 2 exercises the bias corrections) */
     moe_tensor *p = RANDN(50), *gr = RANDN(50), *m = ZEROS(50), *v = ZEROS(50);
     double rp[50], rm[50] = {0}, rv[50] = {0};
-    moe_adamw_cfg cfg = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 1};
+    moe_adamw_cfg cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 1};
     for (int i = 0; i < 50; i++) rp[i] = moe_f32(p)[i];
     for (int step = 1; step <= 2; step++) {
         cfg.step = step;
