@@ -131,6 +131,7 @@ function D:_shard_now()
   self._layout = net:param_layout()
   self._segments = segments(self._layout, net:flat_parameters():numel())
   self._sharded = true
+  self:_set_sum_overlap(true)
   if opt then
     inner:_make_optimizer(inner.base_lr)
     local m, v = inner.optimizer:state()
@@ -138,6 +139,26 @@ function D:_shard_now()
     self:_slice_into(v_full, v)
     inner.optimizer:step_count(steps)
   end
+end
+
+-- With E_p = W (no replicas of an expert), the non-expert gradients are summed
+-- over the ranks while backward runs, block by block as in data parallel,
+-- with this rank's expert ranges left out (dist.set_grad_allreduce's skip):
+-- every gradient is then W times the mean gradient (an expert's is the sum of
+-- its tokens' contributions from every rank), and the factor 1/W goes into
+-- the optimizer step with the clipping factor (_clip_sharded). With replicas
+-- (E_p < W) the reduction stays after backward (_reduce_sharded_grads).
+function D:_set_sum_overlap(on)
+  local use = on and self.world_size > 1 and self.expert_parallel_size == self.world_size and not self._dp_comm
+  if use then
+    local skip = {}
+    for _, r in ipairs(self._segments.expert) do skip[#skip + 1] = {r[1], r[2]} end
+    dist.set_grad_allreduce(self.model.net, true, {op = "sum", skip = skip})
+  elseif self._sum_grads then
+    dist.set_grad_allreduce(self.model.net, false)
+  end
+  self._sum_grads = use or nil
+  self._overlap = use or nil
 end
 
 -- full: a flat buffer in the single-process layout -> dst, one in this rank's
@@ -208,11 +229,15 @@ function D:_clip_sharded(net, max_norm)
   self:_ep("all_reduce", ex, "sum")
   local total = ex:to("f32") + sum_squares(grads, seg.rest)
   local norm = math.sqrt(total:to("cpu"):item())
-  if norm == norm and norm ~= math.huge and max_norm > 0 and norm > max_norm then
-    local coef = max_norm / (norm + 1e-6)
+  if norm ~= norm or norm == math.huge then return norm end   -- the step is skipped: scale nothing
+  -- summed gradients (_set_sum_overlap) are W times the mean
+  local f = 1
+  if self._sum_grads then norm, f = norm / self.world_size, 1 / self.world_size end
+  if max_norm > 0 and norm > max_norm then f = f * max_norm / (norm + 1e-6) end
+  if f ~= 1 then
     -- the factor goes into the next optimizer step when it can take one (no pass over the gradients)
     local opt = self.inner.optimizer
-    if opt and opt.scale_next_step then opt:scale_next_step(coef) else grads:copy(grads * coef) end
+    if opt and opt.scale_next_step then opt:scale_next_step(f) else grads:copy(grads * f) end
   end
   return norm
 end
@@ -288,6 +313,7 @@ function D:gather_experts()
     if is_expert(fe) then experts[#experts + 1] = values:narrow(1, fe.offset + 1, fe.numel):view(fe.shape) end
   end
   net:set_expert_shard(0, self._shard.total, experts)
+  self:_set_sum_overlap(false)
   self._sharded = false
   self._layout, self._segments = nil, nil
   if opt then

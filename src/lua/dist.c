@@ -400,8 +400,40 @@ static int l_set_expert_parallel(lua_State *L) {
     return 1;
 }
 
-/* dist.set_grad_allreduce(model, on): data-parallel gradient averaging over
- * the main communicator, overlapped with backward (src/nn/model.h) */
+/* The skip ranges of dist.set_grad_allreduce's options ({{lo, hi}, ...},
+ * 0-based element ranges) as 2 * n integers (malloc'd; NULL when none). */
+static int64_t *skip_ranges(lua_State *L, int idx, const char *f, int *n) {
+    *n = 0;
+    lua_getfield(L, idx, "skip");
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
+    if (!lua_istable(L, -1)) moe_lua_errorf(L, "%s: skip must be a list of {lo, hi} ranges", f);
+    int k = (int)lua_objlen(L, -1);
+    int64_t *r = k ? malloc((size_t)k * 2 * sizeof *r) : NULL;
+    if (k && !r) moe_lua_errorf(L, "%s: out of memory", f);
+    for (int i = 0; i < k; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        for (int j = 0; j < 2; j++) {
+            if (lua_istable(L, -1)) lua_rawgeti(L, -1, j + 1);
+            else lua_pushnil(L);
+            if (!lua_isnumber(L, -1)) {
+                free(r);
+                moe_lua_errorf(L, "%s: skip[%d] must be {lo, hi} with integer bounds", f, i + 1);
+                return NULL;
+            }
+            r[2 * i + j] = (int64_t)lua_tonumber(L, -1);
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    *n = k;
+    return r;
+}
+
+/* dist.set_grad_allreduce(model, on[, {op = "avg"|"sum", skip = {{lo, hi}, ...}}]):
+ * data-parallel gradient averaging over the main communicator, overlapped
+ * with backward (src/nn/model.h); sharded experts sum the rest and skip their
+ * own ranges. */
 static int l_set_grad_allreduce(lua_State *L) {
     const char *f = "dist.set_grad_allreduce";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "model");
@@ -409,7 +441,22 @@ static int l_set_grad_allreduce(lua_State *L) {
     moe_comm *c = on ? get_comm(L) : NULL;
     if (c && !c->ops->supports(c, l->device))
         moe_lua_errorf(L, "%s: the %s communicator cannot reduce this model's gradients", f, c->ops->name);
-    moe_lua_check(L, moe_model_set_grad_allreduce(l, c), f);
+    int op = MOE_DIST_AVG, n_skip = 0;
+    int64_t *skip = NULL;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "op");
+        if (!lua_isnil(L, -1)) {
+            const char *o = lua_tostring(L, -1);
+            if (!o || (strcmp(o, "sum") && strcmp(o, "avg"))) moe_lua_errorf(L, "%s: op must be \"sum\" or \"avg\"", f);
+            op = strcmp(o, "sum") ? MOE_DIST_AVG : MOE_DIST_SUM;
+        }
+        lua_pop(L, 1);
+        skip = skip_ranges(L, 3, f, &n_skip);
+    }
+    moe_status s = moe_model_set_grad_reduce(l, c, op, skip, n_skip);
+    free(skip);
+    moe_lua_check(L, s, f);
     return 0;
 }
 static int l_arm_grad_allreduce(lua_State *L) {

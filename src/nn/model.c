@@ -14,6 +14,9 @@ typedef struct {
     moe_comm *ar_comm;     /* data parallel: gradients all-reduced during backward (borrowed), or NULL */
     int armed;             /* the next forward records the markers that start those all-reduces */
     int64_t watermark;     /* flat-gradient elements from here to the end are queued */
+    moe_dist_op ar_op;     /* average (data parallel) or sum (sharded experts) */
+    int64_t *skip;         /* [2 * n_skip] sorted [lo, hi) element ranges left out (sharded experts), owned */
+    int n_skip;
 } model_state;
 
 int moe_model_layer_is_moe(const moe_model_cfg *c, int64_t i) {
@@ -57,7 +60,11 @@ static void model_describe(const moe_layer *l, char *buf, size_t n) {
              (long long)c->moe.router.num_experts, (long long)c->moe.router.top_k, (long long)moe_layer_num_params(l));
 }
 
-static void model_destroy(moe_layer *l) { free(l->state); }
+static void model_destroy(moe_layer *l) {
+    model_state *st = l->state;
+    if (st) free(st->skip);
+    free(st);
+}
 
 static const moe_layer_vtable model_vt = {"MoEModel", model_forward_vt, model_describe, model_destroy};
 
@@ -137,11 +144,25 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
  * blocks, norm and head after it, so the flat gradients from the block's first
  * parameter to the end are final (the flat buffer holds embedding, blocks,
  * norm, head in that order), and their average over the ranks is queued. */
+/* Queues the reduction of flat-gradient elements [lo, hi), minus the skipped ranges. */
+static moe_status reduce_range(moe_layer *m, int64_t lo, int64_t hi) {
+    model_state *st = m->state;
+    int64_t at = lo;
+    for (int k = 0; k <= st->n_skip && at < hi; k++) {
+        int64_t s_lo = k < st->n_skip ? st->skip[2 * k] : hi, s_hi = k < st->n_skip ? st->skip[2 * k + 1] : hi;
+        if (s_hi <= at) continue;
+        int64_t end = s_lo < hi ? s_lo : hi;
+        if (end > at) MOE_TRY(moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, at, end - at, st->ar_op));
+        if (s_hi > at) at = s_hi;
+    }
+    return MOE_OK;
+}
+
 static moe_status marker_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *m = e->self;
     model_state *st = m->state;
     if (st->armed && st->ar_comm && m->flat_grads && e->i[0] < st->watermark) {
-        MOE_TRY(moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, e->i[0], st->watermark - e->i[0], MOE_DIST_AVG));
+        MOE_TRY(reduce_range(m, e->i[0], st->watermark));
         st->watermark = e->i[0];
     }
     moe_tensor_retain(gout[0]);
@@ -165,8 +186,31 @@ static moe_status grad_marker(moe_layer *m, moe_tape *tape, moe_layer *block, mo
 }
 
 moe_status moe_model_set_grad_allreduce(moe_layer *m, moe_comm *comm) {
+    return moe_model_set_grad_reduce(m, comm, MOE_DIST_AVG, NULL, 0);
+}
+
+moe_status moe_model_set_grad_reduce(moe_layer *m, moe_comm *comm, int op, const int64_t *skip, int n_skip) {
     if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "set_grad_allreduce: not an MoEModel");
+    if (op != MOE_DIST_AVG && op != MOE_DIST_SUM) return moe_error(MOE_ERR_ARG, "set_grad_allreduce: op must be sum or avg");
+    if (n_skip < 0 || (n_skip > 0 && !skip)) return moe_error(MOE_ERR_ARG, "set_grad_allreduce: bad skip ranges");
+    int64_t n = m->flat_grads ? moe_tensor_numel(m->flat_grads) : 0;
+    for (int k = 0; k < n_skip; k++) {
+        int64_t lo = skip[2 * k], hi = skip[2 * k + 1], prev = k ? skip[2 * k - 1] : 0;
+        if (lo < prev || hi < lo || hi > n)
+            return moe_error(MOE_ERR_ARG, "set_grad_allreduce: skip range %d [%lld, %lld) is not sorted, disjoint and "
+                             "within the %lld gradient elements", k + 1, (long long)lo, (long long)hi, (long long)n);
+    }
+    int64_t *copy = NULL;
+    if (n_skip > 0) {
+        copy = malloc((size_t)n_skip * 2 * sizeof *copy);
+        if (!copy) return moe_error(MOE_ERR_OOM, "out of host memory");
+        memcpy(copy, skip, (size_t)n_skip * 2 * sizeof *copy);
+    }
     model_state *st = m->state;
+    free(st->skip);
+    st->skip = copy;
+    st->n_skip = n_skip;
+    st->ar_op = (moe_dist_op)op;
     st->ar_comm = comm;
     st->armed = 0;
     return MOE_OK;
@@ -190,7 +234,7 @@ moe_status moe_model_finish_grad_allreduce(moe_layer *m) {
     model_state *st = m->state;
     if (!st->ar_comm || !m->flat_grads) return moe_error(MOE_ERR_STATE, "finish_grad_allreduce: no communicator set");
     int64_t n = moe_tensor_numel(m->flat_grads), upto = st->armed ? st->watermark : n;
-    moe_status s = moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, 0, upto, MOE_DIST_AVG);
+    moe_status s = reduce_range(m, 0, upto);
     moe_status w = moe_comm_wait_pending(st->ar_comm);   /* also after a failed start: nothing stays queued */
     st->armed = 0;
     st->watermark = n;

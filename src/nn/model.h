@@ -50,6 +50,12 @@ int64_t moe_model_num_active_params(const moe_layer *model);
  * and waits for all of it. Every rank must follow the same sequence. */
 struct moe_comm;
 moe_status moe_model_set_grad_allreduce(moe_layer *model, struct moe_comm *comm);
+/* The same with the reduction op (MOE_DIST_AVG or MOE_DIST_SUM) and n_skip
+ * sorted, disjoint [lo, hi) element ranges of the flat gradient buffer that
+ * are never reduced (skip: 2 * n_skip values, copied): sharded experts, whose
+ * gradients are this rank's alone, summed with the others' non-expert ones. */
+moe_status moe_model_set_grad_reduce(moe_layer *model, struct moe_comm *comm, int op, const int64_t *skip,
+                                     int n_skip);
 moe_status moe_model_arm_grad_allreduce(moe_layer *model, int on);
 moe_status moe_model_finish_grad_allreduce(moe_layer *model);
 
