@@ -30,9 +30,12 @@ local dist, group_comm  -- set on install
 -- (the ranks with the same rank % E_p, _dp_comm; none when E_p = W) and
 -- scaled by 1/W: an expert's gradient is the sum of its owners' gradients,
 -- one owner per group, so this is the mean over every rank's tokens, the same
--- value the world average of full-size buffers gives. Clipping takes the
--- global norm: the non-expert part once plus every shard's expert part
--- (summed over the expert-parallel group).
+-- value the world average of full-size buffers gives. With E_p = W the
+-- non-expert part is summed during backward instead and 1/W goes into the
+-- optimizer step (_set_sum_overlap). Clipping takes the global norm: the
+-- non-expert part once plus every shard's expert part (summed over the
+-- expert-parallel group), computed on the device; its factor goes into the
+-- optimizer step too.
 --
 -- Checkpoints stay in the single-process layout: saves gather the shards over
 -- the expert-parallel group (every rank calls them; rank 0 writes) and resumes
