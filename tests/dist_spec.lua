@@ -383,6 +383,14 @@ describe("jobs under mpirun", function()
     assert.are.equal(0, rc, out)
   end)
 
+  it("run_dir on one rank only is refused on every rank at construction (saves are collective)", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/rundir_check.lua")
+    for r = 0, 1 do assert.is_truthy(out:find("RUNDIR_OK " .. r, 1, true), out) end
+    assert.are.equal(0, rc, out)
+  end)
+
   it("a rank that leaves makes the other fail, naming it, instead of hanging", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end

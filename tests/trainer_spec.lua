@@ -286,6 +286,19 @@ describe("MoETrainer", function()
     end
   end)
 
+  it("save_checkpoint before any training, or without a directory, fails saying why", function()
+    local tr = moe.MoETrainer{model = small("Mixtral"), progress = false}
+    local ok, e = pcall(tr.save_checkpoint, tr)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("give a directory (the trainer has no run_dir)", 1, true), tostring(e))
+    ok, e = pcall(tr.save_checkpoint, tr, tmpdir())
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("nothing to resume from yet", 1, true), tostring(e))
+    ok, e = pcall(tr.save_checkpoint, tr, 42)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("the directory must be a string, got number", 1, true), tostring(e))
+  end)
+
   it("rejects bad configurations with clear errors", function()
     local function err(f, pat)
       local ok, msg = pcall(f)

@@ -242,6 +242,17 @@ function M.DistributedMoETrainer(opts)
     end
     if user_hook then user_hook(tr) end
   end
+  -- the trainer's saves are collective (sharded experts, ZeRO): every rank must
+  -- know whether there is a run_dir, or the ones without it would never join
+  if world > 1 then
+    local given = core.tensor({topts.run_dir and 1 or 0}, {dtype = "f64"})
+    dist.all_reduce(given, "sum")
+    local n = given:item()
+    if n > 0 and n < world then
+      fail(f, "run_dir was given on %d of the %d ranks: give it on every rank (the checkpoints are written by "
+        .. "rank 0, but every rank takes part in saving them)", n, world)
+    end
+  end
   if rank ~= 0 then topts.run_dir, topts.progress = nil, false end
 
   -- the model the inner trainer sees: the same model, with forward averaging the

@@ -440,7 +440,19 @@ end
 
 --- save_model(dir): model.safetensors + config.json (loadable with moe.load).
 function Trainer:save_model(dir) return checkpoint.save_model(self.model, dir) end
-function Trainer:save_checkpoint(dir) return checkpoint.save_training(self, dir or (self.run_dir .. "/checkpoint")) end
+function Trainer:save_checkpoint(dir)
+  local f = "MoETrainer:save_checkpoint"
+  if dir == nil then
+    if not self.run_dir then fail(f, "give a directory (the trainer has no run_dir)") end
+    dir = self.run_dir .. "/checkpoint"
+  end
+  if type(dir) ~= "string" then fail(f, "the directory must be a string, got %s", type(dir)) end
+  if not self.optimizer then
+    fail(f, "nothing to resume from yet: a training checkpoint holds the optimizer state, made by the first train() "
+      .. "call (trainer:save_model(dir) saves the weights alone)")
+  end
+  return checkpoint.save_training(self, dir)
+end
 
 --- visualize_routing{save_to=, dataset=, num_samples=32, ...}: the routing report (moelab.report).
 -- With run_dir: from its metrics.jsonl, checkpoint/ (saved first unless it is of the current step)
