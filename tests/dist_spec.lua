@@ -82,18 +82,6 @@ describe("moe.dist (one process)", function()
     err(function() dist.set_expert_parallel(m.net, t) end, "true, false or a communicator")
   end)
 
-  it("exchange_blocks places row blocks where the receive list says, paired in order", function()
-    local t = moe.tensor({{1, 1}, {2, 2}, {3, 3}, {4, 4}})
-    -- one rank: its blocks to itself, the k-th send into the k-th receive
-    local y = dist.exchange_blocks(t, {{0, 0, 1}, {0, 2, 2}}, {{0, 3, 1}, {0, 0, 2}}, 4)
-    assert.are.same({{3, 3}, {4, 4}, {0, 0}, {1, 1}}, y:to_table())
-    err(function() dist.exchange_blocks(t, {{0, 0, 1}}, {{0, 0, 2}}, 4) end, "elements sent")
-    err(function() dist.exchange_blocks(t, {{1, 0, 1}}, {{1, 0, 1}}, 4) end, "names rank 1 of 1")
-    err(function() dist.exchange_blocks(t, {{0, 3, 2}}, {{0, 0, 2}}, 4) end, "outside")
-    err(function() dist.exchange_blocks(t, {{0, -1, 1}}, {{0, 0, 1}}, 4) end, "integers >= 0")
-    err(function() dist.exchange_blocks(t, {{0, 0, 1}}, "x", 4) end, "recvs must be a list")
-  end)
-
   it("rejects bad arguments with clear errors", function()
     err(function() dist.all_reduce(moe.randn({2}), "max") end, "op must be \"sum\" or \"avg\"")
     err(function() dist.all_reduce(moe.tensor({1, 2}, {dtype = "i64"})) end, "reductions take f32 or f64")

@@ -245,46 +245,6 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     return s;
 }
 
-static moe_status check_blocks(moe_comm *c, const moe_comm_block *b, int n, int64_t numel, const char *w,
-                               const char *side) {
-    if (n < 0 || (n > 0 && !b)) return moe_error(MOE_ERR_ARG, "%s: %s blocks missing", w, side);
-    for (int i = 0; i < n; i++) {
-        if (b[i].peer < 0 || b[i].peer >= c->size)
-            return moe_error(MOE_ERR_ARG, "%s: %s block %d names rank %d of %d", w, side, i, b[i].peer, c->size);
-        if (b[i].offset > (size_t)numel || b[i].count > (size_t)numel - b[i].offset)
-            return moe_error(MOE_ERR_SHAPE, "%s: %s block %d [%zu, +%zu) is outside the %lld elements", w, side, i,
-                             b[i].offset, b[i].count, (long long)numel);
-    }
-    return MOE_OK;
-}
-
-moe_status moe_comm_exchange_blocks(moe_comm *c, const moe_tensor *in, const moe_comm_block *sends, int n_sends,
-                                    moe_tensor *out, const moe_comm_block *recvs, int n_recvs, int queue) {
-    const char *w = "exchange_blocks";
-    MOE_TRY(check_comm(c, w));
-    MOE_TRY(check_pair(c, in, out, w, 0));
-    MOE_TRY(check_blocks(c, sends, n_sends, moe_tensor_numel(in), w, "send"));
-    MOE_TRY(check_blocks(c, recvs, n_recvs, moe_tensor_numel(out), w, "receive"));
-    if (!c->ops->exchange_blocks) return moe_error(MOE_ERR_STATE, "%s: the %s communicator has no block exchange", w,
-                                                   c->ops->name);
-    double t0 = moe_dist_now();
-    int want_queue = queue && in->device.type != MOE_CPU;
-    /* a blocking exchange starts after the device's queued work (a queued one orders itself) */
-    moe_status s = want_queue ? MOE_OK : sync_device(c, in->device);
-    double t1 = moe_dist_now();
-    int queued = 0;
-    if (s == MOE_OK) {
-        c->seq++;
-        s = moe_error_context(c->ops->exchange_blocks(c, moe_tensor_data(in), sends, n_sends, moe_tensor_data(out),
-                                                      recvs, n_recvs, in->dtype, in->device, want_queue, &queued),
-                              "%s", w);
-    }
-    c->a2a_calls++;
-    c->a2a_wait_s += t1 - t0;
-    c->a2a_s += moe_dist_now() - t1;
-    return s;
-}
-
 moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
                                         const int64_t *recv_counts) {
     const char *w = "all_to_all_v";
@@ -436,23 +396,6 @@ static moe_status single_all_to_all_v(moe_comm *c, const void *in, const size_t 
         return moe_error(MOE_ERR_ARG, "one rank sends %zu elements to itself but expects %zu", sc[0], rc[0]);
     return device_copy(c, out, in, sc[0], dt, d);
 }
-/* one rank: its blocks to itself, paired in order */
-static moe_status single_exchange_blocks(moe_comm *c, const void *in, const moe_comm_block *sends, int n_sends,
-                                         void *out, const moe_comm_block *recvs, int n_recvs, moe_dtype dt,
-                                         moe_device d, int queue, int *queued) {
-    *queued = 0;
-    if (n_sends != n_recvs)
-        return moe_error(MOE_ERR_ARG, "one rank sends itself %d blocks but expects %d", n_sends, n_recvs);
-    size_t es = moe_dtype_size(dt);
-    for (int i = 0; i < n_sends; i++) {
-        if (sends[i].count != recvs[i].count)
-            return moe_error(MOE_ERR_ARG, "block %d: %zu elements sent, %zu expected", i, sends[i].count,
-                             recvs[i].count);
-        MOE_TRY(device_copy(c, (char *)out + recvs[i].offset * es, (const char *)in + sends[i].offset * es,
-                            sends[i].count, dt, d));
-    }
-    return MOE_OK;
-}
 static void single_destroy(moe_comm *c) {}
 static moe_status single_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 
@@ -460,7 +403,6 @@ static const moe_comm_ops single_ops = {
     .name = "single", .supports = single_supports, .barrier = single_barrier, .all_reduce = single_all_reduce,
     .broadcast = single_broadcast, .all_gather = single_all_gather, .reduce_scatter = single_reduce_scatter,
     .all_to_all_v = single_all_to_all_v, .split = single_split, .destroy = single_destroy,
-    .exchange_blocks = single_exchange_blocks,
 };
 
 static moe_status single_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {

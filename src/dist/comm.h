@@ -59,13 +59,6 @@ typedef enum { MOE_DIST_SUM = 0, MOE_DIST_AVG = 1 } moe_dist_op;
 
 typedef struct moe_comm moe_comm;
 
-/* One block of an exchange: count elements at element offset `offset` of the
- * buffer, to or from rank `peer`. */
-typedef struct {
-    int peer;
-    size_t offset, count;
-} moe_comm_block;
-
 /* Buffer-level operations of one implementation. Buffers are contiguous,
  * counts are in elements, and the wrappers below have already checked the
  * arguments (dtype, device, sizes). Reductions take f32 or f64; the others
@@ -103,12 +96,6 @@ typedef struct {
      * (then the caller runs the blocking one). */
     moe_status (*all_to_all_v_queued)(moe_comm *c, const void *in, const size_t *send_counts, void *out,
                                       const size_t *recv_counts, moe_dtype dt, moe_device dev, int *queued);
-    /* Blocks to and from peers (moe_comm_exchange_blocks). queue: like
-     * all_to_all_v_queued when the implementation can watch it (then *queued
-     * = 1), else it runs to completion (*queued = 0). */
-    moe_status (*exchange_blocks)(moe_comm *c, const void *in, const moe_comm_block *sends, int n_sends, void *out,
-                                  const moe_comm_block *recvs, int n_recvs, moe_dtype dt, moe_device dev, int queue,
-                                  int *queued);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -200,15 +187,6 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
  * Elsewhere (MPI, CPU tensors, mpirun-launched NCCL) it is the blocking call. */
 moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
                                         const int64_t *recv_counts);
-/* Blocks of in go to their peers, blocks of out are filled from theirs:
- * between two ranks a and b, the k-th send block from a to b pairs with the
- * k-th receive block at b from a, with the same count. Lets the expert-
- * parallel exchanges place each (source rank, expert) block of rows where
- * its expert's rows go, with no regrouping pass. queue = 1: as
- * moe_comm_all_to_all_v_queued (GPU tensors over NCCL with heartbeats), else
- * blocking. Every rank must call it with matching blocks. */
-moe_status moe_comm_exchange_blocks(moe_comm *c, const moe_tensor *in, const moe_comm_block *sends, int n_sends,
-                                    moe_tensor *out, const moe_comm_block *recvs, int n_recvs, int queue);
 
 /* "sum"/"avg" (also "mean") -> op; -1 for an unknown name */
 int moe_dist_op_parse(const char *name);

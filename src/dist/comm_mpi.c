@@ -386,76 +386,12 @@ static moe_status runtime_init(void) {
     return MOE_OK;
 }
 
-/* The blocks for each peer as one indexed datatype (its blocks in list order,
- * displacements in elements), so the whole exchange is one MPI_Ialltoallw
- * with the usual deadline. types[r] is MPI_DATATYPE_NULL for a peer without
- * blocks (count 0). */
-static moe_status peer_types(const moe_comm_block *b, int n, int p, MPI_Datatype et, MPI_Datatype *types, int *counts,
-                             const char *what) {
-    int *len = malloc((size_t)(n ? n : 1) * 2 * sizeof *len);
-    if (!len) return moe_error(MOE_ERR_OOM, "%s: out of memory", what);
-    int *disp = len + (n ? n : 1);
-    moe_status s = MOE_OK;
-    for (int r = 0; r < p && s == MOE_OK; r++) {
-        int k = 0;
-        for (int i = 0; i < n; i++) {
-            if (b[i].peer != r) continue;
-            if (b[i].count > MAX_CHUNK || b[i].offset > (size_t)0x7fffffff) {
-                s = moe_error(MOE_ERR_ARG, "%s: a block too large for MPI", what);
-                break;
-            }
-            len[k] = (int)b[i].count;
-            disp[k] = (int)b[i].offset;
-            k++;
-        }
-        types[r] = MPI_DATATYPE_NULL;
-        counts[r] = 0;
-        if (s != MOE_OK || k == 0) continue;
-        int rc = MPI_Type_indexed(k, len, disp, et, &types[r]);
-        if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&types[r]);
-        if (rc != MPI_SUCCESS) s = mpi_fail(rc, "MPI_Type_indexed");
-        else counts[r] = 1;
-    }
-    free(len);
-    return s;
-}
-
-static moe_status mpi_exchange_blocks(moe_comm *c, const void *in, const moe_comm_block *sends, int n_sends, void *out,
-                                      const moe_comm_block *recvs, int n_recvs, moe_dtype dt, moe_device d, int queue,
-                                      int *queued) {
-    mpi_impl *m = c->impl;
-    *queued = 0;
-    MOE_TRY(begin(c, "exchange_blocks"));
-    int p = c->size;
-    MPI_Datatype *types = malloc((size_t)p * 2 * sizeof *types);
-    int *iv = calloc((size_t)p * 4, sizeof *iv);   /* send counts, send displacements (0), receive ones */
-    if (!types || !iv) { free(types); free(iv); return moe_error(MOE_ERR_OOM, "exchange_blocks: out of memory"); }
-    MPI_Datatype *rtypes = types + p;
-    for (int r = 0; r < 2 * p; r++) types[r] = MPI_DATATYPE_NULL;
-    moe_status s = peer_types(sends, n_sends, p, mpi_type(dt), types, iv, "exchange_blocks");
-    if (s == MOE_OK) s = peer_types(recvs, n_recvs, p, mpi_type(dt), rtypes, iv + 2 * p, "exchange_blocks");
-    /* MPI wants a committed type in every slot, even with count 0 */
-    for (int r = 0; r < 2 * p; r++) if (types[r] == MPI_DATATYPE_NULL) types[r] = MPI_BYTE;
-    MPI_Request q;
-    int rc = MPI_SUCCESS;
-    if (s == MOE_OK) {
-        rc = MPI_Ialltoallw(in, iv, iv + p, types, out, iv + 2 * p, iv + 3 * p, rtypes, m->comm, &q);
-        s = rc != MPI_SUCCESS ? mpi_fail(rc, "MPI_Ialltoallw") : wait_req(c, &q, "exchange_blocks");
-    }
-    if (s != MOE_OK && rc == MPI_SUCCESS && m->broken) return s;   /* the request may still use them: keep them */
-    for (int r = 0; r < 2 * p; r++) if (types[r] != MPI_BYTE) MPI_Type_free(&types[r]);
-    free(types);
-    free(iv);
-    return s;
-}
-
 static moe_status mpi_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 
 static const moe_comm_ops mpi_ops = {
     .name = "mpi", .supports = mpi_supports, .barrier = mpi_barrier, .all_reduce = mpi_all_reduce,
     .broadcast = mpi_broadcast, .all_gather = mpi_all_gather, .reduce_scatter = mpi_reduce_scatter,
     .all_to_all_v = mpi_all_to_all_v, .split = mpi_split, .destroy = mpi_destroy,
-    .exchange_blocks = mpi_exchange_blocks,
 };
 
 /* MPI_Comm_split is blocking, but moe_comm_split has just all-gathered over

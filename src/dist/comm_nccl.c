@@ -485,96 +485,30 @@ static moe_status event(cudaEvent_t *e, const char *what) {
     return moe_error(MOE_ERR_DEVICE, "%s: cannot create a CUDA event", what);
 }
 
-/* The point-to-point work of one exchange, enqueued on our stream. */
-typedef struct {
-    const void *in;
-    void *out;
-    moe_dtype dt;
-    const size_t *sc, *rc;                      /* all_to_all_v: counts per rank */
-    const moe_comm_block *sends, *recvs;       /* exchange_blocks */
-    int n_sends, n_recvs;
-} p2p_work;
-
-static moe_status enqueue_blocks(moe_comm *c, const p2p_work *w);
-
-static moe_status enqueue_work(moe_comm *c, const p2p_work *w) {
-    return w->sc ? enqueue_a2a(c, w->in, w->sc, w->out, w->rc, w->dt) : enqueue_blocks(c, w);
-}
-
-/* w queued between the compute stream's work before it and after it (see the
- * header); *queued = 0 and nothing done when no watcher runs. */
-static moe_status run_queued(moe_comm *c, const p2p_work *w, moe_device d, const char *what, int *queued) {
+static moe_status nc_all_to_all_v_queued(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+                                         moe_dtype dt, moe_device d, int *queued) {
     nccl_impl *m = c->impl;
     *queued = 0;
     if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
-    MOE_TRY(begin(c, what));
+    MOE_TRY(begin(c, "all_to_all_v"));
     cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
     if (!compute) return moe_last_status();
-    MOE_TRY(event(&m->ready, what));
-    MOE_TRY(event(&m->q_done, what));
+    MOE_TRY(event(&m->ready, "all_to_all_v"));
+    MOE_TRY(event(&m->q_done, "all_to_all_v"));
     pthread_mutex_lock(&m->q_mu);
     /* the timeout counts from the oldest exchange not yet seen finished */
     if (!m->q_pending || cudaEventQuery(m->q_done) == cudaSuccess) m->q_since = moe_dist_now();
     moe_status s = MOE_OK;
     if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
-        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
-    if (s == MOE_OK) s = enqueue_work(c, w);
+        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+    if (s == MOE_OK) s = enqueue_a2a(c, in, sc, out, rc, dt);
     if (s == MOE_OK &&
         (cudaEventRecord(m->q_done, m->stream) != cudaSuccess || cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))
-        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
+        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
     if (s == MOE_OK) m->q_pending = 1;
     pthread_mutex_unlock(&m->q_mu);
     if (s == MOE_OK) *queued = 1;
     return s;
-}
-
-static moe_status nc_all_to_all_v_queued(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
-                                         moe_dtype dt, moe_device d, int *queued) {
-    p2p_work w = {in, out, dt, sc, rc, NULL, NULL, 0, 0};
-    return run_queued(c, &w, d, "all_to_all_v", queued);
-}
-
-static moe_status enqueue_blocks(moe_comm *c, const p2p_work *w) {
-    nccl_impl *m = c->impl;
-    size_t es = moe_dtype_size(w->dt), one = 1;
-    ncclDataType_t t = nccl_type(w->dt, &one);
-    MOE_TRY(nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
-    ncclResult_t err = ncclSuccess;
-    for (int i = 0; i < w->n_sends && err == ncclSuccess; i++)
-        if (w->sends[i].count)
-            err = m->api.Send((const char *)w->in + w->sends[i].offset * es, w->sends[i].count, t, w->sends[i].peer,
-                              m->comm, m->stream);
-    for (int i = 0; i < w->n_recvs && err == ncclSuccess; i++)
-        if (w->recvs[i].count)
-            err = m->api.Recv((char *)w->out + w->recvs[i].offset * es, w->recvs[i].count, t, w->recvs[i].peer,
-                              m->comm, m->stream);
-    ncclResult_t ge = m->api.GroupEnd();
-    MOE_TRY(nccl_check(m, err, "ncclSend/ncclRecv"));
-    return nccl_check(m, ge, "ncclGroupEnd");
-}
-
-/* CUDA buffers only (the expert-parallel rows); blocking or queued */
-static moe_status nc_exchange_blocks(moe_comm *c, const void *in, const moe_comm_block *sends, int n_sends, void *out,
-                                     const moe_comm_block *recvs, int n_recvs, moe_dtype dt, moe_device d, int queue,
-                                     int *queued) {
-    nccl_impl *m = c->impl;
-    *queued = 0;
-    if (d.type != MOE_CUDA)
-        return moe_error(MOE_ERR_DEVICE, "exchange_blocks: NCCL moves device buffers only (use the host communicator)");
-    p2p_work w = {in, out, dt, NULL, NULL, sends, recvs, n_sends, n_recvs};
-    if (queue) {
-        MOE_TRY(run_queued(c, &w, d, "exchange_blocks", queued));
-        if (*queued) return MOE_OK;
-    }
-    MOE_TRY(begin(c, "exchange_blocks"));
-    /* after the compute stream's queued work (the caller may not have synchronised it) */
-    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
-    if (!compute) return moe_last_status();
-    MOE_TRY(event(&m->ready, "exchange_blocks"));
-    if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
-        return moe_error(MOE_ERR_DEVICE, "exchange_blocks: %s", cudaGetErrorString(cudaGetLastError()));
-    MOE_TRY(enqueue_blocks(c, &w));
-    return nccl_wait(c, "exchange_blocks");
 }
 
 static void nc_destroy(moe_comm *c) {
@@ -607,7 +541,7 @@ static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
-    .all_to_all_v_queued = nc_all_to_all_v_queued, .exchange_blocks = nc_exchange_blocks,
+    .all_to_all_v_queued = nc_all_to_all_v_queued,
     .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 

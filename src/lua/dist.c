@@ -330,59 +330,6 @@ static int l_all_to_all_v(lua_State *L) {
     return 1;
 }
 
-/* Blocks {{rank, first_row, rows}, ...} (rank and first_row 0-based) of a
- * tensor with `row` elements per row, as element blocks (in a userdata that
- * lives as long as the call's stack). */
-static moe_comm_block *blocks_arg(lua_State *L, int idx, int64_t row, int *n, const char *f, const char *arg) {
-    if (!lua_istable(L, idx)) moe_lua_errorf(L, "%s: %s must be a list of {rank, first_row, rows}", f, arg);
-    int k = (int)lua_objlen(L, idx);
-    moe_comm_block *b = lua_newuserdata(L, sizeof *b * (size_t)(k ? k : 1));   /* freed with the call's stack */
-    for (int i = 0; i < k; i++) {
-        lua_rawgeti(L, idx, i + 1);
-        int64_t v[3];
-        for (int j = 0; j < 3; j++) {
-            if (lua_istable(L, -1)) lua_rawgeti(L, -1, j + 1);
-            else lua_pushnil(L);
-            if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) < 0)
-                moe_lua_errorf(L, "%s: %s[%d] must be {rank, first_row, rows} with integers >= 0", f, arg, i + 1);
-            v[j] = (int64_t)lua_tonumber(L, -1);
-            lua_pop(L, 1);
-        }
-        lua_pop(L, 1);
-        b[i].peer = (int)v[0];
-        b[i].offset = (size_t)(v[1] * row);
-        b[i].count = (size_t)(v[2] * row);
-    }
-    *n = k;
-    return b;
-}
-
-/* exchange_blocks(t, sends, recvs, rows) -> a new tensor of `rows` rows:
- * sends = {{rank, first_row, rows}, ...} of t, recvs alike of the result;
- * between two ranks the k-th send pairs with the k-th receive (the
- * expert-parallel token exchange, src/dist/comm.h). Rows not received are 0. */
-static int l_exchange_blocks(lua_State *L) {
-    const char *f = "dist.exchange_blocks";
-    int a;
-    moe_comm *self = self_comm(L, &a, f);
-    moe_tensor *t = moe_lua_check_tensor_f(L, a, f, "tensor");
-    moe_comm *c = comm_arg(L, self, t);
-    if (t->ndim < 1) moe_lua_errorf(L, "%s: the tensor needs at least one dim", f);
-    int64_t row = 1;
-    for (int i = 1; i < t->ndim; i++) row *= t->shape[i];
-    int ns, nr;
-    moe_comm_block *sends = blocks_arg(L, a + 1, row, &ns, f, "sends");
-    moe_comm_block *recvs = blocks_arg(L, a + 2, row, &nr, f, "recvs");
-    int64_t rows = moe_lua_check_int(L, a + 3, f, "rows");
-    if (rows < 0) moe_lua_errorf(L, "%s: rows must be >= 0", f);
-    int64_t shape[MOE_MAX_DIMS];
-    for (int i = 0; i < t->ndim; i++) shape[i] = t->shape[i];
-    shape[0] = rows;
-    moe_tensor *out = moe_lua_new_zeros(L, t->dtype, t->ndim, shape, t->device, f);
-    moe_lua_check(L, moe_comm_exchange_blocks(c, t, sends, ns, out, recvs, nr, 0), f);
-    return 1;
-}
-
 /* Applies set(layer, c) to every MoE layer of the tree; returns how many. */
 static int set_moe_tree(lua_State *L, moe_layer *l, moe_status (*set)(moe_layer *, moe_comm *), moe_comm *c,
                         const char *f) {
@@ -588,7 +535,7 @@ static const luaL_Reg dist_fns[] = {
     {"world_size", l_world_size}, {"local_rank", l_local_rank}, {"local_world_size", l_local_world_size},
     {"backend", l_backend}, {"launched_by_mpi", l_launched}, {"have_mpi", l_have_mpi}, {"have_nccl", l_have_nccl},
     {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
-    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {"exchange_blocks", l_exchange_blocks},
+    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v},
     {"set_expert_parallel", l_set_expert_parallel}, {"comm", l_comm}, {"host_comm", l_host_comm},
     {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size},
     {"set_grad_allreduce", l_set_grad_allreduce}, {"arm_grad_allreduce", l_arm_grad_allreduce},
@@ -599,8 +546,7 @@ static const luaL_Reg comm_methods[] = {
     {"info", l_info}, {"rank", l_rank}, {"world_size", l_world_size}, {"size", l_world_size},
     {"local_rank", l_local_rank}, {"local_world_size", l_local_world_size}, {"backend", l_backend},
     {"barrier", l_barrier}, {"all_reduce", l_all_reduce}, {"broadcast", l_broadcast}, {"all_gather", l_all_gather},
-    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {"exchange_blocks", l_exchange_blocks},
-    {"split", l_split}, {NULL, NULL},
+    {"reduce_scatter", l_reduce_scatter}, {"all_to_all_v", l_all_to_all_v}, {"split", l_split}, {NULL, NULL},
 };
 
 static void push_comm_methods(lua_State *L) {

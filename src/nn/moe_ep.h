@@ -3,12 +3,11 @@
  *
  * With ep ranks and E experts, rank r owns experts [r*E/ep, (r+1)*E/ep).
  * Every rank routes its own tokens over all E experts; the dispatched rows
- * (expert-contiguous) go to their owners after an all_to_all of the
- * per-expert row counts, as one block exchange (moe_comm_exchange_blocks)
- * with one block per (rank, expert): each block lands where its expert's rows
- * go on the owner (expert-major, then source rank), so no regrouping pass
- * follows. The owner runs its experts, and the reverse exchange (the same
- * blocks the other way) brings the outputs back in the sender's order.
+ * (expert-contiguous, so the rows for one destination rank are one block)
+ * go to their owners with one all_to_all_v, after an all_to_all of the
+ * per-expert row counts. The owner regroups what it received by local
+ * expert (expert-major, then source rank), runs its experts, and the
+ * reverse exchange brings the outputs back in the sender's original order.
  * Each exchange is one tape entry whose backward is the opposite exchange,
  * so every rank must run the same forward/backward sequence (collectives). */
 #ifndef MOE_NN_MOE_EP_H
