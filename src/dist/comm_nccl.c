@@ -105,7 +105,10 @@ typedef struct {
     int hb_running;
     volatile int hb_stop;
     /* queued exchanges, watched by the heartbeat thread (see the header) */
-    pthread_mutex_t q_mu;   /* guards q_pending, q_since, q_done's record, and hb_seen* */
+    /* held by this rank's thread for every NCCL operation, by the watcher to
+     * abort (so it never frees the communicator under a running call); also
+     * guards q_pending, q_since, q_done's record and hb_seen* */
+    pthread_mutex_t q_mu;
     cudaEvent_t q_done;     /* recorded on our stream after the latest queued exchange */
     int q_pending;          /* q_done may be unfinished */
     double q_since;         /* when the oldest exchange not yet seen finished was queued */
@@ -116,7 +119,14 @@ typedef struct {
 
 static nccl_impl *impl_new(void) {
     nccl_impl *m = calloc(1, sizeof *m);
-    if (m && pthread_mutex_init(&m->q_mu, NULL) != 0) { free(m); m = NULL; }
+    /* recursive: a locked operation calls others (the queued exchange's begin) */
+    pthread_mutexattr_t at;
+    int ok = m && pthread_mutexattr_init(&at) == 0;
+    if (ok) {
+        ok = pthread_mutexattr_settype(&at, PTHREAD_MUTEX_RECURSIVE) == 0 && pthread_mutex_init(&m->q_mu, &at) == 0;
+        pthread_mutexattr_destroy(&at);
+    }
+    if (m && !ok) { free(m); m = NULL; }
     return m;
 }
 
@@ -142,7 +152,9 @@ static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age);
 
 /* One look at the queued exchanges (heartbeat thread): finished, or a verdict and an abort. */
 static void watch_queued(nccl_impl *m) {
-    pthread_mutex_lock(&m->q_mu);
+    /* busy: this rank is inside a collective, which watches itself (and the
+     * heartbeats must go on being written meanwhile) */
+    if (pthread_mutex_trylock(&m->q_mu) != 0) return;
     if (m->q_pending && !watcher_aborted(m)) {
         cudaError_t e = cudaEventQuery(m->q_done);
         if (e == cudaSuccess) {
@@ -361,7 +373,7 @@ static moe_status stage_out(moe_comm *c, moe_device d, void *out, const void *do
     return copy(out, dout, out_bytes, cudaMemcpyDeviceToHost, what);
 }
 
-static moe_status nc_all_reduce(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
+static moe_status nc_all_reduce_u(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
@@ -376,7 +388,7 @@ static moe_status nc_all_reduce(moe_comm *c, void *buf, size_t n, moe_dtype dt, 
 /* Queued behind the compute stream's work (an event, no host wait); the
  * buffer is final there, and nothing on the compute stream touches it until
  * wait_pending has returned (the caller's contract). */
-static moe_status nc_all_reduce_start(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
+static moe_status nc_all_reduce_start_u(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
     nccl_impl *m = c->impl;
     MOE_TRY(begin(c, "all_reduce_start"));
     cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
@@ -393,7 +405,7 @@ static moe_status nc_all_reduce_start(moe_comm *c, void *buf, size_t n, moe_dtyp
     return MOE_OK;
 }
 
-static moe_status nc_wait_pending(moe_comm *c) {
+static moe_status nc_wait_pending_u(moe_comm *c) {
     nccl_impl *m = c->impl;
     if (!m->pending) return MOE_OK;
     m->pending = 0;
@@ -401,7 +413,7 @@ static moe_status nc_wait_pending(moe_comm *c) {
     return nccl_wait(c, "all_reduce (queued)");
 }
 
-static moe_status nc_barrier(moe_comm *c) {
+static moe_status nc_barrier_u(moe_comm *c) {
     nccl_impl *m = c->impl;
     MOE_TRY(begin(c, "barrier"));
     MOE_TRY(scratch(m, sizeof(float), "barrier"));
@@ -410,7 +422,7 @@ static moe_status nc_barrier(moe_comm *c) {
     return nccl_wait(c, "barrier");
 }
 
-static moe_status nc_broadcast(moe_comm *c, void *buf, size_t n, moe_dtype dt, int root, moe_device d) {
+static moe_status nc_broadcast_u(moe_comm *c, void *buf, size_t n, moe_dtype dt, int root, moe_device d) {
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
@@ -421,7 +433,7 @@ static moe_status nc_broadcast(moe_comm *c, void *buf, size_t n, moe_dtype dt, i
     return stage_out(c, d, buf, dout, bytes, "broadcast");
 }
 
-static moe_status nc_all_gather(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d) {
+static moe_status nc_all_gather_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d) {
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
@@ -432,7 +444,7 @@ static moe_status nc_all_gather(moe_comm *c, const void *in, void *out, size_t n
     return stage_out(c, d, out, dout, bytes * (size_t)c->size, "all_gather");
 }
 
-static moe_status nc_reduce_scatter(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_dist_op op,
+static moe_status nc_reduce_scatter_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_dist_op op,
                                     moe_device d) {
     nccl_impl *m = c->impl;
     const void *din; void *dout;
@@ -466,7 +478,7 @@ static moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, vo
     return nccl_check(m, ge, "ncclGroupEnd");
 }
 
-static moe_status nc_all_to_all_v(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+static moe_status nc_all_to_all_v_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
                                   moe_dtype dt, moe_device d) {
     MOE_TRY(begin(c, "all_to_all_v"));
     size_t es = moe_dtype_size(dt), ts = 0, tr = 0;
@@ -485,7 +497,7 @@ static moe_status event(cudaEvent_t *e, const char *what) {
     return moe_error(MOE_ERR_DEVICE, "%s: cannot create a CUDA event", what);
 }
 
-static moe_status nc_all_to_all_v_queued(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
                                          moe_dtype dt, moe_device d, int *queued) {
     nccl_impl *m = c->impl;
     *queued = 0;
@@ -511,6 +523,36 @@ static moe_status nc_all_to_all_v_queued(moe_comm *c, const void *in, const size
     return s;
 }
 
+/* Every operation holds the communicator's lock while it runs (see q_mu). */
+#define LOCKED(name, params, args)                                                                  \
+    static moe_status name params {                                                                   \
+        nccl_impl *m_ = c->impl;                                                                      \
+        pthread_mutex_lock(&m_->q_mu);                                                                \
+        moe_status s_ = name##_u args;                                                                \
+        pthread_mutex_unlock(&m_->q_mu);                                                              \
+        return s_;                                                                                    \
+    }
+LOCKED(nc_all_reduce, (moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d), (c, buf, n, dt, op, d))
+LOCKED(nc_all_reduce_start, (moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d),
+       (c, buf, n, dt, op, d))
+LOCKED(nc_wait_pending, (moe_comm *c), (c))
+LOCKED(nc_barrier, (moe_comm *c), (c))
+LOCKED(nc_broadcast, (moe_comm *c, void *buf, size_t n, moe_dtype dt, int root, moe_device d), (c, buf, n, dt, root, d))
+LOCKED(nc_all_gather, (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d), (c, in, out, n, dt, d))
+LOCKED(nc_reduce_scatter,
+       (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_dist_op op, moe_device d),
+       (c, in, out, n, dt, op, d))
+LOCKED(nc_all_to_all_v,
+       (moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc, moe_dtype dt, moe_device d),
+       (c, in, sc, out, rc, dt, d))
+LOCKED(nc_all_to_all_v_queued,
+       (moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc, moe_dtype dt, moe_device d,
+        int *queued),
+       (c, in, sc, out, rc, dt, d, queued))
+static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child);
+LOCKED(nc_split, (moe_comm *c, int color, int key, const int *members, moe_comm *child), (c, color, key, members, child))
+#undef LOCKED
+
 static void nc_destroy(moe_comm *c) {
     nccl_impl *m = c->impl;
     if (!m) return;
@@ -535,8 +577,6 @@ static void nc_destroy(moe_comm *c) {
     c->impl = NULL;
 }
 
-static moe_status nc_split(moe_comm *c, int color, int key, const int *members, moe_comm *child);
-
 static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
@@ -549,7 +589,7 @@ static const moe_comm_ops nccl_ops = {
  * communicator comes from ncclCommSplit, or from a unique id made by the
  * group's rank 0 (members[0]) and all-gathered over the parent with a status
  * byte, so a failure there reaches the whole group instead of a hang. */
-static moe_status nc_split(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
+static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
     nccl_impl *pm = c->impl;
     MOE_TRY(begin(c, "split"));
     nccl_impl *m = impl_new();
