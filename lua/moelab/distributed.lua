@@ -350,6 +350,14 @@ function D:_with_ep(fn, ...)
   if self.global_aux_loss then dist.set_global_aux(net, false) end
   if self.expert_parallel_size > 1 then dist.set_expert_parallel(net, false) end
   if self._overlap then pcall(dist.arm_grad_allreduce, net, false) end
+  -- token exchanges may still be queued on the GPU (NCCL): a collective here
+  -- reports a rank lost during them, before results computed from buffers
+  -- that were never filled are returned (evaluate has no collective after
+  -- its last forward)
+  if ok and self.expert_parallel_size > 1 and self.world_size > 1 then
+    local bok, berr = pcall(dist.barrier)
+    if not bok then ok, res = false, berr end
+  end
   return ok, res
 end
 

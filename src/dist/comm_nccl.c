@@ -132,6 +132,13 @@ static nccl_impl *impl_new(void) {
 
 static int watcher_aborted(nccl_impl *m) { return __atomic_load_n(&m->q_aborted, __ATOMIC_ACQUIRE); }
 
+/* ncclCommAbort frees the communicator: once, and never touched again */
+static void abort_comm(nccl_impl *m) {
+    if (m->comm) m->api.CommAbort(m->comm);
+    m->comm = NULL;
+    m->broken = 1;
+}
+
 static double wall_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -155,7 +162,7 @@ static void watch_queued(nccl_impl *m) {
     /* busy: this rank is inside a collective, which watches itself (and the
      * heartbeats must go on being written meanwhile) */
     if (pthread_mutex_trylock(&m->q_mu) != 0) return;
-    if (m->q_pending && !watcher_aborted(m)) {
+    if (m->q_pending && !watcher_aborted(m) && m->comm) {
         cudaError_t e = cudaEventQuery(m->q_done);
         if (e == cudaSuccess) {
             m->q_pending = 0;
@@ -179,7 +186,7 @@ static void watch_queued(nccl_impl *m) {
                          "rank %d: a queued all_to_all_v cannot finish: %s; the communicator was aborted", m->hb_rank,
                          why);
                 __atomic_store_n(&m->q_aborted, 1, __ATOMIC_RELEASE);
-                m->api.CommAbort(m->comm);   /* ends the NCCL work, so the streams waiting on it go on */
+                abort_comm(m);   /* ends the NCCL work, so the streams waiting on it go on */
             }
         }
     }
@@ -278,8 +285,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
         ncclResult_t ar = ncclSuccess;
         m->api.CommGetAsyncError(m->comm, &ar);
         if (ar != ncclSuccess) {
-            m->api.CommAbort(m->comm);
-            m->broken = 1;
+            abort_comm(m);
             return moe_error(MOE_ERR_IO, "rank %d: %s: NCCL error: %s", c->rank, what, m->api.GetErrorString(ar));
         }
         if (m->hb_dir && moe_dist_now() - m->hb_checked > 1.0) {
@@ -290,8 +296,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             int n = hb_stale(m, who, sizeof who, &age);
             pthread_mutex_unlock(&m->q_mu);
             if (n > 0) {
-                m->api.CommAbort(m->comm);
-                m->broken = 1;
+                abort_comm(m);
                 return moe_error(MOE_ERR_STATE,
                                  "rank %d: %s (collective #%llu) cannot finish: rank%s %s sent no heartbeat for %.0f s "
                                  "(exited, killed or its host is gone); the communicator was aborted",
@@ -299,8 +304,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             }
         }
         if (moe_dist_now() > deadline) {
-            m->api.CommAbort(m->comm);
-            m->broken = 1;
+            abort_comm(m);
             return moe_error(MOE_ERR_STATE,
                              "rank %d: %s timed out after %.0f s (collective #%llu); %s; the communicator was aborted",
                              c->rank, what, c->timeout_s, (unsigned long long)c->seq,
@@ -335,20 +339,26 @@ static int nc_supports(const moe_comm *c, moe_device d) {
     return d.type == MOE_CPU || (d.type == MOE_CUDA && d.index == m->device);
 }
 
+/* Stream-ordered on our stream: cudaFree would wait for the whole device,
+ * which may wait on a queued exchange that only the watcher can end, and the
+ * watcher cannot act while this rank holds the communicator's lock. */
 static moe_status scratch(nccl_impl *m, size_t bytes, const char *what) {
     if (bytes <= m->scratch_bytes) return MOE_OK;
-    if (m->scratch) cudaFree(m->scratch);
+    if (m->scratch) cudaFreeAsync(m->scratch, m->stream);
     m->scratch = NULL;
     m->scratch_bytes = 0;
-    if (cudaMalloc(&m->scratch, bytes ? bytes : 1) != cudaSuccess)
+    if (cudaMallocAsync(&m->scratch, bytes ? bytes : 1, m->stream) != cudaSuccess)
         return moe_error(MOE_ERR_OOM, "%s: cannot allocate %zu bytes of device staging memory", what, bytes);
     m->scratch_bytes = bytes;
     return MOE_OK;
 }
 
-static moe_status copy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind k, const char *what) {
+/* On our stream, so the collective that follows (same stream) sees the data;
+ * a copy back waits for our stream, whose collective has finished by then. */
+static moe_status copy(nccl_impl *m, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind k, const char *what) {
     if (!bytes) return MOE_OK;
-    cudaError_t e = cudaMemcpy(dst, src, bytes, k);
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, k, m->stream);
+    if (e == cudaSuccess && k == cudaMemcpyDeviceToHost) e = cudaStreamSynchronize(m->stream);
     return e == cudaSuccess ? MOE_OK : moe_error(MOE_ERR_DEVICE, "%s: staging copy: %s", what, cudaGetErrorString(e));
 }
 
@@ -362,7 +372,7 @@ static moe_status stage_in(moe_comm *c, moe_device d, const void *in, size_t in_
     int same = in == out;
     size_t off = same ? 0 : (in_bytes + 255) / 256 * 256;
     MOE_TRY(scratch(m, same ? (in_bytes > out_bytes ? in_bytes : out_bytes) : off + out_bytes, what));
-    MOE_TRY(copy(m->scratch, in, in_bytes, cudaMemcpyHostToDevice, what));
+    MOE_TRY(copy(m, m->scratch, in, in_bytes, cudaMemcpyHostToDevice, what));
     *din = m->scratch;
     *dout = (char *)m->scratch + off;
     return MOE_OK;
@@ -370,7 +380,7 @@ static moe_status stage_in(moe_comm *c, moe_device d, const void *in, size_t in_
 
 static moe_status stage_out(moe_comm *c, moe_device d, void *out, const void *dout, size_t out_bytes, const char *what) {
     if (d.type != MOE_CPU) return MOE_OK;
-    return copy(out, dout, out_bytes, cudaMemcpyDeviceToHost, what);
+    return copy(c->impl, out, dout, out_bytes, cudaMemcpyDeviceToHost, what);
 }
 
 static moe_status nc_all_reduce_u(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
@@ -515,8 +525,12 @@ static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const si
         s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
     if (s == MOE_OK) s = enqueue_a2a(c, in, sc, out, rc, dt);
     if (s == MOE_OK &&
-        (cudaEventRecord(m->q_done, m->stream) != cudaSuccess || cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))
+        (cudaEventRecord(m->q_done, m->stream) != cudaSuccess || cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess)) {
+        /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
+        cudaStreamSynchronize(m->stream);
+        m->broken = 1;
         s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+    }
     if (s == MOE_OK) m->q_pending = 1;
     pthread_mutex_unlock(&m->q_mu);
     if (s == MOE_OK) *queued = 1;
@@ -560,9 +574,12 @@ static void nc_destroy(moe_comm *c) {
         m->hb_stop = 1;
         pthread_join(m->hb_thread, NULL);
     }
-    if (m->comm && !watcher_aborted(m)) {
-        if (m->broken) m->api.CommAbort(m->comm);
+    if (m->comm) {
+        /* destroy waits for the communicator's work: work that may never end is aborted instead */
+        int unfinished = m->pending || (m->q_pending && m->q_done && cudaEventQuery(m->q_done) != cudaSuccess);
+        if (m->broken || unfinished) abort_comm(m);
         else m->api.CommDestroy(m->comm);
+        m->comm = NULL;
     }
     free(m->hb_dir);
     free(m->hb_seen);
@@ -571,7 +588,7 @@ static void nc_destroy(moe_comm *c) {
     if (m->q_done) cudaEventDestroy(m->q_done);
     pthread_mutex_destroy(&m->q_mu);
     if (m->stream) cudaStreamDestroy(m->stream);
-    if (m->scratch) cudaFree(m->scratch);
+    if (m->scratch) cudaFree(m->scratch);   /* waits for the device */
     /* the library stays loaded: NCCL keeps threads of its own */
     free(m);
     c->impl = NULL;

@@ -95,6 +95,9 @@ static moe_tensor *span(moe_tensor *buf, int64_t off, int64_t n) {
 }
 
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
+    /* the deferred scale is this call's, even when it fails below */
+    float grad_scale = o->grad_scale;
+    o->grad_scale = 1.0f;
     moe_tensor *fv = o->layer->flat_values;
     if (!fv || moe_tensor_numel(fv) != o->full_n || !moe_device_eq(fv->device, o->m->device)
         || moe_layer_num_param_tensors(o->layer) != o->n)
@@ -111,7 +114,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
             break;
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
-                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, o->grad_scale};
+                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, grad_scale};
         /* the parameter's elements [off, off + n) of the flat buffer, cut to the owned range */
         int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
         int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
@@ -127,7 +130,6 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
         moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
         moe_tensor_release(cv);
     }
-    o->grad_scale = 1.0f;   /* one step only */
     free(ps);
     return s;
 }
