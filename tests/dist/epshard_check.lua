@@ -7,7 +7,8 @@
 --   (2) training reproduces one process with W x the accumulation for the
 --       same global batch (losses, aux losses, clipped global gradient norms
 --       to 1e-5 relative; final parameters gathered, to 1e-5 relative in
---       2-norm) and equals the unsharded run (shard_experts = false);
+--       2-norm) and equals the unsharded run (shard_experts = false); also
+--       with gradient accumulation 2;
 --   (3) the sharded model refuses to run or save in one process, with errors
 --       that say what to do; ZeRO with shard_experts = true, E % ep != 0 are refused;
 --   (4) the checkpoint saved under sharding is the single-process layout: it
@@ -121,6 +122,19 @@ for s = 1, steps do
   end
   close(res.history[s].grad_norm, fres.history[s].grad_norm, 1e-5, "sharded vs unsharded grad norm at step " .. s)
 end
+
+-- (2b) gradient accumulation: with E_p = W the non-expert gradients are summed
+-- during the last micro-batch's backward only (earlier ones accumulate
+-- locally); the result must still be one process with W x the accumulation
+local acc = trainer{}
+local ares = acc:train(train_opts{gradient_accumulation_steps = 2})
+local aref, arres = reference{gradient_accumulation_steps = 2 * world}
+for s = 1, steps do
+  close(ares.history[s].loss, arres.history[s].loss, 1e-5, "accumulation 2: loss at step " .. s)
+  close(ares.history[s].grad_norm, arres.history[s].grad_norm, 1e-5, "accumulation 2: grad norm at step " .. s)
+end
+acc:gather_experts()
+close_n(full_params(acc), full_params(aref), 1e-5, "accumulation 2: final parameters vs one process")
 
 -- (3) the sharded model between train() calls
 local ids, targets = batch(0)
