@@ -89,6 +89,11 @@ describe("moe.dist (one process)", function()
     err(function() dist.broadcast(moe.randn({2}), 1) end, "root 1 is not a rank")
     err(function() dist.all_reduce(nil) end, "tensor")
     err(function() dist.all_to_all_v(moe.randn({2}), {1, 1}, {1}) end, "one per rank")
+    local net = small_model().net
+    err(function() dist.set_grad_allreduce(net, true, "x") end, "options must be a table")
+    err(function() dist.set_grad_allreduce(net, true, {op = "max"}) end, "op must be \"sum\" or \"avg\"")
+    err(function() dist.set_grad_allreduce(net, true, {skip = {{5, 2}}}) end, "is not sorted, disjoint and within")
+    err(function() dist.set_grad_allreduce(net, true, {skip = {{1}}}) end, "must be {lo, hi} with integer bounds")
   end)
 end)
 

@@ -10,6 +10,7 @@
 -- distributed.lua's (model, what, ep, color, rank) -> sub-communicator).
 local core = require "moelab.core"
 local ops = core.ops
+local trainer_mod = require "moelab.trainer"
 local checkpoint = require "moelab.checkpoint"
 local fail = require("moelab.dist_config").fail
 
@@ -232,16 +233,10 @@ function D:_clip_sharded(net, max_norm)
   self:_ep("all_reduce", ex, "sum")
   local total = ex:to("f32") + sum_squares(grads, seg.rest)
   local norm = math.sqrt(total:to("cpu"):item())
-  if norm ~= norm or norm == math.huge then return norm end   -- the step is skipped: scale nothing
   -- summed gradients (_set_sum_overlap) are W times the mean
-  local f = 1
-  if self._sum_grads then norm, f = norm / self.world_size, 1 / self.world_size end
-  if max_norm > 0 and norm > max_norm then f = f * max_norm / (norm + 1e-6) end
-  if f ~= 1 then
-    -- the factor goes into the next optimizer step when it can take one (no pass over the gradients)
-    local opt = self.inner.optimizer
-    if opt and opt.scale_next_step then opt:scale_next_step(f) else grads:copy(grads * f) end
-  end
+  local extra = 1
+  if self._sum_grads then norm, extra = norm / self.world_size, 1 / self.world_size end
+  trainer_mod.apply_clip(net, self.inner.optimizer, norm, max_norm, extra)
   return norm
 end
 

@@ -60,10 +60,7 @@ function D:_zero_setup()
       local sq = core.tensor({local_norm * local_norm}, {dtype = "f64"})
       dist.all_reduce(sq, "sum")
       local norm = math.sqrt(sq:to_table()[1])
-      if norm == norm and norm ~= math.huge and max_norm > 0 and norm > max_norm then
-        local _, grads = net:flat_parameters()
-        grads:copy(grads * (max_norm / (norm + 1e-6)))
-      end
+      trainer_mod.apply_clip(net, self.inner.optimizer, norm, max_norm)
       return norm
     end
   end
@@ -154,6 +151,8 @@ function D:_zero_optimizer(real)
     end
     return o._full[1], o._full[2]
   end
+  -- clipping's factor (trainer.apply_clip): the real step reads its range of the gradients scaled
+  function zo.scale_next_step(o, s) o._real:scale_next_step(s) end
   function zo.step_count(o, n)
     if n ~= nil then return o._real:step_count(n) end
     return o._real:step_count()

@@ -158,6 +158,7 @@ local function lr_at(step, o)
 end
 M.lr_at = lr_at
 
+
 local function is_dataset(x) return type(x) == "userdata" and pcall(function() return x:num_tokens() end) end
 
 local train_keys = {
@@ -181,6 +182,25 @@ local function fmt_time(s)
 end
 
 local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
+
+--- apply_clip(net, optimizer, norm, max_norm[, extra]): gradient clipping by
+-- the global norm (core.clip_grad_norm's rule) times an extra factor (the 1/W
+-- of summed sharded gradients): f = extra * max_norm / (norm + 1e-6) when
+-- norm > max_norm. The optimizer's next step applies it when it can take one
+-- (no pass over the gradients), else the gradients are scaled here. Nothing
+-- for a non-finite norm: that step is skipped.
+function M.apply_clip(net, optimizer, norm, max_norm, extra)
+  if not finite(norm) then return end
+  local f = extra or 1
+  if max_norm > 0 and norm > max_norm then f = f * max_norm / (norm + 1e-6) end
+  if f == 1 then return end
+  if optimizer and optimizer.scale_next_step then
+    optimizer:scale_next_step(f)
+  else
+    local _, grads = net:flat_parameters()
+    grads:copy(grads * f)
+  end
+end
 
 --- Summary of routing health over the MoE layers of the last forward.
 local function router_health(routing_stats)
@@ -307,12 +327,11 @@ function Trainer:train(opts)
     local gnorm
     if bad then
       gnorm = 0 / 0
-    elseif self.clip_fn or not self.optimizer.scale_next_step then
-      gnorm = (self.clip_fn or core.clip_grad_norm)(net, max_norm)
+    elseif self.clip_fn then
+      gnorm = self.clip_fn(net, max_norm)
     else
-      -- the clipping factor goes into the optimizer step (no pass of its own over the gradients)
       gnorm = core.grad_norm(net)
-      if finite(gnorm) and gnorm > max_norm then self.optimizer:scale_next_step(max_norm / (gnorm + 1e-6)) end
+      M.apply_clip(net, self.optimizer, gnorm, max_norm)
     end
     local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,

@@ -444,7 +444,7 @@ static int l_set_grad_allreduce(lua_State *L) {
     int op = MOE_DIST_AVG, n_skip = 0;
     int64_t *skip = NULL;
     if (!lua_isnoneornil(L, 3)) {
-        luaL_checktype(L, 3, LUA_TTABLE);
+        if (!lua_istable(L, 3)) moe_lua_errorf(L, "%s: options must be a table {op =, skip =}, got %s", f, luaL_typename(L, 3));
         lua_getfield(L, 3, "op");
         if (!lua_isnil(L, -1)) {
             const char *o = lua_tostring(L, -1);
