@@ -6,6 +6,8 @@
 # NGPU ranks (NCCL, file rendezvous, no mpirun) of tools/gpu_ep_scaling.lua,
 # then the one-GPU baseline. Run on the GPU machine with build/cuda carried.
 #   NGPU=2 EP_SIZES="1 2" bash tools/gpu_dist_bench.sh
+# An EP_SIZES entry "2:assignments" runs EP=2 with MOELAB_EP_EXCHANGE=assignments
+# (one row per kept choice instead of one per token and owning rank).
 # Other knobs: MOELAB_EP_* of tools/gpu_ep_scaling.lua (defaults set here:
 # EXPERTS=32, TOPK=4, PRECISION=bf16, GROUPS=NGPU, CONFIGS=aux, PHASE_S=45).
 set -u
@@ -23,21 +25,24 @@ nvidia-smi topo -m > "$out/topo.txt" 2>&1 || true
 have=$(nvidia-smi -L | wc -l)
 [ "$have" -ge "$n" ] || { echo "needs $n GPUs, found $have"; exit 1; }
 rc=0
-for ep in ${EP_SIZES:-1 $n}; do
+for spec in ${EP_SIZES:-1 $n}; do
+    # "2" or "2:assignments" (MOELAB_EP_EXCHANGE for that run: the A/B of the EP exchange)
+    ep=${spec%%:*}; xch=; [[ $spec == *:* ]] && xch=${spec#*:}
+    tag=ep${ep}${xch:+_$xch}
     rdv=$(mktemp -d /tmp/moelab_rdv.XXXXXX)
     t0=$(date +%s)
     pids=()
     for ((r = 0; r < n; r++)); do
         RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r LOCAL_WORLD_SIZE=$n CUDA_VISIBLE_DEVICES=$r MOELAB_DIST_RENDEZVOUS=$rdv \
-            MOELAB_EP_SIZE=$ep timeout "${MOELAB_EP_TIMEOUT:-200}" build/cuda/moelab tools/gpu_ep_scaling.lua ep \
-            >"$out/ep${ep}_rank$r.log" 2>&1 &
+            MOELAB_EP_SIZE=$ep MOELAB_EP_EXCHANGE=$xch timeout "${MOELAB_EP_TIMEOUT:-200}" build/cuda/moelab tools/gpu_ep_scaling.lua ep \
+            >"$out/${tag}_rank$r.log" 2>&1 &
         pids+=($!)
     done
     for ((r = 0; r < n; r++)); do wait "${pids[$r]}" || { echo "ep=$ep rank $r exited with $?"; rc=1; }; done
     rm -rf "$rdv"
-    echo "== world $n, ep $ep ($(( $(date +%s) - t0 )) s)"
-    grep -hE '^(INFO|RESULT)' "$out/ep${ep}_rank0.log"
-    grep -iE "error|failed|traceback|out of memory" "$out/ep${ep}_rank"*.log | grep -v "NCCL INFO" | head -5
+    echo "== world $n, ep $ep${xch:+, exchange $xch} ($(( $(date +%s) - t0 )) s)"
+    grep -hE '^(INFO|RESULT)' "$out/${tag}_rank0.log"
+    grep -iE "error|failed|traceback|out of memory" "$out/${tag}_rank"*.log | grep -v "NCCL INFO" | head -5
 done
 t1=$(date +%s)
 CUDA_VISIBLE_DEVICES=0 timeout "${MOELAB_ONE_TIMEOUT:-150}" build/cuda/moelab tools/gpu_ep_scaling.lua one >"$out/one.log" 2>&1 \

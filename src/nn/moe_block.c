@@ -136,12 +136,101 @@ static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
     if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_ep_plan *p = NULL;
     moe_tensor *xl = NULL, *yl = NULL;
-    moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, e, loff, &p);
+    moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, NULL, e, loff, &p);
     if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, xp, &xl);
     /* loff[first] is 0: the experts before the owned ones received nothing here */
     if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
     if (s == MOE_OK) s = moe_f_ep_combine(ctx, tape, p, yl, yp);
     moe_tensor_release(xl); moe_tensor_release(yl);
+    moe_ep_plan_release(p);
+    free(loff);
+    return s;
+}
+
+/* Whether expert parallelism moves token rows (one per token and owning
+ * rank, needs the router's slot map) or assignment rows (one per kept choice;
+ * expert choice, or MOELAB_EP_EXCHANGE=assignments, read at each call, for
+ * A/B comparisons). */
+static int ep_moves_tokens(const moe_routing *r) {
+    if (!r->slots) return 0;
+    const char *env = getenv("MOELAB_EP_EXCHANGE");
+    return !(env && strcmp(env, "assignments") == 0);
+}
+
+static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, int64_t d1, moe_device dev) {
+    int64_t shape[2] = {d0, d1};
+    return moe_tensor_new(ctx, dt, ndim, shape, dev);
+}
+
+/* Expert parallel with token rows (moe_ep.h): xr [n, H] -> yr [n, H], the
+ * routed experts' weighted sum. Sender: each token once to each rank owning
+ * one of its kept choices (tslots numbers these rows), with every choice's
+ * weight and packed (row, position) going along as assignment rows. Owner:
+ * expands the received tokens to its experts (slots_l), runs them, combines
+ * each token's weighted outputs and sends one row back; the sender adds the
+ * rows of a token. Every step is taped; no host synchronisation beyond the
+ * count of token rows (one small copy) and the counts exchange. */
+static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xr, const moe_routing *r,
+                                   moe_tensor **yr) {
+    block_state *st = l->state;
+    moe_layer *bank = l->children[st->c_experts];
+    moe_comm *comm = st->ep_comm;
+    const int ep = comm->size;
+    const int64_t e = st->cfg.router.num_experts, el = e / ep, k = r->slots->shape[1];
+    const int64_t width = k < el ? k : el, n = xr->shape[0], a = r->token_idx->shape[0];
+    int64_t first, count, total;
+    moe_expert_bank_range(bank, &first, &count, &total);
+    MOE_TRY(check_shard_owner(bank, comm));
+    int64_t *loff = calloc((size_t)e + 1 + (size_t)ep, sizeof *loff);
+    if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
+    int64_t *counts = loff + e + 1;
+    moe_device dev = xr->device;
+    moe_ep_plan *p = NULL;
+    moe_tensor *tslots = new_index(ctx, MOE_I32, 2, n, ep, dev), *send_tok = NULL, *packed = NULL, *precv = NULL;
+    moe_tensor *tok_l = NULL, *slots_l = NULL, *wcol = NULL, *wl = NULL, *wlv = NULL, *perm = NULL;
+    moe_tensor *xs = NULL, *xu = NULL, *xl = NULL, *yl = NULL, *yu = NULL, *ys = NULL;
+    moe_status s = tslots ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_ep_token_slots(ctx, tslots, counts, r->slots, r->expert_idx, el);
+    if (s == MOE_OK) s = moe_ep_plan_new(ctx, comm, r->offsets, counts, e, loff, &p);
+    int64_t sent = 0;
+    for (int d = 0; s == MOE_OK && d < ep; d++) sent += counts[d];
+    /* the sender's side: token rows, and each assignment's packed position */
+    if (s == MOE_OK) s = (send_tok = new_index(ctx, MOE_I64, 1, sent, 0, dev)) ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_slot_tokens(ctx, send_tok, tslots);
+    if (s == MOE_OK) s = (packed = new_index(ctx, MOE_I64, 2, a, 1, dev)) ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) {
+        moe_tensor *pv = moe_tensor_view(packed, 1, &a);
+        s = pv ? moe_op_ep_pack(ctx, pv, r->token_idx, r->expert_idx, r->slots, tslots, el, width,
+                                moe_ep_plan_token_adjust(p))
+               : moe_last_status();
+        moe_tensor_release(pv);
+    }
+    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, send_tok, tslots, &xs);
+    /* the exchanges */
+    if (s == MOE_OK) s = moe_f_ep_tokens(ctx, tape, p, xs, &xu);
+    if (s == MOE_OK) s = moe_ep_exchange_assignments(ctx, p, packed, &precv);
+    int64_t wshape[2] = {a, 1};
+    if (s == MOE_OK) s = moe_f_view(ctx, tape, r->weights, 2, wshape, &wcol);
+    if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, wcol, &wl);
+    /* the owner's side */
+    const int64_t rows = moe_ep_plan_received(p), u = moe_ep_plan_tokens_received(p);
+    if (s == MOE_OK) s = moe_ep_plan_perm(ctx, p, dev, &perm);
+    if (s == MOE_OK) {
+        tok_l = new_index(ctx, MOE_I64, 1, rows, 0, dev);
+        slots_l = new_index(ctx, MOE_I32, 2, u, width, dev);
+        moe_tensor *pr = tok_l && slots_l ? moe_tensor_view(precv, 1, &rows) : NULL;
+        s = pr ? moe_op_ep_unpack(ctx, tok_l, slots_l, pr, perm) : moe_last_status();
+        moe_tensor_release(pr);
+    }
+    if (s == MOE_OK) s = moe_f_view(ctx, tape, wl, 1, &rows, &wlv);
+    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xu, tok_l, slots_l, &xl);
+    /* loff[first] is 0: the experts before the owned ones received nothing here */
+    if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
+    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yl, wlv, tok_l, slots_l, u, &yu);
+    if (s == MOE_OK) s = moe_f_ep_tokens_back(ctx, tape, p, yu, &ys);
+    if (s == MOE_OK) s = moe_f_gather_sum(ctx, tape, ys, send_tok, tslots, n, yr);
+    moe_tensor *all[] = {tslots, send_tok, packed, precv, tok_l, slots_l, wcol, wl, wlv, xs, xu, xl, yl, yu, ys};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     moe_ep_plan_release(p);
     free(loff);
     return s;
@@ -246,14 +335,18 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
-    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
-    if (s == MOE_OK) {
-        s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
-          : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
-                       : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
-                                                 (int)c->router.num_experts, &yp);
+    if (s == MOE_OK && !st->custom && st->ep_comm && ep_moves_tokens(&r)) {
+        s = ep_token_experts(l, ctx, tape, xr, &r, &yr);
+    } else {
+        if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
+        if (s == MOE_OK) {
+            s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
+              : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
+                           : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
+                                                     (int)c->router.num_experts, &yp);
+        }
+        if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, &yr);
     }
-    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, &yr);
     if (s == MOE_OK && st->c_shared >= 0) {
         s = moe_layer_forward(l->children[st->c_shared], ctx, tape, xr, &sh);
         if (s == MOE_OK && st->c_shared_gate >= 0) {

@@ -131,6 +131,40 @@ moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tenso
     return MOE_OK;
 }
 
+/* the unweighted sum's backward: dsrc[a] = dy[token[a]] */
+static moe_status gather_sum_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_tensor *dsrc = moe_tensor_like(ctx, e->in[0]);
+    moe_status s = g && dsrc ? moe_op_index_select(ctx, dsrc, g, e->saved[0]) : moe_last_status();
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dsrc); return s; }
+    gin[0] = dsrc;
+    return MOE_OK;
+}
+
+moe_status moe_f_gather_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *src, moe_tensor *token_idx, moe_tensor *slots,
+                            int64_t n_tokens, moe_tensor **y) {
+    *y = NULL;
+    int64_t shape[2] = {n_tokens, src->shape[1]};
+    moe_tensor *sl = usable_slots(slots, n_tokens);
+    moe_tensor *out = moe_tensor_new(ctx, src->dtype, 2, shape, src->device);
+    moe_status s = out ? MOE_OK : moe_last_status();
+    if (s == MOE_OK && sl) {
+        s = moe_op_gather_sum(ctx, out, src, NULL, sl);
+    } else if (s == MOE_OK) {
+        s = moe_op_fill(ctx, out, 0.0);
+        if (s == MOE_OK) s = moe_op_index_add(ctx, out, token_idx, src);
+    }
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "gather_sum", gather_sum_backward, NULL, NULL, NULL, 1, &src, 1, &out);
+        if (!e) s = moe_last_status();
+        else moe_tape_save(e, token_idx);
+    }
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
 /* ---- rows of a 2-d tensor, for per-expert layers ---- */
 
 static moe_status rows_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {

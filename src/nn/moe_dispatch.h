@@ -18,6 +18,11 @@ moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tenso
 /* y [n_tokens, H] = sum of w[a] * yp[a] into row token_idx[a]; tokens with no assignment get 0. */
 moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
                          moe_tensor *slots, int64_t n_tokens, moe_tensor **y);
+/* y [n_tokens, H] = sum of the rows a of src with token_idx[a] = t (slots:
+ * the same map as [n_tokens, m] row numbers, -1 for none), unweighted: the
+ * transpose of dispatch. */
+moe_status moe_f_gather_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *src, moe_tensor *token_idx, moe_tensor *slots,
+                            int64_t n_tokens, moe_tensor **y);
 /* Rows [start, start+len) of a 2-d x as a new tensor. */
 moe_status moe_f_rows(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t start, int64_t len, moe_tensor **y);
 /* Row-wise concatenation of 2-d parts with `cols` columns. */

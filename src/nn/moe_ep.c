@@ -12,6 +12,10 @@ struct moe_ep_plan {
     int64_t sent, received;           /* A and R */
     moe_tensor *perm;                 /* i64 [R]: regrouped row k = received row perm[k] */
     moe_tensor *inv;                  /* i64 [R]: its inverse, received row i = regrouped row inv[i] */
+    /* token rows (one per token and owning rank), when the plan has them */
+    int64_t *tsend_rows, *trecv_rows; /* [ep] each */
+    int64_t tsent, treceived;         /* S and U */
+    int64_t *adjust;                  /* [ep]: send row -> the receiver's row (moe_op_ep_pack) */
 };
 
 static void plan_retain(void *v) { ((moe_ep_plan *)v)->refs++; }
@@ -21,29 +25,32 @@ static void plan_release(void *v) {
     moe_tensor_release(p->perm);
     moe_tensor_release(p->inv);
     free(p->send_rows);
+    free(p->tsend_rows);
     free(p);
 }
 void moe_ep_plan_release(moe_ep_plan *p) { plan_release(p); }
 int64_t moe_ep_plan_received(const moe_ep_plan *p) { return p->received; }
+int64_t moe_ep_plan_tokens_received(const moe_ep_plan *p) { return p->treceived; }
+const int64_t *moe_ep_plan_token_adjust(const moe_ep_plan *p) { return p->adjust; }
 
-moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, int64_t num_experts,
-                           int64_t *local_offsets, moe_ep_plan **plan) {
+moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, const int64_t *token_counts,
+                           int64_t num_experts, int64_t *local_offsets, moe_ep_plan **plan) {
+    (void)ctx;
     *plan = NULL;
     int ep = comm->size, rank = comm->rank;
     int64_t e = num_experts;
     if (ep < 1 || e % ep != 0)
         return moe_error(MOE_ERR_ARG, "expert parallel: %lld experts do not split over %d ranks", (long long)e, ep);
-    int64_t el = e / ep;
+    int64_t el = e / ep, w = e + ep;   /* per rank: E expert counts, then ep token counts */
     moe_ep_plan *p = calloc(1, sizeof *p);
-    int64_t *rows = calloc((size_t)ep * 2, sizeof *rows);
-    int64_t shape[1] = {e};
-    moe_tensor *cnt = moe_tensor_new_cpu(MOE_I64, 1, shape), *rcnt = moe_tensor_new_cpu(MOE_I64, 1, shape);
-    int64_t *ecounts = calloc((size_t)ep, sizeof *ecounts);
+    int64_t *rows = calloc((size_t)ep * 2, sizeof *rows), *trows = calloc((size_t)ep * 3, sizeof *trows);
+    int64_t shape[1] = {w}, gshape[1] = {w * ep};
+    moe_tensor *cnt = moe_tensor_new_cpu(MOE_I64, 1, shape), *all = moe_tensor_new_cpu(MOE_I64, 1, gshape);
     moe_status s = MOE_OK;
-    if (!p || !rows || !ecounts) s = moe_error(MOE_ERR_OOM, "out of host memory");
-    else if (!cnt || !rcnt) s = moe_last_status();
+    if (!p || !rows || !trows) s = moe_error(MOE_ERR_OOM, "out of host memory");
+    else if (!cnt || !all) s = moe_last_status();
     if (s != MOE_OK) {
-        free(p); free(rows); free(ecounts); moe_tensor_release(cnt); moe_tensor_release(rcnt);
+        free(p); free(rows); free(trows); moe_tensor_release(cnt); moe_tensor_release(all);
         return s;
     }
     p->refs = 1;
@@ -51,21 +58,39 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
     p->ep = ep;
     p->send_rows = rows;
     p->recv_rows = rows + ep;
-    /* per-expert counts: block d (experts of rank d) goes to rank d */
+    p->tsend_rows = trows;
+    p->trecv_rows = trows + ep;
+    p->adjust = trows + 2 * ep;
+    /* every rank learns every rank's counts: per expert (block d of experts
+     * goes to rank d) and per destination rank for the token rows */
     int64_t *c = moe_tensor_data(cnt);
     for (int64_t j = 0; j < e; j++) c[j] = offsets[j + 1] - offsets[j];
+    for (int d = 0; d < ep; d++) c[e + d] = token_counts ? token_counts[d] : 0;
     for (int d = 0; d < ep; d++) {
-        ecounts[d] = el;
         for (int64_t j = 0; j < el; j++) p->send_rows[d] += c[d * el + j];
         p->sent += p->send_rows[d];
     }
-    s = moe_comm_all_to_all_v(comm, cnt, ecounts, rcnt, ecounts);
-    /* rc[src * el + j]: rows from rank src for local expert j */
-    const int64_t *rc = s == MOE_OK ? moe_tensor_data(rcnt) : NULL;
+    s = moe_comm_all_gather(comm, cnt, all);
+    /* g[src * w + x]: rank src's count x */
+    const int64_t *g = s == MOE_OK ? moe_tensor_data(all) : NULL;
     if (s == MOE_OK) {
         for (int src = 0; src < ep; src++) {
-            for (int64_t j = 0; j < el; j++) p->recv_rows[src] += rc[src * el + j];
+            for (int64_t j = 0; j < el; j++) p->recv_rows[src] += g[src * w + rank * el + j];
             p->received += p->recv_rows[src];
+        }
+        /* token rows: rank d receives rank 0's block, then rank 1's, ...; this
+         * rank's send row for d (send order: ranks one after another) becomes
+         * row (its rows before d subtracted, the earlier senders' added) */
+        int64_t before = 0;
+        for (int d = 0; d < ep; d++) {
+            p->tsend_rows[d] = g[rank * w + e + d];
+            p->trecv_rows[d] = g[d * w + e + rank];
+            p->tsent += p->tsend_rows[d];
+            p->treceived += p->trecv_rows[d];
+            int64_t earlier = 0;
+            for (int src = 0; src < rank; src++) earlier += g[src * w + e + d];
+            p->adjust[d] = earlier - before;
+            before += p->tsend_rows[d];
         }
         int64_t pshape[1] = {p->received};
         p->perm = moe_tensor_new_cpu(MOE_I64, 1, pshape);
@@ -79,8 +104,8 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
             int64_t base = 0;
             for (int src = 0; src < ep; src++) {
                 int64_t start = base;
-                for (int64_t q = 0; q < j; q++) start += rc[src * el + q];
-                for (int64_t t = 0; t < rc[src * el + j]; t++) perm[k++] = start + t;
+                for (int64_t q = 0; q < j; q++) start += g[src * w + rank * el + q];
+                for (int64_t t = 0; t < g[src * w + rank * el + j]; t++) perm[k++] = start + t;
                 base += p->recv_rows[src];
             }
         }
@@ -91,12 +116,11 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
         for (int64_t j = 0; j <= e; j++) {
             local_offsets[j] = acc;
             if (j < e && j / el == rank)
-                for (int src = 0; src < ep; src++) acc += rc[src * el + (j - rank * el)];
+                for (int src = 0; src < ep; src++) acc += g[src * w + j];
         }
     }
-    free(ecounts);
     moe_tensor_release(cnt);
-    moe_tensor_release(rcnt);
+    moe_tensor_release(all);
     if (s != MOE_OK) { plan_release(p); return moe_error_context(s, "expert parallel dispatch"); }
     *plan = p;
     return MOE_OK;
@@ -126,34 +150,49 @@ static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_ten
     return *out ? MOE_OK : moe_last_status();
 }
 
-static void scale_counts(const int64_t *rows, int n, int64_t by, int64_t *out) {
-    for (int i = 0; i < n; i++) out[i] = rows[i] * by;
+/* Rows of x [sum(send), H] go to the ranks in blocks of send[r] rows; *out
+ * [sum(recv), H] gets rank r's block of recv[r] rows, ranks in order. Queued
+ * on the GPU where the communicator can (moe_comm_all_to_all_v_queued). */
+static moe_status exchange_rows(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send, int64_t nsend,
+                                const int64_t *recv, int64_t nrecv, moe_tensor **out) {
+    *out = NULL;
+    if (x->ndim != 2 || x->shape[0] != nsend)
+        return moe_error(MOE_ERR_SHAPE, "expert parallel: %lld rows to send, the plan has %lld",
+                         (long long)(x->ndim ? x->shape[0] : 0), (long long)nsend);
+    int64_t h = x->shape[1];
+    int64_t *sc = calloc((size_t)p->ep * 2, sizeof *sc);
+    if (!sc) return moe_error(MOE_ERR_OOM, "out of host memory");
+    int64_t *rc = sc + p->ep;
+    for (int r = 0; r < p->ep; r++) { sc[r] = send[r] * h; rc[r] = recv[r] * h; }
+    moe_tensor *xc = moe_op_contiguous(ctx, x), *y = NULL;
+    moe_status s = xc ? new_rows(ctx, x, nrecv, &y) : moe_last_status();
+    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, y, rc);
+    free(sc);
+    moe_tensor_release(xc);
+    if (s != MOE_OK) { moe_tensor_release(y); return s; }
+    *out = y;
+    return MOE_OK;
+}
+
+/* rows of x reordered: y[i] = x[idx[i]] */
+static moe_status reorder(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, moe_tensor *const *idx, moe_tensor **out) {
+    *out = NULL;
+    moe_tensor *y = NULL;
+    moe_status s = new_rows(ctx, x, x->shape[0], &y);
+    if (s == MOE_OK && x->shape[0] > 0) s = perm_on(ctx, p, x->device);
+    if (s == MOE_OK && x->shape[0] > 0) s = moe_op_index_select(ctx, y, x, *idx);
+    if (s != MOE_OK) { moe_tensor_release(y); return s; }
+    *out = y;
+    return MOE_OK;
 }
 
 /* [A, H] in sender order -> [R, H] regrouped by local expert */
 static moe_status forward_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, moe_tensor **out) {
-    *out = NULL;
-    if (x->ndim != 2 || x->shape[0] != p->sent)
-        return moe_error(MOE_ERR_SHAPE, "expert parallel: %lld rows to send, the plan has %lld",
-                         (long long)(x->ndim ? x->shape[0] : 0), (long long)p->sent);
-    int64_t h = x->shape[1];
-    int64_t *sc = calloc((size_t)p->ep * 2, sizeof *sc);
-    if (!sc) return moe_error(MOE_ERR_OOM, "out of host memory");
-    int64_t *rcv = sc + p->ep;
-    scale_counts(p->send_rows, p->ep, h, sc);
-    scale_counts(p->recv_rows, p->ep, h, rcv);
-    moe_tensor *xc = moe_op_contiguous(ctx, x), *recv = NULL, *y = NULL;
-    moe_status s = xc ? new_rows(ctx, x, p->received, &recv) : moe_last_status();
-    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, recv, rcv);
-    if (s == MOE_OK) s = new_rows(ctx, x, p->received, &y);
-    if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, recv->device);
-    if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, y, recv, p->perm);
-    free(sc);
-    moe_tensor_release(xc);
+    moe_tensor *recv = NULL;
+    MOE_TRY(exchange_rows(ctx, p, x, p->send_rows, p->sent, p->recv_rows, p->received, &recv));
+    moe_status s = reorder(ctx, p, recv, &p->perm, out);
     moe_tensor_release(recv);
-    if (s != MOE_OK) { moe_tensor_release(y); return s; }
-    *out = y;
-    return MOE_OK;
+    return s;
 }
 
 /* [R, H] regrouped -> [A, H] back in each sender's order */
@@ -162,53 +201,71 @@ static moe_status reverse_exchange(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *y, 
     if (y->ndim != 2 || y->shape[0] != p->received)
         return moe_error(MOE_ERR_SHAPE, "expert parallel: %lld rows to return, the plan has %lld",
                          (long long)(y->ndim ? y->shape[0] : 0), (long long)p->received);
-    int64_t h = y->shape[1];
-    int64_t *sc = calloc((size_t)p->ep * 2, sizeof *sc);
-    if (!sc) return moe_error(MOE_ERR_OOM, "out of host memory");
-    int64_t *rcv = sc + p->ep;
-    scale_counts(p->recv_rows, p->ep, h, sc);
-    scale_counts(p->send_rows, p->ep, h, rcv);
-    moe_tensor *yc = moe_op_contiguous(ctx, y), *back = NULL, *x = NULL;
-    moe_status s = yc ? new_rows(ctx, y, p->received, &back) : moe_last_status();
     /* undo the regrouping: back[perm[k]] = y[k], i.e. back[i] = y[inv[i]] (a gather) */
-    if (s == MOE_OK && p->received > 0) s = perm_on(ctx, p, yc->device);
-    if (s == MOE_OK && p->received > 0) s = moe_op_index_select(ctx, back, yc, p->inv);
-    if (s == MOE_OK) s = new_rows(ctx, y, p->sent, &x);
-    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, back, sc, x, rcv);
-    free(sc);
+    moe_tensor *yc = moe_op_contiguous(ctx, y), *back = NULL;
+    moe_status s = yc ? reorder(ctx, p, yc, &p->inv, &back) : moe_last_status();
+    if (s == MOE_OK) s = exchange_rows(ctx, p, back, p->recv_rows, p->received, p->send_rows, p->sent, out);
     moe_tensor_release(yc);
     moe_tensor_release(back);
-    if (s != MOE_OK) { moe_tensor_release(x); return s; }
-    *out = x;
+    return s;
+}
+
+moe_status moe_ep_exchange_assignments(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, moe_tensor **out) {
+    moe_status s = exchange_rows(ctx, p, x, p->send_rows, p->sent, p->recv_rows, p->received, out);
+    return s == MOE_OK ? s : moe_error_context(s, "expert parallel dispatch");
+}
+
+moe_status moe_ep_plan_perm(moe_ctx *ctx, moe_ep_plan *p, moe_device dev, moe_tensor **perm) {
+    *perm = NULL;
+    if (p->received > 0) MOE_TRY(perm_on(ctx, p, dev));
+    *perm = p->perm;
     return MOE_OK;
+}
+
+/* the token rows: one per (token, owning rank) to the owners, and back */
+static moe_status tokens_out(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, moe_tensor **out) {
+    return exchange_rows(ctx, p, x, p->tsend_rows, p->tsent, p->trecv_rows, p->treceived, out);
+}
+static moe_status tokens_back(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, moe_tensor **out) {
+    return exchange_rows(ctx, p, x, p->trecv_rows, p->treceived, p->tsend_rows, p->tsent, out);
 }
 
 static moe_status ep_dispatch_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     return reverse_exchange(ctx, e->self, gout[0], &gin[0]);
 }
-
 static moe_status ep_combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     return forward_exchange(ctx, e->self, gout[0], &gin[0]);
 }
-
-moe_status moe_f_ep_dispatch(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *xp, moe_tensor **xl) {
-    moe_status s = forward_exchange(ctx, p, xp, xl);
-    if (s == MOE_OK && tape &&
-        !moe_tape_record(tape, "ep_dispatch", ep_dispatch_backward, p, plan_retain, plan_release, 1, &xp, 1, xl)) {
-        s = moe_last_status();
-        moe_tensor_release(*xl);
-        *xl = NULL;
-    }
-    return s == MOE_OK ? s : moe_error_context(s, "expert parallel dispatch");
+static moe_status ep_tokens_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    return tokens_back(ctx, e->self, gout[0], &gin[0]);
+}
+static moe_status ep_tokens_back_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    return tokens_out(ctx, e->self, gout[0], &gin[0]);
 }
 
-moe_status moe_f_ep_combine(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *yl, moe_tensor **yp) {
-    moe_status s = reverse_exchange(ctx, p, yl, yp);
-    if (s == MOE_OK && tape &&
-        !moe_tape_record(tape, "ep_combine", ep_combine_backward, p, plan_retain, plan_release, 1, &yl, 1, yp)) {
+typedef moe_status (*exchange_fn)(moe_ctx *, moe_ep_plan *, moe_tensor *, moe_tensor **);
+
+/* one exchange as a tape entry whose backward is the opposite exchange */
+static moe_status taped(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, exchange_fn fn, const char *name,
+                        moe_backward_fn back, const char *what, moe_tensor *x, moe_tensor **y) {
+    moe_status s = fn(ctx, p, x, y);
+    if (s == MOE_OK && tape && !moe_tape_record(tape, name, back, p, plan_retain, plan_release, 1, &x, 1, y)) {
         s = moe_last_status();
-        moe_tensor_release(*yp);
-        *yp = NULL;
+        moe_tensor_release(*y);
+        *y = NULL;
     }
-    return s == MOE_OK ? s : moe_error_context(s, "expert parallel combine");
+    return s == MOE_OK ? s : moe_error_context(s, what);
+}
+
+moe_status moe_f_ep_dispatch(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *xp, moe_tensor **xl) {
+    return taped(ctx, tape, p, forward_exchange, "ep_dispatch", ep_dispatch_backward, "expert parallel dispatch", xp, xl);
+}
+moe_status moe_f_ep_combine(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *yl, moe_tensor **yp) {
+    return taped(ctx, tape, p, reverse_exchange, "ep_combine", ep_combine_backward, "expert parallel combine", yl, yp);
+}
+moe_status moe_f_ep_tokens(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *xs, moe_tensor **xu) {
+    return taped(ctx, tape, p, tokens_out, "ep_tokens", ep_tokens_backward, "expert parallel dispatch", xs, xu);
+}
+moe_status moe_f_ep_tokens_back(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *yu, moe_tensor **ys) {
+    return taped(ctx, tape, p, tokens_back, "ep_tokens_back", ep_tokens_back_backward, "expert parallel combine", yu, ys);
 }

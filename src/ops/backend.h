@@ -91,7 +91,22 @@ typedef struct moe_backend {
                              const moe_tensor *slots);
     moe_status (*combine_backward)(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+
+    /* ---- expert-parallel routing maps (ops.h, ops_moe.c); arguments
+     * checked by the ops layer (shapes, dtypes, devices, P <= MOE_EP_MAX_RANKS) ---- */
+    moe_status (*ep_token_slots)(moe_ctx *, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+                                 const moe_tensor *expert_idx, int64_t group_size);
+    moe_status (*slot_tokens)(moe_ctx *, moe_tensor *token_idx, const moe_tensor *slots);
+    moe_status (*ep_pack)(moe_ctx *, moe_tensor *packed, const moe_tensor *token_idx, const moe_tensor *expert_idx,
+                          const moe_tensor *slots, const moe_tensor *tslots, int64_t group_size, int64_t width,
+                          const int64_t *adjust);
+    moe_status (*ep_unpack)(moe_ctx *, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
+                            const moe_tensor *perm);
 } moe_backend;
+
+/* Ranks an expert-parallel map may span (the device kernels take the
+ * per-rank adjustments as a kernel argument). */
+#define MOE_EP_MAX_RANKS 256
 
 /* Installs the CPU backend into ctx (always available). */
 void moe_cpu_backend_install(moe_ctx *ctx);

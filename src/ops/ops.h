@@ -215,4 +215,44 @@ moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src,
 moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
 
+/* ---- Expert-parallel routing maps (ops_moe.c) ----
+ * Expert parallelism over P ranks sends each token once to every rank that
+ * owns one of its kept choices (group d = expert / group_size, the experts of
+ * rank d), instead of once per choice; the owner expands the token to its
+ * choices and sums the weighted outputs before sending one row back. These
+ * ops build the index maps for that, on the device of their tensors, with no
+ * float data. slots [N, k] i32 and expert_idx [A] i64 are the router's
+ * (router.h). Results are deterministic (fixed token order, no atomics). */
+
+/* tslots [N, P] i32 (overwritten): tslots[t, d] = the row of (token t, rank
+ * d) in the send order - rank-major, tokens ascending within a rank - or -1
+ * when none of t's kept choices is in group d. counts: HOST [P], filled with
+ * the rows for each rank (on CUDA: one small copy back and a stream
+ * synchronisation). Experts of group >= P are an error on the host; on the
+ * device they count for no rank. */
+moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+                                 const moe_tensor *expert_idx, int64_t group_size);
+/* token_idx [S] i64 (overwritten): token_idx[slots[t, j]] = t for every
+ * slots[t, j] >= 0 of slots [N, m] i32, whose non-negative values must name
+ * each row of [0, S) exactly once (as ep_token_slots' do; on the host a row
+ * named twice or never is an error). The result carries the index bound N. */
+moe_status moe_op_slot_tokens(moe_ctx *ctx, moe_tensor *token_idx, const moe_tensor *slots);
+/* packed [A] i64 (overwritten), for assignment a of token t = token_idx[a] to
+ * expert e = expert_idx[a] in group d = e / group_size:
+ *   packed[a] = (tslots[t, d] + adjust[d]) * width + q
+ * q = how many of t's kept choices before a (in slots order) are in group d
+ * (q < width is required: width >= min(k, group_size)). adjust: HOST [P],
+ * turns send rows into the receiving rank's rows. */
+moe_status moe_op_ep_pack(moe_ctx *ctx, moe_tensor *packed, const moe_tensor *token_idx,
+                          const moe_tensor *expert_idx, const moe_tensor *slots, const moe_tensor *tslots,
+                          int64_t group_size, int64_t width, const int64_t *adjust);
+/* The owner's side: for row r of R, v = packed[perm ? perm[r] : r]:
+ *   token_idx[r] = v / width,  slots[v] = r   (slots [U, width] i32, -1 elsewhere)
+ * token_idx [R] i64 and slots are overwritten; perm [R] i64 or NULL. Values
+ * outside [0, U * width) are an error on the host; the device drops them
+ * (token_idx 0, nothing written to slots) instead of synchronising to check
+ * values that its own ep_pack made. The outputs carry index bounds U and R. */
+moe_status moe_op_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
+                            const moe_tensor *perm);
+
 #endif

@@ -1,4 +1,5 @@
-/* ops_moe.c: the MoE token-movement ops (gather_sum, combine_backward):
+/* ops_moe.c: the MoE token-movement ops (gather_sum, combine_backward) and
+ * the expert-parallel routing maps (ep_token_slots, slot_tokens, ep_pack, ep_unpack):
  * argument checks, contiguous copies, dispatch. See ops.h. */
 #include "ops_internal.h"
 
@@ -86,5 +87,156 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
     for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &c[i]);
     if (s == MOE_OK) s = be->combine_backward(ctx, dsrc, dw, c[0], c[1], c[2], c[3]);
     for (int i = 0; i < 4; i++) moe_tensor_release(c[i]);
+    return s;
+}
+
+/* ---- expert-parallel routing maps ---- */
+
+/* i32 slots [rows, any] on dev (rows < 0: any) */
+static moe_status check_i32_2d(const char *op, const char *name, const moe_tensor *t, int64_t rows, moe_device dev) {
+    MOE_TRY(ops_nonnull(op, name, t));
+    if (t->dtype != MOE_I32)
+        return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s, expected i32", op, name, moe_dtype_name(t->dtype));
+    if (!moe_device_eq(t->device, dev)) {
+        char b1[16], b2[16];
+        return moe_error(MOE_ERR_DEVICE, "%s: %s is on %s, expected %s", op, name,
+                         moe_device_str(t->device, b1, sizeof b1), moe_device_str(dev, b2, sizeof b2));
+    }
+    if (t->ndim != 2 || (rows >= 0 && t->shape[0] != rows)) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: %s has shape %s, expected 2 dims [%lld, ...]", op, name, OPS_SHAPE(t, s1),
+                         (long long)rows);
+    }
+    return MOE_OK;
+}
+
+static moe_status check_ranks(const char *op, int64_t p) {
+    if (p < 1 || p > MOE_EP_MAX_RANKS)
+        return moe_error(MOE_ERR_ARG, "%s: %lld ranks, expected 1 to %d", op, (long long)p, MOE_EP_MAX_RANKS);
+    return MOE_OK;
+}
+
+/* contiguous copies of up to 4 inputs (NULL allowed), then fn(...) */
+typedef struct { moe_tensor *c[4]; } contig4;
+static moe_status contig_all(moe_ctx *ctx, contig4 *k, const moe_tensor *a, const moe_tensor *b, const moe_tensor *c,
+                             const moe_tensor *d) {
+    const moe_tensor *in[4] = {a, b, c, d};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 4; i++) k->c[i] = NULL;
+    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &k->c[i]);
+    return s;
+}
+static void contig_release(contig4 *k) {
+    for (int i = 0; i < 4; i++) moe_tensor_release(k->c[i]);
+}
+
+moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+                                 const moe_tensor *expert_idx, int64_t group_size) {
+    static const char *op = "ep_token_slots";
+    ops_arg ix[] = {{"expert_idx", expert_idx}};
+    MOE_TRY(ops_check(op, NULL, 0, ix, 1));
+    if (!counts) return moe_error(MOE_ERR_ARG, "%s: counts is NULL, expected a host array (one count per rank)", op);
+    MOE_TRY(check_i32_2d(op, "slots", slots, -1, expert_idx->device));
+    MOE_TRY(check_i32_2d(op, "tslots", tslots, slots->shape[0], expert_idx->device));
+    MOE_TRY(ops_out(op, "tslots", tslots));
+    MOE_TRY(check_ranks(op, tslots->shape[1]));
+    if (expert_idx->ndim != 1) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: expert_idx has shape %s, expected [A]", op, OPS_SHAPE(expert_idx, s1));
+    }
+    if (group_size < 1) return moe_error(MOE_ERR_ARG, "%s: group_size %lld, expected >= 1", op, (long long)group_size);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, tslots->device, ep_token_slots, be);
+    for (int64_t d = 0; d < tslots->shape[1]; d++) counts[d] = 0;
+    if (moe_tensor_numel(tslots) == 0) return MOE_OK;
+    contig4 k;
+    moe_status s = contig_all(ctx, &k, slots, expert_idx, NULL, NULL);
+    if (s == MOE_OK) s = be->ep_token_slots(ctx, tslots, counts, k.c[0], k.c[1], group_size);
+    contig_release(&k);
+    int64_t rows = 0;
+    for (int64_t d = 0; s == MOE_OK && d < tslots->shape[1]; d++) rows += counts[d];
+    if (s == MOE_OK) moe_tensor_set_index_bound(tslots, rows);   /* slots in [-1, rows) */
+    return s;
+}
+
+moe_status moe_op_slot_tokens(moe_ctx *ctx, moe_tensor *token_idx, const moe_tensor *slots) {
+    static const char *op = "slot_tokens";
+    ops_arg ix[] = {{"token_idx", token_idx}};
+    MOE_TRY(ops_check(op, NULL, 0, ix, 1));
+    MOE_TRY(check_i32_2d(op, "slots", slots, -1, token_idx->device));
+    MOE_TRY(ops_out(op, "token_idx", token_idx));
+    if (token_idx->ndim != 1) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: token_idx has shape %s, expected [S]", op, OPS_SHAPE(token_idx, s1));
+    }
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, token_idx->device, slot_tokens, be);
+    if (token_idx->shape[0] == 0) return MOE_OK;
+    contig4 k;
+    moe_status s = contig_all(ctx, &k, slots, NULL, NULL, NULL);
+    if (s == MOE_OK) s = be->slot_tokens(ctx, token_idx, k.c[0]);
+    contig_release(&k);
+    if (s == MOE_OK) moe_tensor_set_index_bound(token_idx, slots->shape[0]);
+    return s;
+}
+
+moe_status moe_op_ep_pack(moe_ctx *ctx, moe_tensor *packed, const moe_tensor *token_idx,
+                          const moe_tensor *expert_idx, const moe_tensor *slots, const moe_tensor *tslots,
+                          int64_t group_size, int64_t width, const int64_t *adjust) {
+    static const char *op = "ep_pack";
+    ops_arg ix[] = {{"packed", packed}, {"token_idx", token_idx}, {"expert_idx", expert_idx}};
+    MOE_TRY(ops_check(op, NULL, 0, ix, 3));
+    if (!adjust) return moe_error(MOE_ERR_ARG, "%s: adjust is NULL, expected a host array (one per rank)", op);
+    MOE_TRY(ops_out(op, "packed", packed));
+    MOE_TRY(check_i32_2d(op, "slots", slots, -1, packed->device));
+    MOE_TRY(check_i32_2d(op, "tslots", tslots, slots->shape[0], packed->device));
+    MOE_TRY(check_ranks(op, tslots->shape[1]));
+    const int64_t a = packed->ndim == 1 ? packed->shape[0] : -1;
+    if (a < 0) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: packed has shape %s, expected [A]", op, OPS_SHAPE(packed, s1));
+    }
+    MOE_TRY(ops_shape_is(op, "token_idx", token_idx, 1, &a, "one per assignment"));
+    MOE_TRY(ops_shape_is(op, "expert_idx", expert_idx, 1, &a, "one per assignment"));
+    int64_t k = slots->shape[1], need = k < group_size ? k : group_size;
+    if (group_size < 1 || width < need)
+        return moe_error(MOE_ERR_ARG, "%s: group_size %lld and width %lld, expected group_size >= 1 and width >= %lld "
+                         "(a token's choices in one group)", op, (long long)group_size, (long long)width, (long long)need);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, packed->device, ep_pack, be);
+    if (a == 0) return MOE_OK;
+    contig4 c;
+    moe_status s = contig_all(ctx, &c, token_idx, expert_idx, slots, tslots);
+    if (s == MOE_OK) s = be->ep_pack(ctx, packed, c.c[0], c.c[1], c.c[2], c.c[3], group_size, width, adjust);
+    contig_release(&c);
+    return s;
+}
+
+moe_status moe_op_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
+                            const moe_tensor *perm) {
+    static const char *op = "ep_unpack";
+    ops_arg ix[] = {{"token_idx", token_idx}, {"packed", packed}, {"perm", perm}};
+    MOE_TRY(ops_check(op, NULL, 0, ix, perm ? 3 : 2));
+    MOE_TRY(ops_out(op, "token_idx", token_idx));
+    MOE_TRY(ops_out(op, "slots", slots));
+    MOE_TRY(check_i32_2d(op, "slots", slots, -1, token_idx->device));
+    const int64_t r = token_idx->ndim == 1 ? token_idx->shape[0] : -1;
+    if (r < 0) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: token_idx has shape %s, expected [R]", op, OPS_SHAPE(token_idx, s1));
+    }
+    MOE_TRY(ops_shape_is(op, "packed", packed, 1, &r, "one per row of token_idx"));
+    if (perm) MOE_TRY(ops_shape_is(op, "perm", perm, 1, &r, "one per row of token_idx"));
+    if (slots->shape[1] < 1) return moe_error(MOE_ERR_SHAPE, "%s: slots has width 0, expected >= 1", op);
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, token_idx->device, ep_unpack, be);
+    contig4 c;
+    moe_status s = contig_all(ctx, &c, packed, perm, NULL, NULL);
+    if (s == MOE_OK) s = be->ep_unpack(ctx, token_idx, slots, c.c[0], c.c[1]);
+    contig_release(&c);
+    if (s == MOE_OK) {
+        moe_tensor_set_index_bound(token_idx, slots->shape[0]);
+        moe_tensor_set_index_bound(slots, r);
+    }
     return s;
 }

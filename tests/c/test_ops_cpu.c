@@ -728,6 +728,68 @@ static void test_threads(void) {
     moe_ctx_free(c2);
 }
 
+/* expert-parallel routing maps on a worked example (4 tokens, top-2 of 4
+ * experts over 2 ranks, one choice dropped), values derived by hand */
+static moe_tensor *i32_(const int64_t *s, int nd, const int32_t *vals) {
+    moe_tensor *t = tnew(MOE_I32, nd, s);
+    memcpy(moe_tensor_data(t), vals, (size_t)moe_tensor_numel(t) * 4);
+    return t;
+}
+static int same_i64(const moe_tensor *t, const int64_t *v) {
+    return !memcmp(moe_tensor_data((moe_tensor *)t), v, (size_t)moe_tensor_numel(t) * 8);
+}
+static int same_i32(const moe_tensor *t, const int32_t *v) {
+    return !memcmp(moe_tensor_data((moe_tensor *)t), v, (size_t)moe_tensor_numel(t) * 4);
+}
+static void test_ep_maps(void) {
+    /* choices: t0 {3, 0}, t1 {1, 2 dropped}, t2 {2, 3}, t3 {0, 1}; rows expert-major */
+    moe_tensor *slots = i32_(SHAPE(4, 2), (int32_t[]){5, 0, 2, -1, 4, 6, 1, 3});
+    moe_tensor *tok = idx_(SHAPE(7), (int64_t[]){0, 3, 1, 3, 2, 0, 2});
+    moe_tensor *ex = idx_(SHAPE(7), (int64_t[]){0, 0, 1, 1, 2, 3, 3});
+    moe_tensor *ts = tnew(MOE_I32, 2, (int64_t[]){4, 2});
+    int64_t counts[2] = {-1, -1};
+    moe_status s = moe_op_ep_token_slots(ctx, ts, counts, slots, ex, 2);
+    report(s == MOE_OK && counts[0] == 3 && counts[1] == 2 && same_i32(ts, (int32_t[]){0, 3, 1, -1, -1, 4, 2, -1}),
+           "ep_token_slots: one row per (token, rank), rank-major", "%s", moe_last_error());
+    moe_tensor *st = tnew(MOE_I64, 1, (int64_t[]){5});
+    s = moe_op_slot_tokens(ctx, st, ts);
+    report(s == MOE_OK && same_i64(st, (int64_t[]){0, 1, 3, 0, 2}) && st->index_bound == 4,
+           "slot_tokens: the token of every row, bound N", "%s", moe_last_error());
+    moe_tensor *pk = tnew(MOE_I64, 1, (int64_t[]){7});
+    s = moe_op_ep_pack(ctx, pk, tok, ex, slots, ts, 2, 2, (int64_t[]){0, -3});
+    report(s == MOE_OK && same_i64(pk, (int64_t[]){0, 4, 2, 5, 2, 0, 3}),
+           "ep_pack: (receiver row) * width + position among the token's choices on that rank", "%s", moe_last_error());
+    /* rank 0 receives a0..a3 (3 token rows), rank 1 a4..a6 (2), here regrouped in reverse */
+    moe_tensor *p0 = idx_(SHAPE(4), (int64_t[]){0, 4, 2, 5}), *perm = idx_(SHAPE(4), (int64_t[]){3, 2, 1, 0});
+    moe_tensor *tl = tnew(MOE_I64, 1, (int64_t[]){4}), *sl = tnew(MOE_I32, 2, (int64_t[]){3, 2});
+    s = moe_op_ep_unpack(ctx, tl, sl, p0, NULL);
+    report(s == MOE_OK && same_i64(tl, (int64_t[]){0, 2, 1, 2}) && same_i32(sl, (int32_t[]){0, -1, 2, -1, 1, 3}) &&
+           tl->index_bound == 3 && sl->index_bound == 4,
+           "ep_unpack: the owner's token rows and slot map", "%s", moe_last_error());
+    s = moe_op_ep_unpack(ctx, tl, sl, p0, perm);
+    report(s == MOE_OK && same_i64(tl, (int64_t[]){2, 1, 2, 0}) && same_i32(sl, (int32_t[]){3, -1, 1, -1, 2, 0}),
+           "ep_unpack: through a regrouping permutation", "%s", moe_last_error());
+    /* errors: nothing silently wrong */
+    s = moe_op_ep_pack(ctx, pk, tok, ex, slots, ts, 2, 1, (int64_t[]){0, 0});
+    report(s == MOE_ERR_ARG && strstr(moe_last_error(), "width"), "ep_pack: a width below min(k, group) is refused",
+           "%d %s", s, moe_last_error());
+    s = moe_op_ep_token_slots(ctx, ts, counts, slots, ex, 1);   /* 4 experts, 2 ranks of 1 */
+    report(s == MOE_ERR_RANGE && strstr(moe_last_error(), "expert 3"), "ep_token_slots: experts beyond the ranks are refused",
+           "%d %s", s, moe_last_error());
+    moe_tensor *dup = i32_(SHAPE(2, 2), (int32_t[]){0, 1, 1, -1}), *st3 = tnew(MOE_I64, 1, (int64_t[]){3});
+    s = moe_op_slot_tokens(ctx, st3, dup);
+    report(s == MOE_ERR_RANGE && strstr(moe_last_error(), "twice"), "slot_tokens: a row named twice is refused", "%d %s",
+           s, moe_last_error());
+    moe_tensor *p6 = idx_(SHAPE(4), (int64_t[]){0, 6, 2, 5});
+    s = moe_op_ep_unpack(ctx, tl, sl, p6, NULL);
+    report(s == MOE_ERR_RANGE && strstr(moe_last_error(), "packed 6"), "ep_unpack: a packed value beyond U * width is refused",
+           "%d %s", s, moe_last_error());
+    s = moe_op_ep_token_slots(ctx, ts, NULL, slots, ex, 2);
+    report(s == MOE_ERR_ARG, "ep_token_slots: NULL counts is refused", "%d %s", s, moe_last_error());
+    moe_tensor *all[] = {slots, tok, ex, ts, st, pk, p0, perm, tl, sl, dup, st3, p6};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) rel(all[i]);
+}
+
 int main(void) {
     ctx = moe_ctx_new(2);
     moe_cpu_backend_install(ctx);
@@ -741,6 +803,7 @@ int main(void) {
     test_rope();
     test_attention();
     test_misc();
+    test_ep_maps();
     test_memory_and_errors();
     test_threads();
     moe_ctx_free(ctx);

@@ -149,6 +149,10 @@ static const moe_backend cpu_backend = {
     .sumsq = moe_cpu_sumsq,
     .gather_sum = moe_cpu_gather_sum,
     .combine_backward = moe_cpu_combine_backward,
+    .ep_token_slots = moe_cpu_ep_token_slots,
+    .slot_tokens = moe_cpu_slot_tokens,
+    .ep_pack = moe_cpu_ep_pack,
+    .ep_unpack = moe_cpu_ep_unpack,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

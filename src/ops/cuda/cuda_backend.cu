@@ -47,6 +47,10 @@ static const moe_backend cuda_backend = {
     /* sumsq */ cuda_sumsq,
     /* gather_sum */ cuda_gather_sum,
     /* combine_backward */ cuda_combine_backward,
+    /* ep_token_slots */ cuda_ep_token_slots,
+    /* slot_tokens */ cuda_slot_tokens,
+    /* ep_pack */ cuda_ep_pack,
+    /* ep_unpack */ cuda_ep_unpack,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -127,6 +127,15 @@ moe_status cuda_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *src, cons
                            const moe_tensor *slots);
 moe_status cuda_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                  const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+// cuda_ep.cu
+moe_status cuda_ep_token_slots(moe_ctx *, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+                               const moe_tensor *expert_idx, int64_t group_size);
+moe_status cuda_slot_tokens(moe_ctx *, moe_tensor *token_idx, const moe_tensor *slots);
+moe_status cuda_ep_pack(moe_ctx *, moe_tensor *packed, const moe_tensor *token_idx, const moe_tensor *expert_idx,
+                        const moe_tensor *slots, const moe_tensor *tslots, int64_t group_size, int64_t width,
+                        const int64_t *adjust);
+moe_status cuda_ep_unpack(moe_ctx *, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
+                          const moe_tensor *perm);
 
 // ---- errors ----
 #define CU_TRY(call, what)                                                                  \
@@ -277,5 +286,47 @@ static inline int cuda_row_threads(int64_t n) {
     if (n <= 128) return 128;
     return 256;
 }
+
+// ---- index checks (shared by the MoE and expert-parallel kernels) ----
+// Untrusted indices (no index bound, tensor.h) cost one check kernel, one small
+// copy back and a stream synchronisation.
+
+template <typename I>
+__global__ void cuda_k_check_index(const I *idx, int64_t cnt, int64_t lo, int64_t hi, unsigned long long *first_bad) {
+    GRID_STRIDE(i, cnt) {
+        int64_t v = (int64_t)idx[i];
+        if (v < lo || v >= hi) atomicMin(first_bad, (unsigned long long)i);
+    }
+}
+
+// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [lo, hi).
+// row_len > 0 names the row and column of the bad position (slots [N, k]).
+template <typename I>
+inline moe_status cuda_check_index(cuda_dev *d, const char *op, const char *name, const moe_tensor *index,
+                                   int64_t cnt, int64_t lo, int64_t hi, int64_t row_len) {
+    if (cnt == 0 || moe_tensor_index_trusted(index, hi)) return MOE_OK;
+    const I *idx = (const I *)moe_tensor_data((moe_tensor *)index);
+    cuda_scratch flag(d, sizeof(unsigned long long));
+    if (!flag.p) return moe_last_status();
+    unsigned long long *f = (unsigned long long *)flag.p;
+    CU_TRY(cudaMemsetAsync(f, 0xff, sizeof *f, d->stream), op);
+    cuda_k_check_index<I><<<cuda_grid_1d(d, cnt, 256), 256, 0, d->stream>>>(idx, cnt, lo, hi, f);
+    CU_LAUNCHED(op);
+    unsigned long long bad = 0;
+    CU_TRY(cudaMemcpyAsync(&bad, f, sizeof bad, cudaMemcpyDeviceToHost, d->stream), op);
+    CU_TRY(cudaStreamSynchronize(d->stream), op);
+    if (bad == ~0ull) return MOE_OK;
+    I v = 0;
+    CU_TRY(cudaMemcpyAsync(&v, idx + bad, sizeof v, cudaMemcpyDeviceToHost, d->stream), op);
+    CU_TRY(cudaStreamSynchronize(d->stream), op);
+    if (row_len > 0)
+        return moe_error(MOE_ERR_RANGE,
+                         "%s: %s %lld at position %lld (token %lld, choice %lld) is out of range, expected [%lld, %lld)",
+                         op, name, (long long)v, (long long)bad, (long long)(bad / (unsigned long long)row_len),
+                         (long long)(bad % (unsigned long long)row_len), (long long)lo, (long long)hi);
+    return moe_error(MOE_ERR_RANGE, "%s: %s %lld at position %lld is out of range, expected [%lld, %lld)", op, name,
+                     (long long)v, (long long)bad, (long long)lo, (long long)hi);
+}
+
 
 #endif

@@ -31,45 +31,6 @@ namespace {
 
 #define PTR(T, t) ((T *)moe_tensor_data(t))
 
-// ---- index checks ----
-
-template <typename I>
-__global__ void k_check_index(const I *idx, int64_t cnt, int64_t lo, int64_t hi, unsigned long long *first_bad) {
-    GRID_STRIDE(i, cnt) {
-        int64_t v = (int64_t)idx[i];
-        if (v < lo || v >= hi) atomicMin(first_bad, (unsigned long long)i);
-    }
-}
-
-// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [lo, hi).
-// row_len > 0 names the row and column of the bad position (slots [N, k]).
-template <typename I>
-moe_status check_index(cuda_dev *d, const char *op, const char *name, const moe_tensor *index, int64_t cnt,
-                       int64_t lo, int64_t hi, int64_t row_len) {
-    if (cnt == 0 || moe_tensor_index_trusted(index, hi)) return MOE_OK;
-    const I *idx = PTR(const I, index);
-    cuda_scratch flag(d, sizeof(unsigned long long));
-    if (!flag.p) return moe_last_status();
-    unsigned long long *f = (unsigned long long *)flag.p;
-    CU_TRY(cudaMemsetAsync(f, 0xff, sizeof *f, d->stream), op);
-    k_check_index<I><<<cuda_grid_1d(d, cnt, 256), 256, 0, d->stream>>>(idx, cnt, lo, hi, f);
-    CU_LAUNCHED(op);
-    unsigned long long bad = 0;
-    CU_TRY(cudaMemcpyAsync(&bad, f, sizeof bad, cudaMemcpyDeviceToHost, d->stream), op);
-    CU_TRY(cudaStreamSynchronize(d->stream), op);
-    if (bad == ~0ull) return MOE_OK;
-    I v = 0;
-    CU_TRY(cudaMemcpyAsync(&v, idx + bad, sizeof v, cudaMemcpyDeviceToHost, d->stream), op);
-    CU_TRY(cudaStreamSynchronize(d->stream), op);
-    if (row_len > 0)
-        return moe_error(MOE_ERR_RANGE,
-                         "%s: %s %lld at position %lld (token %lld, choice %lld) is out of range, expected [%lld, %lld)",
-                         op, name, (long long)v, (long long)bad, (long long)(bad / (unsigned long long)row_len),
-                         (long long)(bad % (unsigned long long)row_len), (long long)lo, (long long)hi);
-    return moe_error(MOE_ERR_RANGE, "%s: %s %lld at position %lld is out of range, expected [%lld, %lld)", op, name,
-                     (long long)v, (long long)bad, (long long)lo, (long long)hi);
-}
-
 // ---- vectors of V elements (16 bytes when V * sizeof(T) == 16) ----
 
 template <typename T, int V>
@@ -209,7 +170,7 @@ moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, c
     if (n == 0 || h == 0) return MOE_OK;
     if (k > INT32_MAX) return moe_error(MOE_ERR_ARG, "gather_sum on cuda: k = %lld choices per token, too many", (long long)k);
     CUDA_ENTER(d, ctx, y->device);
-    MOE_TRY(check_index<int32_t>(d, "gather_sum", "slot", slots, n * k, -1, a, k));
+    MOE_TRY(cuda_check_index<int32_t>(d, "gather_sum", "slot", slots, n * k, -1, a, k));
     const int32_t *sl = PTR(const int32_t, slots);
     if (y->dtype == MOE_F32)
         launch_gather_sum<float>(d, PTR(float, y), PTR(const float, src), w ? PTR(const float, w) : nullptr, sl, n, h,
@@ -227,7 +188,7 @@ moe_status cuda_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw,
     const int64_t a = src->shape[0], h = src->shape[1], n = dy->shape[0];
     if (a == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, dsrc->device);
-    MOE_TRY(check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
+    MOE_TRY(cuda_check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
     const int64_t *tok = PTR(const int64_t, token_idx);
     if (dsrc->dtype == MOE_F32)
         launch_combine_backward<float>(d, PTR(float, dsrc), dw ? PTR(float, dw) : nullptr, PTR(const float, dy),
