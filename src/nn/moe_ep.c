@@ -10,7 +10,9 @@ struct moe_ep_plan {
     int ep;
     int64_t *send_rows, *recv_rows;   /* [ep] each */
     int64_t sent, received;           /* A and R */
-    moe_tensor *perm;                 /* i64 [R]: regrouped row k = received row perm[k] */
+    int64_t el;                       /* experts per rank */
+    int64_t *rcounts;                 /* [ep * el]: rows from rank src for local expert j at src * el + j */
+    moe_tensor *perm;                 /* i64 [R] once built: regrouped row k = received row perm[k] */
     moe_tensor *inv;                  /* i64 [R]: its inverse, received row i = regrouped row inv[i] */
     /* token rows (one per token and owning rank), when the plan has them */
     int64_t *tsend_rows, *trecv_rows; /* [ep] each */
@@ -26,6 +28,7 @@ static void plan_release(void *v) {
     moe_tensor_release(p->inv);
     free(p->send_rows);
     free(p->tsend_rows);
+    free(p->rcounts);
     free(p);
 }
 void moe_ep_plan_release(moe_ep_plan *p) { plan_release(p); }
@@ -92,25 +95,15 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
             p->adjust[d] = earlier - before;
             before += p->tsend_rows[d];
         }
-        int64_t pshape[1] = {p->received};
-        p->perm = moe_tensor_new_cpu(MOE_I64, 1, pshape);
-        p->inv = moe_tensor_new_cpu(MOE_I64, 1, pshape);
-        if (!p->perm || !p->inv) s = moe_last_status();
     }
     if (s == MOE_OK) {
-        /* received rows are source-major, expert within; regroup expert-major, source within */
-        int64_t *perm = moe_tensor_data(p->perm), k = 0;
-        for (int64_t j = 0; j < el; j++) {
-            int64_t base = 0;
-            for (int src = 0; src < ep; src++) {
-                int64_t start = base;
-                for (int64_t q = 0; q < j; q++) start += g[src * w + rank * el + q];
-                for (int64_t t = 0; t < g[src * w + rank * el + j]; t++) perm[k++] = start + t;
-                base += p->recv_rows[src];
-            }
-        }
-        int64_t *inv = moe_tensor_data(p->inv);
-        for (int64_t q = 0; q < p->received; q++) inv[perm[q]] = q;
+        p->el = el;
+        p->rcounts = malloc((size_t)(ep * el) * sizeof *p->rcounts);
+        if (!p->rcounts) s = moe_error(MOE_ERR_OOM, "out of host memory");
+    }
+    if (s == MOE_OK) {
+        for (int src = 0; src < ep; src++)
+            for (int64_t j = 0; j < el; j++) p->rcounts[src * el + j] = g[src * w + rank * el + j];
         /* offsets over all E experts: only this rank's are non-empty */
         int64_t acc = 0;
         for (int64_t j = 0; j <= e; j++) {
@@ -126,22 +119,24 @@ moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets,
     return MOE_OK;
 }
 
-/* The permutation and its inverse are built on the host; rows may live on a
- * GPU. Move them to their device once (the plan is reused by the backward
- * exchange), marked as checked indices (values < R by construction), so the
- * gathers need no range-check sync. */
-static moe_status move_index(moe_ctx *ctx, moe_tensor **t, moe_device dev, int64_t bound) {
-    if (moe_device_eq((*t)->device, dev)) return MOE_OK;
-    moe_tensor *moved = moe_op_to(ctx, *t, dev, MOE_I64);
-    if (!moved) return moe_last_status();
-    moe_tensor_set_index_bound(moved, bound);
-    moe_tensor_release(*t);
-    *t = moved;
-    return MOE_OK;
-}
+/* The regrouping (perm and its inverse) is built where the rows are, from
+ * the counts (moe_op_ep_regroup): a device needs no copy from the host. The
+ * plan keeps it for the backward exchanges. */
 static moe_status perm_on(moe_ctx *ctx, moe_ep_plan *p, moe_device dev) {
-    MOE_TRY(move_index(ctx, &p->perm, dev, p->received));
-    return move_index(ctx, &p->inv, dev, p->received);
+    if (p->perm && moe_device_eq(p->perm->device, dev)) return MOE_OK;
+    moe_tensor_release(p->perm);
+    moe_tensor_release(p->inv);
+    int64_t shape[1] = {p->received};
+    p->perm = moe_tensor_new(ctx, MOE_I64, 1, shape, dev);
+    p->inv = moe_tensor_new(ctx, MOE_I64, 1, shape, dev);
+    moe_status s = p->perm && p->inv ? moe_op_ep_regroup(ctx, p->perm, p->inv, p->rcounts, p->ep, p->el)
+                                     : moe_last_status();
+    if (s != MOE_OK) {
+        moe_tensor_release(p->perm);
+        moe_tensor_release(p->inv);
+        p->perm = p->inv = NULL;
+    }
+    return s;
 }
 
 static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_tensor **out) {

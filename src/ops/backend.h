@@ -102,11 +102,16 @@ typedef struct moe_backend {
                           const int64_t *adjust);
     moe_status (*ep_unpack)(moe_ctx *, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
                             const moe_tensor *perm);
+    /* starts: HOST [2 * blocks + 1]: the regrouped start of block b = j * ranks + src
+     * (blocks + 1 entries, the last R), then its start in the received order */
+    moe_status (*ep_regroup)(moe_ctx *, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks);
 } moe_backend;
 
 /* Ranks an expert-parallel map may span (the device kernels take the
  * per-rank adjustments as a kernel argument). */
 #define MOE_EP_MAX_RANKS 256
+/* (rank, expert) blocks a regrouping may have (ep_regroup: a kernel argument too) */
+#define MOE_EP_MAX_BLOCKS 1024
 
 /* Installs the CPU backend into ctx (always available). */
 void moe_cpu_backend_install(moe_ctx *ctx);

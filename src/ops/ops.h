@@ -254,5 +254,16 @@ moe_status moe_op_ep_pack(moe_ctx *ctx, moe_tensor *packed, const moe_tensor *to
  * values that its own ep_pack made. The outputs carry index bounds U and R. */
 moe_status moe_op_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
                             const moe_tensor *perm);
+/* perm [R] i64 and inv [R] i64 (or NULL), overwritten: rows received from
+ * `ranks` ranks, source-major (rank 0's rows, then rank 1's, ...; expert-
+ * major within each), regrouped expert-major (local expert 0's rows from
+ * every rank in rank order, then expert 1's, ...): regrouped row k is
+ * received row perm[k], received row i is regrouped row inv[i]. counts: HOST
+ * [ranks * experts], counts[src * experts + j] = rows from rank src for
+ * local expert j, summing to R; ranks * experts <= MOE_EP_MAX_BLOCKS. Both
+ * outputs carry the index bound R. Built where they are used, so a device
+ * needs no copy from the host (which would wait for its stream). */
+moe_status moe_op_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *counts, int64_t ranks,
+                             int64_t experts);
 
 #endif

@@ -3,6 +3,9 @@
  * argument checks, contiguous copies, dispatch. See ops.h. */
 #include "ops_internal.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 /* slots: i32 [rows, any k] on dev */
 static moe_status check_slots(const char *op, const moe_tensor *slots, int64_t rows, moe_device dev) {
     MOE_TRY(ops_nonnull(op, "slots", slots));
@@ -237,6 +240,66 @@ moe_status moe_op_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slo
     if (s == MOE_OK) {
         moe_tensor_set_index_bound(token_idx, slots->shape[0]);
         moe_tensor_set_index_bound(slots, r);
+    }
+    return s;
+}
+
+moe_status moe_op_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *counts, int64_t ranks,
+                             int64_t experts) {
+    static const char *op = "ep_regroup";
+    ops_arg ix[] = {{"perm", perm}, {"inv", inv}};
+    MOE_TRY(ops_check(op, NULL, 0, ix, inv ? 2 : 1));
+    if (!counts) return moe_error(MOE_ERR_ARG, "%s: counts is NULL, expected a host array of ranks * experts", op);
+    MOE_TRY(ops_out(op, "perm", perm));
+    if (inv) MOE_TRY(ops_out(op, "inv", inv));
+    const int64_t r = perm->ndim == 1 ? perm->shape[0] : -1;
+    if (r < 0) {
+        char s1[128];
+        return moe_error(MOE_ERR_SHAPE, "%s: perm has shape %s, expected [R]", op, OPS_SHAPE(perm, s1));
+    }
+    if (inv) MOE_TRY(ops_shape_is(op, "inv", inv, 1, &r, "the shape of perm"));
+    if (ranks < 1 || experts < 1 || ranks * experts > MOE_EP_MAX_BLOCKS)
+        return moe_error(MOE_ERR_ARG, "%s: %lld ranks x %lld experts, expected 1 to %d blocks", op, (long long)ranks,
+                         (long long)experts, MOE_EP_MAX_BLOCKS);
+    const int64_t nb = ranks * experts;
+    int64_t *starts = malloc((size_t)(2 * nb + 1) * sizeof *starts);
+    if (!starts) return moe_error(MOE_ERR_OOM, "%s: out of host memory", op);
+    int64_t *g = starts, *v = starts + nb + 1, acc = 0;
+    for (int64_t i = 0; i < nb; i++) {
+        if (counts[i] < 0) {
+            free(starts);
+            return moe_error(MOE_ERR_ARG, "%s: count %lld at position %lld is negative", op, (long long)counts[i],
+                             (long long)i);
+        }
+        v[i] = acc;   /* received order: the position of (src, j) = i itself */
+        acc += counts[i];
+    }
+    if (acc != r) {
+        free(starts);
+        return moe_error(MOE_ERR_SHAPE, "%s: the counts sum to %lld rows, perm has %lld", op, (long long)acc, (long long)r);
+    }
+    /* regrouped order: block b = j * ranks + src; v re-indexed to it */
+    int64_t *vr = malloc((size_t)nb * sizeof *vr);
+    if (!vr) { free(starts); return moe_error(MOE_ERR_OOM, "%s: out of host memory", op); }
+    acc = 0;
+    for (int64_t j = 0; j < experts; j++)
+        for (int64_t src = 0; src < ranks; src++) {
+            int64_t b = j * ranks + src, i = src * experts + j;
+            g[b] = acc;
+            vr[b] = v[i];
+            acc += counts[i];
+        }
+    g[nb] = acc;
+    memcpy(v, vr, (size_t)nb * sizeof *vr);
+    free(vr);
+    const moe_backend *be;
+    moe_status s = ops_backend(ctx, op, perm->device, &be);
+    if (s == MOE_OK && !be->ep_regroup) s = ops_unsupported(op, be);
+    if (s == MOE_OK && r > 0) s = be->ep_regroup(ctx, perm, inv, starts, nb);
+    free(starts);
+    if (s == MOE_OK) {
+        moe_tensor_set_index_bound(perm, r);
+        if (inv) moe_tensor_set_index_bound(inv, r);
     }
     return s;
 }

@@ -786,7 +786,20 @@ static void test_ep_maps(void) {
            "%d %s", s, moe_last_error());
     s = moe_op_ep_token_slots(ctx, ts, NULL, slots, ex, 2);
     report(s == MOE_ERR_ARG, "ep_token_slots: NULL counts is refused", "%d %s", s, moe_last_error());
-    moe_tensor *all[] = {slots, tok, ex, ts, st, pk, p0, perm, tl, sl, dup, st3, p6};
+    /* regrouping: 2 ranks x 2 local experts, counts (src, j): (0,0)=2 (0,1)=1 (1,0)=0 (1,1)=3; received
+     * rows 0-1 are (0,0), 2 (0,1), 3-5 (1,1); expert-major: 0, 1, 2, 3, 4, 5 -> (0,0) (0,0) (0,1) (1,1)... */
+    moe_tensor *rp = tnew(MOE_I64, 1, (int64_t[]){6}), *ri = tnew(MOE_I64, 1, (int64_t[]){6});
+    s = moe_op_ep_regroup(ctx, rp, ri, (int64_t[]){2, 1, 0, 3}, 2, 2);
+    report(s == MOE_OK && same_i64(rp, (int64_t[]){0, 1, 2, 3, 4, 5}) && same_i64(ri, (int64_t[]){0, 1, 2, 3, 4, 5}),
+           "ep_regroup: an expert owned by one sender keeps its order", "%s", moe_last_error());
+    /* counts (0,0)=1 (0,1)=2 (1,0)=2 (1,1)=1: received 0 | 1 2 | 3 4 | 5 -> expert 0: 0, 3, 4; expert 1: 1, 2, 5 */
+    s = moe_op_ep_regroup(ctx, rp, ri, (int64_t[]){1, 2, 2, 1}, 2, 2);
+    report(s == MOE_OK && same_i64(rp, (int64_t[]){0, 3, 4, 1, 2, 5}) && same_i64(ri, (int64_t[]){0, 3, 4, 1, 2, 5}) &&
+           rp->index_bound == 6, "ep_regroup: expert-major, source rank within; the inverse", "%s", moe_last_error());
+    s = moe_op_ep_regroup(ctx, rp, ri, (int64_t[]){1, 2, 2, 2}, 2, 2);
+    report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "7 rows"), "ep_regroup: counts that do not sum to R are refused",
+           "%d %s", s, moe_last_error());
+    moe_tensor *all[] = {slots, tok, ex, ts, st, pk, p0, perm, tl, sl, dup, st3, p6, rp, ri};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) rel(all[i]);
 }
 

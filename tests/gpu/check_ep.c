@@ -6,6 +6,7 @@
  * - the maps mean what they say: tslots numbers (token, rank) rows rank-major,
  *   slot_tokens inverts it, unpack(pack) puts every assignment back at its
  *   token and position;
+ * - ep_regroup: expert-major order and its inverse, empty blocks, 1024 blocks;
  * - an untrusted out-of-range slot is MOE_ERR_RANGE on both; a packed value
  *   out of range is an error on the CPU and dropped (never written) on the GPU.
  * TAP; skips without a GPU. */
@@ -172,6 +173,33 @@ static void test_maps(int64_t n, int64_t k, int64_t e, int64_t p, int drop_pct) 
     free_routing(&r);
 }
 
+static void test_regroup(int64_t ranks, int64_t experts, int empty_pct) {
+    int64_t counts[MOE_EP_MAX_BLOCKS], r = 0;
+    for (int64_t i = 0; i < ranks * experts; i++) {
+        counts[i] = (int)(lcg() % 100) < empty_pct ? 0 : (int64_t)(lcg() % 700);
+        r += counts[i];
+    }
+    moe_tensor *ph = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){r}), *ih = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){r});
+    moe_tensor *pd = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){r}, GPU), *id = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){r}, GPU);
+    die_if(!ph || !ih || !pd || !id, "regroup tensors");
+    moe_status s1 = moe_op_ep_regroup(ctx, ph, ih, counts, ranks, experts);
+    moe_status s2 = moe_op_ep_regroup(ctx, pd, id, counts, ranks, experts);
+    /* meaning: perm walks experts, then ranks, each block in received order */
+    const int64_t *pm = moe_tensor_data(ph), *iv = moe_tensor_data(ih);
+    int good = s1 == MOE_OK && s2 == MOE_OK && same(ph, pd) && same(ih, id);
+    int64_t k = 0;
+    for (int64_t j = 0; good && j < experts; j++)
+        for (int64_t src = 0; src < ranks; src++) {
+            int64_t start = 0;
+            for (int64_t i = 0; i < src * experts + j; i++) start += counts[i];
+            for (int64_t t = 0; t < counts[src * experts + j]; t++, k++)
+                if (pm[k] != start + t || iv[pm[k]] != k) good = 0;
+        }
+    ok(good && k == r, "ep_regroup %lld ranks x %lld experts, %lld rows (%d%% empty blocks): equal to the cpu, the "
+       "expert-major order and its inverse", (long long)ranks, (long long)experts, (long long)r, empty_pct);
+    moe_tensor_release(ph); moe_tensor_release(ih); moe_tensor_release(pd); moe_tensor_release(id);
+}
+
 static void test_errors(void) {
     routing r = make_routing(50, 2, 8, 10);
     moe_tensor *bad = moe_tensor_new_cpu(MOE_I32, 2, (int64_t[]){50, 2});
@@ -223,6 +251,10 @@ int main(void) {
     test_maps(3000, 4, 32, 1, 0);
     test_maps(2500, 6, 12, 4, 30);    /* width = group size 3 < k */
     test_maps(8192, 4, 32, 2, 0);     /* the step model's layer */
+    test_regroup(2, 16, 0);
+    test_regroup(4, 8, 30);
+    test_regroup(8, 128, 50);   /* the 1024 blocks a kernel argument holds */
+    test_regroup(1, 1, 0);
     test_errors();
     return gpucheck_end();
 }

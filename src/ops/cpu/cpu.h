@@ -184,5 +184,6 @@ moe_status moe_cpu_ep_pack(moe_ctx *, moe_tensor *packed, const moe_tensor *toke
                            const int64_t *adjust);
 moe_status moe_cpu_ep_unpack(moe_ctx *, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
                              const moe_tensor *perm);
+moe_status moe_cpu_ep_regroup(moe_ctx *, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks);
 
 #endif

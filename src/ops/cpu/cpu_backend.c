@@ -153,6 +153,7 @@ static const moe_backend cpu_backend = {
     .slot_tokens = moe_cpu_slot_tokens,
     .ep_pack = moe_cpu_ep_pack,
     .ep_unpack = moe_cpu_ep_unpack,
+    .ep_regroup = moe_cpu_ep_regroup,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

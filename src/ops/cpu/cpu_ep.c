@@ -143,3 +143,15 @@ moe_status moe_cpu_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *sl
     }
     return MOE_OK;
 }
+
+moe_status moe_cpu_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks) {
+    (void)ctx;
+    const int64_t *g = starts, *v = starts + blocks + 1;
+    int64_t *pm = moe_tensor_data(perm), *iv = inv ? moe_tensor_data(inv) : NULL;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t k = g[b]; k < g[b + 1]; k++) {
+            pm[k] = v[b] + (k - g[b]);
+            if (iv) iv[pm[k]] = k;
+        }
+    return MOE_OK;
+}

@@ -51,6 +51,7 @@ static const moe_backend cuda_backend = {
     /* slot_tokens */ cuda_slot_tokens,
     /* ep_pack */ cuda_ep_pack,
     /* ep_unpack */ cuda_ep_unpack,
+    /* ep_regroup */ cuda_ep_regroup,
 };
 
 extern "C" int moe_cuda_device_count(void) {

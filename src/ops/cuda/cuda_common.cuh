@@ -136,6 +136,7 @@ moe_status cuda_ep_pack(moe_ctx *, moe_tensor *packed, const moe_tensor *token_i
                         const int64_t *adjust);
 moe_status cuda_ep_unpack(moe_ctx *, moe_tensor *token_idx, moe_tensor *slots, const moe_tensor *packed,
                           const moe_tensor *perm);
+moe_status cuda_ep_regroup(moe_ctx *, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks);
 
 // ---- errors ----
 #define CU_TRY(call, what)                                                                  \

@@ -2,17 +2,19 @@
 // slot_tokens, ep_pack, ep_unpack): integer index maps, a few reads per token.
 //
 //   k_token_slots  one block: for each rank d in order, the block walks the
-//                  tokens in chunks of its size and numbers the tokens with a
-//                  kept choice in group d by a block scan (tokens ascending
-//                  within a rank, ranks one after another). P * N / 1024 block
-//                  scans: a few microseconds for the P <= 8 and N <= 64k of
-//                  expert parallelism on one host. The per-rank counts come
-//                  back to the host with one small copy and a synchronisation
-//                  (the caller needs them to size the exchange).
+//                  tokens in tiles of 8192 (8 per thread) and numbers the
+//                  tokens with a kept choice in group d by a block scan
+//                  (tokens ascending within a rank, ranks one after another):
+//                  P * N / 8192 block scans, a few microseconds for the P <= 8
+//                  and N <= 64k of expert parallelism on one host. The per-rank
+//                  counts come back to the host with one small copy and a
+//                  synchronisation (the caller needs them to size the exchange).
 //   k_slot_tokens  one thread per slot: token_idx[slots[i]] = i / m.
 //   k_pack         one thread per assignment: finds its slot among its token's
 //                  k choices, counting the earlier choices in the same group.
 //   k_unpack       one thread per received row (slots memset to -1 first).
+//   k_regroup      one thread per row: a binary search over the (rank, expert)
+//                  blocks, whose starts travel as a kernel argument.
 //
 // Memory safety without synchronising: router maps carry index bounds (no
 // check); other slots are checked once (cuda_check_index). Experts outside the
@@ -25,6 +27,7 @@ namespace {
 #define PTR(T, t) ((T *)moe_tensor_data((moe_tensor *)(t)))
 
 constexpr int TS_THREADS = 1024;
+constexpr int TS_ITEMS = 8;
 constexpr unsigned FULL = 0xffffffffu;
 
 struct adjust_arg { long long v[MOE_EP_MAX_RANKS]; };
@@ -54,26 +57,44 @@ __device__ int block_excl_scan(int v, int *sh, int *total) {
     return before + x - v;
 }
 
+// Each thread takes TS_ITEMS consecutive tokens (their loads in flight
+// together), one block scan per rank and tile of TS_THREADS * TS_ITEMS tokens.
 __global__ void __launch_bounds__(TS_THREADS) k_token_slots(int32_t *tslots, long long *counts, const int32_t *slots,
                                                            const int64_t *ex, int64_t n, int k, int p, int64_t gs) {
     __shared__ int sh[32];
     long long base = 0;
+    const int64_t tile = (int64_t)blockDim.x * TS_ITEMS;
     for (int d = 0; d < p; d++) {
         long long start = base;
-        for (int64_t c0 = 0; c0 < n; c0 += blockDim.x) {
-            int64_t t = c0 + threadIdx.x;
-            int flag = 0;
-            if (t < n)
-                for (int q = 0; q < k && !flag; q++) {
-                    int32_t s = slots[t * k + q];
-                    if (s >= 0) {
-                        int64_t e = ex[s];
-                        flag = e >= 0 && e / gs == d;
+        for (int64_t c0 = 0; c0 < n; c0 += tile) {
+            const int64_t t0 = c0 + (int64_t)threadIdx.x * TS_ITEMS;
+            unsigned flags = 0;
+            int mine = 0;
+#pragma unroll
+            for (int i = 0; i < TS_ITEMS; i++) {
+                const int64_t t = t0 + i;
+                int f = 0;
+                if (t < n)
+                    for (int q = 0; q < k; q++) {
+                        int32_t s = slots[t * k + q];
+                        if (s >= 0) {
+                            int64_t e = ex[s];
+                            f |= e >= 0 && e / gs == d;
+                        }
                     }
-                }
+                flags |= (unsigned)f << i;
+                mine += f;
+            }
             int total;
-            int pos = block_excl_scan(flag, sh, &total);
-            if (t < n) tslots[t * p + d] = flag ? (int32_t)(base + pos) : -1;
+            int pos = block_excl_scan(mine, sh, &total);
+#pragma unroll
+            for (int i = 0; i < TS_ITEMS; i++) {
+                const int64_t t = t0 + i;
+                if (t >= n) break;
+                const int f = (flags >> i) & 1;
+                tslots[t * p + d] = f ? (int32_t)(base + pos) : -1;
+                pos += f;
+            }
             base += total;
         }
         if (threadIdx.x == 0) counts[d] = base - start;
@@ -113,6 +134,22 @@ __global__ void k_unpack(int64_t *tok, int32_t *slots, const int64_t *packed, co
         } else {
             tok[i] = 0;
         }
+    }
+}
+
+struct regroup_arg { long long g[MOE_EP_MAX_BLOCKS + 1], v[MOE_EP_MAX_BLOCKS]; };   // 16 KB (CUDA >= 12.1)
+
+__global__ void k_regroup(int64_t *perm, int64_t *inv, int64_t r, int nb, const __grid_constant__ regroup_arg a) {
+    GRID_STRIDE(k, r) {
+        int lo = 0, hi = nb - 1;   // the last block starting at or before k holds it (empty ones are skipped)
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (a.g[mid] <= k) lo = mid;
+            else hi = mid - 1;
+        }
+        int64_t i = a.v[lo] + (k - a.g[lo]);
+        perm[k] = i;
+        if (inv) inv[i] = k;
     }
 }
 
@@ -176,5 +213,17 @@ moe_status cuda_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slots
                                                              perm ? PTR(const int64_t, perm) : nullptr, r, cells,
                                                              slots->shape[1]);
     CU_LAUNCHED("ep_unpack");
+    return MOE_OK;
+}
+
+moe_status cuda_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks) {
+    const int64_t r = perm->shape[0];
+    CUDA_ENTER(d, ctx, perm->device);
+    regroup_arg a;
+    for (int64_t b = 0; b <= blocks; b++) a.g[b] = starts[b];
+    for (int64_t b = 0; b < blocks; b++) a.v[b] = starts[blocks + 1 + b];
+    k_regroup<<<cuda_grid_1d(d, r, 256), 256, 0, d->stream>>>(PTR(int64_t, perm), inv ? PTR(int64_t, inv) : nullptr, r,
+                                                              (int)blocks, a);
+    CU_LAUNCHED("ep_regroup");
     return MOE_OK;
 }
