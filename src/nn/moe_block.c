@@ -213,7 +213,7 @@ static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
     if (s == MOE_OK) s = moe_f_view(ctx, tape, r->weights, 2, wshape, &wcol);
     if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, wcol, &wl);
     /* the owner's side */
-    const int64_t rows = moe_ep_plan_received(p), u = moe_ep_plan_tokens_received(p);
+    const int64_t rows = p ? moe_ep_plan_received(p) : 0, u = p ? moe_ep_plan_tokens_received(p) : 0;
     if (s == MOE_OK) s = moe_ep_plan_perm(ctx, p, dev, &perm);
     if (s == MOE_OK) {
         tok_l = new_index(ctx, MOE_I64, 1, rows, 0, dev);
