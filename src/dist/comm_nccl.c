@@ -468,26 +468,22 @@ static moe_status nc_reduce_scatter_u(moe_comm *c, const void *in, void *out, si
 }
 
 /* One grouped send/recv per peer on our stream (no wait). The rank's own
- * block is a device copy on the same stream instead: NCCL moves it through
- * its channels at a fraction of the memory bandwidth (0.12 ms of a 0.27 ms
- * exchange of 2 x 16384 bf16 rows of 1024 on 2 x H100, tools/gpu_a2a_bench.sh). */
+ * block is a device copy on the same stream instead of an NCCL self-send,
+ * queued only once the group is (a failed group leaves nothing behind that
+ * could still touch buffers the caller frees). */
 static moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
                               moe_dtype dt) {
     nccl_impl *m = c->impl;
-    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1;
+    size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1, self_so = 0, self_ro = 0;
     ncclDataType_t t = nccl_type(dt, &one);
-    for (int r = 0; r < c->rank; r++) { so += sc[r]; ro += rc[r]; }
     if (sc[c->rank] != rc[c->rank])
         return moe_error(MOE_ERR_ARG, "all_to_all_v: rank %d sends %zu elements to itself but expects %zu", c->rank,
                          sc[c->rank], rc[c->rank]);
-    if (sc[c->rank] && cudaMemcpyAsync((char *)dout + ro * es, (const char *)din + so * es, sc[c->rank] * es,
-                                       cudaMemcpyDeviceToDevice, m->stream) != cudaSuccess)
-        return moe_error(MOE_ERR_DEVICE, "all_to_all_v: the rank's own rows: %s", cudaGetErrorString(cudaGetLastError()));
-    so = ro = 0;
     MOE_TRY(nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
     ncclResult_t err = ncclSuccess;
     for (int r = 0; r < c->size; r++) {
         ncclResult_t e1 = ncclSuccess, e2 = ncclSuccess;
+        if (r == c->rank) { self_so = so; self_ro = ro; }
         if (sc[r] && r != c->rank) e1 = m->api.Send((const char *)din + so * es, sc[r], t, r, m->comm, m->stream);
         if (rc[r] && r != c->rank) e2 = m->api.Recv((char *)dout + ro * es, rc[r], t, r, m->comm, m->stream);
         if (err == ncclSuccess) err = e1 != ncclSuccess ? e1 : e2;
@@ -496,7 +492,15 @@ static moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, vo
     }
     ncclResult_t ge = m->api.GroupEnd();
     MOE_TRY(nccl_check(m, err, "ncclSend/ncclRecv"));
-    return nccl_check(m, ge, "ncclGroupEnd");
+    MOE_TRY(nccl_check(m, ge, "ncclGroupEnd"));
+    if (sc[c->rank] && cudaMemcpyAsync((char *)dout + self_ro * es, (const char *)din + self_so * es, sc[c->rank] * es,
+                                       cudaMemcpyDeviceToDevice, m->stream) != cudaSuccess) {
+        /* the exchange is queued: nothing may reuse its buffers before it ends */
+        cudaStreamSynchronize(m->stream);
+        m->broken = 1;
+        return moe_error(MOE_ERR_DEVICE, "all_to_all_v: the rank's own rows: %s", cudaGetErrorString(cudaGetLastError()));
+    }
+    return MOE_OK;
 }
 
 static moe_status nc_all_to_all_v_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,

@@ -148,11 +148,11 @@ static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
 }
 
 /* Whether expert parallelism moves token rows (one per token and owning
- * rank, needs the router's slot map) or assignment rows (one per kept choice;
- * expert choice, or MOELAB_EP_EXCHANGE=assignments, read at each call, for
- * A/B comparisons). */
-static int ep_moves_tokens(const moe_routing *r) {
-    if (!r->slots) return 0;
+ * rank, needs the router's slot map and at most MOE_EP_MAX_RANKS ranks) or
+ * assignment rows (one per kept choice; expert choice, or
+ * MOELAB_EP_EXCHANGE=assignments, read at each call, for A/B comparisons). */
+static int ep_moves_tokens(const moe_routing *r, const moe_comm *comm) {
+    if (!r->slots || comm->size > MOE_EP_MAX_RANKS) return 0;
     const char *env = getenv("MOELAB_EP_EXCHANGE");
     return !(env && strcmp(env, "assignments") == 0);
 }
@@ -335,7 +335,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
-    if (s == MOE_OK && !st->custom && st->ep_comm && ep_moves_tokens(&r)) {
+    if (s == MOE_OK && !st->custom && st->ep_comm && ep_moves_tokens(&r, st->ep_comm)) {
         s = ep_token_experts(l, ctx, tape, xr, &r, &yr);
     } else {
         if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);

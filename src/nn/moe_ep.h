@@ -4,8 +4,8 @@
  * With ep ranks and E experts, rank r owns experts [r*E/ep, (r+1)*E/ep).
  * Every rank routes its own tokens over all E experts; the dispatched rows
  * (expert-contiguous, so the rows for one destination rank are one block)
- * go to their owners with one all_to_all_v, after an all_to_all of the
- * per-expert row counts. The owner regroups what it received by local
+ * go to their owners with one all_to_all_v, after one all_gather of every
+ * rank's per-expert (and per-rank token) row counts. The owner regroups what it received by local
  * expert (expert-major, then source rank), runs its experts, and the
  * reverse exchange brings the outputs back in the sender's original order.
  * Each exchange is one tape entry whose backward is the opposite exchange,

@@ -93,7 +93,8 @@ typedef struct moe_backend {
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
 
     /* ---- expert-parallel routing maps (ops.h, ops_moe.c); arguments
-     * checked by the ops layer (shapes, dtypes, devices, P <= MOE_EP_MAX_RANKS) ---- */
+     * checked by the ops layer (shapes, dtypes, devices, P <= MOE_EP_MAX_RANKS;
+     * the CUDA ep_regroup checks its own block limit) ---- */
     moe_status (*ep_token_slots)(moe_ctx *, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
                                  const moe_tensor *expert_idx, int64_t group_size);
     moe_status (*slot_tokens)(moe_ctx *, moe_tensor *token_idx, const moe_tensor *slots);
@@ -107,11 +108,6 @@ typedef struct moe_backend {
     moe_status (*ep_regroup)(moe_ctx *, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks);
 } moe_backend;
 
-/* Ranks an expert-parallel map may span (the device kernels take the
- * per-rank adjustments as a kernel argument). */
-#define MOE_EP_MAX_RANKS 256
-/* (rank, expert) blocks a regrouping may have (ep_regroup: a kernel argument too) */
-#define MOE_EP_MAX_BLOCKS 1024
 
 /* Installs the CPU backend into ctx (always available). */
 void moe_cpu_backend_install(moe_ctx *ctx);

@@ -224,6 +224,12 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
  * float data. slots [N, k] i32 and expert_idx [A] i64 are the router's
  * (router.h). Results are deterministic (fixed token order, no atomics). */
 
+/* Ranks an expert-parallel map may span (the device kernels take the
+ * per-rank adjustments as a kernel argument), and the (rank, expert) blocks
+ * a regrouping may have on CUDA (a kernel argument too). */
+#define MOE_EP_MAX_RANKS 256
+#define MOE_EP_MAX_BLOCKS 1024
+
 /* tslots [N, P] i32 (overwritten): tslots[t, d] = the row of (token t, rank
  * d) in the send order - rank-major, tokens ascending within a rank - or -1
  * when none of t's kept choices is in group d. counts: HOST [P], filled with
@@ -260,7 +266,8 @@ moe_status moe_op_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slo
  * every rank in rank order, then expert 1's, ...): regrouped row k is
  * received row perm[k], received row i is regrouped row inv[i]. counts: HOST
  * [ranks * experts], counts[src * experts + j] = rows from rank src for
- * local expert j, summing to R; ranks * experts <= MOE_EP_MAX_BLOCKS. Both
+ * local expert j, summing to R (on CUDA ranks * experts <= MOE_EP_MAX_BLOCKS,
+ * the blocks travel as a kernel argument). Both
  * outputs carry the index bound R. Built where they are used, so a device
  * needs no copy from the host (which would wait for its stream). */
 moe_status moe_op_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *counts, int64_t ranks,

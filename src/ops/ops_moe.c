@@ -1,5 +1,6 @@
 /* ops_moe.c: the MoE token-movement ops (gather_sum, combine_backward) and
- * the expert-parallel routing maps (ep_token_slots, slot_tokens, ep_pack, ep_unpack):
+ * the expert-parallel routing maps (ep_token_slots, slot_tokens, ep_pack,
+ * ep_unpack, ep_regroup):
  * argument checks, contiguous copies, dispatch. See ops.h. */
 #include "ops_internal.h"
 
@@ -258,9 +259,9 @@ moe_status moe_op_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, co
         return moe_error(MOE_ERR_SHAPE, "%s: perm has shape %s, expected [R]", op, OPS_SHAPE(perm, s1));
     }
     if (inv) MOE_TRY(ops_shape_is(op, "inv", inv, 1, &r, "the shape of perm"));
-    if (ranks < 1 || experts < 1 || ranks * experts > MOE_EP_MAX_BLOCKS)
-        return moe_error(MOE_ERR_ARG, "%s: %lld ranks x %lld experts, expected 1 to %d blocks", op, (long long)ranks,
-                         (long long)experts, MOE_EP_MAX_BLOCKS);
+    if (ranks < 1 || experts < 1)
+        return moe_error(MOE_ERR_ARG, "%s: %lld ranks x %lld experts, expected at least 1 of each", op, (long long)ranks,
+                         (long long)experts);
     const int64_t nb = ranks * experts;
     int64_t *starts = malloc((size_t)(2 * nb + 1) * sizeof *starts);
     if (!starts) return moe_error(MOE_ERR_OOM, "%s: out of host memory", op);

@@ -236,7 +236,24 @@ static void test_errors(void) {
     ok(s1 == MOE_ERR_RANGE && strstr(m1, "99") && s2 == MOE_OK && tl[0] == 0 && tl[1] == 0 && tl[2] == 2 &&
        sl[0] == -1 && sl[1] == 0 && sl[2] == -1 && sl[3] == -1 && sl[4] == 2 && sl[5] == -1,
        "ep_unpack: a packed value out of range is an error on the cpu (%s), dropped on the device", m1);
-    moe_tensor *all[] = {bad, bad_d, ex_d, ts_h, ts_d, pk, pk_d, tl_h, tl_d, sl_h, sl_d, tl_b, sl_b};
+    /* slot_tokens on a map that leaves row 1 unnamed: the cpu refuses, the device leaves 0 (inside the bound) */
+    moe_tensor *gap = moe_tensor_new_cpu(MOE_I32, 2, (int64_t[]){2, 2});
+    int32_t *gv = moe_tensor_data(gap);
+    gv[0] = 0; gv[1] = -1; gv[2] = -1; gv[3] = 2;
+    moe_tensor *gap_d = up(gap, 0);
+    moe_tensor *st_h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){3});
+    moe_tensor *st_d = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){3}, GPU);
+    die_if(!st_d || moe_op_fill(ctx, st_d, 7.0) != MOE_OK, "slot_tokens output");
+    s1 = moe_op_slot_tokens(ctx, st_h, gap);
+    snprintf(m1, sizeof m1, "%s", moe_last_error());
+    s2 = moe_op_slot_tokens(ctx, st_d, gap_d);
+    moe_tensor *st_b = moe_op_to(ctx, st_d, MOE_DEVICE_CPU, MOE_I64);
+    die_if(!st_b, "download");
+    const int64_t *sv = moe_tensor_data(st_b);
+    ok(s1 == MOE_ERR_RANGE && strstr(m1, "row 1") && s2 == MOE_OK && sv[0] == 0 && sv[1] == 0 && sv[2] == 1,
+       "slot_tokens: a row no slot names is an error on the cpu (%s), 0 on the device", m1);
+    moe_tensor *all[] = {bad, bad_d, ex_d, ts_h, ts_d, pk, pk_d, tl_h, tl_d, sl_h, sl_d, tl_b, sl_b,
+                         gap, gap_d, st_h, st_d, st_b};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     free_routing(&r);
 }

@@ -1,5 +1,5 @@
 /* Expert-parallel routing maps on the CPU (ops.h: ep_token_slots,
- * slot_tokens, ep_pack, ep_unpack). Single-threaded: they touch a few
+ * slot_tokens, ep_pack, ep_unpack, ep_regroup). Single-threaded: they touch a few
  * integers per token. Every index is validated before anything is written,
  * so a bad map is reported instead of corrupting memory. */
 #include "cpu.h"

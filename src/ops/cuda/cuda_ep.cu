@@ -1,5 +1,6 @@
 // Expert-parallel routing maps on the device (ops.h: ep_token_slots,
-// slot_tokens, ep_pack, ep_unpack): integer index maps, a few reads per token.
+// slot_tokens, ep_pack, ep_unpack, ep_regroup): integer index maps, a few
+// reads per token.
 //
 //   k_token_slots  one block: for each rank d in order, the block walks the
 //                  tokens in tiles of 8192 (8 per thread) and numbers the
@@ -9,7 +10,8 @@
 //                  and N <= 64k of expert parallelism on one host. The per-rank
 //                  counts come back to the host with one small copy and a
 //                  synchronisation (the caller needs them to size the exchange).
-//   k_slot_tokens  one thread per slot: token_idx[slots[i]] = i / m.
+//   k_slot_tokens  one thread per slot: token_idx[slots[i]] = i / m (token_idx
+//                  zeroed first, so rows no slot names hold a valid index).
 //   k_pack         one thread per assignment: finds its slot among its token's
 //                  k choices, counting the earlier choices in the same group.
 //   k_unpack       one thread per received row (slots memset to -1 first).
@@ -177,6 +179,8 @@ moe_status cuda_slot_tokens(moe_ctx *ctx, moe_tensor *token_idx, const moe_tenso
     const int64_t rows = token_idx->shape[0], cnt = moe_tensor_numel(slots);
     CUDA_ENTER(d, ctx, token_idx->device);
     MOE_TRY(cuda_check_index<int32_t>(d, "slot_tokens", "slot", slots, cnt, -1, rows, slots->shape[1]));
+    // rows no slot names (a map the host would refuse) stay 0, inside the bound the op layer promises
+    CU_TRY(cudaMemsetAsync(moe_tensor_data(token_idx), 0, (size_t)rows * sizeof(int64_t), d->stream), "slot_tokens");
     if (cnt == 0) return MOE_OK;
     k_slot_tokens<<<cuda_grid_1d(d, cnt, 256), 256, 0, d->stream>>>(PTR(int64_t, token_idx), PTR(const int32_t, slots),
                                                                      cnt, slots->shape[1], rows);
@@ -218,6 +222,9 @@ moe_status cuda_ep_unpack(moe_ctx *ctx, moe_tensor *token_idx, moe_tensor *slots
 
 moe_status cuda_ep_regroup(moe_ctx *ctx, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks) {
     const int64_t r = perm->shape[0];
+    if (blocks > MOE_EP_MAX_BLOCKS)
+        return moe_error(MOE_ERR_ARG, "ep_regroup: %lld (rank, expert) blocks, the device path takes at most %d",
+                         (long long)blocks, MOE_EP_MAX_BLOCKS);
     CUDA_ENTER(d, ctx, perm->device);
     regroup_arg a;
     for (int64_t b = 0; b <= blocks; b++) a.g[b] = starts[b];
