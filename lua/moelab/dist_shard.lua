@@ -31,8 +31,9 @@ local dist, group_comm  -- set on install
 -- (the ranks with the same rank % E_p, _dp_comm; none when E_p = W) and
 -- scaled by 1/W: an expert's gradient is the sum of its owners' gradients,
 -- one owner per group, so this is the mean over every rank's tokens, the same
--- value the world average of full-size buffers gives. With E_p = W the
--- non-expert part is summed during backward instead and 1/W goes into the
+-- value the world average of full-size buffers gives. In training the
+-- non-expert part is summed during backward instead, the expert part summed
+-- over the replicas after it (none when E_p = W), and 1/W goes into the
 -- optimizer step (_set_sum_overlap). Clipping takes the global norm: the
 -- non-expert part once plus every shard's expert part (summed over the
 -- expert-parallel group), computed on the device; its factor goes into the
@@ -145,15 +146,16 @@ function D:_shard_now()
   end
 end
 
--- With E_p = W (no replicas of an expert), the non-expert gradients are summed
--- over the ranks while backward runs, block by block as in data parallel,
--- with this rank's expert ranges left out (dist.set_grad_allreduce's skip):
--- every gradient is then W times the mean gradient (an expert's is the sum of
--- its tokens' contributions from every rank), and the factor 1/W goes into
--- the optimizer step with the clipping factor (_clip_sharded). With replicas
--- (E_p < W) the reduction stays after backward (_reduce_sharded_grads).
+-- The non-expert gradients are summed over the ranks while backward runs,
+-- block by block as in data parallel, with this rank's expert ranges left
+-- out (dist.set_grad_allreduce's skip); with replicas (E_p < W) the expert
+-- ranges are then summed over them (_sum_replica_experts). Every gradient is
+-- then W times the mean gradient (an expert's is the sum of its tokens'
+-- contributions from every rank), and the factor 1/W goes into the optimizer
+-- step with the clipping factor (_clip_sharded). _reduce_sharded_grads (all
+-- after backward, averaged) remains for gradients taken outside train().
 function D:_set_sum_overlap(on)
-  local use = on and self.world_size > 1 and self.expert_parallel_size == self.world_size and not self._dp_comm
+  local use = on and self.world_size > 1
   if use then
     local skip = {}
     for _, r in ipairs(self._segments.expert) do skip[#skip + 1] = {r[1], r[2]} end
@@ -218,6 +220,18 @@ function D:_reduce_sharded_grads()
     if self._dp_comm then self._dp_comm:all_reduce(ex, "sum", {bucket_mb = self.bucket_mb}) end
     unpack(ex * (1 / self.world_size), seg.expert, grads)
   end
+end
+
+-- after a backward with the non-expert blocks summed (_set_sum_overlap): the
+-- expert ranges summed over the replicas of the same experts (W times the
+-- mean, like the rest)
+function D:_sum_replica_experts()
+  local seg = self._segments
+  if not self._dp_comm or seg.expert_n == 0 then return end
+  local _, grads = self.model.net:flat_parameters()
+  local ex = pack(grads, seg.expert, seg.expert_n)
+  self._dp_comm:all_reduce(ex, "sum", {bucket_mb = self.bucket_mb})
+  unpack(ex, seg.expert, grads)
 end
 
 -- global-norm clipping (core.clip_grad_norm's rule) over the sharded gradients
