@@ -320,9 +320,9 @@ describe("jobs under mpirun", function()
   end
   local mpirun = find_mpirun()
   local bin = os.getenv("MOELAB_BIN") or "./moelab"
-  local function run(args, np)
-    local p = io.popen(string.format("timeout 60 %s --oversubscribe --allow-run-as-root -np %d %s %s 2>&1; echo \"rc=$?\"",
-                                     mpirun, np or 2, bin, args))
+  local function run(args, np, env)
+    local p = io.popen(string.format("%s timeout 60 %s --oversubscribe --allow-run-as-root -np %d %s %s 2>&1; echo \"rc=$?\"",
+                                     env or "", mpirun, np or 2, bin, args))
     local out = p:read("*a")
     p:close()
     return out, tonumber(out:match("rc=(%d+)%s*$"))
@@ -359,6 +359,16 @@ describe("jobs under mpirun", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end
     local out, rc = run("tests/dist/ep_check.lua")
+    assert.is_truthy(out:find("EP_OK 0", 1, true), out)
+    assert.is_truthy(out:find("EP_OK 1", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
+  it("expert parallelism with one row per choice (the exchange expert choice uses) reproduces one process too", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    -- the default moves one row per token and owning rank; this keeps the other exchange under test
+    local out, rc = run("tests/dist/ep_check.lua", 2, "MOELAB_EP_EXCHANGE=assignments")
     assert.is_truthy(out:find("EP_OK 0", 1, true), out)
     assert.is_truthy(out:find("EP_OK 1", 1, true), out)
     assert.are.equal(0, rc, out)
