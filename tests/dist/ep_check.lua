@@ -2,7 +2,8 @@
 -- Expert parallelism (EP = 2 = world size): each rank computes half the
 -- experts of every MoE layer for the rows both ranks route to them. Checks
 -- (1) a forward with EP gives each rank the loss of the plain forward on its
--- own batch, with tokens routed to both ranks' experts, and (2) EP training
+-- own batch, with tokens routed to both ranks' experts, and the gradients
+-- summed over the ranks equal the plain ones (top-k and expert choice), and (2) EP training
 -- reproduces one process with twice the accumulation (losses, aux losses,
 -- final parameters to 1e-5 relative), also with ZeRO-2 (sharded over the
 -- world). Prints "EP_OK <rank>".
@@ -11,29 +12,45 @@ d.init{timeout = 20}
 local rank, world = d.rank(), d.world_size()
 assert(world == 2, "run with 2 ranks")
 
-local close, close_t = dofile("tests/dist/common.lua")(rank)
+local close, close_t, close_n = dofile("tests/dist/common.lua")(rank)
 
 local corpus = moe.data.corpus{seed = 7, num_bytes = 40000}
-local function model(seed)
-  return moe.MoEModel{vocab_size = 256, hidden_size = 16, num_layers = 2, num_heads = 2, num_experts = 4,
-                      experts_per_token = 2, expert_intermediate_size = 16, seed = seed}
+local function model(seed, extra)
+  local cfg = {vocab_size = 256, hidden_size = 16, num_layers = 2, num_heads = 2, num_experts = 4,
+               experts_per_token = 2, expert_intermediate_size = 16, seed = seed}
+  for k, v in pairs(extra or {}) do cfg[k] = v end
+  return moe.MoEModel(cfg)
 end
 local function batch(g) return corpus:batch{batch_size = 2, seq_len = 8, seed = 3, step = g} end
 
--- (1) forward and backward of one batch per rank, EP against the plain model
-do
-  local m = model(11)
-  local ids, targets = batch(rank)
-  local plain = m:forward(ids, {targets = targets})
-  local want = plain.loss:item()
-  assert(d.set_expert_parallel(m.net, true) == 2, "two MoE layers")
+-- (1) forward and backward of one batch per rank, EP against the plain model:
+-- each rank's loss is its plain loss, and the gradients summed over the ranks
+-- are the plain gradients summed over the ranks (every token's contribution
+-- reaches every parameter once, wherever its expert ran). Top-k moves token
+-- rows; expert choice (no slot map) moves one row per choice.
+local function loss_and_grads(m, ids, targets)
+  m:zero_grad()
   local out = m:forward(ids, {targets = targets})
-  close(out.loss:item(), want, 1e-5, "EP forward loss")
+  out.tape:backward(out.loss)
+  local loss = out.loss:item()
+  out.tape:reset()
+  local _, g = m.net:flat_parameters()
+  return loss, d.all_reduce(g:clone(), "sum")
+end
+for _, cfg in ipairs{{name = "top-k"}, {name = "expert choice", extra = {router = "expert_choice", capacity_factor = 1}}} do
+  local m = model(11, cfg.extra)
+  local ids, targets = batch(rank)
+  local want, want_g = loss_and_grads(m, ids, targets)
+  assert(d.set_expert_parallel(m.net, true) == 2, "two MoE layers")
+  local got, got_g = loss_and_grads(m, ids, targets)
+  close(got, want, 1e-5, cfg.name .. ": EP forward loss")
+  close_n(got_g, want_g, 1e-5, cfg.name .. ": EP gradients summed over the ranks")
   -- tokens of both ranks reach the experts of both ranks
   for i, s in ipairs(m:routing_stats()) do
     local lo, hi = s.counts[1] + s.counts[2], s.counts[3] + s.counts[4]
     local all = d.all_reduce(moe.tensor({lo, hi}, {dtype = "f64"}), "sum"):to_table()
-    assert(all[1] > 0 and all[2] > 0, string.format("layer %d: rank 0's experts get %d rows, rank 1's %d", i, all[1], all[2]))
+    assert(all[1] > 0 and all[2] > 0, string.format("%s layer %d: rank 0's experts get %d rows, rank 1's %d", cfg.name,
+                                                    i, all[1], all[2]))
   end
   d.set_expert_parallel(m.net, false)
 end
