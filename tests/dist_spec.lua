@@ -374,6 +374,14 @@ describe("jobs under mpirun", function()
     assert.are.equal(0, rc, out)
   end)
 
+  it("a misspelt MOELAB_EP_EXCHANGE is an error naming the accepted values", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("tests/dist/ep_check.lua", 2, "MOELAB_EP_EXCHANGE=assignment")
+    assert.is_truthy(out:find('MOELAB_EP_EXCHANGE is "assignment", expected "tokens" or "assignments"', 1, true), out)
+    assert.are_not.equal(0, rc, out)
+  end)
+
   it("EP = 2 x DP = 2 on 4 ranks reproduces one process with 4x the accumulation; its checkpoint loads in one process", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end

@@ -26,18 +26,15 @@ local dist, group_comm  -- set on install
 -- rank's (_layout); both list the same parameters in the same order with
 -- their flat-buffer offsets, so moving between them is a loop of copies.
 --
--- Gradients: the non-expert part is averaged over the world as in data
--- parallel; the expert part is summed over the replicas of the same experts
--- (the ranks with the same rank % E_p, _dp_comm; none when E_p = W) and
--- scaled by 1/W: an expert's gradient is the sum of its owners' gradients,
--- one owner per group, so this is the mean over every rank's tokens, the same
--- value the world average of full-size buffers gives. In training the
--- non-expert part is summed during backward instead, the expert part summed
--- over the replicas after it (none when E_p = W), and 1/W goes into the
--- optimizer step (_set_sum_overlap). Clipping takes the global norm: the
--- non-expert part once plus every shard's expert part (summed over the
--- expert-parallel group), computed on the device; its factor goes into the
--- optimizer step too.
+-- Gradients: the non-expert part is summed over the world during backward,
+-- the expert part summed over the replicas of the same experts after it (the
+-- ranks with the same rank % E_p, _dp_comm; none when E_p = W), and 1/W goes
+-- into the optimizer step (_set_sum_overlap): an expert's gradient is the sum
+-- of its owners' gradients, one owner per group, so this is the mean over
+-- every rank's tokens, the value the world average of full-size buffers
+-- gives. Clipping takes the global norm: the non-expert part once plus every
+-- shard's expert part (summed over the expert-parallel group), computed on
+-- the device; its factor goes into the optimizer step too.
 --
 -- Checkpoints stay in the single-process layout: saves gather the shards over
 -- the expert-parallel group (every rank calls them; rank 0 writes) and resumes
@@ -152,19 +149,17 @@ end
 -- ranges are then summed over them (_sum_replica_experts). Every gradient is
 -- then W times the mean gradient (an expert's is the sum of its tokens'
 -- contributions from every rank), and the factor 1/W goes into the optimizer
--- step with the clipping factor (_clip_sharded). _reduce_sharded_grads (all
--- after backward, averaged) remains for gradients taken outside train().
+-- step with the clipping factor (_clip_sharded). On while the experts are
+-- sharded (always over more than one rank).
 function D:_set_sum_overlap(on)
-  local use = on and self.world_size > 1
-  if use then
+  if on then
     local skip = {}
     for _, r in ipairs(self._segments.expert) do skip[#skip + 1] = {r[1], r[2]} end
     dist.set_grad_allreduce(self.model.net, true, {op = "sum", skip = skip})
-  elseif self._sum_grads then
+  elseif self._overlap then
     dist.set_grad_allreduce(self.model.net, false)
   end
-  self._sum_grads = use or nil
-  self._overlap = use or nil
+  self._overlap = on or nil
 end
 
 -- full: a flat buffer in the single-process layout -> dst, one in this rank's
@@ -209,19 +204,6 @@ function D:_to_full(buf)
   return full
 end
 
-function D:_reduce_sharded_grads()
-  local _, grads = self.model.net:flat_parameters()
-  local seg = self._segments
-  local rest = pack(grads, seg.rest, seg.rest_n)
-  dist.all_reduce(rest, "avg", {bucket_mb = self.bucket_mb})
-  unpack(rest, seg.rest, grads)
-  if seg.expert_n > 0 then
-    local ex = pack(grads, seg.expert, seg.expert_n)
-    if self._dp_comm then self._dp_comm:all_reduce(ex, "sum", {bucket_mb = self.bucket_mb}) end
-    unpack(ex * (1 / self.world_size), seg.expert, grads)
-  end
-end
-
 -- after a backward with the non-expert blocks summed (_set_sum_overlap): the
 -- expert ranges summed over the replicas of the same experts (W times the
 -- mean, like the rest)
@@ -248,9 +230,8 @@ function D:_clip_sharded(net, max_norm)
   local total = ex:to("f32") + sum_squares(grads, seg.rest)
   local norm = math.sqrt(total:to("cpu"):item())
   -- summed gradients (_set_sum_overlap) are W times the mean
-  local extra = 1
-  if self._sum_grads then norm, extra = norm / self.world_size, 1 / self.world_size end
-  trainer_mod.apply_clip(net, self.inner.optimizer, norm, max_norm, extra)
+  norm = norm / self.world_size
+  trainer_mod.apply_clip(net, self.inner.optimizer, norm, max_norm, 1 / self.world_size)
   return norm
 end
 

@@ -228,13 +228,11 @@ function M.DistributedMoETrainer(opts)
   topts.grad_hook = function(tr)
     if zs == 2 then
       self:_zero_reduce_scatter()
-    elseif self._sharded and self._sum_grads then
+    elseif self._sharded then
       -- the non-expert blocks were summed during backward; the rest now, then
       -- wait; then the experts over their replicas
       dist.finish_grad_allreduce(model.net)
       self:_sum_replica_experts()
-    elseif self._sharded then
-      self:_reduce_sharded_grads()
     elseif world > 1 and self._overlap then
       -- most blocks were queued during backward; the rest now, then wait
       dist.finish_grad_allreduce(model.net)

@@ -150,11 +150,14 @@ static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
 /* Whether expert parallelism moves token rows (one per token and owning
  * rank, needs the router's slot map and at most MOE_EP_MAX_RANKS ranks) or
  * assignment rows (one per kept choice; expert choice, or
- * MOELAB_EP_EXCHANGE=assignments, read at each call, for A/B comparisons). */
-static int ep_moves_tokens(const moe_routing *r, const moe_comm *comm) {
-    if (!r->slots || comm->size > MOE_EP_MAX_RANKS) return 0;
+ * MOELAB_EP_EXCHANGE=assignments, read at each call, for A/B comparisons;
+ * "tokens" or unset is the default, anything else an error). */
+static moe_status ep_moves_tokens(const moe_routing *r, const moe_comm *comm, int *tokens) {
     const char *env = getenv("MOELAB_EP_EXCHANGE");
-    return !(env && strcmp(env, "assignments") == 0);
+    if (env && *env && strcmp(env, "tokens") && strcmp(env, "assignments"))
+        return moe_error(MOE_ERR_ARG, "MOELAB_EP_EXCHANGE is \"%s\", expected \"tokens\" or \"assignments\"", env);
+    *tokens = r->slots && comm->size <= MOE_EP_MAX_RANKS && !(env && !strcmp(env, "assignments"));
+    return MOE_OK;
 }
 
 static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, int64_t d1, moe_device dev) {
@@ -335,7 +338,9 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
-    if (s == MOE_OK && !st->custom && st->ep_comm && ep_moves_tokens(&r, st->ep_comm)) {
+    int tokens = 0;
+    if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(&r, st->ep_comm, &tokens);
+    if (s == MOE_OK && tokens) {
         s = ep_token_experts(l, ctx, tape, xr, &r, &yr);
     } else {
         if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);

@@ -33,6 +33,20 @@ static moe_status check_2d(const char *op, const char *name, const moe_tensor *t
     return MOE_OK;
 }
 
+/* contiguous copies of up to 4 inputs (NULL allowed); release with contig_release */
+typedef struct { moe_tensor *c[4]; } contig4;
+static moe_status contig_all(moe_ctx *ctx, contig4 *k, const moe_tensor *a, const moe_tensor *b, const moe_tensor *c,
+                             const moe_tensor *d) {
+    const moe_tensor *in[4] = {a, b, c, d};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 4; i++) k->c[i] = NULL;
+    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &k->c[i]);
+    return s;
+}
+static void contig_release(contig4 *k) {
+    for (int i = 0; i < 4; i++) moe_tensor_release(k->c[i]);
+}
+
 moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
                              const moe_tensor *slots) {
     static const char *op = "gather_sum";
@@ -51,14 +65,10 @@ moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src,
     const moe_backend *be;
     OPS_ENTRY(ctx, op, y->device, gather_sum, be);
     if (moe_tensor_numel(y) == 0) return MOE_OK;
-    moe_tensor *sc = NULL, *wc = NULL, *ic = NULL;
-    moe_status s = ops_contig(ctx, src, &sc);
-    if (s == MOE_OK) s = ops_contig(ctx, w, &wc);
-    if (s == MOE_OK) s = ops_contig(ctx, slots, &ic);
-    if (s == MOE_OK) s = be->gather_sum(ctx, y, sc, wc, ic);
-    moe_tensor_release(sc);
-    moe_tensor_release(wc);
-    moe_tensor_release(ic);
+    contig4 k;
+    moe_status s = contig_all(ctx, &k, src, w, slots, NULL);
+    if (s == MOE_OK) s = be->gather_sum(ctx, y, k.c[0], k.c[1], k.c[2]);
+    contig_release(&k);
     return s;
 }
 
@@ -85,12 +95,10 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
     const moe_backend *be;
     OPS_ENTRY(ctx, op, dsrc->device, combine_backward, be);
     if (a == 0) return MOE_OK;
-    const moe_tensor *in[] = {dy, src, w, token_idx};
-    moe_tensor *c[4] = {NULL, NULL, NULL, NULL};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &c[i]);
-    if (s == MOE_OK) s = be->combine_backward(ctx, dsrc, dw, c[0], c[1], c[2], c[3]);
-    for (int i = 0; i < 4; i++) moe_tensor_release(c[i]);
+    contig4 k;
+    moe_status s = contig_all(ctx, &k, dy, src, w, token_idx);
+    if (s == MOE_OK) s = be->combine_backward(ctx, dsrc, dw, k.c[0], k.c[1], k.c[2], k.c[3]);
+    contig_release(&k);
     return s;
 }
 
@@ -118,20 +126,6 @@ static moe_status check_ranks(const char *op, int64_t p) {
     if (p < 1 || p > MOE_EP_MAX_RANKS)
         return moe_error(MOE_ERR_ARG, "%s: %lld ranks, expected 1 to %d", op, (long long)p, MOE_EP_MAX_RANKS);
     return MOE_OK;
-}
-
-/* contiguous copies of up to 4 inputs (NULL allowed), then fn(...) */
-typedef struct { moe_tensor *c[4]; } contig4;
-static moe_status contig_all(moe_ctx *ctx, contig4 *k, const moe_tensor *a, const moe_tensor *b, const moe_tensor *c,
-                             const moe_tensor *d) {
-    const moe_tensor *in[4] = {a, b, c, d};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 4; i++) k->c[i] = NULL;
-    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &k->c[i]);
-    return s;
-}
-static void contig_release(contig4 *k) {
-    for (int i = 0; i < 4; i++) moe_tensor_release(k->c[i]);
 }
 
 moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,

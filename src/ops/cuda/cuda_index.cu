@@ -34,32 +34,9 @@ namespace {
 
 #define PTR(T, t) ((T *)moe_tensor_data(t))
 
-__global__ void k_check_range(const int64_t *idx, int64_t cnt, int64_t n, unsigned long long *first_bad) {
-    GRID_STRIDE(i, cnt) {
-        int64_t v = idx[i];
-        if (v < 0 || v >= n) atomicMin(first_bad, (unsigned long long)i);
-    }
-}
-
-// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [0, n).
+// MOE_ERR_RANGE (nothing written) when some index[0:cnt] is outside [0, n)
 moe_status check_range(cuda_dev *d, const char *op, const moe_tensor *index, int64_t cnt, int64_t n) {
-    if (cnt == 0 || moe_tensor_index_trusted(index, n)) return MOE_OK;
-    const int64_t *idx = PTR(const int64_t, index);
-    cuda_scratch flag(d, sizeof(unsigned long long));
-    if (!flag.p) return moe_last_status();
-    unsigned long long *f = (unsigned long long *)flag.p;
-    CU_TRY(cudaMemsetAsync(f, 0xff, sizeof *f, d->stream), op);
-    k_check_range<<<cuda_grid_1d(d, cnt, 256), 256, 0, d->stream>>>(idx, cnt, n, f);
-    CU_LAUNCHED(op);
-    unsigned long long bad = 0;
-    CU_TRY(cudaMemcpyAsync(&bad, f, sizeof bad, cudaMemcpyDeviceToHost, d->stream), op);
-    CU_TRY(cudaStreamSynchronize(d->stream), op);
-    if (bad == ~0ull) return MOE_OK;
-    int64_t v = 0;
-    CU_TRY(cudaMemcpyAsync(&v, idx + bad, sizeof v, cudaMemcpyDeviceToHost, d->stream), op);
-    CU_TRY(cudaStreamSynchronize(d->stream), op);
-    return moe_error(MOE_ERR_RANGE, "%s: index %lld at position %lld is out of range, expected [0, %lld)", op,
-                     (long long)v, (long long)bad, (long long)n);
+    return cuda_check_index<int64_t>(d, op, "index", index, cnt, 0, n, 0);
 }
 
 // ---- gather / index_select: pure copies ----
