@@ -245,8 +245,8 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
     return s;
 }
 
-moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
-                                        const int64_t *recv_counts) {
+static moe_status a2a_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                             const int64_t *recv_counts, int join) {
     const char *w = "all_to_all_v";
     size_t *sc;
     MOE_TRY(a2a_counts(c, in, send_counts, out, recv_counts, &sc, w));
@@ -256,7 +256,8 @@ moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const
         double t0 = moe_dist_now();
         c->seq++;
         s = moe_error_context(c->ops->all_to_all_v_queued(c, moe_tensor_data(in), sc, moe_tensor_data(out),
-                                                          sc + c->size, in->dtype, in->device, &queued), "%s", w);
+                                                          sc + c->size, in->dtype, in->device, join, &queued),
+                               "%s", w);
         if (queued) {
             c->a2a_calls++;
             c->a2a_s += moe_dist_now() - t0;
@@ -267,6 +268,22 @@ moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const
     if (s == MOE_OK && !queued) s = a2a_blocking(c, in, sc, out, sc + c->size, w);
     free(sc);
     return s;
+}
+
+moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                        const int64_t *recv_counts) {
+    return a2a_queued(c, in, send_counts, out, recv_counts, 1);
+}
+
+moe_status moe_comm_all_to_all_v_start(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                       const int64_t *recv_counts) {
+    return a2a_queued(c, in, send_counts, out, recv_counts, 0);
+}
+
+moe_status moe_comm_join_queued(moe_comm *c, moe_device dev) {
+    MOE_TRY(check_comm(c, "join"));
+    if (!c->ops->join_queued || dev.type == MOE_CPU) return MOE_OK;
+    return moe_error_context(c->ops->join_queued(c, dev), "all_to_all_v (joining the compute stream)");
 }
 
 /* ------------------------------------------------------------ split */

@@ -93,9 +93,12 @@ typedef struct {
      * device's compute stream (it starts after the work queued there and the
      * compute stream's later work starts after it), no host wait. Sets
      * *queued = 0 and does nothing when it cannot watch a queued exchange
-     * (then the caller runs the blocking one). */
+     * (then the caller runs the blocking one). join = 0 leaves the compute
+     * stream free to run other work meanwhile, until join_queued. */
     moe_status (*all_to_all_v_queued)(moe_comm *c, const void *in, const size_t *send_counts, void *out,
-                                      const size_t *recv_counts, moe_dtype dt, moe_device dev, int *queued);
+                                      const size_t *recv_counts, moe_dtype dt, moe_device dev, int join, int *queued);
+    /* The compute stream's later work waits for every exchange queued so far. */
+    moe_status (*join_queued)(moe_comm *c, moe_device dev);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -187,6 +190,15 @@ moe_status moe_comm_all_to_all_v(moe_comm *c, const moe_tensor *in, const int64_
  * Elsewhere (MPI, CPU tensors, mpirun-launched NCCL) it is the blocking call. */
 moe_status moe_comm_all_to_all_v_queued(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
                                         const int64_t *recv_counts);
+/* The queued exchange without ordering the compute stream after it: work
+ * queued next runs alongside it (the experts' weight gradients while their
+ * input gradients travel). The caller keeps in and out alive and touches
+ * neither until moe_comm_join_queued, which orders the compute stream's
+ * later work after every exchange started so far. Where the exchange cannot
+ * be queued, start runs the blocking one and join does nothing. */
+moe_status moe_comm_all_to_all_v_start(moe_comm *c, const moe_tensor *in, const int64_t *send_counts, moe_tensor *out,
+                                       const int64_t *recv_counts);
+moe_status moe_comm_join_queued(moe_comm *c, moe_device dev);
 
 /* "sum"/"avg" (also "mean") -> op; -1 for an unknown name */
 int moe_dist_op_parse(const char *name);

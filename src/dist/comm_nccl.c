@@ -523,7 +523,7 @@ static moe_status event(cudaEvent_t *e, const char *what) {
 }
 
 static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
-                                         moe_dtype dt, moe_device d, int *queued) {
+                                         moe_dtype dt, moe_device d, int join, int *queued) {
     nccl_impl *m = c->impl;
     *queued = 0;
     if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
@@ -539,8 +539,8 @@ static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const si
     if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
         s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
     if (s == MOE_OK) s = enqueue_a2a(c, in, sc, out, rc, dt);
-    if (s == MOE_OK &&
-        (cudaEventRecord(m->q_done, m->stream) != cudaSuccess || cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess)) {
+    if (s == MOE_OK && (cudaEventRecord(m->q_done, m->stream) != cudaSuccess ||
+                        (join && cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))) {
         /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
         cudaStreamSynchronize(m->stream);
         m->broken = 1;
@@ -550,6 +550,19 @@ static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const si
     pthread_mutex_unlock(&m->q_mu);
     if (s == MOE_OK) *queued = 1;
     return s;
+}
+
+/* q_done was recorded after the latest queued exchange (none: nothing to wait for). */
+static moe_status nc_join_queued_u(moe_comm *c, moe_device d) {
+    nccl_impl *m = c->impl;
+    if (!m->q_pending || !m->q_done) return MOE_OK;
+    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
+    if (!compute) return moe_last_status();
+    if (cudaStreamWaitEvent(compute, m->q_done, 0) == cudaSuccess) return MOE_OK;
+    /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
+    cudaStreamSynchronize(m->stream);
+    m->broken = 1;
+    return moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
 }
 
 /* Every operation holds the communicator's lock while it runs (see q_mu). */
@@ -576,8 +589,9 @@ LOCKED(nc_all_to_all_v,
        (c, in, sc, out, rc, dt, d))
 LOCKED(nc_all_to_all_v_queued,
        (moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc, moe_dtype dt, moe_device d,
-        int *queued),
-       (c, in, sc, out, rc, dt, d, queued))
+        int join, int *queued),
+       (c, in, sc, out, rc, dt, d, join, queued))
+LOCKED(nc_join_queued, (moe_comm *c, moe_device d), (c, d))
 static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 LOCKED(nc_split, (moe_comm *c, int color, int key, const int *members, moe_comm *child), (c, color, key, members, child))
 #undef LOCKED
@@ -613,7 +627,7 @@ static const moe_comm_ops nccl_ops = {
     .name = "nccl", .supports = nc_supports, .barrier = nc_barrier, .all_reduce = nc_all_reduce,
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
-    .all_to_all_v_queued = nc_all_to_all_v_queued,
+    .all_to_all_v_queued = nc_all_to_all_v_queued, .join_queued = nc_join_queued,
     .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 

@@ -39,6 +39,33 @@ void moe_expert_bank_set_lora(moe_layer *l, moe_lora *lora) {
     st->lora = lora;
 }
 
+/* The weight gradients: d(down) += dy^T h, d(up) += du^T x, d(gate) += dg^T x. */
+typedef struct {
+    moe_layer *l;
+    moe_tensor *dy, *h, *du, *dg, *xp, *offs;
+} wgrad_args;
+
+static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
+    wgrad_args *w = arg;
+    int sw = swiglu_bank(w->l);
+    const int64_t *off = moe_tensor_data(w->offs);
+    int groups = (int)(w->offs->shape[0] - 1);
+    moe_param *pg = sw ? bank_param(w->l, P_GATE) : NULL, *pu = bank_param(w->l, P_UP), *pd = bank_param(w->l, P_DOWN);
+    moe_status s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, 1.0f, pd->grad, off, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, 1.0f, pu->grad, off, groups);
+    if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, 1.0f, pg->grad, off, groups);
+    return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
+}
+
+static void wgrad_free(void *arg) {
+    wgrad_args *w = arg;
+    if (!w) return;
+    moe_tensor *all[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+    moe_layer_release_v(w->l);
+    free(w);
+}
+
 static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     int sw = swiglu_bank(l);
@@ -53,20 +80,31 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     const moe_lora *lo = moe_expert_bank_lora(l);
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
-    /* down: y = h @ down^T  ->  dh = dy @ down, ddown += dy^T h */
+    /* down: y = h @ down^T  ->  dh = dy @ down */
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, moe_param_w(pd), 0.0f, dh, off, groups);
-    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dy, h, 1.0f, pd->grad, off, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
     /* activation */
     if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
                             : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
-    /* up (and gate): a = x @ W^T -> dx += da @ W, dW += da^T x */
+    /* up (and gate): a = x @ W^T -> dx += da @ W */
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, du, moe_param_w(pu), 0.0f, dx, off, groups);
-    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, du, xp, 1.0f, pu->grad, off, groups);
     if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dg, moe_param_w(pg), 1.0f, dx, off, groups);
-    if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, dg, xp, 1.0f, pg->grad, off, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);
     if (s == MOE_OK && lo && sw) s = moe_lora_bank_backward(ctx, l, P_GATE, xp, dg, dx, off, groups);
+    /* the weight gradients last: under expert parallelism they may wait for
+     * the exchange of dx, which they then overlap (moe_tape_defer) */
+    wgrad_args *w = s == MOE_OK ? calloc(1, sizeof *w) : NULL;
+    if (s == MOE_OK && !w) s = moe_error(MOE_ERR_OOM, "out of host memory");
+    if (s == MOE_OK) {
+        moe_layer_retain_v(l);
+        w->l = l;
+        w->dy = dy; w->du = du; w->dg = dg;
+        dy = du = dg = NULL;
+        moe_tensor *keep[] = {h, xp, offs};
+        for (int i = 0; i < 3; i++) moe_tensor_retain(keep[i]);
+        w->h = h; w->xp = xp; w->offs = offs;
+        s = moe_tape_defer(ctx, e->tape, bank_wgrad, wgrad_free, w);
+    }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;

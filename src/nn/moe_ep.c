@@ -147,9 +147,13 @@ static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_ten
 
 /* Rows of x [sum(send), H] go to the ranks in blocks of send[r] rows; *out
  * [sum(recv), H] gets rank r's block of recv[r] rows, ranks in order. Queued
- * on the GPU where the communicator can (moe_comm_all_to_all_v_queued). */
-static moe_status exchange_rows(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send, int64_t nsend,
-                                const int64_t *recv, int64_t nrecv, moe_tensor **out) {
+ * on the GPU where the communicator can (moe_comm_all_to_all_v_queued). With
+ * `overlap`, that tape's deferred work (moe_tape_defer: the experts' weight
+ * gradients) is queued on the compute stream while the rows travel, and the
+ * compute stream joins the exchange after it. */
+static moe_status exchange_rows_overlap(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send,
+                                        int64_t nsend, const int64_t *recv, int64_t nrecv, moe_tape *overlap,
+                                        moe_tensor **out) {
     *out = NULL;
     if (x->ndim != 2 || x->shape[0] != nsend)
         return moe_error(MOE_ERR_SHAPE, "expert parallel: %lld rows to send, the plan has %lld",
@@ -161,12 +165,24 @@ static moe_status exchange_rows(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, con
     for (int r = 0; r < p->ep; r++) { sc[r] = send[r] * h; rc[r] = recv[r] * h; }
     moe_tensor *xc = moe_op_contiguous(ctx, x), *y = NULL;
     moe_status s = xc ? new_rows(ctx, x, nrecv, &y) : moe_last_status();
-    if (s == MOE_OK) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, y, rc);
+    if (s == MOE_OK && !overlap) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, y, rc);
+    if (s == MOE_OK && overlap) {
+        s = moe_comm_all_to_all_v_start(p->comm, xc, sc, y, rc);
+        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, overlap);
+        /* joined even when the deferred work failed: xc and y are released below */
+        moe_status sj = s == MOE_OK ? moe_comm_join_queued(p->comm, x->device) : MOE_OK;
+        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
+    }
     free(sc);
     moe_tensor_release(xc);
     if (s != MOE_OK) { moe_tensor_release(y); return s; }
     *out = y;
     return MOE_OK;
+}
+
+static moe_status exchange_rows(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send, int64_t nsend,
+                                const int64_t *recv, int64_t nrecv, moe_tensor **out) {
+    return exchange_rows_overlap(ctx, p, x, send, nsend, recv, nrecv, NULL, out);
 }
 
 /* rows of x reordered: y[i] = x[idx[i]] */
@@ -231,11 +247,32 @@ static moe_status ep_dispatch_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tens
 static moe_status ep_combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     return forward_exchange(ctx, e->self, gout[0], &gin[0]);
 }
+/* MOELAB_EP_OVERLAP: "1" or unset overlaps the experts' weight gradients
+ * with the exchange of their input gradients; "0" runs them in the experts'
+ * backward (for A/B comparisons); read at each backward. */
+static moe_status overlap_wanted(int *on) {
+    const char *env = getenv("MOELAB_EP_OVERLAP");
+    if (env && *env && strcmp(env, "0") && strcmp(env, "1"))
+        return moe_error(MOE_ERR_ARG, "MOELAB_EP_OVERLAP is \"%s\", expected 0 or 1", env);
+    *on = !(env && !strcmp(env, "0"));
+    return MOE_OK;
+}
+
+/* Backward of the token rows' way out, after the backward of their way back
+ * (which let the experts' backward defer its weight gradients): the input
+ * gradients go back to the senders while the weight gradients run. */
 static moe_status ep_tokens_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    return tokens_back(ctx, e->self, gout[0], &gin[0]);
+    moe_ep_plan *p = e->self;
+    moe_tape_set_defer(e->tape, 0);
+    return exchange_rows_overlap(ctx, p, gout[0], p->trecv_rows, p->treceived, p->tsend_rows, p->tsent, e->tape,
+                                 &gin[0]);
 }
 static moe_status ep_tokens_back_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    return tokens_out(ctx, e->self, gout[0], &gin[0]);
+    int on = 0;
+    MOE_TRY(overlap_wanted(&on));
+    MOE_TRY(tokens_out(ctx, e->self, gout[0], &gin[0]));
+    moe_tape_set_defer(e->tape, on);
+    return MOE_OK;
 }
 
 typedef moe_status (*exchange_fn)(moe_ctx *, moe_ep_plan *, moe_tensor *, moe_tensor **);

@@ -18,6 +18,9 @@ struct moe_tape {
     int profile;                     /* MOE_TAPE_PROFILE_* */
     moe_tape_profile_row *prof;      /* by entry name (names are static strings) */
     int nprof;
+    /* deferred backward work (moe_tape_defer), run in order */
+    int defer_on, ndeferred;
+    struct { moe_tape_deferred_fn run; void (*free_arg)(void *); void *arg; } deferred[MOE_TAPE_MAX_DEFERRED];
 };
 
 moe_tape *moe_tape_new(void) {
@@ -34,7 +37,36 @@ static void clear_grads(moe_tape *t) {
     t->used = 0;
 }
 
+/* Runs the deferred work in order; after a failure the rest is only freed. */
+moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *t) {
+    moe_status s = MOE_OK;
+    for (int i = 0; i < t->ndeferred; i++) {
+        if (s == MOE_OK && ctx) s = t->deferred[i].run(ctx, t->deferred[i].arg);
+        if (t->deferred[i].free_arg) t->deferred[i].free_arg(t->deferred[i].arg);
+    }
+    t->ndeferred = 0;
+    return s;
+}
+
+void moe_tape_set_defer(moe_tape *t, int on) { t->defer_on = on; }
+int moe_tape_defers(const moe_tape *t) { return t && t->defer_on; }
+
+moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg) {
+    if (!t->defer_on || t->ndeferred == MOE_TAPE_MAX_DEFERRED) {
+        moe_status s = run(ctx, arg);
+        if (free_arg) free_arg(arg);
+        return s;
+    }
+    t->deferred[t->ndeferred].run = run;
+    t->deferred[t->ndeferred].free_arg = free_arg;
+    t->deferred[t->ndeferred].arg = arg;
+    t->ndeferred++;
+    return MOE_OK;
+}
+
 void moe_tape_reset(moe_tape *t) {
+    moe_tape_run_deferred(NULL, t);   /* frees without running */
+    t->defer_on = 0;
     for (int k = 0; k < t->n; k++) {
         moe_tape_entry *e = &t->entries[k];
         for (int i = 0; i < e->n_in; i++) moe_tensor_release(e->in[i]);
@@ -111,6 +143,7 @@ moe_tape_entry *moe_tape_record(moe_tape *t, const char *name, moe_backward_fn b
     }
     moe_tape_entry *e = &t->entries[t->n++];
     memset(e, 0, sizeof *e);
+    e->tape = t;
     e->name = name;
     e->backward = backward;
     e->self = self;
@@ -243,6 +276,8 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
         }
         if (s != MOE_OK) {
             for (int i = 0; i < e->n_in; i++) moe_tensor_release(gin[i]);
+            t->defer_on = 0;
+            moe_tape_run_deferred(NULL, t);
             return moe_error_context(s, "%s.backward", e->name);
         }
         if (!t->retain_grads && !e->keep_out_grads)
@@ -253,6 +288,8 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             s = accumulate(ctx, t, e->in[i], gin[i]);
             if (s != MOE_OK) {
                 for (int r = i + 1; r < e->n_in; r++) moe_tensor_release(gin[r]);
+                t->defer_on = 0;
+                moe_tape_run_deferred(NULL, t);
                 return moe_error_context(s, "%s.backward", e->name);
             }
         }
@@ -261,5 +298,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             prof_add(t, "(gradient accumulation)", now_s() - t1);
         }
     }
-    return MOE_OK;
+    /* work deferred for an exchange that never came (none is expected) */
+    t->defer_on = 0;
+    return moe_error_context(moe_tape_run_deferred(ctx, t), "deferred backward work");
 }

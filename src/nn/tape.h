@@ -12,6 +12,7 @@
 
 #define MOE_TAPE_MAX_IO 4
 #define MOE_TAPE_MAX_SAVED 8
+#define MOE_TAPE_MAX_DEFERRED 8
 
 typedef struct moe_tape moe_tape;
 typedef struct moe_tape_entry moe_tape_entry;
@@ -34,6 +35,7 @@ struct moe_tape_entry {
     int keep_out_grads;                      /* an earlier entry shares these outputs: their gradients stay */
     double f[4];                             /* scalar arguments (eps, scale, ...) */
     int64_t i[4];                            /* integer arguments */
+    moe_tape *tape;                          /* the tape holding the entry (moe_tape_defer) */
 };
 
 moe_tape *moe_tape_new(void);
@@ -66,6 +68,20 @@ void moe_tape_set_profile(moe_tape *tape, int mode);
 typedef struct { const char *name; int64_t calls; double seconds; } moe_tape_profile_row;
 /* Rows sorted by seconds, most first; returns the count (fills up to max). */
 int moe_tape_profile(const moe_tape *tape, moe_tape_profile_row *rows, int max);
+/* Deferred backward work, for overlap with expert parallelism's exchanges:
+ * while deferral is on (moe_tape_set_defer, switched on by the entry before
+ * the experts' backward and off by the exchange after it), a backward may
+ * hand over work whose results no later entry reads (the experts' weight
+ * gradients, which go straight into their gradient buffers). The exchange's
+ * backward runs it (moe_tape_run_deferred) while its rows are in flight; any
+ * left over runs at the end of moe_tape_backward. moe_tape_defer takes over
+ * arg (free_arg frees it, run or not); with deferral off it runs at once. */
+typedef moe_status (*moe_tape_deferred_fn)(moe_ctx *ctx, void *arg);
+void moe_tape_set_defer(moe_tape *tape, int on);
+int moe_tape_defers(const moe_tape *tape);
+moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *tape, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg);
+moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *tape);
+
 /* Borrowed reference to the gradient of t, or NULL. */
 moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);
 
