@@ -7,7 +7,9 @@
 # then the one-GPU baseline. Run on the GPU machine with build/cuda carried.
 #   NGPU=2 EP_SIZES="1 2" bash tools/gpu_dist_bench.sh
 # An EP_SIZES entry "2:assignments" runs EP=2 with MOELAB_EP_EXCHANGE=assignments
-# (one row per kept choice instead of one per token and owning rank).
+# (one row per kept choice instead of one per token and owning rank);
+# "2:no_overlap" with MOELAB_EP_OVERLAP=0 (the experts' weight gradients not
+# overlapped with the exchange of their input gradients).
 # Other knobs: MOELAB_EP_* of tools/gpu_ep_scaling.lua (defaults set here:
 # EXPERTS=32, TOPK=4, PRECISION=bf16, GROUPS=NGPU, CONFIGS=aux, PHASE_S=45).
 set -u
@@ -27,20 +29,27 @@ have=$(nvidia-smi -L | wc -l)
 rc=0
 for spec in ${EP_SIZES:-1 $n}; do
     # "2" or "2:assignments" (MOELAB_EP_EXCHANGE for that run: the A/B of the EP exchange)
-    ep=${spec%%:*}; xch=; [[ $spec == *:* ]] && xch=${spec#*:}
-    tag=ep${ep}${xch:+_$xch}
+    ep=${spec%%:*}; variant=; [[ $spec == *:* ]] && variant=${spec#*:}
+    xch=; ovl=
+    case $variant in
+        '') ;;
+        assignments) xch=assignments ;;
+        no_overlap) ovl=0 ;;
+        *) echo "unknown EP_SIZES variant '$variant' (assignments, no_overlap)"; exit 2 ;;
+    esac
+    tag=ep${ep}${variant:+_$variant}
     rdv=$(mktemp -d /tmp/moelab_rdv.XXXXXX)
     t0=$(date +%s)
     pids=()
     for ((r = 0; r < n; r++)); do
         RANK=$r WORLD_SIZE=$n LOCAL_RANK=$r LOCAL_WORLD_SIZE=$n CUDA_VISIBLE_DEVICES=$r MOELAB_DIST_RENDEZVOUS=$rdv \
-            MOELAB_EP_SIZE=$ep MOELAB_EP_EXCHANGE=$xch timeout "${MOELAB_EP_TIMEOUT:-200}" build/cuda/moelab tools/gpu_ep_scaling.lua ep \
+            MOELAB_EP_SIZE=$ep MOELAB_EP_EXCHANGE=$xch MOELAB_EP_OVERLAP=$ovl timeout "${MOELAB_EP_TIMEOUT:-200}" build/cuda/moelab tools/gpu_ep_scaling.lua ep \
             >"$out/${tag}_rank$r.log" 2>&1 &
         pids+=($!)
     done
     for ((r = 0; r < n; r++)); do wait "${pids[$r]}" || { echo "ep=$ep rank $r exited with $?"; rc=1; }; done
     rm -rf "$rdv"
-    echo "== world $n, ep $ep${xch:+, exchange $xch} ($(( $(date +%s) - t0 )) s)"
+    echo "== world $n, ep $ep${variant:+, $variant} ($(( $(date +%s) - t0 )) s)"
     grep -hE '^(INFO|RESULT)' "$out/${tag}_rank0.log"
     grep -iE "error|failed|traceback|out of memory" "$out/${tag}_rank"*.log | grep -v "NCCL INFO" | head -5
 done

@@ -172,6 +172,29 @@ moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *ou
                                                 in->device), "%s", w);
 }
 
+moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out) {
+    const char *w = "all_gather";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_pair(c, in, out, w, 0));
+    int64_t n = moe_tensor_numel(in);
+    if (moe_tensor_numel(out) != n * c->size)
+        return moe_error(MOE_ERR_SHAPE, "%s: output has %lld elements, expected %d x %lld", w,
+                         (long long)moe_tensor_numel(out), c->size, (long long)n);
+    int queued = 0;
+    if (c->ops->all_gather_queued && in->device.type != MOE_CPU) {
+        c->seq++;
+        MOE_TRY(moe_error_context(c->ops->all_gather_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
+                                                            in->dtype, in->device, &queued), "%s", w));
+        if (!queued) c->seq--;
+    }
+    return queued ? MOE_OK : moe_comm_all_gather(c, in, out);
+}
+
+moe_status moe_comm_check_queued(moe_comm *c) {
+    MOE_TRY(check_comm(c, "queued collectives"));
+    return c->ops->check_queued ? c->ops->check_queued(c) : MOE_OK;
+}
+
 moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op) {
     const char *w = "reduce_scatter";
     MOE_TRY(check_comm(c, w));

@@ -99,6 +99,11 @@ typedef struct {
                                       const size_t *recv_counts, moe_dtype dt, moe_device dev, int join, int *queued);
     /* The compute stream's later work waits for every exchange queued so far. */
     moe_status (*join_queued)(moe_comm *c, moe_device dev);
+    /* Optional: the watcher's verdict when it aborted a queued collective (results read since are not valid). */
+    moe_status (*check_queued)(moe_comm *c);
+    /* Optional (NULL: the blocking all_gather): queued like all_to_all_v_queued (joined). */
+    moe_status (*all_gather_queued)(moe_comm *c, const void *in, void *out, size_t count, moe_dtype dt, moe_device dev,
+                                    int *queued);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -176,6 +181,16 @@ moe_status moe_comm_wait_pending(moe_comm *c);
 moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root);
 /* out has size * numel(in) elements */
 moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out);
+/* The same, queued on the compute stream like moe_comm_all_to_all_v_queued
+ * where the communicator can (GPU tensors over NCCL with heartbeats), so a
+ * later copy to the host waits for it with the device's other work: the
+ * expert-parallel counts ride the routing's one synchronisation. Elsewhere
+ * the blocking call. */
+moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out);
+/* After reading what queued collectives wrote (a copy to the host): fails,
+ * naming the cause, when the communicator's watcher aborted them meanwhile
+ * (a dead rank: the results are garbage). MOE_OK elsewhere. */
+moe_status moe_comm_check_queued(moe_comm *c);
 /* in has size * numel(out) elements */
 moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op);
 /* counts in elements, one per rank; sum(send_counts) <= numel(in), sum(recv_counts) <= numel(out) */

@@ -522,34 +522,65 @@ static moe_status event(cudaEvent_t *e, const char *what) {
     return moe_error(MOE_ERR_DEVICE, "%s: cannot create a CUDA event", what);
 }
 
-static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
-                                         moe_dtype dt, moe_device d, int join, int *queued) {
+/* Queues enqueue(c, arg) on our stream between two events: after the
+ * compute stream's work so far, and (join) before its later work. The
+ * heartbeat thread watches it; *queued = 0 and nothing is done when there is
+ * no watcher (the caller then runs the blocking collective). */
+static moe_status queue_ordered(moe_comm *c, moe_device d, int join, int *queued, const char *what,
+                                moe_status (*enqueue)(moe_comm *c, void *arg), void *arg) {
     nccl_impl *m = c->impl;
     *queued = 0;
     if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
-    MOE_TRY(begin(c, "all_to_all_v"));
+    MOE_TRY(begin(c, what));
     cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
     if (!compute) return moe_last_status();
-    MOE_TRY(event(&m->ready, "all_to_all_v"));
-    MOE_TRY(event(&m->q_done, "all_to_all_v"));
+    MOE_TRY(event(&m->ready, what));
+    MOE_TRY(event(&m->q_done, what));
     pthread_mutex_lock(&m->q_mu);
     /* the timeout counts from the oldest exchange not yet seen finished */
     if (!m->q_pending || cudaEventQuery(m->q_done) == cudaSuccess) m->q_since = moe_dist_now();
     moe_status s = MOE_OK;
     if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
-        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
-    if (s == MOE_OK) s = enqueue_a2a(c, in, sc, out, rc, dt);
+        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
+    if (s == MOE_OK) s = enqueue(c, arg);
     if (s == MOE_OK && (cudaEventRecord(m->q_done, m->stream) != cudaSuccess ||
                         (join && cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))) {
-        /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
+        /* the collective runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
         cudaStreamSynchronize(m->stream);
         m->broken = 1;
-        s = moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
     }
     if (s == MOE_OK) m->q_pending = 1;
     pthread_mutex_unlock(&m->q_mu);
     if (s == MOE_OK) *queued = 1;
     return s;
+}
+
+typedef struct { const void *in; const size_t *sc; void *out; const size_t *rc; moe_dtype dt; size_t n; } queued_args;
+
+static moe_status enqueue_a2a_v(moe_comm *c, void *arg) {
+    queued_args *a = arg;
+    return enqueue_a2a(c, a->in, a->sc, a->out, a->rc, a->dt);
+}
+
+static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
+                                         moe_dtype dt, moe_device d, int join, int *queued) {
+    queued_args a = {in, sc, out, rc, dt, 0};
+    return queue_ordered(c, d, join, queued, "all_to_all_v", enqueue_a2a_v, &a);
+}
+
+static moe_status enqueue_all_gather(moe_comm *c, void *arg) {
+    nccl_impl *m = c->impl;
+    queued_args *a = arg;
+    size_t n = a->n;
+    ncclDataType_t t = nccl_type(a->dt, &n);
+    return nccl_check(m, m->api.AllGather(a->in, a->out, n, t, m->comm, m->stream), "ncclAllGather");
+}
+
+static moe_status nc_all_gather_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d,
+                                       int *queued) {
+    queued_args a = {in, NULL, out, NULL, dt, n};
+    return queue_ordered(c, d, 1, queued, "all_gather", enqueue_all_gather, &a);
 }
 
 /* q_done was recorded after the latest queued exchange (none: nothing to wait for). */
@@ -564,6 +595,8 @@ static moe_status nc_join_queued_u(moe_comm *c, moe_device d) {
     m->broken = 1;
     return moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
 }
+
+static moe_status nc_check_queued_u(moe_comm *c) { return begin(c, "a queued collective"); }
 
 /* Every operation holds the communicator's lock while it runs (see q_mu). */
 #define LOCKED(name, params, args)                                                                  \
@@ -592,6 +625,9 @@ LOCKED(nc_all_to_all_v_queued,
         int join, int *queued),
        (c, in, sc, out, rc, dt, d, join, queued))
 LOCKED(nc_join_queued, (moe_comm *c, moe_device d), (c, d))
+LOCKED(nc_check_queued, (moe_comm *c), (c))
+LOCKED(nc_all_gather_queued, (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d, int *queued),
+       (c, in, out, n, dt, d, queued))
 static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 LOCKED(nc_split, (moe_comm *c, int color, int key, const int *members, moe_comm *child), (c, color, key, members, child))
 #undef LOCKED
@@ -628,6 +664,7 @@ static const moe_comm_ops nccl_ops = {
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
     .all_to_all_v_queued = nc_all_to_all_v_queued, .join_queued = nc_join_queued,
+    .all_gather_queued = nc_all_gather_queued, .check_queued = nc_check_queued,
     .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 

@@ -136,7 +136,7 @@ static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
     if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_ep_plan *p = NULL;
     moe_tensor *xl = NULL, *yl = NULL;
-    moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, NULL, e, loff, &p);
+    moe_status s = moe_ep_plan_new(ctx, st->ep_comm, off, e, loff, &p);
     if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, xp, &xl);
     /* loff[first] is 0: the experts before the owned ones received nothing here */
     if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
@@ -152,17 +152,61 @@ static moe_status ep_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
  * assignment rows (one per kept choice; expert choice, or
  * MOELAB_EP_EXCHANGE=assignments, read at each call, for A/B comparisons;
  * "tokens" or unset is the default, anything else an error). */
-static moe_status ep_moves_tokens(const moe_routing *r, const moe_comm *comm, int *tokens) {
+static moe_status ep_moves_tokens(const moe_routing *r /* NULL: before routing */, const moe_comm *comm, int *tokens) {
     const char *env = getenv("MOELAB_EP_EXCHANGE");
     if (env && *env && strcmp(env, "tokens") && strcmp(env, "assignments"))
         return moe_error(MOE_ERR_ARG, "MOELAB_EP_EXCHANGE is \"%s\", expected \"tokens\" or \"assignments\"", env);
-    *tokens = r->slots && comm->size <= MOE_EP_MAX_RANKS && !(env && !strcmp(env, "assignments"));
+    *tokens = (!r || r->slots) && comm->size <= MOE_EP_MAX_RANKS && !(env && !strcmp(env, "assignments"));
     return MOE_OK;
 }
 
 static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, int64_t d1, moe_device dev) {
     int64_t shape[2] = {d0, d1};
     return moe_tensor_new(ctx, dt, ndim, shape, dev);
+}
+
+/* The expert-parallel counts, queued between the device routing's kernels
+ * and its one wait (moe_route_hook): this rank's token rows per destination
+ * (tslots) and, by a queued all_gather, every rank's [E expert counts, ep
+ * token counts]. out: [E + ep] this rank's, then [ep * (E + ep)] everyone's. */
+typedef struct {
+    moe_comm *comm;
+    moe_tensor *tslots;   /* made by the hook; the caller releases it */
+} ep_hook;
+
+static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slots, moe_tensor *expert_idx,
+                                moe_tensor *kept, moe_tensor *out) {
+    ep_hook *a = h->arg;
+    const int ep = a->comm->size;
+    const int64_t e = kept->shape[0], w = e + ep;
+    moe_tensor *mine = moe_tensor_narrow(out, 0, 0, w), *mine_e = moe_tensor_narrow(out, 0, 0, e);
+    moe_tensor *mine_t = moe_tensor_narrow(out, 0, e, ep), *all = moe_tensor_narrow(out, 0, w, (int64_t)ep * w);
+    a->tslots = new_index(ctx, MOE_I32, 2, slots->shape[0], ep, slots->device);
+    moe_status s = mine && mine_e && mine_t && all && a->tslots ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) s = moe_op_copy(ctx, mine_e, kept);
+    if (s == MOE_OK) s = moe_op_ep_token_slots(ctx, a->tslots, mine_t, slots, expert_idx, e / ep);
+    if (s == MOE_OK) s = moe_comm_all_gather_queued(a->comm, mine, all);
+    moe_tensor_release(mine); moe_tensor_release(mine_e); moe_tensor_release(mine_t); moe_tensor_release(all);
+    return s == MOE_OK ? s : moe_error_context(s, "expert parallel counts");
+}
+
+/* This rank's token rows per destination (tslots, whose index bound is
+ * tightened to their number) and the plan, from the routing hook's results. */
+static moe_status ep_token_plan(moe_comm *comm, const moe_route_hook *h, int64_t e, int64_t *loff, int64_t *counts,
+                                moe_tensor *tslots, moe_ep_plan **p) {
+    if (!h->ran || !tslots) return moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not count the token rows");
+    MOE_TRY(moe_error_context(moe_comm_check_queued(comm), "expert parallel counts"));
+    const int ep = comm->size;
+    const int64_t w = e + ep, *g = h->host + w;
+    for (int64_t i = 0; i < w; i++)
+        if (g[(int64_t)comm->rank * w + i] != h->host[i])
+            return moe_error(MOE_ERR_STATE, "expert parallel counts: the all_gather returned %lld for this rank's count "
+                             "%lld, which was %lld", (long long)g[(int64_t)comm->rank * w + i], (long long)i,
+                             (long long)h->host[i]);
+    int64_t rows = 0;
+    for (int d = 0; d < ep; d++) rows += counts[d] = g[(int64_t)comm->rank * w + e + d];
+    moe_tensor_set_index_bound(tslots, rows);
+    return moe_ep_plan_from_counts(comm, g, e, loff, p);
 }
 
 /* Expert parallel with token rows (moe_ep.h): xr [n, H] -> yr [n, H], the
@@ -174,7 +218,7 @@ static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, i
  * rows of a token. Every step is taped; no host synchronisation beyond the
  * count of token rows (one small copy) and the counts exchange. */
 static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xr, const moe_routing *r,
-                                   moe_tensor **yr) {
+                                   const moe_route_hook *h, moe_tensor *tslots, moe_tensor **yr) {
     block_state *st = l->state;
     moe_layer *bank = l->children[st->c_experts];
     moe_comm *comm = st->ep_comm;
@@ -189,12 +233,11 @@ static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
     int64_t *counts = loff + e + 1;
     moe_device dev = xr->device;
     moe_ep_plan *p = NULL;
-    moe_tensor *tslots = new_index(ctx, MOE_I32, 2, n, ep, dev), *send_tok = NULL, *packed = NULL, *precv = NULL;
+    moe_tensor *send_tok = NULL, *packed = NULL, *precv = NULL;
     moe_tensor *tok_l = NULL, *slots_l = NULL, *wcol = NULL, *wl = NULL, *wlv = NULL, *perm = NULL;
     moe_tensor *xs = NULL, *xu = NULL, *xl = NULL, *yl = NULL, *yu = NULL, *ys = NULL;
-    moe_status s = tslots ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) s = moe_op_ep_token_slots(ctx, tslots, counts, r->slots, r->expert_idx, el);
-    if (s == MOE_OK) s = moe_ep_plan_new(ctx, comm, r->offsets, counts, e, loff, &p);
+    moe_tensor_retain(tslots);
+    moe_status s = ep_token_plan(comm, h, e, loff, counts, tslots, &p);
     int64_t sent = 0;
     for (int d = 0; s == MOE_OK && d < ep; d++) sent += counts[d];
     /* the sender's side: token rows, and each assignment's packed position */
@@ -334,14 +377,25 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_layer_forward(l->children[st->c_noise], ctx, tape, rsrc, &nlog);
     moe_routing r;
     memset(&r, 0, sizeof r);
+    /* token rows under expert parallelism: their counts ride the device routing's wait */
+    moe_router_cfg rcfg = c->router;
+    ep_hook hk = {st->ep_comm, NULL};
+    moe_route_hook hook = {0};
+    int tokens = 0;
+    if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(NULL, st->ep_comm, &tokens);
+    if (tokens) {
+        hook.extra = (c->router.num_experts + st->ep_comm->size) * (st->ep_comm->size + 1);
+        hook.queue = ep_hook_queue;
+        hook.arg = &hk;
+        rcfg.hook = &hook;
+    }
     if (s == MOE_OK)
-        s = moe_route(ctx, tape, &c->router, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
+        s = moe_route(ctx, tape, &rcfg, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
-    int tokens = 0;
-    if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(&r, st->ep_comm, &tokens);
+    if (s == MOE_OK && tokens) s = ep_moves_tokens(&r, st->ep_comm, &tokens);
     if (s == MOE_OK && tokens) {
-        s = ep_token_experts(l, ctx, tape, xr, &r, &yr);
+        s = ep_token_experts(l, ctx, tape, xr, &r, &hook, hk.tslots, &yr);
     } else {
         if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
         if (s == MOE_OK) {
@@ -374,6 +428,8 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     } else {
         moe_routing_clear(&r);
     }
+    free(hook.host);
+    moe_tensor_release(hk.tslots);
     moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
     moe_tensor_release(xb); moe_tensor_release(rsrc);
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
@@ -415,6 +471,7 @@ static const moe_layer_vtable block_vt = {"MoE", block_forward, block_describe, 
 
 moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **experts, moe_init *init) {
     moe_block_cfg c = *cfg;
+    c.router.hook = NULL;   /* set per forward (expert parallelism) */
     if (moe_router_cfg_check(&c.router) != MOE_OK) return NULL;
     if (c.hidden <= 0 || (!experts && c.expert_inner <= 0)) {
         moe_error(MOE_ERR_ARG, "MoE: hidden_size and expert intermediate size must be positive, got %lld and %lld",

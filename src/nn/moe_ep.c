@@ -36,87 +36,101 @@ int64_t moe_ep_plan_received(const moe_ep_plan *p) { return p->received; }
 int64_t moe_ep_plan_tokens_received(const moe_ep_plan *p) { return p->treceived; }
 const int64_t *moe_ep_plan_token_adjust(const moe_ep_plan *p) { return p->adjust; }
 
-moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, const int64_t *token_counts,
-                           int64_t num_experts, int64_t *local_offsets, moe_ep_plan **plan) {
-    (void)ctx;
+/* A plan from every rank's counts g[src * (E + ep) + x] (rank src's count
+ * x: E per-expert counts, then ep token-row counts). */
+static moe_status plan_from(moe_comm *comm, const int64_t *g, int64_t e, int64_t *local_offsets, moe_ep_plan **plan) {
     *plan = NULL;
-    int ep = comm->size, rank = comm->rank;
-    int64_t e = num_experts;
-    if (ep < 1 || e % ep != 0)
-        return moe_error(MOE_ERR_ARG, "expert parallel: %lld experts do not split over %d ranks", (long long)e, ep);
-    int64_t el = e / ep, w = e + ep;   /* per rank: E expert counts, then ep token counts */
+    const int ep = comm->size, rank = comm->rank;
+    const int64_t el = e / ep, w = e + ep;
     moe_ep_plan *p = calloc(1, sizeof *p);
     int64_t *rows = calloc((size_t)ep * 2, sizeof *rows), *trows = calloc((size_t)ep * 3, sizeof *trows);
-    int64_t shape[1] = {w}, gshape[1] = {w * ep};
-    moe_tensor *cnt = moe_tensor_new_cpu(MOE_I64, 1, shape), *all = moe_tensor_new_cpu(MOE_I64, 1, gshape);
-    moe_status s = MOE_OK;
-    if (!p || !rows || !trows) s = moe_error(MOE_ERR_OOM, "out of host memory");
-    else if (!cnt || !all) s = moe_last_status();
-    if (s != MOE_OK) {
-        free(p); free(rows); free(trows); moe_tensor_release(cnt); moe_tensor_release(all);
-        return s;
+    int64_t *rcounts = malloc((size_t)(ep * el) * sizeof *rcounts);
+    if (!p || !rows || !trows || !rcounts) {
+        free(p); free(rows); free(trows); free(rcounts);
+        return moe_error(MOE_ERR_OOM, "out of host memory");
     }
     p->refs = 1;
     p->comm = comm;
     p->ep = ep;
+    p->el = el;
     p->send_rows = rows;
     p->recv_rows = rows + ep;
     p->tsend_rows = trows;
     p->trecv_rows = trows + ep;
     p->adjust = trows + 2 * ep;
-    /* every rank learns every rank's counts: per expert (block d of experts
-     * goes to rank d) and per destination rank for the token rows */
-    int64_t *c = moe_tensor_data(cnt);
-    for (int64_t j = 0; j < e; j++) c[j] = offsets[j + 1] - offsets[j];
-    for (int d = 0; d < ep; d++) c[e + d] = token_counts ? token_counts[d] : 0;
+    p->rcounts = rcounts;
+    const int64_t *mine = g + (int64_t)rank * w;
     for (int d = 0; d < ep; d++) {
-        for (int64_t j = 0; j < el; j++) p->send_rows[d] += c[d * el + j];
+        for (int64_t j = 0; j < el; j++) p->send_rows[d] += mine[d * el + j];
         p->sent += p->send_rows[d];
     }
-    s = moe_comm_all_gather(comm, cnt, all);
-    /* g[src * w + x]: rank src's count x */
-    const int64_t *g = s == MOE_OK ? moe_tensor_data(all) : NULL;
-    if (s == MOE_OK) {
-        for (int src = 0; src < ep; src++) {
-            for (int64_t j = 0; j < el; j++) p->recv_rows[src] += g[src * w + rank * el + j];
-            p->received += p->recv_rows[src];
-        }
-        /* token rows: rank d receives rank 0's block, then rank 1's, ...; this
-         * rank's send row for d (send order: ranks one after another) becomes
-         * row (its rows before d subtracted, the earlier senders' added) */
-        int64_t before = 0;
-        for (int d = 0; d < ep; d++) {
-            p->tsend_rows[d] = g[rank * w + e + d];
-            p->trecv_rows[d] = g[d * w + e + rank];
-            p->tsent += p->tsend_rows[d];
-            p->treceived += p->trecv_rows[d];
-            int64_t earlier = 0;
-            for (int src = 0; src < rank; src++) earlier += g[src * w + e + d];
-            p->adjust[d] = earlier - before;
-            before += p->tsend_rows[d];
-        }
+    for (int src = 0; src < ep; src++) {
+        for (int64_t j = 0; j < el; j++) p->recv_rows[src] += g[src * w + rank * el + j];
+        p->received += p->recv_rows[src];
     }
-    if (s == MOE_OK) {
-        p->el = el;
-        p->rcounts = malloc((size_t)(ep * el) * sizeof *p->rcounts);
-        if (!p->rcounts) s = moe_error(MOE_ERR_OOM, "out of host memory");
+    /* token rows: rank d receives rank 0's block, then rank 1's, ...; this
+     * rank's send row for d (send order: ranks one after another) becomes
+     * row (its rows before d subtracted, the earlier senders' added) */
+    int64_t before = 0;
+    for (int d = 0; d < ep; d++) {
+        p->tsend_rows[d] = mine[e + d];
+        p->trecv_rows[d] = g[d * w + e + rank];
+        p->tsent += p->tsend_rows[d];
+        p->treceived += p->trecv_rows[d];
+        int64_t earlier = 0;
+        for (int src = 0; src < rank; src++) earlier += g[src * w + e + d];
+        p->adjust[d] = earlier - before;
+        before += p->tsend_rows[d];
     }
-    if (s == MOE_OK) {
-        for (int src = 0; src < ep; src++)
-            for (int64_t j = 0; j < el; j++) p->rcounts[src * el + j] = g[src * w + rank * el + j];
-        /* offsets over all E experts: only this rank's are non-empty */
-        int64_t acc = 0;
-        for (int64_t j = 0; j <= e; j++) {
-            local_offsets[j] = acc;
-            if (j < e && j / el == rank)
-                for (int src = 0; src < ep; src++) acc += g[src * w + j];
-        }
+    for (int src = 0; src < ep; src++)
+        for (int64_t j = 0; j < el; j++) p->rcounts[src * el + j] = g[src * w + rank * el + j];
+    /* offsets over all E experts: only this rank's are non-empty */
+    int64_t acc = 0;
+    for (int64_t j = 0; j <= e; j++) {
+        local_offsets[j] = acc;
+        if (j < e && j / el == rank)
+            for (int src = 0; src < ep; src++) acc += g[src * w + j];
     }
-    moe_tensor_release(cnt);
-    moe_tensor_release(all);
-    if (s != MOE_OK) { plan_release(p); return moe_error_context(s, "expert parallel dispatch"); }
     *plan = p;
     return MOE_OK;
+}
+
+static moe_status check_split(const moe_comm *comm, int64_t e) {
+    if (comm->size < 1 || e % comm->size != 0)
+        return moe_error(MOE_ERR_ARG, "expert parallel: %lld experts do not split over %d ranks", (long long)e, comm->size);
+    return MOE_OK;
+}
+
+moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, int64_t num_experts,
+                           int64_t *local_offsets, moe_ep_plan **plan) {
+    (void)ctx;
+    *plan = NULL;
+    const int64_t e = num_experts;
+    MOE_TRY(check_split(comm, e));
+    const int ep = comm->size;
+    const int64_t w = e + ep;   /* per rank: E expert counts, then ep token counts */
+    int64_t shape[1] = {w}, gshape[1] = {w * ep};
+    moe_tensor *cnt = moe_tensor_new_cpu(MOE_I64, 1, shape), *all = moe_tensor_new_cpu(MOE_I64, 1, gshape);
+    moe_status s = cnt && all ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) {
+        /* every rank learns every rank's per-expert counts (block d of
+         * experts goes to rank d); no token rows move */
+        int64_t *c = moe_tensor_data(cnt);
+        for (int64_t j = 0; j < e; j++) c[j] = offsets[j + 1] - offsets[j];
+        for (int d = 0; d < ep; d++) c[e + d] = 0;
+        s = moe_comm_all_gather(comm, cnt, all);
+    }
+    if (s == MOE_OK) s = plan_from(comm, moe_tensor_data(all), e, local_offsets, plan);
+    moe_tensor_release(cnt);
+    moe_tensor_release(all);
+    return s == MOE_OK ? s : moe_error_context(s, "expert parallel dispatch");
+}
+
+moe_status moe_ep_plan_from_counts(moe_comm *comm, const int64_t *gathered, int64_t num_experts,
+                                   int64_t *local_offsets, moe_ep_plan **plan) {
+    *plan = NULL;
+    MOE_TRY(check_split(comm, num_experts));
+    return plan_from(comm, gathered, num_experts, local_offsets, plan);
 }
 
 /* The regrouping (perm and its inverse) is built where the rows are, from

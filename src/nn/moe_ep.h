@@ -25,17 +25,21 @@
 
 typedef struct moe_ep_plan moe_ep_plan;
 
-/* Exchanges the counts and builds the plan (every rank learns every rank's
- * counts: one all_gather). offsets: host [E+1] of this rank's dispatched
- * rows. token_counts: host [ep], the token rows this rank sends to each rank
- * (moe_op_ep_token_slots), or NULL when only assignment rows move.
- * local_offsets (host [E+1], filled): offsets into the received, regrouped
- * rows, with the experts this rank does not own left empty, so an expert
- * bank over all E experts computes only the owned ones, and local_offsets +
- * rank * E/ep (E/ep + 1 entries, from 0) are the offsets for a bank that
- * holds only the owned experts. */
-moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, const int64_t *token_counts,
-                           int64_t num_experts, int64_t *local_offsets, moe_ep_plan **plan);
+/* Exchanges the counts and builds the plan for assignment rows (every rank
+ * learns every rank's counts: one all_gather). offsets: host [E+1] of this
+ * rank's dispatched rows. local_offsets (host [E+1], filled): offsets into
+ * the received, regrouped rows, with the experts this rank does not own left
+ * empty, so an expert bank over all E experts computes only the owned ones,
+ * and local_offsets + rank * E/ep (E/ep + 1 entries, from 0) are the offsets
+ * for a bank that holds only the owned experts. */
+moe_status moe_ep_plan_new(moe_ctx *ctx, moe_comm *comm, const int64_t *offsets, int64_t num_experts,
+                           int64_t *local_offsets, moe_ep_plan **plan);
+/* The plan from counts already exchanged, with token rows too: gathered
+ * (host [ep * (E + ep)]) holds rank src's E per-expert counts, then its ep
+ * token-row counts (moe_op_ep_token_slots), at src * (E + ep); the routing
+ * brings them back with its one wait (moe_route_hook). */
+moe_status moe_ep_plan_from_counts(moe_comm *comm, const int64_t *gathered, int64_t num_experts,
+                                   int64_t *local_offsets, moe_ep_plan **plan);
 void moe_ep_plan_release(moe_ep_plan *p);
 int64_t moe_ep_plan_received(const moe_ep_plan *p);          /* R: assignment rows this rank's experts get */
 int64_t moe_ep_plan_tokens_received(const moe_ep_plan *p);   /* U: token rows this rank gets */

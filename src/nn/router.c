@@ -192,6 +192,34 @@ static moe_status global_aux_host(struct moe_comm *comm, float *f, const float *
     return s;
 }
 
+/* The hook (moe_route_hook) on the host path: after routing, on the device
+ * of the slot map, with the kept counts from the offsets. */
+static moe_status host_hook(moe_ctx *ctx, moe_route_hook *h, const moe_routing *r) {
+    const int64_t e = r->num_experts;
+    const moe_device dev = r->slots->device;
+    int64_t s_e[1] = {e}, s_x[1] = {h->extra};
+    moe_tensor *kh = moe_tensor_new_cpu(MOE_I64, 1, s_e), *kept = NULL, *out = NULL, *back = NULL;
+    moe_status st = kh ? MOE_OK : moe_last_status();
+    if (st == MOE_OK) {
+        int64_t *k = moe_tensor_data(kh);
+        for (int64_t j = 0; j < e; j++) k[j] = r->offsets[j + 1] - r->offsets[j];
+        kept = moe_op_to(ctx, kh, dev, MOE_I64);
+        out = moe_tensor_new(ctx, MOE_I64, 1, s_x, dev);
+        if (!kept || !out) st = moe_last_status();
+    }
+    if (st == MOE_OK) st = h->queue(h, ctx, r->slots, r->expert_idx, kept, out);
+    if (st == MOE_OK) st = (back = moe_op_to(ctx, out, MOE_DEVICE_CPU, MOE_I64)) ? MOE_OK : moe_last_status();
+    free(h->host);
+    h->host = st == MOE_OK ? malloc((size_t)(h->extra > 0 ? h->extra : 1) * sizeof *h->host) : NULL;
+    if (st == MOE_OK && !h->host) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
+    if (st == MOE_OK) {
+        memcpy(h->host, moe_tensor_data(back), (size_t)h->extra * sizeof *h->host);
+        h->ran = 1;
+    }
+    moe_tensor_release(kh); moe_tensor_release(kept); moe_tensor_release(out); moe_tensor_release(back);
+    return st;
+}
+
 moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg_in, moe_tensor *logits,
                      moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
                      uint64_t noise_offset, int64_t seq_len, moe_routing *out) {
@@ -430,6 +458,7 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg_in,
         if (!ent_) st = moe_last_status();
         else r = NULL;   /* owned by the tape now */
     }
+    if (st == MOE_OK && cfg->hook && slots_dev) st = host_hook(ctx, cfg->hook, out);
     if (st != MOE_OK) moe_routing_clear(out);
 fail:
     saved_free(r);

@@ -58,7 +58,27 @@ typedef struct {
      * global f, which makes the ranks' averaged gradients those of one
      * process on the whole batch. NULL: this rank's tokens only. */
     struct moe_comm *aux_comm;
+    /* Work queued between the device routing's kernels and its one wait
+     * (moe_route_hook), or NULL. */
+    struct moe_route_hook *hook;
 } moe_router_cfg;
+
+/* Work queued on the device between the routing kernels and the routing's
+ * one wait, so that the wait brings its results back too: expert
+ * parallelism's token rows per rank and every rank's counts, which would
+ * otherwise cost two more waits per layer. Device path only: on the host
+ * path `ran` stays 0 and the caller does the work after routing. */
+typedef struct moe_route_hook {
+    int64_t extra;   /* i64 results the hook writes on the device */
+    /* slots: the routing's [N, k] i32 slot map (values in [-1, N*k)),
+     * expert_idx: its [N*k] i64 experts (valid where slots point), kept: i64
+     * [E] kept assignments per expert, out: i64 [extra]; all on the device. */
+    moe_status (*queue)(struct moe_route_hook *h, moe_ctx *ctx, moe_tensor *slots, moe_tensor *expert_idx,
+                        moe_tensor *kept, moe_tensor *out);
+    void *arg;
+    int64_t *host;   /* after the wait: out on the host (the router allocates it, the caller frees it) */
+    int ran;
+} moe_route_hook;
 
 /* Host-side statistics of one routing call, free of device syncs for callers. */
 typedef struct {

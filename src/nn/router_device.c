@@ -132,6 +132,30 @@ static moe_status global_aux_device(moe_ctx *ctx, struct moe_comm *comm, dev_sav
     return st;
 }
 
+/* The hook's work, queued behind the routing kernels (whose summary is in
+ * sdev), then the one wait: the summary and the hook's results to the host. */
+static moe_status run_hook(moe_ctx *ctx, moe_route_hook *h, moe_tensor *sdev, int64_t e, int64_t slots_bound,
+                           moe_tensor *pos, moe_tensor *ex, int64_t *summary) {
+    const int64_t ns = MOE_CUDA_ROUTE_SUMMARY(e);
+    /* before the wait only these bounds are known (A <= N*k) */
+    moe_tensor_set_index_bound(pos, slots_bound);
+    moe_tensor *kept = moe_tensor_narrow(sdev, 0, e + 1, e), *out = moe_tensor_narrow(sdev, 0, ns, h->extra), *back = NULL;
+    moe_status st = kept && out ? h->queue(h, ctx, pos, ex, kept, out) : moe_last_status();
+    if (st == MOE_OK) back = moe_op_to(ctx, sdev, MOE_DEVICE_CPU, MOE_I64);
+    if (st == MOE_OK && !back) st = moe_last_status();
+    free(h->host);
+    h->host = st == MOE_OK ? malloc((size_t)(h->extra > 0 ? h->extra : 1) * sizeof *h->host) : NULL;
+    if (st == MOE_OK && !h->host) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
+    if (st == MOE_OK) {
+        const int64_t *b = moe_tensor_data(back);
+        memcpy(summary, b, (size_t)ns * sizeof *summary);
+        memcpy(h->host, b + ns, (size_t)h->extra * sizeof *h->host);
+        h->ran = 1;
+    }
+    moe_tensor_release(kept); moe_tensor_release(out); moe_tensor_release(back);
+    return st;
+}
+
 moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
                             const float *bias, int64_t seq_len, moe_routing *out) {
     memset(out, 0, sizeof *out);
@@ -154,7 +178,7 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     r->cfg = *cfg;
     r->n = n; r->e = e; r->k = k; r->seq_len = seq_len; r->groups = groups;
     int64_t s_ne[2] = {n, e}, s_nk[2] = {n, k}, s_a[1] = {n * k}, s_n[1] = {n}, s_f[1] = {groups * e};
-    moe_tensor *lc = moe_op_contiguous(ctx, logits);
+    moe_tensor *lc = moe_op_contiguous(ctx, logits), *sdev = NULL;
     moe_tensor *tok = moe_tensor_new(ctx, MOE_I64, 1, s_a, dev), *ex = moe_tensor_new(ctx, MOE_I64, 1, s_a, dev);
     moe_tensor *w = moe_tensor_new(ctx, logits->dtype, 1, s_a, dev);
     moe_tensor *aux_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, dev), *z_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, dev);
@@ -195,8 +219,16 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         a.chosen = moe_tensor_data(r->chosen);
         a.pos = moe_tensor_data(r->pos);
         a.summary = summary;
-        st = moe_cuda_route_forward(ctx, dev, &a);
+        if (cfg->hook) {
+            int64_t s_sum[1] = {MOE_CUDA_ROUTE_SUMMARY(e) + cfg->hook->extra};
+            sdev = moe_tensor_new(ctx, MOE_I64, 1, s_sum, dev);
+            if (!sdev) st = moe_last_status();
+            else a.summary_dev = moe_tensor_data(sdev);
+        }
+        if (st == MOE_OK) st = moe_cuda_route_forward(ctx, dev, &a);
     }
+    if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n * k, r->pos, ex, summary);
+    moe_tensor_release(sdev);
     moe_tensor_release(lc);
     double global_aux = 0;
     if (st == MOE_OK && cfg->aux == MOE_AUX_BATCH && cfg->aux_comm)

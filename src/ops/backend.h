@@ -95,7 +95,7 @@ typedef struct moe_backend {
     /* ---- expert-parallel routing maps (ops.h, ops_moe.c); arguments
      * checked by the ops layer (shapes, dtypes, devices, P <= MOE_EP_MAX_RANKS;
      * the CUDA ep_regroup checks its own block limit) ---- */
-    moe_status (*ep_token_slots)(moe_ctx *, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+    moe_status (*ep_token_slots)(moe_ctx *, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                  const moe_tensor *expert_idx, int64_t group_size);
     moe_status (*slot_tokens)(moe_ctx *, moe_tensor *token_idx, const moe_tensor *slots);
     moe_status (*ep_pack)(moe_ctx *, moe_tensor *packed, const moe_tensor *token_idx, const moe_tensor *expert_idx,

@@ -232,11 +232,13 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
 
 /* tslots [N, P] i32 (overwritten): tslots[t, d] = the row of (token t, rank
  * d) in the send order - rank-major, tokens ascending within a rank - or -1
- * when none of t's kept choices is in group d. counts: HOST [P], filled with
- * the rows for each rank (on CUDA: one small copy back and a stream
- * synchronisation). Experts of group >= P are an error on the host; on the
- * device they count for no rank. */
-moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+ * when none of t's kept choices is in group d. counts: i64 [P] on tslots'
+ * device (overwritten), the rows for each rank; on a GPU nothing waits for
+ * them. tslots carries an index bound: the rows in all (counts on the host),
+ * else N * P, which a caller that brings the counts back may tighten.
+ * Experts of group >= P are an error on the host; on the device they count
+ * for no rank. */
+moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                  const moe_tensor *expert_idx, int64_t group_size);
 /* token_idx [S] i64 (overwritten): token_idx[slots[t, j]] = t for every
  * slots[t, j] >= 0 of slots [N, m] i32, whose non-negative values must name

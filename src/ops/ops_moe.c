@@ -128,16 +128,23 @@ static moe_status check_ranks(const char *op, int64_t p) {
     return MOE_OK;
 }
 
-moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                  const moe_tensor *expert_idx, int64_t group_size) {
     static const char *op = "ep_token_slots";
     ops_arg ix[] = {{"expert_idx", expert_idx}};
     MOE_TRY(ops_check(op, NULL, 0, ix, 1));
-    if (!counts) return moe_error(MOE_ERR_ARG, "%s: counts is NULL, expected a host array (one count per rank)", op);
     MOE_TRY(check_i32_2d(op, "slots", slots, -1, expert_idx->device));
     MOE_TRY(check_i32_2d(op, "tslots", tslots, slots->shape[0], expert_idx->device));
     MOE_TRY(ops_out(op, "tslots", tslots));
     MOE_TRY(check_ranks(op, tslots->shape[1]));
+    const int64_t p = tslots->shape[1];
+    if (!counts || counts->dtype != MOE_I64 || counts->ndim != 1 || counts->shape[0] != p ||
+        !moe_device_eq(counts->device, tslots->device) || !moe_tensor_is_contiguous(counts)) {
+        char s1[128];
+        return moe_error(MOE_ERR_ARG, "%s: counts is %s, expected a contiguous i64 [%lld] on the device of tslots", op,
+                         counts ? OPS_SHAPE(counts, s1) : "NULL", (long long)p);
+    }
+    MOE_TRY(ops_out(op, "counts", counts));
     if (expert_idx->ndim != 1) {
         char s1[128];
         return moe_error(MOE_ERR_SHAPE, "%s: expert_idx has shape %s, expected [A]", op, OPS_SHAPE(expert_idx, s1));
@@ -145,14 +152,17 @@ moe_status moe_op_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *coun
     if (group_size < 1) return moe_error(MOE_ERR_ARG, "%s: group_size %lld, expected >= 1", op, (long long)group_size);
     const moe_backend *be;
     OPS_ENTRY(ctx, op, tslots->device, ep_token_slots, be);
-    for (int64_t d = 0; d < tslots->shape[1]; d++) counts[d] = 0;
-    if (moe_tensor_numel(tslots) == 0) return MOE_OK;
+    if (moe_tensor_numel(tslots) == 0) return moe_op_fill(ctx, counts, 0.0);
     contig4 k;
     moe_status s = contig_all(ctx, &k, slots, expert_idx, NULL, NULL);
     if (s == MOE_OK) s = be->ep_token_slots(ctx, tslots, counts, k.c[0], k.c[1], group_size);
     contig_release(&k);
-    int64_t rows = 0;
-    for (int64_t d = 0; s == MOE_OK && d < tslots->shape[1]; d++) rows += counts[d];
+    int64_t rows = tslots->shape[0] * p;
+    if (s == MOE_OK && counts->device.type == MOE_CPU) {
+        const int64_t *c = moe_tensor_data(counts);
+        rows = 0;
+        for (int64_t d = 0; d < p; d++) rows += c[d];
+    }
     if (s == MOE_OK) moe_tensor_set_index_bound(tslots, rows);   /* slots in [-1, rows) */
     return s;
 }

@@ -747,10 +747,11 @@ static void test_ep_maps(void) {
     moe_tensor *tok = idx_(SHAPE(7), (int64_t[]){0, 3, 1, 3, 2, 0, 2});
     moe_tensor *ex = idx_(SHAPE(7), (int64_t[]){0, 0, 1, 1, 2, 3, 3});
     moe_tensor *ts = tnew(MOE_I32, 2, (int64_t[]){4, 2});
-    int64_t counts[2] = {-1, -1};
+    moe_tensor *counts = idx_(SHAPE(2), (int64_t[]){-1, -1});
     moe_status s = moe_op_ep_token_slots(ctx, ts, counts, slots, ex, 2);
-    report(s == MOE_OK && counts[0] == 3 && counts[1] == 2 && same_i32(ts, (int32_t[]){0, 3, 1, -1, -1, 4, 2, -1}),
-           "ep_token_slots: one row per (token, rank), rank-major", "%s", moe_last_error());
+    report(s == MOE_OK && same_i64(counts, (int64_t[]){3, 2}) && same_i32(ts, (int32_t[]){0, 3, 1, -1, -1, 4, 2, -1}) &&
+           ts->index_bound == 5,
+           "ep_token_slots: one row per (token, rank), rank-major, bound = the rows", "%s", moe_last_error());
     moe_tensor *st = tnew(MOE_I64, 1, (int64_t[]){5});
     s = moe_op_slot_tokens(ctx, st, ts);
     report(s == MOE_OK && same_i64(st, (int64_t[]){0, 1, 3, 0, 2}) && st->index_bound == 4,
@@ -786,6 +787,10 @@ static void test_ep_maps(void) {
            "%d %s", s, moe_last_error());
     s = moe_op_ep_token_slots(ctx, ts, NULL, slots, ex, 2);
     report(s == MOE_ERR_ARG, "ep_token_slots: NULL counts is refused", "%d %s", s, moe_last_error());
+    moe_tensor *c3 = tnew(MOE_I64, 1, (int64_t[]){3});
+    s = moe_op_ep_token_slots(ctx, ts, c3, slots, ex, 2);
+    report(s == MOE_ERR_ARG && strstr(moe_last_error(), "[2]"), "ep_token_slots: counts of the wrong length are refused",
+           "%d %s", s, moe_last_error());
     /* regrouping: 2 ranks x 2 local experts, counts (src, j): (0,0)=2 (0,1)=1 (1,0)=0 (1,1)=3; received
      * rows 0-1 are (0,0), 2 (0,1), 3-5 (1,1); expert-major: 0, 1, 2, 3, 4, 5 -> (0,0) (0,0) (0,1) (1,1)... */
     moe_tensor *rp = tnew(MOE_I64, 1, (int64_t[]){6}), *ri = tnew(MOE_I64, 1, (int64_t[]){6});
@@ -799,7 +804,7 @@ static void test_ep_maps(void) {
     s = moe_op_ep_regroup(ctx, rp, ri, (int64_t[]){1, 2, 2, 2}, 2, 2);
     report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "7 rows"), "ep_regroup: counts that do not sum to R are refused",
            "%d %s", s, moe_last_error());
-    moe_tensor *all[] = {slots, tok, ex, ts, st, pk, p0, perm, tl, sl, dup, st3, p6, rp, ri};
+    moe_tensor *all[] = {slots, tok, ex, ts, st, pk, p0, perm, tl, sl, dup, st3, p6, rp, ri, counts, c3};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) rel(all[i]);
 }
 

@@ -93,12 +93,14 @@ static void test_maps(int64_t n, int64_t k, int64_t e, int64_t p, int drop_pct) 
     moe_tensor *slots_d = up(r.slots, r.a), *tok_d = up(r.tok, n), *ex_d = up(r.ex, e);
     moe_tensor *ts_h = moe_tensor_new_cpu(MOE_I32, 2, (int64_t[]){n, p});
     moe_tensor *ts_d = moe_tensor_new(ctx, MOE_I32, 2, (int64_t[]){n, p}, GPU);
-    int64_t ch[MOE_EP_MAX_RANKS], cd[MOE_EP_MAX_RANKS];
-    die_if(!ts_h || !ts_d, "tslots");
-    moe_status s1 = moe_op_ep_token_slots(ctx, ts_h, ch, r.slots, r.ex, gs);
-    moe_status s2 = moe_op_ep_token_slots(ctx, ts_d, cd, slots_d, ex_d, gs);
-    ok(s1 == MOE_OK && s2 == MOE_OK && same(ts_h, ts_d) && !memcmp(ch, cd, (size_t)p * sizeof *ch),
-       "ep_token_slots %s: tslots and counts equal the cpu", name);
+    moe_tensor *ch_t = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){p});
+    moe_tensor *cd_t = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){p}, GPU);
+    die_if(!ts_h || !ts_d || !ch_t || !cd_t, "tslots");
+    moe_status s1 = moe_op_ep_token_slots(ctx, ts_h, ch_t, r.slots, r.ex, gs);
+    moe_status s2 = moe_op_ep_token_slots(ctx, ts_d, cd_t, slots_d, ex_d, gs);
+    ok(s1 == MOE_OK && s2 == MOE_OK && same(ts_h, ts_d) && same(ch_t, cd_t) && ts_d->index_bound == n * p,
+       "ep_token_slots %s: tslots and counts equal the cpu, device bound N*P", name);
+    const int64_t *ch = moe_tensor_data(ch_t);
     /* meaning: row numbers rank-major, tokens ascending, exactly the tokens with a choice on the rank */
     const int32_t *ts = moe_tensor_data(ts_h), *sl = moe_tensor_data(r.slots);
     const int64_t *ex = moe_tensor_data(r.ex);
@@ -168,7 +170,7 @@ static void test_maps(int64_t n, int64_t k, int64_t e, int64_t p, int drop_pct) 
     for (int64_t c = 0; c < u * width; c++) filled += sll[c] >= 0;
     ok(good && filled == r.a, "ep_unpack %s: token rows and slots of every assignment, equal to the cpu", name);
 
-    moe_tensor *all[] = {slots_d, tok_d, ex_d, ts_h, ts_d, st_h, st_d, pk_h, pk_d, perm_h, perm_d, tl_h, tl_d, sl_h, sl_d};
+    moe_tensor *all[] = {slots_d, tok_d, ex_d, ts_h, ts_d, st_h, st_d, pk_h, pk_d, perm_h, perm_d, tl_h, tl_d, sl_h, sl_d, ch_t, cd_t};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     free_routing(&r);
 }
@@ -209,11 +211,12 @@ static void test_errors(void) {
     moe_tensor *bad_d = up(bad, 0), *ex_d = up(r.ex, 8);
     moe_tensor *ts_h = moe_tensor_new_cpu(MOE_I32, 2, (int64_t[]){50, 2});
     moe_tensor *ts_d = moe_tensor_new(ctx, MOE_I32, 2, (int64_t[]){50, 2}, GPU);
-    int64_t cnt[2];
-    moe_status s1 = moe_op_ep_token_slots(ctx, ts_h, cnt, bad, r.ex, 4);
+    moe_tensor *cnt_h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){2});
+    moe_tensor *cnt_d = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){2}, GPU);
+    moe_status s1 = moe_op_ep_token_slots(ctx, ts_h, cnt_h, bad, r.ex, 4);
     char m1[256];
     snprintf(m1, sizeof m1, "%s", moe_last_error());
-    moe_status s2 = moe_op_ep_token_slots(ctx, ts_d, cnt, bad_d, ex_d, 4);
+    moe_status s2 = moe_op_ep_token_slots(ctx, ts_d, cnt_d, bad_d, ex_d, 4);
     ok(s1 == MOE_ERR_RANGE && s2 == MOE_ERR_RANGE && strstr(m1, "position 37") && strstr(moe_last_error(), "position 37"),
        "ep_token_slots: an untrusted slot out of range is MOE_ERR_RANGE on both (%s)", moe_last_error());
 
@@ -252,7 +255,7 @@ static void test_errors(void) {
     const int64_t *sv = moe_tensor_data(st_b);
     ok(s1 == MOE_ERR_RANGE && strstr(m1, "row 1") && s2 == MOE_OK && sv[0] == 0 && sv[1] == 0 && sv[2] == 1,
        "slot_tokens: a row no slot names is an error on the cpu (%s), 0 on the device", m1);
-    moe_tensor *all[] = {bad, bad_d, ex_d, ts_h, ts_d, pk, pk_d, tl_h, tl_d, sl_h, sl_d, tl_b, sl_b,
+    moe_tensor *all[] = {bad, bad_d, cnt_h, cnt_d, ex_d, ts_h, ts_d, pk, pk_d, tl_h, tl_d, sl_h, sl_d, tl_b, sl_b,
                          gap, gap_d, st_h, st_d, st_b};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     free_routing(&r);

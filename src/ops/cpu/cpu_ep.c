@@ -23,9 +23,10 @@ static moe_status slot_group(const char *op, const int32_t *slots, const int64_t
     return MOE_OK;
 }
 
-moe_status moe_cpu_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+moe_status moe_cpu_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, moe_tensor *counts_t, const moe_tensor *slots,
                                   const moe_tensor *expert_idx, int64_t group_size) {
     (void)ctx;
+    int64_t *counts = moe_tensor_data(counts_t);
     const int64_t n = slots->shape[0], k = slots->shape[1], p = tslots->shape[1], a = expert_idx->shape[0];
     const int32_t *sl = moe_tensor_data((moe_tensor *)slots);
     const int64_t *ex = moe_tensor_data((moe_tensor *)expert_idx);

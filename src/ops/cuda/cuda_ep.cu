@@ -8,8 +8,8 @@
 //                  (tokens ascending within a rank, ranks one after another):
 //                  P * N / 8192 block scans, a few microseconds for the P <= 8
 //                  and N <= 64k of expert parallelism on one host. The per-rank
-//                  counts come back to the host with one small copy and a
-//                  synchronisation (the caller needs them to size the exchange).
+//                  counts stay on the device (the caller brings them back with
+//                  the routing summary and the counts exchange).
 //   k_slot_tokens  one thread per slot: token_idx[slots[i]] = i / m (token_idx
 //                  zeroed first, so rows no slot names hold a valid index).
 //   k_pack         one thread per assignment: finds its slot among its token's
@@ -157,21 +157,16 @@ __global__ void k_regroup(int64_t *perm, int64_t *inv, int64_t r, int nb, const 
 
 }  // namespace
 
-moe_status cuda_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, int64_t *counts, const moe_tensor *slots,
+moe_status cuda_ep_token_slots(moe_ctx *ctx, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                const moe_tensor *expert_idx, int64_t group_size) {
     const int64_t n = slots->shape[0], k = slots->shape[1], p = tslots->shape[1], a = expert_idx->shape[0];
     if (n * p > INT32_MAX) return moe_error(MOE_ERR_ARG, "ep_token_slots: %lld rows do not fit i32 slots", (long long)(n * p));
     CUDA_ENTER(d, ctx, tslots->device);
     MOE_TRY(cuda_check_index<int32_t>(d, "ep_token_slots", "slot", slots, n * k, -1, a, k));
-    cuda_scratch cnt(d, (size_t)p * sizeof(long long));
-    if (!cnt.p) return moe_last_status();
-    k_token_slots<<<1, TS_THREADS, 0, d->stream>>>(PTR(int32_t, tslots), (long long *)cnt.p, PTR(const int32_t, slots),
+    static_assert(sizeof(long long) == sizeof(int64_t), "counts are written as int64");
+    k_token_slots<<<1, TS_THREADS, 0, d->stream>>>(PTR(int32_t, tslots), PTR(long long, counts), PTR(const int32_t, slots),
                                                    PTR(const int64_t, expert_idx), n, (int)k, (int)p, group_size);
     CU_LAUNCHED("ep_token_slots");
-    static_assert(sizeof(long long) == sizeof(int64_t), "counts are copied as int64");
-    CU_TRY(cudaMemcpyAsync(counts, cnt.p, (size_t)p * sizeof(long long), cudaMemcpyDeviceToHost, d->stream),
-           "ep_token_slots");
-    CU_TRY(cudaStreamSynchronize(d->stream), "ep_token_slots");
     return MOE_OK;
 }
 

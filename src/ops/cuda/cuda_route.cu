@@ -526,6 +526,11 @@ extern "C" moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const
     else k_assign<float><<<(unsigned)E, ASSIGN_THREADS, 0, d->stream>>>(sa);
     CU_LAUNCHED("route assign");
 
+    if (a->summary_dev) {   // the caller queues more work before its one synchronisation
+        CU_TRY(cudaMemcpyAsync(a->summary_dev, sum, (size_t)MOE_CUDA_ROUTE_SUMMARY(E) * sizeof(long long),
+                               cudaMemcpyDeviceToDevice, d->stream), "route summary");
+        return MOE_OK;
+    }
     // the one synchronisation: offsets, counts and statistics to the host
     CU_TRY(cudaMemcpyAsync(a->summary, sum, (size_t)MOE_CUDA_ROUTE_SUMMARY(E) * sizeof(long long),
                            cudaMemcpyDeviceToHost, d->stream), "route summary");

@@ -51,10 +51,13 @@ typedef struct {
     int32_t *pos;             /* [n, k] the assignment of each choice, -1 where dropped */
     /* host [MOE_CUDA_ROUTE_SUMMARY(e)] */
     int64_t *summary;
+    /* or device [MOE_CUDA_ROUTE_SUMMARY(e)]: the summary is copied there and
+     * nothing waits (the caller brings it back) */
+    int64_t *summary_dev;
 } moe_cuda_route_fwd;
 
 /* Queues the routing kernels on the device's stream, then one device->host
- * copy of the summary and one stream synchronisation. */
+ * copy of the summary and one stream synchronisation (none with summary_dev). */
 moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const moe_cuda_route_fwd *a);
 
 typedef struct {
