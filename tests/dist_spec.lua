@@ -374,6 +374,16 @@ describe("jobs under mpirun", function()
     assert.are.equal(0, rc, out)
   end)
 
+  it("expert parallelism by all-to-all of token rows (the trainer's all_gather turned off) reproduces one process", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    -- the trainer gathers every token at expert_parallel_size 2; this keeps the token rows under test in training
+    local out, rc = run("tests/dist/ep_check.lua", 2, "MOELAB_EP_EXCHANGE=tokens")
+    assert.is_truthy(out:find("EP_OK 0", 1, true), out)
+    assert.is_truthy(out:find("EP_OK 1", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
   it("a misspelt MOELAB_EP_EXCHANGE is an error naming the accepted values", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end

@@ -8,8 +8,10 @@
 #   NGPU=2 EP_SIZES="1 2" bash tools/gpu_dist_bench.sh
 # An EP_SIZES entry "2:assignments" runs EP=2 with MOELAB_EP_EXCHANGE=assignments
 # (one row per kept choice instead of one per token and owning rank);
-# "2:no_overlap" with MOELAB_EP_OVERLAP=0 (the experts' weight gradients not
-# overlapped with the exchange of their input gradients).
+# "2:tokens" with MOELAB_EP_EXCHANGE=tokens (token rows by all-to-all instead
+# of the trainer's all_gather dispatch at EP=2); "2:no_overlap" with
+# MOELAB_EP_OVERLAP=0 (the experts' weight gradients not overlapped with the
+# exchange of their input gradients).
 # Other knobs: MOELAB_EP_* of tools/gpu_ep_scaling.lua (defaults set here:
 # EXPERTS=32, TOPK=4, PRECISION=bf16, GROUPS=NGPU, CONFIGS=aux, PHASE_S=45).
 set -u
@@ -33,9 +35,9 @@ for spec in ${EP_SIZES:-1 $n}; do
     xch=; ovl=
     case $variant in
         '') ;;
-        assignments) xch=assignments ;;
+        assignments|tokens) xch=$variant ;;
         no_overlap) ovl=0 ;;
-        *) echo "unknown EP_SIZES variant '$variant' (assignments, no_overlap)"; exit 2 ;;
+        *) echo "unknown EP_SIZES variant '$variant' (assignments, tokens, no_overlap)"; exit 2 ;;
     esac
     tag=ep${ep}${variant:+_$variant}
     rdv=$(mktemp -d /tmp/moelab_rdv.XXXXXX)

@@ -174,6 +174,7 @@ end
 -- Megatron-style names -> {where: "ctor" | "trainer" | "train", canonical name}
 local megatron = {
   expert_model_parallel_size = {"ctor", "expert_parallel_size"},
+  moe_token_dispatcher_type = {"ctor", "expert_parallel_dispatch"},
   clip_grad = {"trainer", "grad_clip"},
   adam_eps = {"trainer", "eps"},
   micro_batch_size = {"train", "batch_size"},

@@ -112,7 +112,7 @@ M.megatron_aliases = megatron
 
 local own_keys = {model = true, world_size = true, data_parallel_size = true, expert_parallel_size = true,
                   zero_stage = true, bucket_mb = true, config = true, deepspeed_config = true, timeout = true,
-                  global_aux_loss = true, shard_experts = true,
+                  global_aux_loss = true, shard_experts = true, expert_parallel_dispatch = true,
                   tensor_model_parallel_size = true, pipeline_model_parallel_size = true,
                   adam_beta1 = true, adam_beta2 = true}
 
@@ -144,6 +144,11 @@ end
 --  global_aux_loss = false (true: the batch aux loss over every rank's tokens),
 --  shard_experts = (expert_parallel_size > 1 and zero_stage == 0) (each rank keeps only its own
 --  experts' weights and optimizer state; false: full-size experts on every rank; true with ZeRO: an error),
+--  expert_parallel_dispatch = "auto" | "alltoall" | "allgather" (how tokens reach the experts' ranks
+--  in train(): all-to-all of each token to the ranks it chose, or all_gather of every token before
+--  routing, overlapped with it, and reduce_scatter back; allgather needs the same tokens per rank in
+--  every step (batch_size x seq_len); auto: allgather for expert_parallel_size 2, where nearly every
+--  token has a choice on both ranks; Megatron's moe_token_dispatcher_type),
 --  ...MoETrainer options (run_dir and progress apply to rank 0 only), Megatron-style aliases}
 function M.DistributedMoETrainer(opts)
   local f = "DistributedMoETrainer"
@@ -218,11 +223,17 @@ function M.DistributedMoETrainer(opts)
   end
   local bucket_mb = own.bucket_mb or 25
   if type(bucket_mb) ~= "number" or bucket_mb <= 0 then fail(f, "bucket_mb must be a positive number") end
+  local dispatch = own.expert_parallel_dispatch or "auto"
+  if dispatch ~= "auto" and dispatch ~= "alltoall" and dispatch ~= "allgather" then
+    fail(f, "expert_parallel_dispatch must be \"auto\", \"alltoall\" or \"allgather\", got %s", tostring(dispatch))
+  end
+  if dispatch == "auto" then dispatch = ep == 2 and "allgather" or "alltoall" end
 
   local self = setmetatable({model = model, rank = rank, world_size = world, data_parallel_size = dp,
                              expert_parallel_size = ep, expert_parallel_rank = rank % ep,
                              data_parallel_rank = math.floor(rank / ep), zero_stage = zs, bucket_mb = bucket_mb,
-                             run_dir = topts.run_dir, train_defaults = train_defaults, _micro = 0}, D)
+                             run_dir = topts.run_dir, train_defaults = train_defaults, _micro = 0,
+                             expert_parallel_dispatch = ep > 1 and dispatch or nil}, D)
   local user_hook = topts.grad_hook
   if user_hook ~= nil and type(user_hook) ~= "function" then fail(f, "grad_hook must be a function(trainer)") end
   topts.grad_hook = function(tr)
@@ -475,7 +486,15 @@ function D:train(opts)
     self._announced = true
   end
   self._accum, self._micro = accum, 0
+  -- all_gather dispatch: every forward of this run routes batch_size x seq_len tokens on every rank
+  local gather = self.expert_parallel_dispatch == "allgather"
+  if gather and o.batch_fn and o.seq_len == nil and o.train_data == nil then
+    fail(f, "expert_parallel_dispatch = \"allgather\" with a batch_fn needs seq_len (tokens per rank = batch_size x "
+      .. "seq_len in every step), or use \"alltoall\"")
+  end
+  if gather then dist.set_ep_gather(self.model.net, bs * (o.seq_len or 64)) end
   local ok, res = self:_with_ep(self.inner.train, self.inner, o)
+  if gather then dist.set_ep_gather(self.model.net, false) end
   self._accum = nil
   if not ok then error((tostring(res):gsub("MoETrainer:train:", f .. ":", 1)), 2) end
   if W > 1 and self.inner.aux_free then self:_sync_buffers(W - 1) end

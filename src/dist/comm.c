@@ -172,7 +172,7 @@ moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *ou
                                                 in->device), "%s", w);
 }
 
-moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out) {
+moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, int join) {
     const char *w = "all_gather";
     MOE_TRY(check_comm(c, w));
     MOE_TRY(check_pair(c, in, out, w, 0));
@@ -184,10 +184,29 @@ moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_ten
     if (c->ops->all_gather_queued && in->device.type != MOE_CPU) {
         c->seq++;
         MOE_TRY(moe_error_context(c->ops->all_gather_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
-                                                            in->dtype, in->device, &queued), "%s", w));
+                                                            in->dtype, in->device, join, &queued), "%s", w));
         if (!queued) c->seq--;
     }
     return queued ? MOE_OK : moe_comm_all_gather(c, in, out);
+}
+
+moe_status moe_comm_reduce_scatter_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op, int join) {
+    const char *w = "reduce_scatter";
+    MOE_TRY(check_comm(c, w));
+    MOE_TRY(check_pair(c, in, out, w, 1));
+    if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
+    int64_t n = moe_tensor_numel(out);
+    if (moe_tensor_numel(in) != n * c->size)
+        return moe_error(MOE_ERR_SHAPE, "%s: input has %lld elements, expected %d x %lld", w,
+                         (long long)moe_tensor_numel(in), c->size, (long long)n);
+    int queued = 0;
+    if (c->ops->reduce_scatter_queued && in->device.type != MOE_CPU) {
+        c->seq++;
+        MOE_TRY(moe_error_context(c->ops->reduce_scatter_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
+                                                                in->dtype, op, in->device, join, &queued), "%s", w));
+        if (!queued) c->seq--;
+    }
+    return queued ? MOE_OK : moe_comm_reduce_scatter(c, in, out, op);
 }
 
 moe_status moe_comm_check_queued(moe_comm *c) {

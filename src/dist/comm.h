@@ -101,9 +101,11 @@ typedef struct {
     moe_status (*join_queued)(moe_comm *c, moe_device dev);
     /* Optional: the watcher's verdict when it aborted a queued collective (results read since are not valid). */
     moe_status (*check_queued)(moe_comm *c);
-    /* Optional (NULL: the blocking all_gather): queued like all_to_all_v_queued (joined). */
+    /* Optional (NULL: the blocking calls): queued like all_to_all_v_queued. */
     moe_status (*all_gather_queued)(moe_comm *c, const void *in, void *out, size_t count, moe_dtype dt, moe_device dev,
-                                    int *queued);
+                                    int join, int *queued);
+    moe_status (*reduce_scatter_queued)(moe_comm *c, const void *in, void *out, size_t count, moe_dtype dt,
+                                        moe_dist_op op, moe_device dev, int join, int *queued);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -183,10 +185,14 @@ moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root);
 moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out);
 /* The same, queued on the compute stream like moe_comm_all_to_all_v_queued
  * where the communicator can (GPU tensors over NCCL with heartbeats), so a
- * later copy to the host waits for it with the device's other work: the
- * expert-parallel counts ride the routing's one synchronisation. Elsewhere
- * the blocking call. */
-moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out);
+ * later copy to the host waits for it with the device's other work (the
+ * expert-parallel counts ride the routing's one synchronisation). join = 0
+ * leaves the compute stream free until moe_comm_join_queued, as
+ * moe_comm_all_to_all_v_start does (keep in and out alive till then).
+ * Elsewhere the blocking call. */
+moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, int join);
+/* reduce_scatter queued the same way */
+moe_status moe_comm_reduce_scatter_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op, int join);
 /* After reading what queued collectives wrote (a copy to the host): fails,
  * naming the cause, when the communicator's watcher aborted them meanwhile
  * (a dead rank: the results are garbage). MOE_OK elsewhere. */

@@ -556,7 +556,9 @@ static moe_status queue_ordered(moe_comm *c, moe_device d, int join, int *queued
     return s;
 }
 
-typedef struct { const void *in; const size_t *sc; void *out; const size_t *rc; moe_dtype dt; size_t n; } queued_args;
+typedef struct {
+    const void *in; const size_t *sc; void *out; const size_t *rc; moe_dtype dt; size_t n; moe_dist_op op;
+} queued_args;
 
 static moe_status enqueue_a2a_v(moe_comm *c, void *arg) {
     queued_args *a = arg;
@@ -565,7 +567,7 @@ static moe_status enqueue_a2a_v(moe_comm *c, void *arg) {
 
 static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
                                          moe_dtype dt, moe_device d, int join, int *queued) {
-    queued_args a = {in, sc, out, rc, dt, 0};
+    queued_args a = {in, sc, out, rc, dt, 0, MOE_DIST_SUM};
     return queue_ordered(c, d, join, queued, "all_to_all_v", enqueue_a2a_v, &a);
 }
 
@@ -578,9 +580,24 @@ static moe_status enqueue_all_gather(moe_comm *c, void *arg) {
 }
 
 static moe_status nc_all_gather_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d,
-                                       int *queued) {
-    queued_args a = {in, NULL, out, NULL, dt, n};
-    return queue_ordered(c, d, 1, queued, "all_gather", enqueue_all_gather, &a);
+                                       int join, int *queued) {
+    queued_args a = {in, NULL, out, NULL, dt, n, MOE_DIST_SUM};
+    return queue_ordered(c, d, join, queued, "all_gather", enqueue_all_gather, &a);
+}
+
+static moe_status enqueue_reduce_scatter(moe_comm *c, void *arg) {
+    nccl_impl *m = c->impl;
+    queued_args *a = arg;
+    size_t n = a->n;
+    ncclDataType_t t = nccl_type(a->dt, &n);
+    return nccl_check(m, m->api.ReduceScatter(a->in, a->out, n, t, a->op == MOE_DIST_AVG ? ncclAvg : ncclSum, m->comm,
+                                              m->stream), "ncclReduceScatter");
+}
+
+static moe_status nc_reduce_scatter_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt,
+                                           moe_dist_op op, moe_device d, int join, int *queued) {
+    queued_args a = {in, NULL, out, NULL, dt, n, op};
+    return queue_ordered(c, d, join, queued, "reduce_scatter", enqueue_reduce_scatter, &a);
 }
 
 /* q_done was recorded after the latest queued exchange (none: nothing to wait for). */
@@ -626,8 +643,13 @@ LOCKED(nc_all_to_all_v_queued,
        (c, in, sc, out, rc, dt, d, join, queued))
 LOCKED(nc_join_queued, (moe_comm *c, moe_device d), (c, d))
 LOCKED(nc_check_queued, (moe_comm *c), (c))
-LOCKED(nc_all_gather_queued, (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d, int *queued),
-       (c, in, out, n, dt, d, queued))
+LOCKED(nc_all_gather_queued,
+       (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d, int join, int *queued),
+       (c, in, out, n, dt, d, join, queued))
+LOCKED(nc_reduce_scatter_queued,
+       (moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_dist_op op, moe_device d, int join,
+        int *queued),
+       (c, in, out, n, dt, op, d, join, queued))
 static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child);
 LOCKED(nc_split, (moe_comm *c, int color, int key, const int *members, moe_comm *child), (c, color, key, members, child))
 #undef LOCKED
@@ -664,7 +686,8 @@ static const moe_comm_ops nccl_ops = {
     .broadcast = nc_broadcast, .all_gather = nc_all_gather, .reduce_scatter = nc_reduce_scatter,
     .all_to_all_v = nc_all_to_all_v, .split = nc_split, .destroy = nc_destroy,
     .all_to_all_v_queued = nc_all_to_all_v_queued, .join_queued = nc_join_queued,
-    .all_gather_queued = nc_all_gather_queued, .check_queued = nc_check_queued,
+    .all_gather_queued = nc_all_gather_queued, .reduce_scatter_queued = nc_reduce_scatter_queued,
+    .check_queued = nc_check_queued,
     .all_reduce_start = nc_all_reduce_start, .wait_pending = nc_wait_pending,
 };
 

@@ -400,6 +400,36 @@ static int l_set_expert_parallel(lua_State *L) {
     return 1;
 }
 
+static int set_gather_tree(lua_State *L, moe_layer *l, int64_t tokens, const char *f) {
+    int n = 0;
+    if (moe_layer_is_moe(l)) {
+        moe_lua_check(L, moe_block_set_ep_gather(l, tokens), f);
+        n++;
+    }
+    for (int i = 0; i < l->n_children; i++)
+        if (l->children[i]) n += set_gather_tree(L, l->children[i], tokens, f);
+    return n;
+}
+
+/* dist.set_ep_gather(layer, tokens | false) -> MoE layers set: expert
+ * parallelism by all_gather of `tokens` tokens per rank (moe_block.h), or
+ * (false / 0) by all-to-all */
+static int l_set_ep_gather(lua_State *L) {
+    const char *f = "dist.set_ep_gather";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "layer");
+    int64_t tokens = 0;
+    if (lua_type(L, 2) == LUA_TNUMBER) {
+        lua_Number v = lua_tonumber(L, 2);
+        if (v < 0 || v != (lua_Number)(int64_t)v)
+            moe_lua_errorf(L, "%s: tokens must be a whole number >= 0, got %g", f, (double)v);
+        tokens = (int64_t)v;
+    } else if (!(lua_isboolean(L, 2) && !lua_toboolean(L, 2))) {
+        moe_lua_errorf(L, "%s: the second argument must be the tokens per rank or false, got %s", f, luaL_typename(L, 2));
+    }
+    lua_pushinteger(L, set_gather_tree(L, l, tokens, f));
+    return 1;
+}
+
 /* The skip ranges of dist.set_grad_allreduce's options ({{lo, hi}, ...},
  * 0-based element ranges) as 2 * n integers (malloc'd; NULL when none). */
 static int64_t *skip_ranges(lua_State *L, int idx, const char *f, int *n) {
@@ -539,7 +569,8 @@ static const luaL_Reg dist_fns[] = {
     {"set_expert_parallel", l_set_expert_parallel}, {"comm", l_comm}, {"host_comm", l_host_comm},
     {"split", l_split}, {"expert_parallel_size", l_expert_parallel_size},
     {"set_grad_allreduce", l_set_grad_allreduce}, {"arm_grad_allreduce", l_arm_grad_allreduce},
-    {"finish_grad_allreduce", l_finish_grad_allreduce}, {"set_global_aux", l_set_global_aux}, {NULL, NULL},
+    {"finish_grad_allreduce", l_finish_grad_allreduce}, {"set_global_aux", l_set_global_aux},
+    {"set_ep_gather", l_set_ep_gather}, {NULL, NULL},
 };
 
 static const luaL_Reg comm_methods[] = {

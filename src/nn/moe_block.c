@@ -18,6 +18,8 @@ typedef struct {
     moe_tensor *router_bias;    /* optional additive router-input bias (task conditioning), broadcast to the input */
     uint64_t calls;             /* forward count: advances the noise streams */
     moe_comm *ep_comm;          /* expert parallel over this communicator's ranks (NULL: off), borrowed */
+    int64_t ep_gather;          /* > 0: expert parallel by all_gather of this many tokens per rank (moe_ep.h) */
+    moe_tensor *ep_tmap;        /* gather: i32 [N, ep], row t all t (the send-row map moe_op_ep_pack reads) */
     moe_routing last;
 } block_state;
 
@@ -115,6 +117,14 @@ moe_status moe_block_set_aux_comm(moe_layer *l, moe_comm *comm) {
     return MOE_OK;
 }
 
+moe_status moe_block_set_ep_gather(moe_layer *l, int64_t tokens) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_ep_gather: not an MoE layer");
+    if (tokens < 0) return moe_error(MOE_ERR_ARG, "set_ep_gather: %lld tokens per rank", (long long)tokens);
+    s->ep_gather = tokens;
+    return MOE_OK;
+}
+
 int moe_block_expert_parallel_size(const moe_layer *l) {
     block_state *s = st_of(l);
     return s && s->ep_comm ? s->ep_comm->size : 1;
@@ -160,6 +170,24 @@ static moe_status ep_moves_tokens(const moe_routing *r /* NULL: before routing *
     return MOE_OK;
 }
 
+/* Whether this forward gathers every rank's tokens (moe_block_set_ep_gather;
+ * MOELAB_EP_EXCHANGE=tokens or assignments overrides it for A/B runs). The
+ * choice must be the same on every rank: it depends only on the setting, the
+ * configuration and N, which must equal the setting (else an error here). */
+static moe_status ep_gather_wanted(const block_state *st, int64_t n, int *gather) {
+    *gather = 0;
+    if (st->custom || !st->ep_comm || st->ep_gather <= 0) return MOE_OK;
+    const char *env = getenv("MOELAB_EP_EXCHANGE");
+    if (env && (!strcmp(env, "tokens") || !strcmp(env, "assignments"))) return MOE_OK;
+    if (st->cfg.router.selection == MOE_SELECT_EXPERT_CHOICE || n * st->cfg.router.top_k > INT32_MAX) return MOE_OK;
+    if (n != st->ep_gather)
+        return moe_error(MOE_ERR_SHAPE, "MoE: expert parallelism by all_gather is set for %lld tokens per rank on every "
+                         "rank, this forward has %lld (use the all-to-all dispatch for batches that differ)",
+                         (long long)st->ep_gather, (long long)n);
+    *gather = 1;
+    return MOE_OK;
+}
+
 static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, int64_t d1, moe_device dev) {
     int64_t shape[2] = {d0, d1};
     return moe_tensor_new(ctx, dt, ndim, shape, dev);
@@ -171,7 +199,8 @@ static moe_tensor *new_index(moe_ctx *ctx, moe_dtype dt, int ndim, int64_t d0, i
  * token counts]. out: [E + ep] this rank's, then [ep * (E + ep)] everyone's. */
 typedef struct {
     moe_comm *comm;
-    moe_tensor *tslots;   /* made by the hook; the caller releases it */
+    int64_t gather;       /* > 0: the gathered path, whose token part carries N (checked equal on every rank) */
+    moe_tensor *tslots;   /* token rows: made by the hook; the caller releases it */
 } ep_hook;
 
 static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slots, moe_tensor *expert_idx,
@@ -181,11 +210,12 @@ static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slo
     const int64_t e = kept->shape[0], w = e + ep;
     moe_tensor *mine = moe_tensor_narrow(out, 0, 0, w), *mine_e = moe_tensor_narrow(out, 0, 0, e);
     moe_tensor *mine_t = moe_tensor_narrow(out, 0, e, ep), *all = moe_tensor_narrow(out, 0, w, (int64_t)ep * w);
-    a->tslots = new_index(ctx, MOE_I32, 2, slots->shape[0], ep, slots->device);
-    moe_status s = mine && mine_e && mine_t && all && a->tslots ? MOE_OK : moe_last_status();
+    if (!a->gather) a->tslots = new_index(ctx, MOE_I32, 2, slots->shape[0], ep, slots->device);
+    moe_status s = mine && mine_e && mine_t && all && (a->gather || a->tslots) ? MOE_OK : moe_last_status();
     if (s == MOE_OK) s = moe_op_copy(ctx, mine_e, kept);
-    if (s == MOE_OK) s = moe_op_ep_token_slots(ctx, a->tslots, mine_t, slots, expert_idx, e / ep);
-    if (s == MOE_OK) s = moe_comm_all_gather_queued(a->comm, mine, all);
+    if (s == MOE_OK && a->gather) s = moe_op_fill(ctx, mine_t, (double)slots->shape[0]);
+    if (s == MOE_OK && !a->gather) s = moe_op_ep_token_slots(ctx, a->tslots, mine_t, slots, expert_idx, e / ep);
+    if (s == MOE_OK) s = moe_comm_all_gather_queued(a->comm, mine, all, 1);
     moe_tensor_release(mine); moe_tensor_release(mine_e); moe_tensor_release(mine_t); moe_tensor_release(all);
     return s == MOE_OK ? s : moe_error_context(s, "expert parallel counts");
 }
@@ -194,8 +224,9 @@ static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slo
  * tightened to their number) and the plan, from the routing hook's results. */
 static moe_status ep_token_plan(moe_comm *comm, const moe_route_hook *h, int64_t e, int64_t *loff, int64_t *counts,
                                 moe_tensor *tslots, moe_ep_plan **p) {
-    if (!h->ran || !tslots) return moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not count the token rows");
+    if (!h->ran) return moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not count the rows");
     MOE_TRY(moe_error_context(moe_comm_check_queued(comm), "expert parallel counts"));
+    const ep_hook *a = h->arg;
     const int ep = comm->size;
     const int64_t w = e + ep, *g = h->host + w;
     for (int64_t i = 0; i < w; i++)
@@ -203,10 +234,54 @@ static moe_status ep_token_plan(moe_comm *comm, const moe_route_hook *h, int64_t
             return moe_error(MOE_ERR_STATE, "expert parallel counts: the all_gather returned %lld for this rank's count "
                              "%lld, which was %lld", (long long)g[(int64_t)comm->rank * w + i], (long long)i,
                              (long long)h->host[i]);
+    for (int src = 0; a->gather && src < ep; src++)
+        if (g[(int64_t)src * w + e] != a->gather)
+            return moe_error(MOE_ERR_STATE, "expert parallel (all_gather): rank %d routed %lld tokens, rank %d %lld; the "
+                             "gathered exchange needs the same number on every rank", src, (long long)g[(int64_t)src * w + e],
+                             comm->rank, (long long)a->gather);
     int64_t rows = 0;
     for (int d = 0; d < ep; d++) rows += counts[d] = g[(int64_t)comm->rank * w + e + d];
-    moe_tensor_set_index_bound(tslots, rows);
+    if (tslots) moe_tensor_set_index_bound(tslots, rows);
     return moe_ep_plan_from_counts(comm, g, e, loff, p);
+}
+
+/* The owner's side, shared by token rows and gathered rows: every
+ * assignment's packed (row, position) and weight come here; the rows of src
+ * [u, H] it names are expanded to this rank's experts, which run, and each
+ * row's weighted outputs are combined: *yu [u, H]. join: the gathered rows
+ * may still be arriving (the compute stream joins before reading them). */
+static moe_status ep_owner(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *packed,
+                           moe_tensor *weights, const int64_t *loff, int64_t width, moe_tensor *src, int64_t u,
+                           moe_comm *join, moe_tensor **yu) {
+    block_state *st = l->state;
+    moe_layer *bank = l->children[st->c_experts];
+    int64_t first, count, total;
+    moe_expert_bank_range(bank, &first, &count, &total);
+    const moe_device dev = src->device;
+    const int64_t a = weights->shape[0], rows = moe_ep_plan_received(p);
+    int64_t wshape[2] = {a, 1};
+    moe_tensor *precv = NULL, *wcol = NULL, *wl = NULL, *wlv = NULL, *perm = NULL, *tok_l = NULL, *slots_l = NULL;
+    moe_tensor *xl = NULL, *yl = NULL;
+    moe_status s = moe_ep_exchange_assignments(ctx, p, packed, &precv);
+    if (s == MOE_OK) s = moe_f_view(ctx, tape, weights, 2, wshape, &wcol);
+    if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, wcol, &wl);
+    if (s == MOE_OK) s = moe_ep_plan_perm(ctx, p, dev, &perm);
+    if (s == MOE_OK) {
+        tok_l = new_index(ctx, MOE_I64, 1, rows, 0, dev);
+        slots_l = new_index(ctx, MOE_I32, 2, u, width, dev);
+        moe_tensor *pr = tok_l && slots_l ? moe_tensor_view(precv, 1, &rows) : NULL;
+        s = pr ? moe_op_ep_unpack(ctx, tok_l, slots_l, pr, perm) : moe_last_status();
+        moe_tensor_release(pr);
+    }
+    if (s == MOE_OK) s = moe_f_view(ctx, tape, wl, 1, &rows, &wlv);
+    if (s == MOE_OK && join) s = moe_comm_join_queued(join, dev);
+    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, src, tok_l, slots_l, &xl);
+    /* loff[first] is 0: the experts before the owned ones received nothing here */
+    if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
+    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yl, wlv, tok_l, slots_l, u, yu);
+    moe_tensor *all[] = {precv, wcol, wl, wlv, tok_l, slots_l, xl, yl};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+    return s;
 }
 
 /* Expert parallel with token rows (moe_ep.h): xr [n, H] -> yr [n, H], the
@@ -220,24 +295,20 @@ static moe_status ep_token_plan(moe_comm *comm, const moe_route_hook *h, int64_t
 static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xr, const moe_routing *r,
                                    const moe_route_hook *h, moe_tensor *tslots, moe_tensor **yr) {
     block_state *st = l->state;
-    moe_layer *bank = l->children[st->c_experts];
     moe_comm *comm = st->ep_comm;
     const int ep = comm->size;
     const int64_t e = st->cfg.router.num_experts, el = e / ep, k = r->slots->shape[1];
     const int64_t width = k < el ? k : el, n = xr->shape[0], a = r->token_idx->shape[0];
-    int64_t first, count, total;
-    moe_expert_bank_range(bank, &first, &count, &total);
-    MOE_TRY(check_shard_owner(bank, comm));
+    MOE_TRY(check_shard_owner(l->children[st->c_experts], comm));
     int64_t *loff = calloc((size_t)e + 1 + (size_t)ep, sizeof *loff);
     if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
     int64_t *counts = loff + e + 1;
     moe_device dev = xr->device;
     moe_ep_plan *p = NULL;
-    moe_tensor *send_tok = NULL, *packed = NULL, *precv = NULL;
-    moe_tensor *tok_l = NULL, *slots_l = NULL, *wcol = NULL, *wl = NULL, *wlv = NULL, *perm = NULL;
-    moe_tensor *xs = NULL, *xu = NULL, *xl = NULL, *yl = NULL, *yu = NULL, *ys = NULL;
+    moe_tensor *send_tok = NULL, *packed = NULL, *xs = NULL, *xu = NULL, *yu = NULL, *ys = NULL;
     moe_tensor_retain(tslots);
-    moe_status s = ep_token_plan(comm, h, e, loff, counts, tslots, &p);
+    moe_status s = tslots ? ep_token_plan(comm, h, e, loff, counts, tslots, &p)
+                          : moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not number the token rows");
     int64_t sent = 0;
     for (int d = 0; s == MOE_OK && d < ep; d++) sent += counts[d];
     /* the sender's side: token rows, and each assignment's packed position */
@@ -252,31 +323,72 @@ static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
         moe_tensor_release(pv);
     }
     if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, send_tok, tslots, &xs);
-    /* the exchanges */
     if (s == MOE_OK) s = moe_f_ep_tokens(ctx, tape, p, xs, &xu);
-    if (s == MOE_OK) s = moe_ep_exchange_assignments(ctx, p, packed, &precv);
-    int64_t wshape[2] = {a, 1};
-    if (s == MOE_OK) s = moe_f_view(ctx, tape, r->weights, 2, wshape, &wcol);
-    if (s == MOE_OK) s = moe_f_ep_dispatch(ctx, tape, p, wcol, &wl);
-    /* the owner's side */
-    const int64_t rows = p ? moe_ep_plan_received(p) : 0, u = p ? moe_ep_plan_tokens_received(p) : 0;
-    if (s == MOE_OK) s = moe_ep_plan_perm(ctx, p, dev, &perm);
-    if (s == MOE_OK) {
-        tok_l = new_index(ctx, MOE_I64, 1, rows, 0, dev);
-        slots_l = new_index(ctx, MOE_I32, 2, u, width, dev);
-        moe_tensor *pr = tok_l && slots_l ? moe_tensor_view(precv, 1, &rows) : NULL;
-        s = pr ? moe_op_ep_unpack(ctx, tok_l, slots_l, pr, perm) : moe_last_status();
-        moe_tensor_release(pr);
-    }
-    if (s == MOE_OK) s = moe_f_view(ctx, tape, wl, 1, &rows, &wlv);
-    if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xu, tok_l, slots_l, &xl);
-    /* loff[first] is 0: the experts before the owned ones received nothing here */
-    if (s == MOE_OK) s = moe_expert_bank_forward(bank, ctx, tape, xl, loff + first, (int)count, &yl);
-    if (s == MOE_OK) s = moe_f_combine(ctx, tape, yl, wlv, tok_l, slots_l, u, &yu);
+    if (s == MOE_OK)
+        s = ep_owner(l, ctx, tape, p, packed, r->weights, loff, width, xu, moe_ep_plan_tokens_received(p), NULL, &yu);
     if (s == MOE_OK) s = moe_f_ep_tokens_back(ctx, tape, p, yu, &ys);
     if (s == MOE_OK) s = moe_f_gather_sum(ctx, tape, ys, send_tok, tslots, n, yr);
-    moe_tensor *all[] = {tslots, send_tok, packed, precv, tok_l, slots_l, wcol, wl, wlv, xs, xu, xl, yl, yu, ys};
+    moe_tensor *all[] = {tslots, send_tok, packed, xs, xu, yu, ys};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+    moe_ep_plan_release(p);
+    free(loff);
+    return s;
+}
+
+/* The send-row map of the gathered path: [N, ep] i32 with row t all t,
+ * made once per shape and kept by the layer. */
+static moe_status gather_tmap(block_state *st, moe_ctx *ctx, int64_t n, int ep, moe_device dev, moe_tensor **out) {
+    moe_tensor *m = st->ep_tmap;
+    if (!m || m->shape[0] != n || m->shape[1] != ep || !moe_device_eq(m->device, dev)) {
+        int64_t shape[2] = {n, ep};
+        moe_tensor *h = moe_tensor_new_cpu(MOE_I32, 2, shape);
+        if (!h) return moe_last_status();
+        int32_t *v = moe_tensor_data(h);
+        for (int64_t t = 0; t < n; t++)
+            for (int d = 0; d < ep; d++) v[t * ep + d] = (int32_t)t;
+        m = moe_op_to(ctx, h, dev, MOE_I32);
+        moe_tensor_release(h);
+        if (!m) return moe_last_status();
+        moe_tensor_set_index_bound(m, n);
+        moe_tensor_release(st->ep_tmap);
+        st->ep_tmap = m;
+    }
+    *out = m;
+    return MOE_OK;
+}
+
+/* Expert parallel with gathered rows (moe_ep.h: moe_f_ep_gather): xa [ep *
+ * N, H] holds every rank's tokens (rank r's at r * N), gathered before the
+ * routing; each assignment names its token's row there (r * N + t) and the
+ * owner runs its experts on the rows named; every rank's outputs for rank
+ * r's tokens add up at rank r (reduce_scatter): *yr [N, H]. */
+static moe_status ep_gather_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xa, const moe_routing *r,
+                                    const moe_route_hook *h, int64_t n, moe_tensor **yr) {
+    block_state *st = l->state;
+    moe_comm *comm = st->ep_comm;
+    const int ep = comm->size;
+    const int64_t e = st->cfg.router.num_experts, el = e / ep, k = r->slots->shape[1];
+    const int64_t width = k < el ? k : el, a = r->token_idx->shape[0];
+    MOE_TRY(check_shard_owner(l->children[st->c_experts], comm));
+    int64_t *loff = calloc((size_t)e + 1 + (size_t)ep * 2, sizeof *loff);
+    if (!loff) return moe_error(MOE_ERR_OOM, "out of host memory");
+    int64_t *counts = loff + e + 1, *adjust = counts + ep;
+    for (int d = 0; d < ep; d++) adjust[d] = (int64_t)comm->rank * n;   /* this rank's rows in everyone's xa */
+    moe_ep_plan *p = NULL;
+    moe_tensor *tmap = NULL, *packed = NULL, *yu = NULL;
+    moe_status s = ep_token_plan(comm, h, e, loff, counts, NULL, &p);
+    if (s == MOE_OK) s = gather_tmap(st, ctx, n, ep, xa->device, &tmap);
+    if (s == MOE_OK) s = (packed = new_index(ctx, MOE_I64, 2, a, 1, xa->device)) ? MOE_OK : moe_last_status();
+    if (s == MOE_OK) {
+        moe_tensor *pv = moe_tensor_view(packed, 1, &a);
+        s = pv ? moe_op_ep_pack(ctx, pv, r->token_idx, r->expert_idx, r->slots, tmap, el, width, adjust)
+               : moe_last_status();
+        moe_tensor_release(pv);
+    }
+    if (s == MOE_OK) s = ep_owner(l, ctx, tape, p, packed, r->weights, loff, width, xa, ep * n, comm, &yu);
+    if (s == MOE_OK) s = moe_f_ep_scatter(ctx, tape, comm, yu, yr);
+    moe_tensor_release(packed);
+    moe_tensor_release(yu);
     moe_ep_plan_release(p);
     free(loff);
     return s;
@@ -341,6 +453,15 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     MOE_TRY(moe_f_view(ctx, tape, x, 2, rows_shape, &xr));
     int64_t n = xr->shape[0];
     uint64_t call = st->calls++;
+    /* expert parallel by all_gather: every rank's tokens travel while this rank routes its own */
+    int gather = 0;
+    moe_tensor *xa = NULL;
+    moe_status sg0 = ep_gather_wanted(st, n, &gather);
+    if (sg0 == MOE_OK && gather) sg0 = moe_f_ep_gather(ctx, tape, st->ep_comm, xr, &xa);
+    if (sg0 != MOE_OK) {
+        moe_tensor_release(xr);
+        return sg0;
+    }
     moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
     moe_tensor *sh = NULL, *sum = NULL, *sg = NULL, *sgs = NULL, *shg = NULL;
     moe_tensor *xb = NULL, *rsrc = NULL;
@@ -377,13 +498,13 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         s = moe_layer_forward(l->children[st->c_noise], ctx, tape, rsrc, &nlog);
     moe_routing r;
     memset(&r, 0, sizeof r);
-    /* token rows under expert parallelism: their counts ride the device routing's wait */
+    /* token or gathered rows under expert parallelism: their counts ride the device routing's wait */
     moe_router_cfg rcfg = c->router;
-    ep_hook hk = {st->ep_comm, NULL};
+    ep_hook hk = {st->ep_comm, gather ? n : 0, NULL};
     moe_route_hook hook = {0};
     int tokens = 0;
     if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(NULL, st->ep_comm, &tokens);
-    if (tokens) {
+    if (tokens || gather) {
         hook.extra = (c->router.num_experts + st->ep_comm->size) * (st->ep_comm->size + 1);
         hook.queue = ep_hook_queue;
         hook.arg = &hk;
@@ -394,7 +515,10 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
     if (s == MOE_OK && tokens) s = ep_moves_tokens(&r, st->ep_comm, &tokens);
-    if (s == MOE_OK && tokens) {
+    if (s == MOE_OK && gather && !r.slots) s = moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing has no slot map");
+    if (s == MOE_OK && gather) {
+        s = ep_gather_experts(l, ctx, tape, xa, &r, &hook, n, &yr);
+    } else if (s == MOE_OK && tokens) {
         s = ep_token_experts(l, ctx, tape, xr, &r, &hook, hk.tslots, &yr);
     } else {
         if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
@@ -430,6 +554,8 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     }
     free(hook.host);
     moe_tensor_release(hk.tslots);
+    if (xa && s != MOE_OK) moe_comm_join_queued(st->ep_comm, xa->device);   /* the gather may still be writing xa */
+    moe_tensor_release(xa);
     moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
     moe_tensor_release(xb); moe_tensor_release(rsrc);
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
@@ -464,6 +590,7 @@ static void block_destroy(moe_layer *l) {
     moe_tensor_release(st->bias);
     moe_tensor_release(st->last_logits);
     moe_tensor_release(st->router_bias);
+    moe_tensor_release(st->ep_tmap);
     free(st);
 }
 

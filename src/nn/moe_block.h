@@ -65,6 +65,14 @@ moe_status moe_block_set_expert_parallel(moe_layer *l, struct moe_comm *comm);
 /* The batch auxiliary loss over comm's ranks (router.h, aux_comm); NULL: this rank's tokens. Borrowed. */
 moe_status moe_block_set_aux_comm(moe_layer *l, struct moe_comm *comm);
 int moe_block_expert_parallel_size(const moe_layer *l);   /* 1 when off */
+/* Expert parallelism by all_gather instead of all-to-all (Megatron's
+ * "allgather" token dispatcher): every rank's tokens go to every rank before
+ * routing (overlapped with it), and every rank's outputs for a rank's tokens
+ * add up there (reduce_scatter). It needs `tokens` (> 0) tokens per rank in
+ * every forward on every rank (another count is an error); 0 turns it off.
+ * It moves every token to every rank: worth it when nearly every token has
+ * a choice on every rank (top-k over 2 ranks). */
+moe_status moe_block_set_ep_gather(moe_layer *l, int64_t tokens);
 
 /* The grouped expert bank used by the block (exposed for tests and benches). */
 moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, int64_t inner, moe_ffn_kind kind,

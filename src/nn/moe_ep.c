@@ -315,3 +315,76 @@ moe_status moe_f_ep_tokens(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_ten
 moe_status moe_f_ep_tokens_back(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *yu, moe_tensor **ys) {
     return taped(ctx, tape, p, tokens_back, "ep_tokens_back", ep_tokens_back_backward, "expert parallel combine", yu, ys);
 }
+
+/* ---- expert parallelism by all_gather / reduce_scatter (moe_ep.h) ---- */
+
+/* backward of the gather: each rank's rows' gradients go home and add up
+ * (reduce_scatter), while the deferred weight gradients run */
+static moe_status ep_gather_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_comm *comm = e->self;
+    moe_tape_set_defer(e->tape, 0);
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]), *dx = NULL;
+    moe_status s = g ? new_rows(ctx, g, g->shape[0] / comm->size, &dx) : moe_last_status();
+    if (s == MOE_OK) {
+        s = moe_comm_reduce_scatter_queued(comm, g, dx, MOE_DIST_SUM, 0);
+        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, e->tape);
+        /* joined even when the deferred work failed: g and dx are released below */
+        moe_status sj = s == MOE_OK ? moe_comm_join_queued(comm, g->device) : MOE_OK;
+        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
+    }
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+moe_status moe_f_ep_gather(moe_ctx *ctx, moe_tape *tape, moe_comm *comm, moe_tensor *x, moe_tensor **xa) {
+    *xa = NULL;
+    if (x->ndim != 2) return moe_error(MOE_ERR_SHAPE, "expert parallel gather: expected rows [N, H]");
+    moe_tensor *xc = moe_op_contiguous(ctx, x), *y = NULL;
+    moe_status s = xc ? new_rows(ctx, x, x->shape[0] * comm->size, &y) : moe_last_status();
+    /* a copy made here is released on return: the compute stream then waits for the gather */
+    if (s == MOE_OK) s = moe_comm_all_gather_queued(comm, xc, y, xc != x);
+    moe_tensor_release(xc);
+    if (s == MOE_OK && tape && !moe_tape_record(tape, "ep_gather", ep_gather_backward, comm, NULL, NULL, 1, &x, 1, &y))
+        s = moe_last_status();
+    if (s != MOE_OK) {
+        /* the gather may still be running: nothing may reuse y before it ends */
+        if (y) moe_comm_join_queued(comm, y->device);
+        moe_tensor_release(y);
+        return moe_error_context(s, "expert parallel gather");
+    }
+    *xa = y;
+    return MOE_OK;
+}
+
+/* backward of the scatter: the gradient of every rank's rows, gathered (and
+ * the experts' weight gradients deferred to the gather's backward) */
+static moe_status ep_scatter_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_comm *comm = e->self;
+    int on = 0;
+    MOE_TRY(overlap_wanted(&on));
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]), *dy = NULL;
+    moe_status s = g ? new_rows(ctx, g, g->shape[0] * comm->size, &dy) : moe_last_status();
+    if (s == MOE_OK) s = moe_comm_all_gather_queued(comm, g, dy, 1);
+    moe_tensor_release(g);
+    if (s != MOE_OK) { moe_tensor_release(dy); return s; }
+    moe_tape_set_defer(e->tape, on);
+    gin[0] = dy;
+    return MOE_OK;
+}
+
+moe_status moe_f_ep_scatter(moe_ctx *ctx, moe_tape *tape, moe_comm *comm, moe_tensor *yu, moe_tensor **yr) {
+    *yr = NULL;
+    if (yu->ndim != 2 || yu->shape[0] % comm->size)
+        return moe_error(MOE_ERR_SHAPE, "expert parallel scatter: expected [%d * N, H] rows", comm->size);
+    moe_tensor *yc = moe_op_contiguous(ctx, yu), *y = NULL;
+    moe_status s = yc ? new_rows(ctx, yu, yu->shape[0] / comm->size, &y) : moe_last_status();
+    if (s == MOE_OK) s = moe_comm_reduce_scatter_queued(comm, yc, y, MOE_DIST_SUM, 1);
+    moe_tensor_release(yc);
+    if (s == MOE_OK && tape && !moe_tape_record(tape, "ep_scatter", ep_scatter_backward, comm, NULL, NULL, 1, &yu, 1, &y))
+        s = moe_last_status();
+    if (s != MOE_OK) { moe_tensor_release(y); return moe_error_context(s, "expert parallel scatter"); }
+    *yr = y;
+    return MOE_OK;
+}

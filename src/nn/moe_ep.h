@@ -65,4 +65,15 @@ moe_status moe_f_ep_tokens(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_ten
 /* yu [U, H] -> ys [S, H], the reverse */
 moe_status moe_f_ep_tokens_back(moe_ctx *ctx, moe_tape *tape, moe_ep_plan *p, moe_tensor *yu, moe_tensor **ys);
 
+/* Expert parallelism by all_gather (Megatron's "allgather" dispatcher): every
+ * rank's token rows x [N, H] (N the same on every rank) go to every rank,
+ * *xa [ep * N, H] with rank r's rows at r * N; queued without ordering the
+ * compute stream after it (routing runs meanwhile): moe_comm_join_queued
+ * before reading xa. Backward: the rows' gradients go home and add up
+ * (reduce_scatter), overlapped with the experts' deferred weight gradients.
+ * moe_f_ep_scatter is the way back: yu [ep * N, H], rank r's block of every
+ * rank's yu summed into *yr [N, H] (reduce_scatter; backward all_gather). */
+moe_status moe_f_ep_gather(moe_ctx *ctx, moe_tape *tape, moe_comm *comm, moe_tensor *x, moe_tensor **xa);
+moe_status moe_f_ep_scatter(moe_ctx *ctx, moe_tape *tape, moe_comm *comm, moe_tensor *yu, moe_tensor **yr);
+
 #endif

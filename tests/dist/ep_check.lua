@@ -37,11 +37,16 @@ local function loss_and_grads(m, ids, targets)
   local _, g = m.net:flat_parameters()
   return loss, d.all_reduce(g:clone(), "sum")
 end
-for _, cfg in ipairs{{name = "top-k"}, {name = "expert choice", extra = {router = "expert_choice", capacity_factor = 1}}} do
+for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = true},
+                     {name = "expert choice", extra = {router = "expert_choice", capacity_factor = 1}}} do
   local m = model(11, cfg.extra)
   local ids, targets = batch(rank)
   local want, want_g = loss_and_grads(m, ids, targets)
   assert(d.set_expert_parallel(m.net, true) == 2, "two MoE layers")
+  if cfg.gather then
+    local sh = ids:shape()
+    assert(d.set_ep_gather(m.net, sh[1] * sh[2]) == 2, "two MoE layers gather")
+  end
   local got, got_g = loss_and_grads(m, ids, targets)
   close(got, want, 1e-5, cfg.name .. ": EP forward loss")
   close_n(got_g, want_g, 1e-5, cfg.name .. ": EP gradients summed over the ranks")
@@ -52,6 +57,14 @@ for _, cfg in ipairs{{name = "top-k"}, {name = "expert choice", extra = {router 
     assert(all[1] > 0 and all[2] > 0, string.format("%s layer %d: rank 0's experts get %d rows, rank 1's %d", cfg.name,
                                                     i, all[1], all[2]))
   end
+  if cfg.gather and not os.getenv("MOELAB_EP_EXCHANGE") then
+    -- another token count than the one set is refused before anything is exchanged
+    local sh = ids:shape()
+    d.set_ep_gather(m.net, sh[1] * sh[2] + 1)
+    local ok, err = pcall(m.forward, m, ids, {targets = targets})
+    assert(not ok and tostring(err):find("set for " .. (sh[1] * sh[2] + 1) .. " tokens per rank", 1, true), tostring(err))
+  end
+  if cfg.gather then d.set_ep_gather(m.net, false) end
   d.set_expert_parallel(m.net, false)
 end
 
