@@ -189,6 +189,8 @@ local function run_config(name)
     -- DistributedMoETrainer turns expert parallelism on only inside train()
     local ep_on = mode == "ep" and tr.expert_parallel_size and tr.expert_parallel_size > 1
     if ep_on then d.set_expert_parallel(model.net, tr._ep_comm or true) end
+    local gather = ep_on and tr.expert_parallel_dispatch == "allgather" and (os.getenv("MOELAB_EP_EXCHANGE") or "") == ""
+    if gather then d.set_ep_gather(model.net, bs * seq) end
     local ep_comm = mode == "ep" and (tr._ep_comm or d.comm()) or nil
     local a0
     for i = 1, reps + 1 do
@@ -213,6 +215,7 @@ local function run_config(name)
       end
       model:zero_grad()
     end
+    if gather then d.set_ep_gather(model.net, false) end
     if ep_on then d.set_expert_parallel(model.net, false) end
     say("RESULT mode=profile config=%s forward_ms=%.2f backward_ms=%.2f grad_allreduce_ms=%.2f forward_host_ms=%.2f "
       .. "backward_host_ms=%.2f (synced phases, %d steps; host: until the call returned, before the final sync)",

@@ -39,9 +39,13 @@ void moe_expert_bank_set_lora(moe_layer *l, moe_lora *lora) {
     st->lora = lora;
 }
 
-/* The weight gradients: d(down) += dy^T h, d(up) += du^T x, d(gate) += dg^T x. */
+/* The weight gradients: d(down) += dy^T h, d(up) += du^T x, d(gate) += dg^T
+ * x, in two jobs: down and up (GELU: down), then gate (GELU: up). Expert
+ * parallelism runs the first while the layer's input gradients travel and
+ * keeps the second for the next layer's exchange (moe_ep.c). */
 typedef struct {
     moe_layer *l;
+    int last;   /* the second job */
     moe_tensor *dy, *h, *du, *dg, *xp, *offs;
 } wgrad_args;
 
@@ -51,9 +55,11 @@ static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
     const int64_t *off = moe_tensor_data(w->offs);
     int groups = (int)(w->offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(w->l, P_GATE) : NULL, *pu = bank_param(w->l, P_UP), *pd = bank_param(w->l, P_DOWN);
-    moe_status s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, 1.0f, pd->grad, off, groups);
-    if (s == MOE_OK) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, 1.0f, pu->grad, off, groups);
-    if (s == MOE_OK && sw) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, 1.0f, pg->grad, off, groups);
+    moe_status s = MOE_OK;
+    if (!w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, 1.0f, pd->grad, off, groups);
+    if (s == MOE_OK && (sw ? !w->last : w->last))
+        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, 1.0f, pu->grad, off, groups);
+    if (s == MOE_OK && sw && w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, 1.0f, pg->grad, off, groups);
     return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
 }
 
@@ -92,17 +98,16 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);
     if (s == MOE_OK && lo && sw) s = moe_lora_bank_backward(ctx, l, P_GATE, xp, dg, dx, off, groups);
     /* the weight gradients last: under expert parallelism they may wait for
-     * the exchange of dx, which they then overlap (moe_tape_defer) */
-    wgrad_args *w = s == MOE_OK ? calloc(1, sizeof *w) : NULL;
-    if (s == MOE_OK && !w) s = moe_error(MOE_ERR_OOM, "out of host memory");
-    if (s == MOE_OK) {
+     * the exchanges, which they then overlap (moe_tape_defer) */
+    for (int last = 0; last < 2 && s == MOE_OK; last++) {
+        wgrad_args *w = calloc(1, sizeof *w);
+        if (!w) { s = moe_error(MOE_ERR_OOM, "out of host memory"); break; }
         moe_layer_retain_v(l);
         w->l = l;
-        w->dy = dy; w->du = du; w->dg = dg;
-        dy = du = dg = NULL;
-        moe_tensor *keep[] = {h, xp, offs};
-        for (int i = 0; i < 3; i++) moe_tensor_retain(keep[i]);
-        w->h = h; w->xp = xp; w->offs = offs;
+        w->last = last;
+        moe_tensor *keep[] = {dy, h, du, dg, xp, offs};
+        for (int i = 0; i < 6; i++) moe_tensor_retain(keep[i]);
+        w->dy = dy; w->h = h; w->du = du; w->dg = dg; w->xp = xp; w->offs = offs;
         s = moe_tape_defer(ctx, e->tape, bank_wgrad, wgrad_free, w);
     }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);

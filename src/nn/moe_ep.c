@@ -166,7 +166,7 @@ static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_ten
  * gradients) is queued on the compute stream while the rows travel, and the
  * compute stream joins the exchange after it. */
 static moe_status exchange_rows_overlap(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send,
-                                        int64_t nsend, const int64_t *recv, int64_t nrecv, moe_tape *overlap,
+                                        int64_t nsend, const int64_t *recv, int64_t nrecv, moe_tape *overlap, int keep,
                                         moe_tensor **out) {
     *out = NULL;
     if (x->ndim != 2 || x->shape[0] != nsend)
@@ -182,7 +182,7 @@ static moe_status exchange_rows_overlap(moe_ctx *ctx, moe_ep_plan *p, moe_tensor
     if (s == MOE_OK && !overlap) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, y, rc);
     if (s == MOE_OK && overlap) {
         s = moe_comm_all_to_all_v_start(p->comm, xc, sc, y, rc);
-        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, overlap);
+        moe_status sd = moe_tape_run_deferred_keep(s == MOE_OK ? ctx : NULL, overlap, keep);
         /* joined even when the deferred work failed: xc and y are released below */
         moe_status sj = s == MOE_OK ? moe_comm_join_queued(p->comm, x->device) : MOE_OK;
         if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
@@ -196,7 +196,7 @@ static moe_status exchange_rows_overlap(moe_ctx *ctx, moe_ep_plan *p, moe_tensor
 
 static moe_status exchange_rows(moe_ctx *ctx, moe_ep_plan *p, moe_tensor *x, const int64_t *send, int64_t nsend,
                                 const int64_t *recv, int64_t nrecv, moe_tensor **out) {
-    return exchange_rows_overlap(ctx, p, x, send, nsend, recv, nrecv, NULL, out);
+    return exchange_rows_overlap(ctx, p, x, send, nsend, recv, nrecv, NULL, 0, out);
 }
 
 /* rows of x reordered: y[i] = x[idx[i]] */
@@ -274,17 +274,23 @@ static moe_status overlap_wanted(int *on) {
 
 /* Backward of the token rows' way out, after the backward of their way back
  * (which let the experts' backward defer its weight gradients): the input
- * gradients go back to the senders while the weight gradients run. */
+ * gradients go back to the senders while the first weight-gradient job runs;
+ * the second waits for the next layer's first exchange. */
 static moe_status ep_tokens_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_ep_plan *p = e->self;
     moe_tape_set_defer(e->tape, 0);
-    return exchange_rows_overlap(ctx, p, gout[0], p->trecv_rows, p->treceived, p->tsend_rows, p->tsent, e->tape,
+    return exchange_rows_overlap(ctx, p, gout[0], p->trecv_rows, p->treceived, p->tsend_rows, p->tsent, e->tape, 1,
                                  &gin[0]);
 }
+/* Backward of the way back: the output gradients go to the owners while the
+ * weight-gradient job the layer above kept runs; then the experts' backward
+ * may defer its own. */
 static moe_status ep_tokens_back_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_ep_plan *p = e->self;
     int on = 0;
     MOE_TRY(overlap_wanted(&on));
-    MOE_TRY(tokens_out(ctx, e->self, gout[0], &gin[0]));
+    MOE_TRY(exchange_rows_overlap(ctx, p, gout[0], p->tsend_rows, p->tsent, p->trecv_rows, p->treceived, e->tape, 0,
+                                  &gin[0]));
     moe_tape_set_defer(e->tape, on);
     return MOE_OK;
 }
@@ -327,7 +333,7 @@ static moe_status ep_gather_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor
     moe_status s = g ? new_rows(ctx, g, g->shape[0] / comm->size, &dx) : moe_last_status();
     if (s == MOE_OK) {
         s = moe_comm_reduce_scatter_queued(comm, g, dx, MOE_DIST_SUM, 0);
-        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, e->tape);
+        moe_status sd = moe_tape_run_deferred_keep(s == MOE_OK ? ctx : NULL, e->tape, 1);
         /* joined even when the deferred work failed: g and dx are released below */
         moe_status sj = s == MOE_OK ? moe_comm_join_queued(comm, g->device) : MOE_OK;
         if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
@@ -358,15 +364,22 @@ moe_status moe_f_ep_gather(moe_ctx *ctx, moe_tape *tape, moe_comm *comm, moe_ten
     return MOE_OK;
 }
 
-/* backward of the scatter: the gradient of every rank's rows, gathered (and
- * the experts' weight gradients deferred to the gather's backward) */
+/* backward of the scatter: the gradient of every rank's rows, gathered while
+ * the weight-gradient job the layer above kept runs; then the experts'
+ * backward may defer its own (run by the gather's backward) */
 static moe_status ep_scatter_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_comm *comm = e->self;
     int on = 0;
     MOE_TRY(overlap_wanted(&on));
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]), *dy = NULL;
     moe_status s = g ? new_rows(ctx, g, g->shape[0] * comm->size, &dy) : moe_last_status();
-    if (s == MOE_OK) s = moe_comm_all_gather_queued(comm, g, dy, 1);
+    if (s == MOE_OK) {
+        /* the weight-gradient job the layer above kept runs while the gradients travel */
+        s = moe_comm_all_gather_queued(comm, g, dy, 0);
+        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, e->tape);
+        moe_status sj = s == MOE_OK ? moe_comm_join_queued(comm, g->device) : MOE_OK;
+        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
+    }
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dy); return s; }
     moe_tape_set_defer(e->tape, on);

@@ -37,16 +37,23 @@ static void clear_grads(moe_tape *t) {
     t->used = 0;
 }
 
-/* Runs the deferred work in order; after a failure the rest is only freed. */
-moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *t) {
+/* Runs the deferred work in order but the newest `keep` jobs, which move to
+ * the front; after a failure the rest is only freed (kept ones too). */
+moe_status moe_tape_run_deferred_keep(moe_ctx *ctx, moe_tape *t, int keep) {
     moe_status s = MOE_OK;
-    for (int i = 0; i < t->ndeferred; i++) {
+    int run = t->ndeferred > keep ? t->ndeferred - keep : 0;
+    for (int i = 0; i < run; i++) {
         if (s == MOE_OK && ctx) s = t->deferred[i].run(ctx, t->deferred[i].arg);
         if (t->deferred[i].free_arg) t->deferred[i].free_arg(t->deferred[i].arg);
     }
-    t->ndeferred = 0;
+    int left = t->ndeferred - run;
+    for (int i = 0; i < left; i++) t->deferred[i] = t->deferred[run + i];
+    t->ndeferred = left;
+    if (s != MOE_OK && left) moe_tape_run_deferred_keep(NULL, t, 0);
     return s;
 }
+
+moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *t) { return moe_tape_run_deferred_keep(ctx, t, 0); }
 
 void moe_tape_set_defer(moe_tape *t, int on) { t->defer_on = on; }
 int moe_tape_defers(const moe_tape *t) { return t && t->defer_on; }

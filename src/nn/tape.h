@@ -81,6 +81,8 @@ void moe_tape_set_defer(moe_tape *tape, int on);
 int moe_tape_defers(const moe_tape *tape);
 moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *tape, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg);
 moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *tape);
+/* The same, leaving the newest `keep` jobs for a later exchange. */
+moe_status moe_tape_run_deferred_keep(moe_ctx *ctx, moe_tape *tape, int keep);
 
 /* Borrowed reference to the gradient of t, or NULL. */
 moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);

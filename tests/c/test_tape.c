@@ -1,7 +1,7 @@
 /* The tape's deferred backward work (moe_tape_defer), which expert
  * parallelism uses to run the experts' weight gradients while their input
  * gradients are exchanged: with deferral off the work runs at once; with it
- * on it waits for moe_tape_run_deferred (in order) or for the end of
+ * on it waits for moe_tape_run_deferred (in order; _keep leaves the newest) or for the end of
  * backward; a failing backward and a reset free it without running it; a
  * failing deferred job fails the backward. Prints TAP. */
 #include "../../src/nn/tape.h"
@@ -84,6 +84,9 @@ int main(void) {
     push(ctx, t, &a, 2);
     push(ctx, t, &a, 3);
     report(a.nran == 1 && a.freed == 1, "deferral on: waits", "ran %d, freed %d", a.nran, a.freed);
+    s = moe_tape_run_deferred_keep(ctx, t, 1);
+    report(s == MOE_OK && a.nran == 2 && a.ran[1] == 2 && a.freed == 2, "run_deferred_keep: all but the newest",
+           "ran %d, freed %d", a.nran, a.freed);
     s = moe_tape_run_deferred(ctx, t);
     report(s == MOE_OK && a.nran == 3 && a.ran[1] == 2 && a.ran[2] == 3 && a.freed == 3, "run_deferred: in order",
            "ran %d (%d, %d), freed %d", a.nran, a.ran[1], a.ran[2], a.freed);
