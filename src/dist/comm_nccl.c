@@ -17,10 +17,11 @@
  * than MOELAB_DIST_HEARTBEAT_S (default 15 s) names that rank and fails the
  * collective at once, without waiting for the full timeout.
  *
- * Queued exchanges (all_to_all_v_queued: expert parallelism's token
- * exchanges) run on our stream between two events, the compute stream's work
- * before them and its later work after them, and the host does not wait. The
- * heartbeat thread watches them: every 100 ms, while one may be unfinished,
+ * Queued collectives (comm_nccl_queue.c: expert parallelism's exchanges,
+ * all_to_all_v, all_gather and reduce_scatter) run on our stream between two
+ * events, the compute stream's work before them and its later work after
+ * them (or after a later join), and the host does not wait. The heartbeat
+ * thread (comm_nccl_watch.c) watches them: every 100 ms, while one may be unfinished,
  * it checks NCCL's asynchronous error, the others' heartbeats and the
  * timeout (counted from the oldest exchange not yet seen finished), and on a
  * verdict aborts the communicator, which frees the GPU work waiting on it;
@@ -53,69 +54,16 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
 
 #else
 
+#include "comm_nccl.h"
 #include "../ops/cuda/moe_cuda.h"
 
-#include <cuda_runtime.h>
 #include <dlfcn.h>
-#include <nccl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
 #include <time.h>
 #include <unistd.h>
-
-typedef struct {
-    void *lib;
-    ncclResult_t (*GetUniqueId)(ncclUniqueId *);
-    ncclResult_t (*CommInitRank)(ncclComm_t *, int, ncclUniqueId, int);
-    ncclResult_t (*CommAbort)(ncclComm_t);
-    ncclResult_t (*CommDestroy)(ncclComm_t);
-    ncclResult_t (*CommGetAsyncError)(ncclComm_t, ncclResult_t *);
-    const char *(*GetErrorString)(ncclResult_t);
-    ncclResult_t (*AllReduce)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t);
-    ncclResult_t (*Broadcast)(const void *, void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
-    ncclResult_t (*AllGather)(const void *, void *, size_t, ncclDataType_t, ncclComm_t, cudaStream_t);
-    ncclResult_t (*ReduceScatter)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t, cudaStream_t);
-    ncclResult_t (*Send)(const void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
-    ncclResult_t (*Recv)(void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
-    ncclResult_t (*GroupStart)(void);
-    ncclResult_t (*GroupEnd)(void);
-    /* optional (NCCL >= 2.18): NULL when the loaded library lacks it; the
-     * config pointer is passed as NULL (the defaults) */
-    ncclResult_t (*CommSplit)(ncclComm_t, int, int, ncclComm_t *, void *);
-} nccl_api;
-
-typedef struct {
-    nccl_api api;
-    ncclComm_t comm;
-    cudaStream_t stream;
-    int device;
-    int broken;
-    void *scratch;         /* device staging buffer for CPU tensors */
-    size_t scratch_bytes;
-    cudaEvent_t ready;     /* queued all-reduces: recorded on the compute stream, waited by ours */
-    int pending;           /* all-reduces queued and not yet waited for */
-    /* heartbeats (file rendezvous only): see the header */
-    char *hb_dir;
-    int hb_rank, hb_size;
-    double hb_stale_s, hb_since, hb_checked;
-    double *hb_seen, *hb_seen_at;   /* per rank: last heartbeat value read, and when it changed (our clock) */
-    pthread_t hb_thread;
-    int hb_running;
-    volatile int hb_stop;
-    /* queued exchanges, watched by the heartbeat thread (see the header) */
-    /* held by this rank's thread for every NCCL operation, by the watcher to
-     * abort (so it never frees the communicator under a running call); also
-     * guards q_pending, q_since, q_done's record and hb_seen* */
-    pthread_mutex_t q_mu;
-    cudaEvent_t q_done;     /* recorded on our stream after the latest queued exchange */
-    int q_pending;          /* q_done may be unfinished */
-    double q_since;         /* when the oldest exchange not yet seen finished was queued */
-    double timeout_s;
-    int q_aborted;          /* set (atomically) by the watcher once it aborted the communicator */
-    char q_error[512];      /* its verdict, written before q_aborted is set */
-} nccl_impl;
 
 static nccl_impl *impl_new(void) {
     nccl_impl *m = calloc(1, sizeof *m);
@@ -128,110 +76,6 @@ static nccl_impl *impl_new(void) {
     }
     if (m && !ok) { free(m); m = NULL; }
     return m;
-}
-
-static int watcher_aborted(nccl_impl *m) { return __atomic_load_n(&m->q_aborted, __ATOMIC_ACQUIRE); }
-
-/* ncclCommAbort frees the communicator: once, and never touched again */
-static void abort_comm(nccl_impl *m) {
-    if (m->comm) m->api.CommAbort(m->comm);
-    m->comm = NULL;
-    m->broken = 1;
-}
-
-static double wall_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void hb_write(const char *dir, int rank) {
-    char path[4200], tmp[4300];
-    snprintf(path, sizeof path, "%s/alive.%d", dir, rank);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return;
-    fprintf(f, "%.3f\n", wall_now());
-    if (fclose(f) == 0) rename(tmp, path);
-}
-
-static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age);
-
-/* One look at the queued exchanges (heartbeat thread): finished, or a verdict and an abort. */
-static void watch_queued(nccl_impl *m) {
-    /* busy: this rank is inside a collective, which watches itself (and the
-     * heartbeats must go on being written meanwhile) */
-    if (pthread_mutex_trylock(&m->q_mu) != 0) return;
-    if (m->q_pending && !watcher_aborted(m) && m->comm) {
-        cudaError_t e = cudaEventQuery(m->q_done);
-        if (e == cudaSuccess) {
-            m->q_pending = 0;
-        } else {
-            char why[400] = "", who[256];
-            double age = 0;
-            ncclResult_t ar = ncclSuccess;
-            m->api.CommGetAsyncError(m->comm, &ar);
-            if (ar != ncclSuccess)
-                snprintf(why, sizeof why, "NCCL error: %s", m->api.GetErrorString(ar));
-            else if (e != cudaErrorNotReady)
-                snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
-            else if (hb_stale(m, who, sizeof who, &age) > 0)
-                snprintf(why, sizeof why, "rank %s sent no heartbeat for %.0f s (exited, killed or its host is gone)",
-                         who, age);
-            else if (moe_dist_now() - m->q_since > m->timeout_s)
-                snprintf(why, sizeof why, "no progress for %.0f s while every rank sends heartbeats (one is alive "
-                         "but stuck in other code or another collective)", m->timeout_s);
-            if (why[0]) {
-                snprintf(m->q_error, sizeof m->q_error,
-                         "rank %d: a queued all_to_all_v cannot finish: %s; the communicator was aborted", m->hb_rank,
-                         why);
-                __atomic_store_n(&m->q_aborted, 1, __ATOMIC_RELEASE);
-                abort_comm(m);   /* ends the NCCL work, so the streams waiting on it go on */
-            }
-        }
-    }
-    pthread_mutex_unlock(&m->q_mu);
-}
-
-static void *hb_main(void *arg) {
-    nccl_impl *m = arg;
-    cudaSetDevice(m->device);   /* for the event queries */
-    while (!m->hb_stop) {
-        hb_write(m->hb_dir, m->hb_rank);
-        for (int i = 0; i < 10 && !m->hb_stop; i++) {
-            struct timespec ts = {0, 100000000};
-            nanosleep(&ts, NULL);
-            watch_queued(m);
-        }
-    }
-    return NULL;
-}
-
-/* Ranks whose heartbeat file has not changed for longer than the limit (by
- * this process's monotonic clock, so the hosts' clocks need not agree), as
- * "1, 3" in buf; returns their count. */
-static int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
-    int count = 0;
-    double now = moe_dist_now();
-    buf[0] = 0;
-    *worst_age = 0;
-    for (int r = 0; r < m->hb_size; r++) {
-        if (r == m->hb_rank) continue;
-        char path[4200];
-        snprintf(path, sizeof path, "%s/alive.%d", m->hb_dir, r);
-        double t = 0;
-        FILE *f = fopen(path, "r");
-        if (f) { if (fscanf(f, "%lf", &t) != 1) t = 0; fclose(f); }
-        if (t != m->hb_seen[r]) { m->hb_seen[r] = t; m->hb_seen_at[r] = now; }
-        double age = now - m->hb_seen_at[r];
-        if (age > m->hb_stale_s) {
-            size_t used = strlen(buf);
-            snprintf(buf + used, n - used, "%s%d", count ? ", " : "", r);
-            if (age > *worst_age) *worst_age = age;
-            count++;
-        }
-    }
-    return count;
 }
 
 static moe_status load_api(nccl_api *a) {
@@ -248,7 +92,7 @@ static moe_status load_api(nccl_api *a) {
     return MOE_OK;
 }
 
-static ncclDataType_t nccl_type(moe_dtype dt, size_t *count) {
+ncclDataType_t nccl_type(moe_dtype dt, size_t *count) {
     switch (dt) {
     case MOE_F32: return ncclFloat32;
     case MOE_F64: return ncclFloat64;
@@ -260,7 +104,7 @@ static ncclDataType_t nccl_type(moe_dtype dt, size_t *count) {
     }
 }
 
-static moe_status nccl_check(nccl_impl *m, ncclResult_t r, const char *what) {
+moe_status nccl_check(nccl_impl *m, ncclResult_t r, const char *what) {
     if (r == ncclSuccess) return MOE_OK;
     m->broken = 1;
     return moe_error(MOE_ERR_IO, "%s: %s", what, m->api.GetErrorString(r));
@@ -319,7 +163,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
     }
 }
 
-static moe_status begin(moe_comm *c, const char *what) {
+moe_status begin(moe_comm *c, const char *what) {
     nccl_impl *m = c->impl;
     if (watcher_aborted(m) && !m->broken) {
         m->broken = 1;
@@ -471,7 +315,7 @@ static moe_status nc_reduce_scatter_u(moe_comm *c, const void *in, void *out, si
  * block is a device copy on the same stream instead of an NCCL self-send,
  * queued only once the group is (a failed group leaves nothing behind that
  * could still touch buffers the caller frees). */
-static moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
+moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
                               moe_dtype dt) {
     nccl_impl *m = c->impl;
     size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1, self_so = 0, self_ro = 0;
@@ -514,106 +358,6 @@ static moe_status nc_all_to_all_v_u(moe_comm *c, const void *in, const size_t *s
     MOE_TRY(nccl_wait(c, "all_to_all_v"));
     return stage_out(c, d, out, dout, tr * es, "all_to_all_v");
 }
-
-static moe_status event(cudaEvent_t *e, const char *what) {
-    if (*e) return MOE_OK;
-    if (cudaEventCreateWithFlags(e, cudaEventDisableTiming) == cudaSuccess) return MOE_OK;
-    *e = NULL;
-    return moe_error(MOE_ERR_DEVICE, "%s: cannot create a CUDA event", what);
-}
-
-/* Queues enqueue(c, arg) on our stream between two events: after the
- * compute stream's work so far, and (join) before its later work. The
- * heartbeat thread watches it; *queued = 0 and nothing is done when there is
- * no watcher (the caller then runs the blocking collective). */
-static moe_status queue_ordered(moe_comm *c, moe_device d, int join, int *queued, const char *what,
-                                moe_status (*enqueue)(moe_comm *c, void *arg), void *arg) {
-    nccl_impl *m = c->impl;
-    *queued = 0;
-    if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
-    MOE_TRY(begin(c, what));
-    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
-    if (!compute) return moe_last_status();
-    MOE_TRY(event(&m->ready, what));
-    MOE_TRY(event(&m->q_done, what));
-    pthread_mutex_lock(&m->q_mu);
-    /* the timeout counts from the oldest exchange not yet seen finished */
-    if (!m->q_pending || cudaEventQuery(m->q_done) == cudaSuccess) m->q_since = moe_dist_now();
-    moe_status s = MOE_OK;
-    if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
-        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
-    if (s == MOE_OK) s = enqueue(c, arg);
-    if (s == MOE_OK && (cudaEventRecord(m->q_done, m->stream) != cudaSuccess ||
-                        (join && cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess))) {
-        /* the collective runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
-        cudaStreamSynchronize(m->stream);
-        m->broken = 1;
-        s = moe_error(MOE_ERR_DEVICE, "%s: %s", what, cudaGetErrorString(cudaGetLastError()));
-    }
-    if (s == MOE_OK) m->q_pending = 1;
-    pthread_mutex_unlock(&m->q_mu);
-    if (s == MOE_OK) *queued = 1;
-    return s;
-}
-
-typedef struct {
-    const void *in; const size_t *sc; void *out; const size_t *rc; moe_dtype dt; size_t n; moe_dist_op op;
-} queued_args;
-
-static moe_status enqueue_a2a_v(moe_comm *c, void *arg) {
-    queued_args *a = arg;
-    return enqueue_a2a(c, a->in, a->sc, a->out, a->rc, a->dt);
-}
-
-static moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
-                                         moe_dtype dt, moe_device d, int join, int *queued) {
-    queued_args a = {in, sc, out, rc, dt, 0, MOE_DIST_SUM};
-    return queue_ordered(c, d, join, queued, "all_to_all_v", enqueue_a2a_v, &a);
-}
-
-static moe_status enqueue_all_gather(moe_comm *c, void *arg) {
-    nccl_impl *m = c->impl;
-    queued_args *a = arg;
-    size_t n = a->n;
-    ncclDataType_t t = nccl_type(a->dt, &n);
-    return nccl_check(m, m->api.AllGather(a->in, a->out, n, t, m->comm, m->stream), "ncclAllGather");
-}
-
-static moe_status nc_all_gather_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d,
-                                       int join, int *queued) {
-    queued_args a = {in, NULL, out, NULL, dt, n, MOE_DIST_SUM};
-    return queue_ordered(c, d, join, queued, "all_gather", enqueue_all_gather, &a);
-}
-
-static moe_status enqueue_reduce_scatter(moe_comm *c, void *arg) {
-    nccl_impl *m = c->impl;
-    queued_args *a = arg;
-    size_t n = a->n;
-    ncclDataType_t t = nccl_type(a->dt, &n);
-    return nccl_check(m, m->api.ReduceScatter(a->in, a->out, n, t, a->op == MOE_DIST_AVG ? ncclAvg : ncclSum, m->comm,
-                                              m->stream), "ncclReduceScatter");
-}
-
-static moe_status nc_reduce_scatter_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt,
-                                           moe_dist_op op, moe_device d, int join, int *queued) {
-    queued_args a = {in, NULL, out, NULL, dt, n, op};
-    return queue_ordered(c, d, join, queued, "reduce_scatter", enqueue_reduce_scatter, &a);
-}
-
-/* q_done was recorded after the latest queued exchange (none: nothing to wait for). */
-static moe_status nc_join_queued_u(moe_comm *c, moe_device d) {
-    nccl_impl *m = c->impl;
-    if (!m->q_pending || !m->q_done) return MOE_OK;
-    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
-    if (!compute) return moe_last_status();
-    if (cudaStreamWaitEvent(compute, m->q_done, 0) == cudaSuccess) return MOE_OK;
-    /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
-    cudaStreamSynchronize(m->stream);
-    m->broken = 1;
-    return moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
-}
-
-static moe_status nc_check_queued_u(moe_comm *c) { return begin(c, "a queued collective"); }
 
 /* Every operation holds the communicator's lock while it runs (see q_mu). */
 #define LOCKED(name, params, args)                                                                  \
