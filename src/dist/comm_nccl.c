@@ -165,7 +165,8 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
 
 moe_status begin(moe_comm *c, const char *what) {
     nccl_impl *m = c->impl;
-    if (watcher_aborted(m) && !m->broken) {
+    /* the watcher's verdict, every time (its abort marked the communicator broken too) */
+    if (watcher_aborted(m)) {
         m->broken = 1;
         return moe_error(MOE_ERR_STATE, "%s: %s", what, m->q_error);
     }
