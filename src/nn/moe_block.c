@@ -173,10 +173,12 @@ static moe_status ep_moves_tokens(const moe_routing *r /* NULL: before routing *
 /* Whether this forward gathers every rank's tokens (moe_block_set_ep_gather;
  * MOELAB_EP_EXCHANGE=tokens or assignments overrides it for A/B runs). The
  * choice must be the same on every rank: it depends only on the setting, the
- * configuration and N, which must equal the setting (else an error here). */
-static moe_status ep_gather_wanted(const block_state *st, int64_t n, int *gather) {
+ * configuration, training mode (evaluation inside a training run, with its
+ * possibly shorter last batch, moves token rows) and N, which must equal the
+ * setting (else an error here). */
+static moe_status ep_gather_wanted(const block_state *st, int training, int64_t n, int *gather) {
     *gather = 0;
-    if (st->custom || !st->ep_comm || st->ep_gather <= 0) return MOE_OK;
+    if (st->custom || !st->ep_comm || st->ep_gather <= 0 || !training) return MOE_OK;
     const char *env = getenv("MOELAB_EP_EXCHANGE");
     if (env && (!strcmp(env, "tokens") || !strcmp(env, "assignments"))) return MOE_OK;
     if (st->cfg.router.selection == MOE_SELECT_EXPERT_CHOICE || n * st->cfg.router.top_k > INT32_MAX) return MOE_OK;
@@ -456,7 +458,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     /* expert parallel by all_gather: every rank's tokens travel while this rank routes its own */
     int gather = 0;
     moe_tensor *xa = NULL;
-    moe_status sg0 = ep_gather_wanted(st, n, &gather);
+    moe_status sg0 = ep_gather_wanted(st, l->training, n, &gather);
     if (sg0 == MOE_OK && gather) sg0 = moe_f_ep_gather(ctx, tape, st->ep_comm, xr, &xa);
     if (sg0 != MOE_OK) {
         moe_tensor_release(xr);

@@ -69,7 +69,8 @@ int moe_block_expert_parallel_size(const moe_layer *l);   /* 1 when off */
  * "allgather" token dispatcher): every rank's tokens go to every rank before
  * routing (overlapped with it), and every rank's outputs for a rank's tokens
  * add up there (reduce_scatter). It needs `tokens` (> 0) tokens per rank in
- * every forward on every rank (another count is an error); 0 turns it off.
+ * every training-mode forward on every rank (another count is an error;
+ * evaluation-mode forwards move token rows); 0 turns it off.
  * It moves every token to every rank: worth it when nearly every token has
  * a choice on every rank (top-k over 2 ranks). */
 moe_status moe_block_set_ep_gather(moe_layer *l, int64_t tokens);

@@ -40,6 +40,7 @@ end
 for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = true},
                      {name = "expert choice", extra = {router = "expert_choice", capacity_factor = 1}}} do
   local m = model(11, cfg.extra)
+  m:train(true)   -- the gathered path serves training-mode forwards
   local ids, targets = batch(rank)
   local want, want_g = loss_and_grads(m, ids, targets)
   assert(d.set_expert_parallel(m.net, true) == 2, "two MoE layers")
@@ -79,6 +80,16 @@ for k, v in pairs(train) do o[k] = v end
 o.batch_fn = batch
 local res = dt:train(o)
 assert(res.world_size == 2 and res.global_batch_size == 4)
+-- evaluation inside a run whose dispatch gathers batch_size x seq_len tokens:
+-- 3 windows of 8 in batches of 2 end with a batch of 8 tokens (evaluation moves token rows)
+local ev_dt = moe.distributed.DistributedMoETrainer{model = model(11), progress = false, aux_loss_coef = 0.01,
+                                                    expert_parallel_size = 2}
+assert(ev_dt.expert_parallel_dispatch == "allgather", tostring(ev_dt.expert_parallel_dispatch))
+local ev_data = moe.data.from_text("an evaluation of 25 bytes")   -- 25 byte tokens: 3 windows of 8
+local eo = {max_steps = 2, batch_size = 2, seq_len = 8, learning_rate = 1e-2, warmup_steps = 1, batch_fn = batch,
+            eval_data = ev_data, eval_every = 1}
+local ev_res = ev_dt:train(eo)
+assert(ev_res.eval and ev_res.eval.tokens == 24, "evaluation inside the gathered run")
 local z2 = moe.distributed.DistributedMoETrainer{model = model(rank == 0 and 11 or 99), progress = false,
                                                  aux_loss_coef = 0.01, expert_parallel_size = 2, zero_stage = 2}
 local zres = z2:train(o)
