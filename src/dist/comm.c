@@ -325,7 +325,7 @@ moe_status moe_comm_all_to_all_v_start(moe_comm *c, const moe_tensor *in, const 
 moe_status moe_comm_join_queued(moe_comm *c, moe_device dev) {
     MOE_TRY(check_comm(c, "join"));
     if (!c->ops->join_queued || dev.type == MOE_CPU) return MOE_OK;
-    return moe_error_context(c->ops->join_queued(c, dev), "all_to_all_v (joining the compute stream)");
+    return moe_error_context(c->ops->join_queued(c, dev), "a queued collective (joining the compute stream)");
 }
 
 /* ------------------------------------------------------------ split */

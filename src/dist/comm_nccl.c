@@ -92,7 +92,7 @@ static moe_status load_api(nccl_api *a) {
     return MOE_OK;
 }
 
-ncclDataType_t nccl_type(moe_dtype dt, size_t *count) {
+ncclDataType_t moe_nccl_type(moe_dtype dt, size_t *count) {
     switch (dt) {
     case MOE_F32: return ncclFloat32;
     case MOE_F64: return ncclFloat64;
@@ -104,7 +104,7 @@ ncclDataType_t nccl_type(moe_dtype dt, size_t *count) {
     }
 }
 
-moe_status nccl_check(nccl_impl *m, ncclResult_t r, const char *what) {
+moe_status moe_nccl_check(nccl_impl *m, ncclResult_t r, const char *what) {
     if (r == ncclSuccess) return MOE_OK;
     m->broken = 1;
     return moe_error(MOE_ERR_IO, "%s: %s", what, m->api.GetErrorString(r));
@@ -129,7 +129,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
         ncclResult_t ar = ncclSuccess;
         m->api.CommGetAsyncError(m->comm, &ar);
         if (ar != ncclSuccess) {
-            abort_comm(m);
+            moe_nccl_abort(m);
             return moe_error(MOE_ERR_IO, "rank %d: %s: NCCL error: %s", c->rank, what, m->api.GetErrorString(ar));
         }
         if (m->hb_dir && moe_dist_now() - m->hb_checked > 1.0) {
@@ -137,10 +137,10 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             char who[256];
             double age = 0;
             pthread_mutex_lock(&m->q_mu);
-            int n = hb_stale(m, who, sizeof who, &age);
+            int n = moe_nccl_hb_stale(m, who, sizeof who, &age);
             pthread_mutex_unlock(&m->q_mu);
             if (n > 0) {
-                abort_comm(m);
+                moe_nccl_abort(m);
                 return moe_error(MOE_ERR_STATE,
                                  "rank %d: %s (collective #%llu) cannot finish: rank%s %s sent no heartbeat for %.0f s "
                                  "(exited, killed or its host is gone); the communicator was aborted",
@@ -148,7 +148,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
             }
         }
         if (moe_dist_now() > deadline) {
-            abort_comm(m);
+            moe_nccl_abort(m);
             return moe_error(MOE_ERR_STATE,
                              "rank %d: %s timed out after %.0f s (collective #%llu); %s; the communicator was aborted",
                              c->rank, what, c->timeout_s, (unsigned long long)c->seq,
@@ -163,7 +163,7 @@ static moe_status nccl_wait(moe_comm *c, const char *what) {
     }
 }
 
-moe_status begin(moe_comm *c, const char *what) {
+moe_status moe_nccl_begin(moe_comm *c, const char *what) {
     nccl_impl *m = c->impl;
     /* the watcher's verdict, every time (its abort marked the communicator broken too) */
     if (watcher_aborted(m)) {
@@ -232,9 +232,9 @@ static moe_status nc_all_reduce_u(moe_comm *c, void *buf, size_t n, moe_dtype dt
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
-    MOE_TRY(begin(c, "all_reduce"));
+    MOE_TRY(moe_nccl_begin(c, "all_reduce"));
     MOE_TRY(stage_in(c, d, buf, bytes, buf, bytes, &din, &dout, "all_reduce"));
-    MOE_TRY(nccl_check(m, m->api.AllReduce(din, dout, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+    MOE_TRY(moe_nccl_check(m, m->api.AllReduce(din, dout, n, moe_nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
                                            m->comm, m->stream), "ncclAllReduce"));
     MOE_TRY(nccl_wait(c, "all_reduce"));
     return stage_out(c, d, buf, dout, bytes, "all_reduce");
@@ -245,7 +245,7 @@ static moe_status nc_all_reduce_u(moe_comm *c, void *buf, size_t n, moe_dtype dt
  * wait_pending has returned (the caller's contract). */
 static moe_status nc_all_reduce_start_u(moe_comm *c, void *buf, size_t n, moe_dtype dt, moe_dist_op op, moe_device d) {
     nccl_impl *m = c->impl;
-    MOE_TRY(begin(c, "all_reduce_start"));
+    MOE_TRY(moe_nccl_begin(c, "all_reduce_start"));
     cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
     if (!compute) return moe_last_status();
     if (!m->ready && cudaEventCreateWithFlags(&m->ready, cudaEventDisableTiming) != cudaSuccess) {
@@ -254,7 +254,7 @@ static moe_status nc_all_reduce_start_u(moe_comm *c, void *buf, size_t n, moe_dt
     }
     if (cudaEventRecord(m->ready, compute) != cudaSuccess || cudaStreamWaitEvent(m->stream, m->ready, 0) != cudaSuccess)
         return moe_error(MOE_ERR_DEVICE, "all_reduce_start: %s", cudaGetErrorString(cudaGetLastError()));
-    MOE_TRY(nccl_check(m, m->api.AllReduce(buf, buf, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+    MOE_TRY(moe_nccl_check(m, m->api.AllReduce(buf, buf, n, moe_nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
                                            m->comm, m->stream), "ncclAllReduce"));
     m->pending++;
     return MOE_OK;
@@ -264,15 +264,15 @@ static moe_status nc_wait_pending_u(moe_comm *c) {
     nccl_impl *m = c->impl;
     if (!m->pending) return MOE_OK;
     m->pending = 0;
-    MOE_TRY(begin(c, "all_reduce (queued)"));
+    MOE_TRY(moe_nccl_begin(c, "all_reduce (queued)"));
     return nccl_wait(c, "all_reduce (queued)");
 }
 
 static moe_status nc_barrier_u(moe_comm *c) {
     nccl_impl *m = c->impl;
-    MOE_TRY(begin(c, "barrier"));
+    MOE_TRY(moe_nccl_begin(c, "barrier"));
     MOE_TRY(scratch(m, sizeof(float), "barrier"));
-    MOE_TRY(nccl_check(m, m->api.AllReduce(m->scratch, m->scratch, 1, ncclFloat32, ncclSum, m->comm, m->stream),
+    MOE_TRY(moe_nccl_check(m, m->api.AllReduce(m->scratch, m->scratch, 1, ncclFloat32, ncclSum, m->comm, m->stream),
                        "barrier"));
     return nccl_wait(c, "barrier");
 }
@@ -281,9 +281,9 @@ static moe_status nc_broadcast_u(moe_comm *c, void *buf, size_t n, moe_dtype dt,
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
-    MOE_TRY(begin(c, "broadcast"));
+    MOE_TRY(moe_nccl_begin(c, "broadcast"));
     MOE_TRY(stage_in(c, d, buf, bytes, buf, bytes, &din, &dout, "broadcast"));
-    MOE_TRY(nccl_check(m, m->api.Broadcast(din, dout, n, nccl_type(dt, &n), root, m->comm, m->stream), "ncclBroadcast"));
+    MOE_TRY(moe_nccl_check(m, m->api.Broadcast(din, dout, n, moe_nccl_type(dt, &n), root, m->comm, m->stream), "ncclBroadcast"));
     MOE_TRY(nccl_wait(c, "broadcast"));
     return stage_out(c, d, buf, dout, bytes, "broadcast");
 }
@@ -292,9 +292,9 @@ static moe_status nc_all_gather_u(moe_comm *c, const void *in, void *out, size_t
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
-    MOE_TRY(begin(c, "all_gather"));
+    MOE_TRY(moe_nccl_begin(c, "all_gather"));
     MOE_TRY(stage_in(c, d, in, bytes, out, bytes * (size_t)c->size, &din, &dout, "all_gather"));
-    MOE_TRY(nccl_check(m, m->api.AllGather(din, dout, n, nccl_type(dt, &n), m->comm, m->stream), "ncclAllGather"));
+    MOE_TRY(moe_nccl_check(m, m->api.AllGather(din, dout, n, moe_nccl_type(dt, &n), m->comm, m->stream), "ncclAllGather"));
     MOE_TRY(nccl_wait(c, "all_gather"));
     return stage_out(c, d, out, dout, bytes * (size_t)c->size, "all_gather");
 }
@@ -304,9 +304,9 @@ static moe_status nc_reduce_scatter_u(moe_comm *c, const void *in, void *out, si
     nccl_impl *m = c->impl;
     const void *din; void *dout;
     size_t bytes = n * moe_dtype_size(dt);
-    MOE_TRY(begin(c, "reduce_scatter"));
+    MOE_TRY(moe_nccl_begin(c, "reduce_scatter"));
     MOE_TRY(stage_in(c, d, in, bytes * (size_t)c->size, out, bytes, &din, &dout, "reduce_scatter"));
-    MOE_TRY(nccl_check(m, m->api.ReduceScatter(din, dout, n, nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
+    MOE_TRY(moe_nccl_check(m, m->api.ReduceScatter(din, dout, n, moe_nccl_type(dt, &n), op == MOE_DIST_AVG ? ncclAvg : ncclSum,
                                                m->comm, m->stream), "ncclReduceScatter"));
     MOE_TRY(nccl_wait(c, "reduce_scatter"));
     return stage_out(c, d, out, dout, bytes, "reduce_scatter");
@@ -316,15 +316,15 @@ static moe_status nc_reduce_scatter_u(moe_comm *c, const void *in, void *out, si
  * block is a device copy on the same stream instead of an NCCL self-send,
  * queued only once the group is (a failed group leaves nothing behind that
  * could still touch buffers the caller frees). */
-moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
+moe_status moe_nccl_enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc,
                               moe_dtype dt) {
     nccl_impl *m = c->impl;
     size_t es = moe_dtype_size(dt), so = 0, ro = 0, one = 1, self_so = 0, self_ro = 0;
-    ncclDataType_t t = nccl_type(dt, &one);
+    ncclDataType_t t = moe_nccl_type(dt, &one);
     if (sc[c->rank] != rc[c->rank])
         return moe_error(MOE_ERR_ARG, "all_to_all_v: rank %d sends %zu elements to itself but expects %zu", c->rank,
                          sc[c->rank], rc[c->rank]);
-    MOE_TRY(nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
+    MOE_TRY(moe_nccl_check(m, m->api.GroupStart(), "ncclGroupStart"));
     ncclResult_t err = ncclSuccess;
     for (int r = 0; r < c->size; r++) {
         ncclResult_t e1 = ncclSuccess, e2 = ncclSuccess;
@@ -336,8 +336,8 @@ moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dou
         ro += rc[r];
     }
     ncclResult_t ge = m->api.GroupEnd();
-    MOE_TRY(nccl_check(m, err, "ncclSend/ncclRecv"));
-    MOE_TRY(nccl_check(m, ge, "ncclGroupEnd"));
+    MOE_TRY(moe_nccl_check(m, err, "ncclSend/ncclRecv"));
+    MOE_TRY(moe_nccl_check(m, ge, "ncclGroupEnd"));
     if (sc[c->rank] && cudaMemcpyAsync((char *)dout + self_ro * es, (const char *)din + self_so * es, sc[c->rank] * es,
                                        cudaMemcpyDeviceToDevice, m->stream) != cudaSuccess) {
         /* the exchange is queued: nothing may reuse its buffers before it ends */
@@ -350,12 +350,12 @@ moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dou
 
 static moe_status nc_all_to_all_v_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
                                   moe_dtype dt, moe_device d) {
-    MOE_TRY(begin(c, "all_to_all_v"));
+    MOE_TRY(moe_nccl_begin(c, "all_to_all_v"));
     size_t es = moe_dtype_size(dt), ts = 0, tr = 0;
     for (int r = 0; r < c->size; r++) { ts += sc[r]; tr += rc[r]; }
     const void *din; void *dout;
     MOE_TRY(stage_in(c, d, in, ts * es, out, tr * es, &din, &dout, "all_to_all_v"));
-    MOE_TRY(enqueue_a2a(c, din, sc, dout, rc, dt));
+    MOE_TRY(moe_nccl_enqueue_a2a(c, din, sc, dout, rc, dt));
     MOE_TRY(nccl_wait(c, "all_to_all_v"));
     return stage_out(c, d, out, dout, tr * es, "all_to_all_v");
 }
@@ -409,7 +409,7 @@ static void nc_destroy(moe_comm *c) {
     if (m->comm) {
         /* destroy waits for the communicator's work: work that may never end is aborted instead */
         int unfinished = m->pending || (m->q_pending && m->q_done && cudaEventQuery(m->q_done) != cudaSuccess);
-        if (m->broken || unfinished) abort_comm(m);
+        if (m->broken || unfinished) moe_nccl_abort(m);
         else m->api.CommDestroy(m->comm);
         m->comm = NULL;
     }
@@ -442,7 +442,7 @@ static const moe_comm_ops nccl_ops = {
  * byte, so a failure there reaches the whole group instead of a hang. */
 static moe_status nc_split_u(moe_comm *c, int color, int key, const int *members, moe_comm *child) {
     nccl_impl *pm = c->impl;
-    MOE_TRY(begin(c, "split"));
+    MOE_TRY(moe_nccl_begin(c, "split"));
     nccl_impl *m = impl_new();
     if (!m) return moe_error(MOE_ERR_OOM, "split: out of memory");
     m->api = pm->api;   /* the library stays loaded for the process */
@@ -611,8 +611,8 @@ moe_comm *moe_comm_nccl_new(moe_ctx *ctx, moe_comm *bootstrap, const char *rende
         for (int r = 0; m->hb_seen_at && r < c->size; r++) m->hb_seen_at[r] = m->hb_since;
         if (!m->hb_seen || !m->hb_seen_at) { free(m->hb_dir); m->hb_dir = NULL; }
         if (m->hb_dir) {
-            hb_write(m->hb_dir, m->hb_rank);
-            m->hb_running = pthread_create(&m->hb_thread, NULL, hb_main, m) == 0;
+            moe_nccl_hb_write(m->hb_dir, m->hb_rank);
+            m->hb_running = pthread_create(&m->hb_thread, NULL, moe_nccl_hb_main, m) == 0;
             if (!m->hb_running) { free(m->hb_dir); m->hb_dir = NULL; }
         }
     }

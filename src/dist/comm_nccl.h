@@ -66,19 +66,19 @@ typedef struct {
 static inline int watcher_aborted(nccl_impl *m) { return __atomic_load_n(&m->q_aborted, __ATOMIC_ACQUIRE); }
 
 /* comm_nccl.c */
-ncclDataType_t nccl_type(moe_dtype dt, size_t *count);
-moe_status nccl_check(nccl_impl *m, ncclResult_t r, const char *what);
+ncclDataType_t moe_nccl_type(moe_dtype dt, size_t *count);
+moe_status moe_nccl_check(nccl_impl *m, ncclResult_t r, const char *what);
 /* every operation starts here: the watcher's verdict, a broken communicator, the device */
-moe_status begin(moe_comm *c, const char *what);
+moe_status moe_nccl_begin(moe_comm *c, const char *what);
 /* one grouped send/recv per peer on our stream, no wait */
-moe_status enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc, moe_dtype dt);
+moe_status moe_nccl_enqueue_a2a(moe_comm *c, const void *din, const size_t *sc, void *dout, const size_t *rc, moe_dtype dt);
 
 /* comm_nccl_watch.c */
-void abort_comm(nccl_impl *m);   /* once; the communicator is never touched again */
-void hb_write(const char *dir, int rank);
+void moe_nccl_abort(nccl_impl *m);   /* once; the communicator is never touched again */
+void moe_nccl_hb_write(const char *dir, int rank);
 /* ranks whose heartbeat is older than the limit, as "1, 3" in buf; their count */
-int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age);
-void *hb_main(void *arg);   /* the heartbeat thread */
+int moe_nccl_hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age);
+void *moe_nccl_hb_main(void *arg);   /* the heartbeat thread */
 
 /* comm_nccl_queue.c: the communicator's ops, called with its lock held */
 moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,

@@ -25,7 +25,7 @@ static moe_status queue_ordered(moe_comm *c, moe_device d, int join, int *queued
     nccl_impl *m = c->impl;
     *queued = 0;
     if (!m->hb_running || d.type != MOE_CUDA) return MOE_OK;   /* nobody would watch it: blocking */
-    MOE_TRY(begin(c, what));
+    MOE_TRY(moe_nccl_begin(c, what));
     cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
     if (!compute) return moe_last_status();
     MOE_TRY(event(&m->ready, what));
@@ -56,7 +56,7 @@ typedef struct {
 
 static moe_status enqueue_a2a_v(moe_comm *c, void *arg) {
     queued_args *a = arg;
-    return enqueue_a2a(c, a->in, a->sc, a->out, a->rc, a->dt);
+    return moe_nccl_enqueue_a2a(c, a->in, a->sc, a->out, a->rc, a->dt);
 }
 
 moe_status nc_all_to_all_v_queued_u(moe_comm *c, const void *in, const size_t *sc, void *out, const size_t *rc,
@@ -69,8 +69,8 @@ static moe_status enqueue_all_gather(moe_comm *c, void *arg) {
     nccl_impl *m = c->impl;
     queued_args *a = arg;
     size_t n = a->n;
-    ncclDataType_t t = nccl_type(a->dt, &n);
-    return nccl_check(m, m->api.AllGather(a->in, a->out, n, t, m->comm, m->stream), "ncclAllGather");
+    ncclDataType_t t = moe_nccl_type(a->dt, &n);
+    return moe_nccl_check(m, m->api.AllGather(a->in, a->out, n, t, m->comm, m->stream), "ncclAllGather");
 }
 
 moe_status nc_all_gather_queued_u(moe_comm *c, const void *in, void *out, size_t n, moe_dtype dt, moe_device d,
@@ -83,8 +83,8 @@ static moe_status enqueue_reduce_scatter(moe_comm *c, void *arg) {
     nccl_impl *m = c->impl;
     queued_args *a = arg;
     size_t n = a->n;
-    ncclDataType_t t = nccl_type(a->dt, &n);
-    return nccl_check(m, m->api.ReduceScatter(a->in, a->out, n, t, a->op == MOE_DIST_AVG ? ncclAvg : ncclSum, m->comm,
+    ncclDataType_t t = moe_nccl_type(a->dt, &n);
+    return moe_nccl_check(m, m->api.ReduceScatter(a->in, a->out, n, t, a->op == MOE_DIST_AVG ? ncclAvg : ncclSum, m->comm,
                                               m->stream), "ncclReduceScatter");
 }
 
@@ -95,18 +95,24 @@ moe_status nc_reduce_scatter_queued_u(moe_comm *c, const void *in, void *out, si
 }
 
 /* q_done was recorded after the latest queued exchange (none: nothing to wait for). */
+/* The wait is queued even on a communicator the watcher aborted (the
+ * caller releases the buffers next); its verdict is reported after. */
 moe_status nc_join_queued_u(moe_comm *c, moe_device d) {
     nccl_impl *m = c->impl;
-    if (!m->q_pending || !m->q_done) return MOE_OK;
-    cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
-    if (!compute) return moe_last_status();
-    if (cudaStreamWaitEvent(compute, m->q_done, 0) == cudaSuccess) return MOE_OK;
-    /* the exchange runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
-    cudaStreamSynchronize(m->stream);
-    m->broken = 1;
-    return moe_error(MOE_ERR_DEVICE, "all_to_all_v: %s", cudaGetErrorString(cudaGetLastError()));
+    if (m->q_pending && m->q_done) {
+        cudaSetDevice(m->device);
+        cudaStream_t compute = (cudaStream_t)moe_cuda_stream(c->ctx, d.index);
+        if (!compute) return moe_last_status();
+        if (cudaStreamWaitEvent(compute, m->q_done, 0) != cudaSuccess) {
+            /* the collective runs, but nothing orders the compute stream after it: its buffers are not safe to reuse */
+            cudaStreamSynchronize(m->stream);
+            m->broken = 1;
+            return moe_error(MOE_ERR_DEVICE, "queued collective: %s", cudaGetErrorString(cudaGetLastError()));
+        }
+    }
+    return moe_nccl_begin(c, "a queued collective");
 }
 
-moe_status nc_check_queued_u(moe_comm *c) { return begin(c, "a queued collective"); }
+moe_status nc_check_queued_u(moe_comm *c) { return moe_nccl_begin(c, "a queued collective"); }
 
 #endif

@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 /* ncclCommAbort frees the communicator: once, and never touched again */
-void abort_comm(nccl_impl *m) {
+void moe_nccl_abort(nccl_impl *m) {
     if (m->comm) m->api.CommAbort(m->comm);
     m->comm = NULL;
     m->broken = 1;
@@ -26,7 +26,7 @@ static double wall_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-void hb_write(const char *dir, int rank) {
+void moe_nccl_hb_write(const char *dir, int rank) {
     char path[4200], tmp[4300];
     snprintf(path, sizeof path, "%s/alive.%d", dir, rank);
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
@@ -54,7 +54,7 @@ static void watch_queued(nccl_impl *m) {
                 snprintf(why, sizeof why, "NCCL error: %s", m->api.GetErrorString(ar));
             else if (e != cudaErrorNotReady)
                 snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
-            else if (hb_stale(m, who, sizeof who, &age) > 0)
+            else if (moe_nccl_hb_stale(m, who, sizeof who, &age) > 0)
                 snprintf(why, sizeof why, "rank %s sent no heartbeat for %.0f s (exited, killed or its host is gone)",
                          who, age);
             else if (moe_dist_now() - m->q_since > m->timeout_s)
@@ -65,18 +65,18 @@ static void watch_queued(nccl_impl *m) {
                          "rank %d: a queued collective cannot finish: %s; the communicator was aborted", m->hb_rank,
                          why);
                 __atomic_store_n(&m->q_aborted, 1, __ATOMIC_RELEASE);
-                abort_comm(m);   /* ends the NCCL work, so the streams waiting on it go on */
+                moe_nccl_abort(m);   /* ends the NCCL work, so the streams waiting on it go on */
             }
         }
     }
     pthread_mutex_unlock(&m->q_mu);
 }
 
-void *hb_main(void *arg) {
+void *moe_nccl_hb_main(void *arg) {
     nccl_impl *m = arg;
     cudaSetDevice(m->device);   /* for the event queries */
     while (!m->hb_stop) {
-        hb_write(m->hb_dir, m->hb_rank);
+        moe_nccl_hb_write(m->hb_dir, m->hb_rank);
         for (int i = 0; i < 10 && !m->hb_stop; i++) {
             struct timespec ts = {0, 100000000};
             nanosleep(&ts, NULL);
@@ -89,7 +89,7 @@ void *hb_main(void *arg) {
 /* Ranks whose heartbeat file has not changed for longer than the limit (by
  * this process's monotonic clock, so the hosts' clocks need not agree), as
  * "1, 3" in buf; returns their count. */
-int hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
+int moe_nccl_hb_stale(nccl_impl *m, char *buf, size_t n, double *worst_age) {
     int count = 0;
     double now = moe_dist_now();
     buf[0] = 0;

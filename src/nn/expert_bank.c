@@ -105,10 +105,19 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         moe_layer_retain_v(l);
         w->l = l;
         w->last = last;
-        moe_tensor *keep[] = {dy, h, du, dg, xp, offs};
-        for (int i = 0; i < 6; i++) moe_tensor_retain(keep[i]);
-        w->dy = dy; w->h = h; w->du = du; w->dg = dg; w->xp = xp; w->offs = offs;
-        s = moe_tape_defer(ctx, e->tape, bank_wgrad, wgrad_free, w);
+        /* each job holds only what it reads: the first dy, h (and du, xp), the second dg (GELU: du) and xp */
+        int up_here = sw ? !last : last;
+        w->dy = last ? NULL : dy;
+        w->h = last ? NULL : h;
+        w->du = up_here ? du : NULL;
+        w->dg = sw && last ? dg : NULL;
+        w->xp = up_here || (sw && last) ? xp : NULL;
+        w->offs = offs;
+        moe_tensor *keep[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs};
+        for (int i = 0; i < 6; i++) if (keep[i]) moe_tensor_retain(keep[i]);
+        moe_param *written[2] = {last ? (sw ? pg : pu) : pd, up_here && !last ? pu : NULL};
+        const moe_tensor *writes[2] = {written[0]->grad, written[1] ? written[1]->grad : NULL};
+        s = moe_tape_defer_writing(ctx, e->tape, bank_wgrad, wgrad_free, w, writes, written[1] ? 2 : 1);
     }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }

@@ -144,14 +144,17 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
  * blocks, norm and head after it, so the flat gradients from the block's first
  * parameter to the end are final (the flat buffer holds embedding, blocks,
  * norm, head in that order), and their average over the ranks is queued. */
-/* Queues the reduction of flat-gradient elements [lo, hi), minus the skipped ranges. */
-static moe_status reduce_range(moe_layer *m, int64_t lo, int64_t hi) {
+/* Queues the reduction of flat-gradient elements [lo, hi), minus the skipped
+ * ranges; backward work deferred into a reduced range runs first (tape.h). */
+static moe_status reduce_range(moe_layer *m, moe_tape *tape, moe_ctx *ctx, int64_t lo, int64_t hi) {
     model_state *st = m->state;
-    int64_t at = lo;
+    int64_t at = lo, base = m->flat_grads->offset;
     for (int k = 0; k <= st->n_skip && at < hi; k++) {
         int64_t s_lo = k < st->n_skip ? st->skip[2 * k] : hi, s_hi = k < st->n_skip ? st->skip[2 * k + 1] : hi;
         if (s_hi <= at) continue;
         int64_t end = s_lo < hi ? s_lo : hi;
+        if (tape && end > at)
+            MOE_TRY(moe_tape_run_deferred_writing(ctx, tape, m->flat_grads->storage, base + at, base + end));
         if (end > at) MOE_TRY(moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, at, end - at, st->ar_op));
         if (s_hi > at) at = s_hi;
     }
@@ -162,7 +165,7 @@ static moe_status marker_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
     moe_layer *m = e->self;
     model_state *st = m->state;
     if (st->armed && st->ar_comm && m->flat_grads && e->i[0] < st->watermark) {
-        MOE_TRY(reduce_range(m, e->i[0], st->watermark));
+        MOE_TRY(reduce_range(m, e->tape, ctx, e->i[0], st->watermark));
         st->watermark = e->i[0];
     }
     moe_tensor_retain(gout[0]);
@@ -234,7 +237,7 @@ moe_status moe_model_finish_grad_allreduce(moe_layer *m) {
     model_state *st = m->state;
     if (!st->ar_comm || !m->flat_grads) return moe_error(MOE_ERR_STATE, "finish_grad_allreduce: no communicator set");
     int64_t n = moe_tensor_numel(m->flat_grads), upto = st->armed ? st->watermark : n;
-    moe_status s = reduce_range(m, 0, upto);
+    moe_status s = reduce_range(m, NULL, NULL, 0, upto);   /* after backward: no deferred work is left */
     moe_status w = moe_comm_wait_pending(st->ar_comm);   /* also after a failed start: nothing stays queued */
     st->armed = 0;
     st->watermark = n;

@@ -122,6 +122,10 @@ moe_status moe_block_set_ep_gather(moe_layer *l, int64_t tokens) {
     if (!s) return moe_error(MOE_ERR_ARG, "set_ep_gather: not an MoE layer");
     if (tokens < 0) return moe_error(MOE_ERR_ARG, "set_ep_gather: %lld tokens per rank", (long long)tokens);
     s->ep_gather = tokens;
+    if (!tokens) {   /* the send-row map is made again when needed */
+        moe_tensor_release(s->ep_tmap);
+        s->ep_tmap = NULL;
+    }
     return MOE_OK;
 }
 

@@ -227,12 +227,13 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         }
         if (st == MOE_OK) st = moe_cuda_route_forward(ctx, dev, &a);
     }
-    if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n * k, r->pos, ex, summary);
-    moe_tensor_release(sdev);
     moe_tensor_release(lc);
     double global_aux = 0;
     if (st == MOE_OK && cfg->aux == MOE_AUX_BATCH && cfg->aux_comm)
         st = global_aux_device(ctx, cfg->aux_comm, r, aux_t, &global_aux);
+    /* after the global aux, as on the host path: every rank's collectives in one order */
+    if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n * k, r->pos, ex, summary);
+    moe_tensor_release(sdev);
     if (st == MOE_OK) {
         const int64_t na = summary[e];
         /* the first na of the n*k slots hold the assignments: these headers

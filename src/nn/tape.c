@@ -20,7 +20,13 @@ struct moe_tape {
     int nprof;
     /* deferred backward work (moe_tape_defer), run in order */
     int defer_on, ndeferred;
-    struct { moe_tape_deferred_fn run; void (*free_arg)(void *); void *arg; } deferred[MOE_TAPE_MAX_DEFERRED];
+    struct {
+        moe_tape_deferred_fn run;
+        void (*free_arg)(void *);
+        void *arg;
+        const moe_tensor *writes[MOE_TAPE_MAX_IO];
+        int nwrites;
+    } deferred[MOE_TAPE_MAX_DEFERRED];
 };
 
 moe_tape *moe_tape_new(void) {
@@ -55,11 +61,23 @@ moe_status moe_tape_run_deferred_keep(moe_ctx *ctx, moe_tape *t, int keep) {
 
 moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *t) { return moe_tape_run_deferred_keep(ctx, t, 0); }
 
+moe_status moe_tape_run_deferred_writing(moe_ctx *ctx, moe_tape *t, const void *storage, int64_t lo, int64_t hi) {
+    int last = -1;
+    for (int i = 0; i < t->ndeferred; i++)
+        for (int w = 0; w < t->deferred[i].nwrites; w++) {
+            const moe_tensor *x = t->deferred[i].writes[w];
+            int64_t a = x->offset, b = x->offset + moe_tensor_numel(x);
+            if ((const void *)x->storage == storage && a < hi && lo < b) last = i;
+        }
+    return last < 0 ? MOE_OK : moe_tape_run_deferred_keep(ctx, t, t->ndeferred - last - 1);
+}
+
 void moe_tape_set_defer(moe_tape *t, int on) { t->defer_on = on; }
 int moe_tape_defers(const moe_tape *t) { return t && t->defer_on; }
 
-moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg) {
-    if (!t->defer_on || t->ndeferred == MOE_TAPE_MAX_DEFERRED) {
+moe_status moe_tape_defer_writing(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, void (*free_arg)(void *),
+                                  void *arg, const moe_tensor *const *writes, int nwrites) {
+    if (!t->defer_on || t->ndeferred == MOE_TAPE_MAX_DEFERRED || nwrites > MOE_TAPE_MAX_IO) {
         moe_status s = run(ctx, arg);
         if (free_arg) free_arg(arg);
         return s;
@@ -67,8 +85,14 @@ moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, v
     t->deferred[t->ndeferred].run = run;
     t->deferred[t->ndeferred].free_arg = free_arg;
     t->deferred[t->ndeferred].arg = arg;
+    t->deferred[t->ndeferred].nwrites = nwrites > 0 ? nwrites : 0;
+    for (int w = 0; w < nwrites; w++) t->deferred[t->ndeferred].writes[w] = writes[w];
     t->ndeferred++;
     return MOE_OK;
+}
+
+moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg) {
+    return moe_tape_defer_writing(ctx, t, run, free_arg, arg, NULL, 0);
 }
 
 void moe_tape_reset(moe_tape *t) {

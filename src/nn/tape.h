@@ -80,9 +80,18 @@ typedef moe_status (*moe_tape_deferred_fn)(moe_ctx *ctx, void *arg);
 void moe_tape_set_defer(moe_tape *tape, int on);
 int moe_tape_defers(const moe_tape *tape);
 moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *tape, moe_tape_deferred_fn run, void (*free_arg)(void *), void *arg);
+/* The same for work that writes into these tensors (gradient buffers, at
+ * most MOE_TAPE_MAX_IO; borrowed: they must outlive the work), so that a
+ * reader of that memory can run it first (moe_tape_run_deferred_writing). */
+moe_status moe_tape_defer_writing(moe_ctx *ctx, moe_tape *tape, moe_tape_deferred_fn run, void (*free_arg)(void *),
+                                  void *arg, const moe_tensor *const *writes, int nwrites);
 moe_status moe_tape_run_deferred(moe_ctx *ctx, moe_tape *tape);
 /* The same, leaving the newest `keep` jobs for a later exchange. */
 moe_status moe_tape_run_deferred_keep(moe_ctx *ctx, moe_tape *tape, int keep);
+/* Runs the deferred work (in order) up to the last job that writes elements
+ * [lo, hi) of storage (element offsets): the data-parallel gradient
+ * reduction calls it before reading a range of the flat gradients. */
+moe_status moe_tape_run_deferred_writing(moe_ctx *ctx, moe_tape *tape, const void *storage, int64_t lo, int64_t hi);
 
 /* Borrowed reference to the gradient of t, or NULL. */
 moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);

@@ -98,6 +98,33 @@ int main(void) {
            "reset frees without running, deferral off", "ran %d, freed %d", a.nran, a.freed);
     moe_tape_free(t);
 
+    /* work writing into a range runs before a reader of that range (the
+     * data-parallel gradient reduction): jobs in order up to the last one
+     * that writes there; a range nobody writes runs nothing */
+    job_log w = {.fail_id = -1};
+    int64_t fshape[1] = {100};
+    moe_tensor *flat = moe_tensor_new_cpu(MOE_F32, 1, fshape);
+    moe_tensor *r1 = moe_tensor_narrow(flat, 0, 10, 10), *r2 = moe_tensor_narrow(flat, 0, 50, 20);
+    t = moe_tape_new();
+    moe_tape_set_defer(t, 1);
+    for (int id = 1; id <= 3; id++) {
+        job *j = malloc(sizeof *j);
+        j->log = &w;
+        j->id = id;
+        const moe_tensor *wr[1] = {id == 1 ? r1 : r2};
+        moe_tape_defer_writing(ctx, t, job_run, job_free, j, id == 3 ? NULL : wr, id == 3 ? 0 : 1);
+    }
+    s = moe_tape_run_deferred_writing(ctx, t, flat->storage, 30, 50);
+    report(s == MOE_OK && w.nran == 0, "run_deferred_writing: nothing writes [30, 50)", "ran %d", w.nran);
+    s = moe_tape_run_deferred_writing(ctx, t, flat->storage, 60, 61);
+    report(s == MOE_OK && w.nran == 2 && w.ran[0] == 1 && w.ran[1] == 2 && w.freed == 2,
+           "run_deferred_writing: in order up to the job writing [60, 61)", "ran %d, freed %d", w.nran, w.freed);
+    s = moe_tape_run_deferred_writing(ctx, t, NULL, 0, 100);
+    report(s == MOE_OK && w.nran == 2, "run_deferred_writing: another storage runs nothing", "ran %d", w.nran);
+    moe_tape_free(t);
+    report(w.nran == 2 && w.freed == 3, "the rest is freed with the tape", "ran %d, freed %d", w.nran, w.freed);
+    moe_tensor_release(r1); moe_tensor_release(r2); moe_tensor_release(flat);
+
     /* the end of backward runs what is left */
     job_log b = {.fail_id = -1};
     t = one_entry(&b, x, y, 7, 0);

@@ -58,6 +58,20 @@ for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = tru
     assert(all[1] > 0 and all[2] > 0, string.format("%s layer %d: rank 0's experts get %d rows, rank 1's %d", cfg.name,
                                                     i, all[1], all[2]))
   end
+  if not cfg.extra then
+    -- the data-parallel reduction during backward (block markers) with expert parallelism:
+    -- weight-gradient work deferred into a reduced range runs before the range is read
+    d.set_grad_allreduce(m.net, true, {op = "sum"})
+    m:zero_grad()
+    d.arm_grad_allreduce(m.net, true)
+    local out = m:forward(ids, {targets = targets})
+    out.tape:backward(out.loss)
+    out.tape:reset()
+    d.finish_grad_allreduce(m.net)
+    local _, g = m.net:flat_parameters()
+    close_n(g, want_g, 1e-5, cfg.name .. ": EP with the gradients summed during backward")
+    d.set_grad_allreduce(m.net, false)
+  end
   if cfg.gather and not os.getenv("MOELAB_EP_EXCHANGE") then
     -- another token count than the one set is refused before anything is exchanged
     local sh = ids:shape()
