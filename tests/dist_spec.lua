@@ -44,6 +44,13 @@ describe("moe.dist (one process)", function()
     assert.are.equal(1, dist.set_expert_parallel(m.net, true))   -- one rank: nothing to split
     assert.are.equal(1, dist.set_expert_parallel(m.net, false))
     err(function() dist.set_expert_parallel(t) end, "layer")
+    -- the all_gather dispatch's token count: whole numbers >= 0, or false
+    assert.are.equal(1, dist.set_ep_gather(m.net, 4))
+    assert.are.equal(1, dist.set_ep_gather(m.net, false))
+    err(function() dist.set_ep_gather(m.net, -1) end, "whole number >= 0")
+    err(function() dist.set_ep_gather(m.net, 2.5) end, "whole number >= 0")
+    err(function() dist.set_ep_gather(m.net, "4") end, "tokens per rank or false")
+    err(function() dist.set_ep_gather(t, 4) end, "layer")
     local d = moe.randn({4}, {seed = 1}):to("f64")
     assert.are.same(d:to_table(), dist.all_reduce(d, "avg"):to_table())
   end)
@@ -169,6 +176,13 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
     err(function() distributed.DistributedMoETrainer{model = m, data_parallel_size = 0.5} end, "data_parallel_size must be a positive integer")
     err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 3} end, "ZeRO-3 (sharded parameters) is not implemented")
     err(function() distributed.DistributedMoETrainer{model = m, global_aux_loss = "yes"} end, "global_aux_loss must be true or false")
+    err(function() distributed.DistributedMoETrainer{model = m, expert_parallel_dispatch = "alltoal"} end,
+        'expert_parallel_dispatch must be "auto", "alltoall" or "allgather", got alltoal')
+    err(function() distributed.DistributedMoETrainer{model = m, moe_token_dispatcher_type = "flex"} end,
+        "expert_parallel_dispatch must be")
+    -- one rank: no expert parallelism, so no dispatch to choose
+    assert.is_nil(distributed.DistributedMoETrainer{model = m, moe_token_dispatcher_type = "allgather",
+                                                    progress = false}.expert_parallel_dispatch)
     err(function() distributed.DistributedMoETrainer{model = m, zero_stage = 4} end, "zero_stage must be 0, 1 or 2")
     err(function() distributed.DistributedMoETrainer{model = m, world_size = 2} end, "this job has 1 rank")
     err(function() distributed.DistributedMoETrainer{model = m, data_parallel_size = 2} end, "must equal the world size 1")
