@@ -70,6 +70,33 @@ for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = tru
     d.finish_grad_allreduce(m.net)
     local _, g = m.net:flat_parameters()
     close_n(g, want_g, 1e-5, cfg.name .. ": EP with the gradients summed during backward")
+    -- each deferred job declares exactly the gradients it writes: reduce one expert projection
+    -- at a time during backward (everything else skipped) and compare that projection
+    local layout, total = m.net:param_layout(), m.net:flat_parameters():numel()
+    for _, proj in ipairs{"gate_proj", "up_proj", "down_proj"} do
+      local skip, at, mine = {}, 0, {}
+      for _, p in ipairs(layout) do
+        if p.expert_total and p.name:find(proj, 1, true) then
+          skip[#skip + 1] = {at, p.offset}
+          at = p.offset + p.numel
+          mine[#mine + 1] = p
+        end
+      end
+      skip[#skip + 1] = {at, total}
+      assert(#mine == 2, proj .. ": one per MoE layer")
+      d.set_grad_allreduce(m.net, true, {op = "sum", skip = skip})
+      m:zero_grad()
+      d.arm_grad_allreduce(m.net, true)
+      local o = m:forward(ids, {targets = targets})
+      o.tape:backward(o.loss)
+      o.tape:reset()
+      d.finish_grad_allreduce(m.net)
+      local _, gp = m.net:flat_parameters()
+      for _, p in ipairs(mine) do
+        close_n(gp:narrow(1, p.offset + 1, p.numel), want_g:narrow(1, p.offset + 1, p.numel), 1e-5,
+                cfg.name .. ": " .. p.name .. " reduced during backward alone")
+      end
+    end
     d.set_grad_allreduce(m.net, false)
   end
   if cfg.gather and not os.getenv("MOELAB_EP_EXCHANGE") then
