@@ -398,6 +398,17 @@ describe("jobs under mpirun", function()
     assert.are.equal(0, rc, out)
   end)
 
+  it("recipes/expert_parallel.lua trains over 2 ranks with the all_gather dispatch and its loss falls", function()
+    if not mpirun then pending("no mpirun on PATH"); return end
+    if not dist.have_mpi() then pending("built without MPI"); return end
+    local out, rc = run("recipes/expert_parallel.lua 12")
+    assert.is_truthy(out:find("expert_parallel_size 2 x data_parallel_size 1, dispatch allgather", 1, true), out)
+    local first, last = out:match("loss ([%d.]+) %-> ([%d.]+) over 12 steps")
+    assert.is_truthy(first and tonumber(last) < tonumber(first), out)
+    assert.is_truthy(out:find("held-out perplexity", 1, true), out)
+    assert.are.equal(0, rc, out)
+  end)
+
   it("a misspelt MOELAB_EP_EXCHANGE is an error naming the accepted values", function()
     if not mpirun then pending("no mpirun on PATH"); return end
     if not dist.have_mpi() then pending("built without MPI"); return end
