@@ -3,9 +3,11 @@
 -- corpus. Every rank runs this same script:
 --   ./moelab --nproc 2 recipes/expert_parallel.lua [max_steps] [dispatch]
 --   mpirun -np 2 ./moelab recipes/expert_parallel.lua      (or across hosts with a hostfile)
--- On GPUs (a CUDA build, one GPU per rank) the model moves to cuda and the
--- exchanges run over NCCL; on CPUs over MPI. dispatch: "auto" (all_gather at
--- two expert-parallel ranks, all-to-all beyond), "alltoall" or "allgather".
+-- On CPUs the exchanges run over MPI. With a CUDA build and a GPU per rank the
+-- model moves to cuda and they run over NCCL (this recipe itself has run on
+-- CPUs only; tools/gpu_dist_bench.sh is the GPU run that is measured).
+-- dispatch: "auto" (all_gather at two expert-parallel ranks, all-to-all
+-- beyond), "alltoall" or "allgather".
 local moe = require "moelab"
 local steps = tonumber(arg and arg[1]) or 60
 local dispatch = arg and arg[2] or "auto"
