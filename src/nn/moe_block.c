@@ -297,7 +297,7 @@ static moe_status ep_owner(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ep_pl
  * expands the received tokens to its experts (slots_l), runs them, combines
  * each token's weighted outputs and sends one row back; the sender adds the
  * rows of a token. Every step is taped; no host synchronisation beyond the
- * count of token rows (one small copy) and the counts exchange. */
+ * routing's one wait, which brought the counts (moe_route_hook). */
 static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xr, const moe_routing *r,
                                    const moe_route_hook *h, moe_tensor *tslots, moe_tensor **yr) {
     block_state *st = l->state;

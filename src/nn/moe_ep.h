@@ -15,7 +15,12 @@
  * moe_block.c, ep_token_experts): each token goes once to every rank owning
  * one of its choices, with its choices' weights and slot positions; the owner
  * expands it to its experts, combines their weighted outputs and returns one
- * row, which halves the bytes at top-4 over 2 ranks. */
+ * row, which halves the bytes at top-4 over 2 ranks. The counts for it come
+ * back with the routing's one wait (moe_route_hook, moe_ep_plan_from_counts).
+ * Or every rank's tokens are all_gathered before routing and the outputs
+ * summed back by reduce_scatter (moe_f_ep_gather / moe_f_ep_scatter below;
+ * moe_block_set_ep_gather). In backward the exchanges run the experts'
+ * deferred weight gradients while their rows travel (moe_tape_defer). */
 #ifndef MOE_NN_MOE_EP_H
 #define MOE_NN_MOE_EP_H
 
