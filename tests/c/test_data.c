@@ -5,6 +5,7 @@
  * windows forming a permutation). Prints TAP and throughput as comments. */
 #include "../../src/train/corpus.h"
 #include "../../src/train/dataset.h"
+#include "tap.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -13,19 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static int n_test, n_fail;
 
-static void report(int ok, const char *name, const char *fmt, ...) {
-    n_test++;
-    if (ok) { printf("ok %d - %s\n", n_test, name); return; }
-    n_fail++;
-    char buf[512] = "";
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    printf("not ok %d - %s: %s\n", n_test, name, buf);
-}
 
 static double now(void) {
     struct timespec ts;
@@ -453,6 +442,5 @@ int main(void) {
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);
-    printf("1..%d\n", n_test);
-    return n_fail ? 1 : 0;
+    return tap_done();
 }

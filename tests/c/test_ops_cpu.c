@@ -3,6 +3,7 @@
 #include "../../src/ops/backend.h"
 #include "../../src/core/context.h"
 #include "../../src/core/rng.h"
+#include "tap.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -10,21 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_test, n_fail;
 static moe_ctx *ctx;
 static uint64_t seed_ctr = 1;
 
-static void report(int ok, const char *name, const char *fmt, ...) {
-    n_test++;
-    if (ok) { printf("ok %d - %s\n", n_test, name); return; }
-    n_fail++;
-    char buf[512] = "";
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    printf("not ok %d - %s: %s\n", n_test, name, buf);
-}
 
 static moe_tensor *tnew(moe_dtype dt, int nd, const int64_t *shape) {
     moe_tensor *t = moe_tensor_new(ctx, dt, nd, shape, MOE_DEVICE_CPU);
@@ -825,6 +814,5 @@ int main(void) {
     test_memory_and_errors();
     test_threads();
     moe_ctx_free(ctx);
-    printf("1..%d\n", n_test);
-    return n_fail ? 1 : 0;
+    return tap_done();
 }

@@ -8,6 +8,7 @@
 #include "../../src/io/fileio.h"
 #include "../../src/io/safetensors.h"
 #include "../../src/ops/backend.h"
+#include "tap.h"
 
 #include <dirent.h>
 #include <stdarg.h>
@@ -16,19 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int n_test, n_fail;
 
-static void report(int ok, const char *name, const char *fmt, ...) {
-    n_test++;
-    if (ok) { printf("ok %d - %s\n", n_test, name); return; }
-    n_fail++;
-    char buf[1024] = "";
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    printf("not ok %d - %s: %s\n", n_test, name, buf);
-}
 
 static moe_tensor *f32_range(int64_t n, float scale) {
     moe_tensor *t = moe_tensor_new_cpu(MOE_F32, 1, &n);
@@ -208,6 +197,5 @@ int main(void) {
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
-    printf("1..%d\n", n_test);
-    return n_fail ? 1 : 0;
+    return tap_done();
 }

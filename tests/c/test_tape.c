@@ -7,25 +7,14 @@
 #include "../../src/nn/tape.h"
 #include "../../src/ops/backend.h"
 #include "../../src/ops/ops.h"
+#include "tap.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int n_test, n_fail;
 
-static void report(int ok, const char *name, const char *fmt, ...) {
-    n_test++;
-    if (ok) { printf("ok %d - %s\n", n_test, name); return; }
-    n_fail++;
-    char buf[512] = "";
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    printf("not ok %d - %s: %s\n", n_test, name, buf);
-}
 
 /* a log of which jobs ran, in order, and which were freed */
 typedef struct { int ran[16], nran, freed, fail_id; } job_log;
@@ -156,6 +145,5 @@ int main(void) {
     moe_tensor_release(x);
     moe_tensor_release(y);
     moe_ctx_free(ctx);
-    printf("1..%d\n", n_test);
-    return n_fail ? 1 : 0;
+    return tap_done();
 }
