@@ -158,7 +158,9 @@ static moe_status check_pair(moe_comm *c, const moe_tensor *in, const moe_tensor
     return MOE_OK;
 }
 
-moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out) {
+/* all_gather and reduce_scatter: queued on the compute stream when asked and
+ * the communicator can (join as for all_to_all_v_queued), else blocking */
+static moe_status all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out, int try_queue, int join) {
     const char *w = "all_gather";
     MOE_TRY(check_comm(c, w));
     MOE_TRY(check_pair(c, in, out, w, 0));
@@ -166,31 +168,22 @@ moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *ou
     if (moe_tensor_numel(out) != n * c->size)
         return moe_error(MOE_ERR_SHAPE, "%s: output has %lld elements, expected %d x %lld", w,
                          (long long)moe_tensor_numel(out), c->size, (long long)n);
+    if (try_queue && c->ops->all_gather_queued && in->device.type != MOE_CPU) {
+        int queued = 0;
+        c->seq++;
+        MOE_TRY(moe_error_context(c->ops->all_gather_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
+                                                            in->dtype, in->device, join, &queued), "%s", w));
+        if (queued) return MOE_OK;
+        c->seq--;
+    }
     MOE_TRY(sync_device(c, in->device));
     c->seq++;
     return moe_error_context(c->ops->all_gather(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n, in->dtype,
                                                 in->device), "%s", w);
 }
 
-moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, int join) {
-    const char *w = "all_gather";
-    MOE_TRY(check_comm(c, w));
-    MOE_TRY(check_pair(c, in, out, w, 0));
-    int64_t n = moe_tensor_numel(in);
-    if (moe_tensor_numel(out) != n * c->size)
-        return moe_error(MOE_ERR_SHAPE, "%s: output has %lld elements, expected %d x %lld", w,
-                         (long long)moe_tensor_numel(out), c->size, (long long)n);
-    int queued = 0;
-    if (c->ops->all_gather_queued && in->device.type != MOE_CPU) {
-        c->seq++;
-        MOE_TRY(moe_error_context(c->ops->all_gather_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
-                                                            in->dtype, in->device, join, &queued), "%s", w));
-        if (!queued) c->seq--;
-    }
-    return queued ? MOE_OK : moe_comm_all_gather(c, in, out);
-}
-
-moe_status moe_comm_reduce_scatter_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op, int join) {
+static moe_status reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op, int try_queue,
+                                 int join) {
     const char *w = "reduce_scatter";
     MOE_TRY(check_comm(c, w));
     MOE_TRY(check_pair(c, in, out, w, 1));
@@ -199,34 +192,36 @@ moe_status moe_comm_reduce_scatter_queued(moe_comm *c, const moe_tensor *in, moe
     if (moe_tensor_numel(in) != n * c->size)
         return moe_error(MOE_ERR_SHAPE, "%s: input has %lld elements, expected %d x %lld", w,
                          (long long)moe_tensor_numel(in), c->size, (long long)n);
-    int queued = 0;
-    if (c->ops->reduce_scatter_queued && in->device.type != MOE_CPU) {
+    if (try_queue && c->ops->reduce_scatter_queued && in->device.type != MOE_CPU) {
+        int queued = 0;
         c->seq++;
         MOE_TRY(moe_error_context(c->ops->reduce_scatter_queued(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
                                                                 in->dtype, op, in->device, join, &queued), "%s", w));
-        if (!queued) c->seq--;
+        if (queued) return MOE_OK;
+        c->seq--;
     }
-    return queued ? MOE_OK : moe_comm_reduce_scatter(c, in, out, op);
+    MOE_TRY(sync_device(c, in->device));
+    c->seq++;
+    return moe_error_context(c->ops->reduce_scatter(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
+                                                    in->dtype, op, in->device), "%s", w);
+}
+
+moe_status moe_comm_all_gather(moe_comm *c, const moe_tensor *in, moe_tensor *out) {
+    return all_gather(c, in, out, 0, 1);
+}
+moe_status moe_comm_all_gather_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, int join) {
+    return all_gather(c, in, out, 1, join);
+}
+moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op) {
+    return reduce_scatter(c, in, out, op, 0, 1);
+}
+moe_status moe_comm_reduce_scatter_queued(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op, int join) {
+    return reduce_scatter(c, in, out, op, 1, join);
 }
 
 moe_status moe_comm_check_queued(moe_comm *c) {
     MOE_TRY(check_comm(c, "queued collectives"));
     return c->ops->check_queued ? c->ops->check_queued(c) : MOE_OK;
-}
-
-moe_status moe_comm_reduce_scatter(moe_comm *c, const moe_tensor *in, moe_tensor *out, moe_dist_op op) {
-    const char *w = "reduce_scatter";
-    MOE_TRY(check_comm(c, w));
-    MOE_TRY(check_pair(c, in, out, w, 1));
-    if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
-    int64_t n = moe_tensor_numel(out);
-    if (moe_tensor_numel(in) != n * c->size)
-        return moe_error(MOE_ERR_SHAPE, "%s: input has %lld elements, expected %d x %lld", w,
-                         (long long)moe_tensor_numel(in), c->size, (long long)n);
-    MOE_TRY(sync_device(c, in->device));
-    c->seq++;
-    return moe_error_context(c->ops->reduce_scatter(c, moe_tensor_data(in), moe_tensor_data(out), (size_t)n,
-                                                    in->dtype, op, in->device), "%s", w);
 }
 
 /* checks the counts against the tensors; sc/rc (2 * size, freed by the caller) in elements */

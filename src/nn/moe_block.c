@@ -226,9 +226,10 @@ static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slo
     return s == MOE_OK ? s : moe_error_context(s, "expert parallel counts");
 }
 
-/* This rank's token rows per destination (tslots, whose index bound is
- * tightened to their number) and the plan, from the routing hook's results. */
-static moe_status ep_token_plan(moe_comm *comm, const moe_route_hook *h, int64_t e, int64_t *loff, int64_t *counts,
+/* The plan from the routing hook's results; with token rows, this rank's
+ * rows per destination, and tslots' index bound tightened to their number
+ * (the gathered path has no tslots). */
+static moe_status ep_counts_plan(moe_comm *comm, const moe_route_hook *h, int64_t e, int64_t *loff, int64_t *counts,
                                 moe_tensor *tslots, moe_ep_plan **p) {
     if (!h->ran) return moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not count the rows");
     MOE_TRY(moe_error_context(moe_comm_check_queued(comm), "expert parallel counts"));
@@ -313,7 +314,7 @@ static moe_status ep_token_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
     moe_ep_plan *p = NULL;
     moe_tensor *send_tok = NULL, *packed = NULL, *xs = NULL, *xu = NULL, *yu = NULL, *ys = NULL;
     moe_tensor_retain(tslots);
-    moe_status s = tslots ? ep_token_plan(comm, h, e, loff, counts, tslots, &p)
+    moe_status s = tslots ? ep_counts_plan(comm, h, e, loff, counts, tslots, &p)
                           : moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing did not number the token rows");
     int64_t sent = 0;
     for (int d = 0; s == MOE_OK && d < ep; d++) sent += counts[d];
@@ -382,7 +383,7 @@ static moe_status ep_gather_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     for (int d = 0; d < ep; d++) adjust[d] = (int64_t)comm->rank * n;   /* this rank's rows in everyone's xa */
     moe_ep_plan *p = NULL;
     moe_tensor *tmap = NULL, *packed = NULL, *yu = NULL;
-    moe_status s = ep_token_plan(comm, h, e, loff, counts, NULL, &p);
+    moe_status s = ep_counts_plan(comm, h, e, loff, counts, NULL, &p);
     if (s == MOE_OK) s = gather_tmap(st, ctx, n, ep, xa->device, &tmap);
     if (s == MOE_OK) s = (packed = new_index(ctx, MOE_I64, 2, a, 1, xa->device)) ? MOE_OK : moe_last_status();
     if (s == MOE_OK) {

@@ -159,6 +159,17 @@ static moe_status new_rows(moe_ctx *ctx, moe_tensor *like, int64_t rows, moe_ten
     return *out ? MOE_OK : moe_last_status();
 }
 
+/* After a collective started without joining (status `started`): the
+ * tape's deferred work but the newest `keep` jobs is queued while it runs,
+ * then the compute stream joins it (even when that work failed: the caller
+ * releases the collective's buffers next). */
+static moe_status overlap_then_join(moe_ctx *ctx, moe_comm *comm, moe_device dev, moe_tape *tape, int keep,
+                                   moe_status started) {
+    moe_status sd = moe_tape_run_deferred_keep(started == MOE_OK ? ctx : NULL, tape, keep);
+    moe_status sj = started == MOE_OK ? moe_comm_join_queued(comm, dev) : MOE_OK;
+    return started != MOE_OK ? started : sj != MOE_OK ? sj : sd;
+}
+
 /* Rows of x [sum(send), H] go to the ranks in blocks of send[r] rows; *out
  * [sum(recv), H] gets rank r's block of recv[r] rows, ranks in order. Queued
  * on the GPU where the communicator can (moe_comm_all_to_all_v_queued). With
@@ -180,13 +191,9 @@ static moe_status exchange_rows_overlap(moe_ctx *ctx, moe_ep_plan *p, moe_tensor
     moe_tensor *xc = moe_op_contiguous(ctx, x), *y = NULL;
     moe_status s = xc ? new_rows(ctx, x, nrecv, &y) : moe_last_status();
     if (s == MOE_OK && !overlap) s = moe_comm_all_to_all_v_queued(p->comm, xc, sc, y, rc);
-    if (s == MOE_OK && overlap) {
-        s = moe_comm_all_to_all_v_start(p->comm, xc, sc, y, rc);
-        moe_status sd = moe_tape_run_deferred_keep(s == MOE_OK ? ctx : NULL, overlap, keep);
-        /* joined even when the deferred work failed: xc and y are released below */
-        moe_status sj = s == MOE_OK ? moe_comm_join_queued(p->comm, x->device) : MOE_OK;
-        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
-    }
+    if (s == MOE_OK && overlap)
+        s = overlap_then_join(ctx, p->comm, x->device, overlap, keep,
+                              moe_comm_all_to_all_v_start(p->comm, xc, sc, y, rc));
     free(sc);
     moe_tensor_release(xc);
     if (s != MOE_OK) { moe_tensor_release(y); return s; }
@@ -331,13 +338,9 @@ static moe_status ep_gather_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor
     moe_tape_set_defer(e->tape, 0);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]), *dx = NULL;
     moe_status s = g ? new_rows(ctx, g, g->shape[0] / comm->size, &dx) : moe_last_status();
-    if (s == MOE_OK) {
-        s = moe_comm_reduce_scatter_queued(comm, g, dx, MOE_DIST_SUM, 0);
-        moe_status sd = moe_tape_run_deferred_keep(s == MOE_OK ? ctx : NULL, e->tape, 1);
-        /* joined even when the deferred work failed: g and dx are released below */
-        moe_status sj = s == MOE_OK ? moe_comm_join_queued(comm, g->device) : MOE_OK;
-        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
-    }
+    if (s == MOE_OK)
+        s = overlap_then_join(ctx, comm, g->device, e->tape, 1,
+                              moe_comm_reduce_scatter_queued(comm, g, dx, MOE_DIST_SUM, 0));
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
@@ -373,13 +376,8 @@ static moe_status ep_scatter_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tenso
     MOE_TRY(overlap_wanted(&on));
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]), *dy = NULL;
     moe_status s = g ? new_rows(ctx, g, g->shape[0] * comm->size, &dy) : moe_last_status();
-    if (s == MOE_OK) {
-        /* the weight-gradient job the layer above kept runs while the gradients travel */
-        s = moe_comm_all_gather_queued(comm, g, dy, 0);
-        moe_status sd = moe_tape_run_deferred(s == MOE_OK ? ctx : NULL, e->tape);
-        moe_status sj = s == MOE_OK ? moe_comm_join_queued(comm, g->device) : MOE_OK;
-        if (s == MOE_OK) s = sj != MOE_OK ? sj : sd;
-    }
+    /* the weight-gradient job the layer above kept runs while the gradients travel */
+    if (s == MOE_OK) s = overlap_then_join(ctx, comm, g->device, e->tape, 0, moe_comm_all_gather_queued(comm, g, dy, 0));
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dy); return s; }
     moe_tape_set_defer(e->tape, on);

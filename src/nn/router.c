@@ -192,6 +192,16 @@ static moe_status global_aux_host(struct moe_comm *comm, float *f, const float *
     return s;
 }
 
+/* The hook's results (h->extra values brought back to the host) handed to it. */
+moe_status moe_route_hook_deliver(moe_route_hook *h, const int64_t *values) {
+    free(h->host);
+    h->host = malloc((size_t)(h->extra > 0 ? h->extra : 1) * sizeof *h->host);
+    if (!h->host) return moe_error(MOE_ERR_OOM, "router: out of host memory");
+    memcpy(h->host, values, (size_t)h->extra * sizeof *h->host);
+    h->ran = 1;
+    return MOE_OK;
+}
+
 /* The hook (moe_route_hook) on the host path: after routing, on the device
  * of the slot map, with the kept counts from the offsets. */
 static moe_status host_hook(moe_ctx *ctx, moe_route_hook *h, const moe_routing *r) {
@@ -209,13 +219,7 @@ static moe_status host_hook(moe_ctx *ctx, moe_route_hook *h, const moe_routing *
     }
     if (st == MOE_OK) st = h->queue(h, ctx, r->slots, r->expert_idx, kept, out);
     if (st == MOE_OK) st = (back = moe_op_to(ctx, out, MOE_DEVICE_CPU, MOE_I64)) ? MOE_OK : moe_last_status();
-    free(h->host);
-    h->host = st == MOE_OK ? malloc((size_t)(h->extra > 0 ? h->extra : 1) * sizeof *h->host) : NULL;
-    if (st == MOE_OK && !h->host) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
-    if (st == MOE_OK) {
-        memcpy(h->host, moe_tensor_data(back), (size_t)h->extra * sizeof *h->host);
-        h->ran = 1;
-    }
+    if (st == MOE_OK) st = moe_route_hook_deliver(h, moe_tensor_data(back));
     moe_tensor_release(kh); moe_tensor_release(kept); moe_tensor_release(out); moe_tensor_release(back);
     return st;
 }

@@ -126,5 +126,7 @@ int moe_route_device_supported(const moe_router_cfg *cfg, const moe_tensor *logi
 moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, moe_tensor *logits,
                             const float *bias, int64_t seq_len, moe_routing *out);
 moe_status moe_router_cfg_check(const moe_router_cfg *cfg);
+/* Both paths: the hook's h->extra results, read back, handed to it (h->host, h->ran). */
+moe_status moe_route_hook_deliver(moe_route_hook *h, const int64_t *values);
 
 #endif

@@ -143,14 +143,10 @@ static moe_status run_hook(moe_ctx *ctx, moe_route_hook *h, moe_tensor *sdev, in
     moe_status st = kept && out ? h->queue(h, ctx, pos, ex, kept, out) : moe_last_status();
     if (st == MOE_OK) back = moe_op_to(ctx, sdev, MOE_DEVICE_CPU, MOE_I64);
     if (st == MOE_OK && !back) st = moe_last_status();
-    free(h->host);
-    h->host = st == MOE_OK ? malloc((size_t)(h->extra > 0 ? h->extra : 1) * sizeof *h->host) : NULL;
-    if (st == MOE_OK && !h->host) st = moe_error(MOE_ERR_OOM, "router: out of host memory");
     if (st == MOE_OK) {
         const int64_t *b = moe_tensor_data(back);
         memcpy(summary, b, (size_t)ns * sizeof *summary);
-        memcpy(h->host, b + ns, (size_t)h->extra * sizeof *h->host);
-        h->ran = 1;
+        st = moe_route_hook_deliver(h, b + ns);
     }
     moe_tensor_release(kept); moe_tensor_release(out); moe_tensor_release(back);
     return st;

@@ -61,15 +61,18 @@ for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = tru
   if not cfg.extra then
     -- the data-parallel reduction during backward (block markers) with expert parallelism:
     -- weight-gradient work deferred into a reduced range runs before the range is read
-    d.set_grad_allreduce(m.net, true, {op = "sum"})
-    m:zero_grad()
-    d.arm_grad_allreduce(m.net, true)
-    local out = m:forward(ids, {targets = targets})
-    out.tape:backward(out.loss)
-    out.tape:reset()
-    d.finish_grad_allreduce(m.net)
-    local _, g = m.net:flat_parameters()
-    close_n(g, want_g, 1e-5, cfg.name .. ": EP with the gradients summed during backward")
+    local function summed_during_backward(skip)
+      d.set_grad_allreduce(m.net, true, {op = "sum", skip = skip})
+      m:zero_grad()
+      d.arm_grad_allreduce(m.net, true)
+      local out = m:forward(ids, {targets = targets})
+      out.tape:backward(out.loss)
+      out.tape:reset()
+      d.finish_grad_allreduce(m.net)
+      local _, g = m.net:flat_parameters()
+      return g
+    end
+    close_n(summed_during_backward(nil), want_g, 1e-5, cfg.name .. ": EP with the gradients summed during backward")
     -- each deferred job declares exactly the gradients it writes: reduce one expert projection
     -- at a time during backward (everything else skipped) and compare that projection
     local layout, total = m.net:param_layout(), m.net:flat_parameters():numel()
@@ -84,14 +87,7 @@ for _, cfg in ipairs{{name = "top-k"}, {name = "top-k, all_gather", gather = tru
       end
       skip[#skip + 1] = {at, total}
       assert(#mine == 2, proj .. ": one per MoE layer")
-      d.set_grad_allreduce(m.net, true, {op = "sum", skip = skip})
-      m:zero_grad()
-      d.arm_grad_allreduce(m.net, true)
-      local o = m:forward(ids, {targets = targets})
-      o.tape:backward(o.loss)
-      o.tape:reset()
-      d.finish_grad_allreduce(m.net)
-      local _, gp = m.net:flat_parameters()
+      local gp = summed_during_backward(skip)
       for _, p in ipairs(mine) do
         close_n(gp:narrow(1, p.offset + 1, p.numel), want_g:narrow(1, p.offset + 1, p.numel), 1e-5,
                 cfg.name .. ": " .. p.name .. " reduced during backward alone")
