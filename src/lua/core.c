@@ -197,7 +197,15 @@ static int l_cuda_reset_peak_memory(lua_State *L) {
     moe_lua_check(L, moe_cuda_reset_peak_memory(moe_lua_ctx(L), (int)luaL_optinteger(L, 1, 0)), "cuda_reset_peak_memory");
     return 0;
 }
+/* core.cuda_profiler(on): opens or closes the range an external profiler
+ * records when told not to profile from the start (ncu --profile-from-start off) */
+static int l_cuda_profiler(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    moe_lua_check(L, moe_cuda_profiler_range(lua_toboolean(L, 1)), "cuda_profiler");
+    return 0;
+}
 #else
+static int l_cuda_profiler(lua_State *L) { return luaL_error(L, "cuda_profiler: this moelab was built without CUDA"); }
 static int l_cuda_memory_stats(lua_State *L) { return luaL_error(L, "cuda_memory_stats: this moelab was built without CUDA"); }
 static int l_cuda_reset_peak_memory(lua_State *L) { return luaL_error(L, "cuda_reset_peak_memory: this moelab was built without CUDA"); }
 #endif
@@ -263,6 +271,8 @@ int luaopen_moelab_core(lua_State *L) {
     lua_setfield(L, -2, "cuda_memory_stats");
     lua_pushcfunction(L, l_cuda_reset_peak_memory);
     lua_setfield(L, -2, "cuda_reset_peak_memory");
+    lua_pushcfunction(L, l_cuda_profiler);
+    lua_setfield(L, -2, "cuda_profiler");
     lua_pushcfunction(L, l_clock);
     lua_setfield(L, -2, "clock");
     lua_pushcfunction(L, l_num_threads);

@@ -1,6 +1,7 @@
 // The CUDA backend: device discovery, per-device state, the dispatch table.
 #include "cuda_common.cuh"
 #include "moe_cuda.h"
+#include <cuda_profiler_api.h>
 
 #include <algorithm>
 
@@ -186,6 +187,12 @@ extern "C" moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device) {
     cuda_dev *d = dev_of(ctx, device);
     std::lock_guard<std::mutex> g(d->mu);
     d->peak_in_use = d->bytes_in_use;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_profiler_range(int on) {
+    cudaError_t e = on ? cudaProfilerStart() : cudaProfilerStop();
+    if (e != cudaSuccess) return moe_error(MOE_ERR_DEVICE, "cuda profiler range: %s", cudaGetErrorString(e));
     return MOE_OK;
 }
 

@@ -37,6 +37,10 @@ void *moe_cuda_stream(moe_ctx *ctx, int device);
 moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device);
 /* Returns every cached block of the device to the driver. */
 moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
+/* Opens (on != 0) or closes the profiled range (cudaProfilerStart / Stop), so
+ * that a profiler started with "profile from start: off" (ncu
+ * --profile-from-start off) sees only the work queued in between. */
+moe_status moe_cuda_profiler_range(int on);
 
 /* Times fn(arg) on the device's stream with CUDA events: `warmup` untimed
  * calls, then `iters` timed ones (one event pair each); *median_ms gets the
