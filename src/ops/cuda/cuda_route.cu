@@ -17,11 +17,15 @@
 //              threshold T[q][e] = how many of the rank-q choices of e in
 //              token order are kept; offsets (a block scan); dispatch
 //              fractions; the sums of the statistics; the aux and z losses.
-//   k_assign   one block per expert: for the one rank q whose choices of e
-//              are only partly kept (there is at most one), a block scan over
-//              tokens in order ranks them; then a block scan over tokens of the
-//              kept choices of e gives each its slot offsets[e] + rank:
-//              expert-contiguous, token order within an expert.
+//   k_chunk_counts  per (chunk of tokens, expert) the choices of e of wholly
+//              kept ranks and of the partly kept one;
+//   k_assign   one block per (chunk of tokens, expert): adds up the counts of
+//              the chunks before, then ranks the chunk's kept
+//              choices of e in token order by ballot scans (for the one rank
+//              whose choices of e are only partly kept - at most one - its
+//              own rank decides which stay); each kept choice gets the slot
+//              offsets[e] + rank: expert-contiguous, token order within an
+//              expert.
 // then one device->host copy of the summary (offsets, counts, dropped, the
 // statistics' sums, aux) and one stream synchronisation.
 //
@@ -307,7 +311,18 @@ __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
     }
 }
 
-// ---- k_assign: one block per expert ----
+// ---- k_chunk_counts, k_assign: block (chunk c of ASSIGN_CHUNK tokens, expert e) ----
+//
+// A choice of e is kept when its rank q is wholly kept, or q is the one partly
+// kept rank qp and fewer than thr[qp][e] rank-qp choices of e come before it
+// in token order. k_chunk_counts counts per chunk the choices of e of wholly
+// kept ranks and of rank qp (order-free); k_assign adds up the counts of the
+// chunks before its own (kept before = full + min(thr, rank-qp count)), then
+// walks its chunk in tiles of one token per thread, ranked by ballot scans:
+// reads are coalesced and E x chunks blocks share the work (one block per
+// expert scanning every token serially took ~56 us at 8192 tokens x top-4).
+
+constexpr int ASSIGN_CHUNK = 1024;
 
 struct assign_args {
     int64_t n;
@@ -316,7 +331,7 @@ struct assign_args {
     const float *wq;
     const unsigned *cnt_q;
     const long long *thr, *sum;
-    unsigned char *keep;   // [n, k]: set for the choices of the partly kept rank
+    unsigned *ccnt;   // [e][chunks][2]: choices of e of wholly kept ranks, of the partly kept rank
     int64_t *token_idx, *expert_idx;
     void *weights;
     int32_t *pos;
@@ -328,50 +343,103 @@ __device__ __forceinline__ int rank_of(const int32_t *ch, int K, int e) {
     return -1;
 }
 
+// exclusive rank of this thread's flag among the block's set flags (thread
+// order); *total gets their number. wsum: 32 ints of shared memory.
+__device__ __forceinline__ int flag_scan(bool f, int *wsum, int *total) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    unsigned m = __ballot_sync(FULL, f);
+    if (lane == 0) wsum[w] = __popc(m);
+    __syncthreads();
+    int base = 0, tot = 0;
+    for (int j = 0; j < nw; j++) {
+        int c = wsum[j];
+        base += j < w ? c : 0;
+        tot += c;
+    }
+    __syncthreads();   // wsum is rewritten by the next call
+    *total = tot;
+    return base + __popc(m & ((1u << lane) - 1u));
+}
+
+// per rank of e: 0 none kept, 1 all kept, 2 partly (the returned rank, -1 if none)
+__device__ __forceinline__ int rank_states(const assign_args &a, int e, unsigned char *state, int *partial) {
+    if (threadIdx.x == 0) *partial = -1;
+    __syncthreads();
+    for (int q = threadIdx.x; q < a.k; q += blockDim.x) {
+        long long c = a.cnt_q[(int64_t)q * a.e + e], t = a.thr[(int64_t)q * a.e + e];
+        state[q] = t >= c ? 1 : t == 0 ? 0 : 2;
+        if (state[q] == 2) *partial = q;   // at most one rank per expert is partly kept
+    }
+    __syncthreads();
+    return *partial;
+}
+
+__global__ void __launch_bounds__(ASSIGN_THREADS) k_chunk_counts(assign_args a) {
+    __shared__ long long shl[32];
+    __shared__ unsigned char state[MOE_CUDA_ROUTE_MAX_E];
+    __shared__ int partial;
+    const int e = blockIdx.y;
+    const int qp = rank_states(a, e, state, &partial);
+    const int64_t c0 = (int64_t)blockIdx.x * ASSIGN_CHUNK, c1 = min(a.n, c0 + ASSIGN_CHUNK);
+    long long full = 0, part = 0;
+    for (int64_t i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+        int q = rank_of(a.chosen + i * a.k, a.k, e);
+        full += q >= 0 && state[q] == 1;
+        part += q >= 0 && q == qp;
+    }
+    long long tf, tp;
+    block_scan(full, shl, &tf);
+    block_scan(part, shl, &tp);
+    if (threadIdx.x == 0) {
+        unsigned *c = a.ccnt + ((int64_t)e * gridDim.x + blockIdx.x) * 2;
+        c[0] = (unsigned)tf;
+        c[1] = (unsigned)tp;
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(ASSIGN_THREADS) k_assign(assign_args a) {
-    __shared__ long long sh[32];
-    __shared__ unsigned char state[MOE_CUDA_ROUTE_MAX_E];   // per rank: 0 none kept, 1 all kept, 2 see keep[]
+    __shared__ long long shl[32];
+    __shared__ int wsum[32];
+    __shared__ unsigned char state[MOE_CUDA_ROUTE_MAX_E];
     __shared__ int partial;
-    const int e = blockIdx.x, E = a.e, K = a.k;
-    if (threadIdx.x == 0) partial = -1;
-    __syncthreads();
-    for (int q = threadIdx.x; q < K; q += blockDim.x) {
-        long long c = a.cnt_q[(int64_t)q * E + e], t = a.thr[(int64_t)q * E + e];
-        state[q] = t >= c ? 1 : t == 0 ? 0 : 2;
-        if (state[q] == 2) partial = q;   // at most one rank per expert is partly kept
+    const int e = blockIdx.y, K = a.k;
+    const int qp = rank_states(a, e, state, &partial);
+    const long long lim = qp >= 0 ? a.thr[(int64_t)qp * a.e + e] : 0;
+    const int64_t c0 = (int64_t)blockIdx.x * ASSIGN_CHUNK, c1 = min(a.n, c0 + ASSIGN_CHUNK);
+    // the chunks before this one: kept choices of e, and rank-qp choices of e
+    long long full = 0, part = 0;
+    const unsigned *cc = a.ccnt + (int64_t)e * gridDim.x * 2;
+    for (int c = threadIdx.x; c < (int)blockIdx.x; c += blockDim.x) {
+        full += cc[2 * c];
+        part += cc[2 * c + 1];
     }
-    __syncthreads();
-    const int qp = partial;
-    const int64_t seg = (a.n + blockDim.x - 1) / blockDim.x;
-    const int64_t t0 = min(a.n, (int64_t)threadIdx.x * seg), t1 = min(a.n, t0 + seg);
-    long long total;
-    if (qp >= 0) {
-        // rank the rank-qp choices of e in token order; the first thr of them stay
-        const long long lim = a.thr[(int64_t)qp * E + e];
-        long long m = 0;
-        for (int64_t i = t0; i < t1; i++) m += a.chosen[i * K + qp] == e;
-        long long r = block_scan(m, sh, &total);
-        for (int64_t i = t0; i < t1; i++)
-            if (a.chosen[i * K + qp] == e) a.keep[i * K + qp] = r++ < lim;
-    }
-    // kept choices of e in token order -> slots offsets[e] + rank
-    long long m = 0;
-    for (int64_t i = t0; i < t1; i++) {
-        int q = rank_of(a.chosen + i * K, K, e);
-        if (q >= 0 && (state[q] == 1 || (state[q] == 2 && a.keep[i * K + q]))) m++;
-    }
-    long long d = a.sum[e] + block_scan(m, sh, &total);
+    long long tot;
+    block_scan(full, shl, &tot);
+    long long before = tot;
+    block_scan(part, shl, &tot);
+    part = tot;
+    if (qp >= 0) before += part < lim ? part : lim;
+    long long d0 = a.sum[e] + before;
     T *wp = (T *)a.weights;
-    for (int64_t i = t0; i < t1; i++) {
-        int q = rank_of(a.chosen + i * K, K, e);
-        if (q >= 0 && (state[q] == 1 || (state[q] == 2 && a.keep[i * K + q]))) {
+    for (int64_t t0 = c0; t0 < c1; t0 += blockDim.x) {
+        const int64_t i = t0 + threadIdx.x;
+        const int q = i < c1 ? rank_of(a.chosen + i * K, K, e) : -1;
+        bool kept = q >= 0 && state[q] == 1;
+        if (qp >= 0) {   // block-uniform
+            int np, r = flag_scan(q >= 0 && q == qp, wsum, &np);
+            if (q >= 0 && q == qp) kept = part + r < lim;
+            part += np;
+        }
+        int nk, r = flag_scan(kept, wsum, &nk);
+        if (kept) {
+            const long long d = d0 + r;
             a.token_idx[d] = i;
             a.expert_idx[d] = e;
             wp[d] = from_f32<T>(a.wq[i * K + q]);
             a.pos[i * K + q] = (int32_t)d;
-            d++;
         }
+        d0 += nk;
     }
 }
 
@@ -471,13 +539,14 @@ extern "C" moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const
     const int64_t groups = aux ? a->groups : 1, per = a->aux == MOE_CUDA_ROUTE_AUX_SEQUENCE ? a->seq_len : n;
     const int64_t chunks = (per + CHUNK - 1) / CHUNK;
     const int etiles = (int)((E + 31) / 32);
-    // scratch: per-token statistics, choice weights, histograms, thresholds, keep flags, column sums, summary
+    // scratch: per-token statistics, choice weights, histograms, thresholds, chunk counts, column sums, summary
     size_t o_st = 0, o_wq = align_up(o_st + (size_t)(3 * n) * sizeof(double));
     size_t o_cnt = align_up(o_wq + (size_t)(n * K) * sizeof(float));
     size_t n_cnt = (size_t)(K * E + (aux ? groups * E : 0));
     size_t o_thr = align_up(o_cnt + n_cnt * sizeof(unsigned));
-    size_t o_keep = align_up(o_thr + (size_t)(K * E) * sizeof(long long));
-    size_t o_part = align_up(o_keep + (size_t)(n * K));
+    const int64_t achunks = (n + ASSIGN_CHUNK - 1) / ASSIGN_CHUNK;
+    size_t o_ccnt = align_up(o_thr + (size_t)(K * E) * sizeof(long long));
+    size_t o_part = align_up(o_ccnt + (size_t)(E * achunks * 2) * sizeof(unsigned));
     size_t o_sum = align_up(o_part + (aux ? (size_t)(groups * chunks * E) * sizeof(double) : 0));
     size_t nbytes = o_sum + (size_t)MOE_CUDA_ROUTE_SUMMARY(E) * sizeof(long long);
     cuda_scratch scr(d, nbytes);
@@ -520,10 +589,13 @@ extern "C" moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const
 
     assign_args sa;
     sa.n = n; sa.e = (int)E; sa.k = (int)K; sa.chosen = a->chosen; sa.wq = ta.wq; sa.cnt_q = cnt_q;
-    sa.thr = pa.thr; sa.sum = sum; sa.keep = (unsigned char *)(base + o_keep);
+    sa.thr = pa.thr; sa.sum = sum; sa.ccnt = (unsigned *)(base + o_ccnt);
     sa.token_idx = a->token_idx; sa.expert_idx = a->expert_idx; sa.weights = a->weights; sa.pos = a->pos;
-    if (a->bf16) k_assign<bf16><<<(unsigned)E, ASSIGN_THREADS, 0, d->stream>>>(sa);
-    else k_assign<float><<<(unsigned)E, ASSIGN_THREADS, 0, d->stream>>>(sa);
+    dim3 ga((unsigned)achunks, (unsigned)E);
+    k_chunk_counts<<<ga, ASSIGN_THREADS, 0, d->stream>>>(sa);
+    CU_LAUNCHED("route chunk counts");
+    if (a->bf16) k_assign<bf16><<<ga, ASSIGN_THREADS, 0, d->stream>>>(sa);
+    else k_assign<float><<<ga, ASSIGN_THREADS, 0, d->stream>>>(sa);
     CU_LAUNCHED("route assign");
 
     if (a->summary_dev) {   // the caller queues more work before its one synchronisation
