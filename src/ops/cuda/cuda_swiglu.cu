@@ -1,38 +1,92 @@
 // SwiGLU: out = silu(gate) * up, and its backward. Flat, contiguous, f32 math.
+// 16-byte vector accesses where every pointer is aligned (the expert
+// activations: 2 x 32 MB in, 32 MB out per MoE layer of the step model, where
+// the scalar kernel ran at ~1.4 TB/s); a scalar kernel for the tail and for
+// unaligned views. Both compute each element with the same operations.
 #include "cuda_common.cuh"
+#include "cuda_vec.cuh"
 
 __device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float swiglu_1(float g, float u) { return g * sigm(g) * u; }
+// dgate = dout * up * s * (1 + g * (1 - s)),  dup = dout * g * s
+__device__ __forceinline__ void swiglu_bwd_1(float go, float g, float u, float &dg, float &du) {
+    float s = sigm(g);
+    dg = go * u * s * (1.0f + g * (1.0f - s));
+    du = go * g * s;
+}
 
 template <typename T>
 __global__ void k_swiglu(T *out, const T *gate, const T *up, int64_t n) {
-    GRID_STRIDE(i, n) {
-        float g = to_f32(gate[i]);
-        out[i] = from_f32<T>(g * sigm(g) * to_f32(up[i]));
+    GRID_STRIDE(i, n) out[i] = from_f32<T>(swiglu_1(to_f32(gate[i]), to_f32(up[i])));
+}
+
+template <typename T>
+__global__ void k_swiglu_vec(T *out, const T *gate, const T *up, int64_t nv) {
+    constexpr int N = VEC<T>::N;
+    GRID_STRIDE(i, nv) {
+        float g[N], u[N];
+        vload_cs(gate + i * N, g);
+        vload_cs(up + i * N, u);
+#pragma unroll
+        for (int k = 0; k < N; k++) g[k] = swiglu_1(g[k], u[k]);
+        vstore(out + i * N, g);
     }
 }
 
-// dgate = dout * up * s * (1 + g * (1 - s)),  dup = dout * g * s
 template <typename T>
 __global__ void k_swiglu_bwd(T *dgate, T *dup, const T *dout, const T *gate, const T *up, int64_t n) {
     GRID_STRIDE(i, n) {
-        float g = to_f32(gate[i]), u = to_f32(up[i]), go = to_f32(dout[i]), s = sigm(g);
-        dgate[i] = from_f32<T>(go * u * s * (1.0f + g * (1.0f - s)));
-        dup[i] = from_f32<T>(go * g * s);
+        float dg, du;
+        swiglu_bwd_1(to_f32(dout[i]), to_f32(gate[i]), to_f32(up[i]), dg, du);
+        dgate[i] = from_f32<T>(dg);
+        dup[i] = from_f32<T>(du);
+    }
+}
+
+template <typename T>
+__global__ void k_swiglu_bwd_vec(T *dgate, T *dup, const T *dout, const T *gate, const T *up, int64_t nv) {
+    constexpr int N = VEC<T>::N;
+    GRID_STRIDE(i, nv) {
+        float go[N], g[N], u[N];
+        vload_cs(dout + i * N, go);
+        vload_cs(gate + i * N, g);
+        vload_cs(up + i * N, u);
+#pragma unroll
+        for (int k = 0; k < N; k++) swiglu_bwd_1(go[k], g[k], u[k], g[k], u[k]);
+        vstore(dgate + i * N, g);
+        vstore(dup + i * N, u);
     }
 }
 
 #define PTR(T, t) ((T *)moe_tensor_data(t))
+
+template <typename T>
+static void swiglu_fwd(cuda_dev *d, T *out, const T *gate, const T *up, int64_t n) {
+    constexpr int N = VEC<T>::N;
+    int64_t nv = cuda_aligned16(out) && cuda_aligned16(gate) && cuda_aligned16(up) ? n / N : 0, done = nv * N;
+    if (nv > 0) k_swiglu_vec<T><<<cuda_grid_1d(d, nv, 256), 256, 0, d->stream>>>(out, gate, up, nv);
+    if (done < n) k_swiglu<T><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(out + done, gate + done, up + done, n - done);
+}
+
+template <typename T>
+static void swiglu_bwd(cuda_dev *d, T *dgate, T *dup, const T *dout, const T *gate, const T *up, int64_t n) {
+    constexpr int N = VEC<T>::N;
+    bool al = cuda_aligned16(dgate) && cuda_aligned16(dup) && cuda_aligned16(dout) && cuda_aligned16(gate) &&
+              cuda_aligned16(up);
+    int64_t nv = al ? n / N : 0, done = nv * N;
+    if (nv > 0) k_swiglu_bwd_vec<T><<<cuda_grid_1d(d, nv, 256), 256, 0, d->stream>>>(dgate, dup, dout, gate, up, nv);
+    if (done < n)
+        k_swiglu_bwd<T><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(dgate + done, dup + done, dout + done,
+                                                                             gate + done, up + done, n - done);
+}
 
 moe_status cuda_swiglu(moe_ctx *ctx, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up) {
     MOE_TRY(cuda_check_float(out->dtype, "swiglu"));
     int64_t n = moe_tensor_numel(out);
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, out->device);
-    unsigned grid = cuda_grid_1d(d, n, 256);
-    if (out->dtype == MOE_F32)
-        k_swiglu<float><<<grid, 256, 0, d->stream>>>(PTR(float, out), PTR(const float, gate), PTR(const float, up), n);
-    else
-        k_swiglu<bf16><<<grid, 256, 0, d->stream>>>(PTR(bf16, out), PTR(const bf16, gate), PTR(const bf16, up), n);
+    if (out->dtype == MOE_F32) swiglu_fwd(d, PTR(float, out), PTR(const float, gate), PTR(const float, up), n);
+    else swiglu_fwd(d, PTR(bf16, out), PTR(const bf16, gate), PTR(const bf16, up), n);
     CU_LAUNCHED("swiglu");
     return MOE_OK;
 }
@@ -43,13 +97,12 @@ moe_status cuda_swiglu_backward(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup
     int64_t n = moe_tensor_numel(dgate);
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, dgate->device);
-    unsigned grid = cuda_grid_1d(d, n, 256);
     if (dgate->dtype == MOE_F32)
-        k_swiglu_bwd<float><<<grid, 256, 0, d->stream>>>(PTR(float, dgate), PTR(float, dup), PTR(const float, dout),
-                                                         PTR(const float, gate), PTR(const float, up), n);
+        swiglu_bwd(d, PTR(float, dgate), PTR(float, dup), PTR(const float, dout), PTR(const float, gate),
+                   PTR(const float, up), n);
     else
-        k_swiglu_bwd<bf16><<<grid, 256, 0, d->stream>>>(PTR(bf16, dgate), PTR(bf16, dup), PTR(const bf16, dout),
-                                                        PTR(const bf16, gate), PTR(const bf16, up), n);
+        swiglu_bwd(d, PTR(bf16, dgate), PTR(bf16, dup), PTR(const bf16, dout), PTR(const bf16, gate),
+                   PTR(const bf16, up), n);
     CU_LAUNCHED("swiglu_backward");
     return MOE_OK;
 }
