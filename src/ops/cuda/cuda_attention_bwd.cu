@@ -13,7 +13,7 @@ template <int D, int BQ>
 constexpr int dkdv_mma_smem() { return (2 * 64 + 4 * BQ) * (D + 8) * 2 + 4 * BQ * 4; }
 
 template <int D, int BQ>
-__global__ void __launch_bounds__(128) k_att_dkdv_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(128, 3) k_att_dkdv_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                       const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
                                                       const float *__restrict__ lse2, const float *__restrict__ dvec,
                                                       bf16 *__restrict__ dk, bf16 *__restrict__ dv, att_dims a) {
@@ -96,13 +96,19 @@ __global__ void __launch_bounds__(128) k_att_dkdv_mma(const bf16 *__restrict__ q
             }
         }
         // rows are keys, columns queries: P^T and dS^T
+        // the bounds and causal tests only where this warp's 16 keys x BQ queries cross an edge
+        const int khi = s0 + warp * 16 + 15;
+        const bool need_mask = t0 + BQ > a.T || khi >= a.S || (a.causal && khi > t0 + off);
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int c = nt * 8 + 2 * tg + (e & 1), t = t0 + c, key = key0 + (e >> 1) * 8;
-                float p = 0.0f;
-                if (t < a.T && key < a.S && !(a.causal && key > t + off)) p = exp2f(st[nt][e] * a.sl2 - Lt[c]);
+                int c = nt * 8 + 2 * tg + (e & 1);
+                float p = exp2f(st[nt][e] * a.sl2 - Lt[c]);
+                if (need_mask) {
+                    int t = t0 + c, key = key0 + (e >> 1) * 8;
+                    if (!(t < a.T && key < a.S && !(a.causal && key > t + off))) p = 0.0f;
+                }
                 st[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - Dt[c]);
             }
@@ -148,14 +154,15 @@ template <int D>
 constexpr int dq_mma_smem() { return (2 * 64 + 4 * 64) * (D + 8) * 2; }
 
 template <int D>
-__global__ void __launch_bounds__(128) k_att_dq_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(128, 3) k_att_dq_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                     const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
                                                     const float *__restrict__ lse2, const float *__restrict__ dvec,
                                                     bf16 *__restrict__ dq, att_dims a) {
     constexpr int BQ = 64, BK = 64, LD = D + 8, KD = D / 16, NT = BK / 8, DT = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + BQ * LD, *Ks = Os + BQ * LD, *Vs = Ks + 2 * BK * LD;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BQ, hk = h / (a.Hq / a.Hkv);
+    // the last query tiles (the most keys under a causal mask) first: a shorter tail
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * BQ, hk = h / (a.Hq / a.Hkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int64_t ldq = (int64_t)a.Hq * D, ldk = (int64_t)a.Hkv * D;
     const bf16 *qb = q + ((int64_t)b * a.T * a.Hq + h) * D, *ob = dout + ((int64_t)b * a.T * a.Hq + h) * D;
@@ -218,15 +225,17 @@ __global__ void __launch_bounds__(128) k_att_dq_mma(const bf16 *__restrict__ q, 
                 mma16816(dp[2 * np + 1], oa, bb[2], bb[3]);
             }
         }
-        const int k0 = kt * BK;
+        const int k0 = kt * BK, rlo = q0 + warp * 16;
+        const bool need_mask = rlo + 15 >= a.T || k0 + BK > a.S || (a.causal && k0 + BK - 1 > rlo + off);
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                int key = k0 + nt * 8 + 2 * tg + (e & 1), row = row0 + (e >> 1) * 8;
-                float p = 0.0f;
-                if (row < a.T && key < a.S && !(a.causal && key > row + off))
-                    p = exp2f(s[nt][e] * a.sl2 - lrow[e >> 1]);
+                float p = exp2f(s[nt][e] * a.sl2 - lrow[e >> 1]);
+                if (need_mask) {
+                    int key = k0 + nt * 8 + 2 * tg + (e & 1), row = row0 + (e >> 1) * 8;
+                    if (!(row < a.T && key < a.S && !(a.causal && key > row + off))) p = 0.0f;
+                }
                 dp[nt][e] = p * (dp[nt][e] - drow[e >> 1]);
             }
 #pragma unroll

@@ -11,13 +11,14 @@ template <int D>
 constexpr int fwd_mma_smem() { return (64 + 4 * 64) * (D + 8) * 2; }
 
 template <int D, typename LS>
-__global__ void __launch_bounds__(128) k_att_fwd_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(128, 4) k_att_fwd_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                      const bf16 *__restrict__ v, bf16 *__restrict__ o, LS *lse,
                                                      att_dims a) {
     constexpr int BQ = 64, BK = 64, LD = D + 8, KD = D / 16, NT = BK / 8, DT = D / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + BQ * LD, *Vs = Ks + 2 * BK * LD;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BQ, hk = h / (a.Hq / a.Hkv);
+    // the last query tiles (the most keys under a causal mask) first: a shorter tail
+    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * BQ, hk = h / (a.Hq / a.Hkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int64_t ldq = (int64_t)a.Hq * D, ldk = (int64_t)a.Hkv * D;
     const bf16 *qb = q + ((int64_t)b * a.T * a.Hq + h) * D;
