@@ -1155,6 +1155,24 @@ static void test_dtype_error(void) {
     moe_tensor_release(x); moe_tensor_release(y);
 }
 
+/* MOELAB_CHECK_ONLY=name,name,...: run only these test groups (test_<name>)
+ * and timings (time_attention, time_attention_step, time_grouped, time_cross_entropy, time_axpy,
+ * time_rope, time_rmsnorm, time_moe_layer), for quick runs while working on
+ * one kernel. */
+static int want(const char *name) {
+    const char *only = getenv("MOELAB_CHECK_ONLY");
+    if (!only || !*only) return 1;
+    size_t n = strlen(name);
+    for (const char *p = only; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return 1;
+        if (!e) break;
+        p = e + 1;
+    }
+    return 0;
+}
+
 /* ---- timing (TAP comments) ---- */
 
 typedef struct {
@@ -1512,60 +1530,68 @@ static void timings(void) {
     moe_cuda_grouped_gemm_info(ctx, 0, &gm, NULL, NULL);
     printf("# grouped-GEMM strategy by default (MOELAB_GROUPED_GEMM): %s\n",
            gm == MOE_CUDA_GROUPED_LOOP ? "loop" : gm == MOE_CUDA_GROUPED_AUTO ? "auto" : "batched");
-    time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 1);
-    time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 0);
-    time_attention(MOE_BF16, 4, 2048, 16, 4, 128, 1);
-    time_attention(MOE_BF16, 2, 4096, 16, 16, 128, 1);
-    time_attention(MOE_BF16, 4, 2048, 16, 16, 64, 1);
-    time_attention(MOE_F32, 1, 2048, 16, 16, 128, 1);
-    time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
-    time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
-    time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
+    if (want("time_attention")) {
+        time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 1);
+        time_attention(MOE_BF16, 4, 2048, 16, 16, 128, 0);
+        time_attention(MOE_BF16, 4, 2048, 16, 4, 128, 1);
+        time_attention(MOE_BF16, 2, 4096, 16, 16, 128, 1);
+        time_attention(MOE_BF16, 4, 2048, 16, 16, 64, 1);
+        time_attention(MOE_F32, 1, 2048, 16, 16, 128, 1);
+    }
+    /* bench/gpu_step.lua's attention (alone: a short run to profile) */
+    if (want("time_attention") || want("time_attention_step")) time_attention(MOE_BF16, 8, 1024, 16, 16, 64, 1);
+    if (want("time_grouped")) {
+        time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
+        time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
+        time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
+    }
     /* memory-bound ops at the OLMoE-style step's shapes (8192 tokens, d 1024, vocab 50304, 16 heads of 64) */
-    time_cross_entropy(8192, 50304);
-    time_axpy((int64_t)64 << 20);
-    time_rope(8, 1024, 16, 64);
-    time_rmsnorm(8192, 1024);
+    if (want("time_cross_entropy")) time_cross_entropy(8192, 50304);
+    if (want("time_axpy")) time_axpy((int64_t)64 << 20);
+    if (want("time_rope")) time_rope(8, 1024, 16, 64);
+    if (want("time_rmsnorm")) time_rmsnorm(8192, 1024);
     /* both grouped-GEMM strategies in one run; the default one is restored after */
-    time_moe_layer("OLMoE", MOE_BF16, 16384 * 8, 2048, 1024, 64);
-    time_moe_layer("Mixtral", MOE_BF16, 8192 * 2, 4096, 14336, 8);
-    time_moe_layer("step-model", MOE_BF16, 8192 * 4, 1024, 512, 32);   /* bench/gpu_step.lua's experts */
+    if (want("time_moe_layer")) {
+        time_moe_layer("OLMoE", MOE_BF16, 16384 * 8, 2048, 1024, 64);
+        time_moe_layer("Mixtral", MOE_BF16, 8192 * 2, 4096, 14336, 8);
+        time_moe_layer("step-model", MOE_BF16, 8192 * 4, 1024, 512, 32);   /* bench/gpu_step.lua's experts */
+    }
     moe_cuda_set_grouped_gemm(ctx, 0, gm);
 }
 
 int main(void) {
     gpucheck_begin();
 
-    test_copy();
+    if (want("copy")) test_copy();
     const moe_dtype dts[] = {MOE_F32, MOE_BF16};
     for (int k = 0; k < 2; k++) {
         moe_dtype dt = dts[k];
-        test_random(dt);
-        test_fill(dt);
-        test_gemm(dt);
-        test_gemm_grouped(dt);
-        test_binary(dt);
-        test_unary(dt);
-        test_axpy(dt);
-        test_softmax(dt);
-        test_rmsnorm(dt);
-        test_swiglu(dt);
-        test_cross_entropy(dt);
-        test_reduce(dt);
-        test_topk(dt);
-        test_gather_scatter(dt);
-        test_index_select_add(dt);
-        test_embedding(dt);
-        test_layernorm(dt);
-        test_rope(dt);
-        test_attention(dt);
+        if (want("random")) test_random(dt);
+        if (want("fill")) test_fill(dt);
+        if (want("gemm")) test_gemm(dt);
+        if (want("gemm_grouped")) test_gemm_grouped(dt);
+        if (want("binary")) test_binary(dt);
+        if (want("unary")) test_unary(dt);
+        if (want("axpy")) test_axpy(dt);
+        if (want("softmax")) test_softmax(dt);
+        if (want("rmsnorm")) test_rmsnorm(dt);
+        if (want("swiglu")) test_swiglu(dt);
+        if (want("cross_entropy")) test_cross_entropy(dt);
+        if (want("reduce")) test_reduce(dt);
+        if (want("topk")) test_topk(dt);
+        if (want("gather_scatter")) test_gather_scatter(dt);
+        if (want("index_select_add")) test_index_select_add(dt);
+        if (want("embedding")) test_embedding(dt);
+        if (want("layernorm")) test_layernorm(dt);
+        if (want("rope")) test_rope(dt);
+        if (want("attention")) test_attention(dt);
     }
-    test_adamw();
-    test_stat_dtypes();
-    test_index_errors();
-    test_determinism();
-    test_dtype_error();
-    test_allocator();
+    if (want("adamw")) test_adamw();
+    if (want("stat_dtypes")) test_stat_dtypes();
+    if (want("index_errors")) test_index_errors();
+    if (want("determinism")) test_determinism();
+    if (want("dtype_error")) test_dtype_error();
+    if (want("allocator")) test_allocator();
     if (!getenv("MOELAB_CHECK_NO_TIMING")) timings();
     return gpucheck_end();
 }
