@@ -106,6 +106,13 @@ typedef struct moe_backend {
     /* starts: HOST [2 * blocks + 1]: the regrouped start of block b = j * ranks + src
      * (blocks + 1 entries, the last R), then its start in the received order */
     moe_status (*ep_regroup)(moe_ctx *, moe_tensor *perm, moe_tensor *inv, const int64_t *starts, int64_t blocks);
+
+    /* c = alpha (a1 op(b1) + a2 op(b2)) + beta c, rows grouped as in
+     * gemm_grouped (ops.h moe_op_gemm_grouped_pair); optional: NULL makes the
+     * ops layer call gemm_grouped twice */
+    moe_status (*gemm_grouped_pair)(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
+                                    const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                    const int64_t *offsets, int groups);
 } moe_backend;
 
 

@@ -64,6 +64,13 @@ moe_status moe_op_gemm(moe_ctx *ctx, int transa, int transb, float alpha, const 
  * a [M,K], b [G,K,N] (or [G,N,K] when transb), c [M,N]. */
 moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a,
                                const moe_tensor *b, float beta, moe_tensor *c, const int64_t *offsets, int groups);
+/* Two grouped GEMMs into one output, summed before rounding:
+ *   c[rows of g] = alpha * (a1 @ op(b1[g]) + a2 @ op(b2[g])) + beta * c[rows of g]
+ * a1 [M,K1], b1 [G,K1,N] (or [G,N,K1]), a2 [M,K2], b2 likewise with K2, c [M,N]
+ * (the data gradient of gate and up: dx = dg @ Wg + du @ Wu). */
+moe_status moe_op_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
+                                    const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                    const int64_t *offsets, int groups);
 /* Weight gradient of a grouped GEMM: c[g] = alpha * a_g^T @ b_g + beta * c[g],
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,

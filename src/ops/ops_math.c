@@ -3,6 +3,7 @@
 #include "ops_internal.h"
 
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 /* ---- GEMM ---- */
@@ -84,23 +85,31 @@ static moe_status check_offsets(const char *op, const int64_t *offsets, int grou
     return MOE_OK;
 }
 
+/* the shapes of one (a, b) pair of a grouped GEMM into c: a [M, K], b [G, K, N] (transb: [G, N, K]) */
+static moe_status check_grouped_pair(const char *op, const char *an, const moe_tensor *a, const char *bn,
+                                     const moe_tensor *b, const moe_tensor *c, int transb, const int64_t *offsets,
+                                     int groups) {
+    char s1[128], want[96];
+    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: %s has shape %s, expected [M, K]", op, an, OPS_SHAPE(a, s1));
+    if (b->ndim != 3) return moe_error(MOE_ERR_SHAPE, "%s: %s has shape %s, expected [G, K, N]%s", op, bn,
+                                       OPS_SHAPE(b, s1), transb ? " (transposed: [G, N, K])" : "");
+    int64_t M = a->shape[0], K = a->shape[1];
+    int64_t N = transb ? b->shape[1] : b->shape[2];
+    int64_t bs[3] = {groups, transb ? N : K, transb ? K : N};
+    MOE_TRY(check_offsets(op, offsets, groups, M));
+    snprintf(want, sizeof want, transb ? "[groups, N, K] with K from %s" : "[groups, K, N] with K from %s", an);
+    MOE_TRY(ops_shape_is(op, bn, b, 3, bs, want));
+    int64_t cs[2] = {M, N};
+    return ops_shape_is(op, "c", c, 2, cs, "[M, N]");
+}
+
 moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
                                float beta, moe_tensor *c, const int64_t *offsets, int groups) {
     static const char *op = "gemm_grouped";
     ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
     MOE_TRY(ops_check(op, f, 3, NULL, 0));
     MOE_TRY(ops_out(op, "c", c));
-    char s1[128];
-    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, K]", op, OPS_SHAPE(a, s1));
-    if (b->ndim != 3) return moe_error(MOE_ERR_SHAPE, "%s: b has shape %s, expected [G, K, N]%s", op, OPS_SHAPE(b, s1),
-                                       transb ? " (transposed: [G, N, K])" : "");
-    int64_t M = a->shape[0], K = a->shape[1];
-    int64_t N = transb ? b->shape[1] : b->shape[2];
-    int64_t bs[3] = {groups, transb ? N : K, transb ? K : N};
-    MOE_TRY(check_offsets(op, offsets, groups, M));
-    MOE_TRY(ops_shape_is(op, "b", b, 3, bs, transb ? "[groups, N, K] with K from a" : "[groups, K, N] with K from a"));
-    int64_t cs[2] = {M, N};
-    MOE_TRY(ops_shape_is(op, "c", c, 2, cs, "[M, N]"));
+    MOE_TRY(check_grouped_pair(op, "a", a, "b", b, c, transb, offsets, groups));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, c->device, gemm_grouped, be);
     moe_tensor *ac, *bc = NULL;
@@ -109,6 +118,31 @@ moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_
     if (s == MOE_OK) s = be->gemm_grouped(ctx, transb, alpha, ac, bc, beta, c, offsets, groups);
     moe_tensor_release(ac);
     moe_tensor_release(bc);
+    return s;
+}
+
+moe_status moe_op_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
+                                    const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                    const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_pair";
+    ops_arg f[] = {{"a1", a1}, {"b1", b1}, {"a2", a2}, {"b2", b2}, {"c", c}};
+    MOE_TRY(ops_check(op, f, 5, NULL, 0));
+    MOE_TRY(ops_out(op, "c", c));
+    MOE_TRY(check_grouped_pair(op, "a1", a1, "b1", b1, c, transb, offsets, groups));
+    MOE_TRY(check_grouped_pair(op, "a2", a2, "b2", b2, c, transb, offsets, groups));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, c->device, gemm_grouped, be);
+    moe_tensor *t[4] = {NULL, NULL, NULL, NULL};
+    const moe_tensor *in[4] = {a1, b1, a2, b2};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    if (s == MOE_OK && be->gemm_grouped_pair)
+        s = be->gemm_grouped_pair(ctx, transb, alpha, t[0], t[1], t[2], t[3], beta, c, offsets, groups);
+    else if (s == MOE_OK) {
+        s = be->gemm_grouped(ctx, transb, alpha, t[0], t[1], beta, c, offsets, groups);
+        if (s == MOE_OK) s = be->gemm_grouped(ctx, transb, alpha, t[2], t[3], 1.0f, c, offsets, groups);
+    }
+    for (int i = 0; i < 4; i++) moe_tensor_release(t[i]);
     return s;
 }
 

@@ -135,6 +135,26 @@ static void test_gemm(void) {
         CHECK_CLOSE("gemm_grouped_wgrad (empty group scaled by beta)", moe_f32(c), ref, 3 * P * Q, 1e-5, 1e-5);
         rel(a); rel(b); rel(c);
     }
+    {   /* the pair: c = 0.7 (a1 b1[g] + a2 b2[g]^T) + 0.25 c, with K1 != K2 */
+        int64_t Mg = 7, K1 = 5, K2 = 3, N = 4, off[4] = {0, 3, 3, 7};
+        moe_tensor *a1 = RANDN(Mg, K1), *a2 = RANDN(Mg, K2), *b1 = RANDN(3, N, K1), *b2 = RANDN(3, N, K2);
+        moe_tensor *c = RANDN(Mg, N);
+        double ref[28], part[28];
+        for (int g = 0; g < 3; g++) {
+            int64_t r0 = off[g], m = off[g + 1] - r0;
+            ref_gemm(0, 1, m, N, K1, 0.7f, moe_f32(a1) + r0 * K1, moe_f32(b1) + g * K1 * N, 0.25f,
+                     moe_f32(c) + r0 * N, ref + r0 * N);
+            ref_gemm(0, 1, m, N, K2, 0.7f, moe_f32(a2) + r0 * K2, moe_f32(b2) + g * K2 * N, 0.0f,
+                     moe_f32(c) + r0 * N, part + r0 * N);
+        }
+        for (int i = 0; i < Mg * N; i++) ref[i] += part[i];
+        CHECK_OK("gemm_grouped_pair", moe_op_gemm_grouped_pair(ctx, 1, 0.7f, a1, b1, a2, b2, 0.25f, c, off, 3));
+        CHECK_CLOSE("gemm_grouped_pair (sum of two grouped GEMMs)", moe_f32(c), ref, Mg * N, 1e-5, 1e-5);
+        moe_status s = moe_op_gemm_grouped_pair(ctx, 1, 1.0f, a1, b1, a2, b1, 0.0f, c, off, 3);
+        report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "b2"), "gemm_grouped_pair: b2 of the wrong K is named",
+               "status %s: %s", moe_status_name(s), moe_last_error());
+        rel(a1); rel(a2); rel(b1); rel(b2); rel(c);
+    }
 }
 
 /* ---- elementwise ---- */

@@ -220,6 +220,24 @@ static void grouped_checks(moe_dtype dt, moe_cuda_grouped_gemm mode) {
        b1 - b0 < want_b ? "; fewer batched: cuBLAS rejected the type combination?" : "");
 }
 
+/* gemm_grouped_pair (two GEMMs summed into c) under the current strategy */
+static void grouped_pair_check(moe_dtype dt, const char *sn, int tb, float beta) {
+    const int64_t off[] = {0, 0, 9, 9, 18, 31, 40, 71, 71};
+    const int G = 8;
+    const int64_t M = 71, K1 = 64, K2 = 40, N = 48;
+    pair a1 = in_randn(dt, SH(M, K1)), a2 = in_randn(dt, SH(M, K2));
+    pair b1 = tb ? in_randn(dt, SH(G, N, K1)) : in_randn(dt, SH(G, K1, N));
+    pair b2 = tb ? in_randn(dt, SH(G, N, K2)) : in_randn(dt, SH(G, K2, N));
+    pair c = in_randn(dt, SH(M, N));
+    char name[160];
+    snprintf(name, sizeof name, "gemm_grouped_pair %s transb=%d beta=%g", sn, tb, beta);
+    if (RUN(name, dt, moe_op_gemm_grouped_pair(ctx, tb, 0.8f, a1.h, b1.h, a2.h, b2.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_pair(ctx, tb, 0.8f, a1.d, b1.d, a2.d, b2.d, beta, c.d, off, G)))
+        /* outside the kernel, two calls: the first product is rounded to bf16 before the second is added */
+        check(name, dt, c.d, c.h, dt == MOE_BF16 && strcmp(sn, "kernel") ? 6e-2 : tol_of(dt, 1e-4));
+    pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
+}
+
 static void test_gemm_grouped(moe_dtype dt) {
     moe_cuda_grouped_gemm mode0;
     die_if(moe_cuda_grouped_gemm_info(ctx, 0, &mode0, NULL, NULL) != MOE_OK, "grouped-GEMM strategy");
@@ -227,6 +245,10 @@ static void test_gemm_grouped(moe_dtype dt) {
     grouped_checks(dt, MOE_CUDA_GROUPED_BATCHED);
     grouped_checks(dt, MOE_CUDA_GROUPED_PADDED);
     grouped_checks(dt, MOE_CUDA_GROUPED_KERNEL);
+    grouped_pair_check(dt, "kernel", 0, 0.0f);
+    grouped_pair_check(dt, "kernel", 1, 0.5f);
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_LOOP) != MOE_OK, "loop strategy");
+    grouped_pair_check(dt, "loop", 0, 0.5f);
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode0) != MOE_OK, "restore the grouped-GEMM strategy");
 }
 

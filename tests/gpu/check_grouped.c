@@ -5,7 +5,8 @@
  * takes (256), the weight gradient with beta 0 (output poisoned with NaN: it
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
- * experts), which still give the right result through cuBLAS. Each check also
+ * experts), which still give the right result through cuBLAS; the pair call
+ * (two GEMMs summed along K in one launch). Each check also
  * asserts, from the device's counter, whether the kernel served the call. */
 #include "gpucheck.h"
 
@@ -72,6 +73,35 @@ static void wgrad_check(const char *what, float beta, const int64_t *off, int G,
     pfree(&a); pfree(&b); pfree(&c);
 }
 
+/* c = alpha (a1 op(b1) + a2 op(b2)) + beta c: one launch over K1 + K2 (each
+ * half zero-filled past its own K), against the CPU's two grouped GEMMs */
+/* want_kernel: 1 = one launch of the pair kernel; 2 = refused, two calls (the first served by the kernel) */
+static void pair_check(const char *what, int tb, float beta, const int64_t *off, int G, int64_t K1, int64_t K2,
+                       int64_t N, int want_kernel) {
+    int64_t M = off[G];
+    pair a1 = in_randn(BF, SH(M, K1)), a2 = in_randn(BF, SH(M, K2));
+    pair b1 = tb ? in_randn(BF, SH(G, N, K1)) : in_randn(BF, SH(G, K1, N));
+    pair b2 = tb ? in_randn(BF, SH(G, N, K2)) : in_randn(BF, SH(G, K2, N));
+    pair c = in_randn(BF, SH(M, N));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "grouped kernel pair %s: transb=%d beta=%g G=%d M=%lld K1=%lld K2=%lld N=%lld", what,
+             tb, beta, G, (long long)M, (long long)K1, (long long)K2, (long long)N);
+    /* grouped calls: one-call (kernel, batched) plus looped ones */
+    uint64_t k0 = kernel_calls(), n0 = 0, m0 = 0, n1 = 0, m1 = 0;
+    die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &n0, &m0) != MOE_OK, "grouped counters");
+    if (RUN(name, BF, moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.h, b1.h, a2.h, b2.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.d, b1.d, a2.d, b2.d, beta, c.d, off, G))) {
+        /* two calls (the kernel refused) round the first product to bf16 before the second is added */
+        check(name, BF, c.d, c.h, want_kernel == 1 ? tol_of(BF, 0) : 6e-2);
+        served(name, k0, 1);
+        die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &n1, &m1) != MOE_OK, "grouped counters");
+        int calls = (int)((n1 - n0) + (m1 - m0));
+        ok(calls == want_kernel, "%s: %d grouped call(s) (want %d)", name, calls, want_kernel);
+    }
+    pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
+}
+
 int main(void) {
     gpucheck_begin();
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
@@ -99,6 +129,19 @@ int main(void) {
     /* every expert empty: nothing to compute, nothing written */
     for (int g = 0; g <= 4; g++) off[g] = 0;
     fwd_check("no rows", 1, 0.5f, off, 4, 64, 64, 1);
+
+    /* pairs summed along K: partial k-tiles in each half, the step model's dx = du Wu + dg Wg */
+    for (int tb = 0; tb < 2; tb++) {
+        make_offsets(off, 8, 300, 3);
+        pair_check("partial tiles", tb, 0.0f, off, 8, 72, 40, 200, 1);
+        make_offsets(off, 8, 300, 3);
+        pair_check("partial tiles", tb, 0.5f, off, 8, 64, 136, 200, 1);
+    }
+    make_offsets(off, 32, 700, 0);
+    pair_check("step model dgrad", 0, 0.0f, off, 32, 512, 512, 1024, 1);
+    /* refused (K2 not a multiple of 8): two grouped calls, the first (K1 64) through the kernel */
+    make_offsets(off, 8, 100, 3);
+    pair_check("K2 not a multiple of 8 (two calls)", 0, 0.5f, off, 8, 64, 36, 64, 2);
 
     /* weight gradients: P 72, Q 200; empty experts get beta c[g] */
     float betas[3] = {0.0f, 0.5f, 1.0f};

@@ -53,6 +53,7 @@ static const moe_backend cuda_backend = {
     /* ep_pack */ cuda_ep_pack,
     /* ep_unpack */ cuda_ep_unpack,
     /* ep_regroup */ cuda_ep_regroup,
+    /* gemm_grouped_pair */ cuda_gemm_grouped_pair,
 };
 
 extern "C" int moe_cuda_device_count(void) {

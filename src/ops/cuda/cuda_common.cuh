@@ -67,6 +67,9 @@ moe_status cuda_gemm_grouped(moe_ctx *, int transb, float alpha, const moe_tenso
                              float beta, moe_tensor *c, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups);
+moe_status cuda_gemm_grouped_pair(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
+                                  const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                  const int64_t *offsets, int groups);
 // The grouped-GEMM strategy named by MOELAB_GROUPED_GEMM (unset, "batched": batched; "loop": loop);
 // MOE_ERR_ARG for another value.
 moe_status cuda_grouped_gemm_from_env(int *mode);

@@ -446,6 +446,27 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     return MOE_OK;
 }
 
+// One launch of the own kernel over K1 + K2 where it takes the call (the
+// strategy would pick it for the pair's FLOPs); else two grouped GEMMs.
+moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
+                                  const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                  const int64_t *offsets, int groups) {
+    MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_pair"));
+    CUDA_ENTER(d, ctx, c->device);
+    int64_t K1 = a1->shape[1], K2 = a2->shape[1], N = c->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)(K1 + K2) * (double)N;
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a1->dtype, b1->dtype) &&
+        a2->dtype == MOE_BF16 && b2->dtype == MOE_BF16) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
+                                      moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,
+                                      &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    MOE_TRY(cuda_gemm_grouped(ctx, transb, alpha, a1, b1, beta, c, offsets, groups));
+    return cuda_gemm_grouped(ctx, transb, alpha, a2, b2, 1.0f, c, offsets, groups);
+}
+
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad"));

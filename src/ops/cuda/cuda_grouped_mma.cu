@@ -8,6 +8,9 @@
 // One kernel serves both calls, C_g (+)= alpha * A_g B_g:
 //   forward / data gradient (rows vary): A_g = a[o_g:o_g+1] [M_g, K] (K
 //     contiguous), B_g = b[g] stored [N, K] (transb) or [K, N], C_g = c rows;
+//     optionally a second pair along K (a2 [M_g, K2], b2[g]), summed in the
+//     same accumulators: the data gradient of gate and up, dx = dg Wg + du Wu,
+//     as one GEMM over K + K2 instead of two (the second re-reading dx);
 //   weight gradient (the reduction varies): A_g = a_g^T (a_g [rows_g, P],
 //     P contiguous), B_g = b_g [rows_g, Q], C_g = c[g] [P, Q].
 //
@@ -41,6 +44,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <stdint.h>
 
 namespace {
@@ -51,14 +55,17 @@ constexpr int MAX_GROUPS = MOE_MMA_GROUPED_MAX_GROUPS;
 
 struct mma_params {
     const __nv_bfloat16 *a, *b;
+    const __nv_bfloat16 *a2, *b2;   // forward: the second pair along K (K2 > 0), else unused
     __nv_bfloat16 *c;
     float alpha, beta;
     int n_tiles;             // tiles across N (forward) or across Q (wgrad)
     int m_tiles;             // wgrad: tiles across P per group
     int K, N, P, Q;          // forward: K, N; wgrad: P, Q
+    int K2;                  // forward: K of the second pair (0: none)
     int groups;
     int off[MAX_GROUPS + 1];     // row offsets of the groups
-    int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums)
+    int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums);
+                                 // wgrad: the groups by decreasing rows (the order their tiles run)
 };
 static_assert(sizeof(mma_params) < 4096, "grouped GEMM parameters exceed the classic kernel parameter limit");
 
@@ -120,7 +127,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t
 // The block tile t of a call: its group, corner and operands. WGRAD: the
 // groups split the reduction (weight gradient); else they split M.
 struct tile_info {
-    int m0, n0, M, N, K;
+    int m0, n0, M, N, K, g;
     int64_t lda, ldb, ldc;
     const __nv_bfloat16 *A, *B;
     __nv_bfloat16 *C;
@@ -131,13 +138,17 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
     tile_info ti;
     ti.n0 = (t % p.n_tiles) * BN;
     if (WGRAD) {
-        int per = p.m_tiles * p.n_tiles, g = t / per, r0 = p.off[g];
+        // a tile's work grows with its group's rows: the largest groups' tiles
+        // go first, so the last wave holds short ones (imbalanced routing
+        // otherwise left a few long tiles running alone at the end)
+        int per = p.m_tiles * p.n_tiles, g = p.tile0[t / per], r0 = p.off[g];
         ti.m0 = ((t % per) / p.n_tiles) * BM;
         ti.M = p.P; ti.N = p.Q; ti.K = p.off[g + 1] - r0;
         ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
         ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
         ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
         ti.skip = ti.K == 0 && p.beta == 1.0f;
+        ti.g = g;
     } else {
         int mt = t / p.n_tiles, lo = 0, hi = p.groups - 1;
         while (lo < hi) {   // the last group whose first tile is <= mt (empty groups share it with the next)
@@ -151,35 +162,67 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
         ti.A = p.a + (int64_t)r0 * p.K; ti.lda = p.K;
         ti.B = p.b + (int64_t)g * p.K * p.N; ti.ldb = B_KMAJ ? p.K : p.N;
         ti.C = p.c + (int64_t)r0 * p.N; ti.ldc = p.N;
+        ti.g = g;
         ti.skip = false;
     }
     return ti;
 }
 
-// One warpgroup's 64 x 128 of c = alpha acc + beta c (c not read when beta == 0:
-// it may hold anything). Accumulator i of a thread: row 16 * (warp % 4) +
-// lane / 4 (+ 8 when i % 4 >= 2), column 8 * (i / 4) + 2 * (lane % 4) + i % 2.
-__device__ __forceinline__ void store_acc(const float *d, const tile_info &ti, int row0, int wlane, float alpha,
-                                          float beta) {
-    int lane = wlane & 31, warp = wlane >> 5;
+// The block's 128 x 128 of c = alpha acc + beta c (c not read when beta ==
+// 0: it may hold anything), through shared memory: each warpgroup writes its
+// f32 accumulators there (accumulator i of a thread: row 16 * (warp % 4) +
+// lane / 4 (+ 8 when i % 4 >= 2), column 8 * (i / 4) + 2 * (lane % 4) + i %
+// 2), then every thread moves 16-byte chunks of 8 columns: the old c loaded
+// all at once, one rounding to bf16, coalesced stores. Storing bf16 pairs
+// straight from the registers wrote 4-byte pieces of 8 rows per instruction
+// and, under beta != 0 (the weight gradients accumulate), waited for each old
+// pair before the next: 150 us against 96 for the same tiles with beta 0.
+constexpr int CLD = BN + 4;   // f32 row pitch of the staged tile (fewer bank conflicts)
+static_assert(BM * CLD * 4 <= STAGES * (BM + BN) * BK * 2, "the staged C tile must fit the pipeline's shared memory");
+
+__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
+                                           float beta) {
+    const int lane = tid & 31, r0 = (tid >> 7) * 64 + ((tid & 127) >> 5) * 16 + (lane >> 2);
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        int row = row0 + warp * 16 + (lane >> 2) + h * 8;
-        if (row >= ti.M) continue;
-        __nv_bfloat16 *crow = ti.C + (int64_t)row * ti.ldc;
+    for (int h = 0; h < 2; h++)
 #pragma unroll
-        for (int j = 0; j < BN / 8; j++) {
-            int col = ti.n0 + j * 8 + (lane & 3) * 2;
-            if (col >= ti.N) continue;
-            float v0 = alpha * d[j * 4 + h * 2], v1 = alpha * d[j * 4 + h * 2 + 1];
-            __nv_bfloat162 *dst = reinterpret_cast<__nv_bfloat162 *>(crow + col);
-            if (beta != 0.0f) {
-                float2 old = __bfloat1622float2(*dst);
-                v0 += beta * old.x;
-                v1 += beta * old.y;
-            }
-            *dst = __floats2bfloat162_rn(v0, v1);
+        for (int j = 0; j < BN / 8; j++)
+            *reinterpret_cast<float2 *>(cs + (r0 + h * 8) * CLD + j * 8 + (lane & 3) * 2) =
+                make_float2(alpha * d[j * 4 + h * 2], alpha * d[j * 4 + h * 2 + 1]);
+    __syncthreads();
+    constexpr int PER = BM * BN / 8 / THREADS;   // 16-byte chunks per thread
+    uint4 old[PER];
+    if (beta != 0.0f) {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            int idx = tid + i * THREADS, row = ti.m0 + (idx >> 4), col = ti.n0 + (idx & 15) * 8;
+            old[i] = row < ti.M && col < ti.N ? *reinterpret_cast<const uint4 *>(ti.C + (int64_t)row * ti.ldc + col)
+                                              : make_uint4(0, 0, 0, 0);
         }
+    }
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= ti.N) continue;
+        float4 a = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
+        float4 b = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
+        float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        if (beta != 0.0f) {
+            const unsigned w[4] = {old[i].x, old[i].y, old[i].z, old[i].w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                v[2 * k] += beta * __uint_as_float(w[k] << 16);
+                v[2 * k + 1] += beta * __uint_as_float(w[k] & 0xffff0000u);
+            }
+        }
+        uint4 out;
+        unsigned *o = &out.x;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            __nv_bfloat162 hv = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+            o[k] = *reinterpret_cast<unsigned *>(&hv);
+        }
+        *reinterpret_cast<uint4 *>(ti.C + (int64_t)row * ti.ldc + col) = out;
     }
 }
 
@@ -196,7 +239,10 @@ __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int
 }
 
 // ---- plain kernel: one tile per block, every thread loads and computes ----
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD>
+// PAIR: a second (A, B) pair along K - its own instantiation, since the extra
+// pointers pushed the single-pair kernels past 128 registers into spills
+// (the forward GEMMs ran ~20% slower).
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
@@ -209,11 +255,21 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
 
-    int nk = (ti.K + BK - 1) / BK;
+    // K tiles of the first pair, then of the second (each zero-filled past its
+    // own K): stages load in order, so the operands switch once, at tile nk1
+    const int nk1 = (ti.K + BK - 1) / BK, nk = PAIR ? nk1 + (p.K2 + BK - 1) / BK : nk1;
+    int kbase = 0;
     auto load_stage = [&](int kt) {
+        if (PAIR && kt == nk1) {
+            ti.A = p.a2 + (int64_t)p.off[ti.g] * p.K2; ti.lda = p.K2;
+            ti.B = p.b2 + (int64_t)ti.g * p.K2 * p.N; ti.ldb = B_KMAJ ? p.K2 : p.N;
+            ti.K = p.K2;
+            kbase = nk1;
+        }
         unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
-        load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, kt * BK, ti.K, tid);
-        load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, kt * BK, ti.K, tid);
+        int k0 = (kt - kbase) * BK;
+        load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
+        load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
     };
 #pragma unroll
     for (int st = 0; st < PREF; st++) {
@@ -232,20 +288,21 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
     cp_async_wait<0>();
-    store_acc(d, ti, ti.m0 + wg * 64, tid & 127, p.alpha, p.beta);
+    __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
+    store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
 #endif
 }
 
 bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false>
 moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_extent, const char *what, bool *ran) {
     p.n_tiles = (int)((n_extent + BN - 1) / BN);
     int64_t blocks = m_tiles_total * p.n_tiles;
     if (blocks > INT32_MAX) return MOE_OK;
     *ran = true;
     if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD>;
+    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR>;
     // above 48 KB a block's dynamic shared memory must be allowed first (per device, cheap to repeat)
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
@@ -262,12 +319,20 @@ bool offsets_fit(const int64_t *offsets, int groups) {
 
 moe_status cuda_mma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
                             const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    return cuda_mma_grouped_pair(d, transb, alpha, a, b, NULL, NULL, 0, beta, c, offsets, groups, K, N, ran);
+}
+
+moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran) {
     *ran = false;
     if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || N > INT32_MAX ||
         !aligned16(a) || !aligned16(b) || !aligned16(c))
         return MOE_OK;
+    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!aligned16(a2) || !aligned16(b2)))) return MOE_OK;
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
+    p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
     p.groups = groups;
@@ -277,6 +342,9 @@ moe_status cuda_mma_grouped(cuda_dev *d, int transb, float alpha, const void *a,
         p.tile0[g] = (int)tiles;
         if (g < groups) tiles += (offsets[g + 1] - offsets[g] + BM - 1) / BM;
     }
+    if (K2 > 0)
+        return transb ? launch<true, true, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran)
+                      : launch<true, false, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran);
     return transb ? launch<true, true, false>(d, p, tiles, N, "gemm_grouped (kernel)", ran)
                   : launch<true, false, false>(d, p, tiles, N, "gemm_grouped (kernel)", ran);
 }
@@ -291,8 +359,12 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
+    p.a2 = p.b2 = nullptr; p.K2 = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
-    for (int g = 0; g <= groups; g++) { p.off[g] = (int)offsets[g]; p.tile0[g] = 0; }
+    for (int g = 0; g <= groups; g++) { p.off[g] = (int)offsets[g]; p.tile0[g] = g; }
+    std::stable_sort(p.tile0, p.tile0 + groups, [&](int x, int y) {
+        return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
+    });
     return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
 }

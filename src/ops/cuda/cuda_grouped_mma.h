@@ -13,6 +13,11 @@
 
 moe_status cuda_mma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
                             const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran);
+/* c = alpha (a op(b) + a2 op(b2)) + beta c in one pass over K + K2 (a2 [M, K2],
+ * b2 like b with K2); K2 = 0: as cuda_mma_grouped */
+moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran);
 moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
                                   const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
 
