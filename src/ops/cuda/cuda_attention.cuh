@@ -16,9 +16,11 @@
 //    f32 tiles of 32 x 32 in shared memory, f32 FMA; exact f32 arithmetic, so
 //    f32 matches the CPU to rounding. Correct for any D <= 256, not fast.
 //
-// Forward: one block per (64 or 32 queries, q head, batch); online softmax in
-// base 2 (scores pre-multiplied by scale * log2 e); keys past the causal limit
-// of the block's last query are never loaded.
+// Forward: one block per (64 or 128 queries, q head, batch) on tensor cores
+// (32 in the SIMT kernel); online softmax in base 2 with scale * log2 e folded
+// into one multiply-add per score (tensor cores; the SIMT kernel multiplies
+// first), exponentials by ex2.approx; keys past the causal limit of the
+// block's last query are never loaded.
 //
 // Backward (deterministic, no atomics):
 //  1. prep: lse2 = lse * log2 e and Dvec = rowsum(dO * O) per (b, h, t), f32 scratch;
@@ -127,6 +129,14 @@ __device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, int64_t st
         const bf16 *g = ok ? src + (int64_t)gr * stride + cc * 8 : src;
         cp_async16(dst + r * LD + cc * 8, g, ok ? 16 : 0);
     }
+}
+
+// 2^x by the special-function unit alone (exp2f adds range handling for
+// denormal results): softmax weights below 2^-126 flush to 0
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ float shfl_max4(float v) {

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 ? 3 : 1) k_att_dkdv_mma(const
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int c = nt * 8 + 2 * tg + (e & 1);
-                float p = exp2f(st[nt][e] * a.sl2 - Lt[c]);
+                float p = ex2_approx(fmaf(st[nt][e], a.sl2, -Lt[c]));
                 if (need_mask) {
                     int t = t0 + c, key = key0 + (e >> 1) * 8;
                     if (!(t < a.T && key < a.S && !(a.causal && key > t + off))) p = 0.0f;
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 ? 3 : 1) k_att_dq_mma(const b
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                float p = exp2f(s[nt][e] * a.sl2 - lrow[e >> 1]);
+                float p = ex2_approx(fmaf(s[nt][e], a.sl2, -lrow[e >> 1]));
                 if (need_mask) {
                     int key = k0 + nt * 8 + 2 * tg + (e & 1), row = row0 + (e >> 1) * 8;
                     if (!(row < a.T && key < a.S && !(a.causal && key > row + off))) p = 0.0f;

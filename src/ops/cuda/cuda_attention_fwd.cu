@@ -70,19 +70,20 @@ __global__ void __launch_bounds__(32 * NW, 16 / NW) k_att_fwd_mma(const bf16 *__
                 mma16816(s[2 * np], qf[kk], bb[0], bb[1]);
                 mma16816(s[2 * np + 1], qf[kk], bb[2], bb[3]);
             }
+        // scores stay unscaled (the host sends only a positive scale here): the
+        // row maximum is taken on them and the scale folded into one
+        // multiply-add per score, exp2(s sl2 - m sl2)
         const int k0 = kt * BK;
         const bool need_mask = k0 + BK > a.S || (a.causal && k0 + BK - 1 > q0 + warp * 16 + off);
+        if (need_mask) {
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+            for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float x = s[nt][e] * a.sl2;
-                if (need_mask) {
+                for (int e = 0; e < 4; e++) {
                     int key = k0 + nt * 8 + 2 * tg + (e & 1), row = row0 + (e >> 1) * 8;
-                    if (key >= a.S || (a.causal && key > row + off)) x = -INFINITY;
+                    if (key >= a.S || (a.causal && key > row + off)) s[nt][e] = -INFINITY;
                 }
-                s[nt][e] = x;
-            }
+        }
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -93,17 +94,17 @@ __global__ void __launch_bounds__(32 * NW, 16 / NW) k_att_fwd_mma(const bf16 *__
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             float mn = fmaxf(m[i], shfl_max4(mx[i]));
-            base[i] = mn == -INFINITY ? 0.0f : mn;
-            alpha[i] = exp2f(m[i] - base[i]);
+            base[i] = mn == -INFINITY ? 0.0f : mn * a.sl2;
+            alpha[i] = ex2_approx(m[i] * a.sl2 - base[i]);
             m[i] = mn;
             l[i] *= alpha[i];
         }
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - base[0]);
-            s[nt][1] = exp2f(s[nt][1] - base[0]);
-            s[nt][2] = exp2f(s[nt][2] - base[1]);
-            s[nt][3] = exp2f(s[nt][3] - base[1]);
+            s[nt][0] = ex2_approx(fmaf(s[nt][0], a.sl2, -base[0]));
+            s[nt][1] = ex2_approx(fmaf(s[nt][1], a.sl2, -base[0]));
+            s[nt][2] = ex2_approx(fmaf(s[nt][2], a.sl2, -base[1]));
+            s[nt][3] = ex2_approx(fmaf(s[nt][3], a.sl2, -base[1]));
             l[0] += s[nt][0] + s[nt][1];
             l[1] += s[nt][2] + s[nt][3];
         }
@@ -140,7 +141,9 @@ __global__ void __launch_bounds__(32 * NW, 16 / NW) k_att_fwd_mma(const bf16 *__
 #pragma unroll
         for (int dt = 0; dt < DT; dt++)
             *reinterpret_cast<uint32_t *>(orow + dt * 8 + 2 * tg) = pack_bf16(acc[dt][2 * i] * inv, acc[dt][2 * i + 1] * inv);
-        if (tg == 0) lse[((int64_t)b * a.Hq + h) * a.T + row] = from_f32<LS>(lt > 0.0f ? (m[i] + log2f(lt)) * LN2 : -INFINITY);
+        if (tg == 0)
+            lse[((int64_t)b * a.Hq + h) * a.T + row] =
+                from_f32<LS>(lt > 0.0f ? (m[i] * a.sl2 + log2f(lt)) * LN2 : -INFINITY);
     }
 }
 
@@ -275,7 +278,7 @@ moe_status fwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const moe
 template <typename LS>
 moe_status fwd_dispatch(cuda_dev *d, const att_shape &s, const att_dims &a, const moe_tensor *q, const moe_tensor *k,
                         const moe_tensor *v, moe_tensor *out, moe_tensor *lse) {
-    if (use_mma(q, k, v, out, nullptr))
+    if (a.sl2 > 0.0f && use_mma(q, k, v, out, nullptr))
         return s.D == 64 ? fwd_mma<64, LS>(d, s, a, q, k, v, out, lse) : fwd_mma<128, LS>(d, s, a, q, k, v, out, lse);
     if (q->dtype == MOE_F32) return fwd_simt_any<float, LS>(d, s, a, q, k, v, out, lse);
     return fwd_simt_any<bf16, LS>(d, s, a, q, k, v, out, lse);
