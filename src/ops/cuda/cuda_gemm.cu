@@ -107,7 +107,8 @@ static bool use_kernel(int mode, double flops, const int64_t *offsets, int group
                        moe_dtype b) {
     if (c != MOE_BF16 || a != MOE_BF16 || b != MOE_BF16) return false;
     if (mode == MOE_CUDA_GROUPED_KERNEL) return true;
-    return mode == MOE_CUDA_GROUPED_AUTO && want_batched(mode, flops, offsets, groups);
+    // small calls: one launch with no per-shape host work, even for a few large experts (moe_cuda.h)
+    return mode == MOE_CUDA_GROUPED_AUTO && (flops < 1e11 || want_batched(mode, flops, offsets, groups));
 }
 static void count_kernel(cuda_dev *d) {
     d->n_grouped_batched++;   // one launch for all experts
