@@ -49,14 +49,28 @@ end
 run(warmup)
 moe.synchronize(device)
 if device == "cuda" then core.cuda_reset_peak_memory(0) end
+local mallocs0 = device == "cuda" and core.cuda_memory_stats(0).cuda_mallocs or 0
+if os.getenv("MOELAB_STEP_NOGC") then collectgarbage("stop") end   -- diagnosis: do GC pauses make the slow steps?
+if os.getenv("MOELAB_STEP_NOJIT") then jit.off(); jit.flush() end   -- diagnosis: LuaJIT trace compiles?
 local r = run(warmup + steps)
 moe.synchronize(device)
-local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0}
+collectgarbage("restart")
+local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0, cuda_mallocs = 0}
+print(string.format("# cudaMalloc calls during the timed run: %d", mem.cuda_mallocs - mallocs0))
 
 -- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures
 local total_s, nsteps = 0, 0
 for s = warmup + 1, #r.history do total_s, nsteps = total_s + B * S / r.history[s].tokens_per_s, nsteps + 1 end
 local tps = nsteps * B * S / total_s
+local ms, seq = {}, {}
+for s = warmup + 1, #r.history do ms[#ms + 1] = B * S / r.history[s].tokens_per_s * 1e3; seq[#seq + 1] = string.format("%.1f", ms[#ms]) end
+if os.getenv("MOELAB_STEP_LIST") then
+  print("# step ms in order: " .. table.concat(seq, " "))
+  local mv = {}
+  for s = warmup + 1, #r.history do mv[#mv + 1] = string.format("%.2f", r.history[s].max_vio or 0) end
+  print("# max_vio in order:  " .. table.concat(mv, " "))
+end
+table.sort(ms)
 
 local embed = V * D
 local active = model:num_active_params() - embed
@@ -65,6 +79,8 @@ local mfu = flops_per_token * tps / 989e12
 print(string.format("# moelab %s, OLMoE-style step: %.1fM params, %.1fM active (%.1fM without the input embedding)",
   precision, model:num_params() / 1e6, model:num_active_params() / 1e6, active / 1e6))
 print(string.format("# loss %.4f -> %.4f over %d steps", r.history[1].loss, r.history[#r.history].loss, #r.history))
+print(string.format("# step ms over the %d timed steps: min %.2f, median %.2f, max %.2f", #ms, ms[1],
+  ms[math.floor((#ms + 1) / 2)], ms[#ms]))
 print("mode            tokens/s   step ms   peak GB (in use)   peak+cached GB   MFU")
 print(string.format("moelab-%-8s %9.0f %9.2f %18.2f %16.2f %6.1f%%", precision, tps, B * S / tps * 1e3,
   mem.peak / 1e9, (mem.peak + mem.cached) / 1e9, 100 * mfu))
