@@ -3,11 +3,11 @@
 //   out[i + D/2]  = x[i + D/2] cos(p f_i) + x[i] sin(p f_i),  f_i = theta^(-2i/D), p = pos_offset + t
 // inverse rotates by -angle (the backward).
 //
-// One block per (t, chunk of batch rows): the block computes cos/sin of its
-// position for the D/2 frequencies in double (as the CPU does, so long
-// positions keep their precision) into shared memory once, and rotates the
-// H heads of every batch row of its chunk, so the angles are shared by the
-// chunk. With D/2 a multiple of the vector width and 16-byte aligned x and
+// One block per (position, or up to 4 consecutive positions on the vector
+// path; chunk of batch rows): the block computes cos/sin of its positions for
+// the D/2 frequencies in double (as the CPU does, so long positions keep their
+// precision) into shared memory once, and rotates the H heads of every batch
+// row of its chunk, so the angles are shared by the chunk. With D/2 a multiple of the vector width and 16-byte aligned x and
 // out, a thread rotates N pairs at a time (one 16-byte vector from each
 // half); its first vectors are loaded before the angles are computed, so the
 // loads overlap that work. Each thread reads both halves of its pairs before
@@ -33,25 +33,31 @@ __device__ __forceinline__ void rope_angles(float *cs, float *sn, int64_t half, 
     }
 }
 
-// Vector path: N = elements per 16 bytes, half % N == 0. Items are (b, h, v)
-// with v the vector index within the first half: the pairs v*N .. v*N+N-1.
+// Vector path: N = elements per 16 bytes, half % N == 0. A block takes np
+// consecutive positions (the angles of all np computed at once, so their
+// double-precision latency is paid once for np times the data: with one
+// position per block the kernel ran at ~1.5 TB/s). Items are (position, b,
+// h, v) with v the vector index within the first half: the pairs v*N ..
+// v*N+N-1; i0 indexes the block's angle table (position-major).
 template <typename T>
 __global__ void __launch_bounds__(ROPE_THREADS)
-k_rope_vec(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t nb, int64_t pos, double theta,
-           int inverse) {
+k_rope_vec(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t nb, int np, int64_t pos,
+           double theta, int inverse) {
     constexpr int N = VEC<T>::N;
-    extern __shared__ float cs[];   // cos then sin, D/2 each
-    const int64_t t = blockIdx.x, half = D / 2, hv = half / N;
+    extern __shared__ float cs[];   // cos then sin, np * D/2 each
+    const int64_t t0 = (int64_t)blockIdx.x * np, half = D / 2, hv = half / N;
     const int64_t b0 = (int64_t)blockIdx.y * nb, b1 = b0 + nb < B ? b0 + nb : B;
-    const int64_t items = (b1 - b0) * H * hv;
-    float *sn = cs + half;
-    // element offset of item e's first-half vector and its first pair index
+    const int64_t npos = t0 + np <= T_ ? np : T_ - t0;
+    const int64_t per_pos = (b1 - b0) * H * hv, items = npos * per_pos;
+    float *sn = cs + np * half;
+    // element offset of item e's first-half vector and its angle index
     // (32-bit decomposition: the host keeps a block's items under 2^31)
-    const unsigned uhv = (unsigned)hv, uH = (unsigned)H;
+    const unsigned uhv = (unsigned)hv, uH = (unsigned)H, upp = (unsigned)per_pos;
     auto off = [&](int64_t e, int64_t &i0) {
-        unsigned ue = (unsigned)e, bh = ue / uhv, v = ue - bh * uhv, bi = bh / uH, h = bh - bi * uH;
-        i0 = (int64_t)v * N;
-        return (((b0 + bi) * T_ + t) * H + h) * D + i0;
+        unsigned ue = (unsigned)e, tp = ue / upp, r = ue - tp * upp, bh = r / uhv, v = r - bh * uhv, bi = bh / uH,
+                 h = bh - bi * uH;
+        i0 = (int64_t)tp * half + (int64_t)v * N;
+        return (((b0 + bi) * T_ + t0 + tp) * H + h) * D + (int64_t)v * N;
     };
     int64_t e = threadIdx.x, i0 = 0;
     uint4 ra = make_uint4(0, 0, 0, 0), rb = ra;
@@ -60,7 +66,13 @@ k_rope_vec(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int6
         ra = ld16(x + o);
         rb = ld16(x + o + half);
     }
-    rope_angles(cs, sn, half, D, (double)(pos + t), theta, inverse);
+    for (int64_t j = threadIdx.x; j < npos * half; j += blockDim.x) {
+        int64_t tp = j / half, i = j - tp * half;
+        double f = pow(theta, -2.0 * (double)i / (double)D), sv, cv;
+        sincos((double)(pos + t0 + tp) * f, &sv, &cv);
+        cs[j] = (float)cv;
+        sn[j] = (float)(inverse ? -sv : sv);
+    }
     __syncthreads();
     for (; e < items; e += blockDim.x) {
         const int64_t o = off(e, i0), en = e + blockDim.x;
@@ -123,11 +135,18 @@ static void rope_launch(cuda_dev *d, T *out, const T *x, int64_t B, int64_t T_, 
     while (nb > 1 && T_ * ((B + nb - 1) / nb) < 2 * (int64_t)d->sm_count) nb = (nb + 1) / 2;
     while (nb > 1 && nb * H * half >= 2147483647) nb = (nb + 1) / 2;   // 32-bit item indices
     const int64_t chunks = (B + nb - 1) / nb;
-    const int64_t work = nb * H * (vec ? half / N : half);
+    // positions per block (vector path): up to 4 while a block's items fit 32 bits, its
+    // angles 16 KB, and there is still at least a block per SM
+    int np = 1;
+    if (vec)
+        while (np < 4 && 2 * np * nb * H * half < 2147483647 && 2 * np * half * 2 * (int64_t)sizeof(float) <= 16384 &&
+               (T_ + 2 * np - 1) / (2 * np) * chunks >= (int64_t)d->sm_count)
+            np *= 2;
+    const int64_t work = np * nb * H * (vec ? half / N : half);
     const int th = work >= ROPE_THREADS ? ROPE_THREADS : work > 64 ? 128 : 64;
-    dim3 grid((unsigned)T_, (unsigned)chunks);
-    size_t smem = (size_t)half * 2 * sizeof(float);
-    if (vec) k_rope_vec<T><<<grid, th, smem, d->stream>>>(out, x, B, T_, H, D, nb, pos, theta, inverse);
+    dim3 grid((unsigned)((T_ + np - 1) / np), (unsigned)chunks);
+    size_t smem = (size_t)np * half * 2 * sizeof(float);
+    if (vec) k_rope_vec<T><<<grid, th, smem, d->stream>>>(out, x, B, T_, H, D, nb, np, pos, theta, inverse);
     else k_rope<T><<<grid, th, smem, d->stream>>>(out, x, B, T_, H, D, nb, pos, theta, inverse);
 }
 
