@@ -13,7 +13,7 @@ template <int D, int BQ, int NW>
 constexpr int dkdv_mma_smem() { return (2 * 16 * NW + 4 * BQ) * (D + 8) * 2 + 4 * BQ * 4; }
 
 template <int D, int BQ, int NW>
-__global__ void __launch_bounds__(32 * NW, NW == 4 ? 3 : 1) k_att_dkdv_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dkdv_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                       const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
                                                       const float *__restrict__ lse2, const float *__restrict__ dvec,
                                                       bf16 *__restrict__ dk, bf16 *__restrict__ dv, att_dims a) {
@@ -154,7 +154,7 @@ template <int D, int NW>
 constexpr int dq_mma_smem() { return (2 * 16 * NW + 4 * 64) * (D + 8) * 2; }
 
 template <int D, int NW>
-__global__ void __launch_bounds__(32 * NW, NW == 4 ? 3 : 1) k_att_dq_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dq_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                     const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
                                                     const float *__restrict__ lse2, const float *__restrict__ dvec,
                                                     bf16 *__restrict__ dq, att_dims a) {

@@ -12,7 +12,7 @@ constexpr int fwd_mma_smem() { return (16 * NW + 4 * 64) * (D + 8) * 2; }
 
 // NW warps of 16 queries each share the block's K and V tiles
 template <int D, typename LS, int NW>
-__global__ void __launch_bounds__(32 * NW, 16 / NW) k_att_fwd_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
+__global__ void __launch_bounds__(32 * NW, D == 64 ? 16 / NW : 1) k_att_fwd_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                      const bf16 *__restrict__ v, bf16 *__restrict__ o, LS *lse,
                                                      att_dims a) {
     constexpr int BQ = 16 * NW, BK = 64, LD = D + 8, KD = D / 16, NT = BK / 8, DT = D / 8, NTH = 32 * NW;
@@ -271,8 +271,8 @@ moe_status fwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const moe
     // 8 warps (128 queries) share K and V at D = 128: 0.543 -> 0.473 ms causal,
     // 0.937 -> 0.724 non-causal (B 4, T 2048, 16 heads, H100); at D = 64 they
     // were slower (0.130 -> 0.143 ms at the step model's shape)
-    if (D == 128) return fwd_mma_nw<D, LS, 8>(d, s, a, q, k, v, out, lse);
-    return fwd_mma_nw<D, LS, 4>(d, s, a, q, k, v, out, lse);
+    if constexpr (D == 128) return fwd_mma_nw<D, LS, 8>(d, s, a, q, k, v, out, lse);
+    else return fwd_mma_nw<D, LS, 4>(d, s, a, q, k, v, out, lse);
 }
 
 template <typename LS>
