@@ -93,7 +93,7 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
                             : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
     /* up (and gate): a = x @ W^T -> dx += da @ W */
-    if (s == MOE_OK)   /* SwiGLU: both in one pass (one rounding of dx, which is not re-read) */
+    if (s == MOE_OK)   /* SwiGLU: one call; on CUDA's own kernel one pass over K1 + K2 (dx rounded once, not re-read) */
         s = sw ? moe_op_gemm_grouped_pair(ctx, 0, 1.0f, du, moe_param_w(pu), dg, moe_param_w(pg), 0.0f, dx, off, groups)
                : moe_op_gemm_grouped(ctx, 0, 1.0f, du, moe_param_w(pu), 0.0f, dx, off, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);

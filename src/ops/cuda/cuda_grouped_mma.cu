@@ -177,7 +177,7 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
 // straight from the registers wrote 4-byte pieces of 8 rows per instruction
 // and, under beta != 0 (the weight gradients accumulate), waited for each old
 // pair before the next: 150 us against 96 for the same tiles with beta 0.
-constexpr int CLD = BN + 4;   // f32 row pitch of the staged tile (fewer bank conflicts)
+constexpr int CLD = BN + 8;   // f32 row pitch of the staged tile: the accumulator writes meet no bank conflict
 static_assert(BM * CLD * 4 <= STAGES * (BM + BN) * BK * 2, "the staged C tile must fit the pipeline's shared memory");
 
 __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
@@ -329,7 +329,8 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || N > INT32_MAX ||
         !aligned16(a) || !aligned16(b) || !aligned16(c))
         return MOE_OK;
-    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!aligned16(a2) || !aligned16(b2)))) return MOE_OK;
+    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || !aligned16(a2) || !aligned16(b2))))
+        return MOE_OK;
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
