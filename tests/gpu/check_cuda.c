@@ -973,6 +973,7 @@ static void test_attention(moe_dtype dt) {
         {1, 33, 65, 4, 4, 128, 0},     /* not causal, S != T */
         {1, 130, 130, 2, 2, 64, 1},    /* several tiles each way */
         {1, 200, 200, 4, 1, 128, 1},   /* GQA 4:1, several tiles */
+        {1, 300, 170, 2, 2, 128, 1},   /* T > S at D 128: 130 queries see no key; three 128-query tiles */
         {1, 20, 29, 2, 1, 40, 1},      /* another head dim: SIMT path for bf16 too */
         {1, 19, 19, 3, 3, 256, 0},     /* the largest head dim */
     };
@@ -980,6 +981,16 @@ static void test_attention(moe_dtype dt) {
     if (dt != MOE_F32) {   /* statistics in the data dtype too */
         att_cfg c = {1, 40, 40, 2, 1, 64, 1};
         test_attention_cfg(dt, &c, dt);
+        /* a negative scale: the tensor-core forward needs a positive one (it takes
+         * row maxima on unscaled scores), so this takes the SIMT kernel */
+        pair q = in_randn(dt, SH(1, 70, 2, 64)), k = in_randn(dt, SH(1, 70, 2, 64)), v = in_randn(dt, SH(1, 70, 2, 64));
+        pair o = out_pair(dt, SH(1, 70, 2, 64)), l = out_pair(MOE_F32, SH(1, 2, 70));
+        if (RUN("attention scale -0.125 D=64 causal", dt, moe_op_attention(ctx, o.h, l.h, q.h, k.h, v.h, -0.125f, 1),
+                moe_op_attention(ctx, o.d, l.d, q.d, k.d, v.d, -0.125f, 1))) {
+            check("attention scale -0.125 D=64 causal: out", dt, o.d, o.h, tol_of(dt, 1e-5));
+            check("attention scale -0.125 D=64 causal: lse", MOE_F32, l.d, l.h, 1e-2);
+        }
+        pfree(&q); pfree(&k); pfree(&v); pfree(&o); pfree(&l);
     }
 }
 

@@ -1,6 +1,6 @@
 /* The own grouped-GEMM kernel (src/ops/cuda/cuda_grouped_mma.cu) against the
  * CPU backend, on fresh random bf16 data: partial tiles in every direction
- * (row counts, K and N not multiples of the 128 x 128 x 32 tile), empty
+ * (row counts, K and N not multiples of the 128 x 128 x 64 tile), empty
  * experts first, in the middle and last, the largest expert count the kernel
  * takes (256), the weight gradient with beta 0 (output poisoned with NaN: it
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the

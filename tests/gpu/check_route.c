@@ -393,6 +393,9 @@ int main(void) {
         {"bf16 mixtral", 512, 8, 2, SM, 1, 0, 0, 0, BATCH, 0, 0, MOE_BF16},
         {"bf16 deepseek sigmoid + bias", 1024, 64, 6, SG, 1, 0, 2.5f, 1, SEQ, 256, 0, MOE_BF16},
         {"bf16 olmoe-like top-8 capacity 1.25 (drops)", 4096, 64, 8, SM, 0, 1.25f, 0, 0, BATCH, 0, 1.0f, MOE_BF16},
+        /* k_assign works in chunks of 1024 tokens: drops whose partly kept rank crosses
+         * chunk boundaries, and a partial last chunk */
+        {"top-2 capacity 1.0 over 3 chunks (drops)", 2500, 16, 2, SM, 1, 1.0f, 0, 0, BATCH, 0, 1.5f, MOE_F32},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
     check_determinism(&cases[1]);
