@@ -463,11 +463,14 @@ moe_status bwd_simt_any(cuda_dev *d, const att_shape &s, const att_dims &a, cons
     }
 }
 
-template <int D, int NWK, int NWQ>
-moe_status bwd_mma_nw(cuda_dev *d, const att_shape &s, const att_dims &a, const float *lse2, const float *dvec,
-                      moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout, const moe_tensor *q,
-                      const moe_tensor *k, const moe_tensor *v) {
-    constexpr int BQ = D == 128 ? 32 : 64;
+template <int D>
+moe_status bwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const float *lse2, const float *dvec,
+                   moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout, const moe_tensor *q,
+                   const moe_tensor *k, const moe_tensor *v) {
+    // 4 warps each: 8 (dK/dV over 128 keys, dQ over 128 queries) lost in every
+    // combination measured (H100: 0.406 ms against 0.457-0.527 at the step
+    // model's shape, 1.387 against 1.461 at D = 128, T 2048)
+    constexpr int BQ = D == 128 ? 32 : 64, NWK = 4, NWQ = 4;
     if (s.S > 0) {
         auto kern = k_att_dkdv_mma<D, BQ, NWK>;
         size_t smem = dkdv_mma_smem<D, BQ, NWK>();
@@ -487,16 +490,6 @@ moe_status bwd_mma_nw(cuda_dev *d, const att_shape &s, const att_dims &a, const 
         CU_LAUNCHED("attention_backward (dq; tensor cores)");
     }
     return MOE_OK;
-}
-
-template <int D>
-moe_status bwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const float *lse2, const float *dvec,
-                   moe_tensor *dq, moe_tensor *dk, moe_tensor *dv, const moe_tensor *dout, const moe_tensor *q,
-                   const moe_tensor *k, const moe_tensor *v) {
-    // 4 warps each: 8 (dK/dV over 128 keys, dQ over 128 queries) lost in every
-    // combination measured (H100: 0.406 ms against 0.457-0.527 at the step
-    // model's shape, 1.387 against 1.461 at D = 128, T 2048)
-    return bwd_mma_nw<D, 4, 4>(d, s, a, lse2, dvec, dq, dk, dv, dout, q, k, v);
 }
 
 template <typename T, typename LS>

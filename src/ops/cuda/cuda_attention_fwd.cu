@@ -252,9 +252,14 @@ moe_status fwd_simt_any(cuda_dev *d, const att_shape &s, const att_dims &a, cons
     }
 }
 
-template <int D, typename LS, int NW>
-moe_status fwd_mma_nw(cuda_dev *d, const att_shape &s, const att_dims &a, const moe_tensor *q, const moe_tensor *k,
-                      const moe_tensor *v, moe_tensor *out, moe_tensor *lse) {
+template <int D, typename LS>
+moe_status fwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const moe_tensor *q, const moe_tensor *k,
+                   const moe_tensor *v, moe_tensor *out, moe_tensor *lse) {
+    // 8 warps (128 queries) share K and V at D = 128: 0.543 -> 0.358 ms causal,
+    // 0.937 -> 0.576 non-causal (B 4, T 2048, 16 heads, H100, with the register
+    // cap of one block per SM); at D = 64 they were slower (0.130 -> 0.143 ms at
+    // the step model's shape)
+    constexpr int NW = D == 128 ? 8 : 4;
     auto kern = k_att_fwd_mma<D, LS, NW>;
     size_t smem = fwd_mma_smem<D, NW>();
     MOE_TRY(set_smem(kern, smem, "attention"));
@@ -263,16 +268,6 @@ moe_status fwd_mma_nw(cuda_dev *d, const att_shape &s, const att_dims &a, const 
                                          PTR(LS, lse), a);
     CU_LAUNCHED("attention (tensor cores)");
     return MOE_OK;
-}
-
-template <int D, typename LS>
-moe_status fwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const moe_tensor *q, const moe_tensor *k,
-                   const moe_tensor *v, moe_tensor *out, moe_tensor *lse) {
-    // 8 warps (128 queries) share K and V at D = 128: 0.543 -> 0.473 ms causal,
-    // 0.937 -> 0.724 non-causal (B 4, T 2048, 16 heads, H100); at D = 64 they
-    // were slower (0.130 -> 0.143 ms at the step model's shape)
-    if constexpr (D == 128) return fwd_mma_nw<D, LS, 8>(d, s, a, q, k, v, out, lse);
-    else return fwd_mma_nw<D, LS, 4>(d, s, a, q, k, v, out, lse);
 }
 
 template <typename LS>

@@ -456,8 +456,7 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     CUDA_ENTER(d, ctx, c->device);
     int64_t K1 = a1->shape[1], K2 = a2->shape[1], N = c->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)(K1 + K2) * (double)N;
-    if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a1->dtype, b1->dtype) &&
-        a2->dtype == MOE_BF16 && b2->dtype == MOE_BF16) {
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a1->dtype, b1->dtype)) {   // a2, b2: a1's dtype
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
                                       moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,

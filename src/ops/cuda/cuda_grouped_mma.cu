@@ -63,9 +63,11 @@ struct mma_params {
     int K, N, P, Q;          // forward: K, N; wgrad: P, Q
     int K2;                  // forward: K of the second pair (0: none)
     int groups;
-    int off[MAX_GROUPS + 1];     // row offsets of the groups
-    int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums);
-                                 // wgrad: the groups by decreasing rows (the order their tiles run)
+    int off[MAX_GROUPS + 1];         // row offsets of the groups
+    union {
+        int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums)
+        int order[MAX_GROUPS];       // wgrad: the groups by decreasing rows (the order their tiles run)
+    };
 };
 static_assert(sizeof(mma_params) < 4096, "grouped GEMM parameters exceed the classic kernel parameter limit");
 
@@ -141,7 +143,7 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
         // a tile's work grows with its group's rows: the largest groups' tiles
         // go first, so the last wave holds short ones (imbalanced routing
         // otherwise left a few long tiles running alone at the end)
-        int per = p.m_tiles * p.n_tiles, g = p.tile0[t / per], r0 = p.off[g];
+        int per = p.m_tiles * p.n_tiles, g = p.order[t / per], r0 = p.off[g];
         ti.m0 = ((t % per) / p.n_tiles) * BM;
         ti.M = p.P; ti.N = p.Q; ti.K = p.off[g + 1] - r0;
         ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
@@ -363,8 +365,9 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.a2 = p.b2 = nullptr; p.K2 = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
-    for (int g = 0; g <= groups; g++) { p.off[g] = (int)offsets[g]; p.tile0[g] = g; }
-    std::stable_sort(p.tile0, p.tile0 + groups, [&](int x, int y) {
+    for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
+    for (int g = 0; g < groups; g++) p.order[g] = g;
+    std::stable_sort(p.order, p.order + groups, [&](int x, int y) {
         return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
     });
     return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);

@@ -22,14 +22,16 @@ namespace {
 #define ROPE_MAX_HALF 4096
 #define ROPE_THREADS 256
 
-__device__ __forceinline__ void rope_angles(float *cs, float *sn, int64_t half, int64_t D, double p, double theta,
-                                            int inverse) {
-    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+// cos and sin of positions p0 .. p0 + np - 1 for the D/2 frequencies, position-major
+__device__ __forceinline__ void rope_angles(float *cs, float *sn, int64_t half, int64_t D, double p0, int64_t np,
+                                            double theta, int inverse) {
+    for (int64_t j = threadIdx.x; j < np * half; j += blockDim.x) {
+        int64_t tp = j / half, i = j - tp * half;
         double f = pow(theta, -2.0 * (double)i / (double)D);
         double s, c;
-        sincos(p * f, &s, &c);
-        cs[i] = (float)c;
-        sn[i] = (float)(inverse ? -s : s);
+        sincos((p0 + (double)tp) * f, &s, &c);
+        cs[j] = (float)c;
+        sn[j] = (float)(inverse ? -s : s);
     }
 }
 
@@ -66,13 +68,7 @@ k_rope_vec(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int6
         ra = ld16(x + o);
         rb = ld16(x + o + half);
     }
-    for (int64_t j = threadIdx.x; j < npos * half; j += blockDim.x) {
-        int64_t tp = j / half, i = j - tp * half;
-        double f = pow(theta, -2.0 * (double)i / (double)D), sv, cv;
-        sincos((double)(pos + t0 + tp) * f, &sv, &cv);
-        cs[j] = (float)cv;
-        sn[j] = (float)(inverse ? -sv : sv);
-    }
+    rope_angles(cs, sn, half, D, (double)(pos + t0), npos, theta, inverse);
     __syncthreads();
     for (; e < items; e += blockDim.x) {
         const int64_t o = off(e, i0), en = e + blockDim.x;
@@ -108,7 +104,7 @@ k_rope(T *out, const T *x, int64_t B, int64_t T_, int64_t H, int64_t D, int64_t 
     const int64_t t = blockIdx.x, half = D / 2;
     const int64_t b0 = (int64_t)blockIdx.y * nb, b1 = b0 + nb < B ? b0 + nb : B;
     float *sn = cs + half;
-    rope_angles(cs, sn, half, D, (double)(pos + t), theta, inverse);
+    rope_angles(cs, sn, half, D, (double)(pos + t), 1, theta, inverse);
     __syncthreads();
     const int64_t per_b = H * half, items = (b1 - b0) * per_b;
     for (int64_t e = threadIdx.x; e < items; e += blockDim.x) {
