@@ -14,37 +14,12 @@ local device = moe.cuda_available() and "cuda" or "cpu"   -- cpu: a smoke test o
 local precision = arg[1] or "bf16"
 local steps = tonumber(arg[2]) or 30
 local warmup = tonumber(arg[3]) or 5
-local B, S, V, D, L = 8, 1024, 50304, 1024, 8
-if os.getenv("MOELAB_STEP_TINY") then B, S, V, D, L = 2, 64, 512, 64, 2 end   -- smoke test
-
-local model = moe.arch.OLMoE{
-  vocab_size = V, hidden_size = D, num_layers = L, num_heads = 16, num_experts = 32, experts_per_token = 4,
-  expert_intermediate_size = 512, seed = 1, device = device,
-}
-
--- fixed random batches, made once on the host (the trainer uploads each)
-local batches = {}
-local rng = 12345
-local function rand_id()
-  rng = (rng * 1103515245 + 12345) % 2147483648
-  return rng % V
-end
-for i = 1, 4 do
-  local t = {}
-  for r = 1, B do
-    local row = {}
-    for c = 1, S + 1 do row[c] = rand_id() end
-    t[r] = row
-  end
-  local all = moe.tensor(t, {dtype = "i64"})
-  batches[i] = {all:narrow(2, 1, S):contiguous(), all:narrow(2, 2, S):contiguous()}
-end
-
-local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
-                               router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0}
+local setup = dofile((arg[0]:match("^(.*/)") or "./") .. "step_setup.lua")
+local st = setup(device, precision)
+local model, trainer, B, S, V, D, L = st.model, st.trainer, st.B, st.S, st.V, st.D, st.L
 local function run(n)
-  return trainer:train{batch_fn = function(i) local b = batches[i % #batches + 1]; return b[1], b[2] end,
-                       batch_size = B, seq_len = S, learning_rate = 3e-4, lr_schedule = "constant", max_steps = n}
+  return trainer:train{batch_fn = st.batch, batch_size = B, seq_len = S, learning_rate = 3e-4,
+                       lr_schedule = "constant", max_steps = n}
 end
 run(warmup)
 moe.synchronize(device)
