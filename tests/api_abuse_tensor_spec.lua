@@ -92,6 +92,14 @@ describe("module functions", function()
     fails("manual_seed", moe.core.manual_seed, "x")
     fails("manual_seed", moe.core.manual_seed, 1.5)
   end)
+
+  it("cuda_profiler wants a boolean (and a CUDA build)", function()
+    fails("cuda_profiler", moe.core.cuda_profiler)
+    fails("cuda_profiler", moe.core.cuda_profiler, "on")
+    if not moe.core.built_with_cuda then
+      assert(fails("cuda_profiler", moe.core.cuda_profiler, true):find("without CUDA", 1, true))
+    end
+  end)
 end)
 
 describe("Tensor methods", function()

@@ -200,7 +200,9 @@ static int l_cuda_reset_peak_memory(lua_State *L) {
 /* core.cuda_profiler(on): opens or closes the range an external profiler
  * records when told not to profile from the start (ncu --profile-from-start off) */
 static int l_cuda_profiler(lua_State *L) {
-    luaL_checktype(L, 1, LUA_TBOOLEAN);
+    if (!lua_isboolean(L, 1))
+        return luaL_error(L, "cuda_profiler: expected true (open the range) or false (close it), got %s",
+                          luaL_typename(L, 1));
     moe_lua_check(L, moe_cuda_profiler_range(lua_toboolean(L, 1)), "cuda_profiler");
     return 0;
 }
