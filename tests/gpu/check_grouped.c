@@ -6,10 +6,8 @@
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
  * experts), which still give the right result through cuBLAS; the pair call
- * (two GEMMs summed along K in one launch). The forward and pair checks run
- * under each way of loading tiles (cp.async, TMA, TMA with A multicast across a
- * cluster of two). Each check also asserts, from the device's counters, whether
- * the kernel served the call and which loads it used. */
+ * (two GEMMs summed along K in one launch). Each check also
+ * asserts, from the device's counter, whether the kernel served the call. */
 #include "gpucheck.h"
 
 static const moe_dtype BF = MOE_BF16;
@@ -38,26 +36,6 @@ static void served(const char *name, uint64_t before, int want) {
        (unsigned long long)d);
 }
 
-/* the forward's loads for the checks below (moe_cuda_set_grouped_loads) */
-static int loads_mode;
-static const char *loads_names[3] = {"cp.async", "TMA", "TMA multicast"};
-
-static void load_counts(uint64_t *tma, uint64_t *mc) {
-    die_if(moe_cuda_grouped_load_calls(ctx, 0, tma, mc) != MOE_OK, "load counters");
-}
-
-/* A forward call the kernel served with rows to load went through the
- * current mode's loads: TMA from mode 1, multicast under mode 2 when the
- * N tiles pair up. */
-static void loads_used(const char *name, uint64_t tma0, uint64_t mc0, int64_t M, int64_t N) {
-    uint64_t tma, mc;
-    load_counts(&tma, &mc);
-    int want_tma = loads_mode > 0 && M > 0, want_mc = loads_mode == 2 && M > 0 && ((N + 127) / 128) % 2 == 0;
-    ok(tma - tma0 == (uint64_t)want_tma && mc - mc0 == (uint64_t)want_mc,
-       "%s: loads %s (TMA calls %llu, want %d; multicast %llu, want %d)", name, loads_names[loads_mode],
-       (unsigned long long)(tma - tma0), want_tma, (unsigned long long)(mc - mc0), want_mc);
-}
-
 static void fwd_check(const char *what, int tb, float beta, const int64_t *off, int G, int64_t K, int64_t N,
                       int want_kernel) {
     int64_t M = off[G];
@@ -66,15 +44,13 @@ static void fwd_check(const char *what, int tb, float beta, const int64_t *off, 
     pair c = in_randn(BF, SH(M, N));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
     char name[200];
-    snprintf(name, sizeof name, "grouped kernel fwd %s (%s): transb=%d beta=%g G=%d M=%lld K=%lld N=%lld", what,
-             loads_names[loads_mode], tb, beta, G, (long long)M, (long long)K, (long long)N);
-    uint64_t k0 = kernel_calls(), tma0, mc0;
-    load_counts(&tma0, &mc0);
+    snprintf(name, sizeof name, "grouped kernel fwd %s: transb=%d beta=%g G=%d M=%lld K=%lld N=%lld", what, tb, beta,
+             G, (long long)M, (long long)K, (long long)N);
+    uint64_t k0 = kernel_calls();
     if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
             moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G))) {
         check(name, BF, c.d, c.h, tol_of(BF, 0));
         served(name, k0, want_kernel);
-        if (want_kernel) loads_used(name, tma0, mc0, M, N);
     }
     pfree(&a); pfree(&b); pfree(&c);
 }
@@ -109,11 +85,10 @@ static void pair_check(const char *what, int tb, float beta, const int64_t *off,
     pair c = in_randn(BF, SH(M, N));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
     char name[200];
-    snprintf(name, sizeof name, "grouped kernel pair %s (%s): transb=%d beta=%g G=%d M=%lld K1=%lld K2=%lld N=%lld",
-             what, loads_names[loads_mode], tb, beta, G, (long long)M, (long long)K1, (long long)K2, (long long)N);
+    snprintf(name, sizeof name, "grouped kernel pair %s: transb=%d beta=%g G=%d M=%lld K1=%lld K2=%lld N=%lld", what,
+             tb, beta, G, (long long)M, (long long)K1, (long long)K2, (long long)N);
     /* grouped calls: one-call (kernel, batched) plus looped ones */
-    uint64_t k0 = kernel_calls(), n0 = 0, m0 = 0, n1 = 0, m1 = 0, tma0, mc0;
-    load_counts(&tma0, &mc0);
+    uint64_t k0 = kernel_calls(), n0 = 0, m0 = 0, n1 = 0, m1 = 0;
     die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &n0, &m0) != MOE_OK, "grouped counters");
     if (RUN(name, BF, moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.h, b1.h, a2.h, b2.h, beta, c.h, off, G),
             moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.d, b1.d, a2.d, b2.d, beta, c.d, off, G))) {
@@ -123,7 +98,6 @@ static void pair_check(const char *what, int tb, float beta, const int64_t *off,
         die_if(moe_cuda_grouped_gemm_info(ctx, 0, NULL, &n1, &m1) != MOE_OK, "grouped counters");
         int calls = (int)((n1 - n0) + (m1 - m0));
         ok(calls == want_kernel, "%s: %d grouped call(s) (want %d)", name, calls, want_kernel);
-        if (want_kernel == 1) loads_used(name, tma0, mc0, M, N);
     }
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
@@ -133,46 +107,41 @@ int main(void) {
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
     static int64_t off[1100];
 
-    for (loads_mode = 0; loads_mode < 3; loads_mode++) {
-        die_if(moe_cuda_set_grouped_loads(ctx, 0, loads_mode) != MOE_OK, "set the loads");
-        /* partial tiles everywhere: rows up to 300 (0-3 tiles), K 72 (2.25 k-tiles), N 200 (1.6 n-tiles) */
-        for (int tb = 0; tb < 2; tb++) {
-            make_offsets(off, 8, 300, 3);
-            fwd_check("partial tiles", tb, 0.0f, off, 8, 72, 200, 1);
-            make_offsets(off, 8, 300, 3);
-            fwd_check("partial tiles", tb, 0.5f, off, 8, 72, 200, 1);
-        }
-        /* the step model's shapes: 32 experts, H 1024, I 512 */
-        make_offsets(off, 32, 700, 0);
-        fwd_check("step model gate/up", 1, 0.0f, off, 32, 1024, 512, 1);
-        make_offsets(off, 32, 700, 0);
-        fwd_check("step model dgrad", 0, 0.0f, off, 32, 1024, 512, 1);
-        /* one expert of many rows; the largest expert count the kernel takes */
-        off[0] = 0; off[1] = 1000;
-        fwd_check("one expert", 1, 0.5f, off, 1, 136, 264, 1);
-        make_offsets(off, 256, 40, 5);
-        fwd_check("256 experts", 1, 0.0f, off, 256, 64, 48, 1);
-        make_offsets(off, 256, 40, 5);
-        fwd_check("256 experts", 0, 0.5f, off, 256, 64, 48, 1);
-        /* every expert empty: nothing to compute, nothing written */
-        for (int g = 0; g <= 4; g++) off[g] = 0;
-        fwd_check("no rows", 1, 0.5f, off, 4, 64, 64, 1);
-
-        /* pairs summed along K: partial k-tiles in each half, the step model's dx = du Wu + dg Wg */
-        for (int tb = 0; tb < 2; tb++) {
-            make_offsets(off, 8, 300, 3);
-            pair_check("partial tiles", tb, 0.0f, off, 8, 72, 40, 200, 1);
-            make_offsets(off, 8, 300, 3);
-            pair_check("partial tiles", tb, 0.5f, off, 8, 64, 136, 200, 1);
-        }
-        make_offsets(off, 32, 700, 0);
-        pair_check("step model dgrad", 0, 0.0f, off, 32, 512, 512, 1024, 1);
-        /* refused (K2 not a multiple of 8): two grouped calls, the first (K1 64) through the kernel */
-        make_offsets(off, 8, 100, 3);
-        pair_check("K2 not a multiple of 8 (two calls)", 0, 0.5f, off, 8, 64, 36, 64, 2);
+    /* partial tiles everywhere: rows up to 300 (0-3 tiles), K 72 (2.25 k-tiles), N 200 (1.6 n-tiles) */
+    for (int tb = 0; tb < 2; tb++) {
+        make_offsets(off, 8, 300, 3);
+        fwd_check("partial tiles", tb, 0.0f, off, 8, 72, 200, 1);
+        make_offsets(off, 8, 300, 3);
+        fwd_check("partial tiles", tb, 0.5f, off, 8, 72, 200, 1);
     }
-    die_if(moe_cuda_set_grouped_loads(ctx, 0, 0) != MOE_OK, "set the loads");
-    loads_mode = 0;
+    /* the step model's shapes: 32 experts, H 1024, I 512 */
+    make_offsets(off, 32, 700, 0);
+    fwd_check("step model gate/up", 1, 0.0f, off, 32, 1024, 512, 1);
+    make_offsets(off, 32, 700, 0);
+    fwd_check("step model dgrad", 0, 0.0f, off, 32, 1024, 512, 1);
+    /* one expert of many rows; the largest expert count the kernel takes */
+    off[0] = 0; off[1] = 1000;
+    fwd_check("one expert", 1, 0.5f, off, 1, 136, 264, 1);
+    make_offsets(off, 256, 40, 5);
+    fwd_check("256 experts", 1, 0.0f, off, 256, 64, 48, 1);
+    make_offsets(off, 256, 40, 5);
+    fwd_check("256 experts", 0, 0.5f, off, 256, 64, 48, 1);
+    /* every expert empty: nothing to compute, nothing written */
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    fwd_check("no rows", 1, 0.5f, off, 4, 64, 64, 1);
+
+    /* pairs summed along K: partial k-tiles in each half, the step model's dx = du Wu + dg Wg */
+    for (int tb = 0; tb < 2; tb++) {
+        make_offsets(off, 8, 300, 3);
+        pair_check("partial tiles", tb, 0.0f, off, 8, 72, 40, 200, 1);
+        make_offsets(off, 8, 300, 3);
+        pair_check("partial tiles", tb, 0.5f, off, 8, 64, 136, 200, 1);
+    }
+    make_offsets(off, 32, 700, 0);
+    pair_check("step model dgrad", 0, 0.0f, off, 32, 512, 512, 1024, 1);
+    /* refused (K2 not a multiple of 8): two grouped calls, the first (K1 64) through the kernel */
+    make_offsets(off, 8, 100, 3);
+    pair_check("K2 not a multiple of 8 (two calls)", 0, 0.5f, off, 8, 64, 36, 64, 2);
 
     /* weight gradients: P 72, Q 200; empty experts get beta c[g] */
     float betas[3] = {0.0f, 0.5f, 1.0f};

@@ -47,13 +47,6 @@ struct cuda_dev {
     int grouped_wgrad;            // the same for gemm_grouped_wgrad (MOELAB_GROUPED_WGRAD, default: grouped_gemm)
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
-    // how the own kernel's forward loads its tiles: 0 cp.async, 1 TMA, 2 TMA with A multicast
-    // across a cluster of two (MOELAB_GROUPED_LOADS, read at install); the encoder of the
-    // tensor maps, looked up at the first TMA call (NULL: the driver lacks it)
-    int grouped_loads;
-    uint64_t n_grouped_tma, n_grouped_multicast;
-    bool tmap_lookup_done;
-    void *tmap_encode;
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----
@@ -80,7 +73,6 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *, int transb, float alpha, const moe_
 // The grouped-GEMM strategy named by MOELAB_GROUPED_GEMM (unset, "batched": batched; "loop": loop);
 // MOE_ERR_ARG for another value.
 moe_status cuda_grouped_gemm_from_env(int *mode);
-moe_status cuda_grouped_loads_from_env(int *loads);
 moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
 moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
 moe_status cuda_unary(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);

@@ -548,17 +548,6 @@ moe_status cuda_grouped_gemm_from_env(int *mode) {
     return parse_grouped("MOELAB_GROUPED_GEMM", v, mode);
 }
 
-// "cp.async" | "tma" | "tma-multicast" -> 0 | 1 | 2 (cuda_dev.grouped_loads)
-moe_status cuda_grouped_loads_from_env(int *loads) {
-    const char *v = getenv("MOELAB_GROUPED_LOADS");
-    if (!v || !*v) return MOE_OK;
-    if (!strcmp(v, "cp.async")) *loads = 0;
-    else if (!strcmp(v, "tma")) *loads = 1;
-    else if (!strcmp(v, "tma-multicast")) *loads = 2;
-    else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_LOADS=%s: expected \"cp.async\", \"tma\" or \"tma-multicast\"", v);
-    return MOE_OK;
-}
-
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
     if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO &&
         mode != MOE_CUDA_GROUPED_PADDED && mode != MOE_CUDA_GROUPED_KERNEL)
@@ -577,25 +566,6 @@ extern "C" moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_c
     if (mode) *mode = (moe_cuda_grouped_gemm)d->grouped_gemm;
     if (batched_calls) *batched_calls = d->n_grouped_batched;
     if (loop_calls) *loop_calls = d->n_grouped_loop;
-    return MOE_OK;
-}
-
-extern "C" moe_status moe_cuda_set_grouped_loads(moe_ctx *ctx, int device, int loads) {
-    if (loads < 0 || loads > 2)
-        return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_loads: expected 0 (cp.async), 1 (TMA) or 2 (TMA multicast), got %d",
-                         loads);
-    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_loads: no context");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    d->grouped_loads = loads;
-    return MOE_OK;
-}
-
-extern "C" moe_status moe_cuda_grouped_load_calls(moe_ctx *ctx, int device, uint64_t *tma_calls,
-                                                  uint64_t *multicast_calls) {
-    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_load_calls: no context");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    if (tma_calls) *tma_calls = d->n_grouped_tma;
-    if (multicast_calls) *multicast_calls = d->n_grouped_multicast;
     return MOE_OK;
 }
 

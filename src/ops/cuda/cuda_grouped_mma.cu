@@ -42,9 +42,7 @@
 #include "cuda_common.cuh"
 #include "cuda_grouped_mma.h"
 
-#include <cuda.h>            // CUtensorMap (the encoder comes through the runtime's driver entry point)
 #include <cuda_bf16.h>
-#include <cudaTypedefs.h>    // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 #include <stdint.h>
@@ -52,13 +50,10 @@
 namespace {
 
 constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
-constexpr int SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024 + 2 * STAGES * 8;   // + aligning the atoms to 1024 B, + mbarriers
+constexpr int SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024;   // + room to align the atoms to 1024 B
 constexpr int MAX_GROUPS = MOE_MMA_GROUPED_MAX_GROUPS;
 
 struct mma_params {
-    // TMA loads (forward only): A [rows, K] as 2-D; B as 3-D over the experts, so a tile
-    // past an expert's N or K reads zeros, not the next expert; a2 / b2 the same for K2
-    CUtensorMap ta, tb, ta2, tb2;
     const __nv_bfloat16 *a, *b;
     const __nv_bfloat16 *a2, *b2;   // forward: the second pair along K (K2 > 0), else unused
     __nv_bfloat16 *c;
@@ -74,7 +69,7 @@ struct mma_params {
         int order[MAX_GROUPS];       // wgrad: the groups by decreasing rows (the order their tiles run)
     };
 };
-static_assert(sizeof(mma_params) <= 4096, "grouped GEMM parameters exceed the classic kernel parameter limit");
+static_assert(sizeof(mma_params) < 4096, "grouped GEMM parameters exceed the classic kernel parameter limit");
 
 __device__ __forceinline__ unsigned smem_addr(const void *p) {
     return (unsigned)__cvta_generic_to_shared(p);
@@ -116,14 +111,10 @@ __device__ __forceinline__ void load_tile(unsigned char *s, const __nv_bfloat16 
     }
 }
 
-// Descriptor of a 128-byte-swizzled operand at p (see the layouts above). TMA
-// fills an MN-major tile as R/64 boxes of 64 K rows x 64 elements, one after
-// the other: the 8-row K groups are 1024 bytes apart and the boxes 8 KB.
-template <int R, bool TMA> __host__ __device__ constexpr int mn_lbo() { return TMA ? 8192 : 1024; }
-template <int R, bool TMA> __host__ __device__ constexpr int mn_sbo() { return TMA ? 1024 : R / 64 * 1024; }
-template <bool KMAJ, int R, bool TMA = false> __device__ __forceinline__ uint64_t desc_of(const void *p) {
+// Descriptor of a 128-byte-swizzled operand at p (see the layouts above).
+template <bool KMAJ, int R> __device__ __forceinline__ uint64_t desc_of(const void *p) {
     uint64_t a = smem_addr(p);
-    uint64_t lbo = KMAJ ? 1 : mn_lbo<R, TMA>() >> 4, sbo = KMAJ ? 1024 >> 4 : mn_sbo<R, TMA>() >> 4;
+    uint64_t lbo = KMAJ ? 1 : 1024 >> 4, sbo = KMAJ ? 1024 >> 4 : (R / 64 * 1024) >> 4;
     return ((a & 0x3FFFF) >> 4) | (lbo << 16) | (sbo << 32) | (1ull << 62);
 }
 
@@ -238,81 +229,29 @@ __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile
 }
 
 // The four wgmmas of one 64-deep K tile for warpgroup wg's 64 rows.
-template <bool A_KMAJ, bool B_KMAJ, bool TMA>
+template <bool A_KMAJ, bool B_KMAJ>
 __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int wg) {
     const unsigned char *sb = sa + BM * BK * 2;
 #pragma unroll
     for (int s = 0; s < BK / 16; s++) {
         const unsigned char *pa = A_KMAJ ? sa + wg * 8192 + s * 32 : sa + wg * 1024 + s * 2 * (BM / 64 * 1024);
-        const unsigned char *pb = B_KMAJ ? sb + s * 32 : sb + s * 2 * mn_sbo<BN, TMA>();
-        wgmma_m64n128k16<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(d, desc_of<A_KMAJ, BM>(pa), desc_of<B_KMAJ, BN, TMA>(pb));
+        const unsigned char *pb = B_KMAJ ? sb + s * 32 : sb + s * 2 * (BN / 64 * 1024);
+        wgmma_m64n128k16<A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(d, desc_of<A_KMAJ, BM>(pa), desc_of<B_KMAJ, BN>(pb));
     }
 }
 
-// ---- TMA (forward only) ----
-// One thread of a block issues a stage's tensor copies; they complete on the
-// stage's "full" mbarrier, which every thread waits on. LOADS 2: a cluster of
-// two blocks on neighbouring N tiles of one M tile; each loads half of the
-// shared A tile into both blocks (multicast), so L2 serves 3/4 of the bytes.
-// Before a block refills a stage, both blocks must be done reading it (its A
-// half lands in the peer too): the "empty" mbarrier counts one arrival from
-// each block of the cluster.
-__device__ __forceinline__ void mbar_init(uint64_t *b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(b)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *b, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *b, unsigned parity) {
-    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(b)), "r"(parity) : "memory");
-}
-// arrive on the barrier at b's offset in cluster block `rank` (this block included)
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t *b, unsigned rank) {
-    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-                 "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(smem_addr(b)), "r"(rank)
-                 : "memory");
-}
-__device__ __forceinline__ unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
-
-__device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *m, int c0, int c1, uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-                 ::"r"(smem_addr(dst)), "l"(m), "r"(c0), "r"(c1), "r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void tma_2d_multicast(void *dst, const CUtensorMap *m, int c0, int c1, uint64_t *bar,
-                                                 unsigned short mask) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
-                 ::"r"(smem_addr(dst)), "l"(m), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask) : "memory");
-}
-__device__ __forceinline__ void tma_3d(void *dst, const CUtensorMap *m, int c0, int c1, int c2, uint64_t *bar) {
-    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
-                 ::"r"(smem_addr(dst)), "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
-}
-
-// ---- the kernel: one tile per block ----
+// ---- plain kernel: one tile per block, every thread loads and computes ----
 // PAIR: a second (A, B) pair along K - its own instantiation, since the extra
 // pointers pushed the single-pair kernels past 128 registers into spills
-// (the forward GEMMs ran ~20% slower). LOADS: 0 every thread loads by
-// cp.async; 1 one thread by TMA; 2 TMA with A multicast in a cluster of two.
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int LOADS>
+// (the forward GEMMs ran ~20% slower).
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    static_assert(LOADS == 0 || (A_KMAJ && !WGRAD), "TMA loads serve the forward kernel");
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
-    constexpr bool TMA = LOADS > 0;
-    constexpr unsigned CL = LOADS == 2 ? 2 : 1;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // atoms on 1024 B
     tile_info ti = tile_at<B_KMAJ, WGRAD>(p, blockIdx.x);
-    if (ti.skip) return;   // weight gradients only, so never inside a cluster
+    if (ti.skip) return;
     int tid = threadIdx.x, wg = tid >> 7;
     float d[BN / 2];
 #pragma unroll
@@ -321,148 +260,56 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     // K tiles of the first pair, then of the second (each zero-filled past its
     // own K): stages load in order, so the operands switch once, at tile nk1
     const int nk1 = (ti.K + BK - 1) / BK, nk = PAIR ? nk1 + (p.K2 + BK - 1) / BK : nk1;
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + STAGES * STAGE_BYTES), *empty = full + STAGES;
-    const unsigned rank = CL > 1 ? cluster_rank() : 0;
     int kbase = 0;
     auto load_stage = [&](int kt) {
-        unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
-        if (TMA) {   // thread 0 only
-            if (kt >= STAGES) mbar_wait(&empty[kt % STAGES], (kt / STAGES - 1) & 1);
-            mbar_expect_tx(&full[kt % STAGES], STAGE_BYTES);
-            bool second = PAIR && kt >= nk1;
-            const CUtensorMap *ma = second ? &p.ta2 : &p.ta, *mb = second ? &p.tb2 : &p.tb;
-            int k0 = (second ? kt - nk1 : kt) * BK, row = p.off[ti.g] + ti.m0;
-            if (CL > 1) tma_2d_multicast(s + rank * 8192, ma, k0, row + 64 * (int)rank, &full[kt % STAGES], 3);
-            else tma_2d(s, ma, k0, row, &full[kt % STAGES]);
-            if (B_KMAJ) tma_3d(s + BM * BK * 2, mb, k0, ti.n0, ti.g, &full[kt % STAGES]);
-            else
-#pragma unroll
-                for (int j = 0; j < BN / 64; j++)
-                    tma_3d(s + BM * BK * 2 + j * 8192, mb, ti.n0 + 64 * j, k0, ti.g, &full[kt % STAGES]);
-            return;
-        }
         if (PAIR && kt == nk1) {
             ti.A = p.a2 + (int64_t)p.off[ti.g] * p.K2; ti.lda = p.K2;
             ti.B = p.b2 + (int64_t)ti.g * p.K2 * p.N; ti.ldb = B_KMAJ ? p.K2 : p.N;
             ti.K = p.K2;
             kbase = nk1;
         }
+        unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
         int k0 = (kt - kbase) * BK;
         load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
         load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
     };
-    if (TMA) {
-        if (tid == 0) {
-            for (int st = 0; st < STAGES; st++) { mbar_init(&full[st], 1); mbar_init(&empty[st], CL); }
-            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        }
-        if (CL > 1) { cluster_arrive(); cluster_wait(); }   // the peer's barriers exist before any multicast
-        else __syncthreads();
-        if (tid == 0)
-            for (int st = 0; st < PREF && st < nk; st++) load_stage(st);
-    } else {
 #pragma unroll
-        for (int st = 0; st < PREF; st++) {
-            if (st < nk) load_stage(st);
-            cp_async_commit();
-        }
+    for (int st = 0; st < PREF; st++) {
+        if (st < nk) load_stage(st);
+        cp_async_commit();
     }
     for (int kt = 0; kt < nk; kt++) {
-        if (TMA) {
-            mbar_wait(&full[kt % STAGES], (kt / STAGES) & 1);
-            __syncthreads();   // every wgmma of kt-1 done (each warpgroup waited for its own)
-        } else {
-            cp_async_wait<PREF - 1>();
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async writes -> wgmma reads
-            __syncthreads();   // stage kt complete for all; every wgmma of kt-1 done, so its stage is free
-            if (kt + PREF < nk) load_stage(kt + PREF);
-            cp_async_commit();
-        }
+        cp_async_wait<PREF - 1>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async writes -> wgmma reads
+        __syncthreads();   // stage kt complete for all; every wgmma of kt-1 done, so its stage is free
+        if (kt + PREF < nk) load_stage(kt + PREF);
+        cp_async_commit();
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-        mma_stage<A_KMAJ, B_KMAJ, TMA>(d, smem + (kt % STAGES) * STAGE_BYTES, wg);
+        mma_stage<A_KMAJ, B_KMAJ>(d, smem + (kt % STAGES) * STAGE_BYTES, wg);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        if (TMA && tid == 0) {   // while the tensor cores work: free stage kt-1, refill it with kt+PREF
-            if (kt > 0)
-                for (unsigned r = 0; r < CL; r++) mbar_arrive_cluster(&empty[(kt - 1) % STAGES], r);
-            if (kt + PREF < nk) load_stage(kt + PREF);
-        }
-        __syncwarp();   // warp 0 whole again before the aligned wait
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
-    if (!TMA) cp_async_wait<0>();
-    if (CL > 1) cluster_arrive();   // no remote arrivals on this block's barriers after the peer's wait below
+    cp_async_wait<0>();
     __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
     store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
-    if (CL > 1) cluster_wait();
 #endif
 }
 
 bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false, int LOADS = 0>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false>
 moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_extent, const char *what, bool *ran) {
     p.n_tiles = (int)((n_extent + BN - 1) / BN);
     int64_t blocks = m_tiles_total * p.n_tiles;
     if (blocks > INT32_MAX) return MOE_OK;
     *ran = true;
     if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, LOADS>;
+    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR>;
     // above 48 KB a block's dynamic shared memory must be allowed first (per device, cheap to repeat)
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
-    if (LOADS == 2) {   // pairs of blocks (neighbouring N tiles; n_tiles is even) as clusters
-        cudaLaunchConfig_t cfg = {};
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 2; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
-        cfg.gridDim = dim3((unsigned)blocks); cfg.blockDim = dim3(THREADS);
-        cfg.dynamicSmemBytes = SMEM_BYTES; cfg.stream = d->stream;
-        cfg.attrs = attr; cfg.numAttrs = 1;
-        CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), what);
-    } else {
-        kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
-    }
+    kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
     CU_LAUNCHED(what);
     return MOE_OK;
-}
-
-// ---- tensor maps (TMA) ----
-// The driver's encoder, found once per device through the runtime (no link
-// against libcuda); NULL where the driver lacks it, and the calls keep cp.async.
-PFN_cuTensorMapEncodeTiled_v12000 tmap_encoder(cuda_dev *d) {
-    if (!d->tmap_lookup_done) {
-        d->tmap_lookup_done = true;
-        void *fn = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ==
-                cudaSuccess && q == cudaDriverEntryPointSuccess)
-            d->tmap_encode = fn;
-        else
-            (void)cudaGetLastError();
-    }
-    return (PFN_cuTensorMapEncodeTiled_v12000)d->tmap_encode;
-}
-
-// A bf16 tensor of `rank` dimensions (dims innermost first, byte strides of
-// the outer ones), read in boxes with 128-byte inner rows, 128-byte swizzled;
-// out-of-range elements read as zeros.
-bool tmap_make(PFN_cuTensorMapEncodeTiled_v12000 enc, CUtensorMap *m, const void *base, int rank,
-               const uint64_t *dims, const uint64_t *strides, const uint32_t *box) {
-    const uint32_t ones[3] = {1, 1, 1};
-    return enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank, const_cast<void *>(base), dims, strides, box,
-               ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// The maps of one (A, B) pair of the forward kernel: A [rows, K]; B [G, N, K]
-// (transb) or [G, K, N]. A's box is half a tile's rows under multicast.
-bool tmaps_for(PFN_cuTensorMapEncodeTiled_v12000 enc, CUtensorMap *ta, CUtensorMap *tb, const void *a,
-               const void *b, int transb, int64_t rows, int64_t K, int64_t N, int groups, bool multicast) {
-    const uint64_t da[2] = {(uint64_t)K, (uint64_t)rows}, sa[1] = {(uint64_t)K * 2};
-    const uint32_t ba[2] = {BK, multicast ? BM / 2u : (uint32_t)BM};
-    const uint64_t db[3] = {transb ? (uint64_t)K : (uint64_t)N, transb ? (uint64_t)N : (uint64_t)K, (uint64_t)groups};
-    const uint64_t sb[2] = {db[0] * 2, (uint64_t)K * N * 2};
-    const uint32_t bb[3] = {transb ? (uint32_t)BK : 64u, transb ? (uint32_t)BN : (uint32_t)BK, 1};
-    return rows > 0 && tmap_make(enc, ta, a, 2, da, sa, ba) && tmap_make(enc, tb, b, 3, db, sb, bb);
 }
 
 bool offsets_fit(const int64_t *offsets, int groups) {
@@ -498,22 +345,11 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
         p.tile0[g] = (int)tiles;
         if (g < groups) tiles += (offsets[g + 1] - offsets[g] + BM - 1) / BM;
     }
-    // TMA where the device asks for it and every map encodes; multicast needs an even number of N tiles
-    int loads = d->grouped_loads;
-    PFN_cuTensorMapEncodeTiled_v12000 enc = loads ? tmap_encoder(d) : nullptr;
-    if (loads == 2 && ((N + BN - 1) / BN) % 2) loads = 1;
-    if (loads && (!enc || !tmaps_for(enc, &p.ta, &p.tb, a, b, transb, offsets[groups], K, N, groups, loads == 2) ||
-                  (K2 > 0 && !tmaps_for(enc, &p.ta2, &p.tb2, a2, b2, transb, offsets[groups], K2, N, groups, loads == 2))))
-        loads = 0;
-    const char *what = K2 > 0 ? "gemm_grouped_pair (kernel)" : "gemm_grouped (kernel)";
-    d->n_grouped_tma += loads > 0;
-    d->n_grouped_multicast += loads == 2;
-#define MMA_FWD(PAIR, LOADS)                                                                   \
-    (transb ? launch<true, true, false, PAIR, LOADS>(d, p, tiles, N, what, ran)                \
-            : launch<true, false, false, PAIR, LOADS>(d, p, tiles, N, what, ran))
-    if (K2 > 0) return loads == 2 ? MMA_FWD(true, 2) : loads == 1 ? MMA_FWD(true, 1) : MMA_FWD(true, 0);
-    return loads == 2 ? MMA_FWD(false, 2) : loads == 1 ? MMA_FWD(false, 1) : MMA_FWD(false, 0);
-#undef MMA_FWD
+    if (K2 > 0)
+        return transb ? launch<true, true, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran)
+                      : launch<true, false, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran);
+    return transb ? launch<true, true, false>(d, p, tiles, N, "gemm_grouped (kernel)", ran)
+                  : launch<true, false, false>(d, p, tiles, N, "gemm_grouped (kernel)", ran);
 }
 
 moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,

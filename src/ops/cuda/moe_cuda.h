@@ -94,16 +94,6 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
                                       uint64_t *loop_calls);
 /* How many of the batched calls the own grouped kernel served. */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
-/* How the own kernel's forward calls (gemm_grouped, gemm_grouped_pair) load
- * their tiles: 0 every thread by cp.async, 1 one thread by TMA (tensor maps), 2
- * TMA with the A tile multicast to a cluster of two blocks (where a call has an
- * even number of 128-wide N tiles; else as 1). Set at install from
- * MOELAB_GROUPED_LOADS ("cp.async", "tma", "tma-multicast"); a call whose tensor
- * maps cannot be made (or a driver without the encoder) takes cp.async. The
- * counters: forward calls since install that went through TMA, and of those,
- * with multicast. NULL outputs are skipped. */
-moe_status moe_cuda_set_grouped_loads(moe_ctx *ctx, int device, int loads);
-moe_status moe_cuda_grouped_load_calls(moe_ctx *ctx, int device, uint64_t *tma_calls, uint64_t *multicast_calls);
 
 #ifdef __cplusplus
 }
