@@ -130,6 +130,41 @@ describe("tape functional ops", function()
       function() return moe.Tape():cross_entropy(logits, targets):item() end)
   end)
 
+  -- Under a tape the forward also computes the gradient for an upstream 1 (one
+  -- pass over the logits); it is handed over once, and any other upstream
+  -- gradient, a second backward or a second gradient into the logits must
+  -- still give the plain backward's values.
+  it("cross-entropy gradient: precomputed for the training loss, recomputed otherwise", function()
+    local logits = moe.randn({4, 7}, {seed = 24})
+    local targets = moe.tensor({1, 6, -100, 0}, {dtype = "i64"})
+    local function max_diff(a, b, scale)
+      local m = 0
+      for i = 1, 4 do for j = 1, 7 do m = math.max(m, math.abs(a:get(i, j) - scale * b:get(i, j))) end end
+      return m
+    end
+    -- the reference: the plain backward (the tape's loss scaled by 1 through the recompute path)
+    local tape = moe.Tape()
+    local loss = tape:cross_entropy(logits, targets)
+    tape:backward(loss)
+    local g1 = tape:grad(logits):clone()
+    gc.check("cross_entropy (handed over)", logits, g1,
+      function() return moe.Tape():cross_entropy(logits, targets):item() end)
+    tape:backward(loss)   -- the precomputed gradient is gone: recomputed from the logits
+    assert.is_true(max_diff(tape:grad(logits), g1, 1) == 0)
+    -- another upstream gradient
+    local t2 = moe.Tape()
+    t2:backward(t2:scale(t2:cross_entropy(logits, targets), 3))
+    assert.is_true(max_diff(t2:grad(logits), g1, 3) < 1e-6)
+    -- a second gradient into the logits adds to the handed-over one; a second backward agrees
+    local t3 = moe.Tape()
+    local both = t3:add(t3:cross_entropy(logits, targets), t3:scale(t3:sum(logits), 0.1))
+    t3:backward(both)
+    local g3 = t3:grad(logits):clone()
+    for i = 1, 4 do for j = 1, 7 do assert.is_true(math.abs(g3:get(i, j) - g1:get(i, j) - 0.1) < 1e-6) end end
+    t3:backward(both)
+    assert.is_true(max_diff(t3:grad(logits), g3, 1) < 1e-7)
+  end)
+
   it("a tiny transformer block trains: loss goes down with AdamW", function()
     local emb = moe.nn.Embedding(16, 8, {seed = 30})
     local block = moe.nn.Sequential(moe.nn.RMSNorm(8), moe.nn.FeedForward{hidden_size = 8, intermediate_size = 16, seed = 31})

@@ -179,6 +179,10 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
 
 /* ---- cross-entropy ---- */
 
+/* The forward under a tape computed dlogits for an upstream gradient of 1
+ * (saved[3], the fused op): handed over as it is when that is the gradient
+ * (training), else dropped and recomputed from the logits. Handing it over
+ * empties the slot, so a second backward recomputes too. */
 static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
     float dloss;
@@ -187,6 +191,12 @@ static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const
     if (!g) return moe_last_status();
     dloss = moe_f32(g)[0];
     moe_tensor_release(g);
+    if (e->n_saved > 3 && e->saved[3]) {
+        moe_tensor *pre = e->saved[3];
+        e->saved[3] = NULL;
+        if (dloss == 1.0f) { gin[0] = pre; return MOE_OK; }
+        moe_tensor_release(pre);
+    }
     moe_tensor *rows = moe_rows_view(logits);
     moe_tensor *dl = moe_tensor_like(ctx, logits);
     moe_tensor *drows = dl ? moe_rows_view(dl) : NULL;
@@ -228,9 +238,8 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
     moe_tensor *per_row = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
     moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
     moe_tensor *out = moe_tensor_new(ctx, MOE_F32, 0, n1, logits->device);
-    moe_tensor *tcpu = NULL;
+    moe_tensor *tcpu = NULL, *dl = NULL, *drows = NULL;
     moe_status s = rows && t1 && per_row && lse && out ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) s = moe_op_cross_entropy(ctx, per_row, lse, rows, t1, ignore_index);
     /* The number of counted rows is needed for the mean. Targets are small
      * (one id per token), so counting them on the host is cheap. */
     double count = 0;
@@ -242,6 +251,18 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
             for (int64_t i = 0; i < n; i++) count += tp[i] != ignore_index;
         }
     }
+    /* Under a tape the gradient for an upstream 1 (the training loss) comes in
+     * the same pass over the logits, with ce_backward's scale. */
+    if (s == MOE_OK && tape) {
+        dl = moe_tensor_like(ctx, lc);
+        drows = dl ? moe_rows_view(dl) : NULL;
+        if (!drows) s = moe_last_status();
+        float cnt = (float)count;
+        if (s == MOE_OK)
+            s = moe_op_cross_entropy_fused(ctx, per_row, lse, drows, rows, t1, ignore_index, cnt > 0 ? 1.0f / cnt : 0.0f);
+    } else if (s == MOE_OK) {
+        s = moe_op_cross_entropy(ctx, per_row, lse, rows, t1, ignore_index);
+    }
     if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, out, per_row);
     if (s == MOE_OK) s = moe_op_unary(ctx, MOE_UN_SCALE, out, out, count > 0 ? (float)(1.0 / count) : 0.0f);
     if (s == MOE_OK && tape) {
@@ -252,12 +273,14 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
             moe_tape_save(e, lse);
             moe_tape_save(e, lc);   /* contiguous copies (or the inputs themselves) for backward */
             moe_tape_save(e, tc);
+            moe_tape_save(e, dl);
             e->i[0] = ignore_index;
             e->f[0] = count;
         }
     }
     moe_tensor_release(rows); moe_tensor_release(t1); moe_tensor_release(per_row);
     moe_tensor_release(lse); moe_tensor_release(tcpu); moe_tensor_release(lc); moe_tensor_release(tc);
+    moe_tensor_release(dl); moe_tensor_release(drows);
     if (s != MOE_OK) { moe_tensor_release(out); return s; }
     *loss = out;
     return MOE_OK;

@@ -113,6 +113,13 @@ typedef struct moe_backend {
     moe_status (*gemm_grouped_pair)(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
                                     const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
                                     const int64_t *offsets, int groups);
+
+    /* cross_entropy and cross_entropy_backward (scale given) in one pass over
+     * the logits (ops.h moe_op_cross_entropy_fused); optional: NULL makes the
+     * ops layer call the two */
+    moe_status (*cross_entropy_fused)(moe_ctx *, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                                      const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
+                                      float scale);
 } moe_backend;
 
 

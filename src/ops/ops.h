@@ -175,6 +175,13 @@ moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse,
 moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, const moe_tensor *logits,
                                          const moe_tensor *lse, const moe_tensor *targets,
                                          int64_t ignore_index, float scale);
+/* Both of the above at once: loss and lse as moe_op_cross_entropy, dlogits as
+ * moe_op_cross_entropy_backward with this scale, the same values; where the
+ * backend has a fused kernel the logits are read from memory once (training
+ * knows the scale, 1 / counted rows, before the backward pass). */
+moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                                      const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
+                                      float scale);
 
 /* ---- optimiser ----
  * Decoupled-weight-decay Adam over flat contiguous buffers (same numel):

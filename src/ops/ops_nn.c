@@ -352,6 +352,38 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
     return s;
 }
 
+moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                                      const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
+                                      float scale) {
+    static const char *op = "cross_entropy_fused";
+    ops_arg f[] = {{"dlogits", dlogits}, {"logits", logits}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 2, ix, 1));
+    MOE_TRY(ops_out(op, "dlogits", dlogits));
+    MOE_TRY(ops_same_shape(op, "dlogits", dlogits, "logits", logits));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, logits->device, &be));
+    if (!be->cross_entropy_fused) {   /* the two ops check the rest */
+        MOE_TRY(moe_op_cross_entropy(ctx, loss, lse, logits, targets, ignore_index));
+        return moe_op_cross_entropy_backward(ctx, dlogits, logits, lse, targets, ignore_index, scale);
+    }
+    MOE_TRY(check_stat(op, "loss", loss, "logits", logits));
+    MOE_TRY(check_stat(op, "lse", lse, "logits", logits));
+    MOE_TRY(ops_out(op, "loss", loss));
+    MOE_TRY(ops_out(op, "lse", lse));
+    MOE_TRY(check_ce(op, logits, targets));
+    MOE_TRY(check_rowstat(op, "loss", loss, logits->shape[0]));
+    MOE_TRY(check_rowstat(op, "lse", lse, logits->shape[0]));
+    if (logits->shape[1] == 0 && logits->shape[0] > 0)
+        return moe_error(MOE_ERR_SHAPE, "%s: logits has 0 classes, expected at least 1", op);
+    if (logits->shape[0] == 0) return MOE_OK;
+    const moe_tensor *in[] = {logits, targets};
+    moe_tensor *c[2];
+    MOE_TRY(contig_all(ctx, in, c, 2));
+    moe_status s = be->cross_entropy_fused(ctx, loss, lse, dlogits, c[0], c[1], ignore_index, scale);
+    release_all(c, 2);
+    return s;
+}
+
 /* ---- optimiser ---- */
 
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,

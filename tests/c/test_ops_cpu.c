@@ -617,6 +617,16 @@ static void test_misc(void) {
     CHECK_CLOSE("cross_entropy lse", moe_f32(lse), lsr, N, 1e-6, 1e-5);
     CHECK_OK("cross_entropy_backward", moe_op_cross_entropy_backward(ctx, dl, lg, lse, t, -100, 0.25f));
     CHECK_CLOSE("cross_entropy_backward", moe_f32(dl), dr, N * V, 1e-7, 1e-5);
+    /* both at once (the CPU composes the two ops) */
+    moe_tensor *floss = ZEROS(4), *flse = ZEROS(4), *fdl = ZEROS(4, 13), *bad = ZEROS(4, 12);
+    CHECK_OK("cross_entropy_fused", moe_op_cross_entropy_fused(ctx, floss, flse, fdl, lg, t, -100, 0.25f));
+    CHECK_CLOSE("cross_entropy_fused loss", moe_f32(floss), lr, N, 1e-6, 1e-5);
+    CHECK_CLOSE("cross_entropy_fused lse", moe_f32(flse), lsr, N, 1e-6, 1e-5);
+    CHECK_CLOSE("cross_entropy_fused dlogits", moe_f32(fdl), dr, N * V, 1e-7, 1e-5);
+    moe_status sf = moe_op_cross_entropy_fused(ctx, floss, flse, bad, lg, t, -100, 0.25f);
+    report(sf == MOE_ERR_SHAPE && strstr(moe_last_error(), "dlogits"), "cross_entropy_fused: dlogits of another shape",
+           "status %s: %s", moe_status_name(sf), moe_last_error());
+    rel(floss); rel(flse); rel(fdl); rel(bad);
     tg[2] = 13;
     moe_tensor *tb = idx_((int64_t[]){4}, 1, tg);
     moe_status s = moe_op_cross_entropy(ctx, loss, lse, lg, tb, -100);

@@ -509,9 +509,33 @@ static void test_cross_entropy(moe_dtype dt) {
                      shifted ? " unaligned logits" : "");
             check(name, dt, dx.d, dx.h, dt == MOE_F32 ? 1e-6 : 2e-3);
         }
+        /* the fused kernel against the CPU's two ops (out_pair poisons: every element must be written) */
+        pair floss = out_pair(dt, SH(N)), flse = out_pair(dt, SH(N)), fdx = out_pair(dt, SH(N, V));
+        if (RUN("cross_entropy_fused", dt, moe_op_cross_entropy_fused(ctx, floss.h, flse.h, fdx.h, xh, th, IGN, scale),
+                moe_op_cross_entropy_fused(ctx, floss.d, flse.d, fdx.d, xd, td, IGN, scale))) {
+            const char *un = shifted ? " unaligned logits" : "";
+            snprintf(name, sizeof name, "cross_entropy_fused loss [%lld, %lld]%s", (long long)N, (long long)V, un);
+            check(name, dt, floss.d, floss.h, tol_of(dt, 1e-5));
+            snprintf(name, sizeof name, "cross_entropy_fused lse [%lld, %lld]%s", (long long)N, (long long)V, un);
+            check(name, dt, flse.d, flse.h, tol_of(dt, 1e-5));
+            snprintf(name, sizeof name, "cross_entropy_fused dlogits [%lld, %lld]%s", (long long)N, (long long)V, un);
+            check(name, dt, fdx.d, fdx.h, dt == MOE_F32 ? 1e-6 : 2e-3);
+            /* the same bytes as the two device kernels (same lse rounding, same formula) */
+            snprintf(name, sizeof name, "cross_entropy_fused dlogits = the two kernels' [%lld, %lld]%s", (long long)N,
+                     (long long)V, un);
+            pair tl = out_pair(dt, SH(N)), tls = out_pair(dt, SH(N)), tdx = out_pair(dt, SH(N, V));
+            die_if(moe_op_cross_entropy(ctx, tl.d, tls.d, xd, td, IGN) != MOE_OK ||
+                   moe_op_cross_entropy_backward(ctx, tdx.d, xd, tls.d, td, IGN, scale) != MOE_OK, "two kernels");
+            moe_tensor *two = moe_op_to(ctx, tdx.d, MOE_DEVICE_CPU, MOE_F32);
+            die_if(!two, "download");
+            check(name, dt, fdx.d, two, 0.0);
+            moe_tensor_release(two);
+            pfree(&tl); pfree(&tls); pfree(&tdx);
+        }
         moe_tensor_release(th); moe_tensor_release(td); moe_tensor_release(lsed);
         moe_tensor_release(xh); moe_tensor_release(xd);
         pfree(&x0); pfree(&loss); pfree(&lse); pfree(&dx);
+        pfree(&floss); pfree(&flse); pfree(&fdx);
     }
 }
 
@@ -1426,7 +1450,7 @@ static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H
  * reps times per timed call (the time is per op) so launch gaps do not count. */
 #define MB_SETS 4
 typedef struct {
-    int what;   /* 0 xent fwd, 1 xent bwd, 2 axpy, 3 rope, 4 rmsnorm fwd, 5 rmsnorm bwd */
+    int what;   /* 0 xent fwd, 1 xent bwd, 2 axpy, 3 rope, 4 rmsnorm fwd, 5 rmsnorm bwd, 6 xent fused */
     int reps, sets, cur;
     moe_tensor *x[MB_SETS], *y[MB_SETS], *z[MB_SETS];
     moe_tensor *w, *s1, *s2, *tg, *dw;
@@ -1442,10 +1466,12 @@ static moe_status mbjob_run(void *arg) {
         switch (j->what) {
         case 0: st = moe_op_cross_entropy(ctx, j->s1, j->s2, j->x[k], j->tg, -100); break;
         case 1: st = moe_op_cross_entropy_backward(ctx, j->y[k], j->x[k], j->s2, j->tg, -100, j->alpha); break;
+        case 6: st = moe_op_cross_entropy_fused(ctx, j->s1, j->s2, j->y[k], j->x[k], j->tg, -100, j->alpha); break;
         case 2: st = moe_op_axpy(ctx, j->y[k], j->alpha, j->x[k]); break;
         case 3: st = moe_op_rope(ctx, j->y[k], j->x[k], 0, 10000.0f, 0); break;
         case 4: st = moe_op_rmsnorm(ctx, j->y[k], j->s1, j->x[k], j->w, 1e-5f); break;
-        default: st = moe_op_rmsnorm_backward(ctx, j->z[k], j->dw, j->y[k], j->x[k], j->w, j->s1); break;
+        case 5: st = moe_op_rmsnorm_backward(ctx, j->z[k], j->dw, j->y[k], j->x[k], j->w, j->s1); break;
+        default: st = moe_error(MOE_ERR_INTERNAL, "mbjob: unknown job %d", j->what); break;
         }
         if (st != MOE_OK) return st;
     }
@@ -1495,6 +1521,9 @@ static void time_cross_entropy(int64_t N, int64_t V) {
     j.what = 1;
     snprintf(label, sizeof label, "cross_entropy bwd [%lld, %lld] bf16", (long long)N, (long long)V);
     mbjob_time(&j, label, nv * 4 + N * 12.0);
+    j.what = 6;   /* bytes counted as device memory needs them: the logits read once */
+    snprintf(label, sizeof label, "cross_entropy fused fwd+bwd [%lld, %lld] bf16", (long long)N, (long long)V);
+    mbjob_time(&j, label, nv * 4 + N * 16.0);
     mbjob_free(&j);
 }
 

@@ -54,6 +54,7 @@ static const moe_backend cuda_backend = {
     /* ep_unpack */ cuda_ep_unpack,
     /* ep_regroup */ cuda_ep_regroup,
     /* gemm_grouped_pair */ cuda_gemm_grouped_pair,
+    /* cross_entropy_fused */ cuda_cross_entropy_fused,
 };
 
 extern "C" int moe_cuda_device_count(void) {

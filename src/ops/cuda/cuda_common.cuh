@@ -96,6 +96,9 @@ moe_status cuda_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, cons
 moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,
                                        const moe_tensor *lse, const moe_tensor *targets, int64_t ignore_index,
                                        float scale);
+moe_status cuda_cross_entropy_fused(moe_ctx *, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                                    const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
+                                    float scale);
 moe_status cuda_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                       const moe_adamw_cfg *cfg);
 moe_status cuda_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);

@@ -13,6 +13,10 @@
 // from the saved lse (rows with ignore_index are written as zeros without
 // reading their logits); vectorised when logits and dlogits have the same
 // 16-byte alignment, element by element otherwise.
+// Fused (training: the scale is known before backward): per row the forward
+// pass, then the backward pass over the same row, which L2 still holds (a
+// row is V * 2 bytes, and the rows in flight fit), so device memory is read
+// once instead of twice; the values are those of the two kernels.
 #include "cuda_common.cuh"
 #include "cuda_vec.cuh"
 
@@ -24,10 +28,11 @@ namespace {
 #define XENT_UNROLL 4             /* vectors per thread in flight */
 
 // N elements of T at p as f32: one 16-byte load (N > 1, p aligned) or one element.
-template <typename T, int N>
+// CS: evict-first (the data is read once); else cached for a second read.
+template <typename T, int N, bool CS = true>
 __device__ __forceinline__ void load_n(const T *p, float *f) {
     if constexpr (N == 1) f[0] = to_f32(*p);
-    else unpack(ld16_cs(p), *reinterpret_cast<float (*)[N]>(f));
+    else unpack(CS ? ld16_cs(p) : ld16(p), *reinterpret_cast<float (*)[N]>(f));
 }
 template <typename T, int N>
 __device__ __forceinline__ void store_n(T *p, const float *f) {
@@ -70,123 +75,147 @@ __device__ __forceinline__ int64_t head_len(const T *p, int64_t n) {
     return h < n ? h : n;
 }
 
-template <typename T, typename S>
-__global__ void __launch_bounds__(XENT_THREADS)
-k_xent(S *loss, S *lse, const T *x, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore) {
+// The forward of row r (xr its logits, t its target): lse[r], loss[r]. BCAST:
+// returns the row's lse, as stored in S, to every thread (the fused kernel's
+// backward needs it); else only a meaningless value. CS: see load_n.
+template <typename T, typename S, bool BCAST, bool CS>
+__device__ __forceinline__ float xent_row(S *loss, S *lse, const T *xr, int64_t t, int64_t r, int64_t n,
+                                          int64_t ignore) {
     constexpr int N = VEC<T>::N, U = XENT_UNROLL;
-    __shared__ float shm[32], shs[32];
+    __shared__ float shm[32], shs[32], shl;
     const int bs = blockDim.x;
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T *xr = x + r * n;
-        float m = -INFINITY, s = 0.0f;
-        const int64_t head = head_len(xr, n);
-        const T *xv = xr + head;
-        const int64_t nv = (n - head) / N;
-        if ((int64_t)threadIdx.x < head) {
-            float v = to_f32(xr[threadIdx.x]);
-            os_absorb<1>(m, s, &v);
-        }
-        int64_t i = threadIdx.x;
-        for (; i + (U - 1) * bs < nv; i += U * bs) {
-            float v[U * N];
+    float m = -INFINITY, s = 0.0f;
+    const int64_t head = head_len(xr, n);
+    const T *xv = xr + head;
+    const int64_t nv = (n - head) / N;
+    if ((int64_t)threadIdx.x < head) {
+        float v = to_f32(xr[threadIdx.x]);
+        os_absorb<1>(m, s, &v);
+    }
+    int64_t i = threadIdx.x;
+    for (; i + (U - 1) * bs < nv; i += U * bs) {
+        float v[U * N];
 #pragma unroll
-            for (int u = 0; u < U; u++) load_n<T, N>(xv + (i + u * bs) * N, v + u * N);
-            os_absorb<U * N>(m, s, v);
-        }
-        for (; i < nv; i += bs) {
-            float v[N];
-            load_n<T, N>(xv + i * N, v);
-            os_absorb<N>(m, s, v);
-        }
-        const int64_t e = head + nv * N + threadIdx.x;   // the tail: fewer than N elements
-        if (e < n) {
-            float v = to_f32(xr[e]);
-            os_absorb<1>(m, s, &v);
-        }
-        // merge: within each warp, then warp 0 over the warps
+        for (int u = 0; u < U; u++) load_n<T, N, CS>(xv + (i + u * bs) * N, v + u * N);
+        os_absorb<U * N>(m, s, v);
+    }
+    for (; i < nv; i += bs) {
+        float v[N];
+        load_n<T, N, CS>(xv + i * N, v);
+        os_absorb<N>(m, s, v);
+    }
+    const int64_t e = head + nv * N + threadIdx.x;   // the tail: fewer than N elements
+    if (e < n) {
+        float v = to_f32(xr[e]);
+        os_absorb<1>(m, s, &v);
+    }
+    // merge: within each warp, then warp 0 over the warps
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        os_merge(m, s, m2, s2);
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = bs >> 5;
+    __syncthreads();   // the previous row's reads of shm/shs are done
+    if (lane == 0) { shm[w] = m; shs[w] = s; }
+    __syncthreads();
+    if (w == 0) {
+        m = lane < nw ? shm[lane] : -INFINITY;
+        s = lane < nw ? shs[lane] : 0.0f;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
             os_merge(m, s, m2, s2);
         }
-        const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = bs >> 5;
-        __syncthreads();   // the previous row's reads of shm/shs are done
-        if (lane == 0) { shm[w] = m; shs[w] = s; }
-        __syncthreads();
-        if (w == 0) {
-            m = lane < nw ? shm[lane] : -INFINITY;
-            s = lane < nw ? shs[lane] : 0.0f;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-                os_merge(m, s, m2, s2);
-            }
-            if (lane == 0) {
-                float l = (m == -INFINITY ? 0.0f : m) + logf(s);
-                int64_t t = tgt[r];
-                float v = t == ignore ? 0.0f : (t < 0 || t >= n) ? NAN : l - to_f32(xr[t]);
-                lse[r] = from_f32<S>(l);
-                loss[r] = from_f32<S>(v);
-            }
+        if (lane == 0) {
+            float l = (m == -INFINITY ? 0.0f : m) + logf(s);
+            float v = t == ignore ? 0.0f : (t < 0 || t >= n) ? NAN : l - to_f32(xr[t]);
+            lse[r] = from_f32<S>(l);
+            loss[r] = from_f32<S>(v);
+            if (BCAST) shl = to_f32(from_f32<S>(l));
         }
     }
+    if (!BCAST) return 0.0f;
+    __syncthreads();   // shl is rewritten only after the next row's two barriers: all have read it by then
+    return shl;
 }
 
-// dlogits[r, j] = scale * exp(x - lse[r]) - (j == t_r ? scale : 0), 0 for ignored rows.
-// N > 1: x and dx rows share their alignment (the caller checks), so one head
-// length serves both; N == 1: element by element.
+template <typename T, typename S>
+__global__ void __launch_bounds__(XENT_THREADS)
+k_xent(S *loss, S *lse, const T *x, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore) {
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        xent_row<T, S, false, true>(loss, lse, x + r * n, tgt[r], r, n, ignore);
+}
+
+// dlogits of one row: scale * exp(x - lse) - (j == t ? scale : 0), 0 for an
+// ignored row. N > 1: xr and dr share their alignment (the caller checks), so
+// one head length serves both; N == 1: element by element.
+template <typename T, int N>
+__device__ __forceinline__ void xent_bwd_row(T *dr, const T *xr, float lse, int64_t t, int64_t n, int64_t ignore,
+                                             float scale) {
+    constexpr int U = XENT_UNROLL;
+    const int bs = blockDim.x;
+    const int mode = t == ignore ? 1 : (t < 0 || t >= n) ? 2 : 0;   // 1: zeros, 2: NaN
+    const float ll = mode == 0 ? lse * L2E : 0.0f, fill = mode == 1 ? 0.0f : NAN;
+    const int64_t head = N > 1 ? head_len(dr, n) : 0;
+    const int64_t nv = (n - head) / N;
+    const T *xv = xr + head;
+    T *dv = dr + head;
+    // element j of the row from its logit (scalar head and tail)
+    auto grad1 = [&](int64_t j) -> float {
+        return mode ? fill : scale * exp2f(fmaf(to_f32(xr[j]), L2E, -ll)) - (j == t ? scale : 0.0f);
+    };
+    // N elements from j0 on, in place
+    auto gradn = [&](float *v, int64_t j0) {
+        const int kt = (uint64_t)(t - j0) < (uint64_t)N ? (int)(t - j0) : -1;
+#pragma unroll
+        for (int k = 0; k < N; k++) v[k] = scale * exp2f(fmaf(v[k], L2E, -ll)) - (k == kt ? scale : 0.0f);
+    };
+    if ((int64_t)threadIdx.x < head) dr[threadIdx.x] = from_f32<T>(grad1(threadIdx.x));
+    int64_t i = threadIdx.x;
+    if (mode) {
+        float g[N];
+#pragma unroll
+        for (int k = 0; k < N; k++) g[k] = fill;
+        for (; i < nv; i += bs) store_n<T, N>(dv + i * N, g);
+    } else {
+        for (; i + (U - 1) * bs < nv; i += U * bs) {
+            float v[U * N];
+#pragma unroll
+            for (int u = 0; u < U; u++) load_n<T, N>(xv + (i + u * bs) * N, v + u * N);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                gradn(v + u * N, head + (i + u * bs) * N);
+                store_n<T, N>(dv + (i + u * bs) * N, v + u * N);
+            }
+        }
+        for (; i < nv; i += bs) {
+            float v[N];
+            load_n<T, N>(xv + i * N, v);
+            gradn(v, head + i * N);
+            store_n<T, N>(dv + i * N, v);
+        }
+    }
+    const int64_t e = head + nv * N + threadIdx.x;   // the tail
+    if (e < n) dr[e] = from_f32<T>(grad1(e));
+}
+
 template <typename T, typename S, int N>
 __global__ void __launch_bounds__(XENT_THREADS)
 k_xent_bwd(T *dx, const T *x, const S *lse, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore, float scale) {
-    constexpr int U = XENT_UNROLL;
-    const int bs = blockDim.x;
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x)
+        xent_bwd_row<T, N>(dx + r * n, x + r * n, to_f32(lse[r]), tgt[r], n, ignore, scale);
+}
+
+// Forward and backward of each row in one block, the second pass from L2.
+template <typename T, typename S, int N>
+__global__ void __launch_bounds__(XENT_THREADS)
+k_xent_fused(S *loss, S *lse, T *dx, const T *x, const int64_t *tgt, int64_t rows, int64_t n, int64_t ignore,
+             float scale) {
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-        const T *xr = x + r * n;
-        T *dr = dx + r * n;
         const int64_t t = tgt[r];
-        const int mode = t == ignore ? 1 : (t < 0 || t >= n) ? 2 : 0;   // 1: zeros, 2: NaN
-        const float ll = mode == 0 ? to_f32(lse[r]) * L2E : 0.0f, fill = mode == 1 ? 0.0f : NAN;
-        const int64_t head = N > 1 ? head_len(dr, n) : 0;
-        const int64_t nv = (n - head) / N;
-        const T *xv = xr + head;
-        T *dv = dr + head;
-        // element j of the row from its logit (scalar head and tail)
-        auto grad1 = [&](int64_t j) -> float {
-            return mode ? fill : scale * exp2f(fmaf(to_f32(xr[j]), L2E, -ll)) - (j == t ? scale : 0.0f);
-        };
-        // N elements from j0 on, in place
-        auto gradn = [&](float *v, int64_t j0) {
-            const int kt = (uint64_t)(t - j0) < (uint64_t)N ? (int)(t - j0) : -1;
-#pragma unroll
-            for (int k = 0; k < N; k++) v[k] = scale * exp2f(fmaf(v[k], L2E, -ll)) - (k == kt ? scale : 0.0f);
-        };
-        if ((int64_t)threadIdx.x < head) dr[threadIdx.x] = from_f32<T>(grad1(threadIdx.x));
-        int64_t i = threadIdx.x;
-        if (mode) {
-            float g[N];
-#pragma unroll
-            for (int k = 0; k < N; k++) g[k] = fill;
-            for (; i < nv; i += bs) store_n<T, N>(dv + i * N, g);
-        } else {
-            for (; i + (U - 1) * bs < nv; i += U * bs) {
-                float v[U * N];
-#pragma unroll
-                for (int u = 0; u < U; u++) load_n<T, N>(xv + (i + u * bs) * N, v + u * N);
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    gradn(v + u * N, head + (i + u * bs) * N);
-                    store_n<T, N>(dv + (i + u * bs) * N, v + u * N);
-                }
-            }
-            for (; i < nv; i += bs) {
-                float v[N];
-                load_n<T, N>(xv + i * N, v);
-                gradn(v, head + i * N);
-                store_n<T, N>(dv + i * N, v);
-            }
-        }
-        const int64_t e = head + nv * N + threadIdx.x;   // the tail
-        if (e < n) dr[e] = from_f32<T>(grad1(e));
+        float l = xent_row<T, S, true, false>(loss, lse, x + r * n, t, r, n, ignore);
+        xent_bwd_row<T, N>(dx + r * n, x + r * n, l, t, n, ignore, scale);
     }
 }
 
@@ -214,6 +243,21 @@ static void xent_bwd_launch(cuda_dev *d, moe_tensor *dlogits, const moe_tensor *
     else
         k_xent_bwd<T, S, 1><<<g, xent_threads(n, 1), 0, d->stream>>>(dx, x, PTR(const S, lse), t, rows, n, ignore,
                                                                      scale);
+}
+
+template <typename T, typename S>
+static void xent_fused_launch(cuda_dev *d, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                              const moe_tensor *logits, const int64_t *t, int64_t rows, int64_t n, int64_t ignore,
+                              float scale) {
+    T *dx = PTR(T, dlogits);
+    const T *x = PTR(const T, logits);
+    unsigned g = cuda_row_grid(rows);
+    if ((((uintptr_t)dx ^ (uintptr_t)x) & 15u) == 0)
+        k_xent_fused<T, S, VEC<T>::N><<<g, xent_threads(n, VEC<T>::N), 0, d->stream>>>(
+            PTR(S, loss), PTR(S, lse), dx, x, t, rows, n, ignore, scale);
+    else
+        k_xent_fused<T, S, 1><<<g, xent_threads(n, VEC<T>::N), 0, d->stream>>>(PTR(S, loss), PTR(S, lse), dx, x, t,
+                                                                              rows, n, ignore, scale);
 }
 
 }  // namespace
@@ -259,5 +303,27 @@ moe_status cuda_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, const 
     else
         xent_bwd_launch<bf16, bf16>(d, dlogits, logits, lse, t, rows, n, ignore_index, scale);
     CU_LAUNCHED("cross_entropy_backward");
+    return MOE_OK;
+}
+
+moe_status cuda_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
+                                    const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
+                                    float scale) {
+    MOE_TRY(cuda_check_float(logits->dtype, "cross_entropy_fused"));
+    MOE_TRY(check_stat(logits, loss, "cross_entropy_fused"));
+    if (lse->dtype != loss->dtype)
+        return moe_error(MOE_ERR_DTYPE, "cross_entropy_fused on cuda: loss (%s) and lse (%s) must share a dtype",
+                         moe_dtype_name(loss->dtype), moe_dtype_name(lse->dtype));
+    int64_t n = cuda_last_dim(logits), rows = cuda_rows(logits);
+    if (rows == 0) return MOE_OK;
+    CUDA_ENTER(d, ctx, logits->device);
+    const int64_t *t = PTR(const int64_t, targets);
+    if (logits->dtype == MOE_F32)
+        xent_fused_launch<float, float>(d, loss, lse, dlogits, logits, t, rows, n, ignore_index, scale);
+    else if (loss->dtype == MOE_F32)
+        xent_fused_launch<bf16, float>(d, loss, lse, dlogits, logits, t, rows, n, ignore_index, scale);
+    else
+        xent_fused_launch<bf16, bf16>(d, loss, lse, dlogits, logits, t, rows, n, ignore_index, scale);
+    CU_LAUNCHED("cross_entropy_fused");
     return MOE_OK;
 }
