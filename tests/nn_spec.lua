@@ -130,6 +130,20 @@ describe("tape functional ops", function()
       function() return moe.Tape():cross_entropy(logits, targets):item() end)
   end)
 
+  -- The second and third linears on one input add their input gradient into
+  -- the first's in their GEMM (beta 1) instead of a new tensor and a sum.
+  it("linears sharing an input: the input gradient sums all three", function()
+    local x = moe.randn({2, 3, 4}, {seed = 25})
+    local l1, l2, l3 = moe.nn.Linear(4, 5, {seed = 26}), moe.nn.Linear(4, 2, {seed = 27}), moe.nn.Linear(4, 5, {seed = 28})
+    local function lossf(tape)
+      local a, b, c = l1:forward(x, tape), l2:forward(x, tape), l3:forward(x, tape)
+      return tape:add(tape:add(tape:sum(tape:mul(a, c)), tape:sum(tape:square(b))), tape:sum(a))
+    end
+    local tape = moe.Tape()
+    tape:backward(lossf(tape))
+    gc.check("x through three linears", x, tape:grad(x), function() return lossf(moe.Tape()):item() end)
+  end)
+
   -- Under a tape the forward also computes the gradient for an upstream 1 (one
   -- pass over the logits); it is handed over once, and any other upstream
   -- gradient, a second backward or a second gradient into the logits must

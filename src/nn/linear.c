@@ -17,11 +17,15 @@ static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
     moe_tensor *grows = g ? moe_rows_view(g) : NULL;
     moe_tensor *xrows = moe_rows_view(x);
-    moe_tensor *dx = moe_tensor_like(ctx, x);
+    /* where x already has a gradient (q, k and v share their input), add to it in the GEMM */
+    moe_tensor *acc = moe_tape_grad_acc(e, 0);
+    moe_tensor *dx = acc;
+    if (acc) moe_tensor_retain(acc);
+    else dx = moe_tensor_like(ctx, x);
     moe_tensor *dxrows = dx ? moe_rows_view(dx) : NULL;
     moe_tensor *db = NULL;
     moe_status s = grows && xrows && dxrows ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 0, 1.0f, grows, w, 0.0f, dxrows);
+    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 0, 1.0f, grows, w, acc ? 1.0f : 0.0f, dxrows);
     if (s == MOE_OK && wgrad) s = moe_op_gemm(ctx, 1, 0, 1.0f, grows, xrows, 1.0f, wgrad);
     if (s == MOE_OK && has_bias && e->saved[SAVED_BGRAD]) {
         db = moe_tensor_like(ctx, e->saved[SAVED_BGRAD]);
@@ -30,7 +34,7 @@ static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
     }
     moe_tensor_release(g); moe_tensor_release(grows); moe_tensor_release(xrows);
     moe_tensor_release(dxrows); moe_tensor_release(db);
-    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
 }

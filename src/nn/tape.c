@@ -251,6 +251,17 @@ static moe_status accumulate(moe_ctx *ctx, moe_tape *t, const moe_tensor *x, moe
     return st;
 }
 
+moe_tensor *moe_tape_grad_acc(moe_tape_entry *e, int i) {
+    if (!e || !e->tape || i < 0 || i >= e->n_in) return NULL;
+    const moe_tensor *x = e->in[i];
+    grad_slot *s = find_slot(e->tape, x, 0);
+    moe_tensor *g = s ? s->grad : NULL;
+    if (!g || !moe_tensor_is_contiguous(g) || g->dtype != x->dtype || !moe_device_eq(g->device, x->device) ||
+        !moe_tensor_same_shape(g, x))
+        return NULL;
+    return g;
+}
+
 /* A tensor is intermediate if an entry produced it; its gradient can go once
  * that entry has run. Leaves keep theirs for moe_tape_grad. */
 static void drop_grad(moe_tape *t, const moe_tensor *x) {

@@ -51,6 +51,13 @@ moe_tape_entry *moe_tape_record(moe_tape *tape, const char *name, moe_backward_f
 /* Adds a saved tensor to an entry (new reference). */
 void moe_tape_save(moe_tape_entry *e, moe_tensor *t);
 
+/* For a backward function: the gradient already summed for input i of e, for
+ * it to add its own contribution in place (a GEMM with beta 1 instead of a
+ * new tensor and a separate pass to add it), returning NULL for that input;
+ * NULL when there is none yet, or it is not contiguous or not of the input's
+ * dtype and device (then return a new tensor as usual). */
+moe_tensor *moe_tape_grad_acc(moe_tape_entry *e, int i);
+
 /* Backward from `root` with upstream gradient `grad_root` (NULL: ones, for a
  * scalar loss). Gradients of leaves (tensors that no entry produced) stay
  * readable through moe_tape_grad; intermediate ones are dropped once used
