@@ -24,12 +24,17 @@ static moe_tensor *new_stats(moe_ctx *ctx, moe_tensor *x) {
 static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     moe_tensor *x = e->saved[0], *rstd = e->saved[1];
-    moe_tensor *dx = moe_tensor_like(ctx, x);
+    /* the residual stream's gradient is usually there already: add to it in the kernel */
+    moe_tensor *acc = moe_tape_grad_acc(e, 0);
+    moe_tensor *dx = acc;
+    if (acc) moe_tensor_retain(acc);
+    else dx = moe_tensor_like(ctx, x);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
-    moe_status s = dx && g ? moe_op_rmsnorm_backward(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]), rstd)
+    moe_status s = dx && g ? moe_op_rmsnorm_backward_beta(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]),
+                                                          rstd, acc ? 1.0f : 0.0f)
                            : moe_last_status();
     moe_tensor_release(g);
-    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
 }

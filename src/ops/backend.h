@@ -58,8 +58,9 @@ typedef struct moe_backend {
     moe_status (*index_add)(moe_ctx *, moe_tensor *dst, const moe_tensor *index, const moe_tensor *src);
 
     moe_status (*rmsnorm)(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w, float eps);
+    /* dx = beta dx + the gradient (dx not read when beta is 0) */
     moe_status (*rmsnorm_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
-                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+                                   const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
     moe_status (*layernorm)(moe_ctx *, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
                             const moe_tensor *w, const moe_tensor *b, float eps);
     moe_status (*layernorm_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, moe_tensor *db, const moe_tensor *dy,

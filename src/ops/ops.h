@@ -133,6 +133,9 @@ moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const m
 /* dx overwritten; dw accumulated (dw may be NULL). */
 moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+/* The same, adding: dx = beta dx + the gradient (dx not read when beta is 0). */
+moe_status moe_op_rmsnorm_backward_beta(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                        const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
 /* y = (x - mean) * rstd * w + b (b may be NULL); mean, rstd [rows] saved. */
 moe_status moe_op_layernorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd,
                             const moe_tensor *x, const moe_tensor *w, const moe_tensor *b, float eps);

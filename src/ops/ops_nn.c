@@ -79,6 +79,11 @@ moe_status moe_op_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const m
 
 moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd) {
+    return moe_op_rmsnorm_backward_beta(ctx, dx, dw, dy, x, w, rstd, 0.0f);
+}
+
+moe_status moe_op_rmsnorm_backward_beta(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                        const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta) {
     static const char *op = "rmsnorm_backward";
     ops_arg f[] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"dw", dw}};
     MOE_TRY(ops_check(op, f, dw ? 5 : 4, NULL, 0));
@@ -97,7 +102,7 @@ moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw,
     const moe_tensor *in[] = {dy, x, w, rstd};
     moe_tensor *c[4];
     MOE_TRY(contig_all(ctx, in, c, 4));
-    moe_status s = be->rmsnorm_backward(ctx, dx, dw, c[0], c[1], c[2], c[3]);
+    moe_status s = be->rmsnorm_backward(ctx, dx, dw, c[0], c[1], c[2], c[3], beta);
     release_all(c, 4);
     return s;
 }

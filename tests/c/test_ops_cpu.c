@@ -467,6 +467,16 @@ static void test_norms(void) {
     }
     CHECK_OK("rmsnorm_backward", moe_op_rmsnorm_backward(ctx, dx, dw, dy, x, w, rstd));
     CHECK_CLOSE("rmsnorm_backward dw accumulates", moe_f32(dw), dwref, D, 1e-5, 1e-5);
+    /* beta 1 adds dx to what the tensor held; beta 0 never reads it (NaN there stays out) */
+    moe_tensor *dxa = RANDN(2, 3, 19), *dxn = ZEROS(2, 3, 19);
+    double dxref[2 * 3 * 19];
+    for (int i = 0; i < 2 * 3 * 19; i++) dxref[i] = moe_f32(dxa)[i] + moe_f32(dx)[i];
+    CHECK_OK("rmsnorm_backward_beta 1", moe_op_rmsnorm_backward_beta(ctx, dxa, NULL, dy, x, w, rstd, 1.0f));
+    CHECK_CLOSE("rmsnorm_backward_beta 1 adds", moe_f32(dxa), dxref, 2 * 3 * 19, 1e-6, 1e-5);
+    for (int i = 0; i < 2 * 3 * 19; i++) { moe_f32(dxn)[i] = NAN; dxref[i] = moe_f32(dx)[i]; }
+    CHECK_OK("rmsnorm_backward_beta 0", moe_op_rmsnorm_backward_beta(ctx, dxn, NULL, dy, x, w, rstd, 0.0f));
+    CHECK_CLOSE("rmsnorm_backward_beta 0 ignores the old values", moe_f32(dxn), dxref, 2 * 3 * 19, 1e-6, 1e-5);
+    rel(dxa); rel(dxn);
     /* error message names expected vs got */
     moe_tensor *w8 = RANDN(8);
     moe_status s = moe_op_rmsnorm(ctx, y, rstd, x, w8, 1e-5f);

@@ -435,6 +435,19 @@ static void test_rmsnorm(moe_dtype dt) {
                      (long long)D);
             check(name, dt, dx2.d, dx2.h, tol_of(dt, 1e-5));
         }
+        /* added into a gradient already there (beta 1), with dw and without: the residual stream's case */
+        for (int withdw = 0; withdw < 2; withdw++) {
+            pair dx3 = in_randn(dt, SH(R, T, D)), dw3 = in_randn(dt, SH(D));
+            round_through(dx3.h, dt);
+            if (RUN("rmsnorm_backward beta 1", dt,
+                    moe_op_rmsnorm_backward_beta(ctx, dx3.h, withdw ? dw3.h : NULL, dy.h, x.h, w.h, rstd.h, 1.0f),
+                    moe_op_rmsnorm_backward_beta(ctx, dx3.d, withdw ? dw3.d : NULL, dy.d, x.d, w.d, rd, 1.0f))) {
+                snprintf(name, sizeof name, "rmsnorm_backward dx += (beta 1)%s [%lld,%lld,%lld]",
+                         withdw ? ", with dw" : "", (long long)R, (long long)T, (long long)D);
+                check(name, dt, dx3.d, dx3.h, tol_of(dt, 1e-5));
+            }
+            pfree(&dx3); pfree(&dw3);
+        }
         /* dw from fixed-order partials: the same bytes twice */
         moe_tensor *wa = moe_op_to(ctx, w.d, GPU, dt), *wb = moe_op_to(ctx, w.d, GPU, dt);
         die_if(!wa || !wb, "copies");
@@ -465,9 +478,10 @@ static void test_swiglu(moe_dtype dt) {
 /* V=1031 (not a multiple of 8: rows start unaligned, so heads and tails) and
  * V=20011 (long rows: the four-vectors-per-thread loop as well); every fifth
  * row ignored. Then logits one element into their storage (dlogits and logits
- * aligned differently: the element-by-element backward). */
+ * aligned differently: the element-by-element backward); then V=120011, a row
+ * too long for the fused kernel to keep in shared memory. */
 static void test_cross_entropy(moe_dtype dt) {
-    static const int64_t cfg[][2] = {{13, 1031}, {9, 20011}, {7, 1029}};
+    static const int64_t cfg[][2] = {{13, 1031}, {9, 20011}, {7, 1029}, {3, 120011}};
     const int64_t IGN = -100;
     for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
         const int64_t N = cfg[c][0], V = cfg[c][1];

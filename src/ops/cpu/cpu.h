@@ -145,7 +145,7 @@ moe_status moe_cpu_index_add(moe_ctx *, moe_tensor *dst, const moe_tensor *index
 moe_status moe_cpu_rmsnorm(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
                            float eps);
 moe_status moe_cpu_rmsnorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
-                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
 moe_status moe_cpu_layernorm(moe_ctx *, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd, const moe_tensor *x,
                              const moe_tensor *w, const moe_tensor *b, float eps);
 moe_status moe_cpu_layernorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, moe_tensor *db,

@@ -9,6 +9,7 @@ typedef struct {
     const float *x, *w, *b, *dy, *mean, *rstd;
     int64_t d;
     float eps;
+    float beta;                    /* rmsnorm backward: dx = beta dx + the gradient */
 } norm_job;
 
 static void rms_fwd(void *arg, int64_t r0, int64_t r1) {
@@ -40,7 +41,10 @@ static void rms_bwd(void *arg, int64_t r0, int64_t r1) {
         for (int l = 0; i < d; i++, l++) acc[l] += dy[i] * w[i] * x[i];
         float dot = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         float c = rs * rs * rs * dot / (float)d;
-        for (i = 0; i < d; i++) dx[i] = rs * dy[i] * w[i] - c * x[i];
+        if (J->beta != 0.0f)
+            for (i = 0; i < d; i++) dx[i] = J->beta * dx[i] + (rs * dy[i] * w[i] - c * x[i]);
+        else
+            for (i = 0; i < d; i++) dx[i] = rs * dy[i] * w[i] - c * x[i];
     }
 }
 
@@ -131,11 +135,11 @@ moe_status moe_cpu_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const 
 }
 
 moe_status moe_cpu_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
-                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd) {
+                                    const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta) {
     CPU_F32("rmsnorm_backward", dx);
     int64_t d = x->shape[x->ndim - 1], rows = nrows(x, d);
     norm_job J = {.y = moe_f32(dx), .dw = dw ? moe_f32(dw) : NULL, .x = moe_f32(x), .w = moe_f32(w),
-                  .dy = moe_f32(dy), .rstd = moe_f32(rstd), .d = d};
+                  .dy = moe_f32(dy), .rstd = moe_f32(rstd), .d = d, .beta = beta};
     moe_parallel_for(ctx->pool, rows, cpu_grain(d * 5, CPU_PAR_WORK), rms_bwd, &J);
     if (dw) {
         col_job C = {&J, rows, 0};

@@ -87,7 +87,7 @@ moe_status cuda_logsumexp(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 moe_status cuda_rmsnorm(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
                         float eps);
 moe_status cuda_rmsnorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
-                                 const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd);
+                                 const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
 moe_status cuda_swiglu(moe_ctx *, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up);
 moe_status cuda_swiglu_backward(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
                                 const moe_tensor *gate, const moe_tensor *up);

@@ -96,13 +96,14 @@ k_rms_fwd_reg(T *y, S *rstd, const T *x, const T *w, int64_t rows, int n, float 
     }
 }
 
-// dx = r * (dy*w - x * r^2 * mean(dy*w*x)); block b handles rows [b*rpb, (b+1)*rpb).
+// dx = beta dx + r * (dy*w - x * r^2 * mean(dy*w*x)) (the old dx read only when beta != 0: a
+// gradient already summed for x, such as the residual stream's); block b handles rows [b*rpb, (b+1)*rpb).
 // With DW, part[b, j] = sum over those rows of dy[r, j] * x[r, j] * rstd[r]
 // (dynamic shared memory: (blockDim.x / 32) * n floats).
 template <typename T, typename S, int TPR, int NV, bool DW>
 __global__ void __launch_bounds__(NORM_THREADS)
 k_rms_bwd_reg(T *dx, float *part, const T *dy, const T *x, const T *w, const S *rstd, int64_t rows, int n,
-              int64_t rpb) {
+              int64_t rpb, float beta) {
     constexpr int N = VEC<T>::N;
     extern __shared__ float red[];
     const int gl = threadIdx.x % TPR, gpb = blockDim.x / TPR, nvec = n / N;
@@ -153,6 +154,12 @@ k_rms_bwd_reg(T *dx, float *part, const T *dy, const T *x, const T *w, const S *
                 vload(w + (int64_t)v * N, wf);
 #pragma unroll
                 for (int e = 0; e < N; e++) o[e] = rs * (gf[e] * wf[e] - xf[e] * c);
+                if (beta != 0.0f) {
+                    float old[N];
+                    vload(dxr + (int64_t)v * N, old);
+#pragma unroll
+                    for (int e = 0; e < N; e++) o[e] += beta * old[e];
+                }
                 vstore(dxr + (int64_t)v * N, o);
                 if (DW) {
 #pragma unroll
@@ -220,7 +227,8 @@ __global__ void k_rmsnorm(T *y, S *rstd, const T *x, const T *w, int64_t rows, i
 }
 
 template <typename T, typename S, int V>
-__global__ void k_rmsnorm_dx(T *dx, const T *dy, const T *x, const T *w, const S *rstd, int64_t rows, int64_t n) {
+__global__ void k_rmsnorm_dx(T *dx, const T *dy, const T *x, const T *w, const S *rstd, int64_t rows, int64_t n,
+                             float beta) {
     __shared__ float sh[32];
     const int64_t nv = n / V;
     for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -245,6 +253,12 @@ __global__ void k_rmsnorm_dx(T *dx, const T *dy, const T *x, const T *w, const S
             load_v<T, V>(xr + j * V, xx);
 #pragma unroll
             for (int e = 0; e < V; e++) a[e] = rs * (a[e] * b[e] - xx[e] * c);
+            if (beta != 0.0f) {
+                float old[V];
+                load_v<T, V>(dxr + j * V, old);
+#pragma unroll
+                for (int e = 0; e < V; e++) a[e] += beta * old[e];
+            }
             store_v<T, V>(dxr + j * V, a);
         }
     }
@@ -360,7 +374,7 @@ static moe_status dw_sum_launch(cuda_dev *d, moe_tensor *dw, const float *part, 
 template <typename T, typename S, int TPR, int NV>
 static moe_status bwd_reg_launch(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                  const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, int64_t rows,
-                                 int64_t n) {
+                                 int64_t n, float beta) {
     const int gpb = NORM_THREADS / TPR;
     int64_t groups = (rows + gpb - 1) / gpb;   // blocks if every block took gpb rows
     if (!dw) {
@@ -368,7 +382,7 @@ static moe_status bwd_reg_launch(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, co
         int64_t rpb = (rows + blocks - 1) / blocks;
         k_rms_bwd_reg<T, S, TPR, NV, false><<<(unsigned)blocks, NORM_THREADS, 0, d->stream>>>(
             PTR(T, dx), nullptr, PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows,
-            (int)n, rpb);
+            (int)n, rpb, beta);
         CU_LAUNCHED("rmsnorm_backward (dx)");
         return MOE_OK;
     }
@@ -381,35 +395,35 @@ static moe_status bwd_reg_launch(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, co
     size_t smem = (size_t)(NORM_THREADS / 32) * (size_t)n * sizeof(float);
     k_rms_bwd_reg<T, S, TPR, NV, true><<<(unsigned)blocks, NORM_THREADS, smem, d->stream>>>(
         PTR(T, dx), (float *)part.p, PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows,
-        (int)n, rpb);
+        (int)n, rpb, beta);
     CU_LAUNCHED("rmsnorm_backward (dx, dw partials)");
     return dw_sum_launch<T>(d, dw, (const float *)part.p, blocks, n);
 }
 
 template <typename T, typename S>
 static moe_status rmsnorm_bwd(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy, const moe_tensor *x,
-                              const moe_tensor *w, const moe_tensor *rstd, int64_t rows, int64_t n) {
+                              const moe_tensor *w, const moe_tensor *rstd, int64_t rows, int64_t n, float beta) {
     constexpr int N = VEC<T>::N;
     const bool vec = n % N == 0 && cuda_aligned16(moe_tensor_data(dx)) && cuda_aligned16(moe_tensor_data(dy)) &&
                      cuda_aligned16(moe_tensor_data(x)) && cuda_aligned16(moe_tensor_data(w));
     int tpr = 0, nv = 0;
     // at most 32 f32 accumulators per lane for dw: n <= 1024
     if (vec && reg_config(n / N, 32 / N, &tpr, &nv)) {
-        if (tpr == 8) return bwd_reg_launch<T, S, 8, 1>(d, dx, dw, dy, x, w, rstd, rows, n);
-        if (tpr == 16) return bwd_reg_launch<T, S, 16, 1>(d, dx, dw, dy, x, w, rstd, rows, n);
-        if (nv == 1) return bwd_reg_launch<T, S, 32, 1>(d, dx, dw, dy, x, w, rstd, rows, n);
-        if (nv == 2) return bwd_reg_launch<T, S, 32, 2>(d, dx, dw, dy, x, w, rstd, rows, n);
-        if (nv == 4) return bwd_reg_launch<T, S, 32, 4>(d, dx, dw, dy, x, w, rstd, rows, n);
-        if constexpr (N == 4) return bwd_reg_launch<T, S, 32, 8>(d, dx, dw, dy, x, w, rstd, rows, n);
+        if (tpr == 8) return bwd_reg_launch<T, S, 8, 1>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+        if (tpr == 16) return bwd_reg_launch<T, S, 16, 1>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+        if (nv == 1) return bwd_reg_launch<T, S, 32, 1>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+        if (nv == 2) return bwd_reg_launch<T, S, 32, 2>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+        if (nv == 4) return bwd_reg_launch<T, S, 32, 4>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+        if constexpr (N == 4) return bwd_reg_launch<T, S, 32, 8>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
     }
     const int64_t vw = vec ? N : 1, nvec = n / vw;
     int th = cuda_row_threads(nvec);
     if (vec)
         k_rmsnorm_dx<T, S, N><<<cuda_row_grid(rows), th, 0, d->stream>>>(
-            PTR(T, dx), PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows, n);
+            PTR(T, dx), PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows, n, beta);
     else
         k_rmsnorm_dx<T, S, 1><<<cuda_row_grid(rows), th, 0, d->stream>>>(
-            PTR(T, dx), PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows, n);
+            PTR(T, dx), PTR(const T, dy), PTR(const T, x), PTR(const T, w), PTR(const S, rstd), rows, n, beta);
     CU_LAUNCHED("rmsnorm_backward (dx)");
     if (!dw) return MOE_OK;
     int64_t nchunks = rows < 128 ? rows : 128, chunk = (rows + nchunks - 1) / nchunks;
@@ -444,13 +458,13 @@ moe_status cuda_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe
 }
 
 moe_status cuda_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
-                                 const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd) {
+                                 const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta) {
     MOE_TRY(cuda_check_float(x->dtype, "rmsnorm_backward"));
     MOE_TRY(check_stat(x, rstd, "rmsnorm_backward"));
     int64_t n = cuda_last_dim(x), rows = cuda_rows(x);
     if (rows == 0 || n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, x->device);
-    if (x->dtype == MOE_F32) return rmsnorm_bwd<float, float>(d, dx, dw, dy, x, w, rstd, rows, n);
-    if (rstd->dtype == MOE_F32) return rmsnorm_bwd<bf16, float>(d, dx, dw, dy, x, w, rstd, rows, n);
-    return rmsnorm_bwd<bf16, bf16>(d, dx, dw, dy, x, w, rstd, rows, n);
+    if (x->dtype == MOE_F32) return rmsnorm_bwd<float, float>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+    if (rstd->dtype == MOE_F32) return rmsnorm_bwd<bf16, float>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
+    return rmsnorm_bwd<bf16, bf16>(d, dx, dw, dy, x, w, rstd, rows, n, beta);
 }
