@@ -5,8 +5,7 @@
  * takes (256), the weight gradient with beta 0 (output poisoned with NaN: it
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
- * experts), which still give the right result through cuBLAS; the weight
- * gradient under skewed routing (heavy experts cut into chunks, split-K); the pair call
+ * experts), which still give the right result through cuBLAS; the pair call
  * (two GEMMs summed along K in one launch). Each check also
  * asserts, from the device's counter, whether the kernel served the call. */
 #include "gpucheck.h"
@@ -21,20 +20,6 @@ static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
         if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
-        off[g + 1] = off[g] + n;
-    }
-}
-
-/* Skewed routing: `heavy` experts (spread over the list) of heavy_rows rows and
- * a tail of the given extent, the rest up to light_max rows: the weight gradient
- * cuts experts of more than three times max(average, 512) rows into chunks (split-K). */
-static void make_skewed(int64_t *off, int G, int heavy, int heavy_rows, int tail, int light_max) {
-    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 11;
-    off[0] = 0;
-    for (int g = 0; g < G; g++) {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        int64_t n = (int64_t)(x % (uint64_t)(light_max + 1));
-        if (g % (G / heavy) == 1 && g / (G / heavy) < heavy) n = heavy_rows + (g % 3) * 64 + tail;
         off[g + 1] = off[g] + n;
     }
 }
@@ -170,15 +155,6 @@ int main(void) {
     wgrad_check("step model up", 0.0f, off, 16, 512, 1024, 1);
     make_offsets(off, 256, 40, 5);
     wgrad_check("256 experts", 0.5f, off, 256, 16, 24, 1);
-    /* skewed routing: split-K over the heavy experts' rows, partials summed in a second kernel */
-    for (int v = 0; v < 3; v++) {
-        make_skewed(off, 16, 1, 3000, 37, 40);
-        wgrad_check("one heavy expert (split-K)", betas[v], off, 16, 72, 200, 1);
-    }
-    make_skewed(off, 32, 4, 2000, 5, 60);
-    wgrad_check("four heavy experts (split-K)", 1.0f, off, 32, 256, 136, 1);
-    make_skewed(off, 256, 32, 1700, 0, 8);   /* more heavy experts than are split: the rest run whole */
-    wgrad_check("32 heavy experts, 16 split", 0.0f, off, 256, 64, 64, 1);
 
     /* calls the kernel refuses go through cuBLAS, still right */
     make_offsets(off, 8, 100, 3);

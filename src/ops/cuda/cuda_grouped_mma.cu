@@ -12,12 +12,7 @@
 //     same accumulators: the data gradient of gate and up, dx = dg Wg + du Wu,
 //     as one GEMM over K + K2 instead of two (the second re-reading dx);
 //   weight gradient (the reduction varies): A_g = a_g^T (a_g [rows_g, P],
-//     P contiguous), B_g = b_g [rows_g, Q], C_g = c[g] [P, Q]. An expert with
-//     many more rows than the average (skewed or collapsed routing) would
-//     leave its tiles running long after the rest: its rows are cut into
-//     chunks of about the average, each chunk's tiles write f32 partial sums
-//     to scratch, and a second kernel adds them in a fixed order (the same
-//     bytes every run) into C_g with alpha and beta.
+//     P contiguous), B_g = b_g [rows_g, Q], C_g = c[g] [P, Q].
 //
 // Hopper tensor cores through wgmma (sm_90a; this file is built for
 // compute_90a): a block computes 128 x 128 with two warpgroups of 64 x 128
@@ -68,10 +63,6 @@ struct mma_params {
     int K, N, P, Q;          // forward: K, N; wgrad: P, Q
     int K2;                  // forward: K of the second pair (0: none)
     int groups;
-    // wgrad split-K: the first nsplit groups of `order` are cut into chunks of kchunk rows;
-    // their tiles (split_tiles of them) come first and write f32 partials to `part`
-    int nsplit, kchunk, split_tiles;
-    float *part;
     int off[MAX_GROUPS + 1];         // row offsets of the groups
     union {
         int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums)
@@ -142,54 +133,25 @@ struct tile_info {
     int64_t lda, ldb, ldc;
     const __nv_bfloat16 *A, *B;
     __nv_bfloat16 *C;
-    float *Cf;   // a split weight-gradient tile: its raw f32 sums go here (ld Q), not to C
     bool skip;   // an empty weight-gradient group with beta 1: nothing to do
 };
 
 template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(const mma_params &p, int t) {
     tile_info ti;
-    ti.Cf = nullptr;
+    ti.n0 = (t % p.n_tiles) * BN;
     if (WGRAD) {
         // a tile's work grows with its group's rows: the largest groups' tiles
         // go first, so the last wave holds short ones (imbalanced routing
         // otherwise left a few long tiles running alone at the end)
-        const int per = p.m_tiles * p.n_tiles;
-        int i, r0, rows, slot = 0;
-        if (t < p.split_tiles) {   // a chunk of a split group: walk the (few) split groups
-            int tt = t;
-            for (i = 0;; i++) {
-                int g = p.order[i], n = p.off[g + 1] - p.off[g], ch = (n + p.kchunk - 1) / p.kchunk;
-                if (tt < ch * per) {
-                    int c = tt / per;
-                    r0 = p.off[g] + c * p.kchunk;
-                    rows = min(p.kchunk, n - c * p.kchunk);
-                    slot += c;
-                    tt %= per;
-                    break;
-                }
-                tt -= ch * per;
-                slot += ch;
-            }
-            t = tt;
-            ti.Cf = p.part + (int64_t)slot * p.P * p.Q;
-        } else {
-            t -= p.split_tiles;
-            i = p.nsplit + t / per;
-            t %= per;
-            r0 = p.off[p.order[i]];
-            rows = p.off[p.order[i] + 1] - r0;
-        }
-        int g = p.order[i];
-        ti.n0 = (t % p.n_tiles) * BN;
-        ti.m0 = (t / p.n_tiles) * BM;
-        ti.M = p.P; ti.N = p.Q; ti.K = rows;
+        int per = p.m_tiles * p.n_tiles, g = p.order[t / per], r0 = p.off[g];
+        ti.m0 = ((t % per) / p.n_tiles) * BM;
+        ti.M = p.P; ti.N = p.Q; ti.K = p.off[g + 1] - r0;
         ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
         ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
         ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
-        ti.skip = ti.K == 0 && p.beta == 1.0f && !ti.Cf;
+        ti.skip = ti.K == 0 && p.beta == 1.0f;
         ti.g = g;
     } else {
-        ti.n0 = (t % p.n_tiles) * BN;
         int mt = t / p.n_tiles, lo = 0, hi = p.groups - 1;
         while (lo < hi) {   // the last group whose first tile is <= mt (empty groups share it with the next)
             int mid = (lo + hi + 1) >> 1;
@@ -231,17 +193,6 @@ __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile
                 make_float2(alpha * d[j * 4 + h * 2], alpha * d[j * 4 + h * 2 + 1]);
     __syncthreads();
     constexpr int PER = BM * BN / 8 / THREADS;   // 16-byte chunks per thread
-    if (ti.Cf) {   // a split-K partial: the raw sums (alpha was 1 above), 8 floats a chunk
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
-            if (row >= ti.M || col >= ti.N) continue;
-            float *dst = ti.Cf + (int64_t)row * ti.ldc + col;
-            *reinterpret_cast<float4 *>(dst) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
-            *reinterpret_cast<float4 *>(dst + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
-        }
-        return;
-    }
     uint4 old[PER];
     if (beta != 0.0f) {
 #pragma unroll
@@ -340,50 +291,8 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     }
     cp_async_wait<0>();
     __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
-    store_tile(d, reinterpret_cast<float *>(smem), ti, tid, ti.Cf ? 1.0f : p.alpha, p.beta);
+    store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
 #endif
-}
-
-// ---- split-K: the partial sums of each split group into C ----
-constexpr int MAX_SPLIT = 16;   // groups split per call (the largest ones)
-struct split_params {
-    int n;                                  // split groups
-    int g[MAX_SPLIT], chunks[MAX_SPLIT], slot[MAX_SPLIT];
-};
-
-// C_g = alpha * (sum of the chunks' partials, in chunk order) + beta * C_g (C_g not
-// read when beta is 0); 4 elements a thread (P * Q is a multiple of 8), the
-// chunks' loads issued 4 at a time.
-__global__ void __launch_bounds__(256) k_split_finish(__nv_bfloat16 *c, const float *part, float alpha, float beta,
-                                                      int64_t pq, const split_params sp) {
-    const int i = blockIdx.y, nch = sp.chunks[i];
-    const int64_t e = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
-    if (e >= pq) return;
-    const float *q = part + (int64_t)sp.slot[i] * pq + e;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    int ch = 0;
-    for (; ch + 4 <= nch; ch += 4) {
-        float4 a[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) a[u] = __ldcs(reinterpret_cast<const float4 *>(q + (int64_t)(ch + u) * pq));
-#pragma unroll
-        for (int u = 0; u < 4; u++) { v.x += a[u].x; v.y += a[u].y; v.z += a[u].z; v.w += a[u].w; }
-    }
-    for (; ch < nch; ch++) {
-        float4 a = __ldcs(reinterpret_cast<const float4 *>(q + (int64_t)ch * pq));
-        v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w;
-    }
-    __nv_bfloat16 *cg = c + (int64_t)sp.g[i] * pq + e;
-    float r[4] = {alpha * v.x, alpha * v.y, alpha * v.z, alpha * v.w};
-    if (beta != 0.0f) {
-        uint2 old = *reinterpret_cast<const uint2 *>(cg);
-        r[0] += beta * __uint_as_float(old.x << 16);
-        r[1] += beta * __uint_as_float(old.x & 0xffff0000u);
-        r[2] += beta * __uint_as_float(old.y << 16);
-        r[3] += beta * __uint_as_float(old.y & 0xffff0000u);
-    }
-    __nv_bfloat162 h0 = __floats2bfloat162_rn(r[0], r[1]), h1 = __floats2bfloat162_rn(r[2], r[3]);
-    *reinterpret_cast<uint2 *>(cg) = make_uint2(*reinterpret_cast<unsigned *>(&h0), *reinterpret_cast<unsigned *>(&h1));
 }
 
 bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
@@ -429,7 +338,6 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
-    p.nsplit = p.kchunk = p.split_tiles = 0; p.part = nullptr;
     p.groups = groups;
     int64_t tiles = 0;
     for (int g = 0; g <= groups; g++) {
@@ -455,7 +363,6 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
-    p.nsplit = p.kchunk = p.split_tiles = 0; p.part = nullptr;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
@@ -463,40 +370,5 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     std::stable_sort(p.order, p.order + groups, [&](int x, int y) {
         return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
     });
-    // split-K: groups of more than three times the chunk (the average rows, at
-    // least 512, in 64-row K tiles) are cut into chunks; `order` has them first.
-    // Splitting costs f32 partials through memory and a second kernel: only a
-    // group far above the rest pays for it.
-    const int64_t n_tiles = (Q + BN - 1) / BN, per = p.m_tiles * n_tiles;
-    const int64_t avg = offsets[groups] / groups, kchunk = ((avg > 512 ? avg : 512) + BK - 1) / BK * BK;
-    split_params sp;
-    sp.n = 0;
-    int64_t split_tiles = 0, slots = 0;
-    for (int i = 0; i < groups && sp.n < MAX_SPLIT; i++) {
-        int64_t rows = offsets[p.order[i] + 1] - offsets[p.order[i]];
-        if (rows <= 3 * kchunk) break;
-        int64_t ch = (rows + kchunk - 1) / kchunk;
-        sp.g[sp.n] = p.order[i]; sp.chunks[sp.n] = (int)ch; sp.slot[sp.n] = (int)slots;
-        sp.n++;
-        split_tiles += ch * per;
-        slots += ch;
-    }
-    const size_t part_bytes = (size_t)slots * (size_t)P * (size_t)Q * sizeof(float);
-    if (part_bytes > ((size_t)1 << 30)) { sp.n = 0; split_tiles = 0; slots = 0; }   // not worth a GiB of scratch
-    cuda_scratch part(d, sp.n ? part_bytes : 0);
-    if (sp.n && !part.p) {   // no room for the partials: unsplit, as before
-        (void)cudaGetLastError();
-        sp.n = 0; split_tiles = 0;
-    }
-    p.nsplit = sp.n; p.kchunk = (int)kchunk; p.split_tiles = (int)split_tiles; p.part = (float *)part.p;
-    const int64_t blocks = split_tiles + (groups - sp.n) * per;
-    moe_status st = launch<false, false, true>(d, p, blocks / n_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
-    if (st != MOE_OK) return st;
-    if (sp.n && *ran) {
-        const int64_t pq = P * Q;
-        dim3 grid((unsigned)((pq / 4 + 255) / 256), (unsigned)sp.n);
-        k_split_finish<<<grid, 256, 0, d->stream>>>(p.c, p.part, alpha, beta, pq, sp);
-        CU_LAUNCHED("gemm_grouped_wgrad (split-K sums)");
-    }
-    return MOE_OK;
+    return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
 }
