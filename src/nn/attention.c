@@ -1,6 +1,8 @@
 /* Causal self-attention with grouped-query heads and rotary embeddings:
  *   q, k, v = q_proj(x), k_proj(x), v_proj(x)      (optionally RMS-normed: OLMoE's QK-norm)
  *   o = softmax(rope(q) rope(k)^T / sqrt(D)) v      (the "attention core", one tape entry)
+ * With QK-norm and rope, norm and rope run as one op per q and k
+ * (moe_rmsnorm_rope_forward) and the core takes q and k already rotated.
  *   y = o_proj(o)
  * x is [B, T, hidden]. Children carry Hugging Face names. */
 #include "layer.h"
@@ -33,9 +35,11 @@ static moe_status core_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_status s = g4 && dq4 && dk4 && dv4 ? MOE_OK : moe_last_status();
     if (s == MOE_OK)
         s = moe_op_attention_backward(ctx, dq4, dk4, dv4, g4, qr, kr, v, out, lse, (float)e->f[0], c->causal);
-    /* rope is a rotation: its backward is the inverse rotation of the gradient */
-    if (s == MOE_OK && c->rope_theta > 0) s = moe_op_rope(ctx, dq4, dq4, 0, c->rope_theta, 1);
-    if (s == MOE_OK && c->rope_theta > 0) s = moe_op_rope(ctx, dk4, dk4, 0, c->rope_theta, 1);
+    /* rope is a rotation: its backward is the inverse rotation of the gradient
+     * (done by the norm's entry when q and k came in rotated) */
+    int rope = c->rope_theta > 0 && !e->i[0];
+    if (s == MOE_OK && rope) s = moe_op_rope(ctx, dq4, dq4, 0, c->rope_theta, 1);
+    if (s == MOE_OK && rope) s = moe_op_rope(ctx, dk4, dk4, 0, c->rope_theta, 1);
     moe_tensor_release(g); moe_tensor_release(g4);
     moe_tensor_release(dq4); moe_tensor_release(dk4); moe_tensor_release(dv4);
     if (s != MOE_OK) { moe_tensor_release(dq); moe_tensor_release(dk); moe_tensor_release(dv); return s; }
@@ -43,20 +47,31 @@ static moe_status core_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     return MOE_OK;
 }
 
+/* rotated: q and k come with rope applied */
 static moe_status attention_core(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *q, moe_tensor *k,
-                                 moe_tensor *v, moe_tensor **y) {
+                                 moe_tensor *v, int rotated, moe_tensor **y) {
     attn_state *st = l->state;
     const moe_attention_cfg *c = &st->cfg;
     int64_t hq = c->n_heads, hkv = c->n_kv_heads, d = c->head_dim;
     float scale = 1.0f / sqrtf((float)d);
     moe_tensor *q4 = heads_view(q, hq, d), *k4 = heads_view(k, hkv, d), *v4 = heads_view(v, hkv, d);
-    moe_tensor *qr = q4 ? moe_tensor_like(ctx, q4) : NULL, *kr = k4 ? moe_tensor_like(ctx, k4) : NULL;
+    moe_tensor *qr = NULL, *kr = NULL;
+    if (rotated) {
+        qr = q4; kr = k4;
+        if (q4) moe_tensor_retain(q4);
+        if (k4) moe_tensor_retain(k4);
+    } else {
+        qr = q4 ? moe_tensor_like(ctx, q4) : NULL;
+        kr = k4 ? moe_tensor_like(ctx, k4) : NULL;
+    }
     moe_tensor *o = moe_tensor_like(ctx, q), *o4 = o ? heads_view(o, hq, d) : NULL;
     int64_t ls[3] = {q->shape[0], hq, q->shape[1]};
     moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 3, ls, q->device);
     moe_status s = q4 && k4 && v4 && qr && kr && o4 && lse ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) s = c->rope_theta > 0 ? moe_op_rope(ctx, qr, q4, 0, c->rope_theta, 0) : moe_op_copy(ctx, qr, q4);
-    if (s == MOE_OK) s = c->rope_theta > 0 ? moe_op_rope(ctx, kr, k4, 0, c->rope_theta, 0) : moe_op_copy(ctx, kr, k4);
+    if (s == MOE_OK && !rotated)
+        s = c->rope_theta > 0 ? moe_op_rope(ctx, qr, q4, 0, c->rope_theta, 0) : moe_op_copy(ctx, qr, q4);
+    if (s == MOE_OK && !rotated)
+        s = c->rope_theta > 0 ? moe_op_rope(ctx, kr, k4, 0, c->rope_theta, 0) : moe_op_copy(ctx, kr, k4);
     if (s == MOE_OK) s = moe_op_attention(ctx, o4, lse, qr, kr, v4, scale, c->causal);
     if (s == MOE_OK && tape) {
         moe_tensor *in[3] = {q, k, v};
@@ -67,6 +82,7 @@ static moe_status attention_core(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe
             moe_tape_save(e, qr); moe_tape_save(e, kr); moe_tape_save(e, v4);
             moe_tape_save(e, o4); moe_tape_save(e, lse);
             e->f[0] = scale;
+            e->i[0] = rotated;
         }
     }
     moe_tensor_release(q4); moe_tensor_release(k4); moe_tensor_release(v4);
@@ -87,11 +103,18 @@ static moe_status attention_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     moe_status s = moe_layer_forward(l->children[C_Q], ctx, tape, x, &q);
     if (s == MOE_OK) s = moe_layer_forward(l->children[C_K], ctx, tape, x, &k);
     if (s == MOE_OK) s = moe_layer_forward(l->children[C_V], ctx, tape, x, &v);
-    if (s == MOE_OK && st->cfg.qk_norm) {
+    /* QK-norm with rope: each norm and its rotation as one op */
+    const int fused = st->cfg.qk_norm && st->cfg.rope_theta > 0 && moe_layer_is_rmsnorm(l->children[C_QN]) &&
+                      moe_layer_is_rmsnorm(l->children[C_KN]);
+    if (s == MOE_OK && fused) {
+        s = moe_rmsnorm_rope_forward(l->children[C_QN], ctx, tape, q, st->cfg.n_heads, st->cfg.rope_theta, &qn);
+        if (s == MOE_OK)
+            s = moe_rmsnorm_rope_forward(l->children[C_KN], ctx, tape, k, st->cfg.n_kv_heads, st->cfg.rope_theta, &kn);
+    } else if (s == MOE_OK && st->cfg.qk_norm) {
         s = moe_layer_forward(l->children[C_QN], ctx, tape, q, &qn);
         if (s == MOE_OK) s = moe_layer_forward(l->children[C_KN], ctx, tape, k, &kn);
     }
-    if (s == MOE_OK) s = attention_core(l, ctx, tape, qn ? qn : q, kn ? kn : k, v, &o);
+    if (s == MOE_OK) s = attention_core(l, ctx, tape, qn ? qn : q, kn ? kn : k, v, fused, &o);
     if (s == MOE_OK) s = moe_layer_forward(l->children[C_O], ctx, tape, o, y);
     moe_tensor_release(q); moe_tensor_release(k); moe_tensor_release(v);
     moe_tensor_release(qn); moe_tensor_release(kn); moe_tensor_release(o);

@@ -116,6 +116,11 @@ moe_status moe_param_init_uniform(moe_ctx *ctx, moe_param *p, moe_init *init, fl
 moe_layer *moe_linear_new(moe_ctx *ctx, int64_t in, int64_t out, int bias, moe_init *init);
 moe_layer *moe_embedding_new(moe_ctx *ctx, int64_t vocab, int64_t dim, moe_init *init);
 moe_layer *moe_rmsnorm_new(moe_ctx *ctx, int64_t dim, float eps);
+int moe_layer_is_rmsnorm(const moe_layer *l);
+/* y = rope(rmsnorm(x)) per head with the RMSNorm layer l's weight and eps, x [B, T, heads * D]
+ * (QK-norm feeding attention; one pass each way where the backend fuses them) */
+moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads,
+                                    float theta, moe_tensor **y);
 moe_layer *moe_layernorm_new(moe_ctx *ctx, int64_t dim, float eps, int bias);
 /* An elementwise activation (MOE_UN_SILU, GELU, GELU_ERF, RELU, TANH, SIGMOID). */
 moe_layer *moe_activation_new(moe_unary_op op);

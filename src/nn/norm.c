@@ -6,6 +6,8 @@
 
 typedef struct { float eps; } norm_state;
 
+static const moe_layer_vtable rmsnorm_vt;
+
 static moe_status check_dim(moe_layer *l, moe_tensor *x) {
     int64_t d = l->params[0].value->shape[0];
     if (x->ndim < 1 || x->shape[x->ndim - 1] != d) {
@@ -51,6 +53,55 @@ static moe_status rmsnorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, mo
                                             moe_layer_release_v, 1, &x, 1, &out);
         if (!e) s = moe_last_status();
         else { moe_tape_save(e, xc); moe_tape_save(e, rstd); }
+    }
+    moe_tensor_release(xc);
+    moe_tensor_release(rstd);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *y = out;
+    return MOE_OK;
+}
+
+/* QK-norm and rope in one op (attention.c): y = rope(rmsnorm(x)) with x
+ * [B, T, heads * D]; the tape entry's backward runs the pair's backward. */
+static moe_status rmsnorm_rope_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_layer *l = e->self;
+    moe_tensor *x = e->saved[0], *rstd = e->saved[1];
+    moe_tensor *acc = moe_tape_grad_acc(e, 0);
+    moe_tensor *dx = acc;
+    if (acc) moe_tensor_retain(acc);
+    else dx = moe_tensor_like(ctx, x);
+    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
+    moe_status s = dx && g ? moe_op_rmsnorm_rope_backward(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]),
+                                                          rstd, e->i[0], e->i[1], (float)e->f[0], acc ? 1.0f : 0.0f)
+                           : moe_last_status();
+    moe_tensor_release(g);
+    if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+int moe_layer_is_rmsnorm(const moe_layer *l) { return l && l->vt == &rmsnorm_vt; }
+
+moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads,
+                                    float theta, moe_tensor **y) {
+    *y = NULL;
+    if (!moe_layer_is_rmsnorm(l)) return moe_error(MOE_ERR_ARG, "rmsnorm_rope: the norm is not an RMSNorm");
+    norm_state *st = l->state;
+    MOE_TRY(check_dim(l, x));
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
+    moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
+    moe_status s = out && rstd ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, moe_param_w(&l->params[0]), st->eps, heads, 0,
+                                                     theta)
+                               : moe_last_status();
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "rmsnorm_rope", rmsnorm_rope_backward, l, moe_layer_retain_v,
+                                            moe_layer_release_v, 1, &x, 1, &out);
+        if (!e) s = moe_last_status();
+        else {
+            moe_tape_save(e, xc); moe_tape_save(e, rstd);
+            e->i[0] = heads; e->i[1] = 0; e->f[0] = theta;
+        }
     }
     moe_tensor_release(xc);
     moe_tensor_release(rstd);

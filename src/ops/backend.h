@@ -121,6 +121,15 @@ typedef struct moe_backend {
     moe_status (*cross_entropy_fused)(moe_ctx *, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
                                       const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
                                       float scale);
+
+    /* RMSNorm over the last dim of x [B, T, heads * D], then rope on each head,
+     * and the backward of the pair (ops.h moe_op_rmsnorm_rope); optional: NULL
+     * makes the ops layer run the two ops */
+    moe_status (*rmsnorm_rope)(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                               float eps, int64_t heads, int64_t pos_offset, float theta);
+    moe_status (*rmsnorm_rope_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                        const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd,
+                                        int64_t heads, int64_t pos_offset, float theta, float beta);
 } moe_backend;
 
 

@@ -136,6 +136,15 @@ moe_status moe_op_rmsnorm_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw,
 /* The same, adding: dx = beta dx + the gradient (dx not read when beta is 0). */
 moe_status moe_op_rmsnorm_backward_beta(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                         const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
+/* QK-norm feeding attention: y = rope(rmsnorm(x) * w) with x, y [B, T, heads * D]
+ * (the norm over the whole last dim, rope on each head of D as moe_op_rope),
+ * rstd [B, T]; one pass where the backend fuses the two. The backward takes
+ * dy, the gradient of y: dx = beta dx + the gradient, dw += as the norm's. */
+moe_status moe_op_rmsnorm_rope(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                               float eps, int64_t heads, int64_t pos_offset, float theta);
+moe_status moe_op_rmsnorm_rope_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                        const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, int64_t heads,
+                                        int64_t pos_offset, float theta, float beta);
 /* y = (x - mean) * rstd * w + b (b may be NULL); mean, rstd [rows] saved. */
 moe_status moe_op_layernorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *mean, moe_tensor *rstd,
                             const moe_tensor *x, const moe_tensor *w, const moe_tensor *b, float eps);

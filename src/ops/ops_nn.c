@@ -191,6 +191,90 @@ moe_status moe_op_rope(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, int64
     return s;
 }
 
+/* ---- RMSNorm + rope (QK-norm) ---- */
+
+static moe_status check_norm_rope(const char *op, const moe_tensor *x, int64_t heads, int64_t pos_offset,
+                                  float theta) {
+    char s1[128];
+    if (x->ndim != 3 || heads < 1 || x->shape[2] % heads || (x->shape[2] / heads) % 2)
+        return moe_error(MOE_ERR_SHAPE, "%s: x has shape %s, expected [B, T, heads * D] with %lld heads of even D", op,
+                         OPS_SHAPE(x, s1), (long long)heads);
+    if (pos_offset < 0) return moe_error(MOE_ERR_ARG, "%s: pos_offset is %lld, expected >= 0", op, (long long)pos_offset);
+    if (!(theta > 0)) return moe_error(MOE_ERR_ARG, "%s: theta is %g, expected > 0", op, (double)theta);
+    return MOE_OK;
+}
+
+/* [B, T, heads, D] view of a [B, T, heads * D] tensor, for moe_op_rope */
+static moe_tensor *heads_view4(moe_tensor *t, int64_t heads) {
+    int64_t s[4] = {t->shape[0], t->shape[1], heads, t->shape[2] / heads};
+    return moe_tensor_view(t, 4, s);
+}
+
+moe_status moe_op_rmsnorm_rope(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                               float eps, int64_t heads, int64_t pos_offset, float theta) {
+    static const char *op = "rmsnorm_rope";
+    ops_arg f[] = {{"y", y}, {"x", x}, {"w", w}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    MOE_TRY(check_norm_rope(op, x, heads, pos_offset, theta));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, x->device, &be));
+    if (!be->rmsnorm_rope || !moe_tensor_is_contiguous(y)) {   /* the two ops check the rest */
+        MOE_TRY(moe_op_rmsnorm(ctx, y, rstd, x, w, eps));
+        moe_tensor *y4 = heads_view4(y, heads);
+        if (!y4) return moe_last_status();
+        moe_status s = moe_op_rope(ctx, y4, y4, pos_offset, theta, 0);
+        moe_tensor_release(y4);
+        return s;
+    }
+    MOE_TRY(check_stat(op, "rstd", rstd, "x", x));
+    MOE_TRY(ops_out(op, "y", y));
+    MOE_TRY(ops_out(op, "rstd", rstd));
+    MOE_TRY(ops_same_shape(op, "y", y, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {x, w};
+    moe_tensor *c[2];
+    MOE_TRY(contig_all(ctx, in, c, 2));
+    moe_status s = be->rmsnorm_rope(ctx, y, rstd, c[0], c[1], eps, heads, pos_offset, theta);
+    release_all(c, 2);
+    return s;
+}
+
+moe_status moe_op_rmsnorm_rope_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                        const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, int64_t heads,
+                                        int64_t pos_offset, float theta, float beta) {
+    static const char *op = "rmsnorm_rope_backward";
+    ops_arg f[] = {{"dx", dx}, {"dy", dy}, {"x", x}, {"w", w}, {"dw", dw}};
+    MOE_TRY(ops_check(op, f, dw ? 5 : 4, NULL, 0));
+    MOE_TRY(check_norm_rope(op, x, heads, pos_offset, theta));
+    MOE_TRY(ops_same_shape(op, "dy", dy, "x", x));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, x->device, &be));
+    if (!be->rmsnorm_rope_backward || !moe_tensor_is_contiguous(dx)) {   /* inverse rope into a temporary, then the norm */
+        moe_tensor *g = moe_tensor_new(ctx, dy->dtype, dy->ndim, dy->shape, dy->device);
+        moe_tensor *g4 = g ? heads_view4(g, heads) : NULL, *dy4 = heads_view4((moe_tensor *)dy, heads);
+        moe_status s = g4 && dy4 ? moe_op_rope(ctx, g4, dy4, pos_offset, theta, 1) : moe_last_status();
+        if (s == MOE_OK) s = moe_op_rmsnorm_backward_beta(ctx, dx, dw, g, x, w, rstd, beta);
+        moe_tensor_release(g4); moe_tensor_release(dy4); moe_tensor_release(g);
+        return s;
+    }
+    MOE_TRY(check_stat(op, "rstd", rstd, "dx", dx));
+    MOE_TRY(ops_out(op, "dx", dx));
+    if (dw) MOE_TRY(ops_out(op, "dw", dw));
+    MOE_TRY(ops_same_shape(op, "dx", dx, "x", x));
+    MOE_TRY(check_norm_weight(op, "weight", w, x));
+    if (dw) MOE_TRY(check_norm_weight(op, "dw", dw, x));
+    MOE_TRY(check_rowstat(op, "rstd", rstd, ops_rows(x)));
+    if (moe_tensor_numel(x) == 0) return MOE_OK;
+    const moe_tensor *in[] = {dy, x, w, rstd};
+    moe_tensor *c[4];
+    MOE_TRY(contig_all(ctx, in, c, 4));
+    moe_status s = be->rmsnorm_rope_backward(ctx, dx, dw, c[0], c[1], c[2], c[3], heads, pos_offset, theta, beta);
+    release_all(c, 4);
+    return s;
+}
+
 /* ---- attention ---- */
 
 static moe_status check_attention(const char *op, const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,

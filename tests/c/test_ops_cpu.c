@@ -477,6 +477,22 @@ static void test_norms(void) {
     CHECK_OK("rmsnorm_backward_beta 0", moe_op_rmsnorm_backward_beta(ctx, dxn, NULL, dy, x, w, rstd, 0.0f));
     CHECK_CLOSE("rmsnorm_backward_beta 0 ignores the old values", moe_f32(dxn), dxref, 2 * 3 * 19, 1e-6, 1e-5);
     rel(dxa); rel(dxn);
+    /* rmsnorm then rope per head in one op (the CPU runs the two): the same values as the two ops */
+    {
+        moe_tensor *qx = RANDN(2, 3, 8), *qw = RANDN(8), *qy = ZEROS(2, 3, 8), *qr = ZEROS(2, 3);
+        moe_tensor *ry = ZEROS(2, 3, 8), *rr = ZEROS(2, 3);
+        CHECK_OK("rmsnorm_rope", moe_op_rmsnorm_rope(ctx, qy, qr, qx, qw, 1e-5f, 2, 0, 10000.0f));
+        CHECK_OK("rmsnorm for rmsnorm_rope", moe_op_rmsnorm(ctx, ry, rr, qx, qw, 1e-5f));
+        moe_tensor *ry4 = moe_tensor_view(ry, 4, (int64_t[]){2, 3, 2, 4});
+        CHECK_OK("rope for rmsnorm_rope", moe_op_rope(ctx, ry4, ry4, 0, 10000.0f, 0));
+        double ref[48];
+        for (int i = 0; i < 48; i++) ref[i] = moe_f32(ry)[i];
+        CHECK_CLOSE("rmsnorm_rope = rmsnorm then rope", moe_f32(qy), ref, 48, 1e-7, 1e-6);
+        moe_status sr = moe_op_rmsnorm_rope(ctx, qy, qr, qx, qw, 1e-5f, 3, 0, 10000.0f);
+        report(sr == MOE_ERR_SHAPE && strstr(moe_last_error(), "heads"), "rmsnorm_rope: 3 heads do not divide 8",
+               "status %s: %s", moe_status_name(sr), moe_last_error());
+        rel(qx); rel(qw); rel(qy); rel(qr); rel(ry); rel(rr); rel(ry4);
+    }
     /* error message names expected vs got */
     moe_tensor *w8 = RANDN(8);
     moe_status s = moe_op_rmsnorm(ctx, y, rstd, x, w8, 1e-5f);

@@ -957,6 +957,68 @@ static void test_rope(moe_dtype dt) {
     }
 }
 
+/* RMSNorm over [B, T, H*D] then rope per head, forward and backward, against the
+ * CPU's two ops: the fused kernel's shapes (bf16 D=64 with 4 vectors a lane as in
+ * the step model, D=128, one vector a lane, B=11 > the 8 warps of a block), and
+ * shapes it leaves to the two ops (D=48: D/N does not divide 32; 3 heads of 64:
+ * not whole vectors per lane). The backward also with beta 1 (adding into dx)
+ * and without dw. */
+/* The CPU reference of the backward with the GPU's rounding: the inverse-rotated
+ * gradient is stored in dt before the norm's backward reads it (as the two ops
+ * store it on the GPU; f32 on the CPU would drift from it over many rows of dw). */
+static moe_status ref_norm_rope_bwd(moe_dtype dt, moe_tensor *dx, moe_tensor *dw, moe_tensor *dy, moe_tensor *x,
+                                    moe_tensor *w, moe_tensor *rstd, int64_t H, float beta) {
+    int64_t B = x->shape[0], T = x->shape[1], D = x->shape[2] / H;
+    moe_tensor *g = moe_tensor_new_cpu(MOE_F32, SH(B, T, H * D));
+    moe_tensor *g4 = moe_tensor_view(g, SH(B, T, H, D)), *dy4 = moe_tensor_view(dy, SH(B, T, H, D));
+    die_if(!g || !g4 || !dy4, "reference tensors");
+    moe_status s = moe_op_rope(ctx, g4, dy4, 0, 10000.0f, 1);
+    round_through(g, dt);
+    if (s == MOE_OK) s = moe_op_rmsnorm_backward_beta(ctx, dx, dw, g, x, w, rstd, beta);
+    moe_tensor_release(g4); moe_tensor_release(dy4); moe_tensor_release(g);
+    return s;
+}
+
+static void test_rmsnorm_rope(moe_dtype dt) {
+    static const int64_t cfg[][4] = {{8, 33, 16, 64}, {2, 17, 8, 128}, {11, 5, 4, 64}, {2, 9, 4, 48}, {2, 7, 3, 64}};
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        const int64_t B = cfg[c][0], T = cfg[c][1], H = cfg[c][2], D = cfg[c][3], n = H * D;
+        char name[160], shp[64];
+        snprintf(shp, sizeof shp, "[%lld,%lld,%lld x %lld]", (long long)B, (long long)T, (long long)H, (long long)D);
+        pair x = in_randn(dt, SH(B, T, n)), w = in_pair(dt, SH(n), 0.2f, 1.0f, 0);
+        pair y = out_pair(dt, SH(B, T, n)), rstd = out_pair(dt, SH(B, T));
+        snprintf(name, sizeof name, "rmsnorm_rope %s", shp);
+        if (RUN(name, dt, moe_op_rmsnorm_rope(ctx, y.h, rstd.h, x.h, w.h, 1e-5f, H, 0, 10000.0f),
+                moe_op_rmsnorm_rope(ctx, y.d, rstd.d, x.d, w.d, 1e-5f, H, 0, 10000.0f))) {
+            check(name, dt, y.d, y.h, tol_of(dt, 2e-5));
+            snprintf(name, sizeof name, "rmsnorm_rope rstd %s", shp);
+            check(name, dt, rstd.d, rstd.h, tol_of(dt, 1e-5));
+        }
+        round_through(rstd.h, dt);
+        moe_tensor *rd = to_gpu(rstd.h, dt);
+        for (int mode = 0; mode < 3; mode++) {   /* 0: with dw; 1: beta 1 with dw; 2: no dw */
+            pair dy = in_randn(dt, SH(B, T, n)), dw = in_randn(dt, SH(n));
+            pair dx = mode == 1 ? in_randn(dt, SH(B, T, n)) : out_pair(dt, SH(B, T, n));
+            float beta = mode == 1 ? 1.0f : 0.0f;
+            snprintf(name, sizeof name, "rmsnorm_rope_backward %s%s", shp,
+                     mode == 1 ? " beta 1" : mode == 2 ? " no dw" : "");
+            if (RUN(name, dt, ref_norm_rope_bwd(dt, dx.h, mode == 2 ? NULL : dw.h, dy.h, x.h, w.h, rstd.h, H, beta),
+                    moe_op_rmsnorm_rope_backward(ctx, dx.d, mode == 2 ? NULL : dw.d, dy.d, x.d, w.d, rd, H, 0, 10000.0f,
+                                                 beta))) {
+                check(name, dt, dx.d, dx.h, tol_of(dt, 2e-5));
+                if (mode != 2) {
+                    snprintf(name, sizeof name, "rmsnorm_rope_backward dw (accumulated) %s%s", shp,
+                             mode == 1 ? " beta 1" : "");
+                    check(name, dt, dw.d, dw.h, tol_of(dt, B * T > 1000 ? 1e-4 : 2e-5));
+                }
+            }
+            pfree(&dy); pfree(&dw); pfree(&dx);
+        }
+        moe_tensor_release(rd);
+        pfree(&x); pfree(&w); pfree(&y); pfree(&rstd);
+    }
+}
+
 /* ---- attention ---- */
 
 typedef struct { int64_t B, T, S, Hq, Hkv, D; int causal; } att_cfg;
@@ -1660,6 +1722,7 @@ int main(void) {
         if (want("embedding")) test_embedding(dt);
         if (want("layernorm")) test_layernorm(dt);
         if (want("rope")) test_rope(dt);
+        if (want("rmsnorm_rope")) test_rmsnorm_rope(dt);
         if (want("attention")) test_attention(dt);
     }
     if (want("adamw")) test_adamw();

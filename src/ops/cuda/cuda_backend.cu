@@ -55,6 +55,8 @@ static const moe_backend cuda_backend = {
     /* ep_regroup */ cuda_ep_regroup,
     /* gemm_grouped_pair */ cuda_gemm_grouped_pair,
     /* cross_entropy_fused */ cuda_cross_entropy_fused,
+    /* rmsnorm_rope */ cuda_rmsnorm_rope,
+    /* rmsnorm_rope_backward */ cuda_rmsnorm_rope_backward,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -120,6 +120,14 @@ moe_status cuda_layernorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, mo
                                    const moe_tensor *rstd);
 // cuda_rope.cu
 moe_status cuda_rope(moe_ctx *, moe_tensor *out, const moe_tensor *x, int64_t pos_offset, float theta, int inverse);
+// cuda_norm_rope.cu (x [B, T, heads * D])
+moe_status cuda_rmsnorm_rope(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
+                             float eps, int64_t heads, int64_t pos_offset, float theta);
+moe_status cuda_rmsnorm_rope_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
+                                      const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, int64_t heads,
+                                      int64_t pos_offset, float theta, float beta);
+// cuda_norm.cu: dw[j] += the nchunks rows of f32 partials part[c, j], in row order
+moe_status cuda_rmsnorm_dw_sum(cuda_dev *d, moe_tensor *dw, const float *part, int64_t nchunks, int64_t n);
 // cuda_attention_fwd.cu
 moe_status cuda_attention(moe_ctx *, moe_tensor *out, moe_tensor *lse, const moe_tensor *q, const moe_tensor *k,
                           const moe_tensor *v, float scale, int causal);

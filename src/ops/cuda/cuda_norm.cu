@@ -443,6 +443,10 @@ static moe_status rmsnorm_bwd(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, const
 
 }  // namespace
 
+moe_status cuda_rmsnorm_dw_sum(cuda_dev *d, moe_tensor *dw, const float *part, int64_t nchunks, int64_t n) {
+    return dw->dtype == MOE_F32 ? dw_sum_launch<float>(d, dw, part, nchunks, n) : dw_sum_launch<bf16>(d, dw, part, nchunks, n);
+}
+
 moe_status cuda_rmsnorm(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x, const moe_tensor *w,
                         float eps) {
     MOE_TRY(cuda_check_float(x->dtype, "rmsnorm"));

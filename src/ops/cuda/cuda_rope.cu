@@ -14,6 +14,7 @@
 // writing them, so out may alias x. One pass: every element is read and
 // written once.
 #include "cuda_common.cuh"
+#include "cuda_rope.cuh"
 #include "cuda_vec.cuh"
 
 namespace {
@@ -21,19 +22,6 @@ namespace {
 #define PTR(T, t) ((T *)moe_tensor_data(t))
 #define ROPE_MAX_HALF 4096
 #define ROPE_THREADS 256
-
-// cos and sin of positions p0 .. p0 + np - 1 for the D/2 frequencies, position-major
-__device__ __forceinline__ void rope_angles(float *cs, float *sn, int64_t half, int64_t D, double p0, int64_t np,
-                                            double theta, int inverse) {
-    for (int64_t j = threadIdx.x; j < np * half; j += blockDim.x) {
-        int64_t tp = j / half, i = j - tp * half;
-        double f = pow(theta, -2.0 * (double)i / (double)D);
-        double s, c;
-        sincos((p0 + (double)tp) * f, &s, &c);
-        cs[j] = (float)c;
-        sn[j] = (float)(inverse ? -s : s);
-    }
-}
 
 // Vector path: N = elements per 16 bytes, half % N == 0. A block takes np
 // consecutive positions (the angles of all np computed at once, so their
