@@ -144,10 +144,11 @@ describe("tape functional ops", function()
     gc.check("x through three linears", x, tape:grad(x), function() return lossf(moe.Tape()):item() end)
   end)
 
-  -- Under a tape the forward also computes the gradient for an upstream 1 (one
-  -- pass over the logits); it is handed over once, and any other upstream
-  -- gradient, a second backward or a second gradient into the logits must
-  -- still give the plain backward's values.
+  -- Under a tape, where the backend fuses the pass (CUDA), the forward also
+  -- computes the gradient for an upstream 1; it is handed over once (scaled for
+  -- another upstream gradient). Whatever the path, another upstream gradient, a
+  -- second backward or a second gradient into the logits must give the plain
+  -- backward's values.
   it("cross-entropy gradient: precomputed for the training loss, recomputed otherwise", function()
     local logits = moe.randn({4, 7}, {seed = 24})
     local targets = moe.tensor({1, 6, -100, 0}, {dtype = "i64"})

@@ -179,10 +179,11 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
 
 /* ---- cross-entropy ---- */
 
-/* The forward under a tape computed dlogits for an upstream gradient of 1
- * (saved[3], the fused op): handed over as it is when that is the gradient
- * (training), else dropped and recomputed from the logits. Handing it over
- * empties the slot, so a second backward recomputes too. */
+/* The forward under a tape, where the backend fuses the pass, computed dlogits
+ * for an upstream gradient of 1 (saved[3]): handed over once, scaled in place
+ * when the upstream gradient is another number (gradient accumulation's
+ * 1/steps); handing it over empties the slot, so a second backward recomputes
+ * from the logits. */
 static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
     float dloss;
@@ -194,8 +195,10 @@ static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const
     if (e->n_saved > 3 && e->saved[3]) {
         moe_tensor *pre = e->saved[3];
         e->saved[3] = NULL;
-        if (dloss == 1.0f) { gin[0] = pre; return MOE_OK; }
-        moe_tensor_release(pre);
+        moe_status s = dloss == 1.0f ? MOE_OK : moe_op_unary(ctx, MOE_UN_SCALE, pre, pre, dloss);
+        if (s != MOE_OK) { moe_tensor_release(pre); return s; }
+        gin[0] = pre;
+        return MOE_OK;
     }
     moe_tensor *rows = moe_rows_view(logits);
     moe_tensor *dl = moe_tensor_like(ctx, logits);
@@ -253,7 +256,7 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
     }
     /* Under a tape the gradient for an upstream 1 (the training loss) comes in
      * the same pass over the logits, with ce_backward's scale. */
-    if (s == MOE_OK && tape) {
+    if (s == MOE_OK && tape && moe_op_cross_entropy_fuses(ctx, logits->device)) {
         dl = moe_tensor_like(ctx, lc);
         drows = dl ? moe_rows_view(dl) : NULL;
         if (!drows) s = moe_last_status();

@@ -191,6 +191,9 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
  * moe_op_cross_entropy_backward with this scale, the same values; where the
  * backend has a fused kernel the logits are read from memory once (training
  * knows the scale, 1 / counted rows, before the backward pass). */
+/* Whether dev's backend has the one-pass kernel (else the op runs the two and
+ * precomputing the gradient saves nothing). */
+int moe_op_cross_entropy_fuses(moe_ctx *ctx, moe_device dev);
 moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,
                                       const moe_tensor *logits, const moe_tensor *targets, int64_t ignore_index,
                                       float scale);

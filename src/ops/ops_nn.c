@@ -216,6 +216,7 @@ moe_status moe_op_rmsnorm_rope(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, co
     ops_arg f[] = {{"y", y}, {"x", x}, {"w", w}};
     MOE_TRY(ops_check(op, f, 3, NULL, 0));
     MOE_TRY(check_norm_rope(op, x, heads, pos_offset, theta));
+    if (!(eps >= 0)) return moe_error(MOE_ERR_ARG, "%s: eps is %g, expected >= 0", op, (double)eps);
     const moe_backend *be;
     MOE_TRY(ops_backend(ctx, op, x->device, &be));
     if (!be->rmsnorm_rope || !moe_tensor_is_contiguous(y)) {   /* the two ops check the rest */
@@ -439,6 +440,11 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
     moe_status s = be->cross_entropy_backward(ctx, dlogits, c[0], c[1], c[2], ignore_index, scale);
     release_all(c, 3);
     return s;
+}
+
+int moe_op_cross_entropy_fuses(moe_ctx *ctx, moe_device dev) {
+    const moe_backend *be = NULL;
+    return ops_backend(ctx, "cross_entropy_fused", dev, &be) == MOE_OK && be->cross_entropy_fused != NULL;
 }
 
 moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, moe_tensor *dlogits,

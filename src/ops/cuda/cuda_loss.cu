@@ -273,12 +273,17 @@ static moe_status xent_fused_run(cuda_dev *d, S *loss, S *lse, T *dx, const T *x
     int th = xent_threads(n, VEC<T>::N);
     int optin = 0;
     CU_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->index), "cross_entropy_fused");
+    // the kept row and the kernel's own static shared memory must fit the block's limit together
+    cudaFuncAttributes fa;
+    CU_TRY(cudaFuncGetAttributes(&fa, k_xent_fused<T, S, N, true>), "cross_entropy_fused");
     const int64_t keep = n * (int64_t)sizeof(T) + 16;
-    if (keep <= optin) {
-        CU_TRY(cudaFuncSetAttribute(k_xent_fused<T, S, N, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)keep), "cross_entropy_fused");
+    bool kept = keep + (int64_t)fa.sharedSizeBytes <= optin &&
+                cudaFuncSetAttribute(k_xent_fused<T, S, N, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     (int)keep) == cudaSuccess;
+    if (kept) {
         k_xent_fused<T, S, N, true><<<g, th, (size_t)keep, d->stream>>>(loss, lse, dx, x, t, rows, n, ignore, scale);
     } else {
+        (void)cudaGetLastError();   // a refused attribute is not this op's error: re-read the row instead
         k_xent_fused<T, S, N, false><<<g, th, 0, d->stream>>>(loss, lse, dx, x, t, rows, n, ignore, scale);
     }
     return MOE_OK;
