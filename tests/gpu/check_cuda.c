@@ -1145,6 +1145,16 @@ static void test_stat_dtypes(void) {
             moe_op_cross_entropy_backward(ctx, dl.h, lg.h, lse.h, tg.h, -100, 0.1f),
             moe_op_cross_entropy_backward(ctx, dl.d, lg.d, lsed, tg.d, -100, 0.1f)))
         check("cross_entropy_backward (f32 lse)", MOE_BF16, dl.d, dl.h, 2e-3);
+    /* the fused pass with the types training uses (bf16 logits, f32 loss and lse) */
+    pair floss = out_pair(MOE_F32, SH(N)), flse = out_pair(MOE_F32, SH(N)), fdl = out_pair(MOE_BF16, SH(N, V));
+    if (RUN("cross_entropy_fused bf16 logits, f32 loss and lse", MOE_BF16,
+            moe_op_cross_entropy_fused(ctx, floss.h, flse.h, fdl.h, lg.h, tg.h, -100, 0.1f),
+            moe_op_cross_entropy_fused(ctx, floss.d, flse.d, fdl.d, lg.d, tg.d, -100, 0.1f))) {
+        check("cross_entropy_fused loss kept in f32", MOE_F32, floss.d, floss.h, 1e-5);
+        check("cross_entropy_fused lse kept in f32", MOE_F32, flse.d, flse.h, 1e-5);
+        check("cross_entropy_fused dlogits (f32 lse)", MOE_BF16, fdl.d, fdl.h, 2e-3);
+    }
+    pfree(&floss); pfree(&flse); pfree(&fdl);
     moe_tensor_release(lsed);
     pfree(&lg); pfree(&loss); pfree(&lse); pfree(&dl); ifree(&tg);
 }
