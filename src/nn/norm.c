@@ -23,6 +23,9 @@ static moe_tensor *new_stats(moe_ctx *ctx, moe_tensor *x) {
     return moe_tensor_new(ctx, MOE_F32, x->ndim - 1, x->shape, x->device);
 }
 
+/* The tape entry of an RMSNorm, alone or followed by rope on each head of its
+ * output (QK-norm feeding attention: e->i[0] heads, 0 for the plain norm;
+ * e->i[1] the position offset, e->f[0] theta). */
 static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     moe_tensor *x = e->saved[0], *rstd = e->saved[1];
@@ -32,71 +35,32 @@ static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *
     if (acc) moe_tensor_retain(acc);
     else dx = moe_tensor_like(ctx, x);
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
-    moe_status s = dx && g ? moe_op_rmsnorm_backward_beta(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]),
-                                                          rstd, acc ? 1.0f : 0.0f)
-                           : moe_last_status();
+    moe_tensor *w = moe_param_w(&l->params[0]), *dw = l->params[0].grad;
+    float beta = acc ? 1.0f : 0.0f;
+    moe_status s = !dx || !g ? moe_last_status()
+                   : e->i[0] ? moe_op_rmsnorm_rope_backward(ctx, dx, dw, g, x, w, rstd, e->i[0], e->i[1], (float)e->f[0], beta)
+                             : moe_op_rmsnorm_backward_beta(ctx, dx, dw, g, x, w, rstd, beta);
     moe_tensor_release(g);
     if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
 }
 
-static moe_status rmsnorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+/* heads 0: the plain norm; else rope per head follows, in one op */
+static moe_status rms_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads, float theta,
+                              moe_tensor **y) {
     norm_state *st = l->state;
     MOE_TRY(check_dim(l, x));
     moe_tensor *xc = moe_op_contiguous(ctx, x);
     moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
     moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_status s = out && rstd ? moe_op_rmsnorm(ctx, out, rstd, xc, moe_param_w(&l->params[0]), st->eps) : moe_last_status();
+    moe_tensor *w = moe_param_w(&l->params[0]);
+    moe_status s = !out || !rstd ? moe_last_status()
+                   : heads ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, w, st->eps, heads, 0, theta)
+                           : moe_op_rmsnorm(ctx, out, rstd, xc, w, st->eps);
     if (s == MOE_OK && tape) {
-        moe_tape_entry *e = moe_tape_record(tape, "rmsnorm", rmsnorm_backward, l, moe_layer_retain_v,
-                                            moe_layer_release_v, 1, &x, 1, &out);
-        if (!e) s = moe_last_status();
-        else { moe_tape_save(e, xc); moe_tape_save(e, rstd); }
-    }
-    moe_tensor_release(xc);
-    moe_tensor_release(rstd);
-    if (s != MOE_OK) { moe_tensor_release(out); return s; }
-    *y = out;
-    return MOE_OK;
-}
-
-/* QK-norm and rope in one op (attention.c): y = rope(rmsnorm(x)) with x
- * [B, T, heads * D]; the tape entry's backward runs the pair's backward. */
-static moe_status rmsnorm_rope_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    moe_layer *l = e->self;
-    moe_tensor *x = e->saved[0], *rstd = e->saved[1];
-    moe_tensor *acc = moe_tape_grad_acc(e, 0);
-    moe_tensor *dx = acc;
-    if (acc) moe_tensor_retain(acc);
-    else dx = moe_tensor_like(ctx, x);
-    moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
-    moe_status s = dx && g ? moe_op_rmsnorm_rope_backward(ctx, dx, l->params[0].grad, g, x, moe_param_w(&l->params[0]),
-                                                          rstd, e->i[0], e->i[1], (float)e->f[0], acc ? 1.0f : 0.0f)
-                           : moe_last_status();
-    moe_tensor_release(g);
-    if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
-    gin[0] = dx;
-    return MOE_OK;
-}
-
-int moe_layer_is_rmsnorm(const moe_layer *l) { return l && l->vt == &rmsnorm_vt; }
-
-moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads,
-                                    float theta, moe_tensor **y) {
-    *y = NULL;
-    if (!moe_layer_is_rmsnorm(l)) return moe_error(MOE_ERR_ARG, "rmsnorm_rope: the norm is not an RMSNorm");
-    norm_state *st = l->state;
-    MOE_TRY(check_dim(l, x));
-    moe_tensor *xc = moe_op_contiguous(ctx, x);
-    moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
-    moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_status s = out && rstd ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, moe_param_w(&l->params[0]), st->eps, heads, 0,
-                                                     theta)
-                               : moe_last_status();
-    if (s == MOE_OK && tape) {
-        moe_tape_entry *e = moe_tape_record(tape, "rmsnorm_rope", rmsnorm_rope_backward, l, moe_layer_retain_v,
-                                            moe_layer_release_v, 1, &x, 1, &out);
+        moe_tape_entry *e = moe_tape_record(tape, heads ? "rmsnorm_rope" : "rmsnorm", rmsnorm_backward, l,
+                                            moe_layer_retain_v, moe_layer_release_v, 1, &x, 1, &out);
         if (!e) s = moe_last_status();
         else {
             moe_tape_save(e, xc); moe_tape_save(e, rstd);
@@ -108,6 +72,20 @@ moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     if (s != MOE_OK) { moe_tensor_release(out); return s; }
     *y = out;
     return MOE_OK;
+}
+
+static moe_status rmsnorm_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return rms_forward(l, ctx, tape, x, 0, 0.0f, y);
+}
+
+int moe_layer_is_rmsnorm(const moe_layer *l) { return l && l->vt == &rmsnorm_vt; }
+
+moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads,
+                                    float theta, moe_tensor **y) {
+    *y = NULL;
+    if (!moe_layer_is_rmsnorm(l)) return moe_error(MOE_ERR_ARG, "rmsnorm_rope: the norm is not an RMSNorm");
+    if (heads < 1) return moe_error(MOE_ERR_ARG, "rmsnorm_rope: heads is %lld, expected >= 1", (long long)heads);
+    return rms_forward(l, ctx, tape, x, heads, theta, y);
 }
 
 static moe_status layernorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {

@@ -395,11 +395,9 @@ static moe_status check_ce(const char *op, const moe_tensor *logits, const moe_t
     return ops_shape_is(op, "targets", targets, 1, &n, "[N], one per row of logits");
 }
 
-moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
-                                const moe_tensor *targets, int64_t ignore_index) {
-    static const char *op = "cross_entropy";
-    ops_arg f[] = {{"logits", logits}}, ix[] = {{"targets", targets}};
-    MOE_TRY(ops_check(op, f, 1, ix, 1));
+/* the forward's loss and lse (one per row, f32 or the logits' dtype) and targets */
+static moe_status check_ce_outputs(const char *op, const moe_tensor *loss, const moe_tensor *lse,
+                                   const moe_tensor *logits, const moe_tensor *targets) {
     MOE_TRY(check_stat(op, "loss", loss, "logits", logits));
     MOE_TRY(check_stat(op, "lse", lse, "logits", logits));
     MOE_TRY(ops_out(op, "loss", loss));
@@ -408,7 +406,16 @@ moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse,
     MOE_TRY(check_rowstat(op, "loss", loss, logits->shape[0]));
     MOE_TRY(check_rowstat(op, "lse", lse, logits->shape[0]));
     if (logits->shape[1] == 0 && logits->shape[0] > 0)
-        return moe_error(MOE_ERR_SHAPE, "cross_entropy: logits has 0 classes, expected at least 1");
+        return moe_error(MOE_ERR_SHAPE, "%s: logits has 0 classes, expected at least 1", op);
+    return MOE_OK;
+}
+
+moe_status moe_op_cross_entropy(moe_ctx *ctx, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
+                                const moe_tensor *targets, int64_t ignore_index) {
+    static const char *op = "cross_entropy";
+    ops_arg f[] = {{"logits", logits}}, ix[] = {{"targets", targets}};
+    MOE_TRY(ops_check(op, f, 1, ix, 1));
+    MOE_TRY(check_ce_outputs(op, loss, lse, logits, targets));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, loss->device, cross_entropy, be);
     if (logits->shape[0] == 0) return MOE_OK;
@@ -461,15 +468,7 @@ moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor
         MOE_TRY(moe_op_cross_entropy(ctx, loss, lse, logits, targets, ignore_index));
         return moe_op_cross_entropy_backward(ctx, dlogits, logits, lse, targets, ignore_index, scale);
     }
-    MOE_TRY(check_stat(op, "loss", loss, "logits", logits));
-    MOE_TRY(check_stat(op, "lse", lse, "logits", logits));
-    MOE_TRY(ops_out(op, "loss", loss));
-    MOE_TRY(ops_out(op, "lse", lse));
-    MOE_TRY(check_ce(op, logits, targets));
-    MOE_TRY(check_rowstat(op, "loss", loss, logits->shape[0]));
-    MOE_TRY(check_rowstat(op, "lse", lse, logits->shape[0]));
-    if (logits->shape[1] == 0 && logits->shape[0] > 0)
-        return moe_error(MOE_ERR_SHAPE, "%s: logits has 0 classes, expected at least 1", op);
+    MOE_TRY(check_ce_outputs(op, loss, lse, logits, targets));
     if (logits->shape[0] == 0) return MOE_OK;
     const moe_tensor *in[] = {logits, targets};
     moe_tensor *c[2];
