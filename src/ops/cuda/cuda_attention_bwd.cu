@@ -3,6 +3,7 @@
 // The design (the three passes, their costs) is described at the top of
 // cuda_attention.cuh.
 #include "cuda_attention.cuh"
+#include "cuda_vec.cuh"
 
 namespace {
 
@@ -426,6 +427,33 @@ __global__ void k_att_prep(float *lse2, float *dvec, const T *dout, const T *out
     }
 }
 
+// The same with 16-byte loads: TPR threads per row (D = TPR * VEC<T>::N), a
+// warp on 32 / TPR rows at once. One warp per row with 2-byte loads ran at ~1
+// TB/s (32 us per layer at the step model's shape): too few bytes in flight.
+template <typename T, typename LS, int TPR>
+__global__ void k_att_prep_vec(float *lse2, float *dvec, const T *dout, const T *out, const LS *lse, int64_t nrows,
+                               int T_, int Hq) {
+    constexpr int N = VEC<T>::N, D = TPR * N;
+    const int sub = threadIdx.x % TPR;
+    const int64_t per = (int64_t)gridDim.x * (blockDim.x / TPR);
+    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / TPR) + threadIdx.x / TPR; i < nrows; i += per) {
+        int64_t t = i % T_, bh = i / T_, h = bh % Hq, b = bh / Hq;
+        int64_t r = ((b * T_ + t) * Hq + h) * D + sub * N;
+        float g[N], o[N];
+        vload(dout + r, g);
+        vload(out + r, o);
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < N; j++) acc = fmaf(g[j], o[j], acc);
+#pragma unroll
+        for (int m = TPR / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+        if (sub == 0) {
+            dvec[i] = acc;
+            lse2[i] = to_f32(lse[i]) * LOG2E;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- host side
 
 template <typename T, int DMAX>
@@ -496,8 +524,21 @@ template <typename T, typename LS>
 void launch_prep(cuda_dev *d, float *lse2, float *dvec, const moe_tensor *dout, const moe_tensor *out,
                  const moe_tensor *lse, const att_shape &s) {
     int64_t nrows = s.B * s.Hq * s.T;
-    int64_t blocks = (nrows + 7) / 8;
     int64_t cap = (int64_t)d->sm_count * 16;
+    const int64_t tpr = s.D % VEC<T>::N ? 0 : s.D / VEC<T>::N;
+    if (cuda_aligned16(moe_tensor_data(dout)) && cuda_aligned16(moe_tensor_data(out)) &&
+        (tpr == 4 || tpr == 8 || tpr == 16 || tpr == 32)) {
+        int64_t blocks = (nrows * tpr + 255) / 256;
+        unsigned g = (unsigned)(blocks < cap ? blocks : cap);
+        const T *dp = PTR(const T, dout), *op = PTR(const T, out);
+        const LS *lp = PTR(const LS, lse);
+        if (tpr == 4) k_att_prep_vec<T, LS, 4><<<g, 256, 0, d->stream>>>(lse2, dvec, dp, op, lp, nrows, (int)s.T, (int)s.Hq);
+        else if (tpr == 8) k_att_prep_vec<T, LS, 8><<<g, 256, 0, d->stream>>>(lse2, dvec, dp, op, lp, nrows, (int)s.T, (int)s.Hq);
+        else if (tpr == 16) k_att_prep_vec<T, LS, 16><<<g, 256, 0, d->stream>>>(lse2, dvec, dp, op, lp, nrows, (int)s.T, (int)s.Hq);
+        else k_att_prep_vec<T, LS, 32><<<g, 256, 0, d->stream>>>(lse2, dvec, dp, op, lp, nrows, (int)s.T, (int)s.Hq);
+        return;
+    }
+    int64_t blocks = (nrows + 7) / 8;
     k_att_prep<T, LS><<<(unsigned)(blocks < cap ? blocks : cap), 256, 0, d->stream>>>(
         lse2, dvec, PTR(const T, dout), PTR(const T, out), PTR(const LS, lse), nrows, (int)s.T, (int)s.Hq, (int)s.D);
 }
