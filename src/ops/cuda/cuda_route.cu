@@ -213,6 +213,148 @@ __global__ void __launch_bounds__(RW * 32) k_tokens(tok_args a, bias_arg b) {
     }
 }
 
+// ---- k_tokens_reg: the same results for E <= 32 * EPL and K <= 32, in registers ----
+//
+// Lane l holds experts l, l + 32, ... (EPL of them). Each exp is taken once,
+// the entropy's log p as (x - m) - log(den) for softmax (the host's log of the
+// f32-rounded p differs by its rounding, ~1e-8 relative on the sum), and a
+// top-k round is two warp reductions: the largest order-preserving key of the
+// lanes' best remaining values, then the smallest index among the lanes that
+// hold it - the strict order (value desc, index asc) of k_tokens. k_tokens
+// ran ~1200 instructions per token (35 us per layer at 8192 x 32, top-4),
+// half of them in its shuffle arg-best rounds.
+
+// order-preserving key of a non-NaN float (-0 taken as +0, as == does); 0 ranks below every value
+__device__ __forceinline__ unsigned order_key(float v) {
+    unsigned u = __float_as_uint(v == 0.0f ? 0.0f : v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr int RWR = 16;   // warps (tokens in flight) per block in k_tokens_reg
+
+template <typename T, int EPL>
+__global__ void __launch_bounds__(RWR * 32) k_tokens_reg(const __grid_constant__ tok_args a,
+                                                         const __grid_constant__ bias_arg b) {
+    // The histograms go through shared memory: a block adds its tokens' choices
+    // there, then one global atomic per touched bin. Straight global atomics
+    // from every token serialised on a few addresses when routing is skewed
+    // (every token on the same experts: 8192 adds to one counter, ~33 us).
+    extern __shared__ unsigned hs[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, E = a.e, K = a.k;
+    unsigned *hq = hs, *hg = hs + K * E;   // [K][E], then two groups' [E] (the block's chunk spans at most two)
+    for (int j = threadIdx.x; j < K * E + 2 * E; j += blockDim.x) hs[j] = 0;
+    __syncthreads();
+    for (int64_t base = (int64_t)blockIdx.x * RWR; base < a.n; base += (int64_t)gridDim.x * RWR) {
+        const int64_t i = base + w, g0 = a.seq ? base / a.seq_len : 0;
+        if (i < a.n) {
+            const T *lr = (const T *)a.logits + i * E;
+            float x[EPL], sc[EPL];
+            double ex[EPL];
+            float m = -INFINITY;
+#pragma unroll
+            for (int u = 0; u < EPL; u++) {
+                const int j = lane + 32 * u;
+                x[u] = j < E ? to_f32(lr[j]) : -INFINITY;
+                m = fmaxf(m, x[u]);
+            }
+            m = warp_max(m);
+            double den = 0;
+#pragma unroll
+            for (int u = 0; u < EPL; u++) {
+                ex[u] = lane + 32 * u < E ? exp((double)(x[u] - m)) : 0.0;
+                den += ex[u];
+            }
+            den = warp_sum_d(den);
+            const double lden = log(den);
+            const float lse = (float)((double)m + lden);
+            double tot = 0;
+#pragma unroll
+            for (int u = 0; u < EPL; u++) {
+                const int j = lane + 32 * u;
+                if (j >= E) { sc[u] = 0.0f; continue; }
+                if (a.softmax) {
+                    sc[u] = (float)(ex[u] / den);
+                } else {
+                    sc[u] = sigmoid_host(x[u]);
+                    tot += (double)sc[u];
+                    a.zsm[i * E + j] = (float)(ex[u] / den);
+                }
+                a.s[i * E + j] = sc[u];
+            }
+            if (!a.softmax) tot = warp_sum_d(tot);
+            double h = 0;
+            float mx = 0.0f;
+            unsigned key[EPL];
+#pragma unroll
+            for (int u = 0; u < EPL; u++) {
+                const int j = lane + 32 * u;
+                key[u] = 0;
+                if (j >= E) continue;
+                const float p = a.softmax ? sc[u] : (float)((double)sc[u] / tot);
+                if (!a.softmax) a.pn[i * E + j] = p;
+                if (p > 0) {
+                    const double lp = a.softmax ? (double)(x[u] - m) - lden : log((double)p);
+                    h -= __dmul_rn((double)p, lp);
+                }
+                if (p > mx) mx = p;
+                const float v = a.has_bias ? __fadd_rn(sc[u], b.v[j]) : sc[u];
+                key[u] = order_key(v == v ? v : -INFINITY);
+            }
+            h = warp_sum_d(h);
+            mx = warp_max(mx);
+            if (lane == 0) {
+                a.lse[i] = lse;
+                a.st[i] = h;
+                a.st[a.n + i] = (double)mx;
+                a.st[2 * a.n + i] = __dmul_rn((double)lse, (double)lse);
+            }
+            // top-k; lane q keeps choice q and its score; wden sums the scores in q order (f32, as the host)
+            int my_c = -1;
+            float my_sc = 0.0f, wden = 0.0f;
+            for (int q = 0; q < K; q++) {
+                unsigned bk = 0;
+                int bj = 0x7fffffff;
+#pragma unroll
+                for (int u = 0; u < EPL; u++)
+                    if (key[u] > bk) { bk = key[u]; bj = lane + 32 * u; }   // increasing j: the smallest index of a tie
+                const unsigned mk = __reduce_max_sync(FULL, bk);
+                const int c = (int)__reduce_min_sync(FULL, bk == mk ? (unsigned)bj : 0x7fffffffu);
+                float cs = 0.0f;
+#pragma unroll
+                for (int u = 0; u < EPL; u++)
+                    if (c == lane + 32 * u) { key[u] = 0; cs = sc[u]; }
+                cs = __shfl_sync(FULL, cs, c & 31);
+                if (a.renorm) wden = __fadd_rn(wden, cs);
+                if (lane == q) { my_c = c; my_sc = cs; }
+            }
+            if (!(wden > 0.0f)) wden = 1e-20f;
+            if (lane < K) {
+                a.chosen[i * K + lane] = my_c;
+                const float wv = a.renorm ? __fdiv_rn(my_sc, wden) : my_sc;
+                a.wq[i * K + lane] = __fmul_rn(wv, a.scale);
+                atomicAdd(&hq[lane * E + my_c], 1u);
+                if (a.grp) {
+                    const int64_t g = a.seq ? i / a.seq_len : 0;
+                    if (g - g0 < 2) atomicAdd(&hg[(g - g0) * E + my_c], 1u);
+                    else atomicAdd(&a.grp[g * E + my_c], 1u);   // sequences shorter than a block's chunk
+                }
+            }
+        }
+        if (a.grp) {   // the chunk's groups, before the next chunk's reuse the two slots
+            __syncthreads();
+            for (int j = threadIdx.x; j < 2 * E; j += blockDim.x)
+                if (hg[j]) {
+                    atomicAdd(&a.grp[(g0 + j / E) * E + j % E], hg[j]);
+                    hg[j] = 0;
+                }
+            __syncthreads();
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < K * E; j += blockDim.x)
+        if (hq[j]) atomicAdd(&a.cnt_q[j], hq[j]);
+}
+
 // ---- k_colsum: part[g][c][e] = sum of p[t][e] over chunk c of group g ----
 
 __global__ void __launch_bounds__(1024) k_colsum(const float *p, int E, int64_t per, int64_t chunks, int etiles,
@@ -568,7 +710,17 @@ extern "C" moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const
     int64_t blocks = (n + RW - 1) / RW, cap = (int64_t)d->sm_count * 16;
     unsigned g1 = (unsigned)(blocks < cap ? blocks : cap);
     size_t smem = (size_t)RW * 2 * (size_t)E * sizeof(float);
-    if (a->bf16) k_tokens<bf16><<<g1, RW * 32, smem, d->stream>>>(ta, b);
+    if (K <= 32 && E <= 128) {
+        // elements per lane: 1, 2 or 4; one token per warp, as many blocks as fit at once
+        const size_t hsm = (size_t)(K * E + 2 * E) * sizeof(unsigned);
+        auto kern = E <= 32 ? (a->bf16 ? k_tokens_reg<bf16, 1> : k_tokens_reg<float, 1>)
+                  : E <= 64 ? (a->bf16 ? k_tokens_reg<bf16, 2> : k_tokens_reg<float, 2>)
+                            : (a->bf16 ? k_tokens_reg<bf16, 4> : k_tokens_reg<float, 4>);
+        int per_sm = 1;
+        CU_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, RWR * 32, hsm), "route tokens");
+        const int64_t rb = (n + RWR - 1) / RWR, rcap = (int64_t)d->sm_count * (per_sm > 0 ? per_sm : 1);
+        kern<<<(unsigned)(rb < rcap ? rb : rcap), RWR * 32, hsm, d->stream>>>(ta, b);
+    } else if (a->bf16) k_tokens<bf16><<<g1, RW * 32, smem, d->stream>>>(ta, b);
     else k_tokens<float><<<g1, RW * 32, smem, d->stream>>>(ta, b);
     CU_LAUNCHED("route tokens");
 
