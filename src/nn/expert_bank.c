@@ -80,18 +80,25 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     int groups = (int)(offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
     moe_tensor *dy = moe_op_contiguous(ctx, gout[0]);
-    moe_tensor *dh = moe_tensor_like(ctx, h), *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
-    moe_tensor *dx = moe_tensor_like(ctx, xp);
-    moe_status s = dy && dh && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
     const moe_lora *lo = moe_expert_bank_lora(l);
+    /* SwiGLU without adapters: dh only feeds the activation's backward, so one
+     * call may keep it out of memory (a fused epilogue on CUDA) */
+    const int fused = sw && !lo;
+    moe_tensor *dh = fused ? NULL : moe_tensor_like(ctx, h);
+    moe_tensor *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
+    moe_tensor *dx = moe_tensor_like(ctx, xp);
+    moe_status s = dy && (fused || dh) && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
-    /* down: y = h @ down^T  ->  dh = dy @ down */
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, moe_param_w(pd), 0.0f, dh, off, groups);
-    if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
-    /* activation */
-    if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
-                            : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
+    /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
+    if (s == MOE_OK && fused) {
+        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, off, groups);
+    } else if (s == MOE_OK) {
+        s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, moe_param_w(pd), 0.0f, dh, off, groups);
+        if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
+        if (s == MOE_OK) s = sw ? moe_op_swiglu_backward(ctx, dg, du, dh, g, u)
+                                : moe_op_unary_backward(ctx, MOE_UN_GELU, du, dh, u, 0.0f);
+    }
     /* up (and gate): a = x @ W^T -> dx += da @ W */
     if (s == MOE_OK)   /* SwiGLU: one call; on CUDA's own kernel one pass over K1 + K2 (dx rounded once, not re-read) */
         s = sw ? moe_op_gemm_grouped_pair(ctx, 0, 1.0f, du, moe_param_w(pu), dg, moe_param_w(pg), 0.0f, dx, off, groups)
@@ -146,11 +153,15 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
         for (int i = 0; i <= groups; i++) o[i] = offsets[i];
     }
     const moe_lora *lo = moe_expert_bank_lora(l);
-    if (s == MOE_OK && sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pg), 0.0f, g, offsets, groups);
-    if (s == MOE_OK && sw && lo) s = moe_lora_bank_forward(ctx, l, P_GATE, xp, g, offsets, groups);
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pu), 0.0f, u, offsets, groups);
-    if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_UP, xp, u, offsets, groups);
-    if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
+    if (s == MOE_OK && sw && !lo) {   /* gate, up and the activation in one call (one kernel on CUDA) */
+        s = moe_op_gemm_grouped_swiglu(ctx, xp, moe_param_w(pg), moe_param_w(pu), g, u, h, offsets, groups);
+    } else if (s == MOE_OK) {
+        if (sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pg), 0.0f, g, offsets, groups);
+        if (s == MOE_OK && sw && lo) s = moe_lora_bank_forward(ctx, l, P_GATE, xp, g, offsets, groups);
+        if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pu), 0.0f, u, offsets, groups);
+        if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_UP, xp, u, offsets, groups);
+        if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
+    }
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, moe_param_w(pd), 0.0f, y, offsets, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
     if (s == MOE_OK && tape) {

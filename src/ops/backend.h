@@ -130,6 +130,15 @@ typedef struct moe_backend {
     moe_status (*rmsnorm_rope_backward)(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                         const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd,
                                         int64_t heads, int64_t pos_offset, float theta, float beta);
+
+    /* gemm_grouped twice + swiglu, and gemm_grouped + swiglu_backward (ops.h
+     * moe_op_gemm_grouped_swiglu(_backward)); optional: NULL makes the ops
+     * layer run the parts */
+    moe_status (*gemm_grouped_swiglu)(moe_ctx *, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
+                                      moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
+    moe_status (*gemm_grouped_swiglu_backward)(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                               const moe_tensor *g, const moe_tensor *u, moe_tensor *dg,
+                                               moe_tensor *du, const int64_t *offsets, int groups);
 } moe_backend;
 
 

@@ -71,6 +71,18 @@ moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_
 moe_status moe_op_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
                                     const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
                                     const int64_t *offsets, int groups);
+/* The SwiGLU experts' first half in one call: g = x @ wg_e^T, u = x @ wu_e^T
+ * per group of rows (wg, wu [G, I, K], the expert bank's layout), then
+ * h = silu(g) * u; g, u and h [M, I] (g and u kept for the backward). Same
+ * bytes as two gemm_grouped calls and swiglu; a backend may do it in one pass. */
+moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
+                                      moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
+/* Its backward through the down projection: dh = alpha * dy @ w_e (dy [M, K],
+ * w [G, K, I]), then (dg, du) = swiglu_backward(dh, g, u); dh is not kept.
+ * Same bytes as gemm_grouped (into a dh of g's dtype) and swiglu_backward. */
+moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                               const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
+                                               const int64_t *offsets, int groups);
 /* Weight gradient of a grouped GEMM: c[g] = alpha * a_g^T @ b_g + beta * c[g],
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,

@@ -146,6 +146,64 @@ moe_status moe_op_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const
     return s;
 }
 
+moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
+                                      moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_swiglu";
+    ops_arg f[] = {{"x", x}, {"wg", wg}, {"wu", wu}, {"g", g}, {"u", u}, {"h", h}};
+    MOE_TRY(ops_check(op, f, 6, NULL, 0));
+    MOE_TRY(ops_out(op, "g", g));
+    MOE_TRY(ops_out(op, "u", u));
+    MOE_TRY(ops_out(op, "h", h));
+    MOE_TRY(check_grouped_pair(op, "x", x, "wg", wg, g, 1, offsets, groups));
+    MOE_TRY(check_grouped_pair(op, "x", x, "wu", wu, u, 1, offsets, groups));
+    MOE_TRY(ops_same_shape(op, "h", h, "g", g));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, h->device, gemm_grouped, be);
+    moe_tensor *t[3] = {NULL, NULL, NULL};
+    const moe_tensor *in[3] = {x, wg, wu};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 3 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    if (s == MOE_OK && be->gemm_grouped_swiglu) {
+        s = be->gemm_grouped_swiglu(ctx, t[0], t[1], t[2], g, u, h, offsets, groups);
+    } else if (s == MOE_OK) {
+        s = be->gemm_grouped(ctx, 1, 1.0f, t[0], t[1], 0.0f, g, offsets, groups);
+        if (s == MOE_OK) s = be->gemm_grouped(ctx, 1, 1.0f, t[0], t[2], 0.0f, u, offsets, groups);
+        if (s == MOE_OK && moe_tensor_numel(h) > 0) s = be->swiglu(ctx, h, g, u);
+    }
+    for (int i = 0; i < 3; i++) moe_tensor_release(t[i]);
+    return s;
+}
+
+moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                               const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
+                                               const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_swiglu_backward";
+    ops_arg f[] = {{"dy", dy}, {"w", w}, {"g", g}, {"u", u}, {"dg", dg}, {"du", du}};
+    MOE_TRY(ops_check(op, f, 6, NULL, 0));
+    MOE_TRY(ops_out(op, "dg", dg));
+    MOE_TRY(ops_out(op, "du", du));
+    MOE_TRY(check_grouped_pair(op, "dy", dy, "w", w, dg, 0, offsets, groups));
+    MOE_TRY(ops_same_shape(op, "du", du, "dg", dg));
+    MOE_TRY(ops_same_shape(op, "g", g, "dg", dg));
+    MOE_TRY(ops_same_shape(op, "u", u, "dg", dg));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dg->device, gemm_grouped, be);
+    moe_tensor *t[4] = {NULL, NULL, NULL, NULL};
+    const moe_tensor *in[4] = {dy, w, g, u};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    if (s == MOE_OK && be->gemm_grouped_swiglu_backward) {
+        s = be->gemm_grouped_swiglu_backward(ctx, alpha, t[0], t[1], t[2], t[3], dg, du, offsets, groups);
+    } else if (s == MOE_OK) {
+        moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
+        s = dh ? be->gemm_grouped(ctx, 0, alpha, t[0], t[1], 0.0f, dh, offsets, groups) : moe_last_status();
+        if (s == MOE_OK && moe_tensor_numel(dh) > 0) s = be->swiglu_backward(ctx, dg, du, dh, t[2], t[3]);
+        moe_tensor_release(dh);
+    }
+    for (int i = 0; i < 4; i++) moe_tensor_release(t[i]);
+    return s;
+}
+
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                      moe_tensor *c, const int64_t *offsets, int groups) {
     static const char *op = "gemm_grouped_wgrad";

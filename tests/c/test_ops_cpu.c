@@ -155,6 +155,46 @@ static void test_gemm(void) {
                "status %s: %s", moe_status_name(s), moe_last_error());
         rel(a1); rel(a2); rel(b1); rel(b2); rel(c);
     }
+    {   /* SwiGLU experts: g = x wg[e]^T, u = x wu[e]^T, h = silu(g) u; then the backward
+         * through the down projection: dh = 0.6 dy w[e], dg = dh u s (1 + g (1 - s)), du = dh g s */
+        int64_t Mg = 7, K = 5, I = 4, off[4] = {0, 3, 3, 7};
+        moe_tensor *x = RANDN(Mg, K), *wg = RANDN(3, I, K), *wu = RANDN(3, I, K);
+        moe_tensor *g = ZEROS(Mg, I), *u = ZEROS(Mg, I), *h = ZEROS(Mg, I);
+        double rg[28], ru[28], rh[28];
+        for (int e = 0; e < 3; e++) {
+            int64_t r0 = off[e], m = off[e + 1] - r0;
+            ref_gemm(0, 1, m, I, K, 1.0f, moe_f32(x) + r0 * K, moe_f32(wg) + e * I * K, 0.0f, moe_f32(g) + r0 * I, rg + r0 * I);
+            ref_gemm(0, 1, m, I, K, 1.0f, moe_f32(x) + r0 * K, moe_f32(wu) + e * I * K, 0.0f, moe_f32(u) + r0 * I, ru + r0 * I);
+        }
+        for (int i = 0; i < Mg * I; i++) rh[i] = rg[i] / (1.0 + exp(-rg[i])) * ru[i];
+        CHECK_OK("gemm_grouped_swiglu", moe_op_gemm_grouped_swiglu(ctx, x, wg, wu, g, u, h, off, 3));
+        CHECK_CLOSE("gemm_grouped_swiglu gate", moe_f32(g), rg, Mg * I, 1e-5, 1e-5);
+        CHECK_CLOSE("gemm_grouped_swiglu up", moe_f32(u), ru, Mg * I, 1e-5, 1e-5);
+        CHECK_CLOSE("gemm_grouped_swiglu activation", moe_f32(h), rh, Mg * I, 1e-5, 1e-5);
+        moe_status s = moe_op_gemm_grouped_swiglu(ctx, x, wg, wg, g, u, x, off, 3);
+        report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "h"), "gemm_grouped_swiglu: an h of the wrong shape is named",
+               "status %s: %s", moe_status_name(s), moe_last_error());
+
+        moe_tensor *dy = RANDN(Mg, K), *w = RANDN(3, K, I), *dg = ZEROS(Mg, I), *du = ZEROS(Mg, I);
+        double dh[28], rdg[28], rdu[28];
+        for (int e = 0; e < 3; e++) {
+            int64_t r0 = off[e], m = off[e + 1] - r0;
+            ref_gemm(0, 0, m, I, K, 0.6f, moe_f32(dy) + r0 * K, moe_f32(w) + e * K * I, 0.0f, moe_f32(dg) + r0 * I, dh + r0 * I);
+        }
+        for (int i = 0; i < Mg * I; i++) {
+            double gv = moe_f32(g)[i], uv = moe_f32(u)[i], sg = 1.0 / (1.0 + exp(-gv));
+            rdg[i] = dh[i] * uv * sg * (1.0 + gv * (1.0 - sg));
+            rdu[i] = dh[i] * gv * sg;
+        }
+        CHECK_OK("gemm_grouped_swiglu_backward",
+                 moe_op_gemm_grouped_swiglu_backward(ctx, 0.6f, dy, w, g, u, dg, du, off, 3));
+        CHECK_CLOSE("gemm_grouped_swiglu_backward dgate", moe_f32(dg), rdg, Mg * I, 1e-5, 1e-4);
+        CHECK_CLOSE("gemm_grouped_swiglu_backward dup", moe_f32(du), rdu, Mg * I, 1e-5, 1e-4);
+        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, wg, g, u, dg, du, off, 3);
+        report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "w"), "gemm_grouped_swiglu_backward: a w of the wrong shape is named",
+               "status %s: %s", moe_status_name(s), moe_last_error());
+        rel(x); rel(wg); rel(wu); rel(g); rel(u); rel(h); rel(dy); rel(w); rel(dg); rel(du);
+    }
 }
 
 /* ---- elementwise ---- */

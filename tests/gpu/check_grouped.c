@@ -6,7 +6,8 @@
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
  * experts), which still give the right result through cuBLAS; the pair call
- * (two GEMMs summed along K in one launch). Each check also
+ * (two GEMMs summed along K in one launch); the SwiGLU experts' gate + up +
+ * activation and dh + activation backward with fused epilogues. Each check also
  * asserts, from the device's counter, whether the kernel served the call. */
 #include "gpucheck.h"
 
@@ -102,6 +103,83 @@ static void pair_check(const char *what, int tb, float beta, const int64_t *off,
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
 
+/* device tensor -> host f32 (for byte comparisons between two device results) */
+static moe_tensor *host_of(const moe_tensor *d) {
+    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)d, MOE_DEVICE_CPU, MOE_F32);
+    die_if(!h, "download");
+    return h;
+}
+
+/* gate, up and the SwiGLU in one launch (the gate and up tiles side by side):
+ * against the CPU's two GEMMs + swiglu, and byte for byte against the
+ * device's three unfused calls. want_kernel: kernel launches (1 fused; 2 when
+ * refused and the plain kernel serves both GEMMs) */
+static void swiglu_check(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int want_kernel) {
+    int64_t M = off[G];
+    pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
+    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
+    char name[200];
+    snprintf(name, sizeof name, "grouped swiglu %s: G=%d M=%lld K=%lld I=%lld", what, G, (long long)M, (long long)K,
+             (long long)I);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
+            moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
+        char n2[240];
+        snprintf(n2, sizeof n2, "%s: gate", name); check(n2, BF, g.d, g.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: up", name); check(n2, BF, u.d, u.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: activation", name); check(n2, BF, h.d, h.h, tol_of(BF, 0));
+        served(name, k0, want_kernel);
+        moe_tensor *g2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *u2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                   *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!g2 || !u2 || !h2, "unfused outputs");
+        die_if(moe_op_gemm_grouped(ctx, 1, 1.0f, x.d, wg.d, 0.0f, g2, off, G) != MOE_OK ||
+               moe_op_gemm_grouped(ctx, 1, 1.0f, x.d, wu.d, 0.0f, u2, off, G) != MOE_OK ||
+               moe_op_swiglu(ctx, h2, g2, u2) != MOE_OK, "unfused calls");
+        moe_tensor *r[3] = {host_of(g2), host_of(u2), host_of(h2)};
+        const moe_tensor *f[3] = {g.d, u.d, h.d};
+        static const char *nm[3] = {"gate", "up", "activation"};
+        for (int i = 0; i < 3; i++) {
+            snprintf(n2, sizeof n2, "%s: %s = the unfused calls' bytes", name, nm[i]);
+            check(n2, BF, f[i], r[i], 0.0);
+            moe_tensor_release(r[i]);
+        }
+        moe_tensor_release(g2); moe_tensor_release(u2); moe_tensor_release(h2);
+    }
+    pfree(&x); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
+}
+
+/* dh = alpha dy w_e met with the saved gate and up in the epilogue: dgate and
+ * dup written, dh never stored; against the CPU and byte for byte against
+ * gemm_grouped + swiglu_backward on the device */
+static void swiglu_bwd_check(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int want_kernel) {
+    int64_t M = off[G];
+    pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
+    pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
+    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I));
+    char name[200];
+    snprintf(name, sizeof name, "grouped swiglu backward %s: G=%d M=%lld K=%lld I=%lld", what, G, (long long)M,
+             (long long)K, (long long)I);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, off, G),
+            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, off, G))) {
+        char n2[240];
+        snprintf(n2, sizeof n2, "%s: dgate", name); check(n2, BF, dg.d, dg.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: dup", name); check(n2, BF, du.d, du.h, tol_of(BF, 0));
+        served(name, k0, want_kernel);
+        moe_tensor *dh = moe_tensor_new(ctx, BF, SH(M, I), GPU), *dg2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                   *du2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!dh || !dg2 || !du2, "unfused outputs");
+        die_if(moe_op_gemm_grouped(ctx, 0, 0.9f, dy.d, w.d, 0.0f, dh, off, G) != MOE_OK ||
+               moe_op_swiglu_backward(ctx, dg2, du2, dh, g.d, u.d) != MOE_OK, "unfused calls");
+        moe_tensor *r1 = host_of(dg2), *r2 = host_of(du2);
+        snprintf(n2, sizeof n2, "%s: dgate = the unfused calls' bytes", name); check(n2, BF, dg.d, r1, 0.0);
+        snprintf(n2, sizeof n2, "%s: dup = the unfused calls' bytes", name); check(n2, BF, du.d, r2, 0.0);
+        moe_tensor_release(r1); moe_tensor_release(r2);
+        moe_tensor_release(dh); moe_tensor_release(dg2); moe_tensor_release(du2);
+    }
+    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du);
+}
+
 int main(void) {
     gpucheck_begin();
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
@@ -155,6 +233,20 @@ int main(void) {
     wgrad_check("step model up", 0.0f, off, 16, 512, 1024, 1);
     make_offsets(off, 256, 40, 5);
     wgrad_check("256 experts", 0.5f, off, 256, 16, 24, 1);
+
+    /* the SwiGLU experts fused: partial tiles and empty experts, the step model, and refusals */
+    make_offsets(off, 8, 300, 3);
+    swiglu_check("partial tiles", off, 8, 72, 128, 1);
+    make_offsets(off, 32, 700, 0);
+    swiglu_check("step model", off, 32, 1024, 512, 1);
+    make_offsets(off, 8, 100, 3);
+    swiglu_check("I not a multiple of 64 (two GEMM calls)", off, 8, 64, 200, 2);
+    make_offsets(off, 8, 300, 3);
+    swiglu_bwd_check("partial tiles", off, 8, 72, 200, 1);
+    make_offsets(off, 32, 700, 0);
+    swiglu_bwd_check("step model", off, 32, 1024, 512, 1);
+    make_offsets(off, 8, 100, 3);
+    swiglu_bwd_check("K not a multiple of 8 (cuBLAS)", off, 8, 36, 64, 0);
 
     /* calls the kernel refuses go through cuBLAS, still right */
     make_offsets(off, 8, 100, 3);

@@ -57,6 +57,8 @@ static const moe_backend cuda_backend = {
     /* cross_entropy_fused */ cuda_cross_entropy_fused,
     /* rmsnorm_rope */ cuda_rmsnorm_rope,
     /* rmsnorm_rope_backward */ cuda_rmsnorm_rope_backward,
+    /* gemm_grouped_swiglu */ cuda_gemm_grouped_swiglu,
+    /* gemm_grouped_swiglu_backward */ cuda_gemm_grouped_swiglu_backward,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -467,6 +467,50 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     return cuda_gemm_grouped(ctx, transb, alpha, a2, b2, 1.0f, c, offsets, groups);
 }
 
+// The fused SwiGLU calls: the own kernel where the plain calls would take it
+// (decided on one GEMM's FLOPs, as for each of them), else the parts.
+moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
+                                    moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups) {
+    MOE_TRY(cuda_check_float(h->dtype, "gemm_grouped_swiglu"));
+    CUDA_ENTER(d, ctx, h->device);
+    const int64_t K = x->shape[1], de = g->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
+        g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), moe_tensor_data(wg), moe_tensor_data(wu),
+                                        moe_tensor_data(g), moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K,
+                                        de, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wg, 0.0f, g, offsets, groups));
+    MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wu, 0.0f, u, offsets, groups));
+    return moe_tensor_numel(h) ? cuda_swiglu(ctx, h, g, u) : MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                             const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
+                                             const int64_t *offsets, int groups) {
+    MOE_TRY(cuda_check_float(dg->dtype, "gemm_grouped_swiglu_backward"));
+    CUDA_ENTER(d, ctx, dg->device);
+    const int64_t K = dy->shape[1], de = dg->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, dg->dtype, dy->dtype, w->dtype) && g->dtype == MOE_BF16 &&
+        u->dtype == MOE_BF16 && du->dtype == MOE_BF16) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_swiglu_bwd(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
+                                            moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du), offsets,
+                                            groups, K, de, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
+    if (!dh) return moe_last_status();
+    moe_status s = cuda_gemm_grouped(ctx, 0, alpha, dy, w, 0.0f, dh, offsets, groups);
+    if (s == MOE_OK && moe_tensor_numel(dh)) s = cuda_swiglu_backward(ctx, dg, du, dh, g, u);
+    moe_tensor_release(dh);
+    return s;
+}
+
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad"));

@@ -42,6 +42,9 @@
 #include "cuda_common.cuh"
 #include "cuda_grouped_mma.h"
 
+#include "cuda_swiglu.cuh"
+#include "cuda_vec.cuh"
+
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -52,11 +55,20 @@ namespace {
 constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
 constexpr int SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024;   // + room to align the atoms to 1024 B
 constexpr int MAX_GROUPS = MOE_MMA_GROUPED_MAX_GROUPS;
+// what a block does with its accumulators: store them (c = alpha acc + beta c), or a
+// fused SwiGLU (forward: gate and up tiles side by side; backward: dh into dgate, dup)
+enum { EPI_PLAIN = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2 };
 
 struct mma_params {
     const __nv_bfloat16 *a, *b;
     const __nv_bfloat16 *a2, *b2;   // forward: the second pair along K (K2 > 0), else unused
     __nv_bfloat16 *c;
+    // fused SwiGLU epilogues (EPI_SWIGLU: b = gate weights, b2 = up weights, c = the
+    // activation, cg / cu = gate / up; EPI_SWIGLU_BWD: sg / su = the saved gate / up,
+    // cg / cu = their gradients, c unused); epi_n = the expert hidden width
+    const __nv_bfloat16 *sg, *su;
+    __nv_bfloat16 *cg, *cu;
+    int epi_n;
     float alpha, beta;
     int n_tiles;             // tiles across N (forward) or across Q (wgrad)
     int m_tiles;             // wgrad: tiles across P per group
@@ -182,8 +194,7 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
 constexpr int CLD = BN + 8;   // f32 row pitch of the staged tile: the accumulator writes meet no bank conflict
 static_assert(BM * CLD * 4 <= STAGES * (BM + BN) * BK * 2, "the staged C tile must fit the pipeline's shared memory");
 
-__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
-                                           float beta) {
+__device__ __forceinline__ void stage_acc(const float *d, float *cs, int tid, float alpha) {
     const int lane = tid & 31, r0 = (tid >> 7) * 64 + ((tid & 127) >> 5) * 16 + (lane >> 2);
 #pragma unroll
     for (int h = 0; h < 2; h++)
@@ -192,6 +203,11 @@ __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile
             *reinterpret_cast<float2 *>(cs + (r0 + h * 8) * CLD + j * 8 + (lane & 3) * 2) =
                 make_float2(alpha * d[j * 4 + h * 2], alpha * d[j * 4 + h * 2 + 1]);
     __syncthreads();
+}
+
+__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
+                                           float beta) {
+    stage_acc(d, cs, tid, alpha);
     constexpr int PER = BM * BN / 8 / THREADS;   // 16-byte chunks per thread
     uint4 old[PER];
     if (beta != 0.0f) {
@@ -228,6 +244,82 @@ __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile
     }
 }
 
+// 8 staged f32 values rounded to bf16 and back: what a stored and re-read tensor holds
+__device__ __forceinline__ void round_bf16(float (&f)[8]) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = __bfloat162float(__float2bfloat16_rn(f[k]));
+}
+
+// SwiGLU forward: staged columns 0-63 are gate, 64-127 up, for expert-hidden
+// columns n0/2 .. n0/2 + 63 (the hidden width a multiple of 64, checked on the
+// host). gate and up are stored rounded, and the activation is computed from
+// the rounded values: the bytes of the two GEMMs followed by the SwiGLU kernel.
+__device__ __forceinline__ void store_swiglu(const float *d, float *cs, const tile_info &ti, const mma_params &p,
+                                             int tid) {
+    stage_acc(d, cs, tid, 1.0f);
+    const int de = p.epi_n, nc0 = ti.n0 / 2;
+    const int64_t rbase = p.off[ti.g];
+    constexpr int PER = BM * 64 / 8 / THREADS;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 3, c = (idx & 7) * 8, row = ti.m0 + r;
+        if (row >= ti.M) continue;
+        float g[8], u[8], h[8];
+        *reinterpret_cast<float4 *>(g) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
+        *reinterpret_cast<float4 *>(g + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
+        *reinterpret_cast<float4 *>(u) = *reinterpret_cast<const float4 *>(cs + r * CLD + 64 + c);
+        *reinterpret_cast<float4 *>(u + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + 64 + c + 4);
+        round_bf16(g);
+        round_bf16(u);
+#pragma unroll
+        for (int k = 0; k < 8; k++) h[k] = swiglu_1(g[k], u[k]);
+        const int64_t o = (rbase + row) * de + nc0 + c;
+        st16(p.cg + o, pack(g));
+        st16(p.cu + o, pack(u));
+        st16(p.c + o, pack(h));
+    }
+}
+
+// SwiGLU backward: the staged tile is dh (rows x expert-hidden columns n0..);
+// rounded as stored, it meets the saved gate and up: dgate and dup are written
+// instead of dh, the bytes of the GEMM followed by the SwiGLU backward kernel.
+__device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, const tile_info &ti, const mma_params &p,
+                                                 int tid) {
+    stage_acc(d, cs, tid, p.alpha);
+    const int de = p.epi_n;
+    const int64_t rbase = p.off[ti.g];
+    constexpr int PER = BM * BN / 8 / THREADS;
+#pragma unroll 2
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= de) continue;
+        const int64_t o = (rbase + row) * de + col;
+        float go[8], g[8], u[8];
+        unpack(ld16(p.sg + o), g);
+        unpack(ld16(p.su + o), u);
+        *reinterpret_cast<float4 *>(go) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
+        *reinterpret_cast<float4 *>(go + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
+        round_bf16(go);
+#pragma unroll
+        for (int k = 0; k < 8; k++) swiglu_bwd_1(go[k], g[k], u[k], g[k], u[k]);
+        st16(p.cg + o, pack(g));
+        st16(p.cu + o, pack(u));
+    }
+}
+
+// The B tile of the SwiGLU forward: rows 0-63 from the gate weights, 64-127
+// from the up weights, both at expert-hidden rows nc0 + (r % 64) (K-major).
+__device__ __forceinline__ void load_tile_gate_up(unsigned char *s, const __nv_bfloat16 *bg, const __nv_bfloat16 *bu,
+                                                  int64_t ld, int nc0, int n_lim, int k0, int k_lim, int tid) {
+#pragma unroll
+    for (int i = 0; i < BN * BK / 8 / THREADS; i++) {
+        int ch = tid + i * THREADS, r = ch >> 3, j = ch & 7, n = nc0 + (r & 63);
+        bool ok = n < n_lim && k0 + j * 8 < k_lim;
+        const __nv_bfloat16 *src = ok ? (r < 64 ? bg : bu) + (int64_t)n * ld + (k0 + j * 8) : bg;
+        cp_async16(s + r * 128 + ((j ^ (r & 7)) << 4), src, ok);
+    }
+}
+
 // The four wgmmas of one 64-deep K tile for warpgroup wg's 64 rows.
 template <bool A_KMAJ, bool B_KMAJ>
 __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int wg) {
@@ -244,7 +336,7 @@ __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int
 // PAIR: a second (A, B) pair along K - its own instantiation, since the extra
 // pointers pushed the single-pair kernels past 128 registers into spills
 // (the forward GEMMs ran ~20% slower).
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
@@ -271,7 +363,11 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
         unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
         int k0 = (kt - kbase) * BK;
         load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
-        load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
+        if (EPI == EPI_SWIGLU)
+            load_tile_gate_up(s + BM * BK * 2, p.b + (int64_t)ti.g * p.K * p.epi_n,
+                              p.b2 + (int64_t)ti.g * p.K * p.epi_n, p.K, ti.n0 / 2, p.epi_n, k0, ti.K, tid);
+        else
+            load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
     };
 #pragma unroll
     for (int st = 0; st < PREF; st++) {
@@ -291,20 +387,22 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     }
     cp_async_wait<0>();
     __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
-    store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
+    if (EPI == EPI_SWIGLU) store_swiglu(d, reinterpret_cast<float *>(smem), ti, p, tid);
+    else if (EPI == EPI_SWIGLU_BWD) store_swiglu_bwd(d, reinterpret_cast<float *>(smem), ti, p, tid);
+    else store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
 #endif
 }
 
 bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false, int EPI = EPI_PLAIN>
 moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_extent, const char *what, bool *ran) {
     p.n_tiles = (int)((n_extent + BN - 1) / BN);
     int64_t blocks = m_tiles_total * p.n_tiles;
     if (blocks > INT32_MAX) return MOE_OK;
     *ran = true;
     if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR>;
+    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI>;
     // above 48 KB a block's dynamic shared memory must be allowed first (per device, cheap to repeat)
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
@@ -315,6 +413,18 @@ moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_e
 bool offsets_fit(const int64_t *offsets, int groups) {
     if (groups < 1 || groups > MAX_GROUPS || offsets[0] != 0) return false;
     return offsets[groups] < (int64_t)INT32_MAX - BM;
+}
+
+// forward calls: the groups' row offsets and first M tiles; returns the M tiles in all
+int64_t row_tiles(mma_params &p, const int64_t *offsets, int groups) {
+    p.groups = groups;
+    int64_t tiles = 0;
+    for (int g = 0; g <= groups; g++) {
+        p.off[g] = (int)offsets[g];
+        p.tile0[g] = (int)tiles;
+        if (g < groups) tiles += (offsets[g + 1] - offsets[g] + BM - 1) / BM;
+    }
+    return tiles;
 }
 
 }  // namespace
@@ -336,15 +446,10 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
+    p.sg = p.su = nullptr; p.cg = p.cu = nullptr; p.epi_n = 0;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
-    p.groups = groups;
-    int64_t tiles = 0;
-    for (int g = 0; g <= groups; g++) {
-        p.off[g] = (int)offsets[g];
-        p.tile0[g] = (int)tiles;
-        if (g < groups) tiles += (offsets[g + 1] - offsets[g] + BM - 1) / BM;
-    }
+    int64_t tiles = row_tiles(p, offsets, groups);
     if (K2 > 0)
         return transb ? launch<true, true, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran)
                       : launch<true, false, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran);
@@ -363,6 +468,7 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = nullptr; p.epi_n = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
@@ -371,4 +477,42 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
         return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
     });
     return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
+}
+
+moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
+                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 64 || K > INT32_MAX ||
+        2 * de > INT32_MAX || !aligned16(x) || !aligned16(wg) || !aligned16(wu) || !aligned16(g) || !aligned16(u) ||
+        !aligned16(h))
+        return MOE_OK;
+    mma_params p;
+    p.a = (const __nv_bfloat16 *)x; p.b = (const __nv_bfloat16 *)wg; p.b2 = (const __nv_bfloat16 *)wu;
+    p.a2 = nullptr; p.K2 = 0;
+    p.c = (__nv_bfloat16 *)h; p.cg = (__nv_bfloat16 *)g; p.cu = (__nv_bfloat16 *)u;
+    p.sg = p.su = nullptr; p.epi_n = (int)de;
+    p.alpha = 1.0f; p.beta = 0.0f;
+    p.K = (int)K; p.N = (int)(2 * de); p.P = p.Q = 0; p.m_tiles = 0;
+    int64_t tiles = row_tiles(p, offsets, groups);
+    return launch<true, true, false, false, EPI_SWIGLU>(d, p, tiles, 2 * de, "gemm_grouped_swiglu (kernel)", ran);
+}
+
+moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
+                                       const void *u, void *dg, void *du, const int64_t *offsets, int groups, int64_t K,
+                                       int64_t de, bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
+        !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du))
+        return MOE_OK;
+    mma_params p;
+    p.a = (const __nv_bfloat16 *)dy; p.b = (const __nv_bfloat16 *)w;
+    p.a2 = p.b2 = nullptr; p.K2 = 0;
+    p.c = (__nv_bfloat16 *)dg;   // not written: the epilogue writes cg and cu
+    p.sg = (const __nv_bfloat16 *)g; p.su = (const __nv_bfloat16 *)u;
+    p.cg = (__nv_bfloat16 *)dg; p.cu = (__nv_bfloat16 *)du; p.epi_n = (int)de;
+    p.alpha = alpha; p.beta = 0.0f;
+    p.K = (int)K; p.N = (int)de; p.P = p.Q = 0; p.m_tiles = 0;
+    int64_t tiles = row_tiles(p, offsets, groups);
+    return launch<true, false, false, false, EPI_SWIGLU_BWD>(d, p, tiles, de, "gemm_grouped_swiglu_backward (kernel)",
+                                                             ran);
 }

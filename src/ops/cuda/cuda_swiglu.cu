@@ -6,14 +6,7 @@
 #include "cuda_common.cuh"
 #include "cuda_vec.cuh"
 
-__device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float swiglu_1(float g, float u) { return g * sigm(g) * u; }
-// dgate = dout * up * s * (1 + g * (1 - s)),  dup = dout * g * s
-__device__ __forceinline__ void swiglu_bwd_1(float go, float g, float u, float &dg, float &du) {
-    float s = sigm(g);
-    dg = go * u * s * (1.0f + g * (1.0f - s));
-    du = go * g * s;
-}
+#include "cuda_swiglu.cuh"
 
 template <typename T>
 __global__ void k_swiglu(T *out, const T *gate, const T *up, int64_t n) {
