@@ -226,6 +226,21 @@ static moe_status ep_hook_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slo
     return s == MOE_OK ? s : moe_error_context(s, "expert parallel counts");
 }
 
+/* Without expert parallelism the routing's wait brings nothing back for a
+ * hook; one queues the dispatch (the gather of the experts' rows, which needs
+ * only the device's token_idx) so the GPU has it to run while the host waits. */
+typedef struct {
+    moe_tape *tape;
+    moe_tensor *x, *xp;   /* xp: set by the queue */
+} dispatch_hook;
+
+static moe_status dispatch_queue(moe_route_hook *h, moe_ctx *ctx, moe_tensor *slots, moe_tensor *expert_idx,
+                                 moe_tensor *kept, moe_tensor *out) {
+    dispatch_hook *a = h->arg;
+    if (!h->token_idx) return moe_error(MOE_ERR_INTERNAL, "MoE dispatch: the routing handed no token_idx to its hook");
+    return moe_f_dispatch(ctx, a->tape, a->x, h->token_idx, slots, &a->xp);
+}
+
 /* The plan from the routing hook's results; with token rows, this rank's
  * rows per destination, and tslots' index bound tightened to their number
  * (the gathered path has no tslots). */
@@ -511,10 +526,18 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     moe_route_hook hook = {0};
     int tokens = 0;
     if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(NULL, st->ep_comm, &tokens);
+    dispatch_hook dk = {tape, xr, NULL};
     if (tokens || gather) {
         hook.extra = (c->router.num_experts + st->ep_comm->size) * (st->ep_comm->size + 1);
         hook.queue = ep_hook_queue;
         hook.arg = &hk;
+        rcfg.hook = &hook;
+    } else if (s == MOE_OK && !st->ep_comm && c->router.selection == MOE_SELECT_TOPK &&
+               !(c->router.capacity_factor > 0)) {
+        /* nothing drops, so every one of the N*k slots is kept: the dispatch may run before the wait */
+        hook.extra = 0;
+        hook.queue = dispatch_queue;
+        hook.arg = &dk;
         rcfg.hook = &hook;
     }
     if (s == MOE_OK)
@@ -528,7 +551,8 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     } else if (s == MOE_OK && tokens) {
         s = ep_token_experts(l, ctx, tape, xr, &r, &hook, hk.tslots, &yr);
     } else {
-        if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
+        if (s == MOE_OK && dk.xp) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
+        else if (s == MOE_OK) s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
         if (s == MOE_OK) {
             s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
               : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
@@ -565,7 +589,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     moe_tensor_release(xa);
     moe_tensor_release(xr); moe_tensor_release(noise); moe_tensor_release(rin);
     moe_tensor_release(xb); moe_tensor_release(rsrc);
-    moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(yp);
+    moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(dk.xp); moe_tensor_release(yp);
     moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
     moe_tensor_release(sg); moe_tensor_release(sgs); moe_tensor_release(shg);
     return s;

@@ -217,7 +217,9 @@ static moe_status host_hook(moe_ctx *ctx, moe_route_hook *h, const moe_routing *
         out = moe_tensor_new(ctx, MOE_I64, 1, s_x, dev);
         if (!kept || !out) st = moe_last_status();
     }
+    h->token_idx = r->token_idx;
     if (st == MOE_OK) st = h->queue(h, ctx, r->slots, r->expert_idx, kept, out);
+    h->token_idx = NULL;
     if (st == MOE_OK) st = (back = moe_op_to(ctx, out, MOE_DEVICE_CPU, MOE_I64)) ? MOE_OK : moe_last_status();
     if (st == MOE_OK) st = moe_route_hook_deliver(h, moe_tensor_data(back));
     moe_tensor_release(kh); moe_tensor_release(kept); moe_tensor_release(out); moe_tensor_release(back);

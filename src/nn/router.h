@@ -76,6 +76,10 @@ typedef struct moe_route_hook {
     moe_status (*queue)(struct moe_route_hook *h, moe_ctx *ctx, moe_tensor *slots, moe_tensor *expert_idx,
                         moe_tensor *kept, moe_tensor *out);
     void *arg;
+    /* set by the router while queue runs: the [A] token of each slot (i64,
+     * index-bounded by N). On the device path A = N*k before the wait, of
+     * which only the kept count is valid: all of them when nothing can drop. */
+    moe_tensor *token_idx;
     int64_t *host;   /* after the wait: out on the host (the router allocates it, the caller frees it) */
     int ran;
 } moe_route_hook;

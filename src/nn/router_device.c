@@ -134,13 +134,16 @@ static moe_status global_aux_device(moe_ctx *ctx, struct moe_comm *comm, dev_sav
 
 /* The hook's work, queued behind the routing kernels (whose summary is in
  * sdev), then the one wait: the summary and the hook's results to the host. */
-static moe_status run_hook(moe_ctx *ctx, moe_route_hook *h, moe_tensor *sdev, int64_t e, int64_t slots_bound,
-                           moe_tensor *pos, moe_tensor *ex, int64_t *summary) {
+static moe_status run_hook(moe_ctx *ctx, moe_route_hook *h, moe_tensor *sdev, int64_t e, int64_t n, int64_t slots_bound,
+                           moe_tensor *pos, moe_tensor *ex, moe_tensor *tok, int64_t *summary) {
     const int64_t ns = MOE_CUDA_ROUTE_SUMMARY(e);
     /* before the wait only these bounds are known (A <= N*k) */
     moe_tensor_set_index_bound(pos, slots_bound);
+    moe_tensor_set_index_bound(tok, n);
     moe_tensor *kept = moe_tensor_narrow(sdev, 0, e + 1, e), *out = moe_tensor_narrow(sdev, 0, ns, h->extra), *back = NULL;
+    h->token_idx = tok;
     moe_status st = kept && out ? h->queue(h, ctx, pos, ex, kept, out) : moe_last_status();
+    h->token_idx = NULL;
     if (st == MOE_OK) back = moe_op_to(ctx, sdev, MOE_DEVICE_CPU, MOE_I64);
     if (st == MOE_OK && !back) st = moe_last_status();
     if (st == MOE_OK) {
@@ -228,7 +231,7 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     if (st == MOE_OK && cfg->aux == MOE_AUX_BATCH && cfg->aux_comm)
         st = global_aux_device(ctx, cfg->aux_comm, r, aux_t, &global_aux);
     /* after the global aux, as on the host path: every rank's collectives in one order */
-    if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n * k, r->pos, ex, summary);
+    if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n, n * k, r->pos, ex, tok, summary);
     moe_tensor_release(sdev);
     if (st == MOE_OK) {
         const int64_t na = summary[e];
