@@ -178,6 +178,13 @@ describe("tape functional ops", function()
     for i = 1, 4 do for j = 1, 7 do assert.is_true(math.abs(g3:get(i, j) - g1:get(i, j) - 0.1) < 1e-6) end end
     t3:backward(both)
     assert.is_true(max_diff(t3:grad(logits), g3, 1) < 1e-7)
+    -- grad_in_forward = false (a taped evaluation): same loss, and a backward still recomputes the same gradient
+    local t4 = moe.Tape()
+    local l4 = t4:cross_entropy(logits, targets, {grad_in_forward = false})
+    assert.are.equal(loss:item(), l4:item())
+    t4:backward(l4)
+    assert.is_true(max_diff(t4:grad(logits), g1, 1) == 0)
+    assert.has_error(function() moe.Tape():cross_entropy(logits, targets, {grad_in_forward = "no"}) end)
   end)
 
   it("a tiny transformer block trains: loss goes down with AdamW", function()

@@ -610,7 +610,7 @@ function FineTuner:evaluate(ds, opts)
       local dev = net:device()
       if dev ~= "cpu" then ids, targets = ids:to(dev), targets:to(dev) end
       local logits = net:forward(ids)
-      total = total + core.Tape():cross_entropy(logits, targets, {ignore_index = IGNORE}):item() * k
+      total = total + core.Tape():cross_entropy(logits, targets, {ignore_index = IGNORE, grad_in_forward = false}):item() * k
       count = count + k
       logits:free()
     end

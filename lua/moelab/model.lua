@@ -88,7 +88,10 @@ function Model:forward(ids, opts)
   local aux, z = self.net:balance_losses(tape)
   local out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
   if targets then
-    out.loss = tape:cross_entropy(logits, targets, {ignore_index = opts.ignore_index or -100})
+    -- in eval mode no backward is expected: a GPU that fuses the loss's forward and
+    -- backward would otherwise write the [tokens, vocab] gradient for nothing
+    out.loss = tape:cross_entropy(logits, targets, {ignore_index = opts.ignore_index or -100,
+                                                    grad_in_forward = self.net:is_training()})
     local total = out.loss
     local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
     if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end

@@ -448,7 +448,7 @@ function Trainer:evaluate(ds, opts)
     local dev = self.model.net:device()
     if dev ~= "cpu" then ids, targets = ids:to(dev), targets:to(dev) end
     local logits = self.model.net:forward(ids)
-    local loss = core.Tape():cross_entropy(logits, targets):item()
+    local loss = core.Tape():cross_entropy(logits, targets, {grad_in_forward = false}):item()
     total = total + loss * n
     count = count + n
   end

@@ -511,7 +511,8 @@ static int tape_cross_entropy(lua_State *L) {
     moe_tape *t = moe_lua_check_tape(L, 1, f);
     moe_tensor *logits = moe_lua_check_tensor_f(L, 2, f, "logits"), *targets = moe_lua_check_tensor_f(L, 3, f, "targets"), *y;
     int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
-    return finish(L, moe_f_cross_entropy(moe_lua_ctx(L), t, logits, targets, ignore, &y), &y, f);
+    int gif = moe_lua_opt_field_bool(L, 4, "grad_in_forward", 1, f);
+    return finish(L, moe_f_cross_entropy_ex(moe_lua_ctx(L), t, logits, targets, ignore, gif, &y), &y, f);
 }
 
 static int tape_sum(lua_State *L) {

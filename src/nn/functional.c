@@ -220,6 +220,11 @@ static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const
 
 moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                int64_t ignore_index, moe_tensor **loss) {
+    return moe_f_cross_entropy_ex(ctx, tape, logits, targets, ignore_index, 1, loss);
+}
+
+moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
+                                  int64_t ignore_index, int grad_in_forward, moe_tensor **loss) {
     *loss = NULL;
     if (!logits || !targets) return moe_error(MOE_ERR_ARG, "cross_entropy: logits or targets is nil");
     if (targets->dtype != MOE_I64)
@@ -256,7 +261,7 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
     }
     /* Under a tape the gradient for an upstream 1 (the training loss) comes in
      * the same pass over the logits, with ce_backward's scale. */
-    if (s == MOE_OK && tape && moe_op_cross_entropy_fuses(ctx, logits->device)) {
+    if (s == MOE_OK && tape && grad_in_forward && moe_op_cross_entropy_fuses(ctx, logits->device)) {
         dl = moe_tensor_like(ctx, lc);
         drows = dl ? moe_rows_view(dl) : NULL;
         if (!drows) s = moe_last_status();

@@ -17,6 +17,11 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
  * logits [..., V], targets [...] i64. All-ignored batches give loss 0. */
 moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                int64_t ignore_index, moe_tensor **loss);
+/* The same; grad_in_forward 0 keeps a fusing backend from writing the logits'
+ * gradient during the forward (a taped evaluation that will not go backward:
+ * the [N, V] tensor would only take memory). The backward then recomputes it. */
+moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
+                                  int64_t ignore_index, int grad_in_forward, moe_tensor **loss);
 /* Sum or mean of all elements into a 0-dim tensor. */
 moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_tensor **y);
 /* y = x @ w^T (+ b): x [..., in], w [out, in], b [out] or NULL. The layer Linear uses it. */
