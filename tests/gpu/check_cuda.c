@@ -975,29 +975,41 @@ static void test_rope(moe_dtype dt) {
  * gradient is stored in dt before the norm's backward reads it (as the two ops
  * store it on the GPU; f32 on the CPU would drift from it over many rows of dw). */
 static moe_status ref_norm_rope_bwd(moe_dtype dt, moe_tensor *dx, moe_tensor *dw, moe_tensor *dy, moe_tensor *x,
-                                    moe_tensor *w, moe_tensor *rstd, int64_t H, float beta) {
+                                    moe_tensor *w, moe_tensor *rstd, int64_t H, int64_t pos, float beta) {
     int64_t B = x->shape[0], T = x->shape[1], D = x->shape[2] / H;
     moe_tensor *g = moe_tensor_new_cpu(MOE_F32, SH(B, T, H * D));
     moe_tensor *g4 = moe_tensor_view(g, SH(B, T, H, D)), *dy4 = moe_tensor_view(dy, SH(B, T, H, D));
     die_if(!g || !g4 || !dy4, "reference tensors");
-    moe_status s = moe_op_rope(ctx, g4, dy4, 0, 10000.0f, 1);
+    moe_status s = moe_op_rope(ctx, g4, dy4, pos, 10000.0f, 1);
     round_through(g, dt);
     if (s == MOE_OK) s = moe_op_rmsnorm_backward_beta(ctx, dx, dw, g, x, w, rstd, beta);
     moe_tensor_release(g4); moe_tensor_release(dy4); moe_tensor_release(g);
     return s;
 }
 
+static uint64_t norm_rope_fused(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_norm_rope_fused_calls(ctx, 0, &n) != MOE_OK, "fused counter");
+    return n;
+}
+
+/* B, T, heads, D, the first position, and whether the fused kernels take the
+ * shape (1) or run the two ops (-1: D 48 does not split a warp evenly, 3 heads
+ * of 64 are not a whole number of 16-byte vectors per lane), in both dtypes */
 static void test_rmsnorm_rope(moe_dtype dt) {
-    static const int64_t cfg[][4] = {{8, 33, 16, 64}, {2, 17, 8, 128}, {11, 5, 4, 64}, {2, 9, 4, 48}, {2, 7, 3, 64}};
+    static const int64_t cfg[][6] = {{8, 33, 16, 64, 0, 1}, {2, 17, 8, 128, 5, 1}, {11, 5, 4, 64, 1000, 1},
+                                     {2, 9, 4, 48, 3, -1}, {2, 7, 3, 64, 0, -1}};
     for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
-        const int64_t B = cfg[c][0], T = cfg[c][1], H = cfg[c][2], D = cfg[c][3], n = H * D;
-        char name[160], shp[64];
-        snprintf(shp, sizeof shp, "[%lld,%lld,%lld x %lld]", (long long)B, (long long)T, (long long)H, (long long)D);
+        const int64_t B = cfg[c][0], T = cfg[c][1], H = cfg[c][2], D = cfg[c][3], n = H * D, P = cfg[c][4];
+        char name[160], shp[96];
+        snprintf(shp, sizeof shp, "[%lld,%lld,%lld x %lld] from position %lld", (long long)B, (long long)T, (long long)H,
+                 (long long)D, (long long)P);
+        const uint64_t f0 = norm_rope_fused();
         pair x = in_randn(dt, SH(B, T, n)), w = in_pair(dt, SH(n), 0.2f, 1.0f, 0);
         pair y = out_pair(dt, SH(B, T, n)), rstd = out_pair(dt, SH(B, T));
         snprintf(name, sizeof name, "rmsnorm_rope %s", shp);
-        if (RUN(name, dt, moe_op_rmsnorm_rope(ctx, y.h, rstd.h, x.h, w.h, 1e-5f, H, 0, 10000.0f),
-                moe_op_rmsnorm_rope(ctx, y.d, rstd.d, x.d, w.d, 1e-5f, H, 0, 10000.0f))) {
+        if (RUN(name, dt, moe_op_rmsnorm_rope(ctx, y.h, rstd.h, x.h, w.h, 1e-5f, H, P, 10000.0f),
+                moe_op_rmsnorm_rope(ctx, y.d, rstd.d, x.d, w.d, 1e-5f, H, P, 10000.0f))) {
             check(name, dt, y.d, y.h, tol_of(dt, 2e-5));
             snprintf(name, sizeof name, "rmsnorm_rope rstd %s", shp);
             check(name, dt, rstd.d, rstd.h, tol_of(dt, 1e-5));
@@ -1010,8 +1022,8 @@ static void test_rmsnorm_rope(moe_dtype dt) {
             float beta = mode == 1 ? 1.0f : 0.0f;
             snprintf(name, sizeof name, "rmsnorm_rope_backward %s%s", shp,
                      mode == 1 ? " beta 1" : mode == 2 ? " no dw" : "");
-            if (RUN(name, dt, ref_norm_rope_bwd(dt, dx.h, mode == 2 ? NULL : dw.h, dy.h, x.h, w.h, rstd.h, H, beta),
-                    moe_op_rmsnorm_rope_backward(ctx, dx.d, mode == 2 ? NULL : dw.d, dy.d, x.d, w.d, rd, H, 0, 10000.0f,
+            if (RUN(name, dt, ref_norm_rope_bwd(dt, dx.h, mode == 2 ? NULL : dw.h, dy.h, x.h, w.h, rstd.h, H, P, beta),
+                    moe_op_rmsnorm_rope_backward(ctx, dx.d, mode == 2 ? NULL : dw.d, dy.d, x.d, w.d, rd, H, P, 10000.0f,
                                                  beta))) {
                 check(name, dt, dx.d, dx.h, tol_of(dt, 2e-5));
                 if (mode != 2) {
@@ -1023,6 +1035,11 @@ static void test_rmsnorm_rope(moe_dtype dt) {
             pfree(&dy); pfree(&dw); pfree(&dx);
         }
         moe_tensor_release(rd);
+        /* the forward and three backwards: all four fused where the shape allows, none elsewhere */
+        const uint64_t used = norm_rope_fused() - f0;
+        const int want = cfg[c][5] > 0;
+        ok(used == (uint64_t)(want ? 4 : 0), "rmsnorm_rope %s [%s]: %llu of 4 calls fused (want %d)", shp, dtn(dt),
+           (unsigned long long)used, want ? 4 : 0);
         pfree(&x); pfree(&w); pfree(&y); pfree(&rstd);
     }
 }

@@ -47,6 +47,7 @@ struct cuda_dev {
     int grouped_wgrad;            // the same for gemm_grouped_wgrad (MOELAB_GROUPED_WGRAD, default: grouped_gemm)
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
+    uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----

@@ -251,6 +251,7 @@ moe_status cuda_rmsnorm_rope(moe_ctx *ctx, moe_tensor *y, moe_tensor *rstd, cons
         return s;
     }
     CUDA_ENTER(d, ctx, x->device);
+    d->n_norm_rope_fused++;
     if (x->dtype == MOE_F32) return fwd<float, float>(d, y, rstd, x, w, B, Tn, (int)n, (int)D, pos_offset, theta, eps, nv);
     if (rstd->dtype == MOE_F32) return fwd<bf16, float>(d, y, rstd, x, w, B, Tn, (int)n, (int)D, pos_offset, theta, eps, nv);
     return fwd<bf16, bf16>(d, y, rstd, x, w, B, Tn, (int)n, (int)D, pos_offset, theta, eps, nv);
@@ -274,9 +275,17 @@ moe_status cuda_rmsnorm_rope_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *
         return s;
     }
     CUDA_ENTER(d, ctx, x->device);
+    d->n_norm_rope_fused++;
     if (x->dtype == MOE_F32)
         return bwd<float, float>(d, dx, dw, dy, x, w, rstd, B, Tn, (int)n, (int)D, pos_offset, theta, beta, nv);
     if (rstd->dtype == MOE_F32)
         return bwd<bf16, float>(d, dx, dw, dy, x, w, rstd, B, Tn, (int)n, (int)D, pos_offset, theta, beta, nv);
     return bwd<bf16, bf16>(d, dx, dw, dy, x, w, rstd, B, Tn, (int)n, (int)D, pos_offset, theta, beta, nv);
+}
+
+extern "C" moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_norm_rope_fused_calls: expected a context and an output");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *calls = d->n_norm_rope_fused;
+    return MOE_OK;
 }

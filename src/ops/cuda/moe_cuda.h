@@ -94,6 +94,9 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
                                       uint64_t *loop_calls);
 /* How many of the batched calls the own grouped kernel served. */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* How many RMSNorm + rope calls (forward or backward) the fused kernels served
+ * since install; the others ran the two ops. */
+moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls);
 
 #ifdef __cplusplus
 }
