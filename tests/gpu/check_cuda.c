@@ -1048,13 +1048,9 @@ static void test_rmsnorm_rope(moe_dtype dt) {
 
 typedef struct { int64_t B, T, S, Hq, Hkv, D; int causal; } att_cfg;
 
-/* which dQ pass the tensor-core backward takes (a suffix of the check names) */
-static const char *att_variant = "";
-
 static void att_name(char *buf, size_t n, const char *what, const att_cfg *c) {
-    snprintf(buf, n, "%s B=%lld T=%lld S=%lld Hq=%lld Hkv=%lld D=%lld%s%s", what, (long long)c->B, (long long)c->T,
-             (long long)c->S, (long long)c->Hq, (long long)c->Hkv, (long long)c->D, c->causal ? " causal" : "",
-             att_variant);
+    snprintf(buf, n, "%s B=%lld T=%lld S=%lld Hq=%lld Hkv=%lld D=%lld%s", what, (long long)c->B, (long long)c->T,
+             (long long)c->S, (long long)c->Hq, (long long)c->Hkv, (long long)c->D, c->causal ? " causal" : "");
 }
 
 static void test_attention_cfg(moe_dtype dt, const att_cfg *c, moe_dtype lse_dt) {
@@ -1389,7 +1385,7 @@ static void time_attention(moe_dtype dt, int64_t B, int64_t T, int64_t H, int64_
     j.scale = 1.0f / sqrtf((float)D);
     j.causal = causal;
     /* matmul FLOPs: forward 4 B H T S D (halved when causal); backward counted as 2.5x forward
-     * (the usual convention; the kernels do 2.5x with dS^T kept, 3.5x when dQ recomputes the scores) */
+     * (the usual convention; these kernels do 3.5x: scores and dP are recomputed for dQ) */
     double f = 4.0 * B * H * T * T * D * (causal ? 0.5 : 1.0);
     for (int w = 0; w < 2; w++) {
         j.what = w;
@@ -1716,13 +1712,7 @@ static void timings(void) {
         time_attention(MOE_F32, 1, 2048, 16, 16, 128, 1);
     }
     /* bench/gpu_step.lua's attention (alone: a short run to profile) */
-    if (want("time_attention") || want("time_attention_step")) {
-        time_attention(MOE_BF16, 8, 1024, 16, 16, 64, 1);
-        die_if(moe_cuda_set_attention_ds_budget(ctx, 0, 0) != MOE_OK, "attention budget");
-        printf("# the same with dQ recomputing the scores (no dS^T budget):\n");
-        time_attention(MOE_BF16, 8, 1024, 16, 16, 64, 1);
-        die_if(moe_cuda_set_attention_ds_budget(ctx, 0, MOE_CUDA_ATT_DS_MAX_DEFAULT) != MOE_OK, "attention budget");
-    }
+    if (want("time_attention") || want("time_attention_step")) time_attention(MOE_BF16, 8, 1024, 16, 16, 64, 1);
     if (want("time_grouped")) {
         time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
         time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
@@ -1769,14 +1759,6 @@ int main(void) {
         if (want("rope")) test_rope(dt);
         if (want("rmsnorm_rope")) test_rmsnorm_rope(dt);
         if (want("attention")) test_attention(dt);
-        if (want("attention") && dt == MOE_BF16) {
-            /* the tensor-core backward's other dQ pass: scores recomputed (no dS^T budget) */
-            die_if(moe_cuda_set_attention_ds_budget(ctx, 0, 0) != MOE_OK, "attention budget");
-            att_variant = " (dQ recomputed)";
-            test_attention(dt);
-            att_variant = "";
-            die_if(moe_cuda_set_attention_ds_budget(ctx, 0, MOE_CUDA_ATT_DS_MAX_DEFAULT) != MOE_OK, "attention budget");
-        }
     }
     if (want("adamw")) test_adamw();
     if (want("stat_dtypes")) test_stat_dtypes();

@@ -29,14 +29,10 @@
 //     can see its keys, in a fixed order: P^T = exp2(K Q^T sl2 - lse2),
 //     dP^T = V dO^T, dS^T = P^T (dP^T - Dvec), dV += P^T dO, dK += dS^T Q;
 //  3. dQ: one block per (query tile, q head, batch) over the key tiles:
-//     dQ += dS K. On tensor cores, when B Hq T S bf16 fit the device's budget (moe_cuda.h,
-//     moe_cuda_set_attention_ds_budget: 1 GiB; the step model's 268 MB), step
-//     2 also stores dS^T (bf16, as rounded for its own matmul) and step 3 only
-//     reads it back: 5 T x S x D matmuls plus 2 bytes written and read per score
-//     (step model, T = S = 1024, D 64: dQ 154 -> ~55 us a layer, dK/dV a little
-//     slower). Otherwise step 3 recomputes P and dP: 7 matmuls, about 1.4x the
-//     arithmetic of an atomic dQ.
-// Either way no atomics: bit-identical results from run to run.
+//     dQ += dS K (recomputing P and dP).
+// Cost: the scores and dP are computed twice (in 2 and 3): 7 T x S x D matmuls
+// instead of the 5 of an atomic dQ, about 1.4x the arithmetic, in exchange for
+// bit-identical results from run to run.
 //
 // Files: this header holds what the forward and the backward share (the
 // cp.async / ldmatrix / mma.sync wrappers, the SIMT tile helpers, the host-side

@@ -4,7 +4,6 @@
 // cuda_attention.cuh.
 #include "cuda_attention.cuh"
 #include "cuda_vec.cuh"
-#include "moe_cuda.h"
 
 namespace {
 
@@ -18,8 +17,7 @@ template <int D, int BQ, int NW>
 __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dkdv_mma(const bf16 *__restrict__ q, const bf16 *__restrict__ k,
                                                       const bf16 *__restrict__ v, const bf16 *__restrict__ dout,
                                                       const float *__restrict__ lse2, const float *__restrict__ dvec,
-                                                      bf16 *__restrict__ dk, bf16 *__restrict__ dv, att_dims a,
-                                                      bf16 *__restrict__ dst, int s_pad, int t_pad) {
+                                                      bf16 *__restrict__ dk, bf16 *__restrict__ dv, att_dims a) {
     constexpr int BK = 16 * NW, LD = D + 8, KD = D / 16, NT = BQ / 8, DT = D / 8, NTH = 32 * NW;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + BK * LD, *Qs = Vs + BK * LD, *Os = Qs + 2 * BQ * LD;
@@ -123,14 +121,6 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dkd
             uint32_t sa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
                               pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
                               pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
-            if (dst) {   // dS^T as the dQ pass reads it: rows keys, columns queries (padded: always in bounds)
-                const int h = hk * G + it / per;
-                bf16 *row = dst + ((int64_t)(b * a.Hq + h) * s_pad + key0) * t_pad + t0 + j * 16 + 2 * tg;
-                *reinterpret_cast<uint32_t *>(row) = sa[0];
-                *reinterpret_cast<uint32_t *>(row + 8 * (int64_t)t_pad) = sa[1];
-                *reinterpret_cast<uint32_t *>(row + 8) = sa[2];
-                *reinterpret_cast<uint32_t *>(row + 8 * (int64_t)t_pad + 8) = sa[3];
-            }
 #pragma unroll
             for (int dq = 0; dq < D / 16; dq++) {
                 uint32_t bb[4];
@@ -266,96 +256,6 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dq_
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int row = row0 + i * 8;
-        if (row >= a.T) continue;
-        bf16 *r = dq + ((int64_t)(b * a.T + row) * a.Hq + h) * D;
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++)
-            *reinterpret_cast<uint32_t *>(r + dt * 8 + 2 * tg) =
-                pack_bf16(acc[dt][2 * i] * a.scale, acc[dt][2 * i + 1] * a.scale);
-    }
-}
-
-// dQ from the dS^T the dK/dV pass stored: block = 64 queries (16 per warp) of
-// one q head, over the key tiles of 64 its queries can see: dQ += dS K, with
-// no scores recomputed. dS^T is [B, Hq, s_pad, t_pad] bf16; tiles the dK/dV
-// pass skipped (all their keys after every query, with 32-query tiles) are
-// never read unmasked: entries past the causal limit are zeroed here.
-template <int D>
-constexpr int dq_ds_smem() { return 2 * 64 * (64 + 8) * 2 + 2 * 64 * (D + 8) * 2; }
-
-// A operand (16 rows x 16 k) from a [k][row] tile, transposed on load
-__device__ __forceinline__ void lds_at(uint32_t r[4], const bf16 *base, int ld, int k0, int row0) {
-    const int lane = threadIdx.x & 31;
-    ldsm_x4_t(r, base + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + row0 + ((lane >> 3) & 1) * 8);
-}
-
-template <int D>
-__global__ void __launch_bounds__(128) k_att_dq_ds(const bf16 *__restrict__ dst, const bf16 *__restrict__ k,
-                                                  bf16 *__restrict__ dq, att_dims a, int s_pad, int t_pad) {
-    constexpr int BQ = 64, BK = 64, LS = BQ + 8, LD = D + 8, DT = D / 8, NTH = 128;
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16 *Ss = (bf16 *)smem_raw, *Ks = Ss + 2 * BK * LS;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * BQ, hk = h / (a.Hq / a.Hkv);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
-    const int64_t ldk = (int64_t)a.Hkv * D;
-    const bf16 *sb = dst + (int64_t)(b * a.Hq + h) * s_pad * t_pad + q0;
-    const bf16 *kb = k + ((int64_t)b * a.S * a.Hkv + hk) * D;
-    const int off = a.S - a.T;
-    const int nkt = (keys_needed(a, q0, q0 + BQ) + BK - 1) / BK;
-    auto load_tile = [&](int kt, int buf) {
-        bf16 *S = Ss + buf * BK * LS;
-        for (int c = threadIdx.x; c < BK * BQ / 8; c += NTH) {
-            int r = c >> 3, cc = c & 7;
-            cp_async16(S + r * LS + cc * 8, sb + (int64_t)(kt * BK + r) * t_pad + cc * 8, 16);
-        }
-        load_rows<D, BK, NTH>(Ks + buf * BK * LD, kb, ldk, kt * BK, a.S);
-    };
-    if (nkt > 0) load_tile(0, 0);
-    cp_async_commit();
-    float acc[DT][4];
-#pragma unroll
-    for (int i = 0; i < DT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    const int row0 = q0 + warp * 16 + g;   // this lane's queries: row0 and row0 + 8
-    for (int kt = 0; kt < nkt; kt++) {
-        const int buf = kt & 1;
-        if (kt + 1 < nkt) {
-            load_tile(kt + 1, buf ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const bf16 *St = Ss + buf * BK * LS, *Kt = Ks + buf * BK * LD;
-        const int k0 = kt * BK;
-        const bool need_mask = a.causal && k0 + BK - 1 > q0 + warp * 16 + off;
-#pragma unroll
-        for (int j = 0; j < BK / 16; j++) {
-            uint32_t sa[4];
-            lds_at(sa, St, LS, j * 16, warp * 16);
-            if (need_mask) {
-                const int kl = k0 + j * 16 + 2 * tg;   // the keys of sa[0]'s halves: kl, kl + 1; sa[2]'s: kl + 8, kl + 9
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int q = row0 + (r & 1) * 8, key = kl + (r >> 1) * 8;
-                    const unsigned lo = key <= q + off ? 0xffffu : 0u, hi = key + 1 <= q + off ? 0xffff0000u : 0u;
-                    sa[r] &= lo | hi;
-                }
-            }
-#pragma unroll
-            for (int dd = 0; dd < D / 16; dd++) {
-                uint32_t bb[4];
-                lds_bt(bb, Kt, LD, j * 16, dd * 16);
-                mma16816(acc[2 * dd], sa, bb[0], bb[1]);
-                mma16816(acc[2 * dd + 1], sa, bb[2], bb[3]);
-            }
-        }
-        __syncthreads();
-    }
-    cp_async_wait<0>();
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         int row = row0 + i * 8;
@@ -599,32 +499,14 @@ moe_status bwd_mma(cuda_dev *d, const att_shape &s, const att_dims &a, const flo
     // combination measured (H100: 0.406 ms against 0.457-0.527 at the step
     // model's shape, 1.387 against 1.461 at D = 128, T 2048)
     constexpr int BQ = D == 128 ? 32 : 64, NWK = 4, NWQ = 4;
-    // dS^T through memory when it fits the budget: the dQ pass then multiplies
-    // instead of recomputing the scores (O(T S) bytes, so long sequences recompute)
-    const int64_t s_pad = (s.S + 63) / 64 * 64, t_pad = (s.T + 63) / 64 * 64;
-    const double ds_bytes = 2.0 * (double)s.B * (double)s.Hq * (double)s_pad * (double)t_pad;
-    const bool via_ds = s.S > 0 && s.T > 0 && ds_bytes <= (double)d->att_ds_max && s_pad <= INT32_MAX / t_pad;
-    cuda_scratch ds(d, via_ds ? (size_t)ds_bytes : 0);
-    if (via_ds && !ds.p) return moe_last_status();
     if (s.S > 0) {
         auto kern = k_att_dkdv_mma<D, BQ, NWK>;
         size_t smem = dkdv_mma_smem<D, BQ, NWK>();
         MOE_TRY(set_smem(kern, smem, "attention_backward"));
         dim3 grid((unsigned)((s.S + 16 * NWK - 1) / (16 * NWK)), (unsigned)s.Hkv, (unsigned)s.B);
         kern<<<grid, 32 * NWK, smem, d->stream>>>(PTR(const bf16, q), PTR(const bf16, k), PTR(const bf16, v),
-                                             PTR(const bf16, dout), lse2, dvec, PTR(bf16, dk), PTR(bf16, dv), a,
-                                             (bf16 *)ds.p, (int)s_pad, (int)t_pad);
+                                             PTR(const bf16, dout), lse2, dvec, PTR(bf16, dk), PTR(bf16, dv), a);
         CU_LAUNCHED("attention_backward (dk, dv; tensor cores)");
-    }
-    if (via_ds) {
-        auto kern = k_att_dq_ds<D>;
-        size_t smem = dq_ds_smem<D>();
-        MOE_TRY(set_smem(kern, smem, "attention_backward"));
-        dim3 grid((unsigned)((s.T + 63) / 64), (unsigned)s.Hq, (unsigned)s.B);
-        kern<<<grid, 128, smem, d->stream>>>((const bf16 *)ds.p, PTR(const bf16, k), PTR(bf16, dq), a, (int)s_pad,
-                                             (int)t_pad);
-        CU_LAUNCHED("attention_backward (dq from ds; tensor cores)");
-        return MOE_OK;
     }
     if (s.T > 0) {
         auto kern = k_att_dq_mma<D, NWQ>;
@@ -688,11 +570,4 @@ moe_status cuda_attention_backward(moe_ctx *ctx, moe_tensor *dq, moe_tensor *dk,
                          : bwd_mma<128>(d, s, a, lse2, dvec, dq, dk, dv, dout, q, k, v);
     if (q->dtype == MOE_F32) return bwd_simt_any<float>(d, s, a, lse2, dvec, dq, dk, dv, dout, q, k, v);
     return bwd_simt_any<bf16>(d, s, a, lse2, dvec, dq, dk, dv, dout, q, k, v);
-}
-
-extern "C" moe_status moe_cuda_set_attention_ds_budget(moe_ctx *ctx, int device, uint64_t bytes) {
-    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_attention_ds_budget: no context");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    d->att_ds_max = bytes;
-    return MOE_OK;
 }

@@ -137,7 +137,6 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         }
         ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
         ((cuda_dev *)a->state)->grouped_wgrad = grouped_wgrad;
-        ((cuda_dev *)a->state)->att_ds_max = MOE_CUDA_ATT_DS_MAX_DEFAULT;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -48,7 +48,6 @@ struct cuda_dev {
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
     uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
-    uint64_t att_ds_max;          // bytes the attention backward may hold as dS^T (cuda_attention.cuh)
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----

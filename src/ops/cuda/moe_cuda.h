@@ -94,11 +94,6 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
                                       uint64_t *loop_calls);
 /* How many of the batched calls the own grouped kernel served. */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
-/* The attention backward on tensor cores may keep dS^T (2 bytes per score:
- * B Hq T S) for its dQ pass instead of recomputing the scores; at most `bytes`
- * of it (0: always recompute). Default MOE_CUDA_ATT_DS_MAX_DEFAULT (1 GiB). */
-#define MOE_CUDA_ATT_DS_MAX_DEFAULT (1ull << 30)
-moe_status moe_cuda_set_attention_ds_budget(moe_ctx *ctx, int device, uint64_t bytes);
 /* How many RMSNorm + rope calls (forward or backward) the fused kernels served
  * since install; the others ran the two ops. */
 moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls);
