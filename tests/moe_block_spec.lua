@@ -69,6 +69,49 @@ describe("MoE block gradients", function()
   end)
 end)
 
+-- zero_grad only marks the expert bank's gradients (its backward overwrites them,
+-- every reader clears what is still marked): nothing stale may show through
+describe("expert gradients after zero_grad", function()
+  local x = moe.randn({2, 3, 6}, {seed = 5})
+  local function grads(m)
+    local out = {}
+    for _, p in ipairs(m:parameters()) do out[p.name] = p.grad:clone() end
+    return out
+  end
+  local function backward(m, scale)
+    local tape = moe.Tape()
+    local y = m:forward(x, tape)
+    tape:backward(tape:scale(tape:sum(tape:square(y)), scale or 1))
+  end
+  local function max_diff(a, b, s)
+    local m = 0
+    local fa, fb = a:reshape({a:numel()}), b:reshape({b:numel()})
+    for i = 1, a:numel() do m = math.max(m, math.abs(fa:get(i) - s * fb:get(i))) end
+    return m
+  end
+  it("are overwritten by the next backward, accumulate after it, and read as zero when unused", function()
+    local m = block{}
+    m:zero_grad()
+    backward(m)
+    local g1 = grads(m)
+    assert.is_true(g1["experts.up_proj"]:abs():sum():item() > 0)
+    -- a second step: the old values must not leak into the new ones
+    m:zero_grad()
+    backward(m)
+    for name, g in pairs(grads(m)) do assert.are.equal(0, max_diff(g, g1[name], 1), name) end
+    -- gradient accumulation: a second backward adds
+    backward(m, 0.5)
+    for name, g in pairs(grads(m)) do assert.is_true(max_diff(g, g1[name], 1.5) < 1e-5, name) end
+    -- zero_grad and no backward: every reader sees zeros
+    m:zero_grad()
+    assert.are.equal(0, m:grad("experts.down_proj"):abs():sum():item())
+    local _, flat = m:flat_parameters()
+    assert.are.equal(0, flat:abs():sum():item())
+    m:zero_grad()
+    for name, g in pairs(grads(m)) do assert.are.equal(0, g:abs():sum():item(), name) end
+  end)
+end)
+
 describe("router semantics", function()
   local x = moe.randn({4, 16, 6}, {seed = 9})
 

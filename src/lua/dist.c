@@ -498,7 +498,7 @@ static int l_arm_grad_allreduce(lua_State *L) {
 static int l_finish_grad_allreduce(lua_State *L) {
     const char *f = "dist.finish_grad_allreduce";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "model");
-    moe_lua_check(L, moe_model_finish_grad_allreduce(l), f);
+    moe_lua_check(L, moe_model_finish_grad_allreduce(moe_lua_ctx(L), l), f);
     return 0;
 }
 

@@ -266,6 +266,8 @@ static void push_param_list(lua_State *L, const moe_param *ps, int n, const char
 /* parameters() -> array of {name=, value=, grad=} in a stable order */
 static int layer_parameters(lua_State *L) {
     moe_layer *l = moe_lua_check_layer(L, 1, "layer:parameters", "self");
+    /* the gradients handed out read as they should: zero_grad may have only marked some */
+    moe_lua_check(L, moe_layer_settle_grads(moe_lua_ctx(L), l), "layer:parameters");
     int n = moe_layer_num_param_tensors(l);
     moe_param *ps = lua_newuserdata(L, sizeof(moe_param) * (size_t)(n ? n : 1));
     moe_layer_collect_params(l, ps, n);
@@ -293,7 +295,15 @@ static moe_param *find_param(lua_State *L, const char *f) {
 }
 
 static int layer_param(lua_State *L) { moe_lua_push_borrowed(L, find_param(L, "layer:param")->value, "layer:param"); return 1; }
-static int layer_grad(lua_State *L) { moe_lua_push_borrowed(L, find_param(L, "layer:grad")->grad, "layer:grad"); return 1; }
+static int layer_grad(lua_State *L) {
+    moe_param *p = find_param(L, "layer:grad");
+    if (p->grad_zero_pending) {
+        moe_lua_check(L, moe_op_fill(moe_lua_ctx(L), p->grad, 0.0), "layer:grad");
+        p->grad_zero_pending = 0;
+    }
+    moe_lua_push_borrowed(L, p->grad, "layer:grad");
+    return 1;
+}
 
 static int layer_num_params(lua_State *L) {
     lua_pushnumber(L, (lua_Number)moe_layer_num_params(moe_lua_check_layer(L, 1, "layer:num_params", "self")));
@@ -349,6 +359,7 @@ static int layer_flat(lua_State *L) {
     const char *f = "layer:flat_parameters";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
     if (!l->flat_values) moe_lua_check(L, moe_layer_flatten(moe_lua_ctx(L), l, l->device), f);
+    moe_lua_check(L, moe_layer_settle_grads(moe_lua_ctx(L), l), f);
     moe_lua_push_borrowed(L, l->flat_values, "layer:flat_parameters");
     moe_lua_push_borrowed(L, l->flat_grads, "layer:flat_parameters");
     if (!l->flat_compute) return 2;

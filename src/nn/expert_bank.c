@@ -56,10 +56,13 @@ static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
     int groups = (int)(w->offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(w->l, P_GATE) : NULL, *pu = bank_param(w->l, P_UP), *pd = bank_param(w->l, P_DOWN);
     moe_status s = MOE_OK;
-    if (!w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, 1.0f, pd->grad, off, groups);
+    /* beta 0 for a gradient zero_grad only marked: the first backward after it
+     * overwrites (no memset of the bank's gradients, no read of the old values) */
+    if (!w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, moe_param_grad_beta(pd), pd->grad, off, groups);
     if (s == MOE_OK && (sw ? !w->last : w->last))
-        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, 1.0f, pu->grad, off, groups);
-    if (s == MOE_OK && sw && w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, 1.0f, pg->grad, off, groups);
+        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, moe_param_grad_beta(pu), pu->grad, off, groups);
+    if (s == MOE_OK && sw && w->last)
+        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, moe_param_grad_beta(pg), pg->grad, off, groups);
     return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
 }
 
@@ -238,6 +241,8 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
     if (s == MOE_OK) s = moe_param_init_uniform(ctx, &l->params[i], init, 1.0f / sqrtf((float)inner));
     if (s == MOE_OK) s = moe_layer_flatten(ctx, l, MOE_DEVICE_CPU);
     if (s != MOE_OK) { moe_layer_release(l); return NULL; }
+    /* bank_wgrad writes these through moe_param_grad_beta (adapters added later are not) */
+    for (int j = 0; j < l->n_params; j++) l->params[j].grad_lazy_zero = 1;
     return l;
 }
 

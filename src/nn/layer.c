@@ -261,9 +261,81 @@ moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev) {
     return MOE_OK;
 }
 
+/* Marks the lazily zeroed gradients (grad_lazy_zero) under l that live in
+ * storage s as pending; appends their [start, end) element ranges (in s,
+ * increasing: the flat order is the tree order) to r. Returns the count or -1
+ * without memory. */
+static int64_t mark_lazy(moe_layer *l, const moe_storage *s, int64_t **r, int64_t n, int64_t *cap) {
+    for (int i = 0; i < l->n_params; i++) {
+        moe_tensor *g = l->params[i].grad;
+        if (!l->params[i].grad_lazy_zero || !g || g->storage != s) continue;
+        if (n + 1 > *cap) {
+            int64_t c = *cap ? *cap * 2 : 16, *q = realloc(*r, (size_t)c * 2 * sizeof *q);
+            if (!q) return -1;
+            *r = q;
+            *cap = c;
+        }
+        (*r)[2 * n] = g->offset;
+        (*r)[2 * n + 1] = g->offset + moe_tensor_numel(g);
+        l->params[i].grad_zero_pending = 1;
+        n++;
+    }
+    for (int i = 0; i < l->n_children && n >= 0; i++) n = mark_lazy(l->children[i], s, r, n, cap);
+    return n;
+}
+
+static moe_status fill_span(moe_ctx *ctx, moe_tensor *flat, int64_t lo, int64_t hi) {
+    if (hi <= lo) return MOE_OK;
+    moe_tensor *v = moe_tensor_narrow(flat, 0, lo, hi - lo);
+    moe_status s = v ? moe_op_fill(ctx, v, 0.0) : moe_last_status();
+    moe_tensor_release(v);
+    return s;
+}
+
+/* A flat buffer: everything but the lazy layers' gradients, cleared by spans. */
+static moe_status zero_flat(moe_ctx *ctx, moe_layer *root) {
+    moe_tensor *f = root->flat_grads;
+    int64_t *r = NULL, cap = 0, n = mark_lazy(root, f->storage, &r, 0, &cap);
+    if (n < 0) {
+        free(r);
+        moe_layer_settle_grads(ctx, root);   /* undo the marks by clearing what was marked */
+        return moe_error(MOE_ERR_OOM, "zero_grad: out of host memory");
+    }
+    int64_t at = 0, len = moe_tensor_numel(f);
+    moe_status s = MOE_OK;
+    for (int64_t k = 0; k < n && s == MOE_OK; k++) {
+        int64_t lo = r[2 * k] - f->offset, hi = r[2 * k + 1] - f->offset;
+        s = fill_span(ctx, f, at, lo);
+        if (hi > at) at = hi;
+    }
+    if (s == MOE_OK) s = fill_span(ctx, f, at, len);
+    free(r);
+    return s;
+}
+
 moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l) {
-    if (l->flat_grads) return moe_op_fill(ctx, l->flat_grads, 0.0);
-    for (int i = 0; i < l->n_params; i++) MOE_TRY(moe_op_fill(ctx, l->params[i].grad, 0.0));
+    if (l->flat_grads) return zero_flat(ctx, l);
+    for (int i = 0; i < l->n_params; i++) {
+        MOE_TRY(moe_op_fill(ctx, l->params[i].grad, 0.0));
+        l->params[i].grad_zero_pending = 0;
+    }
     for (int i = 0; i < l->n_children; i++) MOE_TRY(moe_layer_zero_grad(ctx, l->children[i]));
     return MOE_OK;
+}
+
+moe_status moe_layer_settle_grads(moe_ctx *ctx, moe_layer *l) {
+    for (int i = 0; i < l->n_params; i++) {
+        moe_param *p = &l->params[i];
+        if (!p->grad_zero_pending) continue;
+        if (p->grad) MOE_TRY(moe_op_fill(ctx, p->grad, 0.0));
+        p->grad_zero_pending = 0;
+    }
+    for (int i = 0; i < l->n_children; i++) MOE_TRY(moe_layer_settle_grads(ctx, l->children[i]));
+    return MOE_OK;
+}
+
+float moe_param_grad_beta(moe_param *p) {
+    if (!p->grad_zero_pending) return 1.0f;
+    p->grad_zero_pending = 0;
+    return 0.0f;
 }

@@ -21,6 +21,14 @@ typedef struct {
     moe_tensor *value;     /* the parameter (f32): what optimisers, checkpoints and Lua see */
     moe_tensor *grad;      /* in the compute dtype */
     moe_tensor *compute;   /* mixed precision: the low-precision copy layers compute with, else NULL */
+    /* the gradient reads as zero but its memory was not cleared (moe_layer_zero_grad
+     * on a lazily zeroed layer): its next writer overwrites (moe_param_grad_beta),
+     * readers call moe_layer_settle_grads first */
+    int grad_zero_pending;
+    /* its layer's backward writes this gradient through moe_param_grad_beta, so
+     * zero_grad on a flat buffer may only mark it (the expert banks' weights: most
+     * of an MoE model's gradient bytes) */
+    int grad_lazy_zero;
 } moe_param;
 
 /* What a layer computes with: the compute copy under mixed precision, else the value. */
@@ -86,7 +94,16 @@ void moe_layer_set_training(moe_layer *l, int on);
 /* Moves every parameter of the tree into one fresh value buffer and one grad
  * buffer on `dev` (values kept, grads zeroed). */
 moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev);
+/* Zeroes the tree's gradients. On a flat buffer the parameters of lazily zeroed
+ * layers are only marked (grad_zero_pending): their memory is cleared by their
+ * next writer (beta 0) or by moe_layer_settle_grads. */
 moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l);
+/* Clears the memory of every pending gradient in the tree: call before reading
+ * gradients (optimisers, norms, all-reduce, Lua access). Cheap when none is. */
+moe_status moe_layer_settle_grads(moe_ctx *ctx, moe_layer *l);
+/* For a writer that accumulates into p's gradient: 0 (overwrite) when it is
+ * pending zero, clearing the mark, else 1. */
+float moe_param_grad_beta(moe_param *p);
 
 /* Mixed precision (precision.c). MOE_BF16 on a root that owns flat buffers:
  * the f32 values stay the parameters (master weights, optimiser input,

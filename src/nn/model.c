@@ -149,6 +149,9 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
 static moe_status reduce_range(moe_layer *m, moe_tape *tape, moe_ctx *ctx, int64_t lo, int64_t hi) {
     model_state *st = m->state;
     int64_t at = lo, base = m->flat_grads->offset;
+    /* gradients still pending zero (an expert bank whose backward has not run,
+     * or will not) are cleared first: one reduced later adds onto zeros */
+    MOE_TRY(moe_layer_settle_grads(ctx, m));
     for (int k = 0; k <= st->n_skip && at < hi; k++) {
         int64_t s_lo = k < st->n_skip ? st->skip[2 * k] : hi, s_hi = k < st->n_skip ? st->skip[2 * k + 1] : hi;
         if (s_hi <= at) continue;
@@ -232,12 +235,12 @@ moe_status moe_model_arm_grad_allreduce(moe_layer *m, int on) {
     return MOE_OK;
 }
 
-moe_status moe_model_finish_grad_allreduce(moe_layer *m) {
+moe_status moe_model_finish_grad_allreduce(moe_ctx *ctx, moe_layer *m) {
     if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "finish_grad_allreduce: not an MoEModel");
     model_state *st = m->state;
     if (!st->ar_comm || !m->flat_grads) return moe_error(MOE_ERR_STATE, "finish_grad_allreduce: no communicator set");
     int64_t n = moe_tensor_numel(m->flat_grads), upto = st->armed ? st->watermark : n;
-    moe_status s = reduce_range(m, NULL, NULL, 0, upto);   /* after backward: no deferred work is left */
+    moe_status s = reduce_range(m, NULL, ctx, 0, upto);   /* after backward: no deferred work is left */
     moe_status w = moe_comm_wait_pending(st->ar_comm);   /* also after a failed start: nothing stays queued */
     st->armed = 0;
     st->watermark = n;

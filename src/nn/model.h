@@ -57,6 +57,6 @@ moe_status moe_model_set_grad_allreduce(moe_layer *model, struct moe_comm *comm)
 moe_status moe_model_set_grad_reduce(moe_layer *model, struct moe_comm *comm, int op, const int64_t *skip,
                                      int n_skip);
 moe_status moe_model_arm_grad_allreduce(moe_layer *model, int on);
-moe_status moe_model_finish_grad_allreduce(moe_layer *model);
+moe_status moe_model_finish_grad_allreduce(moe_ctx *ctx, moe_layer *model);
 
 #endif

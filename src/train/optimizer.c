@@ -102,6 +102,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     if (!fv || moe_tensor_numel(fv) != o->full_n || !moe_device_eq(fv->device, o->m->device)
         || moe_layer_num_param_tensors(o->layer) != o->n)
         return moe_error(MOE_ERR_STATE, "AdamW: the layer's parameters changed since the optimiser was made");
+    MOE_TRY(moe_layer_settle_grads(ctx, o->layer));
     moe_param *ps = malloc((size_t)(o->n ? o->n : 1) * sizeof *ps);
     if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_layer_collect_params(o->layer, ps, o->n);
@@ -137,6 +138,7 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
 moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
     moe_tensor *g = l->flat_grads;
     if (!g) return moe_error(MOE_ERR_STATE, "grad_norm: the layer has no flat gradient buffer");
+    MOE_TRY(moe_layer_settle_grads(ctx, l));
     /* one pass over the gradients (f32 or bf16), summed in f64 */
     moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
     moe_tensor *host = NULL;
