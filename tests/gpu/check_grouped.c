@@ -103,42 +103,6 @@ static void pair_check(const char *what, int tb, float beta, const int64_t *off,
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
 
-static uint64_t split_calls(void) {
-    uint64_t n = 0;
-    die_if(moe_cuda_set_wgrad_split(ctx, 0, -1, &n) != MOE_OK, "split counter");
-    return n;
-}
-
-/* The weight gradient split over block pairs (fewer tiles with rows than two per
- * SM) and not (the switch off), each against the CPU; want_split: whether the
- * default takes the split kernel */
-static void wgrad_split_check(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q,
-                              int want_split) {
-    int64_t M = off[G];
-    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c0 = in_randn(BF, SH(G, P, Q));
-    for (int on = 1; on >= 0; on--) {
-        moe_tensor *c = moe_tensor_new(ctx, BF, SH(G, P, Q), GPU), *ch = moe_tensor_new_cpu(MOE_F32, SH(G, P, Q));
-        die_if(!c || !ch || moe_op_copy(ctx, c, c0.d) != MOE_OK, "outputs");   /* fresh copies: both are written */
-        memcpy(moe_f32(ch), moe_f32(c0.h), (size_t)(G * P * Q) * sizeof(float));
-        if (beta == 0.0f) die_if(moe_op_fill(ctx, c, NAN) != MOE_OK, "poison");
-        die_if(moe_cuda_set_wgrad_split(ctx, 0, on, NULL) != MOE_OK, "split switch");
-        char name[200];
-        snprintf(name, sizeof name, "grouped kernel wgrad %s%s: beta=%g G=%d M=%lld P=%lld Q=%lld", what,
-                 on ? "" : " (split off)", beta, G, (long long)M, (long long)P, (long long)Q);
-        uint64_t s0 = split_calls();
-        if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, ch, off, G),
-                moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c, off, G))) {
-            check(name, BF, c, ch, tol_of(BF, 0));
-            int want = on && want_split;
-            ok(split_calls() - s0 == (uint64_t)want, "%s: %s", name, want ? "split over block pairs" : "not split");
-        }
-        moe_tensor_release(c);
-        moe_tensor_release(ch);
-    }
-    die_if(moe_cuda_set_wgrad_split(ctx, 0, 1, NULL) != MOE_OK, "split switch");
-    pfree(&a); pfree(&b); pfree(&c0);
-}
-
 /* device tensor -> host f32 (for byte comparisons between two device results) */
 static moe_tensor *host_of(const moe_tensor *d) {
     moe_tensor *h = moe_op_to(ctx, (moe_tensor *)d, MOE_DEVICE_CPU, MOE_F32);
@@ -269,22 +233,6 @@ int main(void) {
     wgrad_check("step model up", 0.0f, off, 16, 512, 1024, 1);
     make_offsets(off, 256, 40, 5);
     wgrad_check("256 experts", 0.5f, off, 256, 16, 24, 1);
-
-    /* skewed routing: the reductions split over block pairs (4 of 32 experts hold every row;
-     * one expert; a reduction shorter than one K tile, whose second half is empty) */
-    off[0] = 0;
-    for (int g = 0; g < 32; g++) off[g + 1] = off[g] + (g % 8 == 3 ? 2000 + 37 * g : 0);
-    wgrad_split_check("skewed, 4 of 32 experts", 0.0f, off, 32, 1024, 512, 1);
-    wgrad_split_check("skewed, 4 of 32 experts", 1.0f, off, 32, 1024, 512, 1);
-    off[0] = 0; off[1] = 1000;
-    wgrad_split_check("one expert", 0.5f, off, 1, 136, 264, 1);
-    off[0] = 0; off[1] = 40;
-    wgrad_split_check("40 rows", 0.0f, off, 1, 64, 64, 1);
-    for (int g = 0; g <= 16; g++) off[g] = 900 * g;   /* 16 x 32 tiles with rows: two per SM or more */
-    wgrad_split_check("balanced, 16 experts", 0.0f, off, 16, 1024, 512, 0);
-    /* enough tiles, but one expert with 6x the mean rows: its reductions split */
-    for (int g = 0; g < 16; g++) off[g + 1] = off[g] + (g == 5 ? 9000 : 600);
-    wgrad_split_check("one expert of 9000 rows among 600s", 1.0f, off, 16, 1024, 512, 1);
 
     /* the SwiGLU experts fused: partial tiles and empty experts, the step model, and refusals */
     make_offsets(off, 8, 300, 3);

@@ -137,7 +137,6 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         }
         ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
         ((cuda_dev *)a->state)->grouped_wgrad = grouped_wgrad;
-        ((cuda_dev *)a->state)->wgrad_split = 1;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -48,8 +48,6 @@ struct cuda_dev {
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
     uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
-    int wgrad_split;              // the own weight-gradient kernel may split reductions over block pairs (default 1)
-    uint64_t n_wgrad_split;       // weight-gradient calls it served split
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----

@@ -613,14 +613,6 @@ extern "C" moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_c
     return MOE_OK;
 }
 
-extern "C" moe_status moe_cuda_set_wgrad_split(moe_ctx *ctx, int device, int on, uint64_t *split_calls) {
-    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_wgrad_split: no context");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    if (on >= 0) d->wgrad_split = on ? 1 : 0;
-    if (split_calls) *split_calls = d->n_wgrad_split;
-    return MOE_OK;
-}
-
 extern "C" moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls) {
     if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_kernel_calls: expected a context and an output");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));

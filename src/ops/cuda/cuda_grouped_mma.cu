@@ -45,7 +45,6 @@
 #include "cuda_swiglu.cuh"
 #include "cuda_vec.cuh"
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -206,8 +205,9 @@ __device__ __forceinline__ void stage_acc(const float *d, float *cs, int tid, fl
     __syncthreads();
 }
 
-// The staged tile cs (alpha applied) into c, with beta c added.
-__device__ __forceinline__ void write_tile(const float *cs, const tile_info &ti, int tid, float beta) {
+__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
+                                           float beta) {
+    stage_acc(d, cs, tid, alpha);
     constexpr int PER = BM * BN / 8 / THREADS;   // 16-byte chunks per thread
     uint4 old[PER];
     if (beta != 0.0f) {
@@ -242,12 +242,6 @@ __device__ __forceinline__ void write_tile(const float *cs, const tile_info &ti,
         }
         *reinterpret_cast<uint4 *>(ti.C + (int64_t)row * ti.ldc + col) = out;
     }
-}
-
-__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
-                                           float beta) {
-    stage_acc(d, cs, tid, alpha);
-    write_tile(cs, ti, tid, beta);
 }
 
 // 8 staged f32 values rounded to bf16 and back: what a stored and re-read tensor holds
@@ -342,30 +336,14 @@ __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int
 // PAIR: a second (A, B) pair along K - its own instantiation, since the extra
 // pointers pushed the single-pair kernels past 128 registers into spills
 // (the forward GEMMs ran ~20% slower).
-// SPLIT (weight gradients only): launched in clusters of two, each pair of
-// blocks shares a tile and splits its reduction (the group's rows) in halves;
-// the second half's accumulators reach the first through distributed shared
-// memory, added in a fixed order (deterministic). For skewed routing, where a
-// few large groups leave fewer tiles than two per SM: a lone block per SM
-// waits on its own wgmmas with nothing to overlap them.
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI, bool SPLIT = false>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // atoms on 1024 B
-    tile_info ti = tile_at<B_KMAJ, WGRAD>(p, SPLIT ? blockIdx.x >> 1 : blockIdx.x);
-    if (ti.skip) return;   // both blocks of a pair alike: neither reaches a cluster barrier
-    if (SPLIT) {
-        const int kh = min(((ti.K + 1) / 2 + BK - 1) / BK * BK, ti.K);   // the first half: whole K tiles
-        if (blockIdx.x & 1) {
-            ti.A += (int64_t)kh * ti.lda;
-            ti.B += (int64_t)kh * ti.ldb;
-            ti.K -= kh;
-        } else {
-            ti.K = kh;
-        }
-    }
+    tile_info ti = tile_at<B_KMAJ, WGRAD>(p, blockIdx.x);
+    if (ti.skip) return;
     int tid = threadIdx.x, wg = tid >> 7;
     float d[BN / 2];
 #pragma unroll
@@ -409,23 +387,6 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     }
     cp_async_wait<0>();
     __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
-    if (SPLIT) {
-        float *cs = reinterpret_cast<float *>(smem);
-        stage_acc(d, cs, tid, p.alpha);
-        cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
-        cl.sync();   // both halves staged
-        if (cl.block_rank() == 0) {
-            const float4 *rs = reinterpret_cast<const float4 *>(cl.map_shared_rank(cs, 1));
-            float4 *ls = reinterpret_cast<float4 *>(cs);
-            for (int i = tid; i < BM * CLD / 4; i += THREADS) {
-                float4 a = ls[i], b = rs[i];
-                ls[i] = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-            }
-        }
-        cl.sync();   // the partner's tile is read: it may leave
-        if (cl.block_rank() == 0) write_tile(cs, ti, tid, p.beta);
-        return;
-    }
     if (EPI == EPI_SWIGLU) store_swiglu(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else if (EPI == EPI_SWIGLU_BWD) store_swiglu_bwd(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
@@ -446,34 +407,6 @@ moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_e
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
     CU_LAUNCHED(what);
-    return MOE_OK;
-}
-
-// The weight gradient in cluster pairs (SPLIT above): twice the blocks.
-moe_status launch_wgrad_split(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_extent, bool *ran) {
-    p.n_tiles = (int)((n_extent + BN - 1) / BN);
-    int64_t blocks = 2 * m_tiles_total * p.n_tiles;
-    if (blocks > INT32_MAX) return MOE_OK;
-    *ran = true;
-    if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<false, false, true, false, EPI_PLAIN, true>;
-    const char *what = "gemm_grouped_wgrad (kernel, split)";
-    CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)blocks, 1, 1);
-    cfg.blockDim = dim3(THREADS, 1, 1);
-    cfg.dynamicSmemBytes = SMEM_BYTES;
-    cfg.stream = d->stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), what);
-    CU_LAUNCHED(what);
-    d->n_wgrad_split++;
     return MOE_OK;
 }
 
@@ -543,19 +476,6 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     std::stable_sort(p.order, p.order + groups, [&](int x, int y) {
         return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
     });
-    // Skewed routing takes the split kernel: fewer tiles with rows than two per
-    // SM, or a largest group of more than twice the mean rows of the groups with
-    // rows (its tiles' serial reductions would outlast everything else)
-    int64_t busy = 0, n_tiles = (Q + BN - 1) / BN, maxr = 0, nbusy = 0;
-    for (int g = 0; g < groups; g++) {
-        int64_t r = offsets[g + 1] - offsets[g];
-        if (r <= 0) continue;
-        busy += (int64_t)p.m_tiles * n_tiles;
-        nbusy++;
-        if (r > maxr) maxr = r;
-    }
-    const bool skewed = busy > 0 && (busy < 2 * (int64_t)d->sm_count || maxr * nbusy > 2 * (offsets[groups] - offsets[0]));
-    if (skewed && d->wgrad_split) return launch_wgrad_split(d, p, (int64_t)groups * p.m_tiles, Q, ran);
     return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
 }
 

@@ -94,11 +94,6 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
                                       uint64_t *loop_calls);
 /* How many of the batched calls the own grouped kernel served. */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
-/* Whether the own weight-gradient kernel may split each tile's reduction over a
- * pair of blocks when its tiles with rows are fewer than two per SM (skewed
- * routing; default on): on = 1 or 0, or -1 to leave it. *split_calls (may be
- * NULL): the calls it served split since install. */
-moe_status moe_cuda_set_wgrad_split(moe_ctx *ctx, int device, int on, uint64_t *split_calls);
 /* How many RMSNorm + rope calls (forward or backward) the fused kernels served
  * since install; the others ran the two ops. */
 moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls);
