@@ -69,8 +69,9 @@ describe("MoE block gradients", function()
   end)
 end)
 
--- zero_grad only marks the expert bank's gradients (its backward overwrites them,
--- every reader clears what is still marked): nothing stale may show through
+-- zero_grad{lazy=true} only marks the expert bank's gradients (its backward
+-- overwrites them, every reader through the layer clears what is still marked);
+-- plain zero_grad clears the memory, so tensors fetched before it read zero
 describe("expert gradients after zero_grad", function()
   local x = moe.randn({2, 3, 6}, {seed = 5})
   local function grads(m)
@@ -91,24 +92,43 @@ describe("expert gradients after zero_grad", function()
   end
   it("are overwritten by the next backward, accumulate after it, and read as zero when unused", function()
     local m = block{}
-    m:zero_grad()
+    m:zero_grad{lazy = true}
     backward(m)
     local g1 = grads(m)
     assert.is_true(g1["experts.up_proj"]:abs():sum():item() > 0)
     -- a second step: the old values must not leak into the new ones
-    m:zero_grad()
+    m:zero_grad{lazy = true}
     backward(m)
     for name, g in pairs(grads(m)) do assert.are.equal(0, max_diff(g, g1[name], 1), name) end
     -- gradient accumulation: a second backward adds
     backward(m, 0.5)
     for name, g in pairs(grads(m)) do assert.is_true(max_diff(g, g1[name], 1.5) < 1e-5, name) end
     -- zero_grad and no backward: every reader sees zeros
-    m:zero_grad()
+    m:zero_grad{lazy = true}
     assert.are.equal(0, m:grad("experts.down_proj"):abs():sum():item())
     local _, flat = m:flat_parameters()
     assert.are.equal(0, flat:abs():sum():item())
-    m:zero_grad()
+    m:zero_grad{lazy = true}
     for name, g in pairs(grads(m)) do assert.are.equal(0, g:abs():sum():item(), name) end
+  end)
+  it("zero_grad clears tensors fetched before it; zero_grad{lazy=true} only what is read through the layer", function()
+    local m = block{}
+    backward(m)
+    local _, flat = m:flat_parameters()
+    assert.is_true(flat:abs():sum():item() > 0)
+    m:zero_grad()
+    assert.are.equal(0, flat:abs():sum():item())   -- eager: the memory itself
+    backward(m)
+    m:zero_grad{lazy = true}
+    backward(m, 0)   -- a backward that writes zeros everywhere: the expert gradients are overwritten, not added to
+    assert.are.equal(0, require("moelab.core").grad_norm(m))   -- no accessor in between: grad_norm clears what is still marked
+    backward(m)
+    local g1 = grads(m)
+    m:zero_grad{lazy = true}
+    assert.are.equal(0, require("moelab.core").grad_norm(m))
+    backward(m)
+    for name, g in pairs(grads(m)) do assert.are.equal(0, max_diff(g, g1[name], 1), name) end
+    assert.has_error(function() m:zero_grad(true) end)
   end)
 end)
 

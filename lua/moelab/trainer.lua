@@ -290,7 +290,9 @@ function Trainer:train(opts)
   local scale = core.full({}, 1 / o.accum)
   for step = start + 1, o.max_steps do
     local t0 = core.clock()
-    net:zero_grad()
+    -- lazy: the expert banks' gradients are overwritten by their first backward
+    -- (no memset); this loop reads gradients only through the layer
+    net:zero_grad{lazy = true}
     local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
     local stats
     -- the losses stay on the device until the step's backward is queued: reading

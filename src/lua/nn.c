@@ -310,9 +310,15 @@ static int layer_num_params(lua_State *L) {
     return 1;
 }
 
+/* zero_grad([{lazy = true}]): lazy leaves the expert banks' gradients to their
+ * next writer (moe_layer_zero_grad_lazy): gradients read through the layer are
+ * zero, but a gradient tensor fetched before may still show the old values */
 static int layer_zero_grad(lua_State *L) {
-    moe_layer *l = moe_lua_check_layer(L, 1, "layer:zero_grad", "self");
-    moe_lua_check(L, moe_layer_zero_grad(moe_lua_ctx(L), l), "layer:zero_grad");
+    const char *f = "layer:zero_grad";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    if (!lua_isnoneornil(L, 2) && !lua_istable(L, 2)) luaL_error(L, "%s: options must be a table", f);
+    int lazy = moe_lua_opt_field_bool(L, 2, "lazy", 0, f);
+    moe_lua_check(L, lazy ? moe_layer_zero_grad_lazy(moe_lua_ctx(L), l) : moe_layer_zero_grad(moe_lua_ctx(L), l), f);
     lua_settop(L, 1);
     return 1;
 }

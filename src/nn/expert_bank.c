@@ -40,7 +40,7 @@ void moe_expert_bank_set_lora(moe_layer *l, moe_lora *lora) {
 }
 
 /* The weight gradients: d(down) += dy^T h, d(up) += du^T x, d(gate) += dg^T
- * x, in two jobs: down and up (GELU: down), then gate (GELU: up). Expert
+ * x ("=" for a gradient zero_grad only marked), in two jobs: down and up (GELU: down), then gate (GELU: up). Expert
  * parallelism runs the first while the layer's input gradients travel and
  * keeps the second for the next layer's exchange (moe_ep.c). */
 typedef struct {
@@ -57,12 +57,20 @@ static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
     moe_param *pg = sw ? bank_param(w->l, P_GATE) : NULL, *pu = bank_param(w->l, P_UP), *pd = bank_param(w->l, P_DOWN);
     moe_status s = MOE_OK;
     /* beta 0 for a gradient zero_grad only marked: the first backward after it
-     * overwrites (no memset of the bank's gradients, no read of the old values) */
-    if (!w->last) s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, moe_param_grad_beta(pd), pd->grad, off, groups);
-    if (s == MOE_OK && (sw ? !w->last : w->last))
+     * overwrites (no memset of the bank's gradients, no read of the old values);
+     * the mark goes once the write succeeded */
+    if (!w->last) {
+        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, moe_param_grad_beta(pd), pd->grad, off, groups);
+        if (s == MOE_OK) moe_param_grad_written(pd);
+    }
+    if (s == MOE_OK && (sw ? !w->last : w->last)) {
         s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, moe_param_grad_beta(pu), pu->grad, off, groups);
-    if (s == MOE_OK && sw && w->last)
+        if (s == MOE_OK) moe_param_grad_written(pu);
+    }
+    if (s == MOE_OK && sw && w->last) {
         s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, moe_param_grad_beta(pg), pg->grad, off, groups);
+        if (s == MOE_OK) moe_param_grad_written(pg);
+    }
     return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
 }
 

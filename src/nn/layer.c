@@ -313,14 +313,27 @@ static moe_status zero_flat(moe_ctx *ctx, moe_layer *root) {
     return s;
 }
 
+static void clear_marks(moe_layer *l) {
+    for (int i = 0; i < l->n_params; i++) l->params[i].grad_zero_pending = 0;
+    for (int i = 0; i < l->n_children; i++) clear_marks(l->children[i]);
+}
+
 moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l) {
-    if (l->flat_grads) return zero_flat(ctx, l);
+    if (l->flat_grads) {
+        MOE_TRY(moe_op_fill(ctx, l->flat_grads, 0.0));
+        clear_marks(l);
+        return MOE_OK;
+    }
     for (int i = 0; i < l->n_params; i++) {
         MOE_TRY(moe_op_fill(ctx, l->params[i].grad, 0.0));
         l->params[i].grad_zero_pending = 0;
     }
     for (int i = 0; i < l->n_children; i++) MOE_TRY(moe_layer_zero_grad(ctx, l->children[i]));
     return MOE_OK;
+}
+
+moe_status moe_layer_zero_grad_lazy(moe_ctx *ctx, moe_layer *l) {
+    return l->flat_grads ? zero_flat(ctx, l) : moe_layer_zero_grad(ctx, l);
 }
 
 moe_status moe_layer_settle_grads(moe_ctx *ctx, moe_layer *l) {
@@ -334,8 +347,21 @@ moe_status moe_layer_settle_grads(moe_ctx *ctx, moe_layer *l) {
     return MOE_OK;
 }
 
-float moe_param_grad_beta(moe_param *p) {
-    if (!p->grad_zero_pending) return 1.0f;
-    p->grad_zero_pending = 0;
-    return 0.0f;
+static moe_status settle_range(moe_ctx *ctx, moe_layer *l, const moe_storage *s, int64_t lo, int64_t hi) {
+    for (int i = 0; i < l->n_params; i++) {
+        moe_param *p = &l->params[i];
+        if (!p->grad_zero_pending || !p->grad || p->grad->storage != s) continue;
+        if (p->grad->offset >= hi || p->grad->offset + moe_tensor_numel(p->grad) <= lo) continue;
+        MOE_TRY(moe_op_fill(ctx, p->grad, 0.0));
+        p->grad_zero_pending = 0;
+    }
+    for (int i = 0; i < l->n_children; i++) MOE_TRY(settle_range(ctx, l->children[i], s, lo, hi));
+    return MOE_OK;
 }
+
+moe_status moe_layer_settle_grads_range(moe_ctx *ctx, moe_layer *l, const moe_storage *s, int64_t lo, int64_t hi) {
+    return settle_range(ctx, l, s, lo, hi);
+}
+
+float moe_param_grad_beta(const moe_param *p) { return p->grad_zero_pending ? 0.0f : 1.0f; }
+void moe_param_grad_written(moe_param *p) { p->grad_zero_pending = 0; }

@@ -94,16 +94,23 @@ void moe_layer_set_training(moe_layer *l, int on);
 /* Moves every parameter of the tree into one fresh value buffer and one grad
  * buffer on `dev` (values kept, grads zeroed). */
 moe_status moe_layer_flatten(moe_ctx *ctx, moe_layer *l, moe_device dev);
-/* Zeroes the tree's gradients. On a flat buffer the parameters of lazily zeroed
- * layers are only marked (grad_zero_pending): their memory is cleared by their
- * next writer (beta 0) or by moe_layer_settle_grads. */
+/* Zeroes the tree's gradients (their memory: a tensor fetched before reads 0). */
 moe_status moe_layer_zero_grad(moe_ctx *ctx, moe_layer *l);
+/* The same as far as gradients read through the layer go, but on a flat buffer
+ * the parameters with grad_lazy_zero are only marked (grad_zero_pending): their
+ * memory is cleared by their next writer (beta 0) or by moe_layer_settle_grads.
+ * For training loops, which read gradients only through the layer. */
+moe_status moe_layer_zero_grad_lazy(moe_ctx *ctx, moe_layer *l);
 /* Clears the memory of every pending gradient in the tree: call before reading
  * gradients (optimisers, norms, all-reduce, Lua access). Cheap when none is. */
 moe_status moe_layer_settle_grads(moe_ctx *ctx, moe_layer *l);
+/* The same for the pending gradients in storage s that overlap elements [lo, hi). */
+moe_status moe_layer_settle_grads_range(moe_ctx *ctx, moe_layer *l, const moe_storage *s, int64_t lo, int64_t hi);
 /* For a writer that accumulates into p's gradient: 0 (overwrite) when it is
- * pending zero, clearing the mark, else 1. */
-float moe_param_grad_beta(moe_param *p);
+ * pending zero, else 1; after the write succeeds, moe_param_grad_written clears
+ * the mark (a failed write leaves it, so the old memory is never read as valid). */
+float moe_param_grad_beta(const moe_param *p);
+void moe_param_grad_written(moe_param *p);
 
 /* Mixed precision (precision.c). MOE_BF16 on a root that owns flat buffers:
  * the f32 values stay the parameters (master weights, optimiser input,

@@ -149,15 +149,15 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
 static moe_status reduce_range(moe_layer *m, moe_tape *tape, moe_ctx *ctx, int64_t lo, int64_t hi) {
     model_state *st = m->state;
     int64_t at = lo, base = m->flat_grads->offset;
-    /* gradients still pending zero (an expert bank whose backward has not run,
-     * or will not) are cleared first: one reduced later adds onto zeros */
-    MOE_TRY(moe_layer_settle_grads(ctx, m));
     for (int k = 0; k <= st->n_skip && at < hi; k++) {
         int64_t s_lo = k < st->n_skip ? st->skip[2 * k] : hi, s_hi = k < st->n_skip ? st->skip[2 * k + 1] : hi;
         if (s_hi <= at) continue;
         int64_t end = s_lo < hi ? s_lo : hi;
         if (tape && end > at)
             MOE_TRY(moe_tape_run_deferred_writing(ctx, tape, m->flat_grads->storage, base + at, base + end));
+        /* the range is final now: a gradient in it still pending zero (an expert
+         * bank whose backward did not run) is cleared before it is reduced */
+        if (end > at) MOE_TRY(moe_layer_settle_grads_range(ctx, m, m->flat_grads->storage, base + at, base + end));
         if (end > at) MOE_TRY(moe_comm_all_reduce_start(st->ar_comm, m->flat_grads, at, end - at, st->ar_op));
         if (s_hi > at) at = s_hi;
     }

@@ -64,10 +64,12 @@ typedef struct {
 } moe_router_cfg;
 
 /* Work queued on the device between the routing kernels and the routing's
- * one wait, so that the wait brings its results back too: expert
+ * one wait, so that the wait brings its results back too (expert
  * parallelism's token rows per rank and every rank's counts, which would
- * otherwise cost two more waits per layer. Device path only: on the host
- * path `ran` stays 0 and the caller does the work after routing. */
+ * otherwise cost two more waits per layer), or runs while the host waits (the
+ * MoE block's dispatch). On the host path (slots on a device) the router calls
+ * the queue after routing, then brings `out` back: `ran` is set either way;
+ * with no slots on a device the hook is not called and `ran` stays 0. */
 typedef struct moe_route_hook {
     int64_t extra;   /* i64 results the hook writes on the device */
     /* slots: the routing's [N, k] i32 slot map (values in [-1, N*k)),

@@ -235,8 +235,10 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     moe_tensor_release(sdev);
     if (st == MOE_OK) {
         const int64_t na = summary[e];
-        /* the first na of the n*k slots hold the assignments: these headers
-         * are fresh and unshared, so shortening them in place is safe */
+        /* the first na of the n*k slots hold the assignments: these headers are
+         * fresh, so shortening them in place is safe; a hook may have saved tok
+         * on the tape already (the MoE block's dispatch), but only where nothing
+         * can drop, so there na == n*k and the shape does not change */
         tok->shape[0] = ex->shape[0] = w->shape[0] = na;
         moe_tensor_set_index_bound(tok, n);
         moe_tensor_set_index_bound(ex, e);

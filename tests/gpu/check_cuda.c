@@ -1101,6 +1101,8 @@ static void test_attention(moe_dtype dt) {
         {1, 300, 170, 2, 2, 128, 1},   /* T > S at D 128: 130 queries see no key; three 128-query tiles */
         {1, 20, 29, 2, 1, 40, 1},      /* another head dim: SIMT path for bf16 too */
         {1, 19, 19, 3, 3, 256, 0},     /* the largest head dim */
+        {1, 37, 37, 3, 3, 64, 1},      /* 111 rows: the backward prep's last warp only partly full */
+        {1, 21, 21, 2, 1, 32, 1},      /* D 32: the prep with 4 threads a row (bf16), 42 rows */
     };
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) test_attention_cfg(dt, &cs[i], MOE_F32);
     if (dt != MOE_F32) {   /* statistics in the data dtype too */

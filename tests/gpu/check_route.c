@@ -401,6 +401,10 @@ int main(void) {
         /* k_assign works in chunks of 1024 tokens: drops whose partly kept rank crosses
          * chunk boundaries, and a partial last chunk */
         {"top-2 capacity 1.0 over 3 chunks (drops)", 2500, 16, 2, SM, 1, 1.0f, 0, 0, BATCH, 0, 1.5f, MOE_F32},
+        /* the token kernel's group histograms: 16-token chunks spanning two sequences,
+         * and sequences shorter than a chunk (straight to the global counters) */
+        {"sequence aux, seq_len 24", 480, 16, 2, SM, 1, 0, 0, 0, SEQ, 24, 0, MOE_F32},
+        {"bf16 sequence aux, seq_len 5", 100, 8, 2, SM, 0, 0, 0, 0, SEQ, 5, 0, MOE_BF16},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
     check_determinism(&cases[1]);

@@ -433,21 +433,27 @@ __global__ void k_att_prep(float *lse2, float *dvec, const T *dout, const T *out
 template <typename T, typename LS, int TPR>
 __global__ void k_att_prep_vec(float *lse2, float *dvec, const T *dout, const T *out, const LS *lse, int64_t nrows,
                                int T_, int Hq) {
-    constexpr int N = VEC<T>::N, D = TPR * N;
-    const int sub = threadIdx.x % TPR;
-    const int64_t per = (int64_t)gridDim.x * (blockDim.x / TPR);
-    for (int64_t i = (int64_t)blockIdx.x * (blockDim.x / TPR) + threadIdx.x / TPR; i < nrows; i += per) {
-        int64_t t = i % T_, bh = i / T_, h = bh % Hq, b = bh / Hq;
-        int64_t r = ((b * T_ + t) * Hq + h) * D + sub * N;
-        float g[N], o[N];
-        vload(dout + r, g);
-        vload(out + r, o);
+    constexpr int N = VEC<T>::N, D = TPR * N, RPW = 32 / TPR;   // rows a warp takes at once
+    const int sub = threadIdx.x % TPR, lane = threadIdx.x & 31;
+    const int64_t wpb = blockDim.x / 32, per = (int64_t)gridDim.x * wpb * RPW;
+    // the loop runs on the warp's first row, so every lane reaches the full-mask
+    // shuffles; rows past the end load nothing and store nothing
+    for (int64_t w0 = ((int64_t)blockIdx.x * wpb + threadIdx.x / 32) * RPW; w0 < nrows; w0 += per) {
+        const int64_t i = w0 + lane / TPR;
+        const bool valid = i < nrows;
         float acc = 0.0f;
+        if (valid) {
+            int64_t t = i % T_, bh = i / T_, h = bh % Hq, b = bh / Hq;
+            int64_t r = ((b * T_ + t) * Hq + h) * D + sub * N;
+            float g[N], o[N];
+            vload(dout + r, g);
+            vload(out + r, o);
 #pragma unroll
-        for (int j = 0; j < N; j++) acc = fmaf(g[j], o[j], acc);
+            for (int j = 0; j < N; j++) acc = fmaf(g[j], o[j], acc);
+        }
 #pragma unroll
         for (int m = TPR / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-        if (sub == 0) {
+        if (valid && sub == 0) {
             dvec[i] = acc;
             lse2[i] = to_f32(lse[i]) * LOG2E;
         }

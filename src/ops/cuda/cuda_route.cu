@@ -236,7 +236,8 @@ template <typename T, int EPL>
 __global__ void __launch_bounds__(RWR * 32) k_tokens_reg(const __grid_constant__ tok_args a,
                                                          const __grid_constant__ bias_arg b) {
     // The histograms go through shared memory: a block adds its tokens' choices
-    // there, then one global atomic per touched bin. Straight global atomics
+    // there, then one global atomic per touched bin (the sequence-aux groups' at
+    // the end of each chunk of RWR tokens, the rest at the end). Straight global atomics
     // from every token serialised on a few addresses when routing is skewed
     // (every token on the same experts: 8192 adds to one counter, ~33 us).
     extern __shared__ unsigned hs[];
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(RWR * 32) k_tokens_reg(const __grid_constant__
                 }
             }
         }
-        if (a.grp) {   // the chunk's groups, before the next chunk's reuse the two slots
+        if (a.grp && a.seq) {   // the chunk's groups, before the next chunk's reuse the two slots
             __syncthreads();
             for (int j = threadIdx.x; j < 2 * E; j += blockDim.x)
                 if (hg[j]) {
@@ -353,6 +354,9 @@ __global__ void __launch_bounds__(RWR * 32) k_tokens_reg(const __grid_constant__
     __syncthreads();
     for (int j = threadIdx.x; j < K * E; j += blockDim.x)
         if (hq[j]) atomicAdd(&a.cnt_q[j], hq[j]);
+    if (a.grp && !a.seq)   // one group (batch aux): its slot 0 took every token
+        for (int j = threadIdx.x; j < E; j += blockDim.x)
+            if (hg[j]) atomicAdd(&a.grp[j], hg[j]);
 }
 
 // ---- k_colsum: part[g][c][e] = sum of p[t][e] over chunk c of group g ----
