@@ -348,8 +348,8 @@ static void free_run(block_run *o) {
     moe_tensor_release(o->y); moe_tensor_release(o->dx); moe_tensor_release(o->grads);
 }
 
-static void test_block(int64_t k, float cf, moe_dtype dt) {
-    const int64_t hidden = 96, tokens = 256;
+/* the blocks these checks build: 8 SwiGLU experts of 64, top-k softmax, renormalized, batch aux */
+static moe_block_cfg block_cfg(int64_t hidden, int64_t k, float cf) {
     moe_block_cfg c;
     memset(&c, 0, sizeof c);
     c.hidden = hidden;
@@ -363,6 +363,12 @@ static void test_block(int64_t k, float cf, moe_dtype dt) {
     c.router.capacity_factor = cf;
     c.router.aux = MOE_AUX_BATCH;
     c.seed = 5;
+    return c;
+}
+
+static void test_block(int64_t k, float cf, moe_dtype dt) {
+    const int64_t hidden = 96, tokens = 256;
+    moe_block_cfg c = block_cfg(hidden, k, cf);
     moe_init init = {21, 0};
     moe_layer *l = moe_block_new(ctx, &c, NULL, &init);
     die_if(!l, "moe block");
@@ -398,18 +404,7 @@ static void test_block(int64_t k, float cf, moe_dtype dt) {
  * queued before the routing's wait (moe_block.c, dispatch_hook). */
 static void test_block_cpu(int64_t k) {
     const int64_t hidden = 96, tokens = 256;
-    moe_block_cfg c;
-    memset(&c, 0, sizeof c);
-    c.hidden = hidden;
-    c.expert_inner = 64;
-    c.activation = MOE_FFN_SWIGLU;
-    c.router.num_experts = 8;
-    c.router.top_k = k;
-    c.router.score = MOE_SCORE_SOFTMAX;
-    c.router.selection = MOE_SELECT_TOPK;
-    c.router.renormalize = 1;
-    c.router.aux = MOE_AUX_BATCH;
-    c.seed = 5;
+    moe_block_cfg c = block_cfg(hidden, k, 0.0f);
     moe_init ig = {23, 0}, ic = {23, 0};   /* the offset runs on as parameters are drawn: one each */
     moe_layer *lg = moe_block_new(ctx, &c, NULL, &ig), *lc = moe_block_new(ctx, &c, NULL, &ic);
     die_if(!lg || !lc, "moe blocks");

@@ -122,6 +122,14 @@ struct tok_args {
     unsigned *grp;         // [groups, e] or NULL
 };
 
+// token i's logsumexp and statistics: entropy, top-1 probability, lse^2 (st is [3][n])
+__device__ __forceinline__ void store_token_stats(const tok_args &a, int64_t i, float lse, double h, float mx) {
+    a.lse[i] = lse;
+    a.st[i] = h;
+    a.st[a.n + i] = (double)mx;
+    a.st[2 * a.n + i] = __dmul_rn((double)lse, (double)lse);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(RW * 32) k_tokens(tok_args a, bias_arg b) {
     extern __shared__ float shm[];
@@ -166,12 +174,7 @@ __global__ void __launch_bounds__(RW * 32) k_tokens(tok_args a, bias_arg b) {
         }
         h = warp_sum_d(h);
         mx = warp_max(mx);
-        if (lane == 0) {
-            a.lse[i] = lse;
-            a.st[i] = h;
-            a.st[a.n + i] = (double)mx;
-            a.st[2 * a.n + i] = __dmul_rn((double)lse, (double)lse);
-        }
+        if (lane == 0) store_token_stats(a, i, lse, h, mx);
         __syncwarp();
         // top-k: round q picks the best element ranking strictly after round q-1's pick
         int32_t *ch = a.chosen + i * K;
@@ -303,12 +306,7 @@ __global__ void __launch_bounds__(RWR * 32) k_tokens_reg(const __grid_constant__
             }
             h = warp_sum_d(h);
             mx = warp_max(mx);
-            if (lane == 0) {
-                a.lse[i] = lse;
-                a.st[i] = h;
-                a.st[a.n + i] = (double)mx;
-                a.st[2 * a.n + i] = __dmul_rn((double)lse, (double)lse);
-            }
+            if (lane == 0) store_token_stats(a, i, lse, h, mx);
             // top-k; lane q keeps choice q and its score; wden sums the scores in q order (f32, as the host)
             int my_c = -1;
             float my_sc = 0.0f, wden = 0.0f;
