@@ -1326,7 +1326,7 @@ static void test_dtype_error(void) {
 }
 
 /* MOELAB_CHECK_ONLY=name,name,...: run only these test groups (test_<name>)
- * and timings (time_attention, time_attention_step, time_grouped, time_cross_entropy, time_axpy,
+ * and timings (time_attention, time_attention_step, time_grouped, time_wgrad_skew, time_cross_entropy, time_axpy,
  * time_rope, time_rmsnorm, time_moe_layer), for quick runs while working on
  * one kernel. */
 static int want(const char *name) {
@@ -1433,6 +1433,49 @@ static void time_grouped(moe_dtype dt, int64_t M, int64_t K, int64_t N, int G) {
     else printf("# gemm_grouped_wgrad: failed: %s\n", moe_last_error());
     moe_tensor_release(j.a); moe_tensor_release(j.b); moe_tensor_release(j.c);
     fflush(stdout);
+}
+
+/* The step model's expert weight gradient (8192 tokens x top-4 = 32768 rows, 32
+ * experts) under four routings: balanced, one expert with a quarter of the
+ * rows (the rest shared, every fourth expert empty), four experts with an
+ * eighth each, and four experts with every row (collapsed routing, as the
+ * benchmark model's layers show); per call, the kernel's time whatever it splits */
+static void time_wgrad_skew(int64_t P, int64_t Q) {
+    const int G = 32;
+    const int64_t M = 32768;
+    static const char *name[4] = {"balanced", "one expert 1/4 of the rows", "four experts 1/8 each",
+                                  "four experts 1/4 each (collapsed)"};
+    for (int v = 0; v < 4; v++) {
+        int64_t off[33], heavy = v == 1 || v == 3 ? M / 4 : v == 2 ? M / 8 : 0, nheavy = v == 1 ? 1 : v > 1 ? 4 : 0;
+        int kind[32], light = 0;   /* 0 light, 1 heavy, 2 empty */
+        for (int g = 0; g < G; g++) {
+            kind[g] = v > 0 && g % 8 == 3 && g / 8 < nheavy ? 1 : v > 0 && g % 4 == 1 ? 2 : 0;
+            light += kind[g] == 0;
+        }
+        int64_t rest = M - heavy * nheavy;
+        off[0] = 0;
+        for (int g = 0, li = 0; g < G; g++) {
+            int64_t n = kind[g] == 1 ? heavy : 0;
+            if (kind[g] == 0 && rest > 0) { n = rest * (li + 1) / light - rest * li / light; li++; }
+            off[g + 1] = off[g] + n;
+        }
+        die_if(off[G] != M, "skewed offsets");
+        tjob j = {0};
+        j.off = off;
+        j.groups = G;
+        j.a = dev_randn(MOE_BF16, SH(M, P));
+        j.b = dev_randn(MOE_BF16, SH(M, Q));
+        j.c = moe_tensor_new(ctx, MOE_BF16, SH(G, P, Q), GPU);
+        die_if(!j.c, "timing output");
+        j.what = 3;
+        double ms = 0, fl = 2.0 * M * P * Q;
+        if (moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms) == MOE_OK)
+            printf("# gemm_grouped_wgrad M=%lld P=%lld Q=%lld G=%d bf16, %s: %.3f ms, %.1f TFLOP/s\n", (long long)M,
+                   (long long)P, (long long)Q, G, name[v], ms, fl / (ms * 1e-3) / 1e12);
+        else printf("# gemm_grouped_wgrad (%s): failed: %s\n", name[v], moe_last_error());
+        moe_tensor_release(j.a); moe_tensor_release(j.b); moe_tensor_release(j.c);
+        fflush(stdout);
+    }
 }
 
 /* ---- grouped-GEMM strategies at MoE-layer shapes ----
@@ -1719,6 +1762,10 @@ static void timings(void) {
         time_grouped(MOE_BF16, 32768, 1024, 2816, 8);
         time_grouped(MOE_BF16, 32768, 2816, 1024, 8);
         time_grouped(MOE_BF16, 65536, 2048, 1024, 64);
+    }
+    if (want("time_grouped") || want("time_wgrad_skew")) {
+        time_wgrad_skew(1024, 512);
+        time_wgrad_skew(512, 1024);
     }
     /* memory-bound ops at the OLMoE-style step's shapes (8192 tokens, d 1024, vocab 50304, 16 heads of 64) */
     if (want("time_cross_entropy")) time_cross_entropy(8192, 50304);

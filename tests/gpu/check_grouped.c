@@ -5,7 +5,8 @@
  * takes (256), the weight gradient with beta 0 (output poisoned with NaN: it
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
- * experts), which still give the right result through cuBLAS; the pair call
+ * experts), which still give the right result through cuBLAS; weight gradients
+ * of skewed routing, whose heavy experts' rows are split into chunks; the pair call
  * (two GEMMs summed along K in one launch); the SwiGLU experts' gate + up +
  * activation and dh + activation backward with fused epilogues. Each check also
  * asserts, from the device's counter, whether the kernel served the call. */
@@ -74,6 +75,53 @@ static void wgrad_check(const char *what, float beta, const int64_t *off, int G,
     pfree(&a); pfree(&b); pfree(&c);
 }
 
+/* device tensor -> host f32 (for byte comparisons between two device results) */
+static moe_tensor *host_of(const moe_tensor *d) {
+    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)d, MOE_DEVICE_CPU, MOE_F32);
+    die_if(!h, "download");
+    return h;
+}
+
+static uint64_t split_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_split_calls(ctx, 0, &n) != MOE_OK, "split counter");
+    return n;
+}
+
+/* A weight gradient whose heavy experts' rows are cut into chunks (split-K, the
+ * tile's last chunk adds them in chunk order): against the CPU, whether the
+ * call split (the device's counter), and the same bytes from a second run of
+ * the call (whichever block arrives last; the tiles' counters must be zero again) */
+static void wgrad_split_check(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q,
+                              int want_split) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q));
+    pair c = in_randn(BF, SH(G, P, Q));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    moe_tensor *c2 = moe_tensor_new(ctx, BF, SH(G, P, Q), GPU);
+    die_if(!c2 || moe_op_copy(ctx, c2, c.d) != MOE_OK, "second output");
+    char name[200];
+    snprintf(name, sizeof name, "grouped kernel wgrad split %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G,
+             (long long)M, (long long)P, (long long)Q);
+    uint64_t k0 = kernel_calls(), s0 = split_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c.d, off, G))) {
+        check(name, BF, c.d, c.h, tol_of(BF, 0));
+        served(name, k0, 1);
+        uint64_t ns = split_calls() - s0;
+        ok(ns == (uint64_t)want_split, "%s: %s (%llu split calls)", name, want_split ? "split" : "not split",
+           (unsigned long long)ns);
+        die_if(moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c2, off, G) != MOE_OK, "second run");
+        moe_tensor *r = host_of(c.d);
+        char n2[240];
+        snprintf(n2, sizeof n2, "%s: a second run gives the same bytes", name);
+        check(n2, BF, c2, r, 0.0);
+        moe_tensor_release(r);
+    }
+    moe_tensor_release(c2);
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
 /* c = alpha (a1 op(b1) + a2 op(b2)) + beta c: one launch over K1 + K2 (each
  * half zero-filled past its own K), against the CPU's two grouped GEMMs */
 /* want_kernel: 1 = one launch of the pair kernel; 2 = refused, two calls (the first served by the kernel) */
@@ -101,13 +149,6 @@ static void pair_check(const char *what, int tb, float beta, const int64_t *off,
         ok(calls == want_kernel, "%s: %d grouped call(s) (want %d)", name, calls, want_kernel);
     }
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
-}
-
-/* device tensor -> host f32 (for byte comparisons between two device results) */
-static moe_tensor *host_of(const moe_tensor *d) {
-    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)d, MOE_DEVICE_CPU, MOE_F32);
-    die_if(!h, "download");
-    return h;
 }
 
 /* gate, up and the SwiGLU in one launch (the gate and up tiles side by side):
@@ -233,6 +274,27 @@ int main(void) {
     wgrad_check("step model up", 0.0f, off, 16, 512, 1024, 1);
     make_offsets(off, 256, 40, 5);
     wgrad_check("256 experts", 0.5f, off, 256, 16, 24, 1);
+
+    /* skewed routing: heavy experts' rows split into chunks. The step model's
+     * down projection with one expert holding a quarter of the rows (beta 0
+     * over NaN, and 1); partial tiles with one expert of 5000 rows (10 chunks of
+     * 512); eight heavy experts, more chunks than a call takes (the last ones
+     * stay whole); and balanced routing, which must not split */
+    float sbetas[2] = {0.0f, 1.0f};
+    for (int v = 0; v < 2; v++) {
+        make_offsets(off, 32, 700, 0);
+        for (int g = 5; g < 32; g++) off[g + 1] += 8000;   /* expert 5: 8000 more rows */
+        wgrad_split_check("one heavy expert", sbetas[v], off, 32, 1024, 512, 1);
+    }
+    make_offsets(off, 8, 300, 3);
+    for (int g = 3; g < 8; g++) off[g + 1] += 5000;
+    wgrad_split_check("partial tiles, 5000 rows", 0.5f, off, 8, 72, 200, 1);
+    make_offsets(off, 16, 200, 0);
+    for (int h = 0; h < 8; h++)
+        for (int g = 2 * h + 1; g < 16; g++) off[g + 1] += 6000;   /* experts 1, 3, .., 15: 6000 more rows each */
+    wgrad_split_check("eight heavy experts", 0.0f, off, 16, 72, 200, 1);
+    for (int g = 0; g <= 32; g++) off[g] = 1024 * g;
+    wgrad_split_check("balanced", 0.0f, off, 32, 1024, 512, 0);
 
     /* the SwiGLU experts fused: partial tiles and empty experts, the step model, and refusals */
     make_offsets(off, 8, 300, 3);

@@ -76,6 +76,7 @@ void cuda_dev_destroy(cuda_dev *d) {
     cudaSetDevice(d->index);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
+    if (d->split_counters) cudaFree(d->split_counters);
     if (d->stream) cudaStreamDestroy(d->stream);
     cudaGetLastError();
     delete d;

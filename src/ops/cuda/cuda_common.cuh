@@ -48,6 +48,10 @@ struct cuda_dev {
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
     uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
+    // weight-gradient split-K (cuda_grouped_mma.cu): per-tile arrival counters, zero
+    // between launches (the last block of a tile resets its own), allocated on first use
+    int *split_counters;
+    uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----

@@ -619,3 +619,10 @@ extern "C" moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, ui
     *calls = d->n_grouped_kernel;
     return MOE_OK;
 }
+
+extern "C" moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_split_calls: expected a context and an output");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *calls = d->n_grouped_split;
+    return MOE_OK;
+}

@@ -12,7 +12,14 @@
 //     same accumulators: the data gradient of gate and up, dx = dg Wg + du Wu,
 //     as one GEMM over K + K2 instead of two (the second re-reading dx);
 //   weight gradient (the reduction varies): A_g = a_g^T (a_g [rows_g, P],
-//     P contiguous), B_g = b_g [rows_g, Q], C_g = c[g] [P, Q].
+//     P contiguous), B_g = b_g [rows_g, Q], C_g = c[g] [P, Q]. Under skewed
+//     routing one expert's tiles can each take longer than the rest of the
+//     call (a block runs at about half its SM's rate): a group whose tiles are
+//     well above the average load of a block slot is cut into chunks of rows.
+//     Each chunk's block writes its raw f32 sums to
+//     scratch and counts itself in on the tile's counter; the last to arrive
+//     adds the chunks in chunk order (the same bytes whichever block is last)
+//     and stores alpha * sum + beta * C like an unsplit tile.
 //
 // Hopper tensor cores through wgmma (sm_90a; this file is built for
 // compute_90a): a block computes 128 x 128 with two warpgroups of 64 x 128
@@ -55,6 +62,10 @@ namespace {
 constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
 constexpr int SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024;   // + room to align the atoms to 1024 B
 constexpr int MAX_GROUPS = MOE_MMA_GROUPED_MAX_GROUPS;
+// weight-gradient split-K limits: chunks per call, per-tile counters on the device,
+// bytes of f32 partials (a call needing more runs unsplit)
+constexpr int MAX_SEG = 64, MAX_CHUNKS = 32, SPLIT_COUNTERS = 16384;
+constexpr size_t SPLIT_PART_BYTES = (size_t)64 << 20;
 // what a block does with its accumulators: store them (c = alpha acc + beta c), or a
 // fused SwiGLU (forward: gate and up tiles side by side; backward: dh into dgate, dup)
 enum { EPI_PLAIN = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2 };
@@ -78,8 +89,19 @@ struct mma_params {
     int off[MAX_GROUPS + 1];         // row offsets of the groups
     union {
         int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums)
-        int order[MAX_GROUPS];       // wgrad: the groups by decreasing rows (the order their tiles run)
+        int order[MAX_GROUPS];       // wgrad: the unsplit groups by decreasing rows (the order their tiles run)
     };
+    // wgrad split-K: nseg chunks of heavy groups, whose tiles run before the unsplit
+    // groups'; chunk i covers rows seg_r0[i] .. + seg_rows[i] of group seg_g[i], is
+    // chunk seg_chunk[i] of seg_nch[i], and its group's chunk 0 is segment seg_first[i]
+    // (tile j of chunk c: partials at part[(seg_first + c) * tiles + j], counter
+    // counters[seg_first * tiles + j])
+    int nseg;
+    float *part;
+    int *counters;
+    int seg_r0[MAX_SEG], seg_rows[MAX_SEG];
+    short seg_g[MAX_SEG], seg_first[MAX_SEG];
+    unsigned char seg_chunk[MAX_SEG], seg_nch[MAX_SEG];
 };
 static_assert(sizeof(mma_params) < 4096, "grouped GEMM parameters exceed the classic kernel parameter limit");
 
@@ -152,12 +174,18 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
     tile_info ti;
     ti.n0 = (t % p.n_tiles) * BN;
     if (WGRAD) {
-        // a tile's work grows with its group's rows: the largest groups' tiles
-        // go first, so the last wave holds short ones (imbalanced routing
-        // otherwise left a few long tiles running alone at the end)
-        int per = p.m_tiles * p.n_tiles, g = p.order[t / per], r0 = p.off[g];
-        ti.m0 = ((t % per) / p.n_tiles) * BM;
-        ti.M = p.P; ti.N = p.Q; ti.K = p.off[g + 1] - r0;
+        // a tile's work grows with its group's rows: the split chunks and then
+        // the largest groups' tiles go first, so the last wave holds short ones
+        // (imbalanced routing otherwise left a few long tiles running alone at the end)
+        const int per = p.m_tiles * p.n_tiles, item = t / per, j = t % per;
+        int g, r0, rows;
+        if (item < p.nseg) {
+            g = p.seg_g[item]; r0 = p.seg_r0[item]; rows = p.seg_rows[item];
+        } else {
+            g = p.order[item - p.nseg]; r0 = p.off[g]; rows = p.off[g + 1] - r0;
+        }
+        ti.m0 = (j / p.n_tiles) * BM;
+        ti.M = p.P; ti.N = p.Q; ti.K = rows;
         ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
         ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
         ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
@@ -205,9 +233,8 @@ __device__ __forceinline__ void stage_acc(const float *d, float *cs, int tid, fl
     __syncthreads();
 }
 
-__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
-                                           float beta) {
-    stage_acc(d, cs, tid, alpha);
+// c = (staged tile) + beta c for the staged tile in cs
+__device__ __forceinline__ void store_staged(const float *cs, const tile_info &ti, int tid, float beta) {
     constexpr int PER = BM * BN / 8 / THREADS;   // 16-byte chunks per thread
     uint4 old[PER];
     if (beta != 0.0f) {
@@ -242,6 +269,12 @@ __device__ __forceinline__ void store_tile(const float *d, float *cs, const tile
         }
         *reinterpret_cast<uint4 *>(ti.C + (int64_t)row * ti.ldc + col) = out;
     }
+}
+
+__device__ __forceinline__ void store_tile(const float *d, float *cs, const tile_info &ti, int tid, float alpha,
+                                           float beta) {
+    stage_acc(d, cs, tid, alpha);
+    store_staged(cs, ti, tid, beta);
 }
 
 // 8 staged f32 values rounded to bf16 and back: what a stored and re-read tensor holds
@@ -332,6 +365,61 @@ __device__ __forceinline__ void mma_stage(float *d, const unsigned char *sa, int
     }
 }
 
+// A split weight-gradient tile (block t of segment `item`), its raw sums staged
+// in cs: they go to scratch (row-major 128 x 128 f32, coalesced), then the
+// tile's counter counts the chunk in. The last of its chunks to arrive stages
+// alpha * (the sums of all chunks, in chunk order) in cs and returns true (it
+// stores the tile); the others return false. The accumulator registers are
+// dead by then: handling the chunk from registers kept them live past the K
+// loop, which the compiler paid for with a third more instructions in it.
+__device__ __forceinline__ bool split_sum(float *cs, const mma_params &p, int t, int tid) {
+    __shared__ int last;
+    constexpr int PER = BM * BN / 8 / THREADS;   // 8-float chunks per thread
+    const int per = p.m_tiles * p.n_tiles, item = t / per, nch = p.seg_nch[item];
+    const int sbase = p.seg_first[item] * per + t % per;
+    const int64_t stride = (int64_t)per * BM * BN;   // floats from one chunk's partials to the next
+    float *base = p.part + (int64_t)sbase * BM * BN;
+    float *mine = base + p.seg_chunk[item] * stride;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8;
+        __stcg(reinterpret_cast<float4 *>(mine + r * BN + c), *reinterpret_cast<const float4 *>(cs + r * CLD + c));
+        __stcg(reinterpret_cast<float4 *>(mine + r * BN + c + 4), *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4));
+    }
+    __threadfence();   // the sums are visible device-wide before the count says so
+    __syncthreads();
+    if (tid == 0) {
+        int n = atomicAdd(p.counters + sbase, 1) + 1;
+        last = n == nch;
+        if (last) atomicExch(p.counters + sbase, 0);   // zero again for the next call
+    }
+    __syncthreads();
+    if (!last) return false;
+    __threadfence();
+#pragma unroll 1
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+#pragma unroll 4
+        for (int k = 0; k < nch; k++) {
+            const float *q = base + k * stride + r * BN + c;
+            float4 x = __ldcg(reinterpret_cast<const float4 *>(q)), y = __ldcg(reinterpret_cast<const float4 *>(q + 4));
+            a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
+            b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
+        }
+        const float al = p.alpha;
+        *reinterpret_cast<float4 *>(cs + r * CLD + c) = make_float4(al * a.x, al * a.y, al * a.z, al * a.w);
+        *reinterpret_cast<float4 *>(cs + r * CLD + c + 4) = make_float4(al * b.x, al * b.y, al * b.z, al * b.w);
+    }
+    return true;   // (store_staged reads back only what this thread wrote: no barrier needed)
+}
+
+// Out of line: inlined, this path made the compiler spend a fifth more
+// instructions in every weight-gradient tile's K loop.
+__device__ __noinline__ void split_finish(float *cs, const tile_info &ti, const mma_params &p, int t, int tid) {
+    if (split_sum(cs, p, t, tid)) store_staged(cs, ti, tid, p.beta);
+}
+
 // ---- plain kernel: one tile per block, every thread loads and computes ----
 // PAIR: a second (A, B) pair along K - its own instantiation, since the extra
 // pointers pushed the single-pair kernels past 128 registers into spills
@@ -387,6 +475,12 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     }
     cp_async_wait<0>();
     __syncthreads();   // both warpgroups are done with the stages: their memory takes the C tile
+    if (WGRAD && (int)blockIdx.x < p.nseg * p.m_tiles * p.n_tiles) {
+        float *cs = reinterpret_cast<float *>(smem);
+        stage_acc(d, cs, tid, 1.0f);
+        split_finish(cs, ti, p, blockIdx.x, tid);
+        return;
+    }
     if (EPI == EPI_SWIGLU) store_swiglu(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else if (EPI == EPI_SWIGLU_BWD) store_swiglu_bwd(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
@@ -425,6 +519,73 @@ int64_t row_tiles(mma_params &p, const int64_t *offsets, int groups) {
         if (g < groups) tiles += (offsets[g + 1] - offsets[g] + BM - 1) / BM;
     }
     return tiles;
+}
+
+// Weight-gradient split-K plan: which of the groups (order: by decreasing rows)
+// are cut into chunks of rows, filled into p's segment table. The work of a
+// call is counted in 64-row K tiles over every tile (an empty group's tiles
+// count one, for their stores); a block slot (two per SM) gets `avg` of it on
+// average. A block sharing its SM runs at about half the SM's rate, so a tile
+// much longer than avg still runs when the SMs are done with the average: a
+// group whose tiles exceed 5/4 avg is cut into the fewest equal chunks of at
+// most 5/4 avg K tiles (at least 8). Chunks near avg rather than small ones:
+// each chunk costs a tile's prologue and stores again and the last reads every
+// chunk's sums, and when routing collapses onto a few experts their chunks are
+// most of the call's tiles, so chunks of about avg fill the slots about once
+// (four experts holding every row: 2 chunks each, 256 tiles for 264 slots).
+// Returns the number of groups split (the first ones of order); 0 when none
+// needs it or the scratch is refused (then the call runs unsplit, as correct,
+// only slower).
+int plan_split(cuda_dev *d, mma_params &p, const int *order, int groups, int64_t per, size_t *part_bytes) {
+    p.nseg = 0; p.part = nullptr; p.counters = nullptr;
+    int64_t work = 0;
+    for (int g = 0; g < groups; g++) {
+        int64_t kt = (p.off[g + 1] - p.off[g] + BK - 1) / BK;
+        work += per * (kt > 0 ? kt : 1);
+    }
+    const int64_t avg = work / (2 * (int64_t)(d->sm_count > 0 ? d->sm_count : 1));
+    const int64_t cap = std::max<int64_t>(avg * 5 / 4, 8);
+    int nsplit = 0, nseg = 0;
+    for (; nsplit < groups; nsplit++) {
+        const int g = order[nsplit];
+        const int64_t rows = p.off[g + 1] - p.off[g], kt = (rows + BK - 1) / BK;
+        if (kt <= cap) break;
+        int64_t nch = std::min<int64_t>((kt + cap - 1) / cap, MAX_CHUNKS);
+        const int64_t crows = ((rows + nch - 1) / nch + BK - 1) / BK * BK;
+        nch = (rows + crows - 1) / crows;
+        if (nseg + nch > MAX_SEG || (nseg + nch) * per > SPLIT_COUNTERS ||
+            (size_t)(nseg + nch) * (size_t)per * BM * BN * sizeof(float) > SPLIT_PART_BYTES)
+            break;
+        for (int c = 0; c < nch; c++, nseg++) {
+            p.seg_r0[nseg] = p.off[g] + (int)(c * crows);
+            p.seg_rows[nseg] = (int)std::min<int64_t>(crows, rows - c * crows);
+            p.seg_g[nseg] = (short)g;
+            p.seg_first[nseg] = (short)(nseg - c);
+            p.seg_chunk[nseg] = (unsigned char)c;
+            p.seg_nch[nseg] = (unsigned char)nch;
+        }
+    }
+    if (nseg == 0) return 0;
+    if (!d->split_counters) {
+        void *q = nullptr;
+        if (cudaMalloc(&q, SPLIT_COUNTERS * sizeof(int)) != cudaSuccess ||
+            cudaMemsetAsync(q, 0, SPLIT_COUNTERS * sizeof(int), d->stream) != cudaSuccess) {
+            if (q) cudaFree(q);
+            (void)cudaGetLastError();
+            return 0;
+        }
+        d->split_counters = (int *)q;
+    }
+    *part_bytes = (size_t)nseg * (size_t)per * BM * BN * sizeof(float);
+    p.part = (float *)cuda_scratch_alloc(d, *part_bytes);
+    if (!p.part) {
+        (void)cudaGetLastError();
+        moe_clear_error();
+        return 0;
+    }
+    p.counters = d->split_counters;
+    p.nseg = nseg;
+    return nsplit;
 }
 
 }  // namespace
@@ -472,11 +633,20 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
-    for (int g = 0; g < groups; g++) p.order[g] = g;
-    std::stable_sort(p.order, p.order + groups, [&](int x, int y) {
+    int order[MAX_GROUPS];
+    for (int g = 0; g < groups; g++) order[g] = g;
+    std::stable_sort(order, order + groups, [&](int x, int y) {
         return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
     });
-    return launch<false, false, true>(d, p, (int64_t)groups * p.m_tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
+    const int64_t per = p.m_tiles * ((Q + BN - 1) / BN);
+    size_t part_bytes = 0;
+    const int nsplit = plan_split(d, p, order, groups, per, &part_bytes);
+    for (int i = nsplit; i < groups; i++) p.order[i - nsplit] = order[i];
+    moe_status st = launch<false, false, true>(d, p, (int64_t)(p.nseg + groups - nsplit) * p.m_tiles, Q,
+                                               "gemm_grouped_wgrad (kernel)", ran);
+    if (p.part) cuda_scratch_free(d, p.part, part_bytes);   // stream-ordered: free once the kernel is queued
+    if (st == MOE_OK && p.nseg > 0 && *ran) d->n_grouped_split++;
+    return st;
 }
 
 moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
