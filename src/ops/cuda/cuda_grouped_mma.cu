@@ -322,14 +322,26 @@ __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, cons
     const int de = p.epi_n;
     const int64_t rbase = p.off[ti.g];
     constexpr int PER = BM * BN / 8 / THREADS;
-#pragma unroll 2
+    // every saved gate and up chunk loaded before the first store: interleaved,
+    // the compiler kept each load behind the previous chunk's stores (they might
+    // alias), a load latency per two chunks (SASS: LLSS LLSS ...)
+    uint4 gs[PER], us[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= de) continue;
+        const int64_t o = (rbase + row) * de + col;
+        gs[i] = ld16(p.sg + o);
+        us[i] = ld16(p.su + o);
+    }
+#pragma unroll
     for (int i = 0; i < PER; i++) {
         int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
         if (row >= ti.M || col >= de) continue;
         const int64_t o = (rbase + row) * de + col;
         float go[8], g[8], u[8];
-        unpack(ld16(p.sg + o), g);
-        unpack(ld16(p.su + o), u);
+        unpack(gs[i], g);
+        unpack(us[i], u);
         *reinterpret_cast<float4 *>(go) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
         *reinterpret_cast<float4 *>(go + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
         round_bf16(go);
