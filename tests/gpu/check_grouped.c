@@ -6,7 +6,9 @@
  * must not be read), 0.5 and 1 (accumulation, as in training), and calls the
  * kernel must refuse (a contiguous extent not a multiple of 8, more than 256
  * experts), which still give the right result through cuBLAS; weight gradients
- * of skewed routing, whose heavy experts' rows are split into chunks; the pair call
+ * of skewed routing, whose heavy experts' rows are split into chunks; the
+ * cuBLAS strategies' weight gradients over NaN with empty experts and the
+ * fused SwiGLU ops under the auto and batched strategies; the pair call
  * (two GEMMs summed along K in one launch); the SwiGLU experts' gate + up +
  * activation and dh + activation backward with fused epilogues. Each check also
  * asserts, from the device's counter, whether the kernel served the call. */
@@ -57,22 +59,29 @@ static void fwd_check(const char *what, int tb, float beta, const int64_t *off, 
     pfree(&a); pfree(&b); pfree(&c);
 }
 
-static void wgrad_check(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q,
-                        int want_kernel) {
+static void wgrad_check_dt(moe_dtype dt, const char *what, float beta, const int64_t *off, int G, int64_t P,
+                           int64_t Q, int want_kernel) {
     int64_t M = off[G];
-    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q));
-    pair c = in_randn(BF, SH(G, P, Q));
+    pair a = in_randn(dt, SH(M, P)), b = in_randn(dt, SH(M, Q));
+    pair c = in_randn(dt, SH(G, P, Q));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
     char name[200];
-    snprintf(name, sizeof name, "grouped kernel wgrad %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G,
-             (long long)M, (long long)P, (long long)Q);
+    snprintf(name, sizeof name, "grouped wgrad %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G, (long long)M,
+             (long long)P, (long long)Q);
     uint64_t k0 = kernel_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
+    if (RUN(name, dt, moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, beta, c.h, off, G),
             moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, beta, c.d, off, G))) {
-        check(name, BF, c.d, c.h, tol_of(BF, 0));
+        check(name, dt, c.d, c.h, tol_of(dt, 1e-4));
         served(name, k0, want_kernel);
     }
     pfree(&a); pfree(&b); pfree(&c);
+}
+
+static void wgrad_check(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q,
+                        int want_kernel) {
+    char w[160];
+    snprintf(w, sizeof w, "kernel %s", what);
+    wgrad_check_dt(BF, w, beta, off, G, P, Q, want_kernel);
 }
 
 /* device tensor -> host f32 (for byte comparisons between two device results) */
@@ -309,6 +318,32 @@ int main(void) {
     swiglu_bwd_check("step model", off, 32, 1024, 512, 1);
     make_offsets(off, 8, 100, 3);
     swiglu_bwd_check("K not a multiple of 8 (cuBLAS)", off, 8, 36, 64, 0);
+
+    /* the other strategies: the cuBLAS weight gradients write zeros (NaN must not
+     * survive) for empty experts under beta 0, in bf16 and f32 (f32 training with
+     * a lazy zero_grad takes them); the fused SwiGLU ops under `auto` (its
+     * FLOPs rule takes the kernel) and composed from cuBLAS calls (batched) */
+    static const struct { moe_cuda_grouped_gemm mode; const char *name; } strat[] = {
+        {MOE_CUDA_GROUPED_BATCHED, "cuBLAS batched"}, {MOE_CUDA_GROUPED_PADDED, "cuBLAS padded"},
+        {MOE_CUDA_GROUPED_LOOP, "cuBLAS loop"}};
+    for (size_t i = 0; i < sizeof strat / sizeof strat[0]; i++) {
+        die_if(moe_cuda_set_grouped_gemm(ctx, 0, strat[i].mode) != MOE_OK, "strategy");
+        for (int dti = 0; dti < 2; dti++) {
+            make_offsets(off, 8, 300, 3);
+            wgrad_check_dt(dti ? MOE_F32 : BF, strat[i].name, 0.0f, off, 8, 64, 128, 0);
+        }
+    }
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_AUTO) != MOE_OK, "auto strategy");
+    make_offsets(off, 32, 700, 0);
+    swiglu_check("auto strategy, step model", off, 32, 1024, 512, 1);
+    make_offsets(off, 32, 700, 0);
+    swiglu_bwd_check("auto strategy, step model", off, 32, 1024, 512, 1);
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_BATCHED) != MOE_OK, "batched strategy");
+    make_offsets(off, 8, 300, 3);
+    swiglu_check("cuBLAS batched (composed)", off, 8, 128, 128, 0);
+    make_offsets(off, 8, 300, 3);
+    swiglu_bwd_check("cuBLAS batched (composed)", off, 8, 128, 128, 0);
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
 
     /* calls the kernel refuses go through cuBLAS, still right */
     make_offsets(off, 8, 100, 3);
