@@ -22,7 +22,9 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dkd
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Ks = (bf16 *)smem_raw, *Vs = Ks + BK * LD, *Qs = Vs + BK * LD, *Os = Qs + 2 * BQ * LD;
     float *Ls = (float *)(Os + 2 * BQ * LD), *Ds = Ls + 2 * BQ;
-    const int b = blockIdx.z, hk = blockIdx.y, s0 = blockIdx.x * BK, G = a.Hq / a.Hkv;
+    // key tile 0 (every query tile sees it under a causal mask) first
+    const tile_head_batch tb = block_tile_major();
+    const int b = tb.b, hk = tb.h, s0 = tb.t * BK, G = a.Hq / a.Hkv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int64_t ldq = (int64_t)a.Hq * D, ldk = (int64_t)a.Hkv * D;
     const bf16 *kb = k + ((int64_t)b * a.S * a.Hkv + hk) * D;
@@ -163,7 +165,8 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dq_
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_raw, *Os = Qs + BQ * LD, *Ks = Os + BQ * LD, *Vs = Ks + 2 * BK * LD;
     // the last query tiles (the most keys under a causal mask) first: a shorter tail
-    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * BQ, hk = h / (a.Hq / a.Hkv);
+    const tile_head_batch tb = block_tile_major();
+    const int b = tb.b, h = tb.h, q0 = (gridDim.x - 1 - tb.t) * BQ, hk = h / (a.Hq / a.Hkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int64_t ldq = (int64_t)a.Hq * D, ldk = (int64_t)a.Hkv * D;
     const bf16 *qb = q + ((int64_t)b * a.T * a.Hq + h) * D, *ob = dout + ((int64_t)b * a.T * a.Hq + h) * D;

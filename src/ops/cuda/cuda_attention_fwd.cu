@@ -19,7 +19,8 @@ __global__ void __launch_bounds__(32 * NW, D == 64 ? 16 / NW : 1) k_att_fwd_mma(
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16 *Qs = (bf16 *)smem_raw, *Ks = Qs + BQ * LD, *Vs = Ks + 2 * BK * LD;
     // the last query tiles (the most keys under a causal mask) first: a shorter tail
-    const int b = blockIdx.z, h = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * BQ, hk = h / (a.Hq / a.Hkv);
+    const tile_head_batch tb = block_tile_major();
+    const int b = tb.b, h = tb.h, q0 = (gridDim.x - 1 - tb.t) * BQ, hk = h / (a.Hq / a.Hkv);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
     const int64_t ldq = (int64_t)a.Hq * D, ldk = (int64_t)a.Hkv * D;
     const bf16 *qb = q + ((int64_t)b * a.T * a.Hq + h) * D;
