@@ -1439,7 +1439,8 @@ static void time_grouped(moe_dtype dt, int64_t M, int64_t K, int64_t N, int G) {
  * experts) under four routings: balanced, one expert with a quarter of the
  * rows (the rest shared, every fourth expert empty), four experts with an
  * eighth each, and four experts with every row (collapsed routing, as the
- * benchmark model's layers show); per call, the kernel's time whatever it splits */
+ * benchmark model's layers show); per call, the time and whether the own kernel
+ * split rows (under MOELAB_GROUPED_GEMM=batched or loop this times cuBLAS) */
 static void time_wgrad_skew(int64_t P, int64_t Q) {
     const int G = 32;
     const int64_t M = 32768;
@@ -1469,9 +1470,14 @@ static void time_wgrad_skew(int64_t P, int64_t Q) {
         die_if(!j.c, "timing output");
         j.what = 3;
         double ms = 0, fl = 2.0 * M * P * Q;
-        if (moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms) == MOE_OK)
-            printf("# gemm_grouped_wgrad M=%lld P=%lld Q=%lld G=%d bf16, %s: %.3f ms, %.1f TFLOP/s\n", (long long)M,
-                   (long long)P, (long long)Q, G, name[v], ms, fl / (ms * 1e-3) / 1e12);
+        uint64_t s0 = 0, s1 = 0;
+        moe_cuda_grouped_split_calls(ctx, 0, &s0);
+        if (moe_cuda_time_ms(ctx, 0, tjob_run, &j, 3, 20, &ms) == MOE_OK) {
+            moe_cuda_grouped_split_calls(ctx, 0, &s1);
+            printf("# gemm_grouped_wgrad M=%lld P=%lld Q=%lld G=%d bf16, %s: %.3f ms, %.1f TFLOP/s (%s)\n",
+                   (long long)M, (long long)P, (long long)Q, G, name[v], ms, fl / (ms * 1e-3) / 1e12,
+                   s1 > s0 ? "rows split" : "not split");
+        }
         else printf("# gemm_grouped_wgrad (%s): failed: %s\n", name[v], moe_last_error());
         moe_tensor_release(j.a); moe_tensor_release(j.b); moe_tensor_release(j.c);
         fflush(stdout);

@@ -93,29 +93,34 @@ static void *try_malloc(cuda_dev *d, size_t cls) {
     return p;
 }
 
+// A cached block of the class, else one cudaMalloc; NULL when neither gives one
+// (nothing reclaimed, no error set).
+static void *alloc_cached_or_new(cuda_dev *d, size_t cls) {
+    std::lock_guard<std::mutex> g(d->mu);
+    void *p = NULL;
+    auto it = d->cache.find(cls);
+    if (it != d->cache.end() && !it->second.empty()) {
+        p = it->second.back();
+        it->second.pop_back();
+        d->bytes_cached -= cls;
+        d->n_hits++;
+    } else {
+        p = try_malloc(d, cls);
+        if (p) d->n_malloc++;
+    }
+    if (p) {
+        d->live[p] = cls;
+        d->bytes_in_use += cls;
+        if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
+    }
+    return p;
+}
+
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
     cuda_dev *d = (cuda_dev *)self->state;
     size_t cls = size_class(nbytes);
-    void *p = NULL;
-    {
-        std::lock_guard<std::mutex> g(d->mu);
-        auto it = d->cache.find(cls);
-        if (it != d->cache.end() && !it->second.empty()) {
-            p = it->second.back();
-            it->second.pop_back();
-            d->bytes_cached -= cls;
-            d->n_hits++;
-        } else {
-            p = try_malloc(d, cls);
-            if (p) d->n_malloc++;
-        }
-        if (p) {
-            d->live[p] = cls;
-            d->bytes_in_use += cls;
-            if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
-            return p;
-        }
-    }
+    void *p = alloc_cached_or_new(d, cls);
+    if (p) return p;
     // Out of memory: let the embedder drop garbage (it frees into our cache, so
     // the lock must not be held), then return the whole cache to the driver.
     moe_ctx *ctx = d->ctx;
@@ -167,4 +172,5 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
 }
 
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes) { return cuda_alloc_fn(&d->alloc, nbytes); }
+void *cuda_scratch_try_alloc(cuda_dev *d, size_t nbytes) { return alloc_cached_or_new(d, size_class(nbytes)); }
 void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes) { cuda_free_fn(&d->alloc, p, nbytes); }

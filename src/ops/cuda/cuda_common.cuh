@@ -59,6 +59,9 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on 
 void cuda_alloc_release_cache(cuda_dev *d);
 void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure
+// Scratch a caller can do without: a cached block or one cudaMalloc, else NULL (no
+// garbage collection, no cache flush, no error); freed with cuda_scratch_free.
+void *cuda_scratch_try_alloc(cuda_dev *d, size_t nbytes);
 void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes);
 
 moe_status cuda_synchronize(moe_ctx *, moe_device);

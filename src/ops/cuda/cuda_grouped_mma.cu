@@ -66,6 +66,8 @@ constexpr int MAX_GROUPS = MOE_MMA_GROUPED_MAX_GROUPS;
 // bytes of f32 partials (a call needing more runs unsplit)
 constexpr int MAX_SEG = 64, MAX_CHUNKS = 32, SPLIT_COUNTERS = 16384;
 constexpr size_t SPLIT_PART_BYTES = (size_t)64 << 20;
+static_assert(MAX_CHUNKS <= 255 && MAX_SEG <= 32767 && MOE_MMA_GROUPED_MAX_GROUPS <= 32767,
+              "segment fields: unsigned char chunk numbers, short groups and segments");
 // what a block does with its accumulators: store them (c = alpha acc + beta c), or a
 // fused SwiGLU (forward: gate and up tiles side by side; backward: dh into dgate, dup)
 enum { EPI_PLAIN = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2 };
@@ -547,7 +549,9 @@ int64_t row_tiles(mma_params &p, const int64_t *offsets, int groups) {
 // (four experts holding every row: 2 chunks each, 256 tiles for 264 slots).
 // Returns the number of groups split (the first ones of order); 0 when none
 // needs it or the scratch is refused (then the call runs unsplit, as correct,
-// only slower).
+// only slower). Splitting changes the order of the sums, so whether a call
+// splits (it depends on the SM count and on free memory) changes its bytes;
+// a given plan gives the same bytes every run.
 int plan_split(cuda_dev *d, mma_params &p, const int *order, int groups, int64_t per, size_t *part_bytes) {
     p.nseg = 0; p.part = nullptr; p.counters = nullptr;
     int64_t work = 0;
@@ -589,12 +593,10 @@ int plan_split(cuda_dev *d, mma_params &p, const int *order, int groups, int64_t
         d->split_counters = (int *)q;
     }
     *part_bytes = (size_t)nseg * (size_t)per * BM * BN * sizeof(float);
-    p.part = (float *)cuda_scratch_alloc(d, *part_bytes);
-    if (!p.part) {
-        (void)cudaGetLastError();
-        moe_clear_error();
-        return 0;
-    }
+    // optional: under memory pressure the call runs unsplit rather than collect
+    // garbage and flush the allocator's cache for it
+    p.part = (float *)cuda_scratch_try_alloc(d, *part_bytes);
+    if (!p.part) return 0;
     p.counters = d->split_counters;
     p.nseg = nseg;
     return nsplit;

@@ -293,7 +293,7 @@ __global__ void k_rmsnorm_dw_part(float *part, const T *dy, const T *x, const S 
 // row of 1024 and each thread 32 dependent chunks: ~9 us a call, latency.)
 template <typename T>
 __global__ void __launch_bounds__(256) k_dw_sum(T *dw, const float *part, int64_t nchunks, int64_t n) {
-    __shared__ float sh[32][9];
+    __shared__ float sh[32][8];   // sh[cy][cx] is word tid: no bank conflict either way
     const int cx = threadIdx.x & 7, cy = threadIdx.x >> 3;
     const int64_t j = (int64_t)blockIdx.x * 8 + cx;
     float acc = 0.0f;
