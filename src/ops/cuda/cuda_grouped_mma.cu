@@ -16,10 +16,10 @@
 //     routing one expert's tiles can each take longer than the rest of the
 //     call (a block runs at about half its SM's rate): a group whose tiles are
 //     well above the average load of a block slot is cut into chunks of rows.
-//     Each chunk's block writes its raw f32 sums to
-//     scratch and counts itself in on the tile's counter; the last to arrive
-//     adds the chunks in chunk order (the same bytes whichever block is last)
-//     and stores alpha * sum + beta * C like an unsplit tile.
+//     Each chunk's block writes its raw f32 sums to scratch and counts itself
+//     in on the tile's counter; the last to arrive adds the chunks in chunk
+//     order (the same bytes whichever block is last) and stores
+//     alpha * sum + beta * C like an unsplit tile.
 //
 // Hopper tensor cores through wgmma (sm_90a; this file is built for
 // compute_90a): a block computes 128 x 128 with two warpgroups of 64 x 128
