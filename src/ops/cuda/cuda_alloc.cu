@@ -77,6 +77,10 @@ void cuda_dev_destroy(cuda_dev *d) {
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
     if (d->split_counters) cudaFree(d->split_counters);
+    if (d->stage) {
+        for (cudaEvent_t e : d->stage_done) cudaEventDestroy(e);
+        cudaFreeHost(d->stage);
+    }
     if (d->stream) cudaStreamDestroy(d->stream);
     cudaGetLastError();
     delete d;

@@ -52,6 +52,12 @@ struct cuda_dev {
     // between launches (the last block of a tile resets its own), allocated on first use
     int *split_counters;
     uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
+    // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
+    // event of the last transfer that read it; allocated on first use
+    unsigned char *stage;
+    cudaEvent_t stage_done[8];
+    int stage_next;
+    uint64_t n_staged;            // copies that went through the slots (no synchronisation)
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----

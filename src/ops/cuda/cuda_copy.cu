@@ -5,6 +5,9 @@
 // through double; bf16/f16 round from f32 to nearest even; integer stores
 // saturate and map NaN to 0.
 #include "cuda_common.cuh"
+#include "moe_cuda.h"
+
+#include <string.h>
 
 __device__ __forceinline__ double load_any(int dt, const char *base, int64_t i) {
     switch (dt) {
@@ -89,32 +92,75 @@ static moe_status convert_on_device(cuda_dev *d, void *dst, moe_dtype ddt, const
     return MOE_OK;
 }
 
+// Small host->device copies (the batch's ids and targets every step) go through
+// pinned staging slots: the bytes are copied into a slot at once, so the caller
+// may free them when the call returns, and the transfer is queued without a
+// stream synchronisation. From pageable memory the transfer had to be waited
+// for, which drained the GPU's queue at the start of every training step (the
+// optimizer's 5 ms were still running) and left it idle while the host queued
+// the next forward. A slot is reused once the event of its previous transfer
+// has completed (with 8 slots a wait is rare). Larger copies, and a device
+// where the pinned memory cannot be had, keep the synchronous path.
+constexpr int STAGE_SLOTS = 8;
+constexpr size_t STAGE_SLOT_BYTES = (size_t)1 << 20;
+static_assert(sizeof(((cuda_dev *)nullptr)->stage_done) / sizeof(cudaEvent_t) == STAGE_SLOTS, "one event a slot");
+
+// A slot for nbytes (its previous transfer done), or NULL: use the synchronous path.
+static unsigned char *stage_slot(cuda_dev *d, size_t nbytes, cudaEvent_t *done) {
+    if (nbytes > STAGE_SLOT_BYTES) return nullptr;
+    std::lock_guard<std::mutex> g(d->mu);
+    if (!d->stage) {
+        void *h = nullptr;
+        if (cudaHostAlloc(&h, STAGE_SLOTS * STAGE_SLOT_BYTES, cudaHostAllocPortable) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return nullptr;
+        }
+        int made = 0;
+        for (; made < STAGE_SLOTS; made++)
+            if (cudaEventCreateWithFlags(&d->stage_done[made], cudaEventDisableTiming) != cudaSuccess) break;
+        if (made < STAGE_SLOTS) {
+            (void)cudaGetLastError();
+            for (int i = 0; i < made; i++) cudaEventDestroy(d->stage_done[i]);
+            cudaFreeHost(h);
+            return nullptr;
+        }
+        d->stage = (unsigned char *)h;
+    }
+    const int i = d->stage_next;
+    if (cudaEventSynchronize(d->stage_done[i]) != cudaSuccess) return nullptr;   // (never recorded: at once)
+    d->stage_next = (i + 1) % STAGE_SLOTS;
+    *done = d->stage_done[i];
+    return d->stage + (size_t)i * STAGE_SLOT_BYTES;
+}
+
 static moe_status copy_h2d(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src, int64_t n) {
     CUDA_ENTER(d, ctx, dst->device);
     moe_tensor *hs = moe_tensor_contiguous_cpu((moe_tensor *)src);
     if (!hs) return moe_last_status();
     size_t sbytes = (size_t)n * moe_dtype_size(src->dtype);
     cuda_layout dl = cuda_layout_tensor(dst);
+    const bool direct = dst->dtype == src->dtype && cuda_layout_is_flat(dl);
     moe_status st = MOE_OK;
-    cudaError_t e;
-    if (dst->dtype == src->dtype && cuda_layout_is_flat(dl)) {
-        e = cudaMemcpyAsync(moe_tensor_data(dst), moe_tensor_data(hs), sbytes, cudaMemcpyHostToDevice, d->stream);
-        if (e == cudaSuccess) e = cudaStreamSynchronize(d->stream);
-        if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
-    } else {
-        cuda_scratch tmp(d, sbytes);
-        if (!tmp.p) st = moe_last_status();
-        else {
-            e = cudaMemcpyAsync(tmp.p, moe_tensor_data(hs), sbytes, cudaMemcpyHostToDevice, d->stream);
-            if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
-            else st = convert_on_device(d, moe_tensor_data(dst), dst->dtype, dl, tmp.p, src->dtype,
-                                        cuda_layout_flat(n), n);
-            // the host staging copy is released below: wait until the transfer has read it
-            e = cudaStreamSynchronize(d->stream);
-            if (st == MOE_OK && e != cudaSuccess)
-                st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
-        }
+    cudaEvent_t done = nullptr;
+    unsigned char *slot = stage_slot(d, sbytes, &done);
+    const void *from = moe_tensor_data(hs);
+    if (slot) {
+        memcpy(slot, from, sbytes);
+        from = slot;
     }
+    cuda_scratch tmp(d, direct ? 0 : sbytes);
+    cudaError_t e = cudaSuccess;
+    if (!direct && !tmp.p) st = moe_last_status();
+    else {
+        e = cudaMemcpyAsync(direct ? moe_tensor_data(dst) : tmp.p, from, sbytes, cudaMemcpyHostToDevice, d->stream);
+        if (e == cudaSuccess && !direct)
+            st = convert_on_device(d, moe_tensor_data(dst), dst->dtype, dl, tmp.p, src->dtype, cuda_layout_flat(n), n);
+        // a staged transfer only has to finish before its slot is reused; from the
+        // caller's memory it must finish before that memory goes back
+        if (e == cudaSuccess) e = slot ? cudaEventRecord(done, d->stream) : cudaStreamSynchronize(d->stream);
+        if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
+    }
+    if (slot && st == MOE_OK) d->n_staged++;
     moe_tensor_release(hs);
     return st;
 }
@@ -145,6 +191,13 @@ static moe_status copy_d2h(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src,
         moe_tensor_release(hd);
     }
     return st;
+}
+
+extern "C" moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies) {
+    if (!ctx || !copies) return moe_error(MOE_ERR_ARG, "moe_cuda_staged_copies: expected a context and an output");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *copies = d->n_staged;
+    return MOE_OK;
 }
 
 // Between two GPUs: a contiguous copy in dst's dtype on the source GPU, a peer

@@ -100,6 +100,9 @@ moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *call
 /* How many RMSNorm + rope calls (forward or backward) the fused kernels served
  * since install; the others ran the two ops. */
 moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* How many host->device copies went through the pinned staging slots (queued
+ * without a synchronisation) since install; larger ones wait for their transfer. */
+moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies);
 
 #ifdef __cplusplus
 }
