@@ -201,8 +201,17 @@ static moe_tensor *view_of(moe_tensor *t) {
     *v = *t;
     v->refcount = 1;
     v->index_bound = 0;             /* not inherited; the retain below voids t's too */
+    v->host_known = 0;
     moe_storage_retain(t->storage);
     return v;
+}
+
+void moe_tensor_set_host_value(moe_tensor *t, double v) {
+    if (!t) return;
+    int sole = t->storage && __atomic_load_n(&t->storage->refcount, __ATOMIC_RELAXED) == 1 &&
+               !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
+    t->host_known = sole && moe_tensor_numel(t) == 1;
+    t->host_value = t->host_known ? v : 0.0;
 }
 
 void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound) {
@@ -385,6 +394,7 @@ static void copy_one(void *elem, int64_t i, void *varg) {
 
 moe_status moe_tensor_copy_cpu(moe_tensor *dst, const moe_tensor *src) {
     dst->index_bound = 0;
+    dst->host_known = 0;
     if (dst->device.type != MOE_CPU || src->device.type != MOE_CPU)
         return moe_error(MOE_ERR_DEVICE, "copy_cpu: both tensors must be on the cpu");
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
@@ -418,6 +428,7 @@ static void fill_one(void *elem, int64_t i, void *arg) {
 
 moe_status moe_tensor_fill_cpu(moe_tensor *t, double v) {
     t->index_bound = 0;
+    t->host_known = 0;
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "fill_cpu: tensor is not on the cpu");
     if (t->dtype == MOE_F32 && moe_tensor_is_contiguous(t)) {
         float *p = moe_f32(t), f = (float)v;
@@ -452,6 +463,7 @@ moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out) 
 
 moe_status moe_tensor_set(moe_tensor *t, const int64_t *idx, double v) {
     t->index_bound = 0;
+    t->host_known = 0;
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "element access needs a cpu tensor");
     int64_t o = 0;
     MOE_TRY(elem_offset(t, idx, &o));

@@ -54,6 +54,14 @@ typedef struct moe_tensor {
      * Code writing tensor memory by other means (raw pointers, communicators)
      * must reset it itself. */
     int64_t index_bound;
+    /* Host value: a one-element tensor whose value the host knows, because the
+     * host wrote it (an upload, a fill) or it is a device copy of one such.
+     * Readers take host_value instead of copying the element back, which would
+     * synchronise with the device (the loss gradient's scale in cross-entropy's
+     * backward). Same lifetime rules as index_bound: set only on a sole header,
+     * not inherited by views, voided by aliasing and by every other write. */
+    int host_known;
+    double host_value;
 } moe_tensor;
 
 moe_storage *moe_storage_new(moe_allocator *a, size_t nbytes);
@@ -106,6 +114,15 @@ moe_tensor *moe_tensor_unsqueeze(moe_tensor *t, int dim);
  * write); bound <= 0 clears it. trusted: every value is known to lie in
  * [0, n). */
 void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound);
+/* Host values (see moe_tensor.host_value). set: records v when t has one
+ * element and is the only header over its storage (else forgets it). known:
+ * 1 and *v when the value is known. */
+void moe_tensor_set_host_value(moe_tensor *t, double v);
+static inline int moe_tensor_host_value(const moe_tensor *t, double *v) {
+    if (!t || !t->host_known || !t->storage || __atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED)) return 0;
+    *v = t->host_value;
+    return 1;
+}
 static inline int moe_tensor_index_trusted(const moe_tensor *t, int64_t n) {
     return t && t->index_bound > 0 && t->index_bound <= n && t->storage &&
            !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);

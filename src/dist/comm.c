@@ -56,6 +56,14 @@ static moe_status check_comm(moe_comm *c, const char *what) {
     return MOE_OK;
 }
 
+/* A tensor a collective writes: what the host knew of its values (tensor.h:
+ * index bound, host value) no longer holds. */
+static void mark_written(moe_tensor *t) {
+    if (!t) return;
+    t->index_bound = 0;
+    t->host_known = 0;
+}
+
 static moe_status check_tensor(moe_comm *c, const moe_tensor *t, const char *what, const char *arg, int reduce) {
     char b[16];
     if (!t) return moe_error(MOE_ERR_ARG, "%s: %s is missing", what, arg);
@@ -98,6 +106,7 @@ moe_status moe_comm_all_reduce_bucketed(moe_comm *c, moe_tensor *t, moe_dist_op 
     MOE_TRY(check_comm(c, w));
     MOE_TRY(check_tensor(c, t, w, "tensor", 1));
     if (op != MOE_DIST_SUM && op != MOE_DIST_AVG) return moe_error(MOE_ERR_ARG, "%s: unknown op %d", w, (int)op);
+    mark_written(t);
     MOE_TRY(sync_device(c, t->device));
     size_t n = (size_t)moe_tensor_numel(t), es = moe_dtype_size(t->dtype);
     size_t chunk = bucket_bytes ? bucket_bytes / es : n;
@@ -121,6 +130,7 @@ moe_status moe_comm_all_reduce_start(moe_comm *c, moe_tensor *t, int64_t offset,
         return moe_error(MOE_ERR_RANGE, "%s: range [%lld, %lld) is outside the tensor's %lld elements", w,
                          (long long)offset, (long long)(offset + count), (long long)moe_tensor_numel(t));
     if (count == 0) return MOE_OK;
+    mark_written(t);
     char *p = (char *)moe_tensor_data(t) + (size_t)offset * moe_dtype_size(t->dtype);
     c->seq++;
     if (c->ops->all_reduce_start && t->device.type != MOE_CPU)
@@ -141,6 +151,7 @@ moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root) {
     MOE_TRY(check_tensor(c, t, w, "tensor", 0));
     if (root < 0 || root >= c->size)
         return moe_error(MOE_ERR_RANGE, "%s: root %d is not a rank (0..%d)", w, root, c->size - 1);
+    mark_written(t);
     MOE_TRY(sync_device(c, t->device));
     c->seq++;
     return moe_error_context(c->ops->broadcast(c, moe_tensor_data(t), (size_t)moe_tensor_numel(t), t->dtype, root,
@@ -150,6 +161,7 @@ moe_status moe_comm_broadcast(moe_comm *c, moe_tensor *t, int root) {
 static moe_status check_pair(moe_comm *c, const moe_tensor *in, const moe_tensor *out, const char *w, int reduce) {
     MOE_TRY(check_tensor(c, in, w, "input", reduce));
     MOE_TRY(check_tensor(c, out, w, "output", reduce));
+    mark_written((moe_tensor *)out);
     if (in->dtype != out->dtype)
         return moe_error(MOE_ERR_DTYPE, "%s: input is %s but output is %s", w, moe_dtype_name(in->dtype),
                          moe_dtype_name(out->dtype));

@@ -46,8 +46,11 @@ moe_status ops_check(const char *op, const ops_arg *floats, int nf, const ops_ar
 }
 
 moe_status ops_out(const char *op, const char *name, const moe_tensor *t) {
-    /* an output is about to be written: its index bound (tensor.h) no longer holds */
-    if (t) ((moe_tensor *)t)->index_bound = 0;
+    /* an output is about to be written: its index bound and host value (tensor.h) no longer hold */
+    if (t) {
+        ((moe_tensor *)t)->index_bound = 0;
+        ((moe_tensor *)t)->host_known = 0;
+    }
     if (!moe_tensor_is_contiguous(t)) {
         char b[128];
         return moe_error(MOE_ERR_ARG, "%s: output %s (shape %s) must be contiguous, got a strided view", op, name,
@@ -121,10 +124,53 @@ moe_status ops_contig(moe_ctx *ctx, const moe_tensor *t, moe_tensor **out) {
 
 /* ---- memory ---- */
 
+/* Integer values uploaded from the host give the device tensor their bound
+ * (tensor.h) when none is negative: the host reads them in microseconds, where
+ * a device range check in each index op (the embedding's forward and backward,
+ * every training step) costs a stream synchronisation. */
+static void bound_from_host(moe_tensor *dst, const moe_tensor *src) {
+    if (src->dtype != dst->dtype || (dst->dtype != MOE_I64 && dst->dtype != MOE_I32) ||
+        !moe_tensor_is_contiguous(src))
+        return;
+    int64_t n = moe_tensor_numel(src), mx = -1;
+    if (src->dtype == MOE_I64) {
+        const int64_t *v = (const int64_t *)moe_tensor_data((moe_tensor *)src);
+        for (int64_t i = 0; i < n; i++) {
+            if (v[i] < 0) return;
+            if (v[i] > mx) mx = v[i];
+        }
+    } else {
+        const int32_t *v = (const int32_t *)moe_tensor_data((moe_tensor *)src);
+        for (int64_t i = 0; i < n; i++) {
+            if (v[i] < 0) return;
+            if (v[i] > mx) mx = v[i];
+        }
+    }
+    if (mx < INT64_MAX) moe_tensor_set_index_bound(dst, mx + 1);
+}
+
+/* The element of a one-element tensor as dst's dtype stores it */
+static double stored_as(moe_dtype dt, double v) {
+    uint64_t b = 0;
+    moe_dtype_store(dt, &b, v);
+    return moe_dtype_load(dt, &b);
+}
+
+/* A one-element copy keeps the value known to the host (tensor.h): read from a
+ * host source, or carried from a device source that had one. */
+void ops_carry_host_value(moe_tensor *dst, const moe_tensor *src) {
+    if (moe_tensor_numel(dst) != 1 || dst->device.type == MOE_CPU) return;
+    double v;
+    if (src->device.type == MOE_CPU) v = moe_dtype_load(src->dtype, (const char *)moe_tensor_data((moe_tensor *)src));
+    else if (!moe_tensor_host_value(src, &v)) return;
+    moe_tensor_set_host_value(dst, stored_as(dst->dtype, v));
+}
+
 moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
     MOE_TRY(ops_nonnull("copy", "dst", dst));
     MOE_TRY(ops_nonnull("copy", "src", src));
     dst->index_bound = 0;   /* written: see tensor.h */
+    dst->host_known = 0;
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
         char a[128], b[128];
         return moe_error(MOE_ERR_SHAPE, "copy: dst has shape %s (%lld elements), src has shape %s (%lld elements); "
@@ -141,16 +187,25 @@ moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
     moe_device dev = dst->device.type != MOE_CPU ? dst->device : src->device;
     const moe_backend *be;
     OPS_ENTRY(ctx, "copy", dev, copy, be);
-    return be->copy(ctx, dst, src);
+    moe_status s = be->copy(ctx, dst, src);
+    if (s == MOE_OK && src->device.type == MOE_CPU) bound_from_host(dst, src);
+    if (s == MOE_OK) ops_carry_host_value(dst, src);
+    return s;
 }
 
 moe_status moe_op_fill(moe_ctx *ctx, moe_tensor *t, double v) {
     MOE_TRY(ops_nonnull("fill", "t", t));
     t->index_bound = 0;     /* written: see tensor.h */
+    t->host_known = 0;
     const moe_backend *be;
     OPS_ENTRY(ctx, "fill", t->device, fill, be);
     if (moe_tensor_numel(t) == 0) return MOE_OK;
-    if (moe_tensor_is_contiguous(t)) return be->fill(ctx, t, v);
+    if (moe_tensor_is_contiguous(t)) {
+        moe_status s = be->fill(ctx, t, v);
+        if (s == MOE_OK && moe_tensor_numel(t) == 1 && t->device.type != MOE_CPU)
+            moe_tensor_set_host_value(t, stored_as(t->dtype, v));
+        return s;
+    }
     /* a strided view: fill a contiguous buffer and copy it in */
     moe_tensor *tmp = moe_tensor_new(ctx, t->dtype, t->ndim, t->shape, t->device);
     if (!tmp) return moe_last_status();

@@ -18,6 +18,10 @@ moe_status ops_check(const char *op, const ops_arg *floats, int nf, const ops_ar
 moe_status ops_nonnull(const char *op, const char *name, const void *p);
 /* An output: must be contiguous. */
 moe_status ops_out(const char *op, const char *name, const moe_tensor *t);
+/* dst (one element, on a device) takes src's value as known to the host
+ * (tensor.h: moe_tensor.host_value) when src is on the host or has one; called
+ * after dst was written with src's element (copies, sums over one element). */
+void ops_carry_host_value(moe_tensor *dst, const moe_tensor *src);
 moe_status ops_same_shape(const char *op, const char *na, const moe_tensor *a, const char *nb,
                           const moe_tensor *b);
 moe_status ops_shape_is(const char *op, const char *name, const moe_tensor *t, int ndim,

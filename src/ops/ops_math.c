@@ -362,6 +362,8 @@ moe_status moe_op_sum_to(moe_ctx *ctx, moe_tensor *out, const moe_tensor *g) {
         d = e;
     }
     if (s == MOE_OK) s = be->copy(ctx, out, cur);
+    /* a sum of one element is that element: a loss gradient the host knows stays known */
+    if (s == MOE_OK && moe_tensor_numel(g) == 1) ops_carry_host_value(out, g);
     moe_tensor_release(cur);
     return s;
 }
@@ -690,6 +692,19 @@ static moe_status flat_view(moe_tensor *t, int64_t d0, int64_t d1, int nd, moe_t
     return *out ? MOE_OK : moe_last_status();
 }
 
+/* The contiguous ids as a flat [n] header over the same memory, for the length
+ * of one backend call (which reads it and keeps no reference). Not a view: a
+ * view marks the storage aliased, which voids the ids' index bound (tensor.h),
+ * and with it the check the bound lets the backend skip. */
+static moe_tensor flat_ids(const moe_tensor *ic, int64_t n) {
+    moe_tensor h = *ic;
+    h.refcount = 1;
+    h.ndim = 1;
+    h.shape[0] = n;
+    h.stride[0] = 1;
+    return h;
+}
+
 moe_status moe_op_embedding(moe_ctx *ctx, moe_tensor *out, const moe_tensor *table, const moe_tensor *ids) {
     static const char *op = "embedding";
     ops_arg f[] = {{"out", out}, {"table", table}}, ix[] = {{"ids", ids}};
@@ -700,13 +715,15 @@ moe_status moe_op_embedding(moe_ctx *ctx, moe_tensor *out, const moe_tensor *tab
     OPS_ENTRY(ctx, op, out->device, index_select, be);
     int64_t n = moe_tensor_numel(ids);
     if (n == 0) return MOE_OK;
-    moe_tensor *ic = NULL, *iv = NULL, *ov = NULL, *tc = NULL;
+    moe_tensor *ic = NULL, *ov = NULL, *tc = NULL;
     moe_status s = ops_contig(ctx, ids, &ic);
     if (s == MOE_OK) s = ops_contig(ctx, table, &tc);
-    if (s == MOE_OK) s = flat_view(ic, n, 0, 1, &iv);
     if (s == MOE_OK) s = flat_view(out, n, table->shape[1], 2, &ov);
-    if (s == MOE_OK) s = moe_error_context(be->index_select(ctx, ov, tc, iv), "embedding");
-    moe_tensor_release(ic); moe_tensor_release(iv); moe_tensor_release(ov); moe_tensor_release(tc);
+    if (s == MOE_OK) {
+        moe_tensor iv = flat_ids(ic, n);
+        s = moe_error_context(be->index_select(ctx, ov, tc, &iv), "embedding");
+    }
+    moe_tensor_release(ic); moe_tensor_release(ov); moe_tensor_release(tc);
     return s;
 }
 
@@ -720,12 +737,14 @@ moe_status moe_op_embedding_backward(moe_ctx *ctx, moe_tensor *dtable, const moe
     OPS_ENTRY(ctx, op, dtable->device, index_add, be);
     int64_t n = moe_tensor_numel(ids);
     if (n == 0) return MOE_OK;
-    moe_tensor *ic = NULL, *iv = NULL, *dc = NULL, *dv = NULL;
+    moe_tensor *ic = NULL, *dc = NULL, *dv = NULL;
     moe_status s = ops_contig(ctx, ids, &ic);
     if (s == MOE_OK) s = ops_contig(ctx, dout, &dc);
-    if (s == MOE_OK) s = flat_view(ic, n, 0, 1, &iv);
     if (s == MOE_OK) s = flat_view(dc, n, dtable->shape[1], 2, &dv);
-    if (s == MOE_OK) s = moe_error_context(be->index_add(ctx, dtable, iv, dv), "embedding_backward");
-    moe_tensor_release(ic); moe_tensor_release(iv); moe_tensor_release(dc); moe_tensor_release(dv);
+    if (s == MOE_OK) {
+        moe_tensor iv = flat_ids(ic, n);
+        s = moe_error_context(be->index_add(ctx, dtable, &iv, dv), "embedding_backward");
+    }
+    moe_tensor_release(ic); moe_tensor_release(dc); moe_tensor_release(dv);
     return s;
 }
