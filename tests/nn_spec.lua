@@ -144,6 +144,34 @@ describe("tape functional ops", function()
     gc.check("x through three linears", x, tape:grad(x), function() return lossf(moe.Tape()):item() end)
   end)
 
+  -- An add hands its output gradient to both inputs without a copy, a view its
+  -- output gradient's memory: whatever then sums into one of those shared
+  -- gradients (a second use of the input, a linear adding with beta 1) must not
+  -- change the other's.
+  it("shared gradients of adds and views: sums into one leave the other intact", function()
+    local a = moe.randn({3, 4}, {seed = 40})
+    local b = moe.randn({3, 4}, {seed = 41})
+    local l = moe.nn.Linear(4, 4, {seed = 42})
+    local function lossf(tape)
+      local y = tape:add(a, b)                    -- a and b get y's gradient itself
+      local z = tape:add(y, a)                    -- a again: summed into its shared gradient
+      local v = tape:view(tape:add(z, z), {12})   -- z twice; the view's gradient is its output's memory
+      local w = tape:view(v, {3, 4})
+      local lin = l:forward(tape:add(w, b), tape) -- the linear adds its input gradient with beta 1
+      return tape:add(tape:sum(tape:mul(lin, w)), tape:sum(tape:mul(b, b)))
+    end
+    local tape = moe.Tape()
+    tape:backward(lossf(tape))
+    local function lf() return lossf(moe.Tape()):item() end
+    gc.check("a (shared with b, then summed into)", a, tape:grad(a), lf)
+    gc.check("b (shared with a)", b, tape:grad(b), lf)
+    -- x + x: both gradients land on one tensor
+    local x = moe.randn({5}, {seed = 43})
+    local t2 = moe.Tape()
+    t2:backward(t2:sum(t2:mul(t2:add(x, x), x)))
+    gc.check("x + x", x, t2:grad(x), function() local t = moe.Tape(); return t:sum(t:mul(t:add(x, x), x)):item() end)
+  end)
+
   -- Under a tape, where the backend fuses the pass (CUDA), the forward also
   -- computes the gradient for an upstream 1; it is handed over once (scaled for
   -- another upstream gradient). Whatever the path, another upstream gradient, a

@@ -21,6 +21,17 @@ moe_tensor *moe_rows_view(moe_tensor *t) {
 static moe_status binary_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_binary_op op = (moe_binary_op)e->i[0];
     moe_tensor *a = e->in[0], *b = e->in[1], *g = gout[0];
+    /* an add of two tensors of g's shape passes g itself to both: the tape sums
+     * into a shared gradient out of place (tape.c), so no copy is needed (two
+     * full copies of the residual stream's gradient per add, otherwise) */
+    if (op == MOE_BIN_ADD && moe_tensor_same_shape(a, g) && moe_tensor_same_shape(b, g) && a->dtype == g->dtype &&
+        b->dtype == g->dtype && moe_tensor_is_contiguous(g)) {
+        moe_tensor_retain(g);
+        moe_tensor_retain(g);
+        gin[0] = g;
+        gin[1] = g;
+        return MOE_OK;
+    }
     moe_tensor *ga = moe_tensor_like(ctx, a), *gb = moe_tensor_like(ctx, b), *tmp = NULL;
     moe_status s = ga && gb ? MOE_OK : moe_last_status();
     if (s == MOE_OK && (op == MOE_BIN_ADD || op == MOE_BIN_SUB)) {
@@ -151,12 +162,9 @@ static moe_status view_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_tensor *dx = moe_tensor_view(g, e->in[0]->ndim, e->in[0]->shape);
     moe_tensor_release(g);
     if (!dx) return moe_last_status();
-    /* the tape may accumulate into this gradient later, so it must not alias gout */
-    moe_tensor *copy = moe_tensor_like(ctx, dx);
-    moe_status s = copy ? moe_op_copy(ctx, copy, dx) : moe_last_status();
-    moe_tensor_release(dx);
-    if (s != MOE_OK) { moe_tensor_release(copy); return s; }
-    gin[0] = copy;
+    /* a view of gout's memory: the tape sums into it in place only once nothing
+     * else holds that memory (tape.c), so no copy */
+    gin[0] = dx;
     return MOE_OK;
 }
 
@@ -187,11 +195,17 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
 static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
     float dloss;
-    /* the upstream gradient of a scalar loss: one number, read once per backward */
-    moe_tensor *g = moe_op_to(ctx, gout[0], MOE_DEVICE_CPU, MOE_F32);
-    if (!g) return moe_last_status();
-    dloss = moe_f32(g)[0];
-    moe_tensor_release(g);
+    /* the upstream gradient of a scalar loss: one number, read once per backward
+     * unless the host knows it (the seed of a backward is written by the host) */
+    double known;
+    if (moe_tensor_host_value(gout[0], &known)) {
+        dloss = (float)known;
+    } else {
+        moe_tensor *g = moe_op_to(ctx, gout[0], MOE_DEVICE_CPU, MOE_F32);
+        if (!g) return moe_last_status();
+        dloss = moe_f32(g)[0];
+        moe_tensor_release(g);
+    }
     if (e->n_saved > 3 && e->saved[3]) {
         moe_tensor *pre = e->saved[3];
         e->saved[3] = NULL;
@@ -239,6 +253,9 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     if (!lc) return moe_last_status();
     moe_tensor *rows = moe_rows_view(lc);
     moe_tensor *tc = moe_op_contiguous(ctx, targets);
+    /* read before the view below voids it (tensor.h) */
+    const int64_t vocab = logits->shape[logits->ndim - 1];
+    const int64_t tbound = tc && moe_tensor_index_trusted(tc, vocab) ? tc->index_bound : 0;
     int64_t n = rows ? rows->shape[0] : 0;
     int64_t n1[1] = {n};
     moe_tensor *t1 = tc ? moe_tensor_view(tc, 1, n1) : NULL;
@@ -248,10 +265,14 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     moe_tensor *out = moe_tensor_new(ctx, MOE_F32, 0, n1, logits->device);
     moe_tensor *tcpu = NULL, *dl = NULL, *drows = NULL;
     moe_status s = rows && t1 && per_row && lse && out ? MOE_OK : moe_last_status();
-    /* The number of counted rows is needed for the mean. Targets are small
-     * (one id per token), so counting them on the host is cheap. */
+    /* The number of counted rows is needed for the mean. Targets known to lie
+     * in [0, bound) (uploaded from the host, tensor.h) all count unless the
+     * ignored id is in that range; else they are counted on the host (small,
+     * one id per token, but the read synchronises with the device). */
     double count = 0;
-    if (s == MOE_OK) {
+    if (s == MOE_OK && tbound > 0 && (ignore_index < 0 || ignore_index >= tbound)) {
+        count = (double)n;
+    } else if (s == MOE_OK) {
         tcpu = moe_op_to(ctx, t1, MOE_DEVICE_CPU, MOE_I64);
         if (!tcpu) s = moe_last_status();
         else {

@@ -235,6 +235,14 @@ moe_tensor *moe_tape_grad(moe_tape *t, const moe_tensor *x) {
     return s ? s->grad : NULL;
 }
 
+/* A gradient may be shared: an add's backward hands the same tensor to both
+ * inputs, a view's backward a header over its output gradient's memory. It is
+ * written in place (summed into, or by a GEMM with beta 1) only when nothing
+ * else holds it or its memory; otherwise the sum goes to a new tensor. */
+static int exclusive(const moe_tensor *g) {
+    return g->refcount == 1 && g->storage && __atomic_load_n(&g->storage->refcount, __ATOMIC_RELAXED) == 1;
+}
+
 /* Sums g into the gradient of x, taking over the reference to g. */
 static moe_status accumulate(moe_ctx *ctx, moe_tape *t, const moe_tensor *x, moe_tensor *g) {
     if (!moe_tensor_same_shape(x, g)) {
@@ -246,7 +254,15 @@ static moe_status accumulate(moe_ctx *ctx, moe_tape *t, const moe_tensor *x, moe
     grad_slot *s = find_slot(t, x, 1);
     if (!s) { moe_tensor_release(g); return moe_error(MOE_ERR_OOM, "out of host memory for gradients"); }
     if (!s->grad) { s->grad = g; t->used++; return MOE_OK; }
-    moe_status st = moe_op_axpy(ctx, s->grad, 1.0f, g);
+    moe_status st;
+    if (exclusive(s->grad)) {
+        st = moe_op_axpy(ctx, s->grad, 1.0f, g);
+    } else {
+        moe_tensor *sum = moe_tensor_like(ctx, s->grad);
+        st = sum ? moe_op_binary(ctx, MOE_BIN_ADD, sum, s->grad, g) : moe_last_status();
+        if (st == MOE_OK) { moe_tensor_release(s->grad); s->grad = sum; }
+        else moe_tensor_release(sum);
+    }
     moe_tensor_release(g);
     return st;
 }
@@ -257,7 +273,7 @@ moe_tensor *moe_tape_grad_acc(moe_tape_entry *e, int i) {
     grad_slot *s = find_slot(e->tape, x, 0);
     moe_tensor *g = s ? s->grad : NULL;
     if (!g || !moe_tensor_is_contiguous(g) || g->dtype != x->dtype || !moe_device_eq(g->device, x->device) ||
-        !moe_tensor_same_shape(g, x))
+        !moe_tensor_same_shape(g, x) || !exclusive(g))
         return NULL;
     return g;
 }
