@@ -211,6 +211,8 @@ describe("MoETrainer", function()
     assert.is_truthy(tostring(msg):find("non-finite", 1, true))
     assert.are.equal(4, #tr.history)
     assert.is_true(tr.history[1].skipped)
+    -- the update was queued with the device's guard and took itself back: no step counted
+    assert.are.equal(0, tr.optimizer:step_count())
   end)
 
   it("a step skipped for a non-finite gradient norm still lets the run save and resume", function()
@@ -283,6 +285,54 @@ describe("MoETrainer", function()
       local ok, e = pcall(oa.scale_next_step, oa, bad)
       assert.is_false(ok)
       assert.truthy(tostring(e):find("optimizer:scale_next_step", 1, true))
+    end
+  end)
+
+  it("optimizer:clip_next_step clips by a norm it reads itself, skips a non-finite step, then forgets", function()
+    local core = require "moelab.core"
+    local function model_and_grads()
+      local m = small("Mixtral")
+      local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
+      local out = m:forward(ids, {targets = targets})
+      out.tape:backward(out.total_loss)
+      return m
+    end
+    local a, b = model_and_grads(), model_and_grads()
+    local oa, ob = core.adamw(a.net, {}), core.adamw(b.net, {})
+    local ss = core.grad_sumsq(a.net)
+    local norm = core.grad_norm(b.net)
+    assert.is_true(math.abs(math.sqrt(ss:item()) - norm) <= 1e-6 * norm)
+    local max_norm = norm / 3
+    -- clipped: the same parameters as the factor the trainer's host path computes
+    oa:clip_next_step(ss, max_norm)
+    oa:step(1e-2)
+    ob:scale_next_step(max_norm / (norm + 1e-6))
+    ob:step(1e-2)
+    assert.are.equal(0, (a.net:flat_parameters() - b.net:flat_parameters()):abs():max():item())
+    -- then forgotten: the next step is unclipped on both
+    oa:step(1e-2)
+    ob:step(1e-2)
+    assert.are.equal(0, (a.net:flat_parameters() - b.net:flat_parameters()):abs():max():item())
+    -- a norm under max_norm changes nothing (inf: no clipping)
+    oa:clip_next_step(core.grad_sumsq(a.net), math.huge)
+    oa:step(1e-2)
+    ob:step(1e-2)
+    assert.are.equal(0, (a.net:flat_parameters() - b.net:flat_parameters()):abs():max():item())
+    -- a non-finite sum or guard: nothing changes but the step count
+    local before, count = a.net:flat_parameters():clone(), oa:step_count()
+    local m_before = oa:state():clone()
+    for _, bad in ipairs{{moe.tensor(0 / 0)}, {core.grad_sumsq(a.net), moe.tensor(math.huge)}} do
+      oa:clip_next_step(bad[1], 1.0, bad[2])
+      oa:step(1e-2)
+      assert.are.equal(0, (a.net:flat_parameters() - before):abs():max():item())
+      assert.are.equal(0, (oa:state() - m_before):abs():max():item())
+    end
+    assert.are.equal(count + 2, oa:step_count())
+    for _, args in ipairs{{moe.tensor({1, 2}), 1.0}, {ss, 0}, {ss, -1}, {moe.tensor(1, {dtype = "f64"}), 1.0},
+                          {ss, 1.0, moe.tensor({1, 2})}} do
+      local ok, e = pcall(oa.clip_next_step, oa, args[1], args[2], args[3])
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find("optimizer:clip_next_step", 1, true), tostring(e))
     end
   end)
 

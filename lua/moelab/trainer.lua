@@ -315,6 +315,23 @@ function Trainer:train(opts)
       out.tape:reset()
       out.logits:free()
     end
+    local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
+    local lr = lr_at(step, o)
+    local gnorm
+    -- Without a gradient hook or a sharded clip, the norm, the clipping and the
+    -- NaN/Inf guard stay on the device: the update is queued right behind the
+    -- backward and skips itself there when the norm or the losses are not
+    -- finite; the host reads the values once, after queuing it. (Reading them
+    -- first left the GPU idle between the backward, the norm and the update.)
+    local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
+    local sumsq
+    if on_device then
+      sumsq = core.grad_sumsq(net)
+      local guard = pending[1][1]
+      for i = 2, #pending do guard = guard + pending[i][1] end
+      self.optimizer:clip_next_step(sumsq, max_norm, guard)
+      self.optimizer:step(lr)
+    end
     for _, p in ipairs(pending) do
       local l = p[1]:item()
       if not finite(l) then bad = true end
@@ -322,31 +339,34 @@ function Trainer:train(opts)
       aux_sum = aux_sum + p[2]:item()
       z_sum = z_sum + p[3]:item()
     end
-    -- e.g. the data-parallel all-reduce of the flat gradient buffer
-    if self.grad_hook and not bad then self.grad_hook(self) end
-    -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
-    local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
-    local gnorm
-    if bad then
-      gnorm = 0 / 0
-    elseif self.clip_fn then
-      gnorm = self.clip_fn(net, max_norm)
+    if on_device then
+      gnorm = bad and 0 / 0 or math.sqrt(sumsq:item())
     else
-      gnorm = core.grad_norm(net)
-      M.apply_clip(net, self.optimizer, gnorm, max_norm)
+      -- e.g. the data-parallel all-reduce of the flat gradient buffer
+      if self.grad_hook and not bad then self.grad_hook(self) end
+      -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
+      if bad then
+        gnorm = 0 / 0
+      elseif self.clip_fn then
+        gnorm = self.clip_fn(net, max_norm)
+      else
+        gnorm = core.grad_norm(net)
+        M.apply_clip(net, self.optimizer, gnorm, max_norm)
+      end
     end
-    local lr = lr_at(step, o)
     local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
                  lr = lr, grad_norm = gnorm}
     if bad or not finite(gnorm) then
-      -- NaN/Inf guard: skip the update, keep going, say so
+      -- NaN/Inf guard: skip the update, keep going, say so (queued on the device,
+      -- the update left everything as it was; its step count is taken back)
+      if on_device then self.optimizer:step_count(self.optimizer:step_count() - 1) end
       skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
       rec.skipped = true
       io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
       net:zero_grad()
     else
       skipped_in_row = 0
-      self.optimizer:step(lr)
+      if not on_device then self.optimizer:step(lr) end
       if self.aux_free then self.model:update_router_bias() end
     end
     self.step = step

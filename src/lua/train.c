@@ -126,6 +126,27 @@ static int a_scale_next(lua_State *L) {
     return 0;
 }
 
+/* optimizer:clip_next_step(sumsq, max_norm[, guard]): the next step clips by the
+ * device's norm and skips itself on the device when it or the guard is not finite */
+static int a_clip_next(lua_State *L) {
+    const char *f = "optimizer:clip_next_step";
+    moe_adamw *o = check_opt(L, f);
+    moe_tensor *ss = moe_lua_check_tensor_f(L, 2, f, "sumsq");
+    double max = moe_lua_check_num(L, 3, f, "max_norm");
+    moe_tensor *guard = moe_lua_opt_tensor_f(L, 4, f, "guard");
+    moe_lua_check(L, moe_adamw_clip_next_step(o, ss, guard, max), f);
+    return 0;
+}
+
+/* grad_sumsq(layer) -> the sum of squared gradients, a one-element tensor on their device (not read) */
+static int l_grad_sumsq(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "grad_sumsq", "layer");
+    moe_tensor *t = NULL;
+    moe_lua_check(L, moe_grad_sumsq(moe_lua_ctx(L), l, &t), "grad_sumsq");
+    moe_lua_push_tensor(L, t, "grad_sumsq");
+    return 1;
+}
+
 static int l_grad_norm(lua_State *L) {
     moe_layer *l = moe_lua_check_layer(L, 1, "grad_norm", "layer");
     double n;
@@ -156,12 +177,14 @@ void moe_lua_open_train(lua_State *L) {
     lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
     lua_pushcfunction(L, a_state); lua_setfield(L, -2, "state");
     lua_pushcfunction(L, a_scale_next); lua_setfield(L, -2, "scale_next_step");
+    lua_pushcfunction(L, a_clip_next); lua_setfield(L, -2, "clip_next_step");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, a_gc);
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
     lua_pushcfunction(L, l_adamw); lua_setfield(L, -2, "adamw");
     lua_pushcfunction(L, l_grad_norm); lua_setfield(L, -2, "grad_norm");
+    lua_pushcfunction(L, l_grad_sumsq); lua_setfield(L, -2, "grad_sumsq");
     lua_pushcfunction(L, l_clip); lua_setfield(L, -2, "clip_grad_norm");
     lua_pushcfunction(L, l_isatty); lua_setfield(L, -2, "isatty");
 }

@@ -226,7 +226,18 @@ typedef struct {
      * the step, saving a pass over the gradients); 0 means 1, so a config
      * that leaves it out keeps the plain update */
     float grad_scale;
+    /* Clipping by a norm the device holds (the step can be queued before the
+     * host reads it): clip_sumsq, when set, is a one-element f32 tensor on the
+     * params' device with the sum of squared gradients; the gradients are read
+     * as g * grad_scale * (norm > clip_max ? clip_max / (norm + 1e-6) : 1),
+     * norm = sqrt(sumsq) in double, and nothing is written when the norm or
+     * the optional one-element f32 guard (e.g. the loss) is not finite. */
+    const moe_tensor *clip_sumsq, *guard;
+    double clip_max;
 } moe_adamw_cfg;
+/* The gradient factor of cfg's device clipping from the values of the sum of
+ * squares and the guard; < 0 when the step is to be skipped. */
+double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard);
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
 

@@ -2,6 +2,8 @@
  * optimiser): argument checks, contiguous copies, dispatch. */
 #include "ops_internal.h"
 
+#include <math.h>
+
 /* A per-row statistic (rstd, mean, lse, loss): `rows` elements, any shape
  * ([rows] or x's leading dims). */
 static moe_status check_rowstat(const char *op, const char *name, const moe_tensor *t, int64_t rows) {
@@ -510,8 +512,25 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     if (!(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1))
         return moe_error(MOE_ERR_ARG, "adamw: betas are (%g, %g), expected each in [0, 1)", (double)cfg->beta1,
                          (double)cfg->beta2);
+    const moe_tensor *clip[2] = {cfg->clip_sumsq, cfg->guard};
+    const char *clip_name[2] = {"clip_sumsq", "guard"};
+    for (int i = 0; i < 2; i++) {
+        if (!clip[i]) continue;
+        if (clip[i]->dtype != MOE_F32 || moe_tensor_numel(clip[i]) != 1 || !moe_device_eq(clip[i]->device, params->device))
+            return moe_error(MOE_ERR_ARG, "adamw: %s must be one f32 element on the params' device", clip_name[i]);
+    }
+    if (cfg->guard && !cfg->clip_sumsq) return moe_error(MOE_ERR_ARG, "adamw: a guard needs clip_sumsq");
+    if (cfg->clip_sumsq && !(cfg->clip_max > 0))
+        return moe_error(MOE_ERR_ARG, "adamw: clip_max is %g, expected > 0 (infinity: no clipping)", cfg->clip_max);
     const moe_backend *be;
     OPS_ENTRY(ctx, op, params->device, adamw, be);
     if (moe_tensor_numel(params) == 0) return MOE_OK;
     return be->adamw(ctx, params, grads, m, v, cfg);
+}
+
+double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
+    double norm = sqrt(sumsq), f = cfg->grad_scale != 0.0f ? (double)cfg->grad_scale : 1.0;
+    if (!isfinite(norm) || !isfinite(guard)) return -1.0;
+    if (norm > cfg->clip_max) f = f * cfg->clip_max / (norm + 1e-6);
+    return f;
 }

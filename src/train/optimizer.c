@@ -15,6 +15,9 @@ struct moe_adamw {
     int64_t lo, hi;   /* owned element range of the flat buffer; full: 0, numel */
     int64_t full_n;   /* the flat buffer's numel when made */
     float grad_scale; /* applied to the gradients by the next step only (deferred clipping); 1: none */
+    /* clipping by the device's norm for the next step only (moe_adamw_clip_next_step) */
+    moe_tensor *clip_sumsq, *clip_guard;
+    double clip_max;
 };
 
 moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
@@ -69,6 +72,8 @@ moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_h
 void moe_adamw_free(moe_adamw *o) {
     if (!o) return;
     moe_layer_release(o->layer);
+    moe_tensor_release(o->clip_sumsq);
+    moe_tensor_release(o->clip_guard);
     moe_tensor_release(o->m);
     moe_tensor_release(o->v);
     free(o->lr_scale);
@@ -85,6 +90,25 @@ moe_status moe_adamw_scale_next_step(moe_adamw *o, float s) {
     return MOE_OK;
 }
 
+moe_status moe_adamw_clip_next_step(moe_adamw *o, moe_tensor *sumsq, moe_tensor *guard, double max_norm) {
+    moe_tensor *ts[2] = {sumsq, guard};
+    for (int i = 0; i < 2; i++)
+        if (ts[i] && (ts[i]->dtype != MOE_F32 || moe_tensor_numel(ts[i]) != 1 ||
+                      !moe_device_eq(ts[i]->device, o->m->device)))
+            return moe_error(MOE_ERR_ARG, "AdamW: the %s must be one f32 element on the optimizer's device",
+                             i ? "guard" : "sum of squares");
+    if (!sumsq) return moe_error(MOE_ERR_ARG, "AdamW: clip_next_step needs the sum of squared gradients");
+    if (!(max_norm > 0)) return moe_error(MOE_ERR_ARG, "AdamW: max_norm %g, expected > 0 (inf: no clipping)", max_norm);
+    moe_tensor_retain(sumsq);
+    if (guard) moe_tensor_retain(guard);
+    moe_tensor_release(o->clip_sumsq);
+    moe_tensor_release(o->clip_guard);
+    o->clip_sumsq = sumsq;
+    o->clip_guard = guard;
+    o->clip_max = max_norm;
+    return MOE_OK;
+}
+
 moe_tensor *moe_adamw_m(moe_adamw *o) { return o->m; }
 moe_tensor *moe_adamw_v(moe_adamw *o) { return o->v; }
 
@@ -94,10 +118,23 @@ static moe_tensor *span(moe_tensor *buf, int64_t off, int64_t n) {
     return moe_tensor_from_storage(buf->storage, off, buf->dtype, 1, shape, NULL);
 }
 
+static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, moe_tensor *clip_sumsq,
+                            moe_tensor *clip_guard);
+
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     /* the deferred scale is this call's, even when it fails below */
     float grad_scale = o->grad_scale;
     o->grad_scale = 1.0f;
+    moe_tensor *clip_sumsq = o->clip_sumsq, *clip_guard = o->clip_guard;   /* released below */
+    o->clip_sumsq = o->clip_guard = NULL;
+    moe_status s = step_with(ctx, o, lr, grad_scale, clip_sumsq, clip_guard);
+    moe_tensor_release(clip_sumsq);
+    moe_tensor_release(clip_guard);
+    return s;
+}
+
+static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, moe_tensor *clip_sumsq,
+                            moe_tensor *clip_guard) {
     moe_tensor *fv = o->layer->flat_values;
     if (!fv || moe_tensor_numel(fv) != o->full_n || !moe_device_eq(fv->device, o->m->device)
         || moe_layer_num_param_tensors(o->layer) != o->n)
@@ -115,7 +152,8 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
             break;
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
-                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, grad_scale};
+                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, grad_scale,
+                           clip_sumsq, clip_guard, o->clip_max};
         /* the parameter's elements [off, off + n) of the flat buffer, cut to the owned range */
         int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
         int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
@@ -135,14 +173,22 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     return s;
 }
 
-moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
+moe_status moe_grad_sumsq(moe_ctx *ctx, moe_layer *l, moe_tensor **sumsq) {
+    *sumsq = NULL;
     moe_tensor *g = l->flat_grads;
     if (!g) return moe_error(MOE_ERR_STATE, "grad_norm: the layer has no flat gradient buffer");
     MOE_TRY(moe_layer_settle_grads(ctx, l));
     /* one pass over the gradients (f32 or bf16), summed in f64 */
     moe_tensor *sum = moe_tensor_new(ctx, MOE_F32, 0, NULL, g->device);
-    moe_tensor *host = NULL;
     moe_status s = sum ? moe_op_sumsq(ctx, sum, g) : moe_last_status();
+    if (s != MOE_OK) { moe_tensor_release(sum); return s; }
+    *sumsq = sum;
+    return MOE_OK;
+}
+
+moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *l, double *norm) {
+    moe_tensor *sum = NULL, *host = NULL;
+    moe_status s = moe_grad_sumsq(ctx, l, &sum);
     if (s == MOE_OK) { host = moe_op_to(ctx, sum, MOE_DEVICE_CPU, MOE_F32); if (!host) s = moe_last_status(); }
     if (s == MOE_OK) *norm = sqrt((double)moe_f32(host)[0]);
     moe_tensor_release(sum); moe_tensor_release(host);

@@ -32,9 +32,21 @@ void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
 /* The next step reads the gradients multiplied by s (> 0), then forgets it:
  * gradient clipping without a pass of its own over the gradients. */
 moe_status moe_adamw_scale_next_step(moe_adamw *opt, float s);
+/* The next step clips by a norm still on the device: sumsq (one f32 element on
+ * the optimizer's device, moe_grad_sumsq's) gives norm = sqrt(sumsq), and the
+ * gradients are read times the scale above times max_norm / (norm + 1e-6)
+ * when norm > max_norm (inf: never). When the norm, or the optional guard
+ * (one f32 element, e.g. the loss), is not finite the step changes nothing
+ * on the device; the step count still advances (the host learns of it only
+ * when it reads the values: step_count - 1 takes it back). Nothing waits for
+ * the device, so the step is queued right behind the norm's reduction. */
+moe_status moe_adamw_clip_next_step(moe_adamw *opt, moe_tensor *sumsq, moe_tensor *guard, double max_norm);
 moe_tensor *moe_adamw_m(moe_adamw *opt);
 moe_tensor *moe_adamw_v(moe_adamw *opt);
 
+/* The sum of the squares of the layer's gradients, as a one-element f32
+ * tensor on their device (queued, not read). */
+moe_status moe_grad_sumsq(moe_ctx *ctx, moe_layer *layer, moe_tensor **sumsq);
 /* Global L2 norm of the layer's gradients (one host read). */
 moe_status moe_grad_norm(moe_ctx *ctx, moe_layer *layer, double *norm);
 /* Scales all gradients so their global norm is at most max_norm; returns the

@@ -62,6 +62,77 @@ static void test_sumsq(moe_dtype dt, int64_t n) {
     moe_tensor_release(h); moe_tensor_release(hd); moe_tensor_release(dd); moe_tensor_release(oh); moe_tensor_release(od);
 }
 
+/* AdamW clipping by a norm on the device (clip_sumsq, guard), bf16 grads with a
+ * bf16 compute copy, against the CPU with the same tensors on the host: clipped,
+ * unclipped (norm under the limit), and skipped for a NaN sum or an infinite
+ * guard (then params, m, v and the copy keep their bytes). Both n8 and tail kernels. */
+static void test_adamw_device_clip(void) {
+    const int64_t n = 10007;
+    pair p = in_randn(MOE_F32, SH(n)), m = in_pair(MOE_F32, SH(n), 0.1f, 0.0f, 0);
+    pair v = in_pair(MOE_F32, SH(n), 0.1f, 0.01f, 1);
+    moe_tensor *gh = host_randn(1, (int64_t[]){n}, 1.0f, 0.0f, 0);
+    moe_tensor *gh16 = moe_op_to(ctx, gh, MOE_DEVICE_CPU, MOE_BF16), *gd16 = to_gpu(gh, MOE_BF16);
+    moe_tensor *ch = moe_tensor_new_cpu(MOE_BF16, 1, (int64_t[]){n}), *cd = moe_tensor_new(ctx, MOE_BF16, 1, (int64_t[]){n}, GPU);
+    moe_tensor *ssh = moe_tensor_new_cpu(MOE_F32, 0, NULL), *grh = moe_tensor_new_cpu(MOE_F32, 0, NULL);
+    die_if(!gh16 || !gd16 || !ch || !cd || !ssh || !grh, "tensors");
+    die_if(moe_op_fill(ctx, ch, 0.5) != MOE_OK || moe_op_fill(ctx, cd, 0.5) != MOE_OK, "compute copies");
+    const struct { const char *name; float sumsq, guard; double max; int skip; } cs[] = {
+        {"clipped (norm 30 > 2)", 900.0f, 1.5f, 2.0, 0},
+        {"under the limit (norm 30 < 100)", 900.0f, 1.5f, 100.0, 0},
+        {"no limit (inf)", 900.0f, 1.5f, INFINITY, 0},
+        {"NaN sum of squares: skipped", NAN, 1.5f, 2.0, 1},
+        {"infinite guard: skipped", 900.0f, INFINITY, 2.0, 1},
+    };
+    for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
+        moe_f32(ssh)[0] = cs[k].sumsq;
+        moe_f32(grh)[0] = cs[k].guard;
+        moe_tensor *ssd = to_gpu(ssh, MOE_F32), *grd = to_gpu(grh, MOE_F32);
+        moe_tensor *p0 = moe_op_to(ctx, p.d, MOE_DEVICE_CPU, MOE_F32), *m0 = moe_op_to(ctx, m.d, MOE_DEVICE_CPU, MOE_F32);
+        moe_tensor *c0 = moe_op_to(ctx, cd, MOE_DEVICE_CPU, MOE_F32);
+        moe_adamw_cfg hc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
+                            .step = 3 + (int64_t)k, .compute = ch, .grad_scale = 0.5f, .clip_sumsq = ssh, .guard = grh,
+                            .clip_max = cs[k].max};
+        moe_adamw_cfg dc = hc;
+        dc.compute = cd; dc.clip_sumsq = ssd; dc.guard = grd;
+        char name[96];
+        snprintf(name, sizeof name, "adamw device clip, %s", cs[k].name);
+        if (RUN(name, MOE_BF16, moe_op_adamw(ctx, p.h, gh16, m.h, v.h, &hc), moe_op_adamw(ctx, p.d, gd16, m.d, v.d, &dc))) {
+            check(name, MOE_F32, p.d, p.h, 1e-5);
+            check("  m", MOE_F32, m.d, m.h, 1e-5);
+            check("  v", MOE_F32, v.d, v.h, 1e-5);
+            if (cs[k].skip) {
+                ok(max_err(p.d, p0) == 0 && max_err(m.d, m0) == 0 && max_err(cd, c0) == 0,
+                   "  skipped: params, m and the compute copy unchanged");
+            } else {
+                ok(max_err(p.d, p0) > 0, "  the params moved");
+            }
+        }
+        moe_tensor_release(ssd); moe_tensor_release(grd);
+        moe_tensor_release(p0); moe_tensor_release(m0); moe_tensor_release(c0);
+    }
+    /* the factor itself: max / (norm + 1e-6) times grad_scale, in double */
+    moe_adamw_cfg fc = {.grad_scale = 0.5f, .clip_max = 2.0};
+    double f = moe_adamw_clip_factor(&fc, 900.0, 0.0);
+    ok(f == 0.5 * 2.0 / (30.0 + 1e-6) && moe_adamw_clip_factor(&fc, NAN, 0.0) < 0 &&
+           moe_adamw_clip_factor(&fc, 1.0, -INFINITY) < 0 && moe_adamw_clip_factor(&fc, 1.0, 0.0) == 0.5,
+       "moe_adamw_clip_factor: clipped, skipped for NaN or an infinite guard, plain under the limit");
+    /* clip tensors of the wrong kind are refused */
+    moe_tensor *two = moe_tensor_new(ctx, MOE_F32, 1, (int64_t[]){2}, GPU);
+    die_if(!two, "tensor");
+    moe_adamw_cfg bc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .step = 1, .clip_sumsq = two,
+                        .clip_max = 1.0};
+    moe_status st = moe_op_adamw(ctx, p.d, gd16, m.d, v.d, &bc);
+    ok(st == MOE_ERR_ARG && strstr(moe_last_error(), "clip_sumsq"), "adamw refuses a 2-element sum of squares (%s)",
+       moe_last_error());
+    bc.clip_sumsq = ssh;   /* on the host, params on the GPU */
+    st = moe_op_adamw(ctx, p.d, gd16, m.d, v.d, &bc);
+    ok(st == MOE_ERR_ARG, "adamw refuses a sum of squares on another device (%s)", moe_last_error());
+    moe_tensor_release(two);
+    moe_tensor_release(gh); moe_tensor_release(gh16); moe_tensor_release(gd16);
+    moe_tensor_release(ch); moe_tensor_release(cd); moe_tensor_release(ssh); moe_tensor_release(grh);
+    pfree(&p); pfree(&m); pfree(&v);
+}
+
 /* dtype rules of adamw: params f32 only, grads f32 or bf16 */
 static void test_adamw_dtypes(void) {
     moe_tensor *pb = moe_tensor_new(ctx, MOE_BF16, 1, (int64_t[]){8}, GPU), *f = moe_tensor_new(ctx, MOE_F32, 1, (int64_t[]){8}, GPU);
@@ -107,6 +178,7 @@ int main(void) {
     test_adamw_mixed(MOE_BF16);
     test_adamw_mixed(MOE_F32);
     test_adamw_dtypes();
+    test_adamw_device_clip();
     test_sumsq(MOE_F32, 1);
     test_sumsq(MOE_F32, 3000017);
     test_sumsq(MOE_BF16, 3000017);

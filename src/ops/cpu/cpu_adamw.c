@@ -33,13 +33,19 @@ static void adam_range(void *arg, int64_t b, int64_t e) {
 
 moe_status moe_cpu_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                          const moe_adamw_cfg *cfg) {
+    float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
+    if (cfg->clip_sumsq) {
+        double f = moe_adamw_clip_factor(cfg, moe_f32((moe_tensor *)cfg->clip_sumsq)[0],
+                                         cfg->guard ? moe_f32((moe_tensor *)cfg->guard)[0] : 0.0);
+        if (f < 0) return MOE_OK;   /* non-finite norm or guard: the step is skipped */
+        gs = (float)f;
+    }
     double bc1 = 1.0 - pow((double)cfg->beta1, (double)cfg->step);
     double bc2 = 1.0 - pow((double)cfg->beta2, (double)cfg->step);
     adam_job J = {moe_f32(params), moe_f32(m), moe_f32(v), moe_tensor_data((moe_tensor *)grads),
                   cfg->compute ? moe_tensor_data(cfg->compute) : NULL, grads->dtype == MOE_BF16,
                   cfg->compute && cfg->compute->dtype == MOE_BF16, cfg->beta1, cfg->beta2, cfg->lr, cfg->eps,
-                  cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2),
-                  cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f};
+                  cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2), gs};
     moe_parallel_for(ctx->pool, moe_tensor_numel(params), 1 << 15, adam_range, &J);
     return MOE_OK;
 }

@@ -8,9 +8,24 @@
 
 #include <math.h>
 
+// The gradient factor under clipping by the device's norm (moe_adamw_clip_factor
+// of ops_nn.c, the same double arithmetic); false: skip the step (a non-finite
+// norm or guard). Without clip_ss, gs as given.
+__device__ __forceinline__ bool grad_factor(const float *clip_ss, const float *guard, double clip_max, float &gs) {
+    if (!clip_ss) return true;
+    const double norm = sqrt((double)*clip_ss), gv = guard ? (double)*guard : 0.0;
+    if (!isfinite(norm) || !isfinite(gv)) return false;
+    double f = gs;
+    if (norm > clip_max) f = f * clip_max / (norm + 1e-6);
+    gs = (float)f;
+    return true;
+}
+
 template <typename G, typename C>
 __global__ void k_adamw(float *p, const G *g, float *m, float *v, C *c, int64_t n, float lr, float b1, float b2,
-                        float eps, float wd, float ibc1, float ibc2, float gs) {
+                        float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
+                        const float *guard, double clip_max) {
+    if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     GRID_STRIDE(i, n) {
         float gi = to_f32(g[i]) * gs;
         float mi = b1 * m[i] + (1.0f - b1) * gi;
@@ -52,7 +67,9 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
 // elements). Elements n8 * 8 .. n are left to k_adamw.
 template <typename G, typename C>
 __global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t n8, float lr, float b1, float b2,
-                         float eps, float wd, float ibc1, float ibc2, float gs) {
+                         float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
+                         const float *guard, double clip_max) {
+    if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     GRID_STRIDE(i, n8) {
         const int64_t o = i * 8;
         float pf[8], gf[8], mf[8], vf[8];
@@ -81,6 +98,8 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
                    int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
     float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
     float *pp = moe_f32(params), *mp = moe_f32(m), *vp = moe_f32(v);
+    const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
+    const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
     const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
     int64_t n8 = 0;
     if (cuda_aligned16(pp) && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
@@ -89,12 +108,12 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
     if (n8 > 0)
         k_adamw8<G, C><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1,
                                                                         cfg->beta2, cfg->eps, cfg->weight_decay,
-                                                                        ibc1, ibc2, gs);
+                                                                        ibc1, ibc2, gs, css, gd, cfg->clip_max);
     int64_t done = n8 * 8;
     if (done < n)
         k_adamw<G, C><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
             pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
-            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs);
+            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max);
 }
 
 moe_status cuda_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
