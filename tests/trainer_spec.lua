@@ -336,6 +336,24 @@ describe("MoETrainer", function()
     end
   end)
 
+  it("read_async reads one-element tensors; wait gives their values", function()
+    local core = require "moelab.core"
+    local r = core.read_async(moe.tensor(1.5), moe.tensor(-2, {dtype = "i64"}), moe.tensor({{0.25}}))
+    local a, b, c = r:wait()
+    assert.are.same({1.5, -2, 0.25}, {a, b, c})
+    assert.are.same({1.5, -2, 0.25}, {r:wait()})
+    for _, args in ipairs{{}, {moe.tensor({1, 2})}, {42}} do
+      local ok, e = pcall(core.read_async, unpack(args))
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find("read_async", 1, true), tostring(e))
+    end
+    local many = {}
+    for i = 1, 17 do many[i] = moe.tensor(i) end
+    local ok, e = pcall(core.read_async, unpack(many))
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("expected 1 to 16", 1, true), tostring(e))
+  end)
+
   it("save_checkpoint before any training, or without a directory, fails saying why", function()
     local tr = moe.MoETrainer{model = small("Mixtral"), progress = false}
     local ok, e = pcall(tr.save_checkpoint, tr)

@@ -324,24 +324,34 @@ function Trainer:train(opts)
     -- finite; the host reads the values once, after queuing it. (Reading them
     -- first left the GPU idle between the backward, the norm and the update.)
     local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
-    local sumsq
     if on_device then
-      sumsq = core.grad_sumsq(net)
+      local sumsq = core.grad_sumsq(net)
+      -- the values' copies are queued before the update, and waited for alone:
+      -- the host keeps the books and queues the next step while it runs
+      local vals = {sumsq}
+      for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
+      local read = #vals <= 16 and core.read_async(unpack(vals)) or nil
       local guard = pending[1][1]
       for i = 2, #pending do guard = guard + pending[i][1] end
       self.optimizer:clip_next_step(sumsq, max_norm, guard)
       self.optimizer:step(lr)
+      local got = read and {read:wait()} or {}
+      for i, t in ipairs(vals) do if got[i] == nil then got[i] = t:item() end end
+      for m = 1, #pending do
+        local l = got[3 * m - 1]
+        if not finite(l) then bad = true end
+        loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m], z_sum + got[3 * m + 1]
+      end
+      gnorm = bad and 0 / 0 or math.sqrt(got[1])
     end
-    for _, p in ipairs(pending) do
-      local l = p[1]:item()
-      if not finite(l) then bad = true end
-      loss_sum = loss_sum + l
-      aux_sum = aux_sum + p[2]:item()
-      z_sum = z_sum + p[3]:item()
-    end
-    if on_device then
-      gnorm = bad and 0 / 0 or math.sqrt(sumsq:item())
-    else
+    if not on_device then
+      for _, p in ipairs(pending) do
+        local l = p[1]:item()
+        if not finite(l) then bad = true end
+        loss_sum = loss_sum + l
+        aux_sum = aux_sum + p[2]:item()
+        z_sum = z_sum + p[3]:item()
+      end
       -- e.g. the data-parallel all-reduce of the flat gradient buffer
       if self.grad_hook and not bad then self.grad_hook(self) end
       -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)

@@ -147,6 +147,30 @@ static int l_grad_sumsq(lua_State *L) {
     return 1;
 }
 
+/* read_async(t1, ...) -> a pending read of one-element tensors; read:wait()
+ * -> their values, waiting for their copies only (not for work queued after) */
+#define READ_MT "moelab.Read"
+
+static int l_read_async(lua_State *L) {
+    const char *f = "read_async";
+    int n = lua_gettop(L);
+    if (n < 1 || n > MOE_READ_MAX) return luaL_error(L, "%s: %d tensors, expected 1 to %d", f, n, MOE_READ_MAX);
+    const moe_tensor *ts[MOE_READ_MAX];
+    for (int i = 0; i < n; i++) ts[i] = moe_lua_check_tensor_f(L, i + 1, f, "tensor");
+    moe_read *r = lua_newuserdata(L, sizeof *r);
+    luaL_getmetatable(L, READ_MT);
+    lua_setmetatable(L, -2);
+    moe_lua_check(L, moe_op_read_start(moe_lua_ctx(L), ts, n, r), f);
+    return 1;
+}
+
+static int r_wait(lua_State *L) {
+    moe_read *r = luaL_checkudata(L, 1, READ_MT);
+    moe_lua_check(L, moe_op_read_finish(moe_lua_ctx(L), r), "read:wait");
+    for (int i = 0; i < r->n; i++) lua_pushnumber(L, r->value[i]);
+    return r->n;
+}
+
 static int l_grad_norm(lua_State *L) {
     moe_layer *l = moe_lua_check_layer(L, 1, "grad_norm", "layer");
     double n;
@@ -182,6 +206,12 @@ void moe_lua_open_train(lua_State *L) {
     lua_pushcfunction(L, a_gc);
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
+    luaL_newmetatable(L, READ_MT);
+    lua_newtable(L);
+    lua_pushcfunction(L, r_wait); lua_setfield(L, -2, "wait");
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_read_async); lua_setfield(L, -2, "read_async");
     lua_pushcfunction(L, l_adamw); lua_setfield(L, -2, "adamw");
     lua_pushcfunction(L, l_grad_norm); lua_setfield(L, -2, "grad_norm");
     lua_pushcfunction(L, l_grad_sumsq); lua_setfield(L, -2, "grad_sumsq");

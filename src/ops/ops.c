@@ -193,6 +193,42 @@ moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
     return s;
 }
 
+moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r) {
+    if (!r) return moe_error(MOE_ERR_ARG, "read_start: no read record given");
+    memset(r, 0, sizeof *r);
+    if (!ts || n < 1 || n > MOE_READ_MAX)
+        return moe_error(MOE_ERR_ARG, "read_start: %d tensors, expected 1 to %d", n, MOE_READ_MAX);
+    for (int i = 0; i < n; i++) {
+        if (!ts[i]) return moe_error(MOE_ERR_ARG, "read_start: tensor %d is NULL", i + 1);
+        if (moe_tensor_numel(ts[i]) != 1)
+            return moe_error(MOE_ERR_SHAPE, "read_start: tensor %d has %lld elements, expected one", i + 1,
+                             (long long)moe_tensor_numel(ts[i]));
+        if (!moe_device_eq(ts[i]->device, ts[0]->device))
+            return moe_error(MOE_ERR_DEVICE, "read_start: tensor %d is on another device than the first", i + 1);
+        r->dtype[i] = ts[i]->dtype;
+    }
+    r->n = n;
+    r->dev = ts[0]->device;
+    const moe_backend *be = ctx && (unsigned)r->dev.type < MOE_NUM_DEVICE_TYPES ? ctx->backends[r->dev.type] : NULL;
+    if (r->dev.type != MOE_CPU && be && be->read_start) return be->read_start(ctx, ts, n, r);
+    for (int i = 0; i < n; i++) {
+        moe_tensor *h = moe_op_to(ctx, (moe_tensor *)ts[i], MOE_DEVICE_CPU, MOE_F64);
+        if (!h) return moe_last_status();
+        r->value[i] = ((const double *)moe_tensor_data(h))[0];
+        moe_tensor_release(h);
+    }
+    r->done = 1;
+    return MOE_OK;
+}
+
+moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r) {
+    if (!r || r->n < 1) return moe_error(MOE_ERR_ARG, "read_finish: the read was not started");
+    if (r->done) return MOE_OK;
+    const moe_backend *be = ctx->backends[r->dev.type];
+    if (!be || !be->read_finish) return moe_error(MOE_ERR_INTERNAL, "read_finish: the backend lost its reads");
+    return be->read_finish(ctx, r);
+}
+
 moe_status moe_op_fill(moe_ctx *ctx, moe_tensor *t, double v) {
     MOE_TRY(ops_nonnull("fill", "t", t));
     t->index_bound = 0;     /* written: see tensor.h */

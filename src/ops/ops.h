@@ -235,6 +235,26 @@ typedef struct {
     const moe_tensor *clip_sumsq, *guard;
     double clip_max;
 } moe_adamw_cfg;
+/* ---- reads of one-element tensors that wait for themselves only ----
+ * moe_op_read_start queues copies of n (1..MOE_READ_MAX) one-element tensors
+ * of one device to the host; moe_op_read_finish waits for those copies, not
+ * for work queued after them (a training step's update), and leaves the
+ * values in r->value as doubles. Where the backend has no such reads (the
+ * CPU), start reads at once. A started read that is never finished costs
+ * nothing; finishing one whose host memory was taken by later reads (more
+ * than 64 in flight on one device) is an error. */
+#define MOE_READ_MAX 16
+typedef struct {
+    int n, done;
+    moe_device dev;
+    moe_dtype dtype[MOE_READ_MAX];
+    double value[MOE_READ_MAX];
+    int slot;        /* the backend's */
+    uint64_t gen;
+} moe_read;
+moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r);
+moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r);
+
 /* The gradient factor of cfg's device clipping from the values of the sum of
  * squares and the guard; < 0 when the step is to be skipped. */
 double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard);

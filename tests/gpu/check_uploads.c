@@ -12,6 +12,9 @@
  *   host_value) through copies and one-element sums, lose it to any other
  *   write or a view, and cross-entropy's backward takes its upstream gradient
  *   from it: the same gradients as when the value has to be read back.
+ * - Reads of one-element tensors that wait for their own copies: the values as
+ *   of the read's place on the stream, whatever is queued after; a read whose
+ *   slot was taken by 64 later ones says so.
  * Fresh random data, TAP. */
 #include "gpucheck.h"
 #include "../../src/nn/functional.h"
@@ -218,8 +221,49 @@ static void test_host_values(void) {
     pfree(&x);
 }
 
+static void test_async_reads(void) {
+    moe_tensor *a = scalar_on(MOE_F32, 1.25), *b = scalar_on(MOE_BF16, -3.5);
+    moe_tensor *ih = moe_tensor_new_cpu(MOE_I64, 0, NULL);
+    die_if(!ih, "i64 scalar");
+    ((int64_t *)moe_tensor_data(ih))[0] = 123456789012345LL;
+    moe_tensor *c = moe_op_to(ctx, ih, GPU, MOE_I64);
+    die_if(!c, "i64 upload");
+    const moe_tensor *ts[3] = {a, b, c};
+    moe_read r;
+    moe_status st = moe_op_read_start(ctx, ts, 3, &r);
+    /* written after the read was queued: the read sees the values before */
+    die_if(moe_op_fill(ctx, a, 7.0) != MOE_OK || moe_op_fill(ctx, b, 8.0) != MOE_OK || moe_op_fill(ctx, c, 9.0) != MOE_OK,
+           "overwrite");
+    if (st == MOE_OK) st = moe_op_read_finish(ctx, &r);
+    ok(st == MOE_OK && r.n == 3 && r.value[0] == 1.25 && r.value[1] == -3.5 && r.value[2] == 123456789012345.0,
+       "read_async: f32, bf16 and i64 values as of the read, not of the writes queued after (%g %g %.17g)",
+       r.value[0], r.value[1], r.value[2]);
+    ok(moe_op_read_finish(ctx, &r) == MOE_OK && r.value[0] == 1.25, "a finished read finishes again with its values");
+    /* 65 reads in flight: the first one's slot is taken */
+    moe_read many[65];
+    const moe_tensor *one[1] = {a};
+    int started = 1;
+    for (int i = 0; i < 65; i++) started &= moe_op_read_start(ctx, one, 1, &many[i]) == MOE_OK;
+    st = moe_op_read_finish(ctx, &many[0]);
+    ok(started && st == MOE_ERR_STATE && strstr(moe_last_error(), "taken by later reads"),
+       "a read whose slot was reused reports it (%s)", moe_last_error());
+    st = moe_op_read_finish(ctx, &many[64]);
+    ok(st == MOE_OK && many[64].value[0] == 7.0, "the latest of 65 reads finishes (%g)", many[64].value[0]);
+    /* bad arguments */
+    moe_tensor *two = moe_tensor_new(ctx, MOE_F32, 1, (int64_t[]){2}, GPU), *hc = moe_tensor_new_cpu(MOE_F32, 0, NULL);
+    die_if(!two || !hc, "tensors");
+    const moe_tensor *bad1[1] = {two}, *bad2[2] = {a, hc};
+    ok(moe_op_read_start(ctx, bad1, 1, &r) == MOE_ERR_SHAPE, "read_start refuses a 2-element tensor");
+    ok(moe_op_read_start(ctx, bad2, 2, &r) == MOE_ERR_DEVICE, "read_start refuses tensors of two devices");
+    ok(moe_op_read_start(ctx, ts, 0, &r) == MOE_ERR_ARG && moe_op_read_start(ctx, ts, MOE_READ_MAX + 1, &r) == MOE_ERR_ARG,
+       "read_start refuses 0 or more than %d tensors", MOE_READ_MAX);
+    moe_tensor_release(two); moe_tensor_release(hc);
+    moe_tensor_release(a); moe_tensor_release(b); moe_tensor_release(c); moe_tensor_release(ih);
+}
+
 int main(void) {
     gpucheck_begin();
+    test_async_reads();
     test_staged_uploads();
     test_upload_bounds();
     test_cross_entropy_count();

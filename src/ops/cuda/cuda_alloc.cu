@@ -81,6 +81,10 @@ void cuda_dev_destroy(cuda_dev *d) {
         for (cudaEvent_t e : d->stage_done) cudaEventDestroy(e);
         cudaFreeHost(d->stage);
     }
+    if (d->reads) {
+        for (cudaEvent_t e : d->read_done) cudaEventDestroy(e);
+        cudaFreeHost(d->reads);
+    }
     if (d->stream) cudaStreamDestroy(d->stream);
     cudaGetLastError();
     delete d;

@@ -59,6 +59,8 @@ static const moe_backend cuda_backend = {
     /* rmsnorm_rope_backward */ cuda_rmsnorm_rope_backward,
     /* gemm_grouped_swiglu */ cuda_gemm_grouped_swiglu,
     /* gemm_grouped_swiglu_backward */ cuda_gemm_grouped_swiglu_backward,
+    /* read_start */ cuda_read_start,
+    /* read_finish */ cuda_read_finish,
 };
 
 extern "C" int moe_cuda_device_count(void) {

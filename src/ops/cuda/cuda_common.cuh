@@ -58,6 +58,13 @@ struct cuda_dev {
     cudaEvent_t stage_done[8];
     int stage_next;
     uint64_t n_staged;            // copies that went through the slots (no synchronisation)
+    // moe_op_read_start / finish (cuda_copy.cu): pinned slots of 8-byte values, the
+    // event of each slot's copies, and a generation that tells a finished read's slot
+    // from one reused since; allocated on first use
+    unsigned char *reads;
+    cudaEvent_t read_done[64];
+    uint64_t read_gen[64];
+    int read_next;
 };
 
 // ---- entry points of the individual files (C++ linkage, internal) ----
@@ -72,6 +79,8 @@ void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes);
 
 moe_status cuda_synchronize(moe_ctx *, moe_device);
 moe_status cuda_copy(moe_ctx *, moe_tensor *dst, const moe_tensor *src);
+moe_status cuda_read_start(moe_ctx *, const moe_tensor *const *ts, int n, moe_read *r);
+moe_status cuda_read_finish(moe_ctx *, moe_read *r);
 moe_status cuda_fill(moe_ctx *, moe_tensor *t, double v);
 moe_status cuda_fill_randn(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float mean, float std);
 moe_status cuda_fill_rand(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float lo, float hi);

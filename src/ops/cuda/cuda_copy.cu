@@ -193,6 +193,83 @@ static moe_status copy_d2h(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src,
     return st;
 }
 
+// ---- reads of one-element tensors (moe_op_read_start / finish) ----
+// Each read takes one slot of READ_SLOTS (MOE_READ_MAX values of 8 bytes): its
+// copies land there and the slot's event follows them on the stream, so the
+// finish waits for the copies, not for what was queued after them. Slots go
+// round; a slot still in flight is waited for before reuse, and its generation
+// moves on, so a read finished after its slot was taken reports it.
+constexpr int READ_SLOTS = 64;
+static_assert(sizeof(((cuda_dev *)nullptr)->read_done) / sizeof(cudaEvent_t) == READ_SLOTS, "one event a slot");
+
+static bool reads_ready(cuda_dev *d) {
+    if (d->reads) return true;
+    void *h = nullptr;
+    if (cudaHostAlloc(&h, (size_t)READ_SLOTS * MOE_READ_MAX * 8, cudaHostAllocPortable) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    int made = 0;
+    for (; made < READ_SLOTS; made++)
+        if (cudaEventCreateWithFlags(&d->read_done[made], cudaEventDisableTiming) != cudaSuccess) break;
+    if (made < READ_SLOTS) {
+        (void)cudaGetLastError();
+        for (int i = 0; i < made; i++) cudaEventDestroy(d->read_done[i]);
+        cudaFreeHost(h);
+        return false;
+    }
+    d->reads = (unsigned char *)h;
+    return true;
+}
+
+moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r) {
+    CUDA_ENTER(d, ctx, r->dev);
+    int slot;
+    {
+        std::lock_guard<std::mutex> g(d->mu);
+        if (!reads_ready(d)) slot = -1;
+        else {
+            slot = d->read_next;
+            d->read_next = (slot + 1) % READ_SLOTS;
+            d->read_gen[slot]++;
+        }
+    }
+    if (slot < 0) {   // no pinned memory: read now, through a synchronous copy
+        for (int i = 0; i < n; i++) {
+            double v = 0;
+            unsigned char b[8];
+            CU_TRY(cudaMemcpyAsync(b, moe_tensor_data((moe_tensor *)ts[i]), moe_dtype_size(ts[i]->dtype),
+                                   cudaMemcpyDeviceToHost, d->stream), "read_start");
+            CU_TRY(cudaStreamSynchronize(d->stream), "read_start");
+            v = moe_dtype_load(ts[i]->dtype, b);
+            r->value[i] = v;
+        }
+        r->done = 1;
+        return MOE_OK;
+    }
+    unsigned char *base = d->reads + (size_t)slot * MOE_READ_MAX * 8;
+    CU_TRY(cudaEventSynchronize(d->read_done[slot]), "read_start");   // its previous copies (never recorded: at once)
+    for (int i = 0; i < n; i++)
+        CU_TRY(cudaMemcpyAsync(base + 8 * i, moe_tensor_data((moe_tensor *)ts[i]), moe_dtype_size(ts[i]->dtype),
+                               cudaMemcpyDeviceToHost, d->stream), "read_start");
+    CU_TRY(cudaEventRecord(d->read_done[slot], d->stream), "read_start");
+    r->slot = slot;
+    r->gen = d->read_gen[slot];
+    return MOE_OK;
+}
+
+moe_status cuda_read_finish(moe_ctx *ctx, moe_read *r) {
+    CUDA_ENTER(d, ctx, r->dev);
+    if (r->slot < 0 || r->slot >= READ_SLOTS || !d->reads || d->read_gen[r->slot] != r->gen)
+        return moe_error(MOE_ERR_STATE, "read_finish: this read's host memory was taken by later reads (more than "
+                         "%d started since without being finished)", READ_SLOTS);
+    CU_TRY(cudaEventSynchronize(d->read_done[r->slot]), "read_finish");
+    const unsigned char *base = d->reads + (size_t)r->slot * MOE_READ_MAX * 8;
+    for (int i = 0; i < r->n; i++) r->value[i] = moe_dtype_load(r->dtype[i], base + 8 * i);
+    r->done = 1;
+    return MOE_OK;
+}
+
 extern "C" moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies) {
     if (!ctx || !copies) return moe_error(MOE_ERR_ARG, "moe_cuda_staged_copies: expected a context and an output");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
