@@ -172,6 +172,33 @@ describe("tape functional ops", function()
     gc.check("x + x", x, t2:grad(x), function() local t = moe.Tape(); return t:sum(t:mul(t:add(x, x), x)):item() end)
   end)
 
+  -- A linear adds its input gradient into the one already there (beta 1) only
+  -- when nothing else holds it: here w's gradient, or w's view's memory, is x's
+  -- gradient itself when x's linear runs its backward.
+  it("a linear adding into an input gradient shared with another tensor leaves that one intact", function()
+    local x = moe.randn({3, 4}, {seed = 60})
+    local w = moe.randn({3, 4}, {seed = 61})
+    local l = moe.nn.Linear(4, 4, {seed = 62})
+    local r, r12 = moe.randn({3, 4}, {seed = 63}), moe.randn({12}, {seed = 64})
+    local function plain(tape)
+      local y = l:forward(x, tape)
+      return tape:sum(tape:mul(tape:add(tape:add(x, w), y), r))
+    end
+    local function viewed(tape)
+      local y = l:forward(x, tape)
+      local u = tape:add(tape:view(x, {12}), tape:view(w, {12}))
+      return tape:sum(tape:mul(tape:add(u, tape:view(y, {12})), r12))
+    end
+    local function residual(tape) return tape:sum(tape:mul(tape:add(x, l:forward(x, tape)), r)) end
+    for name, f in pairs{plain = plain, viewed = viewed, residual = residual} do
+      local tape = moe.Tape()
+      tape:backward(f(tape))
+      local function lf() return f(moe.Tape()):item() end
+      gc.check(name .. ": x", x, tape:grad(x), lf)
+      if name ~= "residual" then gc.check(name .. ": w", w, tape:grad(w), lf) end
+    end
+  end)
+
   -- Under a tape, where the backend fuses the pass (CUDA), the forward also
   -- computes the gradient for an upstream 1; it is handed over once (scaled for
   -- another upstream gradient). Whatever the path, another upstream gradient, a

@@ -336,6 +336,28 @@ describe("MoETrainer", function()
     end
   end)
 
+  it("the update queued with the device's norm and guard equals the host path, with two micro-batches", function()
+    local function run(host)
+      local m = small("Mixtral")
+      -- a no-op gradient hook takes the host path (norm read, then the step)
+      local tr = moe.MoETrainer{model = m, progress = false, grad_clip = 0.05, aux_loss_coef = 0.01,
+                                grad_hook = host and function() end or nil}
+      local res = tr:train{train_data = train_ds, batch_size = 2, seq_len = 16, max_steps = 3, learning_rate = 1e-2,
+                           gradient_accumulation_steps = 2}
+      return res, m.net:flat_parameters(), tr.optimizer:step_count()
+    end
+    local r1, p1, c1 = run(false)
+    local r2, p2, c2 = run(true)
+    for s = 1, 3 do
+      assert.is_true(r1.history[s].grad_norm > 0.05, "clipping must be active for this test")
+      assert.are.equal(r2.history[s].grad_norm, r1.history[s].grad_norm)
+      assert.are.equal(r2.history[s].loss, r1.history[s].loss)
+    end
+    assert.are.equal(3, c1)
+    assert.are.equal(c2, c1)
+    assert.are.equal(0, (p1 - p2):abs():max():item())
+  end)
+
   it("read_async reads one-element tensors; wait gives their values", function()
     local core = require "moelab.core"
     local r = core.read_async(moe.tensor(1.5), moe.tensor(-2, {dtype = "i64"}), moe.tensor({{0.25}}))

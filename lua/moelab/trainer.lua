@@ -326,21 +326,23 @@ function Trainer:train(opts)
     local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
     if on_device then
       local sumsq = core.grad_sumsq(net)
-      -- the values' copies are queued before the update, and waited for alone:
-      -- the host keeps the books and queues the next step while it runs
-      local vals = {sumsq}
-      for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
-      local read = #vals <= 16 and core.read_async(unpack(vals)) or nil
       local guard = pending[1][1]
       for i = 2, #pending do guard = guard + pending[i][1] end
+      -- the values' copies are queued before the update, and waited for alone:
+      -- the host keeps the books and queues the next step while it runs. The
+      -- host reads the guard the device judges, so both see the same skip.
+      local vals = {sumsq, guard}
+      for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
+      local read = #vals <= 16 and core.read_async(unpack(vals)) or nil
       self.optimizer:clip_next_step(sumsq, max_norm, guard)
       self.optimizer:step(lr)
       local got = read and {read:wait()} or {}
       for i, t in ipairs(vals) do if got[i] == nil then got[i] = t:item() end end
+      bad = not finite(got[2])
       for m = 1, #pending do
-        local l = got[3 * m - 1]
+        local l = got[3 * m]
         if not finite(l) then bad = true end
-        loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m], z_sum + got[3 * m + 1]
+        loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m + 1], z_sum + got[3 * m + 2]
       end
       gnorm = bad and 0 / 0 or math.sqrt(got[1])
     end

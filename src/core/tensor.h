@@ -41,7 +41,8 @@ typedef struct moe_tensor {
      * [0, index_bound); 0 = unknown. (The MoE slot maps, i32, also hold -1
      * for a dropped choice: ops reading them treat -1 as "none", so for them
      * the bound promises [-1, index_bound).) Set only by code that produced the values
-     * itself (the router on token_idx / expert_idx), through
+     * itself (the router on token_idx / expert_idx) or saw them on the host (an
+     * upload, moe_op_copy from the CPU, sets max + 1 when none is negative), through
      * moe_tensor_set_index_bound. Index ops (CUDA index_select, index_add,
      * gather, scatter_add) skip their range check, and its stream
      * synchronisation, when moe_tensor_index_trusted(index, n) holds.

@@ -255,7 +255,8 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     moe_tensor *tc = moe_op_contiguous(ctx, targets);
     /* read before the view below voids it (tensor.h) */
     const int64_t vocab = logits->shape[logits->ndim - 1];
-    const int64_t tbound = tc && moe_tensor_index_trusted(tc, vocab) ? tc->index_bound : 0;
+    const int64_t tbound =
+        tc && tc->device.type != MOE_CPU && moe_tensor_index_trusted(tc, vocab) ? tc->index_bound : 0;
     int64_t n = rows ? rows->shape[0] : 0;
     int64_t n1[1] = {n};
     moe_tensor *t1 = tc ? moe_tensor_view(tc, 1, n1) : NULL;

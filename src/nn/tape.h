@@ -55,7 +55,8 @@ void moe_tape_save(moe_tape_entry *e, moe_tensor *t);
  * it to add its own contribution in place (a GEMM with beta 1 instead of a
  * new tensor and a separate pass to add it), returning NULL for that input;
  * NULL when there is none yet, or it is not contiguous or not of the input's
- * dtype and device (then return a new tensor as usual). */
+ * dtype and device, or something else holds it or its memory (a shared
+ * gradient; then return a new tensor as usual: the tape sums out of place). */
 moe_tensor *moe_tape_grad_acc(moe_tape_entry *e, int i);
 
 /* Backward from `root` with upstream gradient `grad_root` (NULL: ones, for a
@@ -100,7 +101,9 @@ moe_status moe_tape_run_deferred_keep(moe_ctx *ctx, moe_tape *tape, int keep);
  * reduction calls it before reading a range of the flat gradients. */
 moe_status moe_tape_run_deferred_writing(moe_ctx *ctx, moe_tape *tape, const void *storage, int64_t lo, int64_t hi);
 
-/* Borrowed reference to the gradient of t, or NULL. */
+/* Borrowed reference to the gradient of t, or NULL. Read it, do not write it:
+ * gradients may share memory (an add hands its output's gradient to both
+ * inputs, a view its output gradient's memory). */
 moe_tensor *moe_tape_grad(moe_tape *tape, const moe_tensor *t);
 
 #endif

@@ -522,6 +522,9 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     if (cfg->guard && !cfg->clip_sumsq) return moe_error(MOE_ERR_ARG, "adamw: a guard needs clip_sumsq");
     if (cfg->clip_sumsq && !(cfg->clip_max > 0))
         return moe_error(MOE_ERR_ARG, "adamw: clip_max is %g, expected > 0 (infinity: no clipping)", cfg->clip_max);
+    moe_tensor *written[4] = {params, m, v, cfg->compute};
+    for (int i = 0; i < 4; i++)
+        if (written[i]) MOE_TRY(ops_out(op, "params, m, v or compute", written[i]));   /* (contiguity checked above) */
     const moe_backend *be;
     OPS_ENTRY(ctx, op, params->device, adamw, be);
     if (moe_tensor_numel(params) == 0) return MOE_OK;

@@ -76,24 +76,28 @@ static void test_adamw_device_clip(void) {
     moe_tensor *ssh = moe_tensor_new_cpu(MOE_F32, 0, NULL), *grh = moe_tensor_new_cpu(MOE_F32, 0, NULL);
     die_if(!gh16 || !gd16 || !ch || !cd || !ssh || !grh, "tensors");
     die_if(moe_op_fill(ctx, ch, 0.5) != MOE_OK || moe_op_fill(ctx, cd, 0.5) != MOE_OK, "compute copies");
-    const struct { const char *name; float sumsq, guard; double max; int skip; } cs[] = {
-        {"clipped (norm 30 > 2)", 900.0f, 1.5f, 2.0, 0},
-        {"under the limit (norm 30 < 100)", 900.0f, 1.5f, 100.0, 0},
-        {"no limit (inf)", 900.0f, 1.5f, INFINITY, 0},
-        {"NaN sum of squares: skipped", NAN, 1.5f, 2.0, 1},
-        {"infinite guard: skipped", 900.0f, INFINITY, 2.0, 1},
+    const struct { const char *name; float sumsq, guard; double max; int skip, no_guard; } cs[] = {
+        {"clipped (norm 30 > 2)", 900.0f, 1.5f, 2.0, 0, 0},
+        {"under the limit (norm 30 < 100)", 900.0f, 1.5f, 100.0, 0, 0},
+        {"no limit (inf)", 900.0f, 1.5f, INFINITY, 0, 0},
+        {"clipped, no guard", 400.0f, 0.0f, 3.0, 0, 1},
+        {"NaN sum of squares: skipped", NAN, 1.5f, 2.0, 1, 0},
+        {"infinite sum of squares, no guard: skipped", INFINITY, 0.0f, 2.0, 1, 1},
+        {"infinite guard: skipped", 900.0f, INFINITY, 2.0, 1, 0},
     };
     for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
         moe_f32(ssh)[0] = cs[k].sumsq;
         moe_f32(grh)[0] = cs[k].guard;
         moe_tensor *ssd = to_gpu(ssh, MOE_F32), *grd = to_gpu(grh, MOE_F32);
         moe_tensor *p0 = moe_op_to(ctx, p.d, MOE_DEVICE_CPU, MOE_F32), *m0 = moe_op_to(ctx, m.d, MOE_DEVICE_CPU, MOE_F32);
+        moe_tensor *v0 = moe_op_to(ctx, v.d, MOE_DEVICE_CPU, MOE_F32);
         moe_tensor *c0 = moe_op_to(ctx, cd, MOE_DEVICE_CPU, MOE_F32);
         moe_adamw_cfg hc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
                             .step = 3 + (int64_t)k, .compute = ch, .grad_scale = 0.5f, .clip_sumsq = ssh, .guard = grh,
                             .clip_max = cs[k].max};
         moe_adamw_cfg dc = hc;
         dc.compute = cd; dc.clip_sumsq = ssd; dc.guard = grd;
+        if (cs[k].no_guard) hc.guard = dc.guard = NULL;
         char name[96];
         snprintf(name, sizeof name, "adamw device clip, %s", cs[k].name);
         if (RUN(name, MOE_BF16, moe_op_adamw(ctx, p.h, gh16, m.h, v.h, &hc), moe_op_adamw(ctx, p.d, gd16, m.d, v.d, &dc))) {
@@ -101,14 +105,14 @@ static void test_adamw_device_clip(void) {
             check("  m", MOE_F32, m.d, m.h, 1e-5);
             check("  v", MOE_F32, v.d, v.h, 1e-5);
             if (cs[k].skip) {
-                ok(max_err(p.d, p0) == 0 && max_err(m.d, m0) == 0 && max_err(cd, c0) == 0,
-                   "  skipped: params, m and the compute copy unchanged");
+                ok(max_err(p.d, p0) == 0 && max_err(m.d, m0) == 0 && max_err(v.d, v0) == 0 && max_err(cd, c0) == 0,
+                   "  skipped: params, m, v and the compute copy unchanged");
             } else {
                 ok(max_err(p.d, p0) > 0, "  the params moved");
             }
         }
         moe_tensor_release(ssd); moe_tensor_release(grd);
-        moe_tensor_release(p0); moe_tensor_release(m0); moe_tensor_release(c0);
+        moe_tensor_release(p0); moe_tensor_release(m0); moe_tensor_release(v0); moe_tensor_release(c0);
     }
     /* the factor itself: max / (norm + 1e-6) times grad_scale, in double */
     moe_adamw_cfg fc = {.grad_scale = 0.5f, .clip_max = 2.0};

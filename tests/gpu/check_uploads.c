@@ -33,6 +33,11 @@ static void test_staged_uploads(void) {
     die_if(!h, "host tensor");
     float *hp = moe_f32(h);
     moe_tensor *d[20], *ref[20];
+    /* GEMMs queued first keep every transfer pending while the 8 slots wrap */
+    pair ga = in_randn(MOE_F32, SH(2048, 2048)), gb = in_randn(MOE_F32, SH(2048, 2048));
+    moe_tensor *gc = moe_tensor_new(ctx, MOE_F32, 2, (int64_t[]){2048, 2048}, GPU);
+    die_if(!gc, "gemm output");
+    for (int i = 0; i < 40; i++) die_if(moe_op_gemm(ctx, 0, 0, 1.0f, ga.d, gb.d, 0.0f, gc) != MOE_OK, "gemm");
     uint64_t s0 = staged();
     for (int i = 0; i < 20; i++) {
         ref[i] = host_randn(1, (int64_t[]){n}, 1.0f, (float)i, 0);
@@ -43,6 +48,7 @@ static void test_staged_uploads(void) {
     }
     ok(staged() - s0 == 20, "20 small uploads went through the staging slots (%llu)",
        (unsigned long long)(staged() - s0));
+    pfree(&ga); pfree(&gb); moe_tensor_release(gc);
     for (int i = 0; i < 20; i++) {
         moe_dtype dt = i % 2 ? MOE_BF16 : MOE_F32;
         round_through(ref[i], dt);

@@ -130,6 +130,31 @@ do
     string.format("%.5f / %.5f, rel %.2g", l2:item(), l3:item(), e3))
 end
 
+-- the trainer's update queued on the device (norm, clip factor and NaN guard in
+-- the AdamW kernels, values read after queuing it) against the host path (a
+-- no-op gradient hook takes it): the same norms, losses, step count and bytes,
+-- with clipping active and two micro-batches a step
+do
+  local function run(host)
+    local m = make()
+    m:set_precision("bf16")
+    local tr = moe.MoETrainer{model = m, progress = false, grad_clip = 0.05, grad_hook = host and function() end or nil}
+    local r = tr:train{train_data = corpus, batch_size = 4, seq_len = 32, learning_rate = 2e-3, max_steps = 3,
+                       gradient_accumulation_steps = 2, seed = 2}
+    return r, m.net:flat_parameters(), tr.optimizer:step_count()
+  end
+  local rd, pd, cd = run(false)
+  local rh, ph, ch = run(true)
+  local same = cd == ch and cd == 3
+  for s = 1, 3 do
+    same = same and rd.history[s].grad_norm == rh.history[s].grad_norm and rd.history[s].loss == rh.history[s].loss
+           and rd.history[s].grad_norm > 0.05
+  end
+  ok(same and (pd - ph):abs():max():item() == 0,
+    "cuda: the update clipped on the device equals the host path's (norms, losses, steps, params)",
+    string.format("norm %.6g / %.6g, steps %d / %d", rd.history[3].grad_norm, rh.history[3].grad_norm, cd, ch))
+end
+
 -- speed: tokens/s of both on a larger model (informational)
 local function rate(r)
   local xs = {}

@@ -77,6 +77,8 @@ void cuda_dev_destroy(cuda_dev *d) {
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
     if (d->split_counters) cudaFree(d->split_counters);
+    // queued transfers may still read the pinned slots
+    if ((d->stage || d->reads) && d->stream) cudaStreamSynchronize(d->stream);
     if (d->stage) {
         for (cudaEvent_t e : d->stage_done) cudaEventDestroy(e);
         cudaFreeHost(d->stage);

@@ -53,7 +53,10 @@ struct cuda_dev {
     int *split_counters;
     uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
-    // event of the last transfer that read it; allocated on first use
+    // event of the last transfer that read it; allocated on first use (stage_failed:
+    // could not be, not tried again). stage_mu guards these and the reads' slots below.
+    std::mutex stage_mu;
+    bool stage_failed, reads_failed;
     unsigned char *stage;
     cudaEvent_t stage_done[8];
     int stage_next;

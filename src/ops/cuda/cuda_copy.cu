@@ -105,32 +105,54 @@ constexpr int STAGE_SLOTS = 8;
 constexpr size_t STAGE_SLOT_BYTES = (size_t)1 << 20;
 static_assert(sizeof(((cuda_dev *)nullptr)->stage_done) / sizeof(cudaEvent_t) == STAGE_SLOTS, "one event a slot");
 
-// A slot for nbytes (its previous transfer done), or NULL: use the synchronous path.
-static unsigned char *stage_slot(cuda_dev *d, size_t nbytes, cudaEvent_t *done) {
-    if (nbytes > STAGE_SLOT_BYTES) return nullptr;
-    std::lock_guard<std::mutex> g(d->mu);
-    if (!d->stage) {
-        void *h = nullptr;
-        if (cudaHostAlloc(&h, STAGE_SLOTS * STAGE_SLOT_BYTES, cudaHostAllocPortable) != cudaSuccess) {
-            (void)cudaGetLastError();
-            return nullptr;
-        }
-        int made = 0;
-        for (; made < STAGE_SLOTS; made++)
-            if (cudaEventCreateWithFlags(&d->stage_done[made], cudaEventDisableTiming) != cudaSuccess) break;
-        if (made < STAGE_SLOTS) {
-            (void)cudaGetLastError();
-            for (int i = 0; i < made; i++) cudaEventDestroy(d->stage_done[i]);
-            cudaFreeHost(h);
-            return nullptr;
-        }
-        d->stage = (unsigned char *)h;
+// The slots' pinned memory and events, made on first use (under d->stage_mu);
+// false, and not tried again, when they cannot be had.
+static bool stage_ready(cuda_dev *d) {
+    if (d->stage) return true;
+    if (d->stage_failed) return false;
+    void *h = nullptr;
+    if (cudaHostAlloc(&h, STAGE_SLOTS * STAGE_SLOT_BYTES, cudaHostAllocPortable) != cudaSuccess) {
+        (void)cudaGetLastError();
+        d->stage_failed = true;
+        return false;
     }
+    int made = 0;
+    for (; made < STAGE_SLOTS; made++)
+        if (cudaEventCreateWithFlags(&d->stage_done[made], cudaEventDisableTiming) != cudaSuccess) break;
+    if (made < STAGE_SLOTS) {
+        (void)cudaGetLastError();
+        for (int i = 0; i < made; i++) cudaEventDestroy(d->stage_done[i]);
+        cudaFreeHost(h);
+        d->stage_failed = true;
+        return false;
+    }
+    d->stage = (unsigned char *)h;
+    return true;
+}
+
+// The transfer of nbytes from host memory `from` to device memory `to` through
+// the next slot: false (nothing queued) when there is none, so the caller takes
+// the synchronous path. The slot is held from the wait for its previous
+// transfer to its new event (stage_mu: no other upload can take it between).
+static bool staged_transfer(cuda_dev *d, void *to, const void *from, size_t nbytes, cudaError_t *e) {
+    *e = cudaSuccess;
+    if (nbytes > STAGE_SLOT_BYTES) return false;
+    std::lock_guard<std::mutex> g(d->stage_mu);
+    if (!stage_ready(d)) return false;
     const int i = d->stage_next;
-    if (cudaEventSynchronize(d->stage_done[i]) != cudaSuccess) return nullptr;   // (never recorded: at once)
+    if (cudaEventSynchronize(d->stage_done[i]) != cudaSuccess) {   // (never recorded: at once)
+        (void)cudaGetLastError();
+        return false;
+    }
+    unsigned char *slot = d->stage + (size_t)i * STAGE_SLOT_BYTES;
+    memcpy(slot, from, nbytes);
+    *e = cudaMemcpyAsync(to, slot, nbytes, cudaMemcpyHostToDevice, d->stream);
+    // without its event the slot could be reused under a running transfer: wait for it instead
+    if (*e == cudaSuccess && cudaEventRecord(d->stage_done[i], d->stream) != cudaSuccess)
+        *e = cudaStreamSynchronize(d->stream);
     d->stage_next = (i + 1) % STAGE_SLOTS;
-    *done = d->stage_done[i];
-    return d->stage + (size_t)i * STAGE_SLOT_BYTES;
+    if (*e == cudaSuccess) d->n_staged++;
+    return true;
 }
 
 static moe_status copy_h2d(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src, int64_t n) {
@@ -141,26 +163,21 @@ static moe_status copy_h2d(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src,
     cuda_layout dl = cuda_layout_tensor(dst);
     const bool direct = dst->dtype == src->dtype && cuda_layout_is_flat(dl);
     moe_status st = MOE_OK;
-    cudaEvent_t done = nullptr;
-    unsigned char *slot = stage_slot(d, sbytes, &done);
-    const void *from = moe_tensor_data(hs);
-    if (slot) {
-        memcpy(slot, from, sbytes);
-        from = slot;
-    }
     cuda_scratch tmp(d, direct ? 0 : sbytes);
-    cudaError_t e = cudaSuccess;
-    if (!direct && !tmp.p) st = moe_last_status();
-    else {
-        e = cudaMemcpyAsync(direct ? moe_tensor_data(dst) : tmp.p, from, sbytes, cudaMemcpyHostToDevice, d->stream);
-        if (e == cudaSuccess && !direct)
-            st = convert_on_device(d, moe_tensor_data(dst), dst->dtype, dl, tmp.p, src->dtype, cuda_layout_flat(n), n);
-        // a staged transfer only has to finish before its slot is reused; from the
-        // caller's memory it must finish before that memory goes back
-        if (e == cudaSuccess) e = slot ? cudaEventRecord(done, d->stream) : cudaStreamSynchronize(d->stream);
-        if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
+    if (!direct && !tmp.p) {
+        moe_tensor_release(hs);
+        return moe_last_status();
     }
-    if (slot && st == MOE_OK) d->n_staged++;
+    void *to = direct ? moe_tensor_data(dst) : tmp.p;
+    cudaError_t e;
+    // a staged transfer only has to finish before its slot is reused; from the
+    // caller's memory it must finish before that memory goes back
+    const bool staged = staged_transfer(d, to, moe_tensor_data(hs), sbytes, &e);
+    if (!staged) e = cudaMemcpyAsync(to, moe_tensor_data(hs), sbytes, cudaMemcpyHostToDevice, d->stream);
+    if (e == cudaSuccess && !direct)
+        st = convert_on_device(d, moe_tensor_data(dst), dst->dtype, dl, tmp.p, src->dtype, cuda_layout_flat(n), n);
+    if (e == cudaSuccess && !staged) e = cudaStreamSynchronize(d->stream);
+    if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "cuda copy host->device: %s", cudaGetErrorString(e));
     moe_tensor_release(hs);
     return st;
 }
@@ -204,9 +221,11 @@ static_assert(sizeof(((cuda_dev *)nullptr)->read_done) / sizeof(cudaEvent_t) == 
 
 static bool reads_ready(cuda_dev *d) {
     if (d->reads) return true;
+    if (d->reads_failed) return false;
     void *h = nullptr;
     if (cudaHostAlloc(&h, (size_t)READ_SLOTS * MOE_READ_MAX * 8, cudaHostAllocPortable) != cudaSuccess) {
         (void)cudaGetLastError();
+        d->reads_failed = true;
         return false;
     }
     int made = 0;
@@ -216,6 +235,7 @@ static bool reads_ready(cuda_dev *d) {
         (void)cudaGetLastError();
         for (int i = 0; i < made; i++) cudaEventDestroy(d->read_done[i]);
         cudaFreeHost(h);
+        d->reads_failed = true;
         return false;
     }
     d->reads = (unsigned char *)h;
@@ -224,29 +244,21 @@ static bool reads_ready(cuda_dev *d) {
 
 moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r) {
     CUDA_ENTER(d, ctx, r->dev);
-    int slot;
-    {
-        std::lock_guard<std::mutex> g(d->mu);
-        if (!reads_ready(d)) slot = -1;
-        else {
-            slot = d->read_next;
-            d->read_next = (slot + 1) % READ_SLOTS;
-            d->read_gen[slot]++;
-        }
-    }
-    if (slot < 0) {   // no pinned memory: read now, through a synchronous copy
+    std::lock_guard<std::mutex> g(d->stage_mu);   // the slot, from its wait to its new event
+    if (!reads_ready(d)) {   // no pinned memory: read now, through a synchronous copy
         for (int i = 0; i < n; i++) {
-            double v = 0;
             unsigned char b[8];
             CU_TRY(cudaMemcpyAsync(b, moe_tensor_data((moe_tensor *)ts[i]), moe_dtype_size(ts[i]->dtype),
                                    cudaMemcpyDeviceToHost, d->stream), "read_start");
             CU_TRY(cudaStreamSynchronize(d->stream), "read_start");
-            v = moe_dtype_load(ts[i]->dtype, b);
-            r->value[i] = v;
+            r->value[i] = moe_dtype_load(ts[i]->dtype, b);
         }
         r->done = 1;
         return MOE_OK;
     }
+    const int slot = d->read_next;
+    d->read_next = (slot + 1) % READ_SLOTS;
+    d->read_gen[slot]++;   // a read still holding this slot now finds it taken
     unsigned char *base = d->reads + (size_t)slot * MOE_READ_MAX * 8;
     CU_TRY(cudaEventSynchronize(d->read_done[slot]), "read_start");   // its previous copies (never recorded: at once)
     for (int i = 0; i < n; i++)
@@ -260,6 +272,7 @@ moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe
 
 moe_status cuda_read_finish(moe_ctx *ctx, moe_read *r) {
     CUDA_ENTER(d, ctx, r->dev);
+    std::lock_guard<std::mutex> g(d->stage_mu);
     if (r->slot < 0 || r->slot >= READ_SLOTS || !d->reads || d->read_gen[r->slot] != r->gen)
         return moe_error(MOE_ERR_STATE, "read_finish: this read's host memory was taken by later reads (more than "
                          "%d started since without being finished)", READ_SLOTS);
