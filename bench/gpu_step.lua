@@ -32,6 +32,10 @@ moe.synchronize(device)
 collectgarbage("restart")
 local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0, cuda_mallocs = 0}
 print(string.format("# cudaMalloc calls during the timed run: %d", mem.cuda_mallocs - mallocs0))
+if trainer.optimizer.launches then
+  print(string.format("# AdamW calls a step: %.0f (%d parameter tensors)", trainer.optimizer:launches() /
+    trainer.optimizer:step_count(), #model:parameters()))
+end
 
 -- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures
 local total_s, nsteps = 0, 0

@@ -109,6 +109,12 @@ static int a_count(lua_State *L) {
     return 1;
 }
 
+/* optimizer:launches() -> update calls made so far (runs of adjacent parameters share one) */
+static int a_launches(lua_State *L) {
+    lua_pushnumber(L, (lua_Number)moe_adamw_launches(check_opt(L, "optimizer:launches")));
+    return 1;
+}
+
 static int a_state(lua_State *L) {
     moe_adamw *o = check_opt(L, "optimizer:state");
     moe_tensor *m = moe_adamw_m(o), *v = moe_adamw_v(o);
@@ -200,6 +206,7 @@ void moe_lua_open_train(lua_State *L) {
     lua_pushcfunction(L, a_step); lua_setfield(L, -2, "step");
     lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
     lua_pushcfunction(L, a_state); lua_setfield(L, -2, "state");
+    lua_pushcfunction(L, a_launches); lua_setfield(L, -2, "launches");
     lua_pushcfunction(L, a_scale_next); lua_setfield(L, -2, "scale_next_step");
     lua_pushcfunction(L, a_clip_next); lua_setfield(L, -2, "clip_next_step");
     lua_setfield(L, -2, "__index");

@@ -27,6 +27,9 @@ void moe_adamw_free(moe_adamw *opt);
 /* One step at learning rate lr from the gradients in the layer. */
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);
 int64_t moe_adamw_step_count(const moe_adamw *opt);
+/* How many update calls (moe_op_adamw) the steps so far made: one per run of
+ * parameters with the same settings that lie next to each other. */
+uint64_t moe_adamw_launches(const moe_adamw *opt);
 void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
 /* The state buffers (borrowed), for checkpoints; in range mode hi - lo elements. */
 /* The next step reads the gradients multiplied by s (> 0), then forgets it:
