@@ -333,11 +333,12 @@ function Trainer:train(opts)
       -- host reads the guard the device judges, so both see the same skip.
       local vals = {sumsq, guard}
       for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
-      local read = #vals <= 16 and core.read_async(unpack(vals)) or nil
+      local reads = {}   -- at most 16 values a read
+      for i = 1, #vals, 16 do reads[#reads + 1] = core.read_async(unpack(vals, i, math.min(i + 15, #vals))) end
       self.optimizer:clip_next_step(sumsq, max_norm, guard)
       self.optimizer:step(lr)
-      local got = read and {read:wait()} or {}
-      for i, t in ipairs(vals) do if got[i] == nil then got[i] = t:item() end end
+      local got = {}
+      for _, r in ipairs(reads) do for _, v in ipairs{r:wait()} do got[#got + 1] = v end end
       bad = not finite(got[2])
       for m = 1, #pending do
         local l = got[3 * m]

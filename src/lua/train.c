@@ -171,7 +171,8 @@ static int l_read_async(lua_State *L) {
 }
 
 static int r_wait(lua_State *L) {
-    moe_read *r = luaL_checkudata(L, 1, READ_MT);
+    moe_read *r = luaL_testudata(L, 1, READ_MT);
+    if (!r) return luaL_error(L, "read:wait: expected a read from read_async (call it as read:wait())");
     moe_lua_check(L, moe_op_read_finish(moe_lua_ctx(L), r), "read:wait");
     for (int i = 0; i < r->n; i++) lua_pushnumber(L, r->value[i]);
     return r->n;

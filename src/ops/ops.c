@@ -205,6 +205,9 @@ moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, m
                              (long long)moe_tensor_numel(ts[i]));
         if (!moe_device_eq(ts[i]->device, ts[0]->device))
             return moe_error(MOE_ERR_DEVICE, "read_start: tensor %d is on another device than the first", i + 1);
+        if (moe_dtype_size(ts[i]->dtype) > 8)
+            return moe_error(MOE_ERR_DTYPE, "read_start: tensor %d has dtype %s, wider than 8 bytes", i + 1,
+                             moe_dtype_name(ts[i]->dtype));
         r->dtype[i] = ts[i]->dtype;
     }
     r->n = n;
@@ -224,8 +227,12 @@ moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, m
 moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r) {
     if (!r || r->n < 1) return moe_error(MOE_ERR_ARG, "read_finish: the read was not started");
     if (r->done) return MOE_OK;
+    if (!ctx || (unsigned)r->dev.type >= MOE_NUM_DEVICE_TYPES)
+        return moe_error(MOE_ERR_ARG, "read_finish: no context, or a read record that no read_start filled");
     const moe_backend *be = ctx->backends[r->dev.type];
-    if (!be || !be->read_finish) return moe_error(MOE_ERR_INTERNAL, "read_finish: the backend lost its reads");
+    if (!be || !be->read_finish)
+        return moe_error(MOE_ERR_STATE, "read_finish: the read's device is no longer served by this context "
+                         "(its backend was uninstalled?)");
     return be->read_finish(ctx, r);
 }
 

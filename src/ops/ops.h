@@ -242,7 +242,8 @@ typedef struct {
  * values in r->value as doubles. Where the backend has no such reads (the
  * CPU), start reads at once. A started read that is never finished costs
  * nothing; finishing one whose host memory was taken by later reads (more
- * than 64 in flight on one device) is an error. */
+ * than 64 in flight on one device) is an error. Values pass through double:
+ * i64 is exact up to 2^53. A read is finished with the context it started in. */
 #define MOE_READ_MAX 16
 typedef struct {
     int n, done;

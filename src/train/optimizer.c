@@ -164,7 +164,9 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
          * run, not a parameter (99 -> 35 for the OLMoE-style benchmark model):
          * each launch boundary costs the GPU 1-2 us, and the host its launch. */
         int last = i;
-        for (int k = i + 1; k < o->n; k++) {
+        /* (a head cut by the owned range starts off the 16-byte grid: it keeps its
+         * own call, so the vector kernel still takes the parameters after it) */
+        for (int k = i + 1; k < o->n && a == off; k++) {
             const moe_param *q = &ps[k], *p0 = &ps[i];
             int64_t qoff = q->value->offset - fv->offset, qn = moe_tensor_numel(q->value);
             int64_t qa = qoff > o->lo ? qoff : o->lo, qb = qoff + qn < o->hi ? qoff + qn : o->hi;

@@ -270,13 +270,24 @@ moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe
     return MOE_OK;
 }
 
+static bool read_current(const cuda_dev *d, const moe_read *r) {
+    return r->slot >= 0 && r->slot < READ_SLOTS && d->reads && d->read_gen[r->slot] == r->gen;
+}
+
 moe_status cuda_read_finish(moe_ctx *ctx, moe_read *r) {
     CUDA_ENTER(d, ctx, r->dev);
+    static const char *taken = "read_finish: this read's host memory was taken by later reads (more than %d started "
+                               "since without being finished)";
+    cudaEvent_t done;
+    {
+        std::lock_guard<std::mutex> g(d->stage_mu);
+        if (!read_current(d, r)) return moe_error(MOE_ERR_STATE, taken, READ_SLOTS);
+        done = d->read_done[r->slot];
+    }
+    // the wait (for everything queued before the read) without the lock: uploads go on meanwhile
+    CU_TRY(cudaEventSynchronize(done), "read_finish");
     std::lock_guard<std::mutex> g(d->stage_mu);
-    if (r->slot < 0 || r->slot >= READ_SLOTS || !d->reads || d->read_gen[r->slot] != r->gen)
-        return moe_error(MOE_ERR_STATE, "read_finish: this read's host memory was taken by later reads (more than "
-                         "%d started since without being finished)", READ_SLOTS);
-    CU_TRY(cudaEventSynchronize(d->read_done[r->slot]), "read_finish");
+    if (!read_current(d, r)) return moe_error(MOE_ERR_STATE, taken, READ_SLOTS);
     const unsigned char *base = d->reads + (size_t)r->slot * MOE_READ_MAX * 8;
     for (int i = 0; i < r->n; i++) r->value[i] = moe_dtype_load(r->dtype[i], base + 8 * i);
     r->done = 1;
