@@ -15,6 +15,15 @@ local function small(arch, extra)
   return moe.arch[arch](o)
 end
 
+-- model (default: a small Mixtral) after one forward and backward: gradients in its flat buffer
+local function model_and_grads(m)
+  m = m or small("Mixtral")
+  local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
+  local out = m:forward(ids, {targets = targets})
+  out.tape:backward(out.total_loss)
+  return m
+end
+
 describe("MoEModel", function()
   it("counts total and active parameters", function()
     local m = moe.MoEModel{vocab_size = 100, hidden_size = 32, num_layers = 2, num_experts = 4,
@@ -260,13 +269,6 @@ describe("MoETrainer", function()
 
   it("optimizer:scale_next_step scales one step's gradients, then forgets", function()
     local core = require "moelab.core"
-    local function model_and_grads()
-      local m = small("Mixtral")
-      local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
-      local out = m:forward(ids, {targets = targets})
-      out.tape:backward(out.total_loss)
-      return m
-    end
     local a, b = model_and_grads(), model_and_grads()
     local oa, ob = core.adamw(a.net, {}), core.adamw(b.net, {})
     oa:scale_next_step(0.25)
@@ -290,13 +292,6 @@ describe("MoETrainer", function()
 
   it("optimizer:clip_next_step clips by a norm it reads itself, skips a non-finite step, then forgets", function()
     local core = require "moelab.core"
-    local function model_and_grads()
-      local m = small("Mixtral")
-      local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
-      local out = m:forward(ids, {targets = targets})
-      out.tape:backward(out.total_loss)
-      return m
-    end
     local a, b = model_and_grads(), model_and_grads()
     local oa, ob = core.adamw(a.net, {}), core.adamw(b.net, {})
     local ss = core.grad_sumsq(a.net)
@@ -366,21 +361,18 @@ describe("MoETrainer", function()
   -- for an owned range cut inside parameters (ZeRO).
   it("AdamW updates a run of adjacent parameters with the same settings in one call: the same bytes", function()
     local core = require "moelab.core"
-    local function model_and_grads()
-      local m = moe.arch.Mixtral{vocab_size = 259, hidden_size = 28, num_layers = 2, num_heads = 2, num_experts = 3,
-                                 experts_per_token = 2, expert_intermediate_size = 20, seed = 5}
-      local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 1, step = 0}
-      local out = m:forward(ids, {targets = targets})
-      out.tape:backward(out.total_loss)
-      return m
+    local function odd_model_and_grads()
+      return model_and_grads(moe.arch.Mixtral{vocab_size = 259, hidden_size = 28, num_layers = 2, num_heads = 2,
+                                              num_experts = 3, experts_per_token = 2, expert_intermediate_size = 20,
+                                              seed = 5})
     end
-    local probe = model_and_grads()
+    local probe = odd_model_and_grads()
     local params, odd = probe:parameters(), 0
     for _, p in ipairs(params) do if p.value:numel() % 16 ~= 0 then odd = odd + 1 end end
     assert.is_true(odd >= 5, "the model must leave padding between parameters")
     local n, total = #params, probe.net:flat_parameters():numel()
     for _, case in ipairs{{}, {frozen = true}, {range = {37, total - 45}}} do
-      local a, b = model_and_grads(), model_and_grads()
+      local a, b = odd_model_and_grads(), odd_model_and_grads()
       local all, alt, scale = {}, {}, {}
       for i = 1, n do
         all[i], alt[i] = true, i % 2 == 0

@@ -22,6 +22,8 @@
 #include "../core/context.h"
 #include "../core/tensor.h"
 
+#include <math.h>
+
 typedef enum {
     MOE_BIN_ADD, MOE_BIN_SUB, MOE_BIN_MUL, MOE_BIN_DIV, MOE_BIN_MAX, MOE_BIN_MIN,
     MOE_NUM_BINARY
@@ -257,8 +259,24 @@ moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, m
 moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r);
 
 /* The gradient factor of cfg's device clipping from the values of the sum of
- * squares and the guard; < 0 when the step is to be skipped. */
-double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard);
+ * squares and the guard; < 0 when the step is to be skipped. One definition
+ * for the CPU and the CUDA kernels (host and device), so both compute the same
+ * bits: grad_scale * clip_max / (norm + 1e-6) in double when norm > clip_max. */
+#ifdef __CUDACC__
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+static inline MOE_HOST_DEVICE double moe_adamw_clip_scale(float grad_scale, double clip_max, double sumsq,
+                                                          double guard) {
+    double norm = sqrt(sumsq), f = grad_scale != 0.0f ? (double)grad_scale : 1.0;
+    if (!isfinite(norm) || !isfinite(guard)) return -1.0;
+    if (norm > clip_max) f = f * clip_max / (norm + 1e-6);
+    return f;
+}
+static inline double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
+    return moe_adamw_clip_scale(cfg->grad_scale, cfg->clip_max, sumsq, guard);
+}
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
 

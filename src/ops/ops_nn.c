@@ -530,10 +530,3 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     if (moe_tensor_numel(params) == 0) return MOE_OK;
     return be->adamw(ctx, params, grads, m, v, cfg);
 }
-
-double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
-    double norm = sqrt(sumsq), f = cfg->grad_scale != 0.0f ? (double)cfg->grad_scale : 1.0;
-    if (!isfinite(norm) || !isfinite(guard)) return -1.0;
-    if (norm > cfg->clip_max) f = f * cfg->clip_max / (norm + 1e-6);
-    return f;
-}

@@ -8,15 +8,13 @@
 
 #include <math.h>
 
-// The gradient factor under clipping by the device's norm (moe_adamw_clip_factor
-// of ops_nn.c, the same double arithmetic); false: skip the step (a non-finite
-// norm or guard). Without clip_ss, gs as given.
+// The gradient factor under clipping by the device's norm (moe_adamw_clip_scale,
+// ops.h: the CPU's arithmetic); false: skip the step (a non-finite norm or
+// guard). Without clip_ss, gs as given.
 __device__ __forceinline__ bool grad_factor(const float *clip_ss, const float *guard, double clip_max, float &gs) {
     if (!clip_ss) return true;
-    const double norm = sqrt((double)*clip_ss), gv = guard ? (double)*guard : 0.0;
-    if (!isfinite(norm) || !isfinite(gv)) return false;
-    double f = gs;
-    if (norm > clip_max) f = f * clip_max / (norm + 1e-6);
+    const double f = moe_adamw_clip_scale(gs, clip_max, (double)*clip_ss, guard ? (double)*guard : 0.0);
+    if (f < 0) return false;
     gs = (float)f;
     return true;
 }

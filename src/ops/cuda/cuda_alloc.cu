@@ -77,16 +77,7 @@ void cuda_dev_destroy(cuda_dev *d) {
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
     if (d->split_counters) cudaFree(d->split_counters);
-    // queued transfers may still read the pinned slots
-    if ((d->stage || d->reads) && d->stream) cudaStreamSynchronize(d->stream);
-    if (d->stage) {
-        for (cudaEvent_t e : d->stage_done) cudaEventDestroy(e);
-        cudaFreeHost(d->stage);
-    }
-    if (d->reads) {
-        for (cudaEvent_t e : d->read_done) cudaEventDestroy(e);
-        cudaFreeHost(d->reads);
-    }
+    cuda_pinned_slots_free(d);
     if (d->stream) cudaStreamDestroy(d->stream);
     cudaGetLastError();
     delete d;

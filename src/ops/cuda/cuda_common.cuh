@@ -83,6 +83,7 @@ void cuda_scratch_free(cuda_dev *d, void *p, size_t nbytes);
 moe_status cuda_synchronize(moe_ctx *, moe_device);
 moe_status cuda_copy(moe_ctx *, moe_tensor *dst, const moe_tensor *src);
 moe_status cuda_read_start(moe_ctx *, const moe_tensor *const *ts, int n, moe_read *r);
+void cuda_pinned_slots_free(cuda_dev *d);   // the staging and read slots (cuda_copy.cu), after a stream sync
 moe_status cuda_read_finish(moe_ctx *, moe_read *r);
 moe_status cuda_fill(moe_ctx *, moe_tensor *t, double v);
 moe_status cuda_fill_randn(moe_ctx *, moe_tensor *t, uint64_t key, uint64_t offset, float mean, float std);

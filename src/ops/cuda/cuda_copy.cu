@@ -105,29 +105,29 @@ constexpr int STAGE_SLOTS = 8;
 constexpr size_t STAGE_SLOT_BYTES = (size_t)1 << 20;
 static_assert(sizeof(((cuda_dev *)nullptr)->stage_done) / sizeof(cudaEvent_t) == STAGE_SLOTS, "one event a slot");
 
-// The slots' pinned memory and events, made on first use (under d->stage_mu);
-// false, and not tried again, when they cannot be had.
-static bool stage_ready(cuda_dev *d) {
-    if (d->stage) return true;
-    if (d->stage_failed) return false;
+// n slots of pinned memory (bytes in all) and an event each, made on first use
+// (under d->stage_mu); false, and not tried again, when they cannot be had.
+static bool pinned_slots(unsigned char **mem, cudaEvent_t *done, int n, size_t bytes, bool *failed) {
+    if (*mem) return true;
+    if (*failed) return false;
     void *h = nullptr;
-    if (cudaHostAlloc(&h, STAGE_SLOTS * STAGE_SLOT_BYTES, cudaHostAllocPortable) != cudaSuccess) {
-        (void)cudaGetLastError();
-        d->stage_failed = true;
-        return false;
-    }
     int made = 0;
-    for (; made < STAGE_SLOTS; made++)
-        if (cudaEventCreateWithFlags(&d->stage_done[made], cudaEventDisableTiming) != cudaSuccess) break;
-    if (made < STAGE_SLOTS) {
+    if (cudaHostAlloc(&h, bytes, cudaHostAllocPortable) == cudaSuccess)
+        for (; made < n; made++)
+            if (cudaEventCreateWithFlags(&done[made], cudaEventDisableTiming) != cudaSuccess) break;
+    if (made < n) {
         (void)cudaGetLastError();
-        for (int i = 0; i < made; i++) cudaEventDestroy(d->stage_done[i]);
-        cudaFreeHost(h);
-        d->stage_failed = true;
+        for (int i = 0; i < made; i++) cudaEventDestroy(done[i]);
+        if (h) cudaFreeHost(h);
+        *failed = true;
         return false;
     }
-    d->stage = (unsigned char *)h;
+    *mem = (unsigned char *)h;
     return true;
+}
+
+static bool stage_ready(cuda_dev *d) {
+    return pinned_slots(&d->stage, d->stage_done, STAGE_SLOTS, STAGE_SLOTS * STAGE_SLOT_BYTES, &d->stage_failed);
 }
 
 // The transfer of nbytes from host memory `from` to device memory `to` through
@@ -220,26 +220,22 @@ constexpr int READ_SLOTS = 64;
 static_assert(sizeof(((cuda_dev *)nullptr)->read_done) / sizeof(cudaEvent_t) == READ_SLOTS, "one event a slot");
 
 static bool reads_ready(cuda_dev *d) {
-    if (d->reads) return true;
-    if (d->reads_failed) return false;
-    void *h = nullptr;
-    if (cudaHostAlloc(&h, (size_t)READ_SLOTS * MOE_READ_MAX * 8, cudaHostAllocPortable) != cudaSuccess) {
-        (void)cudaGetLastError();
-        d->reads_failed = true;
-        return false;
+    return pinned_slots(&d->reads, d->read_done, READ_SLOTS, (size_t)READ_SLOTS * MOE_READ_MAX * 8, &d->reads_failed);
+}
+
+void cuda_pinned_slots_free(cuda_dev *d) {
+    // queued transfers may still read the pinned slots
+    if ((d->stage || d->reads) && d->stream) cudaStreamSynchronize(d->stream);
+    if (d->stage) {
+        for (cudaEvent_t e : d->stage_done) cudaEventDestroy(e);
+        cudaFreeHost(d->stage);
+        d->stage = nullptr;
     }
-    int made = 0;
-    for (; made < READ_SLOTS; made++)
-        if (cudaEventCreateWithFlags(&d->read_done[made], cudaEventDisableTiming) != cudaSuccess) break;
-    if (made < READ_SLOTS) {
-        (void)cudaGetLastError();
-        for (int i = 0; i < made; i++) cudaEventDestroy(d->read_done[i]);
-        cudaFreeHost(h);
-        d->reads_failed = true;
-        return false;
+    if (d->reads) {
+        for (cudaEvent_t e : d->read_done) cudaEventDestroy(e);
+        cudaFreeHost(d->reads);
+        d->reads = nullptr;
     }
-    d->reads = (unsigned char *)h;
-    return true;
 }
 
 moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r) {
