@@ -107,6 +107,57 @@ describe("tape functional ops", function()
     gc.check("mul/div c", c, tape:grad(c), lossf)
   end)
 
+  it("tape:memory counts each storage once, for the first entry holding it", function()
+    local x = moe.randn({64, 32}, {seed = 30})
+    local w = moe.nn.Linear(32, 16, {seed = 31})
+    local tape = moe.Tape()
+    local y = w:forward(x, tape)
+    local v = tape:view(y, {64 * 16})        -- a view: the same storage as y
+    local s = tape:sum(tape:silu(v))
+    local params = {w:flat_parameters()}   -- values and gradients: they live anyway
+    local rows = tape:memory(params)
+    local by = {}
+    for _, r in ipairs(rows) do by[r.name] = r end
+    -- linear holds x and y; the view's input and output are y's storage, already counted
+    assert.are.equal((64 * 32 + 64 * 16) * 4, by.linear.bytes)
+    assert.are.equal(2, by.linear.tensors)
+    assert.is_nil(by.view)
+    assert.are.equal(64 * 16 * 4, by.unary.bytes)   -- silu's output
+    assert.are.equal(4, by.sum.bytes)
+    for i = 2, #rows do assert.is_true(rows[i - 1].bytes >= rows[i].bytes) end
+    -- leaving x out
+    local by2 = {}
+    params[#params + 1] = x
+    for _, r in ipairs(tape:memory(params)) do by2[r.name] = r end
+    assert.are.equal(64 * 16 * 4, by2.linear.bytes)
+    -- without a list, the parameters' buffers count too (the linear entry holds them)
+    local by3 = {}
+    for _, r in ipairs(tape:memory()) do by3[r.name] = r end
+    assert.is_true(by3.linear.bytes > by.linear.bytes)
+    assert.are.same({}, moe.Tape():memory())
+    assert.has_error(function() tape:memory({1}) end, "tape:memory: tensors[i] must be a tensor, got number")
+    assert.has_error(function() tape:memory(5) end)
+    assert.is_not_nil(s)
+  end)
+
+  it("cross-entropy's overwrite_logits needs grad_in_forward; on a CPU it changes nothing", function()
+    local logits = moe.randn({4, 7}, {seed = 24})
+    local before = logits:clone()
+    local targets = moe.tensor({1, 0, 6, 3}, {dtype = "i64"})
+    assert.has_error(function()
+      moe.Tape():cross_entropy(logits, targets, {grad_in_forward = false, overwrite_logits = true})
+    end, "tape:cross_entropy: overwrite_logits needs grad_in_forward")
+    local t1, t2 = moe.Tape(), moe.Tape()
+    local l1 = t1:cross_entropy(logits, targets, {overwrite_logits = true})
+    t1:backward(l1)
+    local l2 = t2:cross_entropy(before, targets)
+    t2:backward(l2)
+    assert.are.equal(l2:item(), l1:item())
+    assert.are.equal(0, (t1:grad(logits) - t2:grad(before)):abs():max():item())
+    -- the CPU does not fuse the loss: the logits stay as they were
+    assert.are.equal(0, (logits - before):abs():max():item())
+  end)
+
   it("cross-entropy mean over counted rows, with an ignored row", function()
     local logits = moe.randn({2, 3, 5}, {seed = 23})
     local targets = moe.tensor({{1, 4, -100}, {0, 2, 3}}, {dtype = "i64"})

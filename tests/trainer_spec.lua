@@ -47,6 +47,28 @@ describe("MoEModel", function()
     assert.are.equal(32, out.routing[1].assignments)
   end)
 
+  it("keep_logits = false returns no logits and the same loss and gradients", function()
+    local m = small("OLMoE")
+    m:train(true)
+    local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 3, step = 0}
+    local function run(keep)
+      m.net:zero_grad()
+      local out = m:forward(ids, {targets = targets, aux_loss_coef = 0.01, keep_logits = keep})
+      out.tape:backward(out.total_loss)
+      local _, g = m.net:flat_parameters()
+      return out, g:clone()
+    end
+    local a, ga = run(true)
+    local b, gb = run(false)
+    assert.is_not_nil(a.logits)
+    assert.is_nil(b.logits)
+    assert.are.equal(a.loss:item(), b.loss:item())
+    assert.are.equal(0, (ga - gb):abs():max():item())
+    assert.is_true(ga:abs():max():item() > 0)
+    -- without targets there is no loss to fuse: the logits come back
+    assert.is_not_nil(m:forward(ids, {keep_logits = false}).logits)
+  end)
+
   it("every preset builds and runs", function()
     for _, name in ipairs{"SwitchTransformer", "Mixtral", "GLaM", "OLMoE", "DeepSeek"} do
       local m = small(name, {num_experts = 8, experts_per_token = name == "SwitchTransformer" and 1 or 2})

@@ -68,10 +68,14 @@ function M.MoEModel(opts)
   return self
 end
 
---- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=}])
+--- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=}])
 -- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
 -- loss is the mean cross-entropy against targets (when given); total_loss
 -- adds the balancing losses with their coefficients (on the tape when given).
+-- keep_logits = false (training with targets only): the logits are not
+-- returned, and a GPU writes the loss's gradient over their memory instead of
+-- into a second [tokens, vocab] tensor (824 MB in bf16 at 8192 tokens of a
+-- 50k vocabulary); the trainer trains this way.
 function Model:forward(ids, opts)
   if opts ~= nil and type(opts) ~= "table" then error("MoEModel:forward: options must be a table", 2) end
   opts = opts or {}
@@ -90,13 +94,21 @@ function Model:forward(ids, opts)
   if targets then
     -- in eval mode no backward is expected: a GPU that fuses the loss's forward and
     -- backward would otherwise write the [tokens, vocab] gradient for nothing
+    -- the net ends in a linear head, whose backward does not read the logits
+    local training = self.net:is_training()
     out.loss = tape:cross_entropy(logits, targets, {ignore_index = opts.ignore_index or -100,
-                                                    grad_in_forward = self.net:is_training()})
+                                                    grad_in_forward = training,
+                                                    overwrite_logits = training and opts.keep_logits == false})
     local total = out.loss
     local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
     if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end
     if zc ~= 0 then total = tape:add(total, tape:scale(z, zc)) end
     out.total_loss = total
+  end
+  if opts.keep_logits == false and targets then
+    -- the tape holds them until its reset; this handle would hold them until a collection
+    logits:free()
+    out.logits = nil
   end
   out.tape = tape
   return out

@@ -305,7 +305,7 @@ function Trainer:train(opts)
       if batch_fn then ids, targets = batch_fn(index)
       else ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed, step = index} end
       local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
-                                           router_z_loss_coef = self.router_z_loss_coef})
+                                           router_z_loss_coef = self.router_z_loss_coef, keep_logits = false})
       if self.monitor then self.monitor:record() end
       stats = out.routing
       -- a non-finite loss gives non-finite gradients; the step is skipped below
@@ -313,7 +313,6 @@ function Trainer:train(opts)
       pending[micro] = {out.loss, out.aux_loss, out.z_loss}
       -- release activations now rather than at the next garbage collection
       out.tape:reset()
-      out.logits:free()
     end
     local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
     local lr = lr_at(step, o)

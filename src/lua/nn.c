@@ -465,6 +465,40 @@ static int tape_profile(lua_State *L) {
     return 1;
 }
 
+/* tape:memory([tensors]) -> {{name=, tensors=, bytes=}, ...}, most bytes
+ * first: the memory the tape's entries hold, each storage counted once for
+ * the first entry holding it; the storages of `tensors` (say
+ * model:parameters()) are left out. */
+static int tape_memory(lua_State *L) {
+    const char *f = "tape:memory";
+    moe_tape *t = moe_lua_check_tape(L, 1, f);
+    int nskip = 0;
+    const void **skip = NULL;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_argcheck(L, lua_istable(L, 2), 2, "tape:memory: expected a list of tensors to leave out");
+        nskip = (int)lua_objlen(L, 2);
+        skip = lua_newuserdata(L, (size_t)(nskip ? nskip : 1) * sizeof *skip);
+        for (int i = 0; i < nskip; i++) {
+            lua_rawgeti(L, 2, i + 1);
+            moe_tensor *x = moe_lua_check_tensor_f(L, -1, f, "tensors[i]");
+            skip[i] = x->storage;
+            lua_pop(L, 1);
+        }
+    }
+    moe_tape_memory_row rows[256];
+    int n = moe_tape_memory(t, skip, nskip, rows, 256);
+    if (n > 256) n = 256;
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, rows[i].name); lua_setfield(L, -2, "name");
+        lua_pushnumber(L, (double)rows[i].tensors); lua_setfield(L, -2, "tensors");
+        lua_pushnumber(L, rows[i].bytes); lua_setfield(L, -2, "bytes");
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
 static int tape_reset(lua_State *L) { moe_tape_reset(moe_lua_check_tape(L, 1, "tape:reset")); return 0; }
 static int tape_size(lua_State *L) { lua_pushinteger(L, moe_tape_size(moe_lua_check_tape(L, 1, "tape:size"))); return 1; }
 static int tape_retain(lua_State *L) {
@@ -529,7 +563,10 @@ static int tape_cross_entropy(lua_State *L) {
     moe_tensor *logits = moe_lua_check_tensor_f(L, 2, f, "logits"), *targets = moe_lua_check_tensor_f(L, 3, f, "targets"), *y;
     int64_t ignore = moe_lua_opt_field_int(L, 4, "ignore_index", -100, f);
     int gif = moe_lua_opt_field_bool(L, 4, "grad_in_forward", 1, f);
-    return finish(L, moe_f_cross_entropy_ex(moe_lua_ctx(L), t, logits, targets, ignore, gif, &y), &y, f);
+    int over = moe_lua_opt_field_bool(L, 4, "overwrite_logits", 0, f);
+    if (over && !gif) return luaL_error(L, "%s: overwrite_logits needs grad_in_forward", f);
+    int mode = over ? MOE_CE_GRAD_OVER_LOGITS : gif ? MOE_CE_GRAD_NEW : MOE_CE_GRAD_LATER;
+    return finish(L, moe_f_cross_entropy_ex(moe_lua_ctx(L), t, logits, targets, ignore, mode, &y), &y, f);
 }
 
 static int tape_sum(lua_State *L) {
@@ -559,7 +596,7 @@ static const luaL_Reg layer_methods[] = {
     {NULL, NULL}};
 
 static const luaL_Reg tape_methods[] = {
-    {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"set_profile", tape_set_profile}, {"profile", tape_profile}, {"size", tape_size},
+    {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"set_profile", tape_set_profile}, {"profile", tape_profile}, {"memory", tape_memory}, {"size", tape_size},
     {"retain_grads", tape_retain}, {"swiglu", tape_swiglu}, {"view", tape_view},
     {"cross_entropy", tape_cross_entropy}, {"forward", tape_forward}, {NULL, NULL}};
 

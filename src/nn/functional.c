@@ -234,7 +234,7 @@ static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const
 
 moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                int64_t ignore_index, moe_tensor **loss) {
-    return moe_f_cross_entropy_ex(ctx, tape, logits, targets, ignore_index, 1, loss);
+    return moe_f_cross_entropy_ex(ctx, tape, logits, targets, ignore_index, MOE_CE_GRAD_NEW, loss);
 }
 
 moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
@@ -283,8 +283,10 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     }
     /* Under a tape the gradient for an upstream 1 (the training loss) comes in
      * the same pass over the logits, with ce_backward's scale. */
-    if (s == MOE_OK && tape && grad_in_forward && moe_op_cross_entropy_fuses(ctx, logits->device)) {
-        dl = moe_tensor_like(ctx, lc);
+    if (s == MOE_OK && tape && grad_in_forward != MOE_CE_GRAD_LATER && moe_op_cross_entropy_fuses(ctx, logits->device)) {
+        /* over the logits: the fused kernel reads each row before it writes it */
+        dl = grad_in_forward == MOE_CE_GRAD_OVER_LOGITS ? lc : moe_tensor_like(ctx, lc);
+        if (dl == lc) moe_tensor_retain(dl);
         drows = dl ? moe_rows_view(dl) : NULL;
         if (!drows) s = moe_last_status();
         float cnt = (float)count;

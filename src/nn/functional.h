@@ -17,9 +17,16 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
  * logits [..., V], targets [...] i64. All-ignored batches give loss 0. */
 moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                int64_t ignore_index, moe_tensor **loss);
-/* The same; grad_in_forward 0 keeps a fusing backend from writing the logits'
- * gradient during the forward (a taped evaluation that will not go backward:
- * the [N, V] tensor would only take memory). The backward then recomputes it. */
+/* The same, saying where a fusing backend (CUDA) writes the logits' gradient
+ * during the forward:
+ * - MOE_CE_GRAD_LATER: nowhere; the backward recomputes it (a taped evaluation
+ *   that will not go backward: the [N, V] tensor would only take memory);
+ * - MOE_CE_GRAD_NEW: into a new tensor (what moe_f_cross_entropy does);
+ * - MOE_CE_GRAD_OVER_LOGITS: over the logits' own memory, saving the [N, V]
+ *   tensor (824 MB in bf16 at 8192 tokens of a 50k vocabulary). The caller
+ *   promises that nothing reads the logits afterwards, the backward of the op
+ *   that made them included (a linear head's reads only its input). */
+enum { MOE_CE_GRAD_LATER = 0, MOE_CE_GRAD_NEW = 1, MOE_CE_GRAD_OVER_LOGITS = 2 };
 moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                   int64_t ignore_index, int grad_in_forward, moe_tensor **loss);
 /* Sum or mean of all elements into a 0-dim tensor. */

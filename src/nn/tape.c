@@ -147,6 +147,59 @@ int moe_tape_profile(const moe_tape *t, moe_tape_profile_row *rows, int max) {
     return t->nprof;
 }
 
+static size_t hash_ptr(const void *p);
+
+/* an open-addressing set of storage pointers, for moe_tape_memory */
+typedef struct { const void **keys; size_t cap; } ptr_set;
+
+static int ptr_set_add(ptr_set *s, const void *p) {   /* 1: added, 0: already there */
+    size_t mask = s->cap - 1;
+    for (size_t i = hash_ptr(p) & mask;; i = (i + 1) & mask) {
+        if (s->keys[i] == p) return 0;
+        if (!s->keys[i]) { s->keys[i] = p; return 1; }
+    }
+}
+
+int moe_tape_memory(const moe_tape *t, const void *const *skip, int nskip, moe_tape_memory_row *rows, int max) {
+    size_t need = (size_t)nskip + (size_t)t->n * (2 * MOE_TAPE_MAX_IO + MOE_TAPE_MAX_SAVED) + 1, cap = 16;
+    while (cap < 2 * need) cap *= 2;
+    ptr_set set = {calloc(cap, sizeof(void *)), cap};
+    if (!set.keys) return 0;
+    for (int i = 0; i < nskip; i++) if (skip[i]) ptr_set_add(&set, skip[i]);
+    int nrows = 0;
+    moe_tape_memory_row *all = NULL;
+    for (int k = 0; k < t->n; k++) {
+        const moe_tape_entry *e = &t->entries[k];
+        moe_tensor *ts[2 * MOE_TAPE_MAX_IO + MOE_TAPE_MAX_SAVED];
+        int n = 0;
+        for (int i = 0; i < e->n_in; i++) ts[n++] = e->in[i];
+        for (int i = 0; i < e->n_out; i++) ts[n++] = e->out[i];
+        for (int i = 0; i < e->n_saved; i++) ts[n++] = e->saved[i];
+        for (int i = 0; i < n; i++) {
+            if (!ts[i] || !ts[i]->storage || ptr_set_add(&set, ts[i]->storage) != 1) continue;
+            int r = 0;
+            while (r < nrows && strcmp(all[r].name, e->name)) r++;
+            if (r == nrows) {
+                moe_tape_memory_row *g = realloc(all, (size_t)(nrows + 1) * sizeof *g);
+                if (!g) continue;   /* best effort, like profiling */
+                all = g;
+                all[nrows++] = (moe_tape_memory_row){e->name, 0, 0};
+            }
+            all[r].tensors++;
+            all[r].bytes += (double)ts[i]->storage->nbytes;
+        }
+    }
+    free(set.keys);
+    /* most bytes first (insertion sort: a few dozen names) */
+    for (int i = 1; i < nrows; i++)
+        for (int j = i; j > 0 && all[j].bytes > all[j - 1].bytes; j--) {
+            moe_tape_memory_row x = all[j]; all[j] = all[j - 1]; all[j - 1] = x;
+        }
+    for (int i = 0; i < nrows && i < max; i++) rows[i] = all[i];
+    free(all);
+    return nrows;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -76,6 +76,14 @@ void moe_tape_set_profile(moe_tape *tape, int mode);
 typedef struct { const char *name; int64_t calls; double seconds; } moe_tape_profile_row;
 /* Rows sorted by seconds, most first; returns the count (fills up to max). */
 int moe_tape_profile(const moe_tape *tape, moe_tape_profile_row *rows, int max);
+/* Activation memory held by the tape, by entry name: each storage that an
+ * entry's inputs, outputs or saved tensors reference counts once, for the
+ * first entry (in forward order) that holds it. Storages listed in `skip`
+ * (the parameters' flat buffers: they live anyway) are left out. Rows sorted
+ * by bytes, most first; returns the number of names (fills up to max). */
+typedef struct { const char *name; int64_t tensors; double bytes; } moe_tape_memory_row;
+int moe_tape_memory(const moe_tape *tape, const void *const *skip, int nskip, moe_tape_memory_row *rows, int max);
+
 /* Deferred backward work, for overlap with expert parallelism's exchanges:
  * while deferral is on (moe_tape_set_defer, switched on by the entry before
  * the experts' backward and off by the exchange after it), a backward may

@@ -204,7 +204,9 @@ moe_status moe_op_cross_entropy_backward(moe_ctx *ctx, moe_tensor *dlogits, cons
 /* Both of the above at once: loss and lse as moe_op_cross_entropy, dlogits as
  * moe_op_cross_entropy_backward with this scale, the same values; where the
  * backend has a fused kernel the logits are read from memory once (training
- * knows the scale, 1 / counted rows, before the backward pass). */
+ * knows the scale, 1 / counted rows, before the backward pass). Where the
+ * backend fuses, dlogits may be the logits themselves: each row is read before
+ * it is written. */
 /* Whether dev's backend has the one-pass kernel (else the op runs the two and
  * precomputing the gradient saves nothing). */
 int moe_op_cross_entropy_fuses(moe_ctx *ctx, moe_device dev);

@@ -598,6 +598,34 @@ static void test_allocator(void) {
        "allocator reuses a cached block of the same class");
     moe_tensor_release(a);
 
+    /* Large blocks: rounded to 2 MiB, not to a quarter of a power of two (a
+     * 2.16 GB buffer took 2.68); a slightly smaller request reuses a cached
+     * block at most an eighth larger, counted whole; a much smaller one does not. */
+    die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+    const int64_t big_n = (int64_t)(300 << 20) + 12345;     /* bytes, as u8 elements */
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    a = moe_tensor_new(ctx, MOE_U8, SH(big_n), GPU);
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    size_t took = s1.bytes_in_use - s0.bytes_in_use;
+    ok(a && took >= (size_t)big_n && took < (size_t)big_n + (2u << 20) && took % (2u << 20) == 0,
+       "allocator: a %lld-byte tensor takes a block rounded to 2 MiB (%zu bytes)", (long long)big_n, took);
+    moe_tensor_release(a);
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    a = moe_tensor_new(ctx, MOE_U8, SH(big_n - (int64_t)(20 << 20)), GPU);   /* 20 MiB smaller: within an eighth */
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(a && s1.num_cache_hits == s0.num_cache_hits + 1 && s1.num_cuda_malloc == s0.num_cuda_malloc &&
+           s1.bytes_in_use - s0.bytes_in_use == took,
+       "allocator: a slightly smaller request reuses the cached block, counted whole (%zu bytes)",
+       (size_t)(s1.bytes_in_use - s0.bytes_in_use));
+    moe_tensor_release(a);
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    a = moe_tensor_new(ctx, MOE_U8, SH(big_n / 2), GPU);
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(a && s1.num_cuda_malloc == s0.num_cuda_malloc + 1 && s1.bytes_in_use - s0.bytes_in_use < (size_t)big_n / 2 + (2u << 20),
+       "allocator: a request of half the size gets a block of its own, not the cached one");
+    moe_tensor_release(a);
+    die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+
     /* out of memory: more than the device has */
     moe_cuda_memory_stats(ctx, 0, &s0);
     size_t total = s0.device_total;

@@ -130,6 +130,68 @@ do
     string.format("%.5f / %.5f, rel %.2g", l2:item(), l3:item(), e3))
 end
 
+-- the loss's gradient written over the logits (overwrite_logits, the
+-- trainer's way): the same loss and gradient bytes as into a new tensor, in
+-- bf16 and f32, the gradient in the logits' own memory; a row wider than
+-- shared memory (the kernel re-reads it from global memory) too
+do
+  for _, case in ipairs{{"bf16", 1000}, {"f32", 1000}, {"bf16", 150000}} do
+    local dt, V = case[1], case[2]
+    local N = 16
+    local tt = {}
+    for i = 1, N do tt[i] = (i * 7919) % V end
+    tt[3] = -100
+    local tgd = moe.tensor(tt, {dtype = "i64"}):to("cuda")
+    local base = moe.randn({N, V}, {seed = 43}):to("cuda"):to(dt)
+    local t1 = moe.Tape()
+    local l1 = t1:cross_entropy(base, tgd)
+    t1:backward(l1)
+    local g1 = t1:grad(base):clone()
+    local lg = base:clone()
+    local t2 = moe.Tape()
+    local l2 = t2:cross_entropy(lg, tgd, {overwrite_logits = true})
+    t2:backward(l2)
+    local g2 = t2:grad(lg)
+    local d = (g2:to("f32") - g1:to("f32")):abs():max():item()
+    local same_mem = (lg:to("f32") - g1:to("f32")):abs():max():item()
+    ok(l1:item() == l2:item() and d == 0 and same_mem == 0,
+      string.format("cuda cross-entropy over the logits [%s, V %d]: the same loss and gradient bytes, in the logits' memory", dt, V),
+      string.format("loss %.6f / %.6f, max diff %g, logits vs gradient %g", l1:item(), l2:item(), d, same_mem))
+  end
+end
+
+-- the model's forward with keep_logits = false (the trainer's): no [tokens,
+-- vocab] gradient tensor besides the logits, the same loss and gradient bytes
+do
+  local m = moe.arch.OLMoE{vocab_size = 8192, hidden_size = 128, num_layers = 2, num_heads = 4, num_experts = 8,
+                           experts_per_token = 2, expert_intermediate_size = 128, seed = 9, device = "cuda"}
+  m:set_precision("bf16")
+  m:train(true)
+  local ids2, tg2 = corpus:batch{batch_size = 8, seq_len = 64, seed = 2, step = 0}
+  local function run(keep)
+    m.net:zero_grad()
+    collectgarbage(); collectgarbage()
+    moe.synchronize("cuda")
+    local before = core.cuda_memory_stats(0).in_use
+    local out = m:forward(ids2, {targets = tg2, aux_loss_coef = 0.01, keep_logits = keep})
+    moe.synchronize("cuda")
+    local held = core.cuda_memory_stats(0).in_use - before
+    out.tape:backward(out.total_loss)
+    local _, g = m.net:flat_parameters()
+    local loss = out.loss:item()
+    out.tape:reset()
+    return loss, g:to("f32"), held, out.logits
+  end
+  local la, ga, ha, lga = run(true)
+  lga:free()
+  local lb, gb, hb, lgb = run(false)
+  local d = (ga - gb):abs():max():item()
+  local logit_bytes = 8 * 64 * 8192 * 2
+  ok(la == lb and d == 0 and lgb == nil and ha - hb >= logit_bytes,
+    "cuda model forward with keep_logits = false: the same loss and gradient bytes, one [tokens, vocab] tensor less",
+    string.format("loss %.6f / %.6f, max diff %g, held after the forward %.1f / %.1f MB", la, lb, d, ha / 1e6, hb / 1e6))
+end
+
 -- the trainer's update queued on the device (norm, clip factor and NaN guard in
 -- the AdamW kernels, values read after queuing it) against the host path (a
 -- no-op gradient hook takes it): the same norms, losses, step count and bytes,

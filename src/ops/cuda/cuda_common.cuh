@@ -15,6 +15,7 @@
 #include <cublas_v2.h>
 #include <stdint.h>
 
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -36,8 +37,8 @@ struct cuda_dev {
     moe_ctx *ctx;                 // for ctx->reclaim; NULL once uninstalled
     // allocator (guarded by mu)
     std::mutex mu;
-    std::unordered_map<size_t, std::vector<void *>> cache;   // size class -> free blocks
-    std::unordered_map<void *, size_t> live;                  // block -> size class
+    std::map<size_t, std::vector<void *>> cache;   // block size -> free blocks (no empty lists)
+    std::unordered_map<void *, size_t> live;        // block -> its size
     size_t bytes_in_use, bytes_cached, peak_in_use;
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
