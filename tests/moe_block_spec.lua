@@ -34,6 +34,26 @@ end
 
 describe("MoE block gradients", function()
   local x = moe.randn({2, 3, 6}, {seed = 3})
+  it("with the residual added in the combine (and by an add beside shared experts)", function()
+    for _, o in ipairs{{}, {num_shared_experts = 1}, {capacity_factor = 1.0}} do
+      local m = block(o)
+      local r0 = moe.randn({2, 3, 6}, {seed = 4})
+      local ref = m:forward(x) + r0
+      local y = m:forward_residual(x, r0)
+      assert.is_true((y - ref):abs():max():item() < 1e-5)
+      local up = gc.upstream(y, 6)
+      local function loss() return gc.dot(m:forward_residual(x, r0), up) end
+      m:zero_grad()
+      local tape = moe.Tape()
+      tape:backward(m:forward_residual(x, r0, tape), up)
+      local go = {eps = 1e-3, atol = 3e-3, rtol = 3e-2}
+      gc.check("residual d/dx", x, tape:grad(x), loss, go)
+      gc.check("residual d/dresidual", r0, tape:grad(r0), loss, go)
+      for _, p in ipairs(m:parameters()) do gc.check("residual d/d" .. p.name, p.value, p.grad, loss, go) end
+    end
+    assert.has_error(function() block{}:forward_residual(x, moe.randn({2, 6})) end)
+  end)
+
   it("top-k softmax, renormalized (Mixtral)", function() check_block("topk/renorm", block{}, x) end)
   it("top-k softmax, not renormalized (OLMoE)", function() check_block("topk", block{renormalize = false}, x) end)
   it("top-k sigmoid scores, renormalized, scaled (DeepSeek-V3)", function()

@@ -27,6 +27,47 @@ local function check_layer(what, layer, x, opts)
   return tape
 end
 
+-- forward_residual: y = r + layer(x), the add folded into the layer's last op.
+-- Checks the values against forward + add and d/dx, d/dr, d/dparam by finite differences.
+local function check_residual(what, layer, x, opts)
+  local r0 = moe.randn(layer:forward(x):shape(), {seed = 91})
+  local ref = layer:forward(x) + r0
+  local y = layer:forward_residual(x, r0)
+  assert.is_true((y - ref):abs():max():item() < 1e-5, what .. ": forward_residual differs from forward + add")
+  local up = gc.upstream(y, 92)
+  local function loss() return gc.dot(layer:forward_residual(x, r0), up) end
+  layer:zero_grad()
+  local tape = moe.Tape()
+  tape:backward(layer:forward_residual(x, r0, tape), up)
+  gc.check(what .. " (residual) d/dx", x, tape:grad(x), loss, opts)
+  gc.check(what .. " (residual) d/dresidual", r0, tape:grad(r0), loss, opts)
+  for _, p in ipairs(layer:parameters()) do
+    gc.check(what .. " (residual) d/d" .. p.name, p.value, p.grad, loss, opts)
+  end
+end
+
+describe("residual adds folded into a layer's last op", function()
+  it("Linear, with and without bias", function()
+    check_residual("Linear", moe.nn.Linear(5, 4, {seed = 81}), moe.randn({2, 3, 5}, {seed = 82}))
+    check_residual("Linear(no bias)", moe.nn.Linear(5, 4, {bias = false, seed = 83}), moe.randn({3, 5}, {seed = 84}))
+  end)
+
+  it("Attention (o_proj) and FeedForward (down_proj)", function()
+    check_residual("Attention", moe.nn.Attention{hidden_size = 8, num_heads = 2, qk_norm = true, seed = 85},
+      moe.randn({1, 4, 8}, {seed = 86}))
+    check_residual("FFN(swiglu)", moe.nn.FeedForward{hidden_size = 6, intermediate_size = 10, seed = 87},
+      moe.randn({2, 3, 6}, {seed = 88}))
+  end)
+
+  it("a layer without a folded path adds separately; bad residuals are refused", function()
+    check_residual("RMSNorm", moe.nn.RMSNorm(6), moe.randn({3, 6}, {seed = 89}))
+    local l = moe.nn.Linear(5, 4, {seed = 81})
+    assert.has_error(function() l:forward_residual(moe.randn({3, 5}), moe.randn({3, 5})) end,
+      "layer:forward_residual: Linear.forward: linear: the residual is f32 [3, 5], expected f32 [3, 4] (the output's)")
+    assert.has_error(function() l:forward_residual(moe.randn({3, 5})) end)
+  end)
+end)
+
 describe("layer gradients (finite differences)", function()
   it("Linear with bias, 3-d input", function()
     check_layer("Linear", moe.nn.Linear(5, 4, {seed = 1}), moe.randn({2, 3, 5}, {seed = 2}))

@@ -232,6 +232,21 @@ static int layer_forward(lua_State *L) {
     return 1;
 }
 
+/* layer:forward_residual(x, residual[, tape]) -> residual + layer(x), the add
+ * folded into the layer's last op where it has one (layer.h) */
+static int layer_forward_residual(lua_State *L) {
+    const char *f = "layer:forward_residual";
+    moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
+    moe_tensor *x = moe_lua_check_tensor_f(L, 2, f, "input");
+    moe_tensor *r = moe_lua_check_tensor_f(L, 3, f, "residual");
+    moe_tape *tape = lua_isnoneornil(L, 4) ? NULL : moe_lua_check_tape(L, 4, f);
+    moe_tensor *y;
+    moe_status s = moe_layer_forward_residual(l, moe_lua_ctx(L), tape, x, r, &y);
+    if (s != MOE_OK) return moe_lua_fail(L, f);
+    moe_lua_push_tensor(L, y, f);
+    return 1;
+}
+
 static int layer_tostring(lua_State *L) {
     layer_box *b = luaL_checkudata(L, 1, LAYER_MT);
     char buf[1024];
@@ -589,7 +604,7 @@ static int tape_forward(lua_State *L) {
 }
 
 static const luaL_Reg layer_methods[] = {
-    {"forward", layer_forward}, {"parameters", layer_parameters}, {"buffers", layer_buffers}, {"param", layer_param}, {"grad", layer_grad},
+    {"forward", layer_forward}, {"forward_residual", layer_forward_residual}, {"parameters", layer_parameters}, {"buffers", layer_buffers}, {"param", layer_param}, {"grad", layer_grad},
     {"num_params", layer_num_params}, {"zero_grad", layer_zero_grad}, {"to", layer_to},
     {"set_precision", layer_set_precision}, {"precision", layer_precision}, {"refresh_compute", layer_refresh_compute},
     {"flat_parameters", layer_flat}, {"kind", layer_kind}, {"device", layer_device}, {"children", layer_children},

@@ -561,15 +561,16 @@ static int o_adamw(lua_State *L) {
 
 /* ------------------------------------------------- MoE token movement -- */
 
-/* gather_sum(src [A, H], w [A] or nil, slots [N, k] i32) -> y [N, H] */
+/* gather_sum(src [A, H], w [A] or nil, slots [N, k] i32[, base [N, H]]) -> y [N, H] (+ base) */
 static int o_gather_sum(lua_State *L) {
     const char *fn = "ops.gather_sum";
     moe_tensor *src = T(1, fn, "src"), *w = moe_lua_opt_tensor_f(L, 2, fn, "w"), *slots = T(3, fn, "slots");
+    moe_tensor *base = moe_lua_opt_tensor_f(L, 4, fn, "base");
     need_dims(L, src, 2, 2, fn, "src");
     need_dims(L, slots, 2, 2, fn, "slots");
     int64_t shape[2] = {slots->shape[0], src->shape[1]};
     moe_tensor *y = new_out(L, src, 2, shape, fn);
-    moe_lua_check(L, moe_op_gather_sum(moe_lua_ctx(L), y, src, w, slots), fn);
+    moe_lua_check(L, moe_op_gather_sum_add(moe_lua_ctx(L), y, base, src, w, slots), fn);
     return 1;
 }
 

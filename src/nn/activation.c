@@ -25,7 +25,7 @@ static void activation_describe(const moe_layer *l, char *buf, size_t n) {
     snprintf(buf, n, "%s()", name);
 }
 
-static const moe_layer_vtable activation_vt = {"Activation", activation_forward, activation_describe, NULL};
+static const moe_layer_vtable activation_vt = {"Activation", activation_forward, activation_describe, NULL, NULL};
 
 moe_layer *moe_activation_new(moe_unary_op op) {
     switch (op) {

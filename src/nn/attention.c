@@ -92,7 +92,9 @@ static moe_status attention_core(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe
     return MOE_OK;
 }
 
-static moe_status attention_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+/* residual: y = residual + o_proj(o), the add folded into o_proj (NULL: plain) */
+static moe_status attention_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x,
+                                         moe_tensor *residual, moe_tensor **y) {
     attn_state *st = l->state;
     if (x->ndim != 3 || x->shape[2] != st->cfg.hidden) {
         char a[96];
@@ -115,10 +117,20 @@ static moe_status attention_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
         if (s == MOE_OK) s = moe_layer_forward(l->children[C_KN], ctx, tape, k, &kn);
     }
     if (s == MOE_OK) s = attention_core(l, ctx, tape, qn ? qn : q, kn ? kn : k, v, fused, &o);
-    if (s == MOE_OK) s = moe_layer_forward(l->children[C_O], ctx, tape, o, y);
+    if (s == MOE_OK && residual) s = moe_layer_forward_residual(l->children[C_O], ctx, tape, o, residual, y);
+    else if (s == MOE_OK) s = moe_layer_forward(l->children[C_O], ctx, tape, o, y);
     moe_tensor_release(q); moe_tensor_release(k); moe_tensor_release(v);
     moe_tensor_release(qn); moe_tensor_release(kn); moe_tensor_release(o);
     return s;
+}
+
+static moe_status attention_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return attention_forward_impl(l, ctx, tape, x, NULL, y);
+}
+
+static moe_status attention_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x,
+                                             moe_tensor *residual, moe_tensor **y) {
+    return attention_forward_impl(l, ctx, tape, x, residual, y);
 }
 
 static void attention_describe(const moe_layer *l, char *buf, size_t n) {
@@ -130,7 +142,8 @@ static void attention_describe(const moe_layer *l, char *buf, size_t n) {
 
 static void attention_destroy(moe_layer *l) { free(l->state); }
 
-static const moe_layer_vtable attention_vt = {"Attention", attention_forward, attention_describe, attention_destroy};
+static const moe_layer_vtable attention_vt = {"Attention", attention_forward, attention_describe, attention_destroy,
+                                              attention_forward_residual};
 
 moe_layer *moe_attention_new(moe_ctx *ctx, const moe_attention_cfg *cfg_in, moe_init *init) {
     moe_attention_cfg c = *cfg_in;

@@ -38,7 +38,7 @@ static void embedding_describe(const moe_layer *l, char *buf, size_t n) {
              (long long)l->params[0].value->shape[1]);
 }
 
-static const moe_layer_vtable embedding_vt = {"Embedding", embedding_forward, embedding_describe, NULL};
+static const moe_layer_vtable embedding_vt = {"Embedding", embedding_forward, embedding_describe, NULL, NULL};
 
 moe_layer *moe_embedding_new(moe_ctx *ctx, int64_t vocab, int64_t dim, moe_init *init) {
     if (vocab <= 0 || dim <= 0) {

@@ -218,7 +218,7 @@ static void bank_destroy(moe_layer *l) {
     free(st);
 }
 
-static const moe_layer_vtable bank_vt = {"ExpertBank", bank_forward, bank_describe, bank_destroy};
+static const moe_layer_vtable bank_vt = {"ExpertBank", bank_forward, bank_describe, bank_destroy, NULL};
 
 moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, int64_t inner, moe_ffn_kind kind,
                                moe_init *init) {

@@ -10,7 +10,14 @@
 
 typedef struct { moe_ffn_kind kind; } ffn_state;
 
-static moe_status ffn_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+/* the last projection, with the block's residual folded into it when there is one */
+static moe_status ffn_last(moe_layer *down, moe_ctx *ctx, moe_tape *tape, moe_tensor *h, moe_tensor *residual,
+                           moe_tensor **y) {
+    return residual ? moe_layer_forward_residual(down, ctx, tape, h, residual, y) : moe_layer_forward(down, ctx, tape, h, y);
+}
+
+static moe_status ffn_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                   moe_tensor **y) {
     ffn_state *st = l->state;
     moe_tensor *h = NULL, *a = NULL, *b = NULL;
     moe_status s;
@@ -18,16 +25,25 @@ static moe_status ffn_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_te
         s = moe_layer_forward(l->children[0], ctx, tape, x, &a);               /* gate */
         if (s == MOE_OK) s = moe_layer_forward(l->children[1], ctx, tape, x, &b); /* up */
         if (s == MOE_OK) s = moe_f_swiglu(ctx, tape, a, b, &h);
-        if (s == MOE_OK) s = moe_layer_forward(l->children[2], ctx, tape, h, y);
+        if (s == MOE_OK) s = ffn_last(l->children[2], ctx, tape, h, residual, y);
     } else {
         s = moe_layer_forward(l->children[0], ctx, tape, x, &a);               /* up */
         if (s == MOE_OK) s = moe_f_unary(ctx, tape, MOE_UN_GELU, a, 0.0f, &h);
-        if (s == MOE_OK) s = moe_layer_forward(l->children[1], ctx, tape, h, y);
+        if (s == MOE_OK) s = ffn_last(l->children[1], ctx, tape, h, residual, y);
     }
     moe_tensor_release(a);
     moe_tensor_release(b);
     moe_tensor_release(h);
     return s;
+}
+
+static moe_status ffn_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return ffn_forward_impl(l, ctx, tape, x, NULL, y);
+}
+
+static moe_status ffn_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                       moe_tensor **y) {
+    return ffn_forward_impl(l, ctx, tape, x, residual, y);
 }
 
 static void ffn_describe(const moe_layer *l, char *buf, size_t n) {
@@ -39,7 +55,7 @@ static void ffn_describe(const moe_layer *l, char *buf, size_t n) {
 
 static void ffn_destroy(moe_layer *l) { free(l->state); }
 
-static const moe_layer_vtable ffn_vt = {"FeedForward", ffn_forward, ffn_describe, ffn_destroy};
+static const moe_layer_vtable ffn_vt = {"FeedForward", ffn_forward, ffn_describe, ffn_destroy, ffn_forward_residual};
 
 moe_layer *moe_ffn_new(moe_ctx *ctx, int64_t hidden, int64_t inner, moe_ffn_kind kind, int bias, moe_init *init) {
     if (hidden <= 0 || inner <= 0) {

@@ -34,6 +34,11 @@ moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_
 /* y = x @ w^T (+ b): x [..., in], w [out, in], b [out] or NULL. The layer Linear uses it. */
 moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
                         moe_tensor *b, moe_tensor *bgrad, moe_tensor **y);
+/* The same plus a residual of y's shape and dtype, y = residual + x w^T (+ b),
+ * summed by the GEMM (beta 1 over a copy of the residual): no separate
+ * product tensor and add. NULL residual: moe_f_linear. */
+moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
+                            moe_tensor *b, moe_tensor *bgrad, moe_tensor *residual, moe_tensor **y);
 
 /* Small helpers shared by layers: new tensor shaped like t but with its last dim = n. */
 moe_tensor *moe_new_last_dim(moe_ctx *ctx, const moe_tensor *t, int64_t n);

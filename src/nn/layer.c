@@ -1,4 +1,5 @@
 #include "layer.h"
+#include "functional.h"
 #include "../core/rng.h"
 
 #include <stdio.h>
@@ -65,6 +66,26 @@ moe_status moe_layer_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_ten
         moe_tensor_release(*y);
         *y = NULL;
         /* container layers already prefixed their children's names */
+        if (!l->n_children || !strstr(moe_last_error(), ".forward")) moe_error_context(s, "%s.forward", l->vt->kind);
+    }
+    return s;
+}
+
+moe_status moe_layer_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                      moe_tensor **y) {
+    *y = NULL;
+    if (!residual) return moe_error(MOE_ERR_ARG, "%s.forward: residual is nil", l->vt->kind);
+    if (!l->vt->forward_residual || !x || !moe_device_eq(x->device, l->device)) {
+        moe_tensor *t = NULL;
+        MOE_TRY(moe_layer_forward(l, ctx, tape, x, &t));
+        moe_status s = moe_f_binary(ctx, tape, MOE_BIN_ADD, residual, t, y);
+        moe_tensor_release(t);
+        return s;
+    }
+    moe_status s = l->vt->forward_residual(l, ctx, tape, x, residual, y);
+    if (s != MOE_OK) {
+        moe_tensor_release(*y);
+        *y = NULL;
         if (!l->n_children || !strstr(moe_last_error(), ".forward")) moe_error_context(s, "%s.forward", l->vt->kind);
     }
     return s;

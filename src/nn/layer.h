@@ -41,6 +41,11 @@ typedef struct moe_layer_vtable {
     /* One-line description for printing ("Linear(16 -> 32, bias)"). */
     void (*describe)(const moe_layer *self, char *buf, size_t n);
     void (*destroy)(moe_layer *self);   /* frees layer-specific state, may be NULL */
+    /* y = residual + f(x) with the add folded into the layer's last op (may be
+     * NULL: moe_layer_forward_residual then adds separately). residual has
+     * the output's shape and dtype. */
+    moe_status (*forward_residual)(moe_layer *self, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                   moe_tensor **y);
 } moe_layer_vtable;
 
 struct moe_layer {
@@ -74,6 +79,12 @@ void moe_layer_retain_v(void *l);
 void moe_layer_release_v(void *l);
 
 moe_status moe_layer_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y);
+/* y = residual + l(x): a transformer block's residual add, folded into the
+ * layer's last op where it has a way (a linear's GEMM, an MoE block's
+ * combine), saving a [tokens, hidden] tensor and a pass over it; else the
+ * forward and a taped add. */
+moe_status moe_layer_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                      moe_tensor **y);
 void moe_layer_describe(const moe_layer *l, char *buf, size_t n);
 
 /* Parameters of the whole tree in a stable order, with dotted names

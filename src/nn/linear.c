@@ -34,6 +34,10 @@ static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
     }
     moe_tensor_release(g); moe_tensor_release(grows); moe_tensor_release(xrows);
     moe_tensor_release(dxrows); moe_tensor_release(db);
+    if (s == MOE_OK && e->n_in > 1) {   /* the residual's gradient is the output's, handed over (like an add's) */
+        moe_tensor_retain(gout[0]);
+        gin[1] = gout[0];
+    }
     if (s != MOE_OK || acc) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
@@ -41,6 +45,11 @@ static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
 
 moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
                         moe_tensor *b, moe_tensor *bgrad, moe_tensor **y) {
+    return moe_f_linear_add(ctx, tape, x, w, wgrad, b, bgrad, NULL, y);
+}
+
+moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
+                            moe_tensor *b, moe_tensor *bgrad, moe_tensor *residual, moe_tensor **y) {
     *y = NULL;
     if (!x) return moe_error(MOE_ERR_ARG, "linear: input is nil");
     int64_t in = w->shape[1], out_f = w->shape[0];
@@ -57,10 +66,20 @@ moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor 
     moe_tensor *yt = xc ? moe_new_last_dim(ctx, xc, out_f) : NULL;
     moe_tensor *yrows = yt ? moe_rows_view(yt) : NULL;
     moe_status s = xrows && yrows ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xrows, w, 0.0f, yrows);
+    if (s == MOE_OK && residual && (!moe_tensor_same_shape(residual, yt) || residual->dtype != yt->dtype)) {
+        char a[96], c[96];
+        s = moe_error(MOE_ERR_SHAPE, "linear: the residual is %s %s, expected %s %s (the output's)",
+                      moe_dtype_name(residual->dtype), moe_shape_str(residual, a, sizeof a), moe_dtype_name(yt->dtype),
+                      moe_shape_str(yt, c, sizeof c));
+    }
+    /* with a residual: y = residual, then the GEMM adds x W^T to it (beta 1):
+     * one rounding of the sum and no separate [rows, out] product to keep */
+    if (s == MOE_OK && residual) s = moe_op_copy(ctx, yt, residual);
+    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xrows, w, residual ? 1.0f : 0.0f, yrows);
     if (s == MOE_OK && b) s = moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, b);
     if (s == MOE_OK && tape) {
-        moe_tape_entry *e = moe_tape_record(tape, "linear", linear_backward, NULL, NULL, NULL, 1, &x, 1, &yt);
+        moe_tensor *in[2] = {x, residual};
+        moe_tape_entry *e = moe_tape_record(tape, "linear", linear_backward, NULL, NULL, NULL, residual ? 2 : 1, in, 1, &yt);
         if (!e) s = moe_last_status();
         else {
             moe_tape_save(e, xc);
@@ -89,6 +108,21 @@ static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe
     return s;
 }
 
+/* LoRA's adapters add after the base output: the residual is added by moe_layer_forward_residual then */
+static moe_status linear_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x,
+                                          moe_tensor *residual, moe_tensor **y) {
+    moe_param *w = &l->params[0], *b = has_bias(l) ? &l->params[1] : NULL;
+    if (l->state) {
+        moe_tensor *t = NULL;
+        MOE_TRY(linear_forward(l, ctx, tape, x, &t));
+        moe_status s = moe_f_binary(ctx, tape, MOE_BIN_ADD, residual, t, y);
+        moe_tensor_release(t);
+        return s;
+    }
+    return moe_f_linear_add(ctx, tape, x, moe_param_w(w), w->grad, b ? moe_param_w(b) : NULL, b ? b->grad : NULL,
+                            residual, y);
+}
+
 static void linear_describe(const moe_layer *l, char *buf, size_t n) {
     const moe_lora *lo = moe_lora_of(l);
     char extra[64] = "";
@@ -99,7 +133,8 @@ static void linear_describe(const moe_layer *l, char *buf, size_t n) {
 
 static void linear_destroy(moe_layer *l) { free(l->state); }   /* the LoRA adapters, if any */
 
-static const moe_layer_vtable linear_vt = {"Linear", linear_forward, linear_describe, linear_destroy};
+static const moe_layer_vtable linear_vt = {"Linear", linear_forward, linear_describe, linear_destroy,
+                                           linear_forward_residual};
 
 moe_layer *moe_linear_new(moe_ctx *ctx, int64_t in, int64_t out, int bias, moe_init *init) {
     if (in <= 0 || out <= 0) {

@@ -66,7 +66,7 @@ static void model_destroy(moe_layer *l) {
     free(st);
 }
 
-static const moe_layer_vtable model_vt = {"MoEModel", model_forward_vt, model_describe, model_destroy};
+static const moe_layer_vtable model_vt = {"MoEModel", model_forward_vt, model_describe, model_destroy, NULL};
 
 const moe_model_cfg *moe_model_config(const moe_layer *l) {
     return moe_layer_is(l, "MoEModel") ? &((model_state *)l->state)->cfg : NULL;
@@ -261,19 +261,19 @@ moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_ten
     moe_layer *layers = m->children[C_LAYERS];
     for (int i = 0; i < layers->n_children && s == MOE_OK; i++) {
         moe_layer *b = layers->children[i];
-        moe_tensor *a = NULL, *t = NULL, *h2 = NULL;
+        moe_tensor *a = NULL, *h2 = NULL;
         model_state *st = m->state;
         if (tape && st->armed && st->ar_comm) s = grad_marker(m, tape, b, &h);
+        /* h + attn(norm1(h)), then h + mlp(norm2(h)): each residual add folded
+         * into the sublayer's last op (o_proj's GEMM, the MoE combine) */
         if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM1], ctx, tape, h, &a);
-        if (s == MOE_OK) s = moe_layer_forward(b->children[B_ATTN], ctx, tape, a, &t);
-        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, h, t, &h2);
-        moe_tensor_release(a); moe_tensor_release(t);
-        a = t = NULL;
+        if (s == MOE_OK) s = moe_layer_forward_residual(b->children[B_ATTN], ctx, tape, a, h, &h2);
+        moe_tensor_release(a);
+        a = NULL;
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; h2 = NULL; }
         if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM2], ctx, tape, h, &a);
-        if (s == MOE_OK) s = moe_layer_forward(b->children[B_MLP], ctx, tape, a, &t);
-        if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, h, t, &h2);
-        moe_tensor_release(a); moe_tensor_release(t);
+        if (s == MOE_OK) s = moe_layer_forward_residual(b->children[B_MLP], ctx, tape, a, h, &h2);
+        moe_tensor_release(a);
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; }
         if (s != MOE_OK) s = moe_error_context(s, "layer %d", i);
     }

@@ -451,7 +451,10 @@ static moe_status custom_experts(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe
     return s;
 }
 
-static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+/* residual (NULL: none): y = residual + block(x), added in the combine's pass
+ * on the plain path (one process, no shared experts), else by a taped add */
+static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *residual,
+                                     moe_tensor **y) {
     block_state *st = l->state;
     const moe_block_cfg *c = &st->cfg;
     if (x->ndim < 1 || x->shape[x->ndim - 1] != c->hidden) {
@@ -467,6 +470,11 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
                          "trainer:train / trainer:evaluate (every rank), call trainer:gather_experts() on every rank "
                          "to restore the full experts, or save_checkpoint and moe.load it in one process",
                          (long long)first, (long long)(first + count), (long long)total);
+    }
+    if (residual && (!moe_tensor_same_shape(residual, x) || residual->dtype != x->dtype)) {
+        char a[96], b[96];
+        return moe_error(MOE_ERR_SHAPE, "the residual is %s %s, expected the input's %s %s", moe_dtype_name(residual->dtype),
+                         moe_shape_str(residual, a, sizeof a), moe_dtype_name(x->dtype), moe_shape_str(x, b, sizeof b));
     }
     int64_t seq_len = x->ndim >= 3 ? x->shape[x->ndim - 2] : 0;
     /* [tokens, H] rows, linked to x on the tape so its gradient reaches x */
@@ -486,7 +494,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     }
     moe_tensor *rin = NULL, *noise = NULL, *logits = NULL, *nlog = NULL, *xp = NULL, *yp = NULL, *yr = NULL;
     moe_tensor *sh = NULL, *sum = NULL, *sg = NULL, *sgs = NULL, *shg = NULL;
-    moe_tensor *xb = NULL, *rsrc = NULL;
+    moe_tensor *xb = NULL, *rsrc = NULL, *res_rows = NULL, *withres = NULL;
     moe_status s = MOE_OK;
 
     /* the router's input: the tokens, plus the router-input bias when one is set (taped: it gets gradients) */
@@ -546,6 +554,7 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
                       call * (uint64_t)(n * c->router.num_experts), seq_len, &r);
     if (s == MOE_OK && tokens) s = ep_moves_tokens(&r, st->ep_comm, &tokens);
     if (s == MOE_OK && gather && !r.slots) s = moe_error(MOE_ERR_INTERNAL, "expert parallel: the routing has no slot map");
+    if (s == MOE_OK && residual) s = moe_f_view(ctx, tape, residual, 2, rows_shape, &res_rows);
     if (s == MOE_OK && gather) {
         s = ep_gather_experts(l, ctx, tape, xa, &r, &hook, n, &yr);
     } else if (s == MOE_OK && tokens) {
@@ -559,7 +568,10 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
                            : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
                                                      (int)c->router.num_experts, &yp);
         }
-        if (s == MOE_OK) s = moe_f_combine(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, &yr);
+        /* the residual joins in the combine's pass unless shared experts still add to yr */
+        moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
+        if (s == MOE_OK) s = moe_f_combine_add(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, res_here, &yr);
+        if (s == MOE_OK && res_here) { moe_tensor_release(res_rows); res_rows = NULL; }
     }
     if (s == MOE_OK && st->c_shared >= 0) {
         s = moe_layer_forward(l->children[st->c_shared], ctx, tape, xr, &sh);
@@ -572,6 +584,10 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
         }
         if (s == MOE_OK) s = moe_f_binary(ctx, tape, MOE_BIN_ADD, yr, sh, &sum);
         if (s == MOE_OK) { moe_tensor_release(yr); yr = sum; sum = NULL; }
+    }
+    if (s == MOE_OK && res_rows) {
+        s = moe_f_binary(ctx, tape, MOE_BIN_ADD, res_rows, yr, &withres);
+        if (s == MOE_OK) { moe_tensor_release(yr); yr = withres; withres = NULL; }
     }
     if (s == MOE_OK) s = moe_f_view(ctx, tape, yr, x->ndim, x->shape, y);
     if (s == MOE_OK) {
@@ -592,7 +608,17 @@ static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_
     moe_tensor_release(logits); moe_tensor_release(nlog); moe_tensor_release(xp); moe_tensor_release(dk.xp); moe_tensor_release(yp);
     moe_tensor_release(yr); moe_tensor_release(sh); moe_tensor_release(sum);
     moe_tensor_release(sg); moe_tensor_release(sgs); moe_tensor_release(shg);
+    moe_tensor_release(res_rows); moe_tensor_release(withres);
     return s;
+}
+
+static moe_status block_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
+    return block_forward_impl(l, ctx, tape, x, NULL, y);
+}
+
+static moe_status block_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x,
+                                         moe_tensor *residual, moe_tensor **y) {
+    return block_forward_impl(l, ctx, tape, x, residual, y);
 }
 
 static const char *selection_name(moe_selection s) {
@@ -625,7 +651,7 @@ static void block_destroy(moe_layer *l) {
     free(st);
 }
 
-static const moe_layer_vtable block_vt = {"MoE", block_forward, block_describe, block_destroy};
+static const moe_layer_vtable block_vt = {"MoE", block_forward, block_describe, block_destroy, block_forward_residual};
 
 moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **experts, moe_init *init) {
     moe_block_cfg c = *cfg;

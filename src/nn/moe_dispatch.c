@@ -14,6 +14,7 @@
  * Under expert parallelism yp comes back in xp's order (moe_ep.c), so the
  * slot map holds there too. */
 #include "moe_dispatch.h"
+#include "functional.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -82,8 +83,20 @@ static moe_status combine_backward_fused(moe_ctx *ctx, moe_tape_entry *e, moe_te
     return MOE_OK;
 }
 
+static moe_status combine_backward_rows(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin);
+
+/* With a residual (a third input, added in the combine's pass), its gradient
+ * is the output's, handed over as it is (like an add's). */
 static moe_status combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    if (e->i[0]) return combine_backward_fused(ctx, e, gout, gin);
+    moe_status s = e->i[0] ? combine_backward_fused(ctx, e, gout, gin) : combine_backward_rows(ctx, e, gout, gin);
+    if (s == MOE_OK && e->n_in > 2) {
+        moe_tensor_retain(gout[0]);
+        gin[2] = gout[0];
+    }
+    return s;
+}
+
+static moe_status combine_backward_rows(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0];
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
     moe_tensor *gsel = moe_tensor_like(ctx, yp);       /* dy[token[a]] */
@@ -104,14 +117,28 @@ static moe_status combine_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *
 
 moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
                          moe_tensor *slots, int64_t n_tokens, moe_tensor **y) {
+    return moe_f_combine_add(ctx, tape, yp, w, token_idx, slots, n_tokens, NULL, y);
+}
+
+moe_status moe_f_combine_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
+                             moe_tensor *slots, int64_t n_tokens, moe_tensor *residual, moe_tensor **y) {
     *y = NULL;
     int64_t shape[2] = {n_tokens, yp->shape[1]};
     moe_tensor *sl = usable_slots(slots, n_tokens);
+    if (residual && (!sl || residual->ndim != 2 || residual->shape[0] != n_tokens ||
+                     residual->shape[1] != yp->shape[1] || residual->dtype != yp->dtype)) {
+        /* no one-pass kernel for this path: the combine, then a taped add */
+        moe_tensor *c = NULL;
+        MOE_TRY(moe_f_combine_add(ctx, tape, yp, w, token_idx, slots, n_tokens, NULL, &c));
+        moe_status s = moe_f_binary(ctx, tape, MOE_BIN_ADD, residual, c, y);
+        moe_tensor_release(c);
+        return s;
+    }
     moe_tensor *out = moe_tensor_new(ctx, yp->dtype, 2, shape, yp->device);
     moe_tensor *scaled = NULL, *wc = NULL;
     moe_status s = out ? MOE_OK : moe_last_status();
     if (s == MOE_OK && sl) {
-        s = moe_op_gather_sum(ctx, out, yp, w, sl);
+        s = moe_op_gather_sum_add(ctx, out, residual, yp, w, sl);
     } else if (s == MOE_OK) {
         scaled = moe_tensor_like(ctx, yp);
         wc = column(w);
@@ -120,8 +147,8 @@ moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tenso
         if (s == MOE_OK) s = moe_op_index_add(ctx, out, token_idx, scaled);
     }
     if (s == MOE_OK && tape) {
-        moe_tensor *in[2] = {yp, w};
-        moe_tape_entry *e = moe_tape_record(tape, "combine", combine_backward, NULL, NULL, NULL, 2, in, 1, &out);
+        moe_tensor *in[3] = {yp, w, residual};
+        moe_tape_entry *e = moe_tape_record(tape, "combine", combine_backward, NULL, NULL, NULL, residual ? 3 : 2, in, 1, &out);
         if (!e) s = moe_last_status();
         else { moe_tape_save(e, token_idx); e->i[0] = sl != NULL; }
     }

@@ -18,6 +18,10 @@ moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tenso
 /* y [n_tokens, H] = sum of w[a] * yp[a] into row token_idx[a]; tokens with no assignment get 0. */
 moe_status moe_f_combine(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
                          moe_tensor *slots, int64_t n_tokens, moe_tensor **y);
+/* The same plus a residual [n_tokens, H] (y = residual + combine(...)), added
+ * in the combine's one pass where the slot map allows (else a taped add). */
+moe_status moe_f_combine_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_tensor *w, moe_tensor *token_idx,
+                             moe_tensor *slots, int64_t n_tokens, moe_tensor *residual, moe_tensor **y);
 /* y [n_tokens, H] = sum of the rows a of src with token_idx[a] = t (slots:
  * the same map as [n_tokens, m] row numbers, -1 for none), unweighted: the
  * transpose of dispatch. */

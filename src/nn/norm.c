@@ -134,8 +134,8 @@ static void layernorm_describe(const moe_layer *l, char *buf, size_t n) {
              ((norm_state *)l->state)->eps, l->n_params > 1 ? ", bias" : "");
 }
 
-static const moe_layer_vtable rmsnorm_vt = {"RMSNorm", rmsnorm_forward, rmsnorm_describe, norm_destroy};
-static const moe_layer_vtable layernorm_vt = {"LayerNorm", layernorm_forward, layernorm_describe, norm_destroy};
+static const moe_layer_vtable rmsnorm_vt = {"RMSNorm", rmsnorm_forward, rmsnorm_describe, norm_destroy, NULL};
+static const moe_layer_vtable layernorm_vt = {"LayerNorm", layernorm_forward, layernorm_describe, norm_destroy, NULL};
 
 static moe_layer *norm_new(moe_ctx *ctx, const moe_layer_vtable *vt, int64_t dim, float eps, int bias) {
     if (dim <= 0 || !(eps > 0)) {

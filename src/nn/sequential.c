@@ -28,7 +28,7 @@ static void sequential_describe(const moe_layer *l, char *buf, size_t n) {
     if (used < n) snprintf(buf + used, n - used, ")");
 }
 
-static const moe_layer_vtable sequential_vt = {"Sequential", sequential_forward, sequential_describe, NULL};
+static const moe_layer_vtable sequential_vt = {"Sequential", sequential_forward, sequential_describe, NULL, NULL};
 
 moe_layer *moe_sequential_new(moe_ctx *ctx, moe_layer **children, int n) {
     for (int i = 0; i < n; i++) {
@@ -60,7 +60,7 @@ static void module_list_describe(const moe_layer *l, char *buf, size_t n) {
     snprintf(buf, n, "ModuleList(%d layers, %lld parameters)", l->n_children, (long long)moe_layer_num_params(l));
 }
 
-static const moe_layer_vtable module_list_vt = {"ModuleList", module_list_forward, module_list_describe, NULL};
+static const moe_layer_vtable module_list_vt = {"ModuleList", module_list_forward, module_list_describe, NULL, NULL};
 
 moe_layer *moe_module_list_new(moe_ctx *ctx, moe_layer **children, const char *const *names, int n) {
     for (int i = 0; i < n; i++)

@@ -88,8 +88,8 @@ typedef struct moe_backend {
     /* ---- MoE token movement (ops.h, ops_moe.c); kept at the end: the CUDA
      * table is positional. Index range errors are the backend's to report
      * (slots are i32, token_idx i64). ---- */
-    moe_status (*gather_sum)(moe_ctx *, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
-                             const moe_tensor *slots);
+    moe_status (*gather_sum)(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
+                             const moe_tensor *w, const moe_tensor *slots);
     moe_status (*combine_backward)(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
 

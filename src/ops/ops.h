@@ -299,6 +299,12 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
  * overwritten; src [A, H]; w [A] or NULL. */
 moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
                              const moe_tensor *slots);
+/* The same plus base[t, :], added to the f32 sum last (a residual added in the
+ * same pass; f32 results have the bits of a separate add, bf16 ones are
+ * rounded once instead of twice): y = gather_sum(...) + base.
+ * base [N, H], of y's dtype, must not overlap y. */
+moe_status moe_op_gather_sum_add(moe_ctx *ctx, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
+                                 const moe_tensor *w, const moe_tensor *slots);
 /* The backward of y = gather_sum(src, w, slots) written per assignment a
  * (token t = token_idx[a]):
  *   dsrc[a, :] = w[a] * dy[t, :]

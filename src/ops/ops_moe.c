@@ -49,9 +49,18 @@ static void contig_release(contig4 *k) {
 
 moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
                              const moe_tensor *slots) {
-    static const char *op = "gather_sum";
-    ops_arg f[] = {{"y", y}, {"src", src}, {"w", w}};
-    MOE_TRY(ops_check(op, f, w ? 3 : 2, NULL, 0));
+    return moe_op_gather_sum_add(ctx, y, NULL, src, w, slots);
+}
+
+moe_status moe_op_gather_sum_add(moe_ctx *ctx, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
+                                 const moe_tensor *w, const moe_tensor *slots) {
+    const char *op = base ? "gather_sum_add" : "gather_sum";
+    ops_arg f[] = {{"y", y}, {"src", src}, {"w", w}, {"base", base}};
+    int nf = 2;
+    if (w) nf = 3;
+    if (base) { f[nf] = f[3]; nf++; }
+    MOE_TRY(ops_check(op, f, nf, NULL, 0));
+    if (base) MOE_TRY(ops_same_shape(op, "base", base, "y", y));
     MOE_TRY(ops_out(op, "y", y));
     MOE_TRY(check_2d(op, "y", y));
     MOE_TRY(check_2d(op, "src", src));
@@ -66,8 +75,8 @@ moe_status moe_op_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src,
     OPS_ENTRY(ctx, op, y->device, gather_sum, be);
     if (moe_tensor_numel(y) == 0) return MOE_OK;
     contig4 k;
-    moe_status s = contig_all(ctx, &k, src, w, slots, NULL);
-    if (s == MOE_OK) s = be->gather_sum(ctx, y, k.c[0], k.c[1], k.c[2]);
+    moe_status s = contig_all(ctx, &k, src, w, slots, base);
+    if (s == MOE_OK) s = be->gather_sum(ctx, y, k.c[3], k.c[0], k.c[1], k.c[2]);
     contig_release(&k);
     return s;
 }

@@ -132,6 +132,31 @@ static void test_gather_sum(moe_dtype dt, int64_t n, int64_t k, int64_t e, int64
     free_routing(&r);
 }
 
+/* gather_sum_add: the sum from a base row (the block's residual), f32 bit-identical
+ * to the CPU and bf16 the same bytes as the CPU's bf16 */
+static void test_gather_sum_add(moe_dtype dt, int64_t n, int64_t k, int64_t e, int64_t h, int drop_pct) {
+    routing r = make_routing(n, k, e, drop_pct);
+    char name[160];
+    snprintf(name, sizeof name, "gather_sum_add N=%lld k=%lld H=%lld A=%lld", (long long)n, (long long)k, (long long)h,
+             (long long)r.a);
+    pair src = in_randn(dt, SH(r.a, h)), w = in_randn(dt, SH(r.a)), base = in_randn(dt, SH(n, h));
+    pair y = out_pair(dt, SH(n, h));
+    if (RUN(name, dt, moe_op_gather_sum_add(ctx, y.h, base.h, src.h, w.h, r.slots_h),
+            moe_op_gather_sum_add(ctx, y.d, base.d, src.d, w.d, r.slots_d))) {
+        check(name, dt, y.d, y.h, dt == MOE_F32 ? 0.0 : 2e-2);
+        if (dt == MOE_BF16) {
+            moe_tensor *sb = host_in(src.h, dt), *wb = host_in(w.h, dt), *bb = host_in(base.h, dt);
+            moe_tensor *yb = moe_tensor_new_cpu(dt, 2, (int64_t[]){n, h});
+            die_if(!yb, "bf16 out");
+            moe_status s = moe_op_gather_sum_add(ctx, yb, bb, sb, wb, r.slots_h);
+            ok(s == MOE_OK && same_bytes(y.d, yb), "%s [bf16]: same bytes as the cpu backend's bf16", name);
+            moe_tensor_release(sb); moe_tensor_release(wb); moe_tensor_release(bb); moe_tensor_release(yb);
+        }
+    }
+    pfree(&src); pfree(&w); pfree(&base); pfree(&y);
+    free_routing(&r);
+}
+
 /* ---- combine_backward ---- */
 
 static void test_combine_backward(moe_dtype dt, int64_t n, int64_t k, int64_t e, int64_t h, int drop_pct, int with_dw) {
@@ -527,6 +552,9 @@ int main(void) {
         test_gather_sum(dt, 64, 4, 16, 7168, 25, 1);
         test_gather_sum(dt, 300, 8, 64, 2048, 20, 0);    /* the dispatch backward */
         test_gather_sum(dt, 77, 5, 8, 8192, 40, 0);
+        test_gather_sum_add(dt, 257, 4, 32, 1024, 25);
+        test_gather_sum_add(dt, 129, 2, 8, 1001, 30);   /* H not a multiple of 8: the scalar kernel */
+        test_gather_sum_add(dt, 1, 4, 4, 13, 0);
         test_combine_backward(dt, 1, 1, 4, 64, 0, 1);
         test_combine_backward(dt, 1, 4, 4, 13, 0, 1);
         test_combine_backward(dt, 257, 4, 32, 1024, 25, 1);

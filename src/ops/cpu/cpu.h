@@ -172,7 +172,7 @@ moe_status moe_cpu_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 moe_status moe_cpu_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                          const moe_adamw_cfg *cfg);
 /* cpu_moe.c (f32 and bf16) */
-moe_status moe_cpu_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
+moe_status moe_cpu_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src, const moe_tensor *w,
                               const moe_tensor *slots);
 moe_status moe_cpu_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                     const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);

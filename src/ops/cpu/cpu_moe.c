@@ -1,7 +1,9 @@
 /* MoE token movement on the CPU (ops.h: gather_sum, combine_backward), f32
  * and bf16 data (bf16 read as f32, results rounded once). Indices are
  * validated before anything is written. Fixed summation orders:
- *   gather_sum: y[t, c] = ((0 + w_q0 * src[s_q0, c]) + w_q1 * src[s_q1, c]) + ...
+ *   gather_sum: y[t, c] = (((0 + w_q0 * src[s_q0, c]) + w_q1 * src[s_q1, c]) + ...) + base[t, c]
+ *     (the base, when there is one, added last: in f32 the same bits as a
+ *     separate add of the sum and the base)
  *     in q order, each product rounded to f32 then added (no fused multiply-
  *     add: the CUDA kernel does exactly this, so f32 results are bit-identical);
  *   combine_backward: dw[a] by cpu_row_dot's 8-lane order. */
@@ -15,7 +17,7 @@ static inline float ld(const void *p, int bf, int64_t i) {
 
 typedef struct {
     void *y;
-    const void *src, *w;
+    const void *base, *src, *w;
     const int32_t *slots;
     int64_t h, k;
     int bf;
@@ -54,6 +56,8 @@ static void gs_range(void *arg, int64_t t0, int64_t t1) {
                 }
             }
         }
+        if (J->base)
+            for (int64_t c = 0; c < h; c++) acc[c] += ld(J->base, J->bf, t * h + c);
         if (J->bf) {
             uint16_t *restrict o = (uint16_t *)J->y + t * h;
             for (int64_t c = 0; c < h; c++) o[c] = moe_f32_to_bf16(acc[c]);
@@ -67,8 +71,8 @@ static moe_status float_dtype(const char *op, moe_dtype dt) {
     return moe_error(MOE_ERR_DTYPE, "%s: the cpu backend supports f32 and bf16, got dtype %s", op, moe_dtype_name(dt));
 }
 
-moe_status moe_cpu_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
-                              const moe_tensor *slots) {
+moe_status moe_cpu_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
+                              const moe_tensor *w, const moe_tensor *slots) {
     MOE_TRY(float_dtype("gather_sum", y->dtype));
     const int64_t n = y->shape[0], h = y->shape[1], a = src->shape[0], k = slots->shape[1];
     const int32_t *sl = moe_tensor_data(slots);
@@ -78,7 +82,8 @@ moe_status moe_cpu_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src
                              "gather_sum: slot %lld at position %lld (token %lld, choice %lld) is out of range, "
                              "expected [-1, %lld)",
                              (long long)sl[i], (long long)i, (long long)(i / k), (long long)(i % k), (long long)a);
-    gs_job J = {moe_tensor_data(y), moe_tensor_data(src), w ? moe_tensor_data(w) : NULL, sl, h, k,
+    gs_job J = {moe_tensor_data(y), base ? moe_tensor_data(base) : NULL, moe_tensor_data(src),
+                w ? moe_tensor_data(w) : NULL, sl, h, k,
                 y->dtype == MOE_BF16, 0};
     moe_parallel_for(ctx->pool, n, cpu_grain(h * (k ? k : 1), CPU_PAR_WORK), gs_range, &J);
     if (J.oom) return moe_error(MOE_ERR_OOM, "gather_sum: out of host memory");

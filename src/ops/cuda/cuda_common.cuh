@@ -170,7 +170,7 @@ moe_status cuda_attention_backward(moe_ctx *, moe_tensor *dq, moe_tensor *dk, mo
                                    const moe_tensor *out, const moe_tensor *lse, float scale, int causal);
 
 // cuda_moe.cu
-moe_status cuda_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
+moe_status cuda_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src, const moe_tensor *w,
                            const moe_tensor *slots);
 moe_status cuda_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                  const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);

@@ -2,9 +2,10 @@
 //
 // Both are one pass over their rows, one block per output row, no atomics:
 //   gather_sum:       block t reads token t's k slots and sums the (weighted)
-//                     source rows in q order into registers, then writes row t
-//                     once. Four choices' loads are in flight at a time; the
-//                     adds stay in q order.
+//                     source rows in q order into registers, adds row t of
+//                     base when there is one (a residual added in the same
+//                     pass), then writes row t once. Four choices' loads are
+//                     in flight at a time; the adds stay in q order.
 //   combine_backward: block a reads row token_idx[a] of dy and row a of src,
 //                     writes dsrc[a] = w[a] * dy[t] and reduces dw[a] =
 //                     dy[t] . src[a] (per-thread f32 partial sums in column
@@ -14,7 +15,8 @@
 // element per thread. Any H (a block walks its row in steps of blockDim).
 //
 // Exactness: gather_sum computes acc = __fadd_rn(acc, __fmul_rn(w, x)) from
-// acc = 0 in q order (no fused multiply-add), the CPU backend's arithmetic
+// acc = 0 in q order, then acc = __fadd_rn(acc, base) (in f32 the bits of a
+// separate add) (no fused multiply-add), the CPU backend's arithmetic
 // (cpu_moe.c), so f32 results are bit-identical to the CPU and bf16 ones are
 // the f32 sum rounded once. dsrc is one rounded product (bit-identical too);
 // dw is an f32 dot product whose order differs from the CPU's (to rounding).
@@ -65,8 +67,8 @@ __device__ __forceinline__ void store_f32(T *p, const float *f) {
 #define GS_BATCH 4   // choices whose loads are issued together
 
 template <typename T, int V>
-__global__ void k_gather_sum(T *__restrict__ y, const T *__restrict__ src, const T *__restrict__ w,
-                             const int32_t *__restrict__ slots, int64_t n, int64_t h, int k) {
+__global__ void k_gather_sum(T *__restrict__ y, const T *__restrict__ base, const T *__restrict__ src,
+                             const T *__restrict__ w, const int32_t *__restrict__ slots, int64_t n, int64_t h, int k) {
     const int64_t nv = h / V;
     for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
         const int32_t *sl = slots + t * k;
@@ -89,6 +91,12 @@ __global__ void k_gather_sum(T *__restrict__ y, const T *__restrict__ src, const
 #pragma unroll
                         for (int i = 0; i < V; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(ws[j], x[j][i]));
                     }
+            }
+            if (base) {
+                float b[V];
+                load_f32<T, V>(base + t * h + v * V, b);
+#pragma unroll
+                for (int i = 0; i < V; i++) acc[i] = __fadd_rn(acc[i], b[i]);
             }
             store_f32<T, V>(y + t * h + v * V, acc);
         }
@@ -140,14 +148,14 @@ int row_threads(int64_t nv) {
 bool al16(const void *p) { return (uintptr_t)p % 16 == 0; }
 
 template <typename T>
-void launch_gather_sum(cuda_dev *d, T *y, const T *src, const T *w, const int32_t *slots, int64_t n, int64_t h,
-                       int k) {
+void launch_gather_sum(cuda_dev *d, T *y, const T *base, const T *src, const T *w, const int32_t *slots, int64_t n,
+                       int64_t h, int k) {
     constexpr int V = 16 / sizeof(T);
     unsigned grid = cuda_row_grid(n);
-    if (h % V == 0 && al16(y) && al16(src))
-        k_gather_sum<T, V><<<grid, row_threads(h / V), 0, d->stream>>>(y, src, w, slots, n, h, k);
+    if (h % V == 0 && al16(y) && al16(src) && (!base || al16(base)))
+        k_gather_sum<T, V><<<grid, row_threads(h / V), 0, d->stream>>>(y, base, src, w, slots, n, h, k);
     else
-        k_gather_sum<T, 1><<<grid, row_threads(h), 0, d->stream>>>(y, src, w, slots, n, h, k);
+        k_gather_sum<T, 1><<<grid, row_threads(h), 0, d->stream>>>(y, base, src, w, slots, n, h, k);
 }
 
 template <typename T>
@@ -163,8 +171,8 @@ void launch_combine_backward(cuda_dev *d, T *dsrc, T *dw, const T *dy, const T *
 
 }  // namespace
 
-moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, const moe_tensor *w,
-                           const moe_tensor *slots) {
+moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
+                           const moe_tensor *w, const moe_tensor *slots) {
     MOE_TRY(cuda_check_float(y->dtype, "gather_sum"));
     const int64_t n = y->shape[0], h = y->shape[1], a = src->shape[0], k = slots->shape[1];
     if (n == 0 || h == 0) return MOE_OK;
@@ -173,11 +181,11 @@ moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *src, c
     MOE_TRY(cuda_check_index<int32_t>(d, "gather_sum", "slot", slots, n * k, -1, a, k));
     const int32_t *sl = PTR(const int32_t, slots);
     if (y->dtype == MOE_F32)
-        launch_gather_sum<float>(d, PTR(float, y), PTR(const float, src), w ? PTR(const float, w) : nullptr, sl, n, h,
-                                 (int)k);
+        launch_gather_sum<float>(d, PTR(float, y), base ? PTR(const float, base) : nullptr, PTR(const float, src),
+                                 w ? PTR(const float, w) : nullptr, sl, n, h, (int)k);
     else
-        launch_gather_sum<bf16>(d, PTR(bf16, y), PTR(const bf16, src), w ? PTR(const bf16, w) : nullptr, sl, n, h,
-                                (int)k);
+        launch_gather_sum<bf16>(d, PTR(bf16, y), base ? PTR(const bf16, base) : nullptr, PTR(const bf16, src),
+                                w ? PTR(const bf16, w) : nullptr, sl, n, h, (int)k);
     CU_LAUNCHED("gather_sum");
     return MOE_OK;
 }
