@@ -86,7 +86,11 @@ static void wgrad_free(void *arg) {
 static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     int sw = swiglu_bank(l);
-    moe_tensor *xp = e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3], *h = e->saved[4];
+    moe_tensor *xp = e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
+    /* the fused SwiGLU forward keeps gate and up only: the activation comes back
+     * from the backward's epilogue (e->i[1]) */
+    moe_tensor *h = e->i[1] ? moe_tensor_like(ctx, u) : e->saved[4];
+    if (!e->i[1]) moe_tensor_retain(h);
     const int64_t *off = moe_tensor_data(offs);
     int groups = (int)(offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
@@ -98,12 +102,13 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_tensor *dh = fused ? NULL : moe_tensor_like(ctx, h);
     moe_tensor *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
     moe_tensor *dx = moe_tensor_like(ctx, xp);
-    moe_status s = dy && (fused || dh) && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
+    moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
     if (s == MOE_OK && fused) {
-        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, off, groups);
+        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, e->i[1] ? h : NULL, off,
+                                                groups);
     } else if (s == MOE_OK) {
         s = moe_op_gemm_grouped(ctx, 0, 1.0f, dy, moe_param_w(pd), 0.0f, dh, off, groups);
         if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_DOWN, h, dy, dh, off, groups);
@@ -139,6 +144,7 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         s = moe_tape_defer_writing(ctx, e->tape, bank_wgrad, wgrad_free, w, writes, written[1] ? 2 : 1);
     }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
+    moe_tensor_release(h);
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
@@ -182,8 +188,13 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
         else {
             moe_tape_save(e, xp); moe_tape_save(e, offs);
             moe_tape_save(e, g ? g : u);   /* a placeholder keeps saved[] positions fixed */
-            moe_tape_save(e, u); moe_tape_save(e, h);
+            moe_tape_save(e, u);
+            /* fused SwiGLU: the backward's epilogue writes the activation again
+             * (the forward's bytes), so it is not kept between the passes */
+            const int again = sw && !lo;
+            if (!again) moe_tape_save(e, h);
             e->i[0] = lo ? lo->id : 0;   /* the adapters this forward used */
+            e->i[1] = again;
         }
     }
     moe_tensor_release(g); moe_tensor_release(u); moe_tensor_release(h); moe_tensor_release(offs);

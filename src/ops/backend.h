@@ -138,7 +138,7 @@ typedef struct moe_backend {
                                       moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
     moe_status (*gemm_grouped_swiglu_backward)(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, moe_tensor *dg,
-                                               moe_tensor *du, const int64_t *offsets, int groups);
+                                               moe_tensor *du, moe_tensor *h, const int64_t *offsets, int groups);
 
     /* moe_op_read_start / _finish (ops.h), arguments checked; optional: NULL
      * makes the ops layer read at start */

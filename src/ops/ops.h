@@ -81,10 +81,13 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
                                       moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
 /* Its backward through the down projection: dh = alpha * dy @ w_e (dy [M, K],
  * w [G, K, I]), then (dg, du) = swiglu_backward(dh, g, u); dh is not kept.
- * Same bytes as gemm_grouped (into a dh of g's dtype) and swiglu_backward. */
+ * Same bytes as gemm_grouped (into a dh of g's dtype) and swiglu_backward.
+ * h (NULL: skipped) gets swiglu(g, u) again, the forward's bytes: a forward
+ * that kept only g and u has the activation back for the down projection's
+ * weight gradient (on CUDA from the same epilogue, no extra pass). */
 moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
-                                               const int64_t *offsets, int groups);
+                                               moe_tensor *h, const int64_t *offsets, int groups);
 /* Weight gradient of a grouped GEMM: c[g] = alpha * a_g^T @ b_g + beta * c[g],
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,

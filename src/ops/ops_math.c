@@ -176,12 +176,14 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
 
 moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
-                                               const int64_t *offsets, int groups) {
+                                               moe_tensor *h, const int64_t *offsets, int groups) {
     static const char *op = "gemm_grouped_swiglu_backward";
-    ops_arg f[] = {{"dy", dy}, {"w", w}, {"g", g}, {"u", u}, {"dg", dg}, {"du", du}};
-    MOE_TRY(ops_check(op, f, 6, NULL, 0));
+    ops_arg f[] = {{"dy", dy}, {"w", w}, {"g", g}, {"u", u}, {"dg", dg}, {"du", du}, {"h", h}};
+    MOE_TRY(ops_check(op, f, h ? 7 : 6, NULL, 0));
     MOE_TRY(ops_out(op, "dg", dg));
     MOE_TRY(ops_out(op, "du", du));
+    if (h) MOE_TRY(ops_out(op, "h", h));
+    if (h) MOE_TRY(ops_same_shape(op, "h", h, "dg", dg));
     MOE_TRY(check_grouped_pair(op, "dy", dy, "w", w, dg, 0, offsets, groups));
     MOE_TRY(ops_same_shape(op, "du", du, "dg", dg));
     MOE_TRY(ops_same_shape(op, "g", g, "dg", dg));
@@ -193,11 +195,12 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
     moe_status s = MOE_OK;
     for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
     if (s == MOE_OK && be->gemm_grouped_swiglu_backward) {
-        s = be->gemm_grouped_swiglu_backward(ctx, alpha, t[0], t[1], t[2], t[3], dg, du, offsets, groups);
+        s = be->gemm_grouped_swiglu_backward(ctx, alpha, t[0], t[1], t[2], t[3], dg, du, h, offsets, groups);
     } else if (s == MOE_OK) {
         moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
         s = dh ? be->gemm_grouped(ctx, 0, alpha, t[0], t[1], 0.0f, dh, offsets, groups) : moe_last_status();
         if (s == MOE_OK && moe_tensor_numel(dh) > 0) s = be->swiglu_backward(ctx, dg, du, dh, t[2], t[3]);
+        if (s == MOE_OK && h && moe_tensor_numel(h) > 0) s = be->swiglu(ctx, h, t[2], t[3]);
         moe_tensor_release(dh);
     }
     for (int i = 0; i < 4; i++) moe_tensor_release(t[i]);

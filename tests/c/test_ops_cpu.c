@@ -187,10 +187,10 @@ static void test_gemm(void) {
             rdu[i] = dh[i] * gv * sg;
         }
         CHECK_OK("gemm_grouped_swiglu_backward",
-                 moe_op_gemm_grouped_swiglu_backward(ctx, 0.6f, dy, w, g, u, dg, du, off, 3));
+                 moe_op_gemm_grouped_swiglu_backward(ctx, 0.6f, dy, w, g, u, dg, du, NULL, off, 3));
         CHECK_CLOSE("gemm_grouped_swiglu_backward dgate", moe_f32(dg), rdg, Mg * I, 1e-5, 1e-4);
         CHECK_CLOSE("gemm_grouped_swiglu_backward dup", moe_f32(du), rdu, Mg * I, 1e-5, 1e-4);
-        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, wg, g, u, dg, du, off, 3);
+        s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, wg, g, u, dg, du, NULL, off, 3);
         report(s == MOE_ERR_SHAPE && strstr(moe_last_error(), "w"), "gemm_grouped_swiglu_backward: a w of the wrong shape is named",
                "status %s: %s", moe_status_name(s), moe_last_error());
         rel(x); rel(wg); rel(wu); rel(g); rel(u); rel(h); rel(dy); rel(w); rel(dg); rel(du);

@@ -205,16 +205,22 @@ static void swiglu_bwd_check(const char *what, const int64_t *off, int G, int64_
     int64_t M = off[G];
     pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
     pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
-    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I));
+    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
     char name[200];
     snprintf(name, sizeof name, "grouped swiglu backward %s: G=%d M=%lld K=%lld I=%lld", what, G, (long long)M,
              (long long)K, (long long)I);
     uint64_t k0 = kernel_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, off, G),
-            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, off, G))) {
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, h.h, off, G),
+            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, h.d, off, G))) {
         char n2[240];
         snprintf(n2, sizeof n2, "%s: dgate", name); check(n2, BF, dg.d, dg.h, tol_of(BF, 0));
         snprintf(n2, sizeof n2, "%s: dup", name); check(n2, BF, du.d, du.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: the activation again", name); check(n2, BF, h.d, h.h, tol_of(BF, 0));
+        moe_tensor *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!h2 || moe_op_swiglu(ctx, h2, g.d, u.d) != MOE_OK, "swiglu");
+        moe_tensor *rh = host_of(h2);
+        snprintf(n2, sizeof n2, "%.180s: the activation = the swiglu bytes", name); check(n2, BF, h.d, rh, 0.0);
+        moe_tensor_release(rh); moe_tensor_release(h2);
         served(name, k0, want_kernel);
         moe_tensor *dh = moe_tensor_new(ctx, BF, SH(M, I), GPU), *dg2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
                    *du2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
@@ -227,7 +233,7 @@ static void swiglu_bwd_check(const char *what, const int64_t *off, int G, int64_
         moe_tensor_release(r1); moe_tensor_release(r2);
         moe_tensor_release(dh); moe_tensor_release(dg2); moe_tensor_release(du2);
     }
-    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du);
+    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du); pfree(&h);
 }
 
 int main(void) {

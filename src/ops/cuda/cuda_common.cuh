@@ -102,7 +102,7 @@ moe_status cuda_gemm_grouped_swiglu(moe_ctx *, const moe_tensor *x, const moe_te
                                     moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                              const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
-                                             const int64_t *offsets, int groups);
+                                             moe_tensor *h, const int64_t *offsets, int groups);
 // The grouped-GEMM strategy named by MOELAB_GROUPED_GEMM (unset, "batched": batched; "loop": loop);
 // MOE_ERR_ARG for another value.
 moe_status cuda_grouped_gemm_from_env(int *mode);

@@ -490,23 +490,24 @@ moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe
 
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                              const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
-                                             const int64_t *offsets, int groups) {
+                                             moe_tensor *h, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(dg->dtype, "gemm_grouped_swiglu_backward"));
     CUDA_ENTER(d, ctx, dg->device);
     const int64_t K = dy->shape[1], de = dg->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, dg->dtype, dy->dtype, w->dtype) && g->dtype == MOE_BF16 &&
-        u->dtype == MOE_BF16 && du->dtype == MOE_BF16) {
+        u->dtype == MOE_BF16 && du->dtype == MOE_BF16 && (!h || h->dtype == MOE_BF16)) {
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_swiglu_bwd(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
-                                            moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du), offsets,
-                                            groups, K, de, &ran));
+                                            moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du),
+                                            h ? moe_tensor_data(h) : nullptr, offsets, groups, K, de, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
     if (!dh) return moe_last_status();
     moe_status s = cuda_gemm_grouped(ctx, 0, alpha, dy, w, 0.0f, dh, offsets, groups);
     if (s == MOE_OK && moe_tensor_numel(dh)) s = cuda_swiglu_backward(ctx, dg, du, dh, g, u);
+    if (s == MOE_OK && h && moe_tensor_numel(h)) s = cuda_swiglu(ctx, h, g, u);
     moe_tensor_release(dh);
     return s;
 }

@@ -78,9 +78,10 @@ struct mma_params {
     __nv_bfloat16 *c;
     // fused SwiGLU epilogues (EPI_SWIGLU: b = gate weights, b2 = up weights, c = the
     // activation, cg / cu = gate / up; EPI_SWIGLU_BWD: sg / su = the saved gate / up,
-    // cg / cu = their gradients, c unused); epi_n = the expert hidden width
+    // cg / cu = their gradients, c unused, ch the activation again or NULL); epi_n = the
+    // expert hidden width
     const __nv_bfloat16 *sg, *su;
-    __nv_bfloat16 *cg, *cu;
+    __nv_bfloat16 *cg, *cu, *ch;
     int epi_n;
     float alpha, beta;
     int n_tiles;             // tiles across N (forward) or across Q (wgrad)
@@ -318,6 +319,8 @@ __device__ __forceinline__ void store_swiglu(const float *d, float *cs, const ti
 // SwiGLU backward: the staged tile is dh (rows x expert-hidden columns n0..);
 // rounded as stored, it meets the saved gate and up: dgate and dup are written
 // instead of dh, the bytes of the GEMM followed by the SwiGLU backward kernel.
+// With p.ch set, the activation silu(g) u goes there too, the forward's bytes:
+// the forward then need not keep it for the down projection's weight gradient.
 __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, const tile_info &ti, const mma_params &p,
                                                  int tid) {
     stage_acc(d, cs, tid, p.alpha);
@@ -344,6 +347,12 @@ __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, cons
         float go[8], g[8], u[8];
         unpack(gs[i], g);
         unpack(us[i], u);
+        if (p.ch) {
+            float h[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) h[k] = swiglu_1(g[k], u[k]);
+            st16(p.ch + o, pack(h));
+        }
         *reinterpret_cast<float4 *>(go) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
         *reinterpret_cast<float4 *>(go + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
         round_bf16(go);
@@ -621,7 +630,7 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
-    p.sg = p.su = nullptr; p.cg = p.cu = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.epi_n = 0;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
     int64_t tiles = row_tiles(p, offsets, groups);
@@ -643,7 +652,7 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
-    p.sg = p.su = nullptr; p.cg = p.cu = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.epi_n = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
@@ -673,7 +682,7 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, c
     mma_params p;
     p.a = (const __nv_bfloat16 *)x; p.b = (const __nv_bfloat16 *)wg; p.b2 = (const __nv_bfloat16 *)wu;
     p.a2 = nullptr; p.K2 = 0;
-    p.c = (__nv_bfloat16 *)h; p.cg = (__nv_bfloat16 *)g; p.cu = (__nv_bfloat16 *)u;
+    p.c = (__nv_bfloat16 *)h; p.cg = (__nv_bfloat16 *)g; p.cu = (__nv_bfloat16 *)u; p.ch = nullptr;
     p.sg = p.su = nullptr; p.epi_n = (int)de;
     p.alpha = 1.0f; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)(2 * de); p.P = p.Q = 0; p.m_tiles = 0;
@@ -682,16 +691,18 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, c
 }
 
 moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
-                                       const void *u, void *dg, void *du, const int64_t *offsets, int groups, int64_t K,
-                                       int64_t de, bool *ran) {
+                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
+                                       int64_t K, int64_t de, bool *ran) {
     *ran = false;
     if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
-        !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du))
+        !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du) ||
+        (h && !aligned16(h)))
         return MOE_OK;
     mma_params p;
     p.a = (const __nv_bfloat16 *)dy; p.b = (const __nv_bfloat16 *)w;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
-    p.c = (__nv_bfloat16 *)dg;   // not written: the epilogue writes cg and cu
+    p.c = (__nv_bfloat16 *)dg;   // not written: the epilogue writes cg and cu (and ch)
+    p.ch = (__nv_bfloat16 *)h;   // NULL: the activation is not written again
     p.sg = (const __nv_bfloat16 *)g; p.su = (const __nv_bfloat16 *)u;
     p.cg = (__nv_bfloat16 *)dg; p.cu = (__nv_bfloat16 *)du; p.epi_n = (int)de;
     p.alpha = alpha; p.beta = 0.0f;

@@ -25,10 +25,11 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, c
                                    void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran);
 /* SwiGLU backward through the down projection: dh = alpha dy w_e (w [E, K, de],
  * not transposed), rounded to bf16 and met with the saved g and u: dg and du
- * written [M, de], dh never stored. */
+ * written [M, de], dh never stored; h (may be NULL) gets the activation again,
+ * the forward's bytes (the weight gradient of the down projection reads it). */
 moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
-                                       const void *u, void *dg, void *du, const int64_t *offsets, int groups, int64_t K,
-                                       int64_t de, bool *ran);
+                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
+                                       int64_t K, int64_t de, bool *ran);
 moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
                                   const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
 
