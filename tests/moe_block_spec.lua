@@ -34,6 +34,34 @@ end
 
 describe("MoE block gradients", function()
   local x = moe.randn({2, 3, 6}, {seed = 3})
+  it("the experts' rows gathered again in the backward: the same gradients as keeping them", function()
+    for _, o in ipairs{{}, {capacity_factor = 1.0}, {expert_intermediate_size = 7, activation = "gelu"}} do
+      local function grads(keep)
+        local m = block(o)
+        m:set_keep_expert_rows(keep)
+        local xx = x:clone()
+        local tape = moe.Tape()
+        local y = m:forward(xx, tape)
+        local up = gc.upstream(y, 8)
+        local total = tape:add(tape:sum(tape:mul(y, up)), tape:scale(m:aux_loss(), 0.3))
+        tape:backward(total)
+        local out = {tape:grad(xx):clone()}
+        for _, p in ipairs(m:parameters()) do out[#out + 1] = p.grad:clone() end
+        -- the tape holds a dispatch entry only when the rows are kept
+        local kinds = {}
+        for _, r in ipairs(tape:memory()) do kinds[r.name] = true end
+        return out, kinds
+      end
+      local a, ka = grads(false)
+      local b, kb = grads(true)
+      assert.is_nil(ka.dispatch)
+      assert.is_true(kb.dispatch)
+      for i = 1, #a do assert.are.equal(0, (a[i] - b[i]):abs():max():item()) end
+    end
+    assert.has_error(function() block{}:set_keep_expert_rows(1) end,
+      "layer:set_keep_expert_rows: expected true or false, got number")
+  end)
+
   it("with the residual added in the combine (and by an add beside shared experts)", function()
     for _, o in ipairs{{}, {num_shared_experts = 1}, {capacity_factor = 1.0}} do
       local m = block(o)

@@ -69,6 +69,30 @@ describe("MoEModel", function()
     assert.is_not_nil(m:forward(ids, {keep_logits = false}).logits)
   end)
 
+  it("set_keep_expert_rows(false): the same loss and gradients, no dispatch entry on the tape", function()
+    local m = small("OLMoE")
+    m:train(true)
+    local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 4, step = 0}
+    local function run(keep)
+      m:set_keep_expert_rows(keep)
+      m.net:zero_grad()
+      local out = m:forward(ids, {targets = targets, aux_loss_coef = 0.01})
+      local names = {}
+      for _, r in ipairs(out.tape:memory()) do names[r.name] = true end
+      out.tape:backward(out.total_loss)
+      local _, g = m.net:flat_parameters()
+      return out.loss:item(), g:clone(), names
+    end
+    local la, ga, na = run(true)
+    local lb, gb, nb = run(false)
+    assert.are.equal(la, lb)
+    assert.are.equal(0, (ga - gb):abs():max():item())
+    assert.is_true(na.dispatch)
+    assert.is_nil(nb.dispatch)
+    assert.has_error(function() m:set_keep_expert_rows("no") end,
+      "MoEModel:set_keep_expert_rows: expected true or false, got string")
+  end)
+
   it("every preset builds and runs", function()
     for _, name in ipairs{"SwitchTransformer", "Mixtral", "GLaM", "OLMoE", "DeepSeek"} do
       local m = small(name, {num_experts = 8, experts_per_token = name == "SwitchTransformer" and 1 or 2})

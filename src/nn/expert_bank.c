@@ -86,7 +86,20 @@ static void wgrad_free(void *arg) {
 static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     int sw = swiglu_bank(l);
-    moe_tensor *xp = e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
+    /* token rows in (e->i[2]): the experts' rows are gathered again from them
+     * (saved[0] is token_idx, saved[5] the slot map), and their gradient
+     * summed back into the token rows below */
+    const int tokens = (int)e->i[2];
+    moe_tensor *xp = tokens ? NULL : e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
+    if (tokens) {
+        moe_tensor *tok = e->saved[0], *x = e->in[0];
+        int64_t shape[2] = {tok->shape[0], x->shape[1]};
+        xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
+        moe_status sx = xp ? moe_op_index_select(ctx, xp, x, tok) : moe_last_status();
+        if (sx != MOE_OK) { moe_tensor_release(xp); return sx; }
+    } else {
+        moe_tensor_retain(xp);
+    }
     /* the fused SwiGLU forward keeps gate and up only: the activation comes back
      * from the backward's epilogue (e->i[1]) */
     moe_tensor *h = e->i[1] ? moe_tensor_like(ctx, u) : e->saved[4];
@@ -144,14 +157,21 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         s = moe_tape_defer_writing(ctx, e->tape, bank_wgrad, wgrad_free, w, writes, written[1] ? 2 : 1);
     }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
-    moe_tensor_release(h);
+    moe_tensor_release(h); moe_tensor_release(xp);
+    if (s == MOE_OK && tokens) {   /* the dispatch's backward: each token row sums its experts' rows */
+        moe_tensor *dxt = moe_tensor_like(ctx, e->in[0]);
+        s = dxt ? moe_op_gather_sum(ctx, dxt, dx, NULL, e->saved[5]) : moe_last_status();
+        moe_tensor_release(dx);
+        dx = dxt;
+    }
     if (s != MOE_OK) { moe_tensor_release(dx); return s; }
     gin[0] = dx;
     return MOE_OK;
 }
 
-moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
-                                   const int64_t *offsets, int groups, moe_tensor **yp) {
+/* tok: the token rows the experts' rows were gathered from (NULL: xp is the input) */
+static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const moe_bank_tokens *tok,
+                                    const int64_t *offsets, int groups, moe_tensor **yp) {
     *yp = NULL;
     int sw = swiglu_bank(l);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
@@ -183,24 +203,39 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "experts", bank_backward, l, moe_layer_retain_v, moe_layer_release_v,
-                                            1, &xp, 1, &y);
+                                            1, tok ? &tok->x : &xp, 1, &y);
         if (!e) s = moe_last_status();
         else {
-            moe_tape_save(e, xp); moe_tape_save(e, offs);
+            moe_tape_save(e, tok ? tok->token_idx : xp); moe_tape_save(e, offs);
             moe_tape_save(e, g ? g : u);   /* a placeholder keeps saved[] positions fixed */
             moe_tape_save(e, u);
             /* fused SwiGLU: the backward's epilogue writes the activation again
              * (the forward's bytes), so it is not kept between the passes */
             const int again = sw && !lo;
-            if (!again) moe_tape_save(e, h);
+            moe_tape_save(e, again ? u : h);   /* u: a placeholder, saved[5] is the slot map's place */
+            if (tok) moe_tape_save(e, tok->slots);
             e->i[0] = lo ? lo->id : 0;   /* the adapters this forward used */
             e->i[1] = again;
+            e->i[2] = tok != NULL;
         }
     }
     moe_tensor_release(g); moe_tensor_release(u); moe_tensor_release(h); moe_tensor_release(offs);
     if (s != MOE_OK) { moe_tensor_release(y); return moe_error_context(s, "experts"); }
     *yp = y;
     return MOE_OK;
+}
+
+moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
+                                   const int64_t *offsets, int groups, moe_tensor **yp) {
+    return bank_forward_rows(l, ctx, tape, xp, NULL, offsets, groups, yp);
+}
+
+moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
+                                          const moe_bank_tokens *tok, const int64_t *offsets, int groups,
+                                          moe_tensor **yp) {
+    if (!tok || !tok->x || !tok->token_idx || !tok->slots)
+        return moe_error(MOE_ERR_ARG, "experts: token rows need x, token_idx and slots");
+    return bank_forward_rows(l, ctx, tape, xp, tok, offsets, groups, yp);
 }
 
 static moe_status bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {

@@ -39,6 +39,10 @@ moe_status moe_block_update_bias(moe_layer *l);
 /* Sets the call counter that indexes the noise and jitter streams, so a
  * forward can be repeated with the same noise (gradient checks, replays). */
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
+/* Whether a taped forward keeps the experts' gathered rows [N*k, hidden] for
+ * the backward (keep = 1, the default) or the backward gathers them again
+ * from the token rows (0: less memory, one more gather a layer). */
+moe_status moe_block_set_keep_rows(moe_layer *l, int keep);
 uint64_t moe_block_noise_step(const moe_layer *l);
 /* An additive bias on the router's input (task conditioning): each forward
  * routes on x + bias (broadcast to x's shape; last dim hidden) while the
@@ -80,6 +84,16 @@ moe_layer *moe_expert_bank_new(moe_ctx *ctx, int64_t experts, int64_t hidden, in
                                moe_init *init);
 moe_status moe_expert_bank_forward(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                    const int64_t *offsets, int groups, moe_tensor **yp);
+/* The same, the experts' rows xp gathered from token rows x (xp[a] =
+ * x[token_idx[a]], the dispatch, done by the caller; slots the routing's
+ * [N, k] slot map): the tape's entry takes x, keeps token_idx and slots
+ * instead of xp, gathers xp again in the backward and sums its gradient back
+ * into the token rows (the dispatch's backward) - the [N*k, hidden] rows are
+ * not kept between the passes. */
+typedef struct { moe_tensor *x, *token_idx, *slots; } moe_bank_tokens;
+moe_status moe_expert_bank_forward_tokens(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
+                                          const moe_bank_tokens *tok, const int64_t *offsets, int groups,
+                                          moe_tensor **yp);
 
 /* Expert sharding (expert parallelism without full-size expert weights on
  * every rank). A bank holds the rows [first, first + count) of its layer's
