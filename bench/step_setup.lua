@@ -27,9 +27,9 @@ return function(device, precision)
     local all = moe.tensor(t, {dtype = "i64"})
     batches[i] = {all:narrow(2, 1, S):contiguous(), all:narrow(2, 2, S):contiguous()}
   end
-  -- MOELAB_STEP_REGATHER=1: the MoE layers gather their experts' rows again in the backward instead of
-  -- keeping them (model:set_keep_expert_rows(false)), to compare speed and memory
-  if os.getenv("MOELAB_STEP_REGATHER") == "1" then model:set_keep_expert_rows(false) end
+  -- MOELAB_STEP_KEEP_ROWS=1: the MoE layers keep their experts' gathered rows for the backward
+  -- (model:set_keep_expert_rows(true); the default gathers them in the GEMMs), to compare speed and memory
+  if os.getenv("MOELAB_STEP_KEEP_ROWS") == "1" then model:set_keep_expert_rows(true) end
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
                                  router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0}
   local function batch(i) local b = batches[i % #batches + 1]; return b[1], b[2] end

@@ -148,8 +148,10 @@ function Model:moe_layers() return self.net:moe_layers() end
 
 --- set_keep_expert_rows(keep): whether the MoE layers keep their experts'
 -- gathered rows [tokens * k, hidden] between the forward and the backward
--- (true, the default) or gather them again in the backward (false: 537 MB
--- less over the issue #6 step in bf16, about 1% slower on an H100).
+-- (true: a dispatch step, as before) or not (false, the default: SwiGLU
+-- experts' GEMMs gather the rows in their loads, other experts gather them
+-- again in the backward; 537 MB less over the issue #6 step in bf16, the
+-- same speed on an H100).
 function Model:set_keep_expert_rows(keep)
   if type(keep) ~= "boolean" then
     error("MoEModel:set_keep_expert_rows: expected true or false, got " .. type(keep), 2)

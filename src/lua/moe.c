@@ -237,7 +237,7 @@ static int m_noise_step(lua_State *L) {
 }
 
 /* layer:set_keep_expert_rows(bool): keep the experts' gathered rows for the
- * backward (the default) or gather them again there (false: less memory) */
+ * backward (true) or not (false, the default: gathered by the GEMMs, or again) */
 static int m_keep_rows(lua_State *L) {
     const char *f = "layer:set_keep_expert_rows";
     moe_layer *l = check_moe(L, f);

@@ -47,7 +47,15 @@ typedef struct {
     moe_layer *l;
     int last;   /* the second job */
     moe_tensor *dy, *h, *du, *dg, *xp, *offs;
+    moe_tensor *rows;   /* set: xp is the token rows and these index the experts' rows in them */
 } wgrad_args;
+
+/* d(W) (+)= da^T xp, or over xp's gathered rows */
+static moe_status wgrad_x(moe_ctx *ctx, const wgrad_args *w, moe_tensor *da, float beta, moe_tensor *grad,
+                          const int64_t *off, int groups) {
+    return w->rows ? moe_op_gemm_grouped_wgrad_rows(ctx, 1.0f, da, w->xp, w->rows, beta, grad, off, groups)
+                   : moe_op_gemm_grouped_wgrad(ctx, 1.0f, da, w->xp, beta, grad, off, groups);
+}
 
 static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
     wgrad_args *w = arg;
@@ -64,11 +72,11 @@ static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
         if (s == MOE_OK) moe_param_grad_written(pd);
     }
     if (s == MOE_OK && (sw ? !w->last : w->last)) {
-        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->du, w->xp, moe_param_grad_beta(pu), pu->grad, off, groups);
+        s = wgrad_x(ctx, w, w->du, moe_param_grad_beta(pu), pu->grad, off, groups);
         if (s == MOE_OK) moe_param_grad_written(pu);
     }
     if (s == MOE_OK && sw && w->last) {
-        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dg, w->xp, moe_param_grad_beta(pg), pg->grad, off, groups);
+        s = wgrad_x(ctx, w, w->dg, moe_param_grad_beta(pg), pg->grad, off, groups);
         if (s == MOE_OK) moe_param_grad_written(pg);
     }
     return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
@@ -77,7 +85,7 @@ static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
 static void wgrad_free(void *arg) {
     wgrad_args *w = arg;
     if (!w) return;
-    moe_tensor *all[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs};
+    moe_tensor *all[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs, w->rows};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     moe_layer_release_v(w->l);
     free(w);
@@ -91,7 +99,13 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
      * summed back into the token rows below */
     const int tokens = (int)e->i[2];
     moe_tensor *xp = tokens ? NULL : e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
-    if (tokens) {
+    const moe_lora *lo0 = moe_expert_bank_lora(l);
+    /* fused SwiGLU without adapters: the weight gradients gather the rows themselves */
+    moe_tensor *rows = tokens && sw && !lo0 ? e->saved[0] : NULL;
+    if (rows) {
+        xp = e->in[0];
+        moe_tensor_retain(xp);
+    } else if (tokens) {
         moe_tensor *tok = e->saved[0], *x = e->in[0];
         int64_t shape[2] = {tok->shape[0], x->shape[1]};
         xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
@@ -114,7 +128,8 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     const int fused = sw && !lo;
     moe_tensor *dh = fused ? NULL : moe_tensor_like(ctx, h);
     moe_tensor *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
-    moe_tensor *dx = moe_tensor_like(ctx, xp);
+    int64_t dxs[2] = {u->shape[0], xp->shape[1]};   /* the experts' rows (xp may be the token rows) */
+    moe_tensor *dx = moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
     moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
@@ -149,9 +164,10 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         w->du = up_here ? du : NULL;
         w->dg = sw && last ? dg : NULL;
         w->xp = up_here || (sw && last) ? xp : NULL;
+        w->rows = w->xp ? rows : NULL;
         w->offs = offs;
-        moe_tensor *keep[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs};
-        for (int i = 0; i < 6; i++) if (keep[i]) moe_tensor_retain(keep[i]);
+        moe_tensor *keep[] = {w->dy, w->h, w->du, w->dg, w->xp, w->offs, w->rows};
+        for (int i = 0; i < 7; i++) if (keep[i]) moe_tensor_retain(keep[i]);
         moe_param *written[2] = {last ? (sw ? pg : pu) : pd, up_here && !last ? pu : NULL};
         const moe_tensor *writes[2] = {written[0]->grad, written[1] ? written[1]->grad : NULL};
         s = moe_tape_defer_writing(ctx, e->tape, bank_wgrad, wgrad_free, w, writes, written[1] ? 2 : 1);
@@ -175,14 +191,18 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     *yp = NULL;
     int sw = swiglu_bank(l);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
-    int64_t a = xp->shape[0], inner = pu->value->shape[1], hidden = pu->value->shape[2];
+    /* xp NULL: the fused SwiGLU GEMM gathers the rows from the token rows */
+    if (!xp && (!tok || !sw || moe_expert_bank_lora(l)))
+        return moe_error(MOE_ERR_INTERNAL, "experts: the experts' rows are needed (GELU or adapters) but were not gathered");
+    const moe_tensor *src = xp ? xp : tok->x;
+    int64_t a = xp ? xp->shape[0] : tok->token_idx->shape[0], inner = pu->value->shape[1], hidden = pu->value->shape[2];
     if (groups != pu->value->shape[0])
         return moe_error(MOE_ERR_SHAPE, "experts: %d groups of rows for %lld experts", groups, (long long)pu->value->shape[0]);
     int64_t ish[2] = {a, inner}, hsh[2] = {a, hidden}, osh[1] = {groups + 1};
-    moe_tensor *g = sw ? moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device) : NULL;
-    moe_tensor *u = moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device);
-    moe_tensor *h = moe_tensor_new(ctx, xp->dtype, 2, ish, xp->device);
-    moe_tensor *y = moe_tensor_new(ctx, xp->dtype, 2, hsh, xp->device);
+    moe_tensor *g = sw ? moe_tensor_new(ctx, src->dtype, 2, ish, src->device) : NULL;
+    moe_tensor *u = moe_tensor_new(ctx, src->dtype, 2, ish, src->device);
+    moe_tensor *h = moe_tensor_new(ctx, src->dtype, 2, ish, src->device);
+    moe_tensor *y = moe_tensor_new(ctx, src->dtype, 2, hsh, src->device);
     moe_tensor *offs = moe_tensor_new_cpu(MOE_I64, 1, osh);
     moe_status s = u && h && y && offs && (!sw || g) ? MOE_OK : moe_last_status();
     if (s == MOE_OK) {
@@ -190,7 +210,10 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
         for (int i = 0; i <= groups; i++) o[i] = offsets[i];
     }
     const moe_lora *lo = moe_expert_bank_lora(l);
-    if (s == MOE_OK && sw && !lo) {   /* gate, up and the activation in one call (one kernel on CUDA) */
+    if (s == MOE_OK && sw && !lo && !xp) {   /* the same over the token rows, gathered by the GEMM */
+        s = moe_op_gemm_grouped_swiglu_rows(ctx, tok->x, tok->token_idx, moe_param_w(pg), moe_param_w(pu), g, u, h,
+                                            offsets, groups);
+    } else if (s == MOE_OK && sw && !lo) {   /* gate, up and the activation in one call (one kernel on CUDA) */
         s = moe_op_gemm_grouped_swiglu(ctx, xp, moe_param_w(pg), moe_param_w(pu), g, u, h, offsets, groups);
     } else if (s == MOE_OK) {
         if (sw) s = moe_op_gemm_grouped(ctx, 1, 1.0f, xp, moe_param_w(pg), 0.0f, g, offsets, groups);
@@ -228,6 +251,10 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
 moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                    const int64_t *offsets, int groups, moe_tensor **yp) {
     return bank_forward_rows(l, ctx, tape, xp, NULL, offsets, groups, yp);
+}
+
+int moe_expert_bank_gathers(const moe_layer *l) {
+    return moe_layer_is(l, "ExpertBank") && swiglu_bank(l) && !moe_expert_bank_lora((moe_layer *)l);
 }
 
 moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,

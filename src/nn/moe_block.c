@@ -542,12 +542,15 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
     moe_route_hook hook = {0};
     int tokens = 0;
     if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(NULL, st->ep_comm, &tokens);
-    /* Unless told to keep them (moe_block_set_keep_rows; the default), the
-     * experts' entry takes the token rows and gathers its rows again in the
-     * backward rather than the tape keeping them: [N*k, hidden], 537 MB over
-     * the issue's 8-layer step in bf16, for one more gather a layer (1% of
-     * that step's time on an H100). */
+    /* Unless told to keep them (moe_block_set_keep_rows), the experts' entry
+     * takes the token rows rather than the tape keeping the experts' rows
+     * ([N*k, hidden], 537 MB over the issue's 8-layer step in bf16): a SwiGLU
+     * bank's GEMMs gather them in their loads (forward and weight gradient, no
+     * dispatch at all; on an H100 the step is as fast as with kept rows),
+     * other banks gather them again in the backward. */
     const int token_rows = tape && !st->custom && !st->ep_comm && !st->keep_rows;
+    /* and a SwiGLU bank gathers them in its GEMMs' loads: no dispatch at all */
+    const int gemm_gathers = token_rows && moe_expert_bank_gathers(l->children[st->c_experts]);
     dispatch_hook dk = {token_rows ? NULL : tape, xr, NULL};
     if (tokens || gather) {
         hook.extra = (c->router.num_experts + st->ep_comm->size) * (st->ep_comm->size + 1);
@@ -555,7 +558,7 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         hook.arg = &hk;
         rcfg.hook = &hook;
     } else if (s == MOE_OK && !st->ep_comm && c->router.selection == MOE_SELECT_TOPK &&
-               !(c->router.capacity_factor > 0)) {
+               !(c->router.capacity_factor > 0) && !gemm_gathers) {
         /* nothing drops, so every one of the N*k slots is kept: the dispatch may run before the wait */
         hook.extra = 0;
         hook.queue = dispatch_queue;
@@ -578,7 +581,8 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         const int tok_rows = token_rows && r.slots && r.slots->dtype == MOE_I32 && r.slots->ndim == 2 &&
                              r.slots->shape[0] == n;
         if (s == MOE_OK && dk.xp) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
-        else if (s == MOE_OK) s = moe_f_dispatch(ctx, token_rows ? NULL : tape, xr, r.token_idx, r.slots, &xp);
+        else if (s == MOE_OK && !(gemm_gathers && tok_rows))
+            s = moe_f_dispatch(ctx, token_rows ? NULL : tape, xr, r.token_idx, r.slots, &xp);
         if (s == MOE_OK && token_rows && !tok_rows) {
             /* no slot map: a taped dispatch after all (the untaped rows are the same values) */
             moe_tensor_release(xp);
@@ -705,7 +709,6 @@ moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **exp
     st->cfg = c;
     st->custom = experts != NULL;
     st->c_noise = st->c_shared = st->c_shared_gate = -1;
-    st->keep_rows = 1;
     moe_status s = MOE_OK;
     int idx = 0;
     /* router: a bias-free linear map to one logit per expert (named as in HF checkpoints) */

@@ -40,8 +40,9 @@ moe_status moe_block_update_bias(moe_layer *l);
  * forward can be repeated with the same noise (gradient checks, replays). */
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
 /* Whether a taped forward keeps the experts' gathered rows [N*k, hidden] for
- * the backward (keep = 1, the default) or the backward gathers them again
- * from the token rows (0: less memory, one more gather a layer). */
+ * the backward (keep = 1: a dispatch entry, as before) or not (0, the
+ * default: a SwiGLU bank's GEMMs gather the rows in their loads, other banks
+ * gather them again in the backward). */
 moe_status moe_block_set_keep_rows(moe_layer *l, int keep);
 uint64_t moe_block_noise_step(const moe_layer *l);
 /* An additive bias on the router's input (task conditioning): each forward
@@ -91,6 +92,9 @@ moe_status moe_expert_bank_forward(moe_layer *bank, moe_ctx *ctx, moe_tape *tape
  * into the token rows (the dispatch's backward) - the [N*k, hidden] rows are
  * not kept between the passes. */
 typedef struct { moe_tensor *x, *token_idx, *slots; } moe_bank_tokens;
+/* Whether the bank's GEMMs gather the rows themselves (SwiGLU without
+ * adapters): then moe_expert_bank_forward_tokens takes xp = NULL. */
+int moe_expert_bank_gathers(const moe_layer *bank);
 moe_status moe_expert_bank_forward_tokens(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                           const moe_bank_tokens *tok, const int64_t *offsets, int groups,
                                           moe_tensor **yp);

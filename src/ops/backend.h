@@ -144,6 +144,16 @@ typedef struct moe_backend {
      * makes the ops layer read at start */
     moe_status (*read_start)(moe_ctx *, const moe_tensor *const *ts, int n, moe_read *r);
     moe_status (*read_finish)(moe_ctx *, moe_read *r);
+
+    /* moe_op_gemm_grouped_swiglu_rows / moe_op_gemm_grouped_wgrad_rows (ops.h):
+     * the experts' rows gathered by the GEMM's loads; rows checked and trusted
+     * by the caller. Optional: NULL makes the ops layer gather them first. */
+    moe_status (*gemm_grouped_swiglu_rows)(moe_ctx *, const moe_tensor *x, const moe_tensor *rows,
+                                           const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                           moe_tensor *h, const int64_t *offsets, int groups);
+    moe_status (*gemm_grouped_wgrad_rows)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                          const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                          int groups);
 } moe_backend;
 
 

@@ -88,6 +88,19 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
 moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
                                                moe_tensor *h, const int64_t *offsets, int groups);
+/* moe_op_gemm_grouped_swiglu on the rows of x [N, K] listed in rows (i64
+ * [M], M = offsets[groups]): row r of the grouped input is x[rows[r]] - the
+ * MoE dispatch's gather, done by the GEMM's loads on CUDA (bf16, own kernel,
+ * rows with a trusted index bound: the router's), else gathered into a tensor
+ * first. The same bytes either way. */
+moe_status moe_op_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows,
+                                           const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                           moe_tensor *h, const int64_t *offsets, int groups);
+/* moe_op_gemm_grouped_wgrad with b's rows gathered the same way: b [N, Q],
+ * b_rows i64 [M], row r of the grouped b is b[b_rows[r]]. */
+moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                          const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                          int groups);
 /* Weight gradient of a grouped GEMM: c[g] = alpha * a_g^T @ b_g + beta * c[g],
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,

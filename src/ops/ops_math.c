@@ -233,6 +233,110 @@ moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor
     return s;
 }
 
+/* ---- grouped GEMMs over gathered rows ---- */
+
+/* rows: i64 [A] indexing the rows of x [N, ...], A the offsets' total: the
+ * backend's loads may gather them when it has the call and the router made
+ * the index (its bound is trusted, so no device check); otherwise the rows
+ * are gathered (and checked) into a tensor first. Returns 1 for "the backend
+ * may gather", 0 for "gather first", and sets *st on bad arguments. */
+static int rows_direct(const char *op, const moe_tensor *x, const moe_tensor *rows, const int64_t *offsets, int groups,
+                       int has_entry, moe_status *st) {
+    char s1[128];
+    *st = MOE_OK;
+    if (!rows) { *st = moe_error(MOE_ERR_ARG, "%s: rows is NULL, expected an i64 tensor", op); return 0; }
+    if (rows->dtype != MOE_I64 || rows->ndim != 1) {
+        *st = moe_error(MOE_ERR_SHAPE, "%s: rows is %s %s, expected i64 [A]", op, moe_dtype_name(rows->dtype),
+                        OPS_SHAPE(rows, s1));
+        return 0;
+    }
+    if (!moe_device_eq(rows->device, x->device)) {
+        *st = moe_error(MOE_ERR_DEVICE, "%s: rows is on another device than the data", op);
+        return 0;
+    }
+    if (x->ndim != 2) { *st = moe_error(MOE_ERR_SHAPE, "%s: x has shape %s, expected [N, K]", op, OPS_SHAPE(x, s1)); return 0; }
+    *st = check_offsets(op, offsets, groups, rows->shape[0]);
+    if (*st != MOE_OK) return 0;
+    return has_entry && moe_tensor_is_contiguous(x) && moe_tensor_is_contiguous(rows) &&
+           moe_tensor_index_trusted(rows, x->shape[0]);
+}
+
+static moe_tensor *gather_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows) {
+    int64_t shape[2] = {rows->shape[0], x->shape[1]};
+    moe_tensor *xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
+    if (xp && moe_op_index_select(ctx, xp, x, rows) != MOE_OK) { moe_tensor_release(xp); return NULL; }
+    return xp;
+}
+
+moe_status moe_op_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows,
+                                           const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                           moe_tensor *h, const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_swiglu_rows";
+    ops_arg f[] = {{"x", x}, {"wg", wg}, {"wu", wu}, {"g", g}, {"u", u}, {"h", h}};
+    MOE_TRY(ops_check(op, f, 6, NULL, 0));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, h->device, gemm_grouped, be);
+    moe_status st;
+    int direct = rows_direct(op, x, rows, offsets, groups, be->gemm_grouped_swiglu_rows != NULL, &st);
+    if (st != MOE_OK) return st;
+    if (!direct) {
+        moe_tensor *xp = gather_rows(ctx, x, rows);
+        if (!xp) return moe_last_status();
+        st = moe_op_gemm_grouped_swiglu(ctx, xp, wg, wu, g, u, h, offsets, groups);
+        moe_tensor_release(xp);
+        return st;
+    }
+    /* the checks of the gathered call, on x's header with the gathered row count */
+    moe_tensor xa = *x;
+    xa.shape[0] = rows->shape[0];
+    MOE_TRY(ops_out(op, "g", g));
+    MOE_TRY(ops_out(op, "u", u));
+    MOE_TRY(ops_out(op, "h", h));
+    MOE_TRY(check_grouped_pair(op, "x", &xa, "wg", wg, g, 1, offsets, groups));
+    MOE_TRY(check_grouped_pair(op, "x", &xa, "wu", wu, u, 1, offsets, groups));
+    MOE_TRY(ops_same_shape(op, "h", h, "g", g));
+    moe_tensor *t[2] = {NULL, NULL};
+    const moe_tensor *in[2] = {wg, wu};
+    st = MOE_OK;
+    for (int i = 0; i < 2 && st == MOE_OK; i++) st = ops_contig(ctx, in[i], &t[i]);
+    if (st == MOE_OK) st = be->gemm_grouped_swiglu_rows(ctx, x, rows, t[0], t[1], g, u, h, offsets, groups);
+    for (int i = 0; i < 2; i++) moe_tensor_release(t[i]);
+    return st;
+}
+
+moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                          const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                          int groups) {
+    static const char *op = "gemm_grouped_wgrad_rows";
+    ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, c->device, gemm_grouped_wgrad, be);
+    moe_status st;
+    int direct = rows_direct(op, b, b_rows, offsets, groups, be->gemm_grouped_wgrad_rows != NULL, &st);
+    if (st != MOE_OK) return st;
+    if (!direct) {
+        moe_tensor *bp = gather_rows(ctx, b, b_rows);
+        if (!bp) return moe_last_status();
+        st = moe_op_gemm_grouped_wgrad(ctx, alpha, a, bp, beta, c, offsets, groups);
+        moe_tensor_release(bp);
+        return st;
+    }
+    char s1[128];
+    MOE_TRY(ops_out(op, "c", c));
+    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, P]", op, OPS_SHAPE(a, s1));
+    if (a->shape[0] != b_rows->shape[0])
+        return moe_error(MOE_ERR_SHAPE, "%s: a has %lld rows, expected %lld (the gathered rows)", op,
+                         (long long)a->shape[0], (long long)b_rows->shape[0]);
+    int64_t cs[3] = {groups, a->shape[1], b->shape[1]};
+    MOE_TRY(ops_shape_is(op, "c", c, 3, cs, "[groups, P, Q]"));
+    moe_tensor *ac;
+    MOE_TRY(ops_contig(ctx, a, &ac));
+    st = be->gemm_grouped_wgrad_rows(ctx, alpha, ac, b, b_rows, beta, c, offsets, groups);
+    moe_tensor_release(ac);
+    return st;
+}
+
 /* ---- elementwise ---- */
 
 moe_status moe_broadcast_shape(const moe_tensor *a, const moe_tensor *b, int *ndim, int64_t *shape) {

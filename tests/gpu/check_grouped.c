@@ -236,6 +236,96 @@ static void swiglu_bwd_check(const char *what, const int64_t *off, int G, int64_
     pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du); pfree(&h);
 }
 
+/* The experts' rows gathered by the GEMMs' loads (the MoE dispatch folded into
+ * them): the SwiGLU forward over rows of x and the weight gradient over rows
+ * of b give the same bytes as the plain calls over the gathered rows (and the
+ * CPU's), served by the kernel; with a heavy expert the weight gradient's
+ * split chunks gather too. Rows without a trusted bound take the gathering
+ * path, which checks them: an index past the end is MOE_ERR_RANGE. */
+static void rows_check(const char *what, const int64_t *off, int G, int64_t N, int64_t K, int64_t I, int want_split) {
+    int64_t M = off[G];
+    moe_tensor *rh = moe_tensor_new_cpu(MOE_I64, SH(M));
+    die_if(!rh, "rows");
+    uint64_t x = seed++ * 0x2545F4914F6CDD1Dull + 3;
+    for (int64_t i = 0; i < M; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        ((int64_t *)moe_tensor_data(rh))[i] = (int64_t)(x % (uint64_t)N);
+    }
+    moe_tensor *rd = moe_op_to(ctx, rh, GPU, MOE_I64);
+    die_if(!rd, "rows upload");
+    ok(moe_tensor_index_trusted(rd, N), "%s: uploaded rows carry their bound", what);
+    pair xs = in_randn(BF, SH(N, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
+    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
+    char name[200];
+    snprintf(name, sizeof name, "grouped swiglu over gathered rows %s: G=%d N=%lld M=%lld K=%lld I=%lld", what, G,
+             (long long)N, (long long)M, (long long)K, (long long)I);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_rows(ctx, xs.h, rh, wg.h, wu.h, g.h, u.h, h.h, off, G),
+            moe_op_gemm_grouped_swiglu_rows(ctx, xs.d, rd, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
+        char n2[240];
+        snprintf(n2, sizeof n2, "%.180s: activation", name); check(n2, BF, h.d, h.h, tol_of(BF, 0));
+        served(name, k0, 1);
+        moe_tensor *xp = moe_tensor_new(ctx, BF, SH(M, K), GPU), *g2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                   *u2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!xp || !g2 || !u2 || !h2, "plain outputs");
+        die_if(moe_op_index_select(ctx, xp, xs.d, rd) != MOE_OK ||
+               moe_op_gemm_grouped_swiglu(ctx, xp, wg.d, wu.d, g2, u2, h2, off, G) != MOE_OK, "plain call");
+        const moe_tensor *f[3] = {g.d, u.d, h.d}, *r0[3] = {g2, u2, h2};
+        static const char *nm[3] = {"gate", "up", "activation"};
+        for (int i = 0; i < 3; i++) {
+            moe_tensor *r = host_of(r0[i]);
+            snprintf(n2, sizeof n2, "%.180s: %s = the plain call's bytes", name, nm[i]);
+            check(n2, BF, f[i], r, 0.0);
+            moe_tensor_release(r);
+        }
+        /* the weight gradient over the same rows (beta 0 over NaN, then 1) */
+        pair a = in_randn(BF, SH(M, I)), c = in_randn(BF, SH(G, I, K));
+        moe_tensor *c2 = moe_tensor_new(ctx, BF, SH(G, I, K), GPU);
+        die_if(!c2 || moe_op_fill(ctx, c.d, NAN) != MOE_OK || moe_op_fill(ctx, c2, NAN) != MOE_OK, "wgrad outputs");
+        snprintf(n2, sizeof n2, "grouped wgrad over gathered rows %s: G=%d M=%lld P=%lld Q=%lld", what, G,
+                 (long long)M, (long long)I, (long long)K);
+        uint64_t k1 = kernel_calls(), s1 = split_calls();
+        if (RUN(n2, BF, moe_op_gemm_grouped_wgrad_rows(ctx, 1.1f, a.h, xs.h, rh, 0.0f, c.h, off, G),
+                moe_op_gemm_grouped_wgrad_rows(ctx, 1.1f, a.d, xs.d, rd, 0.0f, c.d, off, G))) {
+            check(n2, BF, c.d, c.h, tol_of(BF, 0));
+            served(n2, k1, 1);
+            uint64_t ns = split_calls() - s1;
+            ok(ns == (uint64_t)want_split, "%s: %s (%llu split calls)", n2, want_split ? "split" : "not split",
+               (unsigned long long)ns);
+            die_if(moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, xp, 0.0f, c2, off, G) != MOE_OK, "plain wgrad");
+            moe_tensor *r = host_of(c2);
+            char n3[300];
+            snprintf(n3, sizeof n3, "%.200s: = the plain call's bytes", n2);
+            check(n3, BF, c.d, r, 0.0);
+            moe_tensor_release(r);
+            die_if(moe_op_gemm_grouped_wgrad_rows(ctx, 0.7f, a.d, xs.d, rd, 1.0f, c.d, off, G) != MOE_OK ||
+                   moe_op_gemm_grouped_wgrad(ctx, 0.7f, a.d, xp, 1.0f, c2, off, G) != MOE_OK, "beta 1");
+            r = host_of(c2);
+            snprintf(n3, sizeof n3, "%.200s: accumulating (beta 1) = the plain call's bytes", n2);
+            check(n3, BF, c.d, r, 0.0);
+            moe_tensor_release(r);
+        }
+        /* rows without a trusted bound: gathered (and checked) first; a bad one is refused */
+        if (M > 0) {
+            moe_tensor_set_index_bound(rd, 0);
+            ((int64_t *)moe_tensor_data(rh))[M / 2] = N;
+            moe_tensor *bad = moe_op_to(ctx, rh, GPU, MOE_I64);
+            die_if(!bad, "bad rows");
+            moe_tensor_set_index_bound(bad, 0);
+            moe_status s = moe_op_gemm_grouped_swiglu_rows(ctx, xs.d, bad, wg.d, wu.d, g.d, u.d, h.d, off, G);
+            ok(s == MOE_ERR_RANGE, "%s: an untrusted row past the end is refused (%s: %s)", what, moe_status_name(s),
+               moe_last_error());
+            moe_clear_error();
+            moe_tensor_release(bad);
+        }
+        moe_tensor_release(c2);
+        pfree(&a); pfree(&c);
+        moe_tensor_release(xp); moe_tensor_release(g2); moe_tensor_release(u2); moe_tensor_release(h2);
+    }
+    moe_tensor_release(rh); moe_tensor_release(rd);
+    pfree(&xs); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
+}
+
 int main(void) {
     gpucheck_begin();
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
@@ -318,6 +408,15 @@ int main(void) {
     swiglu_check("step model", off, 32, 1024, 512, 1);
     make_offsets(off, 8, 100, 3);
     swiglu_check("I not a multiple of 64 (two GEMM calls)", off, 8, 64, 200, 2);
+    /* the dispatch folded into the loads: partial tiles; the step model (8192
+     * tokens, top-4); one heavy expert, whose weight-gradient rows split */
+    make_offsets(off, 8, 300, 3);
+    rows_check("partial tiles", off, 8, 500, 72, 128, 0);
+    make_offsets(off, 32, 1700, 0);
+    rows_check("step model", off, 32, 8192, 1024, 512, 0);
+    make_offsets(off, 32, 200, 0);
+    for (int g = 5; g <= 32; g++) off[g] += 6000;   /* expert 4 holds 6000 more rows */
+    rows_check("one heavy expert", off, 32, 8192, 1024, 512, 1);
     make_offsets(off, 8, 300, 3);
     swiglu_bwd_check("partial tiles", off, 8, 72, 200, 1);
     make_offsets(off, 32, 700, 0);

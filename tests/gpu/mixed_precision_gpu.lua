@@ -192,6 +192,37 @@ do
     string.format("loss %.6f / %.6f, max diff %g, held after the forward %.1f / %.1f MB", la, lb, d, ha / 1e6, hb / 1e6))
 end
 
+-- the MoE layers without their experts' rows on the tape (set_keep_expert_rows(false):
+-- the SwiGLU GEMMs gather the rows in their loads, forward and weight gradient):
+-- the same loss and gradient bytes as keeping them, in bf16 and f32
+do
+  for _, precision in ipairs{"bf16", "f32"} do
+    local m = moe.arch.OLMoE{vocab_size = 512, hidden_size = 256, num_layers = 2, num_heads = 4, num_experts = 8,
+                             experts_per_token = 2, expert_intermediate_size = 128, seed = 11, device = "cuda"}
+    m:set_precision(precision)
+    m:train(true)
+    local ids3, tg3 = corpus:batch{batch_size = 8, seq_len = 64, seed = 5, step = 0}
+    local function run(keep)
+      m:set_keep_expert_rows(keep)
+      m.net:zero_grad()
+      local out = m:forward(ids3, {targets = tg3, aux_loss_coef = 0.01, keep_logits = false})
+      local names = {}
+      for _, r in ipairs(out.tape:memory()) do names[r.name] = true end
+      out.tape:backward(out.total_loss)
+      local _, g = m.net:flat_parameters()
+      local loss = out.loss:item()
+      out.tape:reset()
+      return loss, g:to("f32"), names
+    end
+    local la, ga, na = run(true)
+    local lb, gb, nb = run(false)
+    local d = (ga - gb):abs():max():item()
+    ok(la == lb and d == 0 and na.dispatch and not nb.dispatch,
+      "cuda " .. precision .. ": the experts' rows gathered by the GEMMs instead of kept: the same loss and gradient bytes",
+      string.format("loss %.6f / %.6f, max diff %g", la, lb, d))
+  end
+end
+
 -- the trainer's update queued on the device (norm, clip factor and NaN guard in
 -- the AdamW kernels, values read after queuing it) against the host path (a
 -- no-op gradient hook takes it): the same norms, losses, step count and bytes,

@@ -61,6 +61,8 @@ static const moe_backend cuda_backend = {
     /* gemm_grouped_swiglu_backward */ cuda_gemm_grouped_swiglu_backward,
     /* read_start */ cuda_read_start,
     /* read_finish */ cuda_read_finish,
+    /* gemm_grouped_swiglu_rows */ cuda_gemm_grouped_swiglu_rows,
+    /* gemm_grouped_wgrad_rows */ cuda_gemm_grouped_wgrad_rows,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -98,6 +98,12 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, 
 moe_status cuda_gemm_grouped_pair(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
                                   const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
                                   const int64_t *offsets, int groups);
+moe_status cuda_gemm_grouped_swiglu_rows(moe_ctx *, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
+                                         const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
+                                         const int64_t *offsets, int groups);
+moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                        const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                        int groups);
 moe_status cuda_gemm_grouped_swiglu(moe_ctx *, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
                                     moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,

@@ -478,7 +478,7 @@ moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
         g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
         bool ran = false;
-        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), moe_tensor_data(wg), moe_tensor_data(wu),
+        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), nullptr, moe_tensor_data(wg), moe_tensor_data(wu),
                                         moe_tensor_data(g), moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K,
                                         de, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
@@ -512,6 +512,60 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
     return s;
 }
 
+// The rows variants: the own kernel gathers the rows as it loads them; where
+// it would not serve the call, the rows are gathered into a scratch tensor and
+// the plain call runs (the same bytes either way: the kernel reads the same
+// values in the same order).
+static moe_tensor *gathered(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows) {
+    int64_t shape[2] = {rows->shape[0], x->shape[1]};
+    moe_tensor *xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
+    if (xp && cuda_index_select(ctx, xp, x, rows) != MOE_OK) { moe_tensor_release(xp); return NULL; }
+    return xp;
+}
+
+moe_status cuda_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
+                                         const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
+                                         const int64_t *offsets, int groups) {
+    MOE_TRY(cuda_check_float(h->dtype, "gemm_grouped_swiglu_rows"));
+    CUDA_ENTER(d, ctx, h->device);
+    const int64_t K = x->shape[1], de = g->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
+    if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
+        g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), (const int64_t *)moe_tensor_data(rows),
+                                        moe_tensor_data(wg), moe_tensor_data(wu), moe_tensor_data(g),
+                                        moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K, de, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    moe_tensor *xp = gathered(ctx, x, rows);
+    if (!xp) return moe_last_status();
+    moe_status s = cuda_gemm_grouped_swiglu(ctx, xp, wg, wu, g, u, h, offsets, groups);
+    moe_tensor_release(xp);
+    return s;
+}
+
+moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                        const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                        int groups) {
+    MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad_rows"));
+    CUDA_ENTER(d, ctx, c->device);
+    int64_t P = a->shape[1], Q = b->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
+    if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
+        bool ran = false;
+        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, moe_tensor_data(a), moe_tensor_data(b),
+                                       (const int64_t *)moe_tensor_data(b_rows), beta, moe_tensor_data(c), offsets,
+                                       groups, P, Q, &ran));
+        if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    moe_tensor *bp = gathered(ctx, b, b_rows);
+    if (!bp) return moe_last_status();
+    moe_status s = cuda_gemm_grouped_wgrad(ctx, alpha, a, bp, beta, c, offsets, groups);
+    moe_tensor_release(bp);
+    return s;
+}
+
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad"));
@@ -523,7 +577,7 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
     if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
-        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
+        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, nullptr, beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     if (want_batched(d->grouped_wgrad, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&

@@ -82,6 +82,10 @@ struct mma_params {
     // expert hidden width
     const __nv_bfloat16 *sg, *su;
     __nv_bfloat16 *cg, *cu, *ch;
+    // gathered rows (the GATHER instantiations): row r of the group-ordered
+    // operand is row rows[r] of a (forward, the SwiGLU's x) or of b (weight
+    // gradient, the experts' input): the MoE dispatch's gather done by the loads
+    const int64_t *rows;
     int epi_n;
     float alpha, beta;
     int n_tiles;             // tiles across N (forward) or across Q (wgrad)
@@ -148,6 +152,37 @@ __device__ __forceinline__ void load_tile(unsigned char *s, const __nv_bfloat16 
     }
 }
 
+// The same tiles with their rows gathered: R rows (K-major: operand row r0 + r
+// is rows[r0 + r] of g) or 64 K rows (MN-major: K row k0 + k is rows[k0 + k]
+// of g), in the layouts above. The index is read only for a row inside the
+// limits; a K-major tile's rows are the same at every K step (L1 keeps them).
+template <int R, int NT>
+__device__ __forceinline__ void load_tile_rows_kmaj(unsigned char *s, const __nv_bfloat16 *g, const int64_t *rows,
+                                                    int64_t ld, int r0, int r_lim, int k0, int k_lim, int tid) {
+#pragma unroll
+    for (int i = 0; i < R * BK / 8 / NT; i++) {
+        int ch = tid + i * NT, r = ch >> 3, j = ch & 7;
+        bool ok = r0 + r < r_lim && k0 + j * 8 < k_lim;
+        const __nv_bfloat16 *src = ok ? g + rows[r0 + r] * ld + (k0 + j * 8) : g;
+        cp_async16(s + r * 128 + ((j ^ (r & 7)) << 4), src, ok);
+    }
+}
+
+template <int R, int NT>
+__device__ __forceinline__ void load_tile_rows_mn(unsigned char *s, const __nv_bfloat16 *g, const int64_t *rows,
+                                                  int64_t ld, int r0, int r_lim, int k0, int k_lim, int tid) {
+    constexpr int PER_ROW = R / 8;
+#pragma unroll
+    for (int i = 0; i < R * BK / 8 / NT; i++) {
+        int ch = tid + i * NT, k = ch / PER_ROW, c = ch % PER_ROW, j = c & 7;
+        bool ok = k0 + k < k_lim && r0 + c * 8 < r_lim;
+        const __nv_bfloat16 *src = ok ? g + rows[k0 + k] * ld + (r0 + c * 8) : g;
+        cp_async16(s + (c >> 3) * 1024 + (k >> 3) * (R / 64 * 1024) + (k & 7) * 128 + ((j ^ (k & 7)) << 4), src, ok);
+    }
+}
+
+__device__ __forceinline__ void prefetch_l1(const void *q) { asm volatile("prefetch.global.L1 [%0];" ::"l"(q)); }
+
 // Descriptor of a 128-byte-swizzled operand at p (see the layouts above).
 template <bool KMAJ, int R> __device__ __forceinline__ uint64_t desc_of(const void *p) {
     uint64_t a = smem_addr(p);
@@ -167,6 +202,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float *d, uint64_t da, uint64_t
 // groups split the reduction (weight gradient); else they split M.
 struct tile_info {
     int m0, n0, M, N, K, g;
+    int r0;   // the first row of the tile's group (forward) or of its rows of the reduction (weight gradient)
     int64_t lda, ldb, ldc;
     const __nv_bfloat16 *A, *B;
     __nv_bfloat16 *C;
@@ -189,6 +225,7 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
         }
         ti.m0 = (j / p.n_tiles) * BM;
         ti.M = p.P; ti.N = p.Q; ti.K = rows;
+        ti.r0 = r0;
         ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
         ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
         ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
@@ -204,6 +241,7 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
         int g = lo, r0 = p.off[g];
         ti.m0 = (mt - p.tile0[g]) * BM;
         ti.M = p.off[g + 1] - r0; ti.N = p.N; ti.K = p.K;
+        ti.r0 = r0;
         ti.A = p.a + (int64_t)r0 * p.K; ti.lda = p.K;
         ti.B = p.b + (int64_t)g * p.K * p.N; ti.ldb = B_KMAJ ? p.K : p.N;
         ti.C = p.c + (int64_t)r0 * p.N; ti.ldc = p.N;
@@ -447,7 +485,9 @@ __device__ __noinline__ void split_finish(float *cs, const tile_info &ti, const 
 // PAIR: a second (A, B) pair along K - its own instantiation, since the extra
 // pointers pushed the single-pair kernels past 128 registers into spills
 // (the forward GEMMs ran ~20% slower).
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI>
+// GATHER: the forward's A rows (SwiGLU) or the weight gradient's B rows come
+// through p.rows (load_tile_rows_*).
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI, bool GATHER>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
@@ -473,12 +513,20 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
         }
         unsigned char *s = smem + (kt % STAGES) * STAGE_BYTES;
         int k0 = (kt - kbase) * BK;
-        load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
-        if (EPI == EPI_SWIGLU)
+        if (GATHER && !WGRAD)
+            load_tile_rows_kmaj<BM, THREADS>(s, p.a, p.rows + ti.r0, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
+        else
+            load_tile<A_KMAJ, BM, THREADS>(s, ti.A, ti.lda, ti.m0, ti.M, k0, ti.K, tid);
+        if (EPI == EPI_SWIGLU) {
             load_tile_gate_up(s + BM * BK * 2, p.b + (int64_t)ti.g * p.K * p.epi_n,
                               p.b2 + (int64_t)ti.g * p.K * p.epi_n, p.K, ti.n0 / 2, p.epi_n, k0, ti.K, tid);
-        else
+        } else if (GATHER && WGRAD) {
+            load_tile_rows_mn<BN, THREADS>(s + BM * BK * 2, p.b, p.rows + ti.r0, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
+            // the next K step's 64 row numbers (512 bytes) on their way to L1 while this one's loads run
+            if (tid < 4 && k0 + BK + tid * 16 < ti.K) prefetch_l1(p.rows + ti.r0 + k0 + BK + tid * 16);
+        } else {
             load_tile<B_KMAJ, BN, THREADS>(s + BM * BK * 2, ti.B, ti.ldb, ti.n0, ti.N, k0, ti.K, tid);
+        }
     };
 #pragma unroll
     for (int st = 0; st < PREF; st++) {
@@ -512,14 +560,14 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
 
 bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false, int EPI = EPI_PLAIN>
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR = false, int EPI = EPI_PLAIN, bool GATHER = false>
 moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_extent, const char *what, bool *ran) {
     p.n_tiles = (int)((n_extent + BN - 1) / BN);
     int64_t blocks = m_tiles_total * p.n_tiles;
     if (blocks > INT32_MAX) return MOE_OK;
     *ran = true;
     if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI>;
+    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI, GATHER>;
     // above 48 KB a block's dynamic shared memory must be allowed first (per device, cheap to repeat)
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
@@ -630,7 +678,7 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
-    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.epi_n = 0;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
     int64_t tiles = row_tiles(p, offsets, groups);
@@ -641,8 +689,9 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
                   : launch<true, false, false>(d, p, tiles, N, "gemm_grouped (kernel)", ran);
 }
 
-moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
-                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran) {
+moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, const int64_t *b_rows,
+                                  float beta, void *c, const int64_t *offsets, int groups, int64_t P, int64_t Q,
+                                  bool *ran) {
     *ran = false;
     if (!offsets_fit(offsets, groups) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX || Q > INT32_MAX ||
         !aligned16(a) || !aligned16(b) || !aligned16(c))
@@ -652,7 +701,7 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
-    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.epi_n = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
@@ -665,15 +714,18 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     size_t part_bytes = 0;
     const int nsplit = plan_split(d, p, order, groups, per, &part_bytes);
     for (int i = nsplit; i < groups; i++) p.order[i - nsplit] = order[i];
-    moe_status st = launch<false, false, true>(d, p, (int64_t)(p.nseg + groups - nsplit) * p.m_tiles, Q,
-                                               "gemm_grouped_wgrad (kernel)", ran);
+    p.rows = b_rows;
+    const int64_t tiles = (int64_t)(p.nseg + groups - nsplit) * p.m_tiles;
+    moe_status st = b_rows ? launch<false, false, true, false, EPI_PLAIN, true>(d, p, tiles, Q, "gemm_grouped_wgrad (kernel, gathered rows)", ran)
+                           : launch<false, false, true>(d, p, tiles, Q, "gemm_grouped_wgrad (kernel)", ran);
     if (p.part) cuda_scratch_free(d, p.part, part_bytes);   // stream-ordered: free once the kernel is queued
     if (st == MOE_OK && p.nseg > 0 && *ran) d->n_grouped_split++;
     return st;
 }
 
-moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
-                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran) {
+moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_rows, const void *wg, const void *wu,
+                                   void *g, void *u, void *h, const int64_t *offsets, int groups, int64_t K, int64_t de,
+                                   bool *ran) {
     *ran = false;
     if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 64 || K > INT32_MAX ||
         2 * de > INT32_MAX || !aligned16(x) || !aligned16(wg) || !aligned16(wu) || !aligned16(g) || !aligned16(u) ||
@@ -683,10 +735,14 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, c
     p.a = (const __nv_bfloat16 *)x; p.b = (const __nv_bfloat16 *)wg; p.b2 = (const __nv_bfloat16 *)wu;
     p.a2 = nullptr; p.K2 = 0;
     p.c = (__nv_bfloat16 *)h; p.cg = (__nv_bfloat16 *)g; p.cu = (__nv_bfloat16 *)u; p.ch = nullptr;
+    p.rows = x_rows;
     p.sg = p.su = nullptr; p.epi_n = (int)de;
     p.alpha = 1.0f; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)(2 * de); p.P = p.Q = 0; p.m_tiles = 0;
     int64_t tiles = row_tiles(p, offsets, groups);
+    if (x_rows)
+        return launch<true, true, false, false, EPI_SWIGLU, true>(d, p, tiles, 2 * de,
+                                                                 "gemm_grouped_swiglu (kernel, gathered rows)", ran);
     return launch<true, true, false, false, EPI_SWIGLU>(d, p, tiles, 2 * de, "gemm_grouped_swiglu (kernel)", ran);
 }
 

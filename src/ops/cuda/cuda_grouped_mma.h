@@ -20,9 +20,11 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
                                  int64_t K, int64_t N, bool *ran);
 /* SwiGLU forward in one launch: g = x wg_e^T, u = x wu_e^T (wg, wu [E, de, K],
  * transposed as the expert bank stores them), h = silu(g) u from the rounded g
- * and u; all three written [M, de]. de a multiple of 64. */
-moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
-                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran);
+ * and u; all three written [M, de]. de a multiple of 64. x_rows (device, M
+ * values, or NULL): row r of x is x_rows[r] of x (the MoE dispatch's gather). */
+moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_rows, const void *wg, const void *wu,
+                                   void *g, void *u, void *h, const int64_t *offsets, int groups, int64_t K, int64_t de,
+                                   bool *ran);
 /* SwiGLU backward through the down projection: dh = alpha dy w_e (w [E, K, de],
  * not transposed), rounded to bf16 and met with the saved g and u: dg and du
  * written [M, de], dh never stored; h (may be NULL) gets the activation again,
@@ -30,7 +32,9 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, c
 moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
                                        const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
                                        int64_t K, int64_t de, bool *ran);
-moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
-                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
+/* b_rows (device, M values, or NULL): row r of b is b_rows[r] of b. */
+moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, const int64_t *b_rows,
+                                  float beta, void *c, const int64_t *offsets, int groups, int64_t P, int64_t Q,
+                                  bool *ran);
 
 #endif
