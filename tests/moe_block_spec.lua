@@ -34,7 +34,7 @@ end
 
 describe("MoE block gradients", function()
   local x = moe.randn({2, 3, 6}, {seed = 3})
-  it("the experts' rows gathered again in the backward: the same gradients as keeping them", function()
+  it("the experts' rows and outputs not kept: the gradients of keeping them, to rounding", function()
     for _, o in ipairs{{}, {capacity_factor = 1.0}, {expert_intermediate_size = 7, activation = "gelu"}} do
       local function grads(keep)
         local m = block(o)
@@ -56,7 +56,12 @@ describe("MoE block gradients", function()
       local b, kb = grads(true)
       assert.is_nil(ka.dispatch)
       assert.is_true(kb.dispatch)
-      for i = 1, #a do assert.are.equal(0, (a[i] - b[i]):abs():max():item()) end
+      -- SwiGLU experts also fold the combine: the weights' gradient comes from the
+      -- down projection's, in another order of f32 sums
+      for i = 1, #a do
+        local scale = math.max(b[i]:abs():max():item(), 1e-6)
+        assert.is_true((a[i] - b[i]):abs():max():item() <= 1e-5 * scale, "gradient " .. i)
+      end
     end
     assert.has_error(function() block{}:set_keep_expert_rows(1) end,
       "layer:set_keep_expert_rows: expected true or false, got number")

@@ -69,7 +69,7 @@ describe("MoEModel", function()
     assert.is_not_nil(m:forward(ids, {keep_logits = false}).logits)
   end)
 
-  it("set_keep_expert_rows(false): the same loss and gradients, no dispatch entry on the tape", function()
+  it("set_keep_expert_rows: the same loss, the gradients to rounding, a dispatch entry only when kept", function()
     local m = small("OLMoE")
     m:train(true)
     local ids, targets = train_ds:batch{batch_size = 2, seq_len = 8, seed = 4, step = 0}
@@ -86,9 +86,10 @@ describe("MoEModel", function()
     local la, ga, na = run(true)
     local lb, gb, nb = run(false)
     assert.are.equal(la, lb)
-    assert.are.equal(0, (ga - gb):abs():max():item())
-    assert.is_true(na.dispatch)
+    assert.is_true((ga - gb):abs():max():item() <= 1e-5 * ga:abs():max():item())
+    assert.is_true(na.dispatch and na.combine)
     assert.is_nil(nb.dispatch)
+    assert.is_nil(nb.combine)   -- folded into the experts' entry
     assert.has_error(function() m:set_keep_expert_rows("no") end,
       "MoEModel:set_keep_expert_rows: expected true or false, got string")
   end)

@@ -121,7 +121,19 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     const int64_t *off = moe_tensor_data(offs);
     int groups = (int)(offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
+    /* combine folded in (e->i[3]): gout is the tokens' gradient; each expert
+     * row takes its token's, unweighted (the weights enter in the epilogue) */
+    const int combined = (int)e->i[3];
     moe_tensor *dy = moe_op_contiguous(ctx, gout[0]);
+    if (dy && combined) {
+        int64_t ds[2] = {u->shape[0], dy->shape[1]};
+        moe_tensor *dyu = moe_tensor_new(ctx, dy->dtype, 2, ds, dy->device);
+        moe_status sg = dyu ? moe_op_index_select(ctx, dyu, dy, e->saved[0]) : moe_last_status();
+        moe_tensor_release(dy);
+        dy = sg == MOE_OK ? dyu : NULL;
+        if (sg != MOE_OK) moe_tensor_release(dyu);
+    }
+    moe_tensor *dw = combined ? moe_tensor_like(ctx, e->in[1]) : NULL;
     const moe_lora *lo = moe_expert_bank_lora(l);
     /* SwiGLU without adapters: dh only feeds the activation's backward, so one
      * call may keep it out of memory (a fused epilogue on CUDA) */
@@ -130,11 +142,14 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_tensor *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
     int64_t dxs[2] = {u->shape[0], xp->shape[1]};   /* the experts' rows (xp may be the token rows) */
     moe_tensor *dx = moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
-    moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) ? MOE_OK : moe_last_status();
+    moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) && (!combined || dw) ? MOE_OK : moe_last_status();
     if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
         s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
-    if (s == MOE_OK && fused) {
+    if (s == MOE_OK && combined) {   /* h becomes w * h: the down weights' gradient is then dy^T h */
+        s = moe_op_gemm_grouped_swiglu_backward_w(ctx, 1.0f, dy, moe_param_w(pd), g, u, e->in[1], dg, du, h, dw, off,
+                                                  groups);
+    } else if (s == MOE_OK && fused) {
         s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, e->i[1] ? h : NULL, off,
                                                 groups);
     } else if (s == MOE_OK) {
@@ -180,8 +195,15 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         moe_tensor_release(dx);
         dx = dxt;
     }
-    if (s != MOE_OK) { moe_tensor_release(dx); return s; }
+    if (s != MOE_OK) { moe_tensor_release(dx); moe_tensor_release(dw); return s; }
     gin[0] = dx;
+    if (combined) {
+        gin[1] = dw;
+        if (e->n_in > 2) {   /* the residual's gradient is the output's, handed over (like an add's) */
+            moe_tensor_retain(gout[0]);
+            gin[2] = gout[0];
+        }
+    }
     return MOE_OK;
 }
 
@@ -224,9 +246,20 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     }
     if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, moe_param_w(pd), 0.0f, y, offsets, groups);
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
+    /* the combine folded in: the tokens' rows out, the experts' outputs not kept */
+    const int combined = tok && tok->w && sw && !lo;
+    if (s == MOE_OK && combined) {
+        int64_t ysh[2] = {tok->x->shape[0], hidden};
+        moe_tensor *yt = moe_tensor_new(ctx, src->dtype, 2, ysh, src->device);
+        s = yt ? moe_op_gather_sum_add(ctx, yt, tok->residual, y, tok->w, tok->slots) : moe_last_status();
+        moe_tensor_release(y);
+        y = yt;
+    }
     if (s == MOE_OK && tape) {
+        moe_tensor *ins[3] = {tok ? tok->x : xp, combined ? tok->w : NULL, combined ? tok->residual : NULL};
+        int n_in = !combined ? 1 : tok->residual ? 3 : 2;
         moe_tape_entry *e = moe_tape_record(tape, "experts", bank_backward, l, moe_layer_retain_v, moe_layer_release_v,
-                                            1, tok ? &tok->x : &xp, 1, &y);
+                                            n_in, ins, 1, &y);
         if (!e) s = moe_last_status();
         else {
             moe_tape_save(e, tok ? tok->token_idx : xp); moe_tape_save(e, offs);
@@ -240,6 +273,7 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
             e->i[0] = lo ? lo->id : 0;   /* the adapters this forward used */
             e->i[1] = again;
             e->i[2] = tok != NULL;
+            e->i[3] = combined;
         }
     }
     moe_tensor_release(g); moe_tensor_release(u); moe_tensor_release(h); moe_tensor_release(offs);
@@ -262,6 +296,8 @@ moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *
                                           moe_tensor **yp) {
     if (!tok || !tok->x || !tok->token_idx || !tok->slots)
         return moe_error(MOE_ERR_ARG, "experts: token rows need x, token_idx and slots");
+    if (tok->w && !moe_expert_bank_gathers(l))
+        return moe_error(MOE_ERR_ARG, "experts: the combine folds into SwiGLU experts without adapters only");
     return bank_forward_rows(l, ctx, tape, xp, tok, offsets, groups, yp);
 }
 

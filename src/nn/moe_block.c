@@ -589,7 +589,12 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
             xp = NULL;
             s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
         }
-        moe_bank_tokens bt = {xr, r.token_idx, r.slots};
+        /* the residual joins in the combine's pass unless shared experts still add to yr */
+        moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
+        /* a bank whose GEMMs gather the rows also takes the combine (its backward
+         * gets the weights' gradient without the experts' outputs kept) */
+        const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype;
+        moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL};
         if (s == MOE_OK) {
             s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
               : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
@@ -598,9 +603,8 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
                          : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
                                                    (int)c->router.num_experts, &yp);
         }
-        /* the residual joins in the combine's pass unless shared experts still add to yr */
-        moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
-        if (s == MOE_OK) s = moe_f_combine_add(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, res_here, &yr);
+        if (s == MOE_OK && fold) { yr = yp; yp = NULL; }
+        else if (s == MOE_OK) s = moe_f_combine_add(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, res_here, &yr);
         if (s == MOE_OK && res_here) { moe_tensor_release(res_rows); res_rows = NULL; }
     }
     if (s == MOE_OK && st->c_shared >= 0) {

@@ -91,7 +91,15 @@ moe_status moe_expert_bank_forward(moe_layer *bank, moe_ctx *ctx, moe_tape *tape
  * instead of xp, gathers xp again in the backward and sums its gradient back
  * into the token rows (the dispatch's backward) - the [N*k, hidden] rows are
  * not kept between the passes. */
-typedef struct { moe_tensor *x, *token_idx, *slots; } moe_bank_tokens;
+typedef struct {
+    moe_tensor *x, *token_idx, *slots;
+    /* combine folded in (moe_expert_bank_forward_tokens returns the tokens'
+     * combined rows: y[t] = residual[t] + sum of w[r] * out[r] over t's rows
+     * r): w [M] the routing's weights (NULL: not folded), residual [N, H] or
+     * NULL. The experts' outputs are then not kept for the backward, which
+     * takes w's gradient from the down projection's (gemm_grouped_swiglu_backward_w). */
+    moe_tensor *w, *residual;
+} moe_bank_tokens;
 /* Whether the bank's GEMMs gather the rows themselves (SwiGLU without
  * adapters): then moe_expert_bank_forward_tokens takes xp = NULL. */
 int moe_expert_bank_gathers(const moe_layer *bank);

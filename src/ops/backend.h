@@ -154,6 +154,12 @@ typedef struct moe_backend {
     moe_status (*gemm_grouped_wgrad_rows)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
                                           const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
                                           int groups);
+    /* moe_op_gemm_grouped_swiglu_backward_w (ops.h), arguments checked;
+     * optional, and *served = 0 leaves the call to the ops layer's parts */
+    moe_status (*gemm_grouped_swiglu_backward_w)(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                 const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                 moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                 const int64_t *offsets, int groups, int *served);
 } moe_backend;
 
 

@@ -88,6 +88,17 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
 moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, moe_tensor *dg, moe_tensor *du,
                                                moe_tensor *h, const int64_t *offsets, int groups);
+/* The backward of the down projection, the SwiGLU and the MoE combine's row
+ * weights at once, for a combine y[t] = sum of rw[r] * (h W^T)[r] over token
+ * t's rows r. dy [M, K] holds each row's token gradient unweighted:
+ *   dh = rw * (alpha dy @ w_e); (dg, du) = swiglu_backward(dh, g, u);
+ *   hw = rw * h, h = swiglu(g, u) (for the down weights' gradient, dy^T hw);
+ *   dw[r] = (alpha dy @ w_e)[r] . h[r]   (the weights' gradient)
+ * so the combine's inputs (h W^T, [M, K]) need not be kept. rw, dw [M]. */
+moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                 const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                 moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                 const int64_t *offsets, int groups);
 /* moe_op_gemm_grouped_swiglu on the rows of x [N, K] listed in rows (i64
  * [M], M = offsets[groups]): row r of the grouped input is x[rows[r]] - the
  * MoE dispatch's gather, done by the GEMM's loads on CUDA (bf16, own kernel,

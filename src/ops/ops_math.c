@@ -207,6 +207,53 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
     return s;
 }
 
+moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                 const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                 moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                 const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_swiglu_backward_w";
+    ops_arg f[] = {{"dy", dy}, {"w", w}, {"g", g}, {"u", u}, {"rw", rw}, {"dg", dg}, {"du", du}, {"hw", hw}, {"dw", dw}};
+    MOE_TRY(ops_check(op, f, 9, NULL, 0));
+    MOE_TRY(ops_out(op, "dg", dg));
+    MOE_TRY(ops_out(op, "du", du));
+    MOE_TRY(ops_out(op, "hw", hw));
+    MOE_TRY(ops_out(op, "dw", dw));
+    MOE_TRY(check_grouped_pair(op, "dy", dy, "w", w, dg, 0, offsets, groups));
+    MOE_TRY(ops_same_shape(op, "du", du, "dg", dg));
+    MOE_TRY(ops_same_shape(op, "hw", hw, "dg", dg));
+    MOE_TRY(ops_same_shape(op, "g", g, "dg", dg));
+    MOE_TRY(ops_same_shape(op, "u", u, "dg", dg));
+    MOE_TRY(ops_shape_is(op, "rw", rw, 1, dg->shape, "one weight per row"));
+    MOE_TRY(ops_shape_is(op, "dw", dw, 1, dg->shape, "one per row"));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dg->device, gemm_grouped, be);
+    moe_tensor *t[5] = {NULL, NULL, NULL, NULL, NULL};
+    const moe_tensor *in[5] = {dy, w, g, u, rw};
+    moe_status s = MOE_OK;
+    for (int i = 0; i < 5 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    int served = 0;
+    if (s == MOE_OK && be->gemm_grouped_swiglu_backward_w)
+        s = be->gemm_grouped_swiglu_backward_w(ctx, alpha, t[0], t[1], t[2], t[3], t[4], dg, du, hw, dw, offsets, groups,
+                                               &served);
+    if (s == MOE_OK && !served) {
+        /* the parts: dh = dy w_e, h = swiglu(g, u), dw = rowsum(dh * h), then dh and h scaled by the rows' weights */
+        moe_tensor *dh = moe_tensor_like(ctx, dg), *h = moe_tensor_like(ctx, dg), *prod = moe_tensor_like(ctx, dg);
+        int64_t cs[2] = {dg->shape[0], 1};
+        moe_tensor *col = moe_tensor_view(t[4], 2, cs);
+        s = dh && h && prod && col ? moe_op_gemm_grouped(ctx, 0, alpha, t[0], t[1], 0.0f, dh, offsets, groups)
+                                   : moe_last_status();
+        if (s == MOE_OK) s = moe_op_swiglu(ctx, h, t[2], t[3]);
+        if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, prod, dh, h);
+        if (s == MOE_OK) s = moe_op_reduce(ctx, MOE_RED_SUM, dw, prod, 1);
+        if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, dh, dh, col);
+        if (s == MOE_OK) s = moe_op_swiglu_backward(ctx, dg, du, dh, t[2], t[3]);
+        if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, hw, h, col);
+        moe_tensor_release(dh); moe_tensor_release(h); moe_tensor_release(prod); moe_tensor_release(col);
+    }
+    for (int i = 0; i < 5; i++) moe_tensor_release(t[i]);
+    return s;
+}
+
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                      moe_tensor *c, const int64_t *offsets, int groups) {
     static const char *op = "gemm_grouped_wgrad";

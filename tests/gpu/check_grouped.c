@@ -326,6 +326,63 @@ static void rows_check(const char *what, const int64_t *off, int G, int64_t N, i
     pfree(&xs); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
 }
 
+/* The SwiGLU backward with the MoE combine's weights folded in: dh = rw (dy
+ * w_e), dgate and dup from it, hw = rw h, dw = rowdot(dy w_e, h); against the
+ * CPU's composed parts and the device's composed parts (the kernel declined
+ * under the batched strategy), and the same bytes from a second run */
+static void swiglu_bwd_w_check(const char *what, const int64_t *off, int G, int64_t K, int64_t I) {
+    int64_t M = off[G];
+    pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
+    pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I)), rw = in_pair(BF, SH(M), 0.5f, 0.5f, 1);
+    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I)), hw = out_pair(BF, SH(M, I)), dw = out_pair(BF, SH(M));
+    char name[200];
+    snprintf(name, sizeof name, "grouped swiglu backward, combine weights folded in, %s: G=%d M=%lld K=%lld I=%lld",
+             what, G, (long long)M, (long long)K, (long long)I);
+    uint64_t k0 = kernel_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward_w(ctx, 0.9f, dy.h, w.h, g.h, u.h, rw.h, dg.h, du.h, hw.h, dw.h, off, G),
+            moe_op_gemm_grouped_swiglu_backward_w(ctx, 0.9f, dy.d, w.d, g.d, u.d, rw.d, dg.d, du.d, hw.d, dw.d, off, G))) {
+        char n2[260];
+        snprintf(n2, sizeof n2, "%.190s: dgate", name); check(n2, BF, dg.d, dg.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%.190s: dup", name); check(n2, BF, du.d, du.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%.190s: w h", name); check(n2, BF, hw.d, hw.h, tol_of(BF, 0));
+        /* dw sums 512 or more products of either sign: its elements' errors scale
+         * with the terms, not with the (possibly small) sum - a relative L2 bound */
+        snprintf(n2, sizeof n2, "%.190s: dw", name); check2(n2, BF, dw.d, dw.h, INFINITY, 1e-2);
+        served(name, k0, 1);
+        /* the device's composed parts */
+        moe_tensor *o[4] = {moe_tensor_new(ctx, BF, SH(M, I), GPU), moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                            moe_tensor_new(ctx, BF, SH(M, I), GPU), moe_tensor_new(ctx, BF, SH(M), GPU)};
+        die_if(!o[0] || !o[1] || !o[2] || !o[3], "composed outputs");
+        die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_BATCHED) != MOE_OK, "batched");
+        uint64_t k1 = kernel_calls();
+        die_if(moe_op_gemm_grouped_swiglu_backward_w(ctx, 0.9f, dy.d, w.d, g.d, u.d, rw.d, o[0], o[1], o[2], o[3], off, G) !=
+                   MOE_OK, "composed");
+        die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
+        ok(kernel_calls() == k1, "%.190s: the batched strategy composes it from the parts", name);
+        const moe_tensor *f[4] = {dg.d, du.d, hw.d, dw.d};
+        static const char *nm[4] = {"dgate", "dup", "w h", "dw"};
+        for (int i = 0; i < 4; i++) {
+            moe_tensor *r = host_of(o[i]);
+            snprintf(n2, sizeof n2, "%.180s: %s against the composed parts", name, nm[i]);
+            check2(n2, BF, f[i], r, i == 3 ? INFINITY : tol_of(BF, 0), 1e-2);
+            moe_tensor_release(r);
+            moe_tensor_release(o[i]);
+        }
+        /* deterministic: dw's partial sums are added in a fixed order */
+        moe_tensor *dw2 = moe_tensor_new(ctx, BF, SH(M), GPU), *dg2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                   *du2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *hw2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!dw2 || !dg2 || !du2 || !hw2, "second outputs");
+        die_if(moe_op_gemm_grouped_swiglu_backward_w(ctx, 0.9f, dy.d, w.d, g.d, u.d, rw.d, dg2, du2, hw2, dw2, off, G) !=
+                   MOE_OK, "second run");
+        moe_tensor *r = host_of(dw.d);
+        snprintf(n2, sizeof n2, "%.190s: a second run gives the same dw", name);
+        check(n2, BF, dw2, r, 0.0);
+        moe_tensor_release(r);
+        moe_tensor_release(dw2); moe_tensor_release(dg2); moe_tensor_release(du2); moe_tensor_release(hw2);
+    }
+    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&rw); pfree(&dg); pfree(&du); pfree(&hw); pfree(&dw);
+}
+
 int main(void) {
     gpucheck_begin();
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
@@ -417,6 +474,10 @@ int main(void) {
     make_offsets(off, 32, 200, 0);
     for (int g = 5; g <= 32; g++) off[g] += 6000;   /* expert 4 holds 6000 more rows */
     rows_check("one heavy expert", off, 32, 8192, 1024, 512, 1);
+    make_offsets(off, 8, 300, 3);
+    swiglu_bwd_w_check("partial tiles", off, 8, 72, 200);
+    make_offsets(off, 32, 1700, 0);
+    swiglu_bwd_w_check("step model", off, 32, 1024, 512);
     make_offsets(off, 8, 300, 3);
     swiglu_bwd_check("partial tiles", off, 8, 72, 200, 1);
     make_offsets(off, 32, 700, 0);

@@ -126,6 +126,34 @@ static void check(const char *name, moe_dtype dt, const moe_tensor *gpu, const m
     else ok(0, "%s [%s]: max err %.3g > tol %.3g", name, dtn(dt), e, tol);
 }
 
+/* ||g - r|| / ||r|| (NaN anywhere: INFINITY) */
+static double rel_l2(const moe_tensor *gpu, const moe_tensor *ref) {
+    moe_tensor *g = moe_op_to(ctx, (moe_tensor *)gpu, MOE_DEVICE_CPU, MOE_F32);
+    die_if(!g, "download");
+    moe_tensor *r = moe_tensor_contiguous_cpu((moe_tensor *)ref);
+    die_if(!r, "contiguous");
+    const float *a = moe_f32(g), *b = moe_f32(r);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < moe_tensor_numel(r); i++) {
+        double x = a[i], y = b[i];
+        if (isnan(x) || isnan(y)) { num = INFINITY; break; }
+        if (isinf(x) || isinf(y)) { if (x != y) { num = INFINITY; break; } continue; }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    moe_tensor_release(g);
+    moe_tensor_release(r);
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* max err and rel l2 both within their tolerances */
+static void check2(const char *name, moe_dtype dt, const moe_tensor *gpu, const moe_tensor *ref, double tol,
+                   double l2tol) {
+    double e = max_err(gpu, ref), l = rel_l2(gpu, ref);
+    if (e <= tol && l <= l2tol) ok(1, "%s [%s] (max err %.3g, rel l2 %.3g)", name, dtn(dt), e, l);
+    else ok(0, "%s [%s]: max err %.3g (tol %.3g), rel l2 %.3g (tol %.3g)", name, dtn(dt), e, tol, l, l2tol);
+}
+
 /* both calls must succeed; otherwise a failed test with the message */
 static int ran(const char *name, moe_dtype dt, moe_status sc, moe_status sg) {
     if (sc == MOE_OK && sg == MOE_OK) return 1;

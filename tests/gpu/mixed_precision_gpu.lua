@@ -192,9 +192,11 @@ do
     string.format("loss %.6f / %.6f, max diff %g, held after the forward %.1f / %.1f MB", la, lb, d, ha / 1e6, hb / 1e6))
 end
 
--- the MoE layers without their experts' rows on the tape (set_keep_expert_rows(false):
--- the SwiGLU GEMMs gather the rows in their loads, forward and weight gradient):
--- the same loss and gradient bytes as keeping them, in bf16 and f32
+-- the MoE layers without their experts' rows and outputs on the tape
+-- (set_keep_expert_rows(false), the default: the SwiGLU GEMMs gather the rows in
+-- their loads, and the combine's weights get their gradient in the down
+-- projection's backward epilogue): the same loss, the gradients of keeping them
+-- to rounding, in bf16 and f32
 do
   for _, precision in ipairs{"bf16", "f32"} do
     local m = moe.arch.OLMoE{vocab_size = 512, hidden_size = 256, num_layers = 2, num_heads = 4, num_experts = 8,
@@ -216,10 +218,11 @@ do
     end
     local la, ga, na = run(true)
     local lb, gb, nb = run(false)
-    local d = (ga - gb):abs():max():item()
-    ok(la == lb and d == 0 and na.dispatch and not nb.dispatch,
-      "cuda " .. precision .. ": the experts' rows gathered by the GEMMs instead of kept: the same loss and gradient bytes",
-      string.format("loss %.6f / %.6f, max diff %g", la, lb, d))
+    local e = rel_l2(gb, ga)
+    local tol = precision == "bf16" and 1e-2 or 1e-5
+    ok(la == lb and e < tol and na.dispatch and na.combine and not nb.dispatch and not nb.combine,
+      "cuda " .. precision .. ": the experts' rows and outputs not kept: the same loss, the gradients to rounding",
+      string.format("loss %.6f / %.6f, rel l2 %.3g (tol %g)", la, lb, e, tol))
   end
 end
 

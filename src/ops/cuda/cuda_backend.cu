@@ -63,6 +63,7 @@ static const moe_backend cuda_backend = {
     /* read_finish */ cuda_read_finish,
     /* gemm_grouped_swiglu_rows */ cuda_gemm_grouped_swiglu_rows,
     /* gemm_grouped_wgrad_rows */ cuda_gemm_grouped_wgrad_rows,
+    /* gemm_grouped_swiglu_backward_w */ cuda_gemm_grouped_swiglu_backward_w,
 };
 
 extern "C" int moe_cuda_device_count(void) {

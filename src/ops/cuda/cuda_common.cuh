@@ -104,6 +104,10 @@ moe_status cuda_gemm_grouped_swiglu_rows(moe_ctx *, const moe_tensor *x, const m
 moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
                                         const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
                                         int groups);
+moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                               const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                               moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                               const int64_t *offsets, int groups, int *served);
 moe_status cuda_gemm_grouped_swiglu(moe_ctx *, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
                                     moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,

@@ -566,6 +566,29 @@ moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_ten
     return s;
 }
 
+// The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
+// (bf16); otherwise the ops layer composes it from the parts.
+moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                               const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                               moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                               const int64_t *offsets, int groups, int *served) {
+    *served = 0;
+    CUDA_ENTER(d, ctx, dg->device);
+    const int64_t K = dy->shape[1], de = dg->shape[1];
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
+    const moe_tensor *all[] = {dy, w, g, u, rw, dg, du, hw};
+    for (const moe_tensor *t : all)
+        if (t->dtype != MOE_BF16) return MOE_OK;
+    if (!use_kernel(d->grouped_gemm, flops, offsets, groups, dg->dtype, dy->dtype, w->dtype)) return MOE_OK;
+    bool ran = false;
+    MOE_TRY(cuda_mma_grouped_swiglu_bwd_w(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
+                                          moe_tensor_data(u), moe_tensor_data(rw), moe_tensor_data(dg),
+                                          moe_tensor_data(du), moe_tensor_data(hw), moe_tensor_data(dw),
+                                          dw->dtype == MOE_BF16, offsets, groups, K, de, &ran));
+    if (ran) { count_kernel(d); *served = 1; }
+    return MOE_OK;
+}
+
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad"));

@@ -70,7 +70,7 @@ static_assert(MAX_CHUNKS <= 255 && MAX_SEG <= 32767 && MOE_MMA_GROUPED_MAX_GROUP
               "segment fields: unsigned char chunk numbers, short groups and segments");
 // what a block does with its accumulators: store them (c = alpha acc + beta c), or a
 // fused SwiGLU (forward: gate and up tiles side by side; backward: dh into dgate, dup)
-enum { EPI_PLAIN = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2 };
+enum { EPI_PLAIN = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2, EPI_SWIGLU_BWD_W = 3 };
 
 struct mma_params {
     const __nv_bfloat16 *a, *b;
@@ -86,6 +86,10 @@ struct mma_params {
     // operand is row rows[r] of a (forward, the SwiGLU's x) or of b (weight
     // gradient, the experts' input): the MoE dispatch's gather done by the loads
     const int64_t *rows;
+    // EPI_SWIGLU_BWD_W: the combine's weight of each row (rw), and each row's
+    // partial dot products with the activation, one per N tile (dwp [M, n_tiles])
+    const __nv_bfloat16 *rw;
+    float *dwp;
     int epi_n;
     float alpha, beta;
     int n_tiles;             // tiles across N (forward) or across Q (wgrad)
@@ -401,6 +405,70 @@ __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, cons
     }
 }
 
+// The same with the MoE combine's weights folded in. The staged tile is dy W
+// over the experts' unweighted rows (dy gathered per row, not yet scaled by
+// the row's weight w): each row's dot product with the forward's rounded
+// activation h is its share of dw (the weight's gradient, dw = dy . (h W^T)),
+// written per N tile to p.dwp and summed in order later; dh = w (dy W),
+// rounded, meets gate and up as above; w h goes to p.ch (the down
+// projection's weight gradient is then (dy rows)^T (w h)).
+__device__ __forceinline__ void store_swiglu_bwd_w(const float *d, float *cs, const tile_info &ti, const mma_params &p,
+                                                   int tid) {
+    stage_acc(d, cs, tid, p.alpha);
+    const int de = p.epi_n;
+    const int64_t rbase = p.off[ti.g];
+    constexpr int PER = BM * BN / 8 / THREADS;
+    float part[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        part[i] = 0.0f;
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= de) continue;
+        const int64_t o = (rbase + row) * de + col;
+        float go[8], g[8], u[8], h[8], dh[8];
+        unpack(ld16(p.sg + o), g);
+        unpack(ld16(p.su + o), u);
+        const float w = __bfloat162float(p.rw[rbase + row]);
+        *reinterpret_cast<float4 *>(go) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
+        *reinterpret_cast<float4 *>(go + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
+#pragma unroll
+        for (int k = 0; k < 8; k++) h[k] = swiglu_1(g[k], u[k]);
+        round_bf16(h);   // the forward's activation, as the down projection read it
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            part[i] = fmaf(go[k], h[k], part[i]);
+            dh[k] = go[k] * w;
+            h[k] *= w;
+        }
+        round_bf16(dh);
+#pragma unroll
+        for (int k = 0; k < 8; k++) swiglu_bwd_1(dh[k], g[k], u[k], g[k], u[k]);
+        st16(p.cg + o, pack(g));
+        st16(p.cu + o, pack(u));
+        st16(p.ch + o, pack(h));
+    }
+    // the 16 threads of a half-warp hold one row's 128 columns: a fixed tree over them
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        float v = part[i];
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        int idx = tid + i * THREADS, row = ti.m0 + (idx >> 4);
+        if ((tid & 15) == 0 && row < ti.M) p.dwp[(rbase + row) * p.n_tiles + ti.n0 / BN] = v;
+    }
+}
+
+// dw[r] = the sum of row r's n partials in order, rounded once to dw's dtype
+template <typename T>
+__global__ void k_rowsum_partials(T *dw, const float *part, int64_t rows, int n) {
+    for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int j = 0; j < n; j++) s += part[r * n + j];
+        if constexpr (sizeof(T) == 2) dw[r] = __float2bfloat16_rn(s);
+        else dw[r] = s;
+    }
+}
+
 // The B tile of the SwiGLU forward: rows 0-63 from the gate weights, 64-127
 // from the up weights, both at expert-hidden rows nc0 + (r % 64) (K-major).
 __device__ __forceinline__ void load_tile_gate_up(unsigned char *s, const __nv_bfloat16 *bg, const __nv_bfloat16 *bu,
@@ -554,6 +622,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     }
     if (EPI == EPI_SWIGLU) store_swiglu(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else if (EPI == EPI_SWIGLU_BWD) store_swiglu_bwd(d, reinterpret_cast<float *>(smem), ti, p, tid);
+    else if (EPI == EPI_SWIGLU_BWD_W) store_swiglu_bwd_w(d, reinterpret_cast<float *>(smem), ti, p, tid);
     else store_tile(d, reinterpret_cast<float *>(smem), ti, tid, p.alpha, p.beta);
 #endif
 }
@@ -678,7 +747,7 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     mma_params p;
     p.a = (const __nv_bfloat16 *)a; p.b = (const __nv_bfloat16 *)b; p.c = (__nv_bfloat16 *)c;
     p.a2 = (const __nv_bfloat16 *)a2; p.b2 = (const __nv_bfloat16 *)b2; p.K2 = (int)K2;
-    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.rw = nullptr; p.dwp = nullptr; p.epi_n = 0;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
     int64_t tiles = row_tiles(p, offsets, groups);
@@ -701,7 +770,7 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.alpha = alpha; p.beta = beta;
     p.P = (int)P; p.Q = (int)Q; p.K = p.N = 0;
     p.a2 = p.b2 = nullptr; p.K2 = 0;
-    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.epi_n = 0;
+    p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.rw = nullptr; p.dwp = nullptr; p.epi_n = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
     p.groups = groups;
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
@@ -735,7 +804,7 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_
     p.a = (const __nv_bfloat16 *)x; p.b = (const __nv_bfloat16 *)wg; p.b2 = (const __nv_bfloat16 *)wu;
     p.a2 = nullptr; p.K2 = 0;
     p.c = (__nv_bfloat16 *)h; p.cg = (__nv_bfloat16 *)g; p.cu = (__nv_bfloat16 *)u; p.ch = nullptr;
-    p.rows = x_rows;
+    p.rows = x_rows; p.rw = nullptr; p.dwp = nullptr;
     p.sg = p.su = nullptr; p.epi_n = (int)de;
     p.alpha = 1.0f; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)(2 * de); p.P = p.Q = 0; p.m_tiles = 0;
@@ -759,6 +828,7 @@ moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy,
     p.a2 = p.b2 = nullptr; p.K2 = 0;
     p.c = (__nv_bfloat16 *)dg;   // not written: the epilogue writes cg and cu (and ch)
     p.ch = (__nv_bfloat16 *)h;   // NULL: the activation is not written again
+    p.rows = nullptr; p.rw = nullptr; p.dwp = nullptr;
     p.sg = (const __nv_bfloat16 *)g; p.su = (const __nv_bfloat16 *)u;
     p.cg = (__nv_bfloat16 *)dg; p.cu = (__nv_bfloat16 *)du; p.epi_n = (int)de;
     p.alpha = alpha; p.beta = 0.0f;
@@ -766,4 +836,44 @@ moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy,
     int64_t tiles = row_tiles(p, offsets, groups);
     return launch<true, false, false, false, EPI_SWIGLU_BWD>(d, p, tiles, de, "gemm_grouped_swiglu_backward (kernel)",
                                                              ran);
+}
+
+moe_status cuda_mma_grouped_swiglu_bwd_w(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
+                                         const void *u, const void *rw, void *dg, void *du, void *hw, void *dw,
+                                         bool dw_bf16, const int64_t *offsets, int groups, int64_t K, int64_t de,
+                                         bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
+        !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du) ||
+        !aligned16(hw))
+        return MOE_OK;
+    const int64_t rows = offsets[groups];
+    const int nt = (int)((de + BN - 1) / BN);
+    const size_t part_bytes = (size_t)(rows > 0 ? rows : 1) * (size_t)nt * sizeof(float);
+    float *part = (float *)cuda_scratch_alloc(d, part_bytes);
+    if (!part) return moe_last_status();
+    mma_params p;
+    p.a = (const __nv_bfloat16 *)dy; p.b = (const __nv_bfloat16 *)w;
+    p.a2 = p.b2 = nullptr; p.K2 = 0;
+    p.c = (__nv_bfloat16 *)dg;   // not written: the epilogue writes cg, cu and ch
+    p.sg = (const __nv_bfloat16 *)g; p.su = (const __nv_bfloat16 *)u;
+    p.cg = (__nv_bfloat16 *)dg; p.cu = (__nv_bfloat16 *)du; p.ch = (__nv_bfloat16 *)hw;
+    p.rows = nullptr; p.rw = (const __nv_bfloat16 *)rw; p.dwp = part;
+    p.epi_n = (int)de;
+    p.alpha = alpha; p.beta = 0.0f;
+    p.K = (int)K; p.N = (int)de; p.P = p.Q = 0; p.m_tiles = 0;
+    int64_t tiles = row_tiles(p, offsets, groups);
+    moe_status st = launch<true, false, false, false, EPI_SWIGLU_BWD_W>(d, p, tiles, de,
+                                                                      "gemm_grouped_swiglu_backward (kernel, weighted)", ran);
+    if (st == MOE_OK && *ran && rows > 0) {
+        unsigned grid = (unsigned)std::min<int64_t>((rows + 255) / 256, 4096);
+        if (dw_bf16)
+            k_rowsum_partials<__nv_bfloat16><<<grid, 256, 0, d->stream>>>((__nv_bfloat16 *)dw, part, rows, nt);
+        else
+            k_rowsum_partials<float><<<grid, 256, 0, d->stream>>>((float *)dw, part, rows, nt);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) st = moe_error(MOE_ERR_DEVICE, "gemm_grouped_swiglu_backward (weights' sums): %s", cudaGetErrorString(e));
+    }
+    cuda_scratch_free(d, part, part_bytes);   // stream-ordered
+    return st;
 }

@@ -33,6 +33,14 @@ moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy,
                                        const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
                                        int64_t K, int64_t de, bool *ran);
 /* b_rows (device, M values, or NULL): row r of b is b_rows[r] of b. */
+/* The same with the MoE combine's row weights folded in (dy: the unweighted
+ * rows, rw [M] bf16 the weights): dh = rw * (alpha dy w_e); hw = rw * h (h
+ * the forward's rounded activation); dw[r] = (alpha dy w_e)[r] . h[r] (f32,
+ * a fixed order), written as bf16 (dw_bf16) or f32. */
+moe_status cuda_mma_grouped_swiglu_bwd_w(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
+                                         const void *u, const void *rw, void *dg, void *du, void *hw, void *dw,
+                                         bool dw_bf16, const int64_t *offsets, int groups, int64_t K, int64_t de,
+                                         bool *ran);
 moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, const int64_t *b_rows,
                                   float beta, void *c, const int64_t *offsets, int groups, int64_t P, int64_t Q,
                                   bool *ran);
