@@ -287,6 +287,10 @@ moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, m
     return bank_forward_rows(l, ctx, tape, xp, NULL, offsets, groups, yp);
 }
 
+int64_t moe_expert_bank_inner(const moe_layer *l) {
+    return moe_layer_is(l, "ExpertBank") ? bank_param((moe_layer *)l, P_UP)->value->shape[1] : 0;
+}
+
 int moe_expert_bank_gathers(const moe_layer *l) {
     return moe_layer_is(l, "ExpertBank") && swiglu_bank(l) && !moe_expert_bank_lora((moe_layer *)l);
 }

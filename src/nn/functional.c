@@ -206,6 +206,9 @@ static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const
         dloss = moe_f32(g)[0];
         moe_tensor_release(g);
     }
+    if (e->i[1] && !(e->n_saved > 3 && e->saved[3]))
+        return moe_error(MOE_ERR_STATE, "cross_entropy: the logits were overwritten by their gradient "
+                                        "(overwrite_logits): one backward only");
     if (e->n_saved > 3 && e->saved[3]) {
         moe_tensor *pre = e->saved[3];
         e->saved[3] = NULL;
@@ -307,6 +310,7 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
             moe_tape_save(e, tc);
             moe_tape_save(e, dl);
             e->i[0] = ignore_index;
+            e->i[1] = dl != NULL && dl == lc;   /* the logits hold the gradient now */
             e->f[0] = count;
         }
     }

@@ -25,7 +25,8 @@ moe_status moe_f_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits,
  * - MOE_CE_GRAD_OVER_LOGITS: over the logits' own memory, saving the [N, V]
  *   tensor (824 MB in bf16 at 8192 tokens of a 50k vocabulary). The caller
  *   promises that nothing reads the logits afterwards, the backward of the op
- *   that made them included (a linear head's reads only its input). */
+ *   that made them included (a linear head's reads only its input); a second
+ *   backward through the loss is refused (MOE_ERR_STATE). */
 enum { MOE_CE_GRAD_LATER = 0, MOE_CE_GRAD_NEW = 1, MOE_CE_GRAD_OVER_LOGITS = 2 };
 moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logits, moe_tensor *targets,
                                   int64_t ignore_index, int grad_in_forward, moe_tensor **loss);

@@ -577,23 +577,32 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
     } else if (s == MOE_OK && tokens) {
         s = ep_token_experts(l, ctx, tape, xr, &r, &hook, hk.tslots, &yr);
     } else {
-        /* token rows need the slot map (top-k routing has one; expert choice does not) */
-        const int tok_rows = token_rows && r.slots && r.slots->dtype == MOE_I32 && r.slots->ndim == 2 &&
-                             r.slots->shape[0] == n;
-        if (s == MOE_OK && dk.xp) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
+        /* token rows need the slot map (top-k routing has one; expert choice does
+         * not, and MOELAB_MOE_GATHER=0 refuses it) */
+        const int tok_rows = token_rows && moe_dispatch_slots_usable(r.slots, n);
+        const int from_hook = s == MOE_OK && dk.xp;
+        if (from_hook) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
         else if (s == MOE_OK && !(gemm_gathers && tok_rows))
-            s = moe_f_dispatch(ctx, token_rows ? NULL : tape, xr, r.token_idx, r.slots, &xp);
-        if (s == MOE_OK && token_rows && !tok_rows) {
-            /* no slot map: a taped dispatch after all (the untaped rows are the same values) */
+            s = moe_f_dispatch(ctx, tok_rows ? NULL : tape, xr, r.token_idx, r.slots, &xp);
+        if (from_hook && token_rows && !tok_rows) {
+            /* the hook's untaped rows, but the slot map is refused: a taped dispatch after all */
             moe_tensor_release(xp);
             xp = NULL;
             s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
         }
+        /* a bank whose GEMMs gather the rows also takes the combine (its backward
+         * gets the weights' gradient without the experts' outputs kept), where
+         * one fused kernel does that backward (on a GPU; else the parts would
+         * hold more than the outputs) or on the CPU (exact f32 arithmetic) */
+        const int64_t *eoff = r.offsets;
+        const moe_layer *bank = l->children[st->c_experts];
+        const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype &&
+                         (xr->device.type == MOE_CPU ||
+                          moe_op_gemm_grouped_swiglu_backward_w_fuses(
+                              ctx, xr->device, xr->dtype, c->hidden, moe_expert_bank_inner(bank), eoff,
+                              (int)c->router.num_experts));
         /* the residual joins in the combine's pass unless shared experts still add to yr */
         moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
-        /* a bank whose GEMMs gather the rows also takes the combine (its backward
-         * gets the weights' gradient without the experts' outputs kept) */
-        const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype;
         moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL};
         if (s == MOE_OK) {
             s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)

@@ -103,6 +103,8 @@ typedef struct {
 /* Whether the bank's GEMMs gather the rows themselves (SwiGLU without
  * adapters): then moe_expert_bank_forward_tokens takes xp = NULL. */
 int moe_expert_bank_gathers(const moe_layer *bank);
+/* The experts' hidden width (0 for another layer). */
+int64_t moe_expert_bank_inner(const moe_layer *bank);
 moe_status moe_expert_bank_forward_tokens(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                           const moe_bank_tokens *tok, const int64_t *offsets, int groups,
                                           moe_tensor **yp);

@@ -19,12 +19,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+int moe_dispatch_slots_usable(const moe_tensor *slots, int64_t n_tokens) {
+    if (!slots || slots->ndim != 2 || slots->shape[0] != n_tokens || slots->dtype != MOE_I32) return 0;
+    const char *env = getenv("MOELAB_MOE_GATHER");
+    return !(env && env[0] == '0' && env[1] == 0);
+}
+
 /* slots if the gather path may use them for n_tokens tokens, else NULL */
 static moe_tensor *usable_slots(moe_tensor *slots, int64_t n_tokens) {
-    if (!slots || slots->ndim != 2 || slots->shape[0] != n_tokens || slots->dtype != MOE_I32) return NULL;
-    const char *env = getenv("MOELAB_MOE_GATHER");
-    if (env && env[0] == '0' && env[1] == 0) return NULL;
-    return slots;
+    return moe_dispatch_slots_usable(slots, n_tokens) ? slots : NULL;
 }
 
 static moe_status dispatch_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {

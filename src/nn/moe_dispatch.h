@@ -12,6 +12,9 @@
  * variable MOELAB_MOE_GATHER=0, read at each call, for A/B comparisons) they
  * take the index_add path. Either way the same values up to f32 rounding
  * order. */
+/* Whether the routing's slot map [n_tokens, k] i32 may serve the one-pass
+ * gathers (MOELAB_MOE_GATHER=0 turns them off: the index_add path). */
+int moe_dispatch_slots_usable(const moe_tensor *slots, int64_t n_tokens);
 /* xp [A, H] = x [N, H] rows at token_idx [A] (i64). */
 moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *token_idx, moe_tensor *slots,
                           moe_tensor **xp);

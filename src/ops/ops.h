@@ -99,6 +99,11 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
                                                  const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                  moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                  const int64_t *offsets, int groups);
+/* Whether dev's backend runs that call as one fused kernel for dt data of
+ * these sizes (else the parts take more memory and passes than keeping the
+ * combine's inputs would). */
+int moe_op_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
+                                                const int64_t *offsets, int groups);
 /* moe_op_gemm_grouped_swiglu on the rows of x [N, K] listed in rows (i64
  * [M], M = offsets[groups]): row r of the grouped input is x[rows[r]] - the
  * MoE dispatch's gather, done by the GEMM's loads on CUDA (bf16, own kernel,
