@@ -72,6 +72,32 @@ describe("MoE block gradients", function()
       "layer:set_keep_expert_rows: expected true or false, got number")
   end)
 
+  it("edge cases of the folded experts: one token, no tokens, the mode switched between the passes", function()
+    local x1, r1 = moe.randn({1, 6}, {seed = 41}), moe.randn({1, 6}, {seed = 42})
+    local function run(switch)
+      local m = block{}
+      local tape = moe.Tape()
+      local y = m:forward_residual(x1, r1, tape)
+      if switch then m:set_keep_expert_rows(true) end   -- the entry keeps the mode it recorded
+      tape:backward(tape:sum(y))
+      return tape:grad(x1):clone(), tape:grad(r1):clone(), y
+    end
+    local gx, gr, y = run(true)
+    local gx2, gr2, y2 = run(false)
+    assert.are.equal(0, (y - y2):abs():max():item())
+    assert.are.equal(0, (gx - gx2):abs():max():item())
+    assert.are.equal(1, gr:min():item())   -- d sum / d residual
+    assert.are.equal(0, (gr - gr2):abs():max():item())
+    assert.is_true(gx:abs():max():item() > 0)
+    -- no tokens at all: an empty output and a backward that does nothing
+    local m = block{}
+    local t0 = moe.Tape()
+    local x0 = moe.randn({0, 6}, {seed = 43})
+    local y0 = m:forward(x0, t0)
+    assert.are.same({0, 6}, y0:shape())
+    t0:backward(t0:sum(y0))
+  end)
+
   it("with the residual added in the combine (and by an add beside shared experts)", function()
     for _, o in ipairs{{}, {num_shared_experts = 1}, {capacity_factor = 1.0}} do
       local m = block(o)
