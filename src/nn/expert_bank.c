@@ -100,6 +100,9 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     const int tokens = (int)e->i[2];
     moe_tensor *xp = tokens ? NULL : e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
     const moe_lora *lo0 = moe_expert_bank_lora(l);
+    /* before anything is gathered or allocated: the adapters must be the forward's */
+    if ((lo0 ? lo0->id : 0) != e->i[0])
+        return moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* fused SwiGLU without adapters: the weight gradients gather the rows themselves */
     moe_tensor *rows = tokens && sw && !lo0 ? e->saved[0] : NULL;
     if (rows) {
@@ -143,8 +146,6 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     int64_t dxs[2] = {u->shape[0], xp->shape[1]};   /* the experts' rows (xp may be the token rows) */
     moe_tensor *dx = moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
     moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) && (!combined || dw) ? MOE_OK : moe_last_status();
-    if (s == MOE_OK && (lo ? lo->id : 0) != e->i[0])
-        s = moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
     if (s == MOE_OK && combined) {   /* h becomes w * h: the down weights' gradient is then dy^T h */
         s = moe_op_gemm_grouped_swiglu_backward_w(ctx, 1.0f, dy, moe_param_w(pd), g, u, e->in[1], dg, du, h, dw, off,
