@@ -28,7 +28,7 @@ return function(device, precision)
     batches[i] = {all:narrow(2, 1, S):contiguous(), all:narrow(2, 2, S):contiguous()}
   end
   -- MOELAB_STEP_KEEP_ROWS=1: the MoE layers keep their experts' gathered rows for the backward
-  -- (model:set_keep_expert_rows(true); the default gathers them in the GEMMs), to compare speed and memory
+  -- (model:set_keep_expert_rows(true); by default the GEMMs gather them here), to compare speed and memory
   if os.getenv("MOELAB_STEP_KEEP_ROWS") == "1" then model:set_keep_expert_rows(true) end
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
                                  router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0}

@@ -69,7 +69,7 @@ describe("MoE block gradients", function()
       end
     end
     assert.has_error(function() block{}:set_keep_expert_rows(1) end,
-      "layer:set_keep_expert_rows: expected true or false, got number")
+      "layer:set_keep_expert_rows: expected true, false or \"auto\", got number")
   end)
 
   it("edge cases of the folded experts: one token, no tokens, the mode switched between the passes", function()

@@ -94,7 +94,17 @@ describe("MoEModel", function()
     assert.is_nil(nb.dispatch)
     assert.is_nil(nb.combine)   -- folded into the experts' entry
     assert.has_error(function() m:set_keep_expert_rows("no") end,
-      "MoEModel:set_keep_expert_rows: expected true or false, got string")
+      "MoEModel:set_keep_expert_rows: expected true, false or \"auto\", got no")
+    -- the default: "auto", which on a CPU keeps the rows (no GEMM gathers there)
+    local fresh = small("OLMoE")
+    assert.are.equal("auto", fresh:moe_layers()[1]:keep_expert_rows())
+    fresh:train(true)
+    fresh.net:zero_grad()
+    local names = {}
+    for _, r in ipairs(fresh:forward(ids, {targets = targets}).tape:memory()) do names[r.name] = true end
+    assert.is_true(names.dispatch and names.combine)
+    m:set_keep_expert_rows("auto")
+    assert.are.equal("auto", m:moe_layers()[1]:keep_expert_rows())
   end)
 
   it("every preset builds and runs", function()

@@ -147,14 +147,16 @@ function Model:buffers() return self.net:buffers() end
 function Model:moe_layers() return self.net:moe_layers() end
 
 --- set_keep_expert_rows(keep): whether the MoE layers keep their experts'
--- gathered rows [tokens * k, hidden] between the forward and the backward
--- (true: a dispatch step, as before) or not (false, the default: SwiGLU
--- experts' GEMMs gather the rows in their loads, other experts gather them
--- again in the backward; 537 MB less over the issue #6 step in bf16, the
--- same speed on an H100).
+-- gathered rows [tokens * k, hidden] (and outputs) between the forward and
+-- the backward. true: a dispatch and a combine step, as before. false: never
+-- (SwiGLU experts' GEMMs gather the rows in their loads and take the combine
+-- in; other experts gather the rows again in the backward, which costs a
+-- gather a layer). "auto", the default: not kept where the GEMMs gather in
+-- their loads (bf16 SwiGLU experts on a GPU, at row counts the own kernel
+-- serves: 1.1 GB less over the issue #6 step, and no slower), kept elsewhere.
 function Model:set_keep_expert_rows(keep)
-  if type(keep) ~= "boolean" then
-    error("MoEModel:set_keep_expert_rows: expected true or false, got " .. type(keep), 2)
+  if type(keep) ~= "boolean" and keep ~= "auto" then
+    error("MoEModel:set_keep_expert_rows: expected true, false or \"auto\", got " .. tostring(keep), 2)
   end
   for _, l in ipairs(self.net:moe_layers()) do l:set_keep_expert_rows(keep) end
   return self

@@ -236,14 +236,26 @@ static int m_noise_step(lua_State *L) {
     return 0;
 }
 
-/* layer:set_keep_expert_rows(bool): keep the experts' gathered rows for the
- * backward (true) or not (false, the default: gathered by the GEMMs, or again) */
+/* layer:set_keep_expert_rows(true | false | "auto"): keep the experts'
+ * gathered rows for the backward, never keep them, or keep them only where
+ * the GEMMs cannot gather them in their loads (the default; moe_block.h) */
 static int m_keep_rows(lua_State *L) {
     const char *f = "layer:set_keep_expert_rows";
     moe_layer *l = check_moe(L, f);
-    if (!lua_isboolean(L, 2)) return luaL_error(L, "%s: expected true or false, got %s", f, luaL_typename(L, 2));
-    moe_lua_check(L, moe_block_set_keep_rows(l, lua_toboolean(L, 2)), f);
+    int keep;
+    if (lua_isboolean(L, 2)) keep = lua_toboolean(L, 2);
+    else if (lua_type(L, 2) == LUA_TSTRING && !strcmp(lua_tostring(L, 2), "auto")) keep = -1;
+    else return luaL_error(L, "%s: expected true, false or \"auto\", got %s", f, luaL_typename(L, 2));
+    moe_lua_check(L, moe_block_set_keep_rows(l, keep), f);
     return 0;
+}
+
+/* layer:keep_expert_rows() -> true | false | "auto" */
+static int m_get_keep_rows(lua_State *L) {
+    int k = moe_block_keep_rows(check_moe(L, "layer:keep_expert_rows"));
+    if (k < 0) lua_pushstring(L, "auto");
+    else lua_pushboolean(L, k);
+    return 1;
 }
 
 static int m_train(lua_State *L) {
@@ -428,7 +440,7 @@ static int m_set_expert_shard(lua_State *L) {
 
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
-    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"noise_step", m_get_noise_step}, {"train", m_train},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"balance_losses", m_balance_losses},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config},
     {"param_layout", m_param_layout}, {"expert_shard", m_expert_shard}, {"set_expert_shard", m_set_expert_shard},

@@ -21,7 +21,7 @@ typedef struct {
     int64_t ep_gather;          /* > 0: expert parallel by all_gather of this many tokens per rank (moe_ep.h) */
     moe_tensor *ep_tmap;        /* gather: i32 [N, ep], row t all t (the send-row map moe_op_ep_pack reads) */
     moe_routing last;
-    int keep_rows;              /* moe_block_set_keep_rows */
+    int keep_rows;              /* moe_block_set_keep_rows: 1 keep, 0 never keep, -1 auto (the default) */
 } block_state;
 
 int moe_layer_is_moe(const moe_layer *l) { return moe_layer_is(l, "MoE"); }
@@ -75,10 +75,15 @@ moe_tensor *moe_block_router_input_bias(const moe_layer *l) { block_state *s = s
 
 uint64_t moe_block_noise_step(const moe_layer *l) { block_state *s = st_of(l); return s ? s->calls : 0; }
 
+int moe_block_keep_rows(const moe_layer *l) {
+    block_state *st = st_of(l);
+    return st ? st->keep_rows : 0;
+}
+
 moe_status moe_block_set_keep_rows(moe_layer *l, int keep) {
     block_state *st = st_of(l);
     if (!st) return moe_error(MOE_ERR_ARG, "set_keep_expert_rows: not an MoE layer");
-    st->keep_rows = keep != 0;
+    st->keep_rows = keep < 0 ? -1 : keep != 0;
     return MOE_OK;
 }
 
@@ -542,15 +547,22 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
     moe_route_hook hook = {0};
     int tokens = 0;
     if (s == MOE_OK && !st->custom && st->ep_comm) s = ep_moves_tokens(NULL, st->ep_comm, &tokens);
-    /* Unless told to keep them (moe_block_set_keep_rows), the experts' entry
-     * takes the token rows rather than the tape keeping the experts' rows
-     * ([N*k, hidden], 537 MB over the issue's 8-layer step in bf16): a SwiGLU
-     * bank's GEMMs gather them in their loads (forward and weight gradient, no
-     * dispatch at all; on an H100 the step is as fast as with kept rows),
-     * other banks gather them again in the backward. */
-    const int token_rows = tape && !st->custom && !st->ep_comm && !st->keep_rows;
-    /* and a SwiGLU bank gathers them in its GEMMs' loads: no dispatch at all */
-    const int gemm_gathers = token_rows && moe_expert_bank_gathers(l->children[st->c_experts]);
+    /* The experts' rows [N*k, hidden] (537 MB over the issue's 8-layer step in
+     * bf16) need not be kept on the tape: the experts' entry can take the token
+     * rows instead. A SwiGLU bank's GEMMs then gather the rows in their loads
+     * (forward and weight gradient, no dispatch at all; on an H100 the step is
+     * as fast as with kept rows); other banks, or GEMMs the own kernel does not
+     * serve, gather them again in the backward, once or twice a layer.
+     * moe_block_set_keep_rows: 1 keeps them, 0 never does, -1 (the default)
+     * takes the token rows only where the GEMMs gather (a bf16 SwiGLU bank on
+     * a GPU whose kernel serves these row counts: decided after the routing). */
+    const moe_layer *bank0 = st->custom ? NULL : l->children[st->c_experts];
+    const int bank_gathers = bank0 && moe_expert_bank_gathers(bank0);
+    const int token_rows = tape && !st->custom && !st->ep_comm && st->keep_rows != 1 &&
+                           (st->keep_rows == 0 ||
+                            (bank_gathers && xr->device.type == MOE_CUDA && xr->dtype == MOE_BF16));
+    /* and a SwiGLU bank may gather them in its GEMMs' loads: no dispatch queued early */
+    const int gemm_gathers = token_rows && bank_gathers;
     dispatch_hook dk = {token_rows ? NULL : tape, xr, NULL};
     if (tokens || gather) {
         hook.extra = (c->router.num_experts + st->ep_comm->size) * (st->ep_comm->size + 1);
@@ -578,8 +590,13 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         s = ep_token_experts(l, ctx, tape, xr, &r, &hook, hk.tslots, &yr);
     } else {
         /* token rows need the slot map (top-k routing has one; expert choice does
-         * not, and MOELAB_MOE_GATHER=0 refuses it) */
-        const int tok_rows = token_rows && moe_dispatch_slots_usable(r.slots, n);
+         * not, and MOELAB_MOE_GATHER=0 refuses it); by default also GEMMs that
+         * gather in their loads at these row counts */
+        const int tok_rows =
+            token_rows && moe_dispatch_slots_usable(r.slots, n) &&
+            (st->keep_rows == 0 || moe_op_gemm_grouped_rows_fuses(ctx, xr->device, xr->dtype, c->hidden,
+                                                                 moe_expert_bank_inner(bank0), r.offsets,
+                                                                 (int)c->router.num_experts));
         const int from_hook = s == MOE_OK && dk.xp;
         if (from_hook) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
         else if (s == MOE_OK && !(gemm_gathers && tok_rows))
@@ -722,6 +739,7 @@ moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **exp
     st->cfg = c;
     st->custom = experts != NULL;
     st->c_noise = st->c_shared = st->c_shared_gate = -1;
+    st->keep_rows = -1;
     moe_status s = MOE_OK;
     int idx = 0;
     /* router: a bias-free linear map to one logit per expert (named as in HF checkpoints) */

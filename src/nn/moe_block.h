@@ -40,10 +40,13 @@ moe_status moe_block_update_bias(moe_layer *l);
  * forward can be repeated with the same noise (gradient checks, replays). */
 moe_status moe_block_set_noise_step(moe_layer *l, uint64_t step);
 /* Whether a taped forward keeps the experts' gathered rows [N*k, hidden] for
- * the backward (keep = 1: a dispatch entry, as before) or not (0, the
- * default: a SwiGLU bank's GEMMs gather the rows in their loads, other banks
- * gather them again in the backward). */
+ * the backward: 1 keeps them (a dispatch entry, as before); 0 never does (a
+ * SwiGLU bank's GEMMs gather the rows in their loads, other banks gather them
+ * again in the backward); -1, the default, takes the token rows only where
+ * the GEMMs gather in their loads (bf16 SwiGLU experts on a GPU whose own
+ * kernel serves the routing's row counts), which costs no time. */
 moe_status moe_block_set_keep_rows(moe_layer *l, int keep);
+int moe_block_keep_rows(const moe_layer *l);
 uint64_t moe_block_noise_step(const moe_layer *l);
 /* An additive bias on the router's input (task conditioning): each forward
  * routes on x + bias (broadcast to x's shape; last dim hidden) while the

@@ -160,6 +160,10 @@ typedef struct moe_backend {
                                                  const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                  moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                  const int64_t *offsets, int groups, int *served);
+    /* whether the _rows calls' GEMMs would gather in their loads (forward x [., K] -> [., N]
+     * and its weight gradient) for dt data of these row counts; optional: NULL = never */
+    int (*gemm_grouped_rows_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+                                   const int64_t *offsets, int groups);
     /* whether that call would be served (bf16 data of these sizes); optional: NULL = never */
     int (*gemm_grouped_swiglu_backward_w_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                                 const int64_t *offsets, int groups);

@@ -99,6 +99,11 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
                                                  const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                  moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                  const int64_t *offsets, int groups);
+/* Whether dev's backend gathers the rows in the GEMMs' loads for the _rows
+ * calls below (x [., K] -> [., N] and its weight gradient), for dt data of
+ * these row counts (else the rows are gathered into a tensor first). */
+int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+                                   const int64_t *offsets, int groups);
 /* Whether dev's backend runs that call as one fused kernel for dt data of
  * these sizes (else the parts take more memory and passes than keeping the
  * combine's inputs would). */

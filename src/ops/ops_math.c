@@ -207,6 +207,13 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
     return s;
 }
 
+int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+                                   const int64_t *offsets, int groups) {
+    const moe_backend *be = ctx && (int)dev.type >= 0 && dev.type < MOE_NUM_DEVICE_TYPES ? ctx->backends[dev.type] : NULL;
+    return be && be->gemm_grouped_rows_fuses && offsets ? be->gemm_grouped_rows_fuses(ctx, dev, dt, K, N, offsets, groups)
+                                                        : 0;
+}
+
 int moe_op_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                                 const int64_t *offsets, int groups) {
     const moe_backend *be = ctx && (int)dev.type >= 0 && dev.type < MOE_NUM_DEVICE_TYPES ? ctx->backends[dev.type] : NULL;

@@ -229,6 +229,12 @@ do
     ok(la == lb and e < tol and na.dispatch and na.combine and not nb.dispatch and (not nb.combine) == folded,
       "cuda " .. precision .. ": the experts' rows and outputs not kept: the same loss, the gradients to rounding",
       string.format("loss %.6f / %.6f, rel l2 %.3g (tol %g)", la, lb, e, tol))
+    -- "auto" (the default): not kept where the GEMMs gather (bf16), kept elsewhere (f32)
+    local lc, gc2, nc = run("auto")
+    local same = precision == "bf16" and (gc2 - gb):abs():max():item() == 0 or (gc2 - ga):abs():max():item() == 0
+    ok(lc == la and same and (not nc.dispatch) == folded and (not nc.combine) == folded,
+      "cuda " .. precision .. ": set_keep_expert_rows(\"auto\") " .. (folded and "gathers in the GEMMs" or "keeps the rows"),
+      string.format("dispatch entry %s, combine entry %s", tostring(nc.dispatch), tostring(nc.combine)))
   end
 end
 

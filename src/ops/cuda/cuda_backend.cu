@@ -64,6 +64,7 @@ static const moe_backend cuda_backend = {
     /* gemm_grouped_swiglu_rows */ cuda_gemm_grouped_swiglu_rows,
     /* gemm_grouped_wgrad_rows */ cuda_gemm_grouped_wgrad_rows,
     /* gemm_grouped_swiglu_backward_w */ cuda_gemm_grouped_swiglu_backward_w,
+    /* gemm_grouped_rows_fuses */ cuda_gemm_grouped_rows_fuses,
     /* gemm_grouped_swiglu_backward_w_fuses */ cuda_gemm_grouped_swiglu_backward_w_fuses,
 };
 

@@ -108,6 +108,8 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *, float alpha, const moe
                                                const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                const int64_t *offsets, int groups, int *served);
+int cuda_gemm_grouped_rows_fuses(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
+                                 int groups);
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                               const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu(moe_ctx *, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,

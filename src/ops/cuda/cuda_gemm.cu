@@ -568,6 +568,17 @@ moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_ten
 
 // The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
 // (bf16); otherwise the ops layer composes it from the parts.
+int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
+                                 int groups) {
+    cuda_dev *d = cuda_dev_get(ctx, dev);
+    if (!d || dt != MOE_BF16 || K <= 0 || N <= 0 || K % 8 || N % 64 || groups < 1 ||
+        groups > MOE_MMA_GROUPED_MAX_GROUPS || offsets[groups] >= (int64_t)INT32_MAX - 128)
+        return 0;
+    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
+    return use_kernel(d->grouped_gemm, flops, offsets, groups, dt, dt, dt) &&
+           use_kernel(d->grouped_wgrad, flops, offsets, groups, dt, dt, dt);
+}
+
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                               const int64_t *offsets, int groups) {
     cuda_dev *d = cuda_dev_get(ctx, dev);
