@@ -99,12 +99,12 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
      * summed back into the token rows below */
     const int tokens = (int)e->i[2];
     moe_tensor *xp = tokens ? NULL : e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
-    const moe_lora *lo0 = moe_expert_bank_lora(l);
+    const moe_lora *lo = moe_expert_bank_lora(l);
     /* before anything is gathered or allocated: the adapters must be the forward's */
-    if ((lo0 ? lo0->id : 0) != e->i[0])
+    if ((lo ? lo->id : 0) != e->i[0])
         return moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* fused SwiGLU without adapters: the weight gradients gather the rows themselves */
-    moe_tensor *rows = tokens && sw && !lo0 ? e->saved[0] : NULL;
+    moe_tensor *rows = tokens && sw && !lo ? e->saved[0] : NULL;
     if (rows) {
         xp = e->in[0];
         moe_tensor_retain(xp);
@@ -137,7 +137,6 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         if (sg != MOE_OK) moe_tensor_release(dyu);
     }
     moe_tensor *dw = combined ? moe_tensor_like(ctx, e->in[1]) : NULL;
-    const moe_lora *lo = moe_expert_bank_lora(l);
     /* SwiGLU without adapters: dh only feeds the activation's backward, so one
      * call may keep it out of memory (a fused epilogue on CUDA) */
     const int fused = sw && !lo;
@@ -293,7 +292,7 @@ int64_t moe_expert_bank_inner(const moe_layer *l) {
 }
 
 int moe_expert_bank_gathers(const moe_layer *l) {
-    return moe_layer_is(l, "ExpertBank") && swiglu_bank(l) && !moe_expert_bank_lora((moe_layer *)l);
+    return moe_layer_is(l, "ExpertBank") && swiglu_bank(l) && !moe_expert_bank_lora(l);
 }
 
 moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,

@@ -611,13 +611,11 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
          * gets the weights' gradient without the experts' outputs kept), where
          * one fused kernel does that backward (on a GPU; else the parts would
          * hold more than the outputs) or on the CPU (exact f32 arithmetic) */
-        const int64_t *eoff = r.offsets;
-        const moe_layer *bank = l->children[st->c_experts];
         const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype &&
                          (xr->device.type == MOE_CPU ||
-                          moe_op_gemm_grouped_swiglu_backward_w_fuses(
-                              ctx, xr->device, xr->dtype, c->hidden, moe_expert_bank_inner(bank), eoff,
-                              (int)c->router.num_experts));
+                          moe_op_gemm_grouped_swiglu_backward_w_fuses(ctx, xr->device, xr->dtype, c->hidden,
+                                                                      moe_expert_bank_inner(bank0), r.offsets,
+                                                                      (int)c->router.num_experts));
         /* the residual joins in the combine's pass unless shared experts still add to yr */
         moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
         moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL};

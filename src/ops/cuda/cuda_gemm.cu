@@ -467,10 +467,23 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     return cuda_gemm_grouped(ctx, transb, alpha, a2, b2, 1.0f, c, offsets, groups);
 }
 
+// The rows variants' fallback: where the own kernel would not gather the rows
+// as it loads them, they are gathered into a scratch tensor and the plain call
+// runs (the same bytes either way: the kernel reads the same values in the
+// same order).
+static moe_tensor *gathered(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows) {
+    int64_t shape[2] = {rows->shape[0], x->shape[1]};
+    moe_tensor *xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
+    if (xp && cuda_index_select(ctx, xp, x, rows) != MOE_OK) { moe_tensor_release(xp); return NULL; }
+    return xp;
+}
+
 // The fused SwiGLU calls: the own kernel where the plain calls would take it
-// (decided on one GEMM's FLOPs, as for each of them), else the parts.
-moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
-                                    moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups) {
+// (decided on one GEMM's FLOPs, as for each of them), else the parts. rows
+// (may be NULL): x's rows in the grouped order (cuda_gemm_grouped_swiglu_rows).
+static moe_status swiglu_forward(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
+                                 const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
+                                 const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(h->dtype, "gemm_grouped_swiglu"));
     CUDA_ENTER(d, ctx, h->device);
     const int64_t K = x->shape[1], de = g->shape[1];
@@ -478,14 +491,32 @@ moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
         g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
         bool ran = false;
-        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), nullptr, moe_tensor_data(wg), moe_tensor_data(wu),
-                                        moe_tensor_data(g), moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K,
-                                        de, &ran));
+        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), rows ? (const int64_t *)moe_tensor_data(rows) : nullptr,
+                                        moe_tensor_data(wg), moe_tensor_data(wu), moe_tensor_data(g),
+                                        moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K, de, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    if (rows) {
+        moe_tensor *xp = gathered(ctx, x, rows);
+        if (!xp) return moe_last_status();
+        moe_status s = swiglu_forward(ctx, xp, NULL, wg, wu, g, u, h, offsets, groups);
+        moe_tensor_release(xp);
+        return s;
     }
     MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wg, 0.0f, g, offsets, groups));
     MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wu, 0.0f, u, offsets, groups));
     return moe_tensor_numel(h) ? cuda_swiglu(ctx, h, g, u) : MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
+                                    moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups) {
+    return swiglu_forward(ctx, x, NULL, wg, wu, g, u, h, offsets, groups);
+}
+
+moe_status cuda_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
+                                         const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
+                                         const int64_t *offsets, int groups) {
+    return swiglu_forward(ctx, x, rows, wg, wu, g, u, h, offsets, groups);
 }
 
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
@@ -512,82 +543,32 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
     return s;
 }
 
-// The rows variants: the own kernel gathers the rows as it loads them; where
-// it would not serve the call, the rows are gathered into a scratch tensor and
-// the plain call runs (the same bytes either way: the kernel reads the same
-// values in the same order).
-static moe_tensor *gathered(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows) {
-    int64_t shape[2] = {rows->shape[0], x->shape[1]};
-    moe_tensor *xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
-    if (xp && cuda_index_select(ctx, xp, x, rows) != MOE_OK) { moe_tensor_release(xp); return NULL; }
-    return xp;
-}
-
-moe_status cuda_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
-                                         const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
-                                         const int64_t *offsets, int groups) {
-    MOE_TRY(cuda_check_float(h->dtype, "gemm_grouped_swiglu_rows"));
-    CUDA_ENTER(d, ctx, h->device);
-    const int64_t K = x->shape[1], de = g->shape[1];
-    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
-    if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
-        g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
-        bool ran = false;
-        MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), (const int64_t *)moe_tensor_data(rows),
-                                        moe_tensor_data(wg), moe_tensor_data(wu), moe_tensor_data(g),
-                                        moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K, de, &ran));
-        if (ran) { count_kernel(d); return MOE_OK; }
-    }
-    moe_tensor *xp = gathered(ctx, x, rows);
-    if (!xp) return moe_last_status();
-    moe_status s = cuda_gemm_grouped_swiglu(ctx, xp, wg, wu, g, u, h, offsets, groups);
-    moe_tensor_release(xp);
-    return s;
-}
-
-moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
-                                        const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
-                                        int groups) {
-    MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad_rows"));
-    CUDA_ENTER(d, ctx, c->device);
-    int64_t P = a->shape[1], Q = b->shape[1];
-    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
-        bool ran = false;
-        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, moe_tensor_data(a), moe_tensor_data(b),
-                                       (const int64_t *)moe_tensor_data(b_rows), beta, moe_tensor_data(c), offsets,
-                                       groups, P, Q, &ran));
-        if (ran) { count_kernel(d); return MOE_OK; }
-    }
-    moe_tensor *bp = gathered(ctx, b, b_rows);
-    if (!bp) return moe_last_status();
-    moe_status s = cuda_gemm_grouped_wgrad(ctx, alpha, a, bp, beta, c, offsets, groups);
-    moe_tensor_release(bp);
-    return s;
-}
-
-// The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
-// (bf16); otherwise the ops layer composes it from the parts.
-int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
-                                 int groups) {
+// Whether the own kernel would serve a grouped call over these rows, K and N
+// (N a multiple of n_mult) under the strategies given (the wgrad's too when asked).
+static int kernel_would_serve(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int n_mult,
+                              const int64_t *offsets, int groups, bool wgrad_too) {
     cuda_dev *d = cuda_dev_get(ctx, dev);
-    if (!d || dt != MOE_BF16 || K <= 0 || N <= 0 || K % 8 || N % 64 || groups < 1 ||
+    if (!d || dt != MOE_BF16 || K <= 0 || N <= 0 || K % 8 || N % n_mult || groups < 1 ||
         groups > MOE_MMA_GROUPED_MAX_GROUPS || offsets[groups] >= (int64_t)INT32_MAX - 128)
         return 0;
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
     return use_kernel(d->grouped_gemm, flops, offsets, groups, dt, dt, dt) &&
-           use_kernel(d->grouped_wgrad, flops, offsets, groups, dt, dt, dt);
+           (!wgrad_too || use_kernel(d->grouped_wgrad, flops, offsets, groups, dt, dt, dt));
+}
+
+// the rows calls' forward (the SwiGLU kernel: N a multiple of 64) and weight gradient
+int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
+                                 int groups) {
+    return kernel_would_serve(ctx, dev, dt, K, N, 64, offsets, groups, true);
 }
 
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                               const int64_t *offsets, int groups) {
-    cuda_dev *d = cuda_dev_get(ctx, dev);
-    if (!d || dt != MOE_BF16 || K <= 0 || de <= 0 || K % 8 || de % 8 || groups < 1 ||
-        groups > MOE_MMA_GROUPED_MAX_GROUPS || offsets[groups] >= (int64_t)INT32_MAX - 128)
-        return 0;
-    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
-    return use_kernel(d->grouped_gemm, flops, offsets, groups, dt, dt, dt) ? 1 : 0;
+    return kernel_would_serve(ctx, dev, dt, K, de, 8, offsets, groups, false);
 }
+
+// The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
+// (bf16); otherwise the ops layer composes it from the parts.
 moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
@@ -609,8 +590,9 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const 
     return MOE_OK;
 }
 
-moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
-                                   moe_tensor *c, const int64_t *offsets, int groups) {
+// b_rows (may be NULL): b's rows in the grouped order (cuda_gemm_grouped_wgrad_rows)
+static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, const moe_tensor *b_rows,
+                        float beta, moe_tensor *c, const int64_t *offsets, int groups) {
     MOE_TRY(cuda_check_float(c->dtype, "gemm_grouped_wgrad"));
     CUDA_ENTER(d, ctx, c->device);
     int64_t P = a->shape[1], Q = b->shape[1];
@@ -620,8 +602,16 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
     if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
-        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, nullptr, beta, C, offsets, groups, P, Q, &ran));
+        MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, b_rows ? (const int64_t *)moe_tensor_data(b_rows) : nullptr,
+                                       beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    if (b_rows) {
+        moe_tensor *bp = gathered(ctx, b, b_rows);
+        if (!bp) return moe_last_status();
+        moe_status s = wgrad(ctx, alpha, a, bp, NULL, beta, c, offsets, groups);
+        moe_tensor_release(bp);
+        return s;
     }
     if (want_batched(d->grouped_wgrad, flops, offsets, groups) && P > 0 && Q > 0 && aligned16(A) && aligned16(B) &&
         aligned16(C) && (P * (int64_t)es) % 16 == 0 && (Q * (int64_t)es) % 16 == 0) {
@@ -663,6 +653,17 @@ moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *
                         beta, Cg, 0, 1, "gemm_grouped_wgrad"));
     }
     return MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                   moe_tensor *c, const int64_t *offsets, int groups) {
+    return wgrad(ctx, alpha, a, b, NULL, beta, c, offsets, groups);
+}
+
+moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                        const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
+                                        int groups) {
+    return wgrad(ctx, alpha, a, b, b_rows, beta, c, offsets, groups);
 }
 
 // ---- strategy switch (moe_cuda.h) ----
