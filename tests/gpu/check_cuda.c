@@ -132,6 +132,8 @@ static pair poisoned_out(moe_dtype dt, int nd, const int64_t *shape) {
     return p;
 }
 
+static int same_bytes(const moe_tensor *a, const moe_tensor *b);
+
 /* Row offsets of G groups with pseudo-random sizes in [0, maxrows] (fresh per call). */
 static int64_t random_offsets(int64_t *off, int G, int maxrows) {
     uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 1;
@@ -238,6 +240,53 @@ static void grouped_pair_check(moe_dtype dt, const char *sn, int tb, float beta)
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
 
+/* The loop strategy over several streams: each expert's GEMM is the same
+ * cuBLAS call whichever lane runs it, so 4 lanes give the bytes of 1 (forward
+ * with beta 0.5, and weight gradients accumulating into c with empty experts),
+ * and both match the CPU. Then the lanes setting's argument checks. */
+static void lanes_check(moe_dtype dt) {
+    enum { G = 24 };
+    int64_t off[G + 1];
+    random_offsets(off, G, 400);
+    off[G] = off[G - 1];   /* the last expert empty, beside the random ones */
+    const int64_t M = off[G], K = 136, N = 72;
+    moe_cuda_grouped_gemm mode0;
+    die_if(moe_cuda_grouped_gemm_info(ctx, 0, &mode0, NULL, NULL) != MOE_OK, "grouped-GEMM strategy");
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_LOOP) != MOE_OK, "loop strategy");
+    for (int wg = 0; wg < 2; wg++) {
+        pair a = in_randn(dt, SH(M, K));
+        pair b = wg ? in_randn(dt, SH(M, N)) : in_randn(dt, SH(G, N, K));
+        pair c = wg ? in_randn(dt, SH(G, K, N)) : in_randn(dt, SH(M, N));
+        moe_tensor *c4 = to_gpu(c.h, dt);
+        float beta = wg ? 1.0f : 0.5f;
+        moe_status s1, s4, sh;
+        die_if(moe_cuda_set_grouped_lanes(ctx, 0, 1) != MOE_OK, "1 lane");
+        s1 = wg ? moe_op_gemm_grouped_wgrad(ctx, 0.7f, a.d, b.d, beta, c.d, off, G)
+                : moe_op_gemm_grouped(ctx, 1, 0.7f, a.d, b.d, beta, c.d, off, G);
+        die_if(moe_cuda_set_grouped_lanes(ctx, 0, 4) != MOE_OK, "4 lanes");
+        s4 = wg ? moe_op_gemm_grouped_wgrad(ctx, 0.7f, a.d, b.d, beta, c4, off, G)
+                : moe_op_gemm_grouped(ctx, 1, 0.7f, a.d, b.d, beta, c4, off, G);
+        sh = wg ? moe_op_gemm_grouped_wgrad(ctx, 0.7f, a.h, b.h, beta, c.h, off, G)
+                : moe_op_gemm_grouped(ctx, 1, 0.7f, a.h, b.h, beta, c.h, off, G);
+        const char *what = wg ? "gemm_grouped_wgrad" : "gemm_grouped";
+        ok(s1 == MOE_OK && s4 == MOE_OK && same_bytes(c.d, c4), "%s loop over 4 lanes: the bytes of 1 lane [%s]",
+           what, dtn(dt));
+        if (sh == MOE_OK && s4 == MOE_OK) {
+            char name[96];
+            snprintf(name, sizeof name, "%s loop over 4 lanes against the CPU", what);
+            check(name, dt, c4, c.h, tol_of(dt, 1e-4));
+        } else {
+            ok(0, "%s loop over 4 lanes: %s", what, moe_last_error());
+        }
+        moe_tensor_release(c4);
+        pfree(&a); pfree(&b); pfree(&c);
+    }
+    ok(moe_cuda_set_grouped_lanes(ctx, 0, 0) == MOE_ERR_ARG && moe_cuda_set_grouped_lanes(ctx, 0, 5) == MOE_ERR_ARG,
+       "moe_cuda_set_grouped_lanes refuses 0 and 5 lanes");
+    die_if(moe_cuda_set_grouped_lanes(ctx, 0, 1) != MOE_OK, "1 lane");
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode0) != MOE_OK, "restore the grouped-GEMM strategy");
+}
+
 static void test_gemm_grouped(moe_dtype dt) {
     moe_cuda_grouped_gemm mode0;
     die_if(moe_cuda_grouped_gemm_info(ctx, 0, &mode0, NULL, NULL) != MOE_OK, "grouped-GEMM strategy");
@@ -250,6 +299,7 @@ static void test_gemm_grouped(moe_dtype dt) {
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_LOOP) != MOE_OK, "loop strategy");
     grouped_pair_check(dt, "loop", 0, 0.5f);
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, mode0) != MOE_OK, "restore the grouped-GEMM strategy");
+    lanes_check(dt);
 }
 
 /* ---- elementwise ---- */
@@ -397,8 +447,6 @@ static void test_softmax(moe_dtype dt) {
  * (bf16) or 8 (f32) vectors per lane; D=4104 the vectorised block-per-row
  * path; [3, 700, 256] more rows than one pass of the dw blocks (each block
  * takes several rows per warp, the last pass partial). */
-static int same_bytes(const moe_tensor *a, const moe_tensor *b);
-
 static void test_rmsnorm(moe_dtype dt) {
     static const int64_t cfg[][3] = {{2, 9, 333}, {2, 37, 64}, {2, 37, 1000}, {2, 9, 4104}, {3, 700, 256}};
     for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
@@ -1520,10 +1568,12 @@ static double expert_offsets(int64_t *off, int64_t M, int G, double s) {
 }
 
 /* Times one grouped call under each strategy: ms[k] for NSTRAT strategies (< 0: failed). */
-enum { NSTRAT = 4 };
-static const moe_cuda_grouped_gemm strat_mode[NSTRAT] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED,
+enum { NSTRAT = 6 };
+static const moe_cuda_grouped_gemm strat_mode[NSTRAT] = {MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_LOOP,
+                                                        MOE_CUDA_GROUPED_LOOP, MOE_CUDA_GROUPED_BATCHED,
                                                         MOE_CUDA_GROUPED_PADDED, MOE_CUDA_GROUPED_KERNEL};
-static const char *const strat_name[NSTRAT] = {"loop", "batched", "padded", "kernel"};
+static const int strat_lanes[NSTRAT] = {1, 2, 4, 1, 1, 1};   /* the loop over 1, 2 and 4 streams */
+static const char *const strat_name[NSTRAT] = {"loop", "loop x2", "loop x4", "batched", "padded", "kernel"};
 
 static void time_gjob_strategies(gjob *j, const char *label, double flops, double ms[NSTRAT]) {
     char txt[NSTRAT][160];
@@ -1532,6 +1582,7 @@ static void time_gjob_strategies(gjob *j, const char *label, double flops, doubl
         uint64_t b0 = 0, b1 = 0;
         ms[k] = -1;
         if (moe_cuda_set_grouped_gemm(ctx, 0, strat_mode[k]) != MOE_OK ||
+            moe_cuda_set_grouped_lanes(ctx, 0, strat_lanes[k]) != MOE_OK ||
             moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b0, NULL) != MOE_OK ||
             moe_cuda_time_ms(ctx, 0, gjob_run, j, 3, 20, &ms[k]) != MOE_OK ||
             moe_cuda_grouped_gemm_info(ctx, 0, NULL, &b1, NULL) != MOE_OK) {
@@ -1542,6 +1593,7 @@ static void time_gjob_strategies(gjob *j, const char *label, double flops, doubl
         if (strat_mode[k] != MOE_CUDA_GROUPED_LOOP && b1 - b0 != 23) fell_back = 1;
         snprintf(txt[k], sizeof txt[k], "%.3f ms %.1f TFLOP/s", ms[k], flops / (ms[k] * 1e-3) / 1e12);
     }
+    moe_cuda_set_grouped_lanes(ctx, 0, 1);
     printf("# %s:", label);
     for (int k = 0; k < NSTRAT; k++) printf("%s %s %s", k ? " |" : "", strat_name[k], txt[k]);
     if (fell_back) printf(" [a one-call strategy fell back to the loop]");

@@ -509,6 +509,9 @@ int main(void) {
     swiglu_check("cuBLAS batched (composed)", off, 8, 128, 128, 0);
     make_offsets(off, 8, 300, 3);
     swiglu_bwd_check("cuBLAS batched (composed)", off, 8, 128, 128, 0);
+    make_offsets(off, 8, 101, 3);
+    if (off[8] % 2 == 0) off[8]++;   /* odd rows: M * 36 elements leave a tail of 4 past the 8-wide vectors */
+    swiglu_bwd_check("cuBLAS, I not a multiple of 8 (the activation's scalar tail)", off, 8, 64, 36, 0);
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
 
     /* calls the kernel refuses go through cuBLAS, still right */

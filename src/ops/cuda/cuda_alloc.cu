@@ -91,6 +91,8 @@ void cuda_dev_destroy(cuda_dev *d) {
         release_cache_locked(d);
     }
     cudaSetDevice(d->index);
+    if (d->stream) cudaStreamSynchronize(d->stream);
+    cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
     if (d->split_counters) cudaFree(d->split_counters);

@@ -129,6 +129,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_gemm_from_env(&grouped_gemm));
     grouped_wgrad = grouped_gemm;
     MOE_TRY(cuda_grouped_wgrad_from_env(&grouped_wgrad));
+    int lanes = 1;
+    MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -144,6 +146,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         }
         ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
         ((cuda_dev *)a->state)->grouped_wgrad = grouped_wgrad;
+        ((cuda_dev *)a->state)->loop_lanes = lanes;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

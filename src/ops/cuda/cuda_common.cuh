@@ -27,6 +27,8 @@ extern "C" {
 #include "../backend.h"
 }
 
+constexpr int MOE_CUDA_MAX_LANES = 4, MOE_CUDA_DEFAULT_LANES = 2;
+
 struct cuda_dev {
     moe_allocator alloc;          // handed to the context; alloc.state == this
     int index;                    // CUDA ordinal
@@ -48,6 +50,15 @@ struct cuda_dev {
     int grouped_wgrad;            // the same for gemm_grouped_wgrad (MOELAB_GROUPED_WGRAD, default: grouped_gemm)
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
+    // the loop strategy's lanes (cuda_gemm.cu): its per-expert GEMMs spread over
+    // loop_lanes streams (MOELAB_GROUPED_LANES); lane 0 is `stream` with `blas`, the
+    // others are created on first use, each with its own handle and workspace
+    int loop_lanes;
+    bool lanes_made;
+    cudaStream_t lane_stream[MOE_CUDA_MAX_LANES];
+    cublasHandle_t lane_blas[MOE_CUDA_MAX_LANES];
+    void *lane_ws[MOE_CUDA_MAX_LANES];
+    cudaEvent_t lane_fork, lane_join[MOE_CUDA_MAX_LANES];
     uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
     // weight-gradient split-K (cuda_grouped_mma.cu): per-tile arrival counters, zero
     // between launches (the last block of a tile resets its own), allocated on first use
@@ -121,6 +132,14 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_t
 // MOE_ERR_ARG for another value.
 moe_status cuda_grouped_gemm_from_env(int *mode);
 moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
+moe_status cuda_grouped_lanes_from_env(int *lanes);
+void cuda_lanes_free(cuda_dev *d);   // the loop's side streams, handles, workspaces and events
+// cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over the
+// experts of `offsets`; lane i's cuBLAS handle; join them back (returns st unless the
+// join fails)
+moe_status cuda_lanes_fork(cuda_dev *d, const int64_t *offsets, int groups, double flops, int *n);
+cublasHandle_t cuda_lane_blas(cuda_dev *d, int i);
+moe_status cuda_lanes_join(cuda_dev *d, int n, moe_status st);
 moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);
 moe_status cuda_unary(moe_ctx *, moe_unary_op op, moe_tensor *out, const moe_tensor *x, float alpha);
 moe_status cuda_unary_backward(moe_ctx *, moe_unary_op op, moe_tensor *dx, const moe_tensor *dy,
@@ -136,6 +155,8 @@ moe_status cuda_rmsnorm(moe_ctx *, moe_tensor *y, moe_tensor *rstd, const moe_te
 moe_status cuda_rmsnorm_backward(moe_ctx *, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy,
                                  const moe_tensor *x, const moe_tensor *w, const moe_tensor *rstd, float beta);
 moe_status cuda_swiglu(moe_ctx *, moe_tensor *out, const moe_tensor *gate, const moe_tensor *up);
+moe_status cuda_swiglu_backward_h(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, moe_tensor *h, const moe_tensor *dout,
+                                  const moe_tensor *gate, const moe_tensor *up);   // h (optional): silu(gate) * up too
 moe_status cuda_swiglu_backward(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
                                 const moe_tensor *gate, const moe_tensor *up);
 moe_status cuda_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,

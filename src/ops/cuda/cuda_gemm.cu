@@ -55,26 +55,39 @@ static moe_status scale_c(cuda_dev *d, moe_dtype dt, void *c, int64_t n, float b
 // Row-major C[M,N] (ldc N) = alpha op(A) op(B) + beta C over `batch` matrices
 // with element strides sA, sB, sC (0: shared). A is [M,K] (or [K,M] if transa),
 // B is [K,N] (or [N,K] if transb), both densely packed.
-static moe_status gemm_rm(cuda_dev *d, moe_dtype dt, int transa, int transb, int64_t M, int64_t N, int64_t K,
-                          float alpha, const void *A, int64_t sA, const void *B, int64_t sB, float beta, void *C,
-                          int64_t sC, int64_t batch, const char *what) {
+// h: the cuBLAS handle (and so the stream) to run on; K == 0 scales on the device's stream.
+static moe_status gemm_rm_on(cuda_dev *d, cublasHandle_t h, moe_dtype dt, int transa, int transb, int64_t M,
+                             int64_t N, int64_t K, float alpha, const void *A, int64_t sA, const void *B, int64_t sB,
+                             float beta, void *C, int64_t sC, int64_t batch, const char *what) {
     if (M == 0 || N == 0 || batch == 0) return MOE_OK;
     if (K == 0) return scale_c(d, dt, C, batch * M * N, beta);   // c is [batch, M, N], packed
     cudaDataType ty = dt == MOE_F32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasMath_t mode = dt == MOE_F32 ? CUBLAS_PEDANTIC_MATH
                                       : (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
-    cublasStatus_t s = cublasSetMathMode(d->blas, mode);
+    cublasStatus_t s = cublasSetMathMode(h, mode);
     if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
     int64_t lda = transa ? M : K, ldb = transb ? K : N, ldc = N;
     cublasOperation_t opA = transa ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (batch == 1)
-        s = cublasGemmEx_64(d->blas, opB, opA, N, M, K, &alpha, B, ty, ldb, A, ty, lda, &beta, C, ty, ldc,
+        s = cublasGemmEx_64(h, opB, opA, N, M, K, &alpha, B, ty, ldb, A, ty, lda, &beta, C, ty, ldc,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     else
-        s = cublasGemmStridedBatchedEx_64(d->blas, opB, opA, N, M, K, &alpha, B, ty, ldb, sB, A, ty, lda, sA, &beta,
+        s = cublasGemmStridedBatchedEx_64(h, opB, opA, N, M, K, &alpha, B, ty, ldb, sB, A, ty, lda, sA, &beta,
                                           C, ty, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
     return MOE_OK;
+}
+
+static moe_status gemm_rm(cuda_dev *d, moe_dtype dt, int transa, int transb, int64_t M, int64_t N, int64_t K,
+                          float alpha, const void *A, int64_t sA, const void *B, int64_t sB, float beta, void *C,
+                          int64_t sC, int64_t batch, const char *what) {
+    return gemm_rm_on(d, d->blas, dt, transa, transb, M, N, K, alpha, A, sA, B, sB, beta, C, sC, batch, what);
+}
+
+static int busy_groups(const int64_t *offsets, int groups) {
+    int busy = 0;
+    for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
+    return busy;
 }
 
 moe_status cuda_gemm(moe_ctx *ctx, int transa, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
@@ -283,8 +296,7 @@ static bool want_batched(int mode, double flops, const int64_t *offsets, int gro
     if (mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED || mode == MOE_CUDA_GROUPED_KERNEL)
         return true;
     if (mode == MOE_CUDA_GROUPED_LOOP) return false;
-    int busy = 0;
-    for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
+    int busy = busy_groups(offsets, groups);
     return busy > 0 && flops / busy < 6e9;
 }
 
@@ -438,13 +450,17 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
         }
     }
     count_call(d, false);
-    for (int g = 0; g < groups; g++) {
+    int lanes = 1, lane = 0;
+    if (K > 0) MOE_TRY(cuda_lanes_fork(d, offsets, groups, flops, &lanes));
+    moe_status st = MOE_OK;
+    for (int g = 0; g < groups && st == MOE_OK; g++) {
         int64_t r0 = offsets[g], m = offsets[g + 1] - r0;
         if (m <= 0) continue;
-        MOE_TRY(gemm_rm(d, c->dtype, 0, transb, m, N, K, alpha, A + (size_t)(r0 * K) * es, 0,
-                        B + (size_t)(g * K * N) * es, 0, beta, C + (size_t)(r0 * N) * es, 0, 1, "gemm_grouped"));
+        st = gemm_rm_on(d, cuda_lane_blas(d, lane), c->dtype, 0, transb, m, N, K, alpha, A + (size_t)(r0 * K) * es, 0,
+                        B + (size_t)(g * K * N) * es, 0, beta, C + (size_t)(r0 * N) * es, 0, 1, "gemm_grouped");
+        lane = (lane + 1) % lanes;
     }
-    return MOE_OK;
+    return cuda_lanes_join(d, lanes, st);
 }
 
 // One launch of the own kernel over K1 + K2 where it takes the call (the
@@ -537,8 +553,8 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
     moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
     if (!dh) return moe_last_status();
     moe_status s = cuda_gemm_grouped(ctx, 0, alpha, dy, w, 0.0f, dh, offsets, groups);
-    if (s == MOE_OK && moe_tensor_numel(dh)) s = cuda_swiglu_backward(ctx, dg, du, dh, g, u);
-    if (s == MOE_OK && h && moe_tensor_numel(h)) s = cuda_swiglu(ctx, h, g, u);
+    // the activation again in the same pass over g and u (one write instead of a second pass)
+    if (s == MOE_OK && moe_tensor_numel(dh)) s = cuda_swiglu_backward_h(ctx, dg, du, h, dh, g, u);
     moe_tensor_release(dh);
     return s;
 }
@@ -642,17 +658,21 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
         }
     }
     count_call(d, false);
-    for (int g = 0; g < groups; g++) {
+    int lanes = 1, lane = 0;
+    MOE_TRY(cuda_lanes_fork(d, offsets, groups, flops, &lanes));
+    moe_status st = MOE_OK;
+    for (int g = 0; g < groups && st == MOE_OK; g++) {
         int64_t r0 = offsets[g], m = offsets[g + 1] - r0;
         char *Cg = C + (size_t)(g * P * Q) * es;
-        if (m <= 0) {   // no rows: c[g] = beta * c[g]
-            MOE_TRY(scale_c(d, c->dtype, Cg, P * Q, beta));
+        if (m <= 0) {   // no rows: c[g] = beta * c[g] (on the device's stream; no lane writes c[g])
+            st = scale_c(d, c->dtype, Cg, P * Q, beta);
             continue;
         }
-        MOE_TRY(gemm_rm(d, c->dtype, 1, 0, P, Q, m, alpha, A + (size_t)(r0 * P) * es, 0, B + (size_t)(r0 * Q) * es, 0,
-                        beta, Cg, 0, 1, "gemm_grouped_wgrad"));
+        st = gemm_rm_on(d, cuda_lane_blas(d, lane), c->dtype, 1, 0, P, Q, m, alpha, A + (size_t)(r0 * P) * es, 0,
+                        B + (size_t)(r0 * Q) * es, 0, beta, Cg, 0, 1, "gemm_grouped_wgrad");
+        lane = (lane + 1) % lanes;
     }
-    return MOE_OK;
+    return cuda_lanes_join(d, lanes, st);
 }
 
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
