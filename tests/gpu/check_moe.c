@@ -560,6 +560,8 @@ int main(void) {
         test_combine_backward(dt, 257, 4, 32, 1024, 25, 1);
         test_combine_backward(dt, 129, 2, 8, 1001, 30, 1);
         test_combine_backward(dt, 100, 3, 8, 36, 30, 1);
+        test_combine_backward(dt, 40, 8, 64, 2048, 10, 1);   /* OLMoE's rows: several vector batches a lane */
+        test_combine_backward(dt, 17, 2, 8, 4100, 0, 1);
         test_combine_backward(dt, 300, 8, 64, 2048, 20, 1);
         test_combine_backward(dt, 64, 4, 16, 7168, 25, 1);
         test_combine_backward(dt, 77, 5, 8, 8192, 40, 1);
