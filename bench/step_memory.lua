@@ -56,7 +56,8 @@ if cuda then
   local function gb(x) return x / 1e9 end
   local v, g, c = st.model.net:flat_parameters()
   print(string.format("# GB in use after the model and trainer were made %.2f; flat buffers: values %.2f, gradients %.2f, compute copy %.2f; AdamW m and v %.2f",
-    gb(s_setup.in_use), gb(v:numel() * 4), gb(g:numel() * (g:dtype() == "f32" and 4 or 2)), gb(c and c:numel() * 2 or 0), gb(v:numel() * 8)))
+    gb(s_setup.in_use), gb(v:numel() * 4), gb(g:numel() * (g:dtype() == "f32" and 4 or 2)), gb(c and c:numel() * 2 or 0),
+    gb(v:numel() * (st.trainer.optimizer_state == "bf16" and 4 or 8))))
   print(string.format("# GB in use: before the forward %.2f, after it %.2f (peak during it %.2f); peak during the backward %.2f, after it %.2f",
     gb(s0.in_use), gb(s1.in_use), gb(s1.peak), gb(s2.peak), gb(s2.in_use)))
 end

@@ -30,8 +30,10 @@ return function(device, precision)
   -- MOELAB_STEP_KEEP_ROWS=1: the MoE layers keep their experts' gathered rows for the backward
   -- (model:set_keep_expert_rows(true); by default the GEMMs gather them here), to compare speed and memory
   if os.getenv("MOELAB_STEP_KEEP_ROWS") == "1" then model:set_keep_expert_rows(true) end
+  -- MOELAB_STEP_OPTIM_STATE=bf16: AdamW's moments in bf16 (MoETrainer{optimizer_state = "bf16"})
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
-                                 router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0}
+                                 router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0,
+                                 optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32"}
   local function batch(i) local b = batches[i % #batches + 1]; return b[1], b[2] end
   return {model = model, trainer = trainer, batch = batch, B = B, S = S, V = V, D = D, L = L}
 end

@@ -43,7 +43,7 @@ local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
   freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
-  precision = true,
+  precision = true, optimizer_state = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
@@ -54,7 +54,9 @@ local trainer_keys = {
 --  grad_hook = function(trainer) (after the step's backward, before clipping),
 --  run_dir=, log_every=10, progress=true, monitor = moe.RouterMonitor(model),
 --  precision = "f32" | "bf16" (bf16: mixed precision on a CUDA model: bf16 compute and
---  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made)}
+--  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made),
+--  optimizer_state = "f32" | "bf16" (AdamW's m and v: bf16 halves their memory and traffic,
+--  stochastically rounded; the master weights stay f32)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -103,6 +105,10 @@ function M.MoETrainer(opts)
   self.trainable = opts.trainable
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
+  self.optimizer_state = opts.optimizer_state or "f32"
+  if self.optimizer_state ~= "f32" and self.optimizer_state ~= "bf16" then
+    fail(f, "optimizer_state must be \"f32\" or \"bf16\", got %s", tostring(opts.optimizer_state))
+  end
   if opts.precision ~= nil then
     if opts.precision ~= "bf16" and opts.precision ~= "f32" then
       fail(f, "precision must be \"bf16\" or \"f32\", got %s", tostring(opts.precision))
@@ -143,7 +149,8 @@ function Trainer:_make_optimizer(base_lr)
   end
   self.optimizer = core.adamw(self.model.net, {beta1 = self.beta1, beta2 = self.beta2, eps = self.eps,
                                                weight_decay = self.weight_decay, lr_scale = scales, decay = decay,
-                                               range = self.optimizer_range})   -- ZeRO shard (dist_zero.lua)
+                                               range = self.optimizer_range,   -- ZeRO shard (dist_zero.lua)
+                                               state_dtype = self.optimizer_state})
   self.base_lr = base_lr
 end
 

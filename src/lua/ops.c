@@ -549,6 +549,8 @@ static int o_adamw(lua_State *L) {
     cfg.weight_decay = (float)moe_lua_opt_field_num(L, 5, "weight_decay", 0.0, fn);
     cfg.step = moe_lua_opt_field_int(L, 5, "step", 1, fn);
     if (cfg.step < 1) return moe_lua_errorf(L, "%s: option 'step' counts from 1, got %lld", fn, (long long)cfg.step);
+    /* bf16 m and v: the index of element 0 in a larger buffer (their rounding's random bits) */
+    cfg.index0 = moe_lua_opt_field_int(L, 5, "index0", 0, fn);
     if (lua_istable(L, 5)) {   /* compute = tensor: the low-precision copy written in the same pass */
         lua_getfield(L, 5, "compute");
         if (!lua_isnil(L, -1)) cfg.compute = T(lua_gettop(L), fn, "option 'compute'");

@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #define ADAMW_MT "moelab.AdamW"
@@ -45,7 +46,20 @@ static int l_adamw(lua_State *L) {
     if (!lua_isnoneornil(L, 2) && !lua_istable(L, 2)) return luaL_error(L, "%s: options must be a table", f);
     moe_adamw_hparams hp = {
         (float)moe_lua_opt_field_num(L, 2, "beta1", 0.9, f), (float)moe_lua_opt_field_num(L, 2, "beta2", 0.999, f),
-        (float)moe_lua_opt_field_num(L, 2, "eps", 1e-8, f), (float)moe_lua_opt_field_num(L, 2, "weight_decay", 0.01, f)};
+        (float)moe_lua_opt_field_num(L, 2, "eps", 1e-8, f), (float)moe_lua_opt_field_num(L, 2, "weight_decay", 0.01, f),
+        MOE_F32};
+    /* state_dtype = "f32" (default) | "bf16": m and v (bf16: stochastically rounded) */
+    if (!lua_isnoneornil(L, 2)) {
+        lua_getfield(L, 2, "state_dtype");
+        if (!lua_isnil(L, -1)) {
+            const char *sd = lua_tostring(L, -1);
+            if (lua_type(L, -1) != LUA_TSTRING || (strcmp(sd, "f32") && strcmp(sd, "bf16")))
+                return luaL_error(L, "%s: option 'state_dtype' must be \"f32\" or \"bf16\", got %s", f,
+                                  lua_type(L, -1) == LUA_TSTRING ? sd : luaL_typename(L, -1));
+            hp.state_dtype = strcmp(sd, "bf16") ? MOE_F32 : MOE_BF16;
+        }
+        lua_pop(L, 1);
+    }
     int n = moe_layer_num_param_tensors(l);
     float *scale = lua_newuserdata(L, sizeof(float) * (size_t)(n ? n : 1));
     int *decay = lua_newuserdata(L, sizeof(int) * (size_t)(n ? n : 1));

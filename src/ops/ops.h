@@ -255,10 +255,18 @@ moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor
  * Decoupled-weight-decay Adam over flat contiguous buffers (same numel):
  *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
  *   p -= lr * ( m / (1-b1^step) / (sqrt(v / (1-b2^step)) + eps) + wd * p )
- * step counts from 1. params, m and v are f32; grads f32 or bf16 (mixed
- * precision, read as f32). cfg->compute, when set, is a contiguous bf16 (or
- * f32) buffer of the same numel that gets the updated params rounded to its
- * dtype in the same pass (the compute copy of mixed precision). */
+ * step counts from 1. params are f32; m and v both f32 or both bf16; grads
+ * f32 or bf16 (mixed precision, read as f32). cfg->compute, when set, is a
+ * contiguous bf16 (or f32) buffer of the same numel that gets the updated
+ * params rounded to its dtype in the same pass (the compute copy of mixed
+ * precision).
+ * bf16 m and v are read as f32, updated in f32 (the params' update uses the
+ * unrounded values) and stored with stochastic rounding: rounded to nearest,
+ * v's small increments (1 - b2 of it, under half a bf16 step once b2 is
+ * above ~0.996) would be lost for good and v would stop following g^2. The
+ * random bits come from moe_adamw_sr_bits of the element's index
+ * cfg->index0 + i and the step, so the CPU and CUDA round alike, a shard
+ * rounds as the whole buffer would, and a run repeats itself. */
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay;
     int64_t step;
@@ -275,6 +283,7 @@ typedef struct {
      * the optional one-element f32 guard (e.g. the loss) is not finite. */
     const moe_tensor *clip_sumsq, *guard;
     double clip_max;
+    int64_t index0;   /* bf16 m and v: the index of element 0 in the whole flat buffer (see above) */
 } moe_adamw_cfg;
 /* ---- reads of one-element tensors that wait for themselves only ----
  * moe_op_read_start queues copies of n (1..MOE_READ_MAX) one-element tensors
@@ -312,6 +321,26 @@ static inline MOE_HOST_DEVICE double moe_adamw_clip_scale(float grad_scale, doub
     if (!isfinite(norm) || !isfinite(guard)) return -1.0;
     if (norm > clip_max) f = f * clip_max / (norm + 1e-6);
     return f;
+}
+/* Stochastic rounding of bf16 AdamW state: 32 random bits for element i at
+ * `step` (a splitmix64 finalizer over both), the low 16 for m, the high 16
+ * for v. moe_bf16_round_sr adds 16 random bits below bf16's last kept bit and
+ * truncates: x rounds away from zero with probability equal to the fraction
+ * dropped, so the rounding is unbiased. NaN stays NaN. */
+static inline MOE_HOST_DEVICE uint32_t moe_adamw_sr_bits(int64_t i, int64_t step) {
+    uint64_t x = (uint64_t)i * 0x9E3779B97F4A7C15ull + ((uint64_t)step << 40) + (uint64_t)step;
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    return (uint32_t)x;
+}
+static inline MOE_HOST_DEVICE uint16_t moe_bf16_round_sr(float x, uint32_t r16) {
+    union { float f; uint32_t u; } b;
+    b.f = x;
+    if ((b.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b.u >> 16) | 0x40u);   /* NaN, kept quiet */
+    return (uint16_t)((b.u + (r16 & 0xffffu)) >> 16);
 }
 static inline double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
     return moe_adamw_clip_scale(cfg->grad_scale, cfg->clip_max, sumsq, guard);

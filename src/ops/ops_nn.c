@@ -491,7 +491,7 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     for (int i = 0; i < nf; i++)
         if (!f[i].t) return moe_error(MOE_ERR_ARG, "adamw: %s is NULL, expected a tensor", f[i].name);
     for (int i = 0; i < nf; i++) {
-        int lowp_ok = i == 1 || i == 4;   /* grads and the compute copy may be bf16 */
+        int lowp_ok = i >= 1;   /* grads, m and v (the two alike, below) and the compute copy may be bf16 */
         moe_dtype dt = f[i].t->dtype;
         if (dt != MOE_F32 && !(lowp_ok && dt == MOE_BF16))
             return moe_error(MOE_ERR_DTYPE, "adamw: %s has dtype %s, expected f32%s", f[i].name, moe_dtype_name(dt),
@@ -507,6 +507,10 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
                              (long long)moe_tensor_numel(params), OPS_SHAPE(params, s2));
         }
     }
+    if (m->dtype != v->dtype)
+        return moe_error(MOE_ERR_DTYPE, "adamw: m is %s and v is %s, expected both f32 or both bf16",
+                         moe_dtype_name(m->dtype), moe_dtype_name(v->dtype));
+    if (cfg->index0 < 0) return moe_error(MOE_ERR_ARG, "adamw: index0 is %lld, expected >= 0", (long long)cfg->index0);
     if (cfg->step < 1) return moe_error(MOE_ERR_ARG, "adamw: step is %lld, expected >= 1 (steps count from 1)",
                                         (long long)cfg->step);
     if (!(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1))

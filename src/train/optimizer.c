@@ -40,6 +40,10 @@ moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_h
         moe_error(MOE_ERR_ARG, "AdamW: need 0 <= betas < 1, eps > 0, weight_decay >= 0");
         return NULL;
     }
+    if (hp->state_dtype != MOE_F32 && hp->state_dtype != MOE_BF16) {
+        moe_error(MOE_ERR_DTYPE, "AdamW: state dtype %s, expected f32 or bf16", moe_dtype_name(hp->state_dtype));
+        return NULL;
+    }
     if (lo < 0 || hi < lo) {
         moe_error(MOE_ERR_ARG, "AdamW: range [%lld, %lld) is not 0 <= lo <= hi", (long long)lo, (long long)hi);
         return NULL;
@@ -57,8 +61,8 @@ moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_h
     o->hi = hi;
     o->grad_scale = 1.0f;
     int64_t sn[1] = {hi - lo};
-    o->m = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
-    o->v = moe_tensor_new(ctx, MOE_F32, 1, sn, layer->flat_values->device);
+    o->m = moe_tensor_new(ctx, hp->state_dtype, 1, sn, layer->flat_values->device);
+    o->v = moe_tensor_new(ctx, hp->state_dtype, 1, sn, layer->flat_values->device);
     moe_status s = o->lr_scale && o->decay && o->m && o->v ? MOE_OK : moe_last_status();
     if (s == MOE_OK) s = moe_op_fill(ctx, o->m, 0.0);
     if (s == MOE_OK) s = moe_op_fill(ctx, o->v, 0.0);
@@ -182,7 +186,7 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         }
         moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
                            o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, grad_scale,
-                           clip_sumsq, clip_guard, o->clip_max};
+                           clip_sumsq, clip_guard, o->clip_max, a};
         moe_tensor *pv = span(ps[i].value, ps[i].value->offset + (a - off), b - a);
         moe_tensor *gv = span(ps[i].grad, ps[i].grad->offset + (a - off), b - a);
         moe_tensor *mv = span(o->m, o->m->offset + (a - o->lo), b - a);

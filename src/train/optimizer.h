@@ -11,6 +11,9 @@ typedef struct moe_adamw moe_adamw;
 
 typedef struct {
     float beta1, beta2, eps, weight_decay;
+    /* m and v: MOE_F32 (0, the default) or MOE_BF16 (half the memory and
+     * traffic, stochastically rounded: ops.h, moe_op_adamw) */
+    moe_dtype state_dtype;
 } moe_adamw_hparams;
 
 /* lr_scale and decay: one entry per parameter in moe_layer_collect_params

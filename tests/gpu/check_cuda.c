@@ -627,6 +627,41 @@ static void test_adamw(void) {
         }
         pfree(&p); pfree(&g); pfree(&m); pfree(&v);
     }
+    /* bf16 m and v (stochastically rounded with the hash both backends share), f32
+     * and bf16 gradients, from element index0 = 1000 of a larger buffer at step 7:
+     * the params as the CPU's; the moments' bytes equal the CPU's but where the two
+     * f32 values straddle a rounding threshold (an ulp apart), i.e. almost everywhere */
+    for (int gi = 0; gi < 2; gi++) {
+        moe_dtype gdt = gi ? MOE_BF16 : MOE_F32;
+        pair p = in_randn(MOE_F32, SH(n)), g = in_randn(gdt, SH(n));
+        pair m = in_pair(MOE_BF16, SH(n), 0.1f, 0.0f, 0), v = in_pair(MOE_BF16, SH(n), 0.1f, 0.01f, 1);
+        moe_tensor *gh = moe_op_to(ctx, g.h, MOE_DEVICE_CPU, gdt), *mh = moe_op_to(ctx, m.h, MOE_DEVICE_CPU, MOE_BF16),
+                   *vh = moe_op_to(ctx, v.h, MOE_DEVICE_CPU, MOE_BF16);
+        die_if(!gh || !mh || !vh, "bf16 host state");
+        moe_adamw_cfg cfg = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.1f,
+                             .step = 7, .index0 = 1000};
+        char name[96];
+        snprintf(name, sizeof name, "adamw bf16 m and v, %s gradients", dtn(gdt));
+        if (RUN(name, MOE_F32, moe_op_adamw(ctx, p.h, gh, mh, vh, &cfg), moe_op_adamw(ctx, p.d, g.d, m.d, v.d, &cfg))) {
+            check(name, MOE_F32, p.d, p.h, 1e-5);
+            moe_tensor *mo[2] = {mh, vh}, *md[2] = {m.d, v.d};
+            for (int k = 0; k < 2; k++) {
+                moe_tensor *a = moe_op_to(ctx, mo[k], MOE_DEVICE_CPU, MOE_F32), *b = moe_op_to(ctx, md[k], MOE_DEVICE_CPU, MOE_F32);
+                die_if(!a || !b, "moments back");
+                int64_t same = 0, near = 0;
+                for (int64_t i = 0; i < n; i++) {
+                    float x = moe_f32(a)[i], y = moe_f32(b)[i];
+                    same += x == y;
+                    near += fabsf(x - y) <= fabsf(x) * (1.0f / 64);
+                }
+                ok(same >= n - n / 1000 && near == n, "%s: %s equals the CPU's bytes at %lld of %lld elements, "
+                   "within a bf16 step at %lld", name, k ? "v" : "m", (long long)same, (long long)n, (long long)near);
+                moe_tensor_release(a); moe_tensor_release(b);
+            }
+        }
+        moe_tensor_release(gh); moe_tensor_release(mh); moe_tensor_release(vh);
+        pfree(&p); pfree(&g); pfree(&m); pfree(&v);
+    }
 }
 
 /* ---- allocator ---- */

@@ -297,6 +297,23 @@ do
   end
 end
 
+-- bf16 AdamW moments on the GPU: the loss curve of bf16 precision with them stays
+-- with the f32-moment one; the moments are bf16 on the GPU, the master weights f32
+do
+  local m = make()
+  local tr = moe.MoETrainer{model = m, progress = false, precision = "bf16", optimizer_state = "bf16"}
+  local r = tr:train{train_data = corpus, batch_size = 16, seq_len = 64, learning_rate = 2e-3, max_steps = steps,
+                     lr_schedule = "constant", seed = 1}
+  local d = 0
+  for s = 1, steps do d = math.max(d, math.abs(r.history[s].loss - rb.history[s].loss)) end
+  ok(d < 0.1, "bf16 moments: the loss curve stays with f32 moments' over 40 steps",
+    string.format("max |diff| %.4f; final %.4f vs %.4f", d, r.history[steps].loss, rb.history[steps].loss))
+  local sm, sv = tr.optimizer:state()
+  ok(sm:dtype() == "bf16" and sv:dtype() == "bf16" and sm:device() == "cuda:0",
+    "MoETrainer{optimizer_state = \"bf16\"} keeps bf16 moments on the GPU", sm:dtype() .. " " .. sm:device())
+  ok(m.net:flat_parameters():dtype() == "f32", "the master weights stay f32 with bf16 moments")
+end
+
 -- speed: tokens/s of both on a larger model (informational)
 local function rate(r)
   local xs = {}

@@ -1,29 +1,46 @@
-/* Fused AdamW step over flat buffers (formula in ops.h): f32 params and
- * state; f32 or bf16 gradients; optionally a bf16/f32 compute copy written
- * in the same pass (mixed precision). */
+/* Fused AdamW step over flat buffers (formula in ops.h): f32 params; f32 or
+ * bf16 state (stochastically rounded, ops.h); f32 or bf16 gradients;
+ * optionally a bf16/f32 compute copy written in the same pass (mixed
+ * precision). */
 #include "cpu.h"
 
 typedef struct {
-    float *p, *m, *v;
+    float *p;
+    void *m, *v;
     const void *g;
     void *c;              /* compute copy or NULL */
-    int g_bf16, c_bf16;
+    int g_bf16, c_bf16, s_bf16;
     float b1, b2, lr, eps, wd, ibc1, ibc2, gs;
+    int64_t index0, step;
 } adam_job;
 
 static void adam_range(void *arg, int64_t b, int64_t e) {
     adam_job *J = arg;
-    float *restrict p = J->p, *restrict m = J->m, *restrict v = J->v;
+    float *restrict p = J->p;
     const float *gf = J->g_bf16 ? NULL : J->g;
     const uint16_t *gb = J->g_bf16 ? J->g : NULL;
     float b1 = J->b1, b2 = J->b2, lr = J->lr, eps = J->eps, wd = J->wd, ibc1 = J->ibc1, ibc2 = J->ibc2, gs = J->gs;
-    for (int64_t i = b; i < e; i++) {
-        float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
+    if (J->s_bf16) {
+        uint16_t *restrict m = J->m, *restrict v = J->v;
+        for (int64_t i = b; i < e; i++) {
+            float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
+            float mi = b1 * moe_bf16_to_f32(m[i]) + (1.0f - b1) * gi;
+            float vi = b2 * moe_bf16_to_f32(v[i]) + (1.0f - b2) * gi * gi;
+            uint32_t r = moe_adamw_sr_bits(J->index0 + i, J->step);
+            m[i] = moe_bf16_round_sr(mi, r);
+            v[i] = moe_bf16_round_sr(vi, r >> 16);
+            p[i] -= lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
+        }
+    } else {
+        float *restrict m = J->m, *restrict v = J->v;
+        for (int64_t i = b; i < e; i++) {
+            float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
+            float mi = b1 * m[i] + (1.0f - b1) * gi;
+            float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            p[i] -= lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
+        }
     }
     if (J->c && J->c_bf16)
         for (int64_t i = b; i < e; i++) ((uint16_t *)J->c)[i] = moe_f32_to_bf16(p[i]);
@@ -42,10 +59,11 @@ moe_status moe_cpu_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *gra
     }
     double bc1 = 1.0 - pow((double)cfg->beta1, (double)cfg->step);
     double bc2 = 1.0 - pow((double)cfg->beta2, (double)cfg->step);
-    adam_job J = {moe_f32(params), moe_f32(m), moe_f32(v), moe_tensor_data((moe_tensor *)grads),
+    adam_job J = {moe_f32(params), moe_tensor_data(m), moe_tensor_data(v), moe_tensor_data((moe_tensor *)grads),
                   cfg->compute ? moe_tensor_data(cfg->compute) : NULL, grads->dtype == MOE_BF16,
-                  cfg->compute && cfg->compute->dtype == MOE_BF16, cfg->beta1, cfg->beta2, cfg->lr, cfg->eps,
-                  cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2), gs};
+                  cfg->compute && cfg->compute->dtype == MOE_BF16, m->dtype == MOE_BF16, cfg->beta1, cfg->beta2,
+                  cfg->lr, cfg->eps, cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2), gs, cfg->index0,
+                  cfg->step};
     moe_parallel_for(ctx->pool, moe_tensor_numel(params), 1 << 15, adam_range, &J);
     return MOE_OK;
 }

@@ -1,6 +1,7 @@
-// AdamW over flat contiguous buffers, one pass: f32 params and state, f32 or
-// bf16 gradients, and optionally the compute copy of mixed precision written
-// from the updated params in the same pass (no separate cast kernel).
+// AdamW over flat contiguous buffers, one pass: f32 params, f32 or bf16
+// state (bf16: stochastically rounded with the CPU's random bits, ops.h), f32
+// or bf16 gradients, and optionally the compute copy of mixed precision
+// written from the updated params in the same pass (no separate cast kernel).
 // Bias corrections are computed on the host in double and applied as f32
 // reciprocals, in the same order of operations as the CPU backend.
 #include "cuda_common.cuh"
@@ -19,17 +20,29 @@ __device__ __forceinline__ bool grad_factor(const float *clip_ss, const float *g
     return true;
 }
 
-template <typename G, typename C>
-__global__ void k_adamw(float *p, const G *g, float *m, float *v, C *c, int64_t n, float lr, float b1, float b2,
+// the state's store: f32 as is; bf16 stochastically rounded with element i's bits
+template <typename S> __device__ __forceinline__ void store_state(S *m, S *v, int64_t k, float mi, float vi,
+                                                                  int64_t i, int64_t step) {
+    if constexpr (sizeof(S) == 2) {
+        uint32_t r = moe_adamw_sr_bits(i, step);
+        reinterpret_cast<uint16_t *>(m)[k] = moe_bf16_round_sr(mi, r);
+        reinterpret_cast<uint16_t *>(v)[k] = moe_bf16_round_sr(vi, r >> 16);
+    } else {
+        m[k] = mi;
+        v[k] = vi;
+    }
+}
+
+template <typename G, typename C, typename S>
+__global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float lr, float b1, float b2,
                         float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
-                        const float *guard, double clip_max) {
+                        const float *guard, double clip_max, int64_t index0, int64_t step) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     GRID_STRIDE(i, n) {
         float gi = to_f32(g[i]) * gs;
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
+        float mi = b1 * to_f32(m[i]) + (1.0f - b1) * gi;
+        float vi = b2 * to_f32(v[i]) + (1.0f - b2) * gi * gi;
+        store_state(m, v, i, mi, vi, index0 + i, step);
         float pi = p[i] - lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
         p[i] = pi;
         if (c) c[i] = from_f32<C>(pi);
@@ -63,10 +76,22 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
 // The same update on groups of 8 elements with 16-byte accesses (every
 // pointer 16-byte aligned; the flat buffers align each parameter to 16
 // elements). Elements n8 * 8 .. n are left to k_adamw.
-template <typename G, typename C>
-__global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t n8, float lr, float b1, float b2,
+// 8 bf16 values stochastically rounded with elements i0 .. i0 + 7's bits (hi: v's half)
+__device__ __forceinline__ void store8_sr(bf16 *p, const float (&f)[8], int64_t i0, int64_t step, bool hi) {
+    uint4 u;
+    uint16_t *h = reinterpret_cast<uint16_t *>(&u);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        uint32_t r = moe_adamw_sr_bits(i0 + k, step);
+        h[k] = moe_bf16_round_sr(f[k], hi ? r >> 16 : r);
+    }
+    *reinterpret_cast<uint4 *>(p) = u;
+}
+
+template <typename G, typename C, typename S>
+__global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, float lr, float b1, float b2,
                          float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
-                         const float *guard, double clip_max) {
+                         const float *guard, double clip_max, int64_t index0, int64_t step) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     GRID_STRIDE(i, n8) {
         const int64_t o = i * 8;
@@ -84,18 +109,24 @@ __global__ void k_adamw8(float *p, const G *g, float *m, float *v, C *c, int64_t
             vf[k] = vi;
             pf[k] = pf[k] - lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * pf[k]);
         }
-        store8(m + o, mf);
-        store8(v + o, vf);
+        if constexpr (sizeof(S) == 2) {
+            store8_sr(m + o, mf, index0 + o, step, false);
+            store8_sr(v + o, vf, index0 + o, step, true);
+        } else {
+            store8(m + o, mf);
+            store8(v + o, vf);
+        }
         store8(p + o, pf);
         if (c) store8(c + o, pf);
     }
 }
 
-template <typename G, typename C>
+template <typename G, typename C, typename S>
 static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
                    int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
     float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
-    float *pp = moe_f32(params), *mp = moe_f32(m), *vp = moe_f32(v);
+    float *pp = moe_f32(params);
+    S *mp = (S *)moe_tensor_data(m), *vp = (S *)moe_tensor_data(v);
     const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
     const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
     const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
@@ -104,14 +135,30 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
         (!c || cuda_aligned16(c)))
         n8 = n / 8;
     if (n8 > 0)
-        k_adamw8<G, C><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1,
-                                                                        cfg->beta2, cfg->eps, cfg->weight_decay,
-                                                                        ibc1, ibc2, gs, css, gd, cfg->clip_max);
+        k_adamw8<G, C, S><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(
+            pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css,
+            gd, cfg->clip_max, cfg->index0, cfg->step);
     int64_t done = n8 * 8;
     if (done < n)
-        k_adamw<G, C><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
+        k_adamw<G, C, S><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
             pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
-            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max);
+            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max, cfg->index0 + done, cfg->step);
+}
+
+template <typename S>
+static void launch_s(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
+                     const moe_adamw_cfg *cfg, int64_t n, float ibc1, float ibc2) {
+    int gb = grads->dtype == MOE_BF16;
+    moe_tensor *ct = cfg->compute;
+    if (ct && ct->dtype == MOE_BF16) {
+        bf16 *c = (bf16 *)moe_tensor_data(ct);
+        if (gb) launch<bf16, bf16, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        else launch<float, bf16, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+    } else {
+        float *c = ct ? moe_f32(ct) : NULL;
+        if (gb) launch<bf16, float, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        else launch<float, float, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+    }
 }
 
 moe_status cuda_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
@@ -122,17 +169,8 @@ moe_status cuda_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads,
     double bc1 = 1.0 - pow((double)cfg->beta1, (double)cfg->step);
     double bc2 = 1.0 - pow((double)cfg->beta2, (double)cfg->step);
     float ibc1 = (float)(1.0 / bc1), ibc2 = (float)(1.0 / bc2);
-    int gb = grads->dtype == MOE_BF16;
-    moe_tensor *ct = cfg->compute;
-    if (ct && ct->dtype == MOE_BF16) {
-        bf16 *c = (bf16 *)moe_tensor_data(ct);
-        if (gb) launch<bf16, bf16>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-        else launch<float, bf16>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-    } else {
-        float *c = ct ? moe_f32(ct) : NULL;
-        if (gb) launch<bf16, float>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-        else launch<float, float>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-    }
+    if (m->dtype == MOE_BF16) launch_s<bf16>(d, params, grads, m, v, cfg, n, ibc1, ibc2);
+    else launch_s<float>(d, params, grads, m, v, cfg, n, ibc1, ibc2);
     CU_LAUNCHED("adamw");
     return MOE_OK;
 }
