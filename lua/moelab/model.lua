@@ -68,14 +68,16 @@ function M.MoEModel(opts)
   return self
 end
 
---- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=}])
+--- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=, loss_chunk_rows=}])
 -- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
 -- loss is the mean cross-entropy against targets (when given); total_loss
 -- adds the balancing losses with their coefficients (on the tape when given).
--- keep_logits = false (training with targets only): the logits are not
--- returned, and a GPU writes the loss's gradient over their memory instead of
--- into a second [tokens, vocab] tensor (824 MB in bf16 at 8192 tokens of a
--- 50k vocabulary); the trainer trains this way.
+-- keep_logits = false (training with targets only): no logits are made or
+-- returned; the head and the loss go through loss_chunk_rows rows at a time
+-- (default: chunks of at most 256 MB of logits), each chunk's loss gradient
+-- taken at once (model:forward_loss), so the [tokens, vocab] logits (824 MB
+-- in bf16 at 8192 tokens of a 50k vocabulary) never exist; the trainer trains
+-- this way. In eval mode it keeps the plain path.
 function Model:forward(ids, opts)
   if opts ~= nil and type(opts) ~= "table" then error("MoEModel:forward: options must be a table", 2) end
   opts = opts or {}
@@ -88,9 +90,25 @@ function Model:forward(ids, opts)
   local targets = opts.targets
   if targets and targets:device() ~= dev then targets = targets:to(dev) end
   local tape = opts.tape or core.Tape()
+  local out
+  if targets and opts.keep_logits == false and self.net:is_training() then
+    -- no logits at all: the head and the loss go through in chunks of rows, each
+    -- chunk's gradient taken at once (model:forward_loss)
+    local loss = self.net:forward_loss(ids, targets, tape, {ignore_index = opts.ignore_index or -100,
+                                                           chunk_rows = opts.loss_chunk_rows})
+    local aux, z = self.net:balance_losses(tape)
+    out = {loss = loss, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
+    local total = loss
+    local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
+    if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end
+    if zc ~= 0 then total = tape:add(total, tape:scale(z, zc)) end
+    out.total_loss = total
+    out.tape = tape
+    return out
+  end
   local logits = self.net:forward(ids, tape)
   local aux, z = self.net:balance_losses(tape)
-  local out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
+  out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
   if targets then
     -- in eval mode no backward is expected: a GPU that fuses the loss's forward and
     -- backward would otherwise write the [tokens, vocab] gradient for nothing

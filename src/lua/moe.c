@@ -289,6 +289,24 @@ static int m_balance_losses(lua_State *L) {
     return 2;
 }
 
+/* model:forward_loss(ids, targets[, tape][, {ignore_index = -100, chunk_rows = 0}]) -> the mean
+ * cross-entropy, the head and loss in chunks of rows (no logits; moe_model_forward_loss) */
+static int m_forward_loss(lua_State *L) {
+    const char *f = "model:forward_loss";
+    moe_layer *m = check_model(L, f);
+    moe_tensor *ids = moe_lua_check_tensor_f(L, 2, f, "ids");
+    moe_tensor *targets = moe_lua_check_tensor_f(L, 3, f, "targets");
+    moe_tape *tape = lua_isnoneornil(L, 4) ? NULL : moe_lua_check_tape(L, 4, f);
+    if (!lua_isnoneornil(L, 5) && !lua_istable(L, 5)) return luaL_error(L, "%s: options must be a table", f);
+    int64_t ignore = moe_lua_opt_field_int(L, 5, "ignore_index", -100, f);
+    int64_t chunk = moe_lua_opt_field_int(L, 5, "chunk_rows", 0, f);
+    if (chunk < 0) return luaL_error(L, "%s: chunk_rows must be >= 0 (0: chunks of at most 256 MB of logits)", f);
+    moe_tensor *loss = NULL;
+    moe_lua_check(L, moe_model_forward_loss(m, moe_lua_ctx(L), tape, ids, targets, ignore, chunk, &loss), f);
+    moe_lua_push_tensor(L, loss, f);
+    return 1;
+}
+
 static int m_moe_layers(lua_State *L) {
     moe_layer *m = check_model(L, "model:moe_layers");
     moe_layer *ls[1024];
@@ -441,7 +459,7 @@ static int m_set_expert_shard(lua_State *L) {
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
     {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"noise_step", m_get_noise_step}, {"train", m_train},
-    {"is_training", m_is_training}, {"balance_losses", m_balance_losses},
+    {"is_training", m_is_training}, {"balance_losses", m_balance_losses}, {"forward_loss", m_forward_loss},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config},
     {"param_layout", m_param_layout}, {"expert_shard", m_expert_shard}, {"set_expert_shard", m_set_expert_shard},
     {NULL, NULL}};

@@ -192,20 +192,47 @@ moe_status moe_f_view(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int ndim, con
  * when the upstream gradient is another number (gradient accumulation's
  * 1/steps); handing it over empties the slot, so a second backward recomputes
  * from the logits. */
-static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
-    float dloss;
+moe_status moe_scalar_grad_value(moe_ctx *ctx, moe_tensor *g, float *dloss) {
     /* the upstream gradient of a scalar loss: one number, read once per backward
      * unless the host knows it (the seed of a backward is written by the host) */
     double known;
-    if (moe_tensor_host_value(gout[0], &known)) {
-        dloss = (float)known;
-    } else {
-        moe_tensor *g = moe_op_to(ctx, gout[0], MOE_DEVICE_CPU, MOE_F32);
-        if (!g) return moe_last_status();
-        dloss = moe_f32(g)[0];
-        moe_tensor_release(g);
+    if (moe_tensor_host_value(g, &known)) {
+        *dloss = (float)known;
+        return MOE_OK;
     }
+    moe_tensor *h = moe_op_to(ctx, g, MOE_DEVICE_CPU, MOE_F32);
+    if (!h) return moe_last_status();
+    *dloss = moe_f32(h)[0];
+    moe_tensor_release(h);
+    return MOE_OK;
+}
+
+moe_status moe_ce_count(moe_ctx *ctx, moe_tensor *targets, int64_t vocab, int64_t ignore_index, double *count) {
+    /* Targets known to lie in [0, bound) (uploaded from the host, tensor.h) all
+     * count unless the ignored id is in that range; else they are counted on
+     * the host (small, one id per token, but the read synchronises with the
+     * device). */
+    const int64_t n = moe_tensor_numel(targets);
+    const int64_t tbound =
+        targets->device.type != MOE_CPU && moe_tensor_index_trusted(targets, vocab) ? targets->index_bound : 0;
+    if (tbound > 0 && (ignore_index < 0 || ignore_index >= tbound)) {
+        *count = (double)n;
+        return MOE_OK;
+    }
+    moe_tensor *tcpu = moe_op_to(ctx, targets, MOE_DEVICE_CPU, MOE_I64);
+    if (!tcpu) return moe_last_status();
+    const int64_t *tp = moe_tensor_data(tcpu);
+    double c = 0;
+    for (int64_t i = 0; i < n; i++) c += tp[i] != ignore_index;
+    moe_tensor_release(tcpu);
+    *count = c;
+    return MOE_OK;
+}
+
+static moe_status ce_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *lse = e->saved[0], *logits = e->saved[1], *targets = e->saved[2];
+    float dloss;
+    MOE_TRY(moe_scalar_grad_value(ctx, gout[0], &dloss));
     if (e->i[1] && !(e->n_saved > 3 && e->saved[3]))
         return moe_error(MOE_ERR_STATE, "cross_entropy: the logits were overwritten by their gradient "
                                         "(overwrite_logits): one backward only");
@@ -256,10 +283,10 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     if (!lc) return moe_last_status();
     moe_tensor *rows = moe_rows_view(lc);
     moe_tensor *tc = moe_op_contiguous(ctx, targets);
-    /* read before the view below voids it (tensor.h) */
     const int64_t vocab = logits->shape[logits->ndim - 1];
-    const int64_t tbound =
-        tc && tc->device.type != MOE_CPU && moe_tensor_index_trusted(tc, vocab) ? tc->index_bound : 0;
+    /* the number of counted rows, for the mean (read before the view below voids tc's bound, tensor.h) */
+    double count = 0;
+    moe_status s = tc ? moe_ce_count(ctx, tc, vocab, ignore_index, &count) : moe_last_status();
     int64_t n = rows ? rows->shape[0] : 0;
     int64_t n1[1] = {n};
     moe_tensor *t1 = tc ? moe_tensor_view(tc, 1, n1) : NULL;
@@ -267,23 +294,8 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
     moe_tensor *per_row = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
     moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 1, n1, logits->device);
     moe_tensor *out = moe_tensor_new(ctx, MOE_F32, 0, n1, logits->device);
-    moe_tensor *tcpu = NULL, *dl = NULL, *drows = NULL;
-    moe_status s = rows && t1 && per_row && lse && out ? MOE_OK : moe_last_status();
-    /* The number of counted rows is needed for the mean. Targets known to lie
-     * in [0, bound) (uploaded from the host, tensor.h) all count unless the
-     * ignored id is in that range; else they are counted on the host (small,
-     * one id per token, but the read synchronises with the device). */
-    double count = 0;
-    if (s == MOE_OK && tbound > 0 && (ignore_index < 0 || ignore_index >= tbound)) {
-        count = (double)n;
-    } else if (s == MOE_OK) {
-        tcpu = moe_op_to(ctx, t1, MOE_DEVICE_CPU, MOE_I64);
-        if (!tcpu) s = moe_last_status();
-        else {
-            const int64_t *tp = moe_tensor_data(tcpu);
-            for (int64_t i = 0; i < n; i++) count += tp[i] != ignore_index;
-        }
-    }
+    moe_tensor *dl = NULL, *drows = NULL;
+    if (s == MOE_OK && !(rows && t1 && per_row && lse && out)) s = moe_last_status();
     /* Under a tape the gradient for an upstream 1 (the training loss) comes in
      * the same pass over the logits, with ce_backward's scale. */
     if (s == MOE_OK && tape && grad_in_forward != MOE_CE_GRAD_LATER && moe_op_cross_entropy_fuses(ctx, logits->device)) {
@@ -315,7 +327,7 @@ moe_status moe_f_cross_entropy_ex(moe_ctx *ctx, moe_tape *tape, moe_tensor *logi
         }
     }
     moe_tensor_release(rows); moe_tensor_release(t1); moe_tensor_release(per_row);
-    moe_tensor_release(lse); moe_tensor_release(tcpu); moe_tensor_release(lc); moe_tensor_release(tc);
+    moe_tensor_release(lse); moe_tensor_release(lc); moe_tensor_release(tc);
     moe_tensor_release(dl); moe_tensor_release(drows);
     if (s != MOE_OK) { moe_tensor_release(out); return s; }
     *loss = out;

@@ -247,8 +247,9 @@ moe_status moe_model_finish_grad_allreduce(moe_ctx *ctx, moe_layer *m) {
     return s != MOE_OK ? s : w;
 }
 
-moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits) {
-    *logits = NULL;
+/* the blocks and the final norm: the hidden states the head reads */
+static moe_status forward_hidden(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **out) {
+    *out = NULL;
     const moe_model_cfg *c = moe_model_config(m);
     if (!c) return moe_error(MOE_ERR_ARG, "model forward: not an MoEModel");
     if (!ids || ids->dtype != MOE_I64 || ids->ndim != 2) {
@@ -277,17 +278,53 @@ moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_ten
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; }
         if (s != MOE_OK) s = moe_error_context(s, "layer %d", i);
     }
+    if (s == MOE_OK) s = moe_layer_forward(m->children[C_NORM], ctx, tape, h, out);
+    moe_tensor_release(h);
+    return s;
+}
+
+moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits) {
+    *logits = NULL;
     moe_tensor *hn = NULL;
-    if (s == MOE_OK) s = moe_layer_forward(m->children[C_NORM], ctx, tape, h, &hn);
+    moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
     if (s == MOE_OK) {
-        if (c->tie_embeddings) {
+        if (moe_model_config(m)->tie_embeddings) {
             moe_param *w = &m->children[C_EMBED]->params[0];
             s = moe_f_linear(ctx, tape, hn, moe_param_w(w), w->grad, NULL, NULL, logits);
         } else {
             s = moe_layer_forward(m->children[C_HEAD], ctx, tape, hn, logits);
         }
     }
-    moe_tensor_release(h);
+    moe_tensor_release(hn);
+    return s;
+}
+
+moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor *targets,
+                                  int64_t ignore_index, int64_t chunk_rows, moe_tensor **loss) {
+    *loss = NULL;
+    if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "model forward_loss: not an MoEModel");
+    if (!targets || !ids || moe_tensor_numel(targets) != moe_tensor_numel(ids)) {
+        char a[96], b[96];
+        return moe_error(MOE_ERR_SHAPE, "model forward_loss: targets %s must match ids %s",
+                         targets ? moe_shape_str(targets, a, sizeof a) : "nil", ids ? moe_shape_str(ids, b, sizeof b) : "nil");
+    }
+    /* the head's weight: the embedding's (tied) or the plain head's; a head with a
+     * bias or adapters goes through its layer and the separate loss */
+    moe_layer *head = moe_model_config(m)->tie_embeddings ? m->children[C_EMBED] : m->children[C_HEAD];
+    int plain = moe_model_config(m)->tie_embeddings || (head->n_params == 1 && !head->state);
+    moe_tensor *hn = NULL;
+    moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
+    if (s == MOE_OK && plain) {
+        moe_param *w = &head->params[0];
+        s = moe_f_linear_cross_entropy(ctx, tape, hn, moe_param_w(w), w->grad, targets, ignore_index, chunk_rows, loss);
+    } else if (s == MOE_OK) {
+        moe_tensor *logits = NULL;
+        s = moe_layer_forward(head, ctx, tape, hn, &logits);
+        if (s == MOE_OK)
+            s = moe_f_cross_entropy_ex(ctx, tape, logits, targets, ignore_index,
+                                       tape ? MOE_CE_GRAD_OVER_LOGITS : MOE_CE_GRAD_LATER, loss);
+        moe_tensor_release(logits);
+    }
     moe_tensor_release(hn);
     return s;
 }

@@ -31,6 +31,13 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
 const moe_model_cfg *moe_model_config(const moe_layer *model);
 /* ids [B, T] i64 -> logits [B, T, vocab]. */
 moe_status moe_model_forward(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits);
+/* The forward to the mean cross-entropy against targets (ids' shape, i64),
+ * without the [tokens, vocab] logits: the head and the loss go chunk_rows at a
+ * time through moe_f_linear_cross_entropy (functional.h; <= 0: its default
+ * chunks), which takes the loss's gradient in the forward. A head with a bias
+ * or LoRA adapters makes its logits and takes the fused loss over them. */
+moe_status moe_model_forward_loss(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor *targets,
+                                  int64_t ignore_index, int64_t chunk_rows, moe_tensor **loss);
 /* Sum over MoE layers of the last forward's auxiliary and z losses (taped;
  * 0-dim zeros for a dense model). */
 moe_status moe_model_balance_losses(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor **aux, moe_tensor **z);

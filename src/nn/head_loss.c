@@ -1,0 +1,134 @@
+/* The language-model head and its cross-entropy in chunks of rows
+ * (functional.h, moe_f_linear_cross_entropy). The logits of a whole batch
+ * are the largest tensor a training step makes (8192 tokens x 50304 in bf16:
+ * 824 MB, held from the forward to the backward even when their gradient is
+ * written over them). Here a chunk's logits live only while its loss and
+ * gradient are taken: the gradient goes at once into dx (N x D) and the
+ * head's weight gradient (V x D), the products the head's backward would make
+ * from the whole dlogits later, with the same FLOPs. */
+#include "functional.h"
+
+/* rows [r0, r0 + n) of a contiguous [N, cols] tensor's storage, as [n, cols] */
+static moe_tensor *rows_of(moe_tensor *t, int64_t r0, int64_t n, int64_t cols) {
+    int64_t shape[2] = {n, cols};
+    return moe_tensor_from_storage(t->storage, t->offset + r0 * cols, t->dtype, 2, shape, NULL);
+}
+
+static moe_tensor *span_of(moe_tensor *t, int64_t i0, int64_t n) {
+    int64_t shape[1] = {n};
+    return moe_tensor_from_storage(t->storage, t->offset + i0, t->dtype, 1, shape, NULL);
+}
+
+/* saved: dx, dW (NULL for a frozen weight), wgrad; e->i[0]: consumed */
+static moe_status head_loss_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
+    moe_tensor *dx = e->saved[0], *dw = e->saved[1], *wgrad = e->saved[2];
+    if (e->i[0])
+        return moe_error(MOE_ERR_STATE, "linear_cross_entropy: its gradients were taken in the forward and handed "
+                                        "over by the first backward: one backward only");
+    float dloss;
+    MOE_TRY(moe_scalar_grad_value(ctx, gout[0], &dloss));
+    e->i[0] = 1;
+    if (dw && wgrad) MOE_TRY(moe_op_axpy(ctx, wgrad, dloss, dw));
+    moe_tensor *acc = moe_tape_grad_acc(e, 0);
+    if (acc) return moe_op_axpy(ctx, acc, dloss, dx);   /* x already has a gradient: add to it */
+    if (dloss != 1.0f) MOE_TRY(moe_op_unary(ctx, MOE_UN_SCALE, dx, dx, dloss));
+    e->saved[0] = NULL;   /* handed over */
+    gin[0] = dx;
+    return MOE_OK;
+}
+
+static moe_status check_args(moe_tensor *x, moe_tensor *w, moe_tensor *wgrad, moe_tensor *targets) {
+    const char *f = "linear_cross_entropy";
+    if (!x || !w || !targets) return moe_error(MOE_ERR_ARG, "%s: x, w or targets is nil", f);
+    if (targets->dtype != MOE_I64)
+        return moe_error(MOE_ERR_DTYPE, "%s: targets must be i64, got %s", f, moe_dtype_name(targets->dtype));
+    char a[96], b[96];
+    if (w->ndim != 2 || x->ndim < 1 || x->shape[x->ndim - 1] != w->shape[1])
+        return moe_error(MOE_ERR_SHAPE, "%s: x %s and w %s, expected x [..., D] and w [V, D]", f,
+                         moe_shape_str(x, a, sizeof a), moe_shape_str(w, b, sizeof b));
+    if (moe_tensor_numel(targets) * w->shape[1] != moe_tensor_numel(x))
+        return moe_error(MOE_ERR_SHAPE, "%s: x %s has %lld rows but targets %s has %lld", f,
+                         moe_shape_str(x, a, sizeof a), (long long)(moe_tensor_numel(x) / w->shape[1]),
+                         moe_shape_str(targets, b, sizeof b), (long long)moe_tensor_numel(targets));
+    if (x->dtype != w->dtype)
+        return moe_error(MOE_ERR_DTYPE, "%s: x is %s but w is %s", f, moe_dtype_name(x->dtype), moe_dtype_name(w->dtype));
+    if (wgrad && (!moe_tensor_same_shape(wgrad, w) || wgrad->dtype != w->dtype))
+        return moe_error(MOE_ERR_SHAPE, "%s: wgrad must be w's shape and dtype", f);
+    return MOE_OK;
+}
+
+moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
+                                      moe_tensor *targets, int64_t ignore_index, int64_t chunk_rows,
+                                      moe_tensor **loss) {
+    *loss = NULL;
+    MOE_TRY(check_args(x, w, wgrad, targets));
+    const int64_t V = w->shape[0], D = w->shape[1], N = moe_tensor_numel(targets);
+    const size_t es = moe_dtype_size(x->dtype);
+    if (chunk_rows <= 0) {   /* the fewest chunks of at most 256 MB of logits, as even as that allows */
+        int64_t per = (int64_t)(((size_t)256 << 20) / ((size_t)V * es));
+        if (per < 1) per = 1;
+        int64_t chunks = N > 0 ? (N + per - 1) / per : 1;
+        chunk_rows = (N + chunks - 1) / chunks;
+        if (chunk_rows < 1) chunk_rows = 1;
+    }
+    const int grads = tape != NULL;
+    const int fuses = moe_op_cross_entropy_fuses(ctx, x->device);
+    moe_tensor *xc = moe_op_contiguous(ctx, x);
+    moe_tensor *tc = moe_op_contiguous(ctx, targets);
+    double count = 0;
+    moe_status s = xc && tc ? moe_ce_count(ctx, tc, V, ignore_index, &count) : moe_last_status();
+    int64_t n1[1] = {N}, cshape[2] = {chunk_rows < N ? chunk_rows : N, V};
+    moe_tensor *t1 = s == MOE_OK ? moe_tensor_view(tc, 1, n1) : NULL;
+    moe_tensor *per_row = moe_tensor_new(ctx, MOE_F32, 1, n1, x->device);
+    moe_tensor *lse = moe_tensor_new(ctx, MOE_F32, 1, n1, x->device);
+    moe_tensor *out = moe_tensor_new(ctx, MOE_F32, 0, n1, x->device);
+    /* one chunk's logits (their gradient over them where the backend fuses, else beside them) */
+    moe_tensor *lg = N > 0 ? moe_tensor_new(ctx, x->dtype, 2, cshape, x->device) : NULL;
+    moe_tensor *dlg = grads && !fuses && N > 0 ? moe_tensor_new(ctx, x->dtype, 2, cshape, x->device) : NULL;
+    moe_tensor *dx = grads ? moe_tensor_new(ctx, x->dtype, x->ndim, x->shape, x->device) : NULL;   /* x's shape */
+    moe_tensor *dw = grads && wgrad ? moe_tensor_new(ctx, w->dtype, 2, w->shape, w->device) : NULL;
+    if (s == MOE_OK && !(t1 && per_row && lse && out && (lg || N == 0) && (dlg || !grads || fuses || N == 0) &&
+                         (dx || !grads) && (dw || !grads || !wgrad)))
+        s = moe_last_status();
+    if (s == MOE_OK && dw && N == 0) s = moe_op_fill(ctx, dw, 0.0);
+    const float scale = count > 0 ? (float)(1.0 / count) : 0.0f;
+    for (int64_t r0 = 0; r0 < N && s == MOE_OK; r0 += chunk_rows) {
+        const int64_t n = N - r0 < chunk_rows ? N - r0 : chunk_rows;
+        moe_tensor *xr = rows_of(xc, r0, n, D), *lr = rows_of(lg, 0, n, V);
+        moe_tensor *tr = span_of(t1, r0, n), *pr = span_of(per_row, r0, n), *sr = span_of(lse, r0, n);
+        moe_tensor *dr = grads ? (fuses ? lr : rows_of(dlg, 0, n, V)) : NULL;
+        if (dr == lr) moe_tensor_retain(dr);
+        moe_tensor *dxr = grads ? rows_of(dx, r0, n, D) : NULL;
+        if (!xr || !lr || !tr || !pr || !sr || (grads && (!dr || !dxr))) s = moe_last_status();
+        if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xr, w, 0.0f, lr);   /* logits = x w^T */
+        if (s == MOE_OK && grads) {
+            s = moe_op_cross_entropy_fused(ctx, pr, sr, dr, lr, tr, ignore_index, scale);
+            if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 0, 1.0f, dr, w, 0.0f, dxr);   /* dx = dlogits w */
+            if (s == MOE_OK && dw) s = moe_op_gemm(ctx, 1, 0, 1.0f, dr, xr, r0 > 0 ? 1.0f : 0.0f, dw);
+        } else if (s == MOE_OK) {
+            s = moe_op_cross_entropy(ctx, pr, sr, lr, tr, ignore_index);
+        }
+        moe_tensor_release(xr); moe_tensor_release(lr); moe_tensor_release(tr); moe_tensor_release(pr);
+        moe_tensor_release(sr); moe_tensor_release(dr); moe_tensor_release(dxr);
+    }
+    moe_tensor_release(lg);
+    moe_tensor_release(dlg);
+    if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, out, per_row);
+    if (s == MOE_OK) s = moe_op_unary(ctx, MOE_UN_SCALE, out, out, scale);
+    if (s == MOE_OK && tape) {
+        moe_tape_entry *e = moe_tape_record(tape, "linear_cross_entropy", head_loss_backward, NULL, NULL, NULL, 1, &x,
+                                            1, &out);
+        if (!e) s = moe_last_status();
+        else {
+            moe_tape_save(e, dx);
+            moe_tape_save(e, dw);
+            moe_tape_save(e, wgrad);
+            e->i[0] = 0;
+        }
+    }
+    moe_tensor_release(xc); moe_tensor_release(tc); moe_tensor_release(t1); moe_tensor_release(per_row);
+    moe_tensor_release(lse); moe_tensor_release(dx); moe_tensor_release(dw);
+    if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    *loss = out;
+    return MOE_OK;
+}
