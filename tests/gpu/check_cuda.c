@@ -682,32 +682,50 @@ static void test_allocator(void) {
     moe_tensor_release(a);
 
     /* Large blocks: rounded to 2 MiB, not to a quarter of a power of two (a
-     * 2.16 GB buffer took 2.68); a slightly smaller request reuses a cached
-     * block at most an eighth larger, counted whole; a much smaller one does not. */
+     * 2.16 GB buffer took 2.68), and cut from the pool's free space (best fit,
+     * split, merged again when freed): a smaller request, even half the size,
+     * takes part of the cached block without cudaMalloc and is counted at its own
+     * size; the two halves freed merge back into the whole block. */
     die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
     const int64_t big_n = (int64_t)(300 << 20) + 12345;     /* bytes, as u8 elements */
+    const size_t mib2 = (size_t)2 << 20;
     moe_cuda_memory_stats(ctx, 0, &s0);
     a = moe_tensor_new(ctx, MOE_U8, SH(big_n), GPU);
     moe_cuda_memory_stats(ctx, 0, &s1);
     size_t took = s1.bytes_in_use - s0.bytes_in_use;
-    ok(a && took >= (size_t)big_n && took < (size_t)big_n + (2u << 20) && took % (2u << 20) == 0,
+    ok(a && took >= (size_t)big_n && took < (size_t)big_n + mib2 && took % mib2 == 0,
        "allocator: a %lld-byte tensor takes a block rounded to 2 MiB (%zu bytes)", (long long)big_n, took);
     moe_tensor_release(a);
+    const int64_t half_n = big_n / 2 - (int64_t)(3 << 20);
+    const size_t half_cls = ((size_t)half_n + mib2 - 1) / mib2 * mib2;
     moe_cuda_memory_stats(ctx, 0, &s0);
-    a = moe_tensor_new(ctx, MOE_U8, SH(big_n - (int64_t)(20 << 20)), GPU);   /* 20 MiB smaller: within an eighth */
+    a = moe_tensor_new(ctx, MOE_U8, SH(half_n), GPU);
+    moe_tensor *a2 = moe_tensor_new(ctx, MOE_U8, SH(half_n), GPU);
     moe_cuda_memory_stats(ctx, 0, &s1);
-    ok(a && s1.num_cache_hits == s0.num_cache_hits + 1 && s1.num_cuda_malloc == s0.num_cuda_malloc &&
-           s1.bytes_in_use - s0.bytes_in_use == took,
-       "allocator: a slightly smaller request reuses the cached block, counted whole (%zu bytes)",
-       (size_t)(s1.bytes_in_use - s0.bytes_in_use));
+    ok(a && a2 && s1.num_cuda_malloc == s0.num_cuda_malloc && s1.num_cache_hits == s0.num_cache_hits + 2 &&
+           s1.bytes_in_use - s0.bytes_in_use == 2 * half_cls && s1.bytes_cached == took - 2 * half_cls,
+       "allocator: two requests of under half the size split the cached block: no cudaMalloc, %zu bytes in use, "
+       "%zu cached", (size_t)(s1.bytes_in_use - s0.bytes_in_use), (size_t)s1.bytes_cached);
+    /* a live block survives emptying the cache: its segment is not wholly free */
+    moe_tensor *hh = host_randn(SH(1000), 1, 0, 0);
+    moe_tensor *part = moe_tensor_from_storage(a2->storage, 0, MOE_F32, 1, (int64_t[]){1000}, NULL);
+    die_if(!part || moe_op_copy(ctx, part, hh) != MOE_OK, "write into the second half");
+    die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+    moe_tensor *back = moe_op_to(ctx, part, MOE_DEVICE_CPU, MOE_F32);
+    ok(back && max_err(back, hh) == 0, "allocator: emptying the cache keeps a segment with a live block, and its data");
+    moe_tensor_release(back); moe_tensor_release(part); moe_tensor_release(hh);
     moe_tensor_release(a);
+    moe_tensor_release(a2);
     moe_cuda_memory_stats(ctx, 0, &s0);
-    a = moe_tensor_new(ctx, MOE_U8, SH(big_n / 2), GPU);
+    a = moe_tensor_new(ctx, MOE_U8, SH(big_n), GPU);
     moe_cuda_memory_stats(ctx, 0, &s1);
-    ok(a && s1.num_cuda_malloc == s0.num_cuda_malloc + 1 && s1.bytes_in_use - s0.bytes_in_use < (size_t)big_n / 2 + (2u << 20),
-       "allocator: a request of half the size gets a block of its own, not the cached one");
+    ok(a && s1.num_cuda_malloc == s0.num_cuda_malloc && s1.bytes_in_use - s0.bytes_in_use == took,
+       "allocator: the freed halves merged back: the whole block again without cudaMalloc");
     moe_tensor_release(a);
     die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(s1.bytes_cached == 0, "allocator: emptying the cache with nothing live gives every segment back (%zu cached)",
+       (size_t)s1.bytes_cached);
 
     /* out of memory: more than the device has */
     moe_cuda_memory_stats(ctx, 0, &s0);

@@ -1,25 +1,32 @@
 // The caching, stream-aware device allocator (one per GPU).
 //
-// Sizes are rounded to a class: multiples of 512 B up to 1 MiB, multiples of
-// 2 MiB (the driver's own granularity) above. Freed blocks go to a cache
-// ordered by size and are handed out again without cudaMalloc: a request takes
-// a cached block of its own class or, above 1 MiB, the smallest cached block
-// at most an eighth larger, so tensors whose sizes move a little from step to
-// step still reuse blocks. (Rounding up to four classes per power of two, as
-// the first version did, left a quarter of a large block unused: 2.1 GB of the
-// 10.7 GB that the whole-step benchmark's parameters and AdamW state took.)
+// Small requests (up to 1 MiB) are rounded to multiples of 512 B and cached
+// by class: a freed block is handed out again for its own class, without
+// cudaMalloc. Large ones are rounded to 2 MiB (the driver's granularity) and
+// served by a best-fit pool (src/core/block_pool.c): a request takes the
+// smallest free block that holds it and leaves the rest free when the rest is
+// 2 MiB or more; freed blocks merge with free neighbours of their segment
+// (a cudaMalloc'd region). Tensors whose sizes move from step to step (expert
+// rows follow the routing) so reuse the memory of larger ones instead of
+// adding segments. (Before the pool, a request took a cached block at most an
+// eighth larger or a new cudaMalloc, and the whole-step benchmark reserved
+// 13.6 GB for a peak of 8.8 GB in use; rounding up to four classes per power
+// of two, as the first version did, left a quarter of a large block unused.)
 // Bytes in use count whole blocks.
 //
 // Stream awareness: every kernel, copy and cuBLAS call of a device is issued on
-// that device's one stream (cuda_dev.stream). A block freed on the host may
-// still be read by queued work, but whoever gets it next also queues its work
-// on the same stream, after that work, so reuse without events is safe. Work on
-// any other stream would need an event per block; nothing does that today.
+// that device's one stream (cuda_dev.stream), or on lanes that fork from it and
+// join back before the call returns (cuda_lanes.cu). A block freed on the host
+// may still be read by queued work, but whoever gets it next also queues its
+// work on the same stream, after that work, so reuse without events is safe.
 //
 // Out of memory: ctx->reclaim (a full Lua GC, which frees blocks back into this
-// cache), then every cached block is cudaFree'd, then one retry; after that
-// MOE_ERR_OOM with the requested size, bytes in use and bytes cached.
+// cache), then every cached small block and every wholly free segment is
+// cudaFree'd, then one retry; after that MOE_ERR_OOM with the requested size,
+// bytes in use and bytes cached.
 #include "cuda_common.cuh"
+
+#include "../../core/block_pool.h"
 
 #include <new>
 
@@ -32,32 +39,79 @@ static size_t size_class(size_t n) {
     return (n + LARGE_STEP - 1) & ~(LARGE_STEP - 1);
 }
 
-// The cached block for a request of class cls, removed from the cache; NULL
-// when none fits. Caller holds d->mu.
-static void *take_cached_locked(cuda_dev *d, size_t cls, size_t *got) {
-    auto it = d->cache.lower_bound(cls);
-    size_t limit = cls > SMALL_LIMIT ? cls + cls / 8 : cls;
-    if (it == d->cache.end() || it->first > limit) return NULL;
-    void *p = it->second.back();
-    it->second.pop_back();
-    *got = it->first;
-    if (it->second.empty()) d->cache.erase(it);
-    d->bytes_cached -= *got;
+// The pool's segments: cudaMalloc'd regions (counted as the allocator's mallocs)
+static uintptr_t seg_alloc(void *arg, size_t n) {
+    cuda_dev *d = (cuda_dev *)arg;
+    void *p = NULL;
+    cudaSetDevice(d->index);
+    if (cudaMalloc(&p, n) != cudaSuccess) {
+        cudaGetLastError();   // an allocation failure must not surface at the next launch check
+        return 0;
+    }
+    d->n_malloc++;
+    return (uintptr_t)p;
+}
+static void seg_free(void *arg, uintptr_t addr, size_t n) {
+    (void)n;
+    cudaSetDevice(((cuda_dev *)arg)->index);
+    cudaFree((void *)addr);
+}
+
+static void sync_cached(cuda_dev *d) {
+    d->bytes_cached = d->small_cached + (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
+}
+
+// A block of class cls from the cache (small) or the pool's free blocks
+// (large), else where grow: a new small block or pool segment; NULL when none
+// is had (no error set). Caller holds d->mu.
+static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
+    void *p = NULL;
+    size_t got = cls;
+    moe_pool_block *blk = NULL;
+    if (cls <= SMALL_LIMIT) {
+        auto it = d->cache.find(cls);
+        if (it != d->cache.end()) {
+            p = it->second.back();
+            it->second.pop_back();
+            if (it->second.empty()) d->cache.erase(it);
+            d->small_cached -= cls;
+            d->n_hits++;
+        } else if (grow) {
+            cudaSetDevice(d->index);
+            if (cudaMalloc(&p, cls) == cudaSuccess) d->n_malloc++;
+            else { cudaGetLastError(); p = NULL; }   // a failure must not surface at the next launch check
+        }
+    } else {
+        if (!d->pool) d->pool = moe_block_pool_new(LARGE_STEP, seg_alloc, seg_free, d);
+        if (d->pool) {
+            blk = moe_block_pool_alloc_free(d->pool, cls);
+            if (blk) d->n_hits++;
+            else if (grow) blk = moe_block_pool_alloc(d->pool, cls);
+        }
+        if (blk) { p = (void *)blk->addr; got = blk->size; }
+    }
+    if (!p) return NULL;
+    sync_cached(d);
+    d->live[p] = cuda_dev::live_block{got, blk};
+    d->bytes_in_use += got;
+    if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
     return p;
 }
 
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes);
 static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
 
-// cudaFree every cached block. Caller holds d->mu.
+// cudaFree every cached small block and every wholly free segment. Caller holds d->mu.
 static void release_cache_locked(cuda_dev *d) {
-    if (d->cache.empty()) return;
+    if (d->cache.empty() && !(d->pool && moe_block_pool_free_bytes(d->pool))) return;
     cudaSetDevice(d->index);
     cudaStreamSynchronize(d->stream);   // queued work may still use blocks freed to the cache
     for (auto &kv : d->cache)
         for (void *p : kv.second) cudaFree(p);
     d->cache.clear();
-    d->bytes_cached = 0;
+    d->small_cached = 0;
+    if (d->pool) moe_block_pool_release(d->pool);
+    sync_cached(d);
     cudaGetLastError();
 }
 
@@ -76,7 +130,8 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->alloc.state = d;
     d->index = index;
     d->ctx = ctx;
-    d->bytes_in_use = d->bytes_cached = d->peak_in_use = 0;
+    d->bytes_in_use = d->bytes_cached = d->peak_in_use = d->small_cached = 0;
+    d->pool = NULL;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;
     d->stream = NULL;
@@ -92,6 +147,8 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->stream) cudaStreamSynchronize(d->stream);
+    moe_block_pool_destroy(d->pool);   // every segment: nothing is live when the device goes
+    d->pool = NULL;
     cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
@@ -102,35 +159,11 @@ void cuda_dev_destroy(cuda_dev *d) {
     delete d;
 }
 
-static void *try_malloc(cuda_dev *d, size_t cls) {
-    void *p = NULL;
-    cudaSetDevice(d->index);
-    cudaError_t e = cudaMalloc(&p, cls);
-    if (e != cudaSuccess) {
-        cudaGetLastError();   // an allocation failure must not surface at the next launch check
-        return NULL;
-    }
-    return p;
-}
-
-// A cached block for the class, else one cudaMalloc; NULL when neither gives
-// one (nothing reclaimed, no error set).
+// A cached block for the class, else new memory; NULL when neither gives one
+// (nothing reclaimed, no error set).
 static void *alloc_cached_or_new(cuda_dev *d, size_t cls) {
     std::lock_guard<std::mutex> g(d->mu);
-    size_t got = cls;
-    void *p = take_cached_locked(d, cls, &got);
-    if (p) {
-        d->n_hits++;
-    } else {
-        p = try_malloc(d, cls);
-        if (p) d->n_malloc++;
-    }
-    if (p) {
-        d->live[p] = got;
-        d->bytes_in_use += got;
-        if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
-    }
-    return p;
+    return take_locked(d, cls, true);
 }
 
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
@@ -143,12 +176,10 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
     moe_ctx *ctx = d->ctx;
     if (ctx && ctx->reclaim) ctx->reclaim(ctx->reclaim_arg);
     std::lock_guard<std::mutex> g(d->mu);
-    size_t got = cls;
-    p = take_cached_locked(d, cls, &got);   // reclaim freed a block that fits
+    p = take_locked(d, cls, false);   // reclaim freed a block that fits
     if (!p) {
         release_cache_locked(d);
-        p = try_malloc(d, cls);
-        if (p) d->n_malloc++;
+        p = take_locked(d, cls, true);
     }
     if (!p) {
         size_t free_b = 0, total_b = 0;
@@ -160,9 +191,6 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
                   d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, d->bytes_cached, free_b, total_b);
         return NULL;
     }
-    d->live[p] = got;
-    d->bytes_in_use += got;
-    if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
     return p;
 }
 
@@ -175,11 +203,16 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
         std::lock_guard<std::mutex> g(d->mu);
         auto it = d->live.find(ptr);
         if (it == d->live.end()) return;   // not ours or freed twice: ignore rather than corrupt the cache
-        size_t size = it->second;
+        cuda_dev::live_block lb = it->second;
         d->live.erase(it);
-        d->bytes_in_use -= size;
-        d->cache[size].push_back(ptr);
-        d->bytes_cached += size;
+        d->bytes_in_use -= lb.size;
+        if (lb.blk) {
+            moe_block_pool_free(d->pool, lb.blk);
+        } else {
+            d->cache[lb.size].push_back(ptr);
+            d->small_cached += lb.size;
+        }
+        sync_cached(d);
         destroy = d->closing && d->live.empty();
     }
     if (destroy) cuda_dev_destroy(d);
