@@ -8,7 +8,7 @@
 #include <string.h>
 
 struct moe_block_pool {
-    size_t split_min;
+    size_t split_min, seg_min;
     moe_pool_seg_alloc seg_alloc;
     moe_pool_seg_free seg_free;
     void *arg;
@@ -70,12 +70,13 @@ static void remove_head(moe_block_pool *p, moe_pool_block *h) {
         if (p->heads[i] == h) { p->heads[i] = p->heads[--p->n_heads]; return; }
 }
 
-moe_block_pool *moe_block_pool_new(size_t split_min, moe_pool_seg_alloc seg_alloc, moe_pool_seg_free seg_free,
-                                   void *arg) {
+moe_block_pool *moe_block_pool_new(size_t split_min, size_t seg_min, moe_pool_seg_alloc seg_alloc,
+                                   moe_pool_seg_free seg_free, void *arg) {
     if (!seg_alloc || !seg_free || split_min == 0) return NULL;
     moe_block_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->split_min = split_min;
+    p->seg_min = seg_min;
     p->seg_alloc = seg_alloc;
     p->seg_free = seg_free;
     p->arg = arg;
@@ -136,18 +137,26 @@ moe_pool_block *moe_block_pool_alloc_free(moe_block_pool *p, size_t n) {
 moe_pool_block *moe_block_pool_alloc(moe_block_pool *p, size_t n) {
     if (n == 0) n = 1;
     if (p->n_free && p->free_list[p->n_free - 1]->size >= n) return moe_block_pool_alloc_free(p, n);
+    size_t seg = n < p->seg_min ? p->seg_min : n;
     moe_pool_block *b = malloc(sizeof *b);
     if (!b || !grow((void **)&p->heads, &p->cap_heads, p->n_heads + 1, sizeof *p->heads)) { free(b); return NULL; }
-    uintptr_t a = p->seg_alloc(p->arg, n);
+    uintptr_t a = p->seg_alloc(p->arg, seg);
     if (!a) { free(b); return NULL; }
     b->addr = a;
-    b->size = n;
+    b->size = seg;
     b->prev = b->next = NULL;
     b->free = 0;
     p->heads[p->n_heads++] = b;
-    p->segment_bytes += n;
+    p->segment_bytes += seg;
     p->segments++;
-    return b;
+    if (seg == n) return b;
+    /* a segment larger than the request: cut the request from it as from any free block */
+    if (insert_free(p, b)) {
+        moe_pool_block *got = moe_block_pool_alloc_free(p, n);
+        if (got) return got;
+        remove_free(p, b);
+    }
+    return b;   /* no host memory for the index: the whole segment serves the request */
 }
 
 void moe_block_pool_free(moe_block_pool *p, moe_pool_block *b) {

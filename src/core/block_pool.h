@@ -31,14 +31,16 @@ typedef struct moe_block_pool moe_block_pool;
 typedef uintptr_t (*moe_pool_seg_alloc)(void *arg, size_t n);
 typedef void (*moe_pool_seg_free)(void *arg, uintptr_t addr, size_t n);
 
-moe_block_pool *moe_block_pool_new(size_t split_min, moe_pool_seg_alloc seg_alloc, moe_pool_seg_free seg_free,
-                                   void *arg);
+/* A new segment is at least seg_min bytes (0: just the request); the rest of it
+ * stays free for later requests when it is split_min or more. */
+moe_block_pool *moe_block_pool_new(size_t split_min, size_t seg_min, moe_pool_seg_alloc seg_alloc,
+                                   moe_pool_seg_free seg_free, void *arg);
 /* Frees every segment, in use or not (the caller knows nothing uses them). */
 void moe_block_pool_destroy(moe_block_pool *p);
 
-/* A block of at least n bytes (exactly n where a free block was split or a new
- * segment made; up to split_min - 1 more where the rest stayed with it); NULL
- * when no free block holds n and no segment of n can be had. */
+/* A block of at least n bytes (exactly n where a free block or new segment was
+ * split; up to split_min - 1 more where the rest stayed with it); NULL when no
+ * free block holds n and no segment can be had. */
 moe_pool_block *moe_block_pool_alloc(moe_block_pool *p, size_t n);
 /* The same from free blocks only: NULL rather than a new segment. */
 moe_pool_block *moe_block_pool_alloc_free(moe_block_pool *p, size_t n);

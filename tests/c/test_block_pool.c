@@ -35,7 +35,7 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
 
 int main(void) {
     segsrc src = {1ull << 32, 0, 0, 0, 0};
-    moe_block_pool *p = moe_block_pool_new(2 * MB, seg_alloc, seg_free, &src);
+    moe_block_pool *p = moe_block_pool_new(2 * MB, 0, seg_alloc, seg_free, &src);
     report(p != NULL, "pool made", "NULL");
 
     /* a new segment, then a split of its free space, then the rest */
@@ -133,5 +133,25 @@ int main(void) {
     report(segs < ROUNDS / 20, "random run: segments are reused rather than made per request", "%zu segments made",
            segs);
     moe_block_pool_destroy(p);
+
+    /* small blocks from 2 MB segments (seg_min): many requests, one segment */
+    segsrc src2 = {1ull << 40, 0, 0, 0, 0};
+    moe_block_pool *q = moe_block_pool_new(512, 2 * MB, seg_alloc, seg_free, &src2);
+    moe_pool_block *sm[100];
+    int apart = 1;
+    for (int i = 0; i < 100; i++) {
+        sm[i] = moe_block_pool_alloc(q, 512 * (size_t)(1 + i % 7));
+        if (i && sm[i]->addr < sm[i - 1]->addr + sm[i - 1]->size) apart = 0;
+    }
+    report(src2.allocs == 1 && moe_block_pool_segment_bytes(q) == 2 * MB && apart,
+           "small requests are cut from one seg_min segment, one after another", "%zu segments", src2.allocs);
+    for (int i = 0; i < 100; i++) moe_block_pool_free(q, sm[i]);
+    report(moe_block_pool_free_bytes(q) == 2 * MB && moe_block_pool_release(q) == 2 * MB && src2.live_segments == 0,
+           "... and merge back into it, which goes back whole", "free %zu", moe_block_pool_free_bytes(q));
+    moe_pool_block *large = moe_block_pool_alloc(q, 3 * MB);
+    report(large && large->size == 3 * MB && moe_block_pool_segment_bytes(q) == 3 * MB,
+           "a request above seg_min gets a segment of its own size", "size %zu", large ? large->size : 0);
+    moe_block_pool_destroy(q);
+    report(src2.live_segments == 0, "destroy gives back every segment, in use or not", "%zu live", src2.live_segments);
     return tap_done();
 }

@@ -703,7 +703,7 @@ static void test_allocator(void) {
     moe_tensor *a2 = moe_tensor_new(ctx, MOE_U8, SH(half_n), GPU);
     moe_cuda_memory_stats(ctx, 0, &s1);
     ok(a && a2 && s1.num_cuda_malloc == s0.num_cuda_malloc && s1.num_cache_hits == s0.num_cache_hits + 2 &&
-           s1.bytes_in_use - s0.bytes_in_use == 2 * half_cls && s1.bytes_cached == took - 2 * half_cls,
+           s1.bytes_in_use - s0.bytes_in_use == 2 * half_cls && s0.bytes_cached - s1.bytes_cached == 2 * half_cls,
        "allocator: two requests of under half the size split the cached block: no cudaMalloc, %zu bytes in use, "
        "%zu cached", (size_t)(s1.bytes_in_use - s0.bytes_in_use), (size_t)s1.bytes_cached);
     /* a live block survives emptying the cache: its segment is not wholly free */
@@ -722,10 +722,42 @@ static void test_allocator(void) {
     ok(a && s1.num_cuda_malloc == s0.num_cuda_malloc && s1.bytes_in_use - s0.bytes_in_use == took,
        "allocator: the freed halves merged back: the whole block again without cudaMalloc");
     moe_tensor_release(a);
+    moe_cuda_memory_stats(ctx, 0, &s0);
     die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
     moe_cuda_memory_stats(ctx, 0, &s1);
-    ok(s1.bytes_cached == 0, "allocator: emptying the cache with nothing live gives every segment back (%zu cached)",
-       (size_t)s1.bytes_cached);
+    ok(s1.bytes_cached + took <= s0.bytes_cached,
+       "allocator: emptying the cache gives the wholly free segments back (%zu -> %zu cached)",
+       (size_t)s0.bytes_cached, (size_t)s1.bytes_cached);
+
+    /* Small blocks (up to 1 MiB) are cut from 2 MiB segments: 200 tensors of
+     * 1 to 8 KB take a segment or two, keep their own data, and once freed
+     * serve 200 others of new sizes without cudaMalloc. */
+    enum { NS = 200 };
+    moe_tensor *sm[NS];
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    for (int i = 0; i < NS; i++) {
+        sm[i] = moe_tensor_new(ctx, MOE_F32, SH(256 + 7 * i), GPU);
+        die_if(!sm[i] || moe_op_fill(ctx, sm[i], (double)i) != MOE_OK, "small tensor");
+    }
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    int intact = 1;
+    for (int i = 0; i < NS; i++) {
+        moe_tensor *hb = moe_op_to(ctx, sm[i], MOE_DEVICE_CPU, MOE_F32);
+        for (int64_t j = 0; hb && j < moe_tensor_numel(hb); j++) intact &= moe_f32(hb)[j] == (float)i;
+        moe_tensor_release(hb);
+    }
+    ok(intact && s1.num_cuda_malloc - s0.num_cuda_malloc <= 2,
+       "allocator: %d small tensors from %llu new segments, each with its own data", NS,
+       (unsigned long long)(s1.num_cuda_malloc - s0.num_cuda_malloc));
+    for (int i = 0; i < NS; i++) moe_tensor_release(sm[i]);
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    for (int i = 0; i < NS; i++) {
+        sm[i] = moe_tensor_new(ctx, MOE_F32, SH(300 + 11 * (NS - i)), GPU);
+        die_if(!sm[i], "small tensor");
+    }
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(s1.num_cuda_malloc == s0.num_cuda_malloc, "allocator: freed small blocks serve new sizes without cudaMalloc");
+    for (int i = 0; i < NS; i++) moe_tensor_release(sm[i]);
 
     /* out of memory: more than the device has */
     moe_cuda_memory_stats(ctx, 0, &s0);

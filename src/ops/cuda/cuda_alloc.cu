@@ -1,18 +1,19 @@
 // The caching, stream-aware device allocator (one per GPU).
 //
-// Small requests (up to 1 MiB) are rounded to multiples of 512 B and cached
-// by class: a freed block is handed out again for its own class, without
-// cudaMalloc. Large ones are rounded to 2 MiB (the driver's granularity) and
-// served by a best-fit pool (src/core/block_pool.c): a request takes the
-// smallest free block that holds it and leaves the rest free when the rest is
-// 2 MiB or more; freed blocks merge with free neighbours of their segment
-// (a cudaMalloc'd region). Tensors whose sizes move from step to step (expert
-// rows follow the routing) so reuse the memory of larger ones instead of
-// adding segments. (Before the pool, a request took a cached block at most an
-// eighth larger or a new cudaMalloc, and the whole-step benchmark reserved
-// 13.6 GB for a peak of 8.8 GB in use; rounding up to four classes per power
-// of two, as the first version did, left a quarter of a large block unused.)
-// Bytes in use count whole blocks.
+// Every block comes from one of two best-fit pools (src/core/block_pool.c): a
+// request takes the smallest free block that holds it and leaves the rest free
+// when the rest is big enough to serve another; freed blocks merge with free
+// neighbours of their segment (a cudaMalloc'd region). Small requests (up to 1
+// MiB) are rounded to 512 B and cut from 2 MiB segments; large ones are
+// rounded to 2 MiB (the driver's granularity) and get segments of their own
+// size, which later requests split. Tensors whose sizes move from step to step
+// (expert rows and index arrays follow the routing) so reuse the memory of
+// others instead of adding segments. (Before the pools, a large request took a
+// cached block at most an eighth larger, a small one a block of exactly its
+// class, else a new cudaMalloc: about 8 a step in the whole-step benchmark,
+// which reserved 13.6 GB for a peak of 8.8 GB in use. Rounding up to four
+// classes per power of two, as the first version did, left a quarter of a
+// large block unused.) Bytes in use count whole blocks.
 //
 // Stream awareness: every kernel, copy and cuBLAS call of a device is issued on
 // that device's one stream (cuda_dev.stream), or on lanes that fork from it and
@@ -20,10 +21,9 @@
 // may still be read by queued work, but whoever gets it next also queues its
 // work on the same stream, after that work, so reuse without events is safe.
 //
-// Out of memory: ctx->reclaim (a full Lua GC, which frees blocks back into this
-// cache), then every cached small block and every wholly free segment is
-// cudaFree'd, then one retry; after that MOE_ERR_OOM with the requested size,
-// bytes in use and bytes cached.
+// Out of memory: ctx->reclaim (a full Lua GC, which frees blocks back into the
+// pools), then every wholly free segment is cudaFree'd, then one retry; after
+// that MOE_ERR_OOM with the requested size, bytes in use and bytes cached.
 #include "cuda_common.cuh"
 
 #include "../../core/block_pool.h"
@@ -58,42 +58,26 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
 }
 
 static void sync_cached(cuda_dev *d) {
-    d->bytes_cached = d->small_cached + (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
+    d->bytes_cached = (d->small_pool ? moe_block_pool_free_bytes(d->small_pool) : 0) +
+                      (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
 }
 
-// A block of class cls from the cache (small) or the pool's free blocks
-// (large), else where grow: a new small block or pool segment; NULL when none
-// is had (no error set). Caller holds d->mu.
+// A block of class cls from a pool's free blocks, else where grow from a new
+// segment; NULL when none is had (no error set). Caller holds d->mu.
 static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
-    void *p = NULL;
-    size_t got = cls;
-    moe_pool_block *blk = NULL;
-    if (cls <= SMALL_LIMIT) {
-        auto it = d->cache.find(cls);
-        if (it != d->cache.end()) {
-            p = it->second.back();
-            it->second.pop_back();
-            if (it->second.empty()) d->cache.erase(it);
-            d->small_cached -= cls;
-            d->n_hits++;
-        } else if (grow) {
-            cudaSetDevice(d->index);
-            if (cudaMalloc(&p, cls) == cudaSuccess) d->n_malloc++;
-            else { cudaGetLastError(); p = NULL; }   // a failure must not surface at the next launch check
-        }
-    } else {
-        if (!d->pool) d->pool = moe_block_pool_new(LARGE_STEP, seg_alloc, seg_free, d);
-        if (d->pool) {
-            blk = moe_block_pool_alloc_free(d->pool, cls);
-            if (blk) d->n_hits++;
-            else if (grow) blk = moe_block_pool_alloc(d->pool, cls);
-        }
-        if (blk) { p = (void *)blk->addr; got = blk->size; }
-    }
-    if (!p) return NULL;
+    bool small = cls <= SMALL_LIMIT;
+    moe_block_pool *&pool = small ? d->small_pool : d->pool;
+    if (!pool) pool = small ? moe_block_pool_new(512, LARGE_STEP, seg_alloc, seg_free, d)
+                            : moe_block_pool_new(LARGE_STEP, 0, seg_alloc, seg_free, d);
+    if (!pool) return NULL;
+    moe_pool_block *blk = moe_block_pool_alloc_free(pool, cls);
+    if (blk) d->n_hits++;
+    else if (grow) blk = moe_block_pool_alloc(pool, cls);
+    if (!blk) return NULL;
+    void *p = (void *)blk->addr;
     sync_cached(d);
-    d->live[p] = cuda_dev::live_block{got, blk};
-    d->bytes_in_use += got;
+    d->live[p] = cuda_dev::live_block{blk, small};
+    d->bytes_in_use += blk->size;
     if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
     return p;
 }
@@ -101,15 +85,12 @@ static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes);
 static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
 
-// cudaFree every cached small block and every wholly free segment. Caller holds d->mu.
+// cudaFree every wholly free segment. Caller holds d->mu.
 static void release_cache_locked(cuda_dev *d) {
-    if (d->cache.empty() && !(d->pool && moe_block_pool_free_bytes(d->pool))) return;
+    if (!d->bytes_cached) return;
     cudaSetDevice(d->index);
     cudaStreamSynchronize(d->stream);   // queued work may still use blocks freed to the cache
-    for (auto &kv : d->cache)
-        for (void *p : kv.second) cudaFree(p);
-    d->cache.clear();
-    d->small_cached = 0;
+    if (d->small_pool) moe_block_pool_release(d->small_pool);
     if (d->pool) moe_block_pool_release(d->pool);
     sync_cached(d);
     cudaGetLastError();
@@ -130,8 +111,8 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->alloc.state = d;
     d->index = index;
     d->ctx = ctx;
-    d->bytes_in_use = d->bytes_cached = d->peak_in_use = d->small_cached = 0;
-    d->pool = NULL;
+    d->bytes_in_use = d->bytes_cached = d->peak_in_use = 0;
+    d->small_pool = d->pool = NULL;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;
     d->stream = NULL;
@@ -147,8 +128,9 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->stream) cudaStreamSynchronize(d->stream);
-    moe_block_pool_destroy(d->pool);   // every segment: nothing is live when the device goes
-    d->pool = NULL;
+    moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
+    moe_block_pool_destroy(d->pool);
+    d->small_pool = d->pool = NULL;
     cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
@@ -205,13 +187,8 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
         if (it == d->live.end()) return;   // not ours or freed twice: ignore rather than corrupt the cache
         cuda_dev::live_block lb = it->second;
         d->live.erase(it);
-        d->bytes_in_use -= lb.size;
-        if (lb.blk) {
-            moe_block_pool_free(d->pool, lb.blk);
-        } else {
-            d->cache[lb.size].push_back(ptr);
-            d->small_cached += lb.size;
-        }
+        d->bytes_in_use -= lb.blk->size;
+        moe_block_pool_free(lb.small ? d->small_pool : d->pool, lb.blk);
         sync_cached(d);
         destroy = d->closing && d->live.empty();
     }

@@ -39,12 +39,11 @@ struct cuda_dev {
     moe_ctx *ctx;                 // for ctx->reclaim; NULL once uninstalled
     // allocator (guarded by mu)
     std::mutex mu;
-    std::map<size_t, std::vector<void *>> cache;   // small blocks: size -> free blocks (no empty lists)
-    struct moe_block_pool *pool;                    // large blocks (cuda_alloc.cu), made on first use
-    struct live_block { size_t size; struct moe_pool_block *blk; };   // blk: the pool's, NULL for a small block
-    std::unordered_map<void *, live_block> live;
-    size_t bytes_in_use, bytes_cached, peak_in_use;   // cached: small cache + the pool's free blocks
-    size_t small_cached;
+    // blocks of up to 1 MiB and larger ones, each from its own pool (cuda_alloc.cu), made on first use
+    struct moe_block_pool *small_pool, *pool;
+    struct live_block { struct moe_pool_block *blk; bool small; };
+    std::unordered_map<void *, live_block> live;   // address -> its block and pool
+    size_t bytes_in_use, bytes_cached, peak_in_use;   // cached: the pools' free blocks
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
     // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install
