@@ -1,0 +1,109 @@
+-- GPU check (tests/gpu/run.sh): the trainer's device paths end to end.
+--   1. A step whose loss is not finite, in bf16 mixed precision with the update
+--      queued behind the device's norm and guard (no gradient hook): the update
+--      is skipped on the device (no parameter or moment changes), the run goes
+--      on, and the next finite step updates again; with f32 and bf16 moments.
+--   2. LoRA fine-tuning over several steps on the GPU: the base weights stay
+--      as they were, the adapters move, and the loss curve follows the CPU's.
+-- Prints TAP. Without a GPU: "1..0 # SKIP no CUDA device".
+--   build/cuda/moelab tests/gpu/trainer_gpu.lua
+local moe = require "moelab"
+if not moe.cuda_available() then
+  print("1..0 # SKIP no CUDA device")
+  return
+end
+
+local n, failed = 0, 0
+local function ok(cond, name, detail)
+  n = n + 1
+  if not cond then failed = failed + 1 end
+  print(string.format("%s %d - %s%s", cond and "ok" or "not ok", n, name, detail and (" (" .. detail .. ")") or ""))
+end
+
+local corpus = moe.data.corpus{seed = 5, num_bytes = 200000}
+local function make(device)
+  return moe.arch.OLMoE{vocab_size = 256, hidden_size = 64, num_layers = 2, num_heads = 4, num_experts = 8,
+                        experts_per_token = 2, expert_intermediate_size = 64, seed = 13, device = device}
+end
+local function host(t) return t:to("cpu"):to("f32") end
+
+-- 1. a non-finite step, skipped on the device
+for _, state in ipairs{"f32", "bf16"} do
+  local m = make("cuda")
+  local tr = moe.MoETrainer{model = m, progress = false, precision = "bf16", optimizer_state = state}
+  local w = m.net:param("lm_head.weight")
+  local row = w:narrow(1, 1, 1):clone()
+  local before, m_before, same_params, same_moments
+  local function batch(i)
+    if i == 1 then   -- before step 2: poison one weight row (the loss turns NaN)
+      before = host(m.net:flat_parameters())
+      m_before = host(tr.optimizer:state())
+      w:narrow(1, 1, 1):fill(0 / 0)
+      m:refresh()
+    elseif i == 2 then   -- before step 3: step 2 changed nothing; restore the row
+      w:narrow(1, 1, 1):copy(row)
+      m:refresh()
+      local now = host(m.net:flat_parameters())
+      same_params = (now - before):abs():max():item() == 0
+      same_moments = (host(tr.optimizer:state()) - m_before):abs():max():item() == 0
+    end
+    return corpus:batch{batch_size = 4, seq_len = 32, seed = 1, step = i}
+  end
+  local res = tr:train{batch_fn = batch, batch_size = 4, seq_len = 32, max_steps = 4, learning_rate = 1e-3,
+                       lr_schedule = "constant"}
+  local h = res.history or tr.history
+  ok(res.skipped_steps == 1 and h[2].skipped and h[3].skipped == nil,
+    "cuda bf16, " .. state .. " moments: a NaN loss skips exactly that step's update",
+    string.format("skipped %s; step 2 skipped=%s, step 3 skipped=%s", tostring(res.skipped_steps),
+                  tostring(h[2].skipped), tostring(h[3].skipped)))
+  ok(same_params and same_moments, "cuda bf16, " .. state .. " moments: the skipped step left parameters and moments alone",
+    string.format("params %s, moments %s", tostring(same_params), tostring(same_moments)))
+  ok(h[3].loss == h[3].loss and h[4].loss == h[4].loss and h[4].grad_norm ~= nil,
+    "cuda bf16, " .. state .. " moments: the run goes on with finite steps after it",
+    string.format("losses %.4f, %.4f", h[3].loss, h[4].loss))
+end
+
+-- 2. LoRA over several steps, GPU against CPU (f32 both: the same arithmetic up to
+-- summation order), and in bf16 on the GPU
+local function lora_run(device, precision)
+  local m = make(device)
+  local lora = moe.peft.MoELoRA{base_model = m, r = 4, lora_alpha = 8,
+                                target_modules = {"expert_fc1", "expert_fc2", "q_proj", "v_proj"}}
+  local base = {}
+  for _, p in ipairs(m:parameters()) do
+    if not moe.peft.is_lora_param(p.name) then base[p.name] = host(p.value) end
+  end
+  local tr = moe.MoETrainer{model = m, progress = false, precision = precision, trainable = moe.peft.is_lora_param}
+  local res = tr:train{train_data = corpus, batch_size = 4, seq_len = 32, max_steps = 6, learning_rate = 3e-3,
+                       lr_schedule = "constant", seed = 2}
+  local base_same, moved = true, 0
+  for _, p in ipairs(m:parameters()) do
+    if base[p.name] then
+      if (host(p.value) - base[p.name]):abs():max():item() ~= 0 then base_same = false end
+    elseif p.name:match("lora_B$") then
+      moved = math.max(moved, host(p.value):abs():max():item())
+    end
+  end
+  assert(#lora:parameters() > 0)
+  return res.history or tr.history, base_same, moved
+end
+local hc = lora_run("cpu", "f32")
+local hg, same_g, moved_g = lora_run("cuda", "f32")
+local hb, same_b, moved_b = lora_run("cuda", "bf16")
+local d, db = 0, 0
+for s = 1, 6 do
+  d = math.max(d, math.abs(hg[s].loss - hc[s].loss))
+  db = math.max(db, math.abs(hb[s].loss - hc[s].loss))
+end
+ok(same_g and same_b, "LoRA on the GPU (f32 and bf16): the base weights are unchanged after 6 steps")
+ok(moved_g > 0 and moved_b > 0, "LoRA on the GPU: the B matrices moved from zero",
+  string.format("max |B| f32 %.3g, bf16 %.3g", moved_g, moved_b))
+-- step 1 is the base model's loss (B starts at zero); then the adapters move
+ok(math.abs(hg[1].loss - hc[1].loss) < 1e-4 and d < 2e-2 and db < 5e-2,
+  "LoRA: the GPU's loss curve follows the CPU's over 6 steps",
+  string.format("step 1 |diff| %.2g; max |diff| f32 %.2g, bf16 %.2g; final cpu %.4f", math.abs(hg[1].loss - hc[1].loss),
+                d, db, hc[6].loss))
+ok(hg[6].loss < hg[1].loss, "LoRA on the GPU lowers the loss", string.format("%.4f -> %.4f", hg[1].loss, hg[6].loss))
+
+print("1.." .. n)
+os.exit(failed == 0 and 0 or 1)
