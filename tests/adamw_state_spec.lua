@@ -133,6 +133,28 @@ describe("AdamW with bf16 moments", function()
     assert.are.equal(4, ta.step)
   end)
 
+  it("ZeRO-1 and ZeRO-2 (one rank) with bf16 moments train like MoETrainer, save and resume", function()
+    local distributed = require "moelab.distributed"
+    local o = {train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 3, learning_rate = 1e-3}
+    local want = moe.MoETrainer{model = small(3), progress = false, grad_clip = 0.05, optimizer_state = "bf16"}
+      :train(o).history
+    for _, zs in ipairs{1, 2} do
+      local dir = files.tmpdir()
+      local function trainer()
+        return distributed.DistributedMoETrainer{model = small(3), progress = false, zero_stage = zs, grad_clip = 0.05,
+                                                 optimizer_state = "bf16", run_dir = dir}
+      end
+      local got = trainer():train(o).history
+      for s = 1, 3 do assert.are.equal(want[s].loss, got[s].loss, "ZeRO-" .. zs .. " step " .. s) end
+      local saved = moe.io.safetensors.load(dir .. "/checkpoint/optimizer.safetensors")
+      assert.are.equal("bf16", saved.exp_avg:dtype())
+      local o2 = {}
+      for k, v in pairs(o) do o2[k] = v end
+      o2.max_steps, o2.resume = 4, true
+      assert.are.equal(4, trainer():train(o2).steps)
+    end
+  end)
+
   it("refuses other state dtypes and mixed m and v", function()
     local m = small()
     for _, bad in ipairs{"f16", "f64", 3} do
