@@ -114,6 +114,7 @@ describe("model:forward_loss (the head and the loss in chunks)", function()
     local m = model()
     local cases = {
       {moe.tensor({{1, 2}}, {dtype = "i64"}), nil, "must match ids"},
+      {moe.tensor({1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}, {dtype = "i64"}), nil, "must match ids"},
       {moe.zeros({2, 7}), nil, "i64"},
       {targets, {chunk_rows = -1}, "chunk_rows"},
     }

@@ -1,7 +1,9 @@
 /* Best-fit pool of large blocks (block_pool.h). The free blocks are kept in an
  * array sorted by (size, address): a request binary-searches the smallest
  * that holds it. A device allocator holds a few hundred free blocks at most,
- * so the array's moves cost less than a tree's pointer chasing. */
+ * so the array's moves cost less than a tree's pointer chasing. The array
+ * always has room for every block there is (n_blocks), reserved before a
+ * block is made, so freeing never needs host memory and cannot fail. */
 #include "block_pool.h"
 
 #include <stdlib.h>
@@ -12,8 +14,8 @@ struct moe_block_pool {
     moe_pool_seg_alloc seg_alloc;
     moe_pool_seg_free seg_free;
     void *arg;
-    moe_pool_block **free_list;   /* sorted by (size, addr) */
-    size_t n_free, cap_free;
+    moe_pool_block **free_list;   /* sorted by (size, addr); room for n_blocks */
+    size_t n_free, cap_free, n_blocks;
     size_t free_bytes, segment_bytes, segments;
     /* every block, for destroy: a list through a side array of segment heads */
     moe_pool_block **heads;
@@ -46,15 +48,18 @@ static int grow(void **arr, size_t *cap, size_t need, size_t elem) {
     return 1;
 }
 
-static int insert_free(moe_block_pool *p, moe_pool_block *b) {
-    if (!grow((void **)&p->free_list, &p->cap_free, p->n_free + 1, sizeof *p->free_list)) return 0;
-    size_t i = lower(p, b->size, b->addr);
+/* room in the free array for one more block than there is; 0: no host memory */
+static int reserve_block(moe_block_pool *p) {
+    return grow((void **)&p->free_list, &p->cap_free, p->n_blocks + 1, sizeof *p->free_list);
+}
+
+static void insert_free(moe_block_pool *p, moe_pool_block *b) {
+    size_t i = lower(p, b->size, b->addr);   /* (room reserved when b was made) */
     memmove(p->free_list + i + 1, p->free_list + i, (p->n_free - i) * sizeof *p->free_list);
     p->free_list[i] = b;
     p->n_free++;
     p->free_bytes += b->size;
     b->free = 1;
-    return 1;
 }
 
 static void remove_free(moe_block_pool *p, moe_pool_block *b) {
@@ -107,10 +112,11 @@ moe_pool_block *moe_block_pool_alloc_free(moe_block_pool *p, size_t n) {
     size_t i = lower(p, n, 0);
     if (i < p->n_free) {
         moe_pool_block *b = p->free_list[i];
-        if (b->size - n >= p->split_min) {   /* the rest stays free, after b */
-            moe_pool_block *r = malloc(sizeof *r);
-            if (!r) return NULL;
-            remove_free(p, b);
+        remove_free(p, b);
+        /* the rest stays free, after b (without host memory for its record, b goes whole) */
+        moe_pool_block *r = b->size - n >= p->split_min && reserve_block(p) ? malloc(sizeof *r) : NULL;
+        if (r) {
+            p->n_blocks++;
             r->addr = b->addr + n;
             r->size = b->size - n;
             r->prev = b;
@@ -118,17 +124,8 @@ moe_pool_block *moe_block_pool_alloc_free(moe_block_pool *p, size_t n) {
             if (b->next) b->next->prev = r;
             b->next = r;
             b->size = n;
-            if (!insert_free(p, r)) {   /* undo: no memory for the index */
-                b->size += r->size;
-                b->next = r->next;
-                if (r->next) r->next->prev = b;
-                free(r);
-                insert_free(p, b);   /* b's old slot was freed by the removal: this cannot fail */
-                return NULL;
-            }
-            return b;
+            insert_free(p, r);
         }
-        remove_free(p, b);
         return b;
     }
     return NULL;
@@ -139,7 +136,10 @@ moe_pool_block *moe_block_pool_alloc(moe_block_pool *p, size_t n) {
     if (p->n_free && p->free_list[p->n_free - 1]->size >= n) return moe_block_pool_alloc_free(p, n);
     size_t seg = n < p->seg_min ? p->seg_min : n;
     moe_pool_block *b = malloc(sizeof *b);
-    if (!b || !grow((void **)&p->heads, &p->cap_heads, p->n_heads + 1, sizeof *p->heads)) { free(b); return NULL; }
+    if (!b || !reserve_block(p) || !grow((void **)&p->heads, &p->cap_heads, p->n_heads + 1, sizeof *p->heads)) {
+        free(b);
+        return NULL;
+    }
     uintptr_t a = p->seg_alloc(p->arg, seg);
     if (!a) { free(b); return NULL; }
     b->addr = a;
@@ -147,16 +147,13 @@ moe_pool_block *moe_block_pool_alloc(moe_block_pool *p, size_t n) {
     b->prev = b->next = NULL;
     b->free = 0;
     p->heads[p->n_heads++] = b;
+    p->n_blocks++;
     p->segment_bytes += seg;
     p->segments++;
     if (seg == n) return b;
     /* a segment larger than the request: cut the request from it as from any free block */
-    if (insert_free(p, b)) {
-        moe_pool_block *got = moe_block_pool_alloc_free(p, n);
-        if (got) return got;
-        remove_free(p, b);
-    }
-    return b;   /* no host memory for the index: the whole segment serves the request */
+    insert_free(p, b);
+    return moe_block_pool_alloc_free(p, n);   /* b is the only free block that holds n */
 }
 
 void moe_block_pool_free(moe_block_pool *p, moe_pool_block *b) {
@@ -169,6 +166,7 @@ void moe_block_pool_free(moe_block_pool *p, moe_pool_block *b) {
         b->next = n->next;
         if (n->next) n->next->prev = b;
         free(n);
+        p->n_blocks--;
     }
     moe_pool_block *v = b->prev;
     if (v && v->free) {
@@ -177,9 +175,10 @@ void moe_block_pool_free(moe_block_pool *p, moe_pool_block *b) {
         v->next = b->next;
         if (b->next) b->next->prev = v;
         free(b);
+        p->n_blocks--;
         b = v;
     }
-    if (!insert_free(p, b)) b->free = 0;   /* out of host memory for the index: the block stays out of reach */
+    insert_free(p, b);
 }
 
 size_t moe_block_pool_release(moe_block_pool *p) {
@@ -192,6 +191,7 @@ size_t moe_block_pool_release(moe_block_pool *p) {
         p->seg_free(p->arg, b->addr, b->size);
         p->segment_bytes -= b->size;
         p->segments--;
+        p->n_blocks--;
         got += b->size;
         free(b);
     }

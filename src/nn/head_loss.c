@@ -43,8 +43,8 @@ static moe_status check_args(moe_tensor *x, moe_tensor *w, moe_tensor *wgrad, mo
     if (targets->dtype != MOE_I64)
         return moe_error(MOE_ERR_DTYPE, "%s: targets must be i64, got %s", f, moe_dtype_name(targets->dtype));
     char a[96], b[96];
-    if (w->ndim != 2 || x->ndim < 1 || x->shape[x->ndim - 1] != w->shape[1])
-        return moe_error(MOE_ERR_SHAPE, "%s: x %s and w %s, expected x [..., D] and w [V, D]", f,
+    if (w->ndim != 2 || w->shape[0] < 1 || x->ndim < 1 || x->shape[x->ndim - 1] != w->shape[1])
+        return moe_error(MOE_ERR_SHAPE, "%s: x %s and w %s, expected x [..., D] and w [V, D] with V >= 1", f,
                          moe_shape_str(x, a, sizeof a), moe_shape_str(w, b, sizeof b));
     if (moe_tensor_numel(targets) * w->shape[1] != moe_tensor_numel(x))
         return moe_error(MOE_ERR_SHAPE, "%s: x %s has %lld rows but targets %s has %lld", f,

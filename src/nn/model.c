@@ -303,7 +303,7 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
                                   int64_t ignore_index, int64_t chunk_rows, moe_tensor **loss) {
     *loss = NULL;
     if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "model forward_loss: not an MoEModel");
-    if (!targets || !ids || moe_tensor_numel(targets) != moe_tensor_numel(ids)) {
+    if (!targets || !ids || !moe_tensor_same_shape(targets, ids)) {
         char a[96], b[96];
         return moe_error(MOE_ERR_SHAPE, "model forward_loss: targets %s must match ids %s",
                          targets ? moe_shape_str(targets, a, sizeof a) : "nil", ids ? moe_shape_str(ids, b, sizeof b) : "nil");

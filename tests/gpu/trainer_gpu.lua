@@ -32,12 +32,12 @@ for _, state in ipairs{"f32", "bf16"} do
   local m = make("cuda")
   local tr = moe.MoETrainer{model = m, progress = false, precision = "bf16", optimizer_state = state}
   local w = m.net:param("lm_head.weight")
-  local row = w:narrow(1, 1, 1):clone()
-  local before, m_before, same_params, same_moments
+  local row, before, m_before, same_params, same_moments
   local function batch(i)
     if i == 1 then   -- before step 2: poison one weight row (the loss turns NaN)
       before = host(m.net:flat_parameters())
       m_before = host(tr.optimizer:state())
+      row = w:narrow(1, 1, 1):clone()
       w:narrow(1, 1, 1):fill(0 / 0)
       m:refresh()
     elseif i == 2 then   -- before step 3: step 2 changed nothing; restore the row

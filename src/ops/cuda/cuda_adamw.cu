@@ -20,6 +20,18 @@ __device__ __forceinline__ bool grad_factor(const float *clip_ss, const float *g
     return true;
 }
 
+// One element's update in the CPU's order of operations, each rounded on its
+// own (no fused multiply-adds, which nvcc would otherwise form and the CPU
+// build does not): the same bits as cpu_adamw.c, so bf16 moments round alike.
+__device__ __forceinline__ void adam_1(float &p, float &m, float &v, float g, float gs, float lr, float b1, float b2,
+                                       float eps, float wd, float ibc1, float ibc2) {
+    const float gi = __fmul_rn(g, gs);
+    m = __fadd_rn(__fmul_rn(b1, m), __fmul_rn(1.0f - b1, gi));
+    v = __fadd_rn(__fmul_rn(b2, v), __fmul_rn(__fmul_rn(1.0f - b2, gi), gi));
+    const float q = __fdiv_rn(__fmul_rn(m, ibc1), __fadd_rn(__fsqrt_rn(__fmul_rn(v, ibc2)), eps));
+    p = __fsub_rn(p, __fmul_rn(lr, __fadd_rn(q, __fmul_rn(wd, p))));
+}
+
 // the state's store: f32 as is; bf16 stochastically rounded with element i's bits
 template <typename S> __device__ __forceinline__ void store_state(S *m, S *v, int64_t k, float mi, float vi,
                                                                   int64_t i, int64_t step) {
@@ -39,11 +51,9 @@ __global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float
                         const float *guard, double clip_max, int64_t index0, int64_t step) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     GRID_STRIDE(i, n) {
-        float gi = to_f32(g[i]) * gs;
-        float mi = b1 * to_f32(m[i]) + (1.0f - b1) * gi;
-        float vi = b2 * to_f32(v[i]) + (1.0f - b2) * gi * gi;
+        float pi = p[i], mi = to_f32(m[i]), vi = to_f32(v[i]);
+        adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
         store_state(m, v, i, mi, vi, index0 + i, step);
-        float pi = p[i] - lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
         p[i] = pi;
         if (c) c[i] = from_f32<C>(pi);
     }
@@ -101,14 +111,7 @@ __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, flo
         load8(m + o, mf);
         load8(v + o, vf);
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float gk = gf[k] * gs;
-            float mi = b1 * mf[k] + (1.0f - b1) * gk;
-            float vi = b2 * vf[k] + (1.0f - b2) * gk * gk;
-            mf[k] = mi;
-            vf[k] = vi;
-            pf[k] = pf[k] - lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * pf[k]);
-        }
+        for (int k = 0; k < 8; k++) adam_1(pf[k], mf[k], vf[k], gf[k], gs, lr, b1, b2, eps, wd, ibc1, ibc2);
         if constexpr (sizeof(S) == 2) {
             store8_sr(m + o, mf, index0 + o, step, false);
             store8_sr(v + o, vf, index0 + o, step, true);

@@ -169,7 +169,8 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
         cudaGetLastError();
         moe_error(MOE_ERR_OOM,
                   "cuda:%d: out of memory allocating %zu bytes (%.1f MiB); %zu bytes in use by tensors, "
-                  "%zu bytes cached, device has %zu of %zu bytes free",
+                  "%zu bytes free in segments still partly in use (not returned to the driver), device has %zu of "
+                  "%zu bytes free",
                   d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, d->bytes_cached, free_b, total_b);
         return NULL;
     }

@@ -53,10 +53,10 @@ struct cuda_dev {
     uint64_t n_grouped_batched, n_grouped_loop;
     uint64_t n_grouped_kernel;    // of the batched calls, those the own kernel served
     // the loop strategy's lanes (cuda_gemm.cu): its per-expert GEMMs spread over
-    // loop_lanes streams (MOELAB_GROUPED_LANES); lane 0 is `stream` with `blas`, the
-    // others are created on first use, each with its own handle and workspace
+    // loop_lanes streams (MOELAB_GROUPED_LANES); lane 0 is `stream` with `blas`, each
+    // other is made on first use with its own handle and workspace
     int loop_lanes;
-    bool lanes_made;
+    bool lanes_failed;            // a lane could not be made (memory short): no more tries
     cudaStream_t lane_stream[MOE_CUDA_MAX_LANES];
     cublasHandle_t lane_blas[MOE_CUDA_MAX_LANES];
     void *lane_ws[MOE_CUDA_MAX_LANES];

@@ -15,64 +15,95 @@
 #include <algorithm>
 #include <stdlib.h>
 
-static moe_status lanes_blas_err(cublasStatus_t s, const char *what) {
-    return moe_error(MOE_ERR_DEVICE, "cuda %s: cuBLAS %s", what, cublasGetStatusString(s));
-}
-
-static moe_status lanes_make(cuda_dev *d) {
-    if (d->lanes_made) return MOE_OK;
-    CU_TRY(cudaEventCreateWithFlags(&d->lane_fork, cudaEventDisableTiming), "grouped GEMM lanes");
+// Lane i's stream, join event, workspace and handle, made on first use. Raw
+// CUDA calls, no moe_error: a lane that cannot be made (memory short) only
+// means fewer lanes, so a failure frees what it made, clears CUDA's error
+// state and says no (lanes_failed: not tried again).
+static bool lane_make(cuda_dev *d, int i) {
+    if (d->lane_blas[i]) return true;
+    if (d->lanes_failed) return false;
     const size_t ws = (size_t)32 << 20;   // as the device's own handle (init_dev)
-    for (int i = 1; i < MOE_CUDA_MAX_LANES; i++) {
-        CU_TRY(cudaStreamCreateWithFlags(&d->lane_stream[i], cudaStreamNonBlocking), "grouped GEMM lanes");
-        CU_TRY(cudaEventCreateWithFlags(&d->lane_join[i], cudaEventDisableTiming), "grouped GEMM lanes");
-        CU_TRY(cudaMalloc(&d->lane_ws[i], ws), "grouped GEMM lanes (cuBLAS workspace)");
-        cublasStatus_t s = cublasCreate(&d->lane_blas[i]);
-        if (s != CUBLAS_STATUS_SUCCESS) { d->lane_blas[i] = NULL; return lanes_blas_err(s, "grouped GEMM lanes"); }
-        if ((s = cublasSetStream(d->lane_blas[i], d->lane_stream[i])) != CUBLAS_STATUS_SUCCESS ||
-            (s = cublasSetWorkspace(d->lane_blas[i], d->lane_ws[i], ws)) != CUBLAS_STATUS_SUCCESS)
-            return lanes_blas_err(s, "grouped GEMM lanes");
-    }
-    d->lanes_made = true;   // cuda_dev_destroy frees whatever was made, also after a failure part way
-    return MOE_OK;
+    bool good = cudaStreamCreateWithFlags(&d->lane_stream[i], cudaStreamNonBlocking) == cudaSuccess &&
+                cudaEventCreateWithFlags(&d->lane_join[i], cudaEventDisableTiming) == cudaSuccess &&
+                cudaMalloc(&d->lane_ws[i], ws) == cudaSuccess;
+    cublasHandle_t h = NULL;
+    good = good && cublasCreate(&h) == CUBLAS_STATUS_SUCCESS && cublasSetStream(h, d->lane_stream[i]) == CUBLAS_STATUS_SUCCESS &&
+           cublasSetWorkspace(h, d->lane_ws[i], ws) == CUBLAS_STATUS_SUCCESS;
+    if (good) { d->lane_blas[i] = h; return true; }
+    if (h) cublasDestroy(h);
+    if (d->lane_ws[i]) cudaFree(d->lane_ws[i]);
+    if (d->lane_join[i]) cudaEventDestroy(d->lane_join[i]);
+    if (d->lane_stream[i]) cudaStreamDestroy(d->lane_stream[i]);
+    d->lane_ws[i] = NULL;
+    d->lane_join[i] = NULL;
+    d->lane_stream[i] = NULL;
+    cudaGetLastError();
+    d->lanes_failed = true;
+    return false;
 }
 
 void cuda_lanes_free(cuda_dev *d) {
     for (int i = 1; i < MOE_CUDA_MAX_LANES; i++) {
-        if (d->lane_stream[i]) cudaStreamSynchronize(d->lane_stream[i]);
-        if (d->lane_blas[i]) cublasDestroy(d->lane_blas[i]);
-        if (d->lane_ws[i]) cudaFree(d->lane_ws[i]);
-        if (d->lane_join[i]) cudaEventDestroy(d->lane_join[i]);
-        if (d->lane_stream[i]) cudaStreamDestroy(d->lane_stream[i]);
+        if (!d->lane_blas[i]) continue;
+        cudaStreamSynchronize(d->lane_stream[i]);
+        cublasDestroy(d->lane_blas[i]);
+        cudaFree(d->lane_ws[i]);
+        cudaEventDestroy(d->lane_join[i]);
+        cudaStreamDestroy(d->lane_stream[i]);
+        d->lane_blas[i] = NULL;
     }
     if (d->lane_fork) cudaEventDestroy(d->lane_fork);
+    d->lane_fork = NULL;
 }
 
 // How many lanes a loop over the non-empty experts of `offsets` (flops in
 // all) uses, forking them off the device's stream; 1: none (everything on the
 // device's stream). Experts of 64 GFLOP or more keep one lane: each GEMM then
 // fills the GPU many times over (the Mixtral layer: 25.5 ms for its 9 GEMMs in
-// one lane, 25.7-26.1 in two or four, H100), and two only compete.
+// one lane, 25.7-26.1 in two or four, H100), and two only compete. Lanes that
+// cannot be made are done without.
 moe_status cuda_lanes_fork(cuda_dev *d, const int64_t *offsets, int groups, double flops, int *n) {
     int busy = 0;
     for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
-    *n = busy > 0 && flops / busy < 64e9 ? std::min(d->loop_lanes, busy) : 1;
-    if (*n <= 1) { *n = 1; return MOE_OK; }
-    MOE_TRY(lanes_make(d));
+    int want = busy > 0 && flops / busy < 64e9 ? std::min(d->loop_lanes, busy) : 1;
+    *n = 1;
+    if (want <= 1) return MOE_OK;
+    if (!d->lane_fork && cudaEventCreateWithFlags(&d->lane_fork, cudaEventDisableTiming) != cudaSuccess) {
+        d->lane_fork = NULL;
+        cudaGetLastError();
+        return MOE_OK;
+    }
+    while (*n < want && lane_make(d, *n)) (*n)++;
+    if (*n == 1) return MOE_OK;
     CU_TRY(cudaEventRecord(d->lane_fork, d->stream), "grouped GEMM lanes (fork)");
-    for (int i = 1; i < *n; i++)
-        CU_TRY(cudaStreamWaitEvent(d->lane_stream[i], d->lane_fork, 0), "grouped GEMM lanes (fork)");
+    for (int i = 1; i < *n; i++) {
+        cudaError_t e = cudaStreamWaitEvent(d->lane_stream[i], d->lane_fork, 0);
+        if (e != cudaSuccess) {   // the lanes before i wait already: run on those
+            cudaGetLastError();
+            *n = i;
+            break;
+        }
+    }
     return MOE_OK;
 }
 
 cublasHandle_t cuda_lane_blas(cuda_dev *d, int i) { return i == 0 ? d->blas : d->lane_blas[i]; }
 
-// The device's stream waits for every lane; `st` (the loop's status) is
-// returned unless the join itself fails.
+// The device's stream waits for every lane (all of them, whatever fails on the
+// way: a lane left unjoined could still write blocks the allocator hands out
+// again); `st` (the loop's status) is returned unless a join fails.
 moe_status cuda_lanes_join(cuda_dev *d, int n, moe_status st) {
+    cudaError_t first = cudaSuccess;
     for (int i = 1; i < n; i++) {
-        CU_TRY(cudaEventRecord(d->lane_join[i], d->lane_stream[i]), "grouped GEMM lanes (join)");
-        CU_TRY(cudaStreamWaitEvent(d->stream, d->lane_join[i], 0), "grouped GEMM lanes (join)");
+        cudaError_t e = cudaEventRecord(d->lane_join[i], d->lane_stream[i]);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(d->stream, d->lane_join[i], 0);
+        if (e != cudaSuccess && first == cudaSuccess) first = e;
+    }
+    if (first != cudaSuccess) {
+        // no event to wait on: wait for the lanes' work itself
+        for (int i = 1; i < n; i++) cudaStreamSynchronize(d->lane_stream[i]);
+        cudaGetLastError();
+        return moe_error(MOE_ERR_DEVICE, "cuda grouped GEMM lanes (join): %s", cudaGetErrorString(first));
     }
     return st;
 }
