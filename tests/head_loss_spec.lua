@@ -18,26 +18,26 @@ end
 local ids = moe.tensor({{1, 2, 3, 4, 5, 6, 7}, {8, 9, 10, 11, 12, 13, 14}}, {dtype = "i64"})
 local targets = moe.tensor({{2, 3, 4, 5, 6, -100, 8}, {9, 10, 11, -100, 13, 14, 300}}, {dtype = "i64"})
 
--- the loss and a copy of the flat gradients after one backward of scale * loss + 0.01 * aux
-local function plain(m, scale)
+-- the loss (from loss_fn(tape)) and a copy of the flat gradients after one
+-- backward of scale * loss + 0.01 * aux
+local function run(m, scale, loss_fn)
   m.net:zero_grad()
   local tape = core.Tape()
-  local logits = m.net:forward(ids, tape)
-  local loss = tape:cross_entropy(logits, targets, {ignore_index = -100})
+  local loss = loss_fn(tape)
   local aux = m.net:balance_losses(tape)
   tape:backward(tape:add(tape:scale(loss, scale or 1), tape:scale(aux, 0.01)))
   local _, g = m.net:flat_parameters()
   return loss:item(), g:clone()
 end
 
+local function plain(m, scale)
+  return run(m, scale, function(tape)
+    return tape:cross_entropy(m.net:forward(ids, tape), targets, {ignore_index = -100})
+  end)
+end
+
 local function chunked(m, chunk, scale)
-  m.net:zero_grad()
-  local tape = core.Tape()
-  local loss = m.net:forward_loss(ids, targets, tape, {chunk_rows = chunk})
-  local aux = m.net:balance_losses(tape)
-  tape:backward(tape:add(tape:scale(loss, scale or 1), tape:scale(aux, 0.01)))
-  local _, g = m.net:flat_parameters()
-  return loss:item(), g:clone()
+  return run(m, scale, function(tape) return m.net:forward_loss(ids, targets, tape, {chunk_rows = chunk}) end)
 end
 
 local function close(a, b, what)

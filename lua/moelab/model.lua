@@ -90,42 +90,32 @@ function Model:forward(ids, opts)
   local targets = opts.targets
   if targets and targets:device() ~= dev then targets = targets:to(dev) end
   local tape = opts.tape or core.Tape()
-  local out
-  if targets and opts.keep_logits == false and self.net:is_training() then
+  local ignore = opts.ignore_index or -100
+  local training = self.net:is_training()
+  local out, loss = {}, nil
+  if targets and opts.keep_logits == false and training then
     -- no logits at all: the head and the loss go through in chunks of rows, each
     -- chunk's gradient taken at once (model:forward_loss)
-    local loss = self.net:forward_loss(ids, targets, tape, {ignore_index = opts.ignore_index or -100,
-                                                           chunk_rows = opts.loss_chunk_rows})
-    local aux, z = self.net:balance_losses(tape)
-    out = {loss = loss, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
-    local total = loss
-    local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
-    if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end
-    if zc ~= 0 then total = tape:add(total, tape:scale(z, zc)) end
-    out.total_loss = total
-    out.tape = tape
-    return out
-  end
-  local logits = self.net:forward(ids, tape)
-  local aux, z = self.net:balance_losses(tape)
-  out = {logits = logits, aux_loss = aux, z_loss = z, routing = self:routing_stats()}
-  if targets then
+    loss = self.net:forward_loss(ids, targets, tape, {ignore_index = ignore, chunk_rows = opts.loss_chunk_rows})
+  else
+    out.logits = self.net:forward(ids, tape)
     -- in eval mode no backward is expected: a GPU that fuses the loss's forward and
     -- backward would otherwise write the [tokens, vocab] gradient for nothing
-    -- the net ends in a linear head, whose backward does not read the logits
-    local training = self.net:is_training()
-    out.loss = tape:cross_entropy(logits, targets, {ignore_index = opts.ignore_index or -100,
-                                                    grad_in_forward = training,
-                                                    overwrite_logits = training and opts.keep_logits == false})
-    local total = out.loss
+    if targets then loss = tape:cross_entropy(out.logits, targets, {ignore_index = ignore, grad_in_forward = training}) end
+  end
+  out.aux_loss, out.z_loss = self.net:balance_losses(tape)
+  out.routing = self:routing_stats()
+  if loss then
+    out.loss = loss
+    local total = loss
     local ac, zc = opts.aux_loss_coef or 0, opts.router_z_loss_coef or 0
-    if ac ~= 0 then total = tape:add(total, tape:scale(aux, ac)) end
-    if zc ~= 0 then total = tape:add(total, tape:scale(z, zc)) end
+    if ac ~= 0 then total = tape:add(total, tape:scale(out.aux_loss, ac)) end
+    if zc ~= 0 then total = tape:add(total, tape:scale(out.z_loss, zc)) end
     out.total_loss = total
   end
-  if opts.keep_logits == false and targets then
+  if opts.keep_logits == false and targets and out.logits then
     -- the tape holds them until its reset; this handle would hold them until a collection
-    logits:free()
+    out.logits:free()
     out.logits = nil
   end
   out.tape = tape

@@ -156,26 +156,26 @@ moe_pool_block *moe_block_pool_alloc(moe_block_pool *p, size_t n) {
     return moe_block_pool_alloc_free(p, n);   /* b is the only free block that holds n */
 }
 
+/* a takes in its next neighbour b (neither in the free array) */
+static void absorb_next(moe_block_pool *p, moe_pool_block *a, moe_pool_block *b) {
+    a->size += b->size;
+    a->next = b->next;
+    if (b->next) b->next->prev = a;
+    free(b);
+    p->n_blocks--;
+}
+
 void moe_block_pool_free(moe_block_pool *p, moe_pool_block *b) {
     if (!b || b->free) return;
     /* merge with a free next, then into a free prev */
-    moe_pool_block *n = b->next;
-    if (n && n->free) {
-        remove_free(p, n);
-        b->size += n->size;
-        b->next = n->next;
-        if (n->next) n->next->prev = b;
-        free(n);
-        p->n_blocks--;
+    if (b->next && b->next->free) {
+        remove_free(p, b->next);
+        absorb_next(p, b, b->next);
     }
     moe_pool_block *v = b->prev;
     if (v && v->free) {
         remove_free(p, v);
-        v->size += b->size;
-        v->next = b->next;
-        if (b->next) b->next->prev = v;
-        free(b);
-        p->n_blocks--;
+        absorb_next(p, v, b);
         b = v;
     }
     insert_free(p, b);

@@ -8,17 +8,6 @@
  * from the whole dlogits later, with the same FLOPs. */
 #include "functional.h"
 
-/* rows [r0, r0 + n) of a contiguous [N, cols] tensor's storage, as [n, cols] */
-static moe_tensor *rows_of(moe_tensor *t, int64_t r0, int64_t n, int64_t cols) {
-    int64_t shape[2] = {n, cols};
-    return moe_tensor_from_storage(t->storage, t->offset + r0 * cols, t->dtype, 2, shape, NULL);
-}
-
-static moe_tensor *span_of(moe_tensor *t, int64_t i0, int64_t n) {
-    int64_t shape[1] = {n};
-    return moe_tensor_from_storage(t->storage, t->offset + i0, t->dtype, 1, shape, NULL);
-}
-
 /* saved: dx, dW (NULL for a frozen weight), wgrad; e->i[0]: consumed */
 static moe_status head_loss_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *dx = e->saved[0], *dw = e->saved[1], *wgrad = e->saved[2];
@@ -62,7 +51,7 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
                                       moe_tensor **loss) {
     *loss = NULL;
     MOE_TRY(check_args(x, w, wgrad, targets));
-    const int64_t V = w->shape[0], D = w->shape[1], N = moe_tensor_numel(targets);
+    const int64_t V = w->shape[0], N = moe_tensor_numel(targets);
     const size_t es = moe_dtype_size(x->dtype);
     if (chunk_rows <= 0) {   /* the fewest chunks of at most 256 MB of logits, as even as that allows */
         int64_t per = (int64_t)(((size_t)256 << 20) / ((size_t)V * es));
@@ -87,18 +76,20 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
     moe_tensor *dlg = grads && !fuses && N > 0 ? moe_tensor_new(ctx, x->dtype, 2, cshape, x->device) : NULL;
     moe_tensor *dx = grads ? moe_tensor_new(ctx, x->dtype, x->ndim, x->shape, x->device) : NULL;   /* x's shape */
     moe_tensor *dw = grads && wgrad ? moe_tensor_new(ctx, w->dtype, 2, w->shape, w->device) : NULL;
-    if (s == MOE_OK && !(t1 && per_row && lse && out && (lg || N == 0) && (dlg || !grads || fuses || N == 0) &&
-                         (dx || !grads) && (dw || !grads || !wgrad)))
+    moe_tensor *xrows = xc ? moe_rows_view(xc) : NULL, *dxrows = dx ? moe_rows_view(dx) : NULL;
+    if (s == MOE_OK && !(t1 && per_row && lse && out && xrows && (lg || N == 0) && (dlg || !grads || fuses || N == 0) &&
+                         (dxrows || !grads) && (dw || !grads || !wgrad)))
         s = moe_last_status();
     if (s == MOE_OK && dw && N == 0) s = moe_op_fill(ctx, dw, 0.0);
     const float scale = count > 0 ? (float)(1.0 / count) : 0.0f;
     for (int64_t r0 = 0; r0 < N && s == MOE_OK; r0 += chunk_rows) {
         const int64_t n = N - r0 < chunk_rows ? N - r0 : chunk_rows;
-        moe_tensor *xr = rows_of(xc, r0, n, D), *lr = rows_of(lg, 0, n, V);
-        moe_tensor *tr = span_of(t1, r0, n), *pr = span_of(per_row, r0, n), *sr = span_of(lse, r0, n);
-        moe_tensor *dr = grads ? (fuses ? lr : rows_of(dlg, 0, n, V)) : NULL;
+        moe_tensor *xr = moe_tensor_narrow(xrows, 0, r0, n), *lr = moe_tensor_narrow(lg, 0, 0, n);
+        moe_tensor *tr = moe_tensor_narrow(t1, 0, r0, n), *pr = moe_tensor_narrow(per_row, 0, r0, n);
+        moe_tensor *sr = moe_tensor_narrow(lse, 0, r0, n);
+        moe_tensor *dr = grads ? (fuses ? lr : moe_tensor_narrow(dlg, 0, 0, n)) : NULL;
         if (dr == lr) moe_tensor_retain(dr);
-        moe_tensor *dxr = grads ? rows_of(dx, r0, n, D) : NULL;
+        moe_tensor *dxr = grads ? moe_tensor_narrow(dxrows, 0, r0, n) : NULL;
         if (!xr || !lr || !tr || !pr || !sr || (grads && (!dr || !dxr))) s = moe_last_status();
         if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xr, w, 0.0f, lr);   /* logits = x w^T */
         if (s == MOE_OK && grads) {
@@ -113,6 +104,8 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
     }
     moe_tensor_release(lg);
     moe_tensor_release(dlg);
+    moe_tensor_release(xrows);
+    moe_tensor_release(dxrows);
     if (s == MOE_OK) s = moe_op_reduce_all(ctx, MOE_RED_SUM, out, per_row);
     if (s == MOE_OK) s = moe_op_unary(ctx, MOE_UN_SCALE, out, out, scale);
     if (s == MOE_OK && tape) {

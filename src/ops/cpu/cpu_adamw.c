@@ -14,33 +14,31 @@ typedef struct {
     int64_t index0, step;
 } adam_job;
 
+/* one element: the update in the order the CUDA kernels follow (cuda_adamw.cu) */
+static inline void adam_1(float *p, float *m, float *v, float g, const adam_job *J) {
+    float gi = g * J->gs;
+    *m = J->b1 * *m + (1.0f - J->b1) * gi;
+    *v = J->b2 * *v + (1.0f - J->b2) * gi * gi;
+    *p -= J->lr * (*m * J->ibc1 / (sqrtf(*v * J->ibc2) + J->eps) + J->wd * *p);
+}
+
 static void adam_range(void *arg, int64_t b, int64_t e) {
     adam_job *J = arg;
     float *restrict p = J->p;
     const float *gf = J->g_bf16 ? NULL : J->g;
     const uint16_t *gb = J->g_bf16 ? J->g : NULL;
-    float b1 = J->b1, b2 = J->b2, lr = J->lr, eps = J->eps, wd = J->wd, ibc1 = J->ibc1, ibc2 = J->ibc2, gs = J->gs;
-    if (J->s_bf16) {
+    if (J->s_bf16) {   /* the moments read as f32, stored stochastically rounded (ops.h) */
         uint16_t *restrict m = J->m, *restrict v = J->v;
         for (int64_t i = b; i < e; i++) {
-            float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
-            float mi = b1 * moe_bf16_to_f32(m[i]) + (1.0f - b1) * gi;
-            float vi = b2 * moe_bf16_to_f32(v[i]) + (1.0f - b2) * gi * gi;
+            float mi = moe_bf16_to_f32(m[i]), vi = moe_bf16_to_f32(v[i]);
+            adam_1(&p[i], &mi, &vi, gf ? gf[i] : moe_bf16_to_f32(gb[i]), J);
             uint32_t r = moe_adamw_sr_bits(J->index0 + i, J->step);
             m[i] = moe_bf16_round_sr(mi, r);
             v[i] = moe_bf16_round_sr(vi, r >> 16);
-            p[i] -= lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
         }
     } else {
         float *restrict m = J->m, *restrict v = J->v;
-        for (int64_t i = b; i < e; i++) {
-            float gi = (gf ? gf[i] : moe_bf16_to_f32(gb[i])) * gs;
-            float mi = b1 * m[i] + (1.0f - b1) * gi;
-            float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] -= lr * (mi * ibc1 / (sqrtf(vi * ibc2) + eps) + wd * p[i]);
-        }
+        for (int64_t i = b; i < e; i++) adam_1(&p[i], &m[i], &v[i], gf ? gf[i] : moe_bf16_to_f32(gb[i]), J);
     }
     if (J->c && J->c_bf16)
         for (int64_t i = b; i < e; i++) ((uint16_t *)J->c)[i] = moe_f32_to_bf16(p[i]);

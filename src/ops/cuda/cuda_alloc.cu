@@ -57,9 +57,10 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
     cudaFree((void *)addr);
 }
 
-static void sync_cached(cuda_dev *d) {
-    d->bytes_cached = (d->small_pool ? moe_block_pool_free_bytes(d->small_pool) : 0) +
-                      (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
+// Bytes in the pools' free blocks. Caller holds d->mu.
+size_t cuda_alloc_cached_locked(const cuda_dev *d) {
+    return (d->small_pool ? moe_block_pool_free_bytes(d->small_pool) : 0) +
+           (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
 }
 
 // A block of class cls from a pool's free blocks, else where grow from a new
@@ -75,7 +76,6 @@ static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
     else if (grow) blk = moe_block_pool_alloc(pool, cls);
     if (!blk) return NULL;
     void *p = (void *)blk->addr;
-    sync_cached(d);
     d->live[p] = cuda_dev::live_block{blk, small};
     d->bytes_in_use += blk->size;
     if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
@@ -87,12 +87,11 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
 
 // cudaFree every wholly free segment. Caller holds d->mu.
 static void release_cache_locked(cuda_dev *d) {
-    if (!d->bytes_cached) return;
+    if (!cuda_alloc_cached_locked(d)) return;
     cudaSetDevice(d->index);
     cudaStreamSynchronize(d->stream);   // queued work may still use blocks freed to the cache
     if (d->small_pool) moe_block_pool_release(d->small_pool);
     if (d->pool) moe_block_pool_release(d->pool);
-    sync_cached(d);
     cudaGetLastError();
 }
 
@@ -111,7 +110,7 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->alloc.state = d;
     d->index = index;
     d->ctx = ctx;
-    d->bytes_in_use = d->bytes_cached = d->peak_in_use = 0;
+    d->bytes_in_use = d->peak_in_use = 0;
     d->small_pool = d->pool = NULL;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;
@@ -171,7 +170,7 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
                   "cuda:%d: out of memory allocating %zu bytes (%.1f MiB); %zu bytes in use by tensors, "
                   "%zu bytes free in segments still partly in use (not returned to the driver), device has %zu of "
                   "%zu bytes free",
-                  d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, d->bytes_cached, free_b, total_b);
+                  d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, cuda_alloc_cached_locked(d), free_b, total_b);
         return NULL;
     }
     return p;
@@ -190,7 +189,6 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
         d->live.erase(it);
         d->bytes_in_use -= lb.blk->size;
         moe_block_pool_free(lb.small ? d->small_pool : d->pool, lb.blk);
-        sync_cached(d);
         destroy = d->closing && d->live.empty();
     }
     if (destroy) cuda_dev_destroy(d);

@@ -182,7 +182,7 @@ extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_m
     out->device_free = fr;
     out->device_total = tot;
     out->bytes_in_use = d->bytes_in_use;
-    out->bytes_cached = d->bytes_cached;
+    out->bytes_cached = cuda_alloc_cached_locked(d);
     out->peak_bytes_in_use = d->peak_in_use;
     out->num_cuda_malloc = d->n_malloc;
     out->num_cache_hits = d->n_hits;

@@ -43,7 +43,7 @@ struct cuda_dev {
     struct moe_block_pool *small_pool, *pool;
     struct live_block { struct moe_pool_block *blk; bool small; };
     std::unordered_map<void *, live_block> live;   // address -> its block and pool
-    size_t bytes_in_use, bytes_cached, peak_in_use;   // cached: the pools' free blocks
+    size_t bytes_in_use, peak_in_use;   // cached bytes: cuda_alloc_cached_locked
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
     // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install
@@ -87,6 +87,7 @@ struct cuda_dev {
 // ---- entry points of the individual files (C++ linkage, internal) ----
 moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on failure
 void cuda_alloc_release_cache(cuda_dev *d);
+size_t cuda_alloc_cached_locked(const cuda_dev *d);            // the pools' free bytes; caller holds d->mu
 void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure
 // Scratch a caller can do without: a cached block or one cudaMalloc, else NULL (no
@@ -136,10 +137,10 @@ moe_status cuda_grouped_gemm_from_env(int *mode);
 moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
 moe_status cuda_grouped_lanes_from_env(int *lanes);
 void cuda_lanes_free(cuda_dev *d);   // the loop's side streams, handles, workspaces and events
-// cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over the
-// experts of `offsets`; lane i's cuBLAS handle; join them back (returns st unless the
+// cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over `busy`
+// non-empty experts; lane i's cuBLAS handle; join them back (returns st unless the
 // join fails)
-moe_status cuda_lanes_fork(cuda_dev *d, const int64_t *offsets, int groups, double flops, int *n);
+moe_status cuda_lanes_fork(cuda_dev *d, int busy, double flops, int *n);
 cublasHandle_t cuda_lane_blas(cuda_dev *d, int i);
 moe_status cuda_lanes_join(cuda_dev *d, int n, moe_status st);
 moe_status cuda_binary(moe_ctx *, moe_binary_op op, moe_tensor *out, const moe_tensor *a, const moe_tensor *b);

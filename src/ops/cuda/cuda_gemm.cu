@@ -451,7 +451,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     }
     count_call(d, false);
     int lanes = 1, lane = 0;
-    if (K > 0) MOE_TRY(cuda_lanes_fork(d, offsets, groups, flops, &lanes));
+    if (K > 0) MOE_TRY(cuda_lanes_fork(d, busy_groups(offsets, groups), flops, &lanes));
     moe_status st = MOE_OK;
     for (int g = 0; g < groups && st == MOE_OK; g++) {
         int64_t r0 = offsets[g], m = offsets[g + 1] - r0;
@@ -659,7 +659,7 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     }
     count_call(d, false);
     int lanes = 1, lane = 0;
-    MOE_TRY(cuda_lanes_fork(d, offsets, groups, flops, &lanes));
+    MOE_TRY(cuda_lanes_fork(d, busy_groups(offsets, groups), flops, &lanes));
     moe_status st = MOE_OK;
     for (int g = 0; g < groups && st == MOE_OK; g++) {
         int64_t r0 = offsets[g], m = offsets[g + 1] - r0;

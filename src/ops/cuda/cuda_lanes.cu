@@ -56,15 +56,13 @@ void cuda_lanes_free(cuda_dev *d) {
     d->lane_fork = NULL;
 }
 
-// How many lanes a loop over the non-empty experts of `offsets` (flops in
-// all) uses, forking them off the device's stream; 1: none (everything on the
-// device's stream). Experts of 64 GFLOP or more keep one lane: each GEMM then
+// How many lanes a loop over `busy` non-empty experts (flops in all) uses,
+// forking them off the device's stream; 1: none (everything on the device's
+// stream). Experts of 64 GFLOP or more keep one lane: each GEMM then
 // fills the GPU many times over (the Mixtral layer: 25.5 ms for its 9 GEMMs in
 // one lane, 25.7-26.1 in two or four, H100), and two only compete. Lanes that
 // cannot be made are done without.
-moe_status cuda_lanes_fork(cuda_dev *d, const int64_t *offsets, int groups, double flops, int *n) {
-    int busy = 0;
-    for (int g = 0; g < groups; g++) busy += offsets[g + 1] > offsets[g];
+moe_status cuda_lanes_fork(cuda_dev *d, int busy, double flops, int *n) {
     int want = busy > 0 && flops / busy < 64e9 ? std::min(d->loop_lanes, busy) : 1;
     *n = 1;
     if (want <= 1) return MOE_OK;
