@@ -4,7 +4,8 @@
 -- hidden 512, top-4, sequence 1024, batch 8, aux loss 0.01, no z-loss.
 --   build/cuda/moelab bench/gpu_step.lua [precision=bf16|f32] [steps=30] [warmup=5]
 -- Prints one table row: tokens/s (timed steps' tokens / their time), step ms, peak GPU memory held
--- by the allocator (in use; "cached" adds what it keeps for reuse) and MFU.
+-- by the allocator (in use, and reserved: in use plus the freed blocks it keeps for reuse, the most
+-- held from the driver at once, as torch.cuda.max_memory_reserved) and MFU.
 -- MFU counts 6 x (active parameters without the input embedding) + the
 -- attention term 12 x layers x seq x d per token, against 989 TFLOP/s bf16
 -- dense (H100 SXM and H200); the same formula as bench/gpu_step_torch.py.
@@ -30,7 +31,7 @@ if os.getenv("MOELAB_STEP_NOJIT") then jit.off(); jit.flush() end   -- diagnosis
 local r = run(warmup + steps)
 moe.synchronize(device)
 collectgarbage("restart")
-local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, cached = 0, cuda_mallocs = 0}
+local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, peak_reserved = 0, cuda_mallocs = 0}
 print(string.format("# cudaMalloc calls during the timed run: %d", mem.cuda_mallocs - mallocs0))
 if trainer.optimizer.launches then
   print(string.format("# AdamW calls a step: %.0f (%d parameter tensors)", trainer.optimizer:launches() /
@@ -60,6 +61,6 @@ print(string.format("# moelab %s, OLMoE-style step: %.1fM params, %.1fM active (
 print(string.format("# loss %.4f -> %.4f over %d steps", r.history[1].loss, r.history[#r.history].loss, #r.history))
 print(string.format("# step ms over the %d timed steps: min %.2f, median %.2f, max %.2f", #ms, ms[1],
   ms[math.floor((#ms + 1) / 2)], ms[#ms]))
-print("mode            tokens/s   step ms   peak GB (in use)   peak+cached GB   MFU")
-print(string.format("moelab-%-8s %9.0f %9.2f %18.2f %16.2f %6.1f%%", precision, tps, B * S / tps * 1e3,
-  mem.peak / 1e9, (mem.peak + mem.cached) / 1e9, 100 * mfu))
+print("mode            tokens/s   step ms   peak GB (in use)   peak reserved GB   MFU")
+print(string.format("moelab-%-8s %9.0f %9.2f %18.2f %18.2f %6.1f%%", precision, tps, B * S / tps * 1e3,
+  mem.peak / 1e9, mem.peak_reserved / 1e9, 100 * mfu))

@@ -60,4 +60,6 @@ if cuda then
     gb(v:numel() * (st.trainer.optimizer_state == "bf16" and 4 or 8))))
   print(string.format("# GB in use: before the forward %.2f, after it %.2f (peak during it %.2f); peak during the backward %.2f, after it %.2f",
     gb(s0.in_use), gb(s1.in_use), gb(s1.peak), gb(s2.peak), gb(s2.in_use)))
+  print(string.format("# GB reserved from the driver (in use + cached): before the forward %.2f, peak during the forward %.2f, during the backward %.2f",
+    gb(s0.reserved), gb(s1.peak_reserved), gb(s2.peak_reserved)))
 end

@@ -178,15 +178,18 @@ static int l_cuda_available(lua_State *L) {
 
 #ifdef MOELAB_CUDA
 #include "../ops/cuda/moe_cuda.h"
-/* core.cuda_memory_stats([device]) -> {in_use=, peak=, cached=, device_free=, device_total=, cuda_mallocs=, cache_hits=} (bytes) */
+/* core.cuda_memory_stats([device]) -> {in_use=, peak=, cached=, reserved=, peak_reserved=, device_free=,
+ * device_total=, cuda_mallocs=, cache_hits=} (bytes) */
 static int l_cuda_memory_stats(lua_State *L) {
     int dev = (int)luaL_optinteger(L, 1, 0);
     moe_cuda_mem_stats st;
     moe_lua_check(L, moe_cuda_memory_stats(moe_lua_ctx(L), dev, &st), "cuda_memory_stats");
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 9);
     lua_pushnumber(L, (double)st.bytes_in_use); lua_setfield(L, -2, "in_use");
     lua_pushnumber(L, (double)st.peak_bytes_in_use); lua_setfield(L, -2, "peak");
     lua_pushnumber(L, (double)st.bytes_cached); lua_setfield(L, -2, "cached");
+    lua_pushnumber(L, (double)st.bytes_reserved); lua_setfield(L, -2, "reserved");
+    lua_pushnumber(L, (double)st.peak_bytes_reserved); lua_setfield(L, -2, "peak_reserved");
     lua_pushnumber(L, (double)st.device_free); lua_setfield(L, -2, "device_free");
     lua_pushnumber(L, (double)st.device_total); lua_setfield(L, -2, "device_total");
     lua_pushnumber(L, (double)st.num_cuda_malloc); lua_setfield(L, -2, "cuda_mallocs");

@@ -139,6 +139,14 @@ if rank == 0 then
   -- sums its rows in another order than two batches of 2)
   close_n(dt4.model.net:flat_parameters(), ref4_model.net:flat_parameters(), 1e-5, "global aux: final parameters")
 end
+-- an aux-only step after a full one: the last layer's expert gradients, never
+-- written by their backward, are zeroed before the overlapped reduce averages them
+do
+  local ids_b, tg_b = batch(30 + rank)
+  local lz = dofile("tests/dist/lazy_zero.lua")(model(11), batch(20 + rank), ids_b, tg_b)
+  assert(lz.cleared > 0, "lazy zeroing: the full step left no expert gradient for the aux-only step to clear")
+  for i = 1, #lz.want do close(lz.got[i], lz.want[i], 1e-6, "lazy zeroing: flat gradient [" .. i .. "]") end
+end
 -- both ranks end with the same parameters
 local mine = dt.model.net:flat_parameters()
 local other = d.broadcast(mine * 1, 0)

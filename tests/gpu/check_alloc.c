@@ -68,6 +68,28 @@ static void test_allocator(void) {
     ok(s1.bytes_cached + took <= s0.bytes_cached,
        "allocator: emptying the cache gives the wholly free segments back (%zu -> %zu cached)",
        (size_t)s0.bytes_cached, (size_t)s1.bytes_cached);
+    ok(s0.bytes_reserved == s0.bytes_in_use + s0.bytes_cached && s1.bytes_reserved == s1.bytes_in_use + s1.bytes_cached &&
+           s0.bytes_reserved - s1.bytes_reserved == s0.bytes_cached - s1.bytes_cached &&
+           s1.peak_bytes_reserved >= s0.bytes_reserved,
+       "allocator: reserved is in use + cached and falls by what emptying the cache gave back (%zu -> %zu), "
+       "its peak stays (%zu)", (size_t)s0.bytes_reserved, (size_t)s1.bytes_reserved, (size_t)s1.peak_bytes_reserved);
+    /* the peak of reserved bytes: a new segment raises it, freeing keeps it, a reset starts from now */
+    die_if(moe_cuda_reset_peak_memory(ctx, 0) != MOE_OK, "reset peak");
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    a = moe_tensor_new(ctx, MOE_U8, SH(big_n), GPU);
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(a && s0.peak_bytes_reserved == s0.bytes_reserved && s1.num_cuda_malloc == s0.num_cuda_malloc + 1 &&
+           s1.bytes_reserved == s0.bytes_reserved + took && s1.peak_bytes_reserved == s1.bytes_reserved,
+       "allocator: a new segment adds its %zu bytes to reserved and to the peak", took);
+    moe_tensor_release(a);
+    die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+    moe_cuda_memory_stats(ctx, 0, &s0);
+    die_if(moe_cuda_reset_peak_memory(ctx, 0) != MOE_OK, "reset peak");
+    moe_cuda_memory_stats(ctx, 0, &s1);
+    ok(s0.peak_bytes_reserved == s0.bytes_reserved + took && s1.peak_bytes_reserved == s1.bytes_reserved &&
+           s1.bytes_reserved == s0.bytes_reserved,
+       "allocator: after the segment went back the peak keeps it (%zu) until a reset (%zu)",
+       (size_t)s0.peak_bytes_reserved, (size_t)s1.peak_bytes_reserved);
 
     /* Small blocks (up to 1 MiB) are cut from 2 MiB segments: 200 tensors of
      * 1 to 8 KB take a segment or two, keep their own data, and once freed

@@ -49,11 +49,14 @@ static uintptr_t seg_alloc(void *arg, size_t n) {
         return 0;
     }
     d->n_malloc++;
+    d->reserved += n;
+    if (d->reserved > d->peak_reserved) d->peak_reserved = d->reserved;
     return (uintptr_t)p;
 }
 static void seg_free(void *arg, uintptr_t addr, size_t n) {
-    (void)n;
-    cudaSetDevice(((cuda_dev *)arg)->index);
+    cuda_dev *d = (cuda_dev *)arg;
+    d->reserved -= n;
+    cudaSetDevice(d->index);
     cudaFree((void *)addr);
 }
 
@@ -111,6 +114,7 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->index = index;
     d->ctx = ctx;
     d->bytes_in_use = d->peak_in_use = 0;
+    d->reserved = d->peak_reserved = 0;
     d->small_pool = d->pool = NULL;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;

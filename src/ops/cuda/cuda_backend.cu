@@ -184,6 +184,8 @@ extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_m
     out->bytes_in_use = d->bytes_in_use;
     out->bytes_cached = cuda_alloc_cached_locked(d);
     out->peak_bytes_in_use = d->peak_in_use;
+    out->bytes_reserved = d->reserved;
+    out->peak_bytes_reserved = d->peak_reserved;
     out->num_cuda_malloc = d->n_malloc;
     out->num_cache_hits = d->n_hits;
     return MOE_OK;
@@ -203,6 +205,7 @@ extern "C" moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device) {
     cuda_dev *d = dev_of(ctx, device);
     std::lock_guard<std::mutex> g(d->mu);
     d->peak_in_use = d->bytes_in_use;
+    d->peak_reserved = d->reserved;
     return MOE_OK;
 }
 

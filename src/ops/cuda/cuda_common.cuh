@@ -44,6 +44,7 @@ struct cuda_dev {
     struct live_block { struct moe_pool_block *blk; bool small; };
     std::unordered_map<void *, live_block> live;   // address -> its block and pool
     size_t bytes_in_use, peak_in_use;   // cached bytes: cuda_alloc_cached_locked
+    size_t reserved, peak_reserved;     // the pools' segments: bytes held from the driver
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
     // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install

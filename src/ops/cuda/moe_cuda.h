@@ -22,6 +22,8 @@ typedef struct {
     size_t bytes_in_use;        /* held by live storages (size classes, not requested sizes) */
     size_t bytes_cached;        /* freed blocks kept for reuse */
     size_t peak_bytes_in_use;
+    size_t bytes_reserved;      /* held from the driver: in use + cached (the pools' segments) */
+    size_t peak_bytes_reserved; /* the most held at once (as torch.cuda.max_memory_reserved) */
     uint64_t num_cuda_malloc;   /* cudaMalloc calls that succeeded */
     uint64_t num_cache_hits;    /* allocations served from the cache */
     size_t device_free;         /* cudaMemGetInfo: free and total bytes of the device */
@@ -33,7 +35,7 @@ moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_mem_stats *o
  * queued, for libraries that must order their work after it (NCCL); NULL and
  * an error when the device has no CUDA state. */
 void *moe_cuda_stream(moe_ctx *ctx, int device);
-/* Starts peak_bytes_in_use afresh from the bytes in use now. */
+/* Starts peak_bytes_in_use and peak_bytes_reserved afresh from the bytes in use and reserved now. */
 moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device);
 /* Returns every cached block of the device to the driver. */
 moe_status moe_cuda_empty_cache(moe_ctx *ctx, int device);
