@@ -100,6 +100,13 @@ describe("module functions", function()
       assert(fails("cuda_profiler", moe.core.cuda_profiler, true):find("without CUDA", 1, true))
     end
   end)
+
+  it("the CUDA memory functions say when the build has no CUDA", function()
+    if moe.core.built_with_cuda then return end
+    for _, name in ipairs{"cuda_memory_stats", "cuda_reset_peak_memory", "cuda_empty_cache"} do
+      assert(fails(name, moe.core[name]):find("without CUDA", 1, true), name)
+    end
+  end)
 end)
 
 describe("Tensor methods", function()

@@ -200,6 +200,12 @@ static int l_cuda_reset_peak_memory(lua_State *L) {
     moe_lua_check(L, moe_cuda_reset_peak_memory(moe_lua_ctx(L), (int)luaL_optinteger(L, 1, 0)), "cuda_reset_peak_memory");
     return 0;
 }
+/* core.cuda_empty_cache([device]): gives every wholly free cached segment back
+ * to the driver (what other processes, or a later cudaMalloc, can then use) */
+static int l_cuda_empty_cache(lua_State *L) {
+    moe_lua_check(L, moe_cuda_empty_cache(moe_lua_ctx(L), (int)luaL_optinteger(L, 1, 0)), "cuda_empty_cache");
+    return 0;
+}
 /* core.cuda_profiler(on): opens or closes the range an external profiler
  * records when told not to profile from the start (ncu --profile-from-start off) */
 static int l_cuda_profiler(lua_State *L) {
@@ -213,6 +219,7 @@ static int l_cuda_profiler(lua_State *L) {
 static int l_cuda_profiler(lua_State *L) { return luaL_error(L, "cuda_profiler: this moelab was built without CUDA"); }
 static int l_cuda_memory_stats(lua_State *L) { return luaL_error(L, "cuda_memory_stats: this moelab was built without CUDA"); }
 static int l_cuda_reset_peak_memory(lua_State *L) { return luaL_error(L, "cuda_reset_peak_memory: this moelab was built without CUDA"); }
+static int l_cuda_empty_cache(lua_State *L) { return luaL_error(L, "cuda_empty_cache: this moelab was built without CUDA"); }
 #endif
 
 static int l_cuda_device_count(lua_State *L) {
@@ -276,6 +283,8 @@ int luaopen_moelab_core(lua_State *L) {
     lua_setfield(L, -2, "cuda_memory_stats");
     lua_pushcfunction(L, l_cuda_reset_peak_memory);
     lua_setfield(L, -2, "cuda_reset_peak_memory");
+    lua_pushcfunction(L, l_cuda_empty_cache);
+    lua_setfield(L, -2, "cuda_empty_cache");
     lua_pushcfunction(L, l_cuda_profiler);
     lua_setfield(L, -2, "cuda_profiler");
     lua_pushcfunction(L, l_clock);

@@ -5,6 +5,8 @@
 --      on, and the next finite step updates again; with f32 and bf16 moments.
 --   2. LoRA fine-tuning over several steps on the GPU: the base weights stay
 --      as they were, the adapters move, and the loss curve follows the CPU's.
+--   3. Out of memory inside a training step: a clear error, nothing changed,
+--      nothing leaked, and the same trainer trains on.
 -- Prints TAP. Without a GPU: "1..0 # SKIP no CUDA device".
 --   build/cuda/moelab tests/gpu/trainer_gpu.lua
 local moe = require "moelab"
@@ -104,6 +106,66 @@ ok(math.abs(hg[1].loss - hc[1].loss) < 1e-4 and d < 2e-2 and db < 5e-2,
   string.format("step 1 |diff| %.2g; max |diff| f32 %.2g, bf16 %.2g; final cpu %.4f", math.abs(hg[1].loss - hc[1].loss),
                 d, db, hc[6].loss))
 ok(hg[6].loss < hg[1].loss, "LoRA on the GPU lowers the loss", string.format("%.4f -> %.4f", hg[1].loss, hg[6].loss))
+
+-- 3. Out of memory inside a training step: the device is filled but for a
+-- quarter of what a step takes beyond the model and optimizer. The step fails
+-- with the allocator's error (the sizes in it) after its reclaim and retry; the
+-- parameters and moments are as before; once the filler is gone and the failed
+-- step's tensors collected, the bytes in use are what they were before it, and
+-- the same trainer goes on training.
+do
+  local core = require "moelab.core"
+  local m = moe.arch.OLMoE{vocab_size = 256, hidden_size = 256, num_layers = 2, num_heads = 4, num_experts = 8,
+                           experts_per_token = 2, expert_intermediate_size = 256, seed = 13, device = "cuda"}
+  local tr = moe.MoETrainer{model = m, progress = false, precision = "bf16"}
+  local function batch(i) return corpus:batch{batch_size = 16, seq_len = 256, seed = 1, step = i} end
+  local run = {batch_fn = batch, batch_size = 16, seq_len = 256, learning_rate = 1e-3, lr_schedule = "constant"}
+  local function train_to(steps)
+    run.max_steps = steps
+    return tr:train(run)
+  end
+  train_to(1)
+  moe.synchronize("cuda")
+  collectgarbage(); collectgarbage()
+  local s0 = core.cuda_memory_stats(0)
+  core.cuda_reset_peak_memory(0)
+  train_to(2)
+  moe.synchronize("cuda")
+  collectgarbage(); collectgarbage()
+  local need = core.cuda_memory_stats(0).peak - s0.in_use   -- a step's own bytes
+  local params0, moments0 = host(m.net:flat_parameters()), host(tr.optimizer:state())
+  local in_use0 = core.cuda_memory_stats(0).in_use
+  core.cuda_empty_cache(0)
+  -- the driver may not hand out all it reports free: step down until it does
+  local free, filler = core.cuda_memory_stats(0).device_free, nil
+  local want = free - math.floor(need / 4)
+  while not filler and want > free - need / 2 do
+    local okf, t = pcall(moe.empty, {want}, {dtype = "u8", device = "cuda"})
+    if okf then filler = t else want = want - 8 * 2 ^ 20 end
+  end
+  assert(filler, "could not fill the device to within half a step of its end")
+  local okrun, err = pcall(train_to, 3)
+  local msg = tostring(err)
+  ok(not okrun and msg:find("out of memory", 1, true) ~= nil and msg:find("bytes", 1, true) ~= nil,
+    "cuda: out of memory inside a step is a clear error with the sizes",
+    string.format("step needs %.1f MB; %s", need / 1e6, msg:sub(1, 200)))
+  filler:free()
+  filler = nil
+  collectgarbage(); collectgarbage()
+  moe.synchronize("cuda")
+  local after = core.cuda_memory_stats(0).in_use
+  local same = (host(m.net:flat_parameters()) - params0):abs():max():item() == 0 and
+               (host(tr.optimizer:state()) - moments0):abs():max():item() == 0
+  ok(same, "cuda: the failed step left the parameters and moments alone")
+  ok(after == in_use0, "cuda: after the failed step is collected, the bytes in use are as before it",
+    string.format("%d before, %d after", in_use0, after))
+  local okrun2, res = pcall(train_to, 4)
+  local h = okrun2 and (res.history or tr.history)
+  ok(okrun2 and #h >= 2 and h[#h].loss == h[#h].loss and
+       (host(m.net:flat_parameters()) - params0):abs():max():item() > 0,
+    "cuda: the same trainer trains on after the out-of-memory step",
+    okrun2 and string.format("%d steps in this call, last loss %.4f", #h, h[#h].loss) or tostring(res))
+end
 
 print("1.." .. n)
 os.exit(failed == 0 and 0 or 1)
