@@ -131,6 +131,58 @@ static void wgrad_split_check(const char *what, float beta, const int64_t *off, 
     pfree(&a); pfree(&b); pfree(&c);
 }
 
+/* The split's scratch cannot be had: the device is filled but for 1 MiB after
+ * its cache went back, and the free blocks left inside segments still partly
+ * in use are taken in 2 MiB pieces, so the call that would split runs whole
+ * instead (its scratch is optional and taken without a reclaim), against the
+ * CPU, and a second run gives the same bytes. */
+static void wgrad_split_starved(const int64_t *off, int G, int64_t P, int64_t Q) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
+    moe_tensor *c2 = moe_tensor_new(ctx, BF, SH(G, P, Q), GPU);
+    die_if(!c2 || moe_op_fill(ctx, c.d, NAN) != MOE_OK || moe_op_fill(ctx, c2, NAN) != MOE_OK, "outputs");
+    die_if(moe_cuda_empty_cache(ctx, 0) != MOE_OK, "empty cache");
+    moe_cuda_mem_stats st;
+    die_if(moe_cuda_memory_stats(ctx, 0, &st) != MOE_OK, "stats");
+    /* the driver may not hand out all it reports free: step down to within 64 MiB */
+    moe_tensor *fill = NULL;
+    const size_t mib = (size_t)1 << 20;
+    for (size_t want = st.device_free - mib; !fill && want + 64 * mib > st.device_free; want -= 2 * mib) {
+        fill = moe_tensor_new(ctx, MOE_U8, SH((int64_t)want), GPU);
+        if (!fill) moe_clear_error();
+    }
+    enum { MAX_PLUGS = 8192 };
+    static moe_tensor *plug[MAX_PLUGS];
+    int nplug = 0;
+    while (fill && nplug < MAX_PLUGS && (plug[nplug] = moe_tensor_new(ctx, MOE_U8, SH((int64_t)(2 * mib)), GPU)))
+        nplug++;
+    moe_clear_error();
+    const char *name = "grouped kernel wgrad split, its scratch not to be had (device full)";
+    if (!fill || nplug == MAX_PLUGS) {
+        printf("ok %d - %s # SKIP the device could not be filled to within 64 MiB\n", ++ntest, name);
+    } else {
+        /* both device runs while the device is full; the checks after, as they
+         * may convert on the device */
+        uint64_t s0 = split_calls();
+        moe_status sc = moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.h, b.h, 0.0f, c.h, off, G);
+        moe_status sg = moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, 0.0f, c.d, off, G);
+        if (sg == MOE_OK) sg = moe_op_gemm_grouped_wgrad(ctx, 1.1f, a.d, b.d, 0.0f, c2, off, G);
+        if (sg == MOE_OK) sg = ctx->backends[MOE_CUDA]->synchronize(ctx, GPU);
+        uint64_t splits = split_calls() - s0;
+        for (int i = 0; i < nplug; i++) moe_tensor_release(plug[i]);
+        moe_tensor_release(fill);
+        if (RUN(name, BF, sc, sg)) {
+            check(name, BF, c.d, c.h, tol_of(BF, 0));
+            ok(splits == 0, "%s: ran whole (%llu split calls)", name, (unsigned long long)splits);
+            moe_tensor *r = host_of(c.d);
+            check("grouped kernel wgrad, scratch not to be had: a second run gives the same bytes", BF, c2, r, 0.0);
+            moe_tensor_release(r);
+        }
+    }
+    moe_tensor_release(c2);
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
 /* c = alpha (a1 op(b1) + a2 op(b2)) + beta c: one launch over K1 + K2 (each
  * half zero-filled past its own K), against the CPU's two grouped GEMMs */
 /* want_kernel: 1 = one launch of the pair kernel; 2 = refused, two calls (the first served by the kernel) */
@@ -457,6 +509,10 @@ int main(void) {
     wgrad_split_check("eight heavy experts", 0.0f, off, 16, 72, 200, 1);
     for (int g = 0; g <= 32; g++) off[g] = 1024 * g;
     wgrad_split_check("balanced", 0.0f, off, 32, 1024, 512, 0);
+    make_offsets(off, 32, 700, 0);
+    for (int g = 5; g < 32; g++) off[g + 1] += 8000;
+    wgrad_split_check("one heavy expert, before the starved call", 0.0f, off, 32, 1024, 512, 1);
+    wgrad_split_starved(off, 32, 1024, 512);
 
     /* the SwiGLU experts fused: partial tiles and empty experts, the step model, and refusals */
     make_offsets(off, 8, 300, 3);

@@ -10,10 +10,11 @@
 // (expert rows and index arrays follow the routing) so reuse the memory of
 // others instead of adding segments. (Before the pools, a large request took a
 // cached block at most an eighth larger, a small one a block of exactly its
-// class, else a new cudaMalloc: about 8 a step in the whole-step benchmark,
-// which reserved 13.6 GB for a peak of 8.8 GB in use. Rounding up to four
-// classes per power of two, as the first version did, left a quarter of a
-// large block unused.) Bytes in use count whole blocks.
+// class, else a new cudaMalloc: about 8 a step in the whole-step benchmark.
+// Rounding up to four classes per power of two, as the first version did,
+// left a quarter of a large block unused.) Bytes in use count whole blocks;
+// bytes reserved count the segments (cuBLAS's and the lanes' workspaces and
+// the split-K counters are cudaMalloc'd apart, about 64 MiB with two lanes).
 //
 // Stream awareness: every kernel, copy and cuBLAS call of a device is issued on
 // that device's one stream (cuda_dev.stream), or on lanes that fork from it and
@@ -131,9 +132,12 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->stream) cudaStreamSynchronize(d->stream);
-    moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
-    moe_block_pool_destroy(d->pool);
-    d->small_pool = d->pool = NULL;
+    {
+        std::lock_guard<std::mutex> g(d->mu);   // seg_free counts the reserved bytes down
+        moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
+        moe_block_pool_destroy(d->pool);
+        d->small_pool = d->pool = NULL;
+    }
     cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
