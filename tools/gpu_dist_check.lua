@@ -8,8 +8,11 @@
 -- rounding orders differ); DP=2 with ZeRO-1 and with ZeRO-2 (f32: sharded
 -- AdamW state, stage 2 reduce-scattered gradients, all on the GPUs) vs the
 -- same one-GPU run as DP, and again with bf16 AdamW moments; DP=2 with two
--- micro-batches a rank vs one GPU with four; (4) throughput, DP=2 vs one GPU, quickstart-sized
--- model. The single-GPU references run in rank 0 at the end.
+-- micro-batches a rank vs one GPU with four; the lazily zeroed gradients of a
+-- bank whose backward never ran, under the overlapped reduce
+-- (tests/dist/lazy_zero.lua); (4) throughput, DP=2 vs one GPU, a small
+-- model. Each run's final parameters must match too, and be equal on both
+-- ranks. The single-GPU references run in rank 0 at the end.
 -- Prints "RESULT <name> <PASS|FAIL|SKIP|value> <detail>" lines.
 --   ./moelab-cuda tools/gpu_dist_check.lua [throughput_steps]
 local moe = require "moelab"

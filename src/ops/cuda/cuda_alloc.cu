@@ -50,14 +50,11 @@ static uintptr_t seg_alloc(void *arg, size_t n) {
         return 0;
     }
     d->n_malloc++;
-    d->reserved += n;
-    if (d->reserved > d->peak_reserved) d->peak_reserved = d->reserved;
     return (uintptr_t)p;
 }
 static void seg_free(void *arg, uintptr_t addr, size_t n) {
-    cuda_dev *d = (cuda_dev *)arg;
-    d->reserved -= n;
-    cudaSetDevice(d->index);
+    (void)n;
+    cudaSetDevice(((cuda_dev *)arg)->index);
     cudaFree((void *)addr);
 }
 
@@ -65,6 +62,12 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
 size_t cuda_alloc_cached_locked(const cuda_dev *d) {
     return (d->small_pool ? moe_block_pool_free_bytes(d->small_pool) : 0) +
            (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
+}
+
+// Bytes of the pools' segments: what the allocator holds from the driver. Caller holds d->mu.
+size_t cuda_alloc_reserved_locked(const cuda_dev *d) {
+    return (d->small_pool ? moe_block_pool_segment_bytes(d->small_pool) : 0) +
+           (d->pool ? moe_block_pool_segment_bytes(d->pool) : 0);
 }
 
 // A block of class cls from a pool's free blocks, else where grow from a new
@@ -76,8 +79,12 @@ static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
                             : moe_block_pool_new(LARGE_STEP, 0, seg_alloc, seg_free, d);
     if (!pool) return NULL;
     moe_pool_block *blk = moe_block_pool_alloc_free(pool, cls);
-    if (blk) d->n_hits++;
-    else if (grow) blk = moe_block_pool_alloc(pool, cls);
+    if (blk) {
+        d->n_hits++;
+    } else if (grow && (blk = moe_block_pool_alloc(pool, cls))) {
+        size_t r = cuda_alloc_reserved_locked(d);   // only a new segment raises it
+        if (r > d->peak_reserved) d->peak_reserved = r;
+    }
     if (!blk) return NULL;
     void *p = (void *)blk->addr;
     d->live[p] = cuda_dev::live_block{blk, small};
@@ -115,7 +122,7 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->index = index;
     d->ctx = ctx;
     d->bytes_in_use = d->peak_in_use = 0;
-    d->reserved = d->peak_reserved = 0;
+    d->peak_reserved = 0;
     d->small_pool = d->pool = NULL;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;
@@ -132,12 +139,9 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->stream) cudaStreamSynchronize(d->stream);
-    {
-        std::lock_guard<std::mutex> g(d->mu);   // seg_free counts the reserved bytes down
-        moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
-        moe_block_pool_destroy(d->pool);
-        d->small_pool = d->pool = NULL;
-    }
+    moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
+    moe_block_pool_destroy(d->pool);
+    d->small_pool = d->pool = NULL;
     cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);

@@ -184,7 +184,7 @@ extern "C" moe_status moe_cuda_memory_stats(moe_ctx *ctx, int device, moe_cuda_m
     out->bytes_in_use = d->bytes_in_use;
     out->bytes_cached = cuda_alloc_cached_locked(d);
     out->peak_bytes_in_use = d->peak_in_use;
-    out->bytes_reserved = d->reserved;
+    out->bytes_reserved = cuda_alloc_reserved_locked(d);
     out->peak_bytes_reserved = d->peak_reserved;
     out->num_cuda_malloc = d->n_malloc;
     out->num_cache_hits = d->n_hits;
@@ -205,7 +205,7 @@ extern "C" moe_status moe_cuda_reset_peak_memory(moe_ctx *ctx, int device) {
     cuda_dev *d = dev_of(ctx, device);
     std::lock_guard<std::mutex> g(d->mu);
     d->peak_in_use = d->bytes_in_use;
-    d->peak_reserved = d->reserved;
+    d->peak_reserved = cuda_alloc_reserved_locked(d);
     return MOE_OK;
 }
 

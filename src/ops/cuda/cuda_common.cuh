@@ -44,7 +44,7 @@ struct cuda_dev {
     struct live_block { struct moe_pool_block *blk; bool small; };
     std::unordered_map<void *, live_block> live;   // address -> its block and pool
     size_t bytes_in_use, peak_in_use;   // cached bytes: cuda_alloc_cached_locked
-    size_t reserved, peak_reserved;     // the pools' segments: bytes held from the driver
+    size_t peak_reserved;               // the most cuda_alloc_reserved_locked has been
     uint64_t n_malloc, n_hits;
     bool closing;                 // uninstalled: destroy when the last live block is freed
     // grouped (expert) GEMMs: strategy (a moe_cuda_grouped_gemm of moe_cuda.h, set at install
@@ -89,6 +89,7 @@ struct cuda_dev {
 moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on failure
 void cuda_alloc_release_cache(cuda_dev *d);
 size_t cuda_alloc_cached_locked(const cuda_dev *d);            // the pools' free bytes; caller holds d->mu
+size_t cuda_alloc_reserved_locked(const cuda_dev *d);          // the pools' segment bytes; caller holds d->mu
 void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure
 // Scratch a caller can do without: a cached block or one cudaMalloc, else NULL (no
