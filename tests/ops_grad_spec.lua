@@ -150,6 +150,11 @@ describe("grouped gemm and its weight gradient", function()
         assert.is_true(ops.gemm_grouped(a, b, offsets):equal(c))
         assert.is_true(ops.gemm_grouped_wgrad(a, R, offsets):equal(db))
       end
+      -- out: written in place over whatever it held, and returned
+      local out = moe.full({M, N}, 7)
+      assert.equal(out, ops.gemm_grouped(a, b, offsets, {transb = tb, out = out}))
+      assert.is_true(out:equal(c))
+      assert.has_error(function() ops.gemm_grouped(a, b, offsets, {transb = tb, out = moe.zeros({M, N + 1})}) end)
       -- the empty expert gets no gradient
       for i = 1, db:select(1, 2):numel() do assert.equal(0, db:select(1, 2):get_flat(i)) end
       check_all("gemm_grouped", function() return ops.gemm_grouped(a, b, offsets, {transb = tb}) end, R,

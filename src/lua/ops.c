@@ -90,7 +90,12 @@ static int o_gemm_grouped(lua_State *L) {
     need_dims(L, a, 2, 2, fn, "a");
     need_dims(L, b, 3, 3, fn, "b");
     int64_t shape[2] = {a->shape[0], tb ? b->shape[1] : b->shape[2]};
-    moe_tensor *c = new_zeros(L, a, 2, shape, fn);
+    /* out: written in place (its old values ignored), e.g. to time the GEMM alone */
+    moe_tensor *c;
+    if (lua_istable(L, 4)) lua_getfield(L, 4, "out");
+    else lua_pushnil(L);
+    if (!lua_isnil(L, -1)) c = T(-1, fn, "out");
+    else { lua_pop(L, 1); c = new_zeros(L, a, 2, shape, fn); }
     moe_lua_check(L, moe_op_gemm_grouped(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }

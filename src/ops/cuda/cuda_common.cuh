@@ -67,6 +67,16 @@ struct cuda_dev {
     // between launches (the last block of a tile resets its own), allocated on first use
     int *split_counters;
     uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
+    // the TMA kernel (cuda_grouped_tma.cu) for gemm_grouped and its pair form:
+    // grouped_tma 1 takes it for every bf16 call it fits, 0 never, -1 (auto) where
+    // the auto strategy would take the own kernel (MOELAB_GROUPED_TMA); the
+    // driver's tensor-map encoder, looked up on first use
+    int grouped_tma;
+    bool tma_failed;
+    void *tma_encode;
+    int tma_cluster;              // CTAs a cluster, 1 or 2 (MOELAB_TMA_CLUSTER; default 2: B multicast)
+    int tma_clusters;             // clusters of two CTAs that fit at once (0: not yet asked)
+    uint64_t n_grouped_tma;
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
     // event of the last transfer that read it; allocated on first use (stage_failed:
     // could not be, not tried again). stage_mu guards these and the reads' slots below.

@@ -102,6 +102,13 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
                                       uint64_t *loop_calls);
 /* How many of the batched calls the own grouped kernel served. */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped calls and their
+ * pair form (either layout of b): on = 1 tries it first for every call, 0
+ * never, -1 (auto, the default) under the auto strategy where the own kernel
+ * would serve. Install sets it from MOELAB_GROUPED_TMA (0, 1 or auto).
+ * tma_calls: how many calls it served since install. */
+moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on);
+moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many weight-gradient calls of the own kernel cut a heavy expert's rows
  * into chunks summed by the tile's last block (split-K under skewed routing). */
 moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *calls);

@@ -1,0 +1,402 @@
+// Grouped (expert) GEMMs in bf16 through the bulk tensor copy engine (TMA) in
+// a warp-specialised, persistent kernel: the forward form of
+// cuda_grouped_mma.cu's kernel, C_g = alpha * A_g B_g^T + beta * C_g with A
+// the experts' rows [M, K] (K contiguous, grouped by row offsets) and B [G, N,
+// K]. That kernel loads its tiles with cp.async from every thread and tops out
+// near 380 TFLOP/s at 128 x 128 tiles, where its blocks read about 6 TB/s
+// from L2. Here one thread issues the copies, and each block computes
+// 128 x 256 (two warpgroups of 64 x 256): a third fewer operand bytes per
+// FLOP, and the copy engine writes the 128-byte-swizzled layout that wgmma
+// reads, so the multiplying warps do nothing but multiply and store.
+//
+// A block: warpgroup 0 produces (its first thread issues the copies; the
+// others give their registers back through setmaxnreg), warpgroups 1 and 2
+// consume. STAGES stages of A (128 rows x 64 K) and B (256 rows x 64 K), each
+// with a "full" mbarrier (the copy's bytes arrived) and an "empty" one (every
+// consumer warp is done reading it). A consumer keeps one stage's wgmmas in
+// flight and frees the stage before them. The grid is one block per SM; the
+// blocks walk the call's tiles in steps of the grid, so the producer loads
+// the next tile while the consumers store this one.
+//
+// The copies read whole boxes: rows past a group's end come from the next
+// group (their results are not stored) and past the tensor's end as zeros,
+// and K past its end as zeros; B rows past an expert's N likewise belong to
+// the next expert, and those columns are not stored.
+#include "cuda_common.cuh"
+#include "cuda_grouped_tma.h"
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 384;
+constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+// a consumer warpgroup's 64 x 256 outputs staged for the copy engine: four
+// 64 x 64 boxes, 128-byte swizzled
+constexpr int C_BYTES = 64 * BN * 2;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_BYTES + 1024;   // + room to align to 1024 B
+constexpr int MAX_GROUPS = MOE_TMA_GROUPED_MAX_GROUPS;
+constexpr int CONSUMER_WARPS = 8;
+
+struct tma_params {
+    // first: 64-byte aligned as the copies require; a2, b2: the second pair along
+    // K (K2 > 0), its K tiles after the first pair's in the same accumulators
+    CUtensorMap map_a, map_b, map_a2, map_b2, map_c;
+    __nv_bfloat16 *c;
+    float alpha, beta;
+    int N, K, K2, n_tiles, items, groups;
+    int off[MAX_GROUPS + 1];     // row offsets of the groups
+    int pair0[MAX_GROUPS + 1];   // the first pair of M tiles of each group (prefix sums)
+};
+static_assert(sizeof(tma_params) < 4096, "TMA grouped GEMM parameters exceed the classic kernel parameter limit");
+
+__device__ __forceinline__ unsigned smem_u32(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void bar_init(uint64_t *b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void bar_expect(uint64_t *b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint64_t *b, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+    } while (!done);
+}
+// a consumer warp's release of a stage, on the barrier at the same place in CTA `cta` of the cluster
+__device__ __forceinline__ void bar_arrive_at(uint64_t *b, unsigned cta) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_u32(b)), "r"(cta));
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(r) : "memory");
+}
+// the staged outputs of a warpgroup (box of 64 rows x 64 columns) to global memory
+__device__ __forceinline__ void tma_store(const CUtensorMap *map, const void *src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(src)) : "memory");
+}
+__device__ __forceinline__ void wg_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// one 2-D box of the map into shared memory, counted on bar
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+                 : "memory");
+}
+// one 3-D box (b [G, K, N] by expert: K rows past the expert's read as zeros)
+__device__ __forceinline__ void tma_load3(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load3_both(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3, %4}], [%5], %6;\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)),
+                 "h"((unsigned short)3)
+                 : "memory");
+}
+// the same box into the same place of both CTAs of the cluster, counted on each one's bar
+__device__ __forceinline__ void tma_load_both(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)),
+                 "h"((unsigned short)3)
+                 : "memory");
+}
+
+// K-major, 128-byte swizzled operand (8-row atoms of 1024 B, as the copy engine writes them)
+__device__ __forceinline__ uint64_t desc_kmaj(const void *p) {
+    uint64_t a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+// N-major B (b [G, K, N]), as the copy engine writes boxes of 64 K rows x 64 N
+// (128 bytes a row, swizzled): the 64-column slabs 8 KB apart (leading
+// offset), groups of 8 K rows 1024 B apart (stride)
+__device__ __forceinline__ uint64_t desc_nmaj(const void *p) {
+    uint64_t a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | ((uint64_t)(8192 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <int TB> __device__ __forceinline__ void wgmma_m64n256k16(float *d, uint64_t da, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(da), "l"(db), "n"(TB));
+}
+
+// The tile of work item t for the CTA of cluster rank `rank`: its group, its
+// first row within the group and its N tile. A cluster of two takes a pair of
+// M tiles of one group (the second past the group's rows when it has an odd
+// count: that CTA loads and multiplies, and stores nothing) and one N tile.
+struct tma_tile { int g, m0, nt; };
+template <int CL> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
+    const int mp = t / p.n_tiles;
+    int lo = 0, hi = p.groups - 1;
+    while (lo < hi) {   // the last group whose first pair is <= mp (empty groups share it with the next)
+        int mid = (lo + hi + 1) >> 1;
+        if (p.pair0[mid] <= mp) lo = mid;
+        else hi = mid - 1;
+    }
+    return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
+}
+
+template <int CL, bool BT>
+__global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ unsigned char smem_raw[];
+    unsigned char *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    const int tid = threadIdx.x, wg = tid >> 7;
+    unsigned rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            bar_init(&full[s], 1);
+            // a stage is refilled in both CTAs at once: every consumer warp of both must be done with it
+            bar_init(&empty[s], CL * CONSUMER_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    cluster_sync();   // the peer's copies and releases find our barriers initialised
+    const int nk1 = (p.K + BK - 1) / BK, nk = nk1 + (p.K2 + BK - 1) / BK;
+    const int first = blockIdx.x / CL, step = gridDim.x / CL;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid == 0) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_a)) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_b)) : "memory");
+            unsigned it = 0;
+            for (int t = first; t < p.items; t += step) {
+                const tma_tile tt = tile_of<CL>(p, t, rank);
+                // this CTA's half of the B tile goes to both CTAs
+                const int arow = p.off[tt.g] + tt.m0, brow = tt.g * p.N + tt.nt * BN + rank * (BN / CL);
+                for (int kt = 0; kt < nk; kt++, it++) {
+                    const int s = it % STAGES;
+                    const bool second = kt >= nk1;
+                    const CUtensorMap *ma = second ? &p.map_a2 : &p.map_a, *mb = second ? &p.map_b2 : &p.map_b;
+                    const int k0 = (second ? kt - nk1 : kt) * BK;
+                    bar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
+                    unsigned char *st = smem + s * STAGE_BYTES;
+                    bar_expect(&full[s], STAGE_BYTES);
+                    tma_load(st, ma, k0, arow, &full[s]);
+                    if (BT) {
+                        if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), mb, k0, brow, &full[s]);
+                        else tma_load(st + A_BYTES, mb, k0, brow, &full[s]);
+                    } else {
+                        // this CTA's slabs of 64 columns (all four, or two of them for both CTAs)
+#pragma unroll
+                        for (int j = 0; j < 4 / CL; j++) {
+                            const int slab = rank * (4 / CL) + j;
+                            unsigned char *dst = st + A_BYTES + slab * (B_BYTES / 4);
+                            const int n = tt.nt * BN + slab * 64;
+                            if (CL == 2) tma_load3_both(dst, mb, n, k0, tt.g, &full[s]);
+                            else tma_load3(dst, mb, n, k0, tt.g, &full[s]);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
+        unsigned it = 0;
+        float d[BN / 2];
+        for (int t = first; t < p.items; t += step) {
+            const tma_tile tt = tile_of<CL>(p, t, rank);
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
+            int prev = -1;
+            for (int kt = 0; kt < nk; kt++, it++) {
+                const int s = it % STAGES;
+                bar_wait(&full[s], (it / STAGES) & 1);
+                const unsigned char *sa = smem + s * STAGE_BYTES + cw * (64 * 128), *sb = smem + s * STAGE_BYTES + A_BYTES;
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+                for (int k = 0; k < BK / 16; k++)
+                    wgmma_m64n256k16<BT ? 0 : 1>(d, desc_kmaj(sa + k * 32), BT ? desc_kmaj(sb + k * 32) : desc_nmaj(sb + k * 2048));
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                // the stage before this one is read once its wgmmas are done
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
+                prev = s;
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
+            // store: thread (warp, lane) holds rows r and r + 8 of its warpgroup's 64,
+            // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31
+            const int g = tt.g, rows = p.off[g + 1] - p.off[g];
+            const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
+            if (wrow + 64 <= rows && p.beta == 0.0f) {
+                // every row inside the group: staged, then one bulk copy a box (columns
+                // past N are clipped by the copy); the previous tile's copies must have
+                // read the staging first
+                unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
+                if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                wg_sync(1 + cw);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = warp * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+                    for (int j = 0; j < BN / 8; j++) {
+                        __nv_bfloat162 v = __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
+                        *reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 + (((j & 7) ^ (r & 7)) << 4) +
+                                                            4 * (lane & 3)) = v;
+                    }
+                }
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                wg_sync(1 + cw);
+                if ((tid & 127) == 0) {
+                    for (int b = 0; b < 4; b++)
+                        if (tt.nt * BN + b * 64 < p.N) tma_store(&p.map_c, cs + b * 8192, tt.nt * BN + b * 64, p.off[g] + wrow);
+                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                }
+                continue;
+            }
+            const int r = wrow + warp * 16 + (lane >> 2);
+            const int c0 = tt.nt * BN + 2 * (lane & 3);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int row = r + 8 * h;
+                if (row >= rows) continue;
+                __nv_bfloat16 *crow = p.c + (int64_t)(p.off[g] + row) * p.N;
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++) {
+                    const int col = c0 + 8 * j;
+                    if (col >= p.N) continue;
+                    float x = p.alpha * d[4 * j + 2 * h], y = p.alpha * d[4 * j + 2 * h + 1];
+                    __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(crow + col);
+                    if (p.beta != 0.0f) {
+                        const __nv_bfloat162 o = *q;
+                        x += p.beta * __bfloat162float(o.x);
+                        y += p.beta * __bfloat162float(o.y);
+                    }
+                    *q = __floats2bfloat162_rn(x, y);
+                }
+            }
+        }
+        // the last copies are done before the block (and its shared memory) goes
+        if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    }
+    // neither CTA leaves while the other may still copy into it or release its stages
+    __syncwarp();
+    cluster_sync();
+#endif
+}
+
+typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                              const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// a row-major bf16 matrix [rows, cols] read in boxes of box_rows x 64 columns, 128-byte swizzled
+bool make_map(encode_fn enc, CUtensorMap *m, const void *base, int64_t rows, int64_t cols, int box_rows) {
+    cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+    cuuint64_t strides[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {(cuuint32_t)BK, (cuuint32_t)box_rows}, estr[2] = {1, 1};
+    return enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides, box, estr,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// b [G, K, N] as a 3-D tensor (N, K, G) read in boxes of 64 columns x 64 K rows of one expert
+bool make_map_kn(encode_fn enc, CUtensorMap *m, const void *base, int groups, int64_t K, int64_t N) {
+    cuuint64_t dims[3] = {(cuuint64_t)N, (cuuint64_t)K, (cuuint64_t)groups};
+    cuuint64_t strides[2] = {(cuuint64_t)N * 2, (cuuint64_t)K * N * 2};
+    cuuint32_t box[3] = {64, (cuuint32_t)BK, 1}, estr[3] = {1, 1, 1};
+    return enc(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void *>(base), dims, strides, box, estr,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    return cuda_tma_grouped_pair(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, offsets, groups, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran) {
+    *ran = false;
+    if (groups < 1 || groups > MAX_GROUPS || offsets[0] != 0 || offsets[groups] >= (int64_t)INT32_MAX - BM)
+        return MOE_OK;
+    if (K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || (int64_t)groups * N > INT32_MAX ||
+        ((uintptr_t)a & 15) || ((uintptr_t)b & 15) || ((uintptr_t)c & 15))
+        return MOE_OK;
+    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || ((uintptr_t)a2 & 15) || ((uintptr_t)b2 & 15))))
+        return MOE_OK;
+    if (!d->tma_encode && !d->tma_failed) {
+        cudaDriverEntryPointQueryResult q;
+        void *fn = nullptr;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess || !fn) {
+            (void)cudaGetLastError();
+            d->tma_failed = true;
+        }
+        d->tma_encode = fn;
+    }
+    if (!d->tma_encode) return MOE_OK;
+    const int64_t rows = offsets[groups];
+    if (rows == 0) { *ran = true; return MOE_OK; }
+    static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
+    tma_params p;
+    memset(&p, 0, sizeof p);
+    encode_fn enc = (encode_fn)d->tma_encode;
+    const int CLN = d->tma_cluster == 1 ? 1 : 2;
+    if (!make_map(enc, &p.map_a, a, rows, K, BM) ||
+        !(transb ? make_map(enc, &p.map_b, b, (int64_t)groups * N, K, BN / CLN) : make_map_kn(enc, &p.map_b, b, groups, K, N)) ||
+        !make_map(enc, &p.map_c, c, rows, N, 64))
+        return MOE_OK;
+    if (K2 > 0 && (!make_map(enc, &p.map_a2, a2, rows, K2, BM) ||
+                   !(transb ? make_map(enc, &p.map_b2, b2, (int64_t)groups * N, K2, BN / CLN)
+                            : make_map_kn(enc, &p.map_b2, b2, groups, K2, N))))
+        return MOE_OK;
+    p.c = (__nv_bfloat16 *)c;
+    p.alpha = alpha; p.beta = beta;
+    p.N = (int)N; p.K = (int)K; p.K2 = (int)K2; p.groups = groups;
+    p.n_tiles = (int)((N + BN - 1) / BN);
+    int64_t bands = 0;
+    for (int g = 0; g <= groups; g++) {
+        p.off[g] = (int)offsets[g];
+        p.pair0[g] = (int)bands;
+        if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
+    }
+    const int64_t items = bands * p.n_tiles;
+    if (items > INT32_MAX / 2) return MOE_OK;
+    p.items = (int)items;
+    auto kern = transb ? (CLN == 2 ? grouped_tma_kernel<2, true> : grouped_tma_kernel<1, true>)
+                       : (CLN == 2 ? grouped_tma_kernel<2, false> : grouped_tma_kernel<1, false>);
+    CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES),
+           "gemm_grouped (TMA kernel)");
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CLN; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(THREADS, 1, 1);
+    cfg.dynamicSmemBytes = SMEM_BYTES;
+    cfg.stream = d->stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (d->tma_clusters == 0) {
+        // how many clusters fit at once (not every SM need take one)
+        cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
+        int n = 0;
+        CU_TRY(cudaOccupancyMaxActiveClusters(&n, kern, &cfg), "gemm_grouped (TMA kernel occupancy)");
+        if (n < 1) return MOE_OK;
+        d->tma_clusters = n;
+    }
+    *ran = true;
+    const int64_t clusters = items < d->tma_clusters ? items : d->tma_clusters;
+    cfg.gridDim = dim3((unsigned)(CLN * clusters), 1, 1);
+    CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), "gemm_grouped (TMA kernel)");
+    CU_LAUNCHED("gemm_grouped (TMA kernel)");
+    return MOE_OK;
+}

@@ -1,0 +1,24 @@
+// The grouped-GEMM forward through the bulk tensor copy engine
+// (cuda_grouped_tma.cu): c_g = alpha * a_g op(b_g) + beta * c_g with a [M, K]
+// grouped by row offsets, b [G, N, K] (transb: op(b_g) = b_g^T, the forward
+// of the expert bank's weights) or [G, K, N] (their data gradients), c [M, N]; bf16 in and out, f32 accumulation. Sets *ran =
+// false and returns MOE_OK, launching nothing, when the call does not fit:
+// more than MOE_TMA_GROUPED_MAX_GROUPS experts, K or N not a multiple of 8,
+// a or b not 16-byte aligned, over 2^31 rows, or no tensor-map encoder in
+// the driver.
+#ifndef MOE_CUDA_GROUPED_TMA_H
+#define MOE_CUDA_GROUPED_TMA_H
+
+#include "cuda_common.cuh"
+
+#define MOE_TMA_GROUPED_MAX_GROUPS 256
+
+moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran);
+/* c = alpha (a op(b) + a2 op(b2)) + beta c in one pass over K + K2 (a2 [M, K2],
+ * b2 like b with K2); K2 = 0: as cuda_tma_grouped */
+moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran);
+
+#endif

@@ -1,0 +1,144 @@
+/* The TMA forward kernel of the grouped GEMM (src/ops/cuda/cuda_grouped_tma.cu)
+ * against the CPU backend on fresh random bf16 data: partial tiles in every
+ * direction (row counts, K and N not multiples of its 128 x 256 x 64 tile),
+ * empty experts first, in the middle and last (whose boxes read the next
+ * expert's rows), an N below one tile and one just above it (whose B boxes
+ * read the next expert's rows), beta 0 over NaN (c must not be read) and 0.5,
+ * the largest expert count it takes (256), more tiles than SMs (the
+ * persistent loop), and the shapes of the issue's layer and step; each with b
+ * [G, N, K] (the forward) and [G, K, N] (data gradients). Each check
+ * asserts from the device's counter that the TMA kernel served the call, and
+ * a call it must refuse (K not a multiple of 8) still gives the right result.
+ * The pair form (two GEMMs summed along K: the SwiGLU input gradient) in both
+ * layouts, and which calls the setting and strategy send to it. */
+#include "gpucheck.h"
+
+static const moe_dtype BF = MOE_BF16;
+
+static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
+    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 11;
+    off[0] = 0;
+    for (int g = 0; g < G; g++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
+        if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
+        off[g + 1] = off[g] + n;
+    }
+}
+
+static uint64_t tma_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_tma_calls(ctx, 0, &n) != MOE_OK, "TMA counter");
+    return n;
+}
+
+static void fwd_tb(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N,
+                   int want_tma) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, K)), c = in_randn(BF, SH(M, N));
+    pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "TMA %s %s: beta=%g G=%d M=%lld K=%lld N=%lld", tb ? "fwd" : "dgrad", what, beta, G,
+             (long long)M, (long long)K, (long long)N);
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        uint64_t n = tma_calls() - t0;
+        ok(n == (uint64_t)want_tma, "%s: %s the TMA kernel (%llu calls)", name, want_tma ? "served by" : "not taken by",
+           (unsigned long long)n);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* both layouts of b: [G, N, K] (the forward) and [G, K, N] (the data gradient) */
+static void fwd(const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N, int want_tma) {
+    for (int tb = 1; tb >= 0; tb--) {
+        int64_t o[300];
+        memcpy(o, off, (size_t)(G + 1) * sizeof *o);
+        fwd_tb(tb, what, beta, o, G, K, N, want_tma);
+    }
+}
+
+static void pair_tb(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K1, int64_t K2,
+                    int64_t N) {
+    int64_t M = off[G];
+    pair a1 = in_randn(BF, SH(M, K1)), a2 = in_randn(BF, SH(M, K2)), c = in_randn(BF, SH(M, N));
+    pair b1 = tb ? in_randn(BF, SH(G, N, K1)) : in_randn(BF, SH(G, K1, N));
+    pair b2 = tb ? in_randn(BF, SH(G, N, K2)) : in_randn(BF, SH(G, K2, N));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "TMA pair %s %s: beta=%g G=%d M=%lld K1=%lld K2=%lld N=%lld", tb ? "fwd" : "dgrad", what,
+             beta, G, (long long)M, (long long)K1, (long long)K2, (long long)N);
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.h, b1.h, a2.h, b2.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_pair(ctx, tb, 0.9f, a1.d, b1.d, a2.d, b2.d, beta, c.d, off, G))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        uint64_t n = tma_calls() - t0;
+        ok(n == 1, "%s: one launch of the TMA kernel (%llu)", name, (unsigned long long)n);
+    }
+    pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
+}
+
+/* whether a call of the step model's gate/up shape goes to the TMA kernel under a setting */
+static void policy(const char *what, int tma, moe_cuda_grouped_gemm strategy, int want) {
+    die_if(moe_cuda_set_grouped_tma(ctx, 0, tma) != MOE_OK, "TMA setting");
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, strategy) != MOE_OK, "strategy");
+    static int64_t off[33];
+    make_offsets(off, 32, 1000, 0);
+    fwd_tb(1, what, 0.0f, off, 32, 1024, 512, want);
+}
+
+int main(void) {
+    gpucheck_begin();
+    die_if(moe_cuda_set_grouped_tma(ctx, 0, 1) != MOE_OK, "TMA on");
+    static int64_t off[300];
+
+    /* partial tiles: rows up to 300 (0-3 M tiles), K 72 (1.1 k-tiles), N 200 (under one N tile) */
+    make_offsets(off, 8, 300, 3);
+    fwd("partial tiles", 0.0f, off, 8, 72, 200, 1);
+    make_offsets(off, 8, 300, 3);
+    fwd("partial tiles", 0.5f, off, 8, 72, 200, 1);
+    /* N just past one tile, K past several, rows past the tensor's end in the last box */
+    make_offsets(off, 6, 500, 0);
+    fwd("N 264, K 1000", 0.0f, off, 6, 1000, 264, 1);
+    /* one expert; the largest expert count it takes */
+    off[0] = 0; off[1] = 1000;
+    fwd("one expert", 0.5f, off, 1, 136, 520, 1);
+    make_offsets(off, 256, 40, 5);
+    fwd("256 experts", 0.0f, off, 256, 64, 48, 1);
+    /* the step model's gate/up and down shapes (32 experts, H 1024, I 512): more tiles than SMs */
+    make_offsets(off, 32, 1400, 0);
+    fwd("step model gate/up", 0.0f, off, 32, 1024, 512, 1);
+    make_offsets(off, 32, 1400, 0);
+    fwd("step model down", 0.0f, off, 32, 512, 1024, 1);
+    /* the OLMoE layer's gate/up (64 experts, d 2048, I 1024), fewer rows */
+    make_offsets(off, 64, 600, 7);
+    fwd("OLMoE gate", 0.0f, off, 64, 2048, 1024, 1);
+    /* K under one k-tile */
+    make_offsets(off, 5, 400, 0);
+    fwd("K 40", 0.0f, off, 5, 40, 136, 1);
+    /* every expert empty; K not a multiple of 8 (refused: another path, same result) */
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    fwd("no rows", 0.5f, off, 4, 64, 64, 1);
+    make_offsets(off, 4, 200, 0);
+    fwd("K 100 (refused)", 0.0f, off, 4, 100, 64, 0);
+    /* the pair: dx = dg Wg + du Wu of the step model, partial k-tiles in each half */
+    for (int tb = 1; tb >= 0; tb--) {
+        make_offsets(off, 8, 300, 3);
+        pair_tb(tb, "partial tiles", 0.0f, off, 8, 72, 40, 200);
+        make_offsets(off, 8, 300, 3);
+        pair_tb(tb, "partial tiles", 0.5f, off, 8, 72, 40, 264);
+        make_offsets(off, 32, 1400, 0);
+        pair_tb(tb, "step model dx", 0.0f, off, 32, 512, 512, 1024);
+    }
+    /* who takes the step model's calls: auto (the default) where the own kernel
+     * would, never when off, never under the explicit own-kernel strategy */
+    policy("auto", -1, MOE_CUDA_GROUPED_AUTO, 1);
+    policy("off", 0, MOE_CUDA_GROUPED_AUTO, 0);
+    policy("own-kernel strategy", -1, MOE_CUDA_GROUPED_KERNEL, 0);
+    policy("forced under the loop strategy", 1, MOE_CUDA_GROUPED_LOOP, 1);
+    ok(moe_cuda_set_grouped_tma(ctx, 0, 2) != MOE_OK, "a TMA setting of 2 is refused");
+    return gpucheck_end();
+}
