@@ -101,6 +101,7 @@ cuda_dev *cuda_dev_get(moe_ctx *ctx, moe_device dev) {
 static moe_status init_dev(cuda_dev *d) {
     CU_TRY(cudaSetDevice(d->index), "cudaSetDevice");
     CU_TRY(cudaDeviceGetAttribute(&d->sm_count, cudaDevAttrMultiProcessorCount, d->index), "device attributes");
+    CU_TRY(cudaDeviceGetAttribute(&d->l2_bytes, cudaDevAttrL2CacheSize, d->index), "device attributes");
     CU_TRY(cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     cublasStatus_t s = cublasCreate(&d->blas);
     if (s != CUBLAS_STATUS_SUCCESS) {

@@ -33,6 +33,7 @@ struct cuda_dev {
     moe_allocator alloc;          // handed to the context; alloc.state == this
     int index;                    // CUDA ordinal
     int sm_count;
+    int l2_bytes;
     cudaStream_t stream;          // every kernel, copy and cuBLAS call of this device runs here
     cublasHandle_t blas;
     void *blas_ws;                // cuBLAS workspace set on the handle (see init_dev)

@@ -25,6 +25,8 @@
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
 
+#include "cuda_swiglu.cuh"
+
 #include <cuda.h>
 #include <cuda_bf16.h>
 
@@ -45,8 +47,10 @@ constexpr int CONSUMER_WARPS = 8;
 struct tma_params {
     // first: 64-byte aligned as the copies require; a2, b2: the second pair along
     // K (K2 > 0), its K tiles after the first pair's in the same accumulators
-    CUtensorMap map_a, map_b, map_a2, map_b2, map_c;
-    __nv_bfloat16 *c;
+    // SW (the SwiGLU forward): b = the gate weights, b2 = the up weights; c, u and
+    // h = gate, up and the activation [M, N] with N the expert hidden width
+    CUtensorMap map_a, map_b, map_a2, map_b2, map_c, map_u, map_h;
+    __nv_bfloat16 *c, *u, *h;   // u, h: SW only
     float alpha, beta;
     int N, K, K2, n_tiles, items, groups;
     int off[MAX_GROUPS + 1];     // row offsets of the groups
@@ -148,7 +152,31 @@ template <int CL> __device__ __forceinline__ tma_tile tile_of(const tma_params &
     return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
 }
 
-template <int CL, bool BT>
+// Stages a warpgroup's 64 x 256 values (v(j, h, e): column 8 j + 2 (lane % 4) + e
+// of row warp * 16 + lane / 4 + 8 h) as four 128-byte-swizzled 64 x 64 boxes
+// (j < jn only), after the copies that read the staging before have done so.
+template <typename F>
+__device__ __forceinline__ void stage(unsigned char *cs, int jn, int tid, int cw, F v) {
+    const int lane = tid & 31, warp = (tid >> 5) & 3;
+    if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    wg_sync(1 + cw);
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int r = warp * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            if (j >= jn) break;
+            *reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 + (((j & 7) ^ (r & 7)) << 4) +
+                                                4 * (lane & 3)) = v(j, h);
+        }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    wg_sync(1 + cw);
+}
+
+__device__ __forceinline__ float round_bf(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+template <int CL, bool BT, bool SW>
 __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
@@ -187,7 +215,16 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                     unsigned char *st = smem + s * STAGE_BYTES;
                     bar_expect(&full[s], STAGE_BYTES);
                     tma_load(st, ma, k0, arow, &full[s]);
-                    if (BT) {
+                    if (SW) {
+                        // gate rows, then up rows of the same hidden units (one map each CTA of two)
+                        const int srow = tt.g * p.N + tt.nt * (BN / 2);
+                        if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), rank ? &p.map_b2 : &p.map_b, k0,
+                                                   srow, &full[s]);
+                        else {
+                            tma_load(st + A_BYTES, &p.map_b, k0, srow, &full[s]);
+                            tma_load(st + A_BYTES + B_BYTES / 2, &p.map_b2, k0, srow, &full[s]);
+                        }
+                    } else if (BT) {
                         if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), mb, k0, brow, &full[s]);
                         else tma_load(st + A_BYTES, mb, k0, brow, &full[s]);
                     } else {
@@ -231,52 +268,83 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
             // store: thread (warp, lane) holds rows r and r + 8 of its warpgroup's 64,
-            // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31
+            // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31 (SW: j < 16 gate,
+            // j >= 16 up of the same hidden units)
             const int g = tt.g, rows = p.off[g + 1] - p.off[g];
             const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
-            if (wrow + 64 <= rows && p.beta == 0.0f) {
-                // every row inside the group: staged, then one bulk copy a box (columns
-                // past N are clipped by the copy); the previous tile's copies must have
-                // read the staging first
-                unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
-                if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-                wg_sync(1 + cw);
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = warp * 16 + (lane >> 2) + 8 * h;
-#pragma unroll
-                    for (int j = 0; j < BN / 8; j++) {
-                        __nv_bfloat162 v = __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
-                        *reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 + (((j & 7) ^ (r & 7)) << 4) +
-                                                            4 * (lane & 3)) = v;
-                    }
-                }
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                wg_sync(1 + cw);
-                if ((tid & 127) == 0) {
+            const int64_t grow = (int64_t)p.off[g] + wrow;
+            unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
+            const bool lead = (tid & 127) == 0;
+            if (SW && wrow + 64 <= rows) {
+                // gate and up rounded as stored; the activation from the rounded values
+                const int n0 = tt.nt * (BN / 2);
+                stage(cs, BN / 8, tid, cw, [&](int j, int h) {
+                    return __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+                });
+                if (lead) {
                     for (int b = 0; b < 4; b++)
-                        if (tt.nt * BN + b * 64 < p.N) tma_store(&p.map_c, cs + b * 8192, tt.nt * BN + b * 64, p.off[g] + wrow);
+                        if (n0 + (b & 1) * 64 < p.N)
+                            tma_store(b < 2 ? &p.map_c : &p.map_u, cs + b * 8192, n0 + (b & 1) * 64, (int)grow);
+                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                }
+                stage(cs, BN / 16, tid, cw, [&](int j, int h) {
+                    const float g0 = round_bf(d[4 * j + 2 * h]), g1 = round_bf(d[4 * j + 2 * h + 1]);
+                    const float u0 = round_bf(d[4 * (j + 16) + 2 * h]), u1 = round_bf(d[4 * (j + 16) + 2 * h + 1]);
+                    return __floats2bfloat162_rn(swiglu_1(g0, u0), swiglu_1(g1, u1));
+                });
+                if (lead) {
+                    for (int b = 0; b < 2; b++)
+                        if (n0 + b * 64 < p.N) tma_store(&p.map_h, cs + b * 8192, n0 + b * 64, (int)grow);
                     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
                 }
                 continue;
             }
+            if (!SW && wrow + 64 <= rows && p.beta == 0.0f) {
+                // every row inside the group: staged, then one bulk copy a box (columns
+                // past N are clipped by the copy)
+                stage(cs, BN / 8, tid, cw, [&](int j, int h) {
+                    return __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
+                });
+                if (lead) {
+                    for (int b = 0; b < 4; b++)
+                        if (tt.nt * BN + b * 64 < p.N) tma_store(&p.map_c, cs + b * 8192, tt.nt * BN + b * 64, (int)grow);
+                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+                }
+                continue;
+            }
+            // rows past the group's end (or beta): stored directly, row by row
             const int r = wrow + warp * 16 + (lane >> 2);
-            const int c0 = tt.nt * BN + 2 * (lane & 3);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int row = r + 8 * h;
                 if (row >= rows) continue;
-                __nv_bfloat16 *crow = p.c + (int64_t)(p.off[g] + row) * p.N;
+                const int64_t o = (int64_t)(p.off[g] + row) * p.N;
+                if (SW) {
+                    const int c0 = tt.nt * (BN / 2) + 2 * (lane & 3);
+#pragma unroll
+                    for (int j = 0; j < BN / 16; j++) {
+                        const int col = c0 + 8 * j;
+                        if (col >= p.N) continue;
+                        const float g0 = round_bf(d[4 * j + 2 * h]), g1 = round_bf(d[4 * j + 2 * h + 1]);
+                        const float u0 = round_bf(d[4 * (j + 16) + 2 * h]), u1 = round_bf(d[4 * (j + 16) + 2 * h + 1]);
+                        *reinterpret_cast<__nv_bfloat162 *>(p.c + o + col) = __floats2bfloat162_rn(g0, g1);
+                        *reinterpret_cast<__nv_bfloat162 *>(p.u + o + col) = __floats2bfloat162_rn(u0, u1);
+                        *reinterpret_cast<__nv_bfloat162 *>(p.h + o + col) =
+                            __floats2bfloat162_rn(swiglu_1(g0, u0), swiglu_1(g1, u1));
+                    }
+                    continue;
+                }
+                const int c0 = tt.nt * BN + 2 * (lane & 3);
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
                     const int col = c0 + 8 * j;
                     if (col >= p.N) continue;
                     float x = p.alpha * d[4 * j + 2 * h], y = p.alpha * d[4 * j + 2 * h + 1];
-                    __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(crow + col);
+                    __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(p.c + o + col);
                     if (p.beta != 0.0f) {
-                        const __nv_bfloat162 o = *q;
-                        x += p.beta * __bfloat162float(o.x);
-                        y += p.beta * __bfloat162float(o.y);
+                        const __nv_bfloat162 v = *q;
+                        x += p.beta * __bfloat162float(v.x);
+                        y += p.beta * __bfloat162float(v.y);
                     }
                     *q = __floats2bfloat162_rn(x, y);
                 }
@@ -317,22 +385,9 @@ bool make_map_kn(encode_fn enc, CUtensorMap *m, const void *base, int groups, in
 
 }  // namespace
 
-moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
-                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
-    return cuda_tma_grouped_pair(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, offsets, groups, K, N, ran);
-}
+namespace {
 
-moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
-                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
-                                 int64_t K, int64_t N, bool *ran) {
-    *ran = false;
-    if (groups < 1 || groups > MAX_GROUPS || offsets[0] != 0 || offsets[groups] >= (int64_t)INT32_MAX - BM)
-        return MOE_OK;
-    if (K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || (int64_t)groups * N > INT32_MAX ||
-        ((uintptr_t)a & 15) || ((uintptr_t)b & 15) || ((uintptr_t)c & 15))
-        return MOE_OK;
-    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || ((uintptr_t)a2 & 15) || ((uintptr_t)b2 & 15))))
-        return MOE_OK;
+encode_fn tma_encoder(cuda_dev *d) {
     if (!d->tma_encode && !d->tma_failed) {
         cudaDriverEntryPointQueryResult q;
         void *fn = nullptr;
@@ -343,13 +398,84 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
         }
         d->tma_encode = fn;
     }
-    if (!d->tma_encode) return MOE_OK;
+    return (encode_fn)d->tma_encode;
+}
+
+bool offsets_fit(const int64_t *offsets, int groups) {
+    return groups >= 1 && groups <= MAX_GROUPS && offsets[0] == 0 && offsets[groups] < (int64_t)INT32_MAX - BM;
+}
+
+// The work items of p (its maps, outputs and extents set; tile_n: the columns
+// of output one N tile covers), then the launch: one cluster of CL CTAs per
+// item at a time, as many clusters as fit.
+moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int tile_n, bool transb, bool sw,
+                      const char *what, bool *ran) {
+    const int CLN = d->tma_cluster == 1 ? 1 : 2;
+    p.groups = groups;
+    p.n_tiles = (p.N + tile_n - 1) / tile_n;
+    int64_t bands = 0;
+    for (int g = 0; g <= groups; g++) {
+        p.off[g] = (int)offsets[g];
+        p.pair0[g] = (int)bands;
+        if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
+    }
+    const int64_t items = bands * p.n_tiles;
+    if (items > INT32_MAX / 2) return MOE_OK;
+    p.items = (int)items;
+    auto kern = sw ? (CLN == 2 ? grouped_tma_kernel<2, true, true> : grouped_tma_kernel<1, true, true>)
+              : transb ? (CLN == 2 ? grouped_tma_kernel<2, true, false> : grouped_tma_kernel<1, true, false>)
+                       : (CLN == 2 ? grouped_tma_kernel<2, false, false> : grouped_tma_kernel<1, false, false>);
+    CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CLN; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
+    cfg.blockDim = dim3(THREADS, 1, 1);
+    cfg.dynamicSmemBytes = SMEM_BYTES;
+    cfg.stream = d->stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (d->tma_clusters == 0) {
+        // how many clusters fit at once (not every SM need take one); the same for every instantiation
+        cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
+        int n = 0;
+        CU_TRY(cudaOccupancyMaxActiveClusters(&n, kern, &cfg), what);
+        if (n < 1) return MOE_OK;
+        d->tma_clusters = n;
+    }
+    *ran = true;
+    if (items == 0) return MOE_OK;
+    const int64_t clusters = items < d->tma_clusters ? items : d->tma_clusters;
+    cfg.gridDim = dim3((unsigned)(CLN * clusters), 1, 1);
+    CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), what);
+    CU_LAUNCHED(what);
+    return MOE_OK;
+}
+
+bool al16(const void *q) { return ((uintptr_t)q & 15) == 0; }
+
+}  // namespace
+
+moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    return cuda_tma_grouped_pair(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, offsets, groups, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX ||
+        (int64_t)groups * N > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
+        return MOE_OK;
+    if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || !al16(a2) || !al16(b2)))) return MOE_OK;
+    encode_fn enc = tma_encoder(d);
+    if (!enc) return MOE_OK;
     const int64_t rows = offsets[groups];
     if (rows == 0) { *ran = true; return MOE_OK; }
     static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
     tma_params p;
     memset(&p, 0, sizeof p);
-    encode_fn enc = (encode_fn)d->tma_encode;
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     if (!make_map(enc, &p.map_a, a, rows, K, BM) ||
         !(transb ? make_map(enc, &p.map_b, b, (int64_t)groups * N, K, BN / CLN) : make_map_kn(enc, &p.map_b, b, groups, K, N)) ||
@@ -361,42 +487,29 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
         return MOE_OK;
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
-    p.N = (int)N; p.K = (int)K; p.K2 = (int)K2; p.groups = groups;
-    p.n_tiles = (int)((N + BN - 1) / BN);
-    int64_t bands = 0;
-    for (int g = 0; g <= groups; g++) {
-        p.off[g] = (int)offsets[g];
-        p.pair0[g] = (int)bands;
-        if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
-    }
-    const int64_t items = bands * p.n_tiles;
-    if (items > INT32_MAX / 2) return MOE_OK;
-    p.items = (int)items;
-    auto kern = transb ? (CLN == 2 ? grouped_tma_kernel<2, true> : grouped_tma_kernel<1, true>)
-                       : (CLN == 2 ? grouped_tma_kernel<2, false> : grouped_tma_kernel<1, false>);
-    CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES),
-           "gemm_grouped (TMA kernel)");
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = CLN; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
-    cfg.blockDim = dim3(THREADS, 1, 1);
-    cfg.dynamicSmemBytes = SMEM_BYTES;
-    cfg.stream = d->stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (d->tma_clusters == 0) {
-        // how many clusters fit at once (not every SM need take one)
-        cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
-        int n = 0;
-        CU_TRY(cudaOccupancyMaxActiveClusters(&n, kern, &cfg), "gemm_grouped (TMA kernel occupancy)");
-        if (n < 1) return MOE_OK;
-        d->tma_clusters = n;
-    }
-    *ran = true;
-    const int64_t clusters = items < d->tma_clusters ? items : d->tma_clusters;
-    cfg.gridDim = dim3((unsigned)(CLN * clusters), 1, 1);
-    CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), "gemm_grouped (TMA kernel)");
-    CU_LAUNCHED("gemm_grouped (TMA kernel)");
-    return MOE_OK;
+    p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
+    return tma_launch(d, p, offsets, groups, BN, transb != 0, false, "gemm_grouped (TMA kernel)", ran);
+}
+
+moe_status cuda_tma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
+                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX ||
+        (int64_t)groups * de > INT32_MAX || !al16(x) || !al16(wg) || !al16(wu) || !al16(g) || !al16(u) || !al16(h))
+        return MOE_OK;
+    encode_fn enc = tma_encoder(d);
+    if (!enc) return MOE_OK;
+    const int64_t rows = offsets[groups];
+    if (rows == 0) { *ran = true; return MOE_OK; }
+    tma_params p;
+    memset(&p, 0, sizeof p);
+    // each B box is 128 hidden units of one of the two weights
+    if (!make_map(enc, &p.map_a, x, rows, K, BM) || !make_map(enc, &p.map_b, wg, (int64_t)groups * de, K, BN / 2) ||
+        !make_map(enc, &p.map_b2, wu, (int64_t)groups * de, K, BN / 2) || !make_map(enc, &p.map_c, g, rows, de, 64) ||
+        !make_map(enc, &p.map_u, u, rows, de, 64) || !make_map(enc, &p.map_h, h, rows, de, 64))
+        return MOE_OK;
+    p.c = (__nv_bfloat16 *)g; p.u = (__nv_bfloat16 *)u; p.h = (__nv_bfloat16 *)h;
+    p.alpha = 1.0f; p.beta = 0.0f;
+    p.N = (int)de; p.K = (int)K; p.K2 = 0;
+    return tma_launch(d, p, offsets, groups, BN / 2, true, true, "gemm_grouped_swiglu (TMA kernel)", ran);
 }
