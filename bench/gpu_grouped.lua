@@ -1,5 +1,6 @@
--- The grouped expert GEMM's forward on its own (c = a b_g^T, the expert bank's
--- gate/up and down projections), bf16, at the issue's shapes, timed with the
+-- The grouped expert GEMMs on their own, bf16, at the issue's shapes: the
+-- forward (c = a b_g^T, the expert bank's projections), the data gradients
+-- (c = a b_g), and gate + up + SwiGLU fused or in parts; timed with the
 -- device synchronised around ITERS calls (median of REPEATS). The strategy
 -- comes from the environment, so run it once per setting:
 --   build/cuda/moelab bench/gpu_grouped.lua                      (auto)
@@ -24,6 +25,11 @@ local shapes = {
   {"step down", 32768, 32, 512, 1024, true},
   {"step dx", 32768, 32, 512, 1024, false},
   {"mixtral gate", 16384, 8, 4096, 14336, true},
+  -- gate, up and the SwiGLU activation: one fused call, and the parts (N: the hidden width)
+  {"olmoe swiglu", 131072, 64, 2048, 1024, "swiglu"},
+  {"olmoe parts", 131072, 64, 2048, 1024, "parts"},
+  {"step swiglu", 32768, 32, 1024, 512, "swiglu"},
+  {"step parts", 32768, 32, 1024, 512, "parts"},
 }
 local function offsets(rows, G, seed)
   local w, s = {}, 0
@@ -45,11 +51,33 @@ for _, sh in ipairs(shapes) do
   if only and sh[1] ~= only then goto continue end
   local name, M, G, K, N, tb = sh[1], sh[2], sh[3], sh[4], sh[5], sh[6]
   local a = moe.randn({M, K}, {seed = 1, device = "cuda"}):to("bf16")
-  local b = moe.randn(tb and {G, N, K} or {G, K, N}, {seed = 2, device = "cuda"}):to("bf16")
+  local b = tb == false and moe.randn({G, K, N}, {seed = 2, device = "cuda"}):to("bf16") or nil
+  if tb == true then b = moe.randn({G, N, K}, {seed = 2, device = "cuda"}):to("bf16") end
   local off = offsets(M, G, 7)
-  local c = core.ops.gemm_grouped(a, b, off, {transb = tb})
-  local opts = {transb = tb, out = c}   -- written in place: the timing is the GEMM's alone
-  local function run() return core.ops.gemm_grouped(a, b, off, opts) end
+  local c, run, flops
+  if tb == "swiglu" or tb == "parts" then
+    -- b is the gate weights [G, N, K]; bu the up weights
+    local bu = moe.randn({G, N, K}, {seed = 3, device = "cuda"}):to("bf16")
+    b = moe.randn({G, N, K}, {seed = 2, device = "cuda"}):to("bf16")
+    flops = 2 * 2 * M * K * N
+    if tb == "swiglu" then
+      run = function() return core.ops.gemm_grouped_swiglu(a, b, bu, off) end
+    else
+      local g = core.ops.gemm_grouped(a, b, off, {transb = true})
+      local u = core.ops.gemm_grouped(a, bu, off, {transb = true})
+      local go, uo = {transb = true, out = g}, {transb = true, out = u}
+      run = function()
+        core.ops.gemm_grouped(a, b, off, go)
+        core.ops.gemm_grouped(a, bu, off, uo)
+        return core.ops.swiglu(g, u)
+      end
+    end
+  else
+    c = core.ops.gemm_grouped(a, b, off, {transb = tb})
+    local opts = {transb = tb, out = c}   -- written in place: the timing is the GEMM's alone
+    run = function() return core.ops.gemm_grouped(a, b, off, opts) end
+    flops = 2 * M * K * N
+  end
   run(); moe.synchronize("cuda")
   local times = {}
   for r = 1, repeats do
@@ -61,7 +89,7 @@ for _, sh in ipairs(shapes) do
   end
   table.sort(times)
   local t = times[math.floor((repeats + 1) / 2)]
-  print(string.format("%-14s %8d %4d %6d %6d %9.3f %9.1f", name, M, G, K, N, t * 1e3, 2 * M * K * N / t / 1e12))
+  print(string.format("%-14s %8d %4d %6d %6d %9.3f %9.1f", name, M, G, K, N, t * 1e3, flops / t / 1e12))
   a, b, c = nil, nil, nil
   collectgarbage("collect")
   ::continue::

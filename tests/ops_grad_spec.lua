@@ -155,6 +155,14 @@ describe("grouped gemm and its weight gradient", function()
       assert.equal(out, ops.gemm_grouped(a, b, offsets, {transb = tb, out = out}))
       assert.is_true(out:equal(c))
       assert.has_error(function() ops.gemm_grouped(a, b, offsets, {transb = tb, out = moe.zeros({M, N + 1})}) end)
+      -- gate, up and the activation in one call: the two GEMMs and swiglu
+      if tb then
+        local bu = randn({3, N, K})
+        local g, u, h = ops.gemm_grouped_swiglu(a, b, bu, offsets)
+        assert.is_true(g:equal(c))
+        assert.is_true(u:equal(ops.gemm_grouped(a, bu, offsets, {transb = true})))
+        assert.is_true(h:equal(ops.swiglu(g, u)))
+      end
       -- the empty expert gets no gradient
       for i = 1, db:select(1, 2):numel() do assert.equal(0, db:select(1, 2):get_flat(i)) end
       check_all("gemm_grouped", function() return ops.gemm_grouped(a, b, offsets, {transb = tb}) end, R,

@@ -100,6 +100,23 @@ static int o_gemm_grouped(lua_State *L) {
     return 1;
 }
 
+/* gemm_grouped_swiglu(x, wg, wu, offsets) -> g, u, h: the experts' gate and up
+ * projections (wg, wu [G, I, K], as the expert bank stores them) and the
+ * SwiGLU activation, one launch where the backend fuses them */
+static int o_gemm_grouped_swiglu(lua_State *L) {
+    const char *fn = "ops.gemm_grouped_swiglu";
+    lua_settop(L, 4);   /* offsets_arg pushes a buffer: keep it past the arguments */
+    moe_tensor *x = T(1, fn, "x"), *wg = T(2, fn, "wg"), *wu = T(3, fn, "wu");
+    int64_t *off;
+    int groups = offsets_arg(L, 4, fn, &off);
+    need_dims(L, x, 2, 2, fn, "x");
+    need_dims(L, wg, 3, 3, fn, "wg");
+    int64_t shape[2] = {x->shape[0], wg->shape[1]};
+    moe_tensor *g = new_out(L, x, 2, shape, fn), *u = new_out(L, x, 2, shape, fn), *h = new_out(L, x, 2, shape, fn);
+    moe_lua_check(L, moe_op_gemm_grouped_swiglu(moe_lua_ctx(L), x, wg, wu, g, u, h, off, groups), fn);
+    return 3;
+}
+
 static int o_gemm_grouped_wgrad(lua_State *L) {
     const char *fn = "ops.gemm_grouped_wgrad";
     lua_settop(L, 4);   /* offsets_arg pushes a buffer: keep it past the arguments */
@@ -594,6 +611,7 @@ static int o_combine_backward(lua_State *L) {
 
 static const luaL_Reg ops_funcs[] = {
     {"gemm", o_gemm}, {"gemm_grouped", o_gemm_grouped}, {"gemm_grouped_wgrad", o_gemm_grouped_wgrad},
+    {"gemm_grouped_swiglu", o_gemm_grouped_swiglu},
     {"unary", o_unary}, {"unary_backward", o_unary_backward}, {"binary", o_binary}, {"sum_to", o_sum_to},
     {"axpy", o_axpy}, {"reduce", o_reduce}, {"sumsq", o_sumsq},
     {"softmax", o_softmax}, {"softmax_backward", o_softmax_backward}, {"log_softmax", o_log_softmax},

@@ -10,8 +10,7 @@
  * asserts from the device's counter that the TMA kernel served the call, and
  * a call it must refuse (K not a multiple of 8) still gives the right result.
  * The pair form (two GEMMs summed along K: the SwiGLU input gradient) in both
- * layouts, the SwiGLU forward (gate, up and the activation in one launch), and
- * which calls the setting and strategy send to it. */
+ * layouts, and which calls the setting and strategy send to it. */
 #include "gpucheck.h"
 
 static const moe_dtype BF = MOE_BF16;
@@ -82,48 +81,6 @@ static void pair_tb(int tb, const char *what, float beta, const int64_t *off, in
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
 
-static moe_tensor *host_of(const moe_tensor *d) {
-    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)d, MOE_DEVICE_CPU, MOE_F32);
-    die_if(!h, "download");
-    return h;
-}
-
-/* gate, up and the activation in one launch, against the CPU and byte for byte
- * against the two GEMMs and the SwiGLU kernel on the device */
-static void swiglu(const char *what, const int64_t *off, int G, int64_t K, int64_t I) {
-    int64_t M = off[G];
-    pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
-    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
-    char name[200], n2[240];
-    snprintf(name, sizeof name, "TMA swiglu %s: G=%d M=%lld K=%lld I=%lld", what, G, (long long)M, (long long)K,
-             (long long)I);
-    uint64_t t0 = tma_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
-            moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
-        uint64_t n = tma_calls() - t0;
-        ok(n == 1, "%s: one launch of the TMA kernel (%llu)", name, (unsigned long long)n);
-        snprintf(n2, sizeof n2, "%s: gate", name); check2(n2, BF, g.d, g.h, tol_of(BF, 0), 1e-2);
-        snprintf(n2, sizeof n2, "%s: up", name); check2(n2, BF, u.d, u.h, tol_of(BF, 0), 1e-2);
-        snprintf(n2, sizeof n2, "%s: activation", name); check2(n2, BF, h.d, h.h, tol_of(BF, 0), 1e-2);
-        moe_tensor *g2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *u2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
-                   *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
-        die_if(!g2 || !u2 || !h2, "unfused outputs");
-        die_if(moe_op_gemm_grouped(ctx, 1, 1.0f, x.d, wg.d, 0.0f, g2, off, G) != MOE_OK ||
-               moe_op_gemm_grouped(ctx, 1, 1.0f, x.d, wu.d, 0.0f, u2, off, G) != MOE_OK ||
-               moe_op_swiglu(ctx, h2, g2, u2) != MOE_OK, "unfused calls");
-        moe_tensor *r[3] = {host_of(g2), host_of(u2), host_of(h2)};
-        const moe_tensor *f[3] = {g.d, u.d, h.d};
-        static const char *nm[3] = {"gate", "up", "activation"};
-        for (int i = 0; i < 3; i++) {
-            snprintf(n2, sizeof n2, "%s: %s = the unfused calls' bytes", name, nm[i]);
-            check(n2, BF, f[i], r[i], 0.0);
-            moe_tensor_release(r[i]);
-        }
-        moe_tensor_release(g2); moe_tensor_release(u2); moe_tensor_release(h2);
-    }
-    pfree(&x); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
-}
-
 /* whether a call of the step model's gate/up shape goes to the TMA kernel under a setting */
 static void policy(const char *what, int tma, moe_cuda_grouped_gemm strategy, int want) {
     die_if(moe_cuda_set_grouped_tma(ctx, 0, tma) != MOE_OK, "TMA setting");
@@ -176,17 +133,6 @@ int main(void) {
         make_offsets(off, 32, 1400, 0);
         pair_tb(tb, "step model dx", 0.0f, off, 32, 512, 512, 1024);
     }
-    /* the SwiGLU forward: partial tiles (hidden width 200: one full and one partial
-     * tile of 128 units; 136; K under a k-tile), empty experts, the step's and the
-     * OLMoE layer's widths */
-    make_offsets(off, 8, 300, 3);
-    swiglu("partial tiles", off, 8, 72, 200);
-    make_offsets(off, 6, 500, 0);
-    swiglu("I 136, K 40", off, 6, 40, 136);
-    make_offsets(off, 32, 1400, 0);
-    swiglu("step model", off, 32, 1024, 512);
-    make_offsets(off, 64, 600, 7);
-    swiglu("OLMoE", off, 64, 2048, 1024);
     /* who takes the step model's calls: auto (the default) under the auto
      * strategy, never when off, never under the explicit own-kernel strategy */
     policy("auto", -1, MOE_CUDA_GROUPED_AUTO, 1);

@@ -532,15 +532,6 @@ static moe_status swiglu_forward(moe_ctx *ctx, const moe_tensor *x, const moe_te
     CUDA_ENTER(d, ctx, h->device);
     const int64_t K = x->shape[1], de = g->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)de;
-    // the TMA kernel cannot gather rows as it loads them (Hopper's copy engine reads boxes)
-    if (!rows && use_tma(d, 2.0 * (double)K * (double)de, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
-        g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
-        bool ran = false;
-        MOE_TRY(cuda_tma_grouped_swiglu(d, moe_tensor_data(x), moe_tensor_data(wg), moe_tensor_data(wu),
-                                        moe_tensor_data(g), moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K,
-                                        de, &ran));
-        if (ran) { count_tma(d); return MOE_OK; }
-    }
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, h->dtype, x->dtype, wg->dtype) && wu->dtype == MOE_BF16 &&
         g->dtype == MOE_BF16 && u->dtype == MOE_BF16) {
         bool ran = false;

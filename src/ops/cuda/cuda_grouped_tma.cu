@@ -1,31 +1,42 @@
-// Grouped (expert) GEMMs in bf16 through the bulk tensor copy engine (TMA) in
-// a warp-specialised, persistent kernel: the forward form of
-// cuda_grouped_mma.cu's kernel, C_g = alpha * A_g B_g^T + beta * C_g with A
-// the experts' rows [M, K] (K contiguous, grouped by row offsets) and B [G, N,
-// K]. That kernel loads its tiles with cp.async from every thread and tops out
-// near 380 TFLOP/s at 128 x 128 tiles, where its blocks read about 6 TB/s
-// from L2. Here one thread issues the copies, and each block computes
-// 128 x 256 (two warpgroups of 64 x 256): a third fewer operand bytes per
-// FLOP, and the copy engine writes the 128-byte-swizzled layout that wgmma
-// reads, so the multiplying warps do nothing but multiply and store.
+// Grouped (expert) GEMMs in bf16 through the bulk tensor copy engine (TMA):
+// c_g = alpha * a_g op(b_g) + beta * c_g, a the experts' rows [M, K] (K
+// contiguous, grouped by row offsets), b [G, N, K] (op = transpose: the
+// expert bank's forward) or [G, K, N] (its data gradients), and the pair
+// form that sums a second (a2, b2) along K. cuda_grouped_mma.cu's kernel
+// loads with cp.async from every thread and tops out near 380 TFLOP/s at
+// 128 x 128 tiles, where its blocks read about 6 TB/s from L2; here a block
+// computes 128 x 256 and shares its B tile with a second block.
 //
 // A block: warpgroup 0 produces (its first thread issues the copies; the
 // others give their registers back through setmaxnreg), warpgroups 1 and 2
-// consume. STAGES stages of A (128 rows x 64 K) and B (256 rows x 64 K), each
-// with a "full" mbarrier (the copy's bytes arrived) and an "empty" one (every
-// consumer warp is done reading it). A consumer keeps one stage's wgmmas in
-// flight and frees the stage before them. The grid is one block per SM; the
-// blocks walk the call's tiles in steps of the grid, so the producer loads
-// the next tile while the consumers store this one.
+// consume, 64 x 256 each with wgmma m64n256k16. STAGES stages of A (128 rows
+// x 64 K) and B (256 rows x 64 K), each with a "full" mbarrier (the copy's
+// bytes arrived) and an "empty" one (every consumer warp of both blocks is
+// done with it). A consumer keeps one stage's wgmmas in flight and frees the
+// stage before them. Blocks run in clusters of two on a pair of M tiles of
+// one expert and the same N tile: each loads its own A and half of B, which
+// the copy engine writes into both blocks (multicast), so L2 serves a third
+// fewer bytes per FLOP than unshared 128 x 256 tiles and half of 128 x 128's.
+// The grid is as many clusters as fit at once; they walk the call's tiles in
+// steps of the grid, so the producer loads the next tile while the consumers
+// store this one. Outputs are staged in shared memory (128-byte swizzled,
+// conflict-free) and written by the copy engine, which clips columns past N;
+// a warpgroup whose rows run past its expert's stores directly.
 //
-// The copies read whole boxes: rows past a group's end come from the next
+// The copies read whole boxes: A rows past a group's end come from the next
 // group (their results are not stored) and past the tensor's end as zeros,
-// and K past its end as zeros; B rows past an expert's N likewise belong to
-// the next expert, and those columns are not stored.
+// and K past its end as zeros; transposed B rows past an expert's N belong to
+// the next expert (those columns are not stored); untransposed B is read as a
+// 3-D tensor (N, K, G), so K rows past an expert's are zeros, never the next
+// expert's weights.
+//
+// Tried and not kept: the SwiGLU forward in one launch (gate and up boxes side
+// by side, the activation in the epilogue). At the OLMoE layer's experts on
+// an H100 it took 2.31-2.42 ms against 2.04-2.09 for two launches and the
+// SwiGLU kernel: the activation's exp and divide run while both warpgroups'
+// tensor cores wait (1.94 ms without it).
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
-
-#include "cuda_swiglu.cuh"
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -47,10 +58,8 @@ constexpr int CONSUMER_WARPS = 8;
 struct tma_params {
     // first: 64-byte aligned as the copies require; a2, b2: the second pair along
     // K (K2 > 0), its K tiles after the first pair's in the same accumulators
-    // SW (the SwiGLU forward): b = the gate weights, b2 = the up weights; c, u and
-    // h = gate, up and the activation [M, N] with N the expert hidden width
-    CUtensorMap map_a, map_b, map_a2, map_b2, map_c, map_u, map_h;
-    __nv_bfloat16 *c, *u, *h;   // u, h: SW only
+    CUtensorMap map_a, map_b, map_a2, map_b2, map_c;
+    __nv_bfloat16 *c;
     float alpha, beta;
     int N, K, K2, n_tiles, items, groups;
     int off[MAX_GROUPS + 1];     // row offsets of the groups
@@ -174,9 +183,7 @@ __device__ __forceinline__ void stage(unsigned char *cs, int jn, int tid, int cw
     wg_sync(1 + cw);
 }
 
-__device__ __forceinline__ float round_bf(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-
-template <int CL, bool BT, bool SW>
+template <int CL, bool BT>
 __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
@@ -215,16 +222,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                     unsigned char *st = smem + s * STAGE_BYTES;
                     bar_expect(&full[s], STAGE_BYTES);
                     tma_load(st, ma, k0, arow, &full[s]);
-                    if (SW) {
-                        // gate rows, then up rows of the same hidden units (one map each CTA of two)
-                        const int srow = tt.g * p.N + tt.nt * (BN / 2);
-                        if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), rank ? &p.map_b2 : &p.map_b, k0,
-                                                   srow, &full[s]);
-                        else {
-                            tma_load(st + A_BYTES, &p.map_b, k0, srow, &full[s]);
-                            tma_load(st + A_BYTES + B_BYTES / 2, &p.map_b2, k0, srow, &full[s]);
-                        }
-                    } else if (BT) {
+                    if (BT) {
                         if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), mb, k0, brow, &full[s]);
                         else tma_load(st + A_BYTES, mb, k0, brow, &full[s]);
                     } else {
@@ -268,38 +266,13 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
             // store: thread (warp, lane) holds rows r and r + 8 of its warpgroup's 64,
-            // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31 (SW: j < 16 gate,
-            // j >= 16 up of the same hidden units)
+            // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31
             const int g = tt.g, rows = p.off[g + 1] - p.off[g];
             const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
             const int64_t grow = (int64_t)p.off[g] + wrow;
             unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
             const bool lead = (tid & 127) == 0;
-            if (SW && wrow + 64 <= rows) {
-                // gate and up rounded as stored; the activation from the rounded values
-                const int n0 = tt.nt * (BN / 2);
-                stage(cs, BN / 8, tid, cw, [&](int j, int h) {
-                    return __floats2bfloat162_rn(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
-                });
-                if (lead) {
-                    for (int b = 0; b < 4; b++)
-                        if (n0 + (b & 1) * 64 < p.N)
-                            tma_store(b < 2 ? &p.map_c : &p.map_u, cs + b * 8192, n0 + (b & 1) * 64, (int)grow);
-                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-                }
-                stage(cs, BN / 16, tid, cw, [&](int j, int h) {
-                    const float g0 = round_bf(d[4 * j + 2 * h]), g1 = round_bf(d[4 * j + 2 * h + 1]);
-                    const float u0 = round_bf(d[4 * (j + 16) + 2 * h]), u1 = round_bf(d[4 * (j + 16) + 2 * h + 1]);
-                    return __floats2bfloat162_rn(swiglu_1(g0, u0), swiglu_1(g1, u1));
-                });
-                if (lead) {
-                    for (int b = 0; b < 2; b++)
-                        if (n0 + b * 64 < p.N) tma_store(&p.map_h, cs + b * 8192, n0 + b * 64, (int)grow);
-                    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-                }
-                continue;
-            }
-            if (!SW && wrow + 64 <= rows && p.beta == 0.0f) {
+            if (wrow + 64 <= rows && p.beta == 0.0f) {
                 // every row inside the group: staged, then one bulk copy a box (columns
                 // past N are clipped by the copy)
                 stage(cs, BN / 8, tid, cw, [&](int j, int h) {
@@ -319,21 +292,6 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                 const int row = r + 8 * h;
                 if (row >= rows) continue;
                 const int64_t o = (int64_t)(p.off[g] + row) * p.N;
-                if (SW) {
-                    const int c0 = tt.nt * (BN / 2) + 2 * (lane & 3);
-#pragma unroll
-                    for (int j = 0; j < BN / 16; j++) {
-                        const int col = c0 + 8 * j;
-                        if (col >= p.N) continue;
-                        const float g0 = round_bf(d[4 * j + 2 * h]), g1 = round_bf(d[4 * j + 2 * h + 1]);
-                        const float u0 = round_bf(d[4 * (j + 16) + 2 * h]), u1 = round_bf(d[4 * (j + 16) + 2 * h + 1]);
-                        *reinterpret_cast<__nv_bfloat162 *>(p.c + o + col) = __floats2bfloat162_rn(g0, g1);
-                        *reinterpret_cast<__nv_bfloat162 *>(p.u + o + col) = __floats2bfloat162_rn(u0, u1);
-                        *reinterpret_cast<__nv_bfloat162 *>(p.h + o + col) =
-                            __floats2bfloat162_rn(swiglu_1(g0, u0), swiglu_1(g1, u1));
-                    }
-                    continue;
-                }
                 const int c0 = tt.nt * BN + 2 * (lane & 3);
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
@@ -408,7 +366,7 @@ bool offsets_fit(const int64_t *offsets, int groups) {
 // The work items of p (its maps, outputs and extents set; tile_n: the columns
 // of output one N tile covers), then the launch: one cluster of CL CTAs per
 // item at a time, as many clusters as fit.
-moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int tile_n, bool transb, bool sw,
+moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int tile_n, bool transb,
                       const char *what, bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
@@ -422,9 +380,8 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     const int64_t items = bands * p.n_tiles;
     if (items > INT32_MAX / 2) return MOE_OK;
     p.items = (int)items;
-    auto kern = sw ? (CLN == 2 ? grouped_tma_kernel<2, true, true> : grouped_tma_kernel<1, true, true>)
-              : transb ? (CLN == 2 ? grouped_tma_kernel<2, true, false> : grouped_tma_kernel<1, true, false>)
-                       : (CLN == 2 ? grouped_tma_kernel<2, false, false> : grouped_tma_kernel<1, false, false>);
+    auto kern = transb ? (CLN == 2 ? grouped_tma_kernel<2, true> : grouped_tma_kernel<1, true>)
+                       : (CLN == 2 ? grouped_tma_kernel<2, false> : grouped_tma_kernel<1, false>);
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
@@ -488,28 +445,5 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
-    return tma_launch(d, p, offsets, groups, BN, transb != 0, false, "gemm_grouped (TMA kernel)", ran);
-}
-
-moe_status cuda_tma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
-                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran) {
-    *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX ||
-        (int64_t)groups * de > INT32_MAX || !al16(x) || !al16(wg) || !al16(wu) || !al16(g) || !al16(u) || !al16(h))
-        return MOE_OK;
-    encode_fn enc = tma_encoder(d);
-    if (!enc) return MOE_OK;
-    const int64_t rows = offsets[groups];
-    if (rows == 0) { *ran = true; return MOE_OK; }
-    tma_params p;
-    memset(&p, 0, sizeof p);
-    // each B box is 128 hidden units of one of the two weights
-    if (!make_map(enc, &p.map_a, x, rows, K, BM) || !make_map(enc, &p.map_b, wg, (int64_t)groups * de, K, BN / 2) ||
-        !make_map(enc, &p.map_b2, wu, (int64_t)groups * de, K, BN / 2) || !make_map(enc, &p.map_c, g, rows, de, 64) ||
-        !make_map(enc, &p.map_u, u, rows, de, 64) || !make_map(enc, &p.map_h, h, rows, de, 64))
-        return MOE_OK;
-    p.c = (__nv_bfloat16 *)g; p.u = (__nv_bfloat16 *)u; p.h = (__nv_bfloat16 *)h;
-    p.alpha = 1.0f; p.beta = 0.0f;
-    p.N = (int)de; p.K = (int)K; p.K2 = 0;
-    return tma_launch(d, p, offsets, groups, BN / 2, true, true, "gemm_grouped_swiglu (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, groups, BN, transb != 0, "gemm_grouped (TMA kernel)", ran);
 }

@@ -20,10 +20,5 @@ moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a,
 moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
                                  const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
                                  int64_t K, int64_t N, bool *ran);
-/* The SwiGLU forward in one launch: g = x wg_e^T, u = x wu_e^T (wg, wu [E, de,
- * K]), h = silu(g) u from the rounded g and u (the bytes of the two GEMMs and
- * the SwiGLU kernel), all three [M, de]; de a multiple of 8. */
-moe_status cuda_tma_grouped_swiglu(cuda_dev *d, const void *x, const void *wg, const void *wu, void *g, void *u,
-                                   void *h, const int64_t *offsets, int groups, int64_t K, int64_t de, bool *ran);
 
 #endif
