@@ -25,6 +25,11 @@ local shapes = {
   {"step down", 32768, 32, 512, 1024, true},
   {"step dx", 32768, 32, 512, 1024, false},
   {"mixtral gate", 16384, 8, 4096, 14336, true},
+  -- weight gradients c_g = a_g^T b_g (K: a's columns P, N: b's columns Q)
+  {"olmoe wgrad dn", 131072, 64, 2048, 1024, "wgrad"},
+  {"olmoe wgrad up", 131072, 64, 1024, 2048, "wgrad"},
+  {"step wgrad dn", 32768, 32, 1024, 512, "wgrad"},
+  {"step wgrad up", 32768, 32, 512, 1024, "wgrad"},
   -- gate, up and the SwiGLU activation: one fused call, and the parts (N: the hidden width)
   {"olmoe swiglu", 131072, 64, 2048, 1024, "swiglu"},
   {"olmoe parts", 131072, 64, 2048, 1024, "parts"},
@@ -55,7 +60,13 @@ for _, sh in ipairs(shapes) do
   if tb == true then b = moe.randn({G, N, K}, {seed = 2, device = "cuda"}):to("bf16") end
   local off = offsets(M, G, 7)
   local c, run, flops
-  if tb == "swiglu" or tb == "parts" then
+  if tb == "wgrad" then
+    b = moe.randn({M, N}, {seed = 2, device = "cuda"}):to("bf16")
+    c = core.ops.gemm_grouped_wgrad(a, b, off)
+    local opts = {out = c}
+    run = function() return core.ops.gemm_grouped_wgrad(a, b, off, G, opts) end
+    flops = 2 * M * K * N
+  elseif tb == "swiglu" or tb == "parts" then
     -- b is the gate weights [G, N, K]; bu the up weights
     local bu = moe.randn({G, N, K}, {seed = 3, device = "cuda"}):to("bf16")
     b = moe.randn({G, N, K}, {seed = 2, device = "cuda"}):to("bf16")

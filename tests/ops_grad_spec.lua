@@ -150,6 +150,10 @@ describe("grouped gemm and its weight gradient", function()
         assert.is_true(ops.gemm_grouped(a, b, offsets):equal(c))
         assert.is_true(ops.gemm_grouped_wgrad(a, R, offsets):equal(db))
       end
+      local dbo = moe.full(db:shape(), 7)
+      assert.equal(dbo, tb and ops.gemm_grouped_wgrad(R, a, offsets, 3, {out = dbo}) or
+                        ops.gemm_grouped_wgrad(a, R, offsets, 3, {out = dbo}))
+      assert.is_true(dbo:equal(db))
       -- out: written in place over whatever it held, and returned
       local out = moe.full({M, N}, 7)
       assert.equal(out, ops.gemm_grouped(a, b, offsets, {transb = tb, out = out}))

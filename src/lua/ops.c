@@ -119,7 +119,7 @@ static int o_gemm_grouped_swiglu(lua_State *L) {
 
 static int o_gemm_grouped_wgrad(lua_State *L) {
     const char *fn = "ops.gemm_grouped_wgrad";
-    lua_settop(L, 4);   /* offsets_arg pushes a buffer: keep it past the arguments */
+    lua_settop(L, 5);   /* offsets_arg pushes a buffer: keep it past the arguments */
     moe_tensor *a = T(1, fn, "a"), *b = T(2, fn, "b");
     int64_t *off;
     int groups = offsets_arg(L, 3, fn, &off);
@@ -130,7 +130,13 @@ static int o_gemm_grouped_wgrad(lua_State *L) {
     need_dims(L, a, 2, 2, fn, "a");
     need_dims(L, b, 2, 2, fn, "b");
     int64_t shape[3] = {groups, a->shape[1], b->shape[1]};
-    moe_tensor *c = new_zeros(L, a, 3, shape, fn);
+    /* opts.out: written in place (its old values ignored), e.g. to time the GEMM alone */
+    check_opts(L, 5, fn);
+    moe_tensor *c;
+    if (lua_istable(L, 5)) lua_getfield(L, 5, "out");
+    else lua_pushnil(L);
+    if (!lua_isnil(L, -1)) c = T(-1, fn, "out");
+    else { lua_pop(L, 1); c = new_zeros(L, a, 3, shape, fn); }
     moe_lua_check(L, moe_op_gemm_grouped_wgrad(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }
