@@ -1,4 +1,4 @@
-/* The TMA forward kernel of the grouped GEMM (src/ops/cuda/cuda_grouped_tma.cu)
+/* The TMA kernel of the grouped GEMM (src/ops/cuda/cuda_grouped_tma.cu)
  * against the CPU backend on fresh random bf16 data: partial tiles in every
  * direction (row counts, K and N not multiples of its 128 x 256 x 64 tile),
  * empty experts first, in the middle and last (whose boxes read the next
@@ -10,7 +10,9 @@
  * asserts from the device's counter that the TMA kernel served the call, and
  * a call it must refuse (K not a multiple of 8) still gives the right result.
  * The pair form (two GEMMs summed along K: the SwiGLU input gradient) in both
- * layouts, and which calls the setting and strategy send to it. */
+ * layouts, and which calls the setting and strategy send to it; Inf in an
+ * empty expert's weights next to a partial box must stay out of the results.
+ * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
 static const moe_dtype BF = MOE_BF16;
@@ -90,9 +92,38 @@ static void policy(const char *what, int tma, moe_cuda_grouped_gemm strategy, in
     fwd_tb(1, what, 0.0f, off, 32, 1024, 512, want);
 }
 
-int main(void) {
-    gpucheck_begin();
-    die_if(moe_cuda_set_grouped_tma(ctx, 0, 1) != MOE_OK, "TMA on");
+/* Values outside a group never reach a stored result: the weights of an empty
+ * last expert hold Inf, so a box that took them into a sum (K rows past the
+ * middle expert's for untransposed b, with K under one k-tile; N rows past
+ * its N for transposed b, whose columns are not stored) would leave NaN or
+ * Inf where the CPU has finite values. */
+static void inf_neighbour(int tb) {
+    const int G = 3;
+    const int64_t K = 40, N = 136, off[4] = {0, 300, 500, 500};
+    pair a = in_randn(BF, SH(500, K)), c = in_randn(BF, SH(500, N));
+    pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
+    float *hb = moe_f32(b.h);
+    for (int64_t i = 2 * K * N; i < 3 * K * N; i++) hb[i] = INFINITY;
+    moe_tensor_release(b.d);
+    b.d = to_gpu(b.h, BF);
+    die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[160];
+    snprintf(name, sizeof name, "TMA %s: Inf in the empty last expert's weights stays out", tb ? "fwd" : "dgrad");
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 1.0f, a.h, b.h, 0.0f, c.h, off, G),
+            moe_op_gemm_grouped(ctx, tb, 1.0f, a.d, b.d, 0.0f, c.d, off, G))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        ok(tma_calls() - t0 == 1, "%s: served by the TMA kernel", name);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* every check with the TMA kernel forced on, clusters of `ctas` CTAs */
+static void checks(int ctas) {
+    die_if(moe_cuda_set_tma_cluster(ctx, 0, ctas) != MOE_OK, "cluster size");
+    die_if(moe_cuda_set_grouped_tma(ctx, 0, 1) != MOE_OK || moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_AUTO),
+           "TMA on");
+    printf("# clusters of %d\n", ctas);
     static int64_t off[300];
 
     /* partial tiles: rows up to 300 (0-3 M tiles), K 72 (1.1 k-tiles), N 200 (under one N tile) */
@@ -133,6 +164,15 @@ int main(void) {
         make_offsets(off, 32, 1400, 0);
         pair_tb(tb, "step model dx", 0.0f, off, 32, 512, 512, 1024);
     }
+    inf_neighbour(1);
+    inf_neighbour(0);
+}
+
+int main(void) {
+    gpucheck_begin();
+    checks(2);
+    checks(1);
+    static int64_t off[300];
     /* who takes the step model's calls: auto (the default) under the auto
      * strategy, never when off, never under the explicit own-kernel strategy */
     policy("auto", -1, MOE_CUDA_GROUPED_AUTO, 1);
@@ -145,5 +185,6 @@ int main(void) {
     off[0] = 0; off[1] = 100; off[2] = 300;
     fwd_tb(1, "auto, 32 MB experts", 0.0f, off, 2, 4096, 4096, 0);
     ok(moe_cuda_set_grouped_tma(ctx, 0, 2) != MOE_OK, "a TMA setting of 2 is refused");
+    ok(moe_cuda_set_tma_cluster(ctx, 0, 3) != MOE_OK, "a cluster of 3 CTAs is refused");
     return gpucheck_end();
 }

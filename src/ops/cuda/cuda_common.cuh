@@ -69,14 +69,16 @@ struct cuda_dev {
     int *split_counters;
     uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
     // the TMA kernel (cuda_grouped_tma.cu) for gemm_grouped and its pair form:
-    // grouped_tma 1 takes it for every bf16 call it fits, 0 never, -1 (auto) where
-    // the auto strategy would take the own kernel (MOELAB_GROUPED_TMA); the
-    // driver's tensor-map encoder, looked up on first use
+    // grouped_tma 1 takes it for every bf16 call it fits, 0 never, -1 (auto) under
+    // the auto strategy where an expert's weights take at most a quarter of L2
+    // (MOELAB_GROUPED_TMA); the driver's tensor-map encoder, looked up on first
+    // use; tma_failed: no encoder, or the kernel's shared memory or clusters could
+    // not be had (then never tried again)
     int grouped_tma;
     bool tma_failed;
     void *tma_encode;
     int tma_cluster;              // CTAs a cluster, 1 or 2 (MOELAB_TMA_CLUSTER; default 2: B multicast)
-    int tma_clusters;             // clusters of two CTAs that fit at once (0: not yet asked)
+    int tma_clusters[3];          // [cluster size]: clusters that fit at once (0: not yet asked)
     uint64_t n_grouped_tma;
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
     // event of the last transfer that read it; allocated on first use (stage_failed:

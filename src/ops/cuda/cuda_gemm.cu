@@ -493,7 +493,7 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     CUDA_ENTER(d, ctx, c->device);
     int64_t K1 = a1->shape[1], K2 = a2->shape[1], N = c->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)(K1 + K2) * (double)N;
-    if (use_tma(d, 2.0 * (double)(K1 > K2 ? K1 : K2) * (double)N, c->dtype, a1->dtype, b1->dtype)) {
+    if (use_tma(d, 2.0 * (double)(K1 + K2) * (double)N, c->dtype, a1->dtype, b1->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
                                       moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,
@@ -779,6 +779,14 @@ extern "C" moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on)
     if (on < -1 || on > 1) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_tma: %d is not -1 (auto), 0 or 1", on);
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
     d->grouped_tma = on;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int ctas) {
+    if (ctas != 1 && ctas != 2) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_cluster: %d CTAs, expected 1 or 2", ctas);
+    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_cluster: no context");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    d->tma_cluster = ctas;
     return MOE_OK;
 }
 

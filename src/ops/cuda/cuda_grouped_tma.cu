@@ -346,7 +346,8 @@ bool make_map_kn(encode_fn enc, CUtensorMap *m, const void *base, int groups, in
 namespace {
 
 encode_fn tma_encoder(cuda_dev *d) {
-    if (!d->tma_encode && !d->tma_failed) {
+    if (d->tma_failed) return nullptr;
+    if (!d->tma_encode) {
         cudaDriverEntryPointQueryResult q;
         void *fn = nullptr;
         if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
@@ -382,7 +383,6 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     p.items = (int)items;
     auto kern = transb ? (CLN == 2 ? grouped_tma_kernel<2, true> : grouped_tma_kernel<1, true>)
                        : (CLN == 2 ? grouped_tma_kernel<2, false> : grouped_tma_kernel<1, false>);
-    CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -392,17 +392,26 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     cfg.stream = d->stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    if (d->tma_clusters == 0) {
-        // how many clusters fit at once (not every SM need take one); the same for every instantiation
+    if (d->tma_clusters[CLN] == 0) {
+        // how many clusters fit at once (not every SM need take one); the same for every
+        // instantiation of a cluster size. Where the shared memory or the clusters cannot
+        // be had (a shared or partitioned GPU), the calls take the other paths from then on.
         cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
         int n = 0;
-        CU_TRY(cudaOccupancyMaxActiveClusters(&n, kern, &cfg), what);
-        if (n < 1) return MOE_OK;
-        d->tma_clusters = n;
+        const auto k4 = {grouped_tma_kernel<1, true>, grouped_tma_kernel<1, false>, grouped_tma_kernel<2, true>,
+                         grouped_tma_kernel<2, false>};
+        bool ok = true;
+        for (auto k : k4) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
+        if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
+            (void)cudaGetLastError();
+            d->tma_failed = true;
+            return MOE_OK;
+        }
+        d->tma_clusters[CLN] = n;
     }
     *ran = true;
     if (items == 0) return MOE_OK;
-    const int64_t clusters = items < d->tma_clusters ? items : d->tma_clusters;
+    const int64_t clusters = items < d->tma_clusters[CLN] ? items : d->tma_clusters[CLN];
     cfg.gridDim = dim3((unsigned)(CLN * clusters), 1, 1);
     CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), what);
     CU_LAUNCHED(what);
@@ -423,7 +432,7 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
                                  int64_t K, int64_t N, bool *ran) {
     *ran = false;
     if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX ||
-        (int64_t)groups * N > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
+        (int64_t)groups * N + BN > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
         return MOE_OK;
     if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || !al16(a2) || !al16(b2)))) return MOE_OK;
     encode_fn enc = tma_encoder(d);

@@ -1,11 +1,14 @@
-// The grouped-GEMM forward through the bulk tensor copy engine
-// (cuda_grouped_tma.cu): c_g = alpha * a_g op(b_g) + beta * c_g with a [M, K]
-// grouped by row offsets, b [G, N, K] (transb: op(b_g) = b_g^T, the forward
-// of the expert bank's weights) or [G, K, N] (their data gradients), c [M, N]; bf16 in and out, f32 accumulation. Sets *ran =
-// false and returns MOE_OK, launching nothing, when the call does not fit:
-// more than MOE_TMA_GROUPED_MAX_GROUPS experts, K or N not a multiple of 8,
-// a or b not 16-byte aligned, over 2^31 rows, or no tensor-map encoder in
-// the driver.
+// The grouped GEMM through the bulk tensor copy engine (cuda_grouped_tma.cu):
+// c_g = alpha * a_g op(b_g) + beta * c_g with a [M, K] grouped by row
+// offsets, b [G, N, K] (transb: op(b_g) = b_g^T, the forward of the expert
+// bank's weights) or [G, K, N] (their data gradients), c [M, N]; bf16 in and
+// out, f32 accumulation. Sets *ran = false and returns MOE_OK, launching
+// nothing, when the call does not fit: more than MOE_TMA_GROUPED_MAX_GROUPS
+// experts, K, K2 or N not a multiple of 8, an operand not 16-byte aligned,
+// over 2^31 rows or G * N near 2^31, over 2^30 work items, no tensor-map
+// encoder in the driver, or the kernel's shared memory or clusters not to be
+// had on this device (then no later call tries). With beta != 0 the outputs
+// are stored directly from registers (slower than a beta-0 call).
 #ifndef MOE_CUDA_GROUPED_TMA_H
 #define MOE_CUDA_GROUPED_TMA_H
 

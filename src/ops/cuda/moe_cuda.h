@@ -100,14 +100,18 @@ moe_status moe_cuda_set_grouped_lanes(moe_ctx *ctx, int device, int lanes);
  * NULL outputs are skipped. */
 moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped_gemm *mode, uint64_t *batched_calls,
                                       uint64_t *loop_calls);
-/* How many of the batched calls the own grouped kernel served. */
+/* How many of the batched calls the own grouped kernels served (the TMA
+ * kernel's calls included: moe_cuda_grouped_tma_calls counts those alone). */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped calls and their
  * pair form (either layout of b): on = 1 tries it first for every call, 0
- * never, -1 (auto, the default) under the auto strategy where the own kernel
- * would serve. Install sets it from MOELAB_GROUPED_TMA (0, 1 or auto).
- * tma_calls: how many calls it served since install. */
+ * never, -1 (auto, the default) under the auto strategy where one expert's
+ * weights take at most a quarter of the device's L2. Install sets it from
+ * MOELAB_GROUPED_TMA (0, 1 or auto). tma_calls: how many calls it served
+ * since install. set_tma_cluster: CTAs a cluster, 2 (the default, sharing
+ * the weight tile) or 1; install sets it from MOELAB_TMA_CLUSTER. */
 moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on);
+moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int ctas);
 moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many weight-gradient calls of the own kernel cut a heavy expert's rows
  * into chunks summed by the tile's last block (split-K under skewed routing). */
