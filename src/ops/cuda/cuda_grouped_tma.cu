@@ -161,11 +161,11 @@ template <int CL> __device__ __forceinline__ tma_tile tile_of(const tma_params &
     return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
 }
 
-// Stages a warpgroup's 64 x 256 values (v(j, h, e): column 8 j + 2 (lane % 4) + e
-// of row warp * 16 + lane / 4 + 8 h) as four 128-byte-swizzled 64 x 64 boxes
-// (j < jn only), after the copies that read the staging before have done so.
+// Stages a warpgroup's 64 x 256 values (v(j, h): columns 8 j + 2 (lane % 4) + {0, 1}
+// of row warp * 16 + lane / 4 + 8 h) as four 128-byte-swizzled 64 x 64 boxes,
+// after the copies that read the staging before have done so.
 template <typename F>
-__device__ __forceinline__ void stage(unsigned char *cs, int jn, int tid, int cw, F v) {
+__device__ __forceinline__ void stage(unsigned char *cs, int tid, int cw, F v) {
     const int lane = tid & 31, warp = (tid >> 5) & 3;
     if ((tid & 127) == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
     wg_sync(1 + cw);
@@ -174,7 +174,6 @@ __device__ __forceinline__ void stage(unsigned char *cs, int jn, int tid, int cw
         const int r = warp * 16 + (lane >> 2) + 8 * h;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) {
-            if (j >= jn) break;
             *reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 + (((j & 7) ^ (r & 7)) << 4) +
                                                 4 * (lane & 3)) = v(j, h);
         }
@@ -275,7 +274,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             if (wrow + 64 <= rows && p.beta == 0.0f) {
                 // every row inside the group: staged, then one bulk copy a box (columns
                 // past N are clipped by the copy)
-                stage(cs, BN / 8, tid, cw, [&](int j, int h) {
+                stage(cs, tid, cw, [&](int j, int h) {
                     return __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
                 });
                 if (lead) {
