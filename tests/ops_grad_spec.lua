@@ -159,6 +159,10 @@ describe("grouped gemm and its weight gradient", function()
       assert.equal(out, ops.gemm_grouped(a, b, offsets, {transb = tb, out = out}))
       assert.is_true(out:equal(c))
       assert.has_error(function() ops.gemm_grouped(a, b, offsets, {transb = tb, out = moe.zeros({M, N + 1})}) end)
+      -- an out that is an input would be read as it is written
+      local sq = randn({M, M})
+      assert.has_error(function() ops.gemm_grouped(sq, randn({3, M, M}), offsets, {out = sq}) end,
+        "ops.gemm_grouped: out shares storage with an input (the GEMM would read what it writes)")
       -- gate, up and the activation in one call: the two GEMMs and swiglu
       if tb then
         local bu = randn({3, N, K})

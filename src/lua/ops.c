@@ -78,6 +78,15 @@ static int offsets_arg(lua_State *L, int idx, const char *fn, int64_t **out) {
     return n - 1;
 }
 
+/* opts.out (at the top of the stack): a tensor the GEMM writes in place; it
+ * may not share storage with an input, which the GEMM would read as it writes */
+static moe_tensor *out_arg(lua_State *L, const char *fn, const moe_tensor *a, const moe_tensor *b) {
+    moe_tensor *c = T(-1, fn, "out");
+    if (c->storage == a->storage || c->storage == b->storage)
+        moe_lua_errorf(L, "%s: out shares storage with an input (the GEMM would read what it writes)", fn);
+    return c;
+}
+
 static int o_gemm_grouped(lua_State *L) {
     const char *fn = "ops.gemm_grouped";
     lua_settop(L, 4);   /* offsets_arg pushes a buffer: keep it past the arguments */
@@ -94,7 +103,7 @@ static int o_gemm_grouped(lua_State *L) {
     moe_tensor *c;
     if (lua_istable(L, 4)) lua_getfield(L, 4, "out");
     else lua_pushnil(L);
-    if (!lua_isnil(L, -1)) c = T(-1, fn, "out");
+    if (!lua_isnil(L, -1)) c = out_arg(L, fn, a, b);
     else { lua_pop(L, 1); c = new_zeros(L, a, 2, shape, fn); }
     moe_lua_check(L, moe_op_gemm_grouped(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, off, groups), fn);
     return 1;
@@ -135,7 +144,7 @@ static int o_gemm_grouped_wgrad(lua_State *L) {
     moe_tensor *c;
     if (lua_istable(L, 5)) lua_getfield(L, 5, "out");
     else lua_pushnil(L);
-    if (!lua_isnil(L, -1)) c = T(-1, fn, "out");
+    if (!lua_isnil(L, -1)) c = out_arg(L, fn, a, b);
     else { lua_pop(L, 1); c = new_zeros(L, a, 3, shape, fn); }
     moe_lua_check(L, moe_op_gemm_grouped_wgrad(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, off, groups), fn);
     return 1;
