@@ -78,9 +78,17 @@ static int offsets_arg(lua_State *L, int idx, const char *fn, int64_t **out) {
     return n - 1;
 }
 
-/* opts.out (at the top of the stack): a tensor the GEMM writes in place; it
- * may not share storage with an input, which the GEMM would read as it writes */
-static moe_tensor *out_arg(lua_State *L, const char *fn, const moe_tensor *a, const moe_tensor *b) {
+/* The output of a grouped GEMM, pushed: opts.out (the table at opts, may be
+ * nil) written in place, e.g. to time the GEMM alone, which may not share
+ * storage with an input (the GEMM would read what it writes); else new zeros. */
+static moe_tensor *out_or_zeros(lua_State *L, int opts, const char *fn, const moe_tensor *a, const moe_tensor *b,
+                                int ndim, const int64_t *shape) {
+    if (lua_istable(L, opts)) lua_getfield(L, opts, "out");
+    else lua_pushnil(L);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return new_zeros(L, a, ndim, shape, fn);
+    }
     moe_tensor *c = T(-1, fn, "out");
     if (c->storage == a->storage || c->storage == b->storage)
         moe_lua_errorf(L, "%s: out shares storage with an input (the GEMM would read what it writes)", fn);
@@ -99,12 +107,7 @@ static int o_gemm_grouped(lua_State *L) {
     need_dims(L, a, 2, 2, fn, "a");
     need_dims(L, b, 3, 3, fn, "b");
     int64_t shape[2] = {a->shape[0], tb ? b->shape[1] : b->shape[2]};
-    /* out: written in place (its old values ignored), e.g. to time the GEMM alone */
-    moe_tensor *c;
-    if (lua_istable(L, 4)) lua_getfield(L, 4, "out");
-    else lua_pushnil(L);
-    if (!lua_isnil(L, -1)) c = out_arg(L, fn, a, b);
-    else { lua_pop(L, 1); c = new_zeros(L, a, 2, shape, fn); }
+    moe_tensor *c = out_or_zeros(L, 4, fn, a, b, 2, shape);
     moe_lua_check(L, moe_op_gemm_grouped(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }
@@ -139,13 +142,8 @@ static int o_gemm_grouped_wgrad(lua_State *L) {
     need_dims(L, a, 2, 2, fn, "a");
     need_dims(L, b, 2, 2, fn, "b");
     int64_t shape[3] = {groups, a->shape[1], b->shape[1]};
-    /* opts.out: written in place (its old values ignored), e.g. to time the GEMM alone */
     check_opts(L, 5, fn);
-    moe_tensor *c;
-    if (lua_istable(L, 5)) lua_getfield(L, 5, "out");
-    else lua_pushnil(L);
-    if (!lua_isnil(L, -1)) c = out_arg(L, fn, a, b);
-    else { lua_pop(L, 1); c = new_zeros(L, a, 3, shape, fn); }
+    moe_tensor *c = out_or_zeros(L, 5, fn, a, b, 3, shape);
     moe_lua_check(L, moe_op_gemm_grouped_wgrad(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }

@@ -16,18 +16,6 @@
 
 static const moe_dtype BF = MOE_BF16;
 
-/* Row offsets of G experts with sizes in [0, maxrows], some forced empty. */
-static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
-    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 7;
-    off[0] = 0;
-    for (int g = 0; g < G; g++) {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
-        if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
-        off[g + 1] = off[g] + n;
-    }
-}
-
 static uint64_t kernel_calls(void) {
     uint64_t n = 0;
     die_if(moe_cuda_grouped_kernel_calls(ctx, 0, &n) != MOE_OK, "kernel counter");

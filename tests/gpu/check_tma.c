@@ -17,17 +17,6 @@
 
 static const moe_dtype BF = MOE_BF16;
 
-static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
-    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 11;
-    off[0] = 0;
-    for (int g = 0; g < G; g++) {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
-        if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
-        off[g + 1] = off[g] + n;
-    }
-}
-
 static uint64_t tma_calls(void) {
     uint64_t n = 0;
     die_if(moe_cuda_grouped_tma_calls(ctx, 0, &n) != MOE_OK, "TMA counter");
@@ -56,11 +45,7 @@ static void fwd_tb(int tb, const char *what, float beta, const int64_t *off, int
 
 /* both layouts of b: [G, N, K] (the forward) and [G, K, N] (the data gradient) */
 static void fwd(const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N, int want_tma) {
-    for (int tb = 1; tb >= 0; tb--) {
-        int64_t o[300];
-        memcpy(o, off, (size_t)(G + 1) * sizeof *o);
-        fwd_tb(tb, what, beta, o, G, K, N, want_tma);
-    }
+    for (int tb = 1; tb >= 0; tb--) fwd_tb(tb, what, beta, off, G, K, N, want_tma);
 }
 
 static void pair_tb(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K1, int64_t K2,

@@ -154,6 +154,19 @@ static void check2(const char *name, moe_dtype dt, const moe_tensor *gpu, const 
     else ok(0, "%s [%s]: max err %.3g (tol %.3g), rel l2 %.3g (tol %.3g)", name, dtn(dt), e, tol, l, l2tol);
 }
 
+/* Row offsets of G experts with sizes in [0, maxrows] drawn from the running
+ * seed, the first and last expert and every empty_every-th (0: none) empty. */
+static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
+    uint64_t x = seed++ * 0x9E3779B97F4A7C15ull + 7;
+    off[0] = 0;
+    for (int g = 0; g < G; g++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        int64_t n = (int64_t)(x % (uint64_t)(maxrows + 1));
+        if (g == 0 || g == G - 1 || (empty_every && g % empty_every == empty_every - 1)) n = 0;
+        off[g + 1] = off[g] + n;
+    }
+}
+
 /* both calls must succeed; otherwise a failed test with the message */
 static int ran(const char *name, moe_dtype dt, moe_status sc, moe_status sg) {
     if (sc == MOE_OK && sg == MOE_OK) return 1;

@@ -363,14 +363,13 @@ bool offsets_fit(const int64_t *offsets, int groups) {
     return groups >= 1 && groups <= MAX_GROUPS && offsets[0] == 0 && offsets[groups] < (int64_t)INT32_MAX - BM;
 }
 
-// The work items of p (its maps, outputs and extents set; tile_n: the columns
-// of output one N tile covers), then the launch: one cluster of CL CTAs per
-// item at a time, as many clusters as fit.
-moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int tile_n, bool transb,
+// The work items of p (its maps, outputs and extents set), then the launch:
+// one cluster of CL CTAs per item at a time, as many clusters as fit.
+moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, bool transb,
                       const char *what, bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
-    p.n_tiles = (p.N + tile_n - 1) / tile_n;
+    p.n_tiles = (p.N + BN - 1) / BN;
     int64_t bands = 0;
     for (int g = 0; g <= groups; g++) {
         p.off[g] = (int)offsets[g];
@@ -453,5 +452,5 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
-    return tma_launch(d, p, offsets, groups, BN, transb != 0, "gemm_grouped (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, groups, transb != 0, "gemm_grouped (TMA kernel)", ran);
 }
