@@ -5,6 +5,7 @@
 local moe = require "moelab"
 local core = require "moelab.core"
 local files = require "helpers.files"
+teardown(files.cleanup)
 
 local corpus = moe.data.corpus{seed = 11, num_bytes = 40000}
 local train_ds = corpus:split(0.1)

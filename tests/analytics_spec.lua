@@ -6,6 +6,8 @@ local moe = require "moelab"
 local analytics = require "moelab.analytics"
 local baselines = analytics.baselines
 local crafted = require "helpers.crafted"
+local files = require "helpers.files"
+teardown(files.cleanup)
 
 local RouterMonitor = moe.RouterMonitor or analytics.RouterMonitor
 local RouterAnalyzer = moe.RouterAnalyzer or analytics.RouterAnalyzer
@@ -17,12 +19,7 @@ local function near(a, b, tol, what)
   end
 end
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  moe.io.mkdir_p(d)
-  return d
-end
+local tmpdir = files.tmpdir
 
 -- A bare MoE layer with E experts whose router is gain * identity: an input
 -- row one-hot at j gives logit `gain` to expert j and 0 to the others.
@@ -495,7 +492,7 @@ describe("plot_expert_token_affinity", function()
     local an = moe.RouterAnalyzer(m)
     local ok_viz, viz = pcall(require, "moelab.viz")
     if not ok_viz or not pcall(function() return viz.canvas end) then pending("moelab.viz is not built"); return end
-    local path = os.tmpname() .. ".png"
+    local path = files.tmpname(".png")
     assert.are.equal(path, an:plot_expert_token_affinity{tokens = {"def", "the", "+", "\n"}, save_to = path})
     local st = viz.png_stats(path)
     assert.is_true(st.width > 400 and st.distinct_colors > 10 and st.drawn_fraction > 0.02)

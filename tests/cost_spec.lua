@@ -3,6 +3,8 @@
 -- FLOPs, memory, the decode roofline, dense comparisons and argument errors.
 local moe = require "moelab"
 local MoECostAnalyzer = moe.MoECostAnalyzer or require("moelab.cost").MoECostAnalyzer
+local files = require "helpers.files"
+teardown(files.cleanup)
 
 local function near(a, b, tol, what)
   if math.abs(a - b) > tol then error(string.format("%s: expected %.6g (+-%g), got %.6g", what or "value", b, tol, a), 2) end
@@ -80,9 +82,7 @@ describe("MoECostAnalyzer parameters", function()
   end)
 
   it("reads a config.json path", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    moe.io.mkdir_p(dir)
+    local dir = files.tmpdir()
     moe.io.write_file_atomic(dir .. "/config.json", moe.io.json.encode(mixtral_cfg))
     assert.are.equal(MoECostAnalyzer{model = mixtral_cfg}.total_params, MoECostAnalyzer{model = dir}.total_params)
     assert.are.equal(MoECostAnalyzer{model = mixtral_cfg}.total_params,

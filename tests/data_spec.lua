@@ -3,6 +3,8 @@
 -- the byte tokenizer, and the errors bad arguments raise.
 local moe = require "moelab"
 local data = require "moelab.data"
+local files = require "helpers.files"
+teardown(files.cleanup)
 
 local function errmsg(f, ...)
   local ok, msg = pcall(f, ...)
@@ -10,10 +12,7 @@ local function errmsg(f, ...)
   return tostring(msg)
 end
 
-local function tmpname()
-  local p = os.tmpname()
-  return p
-end
+local tmpname = files.tmpname
 
 local function write_binary(path, s)
   local f = assert(io.open(path, "wb"))

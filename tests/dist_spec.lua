@@ -2,6 +2,8 @@
 -- checking, the DeepSpeed config mapping, and (when mpirun is there) two-rank
 -- jobs (collectives, data parallel == one process, ZeRO, expert parallel, a
 -- rank leaving) and a four-rank job (expert parallel x data parallel).
+local files = require "helpers.files"
+teardown(files.cleanup)
 local dist = moe.dist
 local distributed = moe.distributed
 
@@ -155,7 +157,7 @@ describe("moe.distributed.DistributedMoETrainer (one process)", function()
   end)
 
   it("ZeRO: a save that cannot gather the optimizer state fails before writing, never writes zeros", function()
-    local dir = require("helpers.files").tmpdir()
+    local dir = files.tmpdir()
     local corpus = moe.data.corpus{seed = 7, num_bytes = 20000}
     local tr = distributed.DistributedMoETrainer{model = small_model(), progress = false, zero_stage = 1, run_dir = dir}
     tr:train{train_data = corpus, batch_size = 2, seq_len = 8, max_steps = 2, learning_rate = 1e-3, save_final = false}
@@ -232,7 +234,7 @@ describe("expert sharding (one process)", function()
     end
     err(function() m.net:forward(ids) end, "holds only experts [1, 3) of 4")
     err(function() m:forward(ids) end, "trainer:gather_experts()")
-    err(function() moe.MoETrainer{model = m, progress = false}:save_model(os.tmpname() .. ".d") end,
+    err(function() moe.MoETrainer{model = m, progress = false}:save_model(files.tmpname(".d")) end,
       "sharded under expert parallelism")
     err(function() m.net:set_expert_shard(0, 2) end, "not all held here")
     err(function() m.net:set_expert_shard(3, 2) end, "not within the 4 experts")
@@ -311,7 +313,7 @@ describe("DeepSpeed configs", function()
   end)
 
   it("reads a JSON file and feeds train()", function()
-    local path = os.tmpname()
+    local path = files.tmpname()
     local fh = assert(io.open(path, "w"))
     fh:write('{"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "optimizer": ',
              '{"type": "AdamW", "params": {"lr": 0.001}}, "zero_optimization": {"stage": 0}}')

@@ -10,6 +10,7 @@ local files = require "helpers.files"
 
 local IGNORE = -100
 local dir = files.tmpdir()
+teardown(files.cleanup)
 
 local function write(path, s)
   local f = assert(io.open(path, "wb"))

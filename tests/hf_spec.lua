@@ -13,12 +13,9 @@ local st = mio.safetensors
 local FIX = "tests/fixtures/hf/"
 local MODELS = {"olmoe", "mixtral", "qwen2_moe"}
 
-local function tmpdir()
-  local d = os.tmpname()
-  os.remove(d)
-  mio.mkdir_p(d)
-  return d
-end
+local files = require "helpers.files"
+local tmpdir = files.tmpdir
+teardown(files.cleanup)
 
 local function fails(pattern, f, ...)
   local ok, msg = pcall(f, ...)

@@ -4,6 +4,7 @@ local moe = require "moelab"
 local core = moe.core
 local gc = require "helpers.gradcheck"
 local files = require "helpers.files"
+teardown(files.cleanup)
 local peft = moe.peft or require "moelab.peft"
 local TaskAdaptiveMoE = (moe.finetuning and moe.finetuning.TaskAdaptiveMoE) or require("moelab.task_adaptive").TaskAdaptiveMoE
 

@@ -25,6 +25,7 @@ local function write(path, s)
 end
 
 local dir = files.tmpdir()
+teardown(files.cleanup)
 local n_written = 0
 local function json_file(t)
   n_written = n_written + 1

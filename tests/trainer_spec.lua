@@ -4,6 +4,7 @@
 local moe = require "moelab"
 local files = require "helpers.files"
 local tmpdir = files.tmpdir
+teardown(files.cleanup)
 
 local corpus = moe.data.corpus{seed = 7, num_bytes = 60000}
 local train_ds, held_ds = corpus:split(0.1)

@@ -23,4 +23,6 @@ local all = tmpdir()
 local tr = moe.distributed.DistributedMoETrainer{model = model, progress = false, expert_parallel_size = 2,
                                                  run_dir = all .. "/r" .. rank}
 assert(tr)
+os.execute("rm -rf '" .. all .. "'")
+if dir then os.execute("rm -rf '" .. dir .. "'") end
 print("RUNDIR_OK " .. rank)

@@ -1,12 +1,37 @@
 -- File and shell helpers shared by the specs.
 local M = {}
 
---- A fresh empty directory under the system temp dir.
+-- Every path tmpdir and tmpname hand out, for cleanup() to remove.
+local made = {}
+
+--- A fresh empty directory under the system temp dir; cleanup() removes it.
 function M.tmpdir()
   local d = os.tmpname()
   os.remove(d)
+  made[#made + 1] = d
   require("moelab").io.mkdir_p(d)
   return d
+end
+
+--- A fresh temp file name, `suffix` appended; cleanup() removes it. os.tmpname
+-- makes an empty file, so with a suffix that file is recorded too.
+function M.tmpname(suffix)
+  local p = os.tmpname()
+  made[#made + 1] = p
+  if suffix then
+    p = p .. suffix
+    made[#made + 1] = p
+  end
+  return p
+end
+
+--- Removes (recursively) every path tmpdir and tmpname made. A spec that uses
+-- them calls `teardown(files.cleanup)` at file level.
+function M.cleanup()
+  for i = #made, 1, -1 do
+    os.execute("rm -rf '" .. made[i] .. "'")
+    made[i] = nil
+  end
 end
 
 function M.read(path)
