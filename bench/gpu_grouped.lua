@@ -50,7 +50,7 @@ local function offsets(rows, G, seed)
   return off
 end
 print(string.format("# grouped GEMM forward, bf16; strategy %s, TMA %s", os.getenv("MOELAB_GROUPED_GEMM") or "auto",
-                    os.getenv("MOELAB_GROUPED_TMA") or "0"))
+                    os.getenv("MOELAB_GROUPED_TMA") or "auto"))
 print(string.format("%-14s %8s %4s %6s %6s %9s %9s", "shape", "rows", "G", "K", "N", "ms", "TFLOP/s"))
 for _, sh in ipairs(shapes) do
   if only and sh[1] ~= only then goto continue end

@@ -10,7 +10,12 @@
 -- Per shape, timed with moe.synchronize around each iteration, 3 warm-up and
 -- 10 timed iterations, median:
 --   layer fwd      nn.MoE forward with a moe.Tape (training mode)
---   layer fwd+bwd  the same, then tape:backward(y, dy) with a random dy
+--   layer fwd+bwd  the same, then tape:backward(y, dy) with a random dy; the
+--                  gradients are cleared before each run, outside the timed
+--                  region (layer:zero_grad{lazy = true}, as a training step
+--                  does; the PyTorch baseline sets p.grad = None the same way),
+--                  so the backward writes them; "accumulating" keeps them, so
+--                  the backward adds into them (gradient accumulation)
 --   experts only   the expert bank's work alone through moe.ops, on the same
 --                  per-expert row counts as the layer's routing: 3 grouped
 --                  GEMMs + swiglu forward, 6 grouped GEMMs + swiglu backward
@@ -52,12 +57,17 @@ local function median(ts)
 end
 
 -- median seconds of fn() over ITERS runs after WARMUP; garbage is collected
--- outside the timed region, so freed tensors go back before each run
-local function time(fn)
-  for _ = 1, WARMUP do fn(); collectgarbage("collect") end
+-- and before() (if any) runs outside the timed region, so freed tensors go
+-- back before each run
+local function time(fn, before)
+  for _ = 1, WARMUP do
+    if before then before() end
+    fn(); collectgarbage("collect")
+  end
   local ts = {}
   for i = 1, ITERS do
     collectgarbage("collect")
+    if before then before() end
     moe.synchronize(dev)
     local t0 = moe.clock()
     fn()
@@ -113,10 +123,14 @@ for _, s in ipairs(SHAPES) do
       tape:reset()
     end
     local fwd_s, fwd_lo, fwd_hi = time(fwd)
-    local fb_s, fb_lo, fb_hi = time(fwd_bwd)
+    local fb_s, fb_lo, fb_hi = time(fwd_bwd, function() layer:zero_grad{lazy = true} end)
+    local acc_s, acc_lo, acc_hi = time(fwd_bwd)
     log("   layer fwd     %9.2f ms (min %.2f, max %.2f)", fwd_s * 1e3, fwd_lo * 1e3, fwd_hi * 1e3)
     log("   layer fwd+bwd %9.2f ms (min %.2f, max %.2f)", fb_s * 1e3, fb_lo * 1e3, fb_hi * 1e3)
+    log("   accumulating  %9.2f ms (min %.2f, max %.2f)", acc_s * 1e3, acc_lo * 1e3, acc_hi * 1e3)
     row(s.name, "moelab nn.MoE", DT, fwd_s, fb_s, fwd_flops, fb_flops)
+    row(s.name, "moelab nn.MoE, accumulating gradients", DT, nil, acc_s, fwd_flops, fb_flops,
+        "backward adds into the last run's gradients")
 
     -- the same per-expert row counts as the layer's last routing
     local counts = layer:routing_stats().counts

@@ -12,6 +12,10 @@
  * The pair form (two GEMMs summed along K: the SwiGLU input gradient) in both
  * layouts, and which calls the setting and strategy send to it; Inf in an
  * empty expert's weights next to a partial box must stay out of the results.
+ * The weight gradient (c_g = a_g^T b_g, K the group's rows): groups of no
+ * rows, one row, a partial last k-tile, P and Q not multiples of the tile,
+ * the issue's shapes, and Inf in the rows after a group's partial last
+ * k-tile (which the kernel zeroes) kept out of that group's result.
  * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
@@ -66,6 +70,50 @@ static void pair_tb(int tb, const char *what, float beta, const int64_t *off, in
         ok(n == 1, "%s: one launch of the TMA kernel (%llu)", name, (unsigned long long)n);
     }
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
+}
+
+static void wgrad(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q, int want_tma) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "TMA wgrad %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G, (long long)M,
+             (long long)P, (long long)Q);
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.d, b.d, beta, c.d, off, G))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        uint64_t n = tma_calls() - t0;
+        ok(n == (uint64_t)want_tma, "%s: %s the TMA kernel (%llu calls)", name, want_tma ? "served by" : "not taken by",
+           (unsigned long long)n);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* The weight gradient's last k-tile of group 0 (100 rows: 36 past the first
+ * tile) reads 28 rows of group 1, whose a and b hold Inf: group 0's result
+ * must stay finite and equal the CPU's (group 1's is not compared). */
+static void wgrad_inf_neighbour(void) {
+    const int G = 2;
+    const int64_t P = 136, Q = 264, off[3] = {0, 100, 300};
+    pair a = in_randn(BF, SH(300, P)), b = in_randn(BF, SH(300, Q)), c = in_randn(BF, SH(G, P, Q));
+    float *ha = moe_f32(a.h), *hb = moe_f32(b.h);
+    for (int64_t i = 100 * P; i < 300 * P; i++) ha[i] = INFINITY;
+    for (int64_t i = 100 * Q; i < 300 * Q; i++) hb[i] = -INFINITY;
+    moe_tensor_release(a.d); moe_tensor_release(b.d);
+    a.d = to_gpu(a.h, BF); b.d = to_gpu(b.h, BF);
+    die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    const char *name = "TMA wgrad: Inf in the next group's rows stays out of a partial last k-tile";
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.h, b.h, 0.0f, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.d, b.d, 0.0f, c.d, off, G))) {
+        moe_tensor *gd = moe_tensor_select(c.d, 0, 0), *gh = moe_tensor_select(c.h, 0, 0);
+        die_if(!gd || !gh, "select");
+        check2(name, BF, gd, gh, tol_of(BF, 0), 1e-2);
+        moe_tensor_release(gd); moe_tensor_release(gh);
+        ok(tma_calls() - t0 == 1, "%s: served by the TMA kernel", name);
+    }
+    pfree(&a); pfree(&b); pfree(&c);
 }
 
 /* whether a call of the step model's gate/up shape goes to the TMA kernel under a setting */
@@ -151,6 +199,33 @@ static void checks(int ctas) {
     }
     inf_neighbour(1);
     inf_neighbour(0);
+    /* the weight gradient: rows 0 to 300 a group (several k-tiles, partial last ones,
+     * empty groups), P and Q under, at and past a tile (odd M-tile counts leave the
+     * second CTA of a pair past P) */
+    make_offsets(off, 8, 300, 3);
+    wgrad("partial tiles", 0.0f, off, 8, 200, 136, 1);
+    make_offsets(off, 8, 300, 3);
+    wgrad("partial tiles", 0.5f, off, 8, 72, 520, 1);
+    make_offsets(off, 6, 500, 0);
+    wgrad("P 384, Q 264", 0.0f, off, 6, 384, 264, 1);
+    off[0] = 0; off[1] = 1; off[2] = 64; off[3] = 65; off[4] = 129;
+    wgrad("1, 63, 1, 64 rows", 0.0f, off, 4, 128, 256, 1);
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    wgrad("no rows", 0.5f, off, 4, 64, 64, 1);
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    wgrad("no rows", 0.0f, off, 4, 64, 64, 1);
+    make_offsets(off, 256, 40, 5);
+    wgrad("256 experts", 0.0f, off, 256, 64, 48, 1);
+    /* the step model's down and gate/up, the OLMoE layer's (fewer rows) */
+    make_offsets(off, 32, 1400, 0);
+    wgrad("step model down", 0.0f, off, 32, 1024, 512, 1);
+    make_offsets(off, 32, 1400, 0);
+    wgrad("step model up", 1.0f, off, 32, 512, 1024, 1);
+    make_offsets(off, 64, 600, 7);
+    wgrad("OLMoE down", 0.0f, off, 64, 2048, 1024, 1);
+    make_offsets(off, 4, 200, 0);
+    wgrad("P 100 (refused)", 0.0f, off, 4, 100, 64, 0);
+    wgrad_inf_neighbour();
 }
 
 int main(void) {
@@ -169,6 +244,12 @@ int main(void) {
            "auto");
     off[0] = 0; off[1] = 100; off[2] = 300;
     fwd_tb(1, "auto, 32 MB experts", 0.0f, off, 2, 4096, 4096, 0);
+    wgrad("auto, 32 MB experts", 0.0f, off, 2, 4096, 4096, 0);
+    make_offsets(off, 32, 1000, 0);
+    wgrad("auto, step model down", 0.0f, off, 32, 1024, 512, 1);
+    die_if(moe_cuda_set_grouped_tma(ctx, 0, 0) != MOE_OK, "off");
+    make_offsets(off, 32, 1000, 0);
+    wgrad("off, step model down", 0.0f, off, 32, 1024, 512, 0);
     ok(moe_cuda_set_grouped_tma(ctx, 0, 2) != MOE_OK, "a TMA setting of 2 is refused");
     ok(moe_cuda_set_tma_cluster(ctx, 0, 3) != MOE_OK, "a cluster of 3 CTAs is refused");
     return gpucheck_end();

@@ -644,6 +644,12 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
+    // the TMA kernel under the rule of the forward's: c_g (the size of an expert's weights) within a quarter of L2
+    if (!b_rows && use_tma(d, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype)) {
+        bool ran = false;
+        MOE_TRY(cuda_tma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
+        if (ran) { count_tma(d); return MOE_OK; }
+    }
     if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, b_rows ? (const int64_t *)moe_tensor_data(b_rows) : nullptr,

@@ -2,7 +2,9 @@
 // c_g = alpha * a_g op(b_g) + beta * c_g, a the experts' rows [M, K] (K
 // contiguous, grouped by row offsets), b [G, N, K] (op = transpose: the
 // expert bank's forward) or [G, K, N] (its data gradients), and the pair
-// form that sums a second (a2, b2) along K. cuda_grouped_mma.cu's kernel
+// form that sums a second (a2, b2) along K; and the weight gradient c_g =
+// alpha * a_g^T b_g + beta * c_g (a [M, P], b [M, Q], c [G, P, Q]), whose
+// K is the group's rows. cuda_grouped_mma.cu's kernel
 // loads with cp.async from every thread and tops out near 380 TFLOP/s at
 // 128 x 128 tiles, where its blocks read about 6 TB/s from L2; here a block
 // computes 128 x 256 and shares its B tile with a second block.
@@ -21,14 +23,19 @@
 // steps of the grid, so the producer loads the next tile while the consumers
 // store this one. Outputs are staged in shared memory (128-byte swizzled,
 // conflict-free) and written by the copy engine, which clips columns past N;
-// a warpgroup whose rows run past its expert's stores directly.
+// a warpgroup whose rows run past its expert's stores directly. With beta !=
+// 0 the copy engine brings the tile of c into the staging while the tile is
+// multiplied (storing directly, every thread's loads of c wait in turn: it
+// cost the OLMoE layer's accumulating weight gradients about 0.6 ms).
 //
 // The copies read whole boxes: A rows past a group's end come from the next
 // group (their results are not stored) and past the tensor's end as zeros,
 // and K past its end as zeros; transposed B rows past an expert's N belong to
 // the next expert (those columns are not stored); untransposed B is read as a
 // 3-D tensor (N, K, G), so K rows past an expert's are zeros, never the next
-// expert's weights.
+// expert's weights. The weight gradient reads both operands MN-major (boxes
+// of 64 columns x 64 rows, K the rows); a group's last k-tile has the rows
+// past its end zeroed in shared memory, and its groups run largest first.
 //
 // Tried and not kept: the SwiGLU forward in one launch (gate and up boxes side
 // by side, the activation in the epilogue). At the OLMoE layer's experts on
@@ -44,6 +51,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
+
 namespace {
 
 constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 384;
@@ -54,6 +63,9 @@ constexpr int C_BYTES = 64 * BN * 2;
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_BYTES + 1024;   // + room to align to 1024 B
 constexpr int MAX_GROUPS = MOE_TMA_GROUPED_MAX_GROUPS;
 constexpr int CONSUMER_WARPS = 8;
+// what a launch computes: c = a b_g^T (b [G, N, K]), c = a b_g (b [G, K, N]),
+// or the weight gradient c_g = a_g^T b_g (a [rows, P], b [rows, Q], c [G, P, Q])
+enum { MODE_BT, MODE_BN, MODE_WG };
 
 struct tma_params {
     // first: 64-byte aligned as the copies require; a2, b2: the second pair along
@@ -62,8 +74,10 @@ struct tma_params {
     __nv_bfloat16 *c;
     float alpha, beta;
     int N, K, K2, n_tiles, items, groups;
+    int P, m_pairs;              // weight gradient: the rows of c_g (a's columns) and their pairs of M tiles
     int off[MAX_GROUPS + 1];     // row offsets of the groups
     int pair0[MAX_GROUPS + 1];   // the first pair of M tiles of each group (prefix sums)
+    short order[MAX_GROUPS];     // weight gradient: the groups by decreasing rows (the order their tiles run)
 };
 static_assert(sizeof(tma_params) < 4096, "TMA grouped GEMM parameters exceed the classic kernel parameter limit");
 
@@ -138,19 +152,25 @@ __device__ __forceinline__ uint64_t desc_nmaj(const void *p) {
     return ((a & 0x3FFFF) >> 4) | ((uint64_t)(8192 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-template <int TB> __device__ __forceinline__ void wgmma_m64n256k16(float *d, uint64_t da, uint64_t db) {
+template <int TA, int TB> __device__ __forceinline__ void wgmma_m64n256k16(float *d, uint64_t da, uint64_t db) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, %130;\n}\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, %130, %131;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                 : "l"(da), "l"(db), "n"(TB));
+                 : "l"(da), "l"(db), "n"(TA), "n"(TB));
 }
 
 // The tile of work item t for the CTA of cluster rank `rank`: its group, its
-// first row within the group and its N tile. A cluster of two takes a pair of
-// M tiles of one group (the second past the group's rows when it has an odd
-// count: that CTA loads and multiplies, and stores nothing) and one N tile.
+// first row (of a_g, or of c_g for the weight gradient) and its N tile. A
+// cluster of two takes a pair of M tiles of one group (the second past the
+// group's rows when it has an odd count: that CTA loads and multiplies, and
+// stores nothing) and one N tile. The weight gradient's groups all have the
+// same tiles; they run largest first.
 struct tma_tile { int g, m0, nt; };
-template <int CL> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
+template <int CL, int MODE> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
+    if (MODE == MODE_WG) {
+        const int per = p.m_pairs * p.n_tiles, r = t % per;
+        return tma_tile{p.order[t / per], ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles};
+    }
     const int mp = t / p.n_tiles;
     int lo = 0, hi = p.groups - 1;
     while (lo < hi) {   // the last group whose first pair is <= mp (empty groups share it with the next)
@@ -161,9 +181,31 @@ template <int CL> __device__ __forceinline__ tma_tile tile_of(const tma_params &
     return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
 }
 
-// Stages a warpgroup's 64 x 256 values (v(j, h): columns 8 j + 2 (lane % 4) + {0, 1}
-// of row warp * 16 + lane / 4 + 8 h) as four 128-byte-swizzled 64 x 64 boxes,
-// after the copies that read the staging before have done so.
+// k-tiles of a tile: over K (+ K2), or over its group's rows for the weight gradient
+template <int MODE> __device__ __forceinline__ int k_tiles(const tma_params &p, int g) {
+    if (MODE == MODE_WG) return (p.off[g + 1] - p.off[g] + BK - 1) / BK;
+    return (p.K + BK - 1) / BK + (p.K2 + BK - 1) / BK;
+}
+
+// The weight gradient's last k-tile of a group whose rows end inside it: the
+// rows past the end (the next group's, or zeros past the tensor) are zeroed
+// in this warpgroup's A box and in every B slab, so nothing there (Inf or NaN
+// included) reaches the sum. Both warpgroups zero B: the second writes zeros
+// over zeros while the first may already read them.
+__device__ __forceinline__ void zero_tail(unsigned char *st, int cw, int valid, int tid) {
+    const int n = (BK - valid) * 8 * 5;   // 16-byte pieces: 8 a row, in one A box and four B slabs
+    for (int i = tid & 127; i < n; i += 128) {
+        const int box = i % 5, rest = i / 5, r = valid + (rest >> 3);
+        unsigned char *q = (box == 0 ? st + cw * 8192 : st + A_BYTES + (box - 1) * 8192) + r * 128 + (rest & 7) * 16;
+        *reinterpret_cast<uint4 *>(q) = make_uint4(0, 0, 0, 0);
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    wg_sync(1 + cw);
+}
+
+// Stages a warpgroup's 64 x 256 values (v(j, h, q): columns 8 j + 2 (lane % 4) + {0, 1}
+// of row warp * 16 + lane / 4 + 8 h, to be stored at q) as four 128-byte-swizzled
+// 64 x 64 boxes, after the copies that read the staging before have done so.
 template <typename F>
 __device__ __forceinline__ void stage(unsigned char *cs, int tid, int cw, F v) {
     const int lane = tid & 31, warp = (tid >> 5) & 3;
@@ -174,20 +216,21 @@ __device__ __forceinline__ void stage(unsigned char *cs, int tid, int cw, F v) {
         const int r = warp * 16 + (lane >> 2) + 8 * h;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) {
-            *reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 + (((j & 7) ^ (r & 7)) << 4) +
-                                                4 * (lane & 3)) = v(j, h);
+            __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(cs + (j >> 3) * 8192 + r * 128 +
+                                                                   (((j & 7) ^ (r & 7)) << 4) + 4 * (lane & 3));
+            *q = v(j, h, q);
         }
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     wg_sync(1 + cw);
 }
 
-template <int CL, bool BT>
+template <int CL, int MODE>
 __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES], cbar[2];
     const int tid = threadIdx.x, wg = tid >> 7;
     unsigned rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
@@ -197,10 +240,12 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             // a stage is refilled in both CTAs at once: every consumer warp of both must be done with it
             bar_init(&empty[s], CL * CONSUMER_WARPS);
         }
+        bar_init(&cbar[0], 1);   // a consumer warpgroup's tile of c (beta != 0) arrived in its staging
+        bar_init(&cbar[1], 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     cluster_sync();   // the peer's copies and releases find our barriers initialised
-    const int nk1 = (p.K + BK - 1) / BK, nk = nk1 + (p.K2 + BK - 1) / BK;
+    const int nk1 = (p.K + BK - 1) / BK;
     const int first = blockIdx.x / CL, step = gridDim.x / CL;
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -209,28 +254,42 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_b)) : "memory");
             unsigned it = 0;
             for (int t = first; t < p.items; t += step) {
-                const tma_tile tt = tile_of<CL>(p, t, rank);
+                const tma_tile tt = tile_of<CL, MODE>(p, t, rank);
+                const int nk = k_tiles<MODE>(p, tt.g);
                 // this CTA's half of the B tile goes to both CTAs
                 const int arow = p.off[tt.g] + tt.m0, brow = tt.g * p.N + tt.nt * BN + rank * (BN / CL);
                 for (int kt = 0; kt < nk; kt++, it++) {
                     const int s = it % STAGES;
-                    const bool second = kt >= nk1;
+                    const bool second = MODE != MODE_WG && kt >= nk1;
                     const CUtensorMap *ma = second ? &p.map_a2 : &p.map_a, *mb = second ? &p.map_b2 : &p.map_b;
                     const int k0 = (second ? kt - nk1 : kt) * BK;
                     bar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);
                     unsigned char *st = smem + s * STAGE_BYTES;
                     bar_expect(&full[s], STAGE_BYTES);
-                    tma_load(st, ma, k0, arow, &full[s]);
-                    if (BT) {
+                    if (MODE == MODE_BT) {
+                        tma_load(st, ma, k0, arow, &full[s]);
                         if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), mb, k0, brow, &full[s]);
                         else tma_load(st + A_BYTES, mb, k0, brow, &full[s]);
+                        continue;
+                    }
+                    // A: the weight gradient's two boxes of 64 columns of a (M) x 64 rows (K)
+                    const int krow = p.off[tt.g] + k0;
+                    if (MODE == MODE_WG) {
+                        tma_load(st, ma, tt.m0, krow, &full[s]);
+                        tma_load(st + A_BYTES / 2, ma, tt.m0 + 64, krow, &full[s]);
                     } else {
-                        // this CTA's slabs of 64 columns (all four, or two of them for both CTAs)
+                        tma_load(st, ma, k0, arow, &full[s]);
+                    }
+                    // B: this CTA's slabs of 64 columns x 64 K rows (all four, or two of them for both CTAs)
 #pragma unroll
-                        for (int j = 0; j < 4 / CL; j++) {
-                            const int slab = rank * (4 / CL) + j;
-                            unsigned char *dst = st + A_BYTES + slab * (B_BYTES / 4);
-                            const int n = tt.nt * BN + slab * 64;
+                    for (int j = 0; j < 4 / CL; j++) {
+                        const int slab = rank * (4 / CL) + j;
+                        unsigned char *dst = st + A_BYTES + slab * (B_BYTES / 4);
+                        const int n = tt.nt * BN + slab * 64;
+                        if (MODE == MODE_WG) {
+                            if (CL == 2) tma_load_both(dst, mb, n, krow, &full[s]);
+                            else tma_load(dst, mb, n, krow, &full[s]);
+                        } else {
                             if (CL == 2) tma_load3_both(dst, mb, n, k0, tt.g, &full[s]);
                             else tma_load3(dst, mb, n, k0, tt.g, &full[s]);
                         }
@@ -241,22 +300,50 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
         const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
-        unsigned it = 0;
+        unsigned it = 0, cph = 0;
         float d[BN / 2];
+        unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
+        const bool lead = (tid & 127) == 0;
         for (int t = first; t < p.items; t += step) {
-            const tma_tile tt = tile_of<CL>(p, t, rank);
+            const tma_tile tt = tile_of<CL, MODE>(p, t, rank);
+            const int nk = k_tiles<MODE>(p, tt.g);
+            // The tile's rows are rows [m0, m0 + 128) of its group's in c: rows of c
+            // from off[g] (a's groups), or from g * P (the weight gradient's c [G, P, Q])
+            const int g = tt.g, rows = MODE == MODE_WG ? p.P : p.off[g + 1] - p.off[g];
+            const int64_t base = MODE == MODE_WG ? (int64_t)g * p.P : (int64_t)p.off[g];
+            const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
+            const bool whole = wrow + 64 <= rows;
+            // beta != 0: the warpgroup's 64 x 256 of c come into its staging by copy
+            // while it multiplies (once the last tile's store has read the staging)
+            auto load_c = [&]() {
+                asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+                const int nb = min(4, (p.N - tt.nt * BN + 63) / 64);
+                bar_expect(&cbar[cw], nb * 8192);
+                for (int b = 0; b < nb; b++) tma_load(cs + b * 8192, &p.map_c, tt.nt * BN + b * 64, (int)(base + wrow), &cbar[cw]);
+            };
+            const bool beta_c = p.beta != 0.0f && whole;
+            if (beta_c && lead && nk == 0) load_c();
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
             int prev = -1;
             for (int kt = 0; kt < nk; kt++, it++) {
                 const int s = it % STAGES;
                 bar_wait(&full[s], (it / STAGES) & 1);
-                const unsigned char *sa = smem + s * STAGE_BYTES + cw * (64 * 128), *sb = smem + s * STAGE_BYTES + A_BYTES;
+                unsigned char *st = smem + s * STAGE_BYTES;
+                const unsigned char *sa = st + cw * (64 * 128), *sb = st + A_BYTES;
+                if (MODE == MODE_WG) {
+                    const int valid = p.off[tt.g + 1] - p.off[tt.g] - kt * BK;
+                    if (valid < BK) zero_tail(st, cw, valid, tid);
+                }
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-                for (int k = 0; k < BK / 16; k++)
-                    wgmma_m64n256k16<BT ? 0 : 1>(d, desc_kmaj(sa + k * 32), BT ? desc_kmaj(sb + k * 32) : desc_nmaj(sb + k * 2048));
+                for (int k = 0; k < BK / 16; k++) {
+                    if (MODE == MODE_BT) wgmma_m64n256k16<0, 0>(d, desc_kmaj(sa + k * 32), desc_kmaj(sb + k * 32));
+                    else if (MODE == MODE_BN) wgmma_m64n256k16<0, 1>(d, desc_kmaj(sa + k * 32), desc_nmaj(sb + k * 2048));
+                    else wgmma_m64n256k16<1, 1>(d, desc_nmaj(sa + k * 2048), desc_nmaj(sb + k * 2048));
+                }
                 asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                if (kt == 0 && beta_c && lead) load_c();
                 // the stage before this one is read once its wgmmas are done
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                 if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
@@ -266,31 +353,33 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
             // store: thread (warp, lane) holds rows r and r + 8 of its warpgroup's 64,
             // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31
-            const int g = tt.g, rows = p.off[g + 1] - p.off[g];
-            const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
-            const int64_t grow = (int64_t)p.off[g] + wrow;
-            unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
-            const bool lead = (tid & 127) == 0;
-            if (wrow + 64 <= rows && p.beta == 0.0f) {
-                // every row inside the group: staged, then one bulk copy a box (columns
-                // past N are clipped by the copy)
-                stage(cs, tid, cw, [&](int j, int h) {
-                    return __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
+            if (whole) {
+                // every row inside the group: staged (over c's values when beta != 0),
+                // then one bulk copy a box (columns past N are clipped by the copy)
+                if (beta_c) { bar_wait(&cbar[cw], cph); cph ^= 1; }
+                stage(cs, tid, cw, [&](int j, int h, const __nv_bfloat162 *q) {
+                    float x = p.alpha * d[4 * j + 2 * h], y = p.alpha * d[4 * j + 2 * h + 1];
+                    if (beta_c) {
+                        const float2 o = __bfloat1622float2(*q);
+                        x += p.beta * o.x;
+                        y += p.beta * o.y;
+                    }
+                    return __floats2bfloat162_rn(x, y);
                 });
                 if (lead) {
                     for (int b = 0; b < 4; b++)
-                        if (tt.nt * BN + b * 64 < p.N) tma_store(&p.map_c, cs + b * 8192, tt.nt * BN + b * 64, (int)grow);
+                        if (tt.nt * BN + b * 64 < p.N) tma_store(&p.map_c, cs + b * 8192, tt.nt * BN + b * 64, (int)(base + wrow));
                     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
                 }
                 continue;
             }
-            // rows past the group's end (or beta): stored directly, row by row
+            // rows past the group's end: stored directly, row by row
             const int r = wrow + warp * 16 + (lane >> 2);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int row = r + 8 * h;
                 if (row >= rows) continue;
-                const int64_t o = (int64_t)(p.off[g] + row) * p.N;
+                const int64_t o = (base + row) * p.N;
                 const int c0 = tt.nt * BN + 2 * (lane & 3);
 #pragma unroll
                 for (int j = 0; j < BN / 8; j++) {
@@ -365,8 +454,8 @@ bool offsets_fit(const int64_t *offsets, int groups) {
 
 // The work items of p (its maps, outputs and extents set), then the launch:
 // one cluster of CL CTAs per item at a time, as many clusters as fit.
-moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, bool transb,
-                      const char *what, bool *ran) {
+moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int mode, const char *what,
+                      bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
     p.n_tiles = (p.N + BN - 1) / BN;
@@ -376,11 +465,22 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
         p.pair0[g] = (int)bands;
         if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
     }
+    if (mode == MODE_WG) {
+        // every group has the same tiles, whatever its rows; the groups with the most rows run first
+        p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
+        bands = (int64_t)groups * p.m_pairs;
+        for (int g = 0; g < groups; g++) p.order[g] = (short)g;
+        std::stable_sort(p.order, p.order + groups, [&](short x, short y) {
+            return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
+        });
+    }
     const int64_t items = bands * p.n_tiles;
     if (items > INT32_MAX / 2) return MOE_OK;
     p.items = (int)items;
-    auto kern = transb ? (CLN == 2 ? grouped_tma_kernel<2, true> : grouped_tma_kernel<1, true>)
-                       : (CLN == 2 ? grouped_tma_kernel<2, false> : grouped_tma_kernel<1, false>);
+    void (*kern)(tma_params) =
+        mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT> : grouped_tma_kernel<1, MODE_BT>)
+        : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN> : grouped_tma_kernel<1, MODE_BN>)
+                          : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG> : grouped_tma_kernel<1, MODE_WG>);
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -396,10 +496,10 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
         // be had (a shared or partitioned GPU), the calls take the other paths from then on.
         cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
         int n = 0;
-        const auto k4 = {grouped_tma_kernel<1, true>, grouped_tma_kernel<1, false>, grouped_tma_kernel<2, true>,
-                         grouped_tma_kernel<2, false>};
+        const auto all = {grouped_tma_kernel<1, MODE_BT>, grouped_tma_kernel<1, MODE_BN>, grouped_tma_kernel<1, MODE_WG>,
+                          grouped_tma_kernel<2, MODE_BT>, grouped_tma_kernel<2, MODE_BN>, grouped_tma_kernel<2, MODE_WG>};
         bool ok = true;
-        for (auto k : k4) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
+        for (auto k : all) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
         if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
             (void)cudaGetLastError();
             d->tma_failed = true;
@@ -452,5 +552,30 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
-    return tma_launch(d, p, offsets, groups, transb != 0, "gemm_grouped (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, groups, transb ? MODE_BT : MODE_BN, "gemm_grouped (TMA kernel)", ran);
+}
+
+moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran) {
+    *ran = false;
+    if (!offsets_fit(offsets, groups) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX || Q > INT32_MAX ||
+        (int64_t)groups * P + BM > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
+        return MOE_OK;
+    encode_fn enc = tma_encoder(d);
+    if (!enc) return MOE_OK;
+    static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
+    tma_params p;
+    memset(&p, 0, sizeof p);
+    // a and b in boxes of 64 of their columns x 64 rows. Groups with no rows
+    // still have their tiles (c_g = beta c_g) and read nothing: with no rows at
+    // all, a and b (perhaps no memory) are stood in for by one row of c.
+    const int64_t rows = offsets[groups];
+    const void *ma = rows > 0 ? a : c, *mb = rows > 0 ? b : c;
+    if (!make_map(enc, &p.map_a, ma, rows > 0 ? rows : 1, P, 64) || !make_map(enc, &p.map_b, mb, rows > 0 ? rows : 1, Q, 64) ||
+        !make_map(enc, &p.map_c, c, (int64_t)groups * P, Q, 64))
+        return MOE_OK;
+    p.c = (__nv_bfloat16 *)c;
+    p.alpha = alpha; p.beta = beta;
+    p.N = (int)Q; p.P = (int)P;
+    return tma_launch(d, p, offsets, groups, MODE_WG, "gemm_grouped_wgrad (TMA kernel)", ran);
 }

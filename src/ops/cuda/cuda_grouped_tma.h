@@ -1,14 +1,15 @@
 // The grouped GEMM through the bulk tensor copy engine (cuda_grouped_tma.cu):
 // c_g = alpha * a_g op(b_g) + beta * c_g with a [M, K] grouped by row
 // offsets, b [G, N, K] (transb: op(b_g) = b_g^T, the forward of the expert
-// bank's weights) or [G, K, N] (their data gradients), c [M, N]; bf16 in and
-// out, f32 accumulation. Sets *ran = false and returns MOE_OK, launching
+// bank's weights) or [G, K, N] (their data gradients), c [M, N]; and the
+// weight gradient (cuda_tma_grouped_wgrad); bf16 in and out, f32 accumulation. Sets *ran = false and returns MOE_OK, launching
 // nothing, when the call does not fit: more than MOE_TMA_GROUPED_MAX_GROUPS
 // experts, K, K2 or N not a multiple of 8, an operand not 16-byte aligned,
 // over 2^31 rows or G * N near 2^31, over 2^30 work items, no tensor-map
 // encoder in the driver, or the kernel's shared memory or clusters not to be
-// had on this device (then no later call tries). With beta != 0 the outputs
-// are stored directly from registers (slower than a beta-0 call).
+// had on this device (then no later call tries). With beta != 0 a tile's c
+// comes in by copy while it multiplies; tiles with rows past their group's
+// end store directly from registers.
 #ifndef MOE_CUDA_GROUPED_TMA_H
 #define MOE_CUDA_GROUPED_TMA_H
 
@@ -23,5 +24,10 @@ moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a,
 moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
                                  const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
                                  int64_t K, int64_t N, bool *ran);
+/* the weight gradient c_g = alpha a_g^T b_g + beta c_g: a [M, P] and b [M, Q]
+ * grouped by row offsets, c [G, P, Q], all bf16; P and Q multiples of 8, G * P
+ * under 2^31 (refusals as above) */
+moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
 
 #endif

@@ -103,10 +103,11 @@ moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_cuda_grouped
 /* How many of the batched calls the own grouped kernels served (the TMA
  * kernel's calls included: moe_cuda_grouped_tma_calls counts those alone). */
 moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls);
-/* The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped calls and their
- * pair form (either layout of b): on = 1 tries it first for every call, 0
- * never, -1 (auto, the default) under the auto strategy where one expert's
- * weights take at most a quarter of the device's L2. Install sets it from
+/* The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped calls, their
+ * pair form (either layout of b) and gemm_grouped_wgrad (not over gathered
+ * rows): on = 1 tries it first for every call, 0 never, -1 (auto, the
+ * default) under the auto strategy where one expert's weights (for the
+ * weight gradient: one expert's c) take at most a quarter of the device's L2. Install sets it from
  * MOELAB_GROUPED_TMA (0, 1 or auto). tma_calls: how many calls it served
  * since install. set_tma_cluster: CTAs a cluster, 2 (the default, sharing
  * the weight tile) or 1; install sets it from MOELAB_TMA_CLUSTER. */
