@@ -128,16 +128,17 @@ static void count_kernel(cuda_dev *d) {
     d->n_grouped_batched++;   // one launch for all experts
     d->n_grouped_kernel++;
 }
-// The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped and pair calls:
-// forced on or off, or under the auto strategy where one expert's weights
+// The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped, pair and wgrad
+// calls: forced on or off, or under the call's auto strategy (grouped_gemm,
+// or grouped_wgrad for the weight gradient) where one expert's weights
 // (b_bytes) take at most a quarter of L2. Measured on an H100: 1.19-1.25x
 // the own kernel at the step model's experts, the OLMoE layer 1.07x with it
 // than with cuBLAS per expert; at the Mixtral layer's experts (117 MB each)
 // the tiles running at once stream their weights from memory and cuBLAS is
 // faster (674 against 559 TFLOP/s).
-static bool use_tma(const cuda_dev *d, double b_bytes, moe_dtype c, moe_dtype a, moe_dtype b) {
+static bool use_tma(const cuda_dev *d, int strategy, double b_bytes, moe_dtype c, moe_dtype a, moe_dtype b) {
     if (c != MOE_BF16 || a != MOE_BF16 || b != MOE_BF16 || d->grouped_tma == 0) return false;
-    return d->grouped_tma == 1 || (d->grouped_gemm == MOE_CUDA_GROUPED_AUTO && b_bytes * 4 <= (double)d->l2_bytes);
+    return d->grouped_tma == 1 || (strategy == MOE_CUDA_GROUPED_AUTO && b_bytes * 4 <= (double)d->l2_bytes);
 }
 static void count_tma(cuda_dev *d) {
     d->n_grouped_tma++;
@@ -436,7 +437,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
-    if (use_tma(d, 2.0 * (double)K * (double)N, c->dtype, a->dtype, b->dtype)) {
+    if (use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped(d, transb, alpha, A, B, beta, C, offsets, groups, K, N, &ran));
         if (ran) { count_tma(d); return MOE_OK; }
@@ -493,7 +494,7 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     CUDA_ENTER(d, ctx, c->device);
     int64_t K1 = a1->shape[1], K2 = a2->shape[1], N = c->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)(K1 + K2) * (double)N;
-    if (use_tma(d, 2.0 * (double)(K1 + K2) * (double)N, c->dtype, a1->dtype, b1->dtype)) {
+    if (use_tma(d, d->grouped_gemm, 2.0 * (double)(K1 + K2) * (double)N, c->dtype, a1->dtype, b1->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
                                       moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,
@@ -644,8 +645,8 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    // the TMA kernel under the rule of the forward's: c_g (the size of an expert's weights) within a quarter of L2
-    if (!b_rows && use_tma(d, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype)) {
+    // the TMA kernel under the wgrad's auto strategy and the forward's rule: c_g (an expert's weights) within a quarter of L2
+    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_tma(d); return MOE_OK; }
