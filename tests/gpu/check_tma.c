@@ -14,8 +14,9 @@
  * empty expert's weights next to a partial box must stay out of the results.
  * The weight gradient (c_g = a_g^T b_g, K the group's rows): groups of no
  * rows, one row, a partial last k-tile, P and Q not multiples of the tile,
- * the issue's shapes, and Inf in the rows after a group's partial last
- * k-tile (which the kernel zeroes) kept out of that group's result.
+ * the issue's shapes, beta 1 with every second expert empty, Inf in the rows
+ * after a group's partial last k-tile (which the kernel zeroes) kept out of
+ * that group's result, and which weight gradients auto leaves to other paths.
  * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
@@ -90,23 +91,26 @@ static void wgrad(const char *what, float beta, const int64_t *off, int G, int64
     pfree(&a); pfree(&b); pfree(&c);
 }
 
-/* The weight gradient's last k-tile of group 0 (100 rows: 36 past the first
- * tile) reads 28 rows of group 1, whose a and b hold Inf: group 0's result
- * must stay finite and equal the CPU's (group 1's is not compared). */
-static void wgrad_inf_neighbour(void) {
+/* The weight gradient's last k-tile of group 0 (r0 rows: 100 ends 36 into
+ * the second k-tile, 40 inside the first) reads rows of group 1, whose a and
+ * b hold Inf: group 0's result must stay finite and equal the CPU's (group
+ * 1's is not compared). */
+static void wgrad_inf_neighbour(int64_t r0, float beta) {
     const int G = 2;
-    const int64_t P = 136, Q = 264, off[3] = {0, 100, 300};
+    const int64_t P = 136, Q = 264, off[3] = {0, r0, 300};
     pair a = in_randn(BF, SH(300, P)), b = in_randn(BF, SH(300, Q)), c = in_randn(BF, SH(G, P, Q));
     float *ha = moe_f32(a.h), *hb = moe_f32(b.h);
-    for (int64_t i = 100 * P; i < 300 * P; i++) ha[i] = INFINITY;
-    for (int64_t i = 100 * Q; i < 300 * Q; i++) hb[i] = -INFINITY;
+    for (int64_t i = r0 * P; i < 300 * P; i++) ha[i] = INFINITY;
+    for (int64_t i = r0 * Q; i < 300 * Q; i++) hb[i] = -INFINITY;
     moe_tensor_release(a.d); moe_tensor_release(b.d);
     a.d = to_gpu(a.h, BF); b.d = to_gpu(b.h, BF);
-    die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    const char *name = "TMA wgrad: Inf in the next group's rows stays out of a partial last k-tile";
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    char name[160];
+    snprintf(name, sizeof name, "TMA wgrad: Inf in the next group's rows stays out of a partial last k-tile (%lld rows, beta %g)",
+             (long long)r0, beta);
     uint64_t t0 = tma_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.h, b.h, 0.0f, c.h, off, G),
-            moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.d, b.d, 0.0f, c.d, off, G))) {
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad(ctx, 1.0f, a.d, b.d, beta, c.d, off, G))) {
         moe_tensor *gd = moe_tensor_select(c.d, 0, 0), *gh = moe_tensor_select(c.h, 0, 0);
         die_if(!gd || !gh, "select");
         check2(name, BF, gd, gh, tol_of(BF, 0), 1e-2);
@@ -225,7 +229,12 @@ static void checks(int ctas) {
     wgrad("OLMoE down", 0.0f, off, 64, 2048, 1024, 1);
     make_offsets(off, 4, 200, 0);
     wgrad("P 100 (refused)", 0.0f, off, 4, 100, 64, 0);
-    wgrad_inf_neighbour();
+    /* beta != 0 with every second expert empty: tiles with no k-tiles load c at their
+     * start, several tiles a CTA (the staging's reuse between a store and the next load) */
+    make_offsets(off, 64, 300, 2);
+    wgrad("every second expert empty", 1.0f, off, 64, 512, 512, 1);
+    wgrad_inf_neighbour(100, 0.0f);
+    wgrad_inf_neighbour(40, 0.5f);
 }
 
 int main(void) {
@@ -247,6 +256,21 @@ int main(void) {
     wgrad("auto, 32 MB experts", 0.0f, off, 2, 4096, 4096, 0);
     make_offsets(off, 32, 1000, 0);
     wgrad("auto, step model down", 0.0f, off, 32, 1024, 512, 1);
+    /* auto: not where the experts' c leave SMs idle (the kernel does not split rows):
+     * LoRA-like factors (P 16), or one expert of 512 x 512 over many rows */
+    make_offsets(off, 32, 1000, 0);
+    wgrad("auto, P 16", 0.0f, off, 32, 16, 1024, 0);
+    off[0] = 0; off[1] = 4000;
+    wgrad("auto, one 512 x 512 expert", 0.0f, off, 1, 512, 512, 0);
+    /* the weight gradient follows its own strategy: loop keeps cuBLAS for it while the
+     * forward stays on the TMA kernel */
+    die_if(moe_cuda_set_grouped_wgrad(ctx, 0, MOE_CUDA_GROUPED_LOOP) != MOE_OK, "wgrad strategy");
+    make_offsets(off, 32, 1000, 0);
+    wgrad("auto, weight gradient strategy loop", 0.0f, off, 32, 1024, 512, 0);
+    make_offsets(off, 32, 1000, 0);
+    fwd_tb(1, "auto, weight gradient strategy loop", 0.0f, off, 32, 1024, 512, 1);
+    ok(moe_cuda_set_grouped_wgrad(ctx, 0, (moe_cuda_grouped_gemm)9) != MOE_OK, "an unknown weight gradient strategy is refused");
+    die_if(moe_cuda_set_grouped_wgrad(ctx, 0, MOE_CUDA_GROUPED_AUTO) != MOE_OK, "wgrad strategy");
     die_if(moe_cuda_set_grouped_tma(ctx, 0, 0) != MOE_OK, "off");
     make_offsets(off, 32, 1000, 0);
     wgrad("off, step model down", 0.0f, off, 32, 1024, 512, 0);

@@ -647,8 +647,13 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    // the TMA kernel under the wgrad's auto strategy and the forward's rule: c_g (an expert's weights) within a quarter of L2
-    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype)) {
+    // the TMA kernel under the wgrad's auto strategy and the forward's rule (c_g, an expert's
+    // weights, within a quarter of L2), where each expert's c fills whole 128 x 256 tiles and
+    // the call has a tile for every SM: the kernel does not split an expert's rows, so a
+    // few small c_g (LoRA's factors) over many rows would leave most SMs idle
+    const bool tma_fills = P >= 128 && Q >= 256 && (double)groups * (double)((P + 127) / 128) * (double)((Q + 255) / 256) >= d->sm_count;
+    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype) &&
+        (d->grouped_tma == 1 || tma_fills)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_tma(d); return MOE_OK; }
@@ -755,6 +760,16 @@ extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cu
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
     d->grouped_gemm = mode;
+    d->grouped_wgrad = mode;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_set_grouped_wgrad(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
+    if (mode != MOE_CUDA_GROUPED_BATCHED && mode != MOE_CUDA_GROUPED_LOOP && mode != MOE_CUDA_GROUPED_AUTO &&
+        mode != MOE_CUDA_GROUPED_PADDED && mode != MOE_CUDA_GROUPED_KERNEL)
+        return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_wgrad: unknown strategy %d", (int)mode);
+    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_wgrad: no context");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
     d->grouped_wgrad = mode;
     return MOE_OK;
 }

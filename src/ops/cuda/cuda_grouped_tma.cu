@@ -189,18 +189,19 @@ template <int MODE> __device__ __forceinline__ int k_tiles(const tma_params &p, 
 
 // The weight gradient's last k-tile of a group whose rows end inside it: the
 // rows past the end (the next group's, or zeros past the tensor) are zeroed
-// in this warpgroup's A box and in every B slab, so nothing there (Inf or NaN
-// included) reaches the sum. Both warpgroups zero B: the second writes zeros
-// over zeros while the first may already read them.
+// in both A boxes and every B slab, so nothing there (Inf or NaN included)
+// reaches the sum. Each consumer warpgroup zeroes its own A box and two of the
+// B slabs; both meet on one barrier before either multiplies.
 __device__ __forceinline__ void zero_tail(unsigned char *st, int cw, int valid, int tid) {
-    const int n = (BK - valid) * 8 * 5;   // 16-byte pieces: 8 a row, in one A box and four B slabs
+    const int n = (BK - valid) * 8 * 3;   // 16-byte pieces: 8 a row, in one A box and two B slabs
     for (int i = tid & 127; i < n; i += 128) {
-        const int box = i % 5, rest = i / 5, r = valid + (rest >> 3);
-        unsigned char *q = (box == 0 ? st + cw * 8192 : st + A_BYTES + (box - 1) * 8192) + r * 128 + (rest & 7) * 16;
+        const int box = i % 3, rest = i / 3, r = valid + (rest >> 3);
+        unsigned char *q = (box == 0 ? st + cw * 8192 : st + A_BYTES + (2 * cw + box - 1) * 8192) + r * 128 +
+                           (rest & 7) * 16;
         *reinterpret_cast<uint4 *>(q) = make_uint4(0, 0, 0, 0);
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    wg_sync(1 + cw);
+    asm volatile("bar.sync 3, 256;\n" ::: "memory");   // both consumer warpgroups
 }
 
 // Stages a warpgroup's 64 x 256 values (v(j, h, q): columns 8 j + 2 (lane % 4) + {0, 1}
@@ -256,8 +257,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             for (int t = first; t < p.items; t += step) {
                 const tma_tile tt = tile_of<CL, MODE>(p, t, rank);
                 const int nk = k_tiles<MODE>(p, tt.g);
-                // this CTA's half of the B tile goes to both CTAs
-                const int arow = p.off[tt.g] + tt.m0, brow = tt.g * p.N + tt.nt * BN + rank * (BN / CL);
+                const int arow = p.off[tt.g] + tt.m0;
                 for (int kt = 0; kt < nk; kt++, it++) {
                     const int s = it % STAGES;
                     const bool second = MODE != MODE_WG && kt >= nk1;
@@ -267,6 +267,8 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                     unsigned char *st = smem + s * STAGE_BYTES;
                     bar_expect(&full[s], STAGE_BYTES);
                     if (MODE == MODE_BT) {
+                        // this CTA's half of the B tile goes to both CTAs
+                        const int brow = tt.g * p.N + tt.nt * BN + rank * (BN / CL);
                         tma_load(st, ma, k0, arow, &full[s]);
                         if (CL == 2) tma_load_both(st + A_BYTES + rank * (B_BYTES / 2), mb, k0, brow, &full[s]);
                         else tma_load(st + A_BYTES, mb, k0, brow, &full[s]);

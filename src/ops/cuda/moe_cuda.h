@@ -89,6 +89,8 @@ typedef enum {
     MOE_CUDA_GROUPED_KERNEL = 4
 } moe_cuda_grouped_gemm;
 moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode);
+/* The weight gradients' strategy alone (MOELAB_GROUPED_WGRAD at install). */
+moe_status moe_cuda_set_grouped_wgrad(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode);
 /* How many streams (lanes, 1 to 4) the loop strategy spreads its per-expert
  * GEMMs over, for calls whose experts average under 64 GFLOP; install sets it
  * from MOELAB_GROUPED_LANES (default 2: the OLMoE layer's 9 grouped GEMMs took
@@ -106,8 +108,10 @@ moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *cal
 /* The TMA kernel (cuda_grouped_tma.cu) for bf16 gemm_grouped calls, their
  * pair form (either layout of b) and gemm_grouped_wgrad (not over gathered
  * rows): on = 1 tries it first for every call, 0 never, -1 (auto, the
- * default) under the auto strategy where one expert's weights (for the
- * weight gradient: one expert's c) take at most a quarter of the device's L2. Install sets it from
+ * default) under the call's auto strategy where one expert's weights (for the
+ * weight gradient: one expert's c) take at most a quarter of the device's L2;
+ * a weight gradient also needs c_g of at least 128 x 256 and a tile of
+ * 128 x 256 for every SM. Install sets it from
  * MOELAB_GROUPED_TMA (0, 1 or auto). tma_calls: how many calls it served
  * since install. set_tma_cluster: CTAs a cluster, 2 (the default, sharing
  * the weight tile) or 1; install sets it from MOELAB_TMA_CLUSTER. */
