@@ -11,10 +11,11 @@
 set -u
 cd "$(dirname "$0")/.."
 . tools/device_env.sh
+. tools/clock_watch.sh
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out=${OUT:-$(mktemp -d /tmp/gpu_moe_layer.XXXXXX)}
 mkdir -p "$out"
-rm -f "$out/moelab_rows.txt" "$out/torch_rows.txt"
+rm -f "$out/moelab_rows.txt" "$out/torch_rows.txt" "$out/clocks.txt"
 export OUT="$out"
 only=${1:-}
 [ -x ./moelab-cuda ] || cp build/cuda/moelab ./moelab-cuda
@@ -25,9 +26,13 @@ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperatur
     | tee -a "$out/gpu.txt"
 
 echo "== moelab (./moelab-cuda bench/gpu_moe_layer.lua, f32)"
+clock_watch_start moelab
 ./moelab-cuda bench/gpu_moe_layer.lua cuda full $only 2>&1 | tee "$out/moelab.log"
+clock_watch_stop moelab
 echo "== PyTorch (python3 bench/gpu_moe_layer_torch.py)"
+clock_watch_start torch
 python3 bench/gpu_moe_layer_torch.py $only 2>&1 | tee "$out/torch.log"
+clock_watch_stop torch
 
 python3 - "$out" "$card" <<'EOF' | tee "$out/table.md"
 import os, sys
@@ -46,3 +51,4 @@ for r in rows:
     r = (r + [""] * 8)[:8]
     print("| " + " | ".join(r) + " |")
 EOF
+[ -f "$out/clocks.txt" ] && cat "$out/clocks.txt"

@@ -21,6 +21,7 @@
 set -u
 cd "$(dirname "$0")/.."
 . tools/device_env.sh
+. tools/clock_watch.sh
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 out=${OUT:-$(mktemp -d /tmp/gpu_step.XXXXXX)}
 mkdir -p "$out"
@@ -35,9 +36,12 @@ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperatur
 echo "== PyTorch (python3 bench/gpu_step_torch.py --mode all)"
 warm=()
 [ -n "${STEP_WARMUP:-}" ] && warm=(--warmup "$STEP_WARMUP")
+rm -f "$out/clocks.txt"
+clock_watch_start torch
 python3 bench/gpu_step_torch.py --mode all --out "$out/gpu_step_torch.json" \
     --steps "${STEP_STEPS:-20}" ${warm[@]+"${warm[@]}"} --deadline-s "${TORCH_BUDGET_S:-330}" ${STEP_ARGS:-} 2>&1 \
     | tee "$out/gpu_step_torch.log"
+clock_watch_stop torch
 torch_rc=${PIPESTATUS[0]}
 echo "(PyTorch part: exit $torch_rc, ${SECONDS} s so far)"
 
@@ -55,8 +59,10 @@ elif [ ! -x "$moelab" ]; then
 elif [ "$left" -lt 30 ]; then
     echo "skipped: only ${left} s of the ${TOTAL_BUDGET_S:-530} s budget left" | tee "$out/gpu_step_moelab.txt"
 else
+    clock_watch_start moelab
     timeout "$left" "$moelab" bench/gpu_step.lua ${MOELAB_STEP_ARGS:-} 2>&1 | tee "$out/gpu_step_moelab.txt"
     rc=${PIPESTATUS[0]}
+    clock_watch_stop moelab
     [ "$rc" -eq 124 ] && echo "(moelab run cut off after ${left} s)" | tee -a "$out/gpu_step_moelab.txt"
     [ "$rc" -ne 0 ] && echo "(moelab exited $rc)" | tee -a "$out/gpu_step_moelab.txt"
 fi
@@ -68,4 +74,5 @@ echo
 echo "==================== moelab (last 40 lines of $out/gpu_step_moelab.txt)"
 tail -n 40 "$out/gpu_step_moelab.txt"
 echo
+[ -f "$out/clocks.txt" ] && cat "$out/clocks.txt"
 echo "total ${SECONDS} s; logs in $out"
