@@ -132,12 +132,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_wgrad_from_env(&grouped_wgrad));
     int lanes = 1;
     MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
-    const char *tma = getenv("MOELAB_GROUPED_TMA");
-    if (tma && *tma && strcmp(tma, "0") && strcmp(tma, "1") && strcmp(tma, "auto"))
-        return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_TMA=%s: expected 0, 1 or auto", tma);
-    const char *tcl = getenv("MOELAB_TMA_CLUSTER");
-    if (tcl && *tcl && strcmp(tcl, "1") && strcmp(tcl, "2"))
-        return moe_error(MOE_ERR_ARG, "MOELAB_TMA_CLUSTER=%s: expected 1 or 2", tcl);
+    int tma = -1, tma_cluster = 2;
+    MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -154,8 +150,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         ((cuda_dev *)a->state)->grouped_gemm = grouped_gemm;
         ((cuda_dev *)a->state)->grouped_wgrad = grouped_wgrad;
         ((cuda_dev *)a->state)->loop_lanes = lanes;
-        ((cuda_dev *)a->state)->grouped_tma = !tma || !*tma || !strcmp(tma, "auto") ? -1 : !strcmp(tma, "1");
-        ((cuda_dev *)a->state)->tma_cluster = tcl && !strcmp(tcl, "1") ? 1 : 2;
+        ((cuda_dev *)a->state)->grouped_tma = tma;
+        ((cuda_dev *)a->state)->tma_cluster = tma_cluster;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -68,10 +68,10 @@ struct cuda_dev {
     // between launches (the last block of a tile resets its own), allocated on first use
     int *split_counters;
     uint64_t n_grouped_split;     // weight-gradient calls that split a heavy expert's rows
-    // the TMA kernel (cuda_grouped_tma.cu) for gemm_grouped and its pair form:
-    // grouped_tma 1 takes it for every bf16 call it fits, 0 never, -1 (auto) under
-    // the auto strategy where an expert's weights take at most a quarter of L2
-    // (MOELAB_GROUPED_TMA); the driver's tensor-map encoder, looked up on first
+    // the TMA kernel (cuda_grouped_tma.cu) for gemm_grouped, its pair form and the
+    // weight gradient: grouped_tma 1 takes it for every bf16 call it fits, 0 never,
+    // -1 (auto) under the call's auto strategy where an expert's weights take at most
+    // a quarter of L2 (MOELAB_GROUPED_TMA); the driver's tensor-map encoder, looked up on first
     // use; tma_failed: no encoder, or the kernel's shared memory or clusters could
     // not be had (then never tried again)
     int grouped_tma;
@@ -151,6 +151,8 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_t
 moe_status cuda_grouped_gemm_from_env(int *mode);
 moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
 moe_status cuda_grouped_lanes_from_env(int *lanes);
+// MOELAB_GROUPED_TMA (0, 1 or auto: *on 0, 1, -1) and MOELAB_TMA_CLUSTER (1 or 2); unset leaves them
+moe_status cuda_grouped_tma_from_env(int *on, int *cluster);
 void cuda_lanes_free(cuda_dev *d);   // the loop's side streams, handles, workspaces and events
 // cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over `busy`
 // non-empty experts; lane i's cuBLAS handle; join them back (returns st unless the

@@ -137,10 +137,13 @@ static void count_kernel(cuda_dev *d) {
 // the tiles running at once stream their weights from memory and cuBLAS is
 // faster (674 against 559 TFLOP/s). The weight gradient alone on an H200:
 // 1.04-1.06x cuBLAS per expert (OLMoE), 1.24-1.28x the own kernel (step);
-// in use on an H100 the layer 1.016x, the step 1.015x.
-static bool use_tma(const cuda_dev *d, int strategy, double b_bytes, moe_dtype c, moe_dtype a, moe_dtype b) {
+// in use on an H100 the layer 1.016x, the step 1.015x. fills: the call's tiles
+// keep the device busy (auto requires it; see wgrad).
+static bool use_tma(const cuda_dev *d, int strategy, double b_bytes, bool fills, moe_dtype c, moe_dtype a,
+                    moe_dtype b) {
     if (c != MOE_BF16 || a != MOE_BF16 || b != MOE_BF16 || d->grouped_tma == 0) return false;
-    return d->grouped_tma == 1 || (strategy == MOE_CUDA_GROUPED_AUTO && b_bytes * 4 <= (double)d->l2_bytes);
+    return d->grouped_tma == 1 ||
+           (strategy == MOE_CUDA_GROUPED_AUTO && fills && b_bytes * 4 <= (double)d->l2_bytes);
 }
 static void count_tma(cuda_dev *d) {
     d->n_grouped_tma++;
@@ -439,7 +442,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
-    if (use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, c->dtype, a->dtype, b->dtype)) {
+    if (use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, true, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped(d, transb, alpha, A, B, beta, C, offsets, groups, K, N, &ran));
         if (ran) { count_tma(d); return MOE_OK; }
@@ -496,7 +499,7 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     CUDA_ENTER(d, ctx, c->device);
     int64_t K1 = a1->shape[1], K2 = a2->shape[1], N = c->shape[1];
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)(K1 + K2) * (double)N;
-    if (use_tma(d, d->grouped_gemm, 2.0 * (double)(K1 + K2) * (double)N, c->dtype, a1->dtype, b1->dtype)) {
+    if (use_tma(d, d->grouped_gemm, 2.0 * (double)(K1 + K2) * (double)N, true, c->dtype, a1->dtype, b1->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
                                       moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,
@@ -647,13 +650,12 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    // the TMA kernel under the wgrad's auto strategy and the forward's rule (c_g, an expert's
-    // weights, within a quarter of L2), where each expert's c fills whole 128 x 256 tiles and
-    // the call has a tile for every SM: the kernel does not split an expert's rows, so a
-    // few small c_g (LoRA's factors) over many rows would leave most SMs idle
-    const bool tma_fills = P >= 128 && Q >= 256 && (double)groups * (double)((P + 127) / 128) * (double)((Q + 255) / 256) >= d->sm_count;
-    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, c->dtype, a->dtype, b->dtype) &&
-        (d->grouped_tma == 1 || tma_fills)) {
+    // the TMA kernel: under auto, where each expert's c (an expert's weights) fills whole
+    // 128 x 256 tiles and the call has a tile for every SM. The kernel does not split an
+    // expert's rows, so a few small c_g (LoRA's factors) over many rows would idle SMs.
+    const double tiles = (double)groups * (double)((P + 127) / 128) * (double)((Q + 255) / 256);
+    const bool fills = P >= 128 && Q >= 256 && tiles >= (double)d->sm_count;
+    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, fills, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_tma(d); return MOE_OK; }

@@ -37,6 +37,21 @@ moe_status cuda_grouped_gemm_from_env(int *mode) {
     return parse_grouped("MOELAB_GROUPED_GEMM", v, mode);
 }
 
+moe_status cuda_grouped_tma_from_env(int *on, int *cluster) {
+    const char *v = getenv("MOELAB_GROUPED_TMA");
+    if (v && *v) {
+        if (!strcmp(v, "auto")) *on = -1;
+        else if (!strcmp(v, "0") || !strcmp(v, "1")) *on = v[0] - '0';
+        else return moe_error(MOE_ERR_ARG, "MOELAB_GROUPED_TMA=%s: expected 0, 1 or auto", v);
+    }
+    v = getenv("MOELAB_TMA_CLUSTER");
+    if (v && *v) {
+        if (strcmp(v, "1") && strcmp(v, "2")) return moe_error(MOE_ERR_ARG, "MOELAB_TMA_CLUSTER=%s: expected 1 or 2", v);
+        *cluster = v[0] - '0';
+    }
+    return MOE_OK;
+}
+
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
     if (!known(mode)) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: unknown strategy %d", (int)mode);
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");

@@ -80,6 +80,7 @@ struct tma_params {
     short order[MAX_GROUPS];     // weight gradient: the groups by decreasing rows (the order their tiles run)
 };
 static_assert(sizeof(tma_params) < 4096, "TMA grouped GEMM parameters exceed the classic kernel parameter limit");
+static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
 
 __device__ __forceinline__ unsigned smem_u32(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
 
@@ -431,10 +432,6 @@ bool make_map_kn(encode_fn enc, CUtensorMap *m, const void *base, int groups, in
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-}  // namespace
-
-namespace {
-
 encode_fn tma_encoder(cuda_dev *d) {
     if (d->tma_failed) return nullptr;
     if (!d->tma_encode) {
@@ -461,13 +458,14 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
     p.n_tiles = (p.N + BN - 1) / BN;
-    int64_t bands = 0;
-    for (int g = 0; g <= groups; g++) {
-        p.off[g] = (int)offsets[g];
-        p.pair0[g] = (int)bands;
-        if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
-    }
-    if (mode == MODE_WG) {
+    int64_t bands = 0;   // pairs of M tiles
+    for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
+    if (mode != MODE_WG) {
+        for (int g = 0; g <= groups; g++) {
+            p.pair0[g] = (int)bands;
+            if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
+        }
+    } else {
         // every group has the same tiles, whatever its rows; the groups with the most rows run first
         p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
         bands = (int64_t)groups * p.m_pairs;
@@ -539,7 +537,6 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     if (!enc) return MOE_OK;
     const int64_t rows = offsets[groups];
     if (rows == 0) { *ran = true; return MOE_OK; }
-    static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
     tma_params p;
     memset(&p, 0, sizeof p);
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
@@ -565,15 +562,14 @@ moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
         return MOE_OK;
     encode_fn enc = tma_encoder(d);
     if (!enc) return MOE_OK;
-    static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
     tma_params p;
     memset(&p, 0, sizeof p);
     // a and b in boxes of 64 of their columns x 64 rows. Groups with no rows
     // still have their tiles (c_g = beta c_g) and read nothing: with no rows at
     // all, a and b (perhaps no memory) are stood in for by one row of c.
-    const int64_t rows = offsets[groups];
-    const void *ma = rows > 0 ? a : c, *mb = rows > 0 ? b : c;
-    if (!make_map(enc, &p.map_a, ma, rows > 0 ? rows : 1, P, 64) || !make_map(enc, &p.map_b, mb, rows > 0 ? rows : 1, Q, 64) ||
+    const bool none = offsets[groups] == 0;
+    const int64_t rows = none ? 1 : offsets[groups];
+    if (!make_map(enc, &p.map_a, none ? c : a, rows, P, 64) || !make_map(enc, &p.map_b, none ? c : b, rows, Q, 64) ||
         !make_map(enc, &p.map_c, c, (int64_t)groups * P, Q, 64))
         return MOE_OK;
     p.c = (__nv_bfloat16 *)c;
