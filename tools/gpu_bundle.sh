@@ -3,7 +3,7 @@
 # carry. Here: `bash tools/gpu_bundle.sh pack` (after make CUDA=1
 # build/cuda/moelab gpu-tests bundle) writes build/gpu_bundle.tar.xz: the
 # program with its debug sections stripped, the stripped GPU test programs
-# and build/cuda/lib, about 14 MB (the programs share most of their bytes).
+# and build/cuda/lib, about 16 MB (the programs share most of their bytes).
 # There: `bash tools/gpu_bundle.sh unpack` puts them back under build/cuda.
 set -eu
 cd "$(dirname "$0")/.."
