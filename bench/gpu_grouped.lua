@@ -1,6 +1,7 @@
 -- The grouped expert GEMMs on their own, bf16, at the issue's shapes: the
 -- forward (c = a b_g^T, the expert bank's projections), the data gradients
--- (c = a b_g), and gate + up + SwiGLU fused or in parts; timed with the
+-- (c = a b_g), the weight gradients (c_g = a_g^T b_g; their strategy is
+-- MOELAB_GROUPED_WGRAD) and gate + up + SwiGLU fused or in parts; timed with the
 -- device synchronised around ITERS calls (median of REPEATS). The strategy
 -- comes from the environment, so run it once per setting:
 --   build/cuda/moelab bench/gpu_grouped.lua                      (auto)
