@@ -93,7 +93,7 @@ $(BUILD)/%.cu.o: %.cu
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
 # wgmma needs the architecture-specific Hopper target (runs on H100/H200 only)
-$(BUILD)/src/ops/cuda/cuda_grouped_mma.cu.o $(BUILD)/src/ops/cuda/cuda_grouped_tma.cu.o $(BUILD)/src/ops/cuda/cuda_grouped_tma_pp.cu.o: NVARCH := -gencode arch=compute_90a,code=sm_90a
+$(BUILD)/src/ops/cuda/cuda_grouped_mma.cu.o $(BUILD)/src/ops/cuda/cuda_grouped_tma.cu.o: NVARCH := -gencode arch=compute_90a,code=sm_90a
 
 $(LIB): $(CORE_OBJ)
 	@rm -f $@

@@ -17,12 +17,7 @@
  * the issue's shapes, beta 1 with every second expert empty, Inf in the rows
  * after a group's partial last k-tile (which the kernel zeroes) kept out of
  * that group's result, and which weight gradients auto leaves to other paths.
- * Every kernel check runs with clusters of two CTAs (the default) and of one,
- * and again under the ping-pong schedule (src/ops/cuda/cuda_grouped_tma_pp.cu:
- * 128 x 128 tiles, one a consumer warpgroup in turns), which serves every call
- * but the weight gradient; its partial N tiles, its rows past a group's end
- * (copied out of the staging, or stored from registers with beta != 0) and a
- * block with one tile (the second warpgroup idle) come from the same shapes. */
+ * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
 static const moe_dtype BF = MOE_BF16;
@@ -160,13 +155,12 @@ static void inf_neighbour(int tb) {
     pfree(&a); pfree(&b); pfree(&c);
 }
 
-/* every check with the TMA kernel forced on, clusters of `ctas` CTAs, the ping-pong schedule or not */
-static void checks(int ctas, int pingpong) {
+/* every check with the TMA kernel forced on, clusters of `ctas` CTAs */
+static void checks(int ctas) {
     die_if(moe_cuda_set_tma_cluster(ctx, 0, ctas) != MOE_OK, "cluster size");
-    die_if(moe_cuda_set_tma_pingpong(ctx, 0, pingpong) != MOE_OK, "schedule");
     die_if(moe_cuda_set_grouped_tma(ctx, 0, 1) != MOE_OK || moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_AUTO),
            "TMA on");
-    printf("# clusters of %d, %s schedule\n", ctas, pingpong ? "ping-pong" : "cooperative");
+    printf("# clusters of %d\n", ctas);
     static int64_t off[300];
 
     /* partial tiles: rows up to 300 (0-3 M tiles), K 72 (1.1 k-tiles), N 200 (under one N tile) */
@@ -245,11 +239,8 @@ static void checks(int ctas, int pingpong) {
 
 int main(void) {
     gpucheck_begin();
-    checks(2, 0);
-    checks(1, 0);
-    checks(2, 1);
-    checks(1, 1);
-    die_if(moe_cuda_set_tma_pingpong(ctx, 0, 0) != MOE_OK, "schedule");
+    checks(2);
+    checks(1);
     static int64_t off[300];
     /* who takes the step model's calls: auto (the default) under the auto
      * strategy, never when off, never under the explicit own-kernel strategy */
@@ -285,6 +276,5 @@ int main(void) {
     wgrad("off, step model down", 0.0f, off, 32, 1024, 512, 0);
     ok(moe_cuda_set_grouped_tma(ctx, 0, 2) != MOE_OK, "a TMA setting of 2 is refused");
     ok(moe_cuda_set_tma_cluster(ctx, 0, 3) != MOE_OK, "a cluster of 3 CTAs is refused");
-    ok(moe_cuda_set_tma_pingpong(ctx, 0, 2) != MOE_OK, "a ping-pong setting of 2 is refused");
     return gpucheck_end();
 }

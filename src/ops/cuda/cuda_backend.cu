@@ -132,8 +132,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_wgrad_from_env(&grouped_wgrad));
     int lanes = 1;
     MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
-    int tma = -1, tma_cluster = 2, tma_pingpong = 0;
-    MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster, &tma_pingpong));
+    int tma = -1, tma_cluster = 2;
+    MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -152,7 +152,6 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         ((cuda_dev *)a->state)->loop_lanes = lanes;
         ((cuda_dev *)a->state)->grouped_tma = tma;
         ((cuda_dev *)a->state)->tma_cluster = tma_cluster;
-        ((cuda_dev *)a->state)->tma_pingpong = tma_pingpong;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -79,10 +79,6 @@ struct cuda_dev {
     void *tma_encode;
     int tma_cluster;              // CTAs a cluster, 1 or 2 (MOELAB_TMA_CLUSTER; default 2: B multicast)
     int tma_clusters[3];          // [cluster size]: clusters that fit at once (0: not yet asked)
-    // the ping-pong schedule (cuda_grouped_tma_pp.cu) for the calls other than the weight
-    // gradient: 1 on, 0 off (MOELAB_TMA_PINGPONG); its clusters that fit, as above
-    int tma_pingpong;
-    int tma_pp_clusters[3];
     uint64_t n_grouped_tma;
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
     // event of the last transfer that read it; allocated on first use (stage_failed:
@@ -156,7 +152,7 @@ moe_status cuda_grouped_gemm_from_env(int *mode);
 moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB_GROUPED_WGRAD is unset
 moe_status cuda_grouped_lanes_from_env(int *lanes);
 // MOELAB_GROUPED_TMA (0, 1 or auto: *on 0, 1, -1) and MOELAB_TMA_CLUSTER (1 or 2); unset leaves them
-moe_status cuda_grouped_tma_from_env(int *on, int *cluster, int *pingpong);
+moe_status cuda_grouped_tma_from_env(int *on, int *cluster);
 void cuda_lanes_free(cuda_dev *d);   // the loop's side streams, handles, workspaces and events
 // cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over `busy`
 // non-empty experts; lane i's cuBLAS handle; join them back (returns st unless the

@@ -37,7 +37,7 @@ moe_status cuda_grouped_gemm_from_env(int *mode) {
     return parse_grouped("MOELAB_GROUPED_GEMM", v, mode);
 }
 
-moe_status cuda_grouped_tma_from_env(int *on, int *cluster, int *pingpong) {
+moe_status cuda_grouped_tma_from_env(int *on, int *cluster) {
     const char *v = getenv("MOELAB_GROUPED_TMA");
     if (v && *v) {
         if (!strcmp(v, "auto")) *on = -1;
@@ -48,11 +48,6 @@ moe_status cuda_grouped_tma_from_env(int *on, int *cluster, int *pingpong) {
     if (v && *v) {
         if (strcmp(v, "1") && strcmp(v, "2")) return moe_error(MOE_ERR_ARG, "MOELAB_TMA_CLUSTER=%s: expected 1 or 2", v);
         *cluster = v[0] - '0';
-    }
-    v = getenv("MOELAB_TMA_PINGPONG");
-    if (v && *v) {
-        if (strcmp(v, "0") && strcmp(v, "1")) return moe_error(MOE_ERR_ARG, "MOELAB_TMA_PINGPONG=%s: expected 0 or 1", v);
-        *pingpong = v[0] - '0';
     }
     return MOE_OK;
 }
@@ -111,14 +106,6 @@ extern "C" moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int cta
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_cluster: no context");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
     d->tma_cluster = ctas;
-    return MOE_OK;
-}
-
-extern "C" moe_status moe_cuda_set_tma_pingpong(moe_ctx *ctx, int device, int on) {
-    if (on != 0 && on != 1) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_pingpong: %d, expected 0 or 1", on);
-    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_pingpong: no context");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    d->tma_pingpong = on;
     return MOE_OK;
 }
 

@@ -44,7 +44,6 @@
 // tensor cores wait (1.94 ms without it).
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
-#include "cuda_tma_ptx.cuh"
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -53,19 +52,135 @@
 #include <string.h>
 
 #include <algorithm>
-#include <initializer_list>
 
 namespace {
 
-using namespace moe_tma;
-
-constexpr int BN = 256, STAGES = 3;
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, THREADS = 384;
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
 // a consumer warpgroup's 64 x 256 outputs staged for the copy engine: four
 // 64 x 64 boxes, 128-byte swizzled
 constexpr int C_BYTES = 64 * BN * 2;
 constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2 * C_BYTES + 1024;   // + room to align to 1024 B
+constexpr int MAX_GROUPS = MOE_TMA_GROUPED_MAX_GROUPS;
 constexpr int CONSUMER_WARPS = 8;
+// what a launch computes: c = a b_g^T (b [G, N, K]), c = a b_g (b [G, K, N]),
+// or the weight gradient c_g = a_g^T b_g (a [rows, P], b [rows, Q], c [G, P, Q])
+enum { MODE_BT, MODE_BN, MODE_WG };
+
+struct tma_params {
+    // first: 64-byte aligned as the copies require; a2, b2: the second pair along
+    // K (K2 > 0), its K tiles after the first pair's in the same accumulators
+    CUtensorMap map_a, map_b, map_a2, map_b2, map_c;
+    __nv_bfloat16 *c;
+    float alpha, beta;
+    int N, K, K2, n_tiles, items, groups;
+    int P, m_pairs;              // weight gradient: the rows of c_g (a's columns) and their pairs of M tiles
+    int off[MAX_GROUPS + 1];     // row offsets of the groups
+    int pair0[MAX_GROUPS + 1];   // the first pair of M tiles of each group (prefix sums)
+    short order[MAX_GROUPS];     // weight gradient: the groups by decreasing rows (the order their tiles run)
+};
+static_assert(sizeof(tma_params) < 4096, "TMA grouped GEMM parameters exceed the classic kernel parameter limit");
+static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
+
+__device__ __forceinline__ unsigned smem_u32(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void bar_init(uint64_t *b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
+}
+__device__ __forceinline__ void bar_expect(uint64_t *b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bar_wait(uint64_t *b, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
+    } while (!done);
+}
+// a consumer warp's release of a stage, on the barrier at the same place in CTA `cta` of the cluster
+__device__ __forceinline__ void bar_arrive_at(uint64_t *b, unsigned cta) {
+    unsigned r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_u32(b)), "r"(cta));
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(r) : "memory");
+}
+// the staged outputs of a warpgroup (box of 64 rows x 64 columns) to global memory
+__device__ __forceinline__ void tma_store(const CUtensorMap *map, const void *src, int c0, int c1) {
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(src)) : "memory");
+}
+__device__ __forceinline__ void wg_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// one 2-D box of the map into shared memory, counted on bar
+__device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+                 : "memory");
+}
+// one 3-D box (b [G, K, N] by expert: K rows past the expert's read as zeros)
+__device__ __forceinline__ void tma_load3(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load3_both(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3, %4}], [%5], %6;\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)),
+                 "h"((unsigned short)3)
+                 : "memory");
+}
+// the same box into the same place of both CTAs of the cluster, counted on each one's bar
+__device__ __forceinline__ void tma_load_both(void *dst, const CUtensorMap *map, int c0, int c1, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
+                 ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)),
+                 "h"((unsigned short)3)
+                 : "memory");
+}
+
+// K-major, 128-byte swizzled operand (8-row atoms of 1024 B, as the copy engine writes them)
+__device__ __forceinline__ uint64_t desc_kmaj(const void *p) {
+    uint64_t a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+// N-major B (b [G, K, N]), as the copy engine writes boxes of 64 K rows x 64 N
+// (128 bytes a row, swizzled): the 64-column slabs 8 KB apart (leading
+// offset), groups of 8 K rows 1024 B apart (stride)
+__device__ __forceinline__ uint64_t desc_nmaj(const void *p) {
+    uint64_t a = smem_u32(p);
+    return ((a & 0x3FFFF) >> 4) | ((uint64_t)(8192 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <int TA, int TB> __device__ __forceinline__ void wgmma_m64n256k16(float *d, uint64_t da, uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, %130, %131;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(da), "l"(db), "n"(TA), "n"(TB));
+}
+
+// The tile of work item t for the CTA of cluster rank `rank`: its group, its
+// first row (of a_g, or of c_g for the weight gradient) and its N tile. A
+// cluster of two takes a pair of M tiles of one group (the second past the
+// group's rows when it has an odd count: that CTA loads and multiplies, and
+// stores nothing) and one N tile. The weight gradient's groups all have the
+// same tiles; they run largest first.
+struct tma_tile { int g, m0, nt; };
+template <int CL, int MODE> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
+    if (MODE == MODE_WG) {
+        const int per = p.m_pairs * p.n_tiles, r = t % per;
+        return tma_tile{p.order[t / per], ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles};
+    }
+    const int mp = t / p.n_tiles;
+    int lo = 0, hi = p.groups - 1;
+    while (lo < hi) {   // the last group whose first pair is <= mp (empty groups share it with the next)
+        int mid = (lo + hi + 1) >> 1;
+        if (p.pair0[mid] <= mp) lo = mid;
+        else hi = mid - 1;
+    }
+    return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
+}
 
 // k-tiles of a tile: over K (+ K2), or over its group's rows for the weight gradient
 template <int MODE> __device__ __forceinline__ int k_tiles(const tma_params &p, int g) {
@@ -336,38 +451,13 @@ bool offsets_fit(const int64_t *offsets, int groups) {
     return groups >= 1 && groups <= MAX_GROUPS && offsets[0] == 0 && offsets[groups] < (int64_t)INT32_MAX - BM;
 }
 
-// The N width of the tiles a call's launch will use: the ping-pong schedule's
-// (not for the weight gradient) or this kernel's
-int tile_n(const cuda_dev *d, int mode) { return mode != MODE_WG && d->tma_pingpong == 1 ? PP_BN : BN; }
-
-// How many clusters of CLN CTAs of kern fit at once (cached in *cached; not
-// every SM need take one; the same for every instantiation of a schedule and
-// cluster size); 0 where the shared memory or the clusters cannot be had (a
-// shared or partitioned GPU).
-int clusters_fit(cuda_dev *d, cudaLaunchConfig_t &cfg, tma_kernel_fn kern, std::initializer_list<tma_kernel_fn> all,
-                 int smem, int *cached) {
-    if (*cached) return *cached;
-    const unsigned CLN = cfg.attrs[0].val.clusterDim.x;
-    cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    int n = 0;
-    bool ok = true;
-    for (auto k : all) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess;
-    if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
-        (void)cudaGetLastError();
-        return 0;
-    }
-    return *cached = n;
-}
-
 // The work items of p (its maps, outputs and extents set), then the launch:
 // one cluster of CL CTAs per item at a time, as many clusters as fit.
 moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int mode, const char *what,
                       bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
-    const bool pp = tile_n(d, mode) == PP_BN;
     p.groups = groups;
-    p.n_tiles = (p.N + tile_n(d, mode) - 1) / tile_n(d, mode);
+    p.n_tiles = (p.N + BN - 1) / BN;
     int64_t bands = 0;   // pairs of M tiles
     for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
     if (mode != MODE_WG) {
@@ -387,9 +477,8 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     const int64_t items = bands * p.n_tiles;
     if (items > INT32_MAX / 2) return MOE_OK;
     p.items = (int)items;
-    tma_kernel_fn kern =
-        pp ? pp_kernel(CLN, mode)
-        : mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT> : grouped_tma_kernel<1, MODE_BT>)
+    void (*kern)(tma_params) =
+        mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT> : grouped_tma_kernel<1, MODE_BT>)
         : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN> : grouped_tma_kernel<1, MODE_BN>)
                           : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG> : grouped_tma_kernel<1, MODE_WG>);
     cudaLaunchConfig_t cfg = {};
@@ -397,26 +486,31 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = CLN; attr[0].val.clusterDim.y = 1; attr[0].val.clusterDim.z = 1;
     cfg.blockDim = dim3(THREADS, 1, 1);
+    cfg.dynamicSmemBytes = SMEM_BYTES;
     cfg.stream = d->stream;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    // where a schedule cannot run here, the calls take the other paths from then on
-    const int fit = pp ? clusters_fit(d, cfg, kern, {pp_kernel(1, MODE_BT), pp_kernel(1, MODE_BN), pp_kernel(2, MODE_BT),
-                                                     pp_kernel(2, MODE_BN)}, PP_SMEM_BYTES, &d->tma_pp_clusters[CLN])
-                       : clusters_fit(d, cfg, kern, {grouped_tma_kernel<1, MODE_BT>, grouped_tma_kernel<1, MODE_BN>,
-                                                     grouped_tma_kernel<1, MODE_WG>, grouped_tma_kernel<2, MODE_BT>,
-                                                     grouped_tma_kernel<2, MODE_BN>, grouped_tma_kernel<2, MODE_WG>},
-                                      SMEM_BYTES, &d->tma_clusters[CLN]);
-    if (fit == 0) {
-        if (pp) d->tma_pingpong = 0;
-        else d->tma_failed = true;
-        return MOE_OK;
+    if (d->tma_clusters[CLN] == 0) {
+        // how many clusters fit at once (not every SM need take one); the same for every
+        // instantiation of a cluster size. Where the shared memory or the clusters cannot
+        // be had (a shared or partitioned GPU), the calls take the other paths from then on.
+        cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
+        int n = 0;
+        const auto all = {grouped_tma_kernel<1, MODE_BT>, grouped_tma_kernel<1, MODE_BN>, grouped_tma_kernel<1, MODE_WG>,
+                          grouped_tma_kernel<2, MODE_BT>, grouped_tma_kernel<2, MODE_BN>, grouped_tma_kernel<2, MODE_WG>};
+        bool ok = true;
+        for (auto k : all) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
+        if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
+            (void)cudaGetLastError();
+            d->tma_failed = true;
+            return MOE_OK;
+        }
+        d->tma_clusters[CLN] = n;
     }
     *ran = true;
     if (items == 0) return MOE_OK;
-    const int64_t clusters = items < fit ? items : fit;
+    const int64_t clusters = items < d->tma_clusters[CLN] ? items : d->tma_clusters[CLN];
     cfg.gridDim = dim3((unsigned)(CLN * clusters), 1, 1);
-    cfg.dynamicSmemBytes = pp ? PP_SMEM_BYTES : SMEM_BYTES;
     CU_TRY(cudaLaunchKernelEx(&cfg, kern, p), what);
     CU_LAUNCHED(what);
     return MOE_OK;
@@ -445,13 +539,13 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     if (rows == 0) { *ran = true; return MOE_OK; }
     tma_params p;
     memset(&p, 0, sizeof p);
-    const int CLN = d->tma_cluster == 1 ? 1 : 2, bn = tile_n(d, transb ? MODE_BT : MODE_BN);
+    const int CLN = d->tma_cluster == 1 ? 1 : 2;
     if (!make_map(enc, &p.map_a, a, rows, K, BM) ||
-        !(transb ? make_map(enc, &p.map_b, b, (int64_t)groups * N, K, bn / CLN) : make_map_kn(enc, &p.map_b, b, groups, K, N)) ||
+        !(transb ? make_map(enc, &p.map_b, b, (int64_t)groups * N, K, BN / CLN) : make_map_kn(enc, &p.map_b, b, groups, K, N)) ||
         !make_map(enc, &p.map_c, c, rows, N, 64))
         return MOE_OK;
     if (K2 > 0 && (!make_map(enc, &p.map_a2, a2, rows, K2, BM) ||
-                   !(transb ? make_map(enc, &p.map_b2, b2, (int64_t)groups * N, K2, bn / CLN)
+                   !(transb ? make_map(enc, &p.map_b2, b2, (int64_t)groups * N, K2, BN / CLN)
                             : make_map_kn(enc, &p.map_b2, b2, groups, K2, N))))
         return MOE_OK;
     p.c = (__nv_bfloat16 *)c;

@@ -118,12 +118,6 @@ moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *cal
 moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on);
 moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int ctas);
 moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls);
-/* The TMA kernel's schedule for the calls other than the weight gradient:
- * 0 (the default) two consumer warpgroups on one 128 x 256 tile, 1 "ping-pong"
- * (cuda_grouped_tma_pp.cu: each warpgroup its own 128 x 128 tile, the two in
- * turns, so one stores while the other multiplies). Install sets it from
- * MOELAB_TMA_PINGPONG (0 or 1). */
-moe_status moe_cuda_set_tma_pingpong(moe_ctx *ctx, int device, int on);
 /* How many weight-gradient calls of the own kernel cut a heavy expert's rows
  * into chunks summed by the tile's last block (split-K under skewed routing). */
 moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *calls);
