@@ -17,6 +17,8 @@
  * the issue's shapes, beta 1 with every second expert empty, Inf in the rows
  * after a group's partial last k-tile (which the kernel zeroes) kept out of
  * that group's result, and which weight gradients auto leaves to other paths.
+ * Groups with an odd count of M tiles, whose last pair of CTAs each take 64
+ * rows of the last tile, and warpgroups with no rows to compute.
  * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
@@ -168,6 +170,18 @@ static void checks(int ctas) {
     fwd("partial tiles", 0.0f, off, 8, 72, 200, 1);
     make_offsets(off, 8, 300, 3);
     fwd("partial tiles", 0.5f, off, 8, 72, 200, 1);
+    /* groups of 1-3 M tiles whose last pair is cut in halves of 64 rows (odd tile counts:
+     * 100, 257, 320, 321, 384, 65 rows) or whole, and a warpgroup with no rows of its own
+     * (129, 320, 64, 192) */
+    {
+        static const int rows[] = {100, 129, 257, 320, 321, 384, 0, 64, 65, 192};
+        off[0] = 0;
+        for (int g = 0; g < 10; g++) off[g + 1] = off[g] + rows[g];
+        fwd("cut last tiles", 0.0f, off, 10, 136, 264, 1);
+        fwd("cut last tiles", 0.5f, off, 10, 136, 264, 1);
+        pair_tb(1, "cut last tiles", 0.0f, off, 10, 72, 64, 256);
+        pair_tb(0, "cut last tiles", 0.5f, off, 10, 72, 64, 256);
+    }
     /* N just past one tile, K past several, rows past the tensor's end in the last box */
     make_offsets(off, 6, 500, 0);
     fwd("N 264, K 1000", 0.0f, off, 6, 1000, 264, 1);

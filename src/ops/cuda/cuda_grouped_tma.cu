@@ -162,15 +162,16 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_m64n256k16(float
 
 // The tile of work item t for the CTA of cluster rank `rank`: its group, its
 // first row (of a_g, or of c_g for the weight gradient) and its N tile. A
-// cluster of two takes a pair of M tiles of one group (the second past the
-// group's rows when it has an odd count: that CTA loads and multiplies, and
-// stores nothing) and one N tile. The weight gradient's groups all have the
-// same tiles; they run largest first.
-struct tma_tile { int g, m0, nt; };
+// cluster of two takes a pair of M tiles of one group and one N tile. Where a
+// group has an odd count of M tiles its last pair is that one tile cut in two
+// halves of 64 rows (`half`: only the first consumer warpgroup of each CTA
+// multiplies), so neither CTA spends the pair's time on a tile past the group's
+// rows. The weight gradient's groups all have the same tiles; they run largest first.
+struct tma_tile { int g, m0, nt; bool half; };
 template <int CL, int MODE> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
     if (MODE == MODE_WG) {
         const int per = p.m_pairs * p.n_tiles, r = t % per;
-        return tma_tile{p.order[t / per], ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles};
+        return tma_tile{p.order[t / per], ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles, false};
     }
     const int mp = t / p.n_tiles;
     int lo = 0, hi = p.groups - 1;
@@ -179,7 +180,12 @@ template <int CL, int MODE> __device__ __forceinline__ tma_tile tile_of(const tm
         if (p.pair0[mid] <= mp) lo = mid;
         else hi = mid - 1;
     }
-    return tma_tile{lo, ((mp - p.pair0[lo]) * CL + rank) * BM, t % p.n_tiles};
+    const int pr = mp - p.pair0[lo];
+    if (CL == 2) {
+        const int tiles = (p.off[lo + 1] - p.off[lo] + BM - 1) / BM;
+        if ((tiles & 1) && pr == tiles / 2) return tma_tile{lo, pr * 2 * BM + rank * 64, t % p.n_tiles, true};
+    }
+    return tma_tile{lo, (pr * CL + rank) * BM, t % p.n_tiles, false};
 }
 
 // k-tiles of a tile: over K (+ K2), or over its group's rows for the weight gradient
@@ -316,6 +322,11 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             const int64_t base = MODE == MODE_WG ? (int64_t)g * p.P : (int64_t)p.off[g];
             const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
             const bool whole = wrow + 64 <= rows;
+            // a warpgroup with no rows of its group to compute (past the group's end, or the
+            // second half of a cut tile) multiplies nothing: it frees each stage as it comes,
+            // and the other warpgroup has the tensor cores to itself. Not for the weight
+            // gradient, whose last k-tile both warpgroups zero together.
+            const bool idle = MODE != MODE_WG && ((tt.half && cw == 1) || wrow >= rows);
             // beta != 0: the warpgroup's 64 x 256 of c come into its staging by copy
             // while it multiplies (once the last tile's store has read the staging)
             auto load_c = [&]() {
@@ -324,6 +335,14 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                 bar_expect(&cbar[cw], nb * 8192);
                 for (int b = 0; b < nb; b++) tma_load(cs + b * 8192, &p.map_c, tt.nt * BN + b * 64, (int)(base + wrow), &cbar[cw]);
             };
+            if (idle) {   // (apart from the multiplying loop: a branch in it serialises the wgmmas)
+                for (int kt = 0; kt < nk; kt++, it++) {
+                    const int s = it % STAGES;
+                    bar_wait(&full[s], (it / STAGES) & 1);
+                    if (lane < CL) bar_arrive_at(&empty[s], lane);
+                }
+                continue;
+            }
             const bool beta_c = p.beta != 0.0f && whole;
             if (beta_c && lead && nk == 0) load_c();
 #pragma unroll
