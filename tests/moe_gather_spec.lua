@@ -93,6 +93,14 @@ describe("gather_sum and combine_backward (cpu)", function()
     assert.are.equal(0, moe.ops.gather_sum(src, w, e):abs():sum():item())
   end)
 
+  it("combine_backward given the slots gives the same bytes", function()
+    local dy = moe.randn({N, H}, {seed = 4})
+    local d1, w1 = moe.ops.combine_backward(dy, src, w, tok)
+    local d2, w2 = moe.ops.combine_backward(dy, src, w, tok, slots)
+    assert.are.equal(0, max_diff(d1, d2))
+    assert.are.equal(0, max_diff(w1, w2))
+  end)
+
   it("reports bad indices, dtypes and shapes", function()
     local function err(f, pat)
       local ok, msg = pcall(f)
@@ -107,6 +115,11 @@ describe("gather_sum and combine_backward (cpu)", function()
     local t2 = moe.tensor({0, N}, {dtype = "i64"})
     err(function() moe.ops.combine_backward(moe.randn({N, H}), moe.randn({2, H}), moe.randn({2}), t2) end,
         "token_idx " .. N .. " at position 1 is out of range, expected [0, " .. N .. ")")
+    local dy = moe.randn({N, H})
+    err(function() moe.ops.combine_backward(dy, src, w, tok, moe.tensor({{0}}, {dtype = "i32"})) end,
+        "combine_backward_slots: slots has shape [1, 1], expected [" .. N .. ", k]")
+    err(function() moe.ops.combine_backward(dy, src, w, tok, slots:to("i64")) end,
+        "combine_backward_slots: slots has dtype i64, expected i32")
   end)
 end)
 

@@ -611,14 +611,15 @@ static int o_gather_sum(lua_State *L) {
     return 1;
 }
 
-/* combine_backward(dy [N, H], src [A, H], w [A], token_idx [A] i64) -> dsrc [A, H], dw [A] */
+/* combine_backward(dy [N, H], src [A, H], w [A], token_idx [A] i64[, slots [N, k] i32]) -> dsrc [A, H], dw [A] */
 static int o_combine_backward(lua_State *L) {
     const char *fn = "ops.combine_backward";
     moe_tensor *dy = T(1, fn, "dy"), *src = T(2, fn, "src"), *w = T(3, fn, "w"), *tok = T(4, fn, "token_idx");
+    moe_tensor *slots = moe_lua_opt_tensor_f(L, 5, fn, "slots");
     need_dims(L, src, 2, 2, fn, "src");
     moe_tensor *dsrc = new_out(L, src, 2, src->shape, fn);
     moe_tensor *dw = new_out(L, src, 1, src->shape, fn);
-    moe_lua_check(L, moe_op_combine_backward(moe_lua_ctx(L), dsrc, dw, dy, src, w, tok), fn);
+    moe_lua_check(L, moe_op_combine_backward_slots(moe_lua_ctx(L), dsrc, dw, dy, src, w, tok, slots), fn);
     return 2;
 }
 

@@ -73,12 +73,13 @@ static moe_tensor *column(moe_tensor *w) {
     return moe_tensor_view(w, 2, shape);
 }
 
-/* the gather path's backward: dyp[a] = w[a] * dy[token[a]], dw[a] = dy[token[a]] . yp[a], one op */
+/* the gather path's backward: dyp[a] = w[a] * dy[token[a]], dw[a] = dy[token[a]] . yp[a], one op
+ * (given the slots too, which let a device read each row of dy once) */
 static moe_status combine_backward_fused(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
-    moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0];
+    moe_tensor *yp = e->in[0], *w = e->in[1], *idx = e->saved[0], *sl = e->saved[1];
     moe_tensor *g = moe_op_contiguous(ctx, gout[0]);
     moe_tensor *dyp = moe_tensor_like(ctx, yp), *dw = moe_tensor_like(ctx, w);
-    moe_status s = g && dyp && dw ? moe_op_combine_backward(ctx, dyp, dw, g, yp, w, idx) : moe_last_status();
+    moe_status s = g && dyp && dw ? moe_op_combine_backward_slots(ctx, dyp, dw, g, yp, w, idx, sl) : moe_last_status();
     moe_tensor_release(g);
     if (s != MOE_OK) { moe_tensor_release(dyp); moe_tensor_release(dw); return s; }
     gin[0] = dyp;
@@ -153,7 +154,11 @@ moe_status moe_f_combine_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *yp, moe_t
         moe_tensor *in[3] = {yp, w, residual};
         moe_tape_entry *e = moe_tape_record(tape, "combine", combine_backward, NULL, NULL, NULL, residual ? 3 : 2, in, 1, &out);
         if (!e) s = moe_last_status();
-        else { moe_tape_save(e, token_idx); e->i[0] = sl != NULL; }
+        else {
+            moe_tape_save(e, token_idx);
+            if (sl) moe_tape_save(e, sl);
+            e->i[0] = sl != NULL;
+        }
     }
     moe_tensor_release(scaled); moe_tensor_release(wc);
     if (s != MOE_OK) { moe_tensor_release(out); return s; }

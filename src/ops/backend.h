@@ -90,8 +90,10 @@ typedef struct moe_backend {
      * (slots are i32, token_idx i64). ---- */
     moe_status (*gather_sum)(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src,
                              const moe_tensor *w, const moe_tensor *slots);
+    /* slots may be NULL (ops.h: combine_backward_slots) */
     moe_status (*combine_backward)(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
-                                   const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+                                   const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                   const moe_tensor *slots);
 
     /* ---- expert-parallel routing maps (ops.h, ops_moe.c); arguments
      * checked by the ops layer (shapes, dtypes, devices, P <= MOE_EP_MAX_RANKS;

@@ -379,6 +379,15 @@ moe_status moe_op_gather_sum_add(moe_ctx *ctx, moe_tensor *y, const moe_tensor *
  * w [A], token_idx [A] i64. */
 moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+/* The same, also given the assignments by token: slots [N, k] i32 (slot
+ * slots[t, q] = a with token_idx[a] = t, or -1; every a once, as the router
+ * makes them). A device backend may then read each row of dy once for all of
+ * its token's rows instead of once a row (the CUDA one does: each of dy's rows
+ * is read k times otherwise, and at the OLMoE layer's 64 MB dy does not stay
+ * in L2); the results are the same bytes. slots NULL: as combine_backward. */
+moe_status moe_op_combine_backward_slots(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
+                                         const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                         const moe_tensor *slots);
 
 /* ---- Expert-parallel routing maps (ops_moe.c) ----
  * Expert parallelism over P ranks sends each token once to every rank that

@@ -83,7 +83,13 @@ moe_status moe_op_gather_sum_add(moe_ctx *ctx, moe_tensor *y, const moe_tensor *
 
 moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx) {
-    static const char *op = "combine_backward";
+    return moe_op_combine_backward_slots(ctx, dsrc, dw, dy, src, w, token_idx, NULL);
+}
+
+moe_status moe_op_combine_backward_slots(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
+                                         const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                         const moe_tensor *slots) {
+    const char *op = slots ? "combine_backward_slots" : "combine_backward";
     ops_arg f[] = {{"dsrc", dsrc}, {"dy", dy}, {"src", src}, {"w", w}, {"dw", dw}};
     ops_arg ix[] = {{"token_idx", token_idx}};
     MOE_TRY(ops_check(op, f, dw ? 5 : 4, ix, 1));
@@ -101,12 +107,16 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
     MOE_TRY(ops_shape_is(op, "w", w, 1, &a, "one weight per row of src"));
     if (dw) MOE_TRY(ops_shape_is(op, "dw", dw, 1, &a, "one weight per row of src"));
     MOE_TRY(ops_shape_is(op, "token_idx", token_idx, 1, &a, "one token per row of src"));
+    if (slots) MOE_TRY(check_slots(op, slots, dy->shape[0], dsrc->device));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, dsrc->device, combine_backward, be);
     if (a == 0) return MOE_OK;
     contig4 k;
+    moe_tensor *sc = NULL;
     moe_status s = contig_all(ctx, &k, dy, src, w, token_idx);
-    if (s == MOE_OK) s = be->combine_backward(ctx, dsrc, dw, k.c[0], k.c[1], k.c[2], k.c[3]);
+    if (s == MOE_OK && slots) s = ops_contig(ctx, slots, &sc);
+    if (s == MOE_OK) s = be->combine_backward(ctx, dsrc, dw, k.c[0], k.c[1], k.c[2], k.c[3], sc);
+    moe_tensor_release(sc);
     contig_release(&k);
     return s;
 }

@@ -28,7 +28,7 @@
 typedef struct {
     int64_t n, k, a;
     moe_tensor *slots_h, *tok_h;   /* host i32 [n, k], i64 [a] */
-    moe_tensor *slots_d, *tok_d;   /* device copies (untrusted) */
+    moe_tensor *slots_d, *tok_d;   /* device copies (bounded by their largest value when none is -1) */
 } routing;
 
 static uint64_t lcg_state = 88172645463325252ull;
@@ -159,6 +159,30 @@ static void test_gather_sum_add(moe_dtype dt, int64_t n, int64_t k, int64_t e, i
 
 /* ---- combine_backward ---- */
 
+/* combine_backward given the slots: with the router's bound on them (set here
+ * as the router sets it) the device runs by token, reading token_idx not at
+ * all (an out-of-range token_idx then goes unnoticed, which shows the path);
+ * without the bound (slots with drops, uploaded) by row. Either way the bytes
+ * of the by-row run (ds, dw; dw NULL: none). */
+static void combine_by_token(const char *name, moe_dtype dt, const routing *r, const moe_tensor *dy,
+                             const moe_tensor *src, const moe_tensor *w, const moe_tensor *ds, const moe_tensor *dw) {
+    moe_tensor *sl = moe_op_to(ctx, r->slots_h, GPU, MOE_I32), *bad = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){r->a}, GPU);
+    moe_tensor *ds2 = moe_tensor_new(ctx, dt, 2, ds->shape, GPU);
+    moe_tensor *dw2 = dw ? moe_tensor_new(ctx, dt, 1, (int64_t[]){r->a}, GPU) : NULL;
+    die_if(!sl || !bad || !ds2 || (dw && !dw2), "by-token tensors");
+    die_if(moe_op_fill(ctx, bad, (double)(r->n + 5)) != MOE_OK || moe_op_fill(ctx, ds2, NAN) != MOE_OK ||
+           (dw2 && moe_op_fill(ctx, dw2, NAN) != MOE_OK), "by-token poison");
+    moe_tensor_set_index_bound(sl, r->a);
+    moe_status s = moe_op_combine_backward_slots(ctx, ds2, dw2, dy, src, w, bad, sl);
+    ok(s == MOE_OK && same_bytes(ds2, ds) && (!dw || same_bytes(dw2, dw)),
+       "%s: by token (slots with the router's bound, token_idx unread): the by-row bytes", name);
+    die_if(moe_op_fill(ctx, ds2, NAN) != MOE_OK, "by-token poison");
+    s = moe_op_combine_backward_slots(ctx, ds2, dw2, dy, src, w, r->tok_d, r->slots_d);
+    ok(s == MOE_OK && same_bytes(ds2, ds) && (!dw || same_bytes(dw2, dw)), "%s: slots without a bound: the by-row bytes",
+       name);
+    moe_tensor_release(sl); moe_tensor_release(bad); moe_tensor_release(ds2); moe_tensor_release(dw2);
+}
+
 static void test_combine_backward(moe_dtype dt, int64_t n, int64_t k, int64_t e, int64_t h, int drop_pct, int with_dw) {
     routing r = make_routing(n, k, e, drop_pct);
     char name[160];
@@ -188,6 +212,7 @@ static void test_combine_backward(moe_dtype dt, int64_t n, int64_t k, int64_t e,
             ok(s == MOE_OK && same_bytes(dsrc.d, ob), "%s [bf16]: dsrc same bytes as the cpu backend's bf16", name);
             moe_tensor_release(gb); moe_tensor_release(sb); moe_tensor_release(wb); moe_tensor_release(ob);
         }
+        combine_by_token(name, dt, &r, dy.d, src.d, w.d, dsrc.d, dw.d);
     }
     pfree(&dy); pfree(&src); pfree(&w); pfree(&dsrc); pfree(&dw);
     free_routing(&r);
@@ -566,6 +591,8 @@ int main(void) {
         test_combine_backward(dt, 64, 4, 16, 7168, 25, 1);
         test_combine_backward(dt, 77, 5, 8, 8192, 40, 1);
         test_combine_backward(dt, 257, 4, 32, 1024, 25, 0);   /* no dw */
+        test_combine_backward(dt, 90, 10, 16, 520, 20, 1);    /* k past one batch of 8 (by token) */
+        test_combine_backward(dt, 33, 16, 32, 2048, 0, 1);
     }
     test_determinism(MOE_BF16, 2048, 4, 2048);
     test_determinism(MOE_F32, 1000, 8, 1000);

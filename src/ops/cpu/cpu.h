@@ -175,7 +175,8 @@ moe_status moe_cpu_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads,
 moe_status moe_cpu_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src, const moe_tensor *w,
                               const moe_tensor *slots);
 moe_status moe_cpu_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
-                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                    const moe_tensor *slots);
 moe_status moe_cpu_ep_token_slots(moe_ctx *, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                   const moe_tensor *expert_idx, int64_t group_size);
 moe_status moe_cpu_slot_tokens(moe_ctx *, moe_tensor *token_idx, const moe_tensor *slots);

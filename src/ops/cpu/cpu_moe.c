@@ -135,8 +135,10 @@ static void cb_range(void *arg, int64_t a0, int64_t a1) {
     free(tmp);
 }
 
+/* slots (the same assignments by token) change nothing here: the rows are independent on the host */
 moe_status moe_cpu_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
-                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx) {
+                                    const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                    const moe_tensor *slots) {
     MOE_TRY(float_dtype("combine_backward", dsrc->dtype));
     const int64_t a = src->shape[0], h = src->shape[1], n = dy->shape[0];
     const int64_t *tok = moe_tensor_data(token_idx);

@@ -228,7 +228,8 @@ moe_status cuda_attention_backward(moe_ctx *, moe_tensor *dq, moe_tensor *dk, mo
 moe_status cuda_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src, const moe_tensor *w,
                            const moe_tensor *slots);
 moe_status cuda_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
-                                 const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx);
+                                 const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                 const moe_tensor *slots);
 // cuda_ep.cu
 moe_status cuda_ep_token_slots(moe_ctx *, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                const moe_tensor *expert_idx, int64_t group_size);

@@ -10,6 +10,9 @@
 //                     writes dsrc[a] = w[a] * dy[t] and reduces dw[a] =
 //                     dy[t] . src[a] (per-thread f32 partial sums in column
 //                     order, then block_sum's fixed tree): deterministic.
+//                     Given the router's slots it runs by token instead
+//                     (block t: dy[t] read once for its k rows), with the
+//                     same arithmetic.
 // Rows move in 16-byte vectors (8 bf16 / 4 f32 per thread) when H is a
 // multiple of the vector and the row pointers are 16-byte aligned, else one
 // element per thread. Any H (a block walks its row in steps of blockDim).
@@ -135,6 +138,66 @@ __global__ void k_combine_backward(T *__restrict__ dsrc, T *__restrict__ dw, con
     }
 }
 
+// The same by token (slots given): block t reads row t of dy once for its k
+// rows, CB_BATCH of them a pass over the row. Each thread's share of the row
+// and its column order are those of k_combine_backward (same blockDim), and
+// so is block_sum's tree: the same bytes, dy read once instead of k times.
+#define CB_BATCH 8
+
+template <typename T, int V>
+__global__ void k_combine_backward_tok(T *__restrict__ dsrc, T *__restrict__ dw, const T *__restrict__ dy,
+                                       const T *__restrict__ src, const T *__restrict__ w,
+                                       const int32_t *__restrict__ slots, int64_t n, int64_t h, int k) {
+    __shared__ float sh[CB_BATCH][32];
+    const int64_t nv = h / V;
+    for (int64_t t = blockIdx.x; t < n; t += gridDim.x) {
+        const int32_t *sl = slots + t * k;
+        const T *g = dy + t * h;
+        for (int q = 0; q < k; q += CB_BATCH) {
+            int32_t s[CB_BATCH];
+            float wa[CB_BATCH], dot[CB_BATCH];
+#pragma unroll
+            for (int j = 0; j < CB_BATCH; j++) {
+                s[j] = q + j < k ? sl[q + j] : -1;
+                wa[j] = s[j] >= 0 ? to_f32(w[s[j]]) : 0.0f;
+                dot[j] = 0.0f;
+            }
+            for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+                float gf[V];
+                load_f32<T, V>(g + v * V, gf);
+#pragma unroll
+                for (int j = 0; j < CB_BATCH; j++) {
+                    if (s[j] < 0) continue;
+                    float xf[V], of[V];
+                    if (dw) load_f32<T, V>(src + (int64_t)s[j] * h + v * V, xf);
+#pragma unroll
+                    for (int i = 0; i < V; i++) {
+                        of[i] = __fmul_rn(wa[j], gf[i]);
+                        if (dw) dot[j] = fmaf(gf[i], xf[i], dot[j]);
+                    }
+                    store_f32<T, V>(dsrc + (int64_t)s[j] * h + v * V, of);
+                }
+            }
+            if (dw) {
+                // block_sum of each dot, all at once: the same order (the same bits), two barriers
+                const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+                for (int j = 0; j < CB_BATCH; j++) dot[j] = warp_sum(dot[j]);
+                __syncthreads();   // sh may still be read for the last token
+                if (lane == 0)
+#pragma unroll
+                    for (int j = 0; j < CB_BATCH; j++) sh[j][wi] = dot[j];
+                __syncthreads();
+#pragma unroll
+                for (int j = 0; j < CB_BATCH; j++) {
+                    const float r = warp_sum(lane < nw ? sh[j][lane] : 0.0f);
+                    if (threadIdx.x == 0 && s[j] >= 0) dw[s[j]] = from_f32<T>(r);
+                }
+            }
+        }
+    }
+}
+
 // threads per block for rows of nv vectors: at most 256, a multiple of 32,
 // and as even a split of the row as that allows
 int row_threads(int64_t nv) {
@@ -160,13 +223,19 @@ void launch_gather_sum(cuda_dev *d, T *y, const T *base, const T *src, const T *
 
 template <typename T>
 void launch_combine_backward(cuda_dev *d, T *dsrc, T *dw, const T *dy, const T *src, const T *w, const int64_t *tok,
-                             int64_t a_n, int64_t h) {
+                             const int32_t *slots, int64_t n, int k, int64_t a_n, int64_t h) {
     constexpr int V = 16 / sizeof(T);
-    unsigned grid = cuda_row_grid(a_n);
-    if (h % V == 0 && al16(dsrc) && al16(dy) && al16(src))
-        k_combine_backward<T, V><<<grid, row_threads(h / V), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
+    const bool vec = h % V == 0 && al16(dsrc) && al16(dy) && al16(src);
+    if (slots && vec)
+        k_combine_backward_tok<T, V><<<cuda_row_grid(n), row_threads(h / V), 0, d->stream>>>(dsrc, dw, dy, src, w, slots,
+                                                                                             n, h, k);
+    else if (slots)
+        k_combine_backward_tok<T, 1><<<cuda_row_grid(n), row_threads(h), 0, d->stream>>>(dsrc, dw, dy, src, w, slots, n,
+                                                                                         h, k);
+    else if (vec)
+        k_combine_backward<T, V><<<cuda_row_grid(a_n), row_threads(h / V), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
     else
-        k_combine_backward<T, 1><<<grid, row_threads(h), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
+        k_combine_backward<T, 1><<<cuda_row_grid(a_n), row_threads(h), 0, d->stream>>>(dsrc, dw, dy, src, w, tok, a_n, h);
 }
 
 }  // namespace
@@ -191,19 +260,24 @@ moe_status cuda_gather_sum(moe_ctx *ctx, moe_tensor *y, const moe_tensor *base, 
 }
 
 moe_status cuda_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
-                                 const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx) {
+                                 const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
+                                 const moe_tensor *slots) {
     MOE_TRY(cuda_check_float(dsrc->dtype, "combine_backward"));
-    const int64_t a = src->shape[0], h = src->shape[1], n = dy->shape[0];
+    const int64_t a = src->shape[0], h = src->shape[1], n = dy->shape[0], k = slots ? slots->shape[1] : 0;
     if (a == 0) return MOE_OK;
+    if (k > INT32_MAX) return moe_error(MOE_ERR_ARG, "combine_backward on cuda: k = %lld choices per token, too many", (long long)k);
     CUDA_ENTER(d, ctx, dsrc->device);
-    MOE_TRY(cuda_check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
+    // by token when the slots come with the router's bound, else by row (checking token_idx)
+    const bool by_token = slots && moe_tensor_index_trusted(slots, a);
+    if (!by_token) MOE_TRY(cuda_check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
     const int64_t *tok = PTR(const int64_t, token_idx);
+    const int32_t *sl = by_token ? PTR(const int32_t, slots) : nullptr;
     if (dsrc->dtype == MOE_F32)
         launch_combine_backward<float>(d, PTR(float, dsrc), dw ? PTR(float, dw) : nullptr, PTR(const float, dy),
-                                       PTR(const float, src), PTR(const float, w), tok, a, h);
+                                       PTR(const float, src), PTR(const float, w), tok, sl, n, (int)k, a, h);
     else
         launch_combine_backward<bf16>(d, PTR(bf16, dsrc), dw ? PTR(bf16, dw) : nullptr, PTR(const bf16, dy),
-                                      PTR(const bf16, src), PTR(const bf16, w), tok, a, h);
+                                      PTR(const bf16, src), PTR(const bf16, w), tok, sl, n, (int)k, a, h);
     CU_LAUNCHED("combine_backward");
     return MOE_OK;
 }
