@@ -93,16 +93,17 @@ $(BUILD)/%.cu.o: %.cu
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
 # wgmma needs the architecture-specific Hopper target (runs on H100/H200 only).
-# ptxas says (C7518) when it serialises a kernel's wgmmas, which a branch inside
-# the multiplying loop made it do (the TMA kernel lost 10% of its rate): the build
+# ptxas says so ("wgmma.mma_async instructions are serialized", C7518 and its
+# kin) when it serialises a kernel's wgmmas, which a branch inside the
+# multiplying loop made it do (the TMA kernel lost 10% of its rate): the build
 # fails on it rather than ship the slow code.
 WGMMA_OBJ := $(BUILD)/src/ops/cuda/cuda_grouped_mma.cu.o $(BUILD)/src/ops/cuda/cuda_grouped_tma.cu.o
 $(WGMMA_OBJ): NVARCH := -gencode arch=compute_90a,code=sm_90a
 $(WGMMA_OBJ): $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) -Xptxas -v -c $< -o $@ 2>$@.ptxas || { cat $@.ptxas; rm -f $@; exit 1; }
+	$(NVCC) $(NVFLAGS) -Xptxas -v -c $< -o $@ 2>$@.ptxas || { cat $@.ptxas >&2; rm -f $@; exit 1; }
 	@grep -v '^ptxas info' $@.ptxas | grep -v '^ *[0-9]* bytes stack frame' >&2 || true
-	@if grep C7518 $@.ptxas; then rm -f $@; echo "$<: ptxas serialised the wgmmas (C7518)" >&2; exit 1; fi
+	@if grep 'instructions are serialized' $@.ptxas >&2; then rm -f $@; echo "$<: ptxas serialised the wgmmas" >&2; exit 1; fi
 
 $(LIB): $(CORE_OBJ)
 	@rm -f $@

@@ -219,6 +219,11 @@ void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound) {
     int sole = t->storage && __atomic_load_n(&t->storage->refcount, __ATOMIC_RELAXED) == 1 &&
                !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
     t->index_bound = bound > 0 && sole && (t->dtype == MOE_I64 || t->dtype == MOE_I32) ? bound : 0;
+    t->slot_map = 0;
+}
+
+void moe_tensor_mark_slot_map(moe_tensor *t) {
+    if (t) t->slot_map = t->index_bound > 0 && t->dtype == MOE_I32 && t->ndim == 2;
 }
 
 moe_tensor *moe_tensor_view(moe_tensor *t, int ndim, const int64_t *shape_in) {

@@ -55,6 +55,13 @@ typedef struct moe_tensor {
      * Code writing tensor memory by other means (raw pointers, communicators)
      * must reset it itself. */
     int64_t index_bound;
+    /* Slot map: this i32 [N, k] tensor is a router's slot map over exactly
+     * index_bound rows: besides the bound, each row in [0, index_bound)
+     * appears once (the others are -1). Meaningful only while index_bound is
+     * set; moe_tensor_set_index_bound clears it, so a bound set anew (an
+     * upload's max + 1) never carries it. Set by the code that built the map
+     * (moe_tensor_mark_slot_map), read through moe_tensor_slot_map_trusted. */
+    int slot_map;
     /* Host value: a one-element tensor whose value the host knows, because the
      * host wrote it (an upload, a fill) or it is a device copy of one such.
      * Readers take host_value instead of copying the element back, which would
@@ -127,6 +134,12 @@ static inline int moe_tensor_host_value(const moe_tensor *t, double *v) {
 static inline int moe_tensor_index_trusted(const moe_tensor *t, int64_t n) {
     return t && t->index_bound > 0 && t->index_bound <= n && t->storage &&
            !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
+}
+/* Marks t (its bound already set) as a slot map over index_bound rows; trusted:
+ * t is one over exactly `rows` rows. */
+void moe_tensor_mark_slot_map(moe_tensor *t);
+static inline int moe_tensor_slot_map_trusted(const moe_tensor *t, int64_t rows) {
+    return moe_tensor_index_trusted(t, rows) && t->slot_map && t->index_bound == rows;
 }
 
 /* Normalises a possibly negative dim; sets an error and returns -1 if out of range. */

@@ -449,7 +449,10 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg_in,
     if (st == MOE_OK) st = moe_op_fill(ctx, z_t, z);
     /* the engine made these indices: index ops may skip their range check */
     if (st == MOE_OK) { moe_tensor_set_index_bound(tok_dev, n); moe_tensor_set_index_bound(exp_dev, e); }
-    if (st == MOE_OK && slots_dev) moe_tensor_set_index_bound(slots_dev, na);   /* values in [-1, na) */
+    if (st == MOE_OK && slots_dev) {   /* values in [-1, na), each of [0, na) once */
+        moe_tensor_set_index_bound(slots_dev, na);
+        moe_tensor_mark_slot_map(slots_dev);
+    }
     out->num_experts = e;
     out->token_idx = tok_dev; out->expert_idx = exp_dev; out->weights = w_dev;
     out->slots = slots_dev;

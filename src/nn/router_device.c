@@ -248,8 +248,10 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         out->token_idx = tok; out->expert_idx = ex; out->weights = w;
         out->aux_loss = aux_t; out->z_loss = z_t;
         out->offsets = offsets;
-        /* the slot map is pos itself (shared with backward, which only reads it): values in [-1, na) */
+        /* the slot map is pos itself (shared with backward, which only reads it): values in [-1, na),
+         * each of [0, na) once */
         moe_tensor_set_index_bound(r->pos, na);
+        moe_tensor_mark_slot_map(r->pos);
         moe_tensor_retain(r->pos);
         out->slots = r->pos;
         out->stats = (moe_route_stats){n, na, summary[2 * e + 1], counts, slot_double(summary + 2 * e + 2) / (double)n,

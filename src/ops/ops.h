@@ -384,7 +384,10 @@ moe_status moe_op_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *d
  * makes them). A device backend may then read each row of dy once for all of
  * its token's rows instead of once a row (the CUDA one does: each of dy's rows
  * is read k times otherwise, and at the OLMoE layer's 64 MB dy does not stay
- * in L2); the results are the same bytes. slots NULL: as combine_backward. */
+ * in L2); the results are the same bytes. It does so only for a map the
+ * router marked (moe_tensor_slot_map_trusted(slots, A)), and then reads and
+ * checks no token_idx; other slots change nothing. slots NULL: as
+ * combine_backward. */
 moe_status moe_op_combine_backward_slots(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                          const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
                                          const moe_tensor *slots);

@@ -893,6 +893,31 @@ static void test_ep_maps(void) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) rel(all[i]);
 }
 
+/* the slot-map mark (tensor.h): only on a bounded i32 [N, k] tensor, trusted for
+ * exactly its bound's rows, cleared by a bound set anew (an upload's max + 1), by a
+ * write through the ops and (with the bound) by a view */
+static void test_slot_map_mark(void) {
+    moe_tensor *sl = i32_(SHAPE(3, 2), (int32_t[]){0, 2, -1, 1, 3, -1});
+    moe_tensor_mark_slot_map(sl);
+    report(!moe_tensor_slot_map_trusted(sl, 4), "slot map: no mark without a bound", "marked");
+    moe_tensor_set_index_bound(sl, 4);
+    moe_tensor_mark_slot_map(sl);
+    report(moe_tensor_slot_map_trusted(sl, 4) && !moe_tensor_slot_map_trusted(sl, 5) &&
+           moe_tensor_index_trusted(sl, 5),
+           "slot map: trusted for exactly its rows (the range alone for more)", "bound %lld", (long long)sl->index_bound);
+    moe_tensor_set_index_bound(sl, 4);
+    report(!moe_tensor_slot_map_trusted(sl, 4) && moe_tensor_index_trusted(sl, 4),
+           "slot map: a bound set anew carries no mark", "still marked");
+    moe_tensor_mark_slot_map(sl);
+    report(moe_op_fill(ctx, sl, 1.0) == MOE_OK && !moe_tensor_slot_map_trusted(sl, 4), "slot map: a write voids it",
+           "still trusted");
+    moe_tensor *ids = idx_(SHAPE(4), (int64_t[]){0, 1, 2, 3});
+    moe_tensor_set_index_bound(ids, 4);
+    moe_tensor_mark_slot_map(ids);
+    report(!moe_tensor_slot_map_trusted(ids, 4), "slot map: not on i64 or 1-D indices", "marked");
+    rel(sl); rel(ids);
+}
+
 int main(void) {
     ctx = moe_ctx_new(2);
     moe_cpu_backend_install(ctx);
@@ -907,6 +932,7 @@ int main(void) {
     test_attention();
     test_misc();
     test_ep_maps();
+    test_slot_map_mark();
     test_memory_and_errors();
     test_threads();
     moe_ctx_free(ctx);

@@ -159,11 +159,11 @@ static void test_gather_sum_add(moe_dtype dt, int64_t n, int64_t k, int64_t e, i
 
 /* ---- combine_backward ---- */
 
-/* combine_backward given the slots: with the router's bound on them (set here
- * as the router sets it) the device runs by token, reading token_idx not at
- * all (an out-of-range token_idx then goes unnoticed, which shows the path);
- * without the bound (slots with drops, uploaded) by row. Either way the bytes
- * of the by-row run (ds, dw; dw NULL: none). */
+/* combine_backward given the slots: marked as a router's map (bound and mark
+ * set here as the router sets them) the device runs by token, reading
+ * token_idx not at all (an out-of-range token_idx then goes unnoticed, which
+ * shows the path); the uploaded slots, whose bound (when none is -1) is only a
+ * range, by row. Either way the bytes of the by-row run (ds, dw; dw NULL: none). */
 static void combine_by_token(const char *name, moe_dtype dt, const routing *r, const moe_tensor *dy,
                              const moe_tensor *src, const moe_tensor *w, const moe_tensor *ds, const moe_tensor *dw) {
     moe_tensor *sl = moe_op_to(ctx, r->slots_h, GPU, MOE_I32), *bad = moe_tensor_new(ctx, MOE_I64, 1, (int64_t[]){r->a}, GPU);
@@ -173,12 +173,13 @@ static void combine_by_token(const char *name, moe_dtype dt, const routing *r, c
     die_if(moe_op_fill(ctx, bad, (double)(r->n + 5)) != MOE_OK || moe_op_fill(ctx, ds2, NAN) != MOE_OK ||
            (dw2 && moe_op_fill(ctx, dw2, NAN) != MOE_OK), "by-token poison");
     moe_tensor_set_index_bound(sl, r->a);
+    moe_tensor_mark_slot_map(sl);
     moe_status s = moe_op_combine_backward_slots(ctx, ds2, dw2, dy, src, w, bad, sl);
     ok(s == MOE_OK && same_bytes(ds2, ds) && (!dw || same_bytes(dw2, dw)),
-       "%s: by token (slots with the router's bound, token_idx unread): the by-row bytes", name);
+       "%s: by token (a marked slot map, token_idx unread): the by-row bytes", name);
     die_if(moe_op_fill(ctx, ds2, NAN) != MOE_OK, "by-token poison");
     s = moe_op_combine_backward_slots(ctx, ds2, dw2, dy, src, w, r->tok_d, r->slots_d);
-    ok(s == MOE_OK && same_bytes(ds2, ds) && (!dw || same_bytes(dw2, dw)), "%s: slots without a bound: the by-row bytes",
+    ok(s == MOE_OK && same_bytes(ds2, ds) && (!dw || same_bytes(dw2, dw)), "%s: uploaded slots (no mark): the by-row bytes",
        name);
     moe_tensor_release(sl); moe_tensor_release(bad); moe_tensor_release(ds2); moe_tensor_release(dw2);
 }

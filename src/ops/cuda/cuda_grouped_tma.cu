@@ -345,6 +345,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                     bar_wait(&full[s], (it / STAGES) & 1);
                     if (lane < CL) bar_arrive_at(&empty[s], lane);
                 }
+                __syncwarp();   // converged for the next tile's aligned wgmma instructions
                 continue;
             }
             const bool beta_c = p.beta != 0.0f && whole;

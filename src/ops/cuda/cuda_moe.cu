@@ -267,8 +267,10 @@ moe_status cuda_combine_backward(moe_ctx *ctx, moe_tensor *dsrc, moe_tensor *dw,
     if (a == 0) return MOE_OK;
     if (k > INT32_MAX) return moe_error(MOE_ERR_ARG, "combine_backward on cuda: k = %lld choices per token, too many", (long long)k);
     CUDA_ENTER(d, ctx, dsrc->device);
-    // by token when the slots come with the router's bound, else by row (checking token_idx)
-    const bool by_token = slots && moe_tensor_index_trusted(slots, a);
+    // by token when the slots are a router's map over these a rows (each row once: a map
+    // that only passes the range check could leave rows unwritten or write one twice),
+    // else by row, checking token_idx
+    const bool by_token = slots && moe_tensor_slot_map_trusted(slots, a);
     if (!by_token) MOE_TRY(cuda_check_index<int64_t>(d, "combine_backward", "token_idx", token_idx, a, 0, n, 0));
     const int64_t *tok = PTR(const int64_t, token_idx);
     const int32_t *sl = by_token ? PTR(const int32_t, slots) : nullptr;
