@@ -169,6 +169,15 @@ typedef struct moe_backend {
     /* whether that call would be served (bf16 data of these sizes); optional: NULL = never */
     int (*gemm_grouped_swiglu_backward_w_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                                 const int64_t *offsets, int groups);
+
+    /* gemm_grouped and gemm_grouped_wgrad with the row offsets in a tensor on
+     * the device (ops.h moe_op_gemm_grouped_dev), shapes checked by the ops
+     * layer; optional: NULL, or *served = 0 with MOE_OK, makes the ops layer
+     * read the offsets back and run the call with them on the host */
+    moe_status (*gemm_grouped_dev)(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                   float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
+    moe_status (*gemm_grouped_wgrad_dev)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                         moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
 } moe_backend;
 
 

@@ -126,6 +126,19 @@ moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_t
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
                                      float beta, moe_tensor *c, const int64_t *offsets, int groups);
+/* gemm_grouped and gemm_grouped_wgrad with the row offsets in a tensor:
+ * offsets i64 [G + 1] on the device of c (G from its length). A backend that
+ * can reads them where they are (CUDA: the TMA kernel, bf16, where the
+ * call's policy gives it the call): nothing is copied back and the launch
+ * does not depend on their values, as a CUDA graph of a step needs. Else
+ * they are read back to the host (on a GPU that waits for the device) and
+ * the call runs as gemm_grouped / gemm_grouped_wgrad, which checks them.
+ * Read on the device they are not checked: values that do not rise from 0
+ * to M (a's rows) give wrong rows, never accesses outside the tensors. */
+moe_status moe_op_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                   float beta, moe_tensor *c, const moe_tensor *offsets);
+moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                         float beta, moe_tensor *c, const moe_tensor *offsets);
 
 /* ---- elementwise ---- */
 /* out = a OP b with numpy broadcasting; out has the broadcast shape. out may alias a or b. */

@@ -22,6 +22,9 @@ static moe_status check_offsets(const char *op, const int64_t *offsets, int grou
     return MOE_OK;
 }
 
+/* stands for offsets on the device (gemm_grouped_dev), which the shape checks leave alone */
+static const int64_t offsets_on_device[1];
+
 /* the shapes of one (a, b) pair of a grouped GEMM into c: a [M, K], b [G, K, N] (transb: [G, N, K]) */
 static moe_status check_grouped_pair(const char *op, const char *an, const moe_tensor *a, const char *bn,
                                      const moe_tensor *b, const moe_tensor *c, int transb, const int64_t *offsets,
@@ -33,7 +36,7 @@ static moe_status check_grouped_pair(const char *op, const char *an, const moe_t
     int64_t M = a->shape[0], K = a->shape[1];
     int64_t N = transb ? b->shape[1] : b->shape[2];
     int64_t bs[3] = {groups, transb ? N : K, transb ? K : N};
-    MOE_TRY(check_offsets(op, offsets, groups, M));
+    if (offsets != offsets_on_device) MOE_TRY(check_offsets(op, offsets, groups, M));
     snprintf(want, sizeof want, transb ? "[groups, N, K] with K from %s" : "[groups, K, N] with K from %s", an);
     MOE_TRY(ops_shape_is(op, bn, b, 3, bs, want));
     int64_t cs[2] = {M, N};
@@ -334,4 +337,94 @@ moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_t
     st = be->gemm_grouped_wgrad_rows(ctx, alpha, ac, b, b_rows, beta, c, offsets, groups);
     moe_tensor_release(ac);
     return st;
+}
+
+/* ---- grouped GEMMs with the row offsets on the device ---- */
+
+/* offsets: i64 [G + 1], contiguous, on dev; *groups = G */
+static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets, moe_device dev, int *groups) {
+    char s1[128], b1[16], b2[16];
+    if (!offsets) return moe_error(MOE_ERR_ARG, "%s: offsets is NULL, expected an i64 tensor of G + 1 row offsets", op);
+    if (offsets->dtype != MOE_I64)
+        return moe_error(MOE_ERR_DTYPE, "%s: offsets has dtype %s, expected i64", op, moe_dtype_name(offsets->dtype));
+    if (offsets->ndim != 1 || offsets->shape[0] < 2 || offsets->shape[0] > (int64_t)INT32_MAX)
+        return moe_error(MOE_ERR_SHAPE, "%s: offsets has shape %s, expected [G + 1] with G >= 1", op,
+                         OPS_SHAPE(offsets, s1));
+    if (!moe_device_eq(offsets->device, dev))
+        return moe_error(MOE_ERR_DEVICE, "%s: offsets is on %s, expected %s (the device of c)", op,
+                         moe_device_str(offsets->device, b1, sizeof b1), moe_device_str(dev, b2, sizeof b2));
+    if (!moe_tensor_is_contiguous(offsets))
+        return moe_error(MOE_ERR_ARG, "%s: offsets must be contiguous", op);
+    *groups = (int)(offsets->shape[0] - 1);
+    return MOE_OK;
+}
+
+/* The offsets as host values: the tensor's own memory on the CPU, else a copy
+ * back (which waits for the device); *host to release. */
+static moe_status offsets_on_host(moe_ctx *ctx, const moe_tensor *offsets, moe_tensor **host) {
+    *host = moe_op_to(ctx, (moe_tensor *)offsets, MOE_DEVICE_CPU, MOE_I64);
+    return *host ? MOE_OK : moe_last_status();
+}
+
+moe_status moe_op_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                   float beta, moe_tensor *c, const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_dev";
+    ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    MOE_TRY(ops_out(op, "c", c));
+    int groups = 0;
+    MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
+    MOE_TRY(check_grouped_pair(op, "a", a, "b", b, c, transb, offsets_on_device, groups));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, c->device, &be));
+    if (be->gemm_grouped_dev) {
+        moe_tensor *ac, *bc = NULL;
+        int served = 0;
+        MOE_TRY(ops_contig(ctx, a, &ac));
+        moe_status s = ops_contig(ctx, b, &bc);
+        if (s == MOE_OK) s = be->gemm_grouped_dev(ctx, transb, alpha, ac, bc, beta, c, offsets, groups, &served);
+        moe_tensor_release(ac);
+        moe_tensor_release(bc);
+        if (s != MOE_OK || served) return s;
+    }
+    moe_tensor *h;
+    MOE_TRY(offsets_on_host(ctx, offsets, &h));
+    moe_status s = moe_op_gemm_grouped(ctx, transb, alpha, a, b, beta, c, moe_tensor_data(h), groups);
+    moe_tensor_release(h);
+    return s;
+}
+
+moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                         float beta, moe_tensor *c, const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_wgrad_dev";
+    ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
+    MOE_TRY(ops_check(op, f, 3, NULL, 0));
+    MOE_TRY(ops_out(op, "c", c));
+    int groups = 0;
+    MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
+    char s1[128];
+    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, P]", op, OPS_SHAPE(a, s1));
+    if (b->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: b has shape %s, expected [M, Q]", op, OPS_SHAPE(b, s1));
+    if (b->shape[0] != a->shape[0])
+        return moe_error(MOE_ERR_SHAPE, "%s: b has %lld rows, expected %lld (the rows of a)", op,
+                         (long long)b->shape[0], (long long)a->shape[0]);
+    int64_t cs[3] = {groups, a->shape[1], b->shape[1]};
+    MOE_TRY(ops_shape_is(op, "c", c, 3, cs, "[groups, P, Q]"));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, c->device, &be));
+    if (be->gemm_grouped_wgrad_dev) {
+        moe_tensor *ac, *bc = NULL;
+        int served = 0;
+        MOE_TRY(ops_contig(ctx, a, &ac));
+        moe_status s = ops_contig(ctx, b, &bc);
+        if (s == MOE_OK) s = be->gemm_grouped_wgrad_dev(ctx, alpha, ac, bc, beta, c, offsets, groups, &served);
+        moe_tensor_release(ac);
+        moe_tensor_release(bc);
+        if (s != MOE_OK || served) return s;
+    }
+    moe_tensor *h;
+    MOE_TRY(offsets_on_host(ctx, offsets, &h));
+    moe_status s = moe_op_gemm_grouped_wgrad(ctx, alpha, a, b, beta, c, moe_tensor_data(h), groups);
+    moe_tensor_release(h);
+    return s;
 }

@@ -35,6 +35,12 @@ static moe_tensor *idx_(const int64_t *s, int nd, const int64_t *vals) {
     return t;
 }
 static void rel(moe_tensor *t) { moe_tensor_release(t); }
+static moe_tensor *clone_(const moe_tensor *t) {
+    moe_tensor *c = moe_tensor_like(ctx, t);
+    if (!c || moe_op_copy(ctx, c, t) != MOE_OK) { fprintf(stderr, "clone: %s\n", moe_last_error()); exit(1); }
+    return c;
+}
+static moe_tensor *i32_(const int64_t *s, int nd, const int32_t *vals);
 
 /* max |a - b| / (atol + rtol |b|) over n values; <= 1 passes */
 static double cmp(const float *a, const double *b, int64_t n, double atol, double rtol) {
@@ -120,9 +126,14 @@ static void test_gemm(void) {
             ref_gemm(0, tb, off[g + 1] - off[g], N, K, 1.0f, moe_f32(a) + off[g] * K, moe_f32(b) + g * K * N, 0.25f,
                      moe_f32(c) + off[g] * N, ref + off[g] * N);
         const char *name = tb ? "gemm_grouped transb, empty group" : "gemm_grouped, empty group";
+        moe_tensor *c0 = clone_(c);
         CHECK_OK(name, moe_op_gemm_grouped(ctx, tb, 1.0f, a, b, 0.25f, c, off, 3));
         CHECK_CLOSE(name, moe_f32(c), ref, Mg * N, 1e-5, 1e-5);
-        rel(a); rel(b); rel(c);
+        /* the offsets in a tensor (on the CPU: read where they are, then as above) */
+        moe_tensor *ot = idx_(SHAPE(4), off);
+        CHECK_OK("gemm_grouped_dev", moe_op_gemm_grouped_dev(ctx, tb, 1.0f, a, b, 0.25f, c0, ot));
+        CHECK_CLOSE("gemm_grouped_dev: as gemm_grouped", moe_f32(c0), ref, Mg * N, 1e-5, 1e-5);
+        rel(a); rel(b); rel(c); rel(c0); rel(ot);
     }
     {
         int64_t Mg = 9, P = 4, Q = 6, off[4] = {0, 5, 5, 9};
@@ -131,9 +142,34 @@ static void test_gemm(void) {
         for (int g = 0; g < 3; g++)
             ref_gemm(1, 0, P, Q, off[g + 1] - off[g], 1.0f, moe_f32(a) + off[g] * P, moe_f32(b) + off[g] * Q, 0.5f,
                      moe_f32(c) + g * P * Q, ref + g * P * Q);
+        moe_tensor *c0 = clone_(c);
         CHECK_OK("gemm_grouped_wgrad", moe_op_gemm_grouped_wgrad(ctx, 1.0f, a, b, 0.5f, c, off, 3));
         CHECK_CLOSE("gemm_grouped_wgrad (empty group scaled by beta)", moe_f32(c), ref, 3 * P * Q, 1e-5, 1e-5);
-        rel(a); rel(b); rel(c);
+        moe_tensor *ot = idx_(SHAPE(4), off);
+        CHECK_OK("gemm_grouped_wgrad_dev", moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, a, b, 0.5f, c0, ot));
+        CHECK_CLOSE("gemm_grouped_wgrad_dev: as gemm_grouped_wgrad", moe_f32(c0), ref, 3 * P * Q, 1e-5, 1e-5);
+        /* what a tensor of offsets must be; the host path still checks their values */
+        moe_tensor *o32 = i32_(SHAPE(4), (int32_t[]){0, 5, 5, 9}), *o1 = idx_(SHAPE(1), (int64_t[]){0});
+        moe_tensor *obad = idx_(SHAPE(4), (int64_t[]){0, 6, 5, 9}), *o2 = idx_(SHAPE(3), (int64_t[]){0, 5, 9});
+        moe_status st = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, a, b, 0.5f, c0, o32);
+        report(st == MOE_ERR_DTYPE && strstr(moe_last_error(), "offsets has dtype i32, expected i64"),
+               "gemm_grouped_wgrad_dev: i32 offsets are refused", "%d %s", st, moe_last_error());
+        st = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, a, b, 0.5f, c0, o1);
+        report(st == MOE_ERR_SHAPE && strstr(moe_last_error(), "expected [G + 1] with G >= 1"),
+               "gemm_grouped_wgrad_dev: one offset (no group) is refused", "%d %s", st, moe_last_error());
+        st = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, a, b, 0.5f, c0, o2);
+        report(st == MOE_ERR_SHAPE && strstr(moe_last_error(), "[groups, P, Q]"),
+               "gemm_grouped_wgrad_dev: G from the offsets must match c", "%d %s", st, moe_last_error());
+        st = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, a, b, 0.5f, c0, obad);
+        report(st == MOE_ERR_ARG && strstr(moe_last_error(), "decrease at group 1"),
+               "gemm_grouped_wgrad_dev: decreasing offsets read on the host are refused", "%d %s", st,
+               moe_last_error());
+        moe_tensor *bt = RANDN(3, 4, P), *cm = RANDN(Mg, 4);
+        st = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a, bt, 0.0f, cm, NULL);
+        report(st == MOE_ERR_ARG && strstr(moe_last_error(), "offsets is NULL"), "gemm_grouped_dev: NULL offsets",
+               "%d %s", st, moe_last_error());
+        rel(bt); rel(cm);
+        rel(a); rel(b); rel(c); rel(c0); rel(ot); rel(o32); rel(o1); rel(obad); rel(o2);
     }
     {   /* the pair: c = 0.7 (a1 b1[g] + a2 b2[g]^T) + 0.25 c, with K1 != K2 */
         int64_t Mg = 7, K1 = 5, K2 = 3, N = 4, off[4] = {0, 3, 3, 7};

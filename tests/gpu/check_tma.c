@@ -18,7 +18,10 @@
  * after a group's partial last k-tile (which the kernel zeroes) kept out of
  * that group's result, and which weight gradients auto leaves to other paths.
  * Groups with an odd count of M tiles, whose last pair of CTAs each take 64
- * rows of the last tile, and warpgroups with no rows to compute.
+ * rows of the last tile, and warpgroups with no rows to compute. The offsets
+ * on the device (gemm_grouped_dev, gemm_grouped_wgrad_dev: each block builds
+ * the schedule from them) for the forward, the data gradient and the weight
+ * gradient, and offsets there that break the contract (no fault).
  * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
@@ -91,6 +94,78 @@ static void wgrad(const char *what, float beta, const int64_t *off, int G, int64
            (unsigned long long)n);
     }
     pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* The offsets on the device (moe_op_gemm_grouped_dev / _wgrad_dev): the TMA
+ * kernel reads them there and builds its schedule in each block; the results
+ * against the CPU with the same offsets on the host. */
+static moe_tensor *offsets_dev(const int64_t *off, int G) {
+    moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
+    die_if(!h, "offsets");
+    memcpy(moe_tensor_data(h), off, (size_t)(G + 1) * sizeof *off);
+    moe_tensor *d = moe_op_to(ctx, h, GPU, MOE_I64);
+    die_if(!d, "offsets upload");
+    moe_tensor_release(h);
+    return d;
+}
+
+static void fwd_dev(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, K)), c = in_randn(BF, SH(M, N));
+    pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    moe_tensor *od = offsets_dev(off, G);
+    char name[200];
+    snprintf(name, sizeof name, "TMA %s, offsets on the device, %s: beta=%g G=%d M=%lld K=%lld N=%lld",
+             tb ? "fwd" : "dgrad", what, beta, G, (long long)M, (long long)K, (long long)N);
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_dev(ctx, tb, 0.9f, a.d, b.d, beta, c.d, od))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        uint64_t n = tma_calls() - t0;
+        ok(n == 1, "%s: served by the TMA kernel (%llu calls)", name, (unsigned long long)n);
+    }
+    moe_tensor_release(od);
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+static void wgrad_dev(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    moe_tensor *od = offsets_dev(off, G);
+    char name[200];
+    snprintf(name, sizeof name, "TMA wgrad, offsets on the device, %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta,
+             G, (long long)M, (long long)P, (long long)Q);
+    uint64_t t0 = tma_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
+            moe_op_gemm_grouped_wgrad_dev(ctx, 0.9f, a.d, b.d, beta, c.d, od))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        uint64_t n = tma_calls() - t0;
+        ok(n == 1, "%s: served by the TMA kernel (%llu calls)", name, (unsigned long long)n);
+    }
+    moe_tensor_release(od);
+    pfree(&a); pfree(&b); pfree(&c);
+}
+
+/* Offsets on the device that break the contract (decreasing, past M, below 0)
+ * are not checked there: the call returns (read back to the host, the same
+ * offsets would be refused, so MOE_OK shows the device read them), and a
+ * call after it is right. */
+static void dev_bad_offsets(void) {
+    const int G = 4;
+    const int64_t K = 64, N = 128, M = 300, bad[5] = {0, 200, 100, 900, -5};
+    pair a = in_randn(BF, SH(M, K)), b = in_randn(BF, SH(G, N, K)), c = in_randn(BF, SH(M, N));
+    moe_tensor *od = offsets_dev(bad, G);
+    moe_status s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a.d, b.d, 0.0f, c.d, od);
+    moe_tensor *back = s == MOE_OK ? moe_op_to(ctx, c.d, MOE_DEVICE_CPU, MOE_F32) : NULL;   /* waits: a fault shows */
+    ok(s == MOE_OK && back, "TMA, offsets on the device out of order: no check, no fault (%s)",
+       back ? "ok" : moe_last_error());
+    moe_tensor_release(back);
+    moe_tensor_release(od);
+    pfree(&a); pfree(&b); pfree(&c);
+    int64_t off[5] = {0, 100, 100, 250, 300};
+    fwd_dev(1, "after bad offsets", 0.0f, off, G, 64, 128);
 }
 
 /* The weight gradient's last k-tile of group 0 (r0 rows: 100 ends 36 into
@@ -217,6 +292,30 @@ static void checks(int ctas) {
     }
     inf_neighbour(1);
     inf_neighbour(0);
+    /* offsets on the device: partial tiles, cut last tiles, empty groups, 256 experts, the step's shapes */
+    {
+        static const int rows[] = {100, 129, 257, 320, 321, 384, 0, 64, 65, 192};
+        int64_t o[11] = {0};
+        for (int g = 0; g < 10; g++) o[g + 1] = o[g] + rows[g];
+        for (int tb = 1; tb >= 0; tb--) {
+            fwd_dev(tb, "cut last tiles", 0.0f, o, 10, 136, 264);
+            fwd_dev(tb, "cut last tiles", 0.5f, o, 10, 136, 264);
+        }
+        wgrad_dev("cut last tiles", 0.0f, o, 10, 200, 136);
+        wgrad_dev("cut last tiles", 0.5f, o, 10, 72, 520);
+    }
+    make_offsets(off, 256, 40, 5);
+    fwd_dev(1, "256 experts", 0.0f, off, 256, 64, 48);
+    make_offsets(off, 256, 40, 5);
+    wgrad_dev("256 experts", 0.0f, off, 256, 64, 48);
+    make_offsets(off, 32, 1400, 0);
+    fwd_dev(1, "step model down", 0.0f, off, 32, 512, 1024);
+    make_offsets(off, 32, 1400, 0);
+    wgrad_dev("step model down", 1.0f, off, 32, 1024, 512);
+    for (int g = 0; g <= 4; g++) off[g] = 0;
+    fwd_dev(0, "no rows", 0.5f, off, 4, 64, 64);
+    wgrad_dev("no rows", 0.5f, off, 4, 64, 64);
+    dev_bad_offsets();
     /* the weight gradient: rows 0 to 300 a group (several k-tiles, partial last ones,
      * empty groups), P and Q under, at and past a tile (odd M-tile counts leave the
      * second CTA of a pair past P) */

@@ -124,6 +124,11 @@ moe_status cuda_gemm_grouped(moe_ctx *, int transb, float alpha, const moe_tenso
                              float beta, moe_tensor *c, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups);
+// offsets on the device (ops.h gemm_grouped_dev): the TMA kernel where the policy gives it the call, else *served = 0
+moe_status cuda_gemm_grouped_dev(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                 float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
+moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                       moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
 moe_status cuda_gemm_grouped_pair(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
                                   const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
                                   const int64_t *offsets, int groups);

@@ -640,6 +640,15 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const 
     return MOE_OK;
 }
 
+// The TMA kernel takes a weight gradient under auto where each expert's c (an
+// expert's weights) fills whole 128 x 256 tiles and the call has a tile for
+// every SM: it does not split an expert's rows, so a few small c_g (LoRA's
+// factors) over many rows would idle SMs.
+static bool wgrad_fills(const cuda_dev *d, int groups, int64_t P, int64_t Q) {
+    const double tiles = (double)groups * (double)((P + 127) / 128) * (double)((Q + 255) / 256);
+    return P >= 128 && Q >= 256 && tiles >= (double)d->sm_count;
+}
+
 // b_rows (may be NULL): b's rows in the grouped order (cuda_gemm_grouped_wgrad_rows)
 static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, const moe_tensor *b_rows,
                         float beta, moe_tensor *c, const int64_t *offsets, int groups) {
@@ -650,12 +659,8 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     const char *A = (const char *)moe_tensor_data(a), *B = (const char *)moe_tensor_data(b);
     char *C = (char *)moe_tensor_data(c);
     double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)P * (double)Q;
-    // the TMA kernel: under auto, where each expert's c (an expert's weights) fills whole
-    // 128 x 256 tiles and the call has a tile for every SM. The kernel does not split an
-    // expert's rows, so a few small c_g (LoRA's factors) over many rows would idle SMs.
-    const double tiles = (double)groups * (double)((P + 127) / 128) * (double)((Q + 255) / 256);
-    const bool fills = P >= 128 && Q >= 256 && tiles >= (double)d->sm_count;
-    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, fills, c->dtype, a->dtype, b->dtype)) {
+    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, wgrad_fills(d, groups, P, Q), c->dtype,
+                           a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_tma_grouped_wgrad(d, alpha, A, B, beta, C, offsets, groups, P, Q, &ran));
         if (ran) { count_tma(d); return MOE_OK; }
@@ -728,4 +733,32 @@ moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_ten
                                         const moe_tensor *b_rows, float beta, moe_tensor *c, const int64_t *offsets,
                                         int groups) {
     return wgrad(ctx, alpha, a, b, b_rows, beta, c, offsets, groups);
+}
+
+moe_status cuda_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                 float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served) {
+    *served = 0;
+    CUDA_ENTER(d, ctx, c->device);
+    const int64_t K = a->shape[1], N = c->shape[1];
+    if (!use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, true, c->dtype, a->dtype, b->dtype)) return MOE_OK;
+    bool ran = false;
+    MOE_TRY(cuda_tma_grouped_dev(d, transb, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
+                                 (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], K, N, &ran));
+    if (ran) { count_tma(d); *served = 1; }
+    return MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
+                                       moe_tensor *c, const moe_tensor *offsets, int groups, int *served) {
+    *served = 0;
+    CUDA_ENTER(d, ctx, c->device);
+    const int64_t P = a->shape[1], Q = b->shape[1];
+    if (!use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, wgrad_fills(d, groups, P, Q), c->dtype, a->dtype,
+                 b->dtype))
+        return MOE_OK;
+    bool ran = false;
+    MOE_TRY(cuda_tma_grouped_wgrad_dev(d, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
+                                       (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], P, Q, &ran));
+    if (ran) { count_tma(d); *served = 1; }
+    return MOE_OK;
 }

@@ -79,6 +79,10 @@ struct tma_params {
     float alpha, beta;
     int N, K, K2, n_tiles, items, groups;
     int P, m_pairs;              // weight gradient: the rows of c_g (a's columns) and their pairs of M tiles
+    // offsets on the device (the _dev entries; then off, pair0, order and items are
+    // made by each block, see build_schedule) and the rows they end at; else NULL
+    const int64_t *off_dev;
+    int M;
     int off[MAX_GROUPS + 1];     // row offsets of the groups
     int pair0[MAX_GROUPS + 1];   // the first pair of M tiles of each group (prefix sums)
     short order[MAX_GROUPS];     // weight gradient: the groups by decreasing rows (the order their tiles run)
@@ -172,30 +176,110 @@ template <int TA, int TB> __device__ __forceinline__ void wgmma_m64n256k16(float
 // multiplies), so neither CTA spends the pair's time on a tile past the group's
 // rows. The weight gradient's groups all have the same tiles; they run largest first.
 struct tma_tile { int g, m0, nt; bool half; };
-template <int CL, int MODE> __device__ __forceinline__ tma_tile tile_of(const tma_params &p, int t, int rank) {
+
+// The call's schedule: the groups' row offsets, their first pairs of M tiles,
+// the weight gradient's group order and the work items, from the launch's
+// parameters (offsets on the host) or from shared memory, where every block
+// builds them from offsets on the device (build_schedule).
+struct sched_param {
+    const tma_params &p;
+    __device__ __forceinline__ int off(int g) const { return p.off[g]; }
+    __device__ __forceinline__ int pair0(int g) const { return p.pair0[g]; }
+    __device__ __forceinline__ int order(int i) const { return p.order[i]; }
+    __device__ __forceinline__ int items() const { return p.items; }
+};
+struct sched_smem {
+    const int *o, *p0;
+    const short *ord;
+    int n;
+    __device__ __forceinline__ int off(int g) const { return o[g]; }
+    __device__ __forceinline__ int pair0(int g) const { return p0[g]; }
+    __device__ __forceinline__ int order(int i) const { return ord[i]; }
+    __device__ __forceinline__ int items() const { return n; }
+};
+
+template <int CL, int MODE, typename SC>
+__device__ __forceinline__ tma_tile tile_of(const tma_params &p, const SC &sc, int t, int rank) {
     if (MODE == MODE_WG) {
         const int per = p.m_pairs * p.n_tiles, r = t % per;
-        return tma_tile{p.order[t / per], ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles, false};
+        return tma_tile{sc.order(t / per), ((r / p.n_tiles) * CL + rank) * BM, r % p.n_tiles, false};
     }
     const int mp = t / p.n_tiles;
     int lo = 0, hi = p.groups - 1;
     while (lo < hi) {   // the last group whose first pair is <= mp (empty groups share it with the next)
         int mid = (lo + hi + 1) >> 1;
-        if (p.pair0[mid] <= mp) lo = mid;
+        if (sc.pair0(mid) <= mp) lo = mid;
         else hi = mid - 1;
     }
-    const int pr = mp - p.pair0[lo];
+    const int pr = mp - sc.pair0(lo);
     if (CL == 2) {
-        const int tiles = (p.off[lo + 1] - p.off[lo] + BM - 1) / BM;
+        const int tiles = (sc.off(lo + 1) - sc.off(lo) + BM - 1) / BM;
         if ((tiles & 1) && pr == tiles / 2) return tma_tile{lo, pr * 2 * BM + rank * 64, t % p.n_tiles, true};
     }
     return tma_tile{lo, (pr * CL + rank) * BM, t % p.n_tiles, false};
 }
 
 // k-tiles of a tile: over K (+ K2), or over its group's rows for the weight gradient
-template <int MODE> __device__ __forceinline__ int k_tiles(const tma_params &p, int g) {
-    if (MODE == MODE_WG) return (p.off[g + 1] - p.off[g] + BK - 1) / BK;
+template <int MODE, typename SC> __device__ __forceinline__ int k_tiles(const tma_params &p, const SC &sc, int g) {
+    if (MODE == MODE_WG) return (sc.off(g + 1) - sc.off(g) + BK - 1) / BK;
     return (p.K + BK - 1) / BK + (p.K2 + BK - 1) / BK;
+}
+
+// A block's schedule from offsets on the device, in shared memory: the offsets
+// clamped into [0, M] and made nondecreasing (offsets that break the contract
+// give wrong rows, never accesses outside the tensors), each group's first
+// pair of M tiles by a scan in warp 0, the work items, and for the weight
+// gradient the groups by decreasing rows (ties by index, as the host's stable
+// sort) by counting. Every thread of the block calls it.
+template <int CL, int MODE>
+__device__ void build_schedule(const tma_params &p, int *off, int *pair0, short *order, int *items, int tid) {
+    const int G = p.groups;
+    if (tid < 32) {
+        const unsigned FULL = 0xffffffffu;
+        const int per = (G + 1 + 31) / 32, g0 = tid * per;   // each lane its run of entries
+        int run = 0;
+        for (int i = 0; i < per && g0 + i <= G; i++) {
+            const int64_t v = p.off_dev[g0 + i];
+            run = max(run, v < 0 ? 0 : v > p.M ? p.M : (int)v);
+            off[g0 + i] = run;
+        }
+        int hi = run;   // the largest offset up to this lane's last, over the lanes before too
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(FULL, hi, o);
+            if (tid >= o) hi = max(hi, y);
+        }
+        int before = __shfl_up_sync(FULL, hi, 1);
+        if (tid == 0) before = 0;
+        for (int i = 0; i < per && g0 + i <= G; i++) off[g0 + i] = max(off[g0 + i], before);
+        __syncwarp();
+        auto pairs = [&](int g) { return ((off[g + 1] - off[g] + BM - 1) / BM + CL - 1) / CL; };
+        int sum = 0;
+        for (int i = 0; i < per && g0 + i < G; i++) sum += pairs(g0 + i);
+        int incl = sum;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(FULL, incl, o);
+            if (tid >= o) incl += y;
+        }
+        int acc = incl - sum;
+        for (int i = 0; i < per && g0 + i <= G; i++) {
+            pair0[g0 + i] = acc;
+            if (g0 + i < G) acc += pairs(g0 + i);
+        }
+        if (tid == 31) *items = (MODE == MODE_WG ? G * p.m_pairs : incl) * p.n_tiles;
+    }
+    __syncthreads();
+    if (MODE == MODE_WG) {
+        for (int g = tid; g < G; g += blockDim.x) {
+            const int rg = off[g + 1] - off[g];
+            int r = 0;
+            for (int j = 0; j < G; j++) {
+                const int rj = off[j + 1] - off[j];
+                r += rj > rg || (rj == rg && j < g);
+            }
+            order[r] = (short)g;
+        }
+        __syncthreads();
+    }
 }
 
 // The weight gradient's last k-tile of a group whose rows end inside it: the
@@ -237,7 +321,7 @@ __device__ __forceinline__ void stage(unsigned char *cs, int tid, int cw, F v) {
     wg_sync(1 + cw);
 }
 
-template <int CL, int MODE>
+template <int CL, int MODE, bool DEV>
 __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
@@ -257,6 +341,14 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     cluster_sync();   // the peer's copies and releases find our barriers initialised
+    // offsets on the device: the schedule in shared memory (sized 1 when unused)
+    __shared__ int s_off[DEV ? MAX_GROUPS + 1 : 1], s_pair0[DEV ? MAX_GROUPS + 1 : 1], s_items;
+    __shared__ short s_order[DEV ? MAX_GROUPS : 1];
+    if constexpr (DEV) build_schedule<CL, MODE>(p, s_off, s_pair0, s_order, &s_items, tid);
+    const auto sc = [&]() {
+        if constexpr (DEV) return sched_smem{s_off, s_pair0, s_order, s_items};
+        else return sched_param{p};
+    }();
     const int nk1 = (p.K + BK - 1) / BK;
     const int first = blockIdx.x / CL, step = gridDim.x / CL;
     if (wg == 0) {
@@ -265,10 +357,10 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_a)) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_b)) : "memory");
             unsigned it = 0;
-            for (int t = first; t < p.items; t += step) {
-                const tma_tile tt = tile_of<CL, MODE>(p, t, rank);
-                const int nk = k_tiles<MODE>(p, tt.g);
-                const int arow = p.off[tt.g] + tt.m0;
+            for (int t = first; t < sc.items(); t += step) {
+                const tma_tile tt = tile_of<CL, MODE>(p, sc, t, rank);
+                const int nk = k_tiles<MODE>(p, sc, tt.g);
+                const int arow = sc.off(tt.g) + tt.m0;
                 for (int kt = 0; kt < nk; kt++, it++) {
                     const int s = it % STAGES;
                     const bool second = MODE != MODE_WG && kt >= nk1;
@@ -286,7 +378,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                         continue;
                     }
                     // A: the weight gradient's two boxes of 64 columns of a (M) x 64 rows (K)
-                    const int krow = p.off[tt.g] + k0;
+                    const int krow = sc.off(tt.g) + k0;
                     if (MODE == MODE_WG) {
                         tma_load(st, ma, tt.m0, krow, &full[s]);
                         tma_load(st + A_BYTES / 2, ma, tt.m0 + 64, krow, &full[s]);
@@ -317,13 +409,13 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
         float d[BN / 2];
         unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
         const bool lead = (tid & 127) == 0;
-        for (int t = first; t < p.items; t += step) {
-            const tma_tile tt = tile_of<CL, MODE>(p, t, rank);
-            const int nk = k_tiles<MODE>(p, tt.g);
+        for (int t = first; t < sc.items(); t += step) {
+            const tma_tile tt = tile_of<CL, MODE>(p, sc, t, rank);
+            const int nk = k_tiles<MODE>(p, sc, tt.g);
             // The tile's rows are rows [m0, m0 + 128) of its group's in c: rows of c
             // from off[g] (a's groups), or from g * P (the weight gradient's c [G, P, Q])
-            const int g = tt.g, rows = MODE == MODE_WG ? p.P : p.off[g + 1] - p.off[g];
-            const int64_t base = MODE == MODE_WG ? (int64_t)g * p.P : (int64_t)p.off[g];
+            const int g = tt.g, rows = MODE == MODE_WG ? p.P : sc.off(g + 1) - sc.off(g);
+            const int64_t base = MODE == MODE_WG ? (int64_t)g * p.P : (int64_t)sc.off(g);
             const int wrow = tt.m0 + cw * 64;   // the warpgroup's first row in its group
             const bool whole = wrow + 64 <= rows;
             // a warpgroup with no rows of its group to compute (past the group's end, or the
@@ -359,7 +451,7 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                 unsigned char *st = smem + s * STAGE_BYTES;
                 const unsigned char *sa = st + cw * (64 * 128), *sb = st + A_BYTES;
                 if (MODE == MODE_WG) {
-                    const int valid = p.off[tt.g + 1] - p.off[tt.g] - kt * BK;
+                    const int valid = sc.off(tt.g + 1) - sc.off(tt.g) - kt * BK;
                     if (valid < BK) zero_tail(st, cw, valid, tid);
                 }
                 asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -476,22 +568,31 @@ bool offsets_fit(const int64_t *offsets, int groups) {
 }
 
 // The work items of p (its maps, outputs and extents set), then the launch:
-// one cluster of CL CTAs per item at a time, as many clusters as fit.
-moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int groups, int mode, const char *what,
-                      bool *ran) {
+// one cluster of CL CTAs per item at a time, as many clusters as fit. With
+// offsets on the host they go in the parameters; with off_dev (M rows in
+// all) each block reads them itself, and the grid is sized for the most items
+// M rows can make.
+moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const int64_t *off_dev, int64_t M, int groups,
+                      int mode, const char *what, bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
     p.n_tiles = (p.N + BN - 1) / BN;
-    int64_t bands = 0;   // pairs of M tiles
-    for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
-    if (mode != MODE_WG) {
+    int64_t bands = 0;   // pairs of M tiles (with off_dev: at most)
+    if (mode == MODE_WG) p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
+    if (off_dev) {
+        p.off_dev = off_dev;
+        p.M = (int)M;
+        // a group's pairs are at most its tiles + 1, its tiles at most rows / BM + 1
+        bands = mode == MODE_WG ? (int64_t)groups * p.m_pairs : (M + BM - 1) / BM + 2 * (int64_t)groups;
+    } else if (mode != MODE_WG) {
+        for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
         for (int g = 0; g <= groups; g++) {
             p.pair0[g] = (int)bands;
             if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
         }
     } else {
         // every group has the same tiles, whatever its rows; the groups with the most rows run first
-        p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
+        for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
         bands = (int64_t)groups * p.m_pairs;
         for (int g = 0; g < groups; g++) p.order[g] = (short)g;
         std::stable_sort(p.order, p.order + groups, [&](short x, short y) {
@@ -502,9 +603,12 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     if (items > INT32_MAX / 2) return MOE_OK;
     p.items = (int)items;
     void (*kern)(tma_params) =
-        mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT> : grouped_tma_kernel<1, MODE_BT>)
-        : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN> : grouped_tma_kernel<1, MODE_BN>)
-                          : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG> : grouped_tma_kernel<1, MODE_WG>);
+        off_dev ? (mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT, true> : grouped_tma_kernel<1, MODE_BT, true>)
+                   : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN, true> : grouped_tma_kernel<1, MODE_BN, true>)
+                                     : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG, true> : grouped_tma_kernel<1, MODE_WG, true>))
+        : mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT, false> : grouped_tma_kernel<1, MODE_BT, false>)
+        : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN, false> : grouped_tma_kernel<1, MODE_BN, false>)
+                          : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG, false> : grouped_tma_kernel<1, MODE_WG, false>);
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -520,8 +624,12 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
         // be had (a shared or partitioned GPU), the calls take the other paths from then on.
         cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
         int n = 0;
-        const auto all = {grouped_tma_kernel<1, MODE_BT>, grouped_tma_kernel<1, MODE_BN>, grouped_tma_kernel<1, MODE_WG>,
-                          grouped_tma_kernel<2, MODE_BT>, grouped_tma_kernel<2, MODE_BN>, grouped_tma_kernel<2, MODE_WG>};
+        const auto all = {grouped_tma_kernel<1, MODE_BT, false>, grouped_tma_kernel<1, MODE_BN, false>,
+                          grouped_tma_kernel<1, MODE_WG, false>, grouped_tma_kernel<2, MODE_BT, false>,
+                          grouped_tma_kernel<2, MODE_BN, false>, grouped_tma_kernel<2, MODE_WG, false>,
+                          grouped_tma_kernel<1, MODE_BT, true>,  grouped_tma_kernel<1, MODE_BN, true>,
+                          grouped_tma_kernel<1, MODE_WG, true>,  grouped_tma_kernel<2, MODE_BT, true>,
+                          grouped_tma_kernel<2, MODE_BN, true>,  grouped_tma_kernel<2, MODE_WG, true>};
         bool ok = true;
         for (auto k : all) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
         if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
@@ -540,26 +648,30 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, int gr
     return MOE_OK;
 }
 
+// offsets on the host (checked), or on the device (off_dev: 8-byte aligned; M rows)
+bool groups_fit(const int64_t *offsets, const int64_t *off_dev, int groups, int64_t M) {
+    if (offsets) return offsets_fit(offsets, groups);
+    return off_dev && ((uintptr_t)off_dev & 7) == 0 && groups >= 1 && groups <= MAX_GROUPS && M >= 0 &&
+           M < (int64_t)INT32_MAX - BM;
+}
+
 bool al16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
 }  // namespace
 
-moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
-                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
-    return cuda_tma_grouped_pair(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, offsets, groups, K, N, ran);
-}
+namespace {
 
-moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
-                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
-                                 int64_t K, int64_t N, bool *ran) {
+moe_status pair_call(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2, const void *b2,
+                     int64_t K2, float beta, void *c, const int64_t *offsets, const int64_t *off_dev, int groups,
+                     int64_t M, int64_t K, int64_t N, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX ||
         (int64_t)groups * N + BN > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
         return MOE_OK;
     if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || !al16(a2) || !al16(b2)))) return MOE_OK;
     encode_fn enc = tma_encoder(d);
     if (!enc) return MOE_OK;
-    const int64_t rows = offsets[groups];
+    const int64_t rows = offsets ? offsets[groups] : M;
     if (rows == 0) { *ran = true; return MOE_OK; }
     tma_params p;
     memset(&p, 0, sizeof p);
@@ -575,14 +687,14 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
-    return tma_launch(d, p, offsets, groups, transb ? MODE_BT : MODE_BN, "gemm_grouped (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, off_dev, rows, groups, transb ? MODE_BT : MODE_BN, "gemm_grouped (TMA kernel)", ran);
 }
 
-moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
-                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran) {
+moe_status wgrad_call(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c, const int64_t *offsets,
+                      const int64_t *off_dev, int groups, int64_t M, int64_t P, int64_t Q, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX || Q > INT32_MAX ||
-        (int64_t)groups * P + BM > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
+    if (!groups_fit(offsets, off_dev, groups, M) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX ||
+        Q > INT32_MAX || (int64_t)groups * P + BM > INT32_MAX || !al16(a) || !al16(b) || !al16(c))
         return MOE_OK;
     encode_fn enc = tma_encoder(d);
     if (!enc) return MOE_OK;
@@ -591,13 +703,42 @@ moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     // a and b in boxes of 64 of their columns x 64 rows. Groups with no rows
     // still have their tiles (c_g = beta c_g) and read nothing: with no rows at
     // all, a and b (perhaps no memory) are stood in for by one row of c.
-    const bool none = offsets[groups] == 0;
-    const int64_t rows = none ? 1 : offsets[groups];
+    const int64_t total = offsets ? offsets[groups] : M;
+    const bool none = total == 0;
+    const int64_t rows = none ? 1 : total;
     if (!make_map(enc, &p.map_a, none ? c : a, rows, P, 64) || !make_map(enc, &p.map_b, none ? c : b, rows, Q, 64) ||
         !make_map(enc, &p.map_c, c, (int64_t)groups * P, Q, 64))
         return MOE_OK;
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)Q; p.P = (int)P;
-    return tma_launch(d, p, offsets, groups, MODE_WG, "gemm_grouped_wgrad (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, off_dev, total, groups, MODE_WG, "gemm_grouped_wgrad (TMA kernel)", ran);
+}
+
+}  // namespace
+
+moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    return pair_call(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, offsets, nullptr, groups, 0, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
+                                 int64_t K, int64_t N, bool *ran) {
+    return pair_call(d, transb, alpha, a, b, a2, b2, K2, beta, c, offsets, nullptr, groups, 0, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                                const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t N, bool *ran) {
+    return pair_call(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, nullptr, off_dev, groups, M, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                  const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran) {
+    return wgrad_call(d, alpha, a, b, beta, c, offsets, nullptr, groups, 0, P, Q, ran);
+}
+
+moe_status cuda_tma_grouped_wgrad_dev(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                      const int64_t *off_dev, int groups, int64_t M, int64_t P, int64_t Q, bool *ran) {
+    return wgrad_call(d, alpha, a, b, beta, c, nullptr, off_dev, groups, M, P, Q, ran);
 }

@@ -30,4 +30,15 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
 moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
                                   const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
 
+/* The same with the groups' row offsets on the device (off_dev: G + 1 int64,
+ * 8-byte aligned; M the rows of a, the last offset): nothing is read back,
+ * and the launch does not depend on the offsets' values (each block reads
+ * them; the grid is sized for the most work M rows can make). Offsets that
+ * are not nondecreasing from 0 to M give wrong rows, never accesses outside
+ * the tensors (they are clamped into [0, M] and made nondecreasing). */
+moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
+                                const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t N, bool *ran);
+moe_status cuda_tma_grouped_wgrad_dev(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
+                                      const int64_t *off_dev, int groups, int64_t M, int64_t P, int64_t Q, bool *ran);
+
 #endif
