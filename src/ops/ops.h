@@ -134,7 +134,11 @@ moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor
  * they are read back to the host (on a GPU that waits for the device) and
  * the call runs as gemm_grouped / gemm_grouped_wgrad, which checks them.
  * Read on the device they are not checked: values that do not rise from 0
- * to M (a's rows) give wrong rows, never accesses outside the tensors. */
+ * to M (a's rows) give wrong rows, never accesses outside the tensors. They
+ * must not change while the call runs, nor share memory with c (each block
+ * of a cluster reads them itself, and blocks that disagree would wait on each
+ * other for ever). Inside a graph capture the read-back is an error: the
+ * call must be one the device serves (moe_cuda_grouped_dev_calls counts them). */
 moe_status moe_op_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
                                    float beta, moe_tensor *c, const moe_tensor *offsets);
 moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,

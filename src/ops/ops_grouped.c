@@ -359,8 +359,7 @@ static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets
     return MOE_OK;
 }
 
-/* The offsets as host values: the tensor's own memory on the CPU, else a copy
- * back (which waits for the device); *host to release. */
+/* The offsets as host values, in a copy (from a device, it waits for it); *host to release. */
 static moe_status offsets_on_host(moe_ctx *ctx, const moe_tensor *offsets, moe_tensor **host) {
     *host = moe_op_to(ctx, (moe_tensor *)offsets, MOE_DEVICE_CPU, MOE_I64);
     return *host ? MOE_OK : moe_last_status();

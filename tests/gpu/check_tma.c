@@ -99,6 +99,12 @@ static void wgrad(const char *what, float beta, const int64_t *off, int G, int64
 /* The offsets on the device (moe_op_gemm_grouped_dev / _wgrad_dev): the TMA
  * kernel reads them there and builds its schedule in each block; the results
  * against the CPU with the same offsets on the host. */
+static uint64_t dev_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &n) != MOE_OK, "device-offset counter");
+    return n;
+}
+
 static moe_tensor *offsets_dev(const int64_t *off, int G) {
     moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
     die_if(!h, "offsets");
@@ -118,12 +124,13 @@ static void fwd_dev(int tb, const char *what, float beta, const int64_t *off, in
     char name[200];
     snprintf(name, sizeof name, "TMA %s, offsets on the device, %s: beta=%g G=%d M=%lld K=%lld N=%lld",
              tb ? "fwd" : "dgrad", what, beta, G, (long long)M, (long long)K, (long long)N);
-    uint64_t t0 = tma_calls();
+    uint64_t t0 = tma_calls(), d0 = dev_calls();
     if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
             moe_op_gemm_grouped_dev(ctx, tb, 0.9f, a.d, b.d, beta, c.d, od))) {
         check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0;
-        ok(n == 1, "%s: served by the TMA kernel (%llu calls)", name, (unsigned long long)n);
+        uint64_t n = tma_calls() - t0, nd = dev_calls() - d0;
+        ok(n == 1 && nd == 1, "%s: served by the TMA kernel reading the offsets on the device (%llu, %llu calls)", name,
+           (unsigned long long)n, (unsigned long long)nd);
     }
     moe_tensor_release(od);
     pfree(&a); pfree(&b); pfree(&c);
@@ -137,12 +144,13 @@ static void wgrad_dev(const char *what, float beta, const int64_t *off, int G, i
     char name[200];
     snprintf(name, sizeof name, "TMA wgrad, offsets on the device, %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta,
              G, (long long)M, (long long)P, (long long)Q);
-    uint64_t t0 = tma_calls();
+    uint64_t t0 = tma_calls(), d0 = dev_calls();
     if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
             moe_op_gemm_grouped_wgrad_dev(ctx, 0.9f, a.d, b.d, beta, c.d, od))) {
         check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0;
-        ok(n == 1, "%s: served by the TMA kernel (%llu calls)", name, (unsigned long long)n);
+        uint64_t n = tma_calls() - t0, nd = dev_calls() - d0;
+        ok(n == 1 && nd == 1, "%s: served by the TMA kernel reading the offsets on the device (%llu, %llu calls)", name,
+           (unsigned long long)n, (unsigned long long)nd);
     }
     moe_tensor_release(od);
     pfree(&a); pfree(&b); pfree(&c);
@@ -157,15 +165,36 @@ static void dev_bad_offsets(void) {
     const int64_t K = 64, N = 128, M = 300, bad[5] = {0, 200, 100, 900, -5};
     pair a = in_randn(BF, SH(M, K)), b = in_randn(BF, SH(G, N, K)), c = in_randn(BF, SH(M, N));
     moe_tensor *od = offsets_dev(bad, G);
+    const uint64_t d0 = dev_calls();
     moe_status s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a.d, b.d, 0.0f, c.d, od);
     moe_tensor *back = s == MOE_OK ? moe_op_to(ctx, c.d, MOE_DEVICE_CPU, MOE_F32) : NULL;   /* waits: a fault shows */
-    ok(s == MOE_OK && back, "TMA, offsets on the device out of order: no check, no fault (%s)",
+    ok(s == MOE_OK && back && dev_calls() - d0 == 1, "TMA, offsets on the device out of order: no check, no fault (%s)",
        back ? "ok" : moe_last_error());
     moe_tensor_release(back);
     moe_tensor_release(od);
+    /* the first offset past 0, the last short of M (rows no group covers), and the weight gradient's */
+    const int64_t shifted[5] = {50, 60, 70, 80, 90};
+    od = offsets_dev(shifted, G);
+    s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a.d, b.d, 0.5f, c.d, od);
+    back = s == MOE_OK ? moe_op_to(ctx, c.d, MOE_DEVICE_CPU, MOE_F32) : NULL;
+    ok(s == MOE_OK && back, "TMA, offsets on the device from 50 to 90 of 300 rows: no fault (%s)",
+       back ? "ok" : moe_last_error());
+    moe_tensor_release(back);
+    moe_tensor_release(od);
+    pair wa = in_randn(BF, SH(M, 128)), wb = in_randn(BF, SH(M, 256)), wc = in_randn(BF, SH(G, 128, 256));
+    od = offsets_dev(bad, G);
+    const uint64_t d1 = dev_calls();
+    s = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, wa.d, wb.d, 0.0f, wc.d, od);
+    back = s == MOE_OK ? moe_op_to(ctx, wc.d, MOE_DEVICE_CPU, MOE_F32) : NULL;
+    ok(s == MOE_OK && back && dev_calls() - d1 == 1, "TMA wgrad, offsets on the device out of order: no fault (%s)",
+       back ? "ok" : moe_last_error());
+    moe_tensor_release(back);
+    moe_tensor_release(od);
+    pfree(&wa); pfree(&wb); pfree(&wc);
     pfree(&a); pfree(&b); pfree(&c);
     int64_t off[5] = {0, 100, 100, 250, 300};
     fwd_dev(1, "after bad offsets", 0.0f, off, G, 64, 128);
+    wgrad_dev("after bad offsets", 0.0f, off, G, 128, 256);
 }
 
 /* The weight gradient's last k-tile of group 0 (r0 rows: 100 ends 36 into

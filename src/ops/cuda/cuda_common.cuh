@@ -80,6 +80,7 @@ struct cuda_dev {
     int tma_cluster;              // CTAs a cluster, 1 or 2 (MOELAB_TMA_CLUSTER; default 2: B multicast)
     int tma_clusters[3];          // [cluster size]: clusters that fit at once (0: not yet asked)
     uint64_t n_grouped_tma;
+    uint64_t n_grouped_dev;       // of those, calls that read their offsets on the device (gemm_grouped_dev)
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
     // event of the last transfer that read it; allocated on first use (stage_failed:
     // could not be, not tried again). stage_mu guards these and the reads' slots below.

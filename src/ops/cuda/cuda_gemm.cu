@@ -744,7 +744,7 @@ moe_status cuda_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const mo
     bool ran = false;
     MOE_TRY(cuda_tma_grouped_dev(d, transb, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
                                  (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], K, N, &ran));
-    if (ran) { count_tma(d); *served = 1; }
+    if (ran) { count_tma(d); d->n_grouped_dev++; *served = 1; }
     return MOE_OK;
 }
 
@@ -759,6 +759,6 @@ moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tens
     bool ran = false;
     MOE_TRY(cuda_tma_grouped_wgrad_dev(d, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
                                        (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], P, Q, &ran));
-    if (ran) { count_tma(d); *served = 1; }
+    if (ran) { count_tma(d); d->n_grouped_dev++; *served = 1; }
     return MOE_OK;
 }

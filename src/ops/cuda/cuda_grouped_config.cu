@@ -109,6 +109,13 @@ extern "C" moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int cta
     return MOE_OK;
 }
 
+extern "C" moe_status moe_cuda_grouped_dev_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_dev_calls: expected a context and an output");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *calls = d->n_grouped_dev;
+    return MOE_OK;
+}
+
 extern "C" moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls) {
     if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_grouped_tma_calls: expected a context and an output");
     CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));

@@ -582,7 +582,7 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const 
     if (off_dev) {
         p.off_dev = off_dev;
         p.M = (int)M;
-        // a group's pairs are at most its tiles + 1, its tiles at most rows / BM + 1
+        // a group's pairs are at most its tiles, its tiles at most rows / BM + 1
         bands = mode == MODE_WG ? (int64_t)groups * p.m_pairs : (M + BM - 1) / BM + 2 * (int64_t)groups;
     } else if (mode != MODE_WG) {
         for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
