@@ -7,13 +7,17 @@
 --   build/cuda/moelab bench/gpu_grouped.lua                      (auto)
 --   MOELAB_GROUPED_GEMM=kernel build/cuda/moelab bench/gpu_grouped.lua
 --   MOELAB_GROUPED_TMA=1 build/cuda/moelab bench/gpu_grouped.lua
+--   build/cuda/moelab bench/gpu_grouped.lua 20 5 "olmoe down" dev   (offsets on the device)
 -- Routing is balanced with +-25% noise per expert (seeded), so every expert
 -- has rows. Prints one line per shape: ms per call and TFLOP/s.
 local moe = require "moelab"
 local core = require "moelab.core"
 if not moe.cuda_available() then error("bench/gpu_grouped.lua needs a CUDA GPU") end
 local iters, repeats = tonumber(arg[1]) or 20, tonumber(arg[2]) or 5
-local only = arg[3]   -- a shape's name: time only that one
+local only = arg[3] ~= "" and arg[3] or nil   -- a shape's name: time only that one ("" or none: all)
+-- "dev": the forward and weight-gradient shapes with their offsets in a device
+-- tensor (ops.gemm_grouped_dev: the TMA kernel reads them itself, no copy back)
+local dev_offsets = arg[4] == "dev"
 -- {name, rows, experts, K, N, transb}: transb = b [G, N, K] (the forward), else
 -- b [G, K, N] (the data gradients dh = dy W_down, dx = dg W_gate)
 local shapes = {
@@ -50,8 +54,9 @@ local function offsets(rows, G, seed)
   off[G + 1] = rows
   return off
 end
-print(string.format("# grouped GEMM forward, bf16; strategy %s, TMA %s", os.getenv("MOELAB_GROUPED_GEMM") or "auto",
-                    os.getenv("MOELAB_GROUPED_TMA") or "auto"))
+print(string.format("# grouped GEMM forward, bf16; strategy %s, TMA %s, offsets on the %s",
+                    os.getenv("MOELAB_GROUPED_GEMM") or "auto", os.getenv("MOELAB_GROUPED_TMA") or "auto",
+                    dev_offsets and "device" or "host"))
 print(string.format("%-14s %8s %4s %6s %6s %9s %9s", "shape", "rows", "G", "K", "N", "ms", "TFLOP/s"))
 for _, sh in ipairs(shapes) do
   if only and sh[1] ~= only then goto continue end
@@ -60,12 +65,13 @@ for _, sh in ipairs(shapes) do
   local b = tb == false and moe.randn({G, K, N}, {seed = 2, device = "cuda"}):to("bf16") or nil
   if tb == true then b = moe.randn({G, N, K}, {seed = 2, device = "cuda"}):to("bf16") end
   local off = offsets(M, G, 7)
+  local offs = dev_offsets and moe.tensor(off, {dtype = "i64", device = "cuda"}) or off
   local c, run, flops
   if tb == "wgrad" then
     b = moe.randn({M, N}, {seed = 2, device = "cuda"}):to("bf16")
     c = core.ops.gemm_grouped_wgrad(a, b, off)
     local opts = {out = c}
-    run = function() return core.ops.gemm_grouped_wgrad(a, b, off, G, opts) end
+    run = function() return core.ops.gemm_grouped_wgrad(a, b, offs, G, opts) end
     flops = 2 * M * K * N
   elseif tb == "swiglu" or tb == "parts" then
     -- b is the gate weights [G, N, K]; bu the up weights
@@ -87,7 +93,7 @@ for _, sh in ipairs(shapes) do
   else
     c = core.ops.gemm_grouped(a, b, off, {transb = tb})
     local opts = {transb = tb, out = c}   -- written in place: the timing is the GEMM's alone
-    run = function() return core.ops.gemm_grouped(a, b, off, opts) end
+    run = function() return core.ops.gemm_grouped(a, b, offs, opts) end
     flops = 2 * M * K * N
   end
   run(); moe.synchronize("cuda")

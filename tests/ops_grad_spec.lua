@@ -145,6 +145,10 @@ describe("grouped gemm and its weight gradient", function()
       local da = ops.gemm_grouped(R, b, offsets, {transb = not tb})
       local db = tb and ops.gemm_grouped_wgrad(R, a, offsets, 3) or ops.gemm_grouped_wgrad(a, R, offsets, 3)
       assert.same(b:shape(), db:shape())
+      -- the offsets as an i64 tensor (moe_op_gemm_grouped_dev): the same results
+      local ot = moe.tensor(offsets, {dtype = "i64"})
+      assert.is_true(ops.gemm_grouped(a, b, ot, {transb = tb}):equal(c))
+      assert.is_true((tb and ops.gemm_grouped_wgrad(R, a, ot) or ops.gemm_grouped_wgrad(a, R, ot)):equal(db))
       -- the defaults: no options, groups taken from the offsets
       if not tb then
         assert.is_true(ops.gemm_grouped(a, b, offsets):equal(c))

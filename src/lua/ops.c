@@ -95,12 +95,16 @@ static moe_tensor *out_or_zeros(lua_State *L, int opts, const char *fn, const mo
     return c;
 }
 
+/* gemm_grouped(a, b, offsets[, opts]): offsets a table of G + 1 integers, or an
+ * i64 tensor of them on a's device (moe_op_gemm_grouped_dev: read there where
+ * the backend can) */
 static int o_gemm_grouped(lua_State *L) {
     const char *fn = "ops.gemm_grouped";
     lua_settop(L, 4);   /* offsets_arg pushes a buffer: keep it past the arguments */
     moe_tensor *a = T(1, fn, "a"), *b = T(2, fn, "b");
-    int64_t *off;
-    int groups = offsets_arg(L, 3, fn, &off);
+    int64_t *off = NULL;
+    moe_tensor *ot = moe_lua_is_tensor(L, 3) ? T(3, fn, "offsets") : NULL;
+    int groups = ot ? (int)(ot->ndim == 1 && ot->shape[0] > 1 ? ot->shape[0] - 1 : 0) : offsets_arg(L, 3, fn, &off);
     check_opts(L, 4, fn);
     int tb = moe_lua_opt_field_bool(L, 4, "transb", 0, fn);
     float alpha = (float)moe_lua_opt_field_num(L, 4, "alpha", 1.0, fn);
@@ -108,7 +112,8 @@ static int o_gemm_grouped(lua_State *L) {
     need_dims(L, b, 3, 3, fn, "b");
     int64_t shape[2] = {a->shape[0], tb ? b->shape[1] : b->shape[2]};
     moe_tensor *c = out_or_zeros(L, 4, fn, a, b, 2, shape);
-    moe_lua_check(L, moe_op_gemm_grouped(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, off, groups), fn);
+    moe_lua_check(L, ot ? moe_op_gemm_grouped_dev(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, ot)
+                        : moe_op_gemm_grouped(moe_lua_ctx(L), tb, alpha, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }
 
@@ -129,12 +134,14 @@ static int o_gemm_grouped_swiglu(lua_State *L) {
     return 3;
 }
 
+/* gemm_grouped_wgrad(a, b, offsets[, groups][, opts]): offsets as gemm_grouped's */
 static int o_gemm_grouped_wgrad(lua_State *L) {
     const char *fn = "ops.gemm_grouped_wgrad";
     lua_settop(L, 5);   /* offsets_arg pushes a buffer: keep it past the arguments */
     moe_tensor *a = T(1, fn, "a"), *b = T(2, fn, "b");
-    int64_t *off;
-    int groups = offsets_arg(L, 3, fn, &off);
+    int64_t *off = NULL;
+    moe_tensor *ot = moe_lua_is_tensor(L, 3) ? T(3, fn, "offsets") : NULL;
+    int groups = ot ? (int)(ot->ndim == 1 && ot->shape[0] > 1 ? ot->shape[0] - 1 : 0) : offsets_arg(L, 3, fn, &off);
     if (!lua_isnoneornil(L, 4)) {
         lua_Integer g = moe_lua_check_int(L, 4, fn, "groups");
         if (g != groups) return moe_lua_errorf(L, "%s: groups is %lld but offsets describe %d groups", fn, (long long)g, groups);
@@ -144,7 +151,8 @@ static int o_gemm_grouped_wgrad(lua_State *L) {
     int64_t shape[3] = {groups, a->shape[1], b->shape[1]};
     check_opts(L, 5, fn);
     moe_tensor *c = out_or_zeros(L, 5, fn, a, b, 3, shape);
-    moe_lua_check(L, moe_op_gemm_grouped_wgrad(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, off, groups), fn);
+    moe_lua_check(L, ot ? moe_op_gemm_grouped_wgrad_dev(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, ot)
+                        : moe_op_gemm_grouped_wgrad(moe_lua_ctx(L), 1.0f, a, b, 0.0f, c, off, groups), fn);
     return 1;
 }
 
