@@ -43,6 +43,20 @@ static moe_status check_grouped_pair(const char *op, const char *an, const moe_t
     return ops_shape_is(op, "c", c, 2, cs, "[M, N]");
 }
 
+/* the shapes of a weight gradient: a [M, P], b [M, Q], c [G, P, Q] */
+static moe_status check_wgrad(const char *op, const moe_tensor *a, const moe_tensor *b, const moe_tensor *c,
+                              const int64_t *offsets, int groups) {
+    char s1[128];
+    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, P]", op, OPS_SHAPE(a, s1));
+    if (b->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: b has shape %s, expected [M, Q]", op, OPS_SHAPE(b, s1));
+    if (b->shape[0] != a->shape[0])
+        return moe_error(MOE_ERR_SHAPE, "%s: b has %lld rows, expected %lld (the rows of a)", op,
+                         (long long)b->shape[0], (long long)a->shape[0]);
+    if (offsets != offsets_on_device) MOE_TRY(check_offsets(op, offsets, groups, a->shape[0]));
+    int64_t cs[3] = {groups, a->shape[1], b->shape[1]};
+    return ops_shape_is(op, "c", c, 3, cs, "[groups, P, Q]");
+}
+
 moe_status moe_op_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
                                float beta, moe_tensor *c, const int64_t *offsets, int groups) {
     static const char *op = "gemm_grouped";
@@ -215,15 +229,7 @@ moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor
     ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
     MOE_TRY(ops_check(op, f, 3, NULL, 0));
     MOE_TRY(ops_out(op, "c", c));
-    char s1[128];
-    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, P]", op, OPS_SHAPE(a, s1));
-    if (b->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: b has shape %s, expected [M, Q]", op, OPS_SHAPE(b, s1));
-    if (b->shape[0] != a->shape[0])
-        return moe_error(MOE_ERR_SHAPE, "%s: b has %lld rows, expected %lld (the rows of a)", op,
-                         (long long)b->shape[0], (long long)a->shape[0]);
-    MOE_TRY(check_offsets(op, offsets, groups, a->shape[0]));
-    int64_t cs[3] = {groups, a->shape[1], b->shape[1]};
-    MOE_TRY(ops_shape_is(op, "c", c, 3, cs, "[groups, P, Q]"));
+    MOE_TRY(check_wgrad(op, a, b, c, offsets, groups));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, c->device, gemm_grouped_wgrad, be);
     moe_tensor *ac, *bc = NULL;
@@ -401,14 +407,7 @@ moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_te
     MOE_TRY(ops_out(op, "c", c));
     int groups = 0;
     MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
-    char s1[128];
-    if (a->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: a has shape %s, expected [M, P]", op, OPS_SHAPE(a, s1));
-    if (b->ndim != 2) return moe_error(MOE_ERR_SHAPE, "%s: b has shape %s, expected [M, Q]", op, OPS_SHAPE(b, s1));
-    if (b->shape[0] != a->shape[0])
-        return moe_error(MOE_ERR_SHAPE, "%s: b has %lld rows, expected %lld (the rows of a)", op,
-                         (long long)b->shape[0], (long long)a->shape[0]);
-    int64_t cs[3] = {groups, a->shape[1], b->shape[1]};
-    MOE_TRY(ops_shape_is(op, "c", c, 3, cs, "[groups, P, Q]"));
+    MOE_TRY(check_wgrad(op, a, b, c, offsets_on_device, groups));
     const moe_backend *be;
     MOE_TRY(ops_backend(ctx, op, c->device, &be));
     if (be->gemm_grouped_wgrad_dev) {

@@ -33,24 +33,62 @@ static uint64_t tma_calls(void) {
     return n;
 }
 
-static void fwd_tb(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N,
-                   int want_tma) {
+/* The offsets on the device (moe_op_gemm_grouped_dev / _wgrad_dev): the TMA
+ * kernel reads them there and builds its schedule in each block; the results
+ * against the CPU with the same offsets on the host. */
+static uint64_t dev_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &n) != MOE_OK, "device-offset counter");
+    return n;
+}
+
+/* which path served a call: n TMA launches, nd of them reading the offsets on the device */
+static void served(const char *name, uint64_t n, uint64_t nd, int want_tma, int dev) {
+    if (dev)
+        ok(n == 1 && nd == 1, "%s: served by the TMA kernel reading the offsets on the device (%llu, %llu calls)", name,
+           (unsigned long long)n, (unsigned long long)nd);
+    else
+        ok(n == (uint64_t)want_tma, "%s: %s the TMA kernel (%llu calls)", name, want_tma ? "served by" : "not taken by",
+           (unsigned long long)n);
+}
+
+static moe_tensor *offsets_dev(const int64_t *off, int G) {
+    moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
+    die_if(!h, "offsets");
+    memcpy(moe_tensor_data(h), off, (size_t)(G + 1) * sizeof *off);
+    moe_tensor *d = moe_op_to(ctx, h, GPU, MOE_I64);
+    die_if(!d, "offsets upload");
+    moe_tensor_release(h);
+    return d;
+}
+
+/* dev: the offsets in a device tensor (gemm_grouped_dev), which the kernel must read there */
+static void fwd_run(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N,
+                    int want_tma, int dev) {
     int64_t M = off[G];
     pair a = in_randn(BF, SH(M, K)), c = in_randn(BF, SH(M, N));
     pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    moe_tensor *od = dev ? offsets_dev(off, G) : NULL;
     char name[200];
-    snprintf(name, sizeof name, "TMA %s %s: beta=%g G=%d M=%lld K=%lld N=%lld", tb ? "fwd" : "dgrad", what, beta, G,
-             (long long)M, (long long)K, (long long)N);
-    uint64_t t0 = tma_calls();
+    snprintf(name, sizeof name, "TMA %s%s %s: beta=%g G=%d M=%lld K=%lld N=%lld", tb ? "fwd" : "dgrad",
+             dev ? ", offsets on the device," : "", what, beta, G, (long long)M, (long long)K, (long long)N);
+    uint64_t t0 = tma_calls(), d0 = dev_calls();
     if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
-            moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G))) {
+            dev ? moe_op_gemm_grouped_dev(ctx, tb, 0.9f, a.d, b.d, beta, c.d, od)
+                : moe_op_gemm_grouped(ctx, tb, 0.9f, a.d, b.d, beta, c.d, off, G))) {
         check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0;
-        ok(n == (uint64_t)want_tma, "%s: %s the TMA kernel (%llu calls)", name, want_tma ? "served by" : "not taken by",
-           (unsigned long long)n);
+        served(name, tma_calls() - t0, dev_calls() - d0, want_tma, dev);
     }
+    moe_tensor_release(od);
     pfree(&a); pfree(&b); pfree(&c);
+}
+static void fwd_tb(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N,
+                   int want_tma) {
+    fwd_run(tb, what, beta, off, G, K, N, want_tma, 0);
+}
+static void fwd_dev(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N) {
+    fwd_run(tb, what, beta, off, G, K, N, 1, 1);
 }
 
 /* both layouts of b: [G, N, K] (the forward) and [G, K, N] (the data gradient) */
@@ -78,82 +116,30 @@ static void pair_tb(int tb, const char *what, float beta, const int64_t *off, in
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
 }
 
+static void wgrad_run(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q, int want_tma,
+                      int dev) {
+    int64_t M = off[G];
+    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
+    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
+    moe_tensor *od = dev ? offsets_dev(off, G) : NULL;
+    char name[200];
+    snprintf(name, sizeof name, "TMA wgrad%s %s: beta=%g G=%d M=%lld P=%lld Q=%lld", dev ? ", offsets on the device," : "",
+             what, beta, G, (long long)M, (long long)P, (long long)Q);
+    uint64_t t0 = tma_calls(), d0 = dev_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
+            dev ? moe_op_gemm_grouped_wgrad_dev(ctx, 0.9f, a.d, b.d, beta, c.d, od)
+                : moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.d, b.d, beta, c.d, off, G))) {
+        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
+        served(name, tma_calls() - t0, dev_calls() - d0, want_tma, dev);
+    }
+    moe_tensor_release(od);
+    pfree(&a); pfree(&b); pfree(&c);
+}
 static void wgrad(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q, int want_tma) {
-    int64_t M = off[G];
-    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
-    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    char name[200];
-    snprintf(name, sizeof name, "TMA wgrad %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta, G, (long long)M,
-             (long long)P, (long long)Q);
-    uint64_t t0 = tma_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
-            moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.d, b.d, beta, c.d, off, G))) {
-        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0;
-        ok(n == (uint64_t)want_tma, "%s: %s the TMA kernel (%llu calls)", name, want_tma ? "served by" : "not taken by",
-           (unsigned long long)n);
-    }
-    pfree(&a); pfree(&b); pfree(&c);
+    wgrad_run(what, beta, off, G, P, Q, want_tma, 0);
 }
-
-/* The offsets on the device (moe_op_gemm_grouped_dev / _wgrad_dev): the TMA
- * kernel reads them there and builds its schedule in each block; the results
- * against the CPU with the same offsets on the host. */
-static uint64_t dev_calls(void) {
-    uint64_t n = 0;
-    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &n) != MOE_OK, "device-offset counter");
-    return n;
-}
-
-static moe_tensor *offsets_dev(const int64_t *off, int G) {
-    moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
-    die_if(!h, "offsets");
-    memcpy(moe_tensor_data(h), off, (size_t)(G + 1) * sizeof *off);
-    moe_tensor *d = moe_op_to(ctx, h, GPU, MOE_I64);
-    die_if(!d, "offsets upload");
-    moe_tensor_release(h);
-    return d;
-}
-
-static void fwd_dev(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N) {
-    int64_t M = off[G];
-    pair a = in_randn(BF, SH(M, K)), c = in_randn(BF, SH(M, N));
-    pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
-    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    moe_tensor *od = offsets_dev(off, G);
-    char name[200];
-    snprintf(name, sizeof name, "TMA %s, offsets on the device, %s: beta=%g G=%d M=%lld K=%lld N=%lld",
-             tb ? "fwd" : "dgrad", what, beta, G, (long long)M, (long long)K, (long long)N);
-    uint64_t t0 = tma_calls(), d0 = dev_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped(ctx, tb, 0.9f, a.h, b.h, beta, c.h, off, G),
-            moe_op_gemm_grouped_dev(ctx, tb, 0.9f, a.d, b.d, beta, c.d, od))) {
-        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0, nd = dev_calls() - d0;
-        ok(n == 1 && nd == 1, "%s: served by the TMA kernel reading the offsets on the device (%llu, %llu calls)", name,
-           (unsigned long long)n, (unsigned long long)nd);
-    }
-    moe_tensor_release(od);
-    pfree(&a); pfree(&b); pfree(&c);
-}
-
 static void wgrad_dev(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q) {
-    int64_t M = off[G];
-    pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
-    if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    moe_tensor *od = offsets_dev(off, G);
-    char name[200];
-    snprintf(name, sizeof name, "TMA wgrad, offsets on the device, %s: beta=%g G=%d M=%lld P=%lld Q=%lld", what, beta,
-             G, (long long)M, (long long)P, (long long)Q);
-    uint64_t t0 = tma_calls(), d0 = dev_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_wgrad(ctx, 0.9f, a.h, b.h, beta, c.h, off, G),
-            moe_op_gemm_grouped_wgrad_dev(ctx, 0.9f, a.d, b.d, beta, c.d, od))) {
-        check2(name, BF, c.d, c.h, tol_of(BF, 0), 1e-2);
-        uint64_t n = tma_calls() - t0, nd = dev_calls() - d0;
-        ok(n == 1 && nd == 1, "%s: served by the TMA kernel reading the offsets on the device (%llu, %llu calls)", name,
-           (unsigned long long)n, (unsigned long long)nd);
-    }
-    moe_tensor_release(od);
-    pfree(&a); pfree(&b); pfree(&c);
+    wgrad_run(what, beta, off, G, P, Q, 1, 1);
 }
 
 /* Offsets on the device that break the contract (decreasing, past M, below 0)
@@ -261,6 +247,15 @@ static void inf_neighbour(int tb) {
     pfree(&a); pfree(&b); pfree(&c);
 }
 
+/* 10 groups of 1-3 M tiles: odd counts whose last pair is cut in halves of 64 rows
+ * (100, 257, 320, 321, 384, 65 rows) or whole, and a warpgroup with no rows of its
+ * own (129, 320, 64, 192) */
+static void cut_offsets(int64_t *off) {
+    static const int rows[] = {100, 129, 257, 320, 321, 384, 0, 64, 65, 192};
+    off[0] = 0;
+    for (int g = 0; g < 10; g++) off[g + 1] = off[g] + rows[g];
+}
+
 /* every check with the TMA kernel forced on, clusters of `ctas` CTAs */
 static void checks(int ctas) {
     die_if(moe_cuda_set_tma_cluster(ctx, 0, ctas) != MOE_OK, "cluster size");
@@ -274,18 +269,11 @@ static void checks(int ctas) {
     fwd("partial tiles", 0.0f, off, 8, 72, 200, 1);
     make_offsets(off, 8, 300, 3);
     fwd("partial tiles", 0.5f, off, 8, 72, 200, 1);
-    /* groups of 1-3 M tiles whose last pair is cut in halves of 64 rows (odd tile counts:
-     * 100, 257, 320, 321, 384, 65 rows) or whole, and a warpgroup with no rows of its own
-     * (129, 320, 64, 192) */
-    {
-        static const int rows[] = {100, 129, 257, 320, 321, 384, 0, 64, 65, 192};
-        off[0] = 0;
-        for (int g = 0; g < 10; g++) off[g + 1] = off[g] + rows[g];
-        fwd("cut last tiles", 0.0f, off, 10, 136, 264, 1);
-        fwd("cut last tiles", 0.5f, off, 10, 136, 264, 1);
-        pair_tb(1, "cut last tiles", 0.0f, off, 10, 72, 64, 256);
-        pair_tb(0, "cut last tiles", 0.5f, off, 10, 72, 64, 256);
-    }
+    cut_offsets(off);
+    fwd("cut last tiles", 0.0f, off, 10, 136, 264, 1);
+    fwd("cut last tiles", 0.5f, off, 10, 136, 264, 1);
+    pair_tb(1, "cut last tiles", 0.0f, off, 10, 72, 64, 256);
+    pair_tb(0, "cut last tiles", 0.5f, off, 10, 72, 64, 256);
     /* N just past one tile, K past several, rows past the tensor's end in the last box */
     make_offsets(off, 6, 500, 0);
     fwd("N 264, K 1000", 0.0f, off, 6, 1000, 264, 1);
@@ -322,17 +310,13 @@ static void checks(int ctas) {
     inf_neighbour(1);
     inf_neighbour(0);
     /* offsets on the device: partial tiles, cut last tiles, empty groups, 256 experts, the step's shapes */
-    {
-        static const int rows[] = {100, 129, 257, 320, 321, 384, 0, 64, 65, 192};
-        int64_t o[11] = {0};
-        for (int g = 0; g < 10; g++) o[g + 1] = o[g] + rows[g];
-        for (int tb = 1; tb >= 0; tb--) {
-            fwd_dev(tb, "cut last tiles", 0.0f, o, 10, 136, 264);
-            fwd_dev(tb, "cut last tiles", 0.5f, o, 10, 136, 264);
-        }
-        wgrad_dev("cut last tiles", 0.0f, o, 10, 200, 136);
-        wgrad_dev("cut last tiles", 0.5f, o, 10, 72, 520);
+    cut_offsets(off);
+    for (int tb = 1; tb >= 0; tb--) {
+        fwd_dev(tb, "cut last tiles", 0.0f, off, 10, 136, 264);
+        fwd_dev(tb, "cut last tiles", 0.5f, off, 10, 136, 264);
     }
+    wgrad_dev("cut last tiles", 0.0f, off, 10, 200, 136);
+    wgrad_dev("cut last tiles", 0.5f, off, 10, 72, 520);
     make_offsets(off, 256, 40, 5);
     fwd_dev(1, "256 experts", 0.0f, off, 256, 64, 48);
     make_offsets(off, 256, 40, 5);

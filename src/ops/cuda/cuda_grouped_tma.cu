@@ -578,26 +578,30 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const 
     p.groups = groups;
     p.n_tiles = (p.N + BN - 1) / BN;
     int64_t bands = 0;   // pairs of M tiles (with off_dev: at most)
-    if (mode == MODE_WG) p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
+    if (mode == MODE_WG) {
+        // every group has the same tiles, whatever its rows
+        p.m_pairs = ((p.P + BM - 1) / BM + CLN - 1) / CLN;
+        bands = (int64_t)groups * p.m_pairs;
+    }
     if (off_dev) {
         p.off_dev = off_dev;
         p.M = (int)M;
         // a group's pairs are at most its tiles, its tiles at most rows / BM + 1
-        bands = mode == MODE_WG ? (int64_t)groups * p.m_pairs : (M + BM - 1) / BM + 2 * (int64_t)groups;
-    } else if (mode != MODE_WG) {
-        for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
-        for (int g = 0; g <= groups; g++) {
-            p.pair0[g] = (int)bands;
-            if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
-        }
+        if (mode != MODE_WG) bands = (M + BM - 1) / BM + 2 * (int64_t)groups;
     } else {
-        // every group has the same tiles, whatever its rows; the groups with the most rows run first
         for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
-        bands = (int64_t)groups * p.m_pairs;
-        for (int g = 0; g < groups; g++) p.order[g] = (short)g;
-        std::stable_sort(p.order, p.order + groups, [&](short x, short y) {
-            return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
-        });
+        if (mode != MODE_WG) {
+            for (int g = 0; g <= groups; g++) {
+                p.pair0[g] = (int)bands;
+                if (g < groups) bands += ((offsets[g + 1] - offsets[g] + BM - 1) / BM + CLN - 1) / CLN;
+            }
+        } else {
+            // the groups with the most rows run first
+            for (int g = 0; g < groups; g++) p.order[g] = (short)g;
+            std::stable_sort(p.order, p.order + groups, [&](short x, short y) {
+                return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
+            });
+        }
     }
     const int64_t items = bands * p.n_tiles;
     if (items > INT32_MAX / 2) return MOE_OK;
