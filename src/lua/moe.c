@@ -194,6 +194,8 @@ static void push_stats(lua_State *L, const moe_route_stats *s, int64_t e) {
 
 static int m_routing_stats(lua_State *L) {
     moe_layer *l = check_moe(L, "layer:routing_stats");
+    /* a routing that did not wait has its statistics on the device: read them now */
+    moe_lua_check(L, moe_block_fetch_stats(moe_lua_ctx(L), l), "layer:routing_stats");
     const moe_route_stats *s = moe_block_last_stats(l);
     if (!s) { lua_pushnil(L); return 1; }
     push_stats(L, s, moe_block_config(l)->router.num_experts);

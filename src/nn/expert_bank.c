@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     moe_ffn_kind kind;
@@ -50,36 +51,46 @@ typedef struct {
     moe_tensor *rows;   /* set: xp is the token rows and these index the experts' rows in them */
 } wgrad_args;
 
-/* d(W) (+)= da^T xp, or over xp's gathered rows */
-static moe_status wgrad_x(moe_ctx *ctx, const wgrad_args *w, moe_tensor *da, float beta, moe_tensor *grad,
-                          const int64_t *off, int groups) {
-    return w->rows ? moe_op_gemm_grouped_wgrad_rows(ctx, 1.0f, da, w->xp, w->rows, beta, grad, off, groups)
-                   : moe_op_gemm_grouped_wgrad(ctx, 1.0f, da, w->xp, beta, grad, off, groups);
+/* d(W) (+)= da^T xp, or over xp's gathered rows (the offsets a tensor: on
+ * the CPU, or on the device where the routing left them) */
+static moe_status wgrad_x(moe_ctx *ctx, const wgrad_args *w, moe_tensor *da, float beta, moe_tensor *grad) {
+    return w->rows ? moe_op_gemm_grouped_wgrad_rows_dev(ctx, 1.0f, da, w->xp, w->rows, beta, grad, w->offs)
+                   : moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, da, w->xp, beta, grad, w->offs);
 }
 
 static moe_status bank_wgrad(moe_ctx *ctx, void *arg) {
     wgrad_args *w = arg;
     int sw = swiglu_bank(w->l);
-    const int64_t *off = moe_tensor_data(w->offs);
-    int groups = (int)(w->offs->shape[0] - 1);
     moe_param *pg = sw ? bank_param(w->l, P_GATE) : NULL, *pu = bank_param(w->l, P_UP), *pd = bank_param(w->l, P_DOWN);
     moe_status s = MOE_OK;
     /* beta 0 for a gradient zero_grad only marked: the first backward after it
      * overwrites (no memset of the bank's gradients, no read of the old values);
      * the mark goes once the write succeeded */
     if (!w->last) {
-        s = moe_op_gemm_grouped_wgrad(ctx, 1.0f, w->dy, w->h, moe_param_grad_beta(pd), pd->grad, off, groups);
+        s = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, w->dy, w->h, moe_param_grad_beta(pd), pd->grad, w->offs);
         if (s == MOE_OK) moe_param_grad_written(pd);
     }
     if (s == MOE_OK && (sw ? !w->last : w->last)) {
-        s = wgrad_x(ctx, w, w->du, moe_param_grad_beta(pu), pu->grad, off, groups);
+        s = wgrad_x(ctx, w, w->du, moe_param_grad_beta(pu), pu->grad);
         if (s == MOE_OK) moe_param_grad_written(pu);
     }
     if (s == MOE_OK && sw && w->last) {
-        s = wgrad_x(ctx, w, w->dg, moe_param_grad_beta(pg), pg->grad, off, groups);
+        s = wgrad_x(ctx, w, w->dg, moe_param_grad_beta(pg), pg->grad);
         if (s == MOE_OK) moe_param_grad_written(pg);
     }
     return s == MOE_OK ? s : moe_error_context(s, "experts.backward");
+}
+
+/* *offs as host values: itself on the CPU, else a copy read back from the
+ * device (waits for it), which replaces it; for the calls that take host
+ * offsets (adapters, the unfused parts) */
+static moe_status offsets_to_host(moe_ctx *ctx, moe_tensor **offs) {
+    if ((*offs)->device.type == MOE_CPU) return MOE_OK;
+    moe_tensor *h = moe_op_to(ctx, *offs, MOE_DEVICE_CPU, MOE_I64);
+    if (!h) return moe_last_status();
+    moe_tensor_release(*offs);
+    *offs = h;
+    return MOE_OK;
 }
 
 static void wgrad_free(void *arg) {
@@ -98,7 +109,7 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
      * (saved[0] is token_idx, saved[5] the slot map), and their gradient
      * summed back into the token rows below */
     const int tokens = (int)e->i[2];
-    moe_tensor *xp = tokens ? NULL : e->saved[0], *offs = e->saved[1], *g = e->saved[2], *u = e->saved[3];
+    moe_tensor *xp = tokens ? NULL : e->saved[0], *g = e->saved[2], *u = e->saved[3];
     const moe_lora *lo = moe_expert_bank_lora(l);
     /* before anything is gathered or allocated: the adapters must be the forward's */
     if ((lo ? lo->id : 0) != e->i[0])
@@ -121,12 +132,20 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
      * from the backward's epilogue (e->i[1]) */
     moe_tensor *h = e->i[1] ? moe_tensor_like(ctx, u) : e->saved[4];
     if (!e->i[1]) moe_tensor_retain(h);
-    const int64_t *off = moe_tensor_data(offs);
-    int groups = (int)(offs->shape[0] - 1);
+    int groups = (int)(e->saved[1]->shape[0] - 1);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
     /* combine folded in (e->i[3]): gout is the tokens' gradient; each expert
      * row takes its token's, unweighted (the weights enter in the epilogue) */
     const int combined = (int)e->i[3];
+    /* offsets on the device serve the folded path's calls; the others take them on the host */
+    moe_tensor *offs = e->saved[1];
+    moe_tensor_retain(offs);
+    moe_status so = combined && sw && !lo ? MOE_OK : offsets_to_host(ctx, &offs);
+    if (so != MOE_OK) {
+        moe_tensor_release(offs); moe_tensor_release(h); moe_tensor_release(xp);
+        return so;
+    }
+    const int64_t *off = offs->device.type == MOE_CPU ? moe_tensor_data(offs) : NULL;
     moe_tensor *dy = moe_op_contiguous(ctx, gout[0]);
     if (dy && combined) {
         int64_t ds[2] = {u->shape[0], dy->shape[1]};
@@ -147,8 +166,8 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) && (!combined || dw) ? MOE_OK : moe_last_status();
     /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
     if (s == MOE_OK && combined) {   /* h becomes w * h: the down weights' gradient is then dy^T h */
-        s = moe_op_gemm_grouped_swiglu_backward_w(ctx, 1.0f, dy, moe_param_w(pd), g, u, e->in[1], dg, du, h, dw, off,
-                                                  groups);
+        s = moe_op_gemm_grouped_swiglu_backward_w_dev(ctx, 1.0f, dy, moe_param_w(pd), g, u, e->in[1], dg, du, h, dw,
+                                                      offs);
     } else if (s == MOE_OK && fused) {
         s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, e->i[1] ? h : NULL, off,
                                                 groups);
@@ -160,8 +179,8 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     }
     /* up (and gate): a = x @ W^T -> dx += da @ W */
     if (s == MOE_OK)   /* SwiGLU: one call; on CUDA's own kernel one pass over K1 + K2 (dx rounded once, not re-read) */
-        s = sw ? moe_op_gemm_grouped_pair(ctx, 0, 1.0f, du, moe_param_w(pu), dg, moe_param_w(pg), 0.0f, dx, off, groups)
-               : moe_op_gemm_grouped(ctx, 0, 1.0f, du, moe_param_w(pu), 0.0f, dx, off, groups);
+        s = sw ? moe_op_gemm_grouped_pair_dev(ctx, 0, 1.0f, du, moe_param_w(pu), dg, moe_param_w(pg), 0.0f, dx, offs)
+               : moe_op_gemm_grouped_dev(ctx, 0, 1.0f, du, moe_param_w(pu), 0.0f, dx, offs);
     if (s == MOE_OK && lo) s = moe_lora_bank_backward(ctx, l, P_UP, xp, du, dx, off, groups);
     if (s == MOE_OK && lo && sw) s = moe_lora_bank_backward(ctx, l, P_GATE, xp, dg, dx, off, groups);
     /* the weight gradients last: under expert parallelism they may wait for
@@ -188,7 +207,7 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
         s = moe_tape_defer_writing(ctx, e->tape, bank_wgrad, wgrad_free, w, writes, written[1] ? 2 : 1);
     }
     moe_tensor_release(dy); moe_tensor_release(dh); moe_tensor_release(dg); moe_tensor_release(du);
-    moe_tensor_release(h); moe_tensor_release(xp);
+    moe_tensor_release(h); moe_tensor_release(xp); moe_tensor_release(offs);
     if (s == MOE_OK && tokens) {   /* the dispatch's backward: each token row sums its experts' rows */
         moe_tensor *dxt = moe_tensor_like(ctx, e->in[0]);
         s = dxt ? moe_op_gather_sum(ctx, dxt, dx, NULL, e->saved[5]) : moe_last_status();
@@ -208,33 +227,39 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
 }
 
 /* tok: the token rows the experts' rows were gathered from (NULL: xp is the input) */
+/* offs: the offsets, i64 [groups + 1] on the CPU or on the device (a reference the call takes over) */
 static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp, const moe_bank_tokens *tok,
-                                    const int64_t *offsets, int groups, moe_tensor **yp) {
+                                    moe_tensor *offs, int groups, moe_tensor **yp) {
     *yp = NULL;
     int sw = swiglu_bank(l);
     moe_param *pg = sw ? bank_param(l, P_GATE) : NULL, *pu = bank_param(l, P_UP), *pd = bank_param(l, P_DOWN);
     /* xp NULL: the fused SwiGLU GEMM gathers the rows from the token rows */
-    if (!xp && (!tok || !sw || moe_expert_bank_lora(l)))
+    if (!offs) return moe_last_status();
+    if (!xp && (!tok || !sw || moe_expert_bank_lora(l))) {
+        moe_tensor_release(offs);
         return moe_error(MOE_ERR_INTERNAL, "experts: the experts' rows are needed (GELU or adapters) but were not gathered");
+    }
     const moe_tensor *src = xp ? xp : tok->x;
     int64_t a = xp ? xp->shape[0] : tok->token_idx->shape[0], inner = pu->value->shape[1], hidden = pu->value->shape[2];
-    if (groups != pu->value->shape[0])
-        return moe_error(MOE_ERR_SHAPE, "experts: %d groups of rows for %lld experts", groups, (long long)pu->value->shape[0]);
-    int64_t ish[2] = {a, inner}, hsh[2] = {a, hidden}, osh[1] = {groups + 1};
+    const moe_lora *lo = moe_expert_bank_lora(l);
+    /* the combine folded in: the tokens' rows out, the experts' outputs not kept */
+    const int combined = tok && tok->w && sw && !lo;
+    /* offsets on the device serve the gathered, folded path; the others take them on the host */
+    moe_status s = groups != pu->value->shape[0]
+                       ? moe_error(MOE_ERR_SHAPE, "experts: %d groups of rows for %lld experts", groups,
+                                   (long long)pu->value->shape[0])
+                       : !xp && combined ? MOE_OK : offsets_to_host(ctx, &offs);
+    if (s != MOE_OK) { moe_tensor_release(offs); return s; }
+    const int64_t *offsets = offs->device.type == MOE_CPU ? moe_tensor_data(offs) : NULL;
+    int64_t ish[2] = {a, inner}, hsh[2] = {a, hidden};
     moe_tensor *g = sw ? moe_tensor_new(ctx, src->dtype, 2, ish, src->device) : NULL;
     moe_tensor *u = moe_tensor_new(ctx, src->dtype, 2, ish, src->device);
     moe_tensor *h = moe_tensor_new(ctx, src->dtype, 2, ish, src->device);
     moe_tensor *y = moe_tensor_new(ctx, src->dtype, 2, hsh, src->device);
-    moe_tensor *offs = moe_tensor_new_cpu(MOE_I64, 1, osh);
-    moe_status s = u && h && y && offs && (!sw || g) ? MOE_OK : moe_last_status();
-    if (s == MOE_OK) {
-        int64_t *o = moe_tensor_data(offs);
-        for (int i = 0; i <= groups; i++) o[i] = offsets[i];
-    }
-    const moe_lora *lo = moe_expert_bank_lora(l);
+    s = u && h && y && (!sw || g) ? MOE_OK : moe_last_status();
     if (s == MOE_OK && sw && !lo && !xp) {   /* the same over the token rows, gathered by the GEMM */
-        s = moe_op_gemm_grouped_swiglu_rows(ctx, tok->x, tok->token_idx, moe_param_w(pg), moe_param_w(pu), g, u, h,
-                                            offsets, groups);
+        s = moe_op_gemm_grouped_swiglu_rows_dev(ctx, tok->x, tok->token_idx, moe_param_w(pg), moe_param_w(pu), g, u,
+                                                h, offs);
     } else if (s == MOE_OK && sw && !lo) {   /* gate, up and the activation in one call (one kernel on CUDA) */
         s = moe_op_gemm_grouped_swiglu(ctx, xp, moe_param_w(pg), moe_param_w(pu), g, u, h, offsets, groups);
     } else if (s == MOE_OK) {
@@ -244,10 +269,8 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
         if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_UP, xp, u, offsets, groups);
         if (s == MOE_OK) s = sw ? moe_op_swiglu(ctx, h, g, u) : moe_op_unary(ctx, MOE_UN_GELU, h, u, 0.0f);
     }
-    if (s == MOE_OK) s = moe_op_gemm_grouped(ctx, 1, 1.0f, h, moe_param_w(pd), 0.0f, y, offsets, groups);
+    if (s == MOE_OK) s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, h, moe_param_w(pd), 0.0f, y, offs);
     if (s == MOE_OK && lo) s = moe_lora_bank_forward(ctx, l, P_DOWN, h, y, offsets, groups);
-    /* the combine folded in: the tokens' rows out, the experts' outputs not kept */
-    const int combined = tok && tok->w && sw && !lo;
     if (s == MOE_OK && combined) {
         int64_t ysh[2] = {tok->x->shape[0], hidden};
         moe_tensor *yt = moe_tensor_new(ctx, src->dtype, 2, ysh, src->device);
@@ -282,9 +305,25 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     return MOE_OK;
 }
 
+/* the host offsets in a new CPU tensor (NULL on failure, the error set) */
+static moe_tensor *offsets_tensor(const int64_t *offsets, int groups) {
+    if (!offsets) {
+        moe_error(MOE_ERR_ARG, "experts: offsets is NULL, expected %d + 1 row offsets", groups);
+        return NULL;
+    }
+    if (groups < 1) {
+        moe_error(MOE_ERR_ARG, "experts: %d groups of rows, expected at least 1", groups);
+        return NULL;
+    }
+    int64_t osh[1] = {groups + 1};
+    moe_tensor *offs = moe_tensor_new_cpu(MOE_I64, 1, osh);
+    if (offs) memcpy(moe_tensor_data(offs), offsets, (size_t)(groups + 1) * sizeof *offsets);
+    return offs;
+}
+
 moe_status moe_expert_bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
                                    const int64_t *offsets, int groups, moe_tensor **yp) {
-    return bank_forward_rows(l, ctx, tape, xp, NULL, offsets, groups, yp);
+    return bank_forward_rows(l, ctx, tape, xp, NULL, offsets_tensor(offsets, groups), groups, yp);
 }
 
 int64_t moe_expert_bank_inner(const moe_layer *l) {
@@ -296,13 +335,17 @@ int moe_expert_bank_gathers(const moe_layer *l) {
 }
 
 moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
-                                          const moe_bank_tokens *tok, const int64_t *offsets, int groups,
-                                          moe_tensor **yp) {
+                                          const moe_bank_tokens *tok, const int64_t *offsets,
+                                          moe_tensor *offsets_dev, int groups, moe_tensor **yp) {
     if (!tok || !tok->x || !tok->token_idx || !tok->slots)
         return moe_error(MOE_ERR_ARG, "experts: token rows need x, token_idx and slots");
     if (tok->w && !moe_expert_bank_gathers(l))
         return moe_error(MOE_ERR_ARG, "experts: the combine folds into SwiGLU experts without adapters only");
-    return bank_forward_rows(l, ctx, tape, xp, tok, offsets, groups, yp);
+    if (offsets_dev && (offsets_dev->dtype != MOE_I64 || offsets_dev->ndim != 1 || offsets_dev->shape[0] != groups + 1))
+        return moe_error(MOE_ERR_SHAPE, "experts: offsets_dev must be i64 [%d]", groups + 1);
+    if (offsets_dev) moe_tensor_retain(offsets_dev);
+    return bank_forward_rows(l, ctx, tape, xp, tok, offsets_dev ? offsets_dev : offsets_tensor(offsets, groups), groups,
+                             yp);
 }
 
 static moe_status bank_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {

@@ -31,6 +31,10 @@ const moe_route_stats *moe_block_last_stats(const moe_layer *l) {
     block_state *s = st_of(l);
     return s && s->last.stats.counts ? &s->last.stats : NULL;
 }
+moe_status moe_block_fetch_stats(moe_ctx *ctx, moe_layer *l) {
+    block_state *s = st_of(l);
+    return s ? moe_routing_fetch(ctx, &s->last) : MOE_OK;
+}
 moe_tensor *moe_block_last_aux(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.aux_loss : NULL; }
 moe_tensor *moe_block_last_z(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.z_loss : NULL; }
 moe_tensor *moe_block_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->bias : NULL; }
@@ -577,6 +581,27 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         hook.arg = &dk;
         rcfg.hook = &hook;
     }
+    /* With MOELAB_ROUTE_DEFER=1 the routing does not wait for the device where
+     * every GEMM of this forward and its backward can read the offsets there:
+     * the SwiGLU bank's gathered GEMMs with the combine folded in, where
+     * nothing drops (the N k rows then stay the same, only their split
+     * changes), the groundwork of capturing the step in a CUDA graph. The
+     * decisions below are the ones made after the routing, for N k rows spread
+     * over every expert; should they come out otherwise, the summary is read
+     * then. Off by default: on an H200 the step ran 2-3% slower with it (the
+     * kernels as fast, but a plan kernel before each of the 32 own-kernel
+     * calls, and the 8 waits it saves were cheap; bench/RESULTS.md). */
+    const int64_t nk = n * c->router.top_k;
+    const char *dv = getenv("MOELAB_ROUTE_DEFER");
+    rcfg.defer_summary = dv && strcmp(dv, "1") == 0 && !rcfg.hook && gemm_gathers && !c->aux_free &&
+                         c->router.selection == MOE_SELECT_TOPK && !(c->router.capacity_factor > 0) &&
+                         logits && logits->dtype == xr->dtype &&
+                         moe_op_gemm_grouped_rows_fuses(ctx, xr->device, xr->dtype, c->hidden,
+                                                        moe_expert_bank_inner(bank0), nk, NULL,
+                                                        (int)c->router.num_experts) &&
+                         moe_op_gemm_grouped_swiglu_backward_w_fuses(ctx, xr->device, xr->dtype, c->hidden,
+                                                                     moe_expert_bank_inner(bank0), nk, NULL,
+                                                                     (int)c->router.num_experts);
     if (s == MOE_OK)
         s = moe_route(ctx, tape, &rcfg, logits, nlog, c->aux_free ? moe_f32(st->bias) : NULL, l->training,
                       moe_rng_key(c->seed, MOE_RNG_JITTER) ^ 0x9e3779b97f4a7c15ull,
@@ -592,10 +617,11 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         /* token rows need the slot map (top-k routing has one; expert choice does
          * not, and MOELAB_MOE_GATHER=0 refuses it); by default also GEMMs that
          * gather in their loads at these row counts */
+        const int64_t na = r.token_idx ? r.token_idx->shape[0] : 0;
         const int tok_rows =
             token_rows && moe_dispatch_slots_usable(r.slots, n) &&
             (st->keep_rows == 0 || moe_op_gemm_grouped_rows_fuses(ctx, xr->device, xr->dtype, c->hidden,
-                                                                 moe_expert_bank_inner(bank0), r.offsets,
+                                                                 moe_expert_bank_inner(bank0), na, r.offsets,
                                                                  (int)c->router.num_experts));
         const int from_hook = s == MOE_OK && dk.xp;
         if (from_hook) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
@@ -614,8 +640,10 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
         const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype &&
                          (xr->device.type == MOE_CPU ||
                           moe_op_gemm_grouped_swiglu_backward_w_fuses(ctx, xr->device, xr->dtype, c->hidden,
-                                                                      moe_expert_bank_inner(bank0), r.offsets,
+                                                                      moe_expert_bank_inner(bank0), na, r.offsets,
                                                                       (int)c->router.num_experts));
+        /* offsets left on the device serve that path only */
+        if (s == MOE_OK && r.summary_dev && !(gemm_gathers && tok_rows && fold)) s = moe_routing_fetch(ctx, &r);
         /* the residual joins in the combine's pass unless shared experts still add to yr */
         moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
         moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL};
@@ -623,6 +651,7 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
             s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
               : st->ep_comm ? ep_experts(l, ctx, tape, xp, r.offsets, &yp)
               : tok_rows ? moe_expert_bank_forward_tokens(l->children[st->c_experts], ctx, tape, xp, &bt, r.offsets,
+                                                          r.summary_dev ? r.offsets_dev : NULL,
                                                           (int)c->router.num_experts, &yp)
                          : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
                                                    (int)c->router.num_experts, &yp);

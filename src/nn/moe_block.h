@@ -27,7 +27,11 @@ moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **exp
 int moe_layer_is_moe(const moe_layer *l);
 const moe_block_cfg *moe_block_config(const moe_layer *l);
 /* The last forward's routing (counts, drops, entropy...) and its taped losses (borrowed; NULL before any forward). */
+/* The last forward's routing statistics, or NULL (none yet, or still on the
+ * device: the routing did not wait; moe_block_fetch_stats reads them, waiting
+ * for the device). */
 const moe_route_stats *moe_block_last_stats(const moe_layer *l);
+moe_status moe_block_fetch_stats(moe_ctx *ctx, moe_layer *l);
 moe_tensor *moe_block_last_aux(const moe_layer *l);
 moe_tensor *moe_block_last_z(const moe_layer *l);
 /* The router logits [tokens, E] of the last forward, before noise or bias (borrowed; NULL before any forward). */
@@ -108,9 +112,12 @@ typedef struct {
 int moe_expert_bank_gathers(const moe_layer *bank);
 /* The experts' hidden width (0 for another layer). */
 int64_t moe_expert_bank_inner(const moe_layer *bank);
+/* offsets_dev (may be NULL): the offsets as an i64 [groups + 1] tensor on the
+ * device, in place of the host offsets (then NULL): the GEMMs read them there
+ * where they can (ops.h moe_op_gemm_grouped_dev), else they are read back. */
 moe_status moe_expert_bank_forward_tokens(moe_layer *bank, moe_ctx *ctx, moe_tape *tape, moe_tensor *xp,
-                                          const moe_bank_tokens *tok, const int64_t *offsets, int groups,
-                                          moe_tensor **yp);
+                                          const moe_bank_tokens *tok, const int64_t *offsets,
+                                          moe_tensor *offsets_dev, int groups, moe_tensor **yp);
 
 /* Expert sharding (expert parallelism without full-size expert weights on
  * every rank). A bank holds the rows [first, first + count) of its layer's

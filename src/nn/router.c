@@ -50,6 +50,7 @@ void moe_routing_clear(moe_routing *r) {
     moe_tensor_release(r->token_idx); moe_tensor_release(r->expert_idx); moe_tensor_release(r->weights);
     moe_tensor_release(r->aux_loss); moe_tensor_release(r->z_loss);
     moe_tensor_release(r->slots);
+    moe_tensor_release(r->offsets_dev); moe_tensor_release(r->summary_dev);
     free(r->offsets);
     free(r->stats.counts);
     memset(r, 0, sizeof *r);

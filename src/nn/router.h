@@ -61,6 +61,12 @@ typedef struct {
     /* Work queued between the device routing's kernels and its one wait
      * (moe_route_hook), or NULL. */
     struct moe_route_hook *hook;
+    /* The device path only, where nothing can drop (top-k, no capacity) and
+     * neither a hook nor aux_comm is set: the routing's offsets and statistics
+     * stay on the device (moe_routing.offsets_dev, summary_dev) and the
+     * routing does not wait for the device; moe_routing_fetch reads them when
+     * the host needs them. Ignored elsewhere (the routing waits as usual). */
+    int defer_summary;
 } moe_router_cfg;
 
 /* Work queued on the device between the routing kernels and the routing's
@@ -105,6 +111,12 @@ typedef struct {
     moe_tensor *z_loss;       /* 0-dim (taped) */
     int64_t *offsets;         /* host [E + 1]: expert e owns assignments [offsets[e], offsets[e+1]) */
     moe_route_stats stats;
+    /* Deferred summary (cfg.defer_summary): offsets_dev, i64 [E + 1] on the
+     * logits' device, holds the offsets; summary_dev the offsets, counts and
+     * statistics not yet read. Until moe_routing_fetch: offsets and
+     * stats.counts NULL, stats.tokens and stats.assignments (N k) set, the
+     * rest 0. NULL both when the routing waited. */
+    moe_tensor *offsets_dev, *summary_dev;
     /* i32 [N, k] on the logits' device, or NULL: slots[t*k + q] = the
      * assignment (row of token_idx / weights) of token t's q-th choice, -1
      * where capacity dropped it. Carries the index bound A (tensor.h; -1
@@ -122,6 +134,10 @@ moe_status moe_route(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *cfg, mo
                      moe_tensor *noise_logits, const float *bias, int training, uint64_t noise_key,
                      uint64_t noise_offset, int64_t seq_len, moe_routing *out);
 void moe_routing_clear(moe_routing *r);
+/* A deferred routing's summary read to the host (waits for the device):
+ * offsets, counts and statistics filled, summary_dev released (offsets_dev
+ * stays). Nothing to do for a routing that waited. */
+moe_status moe_routing_fetch(moe_ctx *ctx, moe_routing *r);
 /* Both paths (router.c): the batch aux over comm's ranks (see aux_comm) from
  * this rank's f (averaged in place) and mean scores pm, both [e]. */
 moe_status moe_route_global_aux(struct moe_comm *comm, float *f, const double *pm, int64_t e, double *aux);

@@ -107,6 +107,42 @@ static double slot_double(const int64_t *p) {
     return v;
 }
 
+/* offsets, counts and statistics from the device summary (moe_cuda.h
+ * MOE_CUDA_ROUTE_SUMMARY); aux: the global aux where it was reduced across
+ * ranks, else NAN for the summary's own */
+static moe_status fill_from_summary(moe_routing *out, const int64_t *summary, int64_t n, double aux) {
+    const int64_t e = out->num_experts;
+    int64_t *offsets = malloc((size_t)(e + 1) * sizeof *offsets), *counts = malloc((size_t)e * sizeof *counts);
+    if (!offsets || !counts) {
+        free(offsets); free(counts);
+        return moe_error(MOE_ERR_OOM, "router: out of host memory");
+    }
+    memcpy(offsets, summary, (size_t)(e + 1) * sizeof *offsets);
+    memcpy(counts, summary + e + 1, (size_t)e * sizeof *counts);
+    free(out->offsets);
+    free(out->stats.counts);
+    out->offsets = offsets;
+    out->stats = (moe_route_stats){n, summary[e], summary[2 * e + 1], counts,
+                                   slot_double(summary + 2 * e + 2) / (double)n,
+                                   slot_double(summary + 2 * e + 3) / (double)n,
+                                   slot_double(summary + 2 * e + 4) / (double)n,
+                                   isnan(aux) ? slot_double(summary + 2 * e + 5) : aux};
+    return MOE_OK;
+}
+
+moe_status moe_routing_fetch(moe_ctx *ctx, moe_routing *r) {
+    if (!r || !r->summary_dev) return MOE_OK;
+    moe_tensor *back = moe_op_to(ctx, r->summary_dev, MOE_DEVICE_CPU, MOE_I64);
+    if (!back) return moe_error_context(moe_last_status(), "router: reading the routing's summary");
+    moe_status st = fill_from_summary(r, moe_tensor_data(back), r->stats.tokens, NAN);
+    moe_tensor_release(back);
+    if (st == MOE_OK) {
+        moe_tensor_release(r->summary_dev);
+        r->summary_dev = NULL;
+    }
+    return st;
+}
+
 /* The batch aux over cfg->aux_comm's ranks: this rank's f (device) and mean
  * scores come to the host, are averaged over the ranks, and the global f goes
  * back (backward reads it) with aux written into its tensor. Optional mode:
@@ -167,11 +203,12 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     int64_t cap = cfg->capacity_factor > 0
                       ? (int64_t)ceil((double)cfg->capacity_factor * (double)k * (double)n / (double)e) : 0;
 
+    /* the summary stays on the device: nothing can drop, so the N k slots are all kept */
+    const int defer = cfg->defer_summary && cap == 0 && !cfg->hook && !cfg->aux_comm;
     dev_saved *r = calloc(1, sizeof *r);
     int64_t *summary = malloc((size_t)MOE_CUDA_ROUTE_SUMMARY(e) * sizeof *summary);
-    int64_t *offsets = malloc((size_t)(e + 1) * sizeof *offsets), *counts = malloc((size_t)e * sizeof *counts);
-    if (!r || !summary || !offsets || !counts) {
-        free(r); free(summary); free(offsets); free(counts);
+    if (!r || !summary) {
+        free(r); free(summary);
         return moe_error(MOE_ERR_OOM, "router: out of host memory");
     }
     r->cfg = *cfg;
@@ -218,8 +255,8 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         a.chosen = moe_tensor_data(r->chosen);
         a.pos = moe_tensor_data(r->pos);
         a.summary = summary;
-        if (cfg->hook) {
-            int64_t s_sum[1] = {MOE_CUDA_ROUTE_SUMMARY(e) + cfg->hook->extra};
+        if (cfg->hook || defer) {
+            int64_t s_sum[1] = {MOE_CUDA_ROUTE_SUMMARY(e) + (cfg->hook ? cfg->hook->extra : 0)};
             sdev = moe_tensor_new(ctx, MOE_I64, 1, s_sum, dev);
             if (!sdev) st = moe_last_status();
             else a.summary_dev = moe_tensor_data(sdev);
@@ -232,9 +269,23 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         st = global_aux_device(ctx, cfg->aux_comm, r, aux_t, &global_aux);
     /* after the global aux, as on the host path: every rank's collectives in one order */
     if (st == MOE_OK && cfg->hook) st = run_hook(ctx, cfg->hook, sdev, e, n, n * k, r->pos, ex, tok, summary);
+    if (st == MOE_OK) {
+        out->num_experts = e;
+        if (defer) {
+            out->offsets_dev = moe_tensor_narrow(sdev, 0, 0, e + 1);
+            out->summary_dev = sdev;
+            sdev = NULL;
+            if (!out->offsets_dev) st = moe_last_status();
+            out->stats.tokens = n;
+            out->stats.assignments = n * k;
+        } else {
+            st = fill_from_summary(out, summary, n,
+                                   cfg->aux == MOE_AUX_BATCH && cfg->aux_comm ? global_aux : (double)NAN);
+        }
+    }
     moe_tensor_release(sdev);
     if (st == MOE_OK) {
-        const int64_t na = summary[e];
+        const int64_t na = out->stats.assignments;
         /* the first na of the n*k slots hold the assignments: these headers are
          * fresh, so shortening them in place is safe; a hook may have saved tok
          * on the tape already (the MoE block's dispatch), but only where nothing
@@ -242,25 +293,15 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         tok->shape[0] = ex->shape[0] = w->shape[0] = na;
         moe_tensor_set_index_bound(tok, n);
         moe_tensor_set_index_bound(ex, e);
-        memcpy(offsets, summary, (size_t)(e + 1) * sizeof *offsets);
-        memcpy(counts, summary + e + 1, (size_t)e * sizeof *counts);
-        out->num_experts = e;
         out->token_idx = tok; out->expert_idx = ex; out->weights = w;
         out->aux_loss = aux_t; out->z_loss = z_t;
-        out->offsets = offsets;
         /* the slot map is pos itself (shared with backward, which only reads it): values in [-1, na),
          * each of [0, na) once */
         moe_tensor_set_index_bound(r->pos, na);
         moe_tensor_mark_slot_map(r->pos);
         moe_tensor_retain(r->pos);
         out->slots = r->pos;
-        out->stats = (moe_route_stats){n, na, summary[2 * e + 1], counts, slot_double(summary + 2 * e + 2) / (double)n,
-                                       slot_double(summary + 2 * e + 3) / (double)n,
-                                       slot_double(summary + 2 * e + 4) / (double)n,
-                                       cfg->aux == MOE_AUX_BATCH && cfg->aux_comm ? global_aux
-                                                                                  : slot_double(summary + 2 * e + 5)};
         tok = ex = w = aux_t = z_t = NULL;
-        offsets = counts = NULL;
         if (tape) {
             moe_tensor *outs[3] = {out->weights, out->aux_loss, out->z_loss};
             moe_tape_entry *ent = moe_tape_record(tape, "router", route_backward_device, r, NULL, dev_saved_free, 1,
@@ -272,7 +313,8 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     }
     moe_tensor_release(tok); moe_tensor_release(ex); moe_tensor_release(w);
     moe_tensor_release(aux_t); moe_tensor_release(z_t);
-    free(offsets); free(counts); free(summary);
+    free(summary);
+    if (st != MOE_OK) moe_routing_clear(out);
     dev_saved_free(r);
     return st == MOE_OK ? st : moe_error_context(st, "router");
 }

@@ -163,21 +163,33 @@ typedef struct moe_backend {
                                                  moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                  const int64_t *offsets, int groups, int *served);
     /* whether the _rows calls' GEMMs would gather in their loads (forward x [., K] -> [., N]
-     * and its weight gradient) for dt data of these row counts; optional: NULL = never */
-    int (*gemm_grouped_rows_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+     * and its weight gradient) for dt data of these row counts (offsets NULL: `rows` on the
+     * device, taken as spread over every group); optional: NULL = never */
+    int (*gemm_grouped_rows_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
                                    const int64_t *offsets, int groups);
     /* whether that call would be served (bf16 data of these sizes); optional: NULL = never */
     int (*gemm_grouped_swiglu_backward_w_fuses)(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
-                                                const int64_t *offsets, int groups);
+                                                int64_t rows, const int64_t *offsets, int groups);
 
-    /* gemm_grouped and gemm_grouped_wgrad with the row offsets in a tensor on
-     * the device (ops.h moe_op_gemm_grouped_dev), shapes checked by the ops
+    /* The grouped GEMMs with the row offsets in an i64 tensor on the device
+     * (ops.h moe_op_gemm_grouped_dev and kin), arguments checked by the ops
      * layer; optional: NULL, or *served = 0 with MOE_OK, makes the ops layer
-     * read the offsets back and run the call with them on the host */
+     * read the offsets back and run the call with them on the host.
+     * gemm_grouped_dev: a2 and b2 NULL, or the pair form; wgrad_dev: b_rows
+     * NULL, or b's rows gathered; swiglu_dev: x_rows NULL, or x's rows gathered. */
     moe_status (*gemm_grouped_dev)(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
-                                   float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
-    moe_status (*gemm_grouped_wgrad_dev)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
-                                         moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
+                                   const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                   const moe_tensor *offsets, int groups, int *served);
+    moe_status (*gemm_grouped_wgrad_dev)(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                         const moe_tensor *b_rows, float beta, moe_tensor *c, const moe_tensor *offsets,
+                                         int groups, int *served);
+    moe_status (*gemm_grouped_swiglu_dev)(moe_ctx *, const moe_tensor *x, const moe_tensor *x_rows,
+                                          const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                          moe_tensor *h, const moe_tensor *offsets, int groups, int *served);
+    moe_status (*gemm_grouped_swiglu_backward_w_dev)(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                     const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                     moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                     const moe_tensor *offsets, int groups, int *served);
 } moe_backend;
 
 

@@ -102,13 +102,15 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
 /* Whether dev's backend gathers the rows in the GEMMs' loads for the _rows
  * calls below (x [., K] -> [., N] and its weight gradient), for dt data of
  * these row counts (else the rows are gathered into a tensor first). */
-int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
                                    const int64_t *offsets, int groups);
 /* Whether dev's backend runs that call as one fused kernel for dt data of
  * these sizes (else the parts take more memory and passes than keeping the
- * combine's inputs would). */
+ * combine's inputs would). For both: offsets NULL asks about `rows` rows whose
+ * offsets stay on the device (the _dev calls below), taken as spread over
+ * every group; else rows is unused. */
 int moe_op_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
-                                                const int64_t *offsets, int groups);
+                                                int64_t rows, const int64_t *offsets, int groups);
 /* moe_op_gemm_grouped_swiglu on the rows of x [N, K] listed in rows (i64
  * [M], M = offsets[groups]): row r of the grouped input is x[rows[r]] - the
  * MoE dispatch's gather, done by the GEMM's loads on CUDA (bf16, own kernel,
@@ -126,23 +128,39 @@ moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_t
  * a [M,P], b [M,Q], c [G,P,Q], groups of rows given by offsets as above. */
 moe_status moe_op_gemm_grouped_wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
                                      float beta, moe_tensor *c, const int64_t *offsets, int groups);
-/* gemm_grouped and gemm_grouped_wgrad with the row offsets in a tensor:
- * offsets i64 [G + 1] on the device of c (G from its length). A backend that
- * can reads them where they are (CUDA: the TMA kernel, bf16, where the
- * call's policy gives it the call): nothing is copied back and the launch
- * does not depend on their values, as a CUDA graph of a step needs. Else
- * they are read back to the host (on a GPU that waits for the device) and
- * the call runs as gemm_grouped / gemm_grouped_wgrad, which checks them.
- * Read on the device they are not checked: values that do not rise from 0
- * to M (a's rows) give wrong rows, never accesses outside the tensors. They
- * must not change while the call runs, nor share memory with c (each block
- * of a cluster reads them itself, and blocks that disagree would wait on each
- * other for ever). Inside a graph capture the read-back is an error: the
- * call must be one the device serves (moe_cuda_grouped_dev_calls counts them). */
+/* The grouped GEMMs with the row offsets in a tensor: offsets i64 [G + 1]
+ * on the device of c or on the CPU (G from its length). On the device, a
+ * backend that can reads them where they are (CUDA, bf16: the TMA kernel or
+ * the own kernel, where the call's policy gives it the call; the policy's
+ * data-dependent parts take the rows as spread over every group): nothing is
+ * copied back and the launch does not depend on their values, as a CUDA
+ * graph of a step needs. Else they are read back to the host (on a GPU that
+ * waits for the device) and the call runs as the host-offset op, which
+ * checks them. Read on the device they are not checked: values that do not
+ * rise from 0 to M (the rows) give wrong rows, never accesses outside the
+ * tensors. They must not change while the call runs, nor share memory with
+ * an output (each block of a cluster reads them itself, and blocks that
+ * disagree would wait on each other for ever). Inside a graph capture the
+ * read-back is an error: the call must be one the device serves
+ * (moe_cuda_grouped_dev_calls counts them). Each takes the arguments of the
+ * op it is named after. */
 moe_status moe_op_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
                                    float beta, moe_tensor *c, const moe_tensor *offsets);
+moe_status moe_op_gemm_grouped_pair_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1,
+                                        const moe_tensor *b1, const moe_tensor *a2, const moe_tensor *b2, float beta,
+                                        moe_tensor *c, const moe_tensor *offsets);
 moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
                                          float beta, moe_tensor *c, const moe_tensor *offsets);
+moe_status moe_op_gemm_grouped_wgrad_rows_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                              const moe_tensor *b_rows, float beta, moe_tensor *c,
+                                              const moe_tensor *offsets);
+moe_status moe_op_gemm_grouped_swiglu_rows_dev(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows,
+                                               const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                               moe_tensor *h, const moe_tensor *offsets);
+moe_status moe_op_gemm_grouped_swiglu_backward_w_dev(moe_ctx *ctx, float alpha, const moe_tensor *dy,
+                                                     const moe_tensor *w, const moe_tensor *g, const moe_tensor *u,
+                                                     const moe_tensor *rw, moe_tensor *dg, moe_tensor *du,
+                                                     moe_tensor *hw, moe_tensor *dw, const moe_tensor *offsets);
 
 /* ---- elementwise ---- */
 /* out = a OP b with numpy broadcasting; out has the broadcast shape. out may alias a or b. */

@@ -161,26 +161,25 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
     return s;
 }
 
-int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N,
+int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
                                    const int64_t *offsets, int groups) {
     const moe_backend *be;
-    return ops_backend(ctx, "gemm_grouped_rows_fuses", dev, &be) == MOE_OK && be->gemm_grouped_rows_fuses && offsets &&
-           be->gemm_grouped_rows_fuses(ctx, dev, dt, K, N, offsets, groups);
+    return ops_backend(ctx, "gemm_grouped_rows_fuses", dev, &be) == MOE_OK && be->gemm_grouped_rows_fuses &&
+           be->gemm_grouped_rows_fuses(ctx, dev, dt, K, N, rows, offsets, groups);
 }
 
 int moe_op_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
-                                                const int64_t *offsets, int groups) {
+                                                int64_t rows, const int64_t *offsets, int groups) {
     const moe_backend *be;
     return ops_backend(ctx, "gemm_grouped_swiglu_backward_w_fuses", dev, &be) == MOE_OK &&
-           be->gemm_grouped_swiglu_backward_w_fuses && offsets &&
-           be->gemm_grouped_swiglu_backward_w_fuses(ctx, dev, dt, K, de, offsets, groups);
+           be->gemm_grouped_swiglu_backward_w_fuses &&
+           be->gemm_grouped_swiglu_backward_w_fuses(ctx, dev, dt, K, de, rows, offsets, groups);
 }
 
-moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
-                                                 const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
-                                                 moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
-                                                 const int64_t *offsets, int groups) {
-    static const char *op = "gemm_grouped_swiglu_backward_w";
+static moe_status check_swiglu_backward_w(const char *op, const moe_tensor *dy, const moe_tensor *w,
+                                          const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                          const moe_tensor *dg, const moe_tensor *du, const moe_tensor *hw,
+                                          const moe_tensor *dw, const int64_t *offsets, int groups) {
     ops_arg f[] = {{"dy", dy}, {"w", w}, {"g", g}, {"u", u}, {"rw", rw}, {"dg", dg}, {"du", du}, {"hw", hw}, {"dw", dw}};
     MOE_TRY(ops_check(op, f, 9, NULL, 0));
     MOE_TRY(ops_out(op, "dg", dg));
@@ -193,7 +192,15 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
     MOE_TRY(ops_same_shape(op, "g", g, "dg", dg));
     MOE_TRY(ops_same_shape(op, "u", u, "dg", dg));
     MOE_TRY(ops_shape_is(op, "rw", rw, 1, dg->shape, "one weight per row"));
-    MOE_TRY(ops_shape_is(op, "dw", dw, 1, dg->shape, "one per row"));
+    return ops_shape_is(op, "dw", dw, 1, dg->shape, "one per row");
+}
+
+moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                 const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                 moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                 const int64_t *offsets, int groups) {
+    static const char *op = "gemm_grouped_swiglu_backward_w";
+    MOE_TRY(check_swiglu_backward_w(op, dy, w, g, u, rw, dg, du, hw, dw, offsets, groups));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, dg->device, gemm_grouped, be);
     moe_tensor *t[5] = {NULL, NULL, NULL, NULL, NULL};
@@ -263,7 +270,7 @@ static int rows_direct(const char *op, const moe_tensor *x, const moe_tensor *ro
         return 0;
     }
     if (x->ndim != 2) { *st = moe_error(MOE_ERR_SHAPE, "%s: x has shape %s, expected [N, K]", op, OPS_SHAPE(x, s1)); return 0; }
-    *st = check_offsets(op, offsets, groups, rows->shape[0]);
+    if (offsets != offsets_on_device) *st = check_offsets(op, offsets, groups, rows->shape[0]);
     if (*st != MOE_OK) return 0;
     return has_entry && moe_tensor_is_contiguous(x) && moe_tensor_is_contiguous(rows) &&
            moe_tensor_index_trusted(rows, x->shape[0]);
@@ -274,6 +281,20 @@ static moe_tensor *gather_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tens
     moe_tensor *xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
     if (xp && moe_op_index_select(ctx, xp, x, rows) != MOE_OK) { moe_tensor_release(xp); return NULL; }
     return xp;
+}
+
+/* the checks of a gathered SwiGLU call, on x's header with the gathered row count */
+static moe_status check_swiglu_rows(const char *op, const moe_tensor *x, const moe_tensor *rows, const moe_tensor *wg,
+                                    const moe_tensor *wu, const moe_tensor *g, const moe_tensor *u, const moe_tensor *h,
+                                    const int64_t *offsets, int groups) {
+    moe_tensor xa = *x;
+    xa.shape[0] = rows->shape[0];
+    MOE_TRY(ops_out(op, "g", g));
+    MOE_TRY(ops_out(op, "u", u));
+    MOE_TRY(ops_out(op, "h", h));
+    MOE_TRY(check_grouped_pair(op, "x", &xa, "wg", wg, g, 1, offsets, groups));
+    MOE_TRY(check_grouped_pair(op, "x", &xa, "wu", wu, u, 1, offsets, groups));
+    return ops_same_shape(op, "h", h, "g", g);
 }
 
 moe_status moe_op_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows,
@@ -294,15 +315,7 @@ moe_status moe_op_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, co
         moe_tensor_release(xp);
         return st;
     }
-    /* the checks of the gathered call, on x's header with the gathered row count */
-    moe_tensor xa = *x;
-    xa.shape[0] = rows->shape[0];
-    MOE_TRY(ops_out(op, "g", g));
-    MOE_TRY(ops_out(op, "u", u));
-    MOE_TRY(ops_out(op, "h", h));
-    MOE_TRY(check_grouped_pair(op, "x", &xa, "wg", wg, g, 1, offsets, groups));
-    MOE_TRY(check_grouped_pair(op, "x", &xa, "wu", wu, u, 1, offsets, groups));
-    MOE_TRY(ops_same_shape(op, "h", h, "g", g));
+    MOE_TRY(check_swiglu_rows(op, x, rows, wg, wu, g, u, h, offsets, groups));
     moe_tensor *t[2] = {NULL, NULL};
     const moe_tensor *in[2] = {wg, wu};
     st = MOE_OK;
@@ -345,9 +358,9 @@ moe_status moe_op_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_t
     return st;
 }
 
-/* ---- grouped GEMMs with the row offsets on the device ---- */
+/* ---- grouped GEMMs with the row offsets in a tensor ---- */
 
-/* offsets: i64 [G + 1], contiguous, on dev; *groups = G */
+/* offsets: i64 [G + 1], contiguous, on dev or on the CPU; *groups = G */
 static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets, moe_device dev, int *groups) {
     char s1[128], b1[16], b2[16];
     if (!offsets) return moe_error(MOE_ERR_ARG, "%s: offsets is NULL, expected an i64 tensor of G + 1 row offsets", op);
@@ -356,8 +369,8 @@ static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets
     if (offsets->ndim != 1 || offsets->shape[0] < 2 || offsets->shape[0] > (int64_t)INT32_MAX)
         return moe_error(MOE_ERR_SHAPE, "%s: offsets has shape %s, expected [G + 1] with G >= 1", op,
                          OPS_SHAPE(offsets, s1));
-    if (!moe_device_eq(offsets->device, dev))
-        return moe_error(MOE_ERR_DEVICE, "%s: offsets is on %s, expected %s (the device of c)", op,
+    if (!moe_device_eq(offsets->device, dev) && offsets->device.type != MOE_CPU)
+        return moe_error(MOE_ERR_DEVICE, "%s: offsets is on %s, expected %s (the device of c) or the CPU", op,
                          moe_device_str(offsets->device, b1, sizeof b1), moe_device_str(dev, b2, sizeof b2));
     if (!moe_tensor_is_contiguous(offsets))
         return moe_error(MOE_ERR_ARG, "%s: offsets must be contiguous", op);
@@ -365,64 +378,186 @@ static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets
     return MOE_OK;
 }
 
-/* The offsets as host values, in a copy (from a device, it waits for it); *host to release. */
+/* The backend's device-offset entry may serve the call: the offsets are on a device, not the CPU */
+static int offsets_on_dev(const moe_tensor *offsets) { return offsets->device.type != MOE_CPU; }
+
+/* The offsets as host values: the CPU tensor itself, or a copy read back
+ * from the device (which waits for it); *host to release. */
 static moe_status offsets_on_host(moe_ctx *ctx, const moe_tensor *offsets, moe_tensor **host) {
+    if (!offsets_on_dev(offsets)) {
+        moe_tensor_retain((moe_tensor *)offsets);
+        *host = (moe_tensor *)offsets;
+        return MOE_OK;
+    }
     *host = moe_op_to(ctx, (moe_tensor *)offsets, MOE_DEVICE_CPU, MOE_I64);
     return *host ? MOE_OK : moe_last_status();
 }
 
+/* contiguous copies (or references) of n inputs into t; the caller releases them */
+static moe_status contig_all(moe_ctx *ctx, const moe_tensor *const *in, moe_tensor **t, int n) {
+    moe_status s = MOE_OK;
+    for (int i = 0; i < n; i++) t[i] = NULL;
+    for (int i = 0; i < n && s == MOE_OK; i++) s = in[i] ? ops_contig(ctx, in[i], &t[i]) : MOE_OK;
+    return s;
+}
+static void release_all(moe_tensor **t, int n) {
+    for (int i = 0; i < n; i++) moe_tensor_release(t[i]);
+}
+
+/* gemm_grouped (a2 NULL) or gemm_grouped_pair with the offsets in a tensor */
+static moe_status grouped_dev(moe_ctx *ctx, const char *op, int transb, float alpha, const moe_tensor *a1,
+                              const moe_tensor *b1, const moe_tensor *a2, const moe_tensor *b2, float beta,
+                              moe_tensor *c, const moe_tensor *offsets) {
+    ops_arg f[] = {{"c", c}, {"a", a1}, {"b", b1}, {"a2", a2}, {"b2", b2}};
+    MOE_TRY(ops_check(op, f, a2 || b2 ? 5 : 3, NULL, 0));
+    MOE_TRY(ops_out(op, "c", c));
+    int groups = 0;
+    MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
+    MOE_TRY(check_grouped_pair(op, "a", a1, "b", b1, c, transb, offsets_on_device, groups));
+    if (a2) MOE_TRY(check_grouped_pair(op, "a2", a2, "b2", b2, c, transb, offsets_on_device, groups));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, c->device, &be));
+    if (be->gemm_grouped_dev && offsets_on_dev(offsets)) {
+        moe_tensor *t[4];
+        const moe_tensor *in[4] = {a1, b1, a2, b2};
+        int served = 0;
+        moe_status s = contig_all(ctx, in, t, 4);
+        if (s == MOE_OK) s = be->gemm_grouped_dev(ctx, transb, alpha, t[0], t[1], t[2], t[3], beta, c, offsets, groups,
+                                                  &served);
+        release_all(t, 4);
+        if (s != MOE_OK || served) return s;
+    }
+    moe_tensor *h;
+    MOE_TRY(offsets_on_host(ctx, offsets, &h));
+    moe_status s = a2 ? moe_op_gemm_grouped_pair(ctx, transb, alpha, a1, b1, a2, b2, beta, c, moe_tensor_data(h), groups)
+                      : moe_op_gemm_grouped(ctx, transb, alpha, a1, b1, beta, c, moe_tensor_data(h), groups);
+    moe_tensor_release(h);
+    return s;
+}
+
 moe_status moe_op_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
                                    float beta, moe_tensor *c, const moe_tensor *offsets) {
-    static const char *op = "gemm_grouped_dev";
+    return grouped_dev(ctx, "gemm_grouped_dev", transb, alpha, a, b, NULL, NULL, beta, c, offsets);
+}
+
+moe_status moe_op_gemm_grouped_pair_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a1,
+                                        const moe_tensor *b1, const moe_tensor *a2, const moe_tensor *b2, float beta,
+                                        moe_tensor *c, const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_pair_dev";
+    if (!a2) return moe_error(MOE_ERR_ARG, "%s: a2 is NULL, expected a tensor", op);
+    return grouped_dev(ctx, op, transb, alpha, a1, b1, a2, b2, beta, c, offsets);
+}
+
+/* gemm_grouped_wgrad (b_rows NULL) or gemm_grouped_wgrad_rows with the offsets in a tensor */
+static moe_status wgrad_dev(moe_ctx *ctx, const char *op, float alpha, const moe_tensor *a, const moe_tensor *b,
+                            const moe_tensor *b_rows, float beta, moe_tensor *c, const moe_tensor *offsets) {
     ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
     MOE_TRY(ops_check(op, f, 3, NULL, 0));
     MOE_TRY(ops_out(op, "c", c));
     int groups = 0;
     MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
-    MOE_TRY(check_grouped_pair(op, "a", a, "b", b, c, transb, offsets_on_device, groups));
     const moe_backend *be;
     MOE_TRY(ops_backend(ctx, op, c->device, &be));
-    if (be->gemm_grouped_dev) {
-        moe_tensor *ac, *bc = NULL;
+    int direct = !b_rows;
+    if (b_rows) {
+        moe_status st;
+        direct = rows_direct(op, b, b_rows, offsets_on_device, groups, 1, &st);
+        if (st != MOE_OK) return st;
+        if (direct) {
+            moe_tensor bh = *b;   /* the checks of the gathered call, on b's header with the gathered row count */
+            bh.shape[0] = b_rows->shape[0];
+            MOE_TRY(check_wgrad(op, a, &bh, c, offsets_on_device, groups));
+        }
+    } else {
+        MOE_TRY(check_wgrad(op, a, b, c, offsets_on_device, groups));
+    }
+    if (be->gemm_grouped_wgrad_dev && direct && offsets_on_dev(offsets)) {
+        moe_tensor *t[2];
+        const moe_tensor *in[2] = {a, b_rows ? NULL : b};
         int served = 0;
-        MOE_TRY(ops_contig(ctx, a, &ac));
-        moe_status s = ops_contig(ctx, b, &bc);
-        if (s == MOE_OK) s = be->gemm_grouped_dev(ctx, transb, alpha, ac, bc, beta, c, offsets, groups, &served);
-        moe_tensor_release(ac);
-        moe_tensor_release(bc);
+        moe_status s = contig_all(ctx, in, t, 2);
+        if (s == MOE_OK) s = be->gemm_grouped_wgrad_dev(ctx, alpha, t[0], t[1] ? t[1] : b, b_rows, beta, c, offsets,
+                                                        groups, &served);
+        release_all(t, 2);
         if (s != MOE_OK || served) return s;
     }
     moe_tensor *h;
     MOE_TRY(offsets_on_host(ctx, offsets, &h));
-    moe_status s = moe_op_gemm_grouped(ctx, transb, alpha, a, b, beta, c, moe_tensor_data(h), groups);
+    moe_status s = b_rows ? moe_op_gemm_grouped_wgrad_rows(ctx, alpha, a, b, b_rows, beta, c, moe_tensor_data(h), groups)
+                          : moe_op_gemm_grouped_wgrad(ctx, alpha, a, b, beta, c, moe_tensor_data(h), groups);
     moe_tensor_release(h);
     return s;
 }
 
 moe_status moe_op_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
                                          float beta, moe_tensor *c, const moe_tensor *offsets) {
-    static const char *op = "gemm_grouped_wgrad_dev";
-    ops_arg f[] = {{"a", a}, {"b", b}, {"c", c}};
-    MOE_TRY(ops_check(op, f, 3, NULL, 0));
-    MOE_TRY(ops_out(op, "c", c));
+    return wgrad_dev(ctx, "gemm_grouped_wgrad_dev", alpha, a, b, NULL, beta, c, offsets);
+}
+
+moe_status moe_op_gemm_grouped_wgrad_rows_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                              const moe_tensor *b_rows, float beta, moe_tensor *c,
+                                              const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_wgrad_rows_dev";
+    if (!b_rows) return moe_error(MOE_ERR_ARG, "%s: b_rows is NULL, expected an i64 tensor", op);
+    return wgrad_dev(ctx, op, alpha, a, b, b_rows, beta, c, offsets);
+}
+
+moe_status moe_op_gemm_grouped_swiglu_rows_dev(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *rows,
+                                               const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                               moe_tensor *h, const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_swiglu_rows_dev";
+    ops_arg f[] = {{"x", x}, {"wg", wg}, {"wu", wu}, {"g", g}, {"u", u}, {"h", h}};
+    MOE_TRY(ops_check(op, f, 6, NULL, 0));
     int groups = 0;
-    MOE_TRY(check_offsets_tensor(op, offsets, c->device, &groups));
-    MOE_TRY(check_wgrad(op, a, b, c, offsets_on_device, groups));
+    MOE_TRY(check_offsets_tensor(op, offsets, h->device, &groups));
     const moe_backend *be;
-    MOE_TRY(ops_backend(ctx, op, c->device, &be));
-    if (be->gemm_grouped_wgrad_dev) {
-        moe_tensor *ac, *bc = NULL;
+    MOE_TRY(ops_backend(ctx, op, h->device, &be));
+    moe_status st;
+    const int direct = rows_direct(op, x, rows, offsets_on_device, groups, 1, &st);
+    if (st != MOE_OK) return st;
+    if (be->gemm_grouped_swiglu_dev && direct && offsets_on_dev(offsets)) {
+        MOE_TRY(check_swiglu_rows(op, x, rows, wg, wu, g, u, h, offsets_on_device, groups));
+        moe_tensor *t[2];
+        const moe_tensor *in[2] = {wg, wu};
         int served = 0;
-        MOE_TRY(ops_contig(ctx, a, &ac));
-        moe_status s = ops_contig(ctx, b, &bc);
-        if (s == MOE_OK) s = be->gemm_grouped_wgrad_dev(ctx, alpha, ac, bc, beta, c, offsets, groups, &served);
-        moe_tensor_release(ac);
-        moe_tensor_release(bc);
+        st = contig_all(ctx, in, t, 2);
+        if (st == MOE_OK) st = be->gemm_grouped_swiglu_dev(ctx, x, rows, t[0], t[1], g, u, h, offsets, groups, &served);
+        release_all(t, 2);
+        if (st != MOE_OK || served) return st;
+    }
+    moe_tensor *hs;
+    MOE_TRY(offsets_on_host(ctx, offsets, &hs));
+    st = moe_op_gemm_grouped_swiglu_rows(ctx, x, rows, wg, wu, g, u, h, moe_tensor_data(hs), groups);
+    moe_tensor_release(hs);
+    return st;
+}
+
+moe_status moe_op_gemm_grouped_swiglu_backward_w_dev(moe_ctx *ctx, float alpha, const moe_tensor *dy,
+                                                     const moe_tensor *w, const moe_tensor *g, const moe_tensor *u,
+                                                     const moe_tensor *rw, moe_tensor *dg, moe_tensor *du,
+                                                     moe_tensor *hw, moe_tensor *dw, const moe_tensor *offsets) {
+    static const char *op = "gemm_grouped_swiglu_backward_w_dev";
+    int groups = 0;
+    if (!dg) return moe_error(MOE_ERR_ARG, "%s: dg is NULL, expected a tensor", op);
+    MOE_TRY(check_offsets_tensor(op, offsets, dg->device, &groups));
+    const moe_backend *be;
+    MOE_TRY(ops_backend(ctx, op, dg->device, &be));
+    if (be->gemm_grouped_swiglu_backward_w_dev && offsets_on_dev(offsets)) {
+        MOE_TRY(check_swiglu_backward_w(op, dy, w, g, u, rw, dg, du, hw, dw, offsets_on_device, groups));
+        moe_tensor *t[5];
+        const moe_tensor *in[5] = {dy, w, g, u, rw};
+        int served = 0;
+        moe_status s = contig_all(ctx, in, t, 5);
+        if (s == MOE_OK)
+            s = be->gemm_grouped_swiglu_backward_w_dev(ctx, alpha, t[0], t[1], t[2], t[3], t[4], dg, du, hw, dw, offsets,
+                                                       groups, &served);
+        release_all(t, 5);
         if (s != MOE_OK || served) return s;
     }
     moe_tensor *h;
     MOE_TRY(offsets_on_host(ctx, offsets, &h));
-    moe_status s = moe_op_gemm_grouped_wgrad(ctx, alpha, a, b, beta, c, moe_tensor_data(h), groups);
+    moe_status s = moe_op_gemm_grouped_swiglu_backward_w(ctx, alpha, dy, w, g, u, rw, dg, du, hw, dw,
+                                                         moe_tensor_data(h), groups);
     moe_tensor_release(h);
     return s;
 }

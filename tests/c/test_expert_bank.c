@@ -49,15 +49,15 @@ int main(void) {
 
     moe_tensor *y = NULL;
     moe_bank_tokens bad = {x, tok, NULL, NULL, NULL};
-    moe_status s = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &bad, off, (int)E, &y);
+    moe_status s = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &bad, off, NULL, (int)E, &y);
     report(s == MOE_ERR_ARG && !y, "token rows without a slot map are refused", "%s: %s", moe_status_name(s),
            moe_last_error());
     moe_bank_tokens folded = {x, tok, slots, w, res};
-    s = moe_expert_bank_forward_tokens(gelu, ctx, NULL, NULL, &folded, off, (int)E, &y);
+    s = moe_expert_bank_forward_tokens(gelu, ctx, NULL, NULL, &folded, off, NULL, (int)E, &y);
     report(s == MOE_ERR_ARG && strstr(moe_last_error(), "SwiGLU"), "a GELU bank refuses the folded combine",
            "%s: %s", moe_status_name(s), moe_last_error());
     moe_bank_tokens plain = {x, tok, slots, NULL, NULL};
-    s = moe_expert_bank_forward_tokens(gelu, ctx, NULL, NULL, &plain, off, (int)E, &y);
+    s = moe_expert_bank_forward_tokens(gelu, ctx, NULL, NULL, &plain, off, NULL, (int)E, &y);
     report(s == MOE_ERR_INTERNAL && strstr(moe_last_error(), "not gathered"),
            "a GELU bank needs the gathered rows (xp NULL is refused)", "%s: %s", moe_status_name(s), moe_last_error());
     report(moe_expert_bank_gathers(sw) && !moe_expert_bank_gathers(gelu) && moe_expert_bank_inner(sw) == I,
@@ -70,14 +70,29 @@ int main(void) {
     if (s == MOE_OK) s = moe_expert_bank_forward(sw, ctx, NULL, xp, off, (int)E, &yp);
     if (s == MOE_OK) s = moe_op_gather_sum_add(ctx, ref, res, yp, w, slots);
     moe_tensor *yf = NULL, *yg = NULL;
-    moe_status s2 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, off, (int)E, &yf);
-    moe_status s3 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &plain, off, (int)E, &yg);
+    moe_status s2 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, off, NULL, (int)E, &yf);
+    moe_status s3 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &plain, off, NULL, (int)E, &yg);
     report(s == MOE_OK && s2 == MOE_OK && s3 == MOE_OK && yf && yg && yf->shape[0] == N && yg->shape[0] == A &&
                max_diff(yf, ref) == 0.0f && max_diff(yg, yp) == 0.0f,
            "SwiGLU: gathered by the GEMM and folded = the plain chain, bit for bit", "%s %s %s",
            moe_status_name(s), moe_status_name(s2), moe_status_name(s3));
 
-    moe_tensor *all[] = {x, tok, w, slots, res, xp, yp, ref, yf, yg};
+    /* the offsets as a tensor (the routing's device offsets; here on the CPU) */
+    int64_t sh_o[1] = {E + 1}, sh_bad[1] = {E};
+    moe_tensor *ot = moe_tensor_new_cpu(MOE_I64, 1, sh_o), *obad = moe_tensor_new_cpu(MOE_I64, 1, sh_bad), *yt = NULL;
+    memcpy(moe_tensor_data(ot), off, sizeof off);
+    moe_status s4 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, NULL, ot, (int)E, &yt);
+    report(s4 == MOE_OK && yt && max_diff(yt, ref) == 0.0f, "SwiGLU folded: offsets in a tensor = host offsets",
+           "%s: %s", moe_status_name(s4), moe_last_error());
+    moe_tensor *yb = NULL;
+    s4 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, NULL, obad, (int)E, &yb);
+    report(s4 == MOE_ERR_SHAPE && !yb && strstr(moe_last_error(), "offsets_dev must be i64 [4]"),
+           "offsets in a tensor of the wrong length are refused", "%s: %s", moe_status_name(s4), moe_last_error());
+    s4 = moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, NULL, NULL, (int)E, &yb);
+    report(s4 == MOE_ERR_ARG && !yb && strstr(moe_last_error(), "offsets is NULL"),
+           "no offsets at all are refused", "%s: %s", moe_status_name(s4), moe_last_error());
+
+    moe_tensor *all[] = {x, tok, w, slots, res, xp, yp, ref, yf, yg, ot, obad, yt};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     moe_layer_release(sw);
     moe_layer_release(gelu);

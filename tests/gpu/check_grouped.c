@@ -423,6 +423,110 @@ static void swiglu_bwd_w_check(const char *what, const int64_t *off, int G, int6
     pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&rw); pfree(&dg); pfree(&du); pfree(&hw); pfree(&dw);
 }
 
+/* the device result d against the device result r of the host-offset call:
+ * the same bytes, or (a weight gradient, whose rows the host call may split
+ * into chunks summed in another order) within a relative L2 error of 1e-2 */
+static void same_as(const char *name, const char *part, const moe_tensor *d, const moe_tensor *r, int exact) {
+    moe_tensor *rh = host_of(r);
+    char n[300];
+    snprintf(n, sizeof n, "%.220s: %s %s the host offsets'", name, part, exact ? "= (bytes)" : "close to");
+    if (exact) check(n, BF, d, rh, 0.0);
+    else check2(n, BF, d, rh, INFINITY, 1e-2);
+    moe_tensor_release(rh);
+}
+
+/* The own kernel with the offsets on the device (the _dev ops; each block
+ * builds its schedule, the grid is sized for the most tiles the rows can
+ * make): the MoE step's calls - the SwiGLU forward over gathered rows, the
+ * weighted SwiGLU backward, the dx pair, the down projection and the weight
+ * gradient over gathered rows - each served on the device, with the bytes of
+ * the same calls with host offsets (the weight gradient within bf16: with host
+ * offsets a heavy expert's rows may split). Then offsets that break the
+ * contract: no check, no fault. */
+static void dev_offsets_check(const char *what, const int64_t *off, int G, int64_t N, int64_t K, int64_t I) {
+    const int64_t M = off[G];
+    moe_tensor *od = upload_offsets(off, G);
+    moe_tensor *rh = moe_tensor_new_cpu(MOE_I64, SH(M));
+    die_if(!rh, "rows");
+    for (int64_t i = 0; i < M; i++) ((int64_t *)moe_tensor_data(rh))[i] = (i * 7919 + 13) % N;
+    moe_tensor *rd = moe_op_to(ctx, rh, GPU, MOE_I64);
+    die_if(!rd, "rows upload");
+    char name[220];
+    snprintf(name, sizeof name, "kernel, offsets on the device, %s: G=%d N=%lld M=%lld K=%lld I=%lld", what, G,
+             (long long)N, (long long)M, (long long)K, (long long)I);
+    pair xs = in_randn(BF, SH(N, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
+    pair wd = in_randn(BF, SH(G, K, I)), dy = in_randn(BF, SH(M, K)), rw = in_pair(BF, SH(M), 0.5f, 0.5f, 1);
+    moe_tensor *o[2][8];   /* g, u, h, dg, du, hw, dw, y: [0] device offsets, [1] host offsets */
+    for (int v = 0; v < 2; v++) {
+        for (int i = 0; i < 6; i++) o[v][i] = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        o[v][6] = moe_tensor_new(ctx, BF, SH(M), GPU);
+        o[v][7] = moe_tensor_new(ctx, BF, SH(M, K), GPU);
+        for (int i = 0; i < 8; i++) die_if(!o[v][i] || moe_op_fill(ctx, o[v][i], NAN) != MOE_OK, "outputs");
+    }
+    uint64_t d0 = dev_calls();
+    moe_status s = moe_op_gemm_grouped_swiglu_rows_dev(ctx, xs.d, rd, wg.d, wu.d, o[0][0], o[0][1], o[0][2], od);
+    if (s == MOE_OK)
+        s = moe_op_gemm_grouped_swiglu_backward_w_dev(ctx, 0.9f, dy.d, wd.d, o[0][0], o[0][1], rw.d, o[0][3], o[0][4],
+                                                      o[0][5], o[0][6], od);
+    if (s == MOE_OK) s = moe_op_gemm_grouped_pair_dev(ctx, 0, 1.0f, o[0][4], wu.d, o[0][3], wg.d, 0.0f, o[0][7], od);
+    const uint64_t nd = dev_calls() - d0;
+    moe_status s2 = moe_op_gemm_grouped_swiglu_rows(ctx, xs.d, rd, wg.d, wu.d, o[1][0], o[1][1], o[1][2], off, G);
+    if (s2 == MOE_OK)
+        s2 = moe_op_gemm_grouped_swiglu_backward_w(ctx, 0.9f, dy.d, wd.d, o[1][0], o[1][1], rw.d, o[1][3], o[1][4],
+                                                   o[1][5], o[1][6], off, G);
+    if (s2 == MOE_OK) s2 = moe_op_gemm_grouped_pair(ctx, 0, 1.0f, o[1][4], wu.d, o[1][3], wg.d, 0.0f, o[1][7], off, G);
+    if (s != MOE_OK || s2 != MOE_OK) {
+        ok(0, "%s: a call failed: %s", name, moe_last_error());
+    } else {
+        ok(nd == 3, "%s: three calls served on the device (%llu)", name, (unsigned long long)nd);
+        static const char *nm[8] = {"gate", "up", "activation", "dgate", "dup", "w h", "dw", "dx pair"};
+        for (int i = 0; i < 8; i++) same_as(name, nm[i], o[0][i], o[1][i], 1);
+        /* the down projection (plain forward) and the weight gradient over gathered rows */
+        pair c = out_pair(BF, SH(M, K));
+        moe_tensor *c2 = moe_tensor_new(ctx, BF, SH(M, K), GPU);
+        die_if(!c2, "down outputs");
+        d0 = dev_calls();
+        s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, o[0][2], wd.d, 0.0f, c.d, od);
+        ok(s == MOE_OK && dev_calls() - d0 == 1, "%s: down projection served on the device (%s)", name, moe_last_error());
+        die_if(moe_op_gemm_grouped(ctx, 1, 1.0f, o[1][2], wd.d, 0.0f, c2, off, G) != MOE_OK, "down, host offsets");
+        if (s == MOE_OK) same_as(name, "down projection", c.d, c2, 1);
+        pair gw = out_pair(BF, SH(G, I, K));
+        moe_tensor *gw2 = moe_tensor_new(ctx, BF, SH(G, I, K), GPU);
+        die_if(!gw2 || moe_op_fill(ctx, gw.d, NAN) != MOE_OK, "wgrad outputs");
+        d0 = dev_calls();
+        s = moe_op_gemm_grouped_wgrad_rows_dev(ctx, 1.0f, o[0][3], xs.d, rd, 0.0f, gw.d, od);
+        ok(s == MOE_OK && dev_calls() - d0 == 1, "%s: weight gradient over gathered rows served on the device (%s)",
+           name, moe_last_error());
+        die_if(moe_op_gemm_grouped_wgrad_rows(ctx, 1.0f, o[1][3], xs.d, rd, 0.0f, gw2, off, G) != MOE_OK,
+               "wgrad, host offsets");
+        if (s == MOE_OK) same_as(name, "weight gradient", gw.d, gw2, 0);
+        /* accumulating (beta 1) on the device's own result, against the host call doing the same */
+        s = moe_op_gemm_grouped_wgrad_rows_dev(ctx, 0.5f, o[0][4], xs.d, rd, 1.0f, gw.d, od);
+        die_if(moe_op_gemm_grouped_wgrad_rows(ctx, 0.5f, o[1][4], xs.d, rd, 1.0f, gw2, off, G) != MOE_OK, "beta 1");
+        if (s == MOE_OK) same_as(name, "weight gradient, accumulating", gw.d, gw2, 0);
+        /* contract-breaking offsets: out of order, past M, below 0; then a good call again */
+        int64_t bad[257];
+        for (int g = 0; g <= G; g++) bad[g] = (g * 7 % (G + 1)) * (M / 3 + 5) - (g == 1 ? 50 : 0);
+        moe_tensor *ob = upload_offsets(bad, G);
+        d0 = dev_calls();
+        s = moe_op_gemm_grouped_swiglu_rows_dev(ctx, xs.d, rd, wg.d, wu.d, o[0][0], o[0][1], o[0][2], ob);
+        if (s == MOE_OK)
+            s = moe_op_gemm_grouped_wgrad_rows_dev(ctx, 1.0f, o[0][3], xs.d, rd, 0.0f, gw2, ob);
+        moe_tensor *back = s == MOE_OK ? host_of(o[0][2]) : NULL;
+        ok(s == MOE_OK && back && dev_calls() - d0 == 2, "%s: contract-breaking offsets on the device, no fault (%s)",
+           name, moe_last_error());
+        moe_tensor_release(back);
+        moe_tensor_release(ob);
+        s = moe_op_gemm_grouped_swiglu_rows_dev(ctx, xs.d, rd, wg.d, wu.d, o[0][0], o[0][1], o[0][2], od);
+        if (s == MOE_OK) same_as(name, "activation after bad offsets", o[0][2], o[1][2], 1);
+        pfree(&c); pfree(&gw); moe_tensor_release(c2); moe_tensor_release(gw2);
+    }
+    for (int v = 0; v < 2; v++)
+        for (int i = 0; i < 8; i++) moe_tensor_release(o[v][i]);
+    pfree(&xs); pfree(&wg); pfree(&wu); pfree(&wd); pfree(&dy); pfree(&rw);
+    moe_tensor_release(od); moe_tensor_release(rh); moe_tensor_release(rd);
+}
+
 int main(void) {
     gpucheck_begin();
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
@@ -521,6 +625,16 @@ int main(void) {
     swiglu_bwd_w_check("partial tiles", off, 8, 72, 200);
     make_offsets(off, 32, 1700, 0);
     swiglu_bwd_w_check("step model", off, 32, 1024, 512);
+    /* offsets on the device: partial tiles and empty experts; the step model; one heavy expert; 256 experts */
+    make_offsets(off, 8, 300, 3);
+    dev_offsets_check("partial tiles", off, 8, 500, 72, 128);
+    make_offsets(off, 32, 1700, 0);
+    dev_offsets_check("step model", off, 32, 8192, 1024, 512);
+    make_offsets(off, 32, 200, 0);
+    for (int g = 5; g <= 32; g++) off[g] += 6000;
+    dev_offsets_check("one heavy expert", off, 32, 8192, 1024, 512);
+    make_offsets(off, 256, 40, 0);
+    dev_offsets_check("256 experts", off, 256, 4096, 64, 64);
     make_offsets(off, 8, 300, 3);
     swiglu_bwd_check("partial tiles", off, 8, 72, 200, 1);
     make_offsets(off, 32, 700, 0);

@@ -428,6 +428,7 @@ static void test_block(int64_t k, float cf, moe_dtype dt) {
     moe_tensor *xh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0), *rh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0);
     moe_tensor *x = to_gpu(xh, dt), *r = to_gpu(rh, dt);
     block_run a = run_block(l, x, r);
+    die_if(moe_block_fetch_stats(ctx, l) != MOE_OK, "routing statistics");
     const moe_route_stats *st = moe_block_last_stats(l);
     int64_t dropped = st ? st->dropped : -1;
     setenv("MOELAB_MOE_GATHER", "0", 1);
@@ -443,6 +444,54 @@ static void test_block(int64_t k, float cf, moe_dtype dt) {
         double ey = max_err(a.y, b.y), ex = max_err(a.dx, b.dx), eg = max_err(a.grads, b.grads);
         ok(ey <= tol && ex <= tol && eg <= tol && (cf == 0 || dropped > 0),
            "%s [%s]: max err y %.3g, dx %.3g, param grads %.3g", name, dtn(dt), ey, ex, eg);
+    }
+    free_run(&a);
+    free_run(&b);
+    moe_tensor_release(xh); moe_tensor_release(rh); moe_tensor_release(x); moe_tensor_release(r);
+    moe_layer_release(l);
+}
+
+/* bf16, no capacity, SwiGLU, MOELAB_ROUTE_DEFER=1: the routing does not wait,
+ * and every grouped GEMM of the step reads the offsets on the device; the same
+ * results (the forward bit for bit) and statistics as with the wait (the default). */
+static void test_block_deferred(int64_t k) {
+    const int64_t hidden = 96, tokens = 512;
+    moe_block_cfg c = block_cfg(hidden, k, 0.0f);
+    moe_init init = {29, 0};
+    moe_layer *l = moe_block_new(ctx, &c, NULL, &init);
+    die_if(!l, "moe block");
+    die_if(moe_layer_flatten(ctx, l, GPU) != MOE_OK || moe_layer_set_compute_dtype(ctx, l, MOE_BF16) != MOE_OK, "bf16 block");
+    moe_tensor *xh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0), *rh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0);
+    moe_tensor *x = to_gpu(xh, MOE_BF16), *r = to_gpu(rh, MOE_BF16);
+    uint64_t d0 = 0, d1 = 0, d2 = 0;
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d0) != MOE_OK, "dev calls");
+    setenv("MOELAB_ROUTE_DEFER", "1", 1);
+    block_run a = run_block(l, x, r);
+    unsetenv("MOELAB_ROUTE_DEFER");
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d1) != MOE_OK, "dev calls");
+    const int pending = moe_block_last_stats(l) == NULL;
+    die_if(moe_block_fetch_stats(ctx, l) != MOE_OK, "routing statistics");
+    const moe_route_stats *sa = moe_block_last_stats(l);
+    int64_t ca[8] = {0}, sum = 0;
+    for (int j = 0; sa && j < 8; j++) { ca[j] = sa->counts[j]; sum += ca[j]; }
+    block_run b = run_block(l, x, r);
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d2) != MOE_OK, "dev calls");
+    const moe_route_stats *sb = moe_block_last_stats(l);
+    int same_counts = sa && sb && sb->assignments == sa->assignments;
+    for (int j = 0; same_counts && j < 8; j++) same_counts = sb->counts[j] == ca[j];
+    ok(pending && sa && sum == tokens * k && same_counts,
+       "MoE block top-%lld deferred routing: statistics pending until fetched, then those of the waiting run "
+       "(%lld assignments)", (long long)k, (long long)sum);
+    /* forward: SwiGLU rows and down; backward: the weighted SwiGLU, the dx pair, three weight gradients */
+    ok(d1 - d0 == 7 && d2 == d1, "MoE block top-%lld deferred routing: %llu grouped GEMMs read the offsets on the device "
+       "(7 expected), %llu with the wait", (long long)k, (unsigned long long)(d1 - d0), (unsigned long long)(d2 - d1));
+    if (!a.y || !a.dx || !b.y || !b.dx) {
+        ok(0, "MoE block top-%lld deferred routing: a run failed: %s", (long long)k, moe_last_error());
+    } else {
+        double ey = max_err(a.y, b.y), ex = max_err(a.dx, b.dx), eg = max_err(a.grads, b.grads);
+        ok(ey == 0 && ex <= 3e-2 && eg <= 3e-2,
+           "MoE block top-%lld deferred routing = waiting [bf16]: max err y %.3g (0 expected), dx %.3g, param grads %.3g",
+           (long long)k, ey, ex, eg);
     }
     free_run(&a);
     free_run(&b);
@@ -605,6 +654,8 @@ int main(void) {
     test_block(4, 0.0f, MOE_F32);
     test_block(2, 0.8f, MOE_BF16);
     test_block(4, 0.0f, MOE_BF16);   /* no capacity: the queued dispatch, the fused SwiGLU experts */
+    test_block_deferred(2);
+    test_block_deferred(8);
     test_block_cpu(4);
     test_block_cpu(1);
     if (!getenv("MOELAB_CHECK_NO_TIMING")) {

@@ -36,12 +36,6 @@ static uint64_t tma_calls(void) {
 /* The offsets on the device (moe_op_gemm_grouped_dev / _wgrad_dev): the TMA
  * kernel reads them there and builds its schedule in each block; the results
  * against the CPU with the same offsets on the host. */
-static uint64_t dev_calls(void) {
-    uint64_t n = 0;
-    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &n) != MOE_OK, "device-offset counter");
-    return n;
-}
-
 /* which path served a call: n TMA launches, nd of them reading the offsets on the device */
 static void served(const char *name, uint64_t n, uint64_t nd, int want_tma, int dev) {
     if (dev)
@@ -52,16 +46,6 @@ static void served(const char *name, uint64_t n, uint64_t nd, int want_tma, int 
            (unsigned long long)n);
 }
 
-static moe_tensor *offsets_dev(const int64_t *off, int G) {
-    moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
-    die_if(!h, "offsets");
-    memcpy(moe_tensor_data(h), off, (size_t)(G + 1) * sizeof *off);
-    moe_tensor *d = moe_op_to(ctx, h, GPU, MOE_I64);
-    die_if(!d, "offsets upload");
-    moe_tensor_release(h);
-    return d;
-}
-
 /* dev: the offsets in a device tensor (gemm_grouped_dev), which the kernel must read there */
 static void fwd_run(int tb, const char *what, float beta, const int64_t *off, int G, int64_t K, int64_t N,
                     int want_tma, int dev) {
@@ -69,7 +53,7 @@ static void fwd_run(int tb, const char *what, float beta, const int64_t *off, in
     pair a = in_randn(BF, SH(M, K)), c = in_randn(BF, SH(M, N));
     pair b = tb ? in_randn(BF, SH(G, N, K)) : in_randn(BF, SH(G, K, N));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    moe_tensor *od = dev ? offsets_dev(off, G) : NULL;
+    moe_tensor *od = dev ? upload_offsets(off, G) : NULL;
     char name[200];
     snprintf(name, sizeof name, "TMA %s%s %s: beta=%g G=%d M=%lld K=%lld N=%lld", tb ? "fwd" : "dgrad",
              dev ? ", offsets on the device," : "", what, beta, G, (long long)M, (long long)K, (long long)N);
@@ -121,7 +105,7 @@ static void wgrad_run(const char *what, float beta, const int64_t *off, int G, i
     int64_t M = off[G];
     pair a = in_randn(BF, SH(M, P)), b = in_randn(BF, SH(M, Q)), c = in_randn(BF, SH(G, P, Q));
     if (beta == 0.0f) die_if(moe_op_fill(ctx, c.d, NAN) != MOE_OK, "poison");
-    moe_tensor *od = dev ? offsets_dev(off, G) : NULL;
+    moe_tensor *od = dev ? upload_offsets(off, G) : NULL;
     char name[200];
     snprintf(name, sizeof name, "TMA wgrad%s %s: beta=%g G=%d M=%lld P=%lld Q=%lld", dev ? ", offsets on the device," : "",
              what, beta, G, (long long)M, (long long)P, (long long)Q);
@@ -150,7 +134,7 @@ static void dev_bad_offsets(void) {
     const int G = 4;
     const int64_t K = 64, N = 128, M = 300, bad[5] = {0, 200, 100, 900, -5};
     pair a = in_randn(BF, SH(M, K)), b = in_randn(BF, SH(G, N, K)), c = in_randn(BF, SH(M, N));
-    moe_tensor *od = offsets_dev(bad, G);
+    moe_tensor *od = upload_offsets(bad, G);
     const uint64_t d0 = dev_calls();
     moe_status s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a.d, b.d, 0.0f, c.d, od);
     moe_tensor *back = s == MOE_OK ? moe_op_to(ctx, c.d, MOE_DEVICE_CPU, MOE_F32) : NULL;   /* waits: a fault shows */
@@ -160,7 +144,7 @@ static void dev_bad_offsets(void) {
     moe_tensor_release(od);
     /* the first offset past 0, the last short of M (rows no group covers), and the weight gradient's */
     const int64_t shifted[5] = {50, 60, 70, 80, 90};
-    od = offsets_dev(shifted, G);
+    od = upload_offsets(shifted, G);
     s = moe_op_gemm_grouped_dev(ctx, 1, 1.0f, a.d, b.d, 0.5f, c.d, od);
     back = s == MOE_OK ? moe_op_to(ctx, c.d, MOE_DEVICE_CPU, MOE_F32) : NULL;
     ok(s == MOE_OK && back, "TMA, offsets on the device from 50 to 90 of 300 rows: no fault (%s)",
@@ -168,7 +152,7 @@ static void dev_bad_offsets(void) {
     moe_tensor_release(back);
     moe_tensor_release(od);
     pair wa = in_randn(BF, SH(M, 128)), wb = in_randn(BF, SH(M, 256)), wc = in_randn(BF, SH(G, 128, 256));
-    od = offsets_dev(bad, G);
+    od = upload_offsets(bad, G);
     const uint64_t d1 = dev_calls();
     s = moe_op_gemm_grouped_wgrad_dev(ctx, 1.0f, wa.d, wb.d, 0.0f, wc.d, od);
     back = s == MOE_OK ? moe_op_to(ctx, wc.d, MOE_DEVICE_CPU, MOE_F32) : NULL;

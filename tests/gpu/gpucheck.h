@@ -154,6 +154,24 @@ static void check2(const char *name, moe_dtype dt, const moe_tensor *gpu, const 
     else ok(0, "%s [%s]: max err %.3g (tol %.3g), rel l2 %.3g (tol %.3g)", name, dtn(dt), e, tol, l, l2tol);
 }
 
+/* G + 1 row offsets uploaded to the GPU as an i64 tensor (the _dev grouped ops) */
+static moe_tensor *upload_offsets(const int64_t *off, int G) {
+    moe_tensor *h = moe_tensor_new_cpu(MOE_I64, 1, (int64_t[]){G + 1});
+    die_if(!h, "offsets");
+    memcpy(moe_tensor_data(h), off, (size_t)(G + 1) * sizeof *off);
+    moe_tensor *d = moe_op_to(ctx, h, GPU, MOE_I64);
+    die_if(!d, "offsets upload");
+    moe_tensor_release(h);
+    return d;
+}
+
+/* the grouped GEMM calls that read their offsets on the device, so far */
+static uint64_t dev_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_grouped_dev_calls(ctx, 0, &n) != MOE_OK, "device-offset counter");
+    return n;
+}
+
 /* Row offsets of G experts with sizes in [0, maxrows] drawn from the running
  * seed, the first and last expert and every empty_every-th (0: none) empty. */
 static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {

@@ -68,6 +68,8 @@ static const moe_backend cuda_backend = {
     /* gemm_grouped_swiglu_backward_w_fuses */ cuda_gemm_grouped_swiglu_backward_w_fuses,
     /* gemm_grouped_dev */ cuda_gemm_grouped_dev,
     /* gemm_grouped_wgrad_dev */ cuda_gemm_grouped_wgrad_dev,
+    /* gemm_grouped_swiglu_dev */ cuda_gemm_grouped_swiglu_dev,
+    /* gemm_grouped_swiglu_backward_w_dev */ cuda_gemm_grouped_swiglu_backward_w_dev,
 };
 
 extern "C" int moe_cuda_device_count(void) {

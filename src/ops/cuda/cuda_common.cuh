@@ -125,11 +125,21 @@ moe_status cuda_gemm_grouped(moe_ctx *, int transb, float alpha, const moe_tenso
                              float beta, moe_tensor *c, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_wgrad(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
                                    moe_tensor *c, const int64_t *offsets, int groups);
-// offsets on the device (ops.h gemm_grouped_dev): the TMA kernel where the policy gives it the call, else *served = 0
+// offsets on the device (ops.h gemm_grouped_dev and kin; backend.h): the TMA or
+// the own kernel where the policy gives it the call, else *served = 0
 moe_status cuda_gemm_grouped_dev(moe_ctx *, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
-                                 float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
-moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
-                                       moe_tensor *c, const moe_tensor *offsets, int groups, int *served);
+                                 const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                 const moe_tensor *offsets, int groups, int *served);
+moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                       const moe_tensor *b_rows, float beta, moe_tensor *c, const moe_tensor *offsets,
+                                       int groups, int *served);
+moe_status cuda_gemm_grouped_swiglu_dev(moe_ctx *, const moe_tensor *x, const moe_tensor *x_rows, const moe_tensor *wg,
+                                        const moe_tensor *wu, moe_tensor *g, moe_tensor *u, moe_tensor *h,
+                                        const moe_tensor *offsets, int groups, int *served);
+moe_status cuda_gemm_grouped_swiglu_backward_w_dev(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                                   const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
+                                                   moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
+                                                   const moe_tensor *offsets, int groups, int *served);
 moe_status cuda_gemm_grouped_pair(moe_ctx *, int transb, float alpha, const moe_tensor *a1, const moe_tensor *b1,
                                   const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
                                   const int64_t *offsets, int groups);
@@ -143,10 +153,10 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *, float alpha, const moe
                                                const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                const int64_t *offsets, int groups, int *served);
-int cuda_gemm_grouped_rows_fuses(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
-                                 int groups);
+int cuda_gemm_grouped_rows_fuses(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
+                                 const int64_t *offsets, int groups);
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
-                                              const int64_t *offsets, int groups);
+                                              int64_t rows, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu(moe_ctx *, const moe_tensor *x, const moe_tensor *wg, const moe_tensor *wu,
                                     moe_tensor *g, moe_tensor *u, moe_tensor *h, const int64_t *offsets, int groups);
 moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *, float alpha, const moe_tensor *dy, const moe_tensor *w,

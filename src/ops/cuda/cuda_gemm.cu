@@ -318,7 +318,7 @@ static bool want_batched(int mode, double flops, const int64_t *offsets, int gro
     if (mode == MOE_CUDA_GROUPED_BATCHED || mode == MOE_CUDA_GROUPED_PADDED || mode == MOE_CUDA_GROUPED_KERNEL)
         return true;
     if (mode == MOE_CUDA_GROUPED_LOOP) return false;
-    int busy = busy_groups(offsets, groups);
+    int busy = offsets ? busy_groups(offsets, groups) : groups;   // offsets on the device: taken as all busy
     return busy > 0 && flops / busy < 6e9;
 }
 
@@ -449,7 +449,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
     }
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
-        MOE_TRY(cuda_mma_grouped(d, transb, alpha, A, B, beta, C, offsets, groups, K, N, &ran));
+        MOE_TRY(cuda_mma_grouped(d, transb, alpha, A, B, beta, C, offsets, nullptr, groups, 0, K, N, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     if (want_batched(d->grouped_gemm, flops, offsets, groups) && K > 0 && N > 0 && aligned16(A) && aligned16(B) &&
@@ -509,8 +509,8 @@ moe_status cuda_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const m
     if (use_kernel(d->grouped_gemm, flops, offsets, groups, c->dtype, a1->dtype, b1->dtype)) {   // a2, b2: a1's dtype
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_pair(d, transb, alpha, moe_tensor_data(a1), moe_tensor_data(b1), moe_tensor_data(a2),
-                                      moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, groups, K1, N,
-                                      &ran));
+                                      moe_tensor_data(b2), K2, beta, moe_tensor_data(c), offsets, nullptr, groups, 0,
+                                      K1, N, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     MOE_TRY(cuda_gemm_grouped(ctx, transb, alpha, a1, b1, beta, c, offsets, groups));
@@ -543,7 +543,8 @@ static moe_status swiglu_forward(moe_ctx *ctx, const moe_tensor *x, const moe_te
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), rows ? (const int64_t *)moe_tensor_data(rows) : nullptr,
                                         moe_tensor_data(wg), moe_tensor_data(wu), moe_tensor_data(g),
-                                        moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K, de, &ran));
+                                        moe_tensor_data(u), moe_tensor_data(h), offsets, nullptr, groups, 0, K, de,
+                                        &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     if (rows) {
@@ -581,7 +582,7 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_swiglu_bwd(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
                                             moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du),
-                                            h ? moe_tensor_data(h) : nullptr, offsets, groups, K, de, &ran));
+                                            h ? moe_tensor_data(h) : nullptr, offsets, nullptr, groups, 0, K, de, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
@@ -594,27 +595,29 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
 }
 
 // Whether the own kernel would serve a grouped call over these rows, K and N
-// (N a multiple of n_mult) under the strategies given (the wgrad's too when asked).
+// (N a multiple of n_mult) under the strategies given (the wgrad's too when
+// asked); offsets NULL: the rows on the device, taken as spread over every group.
 static int kernel_would_serve(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int n_mult,
-                              const int64_t *offsets, int groups, bool wgrad_too) {
+                              int64_t rows, const int64_t *offsets, int groups, bool wgrad_too) {
     cuda_dev *d = cuda_dev_get(ctx, dev);
+    if (offsets && groups >= 1) rows = offsets[groups] - offsets[0];
     if (!d || dt != MOE_BF16 || K <= 0 || N <= 0 || K % 8 || N % n_mult || groups < 1 ||
-        groups > MOE_MMA_GROUPED_MAX_GROUPS || offsets[groups] >= (int64_t)INT32_MAX - 128)
+        groups > MOE_MMA_GROUPED_MAX_GROUPS || rows < 0 || rows >= (int64_t)INT32_MAX - 128)
         return 0;
-    double flops = 2.0 * (double)(offsets[groups] - offsets[0]) * (double)K * (double)N;
+    double flops = 2.0 * (double)rows * (double)K * (double)N;
     return use_kernel(d->grouped_gemm, flops, offsets, groups, dt, dt, dt) &&
            (!wgrad_too || use_kernel(d->grouped_wgrad, flops, offsets, groups, dt, dt, dt));
 }
 
 // the rows calls' forward (the SwiGLU kernel: N a multiple of 64) and weight gradient
-int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, const int64_t *offsets,
-                                 int groups) {
-    return kernel_would_serve(ctx, dev, dt, K, N, 64, offsets, groups, true);
+int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
+                                 const int64_t *offsets, int groups) {
+    return kernel_would_serve(ctx, dev, dt, K, N, 64, rows, offsets, groups, true);
 }
 
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
-                                              const int64_t *offsets, int groups) {
-    return kernel_would_serve(ctx, dev, dt, K, de, 8, offsets, groups, false);
+                                              int64_t rows, const int64_t *offsets, int groups) {
+    return kernel_would_serve(ctx, dev, dt, K, de, 8, rows, offsets, groups, false);
 }
 
 // The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
@@ -635,7 +638,7 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const 
     MOE_TRY(cuda_mma_grouped_swiglu_bwd_w(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
                                           moe_tensor_data(u), moe_tensor_data(rw), moe_tensor_data(dg),
                                           moe_tensor_data(du), moe_tensor_data(hw), moe_tensor_data(dw),
-                                          dw->dtype == MOE_BF16, offsets, groups, K, de, &ran));
+                                          dw->dtype == MOE_BF16, offsets, nullptr, groups, 0, K, de, &ran));
     if (ran) { count_kernel(d); *served = 1; }
     return MOE_OK;
 }
@@ -668,7 +671,7 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
     if (use_kernel(d->grouped_wgrad, flops, offsets, groups, c->dtype, a->dtype, b->dtype)) {
         bool ran = false;
         MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, A, B, b_rows ? (const int64_t *)moe_tensor_data(b_rows) : nullptr,
-                                       beta, C, offsets, groups, P, Q, &ran));
+                                       beta, C, offsets, nullptr, groups, 0, P, Q, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
     }
     if (b_rows) {
@@ -735,30 +738,101 @@ moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_ten
     return wgrad(ctx, alpha, a, b, b_rows, beta, c, offsets, groups);
 }
 
+// ---- the row offsets on the device ----
+// The TMA kernel where the call's policy gives it the call, else the own
+// kernel where it would take it (the data-dependent parts of the policy take
+// the rows as spread over every group); a call neither takes is left to the
+// ops layer (*served 0), which reads the offsets back.
+
+static const int64_t *dev_offsets(const moe_tensor *offsets) { return (const int64_t *)moe_tensor_data(offsets); }
+static void count_dev(cuda_dev *d, bool tma, int *served) {
+    if (tma) count_tma(d);
+    else count_kernel(d);
+    d->n_grouped_dev++;
+    *served = 1;
+}
+
 moe_status cuda_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const moe_tensor *a, const moe_tensor *b,
-                                 float beta, moe_tensor *c, const moe_tensor *offsets, int groups, int *served) {
+                                 const moe_tensor *a2, const moe_tensor *b2, float beta, moe_tensor *c,
+                                 const moe_tensor *offsets, int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, c->device);
-    const int64_t K = a->shape[1], N = c->shape[1];
-    if (!use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, true, c->dtype, a->dtype, b->dtype)) return MOE_OK;
+    const int64_t M = a->shape[0], K = a->shape[1], K2 = a2 ? a2->shape[1] : 0, N = c->shape[1];
+    const void *A2 = a2 ? moe_tensor_data(a2) : nullptr, *B2 = b2 ? moe_tensor_data(b2) : nullptr;
+    const int64_t *off = dev_offsets(offsets);
     bool ran = false;
-    MOE_TRY(cuda_tma_grouped_dev(d, transb, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
-                                 (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], K, N, &ran));
-    if (ran) { count_tma(d); d->n_grouped_dev++; *served = 1; }
+    if (use_tma(d, d->grouped_gemm, 2.0 * (double)(K + K2) * (double)N, true, c->dtype, a->dtype, b->dtype)) {
+        MOE_TRY(cuda_tma_grouped_dev(d, transb, alpha, moe_tensor_data(a), moe_tensor_data(b), A2, B2, K2, beta,
+                                     moe_tensor_data(c), off, groups, M, K, N, &ran));
+        if (ran) { count_dev(d, true, served); return MOE_OK; }
+    }
+    const double flops = 2.0 * (double)M * (double)(K + K2) * (double)N;
+    if (!use_kernel(d->grouped_gemm, flops, nullptr, groups, c->dtype, a->dtype, b->dtype)) return MOE_OK;
+    MOE_TRY(cuda_mma_grouped_pair(d, transb, alpha, moe_tensor_data(a), moe_tensor_data(b), A2, B2, K2, beta,
+                                  moe_tensor_data(c), nullptr, off, groups, M, K, N, &ran));
+    if (ran) count_dev(d, false, served);
     return MOE_OK;
 }
 
-moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b, float beta,
-                                       moe_tensor *c, const moe_tensor *offsets, int groups, int *served) {
+moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tensor *a, const moe_tensor *b,
+                                       const moe_tensor *b_rows, float beta, moe_tensor *c, const moe_tensor *offsets,
+                                       int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, c->device);
-    const int64_t P = a->shape[1], Q = b->shape[1];
-    if (!use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, wgrad_fills(d, groups, P, Q), c->dtype, a->dtype,
-                 b->dtype))
-        return MOE_OK;
+    const int64_t M = a->shape[0], P = a->shape[1], Q = b->shape[1];
+    const int64_t *off = dev_offsets(offsets);
     bool ran = false;
-    MOE_TRY(cuda_tma_grouped_wgrad_dev(d, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
-                                       (const int64_t *)moe_tensor_data(offsets), groups, a->shape[0], P, Q, &ran));
-    if (ran) { count_tma(d); d->n_grouped_dev++; *served = 1; }
+    if (!b_rows && use_tma(d, d->grouped_wgrad, 2.0 * (double)P * (double)Q, wgrad_fills(d, groups, P, Q), c->dtype,
+                           a->dtype, b->dtype)) {
+        MOE_TRY(cuda_tma_grouped_wgrad_dev(d, alpha, moe_tensor_data(a), moe_tensor_data(b), beta, moe_tensor_data(c),
+                                           off, groups, M, P, Q, &ran));
+        if (ran) { count_dev(d, true, served); return MOE_OK; }
+    }
+    const double flops = 2.0 * (double)M * (double)P * (double)Q;
+    if (!use_kernel(d->grouped_wgrad, flops, nullptr, groups, c->dtype, a->dtype, b->dtype)) return MOE_OK;
+    MOE_TRY(cuda_mma_grouped_wgrad(d, alpha, moe_tensor_data(a), moe_tensor_data(b),
+                                   b_rows ? (const int64_t *)moe_tensor_data(b_rows) : nullptr, beta,
+                                   moe_tensor_data(c), nullptr, off, groups, M, P, Q, &ran));
+    if (ran) count_dev(d, false, served);
+    return MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_swiglu_dev(moe_ctx *ctx, const moe_tensor *x, const moe_tensor *x_rows,
+                                        const moe_tensor *wg, const moe_tensor *wu, moe_tensor *g, moe_tensor *u,
+                                        moe_tensor *h, const moe_tensor *offsets, int groups, int *served) {
+    *served = 0;
+    CUDA_ENTER(d, ctx, h->device);
+    const int64_t M = g->shape[0], K = x->shape[1], de = g->shape[1];
+    const double flops = 2.0 * (double)M * (double)K * (double)de;
+    const moe_tensor *all[] = {x, wg, wu, g, u, h};
+    for (const moe_tensor *t : all)
+        if (t->dtype != MOE_BF16) return MOE_OK;
+    if (!use_kernel(d->grouped_gemm, flops, nullptr, groups, h->dtype, x->dtype, wg->dtype)) return MOE_OK;
+    bool ran = false;
+    MOE_TRY(cuda_mma_grouped_swiglu(d, moe_tensor_data(x), x_rows ? (const int64_t *)moe_tensor_data(x_rows) : nullptr,
+                                    moe_tensor_data(wg), moe_tensor_data(wu), moe_tensor_data(g), moe_tensor_data(u),
+                                    moe_tensor_data(h), nullptr, dev_offsets(offsets), groups, M, K, de, &ran));
+    if (ran) count_dev(d, false, served);
+    return MOE_OK;
+}
+
+moe_status cuda_gemm_grouped_swiglu_backward_w_dev(moe_ctx *ctx, float alpha, const moe_tensor *dy,
+                                                   const moe_tensor *w, const moe_tensor *g, const moe_tensor *u,
+                                                   const moe_tensor *rw, moe_tensor *dg, moe_tensor *du, moe_tensor *hw,
+                                                   moe_tensor *dw, const moe_tensor *offsets, int groups, int *served) {
+    *served = 0;
+    CUDA_ENTER(d, ctx, dg->device);
+    const int64_t M = dg->shape[0], K = dy->shape[1], de = dg->shape[1];
+    const double flops = 2.0 * (double)M * (double)K * (double)de;
+    const moe_tensor *all[] = {dy, w, g, u, rw, dg, du, hw};
+    for (const moe_tensor *t : all)
+        if (t->dtype != MOE_BF16) return MOE_OK;
+    if (!use_kernel(d->grouped_gemm, flops, nullptr, groups, dg->dtype, dy->dtype, w->dtype)) return MOE_OK;
+    bool ran = false;
+    MOE_TRY(cuda_mma_grouped_swiglu_bwd_w(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
+                                          moe_tensor_data(u), moe_tensor_data(rw), moe_tensor_data(dg),
+                                          moe_tensor_data(du), moe_tensor_data(hw), moe_tensor_data(dw),
+                                          dw->dtype == MOE_BF16, nullptr, dev_offsets(offsets), groups, M, K, de, &ran));
+    if (ran) count_dev(d, false, served);
     return MOE_OK;
 }

@@ -88,7 +88,7 @@ __device__ __forceinline__ void store_swiglu(const float *d, float *cs, const ti
                                              int tid) {
     stage_acc(d, cs, tid, 1.0f);
     const int de = p.epi_n, nc0 = ti.n0 / 2;
-    const int64_t rbase = p.off[ti.g];
+    const int64_t rbase = ti.r0;
     constexpr int PER = BM * 64 / 8 / THREADS;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
@@ -119,7 +119,7 @@ __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, cons
                                                  int tid) {
     stage_acc(d, cs, tid, p.alpha);
     const int de = p.epi_n;
-    const int64_t rbase = p.off[ti.g];
+    const int64_t rbase = ti.r0;
     constexpr int PER = BM * BN / 8 / THREADS;
     // every saved gate and up chunk loaded before the first store: interleaved,
     // the compiler kept each load behind the previous chunk's stores (they might
@@ -168,7 +168,7 @@ __device__ __forceinline__ void store_swiglu_bwd_w(const float *d, float *cs, co
                                                    int tid) {
     stage_acc(d, cs, tid, p.alpha);
     const int de = p.epi_n;
-    const int64_t rbase = p.off[ti.g];
+    const int64_t rbase = ti.r0;
     constexpr int PER = BM * BN / 8 / THREADS;
     float part[PER];
 #pragma unroll

@@ -48,6 +48,7 @@
 // R/64 * 1024 apart (stride); inside an atom chunk j of K row r sits at j ^ r.
 #include "cuda_common.cuh"
 #include "cuda_grouped_mma.h"
+#include "cuda_grouped_sched.cuh"
 
 #include "cuda_swiglu.cuh"
 #include "cuda_vec.cuh"
@@ -97,6 +98,12 @@ struct mma_params {
     int K, N, P, Q;          // forward: K, N; wgrad: P, Q
     int K2;                  // forward: K of the second pair (0: none)
     int groups;
+    // offsets on the device (the weight gradient is then not split) and the
+    // rows they end at, else NULL; with them the call's plan of work items
+    // (k_grouped_plan), which replaces off, tile0 and order
+    const int64_t *off_dev;
+    int M;
+    const int4 *plan;
     int off[MAX_GROUPS + 1];         // row offsets of the groups
     union {
         int tile0[MAX_GROUPS + 1];   // forward: the first M tile of each group (prefix sums)
@@ -213,46 +220,89 @@ struct tile_info {
     bool skip;   // an empty weight-gradient group with beta 1: nothing to do
 };
 
-template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(const mma_params &p, int t) {
+// The block tile of group g whose rows start at r0: forward, M tile m0 of
+// its `rows` rows; weight gradient, the tile at j of c_g over `rows` rows of
+// the reduction.
+template <bool B_KMAJ, bool WGRAD>
+__device__ __forceinline__ tile_info tile_of(const mma_params &p, int t, int g, int r0, int rows, int m0_or_j) {
     tile_info ti;
     ti.n0 = (t % p.n_tiles) * BN;
+    ti.g = g;
+    ti.r0 = r0;
+    if (WGRAD) {
+        ti.m0 = (m0_or_j / p.n_tiles) * BM;
+        ti.M = p.P; ti.N = p.Q; ti.K = rows;
+        ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
+        ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
+        ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
+        ti.skip = ti.K == 0 && p.beta == 1.0f;
+    } else {
+        ti.m0 = m0_or_j;
+        ti.M = rows; ti.N = p.N; ti.K = p.K;
+        ti.A = p.a + (int64_t)r0 * p.K; ti.lda = p.K;
+        ti.B = p.b + (int64_t)g * p.K * p.N; ti.ldb = B_KMAJ ? p.K : p.N;
+        ti.C = p.c + (int64_t)r0 * p.N; ti.ldc = p.N;
+        ti.skip = false;
+    }
+    return ti;
+}
+
+// Block t's tile from the launch's parameters (offsets on the host).
+template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(const mma_params &p, int t) {
     if (WGRAD) {
         // a tile's work grows with its group's rows: the split chunks and then
         // the largest groups' tiles go first, so the last wave holds short ones
         // (imbalanced routing otherwise left a few long tiles running alone at the end)
         const int per = p.m_tiles * p.n_tiles, item = t / per, j = t % per;
-        int g, r0, rows;
-        if (item < p.nseg) {
-            g = p.seg_g[item]; r0 = p.seg_r0[item]; rows = p.seg_rows[item];
-        } else {
-            g = p.order[item - p.nseg]; r0 = p.off[g]; rows = p.off[g + 1] - r0;
+        if (item < p.nseg) return tile_of<B_KMAJ, WGRAD>(p, t, p.seg_g[item], p.seg_r0[item], p.seg_rows[item], j);
+        const int g = p.order[item - p.nseg];
+        return tile_of<B_KMAJ, WGRAD>(p, t, g, p.off[g], p.off[g + 1] - p.off[g], j);
+    }
+    int mt = t / p.n_tiles, lo = 0, hi = p.groups - 1;
+    while (lo < hi) {   // the last group whose first tile is <= mt (empty groups share it with the next)
+        int mid = (lo + hi + 1) >> 1;
+        if (p.tile0[mid] <= mt) lo = mid;
+        else hi = mid - 1;
+    }
+    return tile_of<B_KMAJ, WGRAD>(p, t, lo, p.off[lo], p.off[lo + 1] - p.off[lo], (mt - p.tile0[lo]) * BM);
+}
+
+// Offsets on the device: a one-block kernel plans the call into a table of
+// work items, one int4 each: {group, its first row, its rows, first row of
+// the M tile (forward; the weight gradient's items are whole groups, largest
+// first)}, group -1 past the real work. Each block of the GEMM then reads its
+// item with one load. (Built by every block in shared memory instead, the
+// forward, weighted backward and weight gradient of the step's experts ran
+// 5%, 13% and 26% slower than with host offsets: a block's tile is ~10 us.)
+__global__ void k_grouped_plan(const int64_t *off_dev, int groups, int M, bool wgrad, int items, int4 *plan) {
+    __shared__ int off[MAX_GROUPS + 1], first[MAX_GROUPS + 1], total;
+    const int tid = threadIdx.x;
+    if (tid < 32) {
+        auto m_tiles = [&](int g) { return (off[g + 1] - off[g] + BM - 1) / BM; };
+        const int n = sched_offsets(off_dev, groups, M, off, first, m_tiles, tid);
+        if (tid == 0) total = n;
+    }
+    __syncthreads();
+    if (wgrad) {
+        __shared__ int order[MAX_GROUPS];
+        sched_order(off, groups, order, tid, (int)blockDim.x);
+        __syncthreads();
+        for (int i = tid; i < items; i += blockDim.x) {
+            const int g = order[i];
+            plan[i] = make_int4(g, off[g], off[g + 1] - off[g], 0);
         }
-        ti.m0 = (j / p.n_tiles) * BM;
-        ti.M = p.P; ti.N = p.Q; ti.K = rows;
-        ti.r0 = r0;
-        ti.A = p.a + (int64_t)r0 * p.P; ti.lda = p.P;
-        ti.B = p.b + (int64_t)r0 * p.Q; ti.ldb = p.Q;
-        ti.C = p.c + (int64_t)g * p.P * p.Q; ti.ldc = p.Q;
-        ti.skip = ti.K == 0 && p.beta == 1.0f;
-        ti.g = g;
-    } else {
-        int mt = t / p.n_tiles, lo = 0, hi = p.groups - 1;
-        while (lo < hi) {   // the last group whose first tile is <= mt (empty groups share it with the next)
+        return;
+    }
+    for (int mt = tid; mt < items; mt += blockDim.x) {
+        if (mt >= total) { plan[mt] = make_int4(-1, 0, 0, 0); continue; }
+        int lo = 0, hi = groups - 1;
+        while (lo < hi) {
             int mid = (lo + hi + 1) >> 1;
-            if (p.tile0[mid] <= mt) lo = mid;
+            if (first[mid] <= mt) lo = mid;
             else hi = mid - 1;
         }
-        int g = lo, r0 = p.off[g];
-        ti.m0 = (mt - p.tile0[g]) * BM;
-        ti.M = p.off[g + 1] - r0; ti.N = p.N; ti.K = p.K;
-        ti.r0 = r0;
-        ti.A = p.a + (int64_t)r0 * p.K; ti.lda = p.K;
-        ti.B = p.b + (int64_t)g * p.K * p.N; ti.ldb = B_KMAJ ? p.K : p.N;
-        ti.C = p.c + (int64_t)r0 * p.N; ti.ldc = p.N;
-        ti.g = g;
-        ti.skip = false;
+        plan[mt] = make_int4(lo, off[lo], off[lo + 1] - off[lo], (mt - first[lo]) * BM);
     }
-    return ti;
 }
 
 #include "cuda_grouped_epilogue.cuh"   // the epilogues: a fragment of this unit
@@ -343,15 +393,26 @@ __device__ __noinline__ void split_finish(float *cs, const tile_info &ti, const 
 // (the forward GEMMs ran ~20% slower).
 // GATHER: the forward's A rows (SwiGLU) or the weight gradient's B rows come
 // through p.rows (load_tile_rows_*).
-template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI, bool GATHER>
+// DEV: the offsets on the device (p.off_dev): each block builds the schedule,
+// and the grid is sized for the most M tiles the rows can make (the forward's
+// blocks past the real count return at once).
+template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI, bool GATHER, bool DEV>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int STAGE_BYTES = (BM + BN) * BK * 2, PREF = STAGES - 1;
     extern __shared__ unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // atoms on 1024 B
-    tile_info ti = tile_at<B_KMAJ, WGRAD>(p, blockIdx.x);
-    if (ti.skip) return;
     int tid = threadIdx.x, wg = tid >> 7;
+    tile_info ti;
+    if constexpr (DEV) {   // the block's item of the call's plan (k_grouped_plan)
+        const int per = WGRAD ? p.m_tiles * p.n_tiles : p.n_tiles, t = blockIdx.x;
+        const int4 e = p.plan[t / per];
+        if (e.x < 0) return;
+        ti = tile_of<B_KMAJ, WGRAD>(p, t, e.x, e.y, e.z, WGRAD ? t % per : e.w);
+    } else {
+        ti = tile_at<B_KMAJ, WGRAD>(p, blockIdx.x);
+    }
+    if (ti.skip) return;
     float d[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; i++) d[i] = 0.0f;
@@ -362,7 +423,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_
     int kbase = 0;
     auto load_stage = [&](int kt) {
         if (PAIR && kt == nk1) {
-            ti.A = p.a2 + (int64_t)p.off[ti.g] * p.K2; ti.lda = p.K2;
+            ti.A = p.a2 + (int64_t)ti.r0 * p.K2; ti.lda = p.K2;
             ti.B = p.b2 + (int64_t)ti.g * p.K2 * p.N; ti.ldb = B_KMAJ ? p.K2 : p.N;
             ti.K = p.K2;
             kbase = nk1;
@@ -424,22 +485,48 @@ moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_e
     if (blocks > INT32_MAX) return MOE_OK;
     *ran = true;
     if (blocks == 0) return MOE_OK;
-    auto kern = grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI, GATHER>;
+    auto kern = p.off_dev ? grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI, GATHER, true>
+                          : grouped_wgmma_kernel<A_KMAJ, B_KMAJ, WGRAD, PAIR, EPI, GATHER, false>;
     // above 48 KB a block's dynamic shared memory must be allowed first (per device, cheap to repeat)
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), what);
-    kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
-    CU_LAUNCHED(what);
+    p.plan = nullptr;
+    const int items = (int)(WGRAD ? p.groups : m_tiles_total);
+    const size_t plan_bytes = (size_t)items * sizeof(int4);
+    if (p.off_dev) {   // stream-ordered scratch: freed once both kernels are queued
+        p.plan = (const int4 *)cuda_scratch_alloc(d, plan_bytes);
+        if (!p.plan) return moe_last_status();
+        k_grouped_plan<<<1, 256, 0, d->stream>>>(p.off_dev, p.groups, p.M, WGRAD, items, (int4 *)p.plan);
+    }
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) {
+        kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
+        e = cudaGetLastError();
+    }
+    if (p.plan) cuda_scratch_free(d, (void *)p.plan, plan_bytes);
+    if (e != cudaSuccess) return moe_error(MOE_ERR_DEVICE, "cuda %s: %s", what, cudaGetErrorString(e));
     return MOE_OK;
 }
 
-bool offsets_fit(const int64_t *offsets, int groups) {
-    if (groups < 1 || groups > MAX_GROUPS || offsets[0] != 0) return false;
-    return offsets[groups] < (int64_t)INT32_MAX - BM;
+// offsets on the host, or on the device (off_dev: 8-byte aligned; M rows in all)
+bool groups_fit(const int64_t *offsets, const int64_t *off_dev, int groups, int64_t M) {
+    if (groups < 1 || groups > MAX_GROUPS) return false;
+    if (offsets) return offsets[0] == 0 && offsets[groups] < (int64_t)INT32_MAX - BM;
+    return off_dev && ((uintptr_t)off_dev & 7) == 0 && M >= 0 && M < (int64_t)INT32_MAX - BM;
 }
 
-// forward calls: the groups' row offsets and first M tiles; returns the M tiles in all
-int64_t row_tiles(mma_params &p, const int64_t *offsets, int groups) {
+// The groups' rows into p: offsets on the host as parameters (off, and for
+// the forward each group's first M tile), or on the device (off_dev, M rows in
+// all), which each block reads itself. Returns the forward's M tiles in all;
+// with off_dev the most M rows can make (a group's tiles are at most
+// (rows + BM - 1) / BM).
+int64_t set_rows(mma_params &p, const int64_t *offsets, const int64_t *off_dev, int groups, int64_t M) {
     p.groups = groups;
+    p.off_dev = offsets ? nullptr : off_dev;
+    if (!offsets) {
+        p.M = (int)M;
+        return (M + (int64_t)groups * (BM - 1)) / BM;
+    }
+    p.M = (int)offsets[groups];
     int64_t tiles = 0;
     for (int g = 0; g <= groups; g++) {
         p.off[g] = (int)offsets[g];
@@ -519,15 +606,16 @@ int plan_split(cuda_dev *d, mma_params &p, const int *order, int groups, int64_t
 }  // namespace
 
 moe_status cuda_mma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
-                            const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
-    return cuda_mma_grouped_pair(d, transb, alpha, a, b, NULL, NULL, 0, beta, c, offsets, groups, K, N, ran);
+                            const int64_t *offsets, const int64_t *off_dev, int groups, int64_t M, int64_t K,
+                            int64_t N, bool *ran) {
+    return cuda_mma_grouped_pair(d, transb, alpha, a, b, NULL, NULL, 0, beta, c, offsets, off_dev, groups, M, K, N, ran);
 }
 
 moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
-                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets, int groups,
-                                 int64_t K, int64_t N, bool *ran) {
+                                 const void *b2, int64_t K2, float beta, void *c, const int64_t *offsets,
+                                 const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t N, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || N > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX || N > INT32_MAX ||
         !aligned16(a) || !aligned16(b) || !aligned16(c))
         return MOE_OK;
     if (K2 < 0 || K2 % 8 || K2 > INT32_MAX || (K2 > 0 && (!a2 || !b2 || !aligned16(a2) || !aligned16(b2))))
@@ -538,7 +626,7 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.rw = nullptr; p.dwp = nullptr; p.epi_n = 0;
     p.alpha = alpha; p.beta = beta;
     p.K = (int)K; p.N = (int)N; p.P = p.Q = 0; p.m_tiles = 0;
-    int64_t tiles = row_tiles(p, offsets, groups);
+    int64_t tiles = set_rows(p, offsets, off_dev, groups, M);
     if (K2 > 0)
         return transb ? launch<true, true, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran)
                       : launch<true, false, false, true>(d, p, tiles, N, "gemm_grouped_pair (kernel)", ran);
@@ -547,10 +635,10 @@ moe_status cuda_mma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
 }
 
 moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, const int64_t *b_rows,
-                                  float beta, void *c, const int64_t *offsets, int groups, int64_t P, int64_t Q,
-                                  bool *ran) {
+                                  float beta, void *c, const int64_t *offsets, const int64_t *off_dev, int groups,
+                                  int64_t M, int64_t P, int64_t Q, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX || Q > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || P <= 0 || Q <= 0 || P % 8 || Q % 8 || P > INT32_MAX || Q > INT32_MAX ||
         !aligned16(a) || !aligned16(b) || !aligned16(c))
         return MOE_OK;
     mma_params p;
@@ -560,17 +648,20 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
     p.a2 = p.b2 = nullptr; p.K2 = 0;
     p.sg = p.su = nullptr; p.cg = p.cu = p.ch = nullptr; p.rows = nullptr; p.rw = nullptr; p.dwp = nullptr; p.epi_n = 0;
     p.m_tiles = (int)((P + BM - 1) / BM);
-    p.groups = groups;
-    for (int g = 0; g <= groups; g++) p.off[g] = (int)offsets[g];
-    int order[MAX_GROUPS];
-    for (int g = 0; g < groups; g++) order[g] = g;
-    std::stable_sort(order, order + groups, [&](int x, int y) {
-        return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
-    });
-    const int64_t per = p.m_tiles * ((Q + BN - 1) / BN);
+    p.nseg = 0; p.part = nullptr; p.counters = nullptr;
+    set_rows(p, offsets, off_dev, groups, M);
+    int nsplit = 0;
     size_t part_bytes = 0;
-    const int nsplit = plan_split(d, p, order, groups, per, &part_bytes);
-    for (int i = nsplit; i < groups; i++) p.order[i - nsplit] = order[i];
+    if (offsets) {   // on the device, each block orders the groups, and none is split
+        int order[MAX_GROUPS];
+        for (int g = 0; g < groups; g++) order[g] = g;
+        std::stable_sort(order, order + groups, [&](int x, int y) {
+            return offsets[x + 1] - offsets[x] > offsets[y + 1] - offsets[y];
+        });
+        const int64_t per = p.m_tiles * ((Q + BN - 1) / BN);
+        nsplit = plan_split(d, p, order, groups, per, &part_bytes);
+        for (int i = nsplit; i < groups; i++) p.order[i - nsplit] = order[i];
+    }
     p.rows = b_rows;
     const int64_t tiles = (int64_t)(p.nseg + groups - nsplit) * p.m_tiles;
     moe_status st = b_rows ? launch<false, false, true, false, EPI_PLAIN, true>(d, p, tiles, Q, "gemm_grouped_wgrad (kernel, gathered rows)", ran)
@@ -581,10 +672,10 @@ moe_status cuda_mma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
 }
 
 moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_rows, const void *wg, const void *wu,
-                                   void *g, void *u, void *h, const int64_t *offsets, int groups, int64_t K, int64_t de,
-                                   bool *ran) {
+                                   void *g, void *u, void *h, const int64_t *offsets, const int64_t *off_dev, int groups,
+                                   int64_t M, int64_t K, int64_t de, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 64 || K > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || K <= 0 || de <= 0 || K % 8 || de % 64 || K > INT32_MAX ||
         2 * de > INT32_MAX || !aligned16(x) || !aligned16(wg) || !aligned16(wu) || !aligned16(g) || !aligned16(u) ||
         !aligned16(h))
         return MOE_OK;
@@ -596,7 +687,7 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_
     p.sg = p.su = nullptr; p.epi_n = (int)de;
     p.alpha = 1.0f; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)(2 * de); p.P = p.Q = 0; p.m_tiles = 0;
-    int64_t tiles = row_tiles(p, offsets, groups);
+    int64_t tiles = set_rows(p, offsets, off_dev, groups, M);
     if (x_rows)
         return launch<true, true, false, false, EPI_SWIGLU, true>(d, p, tiles, 2 * de,
                                                                  "gemm_grouped_swiglu (kernel, gathered rows)", ran);
@@ -604,10 +695,10 @@ moe_status cuda_mma_grouped_swiglu(cuda_dev *d, const void *x, const int64_t *x_
 }
 
 moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
-                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
-                                       int64_t K, int64_t de, bool *ran) {
+                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets,
+                                       const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t de, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
         !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du) ||
         (h && !aligned16(h)))
         return MOE_OK;
@@ -621,21 +712,21 @@ moe_status cuda_mma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy,
     p.cg = (__nv_bfloat16 *)dg; p.cu = (__nv_bfloat16 *)du; p.epi_n = (int)de;
     p.alpha = alpha; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)de; p.P = p.Q = 0; p.m_tiles = 0;
-    int64_t tiles = row_tiles(p, offsets, groups);
+    int64_t tiles = set_rows(p, offsets, off_dev, groups, M);
     return launch<true, false, false, false, EPI_SWIGLU_BWD>(d, p, tiles, de, "gemm_grouped_swiglu_backward (kernel)",
                                                              ran);
 }
 
 moe_status cuda_mma_grouped_swiglu_bwd_w(cuda_dev *d, float alpha, const void *dy, const void *w, const void *g,
                                          const void *u, const void *rw, void *dg, void *du, void *hw, void *dw,
-                                         bool dw_bf16, const int64_t *offsets, int groups, int64_t K, int64_t de,
-                                         bool *ran) {
+                                         bool dw_bf16, const int64_t *offsets, const int64_t *off_dev, int groups,
+                                         int64_t M, int64_t K, int64_t de, bool *ran) {
     *ran = false;
-    if (!offsets_fit(offsets, groups) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
+    if (!groups_fit(offsets, off_dev, groups, M) || K <= 0 || de <= 0 || K % 8 || de % 8 || K > INT32_MAX || de > INT32_MAX ||
         !aligned16(dy) || !aligned16(w) || !aligned16(g) || !aligned16(u) || !aligned16(dg) || !aligned16(du) ||
         !aligned16(hw))
         return MOE_OK;
-    const int64_t rows = offsets[groups];
+    const int64_t rows = offsets ? offsets[groups] : M;
     const int nt = (int)((de + BN - 1) / BN);
     const size_t part_bytes = (size_t)(rows > 0 ? rows : 1) * (size_t)nt * sizeof(float);
     float *part = (float *)cuda_scratch_alloc(d, part_bytes);
@@ -650,7 +741,7 @@ moe_status cuda_mma_grouped_swiglu_bwd_w(cuda_dev *d, float alpha, const void *d
     p.epi_n = (int)de;
     p.alpha = alpha; p.beta = 0.0f;
     p.K = (int)K; p.N = (int)de; p.P = p.Q = 0; p.m_tiles = 0;
-    int64_t tiles = row_tiles(p, offsets, groups);
+    int64_t tiles = set_rows(p, offsets, off_dev, groups, M);
     moe_status st = launch<true, false, false, false, EPI_SWIGLU_BWD_W>(d, p, tiles, de,
                                                                       "gemm_grouped_swiglu_backward (kernel, weighted)", ran);
     if (st == MOE_OK && *ran && rows > 0) {

@@ -48,6 +48,7 @@
 // hides is about 3% of a tile at K 1024.
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
+#include "cuda_grouped_sched.cuh"
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -225,59 +226,21 @@ template <int MODE, typename SC> __device__ __forceinline__ int k_tiles(const tm
     return (p.K + BK - 1) / BK + (p.K2 + BK - 1) / BK;
 }
 
-// A block's schedule from offsets on the device, in shared memory: the offsets
-// clamped into [0, M] and made nondecreasing (offsets that break the contract
-// give wrong rows, never accesses outside the tensors), each group's first
-// pair of M tiles by a scan in warp 0, the work items, and for the weight
-// gradient the groups by decreasing rows (ties by index, as the host's stable
-// sort) by counting. Every thread of the block calls it.
+// A block's schedule from offsets on the device, in shared memory
+// (cuda_grouped_sched.cuh): the offsets made safe, each group's first pair of
+// M tiles, the work items, and for the weight gradient the groups by
+// decreasing rows. Every thread of the block calls it.
 template <int CL, int MODE>
 __device__ void build_schedule(const tma_params &p, int *off, int *pair0, short *order, int *items, int tid) {
     const int G = p.groups;
     if (tid < 32) {
-        const unsigned FULL = 0xffffffffu;
-        const int per = (G + 1 + 31) / 32, g0 = tid * per;   // each lane its run of entries
-        int run = 0;
-        for (int i = 0; i < per && g0 + i <= G; i++) {
-            const int64_t v = p.off_dev[g0 + i];
-            run = max(run, v < 0 ? 0 : v > p.M ? p.M : (int)v);
-            off[g0 + i] = run;
-        }
-        int hi = run;   // the largest offset up to this lane's last, over the lanes before too
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(FULL, hi, o);
-            if (tid >= o) hi = max(hi, y);
-        }
-        int before = __shfl_up_sync(FULL, hi, 1);
-        if (tid == 0) before = 0;
-        for (int i = 0; i < per && g0 + i <= G; i++) off[g0 + i] = max(off[g0 + i], before);
-        __syncwarp();
         auto pairs = [&](int g) { return ((off[g + 1] - off[g] + BM - 1) / BM + CL - 1) / CL; };
-        int sum = 0;
-        for (int i = 0; i < per && g0 + i < G; i++) sum += pairs(g0 + i);
-        int incl = sum;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(FULL, incl, o);
-            if (tid >= o) incl += y;
-        }
-        int acc = incl - sum;
-        for (int i = 0; i < per && g0 + i <= G; i++) {
-            pair0[g0 + i] = acc;
-            if (g0 + i < G) acc += pairs(g0 + i);
-        }
-        if (tid == 31) *items = (MODE == MODE_WG ? G * p.m_pairs : incl) * p.n_tiles;
+        const int total = sched_offsets(p.off_dev, G, p.M, off, pair0, pairs, tid);
+        if (tid == 0) *items = (MODE == MODE_WG ? G * p.m_pairs : total) * p.n_tiles;
     }
     __syncthreads();
     if (MODE == MODE_WG) {
-        for (int g = tid; g < G; g += blockDim.x) {
-            const int rg = off[g + 1] - off[g];
-            int r = 0;
-            for (int j = 0; j < G; j++) {
-                const int rj = off[j + 1] - off[j];
-                r += rj > rg || (rj == rg && j < g);
-            }
-            order[r] = (short)g;
-        }
+        sched_order(off, G, order, tid, blockDim.x);
         __syncthreads();
     }
 }
@@ -732,9 +695,10 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
     return pair_call(d, transb, alpha, a, b, a2, b2, K2, beta, c, offsets, nullptr, groups, 0, K, N, ran);
 }
 
-moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
-                                const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t N, bool *ran) {
-    return pair_call(d, transb, alpha, a, b, nullptr, nullptr, 0, beta, c, nullptr, off_dev, groups, M, K, N, ran);
+moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                const void *b2, int64_t K2, float beta, void *c, const int64_t *off_dev, int groups,
+                                int64_t M, int64_t K, int64_t N, bool *ran) {
+    return pair_call(d, transb, alpha, a, b, a2, b2, K2, beta, c, nullptr, off_dev, groups, M, K, N, ran);
 }
 
 moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,

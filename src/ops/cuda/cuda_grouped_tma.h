@@ -35,9 +35,11 @@ moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const
  * and the launch does not depend on the offsets' values (each block reads
  * them; the grid is sized for the most work M rows can make). Offsets that
  * are not nondecreasing from 0 to M give wrong rows, never accesses outside
- * the tensors (they are clamped into [0, M] and made nondecreasing). */
-moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
-                                const int64_t *off_dev, int groups, int64_t M, int64_t K, int64_t N, bool *ran);
+ * the tensors (they are clamped into [0, M] and made nondecreasing).
+ * cuda_tma_grouped_dev takes the pair form (K2 = 0: a single pair). */
+moe_status cuda_tma_grouped_dev(cuda_dev *d, int transb, float alpha, const void *a, const void *b, const void *a2,
+                                const void *b2, int64_t K2, float beta, void *c, const int64_t *off_dev, int groups,
+                                int64_t M, int64_t K, int64_t N, bool *ran);
 moe_status cuda_tma_grouped_wgrad_dev(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
                                       const int64_t *off_dev, int groups, int64_t M, int64_t P, int64_t Q, bool *ran);
 
