@@ -343,6 +343,9 @@ moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *
         return moe_error(MOE_ERR_ARG, "experts: the combine folds into SwiGLU experts without adapters only");
     if (offsets_dev && (offsets_dev->dtype != MOE_I64 || offsets_dev->ndim != 1 || offsets_dev->shape[0] != groups + 1))
         return moe_error(MOE_ERR_SHAPE, "experts: offsets_dev must be i64 [%d]", groups + 1);
+    if (offsets_dev && (!moe_tensor_is_contiguous(offsets_dev) ||
+                        (offsets_dev->device.type != MOE_CPU && !moe_device_eq(offsets_dev->device, tok->x->device))))
+        return moe_error(MOE_ERR_ARG, "experts: offsets_dev must be contiguous, on the CPU or the tokens' device");
     if (offsets_dev) moe_tensor_retain(offsets_dev);
     return bank_forward_rows(l, ctx, tape, xp, tok, offsets_dev ? offsets_dev : offsets_tensor(offsets, groups), groups,
                              yp);

@@ -370,7 +370,7 @@ static moe_status check_offsets_tensor(const char *op, const moe_tensor *offsets
         return moe_error(MOE_ERR_SHAPE, "%s: offsets has shape %s, expected [G + 1] with G >= 1", op,
                          OPS_SHAPE(offsets, s1));
     if (!moe_device_eq(offsets->device, dev) && offsets->device.type != MOE_CPU)
-        return moe_error(MOE_ERR_DEVICE, "%s: offsets is on %s, expected %s (the device of c) or the CPU", op,
+        return moe_error(MOE_ERR_DEVICE, "%s: offsets is on %s, expected %s (the outputs' device) or the CPU", op,
                          moe_device_str(offsets->device, b1, sizeof b1), moe_device_str(dev, b2, sizeof b2));
     if (!moe_tensor_is_contiguous(offsets))
         return moe_error(MOE_ERR_ARG, "%s: offsets must be contiguous", op);

@@ -92,6 +92,14 @@ int main(void) {
     report(s4 == MOE_ERR_ARG && !yb && strstr(moe_last_error(), "offsets is NULL"),
            "no offsets at all are refused", "%s: %s", moe_status_name(s4), moe_last_error());
 
+    /* a strided view (column 0 of [E + 1, 2]) is refused, not read as dense */
+    int64_t sh_2[2] = {E + 1, 2};
+    moe_tensor *wide = moe_tensor_new_cpu(MOE_I64, 2, sh_2), *col = wide ? moe_tensor_select(wide, 1, 0) : NULL;
+    s4 = col ? moe_expert_bank_forward_tokens(sw, ctx, NULL, NULL, &folded, NULL, col, (int)E, &yb) : MOE_ERR_OOM;
+    report(s4 == MOE_ERR_ARG && !yb && strstr(moe_last_error(), "must be contiguous"),
+           "strided offsets in a tensor are refused", "%s: %s", moe_status_name(s4), moe_last_error());
+    moe_tensor_release(col); moe_tensor_release(wide);
+
     moe_tensor *all[] = {x, tok, w, slots, res, xp, yp, ref, yf, yg, ot, obad, yt};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
     moe_layer_release(sw);

@@ -393,9 +393,9 @@ __device__ __noinline__ void split_finish(float *cs, const tile_info &ti, const 
 // (the forward GEMMs ran ~20% slower).
 // GATHER: the forward's A rows (SwiGLU) or the weight gradient's B rows come
 // through p.rows (load_tile_rows_*).
-// DEV: the offsets on the device (p.off_dev): each block builds the schedule,
-// and the grid is sized for the most M tiles the rows can make (the forward's
-// blocks past the real count return at once).
+// DEV: the offsets on the device (p.off_dev): each block reads its work item
+// from the call's plan (k_grouped_plan), and the grid is sized for the most M
+// tiles the rows can make (the forward's blocks past the real count return at once).
 template <bool A_KMAJ, bool B_KMAJ, bool WGRAD, bool PAIR, int EPI, bool GATHER, bool DEV>
 __global__ void __launch_bounds__(THREADS, 2) grouped_wgmma_kernel(const __grid_constant__ mma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -516,7 +516,7 @@ bool groups_fit(const int64_t *offsets, const int64_t *off_dev, int groups, int6
 
 // The groups' rows into p: offsets on the host as parameters (off, and for
 // the forward each group's first M tile), or on the device (off_dev, M rows in
-// all), which each block reads itself. Returns the forward's M tiles in all;
+// all), which the plan kernel reads. Returns the forward's M tiles in all;
 // with off_dev the most M rows can make (a group's tiles are at most
 // (rows + BM - 1) / BM).
 int64_t set_rows(mma_params &p, const int64_t *offsets, const int64_t *off_dev, int groups, int64_t M) {
@@ -731,6 +731,13 @@ moe_status cuda_mma_grouped_swiglu_bwd_w(cuda_dev *d, float alpha, const void *d
     const size_t part_bytes = (size_t)(rows > 0 ? rows : 1) * (size_t)nt * sizeof(float);
     float *part = (float *)cuda_scratch_alloc(d, part_bytes);
     if (!part) return moe_last_status();
+    // device offsets that break the contract (not from 0 to M) leave rows in no
+    // group, whose partial sums no tile writes: zeros then, not the pool's old bytes
+    if (off_dev && cudaMemsetAsync(part, 0, part_bytes, d->stream) != cudaSuccess) {
+        cudaError_t e = cudaGetLastError();
+        cuda_scratch_free(d, part, part_bytes);
+        return moe_error(MOE_ERR_DEVICE, "cuda gemm_grouped_swiglu_backward (weighted): %s", cudaGetErrorString(e));
+    }
     mma_params p;
     p.a = (const __nv_bfloat16 *)dy; p.b = (const __nv_bfloat16 *)w;
     p.a2 = p.b2 = nullptr; p.K2 = 0;

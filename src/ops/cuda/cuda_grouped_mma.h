@@ -6,11 +6,12 @@
 // 2^31 rows. Operands as in moe_op_gemm_grouped / moe_op_gemm_grouped_wgrad.
 // The row offsets are on the host (offsets, G + 1 values; off_dev NULL and M
 // unused), or on the device (offsets NULL, off_dev an 8-byte aligned i64
-// [G + 1] array, M the rows in all): then every block reads them itself
-// (clamped into [0, M], made nondecreasing), nothing is copied back and the
-// launch does not depend on their values (graph capture); the weight
-// gradient is then never split along its rows. off_dev must not change
-// during the call.
+// [G + 1] array, M the rows in all): then a one-block plan kernel reads them
+// (clamped into [0, M], made nondecreasing) and lists each block's work in
+// scratch memory; nothing is copied back and the launch does not depend on
+// their values (graph capture needs the scratch from a pool of its own); the
+// weight gradient is then never split along its rows. off_dev must not
+// change during the call.
 #ifndef MOE_CUDA_GROUPED_MMA_H
 #define MOE_CUDA_GROUPED_MMA_H
 

@@ -1,8 +1,9 @@
-// The schedule of a grouped GEMM whose row offsets are on the device, built by
-// every block in its shared memory: nothing is copied back to the host, and
-// the launch (grid and parameters) does not depend on the offsets' values, so
-// a CUDA graph can replay it under new routing. Shared by the TMA kernel
-// (pairs of M tiles) and the own mma kernel (single M tiles).
+// The schedule of a grouped GEMM whose row offsets are on the device, built on
+// the device: nothing is copied back to the host, and the launch (grid and
+// parameters) does not depend on the offsets' values, so a CUDA graph can
+// replay it under new routing. Shared by the TMA kernel (pairs of M tiles,
+// built in each persistent block) and the own mma kernel's plan kernel
+// (single M tiles).
 #ifndef MOE_CUDA_GROUPED_SCHED_CUH
 #define MOE_CUDA_GROUPED_SCHED_CUH
 
