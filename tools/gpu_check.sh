@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Run on the GPU machine after `make CUDA=1 build/cuda/moelab build/cuda/tests/gpu/check_cuda bundle`
-# here, with build/cuda carried: checks every CUDA kernel against the CPU path
-# and smoke-tests the CUDA program. Logs go to $OUT when set.
+# Run on the GPU machine after `make CUDA=1 build/cuda/moelab gpu-tests` and
+# `bash tools/gpu_bundle.sh pack` here, with the bundle carried and unpacked:
+# checks the CUDA kernels against the CPU path (check_cuda, check_cuda_nn; the
+# whole suite is tests/gpu/run.sh) and smoke-tests the CUDA program. Logs go to
+# $OUT when set.
 set -u
 cd "$(dirname "$0")/.."
 . tools/device_env.sh
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-echo "== check_cuda"
-build/cuda/tests/gpu/check_cuda 2>&1 | tee "$out/check_cuda.txt" | grep -v '^ok' 
-echo "check_cuda: $(grep -c '^ok' "$out/check_cuda.txt") ok, $(grep -c '^not ok' "$out/check_cuda.txt") not ok"
+for t in check_cuda check_cuda_nn; do
+    echo "== $t"
+    MOELAB_CHECK_NO_TIMING=1 build/cuda/tests/gpu/$t 2>&1 | tee "$out/$t.txt" | grep -v '^ok'
+    echo "$t: $(grep -c '^ok' "$out/$t.txt") ok, $(grep -c '^not ok' "$out/$t.txt") not ok"
+done
 cp build/cuda/moelab ./moelab-cuda
 echo "== moelab (CUDA build) smoke"
 ./moelab-cuda --version

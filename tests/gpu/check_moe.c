@@ -88,15 +88,6 @@ static moe_tensor *download(const moe_tensor *t, moe_dtype dt) {
     return h;
 }
 
-static int same_bytes(const moe_tensor *x, const moe_tensor *y) {
-    if (x->dtype != y->dtype || moe_tensor_numel(x) != moe_tensor_numel(y)) return 0;
-    moe_tensor *a = download(x, x->dtype), *b = download(y, y->dtype);
-    int eq = !memcmp(moe_tensor_data(a), moe_tensor_data(b), moe_tensor_nbytes(a));
-    moe_tensor_release(a);
-    moe_tensor_release(b);
-    return eq;
-}
-
 /* the GPU result's bytes equal the CPU backend's result computed in dtype dt
  * (data copies of the host reference inputs in dt) */
 static moe_tensor *host_in(const moe_tensor *h, moe_dtype dt) {

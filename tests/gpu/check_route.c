@@ -47,15 +47,6 @@ static int same_i64(moe_tensor *d, moe_tensor *h) {
     return eq;
 }
 
-static int same_bytes(moe_tensor *x, moe_tensor *y) {
-    if (x->dtype != y->dtype || moe_tensor_numel(x) != moe_tensor_numel(y)) return 0;
-    moe_tensor *a = download(x, x->dtype), *b = download(y, y->dtype);
-    int eq = !memcmp(moe_tensor_data(a), moe_tensor_data(b), moe_tensor_nbytes(a));
-    moe_tensor_release(a);
-    moe_tensor_release(b);
-    return eq;
-}
-
 static int close_rel(double a, double b, double tol) { return fabs(a - b) <= tol * fmax(fabs(b), 1e-6); }
 
 static float bias_of(int64_t j) { return 0.05f * (float)((j * 7) % 5 - 2); }   /* equal for j and j + 5 */

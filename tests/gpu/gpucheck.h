@@ -185,6 +185,78 @@ static void make_offsets(int64_t *off, int G, int maxrows, int empty_every) {
     }
 }
 
+/* a host copy of the bytes of any tensor (caller frees) */
+static void *bytes_of(const moe_tensor *t, size_t *n) {
+    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)t, MOE_DEVICE_CPU, t->dtype);
+    die_if(!h, "download");
+    *n = (size_t)moe_tensor_numel(h) * moe_dtype_size(h->dtype);
+    void *p = malloc(*n ? *n : 1);
+    die_if(!p, "host memory");
+    memcpy(p, moe_tensor_data(h), *n);
+    moe_tensor_release(h);
+    return p;
+}
+
+/* the same dtype, shape size and bytes */
+static int same_bytes(const moe_tensor *a, const moe_tensor *b) {
+    if (a->dtype != b->dtype || moe_tensor_numel(a) != moe_tensor_numel(b)) return 0;
+    size_t na, nb;
+    void *pa = bytes_of(a, &na), *pb = bytes_of(b, &nb);
+    int same = na == nb && !memcmp(pa, pb, na);
+    free(pa);
+    free(pb);
+    return same;
+}
+
+/* i64 index pair with values in [0, n) (host and device) */
+typedef struct { moe_tensor *h, *d; } ipair;
+static ipair idx_pair(int nd, const int64_t *shape, int64_t n) {
+    ipair p;
+    p.h = moe_tensor_new_cpu(MOE_I64, nd, shape);
+    die_if(!p.h, "index tensor");
+    int64_t *v = moe_tensor_data(p.h);
+    uint64_t st = seed++ * 0x9E3779B97F4A7C15ull + 1;
+    for (int64_t i = 0; i < moe_tensor_numel(p.h); i++) {
+        st ^= st << 13; st ^= st >> 7; st ^= st << 17;
+        v[i] = (int64_t)(st % (uint64_t)n);
+    }
+    p.d = moe_op_to(ctx, p.h, GPU, MOE_I64);
+    die_if(!p.d, "index upload");
+    return p;
+}
+static void ifree(ipair *p) {
+    moe_tensor_release(p->h);
+    moe_tensor_release(p->d);
+    p->h = p->d = NULL;
+}
+
+/* GPU result equals the CPU's rounded to dt, bit for bit */
+static void check_exact(const char *name, moe_dtype dt, const moe_tensor *gpu, moe_tensor *ref) {
+    moe_tensor *r = moe_tensor_contiguous_cpu(ref);
+    die_if(!r, "contiguous");
+    round_through(r, dt);
+    check(name, dt, gpu, r, 0.0);
+    moe_tensor_release(r);
+}
+
+/* MOELAB_CHECK_ONLY=name,name,...: run only these test groups (test_<name>)
+ * and timings (time_attention, time_attention_step, time_grouped, time_wgrad_skew, time_cross_entropy, time_axpy,
+ * time_rope, time_rmsnorm, time_moe_layer), for quick runs while working on
+ * one kernel. */
+static int want(const char *name) {
+    const char *only = getenv("MOELAB_CHECK_ONLY");
+    if (!only || !*only) return 1;
+    size_t n = strlen(name);
+    for (const char *p = only; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0) return 1;
+        if (!e) break;
+        p = e + 1;
+    }
+    return 0;
+}
+
 /* both calls must succeed; otherwise a failed test with the message */
 static int ran(const char *name, moe_dtype dt, moe_status sc, moe_status sg) {
     if (sc == MOE_OK && sg == MOE_OK) return 1;
