@@ -22,6 +22,17 @@ static moe_status check_offsets(const char *op, const int64_t *offsets, int grou
     return MOE_OK;
 }
 
+/* contiguous copies (or references) of n inputs into t; the caller releases them */
+static moe_status contig_all(moe_ctx *ctx, const moe_tensor *const *in, moe_tensor **t, int n) {
+    moe_status s = MOE_OK;
+    for (int i = 0; i < n; i++) t[i] = NULL;
+    for (int i = 0; i < n && s == MOE_OK; i++) s = in[i] ? ops_contig(ctx, in[i], &t[i]) : MOE_OK;
+    return s;
+}
+static void release_all(moe_tensor **t, int n) {
+    for (int i = 0; i < n; i++) moe_tensor_release(t[i]);
+}
+
 /* stands for offsets on the device (gemm_grouped_dev), which the shape checks leave alone */
 static const int64_t offsets_on_device[1];
 
@@ -86,17 +97,16 @@ moe_status moe_op_gemm_grouped_pair(moe_ctx *ctx, int transb, float alpha, const
     MOE_TRY(check_grouped_pair(op, "a2", a2, "b2", b2, c, transb, offsets, groups));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, c->device, gemm_grouped, be);
-    moe_tensor *t[4] = {NULL, NULL, NULL, NULL};
+    moe_tensor *t[4];
     const moe_tensor *in[4] = {a1, b1, a2, b2};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    moe_status s = contig_all(ctx, in, t, 4);
     if (s == MOE_OK && be->gemm_grouped_pair)
         s = be->gemm_grouped_pair(ctx, transb, alpha, t[0], t[1], t[2], t[3], beta, c, offsets, groups);
     else if (s == MOE_OK) {
         s = be->gemm_grouped(ctx, transb, alpha, t[0], t[1], beta, c, offsets, groups);
         if (s == MOE_OK) s = be->gemm_grouped(ctx, transb, alpha, t[2], t[3], 1.0f, c, offsets, groups);
     }
-    for (int i = 0; i < 4; i++) moe_tensor_release(t[i]);
+    release_all(t, 4);
     return s;
 }
 
@@ -113,10 +123,9 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
     MOE_TRY(ops_same_shape(op, "h", h, "g", g));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, h->device, gemm_grouped, be);
-    moe_tensor *t[3] = {NULL, NULL, NULL};
+    moe_tensor *t[3];
     const moe_tensor *in[3] = {x, wg, wu};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 3 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    moe_status s = contig_all(ctx, in, t, 3);
     if (s == MOE_OK && be->gemm_grouped_swiglu) {
         s = be->gemm_grouped_swiglu(ctx, t[0], t[1], t[2], g, u, h, offsets, groups);
     } else if (s == MOE_OK) {
@@ -124,7 +133,7 @@ moe_status moe_op_gemm_grouped_swiglu(moe_ctx *ctx, const moe_tensor *x, const m
         if (s == MOE_OK) s = be->gemm_grouped(ctx, 1, 1.0f, t[0], t[2], 0.0f, u, offsets, groups);
         if (s == MOE_OK && moe_tensor_numel(h) > 0) s = be->swiglu(ctx, h, g, u);
     }
-    for (int i = 0; i < 3; i++) moe_tensor_release(t[i]);
+    release_all(t, 3);
     return s;
 }
 
@@ -144,10 +153,9 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
     MOE_TRY(ops_same_shape(op, "u", u, "dg", dg));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, dg->device, gemm_grouped, be);
-    moe_tensor *t[4] = {NULL, NULL, NULL, NULL};
+    moe_tensor *t[4];
     const moe_tensor *in[4] = {dy, w, g, u};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 4 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    moe_status s = contig_all(ctx, in, t, 4);
     if (s == MOE_OK && be->gemm_grouped_swiglu_backward) {
         s = be->gemm_grouped_swiglu_backward(ctx, alpha, t[0], t[1], t[2], t[3], dg, du, h, offsets, groups);
     } else if (s == MOE_OK) {
@@ -157,7 +165,7 @@ moe_status moe_op_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const 
         if (s == MOE_OK && h && moe_tensor_numel(h) > 0) s = be->swiglu(ctx, h, t[2], t[3]);
         moe_tensor_release(dh);
     }
-    for (int i = 0; i < 4; i++) moe_tensor_release(t[i]);
+    release_all(t, 4);
     return s;
 }
 
@@ -203,10 +211,9 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
     MOE_TRY(check_swiglu_backward_w(op, dy, w, g, u, rw, dg, du, hw, dw, offsets, groups));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, dg->device, gemm_grouped, be);
-    moe_tensor *t[5] = {NULL, NULL, NULL, NULL, NULL};
+    moe_tensor *t[5];
     const moe_tensor *in[5] = {dy, w, g, u, rw};
-    moe_status s = MOE_OK;
-    for (int i = 0; i < 5 && s == MOE_OK; i++) s = ops_contig(ctx, in[i], &t[i]);
+    moe_status s = contig_all(ctx, in, t, 5);
     int served = 0;
     if (s == MOE_OK && be->gemm_grouped_swiglu_backward_w)
         s = be->gemm_grouped_swiglu_backward_w(ctx, alpha, t[0], t[1], t[2], t[3], t[4], dg, du, hw, dw, offsets, groups,
@@ -226,7 +233,7 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
         if (s == MOE_OK) s = moe_op_binary(ctx, MOE_BIN_MUL, hw, h, col);
         moe_tensor_release(dh); moe_tensor_release(h); moe_tensor_release(prod); moe_tensor_release(col);
     }
-    for (int i = 0; i < 5; i++) moe_tensor_release(t[i]);
+    release_all(t, 5);
     return s;
 }
 
@@ -316,12 +323,11 @@ moe_status moe_op_gemm_grouped_swiglu_rows(moe_ctx *ctx, const moe_tensor *x, co
         return st;
     }
     MOE_TRY(check_swiglu_rows(op, x, rows, wg, wu, g, u, h, offsets, groups));
-    moe_tensor *t[2] = {NULL, NULL};
+    moe_tensor *t[2];
     const moe_tensor *in[2] = {wg, wu};
-    st = MOE_OK;
-    for (int i = 0; i < 2 && st == MOE_OK; i++) st = ops_contig(ctx, in[i], &t[i]);
+    st = contig_all(ctx, in, t, 2);
     if (st == MOE_OK) st = be->gemm_grouped_swiglu_rows(ctx, x, rows, t[0], t[1], g, u, h, offsets, groups);
-    for (int i = 0; i < 2; i++) moe_tensor_release(t[i]);
+    release_all(t, 2);
     return st;
 }
 
@@ -391,17 +397,6 @@ static moe_status offsets_on_host(moe_ctx *ctx, const moe_tensor *offsets, moe_t
     }
     *host = moe_op_to(ctx, (moe_tensor *)offsets, MOE_DEVICE_CPU, MOE_I64);
     return *host ? MOE_OK : moe_last_status();
-}
-
-/* contiguous copies (or references) of n inputs into t; the caller releases them */
-static moe_status contig_all(moe_ctx *ctx, const moe_tensor *const *in, moe_tensor **t, int n) {
-    moe_status s = MOE_OK;
-    for (int i = 0; i < n; i++) t[i] = NULL;
-    for (int i = 0; i < n && s == MOE_OK; i++) s = in[i] ? ops_contig(ctx, in[i], &t[i]) : MOE_OK;
-    return s;
-}
-static void release_all(moe_tensor **t, int n) {
-    for (int i = 0; i < n; i++) moe_tensor_release(t[i]);
 }
 
 /* gemm_grouped (a2 NULL) or gemm_grouped_pair with the offsets in a tensor */

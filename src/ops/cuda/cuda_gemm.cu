@@ -25,6 +25,7 @@
 // device memory, so it assumes aligned ones for its fast kernels) and for a
 // type combination that cuBLAS reports as unsupported.
 #include "cuda_common.cuh"
+#include "cuda_gemm_batched.h"
 #include "cuda_grouped_mma.h"
 #include "cuda_grouped_tma.h"
 #include "moe_cuda.h"
@@ -34,9 +35,6 @@
 #include <string.h>
 #include <vector>
 
-static moe_status blas_err(cublasStatus_t s, const char *what) {
-    return moe_error(MOE_ERR_DEVICE, "cuda %s: cuBLAS %s", what, cublasGetStatusString(s));
-}
 
 template <typename T>
 __global__ void k_scale(T *c, int64_t n, float beta) {
@@ -66,7 +64,7 @@ static moe_status gemm_rm_on(cuda_dev *d, cublasHandle_t h, moe_dtype dt, int tr
     cublasMath_t mode = dt == MOE_F32 ? CUBLAS_PEDANTIC_MATH
                                       : (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
     cublasStatus_t s = cublasSetMathMode(h, mode);
-    if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
+    if (s != CUBLAS_STATUS_SUCCESS) return cuda_blas_err(s, what);
     int64_t lda = transa ? M : K, ldb = transb ? K : N, ldc = N;
     cublasOperation_t opA = transa ? CUBLAS_OP_T : CUBLAS_OP_N, opB = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (batch == 1)
@@ -75,7 +73,7 @@ static moe_status gemm_rm_on(cuda_dev *d, cublasHandle_t h, moe_dtype dt, int tr
     else
         s = cublasGemmStridedBatchedEx_64(h, opB, opA, N, M, K, &alpha, B, ty, ldb, sB, A, ty, lda, sA, &beta,
                                           C, ty, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
+    if (s != CUBLAS_STATUS_SUCCESS) return cuda_blas_err(s, what);
     return MOE_OK;
 }
 
@@ -148,168 +146,6 @@ static bool use_tma(const cuda_dev *d, int strategy, double b_bytes, bool fills,
 static void count_tma(cuda_dev *d) {
     d->n_grouped_tma++;
     count_kernel(d);
-}
-
-// ---- batched strategy ----
-
-// One grouped call in cuBLAS (column-major) terms. Problem p, for a non-empty
-// expert e with rows [r0, r0 + m), computes C_p = alpha opA(A_p) opB(B_p) +
-// beta C_p with dims (mc, n, k), where n (or k when vary_k) is m, and the
-// pointer of operand j (0: A, 1: B, 2: C) is
-//   base[j] + r0 * row_bytes[j] + e * grp_bytes[j].
-struct gg_desc {
-    cublasOperation_t opA, opB;
-    int64_t mc, n, k;
-    bool vary_k;
-    int64_t lda, ldb, ldc;
-    uintptr_t base[3];
-    int64_t row_bytes[3], grp_bytes[3];
-};
-
-// Kernel parameters of the pointer fill: the three pointer arrays of a call
-// with `total` problems are ptrs[0:total] (A), ptrs[total:2 total] (B),
-// ptrs[2 total:3 total] (C); one launch writes problems [first, first + n).
-// CAP 64 stays under the classic 4 KB parameter limit; the large variant
-// (about 24.6 KB) needs the 32 KB limit of CUDA 12.1+ on Volta and newer.
-template <int CAP>
-struct gg_ptr_args {
-    uintptr_t base[3];
-    int64_t row_bytes[3], grp_bytes[3];
-    int64_t total;
-    int first, n;
-    int64_t row0[CAP];
-    int32_t expert[CAP];
-};
-static_assert(sizeof(gg_ptr_args<2048>) < 32000, "pointer-fill parameters exceed the kernel parameter limit");
-
-template <int CAP>
-__global__ void k_gg_ptrs(const __grid_constant__ gg_ptr_args<CAP> a, void **ptrs) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= a.n) return;
-    int64_t p = (int64_t)a.first + i;
-#pragma unroll
-    for (int j = 0; j < 3; j++)
-        ptrs[j * a.total + p] = (void *)(a.base[j] + (uintptr_t)(a.row0[i] * a.row_bytes[j] +
-                                                                   (int64_t)a.expert[i] * a.grp_bytes[j]));
-}
-
-template <int CAP>
-static moe_status gg_fill(cuda_dev *d, const gg_desc &g, const std::vector<int32_t> &expert,
-                          const std::vector<int64_t> &row0, void **ptrs) {
-    gg_ptr_args<CAP> a{};
-    for (int j = 0; j < 3; j++) {
-        a.base[j] = g.base[j];
-        a.row_bytes[j] = g.row_bytes[j];
-        a.grp_bytes[j] = g.grp_bytes[j];
-    }
-    int64_t total = (int64_t)expert.size();
-    a.total = total;
-    for (int64_t first = 0; first < total; first += CAP) {
-        int n = (int)std::min<int64_t>(CAP, total - first);
-        a.first = (int)first;
-        a.n = n;
-        memcpy(a.row0, row0.data() + first, (size_t)n * sizeof(int64_t));
-        memcpy(a.expert, expert.data() + first, (size_t)n * sizeof(int32_t));
-        int threads = n < 128 ? (n + 31) / 32 * 32 : 128;
-        k_gg_ptrs<CAP><<<(n + threads - 1) / threads, threads, 0, d->stream>>>(a, ptrs);
-        CU_LAUNCHED("gemm_grouped (pointer arrays)");
-    }
-    return MOE_OK;
-}
-
-// One cublasGemmGroupedBatchedEx over the non-empty experts of offsets.
-// *ran = false (nothing queued but the pointer fill) when cuBLAS reports the
-// combination unsupported: the caller then loops.
-static moe_status gg_run(cuda_dev *d, moe_dtype dt, const gg_desc &g, float alpha, float beta,
-                         const int64_t *offsets, int groups, bool *ran, const char *what) {
-    *ran = true;
-    std::vector<int32_t> expert;   // non-empty experts, by row count (stable: then by index)
-    for (int e = 0; e < groups; e++)
-        if (offsets[e + 1] > offsets[e]) expert.push_back(e);
-    size_t np = expert.size();
-    if (np == 0) return MOE_OK;
-    std::stable_sort(expert.begin(), expert.end(), [offsets](int32_t x, int32_t y) {
-        return offsets[x + 1] - offsets[x] < offsets[y + 1] - offsets[y];
-    });
-    std::vector<int64_t> row0(np);
-    // cuBLAS groups: runs of equal row counts
-    std::vector<int64_t> m_a, n_a, k_a, lda_a, ldb_a, ldc_a, size_a;
-    std::vector<float> alpha_a, beta_a;
-    std::vector<cublasOperation_t> opa_a, opb_a;
-    int64_t prev = -1;
-    for (size_t p = 0; p < np; p++) {
-        int32_t e = expert[p];
-        int64_t rows = offsets[e + 1] - offsets[e];
-        row0[p] = offsets[e];
-        if (rows == prev) {
-            size_a.back()++;
-            continue;
-        }
-        prev = rows;
-        opa_a.push_back(g.opA);
-        opb_a.push_back(g.opB);
-        m_a.push_back(g.mc);
-        n_a.push_back(g.vary_k ? g.n : rows);
-        k_a.push_back(g.vary_k ? rows : g.k);
-        lda_a.push_back(g.lda);
-        ldb_a.push_back(g.ldb);
-        ldc_a.push_back(g.ldc);
-        alpha_a.push_back(alpha);
-        beta_a.push_back(beta);
-        size_a.push_back(1);
-    }
-    // Returned to the cache when this scope ends, after the GEMM is queued:
-    // a later user of the block runs after it on the same stream.
-    cuda_scratch scr(d, 3 * np * sizeof(void *));
-    if (!scr.p) return moe_last_status();
-    void **ptrs = (void **)scr.p;
-    if (np <= 64) MOE_TRY(gg_fill<64>(d, g, expert, row0, ptrs));
-    else MOE_TRY(gg_fill<2048>(d, g, expert, row0, ptrs));
-    cudaDataType ty = dt == MOE_F32 ? CUDA_R_32F : CUDA_R_16BF;
-    cublasMath_t mode = dt == MOE_F32 ? CUBLAS_PEDANTIC_MATH
-                                      : (cublasMath_t)(CUBLAS_DEFAULT_MATH | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
-    cublasStatus_t s = cublasSetMathMode(d->blas, mode);
-    if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
-    s = cublasGemmGroupedBatchedEx_64(d->blas, opa_a.data(), opb_a.data(), m_a.data(), n_a.data(), k_a.data(),
-                                      alpha_a.data(), (const void *const *)ptrs, ty, lda_a.data(),
-                                      (const void *const *)(ptrs + np), ty, ldb_a.data(), beta_a.data(),
-                                      ptrs + 2 * np, ty, ldc_a.data(), (int64_t)size_a.size(), size_a.data(),
-                                      CUBLAS_COMPUTE_32F);
-    if (s == CUBLAS_STATUS_NOT_SUPPORTED) {
-        *ran = false;
-        return MOE_OK;
-    }
-    if (s != CUBLAS_STATUS_SUCCESS) return blas_err(s, what);
-    return MOE_OK;
-}
-
-// c[e] *= beta (beta == 0: zeros) for the experts listed, each block `per` elements.
-struct gg_list {
-    int n;
-    int32_t e[512];
-};
-
-template <typename T>
-__global__ void k_scale_groups(T *c, int64_t per, float beta, const __grid_constant__ gg_list l) {
-    T *cg = c + (int64_t)l.e[blockIdx.y] * per;
-    GRID_STRIDE(i, per) cg[i] = from_f32<T>(beta == 0.0f ? 0.0f : beta * to_f32(cg[i]));
-}
-
-static moe_status scale_groups(cuda_dev *d, moe_dtype dt, void *c, int64_t per, float beta,
-                               const std::vector<int32_t> &experts) {
-    if (beta == 1.0f || per == 0 || experts.empty()) return MOE_OK;
-    gg_list l{};
-    const int cap = (int)(sizeof l.e / sizeof l.e[0]);
-    for (size_t first = 0; first < experts.size(); first += cap) {
-        l.n = (int)std::min<size_t>(cap, experts.size() - first);
-        memcpy(l.e, experts.data() + first, (size_t)l.n * sizeof(int32_t));
-        unsigned gx = cuda_grid_1d(d, per, 256) / (unsigned)l.n;
-        dim3 grid(gx ? gx : 1, (unsigned)l.n);
-        if (dt == MOE_F32) k_scale_groups<float><<<grid, 256, 0, d->stream>>>((float *)c, per, beta, l);
-        else k_scale_groups<bf16><<<grid, 256, 0, d->stream>>>((bf16 *)c, per, beta, l);
-        CU_LAUNCHED("gemm_grouped_wgrad (beta scale)");
-    }
-    return MOE_OK;
 }
 
 // Whether a grouped call of `flops` in total over `groups` experts takes the
@@ -470,7 +306,7 @@ moe_status cuda_gemm_grouped(moe_ctx *ctx, int transb, float alpha, const moe_te
         g.base[1] = (uintptr_t)A; g.row_bytes[1] = K * (int64_t)es;  g.grp_bytes[1] = 0;
         g.base[2] = (uintptr_t)C; g.row_bytes[2] = N * (int64_t)es;  g.grp_bytes[2] = 0;
         bool ran = false;
-        MOE_TRY(gg_run(d, c->dtype, g, alpha, beta, offsets, groups, &ran, "gemm_grouped"));
+        MOE_TRY(cuda_gg_run(d, c->dtype, g, alpha, beta, offsets, groups, &ran, "gemm_grouped"));
         if (ran) {
             count_call(d, true);
             return MOE_OK;
@@ -699,12 +535,12 @@ static moe_status wgrad(moe_ctx *ctx, float alpha, const moe_tensor *a, const mo
         g.base[1] = (uintptr_t)A; g.row_bytes[1] = P * (int64_t)es;  g.grp_bytes[1] = 0;
         g.base[2] = (uintptr_t)C; g.row_bytes[2] = 0;                g.grp_bytes[2] = P * Q * (int64_t)es;
         bool ran = false;
-        MOE_TRY(gg_run(d, c->dtype, g, alpha, beta, offsets, groups, &ran, "gemm_grouped_wgrad"));
+        MOE_TRY(cuda_gg_run(d, c->dtype, g, alpha, beta, offsets, groups, &ran, "gemm_grouped_wgrad"));
         if (ran) {
             std::vector<int32_t> empty;   // no rows: c[g] = beta * c[g], one launch for all
             for (int e = 0; e < groups; e++)
                 if (offsets[e + 1] <= offsets[e]) empty.push_back(e);
-            MOE_TRY(scale_groups(d, c->dtype, C, P * Q, beta, empty));
+            MOE_TRY(cuda_scale_groups(d, c->dtype, C, P * Q, beta, empty));
             count_call(d, true);
             return MOE_OK;
         }
