@@ -293,6 +293,7 @@ int luaopen_moelab_core(lua_State *L) {
     lua_setfield(L, -2, "num_threads");
     lua_pushcfunction(L, l_synchronize);
     lua_setfield(L, -2, "synchronize");
+    moe_lua_open_cuda_graph(L);
     moe_lua_open_tensor(L);
     moe_lua_open_ops(L);
     moe_lua_open_nn(L);

@@ -87,6 +87,7 @@ void moe_lua_open_nn(lua_State *L);
 void moe_lua_open_data(lua_State *L);   /* data.c: datasets, the corpus, the byte tokenizer */
 void moe_lua_open_io(lua_State *L);     /* io.c: safetensors, atomic files, JSON (json.c) */
 void moe_lua_open_tokenizer(lua_State *L);   /* tokenizer.c: tokenizer.json tokenizers */
+void moe_lua_open_cuda_graph(lua_State *L);   /* cuda_graph.c: core.cuda_graph_begin (the table on top) */
 void moe_lua_open_dist(lua_State *L);        /* dist.c: communicators and collectives (moe.dist) */
 
 #endif

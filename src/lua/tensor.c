@@ -374,6 +374,15 @@ static int t_is_freed(lua_State *L) {
     return 1;
 }
 
+/* t:index_bound() -> n when every value of this integer tensor is known to
+ * lie in [0, n) (an upload or copy from the host sets it; tensor.h), else 0 */
+static int t_index_bound(lua_State *L) {
+    moe_tensor *t = moe_lua_check_tensor(L, 1, "Tensor:index_bound");
+    const int64_t n = t->index_bound;
+    lua_pushnumber(L, moe_tensor_index_trusted(t, n > 0 ? n : 1) ? (lua_Number)n : 0);
+    return 1;
+}
+
 static int t_free(lua_State *L) {
     if (!moe_lua_is_tensor(L, 1)) return moe_lua_errorf(L, "Tensor:free: self must be a tensor, got %s", type_at(L, 1));
     tbox *b = lua_touserdata(L, 1);
@@ -605,7 +614,7 @@ static int t_copy(lua_State *L) {
 
 static const luaL_Reg methods[] = {
     {"shape", t_shape}, {"size", t_size}, {"stride", t_stride}, {"dim", t_dim}, {"numel", t_numel},
-    {"dtype", t_dtype}, {"device", t_device}, {"is_contiguous", t_is_contiguous}, {"is_freed", t_is_freed},
+    {"dtype", t_dtype}, {"device", t_device}, {"is_contiguous", t_is_contiguous}, {"is_freed", t_is_freed}, {"index_bound", t_index_bound},
     {"get", t_get}, {"set", t_set}, {"get_flat", t_get_flat}, {"set_flat", t_set_flat}, {"item", t_item},
     {"to_table", t_to_table}, {"to", t_to}, {"float", t_float}, {"clone", t_clone}, {"contiguous", t_contiguous},
     {"view", t_view}, {"reshape", t_reshape}, {"transpose", t_transpose}, {"t", t_t}, {"permute", t_permute},

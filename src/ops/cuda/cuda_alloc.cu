@@ -58,23 +58,36 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
     cudaFree((void *)addr);
 }
 
-// Bytes in the pools' free blocks. Caller holds d->mu.
+static size_t pools_free_bytes(const cuda_dev::pools &ps) {
+    return (ps.small ? moe_block_pool_free_bytes(ps.small) : 0) + (ps.large ? moe_block_pool_free_bytes(ps.large) : 0);
+}
+static size_t pools_segment_bytes(const cuda_dev::pools &ps) {
+    return (ps.small ? moe_block_pool_segment_bytes(ps.small) : 0) +
+           (ps.large ? moe_block_pool_segment_bytes(ps.large) : 0);
+}
+
+// Bytes in the pools' free blocks (the graphs' pairs included). Caller holds d->mu.
 size_t cuda_alloc_cached_locked(const cuda_dev *d) {
-    return (d->small_pool ? moe_block_pool_free_bytes(d->small_pool) : 0) +
-           (d->pool ? moe_block_pool_free_bytes(d->pool) : 0);
+    size_t n = pools_free_bytes(d->shared);
+    for (const cuda_dev::pools *ps : d->graph_pools) n += pools_free_bytes(*ps);
+    return n;
 }
 
 // Bytes of the pools' segments: what the allocator holds from the driver. Caller holds d->mu.
 size_t cuda_alloc_reserved_locked(const cuda_dev *d) {
-    return (d->small_pool ? moe_block_pool_segment_bytes(d->small_pool) : 0) +
-           (d->pool ? moe_block_pool_segment_bytes(d->pool) : 0);
+    size_t n = pools_segment_bytes(d->shared);
+    for (const cuda_dev::pools *ps : d->graph_pools) n += pools_segment_bytes(*ps);
+    return n;
 }
 
 // A block of class cls from a pool's free blocks, else where grow from a new
-// segment; NULL when none is had (no error set). Caller holds d->mu.
+// segment; NULL when none is had (no error set). While a graph is captured the
+// block comes from the graph's own pair: its address is baked into the graph,
+// so no work outside the graph may ever be given it. Caller holds d->mu.
 static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
     bool small = cls <= SMALL_LIMIT;
-    moe_block_pool *&pool = small ? d->small_pool : d->pool;
+    cuda_dev::pools *owner = d->capture ? d->capture : &d->shared;
+    moe_block_pool *&pool = small ? owner->small : owner->large;
     if (!pool) pool = small ? moe_block_pool_new(512, LARGE_STEP, seg_alloc, seg_free, d)
                             : moe_block_pool_new(LARGE_STEP, 0, seg_alloc, seg_free, d);
     if (!pool) return NULL;
@@ -87,22 +100,44 @@ static void *take_locked(cuda_dev *d, size_t cls, bool grow) {
     }
     if (!blk) return NULL;
     void *p = (void *)blk->addr;
-    d->live[p] = cuda_dev::live_block{blk, small};
+    d->live[p] = cuda_dev::live_block{blk, small, owner};
+    owner->live++;
     d->bytes_in_use += blk->size;
     if (d->bytes_in_use > d->peak_in_use) d->peak_in_use = d->bytes_in_use;
     return p;
+}
+
+// A graph's pair whose graph is gone and whose blocks are all back: its segments
+// go to the driver, after the queued work (a replay may still run). Not while a
+// capture runs (no synchronisation then): the next end of a capture reaps it.
+// Caller holds d->mu.
+void cuda_alloc_reap_locked(cuda_dev *d) {
+    if (d->capture) return;
+    for (size_t i = 0; i < d->graph_pools.size();) {
+        cuda_dev::pools *ps = d->graph_pools[i];
+        if (!ps->retired || ps->live) { i++; continue; }
+        cudaSetDevice(d->index);
+        if (d->stream) cudaStreamSynchronize(d->stream);
+        moe_block_pool_destroy(ps->small);
+        moe_block_pool_destroy(ps->large);
+        cudaGetLastError();
+        delete ps;
+        d->graph_pools.erase(d->graph_pools.begin() + (ptrdiff_t)i);
+    }
 }
 
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes);
 static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
 
 // cudaFree every wholly free segment. Caller holds d->mu.
+// cudaFree every wholly free segment of the shared pools (a graph's stay with it).
+// Never while a graph is captured: it waits for the stream. Caller holds d->mu.
 static void release_cache_locked(cuda_dev *d) {
-    if (!cuda_alloc_cached_locked(d)) return;
+    if (d->capture || !pools_free_bytes(d->shared)) return;
     cudaSetDevice(d->index);
     cudaStreamSynchronize(d->stream);   // queued work may still use blocks freed to the cache
-    if (d->small_pool) moe_block_pool_release(d->small_pool);
-    if (d->pool) moe_block_pool_release(d->pool);
+    if (d->shared.small) moe_block_pool_release(d->shared.small);
+    if (d->shared.large) moe_block_pool_release(d->shared.large);
     cudaGetLastError();
 }
 
@@ -123,7 +158,9 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx) {
     d->ctx = ctx;
     d->bytes_in_use = d->peak_in_use = 0;
     d->peak_reserved = 0;
-    d->small_pool = d->pool = NULL;
+    d->shared = cuda_dev::pools{NULL, NULL, 0, false};
+    d->capture = NULL;
+    d->n_graphs = 0;
     d->n_malloc = d->n_hits = 0;
     d->closing = false;
     d->stream = NULL;
@@ -139,9 +176,16 @@ void cuda_dev_destroy(cuda_dev *d) {
     }
     cudaSetDevice(d->index);
     if (d->stream) cudaStreamSynchronize(d->stream);
-    moe_block_pool_destroy(d->small_pool);   // every segment: nothing is live when the device goes
-    moe_block_pool_destroy(d->pool);
-    d->small_pool = d->pool = NULL;
+    // every segment: nothing is live and no graph is left when the device goes
+    moe_block_pool_destroy(d->shared.small);
+    moe_block_pool_destroy(d->shared.large);
+    d->shared.small = d->shared.large = NULL;
+    for (cuda_dev::pools *ps : d->graph_pools) {
+        moe_block_pool_destroy(ps->small);
+        moe_block_pool_destroy(ps->large);
+        delete ps;
+    }
+    d->graph_pools.clear();
     cuda_lanes_free(d);
     if (d->blas) cublasDestroy(d->blas);
     if (d->blas_ws) cudaFree(d->blas_ws);
@@ -164,10 +208,17 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
     size_t cls = size_class(nbytes);
     void *p = alloc_cached_or_new(d, cls);
     if (p) return p;
+    bool capturing;
+    {
+        std::lock_guard<std::mutex> g(d->mu);
+        capturing = d->capture != NULL;
+    }
     // Out of memory: let the embedder drop garbage (it frees into our cache, so
     // the lock must not be held), then return the whole cache to the driver.
+    // Not while a graph is captured: a collection could free the capture's own
+    // blocks at any point, and the release waits for the stream.
     moe_ctx *ctx = d->ctx;
-    if (ctx && ctx->reclaim) ctx->reclaim(ctx->reclaim_arg);
+    if (!capturing && ctx && ctx->reclaim) ctx->reclaim(ctx->reclaim_arg);
     std::lock_guard<std::mutex> g(d->mu);
     p = take_locked(d, cls, false);   // reclaim freed a block that fits
     if (!p) {
@@ -179,10 +230,11 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
         cudaMemGetInfo(&free_b, &total_b);
         cudaGetLastError();
         moe_error(MOE_ERR_OOM,
-                  "cuda:%d: out of memory allocating %zu bytes (%.1f MiB); %zu bytes in use by tensors, "
+                  "cuda:%d: out of memory allocating %zu bytes (%.1f MiB)%s; %zu bytes in use by tensors, "
                   "%zu bytes free in segments still partly in use (not returned to the driver), device has %zu of "
                   "%zu bytes free",
-                  d->index, nbytes, nbytes / 1048576.0, d->bytes_in_use, cuda_alloc_cached_locked(d), free_b, total_b);
+                  d->index, nbytes, nbytes / 1048576.0, capturing ? " while capturing a CUDA graph" : "",
+                  d->bytes_in_use, cuda_alloc_cached_locked(d), free_b, total_b);
         return NULL;
     }
     return p;
@@ -200,8 +252,11 @@ static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes) {
         cuda_dev::live_block lb = it->second;
         d->live.erase(it);
         d->bytes_in_use -= lb.blk->size;
-        moe_block_pool_free(lb.small ? d->small_pool : d->pool, lb.blk);
-        destroy = d->closing && d->live.empty();
+        // back to the pair it came from: a graph's block never serves work outside the graph
+        moe_block_pool_free(lb.small ? lb.owner->small : lb.owner->large, lb.blk);
+        lb.owner->live--;
+        if (lb.owner->retired && !lb.owner->live) cuda_alloc_reap_locked(d);
+        destroy = d->closing && d->live.empty() && !d->n_graphs;
     }
     if (destroy) cuda_dev_destroy(d);
 }

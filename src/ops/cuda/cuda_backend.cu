@@ -173,7 +173,7 @@ extern "C" void moe_cuda_backend_uninstall(moe_ctx *ctx) {
             std::lock_guard<std::mutex> g(d->mu);
             d->ctx = NULL;
             d->closing = true;
-            now = d->live.empty();
+            now = d->live.empty() && !d->n_graphs;
         }
         if (now) cuda_dev_destroy(d);   // else the last cuda_free_fn destroys it
     }
@@ -270,6 +270,7 @@ extern "C" moe_status moe_cuda_time_ms(moe_ctx *ctx, int device, moe_status (*fn
 
 moe_status cuda_synchronize(moe_ctx *ctx, moe_device dev) {
     CUDA_ENTER(d, ctx, dev);
+    CUDA_NOT_IN_CAPTURE(d, "synchronize");
     CU_TRY(cudaStreamSynchronize(d->stream), "synchronize");
     return MOE_OK;
 }

@@ -40,9 +40,18 @@ struct cuda_dev {
     moe_ctx *ctx;                 // for ctx->reclaim; NULL once uninstalled
     // allocator (guarded by mu)
     std::mutex mu;
-    // blocks of up to 1 MiB and larger ones, each from its own pool (cuda_alloc.cu), made on first use
-    struct moe_block_pool *small_pool, *pool;
-    struct live_block { struct moe_pool_block *blk; bool small; };
+    // blocks of up to 1 MiB and larger ones, each from its own pool (cuda_alloc.cu), made on
+    // first use: the device's shared pair, and one private pair per CUDA graph (cuda_graph.cu)
+    struct pools {
+        struct moe_block_pool *small, *large;
+        size_t live;       // blocks handed out and not yet freed
+        bool retired;      // a graph's pair whose graph is gone: destroyed when live reaches 0
+    };
+    pools shared;
+    pools *capture;       // while a graph is captured, every allocation comes from its pair
+    std::vector<pools *> graph_pools;   // the graphs' pairs, counted in the memory statistics
+    int n_graphs;         // graphs not yet freed: the device state outlives them (cuda_graph.cu)
+    struct live_block { struct moe_pool_block *blk; bool small; pools *owner; };
     std::unordered_map<void *, live_block> live;   // address -> its block and pool
     size_t bytes_in_use, peak_in_use;   // cached bytes: cuda_alloc_cached_locked
     size_t peak_reserved;               // the most cuda_alloc_reserved_locked has been
@@ -104,6 +113,7 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on 
 void cuda_alloc_release_cache(cuda_dev *d);
 size_t cuda_alloc_cached_locked(const cuda_dev *d);            // the pools' free bytes; caller holds d->mu
 size_t cuda_alloc_reserved_locked(const cuda_dev *d);          // the pools' segment bytes; caller holds d->mu
+void cuda_alloc_reap_locked(cuda_dev *d);   // destroys retired graph pools with nothing live; caller holds d->mu
 void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure
 // Scratch a caller can do without: a cached block or one cudaMalloc, else NULL (no
@@ -273,6 +283,19 @@ cuda_dev *cuda_dev_get(moe_ctx *ctx, moe_device dev);
     cuda_dev *d = cuda_dev_get((ctx), (device));         \
     if (!d) return moe_last_status() != MOE_OK ? moe_last_status() : MOE_ERR_DEVICE
 
+// Work that waits for the device or moves host memory cannot be held by a CUDA
+// graph (a replay would copy a stale slot, or the wait would break the
+// capture): refused while one is captured, naming the op. (d->capture changes
+// only on the capturing thread, between ops.)
+#define CUDA_NOT_IN_CAPTURE(d, what)                                                                           \
+    do {                                                                                                       \
+        if ((d)->capture)                                                                                      \
+            return moe_error(MOE_ERR_STATE,                                                                    \
+                             "%s cannot be captured into a CUDA graph: it waits for the device or copies host " \
+                             "memory (do it before or after the captured work)",                               \
+                             (what));                                                                          \
+    } while (0)
+
 // Scratch device memory that returns to the cache when it goes out of scope.
 // Stream-ordered reuse is safe: every user of the block runs on d->stream.
 struct cuda_scratch {
@@ -426,6 +449,7 @@ inline moe_status cuda_check_index(cuda_dev *d, const char *op, const char *name
                                    int64_t cnt, int64_t lo, int64_t hi, int64_t row_len) {
     if (cnt == 0 || moe_tensor_index_trusted(index, hi)) return MOE_OK;
     const I *idx = (const I *)moe_tensor_data((moe_tensor *)index);
+    CUDA_NOT_IN_CAPTURE(d, "an index check (mark the index trusted: tensor.h's index bound)");
     cuda_scratch flag(d, sizeof(unsigned long long));
     if (!flag.p) return moe_last_status();
     unsigned long long *f = (unsigned long long *)flag.p;

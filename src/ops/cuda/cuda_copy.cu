@@ -157,6 +157,7 @@ static bool staged_transfer(cuda_dev *d, void *to, const void *from, size_t nbyt
 
 static moe_status copy_h2d(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src, int64_t n) {
     CUDA_ENTER(d, ctx, dst->device);
+    CUDA_NOT_IN_CAPTURE(d, "a copy host->device");
     moe_tensor *hs = moe_tensor_contiguous_cpu((moe_tensor *)src);
     if (!hs) return moe_last_status();
     size_t sbytes = (size_t)n * moe_dtype_size(src->dtype);
@@ -184,6 +185,7 @@ static moe_status copy_h2d(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src,
 
 static moe_status copy_d2h(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src, int64_t n) {
     CUDA_ENTER(d, ctx, src->device);
+    CUDA_NOT_IN_CAPTURE(d, "a copy device->host");
     size_t dbytes = (size_t)n * moe_dtype_size(dst->dtype);
     cuda_layout sl = cuda_layout_tensor(src);
     // a contiguous device copy in dst's dtype
@@ -240,6 +242,7 @@ void cuda_pinned_slots_free(cuda_dev *d) {
 
 moe_status cuda_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, moe_read *r) {
     CUDA_ENTER(d, ctx, r->dev);
+    CUDA_NOT_IN_CAPTURE(d, "a read of device values");
     std::lock_guard<std::mutex> g(d->stage_mu);   // the slot, from its wait to its new event
     if (!reads_ready(d)) {   // no pinned memory: read now, through a synchronous copy
         for (int i = 0; i < n; i++) {
@@ -272,6 +275,7 @@ static bool read_current(const cuda_dev *d, const moe_read *r) {
 
 moe_status cuda_read_finish(moe_ctx *ctx, moe_read *r) {
     CUDA_ENTER(d, ctx, r->dev);
+    CUDA_NOT_IN_CAPTURE(d, "a read of device values");
     static const char *taken = "read_finish: this read's host memory was taken by later reads (more than %d started "
                                "since without being finished)";
     cudaEvent_t done;
@@ -304,6 +308,7 @@ static moe_status copy_peer(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src
     size_t dbytes = (size_t)n * moe_dtype_size(dst->dtype);
     CUDA_ENTER(s, ctx, src->device);
     cuda_layout sl = cuda_layout_tensor(src), dl = cuda_layout_tensor(dst);
+    CUDA_NOT_IN_CAPTURE(s, "a copy between devices");
     const void *from = moe_tensor_data(src);
     cuda_scratch stmp(s, (dst->dtype == src->dtype && cuda_layout_is_flat(sl)) ? 0 : dbytes);
     if (stmp.n) {

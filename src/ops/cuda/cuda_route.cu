@@ -758,6 +758,7 @@ extern "C" moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const
         return MOE_OK;
     }
     // the one synchronisation: offsets, counts and statistics to the host
+    CUDA_NOT_IN_CAPTURE(d, "the routing's wait for its counts (a graph needs the deferred summary: defer_summary)");
     CU_TRY(cudaMemcpyAsync(a->summary, sum, (size_t)MOE_CUDA_ROUTE_SUMMARY(E) * sizeof(long long),
                            cudaMemcpyDeviceToHost, d->stream), "route summary");
     CU_TRY(cudaStreamSynchronize(d->stream), "route summary");

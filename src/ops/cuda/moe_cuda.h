@@ -131,6 +131,32 @@ moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *ca
  * without a synchronisation) since install; larger ones wait for their transfer. */
 moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies);
 
+/* ---- CUDA graphs (cuda_graph.cu) ----
+ * A captured sequence of a device's work, replayed with one launch.
+ * moe_cuda_graph_begin starts capturing the device's stream: the ops called
+ * until moe_cuda_graph_end are recorded, not run, and every block they
+ * allocate comes from a pool of the graph's own, never handed to work outside
+ * it, so the addresses the graph holds stay valid for its life (tensors made
+ * during the capture keep their memory; a replay rewrites it). Work a graph
+ * cannot hold is refused with MOE_ERR_STATE while capturing: copies from or
+ * to the host, reads, synchronisations, and garbage collection on running out
+ * of memory. moe_cuda_graph_end closes the capture and instantiates the
+ * graph; when the capture was broken (by a refused op or one the driver
+ * would not record) it returns the error, and the graph can only be freed.
+ * One capture at a time per device. moe_cuda_graph_free may be called at any
+ * point (a capture in progress is abandoned); the pool goes back to the
+ * driver once the tensors made during the capture are freed too. */
+typedef struct moe_cuda_graph moe_cuda_graph;
+moe_status moe_cuda_graph_begin(moe_ctx *ctx, int device, moe_cuda_graph **out);
+moe_status moe_cuda_graph_end(moe_ctx *ctx, moe_cuda_graph *g);
+/* Queues one replay on the device's stream (no wait). */
+moe_status moe_cuda_graph_launch(moe_ctx *ctx, moe_cuda_graph *g);
+void moe_cuda_graph_free(moe_cuda_graph *g);
+/* nodes: the instantiated graph's kernels, copies and memsets; launches: replays so far */
+moe_status moe_cuda_graph_info(const moe_cuda_graph *g, size_t *nodes, uint64_t *launches, size_t *pool_bytes);
+/* Whether the device is capturing a graph now. */
+int moe_cuda_capturing(moe_ctx *ctx, int device);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,163 @@
+// CUDA graphs of a device's stream (moe_cuda.h): capture, instantiate, replay.
+//
+// Why a pool of the graph's own: a graph holds the addresses its kernels were
+// captured with. Blocks taken during the capture would, once freed, be handed
+// by the shared pools to eager work, which a later replay would then
+// overwrite. So from begin to end every allocation of the device comes from
+// the graph's pair (cuda_alloc.cu take_locked), and a block goes back to the
+// pair it came from whenever it is freed; the pair lives as long as the graph
+// or its last block, whichever is later. Within the capture, blocks are
+// reused in stream order, as eagerly: the captured work is one chain.
+//
+// The capture is "relaxed": the allocator may still cudaMalloc new segments
+// during it (not a stream operation; the driver forbids it in the stricter
+// modes). Stream synchronisations and host copies are refused by the ops
+// themselves (cuda_refuse_in_capture) with a message that names them, before
+// the driver would break the capture with a less telling one.
+#include "cuda_common.cuh"
+#include "moe_cuda.h"
+
+#include "../../core/block_pool.h"
+
+#include <new>
+
+struct moe_cuda_graph {
+    cuda_dev *d;
+    cuda_dev::pools *pools;
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    bool capturing;
+    size_t nodes;
+    uint64_t launches;
+};
+
+extern "C" moe_status moe_cuda_graph_begin(moe_ctx *ctx, int device, moe_cuda_graph **out) {
+    if (!out) return moe_error(MOE_ERR_ARG, "cuda graph: no output");
+    *out = NULL;
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    moe_cuda_graph *g = new (std::nothrow) moe_cuda_graph();
+    cuda_dev::pools *ps = new (std::nothrow) cuda_dev::pools{NULL, NULL, 0, false};
+    if (!g || !ps) {
+        delete g;
+        delete ps;
+        return moe_error(MOE_ERR_OOM, "cuda graph: out of host memory");
+    }
+    {
+        std::lock_guard<std::mutex> lk(d->mu);
+        if (d->capture) {
+            delete g;
+            delete ps;
+            return moe_error(MOE_ERR_STATE, "cuda:%d is already capturing a graph (one capture at a time)", device);
+        }
+        d->graph_pools.push_back(ps);
+        d->n_graphs++;
+        g->d = d;
+        g->pools = ps;
+        // before the capture opens: an allocation from here on goes to the graph's pair
+        d->capture = ps;
+    }
+    cudaError_t e = cudaStreamBeginCapture(d->stream, cudaStreamCaptureModeRelaxed);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        moe_cuda_graph_free(g);
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d: could not start capturing a graph: %s", device, cudaGetErrorString(e));
+    }
+    g->capturing = true;
+    *out = g;
+    return MOE_OK;
+}
+
+// Closes the capture (whatever its state) and stops the allocator's redirection.
+static cudaError_t close_capture(moe_cuda_graph *g, cudaGraph_t *graph) {
+    cuda_dev *d = g->d;
+    *graph = NULL;
+    cudaError_t e = cudaSuccess;
+    if (g->capturing) {
+        cudaSetDevice(d->index);
+        e = cudaStreamEndCapture(d->stream, graph);
+        if (e != cudaSuccess) cudaGetLastError();
+        g->capturing = false;
+    }
+    std::lock_guard<std::mutex> lk(d->mu);
+    if (d->capture == g->pools) d->capture = NULL;
+    cuda_alloc_reap_locked(d);   // pairs retired during the capture
+    return e;
+}
+
+extern "C" moe_status moe_cuda_graph_end(moe_ctx *ctx, moe_cuda_graph *g) {
+    (void)ctx;
+    if (!g) return moe_error(MOE_ERR_ARG, "cuda graph: NULL graph");
+    if (!g->capturing) return moe_error(MOE_ERR_STATE, "cuda graph: not capturing (end called twice?)");
+    cudaGraph_t graph = NULL;
+    cudaError_t e = close_capture(g, &graph);
+    if (e != cudaSuccess || !graph) {
+        if (graph) cudaGraphDestroy(graph);
+        return moe_error(MOE_ERR_DEVICE,
+                         "cuda:%d: the graph's capture was broken (%s): an operation inside it waited for the "
+                         "device or used another stream",
+                         g->d->index, e != cudaSuccess ? cudaGetErrorString(e) : "no graph");
+    }
+    g->graph = graph;
+    cudaGraphGetNodes(graph, NULL, &g->nodes);
+    e = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        g->exec = NULL;
+        return moe_error(MOE_ERR_DEVICE, "cuda:%d: the captured graph (%zu nodes) could not be instantiated: %s",
+                         g->d->index, g->nodes, cudaGetErrorString(e));
+    }
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_graph_launch(moe_ctx *ctx, moe_cuda_graph *g) {
+    (void)ctx;
+    if (!g || !g->exec) return moe_error(MOE_ERR_STATE, "cuda graph: nothing to launch (not captured, or the capture failed)");
+    cuda_dev *d = g->d;
+    if (d->capture) return moe_error(MOE_ERR_STATE, "cuda:%d: a graph cannot be launched while another is captured", d->index);
+    CU_TRY(cudaSetDevice(d->index), "cuda graph launch");
+    CU_TRY(cudaGraphLaunch(g->exec, d->stream), "cuda graph launch");
+    g->launches++;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_graph_free(moe_cuda_graph *g) {
+    if (!g) return;
+    cuda_dev *d = g->d;
+    cudaGraph_t graph = NULL;
+    close_capture(g, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaSetDevice(d->index);
+    if (g->exec) cudaGraphExecDestroy(g->exec);   // a queued replay still completes
+    if (g->graph) cudaGraphDestroy(g->graph);
+    cudaGetLastError();
+    bool destroy;
+    {
+        std::lock_guard<std::mutex> lk(d->mu);
+        g->pools->retired = true;
+        cuda_alloc_reap_locked(d);
+        d->n_graphs--;
+        destroy = d->closing && d->live.empty() && !d->n_graphs;
+    }
+    delete g;
+    if (destroy) cuda_dev_destroy(d);
+}
+
+extern "C" moe_status moe_cuda_graph_info(const moe_cuda_graph *g, size_t *nodes, uint64_t *launches,
+                                          size_t *pool_bytes) {
+    if (!g) return moe_error(MOE_ERR_ARG, "cuda graph: NULL graph");
+    if (nodes) *nodes = g->nodes;
+    if (launches) *launches = g->launches;
+    if (pool_bytes) {
+        std::lock_guard<std::mutex> lk(g->d->mu);
+        *pool_bytes = (g->pools->small ? moe_block_pool_segment_bytes(g->pools->small) : 0) +
+                      (g->pools->large ? moe_block_pool_segment_bytes(g->pools->large) : 0);
+    }
+    return MOE_OK;
+}
+
+extern "C" int moe_cuda_capturing(moe_ctx *ctx, int device) {
+    cuda_dev *d = cuda_dev_get(ctx, moe_device{MOE_CUDA, device});
+    if (!d) { moe_clear_error(); return 0; }
+    std::lock_guard<std::mutex> lk(d->mu);
+    return d->capture != NULL;
+}
