@@ -4,6 +4,7 @@
 #include "lmoe.h"
 #include "../nn/model.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 static int opt_choice(lua_State *L, int idx, const char *key, const char *const *names, int def, const char *f) {
@@ -252,6 +253,44 @@ static int m_keep_rows(lua_State *L) {
     return 0;
 }
 
+/* layer:set_defer_routing(on): let the routing leave its counts on the
+ * device wherever the expert GEMMs can read them there (a CUDA graph of the
+ * step needs it; moe_block.h) */
+static int m_defer_routing(lua_State *L) {
+    const char *f = "layer:set_defer_routing";
+    moe_layer *l = check_moe(L, f);
+    luaL_checktype(L, 2, LUA_TBOOLEAN);
+    moe_lua_check(L, moe_block_set_defer_routing(l, lua_toboolean(L, 2)), f);
+    return 0;
+}
+/* layer:routing_deferred() -> whether the last forward's routing did not wait */
+static int m_routing_deferred(lua_State *L) {
+    lua_pushboolean(L, moe_block_routing_deferred(check_moe(L, "layer:routing_deferred")));
+    return 1;
+}
+/* layer:routing_summary() -> the device summary of the last forward's
+ * routing while its statistics are unread (it did not wait), else nil: a CUDA
+ * graph that captured the forward rewrites it at each replay */
+static int m_routing_summary(lua_State *L) {
+    moe_lua_push_borrowed(L, moe_block_pending_summary(check_moe(L, "layer:routing_summary")), "layer:routing_summary");
+    return 1;
+}
+/* layer:routing_stats_from(summary, tokens) -> the statistics routing_stats()
+ * gives, from a summary read back to the host (an i64 cpu tensor of
+ * routing_summary()'s length) of a routing over `tokens` tokens */
+static int m_routing_stats_from(lua_State *L) {
+    const char *f = "layer:routing_stats_from";
+    moe_layer *l = check_moe(L, f);
+    moe_tensor *sum = moe_lua_check_tensor(L, 2, f);
+    lua_Integer n = luaL_checkinteger(L, 3);
+    const int64_t e = moe_block_config(l)->router.num_experts;
+    moe_route_stats st;
+    moe_lua_check(L, moe_routing_stats_from_summary(sum, e, (int64_t)n, &st), f);
+    push_stats(L, &st, e);
+    free(st.counts);
+    return 1;
+}
+
 /* layer:keep_expert_rows() -> true | false | "auto" */
 static int m_get_keep_rows(lua_State *L) {
     int k = moe_block_keep_rows(check_moe(L, "layer:keep_expert_rows"));
@@ -460,7 +499,7 @@ static int m_set_expert_shard(lua_State *L) {
 
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
-    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"noise_step", m_get_noise_step}, {"train", m_train},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"set_defer_routing", m_defer_routing}, {"routing_deferred", m_routing_deferred}, {"routing_summary", m_routing_summary}, {"routing_stats_from", m_routing_stats_from}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"balance_losses", m_balance_losses}, {"forward_loss", m_forward_loss},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config},
     {"param_layout", m_param_layout}, {"expert_shard", m_expert_shard}, {"set_expert_shard", m_set_expert_shard},

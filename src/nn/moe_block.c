@@ -19,6 +19,20 @@ moe_status moe_block_fetch_stats(moe_ctx *ctx, moe_layer *l) {
     block_state *s = st_of(l);
     return s ? moe_routing_fetch(ctx, &s->last) : MOE_OK;
 }
+moe_tensor *moe_block_pending_summary(const moe_layer *l) {
+    block_state *s = st_of(l);
+    return s ? s->last.summary_dev : NULL;
+}
+moe_status moe_block_set_defer_routing(moe_layer *l, int on) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "set_defer_routing: not an MoE layer");
+    s->defer_route = on != 0;
+    return MOE_OK;
+}
+int moe_block_routing_deferred(const moe_layer *l) {
+    block_state *s = st_of(l);
+    return s && s->last.offsets_dev != NULL;
+}
 moe_tensor *moe_block_last_aux(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.aux_loss : NULL; }
 moe_tensor *moe_block_last_z(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.z_loss : NULL; }
 moe_tensor *moe_block_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->bias : NULL; }
@@ -257,7 +271,7 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
      * calls, and the 8 waits it saves were cheap; bench/RESULTS.md). */
     const int64_t nk = n * c->router.top_k;
     const char *dv = getenv("MOELAB_ROUTE_DEFER");
-    rcfg.defer_summary = dv && strcmp(dv, "1") == 0 && !rcfg.hook && gemm_gathers && !c->aux_free &&
+    rcfg.defer_summary = (st->defer_route || (dv && strcmp(dv, "1") == 0)) && !rcfg.hook && gemm_gathers && !c->aux_free &&
                          c->router.selection == MOE_SELECT_TOPK && !(c->router.capacity_factor > 0) &&
                          logits && logits->dtype == xr->dtype &&
                          moe_op_gemm_grouped_rows_fuses(ctx, xr->device, xr->dtype, c->hidden,

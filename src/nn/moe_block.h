@@ -32,6 +32,19 @@ const moe_block_cfg *moe_block_config(const moe_layer *l);
  * for the device). */
 const moe_route_stats *moe_block_last_stats(const moe_layer *l);
 moe_status moe_block_fetch_stats(moe_ctx *ctx, moe_layer *l);
+/* The device summary of the last forward's routing when it did not wait and
+ * its statistics were not yet read (borrowed; else NULL): a CUDA graph that
+ * captured the forward rewrites it at each replay (read it with
+ * moe_routing_stats_from_summary, router.h). */
+moe_tensor *moe_block_pending_summary(const moe_layer *l);
+/* Whether the routing may leave its summary on the device (no wait) wherever
+ * every GEMM of the forward and backward can read the offsets there (see
+ * moe_block.c): on != 0 always, 0 only with MOELAB_ROUTE_DEFER=1 (the
+ * default; eagerly the wait is cheaper than the plan kernels). A CUDA graph
+ * of the step needs it: the wait cannot be captured. */
+moe_status moe_block_set_defer_routing(moe_layer *l, int on);
+/* Whether the last forward's routing left its summary on the device. */
+int moe_block_routing_deferred(const moe_layer *l);
 moe_tensor *moe_block_last_aux(const moe_layer *l);
 moe_tensor *moe_block_last_z(const moe_layer *l);
 /* The router logits [tokens, E] of the last forward, before noise or bias (borrowed; NULL before any forward). */

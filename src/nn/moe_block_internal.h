@@ -19,6 +19,7 @@ typedef struct {
     moe_tensor *ep_tmap;        /* gather: i32 [N, ep], row t all t (the send-row map moe_op_ep_pack reads) */
     moe_routing last;
     int keep_rows;              /* moe_block_set_keep_rows: 1 keep, 0 never keep, -1 auto (the default) */
+    int defer_route;            /* moe_block_set_defer_routing: 1 wherever it can; 0 as MOELAB_ROUTE_DEFER says */
 } block_state;
 
 static inline block_state *st_of(const moe_layer *l) { return moe_layer_is_moe(l) ? l->state : NULL; }

@@ -138,6 +138,10 @@ void moe_routing_clear(moe_routing *r);
  * offsets, counts and statistics filled, summary_dev released (offsets_dev
  * stays). Nothing to do for a routing that waited. */
 moe_status moe_routing_fetch(moe_ctx *ctx, moe_routing *r);
+/* The statistics of a deferred routing over n tokens and e experts from its
+ * summary read back to the host (summary: a contiguous i64 cpu tensor of the
+ * device summary's length): out->counts is malloc'd, the caller frees it. */
+moe_status moe_routing_stats_from_summary(const moe_tensor *summary, int64_t e, int64_t n, moe_route_stats *out);
 /* Both paths (router.c): the batch aux over comm's ranks (see aux_comm) from
  * this rank's f (averaged in place) and mean scores pm, both [e]. */
 moe_status moe_route_global_aux(struct moe_comm *comm, float *f, const double *pm, int64_t e, double *aux);

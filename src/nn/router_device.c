@@ -143,6 +143,24 @@ moe_status moe_routing_fetch(moe_ctx *ctx, moe_routing *r) {
     return st;
 }
 
+moe_status moe_routing_stats_from_summary(const moe_tensor *summary, int64_t e, int64_t n, moe_route_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (!summary || summary->device.type != MOE_CPU || summary->dtype != MOE_I64 ||
+        !moe_tensor_is_contiguous(summary) || moe_tensor_numel(summary) != MOE_CUDA_ROUTE_SUMMARY(e))
+        return moe_error(MOE_ERR_ARG, "routing statistics: the summary must be a contiguous i64 cpu tensor of %lld "
+                         "elements (the device summary of a routing over %lld experts)",
+                         (long long)MOE_CUDA_ROUTE_SUMMARY(e), (long long)e);
+    if (n < 1) return moe_error(MOE_ERR_ARG, "routing statistics: tokens must be >= 1, got %lld", (long long)n);
+    moe_routing r = {.num_experts = e};
+    moe_status st = fill_from_summary(&r, moe_tensor_data((moe_tensor *)summary), n, NAN);
+    if (st == MOE_OK) {
+        *out = r.stats;
+        r.stats.counts = NULL;
+    }
+    moe_routing_clear(&r);
+    return st;
+}
+
 /* The batch aux over cfg->aux_comm's ranks: this rank's f (device) and mean
  * scores come to the host, are averaged over the ranks, and the global f goes
  * back (backward reads it) with aux written into its tensor. Optional mode:
