@@ -33,21 +33,33 @@ moe.synchronize(device)
 collectgarbage("restart")
 local mem = device == "cuda" and core.cuda_memory_stats(0) or {peak = 0, peak_reserved = 0, cuda_mallocs = 0}
 print(string.format("# cudaMalloc calls during the timed run: %d", mem.cuda_mallocs - mallocs0))
-if trainer.optimizer.launches then
+if trainer.cuda_graph and trainer.graph_info then
+  local gi = trainer.graph_info
+  print(string.format("# cuda graph: %d nodes, %d launches, its pool %.2f GB", gi.nodes, gi.launches, gi.pool_bytes / 1e9))
+elseif trainer.optimizer.launches then
   print(string.format("# AdamW calls a step: %.0f (%d parameter tensors)", trainer.optimizer:launches() /
     trainer.optimizer:step_count(), #model:parameters()))
 end
 
--- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures
+-- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures. With
+-- MOELAB_STEP_GRAPH=1 each train() call runs one eager step and captures the next: the timed
+-- run's first two steps are those, reported apart and left out
+local first = warmup + 1
+if trainer.cuda_graph then
+  local h = r.history
+  print(string.format("# cuda graph: eager step %.2f ms, capture + first launch %.2f ms (not timed)",
+    B * S / h[first].tokens_per_s * 1e3, B * S / h[first + 1].tokens_per_s * 1e3))
+  first = first + 2
+end
 local total_s, nsteps = 0, 0
-for s = warmup + 1, #r.history do total_s, nsteps = total_s + B * S / r.history[s].tokens_per_s, nsteps + 1 end
+for s = first, #r.history do total_s, nsteps = total_s + B * S / r.history[s].tokens_per_s, nsteps + 1 end
 local tps = nsteps * B * S / total_s
 local ms, seq = {}, {}
-for s = warmup + 1, #r.history do ms[#ms + 1] = B * S / r.history[s].tokens_per_s * 1e3; seq[#seq + 1] = string.format("%.1f", ms[#ms]) end
+for s = first, #r.history do ms[#ms + 1] = B * S / r.history[s].tokens_per_s * 1e3; seq[#seq + 1] = string.format("%.1f", ms[#ms]) end
 if os.getenv("MOELAB_STEP_LIST") then
   print("# step ms in order: " .. table.concat(seq, " "))
   local mv = {}
-  for s = warmup + 1, #r.history do mv[#mv + 1] = string.format("%.2f", r.history[s].max_vio or 0) end
+  for s = first, #r.history do mv[#mv + 1] = string.format("%.2f", r.history[s].max_vio or 0) end
   print("# max_vio in order:  " .. table.concat(mv, " "))
 end
 table.sort(ms)

@@ -33,7 +33,9 @@ return function(device, precision)
   -- MOELAB_STEP_OPTIM_STATE=bf16: AdamW's moments in bf16 (MoETrainer{optimizer_state = "bf16"})
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
                                  router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0,
-                                 optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32"}
+                                 optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32",
+                                 -- MOELAB_STEP_GRAPH=1: the step captured into a CUDA graph and replayed
+                                 cuda_graph = os.getenv("MOELAB_STEP_GRAPH") == "1"}
   local function batch(i) local b = batches[i % #batches + 1]; return b[1], b[2] end
   return {model = model, trainer = trainer, batch = batch, B = B, S = S, V = V, D = D, L = L}
 end

@@ -505,5 +505,19 @@ describe("MoETrainer", function()
     err(function() tr:train{train_data = train_ds, max_steps = 1, lr_schedule = "zigzag"} end, "lr_schedule")
     err(function() tr:train{train_data = train_ds, max_steps = 1, resume = "/nonexistent/ckpt"} end, "no complete checkpoint")
     err(function() moe.load("/nonexistent/dir") end, "nonexistent")
+    err(function() moe.MoETrainer{model = small("Mixtral"), cuda_graph = "yes"} end, "cuda_graph must be")
+    -- a CPU model has no graph to capture: true says so before any step, "auto" trains eagerly
+    local g = moe.MoETrainer{model = small("Mixtral"), progress = false, cuda_graph = true}
+    err(function() g:train{train_data = train_ds, max_steps = 1, save_final = false} end, "not on a CUDA device")
+    assert.are.equal(0, g.step)
+  end)
+
+  it("cuda_graph = \"auto\" on the CPU trains exactly as the eager trainer", function()
+    local function run(cg)
+      local tr = moe.MoETrainer{model = small("OLMoE"), progress = false, cuda_graph = cg}
+      return tr:train{train_data = train_ds, batch_size = 2, seq_len = 8, max_steps = 3, save_final = false}
+    end
+    local a, b = run("auto"), run(false)
+    for s = 1, 3 do assert.are.equal(b.history[s].loss, a.history[s].loss) end
   end)
 end)

@@ -68,7 +68,8 @@ function M.MoEModel(opts)
   return self
 end
 
---- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=, loss_chunk_rows=}])
+--- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=, loss_chunk_rows=,
+--  routing_stats=}])
 -- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
 -- loss is the mean cross-entropy against targets (when given); total_loss
 -- adds the balancing losses with their coefficients (on the tape when given).
@@ -78,6 +79,8 @@ end
 -- taken at once (model:forward_loss), so the [tokens, vocab] logits (824 MB
 -- in bf16 at 8192 tokens of a 50k vocabulary) never exist; the trainer trains
 -- this way. In eval mode it keeps the plain path.
+-- routing_stats = false leaves routing nil: statistics a routing left on the
+-- device are not read (a forward captured into a CUDA graph must not wait).
 function Model:forward(ids, opts)
   if opts ~= nil and type(opts) ~= "table" then error("MoEModel:forward: options must be a table", 2) end
   opts = opts or {}
@@ -104,7 +107,7 @@ function Model:forward(ids, opts)
     if targets then loss = tape:cross_entropy(out.logits, targets, {ignore_index = ignore, grad_in_forward = training}) end
   end
   out.aux_loss, out.z_loss = self.net:balance_losses(tape)
-  out.routing = self:routing_stats()
+  if opts.routing_stats ~= false then out.routing = self:routing_stats() end
   if loss then
     out.loss = loss
     local total = loss

@@ -43,7 +43,7 @@ local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
   freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
-  precision = true, optimizer_state = true,
+  precision = true, optimizer_state = true, cuda_graph = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
@@ -56,7 +56,10 @@ local trainer_keys = {
 --  precision = "f32" | "bf16" (bf16: mixed precision on a CUDA model: bf16 compute and
 --  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made),
 --  optimizer_state = "f32" | "bf16" (AdamW's m and v: bf16 halves their memory and traffic,
---  stochastically rounded; the master weights stay f32)}
+--  stochastically rounded; the master weights stay f32),
+--  cuda_graph = false | true | "auto" (capture the step into a CUDA graph after one eager step
+--  and replay it: moelab.step_graph. true: an error when the step cannot be captured;
+--  "auto": eager steps then, with a notice when a capture was tried and failed)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -105,6 +108,10 @@ function M.MoETrainer(opts)
   self.trainable = opts.trainable
   if self.beta1 < 0 or self.beta1 >= 1 or self.beta2 < 0 or self.beta2 >= 1 then fail(f, "betas must be in [0, 1)") end
   if self.run_dir ~= nil and type(self.run_dir) ~= "string" then fail(f, "run_dir must be a path string") end
+  if opts.cuda_graph ~= nil and type(opts.cuda_graph) ~= "boolean" and opts.cuda_graph ~= "auto" then
+    fail(f, "cuda_graph must be true, false or \"auto\", got %s", tostring(opts.cuda_graph))
+  end
+  self.cuda_graph = opts.cuda_graph or false
   self.optimizer_state = opts.optimizer_state or "f32"
   if self.optimizer_state ~= "f32" and self.optimizer_state ~= "bf16" then
     fail(f, "optimizer_state must be \"f32\" or \"bf16\", got %s", tostring(opts.optimizer_state))
@@ -219,6 +226,61 @@ local function router_health(routing_stats)
   return {max_vio = mv, drop_rate = dr / n, entropy = ent / n}
 end
 
+-- Queues one step's forwards and backwards (every micro-batch); returns the
+-- pending {loss, aux, z} of each and the last forward's routing statistics
+-- (nil with routing_stats = false: a captured forward must not read them).
+local function queue_forward_backward(self, batches, scale, routing_stats)
+  local net = self.model.net
+  -- lazy: the expert banks' gradients are overwritten by their first backward
+  -- (no memset); this loop reads gradients only through the layer
+  net:zero_grad{lazy = true}
+  local pending, stats = {}, nil
+  for micro, b in ipairs(batches) do
+    local out = self.model:forward(b[1], {targets = b[2], aux_loss_coef = self.aux_loss_coef,
+                                          router_z_loss_coef = self.router_z_loss_coef, keep_logits = false,
+                                          routing_stats = routing_stats})
+    if self.monitor then self.monitor:record() end
+    stats = out.routing
+    -- a non-finite loss gives non-finite gradients; the step is skipped below
+    out.tape:backward(out.total_loss, scale)
+    pending[micro] = {out.loss, out.aux_loss, out.z_loss}
+    -- release activations now rather than at the next garbage collection
+    out.tape:reset()
+  end
+  return pending, stats
+end
+
+-- Reads of one-element device tensors, started (queued) and finished (waited for).
+local function start_reads(vals)
+  local reads = {}   -- at most 16 values a read
+  for i = 1, #vals, 16 do reads[#reads + 1] = core.read_async(unpack(vals, i, math.min(i + 15, #vals))) end
+  return reads
+end
+local function finish_reads(reads)
+  local got = {}
+  for _, r in ipairs(reads) do for _, v in ipairs{r:wait()} do got[#got + 1] = v end end
+  return got
+end
+
+-- One whole step on the device: forwards, backwards, the norm, the NaN/Inf
+-- guard and the clipped update, nothing read. Returns the values the host
+-- reads, {sumsq, guard, loss_1, aux_1, z_1, ...}, the routing statistics, and
+-- what before_update(values) returned (the eager step starts its reads there,
+-- so they wait for the backward, not the update).
+local function queue_device_step(self, batches, scale, max_norm, lr, before_update, routing_stats)
+  local pending, stats = queue_forward_backward(self, batches, scale, routing_stats)
+  local sumsq = core.grad_sumsq(self.model.net)
+  local guard = pending[1][1]
+  for i = 2, #pending do guard = guard + pending[i][1] end
+  -- the host reads the guard the device judges, so both see the same skip
+  local vals = {sumsq, guard}
+  for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
+  local pre = before_update and before_update(vals)
+  self.optimizer:clip_next_step(sumsq, max_norm, guard)
+  self.optimizer:step(lr)
+  return vals, stats, pre
+end
+
 --- train{train_data=, eval_data=, batch_size=8, seq_len=64, learning_rate=3e-4, max_steps= | num_epochs=,
 --  warmup_steps=0, lr_schedule="cosine"|"linear"|"constant", min_lr_ratio=0.1,
 --  gradient_accumulation_steps=1, eval_every=0, eval_batches=8, save_every=0, seed=0,
@@ -295,65 +357,72 @@ function Trainer:train(opts)
   local tokens_done, skipped_in_row, skipped = 0, 0, 0
   local last
   local scale = core.full({}, 1 / o.accum)
+  -- Without a gradient hook or a sharded clip, the norm, the clipping and the
+  -- NaN/Inf guard stay on the device: the update is queued right behind the
+  -- backward and skips itself there when the norm or the losses are not
+  -- finite; the host reads the values once, after queuing it. (Reading them
+  -- first left the GPU idle between the backward, the norm and the update.)
+  local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
+  local graph   -- the step as a CUDA graph (cuda_graph option; moelab.step_graph)
+  if self.cuda_graph then
+    local step_graph = require "moelab.step_graph"
+    local why = step_graph.unsuitable(self, on_device)
+    if why and self.cuda_graph == true then fail(f, "cuda_graph = true, but the step cannot be captured: %s", why) end
+    if not why then
+      graph = step_graph.new(self, function(...) return queue_device_step(self, ...) end)
+      self.step_graph = graph
+    end
+  end
+  local function end_graph()
+    if graph then
+      self.graph_info = graph:info()   -- the last run's graph: {nodes=, launches=, pool_bytes=} (nil: not captured)
+      graph:free()
+    end
+    graph, self.step_graph = nil, nil
+  end
   for step = start + 1, o.max_steps do
     local t0 = core.clock()
-    -- lazy: the expert banks' gradients are overwritten by their first backward
-    -- (no memset); this loop reads gradients only through the layer
-    net:zero_grad{lazy = true}
-    local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
-    local stats
-    -- the losses stay on the device until the step's backward is queued: reading
-    -- them earlier would make the host wait for the forward before launching backward
-    local pending = {}
+    local batches = {}
     for micro = 1, o.accum do
       -- a batch is a pure function of its index, which is what makes resuming exact
       local index = (step - 1) * o.accum + micro - 1
       local ids, targets
       if batch_fn then ids, targets = batch_fn(index)
       else ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed, step = index} end
-      local out = self.model:forward(ids, {targets = targets, aux_loss_coef = self.aux_loss_coef,
-                                           router_z_loss_coef = self.router_z_loss_coef, keep_logits = false})
-      if self.monitor then self.monitor:record() end
-      stats = out.routing
-      -- a non-finite loss gives non-finite gradients; the step is skipped below
-      out.tape:backward(out.total_loss, scale)
-      pending[micro] = {out.loss, out.aux_loss, out.z_loss}
-      -- release activations now rather than at the next garbage collection
-      out.tape:reset()
+      batches[micro] = {ids, targets}
     end
+    local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
     local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
     local lr = lr_at(step, o)
-    local gnorm
-    -- Without a gradient hook or a sharded clip, the norm, the clipping and the
-    -- NaN/Inf guard stay on the device: the update is queued right behind the
-    -- backward and skips itself there when the norm or the losses are not
-    -- finite; the host reads the values once, after queuing it. (Reading them
-    -- first left the GPU idle between the backward, the norm and the update.)
-    local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
-    if on_device then
-      local sumsq = core.grad_sumsq(net)
-      local guard = pending[1][1]
-      for i = 2, #pending do guard = guard + pending[i][1] end
+    local gnorm, got, stats
+    if graph then
+      local why
+      got, stats = graph:run(batches, lr, max_norm, o.accum, start_reads, finish_reads)
+      if not got then
+        why = stats
+        end_graph()
+        if self.cuda_graph == true then fail(f, "step %d: cuda_graph = true, but %s", step, why) end
+        io.stderr:write(string.format("\nstep %d: the CUDA graph of the step is off from here on: %s\n", step, why))
+      end
+    end
+    if not got and on_device then
       -- the values' copies are queued before the update, and waited for alone:
-      -- the host keeps the books and queues the next step while it runs. The
-      -- host reads the guard the device judges, so both see the same skip.
-      local vals = {sumsq, guard}
-      for _, p in ipairs(pending) do vals[#vals + 1] = p[1]; vals[#vals + 1] = p[2]; vals[#vals + 1] = p[3] end
-      local reads = {}   -- at most 16 values a read
-      for i = 1, #vals, 16 do reads[#reads + 1] = core.read_async(unpack(vals, i, math.min(i + 15, #vals))) end
-      self.optimizer:clip_next_step(sumsq, max_norm, guard)
-      self.optimizer:step(lr)
-      local got = {}
-      for _, r in ipairs(reads) do for _, v in ipairs{r:wait()} do got[#got + 1] = v end end
+      -- the host keeps the books and queues the next step while it runs
+      local reads
+      stats, reads = select(2, queue_device_step(self, batches, scale, max_norm, lr, start_reads))
+      got = finish_reads(reads)
+    end
+    if got then
       bad = not finite(got[2])
-      for m = 1, #pending do
+      for m = 1, o.accum do
         local l = got[3 * m]
         if not finite(l) then bad = true end
         loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m + 1], z_sum + got[3 * m + 2]
       end
       gnorm = bad and 0 / 0 or math.sqrt(got[1])
-    end
-    if not on_device then
+    else
+      local pending
+      pending, stats = queue_forward_backward(self, batches, scale)
       for _, p in ipairs(pending) do
         local l = p[1]:item()
         if not finite(l) then bad = true end
@@ -377,8 +446,11 @@ function Trainer:train(opts)
                  lr = lr, grad_norm = gnorm}
     if bad or not finite(gnorm) then
       -- NaN/Inf guard: skip the update, keep going, say so (queued on the device,
-      -- the update left everything as it was; its step count is taken back)
-      if on_device then self.optimizer:step_count(self.optimizer:step_count() - 1) end
+      -- the update left everything as it was; its step count is taken back, where
+      -- the host keeps it: a count kept on the device did not advance)
+      if on_device and not (self.optimizer.device_state and self.optimizer:device_state()) then
+        self.optimizer:step_count(self.optimizer:step_count() - 1)
+      end
       skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
       rec.skipped = true
       io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
@@ -401,6 +473,7 @@ function Trainer:train(opts)
     self.history[#self.history + 1] = rec
     last = rec
     if skipped_in_row > o.max_skipped then
+      end_graph()
       if metrics then metrics:close() end
       self.model:train(false)
       error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
@@ -439,6 +512,7 @@ function Trainer:train(opts)
     end
     if o.save_every > 0 and step % o.save_every == 0 then self:_save_run_checkpoint() end
   end
+  end_graph()
   if tty then io.write("\n") end
   if metrics then metrics:close() end
   self.model:train(false)

@@ -1,0 +1,177 @@
+--- The training step as a CUDA graph (MoETrainer's cuda_graph option).
+--
+-- The step's forwards, backwards, gradient norm and AdamW update are captured
+-- once and replayed with one launch a step, so the GPU no longer waits at the
+-- boundaries of some 1,500 kernels for the host to queue the next. What a
+-- replay cannot take from the capture is kept on the device:
+-- - the batch: fixed device tensors, filled from the host before each launch;
+-- - the learning rate and AdamW's step count (optimizer:set_device_state);
+-- - the loss gradient's seed: a device scalar made once;
+-- - the expert offsets: every MoE layer's routing leaves its counts on the
+--   device (layer:set_defer_routing) and the expert GEMMs read them there.
+-- After each launch the host reads the losses, the norm and the routing
+-- statistics the replay wrote into the capture's tensors.
+--
+-- The first step runs eagerly through the same inputs (first-use set-ups and
+-- allocations happen outside the graph); the second is captured, then
+-- launched. A batch the graph cannot take (other shapes, ids or targets
+-- outside [0, vocab), e.g. ignored positions, whose count the capture fixed)
+-- or a capture that fails ends the graph: the trainer goes on eagerly.
+local core = require "moelab.core"
+
+local M = {}
+local Step = {}
+Step.__index = Step
+
+local function device_index(dev)
+  return tonumber(tostring(dev):match("^cuda:(%d+)$")) or 0
+end
+
+--- unsuitable(trainer, on_device) -> nil when the step can be captured, else why not
+function M.unsuitable(trainer, on_device)
+  local dev = tostring(trainer.model:device())
+  if not dev:match("^cuda") then return "the model is on " .. dev .. ", not on a CUDA device" end
+  if not core.has_cuda then return "this moelab has no CUDA device" end
+  if not on_device then
+    return "the step is clipped on the host (a grad_hook, a sharded clip, or an optimizer without clip_next_step)"
+  end
+  if trainer.aux_free then return "auxiliary-loss-free balancing updates the router bias on the host after each step" end
+  if trainer.monitor then return "a RouterMonitor reads every forward's routing on the host" end
+  if not trainer.optimizer.set_device_state then return "the optimizer cannot keep its step count on the device" end
+  return nil
+end
+
+--- new(trainer, queue) -> a step graph. queue(batches, scale, max_norm, lr,
+-- before_update, routing_stats) queues one whole step (the trainer's) and
+-- returns the tensors the host reads after it, the routing statistics, and
+-- what before_update(values) returned.
+function M.new(trainer, queue)
+  local dev = trainer.model:device()
+  local self = setmetatable({
+    trainer = trainer, queue = queue, dev = dev, index = device_index(dev),
+    vocab = trainer.model.config.vocab_size, warm = false,
+  }, Step)
+  for _, l in ipairs(trainer.model:moe_layers()) do l:set_defer_routing(true) end
+  trainer.optimizer:set_device_state(true)
+  self.scale = nil
+  return self
+end
+
+-- The batches copied into the fixed inputs; false and why when the graph cannot take them.
+function Step:_load(batches, accum)
+  if not self.inputs then
+    self.inputs = {}
+    for m, b in ipairs(batches) do
+      self.inputs[m] = {core.empty(b[1]:shape(), {dtype = "i64", device = self.dev}),
+                        core.empty(b[2]:shape(), {dtype = "i64", device = self.dev})}
+    end
+    self.scale = core.full({}, 1 / accum):to(self.dev)
+  end
+  if #batches ~= #self.inputs then return false, "the number of micro-batches changed" end
+  for m, b in ipairs(batches) do
+    for k = 1, 2 do
+      local src, dst = b[k], self.inputs[m][k]
+      local a, s = src:shape(), dst:shape()
+      if #a ~= #s or a[1] ~= s[1] or a[2] ~= s[2] then
+        return false, string.format("a batch of shape [%s] after [%s]", table.concat(a, ", "), table.concat(s, ", "))
+      end
+      if src:dtype() ~= "i64" then return false, "ids and targets must be i64, got " .. src:dtype() end
+      dst:copy(src)
+      -- the copy learned the values' range on the host: the capture skipped the
+      -- index checks and counted every target, which later batches must allow
+      local bound = dst:index_bound()
+      if bound < 1 or bound > self.vocab then
+        return false, string.format("%s outside [0, %d) (negative, e.g. ignored positions, or too large)",
+          k == 1 and "ids" or "targets", self.vocab)
+      end
+    end
+  end
+  return true
+end
+
+-- Captures one step into self.graph; false and the error when it cannot be.
+function Step:_capture(max_norm, lr)
+  local t = self.trainer
+  -- the eager step's freed memory goes back to the driver: the graph's own pool takes its place
+  core.cuda_empty_cache(self.index)
+  local g = core.cuda_graph_begin(self.index)
+  local ok, err = pcall(function()
+    self.values = self.queue(self.inputs, self.scale, max_norm, lr, nil, false)
+    -- the layers' routing summaries into one buffer, read with one copy after each replay
+    local parts, total = {}, 0
+    for i, l in ipairs(t.model:moe_layers()) do
+      parts[i] = l:routing_summary()
+      if not parts[i] then error(string.format("MoE layer %d waited for its routing", i)) end
+      total = total + parts[i]:numel()
+    end
+    if total > 0 then
+      self.summaries = core.empty({total}, {dtype = "i64", device = self.dev})
+      local off = 0
+      for _, p in ipairs(parts) do
+        self.summaries:narrow(0, off, p:numel()):copy(p)
+        off = off + p:numel()
+      end
+      self.summary_sizes = {}
+      for i, p in ipairs(parts) do self.summary_sizes[i] = p:numel() end
+    end
+  end)
+  if ok then ok, err = pcall(g.finish, g) end
+  if not ok then
+    g:free()
+    self.values, self.summaries = nil, nil
+    return false, err
+  end
+  self.graph = g
+  return true
+end
+
+-- The routing statistics the last replay wrote, as Model:routing_stats gives them.
+function Step:_stats()
+  local per = {}
+  if not self.summaries then return per end
+  local derive = require("moelab.model").derive_routing_stats
+  local host = self.summaries:to("cpu")
+  local tokens = self.inputs[#self.inputs][1]:numel()
+  local off = 0
+  for i, l in ipairs(self.trainer.model:moe_layers()) do
+    local n = self.summary_sizes[i]
+    per[i] = derive(l:routing_stats_from(host:narrow(0, off, n), tokens), i)
+    off = off + n
+  end
+  return per
+end
+
+--- run(batches, lr, max_norm, accum, start_reads, finish_reads) -> values read, routing
+-- statistics; or nil and why when the graph gave up (the caller runs the step eagerly)
+function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads)
+  local ok, why = self:_load(batches, accum)
+  if not ok then return nil, why end
+  self.trainer.optimizer:set_lr(lr)
+  if not self.warm then
+    self.warm = true
+    local _, stats, reads = self.queue(self.inputs, self.scale, max_norm, lr, start_reads, true)
+    return finish_reads(reads), stats
+  end
+  if not self.graph then
+    local captured, err = self:_capture(max_norm, lr)
+    if not captured then return nil, "the capture failed: " .. tostring(err) end
+  end
+  self.graph:launch()
+  local got = finish_reads(start_reads(self.values))
+  return got, self:_stats()
+end
+
+--- info() -> {nodes=, launches=, pool_bytes=} of the captured graph, or nil
+function Step:info() return self.graph and self.graph:info() end
+
+--- free(): the graph and its pool go; the layers and the optimizer back to their eager settings
+function Step:free()
+  if self.graph then self.graph:free() end
+  self.graph, self.values, self.summaries, self.inputs = nil, nil, nil, nil
+  for _, l in ipairs(self.trainer.model:moe_layers()) do l:set_defer_routing(false) end
+  if self.trainer.optimizer.set_device_state then self.trainer.optimizer:set_device_state(false) end
+  -- the tensors made during the capture hold the pool's segments until collected
+  collectgarbage()
+end
+
+return M
