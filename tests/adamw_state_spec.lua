@@ -1,7 +1,10 @@
 -- AdamW with bf16 moments (core.adamw{state_dtype = "bf16"}, MoETrainer{optimizer_state = "bf16"}):
 -- stochastic rounding that keeps v following g^2 where rounding to nearest
 -- stalls, the f32 update it approximates, the same bytes run after run and
--- under a ZeRO range, checkpoints, and the argument checks.
+-- under a ZeRO range, checkpoints, and the argument checks. Then AdamW with its
+-- step count and learning rate held by the device (optimizer:set_device_state,
+-- set_lr, device_state; what a step captured into a CUDA graph reads): the same
+-- bytes as host values, step_count's meaning kept, a guarded skip not counted.
 local moe = require "moelab"
 local core = require "moelab.core"
 local files = require "helpers.files"
@@ -173,5 +176,79 @@ describe("AdamW with bf16 moments", function()
     ok, e = pcall(core.ops.adamw, p, g, moe.zeros({8}), moe.zeros({8}), {index0 = -1})
     assert.is_false(ok)
     assert.truthy(tostring(e):find("index0", 1, true), tostring(e))
+  end)
+end)
+
+describe("AdamW with device state", function()
+  it("steps to the same bytes as host values, for f32 and bf16 moments", function()
+    for _, state in ipairs{"f32", "bf16"} do
+      local a, b = with_grads(small()), with_grads(small())
+      local oa = core.adamw(a.net, {weight_decay = 0.1, state_dtype = state})
+      local ob = core.adamw(b.net, {weight_decay = 0.1, state_dtype = state})
+      assert.is_false(ob:device_state())
+      ob:set_device_state(true)
+      assert.is_true(ob:device_state())
+      for _, lr in ipairs{1e-2, 3e-3, 5e-3} do
+        oa:step(lr)
+        ob:set_lr(lr)
+        ob:step()   -- the lr argument may be left out: the device's is used
+      end
+      assert.is_true(a.net:flat_parameters():equal(b.net:flat_parameters()), state)
+      local ma, va = oa:state()
+      local mb, vb = ob:state()
+      assert.is_true(ma:equal(mb) and va:equal(vb), state)
+      assert.are.equal(3, oa:step_count())
+      assert.are.equal(3, ob:step_count())
+    end
+  end)
+
+  it("keeps step_count's meaning: set, read, and back to the host when turned off", function()
+    local m = with_grads(small())
+    local o = core.adamw(m.net)
+    o:step(1e-3)
+    o:set_device_state(true)
+    assert.are.equal(1, o:step_count())
+    assert.are.equal(17, o:step_count(17))
+    assert.are.equal(17, o:step_count())
+    o:set_lr(1e-3)
+    o:step()
+    assert.are.equal(18, o:step_count())
+    o:set_device_state(true)   -- again: nothing changes
+    assert.are.equal(18, o:step_count())
+    o:set_device_state(false)
+    assert.is_false(o:device_state())
+    assert.are.equal(18, o:step_count())
+    o:step(1e-3)
+    assert.are.equal(19, o:step_count())
+  end)
+
+  it("does not count a step its non-finite guard skipped", function()
+    local m = with_grads(small())
+    local o = core.adamw(m.net)
+    o:set_device_state(true)
+    o:set_lr(1e-2)
+    o:step()
+    local before = m.net:flat_parameters():clone()
+    o:clip_next_step(core.grad_sumsq(m.net), 1.0, moe.full({1}, 0 / 0))
+    o:step()
+    assert.are.equal(1, o:step_count())
+    assert.is_true(m.net:flat_parameters():equal(before))
+  end)
+
+  it("refuses set_lr without device state, and bad arguments", function()
+    local o = core.adamw(small().net)
+    local ok, e = pcall(o.set_lr, o, 1e-3)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("set_device_state", 1, true), tostring(e))
+    ok, e = pcall(o.set_device_state, o, 1)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("boolean", 1, true), tostring(e))
+    o:set_device_state(true)
+    ok, e = pcall(o.set_lr, o, -1)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find(">= 0", 1, true), tostring(e))
+    ok, e = pcall(o.step_count, o, -2)
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find(">= 0", 1, true), tostring(e))
   end)
 end)

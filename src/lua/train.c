@@ -42,6 +42,7 @@ static void read_list(lua_State *L, int opts, const char *key, int n, float *out
 
 static int l_adamw(lua_State *L) {
     const char *f = "optim.adamw";
+    lua_settop(L, 2);   /* the options at 2 even when left out: the scratch userdata below goes above them */
     moe_layer *l = moe_lua_check_layer(L, 1, f, "params");
     if (!lua_isnoneornil(L, 2) && !lua_istable(L, 2)) return luaL_error(L, "%s: options must be a table", f);
     moe_adamw_hparams hp = {
@@ -103,24 +104,55 @@ static int a_gc(lua_State *L) {
     return 0;
 }
 
+/* optimizer:step(lr): lr may be left out with the device state on (the device's is used) */
 static int a_step(lua_State *L) {
     const char *f = "optimizer:step";
     moe_adamw *o = check_opt(L, f);
-    double lr = moe_lua_check_num(L, 2, f, "lr");
+    double lr = moe_adamw_device_state(o) && lua_isnoneornil(L, 2) ? 0.0 : moe_lua_check_num(L, 2, f, "lr");
     if (!(lr >= 0)) return luaL_error(L, "%s: lr must be >= 0, got %g", f, lr);
     moe_lua_check(L, moe_adamw_step(moe_lua_ctx(L), o, (float)lr), f);
     return 0;
 }
 
+/* optimizer:step_count([n]) -> the steps taken (with the device state on, read
+ * from the device: one wait); n sets the count first (and is returned) */
 static int a_count(lua_State *L) {
-    moe_adamw *o = check_opt(L, "optimizer:step_count");
+    const char *f = "optimizer:step_count";
+    moe_adamw *o = check_opt(L, f);
+    int64_t n;
     if (!lua_isnoneornil(L, 2)) {
-        lua_Integer n = moe_lua_check_int(L, 2, "optimizer:step_count", "step");
-        if (n < 0) return luaL_error(L, "optimizer:step_count: step must be >= 0");
-        moe_adamw_set_step_count(o, n);
+        n = moe_lua_check_int(L, 2, f, "step");
+        if (n < 0) return luaL_error(L, "%s: step must be >= 0", f);
+        moe_lua_check(L, moe_adamw_set_step_count(moe_lua_ctx(L), o, n), f);
+    } else {
+        moe_lua_check(L, moe_adamw_get_step_count(moe_lua_ctx(L), o, &n), f);
     }
-    lua_pushnumber(L, (lua_Number)moe_adamw_step_count(o));
+    lua_pushnumber(L, (lua_Number)n);
     return 1;
+}
+
+/* optimizer:set_device_state(on): the step count and learning rate held by the
+ * device (a step replayed from a CUDA graph); off reads the count back */
+static int a_set_device_state(lua_State *L) {
+    const char *f = "optimizer:set_device_state";
+    moe_adamw *o = check_opt(L, f);
+    if (lua_type(L, 2) != LUA_TBOOLEAN) return luaL_error(L, "%s: on must be a boolean, got %s", f, luaL_typename(L, 2));
+    moe_lua_check(L, moe_adamw_set_device_state(moe_lua_ctx(L), o, lua_toboolean(L, 2)), f);
+    return 0;
+}
+
+static int a_device_state(lua_State *L) {
+    lua_pushboolean(L, moe_adamw_device_state(check_opt(L, "optimizer:device_state")));
+    return 1;
+}
+
+/* optimizer:set_lr(lr): the device's learning rate for the next steps (queued, no wait) */
+static int a_set_lr(lua_State *L) {
+    const char *f = "optimizer:set_lr";
+    moe_adamw *o = check_opt(L, f);
+    double lr = moe_lua_check_num(L, 2, f, "lr");
+    moe_lua_check(L, moe_adamw_set_lr(moe_lua_ctx(L), o, (float)lr), f);
+    return 0;
 }
 
 /* optimizer:launches() -> update calls made so far (runs of adjacent parameters share one) */
@@ -220,6 +252,9 @@ void moe_lua_open_train(lua_State *L) {
     lua_newtable(L);
     lua_pushcfunction(L, a_step); lua_setfield(L, -2, "step");
     lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
+    lua_pushcfunction(L, a_set_device_state); lua_setfield(L, -2, "set_device_state");
+    lua_pushcfunction(L, a_device_state); lua_setfield(L, -2, "device_state");
+    lua_pushcfunction(L, a_set_lr); lua_setfield(L, -2, "set_lr");
     lua_pushcfunction(L, a_state); lua_setfield(L, -2, "state");
     lua_pushcfunction(L, a_launches); lua_setfield(L, -2, "launches");
     lua_pushcfunction(L, a_scale_next); lua_setfield(L, -2, "scale_next_step");

@@ -190,6 +190,10 @@ typedef struct moe_backend {
                                                      const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                      moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,
                                                      const moe_tensor *offsets, int groups, int *served);
+
+    /* moe_op_adamw_advance (ops.h), arguments checked: step_dev += 1 unless
+     * cfg's device clipping skips the step */
+    moe_status (*adamw_advance)(moe_ctx *, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
 } moe_backend;
 
 

@@ -301,7 +301,16 @@ moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor
  * above ~0.996) would be lost for good and v would stop following g^2. The
  * random bits come from moe_adamw_sr_bits of the element's index
  * cfg->index0 + i and the step, so the CPU and CUDA round alike, a shard
- * rounds as the whole buffer would, and a run repeats itself. */
+ * rounds as the whole buffer would, and a run repeats itself.
+ * Step and learning rate held by the device (a step captured into a CUDA
+ * graph and replayed must not bake them into its kernels' parameters):
+ * step_dev, when set, is one i64 element on the params' device holding the
+ * count of steps done before this one; the update uses step = *step_dev + 1
+ * (bias corrections and the bf16 rounding bits alike) and cfg->step is
+ * ignored. lr_dev, when set, is one f32 element on the params' device; the
+ * update's learning rate is *lr_dev * cfg->lr (cfg->lr then being the
+ * parameter's scale). Both NULL: step and lr as given. The update never
+ * advances step_dev: moe_op_adamw_advance does, once per optimiser step. */
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay;
     int64_t step;
@@ -319,6 +328,8 @@ typedef struct {
     const moe_tensor *clip_sumsq, *guard;
     double clip_max;
     int64_t index0;   /* bf16 m and v: the index of element 0 in the whole flat buffer (see above) */
+    const moe_tensor *step_dev;   /* optional, i64: the steps done before this one (see above) */
+    const moe_tensor *lr_dev;     /* optional, f32: multiplies cfg->lr (see above) */
 } moe_adamw_cfg;
 /* ---- reads of one-element tensors that wait for themselves only ----
  * moe_op_read_start queues copies of n (1..MOE_READ_MAX) one-element tensors
@@ -377,11 +388,23 @@ static inline MOE_HOST_DEVICE uint16_t moe_bf16_round_sr(float x, uint32_t r16) 
     if ((b.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b.u >> 16) | 0x40u);   /* NaN, kept quiet */
     return (uint16_t)((b.u + (r16 & 0xffffu)) >> 16);
 }
+/* 1 / (1 - beta^step) in double, rounded once to f32: the bias correction's
+ * factor as the CPU and the CUDA kernels (host or device step) apply it. */
+static inline MOE_HOST_DEVICE float moe_adamw_inv_bias_corr(float beta, int64_t step) {
+    return (float)(1.0 / (1.0 - pow((double)beta, (double)step)));
+}
 static inline double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
     return moe_adamw_clip_scale(cfg->grad_scale, cfg->clip_max, sumsq, guard);
 }
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg);
+/* Adds 1 to step_dev (one i64 element) unless cfg's device clipping skips the
+ * step, by the update kernels' rule: clip_sumsq set and moe_adamw_clip_scale
+ * < 0 (a non-finite norm or guard). Without clip_sumsq it always adds 1. Only
+ * cfg's clip_sumsq, guard, clip_max and grad_scale are read; they must be on
+ * step_dev's device. Queued after the step's updates, it keeps step_dev the
+ * count of steps taken, without the host reading the norm. */
+moe_status moe_op_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
 
 /* ---- MoE token movement (ops_moe.c) ----
  * One-pass gathers for the MoE block's combine and dispatch backward, given

@@ -482,6 +482,29 @@ moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor
 
 /* ---- optimiser ---- */
 
+/* t: one element of dtype dt on the device of `ref` (named ref_name): AdamW's
+ * device-held scalars (the clipping's norm and guard, step_dev, lr_dev) */
+static moe_status adamw_scalar(const char *op, const char *name, const moe_tensor *t, moe_dtype dt,
+                               const moe_tensor *ref, const char *ref_name) {
+    if (t->dtype == dt && moe_tensor_numel(t) == 1 && moe_device_eq(t->device, ref->device)) return MOE_OK;
+    char got[32], want[32];
+    return moe_error(MOE_ERR_ARG, "%s: %s must be one %s element on %s device (%s), got %s with %lld elements on %s",
+                     op, name, moe_dtype_name(dt), ref_name, moe_device_str(ref->device, want, sizeof want),
+                     moe_dtype_name(t->dtype), (long long)moe_tensor_numel(t),
+                     moe_device_str(t->device, got, sizeof got));
+}
+
+/* cfg's clipping by the device's norm, as the update and the counter's advance read it */
+static moe_status adamw_clip_args(const char *op, const moe_adamw_cfg *cfg, const moe_tensor *ref,
+                                  const char *ref_name) {
+    if (cfg->clip_sumsq) MOE_TRY(adamw_scalar(op, "clip_sumsq", cfg->clip_sumsq, MOE_F32, ref, ref_name));
+    if (cfg->guard) MOE_TRY(adamw_scalar(op, "guard", cfg->guard, MOE_F32, ref, ref_name));
+    if (cfg->guard && !cfg->clip_sumsq) return moe_error(MOE_ERR_ARG, "%s: a guard needs clip_sumsq", op);
+    if (cfg->clip_sumsq && !(cfg->clip_max > 0))
+        return moe_error(MOE_ERR_ARG, "%s: clip_max is %g, expected > 0 (infinity: no clipping)", op, cfg->clip_max);
+    return MOE_OK;
+}
+
 moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                         const moe_adamw_cfg *cfg) {
     static const char *op = "adamw";
@@ -511,21 +534,14 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
         return moe_error(MOE_ERR_DTYPE, "adamw: m is %s and v is %s, expected both f32 or both bf16",
                          moe_dtype_name(m->dtype), moe_dtype_name(v->dtype));
     if (cfg->index0 < 0) return moe_error(MOE_ERR_ARG, "adamw: index0 is %lld, expected >= 0", (long long)cfg->index0);
-    if (cfg->step < 1) return moe_error(MOE_ERR_ARG, "adamw: step is %lld, expected >= 1 (steps count from 1)",
-                                        (long long)cfg->step);
+    if (!cfg->step_dev && cfg->step < 1)
+        return moe_error(MOE_ERR_ARG, "adamw: step is %lld, expected >= 1 (steps count from 1)", (long long)cfg->step);
+    if (cfg->step_dev) MOE_TRY(adamw_scalar(op, "step_dev", cfg->step_dev, MOE_I64, params, "the params'"));
+    if (cfg->lr_dev) MOE_TRY(adamw_scalar(op, "lr_dev", cfg->lr_dev, MOE_F32, params, "the params'"));
     if (!(cfg->beta1 >= 0 && cfg->beta1 < 1) || !(cfg->beta2 >= 0 && cfg->beta2 < 1))
         return moe_error(MOE_ERR_ARG, "adamw: betas are (%g, %g), expected each in [0, 1)", (double)cfg->beta1,
                          (double)cfg->beta2);
-    const moe_tensor *clip[2] = {cfg->clip_sumsq, cfg->guard};
-    const char *clip_name[2] = {"clip_sumsq", "guard"};
-    for (int i = 0; i < 2; i++) {
-        if (!clip[i]) continue;
-        if (clip[i]->dtype != MOE_F32 || moe_tensor_numel(clip[i]) != 1 || !moe_device_eq(clip[i]->device, params->device))
-            return moe_error(MOE_ERR_ARG, "adamw: %s must be one f32 element on the params' device", clip_name[i]);
-    }
-    if (cfg->guard && !cfg->clip_sumsq) return moe_error(MOE_ERR_ARG, "adamw: a guard needs clip_sumsq");
-    if (cfg->clip_sumsq && !(cfg->clip_max > 0))
-        return moe_error(MOE_ERR_ARG, "adamw: clip_max is %g, expected > 0 (infinity: no clipping)", cfg->clip_max);
+    MOE_TRY(adamw_clip_args(op, cfg, params, "the params'"));
     moe_tensor *written[4] = {params, m, v, cfg->compute};
     for (int i = 0; i < 4; i++)
         if (written[i]) MOE_TRY(ops_out(op, "params, m, v or compute", written[i]));   /* (contiguity checked above) */
@@ -533,4 +549,16 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     OPS_ENTRY(ctx, op, params->device, adamw, be);
     if (moe_tensor_numel(params) == 0) return MOE_OK;
     return be->adamw(ctx, params, grads, m, v, cfg);
+}
+
+moe_status moe_op_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adamw_cfg *cfg) {
+    static const char *op = "adamw_advance";
+    if (!cfg) return moe_error(MOE_ERR_ARG, "%s: cfg is NULL, expected the step's clipping settings", op);
+    if (!step_dev) return moe_error(MOE_ERR_ARG, "%s: step_dev is NULL, expected a tensor", op);
+    MOE_TRY(adamw_scalar(op, "step_dev", step_dev, MOE_I64, step_dev, "its own"));
+    MOE_TRY(adamw_clip_args(op, cfg, step_dev, "step_dev's"));
+    MOE_TRY(ops_out(op, "step_dev", step_dev));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, step_dev->device, adamw_advance, be);
+    return be->adamw_advance(ctx, step_dev, cfg);
 }

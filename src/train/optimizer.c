@@ -19,6 +19,10 @@ struct moe_adamw {
     moe_tensor *clip_sumsq, *clip_guard;
     double clip_max;
     uint64_t launches;   /* moe_op_adamw calls made by steps (runs of parameters share one) */
+    /* device state (moe_adamw_set_device_state), else NULL: the steps taken (i64)
+     * and the learning rate (f32), one element each on the optimiser's device;
+     * step stays the host's mirror of the count, refreshed when it is read */
+    moe_tensor *step_dev, *lr_dev;
 };
 
 moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
@@ -79,6 +83,8 @@ void moe_adamw_free(moe_adamw *o) {
     moe_layer_release(o->layer);
     moe_tensor_release(o->clip_sumsq);
     moe_tensor_release(o->clip_guard);
+    moe_tensor_release(o->step_dev);
+    moe_tensor_release(o->lr_dev);
     moe_tensor_release(o->m);
     moe_tensor_release(o->v);
     free(o->lr_scale);
@@ -86,9 +92,70 @@ void moe_adamw_free(moe_adamw *o) {
     free(o);
 }
 
-int64_t moe_adamw_step_count(const moe_adamw *o) { return o->step; }
 uint64_t moe_adamw_launches(const moe_adamw *o) { return o->launches; }
-void moe_adamw_set_step_count(moe_adamw *o, int64_t step) { o->step = step; }
+
+moe_status moe_adamw_get_step_count(moe_ctx *ctx, moe_adamw *o, int64_t *step) {
+    if (o->step_dev) {   /* the device's count: waits for this read only, not for work queued after it */
+        moe_read r;
+        const moe_tensor *ts[1] = {o->step_dev};
+        MOE_TRY(moe_op_read_start(ctx, ts, 1, &r));
+        MOE_TRY(moe_op_read_finish(ctx, &r));
+        o->step = (int64_t)r.value[0];
+    }
+    *step = o->step;
+    return MOE_OK;
+}
+
+/* Writes the device's counter (queued). Its host value (tensor.h) is dropped:
+ * replays of a captured step advance the counter where the host cannot see. */
+static moe_status fill_counter(moe_ctx *ctx, moe_tensor *step_dev, int64_t step) {
+    moe_status s = moe_op_fill(ctx, step_dev, (double)step);
+    step_dev->host_known = 0;
+    return s;
+}
+
+moe_status moe_adamw_set_step_count(moe_ctx *ctx, moe_adamw *o, int64_t step) {
+    if (step < 0) return moe_error(MOE_ERR_ARG, "AdamW: step count %lld, expected >= 0", (long long)step);
+    if (o->step_dev) MOE_TRY(fill_counter(ctx, o->step_dev, step));
+    o->step = step;
+    return MOE_OK;
+}
+
+int moe_adamw_device_state(const moe_adamw *o) { return o->step_dev != NULL; }
+
+moe_status moe_adamw_set_device_state(moe_ctx *ctx, moe_adamw *o, int on) {
+    if (!on == !o->step_dev) return MOE_OK;
+    if (!on) {
+        int64_t step;
+        MOE_TRY(moe_adamw_get_step_count(ctx, o, &step));
+        moe_tensor_release(o->step_dev);
+        moe_tensor_release(o->lr_dev);
+        o->step_dev = o->lr_dev = NULL;
+        return MOE_OK;
+    }
+    moe_tensor *step_dev = moe_tensor_new(ctx, MOE_I64, 0, NULL, o->m->device);
+    moe_tensor *lr_dev = moe_tensor_new(ctx, MOE_F32, 0, NULL, o->m->device);
+    moe_status s = step_dev && lr_dev ? fill_counter(ctx, step_dev, o->step) : moe_last_status();
+    if (s == MOE_OK) s = moe_op_fill(ctx, lr_dev, 0.0);
+    if (s != MOE_OK) {
+        moe_tensor_release(step_dev);
+        moe_tensor_release(lr_dev);
+        return s;
+    }
+    o->step_dev = step_dev;
+    o->lr_dev = lr_dev;
+    return MOE_OK;
+}
+
+moe_status moe_adamw_set_lr(moe_ctx *ctx, moe_adamw *o, float lr) {
+    if (!o->lr_dev)
+        return moe_error(MOE_ERR_STATE, "AdamW: set_lr needs the device state on (set_device_state); "
+                         "without it each step takes its learning rate as an argument");
+    if (!(lr >= 0.0f) || !isfinite(lr))
+        return moe_error(MOE_ERR_ARG, "AdamW: learning rate %g, expected a finite number >= 0", (double)lr);
+    return moe_op_fill(ctx, o->lr_dev, lr);
+}
+
 moe_status moe_adamw_scale_next_step(moe_adamw *o, float s) {
     if (!(s > 0.0f) || !isfinite(s))
         return moe_error(MOE_ERR_ARG, "AdamW: gradient scale %g, expected a finite number > 0", (double)s);
@@ -150,6 +217,11 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
     if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_layer_collect_params(o->layer, ps, o->n);
     o->step++;
+    /* what every launch of this step shares; the device's counter advances once
+     * after them, skipped by the same clipping rule as they are */
+    moe_adamw_cfg base = {.beta1 = o->hp.beta1, .beta2 = o->hp.beta2, .eps = o->hp.eps, .step = o->step,
+                          .grad_scale = grad_scale, .clip_sumsq = clip_sumsq, .guard = clip_guard,
+                          .clip_max = o->clip_max, .step_dev = o->step_dev, .lr_dev = o->lr_dev};
     moe_status s = MOE_OK;
     for (int i = 0; i < o->n && s == MOE_OK; i++) {
         if (o->lr_scale[i] == 0) continue;   /* frozen */
@@ -184,9 +256,11 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
             b = qb;
             last = k;
         }
-        moe_adamw_cfg c = {lr * o->lr_scale[i], o->hp.beta1, o->hp.beta2, o->hp.eps,
-                           o->decay[i] ? o->hp.weight_decay : 0.0f, o->step, NULL, grad_scale,
-                           clip_sumsq, clip_guard, o->clip_max, a};
+        moe_adamw_cfg c = base;
+        /* with device state, the device's lr times the parameter's scale (ops.h: lr_dev) */
+        c.lr = o->lr_dev ? o->lr_scale[i] : lr * o->lr_scale[i];
+        c.weight_decay = o->decay[i] ? o->hp.weight_decay : 0.0f;
+        c.index0 = a;
         moe_tensor *pv = span(ps[i].value, ps[i].value->offset + (a - off), b - a);
         moe_tensor *gv = span(ps[i].grad, ps[i].grad->offset + (a - off), b - a);
         moe_tensor *mv = span(o->m, o->m->offset + (a - o->lo), b - a);
@@ -201,6 +275,7 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         i = last;
     }
     free(ps);
+    if (s == MOE_OK && o->step_dev) s = moe_op_adamw_advance(ctx, o->step_dev, &base);
     return s;
 }
 

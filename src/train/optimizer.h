@@ -27,13 +27,36 @@ moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams
 moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
                                const int *decay, int64_t lo, int64_t hi);
 void moe_adamw_free(moe_adamw *opt);
-/* One step at learning rate lr from the gradients in the layer. */
+/* One step at learning rate lr from the gradients in the layer (with device
+ * state on, lr is not read: the device's learning rate is). */
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);
-int64_t moe_adamw_step_count(const moe_adamw *opt);
+/* The steps taken. With device state off, the host's count (each step adds 1,
+ * skipped or not). With it on, the device's counter, read back (one wait for
+ * that read): steps skipped by clip_next_step's guard are not counted; the
+ * host's count is set to it. */
+moe_status moe_adamw_get_step_count(moe_ctx *ctx, moe_adamw *opt, int64_t *step);
+/* Sets the count (>= 0) the next step continues from; with device state on,
+ * the device's counter too (queued, no wait). */
+moe_status moe_adamw_set_step_count(moe_ctx *ctx, moe_adamw *opt, int64_t step);
 /* How many update calls (moe_op_adamw) the steps so far made: one per run of
  * parameters with the same settings that lie next to each other. */
 uint64_t moe_adamw_launches(const moe_adamw *opt);
-void moe_adamw_set_step_count(moe_adamw *opt, int64_t step);
+
+/* Device state, for a step captured into a CUDA graph and replayed: the step
+ * count and the learning rate live in one-element tensors on the optimiser's
+ * device (i64 and f32), which the update kernels read (ops.h: step_dev,
+ * lr_dev) instead of host values baked into their parameters, and each step
+ * queues the counter's advance (moe_op_adamw_advance: +1 unless the step's
+ * device clipping skips it) behind its updates. on: creates them, the counter
+ * from the host's count, the learning rate 0 (set it with moe_adamw_set_lr);
+ * off: reads the counter back into the host's count (one wait) and frees
+ * them. Either again is a no-op. */
+moe_status moe_adamw_set_device_state(moe_ctx *ctx, moe_adamw *opt, int on);
+int moe_adamw_device_state(const moe_adamw *opt);
+/* The learning rate the next steps use (>= 0, finite), written on the device
+ * (queued, no wait); each parameter's lr scale multiplies it. Needs device
+ * state on. */
+moe_status moe_adamw_set_lr(moe_ctx *ctx, moe_adamw *opt, float lr);
 /* The state buffers (borrowed), for checkpoints; in range mode hi - lo elements. */
 /* The next step reads the gradients multiplied by s (> 0), then forgets it:
  * gradient clipping without a pass of its own over the gradients. */
@@ -43,9 +66,10 @@ moe_status moe_adamw_scale_next_step(moe_adamw *opt, float s);
  * gradients are read times the scale above times max_norm / (norm + 1e-6)
  * when norm > max_norm (inf: never). When the norm, or the optional guard
  * (one f32 element, e.g. the loss), is not finite the step changes nothing
- * on the device; the step count still advances (the host learns of it only
- * when it reads the values: step_count - 1 takes it back). Nothing waits for
- * the device, so the step is queued right behind the norm's reduction. */
+ * on the device; the host's step count still advances (the host learns of it
+ * only when it reads the values: step_count - 1 takes it back), while the
+ * device's counter (device state on) does not. Nothing waits for the device,
+ * so the step is queued right behind the norm's reduction. */
 moe_status moe_adamw_clip_next_step(moe_adamw *opt, moe_tensor *sumsq, moe_tensor *guard, double max_norm);
 moe_tensor *moe_adamw_m(moe_adamw *opt);
 moe_tensor *moe_adamw_v(moe_adamw *opt);

@@ -1,9 +1,10 @@
 /* check_cuda: the CUDA kernels of memory, GEMMs (plain and grouped, every
  * strategy), elementwise and row-wise ops (softmax, norms, SwiGLU, cross
- * entropy) and AdamW against the CPU backend, through the public moe_op_* API;
- * check_cuda_nn.c has the rest, check_cuda_timing.c the timings. Fresh normal
- * inputs per check (never zeros), outputs poisoned with NaN before each run so
- * unwritten elements fail. bf16 checks feed the CPU the same bf16-rounded
+ * entropy) and AdamW (the host's step and the device's) against the CPU
+ * backend, through the public moe_op_* API; check_cuda_nn.c has the rest,
+ * check_cuda_timing.c the timings. Fresh normal inputs per check (never
+ * zeros), outputs poisoned with NaN before each run so unwritten elements
+ * fail. bf16 checks feed the CPU the same bf16-rounded
  * inputs (the CPU computes in f32) and compare the GPU's bf16 result with
  * tolerance 2e-2.
  * Error measure: max |gpu - cpu| / (1 + |cpu|) (printed on every line as
@@ -662,6 +663,79 @@ static void test_adamw(void) {
     }
 }
 
+/* a one-element tensor of dt with value x, written on the host and uploaded */
+static moe_tensor *upload_scalar(moe_dtype dt, double x) {
+    moe_tensor *h = moe_tensor_new_cpu(dt, 0, NULL);
+    die_if(!h || moe_tensor_fill_cpu(h, x) != MOE_OK, "host scalar");
+    moe_tensor *d = to_gpu(h, dt);
+    moe_tensor_release(h);
+    return d;
+}
+
+static int64_t step_of(const moe_tensor *step_dev) {
+    moe_tensor *h = moe_op_to(ctx, (moe_tensor *)step_dev, MOE_DEVICE_CPU, MOE_I64);
+    die_if(!h, "counter download");
+    int64_t v = ((const int64_t *)moe_tensor_data(h))[0];
+    moe_tensor_release(h);
+    return v;
+}
+
+/* The step and learning rate held by the device (ops.h: step_dev = 6, so step
+ * 7; lr_dev = 0.5 times cfg.lr = 2e-2) against the CPU's host step 7 and lr
+ * 1e-2, and against the GPU's own host-step kernels: f32 and bf16 moments,
+ * 1003 elements (the vector kernel's 1000 and a tail of 3) from index0 = 40,
+ * the same bytes everywhere (bias corrections in double from the same
+ * formula). Then the counter's advance with a finite and a non-finite guard. */
+static void test_adamw_device(void) {
+    const int64_t n = 1003;
+    moe_tensor *step_dev = upload_scalar(MOE_I64, 6), *lr_dev = upload_scalar(MOE_F32, 0.5);
+    const moe_dtype sdts[2] = {MOE_F32, MOE_BF16};
+    for (int k = 0; k < 2; k++) {
+        moe_dtype sdt = sdts[k];
+        pair p = in_randn(MOE_F32, SH(n)), g = in_randn(MOE_F32, SH(n));
+        pair m = in_pair(sdt, SH(n), 0.1f, 0.0f, 0), v = in_pair(sdt, SH(n), 0.1f, 0.01f, 1);
+        moe_tensor *mh = moe_op_to(ctx, m.h, MOE_DEVICE_CPU, sdt), *vh = moe_op_to(ctx, v.h, MOE_DEVICE_CPU, sdt);
+        moe_tensor *p2 = moe_op_to(ctx, p.d, GPU, MOE_F32), *m2 = moe_op_to(ctx, m.d, GPU, sdt),
+                   *v2 = moe_op_to(ctx, v.d, GPU, sdt);
+        die_if(!mh || !vh || !p2 || !m2 || !v2, "adamw state copies");
+        moe_adamw_cfg hc = {.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.1f,
+                            .step = 7, .index0 = 40};
+        moe_adamw_cfg dc = hc;
+        dc.lr = 2e-2f;
+        dc.step = 0;   /* not read */
+        dc.step_dev = step_dev;
+        dc.lr_dev = lr_dev;
+        char name[96];
+        snprintf(name, sizeof name, "adamw step_dev/lr_dev, %s moments, %lld elements", dtn(sdt), (long long)n);
+        if (RUN(name, MOE_F32, moe_op_adamw(ctx, p.h, g.h, mh, vh, &hc), moe_op_adamw(ctx, p.d, g.d, m.d, v.d, &dc))) {
+            check(name, MOE_F32, p.d, p.h, 0.0);
+            ok(same_bytes(m.d, mh) && same_bytes(v.d, vh), "%s: m and v are the CPU's bytes", name);
+            die_if(moe_op_adamw(ctx, p2, g.d, m2, v2, &hc) != MOE_OK, "adamw with the host's step on the GPU");
+            ok(same_bytes(p.d, p2) && same_bytes(m.d, m2) && same_bytes(v.d, v2),
+               "%s: the GPU's host-step update gives the same bytes", name);
+            ok(step_of(step_dev) == 6, "%s: the update leaves step_dev as it was", name);
+        }
+        moe_tensor_release(mh); moe_tensor_release(vh);
+        moe_tensor_release(p2); moe_tensor_release(m2); moe_tensor_release(v2);
+        pfree(&p); pfree(&g); pfree(&m); pfree(&v);
+    }
+    moe_tensor *sumsq = upload_scalar(MOE_F32, 4.0), *fine = upload_scalar(MOE_F32, 1.5);
+    moe_tensor *bad = upload_scalar(MOE_F32, NAN);
+    moe_adamw_cfg pass = {.clip_sumsq = sumsq, .guard = fine, .clip_max = 1.0};
+    moe_adamw_cfg skip = {.clip_sumsq = sumsq, .guard = bad, .clip_max = 1.0}, plain = {0};
+    moe_status s = moe_op_adamw_advance(ctx, step_dev, &pass);
+    int64_t v1 = s == MOE_OK ? step_of(step_dev) : -1;
+    if (s == MOE_OK) s = moe_op_adamw_advance(ctx, step_dev, &skip);
+    int64_t v2 = s == MOE_OK ? step_of(step_dev) : -1;
+    if (s == MOE_OK) s = moe_op_adamw_advance(ctx, step_dev, &plain);
+    int64_t v3 = s == MOE_OK ? step_of(step_dev) : -1;
+    ok(s == MOE_OK && v1 == 7 && v2 == 7 && v3 == 8,
+       "adamw_advance on cuda: +1 with a finite guard, +0 with a NaN guard, +1 without clipping (%lld %lld %lld; %s)",
+       (long long)v1, (long long)v2, (long long)v3, s == MOE_OK ? "ok" : moe_last_error());
+    moe_tensor *all[] = {step_dev, lr_dev, sumsq, fine, bad};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+}
+
 int main(void) {
     gpucheck_begin();
 
@@ -682,5 +756,6 @@ int main(void) {
         if (want("cross_entropy")) test_cross_entropy(dt);
     }
     if (want("adamw")) test_adamw();
+    if (want("adamw_device")) test_adamw_device();
     return gpucheck_end();
 }

@@ -46,22 +46,30 @@ static void adam_range(void *arg, int64_t b, int64_t e) {
         for (int64_t i = b; i < e; i++) ((float *)J->c)[i] = p[i];
 }
 
+/* The gradient factor of cfg's clipping by the norm in clip_sumsq (the
+ * grad_scale alone without it); < 0: the step is skipped (ops.h). */
+static double grad_factor(const moe_adamw_cfg *cfg) {
+    if (!cfg->clip_sumsq) return cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
+    return moe_adamw_clip_factor(cfg, moe_f32(cfg->clip_sumsq)[0], cfg->guard ? moe_f32(cfg->guard)[0] : 0.0);
+}
+
 moe_status moe_cpu_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                          const moe_adamw_cfg *cfg) {
-    float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
-    if (cfg->clip_sumsq) {
-        double f = moe_adamw_clip_factor(cfg, moe_f32((moe_tensor *)cfg->clip_sumsq)[0],
-                                         cfg->guard ? moe_f32((moe_tensor *)cfg->guard)[0] : 0.0);
-        if (f < 0) return MOE_OK;   /* non-finite norm or guard: the step is skipped */
-        gs = (float)f;
-    }
-    double bc1 = 1.0 - pow((double)cfg->beta1, (double)cfg->step);
-    double bc2 = 1.0 - pow((double)cfg->beta2, (double)cfg->step);
+    double gs = grad_factor(cfg);
+    if (gs < 0) return MOE_OK;   /* non-finite norm or guard: the step is skipped */
+    /* the step and learning rate the device holds, when given (ops.h) */
+    int64_t step = cfg->step_dev ? ((const int64_t *)moe_tensor_data(cfg->step_dev))[0] + 1 : cfg->step;
+    float lr = cfg->lr_dev ? moe_f32(cfg->lr_dev)[0] * cfg->lr : cfg->lr;
     adam_job J = {moe_f32(params), moe_tensor_data(m), moe_tensor_data(v), moe_tensor_data((moe_tensor *)grads),
                   cfg->compute ? moe_tensor_data(cfg->compute) : NULL, grads->dtype == MOE_BF16,
                   cfg->compute && cfg->compute->dtype == MOE_BF16, m->dtype == MOE_BF16, cfg->beta1, cfg->beta2,
-                  cfg->lr, cfg->eps, cfg->weight_decay, (float)(1.0 / bc1), (float)(1.0 / bc2), gs, cfg->index0,
-                  cfg->step};
+                  lr, cfg->eps, cfg->weight_decay, moe_adamw_inv_bias_corr(cfg->beta1, step),
+                  moe_adamw_inv_bias_corr(cfg->beta2, step), (float)gs, cfg->index0, step};
     moe_parallel_for(ctx->pool, moe_tensor_numel(params), 1 << 15, adam_range, &J);
+    return MOE_OK;
+}
+
+moe_status moe_cpu_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adamw_cfg *cfg) {
+    if (grad_factor(cfg) >= 0) ((int64_t *)moe_tensor_data(step_dev))[0] += 1;
     return MOE_OK;
 }

@@ -154,6 +154,7 @@ static const moe_backend cpu_backend = {
     .ep_pack = moe_cpu_ep_pack,
     .ep_unpack = moe_cpu_ep_unpack,
     .ep_regroup = moe_cpu_ep_regroup,
+    .adamw_advance = moe_cpu_adamw_advance,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

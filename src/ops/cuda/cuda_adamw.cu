@@ -2,8 +2,12 @@
 // state (bf16: stochastically rounded with the CPU's random bits, ops.h), f32
 // or bf16 gradients, and optionally the compute copy of mixed precision
 // written from the updated params in the same pass (no separate cast kernel).
-// Bias corrections are computed on the host in double and applied as f32
-// reciprocals, in the same order of operations as the CPU backend.
+// Bias corrections are computed in double and applied as f32 reciprocals
+// (moe_adamw_inv_bias_corr), in the same order of operations as the CPU
+// backend: on the host from cfg->step, or, with the step held by the device
+// (cfg->step_dev, for a step captured into a CUDA graph), by every thread from
+// the counter it reads; cfg->lr_dev likewise scales the learning rate there.
+// Nothing here waits for the device.
 #include "cuda_common.cuh"
 #include "cuda_vec.cuh"
 
@@ -18,6 +22,18 @@ __device__ __forceinline__ bool grad_factor(const float *clip_ss, const float *g
     if (f < 0) return false;
     gs = (float)f;
     return true;
+}
+
+// The step and learning rate the device holds (ops.h: step_dev, lr_dev), when
+// given: step = *step_dev + 1 with its bias corrections, lr = *lr_dev * lr.
+__device__ __forceinline__ void device_step(const int64_t *step_dev, const float *lr_dev, float b1, float b2,
+                                            int64_t &step, float &lr, float &ibc1, float &ibc2) {
+    if (step_dev) {
+        step = *step_dev + 1;
+        ibc1 = moe_adamw_inv_bias_corr(b1, step);
+        ibc2 = moe_adamw_inv_bias_corr(b2, step);
+    }
+    if (lr_dev) lr = __fmul_rn(*lr_dev, lr);
 }
 
 // One element's update in the CPU's order of operations, each rounded on its
@@ -48,8 +64,10 @@ template <typename S> __device__ __forceinline__ void store_state(S *m, S *v, in
 template <typename G, typename C, typename S>
 __global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float lr, float b1, float b2,
                         float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
-                        const float *guard, double clip_max, int64_t index0, int64_t step) {
+                        const float *guard, double clip_max, int64_t index0, int64_t step, const int64_t *step_dev,
+                        const float *lr_dev) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
+    device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
     GRID_STRIDE(i, n) {
         float pi = p[i], mi = to_f32(m[i]), vi = to_f32(v[i]);
         adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
@@ -101,8 +119,10 @@ __device__ __forceinline__ void store8_sr(bf16 *p, const float (&f)[8], int64_t 
 template <typename G, typename C, typename S>
 __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, float lr, float b1, float b2,
                          float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
-                         const float *guard, double clip_max, int64_t index0, int64_t step) {
+                         const float *guard, double clip_max, int64_t index0, int64_t step, const int64_t *step_dev,
+                         const float *lr_dev) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
+    device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
     GRID_STRIDE(i, n8) {
         const int64_t o = i * 8;
         float pf[8], gf[8], mf[8], vf[8];
@@ -133,6 +153,8 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
     const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
     const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
     const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
+    const int64_t *sd = cfg->step_dev ? (const int64_t *)moe_tensor_data(cfg->step_dev) : nullptr;
+    const float *ld = cfg->lr_dev ? moe_f32(cfg->lr_dev) : nullptr;
     int64_t n8 = 0;
     if (cuda_aligned16(pp) && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
         (!c || cuda_aligned16(c)))
@@ -140,12 +162,13 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
     if (n8 > 0)
         k_adamw8<G, C, S><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(
             pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css,
-            gd, cfg->clip_max, cfg->index0, cfg->step);
+            gd, cfg->clip_max, cfg->index0, cfg->step, sd, ld);
     int64_t done = n8 * 8;
     if (done < n)
         k_adamw<G, C, S><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
             pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
-            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max, cfg->index0 + done, cfg->step);
+            cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max, cfg->index0 + done, cfg->step, sd,
+            ld);
 }
 
 template <typename S>
@@ -169,11 +192,30 @@ moe_status cuda_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grads,
     int64_t n = moe_tensor_numel(params);
     if (n == 0) return MOE_OK;
     CUDA_ENTER(d, ctx, params->device);
-    double bc1 = 1.0 - pow((double)cfg->beta1, (double)cfg->step);
-    double bc2 = 1.0 - pow((double)cfg->beta2, (double)cfg->step);
-    float ibc1 = (float)(1.0 / bc1), ibc2 = (float)(1.0 / bc2);
+    // with step_dev the kernels compute these themselves (cfg->step is not read)
+    float ibc1 = 1.0f, ibc2 = 1.0f;
+    if (!cfg->step_dev) {
+        ibc1 = moe_adamw_inv_bias_corr(cfg->beta1, cfg->step);
+        ibc2 = moe_adamw_inv_bias_corr(cfg->beta2, cfg->step);
+    }
     if (m->dtype == MOE_BF16) launch_s<bf16>(d, params, grads, m, v, cfg, n, ibc1, ibc2);
     else launch_s<float>(d, params, grads, m, v, cfg, n, ibc1, ibc2);
     CU_LAUNCHED("adamw");
+    return MOE_OK;
+}
+
+// One thread: the counter's step (ops.h moe_op_adamw_advance), skipped by the
+// update kernels' own rule, so that it and they agree without the host.
+__global__ void k_adamw_advance(int64_t *step, const float *clip_ss, const float *guard, double clip_max, float gs) {
+    if (grad_factor(clip_ss, guard, clip_max, gs)) *step += 1;
+}
+
+moe_status cuda_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adamw_cfg *cfg) {
+    CUDA_ENTER(d, ctx, step_dev->device);
+    const float *css = cfg->clip_sumsq ? moe_f32(cfg->clip_sumsq) : nullptr;
+    const float *gd = cfg->guard ? moe_f32(cfg->guard) : nullptr;
+    k_adamw_advance<<<1, 1, 0, d->stream>>>((int64_t *)moe_tensor_data(step_dev), css, gd, cfg->clip_max,
+                                            cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f);
+    CU_LAUNCHED("adamw_advance");
     return MOE_OK;
 }

@@ -70,6 +70,7 @@ static const moe_backend cuda_backend = {
     /* gemm_grouped_wgrad_dev */ cuda_gemm_grouped_wgrad_dev,
     /* gemm_grouped_swiglu_dev */ cuda_gemm_grouped_swiglu_dev,
     /* gemm_grouped_swiglu_backward_w_dev */ cuda_gemm_grouped_swiglu_backward_w_dev,
+    /* adamw_advance */ cuda_adamw_advance,
 };
 
 extern "C" int moe_cuda_device_count(void) {
