@@ -42,12 +42,12 @@ elseif trainer.optimizer.launches then
 end
 
 -- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures. With
--- MOELAB_STEP_GRAPH=1 each train() call runs one eager step and captures the next: the timed
--- run's first two steps are those, reported apart and left out
+-- MOELAB_STEP_GRAPH=1 each train() call captures its first step (or, should that fail, runs it
+-- eagerly and captures the second): the timed run's first two steps are reported apart, left out
 local first = warmup + 1
 if trainer.cuda_graph then
   local h = r.history
-  print(string.format("# cuda graph: eager step %.2f ms, capture + first launch %.2f ms (not timed)",
+  print(string.format("# cuda graph: the timed run's first two steps (a capture among them) %.2f and %.2f ms, not timed",
     B * S / h[first].tokens_per_s * 1e3, B * S / h[first + 1].tokens_per_s * 1e3))
   first = first + 2
 end

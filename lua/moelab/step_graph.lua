@@ -12,9 +12,9 @@
 -- After each launch the host reads the losses, the norm and the routing
 -- statistics the replay wrote into the capture's tensors.
 --
--- The first step runs eagerly through the same inputs (first-use set-ups and
--- allocations happen outside the graph); the second is captured, then
--- launched. A batch the graph cannot take (other shapes, ids or targets
+-- The first step is captured, then launched; when that capture fails it
+-- runs eagerly through the same inputs (first-use set-ups and allocations
+-- then happen outside the graph) and the second step is captured. A batch the graph cannot take (other shapes, ids or targets
 -- outside [0, vocab), e.g. ignored positions, whose count the capture fixed)
 -- or a capture that fails ends the graph: the trainer goes on eagerly.
 local core = require "moelab.core"
@@ -108,7 +108,7 @@ function Step:_capture(max_norm, lr)
       self.summaries = core.empty({total}, {dtype = "i64", device = self.dev})
       local off = 0
       for _, p in ipairs(parts) do
-        self.summaries:narrow(0, off, p:numel()):copy(p)
+        self.summaries:narrow(1, off + 1, p:numel()):copy(p)
         off = off + p:numel()
       end
       self.summary_sizes = {}
@@ -122,43 +122,94 @@ function Step:_capture(max_norm, lr)
     return false, err
   end
   self.graph = g
+  -- the summaries' pinned mirror: read while the next replay runs
+  if self.summaries then self.mirror = core.cuda_mirror(self.summaries) end
   return true
 end
 
--- The routing statistics the last replay wrote, as Model:routing_stats gives them.
+-- The routing statistics of the replay whose mirror copy was started last, as
+-- Model:routing_stats gives them.
 function Step:_stats()
   local per = {}
-  if not self.summaries then return per end
+  if not self.mirror then return per end
   local derive = require("moelab.model").derive_routing_stats
-  local host = self.summaries:to("cpu")
+  local host = self.mirror:finish()
   local tokens = self.inputs[#self.inputs][1]:numel()
   local off = 0
   for i, l in ipairs(self.trainer.model:moe_layers()) do
     local n = self.summary_sizes[i]
-    per[i] = derive(l:routing_stats_from(host:narrow(0, off, n), tokens), i)
+    per[i] = derive(l:routing_stats_from(host:narrow(1, off + 1, n), tokens), i)
     off = off + n
   end
   return per
 end
 
---- run(batches, lr, max_norm, accum, start_reads, finish_reads) -> values read, routing
--- statistics; or nil and why when the graph gave up (the caller runs the step eagerly)
-function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads)
-  local ok, why = self:_load(batches, accum)
-  if not ok then return nil, why end
-  self.trainer.optimizer:set_lr(lr)
-  if not self.warm then
-    self.warm = true
-    local _, stats, reads = self.queue(self.inputs, self.scale, max_norm, lr, start_reads, true)
-    return finish_reads(reads), stats
+--- run(batches, lr, max_norm, accum, start_reads, finish_reads[, next_step]) -> values
+-- read, routing statistics; or nil and why when the graph gave up (the caller runs the
+-- step eagerly). next_step() -> the next step's batches and learning rate: that step's
+-- replay is queued behind this one before the host waits for this one's values, so the
+-- GPU does not idle while the host keeps the books (give it only when nothing must run
+-- between the two steps: no evaluation, no checkpoint, not after a skipped step).
+function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_step)
+  if self.next_error then
+    local why = self.next_error
+    self.next_error = nil
+    return nil, why
   end
-  if not self.graph then
-    local captured, err = self:_capture(max_norm, lr)
-    if not captured then return nil, "the capture failed: " .. tostring(err) end
+  if not self.queued then
+    local ok, why = self:_load(batches, accum)
+    if not ok then return nil, why end
+    self.trainer.optimizer:set_lr(lr)
+    if not self.graph then
+      -- the first step is captured cold (no eager activations left cached beside the
+      -- graph's pool); should that fail, one eager step sets up what the capture
+      -- could not, and the next step tries once more
+      local function eager()
+        self.warm = true
+        local _, stats, reads = self.queue(self.inputs, self.scale, max_norm, lr, start_reads, true)
+        return finish_reads(reads), stats
+      end
+      if self.cold_error and not self.warm then return eager() end
+      local captured, err = self:_capture(max_norm, lr)
+      if not captured then
+        if self.warm then return nil, "the capture failed: " .. tostring(err) end
+        self.cold_error = tostring(err)
+        return eager()
+      end
+      self:_probe()
+    end
+    self.graph:launch()
   end
+  self.queued = false
+  -- this step's values are copied out before anything else is queued behind it
+  local reads = start_reads(self.values)
+  if self.mirror then self.mirror:start() end
+  if next_step then
+    local nb, nlr = next_step()
+    local ok, why = self:_load(nb, accum)
+    if ok then
+      self.trainer.optimizer:set_lr(nlr)
+      self.graph:launch()
+      self.queued = true
+    else
+      self.next_error = why   -- told at the next step, which then runs eagerly
+    end
+  end
+  return finish_reads(reads), self:_stats()
+end
+
+-- MOELAB_GRAPH_PROBE=K (diagnosis): K replays back to back right after the
+-- capture, timed, on stderr: the step's GPU time without the host's turns.
+-- (They train K extra steps on the capture's batch.)
+function Step:_probe()
+  local k = tonumber(os.getenv("MOELAB_GRAPH_PROBE") or "")
+  if not k or k < 1 then return end
   self.graph:launch()
-  local got = finish_reads(start_reads(self.values))
-  return got, self:_stats()
+  core.synchronize(self.dev)
+  local t0 = core.clock()
+  for _ = 1, k do self.graph:launch() end
+  core.synchronize(self.dev)
+  io.stderr:write(string.format("# graph probe: %d replays back to back, %.3f ms each\n", k, (core.clock() - t0) / k * 1e3))
 end
 
 --- info() -> {nodes=, launches=, pool_bytes=} of the captured graph, or nil
@@ -166,9 +217,14 @@ function Step:info() return self.graph and self.graph:info() end
 
 --- free(): the graph and its pool go; the layers and the optimizer back to their eager settings
 function Step:free()
+  if self.mirror then self.mirror:free() end
   if self.graph then self.graph:free() end
-  self.graph, self.values, self.summaries, self.inputs = nil, nil, nil, nil
-  for _, l in ipairs(self.trainer.model:moe_layers()) do l:set_defer_routing(false) end
+  self.graph, self.values, self.summaries, self.inputs, self.mirror = nil, nil, nil, nil, nil
+  for _, l in ipairs(self.trainer.model:moe_layers()) do
+    -- the captured forward's tensors hold the graph's pool: its statistics stay, they go
+    l:release_last_forward()
+    l:set_defer_routing(false)
+  end
   if self.trainer.optimizer.set_device_state then self.trainer.optimizer:set_device_state(false) end
   -- the tensors made during the capture hold the pool's segments until collected
   collectgarbage()

@@ -380,8 +380,7 @@ function Trainer:train(opts)
     end
     graph, self.step_graph = nil, nil
   end
-  for step = start + 1, o.max_steps do
-    local t0 = core.clock()
+  local function batches_for(step)
     local batches = {}
     for micro = 1, o.accum do
       -- a batch is a pure function of its index, which is what makes resuming exact
@@ -391,13 +390,32 @@ function Trainer:train(opts)
       else ids, targets = ds:batch{batch_size = o.batch_size, seq_len = o.seq_len, seed = o.seed, step = index} end
       batches[micro] = {ids, targets}
     end
+    return batches
+  end
+  local prefetched   -- the next step's batches, fetched when its replay was queued early
+  for step = start + 1, o.max_steps do
+    local t0 = core.clock()
+    local batches = prefetched or batches_for(step)
+    prefetched = nil
     local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
     local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
     local lr = lr_at(step, o)
     local gnorm, got, stats
     if graph then
       local why
-      got, stats = graph:run(batches, lr, max_norm, o.accum, start_reads, finish_reads)
+      -- the next replay may be queued before this step's values are read, unless
+      -- something must run between the two (an evaluation, a checkpoint) or this
+      -- step follows a skipped one (the run may stop after it)
+      local between = (o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0) or
+                      (o.save_every > 0 and step % o.save_every == 0)
+      local next_step
+      if step < o.max_steps and not between and skipped_in_row == 0 then
+        next_step = function()
+          prefetched = batches_for(step + 1)
+          return prefetched, lr_at(step + 1, o)
+        end
+      end
+      got, stats = graph:run(batches, lr, max_norm, o.accum, start_reads, finish_reads, next_step)
       if not got then
         why = stats
         end_graph()

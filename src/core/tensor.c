@@ -216,6 +216,16 @@ void moe_tensor_set_host_value(moe_tensor *t, double v) {
 
 void moe_tensor_set_index_bound(moe_tensor *t, int64_t bound) {
     if (!t) return;
+    /* A bound is set right after the values were written (tensor.h). When this
+     * header is the storage's only reference, the headers that once aliased it
+     * are gone and cannot have written since: the storage counts as unaliased
+     * again (a fixed input buffer refilled each step keeps taking bounds after
+     * a forward made views of it). The host value, known from before, goes. */
+    if (bound > 0 && t->storage && __atomic_load_n(&t->storage->refcount, __ATOMIC_RELAXED) == 1 &&
+        __atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&t->storage->aliased, 0, __ATOMIC_RELAXED);
+        t->host_known = 0;
+    }
     int sole = t->storage && __atomic_load_n(&t->storage->refcount, __ATOMIC_RELAXED) == 1 &&
                !__atomic_load_n(&t->storage->aliased, __ATOMIC_RELAXED);
     t->index_bound = bound > 0 && sole && (t->dtype == MOE_I64 || t->dtype == MOE_I32) ? bound : 0;

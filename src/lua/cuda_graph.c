@@ -6,6 +6,10 @@
  *   g:info() -> {nodes=, launches=, pool_bytes=}
  *   g:free()                                -- also at collection; abandons a capture in progress
  *   core.cuda_capturing([device]) -> boolean
+ *   m = core.cuda_mirror(t)                 -- a pinned host mirror of a small device tensor
+ *   m:start()                               -- queues a copy of t's values now
+ *   m:finish() -> a cpu tensor              -- waits for that copy alone
+ *   m:free()
  * Without CUDA every call but cuda_capturing (false) is an error. */
 #include "lmoe.h"
 
@@ -63,6 +67,58 @@ static int g_free(lua_State *L) {
     return 0;
 }
 
+#define MIRROR_MT "moelab.CudaMirror"
+typedef struct { moe_cuda_mirror *m; } mirror_box;
+
+static moe_cuda_mirror *check_mirror(lua_State *L, const char *f) {
+    mirror_box *b = luaL_checkudata(L, 1, MIRROR_MT);
+    if (!b->m) luaL_error(L, "%s: the mirror was freed", f);
+    return b->m;
+}
+
+static int l_mirror(lua_State *L) {
+    moe_tensor *t = moe_lua_check_tensor(L, 1, "cuda_mirror");
+    mirror_box *b = lua_newuserdata(L, sizeof *b);
+    b->m = NULL;
+    luaL_getmetatable(L, MIRROR_MT);
+    lua_setmetatable(L, -2);
+    moe_lua_check(L, moe_cuda_mirror_new(moe_lua_ctx(L), t, &b->m), "cuda_mirror");
+    lua_createtable(L, 1, 0);   /* the tensor's Lua handle, for finish's shape */
+    lua_pushvalue(L, 1);
+    lua_rawseti(L, -2, 1);
+    lua_setfenv(L, -2);
+    return 1;
+}
+
+static int mr_start(lua_State *L) {
+    moe_lua_check(L, moe_cuda_mirror_start(moe_lua_ctx(L), check_mirror(L, "mirror:start")), "mirror:start");
+    return 0;
+}
+
+static int mr_finish(lua_State *L) {
+    const char *f = "mirror:finish";
+    moe_cuda_mirror *m = check_mirror(L, f);
+    lua_getfenv(L, 1);
+    lua_rawgeti(L, -1, 1);   /* the mirrored tensor, for its shape and dtype */
+    moe_tensor *t = moe_lua_check_tensor(L, -1, f);
+    moe_tensor *dst = moe_tensor_new_cpu(t->dtype, t->ndim, t->shape);
+    if (!dst) return luaL_error(L, "%s: %s", f, moe_last_error());
+    moe_status s = moe_cuda_mirror_finish(moe_lua_ctx(L), m, dst);
+    if (s != MOE_OK) {
+        moe_tensor_release(dst);
+        moe_lua_check(L, s, f);
+    }
+    moe_lua_push_tensor(L, dst, f);
+    return 1;
+}
+
+static int mr_free(lua_State *L) {
+    mirror_box *b = luaL_checkudata(L, 1, MIRROR_MT);
+    moe_cuda_mirror_free(b->m);
+    b->m = NULL;
+    return 0;
+}
+
 static int l_capturing(lua_State *L) {
     lua_pushboolean(L, moe_cuda_capturing(moe_lua_ctx(L), (int)luaL_optinteger(L, 1, 0)));
     return 1;
@@ -82,12 +138,25 @@ void moe_lua_open_cuda_graph(lua_State *L) {
     lua_setfield(L, -2, "cuda_graph_begin");
     lua_pushcfunction(L, l_capturing);
     lua_setfield(L, -2, "cuda_capturing");
+    static const luaL_Reg mmethods[] = {{"start", mr_start}, {"finish", mr_finish}, {"free", mr_free}, {NULL, NULL}};
+    luaL_newmetatable(L, MIRROR_MT);
+    lua_pushcfunction(L, mr_free);
+    lua_setfield(L, -2, "__gc");
+    lua_newtable(L);
+    luaL_register(L, NULL, mmethods);
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_mirror);
+    lua_setfield(L, -2, "cuda_mirror");
 }
 #else
 static int l_graph_begin(lua_State *L) { return luaL_error(L, "cuda_graph_begin: this moelab was built without CUDA"); }
 static int l_capturing(lua_State *L) { lua_pushboolean(L, 0); return 1; }
+static int l_mirror(lua_State *L) { return luaL_error(L, "cuda_mirror: this moelab was built without CUDA"); }
 
 void moe_lua_open_cuda_graph(lua_State *L) {
+    lua_pushcfunction(L, l_mirror);
+    lua_setfield(L, -2, "cuda_mirror");
     lua_pushcfunction(L, l_graph_begin);
     lua_setfield(L, -2, "cuda_graph_begin");
     lua_pushcfunction(L, l_capturing);

@@ -23,6 +23,18 @@ moe_tensor *moe_block_pending_summary(const moe_layer *l) {
     block_state *s = st_of(l);
     return s ? s->last.summary_dev : NULL;
 }
+moe_status moe_block_release_last(moe_ctx *ctx, moe_layer *l) {
+    block_state *s = st_of(l);
+    if (!s) return moe_error(MOE_ERR_ARG, "release_last: not an MoE layer");
+    MOE_TRY(moe_routing_fetch(ctx, &s->last));
+    moe_tensor **ts[] = {&s->last.token_idx, &s->last.expert_idx, &s->last.weights, &s->last.aux_loss,
+                         &s->last.z_loss, &s->last.slots, &s->last.offsets_dev, &s->last_logits};
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
+        moe_tensor_release(*ts[i]);
+        *ts[i] = NULL;
+    }
+    return MOE_OK;
+}
 moe_status moe_block_set_defer_routing(moe_layer *l, int on) {
     block_state *s = st_of(l);
     if (!s) return moe_error(MOE_ERR_ARG, "set_defer_routing: not an MoE layer");

@@ -43,6 +43,11 @@ moe_tensor *moe_block_pending_summary(const moe_layer *l);
  * default; eagerly the wait is cheaper than the plan kernels). A CUDA graph
  * of the step needs it: the wait cannot be captured. */
 moe_status moe_block_set_defer_routing(moe_layer *l, int on);
+/* Reads the last forward's statistics to the host (if pending), then lets
+ * go of its device tensors (assignments, weights, losses, slot map, router
+ * logits): the memory of a CUDA graph that captured the forward goes back
+ * with its graph instead of at the next forward. The statistics stay. */
+moe_status moe_block_release_last(moe_ctx *ctx, moe_layer *l);
 /* Whether the last forward's routing left its summary on the device. */
 int moe_block_routing_deferred(const moe_layer *l);
 moe_tensor *moe_block_last_aux(const moe_layer *l);

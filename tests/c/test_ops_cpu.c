@@ -951,6 +951,16 @@ static void test_slot_map_mark(void) {
     moe_tensor_set_index_bound(ids, 4);
     moe_tensor_mark_slot_map(ids);
     report(!moe_tensor_slot_map_trusted(ids, 4), "slot map: not on i64 or 1-D indices", "marked");
+    /* a view voids the bound while it lives; once it is gone a bound set anew
+     * (the refill of a fixed input buffer) holds again */
+    int64_t flat[1] = {4};
+    moe_tensor *v = moe_tensor_view(ids, 1, flat);
+    moe_tensor_set_index_bound(ids, 4);
+    report(v && !moe_tensor_index_trusted(ids, 4), "index bound: not taken while a view of the memory lives", "taken");
+    rel(v);
+    moe_tensor_set_index_bound(ids, 4);
+    report(moe_tensor_index_trusted(ids, 4), "index bound: taken again once the view is gone", "bound %lld",
+           (long long)ids->index_bound);
     rel(sl); rel(ids);
 }
 

@@ -126,6 +126,10 @@ for _, state in ipairs{"f32", "bf16"} do
   if same_load then for j = 1, #r1.load do if r1.load[j] ~= r2.load[j] then same_load = false end end end
   ok(same_load and r1.entropy == r2.entropy, state .. " moments: routing statistics read after the replay",
     r1 and string.format("entropy %.5f vs %.5f", r1.entropy, r2.entropy) or "none")
+  local rs = mg:routing_stats()
+  ok(rs[1] and rs[1].entropy == r1.entropy and mg:moe_layers()[1]:assignments() == nil,
+    state .. " moments: after the run the model keeps the last replay's statistics, not its tensors",
+    rs[1] and string.format("entropy %.5f", rs[1].entropy) or "none")
 end
 
 -- a batch the graph cannot take: the trainer says so and goes on eagerly, with the same result

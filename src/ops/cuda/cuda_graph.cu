@@ -20,6 +20,7 @@
 #include "../../core/block_pool.h"
 
 #include <new>
+#include <string.h>
 
 struct moe_cuda_graph {
     cuda_dev *d;
@@ -160,4 +161,87 @@ extern "C" int moe_cuda_capturing(moe_ctx *ctx, int device) {
     if (!d) { moe_clear_error(); return 0; }
     std::lock_guard<std::mutex> lk(d->mu);
     return d->capture != NULL;
+}
+
+// ---- pinned mirrors of small device tensors (moe_cuda.h) ----
+struct moe_cuda_mirror {
+    cuda_dev *d;
+    moe_tensor *t;
+    void *host;          // pinned, nbytes
+    size_t nbytes;
+    cudaEvent_t done;    // recorded behind the last start's copy
+    bool started;
+};
+
+extern "C" moe_status moe_cuda_mirror_new(moe_ctx *ctx, moe_tensor *t, moe_cuda_mirror **out) {
+    if (!out) return moe_error(MOE_ERR_ARG, "cuda mirror: no output");
+    *out = NULL;
+    if (!t || t->device.type != MOE_CUDA || !moe_tensor_is_contiguous(t))
+        return moe_error(MOE_ERR_ARG, "cuda mirror: expected a contiguous tensor on a CUDA device");
+    CUDA_ENTER(d, ctx, t->device);
+    const size_t nbytes = (size_t)moe_tensor_numel(t) * moe_dtype_size(t->dtype);
+    if (nbytes == 0 || nbytes > ((size_t)16 << 20))
+        return moe_error(MOE_ERR_ARG, "cuda mirror: %zu bytes, expected 1 byte to 16 MiB", nbytes);
+    moe_cuda_mirror *m = new (std::nothrow) moe_cuda_mirror();
+    if (!m) return moe_error(MOE_ERR_OOM, "cuda mirror: out of host memory");
+    m->d = d;
+    m->nbytes = nbytes;
+    CU_TRY(cudaSetDevice(d->index), "cuda mirror");
+    if (cudaHostAlloc(&m->host, nbytes, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        delete m;
+        return moe_error(MOE_ERR_OOM, "cuda mirror: no pinned host memory for %zu bytes", nbytes);
+    }
+    if (cudaEventCreateWithFlags(&m->done, cudaEventDisableTiming) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFreeHost(m->host);
+        delete m;
+        return moe_error(MOE_ERR_DEVICE, "cuda mirror: could not make an event");
+    }
+    moe_tensor_retain(t);
+    m->t = t;
+    *out = m;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_mirror_start(moe_ctx *ctx, moe_cuda_mirror *m) {
+    (void)ctx;
+    if (!m) return moe_error(MOE_ERR_ARG, "cuda mirror: NULL");
+    cuda_dev *d = m->d;
+    CUDA_NOT_IN_CAPTURE(d, "a mirror's copy to the host");
+    if (m->started) return moe_error(MOE_ERR_STATE, "cuda mirror: started again before its last copy was finished");
+    CU_TRY(cudaSetDevice(d->index), "cuda mirror");
+    CU_TRY(cudaMemcpyAsync(m->host, moe_tensor_data(m->t), m->nbytes, cudaMemcpyDeviceToHost, d->stream),
+           "cuda mirror");
+    CU_TRY(cudaEventRecord(m->done, d->stream), "cuda mirror");
+    m->started = true;
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_mirror_finish(moe_ctx *ctx, moe_cuda_mirror *m, moe_tensor *dst) {
+    (void)ctx;
+    if (!m) return moe_error(MOE_ERR_ARG, "cuda mirror: NULL");
+    if (!m->started) return moe_error(MOE_ERR_STATE, "cuda mirror: finish without a start");
+    if (!dst || dst->device.type != MOE_CPU || !moe_tensor_is_contiguous(dst) || dst->dtype != m->t->dtype ||
+        moe_tensor_numel(dst) != moe_tensor_numel(m->t))
+        return moe_error(MOE_ERR_ARG, "cuda mirror: the destination must be a contiguous cpu tensor of the "
+                                      "mirrored tensor's dtype and size");
+    CUDA_NOT_IN_CAPTURE(m->d, "a mirror's wait");
+    m->started = false;
+    CU_TRY(cudaEventSynchronize(m->done), "cuda mirror");
+    memcpy(moe_tensor_data(dst), m->host, m->nbytes);
+    dst->index_bound = 0;   // written: see tensor.h
+    dst->host_known = 0;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_mirror_free(moe_cuda_mirror *m) {
+    if (!m) return;
+    cudaSetDevice(m->d->index);
+    if (m->started) cudaEventSynchronize(m->done);   // the copy still writes the pinned memory
+    cudaEventDestroy(m->done);
+    cudaFreeHost(m->host);
+    cudaGetLastError();
+    moe_tensor_release(m->t);
+    delete m;
 }

@@ -157,6 +157,19 @@ moe_status moe_cuda_graph_info(const moe_cuda_graph *g, size_t *nodes, uint64_t 
 /* Whether the device is capturing a graph now. */
 int moe_cuda_capturing(moe_ctx *ctx, int device);
 
+/* A pinned host mirror of one small contiguous device tensor (a graph's
+ * output, e.g. the routing summaries): _start queues a copy of its current
+ * values behind the work queued so far and returns at once; _finish waits for
+ * that copy alone (not for work queued after it, such as the next replay) and
+ * copies the values into dst, a contiguous cpu tensor of the same dtype and
+ * size. A start while the last one is unfinished is an error. The mirror
+ * holds a reference to the tensor. */
+typedef struct moe_cuda_mirror moe_cuda_mirror;
+moe_status moe_cuda_mirror_new(moe_ctx *ctx, moe_tensor *t, moe_cuda_mirror **out);
+moe_status moe_cuda_mirror_start(moe_ctx *ctx, moe_cuda_mirror *m);
+moe_status moe_cuda_mirror_finish(moe_ctx *ctx, moe_cuda_mirror *m, moe_tensor *dst);
+void moe_cuda_mirror_free(moe_cuda_mirror *m);
+
 #ifdef __cplusplus
 }
 #endif
