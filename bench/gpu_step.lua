@@ -41,11 +41,11 @@ elseif trainer.optimizer.launches then
     trainer.optimizer:step_count(), #model:parameters()))
 end
 
--- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures. With
--- MOELAB_STEP_GRAPH=1 each train() call captures its first step (or, should that fail, runs it
+-- tokens over the whole timed loop / its time, as bench/gpu_step_torch.py measures. With the
+-- step as a CUDA graph (the default; MOELAB_STEP_GRAPH=0: eager) each train() call captures its first step (or, should that fail, runs it
 -- eagerly and captures the second): the timed run's first two steps are reported apart, left out
 local first = warmup + 1
-if trainer.cuda_graph then
+if trainer.cuda_graph and trainer.graph_info then
   local h = r.history
   print(string.format("# cuda graph: the timed run's first two steps (a capture among them) %.2f and %.2f ms, not timed",
     B * S / h[first].tokens_per_s * 1e3, B * S / h[first + 1].tokens_per_s * 1e3))

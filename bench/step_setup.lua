@@ -11,6 +11,14 @@ local moe = require "moelab"
 return function(device, precision)
   local B, S, V, D, L = 8, 1024, 50304, 1024, 8
   if os.getenv("MOELAB_STEP_TINY") then B, S, V, D, L = 2, 64, 512, 64, 2 end
+  -- MOELAB_STEP_SHAPE="B,S,V,D,L": another size (e.g. a small model, where the host's launches bound the step)
+  local shape = os.getenv("MOELAB_STEP_SHAPE")
+  if shape then
+    local v = {}
+    for x in shape:gmatch("%d+") do v[#v + 1] = tonumber(x) end
+    assert(#v == 5, "MOELAB_STEP_SHAPE must be five numbers: batch, sequence, vocab, hidden, layers")
+    B, S, V, D, L = v[1], v[2], v[3], v[4], v[5]
+  end
   local model = moe.arch.OLMoE{
     vocab_size = V, hidden_size = D, num_layers = L, num_heads = 16, num_experts = 32, experts_per_token = 4,
     expert_intermediate_size = 512, seed = 1, device = device,
@@ -34,8 +42,9 @@ return function(device, precision)
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
                                  router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0,
                                  optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32",
-                                 -- MOELAB_STEP_GRAPH=1: the step captured into a CUDA graph and replayed
-                                 cuda_graph = os.getenv("MOELAB_STEP_GRAPH") == "1"}
+                                 -- the trainer's default captures the step into a CUDA graph and
+                                 -- replays it; MOELAB_STEP_GRAPH=0: eager steps
+                                 cuda_graph = os.getenv("MOELAB_STEP_GRAPH") ~= "0" and "auto" or false}
   local function batch(i) local b = batches[i % #batches + 1]; return b[1], b[2] end
   return {model = model, trainer = trainer, batch = batch, B = B, S = S, V = V, D = D, L = L}
 end

@@ -10,13 +10,15 @@
 -- - the expert offsets: every MoE layer's routing leaves its counts on the
 --   device (layer:set_defer_routing) and the expert GEMMs read them there.
 -- After each launch the host reads the losses, the norm and the routing
--- statistics the replay wrote into the capture's tensors.
+-- statistics the replay wrote into the capture's tensors, while the next
+-- step's replay, queued behind it, runs.
 --
 -- The first step is captured, then launched; when that capture fails it
 -- runs eagerly through the same inputs (first-use set-ups and allocations
--- then happen outside the graph) and the second step is captured. A batch the graph cannot take (other shapes, ids or targets
--- outside [0, vocab), e.g. ignored positions, whose count the capture fixed)
--- or a capture that fails ends the graph: the trainer goes on eagerly.
+-- then happen outside the graph) and the second step is captured. A batch
+-- the graph cannot take (other shapes, ids or targets outside [0, vocab),
+-- e.g. ignored positions, whose count the capture fixed) or a capture that
+-- fails ends the graph: the trainer goes on eagerly.
 local core = require "moelab.core"
 
 local M = {}
@@ -38,6 +40,20 @@ function M.unsuitable(trainer, on_device)
   if trainer.aux_free then return "auxiliary-loss-free balancing updates the router bias on the host after each step" end
   if trainer.monitor then return "a RouterMonitor reads every forward's routing on the host" end
   if not trainer.optimizer.set_device_state then return "the optimizer cannot keep its step count on the device" end
+  -- the expert GEMMs must read their offsets on the device: bf16 SwiGLU experts,
+  -- top-k routing that keeps every choice (then only the split of the rows moves)
+  local c = trainer.model.config
+  if trainer.model:precision() ~= "bf16" then return "the experts read their offsets on the device only in bf16" end
+  if #trainer.model:moe_layers() > 0 then
+    if c.activation ~= "swiglu" then return "the experts are not SwiGLU" end
+    if c.router ~= "topk" then return "the router (" .. tostring(c.router) .. ") is not top-k" end
+    if (c.capacity_factor or 0) > 0 then return "a capacity limit drops tokens, so the experts' rows change" end
+    if (c.jitter_noise or 0) > 0 then return "router jitter draws new noise each step from a host counter" end
+    if c.aux_loss_type == "global" then return "the global balancing loss is reduced across ranks on the host" end
+  end
+  for _, p in ipairs(trainer.model:parameters()) do
+    if p.name:find("lora_", 1, true) then return "LoRA adapters read the expert offsets on the host" end
+  end
   return nil
 end
 
@@ -158,7 +174,8 @@ function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_
   end
   if not self.queued then
     local ok, why = self:_load(batches, accum)
-    if not ok then return nil, why end
+    -- (quiet: nothing was captured yet, the run is eager from its start)
+    if not ok then return nil, why, not self.graph end
     self.trainer.optimizer:set_lr(lr)
     if not self.graph then
       -- the first step is captured cold (no eager activations left cached beside the
@@ -209,7 +226,8 @@ function Step:_probe()
   local t0 = core.clock()
   for _ = 1, k do self.graph:launch() end
   core.synchronize(self.dev)
-  io.stderr:write(string.format("# graph probe: %d replays back to back, %.3f ms each\n", k, (core.clock() - t0) / k * 1e3))
+  io.stderr:write(string.format("# graph probe: %d replays back to back, %.3f ms each\n", k,
+    (core.clock() - t0) / k * 1e3))
 end
 
 --- info() -> {nodes=, launches=, pool_bytes=} of the captured graph, or nil

@@ -57,9 +57,10 @@ local trainer_keys = {
 --  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made),
 --  optimizer_state = "f32" | "bf16" (AdamW's m and v: bf16 halves their memory and traffic,
 --  stochastically rounded; the master weights stay f32),
---  cuda_graph = false | true | "auto" (capture the step into a CUDA graph after one eager step
---  and replay it: moelab.step_graph. true: an error when the step cannot be captured;
---  "auto": eager steps then, with a notice when a capture was tried and failed)}
+--  cuda_graph = "auto" | true | false (capture the step into a CUDA graph and replay it:
+--  moelab.step_graph. "auto", the default: where the step can be captured, else eager
+--  steps, with a notice when a graph in use had to end or a capture failed; true: an
+--  error when the step cannot be captured; false: never)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -111,7 +112,7 @@ function M.MoETrainer(opts)
   if opts.cuda_graph ~= nil and type(opts.cuda_graph) ~= "boolean" and opts.cuda_graph ~= "auto" then
     fail(f, "cuda_graph must be true, false or \"auto\", got %s", tostring(opts.cuda_graph))
   end
-  self.cuda_graph = opts.cuda_graph or false
+  if opts.cuda_graph == nil then self.cuda_graph = "auto" else self.cuda_graph = opts.cuda_graph end
   self.optimizer_state = opts.optimizer_state or "f32"
   if self.optimizer_state ~= "f32" and self.optimizer_state ~= "bf16" then
     fail(f, "optimizer_state must be \"f32\" or \"bf16\", got %s", tostring(opts.optimizer_state))
@@ -364,6 +365,7 @@ function Trainer:train(opts)
   -- first left the GPU idle between the backward, the norm and the update.)
   local on_device = not self.grad_hook and not self.clip_fn and self.optimizer.clip_next_step ~= nil
   local graph   -- the step as a CUDA graph (cuda_graph option; moelab.step_graph)
+  self.graph_info = nil
   if self.cuda_graph then
     local step_graph = require "moelab.step_graph"
     local why = step_graph.unsuitable(self, on_device)
@@ -393,142 +395,154 @@ function Trainer:train(opts)
     return batches
   end
   local prefetched   -- the next step's batches, fetched when its replay was queued early
-  for step = start + 1, o.max_steps do
-    local t0 = core.clock()
-    local batches = prefetched or batches_for(step)
-    prefetched = nil
-    local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
-    local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
-    local lr = lr_at(step, o)
-    local gnorm, got, stats
-    if graph then
-      local why
-      -- the next replay may be queued before this step's values are read, unless
-      -- something must run between the two (an evaluation, a checkpoint) or this
-      -- step follows a skipped one (the run may stop after it)
-      local between = (o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0) or
-                      (o.save_every > 0 and step % o.save_every == 0)
-      local next_step
-      if step < o.max_steps and not between and skipped_in_row == 0 then
-        next_step = function()
-          prefetched = batches_for(step + 1)
-          return prefetched, lr_at(step + 1, o)
+  -- the steps; on an error the graph goes first (its inputs, its pool, the
+  -- optimizer's device state), then the error goes on
+  local function steps()
+    for step = start + 1, o.max_steps do
+      local t0 = core.clock()
+      local batches = prefetched or batches_for(step)
+      prefetched = nil
+      local loss_sum, aux_sum, z_sum, bad = 0, 0, 0, false
+      local max_norm = self.grad_clip > 0 and self.grad_clip or math.huge
+      local lr = lr_at(step, o)
+      local gnorm, got, stats
+      if graph then
+        local why
+        -- the next replay may be queued before this step's values are read, unless
+        -- something must run between the two (an evaluation, a checkpoint) or this
+        -- step follows a skipped one (the run may stop after it)
+        local between = (o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0) or
+                        (o.save_every > 0 and step % o.save_every == 0)
+        local next_step
+        if step < o.max_steps and not between and skipped_in_row == 0 then
+          next_step = function()
+            prefetched = batches_for(step + 1)
+            return prefetched, lr_at(step + 1, o)
+          end
+        end
+        local quiet
+        got, stats, quiet = graph:run(batches, lr, max_norm, o.accum, start_reads, finish_reads, next_step)
+        if not got then
+          why = stats
+          end_graph()
+          if self.cuda_graph == true then fail(f, "step %d: cuda_graph = true, but %s", step, why) end
+          if not quiet then
+            io.stderr:write(string.format("\nstep %d: the CUDA graph of the step is off from here on: %s\n", step, why))
+          end
         end
       end
-      got, stats = graph:run(batches, lr, max_norm, o.accum, start_reads, finish_reads, next_step)
-      if not got then
-        why = stats
-        end_graph()
-        if self.cuda_graph == true then fail(f, "step %d: cuda_graph = true, but %s", step, why) end
-        io.stderr:write(string.format("\nstep %d: the CUDA graph of the step is off from here on: %s\n", step, why))
+      if not got and on_device then
+        -- the values' copies are queued before the update, and waited for alone:
+        -- the host keeps the books and queues the next step while it runs
+        local reads
+        stats, reads = select(2, queue_device_step(self, batches, scale, max_norm, lr, start_reads))
+        got = finish_reads(reads)
       end
-    end
-    if not got and on_device then
-      -- the values' copies are queued before the update, and waited for alone:
-      -- the host keeps the books and queues the next step while it runs
-      local reads
-      stats, reads = select(2, queue_device_step(self, batches, scale, max_norm, lr, start_reads))
-      got = finish_reads(reads)
-    end
-    if got then
-      bad = not finite(got[2])
-      for m = 1, o.accum do
-        local l = got[3 * m]
-        if not finite(l) then bad = true end
-        loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m + 1], z_sum + got[3 * m + 2]
-      end
-      gnorm = bad and 0 / 0 or math.sqrt(got[1])
-    else
-      local pending
-      pending, stats = queue_forward_backward(self, batches, scale)
-      for _, p in ipairs(pending) do
-        local l = p[1]:item()
-        if not finite(l) then bad = true end
-        loss_sum = loss_sum + l
-        aux_sum = aux_sum + p[2]:item()
-        z_sum = z_sum + p[3]:item()
-      end
-      -- e.g. the data-parallel all-reduce of the flat gradient buffer
-      if self.grad_hook and not bad then self.grad_hook(self) end
-      -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
-      if bad then
-        gnorm = 0 / 0
-      elseif self.clip_fn then
-        gnorm = self.clip_fn(net, max_norm)
+      if got then
+        bad = not finite(got[2])
+        for m = 1, o.accum do
+          local l = got[3 * m]
+          if not finite(l) then bad = true end
+          loss_sum, aux_sum, z_sum = loss_sum + l, aux_sum + got[3 * m + 1], z_sum + got[3 * m + 2]
+        end
+        gnorm = bad and 0 / 0 or math.sqrt(got[1])
       else
-        gnorm = core.grad_norm(net)
-        M.apply_clip(net, self.optimizer, gnorm, max_norm)
+        local pending
+        pending, stats = queue_forward_backward(self, batches, scale)
+        for _, p in ipairs(pending) do
+          local l = p[1]:item()
+          if not finite(l) then bad = true end
+          loss_sum = loss_sum + l
+          aux_sum = aux_sum + p[2]:item()
+          z_sum = z_sum + p[3]:item()
+        end
+        -- e.g. the data-parallel all-reduce of the flat gradient buffer
+        if self.grad_hook and not bad then self.grad_hook(self) end
+        -- clip_fn: the global-norm clipping of ZeRO-2 gradient shards (dist_zero.lua) or of sharded experts (dist_shard.lua)
+        if bad then
+          gnorm = 0 / 0
+        elseif self.clip_fn then
+          gnorm = self.clip_fn(net, max_norm)
+        else
+          gnorm = core.grad_norm(net)
+          M.apply_clip(net, self.optimizer, gnorm, max_norm)
+        end
       end
-    end
-    local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
-                 lr = lr, grad_norm = gnorm}
-    if bad or not finite(gnorm) then
-      -- NaN/Inf guard: skip the update, keep going, say so (queued on the device,
-      -- the update left everything as it was; its step count is taken back, where
-      -- the host keeps it: a count kept on the device did not advance)
-      if on_device and not (self.optimizer.device_state and self.optimizer:device_state()) then
-        self.optimizer:step_count(self.optimizer:step_count() - 1)
+      local rec = {step = step, loss = loss_sum / o.accum, aux_loss = aux_sum / o.accum, z_loss = z_sum / o.accum,
+                   lr = lr, grad_norm = gnorm}
+      if bad or not finite(gnorm) then
+        -- NaN/Inf guard: skip the update, keep going, say so (queued on the device,
+        -- the update left everything as it was; its step count is taken back, where
+        -- the host keeps it: a count kept on the device did not advance)
+        if on_device and not (self.optimizer.device_state and self.optimizer:device_state()) then
+          self.optimizer:step_count(self.optimizer:step_count() - 1)
+        end
+        skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+        rec.skipped = true
+        io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
+        net:zero_grad()
+      else
+        skipped_in_row = 0
+        if not on_device then self.optimizer:step(lr) end
+        if self.aux_free then self.model:update_router_bias() end
       end
-      skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
-      rec.skipped = true
-      io.stderr:write(string.format("\nstep %d: non-finite %s; update skipped\n", step, bad and "loss" or "gradient norm"))
-      net:zero_grad()
-    else
-      skipped_in_row = 0
-      if not on_device then self.optimizer:step(lr) end
-      if self.aux_free then self.model:update_router_bias() end
-    end
-    self.step = step
-    local dt = core.clock() - t0
-    tokens_done = tokens_done + tokens_per_step
-    rec.tokens_per_s = tokens_per_step / math.max(dt, 1e-9)
-    rec.routing = {}
-    for i, s in pairs(stats) do
-      rec.routing[i] = {load = s.load, drop_rate = s.drop_rate, entropy = s.entropy, max_vio = s.max_vio}
-    end
-    local health = router_health(stats)
-    if health then rec.max_vio, rec.drop_rate, rec.router_entropy = health.max_vio, health.drop_rate, health.entropy end
-    self.history[#self.history + 1] = rec
-    last = rec
-    if skipped_in_row > o.max_skipped then
-      end_graph()
-      if metrics then metrics:close() end
-      self.model:train(false)
-      error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
-        f, skipped_in_row), 2)
-    end
-    if metrics then
-      local line = {}
-      for k, v in pairs(rec) do if k ~= "routing" then line[k] = v end end
-      if not finite(line.grad_norm) then line.grad_norm = nil end
-      if not finite(line.loss) then line.loss = nil end
-      line.load = {}
-      for i, r in pairs(rec.routing) do line.load[i] = r.load end
-      metrics:write(mio.json.encode(line), "\n")
-      metrics:flush()
-    end
-    if self.progress then
-      local elapsed = core.clock() - t_start
-      local eta = elapsed / (step - start) * (o.max_steps - step)
-      local line = string.format("step %d/%d | loss %.4f | aux %.3f | lr %.2e | %s tok/s%s | eta %s",
-        step, o.max_steps, rec.loss, rec.aux_loss, lr, fmt_count(tokens_done / math.max(elapsed, 1e-9)),
-        health and string.format(" | maxvio %.2f | drop %.3f", health.max_vio, health.drop_rate) or "", fmt_time(eta))
-      if tty then
-        io.write("\r\27[K", line)
-        io.flush()
-      elseif step % self.log_every == 0 or step == o.max_steps or step == start + 1 then
-        print(line)
+      self.step = step
+      local dt = core.clock() - t0
+      tokens_done = tokens_done + tokens_per_step
+      rec.tokens_per_s = tokens_per_step / math.max(dt, 1e-9)
+      rec.routing = {}
+      for i, s in pairs(stats) do
+        rec.routing[i] = {load = s.load, drop_rate = s.drop_rate, entropy = s.entropy, max_vio = s.max_vio}
       end
-    end
-    if o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0 then
-      local ev = self:evaluate(opts.eval_data, {batches = o.eval_batches})
-      rec.eval_loss, rec.eval_perplexity = ev.loss, ev.perplexity
+      local health = router_health(stats)
+      if health then rec.max_vio, rec.drop_rate, rec.router_entropy = health.max_vio, health.drop_rate, health.entropy end
+      self.history[#self.history + 1] = rec
+      last = rec
+      if skipped_in_row > o.max_skipped then
+        end_graph()
+        if metrics then metrics:close() end
+        self.model:train(false)
+        error(string.format("%s: %d consecutive steps had non-finite losses or gradients; stopping (lower the learning rate?)",
+          f, skipped_in_row), 2)
+      end
+      if metrics then
+        local line = {}
+        for k, v in pairs(rec) do if k ~= "routing" then line[k] = v end end
+        if not finite(line.grad_norm) then line.grad_norm = nil end
+        if not finite(line.loss) then line.loss = nil end
+        line.load = {}
+        for i, r in pairs(rec.routing) do line.load[i] = r.load end
+        metrics:write(mio.json.encode(line), "\n")
+        metrics:flush()
+      end
       if self.progress then
-        if tty then io.write("\n") end
-        print(string.format("eval at step %d: loss %.4f, perplexity %.2f", step, ev.loss, ev.perplexity))
+        local elapsed = core.clock() - t_start
+        local eta = elapsed / (step - start) * (o.max_steps - step)
+        local line = string.format("step %d/%d | loss %.4f | aux %.3f | lr %.2e | %s tok/s%s | eta %s",
+          step, o.max_steps, rec.loss, rec.aux_loss, lr, fmt_count(tokens_done / math.max(elapsed, 1e-9)),
+          health and string.format(" | maxvio %.2f | drop %.3f", health.max_vio, health.drop_rate) or "", fmt_time(eta))
+        if tty then
+          io.write("\r\27[K", line)
+          io.flush()
+        elseif step % self.log_every == 0 or step == o.max_steps or step == start + 1 then
+          print(line)
+        end
       end
+      if o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0 then
+        local ev = self:evaluate(opts.eval_data, {batches = o.eval_batches})
+        rec.eval_loss, rec.eval_perplexity = ev.loss, ev.perplexity
+        if self.progress then
+          if tty then io.write("\n") end
+          print(string.format("eval at step %d: loss %.4f, perplexity %.2f", step, ev.loss, ev.perplexity))
+        end
+      end
+      if o.save_every > 0 and step % o.save_every == 0 then self:_save_run_checkpoint() end
     end
-    if o.save_every > 0 and step % o.save_every == 0 then self:_save_run_checkpoint() end
+  end
+  local ran, err = pcall(steps)
+  if not ran then
+    end_graph()
+    error(err, 0)
   end
   end_graph()
   if tty then io.write("\n") end
