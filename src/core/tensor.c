@@ -200,8 +200,7 @@ static moe_tensor *view_of(moe_tensor *t) {
     if (!v) { moe_error(MOE_ERR_OOM, "out of host memory for a tensor header"); return NULL; }
     *v = *t;
     v->refcount = 1;
-    v->index_bound = 0;             /* not inherited; the retain below voids t's too */
-    v->host_known = 0;
+    moe_tensor_mark_written(v);     /* not inherited; the retain below voids t's too */
     moe_storage_retain(t->storage);
     return v;
 }
@@ -408,8 +407,7 @@ static void copy_one(void *elem, int64_t i, void *varg) {
 }
 
 moe_status moe_tensor_copy_cpu(moe_tensor *dst, const moe_tensor *src) {
-    dst->index_bound = 0;
-    dst->host_known = 0;
+    moe_tensor_mark_written(dst);
     if (dst->device.type != MOE_CPU || src->device.type != MOE_CPU)
         return moe_error(MOE_ERR_DEVICE, "copy_cpu: both tensors must be on the cpu");
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
@@ -442,8 +440,7 @@ static void fill_one(void *elem, int64_t i, void *arg) {
 }
 
 moe_status moe_tensor_fill_cpu(moe_tensor *t, double v) {
-    t->index_bound = 0;
-    t->host_known = 0;
+    moe_tensor_mark_written(t);
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "fill_cpu: tensor is not on the cpu");
     if (t->dtype == MOE_F32 && moe_tensor_is_contiguous(t)) {
         float *p = moe_f32(t), f = (float)v;
@@ -477,8 +474,7 @@ moe_status moe_tensor_get(const moe_tensor *t, const int64_t *idx, double *out) 
 }
 
 moe_status moe_tensor_set(moe_tensor *t, const int64_t *idx, double v) {
-    t->index_bound = 0;
-    t->host_known = 0;
+    moe_tensor_mark_written(t);
     if (t->device.type != MOE_CPU) return moe_error(MOE_ERR_DEVICE, "element access needs a cpu tensor");
     int64_t o = 0;
     MOE_TRY(elem_offset(t, idx, &o));

@@ -70,7 +70,24 @@ typedef struct moe_tensor {
      * not inherited by views, voided by aliasing and by every other write. */
     int host_known;
     double host_value;
+    /* Grouped plan: when grouped_plan_rows > 0, this i64 [G + 1] tensor of
+     * expert offsets (a router's, over grouped_plan_rows rows in all) is
+     * followed in its storage, grouped_plan_at bytes past its first element,
+     * by the own grouped kernel's work tables for exactly these offsets and
+     * rows (moe_cuda_grouped_plan, src/ops/cuda/cuda_grouped_mma.cu), written
+     * by the same producer: the grouped GEMMs that read the offsets on the
+     * device take the tables instead of planning each call. Same lifetime
+     * rules as index_bound: not inherited by views, voided by every write. */
+    int64_t grouped_plan_rows, grouped_plan_at;
 } moe_tensor;
+
+/* What the host knew of a tensor's values (index bound, host value, grouped
+ * plan) no longer holds: it is about to be written, or is a new view. */
+static inline void moe_tensor_mark_written(moe_tensor *t) {
+    t->index_bound = 0;
+    t->host_known = 0;
+    t->grouped_plan_rows = 0;
+}
 
 moe_storage *moe_storage_new(moe_allocator *a, size_t nbytes);
 /* Wraps memory the caller keeps alive (no free on release). */

@@ -60,8 +60,7 @@ static moe_status check_comm(moe_comm *c, const char *what) {
  * index bound, host value) no longer holds. */
 static void mark_written(moe_tensor *t) {
     if (!t) return;
-    t->index_bound = 0;
-    t->host_known = 0;
+    moe_tensor_mark_written(t);
 }
 
 static moe_status check_tensor(moe_comm *c, const moe_tensor *t, const char *what, const char *arg, int reduce) {

@@ -233,6 +233,7 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
     r->n = n; r->e = e; r->k = k; r->seq_len = seq_len; r->groups = groups;
     int64_t s_ne[2] = {n, e}, s_nk[2] = {n, k}, s_a[1] = {n * k}, s_n[1] = {n}, s_f[1] = {groups * e};
     moe_tensor *lc = moe_op_contiguous(ctx, logits), *sdev = NULL;
+    int64_t plan_bytes = 0, plan_at = 0;   /* deferred: the GEMMs' shared plan, bytes past the offsets */
     moe_tensor *tok = moe_tensor_new(ctx, MOE_I64, 1, s_a, dev), *ex = moe_tensor_new(ctx, MOE_I64, 1, s_a, dev);
     moe_tensor *w = moe_tensor_new(ctx, logits->dtype, 1, s_a, dev);
     moe_tensor *aux_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, dev), *z_t = moe_tensor_new(ctx, MOE_F32, 0, NULL, dev);
@@ -274,12 +275,21 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
         a.pos = moe_tensor_data(r->pos);
         a.summary = summary;
         if (cfg->hook || defer) {
-            int64_t s_sum[1] = {MOE_CUDA_ROUTE_SUMMARY(e) + (cfg->hook ? cfg->hook->extra : 0)};
-            sdev = moe_tensor_new(ctx, MOE_I64, 1, s_sum, dev);
+            /* deferred: the expert GEMMs' plan tables follow the summary in its
+             * storage (tensor.h grouped_plan), 16-byte aligned */
+            const int64_t words = MOE_CUDA_ROUTE_SUMMARY(e) + (cfg->hook ? cfg->hook->extra : 0);
+            plan_bytes = defer ? moe_cuda_grouped_plan_bytes(e, n * k) : 0;
+            plan_at = ((words + 1) & ~(int64_t)1) * 8;
+            int64_t s_buf[1] = {plan_bytes ? plan_at / 8 + (plan_bytes + 7) / 8 : words};
+            moe_tensor *buf = moe_tensor_new(ctx, MOE_I64, 1, s_buf, dev);
+            sdev = buf && plan_bytes ? moe_tensor_narrow(buf, 0, 0, words) : buf;
+            if (sdev != buf) moe_tensor_release(buf);
             if (!sdev) st = moe_last_status();
             else a.summary_dev = moe_tensor_data(sdev);
         }
         if (st == MOE_OK) st = moe_cuda_route_forward(ctx, dev, &a);
+        if (st == MOE_OK && plan_bytes)
+            st = moe_cuda_grouped_plan(ctx, dev, moe_tensor_data(sdev), e, n * k, (char *)moe_tensor_data(sdev) + plan_at);
     }
     moe_tensor_release(lc);
     double global_aux = 0;
@@ -294,6 +304,10 @@ moe_status moe_route_device(moe_ctx *ctx, moe_tape *tape, const moe_router_cfg *
             out->summary_dev = sdev;
             sdev = NULL;
             if (!out->offsets_dev) st = moe_last_status();
+            else if (plan_bytes) {
+                out->offsets_dev->grouped_plan_rows = n * k;
+                out->offsets_dev->grouped_plan_at = plan_at;
+            }
             out->stats.tokens = n;
             out->stats.assignments = n * k;
         } else {

@@ -19,6 +19,14 @@ moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const moe_cuda_r
     return moe_error(MOE_ERR_DEVICE, "routing on a CUDA device needs a CUDA build");
 }
 
+int64_t moe_cuda_grouped_plan_bytes(int64_t groups, int64_t rows) { (void)groups; (void)rows; return 0; }
+
+moe_status moe_cuda_grouped_plan(moe_ctx *ctx, moe_device dev, const int64_t *off_dev, int64_t groups, int64_t rows,
+                                 void *tables) {
+    (void)ctx; (void)dev; (void)off_dev; (void)groups; (void)rows; (void)tables;
+    return moe_error(MOE_ERR_DEVICE, "grouped plans on a CUDA device need a CUDA build");
+}
+
 moe_status moe_cuda_route_backward(moe_ctx *ctx, moe_device dev, const moe_cuda_route_bwd *a) {
     (void)ctx; (void)dev; (void)a;
     return moe_error(MOE_ERR_DEVICE, "routing on a CUDA device needs a CUDA build");

@@ -47,10 +47,7 @@ moe_status ops_check(const char *op, const ops_arg *floats, int nf, const ops_ar
 
 moe_status ops_out(const char *op, const char *name, const moe_tensor *t) {
     /* an output is about to be written: its index bound and host value (tensor.h) no longer hold */
-    if (t) {
-        ((moe_tensor *)t)->index_bound = 0;
-        ((moe_tensor *)t)->host_known = 0;
-    }
+    if (t) moe_tensor_mark_written((moe_tensor *)t);
     if (!moe_tensor_is_contiguous(t)) {
         char b[128];
         return moe_error(MOE_ERR_ARG, "%s: output %s (shape %s) must be contiguous, got a strided view", op, name,
@@ -169,8 +166,7 @@ void ops_carry_host_value(moe_tensor *dst, const moe_tensor *src) {
 moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
     MOE_TRY(ops_nonnull("copy", "dst", dst));
     MOE_TRY(ops_nonnull("copy", "src", src));
-    dst->index_bound = 0;   /* written: see tensor.h */
-    dst->host_known = 0;
+    moe_tensor_mark_written(dst);   /* see tensor.h */
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
         char a[128], b[128];
         return moe_error(MOE_ERR_SHAPE, "copy: dst has shape %s (%lld elements), src has shape %s (%lld elements); "
@@ -238,8 +234,7 @@ moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r) {
 
 moe_status moe_op_fill(moe_ctx *ctx, moe_tensor *t, double v) {
     MOE_TRY(ops_nonnull("fill", "t", t));
-    t->index_bound = 0;     /* written: see tensor.h */
-    t->host_known = 0;
+    moe_tensor_mark_written(t);     /* see tensor.h */
     const moe_backend *be;
     OPS_ENTRY(ctx, "fill", t->device, fill, be);
     if (moe_tensor_numel(t) == 0) return MOE_OK;

@@ -961,6 +961,15 @@ static void test_slot_map_mark(void) {
     moe_tensor_set_index_bound(ids, 4);
     report(moe_tensor_index_trusted(ids, 4), "index bound: taken again once the view is gone", "bound %lld",
            (long long)ids->index_bound);
+    /* the grouped plan mark (tensor.h): not inherited by a view, voided by a write */
+    ids->grouped_plan_rows = 4;
+    ids->grouped_plan_at = 48;
+    moe_tensor *v2 = moe_tensor_view(ids, 1, flat);
+    report(v2 && v2->grouped_plan_rows == 0 && ids->grouped_plan_rows == 4, "grouped plan: a view does not carry it",
+           "carried");
+    rel(v2);
+    report(moe_op_fill(ctx, ids, 1.0) == MOE_OK && ids->grouped_plan_rows == 0, "grouped plan: a write voids it",
+           "still set");
     rel(sl); rel(ids);
 }
 

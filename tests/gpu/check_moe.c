@@ -454,12 +454,14 @@ static void test_block_deferred(int64_t k) {
     die_if(moe_layer_flatten(ctx, l, GPU) != MOE_OK || moe_layer_set_compute_dtype(ctx, l, MOE_BF16) != MOE_OK, "bf16 block");
     moe_tensor *xh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0), *rh = host_randn(SH(2, tokens / 2, hidden), 1.0f, 0.0f, 0);
     moe_tensor *x = to_gpu(xh, MOE_BF16), *r = to_gpu(rh, MOE_BF16);
-    uint64_t d0 = 0, d1 = 0, d2 = 0;
+    uint64_t d0 = 0, d1 = 0, d2 = 0, p0 = 0, p1 = 0, p2 = 0;
     die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d0) != MOE_OK, "dev calls");
+    die_if(moe_cuda_grouped_plan_shared_calls(ctx, 0, &p0) != MOE_OK, "shared plans");
     setenv("MOELAB_ROUTE_DEFER", "1", 1);
     block_run a = run_block(l, x, r);
     unsetenv("MOELAB_ROUTE_DEFER");
     die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d1) != MOE_OK, "dev calls");
+    die_if(moe_cuda_grouped_plan_shared_calls(ctx, 0, &p1) != MOE_OK, "shared plans");
     const int pending = moe_block_last_stats(l) == NULL;
     die_if(moe_block_fetch_stats(ctx, l) != MOE_OK, "routing statistics");
     const moe_route_stats *sa = moe_block_last_stats(l);
@@ -467,6 +469,7 @@ static void test_block_deferred(int64_t k) {
     for (int j = 0; sa && j < 8; j++) { ca[j] = sa->counts[j]; sum += ca[j]; }
     block_run b = run_block(l, x, r);
     die_if(moe_cuda_grouped_dev_calls(ctx, 0, &d2) != MOE_OK, "dev calls");
+    die_if(moe_cuda_grouped_plan_shared_calls(ctx, 0, &p2) != MOE_OK, "shared plans");
     const moe_route_stats *sb = moe_block_last_stats(l);
     int same_counts = sa && sb && sb->assignments == sa->assignments;
     for (int j = 0; same_counts && j < 8; j++) same_counts = sb->counts[j] == ca[j];
@@ -476,6 +479,11 @@ static void test_block_deferred(int64_t k) {
     /* forward: SwiGLU rows and down; backward: the weighted SwiGLU, the dx pair, three weight gradients */
     ok(d1 - d0 == 7 && d2 == d1, "MoE block top-%lld deferred routing: %llu grouped GEMMs read the offsets on the device "
        "(7 expected), %llu with the wait", (long long)k, (unsigned long long)(d1 - d0), (unsigned long long)(d2 - d1));
+    /* the own kernel's calls among them (at least the SwiGLU forward, the weighted
+     * backward and the gathered weight gradients of gate and up) take the routing's plan */
+    ok(p1 - p0 >= 4 && p1 - p0 <= 7 && p2 == p1,
+       "MoE block top-%lld deferred routing: %llu own-kernel calls took the routing's plan (4 to 7 expected), %llu "
+       "with the wait", (long long)k, (unsigned long long)(p1 - p0), (unsigned long long)(p2 - p1));
     if (!a.y || !a.dx || !b.y || !b.dx) {
         ok(0, "MoE block top-%lld deferred routing: a run failed: %s", (long long)k, moe_last_error());
     } else {

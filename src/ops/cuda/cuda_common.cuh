@@ -90,6 +90,12 @@ struct cuda_dev {
     int tma_clusters[3];          // [cluster size]: clusters that fit at once (0: not yet asked)
     uint64_t n_grouped_tma;
     uint64_t n_grouped_dev;       // of those, calls that read their offsets on the device (gemm_grouped_dev)
+    // the routing's plan tables of the offsets at plan_off (tensor.h grouped_plan), for
+    // the own kernel's calls of one gemm_grouped_*_dev entry (cuda_gemm.cu plan_scope):
+    // rows, and the tables' place in bytes past plan_off; NULL outside such a call
+    const int64_t *plan_off;
+    int64_t plan_rows, plan_at;
+    uint64_t n_plan_shared;       // own-kernel calls that took the routing's tables (no plan kernel)
     // small host->device copies (cuda_copy.cu): pinned staging slots, each with the
     // event of the last transfer that read it; allocated on first use (stage_failed:
     // could not be, not tried again). stage_mu guards these and the reads' slots below.

@@ -581,6 +581,21 @@ moe_status cuda_gemm_grouped_wgrad_rows(moe_ctx *ctx, float alpha, const moe_ten
 // ops layer (*served 0), which reads the offsets back.
 
 static const int64_t *dev_offsets(const moe_tensor *offsets) { return (const int64_t *)moe_tensor_data(offsets); }
+
+// For one entry's own-kernel calls: the routing's plan tables of these offsets
+// (tensor.h grouped_plan), which the kernel takes instead of planning the call
+// (cuda_grouped_mma.cu launch) when its rows are the plan's.
+struct plan_scope {
+    cuda_dev *d;
+    plan_scope(cuda_dev *d_, const moe_tensor *offsets) : d(d_) {
+        d->plan_off = offsets->grouped_plan_rows > 0 ? dev_offsets(offsets) : nullptr;
+        d->plan_rows = offsets->grouped_plan_rows;
+        d->plan_at = offsets->grouped_plan_at;
+    }
+    ~plan_scope() { d->plan_off = nullptr; }
+    plan_scope(const plan_scope &) = delete;
+    plan_scope &operator=(const plan_scope &) = delete;
+};
 static void count_dev(cuda_dev *d, bool tma, int *served) {
     if (tma) count_tma(d);
     else count_kernel(d);
@@ -593,6 +608,7 @@ moe_status cuda_gemm_grouped_dev(moe_ctx *ctx, int transb, float alpha, const mo
                                  const moe_tensor *offsets, int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, c->device);
+    plan_scope plan(d, offsets);
     const int64_t M = a->shape[0], K = a->shape[1], K2 = a2 ? a2->shape[1] : 0, N = c->shape[1];
     const void *A2 = a2 ? moe_tensor_data(a2) : nullptr, *B2 = b2 ? moe_tensor_data(b2) : nullptr;
     const int64_t *off = dev_offsets(offsets);
@@ -615,6 +631,7 @@ moe_status cuda_gemm_grouped_wgrad_dev(moe_ctx *ctx, float alpha, const moe_tens
                                        int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, c->device);
+    plan_scope plan(d, offsets);
     const int64_t M = a->shape[0], P = a->shape[1], Q = b->shape[1];
     const int64_t *off = dev_offsets(offsets);
     bool ran = false;
@@ -638,6 +655,7 @@ moe_status cuda_gemm_grouped_swiglu_dev(moe_ctx *ctx, const moe_tensor *x, const
                                         moe_tensor *h, const moe_tensor *offsets, int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, h->device);
+    plan_scope plan(d, offsets);
     const int64_t M = g->shape[0], K = x->shape[1], de = g->shape[1];
     const double flops = 2.0 * (double)M * (double)K * (double)de;
     const moe_tensor *all[] = {x, wg, wu, g, u, h};
@@ -658,6 +676,7 @@ moe_status cuda_gemm_grouped_swiglu_backward_w_dev(moe_ctx *ctx, float alpha, co
                                                    moe_tensor *dw, const moe_tensor *offsets, int groups, int *served) {
     *served = 0;
     CUDA_ENTER(d, ctx, dg->device);
+    plan_scope plan(d, offsets);
     const int64_t M = dg->shape[0], K = dy->shape[1], de = dg->shape[1];
     const double flops = 2.0 * (double)M * (double)K * (double)de;
     const moe_tensor *all[] = {dy, w, g, u, rw, dg, du, hw};

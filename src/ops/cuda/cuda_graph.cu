@@ -230,8 +230,7 @@ extern "C" moe_status moe_cuda_mirror_finish(moe_ctx *ctx, moe_cuda_mirror *m, m
     m->started = false;
     CU_TRY(cudaEventSynchronize(m->done), "cuda mirror");
     memcpy(moe_tensor_data(dst), m->host, m->nbytes);
-    dst->index_bound = 0;   // written: see tensor.h
-    dst->host_known = 0;
+    moe_tensor_mark_written(dst);   // see tensor.h
     return MOE_OK;
 }
 

@@ -115,6 +115,10 @@ extern "C" moe_status moe_cuda_grouped_dev_calls(moe_ctx *ctx, int device, uint6
     return read_counter(ctx, device, calls, &cuda_dev::n_grouped_dev, "moe_cuda_grouped_dev_calls");
 }
 
+extern "C" moe_status moe_cuda_grouped_plan_shared_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    return read_counter(ctx, device, calls, &cuda_dev::n_plan_shared, "moe_cuda_grouped_plan_shared_calls");
+}
+
 extern "C" moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls) {
     return read_counter(ctx, device, calls, &cuda_dev::n_grouped_tma, "moe_cuda_grouped_tma_calls");
 }

@@ -49,6 +49,7 @@
 #include "cuda_common.cuh"
 #include "cuda_grouped_mma.h"
 #include "cuda_grouped_sched.cuh"
+#include "moe_cuda_route.h"
 
 #include "cuda_swiglu.cuh"
 #include "cuda_vec.cuh"
@@ -274,7 +275,10 @@ template <bool B_KMAJ, bool WGRAD> __device__ __forceinline__ tile_info tile_at(
 // item with one load. (Built by every block in shared memory instead, the
 // forward, weighted backward and weight gradient of the step's experts ran
 // 5%, 13% and 26% slower than with host offsets: a block's tile is ~10 us.)
-__global__ void k_grouped_plan(const int64_t *off_dev, int groups, int M, bool wgrad, int items, int4 *plan) {
+// tiles: the forward's `items` M tiles (or NULL); order: the weight
+// gradient's `groups` items (or NULL). The routing writes both at once for a
+// layer's calls (moe_cuda_grouped_plan); a call without them plans its own.
+__global__ void k_grouped_plan(const int64_t *off_dev, int groups, int M, int items, int4 *tiles, int4 *order_items) {
     __shared__ int off[MAX_GROUPS + 1], first[MAX_GROUPS + 1], total;
     const int tid = threadIdx.x;
     if (tid < 32) {
@@ -283,26 +287,47 @@ __global__ void k_grouped_plan(const int64_t *off_dev, int groups, int M, bool w
         if (tid == 0) total = n;
     }
     __syncthreads();
-    if (wgrad) {
+    if (order_items) {
         __shared__ int order[MAX_GROUPS];
         sched_order(off, groups, order, tid, (int)blockDim.x);
         __syncthreads();
-        for (int i = tid; i < items; i += blockDim.x) {
+        for (int i = tid; i < groups; i += blockDim.x) {
             const int g = order[i];
-            plan[i] = make_int4(g, off[g], off[g + 1] - off[g], 0);
+            order_items[i] = make_int4(g, off[g], off[g + 1] - off[g], 0);
         }
-        return;
     }
+    if (!tiles) return;
     for (int mt = tid; mt < items; mt += blockDim.x) {
-        if (mt >= total) { plan[mt] = make_int4(-1, 0, 0, 0); continue; }
+        if (mt >= total) { tiles[mt] = make_int4(-1, 0, 0, 0); continue; }
         int lo = 0, hi = groups - 1;
         while (lo < hi) {
             int mid = (lo + hi + 1) >> 1;
             if (first[mid] <= mt) lo = mid;
             else hi = mid - 1;
         }
-        plan[mt] = make_int4(lo, off[lo], off[lo + 1] - off[lo], (mt - first[lo]) * BM);
+        tiles[mt] = make_int4(lo, off[lo], off[lo + 1] - off[lo], (mt - first[lo]) * BM);
     }
+}
+
+// The forward's M tiles for `groups` groups over M rows: the most the rows can make
+static int64_t dev_m_tiles(int64_t groups, int64_t M) { return (M + groups * (BM - 1)) / BM; }
+
+extern "C" int64_t moe_cuda_grouped_plan_bytes(int64_t groups, int64_t rows) {
+    if (groups < 1 || groups > MAX_GROUPS || rows < 0 || rows >= (int64_t)INT32_MAX - BM) return 0;
+    return (dev_m_tiles(groups, rows) + groups) * (int64_t)sizeof(int4);
+}
+
+extern "C" moe_status moe_cuda_grouped_plan(moe_ctx *ctx, moe_device dev, const int64_t *off_dev, int64_t groups,
+                                            int64_t rows, void *tables) {
+    if (!moe_cuda_grouped_plan_bytes(groups, rows) || ((uintptr_t)tables & 15) || ((uintptr_t)off_dev & 7))
+        return moe_error(MOE_ERR_ARG, "grouped plan: %lld groups over %lld rows cannot be planned here",
+                         (long long)groups, (long long)rows);
+    CUDA_ENTER(d, ctx, dev);
+    const int64_t items = dev_m_tiles(groups, rows);
+    int4 *t = (int4 *)tables;
+    k_grouped_plan<<<1, 256, 0, d->stream>>>(off_dev, (int)groups, (int)rows, (int)items, t, t + items);
+    CU_LAUNCHED("grouped plan");
+    return MOE_OK;
 }
 
 #include "cuda_grouped_epilogue.cuh"   // the epilogues: a fragment of this unit
@@ -492,17 +517,26 @@ moe_status launch(cuda_dev *d, mma_params &p, int64_t m_tiles_total, int64_t n_e
     p.plan = nullptr;
     const int items = (int)(WGRAD ? p.groups : m_tiles_total);
     const size_t plan_bytes = (size_t)items * sizeof(int4);
-    if (p.off_dev) {   // stream-ordered scratch: freed once both kernels are queued
+    bool own_plan = false;
+    if (p.off_dev && d->plan_off == p.off_dev && d->plan_rows == p.M) {
+        // the routing planned these offsets for the layer's calls (tensor.h grouped_plan):
+        // the forward's M tiles, then the weight gradient's order
+        const int4 *tables = (const int4 *)((const char *)p.off_dev + d->plan_at);
+        p.plan = WGRAD ? tables + dev_m_tiles(p.groups, p.M) : tables;
+        d->n_plan_shared++;
+    } else if (p.off_dev) {   // stream-ordered scratch: freed once both kernels are queued
         p.plan = (const int4 *)cuda_scratch_alloc(d, plan_bytes);
         if (!p.plan) return moe_last_status();
-        k_grouped_plan<<<1, 256, 0, d->stream>>>(p.off_dev, p.groups, p.M, WGRAD, items, (int4 *)p.plan);
+        own_plan = true;
+        k_grouped_plan<<<1, 256, 0, d->stream>>>(p.off_dev, p.groups, p.M, items, WGRAD ? nullptr : (int4 *)p.plan,
+                                                 WGRAD ? (int4 *)p.plan : nullptr);
     }
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess) {
         kern<<<(unsigned)blocks, THREADS, SMEM_BYTES, d->stream>>>(p);
         e = cudaGetLastError();
     }
-    if (p.plan) cuda_scratch_free(d, (void *)p.plan, plan_bytes);
+    if (own_plan) cuda_scratch_free(d, (void *)p.plan, plan_bytes);
     if (e != cudaSuccess) return moe_error(MOE_ERR_DEVICE, "cuda %s: %s", what, cudaGetErrorString(e));
     return MOE_OK;
 }
@@ -524,7 +558,7 @@ int64_t set_rows(mma_params &p, const int64_t *offsets, const int64_t *off_dev, 
     p.off_dev = offsets ? nullptr : off_dev;
     if (!offsets) {
         p.M = (int)M;
-        return (M + (int64_t)groups * (BM - 1)) / BM;
+        return dev_m_tiles(groups, M);
     }
     p.M = (int)offsets[groups];
     int64_t tiles = 0;

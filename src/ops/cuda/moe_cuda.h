@@ -121,6 +121,9 @@ moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls)
 /* How many grouped calls read their row offsets on the device
  * (moe_op_gemm_grouped_dev and _wgrad_dev served by the TMA kernel, no copy back). */
 moe_status moe_cuda_grouped_dev_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* Of the own kernel's calls with offsets on the device, those that took the
+ * routing's plan tables (tensor.h grouped_plan) instead of planning. */
+moe_status moe_cuda_grouped_plan_shared_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many weight-gradient calls of the own kernel cut a heavy expert's rows
  * into chunks summed by the tile's last block (split-K under skewed routing). */
 moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *calls);

@@ -60,6 +60,15 @@ typedef struct {
  * copy of the summary and one stream synchronisation (none with summary_dev). */
 moe_status moe_cuda_route_forward(moe_ctx *ctx, moe_device dev, const moe_cuda_route_fwd *a);
 
+/* The own grouped kernel's work tables for expert offsets left on the device
+ * (tensor.h grouped_plan; src/ops/cuda/cuda_grouped_mma.cu): their bytes for
+ * `groups` experts over `rows` rows (0: the kernel cannot take such calls),
+ * and one queued kernel that writes them at `tables` (16-byte aligned) from
+ * off_dev, so the expert GEMMs of the layer share one plan. */
+int64_t moe_cuda_grouped_plan_bytes(int64_t groups, int64_t rows);
+moe_status moe_cuda_grouped_plan(moe_ctx *ctx, moe_device dev, const int64_t *off_dev, int64_t groups, int64_t rows,
+                                 void *tables);
+
 typedef struct {
     int64_t n, e, k, seq_len, groups;
     int softmax, renormalize, aux, bf16;   /* bf16: dweights and dlogits are bf16, else f32 */
