@@ -88,7 +88,9 @@ function Step:_load(batches, accum)
     for k = 1, 2 do
       local src, dst = b[k], self.inputs[m][k]
       local a, s = src:shape(), dst:shape()
-      if #a ~= #s or a[1] ~= s[1] or a[2] ~= s[2] then
+      local same = #a == #s
+      for d = 1, #a do same = same and a[d] == s[d] end
+      if not same then
         return false, string.format("a batch of shape [%s] after [%s]", table.concat(a, ", "), table.concat(s, ", "))
       end
       if src:dtype() ~= "i64" then return false, "ids and targets must be i64, got " .. src:dtype() end
@@ -96,7 +98,9 @@ function Step:_load(batches, accum)
       -- the copy learned the values' range on the host: the capture skipped the
       -- index checks and counted every target, which later batches must allow
       local bound = dst:index_bound()
-      if bound < 1 or bound > self.vocab then
+      if src:device() ~= "cpu" then
+        return false, "batches on the device (the graph learns the ids' range from a copy from the host)"
+      elseif bound < 1 or bound > self.vocab then
         return false, string.format("%s outside [0, %d) (negative, e.g. ignored positions, or too large)",
           k == 1 and "ids" or "targets", self.vocab)
       end
@@ -165,7 +169,8 @@ end
 -- step eagerly). next_step() -> the next step's batches and learning rate: that step's
 -- replay is queued behind this one before the host waits for this one's values, so the
 -- GPU does not idle while the host keeps the books (give it only when nothing must run
--- between the two steps: no evaluation, no checkpoint, not after a skipped step).
+-- between the two steps: no evaluation, no checkpoint, not when the run would stop
+-- should this step be skipped).
 function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_step)
   if self.next_error then
     local why = self.next_error
@@ -174,8 +179,11 @@ function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_
   end
   if not self.queued then
     local ok, why = self:_load(batches, accum)
-    -- (quiet: nothing was captured yet, the run is eager from its start)
-    if not ok then return nil, why, not self.graph end
+    -- (quiet: nothing was captured yet and nothing failed, the run is eager from its start)
+    if not ok then
+      if self.cold_error then return nil, why .. "; the first capture had failed: " .. self.cold_error end
+      return nil, why, not self.graph
+    end
     self.trainer.optimizer:set_lr(lr)
     if not self.graph then
       -- the first step is captured cold (no eager activations left cached beside the
@@ -234,18 +242,29 @@ end
 function Step:info() return self.graph and self.graph:info() end
 
 --- free(): the graph and its pool go; the layers and the optimizer back to their eager settings
+-- Each part runs even when one before it fails (after a device fault, say);
+-- the first failure is raised at the end.
 function Step:free()
-  if self.mirror then self.mirror:free() end
-  if self.graph then self.graph:free() end
-  self.graph, self.values, self.summaries, self.inputs, self.mirror = nil, nil, nil, nil, nil
-  for _, l in ipairs(self.trainer.model:moe_layers()) do
-    -- the captured forward's tensors hold the graph's pool: its statistics stay, they go
-    l:release_last_forward()
-    l:set_defer_routing(false)
+  local mirror, graph = self.mirror, self.graph
+  self.graph, self.values, self.summaries, self.inputs, self.mirror, self.queued = nil, nil, nil, nil, nil, false
+  local first_err
+  local function try(f, ...)
+    local ok, err = pcall(f, ...)
+    if not ok and not first_err then first_err = err end
   end
-  if self.trainer.optimizer.set_device_state then self.trainer.optimizer:set_device_state(false) end
+  if mirror then try(mirror.free, mirror) end
+  if graph then try(graph.free, graph) end
+  mirror, graph = nil, nil   -- (a mirror's handle keeps its tensor's until collected)
+  for _, l in ipairs(self.trainer.model:moe_layers()) do
+    l:set_defer_routing(false)
+    -- the captured forward's tensors hold the graph's pool: its statistics stay, they go
+    try(l.release_last_forward, l)
+  end
+  local opt = self.trainer.optimizer
+  if opt.set_device_state then try(opt.set_device_state, opt, false) end
   -- the tensors made during the capture hold the pool's segments until collected
   collectgarbage()
+  if first_err then error(first_err, 0) end
 end
 
 return M

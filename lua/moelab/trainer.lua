@@ -376,11 +376,12 @@ function Trainer:train(opts)
     end
   end
   local function end_graph()
-    if graph then
-      self.graph_info = graph:info()   -- the last run's graph: {nodes=, launches=, pool_bytes=} (nil: not captured)
-      graph:free()
-    end
+    local g = graph
     graph, self.step_graph = nil, nil
+    if g then
+      self.graph_info = g:info()   -- the last run's graph: {nodes=, launches=, pool_bytes=} (nil: not captured)
+      g:free()
+    end
   end
   local function batches_for(step)
     local batches = {}
@@ -409,12 +410,12 @@ function Trainer:train(opts)
       if graph then
         local why
         -- the next replay may be queued before this step's values are read, unless
-        -- something must run between the two (an evaluation, a checkpoint) or this
-        -- step follows a skipped one (the run may stop after it)
+        -- something must run between the two (an evaluation, a checkpoint) or the
+        -- run would stop after this step should it be skipped
         local between = (o.eval_every > 0 and opts.eval_data and step % o.eval_every == 0) or
                         (o.save_every > 0 and step % o.save_every == 0)
         local next_step
-        if step < o.max_steps and not between and skipped_in_row == 0 then
+        if step < o.max_steps and not between and skipped_in_row + 1 <= o.max_skipped then
           next_step = function()
             prefetched = batches_for(step + 1)
             return prefetched, lr_at(step + 1, o)
@@ -541,7 +542,14 @@ function Trainer:train(opts)
   end
   local ran, err = pcall(steps)
   if not ran then
-    end_graph()
+    local queued = graph and graph.queued
+    local freed, ferr = pcall(end_graph)
+    err = tostring(err)
+    if queued then
+      err = err .. " (the next step's replay had been queued on the device and ran: unless it was skipped there, "
+        .. "the model is one update past trainer.step)"
+    end
+    if not freed then err = err .. "\n(while freeing the step's CUDA graph: " .. tostring(ferr) .. ")" end
     error(err, 0)
   end
   end_graph()

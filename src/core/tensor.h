@@ -25,7 +25,7 @@ typedef struct moe_storage {
      * runs once when the last reference goes. NULL for the other storages. */
     void (*release)(void *release_arg);
     void *release_arg;
-    int aliased;            /* a second header was ever made over this memory (see index_bound) */
+    int aliased;            /* a second header was made over this memory since a bound was last set (see index_bound) */
 } moe_storage;
 
 typedef struct moe_tensor {
@@ -49,7 +49,10 @@ typedef struct moe_tensor {
      * The promise cannot outlive a write:
      * - new tensors start at 0; views (view, narrow, transpose, ...) start at 0
      *   and making one marks the storage aliased, which also voids the bound of
-     *   every header over it (an alias could write the values);
+     *   every header over it (an alias could write the values). A bound set on
+     *   the storage's only header (its refcount 1: the views are gone) clears
+     *   the mark, which assumes the views' writes were queued before the write
+     *   the new bound describes (one stream per device; a refilled input);
      * - every write through the ops layer (an op's output, copy's dst, fill)
      *   and moe_tensor_set / copy_cpu / fill_cpu reset it to 0.
      * Code writing tensor memory by other means (raw pointers, communicators)

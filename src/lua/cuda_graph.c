@@ -18,7 +18,14 @@
 
 #define GRAPH_MT "moelab.CudaGraph"
 
-typedef struct { moe_cuda_graph *g; } graph_box;
+/* ref: while capturing, the registry holds the graph, so a handle dropped
+ * mid-capture is not collected (which would end the capture unseen) */
+typedef struct { moe_cuda_graph *g; int ref; } graph_box;
+
+static void unpin(lua_State *L, graph_box *b) {
+    if (b->ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, b->ref);
+    b->ref = LUA_NOREF;
+}
 
 static graph_box *check_graph(lua_State *L, const char *f) {
     graph_box *b = luaL_checkudata(L, 1, GRAPH_MT);
@@ -30,14 +37,18 @@ static int l_graph_begin(lua_State *L) {
     int dev = (int)luaL_optinteger(L, 1, 0);
     graph_box *b = lua_newuserdata(L, sizeof *b);
     b->g = NULL;
+    b->ref = LUA_NOREF;
     luaL_getmetatable(L, GRAPH_MT);
     lua_setmetatable(L, -2);
     moe_lua_check(L, moe_cuda_graph_begin(moe_lua_ctx(L), dev, &b->g), "cuda_graph_begin");
+    lua_pushvalue(L, -1);
+    b->ref = luaL_ref(L, LUA_REGISTRYINDEX);
     return 1;
 }
 
 static int g_finish(lua_State *L) {
     graph_box *b = check_graph(L, "graph:finish");
+    unpin(L, b);
     moe_lua_check(L, moe_cuda_graph_end(moe_lua_ctx(L), b->g), "graph:finish");
     return 0;
 }
@@ -62,6 +73,7 @@ static int g_info(lua_State *L) {
 
 static int g_free(lua_State *L) {
     graph_box *b = luaL_checkudata(L, 1, GRAPH_MT);
+    unpin(L, b);
     moe_cuda_graph_free(b->g);
     b->g = NULL;
     return 0;
@@ -116,6 +128,8 @@ static int mr_free(lua_State *L) {
     mirror_box *b = luaL_checkudata(L, 1, MIRROR_MT);
     moe_cuda_mirror_free(b->m);
     b->m = NULL;
+    lua_newtable(L);   /* lets go of the tensor's handle now, not when the mirror is collected */
+    lua_setfenv(L, 1);
     return 0;
 }
 

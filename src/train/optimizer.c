@@ -126,12 +126,14 @@ int moe_adamw_device_state(const moe_adamw *o) { return o->step_dev != NULL; }
 moe_status moe_adamw_set_device_state(moe_ctx *ctx, moe_adamw *o, int on) {
     if (!on == !o->step_dev) return MOE_OK;
     if (!on) {
+        /* the count comes back when it can be read; the state goes even when it
+         * cannot (a failed device): the host's count, as of the last read, stays */
         int64_t step;
-        MOE_TRY(moe_adamw_get_step_count(ctx, o, &step));
+        moe_status s = moe_adamw_get_step_count(ctx, o, &step);
         moe_tensor_release(o->step_dev);
         moe_tensor_release(o->lr_dev);
         o->step_dev = o->lr_dev = NULL;
-        return MOE_OK;
+        return s;
     }
     moe_tensor *step_dev = moe_tensor_new(ctx, MOE_I64, 0, NULL, o->m->device);
     moe_tensor *lr_dev = moe_tensor_new(ctx, MOE_F32, 0, NULL, o->m->device);

@@ -50,7 +50,9 @@ uint64_t moe_adamw_launches(const moe_adamw *opt);
  * device clipping skips it) behind its updates. on: creates them, the counter
  * from the host's count, the learning rate 0 (set it with moe_adamw_set_lr);
  * off: reads the counter back into the host's count (one wait) and frees
- * them. Either again is a no-op. */
+ * them, even when the read fails (its error is returned). Either again is a
+ * no-op. A CUDA graph that captured a step reads the two tensors: free the
+ * graph before turning this off. */
 moe_status moe_adamw_set_device_state(moe_ctx *ctx, moe_adamw *opt, int on);
 int moe_adamw_device_state(const moe_adamw *opt);
 /* The learning rate the next steps use (>= 0, finite), written on the device

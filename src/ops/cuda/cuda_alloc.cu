@@ -25,6 +25,13 @@
 // Out of memory: ctx->reclaim (a full Lua GC, which frees blocks back into the
 // pools), then every wholly free segment is cudaFree'd, then one retry; after
 // that MOE_ERR_OOM with the requested size, bytes in use and bytes cached.
+//
+// CUDA graphs (cuda_graph.cu): each graph has a pair of pools of its own, and
+// while it is captured every block comes from that pair. A block goes back to
+// the pair it came from whenever it is freed, so the shared pools never hand
+// out an address a graph writes; the pair goes to the driver once its graph is
+// freed and its last block is back. Bytes cached count the free blocks of
+// every pair, though only the shared ones serve eager work.
 #include "cuda_common.cuh"
 
 #include "../../core/block_pool.h"
@@ -129,7 +136,6 @@ void cuda_alloc_reap_locked(cuda_dev *d) {
 static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes);
 static void cuda_free_fn(moe_allocator *self, void *ptr, size_t nbytes);
 
-// cudaFree every wholly free segment. Caller holds d->mu.
 // cudaFree every wholly free segment of the shared pools (a graph's stay with it).
 // Never while a graph is captured: it waits for the stream. Caller holds d->mu.
 static void release_cache_locked(cuda_dev *d) {
@@ -215,8 +221,9 @@ static void *cuda_alloc_fn(moe_allocator *self, size_t nbytes) {
     }
     // Out of memory: let the embedder drop garbage (it frees into our cache, so
     // the lock must not be held), then return the whole cache to the driver.
-    // Not while a graph is captured: a collection could free the capture's own
-    // blocks at any point, and the release waits for the stream.
+    // Not while a graph is captured: the collection's finalizers may wait for
+    // the device or free pinned memory, and the release waits for the stream,
+    // none of which a capture allows.
     moe_ctx *ctx = d->ctx;
     if (!capturing && ctx && ctx->reclaim) ctx->reclaim(ctx->reclaim_arg);
     std::lock_guard<std::mutex> g(d->mu);

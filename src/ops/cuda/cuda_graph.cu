@@ -12,7 +12,7 @@
 // The capture is "relaxed": the allocator may still cudaMalloc new segments
 // during it (not a stream operation; the driver forbids it in the stricter
 // modes). Stream synchronisations and host copies are refused by the ops
-// themselves (cuda_refuse_in_capture) with a message that names them, before
+// themselves (CUDA_NOT_IN_CAPTURE, cuda_common.cuh) with a message that names them, before
 // the driver would break the capture with a less telling one.
 #include "cuda_common.cuh"
 #include "moe_cuda.h"
