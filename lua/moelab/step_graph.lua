@@ -69,7 +69,6 @@ function M.new(trainer, queue)
   }, Step)
   for _, l in ipairs(trainer.model:moe_layers()) do l:set_defer_routing(true) end
   trainer.optimizer:set_device_state(true)
-  self.scale = nil
   return self
 end
 

@@ -138,30 +138,26 @@ static int l_capturing(lua_State *L) {
     return 1;
 }
 
-void moe_lua_open_cuda_graph(lua_State *L) {
-    static const luaL_Reg methods[] = {
-        {"finish", g_finish}, {"launch", g_launch}, {"info", g_info}, {"free", g_free}, {NULL, NULL}};
-    luaL_newmetatable(L, GRAPH_MT);
-    lua_pushcfunction(L, g_free);
+/* a userdata class: its methods, and free as its collector */
+static void define_class(lua_State *L, const char *mt, const luaL_Reg *methods, lua_CFunction gc) {
+    luaL_newmetatable(L, mt);
+    lua_pushcfunction(L, gc);
     lua_setfield(L, -2, "__gc");
     lua_newtable(L);
     luaL_register(L, NULL, methods);
     lua_setfield(L, -2, "__index");
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_graph_begin);
-    lua_setfield(L, -2, "cuda_graph_begin");
-    lua_pushcfunction(L, l_capturing);
-    lua_setfield(L, -2, "cuda_capturing");
-    static const luaL_Reg mmethods[] = {{"start", mr_start}, {"finish", mr_finish}, {"free", mr_free}, {NULL, NULL}};
-    luaL_newmetatable(L, MIRROR_MT);
-    lua_pushcfunction(L, mr_free);
-    lua_setfield(L, -2, "__gc");
-    lua_newtable(L);
-    luaL_register(L, NULL, mmethods);
-    lua_setfield(L, -2, "__index");
-    lua_pop(L, 1);
-    lua_pushcfunction(L, l_mirror);
-    lua_setfield(L, -2, "cuda_mirror");
+}
+
+void moe_lua_open_cuda_graph(lua_State *L) {
+    static const luaL_Reg graph[] = {
+        {"finish", g_finish}, {"launch", g_launch}, {"info", g_info}, {"free", g_free}, {NULL, NULL}};
+    static const luaL_Reg mirror[] = {{"start", mr_start}, {"finish", mr_finish}, {"free", mr_free}, {NULL, NULL}};
+    define_class(L, GRAPH_MT, graph, g_free);
+    define_class(L, MIRROR_MT, mirror, mr_free);
+    static const luaL_Reg fns[] = {
+        {"cuda_graph_begin", l_graph_begin}, {"cuda_capturing", l_capturing}, {"cuda_mirror", l_mirror}, {NULL, NULL}};
+    luaL_register(L, NULL, fns);
 }
 #else
 static int l_graph_begin(lua_State *L) { return luaL_error(L, "cuda_graph_begin: this moelab was built without CUDA"); }
@@ -169,11 +165,8 @@ static int l_capturing(lua_State *L) { lua_pushboolean(L, 0); return 1; }
 static int l_mirror(lua_State *L) { return luaL_error(L, "cuda_mirror: this moelab was built without CUDA"); }
 
 void moe_lua_open_cuda_graph(lua_State *L) {
-    lua_pushcfunction(L, l_mirror);
-    lua_setfield(L, -2, "cuda_mirror");
-    lua_pushcfunction(L, l_graph_begin);
-    lua_setfield(L, -2, "cuda_graph_begin");
-    lua_pushcfunction(L, l_capturing);
-    lua_setfield(L, -2, "cuda_capturing");
+    static const luaL_Reg fns[] = {
+        {"cuda_graph_begin", l_graph_begin}, {"cuda_capturing", l_capturing}, {"cuda_mirror", l_mirror}, {NULL, NULL}};
+    luaL_register(L, NULL, fns);
 }
 #endif

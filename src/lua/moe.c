@@ -270,11 +270,6 @@ static int m_release_last(lua_State *L) {
     moe_lua_check(L, moe_block_release_last(moe_lua_ctx(L), check_moe(L, f)), f);
     return 0;
 }
-/* layer:routing_deferred() -> whether the last forward's routing did not wait */
-static int m_routing_deferred(lua_State *L) {
-    lua_pushboolean(L, moe_block_routing_deferred(check_moe(L, "layer:routing_deferred")));
-    return 1;
-}
 /* layer:routing_summary() -> the device summary of the last forward's
  * routing while its statistics are unread (it did not wait), else nil: a CUDA
  * graph that captured the forward rewrites it at each replay */
@@ -506,7 +501,7 @@ static int m_set_expert_shard(lua_State *L) {
 
 static const luaL_Reg layer_extra[] = {
     {"routing_stats", m_routing_stats}, {"aux_loss", m_aux}, {"z_loss", m_z}, {"expert_bias", m_bias}, {"router_logits", m_router_logits},
-    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"set_defer_routing", m_defer_routing}, {"routing_deferred", m_routing_deferred}, {"routing_summary", m_routing_summary}, {"release_last_forward", m_release_last}, {"routing_stats_from", m_routing_stats_from}, {"noise_step", m_get_noise_step}, {"train", m_train},
+    {"assignments", m_assignments}, {"update_bias", m_update_bias}, {"set_noise_step", m_noise_step}, {"set_keep_expert_rows", m_keep_rows}, {"keep_expert_rows", m_get_keep_rows}, {"set_defer_routing", m_defer_routing}, {"routing_summary", m_routing_summary}, {"release_last_forward", m_release_last}, {"routing_stats_from", m_routing_stats_from}, {"noise_step", m_get_noise_step}, {"train", m_train},
     {"is_training", m_is_training}, {"balance_losses", m_balance_losses}, {"forward_loss", m_forward_loss},
     {"moe_layers", m_moe_layers}, {"num_active_params", m_active}, {"config", m_config},
     {"param_layout", m_param_layout}, {"expert_shard", m_expert_shard}, {"set_expert_shard", m_set_expert_shard},

@@ -41,10 +41,6 @@ moe_status moe_block_set_defer_routing(moe_layer *l, int on) {
     s->defer_route = on != 0;
     return MOE_OK;
 }
-int moe_block_routing_deferred(const moe_layer *l) {
-    block_state *s = st_of(l);
-    return s && s->last.offsets_dev != NULL;
-}
 moe_tensor *moe_block_last_aux(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.aux_loss : NULL; }
 moe_tensor *moe_block_last_z(const moe_layer *l) { block_state *s = st_of(l); return s ? s->last.z_loss : NULL; }
 moe_tensor *moe_block_bias(const moe_layer *l) { block_state *s = st_of(l); return s ? s->bias : NULL; }

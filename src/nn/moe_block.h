@@ -48,8 +48,7 @@ moe_status moe_block_set_defer_routing(moe_layer *l, int on);
  * logits): the memory of a CUDA graph that captured the forward goes back
  * with its graph instead of at the next forward. The statistics stay. */
 moe_status moe_block_release_last(moe_ctx *ctx, moe_layer *l);
-/* Whether the last forward's routing left its summary on the device. */
-int moe_block_routing_deferred(const moe_layer *l);
+
 moe_tensor *moe_block_last_aux(const moe_layer *l);
 moe_tensor *moe_block_last_z(const moe_layer *l);
 /* The router logits [tokens, E] of the last forward, before noise or bias (borrowed; NULL before any forward). */

@@ -4,21 +4,9 @@
 --   build/cuda/moelab tests/gpu/graph_gpu.lua
 local moe = require "moelab"
 local core = require "moelab.core"
-if not moe.cuda_available() then
-  print("1..0 # SKIP no CUDA device")
-  return
-end
-
-local n, failed = 0, 0
-local function ok(cond, name, detail)
-  n = n + 1
-  if not cond then failed = failed + 1 end
-  print(string.format("%s %d - %s%s", cond and "ok" or "not ok", n, name, detail and (" (" .. detail .. ")") or ""))
-end
-local function max_abs(a, b)
-  local d = a:to("cpu"):to("f32") - b:to("cpu"):to("f32")
-  return math.max(d:max():item(), (-d):max():item())
-end
+local tap = dofile((arg[0]:match("^(.*/)") or "./") .. "tap.lua")
+if tap.skip_without_cuda() then return end
+local ok, max_abs = tap.ok, tap.max_abs
 
 -- ---- the graph and its pool ----
 do
@@ -186,5 +174,4 @@ do
   os.execute("rm -rf '" .. d1 .. "' '" .. d2 .. "' '" .. d3 .. "'")
 end
 
-print("1.." .. n)
-if failed > 0 then os.exit(1) end
+tap.done()

@@ -3,24 +3,9 @@
 --   build/cuda/moelab tests/gpu/mixed_precision_gpu.lua
 local moe = require "moelab"
 local core = require "moelab.core"
-if not moe.cuda_available() then
-  print("1..0 # SKIP no CUDA device")
-  return
-end
-
-local n = 0
-local failed = 0
-local function ok(cond, name, detail)
-  n = n + 1
-  if not cond then failed = failed + 1 end
-  print(string.format("%s %d - %s%s", cond and "ok" or "not ok", n, name, detail and (" (" .. detail .. ")") or ""))
-end
-
-local function rel_l2(a, b)   -- ||a - b|| / ||b||, both moved to f32 on the cpu
-  a, b = a:to("cpu"):to("f32"), b:to("cpu"):to("f32")
-  local d = (a - b)
-  return math.sqrt((d * d):sum():item()) / math.max(math.sqrt((b * b):sum():item()), 1e-30)
-end
+local tap = dofile((arg[0]:match("^(.*/)") or "./") .. "tap.lua")
+if tap.skip_without_cuda() then return end
+local ok, rel_l2 = tap.ok, tap.rel_l2
 
 local corpus = moe.data.corpus{seed = 3, num_bytes = 400000}
 local function make()
@@ -361,5 +346,4 @@ local function rate(r)
   return xs[math.ceil(#xs / 2)]
 end
 print(string.format("# small model: f32 %.0f tokens/s, bf16 %.0f tokens/s", rate(rf), rate(rb)))
-print("1.." .. n)
-os.exit(failed == 0 and 0 or 1)
+tap.done()

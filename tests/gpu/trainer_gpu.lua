@@ -10,24 +10,16 @@
 -- Prints TAP. Without a GPU: "1..0 # SKIP no CUDA device".
 --   build/cuda/moelab tests/gpu/trainer_gpu.lua
 local moe = require "moelab"
-if not moe.cuda_available() then
-  print("1..0 # SKIP no CUDA device")
-  return
-end
-
-local n, failed = 0, 0
-local function ok(cond, name, detail)
-  n = n + 1
-  if not cond then failed = failed + 1 end
-  print(string.format("%s %d - %s%s", cond and "ok" or "not ok", n, name, detail and (" (" .. detail .. ")") or ""))
-end
+local tap = dofile((arg[0]:match("^(.*/)") or "./") .. "tap.lua")
+if tap.skip_without_cuda() then return end
+local ok = tap.ok
 
 local corpus = moe.data.corpus{seed = 5, num_bytes = 200000}
 local function make(device)
   return moe.arch.OLMoE{vocab_size = 256, hidden_size = 64, num_layers = 2, num_heads = 4, num_experts = 8,
                         experts_per_token = 2, expert_intermediate_size = 64, seed = 13, device = device}
 end
-local function host(t) return t:to("cpu"):to("f32") end
+local host = tap.host
 
 -- 1. a non-finite step, skipped on the device
 for _, state in ipairs{"f32", "bf16"} do
@@ -168,5 +160,4 @@ do
     okrun2 and string.format("steps %d -> %d, last loss %.4f", steps0, tr.step, h[#h].loss) or tostring(res))
 end
 
-print("1.." .. n)
-os.exit(failed == 0 and 0 or 1)
+tap.done()

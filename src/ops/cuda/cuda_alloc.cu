@@ -68,7 +68,7 @@ static void seg_free(void *arg, uintptr_t addr, size_t n) {
 static size_t pools_free_bytes(const cuda_dev::pools &ps) {
     return (ps.small ? moe_block_pool_free_bytes(ps.small) : 0) + (ps.large ? moe_block_pool_free_bytes(ps.large) : 0);
 }
-static size_t pools_segment_bytes(const cuda_dev::pools &ps) {
+size_t cuda_pools_segment_bytes(const cuda_dev::pools &ps) {
     return (ps.small ? moe_block_pool_segment_bytes(ps.small) : 0) +
            (ps.large ? moe_block_pool_segment_bytes(ps.large) : 0);
 }
@@ -82,8 +82,8 @@ size_t cuda_alloc_cached_locked(const cuda_dev *d) {
 
 // Bytes of the pools' segments: what the allocator holds from the driver. Caller holds d->mu.
 size_t cuda_alloc_reserved_locked(const cuda_dev *d) {
-    size_t n = pools_segment_bytes(d->shared);
-    for (const cuda_dev::pools *ps : d->graph_pools) n += pools_segment_bytes(*ps);
+    size_t n = cuda_pools_segment_bytes(d->shared);
+    for (const cuda_dev::pools *ps : d->graph_pools) n += cuda_pools_segment_bytes(*ps);
     return n;
 }
 

@@ -119,6 +119,7 @@ moe_allocator *cuda_alloc_create(int index, moe_ctx *ctx);   // NULL + error on 
 void cuda_alloc_release_cache(cuda_dev *d);
 size_t cuda_alloc_cached_locked(const cuda_dev *d);            // the pools' free bytes; caller holds d->mu
 size_t cuda_alloc_reserved_locked(const cuda_dev *d);          // the pools' segment bytes; caller holds d->mu
+size_t cuda_pools_segment_bytes(const cuda_dev::pools &ps);   // a pair's segment bytes; caller holds d->mu
 void cuda_alloc_reap_locked(cuda_dev *d);   // destroys retired graph pools with nothing live; caller holds d->mu
 void cuda_dev_destroy(cuda_dev *d);                          // frees cache, stream, handle, d
 void *cuda_scratch_alloc(cuda_dev *d, size_t nbytes);        // NULL + error on failure

@@ -17,8 +17,6 @@
 #include "cuda_common.cuh"
 #include "moe_cuda.h"
 
-#include "../../core/block_pool.h"
-
 #include <new>
 #include <string.h>
 
@@ -150,8 +148,7 @@ extern "C" moe_status moe_cuda_graph_info(const moe_cuda_graph *g, size_t *nodes
     if (launches) *launches = g->launches;
     if (pool_bytes) {
         std::lock_guard<std::mutex> lk(g->d->mu);
-        *pool_bytes = (g->pools->small ? moe_block_pool_segment_bytes(g->pools->small) : 0) +
-                      (g->pools->large ? moe_block_pool_segment_bytes(g->pools->large) : 0);
+        *pool_bytes = cuda_pools_segment_bytes(*g->pools);
     }
     return MOE_OK;
 }
