@@ -410,8 +410,27 @@ static void test_attention(moe_dtype dt) {
         {1, 19, 19, 3, 3, 256, 0},     /* the largest head dim */
         {1, 37, 37, 3, 3, 64, 1},      /* 111 rows: the backward prep's last warp only partly full */
         {1, 21, 21, 2, 1, 32, 1},      /* D 32: the prep with 4 threads a row (bf16), 42 rows */
+        {1, 70, 100, 2, 1, 64, 0},     /* not causal at D 64, S != T: the kept dS tiles' full grid */
     };
+    uint64_t kept0 = 0, kept1 = 0;
+    die_if(moe_cuda_attention_ds_calls(ctx, 0, &kept0) != MOE_OK, "dS counter");
     for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) test_attention_cfg(dt, &cs[i], MOE_F32);
+    /* bf16 at D 64: the backward keeps its dS tiles for dQ (one call a case); with
+     * no room for them (cap 0) dQ computes scores and dP again, same results */
+    int d64 = 0;
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) d64 += cs[i].D == 64;
+    die_if(moe_cuda_attention_ds_calls(ctx, 0, &kept1) != MOE_OK, "dS counter");
+    ok(kept1 - kept0 == (uint64_t)(dt == MOE_BF16 ? d64 : 0), "attention_backward [%s]: %llu of %d D=64 calls kept dS (want %d)",
+       dtn(dt), (unsigned long long)(kept1 - kept0), d64, dt == MOE_BF16 ? d64 : 0);
+    if (dt == MOE_BF16) {
+        die_if(moe_cuda_set_attention_ds_cap(ctx, 0, 0) != MOE_OK, "dS cap");
+        for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++)
+            if (cs[i].D == 64) test_attention_cfg(dt, &cs[i], MOE_F32);
+        die_if(moe_cuda_attention_ds_calls(ctx, 0, &kept0) != MOE_OK, "dS counter");
+        ok(kept0 == kept1, "attention_backward: with a dS cap of 0 no call keeps dS (%llu)",
+           (unsigned long long)(kept0 - kept1));
+        die_if(moe_cuda_set_attention_ds_cap(ctx, 0, (size_t)256 << 20) != MOE_OK, "dS cap");
+    }
     if (dt != MOE_F32) {   /* statistics in the data dtype too */
         att_cfg c = {1, 40, 40, 2, 1, 64, 1};
         test_attention_cfg(dt, &c, dt);

@@ -32,7 +32,10 @@
 //     dQ += dS K (recomputing P and dP).
 // Cost: the scores and dP are computed twice (in 2 and 3): 7 T x S x D matmuls
 // instead of the 5 of an atomic dQ, about 1.4x the arithmetic, in exchange for
-// bit-identical results from run to run.
+// bit-identical results from run to run. At D = 64 the dK/dV kernel instead
+// keeps its dS tiles (bf16, 8 KB each, the causal ones only) in scratch when
+// they fit the device's cap, and dQ is one matmul a tile over them: 5 matmuls
+// and a write and read of the tiles, still without atomics.
 //
 // Files: this header holds what the forward and the backward share (the
 // cp.async / ldmatrix / mma.sync wrappers, the SIMT tile helpers, the host-side

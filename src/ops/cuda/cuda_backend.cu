@@ -157,6 +157,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         ((cuda_dev *)a->state)->loop_lanes = lanes;
         ((cuda_dev *)a->state)->grouped_tma = tma;
         ((cuda_dev *)a->state)->tma_cluster = tma_cluster;
+        ((cuda_dev *)a->state)->att_ds_cap = (size_t)256 << 20;
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

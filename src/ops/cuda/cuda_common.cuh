@@ -73,6 +73,10 @@ struct cuda_dev {
     void *lane_ws[MOE_CUDA_MAX_LANES];
     cudaEvent_t lane_fork, lane_join[MOE_CUDA_MAX_LANES];
     uint64_t n_norm_rope_fused;   // RMSNorm + rope calls (either way) the fused kernels served
+    // attention backward (cuda_attention_bwd.cu): the dS tiles kept for dQ up to
+    // att_ds_cap bytes (moe_cuda_set_attention_ds_cap), and the calls that kept them
+    size_t att_ds_cap;
+    uint64_t n_att_ds;
     // weight-gradient split-K (cuda_grouped_mma.cu): per-tile arrival counters, zero
     // between launches (the last block of a tile resets its own), allocated on first use
     int *split_counters;

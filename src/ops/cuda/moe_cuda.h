@@ -130,6 +130,12 @@ moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *call
 /* How many RMSNorm + rope calls (forward or backward) the fused kernels served
  * since install; the others ran the two ops. */
 moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* The tensor-core attention backward at D = 64 keeps its dS tiles (bf16) for
+ * dQ instead of computing scores and dP again there, where they take at most
+ * `bytes` (default 256 MB; 0: never) and the scratch can be had.
+ * attention_ds_calls: the backward calls that kept them since install. */
+moe_status moe_cuda_set_attention_ds_cap(moe_ctx *ctx, int device, size_t bytes);
+moe_status moe_cuda_attention_ds_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many host->device copies went through the pinned staging slots (queued
  * without a synchronisation) since install; larger ones wait for their transfer. */
 moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies);
