@@ -182,6 +182,34 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dkd
     }
 }
 
+// The two dQ kernels' shared steps: acc (this warp's 16 query rows x D) += the
+// dS fragment sa (16 rows x 16 keys from key j * 16 on) times the K tile's rows
+// j * 16 .. + 16; and the rows' store, scaled, into dq [B, T, Hq, D].
+template <int D>
+__device__ __forceinline__ void dq_accum(float (&acc)[D / 8][4], const uint32_t (&sa)[4], const bf16 *Kt, int ld, int j) {
+#pragma unroll
+    for (int dd = 0; dd < D / 16; dd++) {
+        uint32_t bb[4];
+        lds_bt(bb, Kt, ld, j * 16, dd * 16);
+        mma16816(acc[2 * dd], sa, bb[0], bb[1]);
+        mma16816(acc[2 * dd + 1], sa, bb[2], bb[3]);
+    }
+}
+template <int D>
+__device__ __forceinline__ void dq_store(bf16 *dq, const float (&acc)[D / 8][4], const att_dims &a, int b, int h, int row0) {
+    const int tg = threadIdx.x & 3;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int row = row0 + i * 8;
+        if (row >= a.T) continue;
+        bf16 *r = dq + ((int64_t)(b * a.T + row) * a.Hq + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *reinterpret_cast<uint32_t *>(r + dt * 8 + 2 * tg) =
+                pack_bf16(acc[dt][2 * i] * a.scale, acc[dt][2 * i + 1] * a.scale);
+    }
+}
+
 // dQ: block = 64 queries (16 per warp) of one q head; key tiles of 64.
 template <int D, int NW>
 constexpr int dq_mma_smem() { return (2 * 16 * NW + 4 * 64) * (D + 8) * 2; }
@@ -277,28 +305,12 @@ __global__ void __launch_bounds__(32 * NW, NW == 4 && D == 64 ? 3 : 1) k_att_dq_
             uint32_t sa[4] = {pack_bf16(dp[2 * j][0], dp[2 * j][1]), pack_bf16(dp[2 * j][2], dp[2 * j][3]),
                               pack_bf16(dp[2 * j + 1][0], dp[2 * j + 1][1]),
                               pack_bf16(dp[2 * j + 1][2], dp[2 * j + 1][3])};
-#pragma unroll
-            for (int dd = 0; dd < D / 16; dd++) {
-                uint32_t bb[4];
-                lds_bt(bb, Kt, LD, j * 16, dd * 16);
-                mma16816(acc[2 * dd], sa, bb[0], bb[1]);
-                mma16816(acc[2 * dd + 1], sa, bb[2], bb[3]);
-            }
+            dq_accum<D>(acc, sa, Kt, LD, j);
         }
         __syncthreads();
     }
     cp_async_wait<0>();
-
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int row = row0 + i * 8;
-        if (row >= a.T) continue;
-        bf16 *r = dq + ((int64_t)(b * a.T + row) * a.Hq + h) * D;
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++)
-            *reinterpret_cast<uint32_t *>(r + dt * 8 + 2 * tg) =
-                pack_bf16(acc[dt][2 * i] * a.scale, acc[dt][2 * i + 1] * a.scale);
-    }
+    dq_store<D>(dq, acc, a, b, h, row0);
 }
 
 // dQ from the dS tiles the dK/dV kernel kept: one matmul a key tile, dQ += dS K,
@@ -317,7 +329,7 @@ __global__ void __launch_bounds__(32 * NW) k_att_dq_kept(const bf16 *__restrict_
     bf16 *Ks = (bf16 *)smem_raw, *Ss = Ks + 2 * BK * LD;   // K tiles (padded rows), then two dS tiles
     const tile_head_batch tb = block_tile_major();
     const int b = tb.b, h = tb.h, qt = gridDim.x - 1 - tb.t, q0 = qt * BQ, hk = h / (a.Hq / a.Hkv);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tg = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t ldk = (int64_t)a.Hkv * D, bh = (int64_t)b * a.Hq + h;
     const bf16 *kb = k + ((int64_t)b * a.S * a.Hkv + hk) * D;
     const int nkeys = keys_needed(a, q0, q0 + BQ), nkt = (nkeys + BK - 1) / BK;
@@ -349,28 +361,12 @@ __global__ void __launch_bounds__(32 * NW) k_att_dq_kept(const bf16 *__restrict_
             uint32_t sa[4];
             const int m = lane >> 3, kblk = j * 2 + (m >> 1), qblk = warp * 2 + (m & 1);
             ldsm_x4_t(sa, St + (kblk * 8 + qblk) * 64 + (lane & 7) * 8);
-#pragma unroll
-            for (int dd = 0; dd < D / 16; dd++) {
-                uint32_t bb[4];
-                lds_bt(bb, Kt, LD, j * 16, dd * 16);
-                mma16816(acc[2 * dd], sa, bb[0], bb[1]);
-                mma16816(acc[2 * dd + 1], sa, bb[2], bb[3]);
-            }
+            dq_accum<D>(acc, sa, Kt, LD, j);
         }
         __syncthreads();
     }
     cp_async_wait<0>();
-    const int row0 = q0 + warp * 16 + g;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        int row = row0 + i * 8;
-        if (row >= a.T) continue;
-        bf16 *r = dq + ((int64_t)(b * a.T + row) * a.Hq + h) * D;
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++)
-            *reinterpret_cast<uint32_t *>(r + dt * 8 + 2 * tg) =
-                pack_bf16(acc[dt][2 * i] * a.scale, acc[dt][2 * i + 1] * a.scale);
-    }
+    dq_store<D>(dq, acc, a, b, h, q0 + warp * 16 + (lane >> 2));
 }
 
 // ---------------------------------------------------------------- backward, SIMT (tiles: cuda_attention.cuh)
