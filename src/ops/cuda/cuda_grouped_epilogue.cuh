@@ -171,6 +171,19 @@ __device__ __forceinline__ void store_swiglu_bwd_w(const float *d, float *cs, co
     const int64_t rbase = ti.r0;
     constexpr int PER = BM * BN / 8 / THREADS;
     float part[PER];
+    // every chunk's saved gate, up and row weight requested before the first
+    // store, as in store_swiglu_bwd (else one load latency a chunk)
+    uint4 gs[PER], us[PER];
+    bf16 ws[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= de) continue;
+        const int64_t o = (rbase + row) * de + col;
+        gs[i] = ld16(p.sg + o);
+        us[i] = ld16(p.su + o);
+        ws[i] = p.rw[rbase + row];
+    }
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         part[i] = 0.0f;
@@ -178,9 +191,9 @@ __device__ __forceinline__ void store_swiglu_bwd_w(const float *d, float *cs, co
         if (row >= ti.M || col >= de) continue;
         const int64_t o = (rbase + row) * de + col;
         float go[8], g[8], u[8], h[8], dh[8];
-        unpack(ld16(p.sg + o), g);
-        unpack(ld16(p.su + o), u);
-        const float w = __bfloat162float(p.rw[rbase + row]);
+        unpack(gs[i], g);
+        unpack(us[i], u);
+        const float w = __bfloat162float(ws[i]);
         *reinterpret_cast<float4 *>(go) = *reinterpret_cast<const float4 *>(cs + r * CLD + c);
         *reinterpret_cast<float4 *>(go + 4) = *reinterpret_cast<const float4 *>(cs + r * CLD + c + 4);
 #pragma unroll
