@@ -526,9 +526,11 @@ static void test_swiglu(moe_dtype dt) {
  * V=20011 (long rows: the four-vectors-per-thread loop as well); every fifth
  * row ignored. Then logits one element into their storage (dlogits and logits
  * aligned differently: the element-by-element backward); then V=120011, a row
- * too long for the fused kernel to keep in shared memory. */
+ * too long for the fused kernel to keep in shared memory; then more rows than
+ * SMs (up to 132) of V=8192 and V=50304, which bf16 streams through the copy
+ * engine (k_xent_fused_pipe: each block its rows in turn, two at a time). */
 static void test_cross_entropy(moe_dtype dt) {
-    static const int64_t cfg[][2] = {{13, 1031}, {9, 20011}, {7, 1029}, {3, 120011}};
+    static const int64_t cfg[][2] = {{13, 1031}, {9, 20011}, {7, 1029}, {3, 120011}, {301, 8192}, {270, 50304}};
     const int64_t IGN = -100;
     for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
         const int64_t N = cfg[c][0], V = cfg[c][1];
@@ -572,9 +574,19 @@ static void test_cross_entropy(moe_dtype dt) {
         }
         /* the fused kernel against the CPU's two ops (out_pair poisons: every element must be written) */
         pair floss = out_pair(dt, SH(N)), flse = out_pair(dt, SH(N)), fdx = out_pair(dt, SH(N, V));
+        uint64_t piped0 = 0, piped1 = 0;
+        die_if(moe_cuda_xent_pipe_calls(ctx, 0, &piped0) != MOE_OK, "cross-entropy counter");
         if (RUN("cross_entropy_fused", dt, moe_op_cross_entropy_fused(ctx, floss.h, flse.h, fdx.h, xh, th, IGN, scale),
                 moe_op_cross_entropy_fused(ctx, floss.d, flse.d, fdx.d, xd, td, IGN, scale))) {
             const char *un = shifted ? " unaligned logits" : "";
+            /* the streamed kernel serves bf16 rows of a multiple of 8 elements, at least
+             * 4096 of them, where there are more rows than SMs (the sm_90 cards this
+             * build runs on have at most 132: the last two configurations) */
+            die_if(moe_cuda_xent_pipe_calls(ctx, 0, &piped1) != MOE_OK, "cross-entropy counter");
+            const char *off = getenv("MOELAB_XENT_PIPE");
+            const int streamed = dt == MOE_BF16 && V % 8 == 0 && V >= 4096 && N >= 270 && !(off && off[0] == '0');
+            ok(piped1 - piped0 == (uint64_t)streamed, "cross_entropy_fused [%lld, %lld]%s %s the streamed kernel",
+               (long long)N, (long long)V, un, streamed ? "took" : "did not take");
             snprintf(name, sizeof name, "cross_entropy_fused loss [%lld, %lld]%s", (long long)N, (long long)V, un);
             check(name, dt, floss.d, floss.h, tol_of(dt, 1e-5));
             snprintf(name, sizeof name, "cross_entropy_fused lse [%lld, %lld]%s", (long long)N, (long long)V, un);

@@ -158,6 +158,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         ((cuda_dev *)a->state)->grouped_tma = tma;
         ((cuda_dev *)a->state)->tma_cluster = tma_cluster;
         ((cuda_dev *)a->state)->att_ds_cap = (size_t)256 << 20;
+        const char *xent = getenv("MOELAB_XENT_PIPE");   // "0": the fused cross entropy without the copy engine
+        ((cuda_dev *)a->state)->xent_pipe = !(xent && xent[0] == '0');
         ctx->allocators[MOE_CUDA][i] = a;
     }
     ctx->backends[MOE_CUDA] = &cuda_backend;

@@ -77,6 +77,11 @@ struct cuda_dev {
     // att_ds_cap bytes (moe_cuda_set_attention_ds_cap), and the calls that kept them
     size_t att_ds_cap;
     uint64_t n_att_ds;
+    // the fused cross entropy (cuda_loss.cu) streaming bf16 rows through the copy
+    // engine where they fit (xent_pipe, default on; MOELAB_XENT_PIPE=0 at install: off),
+    // and the calls it served
+    bool xent_pipe;
+    uint64_t n_xent_pipe;
     // weight-gradient split-K (cuda_grouped_mma.cu): per-tile arrival counters, zero
     // between launches (the last block of a tile resets its own), allocated on first use
     int *split_counters;

@@ -136,6 +136,10 @@ moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *ca
  * attention_ds_calls: the backward calls that kept them since install. */
 moe_status moe_cuda_set_attention_ds_cap(moe_ctx *ctx, int device, size_t bytes);
 moe_status moe_cuda_attention_ds_calls(moe_ctx *ctx, int device, uint64_t *calls);
+/* How many fused cross-entropy calls streamed their bf16 rows through the copy
+ * engine (two rows in a block's shared memory, more rows than SMs) since
+ * install; MOELAB_XENT_PIPE=0 at install turns that kernel off. */
+moe_status moe_cuda_xent_pipe_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many host->device copies went through the pinned staging slots (queued
  * without a synchronisation) since install; larger ones wait for their transfer. */
 moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies);
