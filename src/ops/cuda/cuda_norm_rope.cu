@@ -2,8 +2,9 @@
 // feeding attention), forward and backward in one pass each; x [B, T, H*D].
 //
 // The two ops in sequence read and write the row twice each way; here a block
-// takes one position t (its rope angles computed once, in double, as the rope
-// kernel does) and a warp takes one batch row of it at a time: each lane holds
+// takes PP consecutive positions (their rope angles computed once, in double,
+// as the rope kernel does; PP = nr_positions: about 32 rows a block, 4 a warp)
+// and a warp takes one row (position, batch row) of them at a time: each lane holds
 // vectors lane, lane + 32, ... of the row in registers, the warp reduces the
 // sum of squares, and the rotate-half partner of a vector - the same place in
 // the other half of its head - sits in lane ^ (D/2/N), one shuffle away (D/N
@@ -12,7 +13,7 @@
 // the norm's backward, as the two separate kernels store them: the results are
 // those of rmsnorm then rope, up to the order of the dw sums.
 // Backward: dx = rs (g w - x rs^2 mean(g w x)) (+ beta dx) with g = rope^-1(dy);
-// dw partials per block (its B rows, the warps combined in order through
+// dw partials per block (its rows, the warps combined in order through
 // shared memory), added into dw in block order by the norm's k_dw_sum:
 // deterministic.
 // Shapes off this path (other D, row lengths, alignment) run the two ops.
@@ -23,7 +24,16 @@
 namespace {
 
 #define PTR(T, t) ((T *)moe_tensor_data(t))
-constexpr int NR_THREADS = 256, NR_WARPS = NR_THREADS / 32, NR_MAX_HALF = 128;
+constexpr int NR_THREADS = 256, NR_WARPS = NR_THREADS / 32, NR_MAX_HALF = 128, NR_MAX_PP = 8;
+
+// Positions a block takes: about 32 rows (4 a warp), at most NR_MAX_PP positions.
+// One position a block (B rows: 8 in the step, one a warp) left each block's
+// fixed costs (the angles in double, and in the backward the dw partials)
+// to a single row a warp, in four waves of blocks.
+static inline int nr_positions(int64_t B) {
+    const int64_t pp = (4 * NR_WARPS + B - 1) / B;
+    return (int)(pp < 1 ? 1 : pp > NR_MAX_PP ? NR_MAX_PP : pp);
+}
 
 // Rounded to T and back (what storing the intermediate would give).
 template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f32(from_f32<T>(v)); }
@@ -51,17 +61,17 @@ template <int N> __device__ __forceinline__ void partner(float (&p)[N], const fl
 template <typename T, typename S, int NV>
 __global__ void __launch_bounds__(NR_THREADS, NV <= 4 ? 3 : 2)
 k_rms_rope_fwd(T *y, S *rstd, const T *x, const T *w, int64_t B, int64_t Tn, int n, int D, int64_t pos,
-               double theta, float eps) {
+               double theta, float eps, int pp) {
     constexpr int N = VEC<T>::N;
-    __shared__ float cs[NR_MAX_HALF], sn[NR_MAX_HALF];
-    const int64_t t = blockIdx.x;
+    __shared__ float cs[NR_MAX_PP * NR_MAX_HALF], sn[NR_MAX_PP * NR_MAX_HALF];
+    const int64_t t0 = (int64_t)blockIdx.x * pp, np = Tn - t0 < pp ? Tn - t0 : pp;
     const int half = D / 2, hv = half / N, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    rope_angles(cs, sn, half, D, (double)(pos + t), 1, theta, 0);
+    rope_angles(cs, sn, half, D, (double)(pos + t0), np, theta, 0);
     __syncthreads();
     const bool lo = (lane / hv) % 2 == 0;
-    const int i0 = (lane % hv) * N;
-    for (int64_t b = warp; b < B; b += NR_WARPS) {
-        const int64_t r = b * Tn + t;
+    for (int64_t q = warp; q < np * B; q += NR_WARPS) {
+        const int64_t tp = q / B, r = (q - tp * B) * Tn + t0 + tp;
+        const int i0 = (int)tp * half + (lane % hv) * N;   // this position's angles
         const T *xr = x + r * n;
         float f[NV][N];
         float ss = 0.0f;
@@ -88,19 +98,19 @@ k_rms_rope_fwd(T *y, S *rstd, const T *x, const T *w, int64_t B, int64_t Tn, int
     }
 }
 
-// dx (+)= the norm's backward of g = rope^-1(dy); part[t] = this block's dw partials.
+// dx (+)= the norm's backward of g = rope^-1(dy); part[block] = this block's dw partials.
 // Held per lane: the row's rotated gradient and the dw sums; x and w are re-read
 // (L1) for the output, so that two blocks fit an SM.
 template <typename T, typename S, int NV>
 __global__ void __launch_bounds__(NR_THREADS, NV <= 4 ? 2 : 1)
 k_rms_rope_bwd(T *dx, float *part, const T *dy, const T *x, const T *w, const S *rstd, int64_t B, int64_t Tn, int n,
-               int D, int64_t pos, double theta, float beta) {
+               int D, int64_t pos, double theta, float beta, int pp) {
     constexpr int N = VEC<T>::N;
-    __shared__ float cs[NR_MAX_HALF], sn[NR_MAX_HALF];
+    __shared__ float cs[NR_MAX_PP * NR_MAX_HALF], sn[NR_MAX_PP * NR_MAX_HALF];
     extern __shared__ float red[];   // NR_WARPS * n floats
-    const int64_t t = blockIdx.x;
+    const int64_t t0 = (int64_t)blockIdx.x * pp, np = Tn - t0 < pp ? Tn - t0 : pp;
     const int half = D / 2, hv = half / N, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    rope_angles(cs, sn, half, D, (double)(pos + t), 1, theta, 1);
+    rope_angles(cs, sn, half, D, (double)(pos + t0), np, theta, 1);
     float acc[NV][N];
 #pragma unroll
     for (int k = 0; k < NV; k++)
@@ -108,9 +118,9 @@ k_rms_rope_bwd(T *dx, float *part, const T *dy, const T *x, const T *w, const S 
         for (int e = 0; e < N; e++) acc[k][e] = 0.0f;
     __syncthreads();
     const bool lo = (lane / hv) % 2 == 0;
-    const int i0 = (lane % hv) * N;
-    for (int64_t b = warp; b < B; b += NR_WARPS) {
-        const int64_t r = b * Tn + t;
+    for (int64_t q = warp; q < np * B; q += NR_WARPS) {
+        const int64_t tp = q / B, r = (q - tp * B) * Tn + t0 + tp;
+        const int i0 = (int)tp * half + (lane % hv) * N;   // this position's angles
         const T *xr = x + r * n, *dyr = dy + r * n;
         float g[NV][N];
         float dot = 0.0f;
@@ -160,7 +170,7 @@ k_rms_rope_bwd(T *dx, float *part, const T *dy, const T *x, const T *w, const S 
     for (int j = threadIdx.x; j < n; j += NR_THREADS) {
         float s = 0.0f;
         for (int q = 0; q < NR_WARPS; q++) s += red[q * n + j];
-        part[t * n + j] = s;
+        part[blockIdx.x * (int64_t)n + j] = s;
     }
 }
 
@@ -179,7 +189,9 @@ template <typename T> int fused_nv(int64_t n, int64_t D, const void *const *ptrs
 template <typename T, typename S, int NV>
 void fwd_launch(cuda_dev *d, T *y, S *rstd, const T *x, const T *w, int64_t B, int64_t Tn, int n, int D, int64_t pos,
                 double theta, float eps) {
-    k_rms_rope_fwd<T, S, NV><<<(unsigned)Tn, NR_THREADS, 0, d->stream>>>(y, rstd, x, w, B, Tn, n, D, pos, theta, eps);
+    const int pp = nr_positions(B);
+    k_rms_rope_fwd<T, S, NV><<<(unsigned)((Tn + pp - 1) / pp), NR_THREADS, 0, d->stream>>>(y, rstd, x, w, B, Tn, n, D,
+                                                                                        pos, theta, eps, pp);
 }
 
 template <typename T, typename S>
@@ -199,13 +211,13 @@ moe_status fwd(cuda_dev *d, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x
 template <typename T, typename S, int NV>
 moe_status bwd_launch(cuda_dev *d, moe_tensor *dx, float *part, const moe_tensor *dy, const moe_tensor *x,
                       const moe_tensor *w, const moe_tensor *rstd, int64_t B, int64_t Tn, int n, int D, int64_t pos,
-                      double theta, float beta) {
+                      double theta, float beta, int64_t blocks) {
     auto kern = k_rms_rope_bwd<T, S, NV>;
     const size_t smem = (size_t)NR_WARPS * n * sizeof(float);
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "rmsnorm_rope_backward");
-    kern<<<(unsigned)Tn, NR_THREADS, smem, d->stream>>>(PTR(T, dx), part, PTR(const T, dy), PTR(const T, x),
-                                                        PTR(const T, w), PTR(const S, rstd), B, Tn, n, D, pos, theta,
-                                                        beta);
+    kern<<<(unsigned)blocks, NR_THREADS, smem, d->stream>>>(PTR(T, dx), part, PTR(const T, dy), PTR(const T, x),
+                                                            PTR(const T, w), PTR(const S, rstd), B, Tn, n, D, pos,
+                                                            theta, beta, nr_positions(B));
     CU_LAUNCHED("rmsnorm_rope_backward");
     return MOE_OK;
 }
@@ -214,16 +226,17 @@ template <typename T, typename S>
 moe_status bwd(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy, const moe_tensor *x,
                const moe_tensor *w, const moe_tensor *rstd, int64_t B, int64_t Tn, int n, int D, int64_t pos,
                double theta, float beta, int nv) {
-    cuda_scratch part(d, (size_t)Tn * (size_t)n * sizeof(float));
+    const int64_t blocks = (Tn + nr_positions(B) - 1) / nr_positions(B);   // one row of dw partials each
+    cuda_scratch part(d, (size_t)blocks * (size_t)n * sizeof(float));
     if (!part.p) return moe_last_status();
     float *pp = (float *)part.p;
     moe_status s;
-    if (nv == 1) s = bwd_launch<T, S, 1>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta);
-    else if (nv == 2) s = bwd_launch<T, S, 2>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta);
-    else if (nv == 4) s = bwd_launch<T, S, 4>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta);
-    else s = bwd_launch<T, S, 8>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta);
+    if (nv == 1) s = bwd_launch<T, S, 1>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
+    else if (nv == 2) s = bwd_launch<T, S, 2>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
+    else if (nv == 4) s = bwd_launch<T, S, 4>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
+    else s = bwd_launch<T, S, 8>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
     if (s != MOE_OK) return s;
-    return dw ? cuda_rmsnorm_dw_sum(d, dw, pp, Tn, n) : MOE_OK;
+    return dw ? cuda_rmsnorm_dw_sum(d, dw, pp, blocks, n) : MOE_OK;
 }
 
 // [B, T, H, D] view of a [B, T, H*D] tensor (the rope op's layout)
