@@ -29,7 +29,7 @@ constexpr int NR_THREADS = 256, NR_WARPS = NR_THREADS / 32, NR_MAX_HALF = 128, N
 // Positions a block takes: about 32 rows (4 a warp), at most NR_MAX_PP positions.
 // One position a block (B rows: 8 in the step, one a warp) left each block's
 // fixed costs (the angles in double, and in the backward the dw partials)
-// to a single row a warp, in four waves of blocks.
+// to a single row a warp, in four waves of blocks at the step's shape.
 static inline int nr_positions(int64_t B) {
     const int64_t pp = (4 * NR_WARPS + B - 1) / B;
     return (int)(pp < 1 ? 1 : pp > NR_MAX_PP ? NR_MAX_PP : pp);
