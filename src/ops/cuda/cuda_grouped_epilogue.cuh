@@ -110,6 +110,26 @@ __device__ __forceinline__ void store_swiglu(const float *d, float *cs, const ti
     }
 }
 
+// Every chunk's saved gate and up (and with W each row's combine weight) of the
+// SwiGLU backward epilogues, requested before the first store: loaded inside
+// the storing loop, the compiler kept each load behind the previous chunk's
+// stores (they might alias), a load latency per chunk or two (SASS: LLSS LLSS ...)
+template <bool W, int PER>
+__device__ __forceinline__ void load_saved(uint4 (&gs)[PER], uint4 (&us)[PER], bf16 (&ws)[PER], const tile_info &ti,
+                                           const mma_params &p, int tid) {
+    const int de = p.epi_n;
+    const int64_t rbase = ti.r0;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
+        if (row >= ti.M || col >= de) continue;
+        const int64_t o = (rbase + row) * de + col;
+        gs[i] = ld16(p.sg + o);
+        us[i] = ld16(p.su + o);
+        if (W) ws[i] = p.rw[rbase + row];
+    }
+}
+
 // SwiGLU backward: the staged tile is dh (rows x expert-hidden columns n0..);
 // rounded as stored, it meets the saved gate and up: dgate and dup are written
 // instead of dh, the bytes of the GEMM followed by the SwiGLU backward kernel.
@@ -121,18 +141,9 @@ __device__ __forceinline__ void store_swiglu_bwd(const float *d, float *cs, cons
     const int de = p.epi_n;
     const int64_t rbase = ti.r0;
     constexpr int PER = BM * BN / 8 / THREADS;
-    // every saved gate and up chunk loaded before the first store: interleaved,
-    // the compiler kept each load behind the previous chunk's stores (they might
-    // alias), a load latency per two chunks (SASS: LLSS LLSS ...)
     uint4 gs[PER], us[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
-        if (row >= ti.M || col >= de) continue;
-        const int64_t o = (rbase + row) * de + col;
-        gs[i] = ld16(p.sg + o);
-        us[i] = ld16(p.su + o);
-    }
+    bf16 ws[PER];   // unused: no combine weights here
+    load_saved<false>(gs, us, ws, ti, p, tid);
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
@@ -171,19 +182,9 @@ __device__ __forceinline__ void store_swiglu_bwd_w(const float *d, float *cs, co
     const int64_t rbase = ti.r0;
     constexpr int PER = BM * BN / 8 / THREADS;
     float part[PER];
-    // every chunk's saved gate, up and row weight requested before the first
-    // store, as in store_swiglu_bwd (else one load latency a chunk)
     uint4 gs[PER], us[PER];
     bf16 ws[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        int idx = tid + i * THREADS, r = idx >> 4, c = (idx & 15) * 8, row = ti.m0 + r, col = ti.n0 + c;
-        if (row >= ti.M || col >= de) continue;
-        const int64_t o = (rbase + row) * de + col;
-        gs[i] = ld16(p.sg + o);
-        us[i] = ld16(p.su + o);
-        ws[i] = p.rw[rbase + row];
-    }
+    load_saved<true>(gs, us, ws, ti, p, tid);
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         part[i] = 0.0f;

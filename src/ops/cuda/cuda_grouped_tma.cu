@@ -49,6 +49,7 @@
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
 #include "cuda_grouped_sched.cuh"
+#include "cuda_mbarrier.cuh"
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -91,21 +92,6 @@ struct tma_params {
 static_assert(sizeof(tma_params) < 4096, "TMA grouped GEMM parameters exceed the classic kernel parameter limit");
 static_assert(alignof(tma_params) >= 64, "tensor maps must be 64-byte aligned");
 
-__device__ __forceinline__ unsigned smem_u32(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void bar_init(uint64_t *b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
-}
-__device__ __forceinline__ void bar_expect(uint64_t *b, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_wait(uint64_t *b, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(smem_u32(b)), "r"(parity) : "memory");
-    } while (!done);
-}
 // a consumer warp's release of a stage, on the barrier at the same place in CTA `cta` of the cluster
 __device__ __forceinline__ void bar_arrive_at(uint64_t *b, unsigned cta) {
     unsigned r;

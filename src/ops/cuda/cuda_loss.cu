@@ -21,6 +21,7 @@
 // hopes for L2 (measured on an H100 at [8192, 50304] bf16: 714 us from L2
 // and device memory, against 274 + 562 for the two kernels).
 #include "cuda_common.cuh"
+#include "cuda_mbarrier.cuh"
 #include "cuda_vec.cuh"
 #include "moe_cuda.h"
 
@@ -258,18 +259,16 @@ k_xent_fused_pipe(S *loss, S *lse, bf16 *dx, const bf16 *x, const int64_t *tgt, 
     __shared__ __align__(8) uint64_t full[2];
     bf16 *buf[2] = {reinterpret_cast<bf16 *>(xs_raw), reinterpret_cast<bf16 *>(xs_raw) + n};
     const unsigned bytes = (unsigned)(n * (int64_t)sizeof(bf16));
-    const unsigned bar0 = (unsigned)__cvta_generic_to_shared(&full[0]);
     // row r into buffer b, counted on its barrier (thread 0 only)
     auto fetch = [&](int64_t r, int b) {
-        const unsigned bar = bar0 + 8u * b;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+        bar_expect(&full[b], bytes);
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                     ::"r"((unsigned)__cvta_generic_to_shared(buf[b])), "l"(x + r * n), "r"(bytes), "r"(bar)
+                     ::"r"(smem_u32(buf[b])), "l"(x + r * n), "r"(bytes), "r"(smem_u32(&full[b]))
                      : "memory");
     };
     if (threadIdx.x == 0) {
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar0));
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar0 + 8u));
+        bar_init(&full[0], 1);
+        bar_init(&full[1], 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         if ((int64_t)blockIdx.x < rows) fetch(blockIdx.x, 0);
     }
@@ -279,10 +278,7 @@ k_xent_fused_pipe(S *loss, S *lse, bf16 *dx, const bf16 *x, const int64_t *tgt, 
         const int b = it & 1;
         // the other buffer was last read in the turn before, which ended with a barrier
         if (threadIdx.x == 0 && r + gridDim.x < rows) fetch(r + gridDim.x, b ^ 1);
-        unsigned done = 0;
-        while (!done)
-            asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                         : "=r"(done) : "r"(bar0 + 8u * b), "r"((it >> 1) & 1) : "memory");
+        bar_wait(&full[b], (it >> 1) & 1);
         const int64_t t = tgt[r];
         const float l = xent_row<bf16, S, true, false>(loss, lse, buf[b], t, r, n, ignore);   // ends with a barrier
         xent_bwd_row<bf16, VEC<bf16>::N, false>(dx + r * n, buf[b], l, t, n, ignore, scale);
