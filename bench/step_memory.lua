@@ -35,7 +35,8 @@ if cuda then core.cuda_reset_peak_memory(0) end
 local ids, targets = batch_fn(2)
 st.model:train(true)
 -- as the trainer calls it: the loss's gradient over the logits
-local out = st.model:forward(ids, {targets = targets, aux_loss_coef = 0.01, router_z_loss_coef = 0, keep_logits = false})
+local out = st.model:forward(ids, {targets = targets, aux_loss_coef = 0.01, router_z_loss_coef = 0, keep_logits = false,
+                                     loss_grad = 1})
 local s1 = stats()
 local skip = {st.model.net:flat_parameters()}   -- values, gradients and the bf16 compute copy
 for _, b in ipairs(st.model.net:buffers()) do skip[#skip + 1] = b.value end

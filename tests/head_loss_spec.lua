@@ -3,7 +3,9 @@
 -- (src/nn/head_loss.c). Against the plain head + loss: the same loss and
 -- gradients whatever the chunks, ignored rows, tied embeddings, a frozen head,
 -- an upstream gradient other than 1, a head with adapters; finite differences;
--- one backward only; bad arguments.
+-- one backward only; bad arguments. With loss_grad (the trainer's promise of
+-- the upstream gradient) the head's weight gradient is written in the forward,
+-- over a lazily zeroed (pending) gradient buffer whose memory holds garbage.
 local moe = require "moelab"
 local core = require "moelab.core"
 local gc = require "helpers.gradcheck"
@@ -38,6 +40,20 @@ end
 
 local function chunked(m, chunk, scale)
   return run(m, scale, function(tape) return m.net:forward_loss(ids, targets, tape, {chunk_rows = chunk}) end)
+end
+
+-- the same after zero_grad{lazy = true} over gradients poisoned with NaN: the
+-- head's weight gradient is only marked pending, its memory keeps the NaNs
+local function run_poisoned(m, scale, loss_fn)
+  local _, g = m.net:flat_parameters()
+  g:fill(0 / 0)
+  m.net:zero_grad{lazy = true}
+  local tape = core.Tape()
+  local loss = loss_fn(tape)
+  local aux = m.net:balance_losses(tape)
+  tape:backward(tape:add(tape:scale(loss, scale or 1), tape:scale(aux, 0.01)))
+  local _, g2 = m.net:flat_parameters()
+  return loss:item(), g2:clone()
 end
 
 local function close(a, b, what)
@@ -108,6 +124,53 @@ describe("model:forward_loss (the head and the loss in chunks)", function()
     for _, r in ipairs(out.tape:memory()) do names[r.name] = true end
     assert.is_true(names.linear_cross_entropy ~= nil, "the tape holds the chunked head's entry")
     assert.is_nil(names.cross_entropy)
+  end)
+
+  it("with loss_grad writes the head's gradient in the forward, over a pending one, and gives the same gradients",
+     function()
+    local m = model()
+    for _, sc in ipairs{1, 0.25} do
+      local l0, g0 = chunked(m, 5, sc)
+      local l1, g1 = run_poisoned(m, sc, function(tape)
+        return m.net:forward_loss(ids, targets, tape, {chunk_rows = 5, loss_grad = sc})
+      end)
+      assert.is_true(math.abs(l1 - l0) <= 1e-6 * l0, ("loss %.9g vs %.9g"):format(l1, l0))
+      close(g1, g0, "loss_grad " .. sc)
+      -- the head's gradient is there before the backward: written by the forward
+      m.net:zero_grad()
+      local tape = core.Tape()
+      m.net:forward_loss(ids, targets, tape, {chunk_rows = 5, loss_grad = sc})
+      assert.is_true(m.net:grad("lm_head.weight"):abs():max():item() > 0)
+    end
+    -- without loss_grad a pending head gradient is cleared before it is added to,
+    -- through the chunked loss and through the plain head alike
+    local _, g2 = run_poisoned(m, 0.25, function(tape) return m.net:forward_loss(ids, targets, tape, {chunk_rows = 3}) end)
+    close(g2, select(2, chunked(m, 3, 0.25)), "pending head, no loss_grad")
+    local _, g3 = run_poisoned(m, 1, function(tape)
+      return tape:cross_entropy(m.net:forward(ids, tape), targets, {ignore_index = -100})
+    end)
+    close(g3, select(2, plain(m)), "pending head, plain path")
+    -- tied embeddings (not lazily zeroed) take their dW in the forward as well
+    local t = model({tie_word_embeddings = true})
+    local _, t0 = plain(t, 0.5)
+    local _, t1 = run(t, 0.5, function(tape) return t.net:forward_loss(ids, targets, tape, {loss_grad = 0.5}) end)
+    close(t1, t0, "tied embeddings, loss_grad")
+  end)
+
+  it("refuses a backward with another upstream gradient than loss_grad promised, and bad loss_grad values", function()
+    local m = model()
+    m.net:zero_grad()
+    local tape = core.Tape()
+    local loss = m.net:forward_loss(ids, targets, tape, {loss_grad = 0.5})
+    local ok, e = pcall(tape.backward, tape, tape:scale(loss, 0.25))
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("upstream gradient of 0.5", 1, true), tostring(e))
+    assert.truthy(tostring(e):find("brings 0.25", 1, true), tostring(e))
+    for _, v in ipairs{-1, 0 / 0, 1 / 0, 1e-300, "x"} do
+      local ok2, e2 = pcall(m.net.forward_loss, m.net, ids, targets, core.Tape(), {loss_grad = v})
+      assert.is_false(ok2, tostring(v))
+      assert.truthy(tostring(e2):find("loss_grad", 1, true), tostring(e2))
+    end
   end)
 
   it("refuses mismatched targets, other dtypes and negative chunks", function()

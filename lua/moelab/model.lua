@@ -69,7 +69,7 @@ function M.MoEModel(opts)
 end
 
 --- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=, loss_chunk_rows=,
---  routing_stats=}])
+--  loss_grad=, routing_stats=}])
 -- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
 -- loss is the mean cross-entropy against targets (when given); total_loss
 -- adds the balancing losses with their coefficients (on the tape when given).
@@ -78,7 +78,11 @@ end
 -- (default: chunks of at most 256 MB of logits), each chunk's loss gradient
 -- taken at once (model:forward_loss), so the [tokens, vocab] logits (824 MB
 -- in bf16 at 8192 tokens of a 50k vocabulary) never exist; the trainer trains
--- this way. In eval mode it keeps the plain path.
+-- this way. In eval mode it keeps the plain path. loss_grad (with keep_logits =
+-- false) promises the upstream gradient the loss will get in the backward
+-- (the trainer's 1 / accumulation steps): the head's weight gradient is then
+-- added during the forward, with no [vocab, hidden] tensor of its own; a
+-- backward with another upstream gradient is refused.
 -- routing_stats = false leaves routing nil: statistics a routing left on the
 -- device are not read (a forward captured into a CUDA graph must not wait).
 function Model:forward(ids, opts)
@@ -99,7 +103,8 @@ function Model:forward(ids, opts)
   if targets and opts.keep_logits == false and training then
     -- no logits at all: the head and the loss go through in chunks of rows, each
     -- chunk's gradient taken at once (model:forward_loss)
-    loss = self.net:forward_loss(ids, targets, tape, {ignore_index = ignore, chunk_rows = opts.loss_chunk_rows})
+    loss = self.net:forward_loss(ids, targets, tape, {ignore_index = ignore, chunk_rows = opts.loss_chunk_rows,
+                                                      loss_grad = opts.loss_grad})
   else
     out.logits = self.net:forward(ids, tape)
     -- in eval mode no backward is expected: a GPU that fuses the loss's forward and

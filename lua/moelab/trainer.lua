@@ -236,10 +236,15 @@ local function queue_forward_backward(self, batches, scale, routing_stats)
   -- (no memset); this loop reads gradients only through the layer
   net:zero_grad{lazy = true}
   local pending, stats = {}, nil
+  -- the upstream gradient each loss gets, promised to the forward: the head's
+  -- weight gradient goes in there without a pass of its own. scale holds it
+  -- (both callers make it 1 / the micro-batches), but on the device: reading
+  -- it back would wait, and cannot be captured into a CUDA graph
+  local loss_grad = 1 / #batches
   for micro, b in ipairs(batches) do
     local out = self.model:forward(b[1], {targets = b[2], aux_loss_coef = self.aux_loss_coef,
                                           router_z_loss_coef = self.router_z_loss_coef, keep_logits = false,
-                                          routing_stats = routing_stats})
+                                          loss_grad = loss_grad, routing_stats = routing_stats})
     if self.monitor then self.monitor:record() end
     stats = out.routing
     -- a non-finite loss gives non-finite gradients; the step is skipped below

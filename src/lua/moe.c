@@ -4,6 +4,7 @@
 #include "lmoe.h"
 #include "../nn/model.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -332,8 +333,9 @@ static int m_balance_losses(lua_State *L) {
     return 2;
 }
 
-/* model:forward_loss(ids, targets[, tape][, {ignore_index = -100, chunk_rows = 0}]) -> the mean
- * cross-entropy, the head and loss in chunks of rows (no logits; moe_model_forward_loss) */
+/* model:forward_loss(ids, targets[, tape][, {ignore_index = -100, chunk_rows = 0, loss_grad = 0}]) -> the
+ * mean cross-entropy, the head and loss in chunks of rows (no logits; moe_model_forward_loss). loss_grad > 0
+ * promises the backward's upstream gradient: the head's weight gradient is added during the forward. */
 static int m_forward_loss(lua_State *L) {
     const char *f = "model:forward_loss";
     moe_layer *m = check_model(L, f);
@@ -344,8 +346,13 @@ static int m_forward_loss(lua_State *L) {
     int64_t ignore = moe_lua_opt_field_int(L, 5, "ignore_index", -100, f);
     int64_t chunk = moe_lua_opt_field_int(L, 5, "chunk_rows", 0, f);
     if (chunk < 0) return luaL_error(L, "%s: chunk_rows must be >= 0 (0: chunks of at most 256 MB of logits)", f);
+    double loss_grad = moe_lua_opt_field_num(L, 5, "loss_grad", 0.0, f);
+    const float lg = (float)loss_grad;   /* in f32 as the backward's seed: neither overflowing nor vanishing */
+    if (!(loss_grad >= 0) || isinf(lg) || (loss_grad > 0 && lg == 0.0f))
+        return luaL_error(L, "%s: loss_grad must be a finite number >= 0 (0: none), got %g", f, loss_grad);
     moe_tensor *loss = NULL;
-    moe_lua_check(L, moe_model_forward_loss(m, moe_lua_ctx(L), tape, ids, targets, ignore, chunk, &loss), f);
+    moe_lua_check(L, moe_model_forward_loss(m, moe_lua_ctx(L), tape, ids, targets, ignore, chunk, lg, &loss),
+                  f);
     moe_lua_push_tensor(L, loss, f);
     return 1;
 }

@@ -325,7 +325,7 @@ static int layer_num_params(lua_State *L) {
     return 1;
 }
 
-/* zero_grad([{lazy = true}]): lazy leaves the expert banks' gradients to their
+/* zero_grad([{lazy = true}]): lazy leaves the expert banks' and the LM head's gradients to their
  * next writer (moe_layer_zero_grad_lazy): gradients read through the layer are
  * zero, but a gradient tensor fetched before may still show the old values */
 static int layer_zero_grad(lua_State *L) {

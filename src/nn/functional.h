@@ -37,18 +37,31 @@ moe_status moe_ce_count(moe_ctx *ctx, moe_tensor *targets, int64_t vocab, int64_
 moe_status moe_scalar_grad_value(moe_ctx *ctx, moe_tensor *g, float *dloss);
 /* The mean cross-entropy of x w^T against targets without the [N, V] logits:
  * x [..., D] (N rows), w [V, D], targets [...] i64 (N). The rows go through
- * the head and the loss chunk_rows at a time (<= 0: chunks of at most 256 MB
- * of logits). Under a tape each chunk's loss gradient (for an upstream 1) goes
- * straight into dx = dlogits w and into an accumulated dW = dlogits^T x, both
- * kept for the backward, which scales them by the upstream gradient, hands dx
- * over and adds dW into wgrad (NULL: a frozen weight, no dW); a second
- * backward is refused (MOE_ERR_STATE). The chunks' dW are summed in w's dtype
- * (bf16 under mixed precision: rounded once a chunk). What it saves: the
- * logits' 824 MB at 8192 tokens of a 50k vocabulary in bf16, for dW (V x D)
- * and dx (N x D). */
+ * the head and the loss o->chunk_rows at a time (<= 0: chunks of at most 256
+ * MB of logits). Under a tape each chunk's loss gradient goes straight into dx
+ * = dlogits w and into dW = dlogits^T x; a second backward is refused
+ * (MOE_ERR_STATE). The chunks' dW are summed in w's dtype (bf16 under mixed
+ * precision: rounded once a chunk). What it saves: the logits' 824 MB at 8192
+ * tokens of a 50k vocabulary in bf16, for dW (V x D) and dx (N x D).
+ *   o->upstream_grad 0: the gradients are taken for an upstream 1 and kept; the
+ * backward scales them by the upstream gradient it brings, hands dx over and
+ * adds dW into wgrad (NULL: a frozen weight, no dW).
+ *   o->upstream_grad > 0: the caller promises the backward's upstream gradient
+ * (a trainer's micro-batch scale); the gradients are taken scaled by it and dW
+ * is added into wgrad during the forward, with no V x D tensor of its own and
+ * no pass to add it later. Where o->wgrad_pending points at a set pending-zero
+ * mark (moe_param.grad_zero_pending), the first chunk overwrites wgrad's
+ * memory instead of adding to it and the mark is cleared. The backward only
+ * hands dx over, and refuses another upstream gradient. A tape dropped without
+ * its backward leaves dW in wgrad. */
+typedef struct {
+    int64_t ignore_index;
+    int64_t chunk_rows;
+    float upstream_grad;
+    int *wgrad_pending;
+} moe_lce_opts;
 moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
-                                      moe_tensor *targets, int64_t ignore_index, int64_t chunk_rows,
-                                      moe_tensor **loss);
+                                      moe_tensor *targets, const moe_lce_opts *o, moe_tensor **loss);
 /* Sum or mean of all elements into a 0-dim tensor. */
 moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_tensor **y);
 /* y = x @ w^T (+ b): x [..., in], w [out, in], b [out] or NULL. The layer Linear uses it. */

@@ -8,7 +8,10 @@
  * from the whole dlogits later, with the same FLOPs. */
 #include "functional.h"
 
-/* saved: dx, dW (NULL for a frozen weight), wgrad; e->i[0]: consumed */
+#include <math.h>
+
+/* saved: dx, dW (NULL for a frozen weight or one written in the forward),
+ * wgrad; e->i[0]: consumed; e->f[0]: the upstream gradient promised (0: none) */
 static moe_status head_loss_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_tensor *dx = e->saved[0], *dw = e->saved[1], *wgrad = e->saved[2];
     if (e->i[0])
@@ -16,7 +19,13 @@ static moe_status head_loss_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor
                                         "over by the first backward: one backward only");
     float dloss;
     MOE_TRY(moe_scalar_grad_value(ctx, gout[0], &dloss));
+    const float promised = (float)e->f[0];
+    if (promised > 0 && dloss != promised)
+        return moe_error(MOE_ERR_STATE, "linear_cross_entropy: its gradients were taken for an upstream gradient of "
+                                        "%g (upstream_grad, the trainer's loss_grad), but the backward brings %g",
+                         (double)promised, (double)dloss);
     e->i[0] = 1;
+    if (promised > 0) dloss = 1.0f;   /* taken scaled already, dW added in the forward */
     if (dw && wgrad) MOE_TRY(moe_op_axpy(ctx, wgrad, dloss, dw));
     moe_tensor *acc = moe_tape_grad_acc(e, 0);
     if (acc) return moe_op_axpy(ctx, acc, dloss, dx);   /* x already has a gradient: add to it */
@@ -47,10 +56,15 @@ static moe_status check_args(moe_tensor *x, moe_tensor *w, moe_tensor *wgrad, mo
 }
 
 moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
-                                      moe_tensor *targets, int64_t ignore_index, int64_t chunk_rows,
-                                      moe_tensor **loss) {
+                                      moe_tensor *targets, const moe_lce_opts *o, moe_tensor **loss) {
     *loss = NULL;
+    if (!o) return moe_error(MOE_ERR_ARG, "linear_cross_entropy: no options");
     MOE_TRY(check_args(x, w, wgrad, targets));
+    if (!(o->upstream_grad >= 0) || isinf(o->upstream_grad))
+        return moe_error(MOE_ERR_ARG, "linear_cross_entropy: upstream_grad must be finite and >= 0 (0: none), got %g",
+                         (double)o->upstream_grad);
+    const int64_t ignore_index = o->ignore_index;
+    int64_t chunk_rows = o->chunk_rows;
     const int64_t V = w->shape[0], N = moe_tensor_numel(targets);
     const size_t es = moe_dtype_size(x->dtype);
     if (chunk_rows <= 0) {   /* the fewest chunks of at most 256 MB of logits, as even as that allows */
@@ -61,6 +75,9 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
         if (chunk_rows < 1) chunk_rows = 1;
     }
     const int grads = tape != NULL;
+    /* dW straight into wgrad during the forward (see functional.h) */
+    const float upstream = grads ? o->upstream_grad : 0.0f;
+    const int direct = upstream > 0 && wgrad && N > 0;
     const int fuses = moe_op_cross_entropy_fuses(ctx, x->device);
     moe_tensor *xc = moe_op_contiguous(ctx, x);
     moe_tensor *tc = moe_op_contiguous(ctx, targets);
@@ -75,13 +92,17 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
     moe_tensor *lg = N > 0 ? moe_tensor_new(ctx, x->dtype, 2, cshape, x->device) : NULL;
     moe_tensor *dlg = grads && !fuses && N > 0 ? moe_tensor_new(ctx, x->dtype, 2, cshape, x->device) : NULL;
     moe_tensor *dx = grads ? moe_tensor_new(ctx, x->dtype, x->ndim, x->shape, x->device) : NULL;   /* x's shape */
-    moe_tensor *dw = grads && wgrad ? moe_tensor_new(ctx, w->dtype, 2, w->shape, w->device) : NULL;
+    moe_tensor *dw = grads && wgrad && !direct ? moe_tensor_new(ctx, w->dtype, 2, w->shape, w->device) : NULL;
     moe_tensor *xrows = xc ? moe_rows_view(xc) : NULL, *dxrows = dx ? moe_rows_view(dx) : NULL;
     if (s == MOE_OK && !(t1 && per_row && lse && out && xrows && (lg || N == 0) && (dlg || !grads || fuses || N == 0) &&
-                         (dxrows || !grads) && (dw || !grads || !wgrad)))
+                         (dxrows || !grads) && (dw || !grads || !wgrad || direct)))
         s = moe_last_status();
     if (s == MOE_OK && dw && N == 0) s = moe_op_fill(ctx, dw, 0.0);
     const float scale = count > 0 ? (float)(1.0 / count) : 0.0f;
+    /* the gradient's scale: the promised upstream gradient folded in */
+    const float gscale = upstream > 0 ? (float)((double)upstream / count) : scale;
+    /* the first chunk overwrites a pending-zero wgrad */
+    const float beta0 = direct && o->wgrad_pending && *o->wgrad_pending ? 0.0f : 1.0f;
     for (int64_t r0 = 0; r0 < N && s == MOE_OK; r0 += chunk_rows) {
         const int64_t n = N - r0 < chunk_rows ? N - r0 : chunk_rows;
         moe_tensor *xr = moe_tensor_narrow(xrows, 0, r0, n), *lr = moe_tensor_narrow(lg, 0, 0, n);
@@ -93,9 +114,10 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
         if (!xr || !lr || !tr || !pr || !sr || (grads && (!dr || !dxr))) s = moe_last_status();
         if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xr, w, 0.0f, lr);   /* logits = x w^T */
         if (s == MOE_OK && grads) {
-            s = moe_op_cross_entropy_fused(ctx, pr, sr, dr, lr, tr, ignore_index, scale);
+            s = moe_op_cross_entropy_fused(ctx, pr, sr, dr, lr, tr, ignore_index, count > 0 ? gscale : 0.0f);
             if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 0, 1.0f, dr, w, 0.0f, dxr);   /* dx = dlogits w */
             if (s == MOE_OK && dw) s = moe_op_gemm(ctx, 1, 0, 1.0f, dr, xr, r0 > 0 ? 1.0f : 0.0f, dw);
+            if (s == MOE_OK && direct) s = moe_op_gemm(ctx, 1, 0, 1.0f, dr, xr, r0 > 0 ? 1.0f : beta0, wgrad);
         } else if (s == MOE_OK) {
             s = moe_op_cross_entropy(ctx, pr, sr, lr, tr, ignore_index);
         }
@@ -117,11 +139,13 @@ moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *
             moe_tape_save(e, dw);
             moe_tape_save(e, wgrad);
             e->i[0] = 0;
+            e->f[0] = upstream;
         }
     }
     moe_tensor_release(xc); moe_tensor_release(tc); moe_tensor_release(t1); moe_tensor_release(per_row);
     moe_tensor_release(lse); moe_tensor_release(dx); moe_tensor_release(dw);
     if (s != MOE_OK) { moe_tensor_release(out); return s; }
+    if (direct && o->wgrad_pending) *o->wgrad_pending = 0;   /* written: its memory holds dW now */
     *loss = out;
     return MOE_OK;
 }

@@ -98,8 +98,15 @@ moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_ten
 /* LoRA adapters (lora.c) append parameters after the weight and bias. */
 static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->params[1].name, "bias"); }
 
+/* The backward adds into the weight's gradient (beta 1): one left pending zero
+ * (the LM head's, model.c) is cleared before a forward that records. */
+static moe_status settle_if_recording(moe_ctx *ctx, moe_layer *l, moe_tape *tape) {
+    return tape ? moe_layer_settle_grads(ctx, l) : MOE_OK;
+}
+
 static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor **y) {
     moe_param *w = &l->params[0], *b = has_bias(l) ? &l->params[1] : NULL;
+    MOE_TRY(settle_if_recording(ctx, l, tape));
     if (!l->state) return moe_f_linear(ctx, tape, x, moe_param_w(w), w->grad, b ? moe_param_w(b) : NULL, b ? b->grad : NULL, y);
     moe_tensor *y0 = NULL;
     MOE_TRY(moe_f_linear(ctx, tape, x, moe_param_w(w), w->grad, b ? moe_param_w(b) : NULL, b ? b->grad : NULL, &y0));
@@ -112,6 +119,7 @@ static moe_status linear_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe
 static moe_status linear_forward_residual(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x,
                                           moe_tensor *residual, moe_tensor **y) {
     moe_param *w = &l->params[0], *b = has_bias(l) ? &l->params[1] : NULL;
+    MOE_TRY(settle_if_recording(ctx, l, tape));
     if (l->state) {
         moe_tensor *t = NULL;
         MOE_TRY(linear_forward(l, ctx, tape, x, &t));

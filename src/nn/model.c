@@ -101,6 +101,10 @@ moe_layer *moe_model_new(moe_ctx *ctx, const moe_model_cfg *cfg, moe_layer ***cu
     moe_layer **blocks = calloc((size_t)n, sizeof *blocks);
     moe_layer *embed = moe_embedding_new(ctx, c.vocab, c.hidden, init);
     moe_layer *head = c.tie_embeddings ? NULL : moe_linear_new(ctx, c.hidden, c.vocab, 0, init);
+    /* its gradient (vocab x hidden, the largest after the experts') is written by
+     * the chunked loss with beta 0 when pending (moe_f_linear_cross_entropy), so
+     * zero_grad need not clear it; every other path settles it first */
+    if (head) head->params[0].grad_lazy_zero = 1;
     moe_layer *norm = moe_rmsnorm_new(ctx, c.hidden, c.norm_eps);
     moe_layer *layers = NULL, *model = NULL;
     moe_status s = blocks && embed && norm && (c.tie_embeddings || head) ? MOE_OK : moe_last_status();
@@ -300,7 +304,7 @@ moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_ten
 }
 
 moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor *targets,
-                                  int64_t ignore_index, int64_t chunk_rows, moe_tensor **loss) {
+                                  int64_t ignore_index, int64_t chunk_rows, float loss_grad, moe_tensor **loss) {
     *loss = NULL;
     if (!moe_model_config(m)) return moe_error(MOE_ERR_ARG, "model forward_loss: not an MoEModel");
     if (!targets || !ids || !moe_tensor_same_shape(targets, ids)) {
@@ -316,7 +320,11 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
     moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
     if (s == MOE_OK && plain) {
         moe_param *w = &head->params[0];
-        s = moe_f_linear_cross_entropy(ctx, tape, hn, moe_param_w(w), w->grad, targets, ignore_index, chunk_rows, loss);
+        moe_lce_opts o = {.ignore_index = ignore_index, .chunk_rows = chunk_rows, .upstream_grad = loss_grad,
+                          .wgrad_pending = &w->grad_zero_pending};
+        /* without a promised upstream gradient the backward adds dW into the gradient: clear it first if pending */
+        if (!(tape && loss_grad > 0)) s = moe_layer_settle_grads(ctx, head);
+        if (s == MOE_OK) s = moe_f_linear_cross_entropy(ctx, tape, hn, moe_param_w(w), w->grad, targets, &o, loss);
     } else if (s == MOE_OK) {
         moe_tensor *logits = NULL;
         s = moe_layer_forward(head, ctx, tape, hn, &logits);

@@ -34,10 +34,13 @@ moe_status moe_model_forward(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe
 /* The forward to the mean cross-entropy against targets (ids' shape, i64),
  * without the [tokens, vocab] logits: the head and the loss go chunk_rows at a
  * time through moe_f_linear_cross_entropy (functional.h; <= 0: its default
- * chunks), which takes the loss's gradient in the forward. A head with a bias
- * or LoRA adapters makes its logits and takes the fused loss over them. */
+ * chunks), which takes the loss's gradient in the forward. loss_grad > 0
+ * (under a tape) promises the backward's upstream gradient of the loss: the
+ * head's weight gradient is then added during the forward (functional.h,
+ * upstream_grad). A head with a bias or LoRA adapters makes its logits and
+ * takes the fused loss over them. */
 moe_status moe_model_forward_loss(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor *targets,
-                                  int64_t ignore_index, int64_t chunk_rows, moe_tensor **loss);
+                                  int64_t ignore_index, int64_t chunk_rows, float loss_grad, moe_tensor **loss);
 /* Sum over MoE layers of the last forward's auxiliary and z losses (taped;
  * 0-dim zeros for a dense model). */
 moe_status moe_model_balance_losses(moe_layer *model, moe_ctx *ctx, moe_tape *tape, moe_tensor **aux, moe_tensor **z);
