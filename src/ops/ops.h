@@ -330,7 +330,21 @@ typedef struct {
     int64_t index0;   /* bf16 m and v: the index of element 0 in the whole flat buffer (see above) */
     const moe_tensor *step_dev;   /* optional, i64: the steps done before this one (see above) */
     const moe_tensor *lr_dev;     /* optional, f32: multiplies cfg->lr (see above) */
+    /* Optional runs (n_runs > 0): the update touches only these element ranges
+     * [lo, hi) of the tensors, each with its own lr and weight_decay (replacing
+     * cfg->lr and cfg->weight_decay; lr_dev multiplies each); elements between
+     * them are neither read nor written. Sorted and disjoint within [0, n), each
+     * lo a multiple of 8, at most MOE_ADAMW_MAX_RUNS. One launch for a model's
+     * parameters whose settings alternate (norms without decay between
+     * matrices with it): each launch boundary cost the GPU 2-4 us. */
+    int n_runs;
+    const struct moe_adamw_run *runs;
 } moe_adamw_cfg;
+#define MOE_ADAMW_MAX_RUNS 64
+typedef struct moe_adamw_run {
+    int64_t lo, hi;
+    float lr, weight_decay;
+} moe_adamw_run;
 /* ---- reads of one-element tensors that wait for themselves only ----
  * moe_op_read_start queues copies of n (1..MOE_READ_MAX) one-element tensors
  * of one device to the host; moe_op_read_finish waits for those copies, not

@@ -542,6 +542,17 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
         return moe_error(MOE_ERR_ARG, "adamw: betas are (%g, %g), expected each in [0, 1)", (double)cfg->beta1,
                          (double)cfg->beta2);
     MOE_TRY(adamw_clip_args(op, cfg, params, "the params'"));
+    if (cfg->n_runs < 0 || cfg->n_runs > MOE_ADAMW_MAX_RUNS || (cfg->n_runs > 0 && !cfg->runs))
+        return moe_error(MOE_ERR_ARG, "adamw: %d runs%s, expected 0 to %d", cfg->n_runs,
+                         cfg->n_runs > 0 && !cfg->runs ? " but no array" : "", MOE_ADAMW_MAX_RUNS);
+    for (int r = 0; r < cfg->n_runs; r++) {
+        const moe_adamw_run *u = &cfg->runs[r];
+        int64_t prev = r > 0 ? cfg->runs[r - 1].hi : 0;
+        if (u->lo < prev || u->hi <= u->lo || u->hi > moe_tensor_numel(params) || u->lo % 8)
+            return moe_error(MOE_ERR_ARG, "adamw: run %d is [%lld, %lld), expected sorted, disjoint, non-empty runs "
+                             "within [0, %lld) starting on multiples of 8", r, (long long)u->lo, (long long)u->hi,
+                             (long long)moe_tensor_numel(params));
+    }
     moe_tensor *written[4] = {params, m, v, cfg->compute};
     for (int i = 0; i < 4; i++)
         if (written[i]) MOE_TRY(ops_out(op, "params, m, v or compute", written[i]));   /* (contiguity checked above) */

@@ -208,6 +208,47 @@ moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     return s;
 }
 
+/* q lies dist elements after p0 in the values, the gradients and the compute copy alike */
+static int same_span(const moe_param *p0, const moe_param *q, int64_t dist) {
+    return q->value->storage == p0->value->storage && q->value->offset - p0->value->offset == dist &&
+           q->grad->storage == p0->grad->storage && q->grad->offset - p0->grad->offset == dist &&
+           !q->compute == !p0->compute &&
+           (!q->compute ||
+            (q->compute->storage == p0->compute->storage && q->compute->offset - p0->compute->offset == dist));
+}
+
+/* One update launch over runs [lo, hi) counted from element `at` of the flat
+ * buffer, where parameter p0 (starting at element off0) lies: one run as the
+ * plain update, several through cfg->runs (one kernel for parameters whose
+ * settings alternate: 35 launches a step became one for the OLMoE-style
+ * benchmark model, each launch boundary having cost the GPU 2-4 us). */
+static moe_status launch_runs(moe_ctx *ctx, moe_adamw *o, const moe_adamw_cfg *base, const moe_param *p0,
+                              int64_t off0, int64_t at, const moe_adamw_run *runs, int nr) {
+    const int64_t len = runs[nr - 1].hi;
+    moe_adamw_cfg c = *base;
+    if (nr == 1) {
+        c.lr = runs[0].lr;
+        c.weight_decay = runs[0].weight_decay;
+    } else {
+        c.n_runs = nr;
+        c.runs = runs;
+    }
+    c.index0 = at;
+    moe_tensor *pv = span(p0->value, p0->value->offset + (at - off0), len);
+    moe_tensor *gv = span(p0->grad, p0->grad->offset + (at - off0), len);
+    moe_tensor *mv = span(o->m, o->m->offset + (at - o->lo), len);
+    moe_tensor *vv = span(o->v, o->v->offset + (at - o->lo), len);
+    /* mixed precision: the compute copy is rewritten in the same pass */
+    moe_tensor *cv = p0->compute ? span(p0->compute, p0->compute->offset + (at - off0), len) : NULL;
+    c.compute = cv;
+    moe_status s = pv && gv && mv && vv && (cv || !p0->compute) ? moe_op_adamw(ctx, pv, gv, mv, vv, &c)
+                                                                 : moe_last_status();
+    moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
+    moe_tensor_release(cv);
+    if (s == MOE_OK) o->launches++;
+    return s;
+}
+
 static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, moe_tensor *clip_sumsq,
                             moe_tensor *clip_guard) {
     moe_tensor *fv = o->layer->flat_values;
@@ -225,6 +266,13 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
                           .grad_scale = grad_scale, .clip_sumsq = clip_sumsq, .guard = clip_guard,
                           .clip_max = o->clip_max, .step_dev = o->step_dev, .lr_dev = o->lr_dev};
     moe_status s = MOE_OK;
+    /* The launch being gathered: runs of parameters [lo, hi) from element `at`
+     * of the flat buffers, each with its learning rate and decay (ops.h:
+     * cfg->runs), starting with parameter `first`; frozen parameters between
+     * them are skipped by the kernel. */
+    moe_adamw_run runs[MOE_ADAMW_MAX_RUNS];
+    int nr = 0, first = -1;
+    int64_t at = 0;
     for (int i = 0; i < o->n && s == MOE_OK; i++) {
         if (o->lr_scale[i] == 0) continue;   /* frozen */
         if (ps[i].value->storage != o->layer->flat_values->storage) {
@@ -235,47 +283,41 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         int64_t off = ps[i].value->offset - fv->offset, n = moe_tensor_numel(ps[i].value);
         int64_t a = off > o->lo ? off : o->lo, b = off + n < o->hi ? off + n : o->hi;
         if (a >= b) continue;
-        /* The following parameters with the same settings join this one's launch
+        /* The following parameters with the same settings extend this one's run
          * when nothing but alignment padding lies between them, in the values,
          * the gradients and the compute copy alike: the padding is zero in all
-         * of them (and in m and v), so the update keeps it zero. One launch a
-         * run, not a parameter (99 -> 35 for the OLMoE-style benchmark model):
-         * each launch boundary costs the GPU 1-2 us, and the host its launch. */
+         * of them (and in m and v), so the update keeps it zero. */
         int last = i;
         /* (a head cut by the owned range starts off the 16-byte grid: it keeps its
          * own call, so the vector kernel still takes the parameters after it) */
         for (int k = i + 1; k < o->n && a == off; k++) {
-            const moe_param *q = &ps[k], *p0 = &ps[i];
+            const moe_param *q = &ps[k];
             int64_t qoff = q->value->offset - fv->offset, qn = moe_tensor_numel(q->value);
             int64_t qa = qoff > o->lo ? qoff : o->lo, qb = qoff + qn < o->hi ? qoff + qn : o->hi;
             if (o->lr_scale[k] != o->lr_scale[i] || o->decay[k] != o->decay[i] || qa >= qb || qa != qoff ||
-                qa - b < 0 || qa - b >= 16 || q->value->storage != p0->value->storage ||
-                q->grad->storage != p0->grad->storage || q->grad->offset - p0->grad->offset != qoff - off ||
-                !q->compute != !p0->compute ||
-                (q->compute && (q->compute->storage != p0->compute->storage ||
-                                q->compute->offset - p0->compute->offset != qoff - off)))
+                qa - b < 0 || qa - b >= 16 || !same_span(&ps[i], q, qoff - off))
                 break;
             b = qb;
             last = k;
         }
-        moe_adamw_cfg c = base;
+        /* the run joins the launch being gathered where the buffers keep their
+         * relative offsets and it starts on a group of 8 from the launch's start */
+        const int64_t off0 = nr > 0 ? ps[first].value->offset - fv->offset : 0;
+        int joins = nr > 0 && nr < MOE_ADAMW_MAX_RUNS && a == off && (a - at) % 8 == 0 &&
+                    same_span(&ps[first], &ps[i], off - off0);
+        if (!joins && nr > 0) {
+            s = launch_runs(ctx, o, &base, &ps[first], off0, at, runs, nr);
+            nr = 0;
+            if (s != MOE_OK) break;
+        }
+        if (nr == 0) { first = i; at = a; }
         /* with device state, the device's lr times the parameter's scale (ops.h: lr_dev) */
-        c.lr = o->lr_dev ? o->lr_scale[i] : lr * o->lr_scale[i];
-        c.weight_decay = o->decay[i] ? o->hp.weight_decay : 0.0f;
-        c.index0 = a;
-        moe_tensor *pv = span(ps[i].value, ps[i].value->offset + (a - off), b - a);
-        moe_tensor *gv = span(ps[i].grad, ps[i].grad->offset + (a - off), b - a);
-        moe_tensor *mv = span(o->m, o->m->offset + (a - o->lo), b - a);
-        moe_tensor *vv = span(o->v, o->v->offset + (a - o->lo), b - a);
-        /* mixed precision: the compute copy is rewritten in the same pass */
-        moe_tensor *cv = ps[i].compute ? span(ps[i].compute, ps[i].compute->offset + (a - off), b - a) : NULL;
-        c.compute = cv;
-        s = pv && gv && mv && vv && (cv || !ps[i].compute) ? moe_op_adamw(ctx, pv, gv, mv, vv, &c) : moe_last_status();
-        moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
-        moe_tensor_release(cv);
-        if (s == MOE_OK) o->launches++;
+        runs[nr++] = (moe_adamw_run){a - at, b - at, o->lr_dev ? o->lr_scale[i] : lr * o->lr_scale[i],
+                                     o->decay[i] ? o->hp.weight_decay : 0.0f};
         i = last;
     }
+    if (s == MOE_OK && nr > 0)
+        s = launch_runs(ctx, o, &base, &ps[first], ps[first].value->offset - fv->offset, at, runs, nr);
     free(ps);
     if (s == MOE_OK && o->step_dev) s = moe_op_adamw_advance(ctx, o->step_dev, &base);
     return s;

@@ -676,6 +676,7 @@ static void test_adamw(void) {
 }
 
 /* a one-element tensor of dt with value x, written on the host and uploaded */
+
 static moe_tensor *upload_scalar(moe_dtype dt, double x) {
     moe_tensor *h = moe_tensor_new_cpu(dt, 0, NULL);
     die_if(!h || moe_tensor_fill_cpu(h, x) != MOE_OK, "host scalar");
@@ -690,6 +691,63 @@ static int64_t step_of(const moe_tensor *step_dev) {
     int64_t v = ((const int64_t *)moe_tensor_data(h))[0];
     moe_tensor_release(h);
     return v;
+}
+
+/* Runs with their own lr and weight decay in one update (ops.h: cfg.runs)
+ * against the CPU's run-by-run loop: gaps between runs (a 5-element run, 11
+ * untouched elements before the next) and runs ending off the groups of 8,
+ * the last at the buffer's end (4999 elements). f32 state and gradients; then
+ * bf16 state, gradients and compute copy with the device's step and lr. The
+ * same bytes everywhere, the gaps as they were. */
+static void test_adamw_runs(void) {
+    const int64_t n = 4999;
+    const moe_adamw_run runs[4] = {{0, 1003, 1e-2f, 0.1f}, {1008, 1013, 2e-2f, 0.0f}, {1024, 3001, 5e-3f, 0.2f},
+                                   {3008, 4999, 1e-2f, 0.0f}};
+    moe_tensor *step_dev = upload_scalar(MOE_I64, 6), *lr_dev = upload_scalar(MOE_F32, 0.5);
+    for (int k = 0; k < 2; k++) {
+        moe_dtype sdt = k ? MOE_BF16 : MOE_F32;
+        pair p = in_randn(MOE_F32, SH(n)), g = in_randn(sdt, SH(n)), c = in_randn(MOE_BF16, SH(n));
+        pair m = in_pair(sdt, SH(n), 0.1f, 0.0f, 0), v = in_pair(sdt, SH(n), 0.1f, 0.01f, 1);
+        moe_tensor *gh = moe_op_to(ctx, g.h, MOE_DEVICE_CPU, sdt), *mh = moe_op_to(ctx, m.h, MOE_DEVICE_CPU, sdt),
+                   *vh = moe_op_to(ctx, v.h, MOE_DEVICE_CPU, sdt), *chh = moe_op_to(ctx, c.h, MOE_DEVICE_CPU, MOE_BF16);
+        moe_tensor *p0 = moe_tensor_new_cpu(MOE_F32, SH(n));   /* the params before: a copy, not an alias */
+        die_if(!gh || !mh || !vh || !chh || !p0, "adamw runs host copies");
+        memcpy(moe_f32(p0), moe_f32(p.h), (size_t)n * sizeof(float));
+        moe_adamw_cfg hc = {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .step = 7, .index0 = 96, .n_runs = 4,
+                            .runs = runs, .compute = k ? chh : NULL};
+        moe_adamw_cfg dc = hc;
+        dc.compute = k ? c.d : NULL;
+        moe_adamw_run druns[4];
+        memcpy(druns, runs, sizeof druns);
+        if (k) {   /* the device's step (6 + 1) and lr (0.5 x twice the runs' lr) */
+            for (int r = 0; r < 4; r++) druns[r].lr = 2 * runs[r].lr;
+            dc.runs = druns;
+            dc.step = 0;
+            dc.step_dev = step_dev;
+            dc.lr_dev = lr_dev;
+        }
+        char name[96];
+        snprintf(name, sizeof name, "adamw runs, %s state and gradients%s", dtn(sdt), k ? ", compute copy, device step" : "");
+        if (RUN(name, MOE_F32, moe_op_adamw(ctx, p.h, gh, mh, vh, &hc), moe_op_adamw(ctx, p.d, g.d, m.d, v.d, &dc))) {
+            ok(same_bytes(p.d, p.h) && same_bytes(m.d, mh) && same_bytes(v.d, vh), "%s: the CPU's bytes", name);
+            if (k) ok(same_bytes(c.d, chh), "%s: the compute copy is the CPU's bytes", name);
+            int64_t gap_same = 0, gap_n = 0, run_moved = 0;
+            for (int64_t i = 0; i < n; i++) {
+                int in = 0;
+                for (int r = 0; r < 4; r++) in |= i >= runs[r].lo && i < runs[r].hi;
+                float now = moe_f32(p.h)[i], was = moe_f32(p0)[i];
+                if (in) run_moved += now != was;
+                else { gap_n++; gap_same += now == was; }
+            }
+            ok(gap_n == 23 && gap_same == gap_n && run_moved > n - 32,
+               "%s: the %lld elements between runs untouched (%lld), the runs' updated (%lld)", name, (long long)gap_n,
+               (long long)gap_same, (long long)run_moved);
+        }
+        moe_tensor_release(gh); moe_tensor_release(mh); moe_tensor_release(vh); moe_tensor_release(chh);
+        moe_tensor_release(p0);
+        pfree(&p); pfree(&g); pfree(&c); pfree(&m); pfree(&v);
+    }
+    moe_tensor_release(step_dev); moe_tensor_release(lr_dev);
 }
 
 /* The step and learning rate held by the device (ops.h: step_dev = 6, so step
@@ -769,5 +827,6 @@ int main(void) {
     }
     if (want("adamw")) test_adamw();
     if (want("adamw_device")) test_adamw_device();
+    if (want("adamw_runs")) test_adamw_runs();
     return gpucheck_end();
 }

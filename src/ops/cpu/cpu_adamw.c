@@ -59,13 +59,24 @@ moe_status moe_cpu_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *gra
     if (gs < 0) return MOE_OK;   /* non-finite norm or guard: the step is skipped */
     /* the step and learning rate the device holds, when given (ops.h) */
     int64_t step = cfg->step_dev ? ((const int64_t *)moe_tensor_data(cfg->step_dev))[0] + 1 : cfg->step;
-    float lr = cfg->lr_dev ? moe_f32(cfg->lr_dev)[0] * cfg->lr : cfg->lr;
-    adam_job J = {moe_f32(params), moe_tensor_data(m), moe_tensor_data(v), moe_tensor_data((moe_tensor *)grads),
-                  cfg->compute ? moe_tensor_data(cfg->compute) : NULL, grads->dtype == MOE_BF16,
-                  cfg->compute && cfg->compute->dtype == MOE_BF16, m->dtype == MOE_BF16, cfg->beta1, cfg->beta2,
-                  lr, cfg->eps, cfg->weight_decay, moe_adamw_inv_bias_corr(cfg->beta1, step),
-                  moe_adamw_inv_bias_corr(cfg->beta2, step), (float)gs, cfg->index0, step};
-    moe_parallel_for(ctx->pool, moe_tensor_numel(params), 1 << 15, adam_range, &J);
+    const float lr_dev = cfg->lr_dev ? moe_f32(cfg->lr_dev)[0] : 1.0f;
+    const size_t gsz = moe_dtype_size(grads->dtype), ssz = moe_dtype_size(m->dtype);
+    const size_t csz = cfg->compute ? moe_dtype_size(cfg->compute->dtype) : 0;
+    /* one run of the whole tensor unless runs are given (ops.h) */
+    moe_adamw_run whole = {0, moe_tensor_numel(params), cfg->lr, cfg->weight_decay};
+    const moe_adamw_run *runs = cfg->n_runs > 0 ? cfg->runs : &whole;
+    const int n_runs = cfg->n_runs > 0 ? cfg->n_runs : 1;
+    for (int r = 0; r < n_runs; r++) {
+        const int64_t lo = runs[r].lo;
+        adam_job J = {moe_f32(params) + lo, (char *)moe_tensor_data(m) + lo * ssz, (char *)moe_tensor_data(v) + lo * ssz,
+                      (const char *)moe_tensor_data((moe_tensor *)grads) + lo * gsz,
+                      cfg->compute ? (char *)moe_tensor_data(cfg->compute) + lo * csz : NULL, grads->dtype == MOE_BF16,
+                      cfg->compute && cfg->compute->dtype == MOE_BF16, m->dtype == MOE_BF16, cfg->beta1, cfg->beta2,
+                      cfg->lr_dev ? lr_dev * runs[r].lr : runs[r].lr, cfg->eps, runs[r].weight_decay,
+                      moe_adamw_inv_bias_corr(cfg->beta1, step), moe_adamw_inv_bias_corr(cfg->beta2, step), (float)gs,
+                      cfg->index0 + lo, step};
+        moe_parallel_for(ctx->pool, runs[r].hi - lo, 1 << 15, adam_range, &J);
+    }
     return MOE_OK;
 }
 

@@ -145,14 +145,11 @@ __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, flo
 }
 
 template <typename G, typename C, typename S>
-static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
-                   int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
+static void launch_ptr(cuda_dev *d, float *pp, const G *gp, S *mp, S *vp, C *c, int64_t n, const moe_adamw_cfg *cfg,
+                       float ibc1, float ibc2) {
     float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
-    float *pp = moe_f32(params);
-    S *mp = (S *)moe_tensor_data(m), *vp = (S *)moe_tensor_data(v);
     const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
     const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
-    const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
     const int64_t *sd = cfg->step_dev ? (const int64_t *)moe_tensor_data(cfg->step_dev) : nullptr;
     const float *ld = cfg->lr_dev ? moe_f32(cfg->lr_dev) : nullptr;
     int64_t n8 = 0;
@@ -169,6 +166,111 @@ static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe
             pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
             cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max, cfg->index0 + done, cfg->step, sd,
             ld);
+}
+
+// Runs of elements with their own lr and weight decay in one launch (ops.h,
+// cfg->runs): every run starts on a multiple of 8 elements, so a group of 8
+// never holds two runs; a group past its run's end (the run's last, partial
+// group) updates only the run's elements, and groups between runs are skipped.
+struct runs_arg {
+    int n;
+    int64_t lo[MOE_ADAMW_MAX_RUNS], hi[MOE_ADAMW_MAX_RUNS];
+    float lr[MOE_ADAMW_MAX_RUNS], wd[MOE_ADAMW_MAX_RUNS];
+};
+
+template <typename G, typename C, typename S>
+__global__ void k_adamw8_runs(float *p, const G *g, S *m, S *v, C *c, runs_arg ru, int64_t g0, int64_t g1, float b1,
+                              float b2, float eps, float ibc1, float ibc2, float gs, const float *clip_ss,
+                              const float *guard, double clip_max, int64_t index0, int64_t step,
+                              const int64_t *step_dev, const float *lr_dev) {
+    if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
+    float lr_one = 1.0f;
+    device_step(step_dev, lr_dev, b1, b2, step, lr_one, ibc1, ibc2);
+    for (int64_t i = g0 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < g1; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t o = i * 8;
+        int r = 0;   // the last run starting at or before o
+        for (int step_r = MOE_ADAMW_MAX_RUNS / 2; step_r > 0; step_r >>= 1)
+            if (r + step_r < ru.n && ru.lo[r + step_r] <= o) r += step_r;
+        const int64_t hi = ru.hi[r];
+        if (o >= hi) continue;   // between runs
+        const float lr = lr_dev ? __fmul_rn(*lr_dev, ru.lr[r]) : ru.lr[r], wd = ru.wd[r];
+        if (o + 8 > hi) {   // the run's partial last group
+            for (int64_t k = o; k < hi; k++) {
+                float pi = p[k], mi = to_f32(m[k]), vi = to_f32(v[k]);
+                adam_1(pi, mi, vi, to_f32(g[k]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
+                store_state(m, v, k, mi, vi, index0 + k, step);
+                p[k] = pi;
+                if (c) c[k] = from_f32<C>(pi);
+            }
+            continue;
+        }
+        float pf[8], gf[8], mf[8], vf[8];
+        load8(p + o, pf);
+        load8(g + o, gf);
+        load8(m + o, mf);
+        load8(v + o, vf);
+#pragma unroll
+        for (int k = 0; k < 8; k++) adam_1(pf[k], mf[k], vf[k], gf[k], gs, lr, b1, b2, eps, wd, ibc1, ibc2);
+        if constexpr (sizeof(S) == 2) {
+            store8_sr(m + o, mf, index0 + o, step, false);
+            store8_sr(v + o, vf, index0 + o, step, true);
+        } else {
+            store8(m + o, mf);
+            store8(v + o, vf);
+        }
+        store8(p + o, pf);
+        if (c) store8(c + o, pf);
+    }
+}
+
+template <typename G, typename C, typename S>
+static void launch_runs(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
+                        const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
+    float *pp = moe_f32(params);
+    S *mp = (S *)moe_tensor_data(m), *vp = (S *)moe_tensor_data(v);
+    const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
+    if (!(cuda_aligned16(pp) && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
+          (!c || cuda_aligned16(c)))) {
+        // unaligned tensors: a launch per run (each its own vector and tail kernels)
+        for (int r = 0; r < cfg->n_runs; r++) {
+            const moe_adamw_run *u = &cfg->runs[r];
+            moe_adamw_cfg one = *cfg;
+            one.n_runs = 0;
+            one.lr = u->lr;
+            one.weight_decay = u->weight_decay;
+            one.index0 = cfg->index0 + u->lo;
+            launch_ptr<G, C, S>(d, pp + u->lo, gp + u->lo, mp + u->lo, vp + u->lo, c ? c + u->lo : c, u->hi - u->lo,
+                                &one, ibc1, ibc2);
+        }
+        return;
+    }
+    runs_arg ru;
+    ru.n = cfg->n_runs;
+    for (int r = 0; r < cfg->n_runs; r++) {
+        ru.lo[r] = cfg->runs[r].lo;
+        ru.hi[r] = cfg->runs[r].hi;
+        ru.lr[r] = cfg->runs[r].lr;
+        ru.wd[r] = cfg->runs[r].weight_decay;
+    }
+    const int64_t g0 = ru.lo[0] / 8, g1 = (ru.hi[ru.n - 1] + 7) / 8;
+    const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
+    const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
+    const int64_t *sd = cfg->step_dev ? (const int64_t *)moe_tensor_data(cfg->step_dev) : nullptr;
+    const float *ld = cfg->lr_dev ? moe_f32(cfg->lr_dev) : nullptr;
+    k_adamw8_runs<G, C, S><<<cuda_grid_1d(d, g1 - g0, 256), 256, 0, d->stream>>>(
+        pp, gp, mp, vp, c, ru, g0, g1, cfg->beta1, cfg->beta2, cfg->eps, ibc1, ibc2,
+        cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f, css, gd, cfg->clip_max, cfg->index0, cfg->step, sd, ld);
+}
+
+template <typename G, typename C, typename S>
+static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
+                   int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
+    if (cfg->n_runs > 0) {
+        launch_runs<G, C, S>(d, params, grads, m, v, c, cfg, ibc1, ibc2);
+        return;
+    }
+    launch_ptr<G, C, S>(d, moe_f32(params), (const G *)moe_tensor_data((moe_tensor *)grads), (S *)moe_tensor_data(m),
+                        (S *)moe_tensor_data(v), c, n, cfg, ibc1, ibc2);
 }
 
 template <typename S>
