@@ -58,14 +58,19 @@ __device__ __forceinline__ double warp_sum_d(double v) {
     return v;   // the same bytes in every lane (a + b == b + a)
 }
 
-__device__ __forceinline__ double block_sum_d(double v, double *sh) {
+// Four block-wide sums at once (warp trees, then a tree over the warps' sums:
+// fixed order, the same bytes every run), with one pair of barriers for all four
+__device__ __forceinline__ void block_sum_d4(double (&v)[4], double *sh) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_d(v);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = warp_sum_d(v[k]);
     __syncthreads();
-    if (lane == 0) sh[w] = v;
+    if (lane == 0)
+#pragma unroll
+        for (int k = 0; k < 4; k++) sh[k * 32 + w] = v[k];
     __syncthreads();
-    v = lane < nw ? sh[lane] : 0.0;
-    return warp_sum_d(v);
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = warp_sum_d(lane < nw ? sh[k * 32 + lane] : 0.0);
 }
 
 // exclusive prefix sum over the block (thread order); *total gets the sum
@@ -396,7 +401,7 @@ struct plan_args {
 
 __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
     __shared__ long long shl[32];
-    __shared__ double shd[32];
+    __shared__ double shd[4 * 32];
     const int E = a.e, K = a.k;
     long long *offsets = a.sum, *counts = a.sum + E + 1;
     // kept per expert: first choices of all tokens, then second choices, ... until the capacity
@@ -425,27 +430,44 @@ __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
     const double per_k = (double)a.per * (double)K;
     if (a.f)
         for (int64_t x = threadIdx.x; x < a.groups * E; x += blockDim.x) a.f[x] = (float)((double)a.grp[x] / per_k);
-    // statistics
-    double acc[3];
+    // statistics: each thread's terms in order, their loads requested 8 at a
+    // time (one after another, every add waited for its load: ~30 L2 latencies)
+    double acc[4] = {0, 0, 0, 0};
     for (int s = 0; s < 3; s++) {
-        double v = 0;
-        for (int64_t i = threadIdx.x; i < a.n; i += blockDim.x) v += a.st[s * a.n + i];
-        acc[s] = block_sum_d(v, shd);
+        const double *st = a.st + s * a.n;
+        int64_t i = threadIdx.x;
+        for (; i + 7 * (int64_t)blockDim.x < a.n; i += 8 * (int64_t)blockDim.x) {
+            double t[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) t[u] = st[i + u * (int64_t)blockDim.x];
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc[s] += t[u];
+        }
+        for (; i < a.n; i += blockDim.x) acc[s] += st[i];
     }
     // aux = E * sum_e f_e P_e, averaged over groups (P: mean normalised score over the group's tokens)
-    double aux = 0;
     if (a.f) {
-        double v = 0;
         for (int64_t x = threadIdx.x; x < a.groups * E; x += blockDim.x) {
             int64_t g = x / E, j = x - g * E;
+            const double *pg = a.part + g * a.chunks * E + j;
             double pm = 0;
-            for (int64_t c = 0; c < a.chunks; c++) pm += a.part[(g * a.chunks + c) * E + j];
+            int64_t c = 0;
+            for (; c + 8 <= a.chunks; c += 8) {
+                double t[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) t[u] = pg[(c + u) * E];
+#pragma unroll
+                for (int u = 0; u < 8; u++) pm += t[u];
+            }
+            for (; c < a.chunks; c++) pm += pg[c * E];
             pm /= (double)a.per;
             float fx = (float)((double)a.grp[x] / per_k);
-            v += __dmul_rn(__dmul_rn((double)E, (double)fx), pm);
+            acc[3] += __dmul_rn(__dmul_rn((double)E, (double)fx), pm);
         }
-        aux = block_sum_d(v, shd) / (double)a.groups;
     }
+    // the four sums through one block reduction
+    block_sum_d4(acc, shd);
+    const double aux = a.f ? acc[3] / (double)a.groups : 0.0;
     if (threadIdx.x == 0) {
         // summary order = moe_route_stats: entropy, z (mean lse^2), top1, aux; acc holds entropy, top1, lse^2
         double out[4] = {acc[0], acc[2], acc[1], aux};
