@@ -59,9 +59,9 @@ typedef struct {
     int64_t chunk_rows;
     float upstream_grad;
     int *wgrad_pending;
-} moe_lce_opts;
+} moe_head_loss_opts;
 moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
-                                      moe_tensor *targets, const moe_lce_opts *o, moe_tensor **loss);
+                                      moe_tensor *targets, const moe_head_loss_opts *o, moe_tensor **loss);
 /* Sum or mean of all elements into a 0-dim tensor. */
 moe_status moe_f_sum(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int mean, moe_tensor **y);
 /* y = x @ w^T (+ b): x [..., in], w [out, in], b [out] or NULL. The layer Linear uses it. */

@@ -56,7 +56,7 @@ static moe_status check_args(moe_tensor *x, moe_tensor *w, moe_tensor *wgrad, mo
 }
 
 moe_status moe_f_linear_cross_entropy(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
-                                      moe_tensor *targets, const moe_lce_opts *o, moe_tensor **loss) {
+                                      moe_tensor *targets, const moe_head_loss_opts *o, moe_tensor **loss) {
     *loss = NULL;
     if (!o) return moe_error(MOE_ERR_ARG, "linear_cross_entropy: no options");
     MOE_TRY(check_args(x, w, wgrad, targets));

@@ -320,7 +320,7 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
     moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
     if (s == MOE_OK && plain) {
         moe_param *w = &head->params[0];
-        moe_lce_opts o = {.ignore_index = ignore_index, .chunk_rows = chunk_rows, .upstream_grad = loss_grad,
+        moe_head_loss_opts o = {.ignore_index = ignore_index, .chunk_rows = chunk_rows, .upstream_grad = loss_grad,
                           .wgrad_pending = &w->grad_zero_pending};
         /* without a promised upstream gradient the backward adds dW into the gradient: clear it first if pending */
         if (!(tape && loss_grad > 0)) s = moe_layer_settle_grads(ctx, head);

@@ -61,6 +61,18 @@ template <typename S> __device__ __forceinline__ void store_state(S *m, S *v, in
     }
 }
 
+// element i of the buffers, all their values read and written (index0 + i: its random bits)
+template <typename G, typename C, typename S>
+__device__ __forceinline__ void adam_elem(float *p, const G *g, S *m, S *v, C *c, int64_t i, float gs, float lr,
+                                          float b1, float b2, float eps, float wd, float ibc1, float ibc2,
+                                          int64_t index0, int64_t step) {
+    float pi = p[i], mi = to_f32(m[i]), vi = to_f32(v[i]);
+    adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
+    store_state(m, v, i, mi, vi, index0 + i, step);
+    p[i] = pi;
+    if (c) c[i] = from_f32<C>(pi);
+}
+
 template <typename G, typename C, typename S>
 __global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float lr, float b1, float b2,
                         float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
@@ -68,13 +80,7 @@ __global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float
                         const float *lr_dev) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
-    GRID_STRIDE(i, n) {
-        float pi = p[i], mi = to_f32(m[i]), vi = to_f32(v[i]);
-        adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
-        store_state(m, v, i, mi, vi, index0 + i, step);
-        p[i] = pi;
-        if (c) c[i] = from_f32<C>(pi);
-    }
+    GRID_STRIDE(i, n) adam_elem(p, g, m, v, c, i, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
 }
 
 // 8 elements of T as f32 (p 16-byte aligned): one 16-byte access for bf16, two for f32
@@ -116,6 +122,29 @@ __device__ __forceinline__ void store8_sr(bf16 *p, const float (&f)[8], int64_t 
     *reinterpret_cast<uint4 *>(p) = u;
 }
 
+// elements o .. o + 7 (o a multiple of 8) through 16-byte accesses
+template <typename G, typename C, typename S>
+__device__ __forceinline__ void adam_group8(float *p, const G *g, S *m, S *v, C *c, int64_t o, float gs, float lr,
+                                            float b1, float b2, float eps, float wd, float ibc1, float ibc2,
+                                            int64_t index0, int64_t step) {
+    float pf[8], gf[8], mf[8], vf[8];
+    load8(p + o, pf);
+    load8(g + o, gf);
+    load8(m + o, mf);
+    load8(v + o, vf);
+#pragma unroll
+    for (int k = 0; k < 8; k++) adam_1(pf[k], mf[k], vf[k], gf[k], gs, lr, b1, b2, eps, wd, ibc1, ibc2);
+    if constexpr (sizeof(S) == 2) {
+        store8_sr(m + o, mf, index0 + o, step, false);
+        store8_sr(v + o, vf, index0 + o, step, true);
+    } else {
+        store8(m + o, mf);
+        store8(v + o, vf);
+    }
+    store8(p + o, pf);
+    if (c) store8(c + o, pf);
+}
+
 template <typename G, typename C, typename S>
 __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, float lr, float b1, float b2,
                          float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
@@ -123,25 +152,7 @@ __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, flo
                          const float *lr_dev) {
     if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
     device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
-    GRID_STRIDE(i, n8) {
-        const int64_t o = i * 8;
-        float pf[8], gf[8], mf[8], vf[8];
-        load8(p + o, pf);
-        load8(g + o, gf);
-        load8(m + o, mf);
-        load8(v + o, vf);
-#pragma unroll
-        for (int k = 0; k < 8; k++) adam_1(pf[k], mf[k], vf[k], gf[k], gs, lr, b1, b2, eps, wd, ibc1, ibc2);
-        if constexpr (sizeof(S) == 2) {
-            store8_sr(m + o, mf, index0 + o, step, false);
-            store8_sr(v + o, vf, index0 + o, step, true);
-        } else {
-            store8(m + o, mf);
-            store8(v + o, vf);
-        }
-        store8(p + o, pf);
-        if (c) store8(c + o, pf);
-    }
+    GRID_STRIDE(i, n8) adam_group8(p, g, m, v, c, i * 8, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
 }
 
 template <typename G, typename C, typename S>
@@ -195,31 +206,11 @@ __global__ void k_adamw8_runs(float *p, const G *g, S *m, S *v, C *c, runs_arg r
         if (o >= hi) continue;   // between runs
         const float lr = lr_dev ? __fmul_rn(*lr_dev, ru.lr[r]) : ru.lr[r], wd = ru.wd[r];
         if (o + 8 > hi) {   // the run's partial last group
-            for (int64_t k = o; k < hi; k++) {
-                float pi = p[k], mi = to_f32(m[k]), vi = to_f32(v[k]);
-                adam_1(pi, mi, vi, to_f32(g[k]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
-                store_state(m, v, k, mi, vi, index0 + k, step);
-                p[k] = pi;
-                if (c) c[k] = from_f32<C>(pi);
-            }
+            for (int64_t k = o; k < hi; k++)
+                adam_elem(p, g, m, v, c, k, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
             continue;
         }
-        float pf[8], gf[8], mf[8], vf[8];
-        load8(p + o, pf);
-        load8(g + o, gf);
-        load8(m + o, mf);
-        load8(v + o, vf);
-#pragma unroll
-        for (int k = 0; k < 8; k++) adam_1(pf[k], mf[k], vf[k], gf[k], gs, lr, b1, b2, eps, wd, ibc1, ibc2);
-        if constexpr (sizeof(S) == 2) {
-            store8_sr(m + o, mf, index0 + o, step, false);
-            store8_sr(v + o, vf, index0 + o, step, true);
-        } else {
-            store8(m + o, mf);
-            store8(v + o, vf);
-        }
-        store8(p + o, pf);
-        if (c) store8(c + o, pf);
+        adam_group8(p, g, m, v, c, o, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
     }
 }
 
