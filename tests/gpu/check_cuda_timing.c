@@ -280,7 +280,8 @@ static void time_moe_layer(const char *model, moe_dtype dt, int64_t M, int64_t H
  * reps times per timed call (the time is per op) so launch gaps do not count. */
 #define MB_SETS 4
 typedef struct {
-    int what;   /* 0 xent fwd, 1 xent bwd, 2 axpy, 3 rope, 4 rmsnorm fwd, 5 rmsnorm bwd, 6 xent fused */
+    int what;   /* 0 xent fwd, 1 xent bwd, 2 axpy, 3 rope, 4 rmsnorm fwd, 5 rmsnorm bwd, 6 xent fused,
+                   7 rmsnorm + rope fwd, 8 rmsnorm + rope bwd */
     int reps, sets, cur;
     moe_tensor *x[MB_SETS], *y[MB_SETS], *z[MB_SETS];
     moe_tensor *w, *s1, *s2, *tg, *dw;
@@ -301,6 +302,10 @@ static moe_status mbjob_run(void *arg) {
         case 3: st = moe_op_rope(ctx, j->y[k], j->x[k], 0, 10000.0f, 0); break;
         case 4: st = moe_op_rmsnorm(ctx, j->y[k], j->s1, j->x[k], j->w, 1e-5f); break;
         case 5: st = moe_op_rmsnorm_backward(ctx, j->z[k], j->dw, j->y[k], j->x[k], j->w, j->s1); break;
+        case 7: st = moe_op_rmsnorm_rope(ctx, j->y[k], j->s1, j->x[k], j->w, 1e-5f, 16, 0, 10000.0f); break;
+        case 8:
+            st = moe_op_rmsnorm_rope_backward(ctx, j->z[k], j->dw, j->y[k], j->x[k], j->w, j->s1, 16, 0, 10000.0f, 0.0f);
+            break;
         default: st = moe_error(MOE_ERR_INTERNAL, "mbjob: unknown job %d", j->what); break;
         }
         if (st != MOE_OK) return st;
@@ -416,6 +421,36 @@ static void time_rmsnorm(int64_t rows, int64_t n) {
     mbjob_free(&j);
 }
 
+/* QK-norm + rope as the step runs it: [B, T, 16 heads x 64] bf16, f32 rstd; the backward with dw */
+static void time_rmsnorm_rope(int64_t B, int64_t T) {
+    const int64_t n = 16 * 64, rows = B * T;
+    mbjob j = {0};
+    j.reps = 8;
+    j.sets = MB_SETS;
+    for (int k = 0; k < MB_SETS; k++) {
+        j.x[k] = dev_randn(MOE_BF16, SH(B, T, n));
+        j.y[k] = dev_randn(MOE_BF16, SH(B, T, n));   /* forward output, backward dy */
+        j.z[k] = moe_tensor_new(ctx, MOE_BF16, SH(B, T, n), GPU);
+        die_if(!j.z[k], "timing output");
+    }
+    j.w = dev_randn(MOE_BF16, SH(n));
+    j.dw = dev_randn(MOE_BF16, SH(n));
+    j.s1 = moe_tensor_new(ctx, MOE_F32, SH(B, T), GPU);
+    die_if(!j.s1, "timing rstd");
+    char label[160];
+    const double e = (double)rows * (double)n;
+    j.what = 7;
+    snprintf(label, sizeof label, "rmsnorm + rope fwd [%lld, %lld, %lld] bf16", (long long)B, (long long)T, (long long)n);
+    mbjob_time(&j, label, 4.0 * e + 4.0 * rows);
+    die_if(moe_op_rmsnorm_rope(ctx, j.y[0], j.s1, j.x[0], j.w, 1e-5f, 16, 0, 10000.0f) != MOE_OK, "rmsnorm_rope");
+    for (int k = 0; k < MB_SETS; k++) die_if(moe_op_fill_randn(ctx, j.y[k], seed++, 0, 0.0f, 1.0f) != MOE_OK, "dy");
+    j.what = 8;
+    snprintf(label, sizeof label, "rmsnorm + rope bwd [%lld, %lld, %lld] bf16 (dx and dw)", (long long)B, (long long)T,
+             (long long)n);
+    mbjob_time(&j, label, 6.0 * e + 4.0 * rows);
+    mbjob_free(&j);
+}
+
 static void timings(void) {
     printf("# timings (CUDA events, median of 20 after 3 warm-up runs; set MOELAB_CHECK_NO_TIMING=1 to skip)\n");
     moe_cuda_grouped_gemm gm = MOE_CUDA_GROUPED_BATCHED;
@@ -449,6 +484,7 @@ static void timings(void) {
     if (want("time_axpy")) time_axpy((int64_t)64 << 20);
     if (want("time_rope")) time_rope(8, 1024, 16, 64);
     if (want("time_rmsnorm")) time_rmsnorm(8192, 1024);
+    if (want("time_rmsnorm_rope")) time_rmsnorm_rope(8, 1024);
     /* both grouped-GEMM strategies in one run; the default one is restored after */
     if (want("time_moe_layer")) {
         time_moe_layer("OLMoE", MOE_BF16, 16384 * 8, 2048, 1024, 64);
