@@ -21,9 +21,17 @@ local ids = moe.tensor({{1, 2, 3, 4, 5, 6, 7}, {8, 9, 10, 11, 12, 13, 14}}, {dty
 local targets = moe.tensor({{2, 3, 4, 5, 6, -100, 8}, {9, 10, 11, -100, 13, 14, 300}}, {dtype = "i64"})
 
 -- the loss (from loss_fn(tape)) and a copy of the flat gradients after one
--- backward of scale * loss + 0.01 * aux
-local function run(m, scale, loss_fn)
-  m.net:zero_grad()
+-- backward of scale * loss + 0.01 * aux. poisoned: the gradients are first
+-- filled with NaN and zeroed with zero_grad{lazy = true}, which only marks the
+-- head's weight gradient pending: its memory keeps the NaNs
+local function run(m, scale, loss_fn, poisoned)
+  if poisoned then
+    local _, g = m.net:flat_parameters()
+    g:fill(0 / 0)
+    m.net:zero_grad{lazy = true}
+  else
+    m.net:zero_grad()
+  end
   local tape = core.Tape()
   local loss = loss_fn(tape)
   local aux = m.net:balance_losses(tape)
@@ -42,19 +50,7 @@ local function chunked(m, chunk, scale)
   return run(m, scale, function(tape) return m.net:forward_loss(ids, targets, tape, {chunk_rows = chunk}) end)
 end
 
--- the same after zero_grad{lazy = true} over gradients poisoned with NaN: the
--- head's weight gradient is only marked pending, its memory keeps the NaNs
-local function run_poisoned(m, scale, loss_fn)
-  local _, g = m.net:flat_parameters()
-  g:fill(0 / 0)
-  m.net:zero_grad{lazy = true}
-  local tape = core.Tape()
-  local loss = loss_fn(tape)
-  local aux = m.net:balance_losses(tape)
-  tape:backward(tape:add(tape:scale(loss, scale or 1), tape:scale(aux, 0.01)))
-  local _, g2 = m.net:flat_parameters()
-  return loss:item(), g2:clone()
-end
+local function run_poisoned(m, scale, loss_fn) return run(m, scale, loss_fn, true) end
 
 local function close(a, b, what)
   local d, s = (a - b):abs():max():item(), b:abs():max():item()

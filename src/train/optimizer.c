@@ -218,13 +218,13 @@ static int same_span(const moe_param *p0, const moe_param *q, int64_t dist) {
 }
 
 /* One update launch over runs [lo, hi) counted from element `at` of the flat
- * buffer, where parameter p0 (starting at element off0) lies: one run as the
- * plain update, several through cfg->runs (one kernel for parameters whose
- * settings alternate: 35 launches a step became one for the OLMoE-style
- * benchmark model, each launch boundary having cost the GPU 2-4 us). */
-static moe_status launch_runs(moe_ctx *ctx, moe_adamw *o, const moe_adamw_cfg *base, const moe_param *p0,
-                              int64_t off0, int64_t at, const moe_adamw_run *runs, int nr) {
-    const int64_t len = runs[nr - 1].hi;
+ * buffer fv, where parameter p0 lies: one run as the plain update, several
+ * through cfg->runs (one kernel for parameters whose settings alternate: 35
+ * launches a step became one for the OLMoE-style benchmark model, each launch
+ * boundary having cost the GPU 2-4 us). */
+static moe_status launch_runs(moe_ctx *ctx, moe_adamw *o, const moe_adamw_cfg *base, const moe_tensor *fv,
+                              const moe_param *p0, int64_t at, const moe_adamw_run *runs, int nr) {
+    const int64_t len = runs[nr - 1].hi, off0 = p0->value->offset - fv->offset;
     moe_adamw_cfg c = *base;
     if (nr == 1) {
         c.lr = runs[0].lr;
@@ -302,11 +302,10 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         }
         /* the run joins the launch being gathered where the buffers keep their
          * relative offsets and it starts on a group of 8 from the launch's start */
-        const int64_t off0 = nr > 0 ? ps[first].value->offset - fv->offset : 0;
         int joins = nr > 0 && nr < MOE_ADAMW_MAX_RUNS && a == off && (a - at) % 8 == 0 &&
-                    same_span(&ps[first], &ps[i], off - off0);
+                    same_span(&ps[first], &ps[i], ps[i].value->offset - ps[first].value->offset);
         if (!joins && nr > 0) {
-            s = launch_runs(ctx, o, &base, &ps[first], off0, at, runs, nr);
+            s = launch_runs(ctx, o, &base, fv, &ps[first], at, runs, nr);
             nr = 0;
             if (s != MOE_OK) break;
         }
@@ -317,7 +316,7 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         i = last;
     }
     if (s == MOE_OK && nr > 0)
-        s = launch_runs(ctx, o, &base, &ps[first], ps[first].value->offset - fv->offset, at, runs, nr);
+        s = launch_runs(ctx, o, &base, fv, &ps[first], at, runs, nr);
     free(ps);
     if (s == MOE_OK && o->step_dev) s = moe_op_adamw_advance(ctx, o->step_dev, &base);
     return s;

@@ -717,8 +717,5 @@ extern "C" moe_status moe_cuda_set_attention_ds_cap(moe_ctx *ctx, int device, si
 }
 
 extern "C" moe_status moe_cuda_attention_ds_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_attention_ds_calls: expected a context and an output");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    *calls = d->n_att_ds;
-    return MOE_OK;
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_att_ds, "moe_cuda_attention_ds_calls");
 }

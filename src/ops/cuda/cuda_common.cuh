@@ -300,6 +300,15 @@ cuda_dev *cuda_dev_get(moe_ctx *ctx, moe_device dev);
     cuda_dev *d = cuda_dev_get((ctx), (device));         \
     if (!d) return moe_last_status() != MOE_OK ? moe_last_status() : MOE_ERR_DEVICE
 
+// One of the device's counters into *out, for the moe_cuda_*_calls functions (fn: their name).
+static inline moe_status cuda_read_counter(moe_ctx *ctx, int device, uint64_t *out, uint64_t cuda_dev::*field,
+                                           const char *fn) {
+    if (!ctx || !out) return moe_error(MOE_ERR_ARG, "%s: expected a context and an output", fn);
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    *out = d->*field;
+    return MOE_OK;
+}
+
 // Work that waits for the device or moves host memory cannot be held by a CUDA
 // graph (a replay would copy a stale slot, or the wait would break the
 // capture): refused while one is captured, naming the op. (d->capture changes

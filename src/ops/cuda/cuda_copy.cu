@@ -295,10 +295,7 @@ moe_status cuda_read_finish(moe_ctx *ctx, moe_read *r) {
 }
 
 extern "C" moe_status moe_cuda_staged_copies(moe_ctx *ctx, int device, uint64_t *copies) {
-    if (!ctx || !copies) return moe_error(MOE_ERR_ARG, "moe_cuda_staged_copies: expected a context and an output");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    *copies = d->n_staged;
-    return MOE_OK;
+    return cuda_read_counter(ctx, device, copies, &cuda_dev::n_staged, "moe_cuda_staged_copies");
 }
 
 // Between two GPUs: a contiguous copy in dst's dtype on the source GPU, a peer

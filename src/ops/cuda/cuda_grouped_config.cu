@@ -79,20 +79,12 @@ extern "C" moe_status moe_cuda_grouped_gemm_info(moe_ctx *ctx, int device, moe_c
     return MOE_OK;
 }
 
-// one of the device's call counters into *calls
-static moe_status read_counter(moe_ctx *ctx, int device, uint64_t *calls, uint64_t cuda_dev::*field, const char *fn) {
-    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "%s: expected a context and an output", fn);
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    *calls = d->*field;
-    return MOE_OK;
-}
-
 extern "C" moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    return read_counter(ctx, device, calls, &cuda_dev::n_grouped_kernel, "moe_cuda_grouped_kernel_calls");
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_grouped_kernel, "moe_cuda_grouped_kernel_calls");
 }
 
 extern "C" moe_status moe_cuda_grouped_split_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    return read_counter(ctx, device, calls, &cuda_dev::n_grouped_split, "moe_cuda_grouped_split_calls");
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_grouped_split, "moe_cuda_grouped_split_calls");
 }
 
 extern "C" moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on) {
@@ -112,13 +104,13 @@ extern "C" moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int cta
 }
 
 extern "C" moe_status moe_cuda_grouped_dev_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    return read_counter(ctx, device, calls, &cuda_dev::n_grouped_dev, "moe_cuda_grouped_dev_calls");
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_grouped_dev, "moe_cuda_grouped_dev_calls");
 }
 
 extern "C" moe_status moe_cuda_grouped_plan_shared_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    return read_counter(ctx, device, calls, &cuda_dev::n_plan_shared, "moe_cuda_grouped_plan_shared_calls");
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_plan_shared, "moe_cuda_grouped_plan_shared_calls");
 }
 
 extern "C" moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    return read_counter(ctx, device, calls, &cuda_dev::n_grouped_tma, "moe_cuda_grouped_tma_calls");
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_grouped_tma, "moe_cuda_grouped_tma_calls");
 }

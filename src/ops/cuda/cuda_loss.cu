@@ -436,8 +436,5 @@ moe_status cuda_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor *
 }
 
 extern "C" moe_status moe_cuda_xent_pipe_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_xent_pipe_calls: expected a context and an output");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    *calls = d->n_xent_pipe;
-    return MOE_OK;
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_xent_pipe, "moe_cuda_xent_pipe_calls");
 }

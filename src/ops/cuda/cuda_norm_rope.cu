@@ -211,13 +211,13 @@ moe_status fwd(cuda_dev *d, moe_tensor *y, moe_tensor *rstd, const moe_tensor *x
 template <typename T, typename S, int NV>
 moe_status bwd_launch(cuda_dev *d, moe_tensor *dx, float *part, const moe_tensor *dy, const moe_tensor *x,
                       const moe_tensor *w, const moe_tensor *rstd, int64_t B, int64_t Tn, int n, int D, int64_t pos,
-                      double theta, float beta, int64_t blocks) {
+                      double theta, float beta, int pp, int64_t blocks) {
     auto kern = k_rms_rope_bwd<T, S, NV>;
     const size_t smem = (size_t)NR_WARPS * n * sizeof(float);
     CU_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "rmsnorm_rope_backward");
     kern<<<(unsigned)blocks, NR_THREADS, smem, d->stream>>>(PTR(T, dx), part, PTR(const T, dy), PTR(const T, x),
                                                             PTR(const T, w), PTR(const S, rstd), B, Tn, n, D, pos,
-                                                            theta, beta, nr_positions(B));
+                                                            theta, beta, pp);
     CU_LAUNCHED("rmsnorm_rope_backward");
     return MOE_OK;
 }
@@ -226,17 +226,18 @@ template <typename T, typename S>
 moe_status bwd(cuda_dev *d, moe_tensor *dx, moe_tensor *dw, const moe_tensor *dy, const moe_tensor *x,
                const moe_tensor *w, const moe_tensor *rstd, int64_t B, int64_t Tn, int n, int D, int64_t pos,
                double theta, float beta, int nv) {
-    const int64_t blocks = (Tn + nr_positions(B) - 1) / nr_positions(B);   // one row of dw partials each
+    const int pp = nr_positions(B);
+    const int64_t blocks = (Tn + pp - 1) / pp;   // one row of dw partials each
     cuda_scratch part(d, (size_t)blocks * (size_t)n * sizeof(float));
     if (!part.p) return moe_last_status();
-    float *pp = (float *)part.p;
+    float *ps = (float *)part.p;
     moe_status s;
-    if (nv == 1) s = bwd_launch<T, S, 1>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
-    else if (nv == 2) s = bwd_launch<T, S, 2>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
-    else if (nv == 4) s = bwd_launch<T, S, 4>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
-    else s = bwd_launch<T, S, 8>(d, dx, pp, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, blocks);
+    if (nv == 1) s = bwd_launch<T, S, 1>(d, dx, ps, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, pp, blocks);
+    else if (nv == 2) s = bwd_launch<T, S, 2>(d, dx, ps, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, pp, blocks);
+    else if (nv == 4) s = bwd_launch<T, S, 4>(d, dx, ps, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, pp, blocks);
+    else s = bwd_launch<T, S, 8>(d, dx, ps, dy, x, w, rstd, B, Tn, n, D, pos, theta, beta, pp, blocks);
     if (s != MOE_OK) return s;
-    return dw ? cuda_rmsnorm_dw_sum(d, dw, pp, blocks, n) : MOE_OK;
+    return dw ? cuda_rmsnorm_dw_sum(d, dw, ps, blocks, n) : MOE_OK;
 }
 
 // [B, T, H, D] view of a [B, T, H*D] tensor (the rope op's layout)
@@ -297,8 +298,5 @@ moe_status cuda_rmsnorm_rope_backward(moe_ctx *ctx, moe_tensor *dx, moe_tensor *
 }
 
 extern "C" moe_status moe_cuda_norm_rope_fused_calls(moe_ctx *ctx, int device, uint64_t *calls) {
-    if (!ctx || !calls) return moe_error(MOE_ERR_ARG, "moe_cuda_norm_rope_fused_calls: expected a context and an output");
-    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
-    *calls = d->n_norm_rope_fused;
-    return MOE_OK;
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_norm_rope_fused, "moe_cuda_norm_rope_fused_calls");
 }

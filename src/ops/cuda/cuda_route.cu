@@ -399,6 +399,23 @@ struct plan_args {
     float *aux_loss, *z_loss;
 };
 
+// p[0] + p[stride] + ... (count terms) added in order from 0, the loads
+// requested eight at a time: one add a load waited for each load in turn (~30
+// L2 latencies in k_plan)
+__device__ __forceinline__ double strided_sum(const double *p, int64_t count, int64_t stride) {
+    double s = 0;
+    int64_t c = 0;
+    for (; c + 8 <= count; c += 8) {
+        double t[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) t[u] = p[(c + u) * stride];
+#pragma unroll
+        for (int u = 0; u < 8; u++) s += t[u];
+    }
+    for (; c < count; c++) s += p[c * stride];
+    return s;
+}
+
 __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
     __shared__ long long shl[32];
     __shared__ double shd[4 * 32];
@@ -430,36 +447,15 @@ __global__ void __launch_bounds__(PLAN_THREADS) k_plan(plan_args a) {
     const double per_k = (double)a.per * (double)K;
     if (a.f)
         for (int64_t x = threadIdx.x; x < a.groups * E; x += blockDim.x) a.f[x] = (float)((double)a.grp[x] / per_k);
-    // statistics: each thread's terms in order, their loads requested 8 at a
-    // time (one after another, every add waited for its load: ~30 L2 latencies)
+    // statistics: each thread's terms in order
     double acc[4] = {0, 0, 0, 0};
-    for (int s = 0; s < 3; s++) {
-        const double *st = a.st + s * a.n;
-        int64_t i = threadIdx.x;
-        for (; i + 7 * (int64_t)blockDim.x < a.n; i += 8 * (int64_t)blockDim.x) {
-            double t[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) t[u] = st[i + u * (int64_t)blockDim.x];
-#pragma unroll
-            for (int u = 0; u < 8; u++) acc[s] += t[u];
-        }
-        for (; i < a.n; i += blockDim.x) acc[s] += st[i];
-    }
+    const int64_t mine = a.n > (int64_t)threadIdx.x ? (a.n - threadIdx.x + blockDim.x - 1) / blockDim.x : 0;
+    for (int s = 0; s < 3; s++) acc[s] = strided_sum(a.st + s * a.n + threadIdx.x, mine, blockDim.x);
     // aux = E * sum_e f_e P_e, averaged over groups (P: mean normalised score over the group's tokens)
     if (a.f) {
         for (int64_t x = threadIdx.x; x < a.groups * E; x += blockDim.x) {
             int64_t g = x / E, j = x - g * E;
-            const double *pg = a.part + g * a.chunks * E + j;
-            double pm = 0;
-            int64_t c = 0;
-            for (; c + 8 <= a.chunks; c += 8) {
-                double t[8];
-#pragma unroll
-                for (int u = 0; u < 8; u++) t[u] = pg[(c + u) * E];
-#pragma unroll
-                for (int u = 0; u < 8; u++) pm += t[u];
-            }
-            for (; c < a.chunks; c++) pm += pg[c * E];
+            double pm = strided_sum(a.part + g * a.chunks * E + j, a.chunks, E);
             pm /= (double)a.per;
             float fx = (float)((double)a.grp[x] / per_k);
             acc[3] += __dmul_rn(__dmul_rn((double)E, (double)fx), pm);
