@@ -42,6 +42,8 @@ return function(device, precision)
   local trainer = moe.MoETrainer{model = model, precision = precision, progress = false, aux_loss_coef = 0.01,
                                  router_z_loss_coef = 0, weight_decay = 0.1, grad_clip = 1.0,
                                  optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32",
+                                 -- MOELAB_STEP_MASTER=f32: the f32 master weights kept whole (default split)
+                                 master_weights = os.getenv("MOELAB_STEP_MASTER") or "split",
                                  -- the trainer's default captures the step into a CUDA graph and
                                  -- replays it; MOELAB_STEP_GRAPH=0: eager steps
                                  cuda_graph = os.getenv("MOELAB_STEP_GRAPH") ~= "0" and "auto" or false}

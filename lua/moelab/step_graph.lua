@@ -184,6 +184,9 @@ function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_
       return nil, why, not self.graph
     end
     self.trainer.optimizer:set_lr(lr)
+    -- the update the graph holds reads the master as the optimizer keeps it (split, the default):
+    -- put it so before capturing and before every launch, whatever read the values in between
+    self:_prepare()
     if not self.graph then
       -- the first step is captured cold (no eager activations left cached beside the
       -- graph's pool); should that fail, one eager step sets up what the capture
@@ -213,6 +216,7 @@ function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_
     local ok, why = self:_load(nb, accum)
     if ok then
       self.trainer.optimizer:set_lr(nlr)
+      self:_prepare()
       self.graph:launch()
       self.queued = true
     else
@@ -220,6 +224,11 @@ function Step:run(batches, lr, max_norm, accum, start_reads, finish_reads, next_
     end
   end
   return finish_reads(reads), self:_stats()
+end
+
+function Step:_prepare()
+  local opt = self.trainer.optimizer
+  if opt.prepare then opt:prepare() end
 end
 
 -- MOELAB_GRAPH_PROBE=K (diagnosis): K replays back to back right after the

@@ -43,7 +43,7 @@ local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
   freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
-  precision = true, optimizer_state = true, cuda_graph = true,
+  precision = true, optimizer_state = true, master_weights = true, cuda_graph = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
@@ -57,6 +57,10 @@ local trainer_keys = {
 --  gradients, f32 master weights and AdamW state; the model is switched when the trainer is made),
 --  optimizer_state = "f32" | "bf16" (AdamW's m and v: bf16 halves their memory and traffic,
 --  stochastically rounded; the master weights stay f32),
+--  master_weights = "split" | "f32" (under bf16 precision: "split", the default, keeps each f32
+--  master weight exactly but as the bf16 compute copy plus a 16-bit low half while training,
+--  2 bytes a parameter less memory and AdamW traffic; the f32 values come back whenever
+--  anything reads them. "f32": the f32 buffer and the compute copy side by side),
 --  cuda_graph = "auto" | true | false (capture the step into a CUDA graph and replay it:
 --  moelab.step_graph. "auto", the default: where the step can be captured, else eager
 --  steps, with a notice when a graph in use had to end or a capture failed; true: an
@@ -117,6 +121,10 @@ function M.MoETrainer(opts)
   if self.optimizer_state ~= "f32" and self.optimizer_state ~= "bf16" then
     fail(f, "optimizer_state must be \"f32\" or \"bf16\", got %s", tostring(opts.optimizer_state))
   end
+  self.master_weights = opts.master_weights or "split"
+  if self.master_weights ~= "split" and self.master_weights ~= "f32" then
+    fail(f, "master_weights must be \"split\" or \"f32\", got %s", tostring(opts.master_weights))
+  end
   if opts.precision ~= nil then
     if opts.precision ~= "bf16" and opts.precision ~= "f32" then
       fail(f, "precision must be \"bf16\" or \"f32\", got %s", tostring(opts.precision))
@@ -158,7 +166,7 @@ function Trainer:_make_optimizer(base_lr)
   self.optimizer = core.adamw(self.model.net, {beta1 = self.beta1, beta2 = self.beta2, eps = self.eps,
                                                weight_decay = self.weight_decay, lr_scale = scales, decay = decay,
                                                range = self.optimizer_range,   -- ZeRO shard (dist_zero.lua)
-                                               state_dtype = self.optimizer_state})
+                                               state_dtype = self.optimizer_state, master = self.master_weights})
   self.base_lr = base_lr
 end
 

@@ -8,6 +8,7 @@ static const struct { const char *name; const char *alias; size_t size; } info[M
     [MOE_BF16] = {"bf16", "bfloat16", 2}, [MOE_F16] = {"f16", "float16", 2},
     [MOE_I32] = {"i32", "int32", 4},    [MOE_I64] = {"i64", "int64", 8},
     [MOE_U8] = {"u8", "uint8", 1},      [MOE_I8] = {"i8", "int8", 1},
+    [MOE_I16] = {"i16", "int16", 2},
 };
 
 size_t moe_dtype_size(moe_dtype dt) { return (unsigned)dt < MOE_NUM_DTYPES ? info[dt].size : 0; }
@@ -71,6 +72,7 @@ double moe_dtype_load(moe_dtype dt, const void *p) {
     case MOE_I64: return (double)*(const int64_t *)p;
     case MOE_U8: return *(const uint8_t *)p;
     case MOE_I8: return *(const int8_t *)p;
+    case MOE_I16: return *(const int16_t *)p;
     default: return NAN;
     }
 }
@@ -91,6 +93,7 @@ void moe_dtype_store(moe_dtype dt, void *p, double v) {
     case MOE_I64: *(int64_t *)p = (int64_t)clampd(v, -9223372036854775808.0, 9223372036854774784.0); break;
     case MOE_U8: *(uint8_t *)p = (uint8_t)clampd(v, 0, 255); break;
     case MOE_I8: *(int8_t *)p = (int8_t)clampd(v, -128, 127); break;
+    case MOE_I16: *(int16_t *)p = (int16_t)clampd(v, -32768, 32767); break;
     default: break;
     }
 }

@@ -8,6 +8,7 @@
 
 typedef enum {
     MOE_F32 = 0, MOE_F64, MOE_BF16, MOE_F16, MOE_I32, MOE_I64, MOE_U8, MOE_I8,
+    MOE_I16,   /* (last: the codes above are kept) */
     MOE_NUM_DTYPES
 } moe_dtype;
 

@@ -47,8 +47,9 @@ void moe_storage_retain(moe_storage *s) {
 void moe_storage_release(moe_storage *s) {
     if (!s) return;
     if (__atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
-        if (s->alloc) s->alloc->free(s->alloc, s->data, s->nbytes);
+        if (s->alloc && s->data) s->alloc->free(s->alloc, s->data, s->nbytes);
         if (s->release) s->release(s->release_arg);
+        if (s->park) s->park->destroy(s->park);
         free(s);
     }
 }
@@ -169,7 +170,15 @@ int moe_tensor_same_shape(const moe_tensor *a, const moe_tensor *b) {
     return 1;
 }
 
+moe_status moe_tensor_ready(const moe_tensor *t) {
+    moe_storage *s = t ? t->storage : NULL;
+    if (!s || s->data || !s->nbytes) return MOE_OK;
+    if (!s->park) return moe_error(MOE_ERR_STATE, "a tensor's memory was given back and cannot be restored");
+    return s->park->restore(s, s->park);
+}
+
 void *moe_tensor_data(const moe_tensor *t) {
+    if (!t->storage->data && moe_tensor_ready(t) != MOE_OK) return NULL;
     return (char *)t->storage->data + t->offset * (int64_t)moe_dtype_size(t->dtype);
 }
 

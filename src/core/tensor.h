@@ -15,6 +15,18 @@
 
 typedef struct moe_ctx moe_ctx;
 
+/* Parked memory: a storage whose bytes were given back while another
+ * representation holds its values (the f32 master weights kept as two 16-bit
+ * planes during training, nn/master_split.c). data is NULL while parked;
+ * restore(s, p) allocates s->data again and refills it, and is run by
+ * moe_tensor_ready (and so by moe_tensor_data and every Lua access) before
+ * anyone reads or writes the bytes. destroy(p) runs when the storage goes. */
+typedef struct moe_storage moe_storage;
+typedef struct moe_storage_park {
+    moe_status (*restore)(moe_storage *s, struct moe_storage_park *p);
+    void (*destroy)(struct moe_storage_park *p);
+} moe_storage_park;
+
 typedef struct moe_storage {
     int refcount;
     void *data;
@@ -26,6 +38,7 @@ typedef struct moe_storage {
     void (*release)(void *release_arg);
     void *release_arg;
     int aliased;            /* a second header was made over this memory since a bound was last set (see index_bound) */
+    moe_storage_park *park; /* NULL, or how parked memory comes back (above) */
 } moe_storage;
 
 typedef struct moe_tensor {
@@ -118,7 +131,12 @@ int64_t moe_tensor_numel(const moe_tensor *t);
 size_t moe_tensor_nbytes(const moe_tensor *t);
 int moe_tensor_is_contiguous(const moe_tensor *t);
 int moe_tensor_same_shape(const moe_tensor *a, const moe_tensor *b);
-void *moe_tensor_data(const moe_tensor *t);       /* pointer to the first element */
+/* Pointer to the first element. Parked memory (moe_storage_park) is restored
+ * first; NULL, with the error set, when that fails. */
+void *moe_tensor_data(const moe_tensor *t);
+/* Restores t's memory when it is parked (a no-op otherwise): code that can
+ * report an error calls this before handing t to anything that reads it. */
+moe_status moe_tensor_ready(const moe_tensor *t);
 static inline float *moe_f32(const moe_tensor *t) { return (float *)moe_tensor_data(t); }
 
 /* "[2, 3, 4]" into buf; returns buf. */

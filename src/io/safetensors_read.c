@@ -36,7 +36,7 @@ struct moe_st_file {
  * (FP8 checkpoints) still open, list and load their other tensors. */
 static const struct { const char *name; int bits; int dtype; } st_types[] = {
     {"F64", 64, MOE_F64}, {"F32", 32, MOE_F32}, {"F16", 16, MOE_F16}, {"BF16", 16, MOE_BF16},
-    {"I64", 64, MOE_I64}, {"I32", 32, MOE_I32}, {"I16", 16, -1},      {"I8", 8, MOE_I8},
+    {"I64", 64, MOE_I64}, {"I32", 32, MOE_I32}, {"I16", 16, MOE_I16}, {"I8", 8, MOE_I8},
     {"U64", 64, -1},      {"U32", 32, -1},      {"U16", 16, -1},      {"U8", 8, MOE_U8},
     {"BOOL", 8, MOE_U8},  /* one byte per element, 0 or 1: loads as u8 */
     {"F8_E4M3", 8, -1},   {"F8_E5M2", 8, -1},   {"F8_E8M0", 8, -1},

@@ -368,6 +368,21 @@ static int layer_precision(lua_State *L) {
     return 1;
 }
 
+/* layer:master_state() -> {split = bool, splits = n, joins = n}: whether an optimiser keeps the
+ * root's f32 master split into the compute copy and a low plane now, and how often it was split
+ * and joined (layer.h: a training loop that leaves the parameters alone splits once) */
+static int layer_master_state(lua_State *L) {
+    moe_layer *l = moe_lua_check_layer(L, 1, "layer:master_state", "self");
+    int parked;
+    uint64_t splits, joins;
+    moe_layer_master_counts(l, &parked, &splits, &joins);
+    lua_createtable(L, 0, 3);
+    lua_pushboolean(L, parked); lua_setfield(L, -2, "split");
+    lua_pushnumber(L, (lua_Number)splits); lua_setfield(L, -2, "splits");
+    lua_pushnumber(L, (lua_Number)joins); lua_setfield(L, -2, "joins");
+    return 1;
+}
+
 static int layer_refresh_compute(lua_State *L) {
     const char *f = "layer:refresh_compute";
     moe_layer *l = moe_lua_check_layer(L, 1, f, "self");
@@ -607,6 +622,7 @@ static const luaL_Reg layer_methods[] = {
     {"forward", layer_forward}, {"forward_residual", layer_forward_residual}, {"parameters", layer_parameters}, {"buffers", layer_buffers}, {"param", layer_param}, {"grad", layer_grad},
     {"num_params", layer_num_params}, {"zero_grad", layer_zero_grad}, {"to", layer_to},
     {"set_precision", layer_set_precision}, {"precision", layer_precision}, {"refresh_compute", layer_refresh_compute},
+    {"master_state", layer_master_state},
     {"flat_parameters", layer_flat}, {"kind", layer_kind}, {"device", layer_device}, {"children", layer_children},
     {NULL, NULL}};
 

@@ -39,11 +39,17 @@ const char *moe_lua_type_at(lua_State *L, int idx) {
     return moe_lua_is_tensor(L, idx) ? "tensor" : luaL_typename(L, idx);
 }
 
+/* Parked memory (tensor.h: the split master's f32 values) comes back before Lua touches it. */
+static moe_tensor *ready(lua_State *L, moe_tensor *t, const char *what) {
+    if (!t->storage->data && moe_tensor_ready(t) != MOE_OK) moe_lua_fail(L, what);
+    return t;
+}
+
 moe_tensor *moe_lua_check_tensor(lua_State *L, int idx, const char *argname) {
     if (!moe_lua_is_tensor(L, idx)) moe_lua_errorf(L, "%s must be a tensor, got %s", argname, type_at(L, idx));
     tbox *b = lua_touserdata(L, idx);
     if (!b->t) moe_lua_errorf(L, "%s: tensor was freed", argname);
-    return b->t;
+    return ready(L, b->t, argname);
 }
 
 moe_tensor *moe_lua_opt_tensor(lua_State *L, int idx, const char *argname) {
@@ -59,6 +65,14 @@ moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, con
         if (!strcmp(argname, "self")) moe_lua_errorf(L, "%s: tensor was freed", fname);
         moe_lua_errorf(L, "%s: tensor was freed (argument %s)", fname, argname);
     }
+    return ready(L, b->t, fname);
+}
+
+/* self of a method that reads the header only (shape, dtype, views): parked memory stays parked */
+static moe_tensor *check_meta(lua_State *L, const char *fname) {
+    if (!moe_lua_is_tensor(L, 1)) moe_lua_errorf(L, "%s: self must be a tensor, got %s", fname, type_at(L, 1));
+    tbox *b = lua_touserdata(L, 1);
+    if (!b->t) moe_lua_errorf(L, "%s: tensor was freed", fname);
     return b->t;
 }
 
@@ -316,12 +330,12 @@ static void push_shape(lua_State *L, const moe_tensor *t) {
 }
 
 static int t_shape(lua_State *L) {
-    push_shape(L, moe_lua_check_tensor_f(L, 1, "Tensor:shape", "self"));
+    push_shape(L, check_meta(L, "Tensor:shape"));
     return 1;
 }
 
 static int t_size(lua_State *L) {
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, "Tensor:size", "self");
+    moe_tensor *t = check_meta(L, "Tensor:size");
     if (lua_isnoneornil(L, 2)) { push_shape(L, t); return 1; }
     int d = moe_lua_dim_arg(L, 2, t->ndim, "Tensor:size");
     lua_pushnumber(L, (lua_Number)t->shape[d]);
@@ -329,7 +343,7 @@ static int t_size(lua_State *L) {
 }
 
 static int t_stride(lua_State *L) {
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, "Tensor:stride", "self");
+    moe_tensor *t = check_meta(L, "Tensor:stride");
     if (!lua_isnoneornil(L, 2)) {
         lua_pushnumber(L, (lua_Number)t->stride[moe_lua_dim_arg(L, 2, t->ndim, "Tensor:stride")]);
         return 1;
@@ -343,28 +357,28 @@ static int t_stride(lua_State *L) {
 }
 
 static int t_dim(lua_State *L) {
-    lua_pushinteger(L, moe_lua_check_tensor_f(L, 1, "Tensor:dim", "self")->ndim);
+    lua_pushinteger(L, check_meta(L, "Tensor:dim")->ndim);
     return 1;
 }
 
 static int t_numel(lua_State *L) {
-    lua_pushnumber(L, (lua_Number)moe_tensor_numel(moe_lua_check_tensor_f(L, 1, "Tensor:numel", "self")));
+    lua_pushnumber(L, (lua_Number)moe_tensor_numel(check_meta(L, "Tensor:numel")));
     return 1;
 }
 
 static int t_dtype(lua_State *L) {
-    lua_pushstring(L, moe_dtype_name(moe_lua_check_tensor_f(L, 1, "Tensor:dtype", "self")->dtype));
+    lua_pushstring(L, moe_dtype_name(check_meta(L, "Tensor:dtype")->dtype));
     return 1;
 }
 
 static int t_device(lua_State *L) {
     char buf[32];
-    lua_pushstring(L, moe_device_str(moe_lua_check_tensor_f(L, 1, "Tensor:device", "self")->device, buf, sizeof buf));
+    lua_pushstring(L, moe_device_str(check_meta(L, "Tensor:device")->device, buf, sizeof buf));
     return 1;
 }
 
 static int t_is_contiguous(lua_State *L) {
-    lua_pushboolean(L, moe_tensor_is_contiguous(moe_lua_check_tensor_f(L, 1, "Tensor:is_contiguous", "self")));
+    lua_pushboolean(L, moe_tensor_is_contiguous(check_meta(L, "Tensor:is_contiguous")));
     return 1;
 }
 
@@ -464,7 +478,7 @@ static int t_contiguous(lua_State *L) {
 /* ---------------------------------------------------------------- views -- */
 
 static int t_view(lua_State *L) {
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, "Tensor:view", "self");
+    moe_tensor *t = check_meta(L, "Tensor:view");
     int64_t shape[MOE_MAX_DIMS];
     int nd = shape_infer_arg(L, 2, "Tensor:view", shape);
     push_new(L, moe_tensor_view(t, nd, shape), "Tensor:view");
@@ -485,7 +499,7 @@ static int t_reshape(lua_State *L) {
 }
 
 static int t_transpose(lua_State *L) {
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, "Tensor:transpose", "self");
+    moe_tensor *t = check_meta(L, "Tensor:transpose");
     int a = moe_lua_dim_arg(L, 2, t->ndim, "Tensor:transpose");
     int b = moe_lua_dim_arg(L, 3, t->ndim, "Tensor:transpose");
     push_new(L, moe_tensor_transpose(t, a, b), "Tensor:transpose");
@@ -493,7 +507,7 @@ static int t_transpose(lua_State *L) {
 }
 
 static int t_t(lua_State *L) {
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, "Tensor:t", "self");
+    moe_tensor *t = check_meta(L, "Tensor:t");
     if (t->ndim > 2) return moe_lua_errorf(L, "Tensor:t: expects a tensor with at most 2 dims, got %d (use transpose)", t->ndim);
     if (t->ndim < 2) { lua_settop(L, 1); return 1; }
     push_new(L, moe_tensor_transpose(t, 0, 1), "Tensor:t");
@@ -502,7 +516,7 @@ static int t_t(lua_State *L) {
 
 static int t_permute(lua_State *L) {
     const char *fn = "Tensor:permute";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     int perm[MOE_MAX_DIMS];
     int n;
     if (lua_type(L, 2) == LUA_TTABLE) {
@@ -524,7 +538,7 @@ static int t_permute(lua_State *L) {
 
 static int t_narrow(lua_State *L) {
     const char *fn = "Tensor:narrow";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     int d = moe_lua_dim_arg(L, 2, t->ndim, fn);
     lua_Integer start = moe_lua_check_int(L, 3, fn, "start");
     lua_Integer len = moe_lua_check_int(L, 4, fn, "length");
@@ -537,7 +551,7 @@ static int t_narrow(lua_State *L) {
 
 static int t_select(lua_State *L) {
     const char *fn = "Tensor:select";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     int d = moe_lua_dim_arg(L, 2, t->ndim, fn);
     int64_t i = index_arg(L, 3, fn, d, t->shape[d]);
     push_new(L, moe_tensor_select(t, d, i), fn);
@@ -546,7 +560,7 @@ static int t_select(lua_State *L) {
 
 static int t_unsqueeze(lua_State *L) {
     const char *fn = "Tensor:unsqueeze";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     if (t->ndim >= MOE_MAX_DIMS) return moe_lua_errorf(L, "%s: the tensor already has %d dims", fn, MOE_MAX_DIMS);
     int d = moe_lua_dim_arg(L, 2, t->ndim + 1, fn);
     push_new(L, moe_tensor_unsqueeze(t, d), fn);
@@ -555,7 +569,7 @@ static int t_unsqueeze(lua_State *L) {
 
 static int t_squeeze(lua_State *L) {
     const char *fn = "Tensor:squeeze";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     int only = lua_isnoneornil(L, 2) ? -1 : moe_lua_dim_arg(L, 2, t->ndim, fn);
     int64_t shape[MOE_MAX_DIMS], stride[MOE_MAX_DIMS];
     int nd = 0;
@@ -570,7 +584,7 @@ static int t_squeeze(lua_State *L) {
 
 static int t_expand(lua_State *L) {
     const char *fn = "Tensor:expand";
-    moe_tensor *t = moe_lua_check_tensor_f(L, 1, fn, "self");
+    moe_tensor *t = check_meta(L, fn);
     int64_t shape[MOE_MAX_DIMS];
     int nd = shape_infer_arg(L, 2, fn, shape);
     int lead = nd - t->ndim;

@@ -48,7 +48,7 @@ static int l_adamw(lua_State *L) {
     moe_adamw_hparams hp = {
         (float)moe_lua_opt_field_num(L, 2, "beta1", 0.9, f), (float)moe_lua_opt_field_num(L, 2, "beta2", 0.999, f),
         (float)moe_lua_opt_field_num(L, 2, "eps", 1e-8, f), (float)moe_lua_opt_field_num(L, 2, "weight_decay", 0.01, f),
-        MOE_F32};
+        MOE_F32, 0};
     /* state_dtype = "f32" (default) | "bf16": m and v (bf16: stochastically rounded) */
     if (!lua_isnoneornil(L, 2)) {
         lua_getfield(L, 2, "state_dtype");
@@ -58,6 +58,17 @@ static int l_adamw(lua_State *L) {
                 return luaL_error(L, "%s: option 'state_dtype' must be \"f32\" or \"bf16\", got %s", f,
                                   lua_type(L, -1) == LUA_TSTRING ? sd : luaL_typename(L, -1));
             hp.state_dtype = strcmp(sd, "bf16") ? MOE_F32 : MOE_BF16;
+        }
+        lua_pop(L, 1);
+        /* master = "split" (default) | "f32": under bf16 precision, the f32 master weights as the
+         * compute copy plus a low plane while training (optimizer.h), or kept whole */
+        lua_getfield(L, 2, "master");
+        if (!lua_isnil(L, -1)) {
+            const char *ms = lua_tostring(L, -1);
+            if (lua_type(L, -1) != LUA_TSTRING || (strcmp(ms, "split") && strcmp(ms, "f32")))
+                return luaL_error(L, "%s: option 'master' must be \"split\" or \"f32\", got %s", f,
+                                  lua_type(L, -1) == LUA_TSTRING ? ms : luaL_typename(L, -1));
+            hp.master_f32 = !strcmp(ms, "f32");
         }
         lua_pop(L, 1);
     }
@@ -111,6 +122,14 @@ static int a_step(lua_State *L) {
     double lr = moe_adamw_device_state(o) && lua_isnoneornil(L, 2) ? 0.0 : moe_lua_check_num(L, 2, f, "lr");
     if (!(lr >= 0)) return luaL_error(L, "%s: lr must be >= 0, got %g", f, lr);
     moe_lua_check(L, moe_adamw_step(moe_lua_ctx(L), o, (float)lr), f);
+    return 0;
+}
+
+/* optimizer:prepare(): the parameters in the form the next step updates (the split
+ * master, optimizer.h); a CUDA graph capture calls it before capturing and replaying */
+static int a_prepare(lua_State *L) {
+    const char *f = "optimizer:prepare";
+    moe_lua_check(L, moe_adamw_prepare(moe_lua_ctx(L), check_opt(L, f)), f);
     return 0;
 }
 
@@ -251,6 +270,7 @@ void moe_lua_open_train(lua_State *L) {
     luaL_newmetatable(L, ADAMW_MT);
     lua_newtable(L);
     lua_pushcfunction(L, a_step); lua_setfield(L, -2, "step");
+    lua_pushcfunction(L, a_prepare); lua_setfield(L, -2, "prepare");
     lua_pushcfunction(L, a_count); lua_setfield(L, -2, "step_count");
     lua_pushcfunction(L, a_set_device_state); lua_setfield(L, -2, "set_device_state");
     lua_pushcfunction(L, a_device_state); lua_setfield(L, -2, "device_state");

@@ -40,6 +40,7 @@ void moe_layer_release(moe_layer *l) {
         moe_tensor_release(l->params[i].compute);
     }
     for (int i = 0; i < l->n_children; i++) moe_layer_release(l->children[i]);
+    moe_layer_master_release(l);
     moe_tensor_release(l->flat_values);
     moe_tensor_release(l->flat_grads);
     moe_tensor_release(l->flat_compute);

@@ -60,6 +60,7 @@ struct moe_layer {
     moe_tensor *flat_values, *flat_grads;   /* set when this layer owns the flat buffers of its tree */
     moe_tensor *flat_compute;               /* mixed precision (root only): the compute copy of flat_values */
     moe_dtype compute_dtype;                /* root only: MOE_F32, or MOE_BF16 under mixed precision */
+    struct moe_master_split *master;        /* root only: the f32 master split into two planes (master_split.c) */
     /* State that is saved with the model but not trained (the router bias of
      * auxiliary-loss-free balancing): names and tensors, owned. */
     moe_param *buffers;                     /* .grad is NULL */
@@ -127,6 +128,7 @@ void moe_param_grad_written(moe_param *p);
  * the f32 values stay the parameters (master weights, optimiser input,
  * checkpoints); a bf16 copy (flat_compute, one view per parameter in
  * moe_param.compute) is what layers compute with, and gradients become bf16.
+ * The copy rounds ties away from zero (ops.h, moe_master_hi).
  * MOE_F32 turns it off (gradients f32 again, zeroed). Needs a CUDA device:
  * the CPU backend computes in f32 only. Survives moe_layer_flatten (to()). */
 moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *root, moe_dtype dt);
@@ -134,6 +136,27 @@ moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *root, moe_dtype 
  * other than through the optimiser (loading a checkpoint, editing weights).
  * A no-op without mixed precision. */
 moe_status moe_layer_refresh_compute(moe_ctx *ctx, moe_layer *root);
+
+/* ---- the split master (master_split.c) ----
+ * Under bf16 precision an optimiser keeps the f32 master weights as the bf16
+ * compute copy plus an i16 low plane (ops.h, moe_master_hi) and gives the
+ * f32 buffer's memory back; any read or write of the f32 values brings them
+ * back (a join), and the next split takes them as they are then.
+ * split: splits (*split = 1), or leaves the root as it is (*split = 0) when it
+ * has no bf16 compute copy over a buffer of its own; already split: nothing
+ * to do. Refused while the device captures a CUDA graph.
+ * join: the f32 values back in their buffer (no-op unless split).
+ * drop: join, then forget the planes (before the buffers or the precision change).
+ * release: the layer's part of the state, when the layer goes.
+ * lo: the low plane while split, else NULL. counts: whether split now and how
+ * many splits and joins there were. */
+typedef struct moe_master_split moe_master_split;
+moe_status moe_layer_master_split(moe_ctx *ctx, moe_layer *root, int *split);
+moe_status moe_layer_master_join(moe_ctx *ctx, moe_layer *root);
+moe_status moe_layer_master_drop(moe_ctx *ctx, moe_layer *root);
+void moe_layer_master_release(moe_layer *root);
+moe_tensor *moe_layer_master_lo(const moe_layer *root);
+void moe_layer_master_counts(const moe_layer *root, int *parked, uint64_t *splits, uint64_t *joins);
 
 /* ---- for layer implementations ---- */
 /* Re-points tensor header t (contiguous) at storage s from element offset, as dtype dt;

@@ -1,5 +1,7 @@
 /* Mixed precision over the flat buffers: f32 master values, a bf16 compute
- * copy laid out exactly like them (same element offsets), bf16 gradients.
+ * copy laid out exactly like them (same element offsets; each value rounded
+ * with ties away from zero, ops.h moe_master_hi, so that the copy is the same
+ * whether an optimiser keeps the master split or not), bf16 gradients.
  * Keeping the f32 values as "the parameters" means every reader and writer
  * of parameters (optimiser, checkpoints, Hugging Face loading, LoRA merges)
  * stays exact; only the layers' arithmetic sees bf16. */
@@ -48,6 +50,7 @@ moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *l, moe_dtype dt)
     if (!l->flat_values)
         return moe_error(MOE_ERR_STATE, "set_precision: the layer does not own flat parameter buffers (use the model's root)");
     if (dt == (l->flat_compute ? l->compute_dtype : MOE_F32)) return MOE_OK;
+    MOE_TRY(moe_layer_master_drop(ctx, l));   /* the values whole again before the compute copy changes */
     moe_tensor *vals = l->flat_values;
     int64_t shape[1] = {moe_tensor_numel(vals)};
     if (dt == MOE_F32) {
@@ -69,7 +72,8 @@ moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *l, moe_dtype dt)
                          "(the CPU backend computes in f32); move the model first (model:to(\"cuda\"))");
     moe_tensor *c = moe_tensor_new(ctx, dt, 1, shape, vals->device);
     moe_tensor *g = c ? moe_tensor_new(ctx, dt, 1, shape, vals->device) : NULL;
-    moe_status s = c && g ? moe_op_copy(ctx, c, vals) : moe_last_status();
+    /* (rounded as the split master's high plane, ties away from zero: the same copy either way) */
+    moe_status s = c && g ? moe_op_master_split(ctx, c, NULL, vals) : moe_last_status();
     if (s == MOE_OK) s = moe_op_fill(ctx, g, 0.0);
     if (s != MOE_OK) {
         moe_tensor_release(c); moe_tensor_release(g);
@@ -93,5 +97,6 @@ moe_status moe_layer_set_compute_dtype(moe_ctx *ctx, moe_layer *l, moe_dtype dt)
 
 moe_status moe_layer_refresh_compute(moe_ctx *ctx, moe_layer *l) {
     if (!l || !l->flat_compute) return MOE_OK;
-    return moe_op_copy(ctx, l->flat_compute, l->flat_values);
+    MOE_TRY(moe_layer_master_join(ctx, l));   /* (the next split takes the values as they are then) */
+    return moe_op_master_split(ctx, l->flat_compute, NULL, l->flat_values);
 }

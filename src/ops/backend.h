@@ -194,6 +194,9 @@ typedef struct moe_backend {
     /* moe_op_adamw_advance (ops.h), arguments checked: step_dev += 1 unless
      * cfg's device clipping skips the step */
     moe_status (*adamw_advance)(moe_ctx *, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
+    /* moe_op_master_split / moe_op_master_join (ops.h), arguments checked */
+    moe_status (*master_split)(moe_ctx *, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src);
+    moe_status (*master_join)(moe_ctx *, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo);
 } moe_backend;
 
 

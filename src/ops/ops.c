@@ -16,6 +16,8 @@ moe_status ops_nonnull(const char *op, const char *name, const void *p) {
 moe_status ops_check(const char *op, const ops_arg *floats, int nf, const ops_arg *indices, int ni) {
     for (int i = 0; i < nf; i++) MOE_TRY(ops_nonnull(op, floats[i].name, floats[i].t));
     for (int i = 0; i < ni; i++) MOE_TRY(ops_nonnull(op, indices[i].name, indices[i].t));
+    /* parked parameter memory (tensor.h) comes back here, where its failure can be told */
+    for (int i = 0; i < nf; i++) MOE_TRY(moe_tensor_ready(floats[i].t));
     const ops_arg *ref = nf ? &floats[0] : ni ? &indices[0] : NULL;
     if (!ref) return MOE_OK;
     if (nf) {
@@ -48,6 +50,7 @@ moe_status ops_check(const char *op, const ops_arg *floats, int nf, const ops_ar
 moe_status ops_out(const char *op, const char *name, const moe_tensor *t) {
     /* an output is about to be written: its index bound and host value (tensor.h) no longer hold */
     if (t) moe_tensor_mark_written((moe_tensor *)t);
+    MOE_TRY(moe_tensor_ready(t));
     if (!moe_tensor_is_contiguous(t)) {
         char b[128];
         return moe_error(MOE_ERR_ARG, "%s: output %s (shape %s) must be contiguous, got a strided view", op, name,
@@ -166,6 +169,8 @@ void ops_carry_host_value(moe_tensor *dst, const moe_tensor *src) {
 moe_status moe_op_copy(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *src) {
     MOE_TRY(ops_nonnull("copy", "dst", dst));
     MOE_TRY(ops_nonnull("copy", "src", src));
+    MOE_TRY(moe_tensor_ready(dst));   /* parked memory back first (tensor.h) */
+    MOE_TRY(moe_tensor_ready(src));
     moe_tensor_mark_written(dst);   /* see tensor.h */
     if (moe_tensor_numel(dst) != moe_tensor_numel(src)) {
         char a[128], b[128];
@@ -196,6 +201,7 @@ moe_status moe_op_read_start(moe_ctx *ctx, const moe_tensor *const *ts, int n, m
         return moe_error(MOE_ERR_ARG, "read_start: %d tensors, expected 1 to %d", n, MOE_READ_MAX);
     for (int i = 0; i < n; i++) {
         if (!ts[i]) return moe_error(MOE_ERR_ARG, "read_start: tensor %d is NULL", i + 1);
+        MOE_TRY(moe_tensor_ready(ts[i]));
         if (moe_tensor_numel(ts[i]) != 1)
             return moe_error(MOE_ERR_SHAPE, "read_start: tensor %d has %lld elements, expected one", i + 1,
                              (long long)moe_tensor_numel(ts[i]));
@@ -234,6 +240,7 @@ moe_status moe_op_read_finish(moe_ctx *ctx, moe_read *r) {
 
 moe_status moe_op_fill(moe_ctx *ctx, moe_tensor *t, double v) {
     MOE_TRY(ops_nonnull("fill", "t", t));
+    MOE_TRY(moe_tensor_ready(t));   /* parked memory back first (tensor.h) */
     moe_tensor_mark_written(t);     /* see tensor.h */
     const moe_backend *be;
     OPS_ENTRY(ctx, "fill", t->device, fill, be);

@@ -294,7 +294,8 @@ moe_status moe_op_cross_entropy_fused(moe_ctx *ctx, moe_tensor *loss, moe_tensor
  * f32 or bf16 (mixed precision, read as f32). cfg->compute, when set, is a
  * contiguous bf16 (or f32) buffer of the same numel that gets the updated
  * params rounded to its dtype in the same pass (the compute copy of mixed
- * precision).
+ * precision); bf16 rounds as moe_master_hi does (ties away from zero), so a
+ * compute copy has the same bytes whether the master is split or not.
  * bf16 m and v are read as f32, updated in f32 (the params' update uses the
  * unrounded values) and stored with stochastic rounding: rounded to nearest,
  * v's small increments (1 - b2 of it, under half a bf16 step once b2 is
@@ -339,6 +340,14 @@ typedef struct {
      * matrices with it): each launch boundary cost the GPU 2-4 us. */
     int n_runs;
     const struct moe_adamw_run *runs;
+    /* Split master (optional, i16, contiguous, params' numel): params is then
+     * the bf16 high plane of f32 master weights whose low halves lo holds
+     * (moe_master_hi, below); the update reads and writes the master as the
+     * two planes, 4 bytes an element as before, and the high plane is the
+     * compute copy (cfg->compute must be NULL). The f32 bits are those of the
+     * f32 update; the high plane rounds ties away from zero instead of to
+     * even. */
+    moe_tensor *lo;
 } moe_adamw_cfg;
 #define MOE_ADAMW_MAX_RUNS 64
 typedef struct moe_adamw_run {
@@ -407,6 +416,23 @@ static inline MOE_HOST_DEVICE uint16_t moe_bf16_round_sr(float x, uint32_t r16) 
 static inline MOE_HOST_DEVICE float moe_adamw_inv_bias_corr(float beta, int64_t step) {
     return (float)(1.0 / (1.0 - pow((double)beta, (double)step)));
 }
+/* f32 master weights as two 16-bit planes (nn/master_split.c): hi, the
+ * value rounded to bf16 with ties away from zero (so the compute copy needs no
+ * bytes of its own), and lo, the i16 remainder: bits(x) = (hi << 16) + lo
+ * exactly, the sum taken mod 2^32. (Rounding ties to even would leave a
+ * remainder of +-2^15 two meanings.) A NaN keeps its sign and stays a quiet
+ * NaN, its payload lost (lo 0). */
+static inline MOE_HOST_DEVICE uint16_t moe_master_hi(uint32_t u) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x8000u) >> 16);
+}
+static inline MOE_HOST_DEVICE int16_t moe_master_lo(uint32_t u, uint16_t hi) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0;
+    return (int16_t)(int32_t)(u - ((uint32_t)hi << 16));
+}
+static inline MOE_HOST_DEVICE uint32_t moe_master_bits(uint16_t hi, int16_t lo) {
+    return ((uint32_t)hi << 16) + (uint32_t)(int32_t)lo;
+}
 static inline double moe_adamw_clip_factor(const moe_adamw_cfg *cfg, double sumsq, double guard) {
     return moe_adamw_clip_scale(cfg->grad_scale, cfg->clip_max, sumsq, guard);
 }
@@ -419,6 +445,12 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
  * step_dev's device. Queued after the step's updates, it keeps step_dev the
  * count of steps taken, without the host reading the norm. */
 moe_status moe_op_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
+/* The two planes of f32 master weights (moe_master_hi above): split writes
+ * hi (bf16) and lo (i16) from src (f32); lo may be NULL (the high plane alone:
+ * the compute copy of f32 values). join writes dst (f32) from them. All
+ * contiguous, one device, the same numel. */
+moe_status moe_op_master_split(moe_ctx *ctx, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src);
+moe_status moe_op_master_join(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo);
 
 /* ---- MoE token movement (ops_moe.c) ----
  * One-pass gathers for the MoE block's combine and dispatch backward, given

@@ -2,6 +2,8 @@
  * optimiser): argument checks, contiguous copies, dispatch. */
 #include "ops_internal.h"
 
+#include <string.h>
+
 #include <math.h>
 
 /* A per-row statistic (rstd, mean, lse, loss): `rows` elements, any shape
@@ -513,9 +515,19 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
     int nf = cfg->compute ? 5 : 4;
     for (int i = 0; i < nf; i++)
         if (!f[i].t) return moe_error(MOE_ERR_ARG, "adamw: %s is NULL, expected a tensor", f[i].name);
+    if (cfg->lo) {   /* a split master: params is its bf16 high plane (ops.h) */
+        if (cfg->compute)
+            return moe_error(MOE_ERR_ARG, "adamw: a split master's high plane is the compute copy; compute must be NULL");
+        if (params->dtype != MOE_BF16 || cfg->lo->dtype != MOE_I16)
+            return moe_error(MOE_ERR_DTYPE, "adamw: a split master takes params bf16 and lo i16, got %s and %s",
+                             moe_dtype_name(params->dtype), moe_dtype_name(cfg->lo->dtype));
+        f[4] = (ops_arg){"lo", cfg->lo};
+        nf = 5;
+    }
     for (int i = 0; i < nf; i++) {
         int lowp_ok = i >= 1;   /* grads, m and v (the two alike, below) and the compute copy may be bf16 */
         moe_dtype dt = f[i].t->dtype;
+        if (cfg->lo && (i == 0 || i == 4)) dt = MOE_F32;   /* (the planes' dtypes checked above) */
         if (dt != MOE_F32 && !(lowp_ok && dt == MOE_BF16))
             return moe_error(MOE_ERR_DTYPE, "adamw: %s has dtype %s, expected f32%s", f[i].name, moe_dtype_name(dt),
                              lowp_ok ? " or bf16" : "");
@@ -553,9 +565,10 @@ moe_status moe_op_adamw(moe_ctx *ctx, moe_tensor *params, const moe_tensor *grad
                              "within [0, %lld) starting on multiples of 8", r, (long long)u->lo, (long long)u->hi,
                              (long long)moe_tensor_numel(params));
     }
-    moe_tensor *written[4] = {params, m, v, cfg->compute};
-    for (int i = 0; i < 4; i++)
-        if (written[i]) MOE_TRY(ops_out(op, "params, m, v or compute", written[i]));   /* (contiguity checked above) */
+    moe_tensor *written[5] = {params, m, v, cfg->compute, cfg->lo};
+    for (int i = 0; i < 5; i++)
+        if (written[i]) MOE_TRY(ops_out(op, "params, m, v, compute or lo", written[i]));   /* (contiguity checked above) */
+    MOE_TRY(moe_tensor_ready(grads));
     const moe_backend *be;
     OPS_ENTRY(ctx, op, params->device, adamw, be);
     if (moe_tensor_numel(params) == 0) return MOE_OK;
@@ -572,4 +585,50 @@ moe_status moe_op_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_ad
     const moe_backend *be;
     OPS_ENTRY(ctx, op, step_dev->device, adamw_advance, be);
     return be->adamw_advance(ctx, step_dev, cfg);
+}
+
+/* hi bf16, lo i16 (when lo_optional, may be NULL) and the f32 values: contiguous, one device, one numel */
+static moe_status master_args(const char *op, const moe_tensor *f32, const moe_tensor *hi, const moe_tensor *lo,
+                              int lo_optional) {
+    ops_arg a[] = {{"the f32 values", f32}, {"hi", hi}, {"lo", lo}};
+    moe_dtype want[] = {MOE_F32, MOE_BF16, MOE_I16};
+    for (int i = 0; i < 3; i++) {
+        if (i == 2 && !lo && lo_optional) continue;
+        MOE_TRY(ops_nonnull(op, a[i].name, a[i].t));
+        if (a[i].t->dtype != want[i])
+            return moe_error(MOE_ERR_DTYPE, "%s: %s has dtype %s, expected %s", op, a[i].name,
+                             moe_dtype_name(a[i].t->dtype), moe_dtype_name(want[i]));
+        if (!moe_device_eq(a[i].t->device, f32->device))
+            return moe_error(MOE_ERR_DEVICE, "%s: %s is on another device than the f32 values", op, a[i].name);
+        if (!moe_tensor_is_contiguous(a[i].t))
+            return moe_error(MOE_ERR_ARG, "%s: %s must be contiguous, got a strided view", op, a[i].name);
+        if (moe_tensor_numel(a[i].t) != moe_tensor_numel(f32))
+            return moe_error(MOE_ERR_SHAPE, "%s: %s has %lld elements, expected %lld (the f32 values')", op, a[i].name,
+                             (long long)moe_tensor_numel(a[i].t), (long long)moe_tensor_numel(f32));
+    }
+    return MOE_OK;
+}
+
+moe_status moe_op_master_split(moe_ctx *ctx, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src) {
+    static const char *op = "master_split";
+    MOE_TRY(master_args(op, src, hi, lo, 1));
+    MOE_TRY(moe_tensor_ready(src));
+    MOE_TRY(ops_out(op, "hi", hi));
+    if (lo) MOE_TRY(ops_out(op, "lo", lo));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, src->device, master_split, be);
+    if (moe_tensor_numel(src) == 0) return MOE_OK;
+    return be->master_split(ctx, hi, lo, src);
+}
+
+moe_status moe_op_master_join(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo) {
+    static const char *op = "master_join";
+    MOE_TRY(master_args(op, dst, hi, lo, 0));
+    MOE_TRY(moe_tensor_ready(hi));
+    MOE_TRY(moe_tensor_ready(lo));
+    MOE_TRY(ops_out(op, "dst", dst));
+    const moe_backend *be;
+    OPS_ENTRY(ctx, op, dst->device, master_join, be);
+    if (moe_tensor_numel(dst) == 0) return MOE_OK;
+    return be->master_join(ctx, dst, hi, lo);
 }

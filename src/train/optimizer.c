@@ -196,6 +196,15 @@ static moe_tensor *span(moe_tensor *buf, int64_t off, int64_t n) {
 static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_scale, moe_tensor *clip_sumsq,
                             moe_tensor *clip_guard);
 
+/* The split master on the whole buffer (optimizer.h); the values whole otherwise. */
+moe_status moe_adamw_prepare(moe_ctx *ctx, moe_adamw *o) {
+    if (!o) return moe_error(MOE_ERR_ARG, "AdamW: prepare without an optimiser");
+    int split = 0;
+    if (!o->hp.master_f32 && o->lo == 0 && o->hi >= o->full_n)
+        return moe_layer_master_split(ctx, o->layer, &split);
+    return moe_layer_master_join(ctx, o->layer);
+}
+
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *o, float lr) {
     /* the deferred scale is this call's, even when it fails below */
     float grad_scale = o->grad_scale;
@@ -223,7 +232,8 @@ static int same_span(const moe_param *p0, const moe_param *q, int64_t dist) {
  * launches a step became one for the OLMoE-style benchmark model, each launch
  * boundary having cost the GPU 2-4 us). */
 static moe_status launch_runs(moe_ctx *ctx, moe_adamw *o, const moe_adamw_cfg *base, const moe_tensor *fv,
-                              const moe_param *p0, int64_t at, const moe_adamw_run *runs, int nr) {
+                              moe_tensor *lo_plane, const moe_param *p0, int64_t at, const moe_adamw_run *runs,
+                              int nr) {
     const int64_t len = runs[nr - 1].hi, off0 = p0->value->offset - fv->offset;
     moe_adamw_cfg c = *base;
     if (nr == 1) {
@@ -234,17 +244,22 @@ static moe_status launch_runs(moe_ctx *ctx, moe_adamw *o, const moe_adamw_cfg *b
         c.runs = runs;
     }
     c.index0 = at;
-    moe_tensor *pv = span(p0->value, p0->value->offset + (at - off0), len);
+    /* a split master (lo_plane): the compute copy is its high plane, updated in place */
+    moe_tensor *pv = lo_plane ? span(p0->compute, p0->compute->offset + (at - off0), len)
+                              : span(p0->value, p0->value->offset + (at - off0), len);
+    moe_tensor *lv = lo_plane ? span(lo_plane, lo_plane->offset + at, len) : NULL;
     moe_tensor *gv = span(p0->grad, p0->grad->offset + (at - off0), len);
     moe_tensor *mv = span(o->m, o->m->offset + (at - o->lo), len);
     moe_tensor *vv = span(o->v, o->v->offset + (at - o->lo), len);
     /* mixed precision: the compute copy is rewritten in the same pass */
-    moe_tensor *cv = p0->compute ? span(p0->compute, p0->compute->offset + (at - off0), len) : NULL;
+    moe_tensor *cv = p0->compute && !lo_plane ? span(p0->compute, p0->compute->offset + (at - off0), len) : NULL;
     c.compute = cv;
-    moe_status s = pv && gv && mv && vv && (cv || !p0->compute) ? moe_op_adamw(ctx, pv, gv, mv, vv, &c)
-                                                                 : moe_last_status();
+    c.lo = lv;
+    moe_status s = pv && gv && mv && vv && (cv || !p0->compute || lo_plane) && (lv || !lo_plane)
+                       ? moe_op_adamw(ctx, pv, gv, mv, vv, &c)
+                       : moe_last_status();
     moe_tensor_release(pv); moe_tensor_release(gv); moe_tensor_release(mv); moe_tensor_release(vv);
-    moe_tensor_release(cv);
+    moe_tensor_release(cv); moe_tensor_release(lv);
     if (s == MOE_OK) o->launches++;
     return s;
 }
@@ -256,6 +271,8 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         || moe_layer_num_param_tensors(o->layer) != o->n)
         return moe_error(MOE_ERR_STATE, "AdamW: the layer's parameters changed since the optimiser was made");
     MOE_TRY(moe_layer_settle_grads(ctx, o->layer));
+    MOE_TRY(moe_adamw_prepare(ctx, o));
+    moe_tensor *lo_plane = moe_layer_master_lo(o->layer);   /* set: the master is split (optimizer.h) */
     moe_param *ps = malloc((size_t)(o->n ? o->n : 1) * sizeof *ps);
     if (!ps) return moe_error(MOE_ERR_OOM, "out of host memory");
     moe_layer_collect_params(o->layer, ps, o->n);
@@ -305,7 +322,7 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         int joins = nr > 0 && nr < MOE_ADAMW_MAX_RUNS && a == off && (a - at) % 8 == 0 &&
                     same_span(&ps[first], &ps[i], ps[i].value->offset - ps[first].value->offset);
         if (!joins && nr > 0) {
-            s = launch_runs(ctx, o, &base, fv, &ps[first], at, runs, nr);
+            s = launch_runs(ctx, o, &base, fv, lo_plane, &ps[first], at, runs, nr);
             nr = 0;
             if (s != MOE_OK) break;
         }
@@ -316,7 +333,7 @@ static moe_status step_with(moe_ctx *ctx, moe_adamw *o, float lr, float grad_sca
         i = last;
     }
     if (s == MOE_OK && nr > 0)
-        s = launch_runs(ctx, o, &base, fv, &ps[first], at, runs, nr);
+        s = launch_runs(ctx, o, &base, fv, lo_plane, &ps[first], at, runs, nr);
     free(ps);
     if (s == MOE_OK && o->step_dev) s = moe_op_adamw_advance(ctx, o->step_dev, &base);
     return s;

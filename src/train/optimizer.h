@@ -14,6 +14,11 @@ typedef struct {
     /* m and v: MOE_F32 (0, the default) or MOE_BF16 (half the memory and
      * traffic, stochastically rounded: ops.h, moe_op_adamw) */
     moe_dtype state_dtype;
+    /* 1: keep the f32 master weights whole. 0 (the default): under bf16
+     * precision on a layer's whole buffer, split them into the compute copy
+     * and a low plane (layer.h, moe_layer_master_split) at each step that
+     * finds them whole: 2 bytes a parameter less memory and traffic. */
+    int master_f32;
 } moe_adamw_hparams;
 
 /* lr_scale and decay: one entry per parameter in moe_layer_collect_params
@@ -27,6 +32,12 @@ moe_adamw *moe_adamw_new(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams
 moe_adamw *moe_adamw_new_range(moe_ctx *ctx, moe_layer *layer, const moe_adamw_hparams *hp, const float *lr_scale,
                                const int *decay, int64_t lo, int64_t hi);
 void moe_adamw_free(moe_adamw *opt);
+/* Brings the parameters into the form the next step updates: the split
+ * master where the optimiser splits it (above), else nothing. A step does
+ * this itself; a CUDA graph capture of a step, which cannot, calls it before
+ * capturing and before each replay (anything may have read the values and so
+ * joined them in between). */
+moe_status moe_adamw_prepare(moe_ctx *ctx, moe_adamw *opt);
 /* One step at learning rate lr from the gradients in the layer (with device
  * state on, lr is not read: the device's learning rate is). */
 moe_status moe_adamw_step(moe_ctx *ctx, moe_adamw *opt, float lr);

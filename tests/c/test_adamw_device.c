@@ -56,7 +56,7 @@ static const float lr_scale[3] = {1.0f, 0.5f, 2.0f};
 static const int decay[3] = {1, 0, 1};
 
 static moe_adamw *adamw(moe_layer *l, moe_dtype state) {
-    moe_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f, state};
+    moe_adamw_hparams hp = {0.9f, 0.95f, 1e-8f, 0.1f, state, 0};
     moe_adamw *o = moe_adamw_new(ctx, l, &hp, lr_scale, decay);
     die_if(!o, "adamw");
     return o;

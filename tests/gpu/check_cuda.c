@@ -750,6 +750,80 @@ static void test_adamw_runs(void) {
     moe_tensor_release(step_dev); moe_tensor_release(lr_dev);
 }
 
+/* The split master (ops.h, moe_master_hi) against the CPU: the planes of
+ * random values and of the edges (ties below even and odd bf16s, the largest
+ * finite values, infinities, NaNs), through the vector kernels and, one
+ * element off the 16-byte grid, the element ones; the join back; then AdamW
+ * on the planes with runs (gaps, partial groups), f32 and bf16 moments: the
+ * CPU's bytes in both planes and in m and v. */
+static moe_tensor *new_dev(moe_dtype dt, int64_t n) {
+    moe_tensor *t = moe_tensor_new(ctx, dt, 1, &n, GPU);
+    die_if(!t, "device tensor");
+    return t;
+}
+
+static void test_master_split(void) {
+    const int64_t n = 4999;
+    moe_tensor *src = host_randn(SH(n), 3.0f, 0.0f, 0);
+    uint32_t *u = moe_tensor_data(src);
+    const uint32_t edge[] = {0x3f808000u, 0x3f818000u, 0xbf808000u, 0x7f7fffffu, 0xff7fffffu, 0x7f800000u,
+                             0x7fc00000u, 0xffc00001u, 0x00000001u, 0x80000000u, 0x3fffffffu};
+    for (size_t i = 0; i < sizeof edge / sizeof edge[0]; i++) { u[i] = edge[i]; u[n - 1 - i] = edge[i]; }
+    moe_tensor *hh = moe_tensor_new_cpu(MOE_BF16, SH(n)), *lh = moe_tensor_new_cpu(MOE_I16, SH(n));
+    moe_tensor *jh = moe_tensor_new_cpu(MOE_F32, SH(n));
+    die_if(!hh || !lh || !jh || moe_op_master_split(ctx, hh, lh, src) != MOE_OK ||
+           moe_op_master_join(ctx, jh, hh, lh) != MOE_OK, "cpu planes");
+    moe_tensor *sd = to_gpu(src, MOE_F32), *hd = new_dev(MOE_BF16, n), *ld = new_dev(MOE_I16, n), *jd = new_dev(MOE_F32, n);
+    moe_status s = moe_op_master_split(ctx, hd, ld, sd);
+    if (s == MOE_OK) s = moe_op_master_join(ctx, jd, hd, ld);
+    ok(s == MOE_OK && same_bytes(hd, hh) && same_bytes(ld, lh) && same_bytes(jd, jh),
+       "master split and join [%lld], 16-byte kernels: the CPU's bytes in both planes and back (%s)", (long long)n,
+       moe_last_error());
+    /* one element in: no 16-byte accesses */
+    moe_tensor *so = moe_tensor_narrow(sd, 0, 1, n - 1), *ho = moe_tensor_narrow(hd, 0, 1, n - 1),
+               *lo = moe_tensor_narrow(ld, 0, 1, n - 1), *jo = moe_tensor_narrow(jd, 0, 1, n - 1);
+    die_if(!so || !ho || !lo || !jo, "views");
+    die_if(moe_op_fill(ctx, hd, 0.0) != MOE_OK || moe_op_fill(ctx, ld, 0.0) != MOE_OK || moe_op_fill(ctx, jd, 0.0),
+           "clear");
+    s = moe_op_master_split(ctx, ho, lo, so);
+    if (s == MOE_OK) s = moe_op_master_join(ctx, jo, ho, lo);
+    moe_tensor *hho = moe_tensor_narrow(hh, 0, 1, n - 1), *lho = moe_tensor_narrow(lh, 0, 1, n - 1),
+               *jho = moe_tensor_narrow(jh, 0, 1, n - 1);
+    ok(s == MOE_OK && same_bytes(ho, hho) && same_bytes(lo, lho) && same_bytes(jo, jho),
+       "master split and join [%lld] one element off the grid: the CPU's bytes (%s)", (long long)(n - 1),
+       moe_last_error());
+    moe_tensor *views[] = {so, ho, lo, jo, hho, lho, jho};
+    for (size_t i = 0; i < sizeof views / sizeof views[0]; i++) moe_tensor_release(views[i]);
+    /* AdamW on the planes */
+    const moe_adamw_run runs[3] = {{0, 1003, 1e-2f, 0.1f}, {1008, 1013, 2e-2f, 0.0f}, {1024, 4999, 5e-3f, 0.2f}};
+    for (int k = 0; k < 2; k++) {
+        moe_dtype sdt = k ? MOE_BF16 : MOE_F32;
+        moe_tensor *p = host_randn(SH(n), 1.0f, 0.0f, 0);
+        die_if(moe_op_master_split(ctx, hh, lh, p) != MOE_OK, "cpu split");
+        moe_tensor *hd2 = to_gpu(hh, MOE_BF16), *ld2 = to_gpu(lh, MOE_I16);
+        pair g = in_randn(MOE_BF16, SH(n));
+        pair m = in_pair(sdt, SH(n), 0.1f, 0.0f, 0), v = in_pair(sdt, SH(n), 0.1f, 0.01f, 1);
+        moe_tensor *gh = moe_op_to(ctx, g.h, MOE_DEVICE_CPU, MOE_BF16), *mh = moe_op_to(ctx, m.h, MOE_DEVICE_CPU, sdt),
+                   *vh = moe_op_to(ctx, v.h, MOE_DEVICE_CPU, sdt);
+        die_if(!gh || !mh || !vh, "host state");
+        moe_adamw_cfg hc = {.beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .step = 5, .index0 = 64, .n_runs = 3,
+                            .runs = runs, .grad_scale = 0.75f, .lo = lh};
+        moe_adamw_cfg dc = hc;
+        dc.lo = ld2;
+        s = moe_op_adamw(ctx, hh, gh, mh, vh, &hc);
+        moe_status sdv = moe_op_adamw(ctx, hd2, g.d, m.d, v.d, &dc);
+        ok(s == MOE_OK && sdv == MOE_OK && same_bytes(hd2, hh) && same_bytes(ld2, lh) && same_bytes(m.d, mh) &&
+               same_bytes(v.d, vh),
+           "adamw on the split master, runs, %s moments: the CPU's bytes in both planes, m and v (%s)", dtn(sdt),
+           moe_last_error());
+        moe_tensor_release(p); moe_tensor_release(hd2); moe_tensor_release(ld2);
+        moe_tensor_release(gh); moe_tensor_release(mh); moe_tensor_release(vh);
+        pfree(&g); pfree(&m); pfree(&v);
+    }
+    moe_tensor *all[] = {src, hh, lh, jh, sd, hd, ld, jd};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) moe_tensor_release(all[i]);
+}
+
 /* The step and learning rate held by the device (ops.h: step_dev = 6, so step
  * 7; lr_dev = 0.5 times cfg.lr = 2e-2) against the CPU's host step 7 and lr
  * 1e-2, and against the GPU's own host-step kernels: f32 and bf16 moments,
@@ -828,5 +902,6 @@ int main(void) {
     if (want("adamw")) test_adamw();
     if (want("adamw_device")) test_adamw_device();
     if (want("adamw_runs")) test_adamw_runs();
+    if (want("master_split")) test_master_split();
     return gpucheck_end();
 }

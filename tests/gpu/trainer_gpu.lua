@@ -126,6 +126,9 @@ do
   collectgarbage(); collectgarbage()
   local need = core.cuda_memory_stats(0).peak - s0.in_use   -- a step's own bytes
   local params0, moments0 = host(m.net:flat_parameters()), host(tr.optimizer:state())
+  -- (reading the values joined the split master; split it again, as the next step does first,
+  -- so that the bytes compared below are those of the same form)
+  tr.optimizer:prepare()
   local in_use0 = core.cuda_memory_stats(0).in_use
   core.cuda_empty_cache(0)
   -- the driver may not hand out all it reports free: step down until it does

@@ -172,6 +172,8 @@ moe_status moe_cpu_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 moe_status moe_cpu_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                          const moe_adamw_cfg *cfg);
 moe_status moe_cpu_adamw_advance(moe_ctx *, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
+moe_status moe_cpu_master_split(moe_ctx *, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src);
+moe_status moe_cpu_master_join(moe_ctx *, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo);
 /* cpu_moe.c (f32 and bf16) */
 moe_status moe_cpu_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, const moe_tensor *src, const moe_tensor *w,
                               const moe_tensor *slots);

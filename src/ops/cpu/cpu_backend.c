@@ -155,6 +155,8 @@ static const moe_backend cpu_backend = {
     .ep_unpack = moe_cpu_ep_unpack,
     .ep_regroup = moe_cpu_ep_regroup,
     .adamw_advance = moe_cpu_adamw_advance,
+    .master_split = moe_cpu_master_split,
+    .master_join = moe_cpu_master_join,
 };
 
 void moe_cpu_backend_install(moe_ctx *ctx) {

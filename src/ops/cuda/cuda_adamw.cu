@@ -61,28 +61,6 @@ template <typename S> __device__ __forceinline__ void store_state(S *m, S *v, in
     }
 }
 
-// element i of the buffers, all their values read and written (index0 + i: its random bits)
-template <typename G, typename C, typename S>
-__device__ __forceinline__ void adam_elem(float *p, const G *g, S *m, S *v, C *c, int64_t i, float gs, float lr,
-                                          float b1, float b2, float eps, float wd, float ibc1, float ibc2,
-                                          int64_t index0, int64_t step) {
-    float pi = p[i], mi = to_f32(m[i]), vi = to_f32(v[i]);
-    adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
-    store_state(m, v, i, mi, vi, index0 + i, step);
-    p[i] = pi;
-    if (c) c[i] = from_f32<C>(pi);
-}
-
-template <typename G, typename C, typename S>
-__global__ void k_adamw(float *p, const G *g, S *m, S *v, C *c, int64_t n, float lr, float b1, float b2,
-                        float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
-                        const float *guard, double clip_max, int64_t index0, int64_t step, const int64_t *step_dev,
-                        const float *lr_dev) {
-    if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
-    device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
-    GRID_STRIDE(i, n) adam_elem(p, g, m, v, c, i, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
-}
-
 // 8 elements of T as f32 (p 16-byte aligned): one 16-byte access for bf16, two for f32
 template <typename T> __device__ __forceinline__ void load8(const T *p, float (&f)[8]) {
     if constexpr (sizeof(T) == 2) {
@@ -107,6 +85,89 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
     }
 }
 
+// The master weights an update reads and writes: f32, or split into a bf16
+// high plane (the compute copy) and an i16 low one (ops.h, moe_master_hi).
+struct master_f32 {
+    float *p;
+    __device__ __forceinline__ float load(int64_t i) const { return p[i]; }
+    __device__ __forceinline__ void store(int64_t i, float x) const { p[i] = x; }
+    __device__ __forceinline__ void load8(int64_t o, float (&f)[8]) const { ::load8(p + o, f); }
+    __device__ __forceinline__ void store8(int64_t o, const float (&f)[8]) const { ::store8(p + o, f); }
+    master_f32 at(int64_t k) const { return {p + k}; }
+    bool aligned() const { return cuda_aligned16(p); }
+};
+struct master_split {
+    uint16_t *hi;
+    int16_t *lo;
+    __device__ __forceinline__ float load(int64_t i) const { return __uint_as_float(moe_master_bits(hi[i], lo[i])); }
+    __device__ __forceinline__ void store(int64_t i, float x) const {
+        const uint32_t u = __float_as_uint(x);
+        const uint16_t h = moe_master_hi(u);
+        hi[i] = h;
+        lo[i] = moe_master_lo(u, h);
+    }
+    __device__ __forceinline__ void load8(int64_t o, float (&f)[8]) const {
+        const uint4 a = *reinterpret_cast<const uint4 *>(hi + o), b = *reinterpret_cast<const uint4 *>(lo + o);
+        const uint16_t *h = reinterpret_cast<const uint16_t *>(&a);
+        const int16_t *l = reinterpret_cast<const int16_t *>(&b);
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = __uint_as_float(moe_master_bits(h[k], l[k]));
+    }
+    __device__ __forceinline__ void store8(int64_t o, const float (&f)[8]) const {
+        uint4 a, b;
+        uint16_t *h = reinterpret_cast<uint16_t *>(&a);
+        int16_t *l = reinterpret_cast<int16_t *>(&b);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const uint32_t u = __float_as_uint(f[k]);
+            h[k] = moe_master_hi(u);
+            l[k] = moe_master_lo(u, h[k]);
+        }
+        *reinterpret_cast<uint4 *>(hi + o) = a;
+        *reinterpret_cast<uint4 *>(lo + o) = b;
+    }
+    master_split at(int64_t k) const { return {hi + k, lo + k}; }
+    bool aligned() const { return cuda_aligned16(hi) && cuda_aligned16(lo); }
+};
+
+// The compute copy's value: bf16 rounds ties away from zero (ops.h), the
+// split master's high plane, so the copy's bytes do not depend on the split.
+template <typename C> __device__ __forceinline__ C compute_of(float x);
+template <> __device__ __forceinline__ float compute_of<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 compute_of<bf16>(float x) {
+    return __ushort_as_bfloat16(moe_master_hi(__float_as_uint(x)));
+}
+__device__ __forceinline__ void store_compute8(float *c, const float (&f)[8]) { store8(c, f); }
+__device__ __forceinline__ void store_compute8(bf16 *c, const float (&f)[8]) {
+    uint4 a;
+    uint16_t *h = reinterpret_cast<uint16_t *>(&a);
+#pragma unroll
+    for (int k = 0; k < 8; k++) h[k] = moe_master_hi(__float_as_uint(f[k]));
+    *reinterpret_cast<uint4 *>(c) = a;
+}
+
+// element i of the buffers, all their values read and written (index0 + i: its random bits)
+template <typename P, typename G, typename C, typename S>
+__device__ __forceinline__ void adam_elem(P p, const G *g, S *m, S *v, C *c, int64_t i, float gs, float lr,
+                                          float b1, float b2, float eps, float wd, float ibc1, float ibc2,
+                                          int64_t index0, int64_t step) {
+    float pi = p.load(i), mi = to_f32(m[i]), vi = to_f32(v[i]);
+    adam_1(pi, mi, vi, to_f32(g[i]), gs, lr, b1, b2, eps, wd, ibc1, ibc2);
+    store_state(m, v, i, mi, vi, index0 + i, step);
+    p.store(i, pi);
+    if (c) c[i] = compute_of<C>(pi);
+}
+
+template <typename P, typename G, typename C, typename S>
+__global__ void k_adamw(P p, const G *g, S *m, S *v, C *c, int64_t n, float lr, float b1, float b2,
+                        float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
+                        const float *guard, double clip_max, int64_t index0, int64_t step, const int64_t *step_dev,
+                        const float *lr_dev) {
+    if (!grad_factor(clip_ss, guard, clip_max, gs)) return;
+    device_step(step_dev, lr_dev, b1, b2, step, lr, ibc1, ibc2);
+    GRID_STRIDE(i, n) adam_elem(p, g, m, v, c, i, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
+}
+
 // The same update on groups of 8 elements with 16-byte accesses (every
 // pointer 16-byte aligned; the flat buffers align each parameter to 16
 // elements). Elements n8 * 8 .. n are left to k_adamw.
@@ -123,12 +184,12 @@ __device__ __forceinline__ void store8_sr(bf16 *p, const float (&f)[8], int64_t 
 }
 
 // elements o .. o + 7 (o a multiple of 8) through 16-byte accesses
-template <typename G, typename C, typename S>
-__device__ __forceinline__ void adam_group8(float *p, const G *g, S *m, S *v, C *c, int64_t o, float gs, float lr,
+template <typename P, typename G, typename C, typename S>
+__device__ __forceinline__ void adam_group8(P p, const G *g, S *m, S *v, C *c, int64_t o, float gs, float lr,
                                             float b1, float b2, float eps, float wd, float ibc1, float ibc2,
                                             int64_t index0, int64_t step) {
     float pf[8], gf[8], mf[8], vf[8];
-    load8(p + o, pf);
+    p.load8(o, pf);
     load8(g + o, gf);
     load8(m + o, mf);
     load8(v + o, vf);
@@ -141,12 +202,12 @@ __device__ __forceinline__ void adam_group8(float *p, const G *g, S *m, S *v, C 
         store8(m + o, mf);
         store8(v + o, vf);
     }
-    store8(p + o, pf);
-    if (c) store8(c + o, pf);
+    p.store8(o, pf);
+    if (c) store_compute8(c + o, pf);
 }
 
-template <typename G, typename C, typename S>
-__global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, float lr, float b1, float b2,
+template <typename P, typename G, typename C, typename S>
+__global__ void k_adamw8(P p, const G *g, S *m, S *v, C *c, int64_t n8, float lr, float b1, float b2,
                          float eps, float wd, float ibc1, float ibc2, float gs, const float *clip_ss,
                          const float *guard, double clip_max, int64_t index0, int64_t step, const int64_t *step_dev,
                          const float *lr_dev) {
@@ -155,8 +216,8 @@ __global__ void k_adamw8(float *p, const G *g, S *m, S *v, C *c, int64_t n8, flo
     GRID_STRIDE(i, n8) adam_group8(p, g, m, v, c, i * 8, gs, lr, b1, b2, eps, wd, ibc1, ibc2, index0, step);
 }
 
-template <typename G, typename C, typename S>
-static void launch_ptr(cuda_dev *d, float *pp, const G *gp, S *mp, S *vp, C *c, int64_t n, const moe_adamw_cfg *cfg,
+template <typename P, typename G, typename C, typename S>
+static void launch_ptr(cuda_dev *d, P pp, const G *gp, S *mp, S *vp, C *c, int64_t n, const moe_adamw_cfg *cfg,
                        float ibc1, float ibc2) {
     float gs = cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f;
     const float *css = cfg->clip_sumsq ? moe_f32((moe_tensor *)cfg->clip_sumsq) : nullptr;
@@ -164,17 +225,16 @@ static void launch_ptr(cuda_dev *d, float *pp, const G *gp, S *mp, S *vp, C *c, 
     const int64_t *sd = cfg->step_dev ? (const int64_t *)moe_tensor_data(cfg->step_dev) : nullptr;
     const float *ld = cfg->lr_dev ? moe_f32(cfg->lr_dev) : nullptr;
     int64_t n8 = 0;
-    if (cuda_aligned16(pp) && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
-        (!c || cuda_aligned16(c)))
+    if (pp.aligned() && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) && (!c || cuda_aligned16(c)))
         n8 = n / 8;
     if (n8 > 0)
-        k_adamw8<G, C, S><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(
+        k_adamw8<P, G, C, S><<<cuda_grid_1d(d, n8, 256), 256, 0, d->stream>>>(
             pp, gp, mp, vp, c, n8, cfg->lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css,
             gd, cfg->clip_max, cfg->index0, cfg->step, sd, ld);
     int64_t done = n8 * 8;
     if (done < n)
-        k_adamw<G, C, S><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
-            pp + done, gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
+        k_adamw<P, G, C, S><<<cuda_grid_1d(d, n - done, 256), 256, 0, d->stream>>>(
+            pp.at(done), gp + done, mp + done, vp + done, c ? c + done : c, n - done, cfg->lr, cfg->beta1, cfg->beta2,
             cfg->eps, cfg->weight_decay, ibc1, ibc2, gs, css, gd, cfg->clip_max, cfg->index0 + done, cfg->step, sd,
             ld);
 }
@@ -189,8 +249,8 @@ struct runs_arg {
     float lr[MOE_ADAMW_MAX_RUNS], wd[MOE_ADAMW_MAX_RUNS];
 };
 
-template <typename G, typename C, typename S>
-__global__ void k_adamw8_runs(float *p, const G *g, S *m, S *v, C *c, runs_arg ru, int64_t g0, int64_t g1, float b1,
+template <typename P, typename G, typename C, typename S>
+__global__ void k_adamw8_runs(P p, const G *g, S *m, S *v, C *c, runs_arg ru, int64_t g0, int64_t g1, float b1,
                               float b2, float eps, float ibc1, float ibc2, float gs, const float *clip_ss,
                               const float *guard, double clip_max, int64_t index0, int64_t step,
                               const int64_t *step_dev, const float *lr_dev) {
@@ -214,13 +274,12 @@ __global__ void k_adamw8_runs(float *p, const G *g, S *m, S *v, C *c, runs_arg r
     }
 }
 
-template <typename G, typename C, typename S>
-static void launch_runs(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
+template <typename P, typename G, typename C, typename S>
+static void launch_runs(cuda_dev *d, P pp, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
                         const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
-    float *pp = moe_f32(params);
     S *mp = (S *)moe_tensor_data(m), *vp = (S *)moe_tensor_data(v);
     const G *gp = (const G *)moe_tensor_data((moe_tensor *)grads);
-    if (!(cuda_aligned16(pp) && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
+    if (!(pp.aligned() && cuda_aligned16(gp) && cuda_aligned16(mp) && cuda_aligned16(vp) &&
           (!c || cuda_aligned16(c)))) {
         // unaligned tensors: a launch per run (each its own vector and tail kernels)
         for (int r = 0; r < cfg->n_runs; r++) {
@@ -230,7 +289,7 @@ static void launch_runs(cuda_dev *d, moe_tensor *params, const moe_tensor *grads
             one.lr = u->lr;
             one.weight_decay = u->weight_decay;
             one.index0 = cfg->index0 + u->lo;
-            launch_ptr<G, C, S>(d, pp + u->lo, gp + u->lo, mp + u->lo, vp + u->lo, c ? c + u->lo : c, u->hi - u->lo,
+            launch_ptr<P, G, C, S>(d, pp.at(u->lo), gp + u->lo, mp + u->lo, vp + u->lo, c ? c + u->lo : c, u->hi - u->lo,
                                 &one, ibc1, ibc2);
         }
         return;
@@ -248,20 +307,20 @@ static void launch_runs(cuda_dev *d, moe_tensor *params, const moe_tensor *grads
     const float *gd = cfg->guard ? moe_f32((moe_tensor *)cfg->guard) : nullptr;
     const int64_t *sd = cfg->step_dev ? (const int64_t *)moe_tensor_data(cfg->step_dev) : nullptr;
     const float *ld = cfg->lr_dev ? moe_f32(cfg->lr_dev) : nullptr;
-    k_adamw8_runs<G, C, S><<<cuda_grid_1d(d, g1 - g0, 256), 256, 0, d->stream>>>(
+    k_adamw8_runs<P, G, C, S><<<cuda_grid_1d(d, g1 - g0, 256), 256, 0, d->stream>>>(
         pp, gp, mp, vp, c, ru, g0, g1, cfg->beta1, cfg->beta2, cfg->eps, ibc1, ibc2,
         cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f, css, gd, cfg->clip_max, cfg->index0, cfg->step, sd, ld);
 }
 
-template <typename G, typename C, typename S>
-static void launch(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
+template <typename P, typename G, typename C, typename S>
+static void launch(cuda_dev *d, P pp, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v, C *c,
                    int64_t n, const moe_adamw_cfg *cfg, float ibc1, float ibc2) {
     if (cfg->n_runs > 0) {
-        launch_runs<G, C, S>(d, params, grads, m, v, c, cfg, ibc1, ibc2);
+        launch_runs<P, G, C, S>(d, pp, params, grads, m, v, c, cfg, ibc1, ibc2);
         return;
     }
-    launch_ptr<G, C, S>(d, moe_f32(params), (const G *)moe_tensor_data((moe_tensor *)grads), (S *)moe_tensor_data(m),
-                        (S *)moe_tensor_data(v), c, n, cfg, ibc1, ibc2);
+    launch_ptr<P, G, C, S>(d, pp, (const G *)moe_tensor_data((moe_tensor *)grads), (S *)moe_tensor_data(m),
+                           (S *)moe_tensor_data(v), c, n, cfg, ibc1, ibc2);
 }
 
 template <typename S>
@@ -269,14 +328,22 @@ static void launch_s(cuda_dev *d, moe_tensor *params, const moe_tensor *grads, m
                      const moe_adamw_cfg *cfg, int64_t n, float ibc1, float ibc2) {
     int gb = grads->dtype == MOE_BF16;
     moe_tensor *ct = cfg->compute;
+    if (cfg->lo) {   // a split master: its high plane is the compute copy (no c)
+        master_split pm = {(uint16_t *)moe_tensor_data(params), (int16_t *)moe_tensor_data(cfg->lo)};
+        bf16 *none = nullptr;
+        if (gb) launch<master_split, bf16, bf16, S>(d, pm, params, grads, m, v, none, n, cfg, ibc1, ibc2);
+        else launch<master_split, float, bf16, S>(d, pm, params, grads, m, v, none, n, cfg, ibc1, ibc2);
+        return;
+    }
+    master_f32 pm = {moe_f32(params)};
     if (ct && ct->dtype == MOE_BF16) {
         bf16 *c = (bf16 *)moe_tensor_data(ct);
-        if (gb) launch<bf16, bf16, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-        else launch<float, bf16, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        if (gb) launch<master_f32, bf16, bf16, S>(d, pm, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        else launch<master_f32, float, bf16, S>(d, pm, params, grads, m, v, c, n, cfg, ibc1, ibc2);
     } else {
         float *c = ct ? moe_f32(ct) : NULL;
-        if (gb) launch<bf16, float, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
-        else launch<float, float, S>(d, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        if (gb) launch<master_f32, bf16, float, S>(d, pm, params, grads, m, v, c, n, cfg, ibc1, ibc2);
+        else launch<master_f32, float, float, S>(d, pm, params, grads, m, v, c, n, cfg, ibc1, ibc2);
     }
 }
 
@@ -310,5 +377,66 @@ moe_status cuda_adamw_advance(moe_ctx *ctx, moe_tensor *step_dev, const moe_adam
     k_adamw_advance<<<1, 1, 0, d->stream>>>((int64_t *)moe_tensor_data(step_dev), css, gd, cfg->clip_max,
                                             cfg->grad_scale != 0.0f ? cfg->grad_scale : 1.0f);
     CU_LAUNCHED("adamw_advance");
+    return MOE_OK;
+}
+
+// The split master's planes (ops.h, moe_master_hi), 8 elements a thread where
+// the buffers allow 16-byte accesses
+__global__ void k_master_split(const uint32_t *src, uint16_t *hi, int16_t *lo, int64_t n, int vec) {
+    if (!lo) {   // the high plane alone: the compute copy of f32 values
+        GRID_STRIDE(i, n) hi[i] = moe_master_hi(src[i]);
+        return;
+    }
+    if (vec) {
+        GRID_STRIDE(i, n / 8) {
+            float f[8];
+            load8(reinterpret_cast<const float *>(src) + i * 8, f);
+            master_split{hi, lo}.store8(i * 8, f);
+        }
+        for (int64_t i = n / 8 * 8 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+             i += (int64_t)gridDim.x * blockDim.x)
+            master_split{hi, lo}.store(i, __uint_as_float(src[i]));
+        return;
+    }
+    GRID_STRIDE(i, n) master_split{hi, lo}.store(i, __uint_as_float(src[i]));
+}
+
+__global__ void k_master_join(uint32_t *dst, const uint16_t *hi, const int16_t *lo, int64_t n, int vec) {
+    master_split pm = {const_cast<uint16_t *>(hi), const_cast<int16_t *>(lo)};
+    if (vec) {
+        GRID_STRIDE(i, n / 8) {
+            float f[8];
+            pm.load8(i * 8, f);
+            store8(reinterpret_cast<float *>(dst) + i * 8, f);
+        }
+        for (int64_t i = n / 8 * 8 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+             i += (int64_t)gridDim.x * blockDim.x)
+            dst[i] = __float_as_uint(pm.load(i));
+        return;
+    }
+    GRID_STRIDE(i, n) dst[i] = __float_as_uint(pm.load(i));
+}
+
+moe_status cuda_master_split(moe_ctx *ctx, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src) {
+    CUDA_ENTER(d, ctx, src->device);
+    const int64_t n = moe_tensor_numel(src);
+    const uint32_t *s = (const uint32_t *)moe_tensor_data(src);
+    uint16_t *h = (uint16_t *)moe_tensor_data(hi);
+    int16_t *l = lo ? (int16_t *)moe_tensor_data(lo) : nullptr;
+    const int vec = l && cuda_aligned16(s) && cuda_aligned16(h) && cuda_aligned16(l);
+    k_master_split<<<cuda_grid_1d(d, vec ? (n + 7) / 8 : n, 256), 256, 0, d->stream>>>(s, h, l, n, vec);
+    CU_LAUNCHED("master_split");
+    return MOE_OK;
+}
+
+moe_status cuda_master_join(moe_ctx *ctx, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo) {
+    CUDA_ENTER(d, ctx, dst->device);
+    const int64_t n = moe_tensor_numel(dst);
+    uint32_t *o = (uint32_t *)moe_tensor_data(dst);
+    const uint16_t *h = (const uint16_t *)moe_tensor_data(hi);
+    const int16_t *l = (const int16_t *)moe_tensor_data(lo);
+    const int vec = cuda_aligned16(o) && cuda_aligned16(h) && cuda_aligned16(l);
+    k_master_join<<<cuda_grid_1d(d, vec ? (n + 7) / 8 : n, 256), 256, 0, d->stream>>>(o, h, l, n, vec);
+    CU_LAUNCHED("master_join");
     return MOE_OK;
 }

@@ -71,6 +71,8 @@ static const moe_backend cuda_backend = {
     /* gemm_grouped_swiglu_dev */ cuda_gemm_grouped_swiglu_dev,
     /* gemm_grouped_swiglu_backward_w_dev */ cuda_gemm_grouped_swiglu_backward_w_dev,
     /* adamw_advance */ cuda_adamw_advance,
+    /* master_split */ cuda_master_split,
+    /* master_join */ cuda_master_join,
 };
 
 extern "C" int moe_cuda_device_count(void) {

@@ -232,6 +232,8 @@ moe_status cuda_cross_entropy_fused(moe_ctx *, moe_tensor *loss, moe_tensor *lse
 moe_status cuda_adamw(moe_ctx *, moe_tensor *params, const moe_tensor *grads, moe_tensor *m, moe_tensor *v,
                       const moe_adamw_cfg *cfg);
 moe_status cuda_adamw_advance(moe_ctx *, moe_tensor *step_dev, const moe_adamw_cfg *cfg);
+moe_status cuda_master_split(moe_ctx *, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src);
+moe_status cuda_master_join(moe_ctx *, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo);
 moe_status cuda_sumsq(moe_ctx *, moe_tensor *out, const moe_tensor *x);
 // cuda_reduce.cu
 moe_status cuda_reduce(moe_ctx *, moe_reduce_op op, moe_tensor *out, const moe_tensor *x, int64_t outer, int64_t n,

@@ -19,6 +19,7 @@ __device__ __forceinline__ double load_any(int dt, const char *base, int64_t i) 
     case MOE_I64: return (double)((const int64_t *)base)[i];
     case MOE_U8: return ((const uint8_t *)base)[i];
     case MOE_I8: return ((const int8_t *)base)[i];
+    case MOE_I16: return ((const int16_t *)base)[i];
     default: return 0.0;
     }
 }
@@ -38,6 +39,7 @@ __device__ __forceinline__ void store_any(int dt, char *base, int64_t i, double 
     case MOE_I64: ((int64_t *)base)[i] = (int64_t)clampd(v, -9223372036854775808.0, 9223372036854774784.0); break;
     case MOE_U8: ((uint8_t *)base)[i] = (uint8_t)clampd(v, 0, 255); break;
     case MOE_I8: ((int8_t *)base)[i] = (int8_t)clampd(v, -128, 127); break;
+    case MOE_I16: ((int16_t *)base)[i] = (int16_t)clampd(v, -32768, 32767); break;
     default: break;
     }
 }
