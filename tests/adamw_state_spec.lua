@@ -177,6 +177,31 @@ describe("AdamW with bf16 moments", function()
     assert.is_false(ok)
     assert.truthy(tostring(e):find("index0", 1, true), tostring(e))
   end)
+
+  -- the split master (bf16 precision on a GPU; tests/gpu/mixed_precision_gpu.lua): its options here
+  it("takes master = \"split\" or \"f32\" and refuses anything else; f32 precision never splits", function()
+    local m = small()
+    for _, bad in ipairs{"bf16", 2, true} do
+      local ok, e = pcall(core.adamw, m.net, {master = bad})
+      assert.is_false(ok)
+      assert.truthy(tostring(e):find("'master' must be", 1, true), tostring(e))
+    end
+    local ok, e = pcall(moe.MoETrainer, {model = m, master_weights = "half"})
+    assert.is_false(ok)
+    assert.truthy(tostring(e):find("master_weights must be", 1, true), tostring(e))
+    for _, master in ipairs{"split", "f32"} do
+      local mm = with_grads(small())
+      local before = mm.net:flat_parameters():clone()
+      local o = core.adamw(mm.net, {master = master})
+      o:prepare()
+      o:step(1e-2)
+      local st = mm.net:master_state()
+      assert.is_false(st.split, master)   -- no bf16 compute copy to split into
+      assert.are.equal(0, st.splits)
+      assert.are.equal(0, st.joins)
+      assert.is_false(mm.net:flat_parameters():equal(before), master)   -- the step still updated the values
+    end
+  end)
 end)
 
 describe("AdamW with device state", function()
