@@ -57,7 +57,8 @@ moe_tensor *moe_lua_opt_tensor(lua_State *L, int idx, const char *argname) {
     return moe_lua_check_tensor(L, idx, argname);
 }
 
-moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, const char *argname) {
+/* the tensor at idx, its memory as it is (parked memory stays parked) */
+static moe_tensor *unboxed(lua_State *L, int idx, const char *fname, const char *argname) {
     if (!moe_lua_is_tensor(L, idx))
         moe_lua_errorf(L, "%s: %s must be a tensor, got %s", fname, argname, type_at(L, idx));
     tbox *b = lua_touserdata(L, idx);
@@ -65,16 +66,15 @@ moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, con
         if (!strcmp(argname, "self")) moe_lua_errorf(L, "%s: tensor was freed", fname);
         moe_lua_errorf(L, "%s: tensor was freed (argument %s)", fname, argname);
     }
-    return ready(L, b->t, fname);
+    return b->t;
+}
+
+moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, const char *argname) {
+    return ready(L, unboxed(L, idx, fname, argname), fname);
 }
 
 /* self of a method that reads the header only (shape, dtype, views): parked memory stays parked */
-static moe_tensor *check_meta(lua_State *L, const char *fname) {
-    if (!moe_lua_is_tensor(L, 1)) moe_lua_errorf(L, "%s: self must be a tensor, got %s", fname, type_at(L, 1));
-    tbox *b = lua_touserdata(L, 1);
-    if (!b->t) moe_lua_errorf(L, "%s: tensor was freed", fname);
-    return b->t;
-}
+static moe_tensor *check_meta(lua_State *L, const char *fname) { return unboxed(L, 1, fname, "self"); }
 
 moe_tensor *moe_lua_opt_tensor_f(lua_State *L, int idx, const char *fname, const char *argname) {
     if (lua_isnoneornil(L, idx)) return NULL;

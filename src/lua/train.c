@@ -40,6 +40,20 @@ static void read_list(lua_State *L, int opts, const char *key, int n, float *out
     lua_pop(L, 1);
 }
 
+/* Option `key` of the table at 2, one of two strings: 0 when absent or `first`, 1 when `second`. */
+static int opt_pick(lua_State *L, const char *f, const char *key, const char *first, const char *second) {
+    if (lua_isnoneornil(L, 2)) return 0;
+    lua_getfield(L, 2, key);
+    const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    int absent = lua_isnil(L, -1);
+    if (!absent && (!v || (strcmp(v, first) && strcmp(v, second))))
+        luaL_error(L, "%s: option '%s' must be \"%s\" or \"%s\", got %s", f, key, first, second,
+                   v ? v : luaL_typename(L, -1));
+    int pick = !absent && !strcmp(v, second);
+    lua_pop(L, 1);
+    return pick;
+}
+
 static int l_adamw(lua_State *L) {
     const char *f = "optim.adamw";
     lua_settop(L, 2);   /* the options at 2 even when left out: the scratch userdata below goes above them */
@@ -50,28 +64,10 @@ static int l_adamw(lua_State *L) {
         (float)moe_lua_opt_field_num(L, 2, "eps", 1e-8, f), (float)moe_lua_opt_field_num(L, 2, "weight_decay", 0.01, f),
         MOE_F32, 0};
     /* state_dtype = "f32" (default) | "bf16": m and v (bf16: stochastically rounded) */
-    if (!lua_isnoneornil(L, 2)) {
-        lua_getfield(L, 2, "state_dtype");
-        if (!lua_isnil(L, -1)) {
-            const char *sd = lua_tostring(L, -1);
-            if (lua_type(L, -1) != LUA_TSTRING || (strcmp(sd, "f32") && strcmp(sd, "bf16")))
-                return luaL_error(L, "%s: option 'state_dtype' must be \"f32\" or \"bf16\", got %s", f,
-                                  lua_type(L, -1) == LUA_TSTRING ? sd : luaL_typename(L, -1));
-            hp.state_dtype = strcmp(sd, "bf16") ? MOE_F32 : MOE_BF16;
-        }
-        lua_pop(L, 1);
-        /* master = "split" (default) | "f32": under bf16 precision, the f32 master weights as the
-         * compute copy plus a low plane while training (optimizer.h), or kept whole */
-        lua_getfield(L, 2, "master");
-        if (!lua_isnil(L, -1)) {
-            const char *ms = lua_tostring(L, -1);
-            if (lua_type(L, -1) != LUA_TSTRING || (strcmp(ms, "split") && strcmp(ms, "f32")))
-                return luaL_error(L, "%s: option 'master' must be \"split\" or \"f32\", got %s", f,
-                                  lua_type(L, -1) == LUA_TSTRING ? ms : luaL_typename(L, -1));
-            hp.master_f32 = !strcmp(ms, "f32");
-        }
-        lua_pop(L, 1);
-    }
+    if (opt_pick(L, f, "state_dtype", "f32", "bf16")) hp.state_dtype = MOE_BF16;
+    /* master = "split" (default) | "f32": under bf16 precision, the f32 master weights as the
+     * compute copy plus a low plane while training (optimizer.h), or kept whole */
+    hp.master_f32 = opt_pick(L, f, "master", "split", "f32");
     int n = moe_layer_num_param_tensors(l);
     float *scale = lua_newuserdata(L, sizeof(float) * (size_t)(n ? n : 1));
     int *decay = lua_newuserdata(L, sizeof(int) * (size_t)(n ? n : 1));

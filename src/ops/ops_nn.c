@@ -2,8 +2,6 @@
  * optimiser): argument checks, contiguous copies, dispatch. */
 #include "ops_internal.h"
 
-#include <string.h>
-
 #include <math.h>
 
 /* A per-row statistic (rstd, mean, lse, loss): `rows` elements, any shape
