@@ -22,6 +22,9 @@
  * on the device (gemm_grouped_dev, gemm_grouped_wgrad_dev: each block builds
  * the schedule from them) for the forward, the data gradient and the weight
  * gradient, and offsets there that break the contract (no fault).
+ * The SwiGLU epilogues (the activation after up's GEMM, its backward after
+ * dh's, run by the producer warpgroup's idle warps): against the CPU and byte
+ * for byte against the plain TMA GEMMs followed by the elementwise kernels.
  * Every kernel check runs with clusters of two CTAs (the default) and of one. */
 #include "gpucheck.h"
 
@@ -98,6 +101,154 @@ static void pair_tb(int tb, const char *what, float beta, const int64_t *off, in
         ok(n == 1, "%s: one launch of the TMA kernel (%llu)", name, (unsigned long long)n);
     }
     pfree(&a1); pfree(&a2); pfree(&b1); pfree(&b2); pfree(&c);
+}
+
+static void cut_offsets(int64_t *off);
+
+static uint64_t swiglu_calls(void) {
+    uint64_t n = 0;
+    die_if(moe_cuda_tma_swiglu_calls(ctx, 0, &n) != MOE_OK, "SwiGLU epilogue counter");
+    return n;
+}
+
+/* The SwiGLU forward through the TMA kernel: gate's GEMM, then up's with the
+ * activation in its epilogue (two launches); against the CPU's and byte for
+ * byte against the device's plain GEMMs and swiglu. Under the loop strategy
+ * the own kernel does not take the fused call first. */
+static void swiglu_fwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I) {
+    int64_t M = off[G];
+    pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
+    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
+    die_if(moe_op_fill(ctx, u.d, NAN) != MOE_OK || moe_op_fill(ctx, h.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "TMA swiglu %s: G=%d M=%lld K=%lld I=%lld", what, G, (long long)M, (long long)K,
+             (long long)I);
+    uint64_t t0 = tma_calls(), e0 = swiglu_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
+            moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
+        uint64_t n = tma_calls() - t0, ne = swiglu_calls() - e0;
+        ok(n == 2 && ne == 1, "%s: two launches of the TMA kernel (%llu), one with the epilogue (%llu)", name,
+           (unsigned long long)n, (unsigned long long)ne);
+        char n2[260];
+        snprintf(n2, sizeof n2, "%s: up", name); check(n2, BF, u.d, u.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: activation", name); check(n2, BF, h.d, h.h, tol_of(BF, 0));
+        moe_tensor *u2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!u2 || !h2 || moe_op_gemm_grouped(ctx, 1, 1.0f, x.d, wu.d, 0.0f, u2, off, G) != MOE_OK ||
+               moe_op_swiglu(ctx, h2, g.d, u2) != MOE_OK, "unfused calls");
+        ok(same_bytes(u.d, u2) && same_bytes(h.d, h2), "%s: up and the activation = the plain GEMM's and swiglu's bytes",
+           name);
+        moe_tensor_release(u2); moe_tensor_release(h2);
+    }
+    pfree(&x); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
+}
+
+/* Its backward: dh = 0.9 dy w_g (w [G, K, I]) met with gate and up in the
+ * epilogue, dh never stored; dgate, dup and the activation again (with_h)
+ * against the CPU's, and byte for byte against the plain GEMM and
+ * swiglu_backward (and swiglu) on the device; one launch. */
+static void swiglu_bwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int with_h) {
+    int64_t M = off[G];
+    pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
+    pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
+    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
+    die_if(moe_op_fill(ctx, dg.d, NAN) != MOE_OK || moe_op_fill(ctx, du.d, NAN) != MOE_OK ||
+           moe_op_fill(ctx, h.d, NAN) != MOE_OK, "poison");
+    char name[200];
+    snprintf(name, sizeof name, "TMA swiglu backward %s%s: G=%d M=%lld K=%lld I=%lld", what, with_h ? "" : ", no h", G,
+             (long long)M, (long long)K, (long long)I);
+    uint64_t t0 = tma_calls(), e0 = swiglu_calls();
+    if (RUN(name, BF,
+            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, with_h ? h.h : NULL, off, G),
+            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, with_h ? h.d : NULL, off, G))) {
+        uint64_t n = tma_calls() - t0, ne = swiglu_calls() - e0;
+        ok(n == 1 && ne == 1, "%s: one launch of the TMA kernel, with the epilogue (%llu, %llu)", name,
+           (unsigned long long)n, (unsigned long long)ne);
+        char n2[260];
+        snprintf(n2, sizeof n2, "%s: dgate", name); check(n2, BF, dg.d, dg.h, tol_of(BF, 0));
+        snprintf(n2, sizeof n2, "%s: dup", name); check(n2, BF, du.d, du.h, tol_of(BF, 0));
+        moe_tensor *dh = moe_tensor_new(ctx, BF, SH(M, I), GPU), *dg2 = moe_tensor_new(ctx, BF, SH(M, I), GPU),
+                   *du2 = moe_tensor_new(ctx, BF, SH(M, I), GPU), *h2 = moe_tensor_new(ctx, BF, SH(M, I), GPU);
+        die_if(!dh || !dg2 || !du2 || !h2 || moe_op_gemm_grouped(ctx, 0, 0.9f, dy.d, w.d, 0.0f, dh, off, G) != MOE_OK ||
+               moe_op_swiglu_backward(ctx, dg2, du2, dh, g.d, u.d) != MOE_OK || moe_op_swiglu(ctx, h2, g.d, u.d) != MOE_OK,
+               "unfused calls");
+        ok(same_bytes(dg.d, dg2) && same_bytes(du.d, du2), "%s: dgate and dup = the plain calls' bytes", name);
+        if (with_h) ok(same_bytes(h.d, h2), "%s: the activation = swiglu's bytes", name);
+        else {   /* h untouched: still the poison */
+            moe_tensor *hh = moe_op_to(ctx, h.d, MOE_DEVICE_CPU, MOE_F32);
+            die_if(!hh, "download");
+            int untouched = 1;
+            for (int64_t i = 0; i < moe_tensor_numel(hh); i++) untouched &= isnan(moe_f32(hh)[i]) != 0;
+            ok(untouched, "%s: no activation asked, none written", name);
+            moe_tensor_release(hh);
+        }
+        moe_tensor_release(dh); moe_tensor_release(dg2); moe_tensor_release(du2); moe_tensor_release(h2);
+    }
+    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du); pfree(&h);
+}
+
+/* which path a setting sends the SwiGLU to: launches with the epilogue, and the result against the CPU */
+static void swiglu_fwd_launches(const char *what, const int64_t *off, int G, int64_t K, int64_t I, uint64_t want) {
+    int64_t M = off[G];
+    pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
+    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
+    char name[200];
+    snprintf(name, sizeof name, "TMA swiglu, %s", what);
+    uint64_t t0 = swiglu_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
+            moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
+        uint64_t n = swiglu_calls() - t0;
+        ok(n == want, "%s: %llu launches with the epilogue (want %llu)", name, (unsigned long long)n,
+           (unsigned long long)want);
+        check(name, BF, h.d, h.h, tol_of(BF, 0));
+    }
+    pfree(&x); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
+}
+static void swiglu_bwd_launches(const char *what, const int64_t *off, int G, int64_t K, int64_t I, uint64_t want) {
+    int64_t M = off[G];
+    pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
+    pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
+    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I));
+    char name[200];
+    snprintf(name, sizeof name, "TMA swiglu backward, %s", what);
+    uint64_t t0 = swiglu_calls();
+    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, NULL, off, G),
+            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, NULL, off, G))) {
+        uint64_t n = swiglu_calls() - t0;
+        ok(n == want, "%s: %llu launches with the epilogue (want %llu)", name, (unsigned long long)n,
+           (unsigned long long)want);
+        check(name, BF, dg.d, dg.h, tol_of(BF, 0));
+    }
+    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du);
+}
+
+/* the epilogues' cases: partial tiles in rows and columns, cut last tiles,
+ * empty experts, N past one tile, the OLMoE layer's experts (fewer rows),
+ * more tiles than SMs (each staging reused many times) */
+static void swiglu_checks(void) {
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_LOOP) != MOE_OK ||
+           moe_cuda_set_tma_swiglu(ctx, 0, 3) != MOE_OK, "loop strategy, both epilogues");
+    static int64_t off[80];
+    make_offsets(off, 8, 300, 3);
+    swiglu_fwd("partial tiles", off, 8, 72, 200);
+    swiglu_bwd("partial tiles", off, 8, 72, 200, 1);
+    swiglu_bwd("partial tiles", off, 8, 72, 200, 0);
+    cut_offsets(off);
+    swiglu_fwd("cut last tiles", off, 10, 136, 264);
+    swiglu_bwd("cut last tiles", off, 10, 136, 264, 1);
+    make_offsets(off, 64, 600, 7);
+    swiglu_fwd("OLMoE experts", off, 64, 2048, 1024);
+    swiglu_bwd("OLMoE experts", off, 64, 2048, 1024, 1);
+    make_offsets(off, 32, 1400, 0);
+    swiglu_bwd("step model", off, 32, 1024, 512, 1);
+    /* the forward's epilogue alone; neither */
+    die_if(moe_cuda_set_tma_swiglu(ctx, 0, 1) != MOE_OK, "forward epilogue only");
+    make_offsets(off, 8, 300, 3);
+    swiglu_bwd_launches("forward epilogue only", off, 8, 72, 200, 0);
+    swiglu_fwd_launches("forward epilogue only", off, 8, 72, 200, 1);
+    die_if(moe_cuda_set_tma_swiglu(ctx, 0, 0) != MOE_OK, "no epilogues");
+    swiglu_fwd_launches("no epilogues", off, 8, 72, 200, 0);
+    ok(moe_cuda_set_tma_swiglu(ctx, 0, 4) != MOE_OK, "a SwiGLU epilogue mask of 4 is refused");
+    die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_AUTO) != MOE_OK, "defaults");
 }
 
 static void wgrad_run(const char *what, float beta, const int64_t *off, int G, int64_t P, int64_t Q, int want_tma,
@@ -345,6 +496,7 @@ static void checks(int ctas) {
     wgrad("every second expert empty", 1.0f, off, 64, 512, 512, 1);
     wgrad_inf_neighbour(100, 0.0f);
     wgrad_inf_neighbour(40, 0.5f);
+    swiglu_checks();
 }
 
 int main(void) {

@@ -141,6 +141,18 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
     int tma = -1, tma_cluster = 2;
     MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster));
+    // the TMA kernel's SwiGLU epilogues (cuda_common.cuh): off unless asked. On an
+    // H100 the backward's lost to the elementwise kernel, and the forward's alone is
+    // unmeasured (bench/RESULTS.md, twenty-third pass)
+    int tma_swiglu = 0;
+    const char *tsw = getenv("MOELAB_TMA_SWIGLU");
+    if (tsw && *tsw) {
+        if (!strcmp(tsw, "0")) tma_swiglu = 0;
+        else if (!strcmp(tsw, "fwd")) tma_swiglu = 1;
+        else if (!strcmp(tsw, "bwd")) tma_swiglu = 2;
+        else if (!strcmp(tsw, "all")) tma_swiglu = 3;
+        else return moe_error(MOE_ERR_ARG, "MOELAB_TMA_SWIGLU=%s: expected 0, fwd, bwd or all", tsw);
+    }
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {
@@ -160,6 +172,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
         ((cuda_dev *)a->state)->grouped_tma = tma;
         ((cuda_dev *)a->state)->tma_cluster = tma_cluster;
         ((cuda_dev *)a->state)->att_ds_cap = (size_t)256 << 20;
+        ((cuda_dev *)a->state)->tma_swiglu = tma_swiglu;
         const char *xent = getenv("MOELAB_XENT_PIPE");   // "0": the fused cross entropy without the copy engine
         ((cuda_dev *)a->state)->xent_pipe = !(xent && xent[0] == '0');
         ctx->allocators[MOE_CUDA][i] = a;

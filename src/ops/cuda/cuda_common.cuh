@@ -97,6 +97,13 @@ struct cuda_dev {
     void *tma_encode;
     int tma_cluster;              // CTAs a cluster, 1 or 2 (MOELAB_TMA_CLUSTER; default 2: B multicast)
     int tma_clusters[3];          // [cluster size]: clusters that fit at once (0: not yet asked)
+    // the SwiGLU around the TMA kernel's GEMMs in its own epilogue warps, where the
+    // plain calls would take the TMA kernel: bit 1 the forward (gate's GEMM, then up's
+    // with the activation), bit 2 the backward (dh's GEMM with the activation's
+    // backward); the others run the elementwise kernels after the GEMMs.
+    // MOELAB_TMA_SWIGLU: 0 (the default), fwd, bwd or all
+    int tma_swiglu;
+    uint64_t n_tma_swiglu;        // launches with a SwiGLU epilogue
     uint64_t n_grouped_tma;
     uint64_t n_grouped_dev;       // of those, calls that read their offsets on the device (gemm_grouped_dev)
     // the routing's plan tables of the offsets at plan_off (tensor.h grouped_plan), for

@@ -364,6 +364,16 @@ static moe_tensor *gathered(moe_ctx *ctx, const moe_tensor *x, const moe_tensor 
     return xp;
 }
 
+// The SwiGLU epilogues of the TMA kernel: where the plain GEMM of these
+// shapes (K, N = the experts' hidden size) would take the TMA kernel, with
+// bf16 tensors throughout (the checks of the call it makes do the rest);
+// bit: 1 the forward's, 2 the backward's (cuda_dev.tma_swiglu)
+static bool tma_swiglu_takes(const cuda_dev *d, int bit, int64_t K, int64_t N, const moe_tensor *a,
+                             const moe_tensor *b, const moe_tensor *t1, const moe_tensor *t2) {
+    return (d->tma_swiglu & bit) && t1->dtype == MOE_BF16 && t2->dtype == MOE_BF16 &&
+           use_tma(d, d->grouped_gemm, 2.0 * (double)K * (double)N, true, MOE_BF16, a->dtype, b->dtype);
+}
+
 // The fused SwiGLU calls: the own kernel where the plain calls would take it
 // (decided on one GEMM's FLOPs, as for each of them), else the parts. rows
 // (may be NULL): x's rows in the grouped order (cuda_gemm_grouped_swiglu_rows).
@@ -391,6 +401,12 @@ static moe_status swiglu_forward(moe_ctx *ctx, const moe_tensor *x, const moe_te
         return s;
     }
     MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wg, 0.0f, g, offsets, groups));
+    if (tma_swiglu_takes(d, 1, K, de, x, wu, u, h)) {   // up's GEMM with the activation in its epilogue
+        bool ran = false;
+        MOE_TRY(cuda_tma_grouped_swiglu(d, moe_tensor_data(x), moe_tensor_data(wu), moe_tensor_data(g),
+                                        moe_tensor_data(u), moe_tensor_data(h), offsets, groups, K, de, &ran));
+        if (ran) { count_tma(d); d->n_tma_swiglu++; return MOE_OK; }
+    }
     MOE_TRY(cuda_gemm_grouped(ctx, 1, 1.0f, x, wu, 0.0f, u, offsets, groups));
     return moe_tensor_numel(h) ? cuda_swiglu(ctx, h, g, u) : MOE_OK;
 }
@@ -420,6 +436,14 @@ moe_status cuda_gemm_grouped_swiglu_backward(moe_ctx *ctx, float alpha, const mo
                                             moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du),
                                             h ? moe_tensor_data(h) : nullptr, offsets, nullptr, groups, 0, K, de, &ran));
         if (ran) { count_kernel(d); return MOE_OK; }
+    }
+    if (tma_swiglu_takes(d, 2, K, de, dy, w, g, u) && dg->dtype == MOE_BF16 && du->dtype == MOE_BF16 &&
+        (!h || h->dtype == MOE_BF16)) {   // dh's GEMM with the activation's backward in its epilogue
+        bool ran = false;
+        MOE_TRY(cuda_tma_grouped_swiglu_bwd(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
+                                            moe_tensor_data(u), moe_tensor_data(dg), moe_tensor_data(du),
+                                            h ? moe_tensor_data(h) : nullptr, offsets, groups, K, de, &ran));
+        if (ran) { count_tma(d); d->n_tma_swiglu++; return MOE_OK; }
     }
     moe_tensor *dh = moe_tensor_new(ctx, g->dtype, 2, dg->shape, dg->device);
     if (!dh) return moe_last_status();

@@ -103,12 +103,24 @@ extern "C" moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int cta
     return MOE_OK;
 }
 
+extern "C" moe_status moe_cuda_set_tma_swiglu(moe_ctx *ctx, int device, int mask) {
+    if (mask < 0 || mask > 3) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_swiglu: mask %d, expected 0 to 3", mask);
+    if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_tma_swiglu: no context");
+    CUDA_ENTER(d, ctx, (moe_device{MOE_CUDA, device}));
+    d->tma_swiglu = mask;
+    return MOE_OK;
+}
+
 extern "C" moe_status moe_cuda_grouped_dev_calls(moe_ctx *ctx, int device, uint64_t *calls) {
     return cuda_read_counter(ctx, device, calls, &cuda_dev::n_grouped_dev, "moe_cuda_grouped_dev_calls");
 }
 
 extern "C" moe_status moe_cuda_grouped_plan_shared_calls(moe_ctx *ctx, int device, uint64_t *calls) {
     return cuda_read_counter(ctx, device, calls, &cuda_dev::n_plan_shared, "moe_cuda_grouped_plan_shared_calls");
+}
+
+extern "C" moe_status moe_cuda_tma_swiglu_calls(moe_ctx *ctx, int device, uint64_t *calls) {
+    return cuda_read_counter(ctx, device, calls, &cuda_dev::n_tma_swiglu, "moe_cuda_tma_swiglu_calls");
 }
 
 extern "C" moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls) {

@@ -46,9 +46,19 @@
 // stores while the other multiplies) ran 2-6% slower at the OLMoE shapes on
 // an H200: its tiles read 1.5x the bytes from L2 a FLOP, and the epilogue it
 // hides is about 3% of a tile at K 1024.
+//
+// The SwiGLU epilogues (cuda_grouped_tma_swiglu.cuh, EPI != EPI_STORE; off
+// unless MOELAB_TMA_SWIGLU asks): the consumers stage their tile in bf16 and
+// go on; warps 1-3 of the producer warpgroup read it with gate (and up) and
+// write the SwiGLU's outputs. On an H100 at the OLMoE layer the forward's
+// (up + activation) ran 0.1 ms faster than up's GEMM and the SwiGLU kernel,
+// the backward's (dh + the activation's backward) about 0.4 ms slower than dh's
+// GEMM and swiglu_backward: three warps' arithmetic does not keep up with a
+// 128 x 256 tile of K 2048 there (bench/RESULTS.md, twenty-third pass).
 #include "cuda_common.cuh"
 #include "cuda_grouped_tma.h"
 #include "cuda_grouped_sched.cuh"
+#include "cuda_grouped_tma_swiglu.cuh"
 #include "cuda_mbarrier.cuh"
 
 #include <cuda.h>
@@ -75,9 +85,12 @@ enum { MODE_BT, MODE_BN, MODE_WG };
 
 struct tma_params {
     // first: 64-byte aligned as the copies require; a2, b2: the second pair along
-    // K (K2 > 0), its K tiles after the first pair's in the same accumulators
+    // K (K2 > 0), its K tiles after the first pair's in the same accumulators.
+    // The SwiGLU epilogues (K2 = 0) take a2 and b2 for the gate and up they read
+    // (boxes of 128 rows, prefetched into L2 towards a tile's end).
     CUtensorMap map_a, map_b, map_a2, map_b2, map_c;
     __nv_bfloat16 *c;
+    tma_swiglu_args epi;
     float alpha, beta;
     int N, K, K2, n_tiles, items, groups;
     int P, m_pairs;              // weight gradient: the rows of c_g (a's columns) and their pairs of M tiles
@@ -112,6 +125,11 @@ __device__ __forceinline__ void tma_load(void *dst, const CUtensorMap *map, int 
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                  ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
                  : "memory");
+}
+// a 2-D box of the map into L2 only
+__device__ __forceinline__ void tma_prefetch(const CUtensorMap *map, int c0, int c1) {
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n"
+                 ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1) : "memory");
 }
 // one 3-D box (b [G, K, N] by expert: K rows past the expert's read as zeros)
 __device__ __forceinline__ void tma_load3(void *dst, const CUtensorMap *map, int c0, int c1, int c2, uint64_t *bar) {
@@ -270,12 +288,15 @@ __device__ __forceinline__ void stage(unsigned char *cs, int tid, int cw, F v) {
     wg_sync(1 + cw);
 }
 
-template <int CL, int MODE, bool DEV>
+// EPI: EPI_STORE writes c; the SwiGLU epilogues hand each consumer
+// warpgroup's staged tile to warps 1-3 (cuda_grouped_tma_swiglu.cuh) over
+// sfull (staged) and sfree (read, the staging may be written again).
+template <int CL, int MODE, bool DEV, int EPI = EPI_STORE>
 __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_constant__ tma_params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ unsigned char smem_raw[];
     unsigned char *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES], cbar[2];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES], cbar[2], sfull[2], sfree[2];
     const int tid = threadIdx.x, wg = tid >> 7;
     unsigned rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
@@ -287,6 +308,10 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
         }
         bar_init(&cbar[0], 1);   // a consumer warpgroup's tile of c (beta != 0) arrived in its staging
         bar_init(&cbar[1], 1);
+        for (int w = 0; w < 2; w++) {
+            bar_init(&sfull[w], 1);   // the warpgroup's lead thread, once all 128 have staged
+            bar_init(&sfree[w], 3);   // each epilogue warp, done reading
+        }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     cluster_sync();   // the peer's copies and releases find our barriers initialised
@@ -301,7 +326,8 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
     const int nk1 = (p.K + BK - 1) / BK;
     const int first = blockIdx.x / CL, step = gridDim.x / CL;
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        // the SwiGLU epilogues' warps need registers for their arithmetic in flight
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(EPI == EPI_STORE ? 40 : 72));
         if (tid == 0) {
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_a)) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.map_b)) : "memory");
@@ -312,6 +338,13 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                 const int arow = sc.off(tt.g) + tt.m0;
                 for (int kt = 0; kt < nk; kt++, it++) {
                     const int s = it % STAGES;
+                    if (EPI != EPI_STORE && kt == max(nk - 8, 0)) {
+                        // the epilogue's gate (and up) into L2 about eight k-steps before they are read
+                        for (int b = 0; b < 4 && tt.nt * BN + b * 64 < p.N; b++) {
+                            tma_prefetch(&p.map_a2, tt.nt * BN + b * 64, arow);
+                            if (EPI == EPI_SWIGLU_BWD) tma_prefetch(&p.map_b2, tt.nt * BN + b * 64, arow);
+                        }
+                    }
                     const bool second = MODE != MODE_WG && kt >= nk1;
                     const CUtensorMap *ma = second ? &p.map_a2 : &p.map_a, *mb = second ? &p.map_b2 : &p.map_b;
                     const int k0 = (second ? kt - nk1 : kt) * BK;
@@ -350,11 +383,29 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
                     }
                 }
             }
+        } else if (EPI != EPI_STORE && tid >= 32) {
+            // the epilogue: each consumer warpgroup's staged tiles, in the order they come
+            unsigned used[2] = {0, 0};
+            for (int t = first; t < sc.items(); t += step) {
+                const tma_tile tt = tile_of<CL, MODE>(p, sc, t, rank);
+                const int rows = sc.off(tt.g + 1) - sc.off(tt.g);
+#pragma unroll
+                for (int cw = 0; cw < 2; cw++) {
+                    const int wrow = tt.m0 + cw * 64;
+                    if ((tt.half && cw == 1) || wrow >= rows) continue;   // the consumers' idle warpgroups
+                    bar_wait(&sfull[cw], used[cw] & 1);
+                    swiglu_epi_tile<EPI>(p.epi, smem + STAGES * STAGE_BYTES + cw * C_BYTES, (int64_t)sc.off(tt.g) + wrow,
+                                         min(64, rows - wrow), tt.nt * BN, min(BN, p.N - tt.nt * BN), p.N, tid - 32);
+                    __syncwarp();
+                    if ((tid & 31) == 0) bar_arrive(&sfree[cw]);
+                    used[cw]++;
+                }
+            }
         }
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(EPI == EPI_STORE ? 232 : 216));
         const int cw = wg - 1, lane = tid & 31, warp = (tid >> 5) & 3;
-        unsigned it = 0, cph = 0;
+        unsigned it = 0, cph = 0, staged = 0;
         float d[BN / 2];
         unsigned char *cs = smem + STAGES * STAGE_BYTES + cw * C_BYTES;
         const bool lead = (tid & 127) == 0;
@@ -419,6 +470,17 @@ __global__ void __launch_bounds__(THREADS, 1) grouped_tma_kernel(const __grid_co
             }
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             if (prev >= 0 && lane < CL) bar_arrive_at(&empty[prev], lane);
+            if (EPI != EPI_STORE) {
+                // staged whole or not (the epilogue warps clip rows and columns), once they are
+                // done with this staging's last tile; beta is 0
+                bar_wait(&sfree[cw], (staged & 1) ^ 1);
+                staged++;
+                stage(cs, tid, cw, [&](int j, int h, const __nv_bfloat162 *) {
+                    return __floats2bfloat162_rn(p.alpha * d[4 * j + 2 * h], p.alpha * d[4 * j + 2 * h + 1]);
+                });
+                if (lead) bar_arrive(&sfull[cw]);
+                continue;
+            }
             // store: thread (warp, lane) holds rows r and r + 8 of its warpgroup's 64,
             // columns 8 j + 2 (lane % 4) + {0, 1} for j = 0 .. 31
             if (whole) {
@@ -522,7 +584,7 @@ bool offsets_fit(const int64_t *offsets, int groups) {
 // all) each block reads them itself, and the grid is sized for the most items
 // M rows can make.
 moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const int64_t *off_dev, int64_t M, int groups,
-                      int mode, const char *what, bool *ran) {
+                      int mode, int epi, const char *what, bool *ran) {
     const int CLN = d->tma_cluster == 1 ? 1 : 2;
     p.groups = groups;
     p.n_tiles = (p.N + BN - 1) / BN;
@@ -562,6 +624,11 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const 
         : mode == MODE_BT ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BT, false> : grouped_tma_kernel<1, MODE_BT, false>)
         : mode == MODE_BN ? (CLN == 2 ? grouped_tma_kernel<2, MODE_BN, false> : grouped_tma_kernel<1, MODE_BN, false>)
                           : (CLN == 2 ? grouped_tma_kernel<2, MODE_WG, false> : grouped_tma_kernel<1, MODE_WG, false>);
+    if (epi == EPI_SWIGLU)   // (host offsets, the forward's layout)
+        kern = CLN == 2 ? grouped_tma_kernel<2, MODE_BT, false, EPI_SWIGLU> : grouped_tma_kernel<1, MODE_BT, false, EPI_SWIGLU>;
+    else if (epi == EPI_SWIGLU_BWD)   // (host offsets, the data gradient's layout)
+        kern = CLN == 2 ? grouped_tma_kernel<2, MODE_BN, false, EPI_SWIGLU_BWD>
+                        : grouped_tma_kernel<1, MODE_BN, false, EPI_SWIGLU_BWD>;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -577,6 +644,9 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const 
         // be had (a shared or partitioned GPU), the calls take the other paths from then on.
         cfg.gridDim = dim3(CLN * (unsigned)d->sm_count, 1, 1);
         int n = 0;
+        const auto epis = {grouped_tma_kernel<1, MODE_BT, false, EPI_SWIGLU>, grouped_tma_kernel<2, MODE_BT, false, EPI_SWIGLU>,
+                           grouped_tma_kernel<1, MODE_BN, false, EPI_SWIGLU_BWD>,
+                           grouped_tma_kernel<2, MODE_BN, false, EPI_SWIGLU_BWD>};
         const auto all = {grouped_tma_kernel<1, MODE_BT, false>, grouped_tma_kernel<1, MODE_BN, false>,
                           grouped_tma_kernel<1, MODE_WG, false>, grouped_tma_kernel<2, MODE_BT, false>,
                           grouped_tma_kernel<2, MODE_BN, false>, grouped_tma_kernel<2, MODE_WG, false>,
@@ -585,6 +655,7 @@ moe_status tma_launch(cuda_dev *d, tma_params &p, const int64_t *offsets, const 
                           grouped_tma_kernel<2, MODE_BN, true>,  grouped_tma_kernel<2, MODE_WG, true>};
         bool ok = true;
         for (auto k : all) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
+        for (auto k : epis) ok = ok && cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) == cudaSuccess;
         if (!ok || cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess || n < 1) {
             (void)cudaGetLastError();
             d->tma_failed = true;
@@ -640,7 +711,8 @@ moe_status pair_call(cuda_dev *d, int transb, float alpha, const void *a, const 
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)N; p.K = (int)K; p.K2 = (int)K2;
-    return tma_launch(d, p, offsets, off_dev, rows, groups, transb ? MODE_BT : MODE_BN, "gemm_grouped (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, off_dev, rows, groups, transb ? MODE_BT : MODE_BN, EPI_STORE,
+                      "gemm_grouped (TMA kernel)", ran);
 }
 
 moe_status wgrad_call(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c, const int64_t *offsets,
@@ -665,10 +737,53 @@ moe_status wgrad_call(cuda_dev *d, float alpha, const void *a, const void *b, fl
     p.c = (__nv_bfloat16 *)c;
     p.alpha = alpha; p.beta = beta;
     p.N = (int)Q; p.P = (int)P;
-    return tma_launch(d, p, offsets, off_dev, total, groups, MODE_WG, "gemm_grouped_wgrad (TMA kernel)", ran);
+    return tma_launch(d, p, offsets, off_dev, total, groups, MODE_WG, EPI_STORE, "gemm_grouped_wgrad (TMA kernel)", ran);
+}
+
+// The SwiGLU epilogues: fwd (transb), up = a b_g^T with h = silu(gate) * up;
+// bwd, dh = a b_g (b [G, K, N]) giving dgate, dup and h (o3, may be NULL)
+moe_status swiglu_call(cuda_dev *d, int epi, float alpha, const void *a, const void *b, const tma_swiglu_args &e,
+                       const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    *ran = false;
+    const bool bwd = epi == EPI_SWIGLU_BWD;
+    if (!offsets_fit(offsets, groups) || K <= 0 || N <= 0 || K % 8 || N % 8 || K > INT32_MAX ||
+        (int64_t)groups * N + BN > INT32_MAX || !al16(a) || !al16(b) || !al16(e.gate) || !al16(e.o1) || !al16(e.o2) ||
+        (bwd && (!al16(e.up) || (e.o3 && !al16(e.o3)))))
+        return MOE_OK;
+    encode_fn enc = tma_encoder(d);
+    if (!enc) return MOE_OK;
+    const int64_t rows = offsets[groups];
+    if (rows == 0) { *ran = true; return MOE_OK; }
+    tma_params p;
+    memset(&p, 0, sizeof p);
+    const int CLN = d->tma_cluster == 1 ? 1 : 2;
+    if (!make_map(enc, &p.map_a, a, rows, K, BM) ||
+        !(bwd ? make_map_kn(enc, &p.map_b, b, groups, K, N) : make_map(enc, &p.map_b, b, (int64_t)groups * N, K, BN / CLN)) ||
+        !make_map(enc, &p.map_a2, e.gate, rows, N, BM) || (bwd && !make_map(enc, &p.map_b2, e.up, rows, N, BM)))
+        return MOE_OK;
+    p.epi = e;
+    p.c = e.o1;
+    p.alpha = alpha;
+    p.N = (int)N; p.K = (int)K;
+    return tma_launch(d, p, offsets, nullptr, rows, groups, bwd ? MODE_BN : MODE_BT, epi,
+                      bwd ? "gemm_grouped_swiglu_backward (TMA kernel)" : "gemm_grouped_swiglu (TMA kernel)", ran);
 }
 
 }  // namespace
+
+moe_status cuda_tma_grouped_swiglu(cuda_dev *d, const void *x, const void *wu, const void *g, void *u, void *h,
+                                   const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {
+    tma_swiglu_args e = {(const __nv_bfloat16 *)g, nullptr, (__nv_bfloat16 *)u, (__nv_bfloat16 *)h, nullptr};
+    return swiglu_call(d, EPI_SWIGLU, 1.0f, x, wu, e, offsets, groups, K, N, ran);
+}
+
+moe_status cuda_tma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *wd, const void *g,
+                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
+                                       int64_t K, int64_t N, bool *ran) {
+    tma_swiglu_args e = {(const __nv_bfloat16 *)g, (const __nv_bfloat16 *)u, (__nv_bfloat16 *)dg, (__nv_bfloat16 *)du,
+                         (__nv_bfloat16 *)h};
+    return swiglu_call(d, EPI_SWIGLU_BWD, alpha, dy, wd, e, offsets, groups, K, N, ran);
+}
 
 moe_status cuda_tma_grouped(cuda_dev *d, int transb, float alpha, const void *a, const void *b, float beta, void *c,
                             const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran) {

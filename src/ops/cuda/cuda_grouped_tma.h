@@ -30,6 +30,18 @@ moe_status cuda_tma_grouped_pair(cuda_dev *d, int transb, float alpha, const voi
 moe_status cuda_tma_grouped_wgrad(cuda_dev *d, float alpha, const void *a, const void *b, float beta, void *c,
                                   const int64_t *offsets, int groups, int64_t P, int64_t Q, bool *ran);
 
+/* The SwiGLU around the grouped GEMM, in one launch (host offsets only):
+ * _swiglu: u = x wu_g^T (wu [G, N, K]) and h = silu(g) * u, g given;
+ * _swiglu_bwd: dh = alpha dy wd_g (wd [G, K, N]), not stored, and from it
+ * dg, du and h (may be NULL) as swiglu_backward gives them from g and u.
+ * Every tensor [rows, N] bf16; the bytes are those of the plain GEMM followed
+ * by the elementwise kernels. Refusals as above. */
+moe_status cuda_tma_grouped_swiglu(cuda_dev *d, const void *x, const void *wu, const void *g, void *u, void *h,
+                                   const int64_t *offsets, int groups, int64_t K, int64_t N, bool *ran);
+moe_status cuda_tma_grouped_swiglu_bwd(cuda_dev *d, float alpha, const void *dy, const void *wd, const void *g,
+                                       const void *u, void *dg, void *du, void *h, const int64_t *offsets, int groups,
+                                       int64_t K, int64_t N, bool *ran);
+
 /* The same with the groups' row offsets on the device (off_dev: G + 1 int64,
  * 8-byte aligned; M the rows of a, the last offset): nothing is read back,
  * and the launch does not depend on the offsets' values (each block reads

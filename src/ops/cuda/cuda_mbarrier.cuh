@@ -16,6 +16,10 @@ __device__ __forceinline__ void bar_init(uint64_t *b, unsigned count) {
 __device__ __forceinline__ void bar_expect(uint64_t *b, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
 }
+// one plain arrival (release: the caller's earlier accesses precede it for the waiter)
+__device__ __forceinline__ void bar_arrive(uint64_t *b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(b)) : "memory");
+}
 __device__ __forceinline__ void bar_wait(uint64_t *b, unsigned parity) {
     unsigned done;
     do {

@@ -117,6 +117,12 @@ moe_status moe_cuda_grouped_kernel_calls(moe_ctx *ctx, int device, uint64_t *cal
  * the weight tile) or 1; install sets it from MOELAB_TMA_CLUSTER. */
 moe_status moe_cuda_set_grouped_tma(moe_ctx *ctx, int device, int on);
 moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int ctas);
+/* The TMA kernel's SwiGLU epilogues (the activation after up's GEMM, its
+ * backward after dh's, in the kernel's own epilogue warps): mask bit 1 the
+ * forward's, 2 the backward's; install sets it from MOELAB_TMA_SWIGLU (0,
+ * fwd, bwd, all; default 0). tma_swiglu_calls: the launches with one. */
+moe_status moe_cuda_set_tma_swiglu(moe_ctx *ctx, int device, int mask);
+moe_status moe_cuda_tma_swiglu_calls(moe_ctx *ctx, int device, uint64_t *calls);
 moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls);
 /* How many grouped calls read their row offsets on the device
  * (moe_op_gemm_grouped_dev and _wgrad_dev served by the TMA kernel, no copy back). */
