@@ -110,12 +110,19 @@ static uint64_t swiglu_calls(void) {
     die_if(moe_cuda_tma_swiglu_calls(ctx, 0, &n) != MOE_OK, "SwiGLU epilogue counter");
     return n;
 }
+/* since the counts t0 (TMA launches) and e0 (of them with a SwiGLU epilogue) */
+static void swiglu_launches(const char *name, uint64_t t0, uint64_t e0, uint64_t want_tma, uint64_t want_epi) {
+    uint64_t n = tma_calls() - t0, ne = swiglu_calls() - e0;
+    ok(n == want_tma && ne == want_epi, "%s: %llu TMA launches, %llu with the epilogue (want %llu, %llu)", name,
+       (unsigned long long)n, (unsigned long long)ne, (unsigned long long)want_tma, (unsigned long long)want_epi);
+}
 
 /* The SwiGLU forward through the TMA kernel: gate's GEMM, then up's with the
- * activation in its epilogue (two launches); against the CPU's and byte for
- * byte against the device's plain GEMMs and swiglu. Under the loop strategy
- * the own kernel does not take the fused call first. */
-static void swiglu_fwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I) {
+ * activation in its epilogue (epi: the setting has it on), two launches;
+ * against the CPU's and byte for byte against the device's plain GEMMs and
+ * swiglu. Under the loop strategy the own kernel does not take the fused call
+ * first. */
+static void swiglu_fwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int epi) {
     int64_t M = off[G];
     pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
     pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
@@ -126,9 +133,7 @@ static void swiglu_fwd(const char *what, const int64_t *off, int G, int64_t K, i
     uint64_t t0 = tma_calls(), e0 = swiglu_calls();
     if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
             moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
-        uint64_t n = tma_calls() - t0, ne = swiglu_calls() - e0;
-        ok(n == 2 && ne == 1, "%s: two launches of the TMA kernel (%llu), one with the epilogue (%llu)", name,
-           (unsigned long long)n, (unsigned long long)ne);
+        swiglu_launches(name, t0, e0, 2, epi != 0);
         char n2[260];
         snprintf(n2, sizeof n2, "%s: up", name); check(n2, BF, u.d, u.h, tol_of(BF, 0));
         snprintf(n2, sizeof n2, "%s: activation", name); check(n2, BF, h.d, h.h, tol_of(BF, 0));
@@ -143,10 +148,10 @@ static void swiglu_fwd(const char *what, const int64_t *off, int G, int64_t K, i
 }
 
 /* Its backward: dh = 0.9 dy w_g (w [G, K, I]) met with gate and up in the
- * epilogue, dh never stored; dgate, dup and the activation again (with_h)
- * against the CPU's, and byte for byte against the plain GEMM and
- * swiglu_backward (and swiglu) on the device; one launch. */
-static void swiglu_bwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int with_h) {
+ * epilogue (epi: the setting has it on), dh never stored; dgate, dup and the
+ * activation again (with_h) against the CPU's, and byte for byte against the
+ * plain GEMM and swiglu_backward (and swiglu) on the device; one launch. */
+static void swiglu_bwd(const char *what, const int64_t *off, int G, int64_t K, int64_t I, int with_h, int epi) {
     int64_t M = off[G];
     pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
     pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
@@ -160,9 +165,7 @@ static void swiglu_bwd(const char *what, const int64_t *off, int G, int64_t K, i
     if (RUN(name, BF,
             moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, with_h ? h.h : NULL, off, G),
             moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, with_h ? h.d : NULL, off, G))) {
-        uint64_t n = tma_calls() - t0, ne = swiglu_calls() - e0;
-        ok(n == 1 && ne == 1, "%s: one launch of the TMA kernel, with the epilogue (%llu, %llu)", name,
-           (unsigned long long)n, (unsigned long long)ne);
+        swiglu_launches(name, t0, e0, 1, epi != 0);
         char n2[260];
         snprintf(n2, sizeof n2, "%s: dgate", name); check(n2, BF, dg.d, dg.h, tol_of(BF, 0));
         snprintf(n2, sizeof n2, "%s: dup", name); check(n2, BF, du.d, du.h, tol_of(BF, 0));
@@ -186,41 +189,6 @@ static void swiglu_bwd(const char *what, const int64_t *off, int G, int64_t K, i
     pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du); pfree(&h);
 }
 
-/* which path a setting sends the SwiGLU to: launches with the epilogue, and the result against the CPU */
-static void swiglu_fwd_launches(const char *what, const int64_t *off, int G, int64_t K, int64_t I, uint64_t want) {
-    int64_t M = off[G];
-    pair x = in_randn(BF, SH(M, K)), wg = in_randn(BF, SH(G, I, K)), wu = in_randn(BF, SH(G, I, K));
-    pair g = out_pair(BF, SH(M, I)), u = out_pair(BF, SH(M, I)), h = out_pair(BF, SH(M, I));
-    char name[200];
-    snprintf(name, sizeof name, "TMA swiglu, %s", what);
-    uint64_t t0 = swiglu_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_swiglu(ctx, x.h, wg.h, wu.h, g.h, u.h, h.h, off, G),
-            moe_op_gemm_grouped_swiglu(ctx, x.d, wg.d, wu.d, g.d, u.d, h.d, off, G))) {
-        uint64_t n = swiglu_calls() - t0;
-        ok(n == want, "%s: %llu launches with the epilogue (want %llu)", name, (unsigned long long)n,
-           (unsigned long long)want);
-        check(name, BF, h.d, h.h, tol_of(BF, 0));
-    }
-    pfree(&x); pfree(&wg); pfree(&wu); pfree(&g); pfree(&u); pfree(&h);
-}
-static void swiglu_bwd_launches(const char *what, const int64_t *off, int G, int64_t K, int64_t I, uint64_t want) {
-    int64_t M = off[G];
-    pair dy = in_randn(BF, SH(M, K)), w = in_randn(BF, SH(G, K, I));
-    pair g = in_randn(BF, SH(M, I)), u = in_randn(BF, SH(M, I));
-    pair dg = out_pair(BF, SH(M, I)), du = out_pair(BF, SH(M, I));
-    char name[200];
-    snprintf(name, sizeof name, "TMA swiglu backward, %s", what);
-    uint64_t t0 = swiglu_calls();
-    if (RUN(name, BF, moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.h, w.h, g.h, u.h, dg.h, du.h, NULL, off, G),
-            moe_op_gemm_grouped_swiglu_backward(ctx, 0.9f, dy.d, w.d, g.d, u.d, dg.d, du.d, NULL, off, G))) {
-        uint64_t n = swiglu_calls() - t0;
-        ok(n == want, "%s: %llu launches with the epilogue (want %llu)", name, (unsigned long long)n,
-           (unsigned long long)want);
-        check(name, BF, dg.d, dg.h, tol_of(BF, 0));
-    }
-    pfree(&dy); pfree(&w); pfree(&g); pfree(&u); pfree(&dg); pfree(&du);
-}
-
 /* the epilogues' cases: partial tiles in rows and columns, cut last tiles,
  * empty experts, N past one tile, the OLMoE layer's experts (fewer rows),
  * more tiles than SMs (each staging reused many times) */
@@ -229,24 +197,24 @@ static void swiglu_checks(void) {
            moe_cuda_set_tma_swiglu(ctx, 0, 3) != MOE_OK, "loop strategy, both epilogues");
     static int64_t off[80];
     make_offsets(off, 8, 300, 3);
-    swiglu_fwd("partial tiles", off, 8, 72, 200);
-    swiglu_bwd("partial tiles", off, 8, 72, 200, 1);
-    swiglu_bwd("partial tiles", off, 8, 72, 200, 0);
+    swiglu_fwd("partial tiles", off, 8, 72, 200, 1);
+    swiglu_bwd("partial tiles", off, 8, 72, 200, 1, 1);
+    swiglu_bwd("partial tiles", off, 8, 72, 200, 0, 1);
     cut_offsets(off);
-    swiglu_fwd("cut last tiles", off, 10, 136, 264);
-    swiglu_bwd("cut last tiles", off, 10, 136, 264, 1);
+    swiglu_fwd("cut last tiles", off, 10, 136, 264, 1);
+    swiglu_bwd("cut last tiles", off, 10, 136, 264, 1, 1);
     make_offsets(off, 64, 600, 7);
-    swiglu_fwd("OLMoE experts", off, 64, 2048, 1024);
-    swiglu_bwd("OLMoE experts", off, 64, 2048, 1024, 1);
+    swiglu_fwd("OLMoE experts", off, 64, 2048, 1024, 1);
+    swiglu_bwd("OLMoE experts", off, 64, 2048, 1024, 1, 1);
     make_offsets(off, 32, 1400, 0);
-    swiglu_bwd("step model", off, 32, 1024, 512, 1);
+    swiglu_bwd("step model", off, 32, 1024, 512, 1, 1);
     /* the forward's epilogue alone; neither */
     die_if(moe_cuda_set_tma_swiglu(ctx, 0, 1) != MOE_OK, "forward epilogue only");
     make_offsets(off, 8, 300, 3);
-    swiglu_bwd_launches("forward epilogue only", off, 8, 72, 200, 0);
-    swiglu_fwd_launches("forward epilogue only", off, 8, 72, 200, 1);
+    swiglu_bwd("forward epilogue only", off, 8, 72, 200, 0, 0);
+    swiglu_fwd("forward epilogue only", off, 8, 72, 200, 1);
     die_if(moe_cuda_set_tma_swiglu(ctx, 0, 0) != MOE_OK, "no epilogues");
-    swiglu_fwd_launches("no epilogues", off, 8, 72, 200, 0);
+    swiglu_fwd("no epilogues", off, 8, 72, 200, 0);
     ok(moe_cuda_set_tma_swiglu(ctx, 0, 4) != MOE_OK, "a SwiGLU epilogue mask of 4 is refused");
     die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_AUTO) != MOE_OK, "defaults");
 }

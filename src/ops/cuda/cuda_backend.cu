@@ -141,18 +141,8 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
     int tma = -1, tma_cluster = 2;
     MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster));
-    // the TMA kernel's SwiGLU epilogues (cuda_common.cuh): off unless asked. On an
-    // H100 the backward's lost to the elementwise kernel, and the forward's alone is
-    // unmeasured (bench/RESULTS.md, twenty-third pass)
     int tma_swiglu = 0;
-    const char *tsw = getenv("MOELAB_TMA_SWIGLU");
-    if (tsw && *tsw) {
-        if (!strcmp(tsw, "0")) tma_swiglu = 0;
-        else if (!strcmp(tsw, "fwd")) tma_swiglu = 1;
-        else if (!strcmp(tsw, "bwd")) tma_swiglu = 2;
-        else if (!strcmp(tsw, "all")) tma_swiglu = 3;
-        else return moe_error(MOE_ERR_ARG, "MOELAB_TMA_SWIGLU=%s: expected 0, fwd, bwd or all", tsw);
-    }
+    MOE_TRY(cuda_tma_swiglu_from_env(&tma_swiglu));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");
     for (int i = 0; i < n; i++) {

@@ -202,6 +202,7 @@ moe_status cuda_grouped_wgrad_from_env(int *mode);   // leaves *mode when MOELAB
 moe_status cuda_grouped_lanes_from_env(int *lanes);
 // MOELAB_GROUPED_TMA (0, 1 or auto: *on 0, 1, -1) and MOELAB_TMA_CLUSTER (1 or 2); unset leaves them
 moe_status cuda_grouped_tma_from_env(int *on, int *cluster);
+moe_status cuda_tma_swiglu_from_env(int *mask);
 void cuda_lanes_free(cuda_dev *d);   // the loop's side streams, handles, workspaces and events
 // cuda_lanes.cu: fork *n lanes (1: none) off the device's stream for a loop over `busy`
 // non-empty experts; lane i's cuBLAS handle; join them back (returns st unless the

@@ -52,6 +52,18 @@ moe_status cuda_grouped_tma_from_env(int *on, int *cluster) {
     return MOE_OK;
 }
 
+// The TMA kernel's SwiGLU epilogues (cuda_dev.tma_swiglu): off unless asked. On
+// an H100 the backward's lost to the elementwise kernel, and the forward's alone
+// is unmeasured (bench/RESULTS.md, twenty-third pass).
+moe_status cuda_tma_swiglu_from_env(int *mask) {
+    static const char *names[] = {"0", "fwd", "bwd", "all"};
+    const char *v = getenv("MOELAB_TMA_SWIGLU");
+    if (!v || !*v) return MOE_OK;
+    for (int m = 0; m < 4; m++)
+        if (!strcmp(v, names[m])) { *mask = m; return MOE_OK; }
+    return moe_error(MOE_ERR_ARG, "MOELAB_TMA_SWIGLU=%s: expected 0, fwd, bwd or all", v);
+}
+
 extern "C" moe_status moe_cuda_set_grouped_gemm(moe_ctx *ctx, int device, moe_cuda_grouped_gemm mode) {
     if (!known(mode)) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: unknown strategy %d", (int)mode);
     if (!ctx) return moe_error(MOE_ERR_ARG, "moe_cuda_set_grouped_gemm: no context");
