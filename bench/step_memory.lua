@@ -7,6 +7,7 @@
 --   - on CUDA, the allocator's bytes in use before the forward (the static
 --     part), after it, and its peaks during the forward and the backward.
 --   build/cuda/moelab bench/step_memory.lua [precision=bf16] [batch=8]
+-- (MOELAB_STEP_OPTIM_STATE, MOELAB_STEP_RECOMPUTE: as for bench/gpu_step.lua)
 -- A CPU build runs f32 only (bf16 compute needs CUDA); a smaller batch keeps
 -- that quick, and the activation bytes scale with it.
 local moe = require "moelab"
@@ -36,17 +37,18 @@ local ids, targets = batch_fn(2)
 st.model:train(true)
 -- as the trainer calls it: the loss's gradient over the logits
 local out = st.model:forward(ids, {targets = targets, aux_loss_coef = 0.01, router_z_loss_coef = 0, keep_logits = false,
-                                     loss_grad = 1})
+                                     loss_grad = 1, recompute = st.trainer.recompute})
 local s1 = stats()
 local skip = {st.model.net:flat_parameters()}   -- values, gradients and the bf16 compute copy
 for _, b in ipairs(st.model.net:buffers()) do skip[#skip + 1] = b.value end
 local rows = out.tape:memory(skip)   -- before the backward, which lets go of some
 if cuda then core.cuda_reset_peak_memory(0) end
+out.tape:set_one_backward(true)   -- as the trainer runs it
 out.tape:backward(out.total_loss)
 local s2 = stats()
 local total = 0
-print(string.format("# %s %s, %d sequences of %d tokens, tape of %d entries", device, precision,
-  ids:size(1), ids:size(2), out.tape:size()))
+print(string.format("# %s %s, %d sequences of %d tokens, tape of %d entries, recompute %s", device, precision,
+  ids:size(1), ids:size(2), out.tape:size(), out.tape:recompute()))
 print(string.format("%-28s %8s %12s", "entry", "tensors", "MB"))
 for _, r in ipairs(rows) do
   total = total + r.bytes

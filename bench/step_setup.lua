@@ -44,6 +44,8 @@ return function(device, precision)
                                  optimizer_state = os.getenv("MOELAB_STEP_OPTIM_STATE") or "f32",
                                  -- MOELAB_STEP_MASTER=f32: the f32 master weights kept whole (default split)
                                  master_weights = os.getenv("MOELAB_STEP_MASTER") or "split",
+                                 -- MOELAB_STEP_RECOMPUTE=norms: the norms' outputs made again in the backward
+                                 recompute = os.getenv("MOELAB_STEP_RECOMPUTE") or "none",
                                  -- the trainer's default captures the step into a CUDA graph and
                                  -- replays it; MOELAB_STEP_GRAPH=0: eager steps
                                  cuda_graph = os.getenv("MOELAB_STEP_GRAPH") ~= "0" and "auto" or false}

@@ -10,12 +10,7 @@ local moe = require "moelab"
 local core = require "moelab.core"
 local gc = require "helpers.gradcheck"
 
-local function model(extra)
-  local o = {vocab_size = 301, hidden_size = 32, num_layers = 2, num_heads = 4, num_experts = 4, experts_per_token = 2,
-             expert_intermediate_size = 16, seed = 1}
-  for k, v in pairs(extra or {}) do o[k] = v end
-  return moe.arch.OLMoE(o)
-end
+local model = require("helpers.models").tiny_olmoe
 
 local ids = moe.tensor({{1, 2, 3, 4, 5, 6, 7}, {8, 9, 10, 11, 12, 13, 14}}, {dtype = "i64"})
 local targets = moe.tensor({{2, 3, 4, 5, 6, -100, 8}, {9, 10, 11, -100, 13, 14, 300}}, {dtype = "i64"})

@@ -69,7 +69,7 @@ function M.MoEModel(opts)
 end
 
 --- forward(ids[, {tape=, targets=, aux_loss_coef=, router_z_loss_coef=, keep_logits=, loss_chunk_rows=,
---  loss_grad=, routing_stats=}])
+--  loss_grad=, routing_stats=, recompute=}])
 -- -> {logits=, loss=, aux_loss=, z_loss=, total_loss=, routing=}
 -- loss is the mean cross-entropy against targets (when given); total_loss
 -- adds the balancing losses with their coefficients (on the tape when given).
@@ -85,6 +85,10 @@ end
 -- backward with another upstream gradient is refused.
 -- routing_stats = false leaves routing nil: statistics a routing left on the
 -- device are not read (a forward captured into a CUDA graph must not wait).
+-- recompute = "norms" | "norms_qkv" sets the tape's recompute
+-- (tape:set_recompute): the RMSNorms' outputs (and with "norms_qkv" the
+-- attention's q, k and v projections) are given back after the forward and
+-- made again in the backward, the same bytes in less activation memory.
 function Model:forward(ids, opts)
   if opts ~= nil and type(opts) ~= "table" then error("MoEModel:forward: options must be a table", 2) end
   opts = opts or {}
@@ -97,6 +101,13 @@ function Model:forward(ids, opts)
   local targets = opts.targets
   if targets and targets:device() ~= dev then targets = targets:to(dev) end
   local tape = opts.tape or core.Tape()
+  if opts.recompute ~= nil then
+    if opts.recompute ~= "none" and opts.recompute ~= "norms" and opts.recompute ~= "norms_qkv" then
+      error("MoEModel:forward: recompute must be \"none\", \"norms\" or \"norms_qkv\", got " ..
+            tostring(opts.recompute), 2)
+    end
+    tape:set_recompute(opts.recompute)
+  end
   local ignore = opts.ignore_index or -100
   local training = self.net:is_training()
   local out, loss = {}, nil

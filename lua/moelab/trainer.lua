@@ -43,7 +43,7 @@ local trainer_keys = {
   model = true, load_balancing = true, aux_loss_coef = true, router_z_loss_coef = true, weight_decay = true,
   betas = true, eps = true, grad_clip = true, router_learning_rate = true, expert_learning_rate = true,
   freeze_router = true, freeze_experts = true, freeze_rest = true, trainable = true, grad_hook = true, run_dir = true, log_every = true, progress = true, monitor = true,
-  precision = true, optimizer_state = true, master_weights = true, cuda_graph = true,
+  precision = true, optimizer_state = true, master_weights = true, cuda_graph = true, recompute = true,
 }
 
 --- MoETrainer{model, load_balancing = "auxiliary_loss" | LoadBalancer{...}, aux_loss_coef=,
@@ -64,7 +64,13 @@ local trainer_keys = {
 --  cuda_graph = "auto" | true | false (capture the step into a CUDA graph and replay it:
 --  moelab.step_graph. "auto", the default: where the step can be captured, else eager
 --  steps, with a notice when a graph in use had to end or a capture failed; true: an
---  error when the step cannot be captured; false: never)}
+--  error when the step cannot be captured; false: never),
+--  recompute = "none" | "norms" | "norms_qkv" (activation memory: "norms" gives back the
+--  RMSNorms' outputs after the forward, the blocks' two norms and the QK-norms with their
+--  rotation, and the backward makes them again from the inputs it keeps; "norms_qkv" also
+--  the attention's q, k and v projections, a GEMM each. The same bytes in less memory: at
+--  issue #6's step (8192 tokens of d 1024, 8 layers) the activations go from 1.94 GB to
+--  1.39 ("norms") for about 2% of the step's time; bench/RESULTS.md)}
 function M.MoETrainer(opts)
   local f = "MoETrainer"
   if type(opts) ~= "table" then fail(f, "expected a table of options, got %s", type(opts)) end
@@ -120,6 +126,10 @@ function M.MoETrainer(opts)
   self.optimizer_state = opts.optimizer_state or "f32"
   if self.optimizer_state ~= "f32" and self.optimizer_state ~= "bf16" then
     fail(f, "optimizer_state must be \"f32\" or \"bf16\", got %s", tostring(opts.optimizer_state))
+  end
+  self.recompute = opts.recompute or "none"
+  if self.recompute ~= "none" and self.recompute ~= "norms" and self.recompute ~= "norms_qkv" then
+    fail(f, "recompute must be \"none\", \"norms\" or \"norms_qkv\", got %s", tostring(opts.recompute))
   end
   self.master_weights = opts.master_weights or "split"
   if self.master_weights ~= "split" and self.master_weights ~= "f32" then
@@ -252,10 +262,14 @@ local function queue_forward_backward(self, batches, scale, routing_stats)
   for micro, b in ipairs(batches) do
     local out = self.model:forward(b[1], {targets = b[2], aux_loss_coef = self.aux_loss_coef,
                                           router_z_loss_coef = self.router_z_loss_coef, keep_logits = false,
-                                          loss_grad = loss_grad, routing_stats = routing_stats})
+                                          loss_grad = loss_grad, routing_stats = routing_stats,
+                                          recompute = self.recompute})
     if self.monitor then self.monitor:record() end
     stats = out.routing
-    -- a non-finite loss gives non-finite gradients; the step is skipped below
+    -- a non-finite loss gives non-finite gradients; the step is skipped below.
+    -- One backward a tape: it lets go of each layer's activations once past
+    -- them, so the backward's own tensors come out of what the forward held
+    out.tape:set_one_backward(true)
     out.tape:backward(out.total_loss, scale)
     pending[micro] = {out.loss, out.aux_loss, out.z_loss}
     -- release activations now rather than at the next garbage collection

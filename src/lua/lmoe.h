@@ -54,6 +54,9 @@ moe_device moe_lua_check_device(lua_State *L, const char *name, const char *fnam
 /* Like moe_lua_check_tensor, but the error reads "<fname>: <argname> must be a
  * tensor, got nil" / "<fname>: tensor was freed (argument <argname>)". */
 moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, const char *argname);
+/* the same for code that reads only the header or the storage's identity:
+ * parked memory (tensor.h) stays parked */
+moe_tensor *moe_lua_check_tensor_meta(lua_State *L, int idx, const char *fname, const char *argname);
 moe_tensor *moe_lua_opt_tensor_f(lua_State *L, int idx, const char *fname, const char *argname);
 /* Pushes a new uninitialised (or zero-filled) tensor box and returns the tensor;
  * the box is on the stack before the allocation, so nothing leaks on error. */

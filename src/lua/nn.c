@@ -478,6 +478,30 @@ static int tape_set_profile(lua_State *L) {
     return 1;
 }
 
+/* tape:set_recompute("none" | "norms" | "norms_qkv"): outputs recomputed in the backward
+ * instead of kept (tape.h); tape:recompute() -> the mode's name */
+static int tape_set_recompute(lua_State *L) {
+    moe_tape *t = moe_lua_check_tape(L, 1, "tape:set_recompute");
+    const char *m = luaL_checkstring(L, 2);
+    if (!strcmp(m, "norms")) moe_tape_set_recompute(t, MOE_TAPE_RECOMPUTE_NORMS);
+    else if (!strcmp(m, "norms_qkv")) moe_tape_set_recompute(t, MOE_TAPE_RECOMPUTE_NORMS | MOE_TAPE_RECOMPUTE_QKV);
+    else if (!strcmp(m, "none")) moe_tape_set_recompute(t, MOE_TAPE_RECOMPUTE_NONE);
+    else return luaL_error(L, "tape:set_recompute: mode must be \"none\", \"norms\" or \"norms_qkv\", got \"%s\"", m);
+    lua_settop(L, 1);
+    return 1;
+}
+/* tape:set_one_backward(on): the backward lets go of what it has used (tape.h) */
+static int tape_set_one_backward(lua_State *L) {
+    moe_tape_set_one_backward(moe_lua_check_tape(L, 1, "tape:set_one_backward"), lua_toboolean(L, 2));
+    lua_settop(L, 1);
+    return 1;
+}
+static int tape_recompute(lua_State *L) {
+    int m = moe_tape_recompute(moe_lua_check_tape(L, 1, "tape:recompute"));
+    lua_pushstring(L, m & MOE_TAPE_RECOMPUTE_QKV ? "norms_qkv" : m & MOE_TAPE_RECOMPUTE_NORMS ? "norms" : "none");
+    return 1;
+}
+
 /* tape:profile() -> {{name=, calls=, ms=}, ...}, most time first */
 static int tape_profile(lua_State *L) {
     moe_tape *t = moe_lua_check_tape(L, 1, "tape:profile");
@@ -510,7 +534,7 @@ static int tape_memory(lua_State *L) {
         skip = lua_newuserdata(L, (size_t)(nskip ? nskip : 1) * sizeof *skip);
         for (int i = 0; i < nskip; i++) {
             lua_rawgeti(L, 2, i + 1);
-            moe_tensor *x = moe_lua_check_tensor_f(L, -1, f, "tensors[i]");
+            moe_tensor *x = moe_lua_check_tensor_meta(L, -1, f, "tensors[i]");   /* a split master stays split */
             skip[i] = x->storage;
             lua_pop(L, 1);
         }
@@ -628,7 +652,9 @@ static const luaL_Reg layer_methods[] = {
 
 static const luaL_Reg tape_methods[] = {
     {"backward", tape_backward}, {"grad", tape_grad}, {"reset", tape_reset}, {"set_profile", tape_set_profile}, {"profile", tape_profile}, {"memory", tape_memory}, {"size", tape_size},
-    {"retain_grads", tape_retain}, {"swiglu", tape_swiglu}, {"view", tape_view},
+    {"retain_grads", tape_retain}, {"set_recompute", tape_set_recompute}, {"recompute", tape_recompute},
+    {"set_one_backward", tape_set_one_backward},
+    {"swiglu", tape_swiglu}, {"view", tape_view},
     {"cross_entropy", tape_cross_entropy}, {"forward", tape_forward}, {NULL, NULL}};
 
 static void add_closure(lua_State *L, const char *name, lua_CFunction fn, int code, const char *fname) {

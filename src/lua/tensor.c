@@ -76,6 +76,10 @@ moe_tensor *moe_lua_check_tensor_f(lua_State *L, int idx, const char *fname, con
 /* self of a method that reads the header only (shape, dtype, views): parked memory stays parked */
 static moe_tensor *check_meta(lua_State *L, const char *fname) { return unboxed(L, 1, fname, "self"); }
 
+moe_tensor *moe_lua_check_tensor_meta(lua_State *L, int idx, const char *fname, const char *argname) {
+    return unboxed(L, idx, fname, argname);
+}
+
 moe_tensor *moe_lua_opt_tensor_f(lua_State *L, int idx, const char *fname, const char *argname) {
     if (lua_isnoneornil(L, idx)) return NULL;
     return moe_lua_check_tensor_f(L, idx, fname, argname);

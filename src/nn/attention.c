@@ -117,6 +117,17 @@ static moe_status attention_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *t
         if (s == MOE_OK) s = moe_layer_forward(l->children[C_KN], ctx, tape, k, &kn);
     }
     if (s == MOE_OK) s = attention_core(l, ctx, tape, qn ? qn : q, kn ? kn : k, v, fused, &o);
+    /* the rotated q and k are read again only by the core's backward: with the
+     * tape's recompute on they are made again there, from q and k */
+    if (s == MOE_OK && fused)
+        s = moe_rmsnorm_recompute_later(l->children[C_QN], ctx, tape, q, qn, st->cfg.n_heads, st->cfg.rope_theta);
+    if (s == MOE_OK && fused)
+        s = moe_rmsnorm_recompute_later(l->children[C_KN], ctx, tape, k, kn, st->cfg.n_kv_heads, st->cfg.rope_theta);
+    /* and q, k (read by the QK-norms' backward and the recipes above) and v
+     * (the core's backward): a GEMM each from x */
+    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_Q], ctx, tape, x, q);
+    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_K], ctx, tape, x, k);
+    if (s == MOE_OK) s = moe_linear_recompute_later(l->children[C_V], ctx, tape, x, v);
     if (s == MOE_OK && residual) s = moe_layer_forward_residual(l->children[C_O], ctx, tape, o, residual, y);
     else if (s == MOE_OK) s = moe_layer_forward(l->children[C_O], ctx, tape, o, y);
     moe_tensor_release(q); moe_tensor_release(k); moe_tensor_release(v);

@@ -162,12 +162,22 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     moe_tensor *dh = fused ? NULL : moe_tensor_like(ctx, h);
     moe_tensor *dg = sw ? moe_tensor_like(ctx, g) : NULL, *du = moe_tensor_like(ctx, u);
     int64_t dxs[2] = {u->shape[0], xp->shape[1]};   /* the experts' rows (xp may be the token rows) */
-    moe_tensor *dx = moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
-    moe_status s = dy && h && (fused || dh) && du && dx && (!sw || dg) && (!combined || dw) ? MOE_OK : moe_last_status();
+    /* a backward that lets go frees gate and up once the activation's backward
+     * has read them: the rows' gradient dx is made after that (combined path) */
+    const int early = combined && moe_tape_letting_go(e->tape);
+    moe_tensor *dx = early ? NULL : moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
+    moe_status s = dy && h && (fused || dh) && du && (dx || early) && (!sw || dg) && (!combined || dw)
+                   ? MOE_OK : moe_last_status();
     /* down: y = h @ down^T  ->  dh = dy @ down, then the activation */
     if (s == MOE_OK && combined) {   /* h becomes w * h: the down weights' gradient is then dy^T h */
         s = moe_op_gemm_grouped_swiglu_backward_w_dev(ctx, 1.0f, dy, moe_param_w(pd), g, u, e->in[1], dg, du, h, dw,
                                                       offs);
+        if (s == MOE_OK && early) {
+            moe_tensor_release(e->saved[2]); moe_tensor_release(e->saved[3]);
+            e->saved[2] = e->saved[3] = g = u = NULL;
+            dx = moe_tensor_new(ctx, xp->dtype, 2, dxs, xp->device);
+            if (!dx) s = moe_last_status();
+        }
     } else if (s == MOE_OK && fused) {
         s = moe_op_gemm_grouped_swiglu_backward(ctx, 1.0f, dy, moe_param_w(pd), g, u, dg, du, e->i[1] ? h : NULL, off,
                                                 groups);

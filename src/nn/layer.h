@@ -158,6 +158,24 @@ void moe_layer_master_release(moe_layer *root);
 moe_tensor *moe_layer_master_lo(const moe_layer *root);
 void moe_layer_master_counts(const moe_layer *root, int *parked, uint64_t *splits, uint64_t *joins);
 
+/* ---- activations recomputed in the backward (remat.c) ----
+ * park: gives t's memory back now; the first access through any view runs
+ * fn(ctx, out, arg) into fresh memory (out: a header like t over it), then
+ * free_arg(arg). t must be the whole of an allocator's storage, contiguous;
+ * otherwise nothing is parked (*parked = 0) and arg is freed at once.
+ * The recipe must give the bytes t holds now (the forward's op over inputs
+ * that arg keeps). is_parked: t's memory is given back to a recipe. */
+typedef moe_status (*moe_remat_fn)(moe_ctx *ctx, moe_tensor *out, void *arg);
+moe_status moe_remat_park(moe_ctx *ctx, moe_tensor *t, moe_remat_fn fn, void *arg, void (*free_arg)(void *),
+                          int *parked);
+int moe_remat_is_parked(const moe_tensor *t);
+/* The common case: y made by layer l from x (both retained until the recipe
+ * has run or y goes), with an integer and a float for the recipe; fn gets a
+ * moe_remat_layer_arg. */
+typedef struct { moe_layer *l; moe_tensor *x; int64_t i; float f; } moe_remat_layer_arg;
+moe_status moe_remat_layer_output(moe_ctx *ctx, moe_tensor *y, moe_remat_fn fn, moe_layer *l, moe_tensor *x,
+                                  int64_t i, float f);
+
 /* ---- for layer implementations ---- */
 /* Re-points tensor header t (contiguous) at storage s from element offset, as dtype dt;
  * every holder of the header sees the move. */
@@ -179,6 +197,15 @@ int moe_layer_is_rmsnorm(const moe_layer *l);
  * (QK-norm feeding attention; one pass each way where the backend fuses them) */
 moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads,
                                     float theta, moe_tensor **y);
+/* With the tape's recompute on (moe_tape_recompute): parks y, the output of
+ * RMSNorm l over x (heads > 0: rmsnorm_rope's, with theta), once its readers
+ * in the forward are done; the backward's first read recomputes it from x
+ * (which the norm's tape entry keeps). A no-op otherwise. */
+moe_status moe_rmsnorm_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y,
+                                       int64_t heads, float theta);
+/* The same for y = x W^T (+ b), the output of the plain Linear l over x
+ * (MOE_TAPE_RECOMPUTE_QKV): the backward's first read runs its GEMM again. */
+moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y);
 moe_layer *moe_layernorm_new(moe_ctx *ctx, int64_t dim, float eps, int bias);
 /* An elementwise activation (MOE_UN_SILU, GELU, GELU_ERF, RELU, TANH, SIGMOID). */
 moe_layer *moe_activation_new(moe_unary_op op);

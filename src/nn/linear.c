@@ -95,6 +95,29 @@ moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_ten
     return MOE_OK;
 }
 
+/* ---- the output again in the backward (moe_tape_recompute) ---- */
+
+/* the forward's ops again (moe_f_linear_add without a residual), into out */
+static moe_status linear_recompute(moe_ctx *ctx, moe_tensor *out, void *arg) {
+    moe_remat_layer_arg *r = arg;
+    moe_param *b = r->l->n_params > 1 && !strcmp(r->l->params[1].name, "bias") ? &r->l->params[1] : NULL;
+    moe_tensor *xc = moe_op_contiguous(ctx, r->x);
+    moe_tensor *xrows = xc ? moe_rows_view(xc) : NULL, *yrows = moe_rows_view(out);
+    moe_status s = xrows && yrows ? moe_op_gemm(ctx, 0, 1, 1.0f, xrows, moe_param_w(&r->l->params[0]), 0.0f, yrows)
+                                  : moe_last_status();
+    if (s == MOE_OK && b) s = moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, moe_param_w(b));
+    moe_tensor_release(xc); moe_tensor_release(xrows); moe_tensor_release(yrows);
+    return s;
+}
+
+moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y) {
+    /* a plain Linear only: adapters (l->state) add to the base output */
+    if (!(moe_tape_recompute(tape) & MOE_TAPE_RECOMPUTE_QKV) || !l || l->state || strcmp(l->vt->kind, "Linear") ||
+        !x || !y)
+        return MOE_OK;
+    return moe_remat_layer_output(ctx, y, linear_recompute, l, x, 0, 0.0f);
+}
+
 /* LoRA adapters (lora.c) append parameters after the weight and bias. */
 static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->params[1].name, "bias"); }
 

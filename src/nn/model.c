@@ -252,8 +252,11 @@ moe_status moe_model_finish_grad_allreduce(moe_ctx *ctx, moe_layer *m) {
 }
 
 /* the blocks and the final norm: the hidden states the head reads */
-static moe_status forward_hidden(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **out) {
+/* pre (may be NULL): the final norm's input, for moe_rmsnorm_recompute_later */
+static moe_status forward_hidden(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **out,
+                                 moe_tensor **pre) {
     *out = NULL;
+    if (pre) *pre = NULL;
     const moe_model_cfg *c = moe_model_config(m);
     if (!c) return moe_error(MOE_ERR_ARG, "model forward: not an MoEModel");
     if (!ids || ids->dtype != MOE_I64 || ids->ndim != 2) {
@@ -273,24 +276,31 @@ static moe_status forward_hidden(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe
          * into the sublayer's last op (o_proj's GEMM, the MoE combine) */
         if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM1], ctx, tape, h, &a);
         if (s == MOE_OK) s = moe_layer_forward_residual(b->children[B_ATTN], ctx, tape, a, h, &h2);
+        /* each norm's output is read again only by its sublayer's backward:
+         * with the tape's recompute on, made again there from h */
+        if (s == MOE_OK) s = moe_rmsnorm_recompute_later(b->children[B_NORM1], ctx, tape, h, a, 0, 0.0f);
         moe_tensor_release(a);
         a = NULL;
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; h2 = NULL; }
         if (s == MOE_OK) s = moe_layer_forward(b->children[B_NORM2], ctx, tape, h, &a);
         if (s == MOE_OK) s = moe_layer_forward_residual(b->children[B_MLP], ctx, tape, a, h, &h2);
+        /* (expert parallelism may still be sending a's rows on another stream) */
+        if (s == MOE_OK && !moe_block_uses_ep(b->children[B_MLP]))
+            s = moe_rmsnorm_recompute_later(b->children[B_NORM2], ctx, tape, h, a, 0, 0.0f);
         moe_tensor_release(a);
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; }
         if (s != MOE_OK) s = moe_error_context(s, "layer %d", i);
     }
     if (s == MOE_OK) s = moe_layer_forward(m->children[C_NORM], ctx, tape, h, out);
-    moe_tensor_release(h);
+    if (s == MOE_OK && pre) *pre = h;
+    else moe_tensor_release(h);
     return s;
 }
 
 moe_status moe_model_forward(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe_tensor *ids, moe_tensor **logits) {
     *logits = NULL;
     moe_tensor *hn = NULL;
-    moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
+    moe_status s = forward_hidden(m, ctx, tape, ids, &hn, NULL);
     if (s == MOE_OK) {
         if (moe_model_config(m)->tie_embeddings) {
             moe_param *w = &m->children[C_EMBED]->params[0];
@@ -316,8 +326,8 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
      * bias or adapters goes through its layer and the separate loss */
     moe_layer *head = moe_model_config(m)->tie_embeddings ? m->children[C_EMBED] : m->children[C_HEAD];
     int plain = moe_model_config(m)->tie_embeddings || (head->n_params == 1 && !head->state);
-    moe_tensor *hn = NULL;
-    moe_status s = forward_hidden(m, ctx, tape, ids, &hn);
+    moe_tensor *hn = NULL, *pre = NULL;
+    moe_status s = forward_hidden(m, ctx, tape, ids, &hn, &pre);
     if (s == MOE_OK && plain) {
         moe_param *w = &head->params[0];
         moe_head_loss_opts o = {.ignore_index = ignore_index, .chunk_rows = chunk_rows, .upstream_grad = loss_grad,
@@ -325,6 +335,9 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
         /* without a promised upstream gradient the backward adds dW into the gradient: clear it first if pending */
         if (!(tape && loss_grad > 0)) s = moe_layer_settle_grads(ctx, head);
         if (s == MOE_OK) s = moe_f_linear_cross_entropy(ctx, tape, hn, moe_param_w(w), w->grad, targets, &o, loss);
+        /* the head's gradients were taken in its forward: nothing reads hn again
+         * unless the loss has no promised upstream gradient */
+        if (s == MOE_OK) s = moe_rmsnorm_recompute_later(m->children[C_NORM], ctx, tape, pre, hn, 0, 0.0f);
     } else if (s == MOE_OK) {
         moe_tensor *logits = NULL;
         s = moe_layer_forward(head, ctx, tape, hn, &logits);
@@ -334,6 +347,7 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
         moe_tensor_release(logits);
     }
     moe_tensor_release(hn);
+    moe_tensor_release(pre);
     return s;
 }
 

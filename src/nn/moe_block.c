@@ -10,6 +10,10 @@
 
 
 int moe_layer_is_moe(const moe_layer *l) { return moe_layer_is(l, "MoE"); }
+
+int moe_block_uses_ep(const moe_layer *l) {
+    return moe_layer_is_moe(l) && ((const block_state *)l->state)->ep_comm != NULL;
+}
 const moe_block_cfg *moe_block_config(const moe_layer *l) { block_state *s = st_of(l); return s ? &s->cfg : NULL; }
 const moe_route_stats *moe_block_last_stats(const moe_layer *l) {
     block_state *s = st_of(l);

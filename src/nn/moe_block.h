@@ -25,6 +25,8 @@ typedef struct {
  * cfg->router.num_experts layers mapping [rows, H] -> [rows, H] (custom experts). */
 moe_layer *moe_block_new(moe_ctx *ctx, const moe_block_cfg *cfg, moe_layer **experts, moe_init *init);
 int moe_layer_is_moe(const moe_layer *l);
+/* an MoE block set to expert parallelism (its rows cross devices on other streams) */
+int moe_block_uses_ep(const moe_layer *l);
 const moe_block_cfg *moe_block_config(const moe_layer *l);
 /* The last forward's routing (counts, drops, entropy...) and its taped losses (borrowed; NULL before any forward). */
 /* The last forward's routing statistics, or NULL (none yet, or still on the

@@ -88,6 +88,30 @@ moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
     return rms_forward(l, ctx, tape, x, heads, theta, y);
 }
 
+/* ---- the output again in the backward (moe_tape_recompute) ---- */
+
+/* the forward's op again, into out (a scratch rstd: the tape kept the
+ * forward's); i: the heads of rmsnorm_rope (0: the plain norm), f: theta */
+static moe_status rms_recompute(moe_ctx *ctx, moe_tensor *out, void *arg) {
+    moe_remat_layer_arg *r = arg;
+    norm_state *st = r->l->state;
+    moe_tensor *xc = moe_op_contiguous(ctx, r->x);
+    moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
+    moe_tensor *w = moe_param_w(&r->l->params[0]);
+    moe_status s = !rstd ? moe_last_status()
+                   : r->i ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, w, st->eps, r->i, 0, r->f)
+                          : moe_op_rmsnorm(ctx, out, rstd, xc, w, st->eps);
+    moe_tensor_release(xc);
+    moe_tensor_release(rstd);
+    return s;
+}
+
+moe_status moe_rmsnorm_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y,
+                                       int64_t heads, float theta) {
+    if (!(moe_tape_recompute(tape) & MOE_TAPE_RECOMPUTE_NORMS) || !moe_layer_is_rmsnorm(l) || !x || !y) return MOE_OK;
+    return moe_remat_layer_output(ctx, y, rms_recompute, l, x, heads, theta);
+}
+
 static moe_status layernorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *const *gout, moe_tensor **gin) {
     moe_layer *l = e->self;
     moe_tensor *x = e->saved[0], *mean = e->saved[1], *rstd = e->saved[2];

@@ -15,6 +15,8 @@ struct moe_tape {
     grad_slot *slots;
     int nslots, used;
     int retain_grads;
+    int recompute;                   /* MOE_TAPE_RECOMPUTE_* */
+    int one_backward, spent;         /* moe_tape_set_one_backward; its backward has run */
     int profile;                     /* MOE_TAPE_PROFILE_* */
     moe_tape_profile_row *prof;      /* by entry name (names are static strings) */
     int nprof;
@@ -106,7 +108,18 @@ void moe_tape_reset(moe_tape *t) {
         if (e->release_self) e->release_self(e->self);
     }
     t->n = 0;
+    t->spent = 0;
     clear_grads(t);
+}
+
+/* an entry's references, let go of once its backward has run (one_backward) */
+static void release_entry(moe_tape_entry *e) {
+    for (int i = 0; i < e->n_in; i++) moe_tensor_release(e->in[i]);
+    for (int i = 0; i < e->n_out; i++) moe_tensor_release(e->out[i]);
+    for (int i = 0; i < e->n_saved; i++) moe_tensor_release(e->saved[i]);
+    if (e->release_self) e->release_self(e->self);
+    e->n_in = e->n_out = e->n_saved = 0;
+    e->release_self = NULL;
 }
 
 void moe_tape_free(moe_tape *t) {
@@ -120,6 +133,10 @@ void moe_tape_free(moe_tape *t) {
 
 int moe_tape_size(const moe_tape *t) { return t->n; }
 void moe_tape_retain_grads(moe_tape *t, int on) { t->retain_grads = on; }
+void moe_tape_set_recompute(moe_tape *t, int mode) { t->recompute = mode; }
+int moe_tape_recompute(const moe_tape *t) { return t ? t->recompute : MOE_TAPE_RECOMPUTE_NONE; }
+void moe_tape_set_one_backward(moe_tape *t, int on) { t->one_backward = on; }
+int moe_tape_letting_go(const moe_tape *t) { return t && t->spent; }
 
 void moe_tape_set_profile(moe_tape *t, int mode) {
     t->profile = mode;
@@ -176,7 +193,9 @@ int moe_tape_memory(const moe_tape *t, const void *const *skip, int nskip, moe_t
         for (int i = 0; i < e->n_out; i++) ts[n++] = e->out[i];
         for (int i = 0; i < e->n_saved; i++) ts[n++] = e->saved[i];
         for (int i = 0; i < n; i++) {
-            if (!ts[i] || !ts[i]->storage || ptr_set_add(&set, ts[i]->storage) != 1) continue;
+            if (!ts[i] || !ts[i]->storage || (!ts[i]->storage->data && ts[i]->storage->nbytes) ||
+                ptr_set_add(&set, ts[i]->storage) != 1)
+                continue;
             int r = 0;
             while (r < nrows && strcmp(all[r].name, e->name)) r++;
             if (r == nrows) {
@@ -340,6 +359,9 @@ static void drop_grad(moe_tape *t, const moe_tensor *x) {
 
 moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_tensor *grad_root) {
     if (!root) return moe_error(MOE_ERR_ARG, "backward: root tensor is nil");
+    if (t->spent)
+        return moe_error(MOE_ERR_STATE, "backward: this tape's backward has run and let go of what it recorded "
+                         "(one backward a tape); record the forward again");
     int produced = 0;
     for (int k = 0; k < t->n && !produced; k++)
         for (int j = 0; j < t->entries[k].n_out; j++)
@@ -368,6 +390,11 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
     }
     clear_grads(t);
     MOE_TRY(accumulate(ctx, t, root, g));
+    /* letting go as we go: every reader of an entry's outputs comes later on
+     * the tape, so once its backward has run nothing reads its tensors again
+     * (the gradients of intermediates are dropped anyway unless retained) */
+    const int let_go = t->one_backward && !t->retain_grads;
+    if (let_go) t->spent = 1;
 
     for (int k = t->n - 1; k >= 0; k--) {
         moe_tape_entry *e = &t->entries[k];
@@ -377,7 +404,10 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             gout[j] = moe_tape_grad(t, e->out[j]);
             if (gout[j]) any = 1;
         }
-        if (!any) continue;
+        if (!any) {
+            if (let_go && !e->keep_out_grads) release_entry(e);
+            continue;
+        }
         moe_tensor *gin[MOE_TAPE_MAX_IO] = {0};
         double t0 = t->profile ? now_s() : 0;
         moe_status s = e->backward(ctx, e, gout, gin);
@@ -408,6 +438,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             if (t->profile == MOE_TAPE_PROFILE_SYNC) device_sync(ctx, root->device);
             prof_add(t, "(gradient accumulation)", now_s() - t1);
         }
+        if (let_go && !e->keep_out_grads) release_entry(e);
     }
     /* work deferred for an exchange that never came (none is expected) */
     t->defer_on = 0;

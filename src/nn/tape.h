@@ -66,6 +66,26 @@ moe_tensor *moe_tape_grad_acc(moe_tape_entry *e, int i);
 moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *tape, moe_tensor *root, moe_tensor *grad_root);
 void moe_tape_retain_grads(moe_tape *tape, int on);
 
+/* Recompute (off by default): layers may give back outputs the backward
+ * reads but can make again, and recompute them there (remat.c); the bytes
+ * are the same, the activations' memory smaller. Bits:
+ * MOE_TAPE_RECOMPUTE_NORMS: the RMSNorms' outputs (the blocks' two norms, the
+ * QK-norms with their rotation, the final norm), from their inputs;
+ * MOE_TAPE_RECOMPUTE_QKV: the attention's q, k and v projections, a GEMM each
+ * from the (recomputed) norm's output. */
+enum { MOE_TAPE_RECOMPUTE_NONE = 0, MOE_TAPE_RECOMPUTE_NORMS = 1, MOE_TAPE_RECOMPUTE_QKV = 2 };
+void moe_tape_set_recompute(moe_tape *tape, int mode);
+/* One backward (off by default): the backward lets go of each entry's
+ * tensors once its backward has run, so the activations' memory shrinks as
+ * it goes instead of staying whole until moe_tape_reset; a second backward of
+ * the tape is then refused. No effect while retain_grads is set. */
+void moe_tape_set_one_backward(moe_tape *tape, int on);
+/* In a backward that lets go (one_backward): an entry's backward may then
+ * release (and set to NULL) saved tensors of its own once past their last
+ * use, before it allocates more. */
+int moe_tape_letting_go(const moe_tape *tape);
+int moe_tape_recompute(const moe_tape *tape);   /* 0 for a NULL tape */
+
 /* Backward profiling, by entry name ("linear", "experts", "attention", ...):
  * MOE_TAPE_PROFILE_HOST times each entry's backward on the host clock (the
  * time to queue its work on a GPU); MOE_TAPE_PROFILE_SYNC synchronises the
@@ -78,7 +98,8 @@ typedef struct { const char *name; int64_t calls; double seconds; } moe_tape_pro
 int moe_tape_profile(const moe_tape *tape, moe_tape_profile_row *rows, int max);
 /* Activation memory held by the tape, by entry name: each storage that an
  * entry's inputs, outputs or saved tensors reference counts once, for the
- * first entry (in forward order) that holds it. Storages listed in `skip`
+ * first entry (in forward order) that holds it; parked storages (given back
+ * until the backward recomputes them) hold none. Storages listed in `skip`
  * (the parameters' flat buffers: they live anyway) are left out. Rows sorted
  * by bytes, most first; returns the number of names (fills up to max). */
 typedef struct { const char *name; int64_t tensors; double bytes; } moe_tape_memory_row;

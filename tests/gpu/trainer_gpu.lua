@@ -7,6 +7,9 @@
 --      as they were, the adapters move, and the loss curve follows the CPU's.
 --   3. Out of memory inside a training step: a clear error, nothing changed,
 --      nothing leaked, and the same trainer trains on.
+--   4. recompute = "norms" and "norms_qkv" (bf16, the step in a CUDA graph
+--      where it captures): the same losses and parameters bit for bit as
+--      without, and a lower peak each.
 -- Prints TAP. Without a GPU: "1..0 # SKIP no CUDA device".
 --   build/cuda/moelab tests/gpu/trainer_gpu.lua
 local moe = require "moelab"
@@ -161,6 +164,46 @@ do
        (host(m.net:flat_parameters()) - params0):abs():max():item() > 0,
     "cuda: the same trainer trains on after the out-of-memory step",
     okrun2 and string.format("steps %d -> %d, last loss %.4f", steps0, tr.step, h[#h].loss) or tostring(res))
+end
+
+-- 4. the norms' outputs recomputed in the backward: the same bytes, less memory
+do
+  local core = require "moelab.core"
+  local function run(mode)
+    local m = moe.arch.OLMoE{vocab_size = 256, hidden_size = 256, num_layers = 2, num_heads = 4, num_experts = 8,
+                             experts_per_token = 2, expert_intermediate_size = 256, seed = 17, device = "cuda"}
+    local tr = moe.MoETrainer{model = m, progress = false, precision = "bf16", recompute = mode}
+    local function batch(i) return corpus:batch{batch_size = 8, seq_len = 256, seed = 2, step = i} end
+    local o = {batch_fn = batch, batch_size = 8, seq_len = 256, learning_rate = 1e-3, lr_schedule = "constant",
+               max_steps = 2}
+    tr:train(o)
+    moe.synchronize("cuda")
+    collectgarbage(); collectgarbage()
+    local in0 = core.cuda_memory_stats(0).in_use
+    core.cuda_reset_peak_memory(0)
+    o.max_steps = 5
+    local res = tr:train(o)
+    moe.synchronize("cuda")
+    local peak = core.cuda_memory_stats(0).peak - in0
+    local losses = {}
+    for i, r in ipairs(res.history or tr.history) do losses[i] = r.loss end
+    return losses, host(m.net:flat_parameters()), peak
+  end
+  local l0, p0, peak0 = run("none")
+  local prev = peak0
+  -- per layer the two norms' outputs and the rotated q and k (norms), then q, k and v
+  -- (norms_qkv): 4, then 3 more of 2048 x 256 bf16 (1 MB each)
+  for _, c in ipairs({{"norms", 4}, {"norms_qkv", 3}}) do
+    local l1, p1, peak1 = run(c[1])
+    local same = #l0 == 5 and #l1 == 5
+    for i = 1, 5 do same = same and l0[i] == l1[i] end
+    ok(same and (p1 - p0):abs():max():item() == 0,
+      "cuda bf16, recompute = \"" .. c[1] .. "\": the same losses and parameters bit for bit after 5 steps",
+      string.format("losses %s / %s", table.concat(l0, ", "), table.concat(l1, ", ")))
+    ok(peak1 <= prev - c[2] * 2 ^ 20, "cuda bf16, recompute = \"" .. c[1] .. "\": the step's peak is lower",
+      string.format("%.2f MB before, %.2f MB with", prev / 1e6, peak1 / 1e6))
+    prev = peak1
+  end
 end
 
 tap.done()
