@@ -141,7 +141,7 @@ extern "C" moe_status moe_cuda_backend_install(moe_ctx *ctx) {
     MOE_TRY(cuda_grouped_lanes_from_env(&lanes));
     int tma = -1, tma_cluster = 2;
     MOE_TRY(cuda_grouped_tma_from_env(&tma, &tma_cluster));
-    int tma_swiglu = 0;
+    int tma_swiglu = 1;   // the forward's epilogue (cuda_grouped_config.cu)
     MOE_TRY(cuda_tma_swiglu_from_env(&tma_swiglu));
     int n = moe_cuda_device_count();
     if (n == 0) return moe_error(MOE_ERR_DEVICE, "no CUDA device is visible (or the driver is missing)");

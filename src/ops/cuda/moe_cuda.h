@@ -120,7 +120,7 @@ moe_status moe_cuda_set_tma_cluster(moe_ctx *ctx, int device, int ctas);
 /* The TMA kernel's SwiGLU epilogues (the activation after up's GEMM, its
  * backward after dh's, in the kernel's own epilogue warps): mask bit 1 the
  * forward's, 2 the backward's; install sets it from MOELAB_TMA_SWIGLU (0,
- * fwd, bwd, all; default 0). tma_swiglu_calls: the launches with one. */
+ * fwd, bwd, all; default fwd). tma_swiglu_calls: the launches with one. */
 moe_status moe_cuda_set_tma_swiglu(moe_ctx *ctx, int device, int mask);
 moe_status moe_cuda_tma_swiglu_calls(moe_ctx *ctx, int device, uint64_t *calls);
 moe_status moe_cuda_grouped_tma_calls(moe_ctx *ctx, int device, uint64_t *calls);
