@@ -1,7 +1,8 @@
 -- Activation recompute (tape:set_recompute, src/nn/remat.c): with "norms" the
 -- RMSNorms' outputs (the blocks' two norms, the QK-norms with their rotation,
 -- the final norm) give their memory back after the forward and the backward
--- makes them again; with "norms_qkv" also the q, k and v projections. Against the same step without it: the same loss and the
+-- makes them again; with "norms_qkv" also the q, k and v projections (and
+-- without QK-norm q and k under either mode: nothing reads them again). Against the same step without it: the same loss and the
 -- same gradients bit for bit, less memory on the tape, the same training
 -- through the trainer, and bad modes refused. (tests/c/test_tape.c parks and
 -- recomputes single tensors.)
@@ -71,6 +72,24 @@ describe("activation recompute (tape:set_recompute)", function()
       assert.is_true(held1 - held2 >= 2 * 3 * per,
                      string.format("the tape held %d bytes with norms recomputed, %d with q, k and v too", held1, held2))
     end
+  end)
+
+  it("gives back q and k of a model without QK-norm at no cost (Mixtral)", function()
+    local function mixtral()
+      return moe.arch.Mixtral{vocab_size = 97, hidden_size = 32, num_layers = 2, num_heads = 4, num_kv_heads = 2,
+                              num_experts = 4, experts_per_token = 2, expert_intermediate_size = 16, seed = 4}
+    end
+    local m = mixtral()
+    m:train(true)
+    local cfg = {keep_logits = false, loss_grad = 1}
+    local l0, g0, held0 = step(m, "none", cfg)
+    local l1, g1, held1 = step(m, "norms", cfg)
+    assert.are.equal(l0, l1)
+    same_bits(g0, g1)
+    -- per layer the two norms' outputs, then q [2, 8, 32] and k [2, 8, 16] (two kv heads), f32
+    local per = 2 * 8 * 32 * 4
+    assert.is_true(held0 - held1 >= 2 * (2 * per + per + per / 2),
+                   string.format("the tape held %d bytes without recompute, %d with", held0, held1))
   end)
 
   it("is off by default and refuses unknown modes", function()

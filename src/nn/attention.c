@@ -125,9 +125,15 @@ static moe_status attention_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *t
         s = moe_rmsnorm_recompute_later(l->children[C_KN], ctx, tape, k, kn, st->cfg.n_kv_heads, st->cfg.rope_theta);
     /* and q, k (read by the QK-norms' backward and the recipes above) and v
      * (the core's backward): a GEMM each from x */
-    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_Q], ctx, tape, x, q);
-    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_K], ctx, tape, x, k);
-    if (s == MOE_OK) s = moe_linear_recompute_later(l->children[C_V], ctx, tape, x, v);
+    const int qkv = MOE_TAPE_RECOMPUTE_QKV;
+    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_Q], ctx, tape, x, q, qkv);
+    if (s == MOE_OK && fused) s = moe_linear_recompute_later(l->children[C_K], ctx, tape, x, k, qkv);
+    if (s == MOE_OK) s = moe_linear_recompute_later(l->children[C_V], ctx, tape, x, v, qkv);
+    /* without QK-norm the core keeps rotated copies of q and k, and nothing
+     * reads q and k again: given back under any recompute mode, at no cost */
+    const int any = MOE_TAPE_RECOMPUTE_NORMS | MOE_TAPE_RECOMPUTE_QKV;
+    if (s == MOE_OK && !st->cfg.qk_norm) s = moe_linear_recompute_later(l->children[C_Q], ctx, tape, x, q, any);
+    if (s == MOE_OK && !st->cfg.qk_norm) s = moe_linear_recompute_later(l->children[C_K], ctx, tape, x, k, any);
     if (s == MOE_OK && residual) s = moe_layer_forward_residual(l->children[C_O], ctx, tape, o, residual, y);
     else if (s == MOE_OK) s = moe_layer_forward(l->children[C_O], ctx, tape, o, y);
     moe_tensor_release(q); moe_tensor_release(k); moe_tensor_release(v);

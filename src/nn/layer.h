@@ -203,9 +203,11 @@ moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
  * (which the norm's tape entry keeps). A no-op otherwise. */
 moe_status moe_rmsnorm_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y,
                                        int64_t heads, float theta);
-/* The same for y = x W^T (+ b), the output of the plain Linear l over x
- * (MOE_TAPE_RECOMPUTE_QKV): the backward's first read runs its GEMM again. */
-moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y);
+/* The same for y = x W^T (+ b), the output of the plain Linear l over x,
+ * where the tape's recompute has one of the bits in `modes`: the backward's
+ * first read (if any) runs its GEMM again. */
+moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y,
+                                      int modes);
 moe_layer *moe_layernorm_new(moe_ctx *ctx, int64_t dim, float eps, int bias);
 /* An elementwise activation (MOE_UN_SILU, GELU, GELU_ERF, RELU, TANH, SIGMOID). */
 moe_layer *moe_activation_new(moe_unary_op op);

@@ -110,10 +110,10 @@ static moe_status linear_recompute(moe_ctx *ctx, moe_tensor *out, void *arg) {
     return s;
 }
 
-moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y) {
+moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *y,
+                                      int modes) {
     /* a plain Linear only: adapters (l->state) add to the base output */
-    if (!(moe_tape_recompute(tape) & MOE_TAPE_RECOMPUTE_QKV) || !l || l->state || strcmp(l->vt->kind, "Linear") ||
-        !x || !y)
+    if (!(moe_tape_recompute(tape) & modes) || !l || l->state || strcmp(l->vt->kind, "Linear") || !x || !y)
         return MOE_OK;
     return moe_remat_layer_output(ctx, y, linear_recompute, l, x, 0, 0.0f);
 }
