@@ -128,7 +128,7 @@ describe("activation recompute (tape:set_recompute)", function()
 end)
 
 describe("one backward a tape (tape:set_one_backward)", function()
-  it("gives the same gradients, lets go of everything it recorded, and refuses a second backward", function()
+  it("gives the same gradients, lets go of the activations, and refuses a second backward", function()
     local m = model()
     m:train(true)
     local l0, g0 = step(m, "none", {keep_logits = false, loss_grad = 1})
@@ -142,10 +142,12 @@ describe("one backward a tape (tape:set_one_backward)", function()
       local _, g = m.net:flat_parameters()
       assert.are.equal(l0, out.loss:item())
       same_bits(g0, g)
-      assert.are.equal(0, bytes(out.tape:memory()), recompute)
+      -- what stays is leaves only the tape holds (here a 4-byte scalar): their
+      -- gradient slots are keyed by their headers' addresses
+      assert.is_true(bytes(out.tape:memory()) <= 16, recompute)
       local ok, err = pcall(function() out.tape:backward(out.total_loss) end)
       assert.is_false(ok)
-      assert.truthy(tostring(err):find("this tape's backward has run and let go of what it recorded", 1, true),
+      assert.truthy(tostring(err):find("reset it and record the forward again", 1, true),
                     tostring(err))
       -- after a reset the tape records and runs a backward again
       out.tape:reset()

@@ -289,6 +289,7 @@ static moe_status forward_hidden(moe_layer *m, moe_ctx *ctx, moe_tape *tape, moe
             s = moe_rmsnorm_recompute_later(b->children[B_NORM2], ctx, tape, h, a, 0, 0.0f);
         moe_tensor_release(a);
         if (s == MOE_OK) { moe_tensor_release(h); h = h2; }
+        else moe_tensor_release(h2);   /* a sublayer's output when what followed it failed */
         if (s != MOE_OK) s = moe_error_context(s, "layer %d", i);
     }
     if (s == MOE_OK) s = moe_layer_forward(m->children[C_NORM], ctx, tape, h, out);
@@ -335,9 +336,10 @@ moe_status moe_model_forward_loss(moe_layer *m, moe_ctx *ctx, moe_tape *tape, mo
         /* without a promised upstream gradient the backward adds dW into the gradient: clear it first if pending */
         if (!(tape && loss_grad > 0)) s = moe_layer_settle_grads(ctx, head);
         if (s == MOE_OK) s = moe_f_linear_cross_entropy(ctx, tape, hn, moe_param_w(w), w->grad, targets, &o, loss);
-        /* the head's gradients were taken in its forward: nothing reads hn again
-         * unless the loss has no promised upstream gradient */
+        /* the head's gradients were taken in its forward (the backward only
+         * scales them): nothing reads hn again */
         if (s == MOE_OK) s = moe_rmsnorm_recompute_later(m->children[C_NORM], ctx, tape, pre, hn, 0, 0.0f);
+        if (s != MOE_OK) { moe_tensor_release(*loss); *loss = NULL; }
     } else if (s == MOE_OK) {
         moe_tensor *logits = NULL;
         s = moe_layer_forward(head, ctx, tape, hn, &logits);

@@ -112,13 +112,24 @@ void moe_tape_reset(moe_tape *t) {
     clear_grads(t);
 }
 
-/* an entry's references, let go of once its backward has run (one_backward) */
-static void release_entry(moe_tape_entry *e) {
-    for (int i = 0; i < e->n_in; i++) moe_tensor_release(e->in[i]);
+static grad_slot *find_slot(moe_tape *t, const moe_tensor *key, int insert);
+
+/* An entry's references, let go of once its backward has run (one_backward).
+ * An input held by nothing else that has a gradient (a leaf: no entry made
+ * it) stays until the reset: its gradient slot is keyed by its header's
+ * address, which a new tensor could otherwise take and be given its gradient. */
+static void release_entry(moe_tape *t, moe_tape_entry *e) {
+    int kept = 0;
+    for (int i = 0; i < e->n_in; i++) {
+        grad_slot *g = e->in[i]->refcount == 1 ? find_slot(t, e->in[i], 0) : NULL;
+        if (g && g->grad) e->in[kept++] = e->in[i];
+        else moe_tensor_release(e->in[i]);
+    }
     for (int i = 0; i < e->n_out; i++) moe_tensor_release(e->out[i]);
     for (int i = 0; i < e->n_saved; i++) moe_tensor_release(e->saved[i]);
     if (e->release_self) e->release_self(e->self);
-    e->n_in = e->n_out = e->n_saved = 0;
+    e->n_in = kept;
+    e->n_out = e->n_saved = 0;
     e->release_self = NULL;
 }
 
@@ -361,7 +372,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
     if (!root) return moe_error(MOE_ERR_ARG, "backward: root tensor is nil");
     if (t->spent)
         return moe_error(MOE_ERR_STATE, "backward: this tape's backward has run and let go of what it recorded "
-                         "(one backward a tape); record the forward again");
+                         "(one backward a tape); reset it and record the forward again");
     int produced = 0;
     for (int k = 0; k < t->n && !produced; k++)
         for (int j = 0; j < t->entries[k].n_out; j++)
@@ -405,7 +416,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             if (gout[j]) any = 1;
         }
         if (!any) {
-            if (let_go && !e->keep_out_grads) release_entry(e);
+            if (let_go && !e->keep_out_grads) release_entry(t, e);
             continue;
         }
         moe_tensor *gin[MOE_TAPE_MAX_IO] = {0};
@@ -438,7 +449,7 @@ moe_status moe_tape_backward(moe_ctx *ctx, moe_tape *t, moe_tensor *root, moe_te
             if (t->profile == MOE_TAPE_PROFILE_SYNC) device_sync(ctx, root->device);
             prof_add(t, "(gradient accumulation)", now_s() - t1);
         }
-        if (let_go && !e->keep_out_grads) release_entry(e);
+        if (let_go && !e->keep_out_grads) release_entry(t, e);
     }
     /* work deferred for an exchange that never came (none is expected) */
     t->defer_on = 0;

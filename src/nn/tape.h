@@ -78,7 +78,9 @@ void moe_tape_set_recompute(moe_tape *tape, int mode);
 /* One backward (off by default): the backward lets go of each entry's
  * tensors once its backward has run, so the activations' memory shrinks as
  * it goes instead of staying whole until moe_tape_reset; a second backward of
- * the tape is then refused. No effect while retain_grads is set. */
+ * the tape is then refused. Leaves that only the tape holds and that have a
+ * gradient stay until the reset (their slots are keyed by their headers'
+ * addresses). No effect while retain_grads is set. */
 void moe_tape_set_one_backward(moe_tape *tape, int on);
 /* In a backward that lets go (one_backward): an entry's backward may then
  * release (and set to NULL) saved tensors of its own once past their last

@@ -4,7 +4,10 @@
  * failing recipe reports its error and leaves the tensor parked for another
  * try; a tensor that is not the whole of an allocator's storage is not parked
  * (its argument freed at once); a storage released while parked frees the
- * recipe; the tape's memory count leaves parked storages out. Prints TAP. */
+ * recipe; the tape's memory count leaves parked storages out; a one-backward
+ * tape keeps the leaves only it holds, so no new tensor inherits a leaf's
+ * gradient by taking its header's address. Prints TAP. */
+#include "../../src/nn/functional.h"
 #include "../../src/nn/layer.h"
 #include "../../src/ops/backend.h"
 #include "../../src/ops/ops.h"
@@ -115,6 +118,37 @@ int main(void) {
     moe_tape_set_recompute(tape, MOE_TAPE_RECOMPUTE_NORMS);
     report(moe_tape_recompute(tape) == MOE_TAPE_RECOMPUTE_NORMS, "set_recompute", "mode %d", moe_tape_recompute(tape));
     moe_tape_free(tape);
+
+    /* one backward a tape: leaves held only by the tape keep their headers */
+    moe_tape *ob = moe_tape_new();
+    moe_tape_set_one_backward(ob, 1);
+    moe_tensor *acc = NULL;
+    s = MOE_OK;
+    for (int i = 0; i < 40 && s == MOE_OK; i++) {
+        moe_tensor *leaf = new2(2, 2), *next = NULL;
+        moe_op_fill(ctx, leaf, 1.0);
+        s = acc ? moe_f_binary(ctx, ob, MOE_BIN_ADD, acc, leaf, &next) : moe_f_unary(ctx, ob, MOE_UN_SCALE, leaf, 2.0f, &next);
+        moe_tensor_release(leaf);   /* the tape holds it now */
+        moe_tensor_release(acc);
+        acc = next;
+    }
+    moe_tensor *ones = new2(2, 2);
+    moe_op_fill(ctx, ones, 1.0);
+    if (s == MOE_OK) s = moe_tape_backward(ctx, ob, acc, ones);
+    int inherited = 0;
+    moe_tensor *fresh[64];
+    for (int i = 0; i < 64; i++) {
+        fresh[i] = new2(2, 2);
+        if (moe_tape_grad(ob, fresh[i])) inherited++;
+    }
+    report(s == MOE_OK && inherited == 0, "one backward: no new tensor inherits a leaf's gradient",
+           "status %d, %d of 64 new tensors have a gradient", (int)s, inherited);
+    s = moe_tape_backward(ctx, ob, acc, ones);
+    report(s != MOE_OK && strstr(moe_last_error(), "reset it and record the forward again"),
+           "one backward: a second backward is refused", "%s", moe_last_error());
+    for (int i = 0; i < 64; i++) moe_tensor_release(fresh[i]);
+    moe_tensor_release(ones); moe_tensor_release(acc);
+    moe_tape_free(ob);
 
     moe_tensor_release(t); moe_tensor_release(u); moe_tensor_release(sum); moe_tensor_release(w);
     moe_tensor_release(big); moe_tensor_release(part); moe_tensor_release(y);
