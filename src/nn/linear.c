@@ -43,6 +43,13 @@ static moe_status linear_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *c
     return MOE_OK;
 }
 
+/* y = x W^T (+ b) over row views, added to beta * y (the forward and its recompute both run this) */
+static moe_status gemm_bias(moe_ctx *ctx, moe_tensor *xrows, moe_tensor *w, moe_tensor *b, float beta,
+                            moe_tensor *yrows) {
+    MOE_TRY(moe_op_gemm(ctx, 0, 1, 1.0f, xrows, w, beta, yrows));
+    return b ? moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, b) : MOE_OK;
+}
+
 moe_status moe_f_linear(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tensor *w, moe_tensor *wgrad,
                         moe_tensor *b, moe_tensor *bgrad, moe_tensor **y) {
     return moe_f_linear_add(ctx, tape, x, w, wgrad, b, bgrad, NULL, y);
@@ -75,8 +82,7 @@ moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_ten
     /* with a residual: y = residual, then the GEMM adds x W^T to it (beta 1):
      * one rounding of the sum and no separate [rows, out] product to keep */
     if (s == MOE_OK && residual) s = moe_op_copy(ctx, yt, residual);
-    if (s == MOE_OK) s = moe_op_gemm(ctx, 0, 1, 1.0f, xrows, w, residual ? 1.0f : 0.0f, yrows);
-    if (s == MOE_OK && b) s = moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, b);
+    if (s == MOE_OK) s = gemm_bias(ctx, xrows, w, b, residual ? 1.0f : 0.0f, yrows);
     if (s == MOE_OK && tape) {
         moe_tensor *in[2] = {x, residual};
         moe_tape_entry *e = moe_tape_record(tape, "linear", linear_backward, NULL, NULL, NULL, residual ? 2 : 1, in, 1, &yt);
@@ -95,17 +101,19 @@ moe_status moe_f_linear_add(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_ten
     return MOE_OK;
 }
 
+/* LoRA adapters (lora.c) append parameters after the weight and bias. */
+static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->params[1].name, "bias"); }
+
 /* ---- the output again in the backward (moe_tape_recompute) ---- */
 
 /* the forward's ops again (moe_f_linear_add without a residual), into out */
 static moe_status linear_recompute(moe_ctx *ctx, moe_tensor *out, void *arg) {
     moe_remat_layer_arg *r = arg;
-    moe_param *b = r->l->n_params > 1 && !strcmp(r->l->params[1].name, "bias") ? &r->l->params[1] : NULL;
+    moe_tensor *b = has_bias(r->l) ? moe_param_w(&r->l->params[1]) : NULL;
     moe_tensor *xc = moe_op_contiguous(ctx, r->x);
     moe_tensor *xrows = xc ? moe_rows_view(xc) : NULL, *yrows = moe_rows_view(out);
-    moe_status s = xrows && yrows ? moe_op_gemm(ctx, 0, 1, 1.0f, xrows, moe_param_w(&r->l->params[0]), 0.0f, yrows)
+    moe_status s = xrows && yrows ? gemm_bias(ctx, xrows, moe_param_w(&r->l->params[0]), b, 0.0f, yrows)
                                   : moe_last_status();
-    if (s == MOE_OK && b) s = moe_op_binary(ctx, MOE_BIN_ADD, yrows, yrows, moe_param_w(b));
     moe_tensor_release(xc); moe_tensor_release(xrows); moe_tensor_release(yrows);
     return s;
 }
@@ -117,9 +125,6 @@ moe_status moe_linear_recompute_later(moe_layer *l, moe_ctx *ctx, moe_tape *tape
         return MOE_OK;
     return moe_remat_layer_output(ctx, y, linear_recompute, l, x, 0, 0.0f);
 }
-
-/* LoRA adapters (lora.c) append parameters after the weight and bias. */
-static int has_bias(const moe_layer *l) { return l->n_params > 1 && !strcmp(l->params[1].name, "bias"); }
 
 /* The backward adds into the weight's gradient (beta 1): one left pending zero
  * (the LM head's, model.c) is cleared before a forward that records. */

@@ -46,18 +46,24 @@ static moe_status rmsnorm_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *
     return MOE_OK;
 }
 
+/* the norm's op into out and rstd: heads 0 the plain norm, else rope per
+ * head follows in the same op (the forward and its recompute both run this) */
+static moe_status rms_apply(moe_ctx *ctx, moe_layer *l, moe_tensor *out, moe_tensor *rstd, moe_tensor *xc,
+                            int64_t heads, float theta) {
+    const float eps = ((norm_state *)l->state)->eps;
+    moe_tensor *w = moe_param_w(&l->params[0]);
+    return heads ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, w, eps, heads, 0, theta)
+                 : moe_op_rmsnorm(ctx, out, rstd, xc, w, eps);
+}
+
 /* heads 0: the plain norm; else rope per head follows, in one op */
 static moe_status rms_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, moe_tensor *x, int64_t heads, float theta,
                               moe_tensor **y) {
-    norm_state *st = l->state;
     MOE_TRY(check_dim(l, x));
     moe_tensor *xc = moe_op_contiguous(ctx, x);
     moe_tensor *out = xc ? moe_tensor_like(ctx, xc) : NULL;
     moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_tensor *w = moe_param_w(&l->params[0]);
-    moe_status s = !out || !rstd ? moe_last_status()
-                   : heads ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, w, st->eps, heads, 0, theta)
-                           : moe_op_rmsnorm(ctx, out, rstd, xc, w, st->eps);
+    moe_status s = !out || !rstd ? moe_last_status() : rms_apply(ctx, l, out, rstd, xc, heads, theta);
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, heads ? "rmsnorm_rope" : "rmsnorm", rmsnorm_backward, l,
                                             moe_layer_retain_v, moe_layer_release_v, 1, &x, 1, &out);
@@ -94,13 +100,9 @@ moe_status moe_rmsnorm_rope_forward(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
  * forward's); i: the heads of rmsnorm_rope (0: the plain norm), f: theta */
 static moe_status rms_recompute(moe_ctx *ctx, moe_tensor *out, void *arg) {
     moe_remat_layer_arg *r = arg;
-    norm_state *st = r->l->state;
     moe_tensor *xc = moe_op_contiguous(ctx, r->x);
     moe_tensor *rstd = xc ? new_stats(ctx, xc) : NULL;
-    moe_tensor *w = moe_param_w(&r->l->params[0]);
-    moe_status s = !rstd ? moe_last_status()
-                   : r->i ? moe_op_rmsnorm_rope(ctx, out, rstd, xc, w, st->eps, r->i, 0, r->f)
-                          : moe_op_rmsnorm(ctx, out, rstd, xc, w, st->eps);
+    moe_status s = !rstd ? moe_last_status() : rms_apply(ctx, r->l, out, rstd, xc, r->i, r->f);
     moe_tensor_release(xc);
     moe_tensor_release(rstd);
     return s;

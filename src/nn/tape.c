@@ -97,31 +97,27 @@ moe_status moe_tape_defer(moe_ctx *ctx, moe_tape *t, moe_tape_deferred_fn run, v
     return moe_tape_defer_writing(ctx, t, run, free_arg, arg, NULL, 0);
 }
 
+static void release_entry(moe_tape *t, moe_tape_entry *e);
+static grad_slot *find_slot(moe_tape *t, const moe_tensor *key, int insert);
+
 void moe_tape_reset(moe_tape *t) {
     moe_tape_run_deferred(NULL, t);   /* frees without running */
     t->defer_on = 0;
-    for (int k = 0; k < t->n; k++) {
-        moe_tape_entry *e = &t->entries[k];
-        for (int i = 0; i < e->n_in; i++) moe_tensor_release(e->in[i]);
-        for (int i = 0; i < e->n_out; i++) moe_tensor_release(e->out[i]);
-        for (int i = 0; i < e->n_saved; i++) moe_tensor_release(e->saved[i]);
-        if (e->release_self) e->release_self(e->self);
-    }
+    for (int k = 0; k < t->n; k++) release_entry(NULL, &t->entries[k]);
     t->n = 0;
     t->spent = 0;
     clear_grads(t);
 }
 
-static grad_slot *find_slot(moe_tape *t, const moe_tensor *key, int insert);
-
-/* An entry's references, let go of once its backward has run (one_backward).
- * An input held by nothing else that has a gradient (a leaf: no entry made
- * it) stays until the reset: its gradient slot is keyed by its header's
- * address, which a new tensor could otherwise take and be given its gradient. */
+/* An entry's references: all of them (t NULL: the reset), or once its
+ * backward has run (one_backward, t the tape). Then an input held by nothing
+ * else that has a gradient (a leaf: no entry made it) stays until the reset:
+ * its gradient slot is keyed by its header's address, which a new tensor
+ * could otherwise take and be given its gradient. */
 static void release_entry(moe_tape *t, moe_tape_entry *e) {
     int kept = 0;
     for (int i = 0; i < e->n_in; i++) {
-        grad_slot *g = e->in[i]->refcount == 1 ? find_slot(t, e->in[i], 0) : NULL;
+        grad_slot *g = t && e->in[i]->refcount == 1 ? find_slot(t, e->in[i], 0) : NULL;
         if (g && g->grad) e->in[kept++] = e->in[i];
         else moe_tensor_release(e->in[i]);
     }
