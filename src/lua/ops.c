@@ -383,16 +383,19 @@ static int o_scatter_add(lua_State *L) {
     return 1;
 }
 
+/* index_select(x, index[, slots [N, k] i32]): with the router's slot map a
+ * device may write the rows by token (ops.h index_select_slots) */
 static int o_index_select(lua_State *L) {
     const char *fn = "ops.index_select";
     moe_tensor *x = T(1, fn, "x"), *index = T(2, fn, "index");
+    moe_tensor *slots = moe_lua_opt_tensor_f(L, 3, fn, "slots");
     need_dims(L, x, 1, MOE_MAX_DIMS, fn, "x");
     need_dims(L, index, 1, 1, fn, "index");
     int64_t shape[MOE_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[0] = index->shape[0];
     moe_tensor *out = new_out(L, x, x->ndim, shape, fn);
-    moe_lua_check(L, moe_op_index_select(moe_lua_ctx(L), out, x, index), fn);
+    moe_lua_check(L, moe_op_index_select_slots(moe_lua_ctx(L), out, x, index, slots), fn);
     return 1;
 }
 

@@ -52,13 +52,13 @@ moe_status moe_f_dispatch(moe_ctx *ctx, moe_tape *tape, moe_tensor *x, moe_tenso
     int64_t shape[2] = {token_idx->shape[0], x->shape[1]};
     moe_tensor *out = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
     if (!out) return moe_last_status();
-    moe_status s = moe_op_index_select(ctx, out, x, token_idx);
+    moe_tensor *sl = usable_slots(slots, x->ndim == 2 ? x->shape[0] : -1);
+    moe_status s = moe_op_index_select_slots(ctx, out, x, token_idx, sl);   /* by token where the device can */
     if (s == MOE_OK && tape) {
         moe_tape_entry *e = moe_tape_record(tape, "dispatch", dispatch_backward, NULL, NULL, NULL, 1, &x, 1, &out);
         if (!e) s = moe_last_status();
         else {
             moe_tape_save(e, token_idx);
-            moe_tensor *sl = usable_slots(slots, x->ndim == 2 ? x->shape[0] : -1);
             if (sl) moe_tape_save(e, sl);
         }
     }

@@ -197,6 +197,11 @@ typedef struct moe_backend {
     /* moe_op_master_split / moe_op_master_join (ops.h), arguments checked */
     moe_status (*master_split)(moe_ctx *, moe_tensor *hi, moe_tensor *lo, const moe_tensor *src);
     moe_status (*master_join)(moe_ctx *, moe_tensor *dst, const moe_tensor *hi, const moe_tensor *lo);
+    /* moe_op_index_select_slots (ops.h), arguments checked (x 2-dim, slots
+     * [x rows, k] i32); optional: NULL, or *served = 0 with MOE_OK, makes the
+     * ops layer run index_select */
+    moe_status (*index_select_slots)(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *slots,
+                                     int *served);
 } moe_backend;
 
 

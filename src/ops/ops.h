@@ -496,6 +496,17 @@ moe_status moe_op_combine_backward_slots(moe_ctx *ctx, moe_tensor *dsrc, moe_ten
                                          const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
                                          const moe_tensor *slots);
 
+/* moe_op_index_select(out, x, index) given the assignments by token as well:
+ * slots [N, k] i32 over x's N rows (slots[t, q] = a with index[a] = t, or -1;
+ * every a once, as the router makes them); x [N, H]. The same bytes. A device
+ * backend may then read each row of x once and write it to its k rows (the
+ * MoE dispatch; the CUDA one does, for a map the router marked
+ * (moe_tensor_slot_map_trusted(slots, M)) and rows of whole 16-byte words:
+ * read in index order at the OLMoE layer, x's 64 MB rows are fetched k times
+ * from memory). slots NULL: as index_select. */
+moe_status moe_op_index_select_slots(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, const moe_tensor *index,
+                                     const moe_tensor *slots);
+
 /* ---- Expert-parallel routing maps (ops_moe.c) ----
  * Expert parallelism over P ranks sends each token once to every rank that
  * owns one of its kept choices (group d = expert / group_size, the experts of

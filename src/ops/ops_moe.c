@@ -121,6 +121,32 @@ moe_status moe_op_combine_backward_slots(moe_ctx *ctx, moe_tensor *dsrc, moe_ten
     return s;
 }
 
+moe_status moe_op_index_select_slots(moe_ctx *ctx, moe_tensor *out, const moe_tensor *x, const moe_tensor *index,
+                                     const moe_tensor *slots) {
+    static const char *op = "index_select_slots";
+    if (slots && x && out && index) {
+        ops_arg f[] = {{"out", out}, {"x", x}}, ix[] = {{"index", index}};
+        MOE_TRY(ops_check(op, f, 2, ix, 1));
+        MOE_TRY(ops_out(op, "out", out));
+        MOE_TRY(check_2d(op, "x", x));
+        MOE_TRY(check_slots(op, slots, x->shape[0], out->device));
+        const moe_backend *be;
+        MOE_TRY(ops_backend(ctx, op, out->device, &be));
+        if (be->index_select_slots && out->ndim == 2 && out->shape[0] == index->shape[0] && out->shape[1] == x->shape[1] &&
+            index->ndim == 1 && moe_tensor_numel(out) > 0) {
+            moe_tensor *xc = NULL, *sc = NULL;
+            int served = 0;
+            moe_status s = ops_contig(ctx, x, &xc);
+            if (s == MOE_OK) s = ops_contig(ctx, slots, &sc);
+            if (s == MOE_OK) s = be->index_select_slots(ctx, out, xc, sc, &served);
+            moe_tensor_release(xc);
+            moe_tensor_release(sc);
+            if (s != MOE_OK || served) return s;
+        }
+    }
+    return moe_op_index_select(ctx, out, x, index);
+}
+
 /* ---- expert-parallel routing maps ---- */
 
 /* i32 slots [rows, any] on dev (rows < 0: any) */

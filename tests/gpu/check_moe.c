@@ -210,6 +210,36 @@ static void test_combine_backward(moe_dtype dt, int64_t n, int64_t k, int64_t e,
     free_routing(&r);
 }
 
+/* ---- index_select given the slots (the dispatch by token) ---- */
+
+/* The rows of index_select on the CPU (a copy: the same bytes), written by
+ * token from a marked slot map (output poisoned first, so a row left out
+ * shows), and by row from an unmarked one */
+static void test_select_by_token(moe_dtype dt, int64_t n, int64_t k, int64_t e, int64_t h, int drop_pct) {
+    routing r = make_routing(n, k, e, drop_pct);
+    char name[160];
+    snprintf(name, sizeof name, "index_select given the slots %s N=%lld k=%lld H=%lld A=%lld", moe_dtype_name(dt),
+             (long long)n, (long long)k, (long long)h, (long long)r.a);
+    pair x = in_randn(dt, SH(n, h)), out = out_pair(dt, SH(r.a, h));
+    if (RUN(name, dt, moe_op_index_select(ctx, out.h, x.h, r.tok_h), moe_op_index_select(ctx, out.d, x.d, r.tok_d))) {
+        moe_tensor *sl = moe_op_to(ctx, r.slots_h, GPU, MOE_I32), *o2 = moe_tensor_new(ctx, dt, 2, out.d->shape, GPU);
+        die_if(!sl || !o2, "by-token tensors");
+        moe_tensor_set_index_bound(sl, r.a);
+        moe_tensor_mark_slot_map(sl);
+        for (int marked = 1; marked >= 0; marked--) {
+            die_if(moe_op_fill(ctx, o2, NAN) != MOE_OK, "poison");
+            moe_status s = moe_op_index_select_slots(ctx, o2, x.d, r.tok_d, marked ? sl : r.slots_d);
+            moe_tensor *hb = host_in(out.h, dt);
+            ok(s == MOE_OK && same_bytes(o2, hb) && same_bytes(o2, out.d), "%s: %s, the bytes of index_select", name,
+               marked ? "a marked slot map (by token)" : "uploaded slots (no mark, by row)");
+            moe_tensor_release(hb);
+        }
+        moe_tensor_release(sl); moe_tensor_release(o2);
+    }
+    pfree(&x); pfree(&out);
+    free_routing(&r);
+}
+
 /* ---- determinism ---- */
 
 static void test_determinism(moe_dtype dt, int64_t n, int64_t k, int64_t h) {
@@ -573,6 +603,13 @@ static void time_case(int64_t n, int64_t h, int64_t k, int64_t e) {
     TIME_US(reps, moe_op_gather_sum(ctx, y, src, NULL, r.slots_d), us);
     printf("# gather_sum no w (dispatch bwd) N=%lld H=%lld k=%lld bf16: %8.1f us, %7.1f GB/s\n", (long long)n,
            (long long)h, (long long)k, us, (rows + toks) / (us * 1e3));
+    TIME_US(reps, moe_op_index_select(ctx, dsrc, dy, r.tok_d), us);
+    printf("# index_select (dispatch, by row)   N=%lld H=%lld k=%lld bf16: %8.1f us, %7.1f GB/s (reads and writes A*H)\n",
+           (long long)n, (long long)h, (long long)k, us, 2.0 * rows / (us * 1e3));
+    moe_tensor_mark_slot_map(r.slots_d);
+    TIME_US(reps, moe_op_index_select_slots(ctx, dsrc, dy, r.tok_d, r.slots_d), us);
+    printf("# index_select (dispatch, by token) N=%lld H=%lld k=%lld bf16: %8.1f us, %7.1f GB/s (reads N*H, writes A*H)\n",
+           (long long)n, (long long)h, (long long)k, us, (rows + toks) / (us * 1e3));
     TIME_US(reps, moe_op_combine_backward(ctx, dsrc, dw, dy, src, w, r.tok_d), us);
     printf("# combine_backward          N=%lld H=%lld k=%lld bf16: %8.1f us, %7.1f GB/s (reads 2*A*H + writes A*H)\n",
            (long long)n, (long long)h, (long long)k, us, 3.0 * rows / (us * 1e3));
@@ -642,6 +679,11 @@ int main(void) {
         test_combine_backward(dt, 257, 4, 32, 1024, 25, 0);   /* no dw */
         test_combine_backward(dt, 90, 10, 16, 520, 20, 1);    /* k past one batch of 8 (by token) */
         test_combine_backward(dt, 33, 16, 32, 2048, 0, 1);
+        test_select_by_token(dt, 300, 8, 64, 2048, 0);    /* the OLMoE layer's rows */
+        test_select_by_token(dt, 257, 4, 32, 1024, 25);   /* drops: tokens with 0..k rows */
+        test_select_by_token(dt, 129, 2, 8, 1001, 30);    /* rows not whole 16-byte words: by row */
+        test_select_by_token(dt, 1, 4, 4, 64, 0);
+        test_select_by_token(dt, 90, 10, 16, 520, 20);
     }
     test_determinism(MOE_BF16, 2048, 4, 2048);
     test_determinism(MOE_F32, 1000, 8, 1000);

@@ -73,6 +73,7 @@ static const moe_backend cuda_backend = {
     /* adamw_advance */ cuda_adamw_advance,
     /* master_split */ cuda_master_split,
     /* master_join */ cuda_master_join,
+    /* index_select_slots */ cuda_index_select_slots,
 };
 
 extern "C" int moe_cuda_device_count(void) {

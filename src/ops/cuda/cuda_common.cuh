@@ -229,6 +229,11 @@ moe_status cuda_swiglu_backward_h(moe_ctx *, moe_tensor *dgate, moe_tensor *dup,
                                   const moe_tensor *gate, const moe_tensor *up);   // h (optional): silu(gate) * up too
 moe_status cuda_swiglu_backward(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
                                 const moe_tensor *gate, const moe_tensor *up);
+// the weighted backward's row pass after the GEMM dh = dy W (ops.h gemm_grouped_swiglu_backward_w);
+// *served 0 where its dtypes or alignment do not fit
+moe_status cuda_swiglu_backward_w_rows(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, moe_tensor *hw, moe_tensor *dw,
+                                       const moe_tensor *dh, const moe_tensor *gate, const moe_tensor *up,
+                                       const moe_tensor *rw, int *served);
 moe_status cuda_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
                               const moe_tensor *targets, int64_t ignore_index);
 moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,
@@ -283,6 +288,8 @@ moe_status cuda_gather_sum(moe_ctx *, moe_tensor *y, const moe_tensor *base, con
 moe_status cuda_combine_backward(moe_ctx *, moe_tensor *dsrc, moe_tensor *dw, const moe_tensor *dy,
                                  const moe_tensor *src, const moe_tensor *w, const moe_tensor *token_idx,
                                  const moe_tensor *slots);
+moe_status cuda_index_select_slots(moe_ctx *, moe_tensor *out, const moe_tensor *x, const moe_tensor *slots,
+                                   int *served);
 // cuda_ep.cu
 moe_status cuda_ep_token_slots(moe_ctx *, moe_tensor *tslots, moe_tensor *counts, const moe_tensor *slots,
                                const moe_tensor *expert_idx, int64_t group_size);
