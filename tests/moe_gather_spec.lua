@@ -101,6 +101,18 @@ describe("gather_sum and combine_backward (cpu)", function()
     assert.are.equal(0, max_diff(w1, w2))
   end)
 
+  it("index_select given the slot map: the rows of index_select", function()
+    local x = moe.randn({N, H}, {seed = 4})
+    assert.are.equal(0, max_diff(moe.ops.index_select(x, tok, slots), moe.ops.index_select(x, tok)))
+    local ok, msg = pcall(moe.ops.index_select, x, tok, moe.tensor({{0}}, {dtype = "i32"}))
+    assert.is_false(ok)
+    assert.is_truthy(tostring(msg):find("index_select_slots: slots has shape [1, 1], expected [" .. N .. ", k]", 1, true),
+      tostring(msg))
+    ok, msg = pcall(moe.ops.index_select, moe.randn({N, 2, H}), tok, slots)
+    assert.is_false(ok)
+    assert.is_truthy(tostring(msg):find("index_select_slots: x has shape", 1, true), tostring(msg))
+  end)
+
   it("reports bad indices, dtypes and shapes", function()
     local function err(f, pat)
       local ok, msg = pcall(f)
@@ -180,4 +192,61 @@ describe("MoE block: gather path against the index_add fallback", function()
     gc.check("capacity top-2 d/dx", x, dx, loss, go)
     for _, p in ipairs(m:parameters()) do gc.check("capacity top-2 d/d" .. p.name, p.value, grads[p.name], loss, go) end
   end)
+end)
+
+-- MOELAB_MOE_FOLD=1: the combine folded into experts that keep their gathered
+-- rows (the GPU's default where its GEMMs cannot gather the rows in their
+-- loads) against the default CPU fold over token rows (set_keep_expert_rows(false)):
+-- the same ops on the same rows, so the same bits; the tape holds the rows
+-- in the experts' entry instead of a dispatch entry
+describe("MoE block: the combine folded into experts that keep their rows", function()
+  local function run(o, fold, residual)
+    local m = moe.nn.MoE(o)
+    m:set_keep_expert_rows(false)
+    local x = moe.randn({2, 8, 6}, {seed = 3})
+    local r = moe.randn({2, 8, 6}, {seed = 9})
+    local up = moe.randn({2, 8, 6}, {seed = 5})
+    if fold then ffi.C.setenv("MOELAB_MOE_FOLD", fold, 1) end
+    local ok, res = pcall(function()
+      m:zero_grad()
+      local tape = moe.Tape()
+      local y = residual and m:forward_residual(x, r, tape) or m:forward(x, tape)
+      local kinds, held = {}, 0
+      for _, e in ipairs(tape:memory()) do
+        kinds[e.name] = true
+        if e.name == "experts" then held = held + e.bytes end
+      end
+      tape:backward(tape:add(tape:sum(tape:mul(y, up)), tape:scale(m:aux_loss(), 0.3)))
+      local out = {y = y:clone(), dx = tape:grad(x):clone(), kinds = kinds, held = held}
+      if residual then out.dr = tape:grad(r):clone() end
+      for _, p in ipairs(m:parameters()) do out[p.name] = p.grad:clone() end
+      return out
+    end)
+    ffi.C.unsetenv("MOELAB_MOE_FOLD")
+    assert(ok, res)
+    return res, m
+  end
+  for _, case in ipairs{{"top-2", {}}, {"top-2 with capacity drops", {capacity_factor = 0.6}},
+                        {"top-3 sigmoid, renormalized", {experts_per_token = 3, router_score = "sigmoid"}}} do
+    for _, residual in ipairs{false, true} do
+      it(case[1] .. (residual and ", the residual added in the combine" or ""), function()
+        local o = {hidden_size = 6, num_experts = 4, experts_per_token = 2, expert_intermediate_size = 5, seed = 11}
+        for k, v in pairs(case[2]) do o[k] = v end
+        local a, m = run(o, nil, residual)
+        local b = run(o, "1", residual)
+        assert.are.equal(0, max_diff(a.y, b.y))
+        assert.are.equal(0, max_diff(a.dx, b.dx))
+        if residual then assert.are.equal(0, max_diff(a.dr, b.dr)) end
+        for _, p in ipairs(m:parameters()) do assert.are.equal(0, max_diff(a[p.name], b[p.name]), p.name) end
+        assert.is_nil(a.kinds.dispatch)
+        assert.is_nil(b.kinds.dispatch)
+        assert.is_nil(b.kinds.combine)
+        -- the kept rows: N k rows of 6 f32 (fewer where capacity drops them)
+        assert.is_true(b.held >= a.held + 4 * 6 * 16, b.held .. " against " .. a.held)
+        -- MOELAB_MOE_FOLD=0 changes nothing here (the rows are not kept)
+        local c = run(o, "0", residual)
+        assert.are.equal(0, max_diff(a.dx, c.dx))
+      end)
+    end
+  end
 end)

@@ -109,21 +109,25 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
      * (saved[0] is token_idx, saved[5] the slot map), and their gradient
      * summed back into the token rows below */
     const int tokens = (int)e->i[2];
+    moe_tensor *kept = tokens && e->n_saved > 6 ? e->saved[6] : NULL;   /* moe_bank_tokens.keep_rows */
     moe_tensor *xp = tokens ? NULL : e->saved[0], *g = e->saved[2], *u = e->saved[3];
     const moe_lora *lo = moe_expert_bank_lora(l);
     /* before anything is gathered or allocated: the adapters must be the forward's */
     if ((lo ? lo->id : 0) != e->i[0])
         return moe_error(MOE_ERR_STATE, "experts: LoRA adapters were attached, merged or removed between forward and backward");
     /* fused SwiGLU without adapters: the weight gradients gather the rows themselves */
-    moe_tensor *rows = tokens && sw && !lo ? e->saved[0] : NULL;
+    moe_tensor *rows = tokens && sw && !lo && !kept ? e->saved[0] : NULL;
     if (rows) {
         xp = e->in[0];
+        moe_tensor_retain(xp);
+    } else if (kept) {
+        xp = kept;
         moe_tensor_retain(xp);
     } else if (tokens) {
         moe_tensor *tok = e->saved[0], *x = e->in[0];
         int64_t shape[2] = {tok->shape[0], x->shape[1]};
         xp = moe_tensor_new(ctx, x->dtype, 2, shape, x->device);
-        moe_status sx = xp ? moe_op_index_select(ctx, xp, x, tok) : moe_last_status();
+        moe_status sx = xp ? moe_op_index_select_slots(ctx, xp, x, tok, e->saved[5]) : moe_last_status();
         if (sx != MOE_OK) { moe_tensor_release(xp); return sx; }
     } else {
         moe_tensor_retain(xp);
@@ -150,7 +154,8 @@ static moe_status bank_backward(moe_ctx *ctx, moe_tape_entry *e, moe_tensor *con
     if (dy && combined) {
         int64_t ds[2] = {u->shape[0], dy->shape[1]};
         moe_tensor *dyu = moe_tensor_new(ctx, dy->dtype, 2, ds, dy->device);
-        moe_status sg = dyu ? moe_op_index_select(ctx, dyu, dy, e->saved[0]) : moe_last_status();
+        /* by token where the device can: each row of dy read once for its k rows */
+        moe_status sg = dyu ? moe_op_index_select_slots(ctx, dyu, dy, e->saved[0], e->saved[5]) : moe_last_status();
         moe_tensor_release(dy);
         dy = sg == MOE_OK ? dyu : NULL;
         if (sg != MOE_OK) moe_tensor_release(dyu);
@@ -303,6 +308,7 @@ static moe_status bank_forward_rows(moe_layer *l, moe_ctx *ctx, moe_tape *tape, 
             const int again = sw && !lo;
             moe_tape_save(e, again ? u : h);   /* u: a placeholder, saved[5] is the slot map's place */
             if (tok) moe_tape_save(e, tok->slots);
+            if (tok && tok->keep_rows && xp) moe_tape_save(e, xp);   /* saved[6]: the rows, not gathered again */
             e->i[0] = lo ? lo->id : 0;   /* the adapters this forward used */
             e->i[1] = again;
             e->i[2] = tok != NULL;
@@ -349,6 +355,7 @@ moe_status moe_expert_bank_forward_tokens(moe_layer *l, moe_ctx *ctx, moe_tape *
                                           moe_tensor *offsets_dev, int groups, moe_tensor **yp) {
     if (!tok || !tok->x || !tok->token_idx || !tok->slots)
         return moe_error(MOE_ERR_ARG, "experts: token rows need x, token_idx and slots");
+    if (tok->keep_rows && !xp) return moe_error(MOE_ERR_ARG, "experts: keep_rows needs the gathered rows xp");
     if (tok->w && !moe_expert_bank_gathers(l))
         return moe_error(MOE_ERR_ARG, "experts: the combine folds into SwiGLU experts without adapters only");
     if (offsets_dev && (offsets_dev->dtype != MOE_I64 || offsets_dev->ndim != 1 || offsets_dev->shape[0] != groups + 1))

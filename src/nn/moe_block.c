@@ -308,43 +308,55 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
          * not, and MOELAB_MOE_GATHER=0 refuses it); by default also GEMMs that
          * gather in their loads at these row counts */
         const int64_t na = r.token_idx ? r.token_idx->shape[0] : 0;
-        const int tok_rows =
+        int tok_rows =
             token_rows && moe_dispatch_slots_usable(r.slots, n) &&
             (st->keep_rows == 0 || moe_op_gemm_grouped_rows_fuses(ctx, xr->device, xr->dtype, c->hidden,
                                                                  moe_expert_bank_inner(bank0), na, r.offsets,
                                                                  (int)c->router.num_experts));
+        /* The combine folds into a SwiGLU bank (its backward gets the weights'
+         * gradient from the down projection's, the experts' outputs [N k, H]
+         * not kept) where the backend runs that backward without the parts'
+         * extra passes: on a GPU the own kernel in one pass, or the plain
+         * GEMM and one row pass (the TMA kernel's shapes); on the CPU (exact
+         * f32 arithmetic) where the GEMMs gather the rows. Where they cannot
+         * gather them, the bank keeps the dispatched rows (keep_rows) and
+         * takes the combine all the same: on a GPU by default, on the CPU
+         * with MOELAB_MOE_FOLD=1; MOELAB_MOE_FOLD=0 never folds kept rows
+         * (the A/B of bench/RESULTS.md). */
+        const int foldable = gemm_gathers && moe_dispatch_slots_usable(r.slots, n) && r.weights &&
+                             r.weights->dtype == xr->dtype &&
+                             (xr->device.type == MOE_CPU ||
+                              moe_op_gemm_grouped_swiglu_backward_w_fuses(ctx, xr->device, xr->dtype, c->hidden,
+                                                                          moe_expert_bank_inner(bank0), na, r.offsets,
+                                                                          (int)c->router.num_experts));
+        const char *fe = getenv("MOELAB_MOE_FOLD");
+        const int fold_env = fe && !strcmp(fe, "0") ? 0 : fe && !strcmp(fe, "1") ? 1 : -1;
+        const int fold_kept = foldable && (fold_env == 1 || (fold_env < 0 && !tok_rows && xr->device.type != MOE_CPU));
+        if (fold_kept) tok_rows = 0;
+        const int fold = foldable && (tok_rows || fold_kept);
         const int from_hook = s == MOE_OK && dk.xp;
         if (from_hook) { xp = dk.xp; dk.xp = NULL; }   /* queued before the routing's wait */
         else if (s == MOE_OK && !(gemm_gathers && tok_rows))
-            s = moe_f_dispatch(ctx, tok_rows ? NULL : tape, xr, r.token_idx, r.slots, &xp);
-        if (from_hook && token_rows && !tok_rows) {
+            s = moe_f_dispatch(ctx, tok_rows || fold_kept ? NULL : tape, xr, r.token_idx, r.slots, &xp);
+        if (from_hook && token_rows && !tok_rows && !fold_kept) {
             /* the hook's untaped rows, but the slot map is refused: a taped dispatch after all */
             moe_tensor_release(xp);
             xp = NULL;
             s = moe_f_dispatch(ctx, tape, xr, r.token_idx, r.slots, &xp);
         }
-        /* a bank whose GEMMs gather the rows also takes the combine (its backward
-         * gets the weights' gradient without the experts' outputs kept), where
-         * one fused kernel does that backward (on a GPU; else the parts would
-         * hold more than the outputs) or on the CPU (exact f32 arithmetic) */
-        const int fold = gemm_gathers && tok_rows && r.weights && r.weights->dtype == xr->dtype &&
-                         (xr->device.type == MOE_CPU ||
-                          moe_op_gemm_grouped_swiglu_backward_w_fuses(ctx, xr->device, xr->dtype, c->hidden,
-                                                                      moe_expert_bank_inner(bank0), na, r.offsets,
-                                                                      (int)c->router.num_experts));
         /* offsets left on the device serve that path only */
         if (s == MOE_OK && r.summary_dev && !(gemm_gathers && tok_rows && fold)) s = moe_routing_fetch(ctx, &r);
         /* the residual joins in the combine's pass unless shared experts still add to yr */
         moe_tensor *res_here = st->c_shared < 0 ? res_rows : NULL;
-        moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL};
+        moe_bank_tokens bt = {xr, r.token_idx, r.slots, fold ? r.weights : NULL, fold ? res_here : NULL, fold_kept};
         if (s == MOE_OK) {
             s = st->custom ? custom_experts(l, ctx, tape, xp, r.offsets, &yp)
               : st->ep_comm ? moe_block_ep_experts(l, ctx, tape, xp, r.offsets, &yp)
-              : tok_rows ? moe_expert_bank_forward_tokens(l->children[st->c_experts], ctx, tape, xp, &bt, r.offsets,
-                                                          r.summary_dev ? r.offsets_dev : NULL,
-                                                          (int)c->router.num_experts, &yp)
-                         : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
-                                                   (int)c->router.num_experts, &yp);
+              : tok_rows || fold_kept
+                  ? moe_expert_bank_forward_tokens(l->children[st->c_experts], ctx, tape, xp, &bt, r.offsets,
+                                                   r.summary_dev ? r.offsets_dev : NULL, (int)c->router.num_experts, &yp)
+                  : moe_expert_bank_forward(l->children[st->c_experts], ctx, tape, xp, r.offsets,
+                                            (int)c->router.num_experts, &yp);
         }
         if (s == MOE_OK && fold) { yr = yp; yp = NULL; }
         else if (s == MOE_OK) s = moe_f_combine_add(ctx, tape, yp, r.weights, r.token_idx, r.slots, n, res_here, &yr);

@@ -125,6 +125,11 @@ typedef struct {
      * NULL. The experts' outputs are then not kept for the backward, which
      * takes w's gradient from the down projection's (gemm_grouped_swiglu_backward_w). */
     moe_tensor *w, *residual;
+    /* xp given and kept for the backward (its weight gradients and dx read
+     * it there) instead of gathered again: GEMMs that cannot gather rows in
+     * their loads (the TMA kernel's shapes) then take the combine all the
+     * same. The entry still takes x and sums dx back into its rows. */
+    int keep_rows;
 } moe_bank_tokens;
 /* Whether the bank's GEMMs gather the rows themselves (SwiGLU without
  * adapters): then moe_expert_bank_forward_tokens takes xp = NULL. */

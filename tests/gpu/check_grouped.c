@@ -399,12 +399,15 @@ static void swiglu_bwd_w_check(const char *what, const int64_t *off, int G, int6
                    MOE_OK, "composed");
         die_if(moe_cuda_set_grouped_gemm(ctx, 0, MOE_CUDA_GROUPED_KERNEL) != MOE_OK, "kernel strategy");
         ok(kernel_calls() == k1, "%.190s: the batched strategy composes it from the parts", name);
-        const moe_tensor *f[4] = {dg.d, du.d, hw.d, dw.d};
+        const moe_tensor *f[4] = {dg.d, du.d, hw.d, dw.d}, *cpu[4] = {dg.h, du.h, hw.h, dw.h};
         static const char *nm[4] = {"dgate", "dup", "w h", "dw"};
         for (int i = 0; i < 4; i++) {
             moe_tensor *r = host_of(o[i]);
             snprintf(n2, sizeof n2, "%.180s: %s against the composed parts", name, nm[i]);
             check2(n2, BF, f[i], r, i == 3 ? INFINITY : tol_of(BF, 0), 1e-2);
+            /* the parts on the device (a plain GEMM, then cuda_swiglu.cu's row pass) against the CPU */
+            snprintf(n2, sizeof n2, "%.180s: %s of the GEMM and the row pass against the cpu", name, nm[i]);
+            check2(n2, BF, o[i], cpu[i], i == 3 ? INFINITY : tol_of(BF, 0), 1e-2);
             moe_tensor_release(r);
             moe_tensor_release(o[i]);
         }

@@ -323,6 +323,61 @@ do
   end
 end
 
+-- the combine folded into experts that keep their rows (the default where
+-- the own kernel does not take the GEMMs and so cannot gather the rows: the
+-- TMA kernel's shapes; MOELAB_MOE_FOLD=1 forces it elsewhere): against the
+-- unfolded layer (set_keep_expert_rows(true): a dispatch and a combine entry,
+-- the experts' outputs kept) the same output bytes, the gradients to bf16
+-- rounding (dw from the down projection's GEMM, in another order), and the
+-- tape holds neither entry
+do
+  local ffi = require "ffi"
+  pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+  -- 32768 rows over 8 experts, d = 2048: the TMA kernel's calls; then a small
+  -- layer the own kernel serves, where only MOELAB_MOE_FOLD=1 keeps the rows
+  for _, c in ipairs{{T = 8192, d = 2048, de = 1024, E = 8, k = 4, fold = nil},
+                     {T = 1024, d = 256, de = 128, E = 8, k = 2, fold = "1"}} do
+    local layer = moe.nn.MoE{hidden_size = c.d, num_experts = c.E, experts_per_token = c.k,
+                             expert_intermediate_size = c.de, seed = 3}
+    layer:train(true)
+    layer:to("cuda")
+    layer:set_precision("bf16")
+    local x = moe.randn({c.T, c.d}, {seed = 4, device = "cuda"}):to("bf16")
+    local dy = moe.randn({c.T, c.d}, {seed = 5, device = "cuda"}):to("bf16")
+    local function run(keep, fold)
+      layer:set_keep_expert_rows(keep)
+      if fold then ffi.C.setenv("MOELAB_MOE_FOLD", fold, 1) end
+      layer:zero_grad()
+      local tape = moe.Tape()
+      local okr, y = pcall(layer.forward, layer, x, tape)
+      ffi.C.unsetenv("MOELAB_MOE_FOLD")
+      assert(okr, y)
+      local names = {}
+      for _, r in ipairs(tape:memory()) do names[r.name] = true end
+      tape:backward(y, dy)
+      local g = {dx = tape:grad(x):to("f32")}
+      for _, p in ipairs(layer:parameters()) do g[p.name] = p.grad:to("f32") end
+      tape:reset()
+      return y:to("f32"), g, names
+    end
+    local ya, ga, na = run(true)   -- rows and outputs kept, no fold
+    local yb, gb, nb = run("auto", c.fold)
+    local worst, at = 0, ""
+    for name, g in pairs(ga) do
+      local e = rel_l2(gb[name], g)
+      if e > worst then worst, at = e, name end
+    end
+    local what = string.format("T=%d d=%d d_e=%d E=%d top-%d%s", c.T, c.d, c.de, c.E, c.k,
+                               c.fold and " (MOELAB_MOE_FOLD=1)" or " (default)")
+    ok((ya - yb):abs():max():item() == 0 and worst < 1e-2 and na.dispatch and na.combine and not nb.dispatch and
+       not nb.combine,
+      "cuda bf16 MoE layer, the combine folded into experts that keep their rows, " .. what ..
+        ": the unfolded layer's output, its gradients to rounding, no dispatch or combine entry",
+      string.format("worst rel l2 %.3g at %s; entries: dispatch %s/%s, combine %s/%s", worst, at,
+                    tostring(na.dispatch), tostring(nb.dispatch), tostring(na.combine), tostring(nb.combine)))
+  end
+end
+
 -- the trainer's update queued on the device (norm, clip factor and NaN guard in
 -- the AdamW kernels, values read after queuing it) against the host path (a
 -- no-op gradient hook takes it): the same norms, losses, step count and bytes,

@@ -475,9 +475,43 @@ int cuda_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int
     return kernel_would_serve(ctx, dev, dt, K, N, 64, rows, offsets, groups, true);
 }
 
+// the own kernel in one pass, or (bf16, de a multiple of 8) a grouped GEMM and one row pass
 int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t de,
                                               int64_t rows, const int64_t *offsets, int groups) {
-    return kernel_would_serve(ctx, dev, dt, K, de, 8, rows, offsets, groups, false);
+    if (kernel_would_serve(ctx, dev, dt, K, de, 8, rows, offsets, groups, false)) return 1;
+    return cuda_dev_get(ctx, dev) && dt == MOE_BF16 && K > 0 && de > 0 && de % 8 == 0 && groups >= 1;
+}
+
+// Where the own kernel does not take the weighted SwiGLU backward (the TMA
+// kernel's shapes, the OLMoE layer's): the plain grouped GEMM dh = alpha dy W
+// (whichever path serves it) into a scratch tensor, then one row pass
+// (cuda_swiglu.cu) for dgate, dup, w h and dw. Against keeping the experts'
+// outputs for the combine's backward (an [M, K] tensor, read again there),
+// dh is [M, de] and lives for this call only. dev_offs: the offsets on the
+// device (nothing served, *served 0, when no path takes them there).
+static bool rows_pass_fits(const moe_tensor *g, const moe_tensor *u, const moe_tensor *dg, const moe_tensor *du,
+                           const moe_tensor *hw, const moe_tensor *dw) {
+    const moe_tensor *all[] = {g, u, dg, du, hw};
+    for (const moe_tensor *t : all)
+        if (t->dtype != MOE_BF16 || (uintptr_t)moe_tensor_data(t) % 16) return false;
+    return dg->shape[1] % 8 == 0 && (dw->dtype == MOE_BF16 || dw->dtype == MOE_F32);
+}
+
+static moe_status swiglu_bwd_w_parts(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
+                                     const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw, moe_tensor *dg,
+                                     moe_tensor *du, moe_tensor *hw, moe_tensor *dw, const int64_t *offsets,
+                                     const moe_tensor *dev_offs, int groups, int *served) {
+    *served = 0;
+    if (!rows_pass_fits(g, u, dg, du, hw, dw)) return MOE_OK;
+    moe_tensor *dh = moe_tensor_new(ctx, MOE_BF16, 2, dg->shape, dg->device);
+    if (!dh) return moe_last_status();
+    int ran = 1;
+    moe_status s = dev_offs ? cuda_gemm_grouped_dev(ctx, 0, alpha, dy, w, nullptr, nullptr, 0.0f, dh, dev_offs, groups, &ran)
+                            : cuda_gemm_grouped(ctx, 0, alpha, dy, w, 0.0f, dh, offsets, groups);
+    if (s == MOE_OK && ran) s = cuda_swiglu_backward_w_rows(ctx, dg, du, hw, dw, dh, g, u, rw, served);
+    moe_tensor_release(dh);
+    if (s == MOE_OK && ran && !*served) s = moe_error(MOE_ERR_INTERNAL, "swiglu backward (weighted): the row pass declined");
+    return s;
 }
 
 // The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
@@ -493,13 +527,15 @@ moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const 
     const moe_tensor *all[] = {dy, w, g, u, rw, dg, du, hw};
     for (const moe_tensor *t : all)
         if (t->dtype != MOE_BF16) return MOE_OK;
-    if (!use_kernel(d->grouped_gemm, flops, offsets, groups, dg->dtype, dy->dtype, w->dtype)) return MOE_OK;
+    if (!use_kernel(d->grouped_gemm, flops, offsets, groups, dg->dtype, dy->dtype, w->dtype))
+        return swiglu_bwd_w_parts(ctx, alpha, dy, w, g, u, rw, dg, du, hw, dw, offsets, nullptr, groups, served);
     bool ran = false;
     MOE_TRY(cuda_mma_grouped_swiglu_bwd_w(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
                                           moe_tensor_data(u), moe_tensor_data(rw), moe_tensor_data(dg),
                                           moe_tensor_data(du), moe_tensor_data(hw), moe_tensor_data(dw),
                                           dw->dtype == MOE_BF16, offsets, nullptr, groups, 0, K, de, &ran));
     if (ran) { count_kernel(d); *served = 1; }
+    else return swiglu_bwd_w_parts(ctx, alpha, dy, w, g, u, rw, dg, du, hw, dw, offsets, nullptr, groups, served);
     return MOE_OK;
 }
 
@@ -706,7 +742,8 @@ moe_status cuda_gemm_grouped_swiglu_backward_w_dev(moe_ctx *ctx, float alpha, co
     const moe_tensor *all[] = {dy, w, g, u, rw, dg, du, hw};
     for (const moe_tensor *t : all)
         if (t->dtype != MOE_BF16) return MOE_OK;
-    if (!use_kernel(d->grouped_gemm, flops, nullptr, groups, dg->dtype, dy->dtype, w->dtype)) return MOE_OK;
+    if (!use_kernel(d->grouped_gemm, flops, nullptr, groups, dg->dtype, dy->dtype, w->dtype))
+        return swiglu_bwd_w_parts(ctx, alpha, dy, w, g, u, rw, dg, du, hw, dw, nullptr, offsets, groups, served);
     bool ran = false;
     MOE_TRY(cuda_mma_grouped_swiglu_bwd_w(d, alpha, moe_tensor_data(dy), moe_tensor_data(w), moe_tensor_data(g),
                                           moe_tensor_data(u), moe_tensor_data(rw), moe_tensor_data(dg),

@@ -123,3 +123,102 @@ moe_status cuda_swiglu_backward(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup
                                 const moe_tensor *gate, const moe_tensor *up) {
     return cuda_swiglu_backward_h(ctx, dgate, dup, NULL, dout, gate, up);
 }
+
+// ---- the SwiGLU backward with the MoE combine's weights folded in, by rows ----
+// After a plain GEMM dh = dy W (dy: each expert row's token gradient,
+// unweighted), a warp per row r does what the own kernel's epilogue does
+// (cuda_grouped_epilogue.cuh store_swiglu_bwd_w) with dh already rounded:
+// h = swiglu(g, u) rounded (the forward's activation), dw[r] = dh . h (lane
+// partials in column order, then the warp's fixed tree), dh' = w dh rounded
+// meets g and u for dgate and dup, and w h goes to hw. Rows of bf16, de a
+// multiple of 8, every pointer 16-byte aligned (the caller checks).
+#define SBW_UNROLL 4   // 16-byte pieces a lane has in flight
+
+template <typename TW>
+__global__ void k_swiglu_bwd_w_rows(bf16 *__restrict__ dgate, bf16 *__restrict__ dup, bf16 *__restrict__ hw,
+                                    TW *__restrict__ dw, const bf16 *__restrict__ dh, const bf16 *__restrict__ gate,
+                                    const bf16 *__restrict__ up, const bf16 *__restrict__ rw, int64_t rows, int64_t de) {
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    const int64_t nv = de / 8;
+    for (int64_t r = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += warps) {
+        const float w = __bfloat162float(rw[r]);
+        const int64_t base = r * de;
+        float part = 0.0f;
+        for (int64_t v0 = lane; v0 < nv; v0 += 32 * SBW_UNROLL) {
+            uint4 a[SBW_UNROLL], b[SBW_UNROLL], c[SBW_UNROLL];
+#pragma unroll
+            for (int i = 0; i < SBW_UNROLL; i++) {
+                const int64_t v = v0 + 32 * i;
+                if (v < nv) {
+                    a[i] = ld16_cs(dh + base + v * 8);
+                    b[i] = ld16_cs(gate + base + v * 8);
+                    c[i] = ld16_cs(up + base + v * 8);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < SBW_UNROLL; i++) {
+                const int64_t v = v0 + 32 * i;
+                if (v >= nv) continue;
+                float go[8], g[8], u[8], h[8], d[8];
+                unpack(a[i], go);
+                unpack(b[i], g);
+                unpack(c[i], u);
+#pragma unroll
+                for (int k = 0; k < 8; k++) h[k] = swiglu_1(g[k], u[k]);
+                const uint4 hr = pack(h);   // the forward's activation, as the down projection read it
+                unpack(hr, h);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    part = fmaf(go[k], h[k], part);
+                    d[k] = go[k] * w;
+                    h[k] *= w;
+                }
+                unpack(pack(d), d);   // dh' rounded, as the epilogue rounds it
+#pragma unroll
+                for (int k = 0; k < 8; k++) swiglu_bwd_1(d[k], g[k], u[k], g[k], u[k]);
+                st16(dgate + base + v * 8, pack(g));
+                st16(dup + base + v * 8, pack(u));
+                st16(hw + base + v * 8, pack(h));
+            }
+        }
+        part = warp_sum(part);
+        if (lane == 0) {
+            if constexpr (sizeof(TW) == 2) dw[r] = __float2bfloat16_rn(part);
+            else dw[r] = part;
+        }
+    }
+}
+
+// served 0 (nothing launched) where the shapes or alignment do not fit
+moe_status cuda_swiglu_backward_w_rows(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup, moe_tensor *hw, moe_tensor *dw,
+                                       const moe_tensor *dh, const moe_tensor *gate, const moe_tensor *up,
+                                       const moe_tensor *rw, int *served) {
+    *served = 0;
+    const moe_tensor *all[] = {dgate, dup, hw, dh, gate, up, rw};
+    for (const moe_tensor *t : all)
+        if (t->dtype != MOE_BF16) return MOE_OK;
+    if (dw->dtype != MOE_BF16 && dw->dtype != MOE_F32) return MOE_OK;
+    const int64_t rows = dgate->shape[0], de = dgate->shape[1];
+    if (de % 8) return MOE_OK;
+    for (const moe_tensor *t : all)
+        if (t != rw && !cuda_aligned16(moe_tensor_data(t))) return MOE_OK;
+    CUDA_ENTER(d, ctx, dgate->device);
+    *served = 1;
+    if (rows == 0) return MOE_OK;
+    const int threads = 256;
+    const int64_t blocks64 = (rows + threads / 32 - 1) / (threads / 32);
+    const unsigned blocks = (unsigned)(blocks64 < 65535 * 8 ? blocks64 : 65535 * 8);
+    if (dw->dtype == MOE_BF16)
+        k_swiglu_bwd_w_rows<bf16><<<blocks, threads, 0, d->stream>>>(PTR(bf16, dgate), PTR(bf16, dup), PTR(bf16, hw),
+                                                                    PTR(bf16, dw), PTR(const bf16, dh),
+                                                                    PTR(const bf16, gate), PTR(const bf16, up),
+                                                                    PTR(const bf16, rw), rows, de);
+    else
+        k_swiglu_bwd_w_rows<float><<<blocks, threads, 0, d->stream>>>(PTR(bf16, dgate), PTR(bf16, dup), PTR(bf16, hw),
+                                                                     PTR(float, dw), PTR(const bf16, dh),
+                                                                     PTR(const bf16, gate), PTR(const bf16, up),
+                                                                     PTR(const bf16, rw), rows, de);
+    CU_LAUNCHED("swiglu_backward_w_rows");
+    return MOE_OK;
+}
