@@ -11,7 +11,12 @@ of AdamW kernels to the end of the next. In each window the GPU's busy time
 Prints per-step totals (median over the last `steps` windows), the gaps by
 kind, and the largest gaps of the median step with their neighbours.
 
-  python3 bench/trace_gaps.py cupti_trace.csv [steps=10]
+  python3 bench/trace_gaps.py cupti_trace.csv [steps=10] [cut=adamw]
+
+cut: the kernel name (a substring) whose runs end the windows: "adamw" for a
+training step; for bench/gpu_moe_layer_kernels.lua, "k_assign" (the routing's
+top-k, once a layer forward) gives one forward+backward a window, with the
+host's work between iterations in the largest gap.
 """
 import bisect
 import shutil
@@ -39,6 +44,7 @@ def demangle(names):
 def main():
     path = sys.argv[1]
     nsteps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    cut = sys.argv[3] if len(sys.argv) > 3 else "adamw"
     gpu, api = [], {}
     api_list = []
     with open(path) as f:
@@ -62,17 +68,17 @@ def main():
     api_starts = [a[0] for a in api_list]
     short = demangle([g[3] for g in gpu if not g[3].startswith("[")])
     name = lambda g: short.get(g[3], g[3])
-    # step ends: the last AdamW kernel of each run
+    # step ends: the last kernel of each run of `cut` kernels (AdamW's by default)
     ends, in_run = [], False
     for i, g in enumerate(gpu):
-        is_adam = "adamw" in name(g)
+        is_adam = cut in name(g)
         if in_run and not is_adam:
             ends.append(i - 1)
         in_run = is_adam
     if in_run:
         ends.append(len(gpu) - 1)
     if len(ends) < 2:
-        sys.exit("trace_gaps: fewer than two optimizer steps in the trace")
+        sys.exit("trace_gaps: fewer than two runs of %s kernels in the trace" % cut)
     windows = list(zip(ends[:-1], ends[1:]))[-nsteps:]
     rows = []
     for a, b in windows:
@@ -97,7 +103,7 @@ def main():
         rows.append({"wall": t1 - t0, "busy": busy, "gaps": gaps, "launches": launches})
     med = sorted(rows, key=lambda r: r["wall"])[len(rows) // 2]
     us = lambda ns: ns / 1e3
-    print("# %d steps (optimizer to optimizer), GPU activities %d a step (median step)" % (len(rows), med["launches"]))
+    print("# %d windows (%s runs to %s runs), GPU activities %d a window (median window)" % (len(rows), cut, cut, med["launches"]))
     print("%-26s %10s %10s %10s" % ("", "min", "median", "max"))
     for key, f in (("wall ms", lambda r: r["wall"]), ("busy ms", lambda r: r["busy"]),
                    ("idle ms", lambda r: r["wall"] - r["busy"]),
