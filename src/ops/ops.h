@@ -104,8 +104,9 @@ moe_status moe_op_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, cons
  * these row counts (else the rows are gathered into a tensor first). */
 int moe_op_gemm_grouped_rows_fuses(moe_ctx *ctx, moe_device dev, moe_dtype dt, int64_t K, int64_t N, int64_t rows,
                                    const int64_t *offsets, int groups);
-/* Whether dev's backend runs that call as one fused kernel for dt data of
- * these sizes (else the parts take more memory and passes than keeping the
+/* Whether dev's backend runs that call without the ops layer's parts for dt
+ * data of these sizes (CUDA: one fused kernel, or the grouped GEMM and one
+ * row pass; else the parts take more memory and passes than keeping the
  * combine's inputs would). For both: offsets NULL asks about `rows` rows whose
  * offsets stay on the device (the _dev calls below), taken as spread over
  * every group; else rows is unused. */

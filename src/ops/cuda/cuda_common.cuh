@@ -229,11 +229,14 @@ moe_status cuda_swiglu_backward_h(moe_ctx *, moe_tensor *dgate, moe_tensor *dup,
                                   const moe_tensor *gate, const moe_tensor *up);   // h (optional): silu(gate) * up too
 moe_status cuda_swiglu_backward(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, const moe_tensor *dout,
                                 const moe_tensor *gate, const moe_tensor *up);
-// the weighted backward's row pass after the GEMM dh = dy W (ops.h gemm_grouped_swiglu_backward_w);
-// *served 0 where its dtypes or alignment do not fit
+// the weighted backward's row pass after the GEMM dh = dy W (ops.h
+// gemm_grouped_swiglu_backward_w), for arguments that _fit (else an error)
+bool cuda_swiglu_backward_w_rows_fit(const moe_tensor *dgate, const moe_tensor *dup, const moe_tensor *hw,
+                                     const moe_tensor *dw, const moe_tensor *gate, const moe_tensor *up,
+                                     const moe_tensor *rw);
 moe_status cuda_swiglu_backward_w_rows(moe_ctx *, moe_tensor *dgate, moe_tensor *dup, moe_tensor *hw, moe_tensor *dw,
                                        const moe_tensor *dh, const moe_tensor *gate, const moe_tensor *up,
-                                       const moe_tensor *rw, int *served);
+                                       const moe_tensor *rw);
 moe_status cuda_cross_entropy(moe_ctx *, moe_tensor *loss, moe_tensor *lse, const moe_tensor *logits,
                               const moe_tensor *targets, int64_t ignore_index);
 moe_status cuda_cross_entropy_backward(moe_ctx *, moe_tensor *dlogits, const moe_tensor *logits,

@@ -489,33 +489,26 @@ int cuda_gemm_grouped_swiglu_backward_w_fuses(moe_ctx *ctx, moe_device dev, moe_
 // outputs for the combine's backward (an [M, K] tensor, read again there),
 // dh is [M, de] and lives for this call only. dev_offs: the offsets on the
 // device (nothing served, *served 0, when no path takes them there).
-static bool rows_pass_fits(const moe_tensor *g, const moe_tensor *u, const moe_tensor *dg, const moe_tensor *du,
-                           const moe_tensor *hw, const moe_tensor *dw) {
-    const moe_tensor *all[] = {g, u, dg, du, hw};
-    for (const moe_tensor *t : all)
-        if (t->dtype != MOE_BF16 || (uintptr_t)moe_tensor_data(t) % 16) return false;
-    return dg->shape[1] % 8 == 0 && (dw->dtype == MOE_BF16 || dw->dtype == MOE_F32);
-}
-
 static moe_status swiglu_bwd_w_parts(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                      const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw, moe_tensor *dg,
                                      moe_tensor *du, moe_tensor *hw, moe_tensor *dw, const int64_t *offsets,
                                      const moe_tensor *dev_offs, int groups, int *served) {
     *served = 0;
-    if (!rows_pass_fits(g, u, dg, du, hw, dw)) return MOE_OK;
+    if (!cuda_swiglu_backward_w_rows_fit(dg, du, hw, dw, g, u, rw)) return MOE_OK;
     moe_tensor *dh = moe_tensor_new(ctx, MOE_BF16, 2, dg->shape, dg->device);
     if (!dh) return moe_last_status();
     int ran = 1;
     moe_status s = dev_offs ? cuda_gemm_grouped_dev(ctx, 0, alpha, dy, w, nullptr, nullptr, 0.0f, dh, dev_offs, groups, &ran)
                             : cuda_gemm_grouped(ctx, 0, alpha, dy, w, 0.0f, dh, offsets, groups);
-    if (s == MOE_OK && ran) s = cuda_swiglu_backward_w_rows(ctx, dg, du, hw, dw, dh, g, u, rw, served);
+    if (s == MOE_OK && ran) s = cuda_swiglu_backward_w_rows(ctx, dg, du, hw, dw, dh, g, u, rw);
     moe_tensor_release(dh);
-    if (s == MOE_OK && ran && !*served) s = moe_error(MOE_ERR_INTERNAL, "swiglu backward (weighted): the row pass declined");
+    if (s == MOE_OK && ran) *served = 1;
     return s;
 }
 
-// The weighted SwiGLU backward (the MoE combine folded in): the own kernel only
-// (bf16); otherwise the ops layer composes it from the parts.
+// The weighted SwiGLU backward (the MoE combine folded in): the own kernel, or
+// (bf16 rows the row pass takes) the grouped GEMM and the row pass above;
+// otherwise the ops layer composes it from the parts.
 moe_status cuda_gemm_grouped_swiglu_backward_w(moe_ctx *ctx, float alpha, const moe_tensor *dy, const moe_tensor *w,
                                                const moe_tensor *g, const moe_tensor *u, const moe_tensor *rw,
                                                moe_tensor *dg, moe_tensor *du, moe_tensor *hw, moe_tensor *dw,

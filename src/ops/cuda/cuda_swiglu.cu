@@ -190,21 +190,26 @@ __global__ void k_swiglu_bwd_w_rows(bf16 *__restrict__ dgate, bf16 *__restrict__
     }
 }
 
-// served 0 (nothing launched) where the shapes or alignment do not fit
+// the row pass's conditions: bf16 rows of a multiple of 8 on 16-byte
+// boundaries (rw: bf16, read one element a row; dw: bf16 or f32); dh, the
+// caller's scratch, the same
+bool cuda_swiglu_backward_w_rows_fit(const moe_tensor *dgate, const moe_tensor *dup, const moe_tensor *hw,
+                                     const moe_tensor *dw, const moe_tensor *gate, const moe_tensor *up,
+                                     const moe_tensor *rw) {
+    const moe_tensor *rows[] = {dgate, dup, hw, gate, up};
+    for (const moe_tensor *t : rows)
+        if (t->dtype != MOE_BF16 || !cuda_aligned16(moe_tensor_data(t))) return false;
+    return rw->dtype == MOE_BF16 && (dw->dtype == MOE_BF16 || dw->dtype == MOE_F32) && dgate->shape[1] % 8 == 0;
+}
+
 moe_status cuda_swiglu_backward_w_rows(moe_ctx *ctx, moe_tensor *dgate, moe_tensor *dup, moe_tensor *hw, moe_tensor *dw,
                                        const moe_tensor *dh, const moe_tensor *gate, const moe_tensor *up,
-                                       const moe_tensor *rw, int *served) {
-    *served = 0;
-    const moe_tensor *all[] = {dgate, dup, hw, dh, gate, up, rw};
-    for (const moe_tensor *t : all)
-        if (t->dtype != MOE_BF16) return MOE_OK;
-    if (dw->dtype != MOE_BF16 && dw->dtype != MOE_F32) return MOE_OK;
+                                       const moe_tensor *rw) {
+    if (!cuda_swiglu_backward_w_rows_fit(dgate, dup, hw, dw, gate, up, rw) || dh->dtype != MOE_BF16 ||
+        !cuda_aligned16(moe_tensor_data(dh)))
+        return moe_error(MOE_ERR_INTERNAL, "swiglu_backward_w_rows: dtypes, widths or alignment it does not take");
     const int64_t rows = dgate->shape[0], de = dgate->shape[1];
-    if (de % 8) return MOE_OK;
-    for (const moe_tensor *t : all)
-        if (t != rw && !cuda_aligned16(moe_tensor_data(t))) return MOE_OK;
     CUDA_ENTER(d, ctx, dgate->device);
-    *served = 1;
     if (rows == 0) return MOE_OK;
     const int threads = 256;
     const int64_t blocks64 = (rows + threads / 32 - 1) / (threads / 32);
