@@ -249,4 +249,11 @@ describe("MoE block: the combine folded into experts that keep their rows", func
       end)
     end
   end
+  it("refuses a MOELAB_MOE_FOLD it does not know", function()
+    local o = {hidden_size = 6, num_experts = 4, experts_per_token = 2, expert_intermediate_size = 5, seed = 11}
+    local ok, msg = pcall(run, o, "yes")
+    assert.is_false(ok)
+    assert.is_truthy(tostring(msg):find("MOELAB_MOE_FOLD=yes: expected 0, 1 or unset", 1, true), tostring(msg))
+    assert.is_nil(os.getenv("MOELAB_MOE_FOLD"))   -- run unset it
+  end)
 end)

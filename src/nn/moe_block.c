@@ -330,8 +330,10 @@ static moe_status block_forward_impl(moe_layer *l, moe_ctx *ctx, moe_tape *tape,
                                                                           moe_expert_bank_inner(bank0), na, r.offsets,
                                                                           (int)c->router.num_experts));
         const char *fe = getenv("MOELAB_MOE_FOLD");
-        const int fold_env = fe && !strcmp(fe, "0") ? 0 : fe && !strcmp(fe, "1") ? 1 : -1;
-        const int fold_kept = foldable && (fold_env == 1 || (fold_env < 0 && !tok_rows && xr->device.type != MOE_CPU));
+        const int fold_env = !fe || !*fe ? -1 : !strcmp(fe, "0") ? 0 : !strcmp(fe, "1") ? 1 : -2;
+        if (s == MOE_OK && fold_env == -2)
+            s = moe_error(MOE_ERR_ARG, "MOELAB_MOE_FOLD=%s: expected 0, 1 or unset", fe);
+        const int fold_kept = foldable && (fold_env == 1 || (fold_env == -1 && !tok_rows && xr->device.type != MOE_CPU));
         if (fold_kept) tok_rows = 0;
         const int fold = foldable && (tok_rows || fold_kept);
         const int from_hook = s == MOE_OK && dk.xp;
